@@ -1,0 +1,37 @@
+// Host/device helpers shared by every op family.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MEDFAST_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MEDFAST_HOST_DEVICE inline
+#endif
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MEDFAST_UNROLL _Pragma("unroll")
+#else
+#define MEDFAST_UNROLL _Pragma("GCC unroll 4")
+#endif
+
+namespace medfast {
+
+// Accumulation type: float for float/half/bfloat16, double for double.
+template <typename T> struct acc_type { using type = float; };
+template <> struct acc_type<double> { using type = double; };
+template <typename T> using acc_t = typename acc_type<T>::type;
+
+MEDFAST_HOST_DEVICE int64_t clamp_index(int64_t i, int64_t n) {
+  return i < 0 ? 0 : (i >= n ? n - 1 : i);
+}
+
+// Whole-sample mirror ("d c b | a b c d | c b a"): period 2n-2, scipy's "mirror".
+MEDFAST_HOST_DEVICE int64_t mirror_index(int64_t i, int64_t n) {
+  if (n == 1) return 0;
+  const int64_t period = 2 * (n - 1);
+  i %= period;
+  if (i < 0) i += period;
+  return i < n ? i : period - i;
+}
+
+}  // namespace medfast

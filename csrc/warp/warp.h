@@ -1,0 +1,356 @@
+// The arithmetic of the warp family, written once for both launchers (CPU and CUDA).
+//
+// One output voxel x samples the image at a position p = theta @ [x; 1] + ddf(x) (voxel units),
+// with nearest / linear / cubic B-spline interpolation and three boundary conditions that match
+// scipy.ndimage.map_coordinates: "zeros" (grid-constant, cval 0), "border" (nearest), and
+// "reflection" (mirror). Each axis contributes K taps (index, weight, d weight / d position); the
+// N-d value, its gradient and the adjoint scatter are tensor products over those taps.
+#pragma once
+#include <cmath>
+
+#include "common/macros.h"
+
+namespace medfast::warp {
+
+enum Mode : int { kNearest = 0, kLinear = 1, kCubic = 2 };
+enum Padding : int { kZeros = 0, kBorder = 1, kReflection = 2 };
+
+template <int MODE> struct taps_of;
+template <> struct taps_of<kNearest> { static constexpr int value = 1; };
+template <> struct taps_of<kLinear> { static constexpr int value = 2; };
+template <> struct taps_of<kCubic> { static constexpr int value = 4; };
+
+// Pole of the cubic B-spline interpolation filter, sqrt(3) - 2.
+constexpr double kPole = -0.267949192431122706472553658494127633;
+// Positions are clamped to +-kFar before rounding to integers: far enough to be "outside" for
+// every boundary mode, small enough that int64 arithmetic cannot overflow.
+constexpr double kFar = 1e12;
+
+template <typename T, int K>
+struct AxisTaps {
+  int64_t idx[K];  // in-range index into the (coefficient) image along this axis
+  T w[K];          // interpolation weight
+  T dw[K];         // d weight / d position
+};
+
+// kPole^d for an integer d >= 0 (the pole is negative, so no pow() of a negative base).
+template <typename T>
+MEDFAST_HOST_DEVICE T pole_power(int64_t d) {
+  const T mag = exp(T(d) * T(-1.3169578969248167086250463473079684440));  // log(-kPole)
+  return (d & 1) ? -mag : mag;
+}
+
+template <typename T>
+MEDFAST_HOST_DEVICE T clamp_position(T x) {
+  return x < T(-kFar) ? T(-kFar) : (x > T(kFar) ? T(kFar) : x);
+}
+
+template <typename T>
+MEDFAST_HOST_DEVICE void axis_taps_nearest(T x, int64_t n, int padding, AxisTaps<T, 1>& a) {
+  // Round half up, as scipy's order-0 map_coordinates does; like scipy, mirror the continuous
+  // position first (it decides ties beyond the edge).
+  x = clamp_position(x);
+  if (padding == kReflection) {
+    const T period = T(2 * (n - 1));
+    if (n == 1) {
+      x = T(0);
+    } else {
+      x = fmod(x, period);
+      if (x < T(0)) x += period;
+      if (x > T(n - 1)) x = period - x;
+    }
+  }
+  const int64_t i = static_cast<int64_t>(floor(x + T(0.5)));
+  a.dw[0] = T(0);
+  a.w[0] = T(1);
+  if (padding == kZeros) {
+    const bool inside = i >= 0 && i < n;
+    a.idx[0] = inside ? i : 0;
+    a.w[0] = inside ? T(1) : T(0);
+  } else if (padding == kBorder) {
+    a.idx[0] = clamp_index(i, n);
+  } else {
+    a.idx[0] = mirror_index(i, n);
+  }
+}
+
+template <typename T>
+MEDFAST_HOST_DEVICE void axis_taps_linear(T x, int64_t n, int padding, AxisTaps<T, 2>& a) {
+  x = clamp_position(x);
+  const T f = floor(x);
+  const int64_t i0 = static_cast<int64_t>(f);
+  const T t = x - f;
+  a.w[0] = T(1) - t;
+  a.w[1] = t;
+  a.dw[0] = T(-1);
+  a.dw[1] = T(1);
+MEDFAST_UNROLL
+  for (int k = 0; k < 2; ++k) {
+    const int64_t i = i0 + k;
+    if (padding == kZeros) {
+      if (i < 0 || i >= n) {
+        a.w[k] = T(0);
+        a.dw[k] = T(0);
+      }
+      a.idx[k] = clamp_index(i, n);
+    } else if (padding == kBorder) {
+      a.idx[k] = clamp_index(i, n);
+    } else {
+      a.idx[k] = mirror_index(i, n);
+    }
+  }
+}
+
+// Cubic B-spline over the coefficients c of the interpolating spline. Out-of-range coefficients
+// follow from the boundary condition and are folded onto in-range ones, so the coefficient array
+// has the image's shape:
+//   reflection: c is mirror-symmetric too, so the tap index is mirrored;
+//   zeros:      c[n-1+d] = z^d c[n-1]                       (z = kPole; likewise on the left);
+//   border:     c[n-1+d] = a + (c[n-1] - a) z^d,  a = ((4+z) c[n-1] + c[n-2]) / (5+z)  (= f[n-1]).
+template <typename T>
+MEDFAST_HOST_DEVICE void axis_taps_cubic(T x, int64_t n, int padding, AxisTaps<T, 4>& a) {
+  x = clamp_position(x);
+  const T f = floor(x);
+  const int64_t i0 = static_cast<int64_t>(f);
+  const T t = x - f, u = T(1) - t, t2 = t * t;
+  const T w[4] = {u * u * u / T(6), (T(3) * t2 * t - T(6) * t2 + T(4)) / T(6),
+                  (T(-3) * t2 * t + T(3) * t2 + T(3) * t + T(1)) / T(6), t2 * t / T(6)};
+  const T dw[4] = {-u * u / T(2), (T(3) * t2 - T(4) * t) / T(2), (T(-3) * t2 + T(2) * t + T(1)) / T(2),
+                   t2 / T(2)};
+  if (padding == kReflection) {
+MEDFAST_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      a.idx[k] = mirror_index(i0 - 1 + k, n);
+      a.w[k] = w[k];
+      a.dw[k] = dw[k];
+    }
+    return;
+  }
+  // Window of m <= 4 consecutive in-range coefficients that every tap folds onto.
+  const int64_t m = n < 4 ? n : 4;
+  int64_t s = i0 - 1;
+  s = s < 0 ? 0 : (s > n - m ? n - m : s);
+MEDFAST_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    a.idx[k] = s + (k < m ? k : 0);
+    a.w[k] = T(0);
+    a.dw[k] = T(0);
+  }
+  const T z = T(kPole);
+MEDFAST_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    const int64_t i = i0 - 1 + k;
+    if (i >= 0 && i < n) {
+      a.w[i - s] += w[k];
+      a.dw[i - s] += dw[k];
+      continue;
+    }
+    const int64_t d = i < 0 ? -i : i - (n - 1);  // distance outside
+    const int64_t edge = i < 0 ? 0 : n - 1;
+    const T zd = pole_power<T>(d);
+    if (padding == kZeros) {
+      a.w[edge - s] += zd * w[k];
+      a.dw[edge - s] += zd * dw[k];
+    } else if (n == 1) {  // border, a single sample: constant signal
+      a.w[0] += w[k];
+      a.dw[0] += dw[k];
+    } else {  // border
+      const int64_t inner = i < 0 ? 1 : n - 2;
+      const T g = (T(1) - zd) / (T(5) + z);
+      const T ge = g * (T(4) + z) + zd;
+      a.w[edge - s] += ge * w[k];
+      a.dw[edge - s] += ge * dw[k];
+      a.w[inner - s] += g * w[k];
+      a.dw[inner - s] += g * dw[k];
+    }
+  }
+}
+
+template <int MODE, typename T>
+MEDFAST_HOST_DEVICE void axis_taps(T x, int64_t n, int padding, AxisTaps<T, taps_of<MODE>::value>& a) {
+  if constexpr (MODE == kNearest) {
+    axis_taps_nearest(x, n, padding, a);
+  } else if constexpr (MODE == kLinear) {
+    axis_taps_linear(x, n, padding, a);
+  } else {
+    axis_taps_cubic(x, n, padding, a);
+  }
+}
+
+// Tensor products over the taps of NDIM axes, axis D and beyond.
+template <int D, int NDIM, int K, typename T>
+struct TapProduct {
+  using Next = TapProduct<D + 1, NDIM, K, T>;
+
+  // Interpolated value at the taps.
+  template <typename S>
+  static MEDFAST_HOST_DEVICE T value(const S* p, const int64_t* stride, const AxisTaps<T, K>* ax) {
+    if constexpr (D == NDIM) {
+      return static_cast<T>(*p);
+    } else {
+      T acc = T(0);
+MEDFAST_UNROLL
+      for (int k = 0; k < K; ++k) acc += ax[D].w[k] * Next::value(p + ax[D].idx[k] * stride[D], stride, ax);
+      return acc;
+    }
+  }
+
+  // Value and its gradient w.r.t. the position along axes D..NDIM-1 (grad[D..NDIM-1]).
+  template <typename S>
+  static MEDFAST_HOST_DEVICE T value_grad(const S* p, const int64_t* stride, const AxisTaps<T, K>* ax, T* grad) {
+    if constexpr (D == NDIM) {
+      return static_cast<T>(*p);
+    } else {
+      T acc = T(0);
+MEDFAST_UNROLL
+      for (int j = D; j < NDIM; ++j) grad[j] = T(0);
+MEDFAST_UNROLL
+      for (int k = 0; k < K; ++k) {
+        T sub[NDIM > 0 ? NDIM : 1];
+        const T v = Next::value_grad(p + ax[D].idx[k] * stride[D], stride, ax, sub);
+        acc += ax[D].w[k] * v;
+        grad[D] += ax[D].dw[k] * v;
+MEDFAST_UNROLL
+        for (int j = D + 1; j < NDIM; ++j) grad[j] += ax[D].w[k] * sub[j];
+      }
+      return acc;
+    }
+  }
+
+  // Calls f(offset, weight) for every tap: the adjoint of value() (scatter) and the tap lists.
+  template <typename F>
+  static MEDFAST_HOST_DEVICE void visit(int64_t offset, const int64_t* stride, const AxisTaps<T, K>* ax, T weight,
+                                        F& f) {
+    if constexpr (D == NDIM) {
+      f(offset, weight);
+    } else {
+MEDFAST_UNROLL
+      for (int k = 0; k < K; ++k) Next::visit(offset + ax[D].idx[k] * stride[D], stride, ax, weight * ax[D].w[k], f);
+    }
+  }
+};
+
+// Everything a launcher needs about one call; plain data so it can be passed to a CUDA kernel.
+// S: image dtype; T: position dtype and accumulation type (float, or double for double images).
+template <typename S, typename T, int NDIM>
+struct WarpArgs {
+  const S* image;
+  int64_t image_sb, image_sc, image_st[NDIM];  // strides (elements); image_sb = 0 when broadcast
+  int64_t in_size[NDIM];
+  int64_t image_batch;  // 1 (broadcast) or batch
+  const T* ddf;         // nullptr: no displacement
+  int64_t ddf_sb, ddf_sc, ddf_st[NDIM];
+  const T* theta;  // nullptr: identity; else rows of (NDIM, NDIM + 1), contiguous per batch
+  int64_t theta_sb;
+  int64_t batch, channels;
+  int64_t out_size[NDIM], out_numel;
+  int mode, padding;
+};
+
+// Output voxel index (b, x) -> spatial multi-index.
+template <int NDIM>
+MEDFAST_HOST_DEVICE void unravel(int64_t x, const int64_t* size, int64_t* xi) {
+MEDFAST_UNROLL
+  for (int i = NDIM - 1; i > 0; --i) {
+    xi[i] = x % size[i];
+    x /= size[i];
+  }
+  xi[0] = x;
+}
+
+// Sampling position of output voxel xi in batch b; false when it is NaN.
+template <typename S, typename T, int NDIM>
+MEDFAST_HOST_DEVICE bool sample_position(const WarpArgs<S, T, NDIM>& A, int64_t b, const int64_t* xi, T* p) {
+  if (A.theta != nullptr) {
+    const T* th = A.theta + b * A.theta_sb;
+MEDFAST_UNROLL
+    for (int i = 0; i < NDIM; ++i) {
+      T acc = th[i * (NDIM + 1) + NDIM];
+MEDFAST_UNROLL
+      for (int j = 0; j < NDIM; ++j) acc += th[i * (NDIM + 1) + j] * static_cast<T>(xi[j]);
+      p[i] = acc;
+    }
+  } else {
+MEDFAST_UNROLL
+    for (int i = 0; i < NDIM; ++i) p[i] = static_cast<T>(xi[i]);
+  }
+  if (A.ddf != nullptr) {
+    int64_t off = b * A.ddf_sb;
+MEDFAST_UNROLL
+    for (int j = 0; j < NDIM; ++j) off += xi[j] * A.ddf_st[j];
+MEDFAST_UNROLL
+    for (int i = 0; i < NDIM; ++i) p[i] += A.ddf[off + i * A.ddf_sc];
+  }
+  bool ok = true;
+MEDFAST_UNROLL
+  for (int i = 0; i < NDIM; ++i) ok = ok && (p[i] == p[i]);
+  return ok;
+}
+
+template <int MODE, typename S, typename T, int NDIM>
+MEDFAST_HOST_DEVICE void compute_taps(const WarpArgs<S, T, NDIM>& A, const T* p,
+                                      AxisTaps<T, taps_of<MODE>::value>* ax) {
+MEDFAST_UNROLL
+  for (int i = 0; i < NDIM; ++i) axis_taps<MODE>(p[i], A.in_size[i], A.padding, ax[i]);
+}
+
+// Forward: out is contiguous (batch, channels, out_numel). A NaN position gives NaN in every channel.
+template <int MODE, typename S, typename T, int NDIM>
+MEDFAST_HOST_DEVICE void forward_voxel(const WarpArgs<S, T, NDIM>& A, S* out, int64_t b, const int64_t* xi,
+                                       int64_t x) {
+  constexpr int K = taps_of<MODE>::value;
+  T p[NDIM];
+  S* o = out + b * A.channels * A.out_numel + x;
+  if (!sample_position(A, b, xi, p)) {
+    for (int64_t c = 0; c < A.channels; ++c) o[c * A.out_numel] = static_cast<S>(NAN);
+    return;
+  }
+  AxisTaps<T, K> ax[NDIM];
+  compute_taps<MODE>(A, p, ax);
+  const S* img = A.image + b * A.image_sb;
+  for (int64_t c = 0; c < A.channels; ++c)
+    o[c * A.out_numel] = static_cast<S>(TapProduct<0, NDIM, K, T>::value(img + c * A.image_sc, A.image_st, ax));
+}
+
+// Backward of one output voxel.
+//   gout: contiguous (batch, channels, out_numel) gradient of the output.
+//   grad_pos (optional): contiguous (batch, NDIM, out_numel), d loss / d position.
+//   scatter (optional, image_grad): add(offset, value) into a contiguous (image_batch, channels, in)
+//   buffer whose spatial strides are in_st.
+template <int MODE, typename S, typename T, int NDIM, typename Add>
+MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* gout, T* grad_pos, bool image_grad,
+                                        const int64_t* in_st, int64_t in_numel, int64_t b, const int64_t* xi,
+                                        int64_t x, Add& add) {
+  constexpr int K = taps_of<MODE>::value;
+  T p[NDIM];
+  if (!sample_position(A, b, xi, p)) {
+    if (grad_pos != nullptr)
+      for (int i = 0; i < NDIM; ++i) grad_pos[(b * NDIM + i) * A.out_numel + x] = static_cast<T>(NAN);
+    return;
+  }
+  AxisTaps<T, K> ax[NDIM];
+  compute_taps<MODE>(A, p, ax);
+  const S* img = A.image + b * A.image_sb;
+  const S* g = gout + b * A.channels * A.out_numel + x;
+  const int64_t gbase = (A.image_batch == 1 ? 0 : b) * A.channels * in_numel;
+  T gp[NDIM];
+MEDFAST_UNROLL
+  for (int i = 0; i < NDIM; ++i) gp[i] = T(0);
+  for (int64_t c = 0; c < A.channels; ++c) {
+    const T gc = static_cast<T>(g[c * A.out_numel]);
+    if (gc == T(0)) continue;
+    if (MODE != kNearest && grad_pos != nullptr) {
+      T gr[NDIM];
+      TapProduct<0, NDIM, K, T>::value_grad(img + c * A.image_sc, A.image_st, ax, gr);
+MEDFAST_UNROLL
+      for (int i = 0; i < NDIM; ++i) gp[i] += gc * gr[i];
+    }
+    if (image_grad) TapProduct<0, NDIM, K, T>::visit(gbase + c * in_numel, in_st, ax, gc, add);
+  }
+  if (grad_pos != nullptr) {
+MEDFAST_UNROLL
+    for (int i = 0; i < NDIM; ++i) grad_pos[(b * NDIM + i) * A.out_numel + x] = gp[i];
+  }
+}
+
+}  // namespace medfast::warp

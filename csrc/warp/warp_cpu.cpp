@@ -1,0 +1,160 @@
+// CPU launcher of the warp family: at::parallel_for over all output voxels of all batches, so a
+// single volume uses every core. The arithmetic is in warp.h / spline.h.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "warp/spline.h"
+#include "warp/warp_launch.h"
+
+namespace medfast::warp {
+namespace {
+
+// Walks (b, x, xi) in linear order without a division per voxel.
+template <int NDIM>
+struct VoxelCursor {
+  const int64_t* size;
+  int64_t numel, b, x, xi[NDIM];
+  VoxelCursor(int64_t linear, const int64_t* size_, int64_t numel_) : size(size_), numel(numel_) {
+    b = linear / numel;
+    x = linear - b * numel;
+    unravel<NDIM>(x, size, xi);
+  }
+  void next() {
+    if (++x == numel) {
+      x = 0;
+      ++b;
+      for (int i = 0; i < NDIM; ++i) xi[i] = 0;
+      return;
+    }
+    for (int i = NDIM - 1; i >= 0; --i) {
+      if (++xi[i] < size[i]) return;
+      xi[i] = 0;
+    }
+  }
+};
+
+template <int MODE>
+constexpr int64_t grain() {
+  return MODE == kCubic ? 512 : 4096;
+}
+
+template <typename S, typename T, int NDIM, int MODE>
+void forward_loop(const WarpArgs<S, T, NDIM>& A, S* out) {
+  const int64_t total = A.batch * A.out_numel;
+  at::parallel_for(0, total, grain<MODE>(), [&](int64_t begin, int64_t end) {
+    VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
+    for (int64_t i = begin; i < end; ++i, v.next()) forward_voxel<MODE>(A, out, v.b, v.xi, v.x);
+  });
+}
+
+// The image gradient is a scatter. Each of `chunks` contiguous ranges of output voxels adds into
+// its own buffer (chunk 0 into the result), and the buffers are summed in a fixed order, so the
+// result is bitwise reproducible for a given thread count without atomics.
+template <typename S, typename T, int NDIM, int MODE>
+void backward_loop(const WarpArgs<S, T, NDIM>& A, const S* gout, T* grad_pos, T* grad_image, T* extra,
+                   int64_t chunks) {
+  const int64_t total = A.batch * A.out_numel;
+  int64_t in_numel = 1;
+  for (int i = 0; i < NDIM; ++i) in_numel *= A.in_size[i];
+  const Strides<NDIM> in_st = contiguous_strides<NDIM>(A.in_size);
+  if (grad_image == nullptr) {
+    auto none = [](int64_t, T) {};
+    at::parallel_for(0, total, grain<MODE>(), [&](int64_t begin, int64_t end) {
+      VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
+      for (int64_t i = begin; i < end; ++i, v.next())
+        backward_voxel<MODE>(A, gout, grad_pos, false, in_st.v, in_numel, v.b, v.xi, v.x, none);
+    });
+    return;
+  }
+  const int64_t image_numel = A.image_batch * A.channels * in_numel;
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      T* buf = k == 0 ? grad_image : extra + (k - 1) * image_numel;
+      auto add = [buf](int64_t off, T val) { buf[off] += val; };
+      const int64_t begin = total * k / chunks, end = total * (k + 1) / chunks;
+      VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
+      for (int64_t i = begin; i < end; ++i, v.next())
+        backward_voxel<MODE>(A, gout, grad_pos, true, in_st.v, in_numel, v.b, v.xi, v.x, add);
+    }
+  });
+  if (chunks > 1) {
+    at::parallel_for(0, image_numel, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t k = 1; k < chunks; ++k) {
+        const T* src = extra + (k - 1) * image_numel;
+        for (int64_t i = begin; i < end; ++i) grad_image[i] += src[i];
+      }
+    });
+  }
+}
+
+}  // namespace
+
+Tensor forward_cpu(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, at::IntArrayRef shape,
+                   int mode, int padding) {
+  const int64_t batch = output_batch(image, theta, ddf);
+  Tensor out = at::empty(output_sizes(batch, image.size(1), shape), image.options());
+  if (out.numel() == 0) return out;
+  dispatch_warp(image.scalar_type(), image.dim() - 2, mode, [&]<typename S, int NDIM, int MODE>() {
+    const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape, mode, padding);
+    forward_loop<S, acc_t<S>, NDIM, MODE>(A, out.mutable_data_ptr<S>());
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image, const OptTensor& theta,
+                                        const OptTensor& ddf, at::IntArrayRef shape, int mode, int padding,
+                                        bool image_grad, bool position_grad) {
+  const int64_t batch = output_batch(image, theta, ddf);
+  const int64_t ndim = image.dim() - 2;
+  const auto pos_opts = image.options().dtype(position_dtype(image.scalar_type()));
+  const Tensor gout = grad.contiguous();
+  Tensor grad_pos = position_grad ? at::empty(output_sizes(batch, ndim, shape), pos_opts) : at::empty({0}, pos_opts);
+  Tensor grad_image = image_grad ? at::zeros(image.sizes(), pos_opts) : at::empty({0}, pos_opts);
+  const int64_t total = batch * c10::multiply_integers(shape);
+  const int64_t chunks = image_grad ? std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), total / 4096), 1, 8) : 1;
+  Tensor extra = chunks > 1 ? at::zeros({chunks - 1, image.numel()}, pos_opts) : Tensor();
+  if (total > 0 && (image_grad || position_grad)) {
+    dispatch_warp(image.scalar_type(), ndim, mode, [&]<typename S, int NDIM, int MODE>() {
+      using T = acc_t<S>;
+      const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape, mode, padding);
+      backward_loop<S, T, NDIM, MODE>(A, gout.const_data_ptr<S>(),
+                                      position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
+                                      image_grad ? grad_image.mutable_data_ptr<T>() : nullptr,
+                                      chunks > 1 ? extra.mutable_data_ptr<T>() : nullptr, chunks);
+    });
+  }
+  if (image_grad && grad_image.scalar_type() != image.scalar_type()) grad_image = grad_image.to(image.scalar_type());
+  return {grad_image, grad_pos};
+}
+
+Tensor prefilter_cpu(const Tensor& image, int padding, bool transpose) {
+  const auto acc = position_dtype(image.scalar_type());
+  Tensor coef = image.to(acc, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+  const int64_t ndim = image.dim() - 2;
+  if (coef.numel() == 0) return coef.to(image.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(acc, "medfast_spline_prefilter", [&] {
+    scalar_t* data = coef.mutable_data_ptr<scalar_t>();
+    for (int64_t axis = 0; axis < ndim; ++axis) {
+      const int64_t n = coef.size(2 + axis);
+      const int64_t inner = c10::multiply_integers(coef.sizes().slice(3 + axis));
+      const int64_t outer = coef.numel() / (n * inner);
+      const auto f64 = spline_factors(n, padding, transpose);
+      const std::vector<scalar_t> factors(f64.begin(), f64.end());
+      // Blocks of up to kBlock adjacent lines: the inner loop of spline_solve_lines vectorizes.
+      constexpr int64_t kBlock = 256;
+      const int64_t blocks = (inner + kBlock - 1) / kBlock;
+      at::parallel_for(0, outer * blocks, std::max<int64_t>(1, 4096 / (n * std::min(inner, kBlock))),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t i = begin; i < end; ++i) {
+                           const int64_t o = i / blocks, j0 = (i - o * blocks) * kBlock;
+                           spline_solve_lines(data + o * n * inner + j0, n, inner, std::min(kBlock, inner - j0),
+                                              factors.data());
+                         }
+                       });
+    }
+  });
+  return coef.scalar_type() == image.scalar_type() ? coef : coef.to(image.scalar_type());
+}
+
+}  // namespace medfast::warp

@@ -1,0 +1,188 @@
+// CUDA launcher of the warp family: one thread per output voxel (grid-stride), the arithmetic
+// from warp.h / spline.h. The image gradient uses float atomics by default; under
+// torch.use_deterministic_algorithms(True) it is built from per-tap lists reduced by the
+// deterministic (sort-based) index_put_ with accumulate, so it is bitwise reproducible.
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "warp/spline.h"
+#include "warp/warp_launch.h"
+
+namespace medfast::warp {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 64));
+}
+
+template <typename S, typename T, int NDIM, int MODE>
+__global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, S* out, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / A.out_numel, x = i - b * A.out_numel;
+    int64_t xi[NDIM];
+    unravel<NDIM>(x, A.out_size, xi);
+    forward_voxel<MODE>(A, out, b, xi, x);
+  }
+}
+
+template <typename S, typename T, int NDIM, int MODE>
+__global__ void backward_kernel(const WarpArgs<S, T, NDIM> A, const S* gout, T* grad_pos, T* grad_image,
+                                Strides<NDIM> in_st, int64_t in_numel, int64_t total) {
+  auto add = [grad_image](int64_t off, T val) { atomicAdd(grad_image + off, val); };
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / A.out_numel, x = i - b * A.out_numel;
+    int64_t xi[NDIM];
+    unravel<NDIM>(x, A.out_size, xi);
+    backward_voxel<MODE>(A, gout, grad_pos, grad_image != nullptr, in_st.v, in_numel, b, xi, x, add);
+  }
+}
+
+// Deterministic path: for output voxels [begin, begin + count), the flat image offsets (channel 0)
+// and weights of all taps. A NaN position contributes nothing.
+template <typename S, typename T, int NDIM, int MODE>
+__global__ void taps_kernel(const WarpArgs<S, T, NDIM> A, Strides<NDIM> in_st, int64_t in_numel, int64_t begin,
+                            int64_t count, int64_t* idx, T* w) {
+  constexpr int K = taps_of<MODE>::value;
+  constexpr int KT = K * K * (NDIM == 3 ? K : 1);
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < count; j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = begin + j, b = i / A.out_numel, x = i - b * A.out_numel;
+    int64_t xi[NDIM];
+    unravel<NDIM>(x, A.out_size, xi);
+    T p[NDIM];
+    int t = 0;
+    int64_t* oi = idx + j * KT;
+    T* ow = w + j * KT;
+    if (sample_position(A, b, xi, p)) {
+      AxisTaps<T, K> ax[NDIM];
+      compute_taps<MODE>(A, p, ax);
+      const int64_t base = (A.image_batch == 1 ? 0 : b) * A.channels * in_numel;
+      auto put = [&](int64_t off, T val) {
+        oi[t] = off;
+        ow[t] = val;
+        ++t;
+      };
+      TapProduct<0, NDIM, K, T>::visit(base, in_st.v, ax, T(1), put);
+    }
+    for (; t < KT; ++t) {
+      oi[t] = 0;
+      ow[t] = T(0);
+    }
+  }
+}
+
+template <typename S, typename T, int NDIM, int MODE>
+void deterministic_image_grad(const WarpArgs<S, T, NDIM>& A, const Tensor& gout, Tensor& grad_image,
+                              const Strides<NDIM>& in_st, int64_t in_numel, cudaStream_t stream) {
+  constexpr int K = taps_of<MODE>::value;
+  constexpr int KT = K * K * (NDIM == 3 ? K : 1);
+  const int64_t total = A.batch * A.out_numel;
+  // (C, batch * out_numel) view of the output gradient.
+  const Tensor g = gout.view({A.batch, A.channels, A.out_numel}).transpose(0, 1).reshape({A.channels, total});
+  const Tensor flat = grad_image.view({-1});
+  const Tensor chan_off = at::arange(A.channels, gout.options().dtype(at::kLong)).mul_(in_numel).view({-1, 1, 1});
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 25) / (KT * A.channels));
+  for (int64_t begin = 0; begin < total; begin += chunk) {
+    const int64_t count = std::min(chunk, total - begin);
+    Tensor idx = at::empty({count, KT}, gout.options().dtype(at::kLong));
+    Tensor w = at::empty({count, KT}, grad_image.options());
+    taps_kernel<S, T, NDIM, MODE><<<blocks_for(count), kThreads, 0, stream>>>(
+        A, in_st, in_numel, begin, count, idx.mutable_data_ptr<int64_t>(), w.mutable_data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const Tensor vals = w.unsqueeze(0) * g.narrow(1, begin, count).to(w.scalar_type()).unsqueeze(2);
+    flat.index_put_({(idx.unsqueeze(0) + chan_off).view({-1})}, vals.view({-1}), /*accumulate=*/true);
+  }
+}
+
+}  // namespace
+
+Tensor forward_cuda(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, at::IntArrayRef shape,
+                    int mode, int padding) {
+  const c10::cuda::CUDAGuard guard(image.device());
+  const int64_t batch = output_batch(image, theta, ddf);
+  Tensor out = at::empty(output_sizes(batch, image.size(1), shape), image.options());
+  const int64_t total = batch * c10::multiply_integers(shape);
+  if (out.numel() == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_warp(image.scalar_type(), image.dim() - 2, mode, [&]<typename S, int NDIM, int MODE>() {
+    const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape, mode, padding);
+    forward_kernel<S, acc_t<S>, NDIM, MODE><<<blocks_for(total), kThreads, 0, stream>>>(A, out.mutable_data_ptr<S>(),
+                                                                                         total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& image, const OptTensor& theta,
+                                         const OptTensor& ddf, at::IntArrayRef shape, int mode, int padding,
+                                         bool image_grad, bool position_grad) {
+  const c10::cuda::CUDAGuard guard(image.device());
+  const int64_t batch = output_batch(image, theta, ddf);
+  const int64_t ndim = image.dim() - 2;
+  const auto pos_opts = image.options().dtype(position_dtype(image.scalar_type()));
+  const Tensor gout = grad.contiguous();
+  Tensor grad_pos = position_grad ? at::empty(output_sizes(batch, ndim, shape), pos_opts) : at::empty({0}, pos_opts);
+  Tensor grad_image = image_grad ? at::zeros(image.sizes(), pos_opts) : at::empty({0}, pos_opts);
+  const int64_t total = batch * c10::multiply_integers(shape);
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (total > 0 && (image_grad || position_grad)) {
+    dispatch_warp(image.scalar_type(), ndim, mode, [&]<typename S, int NDIM, int MODE>() {
+      using T = acc_t<S>;
+      const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape, mode, padding);
+      int64_t in_numel = 1;
+      for (int i = 0; i < NDIM; ++i) in_numel *= A.in_size[i];
+      const Strides<NDIM> in_st = contiguous_strides<NDIM>(A.in_size);
+      const bool atomics = image_grad && !deterministic;
+      if (position_grad || atomics) {
+        backward_kernel<S, T, NDIM, MODE><<<blocks_for(total), kThreads, 0, stream>>>(
+            A, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
+            atomics ? grad_image.mutable_data_ptr<T>() : nullptr, in_st, in_numel, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (image_grad && deterministic) deterministic_image_grad<S, T, NDIM, MODE>(A, gout, grad_image, in_st, in_numel, stream);
+    });
+  }
+  if (image_grad && grad_image.scalar_type() != image.scalar_type()) grad_image = grad_image.to(image.scalar_type());
+  return {grad_image, grad_pos};
+}
+
+namespace {
+template <typename T>
+__global__ void prefilter_kernel(T* data, int64_t lines, int64_t n, int64_t inner, const T* factors) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < lines; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t o = i / inner, j = i - o * inner;
+    spline_solve_lines(data + o * n * inner + j, n, inner, 1, factors);
+  }
+}
+}  // namespace
+
+Tensor prefilter_cuda(const Tensor& image, int padding, bool transpose) {
+  const c10::cuda::CUDAGuard guard(image.device());
+  const auto acc = position_dtype(image.scalar_type());
+  Tensor coef = image.to(acc, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+  if (coef.numel() == 0) return coef.to(image.scalar_type());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t ndim = image.dim() - 2;
+  AT_DISPATCH_FLOATING_TYPES(acc, "medfast_spline_prefilter", [&] {
+    for (int64_t axis = 0; axis < ndim; ++axis) {
+      const int64_t n = coef.size(2 + axis);
+      const int64_t inner = c10::multiply_integers(coef.sizes().slice(3 + axis));
+      const int64_t lines = coef.numel() / n;
+      const auto f64 = spline_factors(n, padding, transpose);
+      const Tensor factors =
+          at::tensor(at::ArrayRef<double>(f64), at::TensorOptions().dtype(at::kDouble)).to(coef.device(), acc);
+      prefilter_kernel<scalar_t><<<blocks_for(lines), kThreads, 0, stream>>>(
+          coef.mutable_data_ptr<scalar_t>(), lines, n, inner, factors.const_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return coef.scalar_type() == image.scalar_type() ? coef : coef.to(image.scalar_type());
+}
+
+}  // namespace medfast::warp

@@ -1,0 +1,69 @@
+"""Loads the compiled extension ``medfast._C`` (which registers ``torch.ops.medfast.*``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_REBUILD = (
+    "Rebuild medfast against the installed torch {torch}: in the medfast source folder run "
+    "`pip install --no-build-isolation --no-deps --force-reinstall .` (or `scripts/test.sh`, which "
+    "sets everything up)."
+)
+
+
+def _same_release(a: str, b: str) -> bool:
+    """Torch's C++ ABI changes between minor releases: compare major.minor."""
+    return a.split("+")[0].split(".")[:2] == b.split("+")[0].split(".")[:2]
+
+
+def _load():
+    try:
+        from medfast import _C
+    except ImportError as exc:
+        raise ImportError(
+            f"medfast's compiled extension could not be loaded ({exc}). It is missing or was built "
+            f"for another torch. " + _REBUILD.format(torch=torch.__version__)
+        ) from exc
+    built = _C.build_info()["torch"]
+    if not _same_release(built, torch.__version__):
+        raise ImportError(
+            f"medfast was built against torch {built} but torch {torch.__version__} is installed. "
+            + _REBUILD.format(torch=torch.__version__)
+        )
+    return _C
+
+
+_C = _load()
+
+
+def build_info() -> dict:
+    """How this medfast was built and what it can use now.
+
+    Returns
+    -------
+    dict
+        ``medfast`` and ``torch`` versions (installed, and the one built against), whether CUDA
+        kernels were compiled (``cuda``), the CUDA version and architectures they were compiled for,
+        OpenMP, CPU threads, and whether a GPU is visible.
+    """
+    from medfast import __version__
+
+    info = dict(_C.build_info())
+    built_torch = info.pop("torch")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {
+        "medfast": __version__,
+        "torch": torch.__version__,
+        "torch_built_against": built_torch,
+        "cuda_kernels": info["cuda"],
+        "cuda_version": info["cuda_version"],
+        "cuda_archs": info["cuda_archs"],
+        "openmp": info["openmp"],
+        "compiler": info["compiler"],
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "gpu_visible": gpus > 0,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
+    }

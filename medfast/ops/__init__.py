@@ -1,0 +1,9 @@
+"""The public operator API of medfast (re-exported as ``medfast.*``).
+
+This package is the only place that knows the compiled schemas (``torch.ops.medfast.*``).
+"""
+
+from medfast.ops._transforms import compose, integrate, resample
+from medfast.ops._warp import affine_warp, spline_coefficients, warp
+
+__all__ = ["affine_warp", "compose", "integrate", "resample", "spline_coefficients", "warp"]

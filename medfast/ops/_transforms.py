@@ -1,0 +1,141 @@
+"""Operators built on the warp kernels: world-space resampling, DDF composition and integration."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from medfast.ops._validate import check_choice, check_field, check_image, check_shape, position_dtype
+from medfast.ops._warp import affine_warp, warp
+
+
+def _as_affine(name: str, value, ndim: int, device) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+    if value.dim() not in (2, 3) or tuple(value.shape[-2:]) != (ndim + 1, ndim + 1):
+        raise ValueError(
+            f"{name} must be a ({ndim + 1}, {ndim + 1}) voxel-to-world affine (or a batch of them) for a "
+            f"{ndim}-d image, got {tuple(value.shape)}"
+        )
+    if not torch.is_floating_point(value):
+        value = value.double()
+    return value.to(device=device, dtype=torch.float64)
+
+
+def resample(
+    image: torch.Tensor,
+    affine_in,
+    affine_out,
+    shape_out: Sequence[int],
+    *,
+    mode: str = "linear",
+    padding: str = "zeros",
+) -> torch.Tensor:
+    """Resamples an image from its voxel grid onto another grid, both placed in world space (mm).
+
+    Output voxel ``x`` takes the image value at the world point ``affine_out @ [x; 1]``, i.e. at
+    the input voxel coordinate ``inv(affine_in) @ affine_out @ [x; 1]`` (NIfTI convention: the
+    affine maps array indices ``(i, j, k)`` of the spatial axes, in tensor order, to mm).
+
+    Parameters
+    ----------
+    image : Tensor
+        ``(B, C, *S_in)`` on the grid of ``affine_in`` (2 or 3 spatial dims).
+    affine_in, affine_out : Tensor or ndarray
+        ``(ndim + 1, ndim + 1)`` voxel-to-world affines (or ``(B, ndim + 1, ndim + 1)``), e.g.
+        ``nibabel.load(path).affine``. Differentiable when given as tensors that require grad.
+    shape_out : sequence of int
+        Spatial shape of the output grid.
+    mode, padding
+        As in :func:`medfast.warp`.
+
+    Returns
+    -------
+    Tensor
+        ``(B, C, *shape_out)`` on the grid of ``affine_out``.
+    """
+    ndim = check_image(image)
+    shape_out = check_shape("shape_out", shape_out, ndim)
+    a_in = _as_affine("affine_in", affine_in, ndim, image.device)
+    a_out = _as_affine("affine_out", affine_out, ndim, image.device)
+    theta = torch.linalg.solve(a_in, a_out)[..., :ndim, :]
+    if theta.dim() == 2:
+        theta = theta.unsqueeze(0)
+    return affine_warp(image, theta.to(position_dtype(image.dtype)), shape=shape_out, mode=mode, padding=padding)
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(
+            f"ddf_a and ddf_b must be on the same grid, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def _check_ddf(name: str, ddf) -> int:
+    if not isinstance(ddf, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ddf).__name__}")
+    ndim = ddf.dim() - 2
+    if ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (B, ndim, *spatial) with ndim 2 or 3, got {tuple(ddf.shape)}")
+    if ddf.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {ddf.dtype}")
+    check_field(ddf, name, ddf, ndim)
+    return ndim
+
+
+def compose(ddf_a: torch.Tensor, ddf_b: torch.Tensor, *, padding: str = "border") -> torch.Tensor:
+    """The displacement of "warp by ``ddf_a``, then by ``ddf_b``".
+
+    ``warp(warp(img, ddf_a), ddf_b) == warp(img, compose(ddf_a, ddf_b))`` up to interpolation:
+    ``compose(a, b)(x) = b(x) + a(x + b(x))``, with ``a`` sampled linearly.
+
+    Parameters
+    ----------
+    ddf_a, ddf_b : Tensor
+        ``(B, ndim, *S)`` displacements in voxels on the same grid (batch 1 broadcasts).
+    padding : {"border", "zeros", "reflection"}
+        How ``ddf_a`` extends beyond the grid (default: its border value).
+
+    Returns
+    -------
+    Tensor
+        ``(B, ndim, *S)``, differentiable w.r.t. both fields.
+    """
+    _check_ddf("ddf_a", ddf_a)
+    _check_ddf("ddf_b", ddf_b)
+    _check_pair(ddf_a, ddf_b)
+    check_choice("padding", padding, ("zeros", "border", "reflection"))
+    return ddf_b + warp(ddf_a, ddf_b, mode="linear", padding=padding)
+
+
+def integrate(velocity: torch.Tensor, steps: int = 7, *, padding: str = "border") -> torch.Tensor:
+    """Integrates a stationary velocity field by scaling and squaring.
+
+    ``u = velocity / 2**steps``, then ``steps`` times ``u = compose(u, u)``: the displacement of the
+    flow of ``velocity`` at time 1, a diffeomorphism for smooth enough fields.
+
+    Parameters
+    ----------
+    velocity : Tensor
+        ``(B, ndim, *S)`` in voxels per unit time, float32 or float64.
+    steps : int
+        Number of squarings (``>= 0``; 0 returns ``velocity``).
+    padding
+        Passed to :func:`compose`.
+
+    Returns
+    -------
+    Tensor
+        ``(B, ndim, *S)`` displacement in voxels, differentiable w.r.t. ``velocity``.
+    """
+    _check_ddf("velocity", velocity)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    u = velocity / (2.0**steps)
+    for _ in range(steps):
+        u = compose(u, u, padding=padding)
+    return u

@@ -1,0 +1,94 @@
+"""Argument checks shared by the public operators: clear exceptions before any kernel launches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IMAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MODES = ("nearest", "linear", "cubic")
+PADDINGS = ("zeros", "border", "reflection")
+
+
+def check_choice(name: str, value: object, options: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}; got {value!r}")
+    return value
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def position_dtype(image_dtype: torch.dtype) -> torch.dtype:
+    """dtype of displacements / affines that go with an image dtype (float64 only with float64)."""
+    return torch.float64 if image_dtype == torch.float64 else torch.float32
+
+
+def check_image(image: object, name: str = "image") -> int:
+    """Checks a (B, C, *spatial) image with 2 or 3 spatial dims; returns the number of spatial dims."""
+    image = check_tensor(name, image)
+    if image.dtype not in IMAGE_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got {image.dtype}; "
+            f"convert label maps with .float() and use mode='nearest'"
+        )
+    if image.dim() not in (4, 5):
+        raise ValueError(
+            f"{name} must have shape (B, C, H, W) or (B, C, D, H, W), got {tuple(image.shape)} "
+            f"({image.dim()} dims)"
+        )
+    if image.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
+    return image.dim() - 2
+
+
+def check_field(field: object, name: str, image: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Checks a (B, ndim, *spatial) displacement field that goes with `image`."""
+    field = check_tensor(name, field)
+    expected = position_dtype(image.dtype)
+    if field.dtype != expected:
+        raise TypeError(
+            f"{name} must have dtype {expected} for an image of dtype {image.dtype}, got {field.dtype}"
+        )
+    if field.dim() != ndim + 2 or field.shape[1] != ndim:
+        raise ValueError(
+            f"{name} must have shape (B, {ndim}, *spatial) for a {ndim}-d image (channel i is the "
+            f"displacement along spatial axis i), got {tuple(field.shape)}"
+        )
+    if field.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(field.shape)}")
+    check_device(name, field, image)
+    return field
+
+
+def check_device(name: str, tensor: torch.Tensor, image: torch.Tensor) -> None:
+    if tensor.device != image.device:
+        raise ValueError(f"{name} is on {tensor.device} but image is on {image.device}; move them to one device")
+
+
+def check_batch(image: torch.Tensor, **others: torch.Tensor | None) -> int:
+    """The common batch size: every batch is 1 (broadcast) or equal to the largest."""
+    sizes = {"image": image.shape[0]}
+    sizes.update({k: v.shape[0] for k, v in others.items() if v is not None})
+    batch = max(sizes.values())
+    bad = {k: b for k, b in sizes.items() if b not in (1, batch)}
+    if bad:
+        raise ValueError(
+            "batch sizes must be equal or 1 (broadcast); got "
+            + ", ".join(f"{k}: {b}" for k, b in sizes.items())
+        )
+    return batch
+
+
+def check_shape(name: str, shape: object, ndim: int) -> list[int]:
+    try:
+        out = [int(s) for s in shape]  # type: ignore[union-attr]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of {ndim} ints, got {shape!r}") from None
+    if len(out) != ndim or any(s <= 0 for s in out):
+        raise ValueError(f"{name} must be {ndim} positive sizes, got {tuple(out)}")
+    return out

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: sets everything up (scripts/setup.sh), then runs pytest. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup.sh
+ruff check medfast tests benchmarks
+python -m pytest -q -p no:cacheprovider tests "$@"
