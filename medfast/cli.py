@@ -1,0 +1,180 @@
+"""The ``medfast`` command line: ``medfast info``, ``medfast demo`` (``python -m medfast`` too).
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and sets
+``func`` to the function that runs it; adding a subcommand means writing one such pair and
+listing it in ``_SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _yes_no(value: object) -> str:
+    return "yes" if value else "no"
+
+
+def _format_info(info: dict) -> str:
+    """Aligned, human-readable text for ``medfast.build_info()``."""
+    cuda_kernels = _yes_no(info["cuda_kernels"])
+    if info["cuda_kernels"]:
+        cuda_kernels += f" (archs: {info['cuda_archs'] or 'unknown'})"
+    if info["gpu_visible"]:
+        gpus = ", ".join(f"[{i}] {name}" for i, name in enumerate(info["gpus"]))
+    else:
+        gpus = "none visible"
+    rows = [
+        ("medfast", info["medfast"]),
+        ("torch", info["torch"]),
+        ("torch built against", info["torch_built_against"]),
+        ("CUDA kernels", cuda_kernels),
+        ("CUDA version", info["cuda_version"] or "-"),
+        ("OpenMP", _yes_no(info["openmp"])),
+        ("compiler", info.get("compiler") or "-"),
+        ("CPU threads", f"{info['cpu_threads']} (of {info.get('cpu_count') or '?'} cores)"),
+        ("GPU", gpus),
+    ]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{key:<{width}}  {value}" for key, value in rows]
+    if info["gpu_visible"] and not info["cuda_kernels"]:
+        # The commonest surprise: a GPU machine with a CPU-only build silently runs on CPU.
+        lines.append(
+            "note: a GPU is visible but medfast was built without CUDA kernels; rebuild with a CUDA "
+            "toolkit on PATH (scripts/setup.sh) to use it"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from medfast import build_info
+
+    info = build_info()
+    print(json.dumps(info, indent=2) if args.json else _format_info(info))
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="versions, build options and visible devices",
+        description="Shows how medfast was built (torch, CUDA kernels, OpenMP) and what it can use now.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_info)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medfast.demo import DemoError, run_warp_demo
+
+    try:
+        run_warp_demo(
+            args.out,
+            device=args.device,
+            seed=args.seed,
+            magnitude=args.magnitude,
+            repeats=args.repeats,
+            image_path=args.image,
+        )
+    except (DemoError, ImportError) as exc:
+        # Expected setup problems (missing nilearn, no CUDA build, unreadable image): no traceback.
+        print(f"medfast demo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from medfast.demo import DEFAULT_MAGNITUDE, DEFAULT_OUT, DEFAULT_REPEATS
+
+    p = sub.add_parser(
+        "demo",
+        help="warp the MNI152 T1 by a random smooth deformation and time it against grid_sample",
+        description=(
+            "Warps the MNI152 2009a T1 template (shipped in the nilearn wheel) by a random diffeomorphic "
+            "deformation, writes NIfTI images, a PNG figure and demo.json, and times medfast.warp "
+            "against the F.grid_sample route."
+        ),
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when a GPU is visible and medfast has CUDA kernels (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random deformation (default: 0)")
+    p.add_argument(
+        "--magnitude",
+        type=_positive_float,
+        default=DEFAULT_MAGNITUDE,
+        metavar="VOXELS",
+        help="largest displacement, in voxels (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=DEFAULT_REPEATS,
+        help="timed runs per measurement; the median is reported (default: %(default)s)",
+    )
+    p.add_argument("--image", default=None, metavar="NIFTI", help="warp this 3D NIfTI instead of the MNI152 template")
+    p.set_defaults(func=_cmd_demo)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medfast`` argument parser with every subcommand registered."""
+    from medfast import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="medfast",
+        description="Fast, differentiable C++/CUDA operators for medical imaging.",
+    )
+    parser.add_argument("--version", action="version", version=f"medfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medfast`` console script and ``python -m medfast``.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status (0 on success). Invalid arguments raise ``SystemExit(2)`` (argparse).
+    """
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

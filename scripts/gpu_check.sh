@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and torch already installed (no registry needed): builds medfast
+# for the local GPU, runs the whole test suite (CUDA tests included) and compute-sanitizer over
+# every kernel. Results go to ${OUT:-out/gpu}. Extra wheels (test dependencies) may sit in .whl/.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export MEDFAST_CUDA=1
+$PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+$PY -m medfast info | tee "$OUT/info.txt"
+$PY -m pytest -q -p no:cacheprovider tests -rs 2>&1 | tee "$OUT/tests.log"
+rc=${PIPESTATUS[0]}
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/cuda_sanitize.py > "$OUT/sanitizer.log" 2>&1
+  echo "compute-sanitizer memcheck rc=$?"; tail -3 "$OUT/sanitizer.log"
+fi
+exit $rc

@@ -1,0 +1,149 @@
+"""CUDA path against the CPU path (the same arithmetic, warp.h): every mode, padding and dtype.
+Skipped without a GPU; run on a GPU machine with scripts/gpu_check.sh."""
+
+import pytest
+import torch
+
+import medfast as mf
+from tests.conftest import MODES, PADDINGS, requires_cuda
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def _run(device, image, theta, ddf, mode, padding, weights):
+    image = image.detach().to(device).requires_grad_()
+    ddf = None if ddf is None else ddf.detach().to(device).requires_grad_(mode != "nearest")
+    theta = None if theta is None else theta.detach().to(device).requires_grad_(mode != "nearest")
+    if theta is None:
+        out = mf.warp(image, ddf, mode=mode, padding=padding)
+    else:
+        out = mf.affine_warp(image, theta, ddf=ddf, shape=(9, 7, 8), mode=mode, padding=padding)
+    (out.float() * weights.to(device)).sum().backward()
+    grads = [t.grad for t in (image, theta, ddf) if t is not None and t.grad is not None]
+    return [out.detach().cpu()] + [g.cpu() for g in grads]
+
+
+def _compare(cpu, gpu, dtype):
+    assert len(cpu) == len(gpu)
+    for a, b in zip(cpu, gpu):
+        scale = max(1.0, a.abs().max().item())
+        torch.testing.assert_close(b.double(), a.double(), atol=TOL[dtype] * scale, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_warp_cuda_matches_cpu(ndim, mode, padding, dtype):
+    shape = (9, 7, 8)[:ndim] if ndim == 3 else (13, 11)
+    image = torch.rand(2, 3, *shape, dtype=dtype)
+    ddf = (torch.randn(2, ndim, *shape, dtype=dtype) * 3)
+    weights = torch.randn(2, 3, *shape)
+    _compare(_run("cpu", image, None, ddf, mode, padding, weights),
+             _run("cuda", image, None, ddf, mode, padding, weights), dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_images_cuda_match_float32_cpu(mode, dtype):
+    image = torch.rand(1, 2, 10, 9, 8)
+    ddf = torch.randn(1, 3, 10, 9, 8) * 2
+    weights = torch.randn(1, 2, 10, 9, 8)
+    cpu = _run("cpu", image.to(dtype).float(), None, ddf, mode, "border", weights)
+    gpu = _run("cuda", image.to(dtype), None, ddf, mode, "border", weights)
+    assert gpu[0].dtype == dtype and gpu[1].dtype == dtype
+    _compare(cpu, gpu, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_affine_warp_cuda_matches_cpu(mode, padding):
+    image = torch.rand(1, 2, 8, 9, 10, dtype=torch.float64)
+    theta = torch.eye(3, 4, dtype=torch.float64) + 0.1 * torch.randn(3, 3, 4, dtype=torch.float64)
+    ddf = torch.randn(3, 3, 9, 7, 8, dtype=torch.float64)
+    weights = torch.randn(3, 2, 9, 7, 8)
+    _compare(_run("cpu", image, theta, ddf, mode, padding, weights),
+             _run("cuda", image, theta, ddf, mode, padding, weights), torch.float64)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_spline_coefficients_cuda_matches_cpu(padding):
+    for shape in [(1, 2, 17, 5, 9), (2, 1, 1, 2, 3), (1, 1, 31, 33)]:
+        image = torch.rand(*shape, dtype=torch.float64)
+        torch.testing.assert_close(mf.spline_coefficients(image.cuda(), padding).cpu(),
+                                   mf.spline_coefficients(image, padding), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_deterministic_mode_is_bitwise_reproducible(mode):
+    image = torch.rand(1, 2, 40, 36, 32, device="cuda", requires_grad=True)
+    ddf = (torch.randn(4, 3, 40, 36, 32, device="cuda") * 3).requires_grad_(mode != "nearest")
+    weights = torch.randn(4, 2, 40, 36, 32, device="cuda")
+    results = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            image.grad = ddf.grad = None
+            out = mf.warp(image, ddf, mode=mode)
+            (out * weights).sum().backward()
+            grads = [image.grad.clone()] + ([ddf.grad.clone()] if mode != "nearest" else [])
+            results.append([out.detach().clone(), *grads])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    # ... and equal (to rounding) to the default atomic path.
+    image.grad = None
+    (mf.warp(image, ddf, mode=mode) * weights).sum().backward()
+    torch.testing.assert_close(image.grad, results[0][1], atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_non_contiguous_and_broadcast():
+    image = torch.rand(1, 3, 12, 10, 14, device="cuda", dtype=torch.float64)
+    ddf = torch.randn(2, 3, 12, 10, 14, device="cuda", dtype=torch.float64)
+    ref = mf.warp(image, ddf, mode="cubic")
+    cl = mf.warp(image.to(memory_format=torch.channels_last_3d), ddf.to(memory_format=torch.channels_last_3d),
+                 mode="cubic")
+    torch.testing.assert_close(cl, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ref.cpu(), mf.warp(image.cpu(), ddf.cpu(), mode="cubic"), atol=1e-10, rtol=0)
+
+
+def test_cuda_nan_and_huge_displacements():
+    image = torch.rand(1, 1, 6, 6, 6, device="cuda")
+    ddf = torch.zeros(1, 3, 6, 6, 6, device="cuda")
+    ddf[0, 0, 1, 2, 3] = float("nan")
+    ddf[0, 1, 2, 2, 2] = 1e30
+    out = mf.warp(image, ddf, mode="cubic")
+    assert torch.isnan(out).sum() == 1 and out[0, 0, 2, 2, 2] == 0
+    torch.cuda.synchronize()
+
+
+def test_cuda_opcheck_and_compile():
+    image = torch.rand(2, 2, 6, 5, 7, device="cuda", requires_grad=True)
+    ddf = torch.randn(2, 3, 6, 5, 7, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.medfast.warp_forward.default, (image, None, ddf, [6, 5, 7], "cubic", "border"))
+    compiled = torch.compile(lambda i, d: mf.warp(i, d, mode="linear").square().mean(), fullgraph=True)
+    torch.testing.assert_close(compiled(image, ddf), mf.warp(image, ddf).square().mean())
+
+
+def test_mixed_devices_raise():
+    image = torch.rand(1, 1, 4, 4, 4, device="cuda")
+    with pytest.raises(ValueError, match="ddf is on cpu but image is on cuda"):
+        mf.warp(image, torch.zeros(1, 3, 4, 4, 4))
+    with pytest.raises(ValueError, match="theta is on cpu but image is on cuda"):
+        mf.affine_warp(image, torch.eye(3, 4)[None])
+
+
+def test_large_volume_int64_indexing():
+    """An output with more than 2^31 elements (B x C x voxels) exercises 64-bit offsets."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    image = torch.rand(1, 1, 64, 64, 64, device="cuda")
+    ddf = torch.zeros(1, 3, 1, 1, 1, device="cuda").expand(9, 3, 640, 640, 640)  # 2.36e9 outputs
+    out = mf.warp(image, ddf, padding="border")
+    assert out.numel() > 2**31
+    assert out[8, 0, 639, 639, 639] == image[0, 0, 63, 63, 63]
+    del out
