@@ -46,7 +46,7 @@ def build_info() -> dict:
     dict
         ``medfast`` and ``torch`` versions (installed, and the one built against), whether CUDA
         kernels were compiled (``cuda``), the CUDA version and architectures they were compiled for,
-        OpenMP, CPU threads, and whether a GPU is visible.
+        OpenMP, the CPU SIMD fast path in use (``cpu_simd``), CPU threads, and whether a GPU is visible.
     """
     from medfast import __version__
 
@@ -61,6 +61,7 @@ def build_info() -> dict:
         "cuda_version": info["cuda_version"],
         "cuda_archs": info["cuda_archs"],
         "openmp": info["openmp"],
+        "cpu_simd": info["cpu_simd"],
         "compiler": info["compiler"],
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -33,6 +33,7 @@ def _format_info(info: dict) -> str:
         ("CUDA kernels", cuda_kernels),
         ("CUDA version", info["cuda_version"] or "-"),
         ("OpenMP", _yes_no(info["openmp"])),
+        ("CPU SIMD path", info.get("cpu_simd", "-")),
         ("compiler", info.get("compiler") or "-"),
         ("CPU threads", f"{info['cpu_threads']} (of {info.get('cpu_count') or '?'} cores)"),
         ("GPU", gpus),

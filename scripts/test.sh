@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
-ruff check medfast tests benchmarks
+ruff check .
 python -m pytest -q -p no:cacheprovider tests "$@"

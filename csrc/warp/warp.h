@@ -45,12 +45,12 @@ MEDFAST_HOST_DEVICE T clamp_position(T x) {
   return x < T(-kFar) ? T(-kFar) : (x > T(kFar) ? T(kFar) : x);
 }
 
-template <typename T>
-MEDFAST_HOST_DEVICE void axis_taps_nearest(T x, int64_t n, int padding, AxisTaps<T, 1>& a) {
+template <int PAD, typename T>
+MEDFAST_HOST_DEVICE void axis_taps_nearest(T x, int64_t n, AxisTaps<T, 1>& a) {
   // Round half up, as scipy's order-0 map_coordinates does; like scipy, mirror the continuous
   // position first (it decides ties beyond the edge).
   x = clamp_position(x);
-  if (padding == kReflection) {
+  if constexpr (PAD == kReflection) {
     const T period = T(2 * (n - 1));
     if (n == 1) {
       x = T(0);
@@ -63,19 +63,19 @@ MEDFAST_HOST_DEVICE void axis_taps_nearest(T x, int64_t n, int padding, AxisTaps
   const int64_t i = static_cast<int64_t>(floor(x + T(0.5)));
   a.dw[0] = T(0);
   a.w[0] = T(1);
-  if (padding == kZeros) {
+  if constexpr (PAD == kZeros) {
     const bool inside = i >= 0 && i < n;
     a.idx[0] = inside ? i : 0;
     a.w[0] = inside ? T(1) : T(0);
-  } else if (padding == kBorder) {
+  } else if constexpr (PAD == kBorder) {
     a.idx[0] = clamp_index(i, n);
   } else {
     a.idx[0] = mirror_index(i, n);
   }
 }
 
-template <typename T>
-MEDFAST_HOST_DEVICE void axis_taps_linear(T x, int64_t n, int padding, AxisTaps<T, 2>& a) {
+template <int PAD, typename T>
+MEDFAST_HOST_DEVICE void axis_taps_linear(T x, int64_t n, AxisTaps<T, 2>& a) {
   x = clamp_position(x);
   const T f = floor(x);
   const int64_t i0 = static_cast<int64_t>(f);
@@ -87,13 +87,13 @@ MEDFAST_HOST_DEVICE void axis_taps_linear(T x, int64_t n, int padding, AxisTaps<
 MEDFAST_UNROLL
   for (int k = 0; k < 2; ++k) {
     const int64_t i = i0 + k;
-    if (padding == kZeros) {
+    if constexpr (PAD == kZeros) {
       if (i < 0 || i >= n) {
         a.w[k] = T(0);
         a.dw[k] = T(0);
       }
       a.idx[k] = clamp_index(i, n);
-    } else if (padding == kBorder) {
+    } else if constexpr (PAD == kBorder) {
       a.idx[k] = clamp_index(i, n);
     } else {
       a.idx[k] = mirror_index(i, n);
@@ -107,8 +107,8 @@ MEDFAST_UNROLL
 //   reflection: c is mirror-symmetric too, so the tap index is mirrored;
 //   zeros:      c[n-1+d] = z^d c[n-1]                       (z = kPole; likewise on the left);
 //   border:     c[n-1+d] = a + (c[n-1] - a) z^d,  a = ((4+z) c[n-1] + c[n-2]) / (5+z)  (= f[n-1]).
-template <typename T>
-MEDFAST_HOST_DEVICE void axis_taps_cubic(T x, int64_t n, int padding, AxisTaps<T, 4>& a) {
+template <int PAD, typename T>
+MEDFAST_HOST_DEVICE void axis_taps_cubic(T x, int64_t n, AxisTaps<T, 4>& a) {
   x = clamp_position(x);
   const T f = floor(x);
   const int64_t i0 = static_cast<int64_t>(f);
@@ -117,7 +117,7 @@ MEDFAST_HOST_DEVICE void axis_taps_cubic(T x, int64_t n, int padding, AxisTaps<T
                   (T(-3) * t2 * t + T(3) * t2 + T(3) * t + T(1)) / T(6), t2 * t / T(6)};
   const T dw[4] = {-u * u / T(2), (T(3) * t2 - T(4) * t) / T(2), (T(-3) * t2 + T(2) * t + T(1)) / T(2),
                    t2 / T(2)};
-  if (padding == kReflection) {
+  if constexpr (PAD == kReflection) {
 MEDFAST_UNROLL
     for (int k = 0; k < 4; ++k) {
       a.idx[k] = mirror_index(i0 - 1 + k, n);
@@ -148,7 +148,7 @@ MEDFAST_UNROLL
     const int64_t d = i < 0 ? -i : i - (n - 1);  // distance outside
     const int64_t edge = i < 0 ? 0 : n - 1;
     const T zd = pole_power<T>(d);
-    if (padding == kZeros) {
+    if constexpr (PAD == kZeros) {
       a.w[edge - s] += zd * w[k];
       a.dw[edge - s] += zd * dw[k];
     } else if (n == 1) {  // border, a single sample: constant signal
@@ -166,69 +166,70 @@ MEDFAST_UNROLL
   }
 }
 
-template <int MODE, typename T>
-MEDFAST_HOST_DEVICE void axis_taps(T x, int64_t n, int padding, AxisTaps<T, taps_of<MODE>::value>& a) {
+template <int MODE, int PAD, typename T>
+MEDFAST_HOST_DEVICE void axis_taps(T x, int64_t n, AxisTaps<T, taps_of<MODE>::value>& a) {
   if constexpr (MODE == kNearest) {
-    axis_taps_nearest(x, n, padding, a);
+    axis_taps_nearest<PAD>(x, n, a);
   } else if constexpr (MODE == kLinear) {
-    axis_taps_linear(x, n, padding, a);
+    axis_taps_linear<PAD>(x, n, a);
   } else {
-    axis_taps_cubic(x, n, padding, a);
+    axis_taps_cubic<PAD>(x, n, a);
   }
 }
 
-// Tensor products over the taps of NDIM axes, axis D and beyond.
-template <int D, int NDIM, int K, typename T>
-struct TapProduct {
-  using Next = TapProduct<D + 1, NDIM, K, T>;
-
-  // Interpolated value at the taps.
-  template <typename S>
-  static MEDFAST_HOST_DEVICE T value(const S* p, const int64_t* stride, const AxisTaps<T, K>* ax) {
-    if constexpr (D == NDIM) {
-      return static_cast<T>(*p);
-    } else {
-      T acc = T(0);
-MEDFAST_UNROLL
-      for (int k = 0; k < K; ++k) acc += ax[D].w[k] * Next::value(p + ax[D].idx[k] * stride[D], stride, ax);
-      return acc;
-    }
-  }
-
-  // Value and its gradient w.r.t. the position along axes D..NDIM-1 (grad[D..NDIM-1]).
-  template <typename S>
-  static MEDFAST_HOST_DEVICE T value_grad(const S* p, const int64_t* stride, const AxisTaps<T, K>* ax, T* grad) {
-    if constexpr (D == NDIM) {
-      return static_cast<T>(*p);
-    } else {
-      T acc = T(0);
-MEDFAST_UNROLL
-      for (int j = D; j < NDIM; ++j) grad[j] = T(0);
-MEDFAST_UNROLL
-      for (int k = 0; k < K; ++k) {
-        T sub[NDIM > 0 ? NDIM : 1];
-        const T v = Next::value_grad(p + ax[D].idx[k] * stride[D], stride, ax, sub);
-        acc += ax[D].w[k] * v;
-        grad[D] += ax[D].dw[k] * v;
-MEDFAST_UNROLL
-        for (int j = D + 1; j < NDIM; ++j) grad[j] += ax[D].w[k] * sub[j];
-      }
-      return acc;
-    }
-  }
-
-  // Calls f(offset, weight) for every tap: the adjoint of value() (scatter) and the tap lists.
-  template <typename F>
-  static MEDFAST_HOST_DEVICE void visit(int64_t offset, const int64_t* stride, const AxisTaps<T, K>* ax, T weight,
-                                        F& f) {
-    if constexpr (D == NDIM) {
-      f(offset, weight);
-    } else {
-MEDFAST_UNROLL
-      for (int k = 0; k < K; ++k) Next::visit(offset + ax[D].idx[k] * stride[D], stride, ax, weight * ax[D].w[k], f);
-    }
-  }
+// The K^NDIM taps of one sample as flat lists: the tensor products of the per-axis weights
+// (and of their derivatives) are formed once per voxel and reused for every channel.
+template <typename T, int NDIM, int K>
+struct Stencil {
+  static constexpr int N = NDIM == 3 ? K * K * K : K * K;
+  int64_t off[N];     // offset of the tap in the image (image strides)
+  int64_t lin[N];     // offset of the tap in a contiguous buffer of the image's spatial shape
+  T w[N];             // weight
+  T dw[NDIM][N];      // d weight / d position along each axis (only with GRAD)
 };
+
+template <bool GRAD, typename T, int NDIM, int K>
+MEDFAST_HOST_DEVICE void make_stencil(const AxisTaps<T, K>* ax, const int64_t* stride, const int64_t* size,
+                                      Stencil<T, NDIM, K>& s) {
+  int t = 0;
+  if constexpr (NDIM == 2) {
+    MEDFAST_UNROLL
+    for (int a = 0; a < K; ++a) {
+      MEDFAST_UNROLL
+      for (int b = 0; b < K; ++b, ++t) {
+        s.off[t] = ax[0].idx[a] * stride[0] + ax[1].idx[b] * stride[1];
+        s.lin[t] = ax[0].idx[a] * size[1] + ax[1].idx[b];
+        s.w[t] = ax[0].w[a] * ax[1].w[b];
+        if constexpr (GRAD) {
+          s.dw[0][t] = ax[0].dw[a] * ax[1].w[b];
+          s.dw[1][t] = ax[0].w[a] * ax[1].dw[b];
+        }
+      }
+    }
+  } else {
+    MEDFAST_UNROLL
+    for (int a = 0; a < K; ++a) {
+      MEDFAST_UNROLL
+      for (int b = 0; b < K; ++b) {
+        const T wab = ax[0].w[a] * ax[1].w[b];
+        const T dab0 = ax[0].dw[a] * ax[1].w[b], dab1 = ax[0].w[a] * ax[1].dw[b];
+        const int64_t oab = ax[0].idx[a] * stride[0] + ax[1].idx[b] * stride[1];
+        const int64_t lab = (ax[0].idx[a] * size[1] + ax[1].idx[b]) * size[2];
+        MEDFAST_UNROLL
+        for (int c = 0; c < K; ++c, ++t) {
+          s.off[t] = oab + ax[2].idx[c] * stride[2];
+          s.lin[t] = lab + ax[2].idx[c];
+          s.w[t] = wab * ax[2].w[c];
+          if constexpr (GRAD) {
+            s.dw[0][t] = dab0 * ax[2].w[c];
+            s.dw[1][t] = dab1 * ax[2].w[c];
+            s.dw[2][t] = wab * ax[2].dw[c];
+          }
+        }
+      }
+    }
+  }
+}
 
 // Everything a launcher needs about one call; plain data so it can be passed to a CUDA kernel.
 // S: image dtype; T: position dtype and accumulation type (float, or double for double images).
@@ -244,7 +245,6 @@ struct WarpArgs {
   int64_t theta_sb;
   int64_t batch, channels;
   int64_t out_size[NDIM], out_numel;
-  int mode, padding;
 };
 
 // Output voxel index (b, x) -> spatial multi-index.
@@ -287,18 +287,19 @@ MEDFAST_UNROLL
   return ok;
 }
 
-template <int MODE, typename S, typename T, int NDIM>
+template <int MODE, int PAD, typename S, typename T, int NDIM>
 MEDFAST_HOST_DEVICE void compute_taps(const WarpArgs<S, T, NDIM>& A, const T* p,
                                       AxisTaps<T, taps_of<MODE>::value>* ax) {
 MEDFAST_UNROLL
-  for (int i = 0; i < NDIM; ++i) axis_taps<MODE>(p[i], A.in_size[i], A.padding, ax[i]);
+  for (int i = 0; i < NDIM; ++i) axis_taps<MODE, PAD>(p[i], A.in_size[i], ax[i]);
 }
 
 // Forward: out is contiguous (batch, channels, out_numel). A NaN position gives NaN in every channel.
-template <int MODE, typename S, typename T, int NDIM>
+template <int MODE, int PAD, typename S, typename T, int NDIM>
 MEDFAST_HOST_DEVICE void forward_voxel(const WarpArgs<S, T, NDIM>& A, S* out, int64_t b, const int64_t* xi,
                                        int64_t x) {
   constexpr int K = taps_of<MODE>::value;
+  using St = Stencil<T, NDIM, K>;
   T p[NDIM];
   S* o = out + b * A.channels * A.out_numel + x;
   if (!sample_position(A, b, xi, p)) {
@@ -306,22 +307,28 @@ MEDFAST_HOST_DEVICE void forward_voxel(const WarpArgs<S, T, NDIM>& A, S* out, in
     return;
   }
   AxisTaps<T, K> ax[NDIM];
-  compute_taps<MODE>(A, p, ax);
+  compute_taps<MODE, PAD>(A, p, ax);
+  St s;
+  make_stencil<false>(ax, A.image_st, A.in_size, s);
   const S* img = A.image + b * A.image_sb;
-  for (int64_t c = 0; c < A.channels; ++c)
-    o[c * A.out_numel] = static_cast<S>(TapProduct<0, NDIM, K, T>::value(img + c * A.image_sc, A.image_st, ax));
+  for (int64_t c = 0; c < A.channels; ++c, img += A.image_sc) {
+    T acc = T(0);
+    MEDFAST_UNROLL
+    for (int t = 0; t < St::N; ++t) acc += s.w[t] * static_cast<T>(img[s.off[t]]);
+    o[c * A.out_numel] = static_cast<S>(acc);
+  }
 }
 
 // Backward of one output voxel.
 //   gout: contiguous (batch, channels, out_numel) gradient of the output.
 //   grad_pos (optional): contiguous (batch, NDIM, out_numel), d loss / d position.
-//   scatter (optional, image_grad): add(offset, value) into a contiguous (image_batch, channels, in)
-//   buffer whose spatial strides are in_st.
-template <int MODE, typename S, typename T, int NDIM, typename Add>
+//   image_grad: calls add(offset, value) for a contiguous (image_batch, channels, *in_size) buffer.
+template <int MODE, int PAD, typename S, typename T, int NDIM, typename Add>
 MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* gout, T* grad_pos, bool image_grad,
-                                        const int64_t* in_st, int64_t in_numel, int64_t b, const int64_t* xi,
-                                        int64_t x, Add& add) {
+                                        int64_t in_numel, int64_t b, const int64_t* xi, int64_t x, Add& add) {
   constexpr int K = taps_of<MODE>::value;
+  constexpr bool kPosGrad = MODE != kNearest;  // nearest is piecewise constant
+  using St = Stencil<T, NDIM, K>;
   T p[NDIM];
   if (!sample_position(A, b, xi, p)) {
     if (grad_pos != nullptr)
@@ -329,26 +336,34 @@ MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* 
     return;
   }
   AxisTaps<T, K> ax[NDIM];
-  compute_taps<MODE>(A, p, ax);
+  compute_taps<MODE, PAD>(A, p, ax);
+  St s;
+  make_stencil<kPosGrad>(ax, A.image_st, A.in_size, s);
   const S* img = A.image + b * A.image_sb;
   const S* g = gout + b * A.channels * A.out_numel + x;
-  const int64_t gbase = (A.image_batch == 1 ? 0 : b) * A.channels * in_numel;
+  int64_t gbase = (A.image_batch == 1 ? 0 : b) * A.channels * in_numel;
+  const bool pos_grad = kPosGrad && grad_pos != nullptr;
   T gp[NDIM];
-MEDFAST_UNROLL
+  MEDFAST_UNROLL
   for (int i = 0; i < NDIM; ++i) gp[i] = T(0);
-  for (int64_t c = 0; c < A.channels; ++c) {
+  for (int64_t c = 0; c < A.channels; ++c, img += A.image_sc, gbase += in_numel) {
     const T gc = static_cast<T>(g[c * A.out_numel]);
     if (gc == T(0)) continue;
-    if (MODE != kNearest && grad_pos != nullptr) {
-      T gr[NDIM];
-      TapProduct<0, NDIM, K, T>::value_grad(img + c * A.image_sc, A.image_st, ax, gr);
-MEDFAST_UNROLL
-      for (int i = 0; i < NDIM; ++i) gp[i] += gc * gr[i];
+    if (pos_grad) {
+      MEDFAST_UNROLL
+      for (int t = 0; t < St::N; ++t) {
+        const T v = gc * static_cast<T>(img[s.off[t]]);
+        MEDFAST_UNROLL
+        for (int i = 0; i < NDIM; ++i) gp[i] += s.dw[i][t] * v;
+      }
     }
-    if (image_grad) TapProduct<0, NDIM, K, T>::visit(gbase + c * in_numel, in_st, ax, gc, add);
+    if (image_grad) {
+      MEDFAST_UNROLL
+      for (int t = 0; t < St::N; ++t) add(gbase + s.lin[t], gc * s.w[t]);
+    }
   }
   if (grad_pos != nullptr) {
-MEDFAST_UNROLL
+    MEDFAST_UNROLL
     for (int i = 0; i < NDIM; ++i) grad_pos[(b * NDIM + i) * A.out_numel + x] = gp[i];
   }
 }

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "warp/spline.h"
 #include "warp/warp_launch.h"
@@ -39,31 +40,30 @@ constexpr int64_t grain() {
   return MODE == kCubic ? 512 : 4096;
 }
 
-template <typename S, typename T, int NDIM, int MODE>
+template <typename S, typename T, int NDIM, int MODE, int PAD>
 void forward_loop(const WarpArgs<S, T, NDIM>& A, S* out) {
   const int64_t total = A.batch * A.out_numel;
   at::parallel_for(0, total, grain<MODE>(), [&](int64_t begin, int64_t end) {
     VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
-    for (int64_t i = begin; i < end; ++i, v.next()) forward_voxel<MODE>(A, out, v.b, v.xi, v.x);
+    for (int64_t i = begin; i < end; ++i, v.next()) forward_voxel<MODE, PAD>(A, out, v.b, v.xi, v.x);
   });
 }
 
 // The image gradient is a scatter. Each of `chunks` contiguous ranges of output voxels adds into
 // its own buffer (chunk 0 into the result), and the buffers are summed in a fixed order, so the
 // result is bitwise reproducible for a given thread count without atomics.
-template <typename S, typename T, int NDIM, int MODE>
+template <typename S, typename T, int NDIM, int MODE, int PAD>
 void backward_loop(const WarpArgs<S, T, NDIM>& A, const S* gout, T* grad_pos, T* grad_image, T* extra,
                    int64_t chunks) {
   const int64_t total = A.batch * A.out_numel;
   int64_t in_numel = 1;
   for (int i = 0; i < NDIM; ++i) in_numel *= A.in_size[i];
-  const Strides<NDIM> in_st = contiguous_strides<NDIM>(A.in_size);
   if (grad_image == nullptr) {
     auto none = [](int64_t, T) {};
     at::parallel_for(0, total, grain<MODE>(), [&](int64_t begin, int64_t end) {
       VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
       for (int64_t i = begin; i < end; ++i, v.next())
-        backward_voxel<MODE>(A, gout, grad_pos, false, in_st.v, in_numel, v.b, v.xi, v.x, none);
+        backward_voxel<MODE, PAD>(A, gout, grad_pos, false, in_numel, v.b, v.xi, v.x, none);
     });
     return;
   }
@@ -75,29 +75,43 @@ void backward_loop(const WarpArgs<S, T, NDIM>& A, const S* gout, T* grad_pos, T*
       const int64_t begin = total * k / chunks, end = total * (k + 1) / chunks;
       VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
       for (int64_t i = begin; i < end; ++i, v.next())
-        backward_voxel<MODE>(A, gout, grad_pos, true, in_st.v, in_numel, v.b, v.xi, v.x, add);
+        backward_voxel<MODE, PAD>(A, gout, grad_pos, true, in_numel, v.b, v.xi, v.x, add);
     }
   });
-  if (chunks > 1) {
-    at::parallel_for(0, image_numel, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t k = 1; k < chunks; ++k) {
-        const T* src = extra + (k - 1) * image_numel;
-        for (int64_t i = begin; i < end; ++i) grad_image[i] += src[i];
-      }
-    });
-  }
+  reduce_chunk_buffers(grad_image, extra, chunks, image_numel);
+}
+
+template <typename T>
+void reduce_buffers(T* grad_image, const T* extra, int64_t chunks, int64_t numel) {
+  if (chunks <= 1) return;
+  at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t k = 1; k < chunks; ++k) {
+      const T* src = extra + (k - 1) * numel;
+      for (int64_t i = begin; i < end; ++i) grad_image[i] += src[i];
+    }
+  });
 }
 
 }  // namespace
+
+void reduce_chunk_buffers(float* grad_image, const float* extra, int64_t chunks, int64_t numel) {
+  reduce_buffers(grad_image, extra, chunks, numel);
+}
+void reduce_chunk_buffers(double* grad_image, const double* extra, int64_t chunks, int64_t numel) {
+  reduce_buffers(grad_image, extra, chunks, numel);
+}
 
 Tensor forward_cpu(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, at::IntArrayRef shape,
                    int mode, int padding) {
   const int64_t batch = output_batch(image, theta, ddf);
   Tensor out = at::empty(output_sizes(batch, image.size(1), shape), image.options());
   if (out.numel() == 0) return out;
-  dispatch_warp(image.scalar_type(), image.dim() - 2, mode, [&]<typename S, int NDIM, int MODE>() {
-    const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape, mode, padding);
-    forward_loop<S, acc_t<S>, NDIM, MODE>(A, out.mutable_data_ptr<S>());
+  dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
+    const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
+    if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE == kLinear && PAD != kReflection) {
+      if (try_forward_avx2(A, PAD, out.mutable_data_ptr<S>())) return;
+    }
+    forward_loop<S, acc_t<S>, NDIM, MODE, PAD>(A, out.mutable_data_ptr<S>());
   });
   return out;
 }
@@ -115,13 +129,17 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
   const int64_t chunks = image_grad ? std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), total / 4096), 1, 8) : 1;
   Tensor extra = chunks > 1 ? at::zeros({chunks - 1, image.numel()}, pos_opts) : Tensor();
   if (total > 0 && (image_grad || position_grad)) {
-    dispatch_warp(image.scalar_type(), ndim, mode, [&]<typename S, int NDIM, int MODE>() {
+    dispatch_warp(image.scalar_type(), ndim, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
       using T = acc_t<S>;
-      const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape, mode, padding);
-      backward_loop<S, T, NDIM, MODE>(A, gout.const_data_ptr<S>(),
-                                      position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
-                                      image_grad ? grad_image.mutable_data_ptr<T>() : nullptr,
-                                      chunks > 1 ? extra.mutable_data_ptr<T>() : nullptr, chunks);
+      const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape);
+      T* gpos = position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr;
+      T* gimg = image_grad ? grad_image.mutable_data_ptr<T>() : nullptr;
+      T* more = chunks > 1 ? extra.mutable_data_ptr<T>() : nullptr;
+      if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE == kLinear && PAD != kReflection) {
+        const int64_t parts = image_grad ? chunks : at::get_num_threads();  // no buffers without image grad
+        if (try_backward_avx2(A, PAD, gout.const_data_ptr<S>(), gpos, gimg, more, parts)) return;
+      }
+      backward_loop<S, T, NDIM, MODE, PAD>(A, gout.const_data_ptr<S>(), gpos, gimg, more, chunks);
     });
   }
   if (image_grad && grad_image.scalar_type() != image.scalar_type()) grad_image = grad_image.to(image.scalar_type());

@@ -21,66 +21,65 @@ int64_t blocks_for(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 64));
 }
 
-template <typename S, typename T, int NDIM, int MODE>
+template <typename S, typename T, int NDIM, int MODE, int PAD>
 __global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, S* out, int64_t total) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / A.out_numel, x = i - b * A.out_numel;
     int64_t xi[NDIM];
     unravel<NDIM>(x, A.out_size, xi);
-    forward_voxel<MODE>(A, out, b, xi, x);
+    forward_voxel<MODE, PAD>(A, out, b, xi, x);
   }
 }
 
-template <typename S, typename T, int NDIM, int MODE>
+template <typename S, typename T, int NDIM, int MODE, int PAD>
 __global__ void backward_kernel(const WarpArgs<S, T, NDIM> A, const S* gout, T* grad_pos, T* grad_image,
-                                Strides<NDIM> in_st, int64_t in_numel, int64_t total) {
+                                int64_t in_numel, int64_t total) {
   auto add = [grad_image](int64_t off, T val) { atomicAdd(grad_image + off, val); };
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / A.out_numel, x = i - b * A.out_numel;
     int64_t xi[NDIM];
     unravel<NDIM>(x, A.out_size, xi);
-    backward_voxel<MODE>(A, gout, grad_pos, grad_image != nullptr, in_st.v, in_numel, b, xi, x, add);
+    backward_voxel<MODE, PAD>(A, gout, grad_pos, grad_image != nullptr, in_numel, b, xi, x, add);
   }
 }
 
 // Deterministic path: for output voxels [begin, begin + count), the flat image offsets (channel 0)
 // and weights of all taps. A NaN position contributes nothing.
-template <typename S, typename T, int NDIM, int MODE>
-__global__ void taps_kernel(const WarpArgs<S, T, NDIM> A, Strides<NDIM> in_st, int64_t in_numel, int64_t begin,
-                            int64_t count, int64_t* idx, T* w) {
+template <typename S, typename T, int NDIM, int MODE, int PAD>
+__global__ void taps_kernel(const WarpArgs<S, T, NDIM> A, int64_t in_numel, int64_t begin, int64_t count,
+                            int64_t* idx, T* w) {
   constexpr int K = taps_of<MODE>::value;
-  constexpr int KT = K * K * (NDIM == 3 ? K : 1);
+  constexpr int KT = Stencil<T, NDIM, K>::N;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < count; j += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = begin + j, b = i / A.out_numel, x = i - b * A.out_numel;
     int64_t xi[NDIM];
     unravel<NDIM>(x, A.out_size, xi);
     T p[NDIM];
-    int t = 0;
     int64_t* oi = idx + j * KT;
     T* ow = w + j * KT;
     if (sample_position(A, b, xi, p)) {
       AxisTaps<T, K> ax[NDIM];
-      compute_taps<MODE>(A, p, ax);
+      compute_taps<MODE, PAD>(A, p, ax);
+      Stencil<T, NDIM, K> s;
+      make_stencil<false>(ax, A.image_st, A.in_size, s);
       const int64_t base = (A.image_batch == 1 ? 0 : b) * A.channels * in_numel;
-      auto put = [&](int64_t off, T val) {
-        oi[t] = off;
-        ow[t] = val;
-        ++t;
-      };
-      TapProduct<0, NDIM, K, T>::visit(base, in_st.v, ax, T(1), put);
-    }
-    for (; t < KT; ++t) {
-      oi[t] = 0;
-      ow[t] = T(0);
+      for (int t = 0; t < KT; ++t) {
+        oi[t] = base + s.lin[t];
+        ow[t] = s.w[t];
+      }
+    } else {
+      for (int t = 0; t < KT; ++t) {
+        oi[t] = 0;
+        ow[t] = T(0);
+      }
     }
   }
 }
 
-template <typename S, typename T, int NDIM, int MODE>
+template <typename S, typename T, int NDIM, int MODE, int PAD>
 void deterministic_image_grad(const WarpArgs<S, T, NDIM>& A, const Tensor& gout, Tensor& grad_image,
-                              const Strides<NDIM>& in_st, int64_t in_numel, cudaStream_t stream) {
-  constexpr int K = taps_of<MODE>::value;
-  constexpr int KT = K * K * (NDIM == 3 ? K : 1);
+                              int64_t in_numel, cudaStream_t stream) {
+  constexpr int KT = Stencil<T, NDIM, taps_of<MODE>::value>::N;
   const int64_t total = A.batch * A.out_numel;
   // (C, batch * out_numel) view of the output gradient.
   const Tensor g = gout.view({A.batch, A.channels, A.out_numel}).transpose(0, 1).reshape({A.channels, total});
@@ -91,8 +90,8 @@ void deterministic_image_grad(const WarpArgs<S, T, NDIM>& A, const Tensor& gout,
     const int64_t count = std::min(chunk, total - begin);
     Tensor idx = at::empty({count, KT}, gout.options().dtype(at::kLong));
     Tensor w = at::empty({count, KT}, grad_image.options());
-    taps_kernel<S, T, NDIM, MODE><<<blocks_for(count), kThreads, 0, stream>>>(
-        A, in_st, in_numel, begin, count, idx.mutable_data_ptr<int64_t>(), w.mutable_data_ptr<T>());
+    taps_kernel<S, T, NDIM, MODE, PAD><<<blocks_for(count), kThreads, 0, stream>>>(
+        A, in_numel, begin, count, idx.mutable_data_ptr<int64_t>(), w.mutable_data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Tensor vals = w.unsqueeze(0) * g.narrow(1, begin, count).to(w.scalar_type()).unsqueeze(2);
     flat.index_put_({(idx.unsqueeze(0) + chan_off).view({-1})}, vals.view({-1}), /*accumulate=*/true);
@@ -109,9 +108,9 @@ Tensor forward_cuda(const Tensor& image, const OptTensor& theta, const OptTensor
   const int64_t total = batch * c10::multiply_integers(shape);
   if (out.numel() == 0) return out;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_warp(image.scalar_type(), image.dim() - 2, mode, [&]<typename S, int NDIM, int MODE>() {
-    const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape, mode, padding);
-    forward_kernel<S, acc_t<S>, NDIM, MODE><<<blocks_for(total), kThreads, 0, stream>>>(A, out.mutable_data_ptr<S>(),
+  dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
+    const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
+    forward_kernel<S, acc_t<S>, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(A, out.mutable_data_ptr<S>(),
                                                                                          total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -132,20 +131,19 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& image
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (total > 0 && (image_grad || position_grad)) {
-    dispatch_warp(image.scalar_type(), ndim, mode, [&]<typename S, int NDIM, int MODE>() {
+    dispatch_warp(image.scalar_type(), ndim, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
       using T = acc_t<S>;
-      const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape, mode, padding);
+      const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape);
       int64_t in_numel = 1;
       for (int i = 0; i < NDIM; ++i) in_numel *= A.in_size[i];
-      const Strides<NDIM> in_st = contiguous_strides<NDIM>(A.in_size);
       const bool atomics = image_grad && !deterministic;
       if (position_grad || atomics) {
-        backward_kernel<S, T, NDIM, MODE><<<blocks_for(total), kThreads, 0, stream>>>(
+        backward_kernel<S, T, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
             A, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
-            atomics ? grad_image.mutable_data_ptr<T>() : nullptr, in_st, in_numel, total);
+            atomics ? grad_image.mutable_data_ptr<T>() : nullptr, in_numel, total);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      if (image_grad && deterministic) deterministic_image_grad<S, T, NDIM, MODE>(A, gout, grad_image, in_st, in_numel, stream);
+      if (image_grad && deterministic) deterministic_image_grad<S, T, NDIM, MODE, PAD>(A, gout, grad_image, in_numel, stream);
     });
   }
   if (image_grad && grad_image.scalar_type() != image.scalar_type()) grad_image = grad_image.to(image.scalar_type());

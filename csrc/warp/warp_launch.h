@@ -28,7 +28,7 @@ inline int64_t output_batch(const Tensor& image, const OptTensor& theta, const O
 // theta is expected contiguous (the caller makes it so; it is tiny).
 template <typename S, typename T, int NDIM>
 WarpArgs<S, T, NDIM> make_args(const Tensor& image, const OptTensor& theta, const OptTensor& ddf,
-                               at::IntArrayRef shape, int mode, int padding) {
+                               at::IntArrayRef shape) {
   WarpArgs<S, T, NDIM> A{};
   A.batch = output_batch(image, theta, ddf);
   A.channels = image.size(1);
@@ -55,19 +55,23 @@ WarpArgs<S, T, NDIM> make_args(const Tensor& image, const OptTensor& theta, cons
     A.theta = theta->const_data_ptr<T>();
     A.theta_sb = theta->size(0) == 1 ? 0 : NDIM * (NDIM + 1);
   }
-  A.mode = mode;
-  A.padding = padding;
   return A;
 }
 
-// Calls f.template operator()<S, NDIM, MODE>() for the image dtype, spatial rank and mode.
+// Calls f.template operator()<S, NDIM, MODE, PAD>() for the image dtype, spatial rank, mode and
+// padding (all compile-time in the kernels: no per-tap branches).
 template <typename F>
-void dispatch_warp(at::ScalarType dtype, int64_t ndim, int mode, F&& f) {
+void dispatch_warp(at::ScalarType dtype, int64_t ndim, int mode, int padding, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "medfast_warp", [&] {
+    auto by_pad = [&]<int NDIM, int MODE>() {
+      if (padding == kZeros) f.template operator()<scalar_t, NDIM, MODE, kZeros>();
+      else if (padding == kBorder) f.template operator()<scalar_t, NDIM, MODE, kBorder>();
+      else f.template operator()<scalar_t, NDIM, MODE, kReflection>();
+    };
     auto by_mode = [&]<int NDIM>() {
-      if (mode == kNearest) f.template operator()<scalar_t, NDIM, kNearest>();
-      else if (mode == kLinear) f.template operator()<scalar_t, NDIM, kLinear>();
-      else f.template operator()<scalar_t, NDIM, kCubic>();
+      if (mode == kNearest) by_pad.template operator()<NDIM, kNearest>();
+      else if (mode == kLinear) by_pad.template operator()<NDIM, kLinear>();
+      else by_pad.template operator()<NDIM, kCubic>();
     };
     if (ndim == 2) by_mode.template operator()<2>();
     else by_mode.template operator()<3>();
@@ -85,19 +89,16 @@ inline std::vector<int64_t> output_sizes(int64_t batch, int64_t channels, at::In
   return sizes;
 }
 
-template <int NDIM>
-struct Strides {
-  int64_t v[NDIM];
-};
+// grad_image += each of the (chunks - 1) buffers in `extra`, in a fixed order (CPU image gradients).
+void reduce_chunk_buffers(float* grad_image, const float* extra, int64_t chunks, int64_t numel);
+void reduce_chunk_buffers(double* grad_image, const double* extra, int64_t chunks, int64_t numel);
 
-// Contiguous strides of the spatial block (in elements).
-template <int NDIM>
-Strides<NDIM> contiguous_strides(const int64_t* size) {
-  Strides<NDIM> s{};
-  s.v[NDIM - 1] = 1;
-  for (int i = NDIM - 2; i >= 0; --i) s.v[i] = s.v[i + 1] * size[i + 1];
-  return s;
-}
+// AVX2 fast path (warp_cpu_avx2.cpp): linear, float32, 3D, zeros/border. false: not applicable.
+bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int padding, float* out);
+bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int padding, const float* gout, float* grad_pos,
+                       float* grad_image, float* extra, int64_t chunks);
+void set_cpu_simd(bool enabled);
+bool cpu_simd_available();
 
 Tensor forward_cpu(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, at::IntArrayRef shape,
                    int mode, int padding);

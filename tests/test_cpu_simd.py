@@ -1,0 +1,67 @@
+"""The AVX2 CPU fast path (linear, float32, 3D, zeros/border) against the generic launcher."""
+
+import pytest
+import torch
+
+import medfast as mf
+from medfast._extension import _C
+
+pytestmark = pytest.mark.skipif(mf.build_info()["cpu_simd"] != "avx2", reason="CPU without AVX2")
+
+
+def _both(fn):
+    """fn() with the SIMD path, then with the generic path."""
+    try:
+        fast = fn()
+        _C._set_cpu_simd(False)
+        slow = fn()
+    finally:
+        _C._set_cpu_simd(True)
+    return fast, slow
+
+
+def _forward_backward(image, theta, ddf, padding, weights):
+    image = image.detach().clone().requires_grad_()
+    ddf = None if ddf is None else ddf.detach().clone().requires_grad_()
+    theta = None if theta is None else theta.detach().clone().requires_grad_()
+    if theta is None:
+        out = mf.warp(image, ddf, padding=padding)
+    else:
+        out = mf.affine_warp(image, theta, ddf=ddf, shape=weights.shape[2:], padding=padding)
+    (out * weights).sum().backward()
+    return [out.detach()] + [t.grad for t in (image, theta, ddf) if t is not None]
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("shape", [(6, 5, 21), (3, 4, 8), (5, 3, 5), (9, 7, 40)])
+@pytest.mark.parametrize("image_batch", [1, 2])
+def test_simd_matches_generic(padding, shape, image_batch):
+    image = torch.rand(image_batch, 3, 7, 9, 11)
+    ddf = torch.randn(2, 3, *shape) * 4
+    ddf[1, 0, 1, 1, shape[2] // 2] = float("nan")  # a NaN lane in a vector block
+    weights = torch.randn(2, 3, *shape)
+    fast, slow = _both(lambda: _forward_backward(image, None, ddf, padding, weights))
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_simd_affine_and_strided_image(padding):
+    big = torch.rand(2, 2, 14, 9, 24)
+    image = big[:, :, ::2, :, ::2]  # non-contiguous image: gathers use its strides
+    theta = torch.eye(3, 4).repeat(2, 1, 1) + 0.2 * torch.randn(2, 3, 4)
+    ddf = torch.randn(2, 3, 5, 6, 17)
+    weights = torch.randn(2, 2, 5, 6, 17)
+    fast, slow = _both(lambda: _forward_backward(image, theta, ddf, padding, weights))
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    fast, slow = _both(lambda: _forward_backward(image, theta, None, padding, weights))
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_simd_channels_last_ddf_uses_generic_path_correctly():
+    image = torch.rand(1, 1, 8, 8, 8)
+    ddf = (torch.randn(1, 3, 8, 8, 16) * 2).to(memory_format=torch.channels_last_3d)
+    fast, slow = _both(lambda: mf.warp(image, ddf))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
