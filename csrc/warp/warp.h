@@ -325,7 +325,8 @@ MEDFAST_HOST_DEVICE void forward_voxel(const WarpArgs<S, T, NDIM>& A, S* out, in
 //   image_grad: calls add(offset, value) for a contiguous (image_batch, channels, *in_size) buffer.
 template <int MODE, int PAD, typename S, typename T, int NDIM, typename Add>
 MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* gout, T* grad_pos, bool image_grad,
-                                        int64_t in_numel, int64_t b, const int64_t* xi, int64_t x, Add& add) {
+                                        int64_t in_numel, int64_t b, const int64_t* xi, int64_t x, Add& add,
+                                        int64_t c_begin = 0, int64_t c_end = -1) {
   constexpr int K = taps_of<MODE>::value;
   constexpr bool kPosGrad = MODE != kNearest;  // nearest is piecewise constant
   using St = Stencil<T, NDIM, K>;
@@ -339,14 +340,15 @@ MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* 
   compute_taps<MODE, PAD>(A, p, ax);
   St s;
   make_stencil<kPosGrad>(ax, A.image_st, A.in_size, s);
-  const S* img = A.image + b * A.image_sb;
+  if (c_end < 0) c_end = A.channels;  // a channel range: for launchers that split the scatter by plane
+  const S* img = A.image + b * A.image_sb + c_begin * A.image_sc;
   const S* g = gout + b * A.channels * A.out_numel + x;
-  int64_t gbase = (A.image_batch == 1 ? 0 : b) * A.channels * in_numel;
+  int64_t gbase = ((A.image_batch == 1 ? 0 : b) * A.channels + c_begin) * in_numel;
   const bool pos_grad = kPosGrad && grad_pos != nullptr;
   T gp[NDIM];
   MEDFAST_UNROLL
   for (int i = 0; i < NDIM; ++i) gp[i] = T(0);
-  for (int64_t c = 0; c < A.channels; ++c, img += A.image_sc, gbase += in_numel) {
+  for (int64_t c = c_begin; c < c_end; ++c, img += A.image_sc, gbase += in_numel) {
     const T gc = static_cast<T>(g[c * A.out_numel]);
     if (gc == T(0)) continue;
     if (pos_grad) {

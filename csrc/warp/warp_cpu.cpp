@@ -49,21 +49,39 @@ void forward_loop(const WarpArgs<S, T, NDIM>& A, S* out) {
   });
 }
 
-// The image gradient is a scatter. Each of `chunks` contiguous ranges of output voxels adds into
-// its own buffer (chunk 0 into the result), and the buffers are summed in a fixed order, so the
-// result is bitwise reproducible for a given thread count without atomics.
+// The image gradient is a scatter, made race-free without atomics in one of two ways:
+// - plane_parallel (image_batch x channels >= threads): each thread owns whole (batch, channel)
+//   planes of the gradient and walks every output voxel that reads them (positions first, in a
+//   voxel-parallel pass);
+// - otherwise each of `chunks` contiguous ranges of output voxels adds into its own buffer (chunk 0
+//   into the result) and the buffers are summed in a fixed order.
+// Either way the result is bitwise reproducible for a given thread count.
 template <typename S, typename T, int NDIM, int MODE, int PAD>
 void backward_loop(const WarpArgs<S, T, NDIM>& A, const S* gout, T* grad_pos, T* grad_image, T* extra,
-                   int64_t chunks) {
+                   int64_t chunks, bool plane_parallel) {
   const int64_t total = A.batch * A.out_numel;
   int64_t in_numel = 1;
   for (int i = 0; i < NDIM; ++i) in_numel *= A.in_size[i];
-  if (grad_image == nullptr) {
-    auto none = [](int64_t, T) {};
-    at::parallel_for(0, total, grain<MODE>(), [&](int64_t begin, int64_t end) {
-      VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
-      for (int64_t i = begin; i < end; ++i, v.next())
-        backward_voxel<MODE, PAD>(A, gout, grad_pos, false, in_numel, v.b, v.xi, v.x, none);
+  if (grad_image == nullptr || plane_parallel) {
+    if (grad_pos != nullptr) {
+      auto none = [](int64_t, T) {};
+      at::parallel_for(0, total, grain<MODE>(), [&](int64_t begin, int64_t end) {
+        VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
+        for (int64_t i = begin; i < end; ++i, v.next())
+          backward_voxel<MODE, PAD>(A, gout, grad_pos, false, in_numel, v.b, v.xi, v.x, none);
+      });
+    }
+    if (grad_image == nullptr) return;
+    auto add = [grad_image](int64_t off, T val) { grad_image[off] += val; };
+    at::parallel_for(0, A.image_batch * A.channels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const int64_t bi = plane / A.channels, c = plane - bi * A.channels;
+        const int64_t begin = A.image_batch == 1 ? 0 : bi * A.out_numel;
+        const int64_t end = A.image_batch == 1 ? total : begin + A.out_numel;
+        VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
+        for (int64_t i = begin; i < end; ++i, v.next())
+          backward_voxel<MODE, PAD>(A, gout, static_cast<T*>(nullptr), true, in_numel, v.b, v.xi, v.x, add, c, c + 1);
+      }
     });
     return;
   }
@@ -126,7 +144,10 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
   Tensor grad_pos = position_grad ? at::empty(output_sizes(batch, ndim, shape), pos_opts) : at::empty({0}, pos_opts);
   Tensor grad_image = image_grad ? at::zeros(image.sizes(), pos_opts) : at::empty({0}, pos_opts);
   const int64_t total = batch * c10::multiply_integers(shape);
-  const int64_t chunks = image_grad ? std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), total / 4096), 1, 8) : 1;
+  const int64_t threads = at::get_num_threads();
+  const bool plane_parallel = image_grad && image.size(0) * image.size(1) >= threads;
+  const int64_t chunks =
+      image_grad && !plane_parallel ? std::clamp<int64_t>(std::min<int64_t>(threads, total / 4096), 1, 8) : 1;
   Tensor extra = chunks > 1 ? at::zeros({chunks - 1, image.numel()}, pos_opts) : Tensor();
   if (total > 0 && (image_grad || position_grad)) {
     dispatch_warp(image.scalar_type(), ndim, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
@@ -136,10 +157,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
       T* gimg = image_grad ? grad_image.mutable_data_ptr<T>() : nullptr;
       T* more = chunks > 1 ? extra.mutable_data_ptr<T>() : nullptr;
       if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE == kLinear && PAD != kReflection) {
-        const int64_t parts = image_grad ? chunks : at::get_num_threads();  // no buffers without image grad
-        if (try_backward_avx2(A, PAD, gout.const_data_ptr<S>(), gpos, gimg, more, parts)) return;
+        if (try_backward_avx2(A, PAD, gout.const_data_ptr<S>(), gpos, gimg, more, chunks, plane_parallel)) return;
       }
-      backward_loop<S, T, NDIM, MODE, PAD>(A, gout.const_data_ptr<S>(), gpos, gimg, more, chunks);
+      backward_loop<S, T, NDIM, MODE, PAD>(A, gout.const_data_ptr<S>(), gpos, gimg, more, chunks, plane_parallel);
     });
   }
   if (image_grad && grad_image.scalar_type() != image.scalar_type()) grad_image = grad_image.to(image.scalar_type());

@@ -156,7 +156,7 @@ void forward_avx2(const WarpArgs<float, float, 3>& A, float* out, const int32_t*
 // Backward of rows [r0, r1), image gradient added into buf (nullptr: none).
 template <int PAD>
 MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float* gout, float* grad_pos, float* buf,
-                                const int32_t* st, int64_t r0, int64_t r1) {
+                                const int32_t* st, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   const int64_t W = A.out_size[2], plane = A.out_size[0] * A.out_size[1];
   const int64_t in_numel = A.in_size[0] * A.in_size[1] * A.in_size[2];
   const int32_t lin_st[3] = {int32_t(A.in_size[1] * A.in_size[2]), int32_t(A.in_size[2]), 1};
@@ -183,7 +183,7 @@ MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float*
         stencil8<false>(ax, lin_st, l);
         for (int t = 0; t < 8; ++t) _mm256_store_si256(reinterpret_cast<__m256i*>(lin[t]), l.off[t]);
       }
-      for (int64_t c = 0; c < A.channels; ++c) {
+      for (int64_t c = c0; c < c1; ++c) {
         const __m256 gc = _mm256_loadu_ps(g + c * A.out_numel + w);
         if (grad_pos != nullptr) {
           const float* ic = img + c * A.image_sc;
@@ -205,25 +205,40 @@ MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float*
     }
     for (; w < W; ++w) {
       xi[2] = w;
-      backward_voxel<kLinear, PAD>(A, gout, grad_pos, buf != nullptr, in_numel, b, xi, row + w, add);
+      backward_voxel<kLinear, PAD>(A, gout, grad_pos, buf != nullptr, in_numel, b, xi, row + w, add, c0, c1);
     }
   }
 }
 
-// Same scheme as the generic launcher: contiguous ranges of rows, one gradient buffer each,
-// summed in a fixed order (bitwise reproducible for a given thread count).
+// Same schemes as the generic launcher (warp_cpu.cpp): whole (batch, channel) planes per thread,
+// or contiguous ranges of rows with one gradient buffer each, summed in a fixed order.
 template <int PAD>
 void backward_avx2(const WarpArgs<float, float, 3>& A, const float* gout, float* grad_pos, float* grad_image,
-                   float* extra, int64_t chunks, const int32_t* st) {
-  const int64_t rows = A.batch * A.out_size[0] * A.out_size[1];
-  const int64_t image_numel = A.image_batch * A.channels * A.in_size[0] * A.in_size[1] * A.in_size[2];
+                   float* extra, int64_t chunks, bool plane_parallel, const int32_t* st) {
+  const int64_t plane = A.out_size[0] * A.out_size[1], rows = A.batch * plane, C = A.channels;
+  const int64_t image_numel = A.image_batch * C * A.in_size[0] * A.in_size[1] * A.in_size[2];
+  if (grad_image == nullptr || plane_parallel) {
+    if (grad_pos != nullptr)
+      at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / A.out_size[2]), [&](int64_t r0, int64_t r1) {
+        backward_rows<PAD>(A, gout, grad_pos, nullptr, st, r0, r1, 0, C);
+      });
+    if (grad_image == nullptr) return;
+    at::parallel_for(0, A.image_batch * C, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t bi = p / C, c = p - bi * C;
+        const int64_t r0 = A.image_batch == 1 ? 0 : bi * plane, r1 = A.image_batch == 1 ? rows : r0 + plane;
+        backward_rows<PAD>(A, gout, nullptr, grad_image, st, r0, r1, c, c + 1);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      float* buf = grad_image == nullptr ? nullptr : (k == 0 ? grad_image : extra + (k - 1) * image_numel);
-      backward_rows<PAD>(A, gout, grad_pos, buf, st, rows * k / chunks, rows * (k + 1) / chunks);
+      float* buf = k == 0 ? grad_image : extra + (k - 1) * image_numel;
+      backward_rows<PAD>(A, gout, grad_pos, buf, st, rows * k / chunks, rows * (k + 1) / chunks, 0, C);
     }
   });
-  if (grad_image != nullptr) reduce_chunk_buffers(grad_image, extra, chunks, image_numel);
+  reduce_chunk_buffers(grad_image, extra, chunks, image_numel);
 }
 
 // int32 strides of the image when every offset fits (gathers take 32-bit indices).
@@ -257,11 +272,11 @@ bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int padding, float* ou
 }
 
 bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int padding, const float* gout, float* grad_pos,
-                       float* grad_image, float* extra, int64_t chunks) {
+                       float* grad_image, float* extra, int64_t chunks, bool plane_parallel) {
   int32_t st[3];
   if (!applicable(A, padding) || !int32_strides(A, st)) return false;
-  if (padding == kZeros) backward_avx2<kZeros>(A, gout, grad_pos, grad_image, extra, chunks, st);
-  else backward_avx2<kBorder>(A, gout, grad_pos, grad_image, extra, chunks, st);
+  if (padding == kZeros) backward_avx2<kZeros>(A, gout, grad_pos, grad_image, extra, chunks, plane_parallel, st);
+  else backward_avx2<kBorder>(A, gout, grad_pos, grad_image, extra, chunks, plane_parallel, st);
   return true;
 }
 

@@ -96,7 +96,7 @@ void reduce_chunk_buffers(double* grad_image, const double* extra, int64_t chunk
 // AVX2 fast path (warp_cpu_avx2.cpp): linear, float32, 3D, zeros/border. false: not applicable.
 bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int padding, float* out);
 bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int padding, const float* gout, float* grad_pos,
-                       float* grad_image, float* extra, int64_t chunks);
+                       float* grad_image, float* extra, int64_t chunks, bool plane_parallel);
 void set_cpu_simd(bool enabled);
 bool cpu_simd_available();
 
