@@ -1,4 +1,4 @@
-"""The AVX2 CPU fast path (linear, float32, 3D, zeros/border) against the generic launcher."""
+"""The AVX2 CPU fast path (linear/nearest, float32, 3D, zeros/border) against the generic launcher."""
 
 import pytest
 import torch
@@ -20,42 +20,44 @@ def _both(fn):
     return fast, slow
 
 
-def _forward_backward(image, theta, ddf, padding, weights):
+def _forward_backward(image, theta, ddf, padding, weights, mode="linear"):
     image = image.detach().clone().requires_grad_()
     ddf = None if ddf is None else ddf.detach().clone().requires_grad_()
     theta = None if theta is None else theta.detach().clone().requires_grad_()
     if theta is None:
-        out = mf.warp(image, ddf, padding=padding)
+        out = mf.warp(image, ddf, padding=padding, mode=mode)
     else:
-        out = mf.affine_warp(image, theta, ddf=ddf, shape=weights.shape[2:], padding=padding)
+        out = mf.affine_warp(image, theta, ddf=ddf, shape=weights.shape[2:], padding=padding, mode=mode)
     (out * weights).sum().backward()
     return [out.detach()] + [t.grad for t in (image, theta, ddf) if t is not None]
 
 
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("shape", [(6, 5, 21), (3, 4, 8), (5, 3, 5), (9, 7, 40)])
 @pytest.mark.parametrize("image_batch", [1, 2])
-def test_simd_matches_generic(padding, shape, image_batch):
+def test_simd_matches_generic(mode, padding, shape, image_batch):
     image = torch.rand(image_batch, 3, 7, 9, 11)
     ddf = torch.randn(2, 3, *shape) * 4
     ddf[1, 0, 1, 1, shape[2] // 2] = float("nan")  # a NaN lane in a vector block
     weights = torch.randn(2, 3, *shape)
-    fast, slow = _both(lambda: _forward_backward(image, None, ddf, padding, weights))
+    fast, slow = _both(lambda: _forward_backward(image, None, ddf, padding, weights, mode))
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-def test_simd_affine_and_strided_image(padding):
+def test_simd_affine_and_strided_image(mode, padding):
     big = torch.rand(2, 2, 14, 9, 24)
     image = big[:, :, ::2, :, ::2]  # non-contiguous image: gathers use its strides
     theta = torch.eye(3, 4).repeat(2, 1, 1) + 0.2 * torch.randn(2, 3, 4)
     ddf = torch.randn(2, 3, 5, 6, 17)
     weights = torch.randn(2, 2, 5, 6, 17)
-    fast, slow = _both(lambda: _forward_backward(image, theta, ddf, padding, weights))
+    fast, slow = _both(lambda: _forward_backward(image, theta, ddf, padding, weights, mode))
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
-    fast, slow = _both(lambda: _forward_backward(image, theta, None, padding, weights))
+    fast, slow = _both(lambda: _forward_backward(image, theta, None, padding, weights, mode))
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 

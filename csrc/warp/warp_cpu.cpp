@@ -126,8 +126,8 @@ Tensor forward_cpu(const Tensor& image, const OptTensor& theta, const OptTensor&
   if (out.numel() == 0) return out;
   dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
     const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
-    if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE == kLinear && PAD != kReflection) {
-      if (try_forward_avx2(A, PAD, out.mutable_data_ptr<S>())) return;
+    if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE != kCubic && PAD != kReflection) {
+      if (try_forward_avx2(A, MODE, PAD, out.mutable_data_ptr<S>())) return;
     }
     forward_loop<S, acc_t<S>, NDIM, MODE, PAD>(A, out.mutable_data_ptr<S>());
   });
@@ -156,8 +156,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
       T* gpos = position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr;
       T* gimg = image_grad ? grad_image.mutable_data_ptr<T>() : nullptr;
       T* more = chunks > 1 ? extra.mutable_data_ptr<T>() : nullptr;
-      if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE == kLinear && PAD != kReflection) {
-        if (try_backward_avx2(A, PAD, gout.const_data_ptr<S>(), gpos, gimg, more, chunks, plane_parallel)) return;
+      if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE != kCubic && PAD != kReflection) {
+        if (try_backward_avx2(A, MODE, PAD, gout.const_data_ptr<S>(), gpos, gimg, more, chunks, plane_parallel))
+          return;
       }
       backward_loop<S, T, NDIM, MODE, PAD>(A, gout.const_data_ptr<S>(), gpos, gimg, more, chunks, plane_parallel);
     });

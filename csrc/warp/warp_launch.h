@@ -93,10 +93,10 @@ inline std::vector<int64_t> output_sizes(int64_t batch, int64_t channels, at::In
 void reduce_chunk_buffers(float* grad_image, const float* extra, int64_t chunks, int64_t numel);
 void reduce_chunk_buffers(double* grad_image, const double* extra, int64_t chunks, int64_t numel);
 
-// AVX2 fast path (warp_cpu_avx2.cpp): linear, float32, 3D, zeros/border. false: not applicable.
-bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int padding, float* out);
-bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int padding, const float* gout, float* grad_pos,
-                       float* grad_image, float* extra, int64_t chunks, bool plane_parallel);
+// AVX2 fast path (warp_cpu_avx2.cpp): linear/nearest, float32, 3D, zeros/border. false: not applicable.
+bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, float* out);
+bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
+                       float* grad_pos, float* grad_image, float* extra, int64_t chunks, bool plane_parallel);
 void set_cpu_simd(bool enabled);
 bool cpu_simd_available();
 
