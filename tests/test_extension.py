@@ -1,0 +1,31 @@
+"""Loading the compiled extension: one clear error when it is missing or built for another torch."""
+
+import subprocess
+import sys
+
+import pytest
+
+import medfast as mf
+
+
+def _import_error(prelude: str) -> str:
+    code = prelude + "\ntry:\n    import medfast\nexcept ImportError as e:\n    print('ERR', e)\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def test_missing_extension_says_how_to_rebuild():
+    out = _import_error("import sys; sys.modules['medfast._C'] = None")
+    assert out.startswith("ERR medfast's compiled extension could not be loaded")
+    assert "pip install --no-build-isolation" in out
+
+
+def test_other_torch_release_says_how_to_rebuild():
+    out = _import_error("import torch; torch.__version__ = '1.0.0'")
+    assert "medfast was built against torch" in out and "but torch 1.0.0 is installed" in out
+    assert "pip install --no-build-isolation" in out
+
+
+@pytest.mark.parametrize("key", ["medfast", "torch", "torch_built_against", "cuda_kernels", "cuda_archs", "openmp",
+                                 "cpu_simd", "cpu_threads", "gpu_visible"])
+def test_build_info_keys(key):
+    assert key in mf.build_info()
