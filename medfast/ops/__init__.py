@@ -3,7 +3,8 @@
 This package is the only place that knows the compiled schemas (``torch.ops.medfast.*``).
 """
 
+from medfast.ops._distance import distance_transform
 from medfast.ops._transforms import compose, integrate, resample
 from medfast.ops._warp import affine_warp, spline_coefficients, warp
 
-__all__ = ["affine_warp", "compose", "integrate", "resample", "spline_coefficients", "warp"]
+__all__ = ["affine_warp", "compose", "distance_transform", "integrate", "resample", "spline_coefficients", "warp"]

@@ -1,0 +1,50 @@
+// Schema of the distance family and its dispatch to the CPU / CUDA launchers. Friendly argument
+// validation happens in Python (medfast/ops/_distance.py); the checks here only keep a direct call
+// of torch.ops.medfast.distance_transform from reaching a kernel with arguments it cannot handle.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "distance/distance_launch.h"
+
+namespace medfast::distance {
+namespace {
+
+using Launcher = Tensor (*)(const Tensor&, const std::vector<double>&, at::ScalarType);
+
+Tensor distance_transform(Launcher launch, const Tensor& mask, at::ArrayRef<double> spacing, at::ScalarType dtype) {
+  const int64_t nd = mask.dim() - 1;
+  TORCH_CHECK_VALUE(nd == 2 || nd == 3, "medfast distance_transform: mask must be (B, H, W) or (B, D, H, W), got ",
+                    mask.sizes());
+  TORCH_CHECK_VALUE(mask.numel() > 0, "medfast distance_transform: mask is empty: ", mask.sizes());
+  TORCH_CHECK_TYPE(!at::isComplexType(mask.scalar_type()), "medfast distance_transform: complex mask");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(spacing.size()) == nd, "medfast distance_transform: spacing must have ", nd,
+                    " entries, got ", spacing.size());
+  for (double s : spacing)
+    TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "medfast distance_transform: spacing must be positive, got ", s);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble,
+                   "medfast distance_transform: dtype must be float32 or float64, got ", dtype);
+  return launch(mask, std::vector<double>(spacing.begin(), spacing.end()), dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(medfast, m) {
+  m.def("distance_transform(Tensor mask, float[] spacing, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(medfast, CPU, m) {
+  m.impl("distance_transform", [](const Tensor& mask, at::ArrayRef<double> spacing, at::ScalarType dtype) {
+    return distance_transform(distance_cpu, mask, spacing, dtype);
+  });
+}
+
+#ifdef MEDFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
+  m.impl("distance_transform", [](const Tensor& mask, at::ArrayRef<double> spacing, at::ScalarType dtype) {
+    return distance_transform(distance_cuda, mask, spacing, dtype);
+  });
+}
+#endif
+
+}  // namespace medfast::distance

@@ -1,0 +1,92 @@
+// Exact Euclidean distance transform: the arithmetic shared by the CPU and CUDA launchers.
+//
+// The squared distance to the nearest background voxel is separable: after one 1D pass per axis
+// the value at x is min over background voxels y of sum_a (h_a (x_a - y_a))^2. Each pass replaces
+// the values f along one line by the lower envelope of the parabolas (h (q - p))^2 + f(p), found
+// in linear time as in Felzenszwalb & Huttenlocher (2012): the parabolas are pushed in order of
+// their apex and the ones hidden by the newcomer are popped; a second sweep reads the envelope.
+// Infinite values (no background seen yet along the earlier axes) carry no parabola; a line that
+// has none stays infinite, which after the last pass happens only on a mask without background.
+#pragma once
+#include <cmath>
+
+#include "common/macros.h"
+
+namespace medfast::distance {
+
+template <typename T>
+MEDFAST_HOST_DEVICE T infinity() {
+  return T(INFINITY);
+}
+
+// One 1D pass, in place, over the n values d[0], d[stride], ... of a line (squared distances,
+// +inf where there is none yet). h is the spacing of the axis. Scratch of n entries each, entry k
+// at [k * ss]: the apex index v and height fv of the k-th parabola of the envelope, and z, the
+// index (fractional) from which it is the lowest. Positions are kept as indices and offsets are
+// formed as integer differences times h, so long lines lose no precision.
+template <typename T>
+MEDFAST_HOST_DEVICE void envelope_pass(T* d, int64_t stride, int64_t n, T h, int64_t* v, T* fv, T* z, int64_t ss) {
+  const T inv_h2 = T(1) / (h * h);
+  int64_t m = 0;  // parabolas on the envelope
+  for (int64_t q = 0; q < n; ++q) {
+    const T fq = d[q * stride];
+    if (!(fq < infinity<T>())) continue;
+    T s = -infinity<T>();
+    while (m > 0) {
+      const int64_t p = v[(m - 1) * ss];
+      // Where the new parabola meets the top one, in index units: (h (q - x))^2 + fq =
+      // (h (p - x))^2 + f(p), with q > p.
+      s = ((fq - fv[(m - 1) * ss]) * inv_h2 / T(q - p) + T(q + p)) * T(0.5);
+      if (m > 1 && s <= z[(m - 1) * ss]) {
+        --m;  // the top parabola is nowhere the lowest any more
+      } else {
+        break;
+      }
+    }
+    if (m == 0) s = -infinity<T>();
+    v[m * ss] = q;
+    fv[m * ss] = fq;
+    z[m * ss] = s;
+    ++m;
+  }
+  if (m == 0) return;  // no finite value on the line: it stays +inf
+  int64_t k = 0;
+  for (int64_t q = 0; q < n; ++q) {
+    while (k + 1 < m && z[(k + 1) * ss] < T(q)) ++k;
+    const T dx = T(q - v[k * ss]) * h;
+    d[q * stride] = dx * dx + fv[k * ss];
+  }
+}
+
+// The distance from a squared distance; x is the voxel's linear index inside its (unbatched)
+// image of `ndim` axes. A value still +inf means the image has no background voxel: then, like
+// scipy.ndimage.distance_transform_edt, the distance is to a virtual background voxel at index
+// (-1, 0, ..., 0).
+template <typename T>
+MEDFAST_HOST_DEVICE T finish(T d2, int64_t x, int ndim, const int64_t* size, const T* spacing) {
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+  using std::sqrt;
+#endif
+  if (d2 < infinity<T>()) return sqrt(d2);
+  T acc = T(0);
+  for (int a = ndim - 1; a >= 0; --a) {
+    const int64_t i = x % size[a];
+    x /= size[a];
+    const T c = T(a == 0 ? i + 1 : i) * spacing[a];
+    acc += c * c;
+  }
+  return sqrt(acc);
+}
+
+// Geometry of the lines along one axis of a contiguous (B, *spatial) tensor seen as
+// (outer, n, inner): line l starts at (l / inner) * n * inner + l % inner, with stride inner.
+struct Lines {
+  int64_t outer, n, inner;
+  MEDFAST_HOST_DEVICE int64_t count() const { return outer * inner; }
+  MEDFAST_HOST_DEVICE int64_t start(int64_t l) const {
+    const int64_t o = l / inner;
+    return o * n * inner + (l - o * inner);
+  }
+};
+
+}  // namespace medfast::distance

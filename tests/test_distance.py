@@ -1,0 +1,211 @@
+"""medfast.distance_transform against scipy.ndimage.distance_transform_edt, plus operator plumbing
+(opcheck, torch.compile), bad inputs, and CUDA against CPU (skipped without a GPU)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import medfast as mf
+from tests.conftest import requires_cuda
+
+ops = torch.ops.medfast
+
+
+def scipy_edt(mask: torch.Tensor, spacing=None) -> np.ndarray:
+    m = mask.detach().cpu().numpy()
+    return np.stack([ndimage.distance_transform_edt(x, sampling=spacing) for x in m])
+
+
+def assert_matches(got: torch.Tensor, ref: np.ndarray, rtol=2e-6):
+    assert got.shape == ref.shape
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), torch.from_numpy(ref), rtol=rtol, atol=1e-5)
+
+
+def random_mask(shape, background: float) -> torch.Tensor:
+    """Foreground (True) except for a fraction `background` of voxels."""
+    return torch.rand(shape) >= background
+
+
+@pytest.mark.parametrize("background", [0.5, 0.1, 0.01, 0.001])
+@pytest.mark.parametrize("shape", [(2, 31, 17), (1, 64, 64), (2, 13, 9, 11), (1, 24, 32, 20)])
+def test_matches_scipy_random(shape, background):
+    mask = random_mask(shape, background)
+    mask.view(-1)[torch.randint(mask.numel(), (1,))] = False  # at least one background voxel
+    assert_matches(mf.distance_transform(mask), scipy_edt(mask))
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 33), (1, 15, 22, 17)])
+def test_single_background_voxel(shape):
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask.view(-1)[mask.numel() // 3] = False
+    assert_matches(mf.distance_transform(mask), scipy_edt(mask))
+    corner = torch.ones(shape, dtype=torch.bool)
+    corner.view(-1)[-1] = False
+    assert_matches(mf.distance_transform(corner), scipy_edt(corner))
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5), (2, 4, 6, 3)])
+def test_all_background_is_zero(shape):
+    out = mf.distance_transform(torch.zeros(shape))
+    assert out.dtype == torch.float32 and (out == 0).all()
+
+
+@pytest.mark.parametrize(
+    "shape, spacing",
+    [((1, 9, 12), (1.0, 1.0)), ((1, 7, 5), (0.3, 1.7)), ((1, 5, 6, 4), (2.0, 0.5, 1.25)), ((1, 1, 1, 5), None)],
+)
+def test_all_foreground_matches_scipy_virtual_background(shape, spacing):
+    mask = torch.ones(shape, dtype=torch.int32)
+    assert_matches(mf.distance_transform(mask, spacing), scipy_edt(mask, spacing))
+
+
+def test_mixed_batch_with_empty_and_full_elements():
+    mask = random_mask((4, 12, 10, 9), 0.05)
+    mask[1] = True
+    mask[2] = False
+    mask[3] = True
+    mask[3, 5, 4, 3] = False
+    assert_matches(mf.distance_transform(mask, (1.5, 1.0, 0.7)), scipy_edt(mask, (1.5, 1.0, 0.7)))
+
+
+@pytest.mark.parametrize(
+    "shape, spacing",
+    [((2, 25, 19), (0.7, 2.3)), ((2, 25, 19), 1.5), ((2, 11, 14, 9), (3.0, 0.8, 1.1)), ((1, 16, 16, 16), [5, 1, 1])],
+)
+def test_anisotropic_spacing(shape, spacing):
+    mask = random_mask(shape, 0.02)
+    mask.view(-1)[0] = False
+    sampling = spacing if not isinstance(spacing, float) else (spacing,) * (len(shape) - 1)
+    assert_matches(mf.distance_transform(mask, spacing), scipy_edt(mask, sampling))
+
+
+def test_long_lines_keep_float32_precision():
+    mask = random_mask((1, 4000, 9), 0.0005)
+    mask[0, 0, 0] = False
+    assert_matches(mf.distance_transform(mask, (0.37, 2.1)), scipy_edt(mask, (0.37, 2.1)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 17), (2, 17, 1), (2, 1, 1), (2, 1, 9, 8), (2, 7, 1, 1), (1, 1, 1, 1)])
+def test_size_one_axes(shape):
+    mask = random_mask(shape, 0.3)
+    assert_matches(mf.distance_transform(mask, [1.3] * (len(shape) - 1)), scipy_edt(mask, [1.3] * (len(shape) - 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int64, torch.float16, torch.float32])
+def test_mask_dtypes(dtype):
+    values = torch.randint(-2, 3, (2, 13, 11)).to(dtype)
+    mask = values != 0
+    out = mf.distance_transform(values)
+    assert out.dtype == torch.float32
+    assert_matches(out, scipy_edt(mask))
+
+
+def test_float64_output():
+    mask = random_mask((2, 9, 10, 11), 0.1)
+    ref = scipy_edt(mask, (0.9, 1.1, 1.3))
+    out = mf.distance_transform(mask.double(), (0.9, 1.1, 1.3))
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12, atol=1e-12)
+    out = mf.distance_transform(mask, (0.9, 1.1, 1.3), dtype=torch.float64)
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_non_contiguous_input():
+    base = random_mask((12, 3, 10, 14), 0.1)
+    mask = base.permute(1, 3, 0, 2)[:, ::2]  # (3, 7, 12, 10), strided
+    assert not mask.is_contiguous()
+    out = mf.distance_transform(mask, (1.0, 2.0, 0.5))
+    assert out.is_contiguous()
+    assert_matches(out, scipy_edt(mask, (1.0, 2.0, 0.5)))
+
+
+def test_requires_grad_mask_is_read_detached():
+    mask = (torch.rand(1, 10, 10) > 0.3).float().requires_grad_()
+    out = mf.distance_transform(mask)
+    assert not out.requires_grad
+    assert_matches(out, scipy_edt(mask))
+
+
+def test_output_is_deterministic():
+    mask = random_mask((2, 20, 18, 16), 0.05)
+    assert torch.equal(mf.distance_transform(mask), mf.distance_transform(mask))
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 7), (1, 5, 6, 4)])
+def test_opcheck(shape):
+    mask = random_mask(shape, 0.2)
+    spacing = [1.0, 0.5, 2.0][: len(shape) - 1]
+    torch.library.opcheck(ops.distance_transform.default, (mask, spacing, torch.float32))
+    torch.library.opcheck(ops.distance_transform.default, (mask.double(), spacing, torch.float64))
+
+
+def test_torch_compile_fullgraph():
+    def fn(mask):
+        return mf.distance_transform(mask > 0.5, (1.0, 2.0, 1.0)).square().mean(dim=(1, 2, 3))
+
+    compiled = torch.compile(fn, backend="inductor", fullgraph=True)
+    mask = torch.rand(2, 10, 9, 8)
+    torch.testing.assert_close(compiled(mask), fn(mask))
+
+
+def test_bad_inputs():
+    good = torch.ones(1, 5, 5, dtype=torch.bool)
+    with pytest.raises(TypeError, match="mask"):
+        mf.distance_transform(np.ones((1, 5, 5)))
+    with pytest.raises(TypeError, match="mask"):
+        mf.distance_transform(torch.ones(1, 5, 5, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="mask"):
+        mf.distance_transform(torch.ones(5, 5))
+    with pytest.raises(ValueError, match="mask"):
+        mf.distance_transform(torch.ones(1, 1, 5, 5, 5))
+    with pytest.raises(ValueError, match="mask"):
+        mf.distance_transform(torch.ones(1, 0, 5))
+    with pytest.raises(ValueError, match="spacing"):
+        mf.distance_transform(good, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):
+        mf.distance_transform(good, (1.0, 0.0))
+    with pytest.raises(ValueError, match="spacing"):
+        mf.distance_transform(good, -1.0)
+    with pytest.raises(ValueError, match="spacing"):
+        mf.distance_transform(good, (1.0, float("nan")))
+    with pytest.raises(TypeError, match="spacing"):
+        mf.distance_transform(good, "1,1")
+    with pytest.raises(TypeError, match="spacing"):
+        mf.distance_transform(good, True)
+    with pytest.raises(TypeError, match="dtype"):
+        mf.distance_transform(good, dtype=torch.float16)
+
+
+def test_direct_op_call_with_bad_arguments_raises_not_crashes():
+    good = torch.ones(1, 5, 5, dtype=torch.bool)
+    with pytest.raises(ValueError):
+        ops.distance_transform(good, [1.0], torch.float32)
+    with pytest.raises(ValueError):
+        ops.distance_transform(good, [1.0, -2.0], torch.float32)
+    with pytest.raises(ValueError):
+        ops.distance_transform(torch.ones(5), [1.0], torch.float32)
+    with pytest.raises(ValueError):
+        ops.distance_transform(torch.ones(1, 0, 4), [1.0, 1.0], torch.float32)
+    with pytest.raises(TypeError):
+        ops.distance_transform(good, [1.0, 1.0], torch.int32)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 37, 29), (2, 19, 23, 17), (1, 1, 40, 3)])
+def test_cuda_matches_cpu(shape, dtype):
+    mask = random_mask(shape, 0.02)
+    mask[0].view(-1)[5] = False
+    if shape[0] > 1:
+        mask[1] = True  # no background: the virtual-background branch
+    spacing = [0.8, 1.3, 2.0][: len(shape) - 1]
+    cpu = mf.distance_transform(mask, spacing, dtype=dtype)
+    gpu = mf.distance_transform(mask.cuda(), spacing, dtype=dtype)
+    assert gpu.device.type == "cuda" and gpu.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol)
+    assert_matches(gpu.cpu(), scipy_edt(mask, spacing))
