@@ -1,7 +1,18 @@
 """medfast: fast, differentiable C++/CUDA operators for medical-image deep learning."""
 
 from medfast._extension import build_info
-from medfast.ops import affine_warp, compose, distance_transform, integrate, resample, spline_coefficients, warp
+from medfast.ops import (
+    affine_warp,
+    compose,
+    cross_entropy,
+    dice_ce_loss,
+    dice_loss,
+    distance_transform,
+    integrate,
+    resample,
+    spline_coefficients,
+    warp,
+)
 
 __version__ = "0.1.0"
 
@@ -10,6 +21,9 @@ __all__ = [
     "affine_warp",
     "build_info",
     "compose",
+    "cross_entropy",
+    "dice_ce_loss",
+    "dice_loss",
     "distance_transform",
     "integrate",
     "resample",

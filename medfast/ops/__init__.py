@@ -4,7 +4,19 @@ This package is the only place that knows the compiled schemas (``torch.ops.medf
 """
 
 from medfast.ops._distance import distance_transform
+from medfast.ops._loss import cross_entropy, dice_ce_loss, dice_loss
 from medfast.ops._transforms import compose, integrate, resample
 from medfast.ops._warp import affine_warp, spline_coefficients, warp
 
-__all__ = ["affine_warp", "compose", "distance_transform", "integrate", "resample", "spline_coefficients", "warp"]
+__all__ = [
+    "affine_warp",
+    "compose",
+    "cross_entropy",
+    "dice_ce_loss",
+    "dice_loss",
+    "distance_transform",
+    "integrate",
+    "resample",
+    "spline_coefficients",
+    "warp",
+]

@@ -1,0 +1,38 @@
+// Schemas of the loss family and their dispatch. Friendly validation is in medfast/ops/_loss.py.
+#include <torch/library.h>
+
+#include "loss/loss_launch.h"
+
+namespace medfast::loss {
+namespace {
+
+void check(const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
+  TORCH_CHECK_VALUE(logits.dim() >= 3, "medfast softmax_stats: logits must be (B, C, *spatial)");
+  TORCH_CHECK_VALUE(labels.dim() == logits.dim() - 1 && labels.size(0) == logits.size(0),
+                    "medfast softmax_stats: labels must be (B, *spatial) like the logits");
+  for (int64_t i = 1; i < labels.dim(); ++i)
+    TORCH_CHECK_VALUE(labels.size(i) == logits.size(i + 1), "medfast softmax_stats: labels shape mismatch");
+  TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()), "medfast softmax_stats: labels must be integers");
+  if (weight) TORCH_CHECK_VALUE(weight->sizes() == labels.sizes(), "medfast softmax_stats: voxel_weight shape");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(medfast, m) {
+  m.def("softmax_stats(Tensor logits, Tensor labels, Tensor? voxel_weight) -> Tensor");
+  m.def("softmax_stats_backward(Tensor grad, Tensor logits, Tensor labels, Tensor? voxel_weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(medfast, CPU, m) {
+  m.impl("softmax_stats", [](const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
+    check(logits, labels, weight);
+    return softmax_stats_cpu(logits, labels, weight);
+  });
+  m.impl("softmax_stats_backward",
+         [](const Tensor& grad, const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
+           check(logits, labels, weight);
+           return softmax_stats_backward_cpu(grad, logits, labels, weight);
+         });
+}
+
+}  // namespace medfast::loss

@@ -1,0 +1,69 @@
+"""Segmentation losses as nn.Modules over the fused medfast ops (argument names as MONAI's).
+
+``medfast.losses.DiceCELoss()`` replaces ``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)``
+with the same values and gradients, without materializing a one-hot target or the softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medfast.ops._loss import cross_entropy, dice_ce_loss, dice_loss
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice loss of softmax(logits) against integer labels (``(B, *S)`` or ``(B, 1, *S)``).
+
+    See :func:`medfast.ops.dice_loss`; ``batch`` is ``batch_dice``, ``weight`` is ``class_weight``.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Sequence[float] | torch.Tensor | None = None,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
+                           class_weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
+        return dice_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)
+
+
+class DiceCELoss(nn.Module):
+    """Dice + cross-entropy of softmax(logits) against integer labels, fused.
+
+    See :func:`medfast.ops.dice_ce_loss`; ``batch`` is ``batch_dice``, ``weight`` is
+    ``class_weight`` (used by both terms, as in MONAI).
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Sequence[float] | torch.Tensor | None = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
+                           class_weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+                           ignore_index=ignore_index, reduction=reduction)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
+        return dice_ce_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)
+
+
+__all__ = ["DiceCELoss", "DiceLoss", "cross_entropy", "dice_ce_loss", "dice_loss"]

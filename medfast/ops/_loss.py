@@ -1,0 +1,263 @@
+"""Fused segmentation losses: Dice, cross-entropy and Dice+CE over softmax probabilities.
+
+Kernels: ``csrc/loss/`` (CPU launcher so far; the CUDA one is still to be written). One pass over the logits produces per-(batch, class) sums (intersection,
+prediction, ground truth, cross-entropy); the loss is O(B x C) arithmetic on them here, and the
+backward pass reads the logits once more. No one-hot, softmax or log-softmax tensor of the
+logits' size is formed: the only large allocation is the gradient autograd needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast.ops._validate import check_choice, check_tensor
+
+_ops = torch.ops.medfast
+_LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@torch.library.register_fake("medfast::softmax_stats")
+def _softmax_stats_fake(logits, labels, voxel_weight):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty((logits.shape[0], logits.shape[1], 4), dtype=dtype)
+
+
+@torch.library.register_fake("medfast::softmax_stats_backward")
+def _softmax_stats_backward_fake(grad, logits, labels, voxel_weight):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _stats_setup(ctx, inputs, output):
+    logits, labels, voxel_weight = inputs
+    ctx.save_for_backward(logits, labels, voxel_weight)
+
+
+def _stats_backward(ctx, grad):
+    logits, labels, voxel_weight = ctx.saved_tensors
+    return _ops.softmax_stats_backward(grad.contiguous(), logits, labels, voxel_weight), None, None
+
+
+torch.library.register_autograd("medfast::softmax_stats", _stats_backward, setup_context=_stats_setup)
+
+
+def _check_logits(logits: object) -> torch.Tensor:
+    logits = check_tensor("logits", logits)
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() not in (4, 5):
+        raise ValueError(f"logits must have shape (B, C, H, W) or (B, C, D, H, W), got {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"logits is empty: shape {tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"softmax needs at least 2 classes; logits has shape {tuple(logits.shape)}")
+    return logits
+
+
+def _labels(target: object, logits: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """(B, *S) int64 labels with the ignore index mapped to -1; validates values and shape."""
+    target = check_tensor("target", target)
+    if torch.is_floating_point(target) or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold integer class labels, got {target.dtype} (soft targets: not yet)")
+    spatial = tuple(logits.shape[2:])
+    if target.dim() == logits.dim() and target.shape[1] == 1:
+        target = target[:, 0]
+    if tuple(target.shape) != (logits.shape[0], *spatial):
+        raise ValueError(
+            f"target must have shape (B, *spatial) or (B, 1, *spatial) = {(logits.shape[0], *spatial)}, "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    labels = target.long()
+    # One cheap reduction so that an out-of-range label never passes silently. It is data-dependent,
+    # so torch.compile skips it; the kernels then leave such voxels out (they never read past C).
+    valid = labels if ignore_index is None or torch.compiler.is_compiling() else labels[labels != ignore_index]
+    if not torch.compiler.is_compiling() and valid.numel():
+        lo, hi = int(valid.min()), int(valid.max())
+        if lo < 0 or hi >= logits.shape[1]:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"target holds label {bad}, outside [0, {logits.shape[1] - 1}] for C = {logits.shape[1]} classes"
+                + ("" if ignore_index is None else f" (ignore_index = {ignore_index})")
+            )
+    if ignore_index is not None:
+        labels = torch.where(labels == ignore_index, torch.full_like(labels, -1), labels)
+    return labels
+
+
+def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+    if voxel_weight is None:
+        return None
+    voxel_weight = check_tensor("voxel_weight", voxel_weight)
+    if not torch.is_floating_point(voxel_weight):
+        raise TypeError(f"voxel_weight must be a floating tensor, got {voxel_weight.dtype}")
+    if voxel_weight.dim() == logits.dim() and voxel_weight.shape[1] == 1:
+        voxel_weight = voxel_weight[:, 0]
+    if voxel_weight.shape != labels.shape:
+        raise ValueError(f"voxel_weight must have shape {tuple(labels.shape)}, got {tuple(voxel_weight.shape)}")
+    if voxel_weight.device != logits.device:
+        raise ValueError(f"voxel_weight is on {voxel_weight.device} but logits is on {logits.device}")
+    return voxel_weight.detach()
+
+
+def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    if class_weight is None:
+        return None
+    w = torch.as_tensor(class_weight, dtype=dtype, device=logits.device).flatten()
+    if w.numel() != logits.shape[1]:
+        raise ValueError(f"class_weight must have C = {logits.shape[1]} entries, got {w.numel()}")
+    if (w < 0).any():
+        raise ValueError("class_weight must be non-negative")
+    return w
+
+
+def _smooth(smooth: object) -> tuple[float, float]:
+    nr, dr = (smooth, smooth) if not isinstance(smooth, Sequence) else tuple(smooth)
+    if not all(isinstance(v, (int, float)) and v >= 0 for v in (nr, dr)):
+        raise ValueError(f"smooth must be a non-negative float or a pair (numerator, denominator), got {smooth!r}")
+    return float(nr), float(dr)
+
+
+def _sums(logits, target, voxel_weight, ignore_index, class_weight):
+    logits = _check_logits(logits)
+    if logits.device.type != "cpu":
+        raise NotImplementedError(
+            f"medfast's fused losses run on the CPU only so far (logits on {logits.device}); "
+            "the CUDA launcher is not written yet"
+        )
+    labels = _labels(target, logits, ignore_index)
+    weight = _voxel_weight(voxel_weight, labels, logits)
+    stats = _ops.softmax_stats(logits, labels, weight)  # (B, C, 4): I, P, G, E
+    return stats, _class_weight(class_weight, logits, stats.dtype)
+
+
+def _dice_terms(stats, class_weight, include_background, batch_dice, smooth):
+    nr, dr = _smooth(smooth)
+    inter, pred, truth = stats[..., 0], stats[..., 1], stats[..., 2]
+    if batch_dice:
+        inter, pred, truth = inter.sum(0), pred.sum(0), truth.sum(0)
+    f = 1.0 - (2.0 * inter + nr) / (pred + truth + dr)
+    if class_weight is not None:
+        f = f * class_weight
+    return f if include_background else f[..., 1:]
+
+
+def _ce_term(stats, class_weight, reduction):
+    nll, truth = stats[..., 3], stats[..., 2]
+    if class_weight is not None:
+        nll, truth = nll * class_weight, truth * class_weight
+    total = nll.sum()
+    return total / truth.sum() if reduction == "mean" else total
+
+
+def _reduce(f: torch.Tensor, reduction: str) -> torch.Tensor:
+    return f.mean() if reduction == "mean" else (f.sum() if reduction == "sum" else f)
+
+
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    batch_dice: bool = False,
+    smooth: float | tuple[float, float] = 1e-5,
+    class_weight: Sequence[float] | torch.Tensor | None = None,
+    voxel_weight: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Soft Dice loss of softmax probabilities against integer labels, fused (no one-hot).
+
+    ``f[b, c] = 1 - (2 I + smooth_nr) / (P + G + smooth_dr)`` with ``I = sum p_c [y = c]``,
+    ``P = sum p_c``, ``G = sum [y = c]`` over the voxels (weighted by ``voxel_weight``, without
+    the ``ignore_index`` voxels), summed over the batch first when ``batch_dice``. Equal to MONAI
+    ``DiceLoss(to_onehot_y=True, softmax=True, ...)`` with ``smooth_nr = smooth_dr = smooth``.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``(B, C, H, W)`` or ``(B, C, D, H, W)``, C >= 2; float32/float64, or float16/bfloat16
+        (computed in float32; float64 logits in float64).
+    target : Tensor
+        Integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)`` in ``[0, C)`` (or ``ignore_index``).
+    include_background : bool
+        Keep class 0 in the Dice average.
+    batch_dice : bool
+        Sum the batch before the ratio (one Dice per class).
+    smooth : float or (float, float)
+        Added to the numerator and the denominator (or ``(numerator, denominator)``).
+    class_weight : sequence of C floats, optional
+        Multiplies each class's Dice loss (as MONAI's ``weight``) before the reduction.
+    voxel_weight : Tensor, optional
+        ``(B, *spatial)`` weights of each voxel in the sums (not differentiated).
+    ignore_index : int, optional
+        Label value whose voxels are left out of every sum.
+    reduction : {"mean", "sum", "none"}
+        Over the ``(B, C')`` (or ``(C',)`` with ``batch_dice``) Dice losses.
+
+    Returns
+    -------
+    Tensor
+        Scalar, or the per-(batch, class) losses with ``reduction="none"``. Differentiable w.r.t.
+        ``logits``.
+    """
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    stats, cw = _sums(logits, target, voxel_weight, ignore_index, class_weight)
+    return _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth), reduction)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_weight: Sequence[float] | torch.Tensor | None = None,
+    voxel_weight: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of softmax(logits) against integer labels, from the fused sums.
+
+    ``reduction="mean"`` is ``sum w_x cw_y (-log p_y) / sum w_x cw_y`` over the voxels that are not
+    ``ignore_index``: ``torch.nn.functional.cross_entropy`` with ``weight=class_weight`` and
+    ``ignore_index``, extended by per-voxel weights. Arguments as in :func:`dice_loss`;
+    ``reduction`` is ``"mean"`` or ``"sum"``.
+    """
+    check_choice("reduction", reduction, ("mean", "sum"))
+    stats, cw = _sums(logits, target, voxel_weight, ignore_index, class_weight)
+    return _ce_term(stats, cw, reduction)
+
+
+def dice_ce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    batch_dice: bool = False,
+    smooth: float | tuple[float, float] = 1e-5,
+    class_weight: Sequence[float] | torch.Tensor | None = None,
+    voxel_weight: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``lambda_dice * dice_loss + lambda_ce * cross_entropy`` from one fused pass over the logits.
+
+    Equal to MONAI ``DiceCELoss(to_onehot_y=True, softmax=True, include_background=...,
+    batch=batch_dice, smooth_nr=smooth, smooth_dr=smooth, weight=class_weight, lambda_dice=...,
+    lambda_ce=...)``. The cross-entropy always uses every class (as MONAI's); ``include_background``
+    only affects the Dice term. Arguments as in :func:`dice_loss`; ``reduction`` is ``"mean"`` or
+    ``"sum"`` (applied to each term).
+    """
+    check_choice("reduction", reduction, ("mean", "sum"))
+    for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    stats, cw = _sums(logits, target, voxel_weight, ignore_index, class_weight)
+    dice = _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth), reduction)
+    return lambda_dice * dice + lambda_ce * _ce_term(stats, cw, reduction)

@@ -1,0 +1,171 @@
+"""Fused Dice / cross-entropy / Dice+CE (softmax, integer labels) against MONAI and PyTorch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss as MonaiDiceCE
+from monai.losses import DiceLoss as MonaiDice
+
+import medfast as mf
+from medfast.losses import DiceCELoss, DiceLoss
+
+
+def _inputs(ndim=3, B=2, C=4, dtype=torch.float64):
+    shape = (6, 7, 5) if ndim == 3 else (9, 8)
+    logits = (torch.randn(B, C, *shape, dtype=dtype) * 2).requires_grad_()
+    target = torch.randint(0, C, (B, 1, *shape))
+    return logits, target
+
+
+def _grad(loss, x):
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dice_ce_matches_monai(ndim, include_background, batch, weighted):
+    logits, target = _inputs(ndim)
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64) if weighted else None
+    kw = dict(include_background=include_background, batch=batch, weight=weight, lambda_dice=0.7, lambda_ce=1.3)
+    ref = MonaiDiceCE(to_onehot_y=True, softmax=True, **kw)(logits, target)
+    ours = DiceCELoss(**kw)(logits, target)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_grad(ours, logits), _grad(ref, logits), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dice_matches_monai(include_background, batch, reduction):
+    logits, target = _inputs(3, C=3)
+    kw = dict(include_background=include_background, batch=batch, reduction=reduction, smooth_nr=1e-3, smooth_dr=2e-3)
+    ref = MonaiDice(to_onehot_y=True, softmax=True, **kw)(logits, target)
+    ours = DiceLoss(**kw)(logits, target)
+    ref = ref.reshape(ours.shape)  # MONAI keeps singleton spatial dims with reduction="none"
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_grad(ours.sum(), logits), _grad(ref.sum(), logits), atol=1e-6, rtol=0)
+
+
+def test_cross_entropy_matches_pytorch_with_ignore_index_and_class_weight():
+    logits, target = _inputs(3, C=5)
+    target = target[:, 0].clone()
+    target[:, :2] = 255
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    ref = F.cross_entropy(logits, target, weight=weight, ignore_index=255)
+    ours = mf.cross_entropy(logits, target, class_weight=weight, ignore_index=255)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(_grad(ours, logits), _grad(ref, logits))
+    ref = F.cross_entropy(logits, target, ignore_index=255, reduction="sum")
+    torch.testing.assert_close(mf.cross_entropy(logits, target, ignore_index=255, reduction="sum"), ref)
+
+
+def _reference(logits, target, voxel_weight, ignore_index, include_background, batch_dice, smooth):
+    """Masked pure-PyTorch Dice+CE with voxel weights (materializes everything)."""
+    C = logits.shape[1]
+    keep = (target != ignore_index).to(logits.dtype)
+    w = voxel_weight * keep
+    labels = torch.where(target == ignore_index, torch.zeros_like(target), target)
+    onehot = F.one_hot(labels, C).movedim(-1, 1).to(logits.dtype)
+    p = logits.softmax(1)
+    dims = tuple(range(2, logits.dim()))
+    inter = (p * onehot * w[:, None]).sum(dims)
+    pred = (p * w[:, None]).sum(dims)
+    truth = (onehot * w[:, None]).sum(dims)
+    if batch_dice:
+        inter, pred, truth = inter.sum(0), pred.sum(0), truth.sum(0)
+    dice = 1 - (2 * inter + smooth) / (pred + truth + smooth)
+    if not include_background:
+        dice = dice[..., 1:]
+    nll = -(logits.log_softmax(1) * onehot).sum(1)
+    return dice.mean() + (nll * w).sum() / w.sum()
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_ignore_index_and_voxel_weight_against_masked_reference(include_background, batch_dice):
+    logits, target = _inputs(3, C=4)
+    target = target[:, 0].clone()
+    target[0, 1:3] = -100
+    vw = torch.rand(target.shape, dtype=torch.float64)
+    kw = dict(include_background=include_background, batch_dice=batch_dice)
+    ours = mf.dice_ce_loss(logits, target, voxel_weight=vw, ignore_index=-100, smooth=1e-4, **kw)
+    ref = _reference(logits, target, vw, -100, smooth=1e-4, **kw)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(_grad(ours, logits), _grad(ref, logits))
+
+
+def test_gradcheck_float64():
+    logits, target = _inputs(3, B=1, C=3)
+    vw = torch.rand(target[:, 0].shape, dtype=torch.float64)
+    fn = lambda x: mf.dice_ce_loss(x, target, voxel_weight=vw, batch_dice=True, class_weight=[1.0, 2.0, 0.5])  # noqa
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_opcheck_and_compile():
+    logits, target = _inputs(3, C=3, dtype=torch.float32)
+    labels = target[:, 0].long()
+    torch.library.opcheck(torch.ops.medfast.softmax_stats.default, (logits, labels, None))
+    torch.library.opcheck(torch.ops.medfast.softmax_stats.default, (logits, labels, torch.rand(labels.shape)))
+    fn = torch.compile(lambda x: mf.dice_ce_loss(x, labels), backend="inductor", fullgraph=True)
+    torch.testing.assert_close(fn(logits), mf.dice_ce_loss(logits, labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits(dtype):
+    logits, target = _inputs(3, C=4, dtype=torch.float32)
+    ref = mf.dice_ce_loss(logits.detach().to(dtype).float(), target)
+    ours = mf.dice_ce_loss(logits.detach().to(dtype), target)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    x = logits.detach().to(dtype).requires_grad_()
+    mf.dice_ce_loss(x, target).backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+
+
+def test_large_logits_do_not_overflow():
+    logits, target = _inputs(3, C=3, dtype=torch.float32)
+    big = logits.detach() * 1e4
+    loss = mf.dice_ce_loss(big, target)
+    ref = MonaiDiceCE(to_onehot_y=True, softmax=True)(big, target)
+    assert torch.isfinite(loss) and torch.isclose(loss, ref, rtol=1e-4)
+
+
+def test_bad_inputs():
+    logits, target = _inputs(3, C=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="target must have shape"):
+        mf.dice_ce_loss(logits, target[:, :, :-1])
+    with pytest.raises(ValueError, match="softmax needs at least 2 classes"):
+        mf.dice_ce_loss(logits[:, :1], target)
+    with pytest.raises(TypeError, match="target must hold integer class labels"):
+        mf.dice_ce_loss(logits, target.float())
+    with pytest.raises(ValueError, match="target holds label 4, outside"):
+        mf.dice_ce_loss(logits, torch.full_like(target, 4))
+    with pytest.raises(ValueError, match="target holds label -1, outside"):
+        mf.dice_ce_loss(logits, torch.full_like(target, -1))
+    with pytest.raises(ValueError, match="class_weight must have C = 4 entries"):
+        mf.dice_ce_loss(logits, target, class_weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match="target is on meta but logits is on cpu"):
+        mf.dice_ce_loss(logits, target.to("meta"))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        mf.dice_ce_loss(logits, target, reduction="none")
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        mf.dice_ce_loss(logits.detach().numpy(), target)
+    with pytest.raises(ValueError, match="voxel_weight must have shape"):
+        mf.dice_ce_loss(logits, target, voxel_weight=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="lambda_ce must be a non-negative"):
+        mf.dice_ce_loss(logits, target, lambda_ce=-1.0)
+    # The ignore index may lie outside [0, C).
+    half = target.clone()
+    half[:, :, :3] = 255
+    assert torch.isfinite(mf.dice_ce_loss(logits, half, ignore_index=255))
+
+
+def test_all_voxels_ignored_gives_documented_result():
+    logits, target = _inputs(3, C=3, dtype=torch.float32)
+    target = torch.full_like(target, 7)
+    dice = mf.dice_loss(logits, target, ignore_index=7)
+    assert torch.isfinite(dice)  # smooth / smooth: Dice loss 0 for every class
+    assert torch.isnan(mf.cross_entropy(logits, target, ignore_index=7))  # 0 / 0, as F.cross_entropy
