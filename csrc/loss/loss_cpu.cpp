@@ -25,9 +25,10 @@ Tensor softmax_stats_cpu(const Tensor& logits_in, const Tensor& labels_in, const
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         double* acc = part.data() + k * B * C * kStats;
+        std::vector<double> scratch(static_cast<size_t>(C));
         for (int64_t i = total * k / chunks; i < total * (k + 1) / chunks; ++i) {
           const int64_t b = i / N, x = i - b * N;
-          stats_voxel(z + b * C * N + x, C, N, y[i], w ? w[i] : 1.0, acc + b * C * kStats);
+          stats_voxel(z + b * C * N + x, C, N, y[i], w ? w[i] : 1.0, acc + b * C * kStats, scratch.data());
         }
       }
     });
@@ -54,10 +55,11 @@ Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * N, 2048, [&](int64_t begin, int64_t end) {
+      std::vector<double> scratch(static_cast<size_t>(C));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / N, x = i - b * N;
         stats_backward_voxel(z + b * C * N + x, C, N, y[i], w ? w[i] : 1.0, gs + b * C * kStats,
-                             gz + b * C * N + x, N);
+                             gz + b * C * N + x, N, scratch.data());
       }
     });
   });

@@ -1,6 +1,7 @@
 """Fused segmentation losses: Dice, cross-entropy and Dice+CE over softmax probabilities.
 
-Kernels: ``csrc/loss/`` (CPU launcher so far; the CUDA one is still to be written). One pass over the logits produces per-(batch, class) sums (intersection,
+Kernels: ``csrc/loss/`` (CPU launcher so far; the CUDA one is still to be written). One pass
+over the logits produces per-(batch, class) sums (intersection,
 prediction, ground truth, cross-entropy); the loss is O(B x C) arithmetic on them here, and the
 backward pass reads the logits once more. No one-hot, softmax or log-softmax tensor of the
 logits' size is formed: the only large allocation is the gradient autograd needs.

@@ -1,0 +1,215 @@
+"""medfast.metrics against MONAI: DiceMetric, compute_hausdorff_distance, compute_average_surface_distance."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import medfast.metrics as mm
+
+monai_metrics = pytest.importorskip("monai.metrics")
+
+SHAPES = [(33, 40), (18, 21, 16)]
+SPACINGS = [None, (0.7, 1.3, 0.9)]
+
+
+def blobs(shape, batch, channels, seed, sigma=2.5, level=0.4):
+    """Smoothed random masks (B, C, *shape) bool: several blobs per mask, touching the border at times."""
+    rng = np.random.default_rng(seed)
+    x = ndimage.gaussian_filter(rng.standard_normal((batch, channels, *shape)), (0, 0) + (sigma,) * len(shape))
+    return torch.from_numpy(x / x.std() > level)
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def spacing_for(shape, spacing):
+    return None if spacing is None else list(spacing[: len(shape)])
+
+
+def assert_close(got, want):
+    torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("percentile", [None, 95, 50.5])
+@pytest.mark.parametrize("directed", [False, True])
+@pytest.mark.parametrize("include_background", [False, True])
+def test_hausdorff_matches_monai(shape, spacing, percentile, directed, include_background):
+    pred, target = blobs(shape, 2, 3, 1), blobs(shape, 2, 3, 2)
+    sp = spacing_for(shape, spacing)
+    got = mm.hausdorff_distance(
+        pred, target, percentile, sp, include_background=include_background, directed=directed
+    )
+    want = quiet(
+        monai_metrics.compute_hausdorff_distance, pred.float(), target.float(), include_background,
+        percentile=percentile, directed=directed, spacing=sp,
+    )
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("include_background", [False, True])
+def test_surface_distance_matches_monai(shape, spacing, symmetric, include_background):
+    pred, target = blobs(shape, 2, 3, 3), blobs(shape, 2, 3, 4)
+    sp = spacing_for(shape, spacing)
+    got = mm.surface_distance(pred, target, sp, include_background=include_background, symmetric=symmetric)
+    want = quiet(
+        monai_metrics.compute_average_surface_distance, pred.float(), target.float(), include_background,
+        symmetric, spacing=sp,
+    )
+    assert_close(got, want)
+
+
+def edge_case_masks(shape):
+    """Channels: empty pred, empty target, both empty, single voxels, full image; background channel 0."""
+    pred = torch.zeros(1, 6, *shape, dtype=torch.bool)
+    target = torch.zeros_like(pred)
+    centre = tuple(s // 2 for s in shape)
+    target[(0, 1, *centre)] = True  # class 1: empty pred
+    pred[(0, 2, *centre)] = True  # class 2: empty target
+    pred[(0, 4, *centre)] = True  # class 4: single voxels (class 3: both empty)
+    target[(0, 4) + (0,) * len(shape)] = True
+    pred[0, 5] = True  # class 5: full image vs a single voxel
+    target[(0, 5, *centre)] = True
+    pred[0, 0] = ~pred[0, 1:].any(0)
+    target[0, 0] = ~target[0, 1:].any(0)
+    return pred, target
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_edge_cases_match_monai(shape, symmetric):
+    pred, target = edge_case_masks(shape)
+    with pytest.warns(UserWarning, match="all 0"):
+        hd = mm.hausdorff_distance(pred, target, 95, directed=not symmetric)
+    with pytest.warns(UserWarning, match="all 0"):
+        asd = mm.surface_distance(pred, target, symmetric=symmetric)
+    want_hd = quiet(
+        monai_metrics.compute_hausdorff_distance, pred.float(), target.float(), percentile=95,
+        directed=not symmetric,
+    )
+    want_asd = quiet(monai_metrics.compute_average_surface_distance, pred.float(), target.float(), symmetric=symmetric)
+    assert_close(hd, want_hd)
+    assert_close(asd, want_asd)
+    hd_max = quiet(mm.hausdorff_distance, pred, target, None)
+    assert_close(hd_max, quiet(monai_metrics.compute_hausdorff_distance, pred.float(), target.float()))
+    assert torch.isinf(hd_max[0, :2]).all() and torch.isnan(hd_max[0, 2])
+    assert torch.isnan(hd[0, :3]).all() and torch.isinf(asd[0, :2]).all() and torch.isnan(asd[0, 2])
+
+
+def test_label_maps_and_per_batch_spacing():
+    pred, target = blobs((20, 22, 17), 2, 3, 5), blobs((20, 22, 17), 2, 3, 6)
+    pred_lab, target_lab = pred.long().argmax(1), target.long().argmax(1)
+    one_hot = [torch.nn.functional.one_hot(x, 3).movedim(-1, 1) for x in (pred_lab, target_lab)]
+    spacing = [[1.0, 2.0, 0.5], [0.8, 0.8, 1.2]]
+    got = mm.hausdorff_distance(pred_lab, target_lab, 95, spacing, num_classes=3)
+    want = quiet(monai_metrics.compute_hausdorff_distance, *one_hot, percentile=95, spacing=spacing)
+    assert_close(got, want)
+    got = mm.surface_distance(pred_lab, target_lab, spacing, num_classes=3, symmetric=True)
+    want = quiet(monai_metrics.compute_average_surface_distance, *one_hot, symmetric=True, spacing=spacing)
+    assert_close(got, want)
+
+
+def monai_dice(pred, target, num_classes, **kwargs):
+    metric = monai_metrics.DiceMetric(reduction="none", num_classes=num_classes, **kwargs)
+    return quiet(metric, pred[:, None], target[:, None])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ignore_empty", [True, False])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("ignore_index", [None, 2, 255])
+def test_dice_matches_monai(shape, ignore_empty, include_background, ignore_index):
+    gen = torch.Generator().manual_seed(0)
+    num_classes = 5
+    target = torch.randint(0, 4, (3, *shape), generator=gen)  # class 4 never in target: empty
+    pred = torch.where(torch.rand(target.shape, generator=gen) < 0.7, target, torch.randint(0, 5, target.shape))
+    pred[1] = 0  # empty prediction for every foreground class
+    target[2] = 0
+    if ignore_index == 255:
+        target[:, : shape[0] // 3] = 255
+        pred[0, -3:] = 255
+    kwargs = dict(ignore_empty=ignore_empty, include_background=include_background)
+    got = mm.dice(pred, target, num_classes, ignore_index, **kwargs)
+    want = monai_dice(pred, target, num_classes, ignore_index=ignore_index, **kwargs)
+    assert got.shape == (3, num_classes - (not include_background))
+    assert_close(got, want)
+
+
+def test_bad_inputs():
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks = torch.zeros(2, 2, 8, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="same shape"):
+        mm.dice(labels, labels[:1], 2)
+    with pytest.raises(TypeError, match="pred_labels .*integer"):
+        mm.dice(labels.float(), labels, 2)
+    bad = labels.clone()
+    bad[0, 0, 0] = 3
+    with pytest.raises(ValueError, match="target has labels outside"):
+        mm.dice(labels, bad, 3)
+    bad[0, 0, 0] = -1
+    with pytest.raises(ValueError, match="pred_labels has labels outside"):
+        mm.dice(bad, labels, 3)
+    assert mm.dice(bad, labels, 3, ignore_index=-1).shape == (2, 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        mm.dice(labels, labels, 1, include_background=False)
+    with pytest.raises(TypeError, match="num_classes"):
+        mm.dice(labels, labels, 2.0)
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        mm.dice(labels, labels.numpy(), 2)
+    with pytest.raises(ValueError, match="same shape"):
+        mm.hausdorff_distance(masks, masks[:, :1])
+    with pytest.raises(ValueError, match="pred must be binary"):
+        mm.hausdorff_distance(masks.float() + 0.5, masks)
+    with pytest.raises(ValueError, match="one-hot"):
+        mm.hausdorff_distance(masks[:, 0], masks[:, 0])
+    with pytest.raises(ValueError, match="include_background"):
+        mm.surface_distance(masks[:, :1], masks[:, :1])
+    with pytest.raises(TypeError, match="target must be an integer label map"):
+        mm.hausdorff_distance(labels, labels.float(), num_classes=2)
+    with pytest.raises(ValueError, match="pred has labels outside"):
+        mm.hausdorff_distance(labels + 2, labels, num_classes=2)
+    with pytest.raises(ValueError, match="percentile"):
+        mm.hausdorff_distance(masks, masks, 101)
+    with pytest.raises(ValueError, match="spacing"):
+        mm.hausdorff_distance(masks, masks, spacing=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):
+        mm.hausdorff_distance(masks, masks, spacing=[[1.0, 1.0]] * 3)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="same device"):
+            mm.hausdorff_distance(masks, masks.cuda())
+        with pytest.raises(ValueError, match="same device"):
+            mm.dice(labels, labels.cuda(), 2)
+    with pytest.raises(ValueError, match="same device"):
+        mm.dice(labels, labels.to("meta"), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_matches_cpu(shape):
+    pred, target = blobs(shape, 2, 3, 7), blobs(shape, 2, 3, 8)
+    pred[0, 1] = False
+    sp = spacing_for(shape, SPACINGS[1])
+    for fn, kwargs in [
+        (mm.hausdorff_distance, dict(percentile=95)),
+        (mm.hausdorff_distance, dict(percentile=None, directed=True)),
+        (mm.surface_distance, dict(symmetric=True)),
+    ]:
+        cpu = quiet(fn, pred, target, spacing=sp, **kwargs)
+        cuda = quiet(fn, pred.cuda(), target.cuda(), spacing=sp, **kwargs)
+        assert cuda.device.type == "cuda"
+        assert_close(cuda, cpu)
+    labels_p, labels_t = pred.long().argmax(1), target.long().argmax(1)
+    assert_close(mm.dice(labels_p.cuda(), labels_t.cuda(), 3, 0), mm.dice(labels_p, labels_t, 3, 0))
