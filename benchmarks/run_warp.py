@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -96,14 +97,17 @@ class CpuMeter:
 
 
 def measure_job(impl: str, case: wc.Case, opts: dict[str, Any], isolate: bool, timeout_s: float) -> dict[str, Any]:
-    """One measurement, annotated with the other processes' CPU use while it ran."""
+    """One measurement, annotated with the other processes' CPU use while it ran (and, for medfast,
+    the build of its extension)."""
     try:
         wc.check(impl, case)  # cheap: no subprocess for what cannot run
     except wc.NotRun as e:
         return {"status": e.status, "reason": str(e)}
-    meter = CpuMeter()
+    meter, built = CpuMeter(), _built(_extension_stamp())
     res = run_job({"kind": "measure", "impl": impl, "case": case.to_dict(), "opts": opts}, isolate, timeout_s)
     res["background_cores"] = meter.other_cores()
+    if impl == "medfast":
+        res["extension_built"] = built if built == _built(_extension_stamp()) else "rebuilt while measured"
     return res
 
 
@@ -114,9 +118,9 @@ def _contaminated(res: dict[str, Any]) -> bool:
 def run_all(
     case_list: list[wc.Case], opts: dict[str, Any], isolate: bool, timeout_s: float, wait_idle_s: float
 ) -> dict[str, Any]:
-    """Measures medfast once per configuration and every peer case; keyed by "impl|config". Before
-    each job, waits up to ``wait_idle_s`` for other busy processes; at the end re-measures once
-    (after waiting again) each job that other processes disturbed, keeping the quieter result."""
+    """Measures medfast once per configuration and every peer case; keyed by "impl|config". With
+    ``wait_idle_s`` > 0, waits up to that long before each job for other busy processes to finish,
+    and at the end re-measures once each job that they disturbed, keeping the quieter result."""
     jobs: dict[tuple[str, str], wc.Case] = {}
     for case in case_list:
         jobs.setdefault(("medfast", case.config), case.with_peer("medfast"))
@@ -138,7 +142,7 @@ def run_all(
         results[f"{impl}|{config}"] = one(i, impl, case)
     for i, ((impl, config), case) in enumerate(jobs.items(), 1):
         first = results[f"{impl}|{config}"]
-        if _contaminated(first):
+        if wait_idle_s > 0 and _contaminated(first):
             again = one(i, impl, case, " retry")
             if again["status"] == "ok" and (again.get("background_cores") or 0.0) < first["background_cores"]:
                 results[f"{impl}|{config}"] = again
@@ -266,7 +270,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"# medfast.warp benchmark: {meta['device']}, {meta['size']}^3",
         "",
         f"- host `{meta['host']}` ({meta['device_name']}), {meta['date']}, torch {meta['torch']}, "
-        f"{meta['threads']} threads, medfast {meta['medfast']} (extension built {meta['medfast_extension'][-20:-1]})",
+        f"{meta['threads']} threads, medfast {meta['medfast']} (extension built {_built(meta['medfast_extension'])})",
         f"- peers: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         f"- timing: median of {meta['opts']['repeats']} calls at most (>= 3, {meta['opts']['budget_s']:g} s budget) "
         f"after >= {meta['opts']['warmup']} warm-up calls lasting >= {meta['opts'].get('warmup_s', 0.3):g} s; "
@@ -277,9 +281,12 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     busy = meta["busy_processes"]["before"] + meta["busy_processes"]["after"]
     if busy:
-        lines.append(
-            f"- **warning**: other processes were using the CPU (timings skewed): {', '.join(sorted(set(busy)))}"
-        )
+        lines.append(f"- **warning**: other processes were busy at the start or end: {', '.join(sorted(set(busy)))}")
+    builds = {r["medfast"].get("extension_built") for r in report["rows"] if r["medfast"].get("status") == "ok"}
+    if len(builds - {None}) > 1:
+        lines.append(f"- **warning**: medfast's rows come from several builds: {', '.join(sorted(builds - {None}))}")
+    elif meta.get("warning"):
+        lines.append(f"- note: {meta['warning']} (after the last medfast measurement)")
     lines += [
         "",
         "| case | medfast ms | peer ms | ratio peer/medfast | medfast peak MiB | peer peak MiB | target | met? |",
@@ -372,11 +379,15 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
 
 def _extension_stamp() -> str:
-    """Path and modification time of the loaded compiled extension (which build was measured)."""
-    from medfast import _C
+    """Path and modification time of medfast's compiled extension (which build was measured)."""
+    spec = importlib.util.find_spec("medfast._C")
+    path = spec.origin if spec and spec.origin else "?"
+    mtime = datetime.datetime.fromtimestamp(os.path.getmtime(path)).isoformat(timespec="seconds") if spec else "?"
+    return f"{path} ({mtime})"
 
-    mtime = datetime.datetime.fromtimestamp(os.path.getmtime(_C.__file__)).isoformat(timespec="seconds")
-    return f"{_C.__file__} ({mtime})"
+
+def _built(stamp: str) -> str:
+    return stamp.rsplit("(", 1)[-1].rstrip(")")
 
 
 def versions() -> dict[str, str]:

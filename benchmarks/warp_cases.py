@@ -9,8 +9,8 @@ Peers (each given a voxel DDF, as medfast is, and timed including the conversion
 * ``interpol``: torch-interpol ``grid_pull`` on ``identity + ddf`` (absolute voxel coordinates,
   last dim in tensor axis order), bound ``zero``/``replicate``/``dct1`` for zeros/border/reflection,
   ``extrapolate=True`` (``False`` would zero everything beyond 0.05 voxel outside), ``prefilter`` for cubic.
-* ``scipy`` (CPU) / ``cupy`` (CUDA): ``map_coordinates`` per channel, ``mode="grid-constant"``,
-  order 0/1/3; forward only.
+* ``scipy`` (CPU) / ``cupy`` (CUDA): ``map_coordinates`` per channel on ``identity + ddf``, order
+  0/1/3, mode ``grid-constant``/``nearest``/``mirror`` for zeros/border/reflection; forward only.
 
 Padding ("auto"): ``zeros`` (scipy ``grid-constant``) for linear/nearest; ``reflection`` (scipy
 ``mirror``, interpol ``dct1``) for cubic, the one boundary where interpol's cubic computes the same
@@ -177,7 +177,7 @@ Forward = Callable[[torch.Tensor, torch.Tensor], Any]
 class NotRun(Exception):
     """An implementation that does not run a case: ``status`` is "skipped" or "n/a"."""
 
-    def __init__(self, status: str, reason: str):
+    def __init__(self, status: str, reason: str) -> None:
         super().__init__(reason)
         self.status = status
 
