@@ -29,10 +29,11 @@ class DiceLoss(nn.Module):
         weight: Sequence[float] | torch.Tensor | None = None,
         ignore_index: int | None = None,
         reduction: str = "mean",
+        ddp_sync: bool = False,
     ) -> None:
         super().__init__()
         self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
-                           class_weight=weight, ignore_index=ignore_index, reduction=reduction)
+                           class_weight=weight, ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
         return dice_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)
@@ -56,11 +57,12 @@ class DiceCELoss(nn.Module):
         lambda_ce: float = 1.0,
         ignore_index: int | None = None,
         reduction: str = "mean",
+        ddp_sync: bool = False,
     ) -> None:
         super().__init__()
         self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
                            class_weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
-                           ignore_index=ignore_index, reduction=reduction)
+                           ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
         return dice_ce_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)

@@ -137,11 +137,17 @@ def _sums(logits, target, voxel_weight, ignore_index, class_weight):
     return stats, _class_weight(class_weight, logits, stats.dtype)
 
 
-def _dice_terms(stats, class_weight, include_background, batch_dice, smooth):
+def _dice_terms(stats, class_weight, include_background, batch_dice, smooth, ddp_sync=False):
     nr, dr = _smooth(smooth)
     inter, pred, truth = stats[..., 0], stats[..., 1], stats[..., 2]
     if batch_dice:
-        inter, pred, truth = inter.sum(0), pred.sum(0), truth.sum(0)
+        sums = stats[..., :3].sum(0)  # (C, 3)
+        if ddp_sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            from torch.distributed.nn.functional import all_reduce
+
+            # Differentiable all-reduce: every rank sees the sums of the whole global batch.
+            sums = all_reduce(sums)
+        inter, pred, truth = sums.unbind(-1)
     f = 1.0 - (2.0 * inter + nr) / (pred + truth + dr)
     if class_weight is not None:
         f = f * class_weight
@@ -171,6 +177,7 @@ def dice_loss(
     voxel_weight: torch.Tensor | None = None,
     ignore_index: int | None = None,
     reduction: str = "mean",
+    ddp_sync: bool = False,
 ) -> torch.Tensor:
     """Soft Dice loss of softmax probabilities against integer labels, fused (no one-hot).
 
@@ -200,6 +207,11 @@ def dice_loss(
         Label value whose voxels are left out of every sum.
     reduction : {"mean", "sum", "none"}
         Over the ``(B, C')`` (or ``(C',)`` with ``batch_dice``) Dice losses.
+    ddp_sync : bool
+        With ``batch_dice`` and ``torch.distributed`` initialized: all-reduce the per-class sums so
+        that every rank computes the loss of the whole global batch (the all-reduce is
+        differentiable; after DDP averages the gradients over the ranks they equal the gradients
+        of one process on the whole batch).
 
     Returns
     -------
@@ -209,7 +221,7 @@ def dice_loss(
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     stats, cw = _sums(logits, target, voxel_weight, ignore_index, class_weight)
-    return _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth), reduction)
+    return _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
 
 
 def cross_entropy(
@@ -246,19 +258,21 @@ def dice_ce_loss(
     lambda_dice: float = 1.0,
     lambda_ce: float = 1.0,
     reduction: str = "mean",
+    ddp_sync: bool = False,
 ) -> torch.Tensor:
     """``lambda_dice * dice_loss + lambda_ce * cross_entropy`` from one fused pass over the logits.
 
     Equal to MONAI ``DiceCELoss(to_onehot_y=True, softmax=True, include_background=...,
     batch=batch_dice, smooth_nr=smooth, smooth_dr=smooth, weight=class_weight, lambda_dice=...,
     lambda_ce=...)``. The cross-entropy always uses every class (as MONAI's); ``include_background``
-    only affects the Dice term. Arguments as in :func:`dice_loss`; ``reduction`` is ``"mean"`` or
-    ``"sum"`` (applied to each term).
+    only affects the Dice term. Arguments as in :func:`dice_loss` (``ddp_sync`` syncs the batch-Dice
+    sums; the cross-entropy stays per rank, as DDP's gradient averaging expects); ``reduction`` is
+    ``"mean"`` or ``"sum"`` (applied to each term).
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     stats, cw = _sums(logits, target, voxel_weight, ignore_index, class_weight)
-    dice = _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth), reduction)
+    dice = _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
     return lambda_dice * dice + lambda_ce * _ce_term(stats, cw, reduction)
