@@ -169,3 +169,65 @@ def test_all_voxels_ignored_gives_documented_result():
     dice = mf.dice_loss(logits, target, ignore_index=7)
     assert torch.isfinite(dice)  # smooth / smooth: Dice loss 0 for every class
     assert torch.isnan(mf.cross_entropy(logits, target, ignore_index=7))  # 0 / 0, as F.cross_entropy
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("batch", [False, True])
+def test_sigmoid_dice_matches_monai(include_background, batch):
+    logits, _ = _inputs(3, C=3)
+    target = (torch.rand(logits.shape, dtype=torch.float64) > 0.6).to(torch.float64)
+    kw = dict(include_background=include_background, batch=batch)
+    ref = MonaiDice(sigmoid=True, **kw)(logits, target)
+    ours = DiceLoss(sigmoid=True, **kw)(logits, target)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_grad(ours, logits), _grad(ref, logits), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_sigmoid_dice_ce_one_channel_matches_monai(batch):
+    logits, _ = _inputs(3, C=1)
+    target = (torch.rand(logits.shape, dtype=torch.float64) > 0.5).to(torch.float64)
+    ref = MonaiDiceCE(sigmoid=True, batch=batch)(logits, target)
+    ours = DiceCELoss(sigmoid=True, batch=batch)(logits, target)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_grad(ours, logits), _grad(ref, logits), atol=1e-6, rtol=0)
+
+
+def test_multilabel_bce_matches_pytorch():
+    logits, _ = _inputs(2, C=4)
+    target = torch.rand(logits.shape, dtype=torch.float64)  # soft multi-label
+    vw = torch.rand(logits[:, 0].shape, dtype=torch.float64)
+    ours = mf.cross_entropy(logits, target, activation="sigmoid", voxel_weight=vw)
+    ref = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * vw[:, None]).sum() / (vw.sum() * 4)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(_grad(ours, logits), _grad(ref, logits))
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+def test_soft_targets_softmax_match_monai(include_background):
+    logits, _ = _inputs(3, C=4)
+    target = torch.rand(logits.shape, dtype=torch.float64).softmax(1)  # probabilities per voxel
+    ref = MonaiDiceCE(softmax=True, include_background=include_background)(logits, target)
+    ours = mf.dice_ce_loss(logits, target, include_background=include_background)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_grad(ours, logits), _grad(ref, logits), atol=1e-6, rtol=0)
+
+
+def test_gradcheck_soft_and_sigmoid():
+    logits, _ = _inputs(2, B=1, C=3)
+    target = torch.rand(logits.shape, dtype=torch.float64)
+    vw = torch.rand(logits[:, 0].shape, dtype=torch.float64)
+    for activation in ("softmax", "sigmoid"):
+        fn = lambda x, a=activation: mf.dice_ce_loss(x, target, voxel_weight=vw, activation=a)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (logits,))
+    torch.library.opcheck(torch.ops.medfast.soft_stats.default, (logits, target, vw, True))
+
+
+def test_soft_target_bad_inputs():
+    logits, target = _inputs(3, C=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mf.dice_loss(logits, target, activation="relu")
+    with pytest.raises(ValueError, match="soft / multi-label target must have the logits' shape"):
+        mf.dice_loss(logits, target.float(), activation="sigmoid")
+    with pytest.raises(ValueError, match="ignore_index needs integer labels"):
+        mf.dice_loss(logits, torch.rand(logits.shape), ignore_index=0)

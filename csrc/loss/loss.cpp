@@ -16,11 +16,24 @@ void check(const Tensor& logits, const Tensor& labels, const OptTensor& weight) 
   if (weight) TORCH_CHECK_VALUE(weight->sizes() == labels.sizes(), "medfast softmax_stats: voxel_weight shape");
 }
 
+void check_soft(const Tensor& logits, const Tensor& target, const OptTensor& weight) {
+  TORCH_CHECK_VALUE(logits.dim() >= 3 && target.sizes() == logits.sizes(),
+                    "medfast soft_stats: target must have the logits' shape (B, C, *spatial)");
+  TORCH_CHECK_TYPE(at::isFloatingType(target.scalar_type()), "medfast soft_stats: target must be floating");
+  if (weight) {
+    TORCH_CHECK_VALUE(weight->dim() == logits.dim() - 1 && weight->size(0) == logits.size(0) &&
+                          weight->numel() * logits.size(1) == logits.numel(),
+                      "medfast soft_stats: voxel_weight must be (B, *spatial)");
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
   m.def("softmax_stats(Tensor logits, Tensor labels, Tensor? voxel_weight) -> Tensor");
   m.def("softmax_stats_backward(Tensor grad, Tensor logits, Tensor labels, Tensor? voxel_weight) -> Tensor");
+  m.def("soft_stats(Tensor logits, Tensor target, Tensor? voxel_weight, bool sigmoid) -> Tensor");
+  m.def("soft_stats_backward(Tensor grad, Tensor logits, Tensor target, Tensor? voxel_weight, bool sigmoid) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(medfast, CPU, m) {
@@ -33,6 +46,15 @@ TORCH_LIBRARY_IMPL(medfast, CPU, m) {
            check(logits, labels, weight);
            return softmax_stats_backward_cpu(grad, logits, labels, weight);
          });
+  m.impl("soft_stats", [](const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid) {
+    check_soft(logits, target, weight);
+    return soft_stats_cpu(logits, target, weight, sigmoid);
+  });
+  m.impl("soft_stats_backward", [](const Tensor& grad, const Tensor& logits, const Tensor& target,
+                                   const OptTensor& weight, bool sigmoid) {
+    check_soft(logits, target, weight);
+    return soft_stats_backward_cpu(grad, logits, target, weight, sigmoid);
+  });
 }
 
 }  // namespace medfast::loss

@@ -124,4 +124,87 @@ MEDFAST_HOST_DEVICE void stats_backward_block(const S* z, int64_t C, int64_t cs,
   }
 }
 
+// ---- Soft / multi-label targets: t[c * cs + v] (probabilities, or 0/1 labels per channel) ----
+// Softmax over the classes (SIGMOID = false): I = sum w p_c t_c, P = sum w p_c, G = sum w t_c,
+// E = sum w t_c (-log p_c). Independent sigmoids (SIGMOID = true): the same with p_c = sigmoid(z_c)
+// and E = sum w BCE(z_c, t_c). Scratch as softmax_block.
+template <bool SIGMOID, typename S, typename T, typename A>
+MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv, A* cls,
+                                          T* e, T* mx, T* den) {
+  if constexpr (!SIGMOID) {
+    softmax_block(z, C, cs, nv, e, mx, den);
+    for (int v = 0; v < nv; ++v) den[v] = T(1) / den[v];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    A acc[kStats] = {A(0), A(0), A(0), A(0)};
+    for (int v = 0; v < nv; ++v) {
+      const T zc = static_cast<T>(z[c * cs + v]), tc = static_cast<T>(t[c * cs + v]);
+      const T wv = w ? static_cast<T>(w[v]) : T(1);
+      T p, nll;
+      if constexpr (SIGMOID) {
+        const T ez = exp_nonpositive(-(zc < T(0) ? -zc : zc));  // exp(-|z|)
+        p = zc >= T(0) ? T(1) / (T(1) + ez) : ez / (T(1) + ez);
+        nll = (zc > T(0) ? zc : T(0)) - zc * tc + log1p(ez);  // BCE with logits, stable
+      } else {
+        p = e[c * nv + v] * den[v];
+        nll = tc * (mx[v] - zc - log(den[v]));  // t_c (-log p_c), den holds 1 / sum e
+      }
+      acc[0] += wv * p * tc;
+      acc[1] += wv * p;
+      acc[2] += wv * tc;
+      acc[3] += wv * nll;
+    }
+    for (int k = 0; k < kStats; ++k) cls[c * kStats + k] += acc[k];
+  }
+}
+
+// Gradient for soft_stats_block. Sigmoid: dL/dz_c = w ((gI_c t_c + gP_c) p (1 - p) + gE_c (p - t_c)).
+// Softmax: with u_c = gI_c t_c + gP_c, dL/dz_k = w (p_k (u_k - sum_c u_c p_c) + p_k sum_c gE_c t_c
+// - gE_k t_k). Scratch as softmax_block plus aux (nv).
+template <bool SIGMOID, typename S, typename T, typename A>
+MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv,
+                                                   const A* gcls, S* gz, T* e, T* mx, T* den, T* aux) {
+  if constexpr (SIGMOID) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T gi = static_cast<T>(gcls[c * kStats + 0]), gp = static_cast<T>(gcls[c * kStats + 1]);
+      const T ge = static_cast<T>(gcls[c * kStats + 3]);
+      for (int v = 0; v < nv; ++v) {
+        const T zc = static_cast<T>(z[c * cs + v]), tc = static_cast<T>(t[c * cs + v]);
+        const T ez = exp_nonpositive(-(zc < T(0) ? -zc : zc));
+        const T p = zc >= T(0) ? T(1) / (T(1) + ez) : ez / (T(1) + ez);
+        const T wv = w ? static_cast<T>(w[v]) : T(1);
+        gz[c * cs + v] = static_cast<S>(wv * ((gi * tc + gp) * p * (T(1) - p) + ge * (p - tc)));
+      }
+    }
+  } else {
+    softmax_block(z, C, cs, nv, e, mx, den);
+    T* ubar = mx;   // sum_c u_c p_c
+    T* tsum = aux;  // sum_c gE_c t_c
+    for (int v = 0; v < nv; ++v) {
+      den[v] = T(1) / den[v];
+      ubar[v] = T(0);
+      tsum[v] = T(0);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T gi = static_cast<T>(gcls[c * kStats + 0]), gp = static_cast<T>(gcls[c * kStats + 1]);
+      const T ge = static_cast<T>(gcls[c * kStats + 3]);
+      for (int v = 0; v < nv; ++v) {
+        const T tc = static_cast<T>(t[c * cs + v]);
+        ubar[v] += (gi * tc + gp) * e[c * nv + v] * den[v];
+        tsum[v] += ge * tc;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T gi = static_cast<T>(gcls[c * kStats + 0]), gp = static_cast<T>(gcls[c * kStats + 1]);
+      const T ge = static_cast<T>(gcls[c * kStats + 3]);
+      for (int v = 0; v < nv; ++v) {
+        const T tc = static_cast<T>(t[c * cs + v]);
+        const T p = e[c * nv + v] * den[v];
+        const T wv = w ? static_cast<T>(w[v]) : T(1);
+        gz[c * cs + v] = static_cast<S>(wv * (p * (gi * tc + gp - ubar[v]) + p * tsum[v] - ge * tc));
+      }
+    }
+  }
+}
+
 }  // namespace medfast::loss

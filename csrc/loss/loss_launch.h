@@ -20,4 +20,9 @@ Tensor softmax_stats_cpu(const Tensor& logits, const Tensor& labels, const OptTe
 Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& labels,
                                   const OptTensor& weight);
 
+// Soft / multi-label targets (B, C, *S) of the logits' dtype.
+Tensor soft_stats_cpu(const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid);
+Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& target,
+                               const OptTensor& weight, bool sigmoid);
+
 }  // namespace medfast::loss

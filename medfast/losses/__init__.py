@@ -15,7 +15,8 @@ from medfast.ops._loss import cross_entropy, dice_ce_loss, dice_loss
 
 
 class DiceLoss(nn.Module):
-    """Soft Dice loss of softmax(logits) against integer labels (``(B, *S)`` or ``(B, 1, *S)``).
+    """Soft Dice loss of softmax(logits) against integer labels (``(B, *S)`` or ``(B, 1, *S)``), or
+    against ``(B, C, *S)`` float targets; ``sigmoid=True`` for multi-label channels.
 
     See :func:`medfast.ops.dice_loss`; ``batch`` is ``batch_dice``, ``weight`` is ``class_weight``.
     """
@@ -30,10 +31,12 @@ class DiceLoss(nn.Module):
         ignore_index: int | None = None,
         reduction: str = "mean",
         ddp_sync: bool = False,
+        sigmoid: bool = False,
     ) -> None:
         super().__init__()
         self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
-                           class_weight=weight, ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync)
+                           class_weight=weight, ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync,
+                           activation="sigmoid" if sigmoid else "softmax")
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
         return dice_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)
@@ -58,11 +61,13 @@ class DiceCELoss(nn.Module):
         ignore_index: int | None = None,
         reduction: str = "mean",
         ddp_sync: bool = False,
+        sigmoid: bool = False,
     ) -> None:
         super().__init__()
         self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
                            class_weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
-                           ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync)
+                           ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync,
+                           activation="sigmoid" if sigmoid else "softmax")
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
         return dice_ce_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)

@@ -31,6 +31,32 @@ def _softmax_stats_backward_fake(grad, logits, labels, voxel_weight):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("medfast::soft_stats")
+def _soft_stats_fake(logits, target, voxel_weight, sigmoid):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty((logits.shape[0], logits.shape[1], 4), dtype=dtype)
+
+
+@torch.library.register_fake("medfast::soft_stats_backward")
+def _soft_stats_backward_fake(grad, logits, target, voxel_weight, sigmoid):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _soft_setup(ctx, inputs, output):
+    logits, target, voxel_weight, sigmoid = inputs
+    ctx.save_for_backward(logits, target, voxel_weight)
+    ctx.sigmoid = sigmoid
+
+
+def _soft_backward(ctx, grad):
+    logits, target, voxel_weight = ctx.saved_tensors
+    grad_logits = _ops.soft_stats_backward(grad.contiguous(), logits, target, voxel_weight, ctx.sigmoid)
+    return grad_logits, None, None, None
+
+
+torch.library.register_autograd("medfast::soft_stats", _soft_backward, setup_context=_soft_setup)
+
+
 def _stats_setup(ctx, inputs, output):
     logits, labels, voxel_weight = inputs
     ctx.save_for_backward(logits, labels, voxel_weight)
@@ -44,7 +70,7 @@ def _stats_backward(ctx, grad):
 torch.library.register_autograd("medfast::softmax_stats", _stats_backward, setup_context=_stats_setup)
 
 
-def _check_logits(logits: object) -> torch.Tensor:
+def _check_logits(logits: object, activation: str = "softmax") -> torch.Tensor:
     logits = check_tensor("logits", logits)
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
@@ -52,8 +78,10 @@ def _check_logits(logits: object) -> torch.Tensor:
         raise ValueError(f"logits must have shape (B, C, H, W) or (B, C, D, H, W), got {tuple(logits.shape)}")
     if logits.numel() == 0:
         raise ValueError(f"logits is empty: shape {tuple(logits.shape)}")
-    if logits.shape[1] < 2:
-        raise ValueError(f"softmax needs at least 2 classes; logits has shape {tuple(logits.shape)}")
+    if activation == "softmax" and logits.shape[1] < 2:
+        raise ValueError(
+            f"softmax needs at least 2 classes; logits has shape {tuple(logits.shape)} (use activation='sigmoid')"
+        )
     return logits
 
 
@@ -124,17 +152,48 @@ def _smooth(smooth: object) -> tuple[float, float]:
     return float(nr), float(dr)
 
 
-def _sums(logits, target, voxel_weight, ignore_index, class_weight):
-    logits = _check_logits(logits)
+def _soft_target(target: object, logits: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """(B, C, *S) per-channel targets in [0, 1], in the logits' dtype."""
+    target = check_tensor("target", target)
+    if tuple(target.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"soft / multi-label target must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
+    if ignore_index is not None:
+        raise ValueError("ignore_index needs integer labels; with soft / multi-label targets use voxel_weight")
+    return target.detach().to(logits.dtype)
+
+
+def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax"):
+    """Per-(batch, class) sums (B, C, 4) = I, P, G, E, the class weights, and the divisor of the
+    cross-entropy's mean."""
+    check_choice("activation", activation, ("softmax", "sigmoid"))
+    logits = _check_logits(logits, activation)
     if logits.device.type != "cpu":
         raise NotImplementedError(
             f"medfast's fused losses run on the CPU only so far (logits on {logits.device}); "
             "the CUDA launcher is not written yet"
         )
-    labels = _labels(target, logits, ignore_index)
-    weight = _voxel_weight(voxel_weight, labels, logits)
-    stats = _ops.softmax_stats(logits, labels, weight)  # (B, C, 4): I, P, G, E
-    return stats, _class_weight(class_weight, logits, stats.dtype)
+    target = check_tensor("target", target)
+    soft = activation == "sigmoid" or (torch.is_floating_point(target) and target.shape == logits.shape)
+    if soft:
+        t = _soft_target(target, logits, ignore_index)
+        weight = _voxel_weight(voxel_weight, t[:, 0], logits)
+        stats = _ops.soft_stats(logits, t, weight, activation == "sigmoid")
+    else:
+        labels = _labels(target, logits, ignore_index)
+        weight = _voxel_weight(voxel_weight, labels, logits)
+        stats = _ops.softmax_stats(logits, labels, weight)
+    cw = _class_weight(class_weight, logits, stats.dtype)
+    if soft:  # mean over voxels (softmax) or over voxels x channels (sigmoid), as PyTorch's losses
+        voxels = weight.sum().to(stats.dtype) if weight is not None else logits[:, 0].numel()
+        divisor = voxels * (logits.shape[1] if activation == "sigmoid" else 1)
+    else:  # weighted mean over the labelled voxels, as F.cross_entropy with weight / ignore_index
+        truth = stats[..., 2] if cw is None else stats[..., 2] * cw
+        divisor = truth.sum()
+    return stats, cw, divisor
 
 
 def _dice_terms(stats, class_weight, include_background, batch_dice, smooth, ddp_sync=False):
@@ -154,12 +213,10 @@ def _dice_terms(stats, class_weight, include_background, batch_dice, smooth, ddp
     return f if include_background else f[..., 1:]
 
 
-def _ce_term(stats, class_weight, reduction):
-    nll, truth = stats[..., 3], stats[..., 2]
-    if class_weight is not None:
-        nll, truth = nll * class_weight, truth * class_weight
+def _ce_term(stats, class_weight, divisor, reduction):
+    nll = stats[..., 3] if class_weight is None else stats[..., 3] * class_weight
     total = nll.sum()
-    return total / truth.sum() if reduction == "mean" else total
+    return total / divisor if reduction == "mean" else total
 
 
 def _reduce(f: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -178,8 +235,9 @@ def dice_loss(
     ignore_index: int | None = None,
     reduction: str = "mean",
     ddp_sync: bool = False,
+    activation: str = "softmax",
 ) -> torch.Tensor:
-    """Soft Dice loss of softmax probabilities against integer labels, fused (no one-hot).
+    """Soft Dice loss of softmax (or sigmoid) probabilities, fused (no one-hot, no softmax tensor).
 
     ``f[b, c] = 1 - (2 I + smooth_nr) / (P + G + smooth_dr)`` with ``I = sum p_c [y = c]``,
     ``P = sum p_c``, ``G = sum [y = c]`` over the voxels (weighted by ``voxel_weight``, without
@@ -192,7 +250,9 @@ def dice_loss(
         ``(B, C, H, W)`` or ``(B, C, D, H, W)``, C >= 2; float32/float64, or float16/bfloat16
         (computed in float32; float64 logits in float64).
     target : Tensor
-        Integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)`` in ``[0, C)`` (or ``ignore_index``).
+        Integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)`` in ``[0, C)`` (or ``ignore_index``);
+        or, with the logits' shape ``(B, C, *spatial)``, floating per-class targets in [0, 1] (soft
+        targets for softmax; binary or soft multi-label targets for sigmoid).
     include_background : bool
         Keep class 0 in the Dice average.
     batch_dice : bool
@@ -212,6 +272,8 @@ def dice_loss(
         that every rank computes the loss of the whole global batch (the all-reduce is
         differentiable; after DDP averages the gradients over the ranks they equal the gradients
         of one process on the whole batch).
+    activation : {"softmax", "sigmoid"}
+        ``"sigmoid"``: independent channels (multi-label), as MONAI's ``sigmoid=True``.
 
     Returns
     -------
@@ -220,7 +282,7 @@ def dice_loss(
         ``logits``.
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
-    stats, cw = _sums(logits, target, voxel_weight, ignore_index, class_weight)
+    stats, cw, _ = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation)
     return _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
 
 
@@ -232,17 +294,21 @@ def cross_entropy(
     voxel_weight: torch.Tensor | None = None,
     ignore_index: int | None = None,
     reduction: str = "mean",
+    activation: str = "softmax",
 ) -> torch.Tensor:
-    """Cross-entropy of softmax(logits) against integer labels, from the fused sums.
+    """Cross-entropy of softmax(logits) (or binary cross-entropy with sigmoids), from the fused sums.
 
     ``reduction="mean"`` is ``sum w_x cw_y (-log p_y) / sum w_x cw_y`` over the voxels that are not
     ``ignore_index``: ``torch.nn.functional.cross_entropy`` with ``weight=class_weight`` and
-    ``ignore_index``, extended by per-voxel weights. Arguments as in :func:`dice_loss`;
-    ``reduction`` is ``"mean"`` or ``"sum"``.
+    ``ignore_index``, extended by per-voxel weights. With soft targets it is ``F.cross_entropy``
+    with probability targets (mean over voxels); with ``activation="sigmoid"``
+    ``F.binary_cross_entropy_with_logits`` (mean over voxels and channels; ``class_weight``
+    multiplies each channel's term). Arguments as in :func:`dice_loss`; ``reduction`` is
+    ``"mean"`` or ``"sum"``.
     """
     check_choice("reduction", reduction, ("mean", "sum"))
-    stats, cw = _sums(logits, target, voxel_weight, ignore_index, class_weight)
-    return _ce_term(stats, cw, reduction)
+    stats, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation)
+    return _ce_term(stats, cw, divisor, reduction)
 
 
 def dice_ce_loss(
@@ -259,6 +325,7 @@ def dice_ce_loss(
     lambda_ce: float = 1.0,
     reduction: str = "mean",
     ddp_sync: bool = False,
+    activation: str = "softmax",
 ) -> torch.Tensor:
     """``lambda_dice * dice_loss + lambda_ce * cross_entropy`` from one fused pass over the logits.
 
@@ -267,12 +334,15 @@ def dice_ce_loss(
     lambda_ce=...)``. The cross-entropy always uses every class (as MONAI's); ``include_background``
     only affects the Dice term. Arguments as in :func:`dice_loss` (``ddp_sync`` syncs the batch-Dice
     sums; the cross-entropy stays per rank, as DDP's gradient averaging expects); ``reduction`` is
-    ``"mean"`` or ``"sum"`` (applied to each term).
+    ``"mean"`` or ``"sum"`` (applied to each term). With ``activation="sigmoid"`` the second term is
+    the binary cross-entropy of every channel: equal to MONAI ``DiceCELoss(sigmoid=True)`` for one
+    channel; for several channels MONAI applies a softmax cross-entropy to the float target
+    instead, which is not multi-label, so medfast deliberately differs there.
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    stats, cw = _sums(logits, target, voxel_weight, ignore_index, class_weight)
+    stats, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation)
     dice = _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
-    return lambda_dice * dice + lambda_ce * _ce_term(stats, cw, reduction)
+    return lambda_dice * dice + lambda_ce * _ce_term(stats, cw, divisor, reduction)
