@@ -17,8 +17,14 @@ constexpr int kBlock = 64;  // voxels per block: the inner loops of loss.h run o
 
 // Blocks never straddle two batch elements: block j of batch b covers voxels [j * kBlock, ...).
 struct Blocks {
-  int64_t per_batch, total, N;
-  Blocks(int64_t B, int64_t N_) : per_batch((N_ + kBlock - 1) / kBlock), total(B * per_batch), N(N_) {}
+  int64_t B, C, N, per_batch, total;
+  explicit Blocks(const Tensor& logits)
+      : B(logits.size(0)),
+        C(logits.size(1)),
+        N(logits.numel() / std::max<int64_t>(1, logits.size(0) * logits.size(1))),
+        per_batch((N + kBlock - 1) / kBlock),
+        total(B * per_batch) {}
+  // Batch, first voxel and length of block i.
   void locate(int64_t i, int64_t& b, int64_t& x0, int& nv) const {
     b = i / per_batch;
     x0 = (i - b * per_batch) * kBlock;
@@ -26,149 +32,147 @@ struct Blocks {
   }
 };
 
+// Per-voxel compute type: float, or double for double logits.
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// (B, C, kStats) sums: body(b, x0, nv, acc, scratch) adds block (b, x0, nv) into acc, the
+// (C, kStats) sums of batch b of the caller's chunk. scratch holds `scratch_per_voxel` x kBlock.
+template <typename T, typename Body>
+Tensor sum_blocks(const Tensor& logits, const Blocks& bl, int64_t scratch_per_voxel, Body body) {
+  const int64_t chunks = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), bl.total / 16), 1, 64);
+  const int64_t stride = bl.B * bl.C * kStats;
+  std::vector<double> part(static_cast<size_t>(chunks * stride), 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> scratch(static_cast<size_t>(scratch_per_voxel * kBlock));
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t i = bl.total * k / chunks; i < bl.total * (k + 1) / chunks; ++i) {
+        int64_t b, x0;
+        int nv;
+        bl.locate(i, b, x0, nv);
+        body(b, x0, nv, part.data() + k * stride + b * bl.C * kStats, scratch.data());
+      }
+    }
+  });
+  Tensor out = at::zeros({bl.B, bl.C, kStats}, logits.options().dtype(at::kDouble));
+  double* o = out.mutable_data_ptr<double>();
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t j = 0; j < stride; ++j) o[j] += part[k * stride + j];
+  return out.to(stats_dtype(logits.scalar_type()));
+}
+
+// body(b, x0, nv, scratch) for every block, in parallel (the gradient: no reduction).
+template <typename T, typename Body>
+void for_blocks(const Blocks& bl, int64_t scratch_per_voxel, Body body) {
+  at::parallel_for(0, bl.total, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(static_cast<size_t>(scratch_per_voxel * kBlock));
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t b, x0;
+      int nv;
+      bl.locate(i, b, x0, nv);
+      body(b, x0, nv, scratch.data());
+    }
+  });
+}
+
+const double* weights(const Tensor& weight) { return weight.defined() ? weight.const_data_ptr<double>() : nullptr; }
+
+Tensor as_double(const OptTensor& weight) {
+  return weight ? weight->contiguous().to(at::kDouble) : Tensor();
+}
+
 }  // namespace
 
 Tensor softmax_stats_cpu(const Tensor& logits_in, const Tensor& labels_in, const OptTensor& weight_in) {
-  const Tensor logits = logits_in.contiguous();
-  const Tensor labels = labels_in.contiguous().to(at::kLong);
-  const Tensor weight = weight_in ? weight_in->contiguous().to(at::kDouble) : Tensor();
-  const int64_t B = logits.size(0), C = logits.size(1), N = logits.numel() / std::max<int64_t>(1, B * C);
-  const Blocks blocks(B, N);
-  const int64_t chunks = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), blocks.total / 16), 1, 64);
-  std::vector<double> part(static_cast<size_t>(chunks * B * C * kStats), 0.0);
+  const Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous().to(at::kLong);
+  const Tensor weight = as_double(weight_in);
+  const Blocks bl(logits);
+  const int64_t C = bl.C, N = bl.N;
   const int64_t* y = labels.const_data_ptr<int64_t>();
-  const double* w = weight.defined() ? weight.const_data_ptr<double>() : nullptr;
+  const double* w = weights(weight);
+  Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<T> scratch(static_cast<size_t>((C + 2) * kBlock));
-      for (int64_t k = k0; k < k1; ++k) {
-        double* acc = part.data() + k * B * C * kStats;
-        for (int64_t i = blocks.total * k / chunks; i < blocks.total * (k + 1) / chunks; ++i) {
-          int64_t b, x0;
-          int nv;
-          blocks.locate(i, b, x0, nv);
-          const int64_t v0 = b * N + x0;
-          stats_block(z + b * C * N + x0, C, N, y + v0, w ? w + v0 : nullptr, nv, acc + b * C * kStats,
-                      scratch.data(), scratch.data() + C * kBlock, scratch.data() + (C + 1) * kBlock);
-        }
-      }
+    out = sum_blocks<T>(logits, bl, C + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) {
+      const int64_t v0 = b * N + x0;
+      stats_block(z + b * C * N + x0, C, N, y + v0, w ? w + v0 : nullptr, nv, acc, e, e + C * kBlock,
+                  e + (C + 1) * kBlock);
     });
   });
-  Tensor out = at::zeros({B, C, kStats}, logits.options().dtype(at::kDouble));
-  double* o = out.mutable_data_ptr<double>();
-  for (int64_t k = 0; k < chunks; ++k)
-    for (int64_t j = 0; j < B * C * kStats; ++j) o[j] += part[k * B * C * kStats + j];
-  return out.to(stats_dtype(logits.scalar_type()));
+  return out;
 }
 
 Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in, const Tensor& labels_in,
                                   const OptTensor& weight_in) {
-  const Tensor logits = logits_in.contiguous();
-  const Tensor labels = labels_in.contiguous().to(at::kLong);
-  const Tensor weight = weight_in ? weight_in->contiguous().to(at::kDouble) : Tensor();
-  const Tensor g = grad_stats.to(at::kDouble).contiguous();
-  const int64_t B = logits.size(0), C = logits.size(1), N = logits.numel() / std::max<int64_t>(1, B * C);
-  const Blocks blocks(B, N);
+  const Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous().to(at::kLong);
+  const Tensor weight = as_double(weight_in), g = grad_stats.to(at::kDouble).contiguous();
+  const Blocks bl(logits);
+  const int64_t C = bl.C, N = bl.N;
   Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
   const int64_t* y = labels.const_data_ptr<int64_t>();
-  const double* w = weight.defined() ? weight.const_data_ptr<double>() : nullptr;
+  const double* w = weights(weight);
   const double* gs = g.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats_bwd", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, blocks.total, 16, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(static_cast<size_t>((C + 4) * kBlock));
-      T* e = scratch.data();
-      for (int64_t i = begin; i < end; ++i) {
-        int64_t b, x0;
-        int nv;
-        blocks.locate(i, b, x0, nv);
-        const int64_t v0 = b * N + x0;
-        stats_backward_block(z + b * C * N + x0, C, N, y + v0, w ? w + v0 : nullptr, nv, gs + b * C * kStats,
-                             gz + b * C * N + x0, e, e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
-      }
+    for_blocks<T>(bl, C + 4, [&](int64_t b, int64_t x0, int nv, T* e) {
+      const int64_t v0 = b * N + x0, off = b * C * N + x0;
+      stats_backward_block(z + off, C, N, y + v0, w ? w + v0 : nullptr, nv, gs + b * C * kStats, gz + off, e,
+                           e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
     });
   });
   return grad;
 }
 
 Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid) {
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = target_in.contiguous().to(logits.scalar_type());
-  const Tensor weight = weight_in ? weight_in->contiguous().to(at::kDouble) : Tensor();
-  const int64_t B = logits.size(0), C = logits.size(1), N = logits.numel() / std::max<int64_t>(1, B * C);
-  const Blocks blocks(B, N);
-  const int64_t chunks = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), blocks.total / 16), 1, 64);
-  std::vector<double> part(static_cast<size_t>(chunks * B * C * kStats), 0.0);
-  const double* w = weight.defined() ? weight.const_data_ptr<double>() : nullptr;
+  const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
+  const Tensor weight = as_double(weight_in);
+  const Blocks bl(logits);
+  const int64_t C = bl.C, N = bl.N;
+  const double* w = weights(weight);
+  Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_soft_stats", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<T> scratch(static_cast<size_t>((C + 2) * kBlock));
-      T* e = scratch.data();
-      for (int64_t k = k0; k < k1; ++k) {
-        double* acc = part.data() + k * B * C * kStats;
-        for (int64_t i = blocks.total * k / chunks; i < blocks.total * (k + 1) / chunks; ++i) {
-          int64_t b, x0;
-          int nv;
-          blocks.locate(i, b, x0, nv);
-          const int64_t off = b * C * N + x0;
-          const double* wv = w ? w + b * N + x0 : nullptr;
-          if (sigmoid)
-            soft_stats_block<true>(z + off, t + off, C, N, wv, nv, acc + b * C * kStats, e, e + C * kBlock,
-                                   e + (C + 1) * kBlock);
-          else
-            soft_stats_block<false>(z + off, t + off, C, N, wv, nv, acc + b * C * kStats, e, e + C * kBlock,
-                                    e + (C + 1) * kBlock);
-        }
-      }
+    out = sum_blocks<T>(logits, bl, C + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) {
+      const int64_t off = b * C * N + x0;
+      const double* wv = w ? w + b * N + x0 : nullptr;
+      if (sigmoid)
+        soft_stats_block<true>(z + off, t + off, C, N, wv, nv, acc, e, e + C * kBlock, e + (C + 1) * kBlock);
+      else
+        soft_stats_block<false>(z + off, t + off, C, N, wv, nv, acc, e, e + C * kBlock, e + (C + 1) * kBlock);
     });
   });
-  Tensor out = at::zeros({B, C, kStats}, logits.options().dtype(at::kDouble));
-  double* o = out.mutable_data_ptr<double>();
-  for (int64_t k = 0; k < chunks; ++k)
-    for (int64_t j = 0; j < B * C * kStats; ++j) o[j] += part[k * B * C * kStats + j];
-  return out.to(stats_dtype(logits.scalar_type()));
+  return out;
 }
 
 Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in, const Tensor& target_in,
                                const OptTensor& weight_in, bool sigmoid) {
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = target_in.contiguous().to(logits.scalar_type());
-  const Tensor weight = weight_in ? weight_in->contiguous().to(at::kDouble) : Tensor();
-  const Tensor g = grad_stats.to(at::kDouble).contiguous();
-  const int64_t B = logits.size(0), C = logits.size(1), N = logits.numel() / std::max<int64_t>(1, B * C);
-  const Blocks blocks(B, N);
+  const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
+  const Tensor weight = as_double(weight_in), g = grad_stats.to(at::kDouble).contiguous();
+  const Blocks bl(logits);
+  const int64_t C = bl.C, N = bl.N;
   Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  const double* w = weight.defined() ? weight.const_data_ptr<double>() : nullptr;
+  const double* w = weights(weight);
   const double* gs = g.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_soft_stats_bwd", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, blocks.total, 16, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(static_cast<size_t>((C + 4) * kBlock));
-      T* e = scratch.data();
-      for (int64_t i = begin; i < end; ++i) {
-        int64_t b, x0;
-        int nv;
-        blocks.locate(i, b, x0, nv);
-        const int64_t off = b * C * N + x0;
-        const double* wv = w ? w + b * N + x0 : nullptr;
-        T* sc[4] = {e, e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock};
-        if (sigmoid)
-          soft_stats_backward_block<true>(z + off, t + off, C, N, wv, nv, gs + b * C * kStats, gz + off, sc[0], sc[1],
-                                          sc[2], sc[3]);
-        else
-          soft_stats_backward_block<false>(z + off, t + off, C, N, wv, nv, gs + b * C * kStats, gz + off, sc[0],
-                                           sc[1], sc[2], sc[3]);
-      }
+    for_blocks<T>(bl, C + 4, [&](int64_t b, int64_t x0, int nv, T* e) {
+      const int64_t off = b * C * N + x0;
+      const double* wv = w ? w + b * N + x0 : nullptr;
+      T* sc[4] = {e, e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock};
+      if (sigmoid)
+        soft_stats_backward_block<true>(z + off, t + off, C, N, wv, nv, gs + b * C * kStats, gz + off, sc[0], sc[1],
+                                        sc[2], sc[3]);
+      else
+        soft_stats_backward_block<false>(z + off, t + off, C, N, wv, nv, gs + b * C * kStats, gz + off, sc[0],
+                                         sc[1], sc[2], sc[3]);
     });
   });
   return grad;
