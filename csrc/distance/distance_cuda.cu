@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "common/cuda_launch.h"
 #include "distance/distance_launch.h"
 
 namespace medfast::distance {
@@ -14,10 +15,7 @@ namespace {
 
 constexpr int kThreads = 128;
 
-int64_t blocks_for(int64_t n) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 64));
-}
+int64_t blocks_for(int64_t n) { return grid_blocks(n, kThreads); }
 
 template <typename T>
 __global__ void pass_kernel(T* d, const Lines L, T h, int64_t* index, T* scratch, int64_t lines) {

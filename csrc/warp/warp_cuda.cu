@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "common/cuda_launch.h"
 #include "warp/spline.h"
 #include "warp/warp_launch.h"
 
@@ -16,10 +17,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int64_t blocks_for(int64_t n) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 64));
-}
+int64_t blocks_for(int64_t n) { return grid_blocks(n, kThreads); }
 
 template <typename S, typename T, int NDIM, int MODE, int PAD>
 __global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, S* out, int64_t total) {
