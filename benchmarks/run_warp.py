@@ -121,10 +121,9 @@ def run_all(
     """Measures medfast once per configuration and every peer case; keyed by "impl|config". With
     ``wait_idle_s`` > 0, waits up to that long before each job for other busy processes to finish,
     and at the end re-measures once each job that they disturbed, keeping the quieter result."""
-    jobs: dict[tuple[str, str], wc.Case] = {}
-    for case in case_list:
-        jobs.setdefault(("medfast", case.config), case.with_peer("medfast"))
-        jobs.setdefault((case.peer, case.config), case)
+    # medfast first, back to back: the fewer minutes its jobs span, the less chance of a rebuild
+    jobs = {("medfast", c.config): c.with_peer("medfast") for c in case_list}
+    jobs.update({(c.peer, c.config): c for c in case_list})
     results: dict[str, Any] = {}
 
     def one(i: int, impl: str, case: wc.Case, tag: str = "") -> dict[str, Any]:
@@ -424,7 +423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-agreement", action="store_true", help="skip the small-volume agreement check")
     p.add_argument("--timeout", type=float, default=900, help="seconds per isolated case")
     p.add_argument("--wait-idle", type=float, default=0, help="before each case, wait up to this long (s) for quiet")
-    p.add_argument("--render", type=Path, help="only write md/png (and latest copies) for a saved JSON report")
+    p.add_argument("--render", type=Path, help="only write md + png for a saved JSON report (into --out)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -434,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker)
         return 0
-    if args.render:  # a JSON report (e.g. from another machine) -> md + png (+ latest copies) in --out
-        paths = write_report(json.loads(args.render.read_text()), args.out, args.render.stem)
+    if args.render:  # a saved JSON report (e.g. from another machine) -> md + png in --out
+        report = {**json.loads(args.render.read_text()), "_source": str(args.render)}
+        paths = write_report(report, args.out, args.render.stem, latest=False)
         print(f"wrote {', '.join(str(p) for p in paths)}")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -510,20 +510,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(report: dict[str, Any], out: Path, name: str | None = None) -> list[Path]:
-    """Writes ``<name>.{json,md,png}`` (default ``warp_<device>_<host>_<date>``) and copies them to
-    ``warp_<device>_latest.*`` in ``out``."""
+def write_report(report: dict[str, Any], out: Path, name: str | None = None, latest: bool = True) -> list[Path]:
+    """Writes ``<name>.{json,md,png}`` (default ``warp_<device>_<host>_<date>``) in ``out`` and, with
+    ``latest``, copies them to ``warp_<device>_latest.*``."""
     out.mkdir(parents=True, exist_ok=True)
     device = report["meta"]["device"]
     if name is None:
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", report["meta"]["host"])
         name = f"warp_{device}_{host}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    base, latest = out / name, out / f"warp_{device}_latest"
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    base = out / name
+    if base.with_suffix(".json").resolve() != Path(report.get("_source", "")).resolve():
+        base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     base.with_suffix(".md").write_text(to_markdown(report))
     suffixes = [".json", ".md"] + ([".png"] if plot(report, base.with_suffix(".png")) else [])
-    for suffix in suffixes:
-        shutil.copyfile(base.with_suffix(suffix), latest.with_suffix(suffix))
+    if latest:
+        for suffix in suffixes:
+            shutil.copyfile(base.with_suffix(suffix), (out / f"warp_{device}_latest").with_suffix(suffix))
     return [base.with_suffix(s) for s in suffixes]
 
 
