@@ -58,8 +58,9 @@ def run_job(job: dict[str, Any], isolate: bool, timeout_s: float) -> dict[str, A
             return {"measured_mib": wc.calibrate_memory(job["device"], job["mib"])}
         return wc.measure(job["impl"], wc.Case.from_dict(job["case"]), **job["opts"])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    env = {**os.environ, **wc.MALLOC_ENV}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=HERE)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=HERE, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -433,10 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker)
         return 0
-    if args.render:  # a saved JSON report (e.g. from another machine) -> md + png in --out
-        report = {**json.loads(args.render.read_text()), "_source": str(args.render)}
-        paths = write_report(report, args.out, args.render.stem, latest=False)
-        print(f"wrote {', '.join(str(p) for p in paths)}")
+    if args.render:  # a saved JSON report (e.g. from another machine) -> <stem>.md + .png in --out
+        report, base = json.loads(args.render.read_text()), args.out / args.render.stem
+        args.out.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".md").write_text(to_markdown(report))
+        plot(report, base.with_suffix(".png"))
+        print(f"wrote {base}.md/.png")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("run_warp: --device cuda but torch sees no GPU", file=sys.stderr)
@@ -485,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
             "memory_method": (
                 "torch.cuda max_memory_allocated minus allocated before the call (inputs excluded)"
                 if args.device == "cuda"
-                else "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the call, fresh "
-                "process per case, glibc mmap threshold fixed at 128 KiB (inputs excluded)"
+                else "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before one call after the "
+                "warm-up, fresh process per case started with MALLOC_MMAP_THRESHOLD_=128 KiB, so that freed "
+                "blocks leave RSS (inputs excluded; timing then uses glibc's steady-state thresholds)"
             ),
             "memory_calibration_mib": calib.get("measured_mib"),
             "agreement_size": 20,
@@ -510,22 +514,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(report: dict[str, Any], out: Path, name: str | None = None, latest: bool = True) -> list[Path]:
-    """Writes ``<name>.{json,md,png}`` (default ``warp_<device>_<host>_<date>``) in ``out`` and, with
-    ``latest``, copies them to ``warp_<device>_latest.*``."""
+def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+    """Writes ``warp_<device>_<host>_<date>.{json,md,png}`` in ``out`` and copies them to
+    ``warp_<device>_latest.*``."""
     out.mkdir(parents=True, exist_ok=True)
     device = report["meta"]["device"]
-    if name is None:
-        host = re.sub(r"[^A-Za-z0-9_.-]", "-", report["meta"]["host"])
-        name = f"warp_{device}_{host}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    base = out / name
-    if base.with_suffix(".json").resolve() != Path(report.get("_source", "")).resolve():
-        base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", report["meta"]["host"])
+    base = out / f"warp_{device}_{host}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     base.with_suffix(".md").write_text(to_markdown(report))
     suffixes = [".json", ".md"] + ([".png"] if plot(report, base.with_suffix(".png")) else [])
-    if latest:
-        for suffix in suffixes:
-            shutil.copyfile(base.with_suffix(suffix), (out / f"warp_{device}_latest").with_suffix(suffix))
+    for suffix in suffixes:
+        shutil.copyfile(base.with_suffix(suffix), (out / f"warp_{device}_latest").with_suffix(suffix))
     return [base.with_suffix(s) for s in suffixes]
 
 

@@ -368,23 +368,41 @@ def cpu_peak_supported() -> bool:
     return os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
 
 
+# glibc: with MALLOC_MMAP_THRESHOLD_ set when the process starts, every block over it is mmapped and
+# unmapped on free, so resident memory follows live memory (by default, freed blocks stay in the heap
+# for reuse: they would hide a later call's growth, or count a call's freed temporaries as if live).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def malloc_steady_state() -> None:
+    """After the memory probe, glibc's steady state for timing (what its dynamic threshold reaches
+    once blocks are freed): blocks under 32 MiB reused from the heap, trimmed beyond 64 MiB."""
+    libc = _libc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD
+
+
 def cpu_peak_mib(step: Callable[[], Any], inputs: Inputs | None = None) -> float | None:
     """Peak resident-memory growth of one call over the resident size just before it (inputs
-    included in the baseline), in MiB. Linux: the peak (VmHWM) is reset through
-    /proc/self/clear_refs and glibc is told to mmap (and so return on free) every block over
-    128 KiB; otherwise freed tensors stay resident and hide later growth. Call it last in a process:
-    the malloc setting stays. None where unsupported."""
+    included in the baseline), in MiB: the peak (VmHWM) is reset through /proc/self/clear_refs.
+    Exact only in a process started with :data:`MALLOC_ENV` (run_warp.py's workers). None where
+    unsupported (not Linux)."""
     if not cpu_peak_supported():
         return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
-        libc.malloc_trim(0)
-    except OSError:
-        pass
     if inputs is not None:
         inputs.clear_grads()
     gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
     base = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -419,8 +437,9 @@ def measure(
     budget_s: float = 5.0,
     memory: bool = True,
 ) -> dict[str, Any]:
-    """Times ``impl`` on ``case`` (median ms) and measures its peak memory; never raises for a
-    peer that does not run (status "skipped" / "n/a") or fails (status "error")."""
+    """Measures the peak memory of one call of ``impl`` on ``case`` after ``warmup`` calls, then times
+    it (median ms; the warm-up goes on for ``warmup_s``). Never raises for a peer that does not run
+    (status "skipped" / "n/a") or fails (status "error")."""
     try:
         check(impl, case)
         set_threads()
@@ -429,10 +448,13 @@ def measure(
     except NotRun as e:
         return {"status": e.status, "reason": str(e)}
     try:
-        times = time_step(step, case.device, warmup, repeats, budget_s, warmup_s)
+        for _ in range(warmup):  # one-time costs (JIT, thread pools, lazy init) out of both probes
+            step()
         peak = None
-        if memory:
+        if memory:  # first: the timing loop below would leave freed blocks in the heap
             peak = cuda_peak_mib(step, inputs) if case.device == "cuda" else cpu_peak_mib(step, inputs)
+            malloc_steady_state()
+        times = time_step(step, case.device, 0, repeats, budget_s, warmup_s)
     except Exception as e:  # a peer's own failure is a result, not a crash of the run
         return {"status": "error", "reason": f"{type(e).__name__}: {e}"[:300]}
     return {
