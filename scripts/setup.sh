@@ -14,6 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q --upgrade pip
 python -m pip install -q "$TORCH_SPEC" numpy "scikit-build-core>=0.10" ninja "cmake>=3.24"
 python -m pip install -q -r requirements-dev.txt
+bash scripts/data.sh
 
 # CUDA kernels are compiled whenever a CUDA toolkit is found (MEDFAST_CUDA=0 turns them off).
 if [ -z "${CUDA_HOME:-}" ]; then
