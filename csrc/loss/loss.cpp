@@ -36,25 +36,42 @@ TORCH_LIBRARY_FRAGMENT(medfast, m) {
   m.def("soft_stats_backward(Tensor grad, Tensor logits, Tensor target, Tensor? voxel_weight, bool sigmoid) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(medfast, CPU, m) {
+// The same checks in front of either backend's launchers.
+struct Launchers {
+  decltype(&softmax_stats_cpu) stats;
+  decltype(&softmax_stats_backward_cpu) stats_backward;
+  decltype(&soft_stats_cpu) soft;
+  decltype(&soft_stats_backward_cpu) soft_backward;
+};
+
+template <const Launchers& L>
+void register_impls(torch::Library& m) {
   m.impl("softmax_stats", [](const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
     check(logits, labels, weight);
-    return softmax_stats_cpu(logits, labels, weight);
+    return L.stats(logits, labels, weight);
   });
   m.impl("softmax_stats_backward",
          [](const Tensor& grad, const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
            check(logits, labels, weight);
-           return softmax_stats_backward_cpu(grad, logits, labels, weight);
+           return L.stats_backward(grad, logits, labels, weight);
          });
   m.impl("soft_stats", [](const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid) {
     check_soft(logits, target, weight);
-    return soft_stats_cpu(logits, target, weight, sigmoid);
+    return L.soft(logits, target, weight, sigmoid);
   });
   m.impl("soft_stats_backward", [](const Tensor& grad, const Tensor& logits, const Tensor& target,
                                    const OptTensor& weight, bool sigmoid) {
     check_soft(logits, target, weight);
-    return soft_stats_backward_cpu(grad, logits, target, weight, sigmoid);
+    return L.soft_backward(grad, logits, target, weight, sigmoid);
   });
 }
+
+constexpr Launchers kCpu{softmax_stats_cpu, softmax_stats_backward_cpu, soft_stats_cpu, soft_stats_backward_cpu};
+TORCH_LIBRARY_IMPL(medfast, CPU, m) { register_impls<kCpu>(m); }
+
+#ifdef MEDFAST_WITH_CUDA
+constexpr Launchers kCuda{softmax_stats_cuda, softmax_stats_backward_cuda, soft_stats_cuda, soft_stats_backward_cuda};
+TORCH_LIBRARY_IMPL(medfast, CUDA, m) { register_impls<kCuda>(m); }
+#endif
 
 }  // namespace medfast::loss

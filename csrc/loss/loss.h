@@ -12,6 +12,8 @@
 #pragma once
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "common/macros.h"
 
@@ -42,11 +44,27 @@ MEDFAST_HOST_DEVICE float exp_nonpositive(float x) {
 }
 MEDFAST_HOST_DEVICE double exp_nonpositive(double x) { return exp(x); }
 
+// Per-voxel scratch and per-class sums are reached through `operator[]` only, so the same code runs
+// on plain pointers (CPU: scratch rows of kBlock voxels, sums in a private buffer) and on strided
+// views (CUDA: one voxel per thread, scratch and sums interleaved across the threads of a block in
+// shared memory, so neighbouring threads touch neighbouring banks).
+template <typename T>
+struct Strided {
+  T* p;
+  int64_t s;
+  MEDFAST_HOST_DEVICE T& operator[](int64_t i) const { return p[i * s]; }
+  MEDFAST_HOST_DEVICE Strided operator+(int64_t k) const { return {p + k * s, s}; }
+};
+
+template <typename P>
+using elem_t = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<P&>()[0])>>;
+
 // The voxels of one block: nv adjacent voxels (z[c * cs + v]) of one batch element. Scratch:
 // e[c * nv + v] = exp(z - mx[v]), mx[v], den[v] = sum_c e. The same code serves the CPU launcher
 // (blocks of voxels, inner loops over v vectorize) and the CUDA launcher (nv = 1 per thread).
-template <typename S, typename T>
-MEDFAST_HOST_DEVICE void softmax_block(const S* z, int64_t C, int64_t cs, int nv, T* e, T* mx, T* den) {
+template <typename S, typename E>
+MEDFAST_HOST_DEVICE void softmax_block(const S* z, int64_t C, int64_t cs, int nv, E e, E mx, E den) {
+  using T = elem_t<E>;
   for (int v = 0; v < nv; ++v) mx[v] = static_cast<T>(z[v]);
   for (int64_t c = 1; c < C; ++c)
     for (int v = 0; v < nv; ++v) {
@@ -64,9 +82,10 @@ MEDFAST_HOST_DEVICE void softmax_block(const S* z, int64_t C, int64_t cs, int nv
 
 // Adds a block of voxels to the sums cls[c * kStats + k] (accumulated in A). label[v] outside
 // [0, C) (the ignore index) or weight 0 leaves voxel v out. w: voxel weights or nullptr.
-template <typename S, typename T, typename A>
+template <typename S, typename A, typename Acc, typename E>
 MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const int64_t* label, const A* w, int nv,
-                                     A* cls, T* e, T* mx, T* den) {
+                                     Acc cls, E e, E mx, E den) {
+  using T = elem_t<E>;
   softmax_block(z, C, cs, nv, e, mx, den);
   for (int v = 0; v < nv; ++v) {  // den becomes w / den: the weight of p = e / den
     const bool keep = label[v] >= 0 && label[v] < C;
@@ -81,11 +100,10 @@ MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const in
     const int64_t y = label[v];
     if (y < 0 || y >= C || den[v] == T(0)) continue;
     const A wv = w ? w[v] : A(1);
-    A* own = cls + y * kStats;
-    own[0] += e[y * nv + v] * den[v];
-    own[2] += wv;
+    cls[y * kStats + 0] += e[y * nv + v] * den[v];
+    cls[y * kStats + 2] += wv;
     // -log p_y = log(sum e) + mx - z_y, with sum e = w / den
-    own[3] += wv * (log(A(wv) / A(den[v])) + A(mx[v]) - A(static_cast<T>(z[y * cs + v])));
+    cls[y * kStats + 3] += wv * (log(A(wv) / A(den[v])) + A(mx[v]) - A(static_cast<T>(z[y * cs + v])));
   }
 }
 
@@ -94,13 +112,14 @@ MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const in
 //   d L / d z_k = w (p_k (u_k - sum_c u_c p_c) + e_y (p_k - [k = y])),
 //   u_c = dL/dI[c] [y = c] + dL/dP[c],  e_y = dL/dE[y].
 // Scratch as softmax_block, plus aux (2 nv): the voxel weight and e_y.
-template <typename S, typename T, typename A>
+template <typename S, typename A, typename E>
 MEDFAST_HOST_DEVICE void stats_backward_block(const S* z, int64_t C, int64_t cs, const int64_t* label, const A* w,
-                                              int nv, const A* gcls, S* gz, T* e, T* mx, T* den, T* aux) {
+                                              int nv, const A* gcls, S* gz, E e, E mx, E den, E aux) {
+  using T = elem_t<E>;
   softmax_block(z, C, cs, nv, e, mx, den);
-  T* ubar = mx;  // the max is not needed any more
-  T* wv = aux;
-  T* ey = aux + nv;
+  E ubar = mx;  // the max is not needed any more
+  E wv = aux;
+  E ey = aux + nv;
   for (int v = 0; v < nv; ++v) {
     const int64_t y = label[v];
     const bool keep = y >= 0 && y < C;
@@ -128,9 +147,10 @@ MEDFAST_HOST_DEVICE void stats_backward_block(const S* z, int64_t C, int64_t cs,
 // Softmax over the classes (SIGMOID = false): I = sum w p_c t_c, P = sum w p_c, G = sum w t_c,
 // E = sum w t_c (-log p_c). Independent sigmoids (SIGMOID = true): the same with p_c = sigmoid(z_c)
 // and E = sum w BCE(z_c, t_c). Scratch as softmax_block.
-template <bool SIGMOID, typename S, typename T, typename A>
-MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv, A* cls,
-                                          T* e, T* mx, T* den) {
+template <bool SIGMOID, typename S, typename A, typename Acc, typename E>
+MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv, Acc cls,
+                                          E e, E mx, E den) {
+  using T = elem_t<E>;
   if constexpr (!SIGMOID) {
     softmax_block(z, C, cs, nv, e, mx, den);
     for (int v = 0; v < nv; ++v) den[v] = T(1) / den[v];
@@ -161,9 +181,10 @@ MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int
 // Gradient for soft_stats_block. Sigmoid: dL/dz_c = w ((gI_c t_c + gP_c) p (1 - p) + gE_c (p - t_c)).
 // Softmax: with u_c = gI_c t_c + gP_c, dL/dz_k = w (p_k (u_k - sum_c u_c p_c) + p_k sum_c gE_c t_c
 // - gE_k t_k). Scratch as softmax_block plus aux (nv).
-template <bool SIGMOID, typename S, typename T, typename A>
+template <bool SIGMOID, typename S, typename A, typename E>
 MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv,
-                                                   const A* gcls, S* gz, T* e, T* mx, T* den, T* aux) {
+                                                   const A* gcls, S* gz, E e, E mx, E den, E aux) {
+  using T = elem_t<E>;
   if constexpr (SIGMOID) {
     for (int64_t c = 0; c < C; ++c) {
       const T gi = static_cast<T>(gcls[c * kStats + 0]), gp = static_cast<T>(gcls[c * kStats + 1]);
@@ -178,8 +199,8 @@ MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const S* t, int64
     }
   } else {
     softmax_block(z, C, cs, nv, e, mx, den);
-    T* ubar = mx;   // sum_c u_c p_c
-    T* tsum = aux;  // sum_c gE_c t_c
+    E ubar = mx;   // sum_c u_c p_c
+    E tsum = aux;  // sum_c gE_c t_c
     for (int v = 0; v < nv; ++v) {
       den[v] = T(1) / den[v];
       ubar[v] = T(0);

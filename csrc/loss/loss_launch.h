@@ -25,4 +25,13 @@ Tensor soft_stats_cpu(const Tensor& logits, const Tensor& target, const OptTenso
 Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, bool sigmoid);
 
+#ifdef MEDFAST_WITH_CUDA
+Tensor softmax_stats_cuda(const Tensor& logits, const Tensor& labels, const OptTensor& weight);
+Tensor softmax_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits, const Tensor& labels,
+                                   const OptTensor& weight);
+Tensor soft_stats_cuda(const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid);
+Tensor soft_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits, const Tensor& target,
+                                const OptTensor& weight, bool sigmoid);
+#endif
+
 }  // namespace medfast::loss

@@ -1,10 +1,10 @@
 """Fused segmentation losses: Dice, cross-entropy and Dice+CE over softmax probabilities.
 
-Kernels: ``csrc/loss/`` (CPU launcher so far; the CUDA one is still to be written). One pass
-over the logits produces per-(batch, class) sums (intersection,
-prediction, ground truth, cross-entropy); the loss is O(B x C) arithmetic on them here, and the
-backward pass reads the logits once more. No one-hot, softmax or log-softmax tensor of the
-logits' size is formed: the only large allocation is the gradient autograd needs.
+Kernels: ``csrc/loss/`` (CPU and CUDA launchers over the arithmetic of loss.h). One pass over the
+logits produces per-(batch, class) sums (intersection, prediction, ground truth, cross-entropy); the
+loss is O(B x C) arithmetic on them here, and the backward pass reads the logits once more. No one-hot,
+softmax or log-softmax tensor of the logits' size is formed: the only large allocation is the
+gradient autograd needs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
-from medfast.ops._validate import check_choice, check_tensor
+from medfast.ops._validate import check_backend, check_choice, check_tensor
 
 _ops = torch.ops.medfast
 _LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -171,11 +171,7 @@ def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="
     cross-entropy's mean."""
     check_choice("activation", activation, ("softmax", "sigmoid"))
     logits = _check_logits(logits, activation)
-    if logits.device.type != "cpu":
-        raise NotImplementedError(
-            f"medfast's fused losses run on the CPU only so far (logits on {logits.device}); "
-            "the CUDA launcher is not written yet"
-        )
+    check_backend("logits", logits)
     target = check_tensor("target", target)
     soft = activation == "sigmoid" or (torch.is_floating_point(target) and target.shape == logits.shape)
     if soft:

@@ -65,6 +65,20 @@ def check_field(field: object, name: str, image: torch.Tensor, ndim: int) -> tor
     return field
 
 
+def check_backend(name: str, tensor: torch.Tensor) -> None:
+    """A CUDA tensor needs a build with CUDA kernels: say so instead of the dispatcher's message."""
+    if tensor.device.type == "cuda":
+        from medfast._extension import _C
+
+        if not _C.build_info()["cuda"]:
+            raise RuntimeError(
+                f"{name} is on {tensor.device} but this medfast build has no CUDA kernels; rebuild it with a "
+                "CUDA toolkit on PATH (scripts/setup.sh) or move the tensors to the CPU"
+            )
+    elif tensor.device.type not in ("cpu", "meta"):
+        raise ValueError(f"{name} is on {tensor.device}; medfast runs on CPU and CUDA devices")
+
+
 def check_device(name: str, tensor: torch.Tensor, image: torch.Tensor) -> None:
     if tensor.device != image.device:
         raise ValueError(f"{name} is on {tensor.device} but image is on {image.device}; move them to one device")

@@ -1,0 +1,97 @@
+"""Fused losses: the CUDA launcher against the CPU launcher (the same arithmetic, loss.h), values and
+gradients, every target kind and option; determinism; many classes (shared-memory plan); bad labels
+raise before launch. Skipped without a GPU; run on a GPU machine with scripts/gpu_check.sh."""
+
+import pytest
+import torch
+
+import medfast as mf
+from tests.conftest import requires_cuda
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _loss_and_grad(device, logits, target, **kw):
+    z = logits.detach().to(device).requires_grad_()
+    t = target.to(device)
+    vw = kw.pop("voxel_weight", None)
+    loss = mf.dice_ce_loss(z, t, voxel_weight=None if vw is None else vw.to(device), **kw)
+    loss.backward()
+    return loss.detach().cpu().double(), z.grad.cpu().double()
+
+
+def _compare(logits, target, dtype, **kw):
+    cpu_logits = logits.to(dtype).float() if dtype in (torch.float16, torch.bfloat16) else logits.to(dtype)
+    lc, gc = _loss_and_grad("cpu", cpu_logits, target, **dict(kw))
+    lg, gg = _loss_and_grad("cuda", logits.to(dtype), target, **dict(kw))
+    tol = TOL[dtype]
+    torch.testing.assert_close(lg, lc, rtol=tol, atol=tol)
+    torch.testing.assert_close(gg, gc, rtol=tol, atol=tol * max(1.0, gc.abs().max().item()))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9, 10, 11), (3, 5, 17, 13)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_labels_cuda_matches_cpu(shape, dtype, batch_dice):
+    logits = torch.randn(shape, dtype=torch.float64) * 3
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    _compare(logits, target, dtype, batch_dice=batch_dice, include_background=not batch_dice)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weights_and_ignore_index_cuda_matches_cpu(dtype):
+    logits = torch.randn(2, 3, 8, 9, 10, dtype=torch.float64)
+    target = torch.randint(0, 4, (2, 8, 9, 10))
+    target[target == 3] = 255
+    _compare(logits, target, dtype, ignore_index=255, class_weight=[0.2, 1.0, 3.0],
+             voxel_weight=torch.rand(2, 8, 9, 10, dtype=dtype))
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_soft_targets_cuda_matches_cpu(activation, dtype):
+    logits = torch.randn(2, 4, 7, 8, 9, dtype=torch.float64)
+    target = torch.softmax(torch.randn(2, 4, 7, 8, 9, dtype=torch.float64), 1).to(dtype)
+    if activation == "sigmoid":
+        target = (target > 0.25).to(dtype)
+    _compare(logits, target, dtype, activation=activation)
+
+
+@pytest.mark.parametrize("C", [2, 33, 130, 600])
+def test_many_classes_cuda_matches_cpu(C):
+    logits = torch.randn(1, C, 6, 7, 8, dtype=torch.float64)
+    target = torch.randint(0, C, (1, 6, 7, 8))
+    _compare(logits, target, torch.float32)
+
+
+def test_cuda_sums_are_bitwise_reproducible():
+    z = torch.randn(2, 16, 40, 40, 40, device="cuda", requires_grad=True)
+    t = torch.randint(0, 16, (2, 40, 40, 40), device="cuda")
+    runs = []
+    for _ in range(3):
+        z.grad = None
+        loss = mf.dice_ce_loss(z, t)
+        loss.backward()
+        runs.append((loss.detach().clone(), z.grad.clone()))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+def test_cuda_bad_label_raises_before_launch():
+    z = torch.randn(1, 3, 4, 4, 4, device="cuda")
+    t = torch.randint(0, 3, (1, 4, 4, 4), device="cuda")
+    t[0, 0, 0, 0] = 7
+    with pytest.raises(ValueError, match="label 7"):
+        mf.dice_ce_loss(z, t)
+    torch.cuda.synchronize()  # the context is still usable
+    assert torch.isfinite(mf.dice_ce_loss(z, t.clamp(max=2)))
+
+
+def test_cuda_opcheck():
+    z = torch.randn(2, 3, 5, 6, 7, device="cuda", dtype=torch.float64)
+    t = torch.randint(0, 3, (2, 5, 6, 7), device="cuda")
+    torch.library.opcheck(torch.ops.medfast.softmax_stats.default, (z, t, None))
+    soft = torch.softmax(torch.randn_like(z), 1)
+    torch.library.opcheck(torch.ops.medfast.soft_stats.default, (z, soft, None, False))
