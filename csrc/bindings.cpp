@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "warp/warp_launch.h"
+#include "common/cpu_simd.h"
 
 namespace py = pybind11;
 
@@ -29,9 +29,9 @@ PYBIND11_MODULE(_C, m) {
     d["openmp"] = false;
 #endif
     d["compiler"] = std::string(__VERSION__);
-    d["cpu_simd"] = medfast::warp::cpu_simd_available() ? "avx2" : "none";
+    d["cpu_simd"] = medfast::cpu_simd_available() ? "avx2" : "none";
     return d;
   });
   // Testing switch: compare the AVX2 CPU fast paths with the generic launcher.
-  m.def("_set_cpu_simd", &medfast::warp::set_cpu_simd, py::arg("enabled"));
+  m.def("_set_cpu_simd", &medfast::set_cpu_simd, py::arg("enabled"));
 }

@@ -2,16 +2,22 @@
 // kBlock adjacent ones (the per-voxel loops of loss.h vectorize over a block); the blocks of all
 // batches are split into a fixed number of contiguous chunks, each summed in double into its own
 // buffer, and the buffers are added in order: bitwise reproducible for a given thread count.
+// The loops over a chunk's blocks are compiled twice, plain and for AVX2 + FMA (the per-voxel loops of
+// loss.h, inlined into them, then run eight floats wide); the CPU picks one at run time.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_simd.h"
 #include "loss/loss_launch.h"
 
 namespace medfast::loss {
 namespace {
+
+// The per-block bodies below are lambdas; they must inline into run_avx2 to be compiled for AVX2.
+#define MEDFAST_INLINE_LAMBDA __attribute__((always_inline))
 
 constexpr int kBlock = 64;  // voxels per block: the inner loops of loss.h run over them
 
@@ -36,6 +42,43 @@ struct Blocks {
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
+// The blocks [i0, i1) of one chunk, added into acc (per batch: (C, kStats)); run() and run_avx2() are
+// the same loop compiled for the baseline ISA and for AVX2 + FMA.
+template <typename T, typename Body>
+struct SumRange {
+  const Blocks& bl;
+  Body& body;
+  double* acc;
+  T* scratch;
+  MEDFAST_HOST_DEVICE void loop(int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t b, x0;
+      int nv;
+      bl.locate(i, b, x0, nv);
+      body(b, x0, nv, acc + b * bl.C * kStats, scratch);
+    }
+  }
+  void run(int64_t i0, int64_t i1) { loop(i0, i1); }
+  MEDFAST_AVX2 void run_avx2(int64_t i0, int64_t i1) { loop(i0, i1); }
+};
+
+template <typename T, typename Body>
+struct EachRange {
+  const Blocks& bl;
+  Body& body;
+  T* scratch;
+  MEDFAST_HOST_DEVICE void loop(int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t b, x0;
+      int nv;
+      bl.locate(i, b, x0, nv);
+      body(b, x0, nv, scratch);
+    }
+  }
+  void run(int64_t i0, int64_t i1) { loop(i0, i1); }
+  MEDFAST_AVX2 void run_avx2(int64_t i0, int64_t i1) { loop(i0, i1); }
+};
+
 // (B, C, kStats) sums: body(b, x0, nv, acc, scratch) adds block (b, x0, nv) into acc, the
 // (C, kStats) sums of batch b of the caller's chunk. scratch holds `scratch_per_voxel` x kBlock.
 template <typename T, typename Body>
@@ -43,15 +86,13 @@ Tensor sum_blocks(const Tensor& logits, const Blocks& bl, int64_t scratch_per_vo
   const int64_t chunks = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), bl.total / 16), 1, 64);
   const int64_t stride = bl.B * bl.C * kStats;
   std::vector<double> part(static_cast<size_t>(chunks * stride), 0.0);
+  const bool avx2 = cpu_simd_available();
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<T> scratch(static_cast<size_t>(scratch_per_voxel * kBlock));
     for (int64_t k = k0; k < k1; ++k) {
-      for (int64_t i = bl.total * k / chunks; i < bl.total * (k + 1) / chunks; ++i) {
-        int64_t b, x0;
-        int nv;
-        bl.locate(i, b, x0, nv);
-        body(b, x0, nv, part.data() + k * stride + b * bl.C * kStats, scratch.data());
-      }
+      const int64_t i0 = bl.total * k / chunks, i1 = bl.total * (k + 1) / chunks;
+      SumRange<T, Body> range{bl, body, part.data() + k * stride, scratch.data()};
+      avx2 ? range.run_avx2(i0, i1) : range.run(i0, i1);
     }
   });
   Tensor out = at::zeros({bl.B, bl.C, kStats}, logits.options().dtype(at::kDouble));
@@ -64,14 +105,11 @@ Tensor sum_blocks(const Tensor& logits, const Blocks& bl, int64_t scratch_per_vo
 // body(b, x0, nv, scratch) for every block, in parallel (the gradient: no reduction).
 template <typename T, typename Body>
 void for_blocks(const Blocks& bl, int64_t scratch_per_voxel, Body body) {
+  const bool avx2 = cpu_simd_available();
   at::parallel_for(0, bl.total, 16, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(static_cast<size_t>(scratch_per_voxel * kBlock));
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t b, x0;
-      int nv;
-      bl.locate(i, b, x0, nv);
-      body(b, x0, nv, scratch.data());
-    }
+    EachRange<T, Body> range{bl, body, scratch.data()};
+    avx2 ? range.run_avx2(begin, end) : range.run(begin, end);
   });
 }
 
@@ -94,7 +132,7 @@ Tensor softmax_stats_cpu(const Tensor& logits_in, const Tensor& labels_in, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    out = sum_blocks<T>(logits, bl, C + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) {
+    out = sum_blocks<T>(logits, bl, C + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) MEDFAST_INLINE_LAMBDA {
       const int64_t v0 = b * N + x0;
       stats_block(z + b * C * N + x0, C, N, y + v0, w ? w + v0 : nullptr, nv, acc, e, e + C * kBlock,
                   e + (C + 1) * kBlock);
@@ -117,7 +155,7 @@ Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    for_blocks<T>(bl, C + 4, [&](int64_t b, int64_t x0, int nv, T* e) {
+    for_blocks<T>(bl, C + 4, [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
       const int64_t v0 = b * N + x0, off = b * C * N + x0;
       stats_backward_block(z + off, C, N, y + v0, w ? w + v0 : nullptr, nv, gs + b * C * kStats, gz + off, e,
                            e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
@@ -137,7 +175,7 @@ Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const Op
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
-    out = sum_blocks<T>(logits, bl, C + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) {
+    out = sum_blocks<T>(logits, bl, C + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) MEDFAST_INLINE_LAMBDA {
       const int64_t off = b * C * N + x0;
       const double* wv = w ? w + b * N + x0 : nullptr;
       if (sigmoid)
@@ -163,7 +201,7 @@ Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    for_blocks<T>(bl, C + 4, [&](int64_t b, int64_t x0, int nv, T* e) {
+    for_blocks<T>(bl, C + 4, [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
       const int64_t off = b * C * N + x0;
       const double* wv = w ? w + b * N + x0 : nullptr;
       T* sc[4] = {e, e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock};

@@ -8,21 +8,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include <atomic>
-
+#include "common/cpu_simd.h"
 #include "warp/warp_launch.h"
 
 namespace medfast::warp {
 
 namespace {
-std::atomic<bool> g_simd_enabled{true};
-
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-#define MEDFAST_AVX2 __attribute__((target("avx2,fma")))
 
 // Per-axis taps for eight lanes (K = 2: linear, K = 1: nearest): clamped indices, weights
 // (zeros padding: 0 outside) and d weight / d position.
@@ -265,14 +256,11 @@ bool int32_strides(const WarpArgs<float, float, 3>& A, int32_t* st) {
 }
 
 bool applicable(const WarpArgs<float, float, 3>& A, int padding) {
-  return g_simd_enabled.load(std::memory_order_relaxed) && cpu_has_avx2() && padding != kReflection &&
+  return cpu_simd_available() && padding != kReflection &&
          (A.ddf == nullptr || A.ddf_st[2] == 1);
 }
 
 }  // namespace
-
-void set_cpu_simd(bool enabled) { g_simd_enabled.store(enabled); }
-bool cpu_simd_available() { return cpu_has_avx2() && g_simd_enabled.load(); }
 
 bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, float* out) {
   int32_t st[3];

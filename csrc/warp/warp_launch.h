@@ -97,8 +97,6 @@ void reduce_chunk_buffers(double* grad_image, const double* extra, int64_t chunk
 bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, float* out);
 bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
                        float* grad_pos, float* grad_image, float* extra, int64_t chunks, bool plane_parallel);
-void set_cpu_simd(bool enabled);
-bool cpu_simd_available();
 
 Tensor forward_cpu(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, at::IntArrayRef shape,
                    int mode, int padding);
