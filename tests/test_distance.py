@@ -209,3 +209,67 @@ def test_cuda_matches_cpu(shape, dtype):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol)
     assert_matches(gpu.cpu(), scipy_edt(mask, spacing))
+
+
+# ---- seed_distances: the distance transform evaluated at query voxels only (surface metrics) ----
+
+
+def _seed_reference(seeds, query, spacing):
+    """scipy's EDT of ~seeds per batch element, read at the query voxels in C order."""
+    out = []
+    for s, q in zip(seeds.numpy(), query.numpy()):
+        d = ndimage.distance_transform_edt(~s, sampling=spacing) if s.any() else np.full(s.shape, np.inf)
+        out.append(d[q])
+    return torch.from_numpy(np.concatenate(out))
+
+
+@pytest.mark.parametrize(
+    "shape,spacing",
+    [((2, 17, 13, 11), (1.5, 1.0, 0.8)), ((3, 23, 19), (0.7, 1.3)), ((1, 40, 1, 9), (1.0, 2.0, 0.5))],
+)
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.5])
+def test_seed_distances_match_scipy_at_queries(shape, spacing, density):
+    from medfast.ops._distance import seed_distances
+
+    seeds = torch.rand(shape) < density
+    seeds.view(shape[0], -1)[:, 0] = True  # every element has a seed
+    query = torch.rand(shape) < 0.3
+    got = seed_distances(seeds, query, spacing)
+    want = _seed_reference(seeds, query, spacing)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_seed_distances_element_without_seeds_is_inf_and_empty_query():
+    from medfast.ops._distance import seed_distances
+
+    seeds = torch.zeros(2, 6, 7, 8, dtype=torch.bool)
+    seeds[1, 3, 3, 3] = True
+    query = torch.ones(2, 6, 7, 8, dtype=torch.bool)
+    got = seed_distances(seeds, query, (1.0, 1.0, 1.0))
+    assert torch.isinf(got[: 6 * 7 * 8]).all() and torch.isfinite(got[6 * 7 * 8 :]).all()
+    assert seed_distances(seeds, torch.zeros_like(query), (1.0, 1.0, 1.0)).numel() == 0
+
+
+def test_seed_distances_opcheck_and_bad_arguments():
+    seeds = torch.rand(2, 5, 6, 7) < 0.1
+    query = torch.rand(2, 5, 6, 7) < 0.5
+    torch.library.opcheck(torch.ops.medfast.seed_distances.default, (seeds, query, [1.0, 2.0, 0.5]))
+    with pytest.raises(ValueError, match="query must have the seeds' shape"):
+        torch.ops.medfast.seed_distances(seeds, query[:, :3], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="spacing must be positive"):
+        torch.ops.medfast.seed_distances(seeds, query, [1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="spacing must have 3"):
+        torch.ops.medfast.seed_distances(seeds, query, [1.0, 1.0])
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_seed_distances_cuda_matches_cpu():
+    from medfast.ops._distance import seed_distances
+
+    seeds = torch.rand(2, 30, 21, 17) < 0.01
+    query = torch.rand(2, 30, 21, 17) < 0.2
+    cpu = seed_distances(seeds, query, (1.2, 0.9, 2.0))
+    gpu = seed_distances(seeds.cuda(), query.cuda(), (1.2, 0.9, 2.0))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-5)

@@ -27,15 +27,36 @@ Tensor distance_transform(Launcher launch, const Tensor& mask, at::ArrayRef<doub
   return launch(mask, std::vector<double>(spacing.begin(), spacing.end()), dtype);
 }
 
+using SeedLauncher = Tensor (*)(const Tensor&, const Tensor&, const std::vector<double>&);
+
+Tensor seed_distances(SeedLauncher launch, const Tensor& seeds, const Tensor& query, at::ArrayRef<double> spacing) {
+  const int64_t nd = seeds.dim() - 1;
+  TORCH_CHECK_VALUE(nd == 2 || nd == 3, "medfast seed_distances: seeds must be (B, H, W) or (B, D, H, W), got ",
+                    seeds.sizes());
+  TORCH_CHECK_VALUE(query.sizes() == seeds.sizes(), "medfast seed_distances: query must have the seeds' shape ",
+                    seeds.sizes(), ", got ", query.sizes());
+  TORCH_CHECK_VALUE(seeds.numel() > 0, "medfast seed_distances: seeds is empty");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(spacing.size()) == nd, "medfast seed_distances: spacing must have ", nd,
+                    " entries, got ", spacing.size());
+  for (double s : spacing)
+    TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "medfast seed_distances: spacing must be positive, got ", s);
+  return launch(seeds, query, std::vector<double>(spacing.begin(), spacing.end()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
   m.def("distance_transform(Tensor mask, float[] spacing, ScalarType dtype) -> Tensor");
+  // Distances from each query voxel (C order) to the nearest seed voxel of its batch element.
+  m.def("seed_distances(Tensor seeds, Tensor query, float[] spacing) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(medfast, CPU, m) {
   m.impl("distance_transform", [](const Tensor& mask, at::ArrayRef<double> spacing, at::ScalarType dtype) {
     return distance_transform(distance_cpu, mask, spacing, dtype);
+  });
+  m.impl("seed_distances", [](const Tensor& seeds, const Tensor& query, at::ArrayRef<double> spacing) {
+    return seed_distances(seed_distances_cpu, seeds, query, spacing);
   });
 }
 
@@ -43,6 +64,9 @@ TORCH_LIBRARY_IMPL(medfast, CPU, m) {
 TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
   m.impl("distance_transform", [](const Tensor& mask, at::ArrayRef<double> spacing, at::ScalarType dtype) {
     return distance_transform(distance_cuda, mask, spacing, dtype);
+  });
+  m.impl("seed_distances", [](const Tensor& seeds, const Tensor& query, at::ArrayRef<double> spacing) {
+    return seed_distances(seed_distances_cuda, seeds, query, spacing);
   });
 }
 #endif

@@ -58,6 +58,55 @@ MEDFAST_HOST_DEVICE void envelope_pass(T* d, int64_t stride, int64_t n, T h, int
   }
 }
 
+// Surface distances (Hausdorff, average surface distance) need the distance to a seed set only at a
+// few query voxels. The first pass then needs no envelope: on a binary line the squared distance to
+// the nearest seed comes from two sweeps. The last pass is evaluated at the queries only, scanning
+// outwards from the query until the offset alone exceeds the best value found.
+
+// Squared distances along one line of n voxels to its nearest seed (seed[q * ss] != 0), written to
+// d[q * ds]; +inf on a line without seeds. h: the spacing of the axis.
+template <typename T>
+MEDFAST_HOST_DEVICE void seed_line_pass(const bool* seed, int64_t ss, T* d, int64_t ds, int64_t n, T h) {
+  int64_t last = -1;  // nearest seed at or before q
+  for (int64_t q = 0; q < n; ++q) {
+    if (seed[q * ss]) last = q;
+    const T dx = T(q - last) * h;
+    d[q * ds] = last >= 0 ? dx * dx : infinity<T>();
+  }
+  last = -1;  // nearest seed at or after q
+  for (int64_t q = n - 1; q >= 0; --q) {
+    if (seed[q * ss]) last = q;
+    if (last < 0) continue;
+    const T dx = T(last - q) * h;
+    d[q * ds] = dx * dx < d[q * ds] ? dx * dx : d[q * ds];
+  }
+}
+
+// The distance at index i of a line d[0], d[stride], ... (squared distances after the earlier
+// passes): min over j of d[j] + (h (i - j))^2, scanning j outwards from i while (h r)^2 can still
+// beat the best; +inf if the line holds no finite value.
+template <typename T>
+MEDFAST_HOST_DEVICE T distance_at(const T* d, int64_t stride, int64_t n, int64_t i, T h) {
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+  using std::sqrt;
+#endif
+  T best = d[i * stride];
+  for (int64_t r = 1; r < n; ++r) {
+    const T off = T(r) * h;
+    const T r2 = off * off;
+    if (!(r2 < best)) break;
+    if (i - r >= 0) {
+      const T v = d[(i - r) * stride] + r2;
+      best = v < best ? v : best;
+    }
+    if (i + r < n) {
+      const T v = d[(i + r) * stride] + r2;
+      best = v < best ? v : best;
+    }
+  }
+  return sqrt(best);
+}
+
 // The distance from a squared distance; x is the voxel's linear index inside its (unbatched)
 // image of `ndim` axes. A value still +inf means the image has no background voxel: then, like
 // scipy.ndimage.distance_transform_edt, the distance is to a virtual background voxel at index

@@ -58,6 +58,35 @@ void finish_cpu(T* d, int64_t total, int ndim, const int64_t* size, const T* spa
 
 }  // namespace
 
+Tensor seed_distances_cpu(const Tensor& seeds_in, const Tensor& query, const std::vector<double>& spacing) {
+  const Tensor seeds = seeds_in.ne(0).contiguous();
+  const Tensor index = query.ne(0).flatten().nonzero().flatten();  // C order, as boolean indexing
+  Tensor d = at::empty(seeds.sizes(), seeds.options().dtype(at::kFloat));
+  Tensor out = at::empty({index.numel()}, d.options());
+  const int ndim = static_cast<int>(d.dim() - 1);
+  const bool* s = seeds.const_data_ptr<bool>();
+  float* dp = d.mutable_data_ptr<float>();
+  // Last axis (contiguous): binary two-sweep pass; middle axes: envelopes; first axis: at the queries.
+  const Lines last = lines_along(d, ndim - 1);
+  const float h_last = static_cast<float>(spacing[ndim - 1]);
+  at::parallel_for(0, last.outer, std::max<int64_t>(1, 4096 / last.n), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) seed_line_pass<float>(s + o * last.n, 1, dp + o * last.n, 1, last.n, h_last);
+  });
+  for (int a = ndim - 2; a >= 1; --a) pass_cpu<float>(dp, lines_along(d, a), static_cast<float>(spacing[a]));
+  const Lines first = lines_along(d, 0);
+  const float h0 = static_cast<float>(spacing[0]);
+  const int64_t* qi = index.const_data_ptr<int64_t>();
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, index.numel(), 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t x = qi[k], plane = first.n * first.inner;
+      const int64_t b = x / plane, r = x - b * plane, i = r / first.inner;
+      o[k] = distance_at<float>(dp + b * plane + (r - i * first.inner), first.inner, first.n, i, h0);
+    }
+  });
+  return out;
+}
+
 Tensor distance_cpu(const Tensor& mask, const std::vector<double>& spacing, at::ScalarType dtype) {
   Tensor d = initial_squared(mask, dtype);
   const int ndim = static_cast<int>(d.dim() - 1);

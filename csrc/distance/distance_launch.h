@@ -25,6 +25,11 @@ inline Lines lines_along(const Tensor& d, int64_t axis) {
   return L;
 }
 
+// Distances (float32, (Q,)) from the query voxels (query != 0, in C order over (B, *spatial)) to the
+// nearest seed voxel (seeds != 0) of the same batch element; +inf where an element has no seed.
+Tensor seed_distances_cpu(const Tensor& seeds, const Tensor& query, const std::vector<double>& spacing);
+Tensor seed_distances_cuda(const Tensor& seeds, const Tensor& query, const std::vector<double>& spacing);
+
 Tensor distance_cpu(const Tensor& mask, const std::vector<double>& spacing, at::ScalarType dtype);
 Tensor distance_cuda(const Tensor& mask, const std::vector<double>& spacing, at::ScalarType dtype);
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medfast.ops._distance import _check_spacing, distance_transform
+from medfast.ops._distance import _check_spacing, seed_distances
 from medfast.ops._validate import check_tensor
 
 __all__ = ["dice", "hausdorff_distance", "surface_distance"]
@@ -191,9 +191,8 @@ def _directed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances from every surface voxel of ``edges_from`` (N, *S) to the nearest voxel of ``edges_to`` (each
     element of ``edges_to`` non-empty); returns (distances, element index) in element order."""
-    dist = distance_transform(~edges_to, spacing, dtype=torch.float32)
     counts = edges_from.flatten(1).sum(1)
-    return dist[edges_from], counts
+    return seed_distances(edges_to, edges_from, spacing), counts
 
 
 def _surface_distances(

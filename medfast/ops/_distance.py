@@ -24,6 +24,23 @@ def _distance_transform_fake(mask, spacing, dtype):
     return mask.new_empty(mask.shape, dtype=dtype)
 
 
+@torch.library.register_fake("medfast::seed_distances")
+def _seed_distances_fake(seeds, query, spacing):
+    count = torch.library.get_ctx().new_dynamic_size()
+    return seeds.new_empty((count,), dtype=torch.float32)
+
+
+def seed_distances(seeds: torch.Tensor, query: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    """Distances (float32, (Q,), in mm) from every query voxel to the nearest seed voxel of its batch element.
+
+    ``seeds`` and ``query`` are (B, *spatial) bool masks of 2 or 3 spatial dims; the result lists the query
+    voxels in C order (as ``query`` indexing would), ``inf`` where an element has no seed. It equals
+    ``distance_transform(~seeds, spacing)[query]`` without forming the full transform: one binary pass, the
+    middle envelope pass, and the last pass evaluated at the queries only. Internal to the surface metrics.
+    """
+    return _ops.seed_distances(seeds, query, [float(s) for s in spacing])
+
+
 def _check_spacing(spacing: object, ndim: int) -> list[float]:
     if spacing is None:
         return [1.0] * ndim
