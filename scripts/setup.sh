@@ -12,7 +12,7 @@ TORCH_SPEC=${MEDFAST_TORCH:-torch==2.14.1}
 source .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q --upgrade pip
-python -m pip install -q "$TORCH_SPEC" numpy "scikit-build-core>=0.10" ninja "cmake>=3.24"
+python -m pip install -q "$TORCH_SPEC" numpy "scikit-build-core>=1.1" ninja "cmake>=3.24"
 python -m pip install -q -r requirements-dev.txt
 bash scripts/data.sh
 

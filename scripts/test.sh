@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The test suite: sets everything up (scripts/setup.sh), then runs pytest. Extra args go to pytest.
+# The test suite: sets everything up (scripts/setup.sh), checks style (ruff), builds the documentation
+# (mkdocs --strict), runs pytest, then builds the sdist + CPU wheel and smoke-tests the wheel in a fresh
+# virtual environment (scripts/wheel_check.sh; MEDFAST_SKIP_WHEEL=1 skips that last step locally).
+# Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 ruff check .
+mkdocs build --strict --quiet --site-dir build/site
 python -m pytest -q -p no:cacheprovider tests "$@"
+if [ "${MEDFAST_SKIP_WHEEL:-0}" != "1" ]; then bash scripts/wheel_check.sh build/dist; fi
