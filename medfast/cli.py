@@ -142,7 +142,39 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_demo)
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from medfast.train.commands import add_train_arguments, run_train
+
+    p = sub.add_parser(
+        "train",
+        help="train a network from YAML configs (segmentation, ...); works under torchrun",
+        description=(
+            "Trains the task named by the config (YAML files merged in order, --set overrides), writing the "
+            "resolved config, logs, curves, checkpoints and results to trainer.out_dir. Under torchrun it "
+            "trains with DistributedDataParallel."
+        ),
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from medfast.train.commands import add_predict_arguments, run_predict
+
+    p = sub.add_parser(
+        "predict",
+        help="segment NIfTI images with a trained checkpoint",
+        description=(
+            "Segments each image with sliding-window inference and writes <name>_seg.nii.gz label maps with "
+            "the input's affine and header."
+        ),
+    )
+    add_predict_arguments(p)
+    p.set_defaults(func=run_predict)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_demo, _add_train,
+                                                                          _add_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:

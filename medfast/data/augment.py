@@ -1,0 +1,181 @@
+"""On-device augmentation with medfast ops: one :func:`medfast.affine_warp` call per batch applies a random
+affine, a smooth random deformation (a velocity field integrated with :func:`medfast.integrate`) and the
+patch crop together, to the image (linear) and identically to its labels (nearest); then random intensity
+changes (gamma, scale/shift, bias field, noise) to the image only.
+
+Randomness comes from one integer seed per sample (see :class:`medfast.train.distributed.EpochSampler`):
+the same seed gives the same augmentation on any device, rank count or resume point.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from medfast.train.config import AugmentConfig
+
+__all__ = ["RandomAugment", "random_crop_theta"]
+
+
+def _rotation(angles: torch.Tensor, ndim: int) -> torch.Tensor:
+    if ndim == 2:
+        c, s = math.cos(angles[0]), math.sin(angles[0])
+        return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    out = torch.eye(3, dtype=torch.float64)
+    for axis, a in enumerate(angles.tolist()):
+        i, j = [k for k in range(3) if k != axis]
+        r = torch.eye(3, dtype=torch.float64)
+        r[i, i], r[i, j], r[j, i], r[j, j] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
+        out = r @ out
+    return out
+
+
+def random_crop_theta(in_shape: Sequence[int], out_shape: Sequence[int], g: torch.Generator,
+                      matrix: torch.Tensor | None = None, translation: float = 0.0) -> torch.Tensor:
+    """``(ndim, ndim + 1)`` float64 map from output (patch) voxel coordinates to input voxel coordinates:
+    ``x_in = centre + matrix @ (x_out - (P - 1) / 2)``, the centre drawn uniformly where the patch fits
+    (whole-voxel crop offsets; the volume's centre along axes shorter than the patch), plus a uniform
+    shift of up to ``translation`` voxels."""
+    nd = len(out_shape)
+    centre = torch.empty(nd, dtype=torch.float64)
+    for i, (s, p) in enumerate(zip(in_shape, out_shape)):
+        start = int(torch.randint(0, s - p + 1, (), generator=g)) if s > p else (s - p) / 2
+        centre[i] = start + (p - 1) / 2
+    if translation:
+        centre += (torch.rand(nd, generator=g, dtype=torch.float64) * 2 - 1) * translation
+    m = torch.eye(nd, dtype=torch.float64) if matrix is None else matrix
+    c_out = torch.tensor([(p - 1) / 2 for p in out_shape], dtype=torch.float64)
+    return torch.cat([m, (centre - m @ c_out)[:, None]], dim=1)
+
+
+class RandomAugment:
+    """Random patch + affine + smooth deformation + intensity changes, on the tensors' device.
+
+    Parameters
+    ----------
+    config : AugmentConfig
+        Ranges: ``rotation`` (degrees, each axis, uniform in +-), ``scale`` (relative, +-), ``shear``
+        (+-), ``translation`` (voxels), ``flip`` (axes flipped with probability 1/2), ``deform_magnitude``
+        (std of the velocity field, voxels), ``deform_grid`` (control points per axis), ``integrate_steps``,
+        ``gamma`` (log-gamma range), ``intensity_scale``/``intensity_shift`` (+-), ``noise_std`` (max std),
+        ``bias_field`` (std of the log bias field). ``enabled=False`` keeps only the random patch crop.
+    geometric_only : bool
+        Skip the intensity changes (e.g. to build validation deformations).
+    """
+
+    def __init__(self, config: AugmentConfig, geometric_only: bool = False) -> None:
+        self.cfg = config
+        self.geometric_only = geometric_only
+
+    def _sample_geometry(self, g: torch.Generator, nd: int) -> torch.Tensor:
+        cfg = self.cfg
+        if not cfg.enabled:
+            return torch.eye(nd, dtype=torch.float64)
+
+        def u(n: int) -> torch.Tensor:
+            return torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
+
+        angles = u(1 if nd == 2 else 3) * math.radians(cfg.rotation)
+        scales = 1 + u(nd) * cfg.scale
+        shear = torch.eye(nd, dtype=torch.float64)
+        if cfg.shear:
+            off = u(nd * nd).view(nd, nd) * cfg.shear
+            shear = shear + off * (1 - torch.eye(nd, dtype=torch.float64))
+        flips = torch.ones(nd, dtype=torch.float64)
+        draws = torch.rand(nd, generator=g)
+        for axis in cfg.flip:
+            if draws[axis] < 0.5:
+                flips[axis] = -1
+        return _rotation(angles, nd) @ torch.diag(scales * flips) @ shear
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, seeds: Sequence[int],
+                 patch_size: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augments a batch.
+
+        Parameters
+        ----------
+        image : Tensor
+            ``(B, C, *S)`` float32 on the training device.
+        label : Tensor, optional
+            ``(B, *S)`` integer labels on the same device.
+        seeds : sequence of int
+            One seed per sample.
+        patch_size : sequence of int, optional
+            Output spatial shape (random crop); default ``S``.
+
+        Returns
+        -------
+        (Tensor, Tensor or None)
+            ``(B, C, *P)`` image and ``(B, *P)`` labels (same dtype as given).
+        """
+        from medfast.ops import affine_warp, integrate
+
+        cfg = self.cfg
+        nd = image.dim() - 2
+        batch = image.shape[0]
+        if len(seeds) != batch:
+            raise ValueError(f"seeds must have one entry per sample ({batch}), got {len(seeds)}")
+        in_shape = list(image.shape[2:])
+        out_shape = list(patch_size) if patch_size is not None else in_shape
+        if len(out_shape) != nd:
+            raise ValueError(f"patch_size must have {nd} entries, got {list(out_shape)}")
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        thetas, vels = [], []
+        deform = cfg.enabled and cfg.deform_magnitude > 0 and cfg.deform_grid >= 2
+        for g in gens:
+            thetas.append(random_crop_theta(in_shape, out_shape, g, self._sample_geometry(g, nd),
+                                            cfg.translation if cfg.enabled else 0.0))
+            if deform:
+                vels.append(torch.randn(nd, *([cfg.deform_grid] * nd), generator=g) * cfg.deform_magnitude)
+        dev = image.device
+        theta = torch.stack(thetas).to(device=dev, dtype=torch.float32)
+        ddf = None
+        if deform:
+            v = torch.stack(vels).to(dev)
+            v = F.interpolate(v, size=out_shape, mode="trilinear" if nd == 3 else "bilinear", align_corners=True)
+            ddf = integrate(v.contiguous(), cfg.integrate_steps)
+        img_in = image if image.dtype in (torch.float32, torch.float64) else image.float()
+        out = affine_warp(img_in.contiguous(), theta, shape=out_shape, ddf=ddf, mode="linear", padding="zeros")
+        lab = None
+        if label is not None:
+            lab = affine_warp(label[:, None].to(torch.float32).contiguous(), theta, shape=out_shape, ddf=ddf,
+                              mode="nearest", padding="zeros")[:, 0].round().to(label.dtype)
+        if cfg.enabled and not self.geometric_only:
+            out = self._intensity(out, gens)
+        return out, lab
+
+    def _intensity(self, x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        cfg = self.cfg
+        nd = x.dim() - 2
+        outs = []
+        for b, g in enumerate(gens):
+            xb = x[b]
+            c = xb.shape[0]
+
+            def u(n: int, gen: torch.Generator = g) -> torch.Tensor:
+                return torch.rand(n, generator=gen) * 2 - 1
+
+            gamma, scale, shift = u(c) * cfg.gamma, 1 + u(c) * cfg.intensity_scale, u(c) * cfg.intensity_shift
+            noise_std = torch.rand(1, generator=g) * cfg.noise_std
+            noise_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+            bias = torch.randn(1, 1, *([4] * nd), generator=g) * cfg.bias_field if cfg.bias_field else None
+            dev = xb.device
+            shape = [c] + [1] * nd
+            if cfg.gamma:
+                lo = xb.flatten(1).min(1).values.view(shape)
+                hi = xb.flatten(1).max(1).values.view(shape)
+                span = (hi - lo).clamp_min(1e-6)
+                xb = ((xb - lo) / span).clamp_min(0).pow(gamma.exp().to(dev).view(shape)) * span + lo
+            xb = xb * scale.to(dev).view(shape) + shift.to(dev).view(shape)
+            if bias is not None:
+                field = F.interpolate(bias.to(dev), size=list(xb.shape[1:]),
+                                      mode="trilinear" if nd == 3 else "bilinear", align_corners=True)[0]
+                xb = xb * field.exp()
+            if cfg.noise_std:
+                gd = torch.Generator(device=dev).manual_seed(noise_seed)
+                xb = xb + torch.randn(xb.shape, generator=gd, device=dev, dtype=xb.dtype) * noise_std.item()
+            outs.append(xb)
+        return torch.stack(outs)

@@ -1,0 +1,262 @@
+"""NIfTI datasets from file lists or an ``images/`` + ``labels/`` folder, with preprocessing and caching."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medfast.data.io import DatasetError, load_nifti, nifti_header
+from medfast.data.preprocess import crop_or_pad, normalize_intensity, resample_to_spacing, spatial_affine
+
+__all__ = ["NiftiDataset", "collate", "find_pairs"]
+
+_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in _SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def find_pairs(root: str | Path, images: str = "images", labels: str = "labels") -> tuple[list[str], list[str]]:
+    """Image/label file lists from ``root/images/*.nii[.gz]`` and ``root/labels/`` files of the same name
+    (an image named ``case_0000.nii.gz``, nnU-Net style, may have its label as ``case.nii.gz``).
+
+    Raises
+    ------
+    DatasetError
+        A missing folder, no images, or an image without a label (named).
+    """
+    root = Path(root)
+    img_dir, lab_dir = root / images, root / labels
+    if not img_dir.is_dir():
+        raise DatasetError(f"image folder not found: {img_dir} (expected {root}/{images}/*.nii.gz)")
+    files = sorted(p for p in img_dir.iterdir() if p.name.endswith(_SUFFIXES))
+    if not files:
+        raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in {img_dir}")
+    if not lab_dir.is_dir():
+        return [str(p) for p in files], []
+    out_i, out_l = [], []
+    for p in files:
+        stem = _stem(p)
+        candidates = [stem, stem[:-5] if stem.endswith("_0000") else None]
+        found = None
+        for c in filter(None, candidates):
+            for suf in _SUFFIXES:
+                if (lab_dir / (c + suf)).is_file():
+                    found = lab_dir / (c + suf)
+                    break
+            if found:
+                break
+        if found is None:
+            raise DatasetError(f"no label for image {p} in {lab_dir} (expected {lab_dir / (stem + '.nii.gz')})")
+        out_i.append(str(p))
+        out_l.append(str(found))
+    return out_i, out_l
+
+
+class NiftiDataset(Dataset):
+    """Subjects read from NIfTI files, preprocessed once and cached.
+
+    Parameters
+    ----------
+    images : sequence of str
+        Image files (3D, or 4D with channels on the last axis; 2D files for ``spatial_dims=2``).
+    labels : sequence of str, optional
+        Label maps (integer values), one per image, on the same grid (same shape and affine).
+    spatial_dims : {2, 3}
+        3D volumes, or 2D images (a trailing singleton axis of a 3D file is dropped).
+    spacing : sequence of float, optional
+        Resample to this voxel size (mm) with :func:`medfast.resample` (labels: nearest).
+    shape : sequence of int, optional
+        Centred crop/pad to this spatial shape after resampling.
+    normalize : {"zscore", "minmax", "none"}
+        Per-channel intensity normalization (see :func:`medfast.data.normalize_intensity`).
+    clip_percentiles : (float, float), optional
+        Clip intensities to these percentiles first.
+    label_map : mapping of int to int, optional
+        Relabel on load (unlisted values map to themselves).
+    cache : {"memory", "disk", "none"}
+        Keep preprocessed subjects in memory (per data-loader worker), in ``cache_dir`` as ``.pt`` files
+        keyed by file names, sizes, modification times and preprocessing, or nowhere.
+    check : bool
+        Check at construction that every file exists and is readable, and that each label has its image's
+        shape and affine (only the headers are read).
+
+    Items are dicts: ``image`` ``(C, *S)`` float32, ``label`` ``(*S)`` int64 (absent without labels),
+    ``affine`` ``(ndim + 1, ndim + 1)`` float64 of the preprocessed grid, ``files`` (the image path),
+    ``index``; a sampler may pass ``(index, seed)`` to add ``seed``.
+
+    Raises
+    ------
+    DatasetError
+        Missing, corrupt or mismatched files (image and label of different shape or affine), naming them.
+    """
+
+    def __init__(self, images: Sequence[str], labels: Sequence[str] | None = None, *, spatial_dims: int = 3,
+                 spacing: Sequence[float] | None = None, shape: Sequence[int] | None = None,
+                 normalize: str = "zscore", clip_percentiles: Sequence[float] | None = None,
+                 label_map: Mapping[int, int] | None = None, cache: str = "memory",
+                 cache_dir: str | Path | None = None, check: bool = True) -> None:
+        self.images = [str(p) for p in images]
+        self.labels = [str(p) for p in labels] if labels else []
+        if not self.images:
+            raise DatasetError("no image files given")
+        if self.labels and len(self.labels) != len(self.images):
+            raise DatasetError(f"{len(self.images)} images but {len(self.labels)} label files")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if cache not in ("memory", "disk", "none"):
+            raise ValueError(f"cache must be one of memory, disk, none; got {cache!r}")
+        if cache == "disk" and cache_dir is None:
+            raise ValueError("cache='disk' needs cache_dir")
+        self.spatial_dims = spatial_dims
+        self.spacing = list(spacing) if spacing is not None else None
+        self.shape = list(shape) if shape is not None else None
+        self.normalize = normalize
+        self.clip_percentiles = list(clip_percentiles) if clip_percentiles is not None else None
+        self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
+        self.cache = cache
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._memory: dict[int, dict[str, Any]] = {}
+        normalize_intensity(torch.zeros(1, 2, 2), normalize)  # validates the method name early
+        if check:
+            self.check()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def check(self) -> None:
+        """Reads every header; raises :class:`DatasetError` for the first bad file or image/label pair."""
+        for i, img_path in enumerate(self.images):
+            img = nifti_header(img_path)
+            if not self.labels:
+                continue
+            lab = nifti_header(self.labels[i])
+            s_img, s_lab = img.shape[:3], lab.shape[:3]
+            if s_img != s_lab:
+                raise DatasetError(
+                    f"label {self.labels[i]} has shape {lab.shape} but its image {img_path} has shape {img.shape}"
+                )
+            if not np.allclose(img.affine, lab.affine, atol=1e-3, rtol=1e-4):
+                raise DatasetError(
+                    f"label {self.labels[i]} and image {img_path} have different affines (not on the same grid):"
+                    f"\n{np.array2string(lab.affine, precision=3)}\nvs\n{np.array2string(img.affine, precision=3)}"
+                )
+
+    def _key(self, i: int) -> str:
+        parts = []
+        for p in [self.images[i]] + ([self.labels[i]] if self.labels else []):
+            st = Path(p).stat()
+            parts.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+        spec = [parts, self.spatial_dims, self.spacing, self.shape, self.normalize, self.clip_percentiles,
+                sorted(self.label_map.items())]
+        return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
+
+    def _to_dims(self, arr: np.ndarray, path: str, channels: bool) -> np.ndarray:
+        spatial = arr.shape[1:] if channels else arr.shape
+        if self.spatial_dims == 2 and len(spatial) == 3:
+            if spatial[2] != 1:
+                raise DatasetError(f"{path}: spatial_dims=2 needs 2D images, got spatial shape {spatial}")
+            arr = arr[..., 0]
+        if self.spatial_dims == 3 and len(spatial) != 3:
+            raise DatasetError(f"{path}: spatial_dims=3 needs 3D volumes, got spatial shape {spatial}")
+        return arr
+
+    def load(self, i: int) -> dict[str, Any]:
+        """Reads and preprocesses subject ``i`` (no caching)."""
+        vol = load_nifti(self.images[i])
+        nd = self.spatial_dims
+        image = torch.from_numpy(self._to_dims(vol.data, vol.path, True))
+        affine = spatial_affine(vol.affine, nd)
+        label = None
+        if self.labels:
+            lab = load_nifti(self.labels[i], label=True)
+            arr = self._to_dims(lab.data, lab.path, False)
+            if tuple(arr.shape) != tuple(image.shape[1:]):
+                raise DatasetError(f"label {lab.path} has shape {arr.shape} but its image {vol.path} has spatial "
+                                   f"shape {tuple(image.shape[1:])}")
+            if self.label_map:
+                lut = np.arange(max(int(arr.max()), *self.label_map) + 1)
+                for k, v in self.label_map.items():
+                    lut[k] = v
+                arr = lut[arr]
+            label = torch.from_numpy(np.ascontiguousarray(arr)).long()
+        if self.spacing is not None:
+            new_image, new_aff = resample_to_spacing(image, affine, self.spacing)
+            if label is not None:
+                label, _ = resample_to_spacing(label, affine, self.spacing, mode="nearest")
+            image, affine = new_image, new_aff
+        image = normalize_intensity(image, self.normalize, self.clip_percentiles)
+        if self.shape is not None:
+            if len(self.shape) != nd:
+                raise ValueError(f"shape must have {nd} entries, got {self.shape}")
+            image, new_aff = crop_or_pad(image, affine, self.shape)
+            if label is not None:
+                label, _ = crop_or_pad(label, affine, self.shape)
+            affine = new_aff
+        item: dict[str, Any] = {"image": image.contiguous(), "affine": torch.from_numpy(np.asarray(affine)),
+                                "files": self.images[i], "index": i}
+        if label is not None:
+            item["label"] = label.contiguous()
+        return item
+
+    def _get(self, i: int) -> dict[str, Any]:
+        if self.cache == "memory":
+            if i not in self._memory:
+                self._memory[i] = self.load(i)
+            return self._memory[i]
+        if self.cache == "disk":
+            path = self.cache_dir / f"{self._key(i)}.pt"
+            if path.is_file():
+                try:
+                    return torch.load(path, weights_only=False)
+                except Exception:  # noqa: BLE001 - a broken cache file is rebuilt
+                    pass
+            item = self.load(i)
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{np.random.randint(1 << 30)}")
+            torch.save(item, tmp)
+            tmp.replace(path)
+            return item
+        return self.load(i)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, seed = (key if isinstance(key, tuple) else (key, None))
+        item = dict(self._get(int(i)))
+        if seed is not None:
+            item["seed"] = int(seed)
+        return item
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks a list of dataset items into a batch, zero-padding volumes of different shapes at the end of
+    each axis (labels padded with 0); non-tensor entries become lists."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            if key in ("image", "label") and len({tuple(v.shape) for v in vals}) > 1:
+                nd = vals[0].dim() - (1 if key == "image" else 0)
+                target = [max(v.shape[-nd + d] for v in vals) for d in range(nd)]
+                padded = []
+                for v in vals:
+                    pad = []
+                    for d in reversed(range(nd)):
+                        pad += [0, target[d] - v.shape[-nd + d]]
+                    padded.append(torch.nn.functional.pad(v, pad))
+                vals = padded
+            out[key] = torch.stack(vals)
+        else:
+            out[key] = vals
+    return out

@@ -1,0 +1,125 @@
+"""NIfTI reading and writing (nibabel), with errors that name the file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DatasetError", "Volume", "load_nifti", "nifti_header", "save_nifti", "voxel_spacing"]
+
+
+class DatasetError(ValueError):
+    """A missing, unreadable, corrupt or mismatched data file; the message names the file."""
+
+
+@dataclass
+class Volume:
+    """An image or label volume as read from disk.
+
+    Attributes
+    ----------
+    data : ndarray
+        ``(C, *S)`` float32 for images (a 4D NIfTI's last axis becomes the channel axis), ``(*S)`` for labels.
+    affine : ndarray
+        ``(4, 4)`` float64 voxel-to-world (mm) affine of the spatial axes (NIfTI convention).
+    header : nibabel header
+        The file's header (for writing outputs in the same space).
+    path : str
+        Where it was read from.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any
+    path: str
+
+
+def _nib():
+    try:
+        import nibabel
+    except ImportError as exc:  # pragma: no cover - nibabel is a test/io dependency
+        raise ImportError("reading NIfTI needs nibabel: pip install nibabel") from exc
+    return nibabel
+
+
+def nifti_header(path: str | Path):
+    """Loads only the header of ``path`` (cheap); raises :class:`DatasetError` naming the file."""
+    nib = _nib()
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"file not found: {path}")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise DatasetError(f"cannot read {path} as NIfTI: {exc}") from None
+    return img
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along each spatial axis: the norms of the affine's first 3 columns."""
+    affine = np.asarray(affine, dtype=np.float64)
+    n = affine.shape[0] - 1
+    return np.sqrt((affine[:n, :n] ** 2).sum(axis=0))
+
+
+def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
+    """Reads a NIfTI image (float32, channels first) or label map (int64, integer-valued check).
+
+    Raises
+    ------
+    DatasetError
+        Missing file, unreadable or corrupt data, more than 4 dimensions, NaN/inf voxels, or (``label``)
+        non-integer or negative label values — the message names the file.
+    """
+    img = nifti_header(path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001
+        raise DatasetError(f"cannot read the voxel data of {path} (corrupt or truncated file?): {exc}") from None
+    if data.ndim < 2 or data.ndim > 4:
+        raise DatasetError(f"{path}: expected a 2D, 3D or 4D NIfTI, got shape {data.shape}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if label:
+        if data.ndim == 4:
+            if data.shape[3] != 1:
+                raise DatasetError(f"{path}: a label map must have one channel, got shape {data.shape}")
+            data = data[..., 0]
+        values = np.asarray(data)
+        if values.dtype.kind == "f":
+            if not np.all(np.isfinite(values)):
+                raise DatasetError(f"{path}: label map holds NaN or inf values")
+            if not np.all(values == np.round(values)):
+                raise DatasetError(f"{path}: label map holds non-integer values (is it an image?)")
+        values = values.astype(np.int64)
+        if values.size and values.min() < 0:
+            raise DatasetError(f"{path}: label map holds negative values (min {values.min()})")
+        return Volume(values, affine, img.header, str(path))
+    values = np.asarray(data, dtype=np.float32)
+    values = values[None] if values.ndim < 4 else np.moveaxis(values, -1, 0)
+    if not np.all(np.isfinite(values)):
+        raise DatasetError(f"{path}: image holds NaN or inf voxels")
+    return Volume(np.ascontiguousarray(values), affine, img.header, str(path))
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, header: Any = None,
+               dtype: Any = None) -> Path:
+    """Writes ``data`` (spatial axes first) with ``affine`` and, when given, a copy of ``header``
+    (its data type and scaling reset for ``dtype``)."""
+    nib = _nib()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(data)
+    if dtype is not None:
+        data = data.astype(dtype)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=hdr)
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    if hdr is not None:
+        img.set_qform(np.asarray(affine), code=int(hdr["qform_code"]) or 1)
+        img.set_sform(np.asarray(affine), code=int(hdr["sform_code"]) or 1)
+    nib.save(img, str(path))
+    return path

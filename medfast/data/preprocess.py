@@ -1,0 +1,119 @@
+"""Preprocessing applied once per subject on load: resampling to a target spacing (medfast.resample),
+centred crop/pad to a shape, intensity normalization. Each function returns the new affine too."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["crop_or_pad", "normalize_intensity", "resample_to_spacing", "spatial_affine"]
+
+
+def spatial_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
+    """The ``(ndim + 1, ndim + 1)`` affine of the first ``ndim`` spatial axes of a 4x4 NIfTI affine."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape == (ndim + 1, ndim + 1):
+        return affine
+    idx = list(range(ndim)) + [3]
+    return affine[np.ix_(idx, idx)]
+
+
+def resample_to_spacing(image: torch.Tensor, affine: np.ndarray, spacing: Sequence[float], *,
+                        mode: str = "linear") -> tuple[torch.Tensor, np.ndarray]:
+    """Resamples ``(C, *S)`` (or ``(*S)`` labels with ``mode="nearest"``) to voxels of size ``spacing`` (mm).
+
+    The new grid covers the same field of view: its shape is ``round(S * old_spacing / spacing)`` and its
+    first voxel centre sits half a new voxel inside the old grid's corner. Directions are kept. Uses
+    :func:`medfast.resample` (``border`` padding).
+
+    Returns
+    -------
+    (Tensor, ndarray)
+        The resampled tensor (same rank and dtype as the input) and its ``(ndim + 1, ndim + 1)`` affine.
+    """
+    from medfast.ops import resample
+
+    is_label = not image.is_floating_point()
+    x = image[None] if is_label else image
+    ndim = x.dim() - 1
+    a = spatial_affine(affine, ndim)
+    old = np.sqrt((a[:ndim, :ndim] ** 2).sum(axis=0))
+    new = np.asarray(spacing, dtype=np.float64)
+    if new.shape != (ndim,) or np.any(new <= 0):
+        raise ValueError(f"spacing must be {ndim} positive numbers (mm), got {list(spacing)}")
+    if np.allclose(old, new, rtol=1e-4):
+        return image, a
+    shape = np.maximum(1, np.round(np.array(x.shape[1:]) * old / new)).astype(int)
+    scale = new / old
+    out_aff = a.copy()
+    out_aff[:ndim, :ndim] = a[:ndim, :ndim] * scale[None, :]
+    # corner of the field of view (voxel -0.5) stays put: new voxel 0 centre at old voxel 0.5*scale - 0.5
+    out_aff[:ndim, ndim] = a[:ndim, :ndim] @ (0.5 * scale - 0.5) + a[:ndim, ndim]
+    src = x.to(torch.float32)[None]
+    out = resample(src, a, out_aff, [int(s) for s in shape], mode="nearest" if is_label else mode,
+                   padding="border")[0]
+    if is_label:
+        return out[0].round().to(image.dtype), out_aff
+    return out.to(image.dtype), out_aff
+
+
+def crop_or_pad(image: torch.Tensor, affine: np.ndarray, shape: Sequence[int], *,
+                value: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
+    """Centred crop and/or zero-pad of the trailing spatial axes of ``image`` to ``shape``; moves the affine's
+    origin so that every kept voxel stays at the same world position."""
+    ndim = len(shape)
+    sizes = image.shape[-ndim:]
+    a = spatial_affine(affine, ndim).copy()
+    slices, pads, shift = [], [], np.zeros(ndim)
+    for i, (s, t) in enumerate(zip(sizes, shape)):
+        if s >= t:
+            lo = (s - t) // 2
+            slices.append(slice(lo, lo + t))
+            pads.append((0, 0))
+            shift[i] = lo
+        else:
+            lo = (t - s) // 2
+            slices.append(slice(None))
+            pads.append((lo, t - s - lo))
+            shift[i] = -lo
+    out = image[(...,) + tuple(slices)]
+    flat = [p for pair in reversed(pads) for p in pair]
+    if any(flat):
+        out = torch.nn.functional.pad(out, flat, value=value)
+    a[:ndim, ndim] = a[:ndim, :ndim] @ shift + a[:ndim, ndim]
+    return out.contiguous(), a
+
+
+def normalize_intensity(image: torch.Tensor, method: str = "zscore",
+                        clip_percentiles: Sequence[float] | None = None) -> torch.Tensor:
+    """Per-channel intensity normalization of ``(C, *S)``.
+
+    ``"zscore"``: zero mean, unit variance; when 5-100 % of the voxels are non-zero (a masked, e.g.
+    skull-stripped, image) the statistics come from the non-zero voxels and the zeros stay 0;
+    ``"minmax"``: to [0, 1]; ``"none"``. ``clip_percentiles=(lo, hi)`` first clips each channel to those
+    percentiles (0-100).
+    """
+    if method not in ("zscore", "minmax", "none"):
+        raise ValueError(f"normalize must be one of zscore, minmax, none; got {method!r}")
+    out = image.to(torch.float32).clone()
+    for c in range(out.shape[0]):
+        x = out[c]
+        if clip_percentiles is not None:
+            lo, hi = (float(p) / 100 for p in clip_percentiles)
+            flat = x.flatten()
+            if flat.numel() > 2_000_000:
+                flat = flat[torch.linspace(0, flat.numel() - 1, 2_000_000).long()]
+            qlo, qhi = torch.quantile(flat, torch.tensor([lo, hi]))
+            x.clamp_(qlo, qhi)
+        if method == "zscore":
+            mask = x != 0
+            if 0.05 * x.numel() < int(mask.sum()) < x.numel():  # masked image (e.g. skull-stripped)
+                fg = x[mask]
+                x.copy_(torch.where(mask, (x - fg.mean()) / fg.std().clamp_min(1e-8), torch.zeros_like(x)))
+            else:
+                x.sub_(x.mean()).div_(x.std().clamp_min(1e-8))
+        elif method == "minmax":
+            x.sub_(x.min()).div_((x.max() - x.min()).clamp_min(1e-8))
+    return out

@@ -1,0 +1,352 @@
+"""Segmentation task: UNet + Dice/CE loss (:class:`medfast.losses.DiceCELoss`), Dice and HD95 validation
+with sliding-window inference, on-device augmentation, and prediction to NIfTI in the input's space."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from medfast.data import DatasetError, NiftiDataset, RandomAugment, find_pairs, load_nifti, save_nifti
+from medfast.data.io import voxel_spacing
+from medfast.data.preprocess import normalize_intensity, resample_to_spacing, spatial_affine
+from medfast.train.config import Config, config_from_dict
+from medfast.train.sliding_window import sliding_window_inference
+from medfast.train.task import Task, register_task
+
+__all__ = ["DeformedDataset", "SegmentationTask", "build_unet", "predict_files", "predict_volume"]
+
+
+def build_unet(config: Config) -> nn.Module:
+    """The :class:`medfast.nets.UNet` described by ``config.model``."""
+    from medfast.nets import UNet
+
+    m = config.model
+    if m.name.lower() != "unet":
+        raise ValueError(f"model.name={m.name!r}: the segmentation task builds 'unet'")
+    return UNet(m.spatial_dims, m.in_channels, m.out_channels, m.channels, m.convs_per_level, m.norm,
+                m.deep_supervision, **m.kwargs)
+
+
+class DeformedDataset(Dataset):
+    """``copies`` fixed random deformations (affine + smooth, no intensity change) of each subject of
+    ``base``: held-out validation samples of a one-subject data set. Seeds ``10**12 + i`` never occur in
+    training (whose seeds come from :class:`medfast.train.EpochSampler`). Computed on the CPU, cached."""
+
+    def __init__(self, base: Dataset, copies: int, augment: RandomAugment) -> None:
+        self.base, self.copies, self.augment = base, copies, augment
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.base) * self.copies
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i not in self._cache:
+            item = dict(self.base[i % len(self.base)])
+            image, label = self.augment(item["image"][None], item["label"][None], [10**12 + i])
+            item.update(image=image[0], label=label[0], files=f"{item['files']} (deformation {i})")
+            self._cache[i] = item
+        return self._cache[i]
+
+
+def _dataset(config: Config, images: Sequence[str], labels: Sequence[str], label_map=None) -> NiftiDataset:
+    d = config.data
+    return NiftiDataset(images, labels, spatial_dims=config.model.spatial_dims, spacing=d.spacing, shape=d.shape,
+                        normalize=d.normalize, clip_percentiles=d.clip_percentiles, label_map=label_map,
+                        cache=d.cache, cache_dir=d.cache_dir)
+
+
+def _preset(config: Config) -> None:
+    """Fills the data lists of a built-in data set (writes its prepared files under the run folder)."""
+    d = config.data
+    if d.dataset is None:
+        return
+    from medfast.data import presets
+
+    builder = getattr(presets, d.dataset, None)
+    if builder is None or d.dataset.startswith("_"):
+        raise ValueError(f"unknown data.dataset {d.dataset!r}; available: {', '.join(presets.__all__)}")
+    files = builder(Path(config.trainer.out_dir) / "data", **d.dataset_args)
+    for key, value in files.items():
+        if not getattr(d, key):
+            setattr(d, key, value)
+
+
+def _roi(config: Config) -> list[int] | None:
+    return config.inference.roi_size or config.augment.patch_size
+
+
+@torch.no_grad()
+def predict_volume(model: nn.Module, image: torch.Tensor, config: Config) -> torch.Tensor:
+    """Class probabilities of a preprocessed ``(B, C, *S)`` image: sliding windows of ``inference.roi_size``
+    (default the training patch; the whole volume when neither is set), blended; ``(B, K, *S)`` float32."""
+    inf = config.inference
+    roi = _roi(config)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = model(x)
+        return torch.softmax((y[0] if isinstance(y, (list, tuple)) else y).float(), dim=1)
+
+    if roi is None:
+        return run(image)
+    return sliding_window_inference(image, roi, run, overlap=inf.overlap, mode=inf.blend,
+                                    sw_batch_size=inf.sw_batch_size)
+
+
+def _load_for_inference(path: str, config: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray, Any, list[int]]:
+    """``(image (1, C, *S') preprocessed, its affine, the original affine, header, original shape)``."""
+    vol = load_nifti(path)
+    nd = config.model.spatial_dims
+    data = vol.data
+    if nd == 2 and data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    image = torch.from_numpy(data)
+    orig_aff = spatial_affine(vol.affine, nd)
+    aff = orig_aff
+    if config.data.spacing is not None:
+        image, aff = resample_to_spacing(image, orig_aff, config.data.spacing)
+    image = normalize_intensity(image, config.data.normalize, config.data.clip_percentiles)
+    return image[None], aff, vol.affine, vol.header, list(data.shape[1:])
+
+
+def _back_to_input(prob: torch.Tensor, aff: np.ndarray, orig_aff: np.ndarray, shape: list[int]) -> torch.Tensor:
+    """Probabilities on the preprocessed grid -> the input grid (linear, via medfast.resample)."""
+    from medfast.ops import resample
+
+    if list(prob.shape[2:]) == shape and np.allclose(aff, orig_aff):
+        return prob
+    return resample(prob.contiguous(), aff, orig_aff, shape, mode="linear", padding="border")
+
+
+def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | Path, *, device: str = "auto",
+                  overrides: Sequence[str] = (), save_probabilities: bool = False,
+                  progress: bool = True) -> list[Path]:
+    """Segments NIfTI files with a trained checkpoint and writes ``<name>_seg.nii.gz`` label maps with each
+    input's affine and header (and ``<name>_prob.nii.gz`` class probabilities with
+    ``save_probabilities``).
+
+    The input is preprocessed as in training (resampled to ``data.spacing``, normalized), segmented with
+    sliding windows, and the class probabilities are resampled back onto the input's grid before the
+    argmax, so the output has exactly the input's shape and voxel-to-world affine.
+    """
+    from medfast.train.config import load_config
+    from medfast.train.trainer import load_checkpoint, resolve_device
+
+    state = load_checkpoint(checkpoint)
+    config = config_from_dict(state["config"])
+    if overrides:
+        import yaml
+
+        config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(state["config"])))
+    dev = resolve_device(device)
+    model = build_unet(config)
+    model.load_state_dict(state["model"])
+    model.to(dev).eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    items = inputs
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(inputs, desc="predict", disable=None)
+    for path in items:
+        image, aff, orig_affine, header, shape = _load_for_inference(str(path), config)
+        prob = predict_volume(model, image.to(dev), config)
+        prob = _back_to_input(prob, aff, spatial_affine(orig_affine, config.model.spatial_dims), shape)
+        labels = prob.argmax(1)[0].cpu().numpy()
+        name = Path(path).name
+        for suf in (".nii.gz", ".nii"):
+            if name.endswith(suf):
+                name = name[: -len(suf)]
+        k = prob.shape[1]
+        dtype = np.uint8 if k <= 255 else np.int16
+        if config.model.spatial_dims == 2 and len(header.get_data_shape()) == 3:
+            labels = labels[..., None]
+        written.append(save_nifti(labels, orig_affine, out_dir / f"{name}_seg.nii.gz", header, dtype))
+        if save_probabilities:
+            p = np.moveaxis(prob[0].cpu().numpy(), 0, -1).astype(np.float32)
+            written.append(save_nifti(p, orig_affine, out_dir / f"{name}_prob.nii.gz", header, np.float32))
+    return written
+
+
+@register_task("segmentation")
+class SegmentationTask(Task):
+    """Semantic segmentation of NIfTI volumes (or 2D images) into ``model.out_channels`` classes."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        from medfast.losses import DiceCELoss
+
+        lc = config.loss
+        self.loss_fn = DiceCELoss(include_background=lc.include_background, batch=lc.batch_dice,
+                                  lambda_dice=lc.lambda_dice, lambda_ce=lc.lambda_ce)
+        self.augment = RandomAugment(config.augment)
+        self.num_classes = config.model.out_channels
+
+    def build_model(self) -> nn.Module:
+        return build_unet(self.config)
+
+    def build_datasets(self):
+        c = self.config
+        d = c.data
+        _preset(c)
+        images, labels = list(d.train_images), list(d.train_labels)
+        if d.root is not None and not images:
+            images, labels = find_pairs(d.root)
+        if not images:
+            raise DatasetError("no training data: set data.root, data.train_images (+ train_labels) or data.dataset")
+        if not labels:
+            raise DatasetError("the segmentation task needs label maps (data.train_labels or a labels/ folder)")
+        val_images, val_labels = list(d.val_images), list(d.val_labels)
+        if not val_images and d.val_fraction > 0 and len(images) > 1:
+            n_val = max(1, int(round(len(images) * d.val_fraction)))
+            order = np.random.default_rng(c.trainer.seed).permutation(len(images))
+            pick = set(order[:n_val].tolist())
+            val_images = [p for i, p in enumerate(images) if i in pick]
+            val_labels = [p for i, p in enumerate(labels) if i in pick]
+            images = [p for i, p in enumerate(images) if i not in pick]
+            labels = [p for i, p in enumerate(labels) if i not in pick]
+        train = _dataset(c, images, labels)
+        val = None
+        if val_images:
+            val = _dataset(c, val_images, val_labels)
+        elif d.val_deformations > 0:
+            val = DeformedDataset(train, d.val_deformations, RandomAugment(c.augment, geometric_only=True))
+        return train, val
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def _loss(self, logits, label: torch.Tensor) -> torch.Tensor:
+        if not isinstance(logits, (list, tuple)):
+            return self.loss_fn(logits.float(), label)
+        weights = self.config.loss.deep_supervision_weights or [0.5**i for i in range(len(logits))]
+        total = 0.0
+        for w, out in zip(weights, logits):
+            target = label
+            if out.shape[2:] != label.shape[1:]:
+                target = F.interpolate(label[:, None].float(), size=list(out.shape[2:]), mode="nearest")[:, 0].long()
+            total = total + w * self.loss_fn(out.float(), target)
+        return total / sum(weights[: len(logits)])
+
+    def training_step(self, model, batch, device):
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        seeds = batch.get("seed") or list(range(image.shape[0]))
+        patch = self.config.augment.patch_size
+        with torch.autocast(device.type, enabled=False):
+            image, label = self.augment(image.float(), label, seeds, patch)
+        logits = model(image)
+        loss = self._loss(logits, label)
+        return loss, {}
+
+    @torch.no_grad()
+    def validation_step(self, model, batch, device):
+        from medfast.metrics import dice, hausdorff_distance
+
+        image = batch["image"].to(device)
+        label = batch["label"].to(device)
+        prob = predict_volume(model, image, self.config)
+        pred = prob.argmax(1)
+        k = self.num_classes
+        d = dice(pred, label, k, include_background=False)
+        nd = self.config.model.spatial_dims
+        rows = []
+        import warnings
+
+        for b in range(image.shape[0]):
+            spacing = voxel_spacing(batch["affine"][b].numpy()).tolist() if "affine" in batch else None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hd = hausdorff_distance(pred[b:b + 1], label[b:b + 1], self.config.inference.hd_percentile,
+                                        spacing[:nd] if spacing else None, num_classes=k)[0]
+            row = {f"dice_{c + 1}": float(d[b, c]) for c in range(k - 1)}
+            row["dice_mean"] = float(np.nanmean(d[b].cpu().numpy())) if k > 1 else float("nan")
+            finite = hd[torch.isfinite(hd)]
+            row["hd95_mean"] = float(finite.mean()) if finite.numel() else float("nan")
+            rows.append(row)
+        return rows
+
+    def save_samples(self, model, batch, device, path: Path) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        image = batch["image"][:1].to(device)
+        prob = predict_volume(model, image, self.config)
+        pred = prob.argmax(1)[0].cpu()
+        img = image[0, 0].float().cpu()
+        lab = batch["label"][0]
+        k = max(self.num_classes - 1, 1)
+        if img.dim() == 3:
+            views = [(f"axis {a}", lambda t, a=a: t.select(a, t.shape[a] // 2)) for a in range(3)]
+        else:
+            views = [("image", lambda t: t)]
+        fig, axes = plt.subplots(len(views), 3, figsize=(9, 3 * len(views)), squeeze=False)
+        for row, (name, cut) in enumerate(views):
+            for col, (title, lab_map) in enumerate([("image", None), ("label", lab), ("prediction", pred)]):
+                ax = axes[row, col]
+                ax.imshow(cut(img).T.numpy(), cmap="gray", origin="lower")
+                if lab_map is not None:
+                    m = cut(lab_map).T.float()
+                    ax.imshow(np.ma.masked_where(m.numpy() == 0, m.numpy()), cmap="viridis", vmin=1, vmax=k,
+                              alpha=0.5, origin="lower", interpolation="nearest")
+                ax.set_title(f"{title} ({name})", fontsize=8)
+                ax.axis("off")
+        fig.suptitle(str(batch["files"][0])[-80:], fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
+        """Segments ``data.test_images`` (in their own space, as ``medfast predict`` does) and scores them
+        against ``data.test_labels`` (relabelled by ``data.test_label_map``)."""
+        from medfast.metrics import dice, hausdorff_distance
+
+        d = self.config.data
+        if not d.test_images:
+            return {}
+        if len(d.test_labels) != len(d.test_images):
+            raise DatasetError(f"{len(d.test_images)} test images but {len(d.test_labels)} test labels")
+        ckpt = out_dir / "checkpoints" / "last.pt"
+        written = predict_files(ckpt, d.test_images, out_dir / "test", device=str(device), progress=False)
+        segs = [p for p in written if p.name.endswith("_seg.nii.gz")]
+        k = self.num_classes
+        per_subject = []
+        for img_path, lab_path, seg_path in zip(d.test_images, d.test_labels, segs):
+            target = load_nifti(lab_path, label=True)
+            pred = load_nifti(seg_path, label=True).data
+            t = target.data
+            if d.test_label_map:
+                lut = np.arange(max(int(t.max()), *d.test_label_map) + 1)
+                for a, b in d.test_label_map.items():
+                    lut[a] = b
+                t = lut[t]
+            pt, tt = torch.from_numpy(pred)[None], torch.from_numpy(t)[None]
+            dc = dice(pt, tt, k, include_background=False)[0]
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hd = hausdorff_distance(pt, tt, self.config.inference.hd_percentile,
+                                        voxel_spacing(target.affine).tolist(), num_classes=k)[0]
+            per_subject.append({"image": img_path, "label": lab_path, "prediction": str(seg_path),
+                                "dice": [float(x) for x in dc], "dice_mean": float(np.nanmean(dc.numpy())),
+                                "hd95_mm": [float(x) for x in hd]})
+        res = {"test": per_subject,
+               "test_dice_mean": float(np.mean([s["dice_mean"] for s in per_subject]))}
+        with open(out_dir / "test_results.json", "w") as f:
+            json.dump(res, f, indent=2)
+        print("medfast train: test Dice (foreground classes): " + "; ".join(
+            f"{Path(s['image']).name}: " + ", ".join(f"{x:.3f}" for x in s["dice"]) for s in per_subject),
+            flush=True)
+        return res

@@ -1,0 +1,79 @@
+"""``medfast train`` and ``medfast predict``: argument declarations and implementations (``medfast/cli.py``
+only registers them)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_predict_arguments", "add_train_arguments", "run_predict", "run_train"]
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML config files, merged in order")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set trainer.max_steps=200 (repeatable)")
+    p.add_argument("--out", default=None, help="output folder (sets trainer.out_dir)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="resume from CHECKPOINT, or from OUT/checkpoints/last.pt when given alone")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets trainer.device)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from medfast.data import DatasetError
+    from medfast.train import ConfigError, NonFiniteLossError, Trainer, config_to_dict, load_config
+
+    overrides = list(args.overrides)
+    if args.out is not None:
+        overrides.append(f"trainer.out_dir={args.out}")
+    if args.resume is not None:
+        overrides.append(f"trainer.resume={args.resume}")
+    if args.device is not None:
+        overrides.append(f"trainer.device={args.device}")
+    try:
+        config = load_config(args.configs, overrides)
+        if args.print_config:
+            print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+            return 0
+        results = Trainer(config).fit()
+    except (ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError, ImportError) as exc:
+        print(f"medfast train: error: {exc}", file=sys.stderr)
+        return 1
+    if results:
+        val = results.get("validation") or {}
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in val.items() if k.endswith("mean"))
+        val_text = f"; validation {summary}" if summary else ""
+        print(f"medfast train: {results['step']} steps in {results['seconds']:.0f} s; loss "
+              f"{results['first_loss']:.4g} -> {results['last_loss']:.4g}{val_text}; outputs in "
+              f"{config.trainer.out_dir}")
+    return 0
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="NIfTI images to segment")
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
+                   help="checkpoint written by medfast train (e.g. RUN/checkpoints/last.pt)")
+    p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the checkpoint's config, e.g. --set inference.overlap=0.25")
+    p.add_argument("--probabilities", action="store_true", help="also write class probabilities")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from medfast.data import DatasetError
+    from medfast.tasks.segmentation import predict_files
+    from medfast.train import ConfigError
+
+    try:
+        written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device,
+                                overrides=args.overrides, save_probabilities=args.probabilities)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"medfast predict: error: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,397 @@
+"""Run configuration: dataclasses loaded from YAML files merged in order, plus ``--set a.b=c`` overrides.
+
+A configuration is a tree of dataclasses (:class:`Config` at the root). :func:`load_config` reads one or
+more YAML files, merges them in order (later files win, nested mappings are merged key by key, lists and
+scalars are replaced), applies ``key.path=value`` overrides, and builds the dataclasses; unknown keys raise a
+``ValueError`` naming the key and the file. Override values are parsed as YAML and then checked against
+the type of the dataclass field they set (``trainer.max_steps=10`` gives an int, ``model.channels=[8,16]``
+a list of ints). :func:`save_config` writes the resolved configuration as YAML beside the results.
+
+A task that needs its own settings puts them in ``task_args`` (a free mapping) or adds a section here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AugmentConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "InferenceConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "merge_dicts",
+    "parse_override",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, unreadable file)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the subjects come from and how they are preprocessed (on load, once per subject; cached).
+
+    Either ``root`` (a folder with ``images/`` and ``labels/`` holding NIfTI files with matching names), or
+    ``train_images`` (+ ``train_labels``) file lists, or ``dataset`` naming a built-in preset
+    (``"mni152_tissue"``: the MNI152 T1 with background/CSF/GM/WM classes from its probability maps).
+    """
+
+    dataset: str | None = None
+    root: str | None = None
+    train_images: list[str] = field(default_factory=list)
+    train_labels: list[str] = field(default_factory=list)
+    val_images: list[str] = field(default_factory=list)
+    val_labels: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
+    test_images: list[str] = field(default_factory=list)
+    test_labels: list[str] = field(default_factory=list)
+    test_label_map: dict[int, int] = field(default_factory=dict)
+    spacing: list[float] | None = None
+    shape: list[int] | None = None
+    normalize: str = "zscore"
+    clip_percentiles: list[float] | None = None
+    cache: str = "memory"
+    cache_dir: str | None = None
+    num_workers: int = 0
+    val_deformations: int = 0
+    dataset_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    """On-device augmentation (medfast ops): random affine + smooth deformation + intensity changes."""
+
+    enabled: bool = True
+    patch_size: list[int] | None = None
+    rotation: float = 10.0
+    scale: float = 0.1
+    shear: float = 0.0
+    translation: float = 0.0
+    flip: list[int] = field(default_factory=list)
+    deform_magnitude: float = 2.0
+    deform_grid: int = 5
+    integrate_steps: int = 5
+    gamma: float = 0.2
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    noise_std: float = 0.02
+    bias_field: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """Network: ``name`` picks the builder (``"unet"``); the rest are its arguments."""
+
+    name: str = "unet"
+    spatial_dims: int = 3
+    in_channels: int = 1
+    out_channels: int = 2
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    convs_per_level: int = 2
+    norm: str = "instance"
+    deep_supervision: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and options of the task (segmentation: Dice + CE)."""
+
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    include_background: bool = True
+    batch_dice: bool = False
+    deep_supervision_weights: list[float] | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (per optimizer step)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.01
+    grad_clip: float | None = 12.0
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: length, batching, devices, precision, checkpoints, logging."""
+
+    out_dir: str = "runs/medfast"
+    max_steps: int = 100
+    batch_size: int = 2
+    accumulate: int = 1
+    device: str = "auto"
+    amp: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    val_every: int = 50
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    progress: bool = True
+    tensorboard: bool = True
+    plots: bool = True
+    resume: str | None = None
+    threads: int | None = None
+
+
+@dataclass
+class InferenceConfig:
+    """Sliding-window inference over volumes larger than the training patch."""
+
+    roi_size: list[int] | None = None
+    overlap: float = 0.5
+    blend: str = "gaussian"
+    sw_batch_size: int = 2
+    hd_percentile: float = 95.0
+
+
+@dataclass
+class Config:
+    """Root of a run's configuration."""
+
+    task: str = "segmentation"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    task_args: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# ------------------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` (converting int -> float, str -> number where exact)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, Sequence) or tp is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, f"{where} key"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Builds a :class:`Config` from a (possibly partial) nested mapping; missing keys take the defaults."""
+    return _build(Config, data or {})
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The configuration as plain nested dicts/lists (what :func:`save_config` writes)."""
+    return dataclasses.asdict(config)
+
+
+# ------------------------------------------------------------------------------------------------------
+# merging, overrides, files
+# ------------------------------------------------------------------------------------------------------
+
+
+def merge_dicts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge: mappings are merged key by key, any other value in ``update`` replaces ``base``'s."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=c"`` -> ``(["a", "b"], value)`` with ``value`` parsed as YAML (``"null"`` gives None)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must have the form key.path=value (e.g. trainer.max_steps=10)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    node = tree
+    cls: Any = Config
+    for i, part in enumerate(path):
+        hints = _hints(cls) if dataclasses.is_dataclass(cls) else None
+        if hints is not None and part not in hints:
+            where = ".".join(path[:i]) or "the top level"
+            valid = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"override {text!r}: unknown key {part!r} in {where}; valid keys: {valid}")
+        tp = hints[part] if hints is not None else Any
+        if i == len(path) - 1:
+            node[part] = value
+            _coerce(value, tp, ".".join(path))  # type check now, to name the override on failure
+            return
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        cls = tp if dataclasses.is_dataclass(tp) else None
+
+
+def load_config(
+    paths: str | Path | Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> Config:
+    """Reads YAML files merged in order, applies ``key.path=value`` overrides, returns the :class:`Config`.
+
+    Parameters
+    ----------
+    paths : path or sequence of paths
+        YAML files, merged in order (later files override earlier ones).
+    overrides : sequence of str
+        ``"section.key=value"`` strings (values parsed as YAML, typed by the dataclass field), applied last.
+    base : mapping, optional
+        Values applied before the first file.
+
+    Raises
+    ------
+    ConfigError
+        A missing or invalid YAML file, an unknown key (named with its file), or a value of the wrong type.
+    """
+    import yaml
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    tree: dict[str, Any] = dict(base or {})
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+        try:
+            config_from_dict(data)  # validate each file on its own, to name the file holding a bad key
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        tree = merge_dicts(tree, data)
+    for text in overrides:
+        path_parts, value = parse_override(text)
+        _set_path(tree, path_parts, value, text)
+    return config_from_dict(tree)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Writes the resolved configuration as YAML (atomically) and returns the path."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    tmp.replace(path)
+    return path

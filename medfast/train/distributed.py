@@ -1,0 +1,94 @@
+"""torchrun / torch.distributed helpers: process-group setup, rank queries, the subject sampler."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = ["EpochSampler", "barrier", "init_distributed", "is_main", "rank", "world_size"]
+
+
+def world_size() -> int:
+    """Number of processes (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0: the process that logs, plots and writes checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def init_distributed(device_type: str) -> bool:
+    """Joins the process group described by torchrun's environment (``WORLD_SIZE`` > 1).
+
+    gloo on the CPU, NCCL on CUDA. Returns True when this call created the group (the caller destroys it).
+    """
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+class EpochSampler(Sampler):
+    """Distributed sampler over subjects yielding ``(index, seed)`` pairs, with full batches only.
+
+    Each epoch takes a permutation of the ``n`` subjects (seeded by ``seed + epoch``), repeated (new
+    permutations) until it holds a whole number of global batches (``batch_size * num_replicas``) and at
+    least one; rank ``r`` takes positions ``r, r + R, r + 2R, ...``. So one process with batch ``R * b`` sees,
+    step by step, the same subjects as ``R`` processes with batch ``b``. Each sample's seed depends only on
+    ``(seed, epoch, position)``, never on the rank count. ``start`` skips that many of this rank's samples
+    (to resume mid-epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        if n < 1:
+            raise ValueError("the dataset is empty: no subjects to sample")
+        self.n, self.batch_size, self.num_replicas, self.rank = n, batch_size, num_replicas, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch = 0
+        self.start = 0
+        global_batch = batch_size * num_replicas
+        # Full batches only: drop the tail when there are enough subjects, repeat them when there are few.
+        self.total = (n // global_batch) * global_batch if n >= global_batch else global_batch
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def batches_per_epoch(self) -> int:
+        return self.total // (self.batch_size * self.num_replicas)
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order: list[int] = []
+        while len(order) < self.total:
+            order += torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        return order[: self.total]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self._order()
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_033
+        mine = [(order[p], (base + p) % 2**62) for p in range(self.rank, self.total, self.num_replicas)]
+        return iter(mine[self.start:])
+
+    def __len__(self) -> int:
+        return self.total // self.num_replicas - self.start

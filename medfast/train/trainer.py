@@ -1,0 +1,572 @@
+"""The generic training loop: DDP under torchrun, AMP, gradient accumulation, atomic checkpoints and exact
+resume, progress bars, CSV/JSONL/TensorBoard logs, PNG curves, and a stop on a non-finite loss."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from medfast.train import distributed as D
+from medfast.train.config import Config, config_from_dict, config_to_dict, save_config
+from medfast.train.task import Task, get_task
+
+__all__ = ["NonFiniteLossError", "Trainer", "load_checkpoint", "save_checkpoint", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the batch's files."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a reader (or a resume
+    after a crash) never sees a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads a checkpoint written by the trainer (raises ``FileNotFoundError``/``ValueError`` naming it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} is not a medfast checkpoint (no 'model' entry)")
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# optimizer / schedule / precision
+# ------------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    name = cfg.name.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    raise ValueError(f"optim.name must be one of adamw, adam, sgd; got {cfg.name!r}")
+
+
+def build_scheduler(optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    name = cfg.scheduler.lower()
+    if name not in ("cosine", "constant", "poly"):
+        raise ValueError(f"optim.scheduler must be one of cosine, constant, poly; got {cfg.scheduler!r}")
+    warm = max(0, cfg.warmup_steps)
+    floor = cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, max_steps - warm))
+        if name == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        if name == "poly":
+            return floor + (1 - floor) * (1 - t) ** 0.9
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"trainer.device={name!r} but no CUDA GPU is visible")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: full precision). Mixed precision is used on CUDA only."""
+    name = name.lower()
+    if name not in ("auto", "bf16", "fp16", "none", "off", "fp32"):
+        raise ValueError(f"trainer.amp must be one of auto, bf16, fp16, none; got {name!r}")
+    if device.type != "cuda" or name in ("none", "off", "fp32"):
+        return None
+    if name == "fp16":
+        return torch.float16
+    if name == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+# ------------------------------------------------------------------------------------------------------
+# logging
+# ------------------------------------------------------------------------------------------------------
+
+
+class _Log:
+    """Rows appended to ``<name>.jsonl`` and ``<name>.csv``; on resume, rows after the checkpoint are cut."""
+
+    def __init__(self, out_dir: Path, name: str) -> None:
+        self.jsonl = out_dir / f"{name}.jsonl"
+        self.csv = out_dir / f"{name}.csv"
+        self.rows: list[dict[str, Any]] = []
+
+    def restore(self, upto_step: int | None) -> None:
+        rows = []
+        if self.jsonl.is_file():
+            for line in self.jsonl.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    rows.append(json.loads(line))
+        self.rows = [r for r in rows if upto_step is not None and r.get("step", 0) <= upto_step]
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        with open(self.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if len(self.rows) == 1 or set(row) - set(self.rows[0]):
+            self._write_csv()
+        else:
+            keys = list(self.rows[0])
+            with open(self.csv, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=keys, extrasaction="ignore").writerow(row)
+
+
+def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Path | None:
+    """PNG of the training loss (raw and smoothed) and of every validation metric against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metrics = sorted({k for r in val_rows for k in r if k not in ("step", "epoch", "time")})
+    n = 1 + min(len(metrics), 5)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    ax = axes[0, 0]
+    steps = [r["step"] for r in train_rows]
+    loss = np.array([r["loss"] for r in train_rows], dtype=float)
+    if len(loss):
+        ax.plot(steps, loss, alpha=0.35, lw=0.8, label="loss")
+        k = max(1, len(loss) // 20)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.6, label=f"mean of {k}")
+        ax.set_yscale("log" if np.all(loss > 0) and loss.max() / max(loss.min(), 1e-12) > 20 else "linear")
+    ax.set_xlabel("step")
+    ax.set_title("training loss")
+    ax.legend(fontsize=8)
+    for ax, key in zip(axes[0, 1:], metrics[: n - 1]):
+        pts = [(r["step"], r[key]) for r in val_rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-")
+        ax.set_xlabel("step")
+        ax.set_title(f"validation {key}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    out = {}
+    for k in keys:
+        vals = [float(r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(float(r[k]))]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32 if info is not None else worker_id
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------
+# trainer
+# ------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains ``task``'s model as described by ``config`` (see :class:`medfast.train.Config`).
+
+    Runs alone or under ``torchrun`` (DDP: gloo on CPU, NCCL on CUDA; each rank a slice of every global
+    batch; rank 0 logs and writes checkpoints). One *step* is one optimizer update, i.e. ``accumulate``
+    micro-batches of ``batch_size`` subjects per process. The data position, the learning rate and each
+    sample's augmentation seed are functions of the step, so a run resumed from a checkpoint computes the
+    same losses as an uninterrupted one.
+
+    Outputs under ``trainer.out_dir``: ``config.yaml`` (resolved), ``train_log.{jsonl,csv}``,
+    ``val_log.{jsonl,csv}``, ``checkpoints/step_XXXXXXX.pt`` and ``checkpoints/last.pt``, ``curves.png``,
+    ``samples_stepXXXXXXX.png``, ``results.json``, and ``tensorboard/`` when TensorBoard is installed.
+    """
+
+    def __init__(self, config: Config, task: Task | None = None) -> None:
+        self.config = config
+        self.task = task if task is not None else get_task(config.task)(config)
+        tc = config.trainer
+        if tc.max_steps < 1 or tc.batch_size < 1 or tc.accumulate < 1:
+            raise ValueError("trainer.max_steps, trainer.batch_size and trainer.accumulate must be >= 1")
+        self.device = resolve_device(tc.device)
+        self._owns_group = D.init_distributed(self.device.type)
+        self.rank, self.world = D.rank(), D.world_size()
+        self.out_dir = Path(tc.out_dir)
+        self.amp_dtype = resolve_amp(tc.amp, self.device)
+        self.step = 0
+        self._tb = None
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def _seed(self) -> None:
+        seed = self.config.trainer.seed + self.rank  # per-rank seed of the global generators
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        if self.config.trainer.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+    def _setup(self) -> None:
+        tc = self.config.trainer
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self._seed()
+        model = self.task.build_model().to(self.device)
+        self.model = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.ddp = model
+        self.optimizer = build_optimizer(model.parameters(), self.config.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.config.optim, tc.max_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.train_ds, self.val_ds = self.task.build_datasets()
+        self.sampler = D.EpochSampler(len(self.train_ds), tc.batch_size, self.world, self.rank, tc.seed)
+        self.batches_per_epoch = self.sampler.batches_per_epoch()
+
+    def _loader(self, epoch: int, start_batch: int):
+        from medfast.data import collate
+
+        tc, dc = self.config.trainer, self.config.data
+        self.sampler.set_epoch(epoch, start_batch * tc.batch_size)
+        g = torch.Generator().manual_seed(tc.seed * 7919 + self.rank * 104729 + epoch)
+        return torch.utils.data.DataLoader(
+            self.train_ds, batch_size=tc.batch_size, sampler=self.sampler, collate_fn=collate,
+            num_workers=dc.num_workers, worker_init_fn=_worker_init, generator=g,
+            persistent_workers=False, pin_memory=self.device.type == "cuda",
+        )
+
+    def _micro_batches(self, start_micro: int):
+        """Endless (epoch, batch) stream starting at global micro-batch ``start_micro``."""
+        epoch, offset = divmod(start_micro, self.batches_per_epoch)
+        while True:
+            for batch in self._loader(epoch, offset):
+                yield epoch, batch
+            epoch, offset = epoch + 1, 0
+
+    # -- checkpoint -----------------------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": "medfast-checkpoint-1",
+            "task": self.config.task,
+            "config": config_to_dict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": epoch,
+            "micro_batches": self.step * self.config.trainer.accumulate,
+            "world_size": self.world,
+            "rng": _rng_state(),
+        }
+
+    def _checkpoint(self, epoch: int) -> None:
+        if self.rank != 0:
+            return
+        ckdir = self.out_dir / "checkpoints"
+        state = self._state(epoch)
+        path = save_checkpoint(state, ckdir / f"step_{self.step:07d}.pt")
+        save_checkpoint(state, ckdir / "last.pt")
+        keep = self.config.trainer.keep_checkpoints
+        old = sorted(ckdir.glob("step_*.pt"))
+        for p in old[: max(0, len(old) - keep)] if keep > 0 else []:
+            if p != path:
+                p.unlink(missing_ok=True)
+
+    def _resume(self) -> int | None:
+        spec = self.config.trainer.resume
+        if not spec:
+            return None
+        path = self.out_dir / "checkpoints" / "last.pt" if spec == "auto" else Path(spec)
+        if spec == "auto" and not path.is_file():
+            return None
+        state = load_checkpoint(path, map_location="cpu")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        if self.rank == 0 or state.get("world_size", 1) == self.world:
+            _set_rng_state(state["rng"])
+        if self.rank != 0:  # the saved global RNG state is rank 0's: move the other ranks off it
+            torch.manual_seed(self.config.trainer.seed + self.rank + self.step)
+        if self.rank == 0:
+            print(f"medfast train: resumed from {path} at step {self.step}", flush=True)
+        return self.step
+
+    # -- logging --------------------------------------------------------------------------------------
+    def _tensorboard(self):
+        if self._tb is None and self.config.trainer.tensorboard and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = False
+                print("medfast train: TensorBoard not installed (pip install tensorboard); skipping it", flush=True)
+            else:
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+        return self._tb or None
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _check_finite(self, loss: torch.Tensor, batch: dict[str, Any], epoch: int) -> torch.Tensor:
+        value = loss.detach().float().reshape(1)
+        bad = (~torch.isfinite(value)).float()
+        if self.world > 1:
+            flag = bad.clone()
+            dist.all_reduce(flag)
+            bad = flag
+        if bad.item() > 0:
+            files = ", ".join(map(str, batch.get("files", []))) or "unknown"
+            mine = "" if math.isfinite(value.item()) else f" on rank {self.rank}"
+            raise NonFiniteLossError(
+                f"non-finite loss ({value.item()}){mine} at step {self.step + 1} (epoch {epoch}); "
+                f"batch files: {files}. Lower optim.lr, check the inputs (NaN voxels, empty labels) or "
+                f"set trainer.amp=none."
+            )
+        return value
+
+    def _validate(self, epoch: int, val_log: _Log, pbar) -> dict[str, float]:
+        from medfast.data import collate
+
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return {}
+        metrics: dict[str, float] = {}
+        if self.rank == 0:
+            self.model.eval()
+            rows: list[dict[str, float]] = []
+            loader = torch.utils.data.DataLoader(self.val_ds, batch_size=1, collate_fn=collate,
+                                                 num_workers=self.config.data.num_workers)
+            first = None
+            with torch.no_grad(), self._autocast():
+                for batch in loader:
+                    first = first if first is not None else batch
+                    rows += self.task.validation_step(self.model, batch, self.device)
+            metrics = _mean_metrics(rows)
+            val_log.append({"step": self.step, "epoch": epoch, **metrics})
+            tb = self._tensorboard()
+            if tb is not None:
+                for k, v in metrics.items():
+                    tb.add_scalar(f"val/{k}", v, self.step)
+            if self.config.trainer.plots and first is not None:
+                self.task.save_samples(self.model, first, self.device,
+                                       self.out_dir / f"samples_step{self.step:07d}.png")
+            if pbar is not None:
+                pbar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            self.model.train()
+        D.barrier()
+        return metrics
+
+    # -- main loop ------------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Trains to ``trainer.max_steps`` (resuming first if ``trainer.resume`` is set).
+
+        Parameters
+        ----------
+        stop_after : int, optional
+            End this call after that step, writing a checkpoint as if the run had been killed there (the
+            learning-rate schedule still spans ``max_steps``); a later ``fit`` with ``trainer.resume="auto"``
+            continues it.
+
+        Returns
+        -------
+        dict
+            ``results.json``'s content: final step, losses, last validation metrics, task results, times.
+        """
+        try:
+            return self._fit(stop_after)
+        finally:
+            if self._tb:
+                self._tb.close()
+            if self._owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _fit(self, stop_after: int | None) -> dict[str, Any]:
+        tc = self.config.trainer
+        t0 = time.perf_counter()
+        self._setup()
+        main = self.rank == 0
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out_dir / "config.yaml")
+        resumed = self._resume()
+        train_log, val_log = _Log(self.out_dir, "train_log"), _Log(self.out_dir, "val_log")
+        if main:
+            train_log.restore(self.step if resumed is not None else None)
+            val_log.restore(self.step if resumed is not None else None)
+        D.barrier()
+        end = tc.max_steps if stop_after is None else min(tc.max_steps, stop_after)
+        pbar = None
+        if main and tc.progress:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                        disable=None)
+        stream = self._micro_batches(self.step * tc.accumulate)
+        self.ddp.train()
+        metrics_val: dict[str, float] = {}
+        epoch = 0
+        step_t = time.perf_counter()
+        while self.step < end:
+            self.optimizer.zero_grad(set_to_none=True)
+            losses, step_metrics = [], []
+            for micro in range(tc.accumulate):
+                epoch, batch = next(stream)
+                sync = micro == tc.accumulate - 1 or self.world == 1
+                ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                with ctx:
+                    with self._autocast():
+                        loss, metrics = self.task.training_step(self.ddp, batch, self.device)
+                    value = self._check_finite(loss, batch, epoch)
+                    self.scaler.scale(loss / tc.accumulate).backward()
+                losses.append(value)
+                step_metrics.append(metrics)
+            if self.config.optim.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            self.step += 1
+            loss_value = torch.cat(losses).mean()
+            if self.world > 1:
+                dist.all_reduce(loss_value)
+                loss_value /= self.world
+            if main and (self.step % tc.log_every == 0 or self.step == end):
+                now = time.perf_counter()
+                row = {"step": self.step, "epoch": epoch, "loss": loss_value.item(), "lr": lr,
+                       **_mean_metrics(step_metrics), "seconds": now - step_t}
+                train_log.append(row)
+                tb = self._tensorboard()
+                if tb is not None:
+                    for k, v in row.items():
+                        if k not in ("step", "epoch"):
+                            tb.add_scalar(f"train/{k}", v, self.step)
+                if pbar is not None:
+                    pbar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr",
+                                                                                       "seconds")})
+            step_t = time.perf_counter()
+            if pbar is not None:
+                pbar.update(1)
+            if tc.val_every and (self.step % tc.val_every == 0 or self.step == tc.max_steps):
+                metrics_val = self._validate(epoch, val_log, pbar) or metrics_val
+            if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or self.step == end:
+                self._checkpoint(epoch)
+            if main and tc.plots and tc.val_every and self.step % tc.val_every == 0:
+                plot_curves(train_log.rows, val_log.rows, self.out_dir / "curves.png")
+        if pbar is not None:
+            pbar.close()
+        results: dict[str, Any] = {}
+        if main:
+            results = {
+                "step": self.step,
+                "finished": self.step >= tc.max_steps,
+                "world_size": self.world,
+                "device": str(self.device),
+                "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
+                "first_loss": train_log.rows[0]["loss"] if train_log.rows else None,
+                "last_loss": train_log.rows[-1]["loss"] if train_log.rows else None,
+                "validation": metrics_val,
+                "seconds": time.perf_counter() - t0,
+            }
+            if tc.plots:
+                plot_curves(train_log.rows, val_log.rows, self.out_dir / "curves.png")
+            if self.step >= tc.max_steps:
+                self.model.eval()
+                results.update(self.task.finish(self.model, self.device, self.out_dir) or {})
+            with open(self.out_dir / "results.json", "w") as f:
+                json.dump(results, f, indent=2, default=float)
+        D.barrier()
+        return results
+
+
+def train(config: Config | dict, stop_after: int | None = None) -> dict[str, Any]:
+    """Builds the task named by ``config.task`` and trains it (see :class:`Trainer`)."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    return Trainer(config).fit(stop_after=stop_after)

@@ -1,0 +1,210 @@
+"""Data: folder/file-list datasets, errors naming the file, preprocessing checked against world
+coordinates, caching, collate, and the on-device augmentation (deterministic per seed, image and labels
+moved together, nearest labels)."""
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medfast.data import (
+    DatasetError,
+    NiftiDataset,
+    RandomAugment,
+    collate,
+    crop_or_pad,
+    find_pairs,
+    load_nifti,
+    normalize_intensity,
+    resample_to_spacing,
+    save_nifti,
+)
+from medfast.data.synthetic import make_blobs
+from medfast.train import AugmentConfig
+
+
+def _save(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+def test_folder_layout_and_items(tmp_path):
+    images, labels = make_blobs(tmp_path, n=3, shape=(10, 12, 8))
+    found = find_pairs(tmp_path)
+    assert found == (images, labels)
+    ds = NiftiDataset(*found, normalize="none")
+    item = ds[(1, 77)]
+    assert item["image"].shape == (1, 10, 12, 8) and item["image"].dtype == torch.float32
+    assert item["label"].shape == (10, 12, 8) and item["label"].dtype == torch.int64
+    assert item["seed"] == 77 and item["files"] == images[1]
+    ref = np.asarray(nib.load(labels[1]).dataobj)
+    assert np.array_equal(item["label"].numpy(), ref)
+    # nnU-Net naming: images/case_0000.nii.gz with labels/case.nii.gz
+    (tmp_path / "nn" / "images").mkdir(parents=True)
+    (tmp_path / "nn" / "labels").mkdir()
+    _save(tmp_path / "nn" / "images" / "case_0000.nii.gz", np.zeros((4, 4, 4), np.float32))
+    _save(tmp_path / "nn" / "labels" / "case.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    assert find_pairs(tmp_path / "nn")[1][0].endswith("labels/case.nii.gz")
+
+
+def test_errors_name_the_file(tmp_path):
+    img = _save(tmp_path / "img.nii.gz", np.zeros((6, 6, 6), np.float32))
+    lab_shape = _save(tmp_path / "lab_shape.nii.gz", np.zeros((6, 6, 5), np.uint8))
+    aff = np.eye(4)
+    aff[0, 3] = 5.0
+    lab_aff = _save(tmp_path / "lab_affine.nii.gz", np.zeros((6, 6, 6), np.uint8), aff)
+    with pytest.raises(DatasetError, match=r"lab_shape\.nii\.gz.*shape"):
+        NiftiDataset([img], [lab_shape])
+    with pytest.raises(DatasetError, match=r"lab_affine\.nii\.gz.*different affines"):
+        NiftiDataset([img], [lab_aff])
+    with pytest.raises(DatasetError, match=r"not found: .*missing\.nii\.gz"):
+        NiftiDataset([img, str(tmp_path / "missing.nii.gz")])
+    (tmp_path / "garbage.nii.gz").write_bytes(b"this is not a nifti file")
+    with pytest.raises(DatasetError, match=r"garbage\.nii\.gz"):
+        NiftiDataset([str(tmp_path / "garbage.nii.gz")])
+    # valid header, truncated voxel data: caught on load, naming the file
+    raw = gzip.decompress((tmp_path / "img.nii.gz").read_bytes())
+    (tmp_path / "trunc.nii.gz").write_bytes(gzip.compress(raw[: len(raw) - 500]))
+    ds = NiftiDataset([str(tmp_path / "trunc.nii.gz")])
+    with pytest.raises(DatasetError, match=r"trunc\.nii\.gz"):
+        ds[0]
+    nan = np.zeros((4, 4, 4), np.float32)
+    nan[1, 1, 1] = np.nan
+    with pytest.raises(DatasetError, match=r"nan\.nii\.gz.*NaN"):
+        NiftiDataset([_save(tmp_path / "nan.nii.gz", nan)])[0]
+    frac = _save(tmp_path / "frac.nii.gz", np.full((6, 6, 6), 0.5, np.float32))
+    with pytest.raises(DatasetError, match=r"frac\.nii\.gz.*non-integer"):
+        NiftiDataset([img], [frac])[0]
+    with pytest.raises(DatasetError, match="2 images but 1 label"):
+        NiftiDataset([img, img], [lab_shape])
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no NIfTI files"):
+        find_pairs(tmp_path / "empty")
+    (tmp_path / "nolab" / "images").mkdir(parents=True)
+    (tmp_path / "nolab" / "labels").mkdir()
+    _save(tmp_path / "nolab" / "images" / "a.nii.gz", np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(DatasetError, match=r"no label for image .*a\.nii\.gz"):
+        find_pairs(tmp_path / "nolab")
+
+
+def _world(affine, shape):
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), 0).reshape(len(shape), -1)
+    return (affine[:3, :3] @ grid + affine[:3, 3:]).reshape(3, *shape)
+
+
+def test_resample_to_spacing_keeps_world_positions():
+    # an image whose value is the world x coordinate: linear resampling reproduces it exactly on the new grid
+    affine = np.array([[0, 1.5, 0, -10], [2.0, 0, 0, 4], [0, 0, -1, 7], [0, 0, 0, 1]])
+    shape = (12, 10, 14)
+    world = _world(affine, shape)
+    image = torch.from_numpy(world[0:1].astype(np.float32))
+    out, new_aff = resample_to_spacing(image, affine, [3.0, 3.0, 2.0])
+    assert np.allclose(np.sqrt((new_aff[:3, :3] ** 2).sum(0)), [3, 3, 2])
+    assert out.shape[1:] == (8, 5, 7)  # round(12 * 2 / 3), round(10 * 1.5 / 3), round(14 / 2)
+    expect = _world(new_aff, out.shape[1:])[0]
+    inside = (expect >= world[0].min()) & (expect <= world[0].max())
+    np.testing.assert_allclose(out[0].numpy()[inside], expect[inside], atol=1e-4)
+    # field of view kept: corners of the old and new grids (voxel -0.5) coincide
+    corner = lambda a: a[:3, :3] @ np.full(3, -0.5) + a[:3, 3]  # noqa: E731
+    np.testing.assert_allclose(corner(new_aff), corner(affine), atol=1e-9)
+    # labels: nearest, values preserved
+    lab = torch.randint(0, 4, shape)
+    lab_out, _ = resample_to_spacing(lab, affine, [3.0, 3.0, 2.0], mode="nearest")
+    assert lab_out.dtype == torch.int64 and set(lab_out.unique().tolist()) <= {0, 1, 2, 3}
+
+
+def test_crop_or_pad_moves_the_origin():
+    affine = np.diag([2.0, 1.0, 3.0, 1.0])
+    affine[:3, 3] = [1, 2, 3]
+    image = torch.arange(6 * 4 * 5, dtype=torch.float32).view(1, 6, 4, 5)
+    out, new = crop_or_pad(image, affine, (4, 6, 5))
+    assert out.shape == (1, 4, 6, 5)
+    # voxel (0, 1, 0) of the output is input voxel (1, 0, 0): same world point
+    assert out[0, 0, 1, 0] == image[0, 1, 0, 0]
+    np.testing.assert_allclose(new @ [0, 1, 0, 1], affine @ [1, 0, 0, 1])
+    assert out[0, 0, 0, 0] == 0  # padding
+
+
+def test_normalize_and_cache(tmp_path):
+    x = torch.zeros(1, 10, 10, 10)
+    x[0, 2:8, 2:8, 2:8] = torch.rand(6, 6, 6) * 50 + 100
+    z = normalize_intensity(x, "zscore")
+    fg = z[x != 0]
+    assert abs(fg.mean().item()) < 1e-4 and abs(fg.std().item() - 1) < 1e-3 and (z[x == 0] == 0).all()
+    m = normalize_intensity(x, "minmax")
+    assert m.min() == 0 and m.max() == 1
+    with pytest.raises(ValueError, match="normalize"):
+        normalize_intensity(x, "bogus")
+    images, labels = make_blobs(tmp_path / "d", n=2, shape=(8, 8, 8))
+    ds = NiftiDataset(images, labels, cache="disk", cache_dir=tmp_path / "cache", spacing=[2.0, 2.0, 2.0])
+    first = ds[0]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    again = NiftiDataset(images, labels, cache="disk", cache_dir=tmp_path / "cache", spacing=[2.0, 2.0, 2.0])
+    again.load = None  # a cache hit must not reload
+    assert torch.equal(again[0]["image"], first["image"]) and first["image"].shape == (1, 4, 4, 4)
+
+
+def test_collate_pads_to_the_largest():
+    a = {"image": torch.ones(1, 4, 5), "label": torch.ones(4, 5, dtype=torch.long), "files": "a", "seed": 1}
+    b = {"image": torch.ones(1, 6, 3), "label": torch.ones(6, 3, dtype=torch.long), "files": "b", "seed": 2}
+    batch = collate([a, b])
+    assert batch["image"].shape == (2, 1, 6, 5) and batch["label"].shape == (2, 6, 5)
+    assert batch["files"] == ["a", "b"] and batch["seed"] == [1, 2]
+    assert batch["image"][0, 0, 5, 0] == 0 and batch["image"][1, 0, 0, 4] == 0
+
+
+def test_augment_is_deterministic_and_moves_image_and_labels_together():
+    g = torch.Generator().manual_seed(0)
+    label = torch.zeros(2, 20, 22, 18, dtype=torch.long)
+    label[:, 4:14, 6:16, 5:12] = 1
+    label[:, 8:12, 9:13, 7:10] = 2
+    image = (label.float() * 10)[:, None] + 0.0 * torch.rand(2, 1, 20, 22, 18, generator=g)
+    cfg = AugmentConfig(rotation=15, scale=0.15, deform_magnitude=1.5, deform_grid=4, gamma=0, intensity_scale=0,
+                        intensity_shift=0, noise_std=0, flip=[0])
+    aug = RandomAugment(cfg)
+    img1, lab1 = aug(image, label, [5, 6], (16, 16, 16))
+    img2, lab2 = aug(image, label, [5, 6], (16, 16, 16))
+    assert img1.shape == (2, 1, 16, 16, 16) and lab1.shape == (2, 16, 16, 16) and lab1.dtype == torch.long
+    assert torch.equal(img1, img2) and torch.equal(lab1, lab2)
+    img3, _ = aug(image, label, [7, 6], (16, 16, 16))
+    assert not torch.equal(img1[0], img3[0]) and torch.equal(img1[1], img3[1])  # per-sample seeds
+    assert set(lab1.unique().tolist()) <= {0, 1, 2}  # nearest: no new label values
+    # where the linearly warped image is (nearly) a whole class value, the nearest-warped label agrees
+    sure = (img1[:, 0] - (img1[:, 0] / 10).round() * 10).abs() < 0.5
+    agree = (lab1 == (img1[:, 0] / 10).round().long())[sure].float().mean()
+    assert sure.float().mean() > 0.6 and agree > 0.995
+    assert not torch.equal(lab1[0], label[0, 2:18, 3:19, 1:17])  # it did deform
+    # disabled: an exact whole-voxel crop of the input
+    crop, crop_lab = RandomAugment(AugmentConfig(enabled=False))(image, label, [3, 4], (8, 9, 10))
+    found = False
+    for i in range(20 - 8 + 1):
+        for j in range(22 - 9 + 1):
+            for k in range(18 - 10 + 1):
+                if torch.equal(crop_lab[0], label[0, i:i + 8, j:j + 9, k:k + 10]) and torch.equal(
+                        crop[0], image[0, :, i:i + 8, j:j + 9, k:k + 10]):
+                    found = True
+    assert found
+
+
+def test_augment_intensity_and_2d():
+    cfg = AugmentConfig(rotation=10, deform_magnitude=1.0, deform_grid=3, gamma=0.3, noise_std=0.1, bias_field=0.2)
+    image = torch.rand(1, 2, 24, 20)
+    label = torch.randint(0, 3, (1, 24, 20))
+    out, lab = RandomAugment(cfg)(image, label, [1], None)
+    assert out.shape == (1, 2, 24, 20) and lab.shape == (1, 24, 20) and torch.isfinite(out).all()
+    geo, _ = RandomAugment(cfg, geometric_only=True)(image, label, [1], None)
+    assert not torch.allclose(out, geo)
+    with pytest.raises(ValueError, match="seeds"):
+        RandomAugment(cfg)(image, label, [1, 2], None)
+
+
+def test_load_and_save_nifti_round_trip(tmp_path):
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    path = save_nifti(np.arange(24).reshape(2, 3, 4), affine, tmp_path / "x.nii.gz", dtype=np.int16)
+    vol = load_nifti(path, label=True)
+    assert vol.data.shape == (2, 3, 4) and np.array_equal(vol.data, np.arange(24).reshape(2, 3, 4))
+    np.testing.assert_allclose(vol.affine, affine)
+    four = _save(tmp_path / "4d.nii.gz", np.random.rand(3, 4, 5, 2).astype(np.float32))
+    assert load_nifti(four).data.shape == (2, 3, 4, 5)
