@@ -1,0 +1,5 @@
+"""Neural networks (nn.Modules) of medfast."""
+
+from medfast.nets.registration import GlobalNet, LocalNet
+
+__all__ = ["GlobalNet", "LocalNet"]

@@ -1,0 +1,1 @@
+"""Tasks: what model, losses, metrics and data each task wires together."""
