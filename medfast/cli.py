@@ -173,8 +173,36 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_predict)
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_demo, _add_train,
-                                                                          _add_predict)
+def _cmd_register(args: argparse.Namespace) -> int:
+    from medfast.tasks.registration import run_register
+
+    return run_register(args)
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    from medfast.tasks.registration import configure_register_parser
+
+    p = sub.add_parser(
+        "register",
+        help="register a moving image to a fixed one (instance optimization or a trained model)",
+        description=(
+            "Affine then deformable registration of MOVING to FIXED (NIfTI) by instance optimization "
+            "(LNCC + bending energy, optional label Dice), or one pass of a trained network (--model). "
+            "Writes the warped image, the displacement (mm, fixed space), Dice before/after when labels "
+            "are given, and a PNG overlay. --demo registers Colin27 to MNI152."
+        ),
+    )
+    configure_register_parser(p)
+    p.set_defaults(func=_cmd_register)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_info,
+    _add_demo,
+    _add_train,
+    _add_predict,
+    _add_register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

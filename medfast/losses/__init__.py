@@ -11,6 +11,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medfast.losses.registration import (
+    BendingEnergyLoss,
+    DiffusionLoss,
+    GlobalMutualInformationLoss,
+    GradientNormLoss,
+    LocalNormalizedCrossCorrelationLoss,
+    SSDLoss,
+    bending_energy,
+    global_mutual_information,
+    gradient_norm,
+    label_dice_loss,
+    ssd_loss,
+)
+from medfast.ops._lncc import lncc_loss, local_ncc
 from medfast.ops._loss import cross_entropy, dice_ce_loss, dice_loss
 
 
@@ -73,4 +87,23 @@ class DiceCELoss(nn.Module):
         return dice_ce_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)
 
 
-__all__ = ["DiceCELoss", "DiceLoss", "cross_entropy", "dice_ce_loss", "dice_loss"]
+__all__ = [
+    "BendingEnergyLoss",
+    "DiceCELoss",
+    "DiceLoss",
+    "DiffusionLoss",
+    "GlobalMutualInformationLoss",
+    "GradientNormLoss",
+    "LocalNormalizedCrossCorrelationLoss",
+    "SSDLoss",
+    "bending_energy",
+    "cross_entropy",
+    "dice_ce_loss",
+    "dice_loss",
+    "global_mutual_information",
+    "gradient_norm",
+    "label_dice_loss",
+    "lncc_loss",
+    "local_ncc",
+    "ssd_loss",
+]

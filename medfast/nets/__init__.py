@@ -1,5 +1,6 @@
 """Networks (plain ``nn.Module``s): UNet for segmentation; LocalNet/GlobalNet for registration."""
 
+from medfast.nets.registration import GlobalNet, LocalNet
 from medfast.nets.unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["GlobalNet", "LocalNet", "UNet"]

@@ -4,6 +4,7 @@ This package is the only place that knows the compiled schemas (``torch.ops.medf
 """
 
 from medfast.ops._distance import distance_transform
+from medfast.ops._lncc import lncc_loss, local_ncc
 from medfast.ops._loss import cross_entropy, dice_ce_loss, dice_loss
 from medfast.ops._transforms import compose, integrate, resample
 from medfast.ops._warp import affine_warp, spline_coefficients, warp
@@ -16,6 +17,8 @@ __all__ = [
     "dice_loss",
     "distance_transform",
     "integrate",
+    "lncc_loss",
+    "local_ncc",
     "resample",
     "spline_coefficients",
     "warp",

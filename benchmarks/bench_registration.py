@@ -1,0 +1,202 @@
+"""Registration benchmarks on the CPU, medfast against MONAI in the same run; each measurement in a
+fresh process (its peak memory is that process's).
+
+1. LNCC forward + backward (box window k = 9): ``medfast.lncc_loss`` against MONAI's
+   ``LocalNormalizedCrossCorrelationLoss(kernel_type="rectangular")`` at 64^3 and 128^3.
+2. One registration training step (forward, backward, Adam step) of the same LocalNet: medfast build
+   (``medfast.warp`` + fused LNCC + bending energy) against the MONAI build (``monai.networks.blocks.Warp``
+   + MONAI LNCC + MONAI ``BendingEnergyLoss``).
+
+    python benchmarks/bench_registration.py [--sizes 64 128] [--step-size 64] [--out benchmarks/results]
+
+Writes ``registration_cpu_latest.json`` and ``registration_cpu_latest.png``; the 1-minute load average
+is recorded before and after (the machines here are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def lncc_worker(impl: str, size: int, k: int, repeats: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    t = torch.rand(1, 1, size, size, size)
+    p = (t + 0.2 * torch.rand_like(t)).requires_grad_()
+    if impl == "medfast":
+        import medfast as mf
+
+        def loss():
+            return mf.lncc_loss(p, t, kernel_size=k)
+    else:
+        from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+        fn = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=k, kernel_type="rectangular")
+
+        def loss():
+            return fn(p, t)
+
+    before = _rss_mib("VmRSS")
+
+    def step():
+        p.grad = None
+        loss().backward()
+
+    ms = _median_ms(step, repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ms": ms, "extra_peak_mib": peak - before, "value": float(loss())}
+
+
+def step_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
+    import torch
+
+    from medfast.nets import LocalNet
+
+    torch.manual_seed(0)
+    net = LocalNet(3, in_channels=2, num_channel_initial=channels, depth=3, extract_levels=(0, 1, 2, 3))
+    with torch.no_grad():  # non-zero heads so the warp and the regularizer see a real field
+        for h in net.heads.values():
+            h.weight.normal_(0, 1e-2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    fixed = torch.rand(1, 1, size, size, size)
+    moving = torch.rand(1, 1, size, size, size)
+    if impl == "medfast":
+        import medfast as mf
+        from medfast.losses import BendingEnergyLoss
+
+        bending = BendingEnergyLoss()
+
+        def loss_fn():
+            ddf = net(torch.cat([moving, fixed], 1))
+            warped = mf.warp(moving, ddf, padding="border")
+            return mf.lncc_loss(warped, fixed, kernel_size=9) + 0.5 * bending(ddf)
+    else:
+        from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
+        from monai.networks.blocks import Warp
+
+        warp = Warp(mode="bilinear", padding_mode="border")
+        lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, kernel_type="rectangular")
+        bending = BendingEnergyLoss()
+
+        def loss_fn():
+            ddf = net(torch.cat([moving, fixed], 1))
+            return lncc(warp(moving, ddf), fixed) + 0.5 * bending(ddf)
+
+    before = _rss_mib("VmRSS")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+
+    ms = _median_ms(step, repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ms": ms, "extra_peak_mib": peak - before}
+
+
+def _run(kind: str, impl: str, *params) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, impl, *map(str, params)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"LNCC fwd+bwd {r['size']}^3 k={r['kernel']}", r["monai_ms"], r["medfast_ms"]) for r in result["lncc"]]
+    s = result.get("step")
+    if s:
+        rows.append((f"LocalNet step {s['size']}^3", s["monai_ms"], s["medfast_ms"]))
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.7 * len(rows)))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [r[1] for r in rows], 0.4, label="MONAI", color="#999999")
+    ax.barh([i - 0.2 for i in y], [r[2] for r in rows], 0.4, label="medfast", color="#1f77b4")
+    for i, r in enumerate(rows):
+        ax.text(r[1], i + 0.2, f" {r[1] / r[2]:.1f}x", va="center", fontsize=8)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("median ms (CPU, lower is better)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"registration, CPU ({result['threads']} threads, load {result['load_before']:.1f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--kernel", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--step-size", type=int, default=64, help="volume edge of the training step (0: skip)")
+    p.add_argument("--step-channels", type=int, default=8)
+    p.add_argument("--step-repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        kind, impl, *params = args.worker
+        fn = lncc_worker if kind == "lncc" else step_worker
+        print(json.dumps(fn(impl, *map(int, params))))
+        return
+    import torch
+
+    result = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0],
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "lncc": []}
+    for size in args.sizes:
+        res = {impl: _run("lncc", impl, size, args.kernel, args.repeats) for impl in ("medfast", "monai")}
+        row = {"size": size, "kernel": args.kernel, **{f"{i}_{m}": v for i, r in res.items() for m, v in r.items()}}
+        row["speedup"] = res["monai"]["ms"] / res["medfast"]["ms"]
+        result["lncc"].append(row)
+        print(f"LNCC {size}^3 k={args.kernel}: medfast {row['medfast_ms']:.1f} ms, MONAI {row['monai_ms']:.1f} ms "
+              f"-> {row['speedup']:.1f}x; extra peak MiB medfast {row['medfast_extra_peak_mib']:.0f} / "
+              f"MONAI {row['monai_extra_peak_mib']:.0f}; values {row['medfast_value']:.6f} / "
+              f"{row['monai_value']:.6f}", flush=True)
+    if args.step_size:
+        res = {impl: _run("step", impl, args.step_size, args.step_channels, args.step_repeats)
+               for impl in ("medfast", "monai")}
+        row = {"size": args.step_size, "channels": args.step_channels,
+               **{f"{i}_{m}": v for i, r in res.items() for m, v in r.items()}}
+        row["speedup"] = res["monai"]["ms"] / res["medfast"]["ms"]
+        result["step"] = row
+        print(f"LocalNet step {args.step_size}^3 (ch {args.step_channels}): medfast {row['medfast_ms']:.0f} ms, "
+              f"MONAI {row['monai_ms']:.0f} ms -> {row['speedup']:.2f}x; extra peak MiB medfast "
+              f"{row['medfast_extra_peak_mib']:.0f} / MONAI {row['monai_extra_peak_mib']:.0f}", flush=True)
+    result["load_after"] = os.getloadavg()[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "registration_cpu_latest.json").write_text(json.dumps(result, indent=1))
+    _plot(result, args.out / "registration_cpu_latest.png")
+
+
+if __name__ == "__main__":
+    main()

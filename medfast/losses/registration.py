@@ -1,0 +1,294 @@
+"""Registration losses: image similarity (LNCC, SSD, mutual information), DDF regularizers
+(bending energy, gradient norm) and a label Dice for weak supervision.
+
+Argument names follow MONAI. Image losses take ``(pred, target)`` = (warped moving, fixed) images
+``(B, C, *spatial)``; regularizers take a dense displacement field ``(B, ndim, *spatial)`` (voxel
+units). All return values to MINIMIZE (similarities are negated, as in MONAI).
+
+Definitions and their references:
+
+* :class:`LocalNormalizedCrossCorrelationLoss` -- the fused ``medfast.lncc_loss`` op, equal to MONAI's
+  ``LocalNormalizedCrossCorrelationLoss(kernel_type="rectangular")``.
+* :class:`GlobalMutualInformationLoss` -- Gaussian Parzen-window joint histogram (DeepReg's
+  definition, equal to MONAI's ``GlobalMutualInformationLoss(kernel_type="gaussian")``); intensities
+  are expected in [0, 1] (clamped).
+* :class:`BendingEnergyLoss` -- ``stencil="compact"`` (default): second derivatives by the compact
+  3-point stencils, equal to MONAI >= 1.5's ``BendingEnergyLoss``; ``stencil="deepreg"``: nested
+  central first differences (span 5 voxels, DeepReg's ``compute_bending_energy`` and MONAI < 1.5).
+* :class:`GradientNormLoss` -- squared (``"l2"``, MONAI's ``DiffusionLoss``, DeepReg's
+  ``gradient-l2``) or absolute (``"l1"``, DeepReg's ``gradient-l1``) central first differences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medfast.ops._lncc import REDUCTIONS, lncc_loss
+from medfast.ops._validate import check_choice, check_tensor
+
+
+def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return x.mean()
+    if reduction == "sum":
+        return x.sum()
+    return x
+
+
+def _check_pair(pred: object, target: object, min_dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    pred = check_tensor("pred", pred)
+    target = check_tensor("target", target)
+    if not (pred.is_floating_point() and target.is_floating_point()):
+        raise TypeError(f"pred and target must be floating tensors, got {pred.dtype} and {target.dtype}")
+    if pred.shape != target.shape:
+        raise ValueError(f"target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+    if pred.dim() < min_dim:
+        raise ValueError(f"pred must have shape (B, C, *spatial), got {tuple(pred.shape)}")
+    return pred, target
+
+
+def _check_ddf(ddf: object) -> torch.Tensor:
+    ddf = check_tensor("ddf", ddf)
+    if not ddf.is_floating_point():
+        raise TypeError(f"ddf must be a floating tensor, got {ddf.dtype}")
+    if ddf.dim() not in (3, 4, 5) or ddf.shape[1] != ddf.dim() - 2:
+        raise ValueError(f"ddf must have shape (B, ndim, *spatial) with ndim = number of spatial dims, "
+                         f"got {tuple(ddf.shape)}")
+    if any(s <= 2 for s in ddf.shape[2:]):
+        raise ValueError(f"every spatial size of ddf must be > 2, got {tuple(ddf.shape[2:])}")
+    return ddf
+
+
+def _shifted(x: torch.Tensor, offsets: dict[int, int], margin: int) -> torch.Tensor:
+    """x cropped by `margin` on both sides of every spatial axis, shifted by offsets[axis] voxels."""
+    index = [slice(None), slice(None)]
+    for d in range(2, x.dim()):
+        o = offsets.get(d, 0)
+        stop = x.shape[d] - margin + o
+        index.append(slice(margin + o, stop))
+    return x[tuple(index)]
+
+
+def _central(x: torch.Tensor, d: int) -> torch.Tensor:
+    """(x[i + 1] - x[i - 1]) / 2 along spatial axis d, cropped by one voxel on every spatial axis."""
+    return (_shifted(x, {d: 1}, 1) - _shifted(x, {d: -1}, 1)) / 2.0
+
+
+def _normalizer(ddf: torch.Tensor, *axes: int) -> torch.Tensor:
+    """Per-channel factor prod(size[a] for a in axes) / size[channel axis] (MONAI's ``normalize``)."""
+    sizes = torch.tensor(ddf.shape[2:], device=ddf.device, dtype=ddf.dtype)
+    num = 1.0
+    for a in axes:
+        num *= ddf.shape[a]
+    return (num / sizes).reshape((1, -1) + (1,) * (ddf.dim() - 2))
+
+
+def bending_energy(ddf: torch.Tensor, normalize: bool = False, reduction: str = "mean",
+                   stencil: str = "compact") -> torch.Tensor:
+    """Bending energy of a displacement field: sum over axis pairs of squared second derivatives.
+
+    ``sum_i (d2u/dx_i^2)^2 + 2 sum_{i<j} (d2u/dx_i dx_j)^2`` per voxel and channel, on the interior.
+
+    Parameters
+    ----------
+    ddf : Tensor
+        ``(B, ndim, *spatial)`` displacement (voxels), every spatial size > 2 (> 4 for "deepreg").
+    normalize : bool
+        Scale derivatives by the field size (MONAI's ``normalize``): roughly resolution-invariant.
+    reduction : {"mean", "sum", "none"}
+        ``"none"`` gives the ``(B, ndim, *interior)`` energy map.
+    stencil : {"compact", "deepreg"}
+        Compact 3-point stencils (MONAI >= 1.5) or nested central differences (DeepReg).
+    """
+    ddf = _check_ddf(ddf)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("stencil", stencil, ("compact", "deepreg"))
+    dims = range(2, ddf.dim())
+    if stencil == "deepreg" and any(s <= 4 for s in ddf.shape[2:]):
+        raise ValueError(f"stencil='deepreg' needs every spatial size > 4, got {tuple(ddf.shape[2:])}")
+    first = {d: _central(ddf, d) for d in dims} if stencil == "deepreg" else None
+    energy = None
+    for i in dims:
+        for j in dims:
+            if j < i:
+                continue
+            if stencil == "compact":
+                if i == j:
+                    d2 = _shifted(ddf, {i: 1}, 1) - 2 * _shifted(ddf, {}, 1) + _shifted(ddf, {i: -1}, 1)
+                else:
+                    d2 = (_shifted(ddf, {i: 1, j: 1}, 1) - _shifted(ddf, {i: 1, j: -1}, 1)
+                          - _shifted(ddf, {i: -1, j: 1}, 1) + _shifted(ddf, {i: -1, j: -1}, 1)) / 4.0
+            else:
+                d2 = _central(first[i], j)
+            if normalize:
+                d2 = d2 * _normalizer(ddf, i, j)
+            term = d2 * d2 if i == j else 2 * d2 * d2
+            energy = term if energy is None else energy + term
+    return _reduce(energy, reduction)
+
+
+def gradient_norm(ddf: torch.Tensor, norm: str = "l2", normalize: bool = False, reduction: str = "mean"
+                  ) -> torch.Tensor:
+    """Gradient regularizer: ``sum_i |du/dx_i|^2`` ("l2", diffusion) or ``sum_i |du/dx_i|`` ("l1").
+
+    Central first differences on the interior (every spatial axis cropped by one voxel).
+
+    Parameters
+    ----------
+    ddf : Tensor
+        ``(B, ndim, *spatial)`` displacement (voxels), every spatial size > 2.
+    norm : {"l2", "l1"}
+    normalize : bool
+        Scale derivatives by the field size (MONAI's ``normalize``).
+    reduction : {"mean", "sum", "none"}
+    """
+    ddf = _check_ddf(ddf)
+    check_choice("norm", norm, ("l2", "l1"))
+    check_choice("reduction", reduction, REDUCTIONS)
+    out = None
+    for d in range(2, ddf.dim()):
+        g = _central(ddf, d)
+        if normalize:
+            g = g * _normalizer(ddf, d)
+        term = g * g if norm == "l2" else g.abs()
+        out = term if out is None else out + term
+    return _reduce(out, reduction)
+
+
+def ssd_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Sum (mean) of squared differences ``(pred - target)^2`` over batch, channels and voxels."""
+    pred, target = _check_pair(pred, target)
+    check_choice("reduction", reduction, REDUCTIONS)
+    return _reduce((pred - target) ** 2, reduction)
+
+
+def global_mutual_information(pred: torch.Tensor, target: torch.Tensor, num_bins: int = 23,
+                              sigma_ratio: float = 0.5, smooth_nr: float = 1e-7, smooth_dr: float = 1e-7,
+                              reduction: str = "mean") -> torch.Tensor:
+    """Minus the mutual information of two images, Gaussian Parzen-window histograms.
+
+    Each voxel's intensity (clamped to [0, 1]) votes into ``num_bins`` bins centred on
+    ``linspace(0, 1, num_bins)`` with Gaussian weights of sigma ``sigma_ratio x bin width``,
+    normalized per voxel; the joint histogram is the mean outer product of the two weight vectors.
+
+    Parameters
+    ----------
+    pred, target : Tensor
+        ``(B, *)`` images of equal shape, intensities in [0, 1]; each batch element is one sample set.
+    num_bins, sigma_ratio, smooth_nr, smooth_dr
+        As MONAI's ``GlobalMutualInformationLoss``.
+    reduction : {"mean", "sum", "none"}
+        Over the batch (``"none"``: ``(B,)``).
+    """
+    pred, target = _check_pair(pred, target, min_dim=2)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+    if not sigma_ratio > 0:
+        raise ValueError(f"sigma_ratio must be > 0, got {sigma_ratio!r}")
+    centers = torch.linspace(0.0, 1.0, num_bins, device=pred.device, dtype=pred.dtype)
+    sigma = sigma_ratio / (num_bins - 1)
+    inv2s2 = 1.0 / (2.0 * sigma * sigma)
+
+    def parzen(x: torch.Tensor) -> torch.Tensor:  # (B, N, bins), rows summing to one
+        x = x.clamp(0, 1).reshape(x.shape[0], -1, 1)
+        w = torch.exp(-inv2s2 * (x - centers) ** 2)
+        return w / w.sum(dim=-1, keepdim=True)
+
+    wa, wb = parzen(pred), parzen(target)
+    n = wa.shape[1]
+    pab = torch.einsum("bni,bnj->bij", wa, wb) / n
+    pa, pb = wa.mean(dim=1), wb.mean(dim=1)
+    papb = pa[:, :, None] * pb[:, None, :]
+    mi = (pab * torch.log((pab + smooth_nr) / (papb + smooth_dr) + smooth_dr)).sum(dim=(1, 2))
+    return _reduce(mi, reduction).neg()
+
+
+def label_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """1 - mean soft Dice of warped label maps (weak supervision).
+
+    Parameters
+    ----------
+    pred, target : Tensor
+        ``(B, K, *spatial)`` soft (one-hot, linearly warped) label maps of K foreground classes.
+    """
+    pred, target = _check_pair(pred, target)
+    dims = tuple(range(2, pred.dim()))
+    inter = (pred * target).sum(dims)
+    denom = pred.sum(dims) + target.sum(dims)
+    return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
+
+
+class LocalNormalizedCrossCorrelationLoss(nn.Module):
+    """Module form of :func:`medfast.lncc_loss` (rectangular window; MONAI's argument names)."""
+
+    def __init__(self, spatial_dims: int = 3, kernel_size: int | Sequence[int] = 3, kernel_type: str = "rectangular",
+                 reduction: str = "mean", smooth_nr: float = 0.0, smooth_dr: float = 1e-5) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        check_choice("kernel_type", kernel_type, ("rectangular",))
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.spatial_dims, self.kernel_size, self.reduction = spatial_dims, kernel_size, reduction
+        self.smooth_nr, self.smooth_dr = smooth_nr, smooth_dr
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(pred, torch.Tensor) and pred.dim() - 2 != self.spatial_dims:
+            raise ValueError(f"pred must have {self.spatial_dims} spatial dims, got shape {tuple(pred.shape)}")
+        return lncc_loss(pred, target, self.kernel_size, self.smooth_nr, self.smooth_dr, self.reduction)
+
+
+class SSDLoss(nn.Module):
+    """Module form of :func:`ssd_loss`."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ssd_loss(pred, target, self.reduction)
+
+
+class GlobalMutualInformationLoss(nn.Module):
+    """Module form of :func:`global_mutual_information` (Gaussian Parzen windows)."""
+
+    def __init__(self, num_bins: int = 23, sigma_ratio: float = 0.5, reduction: str = "mean",
+                 smooth_nr: float = 1e-7, smooth_dr: float = 1e-7) -> None:
+        super().__init__()
+        self.kwargs = dict(num_bins=num_bins, sigma_ratio=sigma_ratio, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                           reduction=check_choice("reduction", reduction, REDUCTIONS))
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return global_mutual_information(pred, target, **self.kwargs)
+
+
+class BendingEnergyLoss(nn.Module):
+    """Module form of :func:`bending_energy`."""
+
+    def __init__(self, normalize: bool = False, reduction: str = "mean", stencil: str = "compact") -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.stencil = check_choice("stencil", stencil, ("compact", "deepreg"))
+
+    def forward(self, ddf: torch.Tensor) -> torch.Tensor:
+        return bending_energy(ddf, self.normalize, self.reduction, self.stencil)
+
+
+class GradientNormLoss(nn.Module):
+    """Module form of :func:`gradient_norm`; ``GradientNormLoss("l2")`` is MONAI's ``DiffusionLoss``."""
+
+    def __init__(self, norm: str = "l2", normalize: bool = False, reduction: str = "mean") -> None:
+        super().__init__()
+        self.norm = check_choice("norm", norm, ("l2", "l1"))
+        self.normalize = normalize
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+
+    def forward(self, ddf: torch.Tensor) -> torch.Tensor:
+        return gradient_norm(ddf, self.norm, self.normalize, self.reduction)
+
+
+DiffusionLoss = GradientNormLoss

@@ -1,0 +1,193 @@
+"""Registration networks: LocalNet (dense displacement) and GlobalNet (affine), DeepReg-style.
+
+Both take the moving and fixed images concatenated on the channel axis, ``(B, 2 C, *S)``, 2D or 3D.
+
+* :class:`LocalNet` -- a U-shaped encoder-decoder (DeepReg's LocalNet: conv blocks with instance
+  norm and leaky ReLU, max-pool down, transposed-conv up plus additive trilinear upsampling, skip
+  connections added). The DDF is the mean of 1-channel-per-axis heads at the ``extract_levels``,
+  resized to full resolution; the heads are zero-initialised, so an untrained net is the identity.
+* :class:`GlobalNet` -- the LocalNet encoder, then a linear layer to the ``ndim x (ndim + 1)``
+  affine parameters, initialised to the identity. It returns the affine in voxel coordinates
+  (output -> input, as :func:`medfast.affine_warp` takes it) and the equivalent DDF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv(ndim: int):
+    return nn.Conv3d if ndim == 3 else nn.Conv2d
+
+
+def _norm(ndim: int):
+    return nn.InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d
+
+
+class _Block(nn.Sequential):
+    """Two (conv 3, instance norm, leaky ReLU) layers."""
+
+    def __init__(self, ndim: int, cin: int, cout: int) -> None:
+        conv, norm = _conv(ndim), _norm(ndim)
+        super().__init__(conv(cin, cout, 3, padding=1), norm(cout, affine=True), nn.LeakyReLU(0.2),
+                         conv(cout, cout, 3, padding=1), norm(cout, affine=True), nn.LeakyReLU(0.2))
+
+
+class _Encoder(nn.Module):
+    """Levels 0..depth: a conv block at each, max-pool between them. Returns every level's output."""
+
+    def __init__(self, ndim: int, in_channels: int, channels: int, depth: int) -> None:
+        super().__init__()
+        self.ndim = ndim
+        chans = [channels * 2**i for i in range(depth + 1)]
+        self.blocks = nn.ModuleList(
+            [_Block(ndim, in_channels if i == 0 else chans[i - 1], chans[i]) for i in range(depth + 1)])
+        self.channels = chans
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        pool = F.max_pool3d if self.ndim == 3 else F.max_pool2d
+        out = []
+        for i, block in enumerate(self.blocks):
+            x = block(x if i == 0 else pool(x, 2, ceil_mode=True))
+            out.append(x)
+        return out
+
+
+def _check_input(x: torch.Tensor, ndim: int, in_channels: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim + 2 or x.shape[1] != in_channels:
+        raise ValueError(f"input must have shape (B, {in_channels}, *spatial) with {ndim} spatial dims "
+                         f"(moving and fixed concatenated), got {tuple(x.shape)}")
+
+
+class LocalNet(nn.Module):
+    """Dense displacement field network.
+
+    Parameters
+    ----------
+    spatial_dims : int
+        2 or 3.
+    in_channels : int
+        Channels of the concatenated (moving, fixed) input, usually 2.
+    num_channel_initial : int
+        Feature channels at full resolution (doubled at each level).
+    depth : int
+        Number of down-sampling levels.
+    extract_levels : sequence of int
+        Decoder levels (0 = full resolution) whose heads are averaged into the DDF.
+
+    Shapes
+    ------
+    ``forward(x)``: ``(B, in_channels, *S)`` -> DDF ``(B, spatial_dims, *S)`` in voxels (or a
+    velocity field, to be integrated with :func:`medfast.integrate`).
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 2, num_channel_initial: int = 16, depth: int = 3,
+                 extract_levels: Sequence[int] = (0, 1, 2, 3)) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth!r}")
+        levels = sorted(set(int(lv) for lv in extract_levels))
+        if not levels or levels[0] < 0 or levels[-1] > depth:
+            raise ValueError(f"extract_levels must lie in [0, depth = {depth}], got {tuple(extract_levels)}")
+        self.ndim, self.in_channels, self.levels = spatial_dims, in_channels, levels
+        self.encoder = _Encoder(spatial_dims, in_channels, num_channel_initial, depth)
+        ch = self.encoder.channels
+        up = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+        self.ups = nn.ModuleList([up(ch[i + 1], ch[i], 2, stride=2) for i in range(depth)])
+        self.decoders = nn.ModuleList([_Block(spatial_dims, ch[i], ch[i]) for i in range(depth)])
+        conv = _conv(spatial_dims)
+        self.heads = nn.ModuleDict({str(lv): conv(ch[lv], spatial_dims, 3, padding=1) for lv in levels})
+        for head in self.heads.values():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.ndim, self.in_channels)
+        size = x.shape[2:]
+        mode = "trilinear" if self.ndim == 3 else "bilinear"
+        feats = self.encoder(x)
+        h = feats[-1]
+        outs = []
+        if len(feats) - 1 in self.levels:
+            outs.append(self.heads[str(len(feats) - 1)](h))
+        for i in reversed(range(len(self.decoders))):
+            skip = feats[i]
+            up = self.ups[i](h)
+            up = up[tuple([slice(None), slice(None)] + [slice(0, s) for s in skip.shape[2:]])]
+            # additive upsampling (DeepReg): resize and sum channel pairs of the coarse features
+            add = F.interpolate(h, size=skip.shape[2:], mode=mode, align_corners=False)
+            add = add.reshape(add.shape[0], skip.shape[1], -1, *add.shape[2:]).sum(2)
+            h = self.decoders[i](up + add + skip)
+            if i in self.levels:
+                outs.append(self.heads[str(i)](h))
+        ddf = torch.stack([F.interpolate(o, size=size, mode=mode, align_corners=False)
+                           if o.shape[2:] != size else o for o in outs]).mean(0)
+        return ddf
+
+
+class GlobalNet(nn.Module):
+    """Affine registration network.
+
+    Parameters
+    ----------
+    spatial_dims, in_channels, num_channel_initial, depth
+        As :class:`LocalNet` (encoder only).
+
+    Shapes
+    ------
+    ``forward(x)``: ``(B, in_channels, *S)`` -> ``(theta, ddf)``: ``theta (B, ndim, ndim + 1)`` maps
+    output (fixed) voxel coordinates to input (moving) voxel coordinates, and ``ddf (B, ndim, *S)``
+    is ``theta @ [x; 1] - x`` in voxels. The affine is predicted in coordinates centred on the image
+    and scaled by its half size, so the identity init and the learning rates are resolution-free.
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 2, num_channel_initial: int = 16,
+                 depth: int = 3) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        self.ndim, self.in_channels = spatial_dims, in_channels
+        self.encoder = _Encoder(spatial_dims, in_channels, num_channel_initial, depth)
+        n = spatial_dims * (spatial_dims + 1)
+        self.head = nn.Linear(self.encoder.channels[-1], n)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.copy_(torch.eye(spatial_dims, spatial_dims + 1).reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_input(x, self.ndim, self.in_channels)
+        feat = self.encoder(x)[-1].flatten(2).mean(-1)
+        centred = self.head(feat).reshape(-1, self.ndim, self.ndim + 1)
+        theta = centred_to_voxel(centred, x.shape[2:])
+        return theta, affine_ddf(theta, x.shape[2:])
+
+
+def centred_to_voxel(centred: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Converts ``(B, n, n + 1)`` affines acting on centred, half-size-scaled coordinates
+    ``y = (x - c) / h`` into affines acting on voxel coordinates ``x``."""
+    n = len(shape)
+    c = torch.tensor([(s - 1) / 2 for s in shape], dtype=centred.dtype, device=centred.device)
+    h = torch.tensor([max(s - 1, 1) / 2 for s in shape], dtype=centred.dtype, device=centred.device)
+    A, t = centred[..., :n], centred[..., n]
+    # x_in = h * (A (x - c) / h + t) + c
+    Av = h[:, None] * A / h[None, :]
+    tv = h * t + c - (Av @ c[:, None])[..., 0]
+    return torch.cat([Av, tv[..., None]], -1)
+
+
+def affine_ddf(theta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``theta @ [x; 1] - x`` on the voxel grid of ``shape``: ``(B, ndim, *shape)`` displacement."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=theta.dtype, device=theta.device) for s in shape],
+                                      indexing="ij"))
+    n = len(shape)
+    flat = grid.reshape(n, -1)
+    out = theta[..., :n] @ flat + theta[..., n:] - flat
+    return out.reshape(theta.shape[0], n, *shape)

@@ -1,0 +1,146 @@
+"""Local normalized cross-correlation (LNCC) with a box window: a fused C++/CUDA op.
+
+Kernels: ``csrc/lncc/``. The five local sums a window needs (of t, p, t^2, p^2, t p) are box
+filters computed separably by running sums (O(1) work per voxel and axis on the CPU, whatever the
+window size), and the backward pass is the analytic adjoint: box sums of five per-voxel terms.
+No intermediate tensor is kept for autograd besides the two inputs.
+
+The value equals MONAI's ``LocalNormalizedCrossCorrelationLoss(kernel_type="rectangular")``
+(zero padding at the image border, window volume ``prod(kernel_size)`` everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast.ops._validate import check_choice, check_tensor
+
+_ops = torch.ops.medfast
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@torch.library.register_fake("medfast::lncc")
+def _lncc_fake(pred, target, kernel_size, smooth_nr, smooth_dr):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("medfast::lncc_backward")
+def _lncc_backward_fake(grad, pred, target, kernel_size, smooth_nr, smooth_dr):
+    return (torch.empty_like(pred, memory_format=torch.contiguous_format),
+            torch.empty_like(target, memory_format=torch.contiguous_format))
+
+
+def _lncc_setup(ctx, inputs, output):
+    pred, target, kernel_size, smooth_nr, smooth_dr = inputs
+    ctx.save_for_backward(pred, target)
+    ctx.args = (list(kernel_size), float(smooth_nr), float(smooth_dr))
+
+
+def _lncc_backward(ctx, grad):
+    pred, target = ctx.saved_tensors
+    grad_pred, grad_target = _ops.lncc_backward(grad.contiguous(), pred, target, *ctx.args)
+    return (grad_pred if ctx.needs_input_grad[0] else None, grad_target if ctx.needs_input_grad[1] else None,
+            None, None, None)
+
+
+torch.library.register_autograd("medfast::lncc", _lncc_backward, setup_context=_lncc_setup)
+
+
+def _kernel_size(kernel_size: object, ndim: int) -> list[int]:
+    if isinstance(kernel_size, bool):
+        raise TypeError(f"kernel_size must be an int or a sequence of {ndim} ints, got {kernel_size!r}")
+    if isinstance(kernel_size, int):
+        sizes = [kernel_size] * ndim
+    else:
+        try:
+            sizes = [int(k) for k in kernel_size]  # type: ignore[union-attr]
+        except TypeError:
+            raise TypeError(f"kernel_size must be an int or a sequence of {ndim} ints, got {kernel_size!r}") from None
+    if len(sizes) != ndim:
+        raise ValueError(f"kernel_size must have {ndim} entries for {ndim} spatial dims, got {tuple(sizes)}")
+    if any(k <= 0 or k % 2 == 0 for k in sizes):
+        raise ValueError(f"kernel_size must be positive odd sizes, got {tuple(sizes)}")
+    return sizes
+
+
+def local_ncc(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    kernel_size: int | Sequence[int] = 9,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-5,
+) -> torch.Tensor:
+    """Per-voxel squared local normalized cross-correlation of two images (box window).
+
+    Parameters
+    ----------
+    pred, target : Tensor
+        ``(B, C, H, W)`` or ``(B, C, D, H, W)`` images of the same shape, dtype and device
+        (float32/float64; float16/bfloat16 are computed in float32).
+    kernel_size : int or sequence of int
+        Window size in voxels per spatial dim (odd). The window is zero-padded at the border and
+        its volume ``prod(kernel_size)`` is used everywhere (MONAI's convention).
+    smooth_nr, smooth_dr : float
+        Added to the squared cross term; lower bound of each local variance.
+
+    Returns
+    -------
+    Tensor
+        ``(B, C, *spatial)`` map of ``cross^2 / (var_t var_p)`` in ``[0, 1]`` (for smooth_nr = 0), in
+        float32 (float64 for float64 inputs). Differentiable with respect to both images.
+    """
+    pred = check_tensor("pred", pred)
+    target = check_tensor("target", target)
+    for name, x in (("pred", pred), ("target", target)):
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if pred.dim() not in (4, 5):
+        raise ValueError(f"pred must have shape (B, C, H, W) or (B, C, D, H, W), got {tuple(pred.shape)}")
+    if target.shape != pred.shape:
+        raise ValueError(f"target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+    if target.device != pred.device:
+        raise ValueError(f"target is on {target.device} but pred is on {pred.device}")
+    if pred.numel() == 0:
+        raise ValueError(f"pred is empty: shape {tuple(pred.shape)}")
+    sizes = _kernel_size(kernel_size, pred.dim() - 2)
+    for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+    if smooth_dr == 0:
+        raise ValueError("smooth_dr must be > 0 (it bounds the local variances away from zero)")
+    dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
+    return _ops.lncc(pred.to(dtype), target.to(dtype), sizes, float(smooth_nr), float(smooth_dr))
+
+
+def lncc_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    kernel_size: int | Sequence[int] = 9,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-5,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Local normalized cross-correlation loss: minus the reduced :func:`local_ncc` map.
+
+    Equal to ``monai.losses.LocalNormalizedCrossCorrelationLoss(spatial_dims, kernel_size,
+    kernel_type="rectangular", reduction, smooth_nr, smooth_dr)(pred, target)``; values lie in
+    ``[-1, 0]``, -1 for perfectly (locally linearly) related images.
+
+    Parameters
+    ----------
+    pred, target, kernel_size, smooth_nr, smooth_dr
+        See :func:`local_ncc`.
+    reduction : {"mean", "sum", "none"}
+        Mean or sum over batch, channels and voxels, or the ``(B, C, *spatial)`` map.
+    """
+    check_choice("reduction", reduction, REDUCTIONS)
+    ncc = local_ncc(pred, target, kernel_size, smooth_nr, smooth_dr)
+    if reduction == "mean":
+        return ncc.mean().neg()
+    if reduction == "sum":
+        return ncc.sum().neg()
+    return ncc.neg()

@@ -1,0 +1,200 @@
+"""Registration networks, instance optimization, `medfast register` end to end on tiny synthetic data."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import medfast as mf
+from medfast.cli import main
+from medfast.nets import GlobalNet, LocalNet
+from medfast.nets.registration import affine_ddf, centred_to_voxel
+from medfast.tasks.registration import (
+    COLIN27_PATH,
+    RegistrationConfig,
+    level_theta,
+    normalize_intensity,
+    register_pair,
+    run_registration_demo,
+    save_model,
+)
+
+nib = pytest.importorskip("nibabel")
+
+
+def _phantom(shape=(28, 30, 26)):
+    """Smooth image of three ellipsoids (labels 1..3) with distinct intensities, plus its labels."""
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    labels = torch.zeros(shape, dtype=torch.long)
+    specs = [((0.0, 0.0, 0.0), (0.75, 0.65, 0.7), 1), ((0.15, -0.1, 0.1), (0.4, 0.35, 0.3), 2),
+             ((-0.25, 0.25, -0.1), (0.2, 0.25, 0.2), 3)]
+    for c, r, k in specs:
+        d = sum(((grid[i] - c[i]) / r[i]) ** 2 for i in range(3))
+        labels[d <= 1] = k
+    image = torch.tensor([0.0, 0.3, 0.7, 1.0])[labels]
+    image = torch.nn.functional.avg_pool3d(image[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
+    return image, labels
+
+
+def _transform(image, labels, seed=0):
+    """A known affine (rotation + shift) and smooth deformation of the phantom."""
+    g = torch.Generator().manual_seed(seed)
+    shape = image.shape
+    a = math.radians(8)
+    A = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]]) * 1.05
+    centred = torch.cat([A, torch.tensor([[0.06], [-0.05], [0.04]])], 1)[None]
+    theta = centred_to_voxel(centred, shape)
+    coarse = torch.randn(1, 3, 4, 4, 4, generator=g) * 1.2
+    u = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+    moving = mf.affine_warp(image[None, None], theta, ddf=u)[0, 0]
+    mlab = mf.affine_warp(labels[None, None].float(), theta, ddf=u, mode="nearest")[0, 0].long()
+    return moving, mlab
+
+
+_FAST = RegistrationConfig(affine_levels=(2, 1), affine_iters=40, affine_lr=0.02, deform_levels=(2, 1),
+                           deform_iters=40, deform_lr=0.5, kernel_size=5, bending_weight=0.5)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_nets_start_at_identity_and_train(ndim):
+    shape = (20, 18, 16)[:ndim] if ndim == 3 else (24, 20)
+    x = torch.rand(2, 2, *shape)
+    local = LocalNet(ndim, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2))
+    ddf = local(x)
+    assert ddf.shape == (2, ndim, *shape) and ddf.abs().max() == 0
+    ddf.pow(2).sum().backward()  # heads are zero: gradients reach them
+    assert local.heads["0"].weight.grad is not None
+    glob = GlobalNet(ndim, num_channel_initial=4, depth=2)
+    theta, gddf = glob(x)
+    torch.testing.assert_close(theta, torch.eye(ndim, ndim + 1).expand(2, -1, -1))
+    assert gddf.shape == (2, ndim, *shape) and gddf.abs().max() < 1e-5
+    with pytest.raises(ValueError, match="input must have shape"):
+        local(torch.rand(1, 3, *shape))
+    with pytest.raises(ValueError, match="extract_levels"):
+        LocalNet(ndim, depth=2, extract_levels=(3,))
+
+
+def test_affine_conventions():
+    shape = (9, 10, 11)
+    centred = torch.eye(3, 4)[None].clone()
+    centred[0, :, 3] = torch.tensor([0.2, -0.1, 0.3])
+    theta = centred_to_voxel(centred, shape)
+    h = torch.tensor([(s - 1) / 2 for s in shape])
+    torch.testing.assert_close(theta[0, :, 3], centred[0, :, 3] * h)  # translation in voxels = t * half size
+    torch.testing.assert_close(level_theta(centred, shape, 1), theta)
+    # level f: level voxel i sits at f i + (f - 1) / 2 in full-resolution voxels
+    for f in (2, 3):
+        tl = level_theta(centred, shape, f)
+        i = torch.tensor([1.0, 2.0, 3.0])
+        x = f * i + (f - 1) / 2
+        full = theta[0, :, :3] @ x + theta[0, :, 3]
+        torch.testing.assert_close((full - (f - 1) / 2) / f, tl[0, :, :3] @ i + tl[0, :, 3])
+    ddf = affine_ddf(theta, shape)
+    torch.testing.assert_close(ddf[0, :, 0, 0, 0], theta[0, :, 3])
+
+
+def test_instance_optimization_improves_every_stage():
+    image, labels = _phantom()
+    moving, mlab = _transform(image, labels)
+    res = register_pair(image, moving, labels, mlab, _FAST, progress=False)
+    m = res.metrics
+    assert m["dice_before"] < m["dice_affine"] < m["dice_after"], m
+    assert m["dice_after"] > 0.8
+    assert m["lncc_before"] > m["lncc_affine"] > m["lncc_after"]
+    assert res.ddf.shape == (1, 3, *image.shape) and res.warped_labels.shape == image.shape
+    # the warped image is the moving image sampled at x + ddf
+    torch.testing.assert_close(res.warped, mf.warp(normalize_intensity(moving[None, None]),
+                                                   res.ddf), atol=1e-4, rtol=0)
+
+
+def test_weak_supervision_and_velocity_2d():
+    image, labels = _phantom((40, 44, 3))
+    image, labels = image[:, :, 1], labels[:, :, 1]
+    moving = torch.roll(image, (2, -2), (0, 1))
+    mlab = torch.roll(labels, (2, -2), (0, 1))
+    cfg = RegistrationConfig(affine_levels=(), deform_levels=(2, 1), deform_iters=40, deform_lr=1.0,
+                             kernel_size=5, dice_weight=1.0, velocity=True)
+    res = register_pair(image, moving, labels, mlab, cfg, progress=False)
+    assert res.metrics["dice_after"] > res.metrics["dice_before"] + 0.1
+    assert res.metrics["dice_affine"] == res.metrics["dice_before"]  # affine stage skipped
+
+
+def test_register_pair_bad_inputs():
+    a = torch.rand(8, 8, 8)
+    with pytest.raises(ValueError, match="share a grid"):
+        register_pair(a, torch.rand(8, 8, 9), progress=False)
+    with pytest.raises(ValueError, match="give both"):
+        register_pair(a, a, fixed_labels=torch.ones(8, 8, 8, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="no foreground"):
+        register_pair(a, a, torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), progress=False)
+    with pytest.raises(ValueError, match="kernel_size"):
+        RegistrationConfig(kernel_size=4)
+    with pytest.raises(ValueError, match="deform_levels"):
+        RegistrationConfig(deform_levels=(0,))
+    with pytest.raises(TypeError, match="fixed must be a tensor"):
+        register_pair([1, 2], a, progress=False)
+
+
+def _write(path, data, affine):
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
+
+
+def test_cli_register_end_to_end(tmp_path, capsys):
+    image, labels = _phantom((24, 26, 22))
+    moving, mlab = _transform(image, labels, seed=1)
+    affine = np.diag([2.0, 2.0, 2.5, 1.0])
+    affine[:3, 3] = [-20, -30, -25]
+    _write(tmp_path / "f.nii.gz", image.numpy(), affine)
+    _write(tmp_path / "m.nii.gz", (moving * 1000).numpy(), affine)
+    _write(tmp_path / "fl.nii.gz", labels.numpy().astype(np.int16), affine)
+    _write(tmp_path / "ml.nii.gz", mlab.numpy().astype(np.int16), affine)
+    out = tmp_path / "out"
+    rc = main(["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--fixed-labels",
+               str(tmp_path / "fl.nii.gz"), "--moving-labels", str(tmp_path / "ml.nii.gz"), "--out", str(out),
+               "--affine-levels", "2,1", "--deform-levels", "2,1", "--affine-iters", "30", "--deform-iters", "30",
+               "--kernel-size", "5", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dice_after"] > metrics["dice_before"]
+    assert printed["dice_after"] == pytest.approx(metrics["dice_after"])
+    ddf = nib.load(out / "ddf.nii.gz")
+    assert ddf.shape == (24, 26, 22, 1, 3)
+    np.testing.assert_allclose(ddf.affine, affine)
+    warped = nib.load(out / "warped.nii.gz")
+    assert warped.shape == (24, 26, 22)
+    np.testing.assert_allclose(warped.affine, affine)
+    # ddf in mm: the fixed affine's linear part times the voxel displacement
+    res_vox = np.asarray(ddf.dataobj)[..., 0, :] / np.array([2.0, 2.0, 2.5])
+    assert np.abs(res_vox).max() > 0.5
+    assert (out / "overlay.png").stat().st_size > 1000
+    assert nib.load(out / "warped_labels.nii.gz").shape == (24, 26, 22)
+
+    # a trained-model checkpoint (here an untrained LocalNet: the identity) through --model
+    net = LocalNet(3, num_channel_initial=4, depth=2, extract_levels=(0, 1))
+    save_model(tmp_path / "net.pt", net, dict(spatial_dims=3, num_channel_initial=4, depth=2, extract_levels=(0, 1)),
+               (16, 16, 16))
+    rc = main(["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--model",
+               str(tmp_path / "net.pt"), "--out", str(tmp_path / "out2"), "--device", "cpu"])
+    assert rc == 0
+    m2 = json.loads((tmp_path / "out2" / "metrics.json").read_text())
+    assert m2["lncc_after"] == pytest.approx(m2["lncc_before"], abs=1e-6)  # identity network
+
+    # errors: no traceback, exit status 1, the file named
+    rc = main(["register", str(tmp_path / "missing.nii.gz"), str(tmp_path / "m.nii.gz"), "--out", str(out)])
+    assert rc == 1
+    assert "missing.nii.gz" in capsys.readouterr().err
+    rc = main(["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--fixed-labels",
+               str(tmp_path / "fl.nii.gz"), "--out", str(out)])
+    assert rc == 1
+
+
+@pytest.mark.skipif(not COLIN27_PATH.is_file(), reason="needs Colin27 from Debian mricron-data (scripts/data.sh)")
+def test_demo_colin27_to_mni_improves_at_each_stage(tmp_path):
+    pytest.importorskip("nilearn", reason="needs the MNI152 T1 inside the nilearn wheel")
+    cfg = RegistrationConfig(affine_levels=(2, 1), affine_iters=40, deform_levels=(2, 1), deform_iters=25)
+    s = run_registration_demo(tmp_path, resolution=6.0, config=cfg, progress=False)
+    assert s["dice_before"] < s["dice_affine"] < s["dice_after"], s
+    assert (tmp_path / "demo.json").is_file() and (tmp_path / "overlay.png").is_file()
