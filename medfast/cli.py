@@ -142,7 +142,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_demo)
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from medfast.ultrasound.cli import add_parser
+
+    add_parser(sub)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_info, _add_demo, _add_simulate)
 
 
 def build_parser() -> argparse.ArgumentParser:
