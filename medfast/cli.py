@@ -196,12 +196,19 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_register)
 
 
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from medfast.ultrasound.cli import add_parser
+
+    add_parser(sub)
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_info,
     _add_demo,
     _add_train,
     _add_predict,
     _add_register,
+    _add_simulate,
 )
 
 

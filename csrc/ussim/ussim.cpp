@@ -1,0 +1,113 @@
+// Schemas of the ultrasound ray-march family and their dispatch to the CPU / CUDA launchers.
+// Friendly argument validation happens in Python (medfast/ops/_ussim.py); the checks here only
+// keep a direct call of torch.ops.medfast.ussim_* from reaching a kernel with unusable arguments.
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "ussim/ussim_launch.h"
+
+namespace medfast::ussim {
+namespace {
+
+Params make_params(const Tensor& props, const Tensor& coords, const Tensor& noise, at::ArrayRef<double> grid_affine,
+                   double att, at::ArrayRef<double> background, int64_t seed) {
+  TORCH_CHECK_VALUE(props.dim() == 5 && props.size(4) == kProps,
+                    "medfast ussim: props must be (B, D, H, W, 5) channels-last, got ", props.sizes());
+  TORCH_CHECK_VALUE(coords.dim() == 4 && coords.size(3) == 3, "medfast ussim: coords must be (B, R, S, 3), got ",
+                    coords.sizes());
+  TORCH_CHECK_VALUE(props.size(0) == 1 || props.size(0) == coords.size(0),
+                    "medfast ussim: props batch must be 1 or equal to the coords batch");
+  TORCH_CHECK_VALUE(coords.size(2) >= 1 && coords.size(1) >= 1 && coords.size(0) >= 1, "medfast ussim: empty coords");
+  TORCH_CHECK_VALUE(props.numel() > 0, "medfast ussim: empty props");
+  TORCH_CHECK_TYPE(props.scalar_type() == coords.scalar_type(), "medfast ussim: props and coords dtypes differ");
+  TORCH_CHECK_TYPE(props.scalar_type() == at::kFloat || props.scalar_type() == at::kDouble,
+                   "medfast ussim: dtype must be float32 or float64");
+  TORCH_CHECK_TYPE(noise.scalar_type() == at::kFloat, "medfast ussim: noise table must be float32");
+  TORCH_CHECK_VALUE(noise.dim() == 2 && noise.size(1) == kNoise && noise.size(0) > 0 &&
+                        (noise.size(0) & (noise.size(0) - 1)) == 0,
+                    "medfast ussim: noise must be (N, 4) with N a power of two, got ", noise.sizes());
+  TORCH_CHECK_VALUE(grid_affine.size() == 12, "medfast ussim: grid_affine must have 12 entries");
+  TORCH_CHECK_VALUE(background.size() == kProps, "medfast ussim: background must have 5 entries");
+  TORCH_CHECK_VALUE(props.device() == coords.device() && noise.device() == coords.device(),
+                    "medfast ussim: tensors on different devices");
+  Params P{};
+  P.D = props.size(1);
+  P.H = props.size(2);
+  P.W = props.size(3);
+  P.S = coords.size(2);
+  P.noise_mask = noise.size(0) - 1;
+  P.seed = static_cast<uint64_t>(seed);
+  for (int i = 0; i < 12; ++i) P.G[i] = grid_affine[i];
+  P.att = att;
+  for (int i = 0; i < kProps; ++i) P.bg[i] = background[i];
+  return P;
+}
+
+using Fwd = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Params&);
+using Bwd = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Params&,
+                                           bool, bool);
+
+Tensor march(Fwd launch, const Tensor& props, const Tensor& coords, const Tensor& noise,
+             at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed) {
+  const Params P = make_params(props, coords, noise, grid_affine, att, background, seed);
+  return launch(props.contiguous(), coords.contiguous(), noise.contiguous(), P);
+}
+
+std::tuple<Tensor, Tensor> march_backward(Bwd launch, const Tensor& grad, const Tensor& props, const Tensor& coords,
+                                          const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
+                                          at::ArrayRef<double> background, int64_t seed, bool props_grad,
+                                          bool coords_grad) {
+  const Params P = make_params(props, coords, noise, grid_affine, att, background, seed);
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == coords.size(0) && grad.size(1) == coords.size(1) &&
+                        grad.size(2) == coords.size(2) && grad.size(3) == 3,
+                    "medfast ussim: grad must be (B, R, S, 3), got ", grad.sizes());
+  return launch(grad.contiguous().to(coords.scalar_type()), props.contiguous(), coords.contiguous(),
+                noise.contiguous(), P, props_grad, coords_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(medfast, m) {
+  m.def(
+      "ussim_march(Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, float[] background, "
+      "int seed) -> Tensor");
+  m.def(
+      "ussim_march_backward(Tensor grad, Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, "
+      "float[] background, int seed, bool props_grad, bool coords_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(medfast, CPU, m) {
+  m.impl("ussim_march", [](const Tensor& props, const Tensor& coords, const Tensor& noise,
+                           at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background,
+                           int64_t seed) {
+    return march(march_cpu, props, coords, noise, grid_affine, att, background, seed);
+  });
+  m.impl("ussim_march_backward",
+         [](const Tensor& grad, const Tensor& props, const Tensor& coords, const Tensor& noise,
+            at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
+            bool props_grad, bool coords_grad) {
+           return march_backward(march_backward_cpu, grad, props, coords, noise, grid_affine, att, background, seed,
+                                 props_grad, coords_grad);
+         });
+}
+
+#ifdef MEDFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
+  m.impl("ussim_march", [](const Tensor& props, const Tensor& coords, const Tensor& noise,
+                           at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background,
+                           int64_t seed) {
+    return march(march_cuda, props, coords, noise, grid_affine, att, background, seed);
+  });
+  m.impl("ussim_march_backward",
+         [](const Tensor& grad, const Tensor& props, const Tensor& coords, const Tensor& noise,
+            at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
+            bool props_grad, bool coords_grad) {
+           return march_backward(march_backward_cuda, grad, props, coords, noise, grid_affine, att, background,
+                                 seed, props_grad, coords_grad);
+         });
+}
+#endif
+
+}  // namespace medfast::ussim

@@ -1,0 +1,295 @@
+// Ultrasound ray march: the arithmetic of ONE scanline (forward) and of its reverse scan (backward),
+// shared by the CPU launcher (ussim_cpu.cpp) and the CUDA launcher (ussim_cuda.cu).
+//
+// Inputs of one ray (see medfast/ops/_ussim.py for the public description):
+//   props  (D, H, W, K) channels-last property volume, K = 5: impedance Z [MRayl], attenuation alpha
+//          [dB/cm/MHz], scatterer density rho, mean scatter amplitude mu, amplitude spread sigma.
+//   coords (S, 3) voxel coordinates (axis 0, 1, 2 = D, H, W) of the S samples of the ray, evenly
+//          spaced by dz along the ray.
+//   noise  (N, 4) table of Gaussian values (re, im, amplitude, unused) indexed by a hash of the
+//          integer cell of the world-anchored scatter grid; the cell coordinate of a sample is
+//          q = G * (p, 1) with G the 3x4 voxel -> scatter-grid affine (world mm / cell size).
+// Per sample i (all quantities trilinearly interpolated at p_i, background values outside):
+//   R_i    = (Z_i - Z_{i-1}) / (Z_i + Z_{i-1})            (R_0 = 0)
+//   u_i    = log(1 - R_i^2) - att * alpha_i                 att = 2 f dz ln(10) / 20 (round trip)
+//   E_i    = exp(sum_{j < i} u_j)                           transmission down to sample i and back
+//   amp_i  = sqrt(rho_i) * (mu_i + sigma_i * n2_i)
+//   out_i  = E_i * (R_i, amp_i n0_i, amp_i n1_i)             specular echo (real) and scatter echo (complex)
+// Backward: with h_i = g0_i R_i + (g1_i n0_i + g2_i n1_i) amp_i and the suffix sums
+//   W_i = sum_{k > i} h_k E_k, computed as (total - prefix) in double precision,
+//   dL/dR_i = g0_i E_i - W_i 2 R_i / (1 - R_i^2),  dL/dalpha_i = -att W_i, etc.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace medfast::ussim {
+
+constexpr int kProps = 5;
+constexpr int kNoise = 4;  // table row: re, im, amplitude, (padding)
+constexpr double kMinImpedance = 1e-4;
+constexpr double kMinTransmission = 1e-12;
+
+// Geometry and physics constants of one call (plain data: copied to the GPU by value).
+struct Params {
+  int64_t D, H, W;      // volume size
+  int64_t S;            // samples per ray
+  int64_t noise_mask;   // table rows - 1 (a power of two minus one)
+  uint64_t seed;
+  double G[12];         // voxel (d, h, w, 1) -> scatter-grid cell coordinates, row-major 3x4
+  double att;           // log-amplitude loss per sample per unit alpha (round trip)
+  double bg[kProps];    // properties outside the volume
+};
+
+MEDFAST_HOST_DEVICE uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  return x;
+}
+
+MEDFAST_HOST_DEVICE int64_t cell_row(int64_t a, int64_t b, int64_t c, const Params& P) {
+  uint64_t h = mix64(static_cast<uint64_t>(a) * 0x9E3779B97F4A7C15ULL ^ P.seed);
+  h = mix64(h ^ (static_cast<uint64_t>(b) * 0xC2B2AE3D27D4EB4FULL));
+  h = mix64(h ^ (static_cast<uint64_t>(c) * 0x165667B19E3779F9ULL));
+  return static_cast<int64_t>(h & static_cast<uint64_t>(P.noise_mask));
+}
+
+// Trilinear value (and gradient w.r.t. the voxel position, if grad != nullptr) of the K property
+// channels at voxel position (d, h, w). grad is K x 3 row-major.
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A w, A* v, A* grad) {
+  const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
+  const int64_t i0 = static_cast<int64_t>(fd0), j0 = static_cast<int64_t>(fh0), k0 = static_cast<int64_t>(fw0);
+  const A td = d - fd0, th = h - fh0, tw = w - fw0;
+  for (int c = 0; c < kProps; ++c) {
+    v[c] = A(0);
+    if (grad) grad[3 * c] = grad[3 * c + 1] = grad[3 * c + 2] = A(0);
+  }
+  const bool all_in = i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
+  MEDFAST_UNROLL
+  for (int corner = 0; corner < 8; ++corner) {
+    const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+    const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
+    const A wd = a ? td : A(1) - td, wh = b ? th : A(1) - th, ww = e ? tw : A(1) - tw;
+    const A wt = wd * wh * ww;
+    const bool in = all_in || (i >= 0 && j >= 0 && k >= 0 && i < P.D && j < P.H && k < P.W);
+    const T* src = in ? vol + ((i * P.H + j) * P.W + k) * kProps : nullptr;
+    const A sd = a ? A(1) : A(-1), sh = b ? A(1) : A(-1), se = e ? A(1) : A(-1);
+    for (int c = 0; c < kProps; ++c) {
+      const A val = in ? static_cast<A>(src[c]) : static_cast<A>(P.bg[c]);
+      v[c] += wt * val;
+      if (grad) {
+        grad[3 * c] += sd * wh * ww * val;
+        grad[3 * c + 1] += wd * sh * ww * val;
+        grad[3 * c + 2] += wd * wh * se * val;
+      }
+    }
+  }
+}
+
+// Adds g[K] * trilinear weights of position (d, h, w) into the property gradient volume
+// (background corners are constants: no gradient). add(ptr, value) does the accumulation.
+template <typename A, typename Add, typename G>
+MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, const A* g, Add add) {
+  const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
+  const int64_t i0 = static_cast<int64_t>(fd0), j0 = static_cast<int64_t>(fh0), k0 = static_cast<int64_t>(fw0);
+  const A td = d - fd0, th = h - fh0, tw = w - fw0;
+  for (int corner = 0; corner < 8; ++corner) {
+    const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+    const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
+    if (i < 0 || j < 0 || k < 0 || i >= P.D || j >= P.H || k >= P.W) continue;
+    const A wt = (a ? td : A(1) - td) * (b ? th : A(1) - th) * (e ? tw : A(1) - tw);
+    G* dst = gvol + ((i * P.H + j) * P.W + k) * kProps;
+    for (int c = 0; c < kProps; ++c) add(dst + c, static_cast<G>(wt * g[c]));
+  }
+}
+
+// World-anchored scatter noise: trilinear interpolation of the hashed table values at the
+// scatter-grid position of voxel position p, divided by the norm of the interpolation weights so
+// that the field has unit variance everywhere (a stationary Gaussian field: fully developed speckle
+// statistics do not depend on where the samples fall in the cells). n[3] values and, if
+// dn != nullptr, d n / d p (3 x 3 row-major). A one-row table gives that row everywhere.
+template <typename A>
+MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, A h, A w, A* n, A* dn) {
+  if (P.noise_mask == 0) {  // a one-row table: the same scatterer value everywhere (speckle off)
+    for (int c = 0; c < 3; ++c) n[c] = static_cast<A>(table[c]);
+    if (dn)
+      for (int k = 0; k < 9; ++k) dn[k] = A(0);
+    return;
+  }
+  const double q[3] = {P.G[0] * d + P.G[1] * h + P.G[2] * w + P.G[3], P.G[4] * d + P.G[5] * h + P.G[6] * w + P.G[7],
+                       P.G[8] * d + P.G[9] * h + P.G[10] * w + P.G[11]};
+  const double f0 = floor(q[0]), f1 = floor(q[1]), f2 = floor(q[2]);
+  const int64_t c0 = static_cast<int64_t>(f0), c1 = static_cast<int64_t>(f1), c2 = static_cast<int64_t>(f2);
+  const A t0 = static_cast<A>(q[0] - f0), t1 = static_cast<A>(q[1] - f1), t2 = static_cast<A>(q[2] - f2);
+  A N[3], dN[3][3], s2 = A(0), ds2[3] = {A(0), A(0), A(0)};
+  for (int c = 0; c < 3; ++c) {
+    N[c] = A(0);
+    dN[c][0] = dN[c][1] = dN[c][2] = A(0);
+  }
+  MEDFAST_UNROLL
+  for (int corner = 0; corner < 8; ++corner) {
+    const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+    const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
+    const A w0 = a ? t0 : A(1) - t0, w1 = b ? t1 : A(1) - t1, w2 = e ? t2 : A(1) - t2;
+    const A wt = w0 * w1 * w2;
+    s2 += wt * wt;
+    const A s0 = a ? A(1) : A(-1), s1 = b ? A(1) : A(-1), sg = e ? A(1) : A(-1);
+    const A dw[3] = {s0 * w1 * w2, w0 * s1 * w2, w0 * w1 * sg};
+    if (dn)
+      for (int j = 0; j < 3; ++j) ds2[j] += A(2) * wt * dw[j];
+    for (int c = 0; c < 3; ++c) {
+      const A val = static_cast<A>(row[c]);
+      N[c] += wt * val;
+      if (dn)
+        for (int j = 0; j < 3; ++j) dN[c][j] += dw[j] * val;
+    }
+  }
+  const A inv = A(1) / sqrt(s2);  // s2 >= 1/8
+  for (int c = 0; c < 3; ++c) n[c] = N[c] * inv;
+  if (dn) {
+    A dq[3][3];
+    const A half_inv3 = A(0.5) * inv * inv * inv;
+    for (int c = 0; c < 3; ++c)
+      for (int j = 0; j < 3; ++j) dq[c][j] = dN[c][j] * inv - N[c] * ds2[j] * half_inv3;
+    for (int c = 0; c < 3; ++c)
+      for (int j = 0; j < 3; ++j)
+        dn[3 * c + j] = dq[c][0] * A(P.G[j]) + dq[c][1] * A(P.G[4 + j]) + dq[c][2] * A(P.G[8 + j]);
+  }
+}
+
+MEDFAST_HOST_DEVICE double clamp_z(double z) { return z < kMinImpedance ? kMinImpedance : z; }
+
+// Per-sample quantities shared by forward and backward.
+template <typename A>
+struct Sample {
+  A v[kProps];
+  A n[3];
+  A Z, R, amp, sq, m;
+  bool z_clamped;
+};
+
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void eval_sample(const T* vol, const float* table, const Params& P, const A* p, A Zprev, bool first,
+                                     Sample<A>& s, A* dv, A* dn) {
+  sample_props<T, A>(vol, P, p[0], p[1], p[2], s.v, dv);
+  sample_noise<A>(table, P, p[0], p[1], p[2], s.n, dn);
+  s.z_clamped = s.v[0] < A(kMinImpedance);
+  s.Z = s.z_clamped ? A(kMinImpedance) : s.v[0];
+  s.R = first ? A(0) : (s.Z - Zprev) / (s.Z + Zprev);
+  const A rho = s.v[2] > A(0) ? s.v[2] : A(0);
+  s.sq = sqrt(rho);
+  s.m = s.v[3] + s.v[4] * s.n[2];
+  s.amp = s.sq * s.m;
+}
+
+template <typename A>
+MEDFAST_HOST_DEVICE A log_transmission(A R) {
+  const A t = A(1) - R * R;
+  return log(t > A(kMinTransmission) ? t : A(kMinTransmission));
+}
+
+// Forward of one ray: coords (S, 3), out (S, 3).
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void march_ray(const T* vol, const float* table, const Params& P, const T* coords, T* out) {
+  double logT = 0.0;
+  A Zprev = A(1);
+  for (int64_t i = 0; i < P.S; ++i) {
+    A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
+    Sample<A> s;
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr);
+    const A E = static_cast<A>(exp(logT));
+    out[3 * i] = static_cast<T>(E * s.R);
+    out[3 * i + 1] = static_cast<T>(E * s.amp * s.n[0]);
+    out[3 * i + 2] = static_cast<T>(E * s.amp * s.n[1]);
+    logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
+    Zprev = s.Z;
+  }
+}
+
+// Backward of one ray. grad (S, 3) is dL/d out. Writes gvals (S, K) = dL/d sampled property values
+// (if gvals != nullptr) and gcoords (S, 3) = dL/d coords (if gcoords != nullptr).
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, const Params& P, const T* coords,
+                                            const T* grad, T* gvals, T* gcoords) {
+  // Pass 1: total of h_i E_i.
+  double logT = 0.0, total = 0.0;
+  A Zprev = A(1);
+  for (int64_t i = 0; i < P.S; ++i) {
+    A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
+    Sample<A> s;
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr);
+    const A g0 = static_cast<A>(grad[3 * i]), g1 = static_cast<A>(grad[3 * i + 1]), g2 = static_cast<A>(grad[3 * i + 2]);
+    const A h = g0 * s.R + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
+    total += static_cast<double>(h) * exp(logT);
+    logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
+    Zprev = s.Z;
+  }
+  // Pass 2: per-sample gradients; the impedance gradient of sample i - 1 is completed at sample i.
+  logT = 0.0;
+  double prefix = 0.0;
+  Zprev = A(1);
+  A gv_prev[kProps], dv_prev[3 * kProps], gp_prev[3];
+  bool clamped_prev = false;
+  for (int64_t i = 0; i < P.S; ++i) {
+    A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
+    Sample<A> s;
+    A dv[3 * kProps], dn[9];
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, gcoords ? dv : nullptr, gcoords ? dn : nullptr);
+    const A E = static_cast<A>(exp(logT));
+    const A g0 = static_cast<A>(grad[3 * i]), g1 = static_cast<A>(grad[3 * i + 1]), g2 = static_cast<A>(grad[3 * i + 2]);
+    const A h = g0 * s.R + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
+    prefix += static_cast<double>(h) * exp(logT);
+    const A Wsuf = static_cast<A>(total - prefix);  // sum over k > i of h_k E_k
+    const A one_m = A(1) - s.R * s.R;
+    A gR = g0 * E;
+    if (one_m > A(kMinTransmission)) gR -= Wsuf * A(2) * s.R / one_m;
+    A gv[kProps];
+    gv[1] = -Wsuf * static_cast<A>(P.att);
+    const A gamp = E * (g1 * s.n[0] + g2 * s.n[1]);
+    gv[2] = s.sq > A(0) ? gamp * s.m * A(0.5) / s.sq : A(0);
+    gv[3] = gamp * s.sq;
+    gv[4] = gamp * s.sq * s.n[2];
+    gv[0] = A(0);
+    if (i > 0) {
+      const A den = s.Z + Zprev;
+      const A dR_dZ = A(2) * Zprev / (den * den), dR_dZprev = A(-2) * s.Z / (den * den);
+      if (!s.z_clamped) gv[0] += gR * dR_dZ;
+      // Complete sample i - 1 (its Z entered R_i).
+      if (!clamped_prev) gv_prev[0] += gR * dR_dZprev;
+      if (gvals)
+        for (int c = 0; c < kProps; ++c) gvals[(i - 1) * kProps + c] = static_cast<T>(gv_prev[c]);
+      if (gcoords)
+        for (int j = 0; j < 3; ++j) {
+          A acc = gp_prev[j];
+          for (int c = 0; c < kProps; ++c) acc += gv_prev[c] * dv_prev[3 * c + j];
+          gcoords[3 * (i - 1) + j] = static_cast<T>(acc);
+        }
+    }
+    // Noise part of the position gradient of sample i (final now).
+    if (gcoords) {
+      const A gn0 = g1 * E * s.amp, gn1 = g2 * E * s.amp, gn2 = gamp * s.sq * s.v[4];
+      for (int j = 0; j < 3; ++j) gp_prev[j] = gn0 * dn[j] + gn1 * dn[3 + j] + gn2 * dn[6 + j];
+      for (int k = 0; k < 3 * kProps; ++k) dv_prev[k] = dv[k];
+    }
+    for (int c = 0; c < kProps; ++c) gv_prev[c] = gv[c];
+    clamped_prev = s.z_clamped;
+    logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
+    Zprev = s.Z;
+  }
+  const int64_t last = P.S - 1;
+  if (gvals)
+    for (int c = 0; c < kProps; ++c) gvals[last * kProps + c] = static_cast<T>(gv_prev[c]);
+  if (gcoords)
+    for (int j = 0; j < 3; ++j) {
+      A acc = gp_prev[j];
+      for (int c = 0; c < kProps; ++c) acc += gv_prev[c] * dv_prev[3 * c + j];
+      gcoords[3 * last + j] = static_cast<T>(acc);
+    }
+}
+
+}  // namespace medfast::ussim

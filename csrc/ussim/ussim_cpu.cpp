@@ -1,0 +1,76 @@
+// CPU launcher of the ultrasound ray march: at::parallel_for over all rays of the batch, the
+// arithmetic from ussim.h. The property gradient is scattered into the volume in a second,
+// deterministic pass (in parallel over batch elements when each has its own volume).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "ussim/ussim_launch.h"
+
+namespace medfast::ussim {
+
+Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise, const Params& P) {
+  const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
+  Tensor out = at::empty({B, R, S, 3}, coords.options());
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* vol = props.const_data_ptr<scalar_t>();
+    const scalar_t* c = coords.const_data_ptr<scalar_t>();
+    const float* table = noise.const_data_ptr<float>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ray = begin; ray < end; ++ray) {
+        const int64_t b = ray / R;
+        march_ray<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, o + ray * S * 3);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& coords,
+                                              const Tensor& noise, const Params& P, bool props_grad,
+                                              bool coords_grad) {
+  const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  Tensor gvals = props_grad ? at::empty({B, R, S, kProps}, coords.options()) : Tensor();
+  Tensor gcoords = coords_grad ? at::empty(coords.sizes(), coords.options()) : at::empty({0}, coords.options());
+  Tensor gprops = props_grad ? at::zeros(props.sizes(), props.options()) : at::empty({0}, props.options());
+  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* vol = props.const_data_ptr<scalar_t>();
+    const scalar_t* c = coords.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const float* table = noise.const_data_ptr<float>();
+    scalar_t* gv = props_grad ? gvals.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gc = coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ray = begin; ray < end; ++ray) {
+        const int64_t b = ray / R;
+        march_ray_backward<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3,
+                                        g + ray * S * 3, gv ? gv + ray * S * kProps : nullptr,
+                                        gc ? gc + ray * S * 3 : nullptr);
+      }
+    });
+    if (props_grad) {
+      scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
+      const auto add = [](scalar_t* dst, scalar_t v) { *dst += v; };
+      // One task per volume: rays of batch elements that share a volume are added in order.
+      const int64_t per_volume = (Bv == 1 ? B : 1) * R * S;
+      at::parallel_for(0, Bv, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bv = begin; bv < end; ++bv) {
+          const int64_t first = bv * per_volume;
+          for (int64_t k = first; k < first + per_volume; ++k) {
+            A gk[kProps];
+            for (int q = 0; q < kProps; ++q) gk[q] = static_cast<A>(gv[k * kProps + q]);
+            scatter_props<A>(gp + bv * vol_stride, P, static_cast<A>(c[3 * k]), static_cast<A>(c[3 * k + 1]),
+                             static_cast<A>(c[3 * k + 2]), gk, add);
+          }
+        }
+      });
+    }
+  });
+  return {gprops, gcoords};
+}
+
+}  // namespace medfast::ussim

@@ -1,0 +1,146 @@
+"""Ultrasound ray march: ``ray_march`` (the hot part of the B-mode simulator, ``medfast.ultrasound``).
+
+Kernels: ``csrc/ussim/``. This module validates arguments, registers the fake (meta) kernels and the
+autograd of ``torch.ops.medfast.ussim_march`` / ``ussim_march_backward`` and documents the op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast.ops._validate import check_tensor
+
+_ops = torch.ops.medfast
+
+N_PROPS = 5
+PROP_NAMES = ("impedance", "attenuation", "density", "amplitude_mean", "amplitude_std")
+
+
+@torch.library.register_fake("medfast::ussim_march")
+def _march_fake(props, coords, noise, grid_affine, att, background, seed):
+    return coords.new_empty((coords.shape[0], coords.shape[1], coords.shape[2], 3))
+
+
+@torch.library.register_fake("medfast::ussim_march_backward")
+def _march_backward_fake(grad, props, coords, noise, grid_affine, att, background, seed, props_grad, coords_grad):
+    gp = props.new_empty(props.shape) if props_grad else props.new_empty((0,))
+    gc = coords.new_empty(coords.shape) if coords_grad else coords.new_empty((0,))
+    return gp, gc
+
+
+def _march_setup(ctx, inputs, output):
+    props, coords, noise, grid_affine, att, background, seed = inputs
+    ctx.save_for_backward(props, coords, noise)
+    ctx.args = (list(grid_affine), float(att), list(background), int(seed))
+
+
+def _march_backward(ctx, grad):
+    props, coords, noise = ctx.saved_tensors
+    need_props, need_coords = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_props or need_coords):
+        return None, None, None, None, None, None, None
+    gp, gc = _ops.ussim_march_backward(grad, props, coords, noise, *ctx.args, need_props, need_coords)
+    return (gp if need_props else None), (gc if need_coords else None), None, None, None, None, None
+
+
+torch.library.register_autograd("medfast::ussim_march", _march_backward, setup_context=_march_setup)
+
+
+def noise_table(seed: int, rows: int = 1 << 16, device: torch.device | str | None = None) -> torch.Tensor:
+    """The seeded table of scatterer values that the world-anchored speckle field is hashed into.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the table (the same seed always gives the same table, on every device).
+    rows : int
+        Number of rows, a power of two (default 65536: 1 MiB, stays in cache).
+    device : torch.device, optional
+        Where to put the table.
+
+    Returns
+    -------
+    Tensor
+        ``(rows, 4)`` float32: columns 0 and 1 are the real and imaginary parts of a circular complex
+        Gaussian of unit power (each N(0, 1/2)); column 2 is a standard Gaussian (amplitude spread);
+        column 3 is unused padding.
+    """
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows must be a positive power of two, got {rows}")
+    gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+    table = torch.randn(rows, 4, generator=gen, dtype=torch.float32)
+    table[:, :2] *= 0.5**0.5
+    table[:, 3] = 0
+    return table.to(device) if device is not None else table
+
+
+def ray_march(
+    props: torch.Tensor,
+    coords: torch.Tensor,
+    noise: torch.Tensor,
+    grid_affine: torch.Tensor | Sequence[float],
+    att: float,
+    background: Sequence[float],
+    seed: int = 0,
+) -> torch.Tensor:
+    """Marches scanlines through a property volume: specular and scatter echoes with transmission.
+
+    Parameters
+    ----------
+    props : Tensor
+        ``(Bv, D, H, W, 5)`` channels-last property volume, float32 or float64: impedance Z (MRayl),
+        attenuation alpha (dB/cm/MHz), scatterer density (>= 0), mean and spread of the scatter
+        amplitude. ``Bv`` is 1 (shared by all rays) or ``B``. Differentiable.
+    coords : Tensor
+        ``(B, R, S, 3)`` voxel coordinates (axis 0, 1, 2 of the volume) of S samples evenly spaced
+        along each of R rays, the first sample nearest the probe. Same dtype and device as
+        ``props``. Differentiable (the pose gradient flows through it).
+    noise : Tensor
+        ``(N, 4)`` float32 table from :func:`noise_table`, N a power of two.
+    grid_affine : Tensor or sequence of 12 floats
+        Row-major 3x4 map from voxel coordinates to the scatter-grid cell coordinates (world mm
+        divided by the scatter cell size): anchors the speckle in world space.
+    att : float
+        Round-trip log-amplitude loss per sample per unit attenuation: ``2 f dz ln(10) / 20`` with
+        the centre frequency f in MHz and the sample step dz in cm.
+    background : sequence of 5 floats
+        Properties outside the volume.
+    seed : int
+        Seed of the hash from scatter cells to table rows.
+
+    Returns
+    -------
+    Tensor
+        ``(B, R, S, 3)``: per sample, ``E * R`` (specular echo: reflection coefficient times the
+        round-trip transmission E down to the sample), and the real and imaginary parts of
+        ``E * sqrt(density) * (mean + std * g) * n`` (scatter echo, n the interpolated complex
+        Gaussian field).
+    """
+    props = check_tensor("props", props)
+    coords = check_tensor("coords", coords)
+    noise = check_tensor("noise", noise)
+    if props.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"props must be float32 or float64, got {props.dtype}")
+    if coords.dtype != props.dtype:
+        raise TypeError(f"coords must have the dtype of props ({props.dtype}), got {coords.dtype}")
+    if props.dim() != 5 or props.shape[-1] != N_PROPS:
+        raise ValueError(f"props must have shape (B, D, H, W, {N_PROPS}), got {tuple(props.shape)}")
+    if coords.dim() != 4 or coords.shape[-1] != 3 or coords.numel() == 0:
+        raise ValueError(f"coords must have shape (B, R, S, 3) with R, S >= 1, got {tuple(coords.shape)}")
+    if props.shape[0] not in (1, coords.shape[0]):
+        raise ValueError(f"props batch ({props.shape[0]}) must be 1 or the coords batch ({coords.shape[0]})")
+    if noise.dtype != torch.float32 or noise.dim() != 2 or noise.shape[1] != 4:
+        raise ValueError(f"noise must be a (N, 4) float32 table (see noise_table), got {tuple(noise.shape)}")
+    for name, t in (("coords", coords), ("noise", noise)):
+        if t.device != props.device:
+            raise ValueError(f"{name} is on {t.device} but props is on {props.device}")
+    g = [float(v) for v in (grid_affine.flatten().tolist() if isinstance(grid_affine, torch.Tensor) else grid_affine)]
+    if len(g) != 12:
+        raise ValueError(f"grid_affine must have 12 entries (3x4), got {len(g)}")
+    bg = [float(v) for v in background]
+    if len(bg) != N_PROPS:
+        raise ValueError(f"background must have {N_PROPS} entries, got {len(bg)}")
+    return _ops.ussim_march(props, coords, noise, g, float(att), bg, int(seed))

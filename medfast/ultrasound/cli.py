@@ -1,0 +1,221 @@
+"""``medfast simulate``: B-mode frames along a freehand sweep over a CT (NIfTI or InVesalius .inv3).
+
+Writes ``frames/frame_###.png``, ``frames.nii.gz`` (the stack, pixel spacing in the header),
+``figure.png`` (CT resampled in the image plane beside the simulated frame, several poses) and
+``simulate.json`` (probe, poses, timings) to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_OUT = "medfast-simulate"
+
+
+class SimulateError(RuntimeError):
+    """An expected problem (missing data, bad sweep) reported without a traceback."""
+
+
+def _vec3(text: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SimulateError("--device cuda but no GPU is visible")
+    return torch.device(name)
+
+
+def skin_entry(ct: np.ndarray, affine: np.ndarray, centre_world: np.ndarray, direction: np.ndarray,
+               threshold: float = -300.0) -> np.ndarray:
+    """First point along ``direction`` (from outside the volume through ``centre_world``) where the
+    CT exceeds ``threshold`` HU, in world mm (nearest-voxel march, 0.5 mm steps)."""
+    inv = np.linalg.inv(affine)
+    d = direction / np.linalg.norm(direction)
+    extent = np.linalg.norm(affine[:3, :3] @ np.array(ct.shape, dtype=float))
+    for t in np.arange(-extent, extent, 0.5):
+        p = centre_world + t * d
+        ijk = np.rint(inv[:3, :3] @ p + inv[:3, 3]).astype(int)
+        if np.all(ijk >= 0) and np.all(ijk < ct.shape) and ct[tuple(ijk)] > threshold:
+            return p
+    raise SimulateError("the sweep line never meets tissue (no voxel above -300 HU); give --start explicitly")
+
+
+def plane_slice(ct: torch.Tensor, affine: np.ndarray, pose: torch.Tensor, probe, pixel_mm: float) -> torch.Tensor:
+    """CT resampled (trilinear) on the pixels of the scan-converted image plane: ``(B, H, W)``."""
+    (H, W), px = probe.image_shape(pixel_mm)
+    x0, _, z0, _ = probe.image_extent_mm()
+    z = z0 + torch.arange(H, dtype=torch.float64) * px
+    x = x0 + torch.arange(W, dtype=torch.float64) * px
+    zz, xx = torch.meshgrid(z, x, indexing="ij")
+    pts = torch.stack([xx, torch.zeros_like(xx), zz, torch.ones_like(xx)], -1).reshape(-1, 4)
+    M = torch.linalg.inv(torch.as_tensor(affine, dtype=torch.float64)) @ pose.double().cpu()
+    vox = (pts @ M.transpose(1, 2))[..., :3]  # (B, H*W, 3)
+    size = torch.tensor(ct.shape[-3:], dtype=torch.float64)
+    grid = (vox.flip(-1) / (size.flip(0) - 1) * 2 - 1).reshape(pose.shape[0], 1, H, W, 3)
+    vol = ct.detach().cpu().float().reshape(1, 1, *ct.shape[-3:]).expand(pose.shape[0], -1, -1, -1, -1)
+    out = torch.nn.functional.grid_sample(vol, grid.float(), align_corners=True, padding_mode="border")
+    return out[:, 0, 0]
+
+
+def run_simulate(args: argparse.Namespace) -> dict:
+    from medfast.ultrasound import Probe, freehand_sweep, look_at, simulate_ct
+    from medfast.ultrasound.io import INSTALL_HINT, INVESALIUS_CRANIUM, read_volume
+
+    path = Path(args.volume) if args.volume else INVESALIUS_CRANIUM
+    if not path.is_file():
+        hint = f"; {INSTALL_HINT}" if path == INVESALIUS_CRANIUM else ""
+        raise SimulateError(f"volume {path} not found{hint}")
+    vol, affine = read_volume(path)
+    device = _pick_device(args.device)
+    try:
+        probe = Probe.preset(args.probe, n_lines=args.lines, n_samples=args.samples,
+                             **({"depth_mm": args.depth} if args.depth else {}))
+    except ValueError as exc:
+        raise SimulateError(str(exc)) from None
+
+    centre = affine[:3, :3] @ ((np.array(vol.shape) - 1) / 2) + affine[:3, 3]
+    direction = np.asarray(args.direction, dtype=float)
+    if args.start is not None:
+        start = np.asarray(args.start, dtype=float)
+    else:
+        start = skin_entry(vol, affine, centre, direction) - 2.0 * direction / np.linalg.norm(direction)
+        start = start - 0.5 * np.asarray(args.travel, dtype=float)
+    pose0 = look_at(start, direction, args.lateral)
+    poses = freehand_sweep(pose0, args.travel, args.frames, tilt_deg=args.tilt, rock_deg=args.tilt,
+                           twist_deg=args.tilt * 0.75, seed=args.seed)
+
+    ct = torch.from_numpy(vol.astype(np.float32))[None, None].to(device)
+    frames = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, args.frames, args.batch):
+            res = simulate_ct(ct, affine, poses[i:i + args.batch].float().to(device), probe, seed=args.seed,
+                              gain_db=args.gain, dynamic_range_db=args.dynamic_range, pixel_mm=args.pixel)
+            frames.append(res.bmode.cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    bmode = torch.cat(frames)[:, 0].numpy()  # (N, H, W)
+
+    out = Path(args.out)
+    (out / "frames").mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    for i, f in enumerate(bmode):
+        Image.fromarray(np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8)).save(out / "frames" / f"frame_{i:03d}.png")
+    import nibabel as nib
+
+    px = res.pixel_mm
+    stack_affine = np.diag([px, px, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(bmode.transpose(2, 1, 0)).astype(np.float32), stack_affine),
+             str(out / "frames.nii.gz"))
+    _figure(ct, affine, poses, probe, bmode, px, out / "figure.png", n=min(4, args.frames))
+    summary = {
+        "volume": str(path),
+        "volume_shape": list(vol.shape),
+        "probe": args.probe,
+        "n_lines": probe.n_lines,
+        "n_samples": probe.n_samples,
+        "depth_mm": probe.depth_mm,
+        "frames": args.frames,
+        "image_shape": list(bmode.shape[1:]),
+        "pixel_mm": px,
+        "device": str(device),
+        "seconds": elapsed,
+        "frames_per_second": args.frames / elapsed,
+        "poses": poses.tolist(),
+    }
+    (out / "simulate.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _figure(ct, affine, poses, probe, bmode, px, path, n=4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = np.linspace(0, len(bmode) - 1, n).round().astype(int)
+    sl = plane_slice(ct, affine, poses[idx], probe, px).numpy()
+    H, W = bmode.shape[1:]
+    x0, _, z0, _ = probe.image_extent_mm()
+    ext = (x0, x0 + (W - 1) * px, z0 + (H - 1) * px, z0)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.4), squeeze=False)
+    for col, i in enumerate(idx):
+        axes[0, col].imshow(sl[col], cmap="gray", vmin=-200, vmax=1200, extent=ext)
+        axes[0, col].set_title(f"CT in image plane, frame {i}", fontsize=8)
+        axes[1, col].imshow(bmode[i], cmap="gray", vmin=0, vmax=1, extent=ext)
+        axes[1, col].set_title(f"simulated B-mode, frame {i}", fontsize=8)
+        for r in range(2):
+            axes[r, col].set_xlabel("lateral x (mm)", fontsize=7)
+            axes[r, col].set_ylabel("depth z (mm)", fontsize=7)
+            axes[r, col].tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate ultrasound B-mode frames along a freehand sweep over a CT",
+        description=(
+            "Simulates B-mode ultrasound frames from a CT (NIfTI in HU, or an InVesalius .inv3; default: the "
+            "packaged InVesalius head CT) along a smooth freehand sweep, and writes PNG frames, a NIfTI "
+            "stack, a CT-vs-ultrasound figure and simulate.json."
+        ),
+    )
+    p.add_argument("volume", nargs="?", default=None, help="CT volume (.nii/.nii.gz in HU or .inv3)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    p.add_argument("--probe", default="C5-2v", help="probe preset: L11-5v, C5-2v, P4-2v (default: %(default)s)")
+    p.add_argument("--lines", type=int, default=256, help="scanlines (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=1024, help="samples per line (default: %(default)s)")
+    p.add_argument("--depth", type=float, default=None, help="imaging depth in mm (default: the preset's)")
+    p.add_argument("--frames", type=int, default=16, help="frames of the sweep (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="frames simulated per call (default: %(default)s)")
+    p.add_argument("--start", type=_vec3, default=None, metavar="X,Y,Z",
+                   help="world position (mm) of the first frame's array centre (default: on the skin, "
+                        "half the travel before the volume centre)")
+    p.add_argument("--direction", type=_vec3, default=(0.0, 1.0, 0.0), metavar="X,Y,Z",
+                   help="beam direction in world (default: %(default)s)")
+    p.add_argument("--lateral", type=_vec3, default=(1.0, 0.0, 0.0), metavar="X,Y,Z",
+                   help="lateral (array) direction in world (default: %(default)s)")
+    p.add_argument("--travel", type=_vec3, default=(0.0, 0.0, 40.0), metavar="DX,DY,DZ",
+                   help="displacement of the probe over the sweep, mm (default: %(default)s)")
+    p.add_argument("--tilt", type=float, default=4.0, help="largest tilt/rock angle in degrees (default: 4)")
+    p.add_argument("--gain", type=float, default=0.0, help="gain in dB (default: 0)")
+    p.add_argument("--dynamic-range", type=float, default=60.0, help="dynamic range in dB (default: 60)")
+    p.add_argument("--pixel", type=float, default=None, help="pixel size of the images in mm")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scatterers and of the sweep (default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        summary = run_simulate(args)
+    except (SimulateError, FileNotFoundError, ImportError) as exc:
+        print(f"medfast simulate: error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"medfast simulate: {summary['frames']} frames {summary['image_shape'][0]}x{summary['image_shape'][1]} "
+        f"({summary['pixel_mm']:.3f} mm pixels) in {summary['seconds']:.2f} s on {summary['device']} "
+        f"({summary['frames_per_second']:.1f} frames/s) -> {args.out}"
+    )
+    return 0

@@ -1,0 +1,69 @@
+"""Volume readers for the simulator: NIfTI (nibabel) and InVesalius projects (``.inv3``).
+
+An ``.inv3`` file (InVesalius 3) is a gzip-compressed tar holding ``main.plist`` (metadata: shape,
+dtype, voxel spacing) and ``matrix.dat`` (the raw volume, C order, little-endian).
+"""
+
+from __future__ import annotations
+
+import plistlib
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+INVESALIUS_CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+INSTALL_HINT = "install it with `apt-get install invesalius-examples` (scripts/data.sh does)"
+
+
+def read_inv3(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads the CT of an InVesalius project.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.inv3`` file.
+
+    Returns
+    -------
+    volume : ndarray
+        ``(D, H, W)`` int16 CT numbers (HU): slices, rows, columns.
+    affine : ndarray
+        ``(4, 4)`` voxel-to-world matrix (mm): world x along columns, y along rows, z along slices,
+        with the spacing of the file, origin at voxel (0, 0, 0).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    with tarfile.open(path, "r:*") as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        if "main.plist" not in members:
+            raise ValueError(f"{path} is not an InVesalius project (no main.plist)")
+        meta = plistlib.loads(tar.extractfile(members["main.plist"]).read())
+        mat = meta["matrix"]
+        shape = tuple(int(s) for s in mat["shape"])
+        dtype = np.dtype(mat["dtype"]).newbyteorder("<")
+        raw = tar.extractfile(members[mat["filename"]]).read()
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{path}: matrix has {len(raw)} bytes, expected {expected} for {shape} {dtype}")
+    volume = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.int16)
+    sx, sy, sz = (float(s) for s in meta["spacing"])
+    affine = np.array([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    return volume, affine
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a 3D NIfTI (``.nii``/``.nii.gz``, via nibabel) or an InVesalius ``.inv3``: (volume, affine)."""
+    path = Path(path)
+    if path.suffix == ".inv3":
+        return read_inv3(path)
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    return data, np.asarray(img.affine, dtype=np.float64)

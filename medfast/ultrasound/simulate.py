@@ -1,0 +1,418 @@
+"""Differentiable B-mode ultrasound simulation from property volumes, CT (HU) or label maps.
+
+Pipeline (one batched call; see docs/ultrasound.md): scanline sample positions in the probe frame ->
+world (pose) -> voxel (inverse affine) -> ray march kernel (``medfast.ops._ussim.ray_march``:
+trilinear sampling, reflection and attenuation losses as a log-domain cumulative sum, specular and
+world-anchored scatter echoes) -> elevation sub-ray sum -> coherent IQ point-spread function (axial
+Gaussian-envelope pulse, lateral depth-dependent Gaussian beam) -> TGC -> envelope -> log
+compression -> scan conversion to a Cartesian image.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from medfast.ops._ussim import N_PROPS, noise_table, ray_march
+from medfast.ultrasound.probe import Probe
+from medfast.ultrasound.tissue import HU_KNOTS, WATER, LabelTable, hu_to_properties
+
+__all__ = ["SimulationResult", "simulate", "simulate_ct", "simulate_labels", "look_at"]
+
+_NOISE_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+@dataclass
+class SimulationResult:
+    """Output of :func:`simulate`.
+
+    Attributes
+    ----------
+    bmode : Tensor
+        ``(B, 1, H, W)`` scan-converted B-mode image in [0, 1] (0 = ``-dynamic_range_db`` or outside
+        the scanned region, 1 = 0 dB after gain).
+    pixel_mm : float
+        Pixel spacing of ``bmode`` (square pixels), mm.
+    extent_mm : tuple of float
+        ``(x_min, x_max, z_min, z_max)`` of the image in the probe frame (pixel centres), mm:
+        pixel (row i, column j) is at x = x_min + j * pixel_mm, z = z_min + i * pixel_mm.
+    lines_db : Tensor
+        ``(B, L, S)`` log-compressed scanlines (dB, after gain, not clipped).
+    envelope : Tensor or None
+        ``(B, L, S)`` envelope (after TGC) when ``return_lines=True``.
+    iq : Tensor or None
+        ``(B, L, S)`` complex IQ scanlines (after TGC) when ``return_lines=True``.
+    """
+
+    bmode: torch.Tensor
+    pixel_mm: float
+    extent_mm: tuple[float, float, float, float]
+    lines_db: torch.Tensor
+    envelope: torch.Tensor | None = None
+    iq: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_probe(probe: Probe | str) -> Probe:
+    if isinstance(probe, str):
+        return Probe.preset(probe)
+    if not isinstance(probe, Probe):
+        raise TypeError(f"probe must be a Probe or a preset name ({', '.join(Probe.presets())}), got {probe!r}")
+    return probe
+
+
+def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if not isinstance(pose, torch.Tensor):
+        raise TypeError(f"pose must be a torch.Tensor of shape (B, 4, 4), got {type(pose).__name__}")
+    if pose.dim() == 2:
+        pose = pose[None]
+    if pose.dim() != 3 or pose.shape[1:] != (4, 4) or pose.shape[0] < 1:
+        raise ValueError(f"pose must be (B, 4, 4) probe-to-world transforms (mm), got shape {tuple(pose.shape)}")
+    if not pose.is_floating_point():
+        raise TypeError(f"pose must be floating point, got {pose.dtype}")
+    if not bool(torch.isfinite(pose.detach()).all()):
+        raise ValueError("pose contains NaN or inf")
+    bottom = pose.detach()[:, 3].double().cpu()
+    if not torch.allclose(bottom, torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64).expand_as(bottom), atol=1e-4):
+        raise ValueError("pose must be affine: its last row must be (0, 0, 0, 1)")
+    if pose.device != device:
+        raise ValueError(f"pose is on {pose.device} but the volume is on {device}")
+    return pose.to(dtype)
+
+
+def _check_affine(affine: object) -> torch.Tensor:
+    if affine is None:
+        raise ValueError(
+            "affine is required: the volume's (4, 4) voxel-to-world matrix in mm (NIfTI convention; "
+            "nibabel: img.affine)"
+        )
+    a = torch.as_tensor(affine, dtype=torch.float64).detach().cpu()
+    if a.shape == (1, 4, 4):
+        a = a[0]
+    if a.shape != (4, 4):
+        raise ValueError(f"affine must be a (4, 4) voxel-to-world matrix, got shape {tuple(a.shape)}")
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError("affine contains NaN or inf")
+    det = float(torch.linalg.det(a[:3, :3]))
+    if abs(det) < 1e-9:
+        raise ValueError(f"affine is not invertible (det of its 3x3 part = {det:g})")
+    return a
+
+
+def _check_props(props: object) -> torch.Tensor:
+    if not isinstance(props, torch.Tensor):
+        raise TypeError(f"props must be a torch.Tensor, got {type(props).__name__}")
+    if props.dim() != 5 or props.shape[1] != N_PROPS:
+        raise ValueError(f"props must be (B, {N_PROPS}, D, H, W) property maps, got {tuple(props.shape)}")
+    if props.numel() == 0:
+        raise ValueError(f"props is empty: {tuple(props.shape)}")
+    if props.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"props must be float32 or float64, got {props.dtype}")
+    return props
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return 8 << 30
+
+
+def _check_memory(batch: int, probe: Probe, sub_rays: int, dtype: torch.dtype, device: torch.device,
+                  max_bytes: int | None) -> None:
+    item = torch.finfo(dtype).bits // 8
+    rays = batch * probe.n_lines * sub_rays * probe.n_samples
+    # coords (3) + march output (3) + IQ pipeline (~8 planes) per sample.
+    need = rays * (3 + 3) * item + batch * probe.n_lines * probe.n_samples * 8 * item
+    limit = max_bytes if max_bytes is not None else int(0.8 * _available_bytes(device))
+    if need > limit:
+        raise ValueError(
+            f"the simulation needs about {need / 2**30:.2f} GiB (batch {batch} x {probe.n_lines} lines x "
+            f"{sub_rays} sub-rays x {probe.n_samples} samples) but only {limit / 2**30:.2f} GiB are allowed on "
+            f"{device}; lower the batch size, n_lines, n_samples or sub_rays"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+
+
+def look_at(position: Sequence[float], direction: Sequence[float], lateral: Sequence[float],
+            dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A (4, 4) probe-to-world pose: array centre at ``position`` (mm), beam (+z) along ``direction``,
+    lateral axis (+x) along ``lateral`` (made orthogonal to the beam), elevation +y = z x x."""
+    p = torch.as_tensor(position, dtype=dtype)
+    z = torch.as_tensor(direction, dtype=dtype)
+    z = z / z.norm()
+    x = torch.as_tensor(lateral, dtype=dtype)
+    x = x - (x @ z) * z
+    if float(x.norm()) < 1e-9:
+        raise ValueError("lateral must not be parallel to direction")
+    x = x / x.norm()
+    y = torch.linalg.cross(z, x)
+    out = torch.eye(4, dtype=dtype)
+    out[:3, 0], out[:3, 1], out[:3, 2], out[:3, 3] = x, y, z, p
+    return out
+
+
+def elevation_offsets(probe: Probe, sub_rays: int) -> torch.Tensor:
+    """``(E,)`` elevation offsets (mm) of the sub-rays: evenly spread over the middle (E-1)/E of the
+    element height (a single ray at y = 0 for E = 1)."""
+    if sub_rays == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    half = probe.elevation_mm / 2 * (sub_rays - 1) / sub_rays
+    return torch.linspace(-half, half, sub_rays, dtype=torch.float64)
+
+
+def probe_points(probe: Probe, sub_rays: int, device=None) -> torch.Tensor:
+    """``(L, E, S, 3)`` probe-frame positions (mm, float64) of every sample of every sub-ray."""
+    origin, direction = probe.line_geometry(dtype=torch.float64)
+    r = probe.depths(dtype=torch.float64)
+    y = elevation_offsets(probe, sub_rays)
+    pts = origin[:, None, None, :] + direction[:, None, None, :] * r[None, None, :, None]
+    pts = pts.expand(-1, sub_rays, -1, -1).clone()
+    pts[..., 1] += y[None, :, None]
+    return pts.to(device)
+
+
+def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
+    key = (int(seed) if speckle else -1, str(device))
+    if key not in _NOISE_CACHE:
+        if speckle:
+            table = noise_table(seed)
+        else:  # deterministic scatterers: unit real value, no amplitude spread
+            table = torch.zeros(1, 4)
+            table[0, 0] = 1.0
+        _NOISE_CACHE[key] = table.to(device)
+    return _NOISE_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Point-spread function
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dtype, pixel_mm):
+    """Per-probe constant tensors, computed once per (probe, sub_rays, device, dtype)."""
+    dev = torch.device(device)
+    if kind == "points":
+        return probe_points(probe, sub_rays, device=dev).to(dtype).reshape(1, -1, 3)
+    if kind == "axial":
+        return _axial_kernel(probe, dtype, dev)
+    if kind == "lateral":
+        return _lateral_weights(probe, dtype, dev)
+    if kind == "elevation":
+        return _elevation_weights(probe, sub_rays, dtype, dev)
+    if kind == "grid":
+        return probe.scan_grid(pixel_mm, device=dev, dtype=dtype)
+    raise KeyError(kind)
+
+
+def _axial_kernel(probe: Probe, dtype, device) -> torch.Tensor:
+    sigma = probe.axial_fwhm_mm() * _FWHM_TO_SIGMA / probe.dz_mm  # samples
+    half = max(1, int(math.ceil(3.5 * sigma)))
+    t = torch.arange(-half, half + 1, dtype=torch.float64)
+    return torch.exp(-0.5 * (t / sigma) ** 2).to(device=device, dtype=dtype)  # peak 1
+
+
+def _lateral_weights(probe: Probe, dtype, device, max_half: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth-dependent lateral weights ``(S, 2K+1)``: plane-reflector normalised (sum 1) and
+    scatter normalised (sum of squares 1)."""
+    z = probe.depths(dtype=torch.float64)
+    sigma = probe.lateral_fwhm_mm(z) * _FWHM_TO_SIGMA / probe.line_spacing_mm(z)  # lines
+    half = int(min(max_half, max(1, math.ceil(3 * float(sigma.max())))))
+    k = torch.arange(-half, half + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (k[None, :] / sigma.clamp_min(0.3)[:, None]) ** 2)
+    spec = w / w.sum(1, keepdim=True)
+    scat = w / w.square().sum(1, keepdim=True).sqrt()
+    return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
+
+
+def _elevation_weights(probe: Probe, sub_rays: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    z = probe.depths(dtype=torch.float64)
+    y = elevation_offsets(probe, sub_rays)
+    sigma = probe.elevation_fwhm_mm(z) * _FWHM_TO_SIGMA
+    w = torch.exp(-0.5 * (y[:, None] / sigma[None, :]) ** 2)  # (E, S)
+    spec = w / w.sum(0, keepdim=True)
+    scat = w / w.square().sum(0, keepdim=True).sqrt()
+    return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
+
+
+def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> torch.Tensor:
+    """x: (B, 3, L, S) = (specular, scatter re, scatter im) -> complex IQ (B, L, S). The scatter
+    channels are normalised to unit energy (random scatterers) or, with speckle off (a deterministic,
+    coherent scatter field), like the specular channel."""
+    B, C, L, S = x.shape
+    h = _cached("axial", probe, 1, str(x.device), x.dtype, None)
+    # Specular: peak 1 (a plane reflector keeps its amplitude); scatter: unit energy (the mean
+    # speckle intensity equals the scatter power).
+    hn = h / h.square().sum().sqrt() if speckle else h
+    hs = torch.stack([h, hn, hn])[:, None]  # (3, 1, K)
+    y = F.conv1d(x.permute(0, 2, 1, 3).reshape(B * L, C, S), hs,
+                 padding=h.numel() // 2, groups=C).view(B, L, C, S).permute(0, 2, 1, 3)
+    w_spec, w_scat = _cached("lateral", probe, 1, str(x.device), x.dtype, None)
+    half = w_spec.shape[1] // 2
+    padded = F.pad(y, (0, 0, half, half))  # pad the line axis
+    out = torch.zeros_like(y)
+    if not speckle:
+        w_scat = w_spec
+    wts = torch.stack([w_spec, w_scat, w_scat], 0)  # (3, S, 2K+1)
+    for j in range(2 * half + 1):
+        out = out + padded[:, :, j:j + L, :] * wts[None, :, None, :, j]
+    return torch.complex(out[:, 0] + out[:, 1], out[:, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulation
+# ---------------------------------------------------------------------------------------------
+
+
+def simulate(
+    props: torch.Tensor,
+    affine,
+    pose: torch.Tensor,
+    probe: Probe | str,
+    *,
+    seed: int = 0,
+    sub_rays: int = 3,
+    speckle: bool = True,
+    scatter_cell_mm: float | None = None,
+    tgc_db_cm_mhz: float = 0.5,
+    gain_db: float = 0.0,
+    dynamic_range_db: float = 60.0,
+    pixel_mm: float | None = None,
+    background: Sequence[float] = WATER,
+    return_lines: bool = False,
+    max_bytes: int | None = None,
+) -> SimulationResult:
+    """Simulates B-mode frames from acoustic property maps along probe poses (differentiable).
+
+    Parameters
+    ----------
+    props : Tensor
+        ``(Bv, 5, D, H, W)`` property maps (see :mod:`medfast.ultrasound.tissue`): impedance (MRayl),
+        attenuation (dB/cm/MHz), scatterer density, scatter amplitude mean and spread. ``Bv`` is 1
+        (one volume for every pose) or B. float32 or float64. Differentiable.
+    affine : array-like
+        ``(4, 4)`` voxel-to-world matrix of the volume in mm (NIfTI convention: world = affine @
+        (i, j, k, 1) with i, j, k the indices along D, H, W).
+    pose : Tensor
+        ``(B, 4, 4)`` (or ``(4, 4)``) probe-to-world transforms in mm; probe frame: origin at the array
+        centre, +z axial into the tissue, +x lateral, +y elevation. Differentiable.
+    probe : Probe or str
+        Probe and imaging settings, or a preset name (``Probe.presets()``).
+    seed : int
+        Seed of the world-anchored scatterer field (same seed, same speckle at the same world place).
+    sub_rays : int
+        Rays across the elevation slice per scanline (>= 1).
+    speckle : bool
+        False: scatterers of deterministic unit phase and amplitude (a speckle-free tissue map).
+    scatter_cell_mm : float, optional
+        Cell size of the world scatter grid; default half the wavelength.
+    tgc_db_cm_mhz : float
+        Time-gain compensation: gain 2 * tgc * fc * depth dB (0 turns it off).
+    gain_db, dynamic_range_db : float
+        Log compression: ``bmode = clip((20 log10(envelope) + gain_db + DR) / DR, 0, 1)``.
+    pixel_mm : float, optional
+        Pixel spacing of the scan-converted image (default: depth / (n_samples / 2)).
+    background : sequence of 5 floats
+        Properties outside the volume (default water).
+    return_lines : bool
+        Also return the envelope and complex IQ scanlines.
+    max_bytes : int, optional
+        Memory allowance (default 80 % of the free memory of the device).
+
+    Returns
+    -------
+    SimulationResult
+    """
+    props = _check_props(props)
+    probe = _check_probe(probe)
+    a = _check_affine(affine)
+    pose = _check_pose(pose, props.dtype, props.device)
+    if not isinstance(sub_rays, int) or isinstance(sub_rays, bool) or sub_rays < 1:
+        raise ValueError(f"sub_rays must be an int >= 1, got {sub_rays!r}")
+    if not dynamic_range_db > 0:
+        raise ValueError(f"dynamic_range_db must be positive, got {dynamic_range_db}")
+    if scatter_cell_mm is None:
+        scatter_cell_mm = probe.wavelength_mm / 2
+    if not scatter_cell_mm > 0:
+        raise ValueError(f"scatter_cell_mm must be positive, got {scatter_cell_mm}")
+    bg = [float(v) for v in background]
+    if len(bg) != N_PROPS:
+        raise ValueError(f"background must have {N_PROPS} values, got {len(bg)}")
+    B = pose.shape[0]
+    if props.shape[0] not in (1, B):
+        raise ValueError(f"props batch ({props.shape[0]}) must be 1 or the number of poses ({B})")
+    _check_memory(B, probe, sub_rays, props.dtype, props.device, max_bytes)
+    dev, dt = props.device, props.dtype
+    L, E, S = probe.n_lines, sub_rays, probe.n_samples
+
+    # Probe frame -> voxel coordinates: M = affine^-1 @ pose.
+    pts = _cached("points", probe, E, str(dev), dt, None)
+    inv_a = torch.linalg.inv(a).to(device=dev, dtype=dt)
+    M = inv_a[None] @ pose
+    coords = (pts @ M[:, :3, :3].transpose(1, 2) + M[:, None, :3, 3]).reshape(B, L * E, S, 3)
+
+    G = (a[:3, :] / scatter_cell_mm).flatten()
+    att = 2.0 * probe.fc_mhz * (probe.dz_mm / 10.0) * math.log(10.0) / 20.0
+    props_cl = props.permute(0, 2, 3, 4, 1).contiguous()
+    echo = ray_march(props_cl, coords, _noise(seed, dev, speckle), G, att, bg, seed)  # (B, L*E, S, 3)
+    echo = echo.view(B, L, E, S, 3)
+
+    w_spec, w_scat = _cached("elevation", probe, E, str(dev), dt, None)  # (E, S)
+    if not speckle:
+        w_scat = w_spec
+    spec = (echo[..., 0] * w_spec).sum(2)
+    scat_re = (echo[..., 1] * w_scat).sum(2)
+    scat_im = (echo[..., 2] * w_scat).sum(2)
+    iq = _apply_psf(torch.stack([spec, scat_re, scat_im], 1), probe, speckle)  # (B, L, S) complex
+
+    if tgc_db_cm_mhz:
+        z_cm = probe.depths(device=dev, dtype=dt) / 10.0
+        iq = iq * (10.0 ** (2.0 * tgc_db_cm_mhz * probe.fc_mhz * z_cm / 20.0))
+    power = iq.real.square() + iq.imag.square()
+    lines_db = 10.0 * torch.log10(power + 1e-20) + gain_db
+    scan = ((lines_db + dynamic_range_db) / dynamic_range_db).clamp(0.0, 1.0)
+    grid, px = _cached("grid", probe, 1, str(dev), dt, pixel_mm)
+    bmode = F.grid_sample(scan.transpose(1, 2)[:, None], grid.expand(B, -1, -1, -1), mode="bilinear",
+                          padding_mode="zeros", align_corners=True)
+    x0, x1, z0, z1 = probe.image_extent_mm()
+    (H, W), _ = probe.image_shape(pixel_mm)
+    extent = (x0, x0 + (W - 1) * px, z0, z0 + (H - 1) * px)
+    env = torch.sqrt(power + 1e-30) if return_lines else None
+    return SimulationResult(bmode=bmode, pixel_mm=px, extent_mm=extent, lines_db=lines_db, envelope=env,
+                            iq=iq if return_lines else None)
+
+
+def simulate_ct(ct: torch.Tensor, affine, pose: torch.Tensor, probe: Probe | str, *, knots=HU_KNOTS,
+                **kwargs) -> SimulationResult:
+    """:func:`simulate` from a CT volume ``(B, 1, D, H, W)`` in Hounsfield units (differentiable in the
+    CT and in ``knots``, see :func:`~medfast.ultrasound.tissue.hu_to_properties`)."""
+    return simulate(hu_to_properties(ct, knots), affine, pose, probe, **kwargs)
+
+
+def simulate_labels(labels: torch.Tensor, table: LabelTable, affine, pose: torch.Tensor, probe: Probe | str, *,
+                    dtype: torch.dtype = torch.float32, **kwargs) -> SimulationResult:
+    """:func:`simulate` from an integer label map ``(B, 1, D, H, W)`` and a per-label property table
+    (differentiable in the table values)."""
+    if not isinstance(table, LabelTable):
+        raise TypeError(f"table must be a LabelTable, got {type(table).__name__}")
+    return simulate(table.properties(labels, dtype=dtype), affine, pose, probe, **kwargs)

@@ -1,0 +1,139 @@
+"""Tissue descriptions for the ultrasound simulator: CT (HU), label maps with a table, raw maps.
+
+All three end as a property volume ``(B, 5, D, H, W)`` with channels (``PROP_NAMES``):
+impedance Z (MRayl), attenuation alpha (dB/cm/MHz), scatterer density (0..1, relative), mean and
+spread of the scatter amplitude (relative reflectivity of the scatterers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from medfast.ops._ussim import N_PROPS, PROP_NAMES
+
+__all__ = ["HU_KNOTS", "PROP_NAMES", "LabelTable", "hu_to_properties", "WATER"]
+
+WATER = (1.48, 0.0022, 0.0, 0.0, 0.0)
+
+# Piecewise-linear map from CT number to acoustic properties. Knots: HU, then the 5 properties.
+# Impedances and attenuations are typical literature values (Duck, "Physical properties of tissue",
+# 1990; Szabo, "Diagnostic ultrasound imaging", 2004): air 0.0004 MRayl, fat 1.38, water 1.48,
+# soft tissue 1.63-1.7, bone 4-7.8 MRayl; attenuation fat 0.6, soft tissue 0.5-0.7, bone 10-20
+# dB/cm/MHz. Water-like fluid (CSF, HU ~ 0-15) does not scatter; bone scatters strongly.
+HU_KNOTS: tuple[tuple[float, float, float, float, float, float], ...] = (
+    (-1000.0, 0.0004, 20.0, 0.0, 0.0, 0.0),
+    (-500.0, 0.80, 12.0, 0.6, 0.3, 0.1),
+    (-100.0, 1.38, 0.60, 1.0, 0.25, 0.08),
+    (0.0, 1.48, 0.05, 0.05, 0.05, 0.02),
+    (15.0, 1.53, 0.30, 0.5, 0.20, 0.05),
+    (40.0, 1.63, 0.55, 1.0, 0.30, 0.08),
+    (100.0, 1.68, 0.70, 1.0, 0.45, 0.12),
+    (300.0, 2.50, 4.00, 1.0, 0.60, 0.15),
+    (1000.0, 6.00, 15.0, 1.0, 0.80, 0.20),
+    (3000.0, 7.80, 20.0, 1.0, 0.80, 0.20),
+)
+
+
+def _knot_tensor(knots, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(knots, torch.Tensor):
+        k = knots.to(device=device, dtype=dtype)
+    else:
+        k = torch.tensor(knots, device=device, dtype=dtype)
+    if k.dim() != 2 or k.shape[1] != 1 + N_PROPS or k.shape[0] < 2:
+        raise ValueError(f"knots must be (n >= 2, {1 + N_PROPS}) rows (HU, *properties), got {tuple(k.shape)}")
+    if not bool((k[1:, 0] > k[:-1, 0]).all()):
+        raise ValueError("knots must have strictly increasing HU values")
+    return k[:, 0], k[:, 1:]
+
+
+def hu_to_properties(ct: torch.Tensor, knots=HU_KNOTS) -> torch.Tensor:
+    """Maps a CT volume in Hounsfield units to acoustic property maps (differentiable).
+
+    Parameters
+    ----------
+    ct : Tensor
+        ``(B, 1, D, H, W)`` or ``(B, D, H, W)`` CT numbers (HU), float32/float64.
+    knots : sequence or Tensor
+        ``(n, 6)`` rows ``(HU, Z, alpha, density, amplitude_mean, amplitude_std)`` with increasing
+        HU; linear interpolation between knots, constant beyond the ends. A tensor that requires
+        grad makes the map itself trainable. Default ``HU_KNOTS``.
+
+    Returns
+    -------
+    Tensor
+        ``(B, 5, D, H, W)`` property maps, differentiable w.r.t. ``ct`` and ``knots``.
+    """
+    if not isinstance(ct, torch.Tensor):
+        raise TypeError(f"ct must be a torch.Tensor, got {type(ct).__name__}")
+    if not ct.is_floating_point():
+        ct = ct.float()
+    if ct.dim() == 5:
+        if ct.shape[1] != 1:
+            raise ValueError(f"ct must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(ct.shape)}")
+        ct = ct[:, 0]
+    if ct.dim() != 4:
+        raise ValueError(f"ct must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(ct.shape)}")
+    hu, vals = _knot_tensor(knots, ct.device, ct.dtype)
+    x = ct.clamp(hu[0], hu[-1])
+    idx = torch.searchsorted(hu.contiguous(), x.detach().contiguous(), right=True).clamp(1, hu.numel() - 1) - 1
+    h0, h1 = hu[idx], hu[idx + 1]
+    t = ((x - h0) / (h1 - h0)).unsqueeze(1)  # (B, 1, D, H, W)
+    v0 = vals[idx].permute(0, 4, 1, 2, 3)
+    v1 = vals[idx + 1].permute(0, 4, 1, 2, 3)
+    return v0 + t * (v1 - v0)
+
+
+class LabelTable:
+    """Per-label acoustic properties: a ``(n_labels, 5)`` tensor (optionally trainable).
+
+    Parameters
+    ----------
+    values : Mapping[int, Sequence[float]] or Tensor
+        Either ``{label: (Z, alpha, density, amplitude_mean, amplitude_std)}`` for labels
+        0..n-1 (missing labels get water) or a ``(n_labels, 5)`` tensor (kept as is, so a tensor
+        with ``requires_grad`` stays a leaf you can optimise).
+    """
+
+    def __init__(self, values: Mapping[int, Sequence[float]] | torch.Tensor):
+        if isinstance(values, torch.Tensor):
+            if values.dim() != 2 or values.shape[1] != N_PROPS:
+                raise ValueError(f"a label table tensor must be (n_labels, {N_PROPS}), got {tuple(values.shape)}")
+            self.values = values
+        else:
+            if not values:
+                raise ValueError("the label table is empty")
+            n = max(int(k) for k in values) + 1
+            if min(int(k) for k in values) < 0:
+                raise ValueError("labels must be >= 0")
+            rows = [list(WATER) for _ in range(n)]
+            for k, v in values.items():
+                v = [float(x) for x in v]
+                if len(v) != N_PROPS:
+                    raise ValueError(f"label {k}: expected {N_PROPS} values {PROP_NAMES}, got {len(v)}")
+                rows[int(k)] = v
+            self.values = torch.tensor(rows, dtype=torch.float32)
+
+    @property
+    def n_labels(self) -> int:
+        return self.values.shape[0]
+
+    def properties(self, labels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(B, 5, D, H, W)`` property maps from an integer label map ``(B, 1, D, H, W)`` or ``(B, D, H, W)``."""
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dim() == 5:
+            if labels.shape[1] != 1:
+                raise ValueError(f"labels must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(labels.shape)}")
+            labels = labels[:, 0]
+        if labels.dim() != 4:
+            raise ValueError(f"labels must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(labels.shape)}")
+        lab = labels.long()
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or hi >= self.n_labels:
+            raise ValueError(f"labels must lie in [0, {self.n_labels - 1}] (the table rows), got [{lo}, {hi}]")
+        table = self.values.to(labels.device)
+        if dtype is not None:
+            table = table.to(dtype)
+        return table[lab].permute(0, 4, 1, 2, 3)

@@ -1,0 +1,458 @@
+"""Ultrasound simulation: op conventions, gradients and physics (speckle, attenuation, interfaces,
+geometry, speckle decorrelation, parameter fitting)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medfast.ops._ussim import noise_table, ray_march
+from medfast.ultrasound import (
+    LabelTable,
+    Probe,
+    freehand_sweep,
+    hu_to_properties,
+    look_at,
+    simulate,
+    simulate_ct,
+    simulate_labels,
+)
+from medfast.ultrasound.io import INVESALIUS_CRANIUM, read_inv3
+
+WATER_BG = (1.5, 0.0, 0.0, 0.0, 0.0)
+
+
+def homogeneous(z=1.5, alpha=0.0, rho=1.0, mu=1.0, sd=0.0, dtype=torch.float32):
+    """A 2x2x2 volume of one tissue filling (via a huge voxel size) all of the simulated region."""
+    props = torch.tensor([z, alpha, rho, mu, sd], dtype=dtype).view(1, 5, 1, 1, 1).expand(1, 5, 2, 2, 2).clone()
+    affine = np.diag([400.0, 400.0, 400.0, 1.0])
+    affine[:3, 3] = -200.0
+    return props, affine, (z, alpha, rho, mu, sd)
+
+
+def small_linear(**kw):
+    args = dict(n_lines=96, n_samples=512, depth_mm=30.0)
+    args.update(kw)
+    return Probe.preset("L11-5v", **args)
+
+
+POSE0 = look_at((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Op conventions
+# ---------------------------------------------------------------------------------------------
+
+
+def _march_inputs(dtype=torch.float64, B=2, R=3, S=9, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    props = torch.empty(1, 4, 5, 6, 5, dtype=dtype)
+    props[..., 0] = 1.2 + torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
+    props[..., 1] = torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
+    props[..., 2] = 0.2 + torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
+    props[..., 3] = torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
+    props[..., 4] = 0.3 * torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
+    start = torch.tensor([0.3, 0.4, 0.2], dtype=dtype) + torch.rand(B, R, 1, 3, generator=gen, dtype=dtype)
+    step = torch.tensor([0.31, 0.37, 0.43], dtype=dtype)
+    coords = start + torch.arange(S, dtype=dtype)[:, None] * step
+    G = [0.7, 0.1, 0.0, 0.05, 0.0, 0.8, 0.2, 0.1, 0.1, 0.0, 0.9, 0.3]
+    return props, coords, noise_table(seed, rows=64), G
+
+
+def test_ray_march_opcheck():
+    props, coords, noise, G = _march_inputs(torch.float32)
+    props.requires_grad_(True)
+    coords.requires_grad_(True)
+    torch.library.opcheck(torch.ops.medfast.ussim_march, (props, coords, noise, G, 0.05, [1.5, 0, 0, 0, 0], 3))
+
+
+def test_ray_march_gradcheck_float64():
+    props, coords, noise, G = _march_inputs(torch.float64)
+    props.requires_grad_(True)
+    coords.requires_grad_(True)
+
+    def f(p, c):
+        return ray_march(p, c, noise, G, 0.08, [1.5, 0.1, 0.5, 0.3, 0.1], 1)
+
+    assert torch.autograd.gradcheck(f, (props, coords), eps=1e-6, atol=1e-6)
+
+
+def test_ray_march_matches_reference():
+    """The kernel against a direct torch re-implementation of the same formulas (speckle off)."""
+    props, coords, _, G = _march_inputs(torch.float64, B=1, R=2, S=8)
+    coords = coords[:, :, :1] + (coords - coords[:, :, :1]) * 0.5  # stay inside the volume
+    table = torch.zeros(1, 4)
+    table[0, 0] = 1.0
+    out = ray_march(props, coords, table, G, 0.1, [1.5, 0, 0, 0, 0], 0)
+    vol = props[0].permute(3, 0, 1, 2)[None]  # (1, 5, D, H, W)
+    D, H, W = vol.shape[2:]
+    c = coords[0]
+    grid = torch.stack([c[..., 2] / (W - 1), c[..., 1] / (H - 1), c[..., 0] / (D - 1)], -1) * 2 - 1
+    v = torch.nn.functional.grid_sample(vol, grid[None, :, :, None], align_corners=True)[0, :, :, :, 0]  # (5, R, S)
+    Z = v[0]
+    R = torch.zeros_like(Z)
+    R[:, 1:] = (Z[:, 1:] - Z[:, :-1]) / (Z[:, 1:] + Z[:, :-1])
+    u = torch.log(1 - R**2) - 0.1 * v[1]
+    E = torch.exp(torch.cumsum(u, 1) - u)
+    amp = v[2].sqrt() * v[3]
+    torch.testing.assert_close(out[0, ..., 0], E * R)
+    torch.testing.assert_close(out[0, ..., 1], E * amp)
+    torch.testing.assert_close(out[0, ..., 2], torch.zeros_like(E))
+
+
+def test_simulate_gradcheck_props_and_pose():
+    probe = Probe.preset("L11-5v", n_lines=4, n_samples=12, depth_mm=3.0)
+    gen = torch.Generator().manual_seed(1)
+    props = torch.empty(1, 5, 5, 5, 5, dtype=torch.float64)
+    props[:, 0] = 1.4 + 0.4 * torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
+    props[:, 1] = 0.5 * torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
+    props[:, 2] = 0.5 + torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
+    props[:, 3] = torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
+    props[:, 4] = 0.1
+    affine = np.diag([1.0, 1.2, 0.9, 1.0])
+    affine[:3, 3] = (-2.1, -2.3, -0.4)
+    pose = look_at((0.13, 0.07, 0.2), (0.1, 0.05, 1.0), (1.0, 0.0, 0.0))[None].clone().requires_grad_(True)
+    props.requires_grad_(True)
+
+    def f(p, q):
+        return simulate(p, affine, q, probe, sub_rays=2, dynamic_range_db=400.0, tgc_db_cm_mhz=0.3).lines_db
+
+    assert torch.autograd.gradcheck(f, (props, pose), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Physics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fully_developed_speckle_statistics():
+    props, affine, _ = homogeneous()
+    probe = small_linear()
+    envs, logs = [], []
+    for seed in range(2):
+        res = simulate(props, affine, POSE0, probe, seed=seed, tgc_db_cm_mhz=0.0, return_lines=True)
+        env = res.envelope[0, 8:-8, 64:-32]  # away from the edges of the image
+        envs.append(env.flatten())
+        logs.append(20 * torch.log10(env).flatten())
+    env = torch.cat(envs)
+    snr = float(env.mean() / env.std())
+    db_std = float(torch.cat(logs).std())
+    print(f"speckle: envelope mean/std {snr:.3f} (Rayleigh 1.913), log std {db_std:.2f} dB (Rayleigh 5.57)")
+    assert abs(snr - 1.91) <= 0.05
+    assert abs(db_std - 5.57) <= 0.3
+
+
+def test_attenuation_slope():
+    alpha = 0.5
+    props, affine, _ = homogeneous(alpha=alpha, z=1.5)
+    probe = small_linear(n_samples=768, depth_mm=40.0)
+    slopes = []
+    lines = []
+    for seed in range(2):
+        res = simulate(props, affine, POSE0, probe, seed=seed, tgc_db_cm_mhz=0.0, return_lines=True)
+        lines.append(res.envelope[0, 8:-8].square().mean(0))  # mean intensity per depth
+    intensity = torch.stack(lines).mean(0)
+    z_cm = probe.depths() / 10
+    keep = slice(60, -30)
+    db = 10 * torch.log10(intensity[keep].double())
+    A = torch.stack([z_cm[keep], torch.ones_like(z_cm[keep])], 1)
+    slope = float(torch.linalg.lstsq(A, db[:, None]).solution[0])
+    slopes.append(slope)
+    expected = -2 * alpha * probe.fc_mhz
+    print(f"attenuation: slope {slope:.3f} dB/cm, expected {expected:.3f} dB/cm")
+    assert abs(slope - expected) <= 0.03 * abs(expected)
+
+
+def _layered(z1, z2, depth_of_interface, spacing=0.02, mu=0.005):
+    """Two half-spaces (z < interface: Z1, z >= interface: Z2) sampled on a grid aligned with the
+    probe samples; the probe looks along +z from z = 0."""
+    n = int(round(20.0 / spacing))
+    props = torch.zeros(1, 5, 3, 3, n)
+    z = torch.arange(n) * spacing
+    props[:, 0] = torch.where(z < depth_of_interface, z1, z2)
+    props[:, 2] = 1.0
+    props[:, 3] = mu
+    affine = np.array([[200.0, 0, 0, -200], [0, 200.0, 0, -200], [0, 0, spacing, 0], [0, 0, 0, 1]])
+    return props, affine
+
+
+def test_planar_interface_reflection_and_transmission():
+    z1, z2 = 1.5, 2.5
+    probe = Probe.preset("L11-5v", n_lines=64, n_samples=1001, depth_mm=20.0)  # dz = 0.02 mm
+    props, affine = _layered(z1, z2, 10.0)
+    above = below = 0.0
+    peaks = []
+    for seed in range(3):
+        res = simulate(props, affine, POSE0, probe, tgc_db_cm_mhz=0.0, return_lines=True, seed=seed)
+        env = res.envelope[0, 8:-8]
+        peaks.append(env[:, 480:520].max(1).values.median())
+        above += float(env[:, 150:420].square().mean())
+        below += float(env[:, 580:850].square().mean())
+    expected_r = abs(z2 - z1) / (z2 + z1)
+    peak = float(torch.stack(peaks).median())
+    print(f"interface: echo {peak:.4f}, |Z2-Z1|/(Z2+Z1) = {expected_r:.4f}")
+    assert abs(peak - expected_r) <= 0.05 * expected_r
+    ratio, expected_t = math.sqrt(below / above), 1 - expected_r**2
+    print(f"interface: level below / above {ratio:.4f}, transmission 1-R^2 = {expected_t:.4f}")
+    assert abs(ratio - expected_t) <= 0.03 * expected_t
+
+
+def _target_volume(world_pos, spacing=0.1, half=6.0):
+    n = int(round(2 * half / spacing)) + 1
+    props = torch.zeros(1, 5, n, n, n)
+    props[:, 0] = 1.5
+    ax = torch.arange(n) * spacing - half
+    g = torch.meshgrid(ax, ax, ax, indexing="ij")
+    r2 = sum(c**2 for c in g)
+    props[:, 2] = 1.0
+    props[:, 3] = torch.exp(-r2 / (2 * 0.12**2))
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = np.asarray(world_pos) - half
+    return props, affine
+
+
+@pytest.mark.parametrize("kind", ["linear", "convex"])
+def test_geometry_point_target_pixel(kind):
+    gen = torch.Generator().manual_seed(7 if kind == "linear" else 8)
+    target = np.array([12.0, -7.0, 30.0])
+    if kind == "linear":
+        probe = Probe.preset("L11-5v", n_lines=192, n_samples=800, depth_mm=30.0)
+        x_p, z_p = 6.3, 17.4  # where the target should appear in the probe frame
+    else:
+        probe = Probe.preset("C5-2v", n_lines=256, n_samples=800, depth_mm=50.0, fov_deg=30.0)
+        x_p, z_p = -9.1, 33.3
+    # Arbitrary pose such that the target lies at probe-frame (x_p, 0, z_p).
+    angles = (torch.rand(3, generator=gen, dtype=torch.float64) - 0.5) * 1.5
+    pose = look_at((0, 0, 0), (math.sin(angles[0]), math.sin(angles[1]), 1.0), (1.0, math.sin(angles[2]), 0.2))
+    offset = pose[:3, :3] @ torch.tensor([x_p, 0.0, z_p], dtype=torch.float64)
+    pose[:3, 3] = torch.as_tensor(target) - offset
+    props, affine = _target_volume(target)
+    res = simulate(props, affine, pose, probe, speckle=False, tgc_db_cm_mhz=0.0, pixel_mm=0.1,
+                   dynamic_range_db=40.0, gain_db=0.0)
+    img = res.bmode[0, 0].double()
+    mask = img > img.max() - 0.15  # within 6 dB of the peak
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    w = img[rows, cols] - (img.max() - 0.15)
+    r_c = float((rows * w).sum() / w.sum())
+    c_c = float((cols * w).sum() / w.sum())
+    r_e, c_e = probe.pixel_of(x_p, z_p, pixel_mm=0.1)
+    print(f"{kind}: target at pixel ({r_c:.2f}, {c_c:.2f}), expected ({r_e:.2f}, {c_e:.2f})")
+    assert abs(r_c - r_e) <= 0.5 and abs(c_c - c_e) <= 0.5
+
+
+def test_speckle_world_anchored_and_decorrelates():
+    props, affine, _ = homogeneous()
+    probe = small_linear()
+
+    def frame(dx):
+        pose = POSE0.clone()
+        pose[0, 3] = dx
+        return simulate(props, affine, pose, probe, tgc_db_cm_mhz=0.0, return_lines=True).envelope[0]
+
+    ref = frame(0.0)
+    spacing = probe.width_mm / (probe.n_lines - 1)
+
+    def corr(dx):
+        # Compare the same world region: shift the lines by a whole number of line spacings.
+        k = int(round(dx / spacing))
+        moved = frame(dx)
+        a = ref[20 + k:76 + k, 64:-32].flatten()
+        b = moved[20:76, 64:-32].flatten()
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    same_place = corr(3 * spacing)  # the probe moved by 3 lines: the same world speckle
+    lateral_res = float(probe.lateral_fwhm_mm(torch.tensor(15.0)))
+    sub = frame(0.1 * lateral_res)
+    a, b = ref[20:76, 64:-32].flatten(), sub[20:76, 64:-32].flatten()
+    a, b = a - a.mean(), b - b.mean()
+    sub_corr = float((a * b).sum() / (a.norm() * b.norm()))
+    far = frame(5 * lateral_res + 0.5 * spacing)
+    b = far[20:76, 64:-32].flatten()
+    b = b - b.mean()
+    far_corr = float((a * b).sum() / (a.norm() * b.norm()))
+    print(f"speckle correlation: same world place {same_place:.3f}, shift 0.1 res {sub_corr:.3f}, "
+          f"shift 5 res {far_corr:.3f}")
+    assert same_place > 0.95
+    assert sub_corr > 0.8
+    assert abs(far_corr) < 0.2
+
+
+def test_fit_attenuation_by_gradient_descent():
+    true_alpha = 0.7
+    probe = small_linear(n_lines=32, n_samples=256, depth_mm=30.0)
+    props, affine, _ = homogeneous(alpha=true_alpha)
+    target = simulate(props, affine, POSE0, probe, tgc_db_cm_mhz=0.0).lines_db.detach()
+    alpha = torch.tensor(0.3, requires_grad=True)
+    opt = torch.optim.Adam([alpha], lr=0.05)
+    for _ in range(60):
+        p = torch.cat([props[:, :1], alpha.expand(1, 1, 2, 2, 2), props[:, 2:]], 1)
+        loss = (simulate(p, affine, POSE0, probe, tgc_db_cm_mhz=0.0).lines_db - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"fitted alpha {float(alpha.detach()):.4f} (true {true_alpha})")
+    assert abs(float(alpha.detach()) - true_alpha) < 0.02
+
+
+def test_fit_label_table_impedance():
+    """Gradient descent on a label-table impedance recovers it from the interface echo."""
+    probe = Probe.preset("L11-5v", n_lines=16, n_samples=400, depth_mm=8.0)
+    labels = torch.zeros(1, 1, 3, 3, 400, dtype=torch.long)
+    labels[..., 200:] = 1
+    affine = np.array([[50.0, 0, 0, -50], [0, 50.0, 0, -50], [0, 0, 0.02, 0], [0, 0, 0, 1]])
+    truth = torch.tensor([[1.5, 0.3, 1.0, 0.02, 0.0], [2.2, 0.3, 1.0, 0.02, 0.0]])
+    def envelope(table):
+        return simulate_labels(labels, LabelTable(table), affine, POSE0, probe, speckle=False,
+                               return_lines=True).envelope
+
+    target = envelope(truth).detach()
+    z2 = torch.tensor(1.8, requires_grad=True)
+    opt = torch.optim.Adam([z2], lr=0.05)
+    for _ in range(60):
+        table = torch.cat([truth[:1], torch.cat([z2.view(1, 1), truth[1:, 1:]], 1)], 0)
+        loss = (envelope(table) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"fitted Z2 {float(z2.detach()):.4f} (true 2.2)")
+    assert abs(float(z2.detach()) - 2.2) < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# API: tissue inputs, sweeps, validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_presets_are_pymusts():
+    pymust = pytest.importorskip("pymust")
+    for name in ("L11-5v", "C5-2v"):
+        p, ref = Probe.preset(name), pymust.getparam(name)
+        assert p.fc_mhz == pytest.approx(ref["fc"] / 1e6)
+        assert p.bandwidth == pytest.approx(ref["bandwidth"] / 100)
+        assert p.pitch_mm == pytest.approx(ref["pitch"] * 1e3)
+        assert p.n_elements == ref["Nelements"]
+        assert p.elevation_mm == pytest.approx(ref["height"] * 1e3)
+        assert p.elevation_focus_mm == pytest.approx(ref["focus"] * 1e3)
+        if math.isfinite(ref["radius"]):
+            assert p.radius_mm == pytest.approx(ref["radius"] * 1e3)
+
+
+def test_hu_map_is_piecewise_linear_and_differentiable():
+    ct = torch.tensor([-1000.0, -50.0, 0.0, 40.0, 2000.0], dtype=torch.float64).view(1, 1, 1, 1, 5)
+    ct.requires_grad_(True)
+    props = hu_to_properties(ct)
+    assert props.shape == (1, 5, 1, 1, 5)
+    assert float(props[0, 0, 0, 0, 0]) == pytest.approx(0.0004)
+    assert float(props[0, 0, 0, 0, 3]) == pytest.approx(1.63)
+    assert float(props[0, 0, 0, 0, 1]) == pytest.approx((1.38 + 1.48) / 2)
+    assert torch.autograd.gradcheck(lambda c: hu_to_properties(c + 0.3), (ct,))
+
+
+def test_ct_labels_and_raw_maps_agree():
+    labels = torch.zeros(1, 1, 6, 6, 6, dtype=torch.long)
+    labels[..., 3:] = 1
+    table = LabelTable({0: (1.5, 0.3, 1.0, 0.2, 0.05), 1: (1.7, 0.6, 0.8, 0.4, 0.1)})
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = -8
+    probe = Probe.preset("L11-5v", n_lines=16, n_samples=64, depth_mm=10.0)
+    pose = look_at((0.0, 0.0, -4.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+    a = simulate_labels(labels, table, affine, pose, probe).bmode
+    b = simulate(table.values[labels[:, 0]].permute(0, 4, 1, 2, 3), affine, pose, probe).bmode
+    torch.testing.assert_close(a, b)
+    ct = torch.full((1, 1, 4, 4, 4), 40.0)
+    c = simulate_ct(ct, affine, pose, probe).bmode
+    assert c.shape == a.shape and float(c.std()) > 0
+
+
+def test_freehand_sweep_batched_equals_single_frames():
+    probe = Probe.preset("C5-2v", n_lines=32, n_samples=128, depth_mm=30.0)
+    ct = torch.zeros(1, 1, 12, 12, 12)
+    ct[..., 6:, :, :] = 900.0
+    ct[..., 3:5, 4:8, 4:8] = -80.0
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    start = look_at((24.0, 24.0, -5.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+    poses = freehand_sweep(start, (0.0, 10.0, 0.0), 5, seed=2)
+    assert poses.shape == (5, 4, 4)
+    R = poses[:, :3, :3]
+    torch.testing.assert_close(R @ R.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(5, 3, 3))
+    steps = (poses[1:, :3, 3] - poses[:-1, :3, 3]).norm(dim=1)
+    assert float(steps.max()) < 5.0  # smooth: no jumps
+    batched = simulate_ct(ct, affine, poses.float(), probe).bmode
+    for i in (0, 3):
+        single = simulate_ct(ct, affine, poses[i:i + 1].float(), probe).bmode
+        torch.testing.assert_close(batched[i:i + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    props, affine, _ = homogeneous()
+    probe = small_linear(n_lines=8, n_samples=16)
+    with pytest.raises(ValueError, match="pose must be"):
+        simulate(props, affine, torch.eye(3), probe)
+    with pytest.raises(TypeError, match="pose must be"):
+        simulate(props, affine, np.eye(4), probe)
+    with pytest.raises(ValueError, match="affine is required"):
+        simulate(props, None, POSE0, probe)
+    with pytest.raises(ValueError, match="not invertible"):
+        simulate(props, np.zeros((4, 4)), POSE0, probe)
+    with pytest.raises(ValueError, match="unknown probe"):
+        simulate(props, affine, POSE0, "X9-9z")
+    with pytest.raises(ValueError, match="n_lines"):
+        Probe.preset("L11-5v", n_lines=0)
+    with pytest.raises(ValueError, match="depth_mm"):
+        Probe.preset("L11-5v", depth_mm=-1.0)
+    with pytest.raises(ValueError, match="props must be"):
+        simulate(props[:, :3], affine, POSE0, probe)
+    with pytest.raises(ValueError, match="GiB"):
+        simulate(props, affine, POSE0.expand(4, 4, 4), Probe.preset("L11-5v"), max_bytes=1 << 20)
+    with pytest.raises(ValueError, match="labels must lie"):
+        LabelTable({0: WATER_BG}).properties(torch.ones(1, 1, 2, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="props batch"):
+        simulate(props.expand(3, -1, -1, -1, -1), affine, POSE0.expand(2, 4, 4), probe)
+
+
+@pytest.mark.skipif(not INVESALIUS_CRANIUM.is_file(),
+                    reason="InVesalius head CT missing: apt-get install invesalius-examples (scripts/data.sh)")
+def test_invesalius_reader():
+    vol, affine = read_inv3(INVESALIUS_CRANIUM)
+    assert vol.shape == (108, 256, 256) and vol.dtype == np.int16
+    assert -1100 <= vol.min() < -900 and 2000 < vol.max() < 3100
+    assert affine[2, 0] == pytest.approx(1.5) and affine[0, 2] == pytest.approx(0.9570312)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA against CPU
+# ---------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_matches_cpu_forward_and_backward():
+    props, coords, noise, G = _march_inputs(torch.float64, B=2, R=5, S=40)
+    args = (noise, G, 0.07, [1.5, 0.1, 0.5, 0.3, 0.1], 5)
+    p1, c1 = props.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    out = ray_march(p1, c1, *args)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    p2, c2 = props.cuda().requires_grad_(True), coords.cuda().requires_grad_(True)
+    out2 = ray_march(p2, c2, noise.cuda(), *args[1:])
+    (out2 * g.cuda()).sum().backward()
+    torch.testing.assert_close(out2.cpu(), out)
+    torch.testing.assert_close(p2.grad.cpu(), p1.grad)
+    torch.testing.assert_close(c2.grad.cpu(), c1.grad)
+
+
+@cuda
+def test_cuda_simulation_matches_cpu():
+    ct = torch.zeros(1, 1, 20, 20, 20)
+    ct[..., 10:, :, :] = 900.0
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    probe = Probe.preset("C5-2v", n_lines=64, n_samples=256, depth_mm=30.0)
+    poses = freehand_sweep(look_at((20.0, 20.0, -2.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)), (0, 8, 0), 4).float()
+    a = simulate_ct(ct, affine, poses, probe).bmode
+    b = simulate_ct(ct.cuda(), affine, poses.cuda(), probe).bmode.cpu()
+    torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-3)
