@@ -202,6 +202,28 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from medfast.bench import main
+
+    return main(args)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from medfast.bench.runner import add_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="run the benchmark suites against their peers; JSON + Markdown + PNG reports",
+        description=(
+            "Runs every benchmark suite (each op family against its peers, and the training steps), each in its "
+            "own process, and writes bench_<device>_<host>_<date>.{json,md,png} and bench_<device>_latest.* with "
+            "the medfast/peer speed ratios and peak memory. Suites whose peer is not installed are skipped."
+        ),
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_info,
     _add_demo,
@@ -209,6 +231,7 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_predict,
     _add_register,
     _add_simulate,
+    _add_bench,
 )
 
 

@@ -38,6 +38,13 @@ def main() -> int:
     hd = hausdorff_distance(a, b, percentile=None, include_background=True)
     assert abs(float(hd) - 2.0) < 1e-5, hd
     print("hausdorff_distance: ok")
+    from medfast.bench.runner import SUITES, benchmarks_dir
+
+    where = benchmarks_dir()
+    assert "site-packages" in str(where), where
+    missing = [s.script for s in SUITES if not (where / s.script).is_file()]
+    assert not missing and not (where / "results").exists(), (missing, where)
+    print(f"benchmark scripts: {len(SUITES)} suites in {where}")
     print("wheel smoke test passed")
     return 0
 

@@ -1,0 +1,275 @@
+"""The suite registry, the runner and the report writers of ``medfast bench``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import fnmatch
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+@dataclasses.dataclass
+class Row:
+    """One medfast-vs-peer comparison. ratio = peer time / medfast time (> 1: medfast is faster)."""
+
+    suite: str
+    case: str
+    peer: str
+    medfast_ms: float | None
+    peer_ms: float | None
+    ratio: float | None
+    medfast_peak_mib: float | None = None
+    peer_peak_mib: float | None = None
+
+
+@dataclasses.dataclass
+class Suite:
+    """A benchmark script, how to call it, and how to read its JSON results into rows."""
+
+    name: str
+    script: str
+    args: Callable[[str, bool, Path], list[str]]  # (device, quick, out_dir) -> argv
+    collect: Callable[[Path], list[Row]]  # out_dir -> rows
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    peers: tuple[str, ...] = ()  # importable modules the suite needs
+
+
+def _ratio(peer_ms, ours_ms):
+    return peer_ms / ours_ms if peer_ms and ours_ms else None
+
+
+def _load(out: Path, pattern: str):
+    files = sorted(out.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {pattern} written in {out}")
+    return json.loads(files[-1].read_text())
+
+
+# ---- adapters: one per script's JSON layout --------------------------------------------------------
+
+
+def _warp_rows(out: Path) -> list[Row]:
+    data = _load(out, "warp_*_latest.json")
+    rows = []
+    for r in data["rows"]:
+        ours, peer = r.get("medfast") or {}, r.get("peer_result") or {}
+        rows.append(Row("warp", r["case"] + f" {r['size']}^3", r["peer"], ours.get("ms"), peer.get("ms"),
+                        r.get("ratio"), ours.get("peak_mib"), peer.get("peak_mib")))
+    return rows
+
+
+def _loss_rows(out: Path) -> list[Row]:
+    rows = []
+    for r in _load(out, "loss_*_latest.json"):
+        for peer in ("monai", "torch"):
+            if f"{peer}_ms" in r:
+                rows.append(Row("loss", f"Dice+CE fwd+bwd {r['size']}^3 C={r['classes']}",
+                                "MONAI DiceCELoss" if peer == "monai" else "PyTorch one-hot",
+                                r["medfast_ms"], r[f"{peer}_ms"], _ratio(r[f"{peer}_ms"], r["medfast_ms"]),
+                                r.get("medfast_extra_peak_mib"), r.get(f"{peer}_extra_peak_mib")))
+    return rows
+
+
+def _metrics_rows(out: Path) -> list[Row]:
+    data = _load(out, "metrics_*.json")
+    size = re.match(r"(\d+)\^3", data["case"])
+    label = f" {size.group(1)}^3" if size else ""
+    return [Row("metrics", f"{case}{label}", "MONAI", t["medfast"], t["monai"], _ratio(t["monai"], t["medfast"]))
+            for case, t in data["ms"].items()]
+
+
+def _distance_rows(out: Path) -> list[Row]:
+    data = _load(out, "distance_*.json")
+    size = re.search(r"(\d+)\^3", data["case"])
+    ms = data["ms"]
+    return [Row("distance", f"EDT {size.group(1) if size else ''}^3", peer, ms["medfast"], ms[peer],
+                _ratio(ms[peer], ms["medfast"])) for peer in ms if peer != "medfast"]
+
+
+SUITES: list[Suite] = [
+    Suite("warp", "run_warp.py", lambda d, q, o: ["--device", d, "--out", str(o)] + (["--quick"] if q else []),
+          _warp_rows),
+    Suite("loss", "bench_loss.py",
+          lambda d, q, o: ["--out", str(o)] + (["--size", "64", "--classes", "4", "16"] if q else []),
+          _loss_rows, devices=("cpu",), peers=("monai",)),
+    Suite("metrics", "bench_metrics.py",
+          lambda d, q, o: ["--device", d, "--out", str(o / f"metrics_{d}.json")] + (["--size", "64"] if q else []),
+          _metrics_rows, peers=("monai",)),
+    Suite("distance", "bench_distance.py",
+          lambda d, q, o: ["--out", str(o / "distance_cpu.json")] + (["--size", "64"] if q else []),
+          _distance_rows, devices=("cpu",), peers=("scipy", "monai")),
+]
+
+
+def benchmarks_dir() -> Path:
+    """The benchmark scripts: inside the installed wheel, else the source tree's benchmarks/."""
+    pkg = Path(__file__).resolve().parent.parent
+    for candidate in (pkg / "_benchmarks", pkg.parent / "benchmarks"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"medfast's benchmark scripts were not found next to {pkg}")
+
+
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def run_suites(device: str, quick: bool, only: str | None, log_dir: Path,
+               progress: Callable[[str], None] = print) -> tuple[dict, list[Row]]:
+    """Runs the selected suites one after another; returns ({suite: status}, rows)."""
+    where = benchmarks_dir()
+    status, rows = {}, []
+    for suite in SUITES:
+        if only and not any(fnmatch.fnmatch(suite.name, p.strip()) for p in only.split(",")):
+            continue
+        if device not in suite.devices:
+            status[suite.name] = {"status": "skipped", "reason": f"no {device} variant (runs on {suite.devices})"}
+            continue
+        missing = _missing(suite.peers)
+        if missing:
+            status[suite.name] = {"status": "skipped", "reason": f"peer not installed: {', '.join(missing)}"}
+            progress(f"{suite.name}: skipped (peer not installed: {', '.join(missing)})")
+            continue
+        out = log_dir / suite.name
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(where / suite.script), *suite.args(device, quick, out)]
+        progress(f"{suite.name}: running {' '.join(cmd[1:])}")
+        start = time.perf_counter()
+        with open(out / "log.txt", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=where.parent).returncode
+        seconds = time.perf_counter() - start
+        text = (out / "log.txt").read_text(errors="replace")
+        if rc != 0:
+            gone = re.search(r"No module named '([^']+)'", text)
+            state = "skipped" if gone else "failed"
+            reason = f"peer not installed: {gone.group(1)}" if gone else text.strip().splitlines()[-1:]
+            status[suite.name] = {"status": state, "reason": reason, "seconds": seconds, "log": str(out / "log.txt")}
+            progress(f"{suite.name}: {state} ({reason})")
+            continue
+        try:
+            got = suite.collect(out)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            status[suite.name] = {"status": "failed", "reason": f"unreadable results: {exc}", "seconds": seconds}
+            progress(f"{suite.name}: failed (unreadable results: {exc})")
+            continue
+        rows.extend(got)
+        status[suite.name] = {"status": "ok", "rows": len(got), "seconds": round(seconds, 1)}
+        progress(f"{suite.name}: ok, {len(got)} comparisons in {seconds:.0f} s")
+    return status, rows
+
+
+# ---- reports -------------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(meta: dict, status: dict, rows: list[Row]) -> str:
+    lines = [f"# medfast bench: {meta['device_name']} ({meta['host']}, {meta['date']})", "",
+             f"torch {meta['torch']}, medfast {meta['medfast']}, {meta['threads']} CPU threads"
+             + (", quick sizes" if meta["quick"] else ""), "",
+             "Ratio = peer time / medfast time (> 1: medfast is faster). Peak memory in MiB.", "",
+             "| suite | case | peer | medfast ms | peer ms | ratio | medfast peak | peer peak |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [r.suite, r.case, r.peer, _fmt(r.medfast_ms, ".2f"), _fmt(r.peer_ms, ".2f"),
+                 _fmt(r.ratio, ".2f") + "x", _fmt(r.medfast_peak_mib, ".0f"), _fmt(r.peer_peak_mib, ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| suite | status | detail |", "|---|---|---|"]
+    for name, s in status.items():
+        detail = s.get("reason") or f"{s.get('rows', 0)} comparisons, {s.get('seconds', 0):.0f} s"
+        lines.append(f"| {name} | {s['status']} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(meta: dict, rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.ratio]
+    if not shown:
+        return
+    suites = sorted({r.suite for r in shown})
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(suites)}
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(shown) + 1.5))
+    y = range(len(shown))
+    ax.barh(list(y), [r.ratio for r in shown], color=[colors[r.suite] for r in shown])
+    ax.set_yticks(list(y), [f"{r.suite}: {r.case} vs {r.peer}" for r in shown], fontsize=7)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed ratio (peer time / medfast time, log scale; > 1: medfast faster)")
+    ax.set_title(f"medfast bench, {meta['device_name']}, {meta['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _meta(device: str, quick: bool) -> dict:
+    import medfast
+
+    name = torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or platform.machine())
+    return {"host": platform.node() or "host", "device": device, "device_name": f"{device}: {name}",
+            "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"), "torch": torch.__version__,
+            "medfast": medfast.__version__, "threads": torch.get_num_threads(), "quick": quick,
+            "python": sys.version.split()[0]}
+
+
+def write_reports(out: Path, meta: dict, status: dict, rows: list[Row]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{meta['device']}_{re.sub(r'[^A-Za-z0-9_.-]', '_', meta['host'])}_{meta['date']}"
+    report = {"meta": meta, "suites": status, "rows": [dataclasses.asdict(r) for r in rows]}
+    paths = []
+    for name in (stem, f"bench_{meta['device']}_latest"):
+        (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / f"{name}.md").write_text(markdown(meta, status, rows))
+        plot(meta, rows, out / f"{name}.png")
+        paths += [out / f"{name}.{ext}" for ext in ("json", "md", "png")]
+    return paths
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="smaller volumes and fewer repeats (minutes, not tens)")
+    p.add_argument("--only", metavar="PATTERN", help="comma-separated suite names or globs, e.g. 'warp,loss'")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the reports")
+    p.add_argument("--list", action="store_true", help="list the suites and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list:
+        for s in SUITES:
+            print(f"{s.name:14s} {s.script:26s} devices: {', '.join(s.devices)}; peers: {', '.join(s.peers) or '-'}")
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("medfast bench: --device cuda but no GPU is visible", file=sys.stderr)
+        return 2
+    meta = _meta(args.device, args.quick)
+    with tempfile.TemporaryDirectory(prefix="medfast-bench-") as tmp:
+        log_dir = Path(os.environ.get("MEDFAST_BENCH_WORK", tmp))
+        status, rows = run_suites(args.device, args.quick, args.only, log_dir,
+                                  progress=lambda msg: print(f"[medfast bench] {msg}", flush=True))
+    if not status:
+        print(f"medfast bench: no suite matches --only {args.only!r}", file=sys.stderr)
+        return 2
+    paths = write_reports(args.out, meta, status, rows)
+    print(markdown(meta, status, rows))
+    print("wrote " + ", ".join(str(p) for p in paths[:3]))
+    return 1 if any(s["status"] == "failed" for s in status.values()) else 0
