@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU and torch already installed (no registry needed): builds medfast
 # for the local GPU, runs the whole test suite (CUDA tests included) and compute-sanitizer over
-# every kernel. Results go to ${OUT:-out/gpu}. Extra wheels (test dependencies) may sit in .whl/.
+# every kernel, then the GPU benchmark suites (`medfast bench --device cuda`, skip with
+# MEDFAST_GPU_BENCH=0; MEDFAST_GPU_BENCH=quick for the quick sizes). Results go to ${OUT:-out/gpu}
+# (the benchmark reports to $OUT/bench). Extra wheels (test dependencies) may sit in .whl/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-out/gpu}
@@ -20,4 +22,9 @@ if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/cuda_sanitize.py > "$OUT/sanitizer.log" 2>&1
   echo "compute-sanitizer memcheck rc=$?"; tail -3 "$OUT/sanitizer.log"
 fi
+case "${MEDFAST_GPU_BENCH:-full}" in
+  0) ;;
+  quick) $PY -m medfast bench --device cuda --quick --out "$OUT/bench" 2>&1 | tail -40 ;;
+  *) $PY -m medfast bench --device cuda --out "$OUT/bench" 2>&1 | tail -40 ;;
+esac
 exit $rc

@@ -19,7 +19,9 @@ def check_choice(name: str, value: object, options: Sequence[str]) -> str:
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        hint = (" (a DLPack array: run the op through medfast.interop.call, or convert it with "
+                "medfast.interop.as_tensor)" if hasattr(value, "__dlpack__") else "")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}{hint}")
     return value
 
 

@@ -1,0 +1,84 @@
+"""Zero-copy interoperability with other array libraries through DLPack (CuPy on the GPU, NumPy on the CPU,
+or anything else that implements ``__dlpack__``).
+
+medfast's operators take and return ``torch.Tensor``. :func:`call` runs one of them on foreign arrays without
+copying: it views every array argument as a tensor with :func:`torch.from_dlpack` (same memory, same device,
+same stream semantics), calls the operator, and views tensor results as arrays of the library of the first
+array argument::
+
+    import cupy as cp
+    import medfast as mf
+    from medfast import interop
+
+    image = cp.random.rand(1, 1, 64, 64, 64, dtype=cp.float32)
+    ddf = cp.zeros((1, 3, 64, 64, 64), dtype=cp.float32)
+    moved = interop.call(mf.warp, image, ddf, mode="linear")   # a cupy.ndarray on the same GPU
+
+Gradients do not cross the boundary: results come back detached. For autograd, convert once with
+:func:`as_tensor` and stay in PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def is_foreign_array(value: object) -> bool:
+    """True for a non-torch object that exports DLPack (``__dlpack__``)."""
+    return not isinstance(value, torch.Tensor) and hasattr(value, "__dlpack__")
+
+
+def as_tensor(value: Any) -> torch.Tensor:
+    """A tensor sharing the memory of ``value`` (a tensor is returned as is).
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is neither a tensor nor a DLPack-capable array.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if not hasattr(value, "__dlpack__"):
+        raise TypeError(f"expected a torch.Tensor or an array with __dlpack__, got {type(value).__name__}")
+    return torch.from_dlpack(value)
+
+
+def _library(array: Any):
+    root = type(array).__module__.split(".")[0]
+    module = importlib.import_module(root)
+    if not hasattr(module, "from_dlpack"):
+        raise TypeError(f"{root} has no from_dlpack: cannot return {type(array).__name__} results")
+    return module
+
+
+def from_tensor(tensor: torch.Tensor, like: Any) -> Any:
+    """A view of ``tensor`` as an array of the library ``like`` comes from (NumPy, CuPy, ...)."""
+    return _library(like).from_dlpack(tensor.detach())
+
+
+def call(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Runs ``op`` (a medfast operator or any function of tensors) on DLPack arrays, zero-copy.
+
+    Array arguments (positional or keyword) become tensors; tensor results (also inside tuples and lists)
+    become arrays of the first array argument's library. Without any foreign array argument, this is
+    just ``op(*args, **kwargs)``.
+    """
+    like = next((a for a in [*args, *kwargs.values()] if is_foreign_array(a)), None)
+    args = tuple(as_tensor(a) if is_foreign_array(a) else a for a in args)
+    kwargs = {k: as_tensor(v) if is_foreign_array(v) else v for k, v in kwargs.items()}
+    result = op(*args, **kwargs)
+    if like is None:
+        return result
+
+    def back(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return from_tensor(value, like)
+        if isinstance(value, (tuple, list)):
+            return type(value)(back(v) for v in value)
+        return value
+
+    return back(result)
