@@ -3,7 +3,7 @@ steps) in one run, summarized as medfast/peer speed ratios and peak memory in a 
 Markdown table and a PNG chart named by host, device and date.
 
 The suites are the scripts of the repository's ``benchmarks/`` folder (shipped inside the wheel as
-``medfast/_benchmarks``); each runs in its own process, so one that fails or whose peer library is
+``medfast/benchmarks``); each runs in its own process, so one that fails or whose peer library is
 not installed is reported (``failed`` / ``skipped``) without stopping the others.
 """
 

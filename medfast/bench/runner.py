@@ -116,7 +116,7 @@ SUITES: list[Suite] = [
 def benchmarks_dir() -> Path:
     """The benchmark scripts: inside the installed wheel, else the source tree's benchmarks/."""
     pkg = Path(__file__).resolve().parent.parent
-    for candidate in (pkg / "_benchmarks", pkg.parent / "benchmarks"):
+    for candidate in (pkg / "benchmarks", pkg.parent / "benchmarks"):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"medfast's benchmark scripts were not found next to {pkg}")
