@@ -66,7 +66,7 @@ def test_ray_march_opcheck():
     props, coords, noise, G = _march_inputs(torch.float32)
     props.requires_grad_(True)
     coords.requires_grad_(True)
-    torch.library.opcheck(torch.ops.medfast.ussim_march, (props, coords, noise, G, 0.05, [1.5, 0, 0, 0, 0], 3))
+    torch.library.opcheck(torch.ops.medfast.ussim_march, (props, coords, noise, G, 0.05, [1.5, 0, 0, 0, 0], 3, 2.5))
 
 
 def test_ray_march_gradcheck_float64():
@@ -74,10 +74,11 @@ def test_ray_march_gradcheck_float64():
     props.requires_grad_(True)
     coords.requires_grad_(True)
 
-    def f(p, c):
-        return ray_march(p, c, noise, G, 0.08, [1.5, 0.1, 0.5, 0.3, 0.1], 1)
+    for sharp in (1.0, 1.7):
+        def f(p, c, sharp=sharp):
+            return ray_march(p, c, noise, G, 0.08, [1.5, 0.1, 0.5, 0.3, 0.1], 1, sharp)
 
-    assert torch.autograd.gradcheck(f, (props, coords), eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradcheck(f, (props, coords), eps=1e-6, atol=1e-6)
 
 
 def test_ray_march_matches_reference():
@@ -118,7 +119,8 @@ def test_simulate_gradcheck_props_and_pose():
     props.requires_grad_(True)
 
     def f(p, q):
-        return simulate(p, affine, q, probe, sub_rays=2, dynamic_range_db=400.0, tgc_db_cm_mhz=0.3).lines_db
+        return simulate(p, affine, q, probe, sub_rays=2, dynamic_range_db=400.0, tgc_db_cm_mhz=0.3,
+                        interface_mm=10.0).lines_db
 
     assert torch.autograd.gradcheck(f, (props, pose), eps=1e-6, atol=1e-5, rtol=1e-3)
 
@@ -349,6 +351,7 @@ def test_hu_map_is_piecewise_linear_and_differentiable():
     assert float(props[0, 0, 0, 0, 0]) == pytest.approx(0.0004)
     assert float(props[0, 0, 0, 0, 3]) == pytest.approx(1.63)
     assert float(props[0, 0, 0, 0, 1]) == pytest.approx((1.38 + 1.48) / 2)
+    assert float(props[0, 3, 0, 0, 3]) == pytest.approx(0.015)
     assert torch.autograd.gradcheck(lambda c: hu_to_properties(c + 0.3), (ct,))
 
 

@@ -294,6 +294,7 @@ def simulate(
     sub_rays: int = 3,
     speckle: bool = True,
     scatter_cell_mm: float | None = None,
+    interface_mm: float | None = None,
     tgc_db_cm_mhz: float = 0.5,
     gain_db: float = 0.0,
     dynamic_range_db: float = 60.0,
@@ -326,6 +327,11 @@ def simulate(
         False: scatterers of deterministic unit phase and amplitude (a speckle-free tissue map).
     scatter_cell_mm : float, optional
         Cell size of the world scatter grid; default half the wavelength.
+    interface_mm : float, optional
+        Width over which the impedance changes between two voxels (default: 2 samples). Coarser
+        volumes get their interfaces sharpened to this width (see ``ray_march``'s ``sharp``), so
+        bone and organ boundaries give full specular echoes; a value >= the voxel size turns the
+        sharpening off (plain trilinear interpolation).
     tgc_db_cm_mhz : float
         Time-gain compensation: gain 2 * tgc * fc * depth dB (0 turns it off).
     gain_db, dynamic_range_db : float
@@ -353,6 +359,8 @@ def simulate(
         raise ValueError(f"dynamic_range_db must be positive, got {dynamic_range_db}")
     if scatter_cell_mm is None:
         scatter_cell_mm = probe.wavelength_mm / 2
+    if interface_mm is not None and not interface_mm > 0:
+        raise ValueError(f"interface_mm must be positive, got {interface_mm}")
     if not scatter_cell_mm > 0:
         raise ValueError(f"scatter_cell_mm must be positive, got {scatter_cell_mm}")
     bg = [float(v) for v in background]
@@ -374,7 +382,11 @@ def simulate(
     G = (a[:3, :] / scatter_cell_mm).flatten()
     att = 2.0 * probe.fc_mhz * (probe.dz_mm / 10.0) * math.log(10.0) / 20.0
     props_cl = props.permute(0, 2, 3, 4, 1).contiguous()
-    echo = ray_march(props_cl, coords, _noise(seed, dev, speckle), G, att, bg, seed)  # (B, L*E, S, 3)
+    if interface_mm is None:
+        interface_mm = 2.0 * probe.dz_mm
+    voxel_mm = float(torch.linalg.norm(a[:3, :3], dim=0).mean())
+    sharp = max(1.0, voxel_mm / interface_mm)
+    echo = ray_march(props_cl, coords, _noise(seed, dev, speckle), G, att, bg, seed, sharp)  # (B, L*E, S, 3)
     echo = echo.view(B, L, E, S, 3)
 
     w_spec, w_scat = _cached("elevation", probe, E, str(dev), dt, None)  # (E, S)
