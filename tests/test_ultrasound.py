@@ -105,22 +105,22 @@ def test_ray_march_matches_reference():
 
 
 def test_simulate_gradcheck_props_and_pose():
-    probe = Probe.preset("L11-5v", n_lines=4, n_samples=12, depth_mm=3.0)
+    probe = Probe.preset("L11-5v", n_lines=4, n_samples=12, depth_mm=3.0, n_elements=8)  # 2.1 mm wide
     gen = torch.Generator().manual_seed(1)
-    props = torch.empty(1, 5, 5, 5, 5, dtype=torch.float64)
-    props[:, 0] = 1.4 + 0.4 * torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
-    props[:, 1] = 0.5 * torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
-    props[:, 2] = 0.5 + torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
-    props[:, 3] = torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
+    props = torch.empty(1, 5, 3, 3, 4, dtype=torch.float64)
+    props[:, 0] = 1.4 + 0.4 * torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
+    props[:, 1] = 0.5 * torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
+    props[:, 2] = 0.5 + torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
+    props[:, 3] = torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
     props[:, 4] = 0.1
-    affine = np.diag([1.0, 1.2, 0.9, 1.0])
+    affine = np.diag([2.0, 2.2, 1.1, 1.0])
     affine[:3, 3] = (-2.1, -2.3, -0.4)
     pose = look_at((0.13, 0.07, 0.2), (0.1, 0.05, 1.0), (1.0, 0.0, 0.0))[None].clone().requires_grad_(True)
     props.requires_grad_(True)
 
     def f(p, q):
         return simulate(p, affine, q, probe, sub_rays=2, dynamic_range_db=400.0, tgc_db_cm_mhz=0.3,
-                        interface_mm=10.0).lines_db
+                        interface_mm=10.0, background=(1.5, 0.2, 1.0, 0.3, 0.05)).lines_db
 
     assert torch.autograd.gradcheck(f, (props, pose), eps=1e-6, atol=1e-5, rtol=1e-3)
 

@@ -270,12 +270,12 @@ def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> torch.Ten
     w_spec, w_scat = _cached("lateral", probe, 1, str(x.device), x.dtype, None)
     half = w_spec.shape[1] // 2
     padded = F.pad(y, (0, 0, half, half))  # pad the line axis
-    out = torch.zeros_like(y)
     if not speckle:
         w_scat = w_spec
     wts = torch.stack([w_spec, w_scat, w_scat], 0)  # (3, S, 2K+1)
-    for j in range(2 * half + 1):
-        out = out + padded[:, :, j:j + L, :] * wts[None, :, None, :, j]
+    out = padded[:, :, 0:L, :] * wts[None, :, None, :, 0]
+    for j in range(1, 2 * half + 1):
+        out.addcmul_(padded[:, :, j:j + L, :], wts[None, :, None, :, j])
     return torch.complex(out[:, 0] + out[:, 1], out[:, 2])
 
 
@@ -392,10 +392,9 @@ def simulate(
     w_spec, w_scat = _cached("elevation", probe, E, str(dev), dt, None)  # (E, S)
     if not speckle:
         w_scat = w_spec
-    spec = (echo[..., 0] * w_spec).sum(2)
-    scat_re = (echo[..., 1] * w_scat).sum(2)
-    scat_im = (echo[..., 2] * w_scat).sum(2)
-    iq = _apply_psf(torch.stack([spec, scat_re, scat_im], 1), probe, speckle)  # (B, L, S) complex
+    w3 = torch.stack([w_spec, w_scat, w_scat], -1)  # (E, S, 3)
+    lines = echo[:, :, 0] * w3[0] if E == 1 else (echo * w3).sum(2)  # (B, L, S, 3)
+    iq = _apply_psf(lines.permute(0, 3, 1, 2), probe, speckle)  # (B, L, S) complex
 
     if tgc_db_cm_mhz:
         z_cm = probe.depths(device=dev, dtype=dt) / 10.0
