@@ -100,7 +100,7 @@ def pymust_worker(n_scatterers: int) -> dict:
     x = (r + param.radius) * np.sin(th)
     z = (r + param.radius) * np.cos(th) - param.radius
     rc = rng.standard_normal(n_scatterers)
-    delays = np.zeros(param.Nelements)  # one transmit from all elements at once
+    delays = np.zeros((1, param.Nelements))  # one transmit from all elements at once
     param.fs = 4 * param.fc
     t = time.perf_counter()
     rf, _ = pymust.simus(x, z, rc, delays, param)
