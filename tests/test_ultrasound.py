@@ -47,14 +47,14 @@ POSE0 = look_at((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
 # ---------------------------------------------------------------------------------------------
 
 
-def _march_inputs(dtype=torch.float64, B=2, R=3, S=9, seed=0):
+def _march_inputs(dtype=torch.float64, B=2, R=3, S=9, seed=0, shape=(4, 5, 6)):
     gen = torch.Generator().manual_seed(seed)
-    props = torch.empty(1, 4, 5, 6, 5, dtype=dtype)
-    props[..., 0] = 1.2 + torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
-    props[..., 1] = torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
-    props[..., 2] = 0.2 + torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
-    props[..., 3] = torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
-    props[..., 4] = 0.3 * torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
+    props = torch.empty(1, *shape, 5, dtype=dtype)
+    props[..., 0] = 1.2 + torch.rand(1, *shape, generator=gen, dtype=dtype)
+    props[..., 1] = torch.rand(1, *shape, generator=gen, dtype=dtype)
+    props[..., 2] = 0.2 + torch.rand(1, *shape, generator=gen, dtype=dtype)
+    props[..., 3] = torch.rand(1, *shape, generator=gen, dtype=dtype)
+    props[..., 4] = 0.3 * torch.rand(1, *shape, generator=gen, dtype=dtype)
     start = torch.tensor([0.3, 0.4, 0.2], dtype=dtype) + torch.rand(B, R, 1, 3, generator=gen, dtype=dtype)
     step = torch.tensor([0.31, 0.37, 0.43], dtype=dtype)
     coords = start + torch.arange(S, dtype=dtype)[:, None] * step
@@ -70,7 +70,7 @@ def test_ray_march_opcheck():
 
 
 def test_ray_march_gradcheck_float64():
-    props, coords, noise, G = _march_inputs(torch.float64)
+    props, coords, noise, G = _march_inputs(torch.float64, B=1, R=2, S=7, shape=(3, 4, 4))
     props.requires_grad_(True)
     coords.requires_grad_(True)
 

@@ -71,9 +71,10 @@ MEDFAST_HOST_DEVICE uint64_t mix64(uint64_t x) {
 }
 
 MEDFAST_HOST_DEVICE int64_t cell_row(int64_t a, int64_t b, int64_t c, const Params& P) {
-  uint64_t h = mix64(static_cast<uint64_t>(a) * 0x9E3779B97F4A7C15ULL ^ P.seed);
-  h = mix64(h ^ (static_cast<uint64_t>(b) * 0xC2B2AE3D27D4EB4FULL));
-  h = mix64(h ^ (static_cast<uint64_t>(c) * 0x165667B19E3779F9ULL));
+  // One finalizer over a multiplicative combination of the three cell indices and the seed.
+  const uint64_t h = mix64(static_cast<uint64_t>(a) * 0x9E3779B97F4A7C15ULL ^
+                           static_cast<uint64_t>(b) * 0xC2B2AE3D27D4EB4FULL ^
+                           static_cast<uint64_t>(c) * 0x165667B19E3779F9ULL ^ P.seed);
   return static_cast<int64_t>(h & static_cast<uint64_t>(P.noise_mask));
 }
 

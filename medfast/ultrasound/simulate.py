@@ -310,7 +310,9 @@ def simulate(
     props : Tensor
         ``(Bv, 5, D, H, W)`` property maps (see :mod:`medfast.ultrasound.tissue`): impedance (MRayl),
         attenuation (dB/cm/MHz), scatterer density, scatter amplitude mean and spread. ``Bv`` is 1
-        (one volume for every pose) or B. float32 or float64. Differentiable.
+        (one volume for every pose) or B. float32 or float64. Differentiable. The kernel reads a
+        channels-last volume: maps in ``torch.channels_last_3d`` memory format (as
+        ``hu_to_properties`` and ``LabelTable`` return them) are used without a copy.
     affine : array-like
         ``(4, 4)`` voxel-to-world matrix of the volume in mm (NIfTI convention: world = affine @
         (i, j, k, 1) with i, j, k the indices along D, H, W).
