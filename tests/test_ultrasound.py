@@ -459,3 +459,25 @@ def test_cuda_simulation_matches_cpu():
     a = simulate_ct(ct, affine, poses, probe).bmode
     b = simulate_ct(ct.cuda(), affine, poses.cuda(), probe).bmode.cpu()
     torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-3)
+
+
+def test_simulate_command_on_a_nifti(tmp_path):
+    import nibabel as nib
+
+    from medfast.cli import main
+
+    ct = np.full((40, 40, 40), -1000, dtype=np.int16)
+    ct[5:35, 5:35, 5:35] = 40  # a soft-tissue cube in air
+    ct[20:24, 10:30, 10:30] = 1200  # a bone plate
+    nib.save(nib.Nifti1Image(ct, np.diag([1.5, 1.5, 1.5, 1.0])), str(tmp_path / "ct.nii.gz"))
+    out = tmp_path / "out"
+    rc = main(["simulate", str(tmp_path / "ct.nii.gz"), "--out", str(out), "--frames", "3", "--lines", "32",
+               "--samples", "128", "--depth", "40", "--direction", "1,0,0", "--lateral", "0,1,0",
+               "--travel", "0,0,5"])
+    assert rc == 0
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["frame_000.png", "frame_001.png", "frame_002.png"]
+    stack = nib.load(str(out / "frames.nii.gz"))
+    assert stack.shape[2] == 3 and stack.header.get_zooms()[0] > 0
+    assert (out / "figure.png").is_file() and (out / "simulate.json").is_file()
+    frames = np.asarray(stack.dataobj)
+    assert frames.max() > 0.5  # the skin and the bone plate are bright
