@@ -255,8 +255,8 @@ def _elevation_weights(probe: Probe, sub_rays: int, dtype, device) -> tuple[torc
     return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
 
 
-def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> torch.Tensor:
-    """x: (B, 3, L, S) = (specular, scatter re, scatter im) -> complex IQ (B, L, S). The scatter
+def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, 3, L, S) = (specular, scatter re, scatter im) -> IQ (real, imaginary), each (B, L, S). The scatter
     channels are normalised to unit energy (random scatterers) or, with speckle off (a deterministic,
     coherent scatter field), like the specular channel."""
     B, C, L, S = x.shape
@@ -276,7 +276,7 @@ def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> torch.Ten
     out = padded[:, :, 0:L, :] * wts[None, :, None, :, 0]
     for j in range(1, 2 * half + 1):
         out.addcmul_(padded[:, :, j:j + L, :], wts[None, :, None, :, j])
-    return torch.complex(out[:, 0] + out[:, 1], out[:, 2])
+    return out[:, 0] + out[:, 1], out[:, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,13 +396,19 @@ def simulate(
         w_scat = w_spec
     w3 = torch.stack([w_spec, w_scat, w_scat], -1)  # (E, S, 3)
     lines = echo[:, :, 0] * w3[0] if E == 1 else (echo * w3).sum(2)  # (B, L, S, 3)
-    iq = _apply_psf(lines.permute(0, 3, 1, 2), probe, speckle)  # (B, L, S) complex
+    i_re, i_im = _apply_psf(lines.permute(0, 3, 1, 2), probe, speckle)  # IQ, (B, L, S) each
 
+    power = i_re.square().add_(i_im.square())  # |IQ|^2 before TGC
+    # log compression with the TGC added in dB: 10 log10(|IQ|^2 g^2) = 10 log10 |IQ|^2 + 2 tgc fc z.
+    lines_db = 10.0 * torch.log10(power + 1e-20)
     if tgc_db_cm_mhz:
         z_cm = probe.depths(device=dev, dtype=dt) / 10.0
-        iq = iq * (10.0 ** (2.0 * tgc_db_cm_mhz * probe.fc_mhz * z_cm / 20.0))
-    power = iq.real.square() + iq.imag.square()
-    lines_db = 10.0 * torch.log10(power + 1e-20) + gain_db
+        tgc_db = 2.0 * tgc_db_cm_mhz * probe.fc_mhz * z_cm
+        lines_db = lines_db + (tgc_db + gain_db)
+        gain_lin = 10.0 ** (tgc_db / 20.0) if return_lines else None
+    else:
+        lines_db = lines_db + gain_db
+        gain_lin = None
     scan = ((lines_db + dynamic_range_db) / dynamic_range_db).clamp(0.0, 1.0)
     grid, px = _cached("grid", probe, 1, str(dev), dt, pixel_mm)
     bmode = F.grid_sample(scan.transpose(1, 2)[:, None], grid.expand(B, -1, -1, -1), mode="bilinear",
@@ -410,9 +416,13 @@ def simulate(
     x0, x1, z0, z1 = probe.image_extent_mm()
     (H, W), _ = probe.image_shape(pixel_mm)
     extent = (x0, x0 + (W - 1) * px, z0, z0 + (H - 1) * px)
-    env = torch.sqrt(power + 1e-30) if return_lines else None
-    return SimulationResult(bmode=bmode, pixel_mm=px, extent_mm=extent, lines_db=lines_db, envelope=env,
-                            iq=iq if return_lines else None)
+    env = iq = None
+    if return_lines:
+        iq = torch.complex(i_re, i_im)
+        if gain_lin is not None:
+            iq = iq * gain_lin
+        env = torch.sqrt(iq.real.square() + iq.imag.square() + 1e-30)
+    return SimulationResult(bmode=bmode, pixel_mm=px, extent_mm=extent, lines_db=lines_db, envelope=env, iq=iq)
 
 
 def simulate_ct(ct: torch.Tensor, affine, pose: torch.Tensor, probe: Probe | str, *, knots=HU_KNOTS,
