@@ -481,3 +481,21 @@ def test_simulate_command_on_a_nifti(tmp_path):
     assert (out / "figure.png").is_file() and (out / "simulate.json").is_file()
     frames = np.asarray(stack.dataobj)
     assert frames.max() > 0.5  # the skin and the bone plate are bright
+
+
+def test_batch_of_volumes_matches_single_calls_and_grads():
+    """(B, 5, D, H, W) volumes with B poses: each frame uses its own volume (forward and gradient)."""
+    probe = Probe.preset("L11-5v", n_lines=16, n_samples=64, depth_mm=10.0, n_elements=32)
+    gen = torch.Generator().manual_seed(3)
+    ct = (40 + 300 * torch.rand(2, 1, 6, 6, 6, generator=gen)).requires_grad_(True)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -5
+    poses = look_at((0.0, 0.0, -4.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)).expand(2, 4, 4).float()
+    both = simulate_ct(ct, affine, poses, probe).lines_db
+    both.sum().backward()
+    for b in range(2):
+        single_ct = ct.detach()[b:b + 1].clone().requires_grad_(True)
+        single = simulate_ct(single_ct, affine, poses[b:b + 1], probe).lines_db
+        torch.testing.assert_close(both[b:b + 1], single.detach(), atol=1e-4, rtol=1e-4)
+        single.sum().backward()
+        torch.testing.assert_close(ct.grad[b:b + 1], single_ct.grad, atol=1e-3, rtol=1e-3)
