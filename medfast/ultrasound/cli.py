@@ -111,8 +111,10 @@ def run_simulate(args: argparse.Namespace) -> dict:
     ct = torch.from_numpy(vol.astype(np.float32))[None, None].to(device)
     frames = []
     t0 = time.perf_counter()
+    from tqdm import tqdm
+
     with torch.no_grad():
-        for i in range(0, args.frames, args.batch):
+        for i in tqdm(range(0, args.frames, args.batch), desc="simulating", unit="batch", file=sys.stderr):
             res = simulate_ct(ct, affine, poses[i:i + args.batch].float().to(device), probe, seed=args.seed,
                               gain_db=args.gain, dynamic_range_db=args.dynamic_range, pixel_mm=args.pixel)
             frames.append(res.bmode.cpu())
