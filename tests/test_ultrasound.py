@@ -47,14 +47,14 @@ POSE0 = look_at((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
 # ---------------------------------------------------------------------------------------------
 
 
-def _march_inputs(dtype=torch.float64, B=2, R=3, S=9, seed=0):
+def _march_inputs(dtype=torch.float64, B=2, R=3, S=9, seed=0, shape=(4, 5, 6)):
     gen = torch.Generator().manual_seed(seed)
-    props = torch.empty(1, 4, 5, 6, 5, dtype=dtype)
-    props[..., 0] = 1.2 + torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
-    props[..., 1] = torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
-    props[..., 2] = 0.2 + torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
-    props[..., 3] = torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
-    props[..., 4] = 0.3 * torch.rand(1, 4, 5, 6, generator=gen, dtype=dtype)
+    props = torch.empty(1, *shape, 5, dtype=dtype)
+    props[..., 0] = 1.2 + torch.rand(1, *shape, generator=gen, dtype=dtype)
+    props[..., 1] = torch.rand(1, *shape, generator=gen, dtype=dtype)
+    props[..., 2] = 0.2 + torch.rand(1, *shape, generator=gen, dtype=dtype)
+    props[..., 3] = torch.rand(1, *shape, generator=gen, dtype=dtype)
+    props[..., 4] = 0.3 * torch.rand(1, *shape, generator=gen, dtype=dtype)
     start = torch.tensor([0.3, 0.4, 0.2], dtype=dtype) + torch.rand(B, R, 1, 3, generator=gen, dtype=dtype)
     step = torch.tensor([0.31, 0.37, 0.43], dtype=dtype)
     coords = start + torch.arange(S, dtype=dtype)[:, None] * step
@@ -66,18 +66,19 @@ def test_ray_march_opcheck():
     props, coords, noise, G = _march_inputs(torch.float32)
     props.requires_grad_(True)
     coords.requires_grad_(True)
-    torch.library.opcheck(torch.ops.medfast.ussim_march, (props, coords, noise, G, 0.05, [1.5, 0, 0, 0, 0], 3))
+    torch.library.opcheck(torch.ops.medfast.ussim_march, (props, coords, noise, G, 0.05, [1.5, 0, 0, 0, 0], 3, 2.5))
 
 
 def test_ray_march_gradcheck_float64():
-    props, coords, noise, G = _march_inputs(torch.float64)
+    props, coords, noise, G = _march_inputs(torch.float64, B=1, R=2, S=7, shape=(3, 4, 4))
     props.requires_grad_(True)
     coords.requires_grad_(True)
 
-    def f(p, c):
-        return ray_march(p, c, noise, G, 0.08, [1.5, 0.1, 0.5, 0.3, 0.1], 1)
+    for sharp in (1.0, 1.7):
+        def f(p, c, sharp=sharp):
+            return ray_march(p, c, noise, G, 0.08, [1.5, 0.1, 0.5, 0.3, 0.1], 1, sharp)
 
-    assert torch.autograd.gradcheck(f, (props, coords), eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradcheck(f, (props, coords), eps=1e-6, atol=1e-6)
 
 
 def test_ray_march_matches_reference():
@@ -104,21 +105,22 @@ def test_ray_march_matches_reference():
 
 
 def test_simulate_gradcheck_props_and_pose():
-    probe = Probe.preset("L11-5v", n_lines=4, n_samples=12, depth_mm=3.0)
+    probe = Probe.preset("L11-5v", n_lines=4, n_samples=12, depth_mm=3.0, n_elements=8)  # 2.1 mm wide
     gen = torch.Generator().manual_seed(1)
-    props = torch.empty(1, 5, 5, 5, 5, dtype=torch.float64)
-    props[:, 0] = 1.4 + 0.4 * torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
-    props[:, 1] = 0.5 * torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
-    props[:, 2] = 0.5 + torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
-    props[:, 3] = torch.rand(5, 5, 5, generator=gen, dtype=torch.float64)
+    props = torch.empty(1, 5, 3, 3, 4, dtype=torch.float64)
+    props[:, 0] = 1.4 + 0.4 * torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
+    props[:, 1] = 0.5 * torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
+    props[:, 2] = 0.5 + torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
+    props[:, 3] = torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
     props[:, 4] = 0.1
-    affine = np.diag([1.0, 1.2, 0.9, 1.0])
+    affine = np.diag([2.0, 2.2, 1.1, 1.0])
     affine[:3, 3] = (-2.1, -2.3, -0.4)
     pose = look_at((0.13, 0.07, 0.2), (0.1, 0.05, 1.0), (1.0, 0.0, 0.0))[None].clone().requires_grad_(True)
     props.requires_grad_(True)
 
     def f(p, q):
-        return simulate(p, affine, q, probe, sub_rays=2, dynamic_range_db=400.0, tgc_db_cm_mhz=0.3).lines_db
+        return simulate(p, affine, q, probe, sub_rays=2, dynamic_range_db=400.0, tgc_db_cm_mhz=0.3,
+                        interface_mm=10.0, background=(1.5, 0.2, 1.0, 0.3, 0.05)).lines_db
 
     assert torch.autograd.gradcheck(f, (props, pose), eps=1e-6, atol=1e-5, rtol=1e-3)
 
@@ -349,6 +351,7 @@ def test_hu_map_is_piecewise_linear_and_differentiable():
     assert float(props[0, 0, 0, 0, 0]) == pytest.approx(0.0004)
     assert float(props[0, 0, 0, 0, 3]) == pytest.approx(1.63)
     assert float(props[0, 0, 0, 0, 1]) == pytest.approx((1.38 + 1.48) / 2)
+    assert float(props[0, 3, 0, 0, 3]) == pytest.approx(0.015)
     assert torch.autograd.gradcheck(lambda c: hu_to_properties(c + 0.3), (ct,))
 
 
@@ -456,3 +459,43 @@ def test_cuda_simulation_matches_cpu():
     a = simulate_ct(ct, affine, poses, probe).bmode
     b = simulate_ct(ct.cuda(), affine, poses.cuda(), probe).bmode.cpu()
     torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-3)
+
+
+def test_simulate_command_on_a_nifti(tmp_path):
+    import nibabel as nib
+
+    from medfast.cli import main
+
+    ct = np.full((40, 40, 40), -1000, dtype=np.int16)
+    ct[5:35, 5:35, 5:35] = 40  # a soft-tissue cube in air
+    ct[20:24, 10:30, 10:30] = 1200  # a bone plate
+    nib.save(nib.Nifti1Image(ct, np.diag([1.5, 1.5, 1.5, 1.0])), str(tmp_path / "ct.nii.gz"))
+    out = tmp_path / "out"
+    rc = main(["simulate", str(tmp_path / "ct.nii.gz"), "--out", str(out), "--frames", "3", "--lines", "32",
+               "--samples", "128", "--depth", "40", "--direction", "1,0,0", "--lateral", "0,1,0",
+               "--travel", "0,0,5"])
+    assert rc == 0
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["frame_000.png", "frame_001.png", "frame_002.png"]
+    stack = nib.load(str(out / "frames.nii.gz"))
+    assert stack.shape[2] == 3 and stack.header.get_zooms()[0] > 0
+    assert (out / "figure.png").is_file() and (out / "simulate.json").is_file()
+    frames = np.asarray(stack.dataobj)
+    assert frames.max() > 0.5  # the skin and the bone plate are bright
+
+
+def test_batch_of_volumes_matches_single_calls_and_grads():
+    """(B, 5, D, H, W) volumes with B poses: each frame uses its own volume (forward and gradient)."""
+    probe = Probe.preset("L11-5v", n_lines=16, n_samples=64, depth_mm=10.0, n_elements=32)
+    gen = torch.Generator().manual_seed(3)
+    ct = (40 + 300 * torch.rand(2, 1, 6, 6, 6, generator=gen)).requires_grad_(True)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -5
+    poses = look_at((0.0, 0.0, -4.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)).expand(2, 4, 4).float()
+    both = simulate_ct(ct, affine, poses, probe).lines_db
+    both.sum().backward()
+    for b in range(2):
+        single_ct = ct.detach()[b:b + 1].clone().requires_grad_(True)
+        single = simulate_ct(single_ct, affine, poses[b:b + 1], probe).lines_db
+        torch.testing.assert_close(both[b:b + 1], single.detach(), atol=1e-4, rtol=1e-4)
+        single.sum().backward()
+        torch.testing.assert_close(ct.grad[b:b + 1], single_ct.grad, atol=1e-3, rtol=1e-3)

@@ -12,7 +12,7 @@ namespace medfast::ussim {
 namespace {
 
 Params make_params(const Tensor& props, const Tensor& coords, const Tensor& noise, at::ArrayRef<double> grid_affine,
-                   double att, at::ArrayRef<double> background, int64_t seed) {
+                   double att, at::ArrayRef<double> background, int64_t seed, double sharp) {
   TORCH_CHECK_VALUE(props.dim() == 5 && props.size(4) == kProps,
                     "medfast ussim: props must be (B, D, H, W, 5) channels-last, got ", props.sizes());
   TORCH_CHECK_VALUE(coords.dim() == 4 && coords.size(3) == 3, "medfast ussim: coords must be (B, R, S, 3), got ",
@@ -42,6 +42,8 @@ Params make_params(const Tensor& props, const Tensor& coords, const Tensor& nois
   for (int i = 0; i < 12; ++i) P.G[i] = grid_affine[i];
   P.att = att;
   for (int i = 0; i < kProps; ++i) P.bg[i] = background[i];
+  TORCH_CHECK_VALUE(std::isfinite(sharp) && sharp >= 1.0, "medfast ussim: sharp must be >= 1, got ", sharp);
+  P.sharp = sharp;
   return P;
 }
 
@@ -50,16 +52,17 @@ using Bwd = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const T
                                            bool, bool);
 
 Tensor march(Fwd launch, const Tensor& props, const Tensor& coords, const Tensor& noise,
-             at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed) {
-  const Params P = make_params(props, coords, noise, grid_affine, att, background, seed);
+             at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
+             double sharp) {
+  const Params P = make_params(props, coords, noise, grid_affine, att, background, seed, sharp);
   return launch(props.contiguous(), coords.contiguous(), noise.contiguous(), P);
 }
 
 std::tuple<Tensor, Tensor> march_backward(Bwd launch, const Tensor& grad, const Tensor& props, const Tensor& coords,
                                           const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
-                                          at::ArrayRef<double> background, int64_t seed, bool props_grad,
-                                          bool coords_grad) {
-  const Params P = make_params(props, coords, noise, grid_affine, att, background, seed);
+                                          at::ArrayRef<double> background, int64_t seed, double sharp,
+                                          bool props_grad, bool coords_grad) {
+  const Params P = make_params(props, coords, noise, grid_affine, att, background, seed, sharp);
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == coords.size(0) && grad.size(1) == coords.size(1) &&
                         grad.size(2) == coords.size(2) && grad.size(3) == 3,
                     "medfast ussim: grad must be (B, R, S, 3), got ", grad.sizes());
@@ -67,46 +70,41 @@ std::tuple<Tensor, Tensor> march_backward(Bwd launch, const Tensor& grad, const 
                 noise.contiguous(), P, props_grad, coords_grad);
 }
 
+template <Fwd F>
+Tensor march_impl(const Tensor& props, const Tensor& coords, const Tensor& noise, at::ArrayRef<double> grid_affine,
+                  double att, at::ArrayRef<double> background, int64_t seed, double sharp) {
+  return march(F, props, coords, noise, grid_affine, att, background, seed, sharp);
+}
+
+template <Bwd F>
+std::tuple<Tensor, Tensor> march_backward_impl(const Tensor& grad, const Tensor& props, const Tensor& coords,
+                                               const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
+                                               at::ArrayRef<double> background, int64_t seed, double sharp,
+                                               bool props_grad, bool coords_grad) {
+  return march_backward(F, grad, props, coords, noise, grid_affine, att, background, seed, sharp, props_grad,
+                        coords_grad);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
   m.def(
       "ussim_march(Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, float[] background, "
-      "int seed) -> Tensor");
+      "int seed, float sharp) -> Tensor");
   m.def(
       "ussim_march_backward(Tensor grad, Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, "
-      "float[] background, int seed, bool props_grad, bool coords_grad) -> (Tensor, Tensor)");
+      "float[] background, int seed, float sharp, bool props_grad, bool coords_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(medfast, CPU, m) {
-  m.impl("ussim_march", [](const Tensor& props, const Tensor& coords, const Tensor& noise,
-                           at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background,
-                           int64_t seed) {
-    return march(march_cpu, props, coords, noise, grid_affine, att, background, seed);
-  });
-  m.impl("ussim_march_backward",
-         [](const Tensor& grad, const Tensor& props, const Tensor& coords, const Tensor& noise,
-            at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
-            bool props_grad, bool coords_grad) {
-           return march_backward(march_backward_cpu, grad, props, coords, noise, grid_affine, att, background, seed,
-                                 props_grad, coords_grad);
-         });
+  m.impl("ussim_march", &march_impl<march_cpu>);
+  m.impl("ussim_march_backward", &march_backward_impl<march_backward_cpu>);
 }
 
 #ifdef MEDFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
-  m.impl("ussim_march", [](const Tensor& props, const Tensor& coords, const Tensor& noise,
-                           at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background,
-                           int64_t seed) {
-    return march(march_cuda, props, coords, noise, grid_affine, att, background, seed);
-  });
-  m.impl("ussim_march_backward",
-         [](const Tensor& grad, const Tensor& props, const Tensor& coords, const Tensor& noise,
-            at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
-            bool props_grad, bool coords_grad) {
-           return march_backward(march_backward_cuda, grad, props, coords, noise, grid_affine, att, background,
-                                 seed, props_grad, coords_grad);
-         });
+  m.impl("ussim_march", &march_impl<march_cuda>);
+  m.impl("ussim_march_backward", &march_backward_impl<march_backward_cuda>);
 }
 #endif
 

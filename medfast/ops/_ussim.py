@@ -20,30 +20,31 @@ PROP_NAMES = ("impedance", "attenuation", "density", "amplitude_mean", "amplitud
 
 
 @torch.library.register_fake("medfast::ussim_march")
-def _march_fake(props, coords, noise, grid_affine, att, background, seed):
+def _march_fake(props, coords, noise, grid_affine, att, background, seed, sharp):
     return coords.new_empty((coords.shape[0], coords.shape[1], coords.shape[2], 3))
 
 
 @torch.library.register_fake("medfast::ussim_march_backward")
-def _march_backward_fake(grad, props, coords, noise, grid_affine, att, background, seed, props_grad, coords_grad):
+def _march_backward_fake(grad, props, coords, noise, grid_affine, att, background, seed, sharp, props_grad,
+                         coords_grad):
     gp = props.new_empty(props.shape) if props_grad else props.new_empty((0,))
     gc = coords.new_empty(coords.shape) if coords_grad else coords.new_empty((0,))
     return gp, gc
 
 
 def _march_setup(ctx, inputs, output):
-    props, coords, noise, grid_affine, att, background, seed = inputs
+    props, coords, noise, grid_affine, att, background, seed, sharp = inputs
     ctx.save_for_backward(props, coords, noise)
-    ctx.args = (list(grid_affine), float(att), list(background), int(seed))
+    ctx.args = (list(grid_affine), float(att), list(background), int(seed), float(sharp))
 
 
 def _march_backward(ctx, grad):
     props, coords, noise = ctx.saved_tensors
     need_props, need_coords = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_props or need_coords):
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     gp, gc = _ops.ussim_march_backward(grad, props, coords, noise, *ctx.args, need_props, need_coords)
-    return (gp if need_props else None), (gc if need_coords else None), None, None, None, None, None
+    return (gp if need_props else None), (gc if need_coords else None), None, None, None, None, None, None
 
 
 torch.library.register_autograd("medfast::ussim_march", _march_backward, setup_context=_march_setup)
@@ -85,6 +86,7 @@ def ray_march(
     att: float,
     background: Sequence[float],
     seed: int = 0,
+    sharp: float = 1.0,
 ) -> torch.Tensor:
     """Marches scanlines through a property volume: specular and scatter echoes with transmission.
 
@@ -110,6 +112,10 @@ def ray_march(
         Properties outside the volume.
     seed : int
         Seed of the hash from scatter cells to table rows.
+    sharp : float
+        >= 1: steepness of the impedance interpolation. Between two voxels the impedance changes
+        over 1/sharp of the voxel instead of all of it, so interfaces stay sharp (specular echoes of
+        full amplitude, transmission losses of the full jump) in coarse volumes; 1 = trilinear.
 
     Returns
     -------
@@ -143,4 +149,6 @@ def ray_march(
     bg = [float(v) for v in background]
     if len(bg) != N_PROPS:
         raise ValueError(f"background must have {N_PROPS} entries, got {len(bg)}")
-    return _ops.ussim_march(props, coords, noise, g, float(att), bg, int(seed))
+    if not (float(sharp) >= 1.0):
+        raise ValueError(f"sharp must be >= 1, got {sharp}")
+    return _ops.ussim_march(props, coords, noise, g, float(att), bg, int(seed), float(sharp))

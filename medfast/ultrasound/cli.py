@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 DEFAULT_OUT = "medfast-simulate"
+CRANIUM_START = (122.5, 38.0, 60.0)  # world mm: under the vertex of the packaged head CT, inside the skull
 
 
 class SimulateError(RuntimeError):
@@ -89,12 +90,19 @@ def run_simulate(args: argparse.Namespace) -> dict:
     except ValueError as exc:
         raise SimulateError(str(exc)) from None
 
-    centre = affine[:3, :3] @ ((np.array(vol.shape) - 1) / 2) + affine[:3, 3]
+    if args.centre is not None:
+        centre = np.asarray(args.centre, dtype=float)
+    else:
+        centre = affine[:3, :3] @ ((np.array(vol.shape) - 1) / 2) + affine[:3, 3]
     direction = np.asarray(args.direction, dtype=float)
+    if args.start is None and args.centre is None and args.volume is None:
+        # Packaged head CT: an intraoperative view (probe on the brain surface after a craniotomy,
+        # the commonest use of ultrasound inside the skull), sweeping front to back over the ventricles.
+        args.start = CRANIUM_START
     if args.start is not None:
         start = np.asarray(args.start, dtype=float)
     else:
-        start = skin_entry(vol, affine, centre, direction) - 2.0 * direction / np.linalg.norm(direction)
+        start = skin_entry(vol, affine, centre, direction) - 1.0 * direction / np.linalg.norm(direction)
         start = start - 0.5 * np.asarray(args.travel, dtype=float)
     pose0 = look_at(start, direction, args.lateral)
     poses = freehand_sweep(pose0, args.travel, args.frames, tilt_deg=args.tilt, rock_deg=args.tilt,
@@ -103,8 +111,10 @@ def run_simulate(args: argparse.Namespace) -> dict:
     ct = torch.from_numpy(vol.astype(np.float32))[None, None].to(device)
     frames = []
     t0 = time.perf_counter()
+    from tqdm import tqdm
+
     with torch.no_grad():
-        for i in range(0, args.frames, args.batch):
+        for i in tqdm(range(0, args.frames, args.batch), desc="simulating", unit="batch", file=sys.stderr):
             res = simulate_ct(ct, affine, poses[i:i + args.batch].float().to(device), probe, seed=args.seed,
                               gain_db=args.gain, dynamic_range_db=args.dynamic_range, pixel_mm=args.pixel)
             frames.append(res.bmode.cpu())
@@ -191,12 +201,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=8, help="frames simulated per call (default: %(default)s)")
     p.add_argument("--start", type=_vec3, default=None, metavar="X,Y,Z",
                    help="world position (mm) of the first frame's array centre (default: on the skin, "
-                        "half the travel before the volume centre)")
+                        "half the travel before --centre; for the packaged head CT: inside the skull under the "
+                        f"vertex, {CRANIUM_START})")
+    p.add_argument("--centre", type=_vec3, default=None, metavar="X,Y,Z",
+                   help="world point (mm) the middle frame's beam passes through; the probe is put on the skin "
+                        "before it (default: the volume centre)")
     p.add_argument("--direction", type=_vec3, default=(0.0, 1.0, 0.0), metavar="X,Y,Z",
                    help="beam direction in world (default: %(default)s)")
     p.add_argument("--lateral", type=_vec3, default=(1.0, 0.0, 0.0), metavar="X,Y,Z",
                    help="lateral (array) direction in world (default: %(default)s)")
-    p.add_argument("--travel", type=_vec3, default=(0.0, 0.0, 40.0), metavar="DX,DY,DZ",
+    p.add_argument("--travel", type=_vec3, default=(0.0, 0.0, 30.0), metavar="DX,DY,DZ",
                    help="displacement of the probe over the sweep, mm (default: %(default)s)")
     p.add_argument("--tilt", type=float, default=4.0, help="largest tilt/rock angle in degrees (default: 4)")
     p.add_argument("--gain", type=float, default=0.0, help="gain in dB (default: 0)")

@@ -255,8 +255,8 @@ def _elevation_weights(probe: Probe, sub_rays: int, dtype, device) -> tuple[torc
     return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
 
 
-def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> torch.Tensor:
-    """x: (B, 3, L, S) = (specular, scatter re, scatter im) -> complex IQ (B, L, S). The scatter
+def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, 3, L, S) = (specular, scatter re, scatter im) -> IQ (real, imaginary), each (B, L, S). The scatter
     channels are normalised to unit energy (random scatterers) or, with speckle off (a deterministic,
     coherent scatter field), like the specular channel."""
     B, C, L, S = x.shape
@@ -270,13 +270,13 @@ def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> torch.Ten
     w_spec, w_scat = _cached("lateral", probe, 1, str(x.device), x.dtype, None)
     half = w_spec.shape[1] // 2
     padded = F.pad(y, (0, 0, half, half))  # pad the line axis
-    out = torch.zeros_like(y)
     if not speckle:
         w_scat = w_spec
     wts = torch.stack([w_spec, w_scat, w_scat], 0)  # (3, S, 2K+1)
-    for j in range(2 * half + 1):
-        out = out + padded[:, :, j:j + L, :] * wts[None, :, None, :, j]
-    return torch.complex(out[:, 0] + out[:, 1], out[:, 2])
+    out = padded[:, :, 0:L, :] * wts[None, :, None, :, 0]
+    for j in range(1, 2 * half + 1):
+        out.addcmul_(padded[:, :, j:j + L, :], wts[None, :, None, :, j])
+    return out[:, 0] + out[:, 1], out[:, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +294,7 @@ def simulate(
     sub_rays: int = 3,
     speckle: bool = True,
     scatter_cell_mm: float | None = None,
+    interface_mm: float | None = None,
     tgc_db_cm_mhz: float = 0.5,
     gain_db: float = 0.0,
     dynamic_range_db: float = 60.0,
@@ -309,7 +310,9 @@ def simulate(
     props : Tensor
         ``(Bv, 5, D, H, W)`` property maps (see :mod:`medfast.ultrasound.tissue`): impedance (MRayl),
         attenuation (dB/cm/MHz), scatterer density, scatter amplitude mean and spread. ``Bv`` is 1
-        (one volume for every pose) or B. float32 or float64. Differentiable.
+        (one volume for every pose) or B. float32 or float64. Differentiable. The kernel reads a
+        channels-last volume: maps in ``torch.channels_last_3d`` memory format (as
+        ``hu_to_properties`` and ``LabelTable`` return them) are used without a copy.
     affine : array-like
         ``(4, 4)`` voxel-to-world matrix of the volume in mm (NIfTI convention: world = affine @
         (i, j, k, 1) with i, j, k the indices along D, H, W).
@@ -326,6 +329,11 @@ def simulate(
         False: scatterers of deterministic unit phase and amplitude (a speckle-free tissue map).
     scatter_cell_mm : float, optional
         Cell size of the world scatter grid; default half the wavelength.
+    interface_mm : float, optional
+        Width over which the impedance changes between two voxels (default: 2 samples). Coarser
+        volumes get their interfaces sharpened to this width (see ``ray_march``'s ``sharp``), so
+        bone and organ boundaries give full specular echoes; a value >= the voxel size turns the
+        sharpening off (plain trilinear interpolation).
     tgc_db_cm_mhz : float
         Time-gain compensation: gain 2 * tgc * fc * depth dB (0 turns it off).
     gain_db, dynamic_range_db : float
@@ -353,6 +361,8 @@ def simulate(
         raise ValueError(f"dynamic_range_db must be positive, got {dynamic_range_db}")
     if scatter_cell_mm is None:
         scatter_cell_mm = probe.wavelength_mm / 2
+    if interface_mm is not None and not interface_mm > 0:
+        raise ValueError(f"interface_mm must be positive, got {interface_mm}")
     if not scatter_cell_mm > 0:
         raise ValueError(f"scatter_cell_mm must be positive, got {scatter_cell_mm}")
     bg = [float(v) for v in background]
@@ -374,22 +384,31 @@ def simulate(
     G = (a[:3, :] / scatter_cell_mm).flatten()
     att = 2.0 * probe.fc_mhz * (probe.dz_mm / 10.0) * math.log(10.0) / 20.0
     props_cl = props.permute(0, 2, 3, 4, 1).contiguous()
-    echo = ray_march(props_cl, coords, _noise(seed, dev, speckle), G, att, bg, seed)  # (B, L*E, S, 3)
+    if interface_mm is None:
+        interface_mm = 2.0 * probe.dz_mm
+    voxel_mm = float(torch.linalg.norm(a[:3, :3], dim=0).mean())
+    sharp = max(1.0, voxel_mm / interface_mm)
+    echo = ray_march(props_cl, coords, _noise(seed, dev, speckle), G, att, bg, seed, sharp)  # (B, L*E, S, 3)
     echo = echo.view(B, L, E, S, 3)
 
     w_spec, w_scat = _cached("elevation", probe, E, str(dev), dt, None)  # (E, S)
     if not speckle:
         w_scat = w_spec
-    spec = (echo[..., 0] * w_spec).sum(2)
-    scat_re = (echo[..., 1] * w_scat).sum(2)
-    scat_im = (echo[..., 2] * w_scat).sum(2)
-    iq = _apply_psf(torch.stack([spec, scat_re, scat_im], 1), probe, speckle)  # (B, L, S) complex
+    w3 = torch.stack([w_spec, w_scat, w_scat], -1)  # (E, S, 3)
+    lines = echo[:, :, 0] * w3[0] if E == 1 else (echo * w3).sum(2)  # (B, L, S, 3)
+    i_re, i_im = _apply_psf(lines.permute(0, 3, 1, 2), probe, speckle)  # IQ, (B, L, S) each
 
+    power = i_re.square().add_(i_im.square())  # |IQ|^2 before TGC
+    # log compression with the TGC added in dB: 10 log10(|IQ|^2 g^2) = 10 log10 |IQ|^2 + 2 tgc fc z.
+    lines_db = 10.0 * torch.log10(power + 1e-20)
     if tgc_db_cm_mhz:
         z_cm = probe.depths(device=dev, dtype=dt) / 10.0
-        iq = iq * (10.0 ** (2.0 * tgc_db_cm_mhz * probe.fc_mhz * z_cm / 20.0))
-    power = iq.real.square() + iq.imag.square()
-    lines_db = 10.0 * torch.log10(power + 1e-20) + gain_db
+        tgc_db = 2.0 * tgc_db_cm_mhz * probe.fc_mhz * z_cm
+        lines_db = lines_db + (tgc_db + gain_db)
+        gain_lin = 10.0 ** (tgc_db / 20.0) if return_lines else None
+    else:
+        lines_db = lines_db + gain_db
+        gain_lin = None
     scan = ((lines_db + dynamic_range_db) / dynamic_range_db).clamp(0.0, 1.0)
     grid, px = _cached("grid", probe, 1, str(dev), dt, pixel_mm)
     bmode = F.grid_sample(scan.transpose(1, 2)[:, None], grid.expand(B, -1, -1, -1), mode="bilinear",
@@ -397,9 +416,13 @@ def simulate(
     x0, x1, z0, z1 = probe.image_extent_mm()
     (H, W), _ = probe.image_shape(pixel_mm)
     extent = (x0, x0 + (W - 1) * px, z0, z0 + (H - 1) * px)
-    env = torch.sqrt(power + 1e-30) if return_lines else None
-    return SimulationResult(bmode=bmode, pixel_mm=px, extent_mm=extent, lines_db=lines_db, envelope=env,
-                            iq=iq if return_lines else None)
+    env = iq = None
+    if return_lines:
+        iq = torch.complex(i_re, i_im)
+        if gain_lin is not None:
+            iq = iq * gain_lin
+        env = torch.sqrt(iq.real.square() + iq.imag.square() + 1e-30)
+    return SimulationResult(bmode=bmode, pixel_mm=px, extent_mm=extent, lines_db=lines_db, envelope=env, iq=iq)
 
 
 def simulate_ct(ct: torch.Tensor, affine, pose: torch.Tensor, probe: Probe | str, *, knots=HU_KNOTS,

@@ -21,18 +21,19 @@ WATER = (1.48, 0.0022, 0.0, 0.0, 0.0)
 # Impedances and attenuations are typical literature values (Duck, "Physical properties of tissue",
 # 1990; Szabo, "Diagnostic ultrasound imaging", 2004): air 0.0004 MRayl, fat 1.38, water 1.48,
 # soft tissue 1.63-1.7, bone 4-7.8 MRayl; attenuation fat 0.6, soft tissue 0.5-0.7, bone 10-20
-# dB/cm/MHz. Water-like fluid (CSF, HU ~ 0-15) does not scatter; bone scatters strongly.
+# dB/cm/MHz. Water-like fluid (CSF, HU ~ 0-15) does not scatter. Scatter amplitudes are relative to
+# the plane-reflector amplitude R: soft-tissue speckle sits about 35 dB below a bone interface.
 HU_KNOTS: tuple[tuple[float, float, float, float, float, float], ...] = (
     (-1000.0, 0.0004, 20.0, 0.0, 0.0, 0.0),
-    (-500.0, 0.80, 12.0, 0.6, 0.3, 0.1),
-    (-100.0, 1.38, 0.60, 1.0, 0.25, 0.08),
-    (0.0, 1.48, 0.05, 0.05, 0.05, 0.02),
-    (15.0, 1.53, 0.30, 0.5, 0.20, 0.05),
-    (40.0, 1.63, 0.55, 1.0, 0.30, 0.08),
-    (100.0, 1.68, 0.70, 1.0, 0.45, 0.12),
-    (300.0, 2.50, 4.00, 1.0, 0.60, 0.15),
-    (1000.0, 6.00, 15.0, 1.0, 0.80, 0.20),
-    (3000.0, 7.80, 20.0, 1.0, 0.80, 0.20),
+    (-500.0, 0.80, 12.0, 0.6, 0.015, 0.005),
+    (-100.0, 1.38, 0.60, 1.0, 0.010, 0.003),
+    (0.0, 1.48, 0.05, 0.05, 0.002, 0.0005),
+    (15.0, 1.53, 0.30, 0.5, 0.008, 0.002),
+    (40.0, 1.63, 0.55, 1.0, 0.015, 0.004),
+    (100.0, 1.68, 0.70, 1.0, 0.025, 0.006),
+    (300.0, 2.50, 4.00, 1.0, 0.040, 0.010),
+    (1000.0, 6.00, 15.0, 1.0, 0.050, 0.012),
+    (3000.0, 7.80, 20.0, 1.0, 0.050, 0.012),
 )
 
 
