@@ -235,3 +235,26 @@ def test_mni152_tissue_preset(tmp_path):
     ti = np.asarray(test_img.dataobj)
     means = [ti[mapped == c].mean() for c in (1, 2, 3)]
     assert means[0] < means[1] < means[2] and (ti[mapped == 0] == 0).mean() > 0.99
+
+
+def test_reorient_gives_the_same_subject_whatever_the_storage_order(tmp_path):
+    rng = np.random.default_rng(0)
+    ras = rng.random((6, 7, 5)).astype(np.float32)
+    lab = (ras > 0.5).astype(np.uint8)
+    aff = np.diag([2.0, 1.0, 3.0, 1.0])
+    aff[:3, 3] = [-5, 4, 2]
+    a = NiftiDataset([_save(tmp_path / "ras.nii.gz", ras, aff)], [_save(tmp_path / "ras_l.nii.gz", lab, aff)],
+                     normalize="none")[0]
+    # the same subject stored as L, S, A (x flipped, y and z swapped), like the ITK KmeansTest files
+    lsa = np.flip(ras, 0).transpose(0, 2, 1).copy()
+    lsa_lab = np.flip(lab, 0).transpose(0, 2, 1).copy()
+    aff2 = np.zeros((4, 4))
+    aff2[0, 0], aff2[1, 2], aff2[2, 1], aff2[3, 3] = -2.0, 1.0, 3.0, 1.0
+    aff2[:3, 3] = aff[:3, :3] @ [5, 0, 0] + aff[:3, 3]  # voxel (0,0,0) of the flipped copy = voxel (5,0,0)
+    assert nib.aff2axcodes(aff2) == ("L", "S", "A")
+    b = NiftiDataset([_save(tmp_path / "lsa.nii.gz", lsa, aff2)], [_save(tmp_path / "lsa_l.nii.gz", lsa_lab, aff2)],
+                     normalize="none")[0]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    np.testing.assert_allclose(a["affine"].numpy(), b["affine"].numpy(), atol=1e-12)
+    c = NiftiDataset([str(tmp_path / "lsa.nii.gz")], normalize="none", reorient=False)[0]
+    assert c["image"].shape == (1, 6, 5, 7)

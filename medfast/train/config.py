@@ -65,6 +65,7 @@ class DataConfig:
     test_images: list[str] = field(default_factory=list)
     test_labels: list[str] = field(default_factory=list)
     test_label_map: dict[int, int] = field(default_factory=dict)
+    reorient: bool = True
     spacing: list[float] | None = None
     shape: list[int] | None = None
     normalize: str = "zscore"
