@@ -185,3 +185,28 @@ def test_sigkilled_run_resumes_with_the_same_losses(tmp_path, blobs):
     Trainer(cfg).fit()
     steps, got = _losses(out)
     assert steps == list(range(1, 21)) and got == ref
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, blobs):
+    """batch 1 x accumulate 2 takes the same subjects/augmentations as batch 2: same parameters."""
+    a = Trainer(_config(tmp_path, blobs, "acc", **{"trainer.batch_size": 1, "trainer.accumulate": 2,
+                                                   "trainer.max_steps": 3}))
+    a.fit()
+    b = Trainer(_config(tmp_path, blobs, "big", **{"trainer.batch_size": 2, "trainer.max_steps": 3}))
+    b.fit()
+    for k, v in b.model.state_dict().items():
+        torch.testing.assert_close(a.model.state_dict()[k], v, rtol=1e-4, atol=2e-5)
+
+
+def test_deep_supervision_and_2d_training(tmp_path):
+    data = tmp_path / "d2"
+    make_blobs(data, n=2, shape=(24, 20), classes=3)
+    cfg = load_config([], [
+        f"data.root={data}", f"trainer.out_dir={tmp_path / 'r2'}", "trainer.max_steps=4", "trainer.val_every=4",
+        "trainer.progress=false", "trainer.tensorboard=false", "model.spatial_dims=2", "model.channels=[4, 8, 16]",
+        "model.out_channels=3", "model.deep_supervision=true", "augment.patch_size=[16, 16]", "augment.deform_grid=3",
+        "data.val_deformations=1", "trainer.threads=1",
+    ])
+    res = Trainer(cfg).fit()
+    assert res["finished"] and 0 <= res["validation"]["dice_mean"] <= 1
+    assert (tmp_path / "r2" / "samples_step0000004.png").is_file()

@@ -301,7 +301,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.config.optim, tc.max_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.train_ds, self.val_ds = self.task.build_datasets()
-        self.sampler = D.EpochSampler(len(self.train_ds), tc.batch_size, self.world, self.rank, tc.seed)
+        self.sampler = D.EpochSampler(len(self.train_ds), tc.batch_size, self.world, self.rank, tc.seed,
+                                      accumulate=tc.accumulate)
         self.batches_per_epoch = self.sampler.batches_per_epoch()
 
     def _loader(self, epoch: int, start_batch: int):
