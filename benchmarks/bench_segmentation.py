@@ -1,7 +1,9 @@
 """Segmentation training step (UNet forward + Dice/CE loss + backward + AdamW step): medfast's
 ``DiceCELoss`` against MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` on the same medfast UNet, same
-run; each measurement in a fresh process for its peak memory. Also the loss alone (forward + backward).
-On CUDA (``--device cuda``) peak memory is ``torch.cuda.max_memory_allocated``.
+run. Times come from one process that alternates the two implementations step by step (each with its own
+copy of the same model and optimizer), so that the load of a shared machine hits both alike; peak memory
+comes from a fresh process per implementation. Also the loss alone (forward + backward). On CUDA
+(``--device cuda``) peak memory is ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/bench_segmentation.py [--size 64] [--classes 4] [--device cpu] [--out benchmarks/results]
 """
@@ -38,7 +40,7 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def worker(impl: str, what: str, size: int, classes: int, batch: int, repeats: int, device: str) -> dict:
+def _setup(impl: str, what: str, size: int, classes: int, batch: int, device: str):
     import torch
 
     from medfast.nets import UNet
@@ -63,36 +65,51 @@ def worker(impl: str, what: str, size: int, classes: int, batch: int, repeats: i
             logits.grad = None
             fn(logits, target).backward()
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    step()
-    step()
-    sync()
-    before = _rss_mib()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeats):
+    def run():
         t = time.perf_counter()
         step()
-        sync()
-        times.append(time.perf_counter() - t)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        extra = peak - before
-    return {"ms": sorted(times)[len(times) // 2] * 1e3, "ms_all": [t * 1e3 for t in times], "peak_mib": peak,
-            "extra_peak_mib": extra}
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    return run
 
 
-def _run(impl, what, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, what, str(args.size), str(args.classes), str(args.batch),
-           str(args.repeats), args.device]
+def time_worker(what: str, size: int, classes: int, batch: int, repeats: int, device: str) -> dict:
+    """Both implementations in this process, alternating; median and minimum per implementation."""
+    runs = {impl: _setup(impl, what, size, classes, batch, device) for impl in IMPLS}
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for impl in IMPLS:  # warm-up
+        runs[impl]()
+    for r in range(repeats):
+        order = IMPLS if r % 2 == 0 else IMPLS[::-1]
+        for impl in order:
+            times[impl].append(runs[impl]())
+    return {impl: {"ms": sorted(t)[len(t) // 2] * 1e3, "min_ms": min(t) * 1e3, "ms_all": [x * 1e3 for x in t]}
+            for impl, t in times.items()}
+
+
+def memory_worker(impl: str, what: str, size: int, classes: int, batch: int, device: str) -> dict:
+    """Peak memory of one implementation alone in a fresh process (above the state after one step)."""
+    import torch
+
+    run = _setup(impl, what, size, classes, batch, device)
+    run()
+    before = _rss_mib()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    run()
+    run()
+    if device.startswith("cuda"):
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+                "extra_peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_mib": peak, "extra_peak_mib": peak - before}
+
+
+def _run(args, *worker) -> dict:
+    cmd = [sys.executable, __file__, "--worker", *map(str, worker)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -121,27 +138,38 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        impl, what, size, classes, batch, repeats, device = args.worker
-        print(json.dumps(worker(impl, what, int(size), int(classes), int(batch), int(repeats), device)))
+        kind, *rest = args.worker
+        if kind == "time":
+            what, size, classes, batch, repeats, device = rest
+            res = time_worker(what, int(size), int(classes), int(batch), int(repeats), device)
+        else:
+            impl, what, size, classes, batch, device = rest
+            res = memory_worker(impl, what, int(size), int(classes), int(batch), device)
+        print(json.dumps(res))
         return
     import torch
 
     results = {"device": args.device, "size": args.size, "classes": args.classes, "batch": args.batch,
                "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "load_average_before": os.getloadavg()}
+    a = args
     for what in ("step", "loss"):
-        results[what] = {impl: _run(impl, what, args) for impl in IMPLS}
-        r = results[what]
+        r = _run(a, "time", what, a.size, a.classes, a.batch, a.repeats, a.device)
+        for impl in IMPLS:
+            r[impl].update(_run(a, "memory", impl, what, a.size, a.classes, a.batch, a.device))
         r["monai_over_medfast"] = r["monai"]["ms"] / r["medfast"]["ms"]
-        print(f"{what}: medfast {r['medfast']['ms']:.1f} ms, MONAI {r['monai']['ms']:.1f} ms "
-              f"(x{r['monai_over_medfast']:.2f}); extra peak MiB medfast {r['medfast']['extra_peak_mib']:.0f} / "
-              f"MONAI {r['monai']['extra_peak_mib']:.0f}", flush=True)
+        r["monai_over_medfast_min"] = r["monai"]["min_ms"] / r["medfast"]["min_ms"]
+        results[what] = r
+        print(f"{what}: medfast {r['medfast']['ms']:.1f} ms (min {r['medfast']['min_ms']:.1f}), MONAI "
+              f"{r['monai']['ms']:.1f} ms (min {r['monai']['min_ms']:.1f}); ratio x{r['monai_over_medfast']:.2f} "
+              f"(min x{r['monai_over_medfast_min']:.2f}); extra peak MiB medfast "
+              f"{r['medfast']['extra_peak_mib']:.0f} / MONAI {r['monai']['extra_peak_mib']:.0f}", flush=True)
     results["load_average_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if args.device == "cpu" else "cuda"

@@ -208,3 +208,53 @@ def test_load_and_save_nifti_round_trip(tmp_path):
     np.testing.assert_allclose(vol.affine, affine)
     four = _save(tmp_path / "4d.nii.gz", np.random.rand(3, 4, 5, 2).astype(np.float32))
     assert load_nifti(four).data.shape == (2, 3, 4, 5)
+
+
+def test_mni152_tissue_preset(tmp_path):
+    """The demo data set: 4 tissue classes on the MNI152 T1; the ITK KmeansTest subject as a test set."""
+    pytest.importorskip("nilearn", reason="needs the nilearn wheel (pip install nilearn; scripts/data.sh)")
+    from medfast.data.presets import ITK_DATA, KMEANS_TO_TISSUE, mni152_tissue
+
+    files = mni152_tissue(tmp_path)
+    t1 = nib.load(files["train_images"][0])
+    lab = np.asarray(nib.load(files["train_labels"][0]).dataobj)
+    assert t1.shape == lab.shape == (197, 233, 189)
+    counts = np.bincount(lab.ravel(), minlength=4)
+    assert len(counts) == 4 and (counts > 10_000).all()
+    data = np.asarray(t1.dataobj)
+    assert (lab[data <= 0] == 0).all() and (lab[data > 0] > 0).all()
+    # WM brighter than GM brighter than CSF on a T1
+    means = [data[lab == c].mean() for c in (1, 2, 3)]
+    assert means[0] < means[1] < means[2]
+    if not (ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz").is_file():
+        pytest.skip("ITK KmeansTest files missing (apt-get install insighttoolkit5-examples; scripts/data.sh)")
+    test_img = nib.load(files["test_images"][0])
+    assert nib.aff2axcodes(test_img.affine) == ("R", "A", "S")
+    tl = np.asarray(nib.load(files["test_labels"][0]).dataobj)
+    mapped = np.vectorize(KMEANS_TO_TISSUE.get)(tl)
+    ti = np.asarray(test_img.dataobj)
+    means = [ti[mapped == c].mean() for c in (1, 2, 3)]
+    assert means[0] < means[1] < means[2] and (ti[mapped == 0] == 0).mean() > 0.99
+
+
+def test_reorient_gives_the_same_subject_whatever_the_storage_order(tmp_path):
+    rng = np.random.default_rng(0)
+    ras = rng.random((6, 7, 5)).astype(np.float32)
+    lab = (ras > 0.5).astype(np.uint8)
+    aff = np.diag([2.0, 1.0, 3.0, 1.0])
+    aff[:3, 3] = [-5, 4, 2]
+    a = NiftiDataset([_save(tmp_path / "ras.nii.gz", ras, aff)], [_save(tmp_path / "ras_l.nii.gz", lab, aff)],
+                     normalize="none")[0]
+    # the same subject stored as L, S, A (x flipped, y and z swapped), like the ITK KmeansTest files
+    lsa = np.flip(ras, 0).transpose(0, 2, 1).copy()
+    lsa_lab = np.flip(lab, 0).transpose(0, 2, 1).copy()
+    aff2 = np.zeros((4, 4))
+    aff2[0, 0], aff2[1, 2], aff2[2, 1], aff2[3, 3] = -2.0, 1.0, 3.0, 1.0
+    aff2[:3, 3] = aff[:3, :3] @ [5, 0, 0] + aff[:3, 3]  # voxel (0,0,0) of the flipped copy = voxel (5,0,0)
+    assert nib.aff2axcodes(aff2) == ("L", "S", "A")
+    b = NiftiDataset([_save(tmp_path / "lsa.nii.gz", lsa, aff2)], [_save(tmp_path / "lsa_l.nii.gz", lsa_lab, aff2)],
+                     normalize="none")[0]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    np.testing.assert_allclose(a["affine"].numpy(), b["affine"].numpy(), atol=1e-12)
+    c = NiftiDataset([str(tmp_path / "lsa.nii.gz")], normalize="none", reorient=False)[0]
+    assert c["image"].shape == (1, 6, 5, 7)

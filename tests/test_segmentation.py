@@ -87,6 +87,17 @@ def test_cli_train_and_predict_end_to_end(tmp_path, capsys):
     prob = nib.load(str(tmp_path / "pred" / "input_prob.nii.gz"))
     assert prob.shape == (*src.shape, 3)
     np.testing.assert_allclose(np.asarray(prob.dataobj).sum(-1), 1, atol=1e-4)
+    # the same scan stored in another axis order (x flipped, y/z swapped): the same segmentation, voxel for voxel
+    data_ras = np.asarray(src.dataobj)
+    flipped = np.flip(data_ras, 0).transpose(0, 2, 1).copy()
+    aff2 = src.affine @ np.array([[-1, 0, 0, data_ras.shape[0] - 1], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(flipped, aff2), str(tmp_path / "flipped.nii.gz"))
+    nib.save(src, str(tmp_path / "orig.nii.gz"))
+    assert main(["predict", str(tmp_path / "orig.nii.gz"), str(tmp_path / "flipped.nii.gz"), "--model",
+                 str(out / "checkpoints" / "last.pt"), "--out", str(tmp_path / "pred2"), "--device", "cpu"]) == 0
+    seg_o = np.asarray(nib.load(str(tmp_path / "pred2" / "orig_seg.nii.gz")).dataobj)
+    seg_f = np.asarray(nib.load(str(tmp_path / "pred2" / "flipped_seg.nii.gz")).dataobj)
+    assert np.array_equal(np.flip(seg_f.transpose(0, 2, 1), 0), seg_o)
     # resume from the last checkpoint to a longer run
     assert main(_train_args(tmp_path, data, out, steps=26) + ["--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out

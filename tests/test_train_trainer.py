@@ -15,6 +15,7 @@ from medfast.train import (
     load_checkpoint,
     load_config,
     save_checkpoint,
+    save_config,
 )
 
 
@@ -146,3 +147,66 @@ def test_bad_trainer_settings(tmp_path):
         Trainer(cfg, _NaNTask(cfg))
     with pytest.raises(ValueError, match="unknown task"):
         Trainer(load_config([], ["task=nosuchtask"]))
+
+
+def test_sigkilled_run_resumes_with_the_same_losses(tmp_path, blobs):
+    """A real kill -9 of `medfast train` between checkpoints, then `--resume`: same losses as uninterrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    extra = {"trainer.max_steps": 20, "trainer.checkpoint_every": 1, "model.channels": "[2, 4]",
+             "augment.patch_size": "[8, 8, 8]"}
+    Trainer(_config(tmp_path, blobs, "ref", **extra)).fit()
+    _, ref = _losses(tmp_path / "ref")
+    out = tmp_path / "killed"
+    cfg = _config(tmp_path, blobs, "killed", **extra)
+    save_config(cfg, tmp_path / "killed.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "medfast", "train", str(tmp_path / "killed.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    ck = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ck.is_file():
+            try:
+                if load_checkpoint(ck)["step"] >= 3:
+                    break
+            except (ValueError, FileNotFoundError):
+                pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = load_checkpoint(ck)["step"]
+    assert 3 <= killed_at < 20
+    cfg.trainer.resume = "auto"
+    Trainer(cfg).fit()
+    steps, got = _losses(out)
+    assert steps == list(range(1, 21)) and got == ref
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, blobs):
+    """batch 1 x accumulate 2 takes the same subjects/augmentations as batch 2: same parameters."""
+    a = Trainer(_config(tmp_path, blobs, "acc", **{"trainer.batch_size": 1, "trainer.accumulate": 2,
+                                                   "trainer.max_steps": 3}))
+    a.fit()
+    b = Trainer(_config(tmp_path, blobs, "big", **{"trainer.batch_size": 2, "trainer.max_steps": 3}))
+    b.fit()
+    for k, v in b.model.state_dict().items():
+        torch.testing.assert_close(a.model.state_dict()[k], v, rtol=1e-4, atol=2e-5)
+
+
+def test_deep_supervision_and_2d_training(tmp_path):
+    data = tmp_path / "d2"
+    make_blobs(data, n=2, shape=(24, 20), classes=3)
+    cfg = load_config([], [
+        f"data.root={data}", f"trainer.out_dir={tmp_path / 'r2'}", "trainer.max_steps=4", "trainer.val_every=4",
+        "trainer.progress=false", "trainer.tensorboard=false", "model.spatial_dims=2", "model.channels=[4, 8, 16]",
+        "model.out_channels=3", "model.deep_supervision=true", "augment.patch_size=[16, 16]", "augment.deform_grid=3",
+        "data.val_deformations=1", "trainer.threads=1",
+    ])
+    res = Trainer(cfg).fit()
+    assert res["finished"] and 0 <= res["validation"]["dice_mean"] <= 1
+    assert (tmp_path / "r2" / "samples_step0000004.png").is_file()

@@ -2,12 +2,13 @@
 (resampling with :func:`medfast.resample`, crop/pad, intensity normalization), caching, and on-device
 augmentation built on :func:`medfast.affine_warp` and :func:`medfast.integrate`."""
 
-from medfast.data.augment import RandomAugment, random_crop_theta
+from medfast.data.augment import AugmentConfig, RandomAugment, random_crop_theta
 from medfast.data.dataset import NiftiDataset, collate, find_pairs
 from medfast.data.io import DatasetError, Volume, load_nifti, save_nifti, voxel_spacing
 from medfast.data.preprocess import crop_or_pad, normalize_intensity, resample_to_spacing, spatial_affine
 
 __all__ = [
+    "AugmentConfig",
     "DatasetError",
     "NiftiDataset",
     "RandomAugment",

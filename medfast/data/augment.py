@@ -11,13 +11,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from medfast.train.config import AugmentConfig
+__all__ = ["AugmentConfig", "RandomAugment", "random_crop_theta"]
 
-__all__ = ["RandomAugment", "random_crop_theta"]
+
+@dataclass
+class AugmentConfig:
+    """On-device augmentation (medfast ops): random affine + smooth deformation + intensity changes."""
+
+    enabled: bool = True
+    patch_size: list[int] | None = None
+    rotation: float = 10.0
+    scale: float = 0.1
+    shear: float = 0.0
+    translation: float = 0.0
+    flip: list[int] = field(default_factory=list)
+    deform_magnitude: float = 2.0
+    deform_grid: int = 5
+    integrate_steps: int = 5
+    gamma: float = 0.2
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    noise_std: float = 0.02
+    bias_field: float = 0.0
 
 
 def _rotation(angles: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -13,7 +13,13 @@ import torch
 from torch.utils.data import Dataset
 
 from medfast.data.io import DatasetError, load_nifti, nifti_header
-from medfast.data.preprocess import crop_or_pad, normalize_intensity, resample_to_spacing, spatial_affine
+from medfast.data.preprocess import (
+    crop_or_pad,
+    normalize_intensity,
+    reorient_to_ras,
+    resample_to_spacing,
+    spatial_affine,
+)
 
 __all__ = ["NiftiDataset", "collate", "find_pairs"]
 
@@ -76,6 +82,9 @@ class NiftiDataset(Dataset):
         Label maps (integer values), one per image, on the same grid (same shape and affine).
     spatial_dims : {2, 3}
         3D volumes, or 2D images (a trailing singleton axis of a 3D file is dropped).
+    reorient : bool
+        3D: flip/permute the voxel axes to the closest RAS orientation first (exact), so that networks see
+        every subject in the same orientation whatever the file's storage order.
     spacing : sequence of float, optional
         Resample to this voxel size (mm) with :func:`medfast.resample` (labels: nearest).
     shape : sequence of int, optional
@@ -107,7 +116,7 @@ class NiftiDataset(Dataset):
                  spacing: Sequence[float] | None = None, shape: Sequence[int] | None = None,
                  normalize: str = "zscore", clip_percentiles: Sequence[float] | None = None,
                  label_map: Mapping[int, int] | None = None, cache: str = "memory",
-                 cache_dir: str | Path | None = None, check: bool = True) -> None:
+                 cache_dir: str | Path | None = None, check: bool = True, reorient: bool = True) -> None:
         self.images = [str(p) for p in images]
         self.labels = [str(p) for p in labels] if labels else []
         if not self.images:
@@ -121,6 +130,7 @@ class NiftiDataset(Dataset):
         if cache == "disk" and cache_dir is None:
             raise ValueError("cache='disk' needs cache_dir")
         self.spatial_dims = spatial_dims
+        self.reorient = reorient and spatial_dims == 3
         self.spacing = list(spacing) if spacing is not None else None
         self.shape = list(shape) if shape is not None else None
         self.normalize = normalize
@@ -159,8 +169,8 @@ class NiftiDataset(Dataset):
         for p in [self.images[i]] + ([self.labels[i]] if self.labels else []):
             st = Path(p).stat()
             parts.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
-        spec = [parts, self.spatial_dims, self.spacing, self.shape, self.normalize, self.clip_percentiles,
-                sorted(self.label_map.items())]
+        spec = [parts, self.spatial_dims, self.reorient, self.spacing, self.shape, self.normalize,
+                self.clip_percentiles, sorted(self.label_map.items())]
         return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
 
     def _to_dims(self, arr: np.ndarray, path: str, channels: bool) -> np.ndarray:
@@ -177,12 +187,18 @@ class NiftiDataset(Dataset):
         """Reads and preprocesses subject ``i`` (no caching)."""
         vol = load_nifti(self.images[i])
         nd = self.spatial_dims
-        image = torch.from_numpy(self._to_dims(vol.data, vol.path, True))
-        affine = spatial_affine(vol.affine, nd)
+        data = self._to_dims(vol.data, vol.path, True)
+        affine = vol.affine
+        if self.reorient:
+            data, affine = reorient_to_ras(data, vol.affine, channels=True)
+        image = torch.from_numpy(data)
+        affine = spatial_affine(affine, nd)
         label = None
         if self.labels:
             lab = load_nifti(self.labels[i], label=True)
             arr = self._to_dims(lab.data, lab.path, False)
+            if self.reorient and arr.ndim == 3:
+                arr, _ = reorient_to_ras(arr, lab.affine, channels=False)
             if tuple(arr.shape) != tuple(image.shape[1:]):
                 raise DatasetError(f"label {lab.path} has shape {arr.shape} but its image {vol.path} has spatial "
                                    f"shape {tuple(image.shape[1:])}")

@@ -8,7 +8,34 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["crop_or_pad", "normalize_intensity", "resample_to_spacing", "spatial_affine"]
+__all__ = ["crop_or_pad", "normalize_intensity", "reorient_to_ras", "resample_to_spacing", "spatial_affine"]
+
+
+def reorient_to_ras(data: np.ndarray, affine: np.ndarray, channels: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Flips/permutes the 3 spatial axes so that they point closest to Right, Anterior, Superior (nibabel's
+    ``as_closest_canonical`` on arrays); exact (no interpolation), the affine is updated so every voxel keeps
+    its world position.
+
+    Parameters
+    ----------
+    data : ndarray
+        ``(C, X, Y, Z)`` with ``channels`` else ``(X, Y, Z)``.
+    affine : ndarray
+        ``(4, 4)`` voxel-to-world affine.
+    """
+    from nibabel import orientations as ornt_mod
+
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = ornt_mod.io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return data, affine
+    spatial = data.shape[1:] if channels else data.shape
+    new_affine = affine @ ornt_mod.inv_ornt_aff(ornt, spatial)
+    if channels:
+        out = np.stack([ornt_mod.apply_orientation(c, ornt) for c in data])
+    else:
+        out = ornt_mod.apply_orientation(data, ornt)
+    return np.ascontiguousarray(out), new_affine
 
 
 def spatial_affine(affine: np.ndarray, ndim: int) -> np.ndarray:

@@ -19,6 +19,17 @@ ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
 KMEANS_TO_TISSUE = {0: 0, 1: 0, 2: 0, 3: 0, 4: 1, 5: 2, 6: 3}
 
 
+def _save(img, path: Path) -> None:
+    """nibabel save to a temporary name, then rename: concurrent ranks never read a partial file."""
+    import os
+
+    import nibabel as nib
+
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
 def _mni_files() -> dict[str, Path]:
     try:
         import nilearn
@@ -62,8 +73,8 @@ def mni152_tissue(folder: str | Path, test_subject: bool = True) -> dict[str, li
         csf = np.clip(255.0 - gm - wm, 0, None)
         labels = (np.argmax(np.stack([csf, gm, wm]), axis=0) + 1).astype(np.uint8)
         labels[data <= 0] = 0
-        nib.save(nib.Nifti1Image(data, t1.affine), str(img_out))
-        nib.save(nib.Nifti1Image(labels, t1.affine), str(lab_out))
+        _save(nib.Nifti1Image(data, t1.affine), img_out)
+        _save(nib.Nifti1Image(labels, t1.affine), lab_out)
     out: dict[str, list] = {"train_images": [str(img_out)], "train_labels": [str(lab_out)]}
     seg = ITK_DATA / "KmeansTest_T1KmeansPrelimSegmentation.nii.gz"
     mask = ITK_DATA / "KmeansTest_T1RawSkullStrip.nii.gz"
@@ -75,7 +86,7 @@ def mni152_tissue(folder: str | Path, test_subject: bool = True) -> dict[str, li
             m = nib.as_closest_canonical(nib.load(str(mask)))
             s = nib.as_closest_canonical(nib.load(str(seg)))
             brain = np.asarray(r.dataobj, dtype=np.float32) * (np.asarray(m.dataobj) > 0)
-            nib.save(nib.Nifti1Image(brain, r.affine), str(t_img))
-            nib.save(nib.Nifti1Image(np.asarray(s.dataobj).astype(np.uint8), s.affine), str(t_lab))
+            _save(nib.Nifti1Image(brain, r.affine), t_img)
+            _save(nib.Nifti1Image(np.asarray(s.dataobj).astype(np.uint8), s.affine), t_lab)
         out.update(test_images=[str(t_img)], test_labels=[str(t_lab)], test_label_map=KMEANS_TO_TISSUE)
     return out

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, find_pairs, load_nifti, save_nifti
 from medfast.data.io import voxel_spacing
-from medfast.data.preprocess import normalize_intensity, resample_to_spacing, spatial_affine
+from medfast.data.preprocess import normalize_intensity, reorient_to_ras, resample_to_spacing, spatial_affine
 from medfast.train.config import Config, config_from_dict
 from medfast.train.sliding_window import sliding_window_inference
 from medfast.train.task import Task, register_task
@@ -60,7 +60,7 @@ def _dataset(config: Config, images: Sequence[str], labels: Sequence[str], label
     d = config.data
     return NiftiDataset(images, labels, spatial_dims=config.model.spatial_dims, spacing=d.spacing, shape=d.shape,
                         normalize=d.normalize, clip_percentiles=d.clip_percentiles, label_map=label_map,
-                        cache=d.cache, cache_dir=d.cache_dir)
+                        cache=d.cache, cache_dir=d.cache_dir, reorient=d.reorient)
 
 
 def _preset(config: Config) -> None:
@@ -107,13 +107,16 @@ def _load_for_inference(path: str, config: Config) -> tuple[torch.Tensor, np.nda
     data = vol.data
     if nd == 2 and data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
-    image = torch.from_numpy(data)
     orig_aff = spatial_affine(vol.affine, nd)
+    orig_shape = list(data.shape[1:])
     aff = orig_aff
+    if config.data.reorient and nd == 3:
+        data, aff = reorient_to_ras(data, vol.affine, channels=True)
+    image = torch.from_numpy(data)
     if config.data.spacing is not None:
-        image, aff = resample_to_spacing(image, orig_aff, config.data.spacing)
+        image, aff = resample_to_spacing(image, aff, config.data.spacing)
     image = normalize_intensity(image, config.data.normalize, config.data.clip_percentiles)
-    return image[None], aff, vol.affine, vol.header, list(data.shape[1:])
+    return image[None], aff, vol.affine, vol.header, orig_shape
 
 
 def _back_to_input(prob: torch.Tensor, aff: np.ndarray, orig_aff: np.ndarray, shape: list[int]) -> torch.Tensor:
@@ -132,9 +135,10 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
     input's affine and header (and ``<name>_prob.nii.gz`` class probabilities with
     ``save_probabilities``).
 
-    The input is preprocessed as in training (resampled to ``data.spacing``, normalized), segmented with
-    sliding windows, and the class probabilities are resampled back onto the input's grid before the
-    argmax, so the output has exactly the input's shape and voxel-to-world affine.
+    The input is preprocessed as in training (reoriented to RAS, resampled to ``data.spacing``, normalized),
+    segmented with sliding windows, and the class probabilities are resampled back onto the input's grid
+    (with :func:`medfast.resample`) before the argmax, so the output has exactly the input's shape and
+    voxel-to-world affine.
     """
     from medfast.train.config import load_config
     from medfast.train.trainer import load_checkpoint, resolve_device

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medfast.data.augment import AugmentConfig
+
 __all__ = [
     "AugmentConfig",
     "Config",
@@ -63,6 +65,7 @@ class DataConfig:
     test_images: list[str] = field(default_factory=list)
     test_labels: list[str] = field(default_factory=list)
     test_label_map: dict[int, int] = field(default_factory=dict)
+    reorient: bool = True
     spacing: list[float] | None = None
     shape: list[int] | None = None
     normalize: str = "zscore"
@@ -72,27 +75,6 @@ class DataConfig:
     num_workers: int = 0
     val_deformations: int = 0
     dataset_args: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class AugmentConfig:
-    """On-device augmentation (medfast ops): random affine + smooth deformation + intensity changes."""
-
-    enabled: bool = True
-    patch_size: list[int] | None = None
-    rotation: float = 10.0
-    scale: float = 0.1
-    shear: float = 0.0
-    translation: float = 0.0
-    flip: list[int] = field(default_factory=list)
-    deform_magnitude: float = 2.0
-    deform_grid: int = 5
-    integrate_steps: int = 5
-    gamma: float = 0.2
-    intensity_scale: float = 0.1
-    intensity_shift: float = 0.1
-    noise_std: float = 0.02
-    bias_field: float = 0.0
 
 
 @dataclass

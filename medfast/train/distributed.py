@@ -52,22 +52,23 @@ class EpochSampler(Sampler):
     """Distributed sampler over subjects yielding ``(index, seed)`` pairs, with full batches only.
 
     Each epoch takes a permutation of the ``n`` subjects (seeded by ``seed + epoch``), repeated (new
-    permutations) until it holds a whole number of global batches (``batch_size * num_replicas``) and at
-    least one; rank ``r`` takes positions ``r, r + R, r + 2R, ...``. So one process with batch ``R * b`` sees,
-    step by step, the same subjects as ``R`` processes with batch ``b``. Each sample's seed depends only on
-    ``(seed, epoch, position)``, never on the rank count. ``start`` skips that many of this rank's samples
-    (to resume mid-epoch).
+    permutations) until it holds a whole number of optimizer steps (``batch_size * num_replicas *
+    accumulate`` samples), at least one, or cut to that; rank ``r`` takes positions ``r, r + R, r + 2R, ...``.
+    So one process with batch ``R * b`` sees, step by step, the same subjects as ``R`` processes with batch
+    ``b``, or as one process with batch ``b`` accumulating ``R`` micro-batches. Each sample's seed depends
+    only on ``(seed, epoch, position)``, never on the rank count. ``start`` skips that many of this rank's
+    samples (to resume mid-epoch).
     """
 
     def __init__(self, n: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, accumulate: int = 1) -> None:
         if n < 1:
             raise ValueError("the dataset is empty: no subjects to sample")
         self.n, self.batch_size, self.num_replicas, self.rank = n, batch_size, num_replicas, rank
         self.seed, self.shuffle = seed, shuffle
         self.epoch = 0
         self.start = 0
-        global_batch = batch_size * num_replicas
+        global_batch = batch_size * num_replicas * accumulate  # samples per optimizer step
         # Full batches only: drop the tail when there are enough subjects, repeat them when there are few.
         self.total = (n // global_batch) * global_batch if n >= global_batch else global_batch
 

@@ -192,7 +192,8 @@ class _Log:
 
 
 def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Path | None:
-    """PNG of the training loss (raw and smoothed) and of every validation metric against the step."""
+    """PNG of the training loss (raw and smoothed) and of the validation metrics against the step; metrics
+    sharing a prefix (``dice_1``, ``dice_mean``, ...) share a panel."""
     try:
         import matplotlib
 
@@ -201,8 +202,12 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Pat
     except ImportError:
         return None
     metrics = sorted({k for r in val_rows for k in r if k not in ("step", "epoch", "time")})
-    n = 1 + min(len(metrics), 5)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    groups: dict[str, list[str]] = {}
+    for key in metrics:
+        groups.setdefault(key.split("_")[0], []).append(key)
+    names = list(groups)[:4]
+    n = 1 + len(names)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4), squeeze=False)
     ax = axes[0, 0]
     steps = [r["step"] for r in train_rows]
     loss = np.array([r["loss"] for r in train_rows], dtype=float)
@@ -215,12 +220,14 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Pat
     ax.set_xlabel("step")
     ax.set_title("training loss")
     ax.legend(fontsize=8)
-    for ax, key in zip(axes[0, 1:], metrics[: n - 1]):
-        pts = [(r["step"], r[key]) for r in val_rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), "o-")
+    for ax, name in zip(axes[0, 1:], names):
+        for key in groups[name]:
+            pts = [(r["step"], r[key]) for r in val_rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=key, lw=2.2 if key.endswith("mean") else 1.0)
         ax.set_xlabel("step")
-        ax.set_title(f"validation {key}")
+        ax.set_title(f"validation {name}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -301,7 +308,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.config.optim, tc.max_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.train_ds, self.val_ds = self.task.build_datasets()
-        self.sampler = D.EpochSampler(len(self.train_ds), tc.batch_size, self.world, self.rank, tc.seed)
+        self.sampler = D.EpochSampler(len(self.train_ds), tc.batch_size, self.world, self.rank, tc.seed,
+                                      accumulate=tc.accumulate)
         self.batches_per_epoch = self.sampler.batches_per_epoch()
 
     def _loader(self, epoch: int, start_batch: int):
