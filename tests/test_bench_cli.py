@@ -15,6 +15,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 def test_adapters_read_the_committed_results():
     rows = runner._warp_rows(RESULTS) + runner._loss_rows(RESULTS)
     assert {r.suite for r in rows} == {"warp", "loss"}
+    for adapter in (runner._metrics_rows, runner._distance_rows, runner._segmentation_rows, runner._ultrasound_rows):
+        got = adapter(RESULTS)
+        assert got and all(r.medfast_ms for r in got)
     assert all(r.medfast_ms for r in rows)
     assert all(r.ratio == pytest.approx(r.peer_ms / r.medfast_ms, rel=1e-6) for r in rows if r.peer_ms)
     assert sum(r.ratio is not None for r in rows) >= 0.8 * len(rows)  # grid_sample has no cubic: no ratio

@@ -98,6 +98,32 @@ def _distance_rows(out: Path) -> list[Row]:
                 _ratio(ms[peer], ms["medfast"])) for peer in ms if peer != "medfast"]
 
 
+def _segmentation_rows(out: Path) -> list[Row]:
+    d = _load(out, "segmentation_*_latest.json")
+    shape = f"B={d['batch']} {d['size']}^3 C={d['classes']}"
+    rows = []
+    for key, label in (("loss", "Dice+CE fwd+bwd on UNet logits"), ("step", "UNet training step")):
+        ours, peer = d[key]["medfast"], d[key]["monai"]
+        rows.append(Row("segmentation", f"{label} {shape}", "MONAI DiceCELoss", ours["ms"], peer["ms"],
+                        _ratio(peer["ms"], ours["ms"]), ours.get("extra_peak_mib"), peer.get("extra_peak_mib")))
+    return rows
+
+
+def _ultrasound_rows(out: Path) -> list[Row]:
+    d = _load(out, "ultrasound_*_latest.json")
+    s = d["summary"]
+    ours = [r for r in d["medfast"] if r["case"] == "forward" and r.get("sub_rays") == 3]
+    ours_ms = ours[0]["seconds_per_call"] * 1e3 if ours else None
+    rows = [Row("ultrasound", f"{r['case']} frame (B={r['batch']}, {r['sub_rays']} sub-rays, {r['volume']}^3): "
+                f"{r['frames_per_second']:.1f} frames/s", "-", r["seconds_per_call"] * 1e3, None, None, r["peak_mib"])
+            for r in d["medfast"]]
+    if ours_ms and "pymust_seconds_60k_scatterers_one_transmit_extrapolated" in s:
+        peer_ms = s["pymust_seconds_60k_scatterers_one_transmit_extrapolated"] * 1e3
+        rows.append(Row("ultrasound", "frame vs pymust simus (60k scatterers, one transmit, extrapolated)",
+                        "pymust", ours_ms, peer_ms, _ratio(peer_ms, ours_ms)))
+    return rows
+
+
 SUITES: list[Suite] = [
     Suite("warp", "run_warp.py", lambda d, q, o: ["--device", d, "--out", str(o)] + (["--quick"] if q else []),
           _warp_rows),
@@ -110,6 +136,13 @@ SUITES: list[Suite] = [
     Suite("distance", "bench_distance.py",
           lambda d, q, o: ["--out", str(o / "distance_cpu.json")] + (["--size", "64"] if q else []),
           _distance_rows, devices=("cpu",), peers=("scipy", "monai")),
+    Suite("segmentation", "bench_segmentation.py",
+          lambda d, q, o: ["--device", d, "--out", str(o)] + (["--size", "32", "--repeats", "3"] if q else []),
+          _segmentation_rows, peers=("monai",)),
+    Suite("ultrasound", "bench_ultrasound.py",
+          lambda d, q, o: ["--device", d, "--out", str(o)]
+          + (["--size", "64", "--repeats", "3", "--pymust-scatterers", "100"] if q else []),
+          _ultrasound_rows, peers=("pymust",)),
 ]
 
 
