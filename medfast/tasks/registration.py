@@ -339,9 +339,9 @@ def register_pair(
                 loss = loss + cfg.dice_weight * label_dice_loss(mf.affine_warp(moh, theta, shape=lshape), foh)
             loss.backward()
             opt.step()
-            history["affine"].append(float(loss))
+            history["affine"].append(float(loss.detach()))
             bar.update()
-            bar.set_postfix(stage=f"affine/{f}", loss=f"{float(loss):.4f}")
+            bar.set_postfix(stage=f"affine/{f}", loss=f"{float(loss.detach()):.4f}")
     params = params.detach()
     metrics["time_affine_s"] = time.perf_counter() - t0
     theta_full = level_theta(params, shape, 1)
@@ -378,9 +378,9 @@ def register_pair(
                 loss = loss + cfg.dice_weight * label_dice_loss(mf.affine_warp(moh, theta, ddf=u), foh)
             loss.backward()
             opt.step()
-            history["deformable"].append(float(loss))
+            history["deformable"].append(float(loss.detach()))
             bar.update()
-            bar.set_postfix(stage=f"deform/{f}", loss=f"{float(loss):.4f}")
+            bar.set_postfix(stage=f"deform/{f}", loss=f"{float(loss.detach()):.4f}")
         field_, prev_f = v.detach(), f
     bar.close()
     if field_ is None:
