@@ -1,5 +1,3 @@
-"""Neural networks (nn.Modules) of medfast."""
-
 from medfast.nets.registration import GlobalNet, LocalNet
 
 __all__ = ["GlobalNet", "LocalNet"]
