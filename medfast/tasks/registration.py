@@ -168,8 +168,8 @@ def normalize_intensity(x: torch.Tensor, lo_pct: float = 0.5, hi_pct: float = 99
     v = x[x != 0]
     v = v if v.numel() else x.flatten()
     if v.numel() > 2_000_000:
-        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-    lo, hi = torch.quantile(v.float(), torch.tensor([lo_pct / 100, hi_pct / 100]))
+        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000].to(v.device)]
+    lo, hi = torch.quantile(v.float(), torch.tensor([lo_pct / 100, hi_pct / 100], device=v.device))
     scale = float(hi - lo) if hi > lo else 1.0
     return ((x - lo) / scale).clamp(0, 1)
 
@@ -713,7 +713,7 @@ def mni_t1_path() -> Path:
 def kmeans_tissues(image: torch.Tensor, mask: torch.Tensor, k: int = 3, iters: int = 50) -> torch.Tensor:
     """Intensity k-means inside ``mask``: labels 1..k ordered by mean intensity (T1: CSF, GM, WM), 0 outside."""
     v = image[mask].double()
-    centres = torch.quantile(v, torch.linspace(0.1, 0.9, k, dtype=torch.float64))
+    centres = torch.quantile(v, torch.linspace(0.1, 0.9, k, dtype=torch.float64, device=v.device))
     for _ in range(iters):
         assign = (v[:, None] - centres[None]).abs().argmin(1)
         new = torch.stack([v[assign == j].mean() if (assign == j).any() else centres[j] for j in range(k)])
@@ -722,8 +722,8 @@ def kmeans_tissues(image: torch.Tensor, mask: torch.Tensor, k: int = 3, iters: i
         centres = new
     order = torch.argsort(centres)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(k)
-    out = torch.zeros(image.shape, dtype=torch.long)
+    rank[order] = torch.arange(k, device=v.device)
+    out = torch.zeros(image.shape, dtype=torch.long, device=image.device)
     out[mask] = rank[(v[:, None] - centres[None]).abs().argmin(1)] + 1
     return out
 
