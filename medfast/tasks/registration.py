@@ -164,12 +164,19 @@ def _as_labels(x: Any, name: str, shape: Sequence[int]) -> torch.Tensor:
 
 
 def normalize_intensity(x: torch.Tensor, lo_pct: float = 0.5, hi_pct: float = 99.5) -> torch.Tensor:
-    """Maps the [lo, hi] percentiles of the nonzero voxels to [0, 1] (clamped)."""
-    v = x[x != 0]
-    v = v if v.numel() else x.flatten()
-    if v.numel() > 2_000_000:
-        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000].to(v.device)]
-    lo, hi = torch.quantile(v.float(), torch.tensor([lo_pct / 100, hi_pct / 100], device=v.device))
+    """Maps ``[lo, hi]`` to [0, 1] (clamped): ``lo`` the ``lo_pct`` percentile of all voxels (the
+    background level of a masked image), ``hi`` the ``hi_pct`` percentile of the voxels above ``lo``."""
+
+    def pct(v: torch.Tensor, q: float) -> torch.Tensor:
+        if v.numel() > 2_000_000:  # torch.quantile's size limit; a fixed subsample is plenty
+            idx = torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]
+            v = v[idx.to(v.device)]
+        return torch.quantile(v.float(), q / 100)
+
+    flat = x.flatten()
+    lo = pct(flat, lo_pct)
+    above = flat[flat > lo]
+    hi = pct(above, hi_pct) if above.numel() else lo + 1
     scale = float(hi - lo) if hi > lo else 1.0
     return ((x - lo) / scale).clamp(0, 1)
 
