@@ -121,9 +121,12 @@ def step_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
 
 
 def _run(kind: str, impl: str, *params) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, impl, *map(str, params)]
+    cmd = [sys.executable, __file__, "--worker", kind, impl, *map(str, params), str(_THREADS)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+_THREADS = 0
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -162,17 +165,27 @@ def main() -> None:
     p.add_argument("--step-channels", type=int, default=8)
     p.add_argument("--step-repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in every worker (0: torch's default); on a loaded machine 1 avoids "
+                        "measuring the OS scheduler instead of the code")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         kind, impl, *params = args.worker
+        import torch
+
+        if int(params[-1]):
+            torch.set_num_threads(int(params[-1]))
+        params = params[:-1]
         fn = lncc_worker if kind == "lncc" else step_worker
         print(json.dumps(fn(impl, *map(int, params))))
         return
     import torch
 
-    result = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0],
-              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "lncc": []}
+    global _THREADS
+    _THREADS = args.threads
+    result = {"threads": args.threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "load_before": os.getloadavg()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S"), "lncc": []}
     for size in args.sizes:
         res = {impl: _run("lncc", impl, size, args.kernel, args.repeats) for impl in ("medfast", "monai")}
         row = {"size": size, "kernel": args.kernel, **{f"{i}_{m}": v for i, r in res.items() for m, v in r.items()}}
@@ -194,8 +207,9 @@ def main() -> None:
               f"{row['medfast_extra_peak_mib']:.0f} / MONAI {row['monai_extra_peak_mib']:.0f}", flush=True)
     result["load_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "registration_cpu_latest.json").write_text(json.dumps(result, indent=1))
-    _plot(result, args.out / "registration_cpu_latest.png")
+    stem = "registration_cpu_latest" if not args.threads else f"registration_cpu_{args.threads}thread_latest"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    _plot(result, args.out / f"{stem}.png")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.medfast.lncc.default, (p, t, [3, 3, 3], 0.0, 1e-5))
     torch.library.opcheck(torch.ops.medfast.lncc.default, (p.double(), t.double(), [5, 3, 1], 1e-3, 1e-3))
     g = torch.rand(p.shape)
-    torch.library.opcheck(torch.ops.medfast.lncc_backward.default, (g, p.detach(), t.detach(), [3, 3, 3], 0.0, 1e-5))
+    sums = torch.ops.medfast.lncc(p.detach(), t.detach(), [3, 3, 3], 0.0, 1e-5)[1]
+    torch.library.opcheck(torch.ops.medfast.lncc_backward.default,
+                          (g, p.detach(), t.detach(), sums, [3, 3, 3], 0.0, 1e-5))
     compiled = torch.compile(lambda a, b: mf.lncc_loss(a, b, kernel_size=3), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(p, t), mf.lncc_loss(p, t, kernel_size=3))
 

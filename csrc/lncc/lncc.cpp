@@ -18,16 +18,19 @@ void check(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size
   for (auto k : kernel_size) TORCH_CHECK_VALUE(k > 0 && k % 2 == 1, "medfast lncc: kernel sizes must be odd");
 }
 
-void check_grad(const Tensor& grad, const Tensor& pred) {
+void check_grad(const Tensor& grad, const Tensor& pred, const Tensor& sums) {
   TORCH_CHECK_VALUE(grad.sizes() == pred.sizes() && grad.scalar_type() == pred.scalar_type(),
                     "medfast lncc_backward: grad must have pred's shape and dtype");
+  TORCH_CHECK_VALUE(sums.numel() == kFields * pred.numel() && sums.scalar_type() == pred.scalar_type(),
+                    "medfast lncc_backward: sums must be the (5, *pred.shape) sums returned by lncc");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
-  m.def("lncc(Tensor pred, Tensor target, int[] kernel_size, float smooth_nr, float smooth_dr) -> Tensor");
-  m.def("lncc_backward(Tensor grad, Tensor pred, Tensor target, int[] kernel_size, float smooth_nr, "
+  // lncc returns the ncc map and the five local sums (kFields, B, C, *S) the backward reuses.
+  m.def("lncc(Tensor pred, Tensor target, int[] kernel_size, float smooth_nr, float smooth_dr) -> (Tensor, Tensor)");
+  m.def("lncc_backward(Tensor grad, Tensor pred, Tensor target, Tensor sums, int[] kernel_size, float smooth_nr, "
         "float smooth_dr) -> (Tensor, Tensor)");
 }
 
@@ -36,11 +39,11 @@ TORCH_LIBRARY_IMPL(medfast, CPU, m) {
     check(pred, target, ks);
     return lncc_cpu(pred, target, ks, nr, dr);
   });
-  m.impl("lncc_backward", [](const Tensor& grad, const Tensor& pred, const Tensor& target, at::IntArrayRef ks,
-                             double nr, double dr) {
+  m.impl("lncc_backward", [](const Tensor& grad, const Tensor& pred, const Tensor& target, const Tensor& sums,
+                             at::IntArrayRef ks, double nr, double dr) {
     check(pred, target, ks);
-    check_grad(grad, pred);
-    return lncc_backward_cpu(grad, pred, target, ks, nr, dr);
+    check_grad(grad, pred, sums);
+    return lncc_backward_cpu(grad, pred, target, sums, ks, nr, dr);
   });
 }
 
@@ -50,11 +53,11 @@ TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
     check(pred, target, ks);
     return lncc_cuda(pred, target, ks, nr, dr);
   });
-  m.impl("lncc_backward", [](const Tensor& grad, const Tensor& pred, const Tensor& target, at::IntArrayRef ks,
-                             double nr, double dr) {
+  m.impl("lncc_backward", [](const Tensor& grad, const Tensor& pred, const Tensor& target, const Tensor& sums,
+                             at::IntArrayRef ks, double nr, double dr) {
     check(pred, target, ks);
-    check_grad(grad, pred);
-    return lncc_backward_cuda(grad, pred, target, ks, nr, dr);
+    check_grad(grad, pred, sums);
+    return lncc_backward_cuda(grad, pred, target, sums, ks, nr, dr);
   });
 }
 #endif

@@ -68,11 +68,11 @@ MEDFAST_HOST_DEVICE void adjoint_voxel(T* s, T g, T N, T nr, T dr) {
   const T tv = tv0 > dr ? tv0 : dr, pv = pv0 > dr ? pv0 : dr;
   const T wt = tv0 > dr ? T(1) : (tv0 == dr ? T(0.5) : T(0));
   const T wp = pv0 > dr ? T(1) : (pv0 == dr ? T(0.5) : T(0));
-  const T den = tv * pv;
-  const T ncc = (cross * cross + nr) / den;
-  const T a_tp = T(2) * g * cross / den;
-  const T a_t2 = -g * ncc / tv * wt;
-  const T a_p2 = -g * ncc / pv * wp;
+  const T inv = T(1) / (tv * pv);  // one division: 1 / tv = pv inv, 1 / pv = tv inv
+  const T gncc = g * (cross * cross + nr) * inv;
+  const T a_tp = T(2) * g * cross * inv;
+  const T a_t2 = -gncc * pv * inv * wt;
+  const T a_p2 = -gncc * tv * inv * wp;
   s[kT] = -a_tp * pavg - T(2) * a_t2 * tavg;
   s[kP] = -a_tp * tavg - T(2) * a_p2 * pavg;
   s[kT2] = a_t2;

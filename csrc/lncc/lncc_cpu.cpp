@@ -4,8 +4,10 @@
 //   1. along the last (contiguous) axis, line by line, computing the products on the fly;
 //   2. along the middle axis, in place, the running sums of a chunk of adjacent lines advancing
 //      together (the loop over the chunk vectorizes);
-//   3. along the first axis, likewise, with the per-voxel epilogue (ncc, adjoint or input
-//      gradient) applied as each voxel's sums are complete.
+//   3. along the first axis, likewise, with the per-voxel epilogue (ncc, or the input gradients)
+//      applied as each voxel's sums are complete.
+// The forward keeps the complete sums (5 values per voxel) for the backward, which computes the
+// adjoints while reading them in its first pass: 3 + 3 passes in all.
 // Running sums are accumulated in double (no drift along a line). No reduction crosses threads:
 // results are bitwise reproducible.
 #include <ATen/Dispatch.h>
@@ -64,17 +66,23 @@ void last_axis_products(const Geometry& g, const T* t, const T* p, T* buf) {
   });
 }
 
-// Pass 1 in place (the adjoints): buf <- box sums of buf along the last axis.
+// Backward pass 1: buf <- box sums along the last axis of the adjoints of the five complete local
+// sums `sums` (field-major [kFields][M], left untouched) for the upstream gradient g.
 template <typename T>
-void last_axis_inplace(const Geometry& g, T* buf) {
+void last_axis_adjoints(const Geometry& g, const T* sums, const T* grad, T* buf, T N, T nr, T dr) {
   const int64_t M = g.total(), n = g.n[2], r = g.r[2];
-  if (r == 0) return;
   at::parallel_for(0, M / n, 16, [&](int64_t l0, int64_t l1) {
-    std::vector<T> copy(static_cast<size_t>(kFields * n));
+    std::vector<T> adj(static_cast<size_t>(kFields * n));
     for (int64_t l = l0; l < l1; ++l) {
-      T* line = buf + l * n;
-      for (int k = 0; k < kFields; ++k) std::copy(line + k * M, line + k * M + n, copy.begin() + k * n);
-      const T* c = copy.data();
+      const int64_t x0 = l * n;
+      for (int64_t j = 0; j < n; ++j) {
+        T s[kFields];
+        for (int k = 0; k < kFields; ++k) s[k] = sums[k * M + x0 + j];
+        adjoint_voxel(s, grad[x0 + j], N, nr, dr);
+        for (int k = 0; k < kFields; ++k) adj[k * n + j] = s[k];
+      }
+      const T* c = adj.data();
+      T* line = buf + x0;
       running_line<T>(
           n, r, [&](int64_t j, T* f) {
             for (int k = 0; k < kFields; ++k) f[k] = c[k * n + j];
@@ -166,44 +174,41 @@ void partial_sums(const Geometry& g, const T* t, const T* p, T* buf) {
 
 }  // namespace
 
-Tensor lncc_cpu(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size, double nr, double dr) {
+std::tuple<Tensor, Tensor> lncc_cpu(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size,
+                                    double nr, double dr) {
   const Geometry g(pred, kernel_size);
   const Tensor p = pred.contiguous(), t = target.contiguous();
   Tensor out = at::empty_like(p);
+  Tensor sums = at::empty(sums_shape(p), p.options());
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "medfast_lncc_cpu", [&] {
     using T = scalar_t;
-    Tensor buffer = at::empty({kFields * g.total()}, p.options());
-    T* buf = buffer.mutable_data_ptr<T>();
+    const int64_t M = g.total();
+    T* buf = sums.mutable_data_ptr<T>();
     partial_sums(g, t.const_data_ptr<T>(), p.const_data_ptr<T>(), buf);
     T* o = out.mutable_data_ptr<T>();
     const T N = static_cast<T>(g.window), tnr = static_cast<T>(nr), tdr = static_cast<T>(dr);
-    first_axis(g, buf, [&](int64_t x, const T* s) { o[x] = ncc_voxel(s, N, tnr, tdr); });
+    first_axis(g, buf, [&](int64_t x, const T* s) {
+      o[x] = ncc_voxel(s, N, tnr, tdr);
+      for (int k = 0; k < kFields; ++k) buf[k * M + x] = s[k];  // keep the complete sums
+    });
   });
-  return out;
+  return {out, sums};
 }
 
 std::tuple<Tensor, Tensor> lncc_backward_cpu(const Tensor& grad, const Tensor& pred, const Tensor& target,
-                                             at::IntArrayRef kernel_size, double nr, double dr) {
+                                             const Tensor& sums, at::IntArrayRef kernel_size, double nr, double dr) {
   const Geometry g(pred, kernel_size);
-  const Tensor p = pred.contiguous(), t = target.contiguous(), gr = grad.contiguous();
+  const Tensor p = pred.contiguous(), t = target.contiguous(), gr = grad.contiguous(), sm = sums.contiguous();
   Tensor grad_pred = at::empty_like(p), grad_target = at::empty_like(t);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "medfast_lncc_backward_cpu", [&] {
     using T = scalar_t;
-    const int64_t M = g.total();
     const T* tp = t.const_data_ptr<T>();
     const T* pp = p.const_data_ptr<T>();
-    const T* gp = gr.const_data_ptr<T>();
-    Tensor buffer = at::empty({kFields * M}, p.options());
+    Tensor buffer = at::empty({kFields * g.total()}, p.options());
     T* b = buffer.mutable_data_ptr<T>();
-    partial_sums(g, tp, pp, b);
     const T N = static_cast<T>(g.window), tnr = static_cast<T>(nr), tdr = static_cast<T>(dr);
-    // complete sums -> adjoints, in place (first_axis reads from its own copy of the rows)
-    first_axis(g, b, [&](int64_t x, T* s) {
-      adjoint_voxel(s, gp[x], N, tnr, tdr);
-      for (int k = 0; k < kFields; ++k) b[k * M + x] = s[k];
-    });
-    // the box is self-adjoint: box-sum the adjoints and combine with the images
-    last_axis_inplace(g, b);
+    // adjoints of the saved sums, box-summed (the box is self-adjoint), combined with the images
+    last_axis_adjoints(g, sm.const_data_ptr<T>(), gr.const_data_ptr<T>(), b, N, tnr, tdr);
     middle_axis(b, g.outer(1), g.n[1], g.inner(1), g.r[1]);
     T* gpo = grad_pred.mutable_data_ptr<T>();
     T* gto = grad_target.mutable_data_ptr<T>();

@@ -45,10 +45,10 @@ __global__ void ncc_kernel(const T* buf, T* out, int64_t M, T N, T nr, T dr) {
 }
 
 template <typename T>
-__global__ void adjoint_kernel(T* buf, const T* g, int64_t M, T N, T nr, T dr) {
+__global__ void adjoint_kernel(const T* sums, T* buf, const T* g, int64_t M, T N, T nr, T dr) {
   MEDFAST_GRID_STRIDE(i, M) {
     T s[kFields];
-    for (int k = 0; k < kFields; ++k) s[k] = buf[k * M + i];
+    for (int k = 0; k < kFields; ++k) s[k] = sums[k * M + i];
     adjoint_voxel(s, g[i], N, nr, dr);
     for (int k = 0; k < kFields; ++k) buf[k * M + i] = s[k];
   }
@@ -78,34 +78,40 @@ T* box_all(const Geometry& g, T* a, T* b, cudaStream_t stream) {
 
 }  // namespace
 
-Tensor lncc_cuda(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size, double nr, double dr) {
+std::tuple<Tensor, Tensor> lncc_cuda(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size,
+                                     double nr, double dr) {
   const c10::cuda::CUDAGuard guard(pred.device());
   const Geometry g(pred, kernel_size);
   const Tensor p = pred.contiguous(), t = target.contiguous();
   Tensor out = at::empty_like(p);
   const int64_t M = g.total();
-  Tensor bufs = at::empty({2, kFields * M}, p.options());
+  Tensor sums = at::empty(sums_shape(p), p.options());
+  Tensor scratch = at::empty({kFields * M}, p.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "medfast_lncc_cuda", [&] {
     using T = scalar_t;
-    T* a = bufs[0].mutable_data_ptr<T>();
-    T* b = bufs[1].mutable_data_ptr<T>();
+    T* a = sums.mutable_data_ptr<T>();
+    T* b = scratch.mutable_data_ptr<T>();
     const int64_t blocks = grid_blocks(M, kThreads);
     products_kernel<T><<<blocks, kThreads, 0, stream>>>(t.const_data_ptr<T>(), p.const_data_ptr<T>(), a, M);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     T* s = box_all(g, a, b, stream);
-    ncc_kernel<T><<<blocks, kThreads, 0, stream>>>(s, out.mutable_data_ptr<T>(), M, static_cast<T>(g.window),
+    if (s != a) {  // an odd number of box passes: the sums are in the scratch buffer
+      C10_CUDA_CHECK(cudaMemcpyAsync(a, s, sizeof(T) * kFields * M, cudaMemcpyDeviceToDevice, stream));
+    }
+    ncc_kernel<T><<<blocks, kThreads, 0, stream>>>(a, out.mutable_data_ptr<T>(), M, static_cast<T>(g.window),
                                                    static_cast<T>(nr), static_cast<T>(dr));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return {out, sums};
 }
 
 std::tuple<Tensor, Tensor> lncc_backward_cuda(const Tensor& grad, const Tensor& pred, const Tensor& target,
-                                              at::IntArrayRef kernel_size, double nr, double dr) {
+                                              const Tensor& sums, at::IntArrayRef kernel_size, double nr,
+                                              double dr) {
   const c10::cuda::CUDAGuard guard(pred.device());
   const Geometry g(pred, kernel_size);
-  const Tensor p = pred.contiguous(), t = target.contiguous(), gr = grad.contiguous();
+  const Tensor p = pred.contiguous(), t = target.contiguous(), gr = grad.contiguous(), sm = sums.contiguous();
   Tensor grad_pred = at::empty_like(p), grad_target = at::empty_like(t);
   const int64_t M = g.total();
   Tensor bufs = at::empty({2, kFields * M}, p.options());
@@ -116,13 +122,10 @@ std::tuple<Tensor, Tensor> lncc_backward_cuda(const Tensor& grad, const Tensor& 
     T* b = bufs[1].mutable_data_ptr<T>();
     const T N = static_cast<T>(g.window), tnr = static_cast<T>(nr), tdr = static_cast<T>(dr);
     const int64_t blocks = grid_blocks(M, kThreads);
-    products_kernel<T><<<blocks, kThreads, 0, stream>>>(t.const_data_ptr<T>(), p.const_data_ptr<T>(), a, M);
+    adjoint_kernel<T><<<blocks, kThreads, 0, stream>>>(sm.const_data_ptr<T>(), a, gr.const_data_ptr<T>(), M, N,
+                                                       tnr, tdr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    T* s = box_all(g, a, b, stream);
-    adjoint_kernel<T><<<blocks, kThreads, 0, stream>>>(s, gr.const_data_ptr<T>(), M, N, tnr, tdr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    T* other = s == a ? b : a;
-    T* adj = box_all(g, s, other, stream);
+    T* adj = box_all(g, a, b, stream);
     combine_kernel<T><<<blocks, kThreads, 0, stream>>>(adj, t.const_data_ptr<T>(), p.const_data_ptr<T>(),
                                                        grad_target.mutable_data_ptr<T>(),
                                                        grad_pred.mutable_data_ptr<T>(), M);

@@ -43,14 +43,24 @@ struct Geometry {
   }
 };
 
-// ncc map (B, C, *S) of pred and target (same shape and dtype, contiguous).
-Tensor lncc_cpu(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size, double nr, double dr);
+// Forward: the ncc map (B, C, *S) of pred and target (same shape and dtype, contiguous) and the five
+// complete local sums (kFields, B, C, *S) that the backward reuses.
+std::tuple<Tensor, Tensor> lncc_cpu(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size,
+                                    double nr, double dr);
 std::tuple<Tensor, Tensor> lncc_backward_cpu(const Tensor& grad, const Tensor& pred, const Tensor& target,
-                                             at::IntArrayRef kernel_size, double nr, double dr);
+                                             const Tensor& sums, at::IntArrayRef kernel_size, double nr, double dr);
 #ifdef MEDFAST_WITH_CUDA
-Tensor lncc_cuda(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size, double nr, double dr);
+std::tuple<Tensor, Tensor> lncc_cuda(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size,
+                                     double nr, double dr);
 std::tuple<Tensor, Tensor> lncc_backward_cuda(const Tensor& grad, const Tensor& pred, const Tensor& target,
-                                              at::IntArrayRef kernel_size, double nr, double dr);
+                                              const Tensor& sums, at::IntArrayRef kernel_size, double nr, double dr);
 #endif
+
+// Shape (kFields, B, C, *S) of the sums tensor.
+inline std::vector<int64_t> sums_shape(const Tensor& x) {
+  std::vector<int64_t> s{kFields};
+  for (auto v : x.sizes()) s.push_back(v);
+  return s;
+}
 
 }  // namespace medfast::lncc

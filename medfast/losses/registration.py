@@ -13,8 +13,9 @@ Definitions and their references:
   definition, equal to MONAI's ``GlobalMutualInformationLoss(kernel_type="gaussian")``); intensities
   are expected in [0, 1] (clamped).
 * :class:`BendingEnergyLoss` -- ``stencil="compact"`` (default): second derivatives by the compact
-  3-point stencils, equal to MONAI >= 1.5's ``BendingEnergyLoss``; ``stencil="deepreg"``: nested
-  central first differences (span 5 voxels, DeepReg's ``compute_bending_energy`` and MONAI < 1.5).
+  3-point stencils, equal to current MONAI's (1.6) ``BendingEnergyLoss``; ``stencil="deepreg"``:
+  nested central first differences (span 5 voxels, DeepReg's ``compute_bending_energy`` and older
+  MONAI releases).
 * :class:`GradientNormLoss` -- squared (``"l2"``, MONAI's ``DiffusionLoss``, DeepReg's
   ``gradient-l2``) or absolute (``"l1"``, DeepReg's ``gradient-l1``) central first differences.
 """
@@ -101,7 +102,7 @@ def bending_energy(ddf: torch.Tensor, normalize: bool = False, reduction: str = 
     reduction : {"mean", "sum", "none"}
         ``"none"`` gives the ``(B, ndim, *interior)`` energy map.
     stencil : {"compact", "deepreg"}
-        Compact 3-point stencils (MONAI >= 1.5) or nested central differences (DeepReg).
+        Compact 3-point stencils (current MONAI) or nested central differences (DeepReg).
     """
     ddf = _check_ddf(ddf)
     check_choice("reduction", reduction, REDUCTIONS)

@@ -3,7 +3,8 @@
 Kernels: ``csrc/lncc/``. The five local sums a window needs (of t, p, t^2, p^2, t p) are box
 filters computed separably by running sums (O(1) work per voxel and axis on the CPU, whatever the
 window size), and the backward pass is the analytic adjoint: box sums of five per-voxel terms.
-No intermediate tensor is kept for autograd besides the two inputs.
+Autograd keeps the two inputs and the five complete local sums (5 values per voxel), so the
+backward does not recompute them.
 
 The value equals MONAI's ``LocalNormalizedCrossCorrelationLoss(kernel_type="rectangular")``
 (zero padding at the image border, window volume ``prod(kernel_size)`` everywhere).
@@ -25,24 +26,26 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @torch.library.register_fake("medfast::lncc")
 def _lncc_fake(pred, target, kernel_size, smooth_nr, smooth_dr):
-    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+    return (torch.empty_like(pred, memory_format=torch.contiguous_format),
+            pred.new_empty((5, *pred.shape)))
 
 
 @torch.library.register_fake("medfast::lncc_backward")
-def _lncc_backward_fake(grad, pred, target, kernel_size, smooth_nr, smooth_dr):
+def _lncc_backward_fake(grad, pred, target, sums, kernel_size, smooth_nr, smooth_dr):
     return (torch.empty_like(pred, memory_format=torch.contiguous_format),
             torch.empty_like(target, memory_format=torch.contiguous_format))
 
 
 def _lncc_setup(ctx, inputs, output):
     pred, target, kernel_size, smooth_nr, smooth_dr = inputs
-    ctx.save_for_backward(pred, target)
+    ctx.save_for_backward(pred, target, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.args = (list(kernel_size), float(smooth_nr), float(smooth_dr))
 
 
-def _lncc_backward(ctx, grad):
-    pred, target = ctx.saved_tensors
-    grad_pred, grad_target = _ops.lncc_backward(grad.contiguous(), pred, target, *ctx.args)
+def _lncc_backward(ctx, grad, grad_sums):
+    pred, target, sums = ctx.saved_tensors
+    grad_pred, grad_target = _ops.lncc_backward(grad.contiguous(), pred, target, sums, *ctx.args)
     return (grad_pred if ctx.needs_input_grad[0] else None, grad_target if ctx.needs_input_grad[1] else None,
             None, None, None)
 
@@ -113,7 +116,7 @@ def local_ncc(
     if smooth_dr == 0:
         raise ValueError("smooth_dr must be > 0 (it bounds the local variances away from zero)")
     dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
-    return _ops.lncc(pred.to(dtype), target.to(dtype), sizes, float(smooth_nr), float(smooth_dr))
+    return _ops.lncc(pred.to(dtype), target.to(dtype), sizes, float(smooth_nr), float(smooth_dr))[0]
 
 
 def lncc_loss(

@@ -164,12 +164,19 @@ def _as_labels(x: Any, name: str, shape: Sequence[int]) -> torch.Tensor:
 
 
 def normalize_intensity(x: torch.Tensor, lo_pct: float = 0.5, hi_pct: float = 99.5) -> torch.Tensor:
-    """Maps the [lo, hi] percentiles of the nonzero voxels to [0, 1] (clamped)."""
-    v = x[x != 0]
-    v = v if v.numel() else x.flatten()
-    if v.numel() > 2_000_000:
-        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-    lo, hi = torch.quantile(v.float(), torch.tensor([lo_pct / 100, hi_pct / 100]))
+    """Maps ``[lo, hi]`` to [0, 1] (clamped): ``lo`` the ``lo_pct`` percentile of all voxels (the
+    background level of a masked image), ``hi`` the ``hi_pct`` percentile of the voxels above ``lo``."""
+
+    def pct(v: torch.Tensor, q: float) -> torch.Tensor:
+        if v.numel() > 2_000_000:  # torch.quantile's size limit; a fixed subsample is plenty
+            idx = torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]
+            v = v[idx.to(v.device)]
+        return torch.quantile(v.float(), q / 100)
+
+    flat = x.flatten()
+    lo = pct(flat, lo_pct)
+    above = flat[flat > lo]
+    hi = pct(above, hi_pct) if above.numel() else lo + 1
     scale = float(hi - lo) if hi > lo else 1.0
     return ((x - lo) / scale).clamp(0, 1)
 
@@ -339,9 +346,9 @@ def register_pair(
                 loss = loss + cfg.dice_weight * label_dice_loss(mf.affine_warp(moh, theta, shape=lshape), foh)
             loss.backward()
             opt.step()
-            history["affine"].append(float(loss))
+            history["affine"].append(float(loss.detach()))
             bar.update()
-            bar.set_postfix(stage=f"affine/{f}", loss=f"{float(loss):.4f}")
+            bar.set_postfix(stage=f"affine/{f}", loss=f"{float(loss.detach()):.4f}")
     params = params.detach()
     metrics["time_affine_s"] = time.perf_counter() - t0
     theta_full = level_theta(params, shape, 1)
@@ -378,9 +385,9 @@ def register_pair(
                 loss = loss + cfg.dice_weight * label_dice_loss(mf.affine_warp(moh, theta, ddf=u), foh)
             loss.backward()
             opt.step()
-            history["deformable"].append(float(loss))
+            history["deformable"].append(float(loss.detach()))
             bar.update()
-            bar.set_postfix(stage=f"deform/{f}", loss=f"{float(loss):.4f}")
+            bar.set_postfix(stage=f"deform/{f}", loss=f"{float(loss.detach()):.4f}")
         field_, prev_f = v.detach(), f
     bar.close()
     if field_ is None:
@@ -713,7 +720,7 @@ def mni_t1_path() -> Path:
 def kmeans_tissues(image: torch.Tensor, mask: torch.Tensor, k: int = 3, iters: int = 50) -> torch.Tensor:
     """Intensity k-means inside ``mask``: labels 1..k ordered by mean intensity (T1: CSF, GM, WM), 0 outside."""
     v = image[mask].double()
-    centres = torch.quantile(v, torch.linspace(0.1, 0.9, k, dtype=torch.float64))
+    centres = torch.quantile(v, torch.linspace(0.1, 0.9, k, dtype=torch.float64, device=v.device))
     for _ in range(iters):
         assign = (v[:, None] - centres[None]).abs().argmin(1)
         new = torch.stack([v[assign == j].mean() if (assign == j).any() else centres[j] for j in range(k)])
@@ -722,8 +729,8 @@ def kmeans_tissues(image: torch.Tensor, mask: torch.Tensor, k: int = 3, iters: i
         centres = new
     order = torch.argsort(centres)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(k)
-    out = torch.zeros(image.shape, dtype=torch.long)
+    rank[order] = torch.arange(k, device=v.device)
+    out = torch.zeros(image.shape, dtype=torch.long, device=image.device)
     out[mask] = rank[(v[:, None] - centres[None]).abs().argmin(1)] + 1
     return out
 
