@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
-# The main job on real data: warps the MNI152 T1 template (shipped in the nilearn wheel) by a
-# random smooth deformation, writes NIfTI + PNG to out/demo, and prints the speed against the
-# grid_sample route. Sets everything up first (scripts/setup.sh). Extra args go to `medfast demo`.
+# The main job on real data (images that ship in the nilearn wheel and Debian packages, installed by
+# scripts/setup.sh): every demo writes NIfTI, PNG and JSON results under out/demo/<name>.
+#   warp          MNI152 T1 warped by a random smooth deformation; speed against the grid_sample route
+#   simulate      ultrasound sweep over the InVesalius head CT (frames, NIfTI stack, CT-vs-US figure)
+#   register      Colin27 -> MNI152 T1 (random affine added): affine + deformable, tissue overlap per stage
+#   segment       UNet tissue segmentation trained on MNI152 (3 mm, augmented), Dice/HD95 on held-out
+#                 deformations and on the ITK KmeansTest subject (about 6-13 min on a 2-core CPU)
+# Usage: scripts/demo.sh [all|warp|simulate|register|segment ...]   (default: all)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
-medfast demo --out out/demo "$@"
+demos=("$@")
+[ ${#demos[@]} -eq 0 ] || [ "${demos[0]}" = "all" ] && demos=(warp simulate register segment)
+for d in "${demos[@]}"; do
+  echo "=== medfast demo: $d"
+  case "$d" in
+    warp) medfast demo --out out/demo/warp ;;
+    simulate) medfast simulate --out out/demo/simulate ;;
+    register) medfast register --demo --out out/demo/register ;;
+    segment) medfast train configs/seg_demo_cpu.yaml --set trainer.out_dir=out/demo/segment ;;
+    *) echo "unknown demo '$d' (warp, simulate, register, segment, all)" >&2; exit 2 ;;
+  esac
+done
+echo "results under out/demo/"

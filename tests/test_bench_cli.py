@@ -15,7 +15,8 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 def test_adapters_read_the_committed_results():
     rows = runner._warp_rows(RESULTS) + runner._loss_rows(RESULTS)
     assert {r.suite for r in rows} == {"warp", "loss"}
-    for adapter in (runner._metrics_rows, runner._distance_rows, runner._segmentation_rows, runner._ultrasound_rows):
+    for adapter in (runner._metrics_rows, runner._distance_rows, runner._segmentation_rows, runner._ultrasound_rows,
+                    runner._registration_rows):
         got = adapter(RESULTS)
         assert got and all(r.medfast_ms for r in got)
     assert all(r.medfast_ms for r in rows)

@@ -98,6 +98,21 @@ def _distance_rows(out: Path) -> list[Row]:
                 _ratio(ms[peer], ms["medfast"])) for peer in ms if peer != "medfast"]
 
 
+def _registration_rows(out: Path) -> list[Row]:
+    d = _load(out, "registration_*latest.json")
+    threads = f", {d['threads']} thread{'s' if d['threads'] != 1 else ''}" if d.get("threads") else ""
+    rows = [Row("registration", f"LNCC fwd+bwd {r['size']}^3 k={r['kernel']}{threads}", "MONAI LNCC", r["medfast_ms"],
+                r["monai_ms"], _ratio(r["monai_ms"], r["medfast_ms"]), r.get("medfast_extra_peak_mib"),
+                r.get("monai_extra_peak_mib")) for r in d.get("lncc", [])]
+    st = d.get("step")
+    if st:
+        rows.append(Row("registration", f"LocalNet step {st['size']}^3 (LNCC + bending + warp){threads}",
+                        "MONAI Warp/LNCC/BendingEnergy", st["medfast_ms"], st["monai_ms"],
+                        _ratio(st["monai_ms"], st["medfast_ms"]), st.get("medfast_extra_peak_mib"),
+                        st.get("monai_extra_peak_mib")))
+    return rows
+
+
 def _segmentation_rows(out: Path) -> list[Row]:
     d = _load(out, "segmentation_*_latest.json")
     shape = f"B={d['batch']} {d['size']}^3 C={d['classes']}"
@@ -136,6 +151,9 @@ SUITES: list[Suite] = [
     Suite("distance", "bench_distance.py",
           lambda d, q, o: ["--out", str(o / "distance_cpu.json")] + (["--size", "64"] if q else []),
           _distance_rows, devices=("cpu",), peers=("scipy", "monai")),
+    Suite("registration", "bench_registration.py",
+          lambda d, q, o: ["--out", str(o)] + (["--sizes", "32", "64", "--step-size", "32"] if q else []),
+          _registration_rows, devices=("cpu",), peers=("monai",)),
     Suite("segmentation", "bench_segmentation.py",
           lambda d, q, o: ["--device", d, "--out", str(o)] + (["--size", "32", "--repeats", "3"] if q else []),
           _segmentation_rows, peers=("monai",)),
