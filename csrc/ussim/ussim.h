@@ -229,21 +229,73 @@ MEDFAST_HOST_DEVICE A log_transmission(A R) {
   return log(t > A(kMinTransmission) ? t : A(kMinTransmission));
 }
 
-// Forward of one ray: coords (S, 3), out (S, 3).
-template <typename T, typename A>
-MEDFAST_HOST_DEVICE void march_ray(const T* vol, const float* table, const Params& P, const T* coords, T* out) {
+// Forward of one ray with the sample positions from pos(i, p) (p: 3 voxel coordinates) and the
+// echoes handed to emit(i, specular, scatter re, scatter im).
+template <typename T, typename A, typename Pos, typename Emit>
+MEDFAST_HOST_DEVICE void march_ray_fn(const T* vol, const float* table, const Params& P, Pos pos, Emit emit) {
   double logT = 0.0;
   A Zprev = A(1);
   for (int64_t i = 0; i < P.S; ++i) {
-    A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
+    A p[3];
+    pos(i, p);
     Sample<A> s;
     eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr);
     const A E = static_cast<A>(exp(logT));
-    out[3 * i] = static_cast<T>(E * s.R);
-    out[3 * i + 1] = static_cast<T>(E * s.amp * s.n[0]);
-    out[3 * i + 2] = static_cast<T>(E * s.amp * s.n[1]);
+    emit(i, E * s.R, E * s.amp * s.n[0], E * s.amp * s.n[1]);
     logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
     Zprev = s.Z;
+  }
+}
+
+// Forward of one ray: coords (S, 3), out (S, 3).
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void march_ray(const T* vol, const float* table, const Params& P, const T* coords, T* out) {
+  march_ray_fn<T, A>(
+      vol, table, P,
+      [=](int64_t i, A* p) {
+        p[0] = static_cast<A>(coords[3 * i]);
+        p[1] = static_cast<A>(coords[3 * i + 1]);
+        p[2] = static_cast<A>(coords[3 * i + 2]);
+      },
+      [=](int64_t i, A e0, A e1, A e2) {
+        out[3 * i] = static_cast<T>(e0);
+        out[3 * i + 1] = static_cast<T>(e1);
+        out[3 * i + 2] = static_cast<T>(e2);
+      });
+}
+
+// Forward of one scanline made of E sub-rays with evenly spaced samples (sample i of sub-ray e at
+// start[e] + i * step, start (E, 3), step (3,)), summed over the sub-rays with the per-sample
+// weights w (E, S, 3): out[c * out_stride + i] = sum_e w[e, i, c] * echo_e,i,c (channel-major).
+// The sample positions are those of march_ray with coords = start + i * step.
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void march_line(const T* vol, const float* table, const Params& P, const T* start, const T* step,
+                                    const T* w, int64_t E, T* out, int64_t out_stride) {
+  const A st[3] = {static_cast<A>(step[0]), static_cast<A>(step[1]), static_cast<A>(step[2])};
+  for (int64_t e = 0; e < E; ++e) {
+    const A o[3] = {static_cast<A>(start[3 * e]), static_cast<A>(start[3 * e + 1]), static_cast<A>(start[3 * e + 2])};
+    const T* we = w + e * P.S * 3;
+    march_ray_fn<T, A>(
+        vol, table, P,
+        [&](int64_t i, A* p) {
+          const A fi = static_cast<A>(i);
+          p[0] = o[0] + fi * st[0];
+          p[1] = o[1] + fi * st[1];
+          p[2] = o[2] + fi * st[2];
+        },
+        [&](int64_t i, A e0, A e1, A e2) {
+          const A v0 = static_cast<A>(we[3 * i]) * e0, v1 = static_cast<A>(we[3 * i + 1]) * e1,
+                  v2 = static_cast<A>(we[3 * i + 2]) * e2;
+          if (e == 0) {
+            out[i] = static_cast<T>(v0);
+            out[out_stride + i] = static_cast<T>(v1);
+            out[2 * out_stride + i] = static_cast<T>(v2);
+          } else {
+            out[i] += static_cast<T>(v0);
+            out[out_stride + i] += static_cast<T>(v1);
+            out[2 * out_stride + i] += static_cast<T>(v2);
+          }
+        });
   }
 }
 

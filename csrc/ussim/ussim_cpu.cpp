@@ -28,6 +28,30 @@ Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise,
   return out;
 }
 
+Tensor march_lines_cpu(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
+                       const Tensor& noise, const Params& P) {
+  const int64_t B = start.size(0), L = start.size(1), E = start.size(2), S = P.S, Bv = props.size(0);
+  Tensor out = at::empty({B, L, 3, S}, start.options());
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "medfast_ussim_march_lines_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* vol = props.const_data_ptr<scalar_t>();
+    const scalar_t* st = start.const_data_ptr<scalar_t>();
+    const scalar_t* sp = step.const_data_ptr<scalar_t>();
+    const scalar_t* w = weights.const_data_ptr<scalar_t>();
+    const float* table = noise.const_data_ptr<float>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t line = begin; line < end; ++line) {
+        const int64_t b = line / L;
+        march_line<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w,
+                                E, o + line * 3 * S, S);
+      }
+    });
+  });
+  return out;
+}
+
 std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& coords,
                                               const Tensor& noise, const Params& P, bool props_grad,
                                               bool coords_grad) {

@@ -30,6 +30,19 @@ __global__ void march_kernel(const T* vol, const float* table, const Params P, c
 }
 
 template <typename T>
+__global__ void lines_kernel(const T* vol, const float* table, const Params P, const T* start, const T* step,
+                             const T* w, T* out, int64_t lines, int64_t L, int64_t E, int64_t Bv) {
+  using A = acc_t<T>;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  for (int64_t line = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; line < lines;
+       line += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = line / L;
+    march_line<T, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, start + line * E * 3, step + line * 3, w, E,
+                     out + line * 3 * P.S, P.S);
+  }
+}
+
+template <typename T>
 __global__ void backward_kernel(const T* vol, const float* table, const Params P, const T* coords, const T* grad,
                                 T* gvals, T* gcoords, int64_t rays, int64_t R, int64_t Bv) {
   using A = acc_t<T>;
@@ -71,6 +84,23 @@ Tensor march_cuda(const Tensor& props, const Tensor& coords, const Tensor& noise
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   (void)S;
+  return out;
+}
+
+Tensor march_lines_cuda(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
+                        const Tensor& noise, const Params& P) {
+  const c10::cuda::CUDAGuard guard(start.device());
+  const int64_t B = start.size(0), L = start.size(1), E = start.size(2), Bv = props.size(0);
+  Tensor out = at::empty({B, L, 3, P.S}, start.options());
+  const int64_t lines = B * L;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "medfast_ussim_march_lines_cuda", [&] {
+    lines_kernel<scalar_t><<<grid_blocks(lines, kThreads), kThreads, 0, stream>>>(
+        props.const_data_ptr<scalar_t>(), noise.const_data_ptr<float>(), P, start.const_data_ptr<scalar_t>(),
+        step.const_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), lines,
+        L, E, Bv);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return out;
 }
 
