@@ -116,6 +116,20 @@ std::tuple<Tensor, Tensor> march_backward_impl(const Tensor& grad, const Tensor&
                         coords_grad);
 }
 
+template <Tensor (*F)(const Tensor&, const Tensor&, const Tensor&, bool)>
+Tensor psf_impl(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && h.dim() == 2 && h.size(0) == 3 && h.size(1) >= 1 && w.dim() == 3 &&
+                        w.size(0) == 3 && w.size(1) >= 1 && w.size(2) == x.size(3),
+                    "medfast ussim: psf needs x (B, L, 3, S) or (B, 2, L, S), h (3, K), w (3, J, S); got ", x.sizes(),
+                    ", ", h.sizes(), ", ", w.sizes());
+  TORCH_CHECK_VALUE(x.size(transpose ? 1 : 2) == (transpose ? 2 : 3), "medfast ussim: psf input shape ", x.sizes());
+  TORCH_CHECK_TYPE(h.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type() &&
+                       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+                   "medfast ussim: psf dtypes must be one of float32 / float64");
+  TORCH_CHECK_VALUE(h.device() == x.device() && w.device() == x.device(), "medfast ussim: tensors on different devices");
+  return F(x.contiguous(), h.contiguous(), w.contiguous(), transpose);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
@@ -125,6 +139,7 @@ TORCH_LIBRARY_FRAGMENT(medfast, m) {
   m.def(
       "ussim_march_lines(Tensor props, Tensor start, Tensor step, Tensor weights, Tensor noise, float[] grid_affine, "
       "float att, float[] background, int seed, float sharp) -> Tensor");
+  m.def("ussim_psf(Tensor x, Tensor h, Tensor w, bool transpose) -> Tensor");
   m.def(
       "ussim_march_backward(Tensor grad, Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, "
       "float[] background, int seed, float sharp, bool props_grad, bool coords_grad) -> (Tensor, Tensor)");
@@ -133,6 +148,7 @@ TORCH_LIBRARY_FRAGMENT(medfast, m) {
 TORCH_LIBRARY_IMPL(medfast, CPU, m) {
   m.impl("ussim_march", &march_impl<march_cpu>);
   m.impl("ussim_march_lines", &march_lines_impl<march_lines_cpu>);
+  m.impl("ussim_psf", &psf_impl<psf_cpu>);
   m.impl("ussim_march_backward", &march_backward_impl<march_backward_cpu>);
 }
 
@@ -140,6 +156,7 @@ TORCH_LIBRARY_IMPL(medfast, CPU, m) {
 TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
   m.impl("ussim_march", &march_impl<march_cuda>);
   m.impl("ussim_march_lines", &march_lines_impl<march_lines_cuda>);
+  m.impl("ussim_psf", &psf_impl<psf_cuda>);
   m.impl("ussim_march_backward", &march_backward_impl<march_backward_cuda>);
 }
 #endif

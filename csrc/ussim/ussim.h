@@ -381,3 +381,45 @@ MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, co
 }
 
 }  // namespace medfast::ussim
+
+namespace medfast::ussim {
+
+// Coherent IQ point-spread function of the simulator (medfast/ultrasound/simulate.py): an axial
+// K-tap filter per channel along the samples, then a depth-dependent J-tap lateral filter across the
+// lines. Both are linear with constant weights; their transposes (flip = true) give the backward.
+// The functions fill the sample range [s0, s1) of one output row, so the CPU launcher runs them over
+// whole rows (vectorised loops) and the CUDA launcher over one sample per thread.
+
+// Axial: out[s] = sum_k h[k] x[s + k - K/2] (flip: x[s - k + K/2]), zero outside [0, S).
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void psf_axial_row(const T* x, const T* h, int64_t K, int64_t S, int64_t s0, int64_t s1, T* out,
+                                       bool flip) {
+  for (int64_t s = s0; s < s1; ++s) out[s] = T(0);
+  const int64_t half = K / 2;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t off = flip ? half - k : k - half;  // input index = s + off
+    const A hk = static_cast<A>(h[k]);
+    const int64_t lo = s0 > -off ? s0 : -off, hi = s1 < S - off ? s1 : S - off;
+    for (int64_t s = lo; s < hi; ++s) out[s] = static_cast<T>(static_cast<A>(out[s]) + hk * static_cast<A>(x[s + off]));
+  }
+}
+
+// Lateral, one output row (line l): out[s] = sum_j w[j * S + s] y_{l + j - J/2}[s] (flip:
+// y_{l - j + J/2}), with y_m = y + m * line_stride and lines outside [0, L) zero; accumulate: out +=.
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void psf_lateral_row(const T* y, int64_t line_stride, const T* w, int64_t J, int64_t L, int64_t S,
+                                         int64_t l, int64_t s0, int64_t s1, T* out, bool flip, bool accumulate) {
+  if (!accumulate)
+    for (int64_t s = s0; s < s1; ++s) out[s] = T(0);
+  const int64_t half = J / 2;
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t m = flip ? l - j + half : l + j - half;
+    if (m < 0 || m >= L) continue;
+    const T* ym = y + m * line_stride;
+    const T* wj = w + j * S;
+    for (int64_t s = s0; s < s1; ++s)
+      out[s] = static_cast<T>(static_cast<A>(out[s]) + static_cast<A>(wj[s]) * static_cast<A>(ym[s]));
+  }
+}
+
+}  // namespace medfast::ussim

@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "ussim/ussim_launch.h"
 
 namespace medfast::ussim {
@@ -48,6 +50,52 @@ Tensor march_lines_cpu(const Tensor& props, const Tensor& start, const Tensor& s
                                 E, o + line * 3 * S, S);
       }
     });
+  });
+  return out;
+}
+
+Tensor psf_cpu(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose) {
+  const int64_t B = x.size(0), S = x.size(3), L = transpose ? x.size(2) : x.size(1);
+  const int64_t K = h.size(1), J = w.size(1);
+  Tensor tmp = at::empty({B, L, 3, S}, x.options());
+  Tensor out = transpose ? at::empty({B, L, 3, S}, x.options()) : at::empty({B, 2, L, S}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "medfast_ussim_psf_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* t = tmp.mutable_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / S);
+    if (!transpose) {
+      at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          psf_axial_row<scalar_t, A>(xp + r * S, hp + (r % 3) * K, K, S, 0, S, t + r * S, false);
+      });
+      at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t bl = begin; bl < end; ++bl) {
+          const int64_t b = bl / L, l = bl % L;
+          const scalar_t* y = t + b * L * 3 * S;
+          scalar_t* re = o + (b * 2 * L + l) * S;
+          scalar_t* im = o + ((b * 2 + 1) * L + l) * S;
+          psf_lateral_row<scalar_t, A>(y, 3 * S, wp, J, L, S, l, 0, S, re, false, false);
+          psf_lateral_row<scalar_t, A>(y + S, 3 * S, wp + J * S, J, L, S, l, 0, S, re, false, true);
+          psf_lateral_row<scalar_t, A>(y + 2 * S, 3 * S, wp + 2 * J * S, J, L, S, l, 0, S, im, false, false);
+        }
+      });
+    } else {
+      at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t c = r % 3, l = (r / 3) % L, b = r / (3 * L);
+          const scalar_t* g = xp + (b * 2 + (c < 2 ? 0 : 1)) * L * S;
+          psf_lateral_row<scalar_t, A>(g, S, wp + c * J * S, J, L, S, l, 0, S, t + r * S, true, false);
+        }
+      });
+      at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          psf_axial_row<scalar_t, A>(t + r * S, hp + (r % 3) * K, K, S, 0, S, o + r * S, true);
+      });
+    }
   });
   return out;
 }

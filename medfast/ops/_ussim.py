@@ -205,3 +205,33 @@ def march_lines(props: torch.Tensor, start: torch.Tensor, step: torch.Tensor, we
     g = [float(v) for v in grid_affine]
     return _MarchLines.apply(props, start, step, weights, noise, g, float(att), [float(v) for v in background],
                              int(seed), float(sharp))
+
+
+@torch.library.register_fake("medfast::ussim_psf")
+def _psf_fake(x, h, w, transpose):
+    if transpose:
+        return x.new_empty((x.shape[0], x.shape[2], 3, x.shape[3]))
+    return x.new_empty((x.shape[0], 2, x.shape[1], x.shape[3]))
+
+
+class _Psf(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, w):
+        ctx.save_for_backward(h, w)
+        return _ops.ussim_psf(x, h, w, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w = ctx.saved_tensors
+        return _ops.ussim_psf(grad, h, w, True), None, None
+
+
+def psf(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The simulator's IQ point-spread function (linear, constant weights; differentiable in x).
+
+    ``x`` ``(B, L, 3, S)`` (specular, scatter re, scatter im per line), ``h`` ``(3, K)`` axial taps per
+    channel (K odd, centred), ``w`` ``(3, J, S)`` depth-dependent lateral taps across the lines (J
+    odd, centred; lines outside the frame are zero). Returns ``(B, 2, L, S)``: the real part (lateral
+    of channels 0 + 1) and the imaginary part (channel 2).
+    """
+    return _Psf.apply(x, h, w)

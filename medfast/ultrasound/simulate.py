@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medfast.ops._ussim import N_PROPS, march_lines, noise_table
+from medfast.ops._ussim import N_PROPS, march_lines, noise_table, psf
 from medfast.ultrasound.probe import Probe
 from medfast.ultrasound.tissue import HU_KNOTS, WATER, LabelTable, hu_to_properties
 
@@ -227,6 +227,8 @@ def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dt
         return _lateral_weights(probe, dtype, dev)
     if kind == "elevation":
         return _elevation_weights(probe, sub_rays, dtype, dev)
+    if kind in ("psf_speckle", "psf_plain"):
+        return _psf_weights(probe, kind == "psf_speckle", dtype, dev)
     if kind == "grid":
         return probe.scan_grid(pixel_mm, device=dev, dtype=dtype)
     raise KeyError(kind)
@@ -262,27 +264,27 @@ def _elevation_weights(probe: Probe, sub_rays: int, dtype, device) -> tuple[torc
     return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
 
 
+def _psf_weights(probe: Probe, speckle: bool, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial taps ``(3, K)`` and lateral taps ``(3, J, S)`` of the (specular, scatter re, scatter im)
+    channels. Specular: peak 1 (a plane reflector keeps its amplitude); scatter: unit energy (the mean
+    speckle intensity equals the scatter power), or like specular with speckle off."""
+    h = _axial_kernel(probe, torch.float64, "cpu")
+    hn = h / h.square().sum().sqrt() if speckle else h
+    w_spec, w_scat = _lateral_weights(probe, torch.float64, "cpu")
+    if not speckle:
+        w_scat = w_spec
+    hs = torch.stack([h, hn, hn])
+    wts = torch.stack([w_spec, w_scat, w_scat], 0).transpose(1, 2)  # (3, J, S)
+    return hs.to(device=device, dtype=dtype).contiguous(), wts.to(device=device, dtype=dtype).contiguous()
+
+
 def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (B, L, 3, S) = (specular, scatter re, scatter im) -> IQ (real, imaginary), each (B, L, S). The scatter
     channels are normalised to unit energy (random scatterers) or, with speckle off (a deterministic,
-    coherent scatter field), like the specular channel."""
-    B, L, C, S = x.shape
-    h = _cached("axial", probe, 1, str(x.device), x.dtype, None)
-    # Specular: peak 1 (a plane reflector keeps its amplitude); scatter: unit energy (the mean
-    # speckle intensity equals the scatter power).
-    hn = h / h.square().sum().sqrt() if speckle else h
-    hs = torch.stack([h, hn, hn])[:, None]  # (3, 1, K)
-    y = F.conv1d(x.reshape(B * L, C, S), hs, padding=h.numel() // 2, groups=C).view(B, L, C, S)
-    w_spec, w_scat = _cached("lateral", probe, 1, str(x.device), x.dtype, None)
-    half = w_spec.shape[1] // 2
-    padded = F.pad(y, (0, 0, 0, 0, half, half))  # pad the line axis
-    if not speckle:
-        w_scat = w_spec
-    wts = torch.stack([w_spec, w_scat, w_scat], 0)  # (3, S, 2K+1)
-    out = padded[:, 0:L] * wts[..., 0]
-    for j in range(1, 2 * half + 1):
-        out.addcmul_(padded[:, j:j + L], wts[..., j])
-    return out[:, :, 0] + out[:, :, 1], out[:, :, 2]
+    coherent scatter field), like the specular channel. One fused kernel (``ussim_psf``)."""
+    h, w = _cached("psf_speckle" if speckle else "psf_plain", probe, 1, str(x.device), x.dtype, None)
+    iq = psf(x, h, w)
+    return iq[:, 0], iq[:, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,8 +389,9 @@ def simulate(
     inv_a = torch.linalg.inv(a).to(device=dev, dtype=dt)
     M = inv_a[None] @ pose
     R3 = M[:, :3, :3]
-    start = torch.einsum("bij,lej->blei", R3, start_p) + M[:, None, None, :3, 3]
-    step = torch.einsum("bij,lj->bli", R3, step_p)
+    # (tiny broadcast products: cheaper than batched matmuls of 3x3 matrices)
+    start = (R3[:, None, None] * start_p[None, :, :, None, :]).sum(-1) + M[:, None, None, :3, 3]
+    step = (R3[:, None] * step_p[None, :, None, :]).sum(-1)
 
     G = (a[:3, :] / scatter_cell_mm).flatten().tolist()
     att = 2.0 * probe.fc_mhz * (probe.dz_mm / 10.0) * math.log(10.0) / 20.0
