@@ -78,10 +78,43 @@ MEDFAST_HOST_DEVICE int64_t cell_row(int64_t a, int64_t b, int64_t c, const Para
   return static_cast<int64_t>(h & static_cast<uint64_t>(P.noise_mask));
 }
 
-// Trilinear value (and gradient w.r.t. the voxel position, if grad != nullptr) of the K property
-// channels at voxel position (d, h, w). grad is K x 3 row-major.
+// The 8 x K corner values of the voxel cell (i0, j0, k0) of a ray's last sample. Rays step ~10 samples
+// per voxel, so a march that keeps one (CPU launcher) loads each cell once; the values (and so the
+// results) are the same as without it.
+template <typename A>
+struct CellCache {
+  int64_t i0, j0, k0;
+  bool valid;
+  A val[8][kProps];
+};
+
+// The 8 corner rows of the scatter-grid cell of the last sample (same idea as CellCache).
+template <typename A>
+struct NoiseCache {
+  int64_t c0, c1, c2;
+  bool valid;
+  A val[8][3];
+};
+
 template <typename T, typename A>
-MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A w, A* v, A* grad) {
+MEDFAST_HOST_DEVICE void load_cell(const T* vol, const Params& P, int64_t i0, int64_t j0, int64_t k0,
+                                   A (*val)[kProps]) {
+  const bool all_in = i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
+  MEDFAST_UNROLL
+  for (int corner = 0; corner < 8; ++corner) {
+    const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+    const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
+    const bool in = all_in || (i >= 0 && j >= 0 && k >= 0 && i < P.D && j < P.H && k < P.W);
+    const T* src = in ? vol + ((i * P.H + j) * P.W + k) * kProps : nullptr;
+    for (int c = 0; c < kProps; ++c) val[corner][c] = in ? static_cast<A>(src[c]) : static_cast<A>(P.bg[c]);
+  }
+}
+
+// Trilinear value (and gradient w.r.t. the voxel position, if grad != nullptr) of the K property
+// channels at voxel position (d, h, w). grad is K x 3 row-major. cache: optional CellCache.
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A w, A* v, A* grad,
+                                      CellCache<A>* cache = nullptr) {
   const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
   const int64_t i0 = static_cast<int64_t>(fd0), j0 = static_cast<int64_t>(fh0), k0 = static_cast<int64_t>(fw0);
   const A td = d - fd0, th = h - fh0, tw = w - fw0;
@@ -91,33 +124,43 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
     v[c] = A(0);
     if (grad) grad[3 * c] = grad[3 * c + 1] = grad[3 * c + 2] = A(0);
   }
-  const bool all_in = i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
+  A local[8][kProps];
+  A(*val)[kProps] = local;
+  if (cache) {
+    if (!cache->valid || cache->i0 != i0 || cache->j0 != j0 || cache->k0 != k0) {
+      load_cell<T, A>(vol, P, i0, j0, k0, cache->val);
+      cache->i0 = i0;
+      cache->j0 = j0;
+      cache->k0 = k0;
+      cache->valid = true;
+    }
+    val = cache->val;
+  } else {
+    load_cell<T, A>(vol, P, i0, j0, k0, local);
+  }
   MEDFAST_UNROLL
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
-    const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
     const A wd = a ? td : A(1) - td, wh = b ? th : A(1) - th, ww = e ? tw : A(1) - tw;
     const A wt = wd * wh * ww;
-    const bool in = all_in || (i >= 0 && j >= 0 && k >= 0 && i < P.D && j < P.H && k < P.W);
-    const T* src = in ? vol + ((i * P.H + j) * P.W + k) * kProps : nullptr;
     const A sd = a ? A(1) : A(-1), sh = b ? A(1) : A(-1), se = e ? A(1) : A(-1);
     {  // impedance: sharpened weights
       const A ud = a ? zd : A(1) - zd, uh = b ? zh : A(1) - zh, uw = e ? zw : A(1) - zw;
-      const A val = in ? static_cast<A>(src[0]) : static_cast<A>(P.bg[0]);
-      v[0] += ud * uh * uw * val;
+      const A x = val[corner][0];
+      v[0] += ud * uh * uw * x;
       if (grad) {
-        grad[0] += sd * md * uh * uw * val;
-        grad[1] += ud * sh * mh * uw * val;
-        grad[2] += ud * uh * se * mw * val;
+        grad[0] += sd * md * uh * uw * x;
+        grad[1] += ud * sh * mh * uw * x;
+        grad[2] += ud * uh * se * mw * x;
       }
     }
     for (int c = 1; c < kProps; ++c) {
-      const A val = in ? static_cast<A>(src[c]) : static_cast<A>(P.bg[c]);
-      v[c] += wt * val;
+      const A x = val[corner][c];
+      v[c] += wt * x;
       if (grad) {
-        grad[3 * c] += sd * wh * ww * val;
-        grad[3 * c + 1] += wd * sh * ww * val;
-        grad[3 * c + 2] += wd * wh * se * val;
+        grad[3 * c] += sd * wh * ww * x;
+        grad[3 * c + 1] += wd * sh * ww * x;
+        grad[3 * c + 2] += wd * wh * se * x;
       }
     }
   }
@@ -150,7 +193,8 @@ MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, 
 // statistics do not depend on where the samples fall in the cells). n[3] values and, if
 // dn != nullptr, d n / d p (3 x 3 row-major). A one-row table gives that row everywhere.
 template <typename A>
-MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, A h, A w, A* n, A* dn) {
+MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, A h, A w, A* n, A* dn,
+                                      NoiseCache<A>* cache = nullptr) {
   if (P.noise_mask == 0) {  // a one-row table: the same scatterer value everywhere (speckle off)
     for (int c = 0; c < 3; ++c) n[c] = static_cast<A>(table[c]);
     if (dn)
@@ -167,10 +211,28 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
     N[c] = A(0);
     dN[c][0] = dN[c][1] = dN[c][2] = A(0);
   }
+  A local[8][3];
+  A(*rows)[3] = local;
+  if (cache && cache->valid && cache->c0 == c0 && cache->c1 == c1 && cache->c2 == c2) {
+    rows = cache->val;
+  } else {
+    if (cache) {
+      rows = cache->val;
+      cache->c0 = c0;
+      cache->c1 = c1;
+      cache->c2 = c2;
+      cache->valid = true;
+    }
+    MEDFAST_UNROLL
+    for (int corner = 0; corner < 8; ++corner) {
+      const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+      const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
+      for (int c = 0; c < 3; ++c) rows[corner][c] = static_cast<A>(row[c]);
+    }
+  }
   MEDFAST_UNROLL
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
-    const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
     const A w0 = a ? t0 : A(1) - t0, w1 = b ? t1 : A(1) - t1, w2 = e ? t2 : A(1) - t2;
     const A wt = w0 * w1 * w2;
     s2 += wt * wt;
@@ -179,7 +241,7 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
     if (dn)
       for (int j = 0; j < 3; ++j) ds2[j] += A(2) * wt * dw[j];
     for (int c = 0; c < 3; ++c) {
-      const A val = static_cast<A>(row[c]);
+      const A val = rows[corner][c];
       N[c] += wt * val;
       if (dn)
         for (int j = 0; j < 3; ++j) dN[c][j] += dw[j] * val;
@@ -211,9 +273,10 @@ struct Sample {
 
 template <typename T, typename A>
 MEDFAST_HOST_DEVICE void eval_sample(const T* vol, const float* table, const Params& P, const A* p, A Zprev, bool first,
-                                     Sample<A>& s, A* dv, A* dn) {
-  sample_props<T, A>(vol, P, p[0], p[1], p[2], s.v, dv);
-  sample_noise<A>(table, P, p[0], p[1], p[2], s.n, dn);
+                                     Sample<A>& s, A* dv, A* dn, CellCache<A>* cell = nullptr,
+                                     NoiseCache<A>* ncache = nullptr) {
+  sample_props<T, A>(vol, P, p[0], p[1], p[2], s.v, dv, cell);
+  sample_noise<A>(table, P, p[0], p[1], p[2], s.n, dn, ncache);
   s.z_clamped = s.v[0] < A(kMinImpedance);
   s.Z = s.z_clamped ? A(kMinImpedance) : s.v[0];
   s.R = first ? A(0) : (s.Z - Zprev) / (s.Z + Zprev);
@@ -231,15 +294,21 @@ MEDFAST_HOST_DEVICE A log_transmission(A R) {
 
 // Forward of one ray with the sample positions from pos(i, p) (p: 3 voxel coordinates) and the
 // echoes handed to emit(i, specular, scatter re, scatter im).
-template <typename T, typename A, typename Pos, typename Emit>
+// Cached: keep the corner values of the last voxel and scatter cells (CellCache, NoiseCache; the
+// CPU launcher; same results).
+template <typename T, typename A, bool Cached = false, typename Pos, typename Emit>
 MEDFAST_HOST_DEVICE void march_ray_fn(const T* vol, const float* table, const Params& P, Pos pos, Emit emit) {
   double logT = 0.0;
   A Zprev = A(1);
+  CellCache<A> cell;
+  NoiseCache<A> ncache;
+  cell.valid = ncache.valid = false;
   for (int64_t i = 0; i < P.S; ++i) {
     A p[3];
     pos(i, p);
     Sample<A> s;
-    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr);
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr, Cached ? &cell : nullptr,
+                      Cached ? &ncache : nullptr);
     const A E = static_cast<A>(exp(logT));
     emit(i, E * s.R, E * s.amp * s.n[0], E * s.amp * s.n[1]);
     logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
@@ -268,14 +337,14 @@ MEDFAST_HOST_DEVICE void march_ray(const T* vol, const float* table, const Param
 // start[e] + i * step, start (E, 3), step (3,)), summed over the sub-rays with the per-sample
 // weights w (E, S, 3): out[c * out_stride + i] = sum_e w[e, i, c] * echo_e,i,c (channel-major).
 // The sample positions are those of march_ray with coords = start + i * step.
-template <typename T, typename A>
+template <typename T, typename A, bool Cached = false>
 MEDFAST_HOST_DEVICE void march_line(const T* vol, const float* table, const Params& P, const T* start, const T* step,
                                     const T* w, int64_t E, T* out, int64_t out_stride) {
   const A st[3] = {static_cast<A>(step[0]), static_cast<A>(step[1]), static_cast<A>(step[2])};
   for (int64_t e = 0; e < E; ++e) {
     const A o[3] = {static_cast<A>(start[3 * e]), static_cast<A>(start[3 * e + 1]), static_cast<A>(start[3 * e + 2])};
     const T* we = w + e * P.S * 3;
-    march_ray_fn<T, A>(
+    march_ray_fn<T, A, Cached>(
         vol, table, P,
         [&](int64_t i, A* p) {
           const A fi = static_cast<A>(i);

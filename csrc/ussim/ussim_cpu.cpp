@@ -9,6 +9,41 @@
 #include "ussim/ussim_launch.h"
 
 namespace medfast::ussim {
+namespace {
+
+// The line-march loop, compiled twice: for the baseline x86-64 and for AVX2 + FMA (the header
+// arithmetic is inlined into it, so hardware floor/round, FMA contraction), picked at run time.
+template <typename T, typename A>
+void lines_loop(const T* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P, const T* st,
+                const T* sp, const T* w, int64_t L, int64_t E, T* o, int64_t begin, int64_t end) {
+  for (int64_t line = begin; line < end; ++line) {
+    const int64_t b = line / L;
+    march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
+                           o + line * 3 * P.S, P.S);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MEDFAST_USSIM_AVX2 1
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void lines_loop_avx2(const T* vol, int64_t vol_stride, int64_t Bv,
+                                                         const float* table, const Params& P, const T* st,
+                                                         const T* sp, const T* w, int64_t L, int64_t E, T* o,
+                                                         int64_t begin, int64_t end) {
+  for (int64_t line = begin; line < end; ++line) {
+    const int64_t b = line / L;
+    march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
+                           o + line * 3 * P.S, P.S);
+  }
+}
+
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+}  // namespace
 
 Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise, const Params& P) {
   const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
@@ -44,11 +79,13 @@ Tensor march_lines_cpu(const Tensor& props, const Tensor& start, const Tensor& s
     const float* table = noise.const_data_ptr<float>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t line = begin; line < end; ++line) {
-        const int64_t b = line / L;
-        march_line<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w,
-                                E, o + line * 3 * S, S);
+#ifdef MEDFAST_USSIM_AVX2
+      if (has_avx2()) {
+        lines_loop_avx2<scalar_t, A>(vol, vol_stride, Bv, table, P, st, sp, w, L, E, o, begin, end);
+        return;
       }
+#endif
+      lines_loop<scalar_t, A>(vol, vol_stride, Bv, table, P, st, sp, w, L, E, o, begin, end);
     });
   });
   return out;
