@@ -286,10 +286,16 @@ MEDFAST_HOST_DEVICE void eval_sample(const T* vol, const float* table, const Par
   s.amp = s.sq * s.m;
 }
 
+// exp / log in the accumulation type (expf / logf for float: no round trip through double).
+MEDFAST_HOST_DEVICE float exp_a(float x) { return expf(x); }
+MEDFAST_HOST_DEVICE double exp_a(double x) { return exp(x); }
+MEDFAST_HOST_DEVICE float log_a(float x) { return logf(x); }
+MEDFAST_HOST_DEVICE double log_a(double x) { return log(x); }
+
 template <typename A>
 MEDFAST_HOST_DEVICE A log_transmission(A R) {
   const A t = A(1) - R * R;
-  return log(t > A(kMinTransmission) ? t : A(kMinTransmission));
+  return log_a(t > A(kMinTransmission) ? t : A(kMinTransmission));
 }
 
 // Forward of one ray with the sample positions from pos(i, p) (p: 3 voxel coordinates) and the
@@ -309,7 +315,7 @@ MEDFAST_HOST_DEVICE void march_ray_fn(const T* vol, const float* table, const Pa
     Sample<A> s;
     eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr, Cached ? &cell : nullptr,
                       Cached ? &ncache : nullptr);
-    const A E = static_cast<A>(exp(logT));
+    const A E = exp_a(static_cast<A>(logT));
     emit(i, E * s.R, E * s.amp * s.n[0], E * s.amp * s.n[1]);
     logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
     Zprev = s.Z;
