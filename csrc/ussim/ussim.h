@@ -216,6 +216,20 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
   if (cache && cache->valid && cache->c0 == c0 && cache->c1 == c1 && cache->c2 == c2) {
     rows = cache->val;
   } else {
+    // A step of one cell along one axis (the usual miss) shares 4 corners with the cached cell.
+    int keep_mask = 0, keep_bit = 0;
+    if (cache && cache->valid) {
+      const int64_t d0 = c0 - cache->c0, d1 = c1 - cache->c1, d2 = c2 - cache->c2;
+      const int64_t a0 = d0 < 0 ? -d0 : d0, a1 = d1 < 0 ? -d1 : d1, a2 = d2 < 0 ? -d2 : d2;
+      if (a0 + a1 + a2 == 1) {
+        keep_mask = a0 ? 4 : (a1 ? 2 : 1);
+        keep_bit = (d0 + d1 + d2) > 0 ? 0 : keep_mask;  // corners of the new cell that the old one had
+      }
+    }
+    A old[8][3];
+    if (keep_mask)
+      for (int corner = 0; corner < 8; ++corner)
+        for (int c = 0; c < 3; ++c) old[corner][c] = cache->val[corner][c];
     if (cache) {
       rows = cache->val;
       cache->c0 = c0;
@@ -225,6 +239,10 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
     }
     MEDFAST_UNROLL
     for (int corner = 0; corner < 8; ++corner) {
+      if (keep_mask && (corner & keep_mask) == keep_bit) {
+        for (int c = 0; c < 3; ++c) rows[corner][c] = old[corner ^ keep_mask][c];
+        continue;
+      }
       const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
       const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
       for (int c = 0; c < 3; ++c) rows[corner][c] = static_cast<A>(row[c]);
