@@ -37,6 +37,19 @@ __attribute__((target("avx2,fma"))) void lines_loop_avx2(const T* vol, int64_t v
   }
 }
 
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void backward_loop_avx2(const T* vol, int64_t vol_stride, int64_t Bv,
+                                                            const float* table, const Params& P, const T* c,
+                                                            const T* g, T* gv, T* gc, int64_t R, int64_t begin,
+                                                            int64_t end) {
+  const int64_t S = P.S;
+  for (int64_t ray = begin; ray < end; ++ray) {
+    const int64_t b = ray / R;
+    march_ray_backward<T, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, g + ray * S * 3,
+                             gv ? gv + ray * S * kProps : nullptr, gc ? gc + ray * S * 3 : nullptr);
+  }
+}
+
 bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -154,6 +167,12 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
     scalar_t* gv = props_grad ? gvals.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gc = coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+#ifdef MEDFAST_USSIM_AVX2
+      if (has_avx2()) {
+        backward_loop_avx2<scalar_t, A>(vol, vol_stride, Bv, table, P, c, g, gv, gc, R, begin, end);
+        return;
+      }
+#endif
       for (int64_t ray = begin; ray < end; ++ray) {
         const int64_t b = ray / R;
         march_ray_backward<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3,
