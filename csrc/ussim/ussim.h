@@ -394,16 +394,21 @@ MEDFAST_HOST_DEVICE void march_line(const T* vol, const float* table, const Para
 
 // Backward of one ray. grad (S, 3) is dL/d out. Writes gvals (S, K) = dL/d sampled property values
 // (if gvals != nullptr) and gcoords (S, 3) = dL/d coords (if gcoords != nullptr).
-template <typename T, typename A>
+// Cached: as in march_ray_fn (CPU launcher; same results).
+template <typename T, typename A, bool Cached = false>
 MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, const Params& P, const T* coords,
                                             const T* grad, T* gvals, T* gcoords) {
+  CellCache<A> cell;
+  NoiseCache<A> ncache;
+  cell.valid = ncache.valid = false;
   // Pass 1: total of h_i E_i.
   double logT = 0.0, total = 0.0;
   A Zprev = A(1);
   for (int64_t i = 0; i < P.S; ++i) {
     A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
     Sample<A> s;
-    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr);
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr, Cached ? &cell : nullptr,
+                      Cached ? &ncache : nullptr);
     const A g0 = static_cast<A>(grad[3 * i]), g1 = static_cast<A>(grad[3 * i + 1]), g2 = static_cast<A>(grad[3 * i + 2]);
     const A h = g0 * s.R + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
     total += static_cast<double>(h) * exp(logT);
@@ -420,7 +425,8 @@ MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, co
     A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
     Sample<A> s;
     A dv[3 * kProps], dn[9];
-    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, gcoords ? dv : nullptr, gcoords ? dn : nullptr);
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, gcoords ? dv : nullptr, gcoords ? dn : nullptr,
+                      Cached ? &cell : nullptr, Cached ? &ncache : nullptr);
     const A E = static_cast<A>(exp(logT));
     const A g0 = static_cast<A>(grad[3 * i]), g1 = static_cast<A>(grad[3 * i + 1]), g2 = static_cast<A>(grad[3 * i + 2]);
     const A h = g0 * s.R + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;

@@ -45,7 +45,7 @@ __attribute__((target("avx2,fma"))) void backward_loop_avx2(const T* vol, int64_
   const int64_t S = P.S;
   for (int64_t ray = begin; ray < end; ++ray) {
     const int64_t b = ray / R;
-    march_ray_backward<T, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, g + ray * S * 3,
+    march_ray_backward<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, g + ray * S * 3,
                              gv ? gv + ray * S * kProps : nullptr, gc ? gc + ray * S * 3 : nullptr);
   }
 }
@@ -175,7 +175,7 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
 #endif
       for (int64_t ray = begin; ray < end; ++ray) {
         const int64_t b = ray / R;
-        march_ray_backward<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3,
+        march_ray_backward<scalar_t, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3,
                                         g + ray * S * 3, gv ? gv + ray * S * kProps : nullptr,
                                         gc ? gc + ray * S * 3 : nullptr);
       }
