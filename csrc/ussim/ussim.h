@@ -24,6 +24,13 @@
 
 #include "common/macros.h"
 
+// Full unroll of the 8-corner loops (the corner selects fold to constants).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define USSIM_UNROLL8 _Pragma("unroll")
+#else
+#define USSIM_UNROLL8 _Pragma("GCC unroll 8")
+#endif
+
 namespace medfast::ussim {
 
 constexpr int kProps = 5;
@@ -49,16 +56,9 @@ struct Params {
 template <typename A>
 MEDFAST_HOST_DEVICE A sharpen(A t, double k, A* slope) {
   const A u = (t - A(0.5)) * A(k) + A(0.5);
-  if (u <= A(0)) {
-    *slope = A(0);
-    return A(0);
-  }
-  if (u >= A(1)) {
-    *slope = A(0);
-    return A(1);
-  }
-  *slope = A(k);
-  return u;
+  const bool inside = u > A(0) && u < A(1);
+  *slope = inside ? A(k) : A(0);
+  return u <= A(0) ? A(0) : (u >= A(1) ? A(1) : u);
 }
 
 MEDFAST_HOST_DEVICE uint64_t mix64(uint64_t x) {
@@ -100,7 +100,7 @@ template <typename T, typename A>
 MEDFAST_HOST_DEVICE void load_cell(const T* vol, const Params& P, int64_t i0, int64_t j0, int64_t k0,
                                    A (*val)[kProps]) {
   const bool all_in = i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
-  MEDFAST_UNROLL
+  USSIM_UNROLL8
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
     const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
@@ -138,7 +138,7 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
   } else {
     load_cell<T, A>(vol, P, i0, j0, k0, local);
   }
-  MEDFAST_UNROLL
+  USSIM_UNROLL8
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
     const A wd = a ? td : A(1) - td, wh = b ? th : A(1) - th, ww = e ? tw : A(1) - tw;
@@ -248,7 +248,7 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
       for (int c = 0; c < 3; ++c) rows[corner][c] = static_cast<A>(row[c]);
     }
   }
-  MEDFAST_UNROLL
+  USSIM_UNROLL8
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
     const A w0 = a ? t0 : A(1) - t0, w1 = b ? t1 : A(1) - t1, w2 = e ? t2 : A(1) - t2;
