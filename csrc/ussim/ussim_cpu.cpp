@@ -183,16 +183,22 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
     if (props_grad) {
       scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
       const auto add = [](scalar_t* dst, scalar_t v) { *dst += v; };
-      // One task per volume: rays of batch elements that share a volume are added in order.
+      // One task per (volume, slab of the first volume axis): rays of batch elements that share a
+      // volume are added in sample order, each voxel by exactly one task (deterministic, the same
+      // sums as one serial pass).
       const int64_t per_volume = (Bv == 1 ? B : 1) * R * S;
-      at::parallel_for(0, Bv, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bv = begin; bv < end; ++bv) {
+      const int64_t slabs = Bv == 1 ? std::min<int64_t>(P.D, 4 * at::get_num_threads()) : 1;
+      at::parallel_for(0, Bv * slabs, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bv = task / slabs, slab = task % slabs;
+          const int64_t i_lo = slab * P.D / slabs, i_hi = (slab + 1) * P.D / slabs;
           const int64_t first = bv * per_volume;
           for (int64_t k = first; k < first + per_volume; ++k) {
             A gk[kProps];
             for (int q = 0; q < kProps; ++q) gk[q] = static_cast<A>(gv[k * kProps + q]);
             scatter_props<A>(gp + bv * vol_stride, P, static_cast<A>(c[3 * k]), static_cast<A>(c[3 * k + 1]),
-                             static_cast<A>(c[3 * k + 2]), gk, add);
+                             static_cast<A>(c[3 * k + 2]), gk, add, slabs == 1 ? int64_t(0) : i_lo,
+                             slabs == 1 ? INT64_MAX : i_hi);
           }
         }
       });
