@@ -11,15 +11,13 @@
 namespace medfast::ussim {
 namespace {
 
-Params make_params(const Tensor& props, const Tensor& coords, const Tensor& noise, at::ArrayRef<double> grid_affine,
-                   double att, at::ArrayRef<double> background, int64_t seed, double sharp) {
+Params make_params_for(const Tensor& props, const Tensor& coords, int64_t batch, int64_t S, const Tensor& noise,
+                       at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
+                       double sharp) {
   TORCH_CHECK_VALUE(props.dim() == 5 && props.size(4) == kProps,
                     "medfast ussim: props must be (B, D, H, W, 5) channels-last, got ", props.sizes());
-  TORCH_CHECK_VALUE(coords.dim() == 4 && coords.size(3) == 3, "medfast ussim: coords must be (B, R, S, 3), got ",
-                    coords.sizes());
-  TORCH_CHECK_VALUE(props.size(0) == 1 || props.size(0) == coords.size(0),
+  TORCH_CHECK_VALUE(props.size(0) == 1 || props.size(0) == batch,
                     "medfast ussim: props batch must be 1 or equal to the coords batch");
-  TORCH_CHECK_VALUE(coords.size(2) >= 1 && coords.size(1) >= 1 && coords.size(0) >= 1, "medfast ussim: empty coords");
   TORCH_CHECK_VALUE(props.numel() > 0, "medfast ussim: empty props");
   TORCH_CHECK_TYPE(props.scalar_type() == coords.scalar_type(), "medfast ussim: props and coords dtypes differ");
   TORCH_CHECK_TYPE(props.scalar_type() == at::kFloat || props.scalar_type() == at::kDouble,
@@ -36,7 +34,7 @@ Params make_params(const Tensor& props, const Tensor& coords, const Tensor& nois
   P.D = props.size(1);
   P.H = props.size(2);
   P.W = props.size(3);
-  P.S = coords.size(2);
+  P.S = S;
   P.noise_mask = noise.size(0) - 1;
   P.seed = static_cast<uint64_t>(seed);
   for (int i = 0; i < 12; ++i) P.G[i] = grid_affine[i];
@@ -45,6 +43,39 @@ Params make_params(const Tensor& props, const Tensor& coords, const Tensor& nois
   TORCH_CHECK_VALUE(std::isfinite(sharp) && sharp >= 1.0, "medfast ussim: sharp must be >= 1, got ", sharp);
   P.sharp = sharp;
   return P;
+}
+
+Params make_params(const Tensor& props, const Tensor& coords, const Tensor& noise, at::ArrayRef<double> grid_affine,
+                   double att, at::ArrayRef<double> background, int64_t seed, double sharp) {
+  TORCH_CHECK_VALUE(coords.dim() == 4 && coords.size(3) == 3, "medfast ussim: coords must be (B, R, S, 3), got ",
+                    coords.sizes());
+  TORCH_CHECK_VALUE(coords.size(2) >= 1 && coords.size(1) >= 1 && coords.size(0) >= 1, "medfast ussim: empty coords");
+  return make_params_for(props, coords, coords.size(0), coords.size(2), noise, grid_affine, att, background, seed,
+                         sharp);
+}
+
+using Lines = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Params&);
+
+template <Lines F>
+Tensor march_lines_impl(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
+                        const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
+                        at::ArrayRef<double> background, int64_t seed, double sharp) {
+  TORCH_CHECK_VALUE(start.dim() == 4 && start.size(3) == 3 && start.size(0) >= 1 && start.size(1) >= 1 &&
+                        start.size(2) >= 1,
+                    "medfast ussim: start must be (B, L, E, 3), got ", start.sizes());
+  TORCH_CHECK_VALUE(step.dim() == 3 && step.size(0) == start.size(0) && step.size(1) == start.size(1) &&
+                        step.size(2) == 3,
+                    "medfast ussim: step must be (B, L, 3), got ", step.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 3 && weights.size(0) == start.size(2) && weights.size(1) >= 1 &&
+                        weights.size(2) == 3,
+                    "medfast ussim: weights must be (E, S, 3), got ", weights.sizes());
+  TORCH_CHECK_TYPE(step.scalar_type() == start.scalar_type() && weights.scalar_type() == start.scalar_type(),
+                   "medfast ussim: start, step and weights dtypes differ");
+  TORCH_CHECK_VALUE(step.device() == start.device() && weights.device() == start.device(),
+                    "medfast ussim: tensors on different devices");
+  const Params P = make_params_for(props, start, start.size(0), weights.size(1), noise, grid_affine, att, background,
+                                   seed, sharp);
+  return F(props.contiguous(), start.contiguous(), step.contiguous(), weights.contiguous(), noise.contiguous(), P);
 }
 
 using Fwd = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Params&);
@@ -85,6 +116,20 @@ std::tuple<Tensor, Tensor> march_backward_impl(const Tensor& grad, const Tensor&
                         coords_grad);
 }
 
+template <Tensor (*F)(const Tensor&, const Tensor&, const Tensor&, bool)>
+Tensor psf_impl(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && h.dim() == 2 && h.size(0) == 3 && h.size(1) >= 1 && w.dim() == 3 &&
+                        w.size(0) == 3 && w.size(1) >= 1 && w.size(2) == x.size(3),
+                    "medfast ussim: psf needs x (B, L, 3, S) or (B, 2, L, S), h (3, K), w (3, J, S); got ", x.sizes(),
+                    ", ", h.sizes(), ", ", w.sizes());
+  TORCH_CHECK_VALUE(x.size(transpose ? 1 : 2) == (transpose ? 2 : 3), "medfast ussim: psf input shape ", x.sizes());
+  TORCH_CHECK_TYPE(h.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type() &&
+                       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+                   "medfast ussim: psf dtypes must be one of float32 / float64");
+  TORCH_CHECK_VALUE(h.device() == x.device() && w.device() == x.device(), "medfast ussim: tensors on different devices");
+  return F(x.contiguous(), h.contiguous(), w.contiguous(), transpose);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
@@ -92,18 +137,26 @@ TORCH_LIBRARY_FRAGMENT(medfast, m) {
       "ussim_march(Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, float[] background, "
       "int seed, float sharp) -> Tensor");
   m.def(
+      "ussim_march_lines(Tensor props, Tensor start, Tensor step, Tensor weights, Tensor noise, float[] grid_affine, "
+      "float att, float[] background, int seed, float sharp) -> Tensor");
+  m.def("ussim_psf(Tensor x, Tensor h, Tensor w, bool transpose) -> Tensor");
+  m.def(
       "ussim_march_backward(Tensor grad, Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, "
       "float[] background, int seed, float sharp, bool props_grad, bool coords_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(medfast, CPU, m) {
   m.impl("ussim_march", &march_impl<march_cpu>);
+  m.impl("ussim_march_lines", &march_lines_impl<march_lines_cpu>);
+  m.impl("ussim_psf", &psf_impl<psf_cpu>);
   m.impl("ussim_march_backward", &march_backward_impl<march_backward_cpu>);
 }
 
 #ifdef MEDFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
   m.impl("ussim_march", &march_impl<march_cuda>);
+  m.impl("ussim_march_lines", &march_lines_impl<march_lines_cuda>);
+  m.impl("ussim_psf", &psf_impl<psf_cuda>);
   m.impl("ussim_march_backward", &march_backward_impl<march_backward_cuda>);
 }
 #endif

@@ -24,6 +24,13 @@
 
 #include "common/macros.h"
 
+// Full unroll of the 8-corner loops (the corner selects fold to constants).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define USSIM_UNROLL8 _Pragma("unroll")
+#else
+#define USSIM_UNROLL8 _Pragma("GCC unroll 8")
+#endif
+
 namespace medfast::ussim {
 
 constexpr int kProps = 5;
@@ -49,16 +56,9 @@ struct Params {
 template <typename A>
 MEDFAST_HOST_DEVICE A sharpen(A t, double k, A* slope) {
   const A u = (t - A(0.5)) * A(k) + A(0.5);
-  if (u <= A(0)) {
-    *slope = A(0);
-    return A(0);
-  }
-  if (u >= A(1)) {
-    *slope = A(0);
-    return A(1);
-  }
-  *slope = A(k);
-  return u;
+  const bool inside = u > A(0) && u < A(1);
+  *slope = inside ? A(k) : A(0);
+  return u <= A(0) ? A(0) : (u >= A(1) ? A(1) : u);
 }
 
 MEDFAST_HOST_DEVICE uint64_t mix64(uint64_t x) {
@@ -78,10 +78,43 @@ MEDFAST_HOST_DEVICE int64_t cell_row(int64_t a, int64_t b, int64_t c, const Para
   return static_cast<int64_t>(h & static_cast<uint64_t>(P.noise_mask));
 }
 
-// Trilinear value (and gradient w.r.t. the voxel position, if grad != nullptr) of the K property
-// channels at voxel position (d, h, w). grad is K x 3 row-major.
+// The 8 x K corner values of the voxel cell (i0, j0, k0) of a ray's last sample. Rays step ~10 samples
+// per voxel, so a march that keeps one (CPU launcher) loads each cell once; the values (and so the
+// results) are the same as without it.
+template <typename A>
+struct CellCache {
+  int64_t i0, j0, k0;
+  bool valid;
+  A val[8][kProps];
+};
+
+// The 8 corner rows of the scatter-grid cell of the last sample (same idea as CellCache).
+template <typename A>
+struct NoiseCache {
+  int64_t c0, c1, c2;
+  bool valid;
+  A val[8][3];
+};
+
 template <typename T, typename A>
-MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A w, A* v, A* grad) {
+MEDFAST_HOST_DEVICE void load_cell(const T* vol, const Params& P, int64_t i0, int64_t j0, int64_t k0,
+                                   A (*val)[kProps]) {
+  const bool all_in = i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
+  USSIM_UNROLL8
+  for (int corner = 0; corner < 8; ++corner) {
+    const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+    const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
+    const bool in = all_in || (i >= 0 && j >= 0 && k >= 0 && i < P.D && j < P.H && k < P.W);
+    const T* src = in ? vol + ((i * P.H + j) * P.W + k) * kProps : nullptr;
+    for (int c = 0; c < kProps; ++c) val[corner][c] = in ? static_cast<A>(src[c]) : static_cast<A>(P.bg[c]);
+  }
+}
+
+// Trilinear value (and gradient w.r.t. the voxel position, if grad != nullptr) of the K property
+// channels at voxel position (d, h, w). grad is K x 3 row-major. cache: optional CellCache.
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A w, A* v, A* grad,
+                                      CellCache<A>* cache = nullptr) {
   const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
   const int64_t i0 = static_cast<int64_t>(fd0), j0 = static_cast<int64_t>(fh0), k0 = static_cast<int64_t>(fw0);
   const A td = d - fd0, th = h - fh0, tw = w - fw0;
@@ -91,33 +124,43 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
     v[c] = A(0);
     if (grad) grad[3 * c] = grad[3 * c + 1] = grad[3 * c + 2] = A(0);
   }
-  const bool all_in = i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
-  MEDFAST_UNROLL
+  A local[8][kProps];
+  A(*val)[kProps] = local;
+  if (cache) {
+    if (!cache->valid || cache->i0 != i0 || cache->j0 != j0 || cache->k0 != k0) {
+      load_cell<T, A>(vol, P, i0, j0, k0, cache->val);
+      cache->i0 = i0;
+      cache->j0 = j0;
+      cache->k0 = k0;
+      cache->valid = true;
+    }
+    val = cache->val;
+  } else {
+    load_cell<T, A>(vol, P, i0, j0, k0, local);
+  }
+  USSIM_UNROLL8
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
-    const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
     const A wd = a ? td : A(1) - td, wh = b ? th : A(1) - th, ww = e ? tw : A(1) - tw;
     const A wt = wd * wh * ww;
-    const bool in = all_in || (i >= 0 && j >= 0 && k >= 0 && i < P.D && j < P.H && k < P.W);
-    const T* src = in ? vol + ((i * P.H + j) * P.W + k) * kProps : nullptr;
     const A sd = a ? A(1) : A(-1), sh = b ? A(1) : A(-1), se = e ? A(1) : A(-1);
     {  // impedance: sharpened weights
       const A ud = a ? zd : A(1) - zd, uh = b ? zh : A(1) - zh, uw = e ? zw : A(1) - zw;
-      const A val = in ? static_cast<A>(src[0]) : static_cast<A>(P.bg[0]);
-      v[0] += ud * uh * uw * val;
+      const A x = val[corner][0];
+      v[0] += ud * uh * uw * x;
       if (grad) {
-        grad[0] += sd * md * uh * uw * val;
-        grad[1] += ud * sh * mh * uw * val;
-        grad[2] += ud * uh * se * mw * val;
+        grad[0] += sd * md * uh * uw * x;
+        grad[1] += ud * sh * mh * uw * x;
+        grad[2] += ud * uh * se * mw * x;
       }
     }
     for (int c = 1; c < kProps; ++c) {
-      const A val = in ? static_cast<A>(src[c]) : static_cast<A>(P.bg[c]);
-      v[c] += wt * val;
+      const A x = val[corner][c];
+      v[c] += wt * x;
       if (grad) {
-        grad[3 * c] += sd * wh * ww * val;
-        grad[3 * c + 1] += wd * sh * ww * val;
-        grad[3 * c + 2] += wd * wh * se * val;
+        grad[3 * c] += sd * wh * ww * x;
+        grad[3 * c + 1] += wd * sh * ww * x;
+        grad[3 * c + 2] += wd * wh * se * x;
       }
     }
   }
@@ -126,16 +169,20 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
 // Adds g[K] * trilinear weights of position (d, h, w) into the property gradient volume
 // (background corners are constants: no gradient). add(ptr, value) does the accumulation.
 template <typename A, typename Add, typename G>
-MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, const A* g, Add add) {
+MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, const A* g, Add add,
+                                       int64_t i_lo = 0, int64_t i_hi = INT64_MAX) {
+  // [i_lo, i_hi): only the corners in this range of the first volume axis (a slab of the volume,
+  // so that the CPU launcher can split the scatter into disjoint slabs).
   const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
   const int64_t i0 = static_cast<int64_t>(fd0), j0 = static_cast<int64_t>(fh0), k0 = static_cast<int64_t>(fw0);
+  if (i0 + 1 < i_lo || i0 >= i_hi) return;
   const A td = d - fd0, th = h - fh0, tw = w - fw0;
   A md, mh, mw;
   const A zd = sharpen<A>(td, P.sharp, &md), zh = sharpen<A>(th, P.sharp, &mh), zw = sharpen<A>(tw, P.sharp, &mw);
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
     const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
-    if (i < 0 || j < 0 || k < 0 || i >= P.D || j >= P.H || k >= P.W) continue;
+    if (i < 0 || j < 0 || k < 0 || i >= P.D || j >= P.H || k >= P.W || i < i_lo || i >= i_hi) continue;
     const A wt = (a ? td : A(1) - td) * (b ? th : A(1) - th) * (e ? tw : A(1) - tw);
     const A wz = (a ? zd : A(1) - zd) * (b ? zh : A(1) - zh) * (e ? zw : A(1) - zw);
     G* dst = gvol + ((i * P.H + j) * P.W + k) * kProps;
@@ -150,7 +197,8 @@ MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, 
 // statistics do not depend on where the samples fall in the cells). n[3] values and, if
 // dn != nullptr, d n / d p (3 x 3 row-major). A one-row table gives that row everywhere.
 template <typename A>
-MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, A h, A w, A* n, A* dn) {
+MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, A h, A w, A* n, A* dn,
+                                      NoiseCache<A>* cache = nullptr) {
   if (P.noise_mask == 0) {  // a one-row table: the same scatterer value everywhere (speckle off)
     for (int c = 0; c < 3; ++c) n[c] = static_cast<A>(table[c]);
     if (dn)
@@ -167,10 +215,46 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
     N[c] = A(0);
     dN[c][0] = dN[c][1] = dN[c][2] = A(0);
   }
-  MEDFAST_UNROLL
+  A local[8][3];
+  A(*rows)[3] = local;
+  if (cache && cache->valid && cache->c0 == c0 && cache->c1 == c1 && cache->c2 == c2) {
+    rows = cache->val;
+  } else {
+    // A step of one cell along one axis (the usual miss) shares 4 corners with the cached cell.
+    int keep_mask = 0, keep_bit = 0;
+    if (cache && cache->valid) {
+      const int64_t d0 = c0 - cache->c0, d1 = c1 - cache->c1, d2 = c2 - cache->c2;
+      const int64_t a0 = d0 < 0 ? -d0 : d0, a1 = d1 < 0 ? -d1 : d1, a2 = d2 < 0 ? -d2 : d2;
+      if (a0 + a1 + a2 == 1) {
+        keep_mask = a0 ? 4 : (a1 ? 2 : 1);
+        keep_bit = (d0 + d1 + d2) > 0 ? 0 : keep_mask;  // corners of the new cell that the old one had
+      }
+    }
+    A old[8][3];
+    if (keep_mask)
+      for (int corner = 0; corner < 8; ++corner)
+        for (int c = 0; c < 3; ++c) old[corner][c] = cache->val[corner][c];
+    if (cache) {
+      rows = cache->val;
+      cache->c0 = c0;
+      cache->c1 = c1;
+      cache->c2 = c2;
+      cache->valid = true;
+    }
+    MEDFAST_UNROLL
+    for (int corner = 0; corner < 8; ++corner) {
+      if (keep_mask && (corner & keep_mask) == keep_bit) {
+        for (int c = 0; c < 3; ++c) rows[corner][c] = old[corner ^ keep_mask][c];
+        continue;
+      }
+      const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+      const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
+      for (int c = 0; c < 3; ++c) rows[corner][c] = static_cast<A>(row[c]);
+    }
+  }
+  USSIM_UNROLL8
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
-    const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
     const A w0 = a ? t0 : A(1) - t0, w1 = b ? t1 : A(1) - t1, w2 = e ? t2 : A(1) - t2;
     const A wt = w0 * w1 * w2;
     s2 += wt * wt;
@@ -179,7 +263,7 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
     if (dn)
       for (int j = 0; j < 3; ++j) ds2[j] += A(2) * wt * dw[j];
     for (int c = 0; c < 3; ++c) {
-      const A val = static_cast<A>(row[c]);
+      const A val = rows[corner][c];
       N[c] += wt * val;
       if (dn)
         for (int j = 0; j < 3; ++j) dN[c][j] += dw[j] * val;
@@ -211,9 +295,10 @@ struct Sample {
 
 template <typename T, typename A>
 MEDFAST_HOST_DEVICE void eval_sample(const T* vol, const float* table, const Params& P, const A* p, A Zprev, bool first,
-                                     Sample<A>& s, A* dv, A* dn) {
-  sample_props<T, A>(vol, P, p[0], p[1], p[2], s.v, dv);
-  sample_noise<A>(table, P, p[0], p[1], p[2], s.n, dn);
+                                     Sample<A>& s, A* dv, A* dn, CellCache<A>* cell = nullptr,
+                                     NoiseCache<A>* ncache = nullptr) {
+  sample_props<T, A>(vol, P, p[0], p[1], p[2], s.v, dv, cell);
+  sample_noise<A>(table, P, p[0], p[1], p[2], s.n, dn, ncache);
   s.z_clamped = s.v[0] < A(kMinImpedance);
   s.Z = s.z_clamped ? A(kMinImpedance) : s.v[0];
   s.R = first ? A(0) : (s.Z - Zprev) / (s.Z + Zprev);
@@ -223,42 +308,111 @@ MEDFAST_HOST_DEVICE void eval_sample(const T* vol, const float* table, const Par
   s.amp = s.sq * s.m;
 }
 
+// exp / log in the accumulation type (expf / logf for float: no round trip through double).
+MEDFAST_HOST_DEVICE float exp_a(float x) { return expf(x); }
+MEDFAST_HOST_DEVICE double exp_a(double x) { return exp(x); }
+MEDFAST_HOST_DEVICE float log_a(float x) { return logf(x); }
+MEDFAST_HOST_DEVICE double log_a(double x) { return log(x); }
+
 template <typename A>
 MEDFAST_HOST_DEVICE A log_transmission(A R) {
   const A t = A(1) - R * R;
-  return log(t > A(kMinTransmission) ? t : A(kMinTransmission));
+  return log_a(t > A(kMinTransmission) ? t : A(kMinTransmission));
 }
 
-// Forward of one ray: coords (S, 3), out (S, 3).
-template <typename T, typename A>
-MEDFAST_HOST_DEVICE void march_ray(const T* vol, const float* table, const Params& P, const T* coords, T* out) {
+// Forward of one ray with the sample positions from pos(i, p) (p: 3 voxel coordinates) and the
+// echoes handed to emit(i, specular, scatter re, scatter im).
+// Cached: keep the corner values of the last voxel and scatter cells (CellCache, NoiseCache; the
+// CPU launcher; same results).
+template <typename T, typename A, bool Cached = false, typename Pos, typename Emit>
+MEDFAST_HOST_DEVICE void march_ray_fn(const T* vol, const float* table, const Params& P, Pos pos, Emit emit) {
   double logT = 0.0;
   A Zprev = A(1);
+  CellCache<A> cell;
+  NoiseCache<A> ncache;
+  cell.valid = ncache.valid = false;
   for (int64_t i = 0; i < P.S; ++i) {
-    A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
+    A p[3];
+    pos(i, p);
     Sample<A> s;
-    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr);
-    const A E = static_cast<A>(exp(logT));
-    out[3 * i] = static_cast<T>(E * s.R);
-    out[3 * i + 1] = static_cast<T>(E * s.amp * s.n[0]);
-    out[3 * i + 2] = static_cast<T>(E * s.amp * s.n[1]);
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr, Cached ? &cell : nullptr,
+                      Cached ? &ncache : nullptr);
+    const A E = exp_a(static_cast<A>(logT));
+    emit(i, E * s.R, E * s.amp * s.n[0], E * s.amp * s.n[1]);
     logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
     Zprev = s.Z;
   }
 }
 
+// Forward of one ray: coords (S, 3), out (S, 3).
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void march_ray(const T* vol, const float* table, const Params& P, const T* coords, T* out) {
+  march_ray_fn<T, A>(
+      vol, table, P,
+      [=](int64_t i, A* p) {
+        p[0] = static_cast<A>(coords[3 * i]);
+        p[1] = static_cast<A>(coords[3 * i + 1]);
+        p[2] = static_cast<A>(coords[3 * i + 2]);
+      },
+      [=](int64_t i, A e0, A e1, A e2) {
+        out[3 * i] = static_cast<T>(e0);
+        out[3 * i + 1] = static_cast<T>(e1);
+        out[3 * i + 2] = static_cast<T>(e2);
+      });
+}
+
+// Forward of one scanline made of E sub-rays with evenly spaced samples (sample i of sub-ray e at
+// start[e] + i * step, start (E, 3), step (3,)), summed over the sub-rays with the per-sample
+// weights w (E, S, 3): out[c * out_stride + i] = sum_e w[e, i, c] * echo_e,i,c (channel-major).
+// The sample positions are those of march_ray with coords = start + i * step.
+template <typename T, typename A, bool Cached = false>
+MEDFAST_HOST_DEVICE void march_line(const T* vol, const float* table, const Params& P, const T* start, const T* step,
+                                    const T* w, int64_t E, T* out, int64_t out_stride) {
+  const A st[3] = {static_cast<A>(step[0]), static_cast<A>(step[1]), static_cast<A>(step[2])};
+  for (int64_t e = 0; e < E; ++e) {
+    const A o[3] = {static_cast<A>(start[3 * e]), static_cast<A>(start[3 * e + 1]), static_cast<A>(start[3 * e + 2])};
+    const T* we = w + e * P.S * 3;
+    march_ray_fn<T, A, Cached>(
+        vol, table, P,
+        [&](int64_t i, A* p) {
+          const A fi = static_cast<A>(i);
+          p[0] = o[0] + fi * st[0];
+          p[1] = o[1] + fi * st[1];
+          p[2] = o[2] + fi * st[2];
+        },
+        [&](int64_t i, A e0, A e1, A e2) {
+          const A v0 = static_cast<A>(we[3 * i]) * e0, v1 = static_cast<A>(we[3 * i + 1]) * e1,
+                  v2 = static_cast<A>(we[3 * i + 2]) * e2;
+          if (e == 0) {
+            out[i] = static_cast<T>(v0);
+            out[out_stride + i] = static_cast<T>(v1);
+            out[2 * out_stride + i] = static_cast<T>(v2);
+          } else {
+            out[i] += static_cast<T>(v0);
+            out[out_stride + i] += static_cast<T>(v1);
+            out[2 * out_stride + i] += static_cast<T>(v2);
+          }
+        });
+  }
+}
+
 // Backward of one ray. grad (S, 3) is dL/d out. Writes gvals (S, K) = dL/d sampled property values
 // (if gvals != nullptr) and gcoords (S, 3) = dL/d coords (if gcoords != nullptr).
-template <typename T, typename A>
+// Cached: as in march_ray_fn (CPU launcher; same results).
+template <typename T, typename A, bool Cached = false>
 MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, const Params& P, const T* coords,
                                             const T* grad, T* gvals, T* gcoords) {
+  CellCache<A> cell;
+  NoiseCache<A> ncache;
+  cell.valid = ncache.valid = false;
   // Pass 1: total of h_i E_i.
   double logT = 0.0, total = 0.0;
   A Zprev = A(1);
   for (int64_t i = 0; i < P.S; ++i) {
     A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
     Sample<A> s;
-    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr);
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr, Cached ? &cell : nullptr,
+                      Cached ? &ncache : nullptr);
     const A g0 = static_cast<A>(grad[3 * i]), g1 = static_cast<A>(grad[3 * i + 1]), g2 = static_cast<A>(grad[3 * i + 2]);
     const A h = g0 * s.R + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
     total += static_cast<double>(h) * exp(logT);
@@ -275,7 +429,8 @@ MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, co
     A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
     Sample<A> s;
     A dv[3 * kProps], dn[9];
-    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, gcoords ? dv : nullptr, gcoords ? dn : nullptr);
+    eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, gcoords ? dv : nullptr, gcoords ? dn : nullptr,
+                      Cached ? &cell : nullptr, Cached ? &ncache : nullptr);
     const A E = static_cast<A>(exp(logT));
     const A g0 = static_cast<A>(grad[3 * i]), g1 = static_cast<A>(grad[3 * i + 1]), g2 = static_cast<A>(grad[3 * i + 2]);
     const A h = g0 * s.R + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
@@ -326,6 +481,48 @@ MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, co
       for (int c = 0; c < kProps; ++c) acc += gv_prev[c] * dv_prev[3 * c + j];
       gcoords[3 * last + j] = static_cast<T>(acc);
     }
+}
+
+}  // namespace medfast::ussim
+
+namespace medfast::ussim {
+
+// Coherent IQ point-spread function of the simulator (medfast/ultrasound/simulate.py): an axial
+// K-tap filter per channel along the samples, then a depth-dependent J-tap lateral filter across the
+// lines. Both are linear with constant weights; their transposes (flip = true) give the backward.
+// The functions fill the sample range [s0, s1) of one output row, so the CPU launcher runs them over
+// whole rows (vectorised loops) and the CUDA launcher over one sample per thread.
+
+// Axial: out[s] = sum_k h[k] x[s + k - K/2] (flip: x[s - k + K/2]), zero outside [0, S).
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void psf_axial_row(const T* x, const T* h, int64_t K, int64_t S, int64_t s0, int64_t s1, T* out,
+                                       bool flip) {
+  for (int64_t s = s0; s < s1; ++s) out[s] = T(0);
+  const int64_t half = K / 2;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t off = flip ? half - k : k - half;  // input index = s + off
+    const A hk = static_cast<A>(h[k]);
+    const int64_t lo = s0 > -off ? s0 : -off, hi = s1 < S - off ? s1 : S - off;
+    for (int64_t s = lo; s < hi; ++s) out[s] = static_cast<T>(static_cast<A>(out[s]) + hk * static_cast<A>(x[s + off]));
+  }
+}
+
+// Lateral, one output row (line l): out[s] = sum_j w[j * S + s] y_{l + j - J/2}[s] (flip:
+// y_{l - j + J/2}), with y_m = y + m * line_stride and lines outside [0, L) zero; accumulate: out +=.
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE void psf_lateral_row(const T* y, int64_t line_stride, const T* w, int64_t J, int64_t L, int64_t S,
+                                         int64_t l, int64_t s0, int64_t s1, T* out, bool flip, bool accumulate) {
+  if (!accumulate)
+    for (int64_t s = s0; s < s1; ++s) out[s] = T(0);
+  const int64_t half = J / 2;
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t m = flip ? l - j + half : l + j - half;
+    if (m < 0 || m >= L) continue;
+    const T* ym = y + m * line_stride;
+    const T* wj = w + j * S;
+    for (int64_t s = s0; s < s1; ++s)
+      out[s] = static_cast<T>(static_cast<A>(out[s]) + static_cast<A>(wj[s]) * static_cast<A>(ym[s]));
+  }
 }
 
 }  // namespace medfast::ussim

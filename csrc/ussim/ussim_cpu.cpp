@@ -4,9 +4,59 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "ussim/ussim_launch.h"
 
 namespace medfast::ussim {
+namespace {
+
+// The line-march loop, compiled twice: for the baseline x86-64 and for AVX2 + FMA (the header
+// arithmetic is inlined into it, so hardware floor/round, FMA contraction), picked at run time.
+template <typename T, typename A>
+void lines_loop(const T* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P, const T* st,
+                const T* sp, const T* w, int64_t L, int64_t E, T* o, int64_t begin, int64_t end) {
+  for (int64_t line = begin; line < end; ++line) {
+    const int64_t b = line / L;
+    march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
+                           o + line * 3 * P.S, P.S);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MEDFAST_USSIM_AVX2 1
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void lines_loop_avx2(const T* vol, int64_t vol_stride, int64_t Bv,
+                                                         const float* table, const Params& P, const T* st,
+                                                         const T* sp, const T* w, int64_t L, int64_t E, T* o,
+                                                         int64_t begin, int64_t end) {
+  for (int64_t line = begin; line < end; ++line) {
+    const int64_t b = line / L;
+    march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
+                           o + line * 3 * P.S, P.S);
+  }
+}
+
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void backward_loop_avx2(const T* vol, int64_t vol_stride, int64_t Bv,
+                                                            const float* table, const Params& P, const T* c,
+                                                            const T* g, T* gv, T* gc, int64_t R, int64_t begin,
+                                                            int64_t end) {
+  const int64_t S = P.S;
+  for (int64_t ray = begin; ray < end; ++ray) {
+    const int64_t b = ray / R;
+    march_ray_backward<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, g + ray * S * 3,
+                             gv ? gv + ray * S * kProps : nullptr, gc ? gc + ray * S * 3 : nullptr);
+  }
+}
+
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+}  // namespace
 
 Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise, const Params& P) {
   const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
@@ -28,6 +78,78 @@ Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise,
   return out;
 }
 
+Tensor march_lines_cpu(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
+                       const Tensor& noise, const Params& P) {
+  const int64_t B = start.size(0), L = start.size(1), E = start.size(2), S = P.S, Bv = props.size(0);
+  Tensor out = at::empty({B, L, 3, S}, start.options());
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "medfast_ussim_march_lines_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* vol = props.const_data_ptr<scalar_t>();
+    const scalar_t* st = start.const_data_ptr<scalar_t>();
+    const scalar_t* sp = step.const_data_ptr<scalar_t>();
+    const scalar_t* w = weights.const_data_ptr<scalar_t>();
+    const float* table = noise.const_data_ptr<float>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
+#ifdef MEDFAST_USSIM_AVX2
+      if (has_avx2()) {
+        lines_loop_avx2<scalar_t, A>(vol, vol_stride, Bv, table, P, st, sp, w, L, E, o, begin, end);
+        return;
+      }
+#endif
+      lines_loop<scalar_t, A>(vol, vol_stride, Bv, table, P, st, sp, w, L, E, o, begin, end);
+    });
+  });
+  return out;
+}
+
+Tensor psf_cpu(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose) {
+  const int64_t B = x.size(0), S = x.size(3), L = transpose ? x.size(2) : x.size(1);
+  const int64_t K = h.size(1), J = w.size(1);
+  Tensor tmp = at::empty({B, L, 3, S}, x.options());
+  Tensor out = transpose ? at::empty({B, L, 3, S}, x.options()) : at::empty({B, 2, L, S}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "medfast_ussim_psf_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* t = tmp.mutable_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / S);
+    if (!transpose) {
+      at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          psf_axial_row<scalar_t, A>(xp + r * S, hp + (r % 3) * K, K, S, 0, S, t + r * S, false);
+      });
+      at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t bl = begin; bl < end; ++bl) {
+          const int64_t b = bl / L, l = bl % L;
+          const scalar_t* y = t + b * L * 3 * S;
+          scalar_t* re = o + (b * 2 * L + l) * S;
+          scalar_t* im = o + ((b * 2 + 1) * L + l) * S;
+          psf_lateral_row<scalar_t, A>(y, 3 * S, wp, J, L, S, l, 0, S, re, false, false);
+          psf_lateral_row<scalar_t, A>(y + S, 3 * S, wp + J * S, J, L, S, l, 0, S, re, false, true);
+          psf_lateral_row<scalar_t, A>(y + 2 * S, 3 * S, wp + 2 * J * S, J, L, S, l, 0, S, im, false, false);
+        }
+      });
+    } else {
+      at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t c = r % 3, l = (r / 3) % L, b = r / (3 * L);
+          const scalar_t* g = xp + (b * 2 + (c < 2 ? 0 : 1)) * L * S;
+          psf_lateral_row<scalar_t, A>(g, S, wp + c * J * S, J, L, S, l, 0, S, t + r * S, true, false);
+        }
+      });
+      at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          psf_axial_row<scalar_t, A>(t + r * S, hp + (r % 3) * K, K, S, 0, S, o + r * S, true);
+      });
+    }
+  });
+  return out;
+}
+
 std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& coords,
                                               const Tensor& noise, const Params& P, bool props_grad,
                                               bool coords_grad) {
@@ -45,9 +167,15 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
     scalar_t* gv = props_grad ? gvals.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gc = coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+#ifdef MEDFAST_USSIM_AVX2
+      if (has_avx2()) {
+        backward_loop_avx2<scalar_t, A>(vol, vol_stride, Bv, table, P, c, g, gv, gc, R, begin, end);
+        return;
+      }
+#endif
       for (int64_t ray = begin; ray < end; ++ray) {
         const int64_t b = ray / R;
-        march_ray_backward<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3,
+        march_ray_backward<scalar_t, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3,
                                         g + ray * S * 3, gv ? gv + ray * S * kProps : nullptr,
                                         gc ? gc + ray * S * 3 : nullptr);
       }
@@ -55,16 +183,22 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
     if (props_grad) {
       scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
       const auto add = [](scalar_t* dst, scalar_t v) { *dst += v; };
-      // One task per volume: rays of batch elements that share a volume are added in order.
+      // One task per (volume, slab of the first volume axis): rays of batch elements that share a
+      // volume are added in sample order, each voxel by exactly one task (deterministic, the same
+      // sums as one serial pass).
       const int64_t per_volume = (Bv == 1 ? B : 1) * R * S;
-      at::parallel_for(0, Bv, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bv = begin; bv < end; ++bv) {
+      const int64_t slabs = Bv == 1 ? std::min<int64_t>(P.D, 4 * at::get_num_threads()) : 1;
+      at::parallel_for(0, Bv * slabs, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bv = task / slabs, slab = task % slabs;
+          const int64_t i_lo = slab * P.D / slabs, i_hi = (slab + 1) * P.D / slabs;
           const int64_t first = bv * per_volume;
           for (int64_t k = first; k < first + per_volume; ++k) {
             A gk[kProps];
             for (int q = 0; q < kProps; ++q) gk[q] = static_cast<A>(gv[k * kProps + q]);
             scatter_props<A>(gp + bv * vol_stride, P, static_cast<A>(c[3 * k]), static_cast<A>(c[3 * k + 1]),
-                             static_cast<A>(c[3 * k + 2]), gk, add);
+                             static_cast<A>(c[3 * k + 2]), gk, add, slabs == 1 ? int64_t(0) : i_lo,
+                             slabs == 1 ? INT64_MAX : i_hi);
           }
         }
       });

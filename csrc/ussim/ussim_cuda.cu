@@ -30,6 +30,54 @@ __global__ void march_kernel(const T* vol, const float* table, const Params P, c
 }
 
 template <typename T>
+__global__ void lines_kernel(const T* vol, const float* table, const Params P, const T* start, const T* step,
+                             const T* w, T* out, int64_t lines, int64_t L, int64_t E, int64_t Bv) {
+  using A = acc_t<T>;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  for (int64_t line = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; line < lines;
+       line += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = line / L;
+    march_line<T, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, start + line * E * 3, step + line * 3, w, E,
+                     out + line * 3 * P.S, P.S);
+  }
+}
+
+// PSF: one thread per output sample (the row functions of ussim.h over the range [s, s + 1)).
+template <typename T>
+__global__ void psf_axial_kernel(const T* x, const T* h, T* out, int64_t rows, int64_t K, int64_t S, bool flip) {
+  using A = acc_t<T>;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < rows * S; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = k / S, s = k % S;
+    psf_axial_row<T, A>(x + r * S, h + (r % 3) * K, K, S, s, s + 1, out + r * S, flip);
+  }
+}
+
+template <typename T>
+__global__ void psf_lateral_kernel(const T* y, const T* w, T* out, int64_t B, int64_t L, int64_t J, int64_t S) {
+  using A = acc_t<T>;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < B * L * S; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = k % S, l = (k / S) % L, b = k / (S * L);
+    const T* yb = y + b * L * 3 * S;
+    T* re = out + (b * 2 * L + l) * S;
+    T* im = out + ((b * 2 + 1) * L + l) * S;
+    psf_lateral_row<T, A>(yb, 3 * S, w, J, L, S, l, s, s + 1, re, false, false);
+    psf_lateral_row<T, A>(yb + S, 3 * S, w + J * S, J, L, S, l, s, s + 1, re, false, true);
+    psf_lateral_row<T, A>(yb + 2 * S, 3 * S, w + 2 * J * S, J, L, S, l, s, s + 1, im, false, false);
+  }
+}
+
+template <typename T>
+__global__ void psf_lateral_t_kernel(const T* g, const T* w, T* out, int64_t B, int64_t L, int64_t J, int64_t S) {
+  using A = acc_t<T>;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < B * L * 3 * S;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = k % S, r = k / S, c = r % 3, l = (r / 3) % L, b = r / (3 * L);
+    psf_lateral_row<T, A>(g + (b * 2 + (c < 2 ? 0 : 1)) * L * S, S, w + c * J * S, J, L, S, l, s, s + 1,
+                          out + r * S, true, false);
+  }
+}
+
+template <typename T>
 __global__ void backward_kernel(const T* vol, const float* table, const Params P, const T* coords, const T* grad,
                                 T* gvals, T* gcoords, int64_t rays, int64_t R, int64_t Bv) {
   using A = acc_t<T>;
@@ -71,6 +119,52 @@ Tensor march_cuda(const Tensor& props, const Tensor& coords, const Tensor& noise
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   (void)S;
+  return out;
+}
+
+Tensor march_lines_cuda(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
+                        const Tensor& noise, const Params& P) {
+  const c10::cuda::CUDAGuard guard(start.device());
+  const int64_t B = start.size(0), L = start.size(1), E = start.size(2), Bv = props.size(0);
+  Tensor out = at::empty({B, L, 3, P.S}, start.options());
+  const int64_t lines = B * L;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "medfast_ussim_march_lines_cuda", [&] {
+    lines_kernel<scalar_t><<<grid_blocks(lines, kThreads), kThreads, 0, stream>>>(
+        props.const_data_ptr<scalar_t>(), noise.const_data_ptr<float>(), P, start.const_data_ptr<scalar_t>(),
+        step.const_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), lines,
+        L, E, Bv);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+Tensor psf_cuda(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), S = x.size(3), L = transpose ? x.size(2) : x.size(1);
+  const int64_t K = h.size(1), J = w.size(1);
+  Tensor tmp = at::empty({B, L, 3, S}, x.options());
+  Tensor out = transpose ? at::empty({B, L, 3, S}, x.options()) : at::empty({B, 2, L, S}, x.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n3 = B * L * 3 * S, n2 = B * L * S;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "medfast_ussim_psf_cuda", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* t = tmp.mutable_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if (!transpose) {
+      psf_axial_kernel<scalar_t><<<grid_blocks(n3, kThreads), kThreads, 0, stream>>>(xp, hp, t, B * L * 3, K, S, false);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      psf_lateral_kernel<scalar_t><<<grid_blocks(n2, kThreads), kThreads, 0, stream>>>(t, wp, o, B, L, J, S);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      psf_lateral_t_kernel<scalar_t><<<grid_blocks(n3, kThreads), kThreads, 0, stream>>>(xp, wp, t, B, L, J, S);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      psf_axial_kernel<scalar_t><<<grid_blocks(n3, kThreads), kThreads, 0, stream>>>(t, hp, o, B * L * 3, K, S, true);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
   return out;
 }
 

@@ -152,3 +152,86 @@ def ray_march(
     if not (float(sharp) >= 1.0):
         raise ValueError(f"sharp must be >= 1, got {sharp}")
     return _ops.ussim_march(props, coords, noise, g, float(att), bg, int(seed), float(sharp))
+
+
+@torch.library.register_fake("medfast::ussim_march_lines")
+def _march_lines_fake(props, start, step, weights, noise, grid_affine, att, background, seed, sharp):
+    return start.new_empty((start.shape[0], start.shape[1], 3, weights.shape[1]))
+
+
+class _MarchLines(torch.autograd.Function):
+    """``ussim_march_lines`` with its gradient: the backward materialises the sample positions
+    ``start + i * step`` and runs the per-ray backward kernel (``ussim_march_backward``)."""
+
+    @staticmethod
+    def forward(ctx, props, start, step, weights, noise, g, att, bg, seed, sharp):
+        ctx.save_for_backward(props, start, step, weights, noise)
+        ctx.args = (g, att, bg, seed, sharp)
+        return _ops.ussim_march_lines(props, start, step, weights, noise, g, att, bg, seed, sharp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        props, start, step, weights, noise = ctx.saved_tensors
+        need_props = ctx.needs_input_grad[0]
+        need_coords = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        none = (None,) * 8
+        if not (need_props or need_coords):
+            return (None, None) + none
+        B, L, E, _ = start.shape
+        S = weights.shape[1]
+        i = torch.arange(S, device=start.device, dtype=start.dtype)
+        coords = (start[:, :, :, None, :] + i[:, None] * step[:, :, None, None, :]).reshape(B, L * E, S, 3)
+        gech = (grad.transpose(2, 3)[:, :, None] * weights).reshape(B, L * E, S, 3)
+        gp, gc = _ops.ussim_march_backward(gech, props, coords, noise, *ctx.args, need_props, need_coords)
+        gstart = gstep = None
+        if need_coords:
+            gc = gc.view(B, L, E, S, 3)
+            gstart = gc.sum(3)
+            gstep = torch.einsum("blesk,s->blk", gc, i)
+        return (gp if need_props else None), gstart, gstep, None, None, None, None, None, None, None
+
+
+def march_lines(props: torch.Tensor, start: torch.Tensor, step: torch.Tensor, weights: torch.Tensor,
+                noise: torch.Tensor, grid_affine: Sequence[float], att: float, background: Sequence[float],
+                seed: int = 0, sharp: float = 1.0) -> torch.Tensor:
+    """Scanlines of E sub-rays each, summed over the sub-rays (the fused forward of the simulator).
+
+    Sample i of sub-ray e of line l is at the voxel position ``start[b, l, e] + i * step[b, l]``
+    (``start`` ``(B, L, E, 3)``, ``step`` ``(B, L, 3)``); its echoes (those of :func:`ray_march`)
+    are weighted by ``weights[e, i]`` (``(E, S, 3)``, constant) and summed over e. Returns
+    ``(B, L, 3, S)`` (channel-major per line). Arguments are not validated (internal to
+    :func:`medfast.ultrasound.simulate`); props, start and step are differentiable.
+    """
+    g = [float(v) for v in grid_affine]
+    return _MarchLines.apply(props, start, step, weights, noise, g, float(att), [float(v) for v in background],
+                             int(seed), float(sharp))
+
+
+@torch.library.register_fake("medfast::ussim_psf")
+def _psf_fake(x, h, w, transpose):
+    if transpose:
+        return x.new_empty((x.shape[0], x.shape[2], 3, x.shape[3]))
+    return x.new_empty((x.shape[0], 2, x.shape[1], x.shape[3]))
+
+
+class _Psf(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, w):
+        ctx.save_for_backward(h, w)
+        return _ops.ussim_psf(x, h, w, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w = ctx.saved_tensors
+        return _ops.ussim_psf(grad, h, w, True), None, None
+
+
+def psf(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The simulator's IQ point-spread function (linear, constant weights; differentiable in x).
+
+    ``x`` ``(B, L, 3, S)`` (specular, scatter re, scatter im per line), ``h`` ``(3, K)`` axial taps per
+    channel (K odd, centred), ``w`` ``(3, J, S)`` depth-dependent lateral taps across the lines (J
+    odd, centred; lines outside the frame are zero). Returns ``(B, 2, L, S)``: the real part (lateral
+    of channels 0 + 1) and the imaginary part (channel 2).
+    """
+    return _Psf.apply(x, h, w)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medfast.ops._ussim import N_PROPS, noise_table, ray_march
+from medfast.ops._ussim import N_PROPS, march_lines, noise_table, psf
 from medfast.ultrasound.probe import Probe
 from medfast.ultrasound.tissue import HU_KNOTS, WATER, LabelTable, hu_to_properties
 
@@ -212,14 +212,23 @@ def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
 def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dtype, pixel_mm):
     """Per-probe constant tensors, computed once per (probe, sub_rays, device, dtype)."""
     dev = torch.device(device)
-    if kind == "points":
-        return probe_points(probe, sub_rays, device=dev).to(dtype).reshape(1, -1, 3)
+    if kind == "rays":  # (L, E, 3) sub-ray origins, (L, 3) sample steps (probe frame, mm)
+        origin, direction = probe.line_geometry(dtype=torch.float64)
+        start = origin[:, None, :].expand(-1, sub_rays, -1).clone()
+        start[..., 1] += elevation_offsets(probe, sub_rays)[None, :]
+        return start.to(device=dev, dtype=dtype), (direction * probe.dz_mm).to(device=dev, dtype=dtype)
+    if kind == "elevation3":  # (E, S, 3) elevation weights of the (specular, scatter re, im) channels
+        w_spec, w_scat = _elevation_weights(probe, sub_rays, dtype, dev)
+        return (torch.stack([w_spec, w_scat, w_scat], -1).contiguous(),
+                torch.stack([w_spec, w_spec, w_spec], -1).contiguous())
     if kind == "axial":
         return _axial_kernel(probe, dtype, dev)
     if kind == "lateral":
         return _lateral_weights(probe, dtype, dev)
     if kind == "elevation":
         return _elevation_weights(probe, sub_rays, dtype, dev)
+    if kind in ("psf_speckle", "psf_plain"):
+        return _psf_weights(probe, kind == "psf_speckle", dtype, dev)
     if kind == "grid":
         return probe.scan_grid(pixel_mm, device=dev, dtype=dtype)
     raise KeyError(kind)
@@ -255,28 +264,27 @@ def _elevation_weights(probe: Probe, sub_rays: int, dtype, device) -> tuple[torc
     return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
 
 
-def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (B, 3, L, S) = (specular, scatter re, scatter im) -> IQ (real, imaginary), each (B, L, S). The scatter
-    channels are normalised to unit energy (random scatterers) or, with speckle off (a deterministic,
-    coherent scatter field), like the specular channel."""
-    B, C, L, S = x.shape
-    h = _cached("axial", probe, 1, str(x.device), x.dtype, None)
-    # Specular: peak 1 (a plane reflector keeps its amplitude); scatter: unit energy (the mean
-    # speckle intensity equals the scatter power).
+def _psf_weights(probe: Probe, speckle: bool, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial taps ``(3, K)`` and lateral taps ``(3, J, S)`` of the (specular, scatter re, scatter im)
+    channels. Specular: peak 1 (a plane reflector keeps its amplitude); scatter: unit energy (the mean
+    speckle intensity equals the scatter power), or like specular with speckle off."""
+    h = _axial_kernel(probe, torch.float64, "cpu")
     hn = h / h.square().sum().sqrt() if speckle else h
-    hs = torch.stack([h, hn, hn])[:, None]  # (3, 1, K)
-    y = F.conv1d(x.permute(0, 2, 1, 3).reshape(B * L, C, S), hs,
-                 padding=h.numel() // 2, groups=C).view(B, L, C, S).permute(0, 2, 1, 3)
-    w_spec, w_scat = _cached("lateral", probe, 1, str(x.device), x.dtype, None)
-    half = w_spec.shape[1] // 2
-    padded = F.pad(y, (0, 0, half, half))  # pad the line axis
+    w_spec, w_scat = _lateral_weights(probe, torch.float64, "cpu")
     if not speckle:
         w_scat = w_spec
-    wts = torch.stack([w_spec, w_scat, w_scat], 0)  # (3, S, 2K+1)
-    out = padded[:, :, 0:L, :] * wts[None, :, None, :, 0]
-    for j in range(1, 2 * half + 1):
-        out.addcmul_(padded[:, :, j:j + L, :], wts[None, :, None, :, j])
-    return out[:, 0] + out[:, 1], out[:, 2]
+    hs = torch.stack([h, hn, hn])
+    wts = torch.stack([w_spec, w_scat, w_scat], 0).transpose(1, 2)  # (3, J, S)
+    return hs.to(device=device, dtype=dtype).contiguous(), wts.to(device=device, dtype=dtype).contiguous()
+
+
+def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, L, 3, S) = (specular, scatter re, scatter im) -> IQ (real, imaginary), each (B, L, S). The scatter
+    channels are normalised to unit energy (random scatterers) or, with speckle off (a deterministic,
+    coherent scatter field), like the specular channel. One fused kernel (``ussim_psf``)."""
+    h, w = _cached("psf_speckle" if speckle else "psf_plain", probe, 1, str(x.device), x.dtype, None)
+    iq = psf(x, h, w)
+    return iq[:, 0], iq[:, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,30 +381,29 @@ def simulate(
         raise ValueError(f"props batch ({props.shape[0]}) must be 1 or the number of poses ({B})")
     _check_memory(B, probe, sub_rays, props.dtype, props.device, max_bytes)
     dev, dt = props.device, props.dtype
-    L, E, S = probe.n_lines, sub_rays, probe.n_samples
+    E = sub_rays
 
-    # Probe frame -> voxel coordinates: M = affine^-1 @ pose.
-    pts = _cached("points", probe, E, str(dev), dt, None)
+    # Probe frame -> voxel coordinates: M = affine^-1 @ pose; sample i of a sub-ray is at
+    # start + i * step (voxel), computed in the kernel.
+    start_p, step_p = _cached("rays", probe, E, str(dev), dt, None)
     inv_a = torch.linalg.inv(a).to(device=dev, dtype=dt)
     M = inv_a[None] @ pose
-    coords = (pts @ M[:, :3, :3].transpose(1, 2) + M[:, None, :3, 3]).reshape(B, L * E, S, 3)
+    R3 = M[:, :3, :3]
+    # (tiny broadcast products: cheaper than batched matmuls of 3x3 matrices)
+    start = (R3[:, None, None] * start_p[None, :, :, None, :]).sum(-1) + M[:, None, None, :3, 3]
+    step = (R3[:, None] * step_p[None, :, None, :]).sum(-1)
 
-    G = (a[:3, :] / scatter_cell_mm).flatten()
+    G = (a[:3, :] / scatter_cell_mm).flatten().tolist()
     att = 2.0 * probe.fc_mhz * (probe.dz_mm / 10.0) * math.log(10.0) / 20.0
     props_cl = props.permute(0, 2, 3, 4, 1).contiguous()
     if interface_mm is None:
         interface_mm = 2.0 * probe.dz_mm
     voxel_mm = float(torch.linalg.norm(a[:3, :3], dim=0).mean())
     sharp = max(1.0, voxel_mm / interface_mm)
-    echo = ray_march(props_cl, coords, _noise(seed, dev, speckle), G, att, bg, seed, sharp)  # (B, L*E, S, 3)
-    echo = echo.view(B, L, E, S, 3)
-
-    w_spec, w_scat = _cached("elevation", probe, E, str(dev), dt, None)  # (E, S)
-    if not speckle:
-        w_scat = w_spec
-    w3 = torch.stack([w_spec, w_scat, w_scat], -1)  # (E, S, 3)
-    lines = echo[:, :, 0] * w3[0] if E == 1 else (echo * w3).sum(2)  # (B, L, S, 3)
-    i_re, i_im = _apply_psf(lines.permute(0, 3, 1, 2), probe, speckle)  # IQ, (B, L, S) each
+    w3 = _cached("elevation3", probe, E, str(dev), dt, None)[0 if speckle else 1]  # (E, S, 3)
+    # Elevation-weighted sub-ray sum, (B, L, 3, S).
+    lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, bg, seed, sharp)
+    i_re, i_im = _apply_psf(lines, probe, speckle)  # IQ, (B, L, S) each
 
     power = i_re.square().add_(i_im.square())  # |IQ|^2 before TGC
     # log compression with the TGC added in dB: 10 log10(|IQ|^2 g^2) = 10 log10 |IQ|^2 + 2 tgc fc z.
