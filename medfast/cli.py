@@ -264,7 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit status (0 on success). Invalid arguments raise ``SystemExit(2)`` (argparse).
     """
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `medfast info | head`: the reader left; not an error of ours
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail
+        return 0
 
 
 if __name__ == "__main__":
