@@ -269,7 +269,7 @@ def plot(meta: dict, rows: list[Row], path: Path) -> None:
     ax.set_xlabel("speed ratio (peer time / medfast time, log scale; > 1: medfast faster)")
     ax.set_title(f"medfast bench, {meta['device_name']}, {meta['date']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
