@@ -1,0 +1,175 @@
+"""Label encoders: class indices <-> network targets and network outputs -> classes / probabilities.
+
+Three encodings, each with ``encode`` (targets for the loss), ``decode`` (predicted class from the network's
+output) and ``probabilities`` (class probabilities, ``(N, C)``):
+
+* ``nominal``: unordered classes; targets are indices ``(N,)`` (or one-hot ``(N, C)``); outputs ``C`` logits.
+* ``binary``: two classes; targets ``(N, 1)`` floats in {0, 1}; output one logit (of class 1).
+* ``ordinal``: ordered classes ``0 < 1 < ... < K-1`` (e.g. pT2 < pT3a < pT3b < pT4); cumulative-link (CORAL,
+  Cao et al. 2020) targets ``(N, K-1)`` with ``t[:, k] = [y > k]``; outputs ``K-1`` logits of ``P(y > k)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["BinaryEncoder", "NominalEncoder", "OrdinalEncoder", "make_encoder"]
+
+
+class _Encoder:
+    encoding = "?"
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = int(num_classes)
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.class_names = [str(c) for c in class_names] if class_names is not None else [
+            str(i) for i in range(self.num_classes)]
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of network outputs (logits) this encoding needs."""
+        raise NotImplementedError
+
+    def index(self, labels: Sequence[str | int] | torch.Tensor) -> torch.Tensor:
+        """Class indices ``(N,)`` (int64) of labels given as indices or as class names."""
+        if isinstance(labels, torch.Tensor):
+            y = labels.long().reshape(-1)
+        else:
+            lookup = {n: i for i, n in enumerate(self.class_names)}
+            out = []
+            for lab in labels:
+                if isinstance(lab, str):
+                    if lab not in lookup:
+                        raise ValueError(f"unknown class {lab!r}; classes: {self.class_names}")
+                    out.append(lookup[lab])
+                else:
+                    out.append(int(lab))
+            y = torch.tensor(out, dtype=torch.long)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"class indices must lie in [0, {self.num_classes - 1}], got {y.min()}..{y.max()}")
+        return y
+
+    def names(self, indices: torch.Tensor) -> list[str]:
+        """Class names of indices ``(N,)``."""
+        return [self.class_names[int(i)] for i in indices.reshape(-1)]
+
+
+class NominalEncoder(_Encoder):
+    """Unordered classes: softmax over ``C`` logits, cross-entropy on class indices.
+
+    Parameters
+    ----------
+    num_classes : int
+        ``C >= 2``.
+    class_names : sequence of str, optional
+        Names of the classes in index order.
+    one_hot : bool
+        ``encode`` returns one-hot ``(N, C)`` float targets instead of indices ``(N,)``.
+    """
+
+    encoding = "nominal"
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, one_hot: bool = False) -> None:
+        super().__init__(num_classes, class_names)
+        self.one_hot = one_hot
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes
+
+    def encode(self, labels) -> torch.Tensor:
+        """Indices ``(N,)`` int64, or one-hot ``(N, C)`` float32 if ``one_hot``."""
+        y = self.index(labels)
+        return torch.nn.functional.one_hot(y, self.num_classes).float() if self.one_hot else y
+
+    def decode(self, output: torch.Tensor) -> torch.Tensor:
+        """Classes ``(N,)`` from logits or one-hot/probabilities ``(N, C)`` (argmax), or indices ``(N,)``."""
+        return output.long() if output.dim() == 1 else output.argmax(1)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(N, C)`` of logits ``(N, C)``."""
+        return logits.float().softmax(1)
+
+
+class BinaryEncoder(_Encoder):
+    """Two classes, one logit (of class 1), binary cross-entropy."""
+
+    encoding = "binary"
+
+    def __init__(self, num_classes: int = 2, class_names: Sequence[str] | None = None) -> None:
+        if num_classes != 2:
+            raise ValueError(f"the binary encoding has 2 classes, got {num_classes}")
+        super().__init__(2, class_names)
+
+    @property
+    def num_outputs(self) -> int:
+        return 1
+
+    def encode(self, labels) -> torch.Tensor:
+        """Float targets ``(N, 1)`` in {0, 1}."""
+        return self.index(labels).float()[:, None]
+
+    def decode(self, output: torch.Tensor, *, logits: bool | None = None) -> torch.Tensor:
+        """Classes ``(N,)`` from logits ``(N, 1)`` (``logit > 0``) or from 0/1 targets ``(N, 1)``.
+
+        ``logits=None`` guesses: a tensor holding only 0 and 1 is taken as targets.
+        """
+        out = output.reshape(output.shape[0], -1)[:, 0]
+        if logits is None:
+            logits = not bool(((out == 0) | (out == 1)).all())
+        return (out > 0).long() if logits else (out > 0.5).long()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(N, 2)``: ``[1 - p, p]`` with ``p = sigmoid(logit)``."""
+        p = logits.float().reshape(logits.shape[0], -1)[:, :1].sigmoid()
+        return torch.cat([1 - p, p], 1)
+
+
+class OrdinalEncoder(_Encoder):
+    """Ordered classes ``0 < ... < K-1`` in the cumulative-link (CORAL) form: ``K-1`` binary tasks ``y > k``.
+
+    ``encode(y)[:, k] = [y > k]``; ``decode`` counts the tasks with ``P(y > k) > 0.5`` (from logits) or the
+    ones of targets ``(N, K-1)``, so ``decode(encode(y)) == y``.
+    """
+
+    encoding = "ordinal"
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes - 1
+
+    def encode(self, labels) -> torch.Tensor:
+        """Cumulative targets ``(N, K-1)`` float32."""
+        y = self.index(labels)
+        return (y[:, None] > torch.arange(self.num_classes - 1)[None]).float()
+
+    def decode(self, output: torch.Tensor, *, logits: bool | None = None) -> torch.Tensor:
+        """Classes ``(N,)`` from logits ``(N, K-1)`` (``logits > 0``) or from 0/1 targets ``(N, K-1)``.
+
+        ``logits=None`` guesses: a tensor holding only 0 and 1 is taken as targets.
+        """
+        if logits is None:
+            logits = not bool(((output == 0) | (output == 1)).all())
+        above = output > 0 if logits else output > 0.5
+        return above.long().sum(1)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(N, K)``: ``P(y = k) = P(y > k-1) - P(y > k)`` (clamped at 0, renormalized)."""
+        p = logits.float().sigmoid()
+        n = p.shape[0]
+        cum = torch.cat([p.new_ones(n, 1), p, p.new_zeros(n, 1)], 1)
+        probs = (cum[:, :-1] - cum[:, 1:]).clamp_min(0)
+        return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def make_encoder(encoding: str, num_classes: int, class_names: Sequence[str] | None = None) -> _Encoder:
+    """The encoder named ``encoding`` (``"nominal"``, ``"binary"`` or ``"ordinal"``)."""
+    kinds = {"nominal": NominalEncoder, "binary": BinaryEncoder, "ordinal": OrdinalEncoder}
+    if encoding not in kinds:
+        raise ValueError(f"encoding must be one of {sorted(kinds)}, got {encoding!r}")
+    return kinds[encoding](num_classes, class_names)

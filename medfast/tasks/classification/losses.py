@@ -1,0 +1,83 @@
+"""Classification losses: cross-entropy (nominal), binary cross-entropy (binary) and the CORAL ordinal loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ClassificationLoss", "coral_loss"]
+
+
+def coral_loss(logits: torch.Tensor, levels: torch.Tensor, importance: torch.Tensor | None = None,
+               reduction: str = "mean") -> torch.Tensor:
+    """CORAL ordinal loss (Cao, Mirjalili & Raschka 2020, eq. 4).
+
+    ``L = -sum_k w_k [t_k log s(l_k) + (1 - t_k) log(1 - s(l_k))]`` per sample, with ``s`` the sigmoid,
+    computed stably as ``t log s(l) + (1 - t)(log s(l) - l)``.
+
+    Parameters
+    ----------
+    logits : Tensor ``(N, K-1)``
+        Logits of ``P(y > k)`` (e.g. from :class:`medfast.nets.classification.CoralHead`).
+    levels : Tensor ``(N, K-1)``
+        Cumulative targets ``[y > k]`` (:meth:`OrdinalEncoder.encode`).
+    importance : Tensor ``(K-1,)``, optional
+        Weights ``w_k`` of the binary tasks (default 1).
+    reduction : {"mean", "sum", "none"}
+        Over the batch; ``"none"`` gives ``(N,)``.
+
+    Returns
+    -------
+    Tensor
+        Scalar, or ``(N,)`` for ``reduction="none"``.
+    """
+    if logits.shape != levels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and levels {tuple(levels.shape)} differ in shape")
+    logits = logits.float()
+    levels = levels.to(logits.dtype)
+    logsig = F.logsigmoid(logits)
+    term = logsig * levels + (logsig - logits) * (1 - levels)
+    if importance is not None:
+        term = term * importance.to(term)
+    per = -term.sum(1)
+    if reduction == "mean":
+        return per.mean()
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "none":
+        return per
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+class ClassificationLoss(nn.Module):
+    """The loss of an encoding: cross-entropy (``nominal``), BCE with logits (``binary``), CORAL (``ordinal``).
+
+    Parameters
+    ----------
+    encoding : {"nominal", "binary", "ordinal"}
+    class_weights : Tensor ``(C,)``, optional
+        Nominal only: per-class weights of the cross-entropy.
+    label_smoothing : float
+        Nominal only.
+
+    ``forward(logits, targets)`` takes the network output (``(N, C)``, ``(N, 1)`` or ``(N, K-1)``) and the
+    encoder's targets (indices ``(N,)`` or one-hot ``(N, C)``, ``(N, 1)``, ``(N, K-1)``); returns a scalar.
+    """
+
+    def __init__(self, encoding: str = "nominal", class_weights: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if encoding not in ("nominal", "binary", "ordinal"):
+            raise ValueError(f"encoding must be 'nominal', 'binary' or 'ordinal', got {encoding!r}")
+        self.encoding = encoding
+        self.label_smoothing = label_smoothing
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.encoding == "nominal":
+            return F.cross_entropy(logits.float(), targets, weight=self.class_weights,
+                                   label_smoothing=self.label_smoothing)
+        if self.encoding == "binary":
+            return F.binary_cross_entropy_with_logits(logits.float(), targets.float().reshape(logits.shape))
+        return coral_loss(logits, targets)

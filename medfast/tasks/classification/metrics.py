@@ -1,0 +1,164 @@
+"""Classification metrics on class indices and class scores (NumPy, CPU): confusion matrix, accuracy,
+balanced accuracy, per-class precision/recall/F1, one-vs-rest ROC AUC, and a confusion-matrix PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["accuracy", "balanced_accuracy", "classification_report", "confusion_matrix", "precision_recall_f1",
+           "roc_auc", "save_confusion_png"]
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
+    return np.asarray(x)
+
+
+def confusion_matrix(pred, target, num_classes: int) -> np.ndarray:
+    """Counts ``(C, C)`` int64: row = true class, column = predicted class.
+
+    Parameters
+    ----------
+    pred, target : array-like ``(N,)``
+        Class indices in ``[0, C)``.
+    num_classes : int
+        ``C``.
+    """
+    p, t = _np(pred).astype(np.int64).ravel(), _np(target).astype(np.int64).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} differ in shape")
+    for name, v in (("pred", p), ("target", t)):
+        if v.size and (v.min() < 0 or v.max() >= num_classes):
+            raise ValueError(f"{name} indices must lie in [0, {num_classes - 1}]")
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def accuracy(pred, target) -> float:
+    """Fraction of ``pred == target`` (``(N,)`` each)."""
+    p, t = _np(pred).ravel(), _np(target).ravel()
+    return float((p == t).mean()) if t.size else float("nan")
+
+
+def precision_recall_f1(pred, target, num_classes: int) -> dict[str, np.ndarray]:
+    """Per-class ``precision``, ``recall``, ``f1`` and ``support``, each ``(C,)``.
+
+    Undefined values (no prediction of a class for precision, no sample of it for recall) are NaN; F1 is NaN
+    where either is NaN and 0 where both are 0.
+    """
+    cm = confusion_matrix(pred, target, num_classes).astype(np.float64)
+    tp = np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp / cm.sum(0)
+        recall = tp / cm.sum(1)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    f1 = np.where(np.isnan(precision) | np.isnan(recall), np.nan, f1)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1).astype(np.int64)}
+
+
+def balanced_accuracy(pred, target, num_classes: int) -> float:
+    """Mean recall over the classes present in ``target`` (chance level ``1 / C``)."""
+    recall = precision_recall_f1(pred, target, num_classes)["recall"]
+    return float(np.nanmean(recall)) if np.isfinite(recall).any() else float("nan")
+
+
+def _binary_auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney AUC with average ranks for ties; NaN if one class is absent."""
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    s = score[order]
+    ranks = np.empty(score.size, dtype=np.float64)
+    # average ranks (1-based) over runs of equal scores
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    ends = np.r_[starts[1:], s.size]
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_auc(scores, target, num_classes: int | None = None, average: str | None = "macro"):
+    """ROC AUC: binary, or one-vs-rest per class.
+
+    Parameters
+    ----------
+    scores : array-like ``(N,)`` or ``(N, C)``
+        Score of class 1 (binary), or per-class scores/probabilities (one-vs-rest).
+    target : array-like ``(N,)``
+        Class indices.
+    num_classes : int, optional
+        ``C`` (default: ``scores.shape[1]``, or 2 for 1-D scores).
+    average : {"macro", None}
+        ``"macro"``: mean of the per-class AUCs defined (NaN where a class is absent); ``None``: ``(C,)``.
+
+    Returns
+    -------
+    float or ndarray ``(C,)``
+    """
+    s, t = _np(scores).astype(np.float64), _np(target).astype(np.int64).ravel()
+    if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
+        return _binary_auc(s.ravel(), t == 1)
+    c = num_classes or s.shape[1]
+    per = np.array([_binary_auc(s[:, k], t == k) for k in range(c)])
+    if average is None:
+        return per
+    return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+
+
+def classification_report(pred, target, num_classes: int, scores=None) -> dict[str, float]:
+    """Flat dict of the metrics above: ``accuracy``, ``balanced_accuracy``, macro ``f1``, ``auc`` (if
+    ``scores`` ``(N, C)`` are given) and per-class ``precision_<k>``/``recall_<k>``/``f1_<k>``."""
+    out = {"accuracy": accuracy(pred, target), "balanced_accuracy": balanced_accuracy(pred, target, num_classes)}
+    prf = precision_recall_f1(pred, target, num_classes)
+    out["f1"] = float(np.nanmean(prf["f1"])) if np.isfinite(prf["f1"]).any() else float("nan")
+    if scores is not None:
+        s = _np(scores)
+        out["auc"] = roc_auc(s[:, 1] if s.ndim == 2 and s.shape[1] == 2 else s, target, num_classes)
+    for k in range(num_classes):
+        for key in ("precision", "recall", "f1"):
+            out[f"{key}_{k}"] = float(prf[key][k])
+    return out
+
+
+def save_confusion_png(cm: np.ndarray, path: str | Path, class_names: Sequence[str] | None = None,
+                       normalize: bool = True, title: str = "confusion matrix") -> Path:
+    """Writes the confusion matrix ``(C, C)`` (rows true, columns predicted) as a PNG, with counts (and
+    row-normalized fractions as colours if ``normalize``). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    c = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shown = cm / cm.sum(1, keepdims=True) if normalize else cm.astype(np.float64)
+    shown = np.nan_to_num(shown)
+    size = 1.6 + 0.6 * c
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class" if normalize else "count")
+    ax.set_xticks(range(c), names, rotation=45, ha="right")
+    ax.set_yticks(range(c), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    hi = shown.max() if shown.size else 1
+    for i in range(c):
+        for j in range(c):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if shown[i, j] > 0.5 * hi else "black", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

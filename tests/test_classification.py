@@ -1,0 +1,216 @@
+"""Classification: label encoders, CORAL loss against a reference, metrics against sklearn, confusion PNG."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medfast.tasks.classification import (
+    BinaryEncoder,
+    ClassificationLoss,
+    NominalEncoder,
+    OrdinalEncoder,
+    accuracy,
+    balanced_accuracy,
+    classification_report,
+    confusion_matrix,
+    coral_loss,
+    make_encoder,
+    precision_recall_f1,
+    roc_auc,
+    save_confusion_png,
+)
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_ordinal_encoder_round_trip_and_targets(k):
+    enc = OrdinalEncoder(k)
+    y = torch.arange(k).repeat(3)
+    t = enc.encode(y)
+    assert t.shape == (3 * k, k - 1)
+    # cumulative targets: row of class c is c ones then zeros
+    for c in range(k):
+        assert t[c].tolist() == [1.0] * c + [0.0] * (k - 1 - c)
+    assert torch.equal(enc.decode(t), y)
+    # logits: large positive for the first c tasks, negative for the rest
+    logits = (t * 2 - 1) * 5
+    assert torch.equal(enc.decode(logits, logits=True), y)
+    probs = enc.probabilities(logits)
+    assert probs.shape == (3 * k, k)
+    assert torch.allclose(probs.sum(1), torch.ones(3 * k))
+    assert torch.equal(probs.argmax(1), y)
+
+
+def test_ordinal_probabilities_formula():
+    enc = OrdinalEncoder(4)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    s = torch.sigmoid(logits)[0]
+    expect = torch.tensor([1 - s[0], s[0] - s[1], s[1] - s[2], s[2]])
+    assert torch.allclose(enc.probabilities(logits)[0], expect)
+
+
+def test_ordinal_names_in_order():
+    stages = ["pT2", "pT3a", "pT3b", "pT4"]
+    enc = make_encoder("ordinal", 4, stages)
+    t = enc.encode(["pT3b", "pT2", "pT4"])
+    assert t.tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
+    assert enc.names(enc.decode(t)) == ["pT3b", "pT2", "pT4"]
+    with pytest.raises(ValueError, match="unknown class 'pT1'"):
+        enc.encode(["pT1"])
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        enc.encode(torch.tensor([4]))
+
+
+def test_nominal_and_binary_round_trip():
+    y = torch.tensor([0, 2, 1, 2, 0])
+    nom = NominalEncoder(3)
+    assert torch.equal(nom.encode(y), y)
+    assert torch.equal(nom.decode(nom.encode(y)), y)
+    oh = NominalEncoder(3, one_hot=True).encode(y)
+    assert oh.shape == (5, 3) and torch.equal(oh.argmax(1), y) and torch.equal(nom.decode(oh), y)
+    assert nom.num_outputs == 3
+    b = BinaryEncoder(class_names=["benign", "malignant"])
+    yb = torch.tensor([1, 0, 0, 1])
+    t = b.encode(yb)
+    assert t.shape == (4, 1) and t.dtype == torch.float32
+    assert torch.equal(b.decode(t), yb)
+    assert torch.equal(b.decode(torch.tensor([[3.0], [-0.5], [-2.0], [0.1]])), yb)
+    p = b.probabilities(torch.tensor([[0.0], [math.log(3)]]))
+    assert torch.allclose(p, torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
+    assert b.names(yb) == ["malignant", "benign", "benign", "malignant"]
+    with pytest.raises(ValueError):
+        BinaryEncoder(3)
+    with pytest.raises(ValueError):
+        make_encoder("multilabel", 3)
+
+
+# ---------------------------------------------------------------------------------------------- CORAL loss
+
+
+def _coral_reference(logits: torch.Tensor, levels: torch.Tensor, w=None) -> torch.Tensor:
+    """Straightforward CORAL loss (Cao et al. 2020, eq. 4), float64, explicit loops."""
+    n, km1 = logits.shape
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        li = torch.zeros((), dtype=torch.float64)
+        for k in range(km1):
+            p = 1.0 / (1.0 + torch.exp(-logits[i, k]))
+            wk = 1.0 if w is None else w[k]
+            li = li - wk * (levels[i, k] * torch.log(p) + (1 - levels[i, k]) * torch.log(1 - p))
+        total = total + li
+    return total / n
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_coral_loss_matches_reference_values_and_gradients(weighted):
+    g = torch.Generator().manual_seed(0)
+    k = 5
+    y = torch.randint(0, k, (7,), generator=g)
+    levels = OrdinalEncoder(k).encode(y)
+    logits = torch.randn(7, k - 1, generator=g, dtype=torch.float64) * 3
+    w = torch.rand(k - 1, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    got = coral_loss(a.float(), levels, w)
+    ref = _coral_reference(b, levels.double(), w)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    got.backward()
+    ref.backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    # closed-form gradient: d/dl_k = w_k (sigmoid(l_k) - t_k) / N
+    wk = 1.0 if w is None else w
+    assert torch.allclose(b.grad, wk * (torch.sigmoid(logits) - levels.double()) / 7, atol=1e-10)
+
+
+def test_coral_loss_reductions_and_stability():
+    logits = torch.tensor([[80.0, -80.0], [-80.0, 80.0]])
+    levels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    per = coral_loss(logits, levels, reduction="none")
+    assert per.shape == (2,)
+    assert torch.isfinite(per).all()
+    assert per[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert per[1].item() == pytest.approx(80.0, rel=1e-5)
+    assert coral_loss(logits, levels, reduction="sum").item() == pytest.approx(per.sum().item())
+    with pytest.raises(ValueError, match="shape"):
+        coral_loss(logits, levels[:, :1])
+
+
+def test_classification_loss_dispatch():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 3, generator=g)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    assert ClassificationLoss("nominal")(logits, y).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y).item())
+    lb = torch.randn(6, 1, generator=g)
+    tb = BinaryEncoder().encode(y.clamp(max=1))
+    expect = -(tb * torch.log(torch.sigmoid(lb)) + (1 - tb) * torch.log(1 - torch.sigmoid(lb))).mean()
+    assert ClassificationLoss("binary")(lb, tb).item() == pytest.approx(expect.item(), rel=1e-5)
+    lo = torch.randn(6, 2, generator=g)
+    to = OrdinalEncoder(3).encode(y)
+    assert ClassificationLoss("ordinal")(lo, to).item() == pytest.approx(
+        _coral_reference(lo.double(), to.double()).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_hand_computed():
+    target = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    cm = confusion_matrix(pred, target, 3)
+    assert cm.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert accuracy(pred, target) == pytest.approx(4 / 6)
+    assert balanced_accuracy(pred, target, 3) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    prf = precision_recall_f1(pred, target, 3)
+    assert prf["precision"].tolist() == pytest.approx([1.0, 0.5, 0.5])
+    assert prf["recall"].tolist() == pytest.approx([2 / 3, 0.5, 1.0])
+    assert prf["f1"][0] == pytest.approx(2 * (2 / 3) / (1 + 2 / 3))
+    assert prf["support"].tolist() == [3, 2, 1]
+    # a class never predicted: precision NaN, class absent from target: recall NaN, ignored by balanced acc
+    prf2 = precision_recall_f1(np.array([0, 0]), np.array([0, 1]), 3)
+    assert np.isnan(prf2["precision"][1]) and np.isnan(prf2["recall"][2])
+    assert balanced_accuracy(np.array([0, 0]), np.array([0, 1]), 3) == pytest.approx(0.5)
+    # AUC by hand: scores of positives 0.9, 0.4 vs negatives 0.4, 0.1 -> (1 + 1 + 0.5 + 1) / 4
+    assert roc_auc(np.array([0.9, 0.4, 0.4, 0.1]), np.array([1, 1, 0, 0])) == pytest.approx(3.5 / 4)
+    assert np.isnan(roc_auc(np.array([0.3, 0.2]), np.array([1, 1])))
+
+
+def test_metrics_against_sklearn():
+    skm = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    c, n = 4, 200
+    target = rng.integers(0, c, n)
+    scores = rng.random((n, c)) + np.eye(c)[target] * rng.random(n)[:, None]
+    scores = np.round(scores, 1)  # ties
+    scores = scores / scores.sum(1, keepdims=True)
+    pred = scores.argmax(1)
+    assert np.array_equal(confusion_matrix(pred, target, c), skm.confusion_matrix(target, pred, labels=range(c)))
+    assert accuracy(pred, target) == pytest.approx(skm.accuracy_score(target, pred))
+    assert balanced_accuracy(pred, target, c) == pytest.approx(skm.balanced_accuracy_score(target, pred))
+    p, r, f, s = skm.precision_recall_fscore_support(target, pred, labels=range(c), zero_division=0)
+    prf = precision_recall_f1(pred, target, c)
+    assert np.allclose(prf["precision"], p) and np.allclose(prf["recall"], r) and np.allclose(prf["f1"], f)
+    assert np.array_equal(prf["support"], s)
+    assert roc_auc(scores, target, c) == pytest.approx(skm.roc_auc_score(target, scores, multi_class="ovr"))
+    per = roc_auc(scores, target, c, average=None)
+    for k in range(c):
+        assert per[k] == pytest.approx(skm.roc_auc_score(target == k, scores[:, k]))
+    rep = classification_report(torch.from_numpy(pred), torch.from_numpy(target), c, torch.from_numpy(scores))
+    assert rep["auc"] == pytest.approx(skm.roc_auc_score(target, scores, multi_class="ovr"))
+    assert rep["f1"] == pytest.approx(skm.f1_score(target, pred, average="macro"))
+
+
+def test_confusion_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    cm = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
+    path = save_confusion_png(cm, tmp_path / "sub" / "cm.png", ["low", "medium", "high"])
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0.05
