@@ -147,3 +147,65 @@ def test_csv_labels(tmp_path):
         ImageFolderDataset(tmp_path, csv_file=csv)
     with pytest.raises(DatasetError, match="label CSV not found"):
         ImageFolderDataset(tmp_path, csv_file=tmp_path / "none.csv")
+
+
+def test_cli_train_classification_end_to_end(tmp_path, capsys):
+    """``medfast train`` with ``task: classification`` on a folder of PNGs (ordinal encoding)."""
+    pytest.importorskip("PIL")
+    import json
+
+    from medfast.cli import main
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["small", "medium", "large"]):
+        for i in range(8):
+            a = rng.integers(0, 60, (12, 12)).astype(np.uint8)
+            s = 2 + 3 * c
+            o = rng.integers(0, 12 - s + 1, 2)
+            a[o[0]:o[0] + s, o[1]:o[1] + s] = 255
+            _png(tmp_path / "img" / name / f"{i}.png", a)
+    cfg = tmp_path / "cls.yaml"
+    cfg.write_text(f"""
+task: classification
+data: {{root: {tmp_path / 'img'}, normalize: minmax, val_fraction: 0.25, cache: none,
+        dataset_args: {{classes: [small, medium, large]}}}}
+model: {{name: resnet, spatial_dims: 2, out_channels: 3, channels: [4], kwargs: {{encoding: ordinal, blocks: [1, 1]}}}}
+optim: {{lr: 0.01}}
+trainer: {{batch_size: 6, val_every: 10, checkpoint_every: 10, progress: false, tensorboard: false, threads: 1}}
+""")
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--set", "trainer.max_steps=10", "--out", str(out)]) == 0
+    assert "10 steps" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["validation"]) >= {"accuracy", "loss", "recall_small", "recall_medium", "recall_large"}
+    rep = results["classification"]
+    assert results["finished"] and rep["classes"] == ["small", "medium", "large"]
+    assert 0 <= rep["balanced_accuracy"] <= 1 and np.array(rep["confusion_matrix"]).sum() == 6
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "img" / "large" / "7.png").write_bytes(b"corrupt")
+    assert main(["train", str(cfg), "--set", "trainer.max_steps=2", "--out", str(tmp_path / "run2")]) == 1
+    assert "7.png" in capsys.readouterr().err
+
+
+def test_task_registry_and_config_errors(tmp_path):
+    from medfast.tasks.classification import ClassificationTask, build_classifier
+    from medfast.train.config import config_from_dict
+    from medfast.train.task import get_task, task_names
+
+    assert get_task("classification") is ClassificationTask and "classification" in task_names()
+    cfg = config_from_dict({"task": "classification", "model": {"name": "sononet", "spatial_dims": 3}})
+    with pytest.raises(ValueError, match="sononet' is 2D"):
+        build_classifier(cfg)
+    cfg = config_from_dict({"task": "classification", "model": {"name": "unet", "spatial_dims": 2}})
+    with pytest.raises(ValueError, match="'sononet' or 'resnet'"):
+        build_classifier(cfg)
+    cfg = config_from_dict({"task": "classification", "model": {"name": "resnet", "spatial_dims": 2,
+                                                                "out_channels": 4, "channels": [4]}})
+    assert build_classifier(cfg).eval()(torch.zeros(1, 1, 8, 8)).shape == (1, 4)
+    with pytest.raises(DatasetError, match="no training data"):
+        ClassificationTask(cfg).build_datasets()
+    for name in ("a", "b"):
+        _png(tmp_path / name / "0.png", np.zeros((4, 4), np.uint8))
+    cfg.data.root = str(tmp_path)
+    with pytest.raises(DatasetError, match=r"2 classes \['a', 'b'\] but model.out_channels=4"):
+        ClassificationTask(cfg).build_datasets()

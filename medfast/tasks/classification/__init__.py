@@ -13,9 +13,11 @@ from medfast.tasks.classification.metrics import (
     roc_auc,
     save_confusion_png,
 )
+from medfast.tasks.classification.task import ClassificationTask, build_classifier
 
 __all__ = [
-    "BinaryEncoder", "ClassificationLoss", "ImageFolderDataset", "NominalEncoder", "OrdinalEncoder", "accuracy",
-    "balanced_accuracy", "classification_report", "confusion_matrix", "coral_loss", "make_encoder",
-    "precision_recall_f1", "read_image", "roc_auc", "save_confusion_png",
+    "BinaryEncoder", "ClassificationLoss", "ClassificationTask", "ImageFolderDataset", "NominalEncoder",
+    "OrdinalEncoder", "accuracy", "balanced_accuracy", "build_classifier", "classification_report",
+    "confusion_matrix", "coral_loss", "make_encoder", "precision_recall_f1", "read_image", "roc_auc",
+    "save_confusion_png",
 ]

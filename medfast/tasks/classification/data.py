@@ -123,7 +123,8 @@ class ImageFolderDataset(Dataset):
     normalize : {"none", "minmax", "zscore"}
         Per-image intensity normalization.
 
-    Items are dicts ``{"image": (C, *spatial) float32, "label": () int64, "files": str}``.
+    Items are dicts ``{"image": (C, *spatial) float32, "label": () int64, "files": str}``; a key
+    ``(index, seed)`` (from :class:`medfast.train.EpochSampler`) adds ``"seed"``.
     """
 
     def __init__(self, root: str | Path, csv_file: str | Path | None = None, classes: Sequence[str] | None = None,
@@ -192,7 +193,14 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        item = self._get(int(i))
+        if seed is not None:
+            item["seed"] = int(seed)
+        return item
+
+    def _get(self, i: int) -> dict[str, Any]:
         f = self.files[i]
         x = torch.from_numpy(read_image(f, self.spatial_dims))
         if self.channels == 1 and x.shape[0] != 1:
