@@ -182,6 +182,21 @@ trainer: {{batch_size: 6, val_every: 10, checkpoint_every: 10, progress: false, 
     assert results["finished"] and rep["classes"] == ["small", "medium", "large"]
     assert 0 <= rep["balanced_accuracy"] <= 1 and np.array(rep["confusion_matrix"]).sum() == 6
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # medfast predict: the checkpoint's task picks the classification predictor; CSV with class + probabilities
+    imgs = [str(tmp_path / "img" / "large" / "0.png"), str(tmp_path / "img" / "small" / "1.png")]
+    assert main(["predict", *imgs, "--model", str(out / "checkpoints" / "last.pt"), "--out",
+                 str(tmp_path / "pred"), "--probabilities"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert [r["file"] for r in rows] == imgs
+    assert all(r["class"] in ("small", "medium", "large") for r in rows)
+    for r in rows:
+        p = [float(r[f"p_{n}"]) for n in ("small", "medium", "large")]
+        assert sum(p) == pytest.approx(1, abs=1e-4) and r["class"] == ["small", "medium", "large"][int(np.argmax(p))]
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "nope.png"), "--model", str(out / "checkpoints" / "last.pt")]) == 1
+    assert "nope.png: file not found" in capsys.readouterr().err
     (tmp_path / "img" / "large" / "7.png").write_bytes(b"corrupt")
     assert main(["train", str(cfg), "--set", "trainer.max_steps=2", "--out", str(tmp_path / "run2")]) == 1
     assert "7.png" in capsys.readouterr().err

@@ -69,6 +69,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from medfast.train import ConfigError
 
     try:
+        from medfast.train.trainer import load_checkpoint
+
+        if load_checkpoint(args.checkpoint).get("config", {}).get("task") == "classification":
+            from medfast.tasks.classification.task import predict_files
         written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device,
                                 overrides=args.overrides, save_probabilities=args.probabilities)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError, ImportError) as exc:

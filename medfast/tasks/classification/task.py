@@ -31,7 +31,7 @@ from medfast.tasks.classification.metrics import classification_report, confusio
 from medfast.train.config import Config
 from medfast.train.task import Task, register_task
 
-__all__ = ["ClassificationTask", "build_classifier"]
+__all__ = ["ClassificationTask", "build_classifier", "predict_files"]
 
 
 def build_classifier(config: Config) -> nn.Module:
@@ -100,6 +100,7 @@ class ClassificationTask(Task):
             raise DatasetError(f"{args.get('csv_file') or d.root}: {len(full.classes)} classes {full.classes} but "
                                f"model.out_channels={self.num_classes}")
         self.encoder = make_encoder(self.encoding, self.num_classes, full.classes)
+        args["classes"] = list(full.classes)  # saved with the checkpoint's config, for predict_files
         train, val = full, None
         if args.get("val_root") or args.get("val_csv_file"):
             val = self._folder(args.get("val_root"), args.get("val_csv_file"))
@@ -172,3 +173,58 @@ class ClassificationTask(Task):
         report["classes"] = list(self.encoder.class_names)
         (Path(out_dir) / "classification_report.json").write_text(json.dumps(report, indent=1))
         return {"classification": report}
+
+
+def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device: str = "auto",
+                  overrides=(), save_probabilities: bool = True, progress: bool = False) -> list[Path]:
+    """Classifies image files (PNG/NIfTI/DICOM) with a checkpoint of the classification task and writes
+    ``predictions.csv``: one row per input with ``file``, the predicted ``class`` and ``index``, and (with
+    ``save_probabilities``) ``p_<class>`` columns. Images are read, resized and normalized as in training.
+
+    Returns
+    -------
+    list of Path
+        ``[out_dir / "predictions.csv"]``.
+    """
+    import csv
+
+    from medfast.tasks.classification.data import read_image
+    from medfast.train.config import config_from_dict, load_config
+    from medfast.train.trainer import load_checkpoint, resolve_device
+
+    state = load_checkpoint(checkpoint)
+    config = config_from_dict(state["config"])
+    if overrides:
+        import yaml
+
+        config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(state["config"])))
+    task = ClassificationTask(config)
+    names = config.data.dataset_args.get("classes") or [str(k) for k in range(task.num_classes)]
+    task.encoder = make_encoder(task.encoding, task.num_classes, names)
+    dev = resolve_device(device)
+    model = build_classifier(config)
+    model.load_state_dict(state["model"])
+    model.to(dev).eval()
+    # the training data set's item transform, applied to files outside it
+    folder = ImageFolderDataset.__new__(ImageFolderDataset)
+    folder.spatial_dims, folder.size = config.model.spatial_dims, config.data.shape
+    folder.channels, folder.normalize = config.data.dataset_args.get("channels"), config.data.normalize
+    folder.files, folder.labels = [Path(f) for f in inputs], [0] * len(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with torch.no_grad():
+        for i, f in enumerate(folder.files):
+            read_image(f, folder.spatial_dims)  # clear error naming the file before anything else
+            x = folder[i]["image"][None].to(dev)
+            pred, prob = task._predict(model(x))
+            row = {"file": str(f), "class": names[int(pred[0])], "index": int(pred[0])}
+            if save_probabilities:
+                row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, prob[0].tolist(), strict=True)})
+            rows.append(row)
+    path = out_dir / "predictions.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["file", "class", "index"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return [path]
