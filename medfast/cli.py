@@ -166,7 +166,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="segment NIfTI images with a trained checkpoint",
         description=(
             "Segments each image with sliding-window inference and writes <name>_seg.nii.gz label maps with "
-            "the input's affine and header."
+            "the input's affine and header; with a classification checkpoint, writes predictions.csv (class and, "
+            "with --probabilities, class probabilities per image)."
         ),
     )
     add_predict_arguments(p)

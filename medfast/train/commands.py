@@ -53,7 +53,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="NIfTI images to segment")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE",
+                   help="images to segment (NIfTI) or classify (PNG/NIfTI/DICOM), by the checkpoint's task")
     p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
                    help="checkpoint written by medfast train (e.g. RUN/checkpoints/last.pt)")
     p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
