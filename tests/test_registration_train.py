@@ -94,6 +94,16 @@ def test_weak_supervision_velocity_and_global_net(tmp_path, blobs):
     assert theta.shape == (1, 2, 3) and ddf.shape == (1, 2, 32, 32)
 
 
+def test_val_fraction_split(tmp_path, blobs):
+    _, images, labels = blobs
+    cfg = _cfg(tmp_path, images, labels, steps=2)
+    cfg["data"].update(val_fraction=0.25, val_deformations=0)
+    trainer = Trainer(config_from_dict(cfg))
+    res = trainer.fit()
+    assert len(trainer.train_ds) == 3 * 2 and len(trainer.val_ds) == 1  # 3 subjects: 6 pairs; 1 held out
+    assert res["validation"]["dice_before"] < 1  # the single validation subject against a deformation of itself
+
+
 def test_atlas_pairing(tmp_path, blobs):
     _, images, labels = blobs
     cfg = _cfg(tmp_path, images[1:], labels[1:], steps=2, fixed_image=images[0], fixed_label=labels[0],

@@ -1086,6 +1086,14 @@ def _register_task_class():
             if labels and len(labels) != len(images):
                 raise DatasetError(f"{len(images)} training images but {len(labels)} label maps (data.train_labels "
                                    f"must give one label map per image, or none)")
+            val_images, val_labels = list(d.val_images), list(d.val_labels)
+            if not val_images and d.val_fraction > 0 and len(images) > 2:
+                n_val = max(1, int(round(len(images) * d.val_fraction)))
+                pick = set(np.random.default_rng(c.trainer.seed).permutation(len(images))[:n_val].tolist())
+                val_images = [p for i, p in enumerate(images) if i in pick]
+                val_labels = [p for i, p in enumerate(labels) if i in pick]
+                images = [p for i, p in enumerate(images) if i not in pick]
+                labels = [p for i, p in enumerate(labels) if i not in pick]
             atlas = None
             if a["pairing"] == "atlas":
                 fixed = Path(a["fixed_image"])
@@ -1106,11 +1114,14 @@ def _register_task_class():
                 self.num_classes = max(self.num_classes, int(atlas["label"].max()) + 1)
             train = PairDataset(subjects, atlas)
             val = None
-            if d.val_images:
-                if d.val_labels and len(d.val_labels) != len(d.val_images):
-                    raise DatasetError(f"{len(d.val_images)} validation images but {len(d.val_labels)} label maps")
-                val = PairDataset(self._subjects(d.val_images, d.val_labels), atlas, limit=a["val_pairs"])
-                self._val_deform = False
+            if val_images:
+                if val_labels and len(val_labels) != len(val_images):
+                    raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
+                # one validation subject without an atlas: score it against held-out deformations of itself
+                single = atlas is None and len(val_images) == 1
+                val = PairDataset(self._subjects(val_images, val_labels), atlas, limit=a["val_pairs"],
+                                  seed_offset=10**12 if single else None)
+                self._val_deform = single
             elif d.val_deformations > 0:
                 val = PairDataset(subjects, atlas, limit=d.val_deformations, seed_offset=10**12)
                 self._val_deform = True
