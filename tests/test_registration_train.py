@@ -136,3 +136,18 @@ def test_register_rejects_a_segmentation_checkpoint(tmp_path):
     torch.save({"format": "medfast-checkpoint-1", "task": "segmentation", "model": {}, "config": {}}, path)
     with pytest.raises(Exception, match="segmentation"):
         load_model(path)
+
+
+def test_resume_reproduces_the_losses(tmp_path, blobs):
+    _, images, labels = blobs
+    full = _cfg(tmp_path, images, labels, out="full", steps=6, dice_weight=0.5)
+    Trainer(config_from_dict(full)).fit()
+    part = _cfg(tmp_path, images, labels, out="part", steps=6, dice_weight=0.5)
+    part["trainer"]["checkpoint_every"] = 3
+    Trainer(config_from_dict(part)).fit(stop_after=3)
+    part["trainer"]["resume"] = "auto"
+    Trainer(config_from_dict(part)).fit()
+    ref = [r["loss"] for r in _rows(tmp_path / "full")]
+    got = [r["loss"] for r in _rows(tmp_path / "part")]
+    assert len(got) == 6
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
