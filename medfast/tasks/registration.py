@@ -32,6 +32,7 @@ from medfast.data.io import DatasetError
 from medfast.losses.registration import bending_energy, label_dice_loss
 from medfast.nets.registration import GlobalNet, LocalNet, affine_ddf
 from medfast.train.config import ConfigError
+from medfast.train.task import Task, register_task
 
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 MNI_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -1033,178 +1034,170 @@ def _warp_labels(label: torch.Tensor, ddf: torch.Tensor, classes: int) -> tuple[
     return oh, mf.warp(oh.contiguous(), ddf.float(), mode="linear")
 
 
-def _register_task_class():
-    from medfast.train.task import Task, register_task
+@register_task("registration")
+class RegistrationTask(Task):
+    """Trains a :class:`RegistrationNet` (LocalNet, optionally GlobalNet first; DDF or velocity field).
 
-    @register_task("registration")
-    class RegistrationTask(Task):
-        """Trains a :class:`RegistrationNet` (LocalNet, optionally GlobalNet first; DDF or velocity field).
+    Loss: ``lncc_weight * LNCC(warped, fixed) + bending_weight * bending energy(ddf)`` (unsupervised),
+    ``+ dice_weight * (1 - soft Dice of the warped moving labels)`` when both label maps exist (weak
+    supervision). Settings live in ``task_args`` (see ``docs/registration.md``). The trained network
+    is written as ``registration_model.pt`` (:func:`save_model`) and ``medfast register --model`` also
+    reads the trainer's ``checkpoints/*.pt`` directly.
+    """
 
-        Loss: ``lncc_weight * LNCC(warped, fixed) + bending_weight * bending energy(ddf)`` (unsupervised),
-        ``+ dice_weight * (1 - soft Dice of the warped moving labels)`` when both label maps exist (weak
-        supervision). Settings live in ``task_args`` (see ``docs/registration.md``). The trained network
-        is written as ``registration_model.pt`` (:func:`save_model`) and ``medfast register --model`` also
-        reads the trainer's ``checkpoints/*.pt`` directly.
-        """
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        from medfast.data import RandomAugment
 
-        def __init__(self, config: Any) -> None:
-            super().__init__(config)
-            from medfast.data import RandomAugment
+        self.args = _task_args(config)
+        self.net_kwargs = _net_kwargs(config)
+        if config.augment.patch_size is not None:
+            raise ConfigError("the registration task trains on whole images: leave augment.patch_size unset "
+                             "(set data.shape instead)")
+        if config.data.shape is None:
+            raise ConfigError("the registration task needs data.shape (every image is cropped/padded to it; it "
+                             "is the network's input shape)")
+        self.augment = RandomAugment(config.augment)
+        self.val_augment = RandomAugment(config.augment, geometric_only=True)
+        self.num_classes = 2
 
-            self.args = _task_args(config)
-            self.net_kwargs = _net_kwargs(config)
-            if config.augment.patch_size is not None:
-                raise ConfigError("the registration task trains on whole images: leave augment.patch_size unset "
-                                 "(set data.shape instead)")
-            if config.data.shape is None:
-                raise ConfigError("the registration task needs data.shape (every image is cropped/padded to it; it "
-                                 "is the network's input shape)")
-            self.augment = RandomAugment(config.augment)
-            self.val_augment = RandomAugment(config.augment, geometric_only=True)
-            self.num_classes = 2
+    def build_model(self) -> torch.nn.Module:
+        return RegistrationNet(**self.net_kwargs)
 
-        def build_model(self) -> torch.nn.Module:
-            return RegistrationNet(**self.net_kwargs)
+    def _subjects(self, images, labels):
+        from medfast.tasks.segmentation import _dataset
 
-        def _subjects(self, images, labels):
-            from medfast.tasks.segmentation import _dataset
+        return _dataset(self.config, images, labels)
 
-            return _dataset(self.config, images, labels)
+    def build_datasets(self):
+        from medfast.data import DatasetError, find_pairs
+        from medfast.tasks.segmentation import _preset
 
-        def build_datasets(self):
-            from medfast.data import DatasetError, find_pairs
-            from medfast.tasks.segmentation import _preset
+        c, a = self.config, self.args
+        d = c.data
+        _preset(c)
+        images, labels = list(d.train_images), list(d.train_labels)
+        if d.root is not None and not images:
+            images, labels = find_pairs(d.root)
+        if not images:
+            raise DatasetError("no training data: set data.root, data.train_images or data.dataset")
+        if labels and len(labels) != len(images):
+            raise DatasetError(f"{len(images)} training images but {len(labels)} label maps (data.train_labels "
+                               f"must give one label map per image, or none)")
+        val_images, val_labels = list(d.val_images), list(d.val_labels)
+        if not val_images and d.val_fraction > 0 and len(images) > 2:
+            n_val = max(1, int(round(len(images) * d.val_fraction)))
+            pick = set(np.random.default_rng(c.trainer.seed).permutation(len(images))[:n_val].tolist())
+            val_images = [p for i, p in enumerate(images) if i in pick]
+            val_labels = [p for i, p in enumerate(labels) if i in pick]
+            images = [p for i, p in enumerate(images) if i not in pick]
+            labels = [p for i, p in enumerate(labels) if i not in pick]
+        atlas = None
+        if a["pairing"] == "atlas":
+            fixed = Path(a["fixed_image"])
+            if not fixed.is_file():
+                raise DatasetError(f"fixed image not found: {fixed} (task_args.fixed_image)")
+            fl = [a["fixed_label"]] if a["fixed_label"] else []
+            atlas = self._subjects([str(fixed)], fl)[0]
+        has_labels = bool(labels) and (atlas is None or "label" in atlas)
+        if a["dice_weight"] > 0 and not has_labels:
+            missing = "data.train_labels" if not labels else "task_args.fixed_label"
+            raise DatasetError(f"task_args.dice_weight > 0 (weak supervision) needs label maps of the moving "
+                               f"and the fixed images; {missing} is missing")
+        subjects = self._subjects(images, labels)
+        probe = subjects[0]
+        if "label" in probe:
+            self.num_classes = max(self.num_classes, int(probe["label"].max()) + 1)
+        if atlas is not None and "label" in atlas:
+            self.num_classes = max(self.num_classes, int(atlas["label"].max()) + 1)
+        train = PairDataset(subjects, atlas)
+        val = None
+        if val_images:
+            if val_labels and len(val_labels) != len(val_images):
+                raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
+            # one validation subject without an atlas: score it against held-out deformations of itself
+            single = atlas is None and len(val_images) == 1
+            val = PairDataset(self._subjects(val_images, val_labels), atlas, limit=a["val_pairs"],
+                              seed_offset=10**12 if single else None)
+            self._val_deform = single
+        elif d.val_deformations > 0:
+            val = PairDataset(subjects, atlas, limit=d.val_deformations, seed_offset=10**12)
+            self._val_deform = True
+        return train, val
 
-            c, a = self.config, self.args
-            d = c.data
-            _preset(c)
-            images, labels = list(d.train_images), list(d.train_labels)
-            if d.root is not None and not images:
-                images, labels = find_pairs(d.root)
-            if not images:
-                raise DatasetError("no training data: set data.root, data.train_images or data.dataset")
-            if labels and len(labels) != len(images):
-                raise DatasetError(f"{len(images)} training images but {len(labels)} label maps (data.train_labels "
-                                   f"must give one label map per image, or none)")
-            val_images, val_labels = list(d.val_images), list(d.val_labels)
-            if not val_images and d.val_fraction > 0 and len(images) > 2:
-                n_val = max(1, int(round(len(images) * d.val_fraction)))
-                pick = set(np.random.default_rng(c.trainer.seed).permutation(len(images))[:n_val].tolist())
-                val_images = [p for i, p in enumerate(images) if i in pick]
-                val_labels = [p for i, p in enumerate(labels) if i in pick]
-                images = [p for i, p in enumerate(images) if i not in pick]
-                labels = [p for i, p in enumerate(labels) if i not in pick]
-            atlas = None
-            if a["pairing"] == "atlas":
-                fixed = Path(a["fixed_image"])
-                if not fixed.is_file():
-                    raise DatasetError(f"fixed image not found: {fixed} (task_args.fixed_image)")
-                fl = [a["fixed_label"]] if a["fixed_label"] else []
-                atlas = self._subjects([str(fixed)], fl)[0]
-            has_labels = bool(labels) and (atlas is None or "label" in atlas)
-            if a["dice_weight"] > 0 and not has_labels:
-                missing = "data.train_labels" if not labels else "task_args.fixed_label"
-                raise DatasetError(f"task_args.dice_weight > 0 (weak supervision) needs label maps of the moving "
-                                   f"and the fixed images; {missing} is missing")
-            subjects = self._subjects(images, labels)
-            probe = subjects[0]
-            if "label" in probe:
-                self.num_classes = max(self.num_classes, int(probe["label"].max()) + 1)
-            if atlas is not None and "label" in atlas:
-                self.num_classes = max(self.num_classes, int(atlas["label"].max()) + 1)
-            train = PairDataset(subjects, atlas)
-            val = None
-            if val_images:
-                if val_labels and len(val_labels) != len(val_images):
-                    raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
-                # one validation subject without an atlas: score it against held-out deformations of itself
-                single = atlas is None and len(val_images) == 1
-                val = PairDataset(self._subjects(val_images, val_labels), atlas, limit=a["val_pairs"],
-                                  seed_offset=10**12 if single else None)
-                self._val_deform = single
-            elif d.val_deformations > 0:
-                val = PairDataset(subjects, atlas, limit=d.val_deformations, seed_offset=10**12)
-                self._val_deform = True
-            return train, val
-
-        # -- steps ----------------------------------------------------------------------------
-        def _pair(self, batch, device, augment):
-            moving = batch["moving"].to(device).float()
-            fixed = batch["fixed"].to(device).float()
-            ml, fl = batch.get("moving_label"), batch.get("fixed_label")
-            ml = ml.to(device) if ml is not None else None
-            fl = fl.to(device) if fl is not None else None
-            if augment is not None:
-                seeds = batch.get("seed") or list(range(moving.shape[0]))
-                with torch.autocast(device.type, enabled=False):
-                    moving, ml = augment(moving, ml, seeds)
-                    if self.args["augment_fixed"]:
-                        fixed, fl = augment(fixed, fl, [s + 7_777_777 for s in seeds])
-            return moving, fixed, ml, fl
-
-        def _forward(self, model, moving, fixed):
-            _, ddf = model(torch.cat([moving, fixed], 1))
-            with torch.autocast(moving.device.type, enabled=False):
-                ddf = ddf.float()
-                warped = mf.warp(moving.contiguous(), ddf.contiguous())
-            return ddf, warped
-
-        def training_step(self, model, batch, device):
-            a = self.args
-            moving, fixed, ml, fl = self._pair(batch, device, self.augment)
-            ddf, warped = self._forward(model, moving, fixed)
+    # -- steps ----------------------------------------------------------------------------
+    def _pair(self, batch, device, augment):
+        moving = batch["moving"].to(device).float()
+        fixed = batch["fixed"].to(device).float()
+        ml, fl = batch.get("moving_label"), batch.get("fixed_label")
+        ml = ml.to(device) if ml is not None else None
+        fl = fl.to(device) if fl is not None else None
+        if augment is not None:
+            seeds = batch.get("seed") or list(range(moving.shape[0]))
             with torch.autocast(device.type, enabled=False):
-                sim = mf.lncc_loss(warped, fixed, kernel_size=a["kernel_size"])
-                bend = bending_energy(ddf)
-                loss = a["lncc_weight"] * sim + a["bending_weight"] * bend
-                metrics = {"lncc": float(sim.detach()), "bending": float(bend.detach())}
-                if a["dice_weight"] > 0 and ml is not None and fl is not None:
-                    k = self.num_classes
-                    _, warped_oh = _warp_labels(ml, ddf, k)
-                    fixed_oh = F.one_hot(fl.long().clamp(0, k - 1), k).movedim(-1, 1)[:, 1:].float()
-                    dl = label_dice_loss(warped_oh, fixed_oh)
-                    loss = loss + a["dice_weight"] * dl
-                    metrics["dice_loss"] = float(dl.detach())
-            return loss, metrics
+                moving, ml = augment(moving, ml, seeds)
+                if self.args["augment_fixed"]:
+                    fixed, fl = augment(fixed, fl, [s + 7_777_777 for s in seeds])
+        return moving, fixed, ml, fl
 
-        @torch.no_grad()
-        def validation_step(self, model, batch, device):
-            aug = self.val_augment if getattr(self, "_val_deform", False) else None
-            moving, fixed, ml, fl = self._pair(batch, device, aug)
-            ddf, warped = self._forward(model, moving, fixed)
-            k = self.args["kernel_size"]
-            rows = []
-            for b in range(moving.shape[0]):
-                row = {"lncc_before": float(mf.lncc_loss(moving[b:b + 1], fixed[b:b + 1], kernel_size=k)),
-                       "lncc_after": float(mf.lncc_loss(warped[b:b + 1], fixed[b:b + 1], kernel_size=k))}
-                if ml is not None and fl is not None:
-                    classes = [int(v) for v in torch.unique(fl[b]).tolist() if v != 0]
-                    wl = mf.warp(ml[b:b + 1, None].float(), ddf[b:b + 1], mode="nearest")[0, 0].round().long()
-                    row["dice_before"] = _mean(dice_per_label(ml[b], fl[b], classes))
-                    row["dice_after"] = _mean(dice_per_label(wl, fl[b], classes))
-                rows.append(row)
-            return rows
+    def _forward(self, model, moving, fixed):
+        _, ddf = model(torch.cat([moving, fixed], 1))
+        with torch.autocast(moving.device.type, enabled=False):
+            ddf = ddf.float()
+            warped = mf.warp(moving.contiguous(), ddf.contiguous())
+        return ddf, warped
 
-        def save_samples(self, model, batch, device, path: Path) -> None:
-            aug = self.val_augment if getattr(self, "_val_deform", False) else None
-            moving, fixed, _, _ = self._pair(batch, device, aug)
-            with torch.no_grad():
-                _, warped = self._forward(model, moving[:1], fixed[:1])
-            try:
-                save_overlay(path, fixed[0, 0], {"before": moving[0, 0], "after": warped[0, 0]},
-                             str(batch["files"][0])[-80:])
-            except ImportError:
-                return
+    def training_step(self, model, batch, device):
+        a = self.args
+        moving, fixed, ml, fl = self._pair(batch, device, self.augment)
+        ddf, warped = self._forward(model, moving, fixed)
+        with torch.autocast(device.type, enabled=False):
+            sim = mf.lncc_loss(warped, fixed, kernel_size=a["kernel_size"])
+            bend = bending_energy(ddf)
+            loss = a["lncc_weight"] * sim + a["bending_weight"] * bend
+            metrics = {"lncc": float(sim.detach()), "bending": float(bend.detach())}
+            if a["dice_weight"] > 0 and ml is not None and fl is not None:
+                k = self.num_classes
+                _, warped_oh = _warp_labels(ml, ddf, k)
+                fixed_oh = F.one_hot(fl.long().clamp(0, k - 1), k).movedim(-1, 1)[:, 1:].float()
+                dl = label_dice_loss(warped_oh, fixed_oh)
+                loss = loss + a["dice_weight"] * dl
+                metrics["dice_loss"] = float(dl.detach())
+        return loss, metrics
 
-        def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
-            """Writes ``registration_model.pt`` (:func:`save_model` format) beside the checkpoints."""
-            path = Path(out_dir) / "registration_model.pt"
-            save_model(path, model, self.net_kwargs, list(self.config.data.shape))
-            print(f"medfast train: registration model written to {path} (use: medfast register FIXED MOVING "
-                  f"--model {path})", flush=True)
-            return {"registration_model": str(path)}
+    @torch.no_grad()
+    def validation_step(self, model, batch, device):
+        aug = self.val_augment if getattr(self, "_val_deform", False) else None
+        moving, fixed, ml, fl = self._pair(batch, device, aug)
+        ddf, warped = self._forward(model, moving, fixed)
+        k = self.args["kernel_size"]
+        rows = []
+        for b in range(moving.shape[0]):
+            row = {"lncc_before": float(mf.lncc_loss(moving[b:b + 1], fixed[b:b + 1], kernel_size=k)),
+                   "lncc_after": float(mf.lncc_loss(warped[b:b + 1], fixed[b:b + 1], kernel_size=k))}
+            if ml is not None and fl is not None:
+                classes = [int(v) for v in torch.unique(fl[b]).tolist() if v != 0]
+                wl = mf.warp(ml[b:b + 1, None].float(), ddf[b:b + 1], mode="nearest")[0, 0].round().long()
+                row["dice_before"] = _mean(dice_per_label(ml[b], fl[b], classes))
+                row["dice_after"] = _mean(dice_per_label(wl, fl[b], classes))
+            rows.append(row)
+        return rows
 
-    return RegistrationTask
+    def save_samples(self, model, batch, device, path: Path) -> None:
+        aug = self.val_augment if getattr(self, "_val_deform", False) else None
+        moving, fixed, _, _ = self._pair(batch, device, aug)
+        with torch.no_grad():
+            _, warped = self._forward(model, moving[:1], fixed[:1])
+        try:
+            save_overlay(path, fixed[0, 0], {"before": moving[0, 0], "after": warped[0, 0]},
+                         str(batch["files"][0])[-80:])
+        except ImportError:
+            return
 
-
-RegistrationTask = _register_task_class()
+    def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
+        """Writes ``registration_model.pt`` (:func:`save_model` format) beside the checkpoints."""
+        path = Path(out_dir) / "registration_model.pt"
+        save_model(path, model, self.net_kwargs, list(self.config.data.shape))
+        print(f"medfast train: registration model written to {path} (use: medfast register FIXED MOVING "
+              f"--model {path})", flush=True)
+        return {"registration_model": str(path)}
