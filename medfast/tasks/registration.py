@@ -28,8 +28,11 @@ import torch
 import torch.nn.functional as F
 
 import medfast as mf
+from medfast.data.io import DatasetError
 from medfast.losses.registration import bending_energy, label_dice_loss
 from medfast.nets.registration import GlobalNet, LocalNet, affine_ddf
+from medfast.train.config import ConfigError
+from medfast.train.task import Task, register_task
 
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 MNI_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -427,12 +430,22 @@ def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_s
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
-    """Reads a checkpoint written by :func:`save_model` (or a trainer checkpoint with the same keys
-    under ``"model"``); returns the network in eval mode and its input shape."""
+    """Reads a checkpoint written by :func:`save_model` (or one with the same keys under ``"model"``), or a
+    ``medfast train`` checkpoint of the registration task (``RUN/checkpoints/last.pt``: the network is
+    rebuilt from its config, the input shape is its ``data.shape``); returns the network in eval mode and
+    its input shape."""
     path = Path(path)
     if not path.is_file():
         raise RegistrationError(f"no such model checkpoint: {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise RegistrationError(f"cannot read {path} as a checkpoint: {exc}") from exc
+    if isinstance(ckpt, dict) and ckpt.get("format", "").startswith("medfast-checkpoint"):
+        if ckpt.get("task") != "registration":
+            raise RegistrationError(f"{path} is a medfast train checkpoint of the {ckpt.get('task')!r} task, not "
+                                    f"of the 'registration' task")
+        return load_trainer_checkpoint(ckpt, device)
     if isinstance(ckpt, dict) and "net" not in ckpt and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or ckpt.get("net") not in _NETS or "state_dict" not in ckpt:
@@ -824,3 +837,367 @@ def run_registration_demo(out: str | Path = "medfast-register-demo", resolution:
     with open(Path(out) / "demo.json", "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a network with the generic trainer (``config.task = "registration"``)
+# ---------------------------------------------------------------------------------------------
+
+
+class RegistrationNet(torch.nn.Module):
+    """A LocalNet (optionally after a GlobalNet affine) returning the total displacement.
+
+    Parameters
+    ----------
+    spatial_dims : int
+        2 or 3.
+    in_channels : int
+        Channels of the concatenated (moving, fixed) input, ``2 * C``.
+    num_channel_initial, depth : int
+        LocalNet (and GlobalNet) width and number of down-sampling levels.
+    extract_levels : sequence of int, optional
+        LocalNet decoder levels averaged into the output (default all).
+    velocity : bool
+        The LocalNet outputs a stationary velocity field, integrated by scaling and squaring
+        (:func:`medfast.integrate`, ``integration_steps`` squarings).
+    global_net : bool
+        Predict an affine first (GlobalNet); the LocalNet then sees the affinely warped moving image.
+
+    Shapes
+    ------
+    ``forward(x)``: ``(B, in_channels, *S)`` (moving channels first) -> ``(theta, ddf)``: ``theta``
+    ``(B, n, n + 1)`` the affine part (the identity without ``global_net``) and ``ddf`` ``(B, n, *S)`` the
+    total displacement in voxels (``warped = medfast.warp(moving, ddf)``), so :func:`register_with_model`
+    uses it like a LocalNet.
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 2, num_channel_initial: int = 16, depth: int = 3,
+                 extract_levels: Sequence[int] | None = None, velocity: bool = False, integration_steps: int = 7,
+                 global_net: bool = False) -> None:
+        super().__init__()
+        if in_channels < 2 or in_channels % 2:
+            raise ValueError(f"in_channels must be 2 * image channels (moving + fixed), got {in_channels}")
+        levels = tuple(range(depth + 1)) if extract_levels is None else tuple(extract_levels)
+        self.ndim, self.velocity, self.steps = spatial_dims, bool(velocity), int(integration_steps)
+        self.local = LocalNet(spatial_dims, in_channels, num_channel_initial, depth, levels)
+        self.globalnet = GlobalNet(spatial_dims, in_channels, num_channel_initial, depth) if global_net else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c = self.ndim, x.shape[1] // 2
+        shape = x.shape[2:]
+        if self.globalnet is not None:
+            theta, _ = self.globalnet(x)
+            moving = mf.affine_warp(x[:, :c].float().contiguous(), theta.float())
+            x = torch.cat([moving.to(x.dtype), x[:, c:]], 1)
+        else:
+            theta = torch.eye(n, n + 1, device=x.device, dtype=torch.float32).expand(x.shape[0], n, n + 1)
+        u = self.local(x).float()
+        if self.velocity:
+            u = mf.integrate(u.contiguous(), self.steps)
+        if self.globalnet is None:
+            return theta, u
+        # total map x -> theta [x; 1] + u(x) as one displacement
+        return theta, affine_ddf(theta.float(), shape) + u
+
+
+_NETS["RegistrationNet"] = RegistrationNet
+
+
+def _net_kwargs(config: Any) -> dict[str, Any]:
+    """``RegistrationNet`` arguments from a trainer :class:`~medfast.train.Config`."""
+    m, ta = config.model, config.task_args
+    if m.name.lower() not in ("localnet", "registrationnet"):
+        raise ConfigError(f"the registration task trains model.name = 'localnet', got {m.name!r}")
+    kw = dict(m.kwargs)
+    unknown = set(kw) - {"extract_levels"}
+    if unknown:
+        raise ConfigError(f"unknown model.kwargs for localnet: {sorted(unknown)} (valid: extract_levels)")
+    chans = list(m.channels)
+    if not chans:
+        raise ConfigError("model.channels must list at least one width (the first is LocalNet's, its length - 1 "
+                         "the depth)")
+    return {"spatial_dims": m.spatial_dims, "in_channels": 2 * m.in_channels, "num_channel_initial": int(chans[0]),
+            "depth": max(1, len(chans) - 1), "extract_levels": kw.get("extract_levels"),
+            "velocity": bool(ta.get("velocity", False)), "integration_steps": int(ta.get("integration_steps", 7)),
+            "global_net": bool(ta.get("global_net", False))}
+
+
+def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
+    """The network of a ``medfast train`` checkpoint of the registration task and its input shape."""
+    from medfast.train.config import config_from_dict
+
+    config = config_from_dict(state["config"])
+    if config.data.shape is None:
+        raise RegistrationError("the checkpoint's config has no data.shape (the network's input shape)")
+    net = RegistrationNet(**_net_kwargs(config)).to(device)
+    net.load_state_dict(state["model"])
+    return net.eval(), list(config.data.shape)
+
+
+_TASK_ARGS = {"pairing", "fixed_image", "fixed_label", "kernel_size", "lncc_weight", "bending_weight",
+              "dice_weight", "velocity", "integration_steps", "global_net", "augment_fixed", "val_pairs"}
+
+
+def _task_args(config: Any) -> dict[str, Any]:
+    ta = dict(config.task_args)
+    unknown = set(ta) - _TASK_ARGS
+    if unknown:
+        raise ConfigError(f"unknown task_args for the registration task: {sorted(unknown)}; valid: "
+                         f"{', '.join(sorted(_TASK_ARGS))}")
+    pairing = ta.get("pairing", "atlas" if ta.get("fixed_image") else "pairs")
+    if pairing not in ("atlas", "pairs"):
+        raise ConfigError(f"task_args.pairing must be 'atlas' or 'pairs', got {pairing!r}")
+    if pairing == "atlas" and not ta.get("fixed_image"):
+        raise ConfigError("task_args.pairing = 'atlas' needs task_args.fixed_image (the fixed atlas image)")
+    if ta.get("fixed_label") and not ta.get("fixed_image"):
+        raise ConfigError("task_args.fixed_label is given but task_args.fixed_image (the atlas) is missing")
+    out = {"pairing": pairing, "fixed_image": ta.get("fixed_image"), "fixed_label": ta.get("fixed_label"),
+           "kernel_size": int(ta.get("kernel_size", 7)), "lncc_weight": float(ta.get("lncc_weight", 1.0)),
+           "bending_weight": float(ta.get("bending_weight", 1.0)), "dice_weight": float(ta.get("dice_weight", 0.0)),
+           "augment_fixed": ta.get("augment_fixed", pairing == "pairs"), "val_pairs": int(ta.get("val_pairs", 8))}
+    if out["kernel_size"] < 1 or out["kernel_size"] % 2 == 0:
+        raise ConfigError(f"task_args.kernel_size must be a positive odd int, got {out['kernel_size']}")
+    for k in ("lncc_weight", "bending_weight", "dice_weight"):
+        if out[k] < 0:
+            raise ConfigError(f"task_args.{k} must be >= 0, got {out[k]}")
+    return out
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Registration pairs drawn from preprocessed subjects.
+
+    Parameters
+    ----------
+    subjects : NiftiDataset
+        The (moving) subjects, all of the same spatial shape.
+    atlas : dict, optional
+        A preprocessed fixed item (``image``, optional ``label``): every subject is registered to it.
+        Without it, pairs are the ordered pairs of distinct subjects (one subject: itself, the
+        augmentation then makes the pair differ).
+    limit : int, optional
+        Keep only the first ``limit`` pairs (validation).
+    seed_offset : int, optional
+        Give every item a fixed seed ``seed_offset + index`` (validation deformations).
+
+    Items: ``moving``, ``fixed`` ``(C, *S)`` float32 (intensities mapped to [0, 1] as
+    :func:`register_with_model` does), ``moving_label``/``fixed_label`` ``(*S)`` when both exist,
+    ``files`` (``"moving -> fixed"``), ``seed`` when the sampler gives one.
+    """
+
+    def __init__(self, subjects: Any, atlas: dict | None = None, limit: int | None = None,
+                 seed_offset: int | None = None) -> None:
+        self.subjects, self.atlas = subjects, atlas
+        n = len(subjects)
+        if atlas is not None:
+            self.pairs = [(i, -1) for i in range(n)]
+        elif n == 1:
+            self.pairs = [(0, 0)]
+        else:
+            self.pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+        if limit is not None:
+            self.pairs = self.pairs[:limit]
+        self.seed_offset = seed_offset
+        self._norm: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _subject(self, i: int) -> dict:
+        if i not in self._norm:
+            item = self.subjects[i] if i >= 0 else self.atlas
+            out = {"image": normalize_intensity(item["image"].float()), "files": item["files"]}
+            if "label" in item:
+                out["label"] = item["label"]
+            self._norm[i] = out
+        return self._norm[i]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        k, seed = (key if isinstance(key, tuple) else (key, None))
+        i, j = self.pairs[int(k)]
+        mov, fix = self._subject(i), self._subject(j)
+        if mov["image"].shape != fix["image"].shape:
+            raise DatasetError(f"moving {mov['files']} has shape {tuple(mov['image'].shape)} but fixed "
+                               f"{fix['files']} has {tuple(fix['image'].shape)}; set data.shape")
+        item = {"moving": mov["image"], "fixed": fix["image"], "files": f"{mov['files']} -> {fix['files']}"}
+        if "label" in mov and "label" in fix:
+            item["moving_label"], item["fixed_label"] = mov["label"], fix["label"]
+        if self.seed_offset is not None:
+            seed = self.seed_offset + int(k)
+        if seed is not None:
+            item["seed"] = int(seed)
+        return item
+
+
+def _warp_labels(label: torch.Tensor, ddf: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot foreground channels ``(B, K - 1, *S)`` of ``label`` and their linear warp by ``ddf``."""
+    oh = F.one_hot(label.long().clamp(0, classes - 1), classes).movedim(-1, 1)[:, 1:].float()
+    return oh, mf.warp(oh.contiguous(), ddf.float(), mode="linear")
+
+
+@register_task("registration")
+class RegistrationTask(Task):
+    """Trains a :class:`RegistrationNet` (LocalNet, optionally GlobalNet first; DDF or velocity field).
+
+    Loss: ``lncc_weight * LNCC(warped, fixed) + bending_weight * bending energy(ddf)`` (unsupervised),
+    ``+ dice_weight * (1 - soft Dice of the warped moving labels)`` when both label maps exist (weak
+    supervision). Settings live in ``task_args`` (see ``docs/registration.md``). The trained network
+    is written as ``registration_model.pt`` (:func:`save_model`) and ``medfast register --model`` also
+    reads the trainer's ``checkpoints/*.pt`` directly.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        from medfast.data import RandomAugment
+
+        self.args = _task_args(config)
+        self.net_kwargs = _net_kwargs(config)
+        if config.augment.patch_size is not None:
+            raise ConfigError("the registration task trains on whole images: leave augment.patch_size unset "
+                             "(set data.shape instead)")
+        if config.data.shape is None:
+            raise ConfigError("the registration task needs data.shape (every image is cropped/padded to it; it "
+                             "is the network's input shape)")
+        self.augment = RandomAugment(config.augment)
+        self.val_augment = RandomAugment(config.augment, geometric_only=True)
+        self.num_classes = 2
+
+    def build_model(self) -> torch.nn.Module:
+        return RegistrationNet(**self.net_kwargs)
+
+    def _subjects(self, images, labels):
+        from medfast.tasks.segmentation import _dataset
+
+        return _dataset(self.config, images, labels)
+
+    def build_datasets(self):
+        from medfast.data import DatasetError, find_pairs
+        from medfast.tasks.segmentation import _preset
+
+        c, a = self.config, self.args
+        d = c.data
+        _preset(c)
+        images, labels = list(d.train_images), list(d.train_labels)
+        if d.root is not None and not images:
+            images, labels = find_pairs(d.root)
+        if not images:
+            raise DatasetError("no training data: set data.root, data.train_images or data.dataset")
+        if labels and len(labels) != len(images):
+            raise DatasetError(f"{len(images)} training images but {len(labels)} label maps (data.train_labels "
+                               f"must give one label map per image, or none)")
+        val_images, val_labels = list(d.val_images), list(d.val_labels)
+        if not val_images and d.val_fraction > 0 and len(images) > 2:
+            n_val = max(1, int(round(len(images) * d.val_fraction)))
+            pick = set(np.random.default_rng(c.trainer.seed).permutation(len(images))[:n_val].tolist())
+            val_images = [p for i, p in enumerate(images) if i in pick]
+            val_labels = [p for i, p in enumerate(labels) if i in pick]
+            images = [p for i, p in enumerate(images) if i not in pick]
+            labels = [p for i, p in enumerate(labels) if i not in pick]
+        atlas = None
+        if a["pairing"] == "atlas":
+            fixed = Path(a["fixed_image"])
+            if not fixed.is_file():
+                raise DatasetError(f"fixed image not found: {fixed} (task_args.fixed_image)")
+            fl = [a["fixed_label"]] if a["fixed_label"] else []
+            atlas = self._subjects([str(fixed)], fl)[0]
+        has_labels = bool(labels) and (atlas is None or "label" in atlas)
+        if a["dice_weight"] > 0 and not has_labels:
+            missing = "data.train_labels" if not labels else "task_args.fixed_label"
+            raise DatasetError(f"task_args.dice_weight > 0 (weak supervision) needs label maps of the moving "
+                               f"and the fixed images; {missing} is missing")
+        subjects = self._subjects(images, labels)
+        probe = subjects[0]
+        if "label" in probe:
+            self.num_classes = max(self.num_classes, int(probe["label"].max()) + 1)
+        if atlas is not None and "label" in atlas:
+            self.num_classes = max(self.num_classes, int(atlas["label"].max()) + 1)
+        train = PairDataset(subjects, atlas)
+        val = None
+        if val_images:
+            if val_labels and len(val_labels) != len(val_images):
+                raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
+            # one validation subject without an atlas: score it against held-out deformations of itself
+            single = atlas is None and len(val_images) == 1
+            val = PairDataset(self._subjects(val_images, val_labels), atlas, limit=a["val_pairs"],
+                              seed_offset=10**12 if single else None)
+            self._val_deform = single
+        elif d.val_deformations > 0:
+            val = PairDataset(subjects, atlas, limit=d.val_deformations, seed_offset=10**12)
+            self._val_deform = True
+        return train, val
+
+    # -- steps ----------------------------------------------------------------------------
+    def _pair(self, batch, device, augment):
+        moving = batch["moving"].to(device).float()
+        fixed = batch["fixed"].to(device).float()
+        ml, fl = batch.get("moving_label"), batch.get("fixed_label")
+        ml = ml.to(device) if ml is not None else None
+        fl = fl.to(device) if fl is not None else None
+        if augment is not None:
+            seeds = batch.get("seed") or list(range(moving.shape[0]))
+            with torch.autocast(device.type, enabled=False):
+                moving, ml = augment(moving, ml, seeds)
+                if self.args["augment_fixed"]:
+                    fixed, fl = augment(fixed, fl, [s + 7_777_777 for s in seeds])
+        return moving, fixed, ml, fl
+
+    def _forward(self, model, moving, fixed):
+        _, ddf = model(torch.cat([moving, fixed], 1))
+        with torch.autocast(moving.device.type, enabled=False):
+            ddf = ddf.float()
+            warped = mf.warp(moving.contiguous(), ddf.contiguous())
+        return ddf, warped
+
+    def training_step(self, model, batch, device):
+        a = self.args
+        moving, fixed, ml, fl = self._pair(batch, device, self.augment)
+        ddf, warped = self._forward(model, moving, fixed)
+        with torch.autocast(device.type, enabled=False):
+            sim = mf.lncc_loss(warped, fixed, kernel_size=a["kernel_size"])
+            bend = bending_energy(ddf)
+            loss = a["lncc_weight"] * sim + a["bending_weight"] * bend
+            metrics = {"lncc": float(sim.detach()), "bending": float(bend.detach())}
+            if a["dice_weight"] > 0 and ml is not None and fl is not None:
+                k = self.num_classes
+                _, warped_oh = _warp_labels(ml, ddf, k)
+                fixed_oh = F.one_hot(fl.long().clamp(0, k - 1), k).movedim(-1, 1)[:, 1:].float()
+                dl = label_dice_loss(warped_oh, fixed_oh)
+                loss = loss + a["dice_weight"] * dl
+                metrics["dice_loss"] = float(dl.detach())
+        return loss, metrics
+
+    @torch.no_grad()
+    def validation_step(self, model, batch, device):
+        aug = self.val_augment if getattr(self, "_val_deform", False) else None
+        moving, fixed, ml, fl = self._pair(batch, device, aug)
+        ddf, warped = self._forward(model, moving, fixed)
+        k = self.args["kernel_size"]
+        rows = []
+        for b in range(moving.shape[0]):
+            row = {"lncc_before": float(mf.lncc_loss(moving[b:b + 1], fixed[b:b + 1], kernel_size=k)),
+                   "lncc_after": float(mf.lncc_loss(warped[b:b + 1], fixed[b:b + 1], kernel_size=k))}
+            if ml is not None and fl is not None:
+                classes = [int(v) for v in torch.unique(fl[b]).tolist() if v != 0]
+                wl = mf.warp(ml[b:b + 1, None].float(), ddf[b:b + 1], mode="nearest")[0, 0].round().long()
+                row["dice_before"] = _mean(dice_per_label(ml[b], fl[b], classes))
+                row["dice_after"] = _mean(dice_per_label(wl, fl[b], classes))
+            rows.append(row)
+        return rows
+
+    def save_samples(self, model, batch, device, path: Path) -> None:
+        aug = self.val_augment if getattr(self, "_val_deform", False) else None
+        moving, fixed, _, _ = self._pair(batch, device, aug)
+        with torch.no_grad():
+            _, warped = self._forward(model, moving[:1], fixed[:1])
+        try:
+            save_overlay(path, fixed[0, 0], {"before": moving[0, 0], "after": warped[0, 0]},
+                         str(batch["files"][0])[-80:])
+        except ImportError:
+            return
+
+    def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
+        """Writes ``registration_model.pt`` (:func:`save_model` format) beside the checkpoints."""
+        path = Path(out_dir) / "registration_model.pt"
+        save_model(path, model, self.net_kwargs, list(self.config.data.shape))
+        print(f"medfast train: registration model written to {path} (use: medfast register FIXED MOVING "
+              f"--model {path})", flush=True)
+        return {"registration_model": str(path)}
