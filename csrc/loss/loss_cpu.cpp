@@ -42,28 +42,10 @@ struct Blocks {
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// The blocks [i0, i1) of one chunk, added into acc (per batch: (C, kStats)); run() and run_avx2() are
-// the same loop compiled for the baseline ISA and for AVX2 + FMA.
+// body(b, x0, nv, scratch) for the blocks [i0, i1); run() and run_avx2() are the same loop compiled
+// for the baseline ISA and for AVX2 + FMA (the body, always inlined, is compiled with it).
 template <typename T, typename Body>
-struct SumRange {
-  const Blocks& bl;
-  Body& body;
-  double* acc;
-  T* scratch;
-  MEDFAST_HOST_DEVICE void loop(int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      int64_t b, x0;
-      int nv;
-      bl.locate(i, b, x0, nv);
-      body(b, x0, nv, acc + b * bl.C * kStats, scratch);
-    }
-  }
-  void run(int64_t i0, int64_t i1) { loop(i0, i1); }
-  MEDFAST_AVX2 void run_avx2(int64_t i0, int64_t i1) { loop(i0, i1); }
-};
-
-template <typename T, typename Body>
-struct EachRange {
+struct BlockRange {
   const Blocks& bl;
   Body& body;
   T* scratch;
@@ -77,6 +59,7 @@ struct EachRange {
   }
   void run(int64_t i0, int64_t i1) { loop(i0, i1); }
   MEDFAST_AVX2 void run_avx2(int64_t i0, int64_t i1) { loop(i0, i1); }
+  void run(bool avx2, int64_t i0, int64_t i1) { avx2 ? run_avx2(i0, i1) : run(i0, i1); }
 };
 
 // (B, C, kStats) sums: body(b, x0, nv, acc, scratch) adds block (b, x0, nv) into acc, the
@@ -90,9 +73,12 @@ Tensor sum_blocks(const Tensor& logits, const Blocks& bl, int64_t scratch_per_vo
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<T> scratch(static_cast<size_t>(scratch_per_voxel * kBlock));
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t i0 = bl.total * k / chunks, i1 = bl.total * (k + 1) / chunks;
-      SumRange<T, Body> range{bl, body, part.data() + k * stride, scratch.data()};
-      avx2 ? range.run_avx2(i0, i1) : range.run(i0, i1);
+      double* acc = part.data() + k * stride;
+      auto chunk_body = [&body, &bl, acc](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
+        body(b, x0, nv, acc + b * bl.C * kStats, e);
+      };
+      BlockRange<T, decltype(chunk_body)>{bl, chunk_body, scratch.data()}.run(
+          avx2, bl.total * k / chunks, bl.total * (k + 1) / chunks);
     }
   });
   Tensor out = at::zeros({bl.B, bl.C, kStats}, logits.options().dtype(at::kDouble));
@@ -108,8 +94,7 @@ void for_blocks(const Blocks& bl, int64_t scratch_per_voxel, Body body) {
   const bool avx2 = cpu_simd_available();
   at::parallel_for(0, bl.total, 16, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(static_cast<size_t>(scratch_per_voxel * kBlock));
-    EachRange<T, Body> range{bl, body, scratch.data()};
-    avx2 ? range.run_avx2(begin, end) : range.run(begin, end);
+    BlockRange<T, Body>{bl, body, scratch.data()}.run(avx2, begin, end);
   });
 }
 

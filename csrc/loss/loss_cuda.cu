@@ -57,60 +57,69 @@ __device__ void store_block_sums(const T* smem, int64_t n, T* partial) {
   }
 }
 
+// The per-voxel work of each target kind, as device functors over one voxel x of batch element b:
+// sum(b, x, acc, e) adds the voxel to the thread's class sums; grad(b, x, i, e) writes its gradient
+// (i = b N + x). Scratch e: C + 2 (sums) or C + 4 (gradients) entries.
 template <typename S, typename T>
-__global__ void softmax_stats_kernel(const S* z, const int64_t* y, const T* w, int64_t C, int64_t N, int64_t chunk,
-                                     T* partial) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
-  const int nt = blockDim.x, t = threadIdx.x;
-  const Strided<T> acc{smem + t, nt}, e{smem + C * kStats * nt + t, nt};
-  for (int64_t j = 0; j < C * kStats; ++j) acc[j] = T(0);
-  const int64_t b = blockIdx.y, x1 = std::min<int64_t>(N, (blockIdx.x + 1) * chunk);
-  for (int64_t x = blockIdx.x * chunk + t; x < x1; x += nt) {
+struct LabelVoxel {
+  const S* z;
+  const int64_t* y;
+  const T* w;
+  const T* g;  // gradients of the sums (backward only)
+  S* gz;
+  int64_t C, N;
+  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e) const {
     const int64_t v = b * N + x;
     stats_block(z + b * C * N + x, C, N, y + v, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1);
   }
-  store_block_sums(smem, C * kStats, partial);
-}
+  __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
+    const int64_t off = b * C * N + x;
+    stats_backward_block(z + off, C, N, y + i, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off, e, e + C,
+                         e + C + 1, e + C + 2);
+  }
+};
 
 template <bool SIGMOID, typename S, typename T>
-__global__ void soft_stats_kernel(const S* z, const S* tg, const T* w, int64_t C, int64_t N, int64_t chunk,
-                                  T* partial) {
+struct SoftVoxel {
+  const S* z;
+  const S* tg;
+  const T* w;
+  const T* g;
+  S* gz;
+  int64_t C, N;
+  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e) const {
+    const int64_t off = b * C * N + x;
+    soft_stats_block<SIGMOID>(z + off, tg + off, C, N, w ? w + b * N + x : nullptr, 1, acc, e, e + C, e + C + 1);
+  }
+  __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
+    const int64_t off = b * C * N + x;
+    soft_stats_backward_block<SIGMOID>(z + off, tg + off, C, N, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off,
+                                       e, e + C, e + C + 1, e + C + 2);
+  }
+};
+
+// Sums: grid (blocks per batch element, B); block x of batch b sums voxels [x chunk, (x+1) chunk).
+template <typename T, typename Voxel>
+__global__ void sums_kernel(const Voxel voxel, int64_t chunk, T* partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t C = voxel.C, N = voxel.N;
   const int nt = blockDim.x, t = threadIdx.x;
   const Strided<T> acc{smem + t, nt}, e{smem + C * kStats * nt + t, nt};
   for (int64_t j = 0; j < C * kStats; ++j) acc[j] = T(0);
   const int64_t b = blockIdx.y, x1 = std::min<int64_t>(N, (blockIdx.x + 1) * chunk);
-  for (int64_t x = blockIdx.x * chunk + t; x < x1; x += nt) {
-    const int64_t off = b * C * N + x;
-    soft_stats_block<SIGMOID>(z + off, tg + off, C, N, w ? w + b * N + x : nullptr, 1, acc, e, e + C, e + C + 1);
-  }
+  for (int64_t x = blockIdx.x * chunk + t; x < x1; x += nt) voxel.sum(b, x, acc, e);
   store_block_sums(smem, C * kStats, partial);
 }
 
-// Gradient kernels: one voxel per thread, grid-stride over all B x N voxels; scratch C + 4 per thread.
-template <typename S, typename T>
-__global__ void softmax_stats_backward_kernel(const S* z, const int64_t* y, const T* w, const T* g, int64_t C,
-                                              int64_t N, int64_t total, S* gz) {
+// Gradients: one voxel per thread, grid-stride over all B x N voxels.
+template <typename T, typename Voxel>
+__global__ void grad_kernel(const Voxel voxel, int64_t total) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Strided<T> e{reinterpret_cast<T*>(smem_raw) + threadIdx.x, blockDim.x};
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / N, off = b * C * N + (i - b * N);
-    stats_backward_block(z + off, C, N, y + i, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off, e, e + C,
-                         e + C + 1, e + C + 2);
-  }
-}
-
-template <bool SIGMOID, typename S, typename T>
-__global__ void soft_stats_backward_kernel(const S* z, const S* tg, const T* w, const T* g, int64_t C, int64_t N,
-                                           int64_t total, S* gz) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Strided<T> e{reinterpret_cast<T*>(smem_raw) + threadIdx.x, blockDim.x};
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / N, off = b * C * N + (i - b * N);
-    soft_stats_backward_block<SIGMOID>(z + off, tg + off, C, N, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off,
-                                       e, e + C, e + C + 1, e + C + 2);
+    const int64_t b = i / voxel.N;
+    voxel.grad(b, i - b * voxel.N, i, e);
   }
 }
 
@@ -141,27 +150,44 @@ Tensor finish_sums(const Tensor& partial, at::ScalarType logits_dtype) {
   return partial.to(at::kDouble).sum(1).to(stats_dtype(logits_dtype));
 }
 
+// (B, C, kStats) sums of `voxel` over every voxel, in the precision T.
+template <typename T, typename Voxel>
+Tensor launch_sums(const Voxel& voxel, const Shape& s, const Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(s.B <= 65535, "medfast ", op, ": batch size ", s.B, " exceeds the CUDA grid limit 65535");
+  const Plan p = plan((5 * s.C + 2) * int64_t(sizeof(T)), s.C, op);
+  const int64_t blocks = sum_blocks(s, p.threads), chunk = (s.N + blocks - 1) / blocks;
+  Tensor partial = at::empty({s.B, blocks, s.C, kStats}, logits.options().dtype(c10::CppTypeToScalarType<T>::value));
+  auto kernel = sums_kernel<T, Voxel>;
+  allow_smem(kernel, p.smem);
+  kernel<<<dim3(blocks, s.B), p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(voxel, chunk,
+                                                                                     partial.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return finish_sums(partial, logits.scalar_type());
+}
+
+template <typename T, typename Voxel>
+void launch_grad(const Voxel& voxel, const Shape& s, const char* op) {
+  const Plan p = plan((s.C + 4) * int64_t(sizeof(T)), s.C, op);
+  auto kernel = grad_kernel<T, Voxel>;
+  allow_smem(kernel, p.smem);
+  const int64_t total = s.B * s.N;
+  kernel<<<grid_blocks(total, p.threads), p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(voxel, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 Tensor softmax_stats_cuda(const Tensor& logits_in, const Tensor& labels_in, const OptTensor& weight_in) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous().to(at::kLong);
   const Shape s(logits);
-  TORCH_CHECK_VALUE(s.B <= 65535, "medfast softmax_stats: batch size ", s.B, " exceeds the CUDA grid limit 65535");
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats_cuda", [&] {
     using T = compute_t<scalar_t>;
     const Tensor weight = weight_as(weight_in, c10::CppTypeToScalarType<T>::value);
-    const Plan p = plan((5 * s.C + 2) * int64_t(sizeof(T)), s.C, "softmax_stats");
-    const int64_t blocks = sum_blocks(s, p.threads), chunk = (s.N + blocks - 1) / blocks;
-    Tensor partial = at::empty({s.B, blocks, s.C, kStats}, logits.options().dtype(c10::CppTypeToScalarType<T>::value));
-    auto kernel = softmax_stats_kernel<scalar_t, T>;
-    allow_smem(kernel, p.smem);
-    kernel<<<dim3(blocks, s.B), p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), ptr_or_null<T>(weight), s.C, s.N, chunk,
-        partial.mutable_data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    out = finish_sums(partial, logits.scalar_type());
+    const LabelVoxel<scalar_t, T> voxel{logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
+                                        ptr_or_null<T>(weight), nullptr, nullptr, s.C, s.N};
+    out = launch_sums<T>(voxel, s, logits, "softmax_stats");
   });
   return out;
 }
@@ -177,14 +203,10 @@ Tensor softmax_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logit
     using T = compute_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<T>::value;
     const Tensor weight = weight_as(weight_in, acc), g = grad_stats.to(acc).contiguous();
-    const Plan p = plan((s.C + 4) * int64_t(sizeof(T)), s.C, "softmax_stats_backward");
-    auto kernel = softmax_stats_backward_kernel<scalar_t, T>;
-    allow_smem(kernel, p.smem);
-    const int64_t total = s.B * s.N;
-    kernel<<<grid_blocks(total, p.threads), p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), ptr_or_null<T>(weight),
-        g.const_data_ptr<T>(), s.C, s.N, total, grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const LabelVoxel<scalar_t, T> voxel{logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
+                                        ptr_or_null<T>(weight), g.const_data_ptr<T>(),
+                                        grad.mutable_data_ptr<scalar_t>(), s.C, s.N};
+    launch_grad<T>(voxel, s, "softmax_stats_backward");
   });
   return grad;
 }
@@ -193,21 +215,18 @@ Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const O
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
   const Shape s(logits);
-  TORCH_CHECK_VALUE(s.B <= 65535, "medfast soft_stats: batch size ", s.B, " exceeds the CUDA grid limit 65535");
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_soft_stats_cuda", [&] {
     using T = compute_t<scalar_t>;
     const Tensor weight = weight_as(weight_in, c10::CppTypeToScalarType<T>::value);
-    const Plan p = plan((5 * s.C + 2) * int64_t(sizeof(T)), s.C, "soft_stats");
-    const int64_t blocks = sum_blocks(s, p.threads), chunk = (s.N + blocks - 1) / blocks;
-    Tensor partial = at::empty({s.B, blocks, s.C, kStats}, logits.options().dtype(c10::CppTypeToScalarType<T>::value));
-    auto kernel = sigmoid ? soft_stats_kernel<true, scalar_t, T> : soft_stats_kernel<false, scalar_t, T>;
-    allow_smem(kernel, p.smem);
-    kernel<<<dim3(blocks, s.B), p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), ptr_or_null<T>(weight), s.C, s.N,
-        chunk, partial.mutable_data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    out = finish_sums(partial, logits.scalar_type());
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const scalar_t* t = target.const_data_ptr<scalar_t>();
+    if (sigmoid)
+      out = launch_sums<T>(SoftVoxel<true, scalar_t, T>{z, t, ptr_or_null<T>(weight), nullptr, nullptr, s.C, s.N}, s,
+                           logits, "soft_stats");
+    else
+      out = launch_sums<T>(SoftVoxel<false, scalar_t, T>{z, t, ptr_or_null<T>(weight), nullptr, nullptr, s.C, s.N},
+                           s, logits, "soft_stats");
   });
   return out;
 }
@@ -222,14 +241,15 @@ Tensor soft_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits_i
     using T = compute_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<T>::value;
     const Tensor weight = weight_as(weight_in, acc), g = grad_stats.to(acc).contiguous();
-    const Plan p = plan((s.C + 4) * int64_t(sizeof(T)), s.C, "soft_stats_backward");
-    auto kernel = sigmoid ? soft_stats_backward_kernel<true, scalar_t, T> : soft_stats_backward_kernel<false, scalar_t, T>;
-    allow_smem(kernel, p.smem);
-    const int64_t total = s.B * s.N;
-    kernel<<<grid_blocks(total, p.threads), p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), ptr_or_null<T>(weight),
-        g.const_data_ptr<T>(), s.C, s.N, total, grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const scalar_t* t = target.const_data_ptr<scalar_t>();
+    scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
+    if (sigmoid)
+      launch_grad<T>(SoftVoxel<true, scalar_t, T>{z, t, ptr_or_null<T>(weight), g.const_data_ptr<T>(), gz, s.C, s.N},
+                     s, "soft_stats_backward");
+    else
+      launch_grad<T>(SoftVoxel<false, scalar_t, T>{z, t, ptr_or_null<T>(weight), g.const_data_ptr<T>(), gz, s.C, s.N},
+                     s, "soft_stats_backward");
   });
   return grad;
 }
