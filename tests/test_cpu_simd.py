@@ -46,6 +46,20 @@ def test_simd_matches_generic(mode, padding, shape, image_batch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("last", [1, 2, 3, 64])
+def test_simd_pairs_edge_sizes(padding, last):
+    """Linear taps along the contiguous axis are loaded as pairs [p, p + 1]: image widths 1 (no pairs),
+    2 and 3 (every tap clamped onto the pair), and a wide smooth field (adjacent lanes share elements)."""
+    image = torch.rand(1, 2, 6, 5, last)
+    ddf = torch.randn(1, 3, 4, 5, 24) * (3 if last < 64 else 1)
+    ddf[:, 2] += torch.linspace(-4, last + 4, 24)  # sweep the whole row, past both ends
+    weights = torch.randn(1, 2, 4, 5, 24)
+    fast, slow = _both(lambda: _forward_backward(image, None, ddf, padding, weights))
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["linear", "nearest"])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_simd_affine_and_strided_image(mode, padding):
