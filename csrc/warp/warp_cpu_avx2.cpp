@@ -1,7 +1,8 @@
 // AVX2 specialization of the CPU launcher for the commonest cases: linear and nearest
 // interpolation of float32 images with "zeros" or "border" padding, 3D, displacement rows
 // contiguous in memory. Eight output voxels of a row are processed at once: positions, floor,
-// weights and (clamped) tap offsets in vector registers, the image read with gathers. It is the
+// weights and (clamped) tap offsets in vector registers, the image read with gathers (linear: the two
+// taps of the contiguous axis as one 64-bit pair). It is the
 // arithmetic of warp.h (axis_taps_linear / axis_taps_nearest + make_stencil) written for eight
 // lanes; the tests compare it with the generic path (_set_cpu_simd(False)) and with scipy.
 // Everything else uses the generic launcher.
@@ -141,16 +142,15 @@ MEDFAST_AVX2 inline void gather_pairs(const float* base, __m256i off, __m256& lo
 // prefetcher cannot predict (2x slower than an identity warp at 128^3, not at 64^3). The rows a
 // sweep will need next are those kAheadRows further along axis 1: fetch them now.
 constexpr int32_t kAheadRows = 4;  // best of 2, 4, 8 at 128^3
-MEDFAST_AVX2 inline void prefetch_ahead(const float* base, const __m256i* off, int32_t st1) {
-  for (int t = 1; t < 4; t += 2) {  // the rows of the larger axis-1 tap
-    _mm_prefetch(reinterpret_cast<const char*>(base + _mm256_extract_epi32(off[t], 0) + kAheadRows * st1), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(base + _mm256_extract_epi32(off[t], 7) + kAheadRows * st1), _MM_HINT_T0);
-  }
-}
-
 MEDFAST_AVX2 inline void prefetch_ahead1(const float* base, __m256i off, int32_t st1) {
   _mm_prefetch(reinterpret_cast<const char*>(base + _mm256_extract_epi32(off, 0) + kAheadRows * st1), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(base + _mm256_extract_epi32(off, 7) + kAheadRows * st1), _MM_HINT_T0);
+}
+
+// Linear pairs: the rows of the larger axis-1 tap.
+MEDFAST_AVX2 inline void prefetch_ahead(const float* base, const __m256i* off, int32_t st1) {
+  prefetch_ahead1(base, off[1], st1);
+  prefetch_ahead1(base, off[3], st1);
 }
 
 // The 2 x 2 rows (axes 0, 1) times one pair (axis 2) of linear interpolation for eight voxels.
