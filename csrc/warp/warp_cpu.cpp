@@ -74,13 +74,15 @@ void backward_loop(const WarpArgs<S, T, NDIM>& A, const S* gout, T* grad_pos, T*
     if (grad_image == nullptr) return;
     auto add = [grad_image](int64_t off, T val) { grad_image[off] += val; };
     at::parallel_for(0, A.image_batch * A.channels, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t plane = p0; plane < p1; ++plane) {
+      for (int64_t plane = p0; plane < p1;) {  // one sweep per run of channels of one image
         const int64_t bi = plane / A.channels, c = plane - bi * A.channels;
+        const int64_t c1 = std::min(A.channels, c + p1 - plane);
         const int64_t begin = A.image_batch == 1 ? 0 : bi * A.out_numel;
         const int64_t end = A.image_batch == 1 ? total : begin + A.out_numel;
         VoxelCursor<NDIM> v(begin, A.out_size, A.out_numel);
         for (int64_t i = begin; i < end; ++i, v.next())
-          backward_voxel<MODE, PAD>(A, gout, static_cast<T*>(nullptr), true, in_numel, v.b, v.xi, v.x, add, c, c + 1);
+          backward_voxel<MODE, PAD>(A, gout, static_cast<T*>(nullptr), true, in_numel, v.b, v.xi, v.x, add, c, c1);
+        plane += c1 - c;
       }
     });
     return;

@@ -432,10 +432,11 @@ void backward_avx2(const WarpArgs<float, float, 3>& A, const float* gout, float*
       });
     if (grad_image == nullptr) return;
     at::parallel_for(0, A.image_batch * C, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t bi = p / C, c = p - bi * C;
+      for (int64_t p = p0; p < p1;) {  // one sweep per run of channels of one image: one stencil each
+        const int64_t bi = p / C, c = p - bi * C, c1 = std::min(C, c + p1 - p);
         const int64_t r0 = A.image_batch == 1 ? 0 : bi * plane, r1 = A.image_batch == 1 ? rows : r0 + plane;
-        backward_rows<MODE, PAD>(A, gout, nullptr, grad_image, st, r0, r1, c, c + 1);
+        backward_rows<MODE, PAD>(A, gout, nullptr, grad_image, st, r0, r1, c, c1);
+        p += c1 - c;
       }
     });
     return;
