@@ -213,3 +213,27 @@ def test_cuda_matches_cpu(shape):
         assert_close(cuda, cpu)
     labels_p, labels_t = pred.long().argmax(1), target.long().argmax(1)
     assert_close(mm.dice(labels_p.cuda(), labels_t.cuda(), 3, 0), mm.dice(labels_p, labels_t, 3, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("signed", [False, True])
+def test_segment_quantile_matches_torch_quantile(dtype, signed):
+    """The per-segment quantile behind HD95 (a keyed sort for non-negative float32) against torch.quantile."""
+    from medfast.metrics._segmentation import _segment_quantile
+
+    g = torch.Generator().manual_seed(3)
+    values = (torch.rand(500, generator=g, dtype=torch.float64) * 20).to(dtype)
+    values[:40] = 0.0
+    values[40:45] = -0.0
+    values[45:50] = float("inf")
+    values[50:70] = values[70:90]  # ties
+    if signed:
+        values = values - 5
+    seg = torch.randint(0, 6, (500,), generator=g)
+    seg[seg == 4] = 5  # segment 4 empty
+    for q in (0.0, 0.5, 0.95, 1.0):
+        got = _segment_quantile(values, seg, 7, q)
+        for i in range(7):
+            sel = values[seg == i]
+            want = torch.quantile(sel, q) if sel.numel() else torch.tensor(float("nan"), dtype=dtype)
+            torch.testing.assert_close(got[i], want, equal_nan=True)  # lerp: 1 ulp from torch.quantile

@@ -176,11 +176,9 @@ def _crop_box(union: torch.Tensor, margin: int) -> list[slice]:
     """Bounding box (one slice per axis, grown by ``margin`` and clipped to the image) of the nonzero voxels
     of a (*S) bool tensor that has at least one."""
     box = []
+    u8 = union.view(torch.uint8)  # amax over uint8 is several times faster than any() over bool
     for axis in range(union.dim()):
-        proj = union
-        for other in reversed(range(union.dim())):
-            if other != axis:
-                proj = proj.any(other)
+        proj = u8.amax(dim=[d for d in range(union.dim()) if d != axis])
         hits = torch.nonzero(proj).flatten()
         box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, union.shape[axis])))
     return box
@@ -248,9 +246,16 @@ def _segment_max(values: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tenso
 
 def _segment_quantile(values: torch.Tensor, seg: torch.Tensor, n: int, q: float) -> torch.Tensor:
     """Per-segment ``torch.quantile(values[seg == i], q)`` (linear interpolation); nan for empty segments."""
-    order = torch.argsort(values, stable=True)
-    order = order[torch.argsort(seg[order], stable=True)]
-    ordered = values[order]
+    if values.dtype == torch.float32 and values.numel() and bool(values.min() >= 0):
+        # Non-negative floats order as their bit patterns: one sort of (segment, bits) int64 keys
+        # (2x faster than the two stable argsorts below).
+        bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes +0.0
+        key = (seg << 32) | bits
+        ordered = (torch.sort(key).values & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    else:
+        order = torch.argsort(values, stable=True)
+        order = order[torch.argsort(seg[order], stable=True)]
+        ordered = values[order]
     counts = torch.bincount(seg, minlength=n)
     starts = torch.cumsum(counts, 0) - counts
     # same arithmetic as torch.quantile: rank = q * (k - 1) in the values' dtype, lerp between neighbours
