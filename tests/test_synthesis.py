@@ -203,7 +203,7 @@ def test_source_frames_geometry(tmp_path, phantom):
     poses = task.poses([1, 2, 3])
     fr = src.frames(poses)
     H, W = src.height, src.width
-    assert fr.anatomy.shape == (3, 1, H, W) and fr.bmode.shape == (3, 1, H, W) and fr.coords.shape == (3, 3, H, W)
+    assert fr.anatomy.shape == (3, 2, H, W) and fr.bmode.shape == (3, 1, H, W) and fr.coords.shape == (3, 3, H, W)
     assert H == 32 and float(fr.bmode.max()) > 0.3 and float(fr.bmode.min()) >= 0
     # the coordinates are the image-plane points: pixel (row i, col j) is at x0 + j px, z0 + i px in the probe frame
     x0, _, z0, _ = src.probe.image_extent_mm()
@@ -213,7 +213,7 @@ def test_source_frames_geometry(tmp_path, phantom):
     torch.testing.assert_close(fr.coords[0, :, 7, 5].double(), want, atol=1e-5, rtol=0)
     # the bone ball (1000 HU) lies in the anatomy of the reference pose
     ref = src.frames(src.reference_pose[None])
-    assert float(ref.anatomy.max()) == pytest.approx(1.0, abs=0.05)
+    assert float(ref.anatomy[:, 0].max()) == pytest.approx(1.0, abs=0.05)
     # poses are reproducible from seeds and vary between seeds
     torch.testing.assert_close(task.poses([1]), task.poses([1]))
     assert not torch.equal(task.poses([1]), task.poses([2]))
@@ -245,13 +245,17 @@ def test_short_training_lowers_the_l1_loss(tmp_path, phantom):
     assert (tmp_path / "short" / "synthesis_metrics.json").is_file()
 
 
+POSE = {"task_args.mode": "pose", "model.norm": "batch", "task_args.noise_channels": 1,
+        "task_args.coord_frequencies": 2}
+
+
 def test_resume_continues_identically_with_both_optimizers(tmp_path, phantom):
-    Trainer(_config(tmp_path, phantom, "full", **{"task_args.mode": "pose"})).fit()
-    Trainer(_config(tmp_path, phantom, "part", **{"task_args.mode": "pose"})).fit(stop_after=3)
+    Trainer(_config(tmp_path, phantom, "full", **POSE)).fit()
+    Trainer(_config(tmp_path, phantom, "part", **POSE)).fit(stop_after=3)
     ck = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     assert ck["step"] == 3 and set(ck["optimizers"]) == {"discriminator", "generator"}
     assert set(ck["schedulers"]) == {"discriminator", "generator"} and "optimizer" not in ck
-    Trainer(_config(tmp_path, phantom, "part", **{"task_args.mode": "pose", "trainer.resume": "auto"})).fit()
+    Trainer(_config(tmp_path, phantom, "part", **POSE, **{"trainer.resume": "auto"})).fit()
 
     def losses(name):
         rows = (tmp_path / name / "train_log.jsonl").read_text().splitlines()
@@ -273,7 +277,7 @@ def test_resume_continues_identically_with_both_optimizers(tmp_path, phantom):
     bad = tmp_path / "one.pt"
     torch.save(one, bad)
     with pytest.raises(ValueError, match="needs optimizers"):
-        Trainer(_config(tmp_path, phantom, "part2", **{"task_args.mode": "pose", "trainer.resume": str(bad)})).fit()
+        Trainer(_config(tmp_path, phantom, "part2", **POSE, **{"trainer.resume": str(bad)})).fit()
 
     # generation from the checkpoint: files and metrics
     out = tmp_path / "gen"
@@ -310,6 +314,8 @@ def test_config_errors_are_clear(tmp_path, phantom):
         SynthesisTask(_config(tmp_path, phantom, **{"task_args.position": "[1, 2]"}))
     with pytest.raises(ConfigError, match="val_frames"):
         SynthesisTask(_config(tmp_path, phantom, **{"task_args.mode": "pose", "task_args.val_frames": 64}))
+    with pytest.raises(ConfigError, match="instance norm removes"):
+        SynthesisTask(_config(tmp_path, phantom, **{"task_args.mode": "pose"})).build_model()
     with pytest.raises(ConfigError, match="model.spatial_dims must be 2"):
         SynthesisTask(_config(tmp_path, phantom, **{"model.spatial_dims": 3})).build_model()
     with pytest.raises(ConfigError, match="task_args.probe"):
@@ -340,8 +346,8 @@ def test_cranium_source_gives_skull_and_brain_frames():
 
     src = load_source("cranium", probe=Probe.preset("C5-2v", n_lines=48, n_samples=192), image_rows=48)
     fr = src.frames(src.reference_pose[None])
-    assert fr.bmode.shape == fr.anatomy.shape == (1, 1, 48, src.width)
-    assert float(fr.anatomy.max()) > 0.8  # bone (> 800 HU) in the plane: the skull base
+    assert fr.bmode.shape == (1, 1, 48, src.width) and fr.anatomy.shape == (1, 2, 48, src.width)
+    assert float(fr.anatomy[:, 0].max()) > 0.8  # bone (> 800 HU) in the plane: the skull base
     assert 0.05 < float(fr.bmode.mean()) < 0.9
 
 

@@ -541,9 +541,11 @@ class Trainer:
             pbar = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                         disable=None)
         stream = self._micro_batches(self.step * tc.accumulate)
-        self.ddp.train()
         metrics_val: dict[str, float] = {}
         epoch = 0
+        if tc.val_at_start and tc.val_every and self.step == 0:  # the untrained model's metrics, as step 0
+            metrics_val = self._validate(epoch, val_log, pbar)
+        self.ddp.train()
         step_t = time.perf_counter()
         while self.step < end:
             batches: list[tuple[int, dict[str, Any]]] = []

@@ -7,10 +7,10 @@
 """
 
 from medfast.tasks.synthesis.data import SynthesisSource, load_source, random_pose, sweep_pose
-from medfast.tasks.synthesis.generate import generate, load_generator
+from medfast.tasks.synthesis.generate import generate, generate_frames, load_generator
 from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
 from medfast.tasks.synthesis.task import SynthesisArgs, SynthesisTask, build_gan, parse_synthesis_args
 
-__all__ = ["SynthesisArgs", "SynthesisSource", "SynthesisTask", "build_gan", "generate", "load_generator",
-           "load_source", "parse_synthesis_args", "psnr", "random_pose", "save_grid", "sliced_wasserstein", "ssim",
-           "sweep_pose"]
+__all__ = ["SynthesisArgs", "SynthesisSource", "SynthesisTask", "build_gan", "generate", "generate_frames",
+           "load_generator", "load_source", "parse_synthesis_args", "psnr", "random_pose", "save_grid",
+           "sliced_wasserstein", "ssim", "sweep_pose"]

@@ -5,8 +5,9 @@ Colin27 or MNI152), its acoustic property maps, a probe and a reference probe po
 turns ``(B, 4, 4)`` probe poses into the three things a synthesis model needs, all on the pixels of the
 scan-converted image plane:
 
-* the **anatomy** in the plane (CT in HU scaled by 1/1000, or one-hot tissue classes): the input of
-  image-to-image synthesis;
+* the **anatomy** in the plane: for a CT two channels, ``clamp(HU, -1000, 2000) / 1000`` (air, tissue, bone)
+  and a soft-tissue window ``clamp((HU - 40) / 80, -1, 1)`` (brain, fluid); for a label map the one-hot
+  tissue classes. The input of image-to-image synthesis;
 * the **world coordinates** of every pixel (mm, centred on the source's reference point and divided by
   its ``coord_scale_mm``): the spatial condition of pose-conditioned synthesis (Hu et al. 2017);
 * the simulated **B-mode frame** in ``[0, 1]``: the target.
@@ -198,8 +199,8 @@ class SynthesisSource:
 
     @property
     def anatomy_channels(self) -> int:
-        """Channels of :attr:`Frames.anatomy`: 1 (CT) or the number of tissue classes."""
-        return 1 if self.kind == "ct" else self.n_classes
+        """Channels of :attr:`Frames.anatomy`: 2 (CT) or the number of tissue classes."""
+        return 2 if self.kind == "ct" else self.n_classes
 
     def _device_data(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
@@ -231,7 +232,7 @@ class SynthesisSource:
         if self.kind == "ct":  # outside the volume: air
             ct = F.grid_sample((vol + 1000.0).expand(B, -1, -1, -1, -1), grid, mode="bilinear",
                                padding_mode="zeros", align_corners=True)[:, :, 0] - 1000.0
-            anatomy = ct.clamp(-1000.0, 2000.0) / 1000.0
+            anatomy = torch.cat([ct.clamp(-1000.0, 2000.0) / 1000.0, ((ct - 40.0) / 80.0).clamp(-1.0, 1.0)], 1)
         else:
             lab = F.grid_sample(vol.expand(B, -1, -1, -1, -1), grid, mode="nearest", padding_mode="zeros",
                                 align_corners=True)[:, 0, 0].long()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["add_parser", "generate", "load_generator", "read_poses"]
+__all__ = ["add_parser", "generate", "generate_frames", "load_generator", "read_poses"]
 
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"):
@@ -60,6 +60,33 @@ def read_poses(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+@torch.no_grad()
+def generate_frames(task, model: torch.nn.Module, poses: torch.Tensor, seed: int = 0):
+    """Generated and simulated frames at ``poses`` with a loaded generator (see :func:`load_generator`).
+
+    Parameters
+    ----------
+    task : SynthesisTask
+    model : ConditionalGAN
+    poses : Tensor
+        ``(N, 4, 4)`` probe-to-world poses (mm) in the world of the task's volume.
+    seed : int
+        Seed of the generator's noise (pose mode).
+
+    Returns
+    -------
+    (condition, generated, simulated) : tuple of Tensor
+        ``(N, C, H, W)`` condition (anatomy or coordinates), ``(N, 1, H, W)`` generated and simulated frames in
+        ``[0, 1]``, on the model's device.
+    """
+    if not isinstance(poses, torch.Tensor) or poses.dim() != 3 or poses.shape[1:] != (4, 4):
+        raise ValueError(f"poses must be a (N, 4, 4) tensor, got {getattr(poses, 'shape', poses)}")
+    dev = next(model.parameters()).device
+    cond, real, noise = task.pairs(poses, [int(seed) * 1000 + k for k in range(poses.shape[0])], dev)
+    fake = getattr(model, "module", model)(cond, None, noise, mode="generate").float()
+    return cond, fake, real
+
+
 def _png(frame: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -95,7 +122,6 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be an int >= 1, got {frames!r}")
     task, model = load_generator(checkpoint, device)
-    dev = next(model.parameters()).device
     base = 10**13 + int(seed)
     if poses is None:
         if task.args.mode == "pose":
@@ -104,16 +130,12 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
             poses = task.validation_poses(base)
         else:
             poses = task.poses([base * 1000 + k for k in range(frames)])
-    if not isinstance(poses, torch.Tensor) or poses.dim() != 3 or poses.shape[1:] != (4, 4):
-        raise ValueError(f"poses must be a (N, 4, 4) tensor, got {getattr(poses, 'shape', poses)}")
-    seeds = [base * 1000 + k for k in range(poses.shape[0])]
-    cond, real, noise = task.pairs(poses, seeds, dev)
-    fake = model(cond, None, noise, mode="generate").float()
+    cond, fake, real = generate_frames(task, model, poses, seed=base)
     out = Path(out_dir)
     for sub in ("generated", "simulated"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     px = task.source.pixel_mm
-    g, r = fake[:, 0].cpu().numpy(), real[:, 0].float().cpu().numpy()
+    g, r = fake[:, 0].cpu().numpy(), real[:, 0].cpu().numpy()
     for i in range(len(g)):
         _png(g[i], out / "generated" / f"frame_{i:03d}.png")
         _png(r[i], out / "simulated" / f"frame_{i:03d}.png")
@@ -126,10 +148,10 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     summary = {
         "checkpoint": str(checkpoint), "mode": task.args.mode, "source": task.args.source,
         "frames": len(g), "frame_shape": list(g.shape[1:]), "pixel_mm": px,
-        "psnr": float(psnr(fake, real.float()).clamp(max=100).mean()),
-        "ssim": float(ssim(fake, real.float()).mean()),
-        "l1": float((fake - real.float()).abs().mean()),
-        "swd": float(sliced_wasserstein(fake, real.float(), n_patches=task.args.swd_patches)) if len(g) > 1 else None,
+        "psnr": float(psnr(fake, real).clamp(max=100).mean()),
+        "ssim": float(ssim(fake, real).mean()),
+        "l1": float((fake - real).abs().mean()),
+        "swd": float(sliced_wasserstein(fake, real, n_patches=task.args.swd_patches)) if len(g) > 1 else None,
         "poses": poses.tolist(),
     }
     (out / "generate.json").write_text(json.dumps(summary, indent=1))
