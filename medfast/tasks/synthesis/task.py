@@ -163,9 +163,10 @@ def build_gan(config: Config, cond_channels: int) -> nn.Module:
         raise ConfigError(f"the synthesis task makes 2D frames: model.spatial_dims must be 2, got {m.spatial_dims}")
     if m.name.lower() != "unet":
         raise ConfigError(f"model.name={m.name!r}: the synthesis generator is a 'unet'")
-    if a.mode == "pose" and m.norm == "instance":
-        raise ConfigError("task_args.mode='pose' needs model.norm 'batch', 'group' or 'none': instance norm removes "
-                          "each frame's constant part of the coordinate map (the plane's offset), i.e. the pose")
+    if a.mode == "pose" and m.norm in ("instance", "group"):
+        raise ConfigError(f"task_args.mode='pose' needs model.norm 'batch' or 'none', got {m.norm!r}: {m.norm} "
+                          "norm removes each frame's constant part of the coordinate map (the plane's offset), i.e. "
+                          "the pose")
     gen = UNetGenerator(cond_channels, 1, m.channels, 2, m.convs_per_level, m.norm, _noise_channels(a))
     disc = PatchDiscriminator(cond_channels + 1, a.disc_channels, a.disc_layers, 2, a.disc_norm)
     return ConditionalGAN(gen, disc)
