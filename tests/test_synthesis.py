@@ -295,6 +295,9 @@ def test_resume_continues_identically_with_both_optimizers(tmp_path, phantom):
     assert main(["synthesize", str(tmp_path / "full" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "gen3"),
                  "--frames", "2", "--device", "cpu"]) == 0
     assert (tmp_path / "gen3" / "grid.png").is_file()
+    assert main(["predict", str(poses_file), "--model", str(tmp_path / "full" / "checkpoints" / "last.pt"),
+                 "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "pred" / "generate.json").read_text())["frames"] == 2
 
 
 def test_l1_only_training_uses_one_optimizer(tmp_path, phantom):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["add_parser", "generate", "generate_frames", "load_generator", "read_poses"]
+__all__ = ["add_parser", "generate", "generate_frames", "load_generator", "predict_files", "read_poses"]
 
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"):
@@ -156,6 +156,29 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     }
     (out / "generate.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device: str = "auto", overrides=(),
+                  save_probabilities: bool = False, progress: bool = False) -> list[Path]:
+    """``medfast predict`` with a synthesis checkpoint: each input is a poses file (see :func:`read_poses`);
+    frames are generated at its poses into ``out_dir`` (one input) or ``out_dir/<input stem>`` (several), as
+    :func:`generate` writes them. ``overrides`` and ``save_probabilities`` do not apply (an override raises).
+
+    Returns
+    -------
+    list of Path
+        The ``generate.json`` written per input.
+    """
+    if overrides:
+        raise ValueError("--set does not apply to synthesis checkpoints")
+    inputs = [Path(f) for f in inputs]
+    out_dir = Path(out_dir)
+    written = []
+    for f in inputs:
+        target = out_dir if len(inputs) == 1 else out_dir / f.name.split(".")[0]
+        generate(checkpoint, target, poses=read_poses(f), device=device)
+        written.append(target / "generate.json")
+    return written
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
