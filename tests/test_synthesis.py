@@ -410,3 +410,13 @@ def test_two_process_ddp_gan_equals_one_process_with_the_combined_batch(tmp_path
     for rank in range(2):
         for k, v in ref.items():
             torch.testing.assert_close(out[rank][k], v, rtol=1e-4, atol=2e-5)
+
+
+def test_mni152_tissue_source():
+    pytest.importorskip("nilearn", reason="the MNI152 maps ship in the nilearn wheel: pip install nilearn")
+    from medfast.ultrasound import Probe
+
+    src = load_source("mni152", probe=Probe.preset("L11-5v", n_lines=32, n_samples=128), image_rows=32)
+    assert src.kind == "labels" and src.anatomy_channels == 4
+    fr = src.frames(src.reference_pose[None])
+    assert float(fr.anatomy[:, 2:].sum()) > 0 and float(fr.bmode.max()) > 0.2
