@@ -203,6 +203,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_synthesize(sub: argparse._SubParsersAction) -> None:
+    from medfast.tasks.synthesis.generate import add_parser
+
+    add_parser(sub)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from medfast.bench import main
 
@@ -232,6 +238,7 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_predict,
     _add_register,
     _add_simulate,
+    _add_synthesize,
     _add_bench,
 )
 

@@ -54,7 +54,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE",
-                   help="images to segment (NIfTI) or classify (PNG/NIfTI/DICOM), by the checkpoint's task")
+                   help="images to segment (NIfTI) or classify (PNG/NIfTI/DICOM), or probe-pose files (JSON/.npy) "
+                        "to synthesize frames at, by the checkpoint's task")
     p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
                    help="checkpoint written by medfast train (e.g. RUN/checkpoints/last.pt)")
     p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
@@ -72,8 +73,11 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         from medfast.train.trainer import load_checkpoint
 
-        if load_checkpoint(args.checkpoint).get("config", {}).get("task") == "classification":
+        task = load_checkpoint(args.checkpoint).get("config", {}).get("task")
+        if task == "classification":
             from medfast.tasks.classification.task import predict_files
+        elif task == "synthesis":
+            from medfast.tasks.synthesis.generate import predict_files
         written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device,
                                 overrides=args.overrides, save_probabilities=args.probabilities)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError, ImportError) as exc:

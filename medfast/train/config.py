@@ -131,6 +131,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     val_every: int = 50
+    val_at_start: bool = False
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1

@@ -64,6 +64,24 @@ class Task:
         raise NotImplementedError
 
     # -- optional hooks ---------------------------------------------------------------------------
+    def optimizer_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]] | None:
+        """Parameters stepped by separate optimizers, e.g. a GAN's discriminator and generator (optional).
+
+        ``None`` (the default): one optimizer over all of ``model``'s parameters, and
+        :meth:`training_step` is called as ``training_step(model, batch, device)``.
+
+        A mapping ``{phase: parameters}`` (disjoint, non-empty groups, in stepping order): the trainer
+        builds one optimizer and one learning-rate schedule per phase (each from ``config.optim``), and
+        every optimizer step runs the phases in order on the same micro-batches: for each phase, its
+        optimizer's gradients are zeroed, ``training_step(model, batch, device, phase=name)`` is called and
+        back-propagated for every micro-batch, the phase's gradients are clipped and its optimizer steps.
+        The logged ``loss`` is the last phase's; each phase's loss is also logged as ``loss_<phase>``.
+        Checkpoints hold every optimizer and schedule (``"optimizers"``, ``"schedulers"``). Under DDP the
+        model is wrapped with ``find_unused_parameters=True`` (a phase may leave other groups unused), so a
+        phase's forward should be ONE call of ``model`` (the wrapper) that returns everything its loss needs.
+        """
+        return None
+
     def save_samples(self, model: nn.Module, batch: dict[str, Any], device: torch.device, path: Path) -> None:
         """Writes a PNG of sample predictions (optional)."""
 

@@ -299,18 +299,44 @@ class Trainer:
         self._seed()
         model = self.task.build_model().to(self.device)
         self.model = model
+        groups = self._optimizer_groups(model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                           find_unused_parameters=None not in groups)
         else:
             self.ddp = model
-        self.optimizer = build_optimizer(model.parameters(), self.config.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.config.optim, tc.max_steps)
+        # one optimizer and schedule per phase; phase None = the single optimizer of most tasks
+        self.optimizers = {ph: build_optimizer(params, self.config.optim) for ph, params in groups.items()}
+        self.schedulers = {ph: build_scheduler(opt, self.config.optim, tc.max_steps)
+                           for ph, opt in self.optimizers.items()}
+        self.phases = list(groups)
+        self.optimizer, self.scheduler = self.optimizers[self.phases[0]], self.schedulers[self.phases[0]]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.train_ds, self.val_ds = self.task.build_datasets()
         self.sampler = D.EpochSampler(len(self.train_ds), tc.batch_size, self.world, self.rank, tc.seed,
                                       accumulate=tc.accumulate)
         self.batches_per_epoch = self.sampler.batches_per_epoch()
+
+    def _optimizer_groups(self, model: nn.Module) -> dict[str | None, list[nn.Parameter]]:
+        """The task's parameter groups (see :meth:`Task.optimizer_groups`), checked; ``{None: all}`` by default."""
+        groups = self.task.optimizer_groups(model)
+        if groups is None:
+            return {None: list(model.parameters())}
+        if not isinstance(groups, dict) or not groups:
+            raise ValueError(f"{type(self.task).__name__}.optimizer_groups must return None or a non-empty dict "
+                             f"{{phase: parameters}}, got {groups!r}")
+        out: dict[str | None, list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for name, params in groups.items():
+            params = list(params)
+            if not isinstance(name, str) or not name or not params:
+                raise ValueError(f"optimizer group {name!r}: phases need a non-empty name and parameters")
+            if seen & {id(q) for q in params}:
+                raise ValueError(f"optimizer group {name!r} shares parameters with an earlier group")
+            seen |= {id(q) for q in params}
+            out[name] = params
+        return out
 
     def _loader(self, epoch: int, start_batch: int):
         from medfast.data import collate
@@ -339,8 +365,7 @@ class Trainer:
             "task": self.config.task,
             "config": config_to_dict(self.config),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self._optimizer_state(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": epoch,
@@ -348,6 +373,28 @@ class Trainer:
             "world_size": self.world,
             "rng": _rng_state(),
         }
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.phases == [None]:
+            return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"optimizers": {ph: opt.state_dict() for ph, opt in self.optimizers.items()},
+                "schedulers": {ph: sch.state_dict() for ph, sch in self.schedulers.items()}}
+
+    def _load_optimizer_state(self, state: dict[str, Any], path: Path) -> None:
+        if self.phases == [None]:
+            if "optimizer" not in state:
+                raise ValueError(f"{path} holds the optimizers of phases {sorted(state.get('optimizers', {}))}; "
+                                 f"task {self.config.task!r} has one optimizer")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            return
+        saved = state.get("optimizers")
+        if saved is None or set(saved) != set(self.phases):
+            have = sorted(saved) if saved is not None else "one optimizer"
+            raise ValueError(f"{path} holds {have}; task {self.config.task!r} needs optimizers {self.phases}")
+        for ph in self.phases:
+            self.optimizers[ph].load_state_dict(saved[ph])
+            self.schedulers[ph].load_state_dict(state["schedulers"][ph])
 
     def _checkpoint(self, epoch: int) -> None:
         if self.rank != 0:
@@ -371,8 +418,7 @@ class Trainer:
             return None
         state = load_checkpoint(path, map_location="cpu")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_optimizer_state(state, path)
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         if self.rank == 0 or state.get("world_size", 1) == self.world:
@@ -495,39 +541,55 @@ class Trainer:
             pbar = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                         disable=None)
         stream = self._micro_batches(self.step * tc.accumulate)
-        self.ddp.train()
         metrics_val: dict[str, float] = {}
         epoch = 0
+        if tc.val_at_start and tc.val_every and self.step == 0:  # the untrained model's metrics, as step 0
+            metrics_val = self._validate(epoch, val_log, pbar)
+        self.ddp.train()
         step_t = time.perf_counter()
         while self.step < end:
-            self.optimizer.zero_grad(set_to_none=True)
-            losses, step_metrics = [], []
-            for micro in range(tc.accumulate):
-                epoch, batch = next(stream)
-                sync = micro == tc.accumulate - 1 or self.world == 1
-                ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-                with ctx:
-                    with self._autocast():
-                        loss, metrics = self.task.training_step(self.ddp, batch, self.device)
-                    value = self._check_finite(loss, batch, epoch)
-                    self.scaler.scale(loss / tc.accumulate).backward()
-                losses.append(value)
-                step_metrics.append(metrics)
-            if self.config.optim.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-            self.scaler.step(self.optimizer)
+            batches: list[tuple[int, dict[str, Any]]] = []
+            phase_losses: dict[str | None, torch.Tensor] = {}
+            step_metrics: list[dict[str, float]] = []
+            for phase in self.phases:  # one phase (None) for most tasks; e.g. discriminator, generator
+                optimizer = self.optimizers[phase]
+                optimizer.zero_grad(set_to_none=True)
+                losses = []
+                kwargs = {} if phase is None else {"phase": phase}
+                for micro in range(tc.accumulate):
+                    if len(batches) <= micro:
+                        batches.append(next(stream))
+                    epoch, batch = batches[micro]
+                    sync = micro == tc.accumulate - 1 or self.world == 1
+                    ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                    with ctx:
+                        with self._autocast():
+                            loss, metrics = self.task.training_step(self.ddp, batch, self.device, **kwargs)
+                        value = self._check_finite(loss, batch, epoch)
+                        self.scaler.scale(loss / tc.accumulate).backward()
+                    losses.append(value)
+                    step_metrics.append(metrics)
+                if self.config.optim.grad_clip:
+                    self.scaler.unscale_(optimizer)
+                    params = [q for g in optimizer.param_groups for q in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+                self.scaler.step(optimizer)
+                phase_losses[phase] = torch.cat(losses).mean()
             self.scaler.update()
             lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
+            for scheduler in self.schedulers.values():
+                scheduler.step()
             self.step += 1
-            loss_value = torch.cat(losses).mean()
+            loss_value = phase_losses[self.phases[-1]]
             if self.world > 1:
-                dist.all_reduce(loss_value)
-                loss_value /= self.world
+                stacked = torch.stack(list(phase_losses.values()))
+                dist.all_reduce(stacked)
+                phase_losses = dict(zip(phase_losses, stacked / self.world, strict=True))
+                loss_value = phase_losses[self.phases[-1]]
             if main and (self.step % tc.log_every == 0 or self.step == end):
                 now = time.perf_counter()
-                row = {"step": self.step, "epoch": epoch, "loss": loss_value.item(), "lr": lr,
+                extra = {} if self.phases == [None] else {f"loss_{ph}": v.item() for ph, v in phase_losses.items()}
+                row = {"step": self.step, "epoch": epoch, "loss": loss_value.item(), "lr": lr, **extra,
                        **_mean_metrics(step_metrics), "seconds": now - step_t}
                 train_log.append(row)
                 tb = self._tensorboard()

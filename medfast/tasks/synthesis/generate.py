@@ -1,0 +1,210 @@
+"""Frames from a trained synthesis checkpoint: ``medfast synthesize CHECKPOINT`` and :func:`generate`.
+
+For each probe pose (a held-out sweep in pose mode, held-out random poses in image mode, or poses read from
+a file) the generator makes a frame from the pose's condition (image-plane world coordinates, or the
+anatomy of the checkpoint's volume in the plane); the simulator makes the reference frame. Written:
+``generated/frame_###.png``, ``simulated/frame_###.png``, ``generated.nii.gz`` and ``simulated.nii.gz``
+(stacks with the pixel spacing in the header), ``grid.png`` and ``generate.json`` (metrics, poses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["add_parser", "generate", "generate_frames", "load_generator", "predict_files", "read_poses"]
+
+
+def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """``(task, model)`` of a synthesis checkpoint written by ``medfast train`` (model in eval mode)."""
+    from medfast.tasks.synthesis.task import SynthesisTask
+    from medfast.train.config import config_from_dict
+    from medfast.train.trainer import load_checkpoint, resolve_device
+
+    state = load_checkpoint(checkpoint)
+    if state.get("task") != "synthesis":
+        raise ValueError(f"{checkpoint} is a checkpoint of task {state.get('task')!r}, not 'synthesis'")
+    config = config_from_dict(state["config"])
+    task = SynthesisTask(config)
+    model = task.build_model()
+    model.load_state_dict(state["model"])
+    dev = resolve_device(str(device))
+    return task, model.to(dev).eval()
+
+
+def read_poses(path: str | Path) -> torch.Tensor:
+    """``(N, 4, 4)`` float64 poses from a ``.npy`` array or a JSON list (or a JSON object with a ``"poses"``
+    list, as ``medfast simulate`` writes in ``simulate.json``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"poses file not found: {path}")
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path)
+        else:
+            data = json.loads(path.read_text())
+            arr = np.asarray(data["poses"] if isinstance(data, dict) else data, dtype=np.float64)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: cannot read (N, 4, 4) poses ({exc})") from None
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (4, 4):
+        raise ValueError(f"{path}: poses must be (N, 4, 4), got shape {arr.shape}")
+    return torch.from_numpy(arr)
+
+
+@torch.no_grad()
+def generate_frames(task, model: torch.nn.Module, poses: torch.Tensor, seed: int = 0):
+    """Generated and simulated frames at ``poses`` with a loaded generator (see :func:`load_generator`).
+
+    Parameters
+    ----------
+    task : SynthesisTask
+    model : ConditionalGAN
+    poses : Tensor
+        ``(N, 4, 4)`` probe-to-world poses (mm) in the world of the task's volume.
+    seed : int
+        Seed of the generator's noise (pose mode).
+
+    Returns
+    -------
+    (condition, generated, simulated) : tuple of Tensor
+        ``(N, C, H, W)`` condition (anatomy or coordinates), ``(N, 1, H, W)`` generated and simulated frames in
+        ``[0, 1]``, on the model's device.
+    """
+    if not isinstance(poses, torch.Tensor) or poses.dim() != 3 or poses.shape[1:] != (4, 4):
+        raise ValueError(f"poses must be a (N, 4, 4) tensor, got {getattr(poses, 'shape', poses)}")
+    dev = next(model.parameters()).device
+    cond, real, noise = task.pairs(poses, [int(seed) * 1000 + k for k in range(poses.shape[0])], dev)
+    fake = getattr(model, "module", model)(cond, None, noise, mode="generate").float()
+    return cond, fake, real
+
+
+def _png(frame: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.clip(frame * 255 + 0.5, 0, 255).astype(np.uint8)).save(path)
+
+
+@torch.no_grad()
+def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, seed: int = 0,
+             poses: torch.Tensor | None = None, device: str = "auto") -> dict[str, Any]:
+    """Generates frames with a synthesis checkpoint and writes them with their simulated references.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        ``RUN/checkpoints/last.pt`` of a ``synthesis`` run.
+    out_dir : str or Path
+        Output folder.
+    frames : int
+        Frames to make when ``poses`` is not given: a sweep of ``frames`` poses (pose mode) or ``frames``
+        random poses (image mode), drawn from ``seed`` (seeds >= 10**13 never occur in training).
+    poses : Tensor, optional
+        ``(N, 4, 4)`` probe-to-world poses (mm) in the world of the checkpoint's volume.
+
+    Returns
+    -------
+    dict
+        What ``generate.json`` holds: mean PSNR/SSIM/L1, SWD, frame shape, pixel size, files, poses.
+    """
+    import nibabel as nib
+
+    from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
+
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be an int >= 1, got {frames!r}")
+    task, model = load_generator(checkpoint, device)
+    base = 10**13 + int(seed)
+    if poses is None:
+        if task.args.mode == "pose":
+            task.args.val_frames = frames
+            task.args.sweep_frames = max(frames, task.args.sweep_frames)
+            poses = task.validation_poses(base)
+        else:
+            poses = task.poses([base * 1000 + k for k in range(frames)])
+    cond, fake, real = generate_frames(task, model, poses, seed=base)
+    out = Path(out_dir)
+    for sub in ("generated", "simulated"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    px = task.source.pixel_mm
+    g, r = fake[:, 0].cpu().numpy(), real[:, 0].cpu().numpy()
+    for i in range(len(g)):
+        _png(g[i], out / "generated" / f"frame_{i:03d}.png")
+        _png(r[i], out / "simulated" / f"frame_{i:03d}.png")
+    aff = np.diag([px, px, 1.0, 1.0])
+    for name, arr in (("generated", g), ("simulated", r)):
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.float32), aff),
+                 str(out / f"{name}.nii.gz"))
+    rows, ranges = task._grid_rows(cond, fake, real)
+    save_grid(out / "grid.png", rows, ranges=ranges, max_columns=8)
+    summary = {
+        "checkpoint": str(checkpoint), "mode": task.args.mode, "source": task.args.source,
+        "frames": len(g), "frame_shape": list(g.shape[1:]), "pixel_mm": px,
+        "psnr": float(psnr(fake, real).clamp(max=100).mean()),
+        "ssim": float(ssim(fake, real).mean()),
+        "l1": float((fake - real).abs().mean()),
+        "swd": float(sliced_wasserstein(fake, real, n_patches=task.args.swd_patches)) if len(g) > 1 else None,
+        "poses": poses.tolist(),
+    }
+    (out / "generate.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device: str = "auto", overrides=(),
+                  save_probabilities: bool = False, progress: bool = False) -> list[Path]:
+    """``medfast predict`` with a synthesis checkpoint: each input is a poses file (see :func:`read_poses`);
+    frames are generated at its poses into ``out_dir`` (one input) or ``out_dir/<input stem>`` (several), as
+    :func:`generate` writes them. ``overrides`` and ``save_probabilities`` do not apply (an override raises).
+
+    Returns
+    -------
+    list of Path
+        The ``generate.json`` written per input.
+    """
+    if overrides:
+        raise ValueError("--set does not apply to synthesis checkpoints")
+    inputs = [Path(f) for f in inputs]
+    out_dir = Path(out_dir)
+    written = []
+    for f in inputs:
+        target = out_dir if len(inputs) == 1 else out_dir / f.name.split(".")[0]
+        generate(checkpoint, target, poses=read_poses(f), device=device)
+        written.append(target / "generate.json")
+    return written
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synthesize",
+        help="generate ultrasound frames with a trained synthesis checkpoint",
+        description=("Generates frames with a checkpoint of the synthesis task (medfast train synth.yaml) at probe "
+                     "poses (a held-out sweep or held-out random poses of the checkpoint's volume, or --poses) and "
+                     "writes PNG frames, NIfTI stacks, a grid of generated vs simulated frames and generate.json."),
+    )
+    p.add_argument("checkpoint", help="checkpoint of a synthesis run (e.g. RUN/checkpoints/last.pt)")
+    p.add_argument("--out", default="medfast-synthesize", help="output folder (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=16, help="frames to generate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the poses (default: %(default)s)")
+    p.add_argument("--poses", default=None, help="(N, 4, 4) probe poses: .npy, or JSON (e.g. simulate.json)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        poses = read_poses(args.poses) if args.poses else None
+        s = generate(args.checkpoint, args.out, frames=args.frames, seed=args.seed, poses=poses, device=args.device)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"medfast synthesize: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"medfast synthesize: {s['frames']} frames {s['frame_shape'][0]}x{s['frame_shape'][1]} ({s['mode']} mode): "
+          f"PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.3f} against the simulator -> {args.out}")
+    return 0
