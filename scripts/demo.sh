@@ -6,12 +6,14 @@
 #   register      Colin27 -> MNI152 T1 (random affine added): affine + deformable, tissue overlap per stage
 #   segment       UNet tissue segmentation trained on MNI152 (3 mm, augmented), Dice/HD95 on held-out
 #                 deformations and on the ITK KmeansTest subject (about 6-13 min on a 2-core CPU)
-# Usage: scripts/demo.sh [all|warp|simulate|register|segment ...]   (default: all)
+#   classify      DenseNet standard-plane classifier on ultrasound simulated on the fly from MNI152 + Colin27;
+#                 balanced accuracy on held-out poses and on a held-out brain (ITK KmeansTest), CAM PNG
+# Usage: scripts/demo.sh [all|warp|simulate|register|segment|classify ...]   (default: all)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 demos=("$@")
-[ ${#demos[@]} -eq 0 ] || [ "${demos[0]}" = "all" ] && demos=(warp simulate register segment)
+[ ${#demos[@]} -eq 0 ] || [ "${demos[0]}" = "all" ] && demos=(warp simulate register segment classify)
 for d in "${demos[@]}"; do
   echo "=== medfast demo: $d"
   case "$d" in
@@ -19,7 +21,8 @@ for d in "${demos[@]}"; do
     simulate) medfast simulate --out out/demo/simulate ;;
     register) medfast register --demo --out out/demo/register ;;
     segment) medfast train configs/seg_demo_cpu.yaml --set trainer.out_dir=out/demo/segment ;;
-    *) echo "unknown demo '$d' (warp, simulate, register, segment, all)" >&2; exit 2 ;;
+    classify) medfast train configs/cls_demo_cpu.yaml --set trainer.out_dir=out/demo/classify ;;
+    *) echo "unknown demo '$d' (warp, simulate, register, segment, classify, all)" >&2; exit 2 ;;
   esac
 done
 echo "results under out/demo/"

@@ -48,6 +48,9 @@ def test_densenet_shapes(dims, encoding):
                               stem_stride=2, norm="group")
     assert net2(torch.randn(1, 1, *([9] * dims))).shape == (1, OUT[encoding])
     assert net2.num_features == 4 + 3 * 3
+    net3 = DenseNetClassifier(dims, 1, k, encoding, width=4, growth_rate=3, blocks=(1, 1), stem_stride=2,
+                              stem_pool=True)
+    assert net3.features(torch.randn(1, 1, *([16] * dims))).shape == (1, 3 + 3, *([2] * dims))
 
 
 def test_densenet_bad_arguments():

@@ -236,6 +236,8 @@ class DenseNetClassifier(nn.Module):
         Fraction of the channels a transition keeps, in (0, 1].
     stem_stride : int
         Stride of the 3x3 stem conv (1 for small images; 2 halves the size first).
+    stem_pool : bool
+        A 3x3 max pooling of stride 2 after the stem conv (as in DenseNet-121): another halving.
     norm : {"batch", "instance", "group"}
         Normalization layers. ``group`` (8 groups) and ``instance`` are per sample, so a DDP run on several
         processes computes exactly what one process computes on the combined batch.
@@ -245,14 +247,14 @@ class DenseNetClassifier(nn.Module):
         Channel dropout on each dense layer's new features.
 
     ``forward``: ``(N, in_channels, *spatial) -> (N, C | 1 | K-1)``; ``features`` gives the maps after the
-    last block and its norm-ReLU, ``(N, num_features, *spatial / 2**(len(blocks)-1) / stem_stride)`` (the
-    input of global pooling, used for class-activation maps).
+    last block and its norm-ReLU, ``(N, num_features, *spatial / 2**(len(blocks)-1) / stem_stride)`` (and
+    another ``/ 2`` with ``stem_pool``; the input of global pooling, used for class-activation maps).
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2, encoding: str = "nominal",
                  width: int = 16, growth_rate: int = 12, blocks: Sequence[int] = (4, 4, 4), bn_size: int = 4,
-                 compression: float = 0.5, stem_stride: int = 1, norm: str = "batch", dropout: float = 0.0,
-                 layer_dropout: float = 0.0) -> None:
+                 compression: float = 0.5, stem_stride: int = 1, stem_pool: bool = False, norm: str = "batch",
+                 dropout: float = 0.0, layer_dropout: float = 0.0) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -266,6 +268,9 @@ class DenseNetClassifier(nn.Module):
         conv = _conv(spatial_dims)
         pool = nn.AvgPool2d if spatial_dims == 2 else nn.AvgPool3d
         layers: list[nn.Module] = [conv(in_channels, width, 3, stem_stride, 1, bias=False)]
+        if stem_pool:
+            layers += [_norm(norm, spatial_dims, width), nn.ReLU(inplace=True),
+                       (nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d)(3, 2, 1)]
         ch = width
         for b, n in enumerate(blocks):
             for _ in range(int(n)):
