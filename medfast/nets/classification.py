@@ -31,6 +31,8 @@ class CoralHead(nn.Module):
     num_classes : int
         ``K``; the head has ``K-1`` outputs.
 
+    Notes
+    -----
     ``forward``: ``(N, in_features) -> (N, K-1)``.
     """
 
@@ -49,6 +51,8 @@ class CoralHead(nn.Module):
 class ClassificationHead(nn.Module):
     """Dropout + the output layer of an encoding: ``Linear(in, C)``, ``Linear(in, 1)`` or :class:`CoralHead`.
 
+    Notes
+    -----
     ``forward``: ``(N, in_features) -> (N, C | 1 | K-1)``.
     """
 
@@ -89,6 +93,8 @@ class SonoNet(nn.Module):
         Channels of the 1x1 adaptation layer (default ``2 * width``).
     dropout : float
 
+    Notes
+    -----
     ``forward``: ``(N, in_channels, H, W) -> (N, C | 1 | K-1)``; ``features`` gives the adaptation maps
     ``(N, adaptation, h, w)`` (used for class-activation maps).
     """
@@ -153,6 +159,8 @@ class ResNetClassifier(nn.Module):
         Stride of the 3x3 stem conv (1 for small images, 2 to save memory on large ones).
     dropout : float
 
+    Notes
+    -----
     ``forward``: ``(N, in_channels, *spatial) -> (N, C | 1 | K-1)``; ``features`` gives the last stage's
     maps ``(N, width * 2**(len(blocks)-1), *spatial')``.
     """
@@ -246,6 +254,8 @@ class DenseNetClassifier(nn.Module):
     layer_dropout : float
         Channel dropout on each dense layer's new features.
 
+    Notes
+    -----
     ``forward``: ``(N, in_channels, *spatial) -> (N, C | 1 | K-1)``; ``features`` gives the maps after the
     last block and its norm-ReLU, ``(N, num_features, *spatial / 2**(len(blocks)-1) / stem_stride)`` (and
     another ``/ 2`` with ``stem_pool``; the input of global pooling, used for class-activation maps).

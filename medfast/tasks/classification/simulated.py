@@ -481,6 +481,8 @@ class SimulatedPlaneDataset(Dataset):
     volumes are balanced; everything else is drawn from the item's seed: the sampler's ``(index, seed)`` key
     in training, a fixed seed from ``(source.seed, subset, i)`` otherwise.
 
+    Notes
+    -----
     Items: ``label`` ``()`` int64 (the plane), ``volume``, ``probe``, ``variant`` ``()`` int64, ``pose_u``
     ``(6,)`` float64 (tilt, rock, twist, normal shift, lateral shift, unused) in ``[-1, 1]``, ``render``
     ``(3,)`` float64 (gain dB, dynamic range dB, gel mm), ``subset`` str, ``files`` str (a readable name),
