@@ -405,32 +405,40 @@ class SimulatedUltrasound:
         along the plane normal, ``u[:, 4] * max_lateral_mm`` along the array), then moved back along the
         beam to the brain surface (the last mask voxel on the line) plus ``gel_mm``."""
         u = np.asarray(pose_u, dtype=np.float64).reshape(-1, 6)
+        vol = np.asarray(volume, dtype=np.int64).reshape(-1)
+        plane = np.asarray(plane, dtype=np.int64).reshape(-1)
         B = u.shape[0]
-        out = np.tile(np.eye(4), (B, 1, 1))
-        for i in range(B):
-            vol = self.volumes[int(volume[i])]
-            target, d, lat = (np.asarray(a, dtype=np.float64) for a in self.plane_table[self.planes[int(plane[i])]])
+        frames = []
+        for name in self.planes:
+            target, d, lat = (np.asarray(a, dtype=np.float64) for a in self.plane_table[name])
             z = d / np.linalg.norm(d)
             x = lat - (lat @ z) * z
             x = x / np.linalg.norm(x)
-            y = np.cross(z, x)
-            R0 = np.stack([x, y, z], 1)
-            R = R0 @ _rotation(0, u[i, 0] * self.max_rot) @ _rotation(1, u[i, 1] * self.max_rot) \
-                @ _rotation(2, u[i, 2] * self.max_rot)
-            p = vol.centre + target * vol.half_extent + R[:, 1] * u[i, 3] * self.max_shift \
-                + R[:, 0] * u[i, 4] * self.max_lateral
-            # march back along -beam through the mask (0.5 voxel steps) to the last brain voxel
-            step = 0.5 * float(np.linalg.norm(vol.affine[:3, 0]))
-            t = np.arange(0.0, 2.5 * float(vol.half_extent.max()) + 10.0, step)
-            pts = p[None] - t[:, None] * R[:, 2][None]
-            inv = np.linalg.inv(vol.affine)
+            frames.append((target, np.stack([x, np.cross(z, x), z], 1)))
+        targets = np.stack([f[0] for f in frames])[plane]  # (B, 3)
+        R = np.stack([f[1] for f in frames])[plane] @ _rotation(0, u[:, 0] * self.max_rot) \
+            @ _rotation(1, u[:, 1] * self.max_rot) @ _rotation(2, u[:, 2] * self.max_rot)  # (B, 3, 3)
+        centre = np.stack([v.centre for v in self.volumes])[vol]
+        half = np.stack([v.half_extent for v in self.volumes])[vol]
+        p = centre + targets * half + R[:, :, 1] * (u[:, 3:4] * self.max_shift) \
+            + R[:, :, 0] * (u[:, 4:5] * self.max_lateral)
+        t_surf = np.zeros(B)
+        for v in np.unique(vol):  # march back along -beam through the mask (0.5 voxel steps)
+            sel = np.nonzero(vol == v)[0]
+            bv = self.volumes[int(v)]
+            step = 0.5 * float(np.linalg.norm(bv.affine[:3, 0]))
+            t = np.arange(0.0, 2.5 * float(bv.half_extent.max()) + 10.0, step)
+            pts = p[sel, None, :] - t[None, :, None] * R[sel, None, :, 2]  # (b, T, 3)
+            inv = np.linalg.inv(bv.affine)
             ijk = np.rint(pts @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
-            ok = np.all((ijk >= 0) & (ijk < np.array(vol.mask.shape)), 1)
-            inside = np.zeros(len(t), dtype=bool)
-            inside[ok] = vol.mask[tuple(ijk[ok].T)]
-            t_surf = t[np.nonzero(inside)[0].max()] if inside.any() else 0.0
-            out[i, :3, :3] = R
-            out[i, :3, 3] = p - R[:, 2] * (t_surf + float(gel_mm[i]))
+            ok = np.all((ijk >= 0) & (ijk < np.array(bv.mask.shape)), -1)
+            inside = np.zeros(ok.shape, dtype=bool)
+            inside[ok] = bv.mask[tuple(ijk[ok].T)]
+            last = len(t) - 1 - np.argmax(inside[:, ::-1], axis=1)  # the last brain sample on each line
+            t_surf[sel] = np.where(inside.any(1), t[last], 0.0)
+        out = np.tile(np.eye(4), (B, 1, 1))
+        out[:, :3, :3] = R
+        out[:, :3, 3] = p - R[:, :, 2] * (t_surf + np.asarray(gel_mm, dtype=np.float64).reshape(-1))[:, None]
         return torch.from_numpy(out)
 
     def render(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
