@@ -16,12 +16,14 @@ def test_adapters_read_the_committed_results():
     rows = runner._warp_rows(RESULTS) + runner._loss_rows(RESULTS)
     assert {r.suite for r in rows} == {"warp", "loss"}
     for adapter in (runner._metrics_rows, runner._distance_rows, runner._segmentation_rows, runner._ultrasound_rows,
-                    runner._registration_rows):
+                    runner._registration_rows, runner._classification_rows):
         got = adapter(RESULTS)
         assert got and all(r.medfast_ms for r in got)
     assert all(r.medfast_ms for r in rows)
     assert all(r.ratio == pytest.approx(r.peer_ms / r.medfast_ms, rel=1e-6) for r in rows if r.peer_ms)
     assert sum(r.ratio is not None for r in rows) >= 0.8 * len(rows)  # grid_sample has no cubic: no ratio
+    (cls,) = runner._classification_rows(RESULTS)  # ratio = training step time / batch rendering time
+    assert cls.ratio == pytest.approx(cls.peer_ms / cls.medfast_ms) and "data" in cls.case
     loss = [r for r in rows if r.suite == "loss" and r.peer == "MONAI DiceCELoss"]
     assert {r.case.split("C=")[1] for r in loss} >= {"4", "16", "64"}
 

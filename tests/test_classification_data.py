@@ -212,7 +212,7 @@ def test_task_registry_and_config_errors(tmp_path):
     with pytest.raises(ValueError, match="sononet' is 2D"):
         build_classifier(cfg)
     cfg = config_from_dict({"task": "classification", "model": {"name": "unet", "spatial_dims": 2}})
-    with pytest.raises(ValueError, match="'sononet' or 'resnet'"):
+    with pytest.raises(ValueError, match="'sononet', 'resnet' or 'densenet'"):
         build_classifier(cfg)
     cfg = config_from_dict({"task": "classification", "model": {"name": "resnet", "spatial_dims": 2,
                                                                 "out_channels": 4, "channels": [4]}})

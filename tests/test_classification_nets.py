@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medfast.nets import ClassificationHead, CoralHead, ResNetClassifier, SonoNet
+from medfast.nets import ClassificationHead, CoralHead, DenseNetClassifier, ResNetClassifier, SonoNet
 from medfast.tasks.classification import ClassificationLoss, make_encoder
 
 OUT = {"nominal": 4, "binary": 1, "ordinal": 3}
@@ -32,6 +32,47 @@ def test_resnet_shapes(dims, encoding):
     # odd sizes, stride-2 stem
     net2 = ResNetClassifier(dims, 1, k, encoding, width=4, blocks=(1, 1), stem_stride=2)
     assert net2(torch.randn(1, 1, *([7] * dims))).shape == (1, OUT[encoding])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("encoding", ["nominal", "binary", "ordinal"])
+def test_densenet_shapes(dims, encoding):
+    k = 2 if encoding == "binary" else 4
+    net = DenseNetClassifier(dims, 2, k, encoding, width=6, growth_rate=4, blocks=(2, 3), bn_size=2)
+    x = torch.randn(2, 2, *([8] * dims))
+    assert net(x).shape == (2, OUT[encoding])
+    # stem 6 + 2 * 4 = 14 -> transition keeps 7 -> + 3 * 4 = 19 channels at half the size
+    assert net.num_features == 19
+    assert net.features(x).shape == (2, 19, *([4] * dims))
+    net2 = DenseNetClassifier(dims, 1, k, encoding, width=4, growth_rate=3, blocks=(1, 1, 1), compression=1.0,
+                              stem_stride=2, norm="group")
+    assert net2(torch.randn(1, 1, *([9] * dims))).shape == (1, OUT[encoding])
+    assert net2.num_features == 4 + 3 * 3
+    net3 = DenseNetClassifier(dims, 1, k, encoding, width=4, growth_rate=3, blocks=(1, 1), stem_stride=2,
+                              stem_pool=True)
+    assert net3.features(torch.randn(1, 1, *([16] * dims))).shape == (1, 3 + 3, *([2] * dims))
+
+
+def test_densenet_bad_arguments():
+    with pytest.raises(ValueError, match="spatial_dims"):
+        DenseNetClassifier(1)
+    with pytest.raises(ValueError, match="blocks"):
+        DenseNetClassifier(2, blocks=())
+    with pytest.raises(ValueError, match="compression"):
+        DenseNetClassifier(2, compression=0.0)
+    with pytest.raises(ValueError, match="norm must be"):
+        DenseNetClassifier(2, norm="layer")
+
+
+def test_densenet_group_norm_is_per_sample():
+    """With ``norm="group"`` each sample's output does not depend on the rest of the batch (what makes DDP
+    on several processes equal one process on the combined batch); with batch norm in training it does."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 12, 12)
+    g = DenseNetClassifier(2, 1, 3, width=4, growth_rate=4, blocks=(2, 2), norm="group").train()
+    torch.testing.assert_close(g(x)[:2], g(x[:2]), rtol=1e-5, atol=1e-6)
+    b = DenseNetClassifier(2, 1, 3, width=4, growth_rate=4, blocks=(2, 2), norm="batch").train()
+    assert not torch.allclose(b(x)[:2], b(x[:2]), atol=1e-4)
 
 
 def test_heads():
@@ -63,7 +104,8 @@ def squares(n: int, size: int = 16, classes: int = 3, seed: int = 0, dims: int =
 
 
 @pytest.mark.parametrize("name,dims,encoding", [("sononet", 2, "nominal"), ("resnet", 2, "ordinal"),
-                                                ("resnet", 3, "binary")])
+                                                ("resnet", 3, "binary"), ("densenet", 2, "nominal"),
+                                                ("densenet", 3, "ordinal")])
 def test_short_training_lowers_loss(name, dims, encoding):
     torch.manual_seed(0)
     k = 2 if encoding == "binary" else 3
@@ -73,6 +115,8 @@ def test_short_training_lowers_loss(name, dims, encoding):
     t = enc.encode(y)
     if name == "sononet":
         net = SonoNet(1, k, encoding, width=4, convs_per_block=(1, 1, 1))
+    elif name == "densenet":
+        net = DenseNetClassifier(dims, 1, k, encoding, width=4, growth_rate=4, blocks=(2, 2), bn_size=2)
     else:
         net = ResNetClassifier(dims, 1, k, encoding, width=4, blocks=(1, 1))
     loss_fn = ClassificationLoss(encoding)

@@ -139,6 +139,15 @@ def _ultrasound_rows(out: Path) -> list[Row]:
     return rows
 
 
+def _classification_rows(out: Path) -> list[Row]:
+    d = _load(out, "classification_*_latest.json")
+    h, w = d["image_shape"]
+    case = (f"simulated batch B={d['batch']} {h}x{w} ({d['n_lines']} lines x {d['n_samples']} samples, "
+            f"{d['volumes']}) vs {d['model']} step: data {100 * d['render_fraction_of_step']:.0f}% of step")
+    return [Row("classification", case, f"{d['model']} training step", d["render_ms"], d["step_ms"],
+                _ratio(d["step_ms"], d["render_ms"]))]
+
+
 SUITES: list[Suite] = [
     Suite("warp", "run_warp.py", lambda d, q, o: ["--device", d, "--out", str(o)] + (["--quick"] if q else []),
           _warp_rows),
@@ -161,6 +170,11 @@ SUITES: list[Suite] = [
           lambda d, q, o: ["--device", d, "--out", str(o)]
           + (["--size", "64", "--repeats", "3", "--pymust-scatterers", "100"] if q else []),
           _ultrasound_rows, peers=("pymust",)),
+    # ratio = step time / batch rendering time: > 10 means data generation under 10 % of the step
+    Suite("classification", "bench_classification.py",
+          lambda d, q, o: ["--device", d, "--out", str(o)] + (["--repeats", "5"] if q else ["--batch", "64"]
+                                                              if d == "cuda" else []),
+          _classification_rows),
 ]
 
 

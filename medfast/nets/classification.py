@@ -1,15 +1,16 @@
-"""Classification networks: a SonoNet-style 2D CNN and a small ResNet-style backbone (2D/3D), each with a
-head for the label encoding: ``nominal`` (``C`` logits), ``binary`` (1 logit) or ``ordinal`` (CORAL,
+"""Classification networks: a SonoNet-style 2D CNN and small ResNet- and DenseNet-style backbones (2D/3D),
+each with a head for the label encoding: ``nominal`` (``C`` logits), ``binary`` (1 logit) or ``ordinal`` (CORAL,
 ``K-1`` logits sharing one weight vector, Cao et al. 2020)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ClassificationHead", "CoralHead", "ResNetClassifier", "SonoNet"]
+__all__ = ["ClassificationHead", "CoralHead", "DenseNetClassifier", "ResNetClassifier", "SonoNet"]
 
 
 def _conv(dims: int):
@@ -30,6 +31,8 @@ class CoralHead(nn.Module):
     num_classes : int
         ``K``; the head has ``K-1`` outputs.
 
+    Notes
+    -----
     ``forward``: ``(N, in_features) -> (N, K-1)``.
     """
 
@@ -48,6 +51,8 @@ class CoralHead(nn.Module):
 class ClassificationHead(nn.Module):
     """Dropout + the output layer of an encoding: ``Linear(in, C)``, ``Linear(in, 1)`` or :class:`CoralHead`.
 
+    Notes
+    -----
     ``forward``: ``(N, in_features) -> (N, C | 1 | K-1)``.
     """
 
@@ -88,6 +93,8 @@ class SonoNet(nn.Module):
         Channels of the 1x1 adaptation layer (default ``2 * width``).
     dropout : float
 
+    Notes
+    -----
     ``forward``: ``(N, in_channels, H, W) -> (N, C | 1 | K-1)``; ``features`` gives the adaptation maps
     ``(N, adaptation, h, w)`` (used for class-activation maps).
     """
@@ -152,6 +159,8 @@ class ResNetClassifier(nn.Module):
         Stride of the 3x3 stem conv (1 for small images, 2 to save memory on large ones).
     dropout : float
 
+    Notes
+    -----
     ``forward``: ``(N, in_channels, *spatial) -> (N, C | 1 | K-1)``; ``features`` gives the last stage's
     maps ``(N, width * 2**(len(blocks)-1), *spatial')``.
     """
@@ -180,6 +189,117 @@ class ResNetClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last-stage feature maps."""
         return self.stages(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+def _norm(kind: str, dims: int, channels: int) -> nn.Module:
+    if kind == "batch":
+        return _bn(dims)(channels)
+    if kind == "instance":
+        return (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, 8), channels)
+    raise ValueError(f"norm must be 'batch', 'instance' or 'group', got {kind!r}")
+
+
+class _DenseLayer(nn.Module):
+    """Bottleneck dense layer (DenseNet-BC): norm-ReLU-conv1x1 (``bn_size * growth`` channels), then
+    norm-ReLU-conv3x3 (``growth`` channels); the output is concatenated to the input."""
+
+    def __init__(self, dims: int, cin: int, growth: int, bn_size: int, norm: str, dropout: float) -> None:
+        super().__init__()
+        conv = _conv(dims)
+        mid = bn_size * growth
+        self.body = nn.Sequential(_norm(norm, dims, cin), nn.ReLU(inplace=True), conv(cin, mid, 1, bias=False),
+                                  _norm(norm, dims, mid), nn.ReLU(inplace=True),
+                                  conv(mid, growth, 3, padding=1, bias=False))
+        self.drop = (nn.Dropout2d if dims == 2 else nn.Dropout3d)(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.drop(self.body(x))], 1)
+
+
+class DenseNetClassifier(nn.Module):
+    """DenseNet-style backbone (Huang et al. 2017, the BC variant: bottleneck layers and compressing
+    transitions) for 2D or 3D images with the head of an encoding.
+
+    Parameters
+    ----------
+    spatial_dims : {2, 3}
+    in_channels : int
+    num_classes : int
+    encoding : {"nominal", "binary", "ordinal"}
+    width : int
+        Channels of the stem conv (DenseNet-121: 64).
+    growth_rate : int
+        Channels each dense layer adds (DenseNet-121: 32).
+    blocks : sequence of int
+        Dense layers per block (DenseNet-121: ``(6, 12, 24, 16)``); a transition (norm-ReLU-conv1x1 with
+        ``compression``, then 2x average pooling) between blocks.
+    bn_size : int
+        Bottleneck width factor (``bn_size * growth_rate`` channels before the 3x3 conv).
+    compression : float
+        Fraction of the channels a transition keeps, in (0, 1].
+    stem_stride : int
+        Stride of the 3x3 stem conv (1 for small images; 2 halves the size first).
+    stem_pool : bool
+        A 3x3 max pooling of stride 2 after the stem conv (as in DenseNet-121): another halving.
+    norm : {"batch", "instance", "group"}
+        Normalization layers. ``group`` (8 groups) and ``instance`` are per sample, so a DDP run on several
+        processes computes exactly what one process computes on the combined batch.
+    dropout : float
+        Dropout before the output layer.
+    layer_dropout : float
+        Channel dropout on each dense layer's new features.
+
+    Notes
+    -----
+    ``forward``: ``(N, in_channels, *spatial) -> (N, C | 1 | K-1)``; ``features`` gives the maps after the
+    last block and its norm-ReLU, ``(N, num_features, *spatial / 2**(len(blocks)-1) / stem_stride)`` (and
+    another ``/ 2`` with ``stem_pool``; the input of global pooling, used for class-activation maps).
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2, encoding: str = "nominal",
+                 width: int = 16, growth_rate: int = 12, blocks: Sequence[int] = (4, 4, 4), bn_size: int = 4,
+                 compression: float = 0.5, stem_stride: int = 1, stem_pool: bool = False, norm: str = "batch",
+                 dropout: float = 0.0, layer_dropout: float = 0.0) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if not blocks or any(int(n) < 1 for n in blocks):
+            raise ValueError(f"blocks must be a non-empty list of positive layer counts, got {blocks!r}")
+        if not 0 < compression <= 1:
+            raise ValueError(f"compression must be in (0, 1], got {compression}")
+        if growth_rate < 1 or width < 1 or bn_size < 1:
+            raise ValueError(f"growth_rate, width and bn_size must be >= 1, got {growth_rate}, {width}, {bn_size}")
+        _norm(norm, spatial_dims, 8)  # validates the name
+        conv = _conv(spatial_dims)
+        pool = nn.AvgPool2d if spatial_dims == 2 else nn.AvgPool3d
+        layers: list[nn.Module] = [conv(in_channels, width, 3, stem_stride, 1, bias=False)]
+        if stem_pool:
+            layers += [_norm(norm, spatial_dims, width), nn.ReLU(inplace=True),
+                       (nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d)(3, 2, 1)]
+        ch = width
+        for b, n in enumerate(blocks):
+            for _ in range(int(n)):
+                layers.append(_DenseLayer(spatial_dims, ch, growth_rate, bn_size, norm, layer_dropout))
+                ch += growth_rate
+            if b < len(blocks) - 1:
+                out = max(1, int(ch * compression))
+                layers += [_norm(norm, spatial_dims, ch), nn.ReLU(inplace=True), conv(ch, out, 1, bias=False),
+                           pool(2)]
+                ch = out
+        layers += [_norm(norm, spatial_dims, ch), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.head = ClassificationHead(ch, num_classes, encoding, dropout)
+        self.num_features = ch
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Maps after the last dense block (normalized, ReLU): the input of global pooling."""
+        return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(x)).flatten(1))

@@ -123,6 +123,8 @@ class ImageFolderDataset(Dataset):
     normalize : {"none", "minmax", "zscore"}
         Per-image intensity normalization.
 
+    Notes
+    -----
     Items are dicts ``{"image": (C, *spatial) float32, "label": () int64, "files": str}``; a key
     ``(index, seed)`` (from :class:`medfast.train.EpochSampler`) adds ``"seed"``.
     """

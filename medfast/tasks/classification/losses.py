@@ -61,6 +61,8 @@ class ClassificationLoss(nn.Module):
     label_smoothing : float
         Nominal only.
 
+    Notes
+    -----
     ``forward(logits, targets)`` takes the network output (``(N, C)``, ``(N, 1)`` or ``(N, K-1)``) and the
     encoder's targets (indices ``(N,)`` or one-hot ``(N, C)``, ``(N, 1)``, ``(N, K-1)``); returns a scalar.
     """

@@ -1,5 +1,8 @@
 """The classification task for the generic trainer: ``config.task = "classification"`` trains a
-:class:`~medfast.nets.SonoNet` or :class:`~medfast.nets.ResNetClassifier` on an :class:`ImageFolderDataset`.
+:class:`~medfast.nets.SonoNet`, :class:`~medfast.nets.ResNetClassifier` or
+:class:`~medfast.nets.DenseNetClassifier` on an :class:`ImageFolderDataset` or on simulated ultrasound
+(``data.dataset: simulated_ultrasound``, :mod:`medfast.tasks.classification.simulated`, rendered on the
+training device).
 
 Configuration (see ``configs/classification_example.yaml``):
 
@@ -7,9 +10,17 @@ Configuration (see ``configs/classification_example.yaml``):
   ``zscore | minmax | none`` per image; ``data.shape``: the size images are resized to; ``data.val_fraction``
   (a seeded random split) and ``data.dataset_args``: ``csv_file``, ``classes`` (class order, needed for
   ordinal labels), ``channels``, ``val_root`` / ``val_csv_file`` (a separate validation set).
-* ``model.name``: ``sononet`` or ``resnet``; ``model.spatial_dims``, ``model.in_channels``,
+* ``data.dataset: simulated_ultrasound``: ``data.dataset_args`` are the arguments of
+  :class:`~medfast.tasks.classification.simulated.SimulatedUltrasound` (volumes, val_volumes, planes, probes,
+  ...) plus ``samples_per_epoch`` and ``val_samples`` (per validation subset); ``data.shape`` is the image
+  size. Validation reports the held-out poses and the held-out volumes separately.
+* ``model.name``: ``sononet``, ``resnet`` or ``densenet``; ``model.spatial_dims``, ``model.in_channels``,
   ``model.out_channels`` = the number of classes, ``model.channels[0]`` = the width; ``model.kwargs``:
-  ``encoding`` (``nominal | binary | ordinal``), ``blocks`` / ``convs_per_block``, ``dropout``, ``stem_stride``.
+  ``encoding`` (``nominal | binary | ordinal``), ``blocks`` / ``convs_per_block``, ``dropout``, ``stem_stride``,
+  and for DenseNet ``growth_rate``, ``bn_size``, ``compression``, ``norm``.
+
+After training, :meth:`ClassificationTask.finish` writes ``classification_report.json``,
+``confusion_matrix*.png`` and ``cam.png`` (Grad-CAM overlays of validation images).
 """
 
 from __future__ import annotations
@@ -33,10 +44,12 @@ from medfast.train.task import Task, register_task
 
 __all__ = ["ClassificationTask", "build_classifier", "predict_files"]
 
+SIMULATED = "simulated_ultrasound"
+
 
 def build_classifier(config: Config) -> nn.Module:
-    """The network described by ``config.model`` (``sononet`` or ``resnet``)."""
-    from medfast.nets import ResNetClassifier, SonoNet
+    """The network described by ``config.model`` (``sononet``, ``resnet`` or ``densenet``)."""
+    from medfast.nets import DenseNetClassifier, ResNetClassifier, SonoNet
 
     m = config.model
     kw = dict(m.kwargs)
@@ -49,7 +62,9 @@ def build_classifier(config: Config) -> nn.Module:
         return SonoNet(m.in_channels, m.out_channels, encoding, width=width, **kw)
     if name == "resnet":
         return ResNetClassifier(m.spatial_dims, m.in_channels, m.out_channels, encoding, width=width, **kw)
-    raise ValueError(f"model.name={m.name!r}: the classification task builds 'sononet' or 'resnet'")
+    if name == "densenet":
+        return DenseNetClassifier(m.spatial_dims, m.in_channels, m.out_channels, encoding, width=width, **kw)
+    raise ValueError(f"model.name={m.name!r}: the classification task builds 'sononet', 'resnet' or 'densenet'")
 
 
 class _Subset(Dataset):
@@ -78,6 +93,8 @@ class ClassificationTask(Task):
         self.loss_fn = ClassificationLoss(self.encoding)
         self.encoder = make_encoder(self.encoding, self.num_classes)
         self.val_ds = None
+        self.source = None  # SimulatedUltrasound when data.dataset = simulated_ultrasound
+        self._val_images: dict[str, torch.Tensor] = {}
 
     def build_model(self) -> nn.Module:
         return build_classifier(self.config)
@@ -90,9 +107,36 @@ class ClassificationTask(Task):
                                   file_column=args.get("file_column", "file"),
                                   label_column=args.get("label_column", "label"))
 
+    def _build_simulated(self):
+        from torch.utils.data import ConcatDataset
+
+        from medfast.tasks.classification.simulated import SimulatedUltrasound
+
+        c, d = self.config, self.config.data
+        args = d.dataset_args
+        if c.model.spatial_dims != 2 or c.model.in_channels != 1:
+            raise ValueError(f"data.dataset={SIMULATED!r} renders 2D single-channel images: set model.spatial_dims=2 "
+                             f"and model.in_channels=1 (got {c.model.spatial_dims}, {c.model.in_channels})")
+        self.source = SimulatedUltrasound.from_args(args, d.shape, d.normalize, c.trainer.seed)
+        planes = self.source.planes
+        if len(planes) != self.num_classes:
+            raise DatasetError(f"data.dataset_args.planes has {len(planes)} classes {planes} but "
+                               f"model.out_channels={self.num_classes}")
+        self.encoder = make_encoder(self.encoding, self.num_classes, planes)
+        args["classes"] = list(planes)
+        train = self.source.train_dataset(int(args.get("samples_per_epoch", 1024)))
+        vals = self.source.validation_datasets(int(args.get("val_samples", 64)))
+        self.val_ds = ConcatDataset(vals)
+        return train, self.val_ds
+
     def build_datasets(self):
         c, d = self.config, self.config.data
         args = d.dataset_args
+        if d.dataset == SIMULATED:
+            return self._build_simulated()
+        if d.dataset is not None:
+            raise DatasetError(f"data.dataset={d.dataset!r}: the classification task knows {SIMULATED!r}, or no "
+                               "dataset with data.root / data.dataset_args.csv_file (your images)")
         if d.root is None and not args.get("csv_file"):
             raise DatasetError("no training data: set data.root (class subfolders) or data.dataset_args.csv_file")
         full = self._folder(d.root, args.get("csv_file"))
@@ -121,8 +165,26 @@ class ClassificationTask(Task):
             return logits.argmax(1), logits.softmax(1)
         return self.encoder.decode(logits, logits=True), self.encoder.probabilities(logits)
 
+    def images(self, batch, device) -> torch.Tensor:
+        """The batch's images on ``device``: read from the batch, or rendered there by the simulator."""
+        if "image" in batch:
+            return batch["image"].to(device, non_blocking=True).float()
+        if self.source is None:
+            raise DatasetError("the batch has no 'image' and no simulator is configured (data.dataset)")
+        return self.source.render(batch, device)
+
+    def _cached_images(self, batch, device) -> torch.Tensor:
+        """Validation images, rendered once (fixed descriptors) and kept on the CPU."""
+        if "image" in batch:
+            return batch["image"].to(device).float()
+        keys = list(batch["files"])
+        if not all(k in self._val_images for k in keys):
+            imgs = self.images(batch, device).cpu()
+            self._val_images.update(zip(keys, imgs, strict=True))
+        return torch.stack([self._val_images[k] for k in keys]).to(device)
+
     def training_step(self, model, batch, device):
-        image = batch["image"].to(device, non_blocking=True).float()
+        image = self.images(batch, device)
         label = batch["label"].to(device, non_blocking=True)
         logits = model(image)
         loss = self.loss_fn(logits, self._targets(label))
@@ -131,14 +193,17 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def validation_step(self, model, batch, device):
-        image = batch["image"].to(device).float()
+        image = self._cached_images(batch, device)
         label = batch["label"].to(device).reshape(-1)
         logits = model(image)
         pred, _ = self._predict(logits)
         rows = []
+        subsets = batch.get("subset")
         for i in range(label.shape[0]):
             ok = float(pred[i] == label[i])
             row = {"accuracy": ok, "loss": float(self.loss_fn(logits[i:i + 1], self._targets(label[i:i + 1])))}
+            if subsets is not None:
+                row[f"accuracy_{subsets[i]}"] = ok
             # per-class recall: NaN for the other classes, so the trainer's NaN-aware mean gives the recall
             for k, name in enumerate(self.encoder.class_names):
                 row[f"recall_{name}"] = ok if int(label[i]) == k else float("nan")
@@ -146,45 +211,87 @@ class ClassificationTask(Task):
         return rows
 
     def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
-        """Full validation-set report (balanced accuracy, F1, AUC, per class) and ``confusion_matrix.png``."""
+        """Full validation-set report (balanced accuracy, F1, AUC, per class; per subset for simulated data:
+        ``held_out_poses`` and ``held_out_volumes``), ``confusion_matrix[_<subset>].png`` and ``cam.png``
+        (Grad-CAM overlays of up to 16 validation images, 2D only)."""
         if self.val_ds is None or len(self.val_ds) == 0:
             return {}
         was_training = model.training
         model.eval()
-        preds, probs, labels = [], [], []
+        preds, probs, labels, subsets, shown = [], [], [], [], []
         loader = torch.utils.data.DataLoader(self.val_ds, batch_size=max(1, self.config.trainer.batch_size),
                                              collate_fn=collate)
         with torch.no_grad():
             for batch in loader:
-                pred, prob = self._predict(model(batch["image"].to(device).float()))
+                image = self._cached_images(batch, device)
+                pred, prob = self._predict(model(image))
                 preds.append(pred.cpu())
                 probs.append(prob.cpu())
                 labels.append(batch["label"].reshape(-1))
-        model.train(was_training)
+                subsets += list(batch.get("subset") or ["validation"] * len(pred))
+                if self.config.model.spatial_dims == 2:
+                    shown += [(x, int(y), str(sub)) for x, y, sub in
+                              zip(image.cpu(), batch["label"].reshape(-1), batch.get("subset") or [""] * len(pred),
+                                  strict=True)]
         pred, prob, label = torch.cat(preds), torch.cat(probs), torch.cat(labels)
         k = self.num_classes
-        report = classification_report(pred, label, k, prob)
-        cm = confusion_matrix(pred, label, k)
-        if self.config.trainer.plots:
-            save_confusion_png(cm, Path(out_dir) / "confusion_matrix.png", self.encoder.class_names,
-                               title=f"validation ({len(label)} images)")
-        report = {key: (None if np.isnan(v) else v) for key, v in report.items()}
-        report["confusion_matrix"] = cm.tolist()
-        report["classes"] = list(self.encoder.class_names)
+        names = self.encoder.class_names
+
+        def _report(sel: np.ndarray, suffix: str, title: str) -> dict[str, Any]:
+            rep = classification_report(pred[sel], label[sel], k, prob[sel])
+            cm = confusion_matrix(pred[sel], label[sel], k)
+            if self.config.trainer.plots:
+                save_confusion_png(cm, Path(out_dir) / f"confusion_matrix{suffix}.png", names,
+                                   title=f"{title} ({int(sel.sum())} images)")
+            rep = {key: (None if np.isnan(v) else v) for key, v in rep.items()}
+            rep["confusion_matrix"] = cm.tolist()
+            rep["n"] = int(sel.sum())
+            return rep
+
+        report = _report(np.ones(len(label), dtype=bool), "", "validation")
+        report["classes"] = list(names)
+        sub = np.array(subsets)
+        distinct = [s for s in dict.fromkeys(subsets) if s != "validation"]
+        for name in distinct:
+            report[name] = _report(sub == name, f"_{name}", name.replace("_", " "))
+        if self.config.trainer.plots and shown:
+            self._save_cams(model, shown, device, Path(out_dir) / "cam.png")
+        model.train(was_training)
         (Path(out_dir) / "classification_report.json").write_text(json.dumps(report, indent=1))
         return {"classification": report}
 
+    def _save_cams(self, model, shown, device, path: Path, per_class: int = 2) -> Path:
+        """Grad-CAM overlays: up to ``per_class`` images of each class from each subset (16 at most)."""
+        from medfast.tasks.classification.cam import class_activation_map, save_cam_png
+
+        picked, count = [], {}
+        for x, y, sub in shown:
+            key = (sub, y)
+            if count.get(key, 0) < per_class and len(picked) < 16:
+                count[key] = count.get(key, 0) + 1
+                picked.append((x, y, sub))
+        picked.sort(key=lambda t: (t[2], t[1]))
+        images = torch.stack([p[0] for p in picked]).to(device)
+        cams, pred = class_activation_map(model, images, encoding=self.encoding)
+        names = self.encoder.class_names
+        titles = [f"{sub.replace('held_out_', '')}: {names[y]}\npred {names[int(q)]}".lstrip(": ")
+                  for (_, y, sub), q in zip(picked, pred.tolist(), strict=True)]
+        return save_cam_png(images.cpu(), cams.cpu(), path, titles)
+
 
 def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device: str = "auto",
-                  overrides=(), save_probabilities: bool = True, progress: bool = False) -> list[Path]:
+                  overrides=(), save_probabilities: bool = True, progress: bool = False,
+                  save_cam: bool = True) -> list[Path]:
     """Classifies image files (PNG/NIfTI/DICOM) with a checkpoint of the classification task and writes
     ``predictions.csv``: one row per input with ``file``, the predicted ``class`` and ``index``, and (with
     ``save_probabilities``) ``p_<class>`` columns. Images are read, resized and normalized as in training.
+    With ``save_cam`` (2D models), ``cam/<index>_<name>.png`` shows each image with the Grad-CAM of its
+    predicted class (:func:`~medfast.tasks.classification.cam.class_activation_map`).
 
     Returns
     -------
     list of Path
-        ``[out_dir / "predictions.csv"]``.
+        ``[out_dir / "predictions.csv"]`` followed by the CAM PNGs.
     """
     import csv
 
@@ -212,19 +319,26 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     folder.files, folder.labels = [Path(f) for f in inputs], [0] * len(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with torch.no_grad():
-        for i, f in enumerate(folder.files):
-            read_image(f, folder.spatial_dims)  # clear error naming the file before anything else
-            x = folder[i]["image"][None].to(dev)
+    rows, cam_paths = [], []
+    for i, f in enumerate(folder.files):
+        read_image(f, folder.spatial_dims)  # clear error naming the file before anything else
+        x = folder[i]["image"][None].to(dev)
+        with torch.no_grad():
             pred, prob = task._predict(model(x))
-            row = {"file": str(f), "class": names[int(pred[0])], "index": int(pred[0])}
-            if save_probabilities:
-                row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, prob[0].tolist(), strict=True)})
-            rows.append(row)
+        row = {"file": str(f), "class": names[int(pred[0])], "index": int(pred[0])}
+        if save_probabilities:
+            row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, prob[0].tolist(), strict=True)})
+        rows.append(row)
+        if save_cam and config.model.spatial_dims == 2:
+            from medfast.tasks.classification.cam import class_activation_map, save_cam_png
+
+            cam, _ = class_activation_map(model, x, pred, encoding=task.encoding)
+            stem = Path(f).name.split(".")[0]
+            cam_paths.append(save_cam_png(x.cpu(), cam.cpu(), out_dir / "cam" / f"{i:04d}_{stem}.png",
+                                          [f"{stem}: {row['class']}"], columns=1))
     path = out_dir / "predictions.csv"
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["file", "class", "index"])
         writer.writeheader()
         writer.writerows(rows)
-    return [path]
+    return [path, *cam_paths]

@@ -1,0 +1,143 @@
+"""Class-activation maps (Grad-CAM, Selvaraju et al. 2017) of the classifiers in :mod:`medfast.nets`, and
+PNG overlays of them.
+
+Every classifier there is ``head(global_pool(features(x)))``; Grad-CAM weights the channels of
+``features(x)`` by the spatial mean of the gradient of the class score, sums them and keeps the positive
+part. For a linear head on global average pooling this is the original CAM (Zhou et al. 2016),
+``relu(sum_k w_ck F_k)``, up to a positive factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["class_activation_map", "class_score", "save_cam_png"]
+
+
+def class_score(logits: torch.Tensor, target: torch.Tensor, encoding: str) -> torch.Tensor:
+    """Per-sample score ``(N,)`` whose gradient Grad-CAM follows.
+
+    ``nominal``: the logit of class ``target``; ``binary``: the logit for class 1 and its negative for
+    class 0; ``ordinal`` (CORAL): the sum of the ``K-1`` logits of ``P(y > k)`` for a target above the
+    lowest class (evidence for a higher class), its negative for class 0.
+    """
+    target = target.reshape(-1).long()
+    if encoding == "nominal":
+        return logits.gather(1, target[:, None])[:, 0]
+    sign = torch.where(target > 0, 1.0, -1.0).to(logits.dtype)
+    if encoding == "binary":
+        return sign * logits.reshape(logits.shape[0], -1)[:, 0]
+    if encoding == "ordinal":
+        return sign * logits.sum(1)
+    raise ValueError(f"encoding must be 'nominal', 'binary' or 'ordinal', got {encoding!r}")
+
+
+def class_activation_map(model: nn.Module, image: torch.Tensor, target: torch.Tensor | Sequence[int] | None = None,
+                         encoding: str = "nominal") -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM of ``model`` for ``image``, upsampled to the image size.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier with ``features``, ``pool`` and ``head`` (``SonoNet``, ``ResNetClassifier``,
+        ``DenseNetClassifier``); it is run in its current train/eval mode (use ``eval()``).
+    image : Tensor
+        ``(N, C, *spatial)`` (2 or 3 spatial dims), float.
+    target : Tensor or sequence of int, optional
+        Class of each image whose evidence is mapped ``(N,)``; default: the predicted class.
+    encoding : {"nominal", "binary", "ordinal"}
+        The model's label encoding (how to read its outputs).
+
+    Returns
+    -------
+    cam : Tensor
+        ``(N, *spatial)`` float32 maps in ``[0, 1]`` (each divided by its maximum; all zero when no
+        location supports the class), trilinearly/bilinearly upsampled to the input size.
+    target : Tensor
+        ``(N,)`` int64 the classes that were mapped.
+    """
+    for name in ("features", "pool", "head"):
+        if not hasattr(model, name):
+            raise TypeError(f"model must have a '{name}' member (SonoNet, ResNetClassifier, DenseNetClassifier); "
+                            f"got {type(model).__name__}")
+    if not isinstance(image, torch.Tensor) or image.dim() not in (4, 5):
+        raise ValueError(f"image must be a (N, C, *spatial) tensor with 2 or 3 spatial dims, got "
+                         f"{getattr(image, 'shape', type(image).__name__)}")
+    with torch.enable_grad():
+        feats = model.features(image.float())
+        feats.retain_grad()
+        logits = model.head(model.pool(feats).flatten(1))
+        if target is None:
+            from medfast.tasks.classification.encoding import make_encoder
+
+            if encoding == "nominal":
+                target = logits.argmax(1)
+            else:
+                k = 2 if encoding == "binary" else logits.shape[1] + 1
+                target = make_encoder(encoding, k).decode(logits.detach(), logits=True)
+        target = torch.as_tensor(target, device=logits.device).reshape(-1).long()
+        if target.shape[0] != image.shape[0]:
+            raise ValueError(f"target has {target.shape[0]} entries for {image.shape[0]} images")
+        score = class_score(logits, target, encoding)
+        (grad,) = torch.autograd.grad(score.sum(), feats)
+    dims = tuple(range(2, feats.dim()))
+    weights = grad.mean(dims, keepdim=True)
+    cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
+    mode = "bilinear" if image.dim() == 4 else "trilinear"
+    cam = F.interpolate(cam, size=image.shape[2:], mode=mode, align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12)
+    cam = cam / peak.view(-1, *([1] * (cam.dim() - 1)))
+    return cam.float().detach(), target.detach()
+
+
+def save_cam_png(images: torch.Tensor, cams: torch.Tensor, path: str | Path, titles: Sequence[str] | None = None,
+                 columns: int = 4, alpha: float = 0.45) -> Path:
+    """Writes a grid of 2D images with their class-activation maps overlaid (``jet``, transparency
+    ``alpha``) as a PNG.
+
+    Parameters
+    ----------
+    images : Tensor
+        ``(N, C, H, W)`` or ``(N, H, W)`` (the first channel is shown, min-max scaled).
+    cams : Tensor
+        ``(N, H, W)`` maps in ``[0, 1]``.
+    titles : sequence of str, optional
+        One caption per image (e.g. ``"true coronal / pred coronal"``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imgs = images.detach().float().cpu()
+    if imgs.dim() == 4:
+        imgs = imgs[:, 0]
+    maps = cams.detach().float().cpu()
+    if imgs.dim() != 3 or maps.shape != imgs.shape:
+        raise ValueError(f"images {tuple(images.shape)} and cams {tuple(cams.shape)} must be 2D and match")
+    n = imgs.shape[0]
+    cols = max(1, min(columns, n))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.ravel()[i]
+        im = imgs[i].numpy()
+        lo, hi = float(im.min()), float(im.max())
+        ax.imshow((im - lo) / max(hi - lo, 1e-8), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(np.clip(maps[i].numpy(), 0, 1), cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,536 @@
+"""Simulated freehand ultrasound for classification: labelled B-mode frames rendered on the fly, on the
+training device, from real brain volumes at randomized probe poses around a few "standard planes".
+
+How a sample is made (see ``docs/classification.md``):
+
+1. The data set item is only a *descriptor* drawn from the sample's seed: the volume, the standard plane
+   (the class), six pose perturbations, the probe preset, the tissue variant and the gain / dynamic range.
+2. :meth:`SimulatedUltrasound.render` turns a batch of descriptors into images on the device: the probe pose
+   (the plane's target point in the brain, perturbed, and the probe moved back along the beam onto the
+   brain surface plus a gel gap), one :func:`medfast.ultrasound.simulate` call per (volume, tissue variant,
+   probe) group, per-sample log compression and scan conversion to ``image_shape``.
+
+Each image depends on its descriptor only (not on the rest of the batch), so DDP with ``R`` processes sees
+exactly the images one process sees on the combined batch.
+
+Volumes (``volumes`` / ``val_volumes``): ``mni152`` (nilearn wheel), ``colin27`` (Debian ``mricron-data``),
+``itk_kmeans`` (Debian ``insighttoolkit5-examples``), ``phantom:<seed>`` (a synthetic ellipsoidal brain
+made here, for tests), or ``{"name": ..., "path": T1.nii.gz, "mask": optional mask.nii.gz}``. T1 intensities
+are divided by the 99th percentile inside the brain mask and mapped to acoustic properties by
+:data:`T1_KNOTS` (jittered per tissue variant); outside the mask is water (coupling gel).
+
+Held-out poses: every pose perturbation ``u`` in ``[-1, 1]`` is drawn from one of ``pose_bins`` equal bins;
+training uses the even bins, the held-out-pose set the odd ones, so no validation pose parameter lies in a
+range seen in training. Held-out volumes: ``val_volumes`` are never rendered for training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from medfast.data import DatasetError
+
+__all__ = ["PLANES", "T1_KNOTS", "SimulatedPlaneDataset", "SimulatedUltrasound", "load_brain_volume"]
+
+MRICRON = Path("/usr/share/mricron/templates")
+MNI152_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
+
+#: Standard planes: ``(target, beam direction, lateral direction)`` in RAS. The target is a point of the
+#: brain given as a fraction of the brain's half extent from its centre along R, A, S; the probe sits on the
+#: brain surface where the beam line through the target enters, looking along ``direction`` with its array
+#: along ``lateral``.
+PLANES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float], tuple[float, float, float]]] = {
+    # through a temporal window (probe on the right side, beam to the left, array front-back): axial images
+    "axial_high": ((0.0, 0.0, 0.30), (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),    # lateral ventricles level
+    "axial_low": ((0.0, 0.0, -0.30), (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),    # temporal lobes / cerebellum
+    # from the vertex (beam downwards)
+    "coronal": ((0.0, 0.05, 0.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0)),       # array left-right
+    "sagittal": ((0.08, 0.05, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),     # array front-back, paramedian
+}
+
+#: T1 intensity (divided by the 99th percentile in the brain) -> (impedance MRayl, attenuation dB/cm/MHz,
+#: scatterer density, scatter amplitude mean, spread), the knots format of
+#: :func:`medfast.ultrasound.hu_to_properties`. 0: water (gel outside the brain, CSF); ~0.7: grey matter;
+#: ~0.95: white matter (scatter about 10 dB brighter). Brain ~1.56-1.60 MRayl, 0.5-0.65 dB/cm/MHz (Duck 1990).
+T1_KNOTS: tuple[tuple[float, ...], ...] = (
+    (0.00, 1.480, 0.002, 0.00, 0.000, 0.0000),
+    (0.35, 1.515, 0.100, 0.20, 0.003, 0.0010),
+    (0.65, 1.560, 0.500, 1.00, 0.008, 0.0020),
+    (0.80, 1.575, 0.550, 1.00, 0.012, 0.0030),
+    (0.92, 1.600, 0.650, 1.00, 0.025, 0.0060),
+    (4.00, 1.600, 0.650, 1.00, 0.025, 0.0060),
+)
+
+_INSTALL = {
+    "mni152": "pip install nilearn",
+    "colin27": "apt-get install mricron-data",
+    "itk_kmeans": "apt-get install insighttoolkit5-examples",
+}
+
+
+@dataclass
+class BrainVolume:
+    """A brain volume ready for the simulator.
+
+    Attributes
+    ----------
+    name : str
+    intensity : Tensor
+        ``(D, H, W)`` float32 T1 divided by its 99th percentile inside the mask, 0 outside.
+    mask : ndarray
+        ``(D, H, W)`` bool brain mask.
+    affine : ndarray
+        ``(4, 4)`` voxel-to-world (mm); voxel axes along R, A, S.
+    centre, half_extent : ndarray
+        ``(3,)`` world (RAS, mm) centre of the mask's bounding box and its half size.
+    """
+
+    name: str
+    intensity: torch.Tensor
+    mask: np.ndarray
+    affine: np.ndarray
+    centre: np.ndarray
+    half_extent: np.ndarray
+
+
+def _nifti_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
+        raise DatasetError(f"{path}: cannot read the volume ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DatasetError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _phantom(seed: int, size: int = 72, voxel: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic 'brain': an ellipsoid of grey matter around a white-matter core, two CSF ventricles
+    above the centre and a bright 'cerebellum' at the back, with random sizes (seeded)."""
+    rng = np.random.default_rng(seed)
+    g = (np.arange(size) - (size - 1) / 2) * voxel
+    x, y, z = np.meshgrid(g, g, g, indexing="ij")  # R, A, S (mm)
+    r = np.array([62.0, 75.0, 55.0]) * rng.uniform(0.9, 1.1, 3)
+    brain = (x / r[0]) ** 2 + (y / r[1]) ** 2 + (z / r[2]) ** 2 <= 1
+    core = (x / (0.7 * r[0])) ** 2 + (y / (0.75 * r[1])) ** 2 + ((z - 0.1 * r[2]) / (0.6 * r[2])) ** 2 <= 1
+    t1 = np.where(brain, 0.6, 0.0) + np.where(core, 0.3, 0.0)
+    for side in (-1, 1):  # ventricles
+        v = ((x - side * 0.15 * r[0]) / (0.08 * r[0])) ** 2 + (y / (0.35 * r[1])) ** 2 \
+            + ((z - 0.25 * r[2]) / (0.15 * r[2])) ** 2 <= 1
+        t1[v] = 0.1
+    cb = (x / (0.5 * r[0])) ** 2 + ((y + 0.7 * r[1]) / (0.25 * r[1])) ** 2 \
+        + ((z + 0.55 * r[2]) / (0.3 * r[2])) ** 2 <= 1
+    t1[cb & brain] = 1.0
+    t1 = (t1 + rng.normal(0, 0.03, t1.shape)) * brain
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = g[0]
+    return t1.astype(np.float32), brain, affine
+
+
+def load_brain_volume(spec: str | Mapping[str, Any], voxel_mm: float | None = 2.0) -> BrainVolume:
+    """Loads a brain volume (see the module docstring for ``spec``) in RAS, resampled to ``voxel_mm``
+    isotropic voxels (None: as stored).
+
+    Raises
+    ------
+    DatasetError
+        Unknown name, missing file (with how to install it), unreadable or empty volume; names the file.
+    """
+    if isinstance(spec, Mapping):
+        if "path" not in spec:
+            raise DatasetError(f"volume {dict(spec)}: a volume mapping needs a 'path' (T1 NIfTI) and optionally "
+                               "'mask' and 'name'")
+        path = Path(spec["path"])
+        name = str(spec.get("name", path.name.split(".")[0]))
+        if not path.is_file():
+            raise DatasetError(f"{path}: volume file not found")
+        t1, affine = _nifti_ras(path)
+        mask = None
+        if spec.get("mask"):
+            mpath = Path(spec["mask"])
+            if not mpath.is_file():
+                raise DatasetError(f"{mpath}: mask file not found")
+            m, _ = _nifti_ras(mpath)
+            if m.shape != t1.shape:
+                raise DatasetError(f"{mpath}: mask shape {m.shape} differs from the volume's {t1.shape}")
+            mask = m > 0
+    elif isinstance(spec, str) and spec.startswith("phantom"):
+        try:
+            seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        except ValueError:
+            raise DatasetError(f"volume {spec!r}: expected 'phantom:<integer seed>'") from None
+        name = spec
+        t1, mask, affine = _phantom(seed)
+    elif isinstance(spec, str) and spec in _INSTALL:
+        name = spec
+        if spec == "mni152":
+            try:
+                import nilearn
+            except ImportError as exc:
+                raise DatasetError(f"volume 'mni152' needs the nilearn wheel: {_INSTALL[spec]}") from exc
+            path = Path(nilearn.__file__).parent / "datasets" / "data" / MNI152_T1
+            mpath = None
+        elif spec == "colin27":
+            path, mpath = MRICRON / "ch2bet.nii.gz", None
+        else:
+            path, mpath = ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz", ITK_DATA / "KmeansTest_T1RawSkullStrip.nii.gz"
+        for p in (path, mpath):
+            if p is not None and not p.is_file():
+                raise DatasetError(f"{p}: file of volume {spec!r} not found; install it with `{_INSTALL[spec]}` "
+                                   "(scripts/data.sh does)")
+        t1, affine = _nifti_ras(path)
+        mask = _nifti_ras(mpath)[0] > 0 if mpath is not None else None
+    else:
+        raise DatasetError(f"unknown volume {spec!r}; built-in volumes: {', '.join(_INSTALL)}, phantom:<seed>; "
+                           "or a mapping {name, path, mask}")
+    if mask is None:
+        mask = t1 > 0
+    if mask.sum() < 27:
+        raise DatasetError(f"volume {name!r}: the brain mask is empty (no voxel > 0)")
+    vol = torch.from_numpy(np.ascontiguousarray(t1 * mask, dtype=np.float32))
+    m = torch.from_numpy(mask.astype(np.float32))
+    if voxel_mm is not None:
+        zooms = np.linalg.norm(affine[:3, :3], axis=0)
+        size = [max(2, int(round((n - 1) * z / voxel_mm)) + 1) for n, z in zip(vol.shape, zooms, strict=True)]
+        vol = F.interpolate(vol[None, None], size=size, mode="trilinear", align_corners=True)[0, 0]
+        m = F.interpolate(m[None, None], size=size, mode="trilinear", align_corners=True)[0, 0]
+        scale = np.array([(n - 1) / max(1, s - 1) for n, s in zip(t1.shape, size, strict=True)] + [1.0])
+        affine = affine @ np.diag(scale)
+    mask = (m > 0.5).numpy()
+    vol = vol * torch.from_numpy(mask)
+    p99 = float(np.percentile(vol.numpy()[mask], 99))
+    if not p99 > 0:
+        raise DatasetError(f"volume {name!r}: no positive intensity inside the brain mask")
+    vol = (vol / p99).float().contiguous()
+    idx = np.argwhere(mask)
+    lo = affine[:3, :3] @ idx.min(0) + affine[:3, 3]
+    hi = affine[:3, :3] @ idx.max(0) + affine[:3, 3]
+    return BrainVolume(name, vol, mask, affine, (lo + hi) / 2, np.abs(hi - lo) / 2)
+
+
+def _rotation(axis: int, angle: np.ndarray) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    R = np.zeros(angle.shape + (3, 3))
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]
+    R[..., axis, axis] = 1
+    R[..., i, i] = c
+    R[..., j, j] = c
+    R[..., i, j] = -s
+    R[..., j, i] = s
+    return R
+
+
+def _bin_uniform(rng: np.random.Generator, n: int, bins: int, split: str) -> np.ndarray:
+    """``n`` values in [-1, 1] drawn from the even (``train``), odd (``held_out``) or all (``all``) of
+    ``bins`` equal bins."""
+    if split == "all" or bins <= 1:
+        return rng.uniform(-1, 1, n)
+    allowed = np.arange(0 if split == "train" else 1, bins, 2)
+    b = rng.choice(allowed, n)
+    return (b + rng.uniform(0, 1, n)) / bins * 2 - 1
+
+
+class SimulatedUltrasound:
+    """Configuration, volumes and the on-device renderer of the simulated standard-plane data.
+
+    Parameters
+    ----------
+    volumes : sequence
+        Training volumes (names or mappings, see :func:`load_brain_volume`).
+    val_volumes : sequence
+        Held-out volumes (validation only).
+    planes : sequence of str
+        Class names, keys of :data:`PLANES` (or of ``custom_planes``).
+    custom_planes : mapping, optional
+        More planes: ``name: [[target R, A, S], [direction], [lateral]]``.
+    probes : sequence of str
+        Probe presets drawn uniformly per sample (``medfast.ultrasound.Probe.presets()``).
+    depth_mm, n_lines, n_samples, sub_rays : float, int, int, int
+        Imaging depth and the simulation's resolution (lines x samples, elevation sub-rays).
+    image_shape : sequence of 2 int
+        ``(H, W)`` of the rendered images (the scan-converted sector is resampled to it).
+    voxel_mm : float
+        Isotropic voxel size the volumes are resampled to.
+    variants : int
+        Tissue-parameter variants per volume (:data:`T1_KNOTS` jittered: impedance, attenuation x 0.7-1.3,
+        scatter amplitudes x exp(N(0, 0.3))); each sample draws one.
+    max_rotation_deg, max_shift_mm, max_lateral_mm : float
+        Largest tilt/rock/twist about the plane's probe axes; largest shift along the plane normal
+        (elevation) and along the array.
+    gel_mm : sequence of 2 float
+        Range of the gap between the probe and the brain surface.
+    pose_bins : int
+        Bins of each pose perturbation for the pose split (even: training, odd: held out).
+    gain_db, dynamic_range_db : sequence of 2 float
+        Ranges of the log-compression gain and dynamic range.
+    tgc_db_cm_mhz : float
+        Time-gain compensation (matches the brain's attenuation by default).
+    normalize : {"none", "minmax", "zscore"}
+        Per-image intensity normalization after rendering (B-mode is in [0, 1]).
+    seed : int
+        Seed of the tissue variants and of the validation descriptors.
+    """
+
+    def __init__(self, volumes: Sequence[Any] = ("mni152", "colin27"), val_volumes: Sequence[Any] = ("itk_kmeans",),
+                 planes: Sequence[str] = tuple(PLANES), custom_planes: Mapping[str, Any] | None = None,
+                 probes: Sequence[str] = ("C5-2v", "P4-2v"), depth_mm: float = 90.0, n_lines: int = 64,
+                 n_samples: int = 128, sub_rays: int = 2, image_shape: Sequence[int] = (64, 64),
+                 voxel_mm: float = 2.0, variants: int = 3, max_rotation_deg: float = 12.0,
+                 max_shift_mm: float = 8.0, max_lateral_mm: float = 8.0, gel_mm: Sequence[float] = (1.0, 5.0),
+                 pose_bins: int = 4, gain_db: Sequence[float] = (-4.0, 4.0),
+                 dynamic_range_db: Sequence[float] = (45.0, 60.0), tgc_db_cm_mhz: float = 0.6,
+                 normalize: str = "none", seed: int = 0) -> None:
+        from medfast.ultrasound import Probe
+
+        self.plane_table = dict(PLANES)
+        for name, spec in (custom_planes or {}).items():
+            arr = np.asarray(spec, dtype=np.float64)
+            if arr.shape != (3, 3):
+                raise ValueError(f"custom_planes[{name!r}] must be [[target], [direction], [lateral]] (3 x 3), "
+                                 f"got {arr.shape}")
+            self.plane_table[str(name)] = tuple(tuple(r) for r in arr)
+        planes = [str(p) for p in planes]
+        for p in planes:
+            if p not in self.plane_table:
+                raise ValueError(f"unknown plane {p!r} in planes; known: {', '.join(self.plane_table)}")
+        if len(planes) < 2 or len(set(planes)) != len(planes):
+            raise ValueError(f"planes must name at least 2 distinct planes, got {planes}")
+        if not volumes:
+            raise ValueError("volumes is empty: name at least one training volume")
+        if normalize not in ("none", "minmax", "zscore"):
+            raise ValueError(f"normalize must be 'none', 'minmax' or 'zscore', got {normalize!r}")
+        if len(image_shape) != 2 or min(int(s) for s in image_shape) < 8:
+            raise ValueError(f"image_shape must be 2 sizes >= 8, got {image_shape!r}")
+        if int(variants) < 1 or int(pose_bins) < 1:
+            raise ValueError(f"variants and pose_bins must be >= 1, got {variants}, {pose_bins}")
+        if not probes:
+            raise ValueError("probes is empty: name at least one preset")
+        self.planes = planes
+        self.probes = [Probe.preset(str(p), depth_mm=float(depth_mm), n_lines=int(n_lines),
+                                    n_samples=int(n_samples)) for p in probes]
+        self.probe_names = [str(p) for p in probes]
+        self.sub_rays, self.image_shape = int(sub_rays), tuple(int(s) for s in image_shape)
+        self.variants, self.pose_bins, self.seed = int(variants), int(pose_bins), int(seed)
+        self.max_rot = math.radians(float(max_rotation_deg))
+        self.max_shift, self.max_lateral = float(max_shift_mm), float(max_lateral_mm)
+        self.gel = tuple(float(v) for v in gel_mm)
+        self.gain, self.dr = tuple(float(v) for v in gain_db), tuple(float(v) for v in dynamic_range_db)
+        self.normalize, self.tgc = normalize, float(tgc_db_cm_mhz)
+        self.train_volumes = [load_brain_volume(v, voxel_mm) for v in volumes]
+        self.val_volumes = [load_brain_volume(v, voxel_mm) for v in (val_volumes or ())]
+        self.volumes = self.train_volumes + self.val_volumes
+        self._props: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._grids: dict[tuple[int, str], torch.Tensor] = {}
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any], image_shape: Sequence[int] | None, normalize: str,
+                  seed: int) -> SimulatedUltrasound:
+        """From ``data.dataset_args`` (keys as the constructor's; ``samples_per_epoch`` and ``val_samples``
+        are read by the task) plus ``data.shape`` and ``data.normalize``."""
+        import inspect
+
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "image_shape", "normalize", "seed"}
+        extra = {"samples_per_epoch", "val_samples", "classes"}
+        unknown = sorted(set(args) - known - extra)
+        if unknown:
+            raise ValueError(f"data.dataset_args: unknown key(s) {unknown} for dataset 'simulated_ultrasound'; "
+                             f"valid: {', '.join(sorted(known | extra))}")
+        kw = {k: v for k, v in args.items() if k in known}
+        return cls(**kw, image_shape=image_shape or (64, 64), normalize=normalize, seed=seed)
+
+    # ---- data sets ------------------------------------------------------------------------------------
+    def train_dataset(self, samples_per_epoch: int = 1024) -> SimulatedPlaneDataset:
+        """Training descriptors: the training volumes, training pose bins."""
+        return SimulatedPlaneDataset(self, list(range(len(self.train_volumes))), samples_per_epoch, "train", "train")
+
+    def validation_datasets(self, samples: int = 64) -> list[SimulatedPlaneDataset]:
+        """``held_out_poses`` (training volumes, held-out pose bins) and, if there are ``val_volumes``,
+        ``held_out_volumes`` (those volumes, all poses): fixed descriptors (seeded by the index)."""
+        n_train = len(self.train_volumes)
+        out = [SimulatedPlaneDataset(self, list(range(n_train)), samples, "held_out", "held_out_poses")]
+        if self.val_volumes:
+            out.append(SimulatedPlaneDataset(self, list(range(n_train, len(self.volumes))), samples, "all",
+                                             "held_out_volumes"))
+        return out
+
+    # ---- rendering ------------------------------------------------------------------------------------
+    def _knots(self, v: int, k: int) -> torch.Tensor:
+        base = np.array(T1_KNOTS, dtype=np.float64)
+        if k == 0:
+            return torch.from_numpy(base)
+        rng = np.random.default_rng([self.seed, v, k, 7])
+        out = base.copy()
+        out[1:, 1] += rng.normal(0, 0.01, len(base) - 1)  # impedance
+        out[:, 2] *= rng.uniform(0.7, 1.3)  # attenuation
+        amp = np.exp(rng.normal(0, 0.3, len(base)))
+        out[:, 4] *= amp
+        out[:, 5] *= amp
+        return torch.from_numpy(out)
+
+    def _volume_props(self, v: int, k: int, device: torch.device) -> torch.Tensor:
+        key = (v, k, str(device))
+        if key not in self._props:
+            from medfast.ultrasound import hu_to_properties
+
+            vol = self.volumes[v].intensity.to(device)[None, None]
+            self._props[key] = hu_to_properties(vol, self._knots(v, k).to(device=device, dtype=torch.float32))
+        return self._props[key]
+
+    def _grid(self, p: int, device: torch.device) -> torch.Tensor:
+        key = (p, str(device))
+        if key not in self._grids:
+            grid, _ = self.probes[p].scan_grid(device=device, dtype=torch.float32)  # (1, Hs, Ws, 2)
+            g = F.interpolate(grid.permute(0, 3, 1, 2), size=self.image_shape, mode="bilinear", align_corners=True)
+            self._grids[key] = g.permute(0, 2, 3, 1).contiguous()
+        return self._grids[key]
+
+    def poses(self, volume: Sequence[int], plane: Sequence[int], pose_u: torch.Tensor,
+              gel_mm: Sequence[float]) -> torch.Tensor:
+        """``(B, 4, 4)`` float64 probe-to-world poses of descriptors: the plane's target point and axes,
+        rotated (tilt, rock, twist = ``u[:, :3] * max_rotation``) and shifted (``u[:, 3] * max_shift_mm``
+        along the plane normal, ``u[:, 4] * max_lateral_mm`` along the array), then moved back along the
+        beam to the brain surface (the last mask voxel on the line) plus ``gel_mm``."""
+        u = np.asarray(pose_u, dtype=np.float64).reshape(-1, 6)
+        vol = np.asarray(volume, dtype=np.int64).reshape(-1)
+        plane = np.asarray(plane, dtype=np.int64).reshape(-1)
+        B = u.shape[0]
+        frames = []
+        for name in self.planes:
+            target, d, lat = (np.asarray(a, dtype=np.float64) for a in self.plane_table[name])
+            z = d / np.linalg.norm(d)
+            x = lat - (lat @ z) * z
+            x = x / np.linalg.norm(x)
+            frames.append((target, np.stack([x, np.cross(z, x), z], 1)))
+        targets = np.stack([f[0] for f in frames])[plane]  # (B, 3)
+        R = np.stack([f[1] for f in frames])[plane] @ _rotation(0, u[:, 0] * self.max_rot) \
+            @ _rotation(1, u[:, 1] * self.max_rot) @ _rotation(2, u[:, 2] * self.max_rot)  # (B, 3, 3)
+        centre = np.stack([v.centre for v in self.volumes])[vol]
+        half = np.stack([v.half_extent for v in self.volumes])[vol]
+        p = centre + targets * half + R[:, :, 1] * (u[:, 3:4] * self.max_shift) \
+            + R[:, :, 0] * (u[:, 4:5] * self.max_lateral)
+        t_surf = np.zeros(B)
+        for v in np.unique(vol):  # march back along -beam through the mask (0.5 voxel steps)
+            sel = np.nonzero(vol == v)[0]
+            bv = self.volumes[int(v)]
+            step = 0.5 * float(np.linalg.norm(bv.affine[:3, 0]))
+            t = np.arange(0.0, 2.5 * float(bv.half_extent.max()) + 10.0, step)
+            pts = p[sel, None, :] - t[None, :, None] * R[sel, None, :, 2]  # (b, T, 3)
+            inv = np.linalg.inv(bv.affine)
+            ijk = np.rint(pts @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+            ok = np.all((ijk >= 0) & (ijk < np.array(bv.mask.shape)), -1)
+            inside = np.zeros(ok.shape, dtype=bool)
+            inside[ok] = bv.mask[tuple(ijk[ok].T)]
+            last = len(t) - 1 - np.argmax(inside[:, ::-1], axis=1)  # the last brain sample on each line
+            t_surf[sel] = np.where(inside.any(1), t[last], 0.0)
+        out = np.tile(np.eye(4), (B, 1, 1))
+        out[:, :3, :3] = R
+        out[:, :3, 3] = p - R[:, :, 2] * (t_surf + np.asarray(gel_mm, dtype=np.float64).reshape(-1))[:, None]
+        return torch.from_numpy(out)
+
+    def render(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Images ``(B, 1, H, W)`` float32 on ``device`` of a batch of descriptors (collated items of a
+        :class:`SimulatedPlaneDataset`). Not differentiable (runs under ``no_grad``, outside autocast)."""
+        from medfast.ultrasound import simulate
+
+        device = torch.device(device)
+        vol = batch["volume"].reshape(-1).tolist()
+        plane = batch["label"].reshape(-1).tolist()
+        probe = batch["probe"].reshape(-1).tolist()
+        variant = batch["variant"].reshape(-1).tolist()
+        extra = batch["render"].reshape(-1, 3).double()
+        poses = self.poses(vol, plane, batch["pose_u"], extra[:, 2].tolist())
+        B = len(vol)
+        out = torch.empty(B, 1, *self.image_shape, device=device)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i in range(B):
+            groups.setdefault((vol[i], variant[i], probe[i]), []).append(i)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for (v, k, p), idx in groups.items():
+                props = self._volume_props(v, k, device)
+                pose = poses[idx].to(device=device, dtype=torch.float32)
+                res = simulate(props, self.volumes[v].affine, pose, self.probes[p], seed=1000 * v + k + 17,
+                               sub_rays=self.sub_rays, tgc_db_cm_mhz=self.tgc)
+                gain = extra[idx, 0].to(device=device, dtype=torch.float32)[:, None, None]
+                dr = extra[idx, 1].to(device=device, dtype=torch.float32)[:, None, None]
+                scan = ((res.lines_db + gain + dr) / dr).clamp(0.0, 1.0)  # (b, L, S)
+                grid = self._grid(p, device).expand(len(idx), -1, -1, -1)
+                img = F.grid_sample(scan.transpose(1, 2)[:, None], grid, mode="bilinear", padding_mode="zeros",
+                                    align_corners=True)
+                out[torch.tensor(idx, device=device)] = img
+        if self.normalize == "minmax":
+            lo = out.flatten(1).amin(1).view(-1, 1, 1, 1)
+            hi = out.flatten(1).amax(1).view(-1, 1, 1, 1)
+            out = (out - lo) / (hi - lo).clamp_min(1e-8)
+        elif self.normalize == "zscore":
+            m = out.flatten(1).mean(1).view(-1, 1, 1, 1)
+            s = out.flatten(1).std(1).view(-1, 1, 1, 1)
+            out = (out - m) / s.clamp_min(1e-8)
+        return out
+
+
+class SimulatedPlaneDataset(Dataset):
+    """Descriptors of simulated standard-plane frames (rendered later by :meth:`SimulatedUltrasound.render`).
+
+    Index ``i`` fixes the volume (``volume_ids[(i // C) % V]``) and the class (``i % C``), so classes and
+    volumes are balanced; everything else is drawn from the item's seed: the sampler's ``(index, seed)`` key
+    in training, a fixed seed from ``(source.seed, subset, i)`` otherwise.
+
+    Notes
+    -----
+    Items: ``label`` ``()`` int64 (the plane), ``volume``, ``probe``, ``variant`` ``()`` int64, ``pose_u``
+    ``(6,)`` float64 (tilt, rock, twist, normal shift, lateral shift, unused) in ``[-1, 1]``, ``render``
+    ``(3,)`` float64 (gain dB, dynamic range dB, gel mm), ``subset`` str, ``files`` str (a readable name),
+    ``seed`` int.
+    """
+
+    def __init__(self, source: SimulatedUltrasound, volume_ids: Sequence[int], length: int, pose_split: str,
+                 subset: str) -> None:
+        if int(length) < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        if pose_split not in ("train", "held_out", "all"):
+            raise ValueError(f"pose_split must be 'train', 'held_out' or 'all', got {pose_split!r}")
+        self.source, self.volume_ids, self.length = source, list(volume_ids), int(length)
+        self.pose_split, self.subset = pose_split, subset
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        i = int(i)
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for {self.length} items")
+        if seed is None:
+            seed = int(np.random.default_rng([self.source.seed, sum(map(ord, self.subset)), i]).integers(2**62))
+        s = self.source
+        rng = np.random.default_rng(int(seed))
+        C = len(s.planes)
+        v = self.volume_ids[(i // C) % len(self.volume_ids)]
+        c = i % C
+        u = _bin_uniform(rng, 6, s.pose_bins, self.pose_split)
+        render = [rng.uniform(*s.gain), rng.uniform(*s.dr), rng.uniform(*s.gel)]
+        return {
+            "label": torch.tensor(c, dtype=torch.long),
+            "volume": torch.tensor(v, dtype=torch.long),
+            "probe": torch.tensor(int(rng.integers(len(s.probes))), dtype=torch.long),
+            "variant": torch.tensor(int(rng.integers(s.variants)), dtype=torch.long),
+            "pose_u": torch.from_numpy(u),
+            "render": torch.tensor(render, dtype=torch.float64),
+            "subset": self.subset,
+            "files": f"{s.volumes[v].name}/{s.planes[c]}/{self.subset}#{i}",
+            "seed": int(seed),
+        }

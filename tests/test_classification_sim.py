@@ -1,0 +1,307 @@
+"""Simulated freehand-ultrasound classification data (phantom volumes made here, and the packaged real
+brains when installed), class-activation maps, and the task end to end through ``medfast train``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medfast.data import DatasetError, collate
+from medfast.nets import DenseNetClassifier, SonoNet
+from medfast.tasks.classification import (
+    PLANES,
+    SimulatedUltrasound,
+    class_activation_map,
+    load_brain_volume,
+    save_cam_png,
+)
+from medfast.tasks.classification.simulated import ITK_DATA, MRICRON
+
+SMALL = dict(volumes=["phantom:1", "phantom:2"], val_volumes=["phantom:3"], n_lines=32, n_samples=64,
+             sub_rays=1, image_shape=(32, 32), voxel_mm=3.0, variants=2)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return SimulatedUltrasound(**SMALL)
+
+
+# ---------------------------------------------------------------------------------------------- descriptors
+
+
+def test_descriptors_balanced_deterministic_and_pose_split(source):
+    train = source.train_dataset(64)
+    a, b = train[(5, 123)], train[(5, 123)]
+    assert a["files"] == b["files"] and torch.equal(a["pose_u"], b["pose_u"])
+    assert not torch.equal(train[(5, 124)]["pose_u"], a["pose_u"])  # the seed draws the pose
+    labels = [int(train[(i, i)]["label"]) for i in range(16)]
+    vols = [int(train[(i, i)]["volume"]) for i in range(16)]
+    assert sorted(set(labels)) == [0, 1, 2, 3] and np.bincount(labels).tolist() == [4] * 4
+    assert sorted(set(vols)) == [0, 1]  # training volumes only
+    # pose split: 4 bins of [-1, 1]; training in bins 0 and 2, held out in bins 1 and 3
+    tr = torch.stack([train[(i, 1000 + i)]["pose_u"] for i in range(64)])
+    poses, volumes = source.validation_datasets(32)
+    ho = torch.stack([poses[i]["pose_u"] for i in range(32)])
+    bins = lambda u: torch.clamp(((u + 1) / 2 * 4).floor(), 0, 3).long()  # noqa: E731
+    assert set(bins(tr).unique().tolist()) == {0, 2}
+    assert set(bins(ho).unique().tolist()) == {1, 3}
+    # held-out volumes: the validation volume only, fixed descriptors
+    assert {int(volumes[i]["volume"]) for i in range(8)} == {2}
+    assert volumes[3]["files"] == volumes[3]["files"] and volumes[3]["seed"] == volumes[3]["seed"]
+    assert poses[0]["subset"] == "held_out_poses" and volumes[0]["subset"] == "held_out_volumes"
+    with pytest.raises(IndexError):
+        train[64]
+
+
+def test_nominal_pose_sits_on_the_brain_surface_looking_along_the_plane(source):
+    vol = source.volumes[0]
+    inv = np.linalg.inv(vol.affine)
+
+    def inside(p):
+        ijk = np.rint(inv[:3, :3] @ p + inv[:3, 3]).astype(int)
+        return bool(np.all(ijk >= 0) and np.all(ijk < vol.mask.shape) and vol.mask[tuple(ijk)])
+
+    for c, name in enumerate(source.planes):
+        pose = source.poses([0], [c], torch.zeros(1, 6), [3.0])[0].numpy()
+        target, direction, lateral = (np.array(v) for v in PLANES[name])
+        np.testing.assert_allclose(pose[:3, 2], direction, atol=1e-12)  # beam
+        np.testing.assert_allclose(pose[:3, 0], lateral, atol=1e-12)  # array
+        pos = pose[:3, 3]
+        assert not inside(pos)  # in the gel, outside the brain
+        assert inside(pos + (3.0 + 6.0) * pose[:3, 2])  # tissue a few mm below the probe
+        # the beam line passes through the plane's target point
+        t = vol.centre + target * vol.half_extent
+        off = (t - pos) - ((t - pos) @ pose[:3, 2]) * pose[:3, 2]
+        assert np.linalg.norm(off) < 1e-6
+    # perturbations rotate and shift the pose by the configured amounts
+    u = torch.tensor([[1.0, 0, 0, 0, 0, 0]])
+    tilted = source.poses([0], [2], u, [3.0])[0].numpy()
+    angle = np.degrees(np.arccos(np.clip(tilted[:3, 2] @ np.array(PLANES["coronal"][1]), -1, 1)))
+    assert angle == pytest.approx(12.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def test_render_shapes_range_and_batch_independence(source):
+    ds = source.train_dataset(32)
+    items = [ds[(i, 50 + i)] for i in range(6)]
+    batch = collate(items)
+    img = source.render(batch, "cpu")
+    assert img.shape == (6, 1, 32, 32) and img.dtype == torch.float32
+    assert torch.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
+    assert (img.flatten(1).mean(1) > 0.02).all()  # tissue in view, not a black frame
+    # each image depends on its own descriptor only (what DDP equivalence needs), and rendering is repeatable
+    alone = torch.cat([source.render(collate([it]), "cpu") for it in items[:3]])
+    torch.testing.assert_close(img[:3], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(source.render(batch, "cpu"), img, rtol=0, atol=0)
+    # the standard planes look different: mean absolute difference between classes well above within-class
+    per_class = {}
+    for i in range(24):
+        it = ds[(i, 900 + i)]
+        per_class.setdefault(int(it["label"]), []).append(it)
+    means = {c: source.render(collate(v), "cpu").mean(0) for c, v in per_class.items()}
+    between = min((means[a] - means[b]).abs().mean() for a in means for b in means if a < b)
+    assert between > 0.01
+
+
+def test_render_normalize_and_validation(tmp_path):
+    src = SimulatedUltrasound(**{**SMALL, "val_volumes": [], "normalize": "zscore"})
+    img = src.render(collate([src.train_dataset(4)[(i, i)] for i in range(4)]), "cpu")
+    torch.testing.assert_close(img.flatten(1).mean(1), torch.zeros(4), atol=1e-4, rtol=0)
+    assert len(src.validation_datasets(8)) == 1  # no held-out volume set without val_volumes
+    with pytest.raises(ValueError, match="unknown plane 'apical'"):
+        SimulatedUltrasound(**{**SMALL, "planes": ["coronal", "apical"]})
+    with pytest.raises(ValueError, match="unknown probe"):
+        SimulatedUltrasound(**{**SMALL, "probes": ["X9"]})
+    with pytest.raises(DatasetError, match="unknown volume 'brain7'"):
+        load_brain_volume("brain7")
+    with pytest.raises(DatasetError, match="nope.nii.gz: volume file not found"):
+        load_brain_volume({"path": str(tmp_path / "nope.nii.gz")})
+    with pytest.raises(ValueError, match="unknown key"):
+        SimulatedUltrasound.from_args({"volumes": ["phantom:1"], "probe": "C5-2v"}, (32, 32), "none", 0)
+    custom = SimulatedUltrasound(**{**SMALL, "planes": ["coronal", "oblique"],
+                                    "custom_planes": {"oblique": [[0, 0, 0], [-1, 0, -1], [0, 1, 0]]}})
+    assert custom.planes == ["coronal", "oblique"]
+
+
+REAL = {"mni152": None, "colin27": MRICRON / "ch2bet.nii.gz", "itk_kmeans": ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz"}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_brain_volumes(name):
+    """The packaged brains load in RAS with a plausible brain size, and every standard plane shows tissue."""
+    if name == "mni152":
+        pytest.importorskip("nilearn", reason="MNI152 ships in the nilearn wheel: pip install nilearn")
+    elif not REAL[name].is_file():
+        pytest.skip(f"{REAL[name]} missing: install the Debian package (scripts/data.sh)")
+    vol = load_brain_volume(name, voxel_mm=3.0)
+    size = 2 * vol.half_extent
+    assert 110 < size[0] < 170 and 140 < size[1] < 210 and 90 < size[2] < 160, size  # L-R, A-P, I-S (mm)
+    assert 0.3 < float(vol.intensity[torch.from_numpy(vol.mask)].median()) < 1.0
+    src = SimulatedUltrasound(volumes=[name], val_volumes=[], n_lines=32, n_samples=64,
+                              sub_rays=1, image_shape=(32, 32), voxel_mm=3.0, variants=1)
+    ds = src.train_dataset(4)
+    img = src.render(collate([ds[(i, i)] for i in range(4)]), "cpu")
+    assert (img.flatten(1).mean(1) > 0.03).all()
+
+
+# ---------------------------------------------------------------------------------------------- CAM
+
+
+def test_cam_equals_the_cam_formula_for_a_linear_head():
+    """For global average pooling + a linear head, Grad-CAM is relu(sum_k w_ck F_k) (Zhou et al. 2016), up to
+    a positive factor; both are divided by their maximum here."""
+    torch.manual_seed(0)
+    net = DenseNetClassifier(2, 1, 3, width=4, growth_rate=4, blocks=(2, 2)).eval()
+    x = torch.randn(2, 1, 16, 20)
+    target = torch.tensor([2, 0])
+    cam, got_target = class_activation_map(net, x, target)
+    assert cam.shape == (2, 16, 20) and torch.equal(got_target, target)
+    with torch.no_grad():
+        f = net.features(x)
+        w = net.head.out.weight[target]  # (2, C)
+        ref = torch.relu((w[:, :, None, None] * f).sum(1, keepdim=True))
+        ref = torch.nn.functional.interpolate(ref, size=(16, 20), mode="bilinear", align_corners=False)[:, 0]
+        ref = ref / ref.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-5)
+    # default target: the predicted class; other encodings run
+    _, pred = class_activation_map(net, x)
+    assert torch.equal(pred, net(x).argmax(1))
+    for enc, k in (("ordinal", 4), ("binary", 2)):
+        m = SonoNet(1, k, enc, width=4, convs_per_block=(1, 1)).eval()
+        c, t = class_activation_map(m, x, encoding=enc)
+        assert c.shape == (2, 16, 20) and (c >= 0).all() and (c <= 1).all() and t.shape == (2,)
+    with pytest.raises(TypeError, match="features"):
+        class_activation_map(torch.nn.Linear(3, 3), x)
+    with pytest.raises(ValueError, match="3 entries for 2 images"):
+        class_activation_map(net, x, torch.tensor([0, 1, 2]))
+
+
+def test_cam_localizes_a_bright_square(tmp_path):
+    """A small net trained to tell 'square present' from 'absent' (random image brightness, so only the
+    square tells) puts the CAM of 'present' on the square: peak within 2 pixels of it, mean inside > 3x
+    outside."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    n, size, s = 64, 20, 4
+
+    def make(n):
+        x = 0.3 * torch.randn(n, 1, size, size, generator=g) + 0.6 * torch.randn(n, 1, 1, 1, generator=g)
+        y = torch.arange(n) % 2
+        boxes = torch.randint(0, size - s + 1, (n, 2), generator=g)
+        for i in range(n):
+            if y[i]:
+                r, c = boxes[i].tolist()
+                x[i, 0, r:r + s, c:c + s] += 1.5
+        return x, y, boxes
+
+    x, y, _ = make(n)
+    net = DenseNetClassifier(2, 1, 2, width=8, growth_rate=8, blocks=(2, 2), bn_size=2)
+    opt = torch.optim.Adam(net.parameters(), lr=5e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and immune to a busy machine
+    try:
+        for _ in range(40):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    for m in net.modules():  # exact batch-norm statistics of the training set for eval mode
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        net(x)
+    net.eval()
+    xt, yt, bt = make(32)
+    assert (net(xt).argmax(1) == yt).float().mean() > 0.75
+    pos = yt == 1
+    cam, _ = class_activation_map(net, xt[pos], torch.ones(int(pos.sum()), dtype=torch.long))
+    assert cam.shape == (int(pos.sum()), size, size)
+    hits, ratios = 0, []
+    for m, (r, c) in zip(cam, bt[pos].tolist(), strict=True):
+        pr, pc = divmod(int(m.argmax()), size)
+        hits += (r - 2 <= pr < r + s + 2) and (c - 2 <= pc < c + s + 2)
+        inside = torch.zeros_like(m, dtype=torch.bool)
+        inside[r:r + s, c:c + s] = True
+        ratios.append(float(m[inside].mean() / m[~inside].mean().clamp_min(1e-6)))
+    assert hits >= 0.8 * int(pos.sum()), hits
+    assert np.median(ratios) > 3, ratios
+    path = save_cam_png(xt[pos][:4], cam[:4], tmp_path / "cam.png", ["a", "b", "c", "d"])
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="must be 2D and match"):
+        save_cam_png(xt[:2], cam[:3], tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+def write_config(path: Path, out: Path, steps: int = 4, extra: str = "") -> Path:
+    path.write_text(f"""
+task: classification
+data:
+  dataset: simulated_ultrasound
+  shape: [32, 32]
+  normalize: none
+  dataset_args: {{volumes: ["phantom:1", "phantom:2"], val_volumes: ["phantom:3"], n_lines: 32, n_samples: 64,
+                 sub_rays: 1, voxel_mm: 3.0, variants: 2, samples_per_epoch: 32, val_samples: 8}}
+model: {{name: densenet, spatial_dims: 2, out_channels: 4, channels: [8],
+        kwargs: {{growth_rate: 4, blocks: [2, 2], bn_size: 2}}}}
+optim: {{lr: 0.003}}
+trainer: {{out_dir: {out}, batch_size: 4, max_steps: {steps}, val_every: {steps}, checkpoint_every: {steps},
+          progress: false, tensorboard: false, threads: 1}}
+{extra}
+""")
+    return path
+
+
+def test_train_and_predict_on_simulated_ultrasound(tmp_path, capsys):
+    from medfast.cli import main
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cls.yaml", out)
+    assert main(["train", str(cfg)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rep = results["classification"]
+    assert rep["classes"] == list(PLANES)
+    for subset in ("held_out_poses", "held_out_volumes"):
+        assert rep[subset]["n"] == 8 and 0 <= rep[subset]["balanced_accuracy"] <= 1
+        assert np.array(rep[subset]["confusion_matrix"]).sum() == 8
+        assert (out / f"confusion_matrix_{subset}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"accuracy_{subset}" in results["validation"]
+    assert rep["n"] == 16
+    assert (out / "cam.png").read_bytes()[:4] == b"\x89PNG"
+    # predict on a PNG of a rendered frame: CSV + a CAM overlay per input
+    from PIL import Image
+
+    task_src = SimulatedUltrasound(**SMALL)
+    frame = task_src.render(collate([task_src.train_dataset(4)[(2, 7)]]), "cpu")[0, 0].numpy()
+    png = tmp_path / "frame.png"
+    Image.fromarray((frame * 255).astype(np.uint8)).save(png)
+    capsys.readouterr()
+    assert main(["predict", str(png), "--model", str(out / "checkpoints" / "last.pt"), "--out",
+                 str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred" / "cam" / "0000_frame.png").read_bytes()[:4] == b"\x89PNG"
+    row = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()[1]
+    assert row.split(",")[1] in PLANES
+
+
+def test_simulated_config_errors(tmp_path):
+    from medfast.tasks.classification import ClassificationTask
+    from medfast.train import load_config
+
+    cfg = load_config(write_config(tmp_path / "a.yaml", tmp_path / "o"), ["model.out_channels=3"])
+    with pytest.raises(DatasetError, match=r"4 classes .* but model.out_channels=3"):
+        ClassificationTask(cfg).build_datasets()
+    cfg = load_config(write_config(tmp_path / "b.yaml", tmp_path / "o"), ["data.dataset=nope"])
+    with pytest.raises(DatasetError, match="data.dataset='nope'"):
+        ClassificationTask(cfg).build_datasets()
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "o"), ["model.in_channels=3"])
+    with pytest.raises(ValueError, match="in_channels=1"):
+        ClassificationTask(cfg).build_datasets()
