@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 ruff check .
-mkdocs build --strict --quiet --site-dir build/site
+# Not --quiet: it also hides the warnings that --strict turns into a failure.
+mkdocs build --strict --site-dir build/site 2>&1 | { grep -v '^INFO' || true; }
 python -m pytest -q -p no:cacheprovider tests "$@"
 if [ "${MEDFAST_SKIP_WHEEL:-0}" != "1" ]; then bash scripts/wheel_check.sh build/dist; fi

@@ -76,7 +76,14 @@ class ClassificationHead(nn.Module):
         return self.out(self.drop(x))
 
 
-class SonoNet(nn.Module):
+class _PooledClassifier(nn.Module):
+    """features(x) -> global average pooling -> head; subclasses define ``features``, ``pool`` and ``head``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+class SonoNet(_PooledClassifier):
     """SonoNet-style 2D CNN (Baumgartner et al. 2017): VGG-like blocks of 3x3 conv-BN-ReLU with max pooling,
     an adaptation layer of 1x1 convs, global average pooling, then the head of the encoding.
 
@@ -123,9 +130,6 @@ class SonoNet(nn.Module):
         """Adaptation-layer maps ``(N, adaptation, h, w)``."""
         return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))
-
 
 class _BasicBlock(nn.Module):
     def __init__(self, dims: int, cin: int, cout: int, stride: int) -> None:
@@ -142,7 +146,7 @@ class _BasicBlock(nn.Module):
         return self.act(self.b2(self.c2(y)) + self.skip(x))
 
 
-class ResNetClassifier(nn.Module):
+class ResNetClassifier(_PooledClassifier):
     """Small ResNet-style backbone (basic blocks) for 2D or 3D images with the head of an encoding.
 
     Parameters
@@ -190,9 +194,6 @@ class ResNetClassifier(nn.Module):
         """Last-stage feature maps."""
         return self.stages(self.stem(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))
-
 
 def _norm(kind: str, dims: int, channels: int) -> nn.Module:
     if kind == "batch":
@@ -221,7 +222,7 @@ class _DenseLayer(nn.Module):
         return torch.cat([x, self.drop(self.body(x))], 1)
 
 
-class DenseNetClassifier(nn.Module):
+class DenseNetClassifier(_PooledClassifier):
     """DenseNet-style backbone (Huang et al. 2017, the BC variant: bottleneck layers and compressing
     transitions) for 2D or 3D images with the head of an encoding.
 
@@ -300,6 +301,3 @@ class DenseNetClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Maps after the last dense block (normalized, ReLU): the input of global pooling."""
         return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medfast.data import DatasetError
+from medfast.ultrasound.sweep import _rotation as _torch_rotation
 
 __all__ = ["PLANES", "T1_KNOTS", "SimulatedPlaneDataset", "SimulatedUltrasound", "load_brain_volume"]
 
@@ -223,15 +224,7 @@ def load_brain_volume(spec: str | Mapping[str, Any], voxel_mm: float | None = 2.
 
 
 def _rotation(axis: int, angle: np.ndarray) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    R = np.zeros(angle.shape + (3, 3))
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    R[..., axis, axis] = 1
-    R[..., i, i] = c
-    R[..., j, j] = c
-    R[..., i, j] = -s
-    R[..., j, i] = s
-    return R
+    return _torch_rotation(axis, torch.from_numpy(np.asarray(angle, dtype=np.float64))).numpy()
 
 
 def _bin_uniform(rng: np.random.Generator, n: int, bins: int, split: str) -> np.ndarray:
