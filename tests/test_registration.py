@@ -76,6 +76,49 @@ def test_nets_start_at_identity_and_train(ndim):
         LocalNet(ndim, depth=2, extract_levels=(3,))
 
 
+def test_localnet_channels_last_cpu_path_matches_reference(monkeypatch):
+    """The 3D CPU path (channels-last convolutions, group norm with one channel per group, channel pairs
+    summed before the additive upsampling) gives the outputs and gradients of the plain NCDHW path."""
+    import medfast.nets.registration as regnets
+
+    torch.manual_seed(0)
+    net = LocalNet(3, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2))
+    with torch.no_grad():
+        for h in net.heads.values():
+            h.weight.normal_(0, 0.1)
+    # odd sizes: ceil-mode pooling and the transposed-conv crop are exercised too
+    x = torch.rand(2, 2, 13, 10, 9)
+
+    def run():
+        net.zero_grad()
+        out = net(x)
+        out.pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    calls = []
+    conv_forward = regnets._Conv3d.forward
+
+    def spy(self, inp):
+        calls.append(inp.is_contiguous(memory_format=torch.channels_last_3d) and not inp.is_contiguous())
+        return conv_forward(self, inp)
+
+    monkeypatch.setattr(regnets._Conv3d, "forward", spy)
+    fast, fast_grads = run()
+    assert calls and all(calls), "the CPU 3D path must run its convolutions channels-last"
+    assert fast.is_contiguous()
+    monkeypatch.setattr(regnets, "_channels_last", lambda x, ndim: False)
+    calls.clear()
+    ref, ref_grads = run()
+    assert calls and not any(calls)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    # (the biases of convolutions followed by a norm have an exact-zero gradient: compare on the global scale)
+    scale = max(float(g.abs().max()) for g in ref_grads)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale)
+    # same parameters as the plain torch modules (checkpoints stay loadable)
+    assert isinstance(net.heads["0"], torch.nn.Conv3d) and isinstance(net.encoder.blocks[0][1], torch.nn.InstanceNorm3d)
+
+
 def test_affine_conventions():
     shape = (9, 10, 11)
     centred = torch.eye(3, 4)[None].clone()
