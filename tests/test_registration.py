@@ -234,6 +234,69 @@ def test_cli_register_end_to_end(tmp_path, capsys):
     assert rc == 1
 
 
+def _reoriented(data, affine, ornt):
+    """The same image stored in another voxel order: ``ornt`` as nibabel's orientation arrays."""
+    from nibabel import orientations as ornt_mod
+
+    ornt = np.asarray(ornt, dtype=float)
+    new_affine = affine @ ornt_mod.inv_ornt_aff(ornt, data.shape)
+    return np.ascontiguousarray(ornt_mod.apply_orientation(data, ornt)), new_affine
+
+
+def test_register_with_model_is_orientation_and_spacing_independent(tmp_path):
+    """`medfast register --model` on the same pair stored RAS and stored LPS with the axes permuted gives
+    the same warped image and world displacement; the network sees its training spacing and shape."""
+    from medfast.data.preprocess import reorient_to_ras
+    from medfast.tasks.registration import RegistrationNet, load_model_info
+
+    image, labels = _phantom((24, 26, 22))
+    moving, mlab = _transform(image, labels, seed=1)
+    affine = np.diag([2.0, 1.5, 2.5, 1.0])
+    affine[:3, 3] = [-20, -30, -25]
+    torch.manual_seed(0)
+    kw = dict(spatial_dims=3, in_channels=2, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2))
+    net = RegistrationNet(**kw)
+    with torch.no_grad():  # a non-trivial (non-symmetric) field
+        for h in net.local.heads.values():
+            h.weight.normal_(0, 0.3)
+            h.bias.normal_(0, 0.3)
+    save_model(tmp_path / "net.pt", net, kw, (16, 18, 14), spacing=(3.0, 3.0, 3.5))
+    _, info = load_model_info(tmp_path / "net.pt")
+    assert info.spacing == [3.0, 3.0, 3.5] and info.input_shape == [16, 18, 14] and info.reorient
+
+    # axis 0 flipped (R -> L), axis 1 flipped and moved last (A -> P), axis 2 moved to the middle
+    lps = [[0, -1], [2, -1], [1, 1]]
+    outs = {}
+    for name, ornt in (("ras", None), ("lps", lps)):
+        files = []
+        for stem, data in (("f", image.numpy()), ("m", (moving * 1000).numpy()),
+                           ("fl", labels.numpy().astype(np.int16)), ("ml", mlab.numpy().astype(np.int16))):
+            arr, aff = (data, affine) if ornt is None else _reoriented(data, affine, ornt)
+            _write(tmp_path / f"{name}_{stem}.nii.gz", arr, aff)
+            files.append(str(tmp_path / f"{name}_{stem}.nii.gz"))
+        out = tmp_path / f"out_{name}"
+        assert main(["register", files[0], files[1], "--fixed-labels", files[2], "--moving-labels", files[3],
+                     "--model", str(tmp_path / "net.pt"), "--out", str(out), "--device", "cpu"]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        grid = np.asarray(metrics["network_grid"])
+        np.testing.assert_allclose(np.sqrt((grid[:3, :3] ** 2).sum(0)), [3.0, 3.0, 3.5])  # training spacing
+        assert np.all(np.diag(grid[:3, :3]) > 0)  # RAS axes
+        warped, ddf = nib.load(out / "warped.nii.gz"), nib.load(out / "ddf.nii.gz")
+        assert warped.shape == ((24, 26, 22) if ornt is None else (24, 22, 26))
+        # back to RAS voxel order for the comparison (exact flips/permutations)
+        w, w_aff = reorient_to_ras(np.asarray(warped.dataobj), warped.affine, channels=False)
+        d = np.asarray(ddf.dataobj)[..., 0, :]
+        d, _ = reorient_to_ras(np.moveaxis(d, -1, 0), ddf.affine, channels=True)
+        outs[name] = (w, w_aff, d, metrics)
+    (w_r, a_r, d_r, m_r), (w_l, a_l, d_l, m_l) = outs["ras"], outs["lps"]
+    np.testing.assert_allclose(a_l, a_r, atol=1e-6)
+    assert np.abs(d_r).max() > 1.0  # the network moves voxels by more than a millimetre
+    np.testing.assert_allclose(d_l, d_r, atol=1e-4 * np.abs(d_r).max())  # world displacement, mm
+    np.testing.assert_allclose(w_l, w_r, atol=1e-4)
+    assert m_l["dice_after"] == pytest.approx(m_r["dice_after"], abs=1e-3)
+    assert m_l["lncc_after"] == pytest.approx(m_r["lncc_after"], abs=1e-4)
+
+
 @pytest.mark.skipif(not COLIN27_PATH.is_file(), reason="needs Colin27 from Debian mricron-data (scripts/data.sh)")
 def test_demo_colin27_to_mni_improves_at_each_stage(tmp_path):
     pytest.importorskip("nilearn", reason="needs the MNI152 T1 inside the nilearn wheel")
