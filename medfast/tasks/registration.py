@@ -1192,28 +1192,14 @@ class RegistrationTask(Task):
         return _dataset(self.config, images, labels)
 
     def build_datasets(self):
-        from medfast.data import DatasetError, find_pairs
-        from medfast.tasks.segmentation import _preset
+        from medfast.data import DatasetError
+        from medfast.train.files import gather_files
 
         c, a = self.config, self.args
         d = c.data
-        _preset(c)
-        images, labels = list(d.train_images), list(d.train_labels)
-        if d.root is not None and not images:
-            images, labels = find_pairs(d.root)
-        if not images:
-            raise DatasetError("no training data: set data.root, data.train_images or data.dataset")
-        if labels and len(labels) != len(images):
-            raise DatasetError(f"{len(images)} training images but {len(labels)} label maps (data.train_labels "
-                               f"must give one label map per image, or none)")
-        val_images, val_labels = list(d.val_images), list(d.val_labels)
-        if not val_images and d.val_fraction > 0 and len(images) > 2:
-            n_val = max(1, int(round(len(images) * d.val_fraction)))
-            pick = set(np.random.default_rng(c.trainer.seed).permutation(len(images))[:n_val].tolist())
-            val_images = [p for i, p in enumerate(images) if i in pick]
-            val_labels = [p for i, p in enumerate(labels) if i in pick]
-            images = [p for i, p in enumerate(images) if i not in pick]
-            labels = [p for i, p in enumerate(labels) if i not in pick]
+        # a validation split needs at least 2 subjects left for training pairs
+        f = gather_files(c, task="registration", min_subjects_to_split=3)
+        images, labels, val_images, val_labels = f.images, f.labels, f.val_images, f.val_labels
         atlas = None
         if a["pairing"] == "atlas":
             fixed = Path(a["fixed_image"])
@@ -1235,8 +1221,6 @@ class RegistrationTask(Task):
         train = PairDataset(subjects, atlas)
         val = None
         if val_images:
-            if val_labels and len(val_labels) != len(val_images):
-                raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
             # one validation subject without an atlas: score it against held-out deformations of itself
             single = atlas is None and len(val_images) == 1
             val = PairDataset(self._subjects(val_images, val_labels), atlas, limit=a["val_pairs"],
