@@ -4,22 +4,25 @@
 #   warp          MNI152 T1 warped by a random smooth deformation; speed against the grid_sample route
 #   simulate      ultrasound sweep over the InVesalius head CT (frames, NIfTI stack, CT-vs-US figure)
 #   register      Colin27 -> MNI152 T1 (random affine added): affine + deformable, tissue overlap per stage
+#   regtrain      LocalNet trained on MNI152 (4 mm) to undo random deformations; tissue Dice / LNCC on
+#                 held-out deformations before / after (about 10 min on a 2-core CPU)
 #   segment       UNet tissue segmentation trained on MNI152 (3 mm, augmented), Dice/HD95 on held-out
 #                 deformations and on the ITK KmeansTest subject (about 6-13 min on a 2-core CPU)
-# Usage: scripts/demo.sh [all|warp|simulate|register|segment ...]   (default: all)
+# Usage: scripts/demo.sh [all|warp|simulate|register|regtrain|segment ...]   (default: all)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 demos=("$@")
-[ ${#demos[@]} -eq 0 ] || [ "${demos[0]}" = "all" ] && demos=(warp simulate register segment)
+[ ${#demos[@]} -eq 0 ] || [ "${demos[0]}" = "all" ] && demos=(warp simulate register regtrain segment)
 for d in "${demos[@]}"; do
   echo "=== medfast demo: $d"
   case "$d" in
     warp) medfast demo --out out/demo/warp ;;
     simulate) medfast simulate --out out/demo/simulate ;;
     register) medfast register --demo --out out/demo/register ;;
+    regtrain) medfast train configs/reg_demo_cpu.yaml --set trainer.out_dir=out/demo/regtrain ;;
     segment) medfast train configs/seg_demo_cpu.yaml --set trainer.out_dir=out/demo/segment ;;
-    *) echo "unknown demo '$d' (warp, simulate, register, segment, all)" >&2; exit 2 ;;
+    *) echo "unknown demo '$d' (warp, simulate, register, regtrain, segment, all)" >&2; exit 2 ;;
   esac
 done
 echo "results under out/demo/"

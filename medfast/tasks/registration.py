@@ -1057,7 +1057,8 @@ def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> 
 
 
 _TASK_ARGS = {"pairing", "fixed_image", "fixed_label", "kernel_size", "lncc_weight", "bending_weight",
-              "dice_weight", "velocity", "integration_steps", "global_net", "augment_fixed", "val_pairs"}
+              "dice_weight", "velocity", "integration_steps", "global_net", "augment_fixed", "val_pairs",
+              "identity_fraction"}
 
 
 def _task_args(config: Any) -> dict[str, Any]:
@@ -1076,7 +1077,10 @@ def _task_args(config: Any) -> dict[str, Any]:
     out = {"pairing": pairing, "fixed_image": ta.get("fixed_image"), "fixed_label": ta.get("fixed_label"),
            "kernel_size": int(ta.get("kernel_size", 7)), "lncc_weight": float(ta.get("lncc_weight", 1.0)),
            "bending_weight": float(ta.get("bending_weight", 1.0)), "dice_weight": float(ta.get("dice_weight", 0.0)),
-           "augment_fixed": ta.get("augment_fixed", pairing == "pairs"), "val_pairs": int(ta.get("val_pairs", 8))}
+           "augment_fixed": ta.get("augment_fixed", pairing == "pairs"), "val_pairs": int(ta.get("val_pairs", 8)),
+           "identity_fraction": float(ta.get("identity_fraction", 0.0))}
+    if not 0 <= out["identity_fraction"] <= 1:
+        raise ConfigError(f"task_args.identity_fraction must lie in [0, 1], got {out['identity_fraction']}")
     if out["kernel_size"] < 1 or out["kernel_size"] % 2 == 0:
         raise ConfigError(f"task_args.kernel_size must be a positive odd int, got {out['kernel_size']}")
     for k in ("lncc_weight", "bending_weight", "dice_weight"):
@@ -1241,7 +1245,17 @@ class RegistrationTask(Task):
         if augment is not None:
             seeds = batch.get("seed") or list(range(moving.shape[0]))
             with torch.autocast(device.type, enabled=False):
+                moving0, ml0 = moving, ml
                 moving, ml = augment(moving, ml, seeds)
+                frac = self.args["identity_fraction"] if augment is self.augment else 0.0
+                if frac > 0:  # identity pairs: the sample's moving image left undeformed (seeded draw)
+                    same = [float(torch.rand((), generator=torch.Generator().manual_seed(int(s) + 3_333_333))) < frac
+                            for s in seeds]
+                    if any(same):
+                        pick = torch.tensor(same, device=device)
+                        moving = torch.where(pick.view(-1, *[1] * (moving.dim() - 1)), moving0, moving)
+                        if ml is not None:
+                            ml = torch.where(pick.view(-1, *[1] * (ml.dim() - 1)), ml0, ml)
                 if self.args["augment_fixed"]:
                     fixed, fl = augment(fixed, fl, [s + 7_777_777 for s in seeds])
         return moving, fixed, ml, fl
