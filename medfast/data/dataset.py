@@ -102,7 +102,9 @@ class NiftiDataset(Dataset):
         Check at construction that every file exists and is readable, and that each label has its image's
         shape and affine (only the headers are read).
 
-    Items are dicts: ``image`` ``(C, *S)`` float32, ``label`` ``(*S)`` int64 (absent without labels),
+    Notes
+    -----
+    Each item is a dict: ``image`` ``(C, *S)`` float32, ``label`` ``(*S)`` int64 (absent without labels),
     ``affine`` ``(ndim + 1, ndim + 1)`` float64 of the preprocessed grid, ``files`` (the image path),
     ``index``; a sampler may pass ``(index, seed)`` to add ``seed``.
 

@@ -1105,7 +1105,9 @@ class PairDataset(torch.utils.data.Dataset):
     seed_offset : int, optional
         Give every item a fixed seed ``seed_offset + index`` (validation deformations).
 
-    Items: ``moving``, ``fixed`` ``(C, *S)`` float32 (intensities mapped to [0, 1] as
+    Notes
+    -----
+    Each item holds ``moving``, ``fixed`` ``(C, *S)`` float32 (intensities mapped to [0, 1] as
     :func:`register_with_model` does), ``moving_label``/``fixed_label`` ``(*S)`` when both exist,
     ``files`` (``"moving -> fixed"``), ``seed`` when the sampler gives one.
     """
