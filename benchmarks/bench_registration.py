@@ -6,6 +6,8 @@ fresh process (its peak memory is that process's).
 2. One registration training step (forward, backward, Adam step) of the same LocalNet: medfast build
    (``medfast.warp`` + fused LNCC + bending energy) against the MONAI build (``monai.networks.blocks.Warp``
    + MONAI LNCC + MONAI ``BendingEnergyLoss``).
+3. The step's breakdown: the LocalNet forward + backward alone (the part both builds share), and the
+   warp + LNCC + bending energy forward + backward of each build on the same displacement.
 
     python benchmarks/bench_registration.py [--sizes 64 128] [--step-size 64] [--out benchmarks/results]
 
@@ -120,6 +122,55 @@ def step_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
     return {"ms": ms, "extra_peak_mib": peak - before}
 
 
+def parts_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
+    """The step's parts: the shared LocalNet forward + backward (medfast worker only) and this build's
+    warp + LNCC + bending energy forward + backward."""
+    import torch
+
+    from medfast.nets import LocalNet
+
+    torch.manual_seed(0)
+    fixed = torch.rand(1, 1, size, size, size)
+    moving = torch.rand(1, 1, size, size, size)
+    out = {}
+    if impl == "medfast":
+        net = LocalNet(3, in_channels=2, num_channel_initial=channels, depth=3, extract_levels=(0, 1, 2, 3))
+        x = torch.cat([moving, fixed], 1)
+        grad = torch.randn(1, 3, size, size, size)
+
+        def net_step():
+            net.zero_grad(set_to_none=True)
+            net(x).backward(grad)
+
+        out["net_ms"] = _median_ms(net_step, repeats)
+    ddf = (torch.randn(1, 3, size, size, size) * 2).requires_grad_()
+    if impl == "medfast":
+        import medfast as mf
+        from medfast.losses import BendingEnergyLoss
+
+        bending = BendingEnergyLoss()
+
+        def loss_fn():
+            return mf.lncc_loss(mf.warp(moving, ddf, padding="border"), fixed, kernel_size=9) + 0.5 * bending(ddf)
+    else:
+        from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
+        from monai.networks.blocks import Warp
+
+        warp = Warp(mode="bilinear", padding_mode="border")
+        lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, kernel_type="rectangular")
+        bending = BendingEnergyLoss()
+
+        def loss_fn():
+            return lncc(warp(moving, ddf), fixed) + 0.5 * bending(ddf)
+
+    def loss_step():
+        ddf.grad = None
+        loss_fn().backward()
+
+    out["losses_ms"] = _median_ms(loss_step, max(repeats, 5))
+    return out
+
+
 def _run(kind: str, impl: str, *params) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, impl, *map(str, params), str(_THREADS)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -177,7 +228,7 @@ def main() -> None:
         if int(params[-1]):
             torch.set_num_threads(int(params[-1]))
         params = params[:-1]
-        fn = lncc_worker if kind == "lncc" else step_worker
+        fn = {"lncc": lncc_worker, "step": step_worker, "parts": parts_worker}[kind]
         print(json.dumps(fn(impl, *map(int, params))))
         return
     import torch
@@ -205,6 +256,17 @@ def main() -> None:
         print(f"LocalNet step {args.step_size}^3 (ch {args.step_channels}): medfast {row['medfast_ms']:.0f} ms, "
               f"MONAI {row['monai_ms']:.0f} ms -> {row['speedup']:.2f}x; extra peak MiB medfast "
               f"{row['medfast_extra_peak_mib']:.0f} / MONAI {row['monai_extra_peak_mib']:.0f}", flush=True)
+        parts = {impl: _run("parts", impl, args.step_size, args.step_channels, args.step_repeats)
+                 for impl in ("medfast", "monai")}
+        net_ms = parts["medfast"]["net_ms"]
+        brk = {"size": args.step_size, "net_ms": net_ms, "medfast_losses_ms": parts["medfast"]["losses_ms"],
+               "monai_losses_ms": parts["monai"]["losses_ms"]}
+        # the step ratio if medfast's warp + LNCC + bending cost nothing: the ceiling with this network
+        brk["ratio_ceiling"] = (net_ms + brk["monai_losses_ms"]) / net_ms
+        result["step_breakdown"] = brk
+        print(f"step breakdown {args.step_size}^3: LocalNet fwd+bwd {net_ms:.0f} ms (shared); warp + LNCC + bending "
+              f"fwd+bwd medfast {brk['medfast_losses_ms']:.1f} ms, MONAI {brk['monai_losses_ms']:.1f} ms; step ratio "
+              f"ceiling with this network {brk['ratio_ceiling']:.2f}x", flush=True)
     result["load_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "registration_cpu_latest" if not args.threads else f"registration_cpu_{args.threads}thread_latest"

@@ -76,6 +76,49 @@ def test_nets_start_at_identity_and_train(ndim):
         LocalNet(ndim, depth=2, extract_levels=(3,))
 
 
+def test_localnet_channels_last_cpu_path_matches_reference(monkeypatch):
+    """The 3D CPU path (channels-last convolutions, group norm with one channel per group, channel pairs
+    summed before the additive upsampling) gives the outputs and gradients of the plain NCDHW path."""
+    import medfast.nets.registration as regnets
+
+    torch.manual_seed(0)
+    net = LocalNet(3, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2))
+    with torch.no_grad():
+        for h in net.heads.values():
+            h.weight.normal_(0, 0.1)
+    # odd sizes: ceil-mode pooling and the transposed-conv crop are exercised too
+    x = torch.rand(2, 2, 13, 10, 9)
+
+    def run():
+        net.zero_grad()
+        out = net(x)
+        out.pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    calls = []
+    conv_forward = regnets._Conv3d.forward
+
+    def spy(self, inp):
+        calls.append(inp.is_contiguous(memory_format=torch.channels_last_3d) and not inp.is_contiguous())
+        return conv_forward(self, inp)
+
+    monkeypatch.setattr(regnets._Conv3d, "forward", spy)
+    fast, fast_grads = run()
+    assert calls and all(calls), "the CPU 3D path must run its convolutions channels-last"
+    assert fast.is_contiguous()
+    monkeypatch.setattr(regnets, "_channels_last", lambda x, ndim: False)
+    calls.clear()
+    ref, ref_grads = run()
+    assert calls and not any(calls)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    # (the biases of convolutions followed by a norm have an exact-zero gradient: compare on the global scale)
+    scale = max(float(g.abs().max()) for g in ref_grads)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale)
+    # same parameters as the plain torch modules (checkpoints stay loadable)
+    assert isinstance(net.heads["0"], torch.nn.Conv3d) and isinstance(net.encoder.blocks[0][1], torch.nn.InstanceNorm3d)
+
+
 def test_affine_conventions():
     shape = (9, 10, 11)
     centred = torch.eye(3, 4)[None].clone()
@@ -189,6 +232,69 @@ def test_cli_register_end_to_end(tmp_path, capsys):
     rc = main(["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--fixed-labels",
                str(tmp_path / "fl.nii.gz"), "--out", str(out)])
     assert rc == 1
+
+
+def _reoriented(data, affine, ornt):
+    """The same image stored in another voxel order: ``ornt`` as nibabel's orientation arrays."""
+    from nibabel import orientations as ornt_mod
+
+    ornt = np.asarray(ornt, dtype=float)
+    new_affine = affine @ ornt_mod.inv_ornt_aff(ornt, data.shape)
+    return np.ascontiguousarray(ornt_mod.apply_orientation(data, ornt)), new_affine
+
+
+def test_register_with_model_is_orientation_and_spacing_independent(tmp_path):
+    """`medfast register --model` on the same pair stored RAS and stored LPS with the axes permuted gives
+    the same warped image and world displacement; the network sees its training spacing and shape."""
+    from medfast.data.preprocess import reorient_to_ras
+    from medfast.tasks.registration import RegistrationNet, load_model_info
+
+    image, labels = _phantom((24, 26, 22))
+    moving, mlab = _transform(image, labels, seed=1)
+    affine = np.diag([2.0, 1.5, 2.5, 1.0])
+    affine[:3, 3] = [-20, -30, -25]
+    torch.manual_seed(0)
+    kw = dict(spatial_dims=3, in_channels=2, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2))
+    net = RegistrationNet(**kw)
+    with torch.no_grad():  # a non-trivial (non-symmetric) field
+        for h in net.local.heads.values():
+            h.weight.normal_(0, 0.3)
+            h.bias.normal_(0, 0.3)
+    save_model(tmp_path / "net.pt", net, kw, (16, 18, 14), spacing=(3.0, 3.0, 3.5))
+    _, info = load_model_info(tmp_path / "net.pt")
+    assert info.spacing == [3.0, 3.0, 3.5] and info.input_shape == [16, 18, 14] and info.reorient
+
+    # axis 0 flipped (R -> L), axis 1 flipped and moved last (A -> P), axis 2 moved to the middle
+    lps = [[0, -1], [2, -1], [1, 1]]
+    outs = {}
+    for name, ornt in (("ras", None), ("lps", lps)):
+        files = []
+        for stem, data in (("f", image.numpy()), ("m", (moving * 1000).numpy()),
+                           ("fl", labels.numpy().astype(np.int16)), ("ml", mlab.numpy().astype(np.int16))):
+            arr, aff = (data, affine) if ornt is None else _reoriented(data, affine, ornt)
+            _write(tmp_path / f"{name}_{stem}.nii.gz", arr, aff)
+            files.append(str(tmp_path / f"{name}_{stem}.nii.gz"))
+        out = tmp_path / f"out_{name}"
+        assert main(["register", files[0], files[1], "--fixed-labels", files[2], "--moving-labels", files[3],
+                     "--model", str(tmp_path / "net.pt"), "--out", str(out), "--device", "cpu"]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        grid = np.asarray(metrics["network_grid"])
+        np.testing.assert_allclose(np.sqrt((grid[:3, :3] ** 2).sum(0)), [3.0, 3.0, 3.5])  # training spacing
+        assert np.all(np.diag(grid[:3, :3]) > 0)  # RAS axes
+        warped, ddf = nib.load(out / "warped.nii.gz"), nib.load(out / "ddf.nii.gz")
+        assert warped.shape == ((24, 26, 22) if ornt is None else (24, 22, 26))
+        # back to RAS voxel order for the comparison (exact flips/permutations)
+        w, w_aff = reorient_to_ras(np.asarray(warped.dataobj), warped.affine, channels=False)
+        d = np.asarray(ddf.dataobj)[..., 0, :]
+        d, _ = reorient_to_ras(np.moveaxis(d, -1, 0), ddf.affine, channels=True)
+        outs[name] = (w, w_aff, d, metrics)
+    (w_r, a_r, d_r, m_r), (w_l, a_l, d_l, m_l) = outs["ras"], outs["lps"]
+    np.testing.assert_allclose(a_l, a_r, atol=1e-6)
+    assert np.abs(d_r).max() > 1.0  # the network moves voxels by more than a millimetre
+    np.testing.assert_allclose(d_l, d_r, atol=1e-4 * np.abs(d_r).max())  # world displacement, mm
+    np.testing.assert_allclose(w_l, w_r, atol=1e-4)
+    assert m_l["dice_after"] == pytest.approx(m_r["dice_after"], abs=1e-3)
+    assert m_l["lncc_after"] == pytest.approx(m_r["lncc_after"], abs=1e-4)
 
 
 @pytest.mark.skipif(not COLIN27_PATH.is_file(), reason="needs Colin27 from Debian mricron-data (scripts/data.sh)")

@@ -121,6 +121,7 @@ def test_atlas_pairing(tmp_path, blobs):
     ({"data": {"shape": None}}, ValueError, "needs data.shape"),
     ({"task_args": {"bogus": 1}}, ValueError, "unknown task_args"),
     ({"model": {"name": "unet"}}, ValueError, "model.name = 'localnet'"),
+    ({"task_args": {"identity_fraction": 1.5}}, ValueError, "identity_fraction must lie in"),
 ])
 def test_bad_configs_give_clear_errors(tmp_path, blobs, change, error, match):
     _, images, labels = blobs
@@ -129,6 +130,34 @@ def test_bad_configs_give_clear_errors(tmp_path, blobs, change, error, match):
         cfg[section].update(values)
     with pytest.raises(error, match=match):
         Trainer(config_from_dict(cfg)).fit()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_identity_fraction_leaves_seeded_moving_images_undeformed(tmp_path, blobs, fraction):
+    from medfast.tasks.registration import RegistrationTask
+
+    _, images, labels = blobs
+    task = RegistrationTask(config_from_dict(_cfg(tmp_path, images[:1], labels[:1], augment_fixed=False,
+                                                  identity_fraction=fraction)))
+    train, _ = task.build_datasets()
+    seeds = list(range(40, 48))
+    items = [train[(0, s)] for s in seeds]
+    batch = {"moving": torch.stack([i["moving"] for i in items]), "fixed": torch.stack([i["fixed"] for i in items]),
+             "moving_label": torch.stack([i["moving_label"] for i in items]),
+             "fixed_label": torch.stack([i["fixed_label"] for i in items]), "seed": seeds}
+    moving, fixed, ml, fl = task._pair(batch, torch.device("cpu"), task.augment)
+    same = [bool(torch.equal(moving[b], fixed[b]) and torch.equal(ml[b], fl[b])) for b in range(len(seeds))]
+    if fraction == 0:
+        assert not any(same)
+    elif fraction == 1:
+        assert all(same)
+    else:
+        assert 0 < sum(same) < len(seeds)
+        again = task._pair(batch, torch.device("cpu"), task.augment)[0]
+        assert torch.equal(again, moving)  # the draw is the sample's seed's
+    # validation deformations are never identity pairs
+    vmoving, vfixed, _, _ = task._pair(batch, torch.device("cpu"), task.val_augment)
+    assert not any(torch.equal(vmoving[b], vfixed[b]) for b in range(len(seeds)))
 
 
 def test_register_rejects_a_segmentation_checkpoint(tmp_path):

@@ -110,6 +110,12 @@ def _registration_rows(out: Path) -> list[Row]:
                         "MONAI Warp/LNCC/BendingEnergy", st["medfast_ms"], st["monai_ms"],
                         _ratio(st["monai_ms"], st["medfast_ms"]), st.get("medfast_extra_peak_mib"),
                         st.get("monai_extra_peak_mib")))
+    b = d.get("step_breakdown")
+    if b:
+        rows.append(Row("registration", f"step parts {b['size']}^3: warp + LNCC + bending fwd+bwd (the shared LocalNet "
+                        f"fwd+bwd: {b['net_ms']:.0f} ms; step ratio ceiling {b['ratio_ceiling']:.2f}x){threads}",
+                        "MONAI Warp/LNCC/BendingEnergy", b["medfast_losses_ms"], b["monai_losses_ms"],
+                        _ratio(b["monai_losses_ms"], b["medfast_losses_ms"])))
     return rows
 
 

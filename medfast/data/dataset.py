@@ -104,7 +104,7 @@ class NiftiDataset(Dataset):
 
     Notes
     -----
-    Items are dicts: ``image`` ``(C, *S)`` float32, ``label`` ``(*S)`` int64 (absent without labels),
+    Each item is a dict: ``image`` ``(C, *S)`` float32, ``label`` ``(*S)`` int64 (absent without labels),
     ``affine`` ``(ndim + 1, ndim + 1)`` float64 of the preprocessed grid, ``files`` (the image path),
     ``index``; a sampler may pass ``(index, seed)`` to add ``seed``.
 

@@ -19,13 +19,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_CL3 = torch.channels_last_3d
+
+
+class _Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` (same parameters and state dict) that runs channels-last when its input is
+    channels-last: the weight is viewed channels-last too, so oneDNN takes its channels-last path
+    (on the CPU about 2x faster backward at few channels than the NCDHW path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.is_contiguous(memory_format=_CL3) and not x.is_contiguous()):
+            return self._conv_forward(x, self.weight, self.bias)
+        w = self.weight.contiguous(memory_format=_CL3)
+        if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and self.padding_mode == "zeros"
+                and torch.backends.mkldnn.is_available() and not isinstance(self.padding, str)):
+            # oneDNN directly: torch's heuristic sends batch-1 3x3x3 convolutions with few channels
+            # (N * C * D * H <= 20480) to its slow im2col kernel, about 1.5x slower here
+            return torch.mkldnn_convolution(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _ConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` (kernel = stride, no padding) with the channels-last path of :class:`_Conv3d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.is_contiguous(memory_format=_CL3) and not x.is_contiguous():
+            w = w.contiguous(memory_format=_CL3)
+        return F.conv_transpose3d(x, w, self.bias, self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+
+class _InstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d(affine=True)`` (same parameters) computed as a group norm with one channel per
+    group (the same statistics), which keeps a channels-last input channels-last instead of copying it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous(memory_format=_CL3) and not x.is_contiguous():
+            return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def _channels_last(x: torch.Tensor, ndim: int) -> bool:
+    """Whether the network runs channels-last: 3D on the CPU (oneDNN), where it is faster."""
+    return ndim == 3 and x.device.type == "cpu"
+
 
 def _conv(ndim: int):
-    return nn.Conv3d if ndim == 3 else nn.Conv2d
+    return _Conv3d if ndim == 3 else nn.Conv2d
 
 
 def _norm(ndim: int):
-    return nn.InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d
+    return _InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d
 
 
 class _Block(nn.Sequential):
@@ -100,7 +145,7 @@ class LocalNet(nn.Module):
         self.ndim, self.in_channels, self.levels = spatial_dims, in_channels, levels
         self.encoder = _Encoder(spatial_dims, in_channels, num_channel_initial, depth)
         ch = self.encoder.channels
-        up = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+        up = _ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
         self.ups = nn.ModuleList([up(ch[i + 1], ch[i], 2, stride=2) for i in range(depth)])
         self.decoders = nn.ModuleList([_Block(spatial_dims, ch[i], ch[i]) for i in range(depth)])
         conv = _conv(spatial_dims)
@@ -113,6 +158,8 @@ class LocalNet(nn.Module):
         _check_input(x, self.ndim, self.in_channels)
         size = x.shape[2:]
         mode = "trilinear" if self.ndim == 3 else "bilinear"
+        fmt = _CL3 if _channels_last(x, self.ndim) else torch.contiguous_format
+        x = x.contiguous(memory_format=fmt)
         feats = self.encoder(x)
         h = feats[-1]
         outs = []
@@ -122,15 +169,16 @@ class LocalNet(nn.Module):
             skip = feats[i]
             up = self.ups[i](h)
             up = up[tuple([slice(None), slice(None)] + [slice(0, s) for s in skip.shape[2:]])]
-            # additive upsampling (DeepReg): resize and sum channel pairs of the coarse features
-            add = F.interpolate(h, size=skip.shape[2:], mode=mode, align_corners=False)
-            add = add.reshape(add.shape[0], skip.shape[1], -1, *add.shape[2:]).sum(2)
-            h = self.decoders[i](up + add + skip)
+            # additive upsampling (DeepReg): resize the coarse features and sum channel pairs; the resize
+            # is linear per channel, so the pairs are summed first (half the channels to resize)
+            add = h.reshape(h.shape[0], skip.shape[1], -1, *h.shape[2:]).sum(2)
+            add = F.interpolate(add, size=skip.shape[2:], mode=mode, align_corners=False)
+            h = self.decoders[i]((up + add + skip).contiguous(memory_format=fmt))
             if i in self.levels:
                 outs.append(self.heads[str(i)](h))
         ddf = torch.stack([F.interpolate(o, size=size, mode=mode, align_corners=False)
                            if o.shape[2:] != size else o for o in outs]).mean(0)
-        return ddf
+        return ddf.contiguous()
 
 
 class GlobalNet(nn.Module):
@@ -164,6 +212,8 @@ class GlobalNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.ndim, self.in_channels)
+        if _channels_last(x, self.ndim):
+            x = x.contiguous(memory_format=_CL3)
         feat = self.encoder(x)[-1].flatten(2).mean(-1)
         centred = self.head(feat).reshape(-1, self.ndim, self.ndim + 1)
         theta = centred_to_voxel(centred, x.shape[2:])

@@ -413,27 +413,54 @@ def register_pair(
 _NETS = {"LocalNet": LocalNet, "GlobalNet": GlobalNet}
 
 
-def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_shape: Sequence[int]) -> None:
+@dataclass
+class ModelInfo:
+    """What a trained registration network expects of its input.
+
+    Attributes
+    ----------
+    input_shape : list of int
+        Spatial shape the network was trained at.
+    spacing : list of float or None
+        Voxel size (mm) of the training grid (``data.spacing``); None: unknown (the image's field of
+        view is then resized to ``input_shape``).
+    reorient : bool
+        The training images were reoriented to the closest RAS orientation (3D; ``data.reorient``).
+    """
+
+    input_shape: list[int]
+    spacing: list[float] | None = None
+    reorient: bool = True
+
+
+def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_shape: Sequence[int],
+               spacing: Sequence[float] | None = None, reorient: bool = True) -> None:
     """Writes a registration network checkpoint that ``medfast register --model`` reads.
 
-    The file holds ``{"net": class name, "net_kwargs": ..., "input_shape": ..., "state_dict": ...}``;
-    ``input_shape`` is the spatial shape the network was trained at (images are resized to it).
+    The file holds ``{"net": class name, "net_kwargs": ..., "input_shape": ..., "spacing": ...,
+    "reorient": ..., "state_dict": ...}``; ``input_shape`` is the spatial shape the network was trained at,
+    ``spacing`` its voxel size in mm (None: unknown) and ``reorient`` whether the training images were
+    reoriented to RAS (see :class:`ModelInfo`).
     """
     name = type(net).__name__
     if name not in _NETS:
         raise ValueError(f"net must be one of {sorted(_NETS)}, got {name}")
+    if spacing is not None:
+        spacing = [float(v) for v in spacing]
+        if len(spacing) != len(input_shape) or any(not v > 0 for v in spacing):
+            raise ValueError(f"spacing must be {len(input_shape)} positive numbers (mm), got {spacing}")
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"net": name, "net_kwargs": dict(net_kwargs), "input_shape": [int(s) for s in input_shape],
-                "state_dict": net.state_dict()}, tmp)
+                "spacing": spacing, "reorient": bool(reorient), "state_dict": net.state_dict()}, tmp)
     tmp.replace(path)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
+def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
     """Reads a checkpoint written by :func:`save_model` (or one with the same keys under ``"model"``), or a
     ``medfast train`` checkpoint of the registration task (``RUN/checkpoints/last.pt``: the network is
-    rebuilt from its config, the input shape is its ``data.shape``); returns the network in eval mode and
-    its input shape."""
+    rebuilt from its config; shape, spacing and orientation are its ``data.shape``, ``data.spacing`` and
+    ``data.reorient``); returns the network in eval mode and its :class:`ModelInfo`."""
     path = Path(path)
     if not path.is_file():
         raise RegistrationError(f"no such model checkpoint: {path}")
@@ -441,11 +468,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise RegistrationError(f"cannot read {path} as a checkpoint: {exc}") from exc
-    if isinstance(ckpt, dict) and ckpt.get("format", "").startswith("medfast-checkpoint"):
+    if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("medfast-checkpoint"):
         if ckpt.get("task") != "registration":
             raise RegistrationError(f"{path} is a medfast train checkpoint of the {ckpt.get('task')!r} task, not "
                                     f"of the 'registration' task")
-        return load_trainer_checkpoint(ckpt, device)
+        return _load_trainer_checkpoint(ckpt, device)
     if isinstance(ckpt, dict) and "net" not in ckpt and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or ckpt.get("net") not in _NETS or "state_dict" not in ckpt:
@@ -453,32 +480,121 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
                                 f"input_shape, state_dict; see medfast.tasks.registration.save_model)")
     net = _NETS[ckpt["net"]](**ckpt.get("net_kwargs", {})).to(device)
     net.load_state_dict(ckpt["state_dict"])
-    return net.eval(), list(ckpt["input_shape"])
+    info = ModelInfo([int(v) for v in ckpt["input_shape"]],
+                     None if ckpt.get("spacing") is None else [float(v) for v in ckpt["spacing"]],
+                     bool(ckpt.get("reorient", True)))
+    return net.eval(), info
 
 
-def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_shape: Sequence[int],
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
+    """As :func:`load_model_info`, returning the network and its input shape only."""
+    net, info = load_model_info(path, device)
+    return net, info.input_shape
+
+
+def network_grid(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info: ModelInfo) -> np.ndarray:
+    """The ``(n + 1, n + 1)`` voxel-to-world affine of the grid a network sees for a fixed image.
+
+    The grid has the network's ``input_shape`` and its training ``spacing`` (without one: the fixed
+    image's field of view spread over ``input_shape``), its axes are the fixed image's voxel axes
+    permuted/flipped to the closest RAS orientation (3D with ``info.reorient``; as in training, see
+    :func:`medfast.data.reorient_to_ras`), and its centre is the centre of the fixed image's field of view.
+    So an image stored LPS, RAS or with another voxel size gives the network the same input.
+    """
+    n = len(fixed_shape)
+    if len(info.input_shape) != n:
+        raise RegistrationError(f"the model takes {len(info.input_shape)}D images, the fixed image is {n}D")
+    from medfast.data.preprocess import spatial_affine
+
+    a = spatial_affine(fixed_affine, n)
+    lin = a[:n, :n]
+    if n == 3 and info.reorient:
+        from nibabel import orientations as ornt_mod
+
+        ornt = ornt_mod.io_orientation(a)
+        lin = (a @ ornt_mod.inv_ornt_aff(ornt, tuple(fixed_shape)))[:n, :n]
+    vox = np.sqrt((lin ** 2).sum(axis=0))
+    if np.any(vox <= 0):
+        raise RegistrationError(f"the fixed image's affine is singular: {np.asarray(fixed_affine).tolist()}")
+    in_shape = np.asarray(info.input_shape, dtype=np.float64)
+    if info.spacing is not None:
+        spacing = np.asarray(info.spacing, dtype=np.float64)
+    else:  # the field of view resized to the input shape (axes in the network's order)
+        extent = np.abs(np.linalg.solve(lin, a[:n, :n] @ np.asarray(fixed_shape, dtype=np.float64))) * vox
+        spacing = extent / in_shape
+    g = np.eye(n + 1)
+    g[:n, :n] = lin / vox[None, :] * spacing[None, :]
+    centre = a[:n, :n] @ ((np.asarray(fixed_shape, dtype=np.float64) - 1) / 2) + a[:n, n]
+    g[:n, n] = centre - g[:n, :n] @ ((in_shape - 1) / 2)
+    return g
+
+
+def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_shape: Sequence[int] | ModelInfo,
                         fixed_labels: Any = None, moving_labels: Any = None,
-                        device: str | torch.device = "cpu") -> RegistrationResult:
-    """One forward pass of a trained LocalNet (DDF) or GlobalNet (affine) at ``input_shape``; the
-    displacement is resized to the fixed grid and rescaled to its voxels."""
+                        device: str | torch.device = "cpu", fixed_affine: np.ndarray | None = None
+                        ) -> RegistrationResult:
+    """One forward pass of a trained LocalNet / RegistrationNet (DDF) or GlobalNet (affine).
+
+    Both images are resampled (:func:`medfast.resample`, linear) from the fixed grid onto the network's
+    grid (:func:`network_grid`: the training orientation, spacing and shape, centred on the fixed
+    image), mapped to [0, 1] there as in training, and the predicted displacement is brought back onto
+    the fixed grid: resampled there and turned from network voxels into fixed voxels, so
+    ``ddf(p) = A_f^-1 G u(G^-1 A_f p)`` (``A_f``, ``G`` the linear parts of the fixed and network affines).
+
+    Parameters
+    ----------
+    fixed, moving : Tensor or ndarray
+        ``(*S)`` (or ``(1, C, *S)``) images on the same (fixed) grid.
+    net : nn.Module
+    input_shape : sequence of int or ModelInfo
+        The network's :class:`ModelInfo` (or just its input shape: unknown spacing, RAS reorientation).
+    fixed_labels, moving_labels : Tensor or ndarray, optional
+        ``(*S)`` integer label maps on the fixed grid: Dice before / after.
+    device : str or torch.device
+    fixed_affine : ndarray, optional
+        ``(4, 4)`` (or ``(n + 1, n + 1)``) voxel-to-world affine of the fixed grid; default the identity
+        (1 mm voxels, stored RAS).
+
+    Returns
+    -------
+    RegistrationResult
+        ``ddf`` ``(1, n, *S)`` in fixed voxels, ``warped`` the intensity-normalized moving image warped.
+    """
     device = torch.device(device)
-    fixed = normalize_intensity(_as_image(fixed, "fixed").to(device))
-    moving = normalize_intensity(_as_image(moving, "moving").to(device))
-    shape = tuple(fixed.shape[2:])
+    info = input_shape if isinstance(input_shape, ModelInfo) else ModelInfo([int(v) for v in input_shape])
+    fixed_t = _as_image(fixed, "fixed").to(device)
+    moving_t = _as_image(moving, "moving").to(device)
+    shape = tuple(fixed_t.shape[2:])
+    if tuple(moving_t.shape[2:]) != shape:
+        raise ValueError(f"fixed and moving must share a grid (resample first); got spatial shapes {shape} and "
+                         f"{tuple(moving_t.shape[2:])}")
     n = len(shape)
-    interp = "trilinear" if n == 3 else "bilinear"
+    from medfast.data.preprocess import spatial_affine
+
+    a_f = spatial_affine(np.eye(n + 1) if fixed_affine is None else fixed_affine, n)
+    grid = network_grid(a_f, shape, info)
+    in_shape = [int(v) for v in info.input_shape]
     t0 = time.perf_counter()
     with torch.no_grad():
-        x = torch.cat([moving, fixed], 1)
-        x = F.interpolate(x, size=tuple(input_shape), mode=interp, align_corners=False)
+        both = torch.cat([moving_t, fixed_t], 1).double()
+        x = mf.resample(both, torch.as_tensor(a_f), torch.as_tensor(grid), in_shape, mode="linear",
+                        padding="zeros").float()
+        c = moving_t.shape[1]
+        x = torch.cat([normalize_intensity(x[:, :c]), normalize_intensity(x[:, c:])], 1)
         out = net(x)
-        u = out[1] if isinstance(out, tuple) else out
-        scale = torch.tensor([s / t for s, t in zip(shape, input_shape)], device=device).reshape(1, n, *[1] * n)
-        ddf = F.interpolate(u, size=shape, mode=interp, align_corners=False) * scale
-        warped = mf.warp(moving, ddf)
-    metrics: dict[str, Any] = {"time_model_s": time.perf_counter() - t0, "shape": list(shape)}
-    metrics["lncc_before"] = float(mf.lncc_loss(moving, fixed, kernel_size=7))
-    metrics["lncc_after"] = float(mf.lncc_loss(warped, fixed, kernel_size=7))
+        u = (out[1] if isinstance(out, tuple) else out).float()
+        # network voxels -> world -> fixed voxels (displacements: linear parts only)
+        m = torch.as_tensor(np.linalg.solve(a_f[:n, :n], grid[:n, :n]), dtype=torch.float64, device=device)
+        u_f = mf.resample(u.double(), torch.as_tensor(grid), torch.as_tensor(a_f), list(shape), mode="linear",
+                          padding="border")
+        ddf = torch.einsum("ij,bj...->bi...", m, u_f).float().contiguous()
+        moving_n = normalize_intensity(moving_t)
+        warped = mf.warp(moving_n, ddf)
+    fixed_n = normalize_intensity(fixed_t)
+    metrics: dict[str, Any] = {"time_model_s": time.perf_counter() - t0, "shape": list(shape),
+                               "network_grid": grid.tolist(), "network_input_shape": in_shape}
+    metrics["lncc_before"] = float(mf.lncc_loss(moving_n, fixed_n, kernel_size=7))
+    metrics["lncc_after"] = float(mf.lncc_loss(warped, fixed_n, kernel_size=7))
     warped_labels = None
     if fixed_labels is not None and moving_labels is not None:
         fl = _as_labels(fixed_labels, "fixed_labels", shape).to(device)
@@ -692,8 +808,8 @@ def run_register(args: argparse.Namespace) -> int:
                 raise RegistrationError(f"{args.moving_labels} has shape {ldata.shape}, moving image {mdata.shape}")
             ml = to_fixed_grid(ldata, laff, faff, shape, labels=True)
         if args.model:
-            net, in_shape = load_model(args.model, device)
-            result = register_with_model(fixed, moving, net, in_shape, fl, ml, device=device)
+            net, info = load_model_info(args.model, device)
+            result = register_with_model(fixed, moving, net, info, fl, ml, device=device, fixed_affine=faff)
             affine_only = None
         else:
             result = register_pair(fixed, moving, fl, ml, cfg, device=device, progress=not args.no_progress)
@@ -922,8 +1038,7 @@ def _net_kwargs(config: Any) -> dict[str, Any]:
             "global_net": bool(ta.get("global_net", False))}
 
 
-def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
-    """The network of a ``medfast train`` checkpoint of the registration task and its input shape."""
+def _load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
     from medfast.train.config import config_from_dict
 
     config = config_from_dict(state["config"])
@@ -931,11 +1046,19 @@ def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> 
         raise RegistrationError("the checkpoint's config has no data.shape (the network's input shape)")
     net = RegistrationNet(**_net_kwargs(config)).to(device)
     net.load_state_dict(state["model"])
-    return net.eval(), list(config.data.shape)
+    d = config.data
+    return net.eval(), ModelInfo(list(d.shape), None if d.spacing is None else list(d.spacing), bool(d.reorient))
+
+
+def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
+    """The network of a ``medfast train`` checkpoint of the registration task and its input shape."""
+    net, info = _load_trainer_checkpoint(state, device)
+    return net, info.input_shape
 
 
 _TASK_ARGS = {"pairing", "fixed_image", "fixed_label", "kernel_size", "lncc_weight", "bending_weight",
-              "dice_weight", "velocity", "integration_steps", "global_net", "augment_fixed", "val_pairs"}
+              "dice_weight", "velocity", "integration_steps", "global_net", "augment_fixed", "val_pairs",
+              "identity_fraction"}
 
 
 def _task_args(config: Any) -> dict[str, Any]:
@@ -954,7 +1077,10 @@ def _task_args(config: Any) -> dict[str, Any]:
     out = {"pairing": pairing, "fixed_image": ta.get("fixed_image"), "fixed_label": ta.get("fixed_label"),
            "kernel_size": int(ta.get("kernel_size", 7)), "lncc_weight": float(ta.get("lncc_weight", 1.0)),
            "bending_weight": float(ta.get("bending_weight", 1.0)), "dice_weight": float(ta.get("dice_weight", 0.0)),
-           "augment_fixed": ta.get("augment_fixed", pairing == "pairs"), "val_pairs": int(ta.get("val_pairs", 8))}
+           "augment_fixed": ta.get("augment_fixed", pairing == "pairs"), "val_pairs": int(ta.get("val_pairs", 8)),
+           "identity_fraction": float(ta.get("identity_fraction", 0.0))}
+    if not 0 <= out["identity_fraction"] <= 1:
+        raise ConfigError(f"task_args.identity_fraction must lie in [0, 1], got {out['identity_fraction']}")
     if out["kernel_size"] < 1 or out["kernel_size"] % 2 == 0:
         raise ConfigError(f"task_args.kernel_size must be a positive odd int, got {out['kernel_size']}")
     for k in ("lncc_weight", "bending_weight", "dice_weight"):
@@ -979,7 +1105,9 @@ class PairDataset(torch.utils.data.Dataset):
     seed_offset : int, optional
         Give every item a fixed seed ``seed_offset + index`` (validation deformations).
 
-    Items: ``moving``, ``fixed`` ``(C, *S)`` float32 (intensities mapped to [0, 1] as
+    Notes
+    -----
+    Each item holds ``moving``, ``fixed`` ``(C, *S)`` float32 (intensities mapped to [0, 1] as
     :func:`register_with_model` does), ``moving_label``/``fixed_label`` ``(*S)`` when both exist,
     ``files`` (``"moving -> fixed"``), ``seed`` when the sampler gives one.
     """
@@ -1070,28 +1198,14 @@ class RegistrationTask(Task):
         return _dataset(self.config, images, labels)
 
     def build_datasets(self):
-        from medfast.data import DatasetError, find_pairs
-        from medfast.tasks.segmentation import _preset
+        from medfast.data import DatasetError
+        from medfast.train.files import gather_files
 
         c, a = self.config, self.args
         d = c.data
-        _preset(c)
-        images, labels = list(d.train_images), list(d.train_labels)
-        if d.root is not None and not images:
-            images, labels = find_pairs(d.root)
-        if not images:
-            raise DatasetError("no training data: set data.root, data.train_images or data.dataset")
-        if labels and len(labels) != len(images):
-            raise DatasetError(f"{len(images)} training images but {len(labels)} label maps (data.train_labels "
-                               f"must give one label map per image, or none)")
-        val_images, val_labels = list(d.val_images), list(d.val_labels)
-        if not val_images and d.val_fraction > 0 and len(images) > 2:
-            n_val = max(1, int(round(len(images) * d.val_fraction)))
-            pick = set(np.random.default_rng(c.trainer.seed).permutation(len(images))[:n_val].tolist())
-            val_images = [p for i, p in enumerate(images) if i in pick]
-            val_labels = [p for i, p in enumerate(labels) if i in pick]
-            images = [p for i, p in enumerate(images) if i not in pick]
-            labels = [p for i, p in enumerate(labels) if i not in pick]
+        # a validation split needs at least 2 subjects left for training pairs
+        f = gather_files(c, task="registration", min_subjects_to_split=3)
+        images, labels, val_images, val_labels = f.images, f.labels, f.val_images, f.val_labels
         atlas = None
         if a["pairing"] == "atlas":
             fixed = Path(a["fixed_image"])
@@ -1113,8 +1227,6 @@ class RegistrationTask(Task):
         train = PairDataset(subjects, atlas)
         val = None
         if val_images:
-            if val_labels and len(val_labels) != len(val_images):
-                raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
             # one validation subject without an atlas: score it against held-out deformations of itself
             single = atlas is None and len(val_images) == 1
             val = PairDataset(self._subjects(val_images, val_labels), atlas, limit=a["val_pairs"],
@@ -1135,7 +1247,17 @@ class RegistrationTask(Task):
         if augment is not None:
             seeds = batch.get("seed") or list(range(moving.shape[0]))
             with torch.autocast(device.type, enabled=False):
+                moving0, ml0 = moving, ml
                 moving, ml = augment(moving, ml, seeds)
+                frac = self.args["identity_fraction"] if augment is self.augment else 0.0
+                if frac > 0:  # identity pairs: the sample's moving image left undeformed (seeded draw)
+                    same = [float(torch.rand((), generator=torch.Generator().manual_seed(int(s) + 3_333_333))) < frac
+                            for s in seeds]
+                    if any(same):
+                        pick = torch.tensor(same, device=device)
+                        moving = torch.where(pick.view(-1, *[1] * (moving.dim() - 1)), moving0, moving)
+                        if ml is not None:
+                            ml = torch.where(pick.view(-1, *[1] * (ml.dim() - 1)), ml0, ml)
                 if self.args["augment_fixed"]:
                     fixed, fl = augment(fixed, fl, [s + 7_777_777 for s in seeds])
         return moving, fixed, ml, fl
@@ -1197,7 +1319,8 @@ class RegistrationTask(Task):
     def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
         """Writes ``registration_model.pt`` (:func:`save_model` format) beside the checkpoints."""
         path = Path(out_dir) / "registration_model.pt"
-        save_model(path, model, self.net_kwargs, list(self.config.data.shape))
+        d = self.config.data
+        save_model(path, model, self.net_kwargs, list(d.shape), d.spacing, d.reorient)
         print(f"medfast train: registration model written to {path} (use: medfast register FIXED MOVING "
               f"--model {path})", flush=True)
         return {"registration_model": str(path)}

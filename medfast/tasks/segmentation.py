@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from medfast.data import DatasetError, NiftiDataset, RandomAugment, find_pairs, load_nifti, save_nifti
+from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
 from medfast.data.io import voxel_spacing
 from medfast.data.preprocess import normalize_intensity, reorient_to_ras, resample_to_spacing, spatial_affine
 from medfast.train.config import Config, config_from_dict
+from medfast.train.files import gather_files
 from medfast.train.sliding_window import sliding_window_inference
 from medfast.train.task import Task, register_task
 
@@ -61,22 +62,6 @@ def _dataset(config: Config, images: Sequence[str], labels: Sequence[str], label
     return NiftiDataset(images, labels, spatial_dims=config.model.spatial_dims, spacing=d.spacing, shape=d.shape,
                         normalize=d.normalize, clip_percentiles=d.clip_percentiles, label_map=label_map,
                         cache=d.cache, cache_dir=d.cache_dir, reorient=d.reorient)
-
-
-def _preset(config: Config) -> None:
-    """Fills the data lists of a built-in data set (writes its prepared files under the run folder)."""
-    d = config.data
-    if d.dataset is None:
-        return
-    from medfast.data import presets
-
-    builder = getattr(presets, d.dataset, None)
-    if builder is None or d.dataset.startswith("_"):
-        raise ValueError(f"unknown data.dataset {d.dataset!r}; available: {', '.join(presets.__all__)}")
-    files = builder(Path(config.trainer.out_dir) / "data", **d.dataset_args)
-    for key, value in files.items():
-        if not getattr(d, key):
-            setattr(d, key, value)
 
 
 def _roi(config: Config) -> list[int] | None:
@@ -201,23 +186,8 @@ class SegmentationTask(Task):
     def build_datasets(self):
         c = self.config
         d = c.data
-        _preset(c)
-        images, labels = list(d.train_images), list(d.train_labels)
-        if d.root is not None and not images:
-            images, labels = find_pairs(d.root)
-        if not images:
-            raise DatasetError("no training data: set data.root, data.train_images (+ train_labels) or data.dataset")
-        if not labels:
-            raise DatasetError("the segmentation task needs label maps (data.train_labels or a labels/ folder)")
-        val_images, val_labels = list(d.val_images), list(d.val_labels)
-        if not val_images and d.val_fraction > 0 and len(images) > 1:
-            n_val = max(1, int(round(len(images) * d.val_fraction)))
-            order = np.random.default_rng(c.trainer.seed).permutation(len(images))
-            pick = set(order[:n_val].tolist())
-            val_images = [p for i, p in enumerate(images) if i in pick]
-            val_labels = [p for i, p in enumerate(labels) if i in pick]
-            images = [p for i, p in enumerate(images) if i not in pick]
-            labels = [p for i, p in enumerate(labels) if i not in pick]
+        f = gather_files(c, task="segmentation", need_labels=True, min_subjects_to_split=2)
+        images, labels, val_images, val_labels = f.images, f.labels, f.val_images, f.val_labels
         train = _dataset(c, images, labels)
         val = None
         if val_images:
