@@ -63,6 +63,19 @@ def test_runner_reports_ok_skipped_and_failed(tmp_path, monkeypatch):
     assert report["rows"][0]["ratio"] == pytest.approx(3.0) and report["meta"]["quick"] is True
     assert "| good | case | peer | 2.00 | 6.00 | 3.00x |" in (tmp_path / "out" / "bench_cpu_latest.md").read_text()
 
+    # An --only run of another suite refreshes it in the latest report and keeps "good" (marked with its run);
+    # its dated report holds only what it ran.
+    meta2 = {**runner._meta("cpu", True), "date": "20990101-000000"}
+    other = [runner.Row("other", "case", "peer", 1.0, 5.0, 5.0)]
+    paths = runner.write_reports(tmp_path / "out", meta2, {"other": {"status": "ok", "rows": 1, "seconds": 1.0}},
+                                 other)
+    latest = json.loads((tmp_path / "out" / "bench_cpu_latest.json").read_text())
+    assert {r["suite"] for r in latest["rows"]} == {"good", "other"}
+    assert latest["suites"]["good"]["from"] == meta["date"] and "from" not in latest["suites"]["other"]
+    assert f"(from the run of {meta['date']})" in (tmp_path / "out" / "bench_cpu_latest.md").read_text()
+    dated = json.loads(paths[0].read_text())
+    assert [r["suite"] for r in dated["rows"]] == ["other"]
+
 
 def test_cli_lists_suites_and_rejects_unknown_selection(tmp_path, capsys):
     from medfast.cli import main

@@ -264,6 +264,8 @@ def markdown(meta: dict, status: dict, rows: list[Row]) -> str:
     lines += ["", "| suite | status | detail |", "|---|---|---|"]
     for name, s in status.items():
         detail = s.get("reason") or f"{s.get('rows', 0)} comparisons, {s.get('seconds', 0):.0f} s"
+        if s.get("from"):
+            detail += f" (from the run of {s['from']})"
         lines.append(f"| {name} | {s['status']} | {detail} |")
     return "\n".join(lines) + "\n"
 
@@ -303,15 +305,38 @@ def _meta(device: str, quick: bool) -> dict:
             "python": sys.version.split()[0]}
 
 
+def _with_earlier_suites(latest: Path, meta: dict, status: dict, rows: list[Row]) -> tuple[dict, list[Row]]:
+    """This run's suites plus, from the previous latest report of the same device, the suites this run did
+    not touch (an ``--only`` run refreshes its suites without dropping the others), each marked with the
+    date of the run it comes from."""
+    try:
+        prev = json.loads(latest.read_text())
+    except (OSError, ValueError):
+        return status, rows
+    if prev.get("meta", {}).get("device") != meta["device"]:
+        return status, rows
+    order = {s.name: i for i, s in enumerate(SUITES)}
+    kept = {name: {**s, "from": s.get("from", prev["meta"].get("date"))}
+            for name, s in prev.get("suites", {}).items() if name not in status}
+    fields = {f.name for f in dataclasses.fields(Row)}
+    old_rows = [Row(**{k: v for k, v in r.items() if k in fields})
+                for r in prev.get("rows", []) if r.get("suite") in kept]
+    merged = dict(sorted({**kept, **status}.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return merged, sorted(old_rows + rows, key=lambda r: order.get(r.suite, len(order)))
+
+
 def write_reports(out: Path, meta: dict, status: dict, rows: list[Row]) -> list[Path]:
+    """The dated report holds this run only; ``bench_<device>_latest`` also keeps the suites it did not run."""
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_{meta['device']}_{re.sub(r'[^A-Za-z0-9_.-]', '_', meta['host'])}_{meta['date']}"
-    report = {"meta": meta, "suites": status, "rows": [dataclasses.asdict(r) for r in rows]}
+    latest = f"bench_{meta['device']}_latest"
     paths = []
-    for name in (stem, f"bench_{meta['device']}_latest"):
+    for name, (st, rw) in ((stem, (status, rows)),
+                           (latest, _with_earlier_suites(out / f"{latest}.json", meta, status, rows))):
+        report = {"meta": meta, "suites": st, "rows": [dataclasses.asdict(r) for r in rw]}
         (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / f"{name}.md").write_text(markdown(meta, status, rows))
-        plot(meta, rows, out / f"{name}.png")
+        (out / f"{name}.md").write_text(markdown(meta, st, rw))
+        plot(meta, rw, out / f"{name}.png")
         paths += [out / f"{name}.{ext}" for ext in ("json", "md", "png")]
     return paths
 
