@@ -66,13 +66,21 @@ Tensor seed_distances_cpu(const Tensor& seeds_in, const Tensor& query, const std
   const int ndim = static_cast<int>(d.dim() - 1);
   const bool* s = seeds.const_data_ptr<bool>();
   float* dp = d.mutable_data_ptr<float>();
-  // Last axis (contiguous): binary two-sweep pass; middle axes: envelopes; first axis: at the queries.
-  const Lines last = lines_along(d, ndim - 1);
-  const float h_last = static_cast<float>(spacing[ndim - 1]);
-  at::parallel_for(0, last.outer, std::max<int64_t>(1, 4096 / last.n), [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) seed_line_pass<float>(s + o * last.n, 1, dp + o * last.n, 1, last.n, h_last);
+  // 2D: axis 1 (contiguous) by the binary two-sweep pass. 3D: axis 1 by the binary pass (its strided
+  // lines walked side by side, so each cache line serves 16 of them), then axis 2 by envelopes on
+  // contiguous lines (no gather into a scratch block, unlike a strided envelope pass). The first axis
+  // last, at the queries only.
+  const int binary_axis = ndim == 3 ? 1 : ndim - 1;
+  const Lines bl = lines_along(d, binary_axis);
+  const float hb = static_cast<float>(spacing[binary_axis]);
+  at::parallel_for(0, bl.outer, std::max<int64_t>(1, 4096 / (bl.n * bl.inner)), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t k = 0; k < bl.inner; ++k) {
+        const int64_t start = o * bl.n * bl.inner + k;
+        seed_line_pass<float>(s + start, bl.inner, dp + start, bl.inner, bl.n, hb);
+      }
   });
-  for (int a = ndim - 2; a >= 1; --a) pass_cpu<float>(dp, lines_along(d, a), static_cast<float>(spacing[a]));
+  if (ndim == 3) pass_cpu<float>(dp, lines_along(d, 2), static_cast<float>(spacing[2]));
   const Lines first = lines_along(d, 0);
   const float h0 = static_cast<float>(spacing[0]);
   const int64_t* qi = index.const_data_ptr<int64_t>();
