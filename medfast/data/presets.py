@@ -10,9 +10,10 @@ import numpy as np
 
 from medfast.data.io import DatasetError
 
-__all__ = ["ITK_DATA", "mni152_tissue"]
+__all__ = ["ITK_DATA", "MRICRON", "mni152_tissue"]
 
 ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
+MRICRON = Path("/usr/share/mricron/templates")  # Debian mricron-data: Colin27 and its atlases
 
 #: KmeansTest labels -> the mni152_tissue classes: 4 (darkest brain class, CSF-like) -> 1, 5 (GM) -> 2,
 #: 6 (WM) -> 3; 1 (air), 2-3 (scalp/skull) and 0 -> background.
@@ -30,17 +31,33 @@ def _save(img, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _mni_files() -> dict[str, Path]:
+def _mni_files(what: str = "the mni152_tissue data set") -> dict[str, Path]:
+    """The MNI152 2009a T1 / GM / WM files of the nilearn wheel; ``what`` names the user in the error."""
     try:
         import nilearn
     except ImportError as exc:
-        raise DatasetError("the mni152_tissue data set needs the nilearn wheel: pip install nilearn") from exc
+        raise DatasetError(f"{what} needs the nilearn wheel: pip install nilearn") from exc
     root = Path(nilearn.__file__).parent / "datasets" / "data"
     files = {k: root / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
     for path in files.values():
         if not path.is_file():
             raise DatasetError(f"MNI152 file missing from the nilearn wheel: {path}")
     return files
+
+
+def _mni_tissue() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The MNI152 T1 (float32), its tissue labels (uint8, see :func:`mni152_tissue`) and their affine."""
+    import nibabel as nib
+
+    files = _mni_files()
+    t1 = nib.load(str(files["t1"]))
+    data = np.asarray(t1.dataobj, dtype=np.float32)
+    gm = np.asarray(nib.load(str(files["gm"])).dataobj, dtype=np.float32)
+    wm = np.asarray(nib.load(str(files["wm"])).dataobj, dtype=np.float32)
+    csf = np.clip(255.0 - gm - wm, 0, None)
+    labels = (np.argmax(np.stack([csf, gm, wm]), axis=0) + 1).astype(np.uint8)
+    labels[data <= 0] = 0
+    return data, labels, t1.affine
 
 
 def mni152_tissue(folder: str | Path, test_subject: bool = True) -> dict[str, list]:
@@ -63,18 +80,12 @@ def mni152_tissue(folder: str | Path, test_subject: bool = True) -> dict[str, li
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = _mni_files()
+    _mni_files()  # a clear error without the nilearn wheel, even when the files are cached
     img_out, lab_out = folder / "mni152_t1.nii.gz", folder / "mni152_tissue.nii.gz"
     if not (img_out.is_file() and lab_out.is_file()):
-        t1 = nib.load(str(files["t1"]))
-        data = np.asarray(t1.dataobj, dtype=np.float32)
-        gm = np.asarray(nib.load(str(files["gm"])).dataobj, dtype=np.float32)
-        wm = np.asarray(nib.load(str(files["wm"])).dataobj, dtype=np.float32)
-        csf = np.clip(255.0 - gm - wm, 0, None)
-        labels = (np.argmax(np.stack([csf, gm, wm]), axis=0) + 1).astype(np.uint8)
-        labels[data <= 0] = 0
-        _save(nib.Nifti1Image(data, t1.affine), img_out)
-        _save(nib.Nifti1Image(labels, t1.affine), lab_out)
+        data, labels, affine = _mni_tissue()
+        _save(nib.Nifti1Image(data, affine), img_out)
+        _save(nib.Nifti1Image(labels, affine), lab_out)
     out: dict[str, list] = {"train_images": [str(img_out)], "train_labels": [str(lab_out)]}
     seg = ITK_DATA / "KmeansTest_T1KmeansPrelimSegmentation.nii.gz"
     mask = ITK_DATA / "KmeansTest_T1RawSkullStrip.nii.gz"

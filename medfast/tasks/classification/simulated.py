@@ -38,13 +38,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medfast.data import DatasetError
+from medfast.data.presets import ITK_DATA, MRICRON, _mni_files
 from medfast.ultrasound.sweep import _rotation as _torch_rotation
 
 __all__ = ["PLANES", "T1_KNOTS", "SimulatedPlaneDataset", "SimulatedUltrasound", "load_brain_volume"]
 
-MRICRON = Path("/usr/share/mricron/templates")
-MNI152_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
 
 #: Standard planes: ``(target, beam direction, lateral direction)`` in RAS. The target is a point of the
 #: brain given as a fraction of the brain's half extent from its centre along R, A, S; the probe sits on the
@@ -179,12 +177,7 @@ def load_brain_volume(spec: str | Mapping[str, Any], voxel_mm: float | None = 2.
     elif isinstance(spec, str) and spec in _INSTALL:
         name = spec
         if spec == "mni152":
-            try:
-                import nilearn
-            except ImportError as exc:
-                raise DatasetError(f"volume 'mni152' needs the nilearn wheel: {_INSTALL[spec]}") from exc
-            path = Path(nilearn.__file__).parent / "datasets" / "data" / MNI152_T1
-            mpath = None
+            path, mpath = _mni_files("volume 'mni152'")["t1"], None
         elif spec == "colin27":
             path, mpath = MRICRON / "ch2bet.nii.gz", None
         else:

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medfast.data.presets import MRICRON
 from medfast.ultrasound import LabelTable, Probe, freehand_sweep, hu_to_properties, look_at, simulate
 
 __all__ = ["SOURCES", "TISSUE_TABLE", "SynthesisSource", "colin27_tissue", "load_source", "random_pose",
            "sweep_pose"]
 
-MRICRON = Path("/usr/share/mricron/templates")
 MRICRON_HINT = "install it with `apt-get install mricron-data` (scripts/data.sh does)"
 
 #: Acoustic properties (Z MRayl, alpha dB/cm/MHz, scatterer density, amplitude mean, spread) of the 4 tissue
@@ -101,19 +101,10 @@ def colin27_tissue(root: str | Path = MRICRON) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _mni152_tissue() -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
+    from medfast.data.presets import _mni_tissue
 
-    from medfast.data.presets import _mni_files
-
-    files = _mni_files()
-    t1 = nib.load(str(files["t1"]))
-    data = np.asarray(t1.dataobj, dtype=np.float32)
-    gm = np.asarray(nib.load(str(files["gm"])).dataobj, dtype=np.float32)
-    wm = np.asarray(nib.load(str(files["wm"])).dataobj, dtype=np.float32)
-    csf = np.clip(255.0 - gm - wm, 0, None)
-    lab = (np.argmax(np.stack([csf, gm, wm]), axis=0) + 1).astype(np.uint8)
-    lab[data <= 0] = 0
-    return lab, np.asarray(t1.affine, dtype=np.float64)
+    _, lab, affine = _mni_tissue()
+    return lab, np.asarray(affine, dtype=np.float64)
 
 
 def _surface_point(mask: np.ndarray, affine: np.ndarray, direction: Sequence[float]) -> np.ndarray:
