@@ -7,6 +7,7 @@ import torch
 from scipy import ndimage
 
 import medfast as mf
+from medfast._extension import _C
 from tests.conftest import requires_cuda
 
 ops = torch.ops.medfast
@@ -238,6 +239,59 @@ def test_seed_distances_match_scipy_at_queries(shape, spacing, density):
     want = _seed_reference(seeds, query, spacing)
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def _ball(shape, centre, radius):
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grids, centre)) < radius**2
+
+
+def _surface(mask):
+    return mask & ~torch.from_numpy(ndimage.binary_erosion(mask.numpy()))
+
+
+@pytest.mark.parametrize(
+    "name,seeds,query",
+    [
+        # near surfaces: every query found by the direct search of its plane
+        ("near", _surface(_ball((36, 33, 40), (18, 16, 20), 12)), _surface(_ball((36, 33, 40), (19, 16, 21), 12))),
+        # far apart: most planes exceed their search budget and fall back to the envelope pass
+        ("far", _surface(_ball((36, 33, 40), (5, 5, 5), 4)), _surface(_ball((36, 33, 40), (28, 26, 32), 6))),
+        # one seed, queries everywhere: the first query of each plane has no bound to start from
+        ("single seed", _ball((20, 9, 26), (3, 4, 22), 0.5), torch.ones(20, 9, 26, dtype=torch.bool)),
+    ],
+)
+def test_seed_distances_search_and_fallback_match_scipy(name, seeds, query):
+    """The 3D queries are searched plane by plane, with the envelope pass as the fallback for expensive
+    planes: both (and their mix within one volume) against scipy."""
+    from medfast.ops._distance import seed_distances
+
+    seeds, query = seeds[None], query[None]
+    for spacing in ((1.5, 1.0, 0.8), (0.6, 1.0, 2.5)):
+        got = seed_distances(seeds, query, spacing)
+        want = _seed_reference(seeds, query, spacing)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(_C, "_set_cpu_simd"), reason="no SIMD switch")
+@pytest.mark.parametrize("shape", [(2, 9, 7, 5), (1, 12, 10, 8), (2, 11, 6, 13), (1, 30, 17, 64)])
+def test_seed_distances_simd_matches_generic_bitwise(shape):
+    """The AVX2 forms of the binary pass and of the plane search against the baseline code: identical
+    floats (the vector row minimum may read extra true candidates, which cannot change a minimum)."""
+    from medfast.ops._distance import seed_distances
+
+    g = torch.Generator().manual_seed(sum(shape))
+    seeds = torch.rand(shape, generator=g) < 0.02
+    seeds.view(shape[0], -1)[:, -1] = True
+    query = torch.rand(shape, generator=g) < 0.3
+    fast = seed_distances(seeds, query, (1.3, 0.7, 0.9))
+    try:
+        _C._set_cpu_simd(False)
+        slow = seed_distances(seeds, query, (1.3, 0.7, 0.9))
+    finally:
+        _C._set_cpu_simd(True)
+    assert torch.equal(fast, slow)
+    torch.testing.assert_close(fast.double(), _seed_reference(seeds, query, (1.3, 0.7, 0.9)), rtol=1e-6, atol=1e-5)
 
 
 def test_seed_distances_element_without_seeds_is_inf_and_empty_query():

@@ -231,9 +231,14 @@ def test_segment_quantile_matches_torch_quantile(dtype, signed):
         values = values - 5
     seg = torch.randint(0, 6, (500,), generator=g)
     seg[seg == 4] = 5  # segment 4 empty
+    order = torch.argsort(seg, stable=True)
     for q in (0.0, 0.5, 0.95, 1.0):
         got = _segment_quantile(values, seg, 7, q)
+        # the selection path for contiguous segments (few of them, CPU) and the sort path for many
+        few = _segment_quantile(values[order], seg[order], 7, q, contiguous=True)
+        many = _segment_quantile(values[order], seg[order], 17, q, contiguous=True)[:7]
         for i in range(7):
             sel = values[seg == i]
             want = torch.quantile(sel, q) if sel.numel() else torch.tensor(float("nan"), dtype=dtype)
-            torch.testing.assert_close(got[i], want, equal_nan=True)  # lerp: 1 ulp from torch.quantile
+            for result in (got, few, many):
+                torch.testing.assert_close(result[i], want, equal_nan=True)  # lerp: 1 ulp from torch.quantile

@@ -107,6 +107,69 @@ MEDFAST_HOST_DEVICE T distance_at(const T* d, int64_t stride, int64_t n, int64_t
   return sqrt(best);
 }
 
+// Running minimum of plane_search: row() takes min over k in [lo, hi] of (row[k] + sq[k]) + c0, with
+// sq the squared column offsets from the query (same rounding as envelope_pass followed by
+// distance_at); best() is the minimum so far. A vector form may read more of the row than [lo, hi]
+// (the extra columns are true candidates too, so the minimum over the plane is unchanged).
+template <typename T>
+struct RowMin {
+  T m = infinity<T>();
+  MEDFAST_HOST_DEVICE void row(const T* row, const T* sq, int64_t lo, int64_t hi, T c0) {
+    for (int64_t k = lo; k <= hi; ++k) {
+      const T v = (row[k] + sq[k]) + c0;
+      m = v < m ? v : m;
+    }
+  }
+  MEDFAST_HOST_DEVICE T best() const { return m; }
+};
+
+// The last two passes of a 3D seed distance at one query, without the envelope pass: after the
+// binary pass along the middle axis, the plane of the query holds rows j = 0 .. n0-1 (at d + j * rs)
+// of n2 contiguous squared distances, and the squared answer is the minimum over (j, k) of
+// (d[j][k] + (h2 (x - k))^2) + (h0 (i - j))^2. Rows are visited outwards from row i while their
+// offset alone stays below the bound (the best so far, or `limit`, an upper bound the caller knows,
+// if smaller), each over the window of columns whose offset stays below it, so the cost is about the
+// area of the ellipse of the answer's radius: small for queries near the seeds, large for far ones
+// (`reads` counts the values read, so that the launcher can fall back to the envelope pass). With
+// `tight_limit` (a limit close to the answer) the running minimum tightens the bound every other row
+// only: reading it is a serial step (a horizontal minimum in vector forms). Returns the squared distance; a result above `limit` means the limit was no bound (the
+// search then has to be rerun without it). acc: a fresh RowMin or a vector form of it.
+template <typename T, typename Acc>
+MEDFAST_HOST_DEVICE T plane_search(const T* d, int64_t rs, int64_t n0, int64_t n2, int64_t i, int64_t x, T h0,
+                                   T h2, const T* sq, T limit, bool tight_limit, Acc& acc, int64_t& reads) {
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+  using std::floor;
+  using std::sqrt;
+#endif
+  const T inv_h2 = T(1) / h2;
+  T bound = limit;
+  for (int64_t r0 = 0; r0 < n0; ++r0) {
+    const T off0 = T(r0) * h0;
+    const T c0 = off0 * off0;
+    if (!(c0 < bound)) break;
+    int64_t lo = 0, hi = n2 - 1;
+    if (bound < infinity<T>()) {  // +1: a column on the rounding edge of the window stays in
+      const T w = floor(sqrt(bound - c0) * inv_h2) + T(1);
+      if (w < T(n2)) {
+        const int64_t wi = static_cast<int64_t>(w);
+        lo = x - wi > 0 ? x - wi : 0;
+        hi = x + wi < n2 - 1 ? x + wi : n2 - 1;
+      }
+    }
+    for (int side = 0; side < (r0 > 0 ? 2 : 1); ++side) {
+      const int64_t j = side ? i + r0 : i - r0;
+      if (j < 0 || j >= n0) continue;
+      acc.row(d + j * rs, sq, lo, hi, c0);
+      reads += hi - lo + 1;
+    }
+    if (!tight_limit || (r0 & 1)) {
+      const T best = acc.best();
+      bound = best < bound ? best : bound;
+    }
+  }
+  return acc.best();
+}
+
 // The distance from a squared distance; x is the voxel's linear index inside its (unbatched)
 // image of `ndim` axes. A value still +inf means the image has no background voxel: then, like
 // scipy.ndimage.distance_transform_edt, the distance is to a virtual background voxel at index

@@ -184,13 +184,9 @@ def _crop_box(union: torch.Tensor, margin: int) -> list[slice]:
     return box
 
 
-def _directed(
-    edges_from: torch.Tensor, edges_to: torch.Tensor, spacing: list[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances from every surface voxel of ``edges_from`` (N, *S) to the nearest voxel of ``edges_to`` (each
-    element of ``edges_to`` non-empty); returns (distances, element index) in element order."""
-    counts = edges_from.flatten(1).sum(1)
-    return seed_distances(edges_to, edges_from, spacing), counts
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Set voxels per element of a (N, *S) bool mask (int64); a uint8 sum is twice as fast as a bool one."""
+    return mask.view(torch.uint8).flatten(1).sum(1)
 
 
 def _surface_distances(
@@ -209,10 +205,10 @@ def _surface_distances(
     union = (pred | target).flatten(1).any(0).view(spatial)
     if bool(union.any()):  # crop to the foreground (+1 voxel so that the erosion is unchanged)
         box = (slice(None), *_crop_box(union, 1))
-        pred, target = pred[box], target[box]
+        # contiguous: the erosion's shifted ands run twice as fast on a dense block
+        pred, target = pred[box].contiguous(), target[box].contiguous()
     edges_p, edges_t = _edges(pred), _edges(target)
-    n_p = edges_p.flatten(1).sum(1)
-    n_t = edges_t.flatten(1).sum(1)
+    n_p, n_t = _count(edges_p), _count(edges_t)
     ok = torch.nonzero((n_p > 0) & (n_t > 0)).flatten()
     if isinstance(spacings[0], list):  # per batch element: one group per batch element
         groups = [(ok[ok // channels == b], spacings[b]) for b in range(batch)]
@@ -222,14 +218,15 @@ def _surface_distances(
     for idx, sp in groups:
         if idx.numel() == 0:
             continue
-        ep, et = edges_p[idx], edges_t[idx]
-        d, c = _directed(ep, et, sp)
-        d_pt.append(d)
-        s_pt.append(torch.repeat_interleave(idx, c))
+        if idx.numel() == edges_p.shape[0]:  # every element: no gather
+            ep, et = edges_p, edges_t
+        else:
+            ep, et = edges_p[idx], edges_t[idx]
+        d_pt.append(seed_distances(et, ep, sp))
+        s_pt.append(torch.repeat_interleave(idx, n_p[idx]))
         if both:
-            d, c = _directed(et, ep, sp)
-            d_tp.append(d)
-            s_tp.append(torch.repeat_interleave(idx, c))
+            d_tp.append(seed_distances(ep, et, sp))
+            s_tp.append(torch.repeat_interleave(idx, n_t[idx]))
 
     def cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=pred.device)
@@ -244,8 +241,13 @@ def _segment_max(values: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tenso
     return out.scatter_reduce(0, seg, values, reduce="amax", include_self=False)
 
 
-def _segment_quantile(values: torch.Tensor, seg: torch.Tensor, n: int, q: float) -> torch.Tensor:
-    """Per-segment ``torch.quantile(values[seg == i], q)`` (linear interpolation); nan for empty segments."""
+def _segment_quantile(
+    values: torch.Tensor, seg: torch.Tensor, n: int, q: float, *, contiguous: bool = False
+) -> torch.Tensor:
+    """Per-segment ``torch.quantile(values[seg == i], q)`` (linear interpolation); nan for empty segments.
+    ``contiguous``: the caller guarantees ``seg`` is non-decreasing (as _surface_distances returns it)."""
+    if contiguous and values.device.type == "cpu" and n <= 16:
+        return _few_segment_quantile(values, seg, n, q)
     if values.dtype == torch.float32 and values.numel() and bool(values.min() >= 0):
         # Non-negative floats order as their bit patterns: one sort of (segment, bits) int64 keys
         # (2x faster than the two stable argsorts below).
@@ -267,6 +269,25 @@ def _segment_quantile(values: torch.Tensor, seg: torch.Tensor, n: int, q: float)
     hi = ordered[(starts + above).clamp(0, last)] if values.numel() else ranks
     out = torch.lerp(lo, hi, ranks - below.to(values.dtype))
     return torch.where(counts > 0, out, torch.full_like(out, float("nan")))
+
+
+def _few_segment_quantile(values: torch.Tensor, seg: torch.Tensor, n: int, q: float) -> torch.Tensor:
+    """_segment_quantile for a few contiguous segments on the CPU: the two order statistics of each segment by
+    kthvalue (selection, linear time) instead of a sort: 10x faster on surface-sized segments."""
+    counts = torch.bincount(seg, minlength=n).tolist()
+    out = torch.full((n,), float("nan"), dtype=values.dtype)
+    start = 0
+    for i, k in enumerate(counts):
+        if k:
+            part = values[start : start + k]
+            # same arithmetic as torch.quantile: rank = q * (k - 1) in the values' dtype, lerp between neighbours
+            rank = torch.tensor(q, dtype=values.dtype) * (k - 1)
+            below, above = int(rank), int(torch.ceil(rank))
+            lo = torch.kthvalue(part, below + 1).values
+            hi = lo if above == below else torch.kthvalue(part, above + 1).values
+            out[i] = torch.lerp(lo, hi, rank - below)
+        start += k
+    return out
 
 
 def _warn_empty(fn: str, n_p: torch.Tensor, n_t: torch.Tensor, channels: int, first: int) -> None:
@@ -376,7 +397,7 @@ def hausdorff_distance(
     _warn_empty("hausdorff_distance", n_p, n_t, channels, first)
 
     def reduce(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return _segment_max(d, s, n) if q is None else _segment_quantile(d, s, n, q / 100)
+        return _segment_max(d, s, n) if q is None else _segment_quantile(d, s, n, q / 100, contiguous=True)
 
     result = reduce(*forward)
     if backward is not None:
