@@ -185,8 +185,12 @@ def _crop_box(union: torch.Tensor, margin: int) -> list[slice]:
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
-    """Set voxels per element of a (N, *S) bool mask (int64); a uint8 sum is twice as fast as a bool one."""
-    return mask.view(torch.uint8).flatten(1).sum(1)
+    """Set voxels per element of a (N, *S) bool mask (int64), summed as uint8 into int32 where that cannot
+    overflow: 3x faster than an int64 sum (the default for bool and uint8)."""
+    flat = mask.view(torch.uint8).flatten(1)
+    if flat.shape[1] < 2**31:
+        return flat.sum(1, dtype=torch.int32).long()
+    return flat.sum(1)
 
 
 def _surface_distances(
