@@ -339,8 +339,8 @@ def hausdorff_distance(
     """(Percentile) Hausdorff distance between the surfaces of predicted and target segmentations.
 
     Equals MONAI's ``compute_hausdorff_distance(pred, target, include_background, "euclidean", percentile,
-    directed, spacing)``, computed with vectorized torch ops on the inputs' device (CPU or CUDA) and
-    :func:`medfast.distance_transform` instead of a loop over (batch, class) pairs with scipy.
+    directed, spacing)``, computed with vectorized torch ops on the inputs' device (CPU or CUDA) and a distance
+    transform evaluated at the surface voxels only, instead of a loop over (batch, class) pairs with scipy.
 
     For each batch element and class, the surface voxels of a mask are those removed by one erosion with the
     face-connected cross (foreground voxels on the image border included). ``d(pred -> target)`` is the

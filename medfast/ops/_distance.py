@@ -35,8 +35,11 @@ def seed_distances(seeds: torch.Tensor, query: torch.Tensor, spacing: Sequence[f
 
     ``seeds`` and ``query`` are (B, *spatial) bool masks of 2 or 3 spatial dims; the result lists the query
     voxels in C order (as ``query`` indexing would), ``inf`` where an element has no seed. It equals
-    ``distance_transform(~seeds, spacing)[query]`` without forming the full transform: one binary pass, the
-    middle envelope pass, and the last pass evaluated at the queries only. Internal to the surface metrics.
+    ``distance_transform(~seeds, spacing)[query]`` without forming the full transform: a binary pass along one
+    axis, then, on the CPU in 3D, each query searched outwards in its plane of the two other axes (bounded by
+    the previous query's distance plus their separation, so surfaces near each other cost little), with the
+    envelope pass as the fallback for planes where that search would cost more; on CUDA and in 2D, the
+    envelope pass and the last pass evaluated at the queries only. Internal to the surface metrics.
     """
     return _ops.seed_distances(seeds, query, [float(s) for s in spacing])
 
