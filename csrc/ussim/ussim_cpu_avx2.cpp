@@ -153,6 +153,7 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
     const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
     const int valid = (1 << nv) - 1;
     const __m256 fi = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(i0)), iota);
+    // (one rounding: may differ from the generic path by an ulp of the position)
     const __m256 p[3] = {_mm256_fmadd_ps(fi, s0, o0), _mm256_fmadd_ps(fi, s1, o1), _mm256_fmadd_ps(fi, s2v, o2)};
 
     // ---- properties: trilinear (impedance: sharpened weights), per distinct voxel cell.
