@@ -499,3 +499,66 @@ def test_batch_of_volumes_matches_single_calls_and_grads():
         torch.testing.assert_close(both[b:b + 1], single.detach(), atol=1e-4, rtol=1e-4)
         single.sum().backward()
         torch.testing.assert_close(ct.grad[b:b + 1], single_ct.grad, atol=1e-3, rtol=1e-3)
+
+
+# --- AVX2 line march (csrc/ussim/ussim_cpu_avx2.cpp) against the generic path ------------------------
+
+
+def _simd_and_generic(fn):
+    import medfast as mf
+    from medfast._extension import _C
+
+    if mf.build_info()["cpu_simd"] != "avx2":
+        pytest.skip("CPU without AVX2")
+    try:
+        fast = fn()
+        _C._set_cpu_simd(False)
+        slow = fn()
+    finally:
+        _C._set_cpu_simd(True)
+    return fast, slow
+
+
+@pytest.mark.parametrize("speckle", [True, False])
+@pytest.mark.parametrize("S", [203, 64])
+def test_march_lines_simd_matches_generic(speckle, S):
+    from medfast.ops._ussim import march_lines
+
+    g = torch.Generator().manual_seed(3)
+    D, H, W = 9, 7, 11
+    props = torch.stack([1.3 + 0.6 * torch.rand(D, H, W, generator=g),  # impedance with jumps
+                         torch.rand(D, H, W, generator=g), torch.rand(D, H, W, generator=g),
+                         torch.rand(D, H, W, generator=g), 0.5 * torch.rand(D, H, W, generator=g)], -1)[None]
+    props[0, 4, :, :, 0] = -0.2  # clamped impedance
+    B, L, E = 2, 5, 3
+    start = torch.rand(B, L, E, 3, generator=g) * torch.tensor([D, H, W]) - 1.0
+    step = (torch.rand(B, L, 3, generator=g) - 0.5) * 0.15
+    start[1, 3, 1] = 3e7  # a line far outside: the generic fallback
+    weights = torch.rand(E, S, 3, generator=g)
+    noise = noise_table(5, rows=256) if speckle else torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+    with torch.no_grad():
+        fast, slow = _simd_and_generic(lambda: march_lines(props, start, step, weights, noise, G, 0.03,
+                                                           WATER_BG, 11, 4.0))
+    scale = slow.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast / scale, slow / scale, rtol=0, atol=2e-5)
+    # deterministic
+    with torch.no_grad():
+        again = march_lines(props, start, step, weights, noise, G, 0.03, WATER_BG, 11, 4.0)
+    assert torch.equal(again, fast)
+
+
+def test_simulate_simd_matches_generic():
+    # A 1 mm voxel volume (as in the benchmark): the paths may differ by an ulp of a sample position,
+    # which moves the scatter field by (scatter cells per voxel) ulps.
+    g = torch.Generator().manual_seed(1)
+    ct = 40 + 60 * torch.nn.functional.interpolate(torch.randn(1, 1, 4, 4, 4, generator=g), size=(32, 32, 32),
+                                                   mode="trilinear", align_corners=False)
+    ct[..., 20:23, :, :] = 1200.0
+    props = hu_to_properties(ct)
+    pose = look_at((16.0, 16.0, 0.5), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+    probe = small_linear(depth_mm=30.0)
+    fast, slow = _simd_and_generic(lambda: simulate(props, np.eye(4), pose, probe, return_lines=True))
+    scale = float(slow.envelope.max())
+    torch.testing.assert_close(fast.envelope / scale, slow.envelope / scale, rtol=0, atol=1e-4)

@@ -78,6 +78,21 @@ MEDFAST_HOST_DEVICE int64_t cell_row(int64_t a, int64_t b, int64_t c, const Para
   return static_cast<int64_t>(h & static_cast<uint64_t>(P.noise_mask));
 }
 
+// The table rows of the 8 corners of scatter-grid cell (c0, c1, c2), in corner order (corner = 4 a +
+// 2 b + e); the same rows as cell_row (unsigned products wrap: (c + 1) K = c K + K), without branches.
+MEDFAST_HOST_DEVICE void noise_corner_rows(const float* table, const Params& P, int64_t c0, int64_t c1, int64_t c2,
+                                           const float** rows) {
+  const uint64_t a0 = static_cast<uint64_t>(c0) * 0x9E3779B97F4A7C15ULL, a1 = a0 + 0x9E3779B97F4A7C15ULL;
+  const uint64_t b0 = static_cast<uint64_t>(c1) * 0xC2B2AE3D27D4EB4FULL, b1 = b0 + 0xC2B2AE3D27D4EB4FULL;
+  const uint64_t e0 = static_cast<uint64_t>(c2) * 0x165667B19E3779F9ULL, e1 = e0 + 0x165667B19E3779F9ULL;
+  const uint64_t mask = static_cast<uint64_t>(P.noise_mask);
+  USSIM_UNROLL8
+  for (int corner = 0; corner < 8; ++corner) {
+    const uint64_t h = mix64(((corner & 4) ? a1 : a0) ^ ((corner & 2) ? b1 : b0) ^ ((corner & 1) ? e1 : e0) ^ P.seed);
+    rows[corner] = table + (h & mask) * kNoise;
+  }
+}
+
 // The 8 x K corner values of the voxel cell (i0, j0, k0) of a ray's last sample. Rays step ~10 samples
 // per voxel, so a march that keeps one (CPU launcher) loads each cell once; the values (and so the
 // results) are the same as without it.
@@ -191,6 +206,41 @@ MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, 
   }
 }
 
+// Makes the cache hold the 8 corner rows of scatter-grid cell (c0, c1, c2) (a no-op if it does).
+template <typename A>
+MEDFAST_HOST_DEVICE void noise_cell(const float* table, const Params& P, int64_t c0, int64_t c1, int64_t c2,
+                                    NoiseCache<A>& cache) {
+  if (cache.valid && cache.c0 == c0 && cache.c1 == c1 && cache.c2 == c2) return;
+  // A step of one cell along one axis (the usual miss) shares 4 corners with the cached cell.
+  int keep_mask = 0, keep_bit = 0;
+  if (cache.valid) {
+    const int64_t d0 = c0 - cache.c0, d1 = c1 - cache.c1, d2 = c2 - cache.c2;
+    const int64_t a0 = d0 < 0 ? -d0 : d0, a1 = d1 < 0 ? -d1 : d1, a2 = d2 < 0 ? -d2 : d2;
+    if (a0 + a1 + a2 == 1) {
+      keep_mask = a0 ? 4 : (a1 ? 2 : 1);
+      keep_bit = (d0 + d1 + d2) > 0 ? 0 : keep_mask;  // corners of the new cell that the old one had
+    }
+  }
+  A old[8][3];
+  if (keep_mask)
+    for (int corner = 0; corner < 8; ++corner)
+      for (int c = 0; c < 3; ++c) old[corner][c] = cache.val[corner][c];
+  cache.c0 = c0;
+  cache.c1 = c1;
+  cache.c2 = c2;
+  cache.valid = true;
+  MEDFAST_UNROLL
+  for (int corner = 0; corner < 8; ++corner) {
+    if (keep_mask && (corner & keep_mask) == keep_bit) {
+      for (int c = 0; c < 3; ++c) cache.val[corner][c] = old[corner ^ keep_mask][c];
+      continue;
+    }
+    const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+    const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
+    for (int c = 0; c < 3; ++c) cache.val[corner][c] = static_cast<A>(row[c]);
+  }
+}
+
 // World-anchored scatter noise: trilinear interpolation of the hashed table values at the
 // scatter-grid position of voxel position p, divided by the norm of the interpolation weights so
 // that the field has unit variance everywhere (a stationary Gaussian field: fully developed speckle
@@ -217,39 +267,14 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
   }
   A local[8][3];
   A(*rows)[3] = local;
-  if (cache && cache->valid && cache->c0 == c0 && cache->c1 == c1 && cache->c2 == c2) {
+  if (cache) {
+    noise_cell<A>(table, P, c0, c1, c2, *cache);
     rows = cache->val;
   } else {
-    // A step of one cell along one axis (the usual miss) shares 4 corners with the cached cell.
-    int keep_mask = 0, keep_bit = 0;
-    if (cache && cache->valid) {
-      const int64_t d0 = c0 - cache->c0, d1 = c1 - cache->c1, d2 = c2 - cache->c2;
-      const int64_t a0 = d0 < 0 ? -d0 : d0, a1 = d1 < 0 ? -d1 : d1, a2 = d2 < 0 ? -d2 : d2;
-      if (a0 + a1 + a2 == 1) {
-        keep_mask = a0 ? 4 : (a1 ? 2 : 1);
-        keep_bit = (d0 + d1 + d2) > 0 ? 0 : keep_mask;  // corners of the new cell that the old one had
-      }
-    }
-    A old[8][3];
-    if (keep_mask)
-      for (int corner = 0; corner < 8; ++corner)
-        for (int c = 0; c < 3; ++c) old[corner][c] = cache->val[corner][c];
-    if (cache) {
-      rows = cache->val;
-      cache->c0 = c0;
-      cache->c1 = c1;
-      cache->c2 = c2;
-      cache->valid = true;
-    }
     MEDFAST_UNROLL
     for (int corner = 0; corner < 8; ++corner) {
-      if (keep_mask && (corner & keep_mask) == keep_bit) {
-        for (int c = 0; c < 3; ++c) rows[corner][c] = old[corner ^ keep_mask][c];
-        continue;
-      }
-      const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
-      const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
-      for (int c = 0; c < 3; ++c) rows[corner][c] = static_cast<A>(row[c]);
+      const float* row = table + cell_row(c0 + (corner >> 2), c1 + ((corner >> 1) & 1), c2 + (corner & 1), P) * kNoise;
+      for (int c = 0; c < 3; ++c) local[corner][c] = static_cast<A>(row[c]);
     }
   }
   USSIM_UNROLL8

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "common/cpu_simd.h"
 #include "ussim/ussim_launch.h"
 
 namespace medfast::ussim {
@@ -50,10 +51,7 @@ __attribute__((target("avx2,fma"))) void backward_loop_avx2(const T* vol, int64_
   }
 }
 
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+bool has_avx2() { return cpu_simd_available(); }
 #endif
 
 }  // namespace
@@ -83,6 +81,20 @@ Tensor march_lines_cpu(const Tensor& props, const Tensor& start, const Tensor& s
   const int64_t B = start.size(0), L = start.size(1), E = start.size(2), S = P.S, Bv = props.size(0);
   Tensor out = at::empty({B, L, 3, S}, start.options());
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  if (start.scalar_type() == at::kFloat && march_lines_avx2_applies(P)) {
+    const Tensor wT = weights.permute({0, 2, 1}).contiguous();  // (E, 3, S): contiguous vector loads
+    const float* vol = props.const_data_ptr<float>();
+    const float* st = start.const_data_ptr<float>();
+    const float* sp = step.const_data_ptr<float>();
+    const float* w = weights.const_data_ptr<float>();
+    const float* wt = wT.const_data_ptr<float>();
+    const float* table = noise.const_data_ptr<float>();
+    float* o = out.mutable_data_ptr<float>();
+    at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
+      march_lines_avx2(vol, vol_stride, Bv, table, P, st, sp, w, wt, L, E, o, begin, end);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "medfast_ussim_march_lines_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* vol = props.const_data_ptr<scalar_t>();

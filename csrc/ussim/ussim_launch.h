@@ -19,6 +19,12 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
 // of each scanline, (B, L, 3, S) (see march_line in ussim.h).
 Tensor march_lines_cpu(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
                        const Tensor& noise, const Params& P);
+// The AVX2 float32 line march (ussim_cpu_avx2.cpp): whether it runs (CPU support, not switched off),
+// and lines [begin, end) of march_lines_cpu; w (E, S, 3) as given, wT (E, 3, S) channel-major.
+bool march_lines_avx2_applies(const Params& P);
+void march_lines_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P,
+                      const float* st, const float* sp, const float* w, const float* wT, int64_t L, int64_t E,
+                      float* o, int64_t begin, int64_t end);
 Tensor march_lines_cuda(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
                         const Tensor& noise, const Params& P);
 // Point-spread function (psf_axial_row / psf_lateral_row in ussim.h), h (3, K), w (3, J, S).
