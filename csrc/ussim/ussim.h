@@ -353,8 +353,8 @@ template <typename T, typename A, bool Cached = false, typename Pos, typename Em
 MEDFAST_HOST_DEVICE void march_ray_fn(const T* vol, const float* table, const Params& P, Pos pos, Emit emit) {
   double logT = 0.0;
   A Zprev = A(1);
-  CellCache<A> cell;
-  NoiseCache<A> ncache;
+  CellCache<A> cell{};  // {}: the valid flag starts false (and no maybe-uninitialized warnings)
+  NoiseCache<A> ncache{};
   cell.valid = ncache.valid = false;
   for (int64_t i = 0; i < P.S; ++i) {
     A p[3];
@@ -427,8 +427,8 @@ MEDFAST_HOST_DEVICE void march_line(const T* vol, const float* table, const Para
 template <typename T, typename A, bool Cached = false>
 MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, const Params& P, const T* coords,
                                             const T* grad, T* gvals, T* gcoords) {
-  CellCache<A> cell;
-  NoiseCache<A> ncache;
+  CellCache<A> cell{};  // {}: the valid flag starts false (and no maybe-uninitialized warnings)
+  NoiseCache<A> ncache{};
   cell.valid = ncache.valid = false;
   // Pass 1: total of h_i E_i.
   double logT = 0.0, total = 0.0;
@@ -448,7 +448,7 @@ MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, co
   logT = 0.0;
   double prefix = 0.0;
   Zprev = A(1);
-  A gv_prev[kProps], dv_prev[3 * kProps], gp_prev[3];
+  A gv_prev[kProps] = {}, dv_prev[3 * kProps] = {}, gp_prev[3] = {};  // read from sample 1 on
   bool clamped_prev = false;
   for (int64_t i = 0; i < P.S; ++i) {
     A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
