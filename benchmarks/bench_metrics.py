@@ -4,7 +4,9 @@ smoothed random blobs; background + 1 foreground class), and writes benchmarks/r
     python benchmarks/bench_metrics.py [--size 128] [--repeats 5] [--device cpu]
 
 Cases: Hausdorff-95 (medfast.metrics.hausdorff_distance vs monai.metrics.compute_hausdorff_distance, one-hot
-(1, 2, S, S, S) masks, include_background=False, spacing (1.5, 1.0, 0.8)) and hard Dice
+(1, 2, S, S, S) masks, include_background=False, spacing (1.5, 1.0, 0.8)) on the blob pair (the target case),
+on a near-identical pair (the blob against itself shifted by one voxel: a good segmentation) and on two
+disjoint balls (surfaces far apart: the worst case for medfast's search), and hard Dice
 (medfast.metrics.dice on label maps vs monai.metrics.DiceMetric on the same label maps with num_classes=2).
 Ratios are MONAI time / medfast time (> 1: medfast is faster).
 """
@@ -73,11 +75,23 @@ def main() -> None:
     target_lab = target_fg.long()[None]
     spacing = (1.5, 1.0, 0.8)
 
-    def ours_hd():
-        return mm.hausdorff_distance(pred_1h, target_1h, 95, spacing)
+    def one_hot(fg: torch.Tensor) -> torch.Tensor:
+        return torch.stack([~fg, fg])[None]  # (1, 2, S, S, S) bool one-hot
 
-    def monai_hd():
-        return compute_hausdorff_distance(pred_1h, target_1h, percentile=95, spacing=list(spacing))
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n)] * 3, indexing="ij"))
+    ball_a = ((grid - n // 4) ** 2).sum(0) < (n // 6) ** 2
+    ball_b = ((grid - 3 * n // 4) ** 2).sum(0) < (n // 5) ** 2
+    hd_pairs = {
+        "hausdorff95": (pred_1h, target_1h),
+        "hausdorff95 near-identical": (pred_1h, one_hot(torch.roll(pred_fg, 1, 0))),
+        "hausdorff95 disjoint balls": (one_hot(ball_a.to(device)), one_hot(ball_b.to(device))),
+    }
+
+    def ours_hd(pair=hd_pairs["hausdorff95"]):
+        return mm.hausdorff_distance(*pair, 95, spacing)
+
+    def monai_hd(pair=hd_pairs["hausdorff95"]):
+        return compute_hausdorff_distance(*pair, percentile=95, spacing=list(spacing))
 
     dice_metric = DiceMetric(include_background=True, reduction="none", num_classes=2)
 
@@ -89,13 +103,18 @@ def main() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hd_ours, hd_monai = float(ours_hd()[0, 0]), float(monai_hd()[0, 0])
+        hd_values = {k: {"medfast": float(ours_hd(pair)[0, 0]), "monai": float(monai_hd(pair)[0, 0])}
+                     for k, pair in hd_pairs.items()}
+        hd_ours, hd_monai = hd_values["hausdorff95"]["medfast"], hd_values["hausdorff95"]["monai"]
         dice_ours, dice_monai = ours_dice().cpu(), monai_dice().cpu()
         rows = {
-            "hausdorff95": {
-                "medfast": timed_ms(ours_hd, args.repeats, device),
-                "monai": timed_ms(monai_hd, args.repeats, device),
-            },
+            k: {
+                "medfast": timed_ms(lambda pair=pair: ours_hd(pair), args.repeats, device),
+                "monai": timed_ms(lambda pair=pair: monai_hd(pair), args.repeats, device),
+            }
+            for k, pair in hd_pairs.items()
+        }
+        rows |= {
             "dice": {
                 "medfast": timed_ms(ours_dice, args.repeats, device),
                 "monai": timed_ms(monai_dice, args.repeats, device),
@@ -108,7 +127,7 @@ def main() -> None:
         "torch": torch.__version__,
         "foreground_voxels": {"pred": int(pred_fg.sum()), "target": int(target_fg.sum())},
         "values": {
-            "hausdorff95": {"medfast": hd_ours, "monai": hd_monai},
+            **hd_values,
             "dice": {"medfast": dice_ours[0].tolist(), "monai": dice_monai[0].tolist()},
         },
         "ms": rows,
