@@ -229,7 +229,7 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
       for (int corner = 0; corner < 8; ++corner) ss = _mm256_fmadd_ps(wq[corner], wq[corner], ss);
       const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(ss));
       // Pass 1: the distinct cells of the block (lanes in sample order) and their corner rows, with
-      // the row loads started early (the 1 MiB table is mostly outside L1/L2). Pass 2: the sums.
+      // the row loads started early (the table is mostly outside L1). Pass 2: the sums.
       int ncell = 0, cmask[8];
       for (int todo = valid; todo;) {
         const int l = __builtin_ctz(todo);
