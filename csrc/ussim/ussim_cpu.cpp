@@ -54,6 +54,41 @@ __attribute__((target("avx2,fma"))) void backward_loop_avx2(const T* vol, int64_
 bool has_avx2() { return cpu_simd_available(); }
 #endif
 
+// The PSF's forward row loops (axial then lateral), compiled for the baseline and for AVX2 + FMA
+// like lines_loop (the header rows vectorise 8 wide there).
+#define MEDFAST_USSIM_PSF_FORWARD_BODY                                                                     \
+  at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {                                 \
+    for (int64_t r = begin; r < end; ++r)                                                                 \
+      psf_axial_row<T, A>(xp + r * S, hp + (r % 3) * K, K, S, 0, S, t + r * S, false);                    \
+  });                                                                                                     \
+  at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {                                     \
+    for (int64_t bl = begin; bl < end; ++bl) {                                                            \
+      const int64_t b = bl / L, l = bl % L;                                                               \
+      const T* y = t + b * L * 3 * S;                                                                     \
+      T* re = o + (b * 2 * L + l) * S;                                                                    \
+      T* im = o + ((b * 2 + 1) * L + l) * S;                                                              \
+      psf_lateral_row<T, A>(y, 3 * S, wp, J, L, S, l, 0, S, re, false, false);                            \
+      psf_lateral_row<T, A>(y + S, 3 * S, wp + J * S, J, L, S, l, 0, S, re, false, true);                 \
+      psf_lateral_row<T, A>(y + 2 * S, 3 * S, wp + 2 * J * S, J, L, S, l, 0, S, im, false, false);        \
+    }                                                                                                     \
+  });
+
+template <typename T, typename A>
+void psf_forward(const T* xp, const T* hp, const T* wp, T* t, T* o, int64_t B, int64_t L, int64_t S, int64_t K,
+                 int64_t J, int64_t grain) {
+  MEDFAST_USSIM_PSF_FORWARD_BODY
+}
+
+#ifdef MEDFAST_USSIM_AVX2
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void psf_forward_avx2(const T* xp, const T* hp, const T* wp, T* t, T* o,
+                                                          int64_t B, int64_t L, int64_t S, int64_t K, int64_t J,
+                                                          int64_t grain) {
+  MEDFAST_USSIM_PSF_FORWARD_BODY
+}
+#endif
+#undef MEDFAST_USSIM_PSF_FORWARD_BODY
+
 }  // namespace
 
 Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise, const Params& P) {
@@ -130,21 +165,13 @@ Tensor psf_cpu(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 4096 / S);
     if (!transpose) {
-      at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-          psf_axial_row<scalar_t, A>(xp + r * S, hp + (r % 3) * K, K, S, 0, S, t + r * S, false);
-      });
-      at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t bl = begin; bl < end; ++bl) {
-          const int64_t b = bl / L, l = bl % L;
-          const scalar_t* y = t + b * L * 3 * S;
-          scalar_t* re = o + (b * 2 * L + l) * S;
-          scalar_t* im = o + ((b * 2 + 1) * L + l) * S;
-          psf_lateral_row<scalar_t, A>(y, 3 * S, wp, J, L, S, l, 0, S, re, false, false);
-          psf_lateral_row<scalar_t, A>(y + S, 3 * S, wp + J * S, J, L, S, l, 0, S, re, false, true);
-          psf_lateral_row<scalar_t, A>(y + 2 * S, 3 * S, wp + 2 * J * S, J, L, S, l, 0, S, im, false, false);
-        }
-      });
+#ifdef MEDFAST_USSIM_AVX2
+      if (has_avx2()) {
+        psf_forward_avx2<scalar_t, A>(xp, hp, wp, t, o, B, L, S, K, J, grain);
+        return;
+      }
+#endif
+      psf_forward<scalar_t, A>(xp, hp, wp, t, o, B, L, S, K, J, grain);
     } else {
       at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {

@@ -103,6 +103,13 @@ MEDFAST_AVX2 inline __m256 sharpen8(__m256 t, __m256 k) {
   return _mm256_min_ps(_mm256_max_ps(u, _mm256_setzero_ps()), _mm256_set1_ps(1.0f));
 }
 
+// Inclusive prefix sum of the four lanes.
+MEDFAST_AVX2 inline __m256d scan4(__m256d x) {
+  const __m256d z = _mm256_setzero_pd();
+  x = _mm256_add_pd(x, _mm256_blend_pd(_mm256_permute4x64_pd(x, 0x90), z, 1));  // + (0, x0, x1, x2)
+  return _mm256_add_pd(x, _mm256_blend_pd(_mm256_permute4x64_pd(x, 0x40), z, 3));  // + (0, 0, x0, x1)
+}
+
 // Corner rows of one scatter-grid cell.
 struct NoiseRows {
   int32_t c[3];
@@ -144,11 +151,9 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
   const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i shift_idx = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
   const bool speckle = P.noise_mask != 0;
-  double logT = 0.0;
+  __m256d logT = _mm256_setzero_pd();  // log transmission down to the block, in every lane
   float Zlast = 1.0f;
   alignas(32) int32_t ci[3][8];
-  alignas(32) double u[8];
-  alignas(32) float Tf[8];
   for (int64_t i0 = 0; i0 < S; i0 += 8) {
     const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
     const int valid = (1 << nv) - 1;
@@ -224,7 +229,7 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
       for (int corner = 0; corner < 8; ++corner) ss = _mm256_fmadd_ps(wq[corner], wq[corner], ss);
       const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(ss));
       // Pass 1: the distinct cells of the block (lanes in sample order) and their corner rows, with
-      // the row loads started early (the 1 MiB table is mostly outside L1/L2). Pass 2: the sums.
+      // the row loads started early (the table is mostly outside L1). Pass 2: the sums.
       int ncell = 0, cmask[8];
       for (int todo = valid; todo;) {
         const int l = __builtin_ctz(todo);
@@ -268,17 +273,21 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
     const __m256 amp = _mm256_mul_ps(_mm256_sqrt_ps(rho), _mm256_fmadd_ps(v[4], n[2], v[3]));
     const __m256 tr = _mm256_fnmadd_ps(R, R, one);
     const __m256 lt = log8(_mm256_max_ps(tr, _mm256_set1_ps(static_cast<float>(kMinTransmission))));
-    // u = log(1 - R^2) - att alpha in double; T_i = exp(sum_{j < i} u_j), summed in sample order.
-    const __m256d att = _mm256_set1_pd(P.att);
-    _mm256_store_pd(u, _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_castps256_ps128(v[1])),
-                                        _mm256_cvtps_pd(_mm256_castps256_ps128(lt))));
-    _mm256_store_pd(u + 4, _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_extractf128_ps(v[1], 1)),
-                                            _mm256_cvtps_pd(_mm256_extractf128_ps(lt, 1))));
-    for (int l = 0; l < nv; ++l) {
-      Tf[l] = static_cast<float>(logT);
-      logT += u[l];
-    }
-    const __m256 T = exp8(_mm256_load_ps(Tf));
+    // u = log(1 - R^2) - att alpha in double; T_i = exp(sum_{j < i} u_j): an exclusive prefix sum in
+    // double over the block (log-step scan; differs from the sequential sum by double rounding only).
+    const __m256d att = _mm256_set1_pd(P.att), zd = _mm256_setzero_pd();
+    const __m256d ulo = _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_castps256_ps128(v[1])),
+                                         _mm256_cvtps_pd(_mm256_castps256_ps128(lt)));
+    const __m256d uhi = _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_extractf128_ps(v[1], 1)),
+                                         _mm256_cvtps_pd(_mm256_extractf128_ps(lt, 1)));
+    // u shifted up one lane (lane 0: 0), then inclusive scans of its two halves.
+    const __m256d xlo = _mm256_blend_pd(_mm256_permute4x64_pd(ulo, 0x90), zd, 1);
+    const __m256d xhi = _mm256_blend_pd(_mm256_permute4x64_pd(uhi, 0x90), _mm256_permute4x64_pd(ulo, 0xFF), 1);
+    const __m256d slo = scan4(xlo), shi = scan4(xhi);
+    const __m256d Tlo = _mm256_add_pd(logT, slo);
+    const __m256d Thi = _mm256_add_pd(_mm256_add_pd(logT, _mm256_permute4x64_pd(slo, 0xFF)), shi);
+    logT = _mm256_permute4x64_pd(_mm256_add_pd(Thi, uhi), 0xFF);  // (only a full block is followed by another)
+    const __m256 T = exp8(_mm256_set_m128(_mm256_cvtpd_ps(Thi), _mm256_cvtpd_ps(Tlo)));
     const __m256 TA = _mm256_mul_ps(T, amp);
     const __m256 e[3] = {_mm256_mul_ps(T, R), _mm256_mul_ps(TA, n[0]), _mm256_mul_ps(TA, n[1])};
     if (nv == 8) {

@@ -405,18 +405,24 @@ def simulate(
     lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, bg, seed, sharp)
     i_re, i_im = _apply_psf(lines, probe, speckle)  # IQ, (B, L, S) each
 
-    power = i_re.square().add_(i_im.square())  # |IQ|^2 before TGC
+    # Without autograd the same steps run in place (one buffer for the power / dB lines and one for
+    # the clipped scan: no per-step temporaries); same operations in the same order, same values.
+    in_place = not (torch.is_grad_enabled() and (i_re.requires_grad or i_im.requires_grad))
+    power = i_re.square().add_(i_im.square())  # |IQ|^2 before TGC (not addcmul: its FMA rounds differently)
     # log compression with the TGC added in dB: 10 log10(|IQ|^2 g^2) = 10 log10 |IQ|^2 + 2 tgc fc z.
-    lines_db = 10.0 * torch.log10(power + 1e-20)
+    lines_db = power.add_(1e-20).log10_().mul_(10.0) if in_place else 10.0 * torch.log10(power + 1e-20)
     if tgc_db_cm_mhz:
         z_cm = probe.depths(device=dev, dtype=dt) / 10.0
         tgc_db = 2.0 * tgc_db_cm_mhz * probe.fc_mhz * z_cm
-        lines_db = lines_db + (tgc_db + gain_db)
+        lines_db = lines_db.add_(tgc_db + gain_db) if in_place else lines_db + (tgc_db + gain_db)
         gain_lin = 10.0 ** (tgc_db / 20.0) if return_lines else None
     else:
-        lines_db = lines_db + gain_db
+        lines_db = lines_db.add_(gain_db) if in_place else lines_db + gain_db
         gain_lin = None
-    scan = ((lines_db + dynamic_range_db) / dynamic_range_db).clamp(0.0, 1.0)
+    if in_place:
+        scan = torch.add(lines_db, dynamic_range_db).div_(dynamic_range_db).clamp_(0.0, 1.0)
+    else:
+        scan = ((lines_db + dynamic_range_db) / dynamic_range_db).clamp(0.0, 1.0)
     grid, px = _cached("grid", probe, 1, str(dev), dt, pixel_mm)
     bmode = F.grid_sample(scan.transpose(1, 2)[:, None], grid.expand(B, -1, -1, -1), mode="bilinear",
                           padding_mode="zeros", align_corners=True)
