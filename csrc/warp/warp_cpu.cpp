@@ -148,6 +148,13 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
       position_grad ? empty_large_cpu(output_sizes(batch, ndim, shape), pos_opts) : at::empty({0}, pos_opts);
   Tensor grad_image = image_grad ? empty_large_cpu(image.sizes(), pos_opts).zero_() : at::empty({0}, pos_opts);
   const int64_t total = batch * c10::multiply_integers(shape);
+  if (total > 0 && image_grad && position_grad && image.scalar_type() == at::kFloat && ndim == 3 &&
+      mode != kCubic && padding != kReflection) {
+    const auto A = make_args<float, float, 3>(image, theta, ddf, shape);
+    if (try_backward_avx2_one_sweep(A, mode, padding, gout.const_data_ptr<float>(),
+                                    grad_pos.mutable_data_ptr<float>(), grad_image.mutable_data_ptr<float>()))
+      return {grad_image, grad_pos};
+  }
   const int64_t threads = at::get_num_threads();
   const bool plane_parallel = image_grad && image.size(0) * image.size(1) >= threads;
   const int64_t chunks =

@@ -580,33 +580,16 @@ bool disjoint_blocks(const WarpArgs<float, float, 3>& A, int64_t threads, std::v
 }
 
 // Same schemes as the generic launcher (warp_cpu.cpp): whole (batch, channel) planes per thread,
-// or contiguous ranges of rows with one gradient buffer each, summed in a fixed order. Two more
-// that make one sweep for both gradients (the stencil computed once, not once per pass): a single
-// thread; or blocks of output slices whose scatter targets are disjoint, even blocks in parallel,
-// then odd ones (each gradient element then gets its additions in a fixed order).
+// or contiguous ranges of rows with one gradient buffer each, summed in a fixed order. Tried first
+// (backward_avx2_one_sweep), two that make one sweep for both gradients (the stencil computed once,
+// not once per pass, and no per-thread buffers): a single thread; or blocks of output slices whose
+// scatter targets are disjoint, even blocks in parallel, then odd ones (each gradient element then
+// gets its additions in a fixed order).
 template <int MODE, int PAD>
 void backward_avx2(const WarpArgs<float, float, 3>& A, const float* gout, float* grad_pos, float* grad_image,
                    float* extra, int64_t chunks, bool plane_parallel, const int32_t* st) {
   const int64_t plane = A.out_size[0] * A.out_size[1], rows = A.batch * plane, C = A.channels;
   const int64_t image_numel = A.image_batch * C * A.in_size[0] * A.in_size[1] * A.in_size[2];
-  const int64_t threads = at::get_num_threads();
-  if (grad_image != nullptr && grad_pos != nullptr && plane_parallel) {
-    if (threads == 1) {
-      backward_rows<MODE, PAD>(A, gout, grad_pos, grad_image, st, 0, rows, 0, C);
-      return;
-    }
-    std::vector<int64_t> begin;
-    if (disjoint_blocks(A, threads, begin)) {
-      for (int64_t parity = 0; parity < 2; ++parity)
-        at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
-          for (int64_t k = k0; k < k1; ++k) {
-            const int64_t s0 = begin[2 * k + parity], s1 = begin[2 * k + parity + 1];
-            backward_rows<MODE, PAD>(A, gout, grad_pos, grad_image, st, 0, (s1 - s0) * A.out_size[1], 0, C, s0, s1);
-          }
-        });
-      return;
-    }
-  }
   if (grad_image == nullptr || plane_parallel) {
     if (grad_pos != nullptr)
       at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / A.out_size[2]), [&](int64_t r0, int64_t r1) {
@@ -630,6 +613,28 @@ void backward_avx2(const WarpArgs<float, float, 3>& A, const float* gout, float*
     }
   });
   reduce_chunk_buffers(grad_image, extra, chunks, image_numel);
+}
+
+// Both gradients in one sweep (see above); false when the blocks' targets would overlap.
+template <int MODE, int PAD>
+bool backward_avx2_one_sweep(const WarpArgs<float, float, 3>& A, const float* gout, float* grad_pos,
+                             float* grad_image, const int32_t* st) {
+  const int64_t threads = at::get_num_threads(), rows = A.batch * A.out_size[0] * A.out_size[1];
+  if (threads == 1) {
+    backward_rows<MODE, PAD>(A, gout, grad_pos, grad_image, st, 0, rows, 0, A.channels);
+    return true;
+  }
+  std::vector<int64_t> begin;
+  if (!disjoint_blocks(A, threads, begin)) return false;
+  for (int64_t parity = 0; parity < 2; ++parity)
+    at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t s0 = begin[2 * k + parity], s1 = begin[2 * k + parity + 1];
+        backward_rows<MODE, PAD>(A, gout, grad_pos, grad_image, st, 0, (s1 - s0) * A.out_size[1], 0, A.channels,
+                                 s0, s1);
+      }
+    });
+  return true;
 }
 
 // int32 strides of the image when every offset fits (gathers take 32-bit indices).
@@ -662,6 +667,17 @@ bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding,
     else forward_avx2<kNearest, kBorder>(A, out, st);
   }
   return true;
+}
+
+bool try_backward_avx2_one_sweep(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
+                                 float* grad_pos, float* grad_image) {
+  int32_t st[3];
+  if (!applicable(A, padding) || !int32_strides(A, st)) return false;
+  if (mode == kLinear)
+    return padding == kZeros ? backward_avx2_one_sweep<kLinear, kZeros>(A, gout, grad_pos, grad_image, st)
+                             : backward_avx2_one_sweep<kLinear, kBorder>(A, gout, grad_pos, grad_image, st);
+  return padding == kZeros ? backward_avx2_one_sweep<kNearest, kZeros>(A, gout, grad_pos, grad_image, st)
+                           : backward_avx2_one_sweep<kNearest, kBorder>(A, gout, grad_pos, grad_image, st);
 }
 
 bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
