@@ -189,6 +189,13 @@ MEDFAST_AVX2 inline void pair_stencil8(const __m256* p, const int32_t* n, const 
   interleave(pt.w[0], pt.w[1], s.w2lo, s.w2hi);
 }
 
+// Results (output, position gradient) are written once and not read again here: streaming stores
+// skip reading each line before writing it. Callers end with _mm_sfence (weakly ordered stores).
+MEDFAST_AVX2 inline void store_result(float* p, __m256 v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) _mm256_stream_ps(p, v);
+  else _mm256_storeu_ps(p, v);
+}
+
 // A PairStencil8 kept for a later pass over the channels, with the offsets in memory.
 struct RowStencil {
   alignas(32) int32_t off[4][8];
@@ -299,7 +306,7 @@ MEDFAST_AVX2 void forward_rows(const WarpArgs<float, float, 3>& A, float* out, c
               lo = _mm256_fmadd_ps(dup_lo(rs.w[t]), glo, lo);
               hi = _mm256_fmadd_ps(dup_hi(rs.w[t]), ghi, hi);
             }
-            _mm256_storeu_ps(oc + 8 * k, pair_sums(_mm256_mul_ps(lo, rs.w2lo), _mm256_mul_ps(hi, rs.w2hi)));
+            store_result(oc + 8 * k, pair_sums(_mm256_mul_ps(lo, rs.w2lo), _mm256_mul_ps(hi, rs.w2hi)));
           }
         }
       }
@@ -326,6 +333,7 @@ MEDFAST_AVX2 void forward_rows(const WarpArgs<float, float, 3>& A, float* out, c
       forward_voxel<MODE, PAD>(A, out, b, xi, row + w);
     }
   }
+  _mm_sfence();
 }
 
 template <int MODE, int PAD>
@@ -438,7 +446,7 @@ MEDFAST_AVX2 int64_t backward_pairs(const WarpArgs<float, float, 3>& A, const fl
   if (grad_pos != nullptr)
     for (int64_t k = 0; k < groups; ++k)
       for (int i = 0; i < 3; ++i)
-        _mm256_storeu_ps(grad_pos + (b * 3 + i) * A.out_numel + row + 8 * k, rowbuf[k].gp[i]);
+        store_result(grad_pos + (b * 3 + i) * A.out_numel + row + 8 * k, rowbuf[k].gp[i]);
   return w;
 }
 
@@ -507,6 +515,7 @@ MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float*
       backward_voxel<MODE, PAD>(A, gout, grad_pos, buf != nullptr, in_numel, b, xi, row + w, add, c0, c1);
     }
   }
+  _mm_sfence();
 }
 
 // Image slices (axis 0) that the taps of each output slice can touch, [lo, hi] (lo > hi: none),
