@@ -132,10 +132,9 @@ def test_simd_chunked_image_gradient(padding):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_simd_row_stencils_shared_by_channels(channels, threads, padding):
-    """Linear pairs compute the stencils of a row once and then sweep one channel plane at a time; the
-    backward visits rows in tiles of 32 along axis 1 when a sweep covers several planes. A volume
-    with more than one tile (and a partial last one), rows with a tail of W % 8 voxels and a NaN lane,
-    odd channel counts split between threads; results bitwise reproducible."""
+    """Linear pairs compute the stencils of a row once and then sweep one channel plane at a time
+    (channels 1, 2, 3, 5). Rows with a tail of W % 8 voxels and a NaN lane, channel counts split
+    between threads; results bitwise reproducible."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
