@@ -152,11 +152,12 @@ def test_simd_row_stencils_shared_by_channels(channels, threads, padding):
         assert torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
+@pytest.mark.parametrize("mode, padding", [("linear", "zeros"), ("linear", "border"), ("nearest", "zeros")])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("scale", [1.0, 12.0])
 @pytest.mark.parametrize("affine", [False, True])
-def test_simd_one_sweep_backward(channels, threads, scale, affine):
+def test_simd_one_sweep_backward(mode, padding, channels, threads, scale, affine):
     """Both gradients in one sweep: one thread; or blocks of output slices with disjoint scatter
     targets, even blocks in parallel then odd ones (small displacements), falling back to the
     two-pass scheme when the targets overlap (large ones). Against the generic path; bitwise
@@ -170,8 +171,8 @@ def test_simd_one_sweep_backward(channels, threads, scale, affine):
         ddf[0, 0, 20, 5, 3] = float("nan")
         theta = torch.eye(3, 4).unsqueeze(0) + 0.03 * torch.randn(1, 3, 4) if affine else None
         weights = torch.randn(1, channels, 28, 12, 19)
-        fast, slow = _both(lambda: _forward_backward(image, theta, ddf, "zeros", weights))
-        again, _ = _both(lambda: _forward_backward(image, theta, ddf, "zeros", weights))
+        fast, slow = _both(lambda: _forward_backward(image, theta, ddf, padding, weights, mode))
+        again, _ = _both(lambda: _forward_backward(image, theta, ddf, padding, weights, mode))
     finally:
         torch.set_num_threads(old)
     for a, b in zip(fast, slow):
