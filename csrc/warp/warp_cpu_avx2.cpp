@@ -2,7 +2,8 @@
 // interpolation of float32 images with "zeros" or "border" padding, 3D, displacement rows
 // contiguous in memory. Eight output voxels of a row are processed at once: positions, floor,
 // weights and (clamped) tap offsets in vector registers, the image read with gathers (linear: the two
-// taps of the contiguous axis as one 64-bit pair). It is the
+// taps of the contiguous axis as one 64-bit pair, loaded one by one; the stencils of a whole row are
+// computed first and then applied to one channel plane after the other). It is the
 // arithmetic of warp.h (axis_taps_linear / axis_taps_nearest + make_stencil) written for eight
 // lanes; the tests compare it with the generic path (_set_cpu_simd(False)) and with scipy.
 // Everything else uses the generic launcher.
@@ -132,16 +133,10 @@ MEDFAST_AVX2 inline __m256 pair_sums(__m256 lo, __m256 hi) {
   const __m256 h = _mm256_hadd_ps(lo, hi);  // v0 v1 v4 v5 | v2 v3 v6 v7
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(h), 0xD8));
 }
-// The pairs at float offsets off (8 voxels) as two pair-interleaved halves.
-MEDFAST_AVX2 inline void gather_pairs(const float* base, __m256i off, __m256& lo, __m256& hi) {
-  const double* b = reinterpret_cast<const double*>(base);
-  const __m256d all = _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), z = _mm256_setzero_pd();
-  lo = _mm256_castpd_ps(_mm256_mask_i32gather_pd(z, b, _mm256_castsi256_si128(off), all, 4));
-  hi = _mm256_castpd_ps(_mm256_mask_i32gather_pd(z, b, _mm256_extracti128_si256(off, 1), all, 4));
-}
 
-// The same from offsets in memory, with plain 64-bit loads: a hardware gather of four pairs costs
-// several times more than four loads and three shuffles on AMD Zen (1.6x faster forward measured).
+// The pairs at float offsets off[0..7] as two pair-interleaved halves (voxels 0-3, 4-7), from plain
+// 64-bit loads: on AMD Zen 4 a hardware gather of four pairs costs more than four loads and three
+// shuffles (forward 1.25x faster measured, c1 and c4).
 MEDFAST_AVX2 inline __m128 load_2pairs(const float* base, int32_t a, int32_t b) {
   const __m128 lo = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(base + a)));
   return _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(base + b));
@@ -160,11 +155,6 @@ MEDFAST_AVX2 inline void prefetch_ahead1(const float* base, __m256i off, int32_t
   _mm_prefetch(reinterpret_cast<const char*>(base + _mm256_extract_epi32(off, 7) + kAheadRows * st1), _MM_HINT_T0);
 }
 
-// Linear pairs: the rows of the larger axis-1 tap.
-MEDFAST_AVX2 inline void prefetch_ahead(const float* base, const __m256i* off, int32_t st1) {
-  prefetch_ahead1(base, off[1], st1);
-  prefetch_ahead1(base, off[3], st1);
-}
 
 // The 2 x 2 rows (axes 0, 1) times one pair (axis 2) of linear interpolation for eight voxels.
 struct PairStencil8 {
@@ -202,6 +192,7 @@ struct RowStencil {
   __m256 w[4], w2lo, w2hi;
 };
 
+// Linear pairs: the rows of the larger axis-1 tap (rows 1 and 3), first and last lane.
 MEDFAST_AVX2 inline void prefetch_ahead(const float* base, const int32_t (*off)[8], int32_t st1) {
   for (int t = 1; t < 4; t += 2)
     for (int l = 0; l < 8; l += 7)
