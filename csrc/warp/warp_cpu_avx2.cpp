@@ -616,8 +616,10 @@ bool backward_avx2_one_sweep(const WarpArgs<float, float, 3>& A, const float* go
     backward_rows<MODE, PAD>(A, gout, grad_pos, grad_image, st, 0, rows, 0, A.channels);
     return true;
   }
+  // Linear only: the scalar nearest taps (warp.h) put an outside "zeros" tap at index 0, not at the
+  // nearest edge that slice_targets assumes.
   std::vector<int64_t> begin;
-  if (!disjoint_blocks(A, threads, begin)) return false;
+  if (MODE != kLinear || !disjoint_blocks(A, threads, begin)) return false;
   for (int64_t parity = 0; parity < 2; ++parity)
     at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
