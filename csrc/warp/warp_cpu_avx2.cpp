@@ -199,6 +199,30 @@ MEDFAST_AVX2 inline void prefetch_ahead(const float* base, const int32_t (*off)[
       _mm_prefetch(reinterpret_cast<const char*>(base + off[t][l] + kAheadRows * st1), _MM_HINT_T0);
 }
 
+// Linear pairs, forward: NC channel planes (image stride sc, output stride oc) of a row's groups.
+template <int NC>
+MEDFAST_AVX2 inline void forward_planes(const RowStencil* rowbuf, int64_t groups, const float* img, int64_t sc,
+                                        float* out, int64_t oc, int32_t st1) {
+  for (int64_t k = 0; k < groups; ++k) {
+    const RowStencil& rs = rowbuf[k];
+    for (int c = 0; c < NC; ++c) prefetch_ahead(img + c * sc, rs.off, st1);
+    __m256 lo[NC], hi[NC];
+    for (int c = 0; c < NC; ++c) lo[c] = hi[c] = _mm256_setzero_ps();
+    for (int t = 0; t < 4; ++t) {
+      const int32_t* of = rs.off[t];
+      const __m256 wl = dup_lo(rs.w[t]), wh = dup_hi(rs.w[t]);
+      for (int c = 0; c < NC; ++c) {
+        __m256 glo, ghi;
+        load_pairs(img + c * sc, of, glo, ghi);
+        lo[c] = _mm256_fmadd_ps(wl, glo, lo[c]);
+        hi[c] = _mm256_fmadd_ps(wh, ghi, hi[c]);
+      }
+    }
+    for (int c = 0; c < NC; ++c)
+      store_result(out + c * oc + 8 * k, pair_sums(_mm256_mul_ps(lo[c], rs.w2lo), _mm256_mul_ps(hi[c], rs.w2hi)));
+  }
+}
+
 // Positions of eight voxels (b, x0, x1, x2 .. x2 + 7); false when one of them is NaN.
 MEDFAST_AVX2 inline bool positions8(const WarpArgs<float, float, 3>& A, int64_t b, int64_t x0, int64_t x1, int64_t x2,
                                     __m256* p) {
@@ -276,22 +300,15 @@ MEDFAST_AVX2 void forward_rows(const WarpArgs<float, float, 3>& A, float* out, c
           rs.w2lo = s.w2lo;
           rs.w2hi = s.w2hi;
         }
-        for (int64_t c = 0; c < A.channels; ++c) {
-          const float* ic = img + c * A.image_sc;
-          float* oc = o + c * A.out_numel;
-          for (int64_t k = 0; k < groups; ++k) {
-            const RowStencil& rs = rowbuf[k];
-            prefetch_ahead(ic, rs.off, st[1]);
-            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-            for (int t = 0; t < 4; ++t) {
-              __m256 glo, ghi;
-              load_pairs(ic, rs.off[t], glo, ghi);
-              lo = _mm256_fmadd_ps(dup_lo(rs.w[t]), glo, lo);
-              hi = _mm256_fmadd_ps(dup_hi(rs.w[t]), ghi, hi);
-            }
-            store_result(oc + 8 * k, pair_sums(_mm256_mul_ps(lo, rs.w2lo), _mm256_mul_ps(hi, rs.w2hi)));
-          }
-        }
+        // Two planes per sweep: each offset and weight read serves both, and their loads are
+        // independent (c2 forward 1.2x, c4 1.1x faster than one at a time; four at a time is slower).
+        int64_t c = 0;
+        for (; c + 2 <= A.channels; c += 2)
+          forward_planes<2>(rowbuf.data(), groups, img + c * A.image_sc, A.image_sc, o + c * A.out_numel, A.out_numel,
+                            st[1]);
+        if (c < A.channels)
+          forward_planes<1>(rowbuf.data(), groups, img + c * A.image_sc, A.image_sc, o + c * A.out_numel, A.out_numel,
+                            st[1]);
       }
     }
     for (; w + 8 <= W; w += 8) {
