@@ -148,6 +148,8 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
       position_grad ? empty_large_cpu(output_sizes(batch, ndim, shape), pos_opts) : at::empty({0}, pos_opts);
   Tensor grad_image = image_grad ? empty_large_cpu(image.sizes(), pos_opts).zero_() : at::empty({0}, pos_opts);
   const int64_t total = batch * c10::multiply_integers(shape);
+  // AVX2: both gradients in one sweep, race-free without per-thread buffers (warp_cpu_avx2.cpp);
+  // otherwise the schemes of backward_loop.
   if (total > 0 && image_grad && position_grad && image.scalar_type() == at::kFloat && ndim == 3 &&
       mode != kCubic && padding != kReflection) {
     const auto A = make_args<float, float, 3>(image, theta, ddf, shape);
