@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/cpu_alloc.h"
 #include "warp/spline.h"
 #include "warp/warp_launch.h"
 
@@ -124,7 +125,7 @@ void reduce_chunk_buffers(double* grad_image, const double* extra, int64_t chunk
 Tensor forward_cpu(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, at::IntArrayRef shape,
                    int mode, int padding) {
   const int64_t batch = output_batch(image, theta, ddf);
-  Tensor out = at::empty(output_sizes(batch, image.size(1), shape), image.options());
+  Tensor out = empty_large_cpu(output_sizes(batch, image.size(1), shape), image.options());
   if (out.numel() == 0) return out;
   dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
     const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
@@ -143,14 +144,24 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
   const int64_t ndim = image.dim() - 2;
   const auto pos_opts = image.options().dtype(position_dtype(image.scalar_type()));
   const Tensor gout = grad.contiguous();
-  Tensor grad_pos = position_grad ? at::empty(output_sizes(batch, ndim, shape), pos_opts) : at::empty({0}, pos_opts);
-  Tensor grad_image = image_grad ? at::zeros(image.sizes(), pos_opts) : at::empty({0}, pos_opts);
+  Tensor grad_pos =
+      position_grad ? empty_large_cpu(output_sizes(batch, ndim, shape), pos_opts) : at::empty({0}, pos_opts);
+  Tensor grad_image = image_grad ? empty_large_cpu(image.sizes(), pos_opts).zero_() : at::empty({0}, pos_opts);
   const int64_t total = batch * c10::multiply_integers(shape);
+  // AVX2: both gradients in one sweep, race-free without per-thread buffers (warp_cpu_avx2.cpp);
+  // otherwise the schemes of backward_loop.
+  if (total > 0 && image_grad && position_grad && image.scalar_type() == at::kFloat && ndim == 3 &&
+      mode != kCubic && padding != kReflection) {
+    const auto A = make_args<float, float, 3>(image, theta, ddf, shape);
+    if (try_backward_avx2_one_sweep(A, mode, padding, gout.const_data_ptr<float>(),
+                                    grad_pos.mutable_data_ptr<float>(), grad_image.mutable_data_ptr<float>()))
+      return {grad_image, grad_pos};
+  }
   const int64_t threads = at::get_num_threads();
   const bool plane_parallel = image_grad && image.size(0) * image.size(1) >= threads;
   const int64_t chunks =
       image_grad && !plane_parallel ? std::clamp<int64_t>(std::min<int64_t>(threads, total / 4096), 1, 8) : 1;
-  Tensor extra = chunks > 1 ? at::zeros({chunks - 1, image.numel()}, pos_opts) : Tensor();
+  Tensor extra = chunks > 1 ? empty_large_cpu({chunks - 1, image.numel()}, pos_opts).zero_() : Tensor();
   if (total > 0 && (image_grad || position_grad)) {
     dispatch_warp(image.scalar_type(), ndim, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
       using T = acc_t<S>;

@@ -95,6 +95,9 @@ void reduce_chunk_buffers(double* grad_image, const double* extra, int64_t chunk
 
 // AVX2 fast path (warp_cpu_avx2.cpp): linear/nearest, float32, 3D, zeros/border. false: not applicable.
 bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, float* out);
+// Both gradients in one sweep without per-thread buffers, where that is race-free; false: not done.
+bool try_backward_avx2_one_sweep(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
+                                 float* grad_pos, float* grad_image);
 bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
                        float* grad_pos, float* grad_image, float* extra, int64_t chunks, bool plane_parallel);
 
