@@ -549,6 +549,33 @@ def test_march_lines_simd_matches_generic(speckle, S):
     assert torch.equal(again, fast)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_march_lines_simd_crosses_volume(axis):
+    # Lines that enter, cross and leave the volume along each axis: the AVX2 path reads the corner
+    # values in place inside the volume and through load_cell (background) at the border.
+    from medfast.ops._ussim import march_lines
+
+    g = torch.Generator().manual_seed(7)
+    D, H, W = 6, 9, 13
+    props = torch.stack([1.3 + 0.6 * torch.rand(D, H, W, generator=g)] +
+                        [torch.rand(D, H, W, generator=g) for _ in range(4)], -1)[None]
+    L, E, S = 4, 2, 96
+    size = [D, H, W][axis]
+    start = torch.rand(1, L, E, 3, generator=g) * torch.tensor([D, H, W]) - 0.5
+    start[..., axis] = -3.0
+    step = torch.zeros(1, L, 3)
+    step[..., axis] = (size + 6.0) / S
+    step += (torch.rand(1, L, 3, generator=g) - 0.5) * 0.01
+    weights = torch.rand(E, S, 3, generator=g)
+    noise = noise_table(5, rows=256)
+    G = [1.7, 0.1, 0.0, 0.3, 0.0, 1.5, 0.2, -2.0, 0.1, 0.0, 2.1, 0.75]
+    with torch.no_grad():
+        fast, slow = _simd_and_generic(lambda: march_lines(props, start, step, weights, noise, G, 0.03,
+                                                           WATER_BG, 11, 4.0))
+    scale = slow.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(fast / scale, slow / scale, rtol=0, atol=2e-5)
+
+
 def test_simulate_simd_matches_generic():
     # A 1 mm voxel volume (as in the benchmark): the paths may differ by an ulp of a sample position,
     # which moves the scatter field by (scatter cells per voxel) ulps.

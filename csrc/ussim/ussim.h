@@ -111,10 +111,15 @@ struct NoiseCache {
   A val[8][3];
 };
 
+// Whether all 8 corners of voxel cell (i0, j0, k0) lie inside the volume.
+MEDFAST_HOST_DEVICE bool cell_inside(const Params& P, int64_t i0, int64_t j0, int64_t k0) {
+  return i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
+}
+
 template <typename T, typename A>
 MEDFAST_HOST_DEVICE void load_cell(const T* vol, const Params& P, int64_t i0, int64_t j0, int64_t k0,
                                    A (*val)[kProps]) {
-  const bool all_in = i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
+  const bool all_in = cell_inside(P, i0, j0, k0);
   USSIM_UNROLL8
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
