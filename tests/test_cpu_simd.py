@@ -4,20 +4,25 @@ import pytest
 import torch
 
 import medfast as mf
-from medfast._extension import _C
+from tests.conftest import simd_and_generic as _both
 
 pytestmark = pytest.mark.skipif(mf.build_info()["cpu_simd"] != "avx2", reason="CPU without AVX2")
 
 
-def _both(fn):
-    """fn() with the SIMD path, then with the generic path."""
+def _check_threads(threads, run, atol):
+    """run() with the SIMD and the generic path on `threads` threads: close to each other, and the SIMD
+    results bitwise equal on a second run."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        fast = fn()
-        _C._set_cpu_simd(False)
-        slow = fn()
+        fast, slow = _both(run)
+        again, _ = _both(run)
     finally:
-        _C._set_cpu_simd(True)
-    return fast, slow
+        torch.set_num_threads(old)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5, equal_nan=True)
+    for a, b in zip(fast, again):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())  # bitwise reproducible
 
 
 def _forward_backward(image, theta, ddf, padding, weights, mode="linear"):
@@ -112,20 +117,10 @@ def test_fused_loss_avx2_matches_generic(activation, dtype):
 def test_simd_chunked_image_gradient(padding):
     """One image plane and several threads: each thread scatters into its own gradient buffer (summed in a
     fixed order); the pair scatter and prefetch on a volume large enough to be split."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        image = torch.rand(1, 1, 20, 20, 24)
-        ddf = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3) * 3, size=(20, 20, 24), mode="trilinear")
-        weights = torch.randn(1, 1, 20, 20, 24)
-        fast, slow = _both(lambda: _forward_backward(image, None, ddf, padding, weights))
-        again, _ = _both(lambda: _forward_backward(image, None, ddf, padding, weights))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for a, b in zip(fast, again):
-        assert torch.equal(a, b)  # bitwise reproducible
+    image = torch.rand(1, 1, 20, 20, 24)
+    ddf = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3) * 3, size=(20, 20, 24), mode="trilinear")
+    weights = torch.randn(1, 1, 20, 20, 24)
+    _check_threads(2, lambda: _forward_backward(image, None, ddf, padding, weights), atol=1e-5)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 5])
@@ -135,21 +130,11 @@ def test_simd_row_stencils_shared_by_channels(channels, threads, padding):
     """Linear pairs compute the stencils of a row once and then sweep one channel plane at a time
     (channels 1, 2, 3, 5). Rows with a tail of W % 8 voxels and a NaN lane, channel counts split
     between threads; results bitwise reproducible."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        image = torch.rand(1, channels, 9, 75, 21)
-        ddf = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 4, 3) * 3, size=(8, 70, 21), mode="trilinear")
-        ddf[0, 1, 3, 40, 9] = float("nan")
-        weights = torch.randn(1, channels, 8, 70, 21)
-        fast, slow = _both(lambda: _forward_backward(image, None, ddf, padding, weights))
-        again, _ = _both(lambda: _forward_backward(image, None, ddf, padding, weights))
-    finally:
-        torch.set_num_threads(old)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
-    for a, b in zip(fast, again):
-        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    image = torch.rand(1, channels, 9, 75, 21)
+    ddf = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 4, 3) * 3, size=(8, 70, 21), mode="trilinear")
+    ddf[0, 1, 3, 40, 9] = float("nan")
+    weights = torch.randn(1, channels, 8, 70, 21)
+    _check_threads(threads, lambda: _forward_backward(image, None, ddf, padding, weights), atol=1e-5)
 
 
 @pytest.mark.parametrize("mode, padding", [("linear", "zeros"), ("linear", "border"), ("nearest", "zeros")])
@@ -162,20 +147,9 @@ def test_simd_one_sweep_backward(mode, padding, channels, threads, scale, affine
     targets, even blocks in parallel then odd ones (small displacements), falling back to the
     two-pass scheme when the targets overlap (large ones). Against the generic path; bitwise
     reproducible."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        image = torch.rand(1, channels, 30, 12, 19)
-        ddf = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3) * scale, size=(28, 12, 19),
-                                              mode="trilinear")
-        ddf[0, 0, 20, 5, 3] = float("nan")
-        theta = torch.eye(3, 4).unsqueeze(0) + 0.03 * torch.randn(1, 3, 4) if affine else None
-        weights = torch.randn(1, channels, 28, 12, 19)
-        fast, slow = _both(lambda: _forward_backward(image, theta, ddf, padding, weights, mode))
-        again, _ = _both(lambda: _forward_backward(image, theta, ddf, padding, weights, mode))
-    finally:
-        torch.set_num_threads(old)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5, equal_nan=True)
-    for a, b in zip(fast, again):
-        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    image = torch.rand(1, channels, 30, 12, 19)
+    ddf = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3) * scale, size=(28, 12, 19), mode="trilinear")
+    ddf[0, 0, 20, 5, 3] = float("nan")
+    theta = torch.eye(3, 4).unsqueeze(0) + 0.03 * torch.randn(1, 3, 4) if affine else None
+    weights = torch.randn(1, channels, 28, 12, 19)
+    _check_threads(threads, lambda: _forward_backward(image, theta, ddf, padding, weights, mode), atol=1e-4)

@@ -7,8 +7,7 @@ import torch
 from scipy import ndimage
 
 import medfast as mf
-from medfast._extension import _C
-from tests.conftest import requires_cuda
+from tests.conftest import requires_cuda, simd_and_generic
 
 ops = torch.ops.medfast
 
@@ -273,7 +272,6 @@ def test_seed_distances_search_and_fallback_match_scipy(name, seeds, query):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.skipif(not hasattr(_C, "_set_cpu_simd"), reason="no SIMD switch")
 @pytest.mark.parametrize("shape", [(2, 9, 7, 5), (1, 12, 10, 8), (2, 11, 6, 13), (1, 30, 17, 64)])
 def test_seed_distances_simd_matches_generic_bitwise(shape):
     """The AVX2 forms of the binary pass and of the plane search against the baseline code: identical
@@ -284,12 +282,7 @@ def test_seed_distances_simd_matches_generic_bitwise(shape):
     seeds = torch.rand(shape, generator=g) < 0.02
     seeds.view(shape[0], -1)[:, -1] = True
     query = torch.rand(shape, generator=g) < 0.3
-    fast = seed_distances(seeds, query, (1.3, 0.7, 0.9))
-    try:
-        _C._set_cpu_simd(False)
-        slow = seed_distances(seeds, query, (1.3, 0.7, 0.9))
-    finally:
-        _C._set_cpu_simd(True)
+    fast, slow = simd_and_generic(lambda: seed_distances(seeds, query, (1.3, 0.7, 0.9)))
     assert torch.equal(fast, slow)
     torch.testing.assert_close(fast.double(), _seed_reference(seeds, query, (1.3, 0.7, 0.9)), rtol=1e-6, atol=1e-5)
 

@@ -21,6 +21,7 @@ from medfast.ultrasound import (
     simulate_labels,
 )
 from medfast.ultrasound.io import INVESALIUS_CRANIUM, read_inv3
+from tests.conftest import simd_and_generic
 
 WATER_BG = (1.5, 0.0, 0.0, 0.0, 0.0)
 
@@ -504,21 +505,6 @@ def test_batch_of_volumes_matches_single_calls_and_grads():
 # --- AVX2 line march (csrc/ussim/ussim_cpu_avx2.cpp) against the generic path ------------------------
 
 
-def _simd_and_generic(fn):
-    import medfast as mf
-    from medfast._extension import _C
-
-    if mf.build_info()["cpu_simd"] != "avx2":
-        pytest.skip("CPU without AVX2")
-    try:
-        fast = fn()
-        _C._set_cpu_simd(False)
-        slow = fn()
-    finally:
-        _C._set_cpu_simd(True)
-    return fast, slow
-
-
 @pytest.mark.parametrize("speckle", [True, False])
 @pytest.mark.parametrize("S", [203, 64])
 def test_march_lines_simd_matches_generic(speckle, S):
@@ -538,7 +524,7 @@ def test_march_lines_simd_matches_generic(speckle, S):
     noise = noise_table(5, rows=256) if speckle else torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
     with torch.no_grad():
-        fast, slow = _simd_and_generic(lambda: march_lines(props, start, step, weights, noise, G, 0.03,
+        fast, slow = simd_and_generic(lambda: march_lines(props, start, step, weights, noise, G, 0.03,
                                                            WATER_BG, 11, 4.0))
     scale = slow.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
     assert torch.isfinite(fast).all()
@@ -570,7 +556,7 @@ def test_march_lines_simd_crosses_volume(axis):
     noise = noise_table(5, rows=256)
     G = [1.7, 0.1, 0.0, 0.3, 0.0, 1.5, 0.2, -2.0, 0.1, 0.0, 2.1, 0.75]
     with torch.no_grad():
-        fast, slow = _simd_and_generic(lambda: march_lines(props, start, step, weights, noise, G, 0.03,
+        fast, slow = simd_and_generic(lambda: march_lines(props, start, step, weights, noise, G, 0.03,
                                                            WATER_BG, 11, 4.0))
     scale = slow.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
     torch.testing.assert_close(fast / scale, slow / scale, rtol=0, atol=2e-5)
@@ -586,7 +572,7 @@ def test_simulate_simd_matches_generic():
     props = hu_to_properties(ct)
     pose = look_at((16.0, 16.0, 0.5), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
     probe = small_linear(depth_mm=30.0)
-    fast, slow = _simd_and_generic(lambda: simulate(props, np.eye(4), pose, probe, return_lines=True))
+    fast, slow = simd_and_generic(lambda: simulate(props, np.eye(4), pose, probe, return_lines=True))
     scale = float(slow.envelope.max())
     torch.testing.assert_close(fast.envelope / scale, slow.envelope / scale, rtol=0, atol=1e-4)
 
@@ -601,6 +587,6 @@ def test_psf_simd_matches_generic():
     h = torch.rand(3, K, generator=g)
     w = torch.rand(3, J, S, generator=g)
     with torch.no_grad():
-        fast, slow = _simd_and_generic(lambda: psf(x, h, w))
+        fast, slow = simd_and_generic(lambda: psf(x, h, w))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     assert torch.equal(psf(x, h, w), fast)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfast.tasks._figures import save_figure
+
 __all__ = ["class_activation_map", "class_score", "save_cam_png"]
 
 
@@ -136,8 +138,4 @@ def save_cam_png(images: torch.Tensor, cams: torch.Tensor, path: str | Path, tit
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

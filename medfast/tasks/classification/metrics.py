@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medfast.tasks._figures import save_figure
+
 __all__ = ["accuracy", "balanced_accuracy", "classification_report", "confusion_matrix", "precision_recall_f1",
            "roc_auc", "save_confusion_png"]
 
@@ -157,8 +159,4 @@ def save_confusion_png(cm: np.ndarray, path: str | Path, class_names: Sequence[s
             ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
                     color="white" if shown[i, j] > 0.5 * hi else "black", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

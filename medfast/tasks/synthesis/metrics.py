@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from medfast.tasks._figures import save_figure
+
 __all__ = ["psnr", "save_grid", "sliced_wasserstein", "ssim"]
 
 
@@ -250,8 +252,4 @@ def save_grid(path: str | Path, rows: Sequence[tuple[str, torch.Tensor]], *, max
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
