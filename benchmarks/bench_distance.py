@@ -1,8 +1,17 @@
-"""Times medfast.distance_transform against scipy.ndimage.distance_transform_edt and MONAI's
-monai.transforms.utils.distance_transform_edt (scipy per channel on CPU) on one 128^3 mask, in the
-same run, and writes the results to benchmarks/results/distance_cpu_latest.json.
+"""Times medfast.distance_transform against its peers on one bool mask (default 128^3, 1 % background),
+in the same run, and writes the results to benchmarks/results/distance_<device>_latest.json.
 
-    python benchmarks/bench_distance.py [--size 128] [--background 0.01] [--repeats 5]
+CPU (``--device cpu``): against scipy.ndimage.distance_transform_edt and MONAI's
+monai.transforms.utils.distance_transform_edt (scipy per channel on CPU); median wall time.
+
+CUDA (``--device cuda``): medfast on the GPU against CuPy's cupyx.scipy.ndimage.distance_transform_edt
+(float32 distances, input shared with torch through DLPack, CuPy's allocations routed through torch's
+allocator so that the same peak-memory statistics see both), and MONAI's when cuCIM is installed (without
+it MONAI runs scipy on the CPU); scipy on the CPU as a reference. GPU times: median of CUDA-event-timed
+calls after a warm-up; peak memory: torch.cuda.max_memory_allocated of one call above what was allocated
+before it. A peer that is not installed is reported as skipped (``"skipped"`` in the JSON).
+
+    python benchmarks/bench_distance.py [--device cpu] [--size 128] [--background 0.01] [--repeats 11]
 
 Ratios are peer time / medfast time (> 1: medfast is faster).
 """
@@ -10,8 +19,10 @@ Ratios are peer time / medfast time (> 1: medfast is faster).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +33,7 @@ from scipy import ndimage
 import medfast as mf
 
 HERE = Path(__file__).resolve().parent
+SPACING = (1.5, 1.0, 0.8)
 
 
 def timed_ms(fn, repeats: int) -> float:
@@ -35,50 +47,176 @@ def timed_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def cuda_timed_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() between CUDA events on torch's current stream (fn's GPU work must be
+    ordered with it: torch's and CuPy's default streams are both the legacy default stream)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def cupy_timed_ms(cp, fn, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() between CuPy events on CuPy's current stream."""
+    for _ in range(warmup):
+        fn()
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return sorted(times)[len(times) // 2]
+
+
+def cuda_peak_mib(fn) -> float:
+    """Peak CUDA allocation of one call of fn() above what was allocated before it, MiB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - base) / 2**20
+
+
+def _cupy_on_torch_allocator(cp) -> None:
+    """CuPy's device allocations through torch's caching allocator (the tensor owning each block lives as
+    long as CuPy's pointer), so that torch.cuda.max_memory_allocated sees them."""
+
+    def alloc(nbytes: int):
+        block = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda")
+        return cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(block.data_ptr(), nbytes, block), 0)
+
+    cp.cuda.set_allocator(alloc)
+
+
+def run_cpu(mask: torch.Tensor, args) -> dict:
+    mask_np = mask[0].numpy()
+    got = mf.distance_transform(mask, SPACING)
+    ref = ndimage.distance_transform_edt(mask_np, sampling=SPACING)
+    max_err = float(np.abs(got[0].double().numpy() - ref).max())
+
+    rows = {"medfast": timed_ms(lambda: mf.distance_transform(mask, SPACING), args.repeats)}
+    rows["scipy"] = timed_ms(lambda: ndimage.distance_transform_edt(mask_np, sampling=SPACING), args.repeats)
+    skipped = {}
+    try:
+        from monai.transforms.utils import distance_transform_edt as monai_edt
+
+        rows["monai"] = timed_ms(lambda: monai_edt(mask, sampling=list(SPACING)), args.repeats)
+    except ImportError:
+        skipped["monai"] = "monai is not installed"
+    return {"ms": rows, "max_abs_error_vs_scipy": max_err, "skipped": skipped}
+
+
+def run_cuda(mask: torch.Tensor, args) -> dict:
+    mask_np = mask[0].numpy()
+    mask_gpu = mask.cuda()
+    ref = ndimage.distance_transform_edt(mask_np, sampling=SPACING)
+    got = mf.distance_transform(mask_gpu, SPACING)
+    errors = {"medfast": float(np.abs(got[0].double().cpu().numpy() - ref).max())}
+    del got
+
+    def ours():
+        return mf.distance_transform(mask_gpu, SPACING)
+
+    rows = {"medfast": cuda_timed_ms(ours, args.repeats)}
+    peaks = {"medfast": cuda_peak_mib(ours)}
+    skipped = {}
+    if importlib.util.find_spec("cupyx") is None:
+        skipped["cupy"] = "cupy is not installed (pip install cupy-cuda12x / cupy-cuda13x)"
+        print(f"cupy: skipped, {skipped['cupy']}", flush=True)
+    else:
+        import cupy as cp
+        from cupyx.scipy.ndimage import distance_transform_edt as cupy_edt
+
+        _cupy_on_torch_allocator(cp)
+        mask_u8 = mask_gpu[0].to(torch.uint8)  # DLPack: uint8 everywhere (bool needs a recent CuPy)
+        mask_cp = cp.from_dlpack(mask_u8)  # zero-copy view of the torch tensor
+
+        def theirs():
+            return cupy_edt(mask_cp, sampling=SPACING, float64_distances=False)
+
+        errors["cupy"] = float(np.abs(cp.asnumpy(theirs()).astype(np.float64) - ref).max())
+        rows["cupy"] = cupy_timed_ms(cp, theirs, args.repeats)
+        peaks["cupy"] = cuda_peak_mib(theirs)
+    if importlib.util.find_spec("monai") is None:
+        skipped["monai"] = "monai is not installed"
+    elif importlib.util.find_spec("cucim") is None or importlib.util.find_spec("cupy") is None:
+        skipped["monai"] = "MONAI's GPU distance transform needs cuCIM and CuPy; without them it runs scipy on the CPU"
+    else:
+        from monai.transforms.utils import distance_transform_edt as monai_edt
+
+        def monai_fn():
+            return monai_edt(mask_gpu, sampling=list(SPACING))  # channel first
+
+        rows["monai"] = cuda_timed_ms(monai_fn, args.repeats)
+        peaks["monai"] = cuda_peak_mib(monai_fn)
+    # scipy on the CPU: the reference a user without a GPU library has (fewer repeats: it is slow)
+    rows["scipy (CPU)"] = timed_ms(lambda: ndimage.distance_transform_edt(mask_np, sampling=SPACING),
+                                   max(1, min(args.repeats, 3)))
+    return {"ms": rows, "peak_mib": peaks, "max_abs_error_vs_scipy": errors["medfast"],
+            "max_abs_error_vs_scipy_per_impl": errors, "skipped": skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--background", type=float, default=0.01, help="fraction of background voxels")
     parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "distance_cpu_latest.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="JSON file (default results/distance_<device>_latest.json)")
+    args = parser.parse_args(argv)
+    out = args.out or HERE / "results" / f"distance_{args.device}_latest.json"
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("bench_distance: --device cuda but torch sees no GPU", file=sys.stderr)
+            return 2
+        if not mf.build_info().get("cuda_kernels"):
+            print("bench_distance: medfast was built without CUDA kernels", file=sys.stderr)
+            return 2
 
     torch.manual_seed(0)
     n = args.size
     mask = torch.rand(1, n, n, n) >= args.background  # True = foreground
-    spacing = (1.5, 1.0, 0.8)
-    mask_np = mask[0].numpy()
-
-    got = mf.distance_transform(mask, spacing)
-    ref = ndimage.distance_transform_edt(mask_np, sampling=spacing)
-    max_err = float(np.abs(got[0].double().numpy() - ref).max())
-
-    rows = {"medfast": timed_ms(lambda: mf.distance_transform(mask, spacing), args.repeats)}
-    rows["scipy"] = timed_ms(lambda: ndimage.distance_transform_edt(mask_np, sampling=spacing), args.repeats)
-    try:
-        from monai.transforms.utils import distance_transform_edt as monai_edt
-
-        rows["monai"] = timed_ms(lambda: monai_edt(mask, sampling=list(spacing)), args.repeats)
-    except ImportError:
-        pass
-
+    res = run_cuda(mask, args) if args.device == "cuda" else run_cpu(mask, args)
+    rows = res["ms"]
     result = {
-        "case": f"distance_transform {n}^3 bool mask, {args.background:g} background, spacing {spacing}",
+        "case": f"distance_transform {n}^3 bool mask, {args.background:g} background, spacing {SPACING}",
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "host": platform.node(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "max_abs_error_vs_scipy": max_err,
-        "ms": rows,
+        **res,
         "ratio_vs_medfast": {k: v / rows["medfast"] for k, v in rows.items() if k != "medfast"},
     }
-    print(result["case"], f"({result['threads']} threads), max |medfast - scipy| = {max_err:.2e}")
+    print(f"{result['case']} on {result['device_name']} ({result['threads']} CPU threads), "
+          f"max |medfast - scipy| = {result['max_abs_error_vs_scipy']:.2e}")
+    peaks = res.get("peak_mib", {})
     for name, ms in rows.items():
         ratio = "" if name == "medfast" else f"   {ms / rows['medfast']:.2f}x medfast time"
-        print(f"  {name:8s} {ms:9.2f} ms{ratio}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        peak = f"   peak {peaks[name]:.0f} MiB" if name in peaks else ""
+        print(f"  {name:12s} {ms:9.2f} ms{ratio}{peak}")
+    for name, why in res["skipped"].items():
+        print(f"  {name:12s} skipped: {why}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

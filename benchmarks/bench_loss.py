@@ -1,12 +1,26 @@
 """Dice+CE forward+backward: medfast against MONAI DiceCELoss and a plain PyTorch softmax + one-hot
-implementation, same run; each measurement in a fresh process for its peak memory.
+implementation, same run.
 
-    python benchmarks/bench_loss.py [--size 128] [--classes 4 16 64] [--out benchmarks/results]
+    python benchmarks/bench_loss.py [--device cpu] [--size 128] [--classes 4 16 64] [--out benchmarks/results]
+    python benchmarks/bench_loss.py --device cuda [--batch 2] [--dtypes float32 bfloat16] [--repeats 20]
+
+CPU (default B = 1, float32 logits): each measurement runs in a fresh process; time = median wall time of
+``--repeats`` calls after one warm-up, extra peak = peak RSS minus the RSS after the inputs are made.
+
+CUDA (default B = 2, float32 and bfloat16 logits): all measurements in this process, one after another;
+time = median of ``--repeats`` CUDA-event-timed calls after ``--warmup`` untimed ones, extra peak =
+``torch.cuda.max_memory_allocated`` over the warm-up calls minus what was allocated once the inputs were
+made (the logits' gradient counts as extra, as on CPU). Target (the issue's, on a GPU): medfast at least
+3x faster than MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` with no more extra peak memory.
+
+Writes ``loss_<device>_latest.json`` under ``--out``: a list of rows, one per (classes, dtype); ratios are
+peer time / medfast time (> 1: medfast is faster). A peer that is not installed is reported as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import subprocess
@@ -15,6 +29,10 @@ import time
 from pathlib import Path
 
 IMPLS = ("medfast", "monai", "torch")
+REQUIRES = {"monai": "monai"}  # Python module each peer needs (missing -> skipped)
+DTYPES = ("float32", "bfloat16", "float16")
+TARGET_RATIO = {"cuda": 3.0}  # vs MONAI, per device; with "mem <= peer"
+MEM_TOLERANCE_MIB = 1.0  # allocator / page granularity
 
 
 def _loss_fn(impl: str):
@@ -39,12 +57,19 @@ def _loss_fn(impl: str):
     return plain
 
 
-def worker(impl: str, size: int, classes: int, repeats: int) -> dict:
+def _inputs(size: int, classes: int, batch: int, dtype: str, device: str):
     import torch
 
     torch.manual_seed(0)
-    logits = torch.randn(1, classes, size, size, size, requires_grad=True)
-    target = torch.randint(0, classes, (1, 1, size, size, size))
+    shape = (batch, classes, size, size, size)
+    logits = torch.randn(shape, device=device).to(getattr(torch, dtype)).requires_grad_()
+    target = torch.randint(0, classes, (batch, 1, size, size, size), device=device)
+    return logits, target
+
+
+def worker(impl: str, size: int, classes: int, repeats: int, batch: int = 1, dtype: str = "float32") -> dict:
+    """CPU: one implementation in this (fresh) process; peak from the process's RSS."""
+    logits, target = _inputs(size, classes, batch, dtype, "cpu")
     fn = _loss_fn(impl)
     before = _rss_mib("VmRSS")  # inputs (and torch) only
 
@@ -60,7 +85,40 @@ def worker(impl: str, size: int, classes: int, repeats: int) -> dict:
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, all of the process
     return {"ms": sorted(times)[len(times) // 2] * 1e3, "peak_rss_mib": peak,
-            "extra_peak_mib": peak - before, "logits_mib": logits.numel() * 4 / 2**20}
+            "extra_peak_mib": peak - before, "logits_mib": logits.numel() * logits.element_size() / 2**20}
+
+
+def measure_cuda(impl: str, size: int, classes: int, repeats: int, batch: int, dtype: str, warmup: int = 3) -> dict:
+    """CUDA: one implementation in this process; CUDA-event times, peak from torch's allocator."""
+    import torch
+
+    torch.cuda.empty_cache()
+    logits, target = _inputs(size, classes, batch, dtype, "cuda")
+    fn = _loss_fn(impl)
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.to("cuda")
+
+    def step():
+        logits.grad = None
+        fn(logits, target).backward()
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()  # inputs only
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(max(warmup, 1)):
+        step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"ms": sorted(times)[len(times) // 2], "min_ms": min(times), "peak_mib": peak / 2**20,
+            "extra_peak_mib": (peak - base) / 2**20, "logits_mib": logits.numel() * logits.element_size() / 2**20}
 
 
 def _rss_mib(field: str) -> float:
@@ -71,41 +129,143 @@ def _rss_mib(field: str) -> float:
     return float("nan")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def missing_peer(impl: str) -> str | None:
+    """Why ``impl`` cannot run here (its package is not installed), else None."""
+    module = REQUIRES.get(impl)
+    if module and importlib.util.find_spec(module) is None:
+        return f"skipped: {module} is not installed"
+    return None
+
+
+def target_of(device: str) -> tuple[str, float | None]:
+    """The target of the medfast-vs-MONAI rows on ``device``: (description, minimum ratio)."""
+    ratio = TARGET_RATIO.get(device)
+    return (f">= {ratio:g}x, mem <= peer", ratio) if ratio else ("", None)
+
+
+def make_row(res: dict[str, dict], device: str, size: int, classes: int, batch: int, dtype: str) -> dict:
+    """One result row (the layout ``medfast.bench.runner._loss_rows`` reads)."""
+    row: dict = {"classes": classes, "size": size, "batch": batch, "dtype": dtype, "device": device}
+    for impl, r in res.items():
+        if "status" in r:
+            row[f"{impl}_status"] = r["status"]
+        else:
+            row.update({f"{impl}_{k}": v for k, v in r.items()})
+    ours = row.get("medfast_ms")
+    for peer in ("monai", "torch"):
+        theirs = row.get(f"{peer}_ms")
+        row[f"ratio_vs_{peer}"] = theirs / ours if theirs and ours else None
+    desc, min_ratio = target_of(device)
+    row["target"], row["met"] = desc, ""
+    if min_ratio:
+        ratio, mine, peer = row["ratio_vs_monai"], row.get("medfast_extra_peak_mib"), row.get("monai_extra_peak_mib")
+        if ratio is None or mine is None or peer is None:
+            row["met"] = "n/a"
+        else:
+            row["met"] = "yes" if ratio >= min_ratio and mine <= peer + MEM_TOLERANCE_MIB else "no"
+    return row
+
+
+def _line(row: dict) -> str:
+    def cell(impl: str) -> str:
+        if f"{impl}_ms" not in row:
+            return f"{impl} {row.get(f'{impl}_status', '-')}"
+        ratio = "" if impl == "medfast" else f" ({row[f'ratio_vs_{impl}']:.1f}x)"
+        return f"{impl} {row[f'{impl}_ms']:8.2f} ms{ratio}"
+
+    mem = " / ".join(f"{row[f'{i}_extra_peak_mib']:.0f}" if f"{i}_extra_peak_mib" in row else "-" for i in IMPLS)
+    logits = row.get("medfast_logits_mib", row.get("monai_logits_mib", float("nan")))
+    met = f"  target {row['target']}: {row['met']}" if row["target"] else ""
+    return (f"B={row['batch']} C={row['classes']:3d} {row['dtype']:8s}  " + "  ".join(cell(i) for i in IMPLS)
+            + f"  extra peak MiB medfast / monai / torch {mem} (logits {logits:.0f}){met}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--classes", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, help="batch size (default 1 on CPU, 2 on CUDA)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES,
+                   help="logits dtypes (default float32 on CPU, float32 bfloat16 on CUDA)")
+    p.add_argument("--repeats", type=int, help="timed calls (default 3 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, default=3, help="CUDA: untimed calls first (also the memory probe)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = 2 if args.device == "cuda" else 1
+    if args.dtypes is None:
+        args.dtypes = ["float32", "bfloat16"] if args.device == "cuda" else ["float32"]
+    if args.repeats is None:
+        args.repeats = 20 if args.device == "cuda" else 3
+    return args
+
+
+def _cpu_measure(impl: str, args: argparse.Namespace, classes: int, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, str(args.size), str(classes), str(args.repeats),
+           str(args.batch), dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
+        return {"status": f"error: {tail[-300:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cuda_measure(impl: str, args: argparse.Namespace, classes: int, dtype: str) -> dict:
+    import gc
+
+    import torch
+
+    try:
+        return measure_cuda(impl, args.size, classes, args.repeats, args.batch, dtype, args.warmup)
+    except torch.OutOfMemoryError as exc:
+        return {"status": f"out of memory: {str(exc).splitlines()[0][:200]}"}
+    except Exception as exc:  # a peer's own failure is a result, not a crash of the run
+        return {"status": f"error: {type(exc).__name__}: {exc}"[:300]}
+    finally:  # the next measurement starts from an empty cache
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.worker:
-        impl, size, classes, repeats = args.worker
-        print(json.dumps(worker(impl, int(size), int(classes), int(repeats))))
-        return
-    # Baseline: a process that only creates the inputs and the gradient (what every loss must hold).
+        impl, size, classes, repeats, *rest = args.worker
+        batch, dtype = (int(rest[0]), rest[1]) if rest else (1, "float32")
+        print(json.dumps(worker(impl, int(size), int(classes), int(repeats), batch, dtype)))
+        return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench_loss: --device cuda but torch sees no GPU", file=sys.stderr)
+            return 2
+        import medfast
+
+        if not medfast.build_info().get("cuda_kernels"):
+            print("bench_loss: medfast was built without CUDA kernels", file=sys.stderr)
+            return 2
+        print(f"{torch.cuda.get_device_name()}: B={args.batch} {args.size}^3, {args.repeats} CUDA-event-timed "
+              f"calls after {args.warmup} warm-up calls", flush=True)
+    measure = _cuda_measure if args.device == "cuda" else _cpu_measure
+    for impl in IMPLS:
+        if missing_peer(impl):
+            print(f"{impl}: {missing_peer(impl)}", flush=True)
     rows = []
-    for classes in args.classes:
-        res = {}
-        for impl in IMPLS:
-            cmd = [sys.executable, __file__, "--worker", impl, str(args.size), str(classes), str(args.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            res[impl] = json.loads(out.strip().splitlines()[-1])
-        row = {"classes": classes, "size": args.size, **{f"{k}_{m}": v[m] for k, v in res.items() for m in v}}
-        row["ratio_vs_monai"] = res["monai"]["ms"] / res["medfast"]["ms"]
-        row["ratio_vs_torch"] = res["torch"]["ms"] / res["medfast"]["ms"]
-        rows.append(row)
-        print(
-            f"C={classes:3d}  medfast {res['medfast']['ms']:8.1f} ms  monai {res['monai']['ms']:8.1f} ms "
-            f"({row['ratio_vs_monai']:.1f}x)  torch {res['torch']['ms']:8.1f} ms ({row['ratio_vs_torch']:.1f}x)  "
-            f"extra peak MiB (above inputs) medfast {res['medfast']['extra_peak_mib']:.0f} / "
-            f"monai {res['monai']['extra_peak_mib']:.0f} / torch {res['torch']['extra_peak_mib']:.0f} "
-            f"(logits {res['medfast']['logits_mib']:.0f})",
-            flush=True,
-        )
+    for dtype in args.dtypes:
+        for classes in args.classes:
+            res = {impl: ({"status": missing_peer(impl)} if missing_peer(impl) else measure(impl, args, classes, dtype))
+                   for impl in IMPLS}
+            row = make_row(res, args.device, args.size, classes, args.batch, dtype)
+            rows.append(row)
+            print(_line(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "loss_cpu_latest.json").write_text(json.dumps(rows, indent=1))
+    path = args.out / f"loss_{args.device}_latest.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+    return 0 if all("medfast_ms" in r for r in rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,7 @@
-"""Registration benchmarks on the CPU, medfast against MONAI in the same run; each measurement in a
-fresh process (its peak memory is that process's).
+"""Registration benchmarks, medfast against MONAI in the same run. On the CPU each measurement runs in a
+fresh process (its peak memory is that process's RSS above the inputs); on CUDA (``--device cuda``) all run
+in this process, one after another: times are the median of CUDA-event-timed calls after warm-up calls, peak
+memory is ``torch.cuda.max_memory_allocated`` over the warm-up calls above what the inputs (and model) hold.
 
 1. LNCC forward + backward (box window k = 9): ``medfast.lncc_loss`` against MONAI's
    ``LocalNormalizedCrossCorrelationLoss(kernel_type="rectangular")`` at 64^3 and 128^3.
@@ -9,10 +11,10 @@ fresh process (its peak memory is that process's).
 3. The step's breakdown: the LocalNet forward + backward alone (the part both builds share), and the
    warp + LNCC + bending energy forward + backward of each build on the same displacement.
 
-    python benchmarks/bench_registration.py [--sizes 64 128] [--step-size 64] [--out benchmarks/results]
+    python benchmarks/bench_registration.py [--device cpu] [--sizes 64 128] [--step-size 64] [--out benchmarks/results]
 
-Writes ``registration_cpu_latest.json`` and ``registration_cpu_latest.png``; the 1-minute load average
-is recorded before and after (the machines here are shared).
+Writes ``registration_<device>_latest.json`` and ``registration_<device>_latest.png``; the 1-minute load
+average is recorded before and after (the machines here are shared).
 """
 
 from __future__ import annotations
@@ -35,22 +37,63 @@ def _rss_mib(field: str) -> float:
     return float("nan")
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
+CUDA_WARMUP = 3  # untimed calls first on CUDA (allocator, cuDNN and kernel caches); they are the memory probe
+
+
+def _median_ms(fn, repeats: int, device: str = "cpu") -> float:
+    """Median milliseconds of fn(): wall time after one warm-up call on the CPU; CUDA events on the current
+    stream after CUDA_WARMUP calls on CUDA."""
+    if device != "cuda":
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
+    import torch
+
+    for _ in range(CUDA_WARMUP):
+        fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2] * 1e3
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
-def lncc_worker(impl: str, size: int, k: int, repeats: int) -> dict:
+def _time_and_peak(step, repeats: int, device: str) -> dict:
+    """{"ms": median ms, "extra_peak_mib": peak memory above what is held before the first call}."""
+    if device != "cuda":
+        before = _rss_mib("VmRSS")
+        ms = _median_ms(step, repeats)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"ms": ms, "extra_peak_mib": peak - before}
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(CUDA_WARMUP):
+        step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    ms = _median_ms(step, repeats, device)
+    return {"ms": ms, "extra_peak_mib": (peak - base) / 2**20, "peak_mib": peak / 2**20}
+
+
+def lncc_worker(impl: str, size: int, k: int, repeats: int, device: str = "cpu") -> dict:
     import torch
 
     torch.manual_seed(0)
     t = torch.rand(1, 1, size, size, size)
-    p = (t + 0.2 * torch.rand_like(t)).requires_grad_()
+    p = (t + 0.2 * torch.rand_like(t)).to(device).requires_grad_()
+    t = t.to(device)
     if impl == "medfast":
         import medfast as mf
 
@@ -64,18 +107,14 @@ def lncc_worker(impl: str, size: int, k: int, repeats: int) -> dict:
         def loss():
             return fn(p, t)
 
-    before = _rss_mib("VmRSS")
-
     def step():
         p.grad = None
         loss().backward()
 
-    ms = _median_ms(step, repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"ms": ms, "extra_peak_mib": peak - before, "value": float(loss())}
+    return {**_time_and_peak(step, repeats, device), "value": float(loss())}
 
 
-def step_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
+def step_worker(impl: str, size: int, channels: int, repeats: int, device: str = "cpu") -> dict:
     import torch
 
     from medfast.nets import LocalNet
@@ -85,9 +124,10 @@ def step_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
     with torch.no_grad():  # non-zero heads so the warp and the regularizer see a real field
         for h in net.heads.values():
             h.weight.normal_(0, 1e-2)
+    net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    fixed = torch.rand(1, 1, size, size, size)
-    moving = torch.rand(1, 1, size, size, size)
+    fixed = torch.rand(1, 1, size, size, size).to(device)
+    moving = torch.rand(1, 1, size, size, size).to(device)
     if impl == "medfast":
         import medfast as mf
         from medfast.losses import BendingEnergyLoss
@@ -102,27 +142,23 @@ def step_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
         from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
         from monai.networks.blocks import Warp
 
-        warp = Warp(mode="bilinear", padding_mode="border")
-        lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, kernel_type="rectangular")
+        warp = Warp(mode="bilinear", padding_mode="border").to(device)
+        lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, kernel_type="rectangular").to(device)
         bending = BendingEnergyLoss()
 
         def loss_fn():
             ddf = net(torch.cat([moving, fixed], 1))
             return lncc(warp(moving, ddf), fixed) + 0.5 * bending(ddf)
 
-    before = _rss_mib("VmRSS")
-
     def step():
         opt.zero_grad(set_to_none=True)
         loss_fn().backward()
         opt.step()
 
-    ms = _median_ms(step, repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"ms": ms, "extra_peak_mib": peak - before}
+    return _time_and_peak(step, repeats, device)
 
 
-def parts_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
+def parts_worker(impl: str, size: int, channels: int, repeats: int, device: str = "cpu") -> dict:
     """The step's parts: the shared LocalNet forward + backward (medfast worker only) and this build's
     warp + LNCC + bending energy forward + backward."""
     import torch
@@ -130,20 +166,20 @@ def parts_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
     from medfast.nets import LocalNet
 
     torch.manual_seed(0)
-    fixed = torch.rand(1, 1, size, size, size)
-    moving = torch.rand(1, 1, size, size, size)
+    fixed = torch.rand(1, 1, size, size, size).to(device)
+    moving = torch.rand(1, 1, size, size, size).to(device)
     out = {}
     if impl == "medfast":
-        net = LocalNet(3, in_channels=2, num_channel_initial=channels, depth=3, extract_levels=(0, 1, 2, 3))
+        net = LocalNet(3, in_channels=2, num_channel_initial=channels, depth=3, extract_levels=(0, 1, 2, 3)).to(device)
         x = torch.cat([moving, fixed], 1)
-        grad = torch.randn(1, 3, size, size, size)
+        grad = torch.randn(1, 3, size, size, size).to(device)
 
         def net_step():
             net.zero_grad(set_to_none=True)
             net(x).backward(grad)
 
-        out["net_ms"] = _median_ms(net_step, repeats)
-    ddf = (torch.randn(1, 3, size, size, size) * 2).requires_grad_()
+        out["net_ms"] = _median_ms(net_step, repeats, device)
+    ddf = (torch.randn(1, 3, size, size, size) * 2).to(device).requires_grad_()
     if impl == "medfast":
         import medfast as mf
         from medfast.losses import BendingEnergyLoss
@@ -156,8 +192,8 @@ def parts_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
         from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
         from monai.networks.blocks import Warp
 
-        warp = Warp(mode="bilinear", padding_mode="border")
-        lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, kernel_type="rectangular")
+        warp = Warp(mode="bilinear", padding_mode="border").to(device)
+        lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9, kernel_type="rectangular").to(device)
         bending = BendingEnergyLoss()
 
         def loss_fn():
@@ -167,17 +203,32 @@ def parts_worker(impl: str, size: int, channels: int, repeats: int) -> dict:
         ddf.grad = None
         loss_fn().backward()
 
-    out["losses_ms"] = _median_ms(loss_step, max(repeats, 5))
+    out["losses_ms"] = _median_ms(loss_step, max(repeats, 5), device)
     return out
 
 
+WORKERS = {"lncc": lncc_worker, "step": step_worker, "parts": parts_worker}
+
+
 def _run(kind: str, impl: str, *params) -> dict:
+    """One measurement: in a fresh process on the CPU, in this process on CUDA."""
+    if _DEVICE == "cuda":
+        import gc
+
+        import torch
+
+        try:
+            return WORKERS[kind](impl, *params, device="cuda")
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
     cmd = [sys.executable, __file__, "--worker", kind, impl, *map(str, params), str(_THREADS)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 _THREADS = 0
+_DEVICE = "cpu"
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -199,16 +250,20 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_yticks(list(y))
     ax.set_yticklabels([r[0] for r in rows], fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("median ms (CPU, lower is better)")
+    on = result.get("device_name") or "CPU"
+    ax.set_xlabel(f"median ms ({on}, lower is better)")
     ax.legend(fontsize=8)
-    ax.set_title(f"registration, CPU ({result['threads']} threads, load {result['load_before']:.1f})", fontsize=9)
+    where = (f"CPU ({result['threads']} threads, load {result['load_before']:.1f})" if "threads" in result
+             else f"{on} (load {result['load_before']:.1f})")
+    ax.set_title(f"registration, {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     p.add_argument("--kernel", type=int, default=9)
     p.add_argument("--repeats", type=int, default=5)
@@ -220,7 +275,7 @@ def main() -> None:
                    help="torch threads in every worker (0: torch's default); on a loaded machine 1 avoids "
                         "measuring the OS scheduler instead of the code")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         kind, impl, *params = args.worker
         import torch
@@ -228,15 +283,29 @@ def main() -> None:
         if int(params[-1]):
             torch.set_num_threads(int(params[-1]))
         params = params[:-1]
-        fn = {"lncc": lncc_worker, "step": step_worker, "parts": parts_worker}[kind]
-        print(json.dumps(fn(impl, *map(int, params))))
-        return
+        print(json.dumps(WORKERS[kind](impl, *map(int, params))))
+        return 0
     import torch
 
-    global _THREADS
-    _THREADS = args.threads
-    result = {"threads": args.threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "load_before": os.getloadavg()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S"), "lncc": []}
+    global _THREADS, _DEVICE
+    _THREADS, _DEVICE = args.threads, args.device
+    if args.device == "cuda":
+        import medfast
+
+        if not torch.cuda.is_available():
+            print("bench_registration: --device cuda but torch sees no GPU", file=sys.stderr)
+            return 2
+        if not medfast.build_info().get("cuda_kernels"):
+            print("bench_registration: medfast was built without CUDA kernels", file=sys.stderr)
+            return 2
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        # no "threads" key on CUDA: the runner labels CPU rows with it
+        result = {"device": "cuda", "device_name": torch.cuda.get_device_name(), "cuda_warmup": CUDA_WARMUP}
+    else:
+        result = {"device": "cpu", "threads": args.threads or torch.get_num_threads()}
+    result.update({"cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0],
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "lncc": []})
     for size in args.sizes:
         res = {impl: _run("lncc", impl, size, args.kernel, args.repeats) for impl in ("medfast", "monai")}
         row = {"size": size, "kernel": args.kernel, **{f"{i}_{m}": v for i, r in res.items() for m, v in r.items()}}
@@ -269,10 +338,15 @@ def main() -> None:
               f"ceiling with this network {brk['ratio_ceiling']:.2f}x", flush=True)
     result["load_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "registration_cpu_latest" if not args.threads else f"registration_cpu_{args.threads}thread_latest"
+    if args.device == "cuda":
+        stem = "registration_cuda_latest"
+    else:
+        stem = "registration_cpu_latest" if not args.threads else f"registration_cpu_{args.threads}thread_latest"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     _plot(result, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -223,7 +223,8 @@ def _ms(x: float) -> str:
 
 def _label(case: wc.Case) -> str:
     pass_ = "fwd+bwd" if case.pass_ == "fwdbwd" else "fwd"
-    return f"{case.mode} c{case.channels} {pass_} vs {case.peer}"
+    op = "" if case.op == "warp" else f"{case.op} "
+    return f"{op}{case.mode} c{case.channels} {pass_} vs {case.peer}"
 
 
 def make_rows(case_list: list[wc.Case], results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -339,7 +340,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             if a["status"] != "ok":
                 continue
             cells = [f"{a[k]:.1e}" if k in a else "-" for k in ("out", "grad_image", "grad_ddf")]
-            lines.append(f"| {a['peer']} | {a['mode']} | {a['pass']} | {a['padding']} | " + " | ".join(cells) + " |")
+            peer = a["peer"] if a.get("op", "warp") == "warp" else f"{a['peer']} ({a['op']})"
+            lines.append(f"| {peer} | {a['mode']} | {a['pass']} | {a['padding']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -416,6 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--padding", default="auto", choices=("auto", *wc.PADDINGS))
     p.add_argument("--peers", nargs="+", choices=wc.PEERS, help="only these peers")
     p.add_argument("--modes", nargs="+", choices=wc.MODES, help="only these modes")
+    p.add_argument("--ops", nargs="+", choices=wc.OPS, default=list(wc.OPS),
+                   help="ops: warp (ddf) and affine (affine_warp vs scipy/cupy affine_transform); default both")
     p.add_argument("--repeats", type=int, help="timed calls at most (15, quick 5; twice that on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed calls first, at least (2, quick 1), and for >= 1 s (quick 0.3)")
     p.add_argument("--budget", type=float, help="seconds of timed calls per case beyond the first 3")
@@ -454,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     isolate = args.isolate if args.isolate is not None else args.device == "cpu"
     case_list = [
         c
-        for c in wc.cases(size, args.device, args.padding)
+        for c in wc.cases(size, args.device, args.padding, tuple(args.ops))
         if (not args.peers or c.peer in args.peers) and (not args.modes or c.mode in args.modes)
     ]
     busy_before = wait_idle(args.wait_idle) if args.wait_idle else busy_processes()
@@ -501,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and args.bw_size:
         report["bandwidth"] = bandwidth_rows(args.bw_size, opts)
     if not args.no_agreement:
-        report["agreement"] = wc.agreement(args.device, args.padding, size=20)
+        report["agreement"] = wc.agreement(args.device, args.padding, size=20, ops=tuple(args.ops))
     report["meta"]["wall_s"] = time.perf_counter() - t0
     report["meta"]["busy_processes"] = {"before": busy_before, "after": busy_processes()}
     if _extension_stamp() != stamp:

@@ -12,6 +12,10 @@ Peers (each given a voxel DDF, as medfast is, and timed including the conversion
 * ``scipy`` (CPU) / ``cupy`` (CUDA): ``map_coordinates`` per channel on ``identity + ddf``, order
   0/1/3, mode ``grid-constant``/``nearest``/``mirror`` for zeros/border/reflection; forward only.
 
+Affine cases (``op="affine"``): ``medfast.affine_warp(image, theta)`` against ``scipy.ndimage.affine_transform``
+(CPU) / ``cupyx.scipy.ndimage.affine_transform`` (CUDA) per channel, given the same (3, 4) voxel matrix
+(output voxel -> input voxel, the convention of both), same orders and modes; forward only, one channel.
+
 Padding ("auto"): ``zeros`` (scipy ``grid-constant``) for linear/nearest; ``reflection`` (scipy
 ``mirror``, interpol ``dct1``) for cubic, the one boundary where interpol's cubic computes the same
 values as medfast and scipy (its ``zero``/``replicate`` prefilter and out-of-field handling differ;
@@ -40,6 +44,9 @@ CHANNELS = (1, 4)
 PASSES = ("fwd", "fwdbwd")
 PEERS = ("grid_sample", "monai", "interpol", "scipy", "cupy")
 IMPLS = ("medfast", *PEERS)
+OPS = ("warp", "affine")
+AFFINE_PEERS = ("scipy", "cupy")  # forward only
+AFFINE_CHANNELS = (1,)
 PADDINGS = ("zeros", "border", "reflection")
 ORDER = {"nearest": 0, "linear": 1, "cubic": 3}
 # Python modules each implementation needs (missing -> "skipped").
@@ -87,21 +94,35 @@ def default_padding(mode: str, padding: str = "auto") -> str:
     return "reflection" if mode == "cubic" else "zeros"
 
 
-def cases(size: int = 128, device: str = "cpu", padding: str = "auto") -> list[Case]:
-    """The registry: every (peer, mode, channels, pass) that applies on ``device``.
+def _on_device(peer: str, device: str) -> bool:
+    return not ((peer == "scipy" and device != "cpu") or (peer == "cupy" and device == "cpu"))
 
-    Forward-only peers (scipy, cupy) get no ``fwdbwd`` case; scipy runs on CPU, cupy on CUDA.
+
+def cases(size: int = 128, device: str = "cpu", padding: str = "auto", ops: tuple[str, ...] = OPS) -> list[Case]:
+    """The registry: every (op, peer, mode, channels, pass) that applies on ``device``.
+
+    Forward-only peers (scipy, cupy) get no ``fwdbwd`` case; scipy runs on CPU, cupy on CUDA. The affine
+    op (``medfast.affine_warp``) has the scipy / cupy ``affine_transform`` peers only.
     """
     out = []
-    for peer in PEERS:
-        if (peer == "scipy" and device != "cpu") or (peer == "cupy" and device == "cpu"):
-            continue
-        for mode in MODES:
-            for channels in CHANNELS:
-                for pass_ in PASSES:
-                    if pass_ == "fwdbwd" and peer in ("scipy", "cupy"):
-                        continue
-                    out.append(Case(peer, mode, channels, pass_, size, device, default_padding(mode, padding)))
+    if "warp" in ops:
+        for peer in PEERS:
+            if not _on_device(peer, device):
+                continue
+            for mode in MODES:
+                for channels in CHANNELS:
+                    for pass_ in PASSES:
+                        if pass_ == "fwdbwd" and peer in ("scipy", "cupy"):
+                            continue
+                        out.append(Case(peer, mode, channels, pass_, size, device, default_padding(mode, padding)))
+    if "affine" in ops:
+        for peer in AFFINE_PEERS:
+            if not _on_device(peer, device):
+                continue
+            for mode in MODES:
+                for channels in AFFINE_CHANNELS:
+                    out.append(Case(peer, mode, channels, "fwd", size, device, default_padding(mode, padding),
+                                    op="affine"))
     return out
 
 
@@ -139,23 +160,54 @@ def target(case: Case) -> Target | None:
 @dataclass
 class Inputs:
     image: torch.Tensor  # (B, C, S, S, S)
-    ddf: torch.Tensor  # (B, 3, S, S, S), voxels
+    ddf: torch.Tensor | None  # (B, 3, S, S, S), voxels (op "warp")
     grad_out: torch.Tensor | None  # upstream gradient for fwdbwd
+    theta: torch.Tensor | None = None  # (B, 3, 4): output voxel -> input voxel (op "affine")
+
+    @property
+    def field(self) -> torch.Tensor:
+        """What the op takes besides the image: the ddf (warp) or theta (affine)."""
+        return self.theta if self.theta is not None else self.ddf
 
     def clear_grads(self) -> None:
-        self.image.grad = None
-        self.ddf.grad = None
+        for t in (self.image, self.ddf, self.theta):
+            if t is not None:
+                t.grad = None
 
     def nbytes(self) -> int:
-        ts = [self.image, self.ddf] + ([self.grad_out] if self.grad_out is not None else [])
+        ts = [t for t in (self.image, self.ddf, self.grad_out, self.theta) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
+def affine_theta(size: int, batch: int = 1) -> torch.Tensor:
+    """(batch, 3, 4) float32: a 10 degree rotation about axis 0 and a 1.05 zoom about the volume's centre,
+    then a shift of (1.5, -2, 0.5) voxels; maps output voxel coordinates to input voxel coordinates."""
+    import math
+
+    a = math.radians(10.0)
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, math.cos(a), -math.sin(a)], [0.0, math.sin(a), math.cos(a)]],
+                       dtype=torch.float64)
+    lin = rot / 1.05
+    centre = torch.full((3,), (size - 1) / 2, dtype=torch.float64)
+    shift = centre - lin @ centre + torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
+    theta = torch.cat([lin, shift[:, None]], 1).float()
+    return theta[None].repeat(batch, 1, 1)
+
+
 def make_inputs(case: Case, seed: int = 0) -> Inputs:
-    """A random image and a smooth random DDF (about +-4 voxels), float32, on ``case.device``."""
+    """A random image and a smooth random DDF (about +-4 voxels), float32, on ``case.device``; for the
+    affine op, the image and :func:`affine_theta`."""
     gen = torch.Generator().manual_seed(seed)
     shape = (case.size,) * 3
     image = torch.rand(case.batch, case.channels, *shape, generator=gen)
+    if case.op == "affine":
+        theta = affine_theta(case.size, case.batch).to(case.device)
+        grad_out = torch.randn(image.shape, generator=gen).to(case.device) if case.pass_ == "fwdbwd" else None
+        image = image.to(case.device)
+        if case.pass_ == "fwdbwd":
+            image.requires_grad_(True)
+            theta.requires_grad_(True)
+        return Inputs(image, None, grad_out, theta)
     coarse = 4.0 * torch.randn(case.batch, 3, 6, 6, 6, generator=gen)
     ddf = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
     grad_out = torch.randn(image.shape, generator=gen) if case.pass_ == "fwdbwd" else None
@@ -187,6 +239,8 @@ def check(impl: str, case: Case) -> None:
     module = REQUIRES.get(impl)
     if module and importlib.util.find_spec(module) is None:
         raise NotRun("skipped", f"{module} is not installed")
+    if case.op == "affine" and impl not in ("medfast", *AFFINE_PEERS):
+        raise NotRun("n/a", f"{impl} is not an affine_transform peer")
     if impl in ("scipy", "cupy"):
         if (impl == "scipy") != (case.device == "cpu"):
             raise NotRun("n/a", f"{impl} runs on {'CPU' if impl == 'scipy' else 'CUDA'} only")
@@ -207,6 +261,8 @@ def prepare_medfast(case: Case, inputs: Inputs) -> Forward:
 
     if case.device == "cuda" and not medfast.build_info().get("cuda_kernels"):
         raise NotRun("skipped", "medfast was built without CUDA kernels")
+    if case.op == "affine":
+        return lambda image, theta: medfast.affine_warp(image, theta, mode=case.mode, padding=case.padding)
     return lambda image, ddf: medfast.warp(image, ddf, mode=case.mode, padding=case.padding)
 
 
@@ -259,10 +315,32 @@ def _map_coordinates_forward(xp: Any, ndi: Any, to_array: Callable, from_array: 
     return forward
 
 
+def _affine_transform_forward(xp: Any, ndi: Any, to_array: Callable, from_array: Callable, case: Case,
+                              inputs: Inputs) -> Forward:
+    """affine_transform (scipy or cupyx) over batch and channels with the case's (3, 4) voxel matrices (made
+    once, in float64 on the array library's device: the conversion is not timed, theta being fixed)."""
+    mode = {"zeros": "grid-constant", "border": "nearest", "reflection": "mirror"}[case.padding]
+    order = ORDER[case.mode]
+    mats = [xp.asarray(m) for m in inputs.theta.detach().double().cpu().numpy()]
+
+    def forward(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        img = to_array(image)
+        out = xp.empty(img.shape, dtype=img.dtype)
+        for b in range(img.shape[0]):
+            mat = mats[b if len(mats) > 1 else 0]
+            for c in range(img.shape[1]):
+                ndi.affine_transform(img[b, c], mat, output=out[b, c], order=order, mode=mode, cval=0.0)
+        return from_array(out)
+
+    return forward
+
+
 def prepare_scipy(case: Case, inputs: Inputs) -> Forward:
     import numpy as np
     import scipy.ndimage as ndi
 
+    if case.op == "affine":
+        return _affine_transform_forward(np, ndi, lambda t: t.numpy(), torch.from_numpy, case, inputs)
     return _map_coordinates_forward(np, ndi, lambda t: t.numpy(), torch.from_numpy, case)
 
 
@@ -282,6 +360,8 @@ def prepare_cupy(case: Case, inputs: Inputs) -> Forward:
     import cupyx.scipy.ndimage as cndi
 
     _cupy_on_torch_allocator(cp)
+    if case.op == "affine":
+        return _affine_transform_forward(cp, cndi, cp.from_dlpack, torch.from_dlpack, case, inputs)
     return _map_coordinates_forward(cp, cndi, cp.from_dlpack, torch.from_dlpack, case)
 
 
@@ -300,11 +380,11 @@ def make_step(impl: str, case: Case, inputs: Inputs) -> Callable[[], Any]:
     check(impl, case)
     forward = PREPARE[impl](case, inputs)
     if case.pass_ == "fwd":
-        return lambda: forward(inputs.image, inputs.ddf)
+        return lambda: forward(inputs.image, inputs.field)
 
     def step() -> torch.Tensor:
         inputs.clear_grads()
-        out = forward(inputs.image, inputs.ddf)
+        out = forward(inputs.image, inputs.field)
         out.backward(inputs.grad_out)
         return out
 
@@ -479,15 +559,17 @@ def calibrate_memory(device: str = "cpu", mib: int = 100) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def agreement(device: str = "cpu", padding: str = "auto", size: int = 20, channels: int = 2) -> list[dict[str, Any]]:
+def agreement(device: str = "cpu", padding: str = "auto", size: int = 20, channels: int = 2,
+              ops: tuple[str, ...] = OPS) -> list[dict[str, Any]]:
     """Max |peer - medfast| of the output and (fwdbwd) of both gradients, on a small volume where
     many samples fall near or beyond the border, relative to the larger max |value| of the two."""
     rows, refs = [], {}
-    for case in cases(size, device, padding):
+    for case in cases(size, device, padding, ops):
         if case.channels != CHANNELS[0]:
             continue
         case = replace(case, channels=channels)
-        row: dict[str, Any] = {"peer": case.peer, "mode": case.mode, "pass": case.pass_, "padding": case.padding}
+        row: dict[str, Any] = {"op": case.op, "peer": case.peer, "mode": case.mode, "pass": case.pass_,
+                               "padding": case.padding}
         try:
             check(case.peer, case)
             if case.config not in refs:

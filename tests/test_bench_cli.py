@@ -1,6 +1,7 @@
 """`medfast bench`: suite selection, skipped/failed suites, the adapters on the committed results, and the
 JSON / Markdown / PNG reports (with stand-in suites, so this test takes seconds, not a benchmark run)."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def _suite(name, body, tmp_path, peers=()):
     script = tmp_path / f"{name}.py"
     script.write_text(body)
 
-    def collect(out):
+    def collect(out, device=None):
         data = json.loads((out / "r.json").read_text())
         return [runner.Row(name, "case", "peer", data["ours"], data["peer"], data["peer"] / data["ours"])]
 
@@ -89,3 +90,174 @@ def test_benchmark_scripts_are_found():
     where = runner.benchmarks_dir()
     assert all((where / s.script).is_file() for s in runner.SUITES), where
     assert sys.executable
+
+
+# ---- the CUDA variants of the loss / distance / registration suites, checked on the CPU ---------------------
+
+
+def _script(name):
+    """A benchmark script loaded as a module (they are scripts, not a package)."""
+    path = runner.benchmarks_dir() / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(path.parent))  # run_warp imports warp_cases
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_gpu_suites_run_on_cuda_with_device_named_results(tmp_path):
+    suites = {s.name: s for s in runner.SUITES}
+    for name in ("loss", "distance", "registration", "warp"):
+        suite = suites[name]
+        assert suite.devices == ("cpu", "cuda"), name
+        for quick in (True, False):
+            argv = suite.args("cuda", quick, tmp_path)
+            assert argv[argv.index("--device") + 1] == "cuda", (name, argv)
+            assert "cpu" not in " ".join(argv), (name, argv)
+    assert suites["distance"].args("cuda", True, tmp_path)[3].endswith("distance_cuda.json")
+    assert suites["distance"].needs("cuda") == ("scipy",)  # cupy: skipped inside the script when absent
+    assert suites["distance"].needs("cpu") == ("scipy", "monai")
+    assert suites["loss"].needs("cuda") == ("monai",)
+    # CPU arguments as before the CUDA variants (no batch / dtype change on the CPU)
+    assert suites["loss"].args("cpu", True, tmp_path) == ["--device", "cpu", "--out", str(tmp_path), "--size", "64",
+                                                          "--classes", "4", "16"]
+
+
+def test_bench_loss_arguments_per_device():
+    bench_loss = _script("bench_loss")
+    cpu = bench_loss.parse_args(["--size", "32"])
+    assert (cpu.device, cpu.batch, cpu.dtypes, cpu.repeats) == ("cpu", 1, ["float32"], 3)
+    cuda = bench_loss.parse_args(["--device", "cuda"])
+    assert (cuda.size, cuda.classes, cuda.batch, cuda.dtypes, cuda.repeats) == (
+        128, [4, 16, 64], 2, ["float32", "bfloat16"], 20)
+    assert bench_loss.parse_args(["--device", "cuda", "--batch", "1", "--dtypes", "float32"]).batch == 1
+    with pytest.raises(SystemExit):
+        bench_loss.parse_args(["--device", "tpu"])
+
+
+def test_bench_loss_target_on_cuda_only():
+    bench_loss = _script("bench_loss")
+
+    def res(ours, monai, ours_mib, monai_mib):
+        return {"medfast": {"ms": ours, "extra_peak_mib": ours_mib},
+                "monai": {"ms": monai, "extra_peak_mib": monai_mib}, "torch": {"status": "skipped: test"}}
+
+    met = bench_loss.make_row(res(1.0, 3.5, 100.0, 900.0), "cuda", 128, 4, 2, "float32")
+    assert met["target"] == ">= 3x, mem <= peer" and met["met"] == "yes"
+    assert met["ratio_vs_monai"] == pytest.approx(3.5) and met["ratio_vs_torch"] is None
+    assert met["torch_status"] == "skipped: test" and "torch_ms" not in met
+    assert bench_loss.make_row(res(1.0, 2.0, 100.0, 900.0), "cuda", 128, 4, 2, "float32")["met"] == "no"  # too slow
+    assert bench_loss.make_row(res(1.0, 9.0, 950.0, 900.0), "cuda", 128, 4, 2, "float32")["met"] == "no"  # memory
+    skipped = {"medfast": {"ms": 1.0, "extra_peak_mib": 1.0}, "monai": {"status": "skipped: monai is not installed"},
+               "torch": {"ms": 2.0, "extra_peak_mib": 1.0}}
+    assert bench_loss.make_row(skipped, "cuda", 128, 4, 2, "float32")["met"] == "n/a"
+    cpu = bench_loss.make_row(res(1.0, 3.5, 100.0, 900.0), "cpu", 128, 4, 1, "float32")
+    assert (cpu["target"], cpu["met"]) == ("", "")
+
+
+def _loss_row(device, classes, ours, monai, batch, dtype, **extra):
+    row = {"classes": classes, "size": 128, "batch": batch, "dtype": dtype, "device": device, "medfast_ms": ours,
+           "medfast_extra_peak_mib": 10.0, "monai_ms": monai, "monai_extra_peak_mib": 100.0, "torch_ms": 2 * monai,
+           "torch_extra_peak_mib": 90.0, "target": ">= 3x, mem <= peer" if device == "cuda" else "",
+           "met": ("yes" if monai / ours >= 3 else "no") if device == "cuda" else ""}
+    row.update(extra)
+    return row
+
+
+def test_loss_collector_reads_the_results_of_its_device(tmp_path):
+    cpu = [_loss_row("cpu", 4, 10.0, 40.0, 1, "float32")]
+    cuda = [_loss_row("cuda", c, 1.0, 4.0, 2, dt) for dt in ("float32", "bfloat16") for c in (4, 16, 64)]
+    cuda[-1] = _loss_row("cuda", 64, 1.0, 2.0, 2, "bfloat16")
+    (tmp_path / "loss_cpu_latest.json").write_text(json.dumps(cpu))
+    (tmp_path / "loss_cuda_latest.json").write_text(json.dumps(cuda))
+    rows = runner._loss_rows(tmp_path, "cuda")
+    assert len(rows) == 12 and all("B=2 128^3" in r.case for r in rows)
+    monai = [r for r in rows if r.peer == "MONAI DiceCELoss"]
+    assert [r.case for r in monai][:2] == ["Dice+CE fwd+bwd B=2 128^3 C=4", "Dice+CE fwd+bwd B=2 128^3 C=16"]
+    assert monai[-1].case == "Dice+CE fwd+bwd B=2 128^3 C=64 bfloat16 logits"
+    assert all(r.target == ">= 3x, mem <= peer" for r in monai)
+    assert [r.met for r in monai] == ["yes"] * 5 + ["no"]
+    assert monai[0].ratio == pytest.approx(4.0)
+    assert (monai[0].medfast_peak_mib, monai[0].peer_peak_mib) == (10.0, 100.0)
+    assert all(r.target == "" and r.met == "" for r in rows if r.peer == "PyTorch one-hot")
+    (cpu_row, _) = runner._loss_rows(tmp_path, "cpu")
+    assert cpu_row.case == "Dice+CE fwd+bwd 128^3 C=4" and cpu_row.ratio == pytest.approx(4.0) and cpu_row.target == ""
+    # a peer the script skipped is a row without a time, not a failure
+    (tmp_path / "loss_cuda_latest.json").write_text(json.dumps(
+        [{k: v for k, v in _loss_row("cuda", 4, 1.0, 4.0, 2, "float32", monai_status="skipped: monai is not installed",
+                                     met="n/a").items() if not k.startswith("monai_ms")}]))
+    skipped = [r for r in runner._loss_rows(tmp_path, "cuda") if r.peer.startswith("MONAI")]
+    assert skipped[0].peer_ms is None and skipped[0].ratio is None and "not installed" in skipped[0].peer
+    with pytest.raises(FileNotFoundError):
+        runner._loss_rows(tmp_path / "nothing", "cuda")
+    (tmp_path / "cpu_only").mkdir()
+    (tmp_path / "cpu_only" / "loss_cpu_latest.json").write_text(json.dumps(cpu))
+    with pytest.raises(FileNotFoundError):  # never the CPU results for a CUDA run
+        runner._loss_rows(tmp_path / "cpu_only", "cuda")
+
+
+def test_distance_and_registration_collectors_on_cuda_results(tmp_path):
+    (tmp_path / "distance_cpu.json").write_text(json.dumps({"case": "distance_transform 64^3", "ms": {
+        "medfast": 5.0, "scipy": 50.0}}))
+    (tmp_path / "distance_cuda.json").write_text(json.dumps({
+        "case": "distance_transform 256^3 bool mask", "ms": {"medfast": 2.0, "scipy (CPU)": 4000.0},
+        "peak_mib": {"medfast": 128.0}, "skipped": {"cupy": "cupy is not installed"}}))
+    rows = runner._distance_rows(tmp_path, "cuda")
+    assert [r.peer for r in rows] == ["scipy (CPU)", "cupy (skipped: cupy is not installed)"]
+    assert rows[0].case == "EDT 256^3" and rows[0].ratio == pytest.approx(2000.0) and rows[0].medfast_peak_mib == 128
+    assert rows[1].peer_ms is None and rows[1].ratio is None
+    assert [r.peer for r in runner._distance_rows(tmp_path, "cpu")] == ["scipy"]
+
+    (tmp_path / "registration_cpu_latest.json").write_text(json.dumps({"threads": 2, "lncc": [
+        {"size": 64, "kernel": 9, "medfast_ms": 10.0, "monai_ms": 30.0}]}))
+    (tmp_path / "registration_cuda_latest.json").write_text(json.dumps({
+        "device": "cuda", "device_name": "NVIDIA H100", "lncc": [
+            {"size": 128, "kernel": 9, "medfast_ms": 1.0, "monai_ms": 5.0, "medfast_extra_peak_mib": 20.0,
+             "monai_extra_peak_mib": 200.0}],
+        "step": {"size": 128, "medfast_ms": 30.0, "monai_ms": 45.0}}))
+    rows = runner._registration_rows(tmp_path, "cuda")
+    assert [r.case for r in rows] == ["LNCC fwd+bwd 128^3 k=9", "LocalNet step 128^3 (LNCC + bending + warp)"]
+    assert rows[0].ratio == pytest.approx(5.0) and rows[0].peer_peak_mib == 200.0
+    assert runner._registration_rows(tmp_path, "cpu")[0].case == "LNCC fwd+bwd 64^3 k=9, 2 threads"
+
+
+def test_runner_passes_the_device_and_skips_per_device_peers(tmp_path, monkeypatch):
+    seen = []
+    script = tmp_path / "s.py"
+    script.write_text("import json, sys\njson.dump({'ours': 1.0, 'peer': 4.0}, open(sys.argv[1], 'w'))\n")
+
+    def collect(out, device=None):
+        seen.append(device)
+        data = json.loads((out / f"r_{device}.json").read_text())
+        return [runner.Row("s", "case", "peer", data["ours"], data["peer"], data["peer"] / data["ours"],
+                           target=">= 3x", met="yes")]
+
+    suite = runner.Suite("s", script.name, lambda d, q, o: [str(o / f"r_{d}.json")], collect,
+                         device_peers={"cuda": ("not_a_real_peer_module",)})
+    monkeypatch.setattr(runner, "SUITES", [suite])
+    monkeypatch.setattr(runner, "benchmarks_dir", lambda: tmp_path)
+    status, rows = runner.run_suites("cpu", True, None, tmp_path / "work", progress=lambda m: None)
+    assert status["s"]["status"] == "ok" and seen == ["cpu"] and rows[0].met == "yes"
+    status, _ = runner.run_suites("cuda", True, None, tmp_path / "work2", progress=lambda m: None)
+    assert status["s"]["status"] == "skipped" and "not_a_real_peer_module" in status["s"]["reason"]
+    text = runner.markdown(runner._meta("cpu", True), {"s": {"status": "ok", "rows": 1, "seconds": 1.0}}, rows)
+    assert "| target | met? |" in text and "| s | case | peer | 1.00 | 4.00 | 4.00x | - | - | >= 3x | yes |" in text
+
+
+def test_warp_suite_has_the_affine_transform_peers():
+    wc = _script("warp_cases")
+    cuda = [c for c in wc.cases(16, "cuda") if c.op == "affine"]
+    assert {c.peer for c in cuda} == {"cupy"} and {c.mode for c in cuda} == set(wc.MODES)
+    assert all(c.pass_ == "fwd" for c in cuda) and "affine" in cuda[0].config
+    assert {c.peer for c in wc.cases(16, "cpu") if c.op == "affine"} == {"scipy"}
+    assert not [c for c in wc.cases(16, "cpu", ops=("warp",)) if c.op == "affine"]
+    theta = wc.affine_theta(16)
+    assert theta.shape == (1, 3, 4) and theta.dtype == __import__("torch").float32
+    pytest.importorskip("scipy")
+    rows = wc.agreement("cpu", size=12, ops=("affine",))  # scipy affine_transform: medfast's conventions
+    assert {r["mode"] for r in rows} == set(wc.MODES)
+    assert all(r["status"] == "ok" and r["out"] < 1e-5 for r in rows), rows

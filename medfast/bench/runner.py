@@ -32,6 +32,8 @@ class Row:
     ratio: float | None
     medfast_peak_mib: float | None = None
     peer_peak_mib: float | None = None
+    target: str = ""  # what the row must meet, e.g. ">= 3x, mem <= peer" ("": no target)
+    met: str = ""  # "yes", "no", "n/a" (a side did not run) or "" (no target)
 
 
 @dataclasses.dataclass
@@ -41,65 +43,86 @@ class Suite:
     name: str
     script: str
     args: Callable[[str, bool, Path], list[str]]  # (device, quick, out_dir) -> argv
-    collect: Callable[[Path], list[Row]]  # out_dir -> rows
+    collect: Callable[[Path, str | None], list[Row]]  # (out_dir, device or None: any) -> rows
     devices: tuple[str, ...] = ("cpu", "cuda")
-    peers: tuple[str, ...] = ()  # importable modules the suite needs
+    peers: tuple[str, ...] = ()  # importable modules the suite needs (missing -> skipped)
+    device_peers: dict[str, tuple[str, ...]] | None = None  # per device, replacing ``peers`` there
+
+    def needs(self, device: str) -> tuple[str, ...]:
+        """The importable modules the suite needs on ``device``."""
+        return (self.device_peers or {}).get(device, self.peers)
 
 
 def _ratio(peer_ms, ours_ms):
     return peer_ms / ours_ms if peer_ms and ours_ms else None
 
 
-def _load(out: Path, pattern: str):
+def _load(out: Path, pattern: str, device: str | None = None):
+    """The last (sorted) file of ``out`` matching ``pattern``; with ``device``, only among the files whose
+    name holds it as a word (``loss_cuda_latest.json``, ``metrics_cuda.json``), so that the CPU and CUDA
+    results of a suite never stand in for each other."""
     files = sorted(out.glob(pattern))
+    if device:
+        files = [f for f in files if device in re.split(r"[_.-]", f.name)]
     if not files:
-        raise FileNotFoundError(f"no {pattern} written in {out}")
+        raise FileNotFoundError(f"no {pattern}{f' for {device}' if device else ''} written in {out}")
     return json.loads(files[-1].read_text())
 
 
 # ---- adapters: one per script's JSON layout --------------------------------------------------------
 
 
-def _warp_rows(out: Path) -> list[Row]:
-    data = _load(out, "warp_*_latest.json")
+def _warp_rows(out: Path, device: str | None = None) -> list[Row]:
+    data = _load(out, "warp_*_latest.json", device)
     rows = []
     for r in data["rows"]:
         ours, peer = r.get("medfast") or {}, r.get("peer_result") or {}
         rows.append(Row("warp", r["case"] + f" {r['size']}^3", r["peer"], ours.get("ms"), peer.get("ms"),
-                        r.get("ratio"), ours.get("peak_mib"), peer.get("peak_mib")))
+                        r.get("ratio"), ours.get("peak_mib"), peer.get("peak_mib"), r.get("target") or "",
+                        r.get("met") or ""))
     return rows
 
 
-def _loss_rows(out: Path) -> list[Row]:
+def _loss_rows(out: Path, device: str | None = None) -> list[Row]:
     rows = []
-    for r in _load(out, "loss_*_latest.json"):
+    for r in _load(out, "loss_*_latest.json", device):
+        batch, dtype = r.get("batch", 1), r.get("dtype", "float32")
+        case = (f"Dice+CE fwd+bwd {'' if batch == 1 else f'B={batch} '}{r['size']}^3 C={r['classes']}"
+                + ("" if dtype == "float32" else f" {dtype} logits"))
         for peer in ("monai", "torch"):
-            if f"{peer}_ms" in r:
-                rows.append(Row("loss", f"Dice+CE fwd+bwd {r['size']}^3 C={r['classes']}",
-                                "MONAI DiceCELoss" if peer == "monai" else "PyTorch one-hot",
-                                r["medfast_ms"], r[f"{peer}_ms"], _ratio(r[f"{peer}_ms"], r["medfast_ms"]),
-                                r.get("medfast_extra_peak_mib"), r.get(f"{peer}_extra_peak_mib")))
+            if f"{peer}_ms" not in r and f"{peer}_status" not in r:
+                continue
+            name = "MONAI DiceCELoss" if peer == "monai" else "PyTorch one-hot"
+            if f"{peer}_ms" not in r:
+                name += f" ({r[f'{peer}_status']})"
+            rows.append(Row("loss", case, name, r.get("medfast_ms"), r.get(f"{peer}_ms"),
+                            _ratio(r.get(f"{peer}_ms"), r.get("medfast_ms")), r.get("medfast_extra_peak_mib"),
+                            r.get(f"{peer}_extra_peak_mib"), (r.get("target") or "") if peer == "monai" else "",
+                            (r.get("met") or "") if peer == "monai" else ""))
     return rows
 
 
-def _metrics_rows(out: Path) -> list[Row]:
-    data = _load(out, "metrics_*.json")
+def _metrics_rows(out: Path, device: str | None = None) -> list[Row]:
+    data = _load(out, "metrics_*.json", device)
     size = re.match(r"(\d+)\^3", data["case"])
     label = f" {size.group(1)}^3" if size else ""
     return [Row("metrics", f"{case}{label}", "MONAI", t["medfast"], t["monai"], _ratio(t["monai"], t["medfast"]))
             for case, t in data["ms"].items()]
 
 
-def _distance_rows(out: Path) -> list[Row]:
-    data = _load(out, "distance_*.json")
+def _distance_rows(out: Path, device: str | None = None) -> list[Row]:
+    data = _load(out, "distance_*.json", device)
     size = re.search(r"(\d+)\^3", data["case"])
-    ms = data["ms"]
-    return [Row("distance", f"EDT {size.group(1) if size else ''}^3", peer, ms["medfast"], ms[peer],
-                _ratio(ms[peer], ms["medfast"])) for peer in ms if peer != "medfast"]
+    ms, peak = data["ms"], data.get("peak_mib", {})
+    case = f"EDT {size.group(1) if size else ''}^3"
+    rows = [Row("distance", case, peer, ms["medfast"], ms[peer], _ratio(ms[peer], ms["medfast"]), peak.get("medfast"),
+                peak.get(peer)) for peer in ms if peer != "medfast"]
+    return rows + [Row("distance", case, f"{peer} (skipped: {why})", ms["medfast"], None, None, peak.get("medfast"))
+                   for peer, why in data.get("skipped", {}).items()]
 
 
-def _registration_rows(out: Path) -> list[Row]:
-    d = _load(out, "registration_*latest.json")
+def _registration_rows(out: Path, device: str | None = None) -> list[Row]:
+    d = _load(out, "registration_*latest.json", device)
     threads = f", {d['threads']} thread{'s' if d['threads'] != 1 else ''}" if d.get("threads") else ""
     rows = [Row("registration", f"LNCC fwd+bwd {r['size']}^3 k={r['kernel']}{threads}", "MONAI LNCC", r["medfast_ms"],
                 r["monai_ms"], _ratio(r["monai_ms"], r["medfast_ms"]), r.get("medfast_extra_peak_mib"),
@@ -119,8 +142,8 @@ def _registration_rows(out: Path) -> list[Row]:
     return rows
 
 
-def _segmentation_rows(out: Path) -> list[Row]:
-    d = _load(out, "segmentation_*_latest.json")
+def _segmentation_rows(out: Path, device: str | None = None) -> list[Row]:
+    d = _load(out, "segmentation_*_latest.json", device)
     shape = f"B={d['batch']} {d['size']}^3 C={d['classes']}"
     rows = []
     for key, label in (("loss", "Dice+CE fwd+bwd on UNet logits"), ("step", "UNet training step")):
@@ -130,8 +153,8 @@ def _segmentation_rows(out: Path) -> list[Row]:
     return rows
 
 
-def _ultrasound_rows(out: Path) -> list[Row]:
-    d = _load(out, "ultrasound_*_latest.json")
+def _ultrasound_rows(out: Path, device: str | None = None) -> list[Row]:
+    d = _load(out, "ultrasound_*_latest.json", device)
     s = d["summary"]
     ours = [r for r in d["medfast"] if r["case"] == "forward" and r.get("sub_rays") == 3]
     ours_ms = ours[0]["seconds_per_call"] * 1e3 if ours else None
@@ -145,8 +168,8 @@ def _ultrasound_rows(out: Path) -> list[Row]:
     return rows
 
 
-def _classification_rows(out: Path) -> list[Row]:
-    d = _load(out, "classification_*_latest.json")
+def _classification_rows(out: Path, device: str | None = None) -> list[Row]:
+    d = _load(out, "classification_*_latest.json", device)
     h, w = d["image_shape"]
     case = (f"simulated batch B={d['batch']} {h}x{w} ({d['n_lines']} lines x {d['n_samples']} samples, "
             f"{d['volumes']}) vs {d['model']} step: data {100 * d['render_fraction_of_step']:.0f}% of step")
@@ -154,21 +177,37 @@ def _classification_rows(out: Path) -> list[Row]:
                 _ratio(d["step_ms"], d["render_ms"]))]
 
 
+def _distance_args(device: str, quick: bool, out: Path) -> list[str]:
+    """CUDA: 128^3 in quick mode (fewer repeats), 256^3 in full mode (128^3 is launch-bound on a GPU)."""
+    argv = ["--device", device, "--out", str(out / f"distance_{device}.json")]
+    if device == "cuda":
+        return argv + (["--repeats", "5"] if quick else ["--size", "256"])
+    return argv + (["--size", "64"] if quick else [])
+
+
+def _registration_args(device: str, quick: bool, out: Path) -> list[str]:
+    """CUDA: LNCC at 64^3 and 128^3 in both modes; the LocalNet step at 64^3 (quick) or 128^3 (full)."""
+    argv = ["--device", device, "--out", str(out)]
+    if device == "cuda":
+        return argv + (["--sizes", "64", "128", "--step-size", "64"] if quick else ["--step-size", "128"])
+    return argv + (["--sizes", "32", "64", "--step-size", "32"] if quick else [])
+
+
 SUITES: list[Suite] = [
     Suite("warp", "run_warp.py", lambda d, q, o: ["--device", d, "--out", str(o)] + (["--quick"] if q else []),
           _warp_rows),
+    # CUDA: the issue's case (B=2 128^3, C = 4/16/64, float32 and bfloat16 logits) even in quick mode, fewer repeats
     Suite("loss", "bench_loss.py",
-          lambda d, q, o: ["--out", str(o)] + (["--size", "64", "--classes", "4", "16"] if q else []),
-          _loss_rows, devices=("cpu",), peers=("monai",)),
+          lambda d, q, o: ["--device", d, "--out", str(o)]
+          + ((["--repeats", "10"] if d == "cuda" else ["--size", "64", "--classes", "4", "16"]) if q else []),
+          _loss_rows, peers=("monai",)),
     Suite("metrics", "bench_metrics.py",
           lambda d, q, o: ["--device", d, "--out", str(o / f"metrics_{d}.json")] + (["--size", "64"] if q else []),
           _metrics_rows, peers=("monai",)),
-    Suite("distance", "bench_distance.py",
-          lambda d, q, o: ["--out", str(o / "distance_cpu.json")] + (["--size", "64"] if q else []),
-          _distance_rows, devices=("cpu",), peers=("scipy", "monai")),
-    Suite("registration", "bench_registration.py",
-          lambda d, q, o: ["--out", str(o)] + (["--sizes", "32", "64", "--step-size", "32"] if q else []),
-          _registration_rows, devices=("cpu",), peers=("monai",)),
+    # CUDA: the peer is CuPy (skipped inside the script when absent), scipy on the CPU for reference
+    Suite("distance", "bench_distance.py", _distance_args, _distance_rows, peers=("scipy", "monai"),
+          device_peers={"cuda": ("scipy",)}),
+    Suite("registration", "bench_registration.py", _registration_args, _registration_rows, peers=("monai",)),
     Suite("segmentation", "bench_segmentation.py",
           lambda d, q, o: ["--device", d, "--out", str(o)] + (["--size", "32", "--repeats", "3"] if q else []),
           _segmentation_rows, peers=("monai",)),
@@ -210,7 +249,7 @@ def run_suites(device: str, quick: bool, only: str | None, log_dir: Path,
         if device not in suite.devices:
             status[suite.name] = {"status": "skipped", "reason": f"no {device} variant (runs on {suite.devices})"}
             continue
-        missing = _missing(suite.peers)
+        missing = _missing(suite.needs(device))
         if missing:
             status[suite.name] = {"status": "skipped", "reason": f"peer not installed: {', '.join(missing)}"}
             progress(f"{suite.name}: skipped (peer not installed: {', '.join(missing)})")
@@ -232,7 +271,7 @@ def run_suites(device: str, quick: bool, only: str | None, log_dir: Path,
             progress(f"{suite.name}: {state} ({reason})")
             continue
         try:
-            got = suite.collect(out)
+            got = suite.collect(out, device)
         except (FileNotFoundError, KeyError, ValueError) as exc:
             status[suite.name] = {"status": "failed", "reason": f"unreadable results: {exc}", "seconds": seconds}
             progress(f"{suite.name}: failed (unreadable results: {exc})")
@@ -254,12 +293,14 @@ def markdown(meta: dict, status: dict, rows: list[Row]) -> str:
     lines = [f"# medfast bench: {meta['device_name']} ({meta['host']}, {meta['date']})", "",
              f"torch {meta['torch']}, medfast {meta['medfast']}, {meta['threads']} CPU threads"
              + (", quick sizes" if meta["quick"] else ""), "",
-             "Ratio = peer time / medfast time (> 1: medfast is faster). Peak memory in MiB.", "",
-             "| suite | case | peer | medfast ms | peer ms | ratio | medfast peak | peer peak |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "Ratio = peer time / medfast time (> 1: medfast is faster). Peak memory in MiB. Target: what a row "
+             "must meet where the issues set one (met?: yes / no / n/a where a side did not run).", "",
+             "| suite | case | peer | medfast ms | peer ms | ratio | medfast peak | peer peak | target | met? |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         cells = [r.suite, r.case, r.peer, _fmt(r.medfast_ms, ".2f"), _fmt(r.peer_ms, ".2f"),
-                 _fmt(r.ratio, ".2f") + "x", _fmt(r.medfast_peak_mib, ".0f"), _fmt(r.peer_peak_mib, ".0f")]
+                 _fmt(r.ratio, ".2f") + "x", _fmt(r.medfast_peak_mib, ".0f"), _fmt(r.peer_peak_mib, ".0f"),
+                 r.target, r.met]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| suite | status | detail |", "|---|---|---|"]
     for name, s in status.items():
@@ -352,7 +393,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.list:
         for s in SUITES:
-            print(f"{s.name:14s} {s.script:26s} devices: {', '.join(s.devices)}; peers: {', '.join(s.peers) or '-'}")
+            by_device = {d: ", ".join(s.needs(d)) or "-" for d in s.devices}
+            peers = (f"peers: {by_device[s.devices[0]]}" if len(set(by_device.values())) == 1
+                     else "; ".join(f"peers on {d}: {p}" for d, p in by_device.items()))
+            print(f"{s.name:14s} {s.script:26s} devices: {', '.join(s.devices)}; {peers}")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("medfast bench: --device cuda but no GPU is visible", file=sys.stderr)
