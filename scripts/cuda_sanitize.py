@@ -7,12 +7,13 @@
 Families (one line of output each): warp (warp / affine_warp / spline_coefficients / resample / compose /
 integrate, forward and backward, every mode and padding, deterministic and not), loss (the fused Dice / CE /
 Dice+CE over integer, (B, 1, *S) and soft targets, softmax and sigmoid, ignore_index, voxel and class
-weights, batch Dice, float16/bfloat16/float32/float64 logits, 2D and 3D, many classes; forward and
+weights, batch Dice, float16/bfloat16/float32/float64 logits, 2D and 3D, 33 and 130 classes; forward and
 backward), distance (distance_transform: mask dtypes, empty and all-foreground masks, anisotropic
 spacing), metrics (hard Dice, Hausdorff / HD95 and surface distances: the seed-distance kernels, empty
 masks, anisotropic and per-element spacing), lncc (forward and backward, 2D / 3D, every dtype),
 ultrasound (ray_march; the simulator from raw property maps, a label map and a CT, linear / convex /
-phased probes, forward and backward w.r.t. the tissue parameters and the probe pose).
+phased probes, forward and backward w.r.t. the tissue parameters and the probe pose), loss_smem (600
+classes: the loss launcher's opt-in shared-memory plan; last, because it crashed the process on an H200).
 
 Inputs are tiny (memcheck slows kernels 10-100x): the whole run takes seconds without the sanitizer.
 Exit status 0 when every family ran; 1 (after trying every family) when one raised.
@@ -156,8 +157,9 @@ def check_loss(dev: torch.device) -> int:
             _loss_call(mf.dice_ce_loss, one, (labels[:, None] > 1).to(dtype), activation="sigmoid")
             _loss_call(mf.dice_ce_loss, logits.transpose(-1, -2), labels.transpose(-1, -2))
             calls += 4
-    # many classes: the CUDA launcher's shared-memory plans (large block, small block, opt-in memory)
-    for C in (33, 130, 600):
+    # many classes: the CUDA launcher's shared-memory plans (256-thread and smaller blocks); the opt-in
+    # plan (C = 600) is the separate family loss_smem, run last (it killed the process on an H200)
+    for C in (33, 130):
         logits = torch.randn(1, C, 3, 4, 5, generator=gen).to(dev)
         labels = torch.randint(0, C, (1, 3, 4, 5), generator=gen).to(dev)
         _loss_call(mf.dice_ce_loss, logits, labels)
@@ -167,6 +169,25 @@ def check_loss(dev: torch.device) -> int:
     z = torch.randn(2, 3, 4, 5, device=dev, requires_grad=True)
     mf.dice_loss(z, torch.full((2, 4, 5), 255, device=dev), ignore_index=255).backward()
     return calls + 2
+
+
+def check_loss_smem(dev: torch.device) -> int:
+    """C = 600 classes: past the default 48 KiB of shared memory per block (the CUDA launcher's opt-in
+    plan, or its error). Run last: on an H200 (torch 2.11, 2026-11-27) the forward of this case ended the
+    process with SIGSEGV instead of returning or raising, which would hide the families after it."""
+    gen = torch.Generator().manual_seed(6)
+    C = 600
+    logits = torch.randn(1, C, 3, 4, 5, generator=gen).to(dev)
+    labels = torch.randint(0, C, (1, 3, 4, 5), generator=gen).to(dev)
+    soft = torch.softmax(torch.randn(1, C, 3, 4, 5, generator=gen), 1).to(dev)
+    try:
+        _loss_call(mf.dice_ce_loss, logits, labels)
+        _loss_call(mf.dice_ce_loss, logits, soft)
+    except ValueError as exc:  # past this GPU's shared memory: refused in Python before any kernel
+        if "classes" not in str(exc):
+            raise
+        print(f"loss_smem: refused as expected: {exc}")
+    return 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,6 +378,7 @@ FAMILIES = {
     "metrics": check_metrics,
     "lncc": check_lncc,
     "ultrasound": check_ultrasound,
+    "loss_smem": check_loss_smem,  # last: see its docstring
 }
 
 
@@ -388,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cuda_sanitize: {name:<10} FAILED ({time.perf_counter() - t0:.2f} s)", flush=True)
             failed.append(name)
             continue
-        print(f"cuda_sanitize: {name:<10} ok  {calls:4d} kernel calls  {time.perf_counter() - t0:6.2f} s",
+        print(f"cuda_sanitize: {name:<10} ok  {calls:4d} op calls  {time.perf_counter() - t0:6.2f} s",
               flush=True)
     torch.use_deterministic_algorithms(False)
     if failed:

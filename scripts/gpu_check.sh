@@ -1,30 +1,91 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU and torch already installed (no registry needed): builds medfast
-# for the local GPU, runs the whole test suite (CUDA tests included) and compute-sanitizer over
-# every kernel, then the GPU benchmark suites (`medfast bench --device cuda`, skip with
-# MEDFAST_GPU_BENCH=0; MEDFAST_GPU_BENCH=quick for the quick sizes). Results go to ${OUT:-out/gpu}
-# (the benchmark reports to $OUT/bench). Extra wheels (test dependencies) may sit in .whl/.
+# The GPU check, one command on a machine with an NVIDIA GPU and torch already installed (no
+# registry needed): builds medfast for the local GPU, runs the CUDA tests, compute-sanitizer over
+# every kernel family (scripts/cuda_sanitize.py), the GPU benchmark suites (`medfast bench --device
+# cuda`, one suite at a time), the warp kernel profile and the training checks (AMP, NCCL).
+# Results go to ${OUT:-out/gpu}: one log per step, steps.log with each step's exit code and time,
+# the benchmark reports under bench/. Knobs:
+#   MEDFAST_GPU_BUDGET=SECONDS  stop starting steps when that much wall time has gone (each step is
+#                               also capped to what is left), so a limited lease still returns logs
+#   MEDFAST_GPU_TESTS=all|cuda|none  the whole suite, the files with CUDA tests (default), or none
+#   MEDFAST_GPU_BENCH=full|quick|0   benchmark sizes (default full); MEDFAST_GPU_SUITES="warp loss ..."
+#   MEDFAST_GPU_PACK=1          also pack everything into $OUT/gpu_results.tgz after each step
+# Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
+# (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+RES="$OUT"
+if [ "${MEDFAST_GPU_PACK:-0}" = 1 ]; then RES=/tmp/medfast_gpu_results; fi
+mkdir -p "$OUT" "$RES"
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+deadline=$((SECONDS + ${MEDFAST_GPU_BUDGET:-1000000}))
+
+pack() { [ "$RES" = "$OUT" ] || tar czf "$OUT/gpu_results.tgz" -C "$RES" . 2>/dev/null; }
+
+# step NAME CAP_SECONDS CMD...: runs CMD with its output in $RES/NAME.log, capped by the budget.
+step() {
+  local name=$1 cap=$2 left
+  shift 2
+  left=$((deadline - SECONDS - 15))
+  if [ "$left" -lt 10 ]; then
+    echo "[$name] not run: out of time" | tee -a "$RES/steps.log"
+    return 0
+  fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  local t0=$SECONDS
+  timeout --kill-after=5 "$cap" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] rc=$rc ${cap}s cap, took $((SECONDS - t0)) s" | tee -a "$RES/steps.log"
+  tail -n "${TAIL:-4}" "$RES/$name.log"
+  pack
+  return $rc
+}
+
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export MEDFAST_CUDA=1
-$PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-$PY -m medfast info | tee "$OUT/info.txt"
-$PY -m pytest -q -p no:cacheprovider tests -rs 2>&1 | tee "$OUT/tests.log"
-rc=${PIPESTATUS[0]}
-if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/cuda_sanitize.py > "$OUT/sanitizer.log" 2>&1
-  echo "compute-sanitizer memcheck rc=$?"; tail -3 "$OUT/sanitizer.log"
+if [ -d .devdata ] && [ "$(id -u)" -eq 0 ]; then
+  [ -d .devdata/mricron/templates ] && [ ! -d /usr/share/mricron/templates ] &&
+    mkdir -p /usr/share/mricron && cp -r .devdata/mricron/templates /usr/share/mricron/
+  [ -d .devdata/itk/Data ] && [ ! -d /usr/share/doc/insighttoolkit5-examples/examples/Data ] &&
+    mkdir -p /usr/share/doc/insighttoolkit5-examples/examples && cp -r .devdata/itk/Data \
+      /usr/share/doc/insighttoolkit5-examples/examples/
 fi
-case "${MEDFAST_GPU_BENCH:-full}" in
-  0) ;;
-  quick) $PY -m medfast bench --device cuda --quick --out "$OUT/bench" 2>&1 | tail -40 ;;
-  *) $PY -m medfast bench --device cuda --out "$OUT/bench" 2>&1 | tail -40 ;;
+
+export MEDFAST_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+step build 600 $PY -m pip install -v --no-build-isolation --no-deps -e . || { tail -40 "$RES/build.log"; pack; exit 1; }
+step info 60 $PY -m medfast info
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$RES/nvidia_smi.txt" 2>&1
+
+rc=0
+case "${MEDFAST_GPU_TESTS:-cuda}" in
+  none) files=() ;;
+  all) files=(tests) ;;
+  cuda) mapfile -t files < <(grep -l "requires_cuda\|cuda" tests/test_*.py) ;;
+  *) read -r -a files <<< "$MEDFAST_GPU_TESTS" ;;
 esac
+xdist=()
+$PY -c "import xdist" 2>/dev/null && xdist=(-n "${MEDFAST_GPU_TEST_WORKERS:-4}")
+if [ ${#files[@]} -gt 0 ]; then
+  TAIL=25 step tests 400 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -rfEs "${files[@]}" || rc=1
+fi
+TAIL=40 step warp_profile 120 $PY benchmarks/gpu_warp_profile.py --out "$RES"
+TAIL=30 step kernel_profile 120 $PY benchmarks/gpu_kernel_profile.py --out "$RES"
+if [ "${MEDFAST_GPU_BENCH:-full}" != 0 ]; then
+  quick=()
+  [ "${MEDFAST_GPU_BENCH:-full}" = quick ] && quick=(--quick)
+  for suite in ${MEDFAST_GPU_SUITES:-warp loss metrics ultrasound classification segmentation registration distance}; do
+    TAIL=30 step "bench_$suite" 300 env MEDFAST_BENCH_WORK="$RES/work" $PY -m medfast bench --device cuda \
+      "${quick[@]}" --only "$suite" --out "$RES/bench"
+  done
+fi
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ -n "$SANITIZER" ]; then
+  TAIL=12 step sanitizer 240 "$SANITIZER" --tool memcheck --error-exitcode 3 $PY scripts/cuda_sanitize.py || rc=1
+fi
+TAIL=30 step train_check 180 $PY scripts/gpu_train_check.py --device cuda --out "$RES/train_check"
+pack
 exit $rc

@@ -231,3 +231,13 @@ def test_soft_target_bad_inputs():
         mf.dice_loss(logits, target.float(), activation="sigmoid")
     with pytest.raises(ValueError, match="ignore_index needs integer labels"):
         mf.dice_loss(logits, torch.rand(logits.shape), ignore_index=0)
+
+
+def test_cuda_class_limit_matches_the_kernel_plan():
+    # plan() in csrc/loss/loss_cuda.cu: 32 threads x (5 C + 2) sums must fit in the block's shared memory.
+    from medfast.ops._loss import _max_cuda_classes
+
+    for shared, itemsize in ((48 * 1024, 4), (227 * 1024, 4), (227 * 1024, 8), (99 * 1024, 8)):
+        most = _max_cuda_classes(shared, itemsize)
+        assert 32 * (5 * most + 2) * itemsize <= shared < 32 * (5 * (most + 1) + 2) * itemsize
+    assert _max_cuda_classes(227 * 1024, 4) == 362  # an H100 / H200: 600 float32 classes do not fit

@@ -319,6 +319,17 @@ MEDFAST_HOST_DEVICE void forward_voxel(const WarpArgs<S, T, NDIM>& A, S* out, in
   }
 }
 
+// d loss / d position of one voxel and channel: gp += gc * sum_t dw[t] * image[tap t].
+template <typename S, typename T, int NDIM, int K>
+MEDFAST_HOST_DEVICE void add_position_grad(const Stencil<T, NDIM, K>& s, const S* img, T gc, T* gp) {
+  MEDFAST_UNROLL
+  for (int t = 0; t < Stencil<T, NDIM, K>::N; ++t) {
+    const T v = gc * static_cast<T>(img[s.off[t]]);
+    MEDFAST_UNROLL
+    for (int i = 0; i < NDIM; ++i) gp[i] += s.dw[i][t] * v;
+  }
+}
+
 // Backward of one output voxel.
 //   gout: contiguous (batch, channels, out_numel) gradient of the output.
 //   grad_pos (optional): contiguous (batch, NDIM, out_numel), d loss / d position.
@@ -351,14 +362,7 @@ MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* 
   for (int64_t c = c_begin; c < c_end; ++c, img += A.image_sc, gbase += in_numel) {
     const T gc = static_cast<T>(g[c * A.out_numel]);
     if (gc == T(0)) continue;
-    if (pos_grad) {
-      MEDFAST_UNROLL
-      for (int t = 0; t < St::N; ++t) {
-        const T v = gc * static_cast<T>(img[s.off[t]]);
-        MEDFAST_UNROLL
-        for (int i = 0; i < NDIM; ++i) gp[i] += s.dw[i][t] * v;
-      }
-    }
+    if (pos_grad) add_position_grad(s, img, gc, gp);
     if (image_grad) {
       MEDFAST_UNROLL
       for (int t = 0; t < St::N; ++t) add(gbase + s.lin[t], gc * s.w[t]);

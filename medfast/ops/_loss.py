@@ -166,12 +166,35 @@ def _soft_target(target: object, logits: torch.Tensor, ignore_index: int | None)
     return target.detach().to(logits.dtype)
 
 
+def _max_cuda_classes(shared_bytes: int, itemsize: int) -> int:
+    """Most classes the CUDA sum kernel takes: each of a block's (at least) 32 threads keeps 5 C + 2
+    values in shared memory (csrc/loss/loss_cuda.cu, plan())."""
+    return (shared_bytes // (32 * itemsize) - 2) // 5
+
+
+def _check_cuda_classes(logits: torch.Tensor) -> None:
+    """A clear error, before any kernel, when C is past what the GPU's shared memory holds."""
+    if logits.device.type != "cuda":
+        return
+    props = torch.cuda.get_device_properties(logits.device)
+    shared = max(48 * 1024, int(getattr(props, "shared_memory_per_block_optin", 0)))
+    itemsize = 8 if logits.dtype == torch.float64 else 4
+    most = _max_cuda_classes(shared, itemsize)
+    if logits.shape[1] > most:
+        raise ValueError(
+            f"logits has C = {logits.shape[1]} classes; the CUDA loss kernels take at most {most} "
+            f"({'float64' if itemsize == 8 else 'float32'} sums in {shared // 1024} KiB of shared memory per block "
+            "on this GPU): split the classes, or compute the loss on the CPU"
+        )
+
+
 def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax"):
     """Per-(batch, class) sums (B, C, 4) = I, P, G, E, the class weights, and the divisor of the
     cross-entropy's mean."""
     check_choice("activation", activation, ("softmax", "sigmoid"))
     logits = _check_logits(logits, activation)
     check_backend("logits", logits)
+    _check_cuda_classes(logits)
     target = check_tensor("target", target)
     soft = activation == "sigmoid" or (torch.is_floating_point(target) and target.shape == logits.shape)
     if soft:

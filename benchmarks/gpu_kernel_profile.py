@@ -1,0 +1,109 @@
+"""Per-kernel CUDA time of medfast's GPU workloads (torch.profiler), to see where a step's time goes:
+ultrasound frames (batch 64, 3 sub-rays, forward and forward+backward), Dice+CE forward+backward
+(B=2, C=16, 128^3) and HD95 of two 128^3 masks.
+
+    python benchmarks/gpu_kernel_profile.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def kernels(step, n: int) -> tuple[float, dict[str, float]]:
+    """(wall ms per step, {kernel: CUDA ms per step}) over n profiled steps."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / n
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if t > 0 and not ev.key.startswith(("cudaLaunch", "cudaStream", "cudaMemcpy")):
+            per[ev.key[:100]] += t / 1e3 / n
+    return wall, dict(sorted(per.items(), key=lambda kv: -kv[1])[:15])
+
+
+def workloads(dev: torch.device):
+    from bench_ultrasound import _volume
+
+    import medfast.losses as L
+    from medfast.metrics import hausdorff_distance
+    from medfast.ultrasound import Probe, hu_to_properties, look_at, simulate
+
+    probe = Probe.preset("C5-2v", n_lines=256, n_samples=1024)
+    props = hu_to_properties(_volume(128, dev))
+    base = look_at((64.0, 64.0, 1.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+    poses = base.expand(64, 4, 4).clone()
+    poses[:, 1, 3] += torch.linspace(-10, 10, 64, dtype=torch.float64)
+    poses = poses.float().to(dev)
+    affine = np.eye(4)
+
+    def us_forward():
+        with torch.no_grad():
+            simulate(props, affine, poses, probe, sub_rays=3)
+
+    p = props.clone().requires_grad_(True)
+
+    def us_backward():
+        p.grad = None
+        simulate(p, affine, poses, probe, sub_rays=3).bmode.mean().backward()
+
+    logits = torch.randn(2, 16, 128, 128, 128, device=dev, requires_grad=True)
+    target = torch.randint(0, 16, (2, 1, 128, 128, 128), device=dev)
+    loss = L.DiceCELoss()
+
+    def dice_ce():
+        logits.grad = None
+        loss(logits, target).backward()
+
+    zz, yy, xx = torch.meshgrid(*[torch.arange(128, device=dev)] * 3, indexing="ij")
+    fa = (zz - 64) ** 2 + (yy - 60) ** 2 + (xx - 64) ** 2 < 40**2
+    fb = (zz - 62) ** 2 + (yy - 66) ** 2 + (xx - 61) ** 2 < 38**2
+    a, b = torch.stack([~fa, fa])[None], torch.stack([~fb, fb])[None]  # (1, 2, S, S, S) one-hot
+
+    def hd95():
+        hausdorff_distance(a, b, percentile=95)
+
+    return {"ultrasound_fwd_b64": (us_forward, 5), "ultrasound_fwdbwd_b64": (us_backward, 3),
+            "dice_ce_b2_c16_128": (dice_ce, 10), "hd95_128": (hd95, 10)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "workloads": {}}
+    for name, (step, n) in workloads(dev).items():
+        try:
+            step()
+            torch.cuda.synchronize()
+            wall, per = kernels(step, n)
+        except Exception as exc:  # keep profiling the others; the error is in the report
+            result["workloads"][name] = {"error": repr(exc)}
+            print(f"{name}: error {exc!r}", flush=True)
+            continue
+        result["workloads"][name] = {"wall_ms": wall, "kernel_ms": per}
+        print(f"{name}: {wall:.3f} ms per step (profiled), kernels {sum(per.values()):.3f} ms", flush=True)
+        for k, v in list(per.items())[:6]:
+            print(f"    {v:8.4f} ms  {k}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_kernel_profile.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
