@@ -460,6 +460,13 @@ def test_cuda_simulation_matches_cpu():
     a = simulate_ct(ct, affine, poses, probe).bmode
     b = simulate_ct(ct.cuda(), affine, poses.cuda(), probe).bmode.cpu()
     torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-3)
+    # A CPU pose with a GPU volume (checked on the host, copied without a device sync): same frames,
+    # and its gradient comes back to the CPU pose.
+    cpu_pose = poses.clone().requires_grad_(True)
+    c = simulate_ct(ct.cuda(), affine, cpu_pose, probe).bmode
+    torch.testing.assert_close(c.cpu(), b)
+    c.mean().backward()
+    assert cpu_pose.grad is not None and cpu_pose.grad.device.type == "cpu"
 
 
 def test_simulate_command_on_a_nifti(tmp_path):

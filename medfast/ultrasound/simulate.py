@@ -80,14 +80,16 @@ def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> torch
         raise ValueError(f"pose must be (B, 4, 4) probe-to-world transforms (mm), got shape {tuple(pose.shape)}")
     if not pose.is_floating_point():
         raise TypeError(f"pose must be floating point, got {pose.dtype}")
+    if pose.device != device and pose.device.type != "cpu":
+        raise ValueError(f"pose is on {pose.device} but the volume is on {device} (CPU poses are accepted too)")
+    # These checks read the pose on the host. A pose on the GPU costs two device syncs here; a CPU pose
+    # (e.g. from a tracker) is checked for free and copied without waiting for the GPU's queued work.
     if not bool(torch.isfinite(pose.detach()).all()):
         raise ValueError("pose contains NaN or inf")
     bottom = pose.detach()[:, 3].double().cpu()
     if not torch.allclose(bottom, torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64).expand_as(bottom), atol=1e-4):
         raise ValueError("pose must be affine: its last row must be (0, 0, 0, 1)")
-    if pose.device != device:
-        raise ValueError(f"pose is on {pose.device} but the volume is on {device}")
-    return pose.to(dtype)
+    return pose.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _check_affine(affine: object) -> torch.Tensor:
@@ -326,7 +328,9 @@ def simulate(
         (i, j, k, 1) with i, j, k the indices along D, H, W).
     pose : Tensor
         ``(B, 4, 4)`` (or ``(4, 4)``) probe-to-world transforms in mm; probe frame: origin at the array
-        centre, +z axial into the tissue, +x lateral, +y elevation. Differentiable.
+        centre, +z axial into the tissue, +x lateral, +y elevation. Differentiable. On the volume's
+        device or on the CPU: with a GPU volume, a CPU pose is validated on the host and copied
+        without waiting for the GPU (a GPU pose costs two device syncs for its validation).
     probe : Probe or str
         Probe and imaging settings, or a preset name (``Probe.presets()``).
     seed : int
@@ -386,7 +390,7 @@ def simulate(
     # Probe frame -> voxel coordinates: M = affine^-1 @ pose; sample i of a sub-ray is at
     # start + i * step (voxel), computed in the kernel.
     start_p, step_p = _cached("rays", probe, E, str(dev), dt, None)
-    inv_a = torch.linalg.inv(a).to(device=dev, dtype=dt)
+    inv_a = torch.linalg.inv(a).to(dtype=dt).to(device=dev, non_blocking=True)  # no wait for queued GPU work
     M = inv_a[None] @ pose
     R3 = M[:, :3, :3]
     # (tiny broadcast products: cheaper than batched matmuls of 3x3 matrices)

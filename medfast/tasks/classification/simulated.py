@@ -444,19 +444,21 @@ class SimulatedUltrasound:
         groups: dict[tuple[int, int, int], list[int]] = {}
         for i in range(B):
             groups.setdefault((vol[i], variant[i], probe[i]), []).append(i)
+        # Host-side inputs (poses, gain, range, indices) reach the device by non-blocking copies, so the
+        # CPU queues every group's simulation without waiting for the GPU to finish the previous one.
+        levels = extra[:, :2].float().to(device, non_blocking=True)  # (B, 2) gain dB, dynamic range dB
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for (v, k, p), idx in groups.items():
                 props = self._volume_props(v, k, device)
-                pose = poses[idx].to(device=device, dtype=torch.float32)
-                res = simulate(props, self.volumes[v].affine, pose, self.probes[p], seed=1000 * v + k + 17,
-                               sub_rays=self.sub_rays, tgc_db_cm_mhz=self.tgc)
-                gain = extra[idx, 0].to(device=device, dtype=torch.float32)[:, None, None]
-                dr = extra[idx, 1].to(device=device, dtype=torch.float32)[:, None, None]
+                res = simulate(props, self.volumes[v].affine, poses[idx].float(), self.probes[p],
+                               seed=1000 * v + k + 17, sub_rays=self.sub_rays, tgc_db_cm_mhz=self.tgc)
+                rows = torch.tensor(idx).to(device, non_blocking=True)
+                gain, dr = levels.index_select(0, rows)[:, :, None, None].unbind(1)  # (b, 1, 1) each
                 scan = ((res.lines_db + gain + dr) / dr).clamp(0.0, 1.0)  # (b, L, S)
                 grid = self._grid(p, device).expand(len(idx), -1, -1, -1)
                 img = F.grid_sample(scan.transpose(1, 2)[:, None], grid, mode="bilinear", padding_mode="zeros",
                                     align_corners=True)
-                out[torch.tensor(idx, device=device)] = img
+                out.index_copy_(0, rows, img)
         if self.normalize == "minmax":
             lo = out.flatten(1).amin(1).view(-1, 1, 1, 1)
             hi = out.flatten(1).amax(1).view(-1, 1, 1, 1)
