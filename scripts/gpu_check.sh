@@ -11,7 +11,10 @@
 #   MEDFAST_GPU_BENCH=full|quick|0   benchmark sizes (default full); MEDFAST_GPU_SUITES="warp loss ..."
 #   MEDFAST_GPU_PACK=1          also pack everything into $OUT/gpu_results.tgz after each step
 # Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
-# (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them.
+# (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them
+# (scripts/gpu_prepare.sh fills both). On a lent machine with 15 minutes in all (2026-11-27): the
+# build took 150 s of them; run the tests and profiles first and keep the budget under the call's
+# limit so the packed results come back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-out/gpu}
