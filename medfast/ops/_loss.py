@@ -173,13 +173,16 @@ def _max_cuda_classes(shared_bytes: int, itemsize: int) -> int:
 
 
 def _check_cuda_classes(logits: torch.Tensor) -> None:
-    """A clear error, before any kernel, when C is past what the GPU's shared memory holds."""
+    """A clear error, before any kernel, when C is past what the GPU's shared memory holds (or the batch past
+    the CUDA grid): raised here rather than by the launcher's own check."""
     if logits.device.type != "cuda":
         return
     props = torch.cuda.get_device_properties(logits.device)
     shared = max(48 * 1024, int(getattr(props, "shared_memory_per_block_optin", 0)))
     itemsize = 8 if logits.dtype == torch.float64 else 4
     most = _max_cuda_classes(shared, itemsize)
+    if logits.shape[0] > 65535:
+        raise ValueError(f"logits has batch size {logits.shape[0]}; the CUDA loss kernels take at most 65535 per call")
     if logits.shape[1] > most:
         raise ValueError(
             f"logits has C = {logits.shape[1]} classes; the CUDA loss kernels take at most {most} "
