@@ -180,13 +180,10 @@ def check_loss_smem(dev: torch.device) -> int:
     logits = torch.randn(1, C, 3, 4, 5, generator=gen).to(dev)
     labels = torch.randint(0, C, (1, 3, 4, 5), generator=gen).to(dev)
     soft = torch.softmax(torch.randn(1, C, 3, 4, 5, generator=gen), 1).to(dev)
-    try:
+    with warnings.catch_warnings():  # past this GPU's shared memory: the PyTorch-ops sums, with a warning
+        warnings.simplefilter("ignore")
         _loss_call(mf.dice_ce_loss, logits, labels)
         _loss_call(mf.dice_ce_loss, logits, soft)
-    except ValueError as exc:  # past this GPU's shared memory: refused in Python before any kernel
-        if "classes" not in str(exc):
-            raise
-        print(f"loss_smem: refused as expected: {exc}")
     return 4
 
 

@@ -240,4 +240,32 @@ def test_cuda_class_limit_matches_the_kernel_plan():
     for shared, itemsize in ((48 * 1024, 4), (227 * 1024, 4), (227 * 1024, 8), (99 * 1024, 8)):
         most = _max_cuda_classes(shared, itemsize)
         assert 32 * (5 * most + 2) * itemsize <= shared < 32 * (5 * (most + 1) + 2) * itemsize
-    assert _max_cuda_classes(227 * 1024, 4) == 362  # an H100 / H200: 600 float32 classes do not fit
+    assert _max_cuda_classes(227 * 1024, 4) == 362  # an H100 / H200: 600 float32 classes take the reference path
+
+
+@pytest.mark.parametrize("kind", ["labels", "softmax", "sigmoid"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reference_sums_match_the_fused_kernels(kind, weighted):
+    # The PyTorch-ops path that CUDA calls past the kernels' limits take (more classes than the GPU's
+    # shared memory holds): same sums and gradients as the fused op, here on the CPU.
+    from medfast.ops._loss import _ops, _stats_reference
+
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 7, 5, 6, 4, generator=gen, dtype=torch.float64)
+    w = torch.rand(2, 5, 6, 4, generator=gen, dtype=torch.float64) if weighted else None
+    if kind == "labels":
+        target = torch.randint(0, 7, (2, 5, 6, 4), generator=gen)
+        target[0, 0] = -1  # ignored voxels
+        fused = lambda x: _ops.softmax_stats(x, target, w)  # noqa: E731
+    else:
+        target = torch.rand(2, 7, 5, 6, 4, generator=gen, dtype=torch.float64)
+        if kind == "softmax":
+            target = target / target.sum(1, keepdim=True)
+        fused = lambda x: _ops.soft_stats(x, target, w, kind == "sigmoid")  # noqa: E731
+    g = torch.randn(2, 7, 4, generator=gen, dtype=torch.float64)
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    a, b = fused(za), _stats_reference(zb, target, w, kind)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    torch.testing.assert_close(zb.grad, za.grad, rtol=1e-10, atol=1e-10)

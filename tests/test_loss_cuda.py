@@ -67,10 +67,9 @@ def test_many_classes_cuda_matches_cpu(C):
     props = torch.cuda.get_device_properties(0)
     if C > _max_cuda_classes(max(48 * 1024, props.shared_memory_per_block_optin), 4):
         # Past the GPU's shared memory (600 float32 classes need 384 KB per block; an H100 has
-        # 227 KB): a ValueError before any kernel runs, and the CUDA context stays usable.
-        with pytest.raises(ValueError, match=f"C = {C} classes"):
-            mf.dice_ce_loss(logits.float().cuda(), target.cuda())
-        torch.cuda.synchronize()
+        # 227 KB): the sums come from PyTorch ops instead, with a warning, and equal the CPU's.
+        with pytest.warns(UserWarning, match="past the fused CUDA kernels"):
+            _compare(logits, target, torch.float32)
         return
     _compare(logits, target, torch.float32)
 

@@ -9,6 +9,7 @@ gradient autograd needs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -172,23 +173,55 @@ def _max_cuda_classes(shared_bytes: int, itemsize: int) -> int:
     return (shared_bytes // (32 * itemsize) - 2) // 5
 
 
-def _check_cuda_classes(logits: torch.Tensor) -> None:
-    """A clear error, before any kernel, when C is past what the GPU's shared memory holds (or the batch past
-    the CUDA grid): raised here rather than by the launcher's own check."""
+def _cuda_kernel_fits(logits: torch.Tensor) -> bool:
+    """False (with a warning) when a CUDA call is past the fused kernels' limits: more classes than the
+    GPU's shared memory holds, or a batch past the CUDA grid. Such calls take :func:`_stats_reference`."""
     if logits.device.type != "cuda":
-        return
+        return True
     props = torch.cuda.get_device_properties(logits.device)
     shared = max(48 * 1024, int(getattr(props, "shared_memory_per_block_optin", 0)))
     itemsize = 8 if logits.dtype == torch.float64 else 4
     most = _max_cuda_classes(shared, itemsize)
-    if logits.shape[0] > 65535:
-        raise ValueError(f"logits has batch size {logits.shape[0]}; the CUDA loss kernels take at most 65535 per call")
-    if logits.shape[1] > most:
-        raise ValueError(
-            f"logits has C = {logits.shape[1]} classes; the CUDA loss kernels take at most {most} "
-            f"({'float64' if itemsize == 8 else 'float32'} sums in {shared // 1024} KiB of shared memory per block "
-            "on this GPU): split the classes, or compute the loss on the CPU"
-        )
+    if logits.shape[0] <= 65535 and logits.shape[1] <= most:
+        return True
+    warnings.warn(
+        f"medfast losses: logits of shape {tuple(logits.shape)} are past the fused CUDA kernels' limits (at "
+        f"most {most} classes with {shared // 1024} KiB of shared memory per block, batch <= 65535); computing "
+        "the sums with PyTorch ops instead (same values, but softmax-sized temporaries)",
+        stacklevel=4,
+    )
+    return False
+
+
+def _stats_reference(logits: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None,
+                     kind: str) -> torch.Tensor:
+    """The (B, C, 4) sums I, P, G, E of the fused kernels (loss.h) with PyTorch ops (autograd gives the
+    backward): ``kind`` "labels" (target (B, *S) int64, -1 = ignored), "softmax" or "sigmoid" (target
+    (B, C, *S) soft). Same definitions, far more memory: for calls the kernels do not take."""
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dt).flatten(2)  # (B, C, N)
+    B, C, N = z.shape
+    w = None if voxel_weight is None else voxel_weight.to(dt).reshape(B, 1, N)
+    if kind == "labels":
+        y = target.reshape(B, 1, N)
+        keep = ((y >= 0) & (y < C)).to(dt)
+        wk = keep if w is None else w * keep
+        logp = torch.log_softmax(z, 1)
+        p = logp.exp()
+        woh = torch.zeros_like(z).scatter_(1, y.clamp(0, C - 1), 1.0) * wk  # weighted one-hot, kept voxels
+        stats = [(p * woh).sum(2), (p * wk).sum(2), woh.sum(2), -(logp * woh).sum(2)]
+    else:
+        t = target.to(dt).flatten(2)
+        if kind == "sigmoid":
+            p = torch.sigmoid(z)
+            nll = torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none")
+        else:
+            logp = torch.log_softmax(z, 1)
+            p = logp.exp()
+            nll = -t * logp
+        wt = t if w is None else w * t
+        stats = [(p * wt).sum(2), (p if w is None else p * w).sum(2), wt.sum(2), (nll if w is None else nll * w).sum(2)]
+    return torch.stack(stats, -1)
 
 
 def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax"):
@@ -197,17 +230,23 @@ def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="
     check_choice("activation", activation, ("softmax", "sigmoid"))
     logits = _check_logits(logits, activation)
     check_backend("logits", logits)
-    _check_cuda_classes(logits)
     target = check_tensor("target", target)
     soft = activation == "sigmoid" or (torch.is_floating_point(target) and target.shape == logits.shape)
+    fused = _cuda_kernel_fits(logits)
     if soft:
         t = _soft_target(target, logits, ignore_index)
         weight = _voxel_weight(voxel_weight, t[:, 0], logits)
-        stats = _ops.soft_stats(logits, t, weight, activation == "sigmoid")
+        if fused:
+            stats = _ops.soft_stats(logits, t, weight, activation == "sigmoid")
+        else:
+            stats = _stats_reference(logits, t, weight, activation)
     else:
         labels = _labels(target, logits, ignore_index)
         weight = _voxel_weight(voxel_weight, labels, logits)
-        stats = _ops.softmax_stats(logits, labels, weight)
+        if fused:
+            stats = _ops.softmax_stats(logits, labels, weight)
+        else:
+            stats = _stats_reference(logits, labels, weight, "labels")
     cw = _class_weight(class_weight, logits, stats.dtype)
     if soft:  # mean over voxels (softmax) or over voxels x channels (sigmoid), as PyTorch's losses
         voxels = weight.sum().to(stats.dtype) if weight is not None else logits[:, 0].numel()
