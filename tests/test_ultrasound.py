@@ -584,12 +584,15 @@ def test_simulate_simd_matches_generic():
     torch.testing.assert_close(fast.envelope / scale, slow.envelope / scale, rtol=0, atol=1e-4)
 
 
-def test_psf_simd_matches_generic():
-    # The PSF forward compiled for AVX2 + FMA (csrc/ussim/ussim_cpu.cpp) against the baseline build.
+@pytest.mark.parametrize("S, K", [(203, 7), (203, 16), (20, 15), (9, 3), (64, 1)])
+def test_psf_simd_matches_generic(S, K):
+    # The PSF forward compiled for AVX2 + FMA (csrc/ussim/ussim_cpu.cpp; float32 axial rows register-
+    # blocked in ussim_cpu_avx2.cpp, the row ends and short rows by the header loop) against the
+    # baseline build.
     from medfast.ops._ussim import psf
 
     g = torch.Generator().manual_seed(4)
-    B, L, S, K, J = 2, 9, 203, 7, 5
+    B, L, J = 2, 9, 5
     x = torch.randn(B, L, 3, S, generator=g)
     h = torch.rand(3, K, generator=g)
     w = torch.rand(3, J, S, generator=g)
@@ -597,3 +600,71 @@ def test_psf_simd_matches_generic():
         fast, slow = simd_and_generic(lambda: psf(x, h, w))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     assert torch.equal(psf(x, h, w), fast)
+
+
+def _cell_row_reference(c0: int, c1: int, c2: int, seed: int, rows: int) -> int:
+    """cell_row of csrc/ussim/ussim.h in Python: 32-bit key of the wrapped cell products and the seed,
+    Wellons' lowbias32 finalizer, masked to the table size."""
+    m = 0xFFFFFFFF
+    key = ((c0 * 0x9E3779B1) & m) ^ ((c1 * 0x85EBCA77) & m) ^ ((c2 * 0xC2B2AE3D) & m)
+    key ^= (seed & m) ^ ((seed >> 32) & m)
+    x = key
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    x ^= x >> 16
+    return x & (rows - 1)
+
+
+@pytest.mark.parametrize("seed", [0, 11, (7 << 32) + 5])
+def test_scatter_hash_rows(seed):
+    # Samples on the integer scatter-grid nodes read exactly one table row (corner weight 1, norm 1):
+    # a table whose rows hold their own index shows which row each cell hashed to, through the
+    # generic ray march and the AVX2 line march (vector hash), against the Python reference.
+    from medfast.ops._ussim import march_lines
+
+    rows = 1 << 12
+    table = torch.zeros(rows, 4)
+    table[:, 0] = torch.arange(rows, dtype=torch.float32)
+    props = torch.tensor([1.5, 0.0, 1.0, 1.0, 0.0]).expand(1, 4, 4, 4, 5).contiguous()
+    G = [1.0, 0.0, 0.0, -40.0, 0.0, 1.0, 0.0, 17.0, 0.0, 0.0, 1.0, -3.0]  # cell = voxel + offset
+    S = 37
+    start = torch.tensor([[[[-1.0, 2.0, -5.0]], [[0.0, -3.0, 1.0]]]])  # (1, 2, 1, 3)
+    step = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 2.0]]])  # (1, 2, 3): integer nodes only
+    ref = torch.tensor([[[_cell_row_reference(int(start[0, line, 0, 0] + i * step[0, line, 0]) - 40,
+                                              int(start[0, line, 0, 1] + i * step[0, line, 1]) + 17,
+                                              int(start[0, line, 0, 2] + i * step[0, line, 2]) - 3, seed, rows)
+                          for i in range(S)] for line in range(2)]], dtype=torch.float32)
+    coords = start[:, :, 0, None, :] + torch.arange(S, dtype=torch.float32)[:, None] * step[:, :, None, :]
+    out = ray_march(props, coords, table, G, 0.0, [1.5, 0.0, 1.0, 1.0, 0.0], seed)
+    torch.testing.assert_close(out[..., 1], ref, rtol=0, atol=0)
+    weights = torch.ones(1, S, 3)
+    with torch.no_grad():
+        fast, slow = simd_and_generic(lambda: march_lines(props, start, step, weights, table, G, 0.0,
+                                                           [1.5, 0.0, 1.0, 1.0, 0.0], seed))
+    torch.testing.assert_close(fast[:, :, 1], ref, rtol=0, atol=0)
+    torch.testing.assert_close(slow[:, :, 1], ref, rtol=0, atol=0)
+
+
+def test_scan_conversion_row_chunks():
+    # One CPU frame without autograd is scan-converted in row chunks (one per thread): the same image
+    # as one grid_sample over the whole grid, bit for bit.
+    import importlib
+
+    sim = importlib.import_module("medfast.ultrasound.simulate")
+    probe = Probe.preset("C5-2v", n_lines=64, n_samples=200)
+    scan = torch.rand(1, 64, 200, generator=torch.Generator().manual_seed(2))
+    grid, _ = sim._cached("grid", probe, 1, "cpu", torch.float32, None)
+    ref = torch.nn.functional.grid_sample(scan.transpose(1, 2)[:, None], grid, mode="bilinear",
+                                          padding_mode="zeros", align_corners=True)
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 3, 5):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                img, _ = sim._scan_convert(scan, probe, None)
+            assert img.shape == ref.shape
+            assert torch.equal(img, ref)
+    finally:
+        torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ Params make_params_for(const Tensor& props, const Tensor& coords, int64_t batch,
   TORCH_CHECK_VALUE(noise.dim() == 2 && noise.size(1) == kNoise && noise.size(0) > 0 &&
                         (noise.size(0) & (noise.size(0) - 1)) == 0,
                     "medfast ussim: noise must be (N, 4) with N a power of two, got ", noise.sizes());
+  TORCH_CHECK_VALUE(noise.size(0) <= (int64_t(1) << 31), "medfast ussim: at most 2^31 noise rows (32-bit hash)");
   TORCH_CHECK_VALUE(grid_affine.size() == 12, "medfast ussim: grid_affine must have 12 entries");
   TORCH_CHECK_VALUE(background.size() == kProps, "medfast ussim: background must have 5 entries");
   TORCH_CHECK_VALUE(props.device() == coords.device() && noise.device() == coords.device(),

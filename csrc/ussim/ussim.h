@@ -42,7 +42,7 @@ constexpr double kMinTransmission = 1e-12;
 struct Params {
   int64_t D, H, W;      // volume size
   int64_t S;            // samples per ray
-  int64_t noise_mask;   // table rows - 1 (a power of two minus one)
+  int64_t noise_mask;   // table rows - 1 (a power of two minus one, < 2^31)
   uint64_t seed;
   double G[12];         // voxel (d, h, w, 1) -> scatter-grid cell coordinates, row-major 3x4
   double att;           // log-amplitude loss per sample per unit alpha (round trip)
@@ -61,35 +61,44 @@ MEDFAST_HOST_DEVICE A sharpen(A t, double k, A* slope) {
   return u <= A(0) ? A(0) : (u >= A(1) ? A(1) : u);
 }
 
-MEDFAST_HOST_DEVICE uint64_t mix64(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
+// Scatter-grid cell -> noise-table row: a 32-bit key (the xor of the three wrapped products of the
+// cell indices with odd constants and of the seed) through a full-avalanche 32-bit finalizer (Chris
+// Wellons' "lowbias32", a bijection of uint32), masked to the table size. 32-bit integer arithmetic
+// throughout, so the CPU AVX2 march hashes the 8 corners of 8 samples with 32-bit vector multiplies
+// (ussim_cpu_avx2.cpp) and the GPU with native 32-bit multiplies.
+constexpr uint32_t kCellMul0 = 0x9E3779B1u, kCellMul1 = 0x85EBCA77u, kCellMul2 = 0xC2B2AE3Du;
+
+MEDFAST_HOST_DEVICE uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
   return x;
 }
 
+MEDFAST_HOST_DEVICE uint32_t seed32(const Params& P) {
+  return static_cast<uint32_t>(P.seed) ^ static_cast<uint32_t>(P.seed >> 32);
+}
+
 MEDFAST_HOST_DEVICE int64_t cell_row(int64_t a, int64_t b, int64_t c, const Params& P) {
-  // One finalizer over a multiplicative combination of the three cell indices and the seed.
-  const uint64_t h = mix64(static_cast<uint64_t>(a) * 0x9E3779B97F4A7C15ULL ^
-                           static_cast<uint64_t>(b) * 0xC2B2AE3D27D4EB4FULL ^
-                           static_cast<uint64_t>(c) * 0x165667B19E3779F9ULL ^ P.seed);
-  return static_cast<int64_t>(h & static_cast<uint64_t>(P.noise_mask));
+  const uint32_t key = static_cast<uint32_t>(a) * kCellMul0 ^ static_cast<uint32_t>(b) * kCellMul1 ^
+                       static_cast<uint32_t>(c) * kCellMul2 ^ seed32(P);
+  return static_cast<int64_t>(hash32(key) & static_cast<uint32_t>(P.noise_mask));
 }
 
 // The table rows of the 8 corners of scatter-grid cell (c0, c1, c2), in corner order (corner = 4 a +
 // 2 b + e); the same rows as cell_row (unsigned products wrap: (c + 1) K = c K + K), without branches.
 MEDFAST_HOST_DEVICE void noise_corner_rows(const float* table, const Params& P, int64_t c0, int64_t c1, int64_t c2,
                                            const float** rows) {
-  const uint64_t a0 = static_cast<uint64_t>(c0) * 0x9E3779B97F4A7C15ULL, a1 = a0 + 0x9E3779B97F4A7C15ULL;
-  const uint64_t b0 = static_cast<uint64_t>(c1) * 0xC2B2AE3D27D4EB4FULL, b1 = b0 + 0xC2B2AE3D27D4EB4FULL;
-  const uint64_t e0 = static_cast<uint64_t>(c2) * 0x165667B19E3779F9ULL, e1 = e0 + 0x165667B19E3779F9ULL;
-  const uint64_t mask = static_cast<uint64_t>(P.noise_mask);
+  const uint32_t a0 = static_cast<uint32_t>(c0) * kCellMul0, a1 = a0 + kCellMul0;
+  const uint32_t b0 = static_cast<uint32_t>(c1) * kCellMul1, b1 = b0 + kCellMul1;
+  const uint32_t e0 = static_cast<uint32_t>(c2) * kCellMul2 ^ seed32(P), e1 = (static_cast<uint32_t>(c2) * kCellMul2 + kCellMul2) ^ seed32(P);
+  const uint32_t mask = static_cast<uint32_t>(P.noise_mask);
   USSIM_UNROLL8
   for (int corner = 0; corner < 8; ++corner) {
-    const uint64_t h = mix64(((corner & 4) ? a1 : a0) ^ ((corner & 2) ? b1 : b0) ^ ((corner & 1) ? e1 : e0) ^ P.seed);
-    rows[corner] = table + (h & mask) * kNoise;
+    const uint32_t h = hash32(((corner & 4) ? a1 : a0) ^ ((corner & 2) ? b1 : b0) ^ ((corner & 1) ? e1 : e0));
+    rows[corner] = table + static_cast<int64_t>(h & mask) * kNoise;
   }
 }
 

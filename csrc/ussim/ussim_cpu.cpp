@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/cpu_simd.h"
 #include "ussim/ussim_launch.h"
@@ -59,7 +60,7 @@ bool has_avx2() { return cpu_simd_available(); }
 #define MEDFAST_USSIM_PSF_FORWARD_BODY                                                                     \
   at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {                                 \
     for (int64_t r = begin; r < end; ++r)                                                                 \
-      psf_axial_row<T, A>(xp + r * S, hp + (r % 3) * K, K, S, 0, S, t + r * S, false);                    \
+      axial_row(xp + r * S, hp + (r % 3) * K, K, S, t + r * S);                                           \
   });                                                                                                     \
   at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {                                     \
     for (int64_t bl = begin; bl < end; ++bl) {                                                            \
@@ -76,6 +77,9 @@ bool has_avx2() { return cpu_simd_available(); }
 template <typename T, typename A>
 void psf_forward(const T* xp, const T* hp, const T* wp, T* t, T* o, int64_t B, int64_t L, int64_t S, int64_t K,
                  int64_t J, int64_t grain) {
+  const auto axial_row = [](const T* x, const T* h, int64_t K, int64_t S, T* out) {
+    psf_axial_row<T, A>(x, h, K, S, 0, S, out, false);
+  };
   MEDFAST_USSIM_PSF_FORWARD_BODY
 }
 
@@ -84,6 +88,13 @@ template <typename T, typename A>
 __attribute__((target("avx2,fma"))) void psf_forward_avx2(const T* xp, const T* hp, const T* wp, T* t, T* o,
                                                           int64_t B, int64_t L, int64_t S, int64_t K, int64_t J,
                                                           int64_t grain) {
+  // float32 axial rows: the register-blocked AVX2 row of ussim_cpu_avx2.cpp (same taps, same order).
+  const auto axial_row = [](const T* x, const T* h, int64_t K, int64_t S, T* out) {
+    if constexpr (std::is_same_v<T, float>)
+      psf_axial_row_avx2(x, h, K, S, out);
+    else
+      psf_axial_row<T, A>(x, h, K, S, 0, S, out, false);
+  };
   MEDFAST_USSIM_PSF_FORWARD_BODY
 }
 #endif

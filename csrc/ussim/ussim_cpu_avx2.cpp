@@ -1,19 +1,22 @@
 // AVX2 specialization of the line march (march_line in ussim.h) for float32: eight consecutive samples
-// of a sub-ray per vector. It is the arithmetic of march_line / eval_sample written for eight lanes:
-//   - positions start + i * step, trilinear property weights (sharpened for the impedance) and the
-//     scatter-grid weights are computed per lane;
-//   - the corner values come from the same scalar CellCache / NoiseCache loads (load_cell,
-//     noise_cell: same hash, same table rows). A block of 8 samples touches few cells (~10 samples
-//     per voxel, ~2 per scatter cell), so each distinct cell's corners are broadcast and the lanes
-//     in that cell blended in (no gathers);
-//   - log(1 - R^2) and exp(log T) with polynomial vector logf / expf (Cephes, ~1 ulp), the running
-//     log-transmission summed in double in sample order, as the scalar march.
+// of a sub-ray per vector. It is the arithmetic of march_line / eval_sample written for eight lanes,
+// in passes over a sub-ray (march_subray8; each pass a short loop whose blocks overlap in the core):
+//   1. properties: positions start + i * step, trilinear weights per lane (sharpened for the
+//      impedance); a block of 8 samples touches ~2 voxel cells (~10 samples per voxel), so each
+//      distinct cell's corners are read in place (load_cell at the border), broadcast and blended
+//      into the lanes in that cell;
+//   2. scatter noise: scatter-grid weights per lane; the 8 corner rows of every lane hashed in 32-bit
+//      vector arithmetic (cell_row / hash32 of ussim.h, 8 lanes per instruction), loaded and
+//      transposed to one vector per channel;
+//   3.-5. R, log(1 - R^2) and exp(log T) with polynomial vector logf / expf (Cephes, ~1 ulp), the
+//      running log-transmission summed in double in sample order, as the scalar march; the echoes.
 // Results equal the generic path to float rounding (tests/test_ultrasound.py compares them with
 // _set_cpu_simd(False)). Lines whose coordinates are huge or not finite take the generic path.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cmath>
+#include <vector>
 
 #include "common/cpu_simd.h"
 #include "ussim/ussim_launch.h"
@@ -110,11 +113,14 @@ MEDFAST_AVX2 inline __m256d scan4(__m256d x) {
   return _mm256_add_pd(x, _mm256_blend_pd(_mm256_permute4x64_pd(x, 0x40), z, 3));  // + (0, 0, x0, x1)
 }
 
-// Corner rows of one scatter-grid cell.
-struct NoiseRows {
-  int32_t c[3];
-  const float* r[8];
-};
+// hash32 (ussim.h) of eight 32-bit keys.
+MEDFAST_AVX2 inline __m256i hash32x8(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846ca68bU)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
 
 // Voxel positions of a line stay in this range (int32 cells, exact float steps), or the line takes
 // the generic path.
@@ -136,171 +142,235 @@ bool line_in_range(const float* start, const float* step, int64_t E, const Param
   return true;
 }
 
+// Scratch values of one sub-ray per sample (march_subray8), channel-major, Sp = S rounded up to 8.
+struct SubrayBuffer {
+  std::vector<float> data;
+  std::vector<int32_t> rows;  // [block][corner][lane]: float offsets of the noise-table rows
+  int64_t Sp;
+  explicit SubrayBuffer(int64_t S)
+      : data(9 * ((S + 7) & ~int64_t(7)) + 8), rows(8 * ((S + 7) & ~int64_t(7))), Sp((S + 7) & ~int64_t(7)) {}
+  float* Z() { return data.data() + 8; }  // impedance (clamped); Z()[-1] is readable (R_0 = 0 anyway)
+  float* alpha() { return Z() + Sp; }  // alpha; then the log-transmission down to the sample
+  float* sq() { return Z() + 2 * Sp; }   // sqrt(rho); then scatter re * amp
+  float* mu() { return Z() + 3 * Sp; }   // mu; then scatter im * amp
+  float* sd() { return Z() + 4 * Sp; }   // sigma; then log(1 - R^2)
+  float* R() { return Z() + 5 * Sp; }    // reflection coefficient
+  float* tq() { return Z() + 6 * Sp; }   // 3 x Sp: fractions of the scatter-grid positions
+};
+
 // One sub-ray (origin o, step st), echoes weighted by wT (3, S) and added into out (3, S) (first:
-// written). Blocks of 8 samples.
+// written). Three passes over blocks of 8 samples, each keeping its per-sample results in buf:
+// properties (branchy: per distinct voxel cell), scatter noise (straight-line), transmission and
+// echoes (straight-line, the running log-transmission its only carried value). Split, the blocks of
+// each pass overlap in the out-of-order core (one fused loop is bound by its long dependency chains).
+// A tail block's extra lanes hold finite values of positions past the ray's end, never stored to out.
 MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Params& P, const float* o,
-                                const float* st, const float* wT, bool first, float* out) {
+                                const float* st, const float* wT, bool first, float* out, SubrayBuffer& buf) {
   const int64_t S = P.S;
-  CellCache<float> cell{};
-  const float* cp[8] = {};  // the 8 corner property rows of the cell in `cell`
-  int64_t corner_off[8];
-  for (int corner = 0; corner < 8; ++corner)
-    corner_off[corner] = (((corner >> 2) * P.H + ((corner >> 1) & 1)) * P.W + (corner & 1)) * kProps;
-  NoiseRows last{}, cells[8];
-  bool have_last = false;
-  const __m256 sharp = _mm256_set1_ps(static_cast<float>(P.sharp));
+  float *bZ = buf.Z(), *bA = buf.alpha(), *bSq = buf.sq(), *bMu = buf.mu(), *bSd = buf.sd();
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-  const __m256 o0 = _mm256_set1_ps(o[0]), o1 = _mm256_set1_ps(o[1]), o2 = _mm256_set1_ps(o[2]);
-  const __m256 s0 = _mm256_set1_ps(st[0]), s1 = _mm256_set1_ps(st[1]), s2v = _mm256_set1_ps(st[2]);
-  const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i shift_idx = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
-  const bool speckle = P.noise_mask != 0;
-  __m256d logT = _mm256_setzero_pd();  // log transmission down to the block, in every lane
-  float Zlast = 1.0f;
-  alignas(32) int32_t ci[3][8];
-  for (int64_t i0 = 0; i0 < S; i0 += 8) {
-    const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
-    const int valid = (1 << nv) - 1;
-    const __m256 fi = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(i0)), iota);
-    // (one rounding: may differ from the generic path by an ulp of the position)
-    const __m256 p[3] = {_mm256_fmadd_ps(fi, s0, o0), _mm256_fmadd_ps(fi, s1, o1), _mm256_fmadd_ps(fi, s2v, o2)};
 
-    // ---- properties: trilinear (impedance: sharpened weights), per distinct voxel cell.
-    __m256 t[3], wt[8], wz[8], v[kProps] = {zero, zero, zero, zero, zero};
-    __m256i cell_i[3];
-    for (int k = 0; k < 3; ++k) {
-      const __m256 f = _mm256_floor_ps(p[k]);
-      t[k] = _mm256_sub_ps(p[k], f);
-      cell_i[k] = _mm256_cvttps_epi32(f);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ci[k]), cell_i[k]);
-    }
-    corner_weights(t[0], t[1], t[2], wt);
-    corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
-    for (int todo = valid; todo;) {
-      const int l = __builtin_ctz(todo);
-      const int m = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
-      if (!cell.valid || cell.i0 != ci[0][l] || cell.j0 != ci[1][l] || cell.k0 != ci[2][l]) {
-        cell.i0 = ci[0][l];
-        cell.j0 = ci[1][l];
-        cell.k0 = ci[2][l];
-        cell.valid = true;
-        // Inside the volume the corners are read in place (no copy into the cache); at the border
-        // load_cell fills in the background values.
-        if (cell_inside(P, cell.i0, cell.j0, cell.k0)) {
-          const float* base = vol + ((cell.i0 * P.H + cell.j0) * P.W + cell.k0) * kProps;
-          for (int corner = 0; corner < 8; ++corner) cp[corner] = base + corner_off[corner];
-        } else {
-          load_cell<float, float>(vol, P, cell.i0, cell.j0, cell.k0, cell.val);
-          for (int corner = 0; corner < 8; ++corner) cp[corner] = cell.val[corner];
+  // ---- Pass 1: properties, trilinear (impedance: sharpened weights), per distinct voxel cell.
+  {
+    CellCache<float> cell{};
+    const float* cp[8] = {};  // the 8 corner property rows of the cell in `cell`
+    int64_t corner_off[8];
+    for (int corner = 0; corner < 8; ++corner)
+      corner_off[corner] = (((corner >> 2) * P.H + ((corner >> 1) & 1)) * P.W + (corner & 1)) * kProps;
+    const __m256 sharp = _mm256_set1_ps(static_cast<float>(P.sharp));
+    const __m256 o0 = _mm256_set1_ps(o[0]), o1 = _mm256_set1_ps(o[1]), o2 = _mm256_set1_ps(o[2]);
+    const __m256 s0 = _mm256_set1_ps(st[0]), s1 = _mm256_set1_ps(st[1]), s2 = _mm256_set1_ps(st[2]);
+    const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 zmin = _mm256_set1_ps(static_cast<float>(kMinImpedance));
+    alignas(32) int32_t ci[3][8];
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
+      const int valid = (1 << nv) - 1;
+      const __m256 fi = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(i0)), iota);
+      // (one rounding: may differ from the generic path by an ulp of the position)
+      const __m256 p[3] = {_mm256_fmadd_ps(fi, s0, o0), _mm256_fmadd_ps(fi, s1, o1), _mm256_fmadd_ps(fi, s2, o2)};
+      __m256 t[3], wt[8], wz[8], v[kProps] = {zero, zero, zero, zero, zero};
+      __m256i cell_i[3];
+      for (int k = 0; k < 3; ++k) {
+        const __m256 f = _mm256_floor_ps(p[k]);
+        t[k] = _mm256_sub_ps(p[k], f);
+        cell_i[k] = _mm256_cvttps_epi32(f);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ci[k]), cell_i[k]);
+      }
+      {
+        // Prefetch the corner rows of the cell 64 samples (~6 voxels) ahead: the next cells' rows
+        // come from L2/L3 (~0.3 ms per frame less).
+        const float fa = static_cast<float>(i0 + 64);
+        const int64_t ai = static_cast<int64_t>(std::floor(o[0] + fa * st[0]));
+        const int64_t aj = static_cast<int64_t>(std::floor(o[1] + fa * st[1]));
+        const int64_t ak = static_cast<int64_t>(std::floor(o[2] + fa * st[2]));
+        if (cell_inside(P, ai, aj, ak)) {
+          const char* base = reinterpret_cast<const char*>(vol + ((ai * P.H + aj) * P.W + ak) * kProps);
+          for (int corner = 0; corner < 8; corner += 2) {  // (corners e = 0, 1: 40 bytes, up to 2 lines)
+            _mm_prefetch(base + corner_off[corner] * sizeof(float), _MM_HINT_T0);
+            _mm_prefetch(base + corner_off[corner] * sizeof(float) + 2 * kProps * sizeof(float) - 1, _MM_HINT_T0);
+          }
         }
       }
-      __m256 acc[kProps];
-      for (int c = 0; c < kProps; ++c) acc[c] = zero;
-      for (int corner = 0; corner < 8; ++corner) {
-        acc[0] = _mm256_fmadd_ps(wz[corner], _mm256_set1_ps(cp[corner][0]), acc[0]);
-        for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wt[corner], _mm256_set1_ps(cp[corner][c]), acc[c]);
-      }
-      if (todo == valid && m == valid) {
-        for (int c = 0; c < kProps; ++c) v[c] = acc[c];
-      } else {
-        const __m256 mk = lane_mask(m);
-        for (int c = 0; c < kProps; ++c) v[c] = todo == valid ? acc[c] : _mm256_blendv_ps(v[c], acc[c], mk);
-      }
-      todo &= ~m;
-    }
-
-    // ---- scatter noise: trilinear in the scatter grid, normalised by the weights' norm.
-    __m256 n[3] = {zero, zero, zero};
-    if (!speckle) {
-      for (int c = 0; c < 3; ++c) n[c] = _mm256_set1_ps(table[c]);
-    } else {
-      __m256 tq[3];
-      __m256i cq[3];
-      for (int r = 0; r < 3; ++r) {
-        __m128 tf[2];
-        __m128i cf[2];
-        for (int h = 0; h < 2; ++h) {
-          const __m256d d = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(p[0], 1) : _mm256_castps256_ps128(p[0]));
-          const __m256d hh = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(p[1], 1) : _mm256_castps256_ps128(p[1]));
-          const __m256d w = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(p[2], 1) : _mm256_castps256_ps128(p[2]));
-          __m256d q = _mm256_fmadd_pd(_mm256_set1_pd(P.G[4 * r]), d, _mm256_set1_pd(P.G[4 * r + 3]));
-          q = _mm256_fmadd_pd(_mm256_set1_pd(P.G[4 * r + 1]), hh, q);
-          q = _mm256_fmadd_pd(_mm256_set1_pd(P.G[4 * r + 2]), w, q);
-          const __m256d f = _mm256_floor_pd(q);
-          tf[h] = _mm256_cvtpd_ps(_mm256_sub_pd(q, f));
-          cf[h] = _mm256_cvttpd_epi32(f);
-        }
-        tq[r] = _mm256_set_m128(tf[1], tf[0]);
-        cq[r] = _mm256_set_m128i(cf[1], cf[0]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(ci[r]), cq[r]);
-      }
-      __m256 wq[8];
-      corner_weights(tq[0], tq[1], tq[2], wq);
-      __m256 ss = zero;
-      for (int corner = 0; corner < 8; ++corner) ss = _mm256_fmadd_ps(wq[corner], wq[corner], ss);
-      const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(ss));
-      // Pass 1: the distinct cells of the block (lanes in sample order) and their corner rows. Pass 2:
-      // the sums. (No software prefetch of the rows: the table stays in L2, and the 8 prefetches per
-      // cell cost more than they saved, ~0.5 ms per frame.)
-      int ncell = 0, cmask[8];
+      corner_weights(t[0], t[1], t[2], wt);
+      corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
       for (int todo = valid; todo;) {
         const int l = __builtin_ctz(todo);
-        const int m = same_cell(cq[0], cq[1], cq[2], ci[0], ci[1], ci[2], l) & todo;
-        NoiseRows& nr = ncell == 0 ? last : cells[ncell];
-        if (!(ncell == 0 && have_last && last.c[0] == ci[0][l] && last.c[1] == ci[1][l] && last.c[2] == ci[2][l])) {
-          nr.c[0] = ci[0][l];
-          nr.c[1] = ci[1][l];
-          nr.c[2] = ci[2][l];
-          noise_corner_rows(table, P, nr.c[0], nr.c[1], nr.c[2], nr.r);
+        const int m = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
+        if (!cell.valid || cell.i0 != ci[0][l] || cell.j0 != ci[1][l] || cell.k0 != ci[2][l]) {
+          cell.i0 = ci[0][l];
+          cell.j0 = ci[1][l];
+          cell.k0 = ci[2][l];
+          cell.valid = true;
+          // Inside the volume the corners are read in place (no copy into the cache); at the border
+          // load_cell fills in the background values.
+          if (cell_inside(P, cell.i0, cell.j0, cell.k0)) {
+            const float* base = vol + ((cell.i0 * P.H + cell.j0) * P.W + cell.k0) * kProps;
+            for (int corner = 0; corner < 8; ++corner) cp[corner] = base + corner_off[corner];
+          } else {
+            load_cell<float, float>(vol, P, cell.i0, cell.j0, cell.k0, cell.val);
+            for (int corner = 0; corner < 8; ++corner) cp[corner] = cell.val[corner];
+          }
         }
-        cmask[ncell++] = m;
+        __m256 acc[kProps];
+        for (int c = 0; c < kProps; ++c) acc[c] = zero;
+        for (int corner = 0; corner < 8; ++corner) {
+          acc[0] = _mm256_fmadd_ps(wz[corner], _mm256_set1_ps(cp[corner][0]), acc[0]);
+          for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wt[corner], _mm256_set1_ps(cp[corner][c]), acc[c]);
+        }
+        if (todo == valid && m == valid) {
+          for (int c = 0; c < kProps; ++c) v[c] = acc[c];
+        } else {
+          const __m256 mk = lane_mask(m);
+          for (int c = 0; c < kProps; ++c) v[c] = todo == valid ? acc[c] : _mm256_blendv_ps(v[c], acc[c], mk);
+        }
         todo &= ~m;
       }
-      for (int k = 0; k < ncell; ++k) {
-        const NoiseRows& nr = k == 0 ? last : cells[k];
-        __m256 acc[3] = {zero, zero, zero};
-        for (int corner = 0; corner < 8; ++corner)
-          for (int c = 0; c < 3; ++c) acc[c] = _mm256_fmadd_ps(wq[corner], _mm256_set1_ps(nr.r[corner][c]), acc[c]);
-        if (k == 0) {
-          for (int c = 0; c < 3; ++c) n[c] = acc[c];
-        } else {
-          const __m256 mk = lane_mask(cmask[k]);
-          for (int c = 0; c < 3; ++c) n[c] = _mm256_blendv_ps(n[c], acc[c], mk);
+      _mm256_storeu_ps(bZ + i0, _mm256_blendv_ps(v[0], zmin, _mm256_cmp_ps(v[0], zmin, _CMP_LT_OQ)));
+      _mm256_storeu_ps(bA + i0, v[1]);
+      _mm256_storeu_ps(bSq + i0, _mm256_sqrt_ps(_mm256_and_ps(v[2], _mm256_cmp_ps(v[2], zero, _CMP_GT_OQ))));
+      _mm256_storeu_ps(bMu + i0, v[3]);
+      _mm256_storeu_ps(bSd + i0, v[4]);
+    }
+  }
+
+  // ---- Pass 2: scatter noise, trilinear in the scatter grid, normalised by the weights' norm; then
+  // amp = sqrt(rho) (mu + sigma n2) and the scatter echo amp (n0, n1) (in place of sqrt(rho), mu).
+  {
+    const bool speckle = P.noise_mask != 0;
+    __m256d qo[3], qs[3];
+    for (int r = 0; r < 3; ++r) {
+      const double* g = P.G + 4 * r;
+      qo[r] = _mm256_set1_pd(g[0] * o[0] + g[1] * o[1] + g[2] * o[2] + g[3]);
+      qs[r] = _mm256_set1_pd(g[0] * st[0] + g[1] * st[1] + g[2] * st[2]);
+    }
+    const __m256i seedv = _mm256_set1_epi32(static_cast<int>(seed32(P)));
+    const __m256i maskv = _mm256_set1_epi32(static_cast<int>(P.noise_mask));
+    const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(kCellMul0));
+    const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(kCellMul1));
+    const __m256i mul2 = _mm256_set1_epi32(static_cast<int>(kCellMul2));
+    float* btq = buf.tq();
+    int32_t* brows = buf.rows.data();
+    // 2a: scatter-grid cells and fractions, the corner rows of every lane's cell: cell_row (ussim.h)
+    // in 32-bit vector arithmetic (one hash per lane and corner, no per-cell branches).
+    if (speckle)
+      for (int64_t i0 = 0; i0 < S; i0 += 8) {
+        // Scatter-grid position q = G (p, 1) of sample i = qo + i qs in double (one rounding; the
+        // generic path maps the float position p, so the two differ by about an ulp of p).
+        __m256i cq[3];
+        const __m256d ilo = _mm256_add_pd(_mm256_set1_pd(static_cast<double>(i0)), _mm256_setr_pd(0, 1, 2, 3));
+        const __m256d ihi = _mm256_add_pd(ilo, _mm256_set1_pd(4.0));
+        for (int r = 0; r < 3; ++r) {
+          const __m256d qlo = _mm256_fmadd_pd(ilo, qs[r], qo[r]), qhi = _mm256_fmadd_pd(ihi, qs[r], qo[r]);
+          const __m256d flo = _mm256_floor_pd(qlo), fhi = _mm256_floor_pd(qhi);
+          _mm256_storeu_ps(btq + r * buf.Sp + i0, _mm256_set_m128(_mm256_cvtpd_ps(_mm256_sub_pd(qhi, fhi)),
+                                                                 _mm256_cvtpd_ps(_mm256_sub_pd(qlo, flo))));
+          cq[r] = _mm256_set_m128i(_mm256_cvttpd_epi32(fhi), _mm256_cvttpd_epi32(flo));
+        }
+        const __m256i A0 = _mm256_mullo_epi32(cq[0], mul0), B0 = _mm256_mullo_epi32(cq[1], mul1);
+        const __m256i C0 = _mm256_mullo_epi32(cq[2], mul2);
+        const __m256i Av[2] = {A0, _mm256_add_epi32(A0, mul0)}, Bv[2] = {B0, _mm256_add_epi32(B0, mul1)};
+        const __m256i Cv[2] = {_mm256_xor_si256(C0, seedv), _mm256_xor_si256(_mm256_add_epi32(C0, mul2), seedv)};
+        for (int corner = 0; corner < 8; ++corner) {
+          const __m256i key = _mm256_xor_si256(_mm256_xor_si256(Av[corner >> 2], Bv[(corner >> 1) & 1]), Cv[corner & 1]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(brows + 8 * i0 + 8 * corner),
+                              _mm256_slli_epi32(_mm256_and_si256(hash32x8(key), maskv), 2));  // * kNoise
         }
       }
-      if (ncell > 1) last = cells[ncell - 1];  // the next block usually starts in this cell
-      have_last = true;
-      for (int c = 0; c < 3; ++c) n[c] = _mm256_mul_ps(n[c], inv);
+    // 2b: the trilinear sums (rows gathered and transposed), normalised; the scatter echo.
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      __m256 n[3] = {zero, zero, zero};
+      if (!speckle) {
+        for (int c = 0; c < 3; ++c) n[c] = _mm256_set1_ps(table[c]);
+      } else {
+        __m256 wq[8];
+        corner_weights(_mm256_loadu_ps(btq + i0), _mm256_loadu_ps(btq + buf.Sp + i0),
+                       _mm256_loadu_ps(btq + 2 * buf.Sp + i0), wq);
+        __m256 ss = zero;
+        for (int corner = 0; corner < 8; ++corner) ss = _mm256_fmadd_ps(wq[corner], wq[corner], ss);
+        const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(ss));
+        for (int corner = 0; corner < 8; ++corner) {
+          // The rows (re, im, amp, pad) of the 8 lanes, transposed to one vector per channel.
+          const int32_t* rc = brows + 8 * i0 + 8 * corner;
+          __m256 r[4];
+          for (int l = 0; l < 4; ++l)
+            r[l] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(table + rc[l])),
+                                        _mm_loadu_ps(table + rc[l + 4]), 1);
+          const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+          const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+          n[0] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t0, t2, 0x44), n[0]);
+          n[1] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t0, t2, 0xEE), n[1]);
+          n[2] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t1, t3, 0x44), n[2]);
+        }
+        for (int c = 0; c < 3; ++c) n[c] = _mm256_mul_ps(n[c], inv);
+      }
+      const __m256 amp =
+          _mm256_mul_ps(_mm256_loadu_ps(bSq + i0), _mm256_fmadd_ps(_mm256_loadu_ps(bSd + i0), n[2], _mm256_loadu_ps(bMu + i0)));
+      _mm256_storeu_ps(bSq + i0, _mm256_mul_ps(amp, n[0]));
+      _mm256_storeu_ps(bMu + i0, _mm256_mul_ps(amp, n[1]));
     }
+  }
 
-    // ---- echoes and transmission (eval_sample + march_ray_fn).
-    const __m256 zmin = _mm256_set1_ps(static_cast<float>(kMinImpedance));
-    const __m256 Z = _mm256_blendv_ps(v[0], zmin, _mm256_cmp_ps(v[0], zmin, _CMP_LT_OQ));
-    __m256 Zp = _mm256_permutevar8x32_ps(Z, shift_idx);
-    Zp = _mm256_blend_ps(Zp, _mm256_set1_ps(Zlast), 1);
+  // ---- Pass 3: reflection coefficients and their transmission losses log(1 - R^2).
+  float* bR = buf.R();
+  const __m256 tmin = _mm256_set1_ps(static_cast<float>(kMinTransmission));
+  for (int64_t i0 = 0; i0 < S; i0 += 8) {
+    const __m256 Z = _mm256_loadu_ps(bZ + i0), Zp = _mm256_loadu_ps(bZ + i0 - 1);
     __m256 R = _mm256_div_ps(_mm256_sub_ps(Z, Zp), _mm256_add_ps(Z, Zp));
     if (i0 == 0) R = _mm256_blend_ps(R, zero, 1);  // R_0 = 0
-    const __m256 rho = _mm256_and_ps(v[2], _mm256_cmp_ps(v[2], zero, _CMP_GT_OQ));
-    const __m256 amp = _mm256_mul_ps(_mm256_sqrt_ps(rho), _mm256_fmadd_ps(v[4], n[2], v[3]));
-    const __m256 tr = _mm256_fnmadd_ps(R, R, one);
-    const __m256 lt = log8(_mm256_max_ps(tr, _mm256_set1_ps(static_cast<float>(kMinTransmission))));
-    // u = log(1 - R^2) - att alpha in double; T_i = exp(sum_{j < i} u_j): an exclusive prefix sum in
-    // double over the block (log-step scan; differs from the sequential sum by double rounding only).
+    _mm256_storeu_ps(bR + i0, R);
+    _mm256_storeu_ps(bSd + i0, log8(_mm256_max_ps(_mm256_fnmadd_ps(R, R, one), tmin)));
+  }
+
+  // ---- Pass 4: u = log(1 - R^2) - att alpha in double; log T_i = sum_{j < i} u_j: an exclusive prefix
+  // sum in double over each block (log-step scan; differs from the sequential sum by double rounding
+  // only), written as float in place of alpha.
+  {
     const __m256d att = _mm256_set1_pd(P.att), zd = _mm256_setzero_pd();
-    const __m256d ulo = _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_castps256_ps128(v[1])),
-                                         _mm256_cvtps_pd(_mm256_castps256_ps128(lt)));
-    const __m256d uhi = _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_extractf128_ps(v[1], 1)),
-                                         _mm256_cvtps_pd(_mm256_extractf128_ps(lt, 1)));
-    // u shifted up one lane (lane 0: 0), then inclusive scans of its two halves.
-    const __m256d xlo = _mm256_blend_pd(_mm256_permute4x64_pd(ulo, 0x90), zd, 1);
-    const __m256d xhi = _mm256_blend_pd(_mm256_permute4x64_pd(uhi, 0x90), _mm256_permute4x64_pd(ulo, 0xFF), 1);
-    const __m256d slo = scan4(xlo), shi = scan4(xhi);
-    const __m256d Tlo = _mm256_add_pd(logT, slo);
-    const __m256d Thi = _mm256_add_pd(_mm256_add_pd(logT, _mm256_permute4x64_pd(slo, 0xFF)), shi);
-    logT = _mm256_permute4x64_pd(_mm256_add_pd(Thi, uhi), 0xFF);  // (only a full block is followed by another)
-    const __m256 T = exp8(_mm256_set_m128(_mm256_cvtpd_ps(Thi), _mm256_cvtpd_ps(Tlo)));
-    const __m256 TA = _mm256_mul_ps(T, amp);
-    const __m256 e[3] = {_mm256_mul_ps(T, R), _mm256_mul_ps(TA, n[0]), _mm256_mul_ps(TA, n[1])};
+    __m256d logT = _mm256_setzero_pd();  // log transmission down to the block, in every lane
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      const __m256 alpha = _mm256_loadu_ps(bA + i0), lt = _mm256_loadu_ps(bSd + i0);
+      const __m256d ulo = _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_castps256_ps128(alpha)),
+                                           _mm256_cvtps_pd(_mm256_castps256_ps128(lt)));
+      const __m256d uhi = _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_extractf128_ps(alpha, 1)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(lt, 1)));
+      // u shifted up one lane (lane 0: 0), then inclusive scans of its two halves.
+      const __m256d xlo = _mm256_blend_pd(_mm256_permute4x64_pd(ulo, 0x90), zd, 1);
+      const __m256d xhi = _mm256_blend_pd(_mm256_permute4x64_pd(uhi, 0x90), _mm256_permute4x64_pd(ulo, 0xFF), 1);
+      const __m256d slo = scan4(xlo), shi = scan4(xhi);
+      const __m256d Tlo = _mm256_add_pd(logT, slo);
+      const __m256d Thi = _mm256_add_pd(_mm256_add_pd(logT, _mm256_permute4x64_pd(slo, 0xFF)), shi);
+      logT = _mm256_permute4x64_pd(_mm256_add_pd(Thi, uhi), 0xFF);  // (only a full block is followed by another)
+      _mm256_storeu_ps(bA + i0, _mm256_set_m128(_mm256_cvtpd_ps(Thi), _mm256_cvtpd_ps(Tlo)));
+    }
+  }
+
+  // ---- Pass 5: echoes E_i (R_i, amp n0, amp n1), weighted and summed into out.
+  for (int64_t i0 = 0; i0 < S; i0 += 8) {
+    const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
+    const __m256 T = exp8(_mm256_loadu_ps(bA + i0));
+    const __m256 e[3] = {_mm256_mul_ps(T, _mm256_loadu_ps(bR + i0)), _mm256_mul_ps(T, _mm256_loadu_ps(bSq + i0)),
+                         _mm256_mul_ps(T, _mm256_loadu_ps(bMu + i0))};
     if (nv == 8) {
       for (int c = 0; c < 3; ++c) {
         const __m256 val = _mm256_mul_ps(_mm256_loadu_ps(wT + c * S + i0), e[c]);
@@ -308,28 +378,29 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
         _mm256_storeu_ps(dst, first ? val : _mm256_add_ps(_mm256_loadu_ps(dst), val));
       }
     } else {
-      const __m256i mk = _mm256_castps_si256(lane_mask(valid));
+      const __m256i mk = _mm256_castps_si256(lane_mask((1 << nv) - 1));
       for (int c = 0; c < 3; ++c) {
         const __m256 val = _mm256_mul_ps(_mm256_maskload_ps(wT + c * S + i0, mk), e[c]);
         float* dst = out + c * S + i0;
         _mm256_maskstore_ps(dst, mk, first ? val : _mm256_add_ps(_mm256_maskload_ps(dst, mk), val));
       }
     }
-    alignas(32) float zs[8];
-    _mm256_store_ps(zs, Z);
-    Zlast = zs[7];
   }
 }
 
 }  // namespace
 
-bool march_lines_avx2_applies(const Params& P) { return cpu_simd_available() && P.S > 0; }
+// (Table offsets row * kNoise in int32 for the gathers.)
+bool march_lines_avx2_applies(const Params& P) {
+  return cpu_simd_available() && P.S > 0 && P.noise_mask < (int64_t(1) << 29);
+}
 
 // Lines [begin, end) of march_lines_cpu for float32; wT (E, 3, S) the channel-major weights.
 void march_lines_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P,
                       const float* st, const float* sp, const float* w, const float* wT, int64_t L, int64_t E,
                       float* o, int64_t begin, int64_t end) {
   const int64_t S = P.S;
+  SubrayBuffer buf(S);
   for (int64_t line = begin; line < end; ++line) {
     const int64_t b = line / L;
     const float* v = vol + (Bv == 1 ? 0 : b) * vol_stride;
@@ -340,8 +411,32 @@ void march_lines_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const fl
       march_line<float, float, true>(v, table, P, start, step, w, E, out, S);
       continue;
     }
-    for (int64_t e = 0; e < E; ++e) march_subray8(v, table, P, start + 3 * e, step, wT + e * 3 * S, e == 0, out);
+    for (int64_t e = 0; e < E; ++e) march_subray8(v, table, P, start + 3 * e, step, wT + e * 3 * S, e == 0, out, buf);
   }
+}
+
+// psf_axial_row (ussim.h, forward) of one float32 row: away from the row ends each vector of 8 outputs
+// sums its K taps in a register (the same taps in the same order, with FMA: equal to the header loop
+// up to float rounding; one load per tap and no store per tap, where the header loop loads and stores
+// the output row once per tap); the row ends and short rows by the header loop.
+MEDFAST_AVX2 void psf_axial_row_avx2(const float* x, const float* h, int64_t K, int64_t S, float* out) {
+  const int64_t half = K / 2;
+  const int64_t lo = half, hi = S - (K - 1 - half);  // outputs whose taps all lie in [0, S)
+  if (hi - lo < 8 || K > 64) {
+    psf_axial_row<float, float>(x, h, K, S, 0, S, out, false);
+    return;
+  }
+  psf_axial_row<float, float>(x, h, K, S, 0, lo, out, false);
+  __m256 hk[64];
+  for (int64_t k = 0; k < K; ++k) hk[k] = _mm256_set1_ps(h[k]);
+  int64_t s = lo;
+  for (; s + 8 <= hi; s += 8) {
+    const float* xs = x + s - half;
+    __m256 acc = _mm256_mul_ps(hk[0], _mm256_loadu_ps(xs));  // (0 + h0 x: the same as the header's first tap)
+    for (int64_t k = 1; k < K; ++k) acc = _mm256_fmadd_ps(hk[k], _mm256_loadu_ps(xs + k), acc);
+    _mm256_storeu_ps(out + s, acc);
+  }
+  psf_axial_row<float, float>(x, h, K, S, s, S, out, false);
 }
 
 }  // namespace medfast::ussim

@@ -25,6 +25,9 @@ bool march_lines_avx2_applies(const Params& P);
 void march_lines_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P,
                       const float* st, const float* sp, const float* w, const float* wT, int64_t L, int64_t E,
                       float* o, int64_t begin, int64_t end);
+// psf_axial_row (forward) of one float32 row of length S for AVX2 + FMA (ussim_cpu_avx2.cpp); callers
+// check cpu_simd_available().
+void psf_axial_row_avx2(const float* x, const float* h, int64_t K, int64_t S, float* out);
 Tensor march_lines_cuda(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
                         const Tensor& noise, const Params& P);
 // Point-spread function (psf_axial_row / psf_lateral_row in ussim.h), h (3, K), w (3, J, S).

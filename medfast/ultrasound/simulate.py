@@ -290,6 +290,42 @@ def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[tor
 
 
 # ---------------------------------------------------------------------------------------------
+# Scan conversion
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_chunks(probe: Probe, chunks: int, device: str, dtype: torch.dtype, pixel_mm) -> torch.Tensor:
+    """The scan grid's rows in ``chunks`` batch entries ``(chunks, ceil(H / chunks), W, 2)`` (padding
+    rows outside the scanned region)."""
+    grid, _ = _cached("grid", probe, 1, device, dtype, pixel_mm)
+    H = grid.shape[1]
+    rows = -(-H // chunks)
+    pad = grid.new_full((1, chunks * rows - H, grid.shape[2], 2), 2.0)
+    return torch.cat([grid, pad], 1).view(chunks, rows, grid.shape[2], 2)
+
+
+def _scan_convert(scan: torch.Tensor, probe: Probe, pixel_mm) -> tuple[torch.Tensor, float]:
+    """``(B, L, S)`` scanlines -> ``(B, 1, H, W)`` Cartesian image (bilinear, zeros outside) and its
+    pixel spacing. PyTorch's CPU ``grid_sample`` runs one thread per batch element; one frame on a
+    multi-threaded CPU is split into row chunks instead, the batch entries of one ``grid_sample`` call
+    over the same (expanded, not copied) scanlines: the same per-pixel arithmetic on every thread."""
+    B, dev, dt = scan.shape[0], scan.device, scan.dtype
+    grid, px = _cached("grid", probe, 1, str(dev), dt, pixel_mm)
+    img = scan.transpose(1, 2)[:, None]  # (B, 1, S, L)
+    chunks = torch.get_num_threads() if dev.type == "cpu" and B == 1 else 1
+    if chunks > 1 and not (torch.is_grad_enabled() and scan.requires_grad):
+        H, W = grid.shape[1], grid.shape[2]
+        g = _grid_chunks(probe, chunks, str(dev), dt, pixel_mm)
+        out = F.grid_sample(img.expand(chunks, -1, -1, -1), g, mode="bilinear", padding_mode="zeros",
+                            align_corners=True)
+        return out.view(1, 1, -1, W)[:, :, :H], px
+    bmode = F.grid_sample(img, grid.expand(B, -1, -1, -1), mode="bilinear", padding_mode="zeros",
+                          align_corners=True)
+    return bmode, px
+
+
+# ---------------------------------------------------------------------------------------------
 # Simulation
 # ---------------------------------------------------------------------------------------------
 
@@ -427,9 +463,7 @@ def simulate(
         scan = torch.add(lines_db, dynamic_range_db).div_(dynamic_range_db).clamp_(0.0, 1.0)
     else:
         scan = ((lines_db + dynamic_range_db) / dynamic_range_db).clamp(0.0, 1.0)
-    grid, px = _cached("grid", probe, 1, str(dev), dt, pixel_mm)
-    bmode = F.grid_sample(scan.transpose(1, 2)[:, None], grid.expand(B, -1, -1, -1), mode="bilinear",
-                          padding_mode="zeros", align_corners=True)
+    bmode, px = _scan_convert(scan, probe, pixel_mm)
     x0, x1, z0, z1 = probe.image_extent_mm()
     (H, W), _ = probe.image_shape(pixel_mm)
     extent = (x0, x0 + (W - 1) * px, z0, z0 + (H - 1) * px)
