@@ -668,3 +668,20 @@ def test_scan_conversion_row_chunks():
             assert torch.equal(img, ref)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_affine_cache_keys_on_the_values():
+    # simulate() validates each distinct affine once and caches its inverse: a changed matrix (same
+    # object, edited in place) must give other frames, and a bad one must still raise.
+    ct = torch.zeros(1, 1, 12, 12, 12)
+    ct[..., 6:, :, :] = 900.0
+    probe = Probe.preset("C5-2v", n_lines=16, n_samples=64, depth_mm=20.0)
+    pose = look_at((12.0, 12.0, -2.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)).float()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    a = simulate_ct(ct, affine, pose, probe).bmode
+    torch.testing.assert_close(simulate_ct(ct, affine, pose, probe).bmode, a, rtol=0, atol=0)
+    affine[:3, :3] *= 0.5
+    assert not torch.equal(simulate_ct(ct, affine, pose, probe).bmode, a)
+    affine[0, 0] = np.nan
+    with pytest.raises(ValueError, match="affine contains NaN"):
+        simulate_ct(ct, affine, pose, probe)

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -92,6 +93,28 @@ def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> torch
     return pose.to(device=device, dtype=dtype, non_blocking=True)
 
 
+_AFFINES: dict[bytes, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+
+def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(affine, its inverse, mean voxel size in mm), float64 on the CPU; validated once per distinct
+    matrix (a training loop passes the same few affines thousands of times)."""
+    key = None
+    if isinstance(affine, torch.Tensor) and affine.numel() == 16:
+        key = affine.detach().to("cpu", torch.float64).numpy().tobytes()
+    elif isinstance(affine, np.ndarray) and affine.size == 16:
+        key = np.ascontiguousarray(affine, dtype=np.float64).tobytes()
+    if key is not None and key in _AFFINES:
+        return _AFFINES[key]
+    a = _check_affine(affine)
+    info = (a, torch.linalg.inv(a), float(torch.linalg.norm(a[:3, :3], dim=0).mean()))
+    if key is not None:
+        if len(_AFFINES) >= 64:
+            _AFFINES.clear()
+        _AFFINES[key] = info
+    return info
+
+
 def _check_affine(affine: object) -> torch.Tensor:
     if affine is None:
         raise ValueError(
@@ -141,6 +164,8 @@ def _check_memory(batch: int, probe: Probe, sub_rays: int, dtype: torch.dtype, d
     rays = batch * probe.n_lines * sub_rays * probe.n_samples
     # coords (3) + march output (3) + IQ pipeline (~8 planes) per sample.
     need = rays * (3 + 3) * item + batch * probe.n_lines * probe.n_samples * 8 * item
+    if max_bytes is None and need < 256 << 20:
+        return  # small enough for any device: skip reading its free memory (a syscall or driver call)
     limit = max_bytes if max_bytes is not None else int(0.8 * _available_bytes(device))
     if need > limit:
         raise ValueError(
@@ -401,7 +426,7 @@ def simulate(
     """
     props = _check_props(props)
     probe = _check_probe(probe)
-    a = _check_affine(affine)
+    a, inv_a64, voxel_mm = _affine_info(affine)
     pose = _check_pose(pose, props.dtype, props.device)
     if not isinstance(sub_rays, int) or isinstance(sub_rays, bool) or sub_rays < 1:
         raise ValueError(f"sub_rays must be an int >= 1, got {sub_rays!r}")
@@ -426,7 +451,7 @@ def simulate(
     # Probe frame -> voxel coordinates: M = affine^-1 @ pose; sample i of a sub-ray is at
     # start + i * step (voxel), computed in the kernel.
     start_p, step_p = _cached("rays", probe, E, str(dev), dt, None)
-    inv_a = torch.linalg.inv(a).to(dtype=dt).to(device=dev, non_blocking=True)  # no wait for queued GPU work
+    inv_a = inv_a64.to(dtype=dt).to(device=dev, non_blocking=True)  # no wait for queued GPU work
     M = inv_a[None] @ pose
     R3 = M[:, :3, :3]
     # (tiny broadcast products: cheaper than batched matmuls of 3x3 matrices)
@@ -438,7 +463,6 @@ def simulate(
     props_cl = props.permute(0, 2, 3, 4, 1).contiguous()
     if interface_mm is None:
         interface_mm = 2.0 * probe.dz_mm
-    voxel_mm = float(torch.linalg.norm(a[:3, :3], dim=0).mean())
     sharp = max(1.0, voxel_mm / interface_mm)
     w3 = _cached("elevation3", probe, E, str(dev), dt, None)[0 if speckle else 1]  # (E, S, 3)
     # Elevation-weighted sub-ray sum, (B, L, 3, S).
