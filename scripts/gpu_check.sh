@@ -72,6 +72,8 @@ case "${MEDFAST_GPU_TESTS:-cuda}" in
 esac
 xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n "${MEDFAST_GPU_TEST_WORKERS:-4}")
+# A hung test must not eat the machine's time: pytest-timeout (if installed) fails it after 240 s.
+$PY -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout=240)
 if [ ${#files[@]} -gt 0 ]; then
   TAIL=25 step tests 400 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -rfEs "${files[@]}" || rc=1
 fi
