@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cuda_timing import cuda_median_ms, cuda_peak_mib, median
 from scipy import ndimage
 
 import medfast as mf
@@ -47,23 +48,6 @@ def timed_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def cuda_timed_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Median milliseconds of fn() between CUDA events on torch's current stream (fn's GPU work must be
-    ordered with it: torch's and CuPy's default streams are both the legacy default stream)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def cupy_timed_ms(cp, fn, repeats: int, warmup: int = 3) -> float:
     """Median milliseconds of fn() between CuPy events on CuPy's current stream."""
     for _ in range(warmup):
@@ -77,19 +61,7 @@ def cupy_timed_ms(cp, fn, repeats: int, warmup: int = 3) -> float:
         end.record()
         end.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, end))
-    return sorted(times)[len(times) // 2]
-
-
-def cuda_peak_mib(fn) -> float:
-    """Peak CUDA allocation of one call of fn() above what was allocated before it, MiB."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return (peak - base) / 2**20
+    return median(times)
 
 
 def _cupy_on_torch_allocator(cp) -> None:
@@ -132,7 +104,7 @@ def run_cuda(mask: torch.Tensor, args) -> dict:
     def ours():
         return mf.distance_transform(mask_gpu, SPACING)
 
-    rows = {"medfast": cuda_timed_ms(ours, args.repeats)}
+    rows = {"medfast": cuda_median_ms(ours, args.repeats, warmup=3)}
     peaks = {"medfast": cuda_peak_mib(ours)}
     skipped = {}
     if importlib.util.find_spec("cupyx") is None:
@@ -162,7 +134,7 @@ def run_cuda(mask: torch.Tensor, args) -> dict:
         def monai_fn():
             return monai_edt(mask_gpu, sampling=list(SPACING))  # channel first
 
-        rows["monai"] = cuda_timed_ms(monai_fn, args.repeats)
+        rows["monai"] = cuda_median_ms(monai_fn, args.repeats, warmup=3)
         peaks["monai"] = cuda_peak_mib(monai_fn)
     # scipy on the CPU: the reference a user without a GPU library has (fewer repeats: it is slow)
     rows["scipy (CPU)"] = timed_ms(lambda: ndimage.distance_transform_edt(mask_np, sampling=SPACING),

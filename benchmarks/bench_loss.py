@@ -91,6 +91,7 @@ def worker(impl: str, size: int, classes: int, repeats: int, batch: int = 1, dty
 def measure_cuda(impl: str, size: int, classes: int, repeats: int, batch: int, dtype: str, warmup: int = 3) -> dict:
     """CUDA: one implementation in this process; CUDA-event times, peak from torch's allocator."""
     import torch
+    from cuda_timing import cuda_event_times, median
 
     torch.cuda.empty_cache()
     logits, target = _inputs(size, classes, batch, dtype, "cuda")
@@ -109,15 +110,8 @@ def measure_cuda(impl: str, size: int, classes: int, repeats: int, batch: int, d
         step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"ms": sorted(times)[len(times) // 2], "min_ms": min(times), "peak_mib": peak / 2**20,
+    times = cuda_event_times(step, repeats)
+    return {"ms": median(times), "min_ms": min(times), "peak_mib": peak / 2**20,
             "extra_peak_mib": (peak - base) / 2**20, "logits_mib": logits.numel() * logits.element_size() / 2**20}
 
 

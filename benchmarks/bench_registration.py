@@ -51,20 +51,9 @@ def _median_ms(fn, repeats: int, device: str = "cpu") -> float:
             fn()
             times.append((time.perf_counter() - t) * 1e3)
         return sorted(times)[len(times) // 2]
-    import torch
+    from cuda_timing import cuda_median_ms
 
-    for _ in range(CUDA_WARMUP):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return cuda_median_ms(fn, repeats, CUDA_WARMUP)
 
 
 def _time_and_peak(step, repeats: int, device: str) -> dict:

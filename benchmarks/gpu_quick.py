@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import cuda_median_ms, cuda_peak_mib
 
 import medfast as mf
 from medfast.ops._reference import grid_sample_warp
@@ -19,26 +20,7 @@ from medfast.ops._reference import grid_sample_warp
 
 def timed(fn, repeats: int = 20) -> float:
     """Median milliseconds of fn() on the current stream."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return cuda_median_ms(fn, repeats, warmup=3)
 
 
 def measure(image: torch.Tensor, ddf: torch.Tensor, mode: str) -> dict:
@@ -52,8 +34,8 @@ def measure(image: torch.Tensor, ddf: torch.Tensor, mode: str) -> dict:
         mf.warp(img_g, ddf_g, mode=mode).sum().backward()
 
     row = {"medfast_fwd_ms": timed(fwd), "medfast_fwdbwd_ms": timed(fb)}
-    row["medfast_fwd_peak_mib"] = peak_mib(fwd)
-    row["medfast_fwdbwd_peak_mib"] = peak_mib(fb)
+    row["medfast_fwd_peak_mib"] = cuda_peak_mib(fwd)
+    row["medfast_fwdbwd_peak_mib"] = cuda_peak_mib(fb)
     # Ideal traffic of the forward: read the ddf and the image once, write the output.
     row["medfast_fwd_GBps"] = (3 * n + 2 * channels * n) * 4 / row["medfast_fwd_ms"] / 1e6
     if mode != "cubic":
@@ -66,8 +48,8 @@ def measure(image: torch.Tensor, ddf: torch.Tensor, mode: str) -> dict:
 
         row["grid_sample_fwd_ms"] = timed(gfwd)
         row["grid_sample_fwdbwd_ms"] = timed(gfb)
-        row["grid_sample_fwd_peak_mib"] = peak_mib(gfwd)
-        row["grid_sample_fwdbwd_peak_mib"] = peak_mib(gfb)
+        row["grid_sample_fwd_peak_mib"] = cuda_peak_mib(gfwd)
+        row["grid_sample_fwdbwd_peak_mib"] = cuda_peak_mib(gfb)
         row["ratio_fwd"] = row["grid_sample_fwd_ms"] / row["medfast_fwd_ms"]
         row["ratio_fwdbwd"] = row["grid_sample_fwdbwd_ms"] / row["medfast_fwdbwd_ms"]
     if n <= 128**3:  # the deterministic (sort-based) image gradient is much slower: time it on 128^3

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import cuda_median_ms
 from torch.profiler import ProfilerActivity, profile
 
 import medfast as mf
@@ -46,15 +47,7 @@ def one_call_ms(step, repeats: int = 20) -> float:
         t0 = time.perf_counter()
         step()
         return (time.perf_counter() - t0) * 1e3
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return cuda_median_ms(step, repeats)
 
 
 def pipelined_ms(step, n: int = 50) -> float:

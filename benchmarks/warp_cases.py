@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import cuda_timing
 import torch
 import torch.nn.functional as F
 
@@ -497,14 +498,7 @@ def cuda_peak_mib(step: Callable[[], Any], inputs: Inputs | None = None) -> floa
     if inputs is not None:
         inputs.clear_grads()
     gc.collect()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return (peak - base) / 2**20
+    return cuda_timing.cuda_peak_mib(step)
 
 
 def measure(

@@ -112,7 +112,7 @@ def _tasks():
     from medfast.tasks.registration import RegistrationTask
     from medfast.tasks.segmentation import SegmentationTask
 
-    class MemorySegmentation(SegmentationTask):
+    class RecordsOutputDtype:  # mixin: self.record gets the network output's dtype
         subjects: list[dict[str, Any]] = []
 
         def __init__(self, config) -> None:
@@ -122,31 +122,19 @@ def _tasks():
         def build_model(self):
             return _record_output_dtype(super().build_model(), self.record)
 
+    class MemorySegmentation(RecordsOutputDtype, SegmentationTask):
         def build_datasets(self):
             return MemoryDataset(self.subjects), None
 
-    class MemoryRegistration(RegistrationTask):
-        subjects: list[dict[str, Any]] = []
-
-        def __init__(self, config) -> None:
-            super().__init__(config)
-            self.record: dict[str, Any] = {}
-
-        def build_model(self):
-            return _record_output_dtype(super().build_model(), self.record)
-
+    class MemoryRegistration(RecordsOutputDtype, RegistrationTask):
         def _subjects(self, images, labels):  # names "synthetic:blob_XXX" -> the in-memory subjects
             by_name = {s["files"]: s for s in self.subjects}
             return MemoryDataset([by_name[name] for name in images])
 
-    class TimedClassification(ClassificationTask):
+    class TimedClassification(RecordsOutputDtype, ClassificationTask):
         def __init__(self, config) -> None:
             super().__init__(config)
-            self.record: dict[str, Any] = {}
             self.render_s: list[float] = []
-
-        def build_model(self):
-            return _record_output_dtype(super().build_model(), self.record)
 
         def images(self, batch, device):
             _sync(device)
