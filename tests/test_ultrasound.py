@@ -569,6 +569,135 @@ def test_march_lines_simd_crosses_volume(axis):
     torch.testing.assert_close(fast / scale, slow / scale, rtol=0, atol=2e-5)
 
 
+# --- CPU backward (csrc/ussim/ussim_cpu.cpp: cell records; ussim_cpu_avx2.cpp: AVX2 float32 props-only) --
+
+
+def _backward_case(S, speckle=True, seed=3, dtype=torch.float32):
+    """Rays (B = 2, R = 6) through a 9 x 7 x 11 volume with impedance jumps, a clamped impedance
+    (< kMinImpedance) and a zero-density region; rays start outside, cross and leave the volume, one
+    ray bends (not a line: the kernel takes any sample positions) and one lies far outside (3e7: the
+    generic fallback of the AVX2 path)."""
+    g = torch.Generator().manual_seed(seed)
+    D, H, W = 9, 7, 11
+    props = torch.stack([1.3 + 0.6 * torch.rand(D, H, W, generator=g), torch.rand(D, H, W, generator=g),
+                         0.2 + torch.rand(D, H, W, generator=g), torch.rand(D, H, W, generator=g),
+                         0.5 * torch.rand(D, H, W, generator=g)], -1)[None]
+    props[0, 4, :, :, 0] = -0.2  # clamped impedance
+    props[0, :, 2, :, 2] = -0.1  # density <= 0: sqrt(rho) = 0
+    B, R = 2, 6
+    start = torch.rand(B, R, 1, 3, generator=g) * torch.tensor([D, H, W]) - 1.0
+    start[:, :2, :, 2] = -2.5  # enter the volume from outside
+    step = (torch.rand(B, R, 1, 3, generator=g) - 0.5) * (24.0 / S)
+    step[:, :2, :, 2] = 16.0 / S  # ... and leave it
+    i = torch.arange(S, dtype=torch.float32)[:, None]
+    coords = start + i * step
+    coords[0, 2] += 0.8 * torch.sin(i * 0.05)  # a bent ray
+    coords[1, 3] += 3e7  # far outside
+    grad = torch.randn(B, R, S, 3, generator=g)
+    noise = noise_table(5, rows=256) if speckle else torch.tensor([[0.7, -0.2, 0.4, 0.0]])
+    G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+    return (grad.to(dtype), props.to(dtype), coords.to(dtype), noise, G, 0.03, list(WATER_BG), 11, 4.0)
+
+
+def _march_backward(args, props_grad=True, coords_grad=False):
+    return torch.ops.medfast.ussim_march_backward(*args, props_grad, coords_grad)
+
+
+def _assert_props_grad_close(a, b, atol):
+    scale = b.abs().amax(dim=(0, 1, 2, 3), keepdim=True).clamp_min(1e-12)  # per property channel
+    torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("speckle", [True, False])
+@pytest.mark.parametrize("S", [203, 64, 9, 1])
+def test_march_backward_simd_matches_generic(speckle, S):
+    # The AVX2 float32 backward (property gradient only) against the generic one, and both against the
+    # float64 generic backward (the arithmetic that gradcheck checks).
+    args = _backward_case(S, speckle)
+    (gp_fast, gc_fast), (gp_slow, _) = simd_and_generic(lambda: _march_backward(args))
+    assert gc_fast.numel() == 0
+    assert torch.isfinite(gp_fast).all()
+    if S > 1:  # (one sample: R_0 = 0 and no transmission loss, no impedance or attenuation gradient)
+        assert gp_fast.abs().amax(dim=(0, 1, 2, 3)).min() > 0  # every channel gets a gradient
+    _assert_props_grad_close(gp_fast, gp_slow, 2e-5)
+    args64 = [a.double() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a is not args[3] else a
+              for a in args]
+    gp64, _ = _march_backward(args64)
+    _assert_props_grad_close(gp_fast.double(), gp64, 2e-5)
+    _assert_props_grad_close(gp_slow.double(), gp64, 2e-5)
+    # deterministic
+    assert torch.equal(_march_backward(args)[0], gp_fast)
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_march_backward_thread_count_and_gradient_subsets(simd, dtype):
+    # The cell records are added into the volume in ray order: bitwise the same gradient with 1 and 2
+    # threads. Props-only and coords-only calls give the gradients of the call that asks for both.
+    from medfast._extension import _C
+
+    args = _backward_case(203, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        _C._set_cpu_simd(simd)
+        torch.set_num_threads(1)
+        gp1, _ = _march_backward(args)
+        _, gc1 = _march_backward(args, False, True)
+        torch.set_num_threads(2)
+        gp2, _ = _march_backward(args)
+        _, gc2 = _march_backward(args, False, True)
+        gp_both, gc_both = _march_backward(args, True, True)
+        gp_none, gc_none = _march_backward(args, False, False)
+    finally:
+        torch.set_num_threads(threads)
+        _C._set_cpu_simd(True)
+    assert torch.equal(gp1, gp2)
+    assert torch.equal(gc1, gc2)
+    assert torch.equal(gc2, gc_both)
+    assert gp_none.numel() == 0 and gc_none.numel() == 0
+    assert torch.isfinite(gc_both).all() and gc_both.abs().max() > 0
+    assert gc_both[1, 3].abs().max() == 0  # the ray far outside samples the constant background
+    _assert_props_grad_close(gp2, gp_both, 2e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_march_backward_batch_of_volumes():
+    # Bv = B: each ray's records go into its own batch element's volume.
+    args = list(_backward_case(64))
+    props = args[1]
+    args[1] = torch.cat([props, props.flip(1)])
+    gp, _ = _march_backward(args)
+    for b in range(2):
+        one = list(args)
+        one[0], one[1], one[2] = args[0][b:b + 1], args[1][b:b + 1], args[2][b:b + 1]
+        gp_b, _ = _march_backward(one)
+        assert torch.equal(gp[b:b + 1], gp_b)
+
+
+def test_march_lines_backward_simd_matches_generic():
+    # The autograd of march_lines (coords materialised, the per-ray backward) through both CPU paths.
+    from medfast.ops._ussim import march_lines
+
+    g = torch.Generator().manual_seed(9)
+    D, H, W = 9, 7, 11
+    props0 = torch.stack([1.3 + 0.6 * torch.rand(D, H, W, generator=g)] +
+                         [torch.rand(D, H, W, generator=g) for _ in range(4)], -1)[None]
+    B, L, E, S = 1, 6, 3, 150
+    start = torch.rand(B, L, E, 3, generator=g) * torch.tensor([D, H, W]) - 1.0
+    step = (torch.rand(B, L, 3, generator=g) - 0.5) * 0.15
+    weights = torch.rand(E, S, 3, generator=g)
+    noise = noise_table(5, rows=256)
+    G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+    up = torch.randn(B, L, 3, S, generator=g)
+
+    def run():
+        props = props0.clone().requires_grad_(True)
+        (march_lines(props, start, step, weights, noise, G, 0.03, WATER_BG, 11, 4.0) * up).sum().backward()
+        return props.grad
+
+    fast, slow = simd_and_generic(run)
+    _assert_props_grad_close(fast, slow, 2e-5)
+
+
 def test_simulate_simd_matches_generic():
     # A 1 mm voxel volume (as in the benchmark): the paths may differ by an ulp of a sample position,
     # which moves the scatter field by (scatter cells per voxel) ulps.

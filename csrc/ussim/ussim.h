@@ -195,28 +195,42 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
   }
 }
 
+// Voxel cell (i0, j0, k0) = floor of position (d, h, w) and the 8 interpolation weights of its corners
+// (corner order 4 a + 2 b + e as in sample_props): wt trilinear, wz sharpened (impedance channel).
+template <typename A>
+MEDFAST_HOST_DEVICE void corner_weights_at(const Params& P, A d, A h, A w, int64_t* cell, A* wt, A* wz) {
+  const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
+  cell[0] = static_cast<int64_t>(fd0);
+  cell[1] = static_cast<int64_t>(fh0);
+  cell[2] = static_cast<int64_t>(fw0);
+  const A td = d - fd0, th = h - fh0, tw = w - fw0;
+  A md, mh, mw;
+  const A zd = sharpen<A>(td, P.sharp, &md), zh = sharpen<A>(th, P.sharp, &mh), zw = sharpen<A>(tw, P.sharp, &mw);
+  USSIM_UNROLL8
+  for (int corner = 0; corner < 8; ++corner) {
+    const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+    wt[corner] = (a ? td : A(1) - td) * (b ? th : A(1) - th) * (e ? tw : A(1) - tw);
+    wz[corner] = (a ? zd : A(1) - zd) * (b ? zh : A(1) - zh) * (e ? zw : A(1) - zw);
+  }
+}
+
 // Adds g[K] * trilinear weights of position (d, h, w) into the property gradient volume
 // (background corners are constants: no gradient). add(ptr, value) does the accumulation.
 template <typename A, typename Add, typename G>
 MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, const A* g, Add add,
                                        int64_t i_lo = 0, int64_t i_hi = INT64_MAX) {
-  // [i_lo, i_hi): only the corners in this range of the first volume axis (a slab of the volume,
-  // so that the CPU launcher can split the scatter into disjoint slabs).
-  const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
-  const int64_t i0 = static_cast<int64_t>(fd0), j0 = static_cast<int64_t>(fh0), k0 = static_cast<int64_t>(fw0);
-  if (i0 + 1 < i_lo || i0 >= i_hi) return;
-  const A td = d - fd0, th = h - fh0, tw = w - fw0;
-  A md, mh, mw;
-  const A zd = sharpen<A>(td, P.sharp, &md), zh = sharpen<A>(th, P.sharp, &mh), zw = sharpen<A>(tw, P.sharp, &mw);
+  // [i_lo, i_hi): only the corners in this range of the first volume axis (a slab of the volume).
+  if (static_cast<int64_t>(floor(d)) + 1 < i_lo || static_cast<int64_t>(floor(d)) >= i_hi) return;
+  int64_t cell[3];
+  A wt[8], wz[8];
+  corner_weights_at<A>(P, d, h, w, cell, wt, wz);
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
-    const int64_t i = i0 + a, j = j0 + b, k = k0 + e;
+    const int64_t i = cell[0] + a, j = cell[1] + b, k = cell[2] + e;
     if (i < 0 || j < 0 || k < 0 || i >= P.D || j >= P.H || k >= P.W || i < i_lo || i >= i_hi) continue;
-    const A wt = (a ? td : A(1) - td) * (b ? th : A(1) - th) * (e ? tw : A(1) - tw);
-    const A wz = (a ? zd : A(1) - zd) * (b ? zh : A(1) - zh) * (e ? zw : A(1) - zw);
     G* dst = gvol + ((i * P.H + j) * P.W + k) * kProps;
-    add(dst, static_cast<G>(wz * g[0]));
-    for (int c = 1; c < kProps; ++c) add(dst + c, static_cast<G>(wt * g[c]));
+    add(dst, static_cast<G>(wz[corner] * g[0]));
+    for (int c = 1; c < kProps; ++c) add(dst + c, static_cast<G>(wt[corner] * g[c]));
   }
 }
 

@@ -1,6 +1,8 @@
 // CPU launcher of the ultrasound ray march: at::parallel_for over all rays of the batch, the
-// arithmetic from ussim.h. The property gradient is scattered into the volume in a second,
-// deterministic pass (in parallel over batch elements when each has its own volume).
+// arithmetic from ussim.h. The backward compacts each ray's property gradient into cell records (one
+// per run of samples in a voxel cell, CellRecords in ussim_launch.h), then adds them into the volume in
+// a second, deterministic pass (parallel over slabs of the volume, records in ray order). The float32
+// property-only backward runs the AVX2 passes of ussim_cpu_avx2.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -13,7 +15,7 @@
 namespace medfast::ussim {
 namespace {
 
-// The line-march loop, compiled twice: for the baseline x86-64 and for AVX2 + FMA (the header
+// The line-march loop and the generic backward, compiled twice: for the baseline x86-64 and for AVX2 + FMA (the header
 // arithmetic is inlined into it, so hardware floor/round, FMA contraction), picked at run time.
 template <typename T, typename A>
 void lines_loop(const T* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P, const T* st,
@@ -23,6 +25,21 @@ void lines_loop(const T* vol, int64_t vol_stride, int64_t Bv, const float* table
     march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
                            o + line * 3 * P.S, P.S);
   }
+}
+
+// Rays [r0, r1) of the generic backward: march_ray_backward of each ray (its per-sample property
+// gradients into the scratch gv (S, K)), then the ray's cell records (append_cell_records).
+#define MEDFAST_USSIM_BACKWARD_BODY                                                                        \
+  for (int64_t ray = r0; ray < r1; ++ray) {                                                               \
+    march_ray_backward<T, A, true>(vol, table, P, c + ray * P.S * 3, g + ray * P.S * 3, rec ? gv : nullptr, \
+                                   gc ? gc + ray * P.S * 3 : nullptr);                                    \
+    if (rec) append_cell_records<T, A>(P, c + ray * P.S * 3, gv, *rec);                                  \
+  }
+
+template <typename T, typename A>
+void backward_rays(const T* vol, const float* table, const Params& P, const T* c, const T* g, T* gv, T* gc,
+                   CellRecords<A>* rec, int64_t r0, int64_t r1) {
+  MEDFAST_USSIM_BACKWARD_BODY
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -40,20 +57,15 @@ __attribute__((target("avx2,fma"))) void lines_loop_avx2(const T* vol, int64_t v
 }
 
 template <typename T, typename A>
-__attribute__((target("avx2,fma"))) void backward_loop_avx2(const T* vol, int64_t vol_stride, int64_t Bv,
-                                                            const float* table, const Params& P, const T* c,
-                                                            const T* g, T* gv, T* gc, int64_t R, int64_t begin,
-                                                            int64_t end) {
-  const int64_t S = P.S;
-  for (int64_t ray = begin; ray < end; ++ray) {
-    const int64_t b = ray / R;
-    march_ray_backward<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, g + ray * S * 3,
-                             gv ? gv + ray * S * kProps : nullptr, gc ? gc + ray * S * 3 : nullptr);
-  }
+__attribute__((target("avx2,fma"))) void backward_rays_avx2(const T* vol, const float* table, const Params& P,
+                                                            const T* c, const T* g, T* gv, T* gc,
+                                                            CellRecords<A>* rec, int64_t r0, int64_t r1) {
+  MEDFAST_USSIM_BACKWARD_BODY
 }
 
 bool has_avx2() { return cpu_simd_available(); }
 #endif
+#undef MEDFAST_USSIM_BACKWARD_BODY
 
 // The PSF's forward row loops (axial then lateral), compiled for the baseline and for AVX2 + FMA
 // like lines_loop (the header rows vectorise 8 wide there).
@@ -200,59 +212,123 @@ Tensor psf_cpu(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose
   return out;
 }
 
+// march_backward_props_avx2 for float32 (the float64 overload is never called: the AVX2 path is float32).
+inline void backward_props_simd(const float* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P,
+                                const float* c, const float* g, int64_t R, int64_t r0, int64_t r1,
+                                CellRecords<float>& rec) {
+  march_backward_props_avx2(vol, vol_stride, Bv, table, P, c, g, R, r0, r1, rec);
+}
+inline void backward_props_simd(const double*, int64_t, int64_t, const float*, const Params&, const double*,
+                                const double*, int64_t, int64_t, int64_t, CellRecords<double>&) {}
+
+// Adds one cell record (CellRecords) into the gradient volume gvol, only the corners inside the volume and
+// in the slab [i_lo, i_hi) of its first axis.
+template <typename A, typename G>
+void add_record(G* gvol, const Params& P, const int32_t* cell, const A* acc, int64_t i_lo, int64_t i_hi) {
+  const int64_t i0 = cell[0], j0 = cell[1], k0 = cell[2];
+  const bool all_in = cell_inside(P, i0, j0, k0) && i0 >= i_lo && i0 + 1 < i_hi;
+  for (int corner = 0; corner < 8; ++corner) {
+    const int64_t i = i0 + (corner >> 2), j = j0 + ((corner >> 1) & 1), k = k0 + (corner & 1);
+    if (!all_in && (i < 0 || j < 0 || k < 0 || i >= P.D || j >= P.H || k >= P.W || i < i_lo || i >= i_hi)) continue;
+    G* dst = gvol + ((i * P.H + j) * P.W + k) * kProps;
+    for (int ch = 0; ch < kProps; ++ch) dst[ch] += static_cast<G>(acc[8 * ch + corner]);
+  }
+}
+
 std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& coords,
                                               const Tensor& noise, const Params& P, bool props_grad,
                                               bool coords_grad) {
   const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
-  Tensor gvals = props_grad ? at::empty({B, R, S, kProps}, coords.options()) : Tensor();
   Tensor gcoords = coords_grad ? at::empty(coords.sizes(), coords.options()) : at::empty({0}, coords.options());
   Tensor gprops = props_grad ? at::zeros(props.sizes(), props.options()) : at::empty({0}, props.options());
+  if (!props_grad && !coords_grad) return {gprops, gcoords};
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* vol = props.const_data_ptr<scalar_t>();
     const scalar_t* c = coords.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const float* table = noise.const_data_ptr<float>();
-    scalar_t* gv = props_grad ? gvals.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gc = coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
-#ifdef MEDFAST_USSIM_AVX2
-      if (has_avx2()) {
-        backward_loop_avx2<scalar_t, A>(vol, vol_stride, Bv, table, P, c, g, gv, gc, R, begin, end);
-        return;
-      }
-#endif
-      for (int64_t ray = begin; ray < end; ++ray) {
-        const int64_t b = ray / R;
-        march_ray_backward<scalar_t, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3,
-                                        g + ray * S * 3, gv ? gv + ray * S * kProps : nullptr,
-                                        gc ? gc + ray * S * 3 : nullptr);
-      }
-    });
-    if (props_grad) {
-      scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
-      const auto add = [](scalar_t* dst, scalar_t v) { *dst += v; };
-      // One task per (volume, slab of the first volume axis): rays of batch elements that share a
-      // volume are added in sample order, each voxel by exactly one task (deterministic, the same
-      // sums as one serial pass).
-      const int64_t per_volume = (Bv == 1 ? B : 1) * R * S;
-      const int64_t slabs = Bv == 1 ? std::min<int64_t>(P.D, 4 * at::get_num_threads()) : 1;
-      at::parallel_for(0, Bv * slabs, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t bv = task / slabs, slab = task % slabs;
-          const int64_t i_lo = slab * P.D / slabs, i_hi = (slab + 1) * P.D / slabs;
-          const int64_t first = bv * per_volume;
-          for (int64_t k = first; k < first + per_volume; ++k) {
-            A gk[kProps];
-            for (int q = 0; q < kProps; ++q) gk[q] = static_cast<A>(gv[k * kProps + q]);
-            scatter_props<A>(gp + bv * vol_stride, P, static_cast<A>(c[3 * k]), static_cast<A>(c[3 * k + 1]),
-                             static_cast<A>(c[3 * k + 2]), gk, add, slabs == 1 ? int64_t(0) : i_lo,
-                             slabs == 1 ? INT64_MAX : i_hi);
+    // 1. Per ray: the backward march and the ray's property gradient as cell records (CellRecords),
+    // kept per block of kBlockRays rays of one batch element.
+    constexpr int64_t kBlockRays = 4;
+    const int64_t per_batch = (R + kBlockRays - 1) / kBlockRays, blocks = B * per_batch;
+    std::vector<CellRecords<A>> recs(props_grad ? blocks : 0);
+    bool simd_props = false;
+    if constexpr (std::is_same_v<scalar_t, float>)
+      simd_props = props_grad && !coords_grad && march_backward_avx2_applies(P);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> gv(props_grad && !simd_props ? S * kProps : 0);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t b = blk / per_batch, r0 = b * R + (blk % per_batch) * kBlockRays;
+        const int64_t r1 = std::min(r0 + kBlockRays, (b + 1) * R);
+        const scalar_t* v = vol + (Bv == 1 ? 0 : b) * vol_stride;
+        CellRecords<A>* rec = props_grad ? &recs[blk] : nullptr;
+        if (rec) {
+          rec->cell.reserve((r1 - r0) * 3 * (S / 8 + 1));
+          rec->acc.reserve((r1 - r0) * 8 * kProps * (S / 8 + 1));
+        }
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (simd_props) {
+            backward_props_simd(vol, vol_stride, Bv, table, P, c, g, R, r0, r1, *rec);
+            continue;
           }
         }
-      });
+#ifdef MEDFAST_USSIM_AVX2
+        if (has_avx2()) {
+          backward_rays_avx2<scalar_t, A>(v, table, P, c, g, gv.data(), gc, rec, r0, r1);
+          continue;
+        }
+#endif
+        backward_rays<scalar_t, A>(v, table, P, c, g, gv.data(), gc, rec, r0, r1);
+      }
+    });
+    if (!props_grad) return;
+    // 2. The records into the volume: one task per (volume, slab of the first volume axis), each adding
+    // the records of its volume's rays in ray order into its own voxels (deterministic: the same sums
+    // for any number of threads). Slab bounds at quantiles of the records' first cell index, so that
+    // the tasks get about the same number of records.
+    scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
+    const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(P.D, (4 * at::get_num_threads() + Bv - 1) / Bv));
+    std::vector<int64_t> bounds(Bv * (slabs + 1));
+    for (int64_t bv = 0; bv < Bv; ++bv) {
+      std::vector<int64_t> hist(P.D + 1, 0);
+      int64_t total = 0;
+      const int64_t blk0 = Bv == 1 ? 0 : bv * per_batch, blk1 = Bv == 1 ? blocks : (bv + 1) * per_batch;
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const CellRecords<A>& rec = recs[blk];
+        for (int64_t r = 0; r < rec.size(); ++r) ++hist[rec.cell[3 * r] + 1];
+        total += rec.size();
+      }
+      int64_t* bd = bounds.data() + bv * (slabs + 1);
+      bd[0] = 0;
+      int64_t cum = 0, plane = 0;
+      for (int64_t s = 1; s < slabs; ++s) {
+        const int64_t target = total * s / slabs;
+        while (plane < P.D && cum + hist[plane] <= target) cum += hist[plane++];
+        bd[s] = std::max(bd[s - 1], plane);
+      }
+      bd[slabs] = P.D;
     }
+    at::parallel_for(0, Bv * slabs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bv = task / slabs, slab = task % slabs;
+        const int64_t i_lo = bounds[bv * (slabs + 1) + slab], i_hi = bounds[bv * (slabs + 1) + slab + 1];
+        if (i_lo >= i_hi) continue;
+        const int64_t blk0 = Bv == 1 ? 0 : bv * per_batch, blk1 = Bv == 1 ? blocks : (bv + 1) * per_batch;
+        for (int64_t blk = blk0; blk < blk1; ++blk) {
+          const CellRecords<A>& rec = recs[blk];
+          if (rec.size() == 0 || rec.imax + 1 < i_lo || rec.imin >= i_hi) continue;
+          for (int64_t r = 0; r < rec.size(); ++r) {
+            const int64_t i0 = rec.cell[3 * r];
+            if (i0 + 1 < i_lo || i0 >= i_hi) continue;
+            add_record<A>(gp + bv * vol_stride, P, rec.cell.data() + 3 * r, rec.acc.data() + 8 * kProps * r, i_lo,
+                          i_hi);
+          }
+        }
+      }
+    });
   });
   return {gprops, gcoords};
 }

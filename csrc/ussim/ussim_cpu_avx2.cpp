@@ -12,6 +12,8 @@
 //      running log-transmission summed in double in sample order, as the scalar march; the echoes.
 // Results equal the generic path to float rounding (tests/test_ultrasound.py compares them with
 // _set_cpu_simd(False)). Lines whose coordinates are huge or not finite take the generic path.
+// The float32 backward for the property gradient (march_backward_props_avx2) is written the same way,
+// see backward_ray8.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -388,6 +390,389 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// Backward of one ray for the property gradient (march_ray_backward of ussim.h with gcoords = nullptr),
+// float32, eight consecutive samples per vector, in passes like the forward (march_subray8):
+//   0. positions and output gradients (S, 3) -> channel-major scratch;
+//   1. properties at the positions (as the forward's pass 1);
+//   2. scatter noise (as the forward's pass 2, scatter-grid positions from the float positions);
+//   3. R and log(1 - R^2);
+//   4. log T (exclusive scan in double), E = exp(log T), h E (h of ussim.h) and its total in double;
+//   5. W_i = total - sum_{k <= i} h_k E_k (inclusive scan in double), dL/dR_i and the two impedance
+//      terms of R_i (dR_i/dZ_i and dR_i/dZ_{i-1} times dL/dR_i);
+//   6. the per-sample property gradients, weighted by the corner weights and summed per run of samples
+//      in one voxel cell into the ray's cell records (CellRecords), per distinct cell of each block.
+// The same arithmetic as the generic path up to float rounding (exp / log polynomials, FMA, sum order).
+
+// (sum of v[0]; ...; sum of v[7]) of eight vectors.
+MEDFAST_AVX2 inline __m256 hsum8x8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Appends the record of cell cur with the lane sums of acc (CellRecords layout [c][corner]).
+MEDFAST_AVX2 inline void flush_record(CellRecords<float>& rec, const int32_t* cur, const __m256 (*acc)[8]) {
+  float* dst = rec.open(cur[0], cur[1], cur[2]);
+  for (int c = 0; c < kProps; ++c) _mm256_storeu_ps(dst + 8 * c, hsum8x8(acc[c]));
+}
+
+// Scratch arrays of one ray, Sp = S rounded up to 8; each array has 8 readable floats before it and
+// after its Sp values.
+struct BackwardBuffer {
+  enum { kPx, kPy, kPz, kG0, kG1, kG2, kV0, kZ, kAlpha, kSq, kMu, kSd, kN0, kN1, kN2, kR, kLt, kE, kW, kGa, kGb,
+         kTq0, kTq1, kTq2, kArrays };
+  int64_t Sp, stride;
+  std::vector<float> data;
+  std::vector<int32_t> rows;  // [block][corner][lane]: float offsets of the noise-table rows
+  explicit BackwardBuffer(int64_t S)
+      : Sp((S + 7) & ~int64_t(7)), stride(Sp + 16), data(kArrays * stride, 0.0f), rows(8 * Sp) {}
+  float* operator[](int k) { return data.data() + k * stride + 8; }
+};
+
+// Whether the vector path takes the ray (int32 voxel and scatter-grid cells, exact float positions):
+// all coordinates finite and small, and so the scatter-grid coordinates.
+bool ray_in_range(const float* coords, int64_t S, const Params& P, float* px, float* py, float* pz) {
+  float m = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < S; ++i) {
+    const float a = coords[3 * i], b = coords[3 * i + 1], c = coords[3 * i + 2];
+    px[i] = a;
+    py[i] = b;
+    pz[i] = c;
+    const float big = std::fmax(std::fabs(a), std::fmax(std::fabs(b), std::fabs(c)));
+    finite &= big < static_cast<float>(kMaxCoord);  // (false for NaN)
+    m = std::fmax(m, big);
+  }
+  if (!finite) return false;
+  for (int r = 0; r < 3; ++r) {
+    const double bound = (std::fabs(P.G[4 * r]) + std::fabs(P.G[4 * r + 1]) + std::fabs(P.G[4 * r + 2])) * m +
+                         std::fabs(P.G[4 * r + 3]);
+    if (!(bound < kMaxCoord)) return false;
+  }
+  return true;
+}
+
+MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Params& P, const float* grad,
+                                BackwardBuffer& buf, CellRecords<float>& rec) {
+  const int64_t S = P.S, Sp = buf.Sp;
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const __m256 zmin = _mm256_set1_ps(static_cast<float>(kMinImpedance));
+  float *px = buf[BackwardBuffer::kPx], *py = buf[BackwardBuffer::kPy], *pz = buf[BackwardBuffer::kPz];
+  float *g0 = buf[BackwardBuffer::kG0], *g1 = buf[BackwardBuffer::kG1], *g2 = buf[BackwardBuffer::kG2];
+  float *bV0 = buf[BackwardBuffer::kV0], *bZ = buf[BackwardBuffer::kZ], *bA = buf[BackwardBuffer::kAlpha];
+  float *bSq = buf[BackwardBuffer::kSq], *bMu = buf[BackwardBuffer::kMu], *bSd = buf[BackwardBuffer::kSd];
+  float *bN0 = buf[BackwardBuffer::kN0], *bN1 = buf[BackwardBuffer::kN1], *bN2 = buf[BackwardBuffer::kN2];
+  float *bR = buf[BackwardBuffer::kR], *bLt = buf[BackwardBuffer::kLt], *bE = buf[BackwardBuffer::kE];
+  float *bW = buf[BackwardBuffer::kW], *bGa = buf[BackwardBuffer::kGa], *bGb = buf[BackwardBuffer::kGb];
+
+  // ---- Pass 0: output gradients (the positions are in place: ray_in_range); tail lanes: the last
+  // position, zero gradient (they add nothing anywhere).
+  for (int64_t i = 0; i < S; ++i) {
+    g0[i] = grad[3 * i];
+    g1[i] = grad[3 * i + 1];
+    g2[i] = grad[3 * i + 2];
+  }
+  for (int64_t i = S; i < Sp; ++i) {
+    px[i] = px[S - 1];
+    py[i] = py[S - 1];
+    pz[i] = pz[S - 1];
+    g0[i] = g1[i] = g2[i] = 0.0f;
+  }
+  int64_t corner_off[8];
+  for (int corner = 0; corner < 8; ++corner)
+    corner_off[corner] = (((corner >> 2) * P.H + ((corner >> 1) & 1)) * P.W + (corner & 1)) * kProps;
+  const __m256 sharp = _mm256_set1_ps(static_cast<float>(P.sharp));
+
+  // ---- Pass 1: properties (the forward's pass 1 with the positions from the scratch).
+  {
+    CellCache<float> cell{};
+    const float* cp[8] = {};
+    alignas(32) int32_t ci[3][8];
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
+      const int valid = (1 << nv) - 1;
+      const __m256 p[3] = {_mm256_loadu_ps(px + i0), _mm256_loadu_ps(py + i0), _mm256_loadu_ps(pz + i0)};
+      __m256 t[3], wt[8], wz[8], v[kProps] = {zero, zero, zero, zero, zero};
+      __m256i cell_i[3];
+      for (int k = 0; k < 3; ++k) {
+        const __m256 f = _mm256_floor_ps(p[k]);
+        t[k] = _mm256_sub_ps(p[k], f);
+        cell_i[k] = _mm256_cvttps_epi32(f);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ci[k]), cell_i[k]);
+      }
+      if (i0 + 64 < S) {  // prefetch the corner rows of the cell ~6 voxels ahead (as the forward)
+        const int64_t ai = static_cast<int64_t>(std::floor(px[i0 + 64]));
+        const int64_t aj = static_cast<int64_t>(std::floor(py[i0 + 64]));
+        const int64_t ak = static_cast<int64_t>(std::floor(pz[i0 + 64]));
+        if (cell_inside(P, ai, aj, ak)) {
+          const char* base = reinterpret_cast<const char*>(vol + ((ai * P.H + aj) * P.W + ak) * kProps);
+          for (int corner = 0; corner < 8; corner += 2) {
+            _mm_prefetch(base + corner_off[corner] * sizeof(float), _MM_HINT_T0);
+            _mm_prefetch(base + corner_off[corner] * sizeof(float) + 2 * kProps * sizeof(float) - 1, _MM_HINT_T0);
+          }
+        }
+      }
+      corner_weights(t[0], t[1], t[2], wt);
+      corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
+      for (int todo = valid; todo;) {
+        const int l = __builtin_ctz(todo);
+        const int m = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
+        if (!cell.valid || cell.i0 != ci[0][l] || cell.j0 != ci[1][l] || cell.k0 != ci[2][l]) {
+          cell.i0 = ci[0][l];
+          cell.j0 = ci[1][l];
+          cell.k0 = ci[2][l];
+          cell.valid = true;
+          if (cell_inside(P, cell.i0, cell.j0, cell.k0)) {
+            const float* base = vol + ((cell.i0 * P.H + cell.j0) * P.W + cell.k0) * kProps;
+            for (int corner = 0; corner < 8; ++corner) cp[corner] = base + corner_off[corner];
+          } else {
+            load_cell<float, float>(vol, P, cell.i0, cell.j0, cell.k0, cell.val);
+            for (int corner = 0; corner < 8; ++corner) cp[corner] = cell.val[corner];
+          }
+        }
+        __m256 acc[kProps];
+        for (int c = 0; c < kProps; ++c) acc[c] = zero;
+        for (int corner = 0; corner < 8; ++corner) {
+          acc[0] = _mm256_fmadd_ps(wz[corner], _mm256_set1_ps(cp[corner][0]), acc[0]);
+          for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wt[corner], _mm256_set1_ps(cp[corner][c]), acc[c]);
+        }
+        if (todo == valid && m == valid) {
+          for (int c = 0; c < kProps; ++c) v[c] = acc[c];
+        } else {
+          const __m256 mk = lane_mask(m);
+          for (int c = 0; c < kProps; ++c) v[c] = todo == valid ? acc[c] : _mm256_blendv_ps(v[c], acc[c], mk);
+        }
+        todo &= ~m;
+      }
+      _mm256_storeu_ps(bV0 + i0, v[0]);
+      _mm256_storeu_ps(bZ + i0, _mm256_blendv_ps(v[0], zmin, _mm256_cmp_ps(v[0], zmin, _CMP_LT_OQ)));
+      _mm256_storeu_ps(bA + i0, v[1]);
+      _mm256_storeu_ps(bSq + i0, _mm256_sqrt_ps(_mm256_and_ps(v[2], _mm256_cmp_ps(v[2], zero, _CMP_GT_OQ))));
+      _mm256_storeu_ps(bMu + i0, v[3]);
+      _mm256_storeu_ps(bSd + i0, v[4]);
+    }
+  }
+
+  // ---- Pass 2: scatter noise n (sample_noise of ussim.h) at the positions.
+  if (P.noise_mask == 0) {
+    for (int64_t i = 0; i < Sp; ++i) {
+      bN0[i] = table[0];
+      bN1[i] = table[1];
+      bN2[i] = table[2];
+    }
+  } else {
+    const __m256i seedv = _mm256_set1_epi32(static_cast<int>(seed32(P)));
+    const __m256i maskv = _mm256_set1_epi32(static_cast<int>(P.noise_mask));
+    const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(kCellMul0));
+    const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(kCellMul1));
+    const __m256i mul2 = _mm256_set1_epi32(static_cast<int>(kCellMul2));
+    float* btq = buf[BackwardBuffer::kTq0];
+    const int64_t tq_stride = buf.stride;
+    int32_t* brows = buf.rows.data();
+    __m256d G[12];
+    for (int k = 0; k < 12; ++k) G[k] = _mm256_set1_pd(P.G[k]);
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      // q = G (p, 1) in double from the float position, as sample_noise.
+      __m256d p[2][3];
+      const __m256 pf[3] = {_mm256_loadu_ps(px + i0), _mm256_loadu_ps(py + i0), _mm256_loadu_ps(pz + i0)};
+      for (int k = 0; k < 3; ++k) {
+        p[0][k] = _mm256_cvtps_pd(_mm256_castps256_ps128(pf[k]));
+        p[1][k] = _mm256_cvtps_pd(_mm256_extractf128_ps(pf[k], 1));
+      }
+      __m256i cq[3];
+      for (int r = 0; r < 3; ++r) {
+        __m256d q[2], f[2];
+        for (int hh = 0; hh < 2; ++hh) {
+          q[hh] = _mm256_fmadd_pd(G[4 * r + 2], p[hh][2],
+                                  _mm256_fmadd_pd(G[4 * r + 1], p[hh][1], _mm256_fmadd_pd(G[4 * r], p[hh][0], G[4 * r + 3])));
+          f[hh] = _mm256_floor_pd(q[hh]);
+        }
+        _mm256_storeu_ps(btq + r * tq_stride + i0, _mm256_set_m128(_mm256_cvtpd_ps(_mm256_sub_pd(q[1], f[1])),
+                                                                   _mm256_cvtpd_ps(_mm256_sub_pd(q[0], f[0]))));
+        cq[r] = _mm256_set_m128i(_mm256_cvttpd_epi32(f[1]), _mm256_cvttpd_epi32(f[0]));
+      }
+      const __m256i A0 = _mm256_mullo_epi32(cq[0], mul0), B0 = _mm256_mullo_epi32(cq[1], mul1);
+      const __m256i C0 = _mm256_mullo_epi32(cq[2], mul2);
+      const __m256i Av[2] = {A0, _mm256_add_epi32(A0, mul0)}, Bv[2] = {B0, _mm256_add_epi32(B0, mul1)};
+      const __m256i Cv[2] = {_mm256_xor_si256(C0, seedv), _mm256_xor_si256(_mm256_add_epi32(C0, mul2), seedv)};
+      for (int corner = 0; corner < 8; ++corner) {
+        const __m256i key = _mm256_xor_si256(_mm256_xor_si256(Av[corner >> 2], Bv[(corner >> 1) & 1]), Cv[corner & 1]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(brows + 8 * i0 + 8 * corner),
+                            _mm256_slli_epi32(_mm256_and_si256(hash32x8(key), maskv), 2));  // * kNoise
+      }
+    }
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      __m256 n[3] = {zero, zero, zero}, wq[8];
+      corner_weights(_mm256_loadu_ps(btq + i0), _mm256_loadu_ps(btq + tq_stride + i0),
+                     _mm256_loadu_ps(btq + 2 * tq_stride + i0), wq);
+      __m256 ss = zero;
+      for (int corner = 0; corner < 8; ++corner) ss = _mm256_fmadd_ps(wq[corner], wq[corner], ss);
+      const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(ss));
+      for (int corner = 0; corner < 8; ++corner) {
+        const int32_t* rc = brows + 8 * i0 + 8 * corner;
+        __m256 r[4];
+        for (int l = 0; l < 4; ++l)
+          r[l] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(table + rc[l])),
+                                      _mm_loadu_ps(table + rc[l + 4]), 1);
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        n[0] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t0, t2, 0x44), n[0]);
+        n[1] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t0, t2, 0xEE), n[1]);
+        n[2] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t1, t3, 0x44), n[2]);
+      }
+      _mm256_storeu_ps(bN0 + i0, _mm256_mul_ps(n[0], inv));
+      _mm256_storeu_ps(bN1 + i0, _mm256_mul_ps(n[1], inv));
+      _mm256_storeu_ps(bN2 + i0, _mm256_mul_ps(n[2], inv));
+    }
+  }
+
+  // ---- Pass 3: R and log(1 - R^2) (the forward's pass 3).
+  const __m256 tmin = _mm256_set1_ps(static_cast<float>(kMinTransmission));
+  for (int64_t i0 = 0; i0 < S; i0 += 8) {
+    const __m256 Z = _mm256_loadu_ps(bZ + i0), Zp = _mm256_loadu_ps(bZ + i0 - 1);
+    __m256 R = _mm256_div_ps(_mm256_sub_ps(Z, Zp), _mm256_add_ps(Z, Zp));
+    if (i0 == 0) R = _mm256_blend_ps(R, zero, 1);  // R_0 = 0
+    _mm256_storeu_ps(bR + i0, R);
+    _mm256_storeu_ps(bLt + i0, log8(_mm256_max_ps(_mm256_fnmadd_ps(R, R, one), tmin)));
+  }
+
+  // ---- Pass 4: log T_i = sum_{j < i} (log(1 - R_j^2) - att alpha_j) in double (the forward's pass 4),
+  // E = exp(log T), h E with h = g0 R + (g1 n0 + g2 n1) amp (in place of log(1 - R^2)), total of h E.
+  const __m256d zd = _mm256_setzero_pd();
+  __m256d tot_lo = zd, tot_hi = zd;
+  {
+    const __m256d att = _mm256_set1_pd(P.att);
+    __m256d logT = zd;
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      const __m256 alpha = _mm256_loadu_ps(bA + i0), lt = _mm256_loadu_ps(bLt + i0);
+      const __m256d ulo = _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_castps256_ps128(alpha)),
+                                           _mm256_cvtps_pd(_mm256_castps256_ps128(lt)));
+      const __m256d uhi = _mm256_fnmadd_pd(att, _mm256_cvtps_pd(_mm256_extractf128_ps(alpha, 1)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(lt, 1)));
+      const __m256d xlo = _mm256_blend_pd(_mm256_permute4x64_pd(ulo, 0x90), zd, 1);
+      const __m256d xhi = _mm256_blend_pd(_mm256_permute4x64_pd(uhi, 0x90), _mm256_permute4x64_pd(ulo, 0xFF), 1);
+      const __m256d slo = scan4(xlo), shi = scan4(xhi);
+      const __m256d Tlo = _mm256_add_pd(logT, slo);
+      const __m256d Thi = _mm256_add_pd(_mm256_add_pd(logT, _mm256_permute4x64_pd(slo, 0xFF)), shi);
+      logT = _mm256_permute4x64_pd(_mm256_add_pd(Thi, uhi), 0xFF);
+      const __m256 E = exp8(_mm256_set_m128(_mm256_cvtpd_ps(Thi), _mm256_cvtpd_ps(Tlo)));
+      _mm256_storeu_ps(bE + i0, E);
+      const __m256 amp = _mm256_mul_ps(_mm256_loadu_ps(bSq + i0),
+                                       _mm256_fmadd_ps(_mm256_loadu_ps(bSd + i0), _mm256_loadu_ps(bN2 + i0),
+                                                       _mm256_loadu_ps(bMu + i0)));
+      const __m256 sc = _mm256_fmadd_ps(_mm256_loadu_ps(g1 + i0), _mm256_loadu_ps(bN0 + i0),
+                                        _mm256_mul_ps(_mm256_loadu_ps(g2 + i0), _mm256_loadu_ps(bN1 + i0)));
+      const __m256 h = _mm256_fmadd_ps(_mm256_loadu_ps(g0 + i0), _mm256_loadu_ps(bR + i0), _mm256_mul_ps(sc, amp));
+      const __m256 hE = _mm256_mul_ps(h, E);
+      _mm256_storeu_ps(bLt + i0, hE);
+      tot_lo = _mm256_add_pd(tot_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(hE)));
+      tot_hi = _mm256_add_pd(tot_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(hE, 1)));
+    }
+  }
+
+  // ---- Pass 5: W_i = sum_{k > i} h_k E_k = total - (inclusive prefix), dL/dR_i, and the impedance terms
+  // a_i = dL/dR_i dR_i/dZ_i, b_i = -dL/dR_i dR_i/dZ_{i-1} (0 at i = 0: R_0 = 0 is a constant; 0 past the end).
+  {
+    __m256d tt = _mm256_add_pd(tot_lo, tot_hi);
+    tt = _mm256_add_pd(tt, _mm256_permute4x64_pd(tt, 0x4E));
+    tt = _mm256_add_pd(tt, _mm256_permute4x64_pd(tt, 0xB1));  // the total in every lane
+    __m256d pre = zd;
+    const __m256 two = _mm256_set1_ps(2.0f);
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
+      const __m256 hE = _mm256_loadu_ps(bLt + i0);
+      const __m256d slo = scan4(_mm256_cvtps_pd(_mm256_castps256_ps128(hE)));
+      const __m256d shi = scan4(_mm256_cvtps_pd(_mm256_extractf128_ps(hE, 1)));
+      const __m256d Plo = _mm256_add_pd(pre, slo);
+      const __m256d Phi = _mm256_add_pd(_mm256_add_pd(pre, _mm256_permute4x64_pd(slo, 0xFF)), shi);
+      pre = _mm256_permute4x64_pd(Phi, 0xFF);
+      const __m256 W = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_sub_pd(tt, Phi)), _mm256_cvtpd_ps(_mm256_sub_pd(tt, Plo)));
+      _mm256_storeu_ps(bW + i0, W);
+      const __m256 R = _mm256_loadu_ps(bR + i0), E = _mm256_loadu_ps(bE + i0);
+      const __m256 one_m = _mm256_fnmadd_ps(R, R, one);
+      const __m256 loss = _mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(W, two), R), one_m);
+      const __m256 gR = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(g0 + i0), E),
+                                      _mm256_and_ps(loss, _mm256_cmp_ps(one_m, tmin, _CMP_GT_OQ)));
+      const __m256 Z = _mm256_loadu_ps(bZ + i0), Zp = _mm256_loadu_ps(bZ + i0 - 1);
+      const __m256 den = _mm256_add_ps(Z, Zp);
+      const __m256 k = _mm256_div_ps(_mm256_mul_ps(two, gR), _mm256_mul_ps(den, den));
+      __m256 a = _mm256_mul_ps(k, Zp), b = _mm256_mul_ps(k, Z);
+      const __m256 keep = lane_mask(((1 << nv) - 1) & (i0 == 0 ? ~1 : ~0));
+      a = _mm256_and_ps(a, keep);
+      b = _mm256_and_ps(b, keep);
+      _mm256_storeu_ps(bGa + i0, a);
+      _mm256_storeu_ps(bGb + i0, b);
+    }
+    bGb[Sp] = 0.0f;  // (b_{i+1} of the last block's last lane)
+  }
+
+  // ---- Pass 6: per-sample property gradients gv, into the cell records.
+  {
+    const __m256 att = _mm256_set1_ps(static_cast<float>(P.att)), half = _mm256_set1_ps(0.5f);
+    alignas(32) int32_t ci[3][8];
+    __m256 acc[kProps][8];
+    bool open = false;
+    int32_t cur[3] = {0, 0, 0};
+    for (int64_t i0 = 0; i0 < S; i0 += 8) {
+      const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
+      const int valid = (1 << nv) - 1;
+      const __m256 E = _mm256_loadu_ps(bE + i0), sq = _mm256_loadu_ps(bSq + i0), n2 = _mm256_loadu_ps(bN2 + i0);
+      const __m256 gamp = _mm256_mul_ps(E, _mm256_fmadd_ps(_mm256_loadu_ps(g1 + i0), _mm256_loadu_ps(bN0 + i0),
+                                                           _mm256_mul_ps(_mm256_loadu_ps(g2 + i0), _mm256_loadu_ps(bN1 + i0))));
+      const __m256 m = _mm256_fmadd_ps(_mm256_loadu_ps(bSd + i0), n2, _mm256_loadu_ps(bMu + i0));
+      __m256 gv[kProps];
+      gv[0] = _mm256_andnot_ps(_mm256_cmp_ps(_mm256_loadu_ps(bV0 + i0), zmin, _CMP_LT_OQ),
+                               _mm256_sub_ps(_mm256_loadu_ps(bGa + i0), _mm256_loadu_ps(bGb + i0 + 1)));
+      gv[1] = _mm256_mul_ps(_mm256_sub_ps(zero, _mm256_loadu_ps(bW + i0)), att);
+      gv[2] = _mm256_and_ps(_mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(gamp, m), half), sq),
+                            _mm256_cmp_ps(sq, zero, _CMP_GT_OQ));
+      gv[3] = _mm256_mul_ps(gamp, sq);
+      gv[4] = _mm256_mul_ps(gv[3], n2);
+      const __m256 p[3] = {_mm256_loadu_ps(px + i0), _mm256_loadu_ps(py + i0), _mm256_loadu_ps(pz + i0)};
+      __m256 t[3], wt[8], wz[8];
+      __m256i cell_i[3];
+      for (int k = 0; k < 3; ++k) {
+        const __m256 f = _mm256_floor_ps(p[k]);
+        t[k] = _mm256_sub_ps(p[k], f);
+        cell_i[k] = _mm256_cvttps_epi32(f);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ci[k]), cell_i[k]);
+      }
+      corner_weights(t[0], t[1], t[2], wt);
+      corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
+      for (int todo = valid; todo;) {
+        const int l = __builtin_ctz(todo);
+        const int mk = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
+        todo &= ~mk;
+        if (!cell_touches_volume(P, ci[0][l], ci[1][l], ci[2][l])) continue;
+        if (!open || cur[0] != ci[0][l] || cur[1] != ci[1][l] || cur[2] != ci[2][l]) {
+          if (open) flush_record(rec, cur, acc);
+          open = true;
+          cur[0] = ci[0][l];
+          cur[1] = ci[1][l];
+          cur[2] = ci[2][l];
+          for (int c = 0; c < kProps; ++c)
+            for (int corner = 0; corner < 8; ++corner) acc[c][corner] = zero;
+        }
+        __m256 gm[kProps];
+        if (mk == 0xff) {
+          for (int c = 0; c < kProps; ++c) gm[c] = gv[c];
+        } else {
+          const __m256 lanes = lane_mask(mk);
+          for (int c = 0; c < kProps; ++c) gm[c] = _mm256_and_ps(gv[c], lanes);
+        }
+        for (int corner = 0; corner < 8; ++corner) {
+          acc[0][corner] = _mm256_fmadd_ps(wz[corner], gm[0], acc[0][corner]);
+          for (int c = 1; c < kProps; ++c) acc[c][corner] = _mm256_fmadd_ps(wt[corner], gm[c], acc[c][corner]);
+        }
+      }
+    }
+    if (open) flush_record(rec, cur, acc);
+  }
+}
+
 }  // namespace
 
 // (Table offsets row * kNoise in int32 for the gathers.)
@@ -437,6 +822,31 @@ MEDFAST_AVX2 void psf_axial_row_avx2(const float* x, const float* h, int64_t K, 
     _mm256_storeu_ps(out + s, acc);
   }
   psf_axial_row<float, float>(x, h, K, S, s, S, out, false);
+}
+
+
+bool march_backward_avx2_applies(const Params& P) {
+  return cpu_simd_available() && P.S > 0 && P.noise_mask < (int64_t(1) << 29);
+}
+
+void march_backward_props_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const float* table,
+                               const Params& P, const float* coords, const float* grad, int64_t R, int64_t begin,
+                               int64_t end, CellRecords<float>& rec) {
+  const int64_t S = P.S;
+  BackwardBuffer buf(S);
+  std::vector<float> gv;
+  for (int64_t ray = begin; ray < end; ++ray) {
+    const float* v = vol + (Bv == 1 ? 0 : ray / R) * vol_stride;
+    const float* c = coords + ray * S * 3;
+    const float* g = grad + ray * S * 3;
+    if (ray_in_range(c, S, P, buf[BackwardBuffer::kPx], buf[BackwardBuffer::kPy], buf[BackwardBuffer::kPz])) {
+      backward_ray8(v, table, P, g, buf, rec);
+    } else {
+      gv.resize(S * kProps);
+      march_ray_backward<float, float, true>(v, table, P, c, g, gv.data(), nullptr);
+      append_cell_records<float, float>(P, c, gv.data(), rec);
+    }
+  }
 }
 
 }  // namespace medfast::ussim

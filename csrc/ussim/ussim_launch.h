@@ -2,7 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <climits>
 #include <tuple>
+#include <vector>
 
 #include "ussim/ussim.h"
 
@@ -25,6 +27,71 @@ bool march_lines_avx2_applies(const Params& P);
 void march_lines_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P,
                       const float* st, const float* sp, const float* w, const float* wT, int64_t L, int64_t E,
                       float* o, int64_t begin, int64_t end);
+// The CPU backward's property gradient, compacted per ray before it is added into the volume: one
+// record per run of consecutive samples of a ray in the same voxel cell (~10 samples per cell), with
+// acc[8 c + corner] = the sum over the run of the corner's interpolation weight times dL/d property c
+// (sharpened weights for the impedance c = 0). Only cells with a corner inside the volume are kept, so
+// their indices fit int32. The records of consecutive rays are added into the volume in ray order
+// (march_backward_cpu), so the sums do not depend on the number of threads.
+template <typename A>
+struct CellRecords {
+  std::vector<int32_t> cell;  // 3 per record: i0, j0, k0
+  std::vector<A> acc;         // 8 kProps per record, [c][corner]
+  int32_t imin = INT32_MAX, imax = INT32_MIN;  // range of the records' i0
+
+  int64_t size() const { return static_cast<int64_t>(cell.size() / 3); }
+  // Appends a zeroed record of cell (i0, j0, k0) and returns its acc.
+  A* open(int64_t i0, int64_t j0, int64_t k0) {
+    cell.push_back(static_cast<int32_t>(i0));
+    cell.push_back(static_cast<int32_t>(j0));
+    cell.push_back(static_cast<int32_t>(k0));
+    imin = imin < i0 ? imin : static_cast<int32_t>(i0);
+    imax = imax > i0 ? imax : static_cast<int32_t>(i0);
+    acc.resize(acc.size() + 8 * kProps, A(0));
+    return acc.data() + acc.size() - 8 * kProps;
+  }
+};
+
+// Whether voxel cell (i0, j0, k0) has a corner inside the volume (a record of it adds something).
+inline bool cell_touches_volume(const Params& P, int64_t i0, int64_t j0, int64_t k0) {
+  return i0 >= -1 && j0 >= -1 && k0 >= -1 && i0 < P.D && j0 < P.H && k0 < P.W;
+}
+
+// Appends the records of one ray from its sample positions coords (S, 3) and the property gradients
+// gv (S, K) of its samples (the same weights as scatter_props: corner_weights_at of ussim.h).
+template <typename T, typename A>
+void append_cell_records(const Params& P, const T* coords, const A* gv, CellRecords<A>& rec) {
+  A* acc = nullptr;
+  int64_t cur[3] = {0, 0, 0};
+  for (int64_t i = 0; i < P.S; ++i) {
+    const A d = static_cast<A>(coords[3 * i]), h = static_cast<A>(coords[3 * i + 1]),
+            w = static_cast<A>(coords[3 * i + 2]);
+    // (also false for NaN; keeps the int64 casts of corner_weights_at defined)
+    if (!(d > A(-2) && d < A(P.D) && h > A(-2) && h < A(P.H) && w > A(-2) && w < A(P.W))) continue;
+    int64_t cell[3];
+    A wt[8], wz[8];
+    corner_weights_at<A>(P, d, h, w, cell, wt, wz);
+    if (!cell_touches_volume(P, cell[0], cell[1], cell[2])) continue;
+    if (!acc || cell[0] != cur[0] || cell[1] != cur[1] || cell[2] != cur[2]) {
+      acc = rec.open(cell[0], cell[1], cell[2]);
+      cur[0] = cell[0];
+      cur[1] = cell[1];
+      cur[2] = cell[2];
+    }
+    const A* g = gv + i * kProps;
+    for (int corner = 0; corner < 8; ++corner) acc[corner] += wz[corner] * g[0];
+    for (int c = 1; c < kProps; ++c)
+      for (int corner = 0; corner < 8; ++corner) acc[8 * c + corner] += wt[corner] * g[c];
+  }
+}
+
+// The AVX2 float32 backward of rays [begin, end) of march_backward_cpu for the property gradient only
+// (ussim_cpu_avx2.cpp): appends each ray's records to rec (rays it cannot take, with huge or non-finite
+// coordinates, by the generic march_ray_backward). Whether it runs: march_backward_avx2_applies.
+bool march_backward_avx2_applies(const Params& P);
+void march_backward_props_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const float* table,
+                               const Params& P, const float* coords, const float* grad, int64_t R, int64_t begin,
+                               int64_t end, CellRecords<float>& rec);
 // psf_axial_row (forward) of one float32 row of length S for AVX2 + FMA (ussim_cpu_avx2.cpp); callers
 // check cpu_simd_available().
 void psf_axial_row_avx2(const float* x, const float* h, int64_t K, int64_t S, float* out);
