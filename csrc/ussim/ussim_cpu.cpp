@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/cpu_alloc.h"
 #include "common/cpu_simd.h"
 #include "ussim/ussim_launch.h"
 
@@ -241,7 +242,9 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
   const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
   Tensor gcoords = coords_grad ? at::empty(coords.sizes(), coords.options()) : at::empty({0}, coords.options());
-  Tensor gprops = props_grad ? at::zeros(props.sizes(), props.options()) : at::empty({0}, props.options());
+  // (a large gradient volume on transparent huge pages where allowed: 1/512 of the first-touch faults)
+  Tensor gprops =
+      props_grad ? empty_large_cpu(props.sizes(), props.options()).zero_() : at::empty({0}, props.options());
   if (!props_grad && !coords_grad) return {gprops, gcoords};
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_backward_cpu", [&] {
     using A = acc_t<scalar_t>;
