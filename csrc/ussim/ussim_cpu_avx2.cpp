@@ -402,21 +402,34 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
 //   5. W_i = total - sum_{k <= i} h_k E_k (inclusive scan in double), dL/dR_i and the two impedance
 //      terms of R_i (dR_i/dZ_i and dR_i/dZ_{i-1} times dL/dR_i);
 //   6. the per-sample property gradients, weighted by the corner weights and summed per run of samples
-//      in one voxel cell into the ray's cell records (CellRecords), per distinct cell of each block.
+//      in one voxel cell (in sample order) into the ray's cell records (CellRecords).
 // The same arithmetic as the generic path up to float rounding (exp / log polynomials, FMA, sum order).
 
-// (sum of v[0]; ...; sum of v[7]) of eight vectors.
-MEDFAST_AVX2 inline __m256 hsum8x8(const __m256* v) {
-  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+// Appends the record of cell cur with the sums acc[c] (the 8 corners of property c).
+MEDFAST_AVX2 inline void flush_record(CellRecords<float>& rec, const int32_t* cur, const __m256* acc) {
+  alignas(32) float sums[8 * kProps];
+  for (int c = 0; c < kProps; ++c) _mm256_store_ps(sums + 8 * c, acc[c]);
+  rec.append(cur[0], cur[1], cur[2], sums);
 }
 
-// Appends the record of cell cur with the lane sums of acc (CellRecords layout [c][corner]).
-MEDFAST_AVX2 inline void flush_record(CellRecords<float>& rec, const int32_t* cur, const __m256 (*acc)[8]) {
-  float* dst = rec.open(cur[0], cur[1], cur[2]);
-  for (int c = 0; c < kProps; ++c) _mm256_storeu_ps(dst + 8 * c, hsum8x8(acc[c]));
+// out[l] = (in[0][l], ..., in[7][l]): 8 x 8 transpose.
+MEDFAST_AVX2 inline void transpose8x8(const __m256* in, __m256* out) {
+  const __m256 t0 = _mm256_unpacklo_ps(in[0], in[1]), t1 = _mm256_unpackhi_ps(in[0], in[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(in[2], in[3]), t3 = _mm256_unpackhi_ps(in[2], in[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(in[4], in[5]), t5 = _mm256_unpackhi_ps(in[4], in[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(in[6], in[7]), t7 = _mm256_unpackhi_ps(in[6], in[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  out[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  out[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  out[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  out[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  out[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  out[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  out[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  out[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
 // Scratch arrays of one ray, Sp = S rounded up to 8; each array has 8 readable floats before it and
@@ -433,22 +446,35 @@ struct BackwardBuffer {
 };
 
 // Whether the vector path takes the ray (int32 voxel and scatter-grid cells, exact float positions):
-// all coordinates finite and small, and so the scatter-grid coordinates.
-bool ray_in_range(const float* coords, int64_t S, const Params& P, float* px, float* py, float* pz) {
-  float m = 0.0f;
-  bool finite = true;
+// all coordinates finite and small, and so the scatter-grid coordinates. Copies the positions into
+// px, py, pz.
+MEDFAST_AVX2 bool ray_in_range(const float* coords, int64_t S, const Params& P, float* px, float* py, float* pz) {
   for (int64_t i = 0; i < S; ++i) {
-    const float a = coords[3 * i], b = coords[3 * i + 1], c = coords[3 * i + 2];
-    px[i] = a;
-    py[i] = b;
-    pz[i] = c;
-    const float big = std::fmax(std::fabs(a), std::fmax(std::fabs(b), std::fabs(c)));
-    finite &= big < static_cast<float>(kMaxCoord);  // (false for NaN)
-    m = std::fmax(m, big);
+    px[i] = coords[3 * i];
+    py[i] = coords[3 * i + 1];
+    pz[i] = coords[3 * i + 2];
   }
-  if (!finite) return false;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= 3 * S; k += 8) {
+    const __m256 x = _mm256_loadu_ps(coords + k);
+    m = _mm256_max_ps(m, _mm256_and_ps(x, abs_mask));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float big = 0.0f;
+  bool finite = _mm256_movemask_ps(nan) == 0;
+  for (int l = 0; l < 8; ++l) big = lanes[l] > big ? lanes[l] : big;
+  for (; k < 3 * S; ++k) {
+    const float a = std::fabs(coords[k]);
+    finite &= a == a;
+    big = a > big ? a : big;
+  }
+  if (!finite || !(big < static_cast<float>(kMaxCoord))) return false;
   for (int r = 0; r < 3; ++r) {
-    const double bound = (std::fabs(P.G[4 * r]) + std::fabs(P.G[4 * r + 1]) + std::fabs(P.G[4 * r + 2])) * m +
+    const double bound = (std::fabs(P.G[4 * r]) + std::fabs(P.G[4 * r + 1]) + std::fabs(P.G[4 * r + 2])) * big +
                          std::fabs(P.G[4 * r + 3]);
     if (!(bound < kMaxCoord)) return false;
   }
@@ -713,7 +739,7 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
   {
     const __m256 att = _mm256_set1_ps(static_cast<float>(P.att)), half = _mm256_set1_ps(0.5f);
     alignas(32) int32_t ci[3][8];
-    __m256 acc[kProps][8];
+    __m256 acc[kProps];  // [c]: the 8 corners
     bool open = false;
     int32_t cur[3] = {0, 0, 0};
     for (int64_t i0 = 0; i0 < S; i0 += 8) {
@@ -740,11 +766,19 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
         cell_i[k] = _mm256_cvttps_epi32(f);
         _mm256_store_si256(reinterpret_cast<__m256i*>(ci[k]), cell_i[k]);
       }
+      // The corner weights per lane (8 corners in a vector): the lane's contributions to a record are
+      // then 5 FMAs into the record's 5 accumulators (kept in registers: one vector of the 8 corners
+      // per property), added in sample order.
+      __m256 wtT[8], wzT[8];
       corner_weights(t[0], t[1], t[2], wt);
       corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
+      transpose8x8(wt, wtT);
+      transpose8x8(wz, wzT);
+      alignas(32) float gs[kProps][8];
+      for (int c = 0; c < kProps; ++c) _mm256_store_ps(gs[c], gv[c]);
       for (int todo = valid; todo;) {
         const int l = __builtin_ctz(todo);
-        const int mk = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
+        int mk = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
         todo &= ~mk;
         if (!cell_touches_volume(P, ci[0][l], ci[1][l], ci[2][l])) continue;
         if (!open || cur[0] != ci[0][l] || cur[1] != ci[1][l] || cur[2] != ci[2][l]) {
@@ -753,19 +787,12 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
           cur[0] = ci[0][l];
           cur[1] = ci[1][l];
           cur[2] = ci[2][l];
-          for (int c = 0; c < kProps; ++c)
-            for (int corner = 0; corner < 8; ++corner) acc[c][corner] = zero;
+          for (int c = 0; c < kProps; ++c) acc[c] = zero;
         }
-        __m256 gm[kProps];
-        if (mk == 0xff) {
-          for (int c = 0; c < kProps; ++c) gm[c] = gv[c];
-        } else {
-          const __m256 lanes = lane_mask(mk);
-          for (int c = 0; c < kProps; ++c) gm[c] = _mm256_and_ps(gv[c], lanes);
-        }
-        for (int corner = 0; corner < 8; ++corner) {
-          acc[0][corner] = _mm256_fmadd_ps(wz[corner], gm[0], acc[0][corner]);
-          for (int c = 1; c < kProps; ++c) acc[c][corner] = _mm256_fmadd_ps(wt[corner], gm[c], acc[c][corner]);
+        for (; mk; mk &= mk - 1) {
+          const int lane = __builtin_ctz(mk);
+          acc[0] = _mm256_fmadd_ps(wzT[lane], _mm256_broadcast_ss(&gs[0][lane]), acc[0]);
+          for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wtT[lane], _mm256_broadcast_ss(&gs[c][lane]), acc[c]);
         }
       }
     }

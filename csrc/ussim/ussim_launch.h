@@ -42,13 +42,22 @@ struct CellRecords {
   int64_t size() const { return static_cast<int64_t>(cell.size() / 3); }
   // Appends a zeroed record of cell (i0, j0, k0) and returns its acc.
   A* open(int64_t i0, int64_t j0, int64_t k0) {
-    cell.push_back(static_cast<int32_t>(i0));
-    cell.push_back(static_cast<int32_t>(j0));
-    cell.push_back(static_cast<int32_t>(k0));
-    imin = imin < i0 ? imin : static_cast<int32_t>(i0);
-    imax = imax > i0 ? imax : static_cast<int32_t>(i0);
+    add_cell(i0, j0, k0);
     acc.resize(acc.size() + 8 * kProps, A(0));
     return acc.data() + acc.size() - 8 * kProps;
+  }
+  // Appends the record of cell (i0, j0, k0) with the sums a[8 kProps].
+  void append(int64_t i0, int64_t j0, int64_t k0, const A* a) {
+    add_cell(i0, j0, k0);
+    acc.insert(acc.end(), a, a + 8 * kProps);
+  }
+
+ private:
+  void add_cell(int64_t i0, int64_t j0, int64_t k0) {
+    const int32_t c[3] = {static_cast<int32_t>(i0), static_cast<int32_t>(j0), static_cast<int32_t>(k0)};
+    cell.insert(cell.end(), c, c + 3);
+    imin = imin < c[0] ? imin : c[0];
+    imax = imax > c[0] ? imax : c[0];
   }
 };
 
