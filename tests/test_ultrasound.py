@@ -673,6 +673,62 @@ def test_march_backward_batch_of_volumes():
         assert torch.equal(gp[b:b + 1], gp_b)
 
 
+def _lines_case(dtype, S=150):
+    g = torch.Generator().manual_seed(9)
+    D, H, W = 9, 7, 11
+    props = torch.stack([1.3 + 0.6 * torch.rand(D, H, W, generator=g)] +
+                        [torch.rand(D, H, W, generator=g) for _ in range(4)], -1)[None]
+    B, L, E = 2, 5, 3
+    start = torch.rand(B, L, E, 3, generator=g) * torch.tensor([D, H, W]) - 1.0
+    step = (torch.rand(B, L, 3, generator=g) - 0.5) * 0.15
+    start[1, 3, 1] = 3e7  # a sub-ray far outside (the generic fallback of the AVX2 path)
+    weights = torch.rand(E, S, 3, generator=g)
+    grad = torch.randn(B, L, 3, S, generator=g)
+    G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+    return [t.to(dtype) for t in (grad, props, start, step, weights)] + [noise_table(5, rows=256), G, 0.03,
+                                                                          list(WATER_BG), 11, 4.0]
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("props_grad, coords_grad", [(True, False), (False, True), (True, True)])
+def test_march_lines_backward_matches_materialized(simd, dtype, props_grad, coords_grad):
+    # ussim_march_lines_backward computes each sub-ray's positions start + i * step and echo gradients
+    # grad * weights on the fly (CPU); the same values as ussim_march_backward on the materialised
+    # (B, L E, S, 3) tensors (the CUDA path): bitwise the same gradients.
+    from medfast._extension import _C
+
+    grad, props, start, step, weights, noise, G, att, bg, seed, sharp = _lines_case(dtype)
+    B, L, E, _ = start.shape
+    S = weights.shape[1]
+    i = torch.arange(S, dtype=dtype)
+    coords = (start[:, :, :, None, :] + i[:, None] * step[:, :, None, None, :]).reshape(B, L * E, S, 3)
+    gech = (grad.transpose(2, 3)[:, :, None] * weights).reshape(B, L * E, S, 3)
+    ops = torch.ops.medfast
+    try:
+        _C._set_cpu_simd(simd)
+        gp, gc = ops.ussim_march_lines_backward(grad, props, start, step, weights, noise, G, att, bg, seed, sharp,
+                                                props_grad, coords_grad)
+        gp_ref, gc_ref = ops.ussim_march_backward(gech, props, coords, noise, G, att, bg, seed, sharp, props_grad,
+                                                  coords_grad)
+    finally:
+        _C._set_cpu_simd(True)
+    assert gp.shape == gp_ref.shape and gc.shape == gc_ref.shape
+    assert gp.numel() == (props.numel() if props_grad else 0)
+    assert gc.numel() == (coords.numel() if coords_grad else 0)
+    assert torch.equal(gp, gp_ref)
+    assert torch.equal(gc, gc_ref)
+    if props_grad:
+        assert gp.abs().max() > 0
+    if coords_grad:
+        assert gc.abs().max() > 0
+
+
+def test_march_lines_backward_opcheck():
+    args = _lines_case(torch.float32, S=20)
+    torch.library.opcheck(torch.ops.medfast.ussim_march_lines_backward, (*args, True, True))
+
+
 def test_march_lines_backward_simd_matches_generic():
     # The autograd of march_lines (coords materialised, the per-ray backward) through both CPU paths.
     from medfast.ops._ussim import march_lines

@@ -117,6 +117,53 @@ std::tuple<Tensor, Tensor> march_backward_impl(const Tensor& grad, const Tensor&
                         coords_grad);
 }
 
+using LinesBwd = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const Tensor&, const Tensor&, const Params&, bool, bool);
+
+template <LinesBwd F>
+std::tuple<Tensor, Tensor> march_lines_backward_impl(const Tensor& grad, const Tensor& props, const Tensor& start,
+                                                     const Tensor& step, const Tensor& weights, const Tensor& noise,
+                                                     at::ArrayRef<double> grid_affine, double att,
+                                                     at::ArrayRef<double> background, int64_t seed, double sharp,
+                                                     bool props_grad, bool coords_grad) {
+  TORCH_CHECK_VALUE(start.dim() == 4 && start.size(3) == 3 && start.size(0) >= 1 && start.size(1) >= 1 &&
+                        start.size(2) >= 1,
+                    "medfast ussim: start must be (B, L, E, 3), got ", start.sizes());
+  TORCH_CHECK_VALUE(step.dim() == 3 && step.size(0) == start.size(0) && step.size(1) == start.size(1) &&
+                        step.size(2) == 3,
+                    "medfast ussim: step must be (B, L, 3), got ", step.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 3 && weights.size(0) == start.size(2) && weights.size(1) >= 1 &&
+                        weights.size(2) == 3,
+                    "medfast ussim: weights must be (E, S, 3), got ", weights.sizes());
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == start.size(0) && grad.size(1) == start.size(1) &&
+                        grad.size(2) == 3 && grad.size(3) == weights.size(1),
+                    "medfast ussim: grad must be (B, L, 3, S), got ", grad.sizes());
+  TORCH_CHECK_TYPE(step.scalar_type() == start.scalar_type() && weights.scalar_type() == start.scalar_type(),
+                   "medfast ussim: start, step and weights dtypes differ");
+  TORCH_CHECK_VALUE(step.device() == start.device() && weights.device() == start.device() &&
+                        grad.device() == start.device(),
+                    "medfast ussim: tensors on different devices");
+  const Params P = make_params_for(props, start, start.size(0), weights.size(1), noise, grid_affine, att, background,
+                                   seed, sharp);
+  return F(grad.contiguous().to(start.scalar_type()), props.contiguous(), start.contiguous(), step.contiguous(),
+           weights.contiguous(), noise.contiguous(), P, props_grad, coords_grad);
+}
+
+#ifdef MEDFAST_WITH_CUDA
+// The backward of march_lines on materialised tensors: the sub-ray sample positions start + i step and
+// the echo gradients grad * weights, (B, L E, S, 3) each, through march_backward_cuda.
+std::tuple<Tensor, Tensor> march_lines_backward_materialized(const Tensor& grad, const Tensor& props,
+                                                             const Tensor& start, const Tensor& step,
+                                                             const Tensor& weights, const Tensor& noise,
+                                                             const Params& P, bool props_grad, bool coords_grad) {
+  const int64_t B = start.size(0), L = start.size(1), E = start.size(2), S = P.S;
+  const Tensor i = at::arange(S, start.options());
+  const Tensor coords = (start.unsqueeze(3) + i.unsqueeze(1) * step.unsqueeze(2).unsqueeze(3)).reshape({B, L * E, S, 3});
+  const Tensor gech = (grad.transpose(2, 3).unsqueeze(2) * weights).reshape({B, L * E, S, 3});
+  return march_backward_cuda(gech.contiguous(), props, coords.contiguous(), noise, P, props_grad, coords_grad);
+}
+#endif
+
 template <Tensor (*F)(const Tensor&, const Tensor&, const Tensor&, bool)>
 Tensor psf_impl(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose) {
   TORCH_CHECK_VALUE(x.dim() == 4 && h.dim() == 2 && h.size(0) == 3 && h.size(1) >= 1 && w.dim() == 3 &&
@@ -144,6 +191,10 @@ TORCH_LIBRARY_FRAGMENT(medfast, m) {
   m.def(
       "ussim_march_backward(Tensor grad, Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, "
       "float[] background, int seed, float sharp, bool props_grad, bool coords_grad) -> (Tensor, Tensor)");
+  m.def(
+      "ussim_march_lines_backward(Tensor grad, Tensor props, Tensor start, Tensor step, Tensor weights, Tensor noise, "
+      "float[] grid_affine, float att, float[] background, int seed, float sharp, bool props_grad, "
+      "bool coords_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(medfast, CPU, m) {
@@ -151,6 +202,7 @@ TORCH_LIBRARY_IMPL(medfast, CPU, m) {
   m.impl("ussim_march_lines", &march_lines_impl<march_lines_cpu>);
   m.impl("ussim_psf", &psf_impl<psf_cpu>);
   m.impl("ussim_march_backward", &march_backward_impl<march_backward_cpu>);
+  m.impl("ussim_march_lines_backward", &march_lines_backward_impl<march_lines_backward_cpu>);
 }
 
 #ifdef MEDFAST_WITH_CUDA
@@ -159,6 +211,7 @@ TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
   m.impl("ussim_march_lines", &march_lines_impl<march_lines_cuda>);
   m.impl("ussim_psf", &psf_impl<psf_cuda>);
   m.impl("ussim_march_backward", &march_backward_impl<march_backward_cuda>);
+  m.impl("ussim_march_lines_backward", &march_lines_backward_impl<march_lines_backward_materialized>);
 }
 #endif
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 
 #include "common/cpu_alloc.h"
@@ -29,17 +30,19 @@ void lines_loop(const T* vol, int64_t vol_stride, int64_t Bv, const float* table
   }
 }
 
-// Rays [r0, r1) of the generic backward: march_ray_backward of each ray (its per-sample property
-// gradients into the scratch gv (S, K)), then the ray's cell records (append_cell_records).
+// Rays [r0, r1) of the generic backward: the ray's samples (samples(ray, &coords, &grad)),
+// march_ray_backward (its per-sample property gradients into the scratch gv (S, K)), then the ray's cell
+// records (append_cell_records).
 #define MEDFAST_USSIM_BACKWARD_BODY                                                                        \
   for (int64_t ray = r0; ray < r1; ++ray) {                                                               \
-    march_ray_backward<T, A, true>(vol, table, P, c + ray * P.S * 3, g + ray * P.S * 3, rec ? gv : nullptr, \
-                                   gc ? gc + ray * P.S * 3 : nullptr);                                    \
-    if (rec) append_cell_records<T, A>(P, c + ray * P.S * 3, gv, *rec);                                  \
+    const T *c = nullptr, *g = nullptr;                                                                   \
+    samples(ray, &c, &g);                                                                                 \
+    march_ray_backward<T, A, true>(vol, table, P, c, g, rec ? gv : nullptr, gc ? gc + ray * P.S * 3 : nullptr); \
+    if (rec) append_cell_records<T, A>(P, c, gv, *rec);                                                   \
   }
 
-template <typename T, typename A>
-void backward_rays(const T* vol, const float* table, const Params& P, const T* c, const T* g, T* gv, T* gc,
+template <typename T, typename A, typename Samples>
+void backward_rays(const T* vol, const float* table, const Params& P, Samples& samples, T* gv, T* gc,
                    CellRecords<A>* rec, int64_t r0, int64_t r1) {
   MEDFAST_USSIM_BACKWARD_BODY
 }
@@ -58,10 +61,10 @@ __attribute__((target("avx2,fma"))) void lines_loop_avx2(const T* vol, int64_t v
   }
 }
 
-template <typename T, typename A>
+template <typename T, typename A, typename Samples>
 __attribute__((target("avx2,fma"))) void backward_rays_avx2(const T* vol, const float* table, const Params& P,
-                                                            const T* c, const T* g, T* gv, T* gc,
-                                                            CellRecords<A>* rec, int64_t r0, int64_t r1) {
+                                                            Samples& samples, T* gv, T* gc, CellRecords<A>* rec,
+                                                            int64_t r0, int64_t r1) {
   MEDFAST_USSIM_BACKWARD_BODY
 }
 
@@ -214,14 +217,7 @@ Tensor psf_cpu(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose
   return out;
 }
 
-// march_backward_props_avx2 for float32 (the float64 overload is never called: the AVX2 path is float32).
-inline void backward_props_simd(const float* vol, int64_t vol_stride, int64_t Bv, const float* table, const Params& P,
-                                const float* c, const float* g, int64_t R, int64_t r0, int64_t r1,
-                                CellRecords<float>& rec) {
-  march_backward_props_avx2(vol, vol_stride, Bv, table, P, c, g, R, r0, r1, rec);
-}
-inline void backward_props_simd(const double*, int64_t, int64_t, const float*, const Params&, const double*,
-                                const double*, int64_t, int64_t, int64_t, CellRecords<double>&) {}
+namespace {
 
 // Adds one cell record (CellRecords) into the gradient volume gvol, only the corners inside the volume and
 // in the slab [i_lo, i_hi) of its first axis.
@@ -237,104 +233,173 @@ void add_record(G* gvol, const Params& P, const int32_t* cell, const A* acc, int
   }
 }
 
-std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& coords,
-                                              const Tensor& noise, const Params& P, bool props_grad,
-                                              bool coords_grad) {
-  const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
+// The backward of B x R rays of S samples: gcoords (B R, S, 3) into gc (if not null), the property
+// gradient into gprops (zeroed, if props_grad). make_samples() gives each task its sample provider
+// samples(ray, &coords, &grad) (RaySamples; one per task: it may own scratch).
+template <typename scalar_t, typename MakeSamples>
+void backward_core(const Tensor& props, const Tensor& noise, const Params& P, int64_t B, int64_t R, bool props_grad,
+                   scalar_t* gc, Tensor& gprops, const MakeSamples& make_samples) {
+  using A = acc_t<scalar_t>;
+  const int64_t S = P.S, Bv = props.size(0);
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
-  Tensor gcoords = coords_grad ? at::empty(coords.sizes(), coords.options()) : at::empty({0}, coords.options());
-  // The gradient volume on transparent huge pages where allowed (1/512 of the first-touch page faults),
-  // zeroed by one thread: on the 2-core test VM, fresh huge pages first touched by two threads at once
-  // took ~40 ms for 42 MB (128^3 x 5 float32), by one thread ~4 ms (at::zeros: ~12 ms).
-  Tensor gprops = props_grad ? empty_large_cpu(props.sizes(), props.options()) : at::empty({0}, props.options());
-  if (props_grad) std::memset(gprops.mutable_data_ptr(), 0, gprops.nbytes());
-  if (!props_grad && !coords_grad) return {gprops, gcoords};
-  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_backward_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    const scalar_t* vol = props.const_data_ptr<scalar_t>();
-    const scalar_t* c = coords.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const float* table = noise.const_data_ptr<float>();
-    scalar_t* gc = coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr;
-    // 1. Per ray: the backward march and the ray's property gradient as cell records (CellRecords),
-    // kept per block of kBlockRays rays of one batch element.
-    constexpr int64_t kBlockRays = 4;
-    const int64_t per_batch = (R + kBlockRays - 1) / kBlockRays, blocks = B * per_batch;
-    std::vector<CellRecords<A>> recs(props_grad ? blocks : 0);
-    bool simd_props = false;
-    if constexpr (std::is_same_v<scalar_t, float>)
-      simd_props = props_grad && !coords_grad && march_backward_avx2_applies(P);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> gv(props_grad && !simd_props ? S * kProps : 0);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t b = blk / per_batch, r0 = b * R + (blk % per_batch) * kBlockRays;
-        const int64_t r1 = std::min(r0 + kBlockRays, (b + 1) * R);
-        const scalar_t* v = vol + (Bv == 1 ? 0 : b) * vol_stride;
-        CellRecords<A>* rec = props_grad ? &recs[blk] : nullptr;
-        if (rec) {
-          rec->cell.reserve((r1 - r0) * 3 * (S / 8 + 1));
-          rec->acc.reserve((r1 - r0) * 8 * kProps * (S / 8 + 1));
-        }
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (simd_props) {
-            backward_props_simd(vol, vol_stride, Bv, table, P, c, g, R, r0, r1, *rec);
-            continue;
-          }
-        }
-#ifdef MEDFAST_USSIM_AVX2
-        if (has_avx2()) {
-          backward_rays_avx2<scalar_t, A>(v, table, P, c, g, gv.data(), gc, rec, r0, r1);
+  const scalar_t* vol = props.const_data_ptr<scalar_t>();
+  const float* table = noise.const_data_ptr<float>();
+  // 1. Per ray: the backward march and the ray's property gradient as cell records (CellRecords),
+  // kept per block of kBlockRays rays of one batch element.
+  constexpr int64_t kBlockRays = 4;
+  const int64_t per_batch = (R + kBlockRays - 1) / kBlockRays, blocks = B * per_batch;
+  std::vector<CellRecords<A>> recs(props_grad ? blocks : 0);
+  bool simd_props = false;
+  if constexpr (std::is_same_v<scalar_t, float>) simd_props = props_grad && !gc && march_backward_avx2_applies(P);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> gv(props_grad && !simd_props ? S * kProps : 0);
+    auto samples = make_samples();
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t b = blk / per_batch, r0 = b * R + (blk % per_batch) * kBlockRays;
+      const int64_t r1 = std::min(r0 + kBlockRays, (b + 1) * R);
+      const scalar_t* v = vol + (Bv == 1 ? 0 : b) * vol_stride;
+      CellRecords<A>* rec = props_grad ? &recs[blk] : nullptr;
+      if (rec) {
+        rec->cell.reserve((r1 - r0) * 3 * (S / 8 + 1));
+        rec->acc.reserve((r1 - r0) * 8 * kProps * (S / 8 + 1));
+      }
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (simd_props) {
+          march_backward_props_avx2(v, table, P, r0, r1, RaySamples(std::ref(samples)), *rec);
           continue;
         }
-#endif
-        backward_rays<scalar_t, A>(v, table, P, c, g, gv.data(), gc, rec, r0, r1);
       }
-    });
-    if (!props_grad) return;
-    // 2. The records into the volume: one task per (volume, slab of the first volume axis), each adding
-    // the records of its volume's rays in ray order into its own voxels (deterministic: the same sums
-    // for any number of threads). Slab bounds at quantiles of the records' first cell index, so that
-    // the tasks get about the same number of records.
-    scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
-    const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(P.D, (4 * at::get_num_threads() + Bv - 1) / Bv));
-    std::vector<int64_t> bounds(Bv * (slabs + 1));
-    for (int64_t bv = 0; bv < Bv; ++bv) {
-      std::vector<int64_t> hist(P.D + 1, 0);
-      int64_t total = 0;
+#ifdef MEDFAST_USSIM_AVX2
+      if (has_avx2()) {
+        backward_rays_avx2<scalar_t, A>(v, table, P, samples, gv.data(), gc, rec, r0, r1);
+        continue;
+      }
+#endif
+      backward_rays<scalar_t, A>(v, table, P, samples, gv.data(), gc, rec, r0, r1);
+    }
+  });
+  if (!props_grad) return;
+  // 2. The records into the volume: one task per (volume, slab of the first volume axis), each adding
+  // the records of its volume's rays in ray order into its own voxels (deterministic: the same sums
+  // for any number of threads). Slab bounds at quantiles of the records' first cell index, so that
+  // the tasks get about the same number of records.
+  scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
+  const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(P.D, (4 * at::get_num_threads() + Bv - 1) / Bv));
+  std::vector<int64_t> bounds(Bv * (slabs + 1));
+  for (int64_t bv = 0; bv < Bv; ++bv) {
+    std::vector<int64_t> hist(P.D + 1, 0);
+    int64_t total = 0;
+    const int64_t blk0 = Bv == 1 ? 0 : bv * per_batch, blk1 = Bv == 1 ? blocks : (bv + 1) * per_batch;
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const CellRecords<A>& rec = recs[blk];
+      for (int64_t r = 0; r < rec.size(); ++r) ++hist[rec.cell[3 * r] + 1];
+      total += rec.size();
+    }
+    int64_t* bd = bounds.data() + bv * (slabs + 1);
+    bd[0] = 0;
+    int64_t cum = 0, plane = 0;
+    for (int64_t s = 1; s < slabs; ++s) {
+      const int64_t target = total * s / slabs;
+      while (plane < P.D && cum + hist[plane] <= target) cum += hist[plane++];
+      bd[s] = std::max(bd[s - 1], plane);
+    }
+    bd[slabs] = P.D;
+  }
+  at::parallel_for(0, Bv * slabs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bv = task / slabs, slab = task % slabs;
+      const int64_t i_lo = bounds[bv * (slabs + 1) + slab], i_hi = bounds[bv * (slabs + 1) + slab + 1];
+      if (i_lo >= i_hi) continue;
       const int64_t blk0 = Bv == 1 ? 0 : bv * per_batch, blk1 = Bv == 1 ? blocks : (bv + 1) * per_batch;
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const CellRecords<A>& rec = recs[blk];
-        for (int64_t r = 0; r < rec.size(); ++r) ++hist[rec.cell[3 * r] + 1];
-        total += rec.size();
-      }
-      int64_t* bd = bounds.data() + bv * (slabs + 1);
-      bd[0] = 0;
-      int64_t cum = 0, plane = 0;
-      for (int64_t s = 1; s < slabs; ++s) {
-        const int64_t target = total * s / slabs;
-        while (plane < P.D && cum + hist[plane] <= target) cum += hist[plane++];
-        bd[s] = std::max(bd[s - 1], plane);
-      }
-      bd[slabs] = P.D;
-    }
-    at::parallel_for(0, Bv * slabs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t bv = task / slabs, slab = task % slabs;
-        const int64_t i_lo = bounds[bv * (slabs + 1) + slab], i_hi = bounds[bv * (slabs + 1) + slab + 1];
-        if (i_lo >= i_hi) continue;
-        const int64_t blk0 = Bv == 1 ? 0 : bv * per_batch, blk1 = Bv == 1 ? blocks : (bv + 1) * per_batch;
-        for (int64_t blk = blk0; blk < blk1; ++blk) {
-          const CellRecords<A>& rec = recs[blk];
-          if (rec.size() == 0 || rec.imax + 1 < i_lo || rec.imin >= i_hi) continue;
-          for (int64_t r = 0; r < rec.size(); ++r) {
-            const int64_t i0 = rec.cell[3 * r];
-            if (i0 + 1 < i_lo || i0 >= i_hi) continue;
-            add_record<A>(gp + bv * vol_stride, P, rec.cell.data() + 3 * r, rec.acc.data() + 8 * kProps * r, i_lo,
-                          i_hi);
-          }
+        if (rec.size() == 0 || rec.imax + 1 < i_lo || rec.imin >= i_hi) continue;
+        for (int64_t r = 0; r < rec.size(); ++r) {
+          const int64_t i0 = rec.cell[3 * r];
+          if (i0 + 1 < i_lo || i0 >= i_hi) continue;
+          add_record<A>(gp + bv * vol_stride, P, rec.cell.data() + 3 * r, rec.acc.data() + 8 * kProps * r, i_lo,
+                        i_hi);
         }
       }
-    });
+    }
+  });
+}
+
+// The gradient volume on transparent huge pages where allowed (1/512 of the first-touch page faults),
+// zeroed by one thread: on the 2-core test VM, fresh huge pages first touched by two threads at once
+// took ~40 ms for 42 MB (128^3 x 5 float32), by one thread ~4 ms (at::zeros: ~12 ms).
+Tensor zeroed_props_grad(const Tensor& props, bool props_grad) {
+  if (!props_grad) return at::empty({0}, props.options());
+  Tensor g = empty_large_cpu(props.sizes(), props.options());
+  std::memset(g.mutable_data_ptr(), 0, g.nbytes());
+  return g;
+}
+
+// The samples of sub-ray (line, e) of march_lines, as the materialised tensors of
+// march_lines_backward_materialized: positions start + float(i) * step (two roundings: kept out of
+// any FMA-contracting code by noinline, compiled for the baseline), echo gradients grad * weights.
+template <typename T>
+__attribute__((noinline)) void line_samples(const T* start, const T* step, const T* grad, const T* w, int64_t S,
+                                            T* c, T* g) {
+  for (int64_t i = 0; i < S; ++i) {
+    const T fi = static_cast<T>(i);
+    for (int k = 0; k < 3; ++k) {
+      const T d = fi * step[k];
+      c[3 * i + k] = start[k] + d;
+      g[3 * i + k] = grad[k * S + i] * w[3 * i + k];
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& coords,
+                                              const Tensor& noise, const Params& P, bool props_grad,
+                                              bool coords_grad) {
+  const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2);
+  Tensor gcoords = coords_grad ? at::empty(coords.sizes(), coords.options()) : at::empty({0}, coords.options());
+  Tensor gprops = zeroed_props_grad(props, props_grad);
+  if (!props_grad && !coords_grad) return {gprops, gcoords};
+  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_backward_cpu", [&] {
+    const scalar_t* c = coords.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    backward_core<scalar_t>(props, noise, P, B, R, props_grad, coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr,
+                            gprops, [&]() {
+                              return [c, g, S](int64_t ray, const scalar_t** cr, const scalar_t** gr) {
+                                *cr = c + ray * S * 3;
+                                *gr = g + ray * S * 3;
+                              };
+                            });
+  });
+  return {gprops, gcoords};
+}
+
+std::tuple<Tensor, Tensor> march_lines_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& start,
+                                                    const Tensor& step, const Tensor& weights, const Tensor& noise,
+                                                    const Params& P, bool props_grad, bool coords_grad) {
+  const int64_t B = start.size(0), L = start.size(1), E = start.size(2), S = P.S;
+  Tensor gcoords = coords_grad ? at::empty({B, L * E, S, 3}, start.options()) : at::empty({0}, start.options());
+  Tensor gprops = zeroed_props_grad(props, props_grad);
+  if (!props_grad && !coords_grad) return {gprops, gcoords};
+  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "medfast_ussim_march_lines_backward_cpu", [&] {
+    const scalar_t* st = start.const_data_ptr<scalar_t>();
+    const scalar_t* sp = step.const_data_ptr<scalar_t>();
+    const scalar_t* gd = grad.const_data_ptr<scalar_t>();
+    const scalar_t* w = weights.const_data_ptr<scalar_t>();
+    backward_core<scalar_t>(
+        props, noise, P, B, L * E, props_grad, coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr, gprops,
+        [&]() {
+          // Each task's scratch for one ray's samples (S x 3 positions and gradients).
+          return [st, sp, gd, w, L, E, S, buf = std::vector<scalar_t>(6 * S)](
+                     int64_t ray, const scalar_t** cr, const scalar_t** gr) mutable {
+            const int64_t line = ray / E, e = ray % E;  // line = b L + l
+            line_samples<scalar_t>(st + ray * 3, sp + line * 3, gd + line * 3 * S, w + e * S * 3, S, buf.data(),
+                                   buf.data() + 3 * S);
+            (void)L;
+            *cr = buf.data();
+            *gr = buf.data() + 3 * S;
+          };
+        });
   });
   return {gprops, gcoords};
 }

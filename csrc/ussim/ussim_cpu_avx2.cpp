@@ -856,21 +856,19 @@ bool march_backward_avx2_applies(const Params& P) {
   return cpu_simd_available() && P.S > 0 && P.noise_mask < (int64_t(1) << 29);
 }
 
-void march_backward_props_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const float* table,
-                               const Params& P, const float* coords, const float* grad, int64_t R, int64_t begin,
-                               int64_t end, CellRecords<float>& rec) {
+void march_backward_props_avx2(const float* vol, const float* table, const Params& P, int64_t begin, int64_t end,
+                               const RaySamples& samples, CellRecords<float>& rec) {
   const int64_t S = P.S;
   BackwardBuffer buf(S);
   std::vector<float> gv;
   for (int64_t ray = begin; ray < end; ++ray) {
-    const float* v = vol + (Bv == 1 ? 0 : ray / R) * vol_stride;
-    const float* c = coords + ray * S * 3;
-    const float* g = grad + ray * S * 3;
+    const float *c = nullptr, *g = nullptr;
+    samples(ray, &c, &g);
     if (ray_in_range(c, S, P, buf[BackwardBuffer::kPx], buf[BackwardBuffer::kPy], buf[BackwardBuffer::kPz])) {
-      backward_ray8(v, table, P, g, buf, rec);
+      backward_ray8(vol, table, P, g, buf, rec);
     } else {
       gv.resize(S * kProps);
-      march_ray_backward<float, float, true>(v, table, P, c, g, gv.data(), nullptr);
+      march_ray_backward<float, float, true>(vol, table, P, c, g, gv.data(), nullptr);
       append_cell_records<float, float>(P, c, gv.data(), rec);
     }
   }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <climits>
+#include <functional>
 #include <tuple>
 #include <vector>
 
@@ -94,13 +95,23 @@ void append_cell_records(const Params& P, const T* coords, const A* gv, CellReco
   }
 }
 
-// The AVX2 float32 backward of rays [begin, end) of march_backward_cpu for the property gradient only
-// (ussim_cpu_avx2.cpp): appends each ray's records to rec (rays it cannot take, with huge or non-finite
-// coordinates, by the generic march_ray_backward). Whether it runs: march_backward_avx2_applies.
+// The samples of ray `ray` of a backward: its positions (S, 3) and output gradients (S, 3) (rows of the
+// materialised tensors, or computed into scratch that the provider owns).
+using RaySamples = std::function<void(int64_t ray, const float** coords, const float** grad)>;
+
+// The AVX2 float32 backward of rays [begin, end) for the property gradient only (ussim_cpu_avx2.cpp):
+// appends each ray's records to rec (rays it cannot take, with huge or non-finite coordinates, by the
+// generic march_ray_backward). vol: the volume of these rays. Whether it runs: march_backward_avx2_applies.
 bool march_backward_avx2_applies(const Params& P);
-void march_backward_props_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const float* table,
-                               const Params& P, const float* coords, const float* grad, int64_t R, int64_t begin,
-                               int64_t end, CellRecords<float>& rec);
+void march_backward_props_avx2(const float* vol, const float* table, const Params& P, int64_t begin, int64_t end,
+                               const RaySamples& samples, CellRecords<float>& rec);
+// The backward of march_lines (grad (B, L, 3, S), the sub-ray samples start + i step and echo weights
+// of march_lines) without materialising the (B, L E, S, 3) positions and echo gradients: (gprops,
+// gcoords (B, L E, S, 3) or empty). Same results as march_backward on the materialised tensors
+// (march_lines_backward_materialized, the CUDA path).
+std::tuple<Tensor, Tensor> march_lines_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& start,
+                                                    const Tensor& step, const Tensor& weights, const Tensor& noise,
+                                                    const Params& P, bool props_grad, bool coords_grad);
 // psf_axial_row (forward) of one float32 row of length S for AVX2 + FMA (ussim_cpu_avx2.cpp); callers
 // check cpu_simd_available().
 void psf_axial_row_avx2(const float* x, const float* h, int64_t K, int64_t S, float* out);

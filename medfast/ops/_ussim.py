@@ -160,9 +160,18 @@ def _march_lines_fake(props, start, step, weights, noise, grid_affine, att, back
     return start.new_empty((start.shape[0], start.shape[1], 3, weights.shape[1]))
 
 
+@torch.library.register_fake("medfast::ussim_march_lines_backward")
+def _march_lines_backward_fake(grad, props, start, step, weights, noise, grid_affine, att, background, seed, sharp,
+                               props_grad, coords_grad):
+    B, L, E, _ = start.shape
+    gp = props.new_empty(props.shape) if props_grad else props.new_empty((0,))
+    gc = start.new_empty((B, L * E, weights.shape[1], 3)) if coords_grad else start.new_empty((0,))
+    return gp, gc
+
+
 class _MarchLines(torch.autograd.Function):
-    """``ussim_march_lines`` with its gradient: the backward materialises the sample positions
-    ``start + i * step`` and runs the per-ray backward kernel (``ussim_march_backward``)."""
+    """``ussim_march_lines`` with its gradient: ``ussim_march_lines_backward``, the per-ray backward of
+    the sub-rays (sample positions ``start + i * step``; on CPU without materialising them)."""
 
     @staticmethod
     def forward(ctx, props, start, step, weights, noise, g, att, bg, seed, sharp):
@@ -180,12 +189,11 @@ class _MarchLines(torch.autograd.Function):
             return (None, None) + none
         B, L, E, _ = start.shape
         S = weights.shape[1]
-        i = torch.arange(S, device=start.device, dtype=start.dtype)
-        coords = (start[:, :, :, None, :] + i[:, None] * step[:, :, None, None, :]).reshape(B, L * E, S, 3)
-        gech = (grad.transpose(2, 3)[:, :, None] * weights).reshape(B, L * E, S, 3)
-        gp, gc = _ops.ussim_march_backward(gech, props, coords, noise, *ctx.args, need_props, need_coords)
+        gp, gc = _ops.ussim_march_lines_backward(grad, props, start, step, weights, noise, *ctx.args, need_props,
+                                                 need_coords)
         gstart = gstep = None
         if need_coords:
+            i = torch.arange(S, device=start.device, dtype=start.dtype)
             gc = gc.view(B, L, E, S, 3)
             gstart = gc.sum(3)
             gstep = torch.einsum("blesk,s->blk", gc, i)
