@@ -451,7 +451,41 @@ def test_cuda_matches_cpu_forward_and_backward():
 
 
 @cuda
-def test_cuda_simulation_matches_cpu():
+@pytest.mark.parametrize("mode", ["thread", "warp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_cuda_march_lines_matches_cpu(mode, dtype, per_frame, monkeypatch):
+    # Both CUDA line marches (MEDFAST_USSIM_CUDA_MARCH: one thread per line, or one warp per line with
+    # the transmission as a warp prefix scan) against the CPU: S not a multiple of 32, impedance jumps and
+    # a clamped impedance, lines entering and leaving the volume, one volume for all frames or one each.
+    from medfast.ops._ussim import march_lines
+
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", mode)
+    g = torch.Generator().manual_seed(4)
+    D, H, W, B, L, E, S = 9, 7, 11, 2, 5, 3, 203
+    props = torch.stack([1.3 + 0.6 * torch.rand(B, D, H, W, generator=g, dtype=dtype)] +
+                        [torch.rand(B, D, H, W, generator=g, dtype=dtype) for _ in range(4)], -1)
+    props[:, 4, :, :, 0] = -0.2
+    if not per_frame:
+        props = props[:1].contiguous()
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 1.0
+    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.15
+    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
+    noise = noise_table(5, rows=256)
+    G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+    args = (noise, G, 0.03, WATER_BG, 11, 4.0)
+    with torch.no_grad():
+        ref = march_lines(props, start, step, weights, *args)
+        out = march_lines(props.cuda(), start.cuda(), step.cuda(), weights.cuda(), noise.cuda(), *args[1:]).cpu()
+    scale = ref.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=tol)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["thread", "warp"])
+def test_cuda_simulation_matches_cpu(mode, monkeypatch):
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", mode)
     ct = torch.zeros(1, 1, 20, 20, 20)
     ct[..., 10:, :, :] = 900.0
     affine = np.diag([2.0, 2.0, 2.0, 1.0])

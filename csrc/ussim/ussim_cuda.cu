@@ -1,12 +1,17 @@
-// CUDA launcher of the ultrasound ray march: one thread per ray (grid-stride), the arithmetic from
-// ussim.h. The property gradient is scattered into the volume by one thread per sample with
-// atomicAdd (not bitwise deterministic; see docs/ultrasound.md).
+// CUDA launcher of the ultrasound ray march: one thread per ray (grid-stride), or for the line march
+// optionally one warp per line (MEDFAST_USSIM_CUDA_MARCH=warp), the arithmetic from ussim.h. The
+// property gradient is scattered into the volume by one thread per sample with atomicAdd (not bitwise
+// deterministic; see docs/ultrasound.md).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/cuda_launch.h"
 #include "ussim/ussim_launch.h"
+#include "ussim/ussim_warp.cuh"
 
 namespace medfast::ussim {
 namespace {
@@ -40,6 +45,14 @@ __global__ void lines_kernel(const T* vol, const float* table, const Params P, c
     march_line<T, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, start + line * E * 3, step + line * 3, w, E,
                      out + line * 3 * P.S, P.S);
   }
+}
+
+// MEDFAST_USSIM_CUDA_MARCH=warp opts in to the warp-cooperative kernels (line march forward and ray
+// backward); the default stays one thread per line / ray until their CUDA tests and timings have run
+// on a GPU.
+bool warp_march() {
+  const char* v = std::getenv("MEDFAST_USSIM_CUDA_MARCH");
+  return v != nullptr && std::strcmp(v, "warp") == 0;
 }
 
 // PSF: one thread per output sample (the row functions of ussim.h over the range [s, s + 1)).
@@ -129,7 +142,16 @@ Tensor march_lines_cuda(const Tensor& props, const Tensor& start, const Tensor& 
   Tensor out = at::empty({B, L, 3, P.S}, start.options());
   const int64_t lines = B * L;
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool warp = warp_march();
   AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "medfast_ussim_march_lines_cuda", [&] {
+    if (warp) {
+      lines_warp_kernel<scalar_t><<<grid_blocks(lines * 32, kThreads), kThreads, 0, stream>>>(
+          props.const_data_ptr<scalar_t>(), noise.const_data_ptr<float>(), P, start.const_data_ptr<scalar_t>(),
+          step.const_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+          lines, L, E, Bv);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     lines_kernel<scalar_t><<<grid_blocks(lines, kThreads), kThreads, 0, stream>>>(
         props.const_data_ptr<scalar_t>(), noise.const_data_ptr<float>(), P, start.const_data_ptr<scalar_t>(),
         step.const_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), lines,
@@ -178,11 +200,18 @@ std::tuple<Tensor, Tensor> march_backward_cuda(const Tensor& grad, const Tensor&
   Tensor gprops = props_grad ? at::zeros(props.sizes(), props.options()) : at::empty({0}, props.options());
   const int64_t rays = B * R;
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool warp = warp_march();
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_backward_cuda", [&] {
-    backward_kernel<scalar_t><<<grid_blocks(rays, kThreads), kThreads, 0, stream>>>(
-        props.const_data_ptr<scalar_t>(), noise.const_data_ptr<float>(), P, coords.const_data_ptr<scalar_t>(),
-        grad.const_data_ptr<scalar_t>(), props_grad ? gvals.mutable_data_ptr<scalar_t>() : nullptr,
-        coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr, rays, R, Bv);
+    if (warp)
+      backward_warp_kernel<scalar_t><<<grid_blocks(rays * 32, kThreads), kThreads, 0, stream>>>(
+          props.const_data_ptr<scalar_t>(), noise.const_data_ptr<float>(), P, coords.const_data_ptr<scalar_t>(),
+          grad.const_data_ptr<scalar_t>(), props_grad ? gvals.mutable_data_ptr<scalar_t>() : nullptr,
+          coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr, rays, R, Bv);
+    else
+      backward_kernel<scalar_t><<<grid_blocks(rays, kThreads), kThreads, 0, stream>>>(
+          props.const_data_ptr<scalar_t>(), noise.const_data_ptr<float>(), P, coords.const_data_ptr<scalar_t>(),
+          grad.const_data_ptr<scalar_t>(), props_grad ? gvals.mutable_data_ptr<scalar_t>() : nullptr,
+          coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr, rays, R, Bv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (props_grad) {
       const int64_t samples = rays * S;

@@ -1,0 +1,135 @@
+"""The warp-cooperative CUDA kernels run on the CPU under a warp emulation (tests/simt/simt.h: 32 host
+threads, shuffles through a shared slot array), from the same source the CUDA build compiles, against
+the CPU ops. This is how their arithmetic and shuffle logic are tested on machines without a GPU; the
+CUDA tests (test_ultrasound.py, ``MEDFAST_USSIM_CUDA_MARCH=warp``) check them on a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medfast.ops._ussim import march_lines, noise_table
+
+ROOT = Path(__file__).resolve().parents[1]
+WATER_BG = (1.5, 0.0, 0.0, 0.0, 0.0)
+G_AFF = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib = tmp_path_factory.mktemp("simt") / "ussim_warp_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'simt'}", str(ROOT / "tests/simt/ussim_warp_emu.cpp"),
+           "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return ctypes.CDLL(str(lib))
+
+
+def _p(t: torch.Tensor):
+    assert t.is_contiguous()
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _d(values) -> ctypes.Array:
+    return (ctypes.c_double * len(values))(*values)
+
+
+def _common(props, noise, seed, att, sharp):
+    i64 = ctypes.c_int64
+    return [_p(props), i64(props.shape[0]), i64(props.shape[1]), i64(props.shape[2]), i64(props.shape[3]),
+            _p(noise), i64(noise.shape[0]), ctypes.c_uint64(seed), _d(G_AFF), ctypes.c_double(att), _d(WATER_BG),
+            ctypes.c_double(sharp)]
+
+
+def _volume(B, dtype, gen, D=9, H=7, W=11):
+    props = torch.stack([1.3 + 0.6 * torch.rand(B, D, H, W, generator=gen, dtype=dtype)] +
+                        [torch.rand(B, D, H, W, generator=gen, dtype=dtype) for _ in range(4)], -1)
+    props[:, 4, :, :, 0] = -0.2  # clamped impedance
+    return props.contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("S", [203, 64, 5])
+def test_warp_line_march_matches_cpu(emu, dtype, per_frame, S):
+    g = torch.Generator().manual_seed(4)
+    B, L, E = 2, 3, 3
+    props = _volume(B if per_frame else 1, dtype, g)
+    D, H, W = props.shape[1:4]
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 1.0
+    start[1, 2, 1] = -40.0  # a sub-ray that starts outside and crosses the volume
+    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.15
+    step[1, 2] = torch.tensor([0.4, 0.05, 0.06], dtype=dtype)
+    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
+    noise = noise_table(5, rows=256)
+    with torch.no_grad():
+        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0)
+    out = torch.full_like(ref, float("nan"))
+    fn = emu.emu_lines_f32 if dtype == torch.float32 else emu.emu_lines_f64
+    i64 = ctypes.c_int64
+    fn(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step), _p(weights), i64(B), i64(L), i64(E), i64(S),
+       _p(out))
+    scale = ref.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("S", [100, 64, 33, 1])
+@pytest.mark.parametrize("which", ["both", "props", "coords"])
+def test_warp_backward_matches_cpu(emu, dtype, per_frame, S, which):
+    g = torch.Generator().manual_seed(9)
+    B, R = 2, 4
+    props = _volume(B if per_frame else 1, dtype, g)
+    D, H, W = props.shape[1:4]
+    start = torch.rand(B, R, 1, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype)
+    step = (torch.rand(B, R, 1, 3, generator=g, dtype=dtype) - 0.5) * 0.2
+    coords = (start + torch.arange(S, dtype=dtype)[:, None] * step).contiguous()
+    coords[1, 3] = coords[1, 3] - torch.tensor([6.0, 0.0, 0.0], dtype=dtype)  # enters the volume mid-ray
+    grad = torch.randn(B, R, S, 3, generator=g, dtype=dtype)
+    noise = noise_table(3, rows=128)
+    need_p, need_c = which in ("both", "props"), which in ("both", "coords")
+    gp_ref, gc_ref = torch.ops.medfast.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG),
+                                                            7, 2.5, need_p, need_c)
+    gp = torch.zeros_like(props) if need_p else None
+    gc = torch.full_like(coords, float("nan")) if need_c else None
+    fn = emu.emu_backward_f32 if dtype == torch.float32 else emu.emu_backward_f64
+    i64 = ctypes.c_int64
+    fn(*_common(props, noise, 7, 0.05, 2.5), _p(coords), _p(grad), i64(B), i64(R), i64(S),
+       _p(gp) if need_p else None, _p(gc) if need_c else None)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    if need_p:
+        torch.testing.assert_close(gp, gp_ref, **tol)
+    if need_c:
+        torch.testing.assert_close(gc, gc_ref, **tol)
+
+
+def test_warp_line_march_one_ray(emu):
+    # A kernel that cannot fail would prove nothing: a deliberately wrong input (a weight row off by
+    # one sample) must change the emulated result, so the comparisons above can catch a shifted scan.
+    g = torch.Generator().manual_seed(1)
+    props = _volume(1, torch.float64, g)
+    start = torch.full((1, 1, 1, 3), 2.0, dtype=torch.float64)
+    step = torch.tensor([[[0.1, 0.05, 0.07]]], dtype=torch.float64)
+    S = 70
+    weights = torch.ones(1, S, 3, dtype=torch.float64)
+    noise = noise_table(5, rows=256)
+    out = torch.zeros(1, 1, 3, S, dtype=torch.float64)
+    i64 = ctypes.c_int64
+    emu.emu_lines_f64(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step), _p(weights), i64(1), i64(1),
+                      i64(1), i64(S), _p(out))
+    with torch.no_grad():
+        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(out[..., 1:], ref[..., :-1])
+    assert np.isfinite(out.numpy()).all()
