@@ -1,7 +1,9 @@
-"""The warp-cooperative CUDA kernels run on the CPU under a warp emulation (tests/simt/simt.h: 32 host
-threads, shuffles through a shared slot array), from the same source the CUDA build compiles, against
-the CPU ops. This is how their arithmetic and shuffle logic are tested on machines without a GPU; the
-CUDA tests (test_ultrasound.py, ``MEDFAST_USSIM_CUDA_MARCH=warp``) check them on a GPU."""
+"""The warp-cooperative CUDA kernels (the ultrasound line march and ray backward, the warp-merged scatter
+of the linear warp backward) run on the CPU under a warp emulation (tests/simt/simt.h: 32 host threads,
+shuffles through a shared slot array, real atomics), compiled from the same source as the CUDA build,
+against the CPU ops. This is how their arithmetic and shuffle logic are tested on machines without a
+GPU; the CUDA tests (``MEDFAST_USSIM_CUDA_MARCH=warp``, ``MEDFAST_WARP_CUDA_SCATTER=merged``) check
+them on a GPU."""
 
 from __future__ import annotations
 
@@ -21,18 +23,27 @@ WATER_BG = (1.5, 0.0, 0.0, 0.0, 0.0)
 G_AFF = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build(tmp_path_factory, name: str) -> ctypes.CDLL:
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    lib = tmp_path_factory.mktemp("simt") / "ussim_warp_emu.so"
+    lib = tmp_path_factory.mktemp("simt") / f"{name}.so"
     cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'simt'}", str(ROOT / "tests/simt/ussim_warp_emu.cpp"),
+           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'simt'}", str(ROOT / "tests" / "simt" / f"{name}.cpp"),
            "-o", str(lib)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build(tmp_path_factory, "ussim_warp_emu")
+
+
+@pytest.fixture(scope="module")
+def warp_emu(tmp_path_factory):
+    return _build(tmp_path_factory, "warp_merged_emu")
 
 
 def _p(t: torch.Tensor):
@@ -133,3 +144,50 @@ def test_warp_line_march_one_ray(emu):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(out[..., 1:], ref[..., :-1])
     assert np.isfinite(out.numpy()).all()
+
+
+# ---- warp-merged scatter of the linear warp backward (MEDFAST_WARP_CUDA_SCATTER=merged) ----------------
+
+PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def _ints(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("field", ["smooth", "rough", "nan"])
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_warp_merged_scatter_matches_cpu(warp_emu, dtype, ndim, padding, field, broadcast):
+    # rows of 37 voxels (not a multiple of 32: warps span row ends), 2 channels, batch 2; the smooth
+    # field makes neighbouring lanes share taps (the merged hand-over), the rough one mostly not.
+    g = torch.Generator().manual_seed(ndim * 10 + len(padding))
+    out = (5, 37) if ndim == 2 else (3, 4, 37)
+    inn = (6, 33) if ndim == 2 else (4, 5, 33)
+    B, C = 2, 2
+    image = torch.randn(1 if broadcast else B, C, *inn, generator=g, dtype=dtype)
+    if field == "rough":
+        ddf = 4.0 * torch.randn(B, ndim, *out, generator=g, dtype=dtype)
+    else:
+        ddf = 0.3 * torch.randn(B, ndim, *[1] * ndim, generator=g, dtype=dtype).expand(B, ndim, *out).clone()
+        ddf += 0.05 * torch.randn(B, ndim, *out, generator=g, dtype=dtype)
+        ddf[:, -1] += 0.5  # x taps straddle voxel boundaries
+    if field == "nan":
+        ddf.view(B, ndim, -1)[:, 0, ::7] = float("nan")
+    gout = torch.randn(B, C, *out, generator=g, dtype=dtype)
+    gi_ref, gp_ref = torch.ops.medfast.warp_backward(gout, image, None, ddf, list(out), "linear", padding, True, True)
+    gi = torch.zeros_like(image)
+    gp = torch.full_like(ddf, 7.0)
+    fn = warp_emu.emu_warp_merged_f32 if dtype == torch.float32 else warp_emu.emu_warp_merged_f64
+    fn(ctypes.c_int(ndim), ctypes.c_int(PADDINGS[padding]), _p(image), ctypes.c_int64(image.shape[0]),
+       ctypes.c_int64(C), _ints(inn), _p(ddf), ctypes.c_int64(B), _ints(out), _p(gout), _p(gp), _p(gi))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gi, gi_ref, **tol)
+    torch.testing.assert_close(gp, gp_ref, equal_nan=True, **tol)
+    # and the image gradient alone (no position gradient: grad_pos null)
+    gi2 = torch.zeros_like(image)
+    fn(ctypes.c_int(ndim), ctypes.c_int(PADDINGS[padding]), _p(image), ctypes.c_int64(image.shape[0]),
+       ctypes.c_int64(C), _ints(inn), _p(ddf), ctypes.c_int64(B), _ints(out), _p(gout), None, _p(gi2))
+    torch.testing.assert_close(gi2, gi_ref, **tol)

@@ -3,7 +3,9 @@
 // shared slot array between two barriers. Only the primitives the medfast kernels use; one block of
 // one warp (blockDim.x = 32, gridDim.x = 1), so grid-stride loops cover all the work in that warp.
 // Every lane must reach the same sequence of shuffles (as the full mask of *_sync requires on a GPU).
+// atomicAdd is a real atomic add (the lanes run concurrently).
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cstring>
 #include <thread>
@@ -68,3 +70,6 @@ template <class T>
 T __shfl_down_sync(unsigned, T v, unsigned d) { return simt::exchange(v, simt::lane() + static_cast<int>(d)); }
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int mask) { return simt::exchange(v, simt::lane() ^ mask); }
+
+template <class T>
+T atomicAdd(T* address, T value) { return std::atomic_ref<T>(*address).fetch_add(value); }
