@@ -69,13 +69,21 @@ def _volume(B, dtype, gen, D=9, H=7, W=11):
     return props.contiguous()
 
 
+def _frames(volumes: str, B: int, dtype, gen):
+    """props for B frames: one volume ("one"), one per frame ("per_frame"), or 3 volumes picked by a
+    volume index ("indexed", frames -> volumes 2, 0, ...); and the index (or None)."""
+    if volumes == "indexed":
+        return _volume(3, dtype, gen), torch.tensor([2, 0, 2, 1][:B], dtype=torch.int64)
+    return _volume(B if volumes == "per_frame" else 1, dtype, gen), None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
 @pytest.mark.parametrize("S", [203, 64, 5])
-def test_warp_line_march_matches_cpu(emu, dtype, per_frame, S):
+def test_warp_line_march_matches_cpu(emu, dtype, volumes, S):
     g = torch.Generator().manual_seed(4)
     B, L, E = 2, 3, 3
-    props = _volume(B if per_frame else 1, dtype, g)
+    props, index = _frames(volumes, B, dtype, g)
     D, H, W = props.shape[1:4]
     start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 1.0
     start[1, 2, 1] = -40.0  # a sub-ray that starts outside and crosses the volume
@@ -84,24 +92,24 @@ def test_warp_line_march_matches_cpu(emu, dtype, per_frame, S):
     weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
     noise = noise_table(5, rows=256)
     with torch.no_grad():
-        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0)
+        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0, index)
     out = torch.full_like(ref, float("nan"))
     fn = emu.emu_lines_f32 if dtype == torch.float32 else emu.emu_lines_f64
     i64 = ctypes.c_int64
     fn(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step), _p(weights), i64(B), i64(L), i64(E), i64(S),
-       _p(out))
+       _p(out), None if index is None else _p(index))
     scale = ref.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
     torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
 @pytest.mark.parametrize("S", [100, 64, 33, 1])
 @pytest.mark.parametrize("which", ["both", "props", "coords"])
-def test_warp_backward_matches_cpu(emu, dtype, per_frame, S, which):
+def test_warp_backward_matches_cpu(emu, dtype, volumes, S, which):
     g = torch.Generator().manual_seed(9)
-    B, R = 2, 4
-    props = _volume(B if per_frame else 1, dtype, g)
+    B, R = 3, 4
+    props, index = _frames(volumes, B, dtype, g)
     D, H, W = props.shape[1:4]
     start = torch.rand(B, R, 1, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype)
     step = (torch.rand(B, R, 1, 3, generator=g, dtype=dtype) - 0.5) * 0.2
@@ -111,13 +119,13 @@ def test_warp_backward_matches_cpu(emu, dtype, per_frame, S, which):
     noise = noise_table(3, rows=128)
     need_p, need_c = which in ("both", "props"), which in ("both", "coords")
     gp_ref, gc_ref = torch.ops.medfast.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG),
-                                                            7, 2.5, need_p, need_c)
+                                                            7, 2.5, need_p, need_c, index)
     gp = torch.zeros_like(props) if need_p else None
     gc = torch.full_like(coords, float("nan")) if need_c else None
     fn = emu.emu_backward_f32 if dtype == torch.float32 else emu.emu_backward_f64
     i64 = ctypes.c_int64
     fn(*_common(props, noise, 7, 0.05, 2.5), _p(coords), _p(grad), i64(B), i64(R), i64(S),
-       _p(gp) if need_p else None, _p(gc) if need_c else None)
+       _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index))
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     if need_p:
         torch.testing.assert_close(gp, gp_ref, **tol)
@@ -138,7 +146,7 @@ def test_warp_line_march_one_ray(emu):
     out = torch.zeros(1, 1, 3, S, dtype=torch.float64)
     i64 = ctypes.c_int64
     emu.emu_lines_f64(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step), _p(weights), i64(1), i64(1),
-                      i64(1), i64(S), _p(out))
+                      i64(1), i64(S), _p(out), None)
     with torch.no_grad():
         ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)

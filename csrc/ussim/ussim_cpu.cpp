@@ -20,7 +20,7 @@ void lines_loop(const T* vol, int64_t vol_stride, int64_t Bv, const float* table
                 const T* sp, const T* w, int64_t L, int64_t E, T* o, int64_t begin, int64_t end) {
   for (int64_t line = begin; line < end; ++line) {
     const int64_t b = line / L;
-    march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
+    march_line<T, A, true>(vol + frame_volume(P, b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
                            o + line * 3 * P.S, P.S);
   }
 }
@@ -34,7 +34,7 @@ __attribute__((target("avx2,fma"))) void lines_loop_avx2(const T* vol, int64_t v
                                                          int64_t begin, int64_t end) {
   for (int64_t line = begin; line < end; ++line) {
     const int64_t b = line / L;
-    march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
+    march_line<T, A, true>(vol + frame_volume(P, b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
                            o + line * 3 * P.S, P.S);
   }
 }
@@ -47,7 +47,7 @@ __attribute__((target("avx2,fma"))) void backward_loop_avx2(const T* vol, int64_
   const int64_t S = P.S;
   for (int64_t ray = begin; ray < end; ++ray) {
     const int64_t b = ray / R;
-    march_ray_backward<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, g + ray * S * 3,
+    march_ray_backward<T, A, true>(vol + frame_volume(P, b) * vol_stride, table, P, c + ray * S * 3, g + ray * S * 3,
                              gv ? gv + ray * S * kProps : nullptr, gc ? gc + ray * S * 3 : nullptr);
   }
 }
@@ -103,7 +103,7 @@ __attribute__((target("avx2,fma"))) void psf_forward_avx2(const T* xp, const T* 
 }  // namespace
 
 Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise, const Params& P) {
-  const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
+  const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2);
   Tensor out = at::empty({B, R, S, 3}, coords.options());
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_cpu", [&] {
@@ -115,7 +115,7 @@ Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise,
     at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ray = begin; ray < end; ++ray) {
         const int64_t b = ray / R;
-        march_ray<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, o + ray * S * 3);
+        march_ray<scalar_t, A>(vol + frame_volume(P, b) * vol_stride, table, P, c + ray * S * 3, o + ray * S * 3);
       }
     });
   });
@@ -225,7 +225,7 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
 #endif
       for (int64_t ray = begin; ray < end; ++ray) {
         const int64_t b = ray / R;
-        march_ray_backward<scalar_t, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3,
+        march_ray_backward<scalar_t, A, true>(vol + frame_volume(P, b) * vol_stride, table, P, c + ray * S * 3,
                                         g + ray * S * 3, gv ? gv + ray * S * kProps : nullptr,
                                         gc ? gc + ray * S * 3 : nullptr);
       }
@@ -233,22 +233,25 @@ std::tuple<Tensor, Tensor> march_backward_cpu(const Tensor& grad, const Tensor& 
     if (props_grad) {
       scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
       const auto add = [](scalar_t* dst, scalar_t v) { *dst += v; };
-      // One task per (volume, slab of the first volume axis): rays of batch elements that share a
-      // volume are added in sample order, each voxel by exactly one task (deterministic, the same
-      // sums as one serial pass).
-      const int64_t per_volume = (Bv == 1 ? B : 1) * R * S;
-      const int64_t slabs = Bv == 1 ? std::min<int64_t>(P.D, 4 * at::get_num_threads()) : 1;
-      at::parallel_for(0, Bv * slabs, 1, [&](int64_t begin, int64_t end) {
+      // One task per (volume, slab of the first volume axis): the frames of a volume are added in frame
+      // and sample order, each voxel by exactly one task (deterministic, the same sums as one serial
+      // pass). Slabs where a volume may take several frames (one volume, or a volume index).
+      const int64_t V = props.size(0), per_frame = R * S;
+      const bool shared = V == 1 || P.volume_index != nullptr;
+      const int64_t slabs = shared ? std::min<int64_t>(P.D, 4 * at::get_num_threads()) : 1;
+      at::parallel_for(0, V * slabs, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t bv = task / slabs, slab = task % slabs;
+          const int64_t v = task / slabs, slab = task % slabs;
           const int64_t i_lo = slab * P.D / slabs, i_hi = (slab + 1) * P.D / slabs;
-          const int64_t first = bv * per_volume;
-          for (int64_t k = first; k < first + per_volume; ++k) {
-            A gk[kProps];
-            for (int q = 0; q < kProps; ++q) gk[q] = static_cast<A>(gv[k * kProps + q]);
-            scatter_props<A>(gp + bv * vol_stride, P, static_cast<A>(c[3 * k]), static_cast<A>(c[3 * k + 1]),
-                             static_cast<A>(c[3 * k + 2]), gk, add, slabs == 1 ? int64_t(0) : i_lo,
-                             slabs == 1 ? INT64_MAX : i_hi);
+          for (int64_t b = 0; b < B; ++b) {
+            if (frame_volume(P, b) != v) continue;
+            for (int64_t k = b * per_frame; k < (b + 1) * per_frame; ++k) {
+              A gk[kProps];
+              for (int q = 0; q < kProps; ++q) gk[q] = static_cast<A>(gv[k * kProps + q]);
+              scatter_props<A>(gp + v * vol_stride, P, static_cast<A>(c[3 * k]), static_cast<A>(c[3 * k + 1]),
+                               static_cast<A>(c[3 * k + 2]), gk, add, slabs == 1 ? int64_t(0) : i_lo,
+                               slabs == 1 ? INT64_MAX : i_hi);
+            }
           }
         }
       });

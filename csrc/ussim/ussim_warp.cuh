@@ -19,14 +19,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T>
 __global__ void lines_warp_kernel(const T* vol, const float* table, const Params P, const T* start, const T* step,
-                                  const T* w, T* out, int64_t lines, int64_t L, int64_t E, int64_t Bv) {
+                                  const T* w, T* out, int64_t lines, int64_t L, int64_t E) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   // line is the same for the 32 lanes of a warp: the loops and the shuffles stay warp-uniform
   for (int64_t line = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; line < lines; line += warps) {
-    const T* v = vol + (Bv == 1 ? 0 : line / L) * vol_stride;
+    const T* v = vol + frame_volume(P, line / L) * vol_stride;
     const A st[3] = {static_cast<A>(step[line * 3]), static_cast<A>(step[line * 3 + 1]),
                      static_cast<A>(step[line * 3 + 2])};
     T* o = out + line * 3 * P.S;
@@ -89,13 +89,13 @@ __global__ void lines_warp_kernel(const T* vol, const float* table, const Params
 // shuffle, and the last lane of a chunk keeps its sample pending until the next chunk's first lane has it.
 template <typename T>
 __global__ void backward_warp_kernel(const T* vol, const float* table, const Params P, const T* coords, const T* grad,
-                                     T* gvals, T* gcoords, int64_t rays, int64_t R, int64_t Bv) {
+                                     T* gvals, T* gcoords, int64_t rays, int64_t R) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t ray = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; ray < rays; ray += warps) {
-    const T* v = vol + (Bv == 1 ? 0 : ray / R) * vol_stride;
+    const T* v = vol + frame_volume(P, ray / R) * vol_stride;
     const T* c = coords + ray * P.S * 3;
     const T* g = grad + ray * P.S * 3;
     T* gv_out = gvals ? gvals + ray * P.S * kProps : nullptr;
