@@ -1,5 +1,5 @@
-"""The warp-cooperative CUDA kernels (the ultrasound line march and ray backward, the warp-merged scatter
-of the linear warp backward) run on the CPU under a warp emulation (tests/simt/simt.h: 32 host threads,
+"""CUDA kernels (the ultrasound line march and ray backward, the warp op's forward, backward and warp-merged
+backward) run on the CPU under a warp emulation (tests/simt/simt.h: 32 host threads,
 shuffles through a shared slot array, real atomics), compiled from the same source as the CUDA build,
 against the CPU ops. This is how their arithmetic and shuffle logic are tested on machines without a
 GPU; the CUDA tests (``MEDFAST_USSIM_CUDA_MARCH=warp``, ``MEDFAST_WARP_CUDA_SCATTER=merged``) check
@@ -43,7 +43,7 @@ def emu(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def warp_emu(tmp_path_factory):
-    return _build(tmp_path_factory, "warp_merged_emu")
+    return _build(tmp_path_factory, "warp_kernels_emu")
 
 
 def _p(t: torch.Tensor):
@@ -154,24 +154,36 @@ def test_warp_line_march_one_ray(emu):
     assert np.isfinite(out.numpy()).all()
 
 
-# ---- warp-merged scatter of the linear warp backward (MEDFAST_WARP_CUDA_SCATTER=merged) ----------------
+# ---- the warp op's CUDA kernels: forward, backward (atomics), warp-merged linear backward ---------------
 
 PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+MODES = {"nearest": 0, "linear": 1, "cubic": 2}
+KERNELS = {"forward": 0, "backward": 1, "merged": 2}
 
 
 def _ints(values) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("padding", list(PADDINGS))
-@pytest.mark.parametrize("field", ["smooth", "rough", "nan"])
-@pytest.mark.parametrize("broadcast", [False, True])
-def test_warp_merged_scatter_matches_cpu(warp_emu, dtype, ndim, padding, field, broadcast):
+def test_fast_div_is_exact(warp_emu):
+    # the kernels' index split divides by FastDiv (multiply-high + shift) for launches under 2^31 outputs
+    rng = np.random.default_rng(0)
+    div = warp_emu.emu_fast_div
+    div.restype = ctypes.c_uint32
+    divisors = list(range(1, 300)) + [2**k + o for k in range(9, 31) for o in (-1, 0, 1) if 2**k + o < 2**31] + \
+        rng.integers(1, 2**31 - 1, 200).tolist()
+    for d in divisors:
+        ns = [0, 1, d - 1, d, d + 1, 2**31 - 1, (2**31 - 1) // d * d, (2**31 - 1) // d * d - 1] + \
+            rng.integers(0, 2**31, 20).tolist()
+        for n in ns:
+            if 0 <= n < 2**31:
+                assert div(ctypes.c_uint32(n), ctypes.c_uint32(d)) == n // d, (n, d)
+
+
+def _warp_case(ndim, dtype, field, broadcast, seed):
     # rows of 37 voxels (not a multiple of 32: warps span row ends), 2 channels, batch 2; the smooth
     # field makes neighbouring lanes share taps (the merged hand-over), the rough one mostly not.
-    g = torch.Generator().manual_seed(ndim * 10 + len(padding))
+    g = torch.Generator().manual_seed(seed)
     out = (5, 37) if ndim == 2 else (3, 4, 37)
     inn = (6, 33) if ndim == 2 else (4, 5, 33)
     B, C = 2, 2
@@ -185,17 +197,70 @@ def test_warp_merged_scatter_matches_cpu(warp_emu, dtype, ndim, padding, field, 
     if field == "nan":
         ddf.view(B, ndim, -1)[:, 0, ::7] = float("nan")
     gout = torch.randn(B, C, *out, generator=g, dtype=dtype)
-    gi_ref, gp_ref = torch.ops.medfast.warp_backward(gout, image, None, ddf, list(out), "linear", padding, True, True)
+    return image, ddf, gout, out, inn
+
+
+def _emu_warp(warp_emu, kernel, mode, padding, fast, image, ddf, out_size, inn, out=None, gout=None, gp=None,
+              gi=None):
+    fn = warp_emu.emu_warp_f32 if image.dtype == torch.float32 else warp_emu.emu_warp_f64
+    ndim = ddf.shape[1]
+    fn(ctypes.c_int(KERNELS[kernel]), ctypes.c_int(ndim), ctypes.c_int(MODES[mode]), ctypes.c_int(PADDINGS[padding]),
+       ctypes.c_int(int(fast)), _p(image), ctypes.c_int64(image.shape[0]), ctypes.c_int64(image.shape[1]),
+       _ints(inn), _p(ddf), ctypes.c_int64(ddf.shape[0]), _ints(out_size), None if out is None else _p(out),
+       None if gout is None else _p(gout), None if gp is None else _p(gp), None if gi is None else _p(gi))
+
+
+def _tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("fast", [True, False])
+def test_warp_forward_kernel_matches_cpu(warp_emu, dtype, ndim, mode, padding, fast):
+    image, ddf, _, out_size, inn = _warp_case(ndim, dtype, "nan", True, 3)
+    ref = torch.ops.medfast.warp_forward(image, None, ddf, list(out_size), mode, padding)
+    out = torch.full_like(ref, 5.0)
+    _emu_warp(warp_emu, "forward", mode, padding, fast, image, ddf, out_size, inn, out=out)
+    torch.testing.assert_close(out, ref, equal_nan=True, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("padding", list(PADDINGS))
+def test_warp_backward_kernel_matches_cpu(warp_emu, dtype, ndim, mode, padding):
+    image, ddf, gout, out_size, inn = _warp_case(ndim, dtype, "rough", False, 4)
+    need_pos = mode != "nearest"
+    gi_ref, gp_ref = torch.ops.medfast.warp_backward(gout, image, None, ddf, list(out_size), mode, padding, True,
+                                                     need_pos)
+    gi = torch.zeros_like(image)
+    gp = torch.full_like(ddf, 7.0) if need_pos else None
+    _emu_warp(warp_emu, "backward", mode, padding, True, image, ddf, out_size, inn, gout=gout, gp=gp, gi=gi)
+    torch.testing.assert_close(gi, gi_ref, **_tol(dtype))
+    if need_pos:
+        torch.testing.assert_close(gp, gp_ref, equal_nan=True, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("field", ["smooth", "rough", "nan"])
+@pytest.mark.parametrize("broadcast", [False, True])
+@pytest.mark.parametrize("fast", [True, False])
+def test_warp_merged_scatter_matches_cpu(warp_emu, dtype, ndim, padding, field, broadcast, fast):
+    # MEDFAST_WARP_CUDA_SCATTER=merged: lanes hand shared taps to their neighbour before the atomics
+    image, ddf, gout, out_size, inn = _warp_case(ndim, dtype, field, broadcast, ndim * 10 + len(padding))
+    gi_ref, gp_ref = torch.ops.medfast.warp_backward(gout, image, None, ddf, list(out_size), "linear", padding, True,
+                                                     True)
     gi = torch.zeros_like(image)
     gp = torch.full_like(ddf, 7.0)
-    fn = warp_emu.emu_warp_merged_f32 if dtype == torch.float32 else warp_emu.emu_warp_merged_f64
-    fn(ctypes.c_int(ndim), ctypes.c_int(PADDINGS[padding]), _p(image), ctypes.c_int64(image.shape[0]),
-       ctypes.c_int64(C), _ints(inn), _p(ddf), ctypes.c_int64(B), _ints(out), _p(gout), _p(gp), _p(gi))
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gi, gi_ref, **tol)
-    torch.testing.assert_close(gp, gp_ref, equal_nan=True, **tol)
+    _emu_warp(warp_emu, "merged", "linear", padding, fast, image, ddf, out_size, inn, gout=gout, gp=gp, gi=gi)
+    torch.testing.assert_close(gi, gi_ref, **_tol(dtype))
+    torch.testing.assert_close(gp, gp_ref, equal_nan=True, **_tol(dtype))
     # and the image gradient alone (no position gradient: grad_pos null)
     gi2 = torch.zeros_like(image)
-    fn(ctypes.c_int(ndim), ctypes.c_int(PADDINGS[padding]), _p(image), ctypes.c_int64(image.shape[0]),
-       ctypes.c_int64(C), _ints(inn), _p(ddf), ctypes.c_int64(B), _ints(out), _p(gout), None, _p(gi2))
-    torch.testing.assert_close(gi2, gi_ref, **tol)
+    _emu_warp(warp_emu, "merged", "linear", padding, fast, image, ddf, out_size, inn, gout=gout, gi=gi2)
+    torch.testing.assert_close(gi2, gi_ref, **_tol(dtype))

@@ -13,7 +13,7 @@
 #include "common/cuda_launch.h"
 #include "warp/spline.h"
 #include "warp/warp_launch.h"
-#include "warp/warp_merged.cuh"
+#include "warp/warp_kernels.cuh"
 
 namespace medfast::warp {
 namespace {
@@ -21,28 +21,6 @@ namespace {
 constexpr int kThreads = 256;
 
 int64_t blocks_for(int64_t n) { return grid_blocks(n, kThreads); }
-
-template <typename S, typename T, int NDIM, int MODE, int PAD>
-__global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, S* out, int64_t total) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / A.out_numel, x = i - b * A.out_numel;
-    int64_t xi[NDIM];
-    unravel<NDIM>(x, A.out_size, xi);
-    forward_voxel<MODE, PAD>(A, out, b, xi, x);
-  }
-}
-
-template <typename S, typename T, int NDIM, int MODE, int PAD>
-__global__ void backward_kernel(const WarpArgs<S, T, NDIM> A, const S* gout, T* grad_pos, T* grad_image,
-                                int64_t in_numel, int64_t total) {
-  auto add = [grad_image](int64_t off, T val) { atomicAdd(grad_image + off, val); };
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / A.out_numel, x = i - b * A.out_numel;
-    int64_t xi[NDIM];
-    unravel<NDIM>(x, A.out_size, xi);
-    backward_voxel<MODE, PAD>(A, gout, grad_pos, grad_image != nullptr, in_numel, b, xi, x, add);
-  }
-}
 
 // MEDFAST_WARP_CUDA_SCATTER=merged opts in to the merged scatter above; the default stays one
 // atomic per tap until the merged kernel's CUDA tests and timings have run on a GPU.
@@ -118,8 +96,9 @@ Tensor forward_cuda(const Tensor& image, const OptTensor& theta, const OptTensor
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
     const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
-    forward_kernel<S, acc_t<S>, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(A, out.mutable_data_ptr<S>(),
-                                                                                         total);
+    const auto U = make_index_split<NDIM>(total, A.out_numel, A.out_size);
+    forward_kernel<S, acc_t<S>, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
+        A, U, out.mutable_data_ptr<S>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -142,13 +121,14 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& image
     dispatch_warp(image.scalar_type(), ndim, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
       using T = acc_t<S>;
       const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape);
+      const auto U = make_index_split<NDIM>(total, A.out_numel, A.out_size);
       int64_t in_numel = 1;
       for (int i = 0; i < NDIM; ++i) in_numel *= A.in_size[i];
       const bool atomics = image_grad && !deterministic;
       if constexpr (MODE == kLinear) {
         if ((position_grad || atomics) && merged_scatter()) {
           backward_linear_merged_kernel<S, T, NDIM, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
-              A, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
+              A, U, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
               atomics ? grad_image.mutable_data_ptr<T>() : nullptr, in_numel, total);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           if (image_grad && deterministic)
@@ -158,7 +138,7 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& image
       }
       if (position_grad || atomics) {
         backward_kernel<S, T, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
-            A, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
+            A, U, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
             atomics ? grad_image.mutable_data_ptr<T>() : nullptr, in_numel, total);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

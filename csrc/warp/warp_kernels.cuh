@@ -1,7 +1,8 @@
-// The warp-merged scatter kernel of the linear warp backward, kept apart from the CUDA launcher so
-// that tests/simt can run the same code on the CPU (warp shuffles and atomicAdd emulated by host
-// threads) against the CPU op. Needs: __global__, threadIdx / blockIdx / blockDim / gridDim,
-// __shfl_up_sync / __shfl_down_sync and atomicAdd (CUDA, or tests/simt/simt.h).
+// The CUDA kernels of the warp op's forward and (atomic) backward, kept apart from the launcher
+// (warp_cuda.cu) so that tests/simt can run the same code on the CPU (threads, warp shuffles and
+// atomicAdd emulated by host threads) against the CPU op. Needs: __global__, threadIdx / blockIdx /
+// blockDim / gridDim, __shfl_up_sync / __shfl_down_sync and atomicAdd (CUDA, or tests/simt/simt.h).
+// One thread per output voxel (grid-stride); the flat index is split by IndexSplit (warp.h).
 #pragma once
 #include <cmath>
 
@@ -10,6 +11,26 @@
 
 namespace medfast::warp {
 
+template <typename S, typename T, int NDIM, int MODE, int PAD>
+__global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, S* out, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t b, x, xi[NDIM];
+    split_index<NDIM>(i, U, A.out_numel, A.out_size, b, x, xi);
+    forward_voxel<MODE, PAD>(A, out, b, xi, x);
+  }
+}
+
+template <typename S, typename T, int NDIM, int MODE, int PAD>
+__global__ void backward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, const S* gout, T* grad_pos,
+                                T* grad_image, int64_t in_numel, int64_t total) {
+  auto add = [grad_image](int64_t off, T val) { atomicAdd(grad_image + off, val); };
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t b, x, xi[NDIM];
+    split_index<NDIM>(i, U, A.out_numel, A.out_size, b, x, xi);
+    backward_voxel<MODE, PAD>(A, gout, grad_pos, grad_image != nullptr, in_numel, b, xi, x, add);
+  }
+}
+
 // Linear-mode backward with the image-gradient scatter merged inside each warp. Neighbouring lanes
 // are neighbouring output voxels along the last axis; under a smooth displacement the upper tap of
 // one lane's row pair is the lower tap of the next lane's. Such a lane hands that value to its
@@ -17,8 +38,8 @@ namespace medfast::warp {
 // which bound this kernel. The loop is warp-uniform so every lane reaches every shuffle; the
 // arithmetic is warp.h's (taps, stencil, position gradient).
 template <typename S, typename T, int NDIM, int PAD>
-__global__ void backward_linear_merged_kernel(const WarpArgs<S, T, NDIM> A, const S* gout, T* grad_pos,
-                                              T* grad_image, int64_t in_numel, int64_t total) {
+__global__ void backward_linear_merged_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, const S* gout,
+                                              T* grad_pos, T* grad_image, int64_t in_numel, int64_t total) {
   using St = Stencil<T, NDIM, 2>;
   constexpr unsigned kFull = 0xffffffffu;
   const int lane = threadIdx.x & 31;
@@ -30,9 +51,7 @@ __global__ void backward_linear_merged_kernel(const WarpArgs<S, T, NDIM> A, cons
     St s;
     bool ok = false;
     if (i < total) {
-      b = i / A.out_numel;
-      x = i - b * A.out_numel;
-      unravel<NDIM>(x, A.out_size, xi);
+      split_index<NDIM>(i, U, A.out_numel, A.out_size, b, x, xi);
       ok = sample_position(A, b, xi, p);
       if (!ok && grad_pos != nullptr)
         for (int d = 0; d < NDIM; ++d) grad_pos[(b * NDIM + d) * A.out_numel + x] = static_cast<T>(NAN);
