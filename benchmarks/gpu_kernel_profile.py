@@ -1,5 +1,7 @@
 """Per-kernel CUDA time of medfast's GPU workloads (torch.profiler), to see where a step's time goes:
-ultrasound frames (batch 64, 3 sub-rays, forward and forward+backward), Dice+CE forward+backward
+ultrasound frames (batch 64, 3 sub-rays, forward and forward+backward; and batch 5, the size of one
+simulation call of the classification renderer), each with the one-thread-per-line CUDA march (the
+default) and the warp-cooperative one (``MEDFAST_USSIM_CUDA_MARCH=warp``), Dice+CE forward+backward
 (B=2, C=16, 128^3) and HD95 of two 128^3 masks.
 
     python benchmarks/gpu_kernel_profile.py --out DIR
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -56,6 +59,10 @@ def workloads(dev: torch.device):
         with torch.no_grad():
             simulate(props, affine, poses, probe, sub_rays=3)
 
+    def us_forward_b5():
+        with torch.no_grad():
+            simulate(props, affine, poses[:5], probe, sub_rays=3)
+
     p = props.clone().requires_grad_(True)
 
     def us_backward():
@@ -78,8 +85,13 @@ def workloads(dev: torch.device):
     def hd95():
         hausdorff_distance(a, b, percentile=95)
 
-    return {"ultrasound_fwd_b64": (us_forward, 5), "ultrasound_fwdbwd_b64": (us_backward, 3),
-            "dice_ce_b2_c16_128": (dice_ce, 10), "hd95_128": (hd95, 10)}
+    out = {}
+    for march in ("thread", "warp"):  # MEDFAST_USSIM_CUDA_MARCH
+        out.update({f"ultrasound_fwd_b64_{march}": (us_forward, 5, march, 64),
+                    f"ultrasound_fwd_b5_{march}": (us_forward_b5, 10, march, 5),
+                    f"ultrasound_fwdbwd_b64_{march}": (us_backward, 3, march, 64)})
+    out.update({"dice_ce_b2_c16_128": (dice_ce, 10, None, 0), "hd95_128": (hd95, 10, None, 0)})
+    return out
 
 
 def main() -> None:
@@ -88,7 +100,9 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "workloads": {}}
-    for name, (step, n) in workloads(dev).items():
+    for name, (step, n, march, frames) in workloads(dev).items():
+        if march is not None:
+            os.environ["MEDFAST_USSIM_CUDA_MARCH"] = march
         try:
             step()
             torch.cuda.synchronize()
@@ -98,9 +112,13 @@ def main() -> None:
             print(f"{name}: error {exc!r}", flush=True)
             continue
         result["workloads"][name] = {"wall_ms": wall, "kernel_ms": per}
-        print(f"{name}: {wall:.3f} ms per step (profiled), kernels {sum(per.values()):.3f} ms", flush=True)
+        if frames:
+            result["workloads"][name]["frames_per_s"] = frames * 1e3 / wall
+        print(f"{name}: {wall:.3f} ms per step (profiled), kernels {sum(per.values()):.3f} ms"
+              + (f", {frames * 1e3 / wall:.0f} frames/s" if frames else ""), flush=True)
         for k, v in list(per.items())[:6]:
             print(f"    {v:8.4f} ms  {k}", flush=True)
+    os.environ.pop("MEDFAST_USSIM_CUDA_MARCH", None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_kernel_profile.json").write_text(json.dumps(result, indent=1))
 

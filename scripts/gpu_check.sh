@@ -9,7 +9,8 @@
 #                               also capped to what is left), so a limited lease still returns logs
 #   MEDFAST_GPU_TESTS=all|cuda|none  the whole suite, the files with CUDA tests (default), or none
 #   MEDFAST_GPU_BENCH=full|quick|0   benchmark sizes (default full); MEDFAST_GPU_SUITES="warp loss ..."
-#   MEDFAST_GPU_PACK=1          also pack everything into $OUT/gpu_results.tgz after each step
+#   MEDFAST_GPU_PACK=1          also pack everything into $OUT/gpu_results.tgz after each step and
+#                               every 15 s (partial logs of a step cut off by the lease come back)
 # Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
 # (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them
 # (scripts/gpu_prepare.sh fills both). On a lent machine with 15 minutes in all (2026-11-27): the
@@ -25,7 +26,15 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${MEDFAST_GPU_BUDGET:-1000000}))
 
-pack() { [ "$RES" = "$OUT" ] || tar czf "$OUT/gpu_results.tgz" -C "$RES" . 2>/dev/null; }
+pack() { [ "$RES" = "$OUT" ] || { tar czf "$OUT/.gpu_results.tgz" -C "$RES" . 2>/dev/null &&
+  mv -f "$OUT/.gpu_results.tgz" "$OUT/gpu_results.tgz"; }; }
+# A step cut off by the machine's own time limit never reaches its pack: repack every 15 s meanwhile,
+# so the partial logs of the running step come back too (atomically replaced, never half-written).
+if [ "$RES" != "$OUT" ]; then
+  ( while sleep 15; do pack; done ) &
+  packer=$!
+  trap 'kill $packer 2>/dev/null' EXIT
+fi
 
 # step NAME CAP_SECONDS CMD...: runs CMD with its output in $RES/NAME.log, capped by the budget.
 step() {

@@ -11,6 +11,7 @@ import torch
 
 from medfast.ops._ussim import noise_table, ray_march
 from medfast.ultrasound import (
+    HU_KNOTS,
     LabelTable,
     Probe,
     freehand_sweep,
@@ -418,6 +419,109 @@ def test_bad_inputs_raise_clear_errors():
         simulate(props.expand(3, -1, -1, -1, -1), affine, POSE0.expand(2, 4, 4), probe)
 
 
+# ---------------------------------------------------------------------------------------------
+# Several volumes in one call (volume_index)
+# ---------------------------------------------------------------------------------------------
+
+
+def _three_volumes(dtype=torch.float64):
+    """Three property volumes on one 1 mm grid (variants of one layered scene) and 4 poses."""
+    g = torch.Generator().manual_seed(21)
+    base = torch.zeros(1, 1, 12, 12, 12, dtype=dtype)
+    base[..., 6:, :, :] = 600.0
+    vols = []
+    for k in range(3):
+        knots = torch.tensor(HU_KNOTS, dtype=dtype).clone()
+        knots[:, 2] *= 0.6 + 0.3 * k  # attenuation
+        knots[1:, 1] += 0.05 * k  # impedance
+        vols.append(hu_to_properties(base + 40.0 * torch.rand(base.shape, generator=g, dtype=dtype), knots))
+    props = torch.cat(vols)
+    poses = freehand_sweep(look_at((6.0, 6.0, -2.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)), (0, 3, 0), 4)
+    return props.to(dtype), np.eye(4), poses.to(dtype)
+
+
+def test_volume_index_equals_one_volume_per_frame():
+    props, affine, poses = _three_volumes()
+    probe = small_linear(n_lines=16, n_samples=96, depth_mm=14.0)
+    index = [2, 0, 2, 1]
+    p1 = props.clone().requires_grad_(True)
+    a = simulate(p1, affine, poses, probe, volume_index=index, seed=3)
+    # the reference: each frame's volume copied into a per-frame batch
+    p2 = props.clone().requires_grad_(True)
+    b = simulate(p2[index], affine, poses, probe, seed=3)
+    torch.testing.assert_close(a.bmode, b.bmode, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.lines_db, b.lines_db, rtol=0, atol=1e-10)
+    w = torch.randn(a.lines_db.shape, generator=torch.Generator().manual_seed(0), dtype=props.dtype)
+    (a.lines_db * w).sum().backward()
+    (b.lines_db * w).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-9, atol=1e-12)
+    assert float(p1.grad[1].abs().sum()) > 0 and float(p1.grad[2].abs().sum()) > 0  # every used volume
+    # a tensor index (CPU or not), and volumes that no pose uses get a zero gradient
+    p3 = props.clone().requires_grad_(True)
+    c = simulate(p3, affine, poses[[0, 2]], probe, volume_index=torch.tensor([2, 2]), seed=3)
+    torch.testing.assert_close(c.bmode, a.bmode[[0, 2]], rtol=0, atol=1e-12)
+    c.lines_db.sum().backward()
+    assert float(p3.grad[:2].abs().max()) == 0.0 and float(p3.grad[2].abs().max()) > 0
+
+
+def test_volume_index_float32_simd_matches_generic():
+    props, affine, poses = _three_volumes(torch.float32)
+    probe = small_linear(n_lines=16, n_samples=96, depth_mm=14.0)
+    with torch.no_grad():
+        fast, slow = simd_and_generic(lambda: simulate(props, affine, poses, probe, volume_index=[1, 0, 2, 1]).bmode)
+        ref = simulate(props[[1, 0, 2, 1]], affine, poses, probe).bmode
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(slow, fast, rtol=0, atol=2e-4)
+
+
+def test_march_lines_volume_index_gradcheck_and_opcheck():
+    from medfast.ops._ussim import march_lines
+
+    g = torch.Generator().manual_seed(2)
+    props = torch.stack([1.3 + 0.5 * torch.rand(3, 4, 4, 5, generator=g, dtype=torch.float64)] +
+                        [torch.rand(3, 4, 4, 5, generator=g, dtype=torch.float64) for _ in range(4)], -1)
+    start = torch.rand(2, 2, 2, 3, generator=g, dtype=torch.float64) * 2.0 + 0.5
+    step = torch.tensor([0.31, 0.27, 0.2], dtype=torch.float64).expand(2, 2, 3).clone()
+    weights = torch.rand(2, 7, 3, generator=g, dtype=torch.float64)
+    noise = noise_table(1, rows=64)
+    G = [0.7, 0.1, 0.0, 0.05, 0.0, 0.8, 0.2, 0.1, 0.1, 0.0, 0.9, 0.3]
+    index = torch.tensor([2, 0])
+    args = (noise, G, 0.05, list(WATER_BG), 3, 1.5, index)
+    torch.library.opcheck(torch.ops.medfast.ussim_march_lines, (props, start, step, weights) + args)
+    torch.autograd.gradcheck(lambda p, s0: march_lines(p, s0, step, weights, *args),
+                             (props.clone().requires_grad_(True), start.clone().requires_grad_(True)))
+
+
+def test_volume_index_bad_inputs():
+    props, affine, poses = _three_volumes(torch.float32)
+    probe = small_linear(n_lines=8, n_samples=32, depth_mm=14.0)
+    with pytest.raises(ValueError, match=r"volume_index values must lie in \[0, 3\)"):
+        simulate(props, affine, poses, probe, volume_index=[0, 1, 3, 0])
+    with pytest.raises(ValueError, match="volume_index values"):
+        simulate(props, affine, poses, probe, volume_index=torch.tensor([0, -1, 0, 0]))
+    with pytest.raises(ValueError, match=r"volume_index must have shape \(4,\)"):
+        simulate(props, affine, poses, probe, volume_index=[0, 1])
+    with pytest.raises(TypeError, match="volume_index must"):
+        simulate(props, affine, poses, probe, volume_index=[0.0, 1.0, 1.0, 0.0])
+    with pytest.raises(TypeError, match="volume_index must"):
+        simulate(props, affine, poses, probe, volume_index=torch.ones(4))
+    with pytest.raises(ValueError, match="props batch"):  # 3 volumes, 4 poses, no index
+        simulate(props, affine, poses, probe)
+    # the op itself checks a CPU index (shape, dtype, range) before any kernel runs
+    from medfast.ops._ussim import march_lines
+
+    p = props.permute(0, 2, 3, 4, 1).contiguous()
+    start, step, w = torch.zeros(2, 3, 1, 3), torch.full((2, 3, 3), 0.1), torch.ones(1, 5, 3)
+    noise = noise_table(0, rows=16)
+    G = [1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 1.0, 0]
+    with pytest.raises(ValueError, match="volume_index values must lie"):
+        march_lines(p, start, step, w, noise, G, 0.1, WATER_BG, 0, 1.0, torch.tensor([0, 3]))
+    with pytest.raises(TypeError, match="volume_index must be int64"):
+        march_lines(p, start, step, w, noise, G, 0.1, WATER_BG, 0, 1.0, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="volume_index must be"):
+        march_lines(p, start, step, w, noise, G, 0.1, WATER_BG, 0, 1.0, torch.tensor([0, 1, 1]))
+
+
 @pytest.mark.skipif(not INVESALIUS_CRANIUM.is_file(),
                     reason="InVesalius head CT missing: apt-get install invesalius-examples (scripts/data.sh)")
 def test_invesalius_reader():
@@ -451,7 +555,51 @@ def test_cuda_matches_cpu_forward_and_backward():
 
 
 @cuda
-def test_cuda_simulation_matches_cpu():
+@pytest.mark.parametrize("mode", ["thread", "warp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
+def test_cuda_march_lines_matches_cpu(mode, dtype, volumes, monkeypatch):
+    # Both CUDA line marches (MEDFAST_USSIM_CUDA_MARCH: one thread per line, or one warp per line with
+    # the transmission as a warp prefix scan) against the CPU: S not a multiple of 32, impedance jumps and
+    # a clamped impedance, lines entering and leaving the volume, one volume for all frames or one each.
+    from medfast.ops._ussim import march_lines
+
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", mode)
+    g = torch.Generator().manual_seed(4)
+    D, H, W, B, L, E, S = 9, 7, 11, 2, 5, 3, 203
+    props = torch.stack([1.3 + 0.6 * torch.rand(B, D, H, W, generator=g, dtype=dtype)] +
+                        [torch.rand(B, D, H, W, generator=g, dtype=dtype) for _ in range(4)], -1)
+    props[:, 4, :, :, 0] = -0.2
+    index = torch.tensor([1, 1]) if volumes == "indexed" else None
+    if volumes == "one":
+        props = props[:1].contiguous()
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 1.0
+    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.15
+    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
+    noise = noise_table(5, rows=256)
+    G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+    args = (G, 0.03, WATER_BG, 11, 4.0)
+    p1, s1 = props.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    ref = march_lines(p1, s1, step, weights, noise, *args, index)
+    p2, s2 = props.cuda().requires_grad_(True), start.cuda().requires_grad_(True)
+    out = march_lines(p2, s2, step.cuda(), weights.cuda(), noise.cuda(), *args,
+                      None if index is None else index.cuda())
+    scale = ref.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out.detach().cpu() / scale, ref.detach() / scale, rtol=0, atol=tol)
+    # the backward (ray kernel of the same mode, then the scatter into the indexed volumes)
+    gout = torch.randn(ref.shape, generator=g, dtype=dtype)
+    (ref * gout).sum().backward()
+    (out * gout.cuda()).sum().backward()
+    gtol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(p2.grad.cpu(), p1.grad, **gtol)
+    torch.testing.assert_close(s2.grad.cpu(), s1.grad, **gtol)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["thread", "warp"])
+def test_cuda_simulation_matches_cpu(mode, monkeypatch):
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", mode)
     ct = torch.zeros(1, 1, 20, 20, 20)
     ct[..., 10:, :, :] = 900.0
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -467,6 +615,11 @@ def test_cuda_simulation_matches_cpu():
     torch.testing.assert_close(c.cpu(), b)
     c.mean().backward()
     assert cpu_pose.grad is not None and cpu_pose.grad.device.type == "cpu"
+    # several volumes by a volume index (list: checked on the host, copied without a sync)
+    ct2 = torch.cat([ct, ct.flip(-1)])
+    d = simulate_ct(ct2.cuda(), affine, poses.cuda(), probe, volume_index=[1, 0, 1, 1]).bmode.cpu()
+    e = simulate_ct(ct2, affine, poses, probe, volume_index=[1, 0, 1, 1]).bmode
+    torch.testing.assert_close(d, e, atol=2e-4, rtol=1e-3)
 
 
 def test_simulate_command_on_a_nifti(tmp_path):
@@ -722,6 +875,35 @@ def test_march_lines_backward_matches_materialized(simd, dtype, props_grad, coor
         assert gp.abs().max() > 0
     if coords_grad:
         assert gc.abs().max() > 0
+
+
+@pytest.mark.parametrize("simd", [True, False])
+def test_march_lines_backward_volume_index(simd):
+    # Frames reading volumes through a volume index (two frames on volume 1, none on volume 0 ... and
+    # back): the records go into each frame's volume; the same as on the materialised tensors.
+    from medfast._extension import _C
+
+    grad, props, start, step, weights, noise, G, att, bg, seed, sharp = _lines_case(torch.float32)
+    props = torch.cat([props, props.flip(1), 0.5 * props])
+    B, L, E, _ = start.shape
+    S = weights.shape[1]
+    i = torch.arange(S, dtype=torch.float32)
+    coords = (start[:, :, :, None, :] + i[:, None] * step[:, :, None, None, :]).reshape(B, L * E, S, 3)
+    gech = (grad.transpose(2, 3)[:, :, None] * weights).reshape(B, L * E, S, 3)
+    ops = torch.ops.medfast
+    for index in ([1, 1], [2, 0]):
+        vidx = torch.tensor(index)
+        try:
+            _C._set_cpu_simd(simd)
+            gp, _ = ops.ussim_march_lines_backward(grad, props, start, step, weights, noise, G, att, bg, seed, sharp,
+                                                   True, False, vidx)
+            gp_ref, _ = ops.ussim_march_backward(gech, props, coords, noise, G, att, bg, seed, sharp, True, False,
+                                                 vidx)
+        finally:
+            _C._set_cpu_simd(True)
+        assert torch.equal(gp, gp_ref)
+        for v in range(3):
+            assert (gp[v].abs().max() > 0) == (v in index)
 
 
 def test_march_lines_backward_opcheck():

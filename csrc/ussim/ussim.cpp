@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "ussim/ussim_launch.h"
@@ -11,13 +12,31 @@
 namespace medfast::ussim {
 namespace {
 
+// The volume index of a call, checked: int64 (B,) on the device of the call; on the CPU also its range
+// (on a GPU that would cost a device sync: simulate() checks it on the host before copying it).
+Tensor check_volume_index(const std::optional<Tensor>& index, const Tensor& props, const Tensor& coords,
+                          int64_t batch) {
+  if (!index.has_value() || !index->defined()) return Tensor();
+  const Tensor& idx = *index;
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "medfast ussim: volume_index must be int64");
+  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.size(0) == batch, "medfast ussim: volume_index must be (B,) with B = ",
+                    batch, ", got ", idx.sizes());
+  TORCH_CHECK_VALUE(idx.device() == coords.device(), "medfast ussim: volume_index on another device");
+  if (idx.device().is_cpu() && batch > 0) {
+    const auto mm = at::aminmax(idx);
+    TORCH_CHECK_VALUE(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < props.size(0),
+                      "medfast ussim: volume_index values must lie in [0, ", props.size(0), ")");
+  }
+  return idx.contiguous();
+}
+
 Params make_params_for(const Tensor& props, const Tensor& coords, int64_t batch, int64_t S, const Tensor& noise,
                        at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
-                       double sharp) {
+                       double sharp, const Tensor& volume_index) {
   TORCH_CHECK_VALUE(props.dim() == 5 && props.size(4) == kProps,
                     "medfast ussim: props must be (B, D, H, W, 5) channels-last, got ", props.sizes());
-  TORCH_CHECK_VALUE(props.size(0) == 1 || props.size(0) == batch,
-                    "medfast ussim: props batch must be 1 or equal to the coords batch");
+  TORCH_CHECK_VALUE(volume_index.defined() || props.size(0) == 1 || props.size(0) == batch,
+                    "medfast ussim: props batch must be 1 or equal to the coords batch (or give a volume_index)");
   TORCH_CHECK_VALUE(props.numel() > 0, "medfast ussim: empty props");
   TORCH_CHECK_TYPE(props.scalar_type() == coords.scalar_type(), "medfast ussim: props and coords dtypes differ");
   TORCH_CHECK_TYPE(props.scalar_type() == at::kFloat || props.scalar_type() == at::kDouble,
@@ -43,16 +62,19 @@ Params make_params_for(const Tensor& props, const Tensor& coords, int64_t batch,
   for (int i = 0; i < kProps; ++i) P.bg[i] = background[i];
   TORCH_CHECK_VALUE(std::isfinite(sharp) && sharp >= 1.0, "medfast ussim: sharp must be >= 1, got ", sharp);
   P.sharp = sharp;
+  P.V = props.size(0);
+  P.volume_index = volume_index.defined() ? volume_index.const_data_ptr<int64_t>() : nullptr;
   return P;
 }
 
 Params make_params(const Tensor& props, const Tensor& coords, const Tensor& noise, at::ArrayRef<double> grid_affine,
-                   double att, at::ArrayRef<double> background, int64_t seed, double sharp) {
+                   double att, at::ArrayRef<double> background, int64_t seed, double sharp,
+                   const Tensor& volume_index = Tensor()) {
   TORCH_CHECK_VALUE(coords.dim() == 4 && coords.size(3) == 3, "medfast ussim: coords must be (B, R, S, 3), got ",
                     coords.sizes());
   TORCH_CHECK_VALUE(coords.size(2) >= 1 && coords.size(1) >= 1 && coords.size(0) >= 1, "medfast ussim: empty coords");
   return make_params_for(props, coords, coords.size(0), coords.size(2), noise, grid_affine, att, background, seed,
-                         sharp);
+                         sharp, volume_index);
 }
 
 using Lines = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Params&);
@@ -60,7 +82,8 @@ using Lines = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Tens
 template <Lines F>
 Tensor march_lines_impl(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
                         const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
-                        at::ArrayRef<double> background, int64_t seed, double sharp) {
+                        at::ArrayRef<double> background, int64_t seed, double sharp,
+                        const std::optional<Tensor>& volume_index) {
   TORCH_CHECK_VALUE(start.dim() == 4 && start.size(3) == 3 && start.size(0) >= 1 && start.size(1) >= 1 &&
                         start.size(2) >= 1,
                     "medfast ussim: start must be (B, L, E, 3), got ", start.sizes());
@@ -74,8 +97,9 @@ Tensor march_lines_impl(const Tensor& props, const Tensor& start, const Tensor& 
                    "medfast ussim: start, step and weights dtypes differ");
   TORCH_CHECK_VALUE(step.device() == start.device() && weights.device() == start.device(),
                     "medfast ussim: tensors on different devices");
+  const Tensor vidx = check_volume_index(volume_index, props, start, start.size(0));  // alive during the call
   const Params P = make_params_for(props, start, start.size(0), weights.size(1), noise, grid_affine, att, background,
-                                   seed, sharp);
+                                   seed, sharp, vidx);
   return F(props.contiguous(), start.contiguous(), step.contiguous(), weights.contiguous(), noise.contiguous(), P);
 }
 
@@ -93,8 +117,11 @@ Tensor march(Fwd launch, const Tensor& props, const Tensor& coords, const Tensor
 std::tuple<Tensor, Tensor> march_backward(Bwd launch, const Tensor& grad, const Tensor& props, const Tensor& coords,
                                           const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
                                           at::ArrayRef<double> background, int64_t seed, double sharp,
-                                          bool props_grad, bool coords_grad) {
-  const Params P = make_params(props, coords, noise, grid_affine, att, background, seed, sharp);
+                                          bool props_grad, bool coords_grad,
+                                          const std::optional<Tensor>& volume_index) {
+  TORCH_CHECK_VALUE(coords.dim() == 4, "medfast ussim: coords must be (B, R, S, 3), got ", coords.sizes());
+  const Tensor vidx = check_volume_index(volume_index, props, coords, coords.size(0));  // alive during the call
+  const Params P = make_params(props, coords, noise, grid_affine, att, background, seed, sharp, vidx);
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == coords.size(0) && grad.size(1) == coords.size(1) &&
                         grad.size(2) == coords.size(2) && grad.size(3) == 3,
                     "medfast ussim: grad must be (B, R, S, 3), got ", grad.sizes());
@@ -112,9 +139,10 @@ template <Bwd F>
 std::tuple<Tensor, Tensor> march_backward_impl(const Tensor& grad, const Tensor& props, const Tensor& coords,
                                                const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
                                                at::ArrayRef<double> background, int64_t seed, double sharp,
-                                               bool props_grad, bool coords_grad) {
+                                               bool props_grad, bool coords_grad,
+                                               const std::optional<Tensor>& volume_index) {
   return march_backward(F, grad, props, coords, noise, grid_affine, att, background, seed, sharp, props_grad,
-                        coords_grad);
+                        coords_grad, volume_index);
 }
 
 using LinesBwd = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -125,7 +153,8 @@ std::tuple<Tensor, Tensor> march_lines_backward_impl(const Tensor& grad, const T
                                                      const Tensor& step, const Tensor& weights, const Tensor& noise,
                                                      at::ArrayRef<double> grid_affine, double att,
                                                      at::ArrayRef<double> background, int64_t seed, double sharp,
-                                                     bool props_grad, bool coords_grad) {
+                                                     bool props_grad, bool coords_grad,
+                                                     const std::optional<Tensor>& volume_index) {
   TORCH_CHECK_VALUE(start.dim() == 4 && start.size(3) == 3 && start.size(0) >= 1 && start.size(1) >= 1 &&
                         start.size(2) >= 1,
                     "medfast ussim: start must be (B, L, E, 3), got ", start.sizes());
@@ -143,8 +172,9 @@ std::tuple<Tensor, Tensor> march_lines_backward_impl(const Tensor& grad, const T
   TORCH_CHECK_VALUE(step.device() == start.device() && weights.device() == start.device() &&
                         grad.device() == start.device(),
                     "medfast ussim: tensors on different devices");
+  const Tensor vidx = check_volume_index(volume_index, props, start, start.size(0));  // alive during the call
   const Params P = make_params_for(props, start, start.size(0), weights.size(1), noise, grid_affine, att, background,
-                                   seed, sharp);
+                                   seed, sharp, vidx);
   return F(grad.contiguous().to(start.scalar_type()), props.contiguous(), start.contiguous(), step.contiguous(),
            weights.contiguous(), noise.contiguous(), P, props_grad, coords_grad);
 }
@@ -186,15 +216,16 @@ TORCH_LIBRARY_FRAGMENT(medfast, m) {
       "int seed, float sharp) -> Tensor");
   m.def(
       "ussim_march_lines(Tensor props, Tensor start, Tensor step, Tensor weights, Tensor noise, float[] grid_affine, "
-      "float att, float[] background, int seed, float sharp) -> Tensor");
+      "float att, float[] background, int seed, float sharp, Tensor? volume_index=None) -> Tensor");
   m.def("ussim_psf(Tensor x, Tensor h, Tensor w, bool transpose) -> Tensor");
   m.def(
       "ussim_march_backward(Tensor grad, Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, "
-      "float[] background, int seed, float sharp, bool props_grad, bool coords_grad) -> (Tensor, Tensor)");
+      "float[] background, int seed, float sharp, bool props_grad, bool coords_grad, Tensor? volume_index=None) "
+      "-> (Tensor, Tensor)");
   m.def(
       "ussim_march_lines_backward(Tensor grad, Tensor props, Tensor start, Tensor step, Tensor weights, Tensor noise, "
       "float[] grid_affine, float att, float[] background, int seed, float sharp, bool props_grad, "
-      "bool coords_grad) -> (Tensor, Tensor)");
+      "bool coords_grad, Tensor? volume_index=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(medfast, CPU, m) {

@@ -48,7 +48,19 @@ struct Params {
   double att;           // log-amplitude loss per sample per unit alpha (round trip)
   double bg[kProps];    // properties outside the volume
   double sharp;         // >= 1: steepness of the impedance interpolation (1 = trilinear)
+  // Volume of each frame: volume_index[b] (V volumes of one grid, any number of frames each), or
+  // nullptr: frame b reads volume 0 if there is one volume, else volume b. Host or device memory as
+  // the call; the index is validated before the call and clamped to [0, V) here (memory safety).
+  const int64_t* volume_index;
+  int64_t V;
 };
+
+// The volume that frame b of a call reads (see Params::volume_index).
+MEDFAST_HOST_DEVICE int64_t frame_volume(const Params& P, int64_t b) {
+  if (P.volume_index == nullptr) return P.V == 1 ? 0 : b;
+  const int64_t v = P.volume_index[b];
+  return v < 0 ? 0 : (v >= P.V ? P.V - 1 : v);
+}
 
 // Sharpened interpolation weight of the impedance channel: clamp((t - 1/2) k + 1/2, 0, 1), so a jump
 // between two voxels becomes a step of width 1/k voxel (a sharp interface, as in the tissue, instead

@@ -25,7 +25,7 @@ void lines_loop(const T* vol, int64_t vol_stride, int64_t Bv, const float* table
                 const T* sp, const T* w, int64_t L, int64_t E, T* o, int64_t begin, int64_t end) {
   for (int64_t line = begin; line < end; ++line) {
     const int64_t b = line / L;
-    march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
+    march_line<T, A, true>(vol + frame_volume(P, b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
                            o + line * 3 * P.S, P.S);
   }
 }
@@ -56,7 +56,7 @@ __attribute__((target("avx2,fma"))) void lines_loop_avx2(const T* vol, int64_t v
                                                          int64_t begin, int64_t end) {
   for (int64_t line = begin; line < end; ++line) {
     const int64_t b = line / L;
-    march_line<T, A, true>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
+    march_line<T, A, true>(vol + frame_volume(P, b) * vol_stride, table, P, st + line * E * 3, sp + line * 3, w, E,
                            o + line * 3 * P.S, P.S);
   }
 }
@@ -120,7 +120,7 @@ __attribute__((target("avx2,fma"))) void psf_forward_avx2(const T* xp, const T* 
 }  // namespace
 
 Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise, const Params& P) {
-  const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2), Bv = props.size(0);
+  const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2);
   Tensor out = at::empty({B, R, S, 3}, coords.options());
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "medfast_ussim_march_cpu", [&] {
@@ -132,7 +132,7 @@ Tensor march_cpu(const Tensor& props, const Tensor& coords, const Tensor& noise,
     at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ray = begin; ray < end; ++ray) {
         const int64_t b = ray / R;
-        march_ray<scalar_t, A>(vol + (Bv == 1 ? 0 : b) * vol_stride, table, P, c + ray * S * 3, o + ray * S * 3);
+        march_ray<scalar_t, A>(vol + frame_volume(P, b) * vol_stride, table, P, c + ray * S * 3, o + ray * S * 3);
       }
     });
   });
@@ -240,7 +240,7 @@ template <typename scalar_t, typename MakeSamples>
 void backward_core(const Tensor& props, const Tensor& noise, const Params& P, int64_t B, int64_t R, bool props_grad,
                    scalar_t* gc, Tensor& gprops, const MakeSamples& make_samples) {
   using A = acc_t<scalar_t>;
-  const int64_t S = P.S, Bv = props.size(0);
+  const int64_t S = P.S;
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
   const scalar_t* vol = props.const_data_ptr<scalar_t>();
   const float* table = noise.const_data_ptr<float>();
@@ -257,7 +257,7 @@ void backward_core(const Tensor& props, const Tensor& noise, const Params& P, in
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b = blk / per_batch, r0 = b * R + (blk % per_batch) * kBlockRays;
       const int64_t r1 = std::min(r0 + kBlockRays, (b + 1) * R);
-      const scalar_t* v = vol + (Bv == 1 ? 0 : b) * vol_stride;
+      const scalar_t* v = vol + frame_volume(P, b) * vol_stride;
       CellRecords<A>* rec = props_grad ? &recs[blk] : nullptr;
       if (rec) {
         rec->cell.reserve((r1 - r0) * 3 * (S / 8 + 1));
@@ -280,44 +280,49 @@ void backward_core(const Tensor& props, const Tensor& noise, const Params& P, in
   });
   if (!props_grad) return;
   // 2. The records into the volume: one task per (volume, slab of the first volume axis), each adding
-  // the records of its volume's rays in ray order into its own voxels (deterministic: the same sums
-  // for any number of threads). Slab bounds at quantiles of the records' first cell index, so that
-  // the tasks get about the same number of records.
+  // the records of its volume's frames in frame and ray order into its own voxels (deterministic: the
+  // same sums for any number of threads). Slabs where a volume may take several frames (one volume, or
+  // a volume index), bounded at quantiles of the records' first cell index, so that the tasks get about
+  // the same number of records.
   scalar_t* gp = gprops.mutable_data_ptr<scalar_t>();
-  const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(P.D, (4 * at::get_num_threads() + Bv - 1) / Bv));
-  std::vector<int64_t> bounds(Bv * (slabs + 1));
-  for (int64_t bv = 0; bv < Bv; ++bv) {
-    std::vector<int64_t> hist(P.D + 1, 0);
+  const int64_t V = props.size(0);
+  const bool shared = V == 1 || P.volume_index != nullptr;
+  const int64_t slabs = shared ? std::min<int64_t>(P.D, 4 * at::get_num_threads()) : 1;
+  std::vector<int64_t> bounds(V * (slabs + 1));
+  std::vector<int64_t> hist(P.D + 1);
+  for (int64_t v = 0; v < V; ++v) {
+    int64_t* bd = bounds.data() + v * (slabs + 1);
+    bd[0] = 0;
+    bd[slabs] = P.D;
+    if (slabs == 1) continue;
+    std::fill(hist.begin(), hist.end(), 0);
     int64_t total = 0;
-    const int64_t blk0 = Bv == 1 ? 0 : bv * per_batch, blk1 = Bv == 1 ? blocks : (bv + 1) * per_batch;
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      if (frame_volume(P, blk / per_batch) != v) continue;
       const CellRecords<A>& rec = recs[blk];
       for (int64_t r = 0; r < rec.size(); ++r) ++hist[rec.cell[3 * r] + 1];
       total += rec.size();
     }
-    int64_t* bd = bounds.data() + bv * (slabs + 1);
-    bd[0] = 0;
     int64_t cum = 0, plane = 0;
     for (int64_t s = 1; s < slabs; ++s) {
       const int64_t target = total * s / slabs;
       while (plane < P.D && cum + hist[plane] <= target) cum += hist[plane++];
       bd[s] = std::max(bd[s - 1], plane);
     }
-    bd[slabs] = P.D;
   }
-  at::parallel_for(0, Bv * slabs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, V * slabs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bv = task / slabs, slab = task % slabs;
-      const int64_t i_lo = bounds[bv * (slabs + 1) + slab], i_hi = bounds[bv * (slabs + 1) + slab + 1];
+      const int64_t v = task / slabs, slab = task % slabs;
+      const int64_t i_lo = bounds[v * (slabs + 1) + slab], i_hi = bounds[v * (slabs + 1) + slab + 1];
       if (i_lo >= i_hi) continue;
-      const int64_t blk0 = Bv == 1 ? 0 : bv * per_batch, blk1 = Bv == 1 ? blocks : (bv + 1) * per_batch;
-      for (int64_t blk = blk0; blk < blk1; ++blk) {
+      for (int64_t blk = 0; blk < blocks; ++blk) {
         const CellRecords<A>& rec = recs[blk];
-        if (rec.size() == 0 || rec.imax + 1 < i_lo || rec.imin >= i_hi) continue;
+        if (rec.size() == 0 || rec.imax + 1 < i_lo || rec.imin >= i_hi || frame_volume(P, blk / per_batch) != v)
+          continue;
         for (int64_t r = 0; r < rec.size(); ++r) {
           const int64_t i0 = rec.cell[3 * r];
           if (i0 + 1 < i_lo || i0 >= i_hi) continue;
-          add_record<A>(gp + bv * vol_stride, P, rec.cell.data() + 3 * r, rec.acc.data() + 8 * kProps * r, i_lo,
+          add_record<A>(gp + v * vol_stride, P, rec.cell.data() + 3 * r, rec.acc.data() + 8 * kProps * r, i_lo,
                         i_hi);
         }
       }

@@ -815,7 +815,7 @@ void march_lines_avx2(const float* vol, int64_t vol_stride, int64_t Bv, const fl
   SubrayBuffer buf(S);
   for (int64_t line = begin; line < end; ++line) {
     const int64_t b = line / L;
-    const float* v = vol + (Bv == 1 ? 0 : b) * vol_stride;
+    const float* v = vol + frame_volume(P, b) * vol_stride;
     const float* start = st + line * E * 3;
     const float* step = sp + line * 3;
     float* out = o + line * 3 * S;

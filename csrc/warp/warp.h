@@ -258,6 +258,72 @@ MEDFAST_UNROLL
   xi[0] = x;
 }
 
+// Division by a divisor fixed for a whole kernel launch, as a multiply-high, an add and a shift
+// (Granlund & Montgomery, PLDI 1994): q = (mulhi(n, magic) + n) >> shift, exact for n, d < 2^31. The
+// GPU kernels split their flat output index into (batch, voxel) and the voxel into its coordinates
+// with it: int64 division is a long emulated sequence on a GPU, several per voxel.
+struct FastDiv {
+  uint32_t d, magic, shift;
+};
+
+inline FastDiv make_fast_div(uint32_t d) {  // host: 1 <= d < 2^31
+  FastDiv f{d, 0, 0};
+  while ((uint64_t(1) << f.shift) < d) ++f.shift;
+  f.magic = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << f.shift) - d)) / d + 1);
+  return f;
+}
+
+MEDFAST_HOST_DEVICE uint32_t fast_div(uint32_t n, const FastDiv& f) {
+#ifdef __CUDA_ARCH__
+  const uint32_t t = __umulhi(n, f.magic);
+#else
+  const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.magic) >> 32);
+#endif
+  return (t + n) >> f.shift;
+}
+
+// Flat output index i of a launch -> (batch b, voxel x, coordinates xi): by FastDiv when the launch
+// has fewer than 2^31 outputs (`fast`), else by int64 division.
+template <int NDIM>
+struct IndexSplit {
+  bool fast;
+  FastDiv numel, size[NDIM];
+};
+
+template <int NDIM>
+inline IndexSplit<NDIM> make_index_split(int64_t total, int64_t out_numel, const int64_t* out_size) {
+  IndexSplit<NDIM> u{};
+  u.fast = total < (int64_t(1) << 31) && out_numel >= 1;
+  if (u.fast) {
+    u.numel = make_fast_div(static_cast<uint32_t>(out_numel));
+    for (int k = 0; k < NDIM; ++k) u.size[k] = make_fast_div(static_cast<uint32_t>(out_size[k] > 0 ? out_size[k] : 1));
+  }
+  return u;
+}
+
+template <int NDIM>
+MEDFAST_HOST_DEVICE void split_index(int64_t i, const IndexSplit<NDIM>& u, int64_t out_numel, const int64_t* out_size,
+                                     int64_t& b, int64_t& x, int64_t* xi) {
+  if (u.fast) {
+    const uint32_t n = static_cast<uint32_t>(i);
+    const uint32_t bq = fast_div(n, u.numel);
+    uint32_t r = n - bq * u.numel.d;
+    b = bq;
+    x = r;
+MEDFAST_UNROLL
+    for (int k = NDIM - 1; k > 0; --k) {
+      const uint32_t q = fast_div(r, u.size[k]);
+      xi[k] = r - q * u.size[k].d;
+      r = q;
+    }
+    xi[0] = r;
+    return;
+  }
+  b = i / out_numel;
+  x = i - b * out_numel;
+  unravel<NDIM>(x, out_size, xi);
+}
+
 // Sampling position of output voxel xi in batch b; false when it is NaN.
 template <typename S, typename T, int NDIM>
 MEDFAST_HOST_DEVICE bool sample_position(const WarpArgs<S, T, NDIM>& A, int64_t b, const int64_t* xi, T* p) {

@@ -13,6 +13,7 @@
 #include "common/cuda_launch.h"
 #include "warp/spline.h"
 #include "warp/warp_launch.h"
+#include "warp/warp_kernels.cuh"
 
 namespace medfast::warp {
 namespace {
@@ -20,86 +21,6 @@ namespace {
 constexpr int kThreads = 256;
 
 int64_t blocks_for(int64_t n) { return grid_blocks(n, kThreads); }
-
-template <typename S, typename T, int NDIM, int MODE, int PAD>
-__global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, S* out, int64_t total) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / A.out_numel, x = i - b * A.out_numel;
-    int64_t xi[NDIM];
-    unravel<NDIM>(x, A.out_size, xi);
-    forward_voxel<MODE, PAD>(A, out, b, xi, x);
-  }
-}
-
-template <typename S, typename T, int NDIM, int MODE, int PAD>
-__global__ void backward_kernel(const WarpArgs<S, T, NDIM> A, const S* gout, T* grad_pos, T* grad_image,
-                                int64_t in_numel, int64_t total) {
-  auto add = [grad_image](int64_t off, T val) { atomicAdd(grad_image + off, val); };
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / A.out_numel, x = i - b * A.out_numel;
-    int64_t xi[NDIM];
-    unravel<NDIM>(x, A.out_size, xi);
-    backward_voxel<MODE, PAD>(A, gout, grad_pos, grad_image != nullptr, in_numel, b, xi, x, add);
-  }
-}
-
-// Linear-mode backward with the image-gradient scatter merged inside each warp. Neighbouring lanes
-// are neighbouring output voxels along the last axis; under a smooth displacement the upper tap of
-// one lane's row pair is the lower tap of the next lane's. Such a lane hands that value to its
-// neighbour (one shuffle), which adds it to its own lower tap: about half the float atomics,
-// which bound this kernel. The loop is warp-uniform so every lane reaches every shuffle; the
-// arithmetic is warp.h's (taps, stencil, position gradient).
-template <typename S, typename T, int NDIM, int PAD>
-__global__ void backward_linear_merged_kernel(const WarpArgs<S, T, NDIM> A, const S* gout, T* grad_pos,
-                                              T* grad_image, int64_t in_numel, int64_t total) {
-  using St = Stencil<T, NDIM, 2>;
-  constexpr unsigned kFull = 0xffffffffu;
-  const int lane = threadIdx.x & 31;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i0 = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31); i0 < total; i0 += stride) {
-    const int64_t i = i0 + lane;
-    int64_t b = 0, x = 0, xi[NDIM];
-    T p[NDIM];
-    St s;
-    bool ok = false;
-    if (i < total) {
-      b = i / A.out_numel;
-      x = i - b * A.out_numel;
-      unravel<NDIM>(x, A.out_size, xi);
-      ok = sample_position(A, b, xi, p);
-      if (!ok && grad_pos != nullptr)
-        for (int d = 0; d < NDIM; ++d) grad_pos[(b * NDIM + d) * A.out_numel + x] = static_cast<T>(NAN);
-    }
-    if (ok) {
-      AxisTaps<T, 2> ax[NDIM];
-      compute_taps<kLinear, PAD>(A, p, ax);
-      make_stencil<true>(ax, A.image_st, A.in_size, s);
-    }
-    T gp[NDIM];
-    for (int d = 0; d < NDIM; ++d) gp[d] = T(0);
-    const S* img = A.image + b * A.image_sb;
-    const S* g = gout + b * A.channels * A.out_numel + x;
-    long long gbase = (A.image_batch == 1 ? 0 : b) * A.channels * in_numel;
-    for (int64_t c = 0; c < A.channels; ++c, img += A.image_sc, gbase += in_numel) {
-      const T gc = ok ? static_cast<T>(g[c * A.out_numel]) : T(0);
-      if (grad_pos != nullptr && gc != T(0)) add_position_grad(s, img, gc, gp);
-      if (grad_image == nullptr) continue;  // uniform across the warp
-      MEDFAST_UNROLL
-      for (int q = 0; q < St::N / 2; ++q) {  // taps 2q, 2q + 1 differ along the last axis only
-        const long long lo = ok ? gbase + s.lin[2 * q] : -1, hi = ok ? gbase + s.lin[2 * q + 1] : -2;
-        const T vlo = ok ? gc * s.w[2 * q] : T(0), vhi = ok ? gc * s.w[2 * q + 1] : T(0);
-        const long long next_lo = __shfl_down_sync(kFull, lo, 1);
-        const bool give = lane < 31 && next_lo == hi;  // next lane is valid: hi >= 0
-        const T got = __shfl_up_sync(kFull, give ? vhi : T(0), 1);
-        const T mine = vlo + (lane > 0 ? got : T(0));
-        if (mine != T(0)) atomicAdd(grad_image + lo, mine);
-        if (!give && vhi != T(0)) atomicAdd(grad_image + hi, vhi);
-      }
-    }
-    if (ok && grad_pos != nullptr)
-      for (int d = 0; d < NDIM; ++d) grad_pos[(b * NDIM + d) * A.out_numel + x] = gp[d];
-  }
-}
 
 // MEDFAST_WARP_CUDA_SCATTER=merged opts in to the merged scatter above; the default stays one
 // atomic per tap until the merged kernel's CUDA tests and timings have run on a GPU.
@@ -175,8 +96,9 @@ Tensor forward_cuda(const Tensor& image, const OptTensor& theta, const OptTensor
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
     const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
-    forward_kernel<S, acc_t<S>, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(A, out.mutable_data_ptr<S>(),
-                                                                                         total);
+    const auto U = make_index_split<NDIM>(total, A.out_numel, A.out_size);
+    forward_kernel<S, acc_t<S>, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
+        A, U, out.mutable_data_ptr<S>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -199,13 +121,14 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& image
     dispatch_warp(image.scalar_type(), ndim, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
       using T = acc_t<S>;
       const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape);
+      const auto U = make_index_split<NDIM>(total, A.out_numel, A.out_size);
       int64_t in_numel = 1;
       for (int i = 0; i < NDIM; ++i) in_numel *= A.in_size[i];
       const bool atomics = image_grad && !deterministic;
       if constexpr (MODE == kLinear) {
         if ((position_grad || atomics) && merged_scatter()) {
           backward_linear_merged_kernel<S, T, NDIM, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
-              A, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
+              A, U, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
               atomics ? grad_image.mutable_data_ptr<T>() : nullptr, in_numel, total);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           if (image_grad && deterministic)
@@ -215,7 +138,7 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& image
       }
       if (position_grad || atomics) {
         backward_kernel<S, T, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
-            A, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
+            A, U, gout.const_data_ptr<S>(), position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr,
             atomics ? grad_image.mutable_data_ptr<T>() : nullptr, in_numel, total);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

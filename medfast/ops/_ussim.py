@@ -26,7 +26,7 @@ def _march_fake(props, coords, noise, grid_affine, att, background, seed, sharp)
 
 @torch.library.register_fake("medfast::ussim_march_backward")
 def _march_backward_fake(grad, props, coords, noise, grid_affine, att, background, seed, sharp, props_grad,
-                         coords_grad):
+                         coords_grad, volume_index=None):
     gp = props.new_empty(props.shape) if props_grad else props.new_empty((0,))
     gc = coords.new_empty(coords.shape) if coords_grad else coords.new_empty((0,))
     return gp, gc
@@ -156,13 +156,14 @@ def ray_march(
 
 
 @torch.library.register_fake("medfast::ussim_march_lines")
-def _march_lines_fake(props, start, step, weights, noise, grid_affine, att, background, seed, sharp):
+def _march_lines_fake(props, start, step, weights, noise, grid_affine, att, background, seed, sharp,
+                      volume_index=None):
     return start.new_empty((start.shape[0], start.shape[1], 3, weights.shape[1]))
 
 
 @torch.library.register_fake("medfast::ussim_march_lines_backward")
 def _march_lines_backward_fake(grad, props, start, step, weights, noise, grid_affine, att, background, seed, sharp,
-                               props_grad, coords_grad):
+                               props_grad, coords_grad, volume_index=None):
     B, L, E, _ = start.shape
     gp = props.new_empty(props.shape) if props_grad else props.new_empty((0,))
     gc = start.new_empty((B, L * E, weights.shape[1], 3)) if coords_grad else start.new_empty((0,))
@@ -174,46 +175,48 @@ class _MarchLines(torch.autograd.Function):
     the sub-rays (sample positions ``start + i * step``; on CPU without materialising them)."""
 
     @staticmethod
-    def forward(ctx, props, start, step, weights, noise, g, att, bg, seed, sharp):
-        ctx.save_for_backward(props, start, step, weights, noise)
+    def forward(ctx, props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index):
+        ctx.save_for_backward(props, start, step, weights, noise, volume_index)
         ctx.args = (g, att, bg, seed, sharp)
-        return _ops.ussim_march_lines(props, start, step, weights, noise, g, att, bg, seed, sharp)
+        return _ops.ussim_march_lines(props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index)
 
     @staticmethod
     def backward(ctx, grad):
-        props, start, step, weights, noise = ctx.saved_tensors
+        props, start, step, weights, noise, volume_index = ctx.saved_tensors
         need_props = ctx.needs_input_grad[0]
         need_coords = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        none = (None,) * 8
+        none = (None,) * 9
         if not (need_props or need_coords):
             return (None, None) + none
         B, L, E, _ = start.shape
         S = weights.shape[1]
         gp, gc = _ops.ussim_march_lines_backward(grad, props, start, step, weights, noise, *ctx.args, need_props,
-                                                 need_coords)
+                                                 need_coords, volume_index)
         gstart = gstep = None
         if need_coords:
             i = torch.arange(S, device=start.device, dtype=start.dtype)
             gc = gc.view(B, L, E, S, 3)
             gstart = gc.sum(3)
             gstep = torch.einsum("blesk,s->blk", gc, i)
-        return (gp if need_props else None), gstart, gstep, None, None, None, None, None, None, None
+        return (gp if need_props else None), gstart, gstep, None, None, None, None, None, None, None, None
 
 
 def march_lines(props: torch.Tensor, start: torch.Tensor, step: torch.Tensor, weights: torch.Tensor,
                 noise: torch.Tensor, grid_affine: Sequence[float], att: float, background: Sequence[float],
-                seed: int = 0, sharp: float = 1.0) -> torch.Tensor:
+                seed: int = 0, sharp: float = 1.0, volume_index: torch.Tensor | None = None) -> torch.Tensor:
     """Scanlines of E sub-rays each, summed over the sub-rays (the fused forward of the simulator).
 
     Sample i of sub-ray e of line l is at the voxel position ``start[b, l, e] + i * step[b, l]``
     (``start`` ``(B, L, E, 3)``, ``step`` ``(B, L, 3)``); its echoes (those of :func:`ray_march`)
     are weighted by ``weights[e, i]`` (``(E, S, 3)``, constant) and summed over e. Returns
-    ``(B, L, 3, S)`` (channel-major per line). Arguments are not validated (internal to
+    ``(B, L, 3, S)`` (channel-major per line). Frame b reads volume ``volume_index[b]`` of ``props``
+    (``(V, D, H, W, 5)``, an int64 ``(B,)`` index on the same device), or without an index volume 0
+    if ``V == 1``, else volume b. Arguments are not validated (internal to
     :func:`medfast.ultrasound.simulate`); props, start and step are differentiable.
     """
     g = [float(v) for v in grid_affine]
     return _MarchLines.apply(props, start, step, weights, noise, g, float(att), [float(v) for v in background],
-                             int(seed), float(sharp))
+                             int(seed), float(sharp), volume_index)
 
 
 @torch.library.register_fake("medfast::ussim_psf")

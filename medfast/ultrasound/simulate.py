@@ -146,6 +146,29 @@ def _check_props(props: object) -> torch.Tensor:
     return props
 
 
+def _check_volume_index(index: object, batch: int, volumes: int, device: torch.device) -> torch.Tensor | None:
+    """The ``volume_index`` of simulate(), checked on the host, as int64 on ``device`` (or None)."""
+    if index is None:
+        return None
+    if isinstance(index, torch.Tensor):
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"volume_index must hold integers, got {index.dtype}")
+        host = index.detach().to("cpu", torch.int64)
+    else:
+        arr = np.asarray(index)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"volume_index must be a sequence of ints or an integer tensor, got {arr.dtype} values")
+        host = torch.from_numpy(arr.astype(np.int64))
+    if host.shape != (batch,):
+        raise ValueError(f"volume_index must have shape ({batch},) (one volume per pose), got {tuple(host.shape)}")
+    if batch and (int(host.min()) < 0 or int(host.max()) >= volumes):
+        raise ValueError(f"volume_index values must lie in [0, {volumes}) (props has {volumes} volumes), "
+                         f"got [{int(host.min())}, {int(host.max())}]")
+    return host.to(device, non_blocking=True) if device.type != "cpu" else host
+
+
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -373,6 +396,7 @@ def simulate(
     background: Sequence[float] = WATER,
     return_lines: bool = False,
     max_bytes: int | None = None,
+    volume_index=None,
 ) -> SimulationResult:
     """Simulates B-mode frames from acoustic property maps along probe poses (differentiable).
 
@@ -381,7 +405,8 @@ def simulate(
     props : Tensor
         ``(Bv, 5, D, H, W)`` property maps (see :mod:`medfast.ultrasound.tissue`): impedance (MRayl),
         attenuation (dB/cm/MHz), scatterer density, scatter amplitude mean and spread. ``Bv`` is 1
-        (one volume for every pose) or B. float32 or float64. Differentiable. The kernel reads a
+        (one volume for every pose) or B, or any number with ``volume_index``. float32 or float64.
+        Differentiable. The kernel reads a
         channels-last volume: maps in ``torch.channels_last_3d`` memory format (as
         ``hu_to_properties`` and ``LabelTable`` return them) are used without a copy.
     affine : array-like
@@ -419,6 +444,12 @@ def simulate(
         Also return the envelope and complex IQ scanlines.
     max_bytes : int, optional
         Memory allowance (default 80 % of the free memory of the device).
+    volume_index : sequence of int or Tensor, optional
+        ``(B,)``: pose b images volume ``volume_index[b]`` of ``props``. The volumes share the grid
+        ``affine`` (for example tissue-parameter variants of one anatomy, or the frames of a 4D
+        volume), and any number of poses may image each, all in one call (one kernel launch instead of
+        one per volume). Checked on the host: a GPU tensor is copied to the CPU first (a device sync),
+        so pass a list or a CPU tensor. The speckle is that of ``seed`` in every volume.
 
     Returns
     -------
@@ -442,8 +473,10 @@ def simulate(
     if len(bg) != N_PROPS:
         raise ValueError(f"background must have {N_PROPS} values, got {len(bg)}")
     B = pose.shape[0]
-    if props.shape[0] not in (1, B):
-        raise ValueError(f"props batch ({props.shape[0]}) must be 1 or the number of poses ({B})")
+    index = _check_volume_index(volume_index, B, props.shape[0], props.device)
+    if index is None and props.shape[0] not in (1, B):
+        raise ValueError(f"props batch ({props.shape[0]}) must be 1 or the number of poses ({B}), "
+                         "or give a volume_index")
     _check_memory(B, probe, sub_rays, props.dtype, props.device, max_bytes)
     dev, dt = props.device, props.dtype
     E = sub_rays
@@ -466,7 +499,7 @@ def simulate(
     sharp = max(1.0, voxel_mm / interface_mm)
     w3 = _cached("elevation3", probe, E, str(dev), dt, None)[0 if speckle else 1]  # (E, S, 3)
     # Elevation-weighted sub-ray sum, (B, L, 3, S).
-    lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, bg, seed, sharp)
+    lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, bg, seed, sharp, index)
     i_re, i_im = _apply_psf(lines, probe, speckle)  # IQ, (B, L, S) each
 
     # Without autograd the same steps run in place (one buffer for the power / dB lines and one for

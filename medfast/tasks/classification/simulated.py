@@ -367,13 +367,17 @@ class SimulatedUltrasound:
         out[:, 5] *= amp
         return torch.from_numpy(out)
 
-    def _volume_props(self, v: int, k: int, device: torch.device) -> torch.Tensor:
-        key = (v, k, str(device))
+    def _volume_props(self, v: int, device: torch.device) -> torch.Tensor:
+        """``(variants, 5, D, H, W)`` property maps of volume v's tissue variants (channels-last, as the
+        simulator reads them), for one simulation call per volume and probe with a volume index."""
+        key = (v, str(device))
         if key not in self._props:
             from medfast.ultrasound import hu_to_properties
 
             vol = self.volumes[v].intensity.to(device)[None, None]
-            self._props[key] = hu_to_properties(vol, self._knots(v, k).to(device=device, dtype=torch.float32))
+            maps = [hu_to_properties(vol, self._knots(v, k).to(device=device, dtype=torch.float32))
+                    for k in range(self.variants)]
+            self._props[key] = torch.cat(maps).contiguous(memory_format=torch.channels_last_3d)
         return self._props[key]
 
     def _grid(self, p: int, device: torch.device) -> torch.Tensor:
@@ -441,17 +445,20 @@ class SimulatedUltrasound:
         poses = self.poses(vol, plane, batch["pose_u"], extra[:, 2].tolist())
         B = len(vol)
         out = torch.empty(B, 1, *self.image_shape, device=device)
-        groups: dict[tuple[int, int, int], list[int]] = {}
+        # One simulation per (volume, probe): the tissue variants of a volume are one stack of property
+        # maps, each frame picking its variant by the volume index (the variants share the speckle seed).
+        groups: dict[tuple[int, int], list[int]] = {}
         for i in range(B):
-            groups.setdefault((vol[i], variant[i], probe[i]), []).append(i)
+            groups.setdefault((vol[i], probe[i]), []).append(i)
         # Host-side inputs (poses, gain, range, indices) reach the device by non-blocking copies, so the
         # CPU queues every group's simulation without waiting for the GPU to finish the previous one.
         levels = extra[:, :2].float().to(device, non_blocking=True)  # (B, 2) gain dB, dynamic range dB
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            for (v, k, p), idx in groups.items():
-                props = self._volume_props(v, k, device)
+            for (v, p), idx in groups.items():
+                props = self._volume_props(v, device)
                 res = simulate(props, self.volumes[v].affine, poses[idx].float(), self.probes[p],
-                               seed=1000 * v + k + 17, sub_rays=self.sub_rays, tgc_db_cm_mhz=self.tgc)
+                               seed=1000 * v + 17, sub_rays=self.sub_rays, tgc_db_cm_mhz=self.tgc,
+                               volume_index=[variant[i] for i in idx])
                 rows = torch.tensor(idx).to(device, non_blocking=True)
                 gain, dr = levels.index_select(0, rows)[:, :, None, None].unbind(1)  # (b, 1, 1) each
                 scan = ((res.lines_db + gain + dr) / dr).clamp(0.0, 1.0)  # (b, L, S)

@@ -1,0 +1,259 @@
+// Warp-cooperative CUDA kernels of the ultrasound ray march (one warp per scanline or ray), kept apart
+// from the launcher so that tests/simt can run the same code on the CPU: it compiles this header with
+// the warp shuffles emulated by 32 host threads and compares the results with the CPU op.
+// Needs: __global__, threadIdx / blockIdx / blockDim / gridDim and __shfl_{sync,up_sync,down_sync,
+// xor_sync} (CUDA, or the emulation in tests/simt/simt.h).
+#pragma once
+#include "common/macros.h"
+#include "ussim/ussim.h"
+
+namespace medfast::ussim {
+
+// Warp-cooperative line march: one warp per scanline; lane t evaluates sample base + t of each chunk
+// of 32 (eval_sample from ussim.h), the impedance of the previous sample comes from the lane before
+// (or the last lane of the previous chunk), and the transmission, a running sum of log losses along
+// the ray, becomes a warp prefix scan in double with the chunk totals carried. The dependency chain
+// of a line is 32x shorter than with one thread per line, which leaves most of the GPU idle at a few
+// frames per call (each line then costs S sequential samples of memory latency).
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+__global__ void lines_warp_kernel(const T* vol, const float* table, const Params P, const T* start, const T* step,
+                                  const T* w, T* out, int64_t lines, int64_t L, int64_t E) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  // line is the same for the 32 lanes of a warp: the loops and the shuffles stay warp-uniform
+  for (int64_t line = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; line < lines; line += warps) {
+    const T* v = vol + frame_volume(P, line / L) * vol_stride;
+    const A st[3] = {static_cast<A>(step[line * 3]), static_cast<A>(step[line * 3 + 1]),
+                     static_cast<A>(step[line * 3 + 2])};
+    T* o = out + line * 3 * P.S;
+    for (int64_t e = 0; e < E; ++e) {
+      const T* s0 = start + (line * E + e) * 3;
+      const A org[3] = {static_cast<A>(s0[0]), static_cast<A>(s0[1]), static_cast<A>(s0[2])};
+      const T* we = w + e * P.S * 3;
+      double carry = 0.0;  // sum of the log losses of the samples before this chunk
+      A z_carry = A(1);    // impedance of the last sample of the previous chunk
+      for (int64_t base = 0; base < P.S; base += 32) {
+        const int64_t i = base + lane;
+        const bool valid = i < P.S;
+        Sample<A> s;
+        s.Z = A(1);
+        s.v[1] = A(0);
+        if (valid) {
+          const A fi = static_cast<A>(i);
+          const A p[3] = {org[0] + fi * st[0], org[1] + fi * st[1], org[2] + fi * st[2]};
+          eval_sample<T, A>(v, table, P, p, A(1), true, s, nullptr, nullptr);
+        }
+        A z_prev = __shfl_up_sync(kFullMask, s.Z, 1);
+        if (lane == 0) z_prev = z_carry;
+        // as eval_sample with the previous sample's impedance (march_ray_fn)
+        const A R = i == 0 ? A(0) : (s.Z - z_prev) / (s.Z + z_prev);
+        const double u = valid ? static_cast<double>(log_transmission<A>(R)) - P.att * static_cast<double>(s.v[1])
+                               : 0.0;
+        double incl = u;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const double n = __shfl_up_sync(kFullMask, incl, d);
+          if (lane >= d) incl += n;
+        }
+        double excl = __shfl_up_sync(kFullMask, incl, 1);
+        if (lane == 0) excl = 0.0;
+        if (valid) {
+          const A En = exp_a(static_cast<A>(carry + excl));
+          const A v0 = static_cast<A>(we[3 * i]) * (En * R), v1 = static_cast<A>(we[3 * i + 1]) * (En * s.amp * s.n[0]),
+                  v2 = static_cast<A>(we[3 * i + 2]) * (En * s.amp * s.n[1]);
+          if (e == 0) {
+            o[i] = static_cast<T>(v0);
+            o[P.S + i] = static_cast<T>(v1);
+            o[2 * P.S + i] = static_cast<T>(v2);
+          } else {  // the same lane wrote these in the previous sub-ray: no race
+            o[i] += static_cast<T>(v0);
+            o[P.S + i] += static_cast<T>(v1);
+            o[2 * P.S + i] += static_cast<T>(v2);
+          }
+        }
+        carry += __shfl_sync(kFullMask, incl, 31);
+        z_carry = __shfl_sync(kFullMask, s.Z, 31);
+      }
+    }
+  }
+}
+
+// Warp-cooperative backward of one ray per warp (march_ray_backward of ussim.h, lane t on sample
+// base + t of each chunk of 32): pass 1 sums h_i E_i by warp reductions, pass 2 gets the prefix sums by
+// warp scans, so the suffix W_i = total - prefix as in the serial code. The impedance gradient of sample
+// i also takes a term from sample i + 1 (R_{i+1} depends on Z_i): the next lane hands it down by a
+// shuffle, and the last lane of a chunk keeps its sample pending until the next chunk's first lane has it.
+template <typename T>
+__global__ void backward_warp_kernel(const T* vol, const float* table, const Params P, const T* coords, const T* grad,
+                                     T* gvals, T* gcoords, int64_t rays, int64_t R) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t ray = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; ray < rays; ray += warps) {
+    const T* v = vol + frame_volume(P, ray / R) * vol_stride;
+    const T* c = coords + ray * P.S * 3;
+    const T* g = grad + ray * P.S * 3;
+    T* gv_out = gvals ? gvals + ray * P.S * kProps : nullptr;
+    T* gc_out = gcoords ? gcoords + ray * P.S * 3 : nullptr;
+    // One chunk: this lane's sample, its R from the previous lane's impedance, its log loss u, and the
+    // exclusive prefix of u (logT before carry). The same evaluation in both passes.
+    auto eval = [&](int64_t base, A z_carry, bool grads, Sample<A>& s, A& Rr, double& u, double& excl, double& incl,
+                    A* dv, A* dn, bool& clamped_prev) {
+      const int64_t i = base + lane;
+      const bool valid = i < P.S;
+      s.Z = A(1);
+      s.v[1] = A(0);
+      s.z_clamped = false;
+      if (valid) {
+        const A p[3] = {static_cast<A>(c[3 * i]), static_cast<A>(c[3 * i + 1]), static_cast<A>(c[3 * i + 2])};
+        eval_sample<T, A>(v, table, P, p, A(1), true, s, grads ? dv : nullptr, grads ? dn : nullptr);
+      }
+      A z_prev = __shfl_up_sync(kFullMask, s.Z, 1);
+      bool cp = __shfl_up_sync(kFullMask, static_cast<int>(s.z_clamped), 1) != 0;
+      if (lane == 0) z_prev = z_carry;
+      clamped_prev = cp;
+      Rr = i == 0 ? A(0) : (s.Z - z_prev) / (s.Z + z_prev);
+      s.R = Rr;
+      u = valid ? static_cast<double>(log_transmission<A>(Rr)) - P.att * static_cast<double>(s.v[1]) : 0.0;
+      incl = u;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const double n = __shfl_up_sync(kFullMask, incl, d);
+        if (lane >= d) incl += n;
+      }
+      excl = __shfl_up_sync(kFullMask, incl, 1);
+      if (lane == 0) excl = 0.0;
+      return z_prev;
+    };
+    auto warp_sum = [](double x) {
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) x += __shfl_xor_sync(kFullMask, x, d);
+      return x;
+    };
+    // Pass 1: total of h_i E_i.
+    double logT = 0.0, total = 0.0;
+    A z_carry = A(1);
+    bool clamped_carry = false;
+    for (int64_t base = 0; base < P.S; base += 32) {
+      const int64_t i = base + lane;
+      Sample<A> s;
+      A Rr;
+      double u, excl, incl;
+      bool cp;
+      eval(base, z_carry, false, s, Rr, u, excl, incl, nullptr, nullptr, cp);
+      double he = 0.0;
+      if (i < P.S) {
+        const A g0 = static_cast<A>(g[3 * i]), g1 = static_cast<A>(g[3 * i + 1]), g2 = static_cast<A>(g[3 * i + 2]);
+        const A h = g0 * Rr + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
+        he = static_cast<double>(h) * exp(logT + excl);
+      }
+      total += warp_sum(he);
+      logT += __shfl_sync(kFullMask, incl, 31);
+      z_carry = __shfl_sync(kFullMask, s.Z, 31);
+    }
+    // Pass 2: per-sample gradients.
+    logT = 0.0;
+    double prefix = 0.0;
+    z_carry = A(1);
+    clamped_carry = false;
+    // the pending sample of lane 31 (its impedance term from the next chunk's lane 0 still to add)
+    int64_t pend_i = -1;
+    A pend_gv[kProps], pend_dz[3], pend_acc[3];
+    auto finish = [&](int64_t i, A* gv, const A* dz, const A* acc, A c_next) {
+      gv[0] += c_next;
+      if (gv_out)
+        for (int q = 0; q < kProps; ++q) gv_out[i * kProps + q] = static_cast<T>(gv[q]);
+      if (gc_out)
+        for (int j = 0; j < 3; ++j) gc_out[3 * i + j] = static_cast<T>(acc[j] + gv[0] * dz[j]);
+    };
+    for (int64_t base = 0; base < P.S; base += 32) {
+      const int64_t i = base + lane;
+      const bool valid = i < P.S;
+      Sample<A> s;
+      A Rr, dv[3 * kProps], dn[9];
+      double u, excl, incl;
+      bool cp;
+      const A z_prev = eval(base, z_carry, gc_out != nullptr, s, Rr, u, excl, incl, dv, dn, cp);
+      if (lane == 0) cp = clamped_carry;
+      A gv[kProps] = {A(0), A(0), A(0), A(0), A(0)};
+      A acc[3] = {A(0), A(0), A(0)};
+      A cterm = A(0);  // this sample's term of the previous sample's impedance gradient
+      double he = 0.0;
+      A E = A(0), h = A(0), g0 = A(0), g1 = A(0), g2 = A(0);
+      if (valid) {
+        E = static_cast<A>(exp(logT + excl));
+        g0 = static_cast<A>(g[3 * i]);
+        g1 = static_cast<A>(g[3 * i + 1]);
+        g2 = static_cast<A>(g[3 * i + 2]);
+        h = g0 * Rr + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
+        he = static_cast<double>(h) * exp(logT + excl);
+      }
+      // inclusive prefix of h_i E_i (the serial code adds sample i before taking the suffix)
+      double hp = he;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const double n = __shfl_up_sync(kFullMask, hp, d);
+        if (lane >= d) hp += n;
+      }
+      if (valid) {
+        const A Wsuf = static_cast<A>(total - (prefix + hp));
+        const A one_m = A(1) - Rr * Rr;
+        A gR = g0 * E;
+        if (one_m > A(kMinTransmission)) gR -= Wsuf * A(2) * Rr / one_m;
+        gv[1] = -Wsuf * static_cast<A>(P.att);
+        const A gamp = E * (g1 * s.n[0] + g2 * s.n[1]);
+        gv[2] = s.sq > A(0) ? gamp * s.m * A(0.5) / s.sq : A(0);
+        gv[3] = gamp * s.sq;
+        gv[4] = gamp * s.sq * s.n[2];
+        if (i > 0) {
+          const A den = s.Z + z_prev;
+          const A dR_dZ = A(2) * z_prev / (den * den), dR_dZprev = A(-2) * s.Z / (den * den);
+          if (!s.z_clamped) gv[0] += gR * dR_dZ;
+          if (!cp) cterm = gR * dR_dZprev;
+        }
+        if (gc_out) {
+          const A gn0 = g1 * E * s.amp, gn1 = g2 * E * s.amp, gn2 = gamp * s.sq * s.v[4];
+          for (int j = 0; j < 3; ++j) acc[j] = gn0 * dn[j] + gn1 * dn[3 + j] + gn2 * dn[6 + j];
+        }
+      }
+      // the previous chunk's pending sample (lane 31) takes lane 0's term
+      const A c0 = __shfl_sync(kFullMask, cterm, 0);
+      if (lane == 31 && pend_i >= 0) {
+        finish(pend_i, pend_gv, pend_dz, pend_acc, c0);
+        pend_i = -1;
+      }
+      A c_next = __shfl_down_sync(kFullMask, cterm, 1);
+      if (valid) {
+        // acc + sum_c gv[c] dv[c] with gv[0] still missing c_next: keep the impedance part apart
+        A rest[3] = {acc[0], acc[1], acc[2]}, dz[3] = {A(0), A(0), A(0)};
+        if (gc_out)
+          for (int j = 0; j < 3; ++j) {
+            dz[j] = dv[j];
+            for (int q = 1; q < kProps; ++q) rest[j] += gv[q] * dv[3 * q + j];
+          }
+        if (lane == 31) {
+          pend_i = i;
+          for (int q = 0; q < kProps; ++q) pend_gv[q] = gv[q];
+          for (int j = 0; j < 3; ++j) {
+            pend_dz[j] = dz[j];
+            pend_acc[j] = rest[j];
+          }
+        } else {
+          finish(i, gv, dz, rest, c_next);
+        }
+      }
+      prefix += __shfl_sync(kFullMask, hp, 31);
+      logT += __shfl_sync(kFullMask, incl, 31);
+      z_carry = __shfl_sync(kFullMask, s.Z, 31);
+      clamped_carry = __shfl_sync(kFullMask, static_cast<int>(s.z_clamped), 31) != 0;
+    }
+    if (lane == 31 && pend_i >= 0) finish(pend_i, pend_gv, pend_dz, pend_acc, A(0));
+  }
+}
+
+}  // namespace medfast::ussim

@@ -1,0 +1,87 @@
+// The warp-cooperative ultrasound kernels (csrc/ussim/ussim_warp.cuh) on the CPU under the warp
+// emulation of simt.h, as a C library for tests/test_simt.py (ctypes): the same kernel source as the
+// CUDA build, checked against the CPU op here, where no GPU runs.
+#include "simt.h"
+// (simt.h first: the kernels' CUDA names must exist before the header is parsed)
+#include "ussim/ussim_warp.cuh"
+
+#include <cstdint>
+#include <vector>
+
+using namespace medfast::ussim;
+
+namespace {
+
+Params make(int64_t V, int64_t D, int64_t H, int64_t W, int64_t S, int64_t rows, uint64_t seed, const double* G,
+            double att, const double* bg, double sharp, const int64_t* volume_index) {
+  Params P{};
+  P.V = V;
+  P.volume_index = volume_index;
+  P.D = D;
+  P.H = H;
+  P.W = W;
+  P.S = S;
+  P.noise_mask = rows - 1;
+  P.seed = seed;
+  for (int i = 0; i < 12; ++i) P.G[i] = G[i];
+  P.att = att;
+  for (int i = 0; i < kProps; ++i) P.bg[i] = bg[i];
+  P.sharp = sharp;
+  return P;
+}
+
+template <typename T>
+void lines(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows, uint64_t seed,
+           const double* G, double att, const double* bg, double sharp, const T* start, const T* step, const T* w,
+           int64_t B, int64_t L, int64_t E, int64_t S, T* out, const int64_t* vidx) {
+  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  simt::run_warp([&] { lines_warp_kernel<T>(vol, table, P, start, step, w, out, B * L, L, E); });
+}
+
+// The backward kernel, then the serial scatter of its per-sample property gradients into gprops
+// (zeroed by the caller), as the CUDA launcher's scatter kernel does with atomics.
+template <typename T>
+void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
+              uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* coords,
+              const T* grad, int64_t B, int64_t R, int64_t S, T* gprops, T* gcoords, const int64_t* vidx) {
+  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  std::vector<T> gvals(gprops ? B * R * S * kProps : 0);
+  T* gv = gprops ? gvals.data() : nullptr;
+  simt::run_warp([&] { backward_warp_kernel<T>(vol, table, P, coords, grad, gv, gcoords, B * R, R); });
+  if (!gprops) return;
+  using A = medfast::acc_t<T>;
+  const int64_t vol_stride = D * H * W * kProps;
+  const auto add = [](T* dst, T v) { *dst += v; };
+  for (int64_t k = 0; k < B * R * S; ++k) {
+    A g[kProps];
+    for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gv[k * kProps + q]);
+    scatter_props<A>(gprops + frame_volume(P, k / (R * S)) * vol_stride, P, static_cast<A>(coords[3 * k]),
+                     static_cast<A>(coords[3 * k + 1]), static_cast<A>(coords[3 * k + 2]), g, add);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+void emu_lines_f32(const float* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
+                   uint64_t seed, const double* G, double att, const double* bg, double sharp, const float* start,
+                   const float* step, const float* w, int64_t B, int64_t L, int64_t E, int64_t S, float* out, const int64_t* vidx) {
+  lines<float>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, start, step, w, B, L, E, S, out, vidx);
+}
+void emu_lines_f64(const double* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
+                   uint64_t seed, const double* G, double att, const double* bg, double sharp, const double* start,
+                   const double* step, const double* w, int64_t B, int64_t L, int64_t E, int64_t S, double* out, const int64_t* vidx) {
+  lines<double>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, start, step, w, B, L, E, S, out, vidx);
+}
+void emu_backward_f32(const float* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
+                      uint64_t seed, const double* G, double att, const double* bg, double sharp, const float* coords,
+                      const float* grad, int64_t B, int64_t R, int64_t S, float* gprops, float* gcoords, const int64_t* vidx) {
+  backward<float>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, coords, grad, B, R, S, gprops, gcoords, vidx);
+}
+void emu_backward_f64(const double* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table,
+                      int64_t rows, uint64_t seed, const double* G, double att, const double* bg, double sharp,
+                      const double* coords, const double* grad, int64_t B, int64_t R, int64_t S, double* gprops,
+                      double* gcoords, const int64_t* vidx) {
+  backward<double>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, coords, grad, B, R, S, gprops, gcoords, vidx);
+}
+}

@@ -1,0 +1,266 @@
+"""CUDA kernels (the ultrasound line march and ray backward, the warp op's forward, backward and warp-merged
+backward) run on the CPU under a warp emulation (tests/simt/simt.h: 32 host threads,
+shuffles through a shared slot array, real atomics), compiled from the same source as the CUDA build,
+against the CPU ops. This is how their arithmetic and shuffle logic are tested on machines without a
+GPU; the CUDA tests (``MEDFAST_USSIM_CUDA_MARCH=warp``, ``MEDFAST_WARP_CUDA_SCATTER=merged``) check
+them on a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medfast.ops._ussim import march_lines, noise_table
+
+ROOT = Path(__file__).resolve().parents[1]
+WATER_BG = (1.5, 0.0, 0.0, 0.0, 0.0)
+G_AFF = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+
+
+def _build(tmp_path_factory, name: str) -> ctypes.CDLL:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib = tmp_path_factory.mktemp("simt") / f"{name}.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'simt'}", str(ROOT / "tests" / "simt" / f"{name}.cpp"),
+           "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build(tmp_path_factory, "ussim_warp_emu")
+
+
+@pytest.fixture(scope="module")
+def warp_emu(tmp_path_factory):
+    return _build(tmp_path_factory, "warp_kernels_emu")
+
+
+def _p(t: torch.Tensor):
+    assert t.is_contiguous()
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _d(values) -> ctypes.Array:
+    return (ctypes.c_double * len(values))(*values)
+
+
+def _common(props, noise, seed, att, sharp):
+    i64 = ctypes.c_int64
+    return [_p(props), i64(props.shape[0]), i64(props.shape[1]), i64(props.shape[2]), i64(props.shape[3]),
+            _p(noise), i64(noise.shape[0]), ctypes.c_uint64(seed), _d(G_AFF), ctypes.c_double(att), _d(WATER_BG),
+            ctypes.c_double(sharp)]
+
+
+def _volume(B, dtype, gen, D=9, H=7, W=11):
+    props = torch.stack([1.3 + 0.6 * torch.rand(B, D, H, W, generator=gen, dtype=dtype)] +
+                        [torch.rand(B, D, H, W, generator=gen, dtype=dtype) for _ in range(4)], -1)
+    props[:, 4, :, :, 0] = -0.2  # clamped impedance
+    return props.contiguous()
+
+
+def _frames(volumes: str, B: int, dtype, gen):
+    """props for B frames: one volume ("one"), one per frame ("per_frame"), or 3 volumes picked by a
+    volume index ("indexed", frames -> volumes 2, 0, ...); and the index (or None)."""
+    if volumes == "indexed":
+        return _volume(3, dtype, gen), torch.tensor([2, 0, 2, 1][:B], dtype=torch.int64)
+    return _volume(B if volumes == "per_frame" else 1, dtype, gen), None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
+@pytest.mark.parametrize("S", [203, 64, 5])
+def test_warp_line_march_matches_cpu(emu, dtype, volumes, S):
+    g = torch.Generator().manual_seed(4)
+    B, L, E = 2, 3, 3
+    props, index = _frames(volumes, B, dtype, g)
+    D, H, W = props.shape[1:4]
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 1.0
+    start[1, 2, 1] = -40.0  # a sub-ray that starts outside and crosses the volume
+    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.15
+    step[1, 2] = torch.tensor([0.4, 0.05, 0.06], dtype=dtype)
+    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
+    noise = noise_table(5, rows=256)
+    with torch.no_grad():
+        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0, index)
+    out = torch.full_like(ref, float("nan"))
+    fn = emu.emu_lines_f32 if dtype == torch.float32 else emu.emu_lines_f64
+    i64 = ctypes.c_int64
+    fn(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step), _p(weights), i64(B), i64(L), i64(E), i64(S),
+       _p(out), None if index is None else _p(index))
+    scale = ref.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
+@pytest.mark.parametrize("S", [100, 64, 33, 1])
+@pytest.mark.parametrize("which", ["both", "props", "coords"])
+def test_warp_backward_matches_cpu(emu, dtype, volumes, S, which):
+    g = torch.Generator().manual_seed(9)
+    B, R = 3, 4
+    props, index = _frames(volumes, B, dtype, g)
+    D, H, W = props.shape[1:4]
+    start = torch.rand(B, R, 1, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype)
+    step = (torch.rand(B, R, 1, 3, generator=g, dtype=dtype) - 0.5) * 0.2
+    coords = (start + torch.arange(S, dtype=dtype)[:, None] * step).contiguous()
+    coords[1, 3] = coords[1, 3] - torch.tensor([6.0, 0.0, 0.0], dtype=dtype)  # enters the volume mid-ray
+    grad = torch.randn(B, R, S, 3, generator=g, dtype=dtype)
+    noise = noise_table(3, rows=128)
+    need_p, need_c = which in ("both", "props"), which in ("both", "coords")
+    gp_ref, gc_ref = torch.ops.medfast.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG),
+                                                            7, 2.5, need_p, need_c, index)
+    gp = torch.zeros_like(props) if need_p else None
+    gc = torch.full_like(coords, float("nan")) if need_c else None
+    fn = emu.emu_backward_f32 if dtype == torch.float32 else emu.emu_backward_f64
+    i64 = ctypes.c_int64
+    fn(*_common(props, noise, 7, 0.05, 2.5), _p(coords), _p(grad), i64(B), i64(R), i64(S),
+       _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    if need_p:
+        torch.testing.assert_close(gp, gp_ref, **tol)
+    if need_c:
+        torch.testing.assert_close(gc, gc_ref, **tol)
+
+
+def test_warp_line_march_one_ray(emu):
+    # A kernel that cannot fail would prove nothing: a deliberately wrong input (a weight row off by
+    # one sample) must change the emulated result, so the comparisons above can catch a shifted scan.
+    g = torch.Generator().manual_seed(1)
+    props = _volume(1, torch.float64, g)
+    start = torch.full((1, 1, 1, 3), 2.0, dtype=torch.float64)
+    step = torch.tensor([[[0.1, 0.05, 0.07]]], dtype=torch.float64)
+    S = 70
+    weights = torch.ones(1, S, 3, dtype=torch.float64)
+    noise = noise_table(5, rows=256)
+    out = torch.zeros(1, 1, 3, S, dtype=torch.float64)
+    i64 = ctypes.c_int64
+    emu.emu_lines_f64(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step), _p(weights), i64(1), i64(1),
+                      i64(1), i64(S), _p(out), None)
+    with torch.no_grad():
+        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(out[..., 1:], ref[..., :-1])
+    assert np.isfinite(out.numpy()).all()
+
+
+# ---- the warp op's CUDA kernels: forward, backward (atomics), warp-merged linear backward ---------------
+
+PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+MODES = {"nearest": 0, "linear": 1, "cubic": 2}
+KERNELS = {"forward": 0, "backward": 1, "merged": 2}
+
+
+def _ints(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def test_fast_div_is_exact(warp_emu):
+    # the kernels' index split divides by FastDiv (multiply-high + shift) for launches under 2^31 outputs
+    rng = np.random.default_rng(0)
+    div = warp_emu.emu_fast_div
+    div.restype = ctypes.c_uint32
+    divisors = list(range(1, 300)) + [2**k + o for k in range(9, 31) for o in (-1, 0, 1) if 2**k + o < 2**31] + \
+        rng.integers(1, 2**31 - 1, 200).tolist()
+    for d in divisors:
+        ns = [0, 1, d - 1, d, d + 1, 2**31 - 1, (2**31 - 1) // d * d, (2**31 - 1) // d * d - 1] + \
+            rng.integers(0, 2**31, 20).tolist()
+        for n in ns:
+            if 0 <= n < 2**31:
+                assert div(ctypes.c_uint32(n), ctypes.c_uint32(d)) == n // d, (n, d)
+
+
+def _warp_case(ndim, dtype, field, broadcast, seed):
+    # rows of 37 voxels (not a multiple of 32: warps span row ends), 2 channels, batch 2; the smooth
+    # field makes neighbouring lanes share taps (the merged hand-over), the rough one mostly not.
+    g = torch.Generator().manual_seed(seed)
+    out = (5, 37) if ndim == 2 else (3, 4, 37)
+    inn = (6, 33) if ndim == 2 else (4, 5, 33)
+    B, C = 2, 2
+    image = torch.randn(1 if broadcast else B, C, *inn, generator=g, dtype=dtype)
+    if field == "rough":
+        ddf = 4.0 * torch.randn(B, ndim, *out, generator=g, dtype=dtype)
+    else:
+        ddf = 0.3 * torch.randn(B, ndim, *[1] * ndim, generator=g, dtype=dtype).expand(B, ndim, *out).clone()
+        ddf += 0.05 * torch.randn(B, ndim, *out, generator=g, dtype=dtype)
+        ddf[:, -1] += 0.5  # x taps straddle voxel boundaries
+    if field == "nan":
+        ddf.view(B, ndim, -1)[:, 0, ::7] = float("nan")
+    gout = torch.randn(B, C, *out, generator=g, dtype=dtype)
+    return image, ddf, gout, out, inn
+
+
+def _emu_warp(warp_emu, kernel, mode, padding, fast, image, ddf, out_size, inn, out=None, gout=None, gp=None,
+              gi=None):
+    fn = warp_emu.emu_warp_f32 if image.dtype == torch.float32 else warp_emu.emu_warp_f64
+    ndim = ddf.shape[1]
+    fn(ctypes.c_int(KERNELS[kernel]), ctypes.c_int(ndim), ctypes.c_int(MODES[mode]), ctypes.c_int(PADDINGS[padding]),
+       ctypes.c_int(int(fast)), _p(image), ctypes.c_int64(image.shape[0]), ctypes.c_int64(image.shape[1]),
+       _ints(inn), _p(ddf), ctypes.c_int64(ddf.shape[0]), _ints(out_size), None if out is None else _p(out),
+       None if gout is None else _p(gout), None if gp is None else _p(gp), None if gi is None else _p(gi))
+
+
+def _tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("fast", [True, False])
+def test_warp_forward_kernel_matches_cpu(warp_emu, dtype, ndim, mode, padding, fast):
+    image, ddf, _, out_size, inn = _warp_case(ndim, dtype, "nan", True, 3)
+    ref = torch.ops.medfast.warp_forward(image, None, ddf, list(out_size), mode, padding)
+    out = torch.full_like(ref, 5.0)
+    _emu_warp(warp_emu, "forward", mode, padding, fast, image, ddf, out_size, inn, out=out)
+    torch.testing.assert_close(out, ref, equal_nan=True, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("padding", list(PADDINGS))
+def test_warp_backward_kernel_matches_cpu(warp_emu, dtype, ndim, mode, padding):
+    image, ddf, gout, out_size, inn = _warp_case(ndim, dtype, "rough", False, 4)
+    need_pos = mode != "nearest"
+    gi_ref, gp_ref = torch.ops.medfast.warp_backward(gout, image, None, ddf, list(out_size), mode, padding, True,
+                                                     need_pos)
+    gi = torch.zeros_like(image)
+    gp = torch.full_like(ddf, 7.0) if need_pos else None
+    _emu_warp(warp_emu, "backward", mode, padding, True, image, ddf, out_size, inn, gout=gout, gp=gp, gi=gi)
+    torch.testing.assert_close(gi, gi_ref, **_tol(dtype))
+    if need_pos:
+        torch.testing.assert_close(gp, gp_ref, equal_nan=True, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("field", ["smooth", "rough", "nan"])
+@pytest.mark.parametrize("broadcast", [False, True])
+@pytest.mark.parametrize("fast", [True, False])
+def test_warp_merged_scatter_matches_cpu(warp_emu, dtype, ndim, padding, field, broadcast, fast):
+    # MEDFAST_WARP_CUDA_SCATTER=merged: lanes hand shared taps to their neighbour before the atomics
+    image, ddf, gout, out_size, inn = _warp_case(ndim, dtype, field, broadcast, ndim * 10 + len(padding))
+    gi_ref, gp_ref = torch.ops.medfast.warp_backward(gout, image, None, ddf, list(out_size), "linear", padding, True,
+                                                     True)
+    gi = torch.zeros_like(image)
+    gp = torch.full_like(ddf, 7.0)
+    _emu_warp(warp_emu, "merged", "linear", padding, fast, image, ddf, out_size, inn, gout=gout, gp=gp, gi=gi)
+    torch.testing.assert_close(gi, gi_ref, **_tol(dtype))
+    torch.testing.assert_close(gp, gp_ref, equal_nan=True, **_tol(dtype))
+    # and the image gradient alone (no position gradient: grad_pos null)
+    gi2 = torch.zeros_like(image)
+    _emu_warp(warp_emu, "merged", "linear", padding, fast, image, ddf, out_size, inn, gout=gout, gi=gi2)
+    torch.testing.assert_close(gi2, gi_ref, **_tol(dtype))
