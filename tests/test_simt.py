@@ -1,7 +1,7 @@
-"""CUDA kernels (the ultrasound line march and ray backward, the warp op's forward, backward and warp-merged
-backward) run on the CPU under a warp emulation (tests/simt/simt.h: 32 host threads,
-shuffles through a shared slot array, real atomics), compiled from the same source as the CUDA build,
-against the CPU ops. This is how their arithmetic and shuffle logic are tested on machines without a
+"""CUDA kernels run on the CPU under a warp emulation (tests/simt/simt.h: 32 fibers on one thread, shuffles
+through a shared slot array), compiled from the same source as the CUDA build, against the CPU ops: the
+ultrasound line march, ray backward, lines backward and its scatter; the warp op's forward, backward and
+warp-merged backward. This is how their arithmetic and shuffle logic are tested on machines without a
 GPU; the CUDA tests (``MEDFAST_USSIM_CUDA_MARCH=warp``, ``MEDFAST_WARP_CUDA_SCATTER=merged``) check
 them on a GPU."""
 
@@ -126,6 +126,38 @@ def test_warp_backward_matches_cpu(emu, dtype, volumes, S, which):
     i64 = ctypes.c_int64
     fn(*_common(props, noise, 7, 0.05, 2.5), _p(coords), _p(grad), i64(B), i64(R), i64(S),
        _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    if need_p:
+        torch.testing.assert_close(gp, gp_ref, **tol)
+    if need_c:
+        torch.testing.assert_close(gc, gc_ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
+@pytest.mark.parametrize("S", [100, 33])
+@pytest.mark.parametrize("which", ["both", "props", "coords"])
+def test_warp_lines_backward_matches_cpu(emu, dtype, volumes, S, which):
+    # ussim_march_lines_backward on CUDA with MEDFAST_USSIM_CUDA_MARCH=warp: positions and echo gradients
+    # of the sub-rays computed in the kernel, then the scatter of the lines (both kernels emulated)
+    g = torch.Generator().manual_seed(12)
+    B, L, E = 2, 3, 2
+    props, index = _frames(volumes, B, dtype, g)
+    D, H, W = props.shape[1:4]
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 0.5
+    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.2
+    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
+    grad = torch.randn(B, L, 3, S, generator=g, dtype=dtype)
+    noise = noise_table(3, rows=128)
+    need_p, need_c = which in ("both", "props"), which in ("both", "coords")
+    gp_ref, gc_ref = torch.ops.medfast.ussim_march_lines_backward(grad, props, start, step, weights, noise, G_AFF,
+                                                                  0.05, list(WATER_BG), 7, 2.5, need_p, need_c, index)
+    gp = torch.zeros_like(props) if need_p else None
+    gc = torch.full((B, L * E, S, 3), float("nan"), dtype=dtype) if need_c else None
+    fn = emu.emu_lines_backward_f32 if dtype == torch.float32 else emu.emu_lines_backward_f64
+    i64 = ctypes.c_int64
+    fn(*_common(props, noise, 7, 0.05, 2.5), _p(start), _p(step), _p(weights), _p(grad), i64(B), i64(L), i64(E),
+       i64(S), _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index))
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     if need_p:
         torch.testing.assert_close(gp, gp_ref, **tol)

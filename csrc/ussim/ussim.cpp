@@ -179,20 +179,6 @@ std::tuple<Tensor, Tensor> march_lines_backward_impl(const Tensor& grad, const T
            weights.contiguous(), noise.contiguous(), P, props_grad, coords_grad);
 }
 
-#ifdef MEDFAST_WITH_CUDA
-// The backward of march_lines on materialised tensors: the sub-ray sample positions start + i step and
-// the echo gradients grad * weights, (B, L E, S, 3) each, through march_backward_cuda.
-std::tuple<Tensor, Tensor> march_lines_backward_materialized(const Tensor& grad, const Tensor& props,
-                                                             const Tensor& start, const Tensor& step,
-                                                             const Tensor& weights, const Tensor& noise,
-                                                             const Params& P, bool props_grad, bool coords_grad) {
-  const int64_t B = start.size(0), L = start.size(1), E = start.size(2), S = P.S;
-  const Tensor i = at::arange(S, start.options());
-  const Tensor coords = (start.unsqueeze(3) + i.unsqueeze(1) * step.unsqueeze(2).unsqueeze(3)).reshape({B, L * E, S, 3});
-  const Tensor gech = (grad.transpose(2, 3).unsqueeze(2) * weights).reshape({B, L * E, S, 3});
-  return march_backward_cuda(gech.contiguous(), props, coords.contiguous(), noise, P, props_grad, coords_grad);
-}
-#endif
 
 template <Tensor (*F)(const Tensor&, const Tensor&, const Tensor&, bool)>
 Tensor psf_impl(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose) {
@@ -242,7 +228,7 @@ TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
   m.impl("ussim_march_lines", &march_lines_impl<march_lines_cuda>);
   m.impl("ussim_psf", &psf_impl<psf_cuda>);
   m.impl("ussim_march_backward", &march_backward_impl<march_backward_cuda>);
-  m.impl("ussim_march_lines_backward", &march_lines_backward_impl<march_lines_backward_materialized>);
+  m.impl("ussim_march_lines_backward", &march_lines_backward_impl<march_lines_backward_cuda>);
 }
 #endif
 

@@ -225,3 +225,42 @@ std::tuple<Tensor, Tensor> march_backward_cuda(const Tensor& grad, const Tensor&
 }
 
 }  // namespace medfast::ussim
+
+namespace medfast::ussim {
+
+std::tuple<Tensor, Tensor> march_lines_backward_cuda(const Tensor& grad, const Tensor& props, const Tensor& start,
+                                                     const Tensor& step, const Tensor& weights, const Tensor& noise,
+                                                     const Params& P, bool props_grad, bool coords_grad) {
+  const c10::cuda::CUDAGuard guard(start.device());
+  const int64_t B = start.size(0), L = start.size(1), E = start.size(2), S = P.S;
+  if (!warp_march()) {  // the positions and echo gradients materialised, (B, L E, S, 3) each
+    const Tensor i = at::arange(S, start.options());
+    const Tensor coords =
+        (start.unsqueeze(3) + i.unsqueeze(1) * step.unsqueeze(2).unsqueeze(3)).reshape({B, L * E, S, 3});
+    const Tensor gech = (grad.transpose(2, 3).unsqueeze(2) * weights).reshape({B, L * E, S, 3});
+    return march_backward_cuda(gech.contiguous(), props, coords.contiguous(), noise, P, props_grad, coords_grad);
+  }
+  const int64_t rays = B * L * E;
+  Tensor gvals = props_grad ? at::empty({B, L * E, S, kProps}, start.options()) : Tensor();
+  Tensor gcoords = coords_grad ? at::empty({B, L * E, S, 3}, start.options()) : at::empty({0}, start.options());
+  Tensor gprops = props_grad ? at::zeros(props.sizes(), props.options()) : at::empty({0}, props.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "medfast_ussim_march_lines_backward_cuda", [&] {
+    lines_backward_warp_kernel<scalar_t><<<grid_blocks(rays * 32, kThreads), kThreads, 0, stream>>>(
+        props.const_data_ptr<scalar_t>(), noise.const_data_ptr<float>(), P, start.const_data_ptr<scalar_t>(),
+        step.const_data_ptr<scalar_t>(), weights.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+        props_grad ? gvals.mutable_data_ptr<scalar_t>() : nullptr,
+        coords_grad ? gcoords.mutable_data_ptr<scalar_t>() : nullptr, rays, L, E);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (props_grad) {
+      const int64_t samples = rays * S;
+      lines_scatter_kernel<scalar_t><<<grid_blocks(samples, kThreads), kThreads, 0, stream>>>(
+          gprops.mutable_data_ptr<scalar_t>(), P, start.const_data_ptr<scalar_t>(), step.const_data_ptr<scalar_t>(),
+          gvals.const_data_ptr<scalar_t>(), samples, L, E);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {gprops, gcoords};
+}
+
+}  // namespace medfast::ussim

@@ -107,8 +107,7 @@ void march_backward_props_avx2(const float* vol, const float* table, const Param
                                const RaySamples& samples, CellRecords<float>& rec);
 // The backward of march_lines (grad (B, L, 3, S), the sub-ray samples start + i step and echo weights
 // of march_lines) without materialising the (B, L E, S, 3) positions and echo gradients: (gprops,
-// gcoords (B, L E, S, 3) or empty). Same results as march_backward on the materialised tensors
-// (march_lines_backward_materialized, the CUDA path).
+// gcoords (B, L E, S, 3) or empty). Same results as march_backward on the materialised tensors.
 std::tuple<Tensor, Tensor> march_lines_backward_cpu(const Tensor& grad, const Tensor& props, const Tensor& start,
                                                     const Tensor& step, const Tensor& weights, const Tensor& noise,
                                                     const Params& P, bool props_grad, bool coords_grad);
@@ -123,6 +122,11 @@ Tensor march_lines_cuda(const Tensor& props, const Tensor& start, const Tensor& 
 Tensor psf_cpu(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose);
 Tensor psf_cuda(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose);
 Tensor march_cuda(const Tensor& props, const Tensor& coords, const Tensor& noise, const Params& P);
+// The same on CUDA: the warp-cooperative kernels (MEDFAST_USSIM_CUDA_MARCH=warp) compute the positions
+// and echo gradients on the fly; the default path materialises them and calls march_backward_cuda.
+std::tuple<Tensor, Tensor> march_lines_backward_cuda(const Tensor& grad, const Tensor& props, const Tensor& start,
+                                                     const Tensor& step, const Tensor& weights, const Tensor& noise,
+                                                     const Params& P, bool props_grad, bool coords_grad);
 std::tuple<Tensor, Tensor> march_backward_cuda(const Tensor& grad, const Tensor& props, const Tensor& coords,
                                                const Tensor& noise, const Params& P, bool props_grad,
                                                bool coords_grad);

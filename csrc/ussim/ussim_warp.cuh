@@ -1,8 +1,8 @@
 // Warp-cooperative CUDA kernels of the ultrasound ray march (one warp per scanline or ray), kept apart
 // from the launcher so that tests/simt can run the same code on the CPU: it compiles this header with
-// the warp shuffles emulated by 32 host threads and compares the results with the CPU op.
-// Needs: __global__, threadIdx / blockIdx / blockDim / gridDim and __shfl_{sync,up_sync,down_sync,
-// xor_sync} (CUDA, or the emulation in tests/simt/simt.h).
+// the warp shuffles emulated by 32 fibers and compares the results with the CPU op.
+// Needs: __global__, threadIdx / blockIdx / blockDim / gridDim, __shfl_{sync,up_sync,down_sync,
+// xor_sync} and atomicAdd (CUDA, or the emulation in tests/simt/simt.h).
 #pragma once
 #include "common/macros.h"
 #include "ussim/ussim.h"
@@ -87,19 +87,14 @@ __global__ void lines_warp_kernel(const T* vol, const float* table, const Params
 // warp scans, so the suffix W_i = total - prefix as in the serial code. The impedance gradient of sample
 // i also takes a term from sample i + 1 (R_{i+1} depends on Z_i): the next lane hands it down by a
 // shuffle, and the last lane of a chunk keeps its sample pending until the next chunk's first lane has it.
-template <typename T>
-__global__ void backward_warp_kernel(const T* vol, const float* table, const Params P, const T* coords, const T* grad,
-                                     T* gvals, T* gcoords, int64_t rays, int64_t R) {
-  using A = acc_t<T>;
+// The backward of one ray by the 32 lanes of a warp: pos(i, p) gives sample i's voxel position (3
+// values), gin(i, g) the gradient of its 3 echoes; the per-sample gradients go to gv_out (S, K) and
+// gc_out (S, 3) where not null.
+template <typename T, typename A, typename Pos, typename Gin>
+__device__ void ray_backward_warp(const T* v, const float* table, const Params& P, Pos pos, Gin gin, T* gv_out,
+                                  T* gc_out) {
   const int lane = threadIdx.x & 31;
-  const int64_t vol_stride = P.D * P.H * P.W * kProps;
-  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t ray = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; ray < rays; ray += warps) {
-    const T* v = vol + frame_volume(P, ray / R) * vol_stride;
-    const T* c = coords + ray * P.S * 3;
-    const T* g = grad + ray * P.S * 3;
-    T* gv_out = gvals ? gvals + ray * P.S * kProps : nullptr;
-    T* gc_out = gcoords ? gcoords + ray * P.S * 3 : nullptr;
+  {
     // One chunk: this lane's sample, its R from the previous lane's impedance, its log loss u, and the
     // exclusive prefix of u (logT before carry). The same evaluation in both passes.
     auto eval = [&](int64_t base, A z_carry, bool grads, Sample<A>& s, A& Rr, double& u, double& excl, double& incl,
@@ -110,7 +105,8 @@ __global__ void backward_warp_kernel(const T* vol, const float* table, const Par
       s.v[1] = A(0);
       s.z_clamped = false;
       if (valid) {
-        const A p[3] = {static_cast<A>(c[3 * i]), static_cast<A>(c[3 * i + 1]), static_cast<A>(c[3 * i + 2])};
+        A p[3];
+        pos(i, p);
         eval_sample<T, A>(v, table, P, p, A(1), true, s, grads ? dv : nullptr, grads ? dn : nullptr);
       }
       A z_prev = __shfl_up_sync(kFullMask, s.Z, 1);
@@ -148,8 +144,9 @@ __global__ void backward_warp_kernel(const T* vol, const float* table, const Par
       eval(base, z_carry, false, s, Rr, u, excl, incl, nullptr, nullptr, cp);
       double he = 0.0;
       if (i < P.S) {
-        const A g0 = static_cast<A>(g[3 * i]), g1 = static_cast<A>(g[3 * i + 1]), g2 = static_cast<A>(g[3 * i + 2]);
-        const A h = g0 * Rr + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
+        A gi[3];
+        gin(i, gi);
+        const A h = gi[0] * Rr + (gi[1] * s.n[0] + gi[2] * s.n[1]) * s.amp;
         he = static_cast<double>(h) * exp(logT + excl);
       }
       total += warp_sum(he);
@@ -187,9 +184,11 @@ __global__ void backward_warp_kernel(const T* vol, const float* table, const Par
       A E = A(0), h = A(0), g0 = A(0), g1 = A(0), g2 = A(0);
       if (valid) {
         E = static_cast<A>(exp(logT + excl));
-        g0 = static_cast<A>(g[3 * i]);
-        g1 = static_cast<A>(g[3 * i + 1]);
-        g2 = static_cast<A>(g[3 * i + 2]);
+        A gi[3];
+        gin(i, gi);
+        g0 = gi[0];
+        g1 = gi[1];
+        g2 = gi[2];
         h = g0 * Rr + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
         he = static_cast<double>(h) * exp(logT + excl);
       }
@@ -253,6 +252,93 @@ __global__ void backward_warp_kernel(const T* vol, const float* table, const Par
       clamped_carry = __shfl_sync(kFullMask, static_cast<int>(s.z_clamped), 31) != 0;
     }
     if (lane == 31 && pend_i >= 0) finish(pend_i, pend_gv, pend_dz, pend_acc, A(0));
+  }
+}
+
+// Backward of rays with explicit sample positions: coords (B, R, S, 3), grad (B, R, S, 3) -> gvals
+// (B, R, S, K), gcoords (B, R, S, 3).
+template <typename T>
+__global__ void backward_warp_kernel(const T* vol, const float* table, const Params P, const T* coords, const T* grad,
+                                     T* gvals, T* gcoords, int64_t rays, int64_t R) {
+  using A = acc_t<T>;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t ray = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; ray < rays; ray += warps) {
+    const T* c = coords + ray * P.S * 3;
+    const T* g = grad + ray * P.S * 3;
+    ray_backward_warp<T, A>(
+        vol + frame_volume(P, ray / R) * vol_stride, table, P,
+        [c](int64_t i, A* p) {
+          for (int j = 0; j < 3; ++j) p[j] = static_cast<A>(c[3 * i + j]);
+        },
+        [g](int64_t i, A* gi) {
+          for (int j = 0; j < 3; ++j) gi[j] = static_cast<A>(g[3 * i + j]);
+        },
+        gvals ? gvals + ray * P.S * kProps : nullptr, gcoords ? gcoords + ray * P.S * 3 : nullptr);
+  }
+}
+
+#ifdef __CUDACC__
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }  // never fused into an FMA
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+#endif
+
+// Sample i of a sub-ray starting at st with step sp (the forward's geometry): st + i * sp, a product and
+// then a sum, each rounded, as the CPU op and the materialised positions compute it (no fused
+// multiply-add).
+template <typename A, typename T>
+__device__ void line_position(const T* st, const T* sp, int64_t i, A* p) {
+  for (int j = 0; j < 3; ++j) {
+#ifdef __CUDA_ARCH__
+    const A prod = mul_rn(static_cast<A>(i), static_cast<A>(sp[j]));
+#else
+    const A prod = static_cast<A>(i) * static_cast<A>(sp[j]);
+#endif
+    p[j] = static_cast<A>(st[j]) + prod;
+  }
+}
+
+// Backward of the sub-rays of scanlines without materialising their positions and echo gradients
+// (ussim_march_lines_backward): start (B, L, E, 3), step (B, L, 3), weights (E, S, 3), grad (B, L, 3, S)
+// -> gvals (B, L E, S, K), gcoords (B, L E, S, 3), per sub-ray as backward_warp_kernel.
+template <typename T>
+__global__ void lines_backward_warp_kernel(const T* vol, const float* table, const Params P, const T* start,
+                                           const T* step, const T* w, const T* grad, T* gvals, T* gcoords,
+                                           int64_t rays, int64_t L, int64_t E) {
+  using A = acc_t<T>;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t ray = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; ray < rays; ray += warps) {
+    const int64_t line = ray / E, e = ray - line * E;
+    const T* st = start + ray * 3;
+    const T* sp = step + line * 3;
+    const T* g = grad + line * 3 * P.S;
+    const T* we = w + e * P.S * 3;
+    const int64_t S = P.S;
+    ray_backward_warp<T, A>(
+        vol + frame_volume(P, line / L) * vol_stride, table, P,
+        [st, sp](int64_t i, A* p) { line_position<A>(st, sp, i, p); },
+        [g, we, S](int64_t i, A* gi) {
+          for (int c = 0; c < 3; ++c) gi[c] = static_cast<A>(g[c * S + i] * we[3 * i + c]);
+        },
+        gvals ? gvals + ray * P.S * kProps : nullptr, gcoords ? gcoords + ray * P.S * 3 : nullptr);
+  }
+}
+
+// The scatter of the sub-ray samples of scanlines (lines_backward_warp_kernel's gvals): the positions
+// start[b, l, e] + i * step[b, l] recomputed as that kernel does.
+template <typename T>
+__global__ void lines_scatter_kernel(T* gprops, const Params P, const T* start, const T* step, const T* gvals,
+                                     int64_t samples, int64_t L, int64_t E) {
+  using A = acc_t<T>;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  const auto add = [](T* dst, T v) { atomicAdd(dst, v); };
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < samples; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t ray = k / P.S, i = k - ray * P.S, line = ray / E;
+    A p[3], g[kProps];
+    line_position<A>(start + ray * 3, step + line * 3, i, p);
+    for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gvals[k * kProps + q]);
+    scatter_props<A>(gprops + frame_volume(P, line / L) * vol_stride, P, p[0], p[1], p[2], g, add);
   }
 }
 

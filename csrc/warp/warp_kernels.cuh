@@ -1,6 +1,6 @@
 // The CUDA kernels of the warp op's forward and (atomic) backward, kept apart from the launcher
 // (warp_cuda.cu) so that tests/simt can run the same code on the CPU (threads, warp shuffles and
-// atomicAdd emulated by host threads) against the CPU op. Needs: __global__, threadIdx / blockIdx /
+// atomicAdd emulated by fibers on one host thread) against the CPU op. Needs: __global__, threadIdx / blockIdx /
 // blockDim / gridDim, __shfl_up_sync / __shfl_down_sync and atomicAdd (CUDA, or tests/simt/simt.h).
 // One thread per output voxel (grid-stride); the flat index is split by IndexSplit (warp.h).
 #pragma once

@@ -60,9 +60,36 @@ void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const f
   }
 }
 
+// The lines backward kernel, then the lines scatter kernel (both under the emulation, atomics real).
+template <typename T>
+void lines_backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
+                    uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* start,
+                    const T* step, const T* w, const T* grad, int64_t B, int64_t L, int64_t E, int64_t S, T* gprops,
+                    T* gcoords, const int64_t* vidx) {
+  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  std::vector<T> gvals(gprops ? B * L * E * S * kProps : 0);
+  T* gv = gprops ? gvals.data() : nullptr;
+  simt::run_warp([&] { lines_backward_warp_kernel<T>(vol, table, P, start, step, w, grad, gv, gcoords, B * L * E, L, E); });
+  if (gprops) simt::run_warp([&] { lines_scatter_kernel<T>(gprops, P, start, step, gv, B * L * E * S, L, E); });
+}
+
 }  // namespace
 
 extern "C" {
+void emu_lines_backward_f32(const float* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table,
+                            int64_t rows, uint64_t seed, const double* G, double att, const double* bg, double sharp,
+                            const float* start, const float* step, const float* w, const float* grad, int64_t B,
+                            int64_t L, int64_t E, int64_t S, float* gprops, float* gcoords, const int64_t* vidx) {
+  lines_backward<float>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, start, step, w, grad, B, L, E, S,
+                        gprops, gcoords, vidx);
+}
+void emu_lines_backward_f64(const double* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table,
+                            int64_t rows, uint64_t seed, const double* G, double att, const double* bg, double sharp,
+                            const double* start, const double* step, const double* w, const double* grad, int64_t B,
+                            int64_t L, int64_t E, int64_t S, double* gprops, double* gcoords, const int64_t* vidx) {
+  lines_backward<double>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, start, step, w, grad, B, L, E, S,
+                         gprops, gcoords, vidx);
+}
 void emu_lines_f32(const float* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
                    uint64_t seed, const double* G, double att, const double* bg, double sharp, const float* start,
                    const float* step, const float* w, int64_t B, int64_t L, int64_t E, int64_t S, float* out, const int64_t* vidx) {
