@@ -16,6 +16,8 @@ cls_sim
     Classification of simulated ultrasound rendered on the fly on the training device (the classification
     task, ``data.dataset=simulated_ultrasound`` with synthetic phantom brains): step time against the
     rendering time, images/s.
+cls_sim_warp
+    The same with ``MEDFAST_USSIM_CUDA_MARCH=warp`` (the warp-cooperative CUDA march).
 ddp
     ``torchrun --standalone --nproc_per_node=N -m medfast train CONFIG`` of the classification task (the
     trainer's own torchrun/DDP path: NCCL on CUDA, gloo on the CPU), then a DDP probe under torchrun: one
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKS = ("seg_none", "seg_bf16", "seg_fp16", "reg_bf16", "cls_sim", "ddp")
+CHECKS = ("seg_none", "seg_bf16", "seg_fp16", "reg_bf16", "cls_sim", "cls_sim_warp", "ddp")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -274,12 +276,23 @@ def check_reg(args, device: torch.device, work: Path) -> dict[str, Any]:
     return out
 
 
-def check_cls(args, device: torch.device, work: Path) -> dict[str, Any]:
+def check_cls(args, device: torch.device, work: Path, march: str | None = None) -> dict[str, Any]:
+    """The classification check; ``march``: MEDFAST_USSIM_CUDA_MARCH for its rendering (None: default)."""
     _, _, Cls = _tasks()
     batch = 8 if args.small else 64
-    cfg = cls_config(work / "cls_sim", str(device), args.steps, "auto", args.small, batch)
+    name = "cls_sim" if march is None else f"cls_sim_{march}"
+    cfg = cls_config(work / name, str(device), args.steps, "auto", args.small, batch)
     task = Cls(cfg)
-    out = run_trainer_check("cls_sim", cfg, task, device)
+    before = os.environ.get("MEDFAST_USSIM_CUDA_MARCH")
+    if march is not None:
+        os.environ["MEDFAST_USSIM_CUDA_MARCH"] = march
+    try:
+        out = run_trainer_check(name, cfg, task, device)
+    finally:
+        if before is None:
+            os.environ.pop("MEDFAST_USSIM_CUDA_MARCH", None)
+        else:
+            os.environ["MEDFAST_USSIM_CUDA_MARCH"] = before
     render = task.render_s[: out["steps"]]
     timed = render[2:] if len(render) > 3 else render
     ms_render = 1000 * statistics.median(timed) if timed else None
@@ -449,7 +462,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             print(f"{r['check']:<10} ERROR: {r['error'].strip().splitlines()[-1][:90]}")
             continue
         extra = ""
-        if r["check"] == "cls_sim":
+        if r["check"].startswith("cls_sim"):
             extra = (f"render {_fmt(r.get('ms_render_per_step'), '.1f')} ms/step "
                      f"({_fmt(r.get('render_fraction'), '.0%')}), {_fmt(r.get('images_per_s'), '.0f')} img/s "
                      f"(render alone {_fmt(r.get('render_images_per_s'), '.0f')} img/s)")
@@ -501,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                "seg_fp16": lambda: check_seg("fp16", args, device, work),
                "reg_bf16": lambda: check_reg(args, device, work),
                "cls_sim": lambda: check_cls(args, device, work),
+               "cls_sim_warp": lambda: check_cls(args, device, work, "warp"),
                "ddp": lambda: check_ddp(args, device, work)}
     for name in args.only or CHECKS:
         t0 = time.perf_counter()
