@@ -18,6 +18,9 @@ cls_sim
     rendering time, images/s.
 cls_sim_warp
     The same with ``MEDFAST_USSIM_CUDA_MARCH=warp`` (the warp-cooperative CUDA march).
+ddp_shared
+    ``torchrun --nproc_per_node=2`` of ``medfast train`` with ``MEDFAST_DIST_BACKEND=gloo``: two processes
+    that may share one GPU, so the trainer's own multi-process path runs on a one-GPU machine.
 ddp
     ``torchrun --standalone --nproc_per_node=N -m medfast train CONFIG`` of the classification task (the
     trainer's own torchrun/DDP path: NCCL on CUDA, gloo on the CPU), then a DDP probe under torchrun: one
@@ -52,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKS = ("seg_none", "seg_bf16", "seg_fp16", "reg_bf16", "cls_sim", "cls_sim_warp", "ddp")
+CHECKS = ("seg_none", "seg_bf16", "seg_fp16", "reg_bf16", "cls_sim", "cls_sim_warp", "ddp", "ddp_shared")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -310,9 +313,11 @@ def check_cls(args, device: torch.device, work: Path, march: str | None = None) 
 # ------------------------------------------------------------------------------------------------------
 
 
-def _torchrun(nproc: int, cmd: list[str], log: Path, timeout: float) -> tuple[int, float, str]:
+def _torchrun(nproc: int, cmd: list[str], log: Path, timeout: float,
+              extra_env: dict[str, str] | None = None) -> tuple[int, float, str]:
     full = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
+               **(extra_env or {}))
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, env=env)
@@ -367,6 +372,38 @@ def check_ddp(args, device: torch.device, work: Path) -> dict[str, Any]:
     probe_ok = rc2 == 0 and out.get("probe", {}).get("finite", False)
     out["finite"] = bool(out.get("finite")) and probe_ok
     out["ok"] = rc == 0 and out["finite"]
+    return out
+
+
+def check_ddp_shared(args, device: torch.device, work: Path) -> dict[str, Any]:
+    """Two processes of ``medfast train`` under torchrun on however many GPUs there are (one is enough):
+    gloo (``MEDFAST_DIST_BACKEND=gloo``) lets them share a GPU, so the trainer's multi-process path
+    (process group, DDP over CUDA parameters, the distributed sampler, rank-0 logging) runs on a
+    one-GPU machine, where the ``ddp`` check's world size is 1."""
+    import yaml
+
+    nproc = 2
+    run_dir = work / "ddp_shared_train"
+    cfg = {"trainer": {"max_steps": args.steps, "batch_size": 4, "val_every": 0, "checkpoint_every": 0,
+                       "progress": False, "tensorboard": False, "plots": False, "amp": "bf16", "threads": 1}}
+    cfg_path = work / "ddp_shared_cls.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    overrides = [a for k in cls_keys(small=True) for a in ("--set", k)]
+    cmd = ["-m", "medfast", "train", str(cfg_path), *overrides, "--device", device.type, "--out", str(run_dir)]
+    rc, wall, text = _torchrun(nproc, cmd, work / "ddp_shared_train.log", args.ddp_timeout,
+                               {"MEDFAST_DIST_BACKEND": "gloo"})
+    out: dict[str, Any] = {"check": "ddp_shared", "nproc_per_node": nproc, "backend": "gloo", "train_rc": rc,
+                           "train_wall_s": wall, "log": str(work / "ddp_shared_train.log"),
+                           "gpus": torch.cuda.device_count() if device.type == "cuda" else 0}
+    res_path = run_dir / "results.json"
+    if rc == 0 and res_path.is_file():
+        res = json.loads(res_path.read_text())
+        rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+        out.update(_summary([r["loss"] for r in rows], [r["seconds"] for r in rows]))
+        out.update(world_size=res.get("world_size"), amp_effective=res.get("amp"), device=res.get("device"))
+        out["ok"] = out["world_size"] == nproc and bool(out.get("finite"))
+    else:
+        out.update(finite=False, ok=False, error=text[-2000:])
     return out
 
 
@@ -515,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                "reg_bf16": lambda: check_reg(args, device, work),
                "cls_sim": lambda: check_cls(args, device, work),
                "cls_sim_warp": lambda: check_cls(args, device, work, "warp"),
-               "ddp": lambda: check_ddp(args, device, work)}
+               "ddp": lambda: check_ddp(args, device, work),
+               "ddp_shared": lambda: check_ddp_shared(args, device, work)}
     for name in args.only or CHECKS:
         t0 = time.perf_counter()
         try:

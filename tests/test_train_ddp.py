@@ -59,3 +59,36 @@ def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path):
     assert moved > 1e-3
     # rank 0 alone wrote the logs
     assert (tmp_path / "ddp" / "train_log.jsonl").read_text().count("\n") == 3
+
+
+def test_backend_choice_and_gpu_sharing(monkeypatch):
+    # MEDFAST_DIST_BACKEND picks the process-group backend; more processes than GPUs share them (gloo),
+    # and NCCL with more processes than GPUs is refused with a message naming the fix.
+    import pytest
+
+    from medfast.train import distributed as D
+    from medfast.train.trainer import resolve_device
+
+    monkeypatch.delenv(D.BACKEND_ENV, raising=False)
+    assert D.backend_for("cpu") == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert D.backend_for("cuda") == "nccl"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="NCCL needs one GPU per process.*MEDFAST_DIST_BACKEND=gloo"):
+        D.backend_for("cuda")
+    monkeypatch.setenv(D.BACKEND_ENV, "gloo")
+    assert D.backend_for("cuda") == "gloo"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert D.local_cuda_index() == 0 and resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.setenv(D.BACKEND_ENV, "mpi")
+    with pytest.raises(ValueError, match="MEDFAST_DIST_BACKEND must be 'nccl' or 'gloo'"):
+        D.backend_for("cuda")
+    monkeypatch.setenv(D.BACKEND_ENV, "nccl")
+    with pytest.raises(ValueError, match="needs CUDA devices"):
+        D.backend_for("cpu")

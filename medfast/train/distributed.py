@@ -32,18 +32,46 @@ def barrier() -> None:
         dist.barrier()
 
 
+BACKEND_ENV = "MEDFAST_DIST_BACKEND"
+
+
+def local_cuda_index() -> int:
+    """This process's GPU: ``LOCAL_RANK`` modulo the visible GPUs (several processes share a GPU only
+    when there are more of them than GPUs, which gloo allows and NCCL does not)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+
+
+def backend_for(device_type: str) -> str:
+    """The process-group backend: ``MEDFAST_DIST_BACKEND`` (``nccl`` or ``gloo``) if set, else NCCL on CUDA
+    and gloo on the CPU. gloo on CUDA lets several processes share one GPU (a multi-process test on a
+    one-GPU machine); NCCL needs a GPU per process and says so here instead of failing inside NCCL."""
+    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if choice and choice not in ("nccl", "gloo"):
+        raise ValueError(f"{BACKEND_ENV} must be 'nccl' or 'gloo', got {choice!r}")
+    backend = choice or ("nccl" if device_type == "cuda" else "gloo")
+    if backend == "nccl" and device_type != "cuda":
+        raise ValueError(f"{BACKEND_ENV}=nccl needs CUDA devices; this run is on {device_type}")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if backend == "nccl" and local > torch.cuda.device_count():
+        raise ValueError(f"NCCL needs one GPU per process: {local} processes on this node, "
+                         f"{torch.cuda.device_count()} GPU(s) visible; run fewer processes "
+                         f"(torchrun --nproc_per_node) or set {BACKEND_ENV}=gloo to share GPUs")
+    return backend
+
+
 def init_distributed(device_type: str) -> bool:
     """Joins the process group described by torchrun's environment (``WORLD_SIZE`` > 1).
 
-    gloo on the CPU, NCCL on CUDA. Returns True when this call created the group (the caller destroys it).
+    gloo on the CPU, NCCL on CUDA (or ``MEDFAST_DIST_BACKEND``, see :func:`backend_for`). Returns True when
+    this call created the group (the caller destroys it).
     """
     if not dist.is_available() or dist.is_initialized():
         return False
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = backend_for(device_type)
     if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_cuda_index())
     dist.init_process_group(backend)
     return True
 

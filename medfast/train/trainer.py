@@ -117,16 +117,17 @@ def build_scheduler(optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` modulo the visible GPUs), else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", D.local_cuda_index())
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"trainer.device={name!r} but no CUDA GPU is visible")
         if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = torch.device("cuda", D.local_cuda_index())
     return device
 
 
