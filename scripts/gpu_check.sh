@@ -13,9 +13,12 @@
 #                               every 15 s (partial logs of a step cut off by the lease come back)
 # Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
 # (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them
-# (scripts/gpu_prepare.sh fills both). On a lent machine with 15 minutes in all (2026-11-27): the
-# build took 150 s of them; run the tests and profiles first and keep the budget under the call's
-# limit so the packed results come back.
+# (scripts/gpu_prepare.sh fills both). Order: build, CUDA tests, warp and kernel profiles, training
+# checks, benchmark suites, compute-sanitizer. On a lent machine with 15 minutes in all (2026-11-27)
+# the build took 150 s of them. One call of at most 600 s then fits, for example:
+#   MEDFAST_GPU_BUDGET=540 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick \
+#     MEDFAST_GPU_SUITES="warp ultrasound loss classification" bash scripts/gpu_check.sh
+# (carry .whl and .devdata); keep the budget under the call's limit so the packed results come back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-out/gpu}
@@ -88,6 +91,9 @@ if [ ${#files[@]} -gt 0 ]; then
 fi
 TAIL=40 step warp_profile 120 $PY benchmarks/gpu_warp_profile.py --out "$RES"
 TAIL=30 step kernel_profile 120 $PY benchmarks/gpu_kernel_profile.py --out "$RES"
+# the training checks (AMP, classification rendering in both CUDA marches, torchrun: NCCL and 2 processes
+# sharing a GPU over gloo) before the long benchmark suites: they answer more per second of the lease
+TAIL=30 step train_check 180 $PY scripts/gpu_train_check.py --device cuda --out "$RES/train_check"
 if [ "${MEDFAST_GPU_BENCH:-full}" != 0 ]; then
   quick=()
   [ "${MEDFAST_GPU_BENCH:-full}" = quick ] && quick=(--quick)
@@ -100,6 +106,5 @@ SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanit
 if [ -n "$SANITIZER" ]; then
   TAIL=12 step sanitizer 240 "$SANITIZER" --tool memcheck --error-exitcode 3 $PY scripts/cuda_sanitize.py || rc=1
 fi
-TAIL=30 step train_check 180 $PY scripts/gpu_train_check.py --device cuda --out "$RES/train_check"
 pack
 exit $rc
