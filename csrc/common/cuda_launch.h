@@ -2,15 +2,16 @@
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 
-#include <algorithm>
 #include <cstdint>
+
+#include "common/launch_geometry.h"
 
 namespace medfast {
 
+// The device's multiprocessor count.
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
 // Blocks of `threads` for n grid-stride work items: enough to fill the GPU, never more than needed.
-inline int64_t grid_blocks(int64_t n, int threads) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, sms * 64));
-}
+inline int64_t grid_blocks(int64_t n, int threads) { return grid_blocks_for(n, threads, sm_count()); }
 
 }  // namespace medfast

@@ -15,6 +15,15 @@
 #define MEDFAST_UNROLL _Pragma("GCC unroll 4")
 #endif
 
+// A kernel's dynamic shared memory as `unsigned char* name`: the extern __shared__ array on the GPU; in
+// a host compilation of kernel source (the emulation of tests/simt/simt.h, which must be included
+// first) the running block's buffer, from simt_dynamic_shared().
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MEDFAST_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+#define MEDFAST_DYNAMIC_SHARED(name) unsigned char* const name = simt_dynamic_shared()
+#endif
+
 namespace medfast {
 
 // Accumulation type: float for float/half/bfloat16, double for double.

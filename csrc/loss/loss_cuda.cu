@@ -1,8 +1,6 @@
-// CUDA launcher of the fused segmentation-loss sums (arithmetic in loss.h): one voxel per thread.
-// Per-thread scratch (softmax of the voxel) and per-thread class sums live in shared memory,
-// interleaved across the block's threads (loss.h's Strided view). Each block sums a fixed range of
-// one batch element's voxels, reduces its threads' sums in a fixed order and writes them to its own
-// slot; the slots are added by at::sum. No atomics: bitwise reproducible run to run.
+// CUDA launcher of the fused segmentation-loss sums: the kernels, their functors and the launch
+// geometry are in loss_kernels.cuh (arithmetic in loss.h); here the shared-memory plan and opt-in, the
+// tensors and the final sum of the blocks' partial sums (at::sum, in a fixed order).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -10,6 +8,7 @@
 #include <type_traits>
 
 #include "common/cuda_launch.h"
+#include "loss/loss_kernels.cuh"
 #include "loss/loss_launch.h"
 
 namespace medfast::loss {
@@ -24,14 +23,13 @@ struct Plan {
   size_t smem;
 };
 
-// The largest block (<= 256 threads, >= 32) whose shared memory fits in the default 48 KiB; past
-// that, 32 threads with the device's opt-in maximum. Too many classes for even that: a clear error.
+// Threads from plan_threads (loss_kernels.cuh): the largest block (<= 256 threads, >= 32) whose shared
+// memory fits in the default 48 KiB; past that, 32 threads with the device's opt-in maximum. Too many
+// classes for even that: a clear error.
 Plan plan(int64_t per_thread_bytes, int64_t C, const char* op) {
-  constexpr int64_t kDefault = 48 * 1024;
-  int threads = 256;
-  while (threads > 32 && threads * per_thread_bytes > kDefault) threads /= 2;
+  const int threads = plan_threads(per_thread_bytes);
   const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK_VALUE(threads * per_thread_bytes <= std::max(kDefault, optin), "medfast ", op, ": C = ", C,
+  TORCH_CHECK_VALUE(threads * per_thread_bytes <= std::max(kDefaultSharedBytes, optin), "medfast ", op, ": C = ", C,
                     " classes need ", threads * per_thread_bytes,
                     " bytes of shared memory per block on the GPU, more than this device's ", optin,
                     "; use fewer classes per call or the CPU");
@@ -44,97 +42,11 @@ void allow_smem(Kernel kernel, size_t smem) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
 
-// Sum kernels: grid (blocks per batch element, B); block x of batch b sums voxels [x chunk, (x+1) chunk).
-template <typename T>
-__device__ void store_block_sums(const T* smem, int64_t n, T* partial) {
-  __syncthreads();
-  const int nt = blockDim.x;
-  T* out = partial + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * n;
-  for (int64_t j = threadIdx.x; j < n; j += nt) {
-    T s = T(0);
-    for (int i = 0; i < nt; ++i) s += smem[j * nt + i];  // fixed order: deterministic
-    out[j] = s;
-  }
-}
-
-// The per-voxel work of each target kind, as device functors over one voxel x of batch element b:
-// sum(b, x, acc, e) adds the voxel to the thread's class sums; grad(b, x, i, e) writes its gradient
-// (i = b N + x). Scratch e: C + 2 (sums) or C + 4 (gradients) entries.
-template <typename S, typename T>
-struct LabelVoxel {
-  const S* z;
-  const int64_t* y;
-  const T* w;
-  const T* g;  // gradients of the sums (backward only)
-  S* gz;
-  int64_t C, N;
-  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e) const {
-    const int64_t v = b * N + x;
-    stats_block(z + b * C * N + x, C, N, y + v, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1);
-  }
-  __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
-    const int64_t off = b * C * N + x;
-    stats_backward_block(z + off, C, N, y + i, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off, e, e + C,
-                         e + C + 1, e + C + 2);
-  }
-};
-
-template <bool SIGMOID, typename S, typename T>
-struct SoftVoxel {
-  const S* z;
-  const S* tg;
-  const T* w;
-  const T* g;
-  S* gz;
-  int64_t C, N;
-  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e) const {
-    const int64_t off = b * C * N + x;
-    soft_stats_block<SIGMOID>(z + off, tg + off, C, N, w ? w + b * N + x : nullptr, 1, acc, e, e + C, e + C + 1);
-  }
-  __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
-    const int64_t off = b * C * N + x;
-    soft_stats_backward_block<SIGMOID>(z + off, tg + off, C, N, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off,
-                                       e, e + C, e + C + 1, e + C + 2);
-  }
-};
-
-// Sums: grid (blocks per batch element, B); block x of batch b sums voxels [x chunk, (x+1) chunk).
-template <typename T, typename Voxel>
-__global__ void sums_kernel(const Voxel voxel, int64_t chunk, T* partial) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
-  const int64_t C = voxel.C, N = voxel.N;
-  const int nt = blockDim.x, t = threadIdx.x;
-  const Strided<T> acc{smem + t, nt}, e{smem + C * kStats * nt + t, nt};
-  for (int64_t j = 0; j < C * kStats; ++j) acc[j] = T(0);
-  const int64_t b = blockIdx.y, x1 = std::min<int64_t>(N, (blockIdx.x + 1) * chunk);
-  for (int64_t x = blockIdx.x * chunk + t; x < x1; x += nt) voxel.sum(b, x, acc, e);
-  store_block_sums(smem, C * kStats, partial);
-}
-
-// Gradients: one voxel per thread, grid-stride over all B x N voxels.
-template <typename T, typename Voxel>
-__global__ void grad_kernel(const Voxel voxel, int64_t total) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Strided<T> e{reinterpret_cast<T*>(smem_raw) + threadIdx.x, blockDim.x};
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / voxel.N;
-    voxel.grad(b, i - b * voxel.N, i, e);
-  }
-}
-
 struct Shape {
   int64_t B, C, N;
   explicit Shape(const Tensor& logits)
       : B(logits.size(0)), C(logits.size(1)), N(logits.numel() / std::max<int64_t>(1, B * C)) {}
 };
-
-// Blocks per batch element for the sums: enough to fill the GPU, each at least one voxel per thread.
-int64_t sum_blocks(const Shape& s, int threads) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want = std::max<int64_t>(1, sms * 8 / std::max<int64_t>(1, s.B));
-  return std::clamp<int64_t>((s.N + threads - 1) / threads, 1, want);
-}
 
 Tensor weight_as(const OptTensor& weight, at::ScalarType dtype) {
   return weight ? weight->contiguous().to(dtype) : Tensor();
@@ -154,8 +66,8 @@ Tensor finish_sums(const Tensor& partial, at::ScalarType logits_dtype) {
 template <typename T, typename Voxel>
 Tensor launch_sums(const Voxel& voxel, const Shape& s, const Tensor& logits, const char* op) {
   TORCH_CHECK_VALUE(s.B <= 65535, "medfast ", op, ": batch size ", s.B, " exceeds the CUDA grid limit 65535");
-  const Plan p = plan((5 * s.C + 2) * int64_t(sizeof(T)), s.C, op);
-  const int64_t blocks = sum_blocks(s, p.threads), chunk = (s.N + blocks - 1) / blocks;
+  const Plan p = plan(sums_values_per_thread(s.C) * int64_t(sizeof(T)), s.C, op);
+  const int64_t blocks = sum_blocks_per_batch(s.B, s.N, p.threads, sm_count()), chunk = sum_chunk(s.N, blocks);
   Tensor partial = at::empty({s.B, blocks, s.C, kStats}, logits.options().dtype(c10::CppTypeToScalarType<T>::value));
   auto kernel = sums_kernel<T, Voxel>;
   allow_smem(kernel, p.smem);
@@ -167,11 +79,11 @@ Tensor launch_sums(const Voxel& voxel, const Shape& s, const Tensor& logits, con
 
 template <typename T, typename Voxel>
 void launch_grad(const Voxel& voxel, const Shape& s, const char* op) {
-  const Plan p = plan((s.C + 4) * int64_t(sizeof(T)), s.C, op);
+  const Plan p = plan(grad_values_per_thread(s.C) * int64_t(sizeof(T)), s.C, op);
   auto kernel = grad_kernel<T, Voxel>;
   allow_smem(kernel, p.smem);
-  const int64_t total = s.B * s.N;
-  kernel<<<grid_blocks(total, p.threads), p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(voxel, total);
+  const int64_t total = s.B * s.N, blocks = grad_blocks(total, p.threads, sm_count());
+  kernel<<<blocks, p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(voxel, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -169,7 +169,7 @@ def _soft_target(target: object, logits: torch.Tensor, ignore_index: int | None)
 
 def _max_cuda_classes(shared_bytes: int, itemsize: int) -> int:
     """Most classes the CUDA sum kernel takes: each of a block's (at least) 32 threads keeps 5 C + 2
-    values in shared memory (csrc/loss/loss_cuda.cu, plan())."""
+    values in shared memory (csrc/loss/loss_kernels.cuh plan_threads, loss_cuda.cu plan())."""
     return (shared_bytes // (32 * itemsize) - 2) // 5
 
 

@@ -1,0 +1,137 @@
+// The CUDA kernels of the fused segmentation-loss sums and their gradient (arithmetic in loss.h), kept
+// apart from the launcher (loss_cuda.cu) so that tests/simt can run the same code on the CPU (blocks,
+// threads, __syncthreads and shared memory emulated by fibers on one host thread) against the CPU op.
+// Needs: __global__ / __device__, threadIdx / blockIdx / blockDim / gridDim, __syncthreads and
+// MEDFAST_DYNAMIC_SHARED (CUDA, or tests/simt/simt.h). The launch geometry (threads per block, blocks
+// and chunks of the sums) is host arithmetic here too, so that the emulation launches as the GPU does.
+//
+// One voxel per thread. Per-thread scratch (softmax of the voxel) and per-thread class sums live in
+// shared memory, interleaved across the block's threads (loss.h's Strided view). Each sums block adds
+// a fixed range of one batch element's voxels, reduces its threads' sums in a fixed order and writes
+// them to its own slot; the launcher adds the slots. No atomics: bitwise reproducible run to run.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "common/launch_geometry.h"
+#include "common/macros.h"
+#include "loss/loss.h"
+
+namespace medfast::loss {
+
+// ---- Launch geometry (host) ----
+
+constexpr int64_t kDefaultSharedBytes = 48 * 1024;  // dynamic shared memory without the opt-in
+constexpr int kMaxThreads = 256;
+
+// Values of the compute type each thread keeps in shared memory: the sums kernel C x kStats sums and
+// C + 2 scratch (exp per class, max, denominator); the gradient kernel C + 4 scratch.
+constexpr int64_t sums_values_per_thread(int64_t C) { return C * kStats + C + 2; }
+constexpr int64_t grad_values_per_thread(int64_t C) { return C + 4; }
+
+// The largest block (<= 256 threads, >= 32) whose shared memory fits in the default 48 KiB; past that,
+// 32 threads (the launcher then asks for the device's opt-in maximum, or refuses).
+inline int plan_threads(int64_t per_thread_bytes) {
+  int threads = kMaxThreads;
+  while (threads > 32 && threads * per_thread_bytes > kDefaultSharedBytes) threads /= 2;
+  return threads;
+}
+
+// Blocks per batch element for the sums (grid (blocks, B)): enough to fill the GPU's `sms`
+// multiprocessors, each block at least one voxel per thread.
+inline int64_t sum_blocks_per_batch(int64_t B, int64_t N, int threads, int64_t sms) {
+  const int64_t want = std::max<int64_t>(1, sms * 8 / std::max<int64_t>(1, B));
+  return std::clamp<int64_t>((N + threads - 1) / threads, 1, want);
+}
+
+// Voxels per sums block: block x of a batch element sums voxels [x chunk, min(N, (x + 1) chunk)).
+inline int64_t sum_chunk(int64_t N, int64_t blocks) { return (N + blocks - 1) / blocks; }
+
+// Blocks of the gradient kernel (grid-stride over all B N voxels).
+inline int64_t grad_blocks(int64_t total, int threads, int64_t sms) { return grid_blocks_for(total, threads, sms); }
+
+// ---- Kernels ----
+
+// Reduces the block's per-thread sums (smem[j * nt + i]: value j of thread i) in a fixed order and
+// writes them to the block's slot of partial (gridDim.y, gridDim.x, n).
+template <typename T>
+__device__ void store_block_sums(const T* smem, int64_t n, T* partial) {
+  __syncthreads();
+  const int nt = blockDim.x;
+  T* out = partial + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * n;
+  for (int64_t j = threadIdx.x; j < n; j += nt) {
+    T s = T(0);
+    for (int i = 0; i < nt; ++i) s += smem[j * nt + i];  // fixed order: deterministic
+    out[j] = s;
+  }
+}
+
+// The per-voxel work of each target kind, as device functors over one voxel x of batch element b:
+// sum(b, x, acc, e) adds the voxel to the thread's class sums; grad(b, x, i, e) writes its gradient
+// (i = b N + x). Scratch e: C + 2 (sums) or C + 4 (gradients) entries.
+template <typename S, typename T>
+struct LabelVoxel {
+  const S* z;
+  const int64_t* y;
+  const T* w;
+  const T* g;  // gradients of the sums (backward only)
+  S* gz;
+  int64_t C, N;
+  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e) const {
+    const int64_t v = b * N + x;
+    stats_block(z + b * C * N + x, C, N, y + v, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1);
+  }
+  __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
+    const int64_t off = b * C * N + x;
+    stats_backward_block(z + off, C, N, y + i, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off, e, e + C,
+                         e + C + 1, e + C + 2);
+  }
+};
+
+template <bool SIGMOID, typename S, typename T>
+struct SoftVoxel {
+  const S* z;
+  const S* tg;
+  const T* w;
+  const T* g;
+  S* gz;
+  int64_t C, N;
+  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e) const {
+    const int64_t off = b * C * N + x;
+    soft_stats_block<SIGMOID>(z + off, tg + off, C, N, w ? w + b * N + x : nullptr, 1, acc, e, e + C, e + C + 1);
+  }
+  __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
+    const int64_t off = b * C * N + x;
+    soft_stats_backward_block<SIGMOID>(z + off, tg + off, C, N, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off,
+                                       e, e + C, e + C + 1, e + C + 2);
+  }
+};
+
+// Sums: grid (blocks per batch element, B); block x of batch b sums voxels [x chunk, (x+1) chunk).
+// Shared memory: sums_values_per_thread(C) values of T per thread.
+template <typename T, typename Voxel>
+__global__ void sums_kernel(const Voxel voxel, int64_t chunk, T* partial) {
+  MEDFAST_DYNAMIC_SHARED(smem_raw);
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t C = voxel.C, N = voxel.N;
+  const int nt = blockDim.x, t = threadIdx.x;
+  const Strided<T> acc{smem + t, nt}, e{smem + C * kStats * nt + t, nt};
+  for (int64_t j = 0; j < C * kStats; ++j) acc[j] = T(0);
+  const int64_t b = blockIdx.y, x1 = std::min<int64_t>(N, (blockIdx.x + 1) * chunk);
+  for (int64_t x = blockIdx.x * chunk + t; x < x1; x += nt) voxel.sum(b, x, acc, e);
+  store_block_sums(smem, C * kStats, partial);
+}
+
+// Gradients: one voxel per thread, grid-stride over all B x N voxels. Shared memory:
+// grad_values_per_thread(C) values of T per thread.
+template <typename T, typename Voxel>
+__global__ void grad_kernel(const Voxel voxel, int64_t total) {
+  MEDFAST_DYNAMIC_SHARED(smem_raw);
+  const Strided<T> e{reinterpret_cast<T*>(smem_raw) + threadIdx.x, blockDim.x};
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / voxel.N;
+    voxel.grad(b, i - b * voxel.N, i, e);
+  }
+}
+
+}  // namespace medfast::loss
