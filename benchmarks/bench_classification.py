@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import time
@@ -40,25 +41,20 @@ def _time(fn, repeats: int, device: torch.device) -> list[float]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--config", default=str(ROOT / "configs" / "cls_demo_cpu.yaml"))
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
-
+def make_case(config: str, device: torch.device, batch: int | None = None, n_batches: int = 12,
+              overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The case this script and ``test_bench_classification.py`` (pytest-benchmark) time, with the model and
+    simulator of ``config``: ``render()`` renders the next of ``n_batches`` pre-drawn batches of descriptors
+    on ``device`` (cycling), ``step()`` is one training step (forward, loss, backward, optimizer update) on
+    one rendered batch. Returns a dict with both and what the JSON reports (cfg, source, batch, amp, volumes)."""
     from medfast.data import DatasetError, collate
     from medfast.tasks.classification import ClassificationLoss, SimulatedUltrasound, build_classifier
     from medfast.train import load_config
     from medfast.train.trainer import build_optimizer, resolve_amp
 
-    device = torch.device(args.device)
-    cfg = load_config([args.config], args.overrides)
+    cfg = load_config([config], list(overrides))
     dargs = dict(cfg.data.dataset_args)
-    batch = args.batch or cfg.trainer.batch_size
+    batch = batch or cfg.trainer.batch_size
     try:
         source = SimulatedUltrasound.from_args(dargs, cfg.data.shape, cfg.data.normalize, cfg.trainer.seed)
         volumes = "packaged brains"
@@ -69,7 +65,7 @@ def main() -> None:
         volumes = "phantoms"
     ds = source.train_dataset(max(batch, int(dargs.get("samples_per_epoch", 1024))))
     batches = [collate([ds[((b * batch + i) % len(ds), 1000 * b + i)] for i in range(batch)])
-               for b in range(args.repeats + 2)]
+               for b in range(n_batches)]
 
     model = build_classifier(cfg).to(device).train()
     opt = build_optimizer(model.parameters(), cfg.optim)
@@ -85,10 +81,29 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    it = iter(batches)
+    it = itertools.cycle(batches)
 
     def render():
         source.render(next(it), device)
+
+    return {"cfg": cfg, "source": source, "batch": batch, "amp": amp, "volumes": volumes, "render": render,
+            "step": step}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--config", default=str(ROOT / "configs" / "cls_demo_cpu.yaml"))
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    case = make_case(args.config, device, args.batch, args.repeats + 2, args.overrides)
+    cfg, source, batch, amp = case["cfg"], case["source"], case["batch"], case["amp"]
+    volumes, render, step = case["volumes"], case["render"], case["step"]
 
     for _ in range(2):  # warm-up: property volumes, grids, kernels, cuDNN autotuning
         render()

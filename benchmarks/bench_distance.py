@@ -24,7 +24,9 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,70 +77,113 @@ def _cupy_on_torch_allocator(cp) -> None:
     cp.cuda.set_allocator(alloc)
 
 
-def run_cpu(mask: torch.Tensor, args) -> dict:
+def make_mask(n: int, background: float) -> torch.Tensor:
+    """(1, n, n, n) bool, True = foreground, ``background`` of the voxels False at random (seed 0)."""
+    torch.manual_seed(0)
+    return torch.rand(1, n, n, n) >= background
+
+
+def edt_cases(mask: torch.Tensor, device: str) -> dict[str, Callable[[], Callable[[], Any]] | str]:
+    """The implementations this script and ``test_bench_distance.py`` (pytest-benchmark) time on ``mask``:
+    {name: setup} where setup() prepares the peer and returns the timed call, or {name: why it is skipped}.
+    CPU: medfast, scipy, monai. CUDA: medfast on the GPU, cupy, monai (needs cuCIM), scipy (CPU)."""
     mask_np = mask[0].numpy()
-    got = mf.distance_transform(mask, SPACING)
-    ref = ndimage.distance_transform_edt(mask_np, sampling=SPACING)
+
+    def scipy_call():
+        return lambda: ndimage.distance_transform_edt(mask_np, sampling=SPACING)
+
+    if device != "cuda":
+        out: dict[str, Callable[[], Callable[[], Any]] | str] = {
+            "medfast": lambda: lambda: mf.distance_transform(mask, SPACING), "scipy": scipy_call}
+        if importlib.util.find_spec("monai") is None:
+            out["monai"] = "monai is not installed"
+        else:
+            def monai_cpu():
+                from monai.transforms.utils import distance_transform_edt as monai_edt
+
+                return lambda: monai_edt(mask, sampling=list(SPACING))
+
+            out["monai"] = monai_cpu
+        return out
+
+    mask_gpu = mask.cuda()
+    out = {"medfast": lambda: lambda: mf.distance_transform(mask_gpu, SPACING)}
+    if importlib.util.find_spec("cupyx") is None:
+        out["cupy"] = "cupy is not installed (pip install cupy-cuda12x / cupy-cuda13x)"
+    else:
+        def cupy_gpu():
+            import cupy as cp
+            from cupyx.scipy.ndimage import distance_transform_edt as cupy_edt
+
+            _cupy_on_torch_allocator(cp)
+            mask_u8 = mask_gpu[0].to(torch.uint8)  # DLPack: uint8 everywhere (bool needs a recent CuPy)
+            mask_cp = cp.from_dlpack(mask_u8)  # zero-copy view of the torch tensor
+            return lambda: cupy_edt(mask_cp, sampling=SPACING, float64_distances=False)
+
+        out["cupy"] = cupy_gpu
+    if importlib.util.find_spec("monai") is None:
+        out["monai"] = "monai is not installed"
+    elif importlib.util.find_spec("cucim") is None or importlib.util.find_spec("cupy") is None:
+        out["monai"] = "MONAI's GPU distance transform needs cuCIM and CuPy; without them it runs scipy on the CPU"
+    else:
+        def monai_gpu():
+            from monai.transforms.utils import distance_transform_edt as monai_edt
+
+            return lambda: monai_edt(mask_gpu, sampling=list(SPACING))  # channel first
+
+        out["monai"] = monai_gpu
+    out["scipy (CPU)"] = scipy_call  # the reference a user without a GPU library has
+    return out
+
+
+def run_cpu(mask: torch.Tensor, args) -> dict:
+    cases = edt_cases(mask, "cpu")
+    ours, scipy_edt = cases["medfast"](), cases["scipy"]()
+    got = ours()
+    ref = scipy_edt()
     max_err = float(np.abs(got[0].double().numpy() - ref).max())
 
-    rows = {"medfast": timed_ms(lambda: mf.distance_transform(mask, SPACING), args.repeats)}
-    rows["scipy"] = timed_ms(lambda: ndimage.distance_transform_edt(mask_np, sampling=SPACING), args.repeats)
+    rows = {"medfast": timed_ms(ours, args.repeats)}
+    rows["scipy"] = timed_ms(scipy_edt, args.repeats)
     skipped = {}
     try:
-        from monai.transforms.utils import distance_transform_edt as monai_edt
-
-        rows["monai"] = timed_ms(lambda: monai_edt(mask, sampling=list(SPACING)), args.repeats)
+        if isinstance(cases["monai"], str):
+            raise ImportError(cases["monai"])
+        rows["monai"] = timed_ms(cases["monai"](), args.repeats)
     except ImportError:
         skipped["monai"] = "monai is not installed"
     return {"ms": rows, "max_abs_error_vs_scipy": max_err, "skipped": skipped}
 
 
 def run_cuda(mask: torch.Tensor, args) -> dict:
-    mask_np = mask[0].numpy()
-    mask_gpu = mask.cuda()
-    ref = ndimage.distance_transform_edt(mask_np, sampling=SPACING)
-    got = mf.distance_transform(mask_gpu, SPACING)
+    cases = edt_cases(mask, "cuda")
+    ref = ndimage.distance_transform_edt(mask[0].numpy(), sampling=SPACING)
+    ours = cases["medfast"]()
+    got = ours()
     errors = {"medfast": float(np.abs(got[0].double().cpu().numpy() - ref).max())}
     del got
-
-    def ours():
-        return mf.distance_transform(mask_gpu, SPACING)
 
     rows = {"medfast": cuda_median_ms(ours, args.repeats, warmup=3)}
     peaks = {"medfast": cuda_peak_mib(ours)}
     skipped = {}
-    if importlib.util.find_spec("cupyx") is None:
-        skipped["cupy"] = "cupy is not installed (pip install cupy-cuda12x / cupy-cuda13x)"
+    if isinstance(cases["cupy"], str):
+        skipped["cupy"] = cases["cupy"]
         print(f"cupy: skipped, {skipped['cupy']}", flush=True)
     else:
         import cupy as cp
-        from cupyx.scipy.ndimage import distance_transform_edt as cupy_edt
 
-        _cupy_on_torch_allocator(cp)
-        mask_u8 = mask_gpu[0].to(torch.uint8)  # DLPack: uint8 everywhere (bool needs a recent CuPy)
-        mask_cp = cp.from_dlpack(mask_u8)  # zero-copy view of the torch tensor
-
-        def theirs():
-            return cupy_edt(mask_cp, sampling=SPACING, float64_distances=False)
-
+        theirs = cases["cupy"]()
         errors["cupy"] = float(np.abs(cp.asnumpy(theirs()).astype(np.float64) - ref).max())
         rows["cupy"] = cupy_timed_ms(cp, theirs, args.repeats)
         peaks["cupy"] = cuda_peak_mib(theirs)
-    if importlib.util.find_spec("monai") is None:
-        skipped["monai"] = "monai is not installed"
-    elif importlib.util.find_spec("cucim") is None or importlib.util.find_spec("cupy") is None:
-        skipped["monai"] = "MONAI's GPU distance transform needs cuCIM and CuPy; without them it runs scipy on the CPU"
+    if isinstance(cases["monai"], str):
+        skipped["monai"] = cases["monai"]
     else:
-        from monai.transforms.utils import distance_transform_edt as monai_edt
-
-        def monai_fn():
-            return monai_edt(mask_gpu, sampling=list(SPACING))  # channel first
-
+        monai_fn = cases["monai"]()
         rows["monai"] = cuda_median_ms(monai_fn, args.repeats, warmup=3)
         peaks["monai"] = cuda_peak_mib(monai_fn)
     # scipy on the CPU: the reference a user without a GPU library has (fewer repeats: it is slow)
-    rows["scipy (CPU)"] = timed_ms(lambda: ndimage.distance_transform_edt(mask_np, sampling=SPACING),
-                                   max(1, min(args.repeats, 3)))
+    rows["scipy (CPU)"] = timed_ms(cases["scipy (CPU)"](), max(1, min(args.repeats, 3)))
     return {"ms": rows, "peak_mib": peaks, "max_abs_error_vs_scipy": errors["medfast"],
             "max_abs_error_vs_scipy_per_impl": errors, "skipped": skipped}
 
@@ -160,9 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             print("bench_distance: medfast was built without CUDA kernels", file=sys.stderr)
             return 2
 
-    torch.manual_seed(0)
     n = args.size
-    mask = torch.rand(1, n, n, n) >= args.background  # True = foreground
+    mask = make_mask(n, args.background)  # True = foreground
     res = run_cuda(mask, args) if args.device == "cuda" else run_cpu(mask, args)
     rows = res["ms"]
     result = {

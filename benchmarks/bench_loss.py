@@ -67,16 +67,27 @@ def _inputs(size: int, classes: int, batch: int, dtype: str, device: str):
     return logits, target
 
 
-def worker(impl: str, size: int, classes: int, repeats: int, batch: int = 1, dtype: str = "float32") -> dict:
-    """CPU: one implementation in this (fresh) process; peak from the process's RSS."""
-    logits, target = _inputs(size, classes, batch, dtype, "cpu")
+def make_step(impl: str, size: int, classes: int, batch: int = 1, dtype: str = "float32", device: str = "cpu"):
+    """The case this script and ``test_bench_loss.py`` (pytest-benchmark) time: the inputs on ``device`` and
+    ``step()`` = the Dice+CE forward + backward of ``impl`` (medfast / monai / torch). Returns (step, logits)."""
+    import torch
+
+    logits, target = _inputs(size, classes, batch, dtype, device)
     fn = _loss_fn(impl)
-    before = _rss_mib("VmRSS")  # inputs (and torch) only
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.to(device)
 
     def step():
         logits.grad = None
         fn(logits, target).backward()
 
+    return step, logits
+
+
+def worker(impl: str, size: int, classes: int, repeats: int, batch: int = 1, dtype: str = "float32") -> dict:
+    """CPU: one implementation in this (fresh) process; peak from the process's RSS."""
+    step, logits = make_step(impl, size, classes, batch, dtype, "cpu")
+    before = _rss_mib("VmRSS")  # inputs (and torch) only
     step()
     times = []
     for _ in range(repeats):
@@ -94,15 +105,7 @@ def measure_cuda(impl: str, size: int, classes: int, repeats: int, batch: int, d
     from cuda_timing import cuda_event_times, median
 
     torch.cuda.empty_cache()
-    logits, target = _inputs(size, classes, batch, dtype, "cuda")
-    fn = _loss_fn(impl)
-    if isinstance(fn, torch.nn.Module):
-        fn = fn.to("cuda")
-
-    def step():
-        logits.grad = None
-        fn(logits, target).backward()
-
+    step, logits = make_step(impl, size, classes, batch, dtype, "cuda")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()  # inputs only
     torch.cuda.reset_peak_memory_stats()

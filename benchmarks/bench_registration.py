@@ -76,7 +76,9 @@ def _time_and_peak(step, repeats: int, device: str) -> dict:
     return {"ms": ms, "extra_peak_mib": (peak - base) / 2**20, "peak_mib": peak / 2**20}
 
 
-def lncc_worker(impl: str, size: int, k: int, repeats: int, device: str = "cpu") -> dict:
+def lncc_case(impl: str, size: int, k: int, device: str = "cpu"):
+    """The LNCC case this script and ``test_bench_registration.py`` (pytest-benchmark) time: (step, loss),
+    step() = the forward + backward of ``impl``'s LNCC (box window k) on a ``size``^3 pair on ``device``."""
     import torch
 
     torch.manual_seed(0)
@@ -100,10 +102,17 @@ def lncc_worker(impl: str, size: int, k: int, repeats: int, device: str = "cpu")
         p.grad = None
         loss().backward()
 
+    return step, loss
+
+
+def lncc_worker(impl: str, size: int, k: int, repeats: int, device: str = "cpu") -> dict:
+    step, loss = lncc_case(impl, size, k, device)
     return {**_time_and_peak(step, repeats, device), "value": float(loss())}
 
 
-def step_worker(impl: str, size: int, channels: int, repeats: int, device: str = "cpu") -> dict:
+def train_step(impl: str, size: int, channels: int, device: str = "cpu"):
+    """The training step this script and ``test_bench_registration.py`` time: step() = forward, backward and
+    Adam step of a LocalNet with ``impl``'s warp + LNCC + bending energy (medfast or MONAI build)."""
     import torch
 
     from medfast.nets import LocalNet
@@ -144,7 +153,11 @@ def step_worker(impl: str, size: int, channels: int, repeats: int, device: str =
         loss_fn().backward()
         opt.step()
 
-    return _time_and_peak(step, repeats, device)
+    return step
+
+
+def step_worker(impl: str, size: int, channels: int, repeats: int, device: str = "cpu") -> dict:
+    return _time_and_peak(train_step(impl, size, channels, device), repeats, device)
 
 
 def parts_worker(impl: str, size: int, channels: int, repeats: int, device: str = "cpu") -> dict:

@@ -40,7 +40,9 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def _setup(impl: str, what: str, size: int, classes: int, batch: int, device: str):
+def make_step(impl: str, what: str, size: int, classes: int, batch: int, device: str):
+    """The case this script and ``test_bench_segmentation.py`` (pytest-benchmark) time: step() = one UNet
+    training step (``what="step"``) or the loss forward + backward (``what="loss"``) with ``impl``'s Dice+CE."""
     import torch
 
     from medfast.nets import UNet
@@ -64,6 +66,15 @@ def _setup(impl: str, what: str, size: int, classes: int, batch: int, device: st
         def step():
             logits.grad = None
             fn(logits, target).backward()
+
+    return step
+
+
+def _setup(impl: str, what: str, size: int, classes: int, batch: int, device: str):
+    import torch
+
+    dev = torch.device(device)
+    step = make_step(impl, what, size, classes, batch, device)
 
     def run():
         t = time.perf_counter()

@@ -39,7 +39,10 @@ def _volume(size: int, device):
     return ct.to(device)
 
 
-def worker(case: str, device: str, batch: int, sub_rays: int, repeats: int, size: int) -> dict:
+def make_step(case: str, device: str, batch: int, sub_rays: int, size: int):
+    """The case this script and ``test_bench_ultrasound.py`` (pytest-benchmark) time: step() = ``batch`` frames
+    of medfast.ultrasound.simulate, ``case`` "forward" (no grad) or "forward_backward" (gradient of the
+    B-mode mean with respect to the property volume)."""
     import numpy as np
     import torch
 
@@ -68,6 +71,16 @@ def worker(case: str, device: str, batch: int, sub_rays: int, repeats: int, size
             out.mean().backward()
             return out
 
+    return step
+
+
+def worker(case: str, device: str, batch: int, sub_rays: int, repeats: int, size: int) -> dict:
+    import numpy as np
+    import torch
+
+    dev = torch.device(device)
+    step = make_step(case, device, batch, sub_rays, size)
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -91,7 +104,10 @@ def worker(case: str, device: str, batch: int, sub_rays: int, repeats: int, size
             "best_frames_per_second": batch / best, "peak_mib": peak, "repeats": repeats}
 
 
-def pymust_worker(n_scatterers: int) -> dict:
+def pymust_case(n_scatterers: int):
+    """The peer this script and ``test_bench_ultrasound.py`` time: run(k) = pymust ``simus`` of one
+    plane-wave transmit of the C5-2v over the first ``k`` (default all) of ``n_scatterers`` random scatterers
+    in the 100 mm sector; returns (RF, ...) as simus does."""
     import numpy as np
     import pymust
 
@@ -105,9 +121,18 @@ def pymust_worker(n_scatterers: int) -> dict:
     rc = rng.standard_normal(n_scatterers)
     delays = np.zeros((1, param.Nelements))  # one transmit from all elements at once
     param.fs = 4 * param.fc
-    pymust.simus(x[:5], z[:5], rc[:5], delays, param)  # warm-up (first-call overheads), not timed
+
+    def run(k: int | None = None):
+        return pymust.simus(x[:k], z[:k], rc[:k], delays, param)
+
+    return run
+
+
+def pymust_worker(n_scatterers: int) -> dict:
+    run = pymust_case(n_scatterers)
+    run(5)  # warm-up (first-call overheads), not timed
     t = time.perf_counter()
-    rf, _ = pymust.simus(x, z, rc, delays, param)
+    rf, _ = run()
     elapsed = time.perf_counter() - t
     return {"case": "pymust_simus", "n_scatterers": n_scatterers, "seconds": elapsed, "rf_shape": list(rf.shape),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

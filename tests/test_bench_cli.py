@@ -261,3 +261,54 @@ def test_warp_suite_has_the_affine_transform_peers():
     rows = wc.agreement("cpu", size=12, ops=("affine",))  # scipy affine_transform: medfast's conventions
     assert {r["mode"] for r in rows} == set(wc.MODES)
     assert all(r["status"] == "ok" and r["out"] < 1e-5 for r in rows), rows
+
+
+# ---- the pytest-benchmark tests of benchmarks/ (`pytest benchmarks --benchmark-only`) --------------------------
+
+BENCH_TEST_FILES = ("test_bench_warp.py", "test_bench_loss.py", "test_bench_metrics.py", "test_bench_distance.py",
+                    "test_bench_registration.py", "test_bench_segmentation.py", "test_bench_ultrasound.py",
+                    "test_bench_classification.py")
+
+
+def test_every_suite_has_a_pytest_benchmark_module():
+    where = runner.benchmarks_dir()
+    assert all((where / f).is_file() for f in BENCH_TEST_FILES), where
+    assert {s.name for s in runner.SUITES} == {f[len("test_bench_"):-len(".py")] for f in BENCH_TEST_FILES}
+
+
+def test_pytest_benchmarks_run_once_at_the_smallest_size(tmp_path):
+    """``pytest benchmarks --benchmark-disable``: each benchmark body once, untimed, at 16^3 on the CPU, so that a
+    broken benchmark test fails here; medfast's own cases must run (only peers may be skipped)."""
+    import os
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    pytest.importorskip("pytest_benchmark")
+    where = runner.benchmarks_dir()
+    report = tmp_path / "junit.xml"
+    env = {**os.environ, "MEDFAST_BENCH_SIZE": "16", "MEDFAST_BENCH_DEVICE": "cpu", "MEDFAST_BENCH_ROUNDS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(where), "--benchmark-disable", "-q", "-p",
+                           "no:cacheprovider", "-W", "ignore", f"--junitxml={report}", "--rootdir", str(where)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    cases = ET.parse(report).getroot().iter("testcase")
+    ran, skipped = set(), {}
+    for case in cases:
+        name = f"{case.get('classname')}.{case.get('name')}"
+        skip = case.find("skipped")
+        if skip is None:
+            ran.add(name)
+        else:
+            skipped[name] = skip.get("message", "")
+    files = {n.split(".")[0] for n in ran}
+    assert files == {f[:-3] for f in BENCH_TEST_FILES}, files
+    medfast_skipped = {n: m for n, m in skipped.items() if "medfast" in n}
+    assert not medfast_skipped, medfast_skipped
+    assert all("not installed" in m or "n/a" in m for m in skipped.values()), skipped
+    assert len(ran) >= 60, sorted(ran)
+    # the CUDA parametrization (batch 2 and bfloat16 for the loss, CuPy for the EDT, ...) collects too
+    env["MEDFAST_BENCH_DEVICE"] = "cuda"
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(where), "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "--rootdir", str(where)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "test_loss[C4-bfloat16-monai]" in proc.stdout and "test_distance[cupy]" in proc.stdout
