@@ -1,67 +1,19 @@
-// CUDA launcher of the LNCC family: one thread per voxel (grid-stride), the arithmetic from
-// lncc.h. The box sums are separable direct sums (box_taps) between two field-major buffers
-// [kFields][B * C * volume]; no atomics, so results are reproducible run to run.
+// CUDA launcher of the LNCC family: one thread per voxel (grid-stride). The kernels and their launch
+// geometry are in lncc_kernels.cuh (arithmetic in lncc.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <utility>
 
 #include "common/cuda_launch.h"
+#include "lncc/lncc_kernels.cuh"
 #include "lncc/lncc_launch.h"
 
 namespace medfast::lncc {
 namespace {
 
-constexpr int kThreads = 256;
-
-#define MEDFAST_GRID_STRIDE(i, total) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (total); i += int64_t(gridDim.x) * blockDim.x)
-
-template <typename T>
-__global__ void products_kernel(const T* t, const T* p, T* buf, int64_t M) {
-  MEDFAST_GRID_STRIDE(i, M) {
-    T f[kFields];
-    products(t[i], p[i], f);
-    for (int k = 0; k < kFields; ++k) buf[k * M + i] = f[k];
-  }
-}
-
-// out = box sum of in along the middle axis of the layout [outer][n][inner].
-template <typename T>
-__global__ void box_kernel(const T* in, T* out, int64_t n, int64_t inner, int64_t r, int64_t total) {
-  MEDFAST_GRID_STRIDE(e, total) {
-    const int64_t v = e % inner, i = (e / inner) % n, o = e / (inner * n);
-    out[e] = box_taps(in + o * n * inner + v, i, n, inner, r);
-  }
-}
-
-template <typename T>
-__global__ void ncc_kernel(const T* buf, T* out, int64_t M, T N, T nr, T dr) {
-  MEDFAST_GRID_STRIDE(i, M) {
-    T s[kFields];
-    for (int k = 0; k < kFields; ++k) s[k] = buf[k * M + i];
-    out[i] = ncc_voxel(s, N, nr, dr);
-  }
-}
-
-template <typename T>
-__global__ void adjoint_kernel(const T* sums, T* buf, const T* g, int64_t M, T N, T nr, T dr) {
-  MEDFAST_GRID_STRIDE(i, M) {
-    T s[kFields];
-    for (int k = 0; k < kFields; ++k) s[k] = sums[k * M + i];
-    adjoint_voxel(s, g[i], N, nr, dr);
-    for (int k = 0; k < kFields; ++k) buf[k * M + i] = s[k];
-  }
-}
-
-template <typename T>
-__global__ void combine_kernel(const T* buf, const T* t, const T* p, T* gt, T* gp, int64_t M) {
-  MEDFAST_GRID_STRIDE(i, M) {
-    T s[kFields];
-    for (int k = 0; k < kFields; ++k) s[k] = buf[k * M + i];
-    combine_voxel(s, t[i], p[i], gt[i], gp[i]);
-  }
-}
+// Blocks for n grid-stride work items on this device (lncc_kernels.cuh blocks_for).
+int64_t grid_for(int64_t n) { return blocks_for(n, sm_count()); }
 
 // Box-sums the fields in `a` along every axis (ping-pong with `b`); returns the buffer holding them.
 template <typename T>
@@ -69,7 +21,7 @@ T* box_all(const Geometry& g, T* a, T* b, cudaStream_t stream) {
   const int64_t total = kFields * g.total();
   for (int ax = 0; ax < 3; ++ax) {
     if (g.r[ax] == 0) continue;
-    box_kernel<T><<<grid_blocks(total, kThreads), kThreads, 0, stream>>>(a, b, g.n[ax], g.inner(ax), g.r[ax], total);
+    box_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(a, b, g.n[ax], g.inner(ax), g.r[ax], total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     std::swap(a, b);
   }
@@ -92,7 +44,7 @@ std::tuple<Tensor, Tensor> lncc_cuda(const Tensor& pred, const Tensor& target, a
     using T = scalar_t;
     T* a = sums.mutable_data_ptr<T>();
     T* b = scratch.mutable_data_ptr<T>();
-    const int64_t blocks = grid_blocks(M, kThreads);
+    const int64_t blocks = grid_for(M);
     products_kernel<T><<<blocks, kThreads, 0, stream>>>(t.const_data_ptr<T>(), p.const_data_ptr<T>(), a, M);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     T* s = box_all(g, a, b, stream);
@@ -121,7 +73,7 @@ std::tuple<Tensor, Tensor> lncc_backward_cuda(const Tensor& grad, const Tensor& 
     T* a = bufs[0].mutable_data_ptr<T>();
     T* b = bufs[1].mutable_data_ptr<T>();
     const T N = static_cast<T>(g.window), tnr = static_cast<T>(nr), tdr = static_cast<T>(dr);
-    const int64_t blocks = grid_blocks(M, kThreads);
+    const int64_t blocks = grid_for(M);
     adjoint_kernel<T><<<blocks, kThreads, 0, stream>>>(sm.const_data_ptr<T>(), a, gr.const_data_ptr<T>(), M, N,
                                                        tnr, tdr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
