@@ -46,7 +46,10 @@ def build_info() -> dict:
     dict
         ``medfast`` and ``torch`` versions (installed, and the one built against), whether CUDA
         kernels were compiled (``cuda``), the CUDA version and architectures they were compiled for,
-        OpenMP, the CPU SIMD fast path in use (``cpu_simd``), CPU threads, and whether a GPU is visible.
+        OpenMP, the CPU SIMD fast path in use (``cpu_simd``), CPU threads, whether a GPU is visible, and
+        the CUDA kernel variants that the environment selects now (``cuda_variants``: the ultrasound
+        march, ``MEDFAST_USSIM_CUDA_MARCH`` = thread or warp; the linear warp backward's scatter,
+        ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged).
     """
     from medfast import __version__
 
@@ -67,4 +70,14 @@ def build_info() -> dict:
         "cpu_count": os.cpu_count(),
         "gpu_visible": gpus > 0,
         "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
+        "cuda_variants": cuda_variants(),
     }
+
+
+def cuda_variants() -> dict[str, str]:
+    """The CUDA kernel variants the launchers pick now, from the environment (read at every launch, as
+    the C++ launchers do): values other than the opt-in ones select the default."""
+    march = os.environ.get("MEDFAST_USSIM_CUDA_MARCH", "")
+    scatter = os.environ.get("MEDFAST_WARP_CUDA_SCATTER", "")
+    return {"ussim_march": "warp" if march == "warp" else "thread",
+            "warp_scatter": "merged" if scatter == "merged" else "plain"}

@@ -38,6 +38,10 @@ def _format_info(info: dict) -> str:
         ("CPU threads", f"{info['cpu_threads']} (of {info.get('cpu_count') or '?'} cores)"),
         ("GPU", gpus),
     ]
+    variants = info.get("cuda_variants")
+    if info["cuda_kernels"] and variants:
+        rows.append(("CUDA variants", f"ultrasound march {variants['ussim_march']} (MEDFAST_USSIM_CUDA_MARCH), "
+                                      f"warp scatter {variants['warp_scatter']} (MEDFAST_WARP_CUDA_SCATTER)"))
     width = max(len(key) for key, _ in rows)
     lines = [f"{key:<{width}}  {value}" for key, value in rows]
     if info["gpu_visible"] and not info["cuda_kernels"]:

@@ -29,3 +29,14 @@ def test_other_torch_release_says_how_to_rebuild():
                                  "cpu_simd", "cpu_threads", "gpu_visible"])
 def test_build_info_keys(key):
     assert key in mf.build_info()
+
+
+def test_cuda_variants_follow_the_environment(monkeypatch):
+    monkeypatch.delenv("MEDFAST_USSIM_CUDA_MARCH", raising=False)
+    monkeypatch.delenv("MEDFAST_WARP_CUDA_SCATTER", raising=False)
+    assert mf.build_info()["cuda_variants"] == {"ussim_march": "thread", "warp_scatter": "plain"}
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", "warp")
+    monkeypatch.setenv("MEDFAST_WARP_CUDA_SCATTER", "merged")
+    assert mf.build_info()["cuda_variants"] == {"ussim_march": "warp", "warp_scatter": "merged"}
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", "Warp")  # as the launchers read it: exact values only
+    assert mf.build_info()["cuda_variants"]["ussim_march"] == "thread"
