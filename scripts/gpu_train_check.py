@@ -328,22 +328,28 @@ def _torchrun(nproc: int, cmd: list[str], log: Path, timeout: float,
     return rc, time.perf_counter() - t0, text
 
 
-def check_ddp(args, device: torch.device, work: Path) -> dict[str, Any]:
+def _torchrun_train_cmd(args, device: torch.device, work: Path, name: str) -> tuple[Path, list[str]]:
+    """(run folder, torchrun arguments) of a short `medfast train` of the small classification config."""
     import yaml
 
+    run_dir = work / f"{name}_train"
+    cfg = {"trainer": {"max_steps": args.steps, "batch_size": 4, "val_every": 0, "checkpoint_every": 0,
+                       "progress": False, "tensorboard": False, "plots": False, "amp": "bf16", "threads": 1}}
+    cfg_path = work / f"{name}_cls.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    overrides = [a for k in cls_keys(small=True) for a in ("--set", k)]
+    return run_dir, ["-m", "medfast", "train", str(cfg_path), *overrides, "--device", device.type, "--out",
+                     str(run_dir)]
+
+
+def check_ddp(args, device: torch.device, work: Path) -> dict[str, Any]:
     if args.nproc:
         nproc = args.nproc
     elif device.type == "cuda":
         nproc = max(1, min(2, torch.cuda.device_count()))
     else:
         nproc = 2
-    run_dir = work / "ddp_train"
-    cfg = {"trainer": {"max_steps": args.steps, "batch_size": 4, "val_every": 0, "checkpoint_every": 0,
-                       "progress": False, "tensorboard": False, "plots": False, "amp": "bf16", "threads": 1}}
-    cfg_path = work / "ddp_cls.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    overrides = [a for k in cls_keys(small=True) for a in ("--set", k)]
-    cmd = ["-m", "medfast", "train", str(cfg_path), *overrides, "--device", device.type, "--out", str(run_dir)]
+    run_dir, cmd = _torchrun_train_cmd(args, device, work, "ddp")
     rc, wall, text = _torchrun(nproc, cmd, work / "ddp_train.log", args.ddp_timeout)
     out: dict[str, Any] = {"check": "ddp", "nproc_per_node": nproc, "backend": "nccl" if device.type == "cuda"
                            else "gloo", "train_rc": rc, "train_wall_s": wall, "log": str(work / "ddp_train.log")}
@@ -380,16 +386,8 @@ def check_ddp_shared(args, device: torch.device, work: Path) -> dict[str, Any]:
     gloo (``MEDFAST_DIST_BACKEND=gloo``) lets them share a GPU, so the trainer's multi-process path
     (process group, DDP over CUDA parameters, the distributed sampler, rank-0 logging) runs on a
     one-GPU machine, where the ``ddp`` check's world size is 1."""
-    import yaml
-
     nproc = 2
-    run_dir = work / "ddp_shared_train"
-    cfg = {"trainer": {"max_steps": args.steps, "batch_size": 4, "val_every": 0, "checkpoint_every": 0,
-                       "progress": False, "tensorboard": False, "plots": False, "amp": "bf16", "threads": 1}}
-    cfg_path = work / "ddp_shared_cls.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    overrides = [a for k in cls_keys(small=True) for a in ("--set", k)]
-    cmd = ["-m", "medfast", "train", str(cfg_path), *overrides, "--device", device.type, "--out", str(run_dir)]
+    run_dir, cmd = _torchrun_train_cmd(args, device, work, "ddp_shared")
     rc, wall, text = _torchrun(nproc, cmd, work / "ddp_shared_train.log", args.ddp_timeout,
                                {"MEDFAST_DIST_BACKEND": "gloo"})
     out: dict[str, Any] = {"check": "ddp_shared", "nproc_per_node": nproc, "backend": "gloo", "train_rc": rc,

@@ -77,6 +77,18 @@ def _frames(volumes: str, B: int, dtype, gen):
     return _volume(B if volumes == "per_frame" else 1, dtype, gen), None
 
 
+def _line_inputs(props, B, L, E, S, dtype, g):
+    """Sub-ray starts and steps of B x L lines of E sub-rays over the volume of ``props`` (one sub-ray
+    starts outside and crosses it), echo weights (E, S, 3) and a noise table."""
+    D, H, W = props.shape[1:4]
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 1.0
+    start[1, 2, 1] = -40.0
+    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.15
+    step[1, 2] = torch.tensor([0.4, 0.05, 0.06], dtype=dtype)
+    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
+    return start, step, weights, noise_table(5, rows=256)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
 @pytest.mark.parametrize("S", [203, 64, 5])
@@ -84,13 +96,7 @@ def test_warp_line_march_matches_cpu(emu, dtype, volumes, S):
     g = torch.Generator().manual_seed(4)
     B, L, E = 2, 3, 3
     props, index = _frames(volumes, B, dtype, g)
-    D, H, W = props.shape[1:4]
-    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 1.0
-    start[1, 2, 1] = -40.0  # a sub-ray that starts outside and crosses the volume
-    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.15
-    step[1, 2] = torch.tensor([0.4, 0.05, 0.06], dtype=dtype)
-    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
-    noise = noise_table(5, rows=256)
+    start, step, weights, noise = _line_inputs(props, B, L, E, S, dtype, g)
     with torch.no_grad():
         ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0, index)
     out = torch.full_like(ref, float("nan"))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from medfast.ops._ussim import noise_table
-from tests.test_simt import G_AFF, WATER_BG, _build, _common, _frames, _p
+from tests.test_simt import G_AFF, WATER_BG, _build, _common, _frames, _line_inputs, _p
 
 ops = torch.ops.medfast
 H100_SMS = 132
@@ -73,13 +73,7 @@ def test_lines_kernel_matches_cpu(lib, dtype, volumes, S):
     g = torch.Generator().manual_seed(4)
     B, L, E = 2, 67, 3  # 134 lines: two blocks of 128
     props, index = _frames(volumes, B, dtype, g)
-    D, H, W = props.shape[1:4]
-    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 1.0
-    start[1, 2, 1] = -40.0  # a sub-ray that starts outside and crosses the volume
-    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.15
-    step[1, 2] = torch.tensor([0.4, 0.05, 0.06], dtype=dtype)
-    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
-    noise = noise_table(5, rows=256)
+    start, step, weights, noise = _line_inputs(props, B, L, E, S, dtype, g)
     ref = ops.ussim_march_lines(props, start, step, weights, noise, G_AFF, 0.03, list(WATER_BG), 11, 4.0, index)
     out = torch.full_like(ref, math.nan)
     getattr(lib, f"emu_k_lines_{_sfx(dtype)}")(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step),

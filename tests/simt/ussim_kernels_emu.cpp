@@ -7,6 +7,7 @@
 #include "simt.h"
 // (simt.h first: the kernels' CUDA names must exist before the header is parsed)
 #include "ussim/ussim_kernels.cuh"
+#include "ussim_params.h"
 
 #include <cstdint>
 #include <limits>
@@ -16,23 +17,6 @@ using namespace medfast::ussim;
 
 namespace {
 
-Params make(int64_t V, int64_t D, int64_t H, int64_t W, int64_t S, int64_t rows, uint64_t seed, const double* G,
-            double att, const double* bg, double sharp, const int64_t* volume_index) {
-  Params P{};
-  P.V = V;
-  P.volume_index = volume_index;
-  P.D = D;
-  P.H = H;
-  P.W = W;
-  P.S = S;
-  P.noise_mask = rows - 1;
-  P.seed = seed;
-  for (int i = 0; i < 12; ++i) P.G[i] = G[i];
-  P.att = att;
-  for (int i = 0; i < kProps; ++i) P.bg[i] = bg[i];
-  P.sharp = sharp;
-  return P;
-}
 
 void launch(int64_t work, int64_t sms, const std::function<void()>& kernel) {
   simt::launch({static_cast<unsigned>(blocks_for(work, sms)), 1, 1}, kThreads, 0, kernel);
@@ -42,7 +26,7 @@ template <typename T>
 void march(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows, uint64_t seed,
            const double* G, double att, const double* bg, double sharp, const T* coords, int64_t B, int64_t R,
            int64_t S, T* out, const int64_t* vidx, int64_t sms) {
-  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   const int64_t rays = B * R;
   launch(rays, sms, [&] { march_kernel<T>(vol, table, P, coords, out, rays, R); });
 }
@@ -51,7 +35,7 @@ template <typename T>
 void lines(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows, uint64_t seed,
            const double* G, double att, const double* bg, double sharp, const T* start, const T* step, const T* w,
            int64_t B, int64_t L, int64_t E, int64_t S, T* out, const int64_t* vidx, int64_t sms) {
-  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   const int64_t n = B * L;
   launch(n, sms, [&] { lines_kernel<T>(vol, table, P, start, step, w, out, n, L, E); });
 }
@@ -63,7 +47,7 @@ void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const f
               uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* coords,
               const T* grad, int64_t B, int64_t R, int64_t S, T* gprops, T* gcoords, const int64_t* vidx,
               int64_t sms) {
-  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   const int64_t rays = B * R;
   std::vector<T> gvals(gprops ? static_cast<size_t>(rays * S * kProps) : 0, std::numeric_limits<T>::quiet_NaN());
   T* gv = gprops ? gvals.data() : nullptr;

@@ -4,6 +4,7 @@
 #include "simt.h"
 // (simt.h first: the kernels' CUDA names must exist before the header is parsed)
 #include "ussim/ussim_warp.cuh"
+#include "ussim_params.h"
 
 #include <cstdint>
 #include <vector>
@@ -12,29 +13,12 @@ using namespace medfast::ussim;
 
 namespace {
 
-Params make(int64_t V, int64_t D, int64_t H, int64_t W, int64_t S, int64_t rows, uint64_t seed, const double* G,
-            double att, const double* bg, double sharp, const int64_t* volume_index) {
-  Params P{};
-  P.V = V;
-  P.volume_index = volume_index;
-  P.D = D;
-  P.H = H;
-  P.W = W;
-  P.S = S;
-  P.noise_mask = rows - 1;
-  P.seed = seed;
-  for (int i = 0; i < 12; ++i) P.G[i] = G[i];
-  P.att = att;
-  for (int i = 0; i < kProps; ++i) P.bg[i] = bg[i];
-  P.sharp = sharp;
-  return P;
-}
 
 template <typename T>
 void lines(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows, uint64_t seed,
            const double* G, double att, const double* bg, double sharp, const T* start, const T* step, const T* w,
            int64_t B, int64_t L, int64_t E, int64_t S, T* out, const int64_t* vidx) {
-  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   simt::run_warp([&] { lines_warp_kernel<T>(vol, table, P, start, step, w, out, B * L, L, E); });
 }
 
@@ -44,7 +28,7 @@ template <typename T>
 void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
               uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* coords,
               const T* grad, int64_t B, int64_t R, int64_t S, T* gprops, T* gcoords, const int64_t* vidx) {
-  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   std::vector<T> gvals(gprops ? B * R * S * kProps : 0);
   T* gv = gprops ? gvals.data() : nullptr;
   simt::run_warp([&] { backward_warp_kernel<T>(vol, table, P, coords, grad, gv, gcoords, B * R, R); });
@@ -66,7 +50,7 @@ void lines_backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, c
                     uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* start,
                     const T* step, const T* w, const T* grad, int64_t B, int64_t L, int64_t E, int64_t S, T* gprops,
                     T* gcoords, const int64_t* vidx) {
-  const Params P = make(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
+  const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   std::vector<T> gvals(gprops ? B * L * E * S * kProps : 0);
   T* gv = gprops ? gvals.data() : nullptr;
   simt::run_warp([&] { lines_backward_warp_kernel<T>(vol, table, P, start, step, w, grad, gv, gcoords, B * L * E, L, E); });
