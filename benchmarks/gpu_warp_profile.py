@@ -8,7 +8,8 @@ For linear warps (128^3 with 1 and 4 channels, 256^3 with 1) it reports, per imp
     stays busy when the CPU side is faster than the kernels);
   * the forward's effective bandwidth (ideal traffic / kernel time).
 The medfast rows come in both image-gradient scatters of the CUDA backward
-(``MEDFAST_WARP_CUDA_SCATTER`` = plain, the default, or merged).
+(``MEDFAST_WARP_CUDA_SCATTER`` = plain, the default, or merged), and the plain one also with the flat
+index split by int64 division (``MEDFAST_WARP_CUDA_INDEX=int64``) instead of FastDiv.
 
     python benchmarks/gpu_warp_profile.py --out DIR
 """
@@ -92,8 +93,9 @@ def main() -> None:
         coarse = torch.randn(1, 3, 8, 8, 8, device=dev, generator=gen) * 4
         ddf = F.interpolate(coarse, size=(size,) * 3, mode="trilinear").contiguous().requires_grad_()
         grad = torch.randn(1, channels, size, size, size, device=dev, generator=gen)
-        for impl in ("merged", "plain", "grid_sample"):
-            os.environ["MEDFAST_WARP_CUDA_SCATTER"] = impl if impl != "grid_sample" else "plain"
+        for impl in ("merged", "plain", "plain-int64", "grid_sample"):
+            os.environ["MEDFAST_WARP_CUDA_SCATTER"] = "merged" if impl == "merged" else "plain"
+            os.environ["MEDFAST_WARP_CUDA_INDEX"] = "int64" if impl == "plain-int64" else "fast"
             step = step_fn(impl, image, ddf, grad)
             for _ in range(5):
                 step()
@@ -120,6 +122,7 @@ def main() -> None:
             for k, v in list(kernels.items())[:6]:
                 print(f"    {v:8.4f} ms  {k}", flush=True)
     os.environ.pop("MEDFAST_WARP_CUDA_SCATTER", None)
+    os.environ.pop("MEDFAST_WARP_CUDA_INDEX", None)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     info = {"device": name, "torch": torch.__version__, "medfast": mf.build_info()}
     args.out.mkdir(parents=True, exist_ok=True)

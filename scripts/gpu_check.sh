@@ -9,6 +9,9 @@
 #                               also capped to what is left), so a limited lease still returns logs
 #   MEDFAST_GPU_TESTS=all|cuda|none  the whole suite, the files with CUDA tests (default), or none
 #   MEDFAST_GPU_BENCH=full|quick|0   benchmark sizes (default full); MEDFAST_GPU_SUITES="warp loss ..."
+#                               in that order ("sanitizer" among them places the memcheck run; else last)
+#   MEDFAST_GPU_SANITIZE="loss lncc ..."  the families scripts/cuda_sanitize.py runs (default all)
+#   MEDFAST_GPU_TEST_CAP / MEDFAST_GPU_BENCH_CAP / MEDFAST_GPU_SANITIZE_CAP  per-step caps in seconds
 #   MEDFAST_GPU_PACK=1          also pack everything into $OUT/gpu_results.tgz after each step and
 #                               every 15 s (partial logs of a step cut off by the lease come back)
 # Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
@@ -79,7 +82,8 @@ rc=0
 case "${MEDFAST_GPU_TESTS:-cuda}" in
   none) files=() ;;
   all) files=(tests) ;;
-  cuda) mapfile -t files < <(grep -l "requires_cuda\|cuda" tests/test_*.py) ;;
+  # the files whose tests need a GPU (the CUDA emulation tests, test_simt*, run on the CPU in CI)
+  cuda) mapfile -t files < <(grep -l "requires_cuda\|skipif(not torch.cuda\|import cupy\|importorskip(\"cupy\")" tests/test_*.py) ;;
   *) read -r -a files <<< "$MEDFAST_GPU_TESTS" ;;
 esac
 xdist=()
@@ -87,24 +91,33 @@ $PY -c "import xdist" 2>/dev/null && xdist=(-n "${MEDFAST_GPU_TEST_WORKERS:-4}")
 # A hung test must not eat the machine's time: pytest-timeout (if installed) fails it after 240 s.
 $PY -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout=240)
 if [ ${#files[@]} -gt 0 ]; then
-  TAIL=25 step tests 400 $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -rfEs "${files[@]}" || rc=1
+  TAIL=25 step tests "${MEDFAST_GPU_TEST_CAP:-400}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -rfEs "${files[@]}" || rc=1
 fi
 TAIL=40 step warp_profile 120 $PY benchmarks/gpu_warp_profile.py --out "$RES"
 TAIL=30 step kernel_profile 120 $PY benchmarks/gpu_kernel_profile.py --out "$RES"
 # the training checks (AMP, classification rendering in both CUDA marches, torchrun: NCCL and 2 processes
 # sharing a GPU over gloo) before the long benchmark suites: they answer more per second of the lease
 TAIL=30 step train_check 180 $PY scripts/gpu_train_check.py --device cuda --out "$RES/train_check"
-if [ "${MEDFAST_GPU_BENCH:-full}" != 0 ]; then
-  quick=()
-  [ "${MEDFAST_GPU_BENCH:-full}" = quick ] && quick=(--quick)
-  for suite in ${MEDFAST_GPU_SUITES:-warp loss metrics ultrasound classification segmentation registration distance}; do
-    TAIL=30 step "bench_$suite" 300 env MEDFAST_BENCH_WORK="$RES/work" $PY -m medfast bench --device cuda \
-      "${quick[@]}" --only "$suite" --out "$RES/bench"
-  done
-fi
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [ -n "$SANITIZER" ]; then
-  TAIL=12 step sanitizer 240 "$SANITIZER" --tool memcheck --error-exitcode 3 $PY scripts/cuda_sanitize.py || rc=1
-fi
+sanitize() {  # compute-sanitizer memcheck over the families in MEDFAST_GPU_SANITIZE (default: all)
+  local only=()
+  for f in ${MEDFAST_GPU_SANITIZE:-}; do only+=(--only "$f"); done
+  TAIL=12 step sanitizer "${MEDFAST_GPU_SANITIZE_CAP:-240}" "$SANITIZER" --tool memcheck --error-exitcode 3 \
+    $PY scripts/cuda_sanitize.py "${only[@]}"
+}
+quick=()
+[ "${MEDFAST_GPU_BENCH:-full}" = quick ] && quick=(--quick)
+# benchmark suites in the order given; "sanitizer" in the list places the memcheck run among them
+suites=${MEDFAST_GPU_SUITES:-warp loss metrics ultrasound classification segmentation registration distance}
+[ "${MEDFAST_GPU_BENCH:-full}" = 0 ] && suites=""
+case " $suites " in *" sanitizer "*) ;; *) suites="$suites sanitizer" ;; esac
+for suite in $suites; do
+  if [ "$suite" = sanitizer ]; then
+    if [ -n "$SANITIZER" ]; then sanitize || rc=1; fi
+    continue
+  fi
+  TAIL=30 step "bench_$suite" "${MEDFAST_GPU_BENCH_CAP:-300}" env MEDFAST_BENCH_WORK="$RES/work" $PY -m medfast bench \
+    --device cuda "${quick[@]}" --only "$suite" --out "$RES/bench"
+done
 pack
 exit $rc

@@ -29,6 +29,16 @@ bool merged_scatter() {
   return v != nullptr && std::strcmp(v, "merged") == 0;
 }
 
+// MEDFAST_WARP_CUDA_INDEX=int64 splits the flat index by int64 division instead of FastDiv (both
+// are always compiled: the flag is per launch), so the two can be timed on one build.
+template <int NDIM>
+IndexSplit<NDIM> index_split(int64_t total, const int64_t out_numel, const int64_t* out_size) {
+  auto u = make_index_split<NDIM>(total, out_numel, out_size);
+  const char* v = std::getenv("MEDFAST_WARP_CUDA_INDEX");
+  if (v != nullptr && std::strcmp(v, "int64") == 0) u.fast = false;
+  return u;
+}
+
 // Deterministic path: for output voxels [begin, begin + count), the flat image offsets (channel 0)
 // and weights of all taps. A NaN position contributes nothing.
 template <typename S, typename T, int NDIM, int MODE, int PAD>
@@ -96,7 +106,7 @@ Tensor forward_cuda(const Tensor& image, const OptTensor& theta, const OptTensor
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
     const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
-    const auto U = make_index_split<NDIM>(total, A.out_numel, A.out_size);
+    const auto U = index_split<NDIM>(total, A.out_numel, A.out_size);
     forward_kernel<S, acc_t<S>, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
         A, U, out.mutable_data_ptr<S>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -121,7 +131,7 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& image
     dispatch_warp(image.scalar_type(), ndim, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
       using T = acc_t<S>;
       const auto A = make_args<S, T, NDIM>(image, theta, ddf, shape);
-      const auto U = make_index_split<NDIM>(total, A.out_numel, A.out_size);
+      const auto U = index_split<NDIM>(total, A.out_numel, A.out_size);
       int64_t in_numel = 1;
       for (int i = 0; i < NDIM; ++i) in_numel *= A.in_size[i];
       const bool atomics = image_grad && !deterministic;
