@@ -16,7 +16,7 @@
 #                               every 15 s (partial logs of a step cut off by the lease come back)
 # Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
 # (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them
-# (scripts/gpu_prepare.sh fills both). Order: build, CUDA tests, warp and kernel profiles, training
+# (scripts/gpu_prepare.sh fills both). Order: build, exception probes, CUDA tests, warp and kernel profiles, training
 # checks, benchmark suites, compute-sanitizer. On a lent machine with 15 minutes in all (2026-11-27)
 # the build took 150 s of them. One call of at most 600 s then fits, for example:
 #   MEDFAST_GPU_BUDGET=540 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick \
@@ -76,6 +76,8 @@ fi
 export MEDFAST_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 step build 600 $PY -m pip install -v --no-build-isolation --no-deps -e . || { tail -40 "$RES/build.log"; pack; exit 1; }
 step info 60 $PY -m medfast info
+# C++ argument checks must reach Python as exceptions (on one H200 build they crashed the process)
+TAIL=12 step exceptions 120 $PY scripts/exception_probe.py --native
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$RES/nvidia_smi.txt" 2>&1
 
 rc=0
