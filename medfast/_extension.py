@@ -48,8 +48,9 @@ def build_info() -> dict:
         kernels were compiled (``cuda``), the CUDA version and architectures they were compiled for,
         OpenMP, the CPU SIMD fast path in use (``cpu_simd``), CPU threads, whether a GPU is visible, and
         the CUDA kernel variants that the environment selects now (``cuda_variants``: the ultrasound
-        march, ``MEDFAST_USSIM_CUDA_MARCH`` = thread or warp; the linear warp backward's scatter,
-        ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged).
+        march, ``MEDFAST_USSIM_CUDA_MARCH`` = warp (default) or thread; the linear warp backward's
+        scatter, ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged, default ``auto``: merged for
+        images of several channels, plain for one).
     """
     from medfast import __version__
 
@@ -76,8 +77,8 @@ def build_info() -> dict:
 
 def cuda_variants() -> dict[str, str]:
     """The CUDA kernel variants the launchers pick now, from the environment (read at every launch, as
-    the C++ launchers do): values other than the opt-in ones select the default."""
+    the C++ launchers do): values other than the named ones select the default."""
     march = os.environ.get("MEDFAST_USSIM_CUDA_MARCH", "")
     scatter = os.environ.get("MEDFAST_WARP_CUDA_SCATTER", "")
-    return {"ussim_march": "warp" if march == "warp" else "thread",
-            "warp_scatter": "merged" if scatter == "merged" else "plain"}
+    return {"ussim_march": "thread" if march == "thread" else "warp",
+            "warp_scatter": scatter if scatter in ("plain", "merged") else "auto"}

@@ -51,14 +51,22 @@ def main() -> int:
     if args.probe:
         run_probe(args.probe)
         return 0
-    import medfast
     import torch
+
+    import medfast
 
     so = medfast._C.__file__
     print("torch", torch.__version__, "python", sys.version.split()[0], "extension", so)
     print("compiler", medfast.build_info().get("compiler"))
-    for cmd in (["ldd", so], ["sh", "-c", "command -v g++ c++ gcc; g++ --version | head -1; ls -l $(command -v g++)"],
-                ["sh", "-c", "ldconfig -p | grep -E 'libstdc|libgcc_s|libgomp'"]):
+    # A C++ runtime linked into the extension (its own __cxa_throw / personality / unwinder beside the
+    # shared libstdc++ that torch uses) is a known cause of crashes on throw (pytorch issue 57744).
+    for cmd in (["sh", "-c", f"ldd {so} | grep -E 'stdc|gcc_s|gomp|cudart|c10|torch_python'"], ["sh", "-c", "command -v g++ c++ gcc; g++ --version | head -1; ls -l $(command -v g++)"],
+                ["sh", "-c", "ldconfig -p | grep -E 'libstdc|libgcc_s|libgomp'"],
+                ["sh", "-c", f"readelf -d {so} | grep -E 'NEEDED|RPATH|RUNPATH'"],
+                ["sh", "-c", f"nm -D --defined-only {so} | grep -E '__cxa_throw|__gxx_personality|_Unwind_|"
+                 "__cxa_begin_catch' || echo 'no C++ runtime symbols defined in the extension'"],
+                ["sh", "-c", "g++ -print-file-name=libstdc++.so; g++ -print-file-name=libstdc++.a; "
+                 "g++ -dumpspecs | grep -n -i -A1 'static-libstdc\\|static-libgcc' | head -8"]):
         out = subprocess.run(cmd, capture_output=True, text=True)
         print(f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}", end="")
     crashed = []

@@ -76,8 +76,16 @@ fi
 export MEDFAST_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 step build 600 $PY -m pip install -v --no-build-isolation --no-deps -e . || { tail -40 "$RES/build.log"; pack; exit 1; }
 step info 60 $PY -m medfast info
-# C++ argument checks must reach Python as exceptions (on one H200 build they crashed the process)
-TAIL=12 step exceptions 120 $PY scripts/exception_probe.py --native
+# C++ argument checks must reach Python as exceptions (on one H200 build, with /opt/gcc's g++ 13.3, they
+# crashed the process). If they do not and the system has another g++, rebuild with that one and probe again.
+if ! TAIL=12 step exceptions 120 $PY scripts/exception_probe.py --native; then
+  alt=${MEDFAST_GPU_ALT_CXX:-/usr/bin/g++}
+  if [ -x "$alt" ] && [ "$(readlink -f "$alt")" != "$(readlink -f "$(command -v g++)")" ]; then
+    rm -rf build/cp3*
+    CXX=$alt CUDAHOSTCXX=$alt step build_alt_cxx 600 $PY -m pip install -v --no-build-isolation --no-deps -e . &&
+      TAIL=12 step exceptions_alt_cxx 120 $PY scripts/exception_probe.py
+  fi
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$RES/nvidia_smi.txt" 2>&1
 
 rc=0

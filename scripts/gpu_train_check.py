@@ -16,8 +16,9 @@ cls_sim
     Classification of simulated ultrasound rendered on the fly on the training device (the classification
     task, ``data.dataset=simulated_ultrasound`` with synthetic phantom brains): step time against the
     rendering time, images/s.
-cls_sim_warp
-    The same with ``MEDFAST_USSIM_CUDA_MARCH=warp`` (the warp-cooperative CUDA march).
+cls_sim_thread
+    The same with ``MEDFAST_USSIM_CUDA_MARCH=thread`` (one thread per line instead of the default
+    warp-cooperative CUDA march).
 ddp_shared
     ``torchrun --nproc_per_node=2`` of ``medfast train`` with ``MEDFAST_DIST_BACKEND=gloo``: two processes
     that may share one GPU, so the trainer's own multi-process path runs on a one-GPU machine.
@@ -55,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKS = ("seg_none", "seg_bf16", "seg_fp16", "reg_bf16", "cls_sim", "cls_sim_warp", "ddp", "ddp_shared")
+CHECKS = ("seg_none", "seg_bf16", "seg_fp16", "reg_bf16", "cls_sim", "cls_sim_thread", "ddp", "ddp_shared")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                "seg_fp16": lambda: check_seg("fp16", args, device, work),
                "reg_bf16": lambda: check_reg(args, device, work),
                "cls_sim": lambda: check_cls(args, device, work),
-               "cls_sim_warp": lambda: check_cls(args, device, work, "warp"),
+               "cls_sim_thread": lambda: check_cls(args, device, work, "thread"),
                "ddp": lambda: check_ddp(args, device, work),
                "ddp_shared": lambda: check_ddp_shared(args, device, work)}
     for name in args.only or CHECKS:

@@ -159,6 +159,24 @@ def test_bench_loss_target_on_cuda_only():
     assert (cpu["target"], cpu["met"]) == ("", "")
 
 
+def test_bench_loss_nosync_row():
+    # CUDA: medfast with check_labels=False is a second medfast column and its own MONAI row
+    bench_loss = _script("bench_loss")
+    res = {"medfast": {"ms": 2.0, "extra_peak_mib": 10.0}, "monai": {"ms": 3.0, "extra_peak_mib": 90.0},
+           "torch": {"ms": 4.0, "extra_peak_mib": 80.0}, bench_loss.NOSYNC: {"ms": 1.0, "extra_peak_mib": 10.0}}
+    row = bench_loss.make_row(res, "cuda", 128, 16, 2, "float32")
+    assert row["ratio_vs_monai"] == pytest.approx(1.5) and row["medfast_nosync_ratio_vs_monai"] == pytest.approx(3.0)
+    assert row["met"] == "no"  # the target is judged on the default (checked) loss
+
+
+def test_loss_collector_adds_the_nosync_row(tmp_path):
+    (tmp_path / "loss_cuda_latest.json").write_text(json.dumps(
+        [_loss_row("cuda", 16, 2.0, 3.0, 2, "float32", medfast_nosync_ms=1.0, medfast_nosync_extra_peak_mib=10.0)]))
+    rows = runner._loss_rows(tmp_path, "cuda")
+    nosync = [r for r in rows if r.case.endswith("check_labels=False")]
+    assert len(rows) == 3 and len(nosync) == 1 and nosync[0].ratio == pytest.approx(3.0) and nosync[0].target == ""
+
+
 def _loss_row(device, classes, ours, monai, batch, dtype, **extra):
     row = {"classes": classes, "size": 128, "batch": batch, "dtype": dtype, "device": device, "medfast_ms": ours,
            "medfast_extra_peak_mib": 10.0, "monai_ms": monai, "monai_extra_peak_mib": 100.0, "torch_ms": 2 * monai,

@@ -149,7 +149,7 @@ def test_large_volume_int64_indexing():
     del out
 
 
-@pytest.mark.parametrize("scatter", ["merged", "plain"])
+@pytest.mark.parametrize("scatter", ["merged", "plain", "auto"])
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("smooth", [True, False])
@@ -157,7 +157,10 @@ def test_linear_backward_scatter_variants_match_cpu(monkeypatch, scatter, ndim, 
     # The merged scatter hands a tap to the next lane when both hit one voxel: smooth small
     # displacements (most lanes merge), rough ones (few do), rows not a multiple of 32 lanes,
     # NaN lanes, a broadcast image and several channels.
-    monkeypatch.setenv("MEDFAST_WARP_CUDA_SCATTER", scatter)
+    if scatter == "auto":  # the default: merged here (3 channels)
+        monkeypatch.delenv("MEDFAST_WARP_CUDA_SCATTER", raising=False)
+    else:
+        monkeypatch.setenv("MEDFAST_WARP_CUDA_SCATTER", scatter)
     shape = (6, 37, 45)[3 - ndim:]
     gen = torch.Generator().manual_seed(7)
     image = torch.rand(1, 3, *shape, generator=gen, dtype=torch.float64)

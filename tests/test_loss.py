@@ -163,6 +163,41 @@ def test_bad_inputs():
     assert torch.isfinite(mf.dice_ce_loss(logits, half, ignore_index=255))
 
 
+@pytest.mark.parametrize("fn", [mf.dice_ce_loss, mf.dice_loss, mf.cross_entropy])
+def test_check_labels_false_gives_nan_on_bad_labels_and_the_same_loss_otherwise(fn):
+    # check_labels=False: no host check (no device sync), but a bad label never gives a finite loss
+    logits, target = _inputs(3, C=4, dtype=torch.float64)
+    logits.requires_grad_()
+    good = fn(logits, target, check_labels=False)
+    assert torch.equal(good, fn(logits, target))
+    for bad_value in (4, -1, 1000):
+        bad = target.clone()
+        bad[0, 0, 1, 2] = bad_value
+        with pytest.raises(ValueError, match=f"target holds label {bad_value}, outside"):
+            fn(logits, bad)
+        assert torch.isnan(fn(logits, bad, check_labels=False))
+    # the ignore index is not a bad label, even outside [0, C); -1 is bad unless it is the ignore index
+    ign = target.clone()
+    ign[:, :, :2] = 255
+    assert torch.equal(fn(logits, ign, ignore_index=255, check_labels=False), fn(logits, ign, ignore_index=255))
+    ign[0, 0, 3, 0] = -1
+    assert torch.isnan(fn(logits, ign, ignore_index=255, check_labels=False))
+    with pytest.raises(ValueError, match="label -1, outside"):
+        fn(logits, ign, ignore_index=255)
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        fn(logits, target, check_labels=1)
+
+
+def test_loss_modules_pass_check_labels():
+    logits, target = _inputs(3, C=4, dtype=torch.float32)
+    bad = target.clone()
+    bad[0, 0, 0, 0] = 9
+    for cls in (DiceLoss, DiceCELoss):
+        assert torch.isnan(cls(check_labels=False)(logits, bad))
+        with pytest.raises(ValueError, match="label 9"):
+            cls()(logits, bad)
+
+
 def test_all_voxels_ignored_gives_documented_result():
     logits, target = _inputs(3, C=3, dtype=torch.float32)
     target = torch.full_like(target, 7)

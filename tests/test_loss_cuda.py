@@ -97,6 +97,19 @@ def test_cuda_bad_label_raises_before_launch():
     assert torch.isfinite(mf.dice_ce_loss(z, t.clamp(max=2)))
 
 
+def test_cuda_check_labels_false_gives_nan_without_a_sync():
+    z = torch.randn(2, 3, 5, 6, 7, device="cuda")
+    t = torch.randint(0, 3, (2, 5, 6, 7), device="cuda")
+    assert torch.equal(mf.dice_ce_loss(z, t, check_labels=False), mf.dice_ce_loss(z, t))
+    t[1, 4, 5, 6] = 3
+    torch.cuda.set_sync_debug_mode("error")  # any device sync in the call raises
+    try:
+        loss = mf.dice_ce_loss(z, t, check_labels=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isnan(loss)
+
+
 def test_cuda_opcheck():
     z = torch.randn(2, 3, 5, 6, 7, device="cuda", dtype=torch.float64)
     t = torch.randint(0, 3, (2, 5, 6, 7), device="cuda")

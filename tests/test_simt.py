@@ -2,8 +2,8 @@
 through a shared slot array), compiled from the same source as the CUDA build, against the CPU ops: the
 ultrasound line march, ray backward, lines backward and its scatter; the warp op's forward, backward and
 warp-merged backward. This is how their arithmetic and shuffle logic are tested on machines without a
-GPU; the CUDA tests (``MEDFAST_USSIM_CUDA_MARCH=warp``, ``MEDFAST_WARP_CUDA_SCATTER=merged``) check
-them on a GPU."""
+GPU; the CUDA tests check
+them on a GPU (both marches, ``MEDFAST_USSIM_CUDA_MARCH``; every scatter, ``MEDFAST_WARP_CUDA_SCATTER``)."""
 
 from __future__ import annotations
 

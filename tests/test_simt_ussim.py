@@ -3,7 +3,7 @@
 gradients, the line march, and the PSF's axial, lateral and transposed passes) run on the CPU under the
 launch emulation of tests/simt/simt.h (a grid of blocks, each block's threads as fibers on one thread,
 atomicAdd), compiled from the same source as the CUDA build and launched in the launcher's order with its
-geometry (the default MEDFAST_USSIM_CUDA_MARCH), against the CPU ops (torch.ops.medfast.ussim_march,
+geometry (MEDFAST_USSIM_CUDA_MARCH=thread), against the CPU ops (torch.ops.medfast.ussim_march,
 ussim_march_lines, ussim_march_backward, ussim_march_lines_backward, ussim_psf). The warp-cooperative
 kernels are in tests/test_simt.py; tests/test_ultrasound.py checks the real launches on a GPU."""
 
@@ -136,8 +136,8 @@ def test_backward_scatter_grid_stride(lib):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("volumes", ["one", "indexed"])
-def test_lines_backward_default_path_matches_cpu(lib, dtype, volumes):
-    # march_lines_backward_cuda without MEDFAST_USSIM_CUDA_MARCH=warp: the sub-rays' positions and echo
+def test_lines_backward_thread_path_matches_cpu(lib, dtype, volumes):
+    # march_lines_backward_cuda with MEDFAST_USSIM_CUDA_MARCH=thread: the sub-rays' positions and echo
     # gradients materialised as the launcher does (here in torch), then the ray backward and scatter
     g = torch.Generator().manual_seed(12)
     B, L, E, S = 2, 3, 2, 40

@@ -99,6 +99,10 @@ def _loss_rows(out: Path, device: str | None = None) -> list[Row]:
                             _ratio(r.get(f"{peer}_ms"), r.get("medfast_ms")), r.get("medfast_extra_peak_mib"),
                             r.get(f"{peer}_extra_peak_mib"), (r.get("target") or "") if peer == "monai" else "",
                             (r.get("met") or "") if peer == "monai" else ""))
+        if "medfast_nosync_ms" in r and "monai_ms" in r:  # CUDA: check_labels=False, no device sync
+            rows.append(Row("loss", case + ", check_labels=False", "MONAI DiceCELoss", r["medfast_nosync_ms"],
+                            r["monai_ms"], _ratio(r["monai_ms"], r["medfast_nosync_ms"]),
+                            r.get("medfast_nosync_extra_peak_mib"), r.get("monai_extra_peak_mib")))
     return rows
 
 

@@ -33,6 +33,7 @@ class DiceLoss(nn.Module):
     against ``(B, C, *S)`` float targets; ``sigmoid=True`` for multi-label channels.
 
     See :func:`medfast.ops.dice_loss`; ``batch`` is ``batch_dice``, ``weight`` is ``class_weight``.
+    ``check_labels=False`` skips the label-range check's device sync (a bad label gives a NaN loss).
     """
 
     def __init__(
@@ -46,11 +47,12 @@ class DiceLoss(nn.Module):
         reduction: str = "mean",
         ddp_sync: bool = False,
         sigmoid: bool = False,
+        check_labels: bool = True,
     ) -> None:
         super().__init__()
         self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
                            class_weight=weight, ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync,
-                           activation="sigmoid" if sigmoid else "softmax")
+                           activation="sigmoid" if sigmoid else "softmax", check_labels=check_labels)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
         return dice_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)
@@ -60,7 +62,8 @@ class DiceCELoss(nn.Module):
     """Dice + cross-entropy of softmax(logits) against integer labels, fused.
 
     See :func:`medfast.ops.dice_ce_loss`; ``batch`` is ``batch_dice``, ``weight`` is
-    ``class_weight`` (used by both terms, as in MONAI).
+    ``class_weight`` (used by both terms, as in MONAI). ``check_labels=False`` skips the
+    label-range check's device sync (a bad label then gives a NaN loss instead of a ValueError).
     """
 
     def __init__(
@@ -76,12 +79,13 @@ class DiceCELoss(nn.Module):
         reduction: str = "mean",
         ddp_sync: bool = False,
         sigmoid: bool = False,
+        check_labels: bool = True,
     ) -> None:
         super().__init__()
         self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
                            class_weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
                            ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync,
-                           activation="sigmoid" if sigmoid else "softmax")
+                           activation="sigmoid" if sigmoid else "softmax", check_labels=check_labels)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
         return dice_ce_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)

@@ -86,8 +86,10 @@ def _check_logits(logits: object, activation: str = "softmax") -> torch.Tensor:
     return logits
 
 
-def _labels(target: object, logits: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
-    """(B, *S) int64 labels with the ignore index mapped to -1; validates values and shape."""
+def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
+            check_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, *S) int64 labels with the ignore index mapped to -1, validated in shape; and, with
+    ``check_labels=False``, a device flag (0-dim bool) that is true when a label is out of range."""
     target = check_tensor("target", target)
     if torch.is_floating_point(target) or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class labels, got {target.dtype} (soft targets: not yet)")
@@ -103,21 +105,27 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None) -> t
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    if not isinstance(check_labels, bool):
+        raise TypeError(f"check_labels must be a bool, got {check_labels!r}")
     labels = target.long()
-    # One cheap reduction so that an out-of-range label never passes silently. It is data-dependent,
-    # so torch.compile skips it; the kernels then leave such voxels out (they never read past C).
-    valid = labels if ignore_index is None or torch.compiler.is_compiling() else labels[labels != ignore_index]
-    if not torch.compiler.is_compiling() and valid.numel():
-        lo, hi = int(valid.min()), int(valid.max())
-        if lo < 0 or hi >= logits.shape[1]:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"target holds label {bad}, outside [0, {logits.shape[1] - 1}] for C = {logits.shape[1]} classes"
-                + ("" if ignore_index is None else f" (ignore_index = {ignore_index})")
-            )
-    if ignore_index is not None:
-        labels = torch.where(labels == ignore_index, torch.full_like(labels, -1), labels)
-    return labels
+    ignored = None if ignore_index is None else labels == ignore_index
+    # An out-of-range label must never pass silently (the kernels leave such voxels out: they never
+    # read past C). check_labels: one reduction and ONE device sync, for a clear error here; without
+    # it, no sync: the loss becomes NaN on the device instead. Data-dependent, so torch.compile skips it.
+    bad = None
+    if not torch.compiler.is_compiling() and labels.numel():
+        valid = labels if ignored is None else labels.masked_fill(ignored, 0)
+        if check_labels:
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(valid)).tolist())
+            if lo < 0 or hi >= logits.shape[1]:
+                ignored_note = "" if ignore_index is None else f" (ignore_index = {ignore_index})"
+                raise ValueError(f"target holds label {lo if lo < 0 else hi}, outside [0, {logits.shape[1] - 1}] "
+                                 f"for C = {logits.shape[1]} classes{ignored_note}")
+        else:
+            bad = ((valid < 0) | (valid >= logits.shape[1])).any()
+    if ignored is not None:
+        labels = labels.masked_fill(ignored, -1)
+    return labels, bad
 
 
 def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
@@ -138,12 +146,12 @@ def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tens
 def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     if class_weight is None:
         return None
-    w = torch.as_tensor(class_weight, dtype=dtype, device=logits.device).flatten()
+    w = torch.as_tensor(class_weight, dtype=dtype).flatten()  # stays where it is given
     if w.numel() != logits.shape[1]:
         raise ValueError(f"class_weight must have C = {logits.shape[1]} entries, got {w.numel()}")
-    if (w < 0).any():
+    if (w < 0).any():  # on the host for a list / CPU tensor: no device sync
         raise ValueError("class_weight must be non-negative")
-    return w
+    return w.to(logits.device, non_blocking=True)
 
 
 def _smooth(smooth: object) -> tuple[float, float]:
@@ -224,9 +232,9 @@ def _stats_reference(logits: torch.Tensor, target: torch.Tensor, voxel_weight: t
     return torch.stack(stats, -1)
 
 
-def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax"):
+def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax", check_labels=True):
     """Per-(batch, class) sums (B, C, 4) = I, P, G, E, the class weights, and the divisor of the
-    cross-entropy's mean."""
+    cross-entropy's mean. With ``check_labels=False`` an out-of-range label makes the sums NaN."""
     check_choice("activation", activation, ("softmax", "sigmoid"))
     logits = _check_logits(logits, activation)
     check_backend("logits", logits)
@@ -241,12 +249,14 @@ def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="
         else:
             stats = _stats_reference(logits, t, weight, activation)
     else:
-        labels = _labels(target, logits, ignore_index)
+        labels, bad = _labels(target, logits, ignore_index, check_labels)
         weight = _voxel_weight(voxel_weight, labels, logits)
         if fused:
             stats = _ops.softmax_stats(logits, labels, weight)
         else:
             stats = _stats_reference(logits, labels, weight, "labels")
+        if bad is not None:  # NaN in every sum (and so in the loss) when a label is out of range
+            stats = stats + torch.where(bad, float("nan"), 0.0).to(stats.dtype)
     cw = _class_weight(class_weight, logits, stats.dtype)
     if soft:  # mean over voxels (softmax) or over voxels x channels (sigmoid), as PyTorch's losses
         voxels = weight.sum().to(stats.dtype) if weight is not None else logits[:, 0].numel()
@@ -297,6 +307,7 @@ def dice_loss(
     reduction: str = "mean",
     ddp_sync: bool = False,
     activation: str = "softmax",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Soft Dice loss of softmax (or sigmoid) probabilities, fused (no one-hot, no softmax tensor).
 
@@ -335,6 +346,12 @@ def dice_loss(
         of one process on the whole batch).
     activation : {"softmax", "sigmoid"}
         ``"sigmoid"``: independent channels (multi-label), as MONAI's ``sigmoid=True``.
+    check_labels : bool
+        Integer labels: check on the host that every label is in ``[0, C)`` (or ``ignore_index``)
+        and raise ``ValueError`` naming the bad label (one reduction and one device sync per call).
+        ``False`` skips the sync, for training loops on a GPU whose labels are known good: an
+        out-of-range label then makes the loss NaN (never a wrong finite value, never a device-side
+        assert), which the trainer's NaN check reports with the batch's files.
 
     Returns
     -------
@@ -343,7 +360,7 @@ def dice_loss(
         ``logits``.
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
-    stats, cw, _ = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation)
+    stats, cw, _ = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
     return _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
 
 
@@ -356,6 +373,7 @@ def cross_entropy(
     ignore_index: int | None = None,
     reduction: str = "mean",
     activation: str = "softmax",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of softmax(logits) (or binary cross-entropy with sigmoids), from the fused sums.
 
@@ -364,11 +382,11 @@ def cross_entropy(
     ``ignore_index``, extended by per-voxel weights. With soft targets it is ``F.cross_entropy``
     with probability targets (mean over voxels); with ``activation="sigmoid"``
     ``F.binary_cross_entropy_with_logits`` (mean over voxels and channels; ``class_weight``
-    multiplies each channel's term). Arguments as in :func:`dice_loss`; ``reduction`` is
-    ``"mean"`` or ``"sum"``.
+    multiplies each channel's term). Arguments as in :func:`dice_loss` (``check_labels`` too);
+    ``reduction`` is ``"mean"`` or ``"sum"``.
     """
     check_choice("reduction", reduction, ("mean", "sum"))
-    stats, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation)
+    stats, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
     return _ce_term(stats, cw, divisor, reduction)
 
 
@@ -387,6 +405,7 @@ def dice_ce_loss(
     reduction: str = "mean",
     ddp_sync: bool = False,
     activation: str = "softmax",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """``lambda_dice * dice_loss + lambda_ce * cross_entropy`` from one fused pass over the logits.
 
@@ -404,6 +423,6 @@ def dice_ce_loss(
     for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    stats, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation)
+    stats, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
     dice = _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
     return lambda_dice * dice + lambda_ce * _ce_term(stats, cw, divisor, reduction)

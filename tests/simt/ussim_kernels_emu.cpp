@@ -2,7 +2,7 @@
 // forward and backward, the atomic scatter of the property gradients, the line march, and the PSF's
 // axial, lateral and transposed lateral passes) on the CPU under the launch emulation of simt.h, as a C
 // library for tests/test_simt_ussim.py (ctypes): the same kernel source as the CUDA build, launched in
-// the launcher's order (ussim_cuda.cu, default MEDFAST_USSIM_CUDA_MARCH) with its geometry (kThreads
+// the launcher's order (ussim_cuda.cu, MEDFAST_USSIM_CUDA_MARCH=thread) with its geometry (kThreads
 // per block, blocks from the multiprocessor count given here); checked against the CPU ops.
 #include "simt.h"
 // (simt.h first: the kernels' CUDA names must exist before the header is parsed)
