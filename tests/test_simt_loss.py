@@ -37,13 +37,13 @@ def _plan(values_per_thread: int, itemsize: int) -> int:
     return threads
 
 
-def _case(kind, dtype, spatial, B, C, weighted, seed):
+def _case(kind, dtype, spatial, B, C, weighted, seed, spread=3.0):
     """logits (B, C, *spatial); target: labels (B, *spatial) with ignored voxels (-1, the ignore index as
     medfast.ops._loss passes it) and labels past C (left out, as under torch.compile), or soft targets
     (B, C, *spatial); voxel weights (B, *spatial) of the logits' dtype (the CUDA launcher converts them to
     its compute type; the CPU op gets the same values) with some zeros, or None."""
     g = torch.Generator().manual_seed(seed)
-    logits = (3.0 * torch.randn(B, C, *spatial, generator=g, dtype=torch.float64)).to(dtype)
+    logits = (spread * torch.randn(B, C, *spatial, generator=g, dtype=torch.float64)).to(dtype)
     if kind == "labels":
         target = torch.randint(0, C, (B, *spatial), generator=g)
         flat = target.view(-1)
@@ -109,8 +109,8 @@ def _tol(dtype):
     return (2e-5, 2e-5) if dtype == torch.float32 else (1e-10, 1e-11)
 
 
-def _compare(lib, kind, dtype, spatial, B, C, weighted, sms, seed=0):
-    logits, target, weight, gstats = _case(kind, dtype, spatial, B, C, weighted, seed)
+def _compare(lib, kind, dtype, spatial, B, C, weighted, sms, seed=0, spread=3.0):
+    logits, target, weight, gstats = _case(kind, dtype, spatial, B, C, weighted, seed, spread)
     N = math.prod(spatial)
     ref_sums, ref_grad = _cpu(kind, logits, target, weight, gstats)
     sums, geo = _emu(lib, "sums", kind, logits, target, weight, sms=sms)
@@ -143,6 +143,14 @@ def test_loss_kernels_match_cpu(lib, dtype, ndim, C, B, target, sms):
                       seed=C * 10 + B + ndim)
     if C == 17:  # 87 values per thread: 256 threads would need 87 KiB (f32) / 174 KiB (f64) of shared memory
         assert geo["threads"] == (128 if dtype == torch.float32 else 64)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_kernels_large_logits(lib, kind, dtype):
+    # logits spread over hundreds: the softmax must subtract the true maximum (exp of a positive
+    # argument overflows), in the one-voxel path of the kernels as in the CPU blocks
+    _compare(lib, kind, dtype, (5, 6, 7), 2, 9, True, H100_SMS, seed=11, spread=80.0)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -15,6 +15,13 @@
 #define MEDFAST_UNROLL _Pragma("GCC unroll 4")
 #endif
 
+// Partial unrolling of loops with a run-time trip count (4 iterations' loads in flight at once).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MEDFAST_UNROLL4 _Pragma("unroll 4")
+#else
+#define MEDFAST_UNROLL4 _Pragma("GCC unroll 4")
+#endif
+
 // A kernel's dynamic shared memory as `unsigned char* name`: the extern __shared__ array on the GPU; in
 // a host compilation of kernel source (the emulation of tests/simt/simt.h, which must be included
 // first) the running block's buffer, from simt_dynamic_shared().

@@ -65,6 +65,29 @@ using elem_t = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<P&
 template <typename S, typename E>
 MEDFAST_HOST_DEVICE void softmax_block(const S* z, int64_t C, int64_t cs, int nv, E e, E mx, E den) {
   using T = elem_t<E>;
+  if (nv == 1) {
+    // One voxel (the CUDA kernels: a thread per voxel, scratch in shared memory). The logits are read
+    // once, into the scratch, with several independent loads in flight (the loop below otherwise
+    // waits out one global load per class, twice), and the max and the sum stay in registers. Same
+    // operations in the same order as the general path: bitwise the same results.
+    T m = static_cast<T>(z[0]);
+    e[0] = m;
+    MEDFAST_UNROLL4
+    for (int64_t c = 1; c < C; ++c) {
+      const T val = static_cast<T>(z[c * cs]);
+      e[c] = val;
+      m = val > m ? val : m;
+    }
+    T d = T(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const T ev = exp_nonpositive(e[c] - m);
+      e[c] = ev;
+      d += ev;
+    }
+    mx[0] = m;
+    den[0] = d;
+    return;
+  }
   for (int v = 0; v < nv; ++v) mx[v] = static_cast<T>(z[v]);
   for (int64_t c = 1; c < C; ++c)
     for (int v = 0; v < nv; ++v) {
