@@ -32,7 +32,10 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${MEDFAST_GPU_BUDGET:-1000000}))
 
-pack() { [ "$RES" = "$OUT" ] || { tar czf "$OUT/.gpu_results.tgz" -C "$RES" . 2>/dev/null &&
+# Checkpoints, model files, NIfTI outputs and the benchmarks' work folders stay out: the device returns
+# files of at most 16 MiB (on 2026-11-27 the checkpoints made the archive too large to come back).
+pack() { [ "$RES" = "$OUT" ] || { tar czf "$OUT/.gpu_results.tgz" -C "$RES" --exclude='*.pt' --exclude='*.pth' \
+  --exclude='*.nii.gz' --exclude='*.nii' --exclude='./work' . 2>/dev/null &&
   mv -f "$OUT/.gpu_results.tgz" "$OUT/gpu_results.tgz"; }; }
 # A step cut off by the machine's own time limit never reaches its pack: repack every 15 s meanwhile,
 # so the partial logs of the running step come back too (atomically replaced, never half-written).
@@ -101,7 +104,10 @@ $PY -c "import xdist" 2>/dev/null && xdist=(-n "${MEDFAST_GPU_TEST_WORKERS:-4}")
 # A hung test must not eat the machine's time: pytest-timeout (if installed) fails it after 240 s.
 $PY -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout=240)
 if [ ${#files[@]} -gt 0 ]; then
-  TAIL=25 step tests "${MEDFAST_GPU_TEST_CAP:-400}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -rfEs "${files[@]}" || rc=1
+  # -v names every test as it ends (a run cut off by the lease still says which failed); 2 CPU threads per
+  # worker, so that the workers do not oversubscribe the cores (16 threads each by default)
+  TAIL=25 step tests "${MEDFAST_GPU_TEST_CAP:-400}" env OMP_NUM_THREADS=2 $PY -m pytest -v -p no:cacheprovider \
+    "${xdist[@]}" -rfEs "${files[@]}" || rc=1
 fi
 TAIL=40 step warp_profile 120 $PY benchmarks/gpu_warp_profile.py --out "$RES"
 TAIL=30 step kernel_profile 120 $PY benchmarks/gpu_kernel_profile.py --out "$RES"
