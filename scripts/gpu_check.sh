@@ -16,7 +16,7 @@
 #                               every 15 s (partial logs of a step cut off by the lease come back)
 # Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
 # (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them
-# (scripts/gpu_prepare.sh fills both). Order: build, exception probes, CUDA tests, warp and kernel profiles, training
+# (scripts/gpu_prepare.sh fills both). Order: build, exception probes, CUDA tests, warp, kernel and rendering profiles, training
 # checks, benchmark suites, compute-sanitizer. On a lent machine with 15 minutes in all (2026-11-27)
 # the build took 150 s of them. One call of at most 600 s then fits, for example:
 #   MEDFAST_GPU_BUDGET=540 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick \
@@ -111,6 +111,7 @@ if [ ${#files[@]} -gt 0 ]; then
 fi
 TAIL=40 step warp_profile 120 $PY benchmarks/gpu_warp_profile.py --out "$RES"
 TAIL=30 step kernel_profile 120 $PY benchmarks/gpu_kernel_profile.py --out "$RES"
+TAIL=30 step render_profile 90 $PY benchmarks/gpu_render_profile.py --out "$RES"
 # the training checks (AMP, classification rendering in both CUDA marches, torchrun: NCCL and 2 processes
 # sharing a GPU over gloo) before the long benchmark suites: they answer more per second of the lease
 TAIL=30 step train_check 180 $PY scripts/gpu_train_check.py --device cuda --out "$RES/train_check"
