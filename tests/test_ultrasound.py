@@ -1052,3 +1052,42 @@ def test_affine_cache_keys_on_the_values():
     affine[0, 0] = np.nan
     with pytest.raises(ValueError, match="affine contains NaN"):
         simulate_ct(ct, affine, pose, probe)
+
+
+def test_scan_convert_false_gives_the_same_lines_and_no_image():
+    props, affine, poses = _three_volumes(torch.float32)
+    probe = small_linear(n_lines=16, n_samples=96, depth_mm=14.0)
+    full = simulate(props, affine, poses, probe, volume_index=[0, 1, 2, 0], tgc_db_cm_mhz=0.7, gain_db=3.0)
+    lines = simulate(props, affine, poses, probe, volume_index=[0, 1, 2, 0], tgc_db_cm_mhz=0.7, gain_db=3.0,
+                     scan_convert=False)
+    assert lines.bmode is None and full.bmode is not None
+    assert torch.equal(lines.lines_db, full.lines_db) and lines.pixel_mm == full.pixel_mm
+    # the cached TGC + gain vector is the documented 2 tgc fc z + gain (dB), added to every line
+    no_tgc = simulate(props, affine, poses, probe, volume_index=[0, 1, 2, 0], tgc_db_cm_mhz=0.0,
+                      scan_convert=False)
+    z_cm = probe.depths(dtype=torch.float64) / 10.0
+    expected = (2.0 * 0.7 * probe.fc_mhz * z_cm + 3.0).float()
+    torch.testing.assert_close(lines.lines_db - no_tgc.lines_db, expected.expand_as(lines.lines_db),
+                               rtol=0, atol=2e-4)
+
+
+def test_bad_poses_raise():
+    props, affine, poses = _three_volumes()
+    probe = small_linear(n_lines=8, n_samples=32, depth_mm=10.0)
+    bad = poses.clone()
+    bad[1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="pose contains NaN or inf"):
+        simulate(props[:1], affine, bad, probe)
+    skew = poses.clone()
+    skew[2, 3, 0] = 0.01
+    with pytest.raises(ValueError, match="last row must be"):
+        simulate(props[:1], affine, skew, probe)
+    with pytest.raises(ValueError, match=r"pose must be \(B, 4, 4\)"):
+        simulate(props[:1], affine, poses[:, :3], probe)
+    with pytest.raises(TypeError, match="pose must be floating point"):
+        simulate(props[:1], affine, poses.long(), probe)
+    with pytest.raises(TypeError, match="pose must be a torch.Tensor"):
+        simulate(props[:1], affine, poses.numpy(), probe)
+    near = poses.clone()
+    near[:, 3, 3] += 5e-5  # within the tolerance of 1e-4
+    assert simulate(props[:1], affine, near, probe).bmode.shape[0] == 4

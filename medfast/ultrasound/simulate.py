@@ -35,9 +35,9 @@ class SimulationResult:
 
     Attributes
     ----------
-    bmode : Tensor
+    bmode : Tensor or None
         ``(B, 1, H, W)`` scan-converted B-mode image in [0, 1] (0 = ``-dynamic_range_db`` or outside
-        the scanned region, 1 = 0 dB after gain).
+        the scanned region, 1 = 0 dB after gain); None with ``scan_convert=False``.
     pixel_mm : float
         Pixel spacing of ``bmode`` (square pixels), mm.
     extent_mm : tuple of float
@@ -51,7 +51,7 @@ class SimulationResult:
         ``(B, L, S)`` complex IQ scanlines (after TGC) when ``return_lines=True``.
     """
 
-    bmode: torch.Tensor
+    bmode: torch.Tensor | None
     pixel_mm: float
     extent_mm: tuple[float, float, float, float]
     lines_db: torch.Tensor
@@ -83,12 +83,13 @@ def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> torch
         raise TypeError(f"pose must be floating point, got {pose.dtype}")
     if pose.device != device and pose.device.type != "cpu":
         raise ValueError(f"pose is on {pose.device} but the volume is on {device} (CPU poses are accepted too)")
-    # These checks read the pose on the host. A pose on the GPU costs two device syncs here; a CPU pose
-    # (e.g. from a tracker) is checked for free and copied without waiting for the GPU's queued work.
-    if not bool(torch.isfinite(pose.detach()).all()):
+    # These checks read the pose on the host. A pose on the GPU costs a device sync here; a CPU pose
+    # (e.g. from a tracker) is checked for free (NumPy: a few microseconds, where torch ops on a
+    # (B, 4, 4) tensor cost tens) and copied without waiting for the GPU's queued work.
+    host = pose.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(host).all():
         raise ValueError("pose contains NaN or inf")
-    bottom = pose.detach()[:, 3].double().cpu()
-    if not torch.allclose(bottom, torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64).expand_as(bottom), atol=1e-4):
+    if np.abs(host[:, 3] - (0.0, 0.0, 0.0, 1.0)).max() > 1e-4:
         raise ValueError("pose must be affine: its last row must be (0, 0, 0, 1)")
     return pose.to(device=device, dtype=dtype, non_blocking=True)
 
@@ -163,9 +164,10 @@ def _check_volume_index(index: object, batch: int, volumes: int, device: torch.d
         host = torch.from_numpy(arr.astype(np.int64))
     if host.shape != (batch,):
         raise ValueError(f"volume_index must have shape ({batch},) (one volume per pose), got {tuple(host.shape)}")
-    if batch and (int(host.min()) < 0 or int(host.max()) >= volumes):
+    lo, hi = (int(v) for v in (host.numpy().min(), host.numpy().max())) if batch else (0, 0)
+    if lo < 0 or hi >= volumes:
         raise ValueError(f"volume_index values must lie in [0, {volumes}) (props has {volumes} volumes), "
-                         f"got [{int(host.min())}, {int(host.max())}]")
+                         f"got [{lo}, {hi}]")
     return host.to(device, non_blocking=True) if device.type != "cpu" else host
 
 
@@ -284,6 +286,13 @@ def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dt
     raise KeyError(kind)
 
 
+@functools.lru_cache(maxsize=64)
+def _gain_db(probe: Probe, device: str, dtype: torch.dtype, tgc_db_cm_mhz: float, gain_db: float) -> torch.Tensor:
+    """``(S,)`` dB added to each sample: the time-gain compensation 2 tgc fc z plus the gain."""
+    z_cm = probe.depths(dtype=torch.float64) / 10.0
+    return (2.0 * tgc_db_cm_mhz * probe.fc_mhz * z_cm + gain_db).to(device=device, dtype=dtype)
+
+
 def _axial_kernel(probe: Probe, dtype, device) -> torch.Tensor:
     sigma = probe.axial_fwhm_mm() * _FWHM_TO_SIGMA / probe.dz_mm  # samples
     half = max(1, int(math.ceil(3.5 * sigma)))
@@ -397,6 +406,7 @@ def simulate(
     return_lines: bool = False,
     max_bytes: int | None = None,
     volume_index=None,
+    scan_convert: bool = True,
 ) -> SimulationResult:
     """Simulates B-mode frames from acoustic property maps along probe poses (differentiable).
 
@@ -450,6 +460,9 @@ def simulate(
         volume), and any number of poses may image each, all in one call (one kernel launch instead of
         one per volume). Checked on the host: a GPU tensor is copied to the CPU first (a device sync),
         so pass a list or a CPU tensor. The speckle is that of ``seed`` in every volume.
+    scan_convert : bool
+        False: skip the scan conversion (``bmode`` is None) for callers that resample ``lines_db``
+        themselves (the classification renderer does, to its own image grid).
 
     Returns
     -------
@@ -509,18 +522,21 @@ def simulate(
     # log compression with the TGC added in dB: 10 log10(|IQ|^2 g^2) = 10 log10 |IQ|^2 + 2 tgc fc z.
     lines_db = power.add_(1e-20).log10_().mul_(10.0) if in_place else 10.0 * torch.log10(power + 1e-20)
     if tgc_db_cm_mhz:
-        z_cm = probe.depths(device=dev, dtype=dt) / 10.0
-        tgc_db = 2.0 * tgc_db_cm_mhz * probe.fc_mhz * z_cm
-        lines_db = lines_db.add_(tgc_db + gain_db) if in_place else lines_db + (tgc_db + gain_db)
-        gain_lin = 10.0 ** (tgc_db / 20.0) if return_lines else None
+        # the per-sample TGC + gain vector is cached per (probe, device, dtype, tgc, gain): one add here
+        added = _gain_db(probe, str(dev), dt, float(tgc_db_cm_mhz), float(gain_db))
+        lines_db = lines_db.add_(added) if in_place else lines_db + added
+        gain_lin = 10.0 ** ((added - gain_db) / 20.0) if return_lines else None
     else:
         lines_db = lines_db.add_(gain_db) if in_place else lines_db + gain_db
         gain_lin = None
-    if in_place:
-        scan = torch.add(lines_db, dynamic_range_db).div_(dynamic_range_db).clamp_(0.0, 1.0)
+    if scan_convert:
+        if in_place:
+            scan = torch.add(lines_db, dynamic_range_db).div_(dynamic_range_db).clamp_(0.0, 1.0)
+        else:
+            scan = ((lines_db + dynamic_range_db) / dynamic_range_db).clamp(0.0, 1.0)
+        bmode, px = _scan_convert(scan, probe, pixel_mm)
     else:
-        scan = ((lines_db + dynamic_range_db) / dynamic_range_db).clamp(0.0, 1.0)
-    bmode, px = _scan_convert(scan, probe, pixel_mm)
+        bmode, px = None, _cached("grid", probe, 1, str(dev), dt, pixel_mm)[1]
     x0, x1, z0, z1 = probe.image_extent_mm()
     (H, W), _ = probe.image_shape(pixel_mm)
     extent = (x0, x0 + (W - 1) * px, z0, z0 + (H - 1) * px)

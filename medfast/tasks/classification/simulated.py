@@ -458,7 +458,7 @@ class SimulatedUltrasound:
                 props = self._volume_props(v, device)
                 res = simulate(props, self.volumes[v].affine, poses[idx].float(), self.probes[p],
                                seed=1000 * v + 17, sub_rays=self.sub_rays, tgc_db_cm_mhz=self.tgc,
-                               volume_index=[variant[i] for i in idx])
+                               volume_index=[variant[i] for i in idx], scan_convert=False)
                 rows = torch.tensor(idx).to(device, non_blocking=True)
                 gain, dr = levels.index_select(0, rows)[:, :, None, None].unbind(1)  # (b, 1, 1) each
                 scan = ((res.lines_db + gain + dr) / dr).clamp(0.0, 1.0)  # (b, L, S)
