@@ -11,16 +11,20 @@
 #   MEDFAST_GPU_BENCH=full|quick|0   benchmark sizes (default full); MEDFAST_GPU_SUITES="warp loss ..."
 #                               in that order ("sanitizer" among them places the memcheck run; else last)
 #   MEDFAST_GPU_SANITIZE="loss lncc ..."  the families scripts/cuda_sanitize.py runs (default all)
+#   MEDFAST_GPU_TRAIN_CHECKS="seg_none cls_sim ..."  the checks of scripts/gpu_train_check.py (default all)
 #   MEDFAST_GPU_TEST_CAP / MEDFAST_GPU_BENCH_CAP / MEDFAST_GPU_SANITIZE_CAP  per-step caps in seconds
 #   MEDFAST_GPU_PACK=1          also pack everything into $OUT/gpu_results.tgz after each step and
 #                               every 15 s (partial logs of a step cut off by the lease come back)
 # Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
 # (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them
-# (scripts/gpu_prepare.sh fills both). Order: build, exception probes, CUDA tests, warp, kernel and rendering profiles, training
-# checks, benchmark suites, compute-sanitizer. On a lent machine with 15 minutes in all (2026-11-27)
-# the build took 150 s of them. One call of at most 600 s then fits, for example:
-#   MEDFAST_GPU_BUDGET=540 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick \
-#     MEDFAST_GPU_SUITES="warp ultrasound loss classification" bash scripts/gpu_check.sh
+# (scripts/gpu_prepare.sh fills both). Order: build, exception probes (rebuilt with the system g++ if
+# they crash), CUDA tests, warp, kernel and rendering profiles, training checks, then the benchmark
+# suites and the memcheck run in the order of MEDFAST_GPU_SUITES. A lent machine has 15 minutes in all,
+# start included; on the H200 (2026-11-27) the build took 155 s. One call of at most 600 s, then a
+# second one on the warm machine within its 30 s idle time if minutes are left, for example:
+#   MEDFAST_GPU_BUDGET=565 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick MEDFAST_GPU_TEST_CAP=150 \
+#     MEDFAST_GPU_TRAIN_CHECKS="seg_none seg_bf16 cls_sim cls_sim_thread" MEDFAST_GPU_BENCH_CAP=90 \
+#     MEDFAST_GPU_SUITES="loss sanitizer warp ultrasound classification distance" bash scripts/gpu_check.sh
 # (carry .whl and .devdata); keep the budget under the call's limit so the packed results come back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -114,7 +118,9 @@ TAIL=30 step kernel_profile 120 $PY benchmarks/gpu_kernel_profile.py --out "$RES
 TAIL=30 step render_profile 90 $PY benchmarks/gpu_render_profile.py --out "$RES"
 # the training checks (AMP, classification rendering in both CUDA marches, torchrun: NCCL and 2 processes
 # sharing a GPU over gloo) before the long benchmark suites: they answer more per second of the lease
-TAIL=30 step train_check 180 $PY scripts/gpu_train_check.py --device cuda --out "$RES/train_check"
+train_only=()
+for c in ${MEDFAST_GPU_TRAIN_CHECKS:-}; do train_only+=(--only "$c"); done
+TAIL=30 step train_check 180 $PY scripts/gpu_train_check.py --device cuda --out "$RES/train_check" "${train_only[@]}"
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 sanitize() {  # compute-sanitizer memcheck over the families in MEDFAST_GPU_SANITIZE (default: all)
   local only=()
