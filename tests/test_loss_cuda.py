@@ -41,6 +41,18 @@ def test_labels_cuda_matches_cpu(shape, dtype, batch_dice):
     _compare(logits, target, dtype, batch_dice=batch_dice, include_background=not batch_dice)
 
 
+@pytest.mark.parametrize("sums", ["thread", "warp"])  # MEDFAST_LOSS_CUDA_SUMS: sums_kernel or the transposed one
+@pytest.mark.parametrize("C", [3, 17, 70])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_label_sums_variants_cuda_match_cpu(monkeypatch, sums, C, dtype):
+    monkeypatch.setenv("MEDFAST_LOSS_CUDA_SUMS", sums)
+    logits = torch.randn(2, C, 9, 10, 11, dtype=torch.float64) * 4
+    target = torch.randint(0, C + 1, (2, 9, 10, 11))
+    target[target == C] = 255  # ignored
+    _compare(logits, target, dtype, ignore_index=255, voxel_weight=torch.rand(2, 9, 10, 11, dtype=torch.float64),
+             batch_dice=C == 17)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_weights_and_ignore_index_cuda_matches_cpu(dtype):
     logits = torch.randn(2, 3, 8, 9, 10, dtype=torch.float64)

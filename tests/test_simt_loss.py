@@ -145,6 +145,65 @@ def test_loss_kernels_match_cpu(lib, dtype, ndim, C, B, target, sms):
         assert geo["threads"] == (128 if dtype == torch.float32 else 64)
 
 
+def _emu_warp_sums(lib, logits, labels, weight, sms=H100_SMS, optin=H100_OPTIN):
+    """The class-transposed label sums (MEDFAST_LOSS_CUDA_SUMS=warp): (sums (B, C, 4), geometry)."""
+    suffix = "f32" if logits.dtype == torch.float32 else "f64"
+    B, C = logits.shape[:2]
+    N = logits[0, 0].numel()
+    out = torch.full((B, C, 4), float("nan"), dtype=logits.dtype)
+    geo = (ctypes.c_int64 * 4)()
+    i64 = ctypes.c_int64
+    rc = getattr(lib, f"emu_loss_sums_warp_{suffix}")(_p(logits), _p(labels), None if weight is None else _p(weight),
+                                                      i64(B), i64(C), i64(N), i64(sms), i64(optin), _p(out), geo)
+    if rc == 1:
+        return None, None
+    assert rc == 0
+    return out, dict(threads=geo[0], blocks=geo[1], chunk=geo[2], smem=geo[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [2, 4, 17, 33, 70])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("sms", [H100_SMS, 1])
+def test_label_sums_warp_kernel_matches_cpu(lib, dtype, C, B, weighted, sms):
+    # rows of C + 4 values, per-warp sums, classes spread over the lanes (C = 33, 70: lanes take 2 or 3
+    # classes); sms = 1: few blocks, many rounds, the last round partly past the chunk; ignored and
+    # out-of-range labels and zero weights left out
+    spatial = (7, 9, 11)
+    logits, target, weight, _ = _case("labels", dtype, spatial, B, C, weighted, seed=C + 7 * B, spread=6.0)
+    ref = torch.ops.medfast.softmax_stats(logits, target, weight)
+    sums, geo = _emu_warp_sums(lib, logits, target, weight, sms=sms)
+    rtol, atol = _tol(dtype)
+    scale = ref.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close(sums / scale, ref / scale, rtol=rtol, atol=atol)
+    item = 8 if dtype == torch.float64 else 4
+    pitch = (C + 4) | 1
+    threads = 256
+    while threads > 32 and (threads * pitch + threads // 32 * C * 4) * item > 48 * 1024:
+        threads //= 2
+    assert geo["threads"] == threads and geo["smem"] == (threads * pitch + threads // 32 * C * 4) * item
+    N = math.prod(spatial)
+    blocks = min(max(1, math.ceil(N / threads)), max(1, sms * 8 // B))
+    assert geo["blocks"] == blocks and geo["chunk"] == math.ceil(N / blocks)
+
+
+def test_label_sums_warp_kernel_large_logits_and_many_classes(lib):
+    # logits spread over hundreds (the max must be the max); 600 float32 classes: 32 threads and the
+    # opt-in shared memory of an H100 (87 KB; sums_kernel would need 384 KB), as the launcher plans it
+    logits, target, weight, _ = _case("labels", torch.float32, (5, 6, 7), 2, 9, True, seed=3, spread=80.0)
+    sums, _ = _emu_warp_sums(lib, logits, target, weight)
+    ref = torch.ops.medfast.softmax_stats(logits, target, weight)
+    scale = ref.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close(sums / scale, ref / scale, rtol=2e-5, atol=2e-5)
+    logits, target, weight, _ = _case("labels", torch.float32, (4, 5, 6), 1, 600, False, seed=4)
+    sums, geo = _emu_warp_sums(lib, logits, target, weight)
+    assert geo["threads"] == 32 and geo["smem"] > 48 * 1024
+    ref = torch.ops.medfast.softmax_stats(logits, target, weight)
+    scale = ref.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close(sums / scale, ref / scale, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_loss_kernels_large_logits(lib, kind, dtype):

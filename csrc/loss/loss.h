@@ -130,6 +130,33 @@ MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const in
   }
 }
 
+// One voxel's row for the class-transposed CUDA sums (loss_kernels.cuh label_sums_warp_kernel):
+// row[0, C) = exp(z - max), row[C] = its cross-entropy term w (-log p_y), row[C + 1] = w / sum(exp)
+// (the weight of p = row[c] * row[C + 1]; 0 leaves the voxel out), row[C + 2] = y (-1: left out),
+// row[C + 3] = w. The same operations as stats_block for one voxel; inactive (a thread past the end):
+// left out.
+template <typename S, typename A, typename E>
+MEDFAST_HOST_DEVICE void label_voxel_row(const S* z, int64_t C, int64_t cs, const int64_t* label, const A* w,
+                                         bool active, E row) {
+  using T = elem_t<E>;
+  const int64_t y = active ? label[0] : -1;
+  if (y < 0 || y >= C) {
+    row[C] = T(0);
+    row[C + 1] = T(0);
+    row[C + 2] = T(-1);
+    row[C + 3] = T(0);
+    return;
+  }
+  softmax_block(z, C, cs, 1, row, row + C, row + C + 1);  // mx in row[C], sum e in row[C + 1]
+  const A wv = w ? w[0] : A(1);
+  const T wd = static_cast<T>(wv) / row[C + 1];
+  const T mx = row[C];
+  row[C] = wd == T(0) ? T(0) : static_cast<T>(wv * (log(A(wv) / A(wd)) + A(mx) - A(static_cast<T>(z[y * cs]))));
+  row[C + 1] = wd;
+  row[C + 2] = static_cast<T>(y);
+  row[C + 3] = static_cast<T>(wv);
+}
+
 // Gradient of a block of voxels' logits (gz[c * cs + v], same layout as z) from the gradients of
 // their batch's sums, gcls[c * kStats + k]:
 //   d L / d z_k = w (p_k (u_k - sum_c u_c p_c) + e_y (p_k - [k = y])),

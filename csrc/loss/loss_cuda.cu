@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cuda_launch.h"
@@ -77,6 +79,33 @@ Tensor launch_sums(const Voxel& voxel, const Shape& s, const Tensor& logits, con
   return finish_sums(partial, logits.scalar_type());
 }
 
+// MEDFAST_LOSS_CUDA_SUMS=warp opts in to the class-transposed label sums (label_sums_warp_kernel: a
+// voxel row per thread and per-warp sums, so far more threads per multiprocessor at many classes); the
+// default stays sums_kernel until the two have been timed on a GPU.
+bool warp_sums() {
+  const char* v = std::getenv("MEDFAST_LOSS_CUDA_SUMS");
+  return v != nullptr && std::strcmp(v, "warp") == 0;
+}
+
+template <typename S, typename T>
+Tensor launch_label_sums_warp(const LabelVoxel<S, T>& voxel, const Shape& s, const Tensor& logits) {
+  TORCH_CHECK_VALUE(s.B <= 65535, "medfast softmax_stats: batch size ", s.B, " exceeds the CUDA grid limit 65535");
+  const int threads = plan_label_threads(s.C, sizeof(T));
+  const int64_t bytes = label_warp_values(threads, s.C) * int64_t(sizeof(T));
+  const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK_VALUE(bytes <= std::max(kDefaultSharedBytes, optin), "medfast softmax_stats: C = ", s.C,
+                    " classes need ", bytes, " bytes of shared memory per block on the GPU, more than this device's ",
+                    optin, "; use fewer classes per call or the CPU");
+  const int64_t blocks = sum_blocks_per_batch(s.B, s.N, threads, sm_count()), chunk = sum_chunk(s.N, blocks);
+  Tensor partial = at::empty({s.B, blocks, s.C, kStats}, logits.options().dtype(c10::CppTypeToScalarType<T>::value));
+  auto kernel = label_sums_warp_kernel<S, T>;
+  allow_smem(kernel, static_cast<size_t>(bytes));
+  kernel<<<dim3(blocks, s.B), threads, static_cast<size_t>(bytes), at::cuda::getCurrentCUDAStream()>>>(
+      voxel, chunk, partial.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return finish_sums(partial, logits.scalar_type());
+}
+
 template <typename T, typename Voxel>
 void launch_grad(const Voxel& voxel, const Shape& s, const char* op) {
   const Plan p = plan(grad_values_per_thread(s.C) * int64_t(sizeof(T)), s.C, op);
@@ -99,7 +128,7 @@ Tensor softmax_stats_cuda(const Tensor& logits_in, const Tensor& labels_in, cons
     const Tensor weight = weight_as(weight_in, c10::CppTypeToScalarType<T>::value);
     const LabelVoxel<scalar_t, T> voxel{logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
                                         ptr_or_null<T>(weight), nullptr, nullptr, s.C, s.N};
-    out = launch_sums<T>(voxel, s, logits, "softmax_stats");
+    out = warp_sums() ? launch_label_sums_warp(voxel, s, logits) : launch_sums<T>(voxel, s, logits, "softmax_stats");
   });
   return out;
 }

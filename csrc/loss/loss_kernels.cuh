@@ -122,6 +122,76 @@ __global__ void sums_kernel(const Voxel voxel, int64_t chunk, T* partial) {
   store_block_sums(smem, C * kStats, partial);
 }
 
+// ---- Class-transposed label sums (MEDFAST_LOSS_CUDA_SUMS=warp) ----
+// sums_kernel keeps 4 C sums per thread in shared memory (5 C + 2 values a thread): at C = 16 a block
+// has 128 threads, at C = 64 only 32, and few blocks fit a multiprocessor. Here a thread keeps one
+// voxel's row (C + 4 values, label_voxel_row), and the sums are per warp: each round every thread
+// writes its voxel's row, then lane j of each warp adds the warp's 32 rows, in lane order, for its
+// classes j, j + 32, ... Rows have an odd pitch, so both the row writes (32 threads, one class) and
+// the class reads (32 lanes, one row) touch 32 different banks. No atomics: deterministic.
+constexpr int64_t label_row_pitch(int64_t C) { return (C + 4) | 1; }
+constexpr int64_t label_warp_values(int64_t threads, int64_t C) {
+  return threads * label_row_pitch(C) + threads / 32 * C * kStats;
+}
+
+// The largest block (<= 256 threads, >= 32) whose shared memory fits in the default 48 KiB.
+inline int plan_label_threads(int64_t C, int64_t itemsize) {
+  int threads = kMaxThreads;
+  while (threads > 32 && label_warp_values(threads, C) * itemsize > kDefaultSharedBytes) threads /= 2;
+  return threads;
+}
+
+// Grid (blocks per batch element, B) as sums_kernel; block x of batch b sums voxels [x chunk,
+// (x+1) chunk) in rounds of blockDim.x voxels. Shared memory: label_warp_values(blockDim.x, C).
+template <typename S, typename T>
+__global__ void label_sums_warp_kernel(const LabelVoxel<S, T> v, int64_t chunk, T* partial) {
+  MEDFAST_DYNAMIC_SHARED(smem_raw);
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t C = v.C, N = v.N, pitch = label_row_pitch(C);
+  const int nt = blockDim.x, t = threadIdx.x, lane = t % 32, warp = t / 32, warps = nt / 32;
+  T* wsum = smem + nt * pitch;  // (warps, C, kStats)
+  for (int64_t j = t; j < warps * C * kStats; j += nt) wsum[j] = T(0);
+  const int64_t b = blockIdx.y, x0 = blockIdx.x * chunk, x1 = std::min<int64_t>(N, x0 + chunk);
+  const int64_t rounds = x1 > x0 ? (x1 - x0 + nt - 1) / nt : 0;  // the same for every thread
+  const Strided<T> row{smem + t * pitch, 1};
+  for (int64_t r = 0; r < rounds; ++r) {
+    const int64_t x = x0 + r * nt + t;
+    const bool active = x < x1;
+    const int64_t xi = active ? x : x0;  // an in-range address for the pointers of an inactive thread
+    label_voxel_row(v.z + b * C * N + xi, C, N, v.y + b * N + xi, v.w ? v.w + b * N + xi : nullptr, active, row);
+    __syncthreads();
+    const T* rows = smem + int64_t(warp) * 32 * pitch;
+    for (int64_t c = lane; c < C; c += 32) {
+      T si = T(0), sp = T(0), sg = T(0), se = T(0);
+      for (int i = 0; i < 32; ++i) {
+        const T* ri = rows + i * pitch;
+        const T wd = ri[C + 1];
+        if (wd == T(0)) continue;  // left out (or weight 0: adds nothing)
+        const T p = ri[c] * wd;
+        sp += p;
+        if (ri[C + 2] == static_cast<T>(c)) {
+          si += p;
+          sg += ri[C + 3];
+          se += ri[C];
+        }
+      }
+      T* ws = wsum + (int64_t(warp) * C + c) * kStats;
+      ws[0] += si;
+      ws[1] += sp;
+      ws[2] += sg;
+      ws[3] += se;
+    }
+    __syncthreads();  // the rows are rewritten next round
+  }
+  __syncthreads();
+  T* out = partial + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * C * kStats;
+  for (int64_t j = t; j < C * kStats; j += nt) {
+    T s = T(0);
+    for (int k = 0; k < warps; ++k) s += wsum[int64_t(k) * C * kStats + j];  // fixed order
+    out[j] = s;
+  }
+}
+
 // Gradients: one voxel per thread, grid-stride over all B x N voxels. Shared memory:
 // grad_values_per_thread(C) values of T per thread.
 template <typename T, typename Voxel>

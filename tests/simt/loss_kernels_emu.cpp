@@ -49,6 +49,28 @@ int sums(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int6
   return 0;
 }
 
+// The class-transposed label sums (MEDFAST_LOSS_CUDA_SUMS=warp), with the launcher's geometry.
+template <typename T>
+int sums_warp(const LabelVoxel<T, T>& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
+  const int64_t C = voxel.C, N = voxel.N, n = C * kStats;
+  const int threads = plan_label_threads(C, sizeof(T));
+  const int64_t bytes = label_warp_values(threads, C) * int64_t(sizeof(T));
+  if (bytes > std::max(kDefaultSharedBytes, optin)) return 1;
+  const int64_t blocks = sum_blocks_per_batch(B, N, threads, sms), chunk = sum_chunk(N, blocks);
+  std::vector<T> partial(static_cast<size_t>(B * blocks * n), std::numeric_limits<T>::quiet_NaN());
+  simt::launch({static_cast<unsigned>(blocks), static_cast<unsigned>(B), 1}, threads, static_cast<size_t>(bytes),
+               [&] { label_sums_warp_kernel<T, T>(voxel, chunk, partial.data()); });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0.0;
+      for (int64_t x = 0; x < blocks; ++x) s += static_cast<double>(partial[(b * blocks + x) * n + j]);
+      out[b * n + j] = static_cast<T>(s);
+    }
+  const int64_t geo[4] = {threads, blocks, chunk, bytes};
+  for (int k = 0; k < 4; ++k) geometry[k] = geo[k];
+  return 0;
+}
+
 template <typename T, typename Voxel>
 int grad(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, int64_t* geometry) {
   int threads;
@@ -135,6 +157,15 @@ int emu_loss_grad_f32(int kind, const float* z, const void* target, const float*
 int emu_loss_grad_f64(int kind, const double* z, const void* target, const double* w, const double* g, int64_t B,
                       int64_t C, int64_t N, int64_t sms, int64_t optin, double* gz, int64_t* geometry) {
   return run<double>(true, kind, z, target, w, g, B, C, N, sms, optin, gz, geometry);
+}
+int emu_loss_sums_warp_f32(const float* z, const int64_t* y, const float* w, int64_t B, int64_t C, int64_t N,
+                           int64_t sms, int64_t optin, float* stats, int64_t* geometry) {
+  return sums_warp<float>(LabelVoxel<float, float>{z, y, w, nullptr, nullptr, C, N}, B, sms, optin, stats, geometry);
+}
+int emu_loss_sums_warp_f64(const double* z, const int64_t* y, const double* w, int64_t B, int64_t C, int64_t N,
+                           int64_t sms, int64_t optin, double* stats, int64_t* geometry) {
+  return sums_warp<double>(LabelVoxel<double, double>{z, y, w, nullptr, nullptr, C, N}, B, sms, optin, stats,
+                           geometry);
 }
 void emu_simt_block_sum(int threads, int gx, int gy, const double* in, int64_t n, double* out) {
   simt::launch({static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1}, threads, (threads / 32) * sizeof(double),
