@@ -60,7 +60,8 @@ def main() -> int:
     print("compiler", medfast.build_info().get("compiler"))
     # A C++ runtime linked into the extension (its own __cxa_throw / personality / unwinder beside the
     # shared libstdc++ that torch uses) is a known cause of crashes on throw (pytorch issue 57744).
-    for cmd in (["sh", "-c", f"ldd {so} | grep -E 'stdc|gcc_s|gomp|cudart|c10|torch_python'"], ["sh", "-c", "command -v g++ c++ gcc; g++ --version | head -1; ls -l $(command -v g++)"],
+    for cmd in (["sh", "-c", f"ldd {so} | grep -E 'stdc|gcc_s|gomp|cudart|c10|torch_python'"],
+                ["sh", "-c", "command -v g++ c++ gcc; g++ --version | head -1; ls -l $(command -v g++)"],
                 ["sh", "-c", "ldconfig -p | grep -E 'libstdc|libgcc_s|libgomp'"],
                 ["sh", "-c", f"readelf -d {so} | grep -E 'NEEDED|RPATH|RUNPATH'"],
                 ["sh", "-c", f"nm -D --defined-only {so} | grep -E '__cxa_throw|__gxx_personality|_Unwind_|"
