@@ -1,8 +1,9 @@
 """Per-kernel CUDA time of medfast's GPU workloads (torch.profiler), to see where a step's time goes:
 ultrasound frames (batch 64, 3 sub-rays, forward and forward+backward; and batch 5, the size of one
 simulation call of the classification renderer), each with the one-thread-per-line CUDA march (the
-default) and the warp-cooperative one (``MEDFAST_USSIM_CUDA_MARCH=warp``), Dice+CE forward+backward
-(B=2, C=16, 128^3) and HD95 of two 128^3 masks.
+default) and the warp-cooperative one (``MEDFAST_USSIM_CUDA_MARCH=warp``), the batch-64 forward+backward
+of the warp march also with the merged property-gradient scatter (``MEDFAST_USSIM_CUDA_SCATTER=merged``;
+the other rows: plain), Dice+CE forward+backward (B=2, C=16, 128^3) and HD95 of two 128^3 masks.
 
     python benchmarks/gpu_kernel_profile.py --out DIR
 """
@@ -85,12 +86,14 @@ def workloads(dev: torch.device):
     def hd95():
         hausdorff_distance(a, b, percentile=95)
 
+    # name: (step, profiled steps, MEDFAST_USSIM_CUDA_MARCH, frames per step, MEDFAST_USSIM_CUDA_SCATTER)
     out = {}
-    for march in ("thread", "warp"):  # MEDFAST_USSIM_CUDA_MARCH
-        out.update({f"ultrasound_fwd_b64_{march}": (us_forward, 5, march, 64),
-                    f"ultrasound_fwd_b5_{march}": (us_forward_b5, 10, march, 5),
-                    f"ultrasound_fwdbwd_b64_{march}": (us_backward, 3, march, 64)})
-    out.update({"dice_ce_b2_c16_128": (dice_ce, 10, None, 0), "hd95_128": (hd95, 10, None, 0)})
+    for march in ("thread", "warp"):
+        out.update({f"ultrasound_fwd_b64_{march}": (us_forward, 5, march, 64, "plain"),
+                    f"ultrasound_fwd_b5_{march}": (us_forward_b5, 10, march, 5, "plain"),
+                    f"ultrasound_fwdbwd_b64_{march}": (us_backward, 3, march, 64, "plain")})
+    out["ultrasound_fwdbwd_b64_warp_merged"] = (us_backward, 3, "warp", 64, "merged")
+    out.update({"dice_ce_b2_c16_128": (dice_ce, 10, None, 0, None), "hd95_128": (hd95, 10, None, 0, None)})
     return out
 
 
@@ -100,9 +103,11 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "workloads": {}}
-    for name, (step, n, march, frames) in workloads(dev).items():
+    for name, (step, n, march, frames, scatter) in workloads(dev).items():
         if march is not None:
             os.environ["MEDFAST_USSIM_CUDA_MARCH"] = march
+        if scatter is not None:
+            os.environ["MEDFAST_USSIM_CUDA_SCATTER"] = scatter
         try:
             step()
             torch.cuda.synchronize()
@@ -119,6 +124,7 @@ def main() -> None:
         for k, v in list(per.items())[:6]:
             print(f"    {v:8.4f} ms  {k}", flush=True)
     os.environ.pop("MEDFAST_USSIM_CUDA_MARCH", None)
+    os.environ.pop("MEDFAST_USSIM_CUDA_SCATTER", None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_kernel_profile.json").write_text(json.dumps(result, indent=1))
 

@@ -48,9 +48,10 @@ def build_info() -> dict:
         kernels were compiled (``cuda``), the CUDA version and architectures they were compiled for,
         OpenMP, the CPU SIMD fast path in use (``cpu_simd``), CPU threads, whether a GPU is visible, and
         the CUDA kernel variants that the environment selects now (``cuda_variants``: the ultrasound
-        march, ``MEDFAST_USSIM_CUDA_MARCH`` = warp (default) or thread; the linear warp backward's
-        scatter, ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged, default ``auto``: merged for
-        images of several channels, plain for one).
+        march, ``MEDFAST_USSIM_CUDA_MARCH`` = warp (default) or thread; the ultrasound backward's
+        property-gradient scatter, ``MEDFAST_USSIM_CUDA_SCATTER`` = plain (default) or merged; the
+        linear warp backward's scatter, ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged, default
+        ``auto``: merged for images of several channels, plain for one).
     """
     from medfast import __version__
 
@@ -79,6 +80,8 @@ def cuda_variants() -> dict[str, str]:
     """The CUDA kernel variants the launchers pick now, from the environment (read at every launch, as
     the C++ launchers do): values other than the named ones select the default."""
     march = os.environ.get("MEDFAST_USSIM_CUDA_MARCH", "")
+    us_scatter = os.environ.get("MEDFAST_USSIM_CUDA_SCATTER", "")
     scatter = os.environ.get("MEDFAST_WARP_CUDA_SCATTER", "")
     return {"ussim_march": "thread" if march == "thread" else "warp",
+            "ussim_scatter": "merged" if us_scatter == "merged" else "plain",
             "warp_scatter": scatter if scatter in ("plain", "merged") else "auto"}

@@ -12,7 +12,8 @@ backward), distance (distance_transform: mask dtypes, empty and all-foreground m
 spacing), metrics (hard Dice, Hausdorff / HD95 and surface distances: the seed-distance kernels, empty
 masks, anisotropic and per-element spacing), lncc (forward and backward, 2D / 3D, every dtype),
 ultrasound (ray_march; the simulator from raw property maps, a label map and a CT, linear / convex /
-phased probes, forward and backward w.r.t. the tissue parameters and the probe pose), loss_smem (600
+phased probes, forward and backward w.r.t. the tissue parameters and the probe pose; the backward once
+more with the merged property-gradient scatter, MEDFAST_USSIM_CUDA_SCATTER=merged), loss_smem (600
 classes: the loss launcher's opt-in shared-memory plan; last, because it crashed the process on an H200).
 
 Inputs are tiny (memcheck slows kernels 10-100x): the whole run takes seconds without the sanitizer.
@@ -22,6 +23,8 @@ Exit status 0 when every family ran; 1 (after trying every family) when one rais
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 import traceback
@@ -287,6 +290,21 @@ def check_lncc(dev: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Sets environment variable name to value inside the block, then restores it (or its absence)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+
 def check_ultrasound(dev: torch.device) -> int:
     from medfast.ultrasound import (
         LabelTable,
@@ -321,6 +339,7 @@ def check_ultrasound(dev: torch.device) -> int:
             _finite("ray_march", out.detach())
             (out * torch.randn_like(out)).sum().backward()
             calls += 2
+    march_props, march_coords = p.detach(), c.detach()  # float64, for the merged scatter below
 
     # the simulator: a small inhomogeneous volume, three probe geometries, three tissue inputs
     D = 10
@@ -365,7 +384,21 @@ def check_ultrasound(dev: torch.device) -> int:
     far[1, :3, 3] += torch.tensor([200.0, 0.0, 0.0])
     with torch.no_grad():
         simulate(vols, affine, far.to(dev), probes[1], sub_rays=3)
-    return calls + 1
+    calls += 1
+    # the backward with the merged property-gradient scatter (CUDA: scatter_merged_kernel after the ray
+    # backward, lines_scatter_merged_kernel after the lines backward; the CPU ignores the variable): raw
+    # ray_march, and the simulator over one volume per pose with a pose partly outside the volume
+    with _env("MEDFAST_USSIM_CUDA_SCATTER", "merged"):
+        p = march_props.clone().requires_grad_()
+        out = ray_march(p, march_coords, noise_table(3, rows=64, device=dev), G, 0.05, [1.5, 0.1, 0.5, 0.3, 0.1], 3,
+                        2.5)
+        (out * torch.randn_like(out)).sum().backward()
+        _finite("ray_march merged-scatter gradient", p.grad)
+        v = vols.clone().requires_grad_()
+        simulate(v, affine, far.to(dev), probes[1], sub_rays=3).bmode.sum().backward()
+        _finite("simulate merged-scatter gradient", v.grad)
+        calls += 2
+    return calls
 
 
 FAMILIES = {

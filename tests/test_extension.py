@@ -33,12 +33,20 @@ def test_build_info_keys(key):
 
 def test_cuda_variants_follow_the_environment(monkeypatch):
     monkeypatch.delenv("MEDFAST_USSIM_CUDA_MARCH", raising=False)
+    monkeypatch.delenv("MEDFAST_USSIM_CUDA_SCATTER", raising=False)
     monkeypatch.delenv("MEDFAST_WARP_CUDA_SCATTER", raising=False)
-    assert mf.build_info()["cuda_variants"] == {"ussim_march": "warp", "warp_scatter": "auto"}
+    assert mf.build_info()["cuda_variants"] == {"ussim_march": "warp", "ussim_scatter": "plain",
+                                                "warp_scatter": "auto"}
     monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", "thread")
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_SCATTER", "merged")
     monkeypatch.setenv("MEDFAST_WARP_CUDA_SCATTER", "merged")
-    assert mf.build_info()["cuda_variants"] == {"ussim_march": "thread", "warp_scatter": "merged"}
+    assert mf.build_info()["cuda_variants"] == {"ussim_march": "thread", "ussim_scatter": "merged",
+                                                "warp_scatter": "merged"}
     monkeypatch.setenv("MEDFAST_WARP_CUDA_SCATTER", "plain")
     assert mf.build_info()["cuda_variants"]["warp_scatter"] == "plain"
     monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", "Thread")  # as the launchers read it: exact values only
     assert mf.build_info()["cuda_variants"]["ussim_march"] == "warp"
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_SCATTER", "Merged")
+    assert mf.build_info()["cuda_variants"]["ussim_scatter"] == "plain"
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_SCATTER", "plain")
+    assert mf.build_info()["cuda_variants"]["ussim_scatter"] == "plain"

@@ -1,9 +1,10 @@
 """CUDA kernels run on the CPU under a warp emulation (tests/simt/simt.h: 32 fibers on one thread, shuffles
 through a shared slot array), compiled from the same source as the CUDA build, against the CPU ops: the
-ultrasound line march, ray backward, lines backward and its scatter; the warp op's forward, backward and
+ultrasound line march, ray backward, lines backward and its scatter, the merged property-gradient scatters
+(against the CPU op and the plain scatters, with the atomics counted); the warp op's forward, backward and
 warp-merged backward. This is how their arithmetic and shuffle logic are tested on machines without a
-GPU; the CUDA tests check
-them on a GPU (both marches, ``MEDFAST_USSIM_CUDA_MARCH``; every scatter, ``MEDFAST_WARP_CUDA_SCATTER``)."""
+GPU; the CUDA tests check them on a GPU (both marches, ``MEDFAST_USSIM_CUDA_MARCH``; both ultrasound
+scatters, ``MEDFAST_USSIM_CUDA_SCATTER``; every warp scatter, ``MEDFAST_WARP_CUDA_SCATTER``)."""
 
 from __future__ import annotations
 
@@ -163,7 +164,8 @@ def test_warp_lines_backward_matches_cpu(emu, dtype, volumes, S, which):
     fn = emu.emu_lines_backward_f32 if dtype == torch.float32 else emu.emu_lines_backward_f64
     i64 = ctypes.c_int64
     fn(*_common(props, noise, 7, 0.05, 2.5), _p(start), _p(step), _p(weights), _p(grad), i64(B), i64(L), i64(E),
-       i64(S), _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index))
+       i64(S), _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index),
+       ctypes.c_int(0))
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     if need_p:
         torch.testing.assert_close(gp, gp_ref, **tol)
@@ -190,6 +192,170 @@ def test_warp_line_march_one_ray(emu):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(out[..., 1:], ref[..., :-1])
     assert np.isfinite(out.numpy()).all()
+
+
+# ---- the merged property-gradient scatter (MEDFAST_USSIM_CUDA_SCATTER=merged, ussim_warp.cuh) -----------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
+@pytest.mark.parametrize("S", [100, 33])
+def test_warp_lines_backward_merged_scatter_matches_cpu(emu, dtype, volumes, S):
+    # the lines backward kernel, then lines_scatter_merged_kernel, against the CPU op's property gradient
+    g = torch.Generator().manual_seed(13)
+    B, L, E = 2, 3, 2
+    props, index = _frames(volumes, B, dtype, g)
+    D, H, W = props.shape[1:4]
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 0.5
+    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.2
+    step[1, 1] = torch.tensor([0.9, -1.1, 1.3], dtype=dtype)  # a new cell at every sample, leaving the volume
+    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
+    grad = torch.randn(B, L, 3, S, generator=g, dtype=dtype)
+    noise = noise_table(3, rows=128)
+    gp_ref, _ = torch.ops.medfast.ussim_march_lines_backward(grad, props, start, step, weights, noise, G_AFF, 0.05,
+                                                             list(WATER_BG), 7, 2.5, True, False, index)
+    gp = torch.zeros_like(props)
+    fn = emu.emu_lines_backward_f32 if dtype == torch.float32 else emu.emu_lines_backward_f64
+    i64 = ctypes.c_int64
+    fn(*_common(props, noise, 7, 0.05, 2.5), _p(start), _p(step), _p(weights), _p(grad), i64(B), i64(L), i64(E),
+       i64(S), _p(gp), None, None if index is None else _p(index), ctypes.c_int(1))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gp, gp_ref, **tol)
+
+
+H100_SMS = 132
+
+
+def _scatter_case(kind, volumes, B, L, E, S, dtype, seed):
+    """Volume(s), volume index, sub-ray starts (B, L, E, 3) and steps (B, L, 3), per-sample property
+    gradients (B, L E, S, K) for the scatter kernels. kind: "smooth" (steps of ~0.03 voxel: runs of ~30
+    lanes share a cell), "crossing" (steps over 1 voxel: a new cell at every sample), "still" (step 0:
+    every sample of a sub-ray in one cell, and all sub-rays start at the same point, so a warp's lanes
+    differ only by their frame's volume) or "outside" (starts and steps that leave, enter and miss the
+    volume: cells wholly or partly outside)."""
+    g = torch.Generator().manual_seed(seed)
+    if volumes == "indexed":
+        props, index = _volume(3, dtype, g), torch.tensor([2, 0, 0, 2, 1, 1][:B], dtype=torch.int64)
+    else:
+        props, index = _volume(B if volumes == "per_frame" else 1, dtype, g), None
+    D, H, W = props.shape[1:4]
+    size = torch.tensor([D, H, W], dtype=dtype)
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * (size - 1)
+    direction = torch.nn.functional.normalize(torch.randn(B, L, 3, generator=g, dtype=dtype), dim=-1)
+    if kind == "smooth":
+        step = 0.03 * direction
+    elif kind == "crossing":
+        step = torch.tensor([1.05, 0.55, 1.25], dtype=dtype) + 0.1 * direction
+        start = start * 0.2
+    elif kind == "still":
+        step = torch.zeros(B, L, 3, dtype=dtype)
+        start = start[:1, :1, :1].expand(B, L, E, 3) + 0.0
+    else:  # outside
+        start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * (size + 6) - 3
+        step = (0.05 + 0.1 * torch.rand(B, L, 1, generator=g, dtype=dtype)) * direction
+        start[0, 0] = torch.tensor([-3.0, -2.5, -1.5], dtype=dtype)  # misses the volume for a while
+        start[-1, -1] = size + 0.5  # wholly outside beyond the far corner, leaving it
+        step[-1, -1] = torch.tensor([0.02, 0.03, 0.01], dtype=dtype)
+    gvals = torch.randn(B, L * E, S, 5, generator=g, dtype=dtype)
+    return props, index, start.contiguous(), step.contiguous(), gvals
+
+
+def _emu_scatter(emu, props, index, gvals, merged, sms, start=None, step=None, coords=None, L=1, E=1, sharp=2.5):
+    """The scatter kernels alone under the emulation: the lines scatter (start, step) or the scatter of
+    explicit positions (coords (B, L E, S, 3)), plain or merged; (property gradient, atomics issued)."""
+    fn = emu.emu_scatter_f32 if gvals.dtype == torch.float32 else emu.emu_scatter_f64
+    fn.restype = ctypes.c_int64
+    gp = torch.zeros_like(props)
+    i64 = ctypes.c_int64
+    B, S = gvals.shape[0], gvals.shape[2]
+    n = fn(_p(gp), i64(props.shape[0]), i64(props.shape[1]), i64(props.shape[2]), i64(props.shape[3]),
+           ctypes.c_double(sharp), None if index is None else _p(index), None if start is None else _p(start),
+           None if step is None else _p(step), None if coords is None else _p(coords), _p(gvals), i64(B), i64(L),
+           i64(E), i64(S), ctypes.c_int(int(merged)), i64(sms))
+    return gp, n
+
+
+def _scatter_tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["smooth", "crossing", "still", "outside"])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
+@pytest.mark.parametrize("S", [203, 64, 5])
+def test_merged_lines_scatter_matches_plain(emu, dtype, kind, volumes, S):
+    # lines_scatter_merged_kernel against lines_scatter_kernel (checked against the CPU op above), launched
+    # with the launcher's geometry: 4 frames x 2 lines x 3 sub-rays x S samples, S = 203 and 5 not
+    # multiples of 32, the last warp part-filled (S = 203: 4872 samples; S = 5: 120; S = 64: warps full),
+    # warps that span sub-rays, lines and frames (S = 5, 64).
+    B, L, E = 4, 2, 3
+    props, index, start, step, gvals = _scatter_case(kind, volumes, B, L, E, S, dtype, S + len(kind))
+    ref, n_plain = _emu_scatter(emu, props, index, gvals, False, H100_SMS, start, step, L=L, E=E)
+    gp, n_merged = _emu_scatter(emu, props, index, gvals, True, H100_SMS, start, step, L=L, E=E)
+    assert ref.abs().amax() > 0
+    scale = ref.abs().amax()
+    torch.testing.assert_close(gp / scale, ref / scale, **_scatter_tol(dtype))
+    # the heads issue fewer atomics where lanes share cells (never more)
+    assert 0 < n_merged <= n_plain
+    if kind in ("smooth", "still") and S >= 64:
+        assert n_merged * 4 < n_plain, (n_merged, n_plain)
+    if kind == "crossing":
+        # every lane its own segment: with sharp = 1 (no sharpened impedance weight clamped to 0, whose
+        # zero sums the heads skip) the same atomics as the plain scatter
+        ref1, n_plain1 = _emu_scatter(emu, props, index, gvals, False, H100_SMS, start, step, L=L, E=E, sharp=1.0)
+        gp1, n_merged1 = _emu_scatter(emu, props, index, gvals, True, H100_SMS, start, step, L=L, E=E, sharp=1.0)
+        torch.testing.assert_close(gp1, ref1, rtol=0, atol=0)
+        assert n_merged1 == n_plain1 > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["smooth", "crossing", "still", "outside"])
+@pytest.mark.parametrize("volumes", ["one", "indexed"])
+def test_merged_coords_scatter_matches_plain(emu, dtype, kind, volumes):
+    # scatter_merged_kernel (explicit positions: the thread march's and the ray backward's scatter) against
+    # scatter_kernel, on the materialised positions of the same sub-rays (frames of L E S samples)
+    B, L, E, S = 4, 2, 3, 45
+    props, index, start, step, gvals = _scatter_case(kind, volumes, B, L, E, S, dtype, 7 + len(kind))
+    i = torch.arange(S, dtype=dtype)
+    coords = (start.unsqueeze(3) + i.unsqueeze(1) * step.unsqueeze(2).unsqueeze(3)).reshape(B, L * E, S, 3)
+    coords = coords.contiguous()
+    ref, n_plain = _emu_scatter(emu, props, index, gvals, False, H100_SMS, coords=coords, L=L, E=E)
+    gp, n_merged = _emu_scatter(emu, props, index, gvals, True, H100_SMS, coords=coords, L=L, E=E)
+    scale = ref.abs().amax()
+    assert scale > 0
+    torch.testing.assert_close(gp / scale, ref / scale, **_scatter_tol(dtype))
+    assert 0 < n_merged <= n_plain
+    if kind in ("smooth", "still"):
+        assert n_merged * 4 < n_plain, (n_merged, n_plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merged_scatter_grid_stride(emu, dtype):
+    # one multiprocessor: 64 blocks of 128 threads stride over 2 x 8 x 3 x 203 = 9744 samples, so the
+    # grid-stride loop runs twice and its second pass ends in a part-filled warp (and whole idle warps)
+    B, L, E, S = 2, 8, 3, 203
+    assert B * L * E * S > 64 * 128 and (B * L * E * S - 64 * 128) % 32 != 0
+    props, index, start, step, gvals = _scatter_case("outside", "per_frame", B, L, E, S, dtype, 21)
+    ref, n_plain = _emu_scatter(emu, props, index, gvals, False, 1, start, step, L=L, E=E)
+    gp, n_merged = _emu_scatter(emu, props, index, gvals, True, 1, start, step, L=L, E=E)
+    scale = ref.abs().amax()
+    torch.testing.assert_close(gp / scale, ref / scale, **_scatter_tol(dtype))
+    assert 0 < n_merged * 2 < n_plain
+
+
+def test_merged_scatter_keeps_frames_apart(emu):
+    # every sample of every sub-ray at one point (step 0): the lanes of a warp share one cell and differ
+    # only by their frame's volume (frames -> volumes 2, 0, 0, 2, 1, 1: frames 1, 2 and 4, 5 share theirs);
+    # each volume must get exactly the sum of its own frames' gradients
+    B, L, E, S = 6, 1, 2, 7
+    props, index, start, step, gvals = _scatter_case("still", "indexed", B, L, E, S, torch.float64, 3)
+    gp, n_merged = _emu_scatter(emu, props, index, gvals, True, H100_SMS, start, step, L=L, E=E)
+    ref, n_plain = _emu_scatter(emu, props, index, gvals, False, H100_SMS, start, step, L=L, E=E)
+    torch.testing.assert_close(gp, ref, rtol=1e-12, atol=1e-12)
+    per_volume = [gp[v].sum().item() for v in range(3)]
+    assert all(abs(x) > 0 for x in per_volume)
+    # 84 samples: warp 0 (lanes 0-31: frames 0-2, volumes 2, 0, 0) has 2 segments, warp 1 (frames 2-4:
+    # volumes 0, 2, 1) 3, warp 2 (frames 4, 5: volume 1) 1: 6 heads of 8 corners x 5 properties at most
+    assert n_merged <= 6 * 40 < n_plain
 
 
 # ---- the warp op's CUDA kernels: forward, backward (atomics), warp-merged linear backward ---------------

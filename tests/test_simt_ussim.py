@@ -85,13 +85,15 @@ def test_lines_kernel_matches_cpu(lib, dtype, volumes, S):
     torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
 
 
-def _emu_backward(lib, props, coords, grad, noise, index, need_p, need_c, sms, seed=7, att=0.05, sharp=2.5):
+def _emu_backward(lib, props, coords, grad, noise, index, need_p, need_c, sms, seed=7, att=0.05, sharp=2.5,
+                 merged=False):
     B, R, S = coords.shape[:3]
     gp = torch.zeros_like(props) if need_p else None
     gc = torch.full_like(coords, math.nan) if need_c else None
     getattr(lib, f"emu_k_backward_{_sfx(coords.dtype)}")(
         *_common(props, noise, seed, att, sharp), _p(coords), _p(grad), i64(B), i64(R), i64(S),
-        _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index), i64(sms))
+        _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index), i64(sms),
+        ctypes.c_int(int(merged)))
     return gp, gc
 
 
@@ -115,6 +117,26 @@ def test_backward_and_scatter_kernels_match_cpu(lib, dtype, volumes, S, which):
         torch.testing.assert_close(gp, gp_ref, **_tol(dtype))
     if need_c:
         torch.testing.assert_close(gc, gc_ref, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
+@pytest.mark.parametrize("S", [100, 7])
+def test_backward_and_merged_scatter_match_cpu(lib, dtype, volumes, S):
+    # march_backward_cuda with MEDFAST_USSIM_CUDA_SCATTER=merged: the backward kernel, then
+    # scatter_merged_kernel (ussim_warp.cuh) with the launcher's geometry; 135 rays of S = 100 or 7
+    # samples (not multiples of 32: warps span rays and frames, the last one part-filled)
+    g = torch.Generator().manual_seed(19)
+    B, R = 3, 45
+    props, index = _frames(volumes, B, dtype, g)
+    D, H, W = props.shape[1:4]
+    coords = _coords(B, R, S, D, H, W, dtype, g)
+    grad = torch.randn(B, R, S, 3, generator=g, dtype=dtype)
+    noise = noise_table(3, rows=128)
+    gp_ref, _ = ops.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG), 7, 2.5, True,
+                                         False, index)
+    gp, _ = _emu_backward(lib, props, coords, grad, noise, index, True, False, H100_SMS, merged=True)
+    torch.testing.assert_close(gp, gp_ref, **_tol(dtype))
 
 
 def test_backward_scatter_grid_stride(lib):

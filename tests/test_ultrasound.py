@@ -539,7 +539,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-def test_cuda_matches_cpu_forward_and_backward():
+@pytest.mark.parametrize("scatter", ["plain", "merged"])
+def test_cuda_matches_cpu_forward_and_backward(scatter, monkeypatch):
+    # the property gradient by either scatter (MEDFAST_USSIM_CUDA_SCATTER; ray_march: scatter_kernel or
+    # scatter_merged_kernel)
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_SCATTER", scatter)
     props, coords, noise, G = _march_inputs(torch.float64, B=2, R=5, S=40)
     args = (noise, G, 0.07, [1.5, 0.1, 0.5, 0.3, 0.1], 5)
     p1, c1 = props.clone().requires_grad_(True), coords.clone().requires_grad_(True)
@@ -556,15 +560,20 @@ def test_cuda_matches_cpu_forward_and_backward():
 
 @cuda
 @pytest.mark.parametrize("mode", ["thread", "warp"])
+@pytest.mark.parametrize("scatter", ["plain", "merged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
-def test_cuda_march_lines_matches_cpu(mode, dtype, volumes, monkeypatch):
+def test_cuda_march_lines_matches_cpu(mode, scatter, dtype, volumes, monkeypatch):
     # Both CUDA line marches (MEDFAST_USSIM_CUDA_MARCH: one thread per line, or one warp per line with
     # the transmission as a warp prefix scan) against the CPU: S not a multiple of 32, impedance jumps and
-    # a clamped impedance, lines entering and leaving the volume, one volume for all frames or one each.
+    # a clamped impedance, lines entering and leaving the volume, one volume for all frames or one each;
+    # the property gradient by either scatter (MEDFAST_USSIM_CUDA_SCATTER: one atomic per sample and
+    # corner, or the warp's lanes of one cell summed first; warp march: lines_scatter_merged_kernel,
+    # thread march: scatter_merged_kernel).
     from medfast.ops._ussim import march_lines
 
     monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", mode)
+    monkeypatch.setenv("MEDFAST_USSIM_CUDA_SCATTER", scatter)
     g = torch.Generator().manual_seed(4)
     D, H, W, B, L, E, S = 9, 7, 11, 2, 5, 3, 203
     props = torch.stack([1.3 + 0.6 * torch.rand(B, D, H, W, generator=g, dtype=dtype)] +

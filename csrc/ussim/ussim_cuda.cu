@@ -2,7 +2,8 @@
 // optionally one warp per line (MEDFAST_USSIM_CUDA_MARCH=warp). The kernels and their launch geometry
 // are in ussim_kernels.cuh and ussim_warp.cuh (arithmetic in ussim.h). The property gradient is
 // scattered into the volume by one thread per sample with atomicAdd (not bitwise deterministic; see
-// docs/ultrasound.md).
+// docs/ultrasound.md), or with MEDFAST_USSIM_CUDA_SCATTER=merged by the merged warp scatter (the lanes
+// of a warp whose samples share a voxel cell summed before the atomics; ussim_warp.cuh).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +28,14 @@ int64_t grid_for(int64_t n) { return blocks_for(n, sm_count()); }
 bool warp_march() {
   const char* v = std::getenv("MEDFAST_USSIM_CUDA_MARCH");
   return v == nullptr || std::strcmp(v, "thread") != 0;
+}
+
+// The property-gradient scatter: one thread per sample (scatter_kernel, lines_scatter_kernel) by
+// default; MEDFAST_USSIM_CUDA_SCATTER=merged selects the merged warp scatter (scatter_merged_kernel,
+// lines_scatter_merged_kernel), opt-in until timed on a GPU.
+bool merged_scatter() {
+  const char* v = std::getenv("MEDFAST_USSIM_CUDA_SCATTER");
+  return v != nullptr && std::strcmp(v, "merged") == 0;
 }
 
 }  // namespace
@@ -127,9 +136,14 @@ std::tuple<Tensor, Tensor> march_backward_cuda(const Tensor& grad, const Tensor&
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (props_grad) {
       const int64_t samples = rays * S;
-      scatter_kernel<scalar_t><<<grid_for(samples), kThreads, 0, stream>>>(
-          gprops.mutable_data_ptr<scalar_t>(), P, coords.const_data_ptr<scalar_t>(),
-          gvals.const_data_ptr<scalar_t>(), samples, R * S);
+      if (merged_scatter())
+        scatter_merged_kernel<scalar_t><<<grid_for(samples), kThreads, 0, stream>>>(
+            gprops.mutable_data_ptr<scalar_t>(), P, coords.const_data_ptr<scalar_t>(),
+            gvals.const_data_ptr<scalar_t>(), samples, R * S);
+      else
+        scatter_kernel<scalar_t><<<grid_for(samples), kThreads, 0, stream>>>(
+            gprops.mutable_data_ptr<scalar_t>(), P, coords.const_data_ptr<scalar_t>(),
+            gvals.const_data_ptr<scalar_t>(), samples, R * S);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -166,9 +180,14 @@ std::tuple<Tensor, Tensor> march_lines_backward_cuda(const Tensor& grad, const T
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (props_grad) {
       const int64_t samples = rays * S;
-      lines_scatter_kernel<scalar_t><<<grid_for(samples), kThreads, 0, stream>>>(
-          gprops.mutable_data_ptr<scalar_t>(), P, start.const_data_ptr<scalar_t>(), step.const_data_ptr<scalar_t>(),
-          gvals.const_data_ptr<scalar_t>(), samples, L, E);
+      if (merged_scatter())
+        lines_scatter_merged_kernel<scalar_t><<<grid_for(samples), kThreads, 0, stream>>>(
+            gprops.mutable_data_ptr<scalar_t>(), P, start.const_data_ptr<scalar_t>(),
+            step.const_data_ptr<scalar_t>(), gvals.const_data_ptr<scalar_t>(), samples, L, E);
+      else
+        lines_scatter_kernel<scalar_t><<<grid_for(samples), kThreads, 0, stream>>>(
+            gprops.mutable_data_ptr<scalar_t>(), P, start.const_data_ptr<scalar_t>(),
+            step.const_data_ptr<scalar_t>(), gvals.const_data_ptr<scalar_t>(), samples, L, E);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

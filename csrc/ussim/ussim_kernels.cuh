@@ -8,7 +8,8 @@
 // so that the emulation launches as the GPU does.
 //
 // The property gradient is scattered into the volume by one thread per sample with atomicAdd (not
-// bitwise deterministic on a GPU; see docs/ultrasound.md).
+// bitwise deterministic on a GPU; see docs/ultrasound.md); MEDFAST_USSIM_CUDA_SCATTER=merged selects
+// scatter_merged_kernel of ussim_warp.cuh instead.
 #pragma once
 #include <cstdint>
 

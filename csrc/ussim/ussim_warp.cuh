@@ -2,7 +2,7 @@
 // from the launcher so that tests/simt can run the same code on the CPU: it compiles this header with
 // the warp shuffles emulated by 32 fibers and compares the results with the CPU op.
 // Needs: __global__, threadIdx / blockIdx / blockDim / gridDim, __shfl_{sync,up_sync,down_sync,
-// xor_sync} and atomicAdd (CUDA, or the emulation in tests/simt/simt.h).
+// xor_sync}, __ballot_sync, __ffs and atomicAdd (CUDA, or the emulation in tests/simt/simt.h).
 #pragma once
 #include "common/macros.h"
 #include "ussim/ussim.h"
@@ -339,6 +339,124 @@ __global__ void lines_scatter_kernel(T* gprops, const Params P, const T* start, 
     line_position<A>(start + ray * 3, step + line * 3, i, p);
     for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gvals[k * kProps + q]);
     scatter_props<A>(gprops + frame_volume(P, line / L) * vol_stride, P, p[0], p[1], p[2], g, add);
+  }
+}
+
+// ---- Merged scatter (MEDFAST_USSIM_CUDA_SCATTER=merged) ----
+//
+// scatter_props (ussim.h) of one sample per lane of a warp, with the lanes whose samples fall into the
+// same voxel cell of the same volume summed first: consecutive samples of a ray are a fraction of a
+// voxel apart, so runs of consecutive lanes usually share their cell and so all 8 x K target
+// addresses. A lane is a segment head when it is lane 0 or its (volume, cell) differs from the
+// previous lane's (an inactive lane has volume -1: it never joins an active lane's segment). The 8 x K
+// corner contributions (the products scatter_props adds) are summed over each segment by a segmented
+// suffix scan of shuffles (log2 of the longest segment steps; none when every lane has its own cell),
+// and only the heads add them, skipping the corners outside the volume as scatter_props does, and the
+// zero sums (adding +0 changes no element of a zero-initialised sum). The same sums as scatter_props up
+// to float reassociation. All 32 lanes must call it together (it shuffles): active = false for a lane
+// without a sample. No slab (scatter_props' i_lo, i_hi): the GPU scatters into the whole volume.
+template <typename A, typename G>
+__device__ void scatter_props_merged(G* gprops, int64_t vol_stride, const Params& P, bool active, int64_t vol, A d,
+                                     A h, A w, const A* g) {
+  const int lane = threadIdx.x & 31;
+  int64_t cell[3] = {0, 0, 0};
+  A c[8][kProps];
+  if (active) {
+    A wt[8], wz[8];
+    corner_weights_at<A>(P, d, h, w, cell, wt, wz);
+    USSIM_UNROLL8
+    for (int corner = 0; corner < 8; ++corner) {
+      c[corner][0] = wz[corner] * g[0];
+#pragma unroll
+      for (int q = 1; q < kProps; ++q) c[corner][q] = wt[corner] * g[q];
+    }
+  } else {
+    vol = -1;
+    USSIM_UNROLL8
+    for (int corner = 0; corner < 8; ++corner)
+#pragma unroll
+      for (int q = 0; q < kProps; ++q) c[corner][q] = A(0);
+  }
+  // segment heads: lane 0, or a (volume, cell) other than the previous lane's
+  const int64_t pv = __shfl_up_sync(kFullMask, vol, 1), p0 = __shfl_up_sync(kFullMask, cell[0], 1),
+                p1 = __shfl_up_sync(kFullMask, cell[1], 1), p2 = __shfl_up_sync(kFullMask, cell[2], 1);
+  const bool head = lane == 0 || pv != vol || p0 != cell[0] || p1 != cell[1] || p2 != cell[2];
+  const unsigned heads = __ballot_sync(kFullMask, head);
+  // the last lane of this lane's segment: the lane before the next head (2u << 31 wraps to 0)
+  const unsigned after = heads & ~((2u << lane) - 1u);
+  const int end = after != 0u ? __ffs(static_cast<int>(after)) - 2 : 31;
+  // segmented suffix sums: after the step of offset d, lane l holds the sum over lanes
+  // [l, min(l + 2d - 1, end)]; a warp whose segments are all shorter than d + 1 stops
+  for (int d = 1; d < 32; d <<= 1) {
+    const bool take = lane + d <= end;
+    if (__ballot_sync(kFullMask, take) == 0u) break;
+    USSIM_UNROLL8
+    for (int corner = 0; corner < 8; ++corner)
+#pragma unroll
+      for (int q = 0; q < kProps; ++q) {
+        const A o = __shfl_down_sync(kFullMask, c[corner][q], d);
+        if (take) c[corner][q] += o;
+      }
+  }
+  if (!head || vol < 0) return;
+  G* gvol = gprops + vol * vol_stride;
+  USSIM_UNROLL8
+  for (int corner = 0; corner < 8; ++corner) {
+    const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
+    const int64_t i = cell[0] + a, j = cell[1] + b, k = cell[2] + e;
+    if (i < 0 || j < 0 || k < 0 || i >= P.D || j >= P.H || k >= P.W) continue;
+    G* dst = gvol + ((i * P.H + j) * P.W + k) * kProps;
+#pragma unroll
+    for (int q = 0; q < kProps; ++q)
+      if (c[corner][q] != A(0)) atomicAdd(dst + q, static_cast<G>(c[corner][q]));
+  }
+}
+
+// lines_scatter_kernel with scatter_props_merged: the grid-stride loop goes by whole warps (k0 the
+// warp's first sample, the same in its 32 lanes), so every lane reaches every shuffle; the lanes past
+// the last sample take part without a sample.
+template <typename T>
+__global__ void lines_scatter_merged_kernel(T* gprops, const Params P, const T* start, const T* step, const T* gvals,
+                                            int64_t samples, int64_t L, int64_t E) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t k0 = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31u); k0 < samples; k0 += stride) {
+    const int64_t k = k0 + lane;
+    const bool active = k < samples;
+    A p[3] = {A(0), A(0), A(0)}, g[kProps] = {A(0), A(0), A(0), A(0), A(0)};
+    int64_t vol = -1;
+    if (active) {
+      const int64_t ray = k / P.S, i = k - ray * P.S, line = ray / E;
+      line_position<A>(start + ray * 3, step + line * 3, i, p);
+      for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gvals[k * kProps + q]);
+      vol = frame_volume(P, line / L);
+    }
+    scatter_props_merged<A>(gprops, vol_stride, P, active, vol, p[0], p[1], p[2], g);
+  }
+}
+
+// scatter_kernel (ussim_kernels.cuh: samples with explicit positions coords (samples, 3), frame k /
+// per_frame) with scatter_props_merged, the grid-stride loop by whole warps as above.
+template <typename T>
+__global__ void scatter_merged_kernel(T* gprops, const Params P, const T* coords, const T* gvals, int64_t samples,
+                                      int64_t per_frame) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t vol_stride = P.D * P.H * P.W * kProps;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t k0 = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31u); k0 < samples; k0 += stride) {
+    const int64_t k = k0 + lane;
+    const bool active = k < samples;
+    A p[3] = {A(0), A(0), A(0)}, g[kProps] = {A(0), A(0), A(0), A(0), A(0)};
+    int64_t vol = -1;
+    if (active) {
+      for (int j = 0; j < 3; ++j) p[j] = static_cast<A>(coords[3 * k + j]);
+      for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gvals[k * kProps + q]);
+      vol = frame_volume(P, k / per_frame);
+    }
+    scatter_props_merged<A>(gprops, vol_stride, P, active, vol, p[0], p[1], p[2], g);
   }
 }
 

@@ -9,13 +9,16 @@
 //    a warp must reach the same sequence of shuffles (as the full mask of *_sync requires on a GPU): a
 //    warp some of whose lanes wait at a shuffle while others returned or wait at __syncthreads aborts
 //    with a message.
+//  - __ballot_sync: the same two barriers as a shuffle, each lane reading the predicates of all 32
+//    lanes of its warp (so it counts as a shuffle in the checks above).
 //  - __syncthreads() waits until every thread of the block waits there; a thread that returned while
 //    others wait at __syncthreads aborts with a message (all medfast kernels reach it uniformly).
 //  - dynamic shared memory (MEDFAST_DYNAMIC_SHARED of common/macros.h): a buffer of the launch's size
 //    per block, filled with 0xff bytes (NaN in float and double) before each block, so that a read
 //    before a write shows; a guard past its end is checked after each block (a write out of bounds
 //    aborts).
-//  - atomicAdd: one thread runs at a time, so a plain add.
+//  - atomicAdd: one thread runs at a time, so a plain add; simt::atomic_adds counts them (a test can
+//    check how many atomics a kernel issued).
 // Threads run until they wait, in thread order, so results are the same on every run.
 #pragma once
 #include <ucontext.h>
@@ -63,6 +66,7 @@ struct Block {
   unsigned char* shared = nullptr;  // this block's dynamic shared memory
 };
 inline Block* block = nullptr;
+inline long long atomic_adds = 0;  // atomicAdd calls so far (reset by whoever counts)
 
 inline int lane() { return static_cast<int>(threadIdx.x & 31); }
 
@@ -89,6 +93,17 @@ T exchange(T v, int src) {
   std::memcpy(&out, block->slot[(src < 0 || src > 31) ? me : (me & ~31) + src].bytes, sizeof(T));
   wait(kAtShuffle);
   return out;
+}
+
+// Every lane publishes pred, then takes the bit mask of the predicates of the 32 lanes of its warp.
+inline unsigned ballot(bool pred) {
+  const int me = static_cast<int>(threadIdx.x);
+  block->slot[me].bytes[0] = pred ? 1 : 0;
+  wait(kAtShuffle);
+  unsigned mask = 0;
+  for (int l = 0; l < 32; ++l) mask |= static_cast<unsigned>(block->slot[(me & ~31) + l].bytes[0]) << l;
+  wait(kAtShuffle);
+  return mask;
 }
 
 // Thread t is not where thread r waits.
@@ -213,9 +228,14 @@ T __shfl_down_sync(unsigned, T v, unsigned d) { return simt::exchange(v, simt::l
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int mask) { return simt::exchange(v, simt::lane() ^ mask); }
 
+inline unsigned __ballot_sync(unsigned, int pred) { return simt::ballot(pred != 0); }
+// 1 + the index of the least significant set bit of x, 0 if none (the CUDA integer intrinsic).
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
 // One thread runs at a time: a plain add is the atomic add.
 template <class T>
 T atomicAdd(T* address, T value) {
+  ++simt::atomic_adds;
   const T old = *address;
   *address = old + value;
   return old;

@@ -7,6 +7,7 @@
 #include "simt.h"
 // (simt.h first: the kernels' CUDA names must exist before the header is parsed)
 #include "ussim/ussim_kernels.cuh"
+#include "ussim/ussim_warp.cuh"  // scatter_merged_kernel
 #include "ussim_params.h"
 
 #include <cstdint>
@@ -41,12 +42,13 @@ void lines(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const floa
 }
 
 // march_backward_cuda: the backward kernel (per-sample property gradients and coordinate gradients),
-// then the scatter kernel into gprops (zeroed by the caller). gprops / gcoords null: not wanted.
+// then the scatter kernel into gprops (zeroed by the caller): scatter_kernel, or with merged
+// scatter_merged_kernel (MEDFAST_USSIM_CUDA_SCATTER=merged). gprops / gcoords null: not wanted.
 template <typename T>
 void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
               uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* coords,
               const T* grad, int64_t B, int64_t R, int64_t S, T* gprops, T* gcoords, const int64_t* vidx,
-              int64_t sms) {
+              int64_t sms, int merged) {
   const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   const int64_t rays = B * R;
   std::vector<T> gvals(gprops ? static_cast<size_t>(rays * S * kProps) : 0, std::numeric_limits<T>::quiet_NaN());
@@ -54,7 +56,10 @@ void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const f
   launch(rays, sms, [&] { backward_kernel<T>(vol, table, P, coords, grad, gv, gcoords, rays, R); });
   if (!gprops) return;
   const int64_t samples = rays * S;
-  launch(samples, sms, [&] { scatter_kernel<T>(gprops, P, coords, gv, samples, R * S); });
+  if (merged)
+    launch(samples, sms, [&] { scatter_merged_kernel<T>(gprops, P, coords, gv, samples, R * S); });
+  else
+    launch(samples, sms, [&] { scatter_kernel<T>(gprops, P, coords, gv, samples, R * S); });
 }
 
 // psf_cuda: x (B, L, 3, S) to (B, 2, L, S) (axial, then lateral), or with transpose x (B, 2, L, S) to
@@ -99,12 +104,12 @@ void emu_k_lines_f64(MEDFAST_EMU_COMMON(double), const double* start, const doub
   lines<double>(MEDFAST_EMU_COMMON_ARGS, start, step, w, B, L, E, S, out, vidx, sms);
 }
 void emu_k_backward_f32(MEDFAST_EMU_COMMON(float), const float* coords, const float* grad, int64_t B, int64_t R,
-                        int64_t S, float* gprops, float* gcoords, const int64_t* vidx, int64_t sms) {
-  backward<float>(MEDFAST_EMU_COMMON_ARGS, coords, grad, B, R, S, gprops, gcoords, vidx, sms);
+                        int64_t S, float* gprops, float* gcoords, const int64_t* vidx, int64_t sms, int merged) {
+  backward<float>(MEDFAST_EMU_COMMON_ARGS, coords, grad, B, R, S, gprops, gcoords, vidx, sms, merged);
 }
 void emu_k_backward_f64(MEDFAST_EMU_COMMON(double), const double* coords, const double* grad, int64_t B, int64_t R,
-                        int64_t S, double* gprops, double* gcoords, const int64_t* vidx, int64_t sms) {
-  backward<double>(MEDFAST_EMU_COMMON_ARGS, coords, grad, B, R, S, gprops, gcoords, vidx, sms);
+                        int64_t S, double* gprops, double* gcoords, const int64_t* vidx, int64_t sms, int merged) {
+  backward<double>(MEDFAST_EMU_COMMON_ARGS, coords, grad, B, R, S, gprops, gcoords, vidx, sms, merged);
 }
 void emu_k_psf_f32(const float* x, const float* h, const float* w, int64_t B, int64_t L, int64_t K, int64_t J,
                    int64_t S, int transpose, float* out, int64_t sms) {
