@@ -1,9 +1,10 @@
 """Per-kernel CUDA time of medfast's GPU workloads (torch.profiler), to see where a step's time goes:
 ultrasound frames (batch 64, 3 sub-rays, forward and forward+backward; and batch 5, the size of one
-simulation call of the classification renderer), each with the one-thread-per-line CUDA march (the
-default) and the warp-cooperative one (``MEDFAST_USSIM_CUDA_MARCH=warp``), the batch-64 forward+backward
+simulation call of the classification renderer), each with the one-thread-per-line CUDA march
+(``MEDFAST_USSIM_CUDA_MARCH=thread``) and the warp-cooperative one (the default), the batch-64 forward+backward
 of the warp march also with the merged property-gradient scatter (``MEDFAST_USSIM_CUDA_SCATTER=merged``;
-the other rows: plain), Dice+CE forward+backward (B=2, C=16, 128^3) and HD95 of two 128^3 masks.
+the other rows: plain), Dice+CE forward+backward (B=2, C=16 and 64, 128^3) with either label-sums
+kernel (``MEDFAST_LOSS_CUDA_SUMS`` = thread, the default, or warp) and HD95 of two 128^3 masks.
 
     python benchmarks/gpu_kernel_profile.py --out DIR
 """
@@ -70,13 +71,20 @@ def workloads(dev: torch.device):
         p.grad = None
         simulate(p, affine, poses, probe, sub_rays=3).bmode.mean().backward()
 
-    logits = torch.randn(2, 16, 128, 128, 128, device=dev, requires_grad=True)
-    target = torch.randint(0, 16, (2, 1, 128, 128, 128), device=dev)
     loss = L.DiceCELoss()
 
-    def dice_ce():
-        logits.grad = None
-        loss(logits, target).backward()
+    def dice_ce_case(C: int, sums: str):
+        """Dice+CE forward + backward, B = 2, 128^3, C classes; sums: MEDFAST_LOSS_CUDA_SUMS (thread: the
+        default sums_kernel, warp: the class-transposed label sums)."""
+        logits = torch.randn(2, C, 128, 128, 128, device=dev, requires_grad=True)
+        target = torch.randint(0, C, (2, 1, 128, 128, 128), device=dev)
+
+        def step():
+            os.environ["MEDFAST_LOSS_CUDA_SUMS"] = sums  # read by the launcher at every call
+            logits.grad = None
+            loss(logits, target).backward()
+
+        return step
 
     zz, yy, xx = torch.meshgrid(*[torch.arange(128, device=dev)] * 3, indexing="ij")
     fa = (zz - 64) ** 2 + (yy - 60) ** 2 + (xx - 64) ** 2 < 40**2
@@ -93,7 +101,10 @@ def workloads(dev: torch.device):
                     f"ultrasound_fwd_b5_{march}": (us_forward_b5, 10, march, 5, "plain"),
                     f"ultrasound_fwdbwd_b64_{march}": (us_backward, 3, march, 64, "plain")})
     out["ultrasound_fwdbwd_b64_warp_merged"] = (us_backward, 3, "warp", 64, "merged")
-    out.update({"dice_ce_b2_c16_128": (dice_ce, 10, None, 0, None), "hd95_128": (hd95, 10, None, 0, None)})
+    for C in (16, 64):
+        for sums in ("thread", "warp"):
+            out[f"dice_ce_b2_c{C}_128_{sums}sums"] = (dice_ce_case(C, sums), 10, None, 0, None)
+    out["hd95_128"] = (hd95, 10, None, 0, None)
     return out
 
 
@@ -125,6 +136,7 @@ def main() -> None:
             print(f"    {v:8.4f} ms  {k}", flush=True)
     os.environ.pop("MEDFAST_USSIM_CUDA_MARCH", None)
     os.environ.pop("MEDFAST_USSIM_CUDA_SCATTER", None)
+    os.environ.pop("MEDFAST_LOSS_CUDA_SUMS", None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_kernel_profile.json").write_text(json.dumps(result, indent=1))
 

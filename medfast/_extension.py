@@ -51,7 +51,8 @@ def build_info() -> dict:
         march, ``MEDFAST_USSIM_CUDA_MARCH`` = warp (default) or thread; the ultrasound backward's
         property-gradient scatter, ``MEDFAST_USSIM_CUDA_SCATTER`` = plain (default) or merged; the
         linear warp backward's scatter, ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged, default
-        ``auto``: merged for images of several channels, plain for one).
+        ``auto``: merged for images of several channels, plain for one; the fused losses' label
+        sums, ``MEDFAST_LOSS_CUDA_SUMS`` = thread (default) or warp).
     """
     from medfast import __version__
 
@@ -82,6 +83,8 @@ def cuda_variants() -> dict[str, str]:
     march = os.environ.get("MEDFAST_USSIM_CUDA_MARCH", "")
     us_scatter = os.environ.get("MEDFAST_USSIM_CUDA_SCATTER", "")
     scatter = os.environ.get("MEDFAST_WARP_CUDA_SCATTER", "")
+    sums = os.environ.get("MEDFAST_LOSS_CUDA_SUMS", "")
     return {"ussim_march": "thread" if march == "thread" else "warp",
             "ussim_scatter": "merged" if us_scatter == "merged" else "plain",
-            "warp_scatter": scatter if scatter in ("plain", "merged") else "auto"}
+            "warp_scatter": scatter if scatter in ("plain", "merged") else "auto",
+            "loss_sums": "warp" if sums == "warp" else "thread"}

@@ -171,7 +171,22 @@ def check_loss(dev: torch.device) -> int:
     # every voxel ignored: the sums are zero, the kernels must still read nothing out of range
     z = torch.randn(2, 3, 4, 5, device=dev, requires_grad=True)
     mf.dice_loss(z, torch.full((2, 4, 5), 255, device=dev), ignore_index=255).backward()
-    return calls + 2
+    calls += 2
+    # the class-transposed label sums (MEDFAST_LOSS_CUDA_SUMS=warp; the CPU ignores the variable): label
+    # targets with weights and ignored voxels, the dtypes, class counts across its block plans (256, 128
+    # and 32 threads), and a volume whose last round is partly past its chunk
+    with _env("MEDFAST_LOSS_CUDA_SUMS", "warp"):
+        for C, spatial in ((4, (5, 7)), (33, (3, 4, 5)), (130, (3, 4, 5)), (7, (13, 11, 9))):
+            labels = torch.randint(0, C + 1, (2, *spatial), generator=gen)
+            labels[labels == C] = 255
+            vw = torch.rand(2, *spatial, generator=gen).to(dev)
+            for dtype in FLOATS:
+                logits = (torch.randn(2, C, *spatial, generator=gen) * 3).to(dev, dtype)
+                _loss_call(mf.dice_ce_loss, logits, labels.to(dev), ignore_index=255, voxel_weight=vw)
+                calls += 2
+        mf.dice_loss(z, torch.full((2, 4, 5), 255, device=dev), ignore_index=255).backward()
+        calls += 2
+    return calls
 
 
 def check_loss_smem(dev: torch.device) -> int:
