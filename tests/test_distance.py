@@ -36,6 +36,20 @@ def test_matches_scipy_random(shape, background):
     assert_matches(mf.distance_transform(mask), scipy_edt(mask))
 
 
+@pytest.mark.parametrize("spacing", [None, (0.7, 1.0, 1.0), (2.5, 0.3, 1.1)])
+def test_first_axis_pass_on_lines(spacing):
+    # lines along the first axis (the binary first pass alone decides them): background at both ends,
+    # only at the start or the end, even and odd gaps (ties between two backgrounds), a single one;
+    # float64, so the values must be exact to the last bits
+    cols = [[0, 5, 12, 20, 36], [0], [36], [17], [3, 4], [10, 16]]
+    mask = torch.ones(1, 37, len(cols), 2, dtype=torch.bool)
+    for j, zeros in enumerate(cols):
+        mask[0, zeros, j, :] = False
+    mask[0, :, 0, 1] = True  # a full line: its distances come from the neighbouring line
+    got = mf.distance_transform(mask, spacing, dtype=torch.float64)
+    torch.testing.assert_close(got, torch.from_numpy(scipy_edt(mask, spacing)), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(1, 40, 33), (1, 15, 22, 17)])
 def test_single_background_voxel(shape):
     mask = torch.ones(shape, dtype=torch.bool)

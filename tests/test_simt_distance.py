@@ -77,6 +77,18 @@ def test_distance_kernels_match_cpu(lib, dtype, ndim, spacing, sms):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("background", [0.5, 0.03, 0.002])
+def test_distance_kernels_equal_cpu_bitwise(lib, dtype, background):
+    # the same arithmetic in the same order on both sides (the binary first pass, the envelope passes,
+    # the finish): equal to the last bit, not only within a tolerance
+    g = torch.Generator().manual_seed(int(background * 1000))
+    mask = torch.rand(2, 19, 23, 17, generator=g) >= background
+    mask[0, 3, 4, 5] = False
+    sp = [0.7, 1.3, 0.45]
+    assert torch.equal(_emu_transform(lib, mask, sp, dtype, H100_SMS), ops.distance_transform(mask, sp, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 7, 5), (2, 4, 6, 3), (1, 1, 40, 3), (3, 1, 1)])
 @pytest.mark.parametrize("fill", ["empty", "full", "one"])
 def test_distance_kernels_empty_full_masks(lib, dtype, shape, fill):

@@ -18,15 +18,20 @@ namespace {
 
 constexpr int64_t kBlock = 16;
 
+// One pass along the lines L; binary: the first pass, over the binary start (binary_line_pass).
 template <typename T>
-void pass_cpu(T* d, const Lines& L, T h) {
+void pass_cpu(T* d, const Lines& L, T h, bool binary = false) {
   const int64_t n = L.n;
   if (L.inner == 1) {
     at::parallel_for(0, L.outer, std::max<int64_t>(1, 4096 / n), [&](int64_t begin, int64_t end) {
       std::vector<int64_t> v(n);
       std::vector<T> scratch(2 * n);
-      for (int64_t o = begin; o < end; ++o)
-        envelope_pass<T>(d + o * n, 1, n, h, v.data(), scratch.data(), scratch.data() + n, 1);
+      for (int64_t o = begin; o < end; ++o) {
+        if (binary)
+          binary_line_pass<T>(d + o * n, 1, n, h);
+        else
+          envelope_pass<T>(d + o * n, 1, n, h, v.data(), scratch.data(), scratch.data() + n, 1);
+      }
     });
     return;
   }
@@ -43,8 +48,12 @@ void pass_cpu(T* d, const Lines& L, T h) {
         const T* row = base + q * L.inner;
         for (int64_t j = 0; j < w; ++j) buf[j * n + q] = row[j];
       }
-      for (int64_t j = 0; j < w; ++j)
-        envelope_pass<T>(buf.data() + j * n, 1, n, h, v.data(), scratch.data(), scratch.data() + n, 1);
+      for (int64_t j = 0; j < w; ++j) {
+        if (binary)
+          binary_line_pass<T>(buf.data() + j * n, 1, n, h);
+        else
+          envelope_pass<T>(buf.data() + j * n, 1, n, h, v.data(), scratch.data(), scratch.data() + n, 1);
+      }
       for (int64_t q = 0; q < n; ++q) {
         T* row = base + q * L.inner;
         for (int64_t j = 0; j < w; ++j) row[j] = buf[j * n + q];
@@ -337,7 +346,7 @@ Tensor distance_cpu(const Tensor& mask, const std::vector<double>& spacing, at::
     scalar_t h[3];
     for (int a = 0; a < ndim; ++a) h[a] = static_cast<scalar_t>(spacing[a]);
     scalar_t* ptr = d.mutable_data_ptr<scalar_t>();
-    for (int a = 0; a < ndim; ++a) pass_cpu<scalar_t>(ptr, lines_along(d, a), h[a]);
+    for (int a = 0; a < ndim; ++a) pass_cpu<scalar_t>(ptr, lines_along(d, a), h[a], a == 0);
     finish_cpu<scalar_t>(ptr, d.numel(), ndim, size, h, numel);
   });
   return d;

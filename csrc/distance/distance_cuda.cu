@@ -73,9 +73,13 @@ Tensor distance_cuda(const Tensor& mask, const std::vector<double>& spacing, at:
     for (int a = 0; a < ndim; ++a) {
       const Lines L = lines_along(d, a);
       const int64_t lines = L.count();
-      pass_kernel<scalar_t><<<grid_for(lines), kThreads, 0, stream>>>(
-          ptr, L, static_cast<scalar_t>(spacing[a]), index.mutable_data_ptr<int64_t>(),
-          scratch.mutable_data_ptr<scalar_t>(), lines);
+      if (a == 0)  // the binary start: two sweeps, no envelope
+        binary_pass_kernel<scalar_t><<<grid_for(lines), kThreads, 0, stream>>>(ptr, L, static_cast<scalar_t>(spacing[a]),
+                                                                               lines);
+      else
+        pass_kernel<scalar_t><<<grid_for(lines), kThreads, 0, stream>>>(
+            ptr, L, static_cast<scalar_t>(spacing[a]), index.mutable_data_ptr<int64_t>(),
+            scratch.mutable_data_ptr<scalar_t>(), lines);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     finish_kernel<scalar_t><<<grid_for(d.numel()), kThreads, 0, stream>>>(ptr, d.numel(), ndim, g, numel);

@@ -40,6 +40,13 @@ __global__ void pass_kernel(T* d, const Lines L, T h, int64_t* index, T* scratch
   }
 }
 
+// The first pass over the binary start (binary_line_pass): no scratch.
+template <typename T>
+__global__ void binary_pass_kernel(T* d, const Lines L, T h, int64_t lines) {
+  for (int64_t l = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; l < lines; l += int64_t(gridDim.x) * blockDim.x)
+    binary_line_pass<T>(d + L.start(l), L.inner, L.n, h);
+}
+
 // Squared distances to distances (the virtual background voxel where none is finite).
 template <typename T>
 __global__ void finish_kernel(T* d, int64_t total, int ndim, const Geometry g, int64_t numel) {

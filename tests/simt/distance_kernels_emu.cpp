@@ -1,5 +1,5 @@
-// The CUDA kernels of the distance family (csrc/distance/distance_kernels.cuh: the envelope pass, the
-// finish, and the seed distances' binary pass and queries) on the CPU under the launch emulation of
+// The CUDA kernels of the distance family (csrc/distance/distance_kernels.cuh: the binary first pass,
+// the envelope pass, the finish, and the seed distances' binary pass and queries) on the CPU under the launch emulation of
 // simt.h, as a C library for tests/test_simt_distance.py (ctypes): the same kernel source as the CUDA
 // build, launched in the launcher's order (distance_cuda.cu) with its geometry (kThreads per block,
 // blocks from the multiprocessor count given here); checked against the CPU ops.
@@ -48,7 +48,10 @@ void transform(T* d, int64_t B, int ndim, const int64_t* size, const double* spa
     const Lines L = lines_along(B, ndim, size, a);
     const int64_t lines = L.count();
     const T h = static_cast<T>(spacing[a]);
-    launch(lines, sms, [&] { pass_kernel<T>(d, L, h, index.data(), scratch.data(), lines); });
+    if (a == 0)  // the binary start, as distance_cuda launches it
+      launch(lines, sms, [&] { binary_pass_kernel<T>(d, L, h, lines); });
+    else
+      launch(lines, sms, [&] { pass_kernel<T>(d, L, h, index.data(), scratch.data(), lines); });
   }
   launch(total, sms, [&] { finish_kernel<T>(d, total, ndim, g, numel); });
 }
