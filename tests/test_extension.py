@@ -1,9 +1,11 @@
 """Loading the compiled extension: one clear error when it is missing or built for another torch."""
 
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import medfast as mf
 
@@ -52,3 +54,25 @@ def test_cuda_variants_follow_the_environment(monkeypatch):
     assert mf.build_info()["cuda_variants"]["ussim_scatter"] == "plain"
     monkeypatch.setenv("MEDFAST_USSIM_CUDA_SCATTER", "plain")
     assert mf.build_info()["cuda_variants"]["ussim_scatter"] == "plain"
+
+
+def test_extension_has_no_cpp_runtime_of_its_own():
+    # A libstdc++ linked into the extension (a g++ without a shared libstdc++, or -static-libstdc++)
+    # beside the shared one torch uses crashed the process at the first number formatted into a
+    # TORCH_CHECK message (an H200 build, 2026-11-27; reproduced with g++ 13 -static-libstdc++).
+    # CMakeLists.txt links torch's shared libstdc++ and refuses such a build; this checks the result.
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    out = subprocess.run([nm, "-D", "--defined-only", mf._C.__file__], capture_output=True, text=True, check=True)
+    defined = {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
+    assert not defined & {"__cxa_throw", "__gxx_personality_v0", "__cxa_begin_catch", "_Unwind_RaiseException"}
+
+
+def test_numbers_in_cpp_check_messages_reach_python():
+    # the crash above happened while formatting an integer into the message (std::ostream)
+    seeds = torch.rand(2, 5, 6, 7) < 0.1
+    with pytest.raises(ValueError, match=r"query must have the seeds' shape \[2, 5, 6, 7\], got \[2, 3, 6, 7\]"):
+        torch.ops.medfast.seed_distances(seeds, seeds[:, :3], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="spacing must have 2 entries, got 1"):
+        torch.ops.medfast.distance_transform(torch.ones(1, 5, 5, dtype=torch.bool), [1.0], torch.float32)
