@@ -2,7 +2,9 @@
 
 On the lent H200 (torch 2.11, Python 3.12, medfast built with /opt/gcc g++ 13.3) the first such check
 of a pytest worker ended the process with a segmentation fault (benchmarks/results/gpu/h200b_*); the
-same tests pass here (torch 2.11 and 2.14, g++ 12). Each probe runs in its own process, so one crash
+same tests pass here (torch 2.11 and 2.14, g++ 12). The same crash follows from a libstdc++ linked
+statically into the extension (reproduced with g++ 13 -static-libstdc++): CMakeLists.txt now links
+torch's shared libstdc++ and refuses such a build. Each probe runs in its own process, so one crash
 names its call and the others still run; with --native, a crashing probe is rerun under cuda-gdb (or
 gdb) for a native backtrace. Also prints the toolchain and the libraries the extension resolves to.
 
