@@ -791,6 +791,72 @@ def test_march_backward_simd_matches_generic(speckle, S):
     assert torch.equal(_march_backward(args)[0], gp_fast)
 
 
+def _coords_case(S, speckle, sharp, seed=3):
+    """_backward_case plus a ray that misses the volume (all cells outside it) and one that grazes its
+    border (cells partly outside: background corners), a background with scatterers (density > 0, so
+    that the scatter field has a position gradient outside the volume too) and the given sharpness."""
+    grad, props, coords, noise, G, att, _, hseed, _ = _backward_case(S, speckle, seed)
+    coords = coords.clone()
+    i = torch.arange(S, dtype=torch.float32)[:, None]
+    coords[1, 4] = torch.tensor([-4.0, 2.0, -3.0]) + i * torch.tensor([0.01, 0.02, 14.0 / S])  # misses
+    coords[1, 5] = torch.tensor([-0.6, 6.4, -2.0]) + i * torch.tensor([0.003, -0.004, 15.0 / S])  # grazes
+    bg = [1.45, 0.2, 0.3, 0.6, 0.25]
+    return (grad, props, coords, noise, G, att, bg, hseed, sharp)
+
+
+def _assert_coords_grad_close(a, b, atol):
+    scale = b.abs().amax(dim=(0, 1, 2), keepdim=True).clamp_min(1e-12)  # per axis
+    torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("sharp", [1.0, 4.0])
+@pytest.mark.parametrize("speckle", [True, False])
+@pytest.mark.parametrize("S", [203, 64, 9, 1])
+def test_march_backward_coords_simd_matches_generic(speckle, S, sharp):
+    # The AVX2 float32 position gradient (ussim_cpu_avx2.cpp, pass 6 of backward_ray8) against the generic
+    # march_ray_backward, alone and with the property gradient (one sweep), for rays inside, entering,
+    # leaving, grazing and missing the volume and one far outside (the generic fallback); both against
+    # the float64 generic backward (the arithmetic that gradcheck checks).
+    args = _coords_case(S, speckle, sharp)
+    (gc_fast, gp_fast, gc_both), (gc_slow, gp_slow, _) = simd_and_generic(
+        lambda: (_march_backward(args, False, True)[1], *_march_backward(args, True, True)))
+    assert torch.equal(gc_fast, gc_both)  # the same arithmetic with and without the property gradient
+    assert torch.isfinite(gc_fast).all()
+    if S > 1:
+        assert (gc_fast.abs().amax(dim=(0, 1, 2)) > 0).all()
+        assert gc_fast[1, 5].abs().max() > 0  # grazing the border: the property gradient
+        # missing the volume: only the scatter field of the background (density > 0) moves with the position
+        assert (gc_fast[1, 4].abs().max() > 0) == speckle
+    _assert_coords_grad_close(gc_fast, gc_slow, 1e-5)  # (measured: < 1e-6)
+    _assert_props_grad_close(gp_fast, gp_slow, 2e-5)
+    args64 = [a.double() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a is not args[3] else a
+              for a in args]
+    _, gc64 = _march_backward(args64, False, True)
+    _assert_coords_grad_close(gc_fast.double(), gc64, 1e-5)
+    _assert_coords_grad_close(gc_slow.double(), gc64, 1e-5)
+    # deterministic
+    assert torch.equal(_march_backward(args, False, True)[1], gc_fast)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_march_lines_backward_coords_simd_matches_generic(indexed):
+    # The position gradient of march_lines' backward (positions on the fly) through both CPU paths, with
+    # one volume per frame or a volume index (frames on other volumes than their own).
+    grad, props, start, step, weights, noise, G, att, bg, seed, sharp = _lines_case(torch.float32, S=203)
+    props = torch.cat([props, props.flip(1)] + ([0.5 * props] if indexed else []))
+    vidx = torch.tensor([2, 0]) if indexed else None
+    ops = torch.ops.medfast
+
+    def run():
+        return ops.ussim_march_lines_backward(grad, props, start, step, weights, noise, G, att, bg, seed, sharp, True,
+                                              True, vidx)
+
+    (gp_fast, gc_fast), (gp_slow, gc_slow) = simd_and_generic(run)
+    assert gc_fast.abs().max() > 0
+    _assert_coords_grad_close(gc_fast, gc_slow, 1e-5)
+    _assert_props_grad_close(gp_fast, gp_slow, 2e-5)
+
+
 @pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_march_backward_thread_count_and_gradient_subsets(simd, dtype):

@@ -12,8 +12,8 @@
 //      running log-transmission summed in double in sample order, as the scalar march; the echoes.
 // Results equal the generic path to float rounding (tests/test_ultrasound.py compares them with
 // _set_cpu_simd(False)). Lines whose coordinates are huge or not finite take the generic path.
-// The float32 backward for the property gradient (march_backward_props_avx2) is written the same way,
-// see backward_ray8.
+// The float32 backward (march_backward_avx2: the property and / or the position gradient) is written
+// the same way, see backward_ray8.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -392,8 +392,9 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
 
 
 // ---------------------------------------------------------------------------------------------------
-// Backward of one ray for the property gradient (march_ray_backward of ussim.h with gcoords = nullptr),
-// float32, eight consecutive samples per vector, in passes like the forward (march_subray8):
+// Backward of one ray (march_ray_backward of ussim.h): the property gradient (kRec) and / or the
+// position gradient (kCoords), float32, eight consecutive samples per vector, in passes like the
+// forward (march_subray8):
 //   0. positions and output gradients (S, 3) -> channel-major scratch;
 //   1. properties at the positions (as the forward's pass 1);
 //   2. scatter noise (as the forward's pass 2, scatter-grid positions from the float positions);
@@ -402,7 +403,10 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
 //   5. W_i = total - sum_{k <= i} h_k E_k (inclusive scan in double), dL/dR_i and the two impedance
 //      terms of R_i (dR_i/dZ_i and dR_i/dZ_{i-1} times dL/dR_i);
 //   6. the per-sample property gradients, weighted by the corner weights and summed per run of samples
-//      in one voxel cell (in sample order) into the ray's cell records (CellRecords).
+//      in one voxel cell (in sample order) into the ray's cell records (CellRecords); and / or the
+//      position gradient: the property gradients times the trilinear derivatives of the properties
+//      (per distinct voxel cell of a block, contracted over the properties at the corners first), plus
+//      the scatter field's derivative (the corner rows of pass 2 loaded again).
 // The same arithmetic as the generic path up to float rounding (exp / log polynomials, FMA, sum order).
 
 // Appends the record of cell cur with the sums acc[c] (the 8 corners of property c).
@@ -431,6 +435,110 @@ MEDFAST_AVX2 inline void transpose8x8(const __m256* in, __m256* out) {
   out[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
   out[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
+
+// The position gradient's helpers. Edge weights of fractions (a, b, c): for each axis the 4 bilinear
+// weights of the other two (w[0..3]: (b, c) for axis a, index 2 b + c; w[4..7]: (a, c) for axis b;
+// w[8..11]: (a, b) for axis c; 1 - t for a 0 index, t for a 1 index).
+MEDFAST_AVX2 inline void edge_weights(__m256 ta, __m256 tb, __m256 tc, __m256* w) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 ua = _mm256_sub_ps(one, ta), ub = _mm256_sub_ps(one, tb), uc = _mm256_sub_ps(one, tc);
+  w[0] = _mm256_mul_ps(ub, uc);
+  w[1] = _mm256_mul_ps(ub, tc);
+  w[2] = _mm256_mul_ps(tb, uc);
+  w[3] = _mm256_mul_ps(tb, tc);
+  w[4] = _mm256_mul_ps(ua, uc);
+  w[5] = _mm256_mul_ps(ua, tc);
+  w[6] = _mm256_mul_ps(ta, uc);
+  w[7] = _mm256_mul_ps(ta, tc);
+  w[8] = _mm256_mul_ps(ua, ub);
+  w[9] = _mm256_mul_ps(ua, tb);
+  w[10] = _mm256_mul_ps(ta, ub);
+  w[11] = _mm256_mul_ps(ta, tb);
+}
+
+// The derivative w.r.t. the three fractions of the trilinear interpolation of the corner values y
+// (corner = 4 a + 2 b + c), with the edge weights w of the fractions: per axis the bilinear
+// interpolation of the differences along the axis (sum over corners of the signed weight derivatives
+// times y, as sample_props of ussim.h, summed in another order).
+MEDFAST_AVX2 inline void trilinear_grad(const __m256* y, const __m256* w, __m256* g) {
+  g[0] = _mm256_fmadd_ps(w[3], _mm256_sub_ps(y[7], y[3]),
+                         _mm256_fmadd_ps(w[2], _mm256_sub_ps(y[6], y[2]),
+                                         _mm256_fmadd_ps(w[1], _mm256_sub_ps(y[5], y[1]),
+                                                         _mm256_mul_ps(w[0], _mm256_sub_ps(y[4], y[0])))));
+  g[1] = _mm256_fmadd_ps(w[7], _mm256_sub_ps(y[7], y[5]),
+                         _mm256_fmadd_ps(w[6], _mm256_sub_ps(y[6], y[4]),
+                                         _mm256_fmadd_ps(w[5], _mm256_sub_ps(y[3], y[1]),
+                                                         _mm256_mul_ps(w[4], _mm256_sub_ps(y[2], y[0])))));
+  g[2] = _mm256_fmadd_ps(w[11], _mm256_sub_ps(y[7], y[6]),
+                         _mm256_fmadd_ps(w[10], _mm256_sub_ps(y[5], y[4]),
+                                         _mm256_fmadd_ps(w[9], _mm256_sub_ps(y[3], y[2]),
+                                                         _mm256_mul_ps(w[8], _mm256_sub_ps(y[1], y[0])))));
+}
+
+// The noise-table rows (re, im, amp, pad) at the float offsets rc[0..7] of the 8 lanes, transposed to
+// one vector per channel r[0..2] (as the noise passes).
+MEDFAST_AVX2 inline void table_rows8(const float* table, const int32_t* rc, __m256* r) {
+  __m256 v[4];
+  for (int l = 0; l < 4; ++l)
+    v[l] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(table + rc[l])), _mm_loadu_ps(table + rc[l + 4]), 1);
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  r[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+  r[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+  r[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+}
+
+// Stores the first n lanes of (x, y, z) = v[0..2] interleaved: dst[3 l + k] = v[k][l].
+MEDFAST_AVX2 inline void store_xyz8(const __m256* v, int n, float* dst) {
+  if (n == 8) {
+    const __m256i i0 = _mm256_setr_epi32(0, 0, 0, 1, 1, 1, 2, 2), i1 = _mm256_setr_epi32(2, 3, 3, 3, 4, 4, 4, 5);
+    const __m256i i2 = _mm256_setr_epi32(5, 5, 6, 6, 6, 7, 7, 7);
+    const __m256 x0 = _mm256_permutevar8x32_ps(v[0], i0), y0 = _mm256_permutevar8x32_ps(v[1], i0);
+    const __m256 z0 = _mm256_permutevar8x32_ps(v[2], i0);
+    const __m256 x1 = _mm256_permutevar8x32_ps(v[0], i1), y1 = _mm256_permutevar8x32_ps(v[1], i1);
+    const __m256 z1 = _mm256_permutevar8x32_ps(v[2], i1);
+    const __m256 x2 = _mm256_permutevar8x32_ps(v[0], i2), y2 = _mm256_permutevar8x32_ps(v[1], i2);
+    const __m256 z2 = _mm256_permutevar8x32_ps(v[2], i2);
+    // (x y z x y z x y | z x y z x y z x | y z x y z x y z)
+    _mm256_storeu_ps(dst, _mm256_blend_ps(_mm256_blend_ps(x0, y0, 0x92), z0, 0x24));
+    _mm256_storeu_ps(dst + 8, _mm256_blend_ps(_mm256_blend_ps(z1, x1, 0x92), y1, 0x24));
+    _mm256_storeu_ps(dst + 16, _mm256_blend_ps(_mm256_blend_ps(y2, z2, 0x92), x2, 0x24));
+    return;
+  }
+  alignas(32) float o[3][8];
+  for (int k = 0; k < 3; ++k) _mm256_store_ps(o[k], v[k]);
+  for (int l = 0; l < n; ++l)
+    for (int k = 0; k < 3; ++k) dst[3 * l + k] = o[k][l];
+}
+
+// The 8 corner property rows of the last voxel cell asked for: in place inside the volume, else (at
+// the border) load_cell's copy with the background values (as pass 1).
+struct CellCorners {
+  int64_t off[8];
+  CellCache<float> cell{};
+  const float* cp[8] = {};
+  explicit CellCorners(const Params& P) {
+    cell.valid = false;
+    for (int corner = 0; corner < 8; ++corner)
+      off[corner] = (((corner >> 2) * P.H + ((corner >> 1) & 1)) * P.W + (corner & 1)) * kProps;
+  }
+  CellCorners(const CellCorners&) = delete;  // (cp may point into cell)
+  const float* const* at(const float* vol, const Params& P, int64_t i0, int64_t j0, int64_t k0) {
+    if (cell.valid && cell.i0 == i0 && cell.j0 == j0 && cell.k0 == k0) return cp;
+    cell.i0 = i0;
+    cell.j0 = j0;
+    cell.k0 = k0;
+    cell.valid = true;
+    if (cell_inside(P, i0, j0, k0)) {
+      const float* base = vol + ((i0 * P.H + j0) * P.W + k0) * kProps;
+      for (int corner = 0; corner < 8; ++corner) cp[corner] = base + off[corner];
+    } else {
+      load_cell<float, float>(vol, P, i0, j0, k0, cell.val);
+      for (int corner = 0; corner < 8; ++corner) cp[corner] = cell.val[corner];
+    }
+    return cp;
+  }
+};
 
 // Scratch arrays of one ray, Sp = S rounded up to 8; each array has 8 readable floats before it and
 // after its Sp values.
@@ -481,8 +589,9 @@ MEDFAST_AVX2 bool ray_in_range(const float* coords, int64_t S, const Params& P, 
   return true;
 }
 
+template <bool kRec, bool kCoords>
 MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Params& P, const float* grad,
-                                BackwardBuffer& buf, CellRecords<float>& rec) {
+                                BackwardBuffer& buf, CellRecords<float>* rec, float* gc) {
   const int64_t S = P.S, Sp = buf.Sp;
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
   const __m256 zmin = _mm256_set1_ps(static_cast<float>(kMinImpedance));
@@ -735,13 +844,24 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
     bGb[Sp] = 0.0f;  // (b_{i+1} of the last block's last lane)
   }
 
-  // ---- Pass 6: per-sample property gradients gv, into the cell records.
+  // ---- Pass 6: per-sample property gradients gv; into the cell records (kRec) and/or the position
+  // gradient (kCoords): gc_i = sum_c gv_c dv_c/dp (the trilinear derivative of the sampled properties,
+  // per distinct voxel cell of the block as in pass 1) + sum_c dL/dn_c dn_c/dp (the scatter field's,
+  // from the corner rows of pass 2), both as march_ray_backward.
   {
     const __m256 att = _mm256_set1_ps(static_cast<float>(P.att)), half = _mm256_set1_ps(0.5f);
     alignas(32) int32_t ci[3][8];
-    __m256 acc[kProps];  // [c]: the 8 corners
-    bool open = false;
-    int32_t cur[3] = {0, 0, 0};
+    [[maybe_unused]] __m256 acc[kProps];  // [c]: the 8 corners
+    [[maybe_unused]] bool open = false;
+    [[maybe_unused]] int32_t cur[3] = {0, 0, 0};
+    [[maybe_unused]] CellCorners corners(P);
+    const bool speckle = P.noise_mask != 0;
+    const float* btq = buf[BackwardBuffer::kTq0];
+    const int64_t tq_stride = buf.stride;
+    const int32_t* brows = buf.rows.data();
+    __m256 Gf[9];  // G[r][j], j < 3: d q_r / d p_j
+    for (int r = 0; r < 3; ++r)
+      for (int j = 0; j < 3; ++j) Gf[3 * r + j] = _mm256_set1_ps(static_cast<float>(P.G[4 * r + j]));
     for (int64_t i0 = 0; i0 < S; i0 += 8) {
       const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
       const int valid = (1 << nv) - 1;
@@ -758,7 +878,7 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
       gv[3] = _mm256_mul_ps(gamp, sq);
       gv[4] = _mm256_mul_ps(gv[3], n2);
       const __m256 p[3] = {_mm256_loadu_ps(px + i0), _mm256_loadu_ps(py + i0), _mm256_loadu_ps(pz + i0)};
-      __m256 t[3], wt[8], wz[8];
+      __m256 t[3];
       __m256i cell_i[3];
       for (int k = 0; k < 3; ++k) {
         const __m256 f = _mm256_floor_ps(p[k]);
@@ -766,37 +886,117 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
         cell_i[k] = _mm256_cvttps_epi32(f);
         _mm256_store_si256(reinterpret_cast<__m256i*>(ci[k]), cell_i[k]);
       }
-      // The corner weights per lane (8 corners in a vector): the lane's contributions to a record are
-      // then 5 FMAs into the record's 5 accumulators (kept in registers: one vector of the 8 corners
-      // per property), added in sample order.
-      __m256 wtT[8], wzT[8];
-      corner_weights(t[0], t[1], t[2], wt);
-      corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
-      transpose8x8(wt, wtT);
-      transpose8x8(wz, wzT);
-      alignas(32) float gs[kProps][8];
-      for (int c = 0; c < kProps; ++c) _mm256_store_ps(gs[c], gv[c]);
+      // Records: the corner weights per lane (8 corners in a vector): the lane's contributions to a
+      // record are then 5 FMAs into the record's 5 accumulators (kept in registers: one vector of the 8
+      // corners per property), added in sample order.
+      [[maybe_unused]] __m256 wtT[8], wzT[8];
+      [[maybe_unused]] alignas(32) float gs[kProps][8];
+      if constexpr (kRec) {
+        __m256 wt[8], wz[8];
+        corner_weights(t[0], t[1], t[2], wt);
+        corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
+        transpose8x8(wt, wtT);
+        transpose8x8(wz, wzT);
+        for (int c = 0; c < kProps; ++c) _mm256_store_ps(gs[c], gv[c]);
+      }
+      // Position gradient: the edge weights of the trilinear (ew) and sharpened (ez) interpolation and
+      // the slopes of the sharpened fractions (mz: sharp inside the ramp, else 0; sharpen of ussim.h).
+      [[maybe_unused]] __m256 ew[12], ez[12], mz[3], gp[3] = {zero, zero, zero};
+      if constexpr (kCoords) {
+        __m256 z[3];
+        for (int k = 0; k < 3; ++k) {
+          const __m256 u = _mm256_fmadd_ps(_mm256_sub_ps(t[k], half), sharp, half);
+          const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(u, zero, _CMP_GT_OQ), _mm256_cmp_ps(u, one, _CMP_LT_OQ));
+          mz[k] = _mm256_and_ps(inside, sharp);
+          z[k] = _mm256_min_ps(_mm256_max_ps(u, zero), one);
+        }
+        edge_weights(t[0], t[1], t[2], ew);
+        edge_weights(z[0], z[1], z[2], ez);
+      }
       for (int todo = valid; todo;) {
         const int l = __builtin_ctz(todo);
-        int mk = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
-        todo &= ~mk;
-        if (!cell_touches_volume(P, ci[0][l], ci[1][l], ci[2][l])) continue;
-        if (!open || cur[0] != ci[0][l] || cur[1] != ci[1][l] || cur[2] != ci[2][l]) {
-          if (open) flush_record(rec, cur, acc);
-          open = true;
-          cur[0] = ci[0][l];
-          cur[1] = ci[1][l];
-          cur[2] = ci[2][l];
-          for (int c = 0; c < kProps; ++c) acc[c] = zero;
+        const int group = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
+        todo &= ~group;
+        if (!cell_touches_volume(P, ci[0][l], ci[1][l], ci[2][l])) continue;  // background: constant
+        if constexpr (kRec) {
+          if (!open || cur[0] != ci[0][l] || cur[1] != ci[1][l] || cur[2] != ci[2][l]) {
+            if (open) flush_record(*rec, cur, acc);
+            open = true;
+            cur[0] = ci[0][l];
+            cur[1] = ci[1][l];
+            cur[2] = ci[2][l];
+            for (int c = 0; c < kProps; ++c) acc[c] = zero;
+          }
+          for (int mk = group; mk; mk &= mk - 1) {
+            const int lane = __builtin_ctz(mk);
+            acc[0] = _mm256_fmadd_ps(wzT[lane], _mm256_broadcast_ss(&gs[0][lane]), acc[0]);
+            for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wtT[lane], _mm256_broadcast_ss(&gs[c][lane]), acc[c]);
+          }
         }
-        for (; mk; mk &= mk - 1) {
-          const int lane = __builtin_ctz(mk);
-          acc[0] = _mm256_fmadd_ps(wzT[lane], _mm256_broadcast_ss(&gs[0][lane]), acc[0]);
-          for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wtT[lane], _mm256_broadcast_ss(&gs[c][lane]), acc[c]);
+        if constexpr (kCoords) {
+          // sum_c gv_c dv_c/dp for the lanes of this cell: the derivative of the trilinear interpolation
+          // of the per-lane corner values y = sum_{c >= 1} gv_c x_c, plus gv_0 times that of the
+          // sharpened interpolation of the impedance x_0.
+          const float* const* cp = corners.at(vol, P, ci[0][l], ci[1][l], ci[2][l]);
+          __m256 y[8], x0[8];
+          for (int corner = 0; corner < 8; ++corner) {
+            const float* x = cp[corner];
+            x0[corner] = _mm256_broadcast_ss(x);
+            __m256 yc = _mm256_mul_ps(gv[1], _mm256_broadcast_ss(x + 1));
+            for (int c = 2; c < kProps; ++c) yc = _mm256_fmadd_ps(gv[c], _mm256_broadcast_ss(x + c), yc);
+            y[corner] = yc;
+          }
+          __m256 dy[3], dz[3];
+          trilinear_grad(y, ew, dy);
+          trilinear_grad(x0, ez, dz);
+          const __m256 in_group = lane_mask(group);
+          for (int j = 0; j < 3; ++j)
+            gp[j] = _mm256_blendv_ps(gp[j], _mm256_fmadd_ps(_mm256_mul_ps(gv[0], mz[j]), dz[j], dy[j]), in_group);
         }
       }
+      if constexpr (kCoords) {
+        if (speckle) {
+          // sum_c dL/dn_c dn_c/dp, dL/dn = (g1 E amp, g2 E amp, gamp sqrt(rho) sigma) (march_ray_backward).
+          // With N the trilinear sums of the corner rows and s2 the sum of the squared weights
+          // (n = N / sqrt(s2), sample_noise): d/dq_r of sum_c gn_c n_c = inv dY/dq_r - inv^2 / 2 ds2/dq_r
+          // (gn . n), Y = sum_c gn_c N_c, inv = 1 / sqrt(s2); then d/dp_j = sum_r d/dq_r G[r][j].
+          const __m256 Eamp = _mm256_mul_ps(E, _mm256_mul_ps(sq, m));
+          const __m256 gn[3] = {_mm256_mul_ps(_mm256_loadu_ps(g1 + i0), Eamp), _mm256_mul_ps(_mm256_loadu_ps(g2 + i0), Eamp),
+                                _mm256_mul_ps(gv[3], _mm256_loadu_ps(bSd + i0))};
+          __m256 tq[3], uq[3], sr[3];
+          for (int r = 0; r < 3; ++r) {
+            tq[r] = _mm256_loadu_ps(btq + r * tq_stride + i0);
+            uq[r] = _mm256_sub_ps(one, tq[r]);
+            sr[r] = _mm256_fmadd_ps(tq[r], tq[r], _mm256_mul_ps(uq[r], uq[r]));  // sum of the squared weights of axis r
+          }
+          __m256 y[8];
+          for (int corner = 0; corner < 8; ++corner) {
+            __m256 r[3];
+            table_rows8(table, brows + 8 * i0 + 8 * corner, r);
+            y[corner] = _mm256_fmadd_ps(gn[2], r[2], _mm256_fmadd_ps(gn[1], r[1], _mm256_mul_ps(gn[0], r[0])));
+          }
+          __m256 nw[12], dY[3];
+          edge_weights(tq[0], tq[1], tq[2], nw);
+          trilinear_grad(y, nw, dY);
+          const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(_mm256_mul_ps(_mm256_mul_ps(sr[0], sr[1]), sr[2])));
+          const __m256 gnn = _mm256_fmadd_ps(gn[2], n2, _mm256_fmadd_ps(gn[1], _mm256_loadu_ps(bN1 + i0),
+                                                                        _mm256_mul_ps(gn[0], _mm256_loadu_ps(bN0 + i0))));
+          const __m256 k = _mm256_mul_ps(_mm256_mul_ps(half, _mm256_mul_ps(inv, inv)), gnn);
+          const __m256 two = _mm256_set1_ps(2.0f);
+          const __m256 ds2[3] = {
+              _mm256_mul_ps(_mm256_mul_ps(two, _mm256_sub_ps(tq[0], uq[0])), _mm256_mul_ps(sr[1], sr[2])),
+              _mm256_mul_ps(_mm256_mul_ps(two, _mm256_sub_ps(tq[1], uq[1])), _mm256_mul_ps(sr[0], sr[2])),
+              _mm256_mul_ps(_mm256_mul_ps(two, _mm256_sub_ps(tq[2], uq[2])), _mm256_mul_ps(sr[0], sr[1]))};
+          for (int r = 0; r < 3; ++r) {
+            const __m256 gq = _mm256_fmsub_ps(inv, dY[r], _mm256_mul_ps(k, ds2[r]));
+            for (int j = 0; j < 3; ++j) gp[j] = _mm256_fmadd_ps(gq, Gf[3 * r + j], gp[j]);
+          }
+        }
+        store_xyz8(gp, nv, gc + 3 * i0);
+      }
     }
-    if (open) flush_record(rec, cur, acc);
+    if constexpr (kRec)
+      if (open) flush_record(*rec, cur, acc);
   }
 }
 
@@ -856,20 +1056,26 @@ bool march_backward_avx2_applies(const Params& P) {
   return cpu_simd_available() && P.S > 0 && P.noise_mask < (int64_t(1) << 29);
 }
 
-void march_backward_props_avx2(const float* vol, const float* table, const Params& P, int64_t begin, int64_t end,
-                               const RaySamples& samples, CellRecords<float>& rec) {
+void march_backward_avx2(const float* vol, const float* table, const Params& P, int64_t begin, int64_t end,
+                         const RaySamples& samples, CellRecords<float>* rec, float* gc) {
   const int64_t S = P.S;
   BackwardBuffer buf(S);
   std::vector<float> gv;
   for (int64_t ray = begin; ray < end; ++ray) {
     const float *c = nullptr, *g = nullptr;
     samples(ray, &c, &g);
+    float* gcr = gc ? gc + ray * S * 3 : nullptr;
     if (ray_in_range(c, S, P, buf[BackwardBuffer::kPx], buf[BackwardBuffer::kPy], buf[BackwardBuffer::kPz])) {
-      backward_ray8(vol, table, P, g, buf, rec);
+      if (rec && gcr)
+        backward_ray8<true, true>(vol, table, P, g, buf, rec, gcr);
+      else if (rec)
+        backward_ray8<true, false>(vol, table, P, g, buf, rec, nullptr);
+      else if (gcr)
+        backward_ray8<false, true>(vol, table, P, g, buf, nullptr, gcr);
     } else {
-      gv.resize(S * kProps);
-      march_ray_backward<float, float, true>(vol, table, P, c, g, gv.data(), nullptr);
-      append_cell_records<float, float>(P, c, gv.data(), rec);
+      if (rec) gv.resize(S * kProps);
+      march_ray_backward<float, float, true>(vol, table, P, c, g, rec ? gv.data() : nullptr, gcr);
+      if (rec) append_cell_records<float, float>(P, c, gv.data(), *rec);
     }
   }
 }

@@ -99,12 +99,14 @@ void append_cell_records(const Params& P, const T* coords, const A* gv, CellReco
 // materialised tensors, or computed into scratch that the provider owns).
 using RaySamples = std::function<void(int64_t ray, const float** coords, const float** grad)>;
 
-// The AVX2 float32 backward of rays [begin, end) for the property gradient only (ussim_cpu_avx2.cpp):
-// appends each ray's records to rec (rays it cannot take, with huge or non-finite coordinates, by the
-// generic march_ray_backward). vol: the volume of these rays. Whether it runs: march_backward_avx2_applies.
+// The AVX2 float32 backward of rays [begin, end) (ussim_cpu_avx2.cpp): appends each ray's property
+// gradient records to rec (if not null) and writes its position gradient (S, 3) to gc + ray S 3 (if gc
+// is not null), both from one sweep over the ray; rays it cannot take, with huge or non-finite
+// coordinates, by the generic march_ray_backward. vol: the volume of these rays. Whether it runs:
+// march_backward_avx2_applies.
 bool march_backward_avx2_applies(const Params& P);
-void march_backward_props_avx2(const float* vol, const float* table, const Params& P, int64_t begin, int64_t end,
-                               const RaySamples& samples, CellRecords<float>& rec);
+void march_backward_avx2(const float* vol, const float* table, const Params& P, int64_t begin, int64_t end,
+                         const RaySamples& samples, CellRecords<float>* rec, float* gc);
 // The backward of march_lines (grad (B, L, 3, S), the sub-ray samples start + i step and echo weights
 // of march_lines) without materialising the (B, L E, S, 3) positions and echo gradients: (gprops,
 // gcoords (B, L E, S, 3) or empty). Same results as march_backward on the materialised tensors.
