@@ -233,7 +233,7 @@ def _stats_reference(logits: torch.Tensor, target: torch.Tensor, voxel_weight: t
 
 
 def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax", check_labels=True):
-    """Per-(batch, class) sums (B, C, 4) = I, P, G, E, the class weights, and the divisor of the
+    """Per-(batch, class) sums I, P, G, E ((B, C) each), the class weights, and the divisor of the
     cross-entropy's mean. With ``check_labels=False`` an out-of-range label makes the sums NaN."""
     check_choice("activation", activation, ("softmax", "sigmoid"))
     logits = _check_logits(logits, activation)
@@ -258,20 +258,23 @@ def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="
         if bad is not None:  # NaN in every sum (and so in the loss) when a label is out of range
             stats = stats + torch.where(bad, float("nan"), 0.0).to(stats.dtype)
     cw = _class_weight(class_weight, logits, stats.dtype)
+    # (I, P, G, E), (B, C) each, by one unbind: one autograd node whose backward stacks the four
+    # gradients (per-statistic selects would each allocate and fill a (B, C, 4) zero gradient)
+    parts = stats.unbind(-1)
     if soft:  # mean over voxels (softmax) or over voxels x channels (sigmoid), as PyTorch's losses
         voxels = weight.sum().to(stats.dtype) if weight is not None else logits[:, 0].numel()
         divisor = voxels * (logits.shape[1] if activation == "sigmoid" else 1)
     else:  # weighted mean over the labelled voxels, as F.cross_entropy with weight / ignore_index
-        truth = stats[..., 2] if cw is None else stats[..., 2] * cw
+        truth = parts[2] if cw is None else parts[2] * cw
         divisor = truth.sum()
-    return stats, cw, divisor
+    return parts, cw, divisor
 
 
-def _dice_terms(stats, class_weight, include_background, batch_dice, smooth, ddp_sync=False):
+def _dice_terms(parts, class_weight, include_background, batch_dice, smooth, ddp_sync=False):
     nr, dr = _smooth(smooth)
-    inter, pred, truth = stats[..., 0], stats[..., 1], stats[..., 2]
+    inter, pred, truth = parts[:3]
     if batch_dice:
-        sums = stats[..., :3].sum(0)  # (C, 3)
+        sums = torch.stack(parts[:3], -1).sum(0)  # (C, 3)
         if ddp_sync and torch.distributed.is_available() and torch.distributed.is_initialized():
             from torch.distributed.nn.functional import all_reduce
 
@@ -284,8 +287,8 @@ def _dice_terms(stats, class_weight, include_background, batch_dice, smooth, ddp
     return f if include_background else f[..., 1:]
 
 
-def _ce_term(stats, class_weight, divisor, reduction):
-    nll = stats[..., 3] if class_weight is None else stats[..., 3] * class_weight
+def _ce_term(parts, class_weight, divisor, reduction):
+    nll = parts[3] if class_weight is None else parts[3] * class_weight
     total = nll.sum()
     return total / divisor if reduction == "mean" else total
 
@@ -360,8 +363,8 @@ def dice_loss(
         ``logits``.
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
-    stats, cw, _ = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
-    return _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
+    parts, cw, _ = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    return _reduce(_dice_terms(parts, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
 
 
 def cross_entropy(
@@ -386,8 +389,8 @@ def cross_entropy(
     ``reduction`` is ``"mean"`` or ``"sum"``.
     """
     check_choice("reduction", reduction, ("mean", "sum"))
-    stats, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
-    return _ce_term(stats, cw, divisor, reduction)
+    parts, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    return _ce_term(parts, cw, divisor, reduction)
 
 
 def dice_ce_loss(
@@ -423,6 +426,6 @@ def dice_ce_loss(
     for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    stats, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
-    dice = _reduce(_dice_terms(stats, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
-    return lambda_dice * dice + lambda_ce * _ce_term(stats, cw, divisor, reduction)
+    parts, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    dice = _reduce(_dice_terms(parts, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
+    return lambda_dice * dice + lambda_ce * _ce_term(parts, cw, divisor, reduction)
