@@ -140,6 +140,34 @@ def test_warp_backward_matches_cpu(emu, dtype, volumes, S, which):
         torch.testing.assert_close(gc, gc_ref, **tol)
 
 
+def _lines_backward_case(volumes, S, dtype, seed, crossing=False):
+    """Inputs of ussim_march_lines_backward: 2 frames x 3 lines x 2 sub-rays of S samples; crossing: one
+    line steps over a voxel per sample and leaves the volume."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, E = 2, 3, 2
+    props, index = _frames(volumes, B, dtype, g)
+    D, H, W = props.shape[1:4]
+    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 0.5
+    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.2
+    if crossing:
+        step[1, 1] = torch.tensor([0.9, -1.1, 1.3], dtype=dtype)
+    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
+    grad = torch.randn(B, L, 3, S, generator=g, dtype=dtype)
+    return props, index, start, step, weights, grad, noise_table(3, rows=128)
+
+
+def _emu_lines_backward(emu, props, index, start, step, weights, grad, noise, gp, gc, merged):
+    """The lines backward kernel and the lines scatter (plain or merged) under the emulation, into gp
+    (property gradient) and gc (sub-ray position gradients), either may be None."""
+    B, L, E = start.shape[:3]
+    S = weights.shape[1]
+    fn = emu.emu_lines_backward_f32 if props.dtype == torch.float32 else emu.emu_lines_backward_f64
+    i64 = ctypes.c_int64
+    fn(*_common(props, noise, 7, 0.05, 2.5), _p(start), _p(step), _p(weights), _p(grad), i64(B), i64(L), i64(E),
+       i64(S), None if gp is None else _p(gp), None if gc is None else _p(gc), None if index is None else _p(index),
+       ctypes.c_int(int(merged)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
 @pytest.mark.parametrize("S", [100, 33])
@@ -147,25 +175,14 @@ def test_warp_backward_matches_cpu(emu, dtype, volumes, S, which):
 def test_warp_lines_backward_matches_cpu(emu, dtype, volumes, S, which):
     # ussim_march_lines_backward on CUDA with MEDFAST_USSIM_CUDA_MARCH=warp: positions and echo gradients
     # of the sub-rays computed in the kernel, then the scatter of the lines (both kernels emulated)
-    g = torch.Generator().manual_seed(12)
-    B, L, E = 2, 3, 2
-    props, index = _frames(volumes, B, dtype, g)
-    D, H, W = props.shape[1:4]
-    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 0.5
-    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.2
-    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
-    grad = torch.randn(B, L, 3, S, generator=g, dtype=dtype)
-    noise = noise_table(3, rows=128)
+    props, index, start, step, weights, grad, noise = _lines_backward_case(volumes, S, dtype, 12)
+    B, L, E = start.shape[:3]
     need_p, need_c = which in ("both", "props"), which in ("both", "coords")
     gp_ref, gc_ref = torch.ops.medfast.ussim_march_lines_backward(grad, props, start, step, weights, noise, G_AFF,
                                                                   0.05, list(WATER_BG), 7, 2.5, need_p, need_c, index)
     gp = torch.zeros_like(props) if need_p else None
     gc = torch.full((B, L * E, S, 3), float("nan"), dtype=dtype) if need_c else None
-    fn = emu.emu_lines_backward_f32 if dtype == torch.float32 else emu.emu_lines_backward_f64
-    i64 = ctypes.c_int64
-    fn(*_common(props, noise, 7, 0.05, 2.5), _p(start), _p(step), _p(weights), _p(grad), i64(B), i64(L), i64(E),
-       i64(S), _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index),
-       ctypes.c_int(0))
+    _emu_lines_backward(emu, props, index, start, step, weights, grad, noise, gp, gc, merged=False)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     if need_p:
         torch.testing.assert_close(gp, gp_ref, **tol)
@@ -200,24 +217,13 @@ def test_warp_line_march_one_ray(emu):
 @pytest.mark.parametrize("volumes", ["one", "per_frame", "indexed"])
 @pytest.mark.parametrize("S", [100, 33])
 def test_warp_lines_backward_merged_scatter_matches_cpu(emu, dtype, volumes, S):
-    # the lines backward kernel, then lines_scatter_merged_kernel, against the CPU op's property gradient
-    g = torch.Generator().manual_seed(13)
-    B, L, E = 2, 3, 2
-    props, index = _frames(volumes, B, dtype, g)
-    D, H, W = props.shape[1:4]
-    start = torch.rand(B, L, E, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype) - 0.5
-    step = (torch.rand(B, L, 3, generator=g, dtype=dtype) - 0.5) * 0.2
-    step[1, 1] = torch.tensor([0.9, -1.1, 1.3], dtype=dtype)  # a new cell at every sample, leaving the volume
-    weights = torch.rand(E, S, 3, generator=g, dtype=dtype)
-    grad = torch.randn(B, L, 3, S, generator=g, dtype=dtype)
-    noise = noise_table(3, rows=128)
+    # the lines backward kernel, then lines_scatter_merged_kernel, against the CPU op's property gradient;
+    # one line with a new cell at every sample, leaving the volume
+    props, index, start, step, weights, grad, noise = _lines_backward_case(volumes, S, dtype, 13, crossing=True)
     gp_ref, _ = torch.ops.medfast.ussim_march_lines_backward(grad, props, start, step, weights, noise, G_AFF, 0.05,
                                                              list(WATER_BG), 7, 2.5, True, False, index)
     gp = torch.zeros_like(props)
-    fn = emu.emu_lines_backward_f32 if dtype == torch.float32 else emu.emu_lines_backward_f64
-    i64 = ctypes.c_int64
-    fn(*_common(props, noise, 7, 0.05, 2.5), _p(start), _p(step), _p(weights), _p(grad), i64(B), i64(L), i64(E),
-       i64(S), _p(gp), None, None if index is None else _p(index), ctypes.c_int(1))
+    _emu_lines_backward(emu, props, index, start, step, weights, grad, noise, gp, None, merged=True)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(gp, gp_ref, **tol)
 

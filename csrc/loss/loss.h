@@ -103,6 +103,12 @@ MEDFAST_HOST_DEVICE void softmax_block(const S* z, int64_t C, int64_t cs, int nv
     }
 }
 
+// A voxel's cross-entropy term w (-log p_y) = w (log(w / wd) + max - z_y), with wd = w / sum exp(z - max).
+template <typename A, typename T>
+MEDFAST_HOST_DEVICE A ce_term(A wv, T wd, T mx, T zy) {
+  return wv * (log(A(wv) / A(wd)) + A(mx) - A(zy));
+}
+
 // Adds a block of voxels to the sums cls[c * kStats + k] (accumulated in A). label[v] outside
 // [0, C) (the ignore index) or weight 0 leaves voxel v out. w: voxel weights or nullptr.
 template <typename S, typename A, typename Acc, typename E>
@@ -126,7 +132,7 @@ MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const in
     cls[y * kStats + 0] += e[y * nv + v] * den[v];
     cls[y * kStats + 2] += wv;
     // -log p_y = log(sum e) + mx - z_y, with sum e = w / den
-    cls[y * kStats + 3] += wv * (log(A(wv) / A(den[v])) + A(mx[v]) - A(static_cast<T>(z[y * cs + v])));
+    cls[y * kStats + 3] += ce_term<A>(wv, den[v], mx[v], static_cast<T>(z[y * cs + v]));
   }
 }
 
@@ -151,7 +157,7 @@ MEDFAST_HOST_DEVICE void label_voxel_row(const S* z, int64_t C, int64_t cs, cons
   const A wv = w ? w[0] : A(1);
   const T wd = static_cast<T>(wv) / row[C + 1];
   const T mx = row[C];
-  row[C] = wd == T(0) ? T(0) : static_cast<T>(wv * (log(A(wv) / A(wd)) + A(mx) - A(static_cast<T>(z[y * cs]))));
+  row[C] = wd == T(0) ? T(0) : static_cast<T>(ce_term<A>(wv, wd, mx, static_cast<T>(z[y * cs])));
   row[C + 1] = wd;
   row[C + 2] = static_cast<T>(y);
   row[C + 3] = static_cast<T>(wv);

@@ -412,13 +412,12 @@ __device__ void scatter_props_merged(G* gprops, int64_t vol_stride, const Params
   }
 }
 
-// lines_scatter_kernel with scatter_props_merged: the grid-stride loop goes by whole warps (k0 the
-// warp's first sample, the same in its 32 lanes), so every lane reaches every shuffle; the lanes past
-// the last sample take part without a sample.
-template <typename T>
-__global__ void lines_scatter_merged_kernel(T* gprops, const Params P, const T* start, const T* step, const T* gvals,
-                                            int64_t samples, int64_t L, int64_t E) {
-  using A = acc_t<T>;
+// The grid-stride loop of the merged scatters, by whole warps (k0 the warp's first sample, the same in
+// its 32 lanes), so every lane reaches every shuffle; the lanes past the last sample take part without
+// a sample. load(k, p, g) fills sample k's position p (3) and property gradients g (kProps) and returns
+// the index of its frame's volume.
+template <typename A, typename T, typename Load>
+__device__ void merged_scatter_loop(T* gprops, const Params& P, int64_t samples, const Load& load) {
   const int lane = threadIdx.x & 31;
   const int64_t vol_stride = P.D * P.H * P.W * kProps;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -426,38 +425,35 @@ __global__ void lines_scatter_merged_kernel(T* gprops, const Params P, const T* 
     const int64_t k = k0 + lane;
     const bool active = k < samples;
     A p[3] = {A(0), A(0), A(0)}, g[kProps] = {A(0), A(0), A(0), A(0), A(0)};
-    int64_t vol = -1;
-    if (active) {
-      const int64_t ray = k / P.S, i = k - ray * P.S, line = ray / E;
-      line_position<A>(start + ray * 3, step + line * 3, i, p);
-      for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gvals[k * kProps + q]);
-      vol = frame_volume(P, line / L);
-    }
+    const int64_t vol = active ? load(k, p, g) : int64_t(-1);
     scatter_props_merged<A>(gprops, vol_stride, P, active, vol, p[0], p[1], p[2], g);
   }
 }
 
+// lines_scatter_kernel with scatter_props_merged.
+template <typename T>
+__global__ void lines_scatter_merged_kernel(T* gprops, const Params P, const T* start, const T* step, const T* gvals,
+                                            int64_t samples, int64_t L, int64_t E) {
+  using A = acc_t<T>;
+  merged_scatter_loop<A>(gprops, P, samples, [&](int64_t k, A* p, A* g) {
+    const int64_t ray = k / P.S, i = k - ray * P.S, line = ray / E;
+    line_position<A>(start + ray * 3, step + line * 3, i, p);
+    for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gvals[k * kProps + q]);
+    return frame_volume(P, line / L);
+  });
+}
+
 // scatter_kernel (ussim_kernels.cuh: samples with explicit positions coords (samples, 3), frame k /
-// per_frame) with scatter_props_merged, the grid-stride loop by whole warps as above.
+// per_frame) with scatter_props_merged.
 template <typename T>
 __global__ void scatter_merged_kernel(T* gprops, const Params P, const T* coords, const T* gvals, int64_t samples,
                                       int64_t per_frame) {
   using A = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const int64_t vol_stride = P.D * P.H * P.W * kProps;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t k0 = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31u); k0 < samples; k0 += stride) {
-    const int64_t k = k0 + lane;
-    const bool active = k < samples;
-    A p[3] = {A(0), A(0), A(0)}, g[kProps] = {A(0), A(0), A(0), A(0), A(0)};
-    int64_t vol = -1;
-    if (active) {
-      for (int j = 0; j < 3; ++j) p[j] = static_cast<A>(coords[3 * k + j]);
-      for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gvals[k * kProps + q]);
-      vol = frame_volume(P, k / per_frame);
-    }
-    scatter_props_merged<A>(gprops, vol_stride, P, active, vol, p[0], p[1], p[2], g);
-  }
+  merged_scatter_loop<A>(gprops, P, samples, [&](int64_t k, A* p, A* g) {
+    for (int j = 0; j < 3; ++j) p[j] = static_cast<A>(coords[3 * k + j]);
+    for (int q = 0; q < kProps; ++q) g[q] = static_cast<A>(gvals[k * kProps + q]);
+    return frame_volume(P, k / per_frame);
+  });
 }
 
 }  // namespace medfast::ussim

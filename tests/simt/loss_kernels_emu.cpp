@@ -28,6 +28,17 @@ bool fits(int64_t values_per_thread, int64_t optin, int& threads, size_t& smem) 
   return threads * per_thread <= std::max(kDefaultSharedBytes, optin);
 }
 
+// The blocks' partial sums (B, blocks, n) added on the host in double, as the launcher's at::sum does.
+template <typename T>
+void finish_sums(const std::vector<T>& partial, int64_t B, int64_t blocks, int64_t n, T* out) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0.0;
+      for (int64_t x = 0; x < blocks; ++x) s += static_cast<double>(partial[(b * blocks + x) * n + j]);
+      out[b * n + j] = static_cast<T>(s);
+    }
+}
+
 template <typename T, typename Voxel>
 int sums(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
   const int64_t C = voxel.C, N = voxel.N, n = C * kStats;
@@ -38,12 +49,7 @@ int sums(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int6
   std::vector<T> partial(static_cast<size_t>(B * blocks * n), std::numeric_limits<T>::quiet_NaN());
   simt::launch({static_cast<unsigned>(blocks), static_cast<unsigned>(B), 1}, threads, smem,
                [&] { sums_kernel<T, Voxel>(voxel, chunk, partial.data()); });
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < n; ++j) {
-      double s = 0.0;
-      for (int64_t x = 0; x < blocks; ++x) s += static_cast<double>(partial[(b * blocks + x) * n + j]);
-      out[b * n + j] = static_cast<T>(s);
-    }
+  finish_sums(partial, B, blocks, n, out);
   const int64_t geo[4] = {threads, blocks, chunk, static_cast<int64_t>(smem)};
   for (int k = 0; k < 4; ++k) geometry[k] = geo[k];
   return 0;
@@ -60,12 +66,7 @@ int sums_warp(const LabelVoxel<T, T>& voxel, int64_t B, int64_t sms, int64_t opt
   std::vector<T> partial(static_cast<size_t>(B * blocks * n), std::numeric_limits<T>::quiet_NaN());
   simt::launch({static_cast<unsigned>(blocks), static_cast<unsigned>(B), 1}, threads, static_cast<size_t>(bytes),
                [&] { label_sums_warp_kernel<T, T>(voxel, chunk, partial.data()); });
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < n; ++j) {
-      double s = 0.0;
-      for (int64_t x = 0; x < blocks; ++x) s += static_cast<double>(partial[(b * blocks + x) * n + j]);
-      out[b * n + j] = static_cast<T>(s);
-    }
+  finish_sums(partial, B, blocks, n, out);
   const int64_t geo[4] = {threads, blocks, chunk, bytes};
   for (int k = 0; k < 4; ++k) geometry[k] = geo[k];
   return 0;
