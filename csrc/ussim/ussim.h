@@ -555,8 +555,36 @@ namespace medfast::ussim {
 // Coherent IQ point-spread function of the simulator (medfast/ultrasound/simulate.py): an axial
 // K-tap filter per channel along the samples, then a depth-dependent J-tap lateral filter across the
 // lines. Both are linear with constant weights; their transposes (flip = true) give the backward.
-// The functions fill the sample range [s0, s1) of one output row, so the CPU launcher runs them over
-// whole rows (vectorised loops) and the CUDA launcher over one sample per thread.
+// Each filter has two forms of ONE sum, same terms, same order, same roundings: the *_at functions
+// give one output sample with the sum in a register (the CUDA kernels, one sample per thread: a sum
+// kept in global memory would cost a load and a store per tap), and the *_row functions fill the
+// sample range [s0, s1) of a row tap by tap, loops over s that the CPU launcher vectorises.
+
+// Axial, one sample: sum_k h[k] x[s + k - K/2] (flip: x[s - k + K/2]) over the taps inside [0, S).
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE T psf_axial_at(const T* x, const T* h, int64_t K, int64_t S, int64_t s, bool flip) {
+  const int64_t half = K / 2;
+  T acc = T(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t i = flip ? s + half - k : s + k - half;
+    if (i >= 0 && i < S) acc = static_cast<T>(static_cast<A>(acc) + static_cast<A>(h[k]) * static_cast<A>(x[i]));
+  }
+  return acc;
+}
+
+// Lateral, one sample of line l: acc + sum_j w[j * S + s] y_{l + j - J/2}[s] (flip: y_{l - j + J/2}),
+// y_m = y + m * line_stride, lines outside [0, L) left out.
+template <typename T, typename A>
+MEDFAST_HOST_DEVICE T psf_lateral_at(const T* y, int64_t line_stride, const T* w, int64_t J, int64_t L, int64_t S,
+                                     int64_t l, int64_t s, bool flip, T acc) {
+  const int64_t half = J / 2;
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t m = flip ? l - j + half : l + j - half;
+    if (m < 0 || m >= L) continue;
+    acc = static_cast<T>(static_cast<A>(acc) + static_cast<A>(w[j * S + s]) * static_cast<A>(y[m * line_stride + s]));
+  }
+  return acc;
+}
 
 // Axial: out[s] = sum_k h[k] x[s + k - K/2] (flip: x[s - k + K/2]), zero outside [0, S).
 template <typename T, typename A>

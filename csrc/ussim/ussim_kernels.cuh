@@ -58,38 +58,40 @@ __global__ void lines_kernel(const T* vol, const float* table, const Params P, c
   }
 }
 
-// PSF: one thread per output sample (the row functions of ussim.h over the range [s, s + 1)).
+// PSF: one thread per output sample, its sum in a register (psf_axial_at / psf_lateral_at of ussim.h).
 template <typename T>
 __global__ void psf_axial_kernel(const T* x, const T* h, T* out, int64_t rows, int64_t K, int64_t S, bool flip) {
   using A = acc_t<T>;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < rows * S; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = k / S, s = k % S;
-    psf_axial_row<T, A>(x + r * S, h + (r % 3) * K, K, S, s, s + 1, out + r * S, flip);
+    const int64_t r = k / S, s = k - r * S;
+    out[k] = psf_axial_at<T, A>(x + r * S, h + (r % 3) * K, K, S, s, flip);
   }
 }
 
+// (B, L, 3, S) -> (B, 2, L, S): real part = lateral(specular) + lateral(scatter re), imaginary part =
+// lateral(scatter im), each channel with its own weights.
 template <typename T>
 __global__ void psf_lateral_kernel(const T* y, const T* w, T* out, int64_t B, int64_t L, int64_t J, int64_t S) {
   using A = acc_t<T>;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < B * L * S; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t s = k % S, l = (k / S) % L, b = k / (S * L);
+    const int64_t row = k / S, s = k - row * S, l = row % L, b = row / L;
     const T* yb = y + b * L * 3 * S;
-    T* re = out + (b * 2 * L + l) * S;
-    T* im = out + ((b * 2 + 1) * L + l) * S;
-    psf_lateral_row<T, A>(yb, 3 * S, w, J, L, S, l, s, s + 1, re, false, false);
-    psf_lateral_row<T, A>(yb + S, 3 * S, w + J * S, J, L, S, l, s, s + 1, re, false, true);
-    psf_lateral_row<T, A>(yb + 2 * S, 3 * S, w + 2 * J * S, J, L, S, l, s, s + 1, im, false, false);
+    T re = psf_lateral_at<T, A>(yb, 3 * S, w, J, L, S, l, s, false, T(0));
+    re = psf_lateral_at<T, A>(yb + S, 3 * S, w + J * S, J, L, S, l, s, false, re);
+    out[(b * 2 * L + l) * S + s] = re;
+    out[((b * 2 + 1) * L + l) * S + s] = psf_lateral_at<T, A>(yb + 2 * S, 3 * S, w + 2 * J * S, J, L, S, l, s, false,
+                                                               T(0));
   }
 }
 
+// The transpose: (B, 2, L, S) -> (B, L, 3, S), channel c reading the real (c < 2) or imaginary part.
 template <typename T>
 __global__ void psf_lateral_t_kernel(const T* g, const T* w, T* out, int64_t B, int64_t L, int64_t J, int64_t S) {
   using A = acc_t<T>;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < B * L * 3 * S;
        k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t s = k % S, r = k / S, c = r % 3, l = (r / 3) % L, b = r / (3 * L);
-    psf_lateral_row<T, A>(g + (b * 2 + (c < 2 ? 0 : 1)) * L * S, S, w + c * J * S, J, L, S, l, s, s + 1,
-                          out + r * S, true, false);
+    const int64_t r = k / S, s = k - r * S, c = r % 3, l = (r / 3) % L, b = r / (3 * L);
+    out[k] = psf_lateral_at<T, A>(g + (b * 2 + (c < 2 ? 0 : 1)) * L * S, S, w + c * J * S, J, L, S, l, s, true, T(0));
   }
 }
 
