@@ -4,7 +4,9 @@ of configs/cls_demo_cpu.yaml (as ``benchmarks/bench_classification.py``).
 
 Reports the synchronized wall time per batch (median), the CUDA kernel time per batch (torch.profiler),
 the host time the CPU spends issuing it, and the Python functions with the most own time (cProfile),
-so that the next change to the renderer targets what dominates.
+so that the next change to the renderer targets what dominates. Both renderings, in the same run: one
+CUDA graph replay per batch (``graph``, the default on a GPU) and one eager simulation per (volume, probe)
+group (``eager``, ``cuda_graphs=False``).
 
     python benchmarks/gpu_render_profile.py --out DIR [--device cuda] [--batch 64]
 """
@@ -37,6 +39,18 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     case = make_case(str(ROOT / "configs" / "cls_demo_cpu.yaml"), dev, args.batch)
+    results = {}
+    for mode in ("graph", "eager"):
+        case["source"].cuda_graphs = mode == "graph"
+        results[mode] = profile_render(case, dev, args)
+        if mode == "graph":
+            results[mode]["graph_replays"] = case["source"].graph_replays
+            results[mode]["graphs_on"] = case["source"].cuda_graphs  # False if the capture failed
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_render_profile.json").write_text(json.dumps(results, indent=1))
+
+
+def profile_render(case: dict, dev: torch.device, args) -> dict:
     render = case["render"]
     for _ in range(3):
         render()
@@ -76,14 +90,14 @@ def main() -> None:
         "kernel_launches_per_batch": launches / args.repeats,
         "kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15]), "cprofile_tottime": s.getvalue(),
     }
-    print(f"render batch {args.batch}: wall {result['wall_ms_median']:.2f} ms, host issue "
+    mode = "graph" if case["source"].cuda_graphs else "eager"
+    print(f"render batch {args.batch} ({mode}): wall {result['wall_ms_median']:.2f} ms, host issue "
           f"{result['host_issue_ms_median']:.2f} ms, kernels {result['kernel_ms_per_batch']:.2f} ms, "
           f"{result['kernel_launches_per_batch']:.0f} launches per batch", flush=True)
     for k, v in list(result["kernels"].items())[:8]:
         print(f"    {v:8.4f} ms  {k}")
     print(s.getvalue()[:4000])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_render_profile.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ cls_sim
 cls_sim_thread
     The same with ``MEDFAST_USSIM_CUDA_MARCH=thread`` (one thread per line instead of the default
     warp-cooperative CUDA march).
+cls_sim_eager
+    The same with the renderer's CUDA graphs off (``cuda_graphs=False``: one eager simulation per
+    (volume, probe) group), against which ``cls_sim`` (one graph replay per batch) is compared.
 ddp_shared
     ``torchrun --nproc_per_node=2`` of ``medfast train`` with ``MEDFAST_DIST_BACKEND=gloo``: two processes
     that may share one GPU, so the trainer's own multi-process path runs on a one-GPU machine.
@@ -56,7 +59,8 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKS = ("seg_none", "seg_bf16", "seg_fp16", "reg_bf16", "cls_sim", "cls_sim_thread", "ddp", "ddp_shared")
+CHECKS = ("seg_none", "seg_bf16", "seg_fp16", "reg_bf16", "cls_sim", "cls_sim_thread", "cls_sim_eager", "ddp",
+          "ddp_shared")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -141,8 +145,11 @@ def _tasks():
         def __init__(self, config) -> None:
             super().__init__(config)
             self.render_s: list[float] = []
+            self.graphs = True
 
         def images(self, batch, device):
+            if self.source is not None and not self.graphs:
+                self.source.cuda_graphs = False
             _sync(device)
             t0 = time.perf_counter()
             out = super().images(batch, device)
@@ -280,13 +287,15 @@ def check_reg(args, device: torch.device, work: Path) -> dict[str, Any]:
     return out
 
 
-def check_cls(args, device: torch.device, work: Path, march: str | None = None) -> dict[str, Any]:
-    """The classification check; ``march``: MEDFAST_USSIM_CUDA_MARCH for its rendering (None: default)."""
+def check_cls(args, device: torch.device, work: Path, march: str | None = None, graphs: bool = True) -> dict[str, Any]:
+    """The classification check; ``march``: MEDFAST_USSIM_CUDA_MARCH for its rendering (None: default);
+    ``graphs``: the renderer's CUDA graphs."""
     _, _, Cls = _tasks()
     batch = 8 if args.small else 64
-    name = "cls_sim" if march is None else f"cls_sim_{march}"
+    name = "cls_sim" + (f"_{march}" if march else "") + ("" if graphs else "_eager")
     cfg = cls_config(work / name, str(device), args.steps, "auto", args.small, batch)
     task = Cls(cfg)
+    task.graphs = graphs
     before = os.environ.get("MEDFAST_USSIM_CUDA_MARCH")
     if march is not None:
         os.environ["MEDFAST_USSIM_CUDA_MARCH"] = march
@@ -302,7 +311,8 @@ def check_cls(args, device: torch.device, work: Path, march: str | None = None) 
     ms_render = 1000 * statistics.median(timed) if timed else None
     out.update(image_shape=cfg.data.shape, n_lines=cfg.data.dataset_args["n_lines"],
                n_samples=cfg.data.dataset_args["n_samples"], sub_rays=cfg.data.dataset_args["sub_rays"],
-               ms_render_per_step=ms_render,
+               ms_render_per_step=ms_render, cuda_graphs=bool(task.source and task.source.cuda_graphs),
+               graph_replays=task.source.graph_replays if task.source is not None else 0,
                render_fraction=ms_render / out["ms_per_step"] if ms_render and out["ms_per_step"] else None,
                images_per_s=1000 * batch / out["ms_per_step"] if out["ms_per_step"] else None,
                render_images_per_s=1000 * batch / ms_render if ms_render else None)
@@ -551,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                "reg_bf16": lambda: check_reg(args, device, work),
                "cls_sim": lambda: check_cls(args, device, work),
                "cls_sim_thread": lambda: check_cls(args, device, work, "thread"),
+               "cls_sim_eager": lambda: check_cls(args, device, work, graphs=False),
                "ddp": lambda: check_ddp(args, device, work),
                "ddp_shared": lambda: check_ddp_shared(args, device, work)}
     for name in args.only or CHECKS:

@@ -109,6 +109,57 @@ def test_render_shapes_range_and_batch_independence(source):
     assert between > 0.01
 
 
+def _inputs(source, batch):
+    """The (B, _INPUTS) render inputs and the groups of a batch, as render() builds them."""
+    from medfast.tasks.classification.simulated import _INPUTS
+
+    vol, probe = batch["volume"].tolist(), batch["probe"].tolist()
+    extra = batch["render"].reshape(-1, 3).double()
+    poses = source.poses(vol, batch["label"].tolist(), batch["pose_u"], extra[:, 2].tolist())
+    groups = tuple(sorted(set(zip(vol, probe))))
+    inputs = torch.empty(len(vol), _INPUTS)
+    inputs[:, :16] = poses.reshape(-1, 16).float()
+    inputs[:, 16:18] = extra[:, :2].float()
+    inputs[:, 18] = batch["variant"].float()
+    inputs[:, 19] = torch.tensor([groups.index(g) for g in zip(vol, probe)], dtype=torch.float32)
+    return groups, inputs
+
+
+def test_fixed_shape_render_equals_the_grouped_render():
+    # _render_all (every frame through every (volume, probe) group, then each frame's own group: what the
+    # CUDA graph captures) against the eager render of one simulation per group
+    src = SimulatedUltrasound(**{**SMALL, "probes": ["C5-2v", "P4-2v"], "variants": 3, "sub_rays": 2})
+    ds = src.train_dataset(64)
+    batch = collate([ds[(i, 300 + i)] for i in range(12)])
+    groups, inputs = _inputs(src, batch)
+    assert len(groups) >= 3  # several volumes and probes in the batch
+    eager = src.render(batch, "cpu")
+    with torch.no_grad():
+        fixed = src._render_all(groups, inputs)
+    torch.testing.assert_close(fixed, eager, rtol=0, atol=1e-6)  # CPU SIMD lane grouping: last-bit differences
+    # a frame taken from another group's images would differ by far more
+    wrong = inputs.clone()
+    wrong[:, 19] = (wrong[:, 19] + 1) % len(groups)
+    with torch.no_grad():
+        assert (src._render_all(groups, wrong) - eager).abs().max() > 0.1
+
+
+def test_failed_graph_capture_falls_back_to_eager_rendering(monkeypatch):
+    src = SimulatedUltrasound(**SMALL)
+    batch = collate([src.train_dataset(8)[(i, i)] for i in range(4)])
+    groups, inputs = _inputs(src, batch)
+
+    def fail(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(src, "_capture", fail)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed .*rendering without graphs"):
+        assert src._replay(groups, inputs, torch.device("cpu")) is None
+    assert src.cuda_graphs is False and src.graph_replays == 0
+    assert SimulatedUltrasound.from_args({"volumes": ["phantom:1"], "cuda_graphs": False}, (32, 32), "none",
+                                         0).cuda_graphs is False
+
+
 def test_render_normalize_and_validation(tmp_path):
     src = SimulatedUltrasound(**{**SMALL, "val_volumes": [], "normalize": "zscore"})
     img = src.render(collate([src.train_dataset(4)[(i, i)] for i in range(4)]), "cpu")

@@ -382,6 +382,72 @@ def _scan_convert(scan: torch.Tensor, probe: Probe, pixel_mm) -> tuple[torch.Ten
     return bmode, px
 
 
+_DEVICE_COPIES: dict[tuple[bytes, str, torch.dtype], torch.Tensor] = {}
+
+
+def _device_copy(t: torch.Tensor, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
+    """A small CPU constant (an inverse affine) on ``dev`` in ``dt``, copied once: no host-to-device copy
+    per call (nor during a CUDA graph capture, where a copy from pageable memory is not allowed)."""
+    if dev.type == "cpu":
+        return t.to(dt)
+    key = (t.numpy().tobytes(), str(dev), dt)
+    if key not in _DEVICE_COPIES:
+        if len(_DEVICE_COPIES) >= 64:
+            _DEVICE_COPIES.clear()
+        _DEVICE_COPIES[key] = t.to(dtype=dt).to(device=dev)
+    return _DEVICE_COPIES[key]
+
+
+def _scanlines(props: torch.Tensor, pose: torch.Tensor, affine_info, probe: Probe, *, seed: int, sub_rays: int,
+               speckle: bool, scatter_cell_mm: float, interface_mm: float | None, tgc_db_cm_mhz: float,
+               gain_db: float, background: list[float], volume_index: torch.Tensor | None, return_gain: bool):
+    """The device part of :func:`simulate`, on validated inputs (``pose`` and ``volume_index`` on the
+    volume's device, ``affine_info`` from ``_affine_info``): ``(lines_db, i_re, i_im, gain_lin)``. Once
+    the per-probe constants are cached it runs no host sync and no host-to-device copy, so the
+    classification renderer can capture it in a CUDA graph."""
+    a, inv_a64, voxel_mm = affine_info
+    dev, dt = props.device, props.dtype
+    E = sub_rays
+
+    # Probe frame -> voxel coordinates: M = affine^-1 @ pose; sample i of a sub-ray is at
+    # start + i * step (voxel), computed in the kernel.
+    start_p, step_p = _cached("rays", probe, E, str(dev), dt, None)
+    inv_a = _device_copy(inv_a64, dev, dt)
+    M = inv_a[None] @ pose
+    R3 = M[:, :3, :3]
+    # (tiny broadcast products: cheaper than batched matmuls of 3x3 matrices)
+    start = (R3[:, None, None] * start_p[None, :, :, None, :]).sum(-1) + M[:, None, None, :3, 3]
+    step = (R3[:, None] * step_p[None, :, None, :]).sum(-1)
+
+    G = (a[:3, :] / scatter_cell_mm).flatten().tolist()
+    att = 2.0 * probe.fc_mhz * (probe.dz_mm / 10.0) * math.log(10.0) / 20.0
+    props_cl = props.permute(0, 2, 3, 4, 1).contiguous()
+    if interface_mm is None:
+        interface_mm = 2.0 * probe.dz_mm
+    sharp = max(1.0, voxel_mm / interface_mm)
+    w3 = _cached("elevation3", probe, E, str(dev), dt, None)[0 if speckle else 1]  # (E, S, 3)
+    # Elevation-weighted sub-ray sum, (B, L, 3, S).
+    lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, background, seed, sharp,
+                        volume_index)
+    i_re, i_im = _apply_psf(lines, probe, speckle)  # IQ, (B, L, S) each
+
+    # Without autograd the same steps run in place (one buffer for the power / dB lines and one for
+    # the clipped scan: no per-step temporaries); same operations in the same order, same values.
+    in_place = not (torch.is_grad_enabled() and (i_re.requires_grad or i_im.requires_grad))
+    power = i_re.square().add_(i_im.square())  # |IQ|^2 before TGC (not addcmul: its FMA rounds differently)
+    # log compression with the TGC added in dB: 10 log10(|IQ|^2 g^2) = 10 log10 |IQ|^2 + 2 tgc fc z.
+    lines_db = power.add_(1e-20).log10_().mul_(10.0) if in_place else 10.0 * torch.log10(power + 1e-20)
+    if tgc_db_cm_mhz:
+        # the per-sample TGC + gain vector is cached per (probe, device, dtype, tgc, gain): one add here
+        added = _gain_db(probe, str(dev), dt, float(tgc_db_cm_mhz), float(gain_db))
+        lines_db = lines_db.add_(added) if in_place else lines_db + added
+        gain_lin = 10.0 ** ((added - gain_db) / 20.0) if return_gain else None
+    else:
+        lines_db = lines_db.add_(gain_db) if in_place else lines_db + gain_db
+        gain_lin = None
+    return lines_db, i_re, i_im, gain_lin
+
+
 # ---------------------------------------------------------------------------------------------
 # Simulation
 # ---------------------------------------------------------------------------------------------
@@ -491,44 +557,12 @@ def simulate(
         raise ValueError(f"props batch ({props.shape[0]}) must be 1 or the number of poses ({B}), "
                          "or give a volume_index")
     _check_memory(B, probe, sub_rays, props.dtype, props.device, max_bytes)
+    lines_db, i_re, i_im, gain_lin = _scanlines(
+        props, pose, (a, inv_a64, voxel_mm), probe, seed=seed, sub_rays=sub_rays, speckle=speckle,
+        scatter_cell_mm=scatter_cell_mm, interface_mm=interface_mm, tgc_db_cm_mhz=tgc_db_cm_mhz, gain_db=gain_db,
+        background=bg, volume_index=index, return_gain=return_lines)
     dev, dt = props.device, props.dtype
-    E = sub_rays
-
-    # Probe frame -> voxel coordinates: M = affine^-1 @ pose; sample i of a sub-ray is at
-    # start + i * step (voxel), computed in the kernel.
-    start_p, step_p = _cached("rays", probe, E, str(dev), dt, None)
-    inv_a = inv_a64.to(dtype=dt).to(device=dev, non_blocking=True)  # no wait for queued GPU work
-    M = inv_a[None] @ pose
-    R3 = M[:, :3, :3]
-    # (tiny broadcast products: cheaper than batched matmuls of 3x3 matrices)
-    start = (R3[:, None, None] * start_p[None, :, :, None, :]).sum(-1) + M[:, None, None, :3, 3]
-    step = (R3[:, None] * step_p[None, :, None, :]).sum(-1)
-
-    G = (a[:3, :] / scatter_cell_mm).flatten().tolist()
-    att = 2.0 * probe.fc_mhz * (probe.dz_mm / 10.0) * math.log(10.0) / 20.0
-    props_cl = props.permute(0, 2, 3, 4, 1).contiguous()
-    if interface_mm is None:
-        interface_mm = 2.0 * probe.dz_mm
-    sharp = max(1.0, voxel_mm / interface_mm)
-    w3 = _cached("elevation3", probe, E, str(dev), dt, None)[0 if speckle else 1]  # (E, S, 3)
-    # Elevation-weighted sub-ray sum, (B, L, 3, S).
-    lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, bg, seed, sharp, index)
-    i_re, i_im = _apply_psf(lines, probe, speckle)  # IQ, (B, L, S) each
-
-    # Without autograd the same steps run in place (one buffer for the power / dB lines and one for
-    # the clipped scan: no per-step temporaries); same operations in the same order, same values.
-    in_place = not (torch.is_grad_enabled() and (i_re.requires_grad or i_im.requires_grad))
-    power = i_re.square().add_(i_im.square())  # |IQ|^2 before TGC (not addcmul: its FMA rounds differently)
-    # log compression with the TGC added in dB: 10 log10(|IQ|^2 g^2) = 10 log10 |IQ|^2 + 2 tgc fc z.
-    lines_db = power.add_(1e-20).log10_().mul_(10.0) if in_place else 10.0 * torch.log10(power + 1e-20)
-    if tgc_db_cm_mhz:
-        # the per-sample TGC + gain vector is cached per (probe, device, dtype, tgc, gain): one add here
-        added = _gain_db(probe, str(dev), dt, float(tgc_db_cm_mhz), float(gain_db))
-        lines_db = lines_db.add_(added) if in_place else lines_db + added
-        gain_lin = 10.0 ** ((added - gain_db) / 20.0) if return_lines else None
-    else:
-        lines_db = lines_db.add_(gain_db) if in_place else lines_db + gain_db
-        gain_lin = None
+    in_place = not (torch.is_grad_enabled() and lines_db.requires_grad)
     if scan_convert:
         if in_place:
             scan = torch.add(lines_db, dynamic_range_db).div_(dynamic_range_db).clamp_(0.0, 1.0)

@@ -7,8 +7,9 @@ How a sample is made (see ``docs/classification.md``):
    (the class), six pose perturbations, the probe preset, the tissue variant and the gain / dynamic range.
 2. :meth:`SimulatedUltrasound.render` turns a batch of descriptors into images on the device: the probe pose
    (the plane's target point in the brain, perturbed, and the probe moved back along the beam onto the
-   brain surface plus a gel gap), one :func:`medfast.ultrasound.simulate` call per (volume, tissue variant,
-   probe) group, per-sample log compression and scan conversion to ``image_shape``.
+   brain surface plus a gel gap), one simulation per (volume, probe) group (the tissue variants picked by
+   the volume index), per-sample log compression and scan conversion to ``image_shape``; on a GPU the
+   whole batch is one CUDA graph replay (:meth:`SimulatedUltrasound.render`).
 
 Each image depends on its descriptor only (not on the rest of the batch), so DDP with ``R`` processes sees
 exactly the images one process sees on the combined batch.
@@ -27,6 +28,7 @@ range seen in training. Held-out volumes: ``val_volumes`` are never rendered for
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +271,9 @@ class SimulatedUltrasound:
         Per-image intensity normalization after rendering (B-mode is in [0, 1]).
     seed : int
         Seed of the tissue variants and of the validation descriptors.
+    cuda_graphs : bool
+        On a GPU, render each batch by replaying a CUDA graph (see :meth:`render`); False: one eager
+        simulation per (volume, probe) group.
     """
 
     def __init__(self, volumes: Sequence[Any] = ("mni152", "colin27"), val_volumes: Sequence[Any] = ("itk_kmeans",),
@@ -279,7 +284,7 @@ class SimulatedUltrasound:
                  max_shift_mm: float = 8.0, max_lateral_mm: float = 8.0, gel_mm: Sequence[float] = (1.0, 5.0),
                  pose_bins: int = 4, gain_db: Sequence[float] = (-4.0, 4.0),
                  dynamic_range_db: Sequence[float] = (45.0, 60.0), tgc_db_cm_mhz: float = 0.6,
-                 normalize: str = "none", seed: int = 0) -> None:
+                 normalize: str = "none", seed: int = 0, cuda_graphs: bool = True) -> None:
         from medfast.ultrasound import Probe
 
         self.plane_table = dict(PLANES)
@@ -321,6 +326,8 @@ class SimulatedUltrasound:
         self.volumes = self.train_volumes + self.val_volumes
         self._props: dict[tuple[int, int, str], torch.Tensor] = {}
         self._grids: dict[tuple[int, str], torch.Tensor] = {}
+        self.cuda_graphs, self.graph_replays = bool(cuda_graphs), 0
+        self._graphs: dict[tuple[str, int, tuple[tuple[int, int], ...]], tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any], image_shape: Sequence[int] | None, normalize: str,
@@ -433,39 +440,34 @@ class SimulatedUltrasound:
 
     def render(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
         """Images ``(B, 1, H, W)`` float32 on ``device`` of a batch of descriptors (collated items of a
-        :class:`SimulatedPlaneDataset`). Not differentiable (runs under ``no_grad``, outside autocast)."""
-        from medfast.ultrasound import simulate
+        :class:`SimulatedPlaneDataset`). Not differentiable (runs under ``no_grad``, outside autocast).
 
+        On a GPU (``cuda_graphs``) the device work of a batch is one CUDA graph replay: rendering is
+        launch-bound at these sizes (about 25 kernels per (volume, probe) group), and the graph, captured
+        once per batch size and set of groups, leaves the host one input copy and one replay."""
         device = torch.device(device)
         vol = batch["volume"].reshape(-1).tolist()
         plane = batch["label"].reshape(-1).tolist()
         probe = batch["probe"].reshape(-1).tolist()
-        variant = batch["variant"].reshape(-1).tolist()
         extra = batch["render"].reshape(-1, 3).double()
         poses = self.poses(vol, plane, batch["pose_u"], extra[:, 2].tolist())
         B = len(vol)
-        out = torch.empty(B, 1, *self.image_shape, device=device)
-        # One simulation per (volume, probe): the tissue variants of a volume are one stack of property
-        # maps, each frame picking its variant by the volume index (the variants share the speckle seed).
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in range(B):
-            groups.setdefault((vol[i], probe[i]), []).append(i)
-        # Host-side inputs (poses, gain, range, indices) reach the device by non-blocking copies, so the
-        # CPU queues every group's simulation without waiting for the GPU to finish the previous one.
-        levels = extra[:, :2].float().to(device, non_blocking=True)  # (B, 2) gain dB, dynamic range dB
+        # The groups of one simulation each: (volume, probe) pairs. A volume's tissue variants are one stack
+        # of property maps, each frame picking its variant by the volume index (same speckle seed).
+        groups = tuple(sorted({(v, p) for v, p in zip(vol, probe)}))
+        # The per-frame inputs, one host tensor and so one copy to the device: pose (16), gain dB,
+        # dynamic range dB, tissue variant, group.
+        inputs = torch.empty(B, _INPUTS, dtype=torch.float32)
+        inputs[:, :16] = poses.reshape(B, 16).float()
+        inputs[:, 16:18] = extra[:, :2].float()
+        inputs[:, 18] = batch["variant"].reshape(-1).float()
+        inputs[:, 19] = torch.tensor([groups.index((v, p)) for v, p in zip(vol, probe)], dtype=torch.float32)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            for (v, p), idx in groups.items():
-                props = self._volume_props(v, device)
-                res = simulate(props, self.volumes[v].affine, poses[idx].float(), self.probes[p],
-                               seed=1000 * v + 17, sub_rays=self.sub_rays, tgc_db_cm_mhz=self.tgc,
-                               volume_index=[variant[i] for i in idx], scan_convert=False)
-                rows = torch.tensor(idx).to(device, non_blocking=True)
-                gain, dr = levels.index_select(0, rows)[:, :, None, None].unbind(1)  # (b, 1, 1) each
-                scan = ((res.lines_db + gain + dr) / dr).clamp(0.0, 1.0)  # (b, L, S)
-                grid = self._grid(p, device).expand(len(idx), -1, -1, -1)
-                img = F.grid_sample(scan.transpose(1, 2)[:, None], grid, mode="bilinear", padding_mode="zeros",
-                                    align_corners=True)
-                out.index_copy_(0, rows, img)
+            out = None
+            if device.type == "cuda" and self.cuda_graphs:
+                out = self._replay(groups, inputs, device)
+            if out is None:
+                out = self._render_eager(groups, inputs, device)
         if self.normalize == "minmax":
             lo = out.flatten(1).amin(1).view(-1, 1, 1, 1)
             hi = out.flatten(1).amax(1).view(-1, 1, 1, 1)
@@ -475,6 +477,86 @@ class SimulatedUltrasound:
             s = out.flatten(1).std(1).view(-1, 1, 1, 1)
             out = (out - m) / s.clamp_min(1e-8)
         return out
+
+    def _images(self, v: int, p: int, inputs: torch.Tensor) -> torch.Tensor:
+        """``(b, 1, H, W)`` images of the frames of ``inputs`` (``(b, _INPUTS)`` on the device) through volume v
+        and probe p: the simulation's scanlines (without validation: the poses are ours), log-compressed
+        with each frame's gain and dynamic range, resampled to ``image_shape``."""
+        from medfast.ultrasound.simulate import _affine_info, _scanlines
+        from medfast.ultrasound.tissue import WATER
+
+        b, device, probe = inputs.shape[0], inputs.device, self.probes[p]
+        lines_db = _scanlines(self._volume_props(v, device), inputs[:, :16].reshape(b, 4, 4),
+                              _affine_info(self.volumes[v].affine), probe, seed=1000 * v + 17,
+                              sub_rays=self.sub_rays, speckle=True, scatter_cell_mm=probe.wavelength_mm / 2,
+                              interface_mm=None, tgc_db_cm_mhz=self.tgc, gain_db=0.0, background=list(WATER),
+                              volume_index=inputs[:, 18].long(), return_gain=False)[0]
+        gain, dr = inputs[:, 16:18, None, None].unbind(1)  # (b, 1, 1) each
+        scan = ((lines_db + gain + dr) / dr).clamp(0.0, 1.0)  # (b, L, S)
+        grid = self._grid(p, device).expand(b, -1, -1, -1)
+        return F.grid_sample(scan.transpose(1, 2)[:, None], grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=True)
+
+    def _render_eager(self, groups: tuple[tuple[int, int], ...], inputs: torch.Tensor,
+                      device: torch.device) -> torch.Tensor:
+        """One simulation per group, over that group's frames (``inputs`` on the host)."""
+        dev_inputs = inputs.to(device, non_blocking=True)
+        out = torch.empty(inputs.shape[0], 1, *self.image_shape, device=device)
+        group = inputs[:, 19].long()
+        for g, (v, p) in enumerate(groups):
+            rows = torch.nonzero(group == g).flatten().to(device, non_blocking=True)
+            out.index_copy_(0, rows, self._images(v, p, dev_inputs.index_select(0, rows)))
+        return out
+
+    def _render_all(self, groups: tuple[tuple[int, int], ...], inputs: torch.Tensor) -> torch.Tensor:
+        """The fixed-shape form of :meth:`_render_eager` that a CUDA graph captures: EVERY frame through
+        every group, then each frame's image taken from its own group (the other groups' images of it are
+        dropped). Each image depends on its own inputs only, so the kept ones equal the eager ones; the
+        extra GPU work is small at the classification sizes, next to the launches the graph saves."""
+        b = inputs.shape[0]
+        images = torch.stack([self._images(v, p, inputs) for v, p in groups])  # (G, B, 1, H, W)
+        return images[inputs[:, 19].long(), torch.arange(b, device=inputs.device)]
+
+    def _replay(self, groups: tuple[tuple[int, int], ...], inputs: torch.Tensor,
+                device: torch.device) -> torch.Tensor | None:
+        """The batch rendered by a CUDA graph of :meth:`_render_all` (captured on first use of a batch size
+        and set of groups, at most ``_MAX_GRAPHS``), or None: then the caller renders eagerly (more
+        graphs than that, or a capture that failed, which turns graphs off with a warning)."""
+        key = (str(device), inputs.shape[0], groups)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= _MAX_GRAPHS:
+                return None
+            try:
+                entry = self._capture(groups, inputs, device)
+            except Exception as exc:  # noqa: BLE001 -- any capture failure: render eagerly from now on
+                warnings.warn(f"simulated ultrasound: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
+                              "rendering without graphs", stacklevel=3)
+                self.cuda_graphs = False
+                return None
+            self._graphs[key] = entry
+        graph, static_in, static_out = entry
+        static_in.copy_(inputs, non_blocking=True)
+        graph.replay()
+        self.graph_replays += 1
+        return static_out.clone()
+
+    def _capture(self, groups, inputs, device):
+        static_in = inputs.to(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: fills the per-probe / per-volume caches outside the capture
+            for _ in range(2):
+                self._render_all(groups, static_in)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._render_all(groups, static_in)
+        return graph, static_in, static_out
+
+
+_INPUTS = 20  # per-frame render inputs: pose (16), gain dB, dynamic range dB, tissue variant, group
+_MAX_GRAPHS = 8  # captured (device, batch size, groups) renderings kept per SimulatedUltrasound
 
 
 class SimulatedPlaneDataset(Dataset):
