@@ -326,6 +326,7 @@ class SimulatedUltrasound:
         self.volumes = self.train_volumes + self.val_volumes
         self._props: dict[tuple[int, int, str], torch.Tensor] = {}
         self._grids: dict[tuple[int, str], torch.Tensor] = {}
+        self._masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.cuda_graphs, self.graph_replays = bool(cuda_graphs), 0
         self._graphs: dict[tuple[str, int, tuple[tuple[int, int], ...]], tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
@@ -387,6 +388,13 @@ class SimulatedUltrasound:
             self._props[key] = torch.cat(maps).contiguous(memory_format=torch.channels_last_3d)
         return self._props[key]
 
+    def _padded_mask(self, v: int) -> tuple[np.ndarray, np.ndarray]:
+        """Volume v's brain mask with a one-voxel False border, and the unpadded shape."""
+        if v not in self._masks:
+            mask = self.volumes[v].mask
+            self._masks[v] = (np.pad(mask, 1), np.array(mask.shape))
+        return self._masks[v]
+
     def _grid(self, p: int, device: torch.device) -> torch.Tensor:
         key = (p, str(device))
         if key not in self._grids:
@@ -425,12 +433,15 @@ class SimulatedUltrasound:
             bv = self.volumes[int(v)]
             step = 0.5 * float(np.linalg.norm(bv.affine[:3, 0]))
             t = np.arange(0.0, 2.5 * float(bv.half_extent.max()) + 10.0, step)
-            pts = p[sel, None, :] - t[None, :, None] * R[sel, None, :, 2]  # (b, T, 3)
             inv = np.linalg.inv(bv.affine)
-            ijk = np.rint(pts @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
-            ok = np.all((ijk >= 0) & (ijk < np.array(bv.mask.shape)), -1)
-            inside = np.zeros(ok.shape, dtype=bool)
-            inside[ok] = bv.mask[tuple(ijk[ok].T)]
+            start = p[sel] @ inv[:3, :3].T + inv[:3, 3]  # (b, 3) voxel position and direction of each line
+            back = -R[sel, :, 2] @ inv[:3, :3].T
+            ijk = np.rint(start[:, None, :] + t[None, :, None] * back[:, None, :]).astype(np.int64)  # (b, T, 3)
+            # outside the volume reads the padding (False): indices clipped into the padded mask
+            padded, shape = self._padded_mask(int(v))
+            np.clip(ijk, -1, shape, out=ijk)
+            ijk += 1
+            inside = padded[ijk[..., 0], ijk[..., 1], ijk[..., 2]]  # (b, T)
             last = len(t) - 1 - np.argmax(inside[:, ::-1], axis=1)  # the last brain sample on each line
             t_surf[sel] = np.where(inside.any(1), t[last], 0.0)
         out = np.tile(np.eye(4), (B, 1, 1))
