@@ -128,3 +128,59 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.medfast.softmax_stats.default, (z, t, None))
     soft = torch.softmax(torch.randn_like(z), 1)
     torch.library.opcheck(torch.ops.medfast.soft_stats.default, (z, soft, None, False))
+
+
+FINALIZE_FLAGS = [1 | 2 | 4 | 16 | 32, 1 | 2 | 8 | 16 | 32, 1 | 2 | 4 | 16, 1 | 2, 1 | 8 | 16, 2 | 16 | 32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("BC", [(2, 16), (3, 100)])
+@pytest.mark.parametrize("flags", FINALIZE_FLAGS)
+def test_cuda_loss_finalize_matches_cpu(dtype, BC, flags):
+    # the one-block finishing kernel against the CPU op (same reduction order; FMAs on the GPU: to
+    # rounding), bitwise the same run to run
+    B, C = BC
+    g = torch.Generator().manual_seed(B + C + flags)
+    p = torch.rand(B, C, generator=g, dtype=torch.float64) * 40 + 1
+    t = torch.rand(B, C, generator=g, dtype=torch.float64) * 40 + 1
+    stats = torch.stack([torch.minimum(p, t) * torch.rand(B, C, generator=g, dtype=torch.float64), p, t,
+                         torch.rand(B, C, generator=g, dtype=torch.float64) * 60], -1).to(dtype)
+    cw = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    divisor = None if flags & 32 else torch.tensor(123.25, dtype=dtype)
+    scalars = [1.0 if flags & 32 else float(C), 1e-3, 2e-3, 0.7, 1.3]
+    gout = torch.tensor(0.8, dtype=dtype)
+    ops = torch.ops.medfast
+    ref = ops.loss_finalize(stats, cw, divisor, scalars, flags)
+    ref_grad = ops.loss_finalize_backward(gout, stats, cw, divisor, scalars, flags)
+    dev = [None if x is None else x.cuda() for x in (stats, cw, divisor)]
+    runs = [(ops.loss_finalize(*dev, scalars, flags), ops.loss_finalize_backward(gout.cuda(), *dev, scalars, flags))
+            for _ in range(2)]
+    tol = TOL[dtype]
+    torch.testing.assert_close(runs[0][0].cpu(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(runs[0][1].cpu(), ref_grad, rtol=tol, atol=tol)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    torch.library.opcheck(ops.loss_finalize.default, (*dev, scalars, flags))
+
+
+@pytest.mark.parametrize("kind", ["labels", "softmax", "sigmoid"])
+def test_cuda_fused_finalize_equals_composition(monkeypatch, kind):
+    from medfast.ops import _loss
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 4, 9, 10, 11, generator=g, dtype=torch.float64).cuda()
+    vw = torch.rand(2, 9, 10, 11, generator=g, dtype=torch.float64).cuda()
+    if kind == "labels":
+        target = torch.randint(0, 4, (2, 9, 10, 11), generator=g).cuda()
+    else:
+        target = torch.rand(z.shape, generator=g, dtype=torch.float64).cuda()
+    kw = dict(voxel_weight=vw, class_weight=[0.5, 1.0, 2.0, 1.5], batch_dice=True, include_background=False,
+              lambda_dice=0.6, activation="sigmoid" if kind == "sigmoid" else "softmax")
+    out = []
+    for fused in (True, False):
+        monkeypatch.setattr(_loss, "_FUSED_FINALIZE", fused)
+        x = z.clone().requires_grad_()
+        loss = mf.dice_ce_loss(x, target, **kw)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-10, atol=1e-14)

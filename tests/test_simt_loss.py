@@ -284,3 +284,53 @@ def test_simt_unwritten_shared_memory_is_nan(lib):
     # each block's shared memory starts as NaN bytes, so a kernel reading it before writing shows
     lib.emu_simt_unwritten_shared.restype = ctypes.c_double
     assert math.isnan(lib.emu_simt_unwritten_shared())
+
+
+# ---- The finishing op (loss_finalize: finalize_kernel / finalize_backward_kernel, one block) ----
+
+_DICE, _CE, _BACKGROUND, _BATCH, _MEAN, _TRUTH = 1, 2, 4, 8, 16, 32  # csrc/loss/finalize.h FinalizeFlag
+FINALIZE_FLAGS = [
+    _DICE | _CE | _BACKGROUND | _MEAN | _TRUTH,  # dice_ce_loss, integer labels
+    _DICE | _CE | _BATCH | _MEAN | _TRUTH,  # batch Dice without background
+    _DICE | _CE | _BACKGROUND | _MEAN,  # soft targets: a given divisor
+    _DICE | _CE,  # reduction "sum"
+    _DICE | _BATCH | _MEAN,  # dice_loss
+    _CE | _MEAN | _TRUTH,  # cross_entropy
+]
+
+
+def _emu_finalize(lib, stats, cw, divisor, scalars, flags, g):
+    suffix = "f32" if stats.dtype == torch.float32 else "f64"
+    B, C = stats.shape[:2]
+    out = torch.full((), float("nan"), dtype=stats.dtype)
+    grad = torch.full_like(stats, float("nan"))
+    opt = [None if t is None else _p(t) for t in (cw, divisor)]
+    getattr(lib, f"emu_loss_finalize_{suffix}")(_p(stats), *opt, ctypes.c_int64(B), ctypes.c_int64(C),
+                                                  (ctypes.c_double * 5)(*scalars), ctypes.c_int64(flags), _p(g),
+                                                  _p(out), _p(grad))
+    return out, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("BC", [(1, 2), (2, 16), (3, 100), (2, 300)])  # B C past 256: threads take several entries
+@pytest.mark.parametrize("flags", FINALIZE_FLAGS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_finalize_kernel_matches_cpu(lib, dtype, BC, flags, weighted):
+    # the kernel with the launcher's geometry (one block of 256 threads, 3 values each in shared memory)
+    # against the CPU op, which follows the same reduction order: on the host (no FMA contraction in
+    # either build) bitwise the same; on a GPU (nvcc contracts to FMAs) to rounding, tests/test_loss_cuda.py
+    B, C = BC
+    g = torch.Generator().manual_seed(B * 1000 + C + flags)
+    p = torch.rand(B, C, generator=g, dtype=torch.float64) * 40 + 1
+    t = torch.rand(B, C, generator=g, dtype=torch.float64) * 40 + 1
+    stats = torch.stack([torch.minimum(p, t) * torch.rand(B, C, generator=g, dtype=torch.float64), p, t,
+                         torch.rand(B, C, generator=g, dtype=torch.float64) * 60], -1).to(dtype)
+    cw = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype) if weighted else None
+    divisor = torch.tensor(123.25, dtype=dtype) if (weighted and not flags & _TRUTH) else None
+    scalars = [float(C) if not flags & _TRUTH else 1.0, 1e-3, 2e-3, 0.7, 1.3]
+    gout = torch.tensor(0.8, dtype=dtype)
+    value, grad = _emu_finalize(lib, stats, cw, divisor, scalars, flags, gout)
+    ref = torch.ops.medfast.loss_finalize(stats, cw, divisor, scalars, flags)
+    ref_grad = torch.ops.medfast.loss_finalize_backward(gout, stats, cw, divisor, scalars, flags)
+    torch.testing.assert_close(value, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)

@@ -27,6 +27,32 @@ void check_soft(const Tensor& logits, const Tensor& target, const OptTensor& wei
   }
 }
 
+void check_finalize(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor) {
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(2) == kStats,
+                    "medfast loss_finalize: stats must be (B, C, 4), got ", stats.sizes());
+  TORCH_CHECK_TYPE(stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble,
+                   "medfast loss_finalize: stats must be float32 or float64, got ", stats.scalar_type());
+  if (class_weight) {
+    TORCH_CHECK_VALUE(class_weight->numel() == stats.size(1), "medfast loss_finalize: class_weight must have C = ",
+                      stats.size(1), " entries, got ", class_weight->numel());
+    TORCH_CHECK_VALUE(class_weight->device() == stats.device(), "medfast loss_finalize: class_weight is on ",
+                      class_weight->device(), " but stats is on ", stats.device());
+  }
+  if (divisor) {
+    TORCH_CHECK_VALUE(divisor->numel() == 1, "medfast loss_finalize: divisor must hold one value");
+    TORCH_CHECK_VALUE(divisor->device() == stats.device(), "medfast loss_finalize: divisor is on ",
+                      divisor->device(), " but stats is on ", stats.device());
+  }
+}
+
+FinalizeOptions finalize_options(at::ArrayRef<double> scalars, int64_t flags) {
+  TORCH_CHECK_VALUE(scalars.size() == 5,
+                    "medfast loss_finalize: scalars must be (divisor_scale, smooth_nr, smooth_dr, lambda_dice, "
+                    "lambda_ce), got ", scalars.size(), " values");
+  TORCH_CHECK_VALUE(flags >= 0 && flags < 2 * kFinalizeTruthDivisor, "medfast loss_finalize: bad flags ", flags);
+  return {{scalars[0], scalars[1], scalars[2], scalars[3], scalars[4]}, flags};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
@@ -34,6 +60,14 @@ TORCH_LIBRARY_FRAGMENT(medfast, m) {
   m.def("softmax_stats_backward(Tensor grad, Tensor logits, Tensor labels, Tensor? voxel_weight) -> Tensor");
   m.def("soft_stats(Tensor logits, Tensor target, Tensor? voxel_weight, bool sigmoid) -> Tensor");
   m.def("soft_stats_backward(Tensor grad, Tensor logits, Tensor target, Tensor? voxel_weight, bool sigmoid) -> Tensor");
+  // The scalar loss from the sums (csrc/loss/finalize.h): lambda_dice * Dice term + lambda_ce * CE term,
+  // the terms present and the options as the bits of `flags` (FinalizeFlag), scalars = (divisor_scale,
+  // smooth_nr, smooth_dr, lambda_dice, lambda_ce). Few arguments on purpose: the Python autograd wrapper
+  // of an op costs host time per argument (torch.library's fill_defaults, quadratic in their number).
+  m.def("loss_finalize(Tensor stats, Tensor? class_weight, Tensor? divisor, float[] scalars, int flags) -> Tensor");
+  m.def(
+      "loss_finalize_backward(Tensor grad, Tensor stats, Tensor? class_weight, Tensor? divisor, float[] scalars, "
+      "int flags) -> Tensor");
 }
 
 // The same checks in front of either backend's launchers.
@@ -42,6 +76,8 @@ struct Launchers {
   decltype(&softmax_stats_backward_cpu) stats_backward;
   decltype(&soft_stats_cpu) soft;
   decltype(&soft_stats_backward_cpu) soft_backward;
+  decltype(&loss_finalize_cpu) finalize;
+  decltype(&loss_finalize_backward_cpu) finalize_backward;
 };
 
 template <const Launchers& L>
@@ -64,13 +100,27 @@ void register_impls(torch::Library& m) {
     check_soft(logits, target, weight);
     return L.soft_backward(grad, logits, target, weight, sigmoid);
   });
+  m.impl("loss_finalize", [](const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
+                             at::ArrayRef<double> scalars, int64_t flags) {
+    check_finalize(stats, class_weight, divisor);
+    return L.finalize(stats, class_weight, divisor, finalize_options(scalars, flags));
+  });
+  m.impl("loss_finalize_backward", [](const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
+                                      const OptTensor& divisor, at::ArrayRef<double> scalars, int64_t flags) {
+    check_finalize(stats, class_weight, divisor);
+    TORCH_CHECK_VALUE(grad.numel() == 1 && grad.device() == stats.device(),
+                      "medfast loss_finalize_backward: grad must be one value on the stats' device");
+    return L.finalize_backward(grad, stats, class_weight, divisor, finalize_options(scalars, flags));
+  });
 }
 
-constexpr Launchers kCpu{softmax_stats_cpu, softmax_stats_backward_cpu, soft_stats_cpu, soft_stats_backward_cpu};
+constexpr Launchers kCpu{softmax_stats_cpu, softmax_stats_backward_cpu, soft_stats_cpu,
+                         soft_stats_backward_cpu, loss_finalize_cpu, loss_finalize_backward_cpu};
 TORCH_LIBRARY_IMPL(medfast, CPU, m) { register_impls<kCpu>(m); }
 
 #ifdef MEDFAST_WITH_CUDA
-constexpr Launchers kCuda{softmax_stats_cuda, softmax_stats_backward_cuda, soft_stats_cuda, soft_stats_backward_cuda};
+constexpr Launchers kCuda{softmax_stats_cuda, softmax_stats_backward_cuda, soft_stats_cuda,
+                          soft_stats_backward_cuda, loss_finalize_cuda, loss_finalize_backward_cuda};
 TORCH_LIBRARY_IMPL(medfast, CUDA, m) { register_impls<kCuda>(m); }
 #endif
 

@@ -104,6 +104,16 @@ Tensor as_double(const OptTensor& weight) {
   return weight ? weight->contiguous().to(at::kDouble) : Tensor();
 }
 
+// The block of finalize_kernel (loss_kernels.cuh) on one CPU thread: the kFinalizeThreads threads'
+// partial sums one after another, then the same tree. sums[k * kFinalizeThreads]: the block's sum k.
+template <typename T>
+void finalize_block_sums(const Finalize<T>& f, T* sums) {
+  constexpr int nt = kFinalizeThreads;
+  for (int t = 0; t < nt; ++t) finalize_partial(f, t, nt, Strided<T>{sums + t, nt});
+  for (int half = nt / 2; half > 0; half /= 2)
+    for (int t = 0; t < half; ++t) finalize_combine(Strided<T>{sums + t, nt}, Strided<T>{sums + t + half, nt});
+}
+
 }  // namespace
 
 Tensor softmax_stats_cpu(const Tensor& logits_in, const Tensor& labels_in, const OptTensor& weight_in) {
@@ -199,6 +209,38 @@ Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in
     });
   });
   return grad;
+}
+
+Tensor loss_finalize_cpu(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
+                         const FinalizeOptions& o) {
+  const FinalizeInputs in(stats, class_weight, divisor);
+  Tensor out = at::empty({}, in.stats.options());
+  AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize", [&] {
+    const Finalize<scalar_t> f = in.args<scalar_t>(o);
+    scalar_t sums[kFinalizeSums * kFinalizeThreads];
+    finalize_block_sums(f, sums);
+    *out.mutable_data_ptr<scalar_t>() = finalize_value(f, sums[0], sums[kFinalizeThreads], sums[2 * kFinalizeThreads]);
+  });
+  return out;
+}
+
+Tensor loss_finalize_backward_cpu(const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
+                                  const OptTensor& divisor, const FinalizeOptions& o) {
+  const FinalizeInputs in(stats, class_weight, divisor);
+  Tensor out = at::empty_like(in.stats, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize_backward", [&] {
+    Finalize<scalar_t> f = in.args<scalar_t>(o);
+    const scalar_t g = grad.item<scalar_t>();
+    scalar_t sums[kFinalizeSums * kFinalizeThreads];
+    Finalize<scalar_t> ce_only = f;  // the CE sums only (the gradient needs no Dice total)
+    ce_only.dice = false;
+    finalize_block_sums(ce_only, sums);
+    scalar_t* gs = out.mutable_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < f.B * f.C; ++j)
+      finalize_grad_entry(f, g, sums[kFinalizeThreads], sums[2 * kFinalizeThreads], j / f.C, j % f.C,
+                          gs + j * kStats);
+  });
+  return out;
 }
 
 }  // namespace medfast::loss

@@ -116,7 +116,42 @@ void launch_grad(const Voxel& voxel, const Shape& s, const char* op) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One block of finalize_kernel / finalize_backward_kernel: kFinalizeThreads threads, kFinalizeSums values
+// of T each in shared memory (at most 6 KiB).
+template <typename T>
+constexpr size_t finalize_smem() {
+  return size_t(kFinalizeSums) * kFinalizeThreads * sizeof(T);
+}
+
 }  // namespace
+
+Tensor loss_finalize_cuda(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
+                          const FinalizeOptions& o) {
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const FinalizeInputs in(stats, class_weight, divisor);
+  Tensor out = at::empty({}, in.stats.options());
+  AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize_cuda", [&] {
+    finalize_kernel<scalar_t><<<1, kFinalizeThreads, finalize_smem<scalar_t>(), at::cuda::getCurrentCUDAStream()>>>(
+        in.args<scalar_t>(o), out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+Tensor loss_finalize_backward_cuda(const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
+                                   const OptTensor& divisor, const FinalizeOptions& o) {
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const FinalizeInputs in(stats, class_weight, divisor);
+  const Tensor g = grad.to(in.stats.scalar_type()).contiguous();
+  Tensor out = at::empty_like(in.stats, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize_backward_cuda", [&] {
+    finalize_backward_kernel<scalar_t>
+        <<<1, kFinalizeThreads, finalize_smem<scalar_t>(), at::cuda::getCurrentCUDAStream()>>>(
+            in.args<scalar_t>(o), g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
 
 Tensor softmax_stats_cuda(const Tensor& logits_in, const Tensor& labels_in, const OptTensor& weight_in) {
   const c10::cuda::CUDAGuard guard(logits_in.device());

@@ -15,6 +15,7 @@
 
 #include "common/launch_geometry.h"
 #include "common/macros.h"
+#include "loss/finalize.h"
 #include "loss/loss.h"
 
 namespace medfast::loss {
@@ -202,6 +203,44 @@ __global__ void grad_kernel(const Voxel voxel, int64_t total) {
     const int64_t b = i / voxel.N;
     voxel.grad(b, i - b * voxel.N, i, e);
   }
+}
+
+// ---- The finishing arithmetic (finalize.h): one block of kFinalizeThreads ----
+// Shared memory: kFinalizeSums values of T per thread (sums[k * nt + t]). Thread t adds entries t, t + nt,
+// ... (finalize_partial), the tree adds the threads' sums (thread t < half takes thread t + half's), in
+// the order the CPU launcher (loss_cpu.cpp finalize_block_sums) follows. No atomics: deterministic.
+template <typename T>
+__device__ void finalize_block_sums(const Finalize<T>& f, T* sums) {
+  const int nt = blockDim.x, t = threadIdx.x;
+  finalize_partial(f, t, nt, Strided<T>{sums + t, nt});
+  for (int half = nt / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (t < half) finalize_combine(Strided<T>{sums + t, nt}, Strided<T>{sums + t + half, nt});
+  }
+  __syncthreads();
+}
+
+// The scalar loss into out[0]. One block of kFinalizeThreads threads.
+template <typename T>
+__global__ void finalize_kernel(const Finalize<T> f, T* out) {
+  MEDFAST_DYNAMIC_SHARED(smem_raw);
+  T* sums = reinterpret_cast<T*>(smem_raw);
+  finalize_block_sums(f, sums);
+  if (threadIdx.x == 0) out[0] = finalize_value(f, sums[0], sums[blockDim.x], sums[2 * blockDim.x]);
+}
+
+// The gradient w.r.t. the sums, grad_stats (B, C, kStats), from the upstream gradient g[0]. One block of
+// kFinalizeThreads threads: the CE sums as finalize_kernel has them, then a thread per (b, c) entry.
+template <typename T>
+__global__ void finalize_backward_kernel(const Finalize<T> f, const T* g, T* grad_stats) {
+  MEDFAST_DYNAMIC_SHARED(smem_raw);
+  T* sums = reinterpret_cast<T*>(smem_raw);
+  Finalize<T> ce_only = f;  // the gradient needs no Dice total
+  ce_only.dice = false;
+  finalize_block_sums(ce_only, sums);
+  const T nll_sum = sums[blockDim.x], truth_sum = sums[2 * blockDim.x], gv = g[0];
+  for (int64_t j = threadIdx.x; j < f.B * f.C; j += blockDim.x)
+    finalize_grad_entry(f, gv, nll_sum, truth_sum, j / f.C, j % f.C, grad_stats + j * kStats);
 }
 
 }  // namespace medfast::loss

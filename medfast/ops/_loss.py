@@ -2,9 +2,16 @@
 
 Kernels: ``csrc/loss/`` (CPU and CUDA launchers over the arithmetic of loss.h). One pass over the
 logits produces per-(batch, class) sums (intersection, prediction, ground truth, cross-entropy); the
-loss is O(B x C) arithmetic on them here, and the backward pass reads the logits once more. No one-hot,
-softmax or log-softmax tensor of the logits' size is formed: the only large allocation is the
-gradient autograd needs.
+backward pass reads the logits once more. No one-hot, softmax or log-softmax tensor of the logits' size
+is formed: the only large allocation is the gradient autograd needs.
+
+The O(B x C) arithmetic from the sums to the loss (Dice ratios, class weights, reductions, lambdas) is
+one more fused op, ``loss_finalize`` (finalize.h; one kernel and one for its backward on a GPU, instead
+of ~15 small PyTorch ops and ~20 in their backward, each a kernel launch: the host time, not the
+kernels, bounded small and medium losses). The PyTorch composition (``_dice_terms``, ``_ce_term``,
+``_reduce``) stays for what the op does not cover: ``dice_loss(reduction="none")``, class weights
+that require grad (the op does not differentiate them), and ``batch_dice`` with ``ddp_sync`` under
+an initialized process group (the all-reduce sits between the sums and the ratio).
 """
 
 from __future__ import annotations
@@ -232,9 +239,11 @@ def _stats_reference(logits: torch.Tensor, target: torch.Tensor, voxel_weight: t
     return torch.stack(stats, -1)
 
 
-def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax", check_labels=True):
-    """Per-(batch, class) sums I, P, G, E ((B, C) each), the class weights, and the divisor of the
-    cross-entropy's mean. With ``check_labels=False`` an out-of-range label makes the sums NaN."""
+def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax", check_labels=True):
+    """The (B, C, 4) sums I, P, G, E, the class weights, and the divisor of the cross-entropy's mean as
+    ``(voxels, scale, truth)``: ``scale`` (times the 0-dim tensor ``voxels`` if not None), or with
+    ``truth`` the weighted label count ``sum cw G``. With ``check_labels=False`` an out-of-range label
+    makes the sums NaN."""
     check_choice("activation", activation, ("softmax", "sigmoid"))
     logits = _check_logits(logits, activation)
     check_backend("logits", logits)
@@ -258,16 +267,83 @@ def _sums(logits, target, voxel_weight, ignore_index, class_weight, activation="
         if bad is not None:  # NaN in every sum (and so in the loss) when a label is out of range
             stats = stats + torch.where(bad, float("nan"), 0.0).to(stats.dtype)
     cw = _class_weight(class_weight, logits, stats.dtype)
-    # (I, P, G, E), (B, C) each, by one unbind: one autograd node whose backward stacks the four
-    # gradients (per-statistic selects would each allocate and fill a (B, C, 4) zero gradient)
-    parts = stats.unbind(-1)
     if soft:  # mean over voxels (softmax) or over voxels x channels (sigmoid), as PyTorch's losses
-        voxels = weight.sum().to(stats.dtype) if weight is not None else logits[:, 0].numel()
-        divisor = voxels * (logits.shape[1] if activation == "sigmoid" else 1)
-    else:  # weighted mean over the labelled voxels, as F.cross_entropy with weight / ignore_index
-        truth = parts[2] if cw is None else parts[2] * cw
-        divisor = truth.sum()
-    return parts, cw, divisor
+        channels = logits.shape[1] if activation == "sigmoid" else 1
+        if weight is not None:
+            return stats, cw, (weight.sum().to(stats.dtype), channels, False)
+        return stats, cw, (None, logits[:, 0].numel() * channels, False)
+    # weighted mean over the labelled voxels, as F.cross_entropy with weight / ignore_index
+    return stats, cw, (None, 1, True)
+
+
+def _parts(stats, cw, divisor):
+    """The Python composition's inputs from _stats: the sums I, P, G, E ((B, C) each) and the divisor of
+    the cross-entropy's mean (a number or a 0-dim tensor)."""
+    # (I, P, G, E) by one unbind: one autograd node whose backward stacks the four gradients
+    # (per-statistic selects would each allocate and fill a (B, C, 4) zero gradient)
+    parts = stats.unbind(-1)
+    voxels, scale, truth = divisor
+    if truth:
+        return parts, (parts[2] if cw is None else parts[2] * cw).sum()
+    return parts, (scale if voxels is None else voxels * scale)
+
+
+# The finishing arithmetic (Dice ratios, class weights, reductions, lambdas) is one fused op,
+# loss_finalize (csrc/loss/finalize.h), where it applies; False forces the Python composition
+# (_dice_terms, _ce_term, _reduce) everywhere: the tests' reference.
+_FUSED_FINALIZE = True
+
+
+@torch.library.register_fake("medfast::loss_finalize")
+def _loss_finalize_fake(stats, class_weight, divisor, scalars, flags):
+    return stats.new_empty(())
+
+
+@torch.library.register_fake("medfast::loss_finalize_backward")
+def _loss_finalize_backward_fake(grad, stats, class_weight, divisor, scalars, flags):
+    return torch.empty_like(stats, memory_format=torch.contiguous_format)
+
+
+def _finalize_setup(ctx, inputs, output):
+    stats, class_weight, divisor, ctx.scalars, ctx.flags = inputs
+    ctx.save_for_backward(stats, class_weight, divisor)
+
+
+def _finalize_backward(ctx, grad):
+    # Only w.r.t. stats: the class weights and the divisor are not differentiated (a class_weight that
+    # requires grad takes the Python composition, see _finalize_applies; the divisor is detached).
+    stats, class_weight, divisor = ctx.saved_tensors
+    grad_stats = _ops.loss_finalize_backward(grad, stats, class_weight, divisor, ctx.scalars, ctx.flags)
+    return grad_stats, None, None, None, None
+
+
+torch.library.register_autograd("medfast::loss_finalize", _finalize_backward, setup_context=_finalize_setup)
+
+
+def _finalize_applies(cw: torch.Tensor | None, batch_dice: bool = False, ddp_sync: bool = False) -> bool:
+    """Whether the fused finishing op computes the loss: not when the class weights require grad (the
+    op does not differentiate them), nor for a batch Dice all-reduced between the sums and the ratio."""
+    if not _FUSED_FINALIZE or (cw is not None and cw.requires_grad):
+        return False
+    return not (batch_dice and ddp_sync and torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+# The bits of loss_finalize's flags (csrc/loss/finalize.h FinalizeFlag).
+_DICE, _CE, _BACKGROUND, _BATCH_DICE, _MEAN, _TRUTH_DIVISOR = 1, 2, 4, 8, 16, 32
+
+
+def _finalize(stats, cw, divisor, *, dice, ce, include_background=True, batch_dice=False, smooth=(0.0, 0.0),
+              reduction="mean", lambda_dice=1.0, lambda_ce=1.0):
+    """The scalar loss from the sums by the fused op: lambda_dice x the reduced Dice terms (if ``dice``)
+    plus lambda_ce x the cross-entropy term (if ``ce``); the same values as _dice_terms / _ce_term /
+    _reduce. (Scalars and flags are packed: the autograd wrapper's host time grows with the number of
+    arguments.)"""
+    voxels, scale, truth = divisor
+    flags = ((_DICE if dice else 0) | (_CE if ce else 0) | (_BACKGROUND if include_background else 0)
+             | (_BATCH_DICE if batch_dice else 0) | (_MEAN if reduction == "mean" else 0)
+             | (_TRUTH_DIVISOR if truth else 0))
+    scalars = [float(scale), smooth[0], smooth[1], float(lambda_dice), float(lambda_ce)]
+    return _ops.loss_finalize(stats, cw, voxels, scalars, flags)
 
 
 def _dice_terms(parts, class_weight, include_background, batch_dice, smooth, ddp_sync=False):
@@ -334,8 +410,10 @@ def dice_loss(
         Sum the batch before the ratio (one Dice per class).
     smooth : float or (float, float)
         Added to the numerator and the denominator (or ``(numerator, denominator)``).
-    class_weight : sequence of C floats, optional
-        Multiplies each class's Dice loss (as MONAI's ``weight``) before the reduction.
+    class_weight : sequence of C floats or (C,) Tensor, optional
+        Multiplies each class's Dice loss (as MONAI's ``weight``) before the reduction. A tensor that
+        requires grad is differentiated too (the finishing arithmetic then runs as PyTorch ops rather
+        than the fused op: a little more host time).
     voxel_weight : Tensor, optional
         ``(B, *spatial)`` weights of each voxel in the sums (not differentiated).
     ignore_index : int, optional
@@ -363,7 +441,12 @@ def dice_loss(
         ``logits``.
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
-    parts, cw, _ = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    smooth = _smooth(smooth)
+    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    if reduction != "none" and _finalize_applies(cw, batch_dice, ddp_sync):
+        return _finalize(stats, cw, divisor, dice=True, ce=False, include_background=include_background,
+                         batch_dice=batch_dice, smooth=smooth, reduction=reduction)
+    parts, _ = _parts(stats, cw, divisor)
     return _reduce(_dice_terms(parts, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
 
 
@@ -389,7 +472,10 @@ def cross_entropy(
     ``reduction`` is ``"mean"`` or ``"sum"``.
     """
     check_choice("reduction", reduction, ("mean", "sum"))
-    parts, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    if _finalize_applies(cw):
+        return _finalize(stats, cw, divisor, dice=False, ce=True, reduction=reduction)
+    parts, divisor = _parts(stats, cw, divisor)
     return _ce_term(parts, cw, divisor, reduction)
 
 
@@ -421,11 +507,22 @@ def dice_ce_loss(
     the binary cross-entropy of every channel: equal to MONAI ``DiceCELoss(sigmoid=True)`` for one
     channel; for several channels MONAI applies a softmax cross-entropy to the float target
     instead, which is not multi-label, so medfast deliberately differs there.
+
+    Cost: two fused ops forward (the sums over the logits, then the loss from the sums) and two
+    backward, besides the label check (the finishing arithmetic runs as ~35 small PyTorch ops only
+    with a ``class_weight`` that requires grad, or ``batch_dice`` with ``ddp_sync`` under an
+    initialized process group).
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    parts, cw, divisor = _sums(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    smooth = _smooth(smooth)
+    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    if _finalize_applies(cw, batch_dice, ddp_sync):
+        return _finalize(stats, cw, divisor, dice=True, ce=True, include_background=include_background,
+                         batch_dice=batch_dice, smooth=smooth, reduction=reduction, lambda_dice=lambda_dice,
+                         lambda_ce=lambda_ce)
+    parts, divisor = _parts(stats, cw, divisor)
     dice = _reduce(_dice_terms(parts, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
     return lambda_dice * dice + lambda_ce * _ce_term(parts, cw, divisor, reduction)

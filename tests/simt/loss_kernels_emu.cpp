@@ -1,5 +1,6 @@
 // The CUDA kernels of the fused segmentation losses (csrc/loss/loss_kernels.cuh: the class sums and
-// their gradient, for label, soft-softmax and soft-sigmoid targets) on the CPU under the launch
+// their gradient, for label, soft-softmax and soft-sigmoid targets; the finishing op finalize_kernel and
+// its backward) on the CPU under the launch
 // emulation of simt.h, as a C library for tests/test_simt_loss.py (ctypes): the same kernel source as
 // the CUDA build, launched with the launcher's geometry (threads from the shared-memory plan, blocks and
 // chunks from the multiprocessor count given here), the blocks' partial sums added on the host in
@@ -103,6 +104,19 @@ int run(bool backward, int kind, const T* z, const void* target, const T* w, con
   return 2;
 }
 
+// The finishing op as loss_cuda.cu launches it: one block of kFinalizeThreads threads with
+// kFinalizeSums values of T each in shared memory; the loss into out[0] and, given the upstream gradient
+// g (one value), the gradient w.r.t. stats (B, C, kStats) into grad.
+template <typename T>
+void finalize(const T* stats, const T* cw, const T* divisor, int64_t B, int64_t C, const double* scalars,
+              int64_t flags, const T* g, T* out, T* grad) {
+  const Finalize<T> f = finalize_args<T>(stats, cw, divisor, B, C, scalars, flags);
+  const size_t smem = size_t(kFinalizeSums) * kFinalizeThreads * sizeof(T);
+  simt::launch({1, 1, 1}, kFinalizeThreads, smem, [&] { finalize_kernel<T>(f, out); });
+  if (g != nullptr)
+    simt::launch({1, 1, 1}, kFinalizeThreads, smem, [&] { finalize_backward_kernel<T>(f, g, grad); });
+}
+
 // A check of the emulation itself, not of medfast: block sums of in (gridDim.y, gridDim.x, n) through
 // warp shuffles, dynamic shared memory (one value per warp) and __syncthreads, as a two-level
 // reduction; out (gridDim.y, gridDim.x).
@@ -167,6 +181,14 @@ int emu_loss_sums_warp_f64(const double* z, const int64_t* y, const double* w, i
                            int64_t sms, int64_t optin, double* stats, int64_t* geometry) {
   return sums_warp<double>(LabelVoxel<double, double>{z, y, w, nullptr, nullptr, C, N}, B, sms, optin, stats,
                            geometry);
+}
+void emu_loss_finalize_f32(const float* stats, const float* cw, const float* divisor, int64_t B, int64_t C,
+                           const double* scalars, int64_t flags, const float* g, float* out, float* grad) {
+  finalize<float>(stats, cw, divisor, B, C, scalars, flags, g, out, grad);
+}
+void emu_loss_finalize_f64(const double* stats, const double* cw, const double* divisor, int64_t B, int64_t C,
+                           const double* scalars, int64_t flags, const double* g, double* out, double* grad) {
+  finalize<double>(stats, cw, divisor, B, C, scalars, flags, g, out, grad);
 }
 void emu_simt_block_sum(int threads, int gx, int gy, const double* in, int64_t n, double* out) {
   simt::launch({static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1}, threads, (threads / 32) * sizeof(double),
