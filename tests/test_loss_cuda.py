@@ -99,14 +99,23 @@ def test_cuda_sums_are_bitwise_reproducible():
         assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
 
 
-def test_cuda_bad_label_raises_before_launch():
+def test_cuda_bad_label_raises_and_the_context_stays_usable():
+    # the range check's result is waited for after the sums kernel is queued (which never reads past C)
     z = torch.randn(1, 3, 4, 4, 4, device="cuda")
     t = torch.randint(0, 3, (1, 4, 4, 4), device="cuda")
     t[0, 0, 0, 0] = 7
     with pytest.raises(ValueError, match="label 7"):
         mf.dice_ce_loss(z, t)
+    t[0, 0, 0, 0] = -2
+    with pytest.raises(ValueError, match="label -2"):
+        mf.dice_loss(z, t)
+    t[0, 0, 0, 0] = 255  # the ignore index is no error; another bad label still is
+    assert torch.isfinite(mf.dice_ce_loss(z, t, ignore_index=255))
+    t[0, 1, 1, 1] = 3
+    with pytest.raises(ValueError, match=r"label 3, outside \[0, 2\] for C = 3 classes \(ignore_index = 255\)"):
+        mf.cross_entropy(z, t, ignore_index=255)
     torch.cuda.synchronize()  # the context is still usable
-    assert torch.isfinite(mf.dice_ce_loss(z, t.clamp(max=2)))
+    assert torch.isfinite(mf.dice_ce_loss(z, t.clamp(0, 2)))
 
 
 def test_cuda_check_labels_false_gives_nan_without_a_sync():

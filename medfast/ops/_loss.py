@@ -17,7 +17,7 @@ an initialized process group (the all-reduce sits between the sums and the ratio
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -94,9 +94,11 @@ def _check_logits(logits: object, activation: str = "softmax") -> torch.Tensor:
 
 
 def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
-            check_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, *S) int64 labels with the ignore index mapped to -1, validated in shape; and, with
-    ``check_labels=False``, a device flag (0-dim bool) that is true when a label is out of range."""
+            check_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[], None] | None]:
+    """(B, *S) int64 labels with the ignore index mapped to -1, validated in shape; with
+    ``check_labels=False``, a device flag (0-dim bool) that is true when a label is out of range; and on
+    a GPU with ``check_labels``, the range check to finish (a callable that raises) once the sums kernel
+    is queued."""
     target = check_tensor("target", target)
     if torch.is_floating_point(target) or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class labels, got {target.dtype} (soft targets: not yet)")
@@ -117,22 +119,47 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
     labels = target.long()
     ignored = None if ignore_index is None else labels == ignore_index
     # An out-of-range label must never pass silently (the kernels leave such voxels out: they never
-    # read past C). check_labels: one reduction and ONE device sync, for a clear error here; without
-    # it, no sync: the loss becomes NaN on the device instead. Data-dependent, so torch.compile skips it.
-    bad = None
+    # read past C). check_labels: one reduction and one wait for its two values, for a clear error (on a
+    # GPU the wait comes after the sums kernel is queued, so the GPU is not idle meanwhile); without it, no
+    # wait at all: the loss becomes NaN on the device instead. Data-dependent, so torch.compile skips it.
+    bad = pending = None
     if not torch.compiler.is_compiling() and labels.numel():
         valid = labels if ignored is None else labels.masked_fill(ignored, 0)
         if check_labels:
-            lo, hi = (int(v) for v in torch.stack(torch.aminmax(valid)).tolist())
-            if lo < 0 or hi >= logits.shape[1]:
-                ignored_note = "" if ignore_index is None else f" (ignore_index = {ignore_index})"
-                raise ValueError(f"target holds label {lo if lo < 0 else hi}, outside [0, {logits.shape[1] - 1}] "
-                                 f"for C = {logits.shape[1]} classes{ignored_note}")
+            pending = _range_check(torch.stack(torch.aminmax(valid)), logits.shape[1], ignore_index)
         else:
             bad = ((valid < 0) | (valid >= logits.shape[1])).any()
     if ignored is not None:
         labels = labels.masked_fill(ignored, -1)
-    return labels, bad
+    if pending is not None and labels.device.type == "cpu":
+        pending()  # nothing to overlap on the CPU
+        pending = None
+    return labels, bad, pending
+
+
+def _range_check(lo_hi: torch.Tensor, C: int, ignore_index: int | None) -> Callable[[], None]:
+    """A callable that raises ValueError if ``lo_hi`` (the labels' min and max) leaves [0, C). On a GPU the
+    two values are copied to pinned host memory behind an event, and the callable waits for that event
+    only: the caller queues the sums kernel first, so the GPU computes it while the host waits for the
+    check (a plain ``.tolist()`` would wait with an idle GPU: a sync, then the launches)."""
+    if lo_hi.device.type == "cuda":
+        host = torch.empty(2, dtype=lo_hi.dtype, pin_memory=True)
+        host.copy_(lo_hi, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(lo_hi.device))
+    else:
+        host, done = lo_hi, None
+
+    def finish() -> None:
+        if done is not None:
+            done.synchronize()
+        lo, hi = (int(v) for v in host.tolist())
+        if lo < 0 or hi >= C:
+            ignored_note = "" if ignore_index is None else f" (ignore_index = {ignore_index})"
+            raise ValueError(f"target holds label {lo if lo < 0 else hi}, outside [0, {C - 1}] "
+                             f"for C = {C} classes{ignored_note}")
+
+    return finish
 
 
 def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
@@ -258,12 +285,14 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
         else:
             stats = _stats_reference(logits, t, weight, activation)
     else:
-        labels, bad = _labels(target, logits, ignore_index, check_labels)
+        labels, bad, pending = _labels(target, logits, ignore_index, check_labels)
         weight = _voxel_weight(voxel_weight, labels, logits)
         if fused:
-            stats = _ops.softmax_stats(logits, labels, weight)
+            stats = _ops.softmax_stats(logits, labels, weight)  # never reads past C: safe before the check
         else:
             stats = _stats_reference(logits, labels, weight, "labels")
+        if pending is not None:
+            pending()
         if bad is not None:  # NaN in every sum (and so in the loss) when a label is out of range
             stats = stats + torch.where(bad, float("nan"), 0.0).to(stats.dtype)
     cw = _class_weight(class_weight, logits, stats.dtype)
@@ -429,8 +458,9 @@ def dice_loss(
         ``"sigmoid"``: independent channels (multi-label), as MONAI's ``sigmoid=True``.
     check_labels : bool
         Integer labels: check on the host that every label is in ``[0, C)`` (or ``ignore_index``)
-        and raise ``ValueError`` naming the bad label (one reduction and one device sync per call).
-        ``False`` skips the sync, for training loops on a GPU whose labels are known good: an
+        and raise ``ValueError`` naming the bad label (one reduction per call and one wait for its
+        result; on a GPU the wait comes after the sums kernel is queued, so the GPU keeps working).
+        ``False`` skips the wait, for training loops on a GPU whose labels are known good: an
         out-of-range label then makes the loss NaN (never a wrong finite value, never a device-side
         assert), which the trainer's NaN check reports with the batch's files.
 
