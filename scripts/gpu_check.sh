@@ -18,7 +18,8 @@
 # Extra wheels (test dependencies) may sit in .whl/; data files of the Debian data packages
 # (../shared/DATA.md) in .devdata/{mricron,itk} are copied to where those packages put them
 # (scripts/gpu_prepare.sh fills both). Order: build, exception probes (rebuilt with the system g++ if
-# they crash), CUDA tests, warp, kernel and rendering profiles, training checks, then the benchmark
+# they crash), CUDA tests, warp, kernel and rendering profiles, Nsight Compute on the kernels that targets
+# wait on (if ncu is installed; MEDFAST_GPU_NCU=0 skips it, MEDFAST_GPU_NCU_CAP caps it), training checks, then the benchmark
 # suites and the memcheck run in the order of MEDFAST_GPU_SUITES. A lent machine has 15 minutes in all,
 # start included; on the H200 (2026-11-27) the build took 155 s. One call of at most 600 s, then a
 # second one on the warm machine within its 30 s idle time if minutes are left, for example:
@@ -116,6 +117,14 @@ fi
 TAIL=40 step warp_profile 120 $PY benchmarks/gpu_warp_profile.py --out "$RES"
 TAIL=30 step kernel_profile 120 $PY benchmarks/gpu_kernel_profile.py --out "$RES"
 TAIL=30 step render_profile 90 $PY benchmarks/gpu_render_profile.py --out "$RES"
+# Nsight Compute on one launch of each kernel a target waits on (if ncu is installed and may read the
+# performance counters): speed of light, memory workload, occupancy and stall reasons, as text
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null)
+if [ -n "$NCU" ] && [ "${MEDFAST_GPU_NCU:-1}" != 0 ]; then
+  TAIL=20 step ncu "${MEDFAST_GPU_NCU_CAP:-60}" "$NCU" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section WarpStateStats --section LaunchStats --launch-count 8 \
+    -k "regex:$($PY benchmarks/gpu_ncu_targets.py --filter)" $PY benchmarks/gpu_ncu_targets.py
+fi
 # the training checks (AMP, classification rendering in both CUDA marches, torchrun: NCCL and 2 processes
 # sharing a GPU over gloo) before the long benchmark suites: they answer more per second of the lease
 train_only=()
