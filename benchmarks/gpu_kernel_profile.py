@@ -4,7 +4,8 @@ simulation call of the classification renderer), each with the one-thread-per-li
 (``MEDFAST_USSIM_CUDA_MARCH=thread``) and the warp-cooperative one (the default), the batch-64 forward+backward
 of the warp march also with the merged property-gradient scatter (``MEDFAST_USSIM_CUDA_SCATTER=merged``;
 the other rows: plain), Dice+CE forward+backward (B=2, C=16 and 64, 128^3) with either label-sums
-kernel (``MEDFAST_LOSS_CUDA_SUMS`` = thread, the default, or warp) and HD95 of two 128^3 masks.
+kernel (``MEDFAST_LOSS_CUDA_SUMS`` = thread, the default, or warp), with and without the label-range check
+(``check_labels``), and HD95 of two 128^3 masks.
 
     python benchmarks/gpu_kernel_profile.py --out DIR
 """
@@ -73,16 +74,19 @@ def workloads(dev: torch.device):
 
     loss = L.DiceCELoss()
 
-    def dice_ce_case(C: int, sums: str):
+    unchecked = L.DiceCELoss(check_labels=False)
+
+    def dice_ce_case(C: int, sums: str, check: bool = True):
         """Dice+CE forward + backward, B = 2, 128^3, C classes; sums: MEDFAST_LOSS_CUDA_SUMS (thread: the
-        default sums_kernel, warp: the class-transposed label sums)."""
+        default sums_kernel, warp: the class-transposed label sums); check: the label-range check."""
         logits = torch.randn(2, C, 128, 128, 128, device=dev, requires_grad=True)
         target = torch.randint(0, C, (2, 1, 128, 128, 128), device=dev)
+        fn = loss if check else unchecked
 
         def step():
             os.environ["MEDFAST_LOSS_CUDA_SUMS"] = sums  # read by the launcher at every call
             logits.grad = None
-            loss(logits, target).backward()
+            fn(logits, target).backward()
 
         return step
 
@@ -104,6 +108,7 @@ def workloads(dev: torch.device):
     for C in (16, 64):
         for sums in ("thread", "warp"):
             out[f"dice_ce_b2_c{C}_128_{sums}sums"] = (dice_ce_case(C, sums), 10, None, 0, None)
+            out[f"dice_ce_b2_c{C}_128_{sums}sums_nocheck"] = (dice_ce_case(C, sums, False), 10, None, 0, None)
     out["hd95_128"] = (hd95, 10, None, 0, None)
     return out
 

@@ -1,0 +1,56 @@
+"""The GPU check's scripts run their logic on the CPU, so that a lent GPU's few minutes are not lost to a
+Python error in them: the training checks of the classification renderer (with and without CUDA
+graphs), the rendering profile, the warp profile at a tiny size, the Nsight Compute targets' filter,
+and the shell script's syntax."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_gpu_check_shell_syntax():
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
+
+
+def test_train_check_classification_graph_and_eager(tmp_path):
+    _run([str(ROOT / "scripts" / "gpu_train_check.py"), "--device", "cpu", "--small", "--steps", "3", "--only",
+          "cls_sim", "--only", "cls_sim_eager", "--out", str(tmp_path / "tc")], tmp_path)
+    report = json.loads((tmp_path / "tc" / "train_check.json").read_text())
+    rows = {r["check"]: r for r in report["results"]}
+    assert not report["failed"]
+    assert set(rows) == {"cls_sim", "cls_sim_eager"}
+    assert rows["cls_sim"]["cuda_graphs"] is True and rows["cls_sim_eager"]["cuda_graphs"] is False
+    assert rows["cls_sim"]["graph_replays"] == 0  # on the CPU the renderer renders eagerly
+    assert all(r["finite"] and r["ms_render_per_step"] > 0 for r in rows.values())
+
+
+def test_render_profile_both_modes(tmp_path):
+    _run([str(ROOT / "benchmarks" / "gpu_render_profile.py"), "--device", "cpu", "--batch", "4", "--repeats", "1",
+          "--out", str(tmp_path)], tmp_path)
+    result = json.loads((tmp_path / "gpu_render_profile.json").read_text())
+    assert set(result) == {"graph", "eager"} and result["graph"]["wall_ms_median"] > 0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_warp_profile_and_ncu_targets(tmp_path):
+    _run([str(ROOT / "benchmarks" / "gpu_warp_profile.py"), "--sizes", "8", "--out", str(tmp_path)], tmp_path)
+    rows = json.loads((tmp_path / "warp_cuda_profile.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"merged", "plain", "plain-int64", "grid_sample"}
+    out = _run([str(ROOT / "benchmarks" / "gpu_ncu_targets.py"), "--filter"], tmp_path).stdout.strip()
+    assert "forward_kernel" in out and "sums_kernel" in out
