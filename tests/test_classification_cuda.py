@@ -17,14 +17,19 @@ def test_cuda_graph_render_equals_eager():
     ds_kw = {**SMALL, "probes": ["C5-2v", "P4-2v"], "variants": 3, "sub_rays": 2}
     graphed, eager = SimulatedUltrasound(**ds_kw), SimulatedUltrasound(**ds_kw, cuda_graphs=False)
     ds = graphed.train_dataset(64)
-    batches = [collate([ds[(i, s + i)] for i in range(16)]) for s in (0, 100, 200)]
+    # three batch sizes: three (batch size, groups) keys
+    batches = [collate([ds[(i, s + i)] for i in range(n)]) for s, n in ((0, 16), (100, 12), (200, 8))]
     for k, batch in enumerate(batches):
-        img = graphed.render(batch, "cuda")
         ref = eager.render(batch, "cuda")
-        torch.testing.assert_close(img, ref, rtol=0, atol=1e-5)
-        assert graphed.cuda_graphs and graphed.graph_replays == k + 1  # captured once, then replayed
-    assert eager.graph_replays == 0
+        first = graphed.render(batch, "cuda")  # a new (batch size, groups): rendered eagerly
+        assert graphed.graph_replays == k
+        again = graphed.render(batch, "cuda")  # the second time: captured and replayed
+        assert graphed.cuda_graphs and graphed.graph_replays == k + 1
+        torch.testing.assert_close(first, ref, rtol=0, atol=0)
+        torch.testing.assert_close(again, ref, rtol=0, atol=1e-5)
+    assert eager.graph_replays == 0 and len(graphed._graphs) == len(batches)
     # the replay's output is a copy: the next batch does not overwrite the images of the last one
-    first = graphed.render(batches[0], "cuda")
+    out = graphed.render(batches[0], "cuda")
     graphed.render(batches[1], "cuda")
-    torch.testing.assert_close(first, eager.render(batches[0], "cuda"), rtol=0, atol=1e-5)
+    assert graphed.graph_replays == len(batches) + 2
+    torch.testing.assert_close(out, eager.render(batches[0], "cuda"), rtol=0, atol=1e-5)

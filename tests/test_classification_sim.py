@@ -153,8 +153,10 @@ def test_failed_graph_capture_falls_back_to_eager_rendering(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(src, "_capture", fail)
+    assert src._replay(groups, inputs, torch.device("cpu")) is None  # first time: eager, no capture yet
+    assert src.cuda_graphs is True
     with pytest.warns(UserWarning, match="CUDA graph capture failed .*rendering without graphs"):
-        assert src._replay(groups, inputs, torch.device("cpu")) is None
+        assert src._replay(groups, inputs, torch.device("cpu")) is None  # second time: the capture fails
     assert src.cuda_graphs is False and src.graph_replays == 0
     assert SimulatedUltrasound.from_args({"volumes": ["phantom:1"], "cuda_graphs": False}, (32, 32), "none",
                                          0).cuda_graphs is False

@@ -329,6 +329,7 @@ class SimulatedUltrasound:
         self._masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.cuda_graphs, self.graph_replays = bool(cuda_graphs), 0
         self._graphs: dict[tuple[str, int, tuple[tuple[int, int], ...]], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._seen: dict[tuple[str, int, tuple[tuple[int, int], ...]], int] = {}
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any], image_shape: Sequence[int] | None, normalize: str,
@@ -455,7 +456,8 @@ class SimulatedUltrasound:
 
         On a GPU (``cuda_graphs``) the device work of a batch is one CUDA graph replay: rendering is
         launch-bound at these sizes (about 25 kernels per (volume, probe) group), and the graph, captured
-        once per batch size and set of groups, leaves the host one input copy and one replay."""
+        once per batch size and set of groups (when one comes a second time), leaves the host one input
+        copy and one replay."""
         device = torch.device(device)
         vol = batch["volume"].reshape(-1).tolist()
         plane = batch["label"].reshape(-1).tolist()
@@ -530,13 +532,15 @@ class SimulatedUltrasound:
 
     def _replay(self, groups: tuple[tuple[int, int], ...], inputs: torch.Tensor,
                 device: torch.device) -> torch.Tensor | None:
-        """The batch rendered by a CUDA graph of :meth:`_render_all` (captured on first use of a batch size
-        and set of groups, at most ``_MAX_GRAPHS``), or None: then the caller renders eagerly (more
-        graphs than that, or a capture that failed, which turns graphs off with a warning)."""
+        """The batch rendered by a CUDA graph of :meth:`_render_all`, or None: then the caller renders
+        eagerly. A graph is captured the second time a batch size and set of groups comes (batches
+        rendered once, such as the cached validation images, are not worth a capture), at most
+        ``_MAX_GRAPHS`` of them; a capture that fails turns graphs off with a warning."""
         key = (str(device), inputs.shape[0], groups)
         entry = self._graphs.get(key)
         if entry is None:
-            if len(self._graphs) >= _MAX_GRAPHS:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < 2 or len(self._graphs) >= _MAX_GRAPHS:
                 return None
             try:
                 entry = self._capture(groups, inputs, device)
