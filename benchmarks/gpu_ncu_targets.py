@@ -1,6 +1,7 @@
 """One launch of each kernel that a GPU target still waits on, for Nsight Compute (``ncu``) to profile:
-the warp forward at 256^3 (issue: half the DRAM bandwidth), the Dice+CE sums and gradient kernels at
-C = 16, B = 2, 128^3, and the ultrasound line march, PSF and property-gradient scatter at batch 16.
+the warp forward at 256^3 (issue: half the DRAM bandwidth; one voxel per thread and ilp4), the Dice+CE
+sums and gradient kernels at C = 16, B = 2, 128^3, and the ultrasound line march, PSF and
+property-gradient scatter at batch 16.
 ``scripts/gpu_check.sh`` runs it under ``ncu`` (when installed) with the kernel-name filter below, so
 the next change to those kernels can start from their measured limiters (memory throughput, stall
 reasons, occupancy) instead of guesses.
@@ -11,13 +12,14 @@ reasons, occupancy) instead of guesses.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-FILTER = "forward_kernel|sums_kernel|grad_kernel|lines_warp_kernel|psf_axial|lines_scatter"
+FILTER = "forward_kernel|forward_ilp_kernel|sums_kernel|grad_kernel|lines_warp_kernel|psf_axial|lines_scatter"
 
 
 def main() -> None:
@@ -33,6 +35,9 @@ def main() -> None:
     ddf = F.interpolate(torch.randn(1, 3, 8, 8, 8, device=dev, generator=g) * 4, size=(256,) * 3,
                         mode="trilinear").contiguous()
     mf.warp(image, ddf)
+    os.environ["MEDFAST_WARP_CUDA_FORWARD"] = "ilp4"  # the opt-in variant, 4 voxels per thread
+    mf.warp(image, ddf)
+    os.environ.pop("MEDFAST_WARP_CUDA_FORWARD")
 
     z = torch.randn(2, 16, 128, 128, 128, device=dev, generator=g, requires_grad=True)
     t = torch.randint(0, 16, (2, 128, 128, 128), device=dev, generator=g)

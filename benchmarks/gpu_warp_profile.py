@@ -9,7 +9,8 @@ For linear warps (128^3 with 1 and 4 channels, 256^3 with 1) it reports, per imp
   * the forward's effective bandwidth (ideal traffic / kernel time).
 The medfast rows come in both image-gradient scatters of the CUDA backward
 (``MEDFAST_WARP_CUDA_SCATTER`` = plain, the default, or merged), and the plain one also with the flat
-index split by int64 division (``MEDFAST_WARP_CUDA_INDEX=int64``) instead of FastDiv.
+index split by int64 division (``MEDFAST_WARP_CUDA_INDEX=int64``) instead of FastDiv, and the forward with 32-bit
+tap offsets and 1, 2 or 4 output voxels per thread (``MEDFAST_WARP_CUDA_FORWARD`` = ilp1 / ilp2 / ilp4).
 
     python benchmarks/gpu_warp_profile.py --out DIR
 """
@@ -93,9 +94,11 @@ def main() -> None:
         coarse = torch.randn(1, 3, 8, 8, 8, device=dev, generator=gen) * 4
         ddf = F.interpolate(coarse, size=(size,) * 3, mode="trilinear").contiguous().requires_grad_()
         grad = torch.randn(1, channels, size, size, size, device=dev, generator=gen)
-        for impl in ("merged", "plain", "plain-int64", "grid_sample"):
+        for impl in ("merged", "plain", "plain-int64", "plain-ilp1", "plain-ilp2", "plain-ilp4",
+                     "grid_sample"):
             os.environ["MEDFAST_WARP_CUDA_SCATTER"] = "merged" if impl == "merged" else "plain"
             os.environ["MEDFAST_WARP_CUDA_INDEX"] = "int64" if impl == "plain-int64" else "fast"
+            os.environ["MEDFAST_WARP_CUDA_FORWARD"] = impl[len("plain-"):] if "ilp" in impl else "one"
             step = step_fn(impl, image, ddf, grad)
             for _ in range(5):
                 step()
@@ -112,7 +115,7 @@ def main() -> None:
                 "kernels": kernels,
             }
             if impl != "grid_sample":
-                fwd = {k: v for k, v in kernels.items() if "forward_kernel" in k}
+                fwd = {k: v for k, v in kernels.items() if "forward_kernel" in k or "forward_ilp_kernel" in k}
                 if fwd:
                     n = size**3
                     row["forward_GBps"] = (3 * n + 2 * channels * n) * 4 / sum(fwd.values()) / 1e6
@@ -123,6 +126,7 @@ def main() -> None:
                 print(f"    {v:8.4f} ms  {k}", flush=True)
     os.environ.pop("MEDFAST_WARP_CUDA_SCATTER", None)
     os.environ.pop("MEDFAST_WARP_CUDA_INDEX", None)
+    os.environ.pop("MEDFAST_WARP_CUDA_FORWARD", None)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     info = {"device": name, "torch": torch.__version__, "medfast": mf.build_info()}
     args.out.mkdir(parents=True, exist_ok=True)

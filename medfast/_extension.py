@@ -51,7 +51,8 @@ def build_info() -> dict:
         march, ``MEDFAST_USSIM_CUDA_MARCH`` = warp (default) or thread; the ultrasound backward's
         property-gradient scatter, ``MEDFAST_USSIM_CUDA_SCATTER`` = plain (default) or merged; the
         linear warp backward's scatter, ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged, default
-        ``auto``: merged for images of several channels, plain for one; the fused losses' label
+        ``auto``: merged for images of several channels, plain for one; the warp forward's voxels per
+        thread, ``MEDFAST_WARP_CUDA_FORWARD`` = one (default), ilp1, ilp2 or ilp4; the fused losses' label
         sums, ``MEDFAST_LOSS_CUDA_SUMS`` = thread (default) or warp).
     """
     from medfast import __version__
@@ -84,7 +85,9 @@ def cuda_variants() -> dict[str, str]:
     us_scatter = os.environ.get("MEDFAST_USSIM_CUDA_SCATTER", "")
     scatter = os.environ.get("MEDFAST_WARP_CUDA_SCATTER", "")
     sums = os.environ.get("MEDFAST_LOSS_CUDA_SUMS", "")
+    forward = os.environ.get("MEDFAST_WARP_CUDA_FORWARD", "")
     return {"ussim_march": "thread" if march == "thread" else "warp",
             "ussim_scatter": "merged" if us_scatter == "merged" else "plain",
             "warp_scatter": scatter if scatter in ("plain", "merged") else "auto",
+            "warp_forward": forward if forward in ("ilp1", "ilp2", "ilp4") else "one",
             "loss_sums": "warp" if sums == "warp" else "thread"}

@@ -43,6 +43,7 @@ def _format_info(info: dict) -> str:
         rows.append(("CUDA variants", f"ultrasound march {variants['ussim_march']} (MEDFAST_USSIM_CUDA_MARCH), "
                                       f"ultrasound scatter {variants['ussim_scatter']} (MEDFAST_USSIM_CUDA_SCATTER), "
                                       f"warp scatter {variants['warp_scatter']} (MEDFAST_WARP_CUDA_SCATTER), "
+                                      f"warp forward {variants['warp_forward']} (MEDFAST_WARP_CUDA_FORWARD), "
                                       f"loss sums {variants['loss_sums']} (MEDFAST_LOSS_CUDA_SUMS)"))
     width = max(len(key) for key, _ in rows)
     lines = [f"{key:<{width}}  {value}" for key, value in rows]

@@ -122,7 +122,7 @@ TAIL=30 step render_profile 90 $PY benchmarks/gpu_render_profile.py --out "$RES"
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null)
 if [ -n "$NCU" ] && [ "${MEDFAST_GPU_NCU:-1}" != 0 ]; then
   TAIL=20 step ncu "${MEDFAST_GPU_NCU_CAP:-60}" "$NCU" --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section Occupancy --section WarpStateStats --section LaunchStats --launch-count 8 \
+    --section Occupancy --section WarpStateStats --section LaunchStats --launch-count 10 \
     -k "regex:$($PY benchmarks/gpu_ncu_targets.py --filter)" $PY benchmarks/gpu_ncu_targets.py
 fi
 # the training checks (AMP, classification rendering in both CUDA marches, torchrun: NCCL and 2 processes

@@ -51,6 +51,7 @@ def test_render_profile_both_modes(tmp_path):
 def test_warp_profile_and_ncu_targets(tmp_path):
     _run([str(ROOT / "benchmarks" / "gpu_warp_profile.py"), "--sizes", "8", "--out", str(tmp_path)], tmp_path)
     rows = json.loads((tmp_path / "warp_cuda_profile.json").read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"merged", "plain", "plain-int64", "grid_sample"}
+    assert {r["impl"] for r in rows} == {"merged", "plain", "plain-int64", "plain-ilp1", "plain-ilp2",
+                                          "plain-ilp4", "grid_sample"}
     out = _run([str(ROOT / "benchmarks" / "gpu_ncu_targets.py"), "--filter"], tmp_path).stdout.strip()
     assert "forward_kernel" in out and "sums_kernel" in out

@@ -368,7 +368,7 @@ def test_merged_scatter_keeps_frames_apart(emu):
 
 PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
 MODES = {"nearest": 0, "linear": 1, "cubic": 2}
-KERNELS = {"forward": 0, "backward": 1, "merged": 2}
+KERNELS = {"forward": 0, "backward": 1, "merged": 2, "ilp2": 3, "ilp4": 4, "ilp1": 5}
 
 
 def _ints(values) -> ctypes.Array:
@@ -435,6 +435,28 @@ def test_warp_forward_kernel_matches_cpu(warp_emu, dtype, ndim, mode, padding, f
     out = torch.full_like(ref, 5.0)
     _emu_warp(warp_emu, "forward", mode, padding, fast, image, ddf, out_size, inn, out=out)
     torch.testing.assert_close(out, ref, equal_nan=True, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("kernel", ["ilp1", "ilp2", "ilp4"])
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_warp_forward_ilp_kernel_is_bitwise_the_forward_kernel(warp_emu, dtype, ndim, mode, padding, kernel,
+                                                               broadcast):
+    # V voxels per thread with 32-bit tap offsets (MEDFAST_WARP_CUDA_FORWARD=ilp1 / ilp2 / ilp4): the same
+    # arithmetic per voxel, so the same bits; NaN displacements, several channels, a batch-1 image, and a
+    # voxel count (2 x 444) that leaves the last thread of the last pass part-filled
+    image, ddf, _, out_size, inn = _warp_case(ndim, dtype, "nan", broadcast, 5)
+    ref = torch.full((ddf.shape[0], image.shape[1], *out_size), 5.0, dtype=dtype)
+    _emu_warp(warp_emu, "forward", mode, padding, True, image, ddf, out_size, inn, out=ref)
+    out = torch.full_like(ref, 7.0)
+    _emu_warp(warp_emu, kernel, mode, padding, True, image, ddf, out_size, inn, out=out)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref))
+    cpu = torch.ops.medfast.warp_forward(image, None, ddf, list(out_size), mode, padding)
+    torch.testing.assert_close(out, cpu, equal_nan=True, **_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -178,26 +178,28 @@ MEDFAST_HOST_DEVICE void axis_taps(T x, int64_t n, AxisTaps<T, taps_of<MODE>::va
 }
 
 // The K^NDIM taps of one sample as flat lists: the tensor products of the per-axis weights
-// (and of their derivatives) are formed once per voxel and reused for every channel.
-template <typename T, int NDIM, int K>
+// (and of their derivatives) are formed once per voxel and reused for every channel. I: the type of
+// the image offsets, int64, or int32 where the launcher knows that one batch element of the image
+// has fewer than 2^31 elements (fewer registers and integer instructions on a GPU).
+template <typename T, int NDIM, int K, typename I = int64_t>
 struct Stencil {
   static constexpr int N = NDIM == 3 ? K * K * K : K * K;
-  int64_t off[N];     // offset of the tap in the image (image strides)
+  I off[N];           // offset of the tap in the image (image strides)
   int64_t lin[N];     // offset of the tap in a contiguous buffer of the image's spatial shape
   T w[N];             // weight
   T dw[NDIM][N];      // d weight / d position along each axis (only with GRAD)
 };
 
-template <bool GRAD, typename T, int NDIM, int K>
+template <bool GRAD, typename T, int NDIM, int K, typename I>
 MEDFAST_HOST_DEVICE void make_stencil(const AxisTaps<T, K>* ax, const int64_t* stride, const int64_t* size,
-                                      Stencil<T, NDIM, K>& s) {
+                                      Stencil<T, NDIM, K, I>& s) {
   int t = 0;
   if constexpr (NDIM == 2) {
     MEDFAST_UNROLL
     for (int a = 0; a < K; ++a) {
       MEDFAST_UNROLL
       for (int b = 0; b < K; ++b, ++t) {
-        s.off[t] = ax[0].idx[a] * stride[0] + ax[1].idx[b] * stride[1];
+        s.off[t] = I(ax[0].idx[a]) * I(stride[0]) + I(ax[1].idx[b]) * I(stride[1]);
         s.lin[t] = ax[0].idx[a] * size[1] + ax[1].idx[b];
         s.w[t] = ax[0].w[a] * ax[1].w[b];
         if constexpr (GRAD) {
@@ -213,11 +215,11 @@ MEDFAST_HOST_DEVICE void make_stencil(const AxisTaps<T, K>* ax, const int64_t* s
       for (int b = 0; b < K; ++b) {
         const T wab = ax[0].w[a] * ax[1].w[b];
         const T dab0 = ax[0].dw[a] * ax[1].w[b], dab1 = ax[0].w[a] * ax[1].dw[b];
-        const int64_t oab = ax[0].idx[a] * stride[0] + ax[1].idx[b] * stride[1];
+        const I oab = I(ax[0].idx[a]) * I(stride[0]) + I(ax[1].idx[b]) * I(stride[1]);
         const int64_t lab = (ax[0].idx[a] * size[1] + ax[1].idx[b]) * size[2];
         MEDFAST_UNROLL
         for (int c = 0; c < K; ++c, ++t) {
-          s.off[t] = oab + ax[2].idx[c] * stride[2];
+          s.off[t] = oab + I(ax[2].idx[c]) * I(stride[2]);
           s.lin[t] = lab + ax[2].idx[c];
           s.w[t] = wab * ax[2].w[c];
           if constexpr (GRAD) {
@@ -360,29 +362,39 @@ MEDFAST_UNROLL
   for (int i = 0; i < NDIM; ++i) axis_taps<MODE, PAD>(p[i], A.in_size[i], ax[i]);
 }
 
+// The taps of output voxel xi of batch b (position, per-axis taps, stencil); false for a NaN position.
+template <int MODE, int PAD, typename S, typename T, int NDIM, typename I>
+MEDFAST_HOST_DEVICE bool forward_stencil(const WarpArgs<S, T, NDIM>& A, int64_t b, const int64_t* xi,
+                                         Stencil<T, NDIM, taps_of<MODE>::value, I>& s) {
+  T p[NDIM];
+  if (!sample_position(A, b, xi, p)) return false;
+  AxisTaps<T, taps_of<MODE>::value> ax[NDIM];
+  compute_taps<MODE, PAD>(A, p, ax);
+  make_stencil<false>(ax, A.image_st, A.in_size, s);
+  return true;
+}
+
+// One channel's interpolated value: sum_t w[t] image[tap t], in tap order.
+template <typename S, typename T, int NDIM, int K, typename I>
+MEDFAST_HOST_DEVICE T stencil_sum(const Stencil<T, NDIM, K, I>& s, const S* img) {
+  T acc = T(0);
+  MEDFAST_UNROLL
+  for (int t = 0; t < Stencil<T, NDIM, K, I>::N; ++t) acc += s.w[t] * static_cast<T>(img[s.off[t]]);
+  return acc;
+}
+
 // Forward: out is contiguous (batch, channels, out_numel). A NaN position gives NaN in every channel.
 template <int MODE, int PAD, typename S, typename T, int NDIM>
 MEDFAST_HOST_DEVICE void forward_voxel(const WarpArgs<S, T, NDIM>& A, S* out, int64_t b, const int64_t* xi,
                                        int64_t x) {
-  constexpr int K = taps_of<MODE>::value;
-  using St = Stencil<T, NDIM, K>;
-  T p[NDIM];
+  Stencil<T, NDIM, taps_of<MODE>::value> s;
   S* o = out + b * A.channels * A.out_numel + x;
-  if (!sample_position(A, b, xi, p)) {
+  if (!forward_stencil<MODE, PAD>(A, b, xi, s)) {
     for (int64_t c = 0; c < A.channels; ++c) o[c * A.out_numel] = static_cast<S>(NAN);
     return;
   }
-  AxisTaps<T, K> ax[NDIM];
-  compute_taps<MODE, PAD>(A, p, ax);
-  St s;
-  make_stencil<false>(ax, A.image_st, A.in_size, s);
   const S* img = A.image + b * A.image_sb;
-  for (int64_t c = 0; c < A.channels; ++c, img += A.image_sc) {
-    T acc = T(0);
-    MEDFAST_UNROLL
-    for (int t = 0; t < St::N; ++t) acc += s.w[t] * static_cast<T>(img[s.off[t]]);
-    o[c * A.out_numel] = static_cast<S>(acc);
-  }
+  for (int64_t c = 0; c < A.channels; ++c, img += A.image_sc) o[c * A.out_numel] = static_cast<S>(stencil_sum(s, img));
 }
 
 // d loss / d position of one voxel and channel: gp += gc * sum_t dw[t] * image[tap t].

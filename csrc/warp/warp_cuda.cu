@@ -33,6 +33,27 @@ bool merged_scatter(int64_t channels) {
   return channels > 1;
 }
 
+// The forward kernel: forward_kernel (0) by default; MEDFAST_WARP_CUDA_FORWARD=ilp1, ilp2 or ilp4 selects
+// forward_ilp_kernel with 32-bit tap offsets and 1, 2 or 4 output voxels per thread (linear and nearest),
+// opt-in until timed on a GPU (sm_90, CUDA 13, float32 linear 3D: 64 registers per thread for
+// forward_kernel; 56, 96 and 121 for ilp1, ilp2 and ilp4; README, warp section).
+int forward_ilp() {
+  const char* v = std::getenv("MEDFAST_WARP_CUDA_FORWARD");
+  if (v == nullptr) return 0;
+  if (std::strcmp(v, "ilp1") == 0) return 1;
+  if (std::strcmp(v, "ilp2") == 0) return 2;
+  if (std::strcmp(v, "ilp4") == 0) return 4;
+  return 0;
+}
+
+// True when every tap offset within one batch element and channel of the image fits in an int32.
+template <typename S, typename T, int NDIM>
+bool int32_offsets(const WarpArgs<S, T, NDIM>& A) {
+  int64_t most = 0;
+  for (int i = 0; i < NDIM; ++i) most += (A.in_size[i] - 1) * A.image_st[i];
+  return most < (int64_t(1) << 31);
+}
+
 // MEDFAST_WARP_CUDA_INDEX=int64 splits the flat index by int64 division instead of FastDiv (both
 // are always compiled: the flag is per launch), so the two can be timed on one build.
 template <int NDIM>
@@ -111,8 +132,20 @@ Tensor forward_cuda(const Tensor& image, const OptTensor& theta, const OptTensor
   dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
     const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
     const auto U = index_split<NDIM>(total, A.out_numel, A.out_size);
-    forward_kernel<S, acc_t<S>, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(
-        A, U, out.mutable_data_ptr<S>(), total);
+    S* o = out.mutable_data_ptr<S>();
+    const int v = MODE == kCubic ? 0 : forward_ilp();
+    if (v > 0 && int32_offsets(A)) {
+      if (v == 1)
+        forward_ilp_kernel<S, acc_t<S>, NDIM, MODE, PAD, 1><<<blocks_for(total), kThreads, 0, stream>>>(A, U, o, total);
+      else if (v == 2)
+        forward_ilp_kernel<S, acc_t<S>, NDIM, MODE, PAD, 2><<<blocks_for((total + 1) / 2), kThreads, 0, stream>>>(
+            A, U, o, total);
+      else
+        forward_ilp_kernel<S, acc_t<S>, NDIM, MODE, PAD, 4><<<blocks_for((total + 3) / 4), kThreads, 0, stream>>>(
+            A, U, o, total);
+    } else {
+      forward_kernel<S, acc_t<S>, NDIM, MODE, PAD><<<blocks_for(total), kThreads, 0, stream>>>(A, U, o, total);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

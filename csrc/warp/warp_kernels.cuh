@@ -20,6 +20,45 @@ __global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<ND
   }
 }
 
+// The forward with V output voxels per thread (MEDFAST_WARP_CUDA_FORWARD=ilp2 / ilp4, opt-in until timed):
+// the kernel is bound by memory latency more than by bandwidth (one voxel's displacement loads, then its
+// gathers, then its store, in sequence), so each thread first issues the displacement loads of all its
+// V voxels (voxels base + v * blockDim.x: each load instruction still coalesced across the warp), then
+// forms their stencils with 32-bit offsets (the launcher checks that one batch element of the image has
+// fewer than 2^31 elements), then issues all their gathers before any store. The arithmetic of each voxel
+// is forward_voxel's (forward_stencil, stencil_sum), so the results are bitwise those of forward_kernel.
+template <typename S, typename T, int NDIM, int MODE, int PAD, int V>
+__global__ void forward_ilp_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, S* out, int64_t total) {
+  using St = Stencil<T, NDIM, taps_of<MODE>::value, int32_t>;
+  const int64_t nt = blockDim.x;
+  for (int64_t base = blockIdx.x * nt * V + threadIdx.x; base < total; base += int64_t(gridDim.x) * nt * V) {
+    St s[V];
+    int64_t b[V], x[V];
+    bool active[V], finite[V];
+    MEDFAST_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const int64_t i = base + v * nt;
+      active[v] = i < total;
+      finite[v] = false;
+      b[v] = x[v] = 0;
+      if (active[v]) {
+        int64_t xi[NDIM];
+        split_index<NDIM>(i, U, A.out_numel, A.out_size, b[v], x[v], xi);
+        finite[v] = forward_stencil<MODE, PAD>(A, b[v], xi, s[v]);
+      }
+    }
+    for (int64_t c = 0; c < A.channels; ++c) {
+      T acc[V];
+      MEDFAST_UNROLL
+      for (int v = 0; v < V; ++v)
+        acc[v] = active[v] && finite[v] ? stencil_sum(s[v], A.image + b[v] * A.image_sb + c * A.image_sc) : T(0);
+      MEDFAST_UNROLL
+      for (int v = 0; v < V; ++v)
+        if (active[v]) out[(b[v] * A.channels + c) * A.out_numel + x[v]] = finite[v] ? static_cast<S>(acc[v]) : static_cast<S>(NAN);
+    }
+  }
+}
+
 template <typename S, typename T, int NDIM, int MODE, int PAD>
 __global__ void backward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, const S* gout, T* grad_pos,
                                 T* grad_image, int64_t in_numel, int64_t total) {

@@ -12,7 +12,8 @@ using namespace medfast::warp;
 namespace {
 
 struct Call {
-  int kernel;  // 0 forward, 1 backward (one atomic per tap), 2 merged linear backward
+  int kernel;  // 0 forward, 1 backward (one atomic per tap), 2 merged linear backward, 3 / 4 / 5 forward with 2 /
+               // 4 / 1 voxels per thread (forward_ilp_kernel; linear and nearest)
   int ndim, mode, pad;
   bool fast_index;  // IndexSplit by FastDiv (false: the int64 division path)
 };
@@ -57,6 +58,11 @@ void run(const Call& call, const T* image, int64_t image_batch, int64_t C, const
     if constexpr (MODE == kLinear)
       if (call.kernel == 2)
         backward_linear_merged_kernel<T, T, NDIM, PAD>(A, U, gout, grad_pos, grad_image, in_numel, total);
+    if constexpr (MODE != kCubic) {
+      if (call.kernel == 3) forward_ilp_kernel<T, T, NDIM, MODE, PAD, 2>(A, U, out, total);
+      if (call.kernel == 4) forward_ilp_kernel<T, T, NDIM, MODE, PAD, 4>(A, U, out, total);
+      if (call.kernel == 5) forward_ilp_kernel<T, T, NDIM, MODE, PAD, 1>(A, U, out, total);
+    }
   });
 }
 
