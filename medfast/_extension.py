@@ -49,7 +49,7 @@ def build_info() -> dict:
         OpenMP, the CPU SIMD fast path in use (``cpu_simd``), CPU threads, whether a GPU is visible, and
         the CUDA kernel variants that the environment selects now (``cuda_variants``: the ultrasound
         march, ``MEDFAST_USSIM_CUDA_MARCH`` = warp (default) or thread; the ultrasound backward's
-        property-gradient scatter, ``MEDFAST_USSIM_CUDA_SCATTER`` = plain (default) or merged; the
+        property-gradient scatter, ``MEDFAST_USSIM_CUDA_SCATTER`` = merged (default) or plain; the
         linear warp backward's scatter, ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged, default
         ``auto``: merged for images of several channels, plain for one; the warp forward's voxels per
         thread, ``MEDFAST_WARP_CUDA_FORWARD`` = one (default), ilp1, ilp2 or ilp4; the fused losses' label
@@ -87,7 +87,7 @@ def cuda_variants() -> dict[str, str]:
     sums = os.environ.get("MEDFAST_LOSS_CUDA_SUMS", "")
     forward = os.environ.get("MEDFAST_WARP_CUDA_FORWARD", "")
     return {"ussim_march": "thread" if march == "thread" else "warp",
-            "ussim_scatter": "merged" if us_scatter == "merged" else "plain",
+            "ussim_scatter": "plain" if us_scatter == "plain" else "merged",
             "warp_scatter": scatter if scatter in ("plain", "merged") else "auto",
             "warp_forward": forward if forward in ("ilp1", "ilp2", "ilp4") else "one",
             "loss_sums": "warp" if sums == "warp" else "thread"}

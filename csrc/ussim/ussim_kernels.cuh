@@ -7,9 +7,9 @@
 // launch geometry (threads per block, blocks for n grid-stride work items) is host arithmetic here too,
 // so that the emulation launches as the GPU does.
 //
-// The property gradient is scattered into the volume by one thread per sample with atomicAdd (not
-// bitwise deterministic on a GPU; see docs/ultrasound.md); MEDFAST_USSIM_CUDA_SCATTER=merged selects
-// scatter_merged_kernel of ussim_warp.cuh instead.
+// The plain property-gradient scatter (MEDFAST_USSIM_CUDA_SCATTER=plain; the default is the merged
+// scatter_merged_kernel of ussim_warp.cuh) adds each sample's share with atomicAdd, one thread per sample
+// (not bitwise deterministic on a GPU; see docs/ultrasound.md).
 #pragma once
 #include <cstdint>
 

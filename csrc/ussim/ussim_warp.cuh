@@ -342,7 +342,7 @@ __global__ void lines_scatter_kernel(T* gprops, const Params P, const T* start, 
   }
 }
 
-// ---- Merged scatter (MEDFAST_USSIM_CUDA_SCATTER=merged) ----
+// ---- Merged scatter (the default; MEDFAST_USSIM_CUDA_SCATTER=plain selects the plain one) ----
 //
 // scatter_props (ussim.h) of one sample per lane of a warp, with the lanes whose samples fall into the
 // same voxel cell of the same volume summed first: consecutive samples of a ray are a fraction of a
