@@ -478,7 +478,8 @@ class SimulatedUltrasound:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             out = None
             if device.type == "cuda" and self.cuda_graphs:
-                out = self._replay(groups, inputs, device)
+                with torch.cuda.device(device):  # a graph is captured and replayed on the current device
+                    out = self._replay(groups, inputs, device)
             if out is None:
                 out = self._render_eager(groups, inputs, device)
         if self.normalize == "minmax":
