@@ -24,8 +24,8 @@
 # start included; on the H200 (2026-11-27) the build took 155 s. One call of at most 600 s, then a
 # second one on the warm machine within its 30 s idle time if minutes are left, for example:
 #   MEDFAST_GPU_BUDGET=565 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick MEDFAST_GPU_TEST_CAP=150 \
-#     MEDFAST_GPU_TRAIN_CHECKS="seg_none seg_bf16 cls_sim cls_sim_eager" MEDFAST_GPU_BENCH_CAP=90 \
-#     MEDFAST_GPU_SUITES="loss sanitizer warp ultrasound classification distance" bash scripts/gpu_check.sh
+#     MEDFAST_GPU_NCU_CAP=45 MEDFAST_GPU_TRAIN_CHECKS="seg_none cls_sim cls_sim_eager" MEDFAST_GPU_BENCH_CAP=90 \
+#     MEDFAST_GPU_SUITES="loss warp sanitizer ultrasound classification distance" bash scripts/gpu_check.sh
 # (carry .whl and .devdata); keep the budget under the call's limit so the packed results come back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
