@@ -54,4 +54,6 @@ def test_warp_profile_and_ncu_targets(tmp_path):
     assert {r["impl"] for r in rows} == {"merged", "plain", "plain-int64", "plain-ilp1", "plain-ilp2",
                                           "plain-ilp4", "grid_sample"}
     out = _run([str(ROOT / "benchmarks" / "gpu_ncu_targets.py"), "--filter"], tmp_path).stdout.strip()
+    # the kernel profile needs a GPU to run; here it must at least import (its helpers resolve)
+    _run(["-c", f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import gpu_kernel_profile"], tmp_path)
     assert "forward_kernel" in out and "sums_kernel" in out
