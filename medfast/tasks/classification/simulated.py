@@ -566,7 +566,8 @@ class SimulatedUltrasound:
                 self._render_all(groups, static_in)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads (a data loader's pin-memory thread) stay allowed meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self._render_all(groups, static_in)
         return graph, static_in, static_out
 
