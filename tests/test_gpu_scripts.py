@@ -57,3 +57,25 @@ def test_warp_profile_and_ncu_targets(tmp_path):
     # the kernel profile needs a GPU to run; here it must at least import (its helpers resolve)
     _run(["-c", f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import gpu_kernel_profile"], tmp_path)
     assert "forward_kernel" in out and "sums_kernel" in out
+
+
+def test_gpu_test_selection_covers_every_gpu_test():
+    # gpu_check.sh runs, of the files with GPU tests, those whose node id says cuda or cupy: every test
+    # that is skipped for want of a GPU must be among them (else a lease would never run it)
+    import re
+
+    files = [str(p) for p in sorted((ROOT / "tests").glob("test_*.py"))
+             if re.search(r'requires_cuda|skipif\(not torch\.cuda|import cupy|importorskip\("cupy"\)', p.read_text())]
+    gpu_only: list[str] = []
+
+    class Recorder:
+        def pytest_collection_modifyitems(self, items):
+            for item in items:
+                for mark in item.iter_markers("skipif"):
+                    if "GPU" in str(mark.kwargs.get("reason", "")) or "CUDA" in str(mark.kwargs.get("reason", "")):
+                        gpu_only.append(item.nodeid)
+
+    assert pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *files], plugins=[Recorder()]) == 0
+    assert len(gpu_only) > 100
+    missed = [n for n in gpu_only if "cuda" not in n.lower() and "cupy" not in n.lower()]
+    assert not missed, missed[:10]
