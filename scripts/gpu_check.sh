@@ -155,5 +155,7 @@ for suite in $suites; do
   TAIL=30 step "bench_$suite" "${MEDFAST_GPU_BENCH_CAP:-300}" env MEDFAST_BENCH_WORK="$RES/work" $PY -m medfast bench \
     --device cuda "${quick[@]}" --only "$suite" --out "$RES/bench"
 done
+# the targets of the open issues against these results (scripts/gpu_summary.py), beside the logs
+$PY scripts/gpu_summary.py "$RES" > "$RES/summary.md" 2>&1 && cat "$RES/summary.md"
 pack
 exit $rc

@@ -79,3 +79,17 @@ def test_gpu_test_selection_covers_every_gpu_test():
     assert len(gpu_only) > 100
     missed = [n for n in gpu_only if "cuda" not in n.lower() and "cupy" not in n.lower()]
     assert not missed, missed[:10]
+
+
+def test_gpu_summary_of_the_committed_h200_results(tmp_path):
+    out = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(ROOT / "benchmarks" / "results" / "gpu"), "--prefix",
+                "h200b_"], tmp_path).stdout
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "1345 GB/s (28 % of 4800)" in lines["2: warp forward 256^3, plain"]
+    assert "0.958 ms, 2.19x" in lines["2: warp fwd+bwd 256^3 kernels, plain"] and lines[
+        "2: warp fwd+bwd 256^3 kernels, plain"].endswith("| yes |")
+    assert "1.72x" in lines["3: Dice+CE fwd+bwd B=2 128^3 C=16"] and lines[
+        "3: Dice+CE fwd+bwd B=2 128^3 C=16"].endswith("| no |")
+    assert "1555 frames/s" in lines["4: ultrasound_fwdbwd_b64_warp"]
+    assert "(31 %)" in lines["6: cls_sim (batch 64)"]
+    assert lines["7: warp vs CuPy map_coordinates / affine_transform"].endswith("| not run |")
