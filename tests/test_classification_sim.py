@@ -109,29 +109,13 @@ def test_render_shapes_range_and_batch_independence(source):
     assert between > 0.01
 
 
-def _inputs(source, batch):
-    """The (B, _INPUTS) render inputs and the groups of a batch, as render() builds them."""
-    from medfast.tasks.classification.simulated import _INPUTS
-
-    vol, probe = batch["volume"].tolist(), batch["probe"].tolist()
-    extra = batch["render"].reshape(-1, 3).double()
-    poses = source.poses(vol, batch["label"].tolist(), batch["pose_u"], extra[:, 2].tolist())
-    groups = tuple(sorted(set(zip(vol, probe))))
-    inputs = torch.empty(len(vol), _INPUTS)
-    inputs[:, :16] = poses.reshape(-1, 16).float()
-    inputs[:, 16:18] = extra[:, :2].float()
-    inputs[:, 18] = batch["variant"].float()
-    inputs[:, 19] = torch.tensor([groups.index(g) for g in zip(vol, probe)], dtype=torch.float32)
-    return groups, inputs
-
-
 def test_fixed_shape_render_equals_the_grouped_render():
     # _render_all (every frame through every (volume, probe) group, then each frame's own group: what the
     # CUDA graph captures) against the eager render of one simulation per group
     src = SimulatedUltrasound(**{**SMALL, "probes": ["C5-2v", "P4-2v"], "variants": 3, "sub_rays": 2})
     ds = src.train_dataset(64)
     batch = collate([ds[(i, 300 + i)] for i in range(12)])
-    groups, inputs = _inputs(src, batch)
+    groups, inputs = src._inputs(batch)
     assert len(groups) >= 3  # several volumes and probes in the batch
     eager = src.render(batch, "cpu")
     with torch.no_grad():
@@ -147,7 +131,7 @@ def test_fixed_shape_render_equals_the_grouped_render():
 def test_failed_graph_capture_falls_back_to_eager_rendering(monkeypatch):
     src = SimulatedUltrasound(**SMALL)
     batch = collate([src.train_dataset(8)[(i, i)] for i in range(4)])
-    groups, inputs = _inputs(src, batch)
+    groups, inputs = src._inputs(batch)
 
     def fail(*args):
         raise RuntimeError("operation not permitted when stream is capturing")

@@ -58,6 +58,12 @@ struct Finalize {
   MEDFAST_HOST_DEVICE T ce_divisor(T truth_sum) const {
     return truth_divisor ? truth_sum : (divisor ? divisor[0] * divisor_scale : divisor_scale);
   }
+  // The same loss without its Dice term: the backward's block sums (the gradient needs no Dice total).
+  MEDFAST_HOST_DEVICE Finalize without_dice() const {
+    Finalize f = *this;
+    f.dice = false;
+    return f;
+  }
 };
 
 // The Finalize of the op's arguments: scalars = (divisor_scale, smooth_nr, smooth_dr, lambda_dice,

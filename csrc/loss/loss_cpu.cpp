@@ -229,12 +229,10 @@ Tensor loss_finalize_backward_cpu(const Tensor& grad, const Tensor& stats, const
   const FinalizeInputs in(stats, class_weight, divisor);
   Tensor out = at::empty_like(in.stats, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize_backward", [&] {
-    Finalize<scalar_t> f = in.args<scalar_t>(o);
+    const Finalize<scalar_t> f = in.args<scalar_t>(o);
     const scalar_t g = grad.item<scalar_t>();
     scalar_t sums[kFinalizeSums * kFinalizeThreads];
-    Finalize<scalar_t> ce_only = f;  // the CE sums only (the gradient needs no Dice total)
-    ce_only.dice = false;
-    finalize_block_sums(ce_only, sums);
+    finalize_block_sums(f.without_dice(), sums);
     scalar_t* gs = out.mutable_data_ptr<scalar_t>();
     for (int64_t j = 0; j < f.B * f.C; ++j)
       finalize_grad_entry(f, g, sums[kFinalizeThreads], sums[2 * kFinalizeThreads], j / f.C, j % f.C,

@@ -235,9 +235,7 @@ template <typename T>
 __global__ void finalize_backward_kernel(const Finalize<T> f, const T* g, T* grad_stats) {
   MEDFAST_DYNAMIC_SHARED(smem_raw);
   T* sums = reinterpret_cast<T*>(smem_raw);
-  Finalize<T> ce_only = f;  // the gradient needs no Dice total
-  ce_only.dice = false;
-  finalize_block_sums(ce_only, sums);
+  finalize_block_sums(f.without_dice(), sums);
   const T nll_sum = sums[blockDim.x], truth_sum = sums[2 * blockDim.x], gv = g[0];
   for (int64_t j = threadIdx.x; j < f.B * f.C; j += blockDim.x)
     finalize_grad_entry(f, gv, nll_sum, truth_sum, j / f.C, j % f.C, grad_stats + j * kStats);

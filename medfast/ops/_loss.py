@@ -131,17 +131,15 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
             bad = ((valid < 0) | (valid >= logits.shape[1])).any()
     if ignored is not None:
         labels = labels.masked_fill(ignored, -1)
-    if pending is not None and labels.device.type == "cpu":
-        pending()  # nothing to overlap on the CPU
-        pending = None
     return labels, bad, pending
 
 
-def _range_check(lo_hi: torch.Tensor, C: int, ignore_index: int | None) -> Callable[[], None]:
-    """A callable that raises ValueError if ``lo_hi`` (the labels' min and max) leaves [0, C). On a GPU the
-    two values are copied to pinned host memory behind an event, and the callable waits for that event
-    only: the caller queues the sums kernel first, so the GPU computes it while the host waits for the
-    check (a plain ``.tolist()`` would wait with an idle GPU: a sync, then the launches)."""
+def _range_check(lo_hi: torch.Tensor, C: int, ignore_index: int | None) -> Callable[[], None] | None:
+    """Raises ValueError if ``lo_hi`` (the labels' min and max) leaves [0, C): on the CPU now (nothing to
+    overlap; returns None), on a GPU by the returned callable. There the two values are copied to pinned
+    host memory behind an event, and the callable waits for that event only: the caller queues the sums
+    kernel first, so the GPU computes it while the host waits for the check (a plain ``.tolist()`` would
+    wait with an idle GPU: a sync, then the launches)."""
     if lo_hi.device.type == "cuda":
         host = torch.empty(2, dtype=lo_hi.dtype, pin_memory=True)
         host.copy_(lo_hi, non_blocking=True)
@@ -159,6 +157,9 @@ def _range_check(lo_hi: torch.Tensor, C: int, ignore_index: int | None) -> Calla
             raise ValueError(f"target holds label {lo if lo < 0 else hi}, outside [0, {C - 1}] "
                              f"for C = {C} classes{ignored_note}")
 
+    if done is None:
+        finish()
+        return None
     return finish
 
 

@@ -328,8 +328,9 @@ class SimulatedUltrasound:
         self._grids: dict[tuple[int, str], torch.Tensor] = {}
         self._masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.cuda_graphs, self.graph_replays = bool(cuda_graphs), 0
-        self._graphs: dict[tuple[str, int, tuple[tuple[int, int], ...]], tuple[Any, torch.Tensor, torch.Tensor]] = {}
-        self._seen: dict[tuple[str, int, tuple[tuple[int, int], ...]], int] = {}
+        # (device, batch size, groups) -> (graph, its input, its output); and how often each key came
+        self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._seen: dict[tuple, int] = {}
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any], image_shape: Sequence[int] | None, normalize: str,
@@ -459,22 +460,7 @@ class SimulatedUltrasound:
         once per batch size and set of groups (when one comes a second time), leaves the host one input
         copy and one replay."""
         device = torch.device(device)
-        vol = batch["volume"].reshape(-1).tolist()
-        plane = batch["label"].reshape(-1).tolist()
-        probe = batch["probe"].reshape(-1).tolist()
-        extra = batch["render"].reshape(-1, 3).double()
-        poses = self.poses(vol, plane, batch["pose_u"], extra[:, 2].tolist())
-        B = len(vol)
-        # The groups of one simulation each: (volume, probe) pairs. A volume's tissue variants are one stack
-        # of property maps, each frame picking its variant by the volume index (same speckle seed).
-        groups = tuple(sorted({(v, p) for v, p in zip(vol, probe)}))
-        # The per-frame inputs, one host tensor and so one copy to the device: pose (16), gain dB,
-        # dynamic range dB, tissue variant, group.
-        inputs = torch.empty(B, _INPUTS, dtype=torch.float32)
-        inputs[:, :16] = poses.reshape(B, 16).float()
-        inputs[:, 16:18] = extra[:, :2].float()
-        inputs[:, 18] = batch["variant"].reshape(-1).float()
-        inputs[:, 19] = torch.tensor([groups.index((v, p)) for v, p in zip(vol, probe)], dtype=torch.float32)
+        groups, inputs = self._inputs(batch)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             out = None
             if device.type == "cuda" and self.cuda_graphs:
@@ -491,6 +477,24 @@ class SimulatedUltrasound:
             s = out.flatten(1).std(1).view(-1, 1, 1, 1)
             out = (out - m) / s.clamp_min(1e-8)
         return out
+
+    def _inputs(self, batch: Mapping[str, Any]) -> tuple[tuple[tuple[int, int], ...], torch.Tensor]:
+        """The groups of one simulation each, (volume, probe) pairs in order, and the per-frame inputs
+        ``(B, _INPUTS)`` float32 on the host (one tensor, so one copy to the device): pose (16), gain dB,
+        dynamic range dB, tissue variant, group. A volume's tissue variants are one stack of property maps,
+        each frame picking its variant by the volume index (same speckle seed)."""
+        vol = batch["volume"].reshape(-1).tolist()
+        probe = batch["probe"].reshape(-1).tolist()
+        extra = batch["render"].reshape(-1, 3).double()
+        poses = self.poses(vol, batch["label"].reshape(-1).tolist(), batch["pose_u"], extra[:, 2].tolist())
+        B = len(vol)
+        groups = tuple(sorted(set(zip(vol, probe))))
+        inputs = torch.empty(B, _INPUTS, dtype=torch.float32)
+        inputs[:, :16] = poses.reshape(B, 16).float()
+        inputs[:, 16:18] = extra[:, :2].float()
+        inputs[:, 18] = batch["variant"].reshape(-1).float()
+        inputs[:, 19] = torch.tensor([groups.index(g) for g in zip(vol, probe)], dtype=torch.float32)
+        return groups, inputs
 
     def _images(self, v: int, p: int, inputs: torch.Tensor) -> torch.Tensor:
         """``(b, 1, H, W)`` images of the frames of ``inputs`` (``(b, _INPUTS)`` on the device) through volume v
