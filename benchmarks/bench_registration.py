@@ -5,11 +5,17 @@ memory is ``torch.cuda.max_memory_allocated`` over the warm-up calls above what 
 
 1. LNCC forward + backward (box window k = 9): ``medfast.lncc_loss`` against MONAI's
    ``LocalNormalizedCrossCorrelationLoss(kernel_type="rectangular")`` at 64^3 and 128^3.
-2. One registration training step (forward, backward, Adam step) of the same LocalNet: medfast build
-   (``medfast.warp`` + fused LNCC + bending energy) against the MONAI build (``monai.networks.blocks.Warp``
-   + MONAI LNCC + MONAI ``BendingEnergyLoss``).
-3. The step's breakdown: the LocalNet forward + backward alone (the part both builds share), and the
-   warp + LNCC + bending energy forward + backward of each build on the same displacement.
+2. One registration training step (forward, backward, Adam step) of the same LocalNet architecture and
+   parameters, three builds:
+   - ``medfast``: ``medfast.nets.LocalNet`` (on the CPU channels-last, oneDNN convolutions forward and
+     backward) + ``medfast.warp`` + fused LNCC + bending energy;
+   - ``monai``: the MONAI build, the same network on the stock ``torch.nn`` layers (``nn.Conv3d``,
+     ``nn.InstanceNorm3d``, NCDHW: ``medfast.nets.use_torch_layers``) +
+     ``monai.networks.blocks.Warp`` + MONAI LNCC + MONAI ``BendingEnergyLoss``;
+   - ``monai_fastnet``: medfast's network with MONAI's warp and losses, which isolates what the ops
+     alone give.
+3. The step's breakdown: the LocalNet forward + backward alone (medfast's path and the stock path), and
+   the warp + LNCC + bending energy forward + backward of each build on the same displacement.
 
     python benchmarks/bench_registration.py [--device cpu] [--sizes 64 128] [--step-size 64] [--out benchmarks/results]
 
@@ -110,15 +116,29 @@ def lncc_worker(impl: str, size: int, k: int, repeats: int, device: str = "cpu")
     return {**_time_and_peak(step, repeats, device), "value": float(loss())}
 
 
+def _localnet(channels: int, stock: bool):
+    """The benchmark's LocalNet: medfast's layers, or (``stock``) the same network on the stock
+    ``torch.nn`` layers in NCDHW, as a MONAI user would build it."""
+    from medfast.nets import LocalNet, use_torch_layers
+
+    net = LocalNet(3, in_channels=2, num_channel_initial=channels, depth=3, extract_levels=(0, 1, 2, 3),
+                   channels_last=False if stock else None)
+    return use_torch_layers(net) if stock else net
+
+
+# medfast network + medfast ops; stock-layer network + MONAI ops; medfast network + MONAI ops
+STEP_BUILDS = ("medfast", "monai", "monai_fastnet")
+
+
 def train_step(impl: str, size: int, channels: int, device: str = "cpu"):
     """The training step this script and ``test_bench_registration.py`` time: step() = forward, backward and
-    Adam step of a LocalNet with ``impl``'s warp + LNCC + bending energy (medfast or MONAI build)."""
+    Adam step of a LocalNet with ``impl``'s network path and warp + LNCC + bending energy (``STEP_BUILDS``)."""
     import torch
 
-    from medfast.nets import LocalNet
-
+    if impl not in STEP_BUILDS:
+        raise ValueError(f"impl must be one of {STEP_BUILDS}, got {impl!r}")
     torch.manual_seed(0)
-    net = LocalNet(3, in_channels=2, num_channel_initial=channels, depth=3, extract_levels=(0, 1, 2, 3))
+    net = _localnet(channels, stock=impl == "monai")
     with torch.no_grad():  # non-zero heads so the warp and the regularizer see a real field
         for h in net.heads.values():
             h.weight.normal_(0, 1e-2)
@@ -161,26 +181,23 @@ def step_worker(impl: str, size: int, channels: int, repeats: int, device: str =
 
 
 def parts_worker(impl: str, size: int, channels: int, repeats: int, device: str = "cpu") -> dict:
-    """The step's parts: the shared LocalNet forward + backward (medfast worker only) and this build's
-    warp + LNCC + bending energy forward + backward."""
+    """The step's parts: this build's LocalNet forward + backward (medfast's path, or the stock
+    ``torch.nn`` path for MONAI) and its warp + LNCC + bending energy forward + backward."""
     import torch
-
-    from medfast.nets import LocalNet
 
     torch.manual_seed(0)
     fixed = torch.rand(1, 1, size, size, size).to(device)
     moving = torch.rand(1, 1, size, size, size).to(device)
     out = {}
-    if impl == "medfast":
-        net = LocalNet(3, in_channels=2, num_channel_initial=channels, depth=3, extract_levels=(0, 1, 2, 3)).to(device)
-        x = torch.cat([moving, fixed], 1)
-        grad = torch.randn(1, 3, size, size, size).to(device)
+    net = _localnet(channels, stock=impl != "medfast").to(device)
+    x = torch.cat([moving, fixed], 1)
+    grad = torch.randn(1, 3, size, size, size).to(device)
 
-        def net_step():
-            net.zero_grad(set_to_none=True)
-            net(x).backward(grad)
+    def net_step():
+        net.zero_grad(set_to_none=True)
+        net(x).backward(grad)
 
-        out["net_ms"] = _median_ms(net_step, repeats, device)
+    out["net_ms"] = _median_ms(net_step, repeats, device)
     ddf = (torch.randn(1, 3, size, size, size) * 2).to(device).requires_grad_()
     if impl == "medfast":
         import medfast as mf
@@ -319,25 +336,29 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['monai_value']:.6f}", flush=True)
     if args.step_size:
         res = {impl: _run("step", impl, args.step_size, args.step_channels, args.step_repeats)
-               for impl in ("medfast", "monai")}
+               for impl in STEP_BUILDS}
         row = {"size": args.step_size, "channels": args.step_channels,
                **{f"{i}_{m}": v for i, r in res.items() for m, v in r.items()}}
         row["speedup"] = res["monai"]["ms"] / res["medfast"]["ms"]
+        row["ops_speedup"] = res["monai_fastnet"]["ms"] / res["medfast"]["ms"]
         result["step"] = row
         print(f"LocalNet step {args.step_size}^3 (ch {args.step_channels}): medfast {row['medfast_ms']:.0f} ms, "
-              f"MONAI {row['monai_ms']:.0f} ms -> {row['speedup']:.2f}x; extra peak MiB medfast "
-              f"{row['medfast_extra_peak_mib']:.0f} / MONAI {row['monai_extra_peak_mib']:.0f}", flush=True)
+              f"MONAI build {row['monai_ms']:.0f} ms -> {row['speedup']:.2f}x; MONAI ops on medfast's network "
+              f"{row['monai_fastnet_ms']:.0f} ms -> {row['ops_speedup']:.2f}x; extra peak MiB medfast "
+              f"{row['medfast_extra_peak_mib']:.0f} / MONAI {row['monai_extra_peak_mib']:.0f} / MONAI ops "
+              f"{row['monai_fastnet_extra_peak_mib']:.0f}", flush=True)
         parts = {impl: _run("parts", impl, args.step_size, args.step_channels, args.step_repeats)
                  for impl in ("medfast", "monai")}
         net_ms = parts["medfast"]["net_ms"]
-        brk = {"size": args.step_size, "net_ms": net_ms, "medfast_losses_ms": parts["medfast"]["losses_ms"],
-               "monai_losses_ms": parts["monai"]["losses_ms"]}
-        # the step ratio if medfast's warp + LNCC + bending cost nothing: the ceiling with this network
+        brk = {"size": args.step_size, "net_ms": net_ms, "monai_net_ms": parts["monai"]["net_ms"],
+               "medfast_losses_ms": parts["medfast"]["losses_ms"], "monai_losses_ms": parts["monai"]["losses_ms"]}
+        # the step ratio of the ops alone if medfast's warp + LNCC + bending cost nothing (medfast's network in both)
         brk["ratio_ceiling"] = (net_ms + brk["monai_losses_ms"]) / net_ms
         result["step_breakdown"] = brk
-        print(f"step breakdown {args.step_size}^3: LocalNet fwd+bwd {net_ms:.0f} ms (shared); warp + LNCC + bending "
-              f"fwd+bwd medfast {brk['medfast_losses_ms']:.1f} ms, MONAI {brk['monai_losses_ms']:.1f} ms; step ratio "
-              f"ceiling with this network {brk['ratio_ceiling']:.2f}x", flush=True)
+        print(f"step breakdown {args.step_size}^3: LocalNet fwd+bwd medfast {net_ms:.0f} ms, stock torch.nn "
+              f"{brk['monai_net_ms']:.0f} ms; warp + LNCC + bending fwd+bwd medfast {brk['medfast_losses_ms']:.1f} ms, "
+              f"MONAI {brk['monai_losses_ms']:.1f} ms; ops-only step ratio ceiling {brk['ratio_ceiling']:.2f}x",
+              flush=True)
     result["load_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.device == "cuda":

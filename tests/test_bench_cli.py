@@ -330,3 +330,21 @@ def test_pytest_benchmarks_run_once_at_the_smallest_size(tmp_path):
                            "--rootdir", str(where)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "test_loss[C4-bfloat16-monai]" in proc.stdout and "test_distance[cupy]" in proc.stdout
+
+
+def test_registration_rows_of_the_three_step_builds(tmp_path):
+    """The CPU step rows: the MONAI build (stock network) with issue 5's 2x target, MONAI's blocks on
+    medfast's network without one, the network parts; LNCC rows carry the 5x target; no CUDA targets."""
+    data = {"threads": 2, "lncc": [{"size": 64, "kernel": 9, "medfast_ms": 10.0, "monai_ms": 40.0}],
+            "step": {"size": 64, "channels": 8, "medfast_ms": 300.0, "monai_ms": 900.0, "monai_fastnet_ms": 360.0},
+            "step_breakdown": {"size": 64, "net_ms": 280.0, "monai_net_ms": 800.0, "medfast_losses_ms": 20.0,
+                               "monai_losses_ms": 80.0, "ratio_ceiling": 1.29}}
+    (tmp_path / "registration_cpu_latest.json").write_text(json.dumps(data))
+    rows = runner._registration_rows(tmp_path, "cpu")
+    assert [(r.target, r.met) for r in rows] == [(">= 5x", "no"), (">= 2x", "yes"), ("", ""), ("", ""), ("", "")]
+    assert rows[1].peer.startswith("MONAI build (stock torch.nn LocalNet") and rows[1].ratio == pytest.approx(3.0)
+    assert rows[2].peer == "MONAI Warp/LNCC/BendingEnergy on medfast's LocalNet" and rows[2].ratio == pytest.approx(1.2)
+    assert rows[4].peer_ms == 800.0 and rows[4].ratio == pytest.approx(800 / 280)
+    data["device"] = "cuda"
+    (tmp_path / "registration_cuda_latest.json").write_text(json.dumps(data))
+    assert {r.target for r in runner._registration_rows(tmp_path, "cuda")} == {""}

@@ -76,47 +76,56 @@ def test_nets_start_at_identity_and_train(ndim):
         LocalNet(ndim, depth=2, extract_levels=(3,))
 
 
-def test_localnet_channels_last_cpu_path_matches_reference(monkeypatch):
-    """The 3D CPU path (channels-last convolutions, group norm with one channel per group, channel pairs
-    summed before the additive upsampling) gives the outputs and gradients of the plain NCDHW path."""
-    import medfast.nets.registration as regnets
+@pytest.mark.parametrize("channels_last", [None, False])
+def test_localnet_cpu_path_matches_stock_torch_layers(channels_last):
+    """The 3D CPU paths (oneDNN convolutions forward and backward, channels-last by default with the
+    instance norm as a one-channel-per-group group norm; or NCDHW) give the outputs and gradients of the
+    same network on the stock torch.nn layers."""
+    from medfast.nets import use_torch_layers
 
     torch.manual_seed(0)
-    net = LocalNet(3, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2))
+    net = LocalNet(3, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2), channels_last=channels_last)
     with torch.no_grad():
         for h in net.heads.values():
             h.weight.normal_(0, 0.1)
+    stock = use_torch_layers(LocalNet(3, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2),
+                                      channels_last=False))
+    stock.load_state_dict(net.state_dict())  # same parameters: checkpoints load both ways
     # odd sizes: ceil-mode pooling and the transposed-conv crop are exercised too
-    x = torch.rand(2, 2, 13, 10, 9)
+    x = torch.rand(1, 2, 13, 10, 9)
 
-    def run():
-        net.zero_grad()
-        out = net(x)
+    def run(model):
+        model.zero_grad()
+        out = model(x)
         out.pow(2).sum().backward()
-        return out.detach(), [p.grad.clone() for p in net.parameters()]
+        return out, [p.grad.clone() for p in model.parameters()]
 
-    calls = []
-    conv_forward = regnets._Conv3d.forward
-
-    def spy(self, inp):
-        calls.append(inp.is_contiguous(memory_format=torch.channels_last_3d) and not inp.is_contiguous())
-        return conv_forward(self, inp)
-
-    monkeypatch.setattr(regnets._Conv3d, "forward", spy)
-    fast, fast_grads = run()
-    assert calls and all(calls), "the CPU 3D path must run its convolutions channels-last"
+    fast, fast_grads = run(net)
+    ref, ref_grads = run(stock)
     assert fast.is_contiguous()
-    monkeypatch.setattr(regnets, "_channels_last", lambda x, ndim: False)
-    calls.clear()
-    ref, ref_grads = run()
-    assert calls and not any(calls)
-    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    assert _uses_onednn(fast)
+    assert not _uses_onednn(ref)
+    torch.testing.assert_close(fast.detach(), ref.detach(), rtol=1e-4, atol=1e-5)
     # (the biases of convolutions followed by a norm have an exact-zero gradient: compare on the global scale)
     scale = max(float(g.abs().max()) for g in ref_grads)
     for a, b in zip(fast_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale)
-    # same parameters as the plain torch modules (checkpoints stay loadable)
     assert isinstance(net.heads["0"], torch.nn.Conv3d) and isinstance(net.encoder.blocks[0][1], torch.nn.InstanceNorm3d)
+    assert type(stock.heads["0"]) is torch.nn.Conv3d
+
+
+def _uses_onednn(out: torch.Tensor) -> bool:
+    """Whether medfast's oneDNN convolution is in the autograd graph of ``out``."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn.name().startswith("_OneDNNConv3d"):
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
 
 
 def test_affine_conventions():

@@ -125,24 +125,48 @@ def _distance_rows(out: Path, device: str | None = None) -> list[Row]:
                    for peer, why in data.get("skipped", {}).items()]
 
 
+def _at_least(ratio: float | None, need: float, cpu: bool) -> tuple[str, str]:
+    """(target, met) of a CPU-only ratio target (issue 5 sets them for this CPU only)."""
+    if not cpu:
+        return "", ""
+    return f">= {need:g}x", "n/a" if ratio is None else ("yes" if ratio >= need else "no")
+
+
 def _registration_rows(out: Path, device: str | None = None) -> list[Row]:
     d = _load(out, "registration_*latest.json", device)
+    cpu = d.get("device", "cpu") == "cpu"
     threads = f", {d['threads']} thread{'s' if d['threads'] != 1 else ''}" if d.get("threads") else ""
-    rows = [Row("registration", f"LNCC fwd+bwd {r['size']}^3 k={r['kernel']}{threads}", "MONAI LNCC", r["medfast_ms"],
-                r["monai_ms"], _ratio(r["monai_ms"], r["medfast_ms"]), r.get("medfast_extra_peak_mib"),
-                r.get("monai_extra_peak_mib")) for r in d.get("lncc", [])]
+    rows = []
+    for r in d.get("lncc", []):
+        ratio = _ratio(r["monai_ms"], r["medfast_ms"])
+        rows.append(Row("registration", f"LNCC fwd+bwd {r['size']}^3 k={r['kernel']}{threads}", "MONAI LNCC",
+                        r["medfast_ms"], r["monai_ms"], ratio, r.get("medfast_extra_peak_mib"),
+                        r.get("monai_extra_peak_mib"), *_at_least(ratio, 5, cpu)))
     st = d.get("step")
     if st:
-        rows.append(Row("registration", f"LocalNet step {st['size']}^3 (LNCC + bending + warp){threads}",
-                        "MONAI Warp/LNCC/BendingEnergy", st["medfast_ms"], st["monai_ms"],
-                        _ratio(st["monai_ms"], st["medfast_ms"]), st.get("medfast_extra_peak_mib"),
-                        st.get("monai_extra_peak_mib")))
+        case = f"LocalNet step {st['size']}^3 (LNCC + bending + warp){threads}"
+        ratio = _ratio(st["monai_ms"], st["medfast_ms"])
+        # results from before the three builds: the MONAI build ran on medfast's network
+        peer = ("MONAI build (stock torch.nn LocalNet + MONAI Warp/LNCC/BendingEnergy)" if "monai_fastnet_ms" in st
+                else "MONAI Warp/LNCC/BendingEnergy on medfast's LocalNet")
+        rows.append(Row("registration", case, peer, st["medfast_ms"], st["monai_ms"], ratio,
+                        st.get("medfast_extra_peak_mib"), st.get("monai_extra_peak_mib"),
+                        *(_at_least(ratio, 2, cpu) if "monai_fastnet_ms" in st else ("", ""))))
+        if "monai_fastnet_ms" in st:
+            rows.append(Row("registration", case, "MONAI Warp/LNCC/BendingEnergy on medfast's LocalNet",
+                            st["medfast_ms"], st["monai_fastnet_ms"], _ratio(st["monai_fastnet_ms"], st["medfast_ms"]),
+                            st.get("medfast_extra_peak_mib"), st.get("monai_fastnet_extra_peak_mib")))
     b = d.get("step_breakdown")
     if b:
-        rows.append(Row("registration", f"step parts {b['size']}^3: warp + LNCC + bending fwd+bwd (the shared LocalNet "
-                        f"fwd+bwd: {b['net_ms']:.0f} ms; step ratio ceiling {b['ratio_ceiling']:.2f}x){threads}",
+        rows.append(Row("registration", f"step parts {b['size']}^3: warp + LNCC + bending fwd+bwd (medfast's "
+                        f"LocalNet fwd+bwd: {b['net_ms']:.0f} ms; ops-only step ratio ceiling "
+                        f"{b['ratio_ceiling']:.2f}x){threads}",
                         "MONAI Warp/LNCC/BendingEnergy", b["medfast_losses_ms"], b["monai_losses_ms"],
                         _ratio(b["monai_losses_ms"], b["medfast_losses_ms"])))
+        if "monai_net_ms" in b:
+            rows.append(Row("registration", f"step parts {b['size']}^3: LocalNet fwd+bwd{threads}",
+                            "the same LocalNet on stock torch.nn layers (NCDHW)", b["net_ms"], b["monai_net_ms"],
+                            _ratio(b["monai_net_ms"], b["net_ms"])))
     return rows
 
 
