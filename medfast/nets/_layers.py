@@ -107,9 +107,10 @@ class Conv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cl = is_channels_last(x)
         w = self.weight.contiguous(memory_format=CL3) if cl else self.weight
-        # (not under torch.compile: mkldnn_convolution has no fake-tensor kernel; the compiler picks its own)
+        # not under torch.compile (mkldnn_convolution has no fake-tensor kernel; the compiler picks its own
+        # convolution) nor under CPU autocast (which casts torch's convolution, not this call)
         if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.dim() == 5
-                and not torch.compiler.is_compiling()
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
                 and self.padding_mode == "zeros" and torch.backends.mkldnn.is_available()
                 and not isinstance(self.padding, str) and self.dilation == (1, 1, 1) and self.groups == 1
                 and all(p < k for p, k in zip(self.padding, self.kernel_size))):
