@@ -12,6 +12,9 @@
 #                               in that order ("sanitizer" among them places the memcheck run; else last)
 #   MEDFAST_GPU_SANITIZE="loss lncc ..."  the families scripts/cuda_sanitize.py runs (default all)
 #   MEDFAST_GPU_TRAIN_CHECKS="seg_none cls_sim ..."  the checks of scripts/gpu_train_check.py (default all)
+#   "demo_register" / "demo_seg" in MEDFAST_GPU_SUITES run the full-resolution real-brain demos there
+#                               (Colin27 -> MNI152 at 1 mm; seg_demo_gpu.yaml for MEDFAST_GPU_SEG_STEPS
+#                               steps, default 300), each capped by MEDFAST_GPU_DEMO_CAP (default 150 s)
 #   MEDFAST_GPU_TEST_CAP / MEDFAST_GPU_BENCH_CAP / MEDFAST_GPU_SANITIZE_CAP  per-step caps in seconds
 #   MEDFAST_GPU_PACK=1          also pack everything into $OUT/gpu_results.tgz after each step and
 #                               every 15 s (partial logs of a step cut off by the lease come back)
@@ -150,6 +153,19 @@ case " $suites " in *" sanitizer "*) ;; *) suites="$suites sanitizer" ;; esac
 for suite in $suites; do
   if [ "$suite" = sanitizer ]; then
     if [ -n "$SANITIZER" ]; then sanitize || rc=1; fi
+    continue
+  fi
+  # issue 5's real-brain demos at full resolution, where the list names them (never by default)
+  if [ "$suite" = demo_register ]; then
+    TAIL=30 step demo_register "${MEDFAST_GPU_DEMO_CAP:-150}" $PY -m medfast register --demo --resolution 1 \
+      --device cuda --no-progress --out "$RES/demo_register"
+    continue
+  fi
+  if [ "$suite" = demo_seg ]; then
+    seg_steps=${MEDFAST_GPU_SEG_STEPS:-300}
+    TAIL=30 step demo_seg "${MEDFAST_GPU_DEMO_CAP:-150}" $PY -m medfast train configs/seg_demo_gpu.yaml \
+      --set trainer.max_steps="$seg_steps" --set trainer.val_every="$seg_steps" \
+      --set trainer.checkpoint_every="$seg_steps" --out "$RES/demo_seg"
     continue
   fi
   TAIL=30 step "bench_$suite" "${MEDFAST_GPU_BENCH_CAP:-300}" env MEDFAST_BENCH_WORK="$RES/work" $PY -m medfast bench \
