@@ -132,6 +132,24 @@ def rows(folder: Path, prefix: str = "", peak_gbps: float | None = None) -> list
                     f"{r['wall_ms_median']:.2f} ms, host {r['host_issue_ms_median']:.2f} ms, "
                     f"{r['kernel_launches_per_batch']:.0f} launches", "(diagnostic)", "-")
 
+    reg = _load(folder, prefix, "demo_register/demo.json")
+    if reg is None:
+        add("5: Colin27 -> MNI152 demo at full resolution", "not run", "runs; Dice up at each stage", None)
+    else:
+        d0, d1, d2 = reg["dice_before"], reg["dice_affine"], reg["dice_after"]
+        add(f"5: Colin27 -> MNI152 demo at {reg['resolution_mm']:g} mm on {reg.get('device')}",
+            f"Dice {d0:.3f} -> {d1:.3f} -> {d2:.3f} in {reg['time_total_s']:.0f} s", "runs; Dice up at each stage",
+            d0 < d1 < d2)
+    seg = _load(folder, prefix, "demo_seg/results.json")
+    if seg is None:
+        add("5: tissue segmentation demo at 1 mm (seg_demo_gpu.yaml)", "not run", "trains", None)
+    else:
+        val = seg.get("validation") or {}
+        dice = next((f", val {k} {v:.3f}" for k, v in val.items() if "dice" in k and isinstance(v, float)), "")
+        add(f"5: tissue segmentation demo at 1 mm, {seg.get('step')} steps on {seg.get('device')} ({seg.get('amp')})",
+            f"loss {seg['first_loss']:.3f} -> {seg['last_loss']:.3f} in {seg['seconds']:.0f} s{dice}", "trains",
+            bool(seg.get("finished")) and seg["last_loss"] < seg["first_loss"])
+
     dist = _bench_rows(folder, prefix, "distance")
     if dist is not None:
         for r in dist:

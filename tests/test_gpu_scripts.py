@@ -93,3 +93,24 @@ def test_gpu_summary_of_the_committed_h200_results(tmp_path):
     assert "1555 frames/s" in lines["4: ultrasound_fwdbwd_b64_warp"]
     assert "(31 %)" in lines["6: cls_sim (batch 64)"]
     assert lines["7: warp vs CuPy map_coordinates / affine_transform"].endswith("| not run |")
+
+
+def test_gpu_summary_reads_the_full_resolution_demos(tmp_path):
+    """The demo rows of gpu_check.sh's demo_register / demo_seg steps (fed here with the CPU demo's own
+    report and a trainer results.json), and "not run" without them."""
+    res = tmp_path / "res"
+    (res / "demo_register").mkdir(parents=True)
+    demo = json.loads((ROOT / "benchmarks" / "results" / "registration_demo_cpu.json").read_text())
+    (res / "demo_register" / "demo.json").write_text(json.dumps(demo))
+    (res / "demo_seg").mkdir()
+    (res / "demo_seg" / "results.json").write_text(json.dumps({
+        "step": 300, "finished": True, "device": "cuda", "amp": "bf16", "first_loss": 1.9, "last_loss": 0.6,
+        "validation": {"mean_dice": 0.81}, "seconds": 120.0}))
+    out = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(res)], tmp_path).stdout
+    reg = next(line for line in out.splitlines() if "Colin27" in line)
+    assert f"{demo['dice_before']:.3f} -> {demo['dice_affine']:.3f} -> {demo['dice_after']:.3f}" in reg
+    assert reg.endswith("| yes |")
+    seg = next(line for line in out.splitlines() if "segmentation demo" in line)
+    assert "300 steps on cuda (bf16)" in seg and "val mean_dice 0.810" in seg and seg.endswith("| yes |")
+    empty = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(tmp_path / "none")], tmp_path).stdout
+    assert sum("demo" in line and line.endswith("| not run |") for line in empty.splitlines()) == 2
