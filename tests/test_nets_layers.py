@@ -108,6 +108,15 @@ def test_conv3d_under_cpu_autocast_casts_like_torch():
     torch.testing.assert_close(y, ref)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch's flags() warns on CPU-only builds
+def test_conv3d_respects_disabled_onednn():
+    conv = Conv3d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 5, 5, 5)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not conv(x).grad_fn.name().startswith("_OneDNN")
+    assert conv(x).grad_fn.name().startswith("_OneDNN")
+
+
 def test_instance_norm_channels_last_matches_torch():
     torch.manual_seed(4)
     norm = InstanceNorm3d(4, affine=True)

@@ -112,6 +112,7 @@ class Conv3d(nn.Conv3d):
         if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.dim() == 5
                 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
                 and self.padding_mode == "zeros" and torch.backends.mkldnn.is_available()
+                and torch.backends.mkldnn.enabled
                 and not isinstance(self.padding, str) and self.dilation == (1, 1, 1) and self.groups == 1
                 and all(p < k for p, k in zip(self.padding, self.kernel_size))):
             x = x if cl else x.contiguous()
