@@ -173,6 +173,16 @@ def test_bad_inputs():
         mm.hausdorff_distance(masks, masks[:, :1])
     with pytest.raises(ValueError, match="pred must be binary"):
         mm.hausdorff_distance(masks.float() + 0.5, masks)
+    for bad_value in (0.5, -1.0, 2.0, float("nan")):  # one bad voxel of a counted channel is enough
+        odd = masks.float()
+        odd[0, -1, 0, 0] = bad_value
+        with pytest.raises(ValueError, match="target must be binary"):
+            mm.hausdorff_distance(masks, odd)
+    # a dropped background channel is not read (as MONAI ignores it): soft values there change nothing
+    soft_bg = masks.float()
+    soft_bg[:, 0] = 0.3
+    torch.testing.assert_close(mm.hausdorff_distance(masks, soft_bg), mm.hausdorff_distance(masks, masks),
+                               equal_nan=True)
     with pytest.raises(ValueError, match="one-hot"):
         mm.hausdorff_distance(masks[:, 0], masks[:, 0])
     with pytest.raises(ValueError, match="include_background"):

@@ -82,12 +82,13 @@ def _check_binary(name: str, mask: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} must be a real (bool, integer or floating) tensor, got {mask.dtype}")
     if mask.dtype == torch.bool:
         return mask
-    if bool(((mask != 0) & (mask != 1)).any()):
+    binary = mask != 0
+    if not torch.equal(binary.to(mask.dtype), mask):  # 3 passes, at any foreground fraction
         raise ValueError(
             f"{name} must be binary (one-hot, values 0 and 1 only); threshold probabilities or pass label maps "
             f"with num_classes=..."
         )
-    return mask != 0
+    return binary
 
 
 def _batch_spacing(spacing: SpacingArg, batch: int, ndim: int) -> list[list[float]] | list[float]:
@@ -140,7 +141,8 @@ def _masks(
                 f"pred has {pred.shape[1]} channel(s) and include_background=False drops channel 0, leaving no "
                 f"class; pass include_background=True for a single foreground channel"
             )
-        return _check_binary("pred", pred)[:, first:], _check_binary("target", target)[:, first:], first
+        # only the channels that count are read (MONAI ignores a dropped background channel too)
+        return _check_binary("pred", pred[:, first:]), _check_binary("target", target[:, first:]), first
     num_classes = _check_int("num_classes", num_classes, 1 + first)
     if pred.dim() not in (3, 4):
         raise ValueError(
