@@ -148,6 +148,18 @@ def test_dice_matches_monai(shape, ignore_empty, include_background, ignore_inde
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.bool])
+def test_dice_label_dtypes(dtype):
+    """Narrow and bool label maps give the int64 result (the pair index is formed in int64: a uint8
+    ``t * (C + 1) + p`` would wrap)."""
+    gen = torch.Generator().manual_seed(3)
+    classes = 2 if dtype == torch.bool else 200
+    target = torch.randint(0, classes, (2, 9, 10, 11), generator=gen)
+    pred = torch.where(torch.rand(target.shape, generator=gen) < 0.6, target, torch.randint(0, classes, target.shape))
+    want = mm.dice(pred, target, classes)
+    torch.testing.assert_close(mm.dice(pred.to(dtype), target.to(dtype), classes), want, equal_nan=True)
+
+
 def test_bad_inputs():
     labels = torch.zeros(2, 8, 8, dtype=torch.long)
     masks = torch.zeros(2, 2, 8, 8, dtype=torch.bool)

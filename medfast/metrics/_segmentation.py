@@ -64,6 +64,12 @@ def _check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_inde
             f"{name} must be an integer label map (class index per voxel), got dtype {labels.dtype}; "
             f"take the argmax over the class axis of probabilities/logits, or round and convert with .long()"
         )
+    if labels.numel() == 0:
+        return
+    if labels.dtype != torch.bool:
+        lo, hi = (int(v) for v in torch.aminmax(labels))  # one pass; the masks below only on failure
+        if lo >= 0 and hi < num_classes:
+            return
     bad = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
         bad &= labels != ignore_index
@@ -328,6 +334,28 @@ def _fill_empty(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None):
+    """Per batch element and class: target voxels, pred voxels and voxels where both are the class, as
+    three ``(B, num_classes)`` int64 tensors, from one ``bincount`` of (target, pred) pairs. A
+    ``num_classes``-th row / column collects target voxels equal to ``ignore_index`` (left out of every
+    count) and pred voxels outside ``[0, num_classes)`` (in no class)."""
+    batch, k = target.shape[0], num_classes + 1
+    t = target.reshape(batch, -1).long()
+    p = pred.reshape(batch, -1).long()
+    if ignore_index is not None:
+        t = t.masked_fill(t == ignore_index, num_classes)
+        if not 0 <= ignore_index < num_classes:  # validated labels: outside the range only ignore_index
+            p = p.masked_fill(p == ignore_index, num_classes)
+    pairs = t * k + p
+    if batch > 1:
+        pairs += torch.arange(batch, device=t.device).view(-1, 1) * (k * k)
+    table = torch.bincount(pairs.flatten(), minlength=batch * k * k).view(batch, k, k)[:, :num_classes]
+    n_t = table.sum(2)[:, :num_classes]
+    n_p = table.sum(1)[:, :num_classes]
+    n_tp = torch.diagonal(table[:, :, :num_classes], dim1=1, dim2=2)
+    return n_t, n_p, n_tp
+
+
 def hausdorff_distance(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -540,20 +568,7 @@ def dice(
     _check_labels("pred_labels", pred_labels, num_classes, ignore_index)
     _check_labels("target", target, num_classes, ignore_index)
 
-    batch = target.shape[0]
-    t = target.reshape(batch, -1)
-    p = pred_labels.reshape(batch, -1)
-    if ignore_index is not None:
-        t, p = t.long(), p.long()
-        valid = t != ignore_index  # ignored voxels: -1 in both, in no class
-        t = torch.where(valid, t, torch.full_like(t, -1))
-        p = torch.where(valid, p, torch.full_like(p, -1))
-    hit = p == t
-    counts = []
-    for c in range(first, num_classes):
-        in_t = t == c
-        counts.append(torch.stack([in_t.sum(1), (p == c).sum(1), (in_t & hit).sum(1)], 1))
-    n_t, n_p, n_tp = torch.stack(counts, 1).unbind(2)
+    n_t, n_p, n_tp = (x[:, first:] for x in _confusion_counts(pred_labels, target, num_classes, ignore_index))
     score = (2 * n_tp).double() / (n_t + n_p).double().clamp_min(1)
     if ignore_empty:
         empty = torch.full_like(score, math.nan)
