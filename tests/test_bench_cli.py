@@ -139,7 +139,7 @@ def test_bench_loss_arguments_per_device():
         bench_loss.parse_args(["--device", "tpu"])
 
 
-def test_bench_loss_target_on_cuda_only():
+def test_bench_loss_targets():
     bench_loss = _script("bench_loss")
 
     def res(ours, monai, ours_mib, monai_mib):
@@ -157,6 +157,11 @@ def test_bench_loss_target_on_cuda_only():
     assert bench_loss.make_row(skipped, "cuda", 128, 4, 2, "float32")["met"] == "n/a"
     cpu = bench_loss.make_row(res(1.0, 3.5, 100.0, 900.0), "cpu", 128, 4, 1, "float32")
     assert (cpu["target"], cpu["met"]) == ("", "")
+    # on the CPU only C = 16 has a target: 5x, extra memory within 1.25x the logits (128 MiB at 128^3)
+    c16 = bench_loss.make_row(res(1.0, 5.5, 150.0, 900.0), "cpu", 128, 16, 1, "float32")
+    assert (c16["target"], c16["met"]) == (">= 5x, mem <= 1.25x logits", "yes")
+    assert bench_loss.make_row(res(1.0, 5.5, 170.0, 900.0), "cpu", 128, 16, 1, "float32")["met"] == "no"
+    assert bench_loss.make_row(res(1.0, 4.5, 100.0, 900.0), "cpu", 128, 16, 1, "float32")["met"] == "no"
 
 
 def test_bench_loss_nosync_row():
@@ -348,3 +353,29 @@ def test_registration_rows_of_the_three_step_builds(tmp_path):
     data["device"] = "cuda"
     (tmp_path / "registration_cuda_latest.json").write_text(json.dumps(data))
     assert {r.target for r in runner._registration_rows(tmp_path, "cuda")} == {""}
+
+
+def test_metrics_rows_carry_the_cpu_hausdorff_target(tmp_path):
+    (tmp_path / "metrics_cpu.json").write_text(json.dumps({
+        "case": "128^3 blob pair (background + 1 class), spacing (1.5, 1.0, 0.8), device cpu",
+        "ms": {"hausdorff95": {"medfast": 8.0, "monai": 120.0}, "hausdorff95 disjoint balls": {"medfast": 10.0,
+               "monai": 50.0}, "dice": {"medfast": 5.0, "monai": 20.0}}}))
+    rows = runner._metrics_rows(tmp_path, "cpu")
+    assert [(r.case, r.target, r.met) for r in rows] == [
+        ("hausdorff95 128^3", ">= 10x", "yes"), ("hausdorff95 disjoint balls 128^3", ">= 10x", "no"),
+        ("dice 128^3", "", "")]
+    (tmp_path / "metrics_cuda.json").write_text(json.dumps({
+        "case": "128^3 blob pair (background + 1 class), spacing (1.5, 1.0, 0.8), device cuda",
+        "ms": {"hausdorff95": {"medfast": 1.0, "monai": 2.0}}}))
+    assert runner._metrics_rows(tmp_path, "cuda")[0].target == ""
+
+
+def test_ultrasound_rows_carry_the_cpu_frame_rate_target(tmp_path):
+    def row(case, batch, fps, device="cpu"):
+        return {"case": case, "device": device, "batch": batch, "sub_rays": 3, "volume": 128,
+                "seconds_per_call": batch / fps, "frames_per_second": fps, "peak_mib": 700.0}
+
+    (tmp_path / "ultrasound_cpu_latest.json").write_text(json.dumps({"summary": {}, "medfast": [
+        row("forward", 1, 136.0), row("forward", 1, 90.0), row("forward_backward", 1, 30.0)]}))
+    rows = runner._ultrasound_rows(tmp_path, "cpu")
+    assert [(r.target, r.met) for r in rows] == [(">= 100 frames/s", "yes"), (">= 100 frames/s", "no"), ("", "")]
