@@ -253,8 +253,10 @@ def test_segment_quantile_matches_torch_quantile(dtype, signed):
         values = values - 5
     seg = torch.randint(0, 6, (500,), generator=g)
     seg[seg == 4] = 5  # segment 4 empty
+    values[seg == 3] = 2.5  # one segment of a single repeated value (the next order statistic is lo again)
+    values[seg == 1] = values[seg == 1].round()  # many ties
     order = torch.argsort(seg, stable=True)
-    for q in (0.0, 0.5, 0.95, 1.0):
+    for q in (0.0, 0.37, 0.5, 0.9, 0.95, 0.99, 1.0):
         got = _segment_quantile(values, seg, 7, q)
         # the selection path for contiguous segments (few of them, CPU) and the sort path for many
         few = _segment_quantile(values[order], seg[order], 7, q, contiguous=True)

@@ -177,17 +177,19 @@ def _edges(mask: torch.Tensor) -> torch.Tensor:
             eroded.narrow(axis, 0, n - 1).logical_and_(mask.narrow(axis, 1, n - 1))
         eroded.select(axis, 0).zero_()
         eroded.select(axis, n - 1).zero_()
-    return mask & ~eroded
+    return eroded.logical_not_().logical_and_(mask)  # mask & ~eroded, in place
 
 
-def _crop_box(union: torch.Tensor, margin: int) -> list[slice]:
+def _crop_box(union: torch.Tensor, margin: int) -> list[slice] | None:
     """Bounding box (one slice per axis, grown by ``margin`` and clipped to the image) of the nonzero voxels
-    of a (*S) bool tensor that has at least one."""
+    of a (*S) bool tensor; None if it has none."""
     box = []
     u8 = union.view(torch.uint8)  # amax over uint8 is several times faster than any() over bool
     for axis in range(union.dim()):
         proj = u8.amax(dim=[d for d in range(union.dim()) if d != axis])
         hits = torch.nonzero(proj).flatten()
+        if hits.numel() == 0:
+            return None
         box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, union.shape[axis])))
     return box
 
@@ -214,9 +216,11 @@ def _surface_distances(
     spatial = pred.shape[2:]
     spacings = _batch_spacing(spacing, batch, len(spatial))
     pred, target = pred.reshape(-1, *spatial), target.reshape(-1, *spatial)
-    union = (pred | target).flatten(1).any(0).view(spatial)
-    if bool(union.any()):  # crop to the foreground (+1 voxel so that the erosion is unchanged)
-        box = (slice(None), *_crop_box(union, 1))
+    union = pred | target
+    union = union[0] if union.shape[0] == 1 else union.flatten(1).any(0).view(spatial)
+    box = _crop_box(union, 1)
+    if box is not None:  # crop to the foreground (+1 voxel so that the erosion is unchanged)
+        box = (slice(None), *box)
         # contiguous: the erosion's shifted ands run twice as fast on a dense block
         pred, target = pred[box].contiguous(), target[box].contiguous()
     edges_p, edges_t = _edges(pred), _edges(target)
@@ -296,7 +300,11 @@ def _few_segment_quantile(values: torch.Tensor, seg: torch.Tensor, n: int, q: fl
             rank = torch.tensor(q, dtype=values.dtype) * (k - 1)
             below, above = int(rank), int(torch.ceil(rank))
             lo = torch.kthvalue(part, below + 1).values
-            hi = lo if above == below else torch.kthvalue(part, above + 1).values
+            hi = lo
+            if above != below:  # the next order statistic: lo again if lo repeats, else the next value up
+                larger = part[part > lo]
+                if k - larger.numel() < above + 1:
+                    hi = larger.min()
             out[i] = torch.lerp(lo, hi, rank - below)
         start += k
     return out
