@@ -354,7 +354,7 @@ def _confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int
         t = t.masked_fill(t == ignore_index, num_classes)
         if not 0 <= ignore_index < num_classes:  # validated labels: outside the range only ignore_index
             p = p.masked_fill(p == ignore_index, num_classes)
-    pairs = t * k + p
+    pairs = (t * k).add_(p)  # one allocation of the pair index (plus t's and p's if they were narrower)
     if batch > 1:
         pairs += torch.arange(batch, device=t.device).view(-1, 1) * (k * k)
     table = torch.bincount(pairs.flatten(), minlength=batch * k * k).view(batch, k, k)[:, :num_classes]
