@@ -237,25 +237,6 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
     (simd ? seed_rows_avx2 : seed_rows_base)(s, dt, n0, n1, n2, h1, begin, end, last.data());
   });
 
-  // Slabs (b, j, :, :) without a seed: their rows stay +inf in every plane, and so does their envelope
-  // pass, which is skipped (far-apart surfaces leave most of the cropped volume's slabs seedless).
-  std::vector<uint8_t> seeded(B * n0, 0);
-  at::parallel_for(0, B * n0, std::max<int64_t>(1, 65536 / (n1 * n2)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* slab = reinterpret_cast<const uint8_t*>(s + r * n1 * n2);
-      const int64_t n = n1 * n2;
-      int64_t k = 0;
-      uint64_t any = 0;
-      for (; k + 8 <= n && !any; k += 8) {
-        uint64_t word;
-        std::memcpy(&word, slab + k, 8);
-        any = word;
-      }
-      for (; k < n && !any; ++k) any = slab[k];
-      seeded[r] = any != 0;
-    }
-  });
-
   std::vector<float> sq(2 * n2 - 1);  // sq[n2 - 1 + t] = (h2 t)^2
   for (int64_t t = 0; t < n2; ++t) {
     const float off = static_cast<float>(t) * h2;
@@ -309,9 +290,13 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
           // An expensive plane (over budget, or on course to be after a few queries): the envelope pass
           // for the rest of its queries.
           if (reads > budget || (done >= 8 && reads * total > budget * done)) {
-            for (int64_t j = 0; j < n0; ++j)
-              if (seeded[b * n0 + j])
-                envelope_pass<float>(plane + j * n2, 1, n2, h2, v.data(), scratch.data(), scratch.data() + n2, 1);
+            // a row still +inf after the binary pass (its slab (b, j, :, :) has no seed) stays +inf: no
+            // envelope pass (far-apart surfaces leave most slabs of the cropped volume seedless)
+            for (int64_t j = 0; j < n0; ++j) {
+              float* row = plane + j * n2;
+              if (std::any_of(row, row + n2, [](float d) { return d < INFINITY; }))
+                envelope_pass<float>(row, 1, n2, h2, v.data(), scratch.data(), scratch.data() + n2, 1);
+            }
             enveloped = true;
           }
         }

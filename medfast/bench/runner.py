@@ -152,13 +152,14 @@ def _registration_rows(out: Path, device: str | None = None) -> list[Row]:
     if st:
         case = f"LocalNet step {st['size']}^3 (LNCC + bending + warp){threads}"
         ratio = _ratio(st["monai_ms"], st["medfast_ms"])
-        # results from before the three builds: the MONAI build ran on medfast's network
-        peer = ("MONAI build (stock torch.nn LocalNet + MONAI Warp/LNCC/BendingEnergy)" if "monai_fastnet_ms" in st
+        # results from before the three builds have no monai_fastnet: their MONAI build ran on medfast's network
+        three_builds = "monai_fastnet_ms" in st
+        peer = ("MONAI build (stock torch.nn LocalNet + MONAI Warp/LNCC/BendingEnergy)" if three_builds
                 else "MONAI Warp/LNCC/BendingEnergy on medfast's LocalNet")
         rows.append(Row("registration", case, peer, st["medfast_ms"], st["monai_ms"], ratio,
                         st.get("medfast_extra_peak_mib"), st.get("monai_extra_peak_mib"),
-                        *(_at_least(ratio, 2, cpu) if "monai_fastnet_ms" in st else ("", ""))))
-        if "monai_fastnet_ms" in st:
+                        *(_at_least(ratio, 2, cpu) if three_builds else ("", ""))))
+        if three_builds:
             rows.append(Row("registration", case, "MONAI Warp/LNCC/BendingEnergy on medfast's LocalNet",
                             st["medfast_ms"], st["monai_fastnet_ms"], _ratio(st["monai_fastnet_ms"], st["medfast_ms"]),
                             st.get("medfast_extra_peak_mib"), st.get("monai_fastnet_extra_peak_mib")))

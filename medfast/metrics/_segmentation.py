@@ -358,9 +358,9 @@ def _confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int
     if batch > 1:
         pairs += torch.arange(batch, device=t.device).view(-1, 1) * (k * k)
     table = torch.bincount(pairs.flatten(), minlength=batch * k * k).view(batch, k, k)[:, :num_classes]
-    n_t = table.sum(2)[:, :num_classes]
+    n_t = table.sum(2)
     n_p = table.sum(1)[:, :num_classes]
-    n_tp = torch.diagonal(table[:, :, :num_classes], dim1=1, dim2=2)
+    n_tp = torch.diagonal(table, dim1=1, dim2=2)
     return n_t, n_p, n_tp
 
 
