@@ -334,3 +334,101 @@ def test_seed_distances_cuda_matches_cpu():
     cpu = seed_distances(seeds, query, (1.2, 0.9, 2.0))
     gpu = seed_distances(seeds.cuda(), query.cuda(), (1.2, 0.9, 2.0))
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-5)
+
+
+def _element_pairs():
+    """Per batch element, a (seeds, query) pair of surfaces whose boxes differ: the query surface beside
+    the seed surface along each axis in turn (before and after it), overlapping it, and far in a corner."""
+    shape = (26, 23, 29)
+    seeds_at = [(6, 11, 14), (19, 11, 14), (13, 5, 14), (13, 17, 14), (13, 11, 6), (13, 11, 22), (13, 11, 14)]
+    query_at = [(19, 11, 14), (6, 11, 14), (13, 17, 14), (13, 5, 14), (13, 11, 22), (13, 11, 6), (12, 10, 15)]
+    pairs = [(_surface(_ball(shape, s, 4.5)), _surface(_ball(shape, q, 5.5))) for s, q in zip(seeds_at, query_at)]
+    pairs.append((_surface(_ball(shape, (3, 3, 3), 2.5)), _surface(_ball(shape, (21, 18, 24), 4))))
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+@pytest.mark.parametrize("spacing", [(1.5, 1.0, 0.8), (0.6, 1.0, 2.5), (1.0, 1.0, 1.0)])
+def test_seed_distances_per_element_boxes_match_scipy(spacing):
+    """Each element's planes are cropped to its own seeds' rows and columns and its queries' planes: queries
+    outside that box on every side (the direct search and the envelope fallback both start outside it),
+    and elements without seeds or without queries beside the others, against scipy."""
+    from medfast.ops._distance import seed_distances
+
+    seeds, query = _element_pairs()
+    seeds = torch.cat([seeds, torch.zeros_like(seeds[:1]), seeds[:1]])  # + an element without seeds
+    query = torch.cat([query, query[:1], torch.zeros_like(query[:1])])  # + one without queries
+    got = seed_distances(seeds, query, spacing)
+    want = _seed_reference(seeds, query, spacing)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_seed_distances_per_element_equals_one_element_at_a_time():
+    """Cropping per element: the batch gives each element exactly what it gives alone (bitwise)."""
+    from medfast.ops._distance import seed_distances
+
+    seeds, query = _element_pairs()
+    whole = seed_distances(seeds, query, (1.3, 0.7, 0.9))
+    parts = torch.cat([seed_distances(s[None], q[None], (1.3, 0.7, 0.9)) for s, q in zip(seeds, query)])
+    assert torch.equal(whole, parts)
+
+
+# ---- surface_edges: the surface voxels of the surface metrics ----
+
+
+def _surface_reference(mask):
+    """mask & ~binary_erosion(mask) per element (scipy: cross structuring element, background outside)."""
+    m = mask.numpy()
+    out = np.stack([e & ~ndimage.binary_erosion(e) for e in m]) if m.size else m.copy()
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 17, 13, 11), (1, 9, 1, 12), (2, 5, 6, 2), (1, 3, 3, 3), (3, 40, 33), (1, 1, 7), (2, 6, 1), (1, 4, 70, 65)],
+)
+@pytest.mark.parametrize("density", [0.3, 0.9, 1.0, 0.0])
+def test_surface_edges_match_scipy(shape, density):
+    from medfast.ops._distance import surface_edges
+
+    g = torch.Generator().manual_seed(len(shape) * 100 + int(density * 10))
+    mask = torch.rand(shape, generator=g) < density
+    edges, counts = surface_edges(mask)
+    want = _surface_reference(mask)
+    assert edges.dtype == torch.bool and torch.equal(edges, want)
+    assert counts.dtype == torch.long and torch.equal(counts, want.flatten(1).sum(1))
+
+
+def test_surface_edges_of_a_ball_and_a_strided_input():
+    from medfast.ops._distance import surface_edges
+
+    ball = _ball((21, 19, 23), (10, 9, 11), 7.5)
+    mask = torch.stack([ball, ~ball])  # the complement touches the image border everywhere
+    want = _surface_reference(mask)
+    edges, counts = surface_edges(mask)
+    assert torch.equal(edges, want) and counts.tolist() == want.flatten(1).sum(1).tolist()
+    strided = mask.transpose(1, 3)  # not contiguous
+    assert torch.equal(surface_edges(strided)[0], _surface_reference(strided.contiguous()))
+    assert torch.equal(surface_edges(mask[:, 2:-3])[0], _surface_reference(mask[:, 2:-3].contiguous()))
+
+
+def test_surface_edges_opcheck_and_bad_arguments():
+    mask = torch.rand(2, 5, 6, 7) < 0.6
+    torch.library.opcheck(torch.ops.medfast.surface_edges.default, (mask,))
+    torch.library.opcheck(torch.ops.medfast.surface_edges.default, (mask[:, 0],))
+    with pytest.raises(TypeError, match="mask must be bool"):
+        torch.ops.medfast.surface_edges(mask.float())
+    with pytest.raises(ValueError, match=r"mask must be \(B, H, W\) or \(B, D, H, W\)"):
+        torch.ops.medfast.surface_edges(mask[:, 0, 0])
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_surface_edges_cuda_matches_cpu():
+    from medfast.ops._distance import surface_edges
+
+    for shape in [(2, 30, 21, 17), (3, 40, 33), (1, 1, 5, 9)]:
+        mask = torch.rand(shape) < 0.7
+        cpu_e, cpu_n = surface_edges(mask)
+        gpu_e, gpu_n = surface_edges(mask.cuda())
+        assert torch.equal(gpu_e.cpu(), cpu_e) and torch.equal(gpu_n.cpu(), cpu_n)

@@ -141,3 +141,17 @@ def test_seed_distance_kernels_without_seeds_and_empty_query(lib):
     torch.testing.assert_close(got, ops.seed_distances(seeds, query, [1.0, 1.0, 1.0]))
     assert torch.isinf(got[: 6 * 7 * 8]).all() and torch.isfinite(got[6 * 7 * 8 :]).all()
     assert _emu_seeds(lib, seeds, torch.zeros_like(query), [1.0, 1.0, 1.0], H100_SMS).numel() == 0
+
+
+@pytest.mark.parametrize("shape", [(2, 17, 13, 11), (3, 23, 19), (1, 1, 5, 9), (2, 6, 1, 2), (1, 4, 70, 65)])
+@pytest.mark.parametrize("sms", [H100_SMS, 1])
+def test_surface_kernel_equals_cpu(lib, shape, sms):
+    """surface_edges_cuda's kernel (one thread per voxel, the border test per voxel) against the CPU op
+    (row by row, the border test per row): the same voxels."""
+    g = torch.Generator().manual_seed(sum(shape) + sms)
+    for density in (0.7, 1.0):
+        mask = (torch.rand(shape, generator=g) < density).contiguous()
+        out = torch.zeros_like(mask)
+        lib.emu_surface_edges(_p(mask), _p(out), ctypes.c_int64(shape[0]), ctypes.c_int(len(shape) - 1),
+                              _sizes(shape), ctypes.c_int64(sms))
+        assert torch.equal(out, ops.surface_edges(mask)[0])

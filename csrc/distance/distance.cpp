@@ -43,15 +43,30 @@ Tensor seed_distances(SeedLauncher launch, const Tensor& seeds, const Tensor& qu
   return launch(seeds, query, std::vector<double>(spacing.begin(), spacing.end()));
 }
 
+using EdgeLauncher = std::tuple<Tensor, Tensor> (*)(const Tensor&);
+
+std::tuple<Tensor, Tensor> surface_edges(EdgeLauncher launch, const Tensor& mask) {
+  const int64_t nd = mask.dim() - 1;
+  TORCH_CHECK_VALUE(nd == 2 || nd == 3, "medfast surface_edges: mask must be (B, H, W) or (B, D, H, W), got ",
+                    mask.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "medfast surface_edges: mask must be bool, got ",
+                   mask.scalar_type());
+  return launch(mask.contiguous());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
+  // Surface voxels of a bool mask (set voxels with a face neighbour unset or outside the image) and
+  // their number per batch element.
+  m.def("surface_edges(Tensor mask) -> (Tensor, Tensor)");
   m.def("distance_transform(Tensor mask, float[] spacing, ScalarType dtype) -> Tensor");
   // Distances from each query voxel (C order) to the nearest seed voxel of its batch element.
   m.def("seed_distances(Tensor seeds, Tensor query, float[] spacing) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(medfast, CPU, m) {
+  m.impl("surface_edges", [](const Tensor& mask) { return surface_edges(surface_edges_cpu, mask); });
   m.impl("distance_transform", [](const Tensor& mask, at::ArrayRef<double> spacing, at::ScalarType dtype) {
     return distance_transform(distance_cpu, mask, spacing, dtype);
   });
@@ -62,6 +77,7 @@ TORCH_LIBRARY_IMPL(medfast, CPU, m) {
 
 #ifdef MEDFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(medfast, CUDA, m) {
+  m.impl("surface_edges", [](const Tensor& mask) { return surface_edges(surface_edges_cuda, mask); });
   m.impl("distance_transform", [](const Tensor& mask, at::ArrayRef<double> spacing, at::ScalarType dtype) {
     return distance_transform(distance_cuda, mask, spacing, dtype);
   });

@@ -9,6 +9,7 @@
 // has none stays infinite, which after the last pass happens only on a mask without background.
 #pragma once
 #include <cmath>
+#include <cstdint>
 
 #include "common/macros.h"
 
@@ -23,12 +24,15 @@ MEDFAST_HOST_DEVICE T infinity() {
 // +inf where there is none yet). h is the spacing of the axis. Scratch of n entries each, entry k
 // at [k * ss]: the apex index v and height fv of the k-th parabola of the envelope, and z, the
 // index (fractional) from which it is the lowest. Positions are kept as indices and offsets are
-// formed as integer differences times h, so long lines lose no precision.
+// formed as integer differences times h, so long lines lose no precision. envelope_range takes the
+// parabolas from d[lo] .. d[hi] only and writes d[out_lo] .. d[out_hi] only (scratch of hi - lo + 1
+// entries): for a line +inf outside [lo, hi] that is read in [out_lo, out_hi] only.
 template <typename T>
-MEDFAST_HOST_DEVICE void envelope_pass(T* d, int64_t stride, int64_t n, T h, int64_t* v, T* fv, T* z, int64_t ss) {
+MEDFAST_HOST_DEVICE void envelope_range(T* d, int64_t stride, int64_t lo, int64_t hi, int64_t out_lo, int64_t out_hi,
+                                        T h, int64_t* v, T* fv, T* z, int64_t ss) {
   const T inv_h2 = T(1) / (h * h);
   int64_t m = 0;  // parabolas on the envelope
-  for (int64_t q = 0; q < n; ++q) {
+  for (int64_t q = lo; q <= hi; ++q) {
     const T fq = d[q * stride];
     if (!(fq < infinity<T>())) continue;
     T s = -infinity<T>();
@@ -51,11 +55,16 @@ MEDFAST_HOST_DEVICE void envelope_pass(T* d, int64_t stride, int64_t n, T h, int
   }
   if (m == 0) return;  // no finite value on the line: it stays +inf
   int64_t k = 0;
-  for (int64_t q = 0; q < n; ++q) {
+  for (int64_t q = out_lo; q <= out_hi; ++q) {
     while (k + 1 < m && z[(k + 1) * ss] < T(q)) ++k;
     const T dx = T(q - v[k * ss]) * h;
     d[q * stride] = dx * dx + fv[k * ss];
   }
+}
+
+template <typename T>
+MEDFAST_HOST_DEVICE void envelope_pass(T* d, int64_t stride, int64_t n, T h, int64_t* v, T* fv, T* z, int64_t ss) {
+  envelope_range<T>(d, stride, 0, n - 1, 0, n - 1, h, v, fv, z, ss);
 }
 
 // The first pass, over the binary start (0 on background, +inf elsewhere): the envelope of parabolas
@@ -108,14 +117,17 @@ MEDFAST_HOST_DEVICE void seed_line_pass(const bool* seed, int64_t ss, T* d, int6
 
 // The distance at index i of a line d[0], d[stride], ... (squared distances after the earlier
 // passes): min over j of d[j] + (h (i - j))^2, scanning j outwards from i while (h r)^2 can still
-// beat the best; +inf if the line holds no finite value.
+// beat the best; +inf if the line holds no finite value. i may lie outside [0, n) (a line cropped to
+// where its values can be finite).
 template <typename T>
 MEDFAST_HOST_DEVICE T distance_at(const T* d, int64_t stride, int64_t n, int64_t i, T h) {
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
   using std::sqrt;
 #endif
-  T best = d[i * stride];
-  for (int64_t r = 1; r < n; ++r) {
+  T best = i >= 0 && i < n ? d[i * stride] : infinity<T>();
+  const int64_t reach = i > n - 1 - i ? i : n - 1 - i;  // the farthest index from i
+  const int64_t nearest = i < 0 ? -i : (i >= n ? i - (n - 1) : 1);  // the first offset inside the line
+  for (int64_t r = nearest; r <= reach; ++r) {
     const T off = T(r) * h;
     const T r2 = off * off;
     if (!(r2 < best)) break;
@@ -154,37 +166,49 @@ struct RowMin {
 // offset alone stays below the bound (the best so far, or `limit`, an upper bound the caller knows,
 // if smaller), each over the window of columns whose offset stays below it, so the cost is about the
 // area of the ellipse of the answer's radius: small for queries near the seeds, large for far ones
-// (`reads` counts the values read, so that the launcher can fall back to the envelope pass). With
+// (`reads` counts the values read and kRowCost per row, so that the launcher can fall back to the
+// envelope pass). With
 // `tight_limit` (a limit close to the answer) the running minimum tightens the bound every other row
-// only: reading it is a serial step (a horizontal minimum in vector forms). Returns the squared distance; a result above `limit` means the limit was no bound (the
-// search then has to be rerun without it). acc: a fresh RowMin or a vector form of it.
+// only: reading it is a serial step (a horizontal minimum in vector forms). Returns the squared
+// distance; a result above `limit` means the limit was no bound (the search then has to be rerun
+// without it). acc: a fresh RowMin or a vector form of it. The plane may be cropped to the rows and
+// columns where values can be finite: the query's row i may lie outside [0, n0), and only columns
+// [k_lo, k_hi] are read (the others must be +inf).
+// What plane_search counts for visiting a row, beside its values: the window's square root and the
+// loop's own steps cost about as much as reading 128 values in vector form (tuned on 128^3 surfaces).
+constexpr int64_t kRowCost = 128;
+
 template <typename T, typename Acc>
 MEDFAST_HOST_DEVICE T plane_search(const T* d, int64_t rs, int64_t n0, int64_t n2, int64_t i, int64_t x, T h0,
-                                   T h2, const T* sq, T limit, bool tight_limit, Acc& acc, int64_t& reads) {
+                                   T h2, const T* sq, T limit, bool tight_limit, Acc& acc, int64_t& reads,
+                                   int64_t k_lo, int64_t k_hi) {
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
   using std::floor;
   using std::sqrt;
 #endif
   const T inv_h2 = T(1) / h2;
+  const int64_t reach = i > n0 - 1 - i ? i : n0 - 1 - i;  // the farthest row from i
+  const int64_t nearest = i < 0 ? -i : (i >= n0 ? i - (n0 - 1) : 0);  // the first offset inside the plane
   T bound = limit;
-  for (int64_t r0 = 0; r0 < n0; ++r0) {
+  for (int64_t r0 = nearest; r0 <= reach; ++r0) {
     const T off0 = T(r0) * h0;
     const T c0 = off0 * off0;
     if (!(c0 < bound)) break;
-    int64_t lo = 0, hi = n2 - 1;
+    int64_t lo = k_lo, hi = k_hi;
     if (bound < infinity<T>()) {  // +1: a column on the rounding edge of the window stays in
       const T w = floor(sqrt(bound - c0) * inv_h2) + T(1);
       if (w < T(n2)) {
         const int64_t wi = static_cast<int64_t>(w);
-        lo = x - wi > 0 ? x - wi : 0;
-        hi = x + wi < n2 - 1 ? x + wi : n2 - 1;
+        lo = x - wi > k_lo ? x - wi : k_lo;
+        hi = x + wi < k_hi ? x + wi : k_hi;
       }
     }
+    if (lo > hi) continue;  // the window misses the columns that can hold a value
     for (int side = 0; side < (r0 > 0 ? 2 : 1); ++side) {
       const int64_t j = side ? i + r0 : i - r0;
       if (j < 0 || j >= n0) continue;
       acc.row(d + j * rs, sq, lo, hi, c0);
-      reads += hi - lo + 1;
+      reads += hi - lo + 1 + kRowCost;
     }
     if (!tight_limit || (r0 & 1)) {
       const T best = acc.best();
@@ -212,6 +236,15 @@ MEDFAST_HOST_DEVICE T finish(T d2, int64_t x, int ndim, const int64_t* size, con
     acc += c * c;
   }
   return sqrt(acc);
+}
+
+// Surface voxels of a mask (scipy's binary_erosion with the face-connected cross and background
+// outside the image, as MONAI's get_mask_edges): a set voxel is interior when its 2 x ndim face
+// neighbours are all set. c: the voxel (0 or 1); l, r, a, b, e, f: its neighbours along the three axes
+// (0 for one outside the image; in 2D pass a and b twice). 1 on a surface voxel.
+MEDFAST_HOST_DEVICE uint8_t surface_voxel(uint8_t c, uint8_t l, uint8_t r, uint8_t a, uint8_t b, uint8_t e,
+                                          uint8_t f) {
+  return c & static_cast<uint8_t>(~(l & r & a & b & e & f));
 }
 
 // Geometry of the lines along one axis of a contiguous (B, *spatial) tensor seen as

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -105,54 +106,64 @@ struct RowMinAvx2 {
 
 // plane_search with the row minimum inlined, compiled for AVX2 and for the baseline.
 MEDFAST_AVX2 float search_avx2(const float* plane, int64_t n0, int64_t n2, int64_t i, int64_t x, float h0, float h2,
-                               const float* sq, float limit, bool tight, int64_t& reads) {
+                               const float* sq, float limit, bool tight, int64_t& reads, int64_t k_lo, int64_t k_hi) {
   RowMinAvx2 acc(n2);
-  return plane_search<float>(plane, n2, n0, n2, i, x, h0, h2, sq, limit, tight, acc, reads);
+  return plane_search<float>(plane, n2, n0, n2, i, x, h0, h2, sq, limit, tight, acc, reads, k_lo, k_hi);
 }
 
 float search_base(const float* plane, int64_t n0, int64_t n2, int64_t i, int64_t x, float h0, float h2,
-                  const float* sq, float limit, bool tight, int64_t& reads) {
+                  const float* sq, float limit, bool tight, int64_t& reads, int64_t k_lo, int64_t k_hi) {
   RowMin<float> acc;
-  return plane_search<float>(plane, n2, n0, n2, i, x, h0, h2, sq, limit, tight, acc, reads);
+  return plane_search<float>(plane, n2, n0, n2, i, x, h0, h2, sq, limit, tight, acc, reads, k_lo, k_hi);
 }
 
-// Reads per voxel of a plane that its queries may spend on plane_search before the plane falls back
-// to the envelope pass along its rows (a vector read costs several times less than an envelope step).
-constexpr int64_t kSearchBudget = 32;
+// Reads (as plane_search counts them) per envelope step (a plane's rows times the columns the envelope
+// pass reads and writes) that the plane's queries may spend on plane_search before the plane falls back
+// to the envelope pass: a step, with its division and branches, costs as much as many vector reads
+// (tuned on 128^3 surfaces, near and far apart).
+constexpr int64_t kSearchBudget = 64;
 
-// Binary pass along axis 1 of (B, n0, n1, n2) seeds for the rows (b, j) in [begin, end), written
-// transposed, plane by plane: dt (B, n1, n0, n2), so that the plane of each query is one contiguous
-// block for the search. The sweeps walk whole rows of n2 side by side (vectorized over k); the
-// arithmetic is seed_line_pass's. Columns from k0 on.
+// Where one batch element's seeds and queries lie: the seeds' rows j0..j1 (axis 0) and columns
+// k0..k1 (axis 2), the queries' planes y0..y1 (axis 1) and columns qk0..qk1. Only those rows of those
+// planes can hold a finite value that a query reads after the binary pass, so the planes are stored
+// cropped to them: far-apart surfaces, or one class among many, cost about their own boxes.
+struct Box {
+  int64_t j0 = INT64_MAX, j1 = -1, k0 = INT64_MAX, k1 = -1, y0 = INT64_MAX, y1 = -1, qk0 = INT64_MAX, qk1 = -1;
+  bool seeded() const { return j1 >= 0; }
+  bool queried() const { return y1 >= 0; }
+  int64_t rows() const { return j1 - j0 + 1; }
+  int64_t planes() const { return y1 - y0 + 1; }
+};
+
+// Binary pass along axis 1 of one seed slab src (n1, n2) (element b, row j), for the columns
+// [k0, k1], written to the planes y0..y1 only: dst + (y - y0) * ps. The sweeps still cover every y
+// (a seed outside the planes is still the nearest for some), walking whole rows side by side
+// (vectorized over k); the arithmetic is seed_line_pass's.
 template <typename T>
-__attribute__((always_inline)) inline void seed_rows(const bool* s, T* dt, int64_t n0, int64_t n1, int64_t n2, T h,
-                                                     int64_t begin, int64_t end, int32_t* last, int64_t k0 = 0) {
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / n0, j = r - b * n0;
-    const bool* src = s + r * n1 * n2;
-    T* dst = dt + (b * n1 * n0 + j) * n2;  // (b, y, j, :) at dst + y * n0 * n2
-    for (int64_t k = k0; k < n2; ++k) last[k] = -1;
-    for (int64_t y = 0; y < n1; ++y) {
-      const bool* sr = src + y * n2;
-      T* dr = dst + y * n0 * n2;
-      for (int64_t k = k0; k < n2; ++k) {
-        const int32_t l = sr[k] ? static_cast<int32_t>(y) : last[k];
-        last[k] = l;
-        const T dx = T(static_cast<int32_t>(y) - l) * h;
-        dr[k] = l >= 0 ? dx * dx : infinity<T>();
-      }
+__attribute__((always_inline)) inline void seed_slab(const bool* src, T* dst, int64_t ps, int64_t n1, int64_t n2,
+                                                     int64_t y0, int64_t y1, int64_t k0, int64_t k1, T h,
+                                                     int32_t* last) {
+  for (int64_t k = k0; k <= k1; ++k) last[k] = -1;
+  for (int64_t y = 0; y <= y1; ++y) {
+    const bool* sr = src + y * n2;
+    T* dr = dst + (y - y0) * ps;
+    for (int64_t k = k0; k <= k1; ++k) {
+      const int32_t l = sr[k] ? static_cast<int32_t>(y) : last[k];
+      last[k] = l;
+      const T dx = T(static_cast<int32_t>(y) - l) * h;
+      if (y >= y0) dr[k] = l >= 0 ? dx * dx : infinity<T>();
     }
-    for (int64_t k = k0; k < n2; ++k) last[k] = -1;
-    for (int64_t y = n1 - 1; y >= 0; --y) {
-      const bool* sr = src + y * n2;
-      T* dr = dst + y * n0 * n2;
-      for (int64_t k = k0; k < n2; ++k) {
-        const int32_t l = sr[k] ? static_cast<int32_t>(y) : last[k];
-        last[k] = l;
-        const T dx = T(l - static_cast<int32_t>(y)) * h;
-        const T v = dx * dx;
-        dr[k] = l >= 0 && v < dr[k] ? v : dr[k];
-      }
+  }
+  for (int64_t k = k0; k <= k1; ++k) last[k] = -1;
+  for (int64_t y = n1 - 1; y >= y0; --y) {
+    const bool* sr = src + y * n2;
+    T* dr = dst + (y - y0) * ps;
+    for (int64_t k = k0; k <= k1; ++k) {
+      const int32_t l = sr[k] ? static_cast<int32_t>(y) : last[k];
+      last[k] = l;
+      const T dx = T(l - static_cast<int32_t>(y)) * h;
+      const T v = dx * dx;
+      if (y <= y1) dr[k] = l >= 0 && v < dr[k] ? v : dr[k];
     }
   }
 }
@@ -163,50 +174,77 @@ MEDFAST_AVX2 inline __m256i seeded8(const bool* p) {
   return _mm256_cmpgt_epi32(b, _mm256_setzero_si256());
 }
 
-// seed_rows with 8 columns per vector (the remainder by seed_rows' own arithmetic).
-MEDFAST_AVX2 void seed_rows_avx2(const bool* s, float* dt, int64_t n0, int64_t n1, int64_t n2, float h, int64_t begin,
-                                 int64_t end, int32_t* last) {
-  const int64_t n8 = n2 / 8 * 8;
+// seed_slab with 8 columns per vector (the remainder by seed_slab's own arithmetic).
+MEDFAST_AVX2 void seed_slab_avx2(const bool* src, float* dst, int64_t ps, int64_t n1, int64_t n2, int64_t y0,
+                                 int64_t y1, int64_t k0, int64_t k1, float h, int32_t* last) {
   const __m256 hv = _mm256_set1_ps(h), inf = _mm256_set1_ps(INFINITY);
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / n0, j = r - b * n0;
-    const bool* src = s + r * n1 * n2;
-    float* dst = dt + (b * n1 * n0 + j) * n2;
-    for (int64_t k = 0; k < n8; k += 8) {
-      __m256i l = _mm256_set1_epi32(-1);
-      for (int64_t y = 0; y < n1; ++y) {
-        const __m256i yv = _mm256_set1_epi32(static_cast<int32_t>(y));
-        l = _mm256_blendv_epi8(l, yv, seeded8(src + y * n2 + k));
-        const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(yv, l)), hv);
-        _mm256_storeu_ps(dst + y * n0 * n2 + k, _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l)));
-      }
-      l = _mm256_set1_epi32(-1);
-      for (int64_t y = n1 - 1; y >= 0; --y) {
-        const __m256i yv = _mm256_set1_epi32(static_cast<int32_t>(y));
-        l = _mm256_blendv_epi8(l, yv, seeded8(src + y * n2 + k));
-        const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, yv)), hv);
-        const __m256 v = _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l));
-        float* dr = dst + y * n0 * n2 + k;
-        _mm256_storeu_ps(dr, _mm256_min_ps(v, _mm256_loadu_ps(dr)));
-      }
+  int64_t k = k0;
+  for (; k + 8 <= k1 + 1; k += 8) {
+    __m256i l = _mm256_set1_epi32(-1);
+    for (int64_t y = 0; y <= y1; ++y) {
+      const __m256i yv = _mm256_set1_epi32(static_cast<int32_t>(y));
+      l = _mm256_blendv_epi8(l, yv, seeded8(src + y * n2 + k));
+      if (y < y0) continue;
+      const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(yv, l)), hv);
+      _mm256_storeu_ps(dst + (y - y0) * ps + k, _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l)));
     }
-    if (n8 < n2) seed_rows<float>(s, dt, n0, n1, n2, h, r, r + 1, last, n8);
+    l = _mm256_set1_epi32(-1);
+    for (int64_t y = n1 - 1; y >= y0; --y) {
+      const __m256i yv = _mm256_set1_epi32(static_cast<int32_t>(y));
+      l = _mm256_blendv_epi8(l, yv, seeded8(src + y * n2 + k));
+      if (y > y1) continue;
+      const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, yv)), hv);
+      const __m256 v = _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l));
+      float* dr = dst + (y - y0) * ps + k;
+      _mm256_storeu_ps(dr, _mm256_min_ps(v, _mm256_loadu_ps(dr)));
+    }
   }
+  if (k <= k1) seed_slab<float>(src, dst, ps, n1, n2, y0, y1, k, k1, h, last);
 }
 
-void seed_rows_base(const bool* s, float* dt, int64_t n0, int64_t n1, int64_t n2, float h, int64_t begin, int64_t end,
-                    int32_t* last) {
-  seed_rows<float>(s, dt, n0, n1, n2, h, begin, end, last, 0);
+void seed_slab_base(const bool* src, float* dst, int64_t ps, int64_t n1, int64_t n2, int64_t y0, int64_t y1,
+                    int64_t k0, int64_t k1, float h, int32_t* last) {
+  seed_slab<float>(src, dst, ps, n1, n2, y0, y1, k0, k1, h, last);
+}
+
+// Set bytes of a row of n bools, and the first and last set column (unchanged where none): 8 bytes
+// at a time (a bool is 0 or 1, so a word's set bytes are its set bits).
+inline int64_t row_extent(const bool* row, int64_t n, int64_t& lo, int64_t& hi) {
+  int64_t c = 0, a = -1, b = -1, k = 0;
+  for (; k + 8 <= n; k += 8) {
+    uint64_t w;
+    std::memcpy(&w, row + k, 8);
+    if (w == 0) continue;
+    c += __builtin_popcountll(w);
+    if (a < 0) a = k + __builtin_ctzll(w) / 8;
+    b = k + (63 - __builtin_clzll(w)) / 8;
+  }
+  for (; k < n; ++k) {
+    if (!row[k]) continue;
+    ++c;
+    if (a < 0) a = k;
+    b = k;
+  }
+  if (c == 0) return 0;
+  lo = std::min(lo, a);
+  hi = std::max(hi, b);
+  return c;
+}
+
+// Index of the group holding item t, given the groups' exclusive prefix sums `start` (size G + 1).
+inline int64_t group_of(const std::vector<int64_t>& start, int64_t t) {
+  return std::upper_bound(start.begin(), start.end(), t) - start.begin() - 1;
 }
 
 // 3D seed distances at the query voxels of (B, n0, n1, n2) bool volumes: the binary pass along axis
-// 1, then axes 2 and 0 together at the queries, plane (b, :, y, :) by plane. Each query is searched
-// directly (plane_search), bounded by the previous query's distance plus the distance between the
-// two (distances are 1-Lipschitz, and consecutive queries of a surface are mostly neighbours). A
-// plane whose queries exceed the budget gets the envelope pass along its rows and the rest of its
-// queries are read along axis 0 (distance_at), so far-apart surfaces cost little more than the full
-// transform. Planes are independent (the envelope pass works in place on the plane's own rows), and
-// each output slot is fixed by the query's rank in C order: deterministic.
+// 1, then axes 2 and 0 together at the queries, plane (b, :, y, :) by plane, each plane cropped to the
+// element's Box. Each query is searched directly (plane_search), bounded by the previous query's
+// distance plus the distance between the two (distances are 1-Lipschitz, and consecutive queries of a
+// surface are mostly neighbours). A plane whose queries exceed the budget gets the envelope pass
+// along its rows and the rest of its queries are read along axis 0 (distance_at), so far-apart
+// surfaces cost little more than the transform over their boxes. Planes are independent (the envelope
+// pass works in place on the plane's own rows), and each output slot is fixed by the query's rank in
+// C order: deterministic.
 Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::vector<double>& spacing) {
   const int64_t B = seeds.size(0), n0 = seeds.size(1), n1 = seeds.size(2), n2 = seeds.size(3);
   const float h0 = static_cast<float>(spacing[0]), h1 = static_cast<float>(spacing[1]),
@@ -214,15 +252,17 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
   const bool* s = seeds.const_data_ptr<bool>();
   const bool* qm = query.const_data_ptr<bool>();
   const bool simd = cpu_simd_available();
-  // Output slot of each row's first query: exclusive prefix sum of the queries per row (b, j, y).
+  // Per row (b, j, y): the queries' count (then the output slot of its first query, by an exclusive
+  // prefix sum) and column extent, and the seeds' column extent (lo > hi where none).
   const int64_t rows = B * n0 * n1;
-  std::vector<int64_t> first(rows + 1, 0);
+  std::vector<int64_t> first(rows + 1, 0), ext(4 * rows);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n2), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* row = reinterpret_cast<const uint8_t*>(qm + r * n2);
-      int64_t c = 0;
-      for (int64_t k = 0; k < n2; ++k) c += row[k] != 0;
-      first[r + 1] = c;
+      int64_t* e = ext.data() + 4 * r;
+      e[0] = e[2] = INT64_MAX;
+      e[1] = e[3] = -1;
+      first[r + 1] = row_extent(qm + r * n2, n2, e[0], e[1]);
+      row_extent(s + r * n2, n2, e[2], e[3]);
     }
   });
   for (int64_t r = 0; r < rows; ++r) first[r + 1] += first[r];
@@ -230,11 +270,56 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
   if (first[rows] == 0) return out;
   float* o = out.mutable_data_ptr<float>();
 
-  Tensor dt_t = at::empty({B, n1, n0, n2}, out.options());
+  // The boxes, and where each active element's rows (binary pass) and planes (search) start.
+  std::vector<Box> box(B);
+  std::vector<int64_t> slab_start(B + 1, 0), plane_start(B + 1, 0), dt_start(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    Box& x = box[b];
+    for (int64_t j = 0; j < n0; ++j) {
+      for (int64_t y = 0; y < n1; ++y) {
+        const int64_t r = (b * n0 + j) * n1 + y;
+        const int64_t* e = ext.data() + 4 * r;
+        if (e[1] >= 0) {
+          x.y0 = std::min(x.y0, y);
+          x.y1 = std::max(x.y1, y);
+          x.qk0 = std::min(x.qk0, e[0]);
+          x.qk1 = std::max(x.qk1, e[1]);
+        }
+        if (e[3] >= 0) {
+          x.j0 = std::min(x.j0, j);
+          x.j1 = std::max(x.j1, j);
+          x.k0 = std::min(x.k0, e[2]);
+          x.k1 = std::max(x.k1, e[3]);
+        }
+      }
+    }
+    const bool active = x.seeded() && x.queried();
+    if (x.queried() && !x.seeded())  // no seed: every query of the element is +inf
+      std::fill(o + first[b * n0 * n1], o + first[(b + 1) * n0 * n1], INFINITY);
+    slab_start[b + 1] = slab_start[b] + (active ? x.rows() : 0);
+    plane_start[b + 1] = plane_start[b] + (active ? x.planes() : 0);
+    dt_start[b + 1] = dt_start[b] + (active ? x.planes() * x.rows() * n2 : 0);
+  }
+  if (plane_start[B] == 0) return out;
+
+  // dt: per active element, planes y0..y1 of rows j0..j1 of n2 columns; +inf outside columns k0..k1.
+  Tensor dt_t = at::empty({dt_start[B]}, out.options());
   float* dt = dt_t.mutable_data_ptr<float>();
-  at::parallel_for(0, B * n0, std::max<int64_t>(1, 16384 / (n1 * n2)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, slab_start[B], std::max<int64_t>(1, 16384 / (n1 * n2)), [&](int64_t begin, int64_t end) {
     std::vector<int32_t> last(n2);
-    (simd ? seed_rows_avx2 : seed_rows_base)(s, dt, n0, n1, n2, h1, begin, end, last.data());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = group_of(slab_start, t);
+      const Box& x = box[b];
+      const int64_t j = x.j0 + (t - slab_start[b]), ps = x.rows() * n2;
+      float* dst = dt + dt_start[b] + (j - x.j0) * n2;
+      (simd ? seed_slab_avx2 : seed_slab_base)(s + (b * n0 + j) * n1 * n2, dst, ps, n1, n2, x.y0, x.y1, x.k0, x.k1,
+                                               h1, last.data());
+      for (int64_t y = x.y0; y <= x.y1; ++y) {
+        float* row = dst + (y - x.y0) * ps;
+        std::fill(row, row + x.k0, INFINITY);
+        std::fill(row + x.k1 + 1, row + n2, INFINITY);
+      }
+    }
   });
 
   std::vector<float> sq(2 * n2 - 1);  // sq[n2 - 1 + t] = (h2 t)^2
@@ -242,16 +327,27 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
     const float off = static_cast<float>(t) * h2;
     sq[n2 - 1 + t] = sq[n2 - 1 - t] = off * off;
   }
-  const int64_t budget = kSearchBudget * n0 * n2;
-  at::parallel_for(0, B * n1, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plane_start[B], 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> v(n2);
     std::vector<float> scratch(2 * n2);
     auto search = simd ? search_avx2 : search_base;
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t b = p / n1, y = p - b * n1;
-      float* plane = dt + p * n0 * n2;
-      int64_t reads = 0, pi = 0, px = 0, done = 0, total = 0;
-      for (int64_t i = 0; i < n0; ++i) total += first[(b * n0 + i) * n1 + y + 1] - first[(b * n0 + i) * n1 + y];
+      const int64_t b = group_of(plane_start, p);
+      const Box& bx = box[b];
+      const int64_t y = bx.y0 + (p - plane_start[b]), m0 = bx.rows();
+      float* plane = dt + dt_start[b] + (y - bx.y0) * m0 * n2;
+      // the queries of the plane, and their columns: the envelope pass reads columns k0..k1 and writes
+      // those only
+      int64_t total = 0, x0 = INT64_MAX, x1 = -1;
+      for (int64_t i = 0; i < n0; ++i) {
+        const int64_t r = (b * n0 + i) * n1 + y;
+        total += first[r + 1] - first[r];
+        x0 = std::min(x0, ext[4 * r]);
+        x1 = std::max(x1, ext[4 * r + 1]);
+      }
+      if (total == 0) continue;  // a plane between two that hold queries
+      const int64_t budget = kSearchBudget * m0 * (bx.k1 - bx.k0 + 1 + x1 - x0 + 1);
+      int64_t reads = 0, pi = 0, px = 0, done = 0;
       double prev = -1;  // the previous query's distance
       bool enveloped = false;
       for (int64_t i = 0; i < n0; ++i) {
@@ -259,6 +355,7 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
         int64_t slot = first[r];
         if (slot == first[r + 1]) continue;
         const bool* qrow = qm + r * n2;
+        const int64_t il = i - bx.j0;  // the query's row in the cropped plane (may lie outside it)
         for (int64_t x = 0; x < n2; ++x) {
           if (x + 8 <= n2) {  // surfaces are sparse: skip empty runs 8 bytes at a time
             uint64_t word;
@@ -270,18 +367,19 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
           }
           if (!qrow[x]) continue;
           if (enveloped) {
-            o[slot++] = distance_at<float>(plane + x, n2, n0, i, h0);
+            o[slot++] = distance_at<float>(plane + x, n2, m0, il, h0);
             continue;
           }
-          float limit = plane[i * n2 + x];  // the query's own column: a true candidate
+          // the query's own column, a true candidate, where the plane holds it
+          float limit = il >= 0 && il < m0 ? plane[il * n2 + x] : INFINITY;
           if (prev >= 0) {  // the Lipschitz bound, widened by a relative 1e-5 against rounding
             const double di = double(i - pi) * h0, dx = double(x - px) * h2;
             const double reach = prev + std::sqrt(di * di + dx * dx);
             limit = std::min(limit, static_cast<float>(reach * reach * (1 + 1e-5)));
           }
           const float* sqx = sq.data() + (n2 - 1 - x);
-          float best = search(plane, n0, n2, i, x, h0, h2, sqx, limit, prev >= 0, reads);
-          if (best > limit) best = search(plane, n0, n2, i, x, h0, h2, sqx, INFINITY, false, reads);
+          float best = search(plane, m0, n2, il, x, h0, h2, sqx, limit, prev >= 0, reads, bx.k0, bx.k1);
+          if (best > limit) best = search(plane, m0, n2, il, x, h0, h2, sqx, INFINITY, false, reads, bx.k0, bx.k1);
           o[slot++] = std::sqrt(best);
           prev = std::sqrt(double(best));
           pi = i;
@@ -290,12 +388,12 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
           // An expensive plane (over budget, or on course to be after a few queries): the envelope pass
           // for the rest of its queries.
           if (reads > budget || (done >= 8 && reads * total > budget * done)) {
-            // a row still +inf after the binary pass (its slab (b, j, :, :) has no seed) stays +inf: no
-            // envelope pass (far-apart surfaces leave most slabs of the cropped volume seedless)
-            for (int64_t j = 0; j < n0; ++j) {
+            // a row still +inf after the binary pass (its slab (b, j, :, :) has no seed) stays +inf
+            for (int64_t j = 0; j < m0; ++j) {
               float* row = plane + j * n2;
-              if (std::any_of(row, row + n2, [](float d) { return d < INFINITY; }))
-                envelope_pass<float>(row, 1, n2, h2, v.data(), scratch.data(), scratch.data() + n2, 1);
+              if (std::any_of(row + bx.k0, row + bx.k1 + 1, [](float d) { return d < INFINITY; }))
+                envelope_range<float>(row, 1, bx.k0, bx.k1, x0, x1, h2, v.data(), scratch.data(),
+                                      scratch.data() + n2, 1);
             }
             enveloped = true;
           }
@@ -305,7 +403,6 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
   });
   return out;
 }
-
 }  // namespace
 
 Tensor seed_distances_cpu(const Tensor& seeds_in, const Tensor& query_in, const std::vector<double>& spacing) {
@@ -337,6 +434,58 @@ Tensor seed_distances_cpu(const Tensor& seeds_in, const Tensor& query_in, const 
     }
   });
   return out;
+}
+
+// One row of surface voxels away from the image border (surface_voxel over its neighbour rows a, b,
+// f0, f1); returns their number. Restrict pointers: byte stores may otherwise alias anything, which
+// keeps the compiler from vectorizing.
+inline int64_t surface_row(const uint8_t* __restrict c, const uint8_t* __restrict a, const uint8_t* __restrict b,
+                           const uint8_t* __restrict f0, const uint8_t* __restrict f1, uint8_t* __restrict o,
+                           int64_t W) {
+  o[0] = c[0];
+  o[W - 1] = c[W - 1];
+  for (int64_t x = 1; x < W - 1; ++x) o[x] = surface_voxel(c[x], c[x - 1], c[x + 1], a[x], b[x], f0[x], f1[x]);
+  uint32_t n = 0;
+  for (int64_t x = 0; x < W; ++x) n += o[x];
+  return n;
+}
+
+// Surface voxels row by row (rows along the last axis, contiguous): an all-zero row stays zero, a row
+// on the image border is its own surface (every voxel has a neighbour outside), and the others take
+// surface_voxel over their neighbour rows, a loop the compiler vectorizes.
+std::tuple<Tensor, Tensor> surface_edges_cpu(const Tensor& mask) {
+  const int64_t nd = mask.dim() - 1, B = mask.size(0);
+  const int64_t D = nd == 3 ? mask.size(1) : 1, H = mask.size(nd - 1), W = mask.size(nd);
+  Tensor out = at::empty_like(mask);
+  Tensor counts = at::zeros({B}, mask.options().dtype(at::kLong));
+  const int64_t rows = B * D * H;
+  if (out.numel() == 0) return {out, counts};
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+  uint8_t* e = reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>());
+  std::vector<int64_t> row_count(rows);
+  const int64_t dz = nd == 3 ? H * W : W;  // the neighbour rows along axis 0 (in 2D: axis 0's again)
+  int64_t* rc = row_count.data();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / W), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = r % H, z = (r / H) % D;
+      const uint8_t* c = m + r * W;
+      uint8_t* o = e + r * W;
+      uint8_t any = 0;
+      for (int64_t x = 0; x < W; ++x) any |= c[x];
+      if (any == 0) {
+        std::memset(o, 0, W);
+        rc[r] = 0;
+      } else if (y == 0 || y == H - 1 || (nd == 3 && (z == 0 || z == D - 1)) || W < 3) {
+        std::memcpy(o, c, W);
+        rc[r] = std::count(c, c + W, uint8_t(1));
+      } else {
+        rc[r] = surface_row(c, c - W, c + W, c - dz, c + dz, o, W);
+      }
+    }
+  });
+  int64_t* cp = counts.mutable_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) cp[r / (D * H)] += row_count[r];
+  return {out, counts};
 }
 
 Tensor distance_cpu(const Tensor& mask, const std::vector<double>& spacing, at::ScalarType dtype) {

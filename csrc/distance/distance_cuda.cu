@@ -53,6 +53,20 @@ Tensor seed_distances_cuda(const Tensor& seeds_in, const Tensor& query, const st
   return out;
 }
 
+std::tuple<Tensor, Tensor> surface_edges_cuda(const Tensor& mask) {
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const int64_t nd = mask.dim() - 1;
+  Tensor out = at::empty_like(mask);
+  if (out.numel() > 0) {
+    const int64_t D = nd == 3 ? mask.size(1) : 1, H = mask.size(nd - 1), W = mask.size(nd);
+    surface_kernel<<<grid_for(out.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()),
+        reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>()), out.numel(), D, H, W, nd == 3);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out, out.flatten(1).sum(1)};
+}
+
 Tensor distance_cuda(const Tensor& mask, const std::vector<double>& spacing, at::ScalarType dtype) {
   const c10::cuda::CUDAGuard guard(mask.device());
   Tensor d = initial_squared(mask, dtype);

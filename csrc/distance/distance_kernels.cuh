@@ -73,4 +73,22 @@ __global__ inline void query_kernel(const float* d, const int64_t* index, int64_
   }
 }
 
+// Surface voxels of a (B, D, H, W) mask (D = 1, has_z false in 2D), one thread per voxel: a voxel on
+// the image border has a neighbour outside, hence no interior.
+__global__ inline void surface_kernel(const uint8_t* m, uint8_t* out, int64_t total, int64_t D, int64_t H, int64_t W,
+                                      bool has_z) {
+  const int64_t plane = H * W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint8_t c = m[i];
+    const int64_t x = i % W, y = (i / W) % H, z = (i / plane) % D;
+    const bool border = x == 0 || x == W - 1 || y == 0 || y == H - 1 || (has_z && (z == 0 || z == D - 1));
+    if (border || c == 0) {
+      out[i] = c;
+      continue;
+    }
+    const int64_t dz = has_z ? plane : W;
+    out[i] = surface_voxel(c, m[i - 1], m[i + 1], m[i - W], m[i + W], m[i - dz], m[i + dz]);
+  }
+}
+
 }  // namespace medfast::distance

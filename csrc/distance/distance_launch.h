@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 #include "distance/distance.h"
@@ -29,6 +30,10 @@ inline Lines lines_along(const Tensor& d, int64_t axis) {
 // nearest seed voxel (seeds != 0) of the same batch element; +inf where an element has no seed.
 Tensor seed_distances_cpu(const Tensor& seeds, const Tensor& query, const std::vector<double>& spacing);
 Tensor seed_distances_cuda(const Tensor& seeds, const Tensor& query, const std::vector<double>& spacing);
+
+// Surface voxels of a (B, *spatial) bool mask (surface_voxel) and their number per element (int64, (B,)).
+std::tuple<Tensor, Tensor> surface_edges_cpu(const Tensor& mask);
+std::tuple<Tensor, Tensor> surface_edges_cuda(const Tensor& mask);
 
 Tensor distance_cpu(const Tensor& mask, const std::vector<double>& spacing, at::ScalarType dtype);
 Tensor distance_cuda(const Tensor& mask, const std::vector<double>& spacing, at::ScalarType dtype);

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medfast.ops._distance import _check_spacing, seed_distances
+from medfast.ops._distance import _check_spacing, seed_distances, surface_edges
 from medfast.ops._validate import check_tensor
 
 __all__ = ["dice", "hausdorff_distance", "surface_distance"]
@@ -166,20 +166,6 @@ def _masks(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _edges(mask: torch.Tensor) -> torch.Tensor:
-    """Surface voxels of a (N, *S) bool mask: ``mask & ~erode(mask)`` with the cross structuring element and
-    background outside the image (scipy ``binary_erosion`` defaults, as in MONAI ``get_mask_edges``)."""
-    eroded = mask.clone()
-    for axis in range(1, mask.dim()):
-        n = mask.shape[axis]
-        if n > 1:
-            eroded.narrow(axis, 1, n - 1).logical_and_(mask.narrow(axis, 0, n - 1))
-            eroded.narrow(axis, 0, n - 1).logical_and_(mask.narrow(axis, 1, n - 1))
-        eroded.select(axis, 0).zero_()
-        eroded.select(axis, n - 1).zero_()
-    return eroded.logical_not_().logical_and_(mask)  # mask & ~eroded, in place
-
-
 def _crop_box(union: torch.Tensor, margin: int) -> list[slice] | None:
     """Bounding box (one slice per axis, grown by ``margin`` and clipped to the image) of the nonzero voxels
     of a (*S) bool tensor; None if it has none."""
@@ -192,15 +178,6 @@ def _crop_box(union: torch.Tensor, margin: int) -> list[slice] | None:
             return None
         box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, union.shape[axis])))
     return box
-
-
-def _count(mask: torch.Tensor) -> torch.Tensor:
-    """Set voxels per element of a (N, *S) bool mask (int64), summed as uint8 into int32 where that cannot
-    overflow: 3x faster than an int64 sum (the default for bool and uint8)."""
-    flat = mask.view(torch.uint8).flatten(1)
-    if flat.shape[1] < 2**31:
-        return flat.sum(1, dtype=torch.int32).long()
-    return flat.sum(1)
 
 
 def _surface_distances(
@@ -221,10 +198,9 @@ def _surface_distances(
     box = _crop_box(union, 1)
     if box is not None:  # crop to the foreground (+1 voxel so that the erosion is unchanged)
         box = (slice(None), *box)
-        # contiguous: the erosion's shifted ands run twice as fast on a dense block
-        pred, target = pred[box].contiguous(), target[box].contiguous()
-    edges_p, edges_t = _edges(pred), _edges(target)
-    n_p, n_t = _count(edges_p), _count(edges_t)
+        pred, target = pred[box], target[box]
+    edges_p, n_p = surface_edges(pred)
+    edges_t, n_t = surface_edges(target)
     ok = torch.nonzero((n_p > 0) & (n_t > 0)).flatten()
     if isinstance(spacings[0], list):  # per batch element: one group per batch element
         groups = [(ok[ok // channels == b], spacings[b]) for b in range(batch)]

@@ -44,6 +44,22 @@ def seed_distances(seeds: torch.Tensor, query: torch.Tensor, spacing: Sequence[f
     return _ops.seed_distances(seeds, query, [float(s) for s in spacing])
 
 
+@torch.library.register_fake("medfast::surface_edges")
+def _surface_edges_fake(mask):
+    return torch.empty_like(mask), mask.new_empty((mask.shape[0],), dtype=torch.long)
+
+
+def surface_edges(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Surface voxels of a (B, *spatial) bool mask of 2 or 3 spatial dims, and their number per element.
+
+    A set voxel is a surface voxel unless its 2 x ndim face neighbours are all set, with background
+    outside the image: ``mask & ~scipy.ndimage.binary_erosion(mask)`` per element (the cross structuring
+    element), as MONAI's ``get_mask_edges``. Returns (bool (B, *spatial), int64 (B,)). Internal to the
+    surface metrics.
+    """
+    return _ops.surface_edges(mask)
+
+
 def _check_spacing(spacing: object, ndim: int) -> list[float]:
     if spacing is None:
         return [1.0] * ndim

@@ -1,8 +1,9 @@
 // The CUDA kernels of the distance family (csrc/distance/distance_kernels.cuh: the binary first pass,
-// the envelope pass, the finish, and the seed distances' binary pass and queries) on the CPU under the launch emulation of
-// simt.h, as a C library for tests/test_simt_distance.py (ctypes): the same kernel source as the CUDA
-// build, launched in the launcher's order (distance_cuda.cu) with its geometry (kThreads per block,
-// blocks from the multiprocessor count given here); checked against the CPU ops.
+// the envelope pass, the finish, the seed distances' binary pass and queries, and the surface voxels)
+// on the CPU under the launch emulation of simt.h, as a C library for tests/test_simt_distance.py
+// (ctypes): the same kernel source as the CUDA build, launched in the launcher's order
+// (distance_cuda.cu) with its geometry (kThreads per block, blocks from the multiprocessor count given
+// here); checked against the CPU ops.
 #include "simt.h"
 // (simt.h first: the kernels' CUDA names must exist before the header is parsed)
 #include "distance/distance_kernels.cuh"
@@ -92,6 +93,16 @@ void emu_seed_distances(const bool* seeds, const int64_t* index, int64_t count, 
     const float hl = static_cast<float>(spacing[ndim - 1]);
     launch(count, sms, [&] { query_kernel(d.data(), index, count, last, hl, out); });
   }
+}
+
+// mask, out (B, *size) bool (ndim 2 or 3): surface_edges_cuda's launch (its counts are a torch sum).
+void emu_surface_edges(const bool* mask, bool* out, int64_t B, int ndim, const int64_t* size, int64_t sms) {
+  const int64_t D = ndim == 3 ? size[0] : 1, H = size[ndim - 2], W = size[ndim - 1];
+  const int64_t total = B * D * H * W;
+  launch(total, sms, [&] {
+    surface_kernel(reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<uint8_t*>(out), total, D, H, W,
+                   ndim == 3);
+  });
 }
 
 // The blocks a launch of n work items gets on `sms` multiprocessors (for the tests' geometry checks).
