@@ -38,8 +38,10 @@ def seed_distances(seeds: torch.Tensor, query: torch.Tensor, spacing: Sequence[f
     ``distance_transform(~seeds, spacing)[query]`` without forming the full transform: a binary pass along one
     axis, then, on the CPU in 3D, each query searched outwards in its plane of the two other axes (bounded by
     the previous query's distance plus their separation, so surfaces near each other cost little), with the
-    envelope pass as the fallback for planes where that search would cost more; on CUDA and in 2D, the
-    envelope pass and the last pass evaluated at the queries only. Internal to the surface metrics.
+    envelope pass as the fallback for planes where that search would cost more; each element's planes are
+    cropped to its seeds' rows and columns and its queries' planes, so far-apart surfaces, or one small class
+    among many, cost about their own boxes. On CUDA and in 2D, the envelope pass and the last pass evaluated
+    at the queries only. Internal to the surface metrics.
     """
     return _ops.seed_distances(seeds, query, [float(s) for s in spacing])
 
