@@ -135,36 +135,57 @@ struct Box {
   int64_t planes() const { return y1 - y0 + 1; }
 };
 
-// Binary pass along axis 1 of one seed slab src (n1, n2) (element b, row j), for the columns
-// [k0, k1], written to the planes y0..y1 only: dst + (y - y0) * ps. The sweeps still cover every y
-// (a seed outside the planes is still the nearest for some), walking whole rows side by side
-// (vectorized over k); the arithmetic is seed_line_pass's.
-template <typename T>
-__attribute__((always_inline)) inline void seed_slab(const bool* src, T* dst, int64_t ps, int64_t n1, int64_t n2,
-                                                     int64_t y0, int64_t y1, int64_t k0, int64_t k1, T h,
-                                                     int32_t* last) {
-  for (int64_t k = k0; k <= k1; ++k) last[k] = -1;
-  for (int64_t y = 0; y <= y1; ++y) {
-    const bool* sr = src + y * n2;
-    T* dr = dst + (y - y0) * ps;
-    for (int64_t k = k0; k <= k1; ++k) {
-      const int32_t l = sr[k] ? static_cast<int32_t>(y) : last[k];
-      last[k] = l;
-      const T dx = T(static_cast<int32_t>(y) - l) * h;
-      if (y >= y0) dr[k] = l >= 0 ? dx * dx : infinity<T>();
+// Binary pass along axis 1 for the rows j in [ja, jb) of one element's Box x: its seeds s (n0, n1, n2),
+// its planes dt (y0..y1, j0..j1, n2), +inf outside the columns k0..k1. The sweeps walk the planes in
+// order (every y: a seed outside the planes is still the nearest for some), each keeping the nearest
+// seed so far of every (j, k) in `last` ((jb - ja) x n2), so that the writes stream plane by plane; the
+// arithmetic is seed_line_pass's. row_fwd / row_bwd do one row's columns [k0, k1].
+template <typename RowFwd, typename RowBwd>
+__attribute__((always_inline)) inline void seed_planes(const bool* s, float* dt, const Box& x, int64_t ja, int64_t jb,
+                                                       int64_t n1, int64_t n2, int32_t* last, RowFwd row_fwd,
+                                                       RowBwd row_bwd) {
+  const int64_t m0 = x.rows();
+  for (int64_t j = ja; j < jb; ++j) std::fill(last + (j - ja) * n2 + x.k0, last + (j - ja) * n2 + x.k1 + 1, -1);
+  for (int64_t y = 0; y <= x.y1; ++y) {
+    for (int64_t j = ja; j < jb; ++j) {
+      float* out = y >= x.y0 ? dt + ((y - x.y0) * m0 + (j - x.j0)) * n2 : nullptr;
+      row_fwd(s + (j * n1 + y) * n2, last + (j - ja) * n2, out, static_cast<int32_t>(y));
+      if (out) {
+        std::fill(out, out + x.k0, INFINITY);
+        std::fill(out + x.k1 + 1, out + n2, INFINITY);
+      }
     }
   }
-  for (int64_t k = k0; k <= k1; ++k) last[k] = -1;
-  for (int64_t y = n1 - 1; y >= y0; --y) {
-    const bool* sr = src + y * n2;
-    T* dr = dst + (y - y0) * ps;
-    for (int64_t k = k0; k <= k1; ++k) {
-      const int32_t l = sr[k] ? static_cast<int32_t>(y) : last[k];
-      last[k] = l;
-      const T dx = T(l - static_cast<int32_t>(y)) * h;
-      const T v = dx * dx;
-      if (y <= y1) dr[k] = l >= 0 && v < dr[k] ? v : dr[k];
+  for (int64_t j = ja; j < jb; ++j) std::fill(last + (j - ja) * n2 + x.k0, last + (j - ja) * n2 + x.k1 + 1, -1);
+  for (int64_t y = n1 - 1; y >= x.y0; --y) {
+    for (int64_t j = ja; j < jb; ++j) {
+      float* out = y <= x.y1 ? dt + ((y - x.y0) * m0 + (j - x.j0)) * n2 : nullptr;
+      row_bwd(s + (j * n1 + y) * n2, last + (j - ja) * n2, out, static_cast<int32_t>(y));
     }
+  }
+}
+
+// One row of the forward sweep, columns [k0, k1]: the nearest seed at or before y, and where out is
+// given, its squared distance (+inf where none).
+__attribute__((always_inline)) inline void sweep_fwd(const bool* sr, int32_t* last, float* out, int32_t y,
+                                                     int64_t k0, int64_t k1, float h) {
+  for (int64_t k = k0; k <= k1; ++k) {
+    const int32_t l = sr[k] ? y : last[k];
+    last[k] = l;
+    const float dx = float(y - l) * h;
+    if (out) out[k] = l >= 0 ? dx * dx : infinity<float>();
+  }
+}
+
+// The backward sweep: the nearest seed at or after y, its squared distance taken where smaller.
+__attribute__((always_inline)) inline void sweep_bwd(const bool* sr, int32_t* last, float* out, int32_t y,
+                                                     int64_t k0, int64_t k1, float h) {
+  for (int64_t k = k0; k <= k1; ++k) {
+    const int32_t l = sr[k] ? y : last[k];
+    last[k] = l;
+    const float dx = float(l - y) * h;
+    const float v = dx * dx;
+    if (out) out[k] = l >= 0 && v < out[k] ? v : out[k];
   }
 }
 
@@ -174,37 +195,44 @@ MEDFAST_AVX2 inline __m256i seeded8(const bool* p) {
   return _mm256_cmpgt_epi32(b, _mm256_setzero_si256());
 }
 
-// seed_slab with 8 columns per vector (the remainder by seed_slab's own arithmetic).
-MEDFAST_AVX2 void seed_slab_avx2(const bool* src, float* dst, int64_t ps, int64_t n1, int64_t n2, int64_t y0,
-                                 int64_t y1, int64_t k0, int64_t k1, float h, int32_t* last) {
+// seed_planes with 8 columns per vector (the remainder by sweep_fwd / sweep_bwd, the same arithmetic).
+MEDFAST_AVX2 void seed_planes_avx2(const bool* s, float* dt, const Box& x, int64_t ja, int64_t jb, int64_t n1,
+                                   int64_t n2, float h, int32_t* last) {
+  const int64_t k0 = x.k0, k1 = x.k1, kv = k0 + (k1 - k0 + 1) / 8 * 8;  // vectors on [k0, kv)
   const __m256 hv = _mm256_set1_ps(h), inf = _mm256_set1_ps(INFINITY);
-  int64_t k = k0;
-  for (; k + 8 <= k1 + 1; k += 8) {
-    __m256i l = _mm256_set1_epi32(-1);
-    for (int64_t y = 0; y <= y1; ++y) {
-      const __m256i yv = _mm256_set1_epi32(static_cast<int32_t>(y));
-      l = _mm256_blendv_epi8(l, yv, seeded8(src + y * n2 + k));
-      if (y < y0) continue;
+  auto fwd = [&](const bool* sr, int32_t* st, float* out, int32_t y) MEDFAST_AVX2 {
+    const __m256i yv = _mm256_set1_epi32(y);
+    for (int64_t k = k0; k < kv; k += 8) {
+      __m256i* lp = reinterpret_cast<__m256i*>(st + k);
+      const __m256i l = _mm256_blendv_epi8(_mm256_loadu_si256(lp), yv, seeded8(sr + k));
+      _mm256_storeu_si256(lp, l);
+      if (!out) continue;
       const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(yv, l)), hv);
-      _mm256_storeu_ps(dst + (y - y0) * ps + k, _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l)));
+      _mm256_storeu_ps(out + k, _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l)));
     }
-    l = _mm256_set1_epi32(-1);
-    for (int64_t y = n1 - 1; y >= y0; --y) {
-      const __m256i yv = _mm256_set1_epi32(static_cast<int32_t>(y));
-      l = _mm256_blendv_epi8(l, yv, seeded8(src + y * n2 + k));
-      if (y > y1) continue;
+    sweep_fwd(sr, st, out, y, kv, k1, h);
+  };
+  auto bwd = [&](const bool* sr, int32_t* st, float* out, int32_t y) MEDFAST_AVX2 {
+    const __m256i yv = _mm256_set1_epi32(y);
+    for (int64_t k = k0; k < kv; k += 8) {
+      __m256i* lp = reinterpret_cast<__m256i*>(st + k);
+      const __m256i l = _mm256_blendv_epi8(_mm256_loadu_si256(lp), yv, seeded8(sr + k));
+      _mm256_storeu_si256(lp, l);
+      if (!out) continue;
       const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, yv)), hv);
       const __m256 v = _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l));
-      float* dr = dst + (y - y0) * ps + k;
-      _mm256_storeu_ps(dr, _mm256_min_ps(v, _mm256_loadu_ps(dr)));
+      _mm256_storeu_ps(out + k, _mm256_min_ps(v, _mm256_loadu_ps(out + k)));
     }
-  }
-  if (k <= k1) seed_slab<float>(src, dst, ps, n1, n2, y0, y1, k, k1, h, last);
+    sweep_bwd(sr, st, out, y, kv, k1, h);
+  };
+  seed_planes(s, dt, x, ja, jb, n1, n2, last, fwd, bwd);
 }
 
-void seed_slab_base(const bool* src, float* dst, int64_t ps, int64_t n1, int64_t n2, int64_t y0, int64_t y1,
-                    int64_t k0, int64_t k1, float h, int32_t* last) {
-  seed_slab<float>(src, dst, ps, n1, n2, y0, y1, k0, k1, h, last);
+void seed_planes_base(const bool* s, float* dt, const Box& x, int64_t ja, int64_t jb, int64_t n1, int64_t n2, float h,
+                      int32_t* last) {
+  auto fwd = [&](const bool* sr, int32_t* st, float* out, int32_t y) { sweep_fwd(sr, st, out, y, x.k0, x.k1, h); };
+  auto bwd = [&](const bool* sr, int32_t* st, float* out, int32_t y) { sweep_bwd(sr, st, out, y, x.k0, x.k1, h); };
+  seed_planes(s, dt, x, ja, jb, n1, n2, last, fwd, bwd);
 }
 
 // Set bytes of a row of n bools, and the first and last set column (unchanged where none): 8 bytes
@@ -231,20 +259,15 @@ inline int64_t row_extent(const bool* row, int64_t n, int64_t& lo, int64_t& hi) 
   return c;
 }
 
-// Index of the group holding item t, given the groups' exclusive prefix sums `start` (size G + 1).
-inline int64_t group_of(const std::vector<int64_t>& start, int64_t t) {
-  return std::upper_bound(start.begin(), start.end(), t) - start.begin() - 1;
-}
-
 // 3D seed distances at the query voxels of (B, n0, n1, n2) bool volumes: the binary pass along axis
 // 1, then axes 2 and 0 together at the queries, plane (b, :, y, :) by plane, each plane cropped to the
 // element's Box. Each query is searched directly (plane_search), bounded by the previous query's
 // distance plus the distance between the two (distances are 1-Lipschitz, and consecutive queries of a
 // surface are mostly neighbours). A plane whose queries exceed the budget gets the envelope pass
 // along its rows and the rest of its queries are read along axis 0 (distance_at), so far-apart
-// surfaces cost little more than the transform over their boxes. Planes are independent (the envelope
-// pass works in place on the plane's own rows), and each output slot is fixed by the query's rank in
-// C order: deterministic.
+// surfaces cost little more than the transform over their boxes. Elements go one at a time through one
+// buffer; within one, planes are independent (the envelope pass works in place on the plane's own
+// rows), and each output slot is fixed by the query's rank in C order: deterministic.
 Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::vector<double>& spacing) {
   const int64_t B = seeds.size(0), n0 = seeds.size(1), n1 = seeds.size(2), n2 = seeds.size(3);
   const float h0 = static_cast<float>(spacing[0]), h1 = static_cast<float>(spacing[1]),
@@ -270,9 +293,9 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
   if (first[rows] == 0) return out;
   float* o = out.mutable_data_ptr<float>();
 
-  // The boxes, and where each active element's rows (binary pass) and planes (search) start.
+  // The boxes; elements with queries but no seed get +inf.
   std::vector<Box> box(B);
-  std::vector<int64_t> slab_start(B + 1, 0), plane_start(B + 1, 0), dt_start(B + 1, 0);
+  int64_t buffer = 0;  // the largest element's planes
   for (int64_t b = 0; b < B; ++b) {
     Box& x = box[b];
     for (int64_t j = 0; j < n0; ++j) {
@@ -293,116 +316,104 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
         }
       }
     }
-    const bool active = x.seeded() && x.queried();
-    if (x.queried() && !x.seeded())  // no seed: every query of the element is +inf
-      std::fill(o + first[b * n0 * n1], o + first[(b + 1) * n0 * n1], INFINITY);
-    slab_start[b + 1] = slab_start[b] + (active ? x.rows() : 0);
-    plane_start[b + 1] = plane_start[b] + (active ? x.planes() : 0);
-    dt_start[b + 1] = dt_start[b] + (active ? x.planes() * x.rows() * n2 : 0);
+    if (x.queried() && !x.seeded()) std::fill(o + first[b * n0 * n1], o + first[(b + 1) * n0 * n1], INFINITY);
+    if (x.queried() && x.seeded()) buffer = std::max(buffer, x.planes() * x.rows() * n2);
   }
-  if (plane_start[B] == 0) return out;
-
-  // dt: per active element, planes y0..y1 of rows j0..j1 of n2 columns; +inf outside columns k0..k1.
-  Tensor dt_t = at::empty({dt_start[B]}, out.options());
-  float* dt = dt_t.mutable_data_ptr<float>();
-  at::parallel_for(0, slab_start[B], std::max<int64_t>(1, 16384 / (n1 * n2)), [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> last(n2);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = group_of(slab_start, t);
-      const Box& x = box[b];
-      const int64_t j = x.j0 + (t - slab_start[b]), ps = x.rows() * n2;
-      float* dst = dt + dt_start[b] + (j - x.j0) * n2;
-      (simd ? seed_slab_avx2 : seed_slab_base)(s + (b * n0 + j) * n1 * n2, dst, ps, n1, n2, x.y0, x.y1, x.k0, x.k1,
-                                               h1, last.data());
-      for (int64_t y = x.y0; y <= x.y1; ++y) {
-        float* row = dst + (y - x.y0) * ps;
-        std::fill(row, row + x.k0, INFINITY);
-        std::fill(row + x.k1 + 1, row + n2, INFINITY);
-      }
-    }
-  });
+  if (buffer == 0) return out;
 
   std::vector<float> sq(2 * n2 - 1);  // sq[n2 - 1 + t] = (h2 t)^2
   for (int64_t t = 0; t < n2; ++t) {
     const float off = static_cast<float>(t) * h2;
     sq[n2 - 1 + t] = sq[n2 - 1 - t] = off * off;
   }
-  at::parallel_for(0, plane_start[B], 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> v(n2);
-    std::vector<float> scratch(2 * n2);
-    auto search = simd ? search_avx2 : search_base;
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t b = group_of(plane_start, p);
-      const Box& bx = box[b];
-      const int64_t y = bx.y0 + (p - plane_start[b]), m0 = bx.rows();
-      float* plane = dt + dt_start[b] + (y - bx.y0) * m0 * n2;
-      // the queries of the plane, and their columns: the envelope pass reads columns k0..k1 and writes
-      // those only
-      int64_t total = 0, x0 = INT64_MAX, x1 = -1;
-      for (int64_t i = 0; i < n0; ++i) {
-        const int64_t r = (b * n0 + i) * n1 + y;
-        total += first[r + 1] - first[r];
-        x0 = std::min(x0, ext[4 * r]);
-        x1 = std::max(x1, ext[4 * r + 1]);
-      }
-      if (total == 0) continue;  // a plane between two that hold queries
-      const int64_t budget = kSearchBudget * m0 * (bx.k1 - bx.k0 + 1 + x1 - x0 + 1);
-      int64_t reads = 0, pi = 0, px = 0, done = 0;
-      double prev = -1;  // the previous query's distance
-      bool enveloped = false;
-      for (int64_t i = 0; i < n0; ++i) {
-        const int64_t r = (b * n0 + i) * n1 + y;
-        int64_t slot = first[r];
-        if (slot == first[r + 1]) continue;
-        const bool* qrow = qm + r * n2;
-        const int64_t il = i - bx.j0;  // the query's row in the cropped plane (may lie outside it)
-        for (int64_t x = 0; x < n2; ++x) {
-          if (x + 8 <= n2) {  // surfaces are sparse: skip empty runs 8 bytes at a time
-            uint64_t word;
-            std::memcpy(&word, qrow + x, 8);
-            if (word == 0) {
-              x += 7;
+  // One element at a time in one buffer of planes (reused: no fresh pages per element), its rows in
+  // parallel for the binary pass, then its planes in parallel.
+  Tensor dt_t = at::empty({buffer}, out.options());
+  float* dt = dt_t.mutable_data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const Box& bx = box[b];
+    if (!bx.queried() || !bx.seeded()) continue;
+    const int64_t m0 = bx.rows();
+    const bool* sb = s + b * n0 * n1 * n2;
+    at::parallel_for(bx.j0, bx.j1 + 1, std::max<int64_t>(1, 16384 / (n1 * n2)), [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> last((end - begin) * n2);
+      (simd ? seed_planes_avx2 : seed_planes_base)(sb, dt, bx, begin, end, n1, n2, h1, last.data());
+    });
+    at::parallel_for(bx.y0, bx.y1 + 1, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> v(n2);
+      std::vector<float> scratch(2 * n2);
+      auto search = simd ? search_avx2 : search_base;
+      for (int64_t y = begin; y < end; ++y) {
+        float* plane = dt + (y - bx.y0) * m0 * n2;
+        // the queries of the plane, and their columns: the envelope pass reads columns k0..k1 and writes
+        // those only
+        int64_t total = 0, x0 = INT64_MAX, x1 = -1;
+        for (int64_t i = 0; i < n0; ++i) {
+          const int64_t r = (b * n0 + i) * n1 + y;
+          total += first[r + 1] - first[r];
+          x0 = std::min(x0, ext[4 * r]);
+          x1 = std::max(x1, ext[4 * r + 1]);
+        }
+        if (total == 0) continue;  // a plane between two that hold queries
+        const int64_t budget = kSearchBudget * m0 * (bx.k1 - bx.k0 + 1 + x1 - x0 + 1);
+        int64_t reads = 0, pi = 0, px = 0, done = 0;
+        double prev = -1;  // the previous query's distance
+        bool enveloped = false;
+        for (int64_t i = 0; i < n0; ++i) {
+          const int64_t r = (b * n0 + i) * n1 + y;
+          int64_t slot = first[r];
+          if (slot == first[r + 1]) continue;
+          const bool* qrow = qm + r * n2;
+          const int64_t il = i - bx.j0;  // the query's row in the cropped plane (may lie outside it)
+          for (int64_t x = 0; x < n2; ++x) {
+            if (x + 8 <= n2) {  // surfaces are sparse: skip empty runs 8 bytes at a time
+              uint64_t word;
+              std::memcpy(&word, qrow + x, 8);
+              if (word == 0) {
+                x += 7;
+                continue;
+              }
+            }
+            if (!qrow[x]) continue;
+            if (enveloped) {
+              o[slot++] = distance_at<float>(plane + x, n2, m0, il, h0);
               continue;
             }
-          }
-          if (!qrow[x]) continue;
-          if (enveloped) {
-            o[slot++] = distance_at<float>(plane + x, n2, m0, il, h0);
-            continue;
-          }
-          // the query's own column, a true candidate, where the plane holds it
-          float limit = il >= 0 && il < m0 ? plane[il * n2 + x] : INFINITY;
-          if (prev >= 0) {  // the Lipschitz bound, widened by a relative 1e-5 against rounding
-            const double di = double(i - pi) * h0, dx = double(x - px) * h2;
-            const double reach = prev + std::sqrt(di * di + dx * dx);
-            limit = std::min(limit, static_cast<float>(reach * reach * (1 + 1e-5)));
-          }
-          const float* sqx = sq.data() + (n2 - 1 - x);
-          float best = search(plane, m0, n2, il, x, h0, h2, sqx, limit, prev >= 0, reads, bx.k0, bx.k1);
-          if (best > limit) best = search(plane, m0, n2, il, x, h0, h2, sqx, INFINITY, false, reads, bx.k0, bx.k1);
-          o[slot++] = std::sqrt(best);
-          prev = std::sqrt(double(best));
-          pi = i;
-          px = x;
-          ++done;
-          // An expensive plane (over budget, or on course to be after a few queries): the envelope pass
-          // for the rest of its queries.
-          if (reads > budget || (done >= 8 && reads * total > budget * done)) {
-            // a row still +inf after the binary pass (its slab (b, j, :, :) has no seed) stays +inf
-            for (int64_t j = 0; j < m0; ++j) {
-              float* row = plane + j * n2;
-              if (std::any_of(row + bx.k0, row + bx.k1 + 1, [](float d) { return d < INFINITY; }))
-                envelope_range<float>(row, 1, bx.k0, bx.k1, x0, x1, h2, v.data(), scratch.data(),
-                                      scratch.data() + n2, 1);
+            // the query's own column, a true candidate, where the plane holds it
+            float limit = il >= 0 && il < m0 ? plane[il * n2 + x] : INFINITY;
+            if (prev >= 0) {  // the Lipschitz bound, widened by a relative 1e-5 against rounding
+              const double di = double(i - pi) * h0, dx = double(x - px) * h2;
+              const double reach = prev + std::sqrt(di * di + dx * dx);
+              limit = std::min(limit, static_cast<float>(reach * reach * (1 + 1e-5)));
             }
-            enveloped = true;
+            const float* sqx = sq.data() + (n2 - 1 - x);
+            float best = search(plane, m0, n2, il, x, h0, h2, sqx, limit, prev >= 0, reads, bx.k0, bx.k1);
+            if (best > limit) best = search(plane, m0, n2, il, x, h0, h2, sqx, INFINITY, false, reads, bx.k0, bx.k1);
+            o[slot++] = std::sqrt(best);
+            prev = std::sqrt(double(best));
+            pi = i;
+            px = x;
+            ++done;
+            // An expensive plane (over budget, or on course to be after a few queries): the envelope pass
+            // for the rest of its queries.
+            if (reads > budget || (done >= 8 && reads * total > budget * done)) {
+              // a row still +inf after the binary pass (its slab (b, j, :, :) has no seed) stays +inf
+              for (int64_t j = 0; j < m0; ++j) {
+                float* row = plane + j * n2;
+                if (std::any_of(row + bx.k0, row + bx.k1 + 1, [](float d) { return d < INFINITY; }))
+                  envelope_range<float>(row, 1, bx.k0, bx.k1, x0, x1, h2, v.data(), scratch.data(),
+                                        scratch.data() + n2, 1);
+              }
+              enveloped = true;
+            }
           }
         }
       }
-    }
-  });
+    });
+  }
   return out;
 }
+
 }  // namespace
 
 Tensor seed_distances_cpu(const Tensor& seeds_in, const Tensor& query_in, const std::vector<double>& spacing) {
