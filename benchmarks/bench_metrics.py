@@ -6,7 +6,8 @@ smoothed random blobs; background + 1 foreground class), and writes benchmarks/r
 Cases: Hausdorff-95 (medfast.metrics.hausdorff_distance vs monai.metrics.compute_hausdorff_distance, one-hot
 (1, 2, S, S, S) masks, include_background=False, spacing (1.5, 1.0, 0.8)) on the blob pair (the target case),
 on a near-identical pair (the blob against itself shifted by one voxel: a good segmentation) and on two
-disjoint balls (surfaces far apart: the worst case for medfast's search), and hard Dice
+disjoint balls (surfaces far apart: the worst case for medfast's search), on a background + 8-class pair of
+volumes tiled by smooth random regions (multiclass_pair: many large surfaces), and hard Dice
 (medfast.metrics.dice on label maps vs monai.metrics.DiceMetric on the same label maps with num_classes=2).
 Ratios are MONAI time / medfast time (> 1: medfast is faster).
 """
@@ -58,6 +59,25 @@ def blob(size: int, seed: int, shift: int) -> torch.Tensor:
     return torch.from_numpy(r + 0.15 * noise < 1.0)
 
 
+CLASSES = 9  # the multi-class case: background + 8 regions
+
+
+def multiclass_pair(size: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two one-hot (1, classes, S, S, S) bool segmentations of a volume tiled by smooth random regions (the
+    argmax of upsampled noise; each region spans the volume), the second from the same noise plus a weaker
+    independent part: the boundaries move by a few voxels, as between a prediction and its label map."""
+    g = torch.Generator().manual_seed(3)
+    coarse = max(size // 8, 2)
+    base = torch.randn(1, classes, coarse, coarse, coarse, generator=g)
+    extra = torch.randn(1, classes, coarse, coarse, coarse, generator=g)
+
+    def regions(noise: torch.Tensor) -> torch.Tensor:
+        up = torch.nn.functional.interpolate(noise, size=(size,) * 3, mode="trilinear", align_corners=False)
+        return torch.nn.functional.one_hot(up.argmax(1), classes).permute(0, 4, 1, 2, 3).contiguous().bool()
+
+    return regions(base), regions(base + 0.3 * extra)
+
+
 def make_cases(n: int, device: torch.device) -> tuple[dict[str, dict[str, Callable[[], Any]]], dict[str, Any]]:
     """The cases this script and ``test_bench_metrics.py`` (pytest-benchmark) time, on ``n``^3 masks on
     ``device``: ({case: {"medfast": fn, "monai": fn}}, the inputs); MONAI's calls only where it is installed."""
@@ -75,10 +95,12 @@ def make_cases(n: int, device: torch.device) -> tuple[dict[str, dict[str, Callab
     grid = torch.stack(torch.meshgrid(*[torch.arange(n)] * 3, indexing="ij"))
     ball_a = ((grid - n // 4) ** 2).sum(0) < (n // 6) ** 2
     ball_b = ((grid - 3 * n // 4) ** 2).sum(0) < (n // 5) ** 2
+    seg_pred, seg_target = multiclass_pair(n, CLASSES)
     hd_pairs = {
         "hausdorff95": (pred_1h, target_1h),
         "hausdorff95 near-identical": (pred_1h, one_hot(torch.roll(pred_fg, 1, 0))),
         "hausdorff95 disjoint balls": (one_hot(ball_a.to(device)), one_hot(ball_b.to(device))),
+        f"hausdorff95 {CLASSES - 1} classes": (seg_pred.to(device), seg_target.to(device)),
     }
     calls: dict[str, dict[str, Callable[[], Any]]] = {
         k: {"medfast": functools.partial(mm.hausdorff_distance, *pair, 95, spacing)} for k, pair in hd_pairs.items()}
@@ -112,8 +134,9 @@ def main() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hd_values = {k: {impl: float(fn()[0, 0]) for impl, fn in c.items()} for k, c in calls.items() if k != "dice"}
-        hd_ours, hd_monai = hd_values["hausdorff95"]["medfast"], hd_values["hausdorff95"]["monai"]
+        # per class (the foreground classes)
+        hd_values = {k: {impl: fn()[0].tolist() for impl, fn in c.items()} for k, c in calls.items() if k != "dice"}
+        hd_ours, hd_monai = hd_values["hausdorff95"]["medfast"][0], hd_values["hausdorff95"]["monai"][0]
         dice_ours, dice_monai = calls["dice"]["medfast"]().cpu(), calls["dice"]["monai"]().cpu()
         rows = {k: {impl: timed_ms(fn, args.repeats, device) for impl, fn in c.items()} for k, c in calls.items()}
     result = {

@@ -340,8 +340,8 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
       (simd ? seed_planes_avx2 : seed_planes_base)(sb, dt, bx, begin, end, n1, n2, h1, last.data());
     });
     at::parallel_for(bx.y0, bx.y1 + 1, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> v(n2);
-      std::vector<float> scratch(2 * n2);
+      std::vector<int64_t> v(n2), col_i(n2);
+      std::vector<float> scratch(2 * n2), col_d(n2);
       auto search = simd ? search_avx2 : search_base;
       for (int64_t y = begin; y < end; ++y) {
         float* plane = dt + (y - bx.y0) * m0 * n2;
@@ -358,15 +358,17 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
         const int64_t budget = kSearchBudget * m0 * (bx.k1 - bx.k0 + 1 + x1 - x0 + 1);
         int64_t reads = 0, pi = 0, px = 0, done = 0;
         double prev = -1;  // the previous query's distance
+        std::fill(col_d.begin(), col_d.end(), -1.0f);  // the last distance found in each column
         bool enveloped = false;
         for (int64_t i = 0; i < n0; ++i) {
           const int64_t r = (b * n0 + i) * n1 + y;
           int64_t slot = first[r];
           if (slot == first[r + 1]) continue;
+          if (i + 2 < n0) __builtin_prefetch(qm + (r + 2 * n1) * n2 + ext[4 * (r + 2 * n1)] % n2);
           const bool* qrow = qm + r * n2;
           const int64_t il = i - bx.j0;  // the query's row in the cropped plane (may lie outside it)
-          for (int64_t x = 0; x < n2; ++x) {
-            if (x + 8 <= n2) {  // surfaces are sparse: skip empty runs 8 bytes at a time
+          for (int64_t x = ext[4 * r], x_end = ext[4 * r + 1] + 1; x < x_end; ++x) {
+            if (x + 8 <= x_end) {  // surfaces are sparse: skip empty runs 8 bytes at a time
               uint64_t word;
               std::memcpy(&word, qrow + x, 8);
               if (word == 0) {
@@ -381,16 +383,26 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
             }
             // the query's own column, a true candidate, where the plane holds it
             float limit = il >= 0 && il < m0 ? plane[il * n2 + x] : INFINITY;
-            if (prev >= 0) {  // the Lipschitz bound, widened by a relative 1e-5 against rounding
+            // Lipschitz bounds (distances are 1-Lipschitz): from the previous query of the row, or the
+            // last one of the column (both without a square root), else from the previous query
+            double reach = INFINITY;
+            if (prev >= 0 && pi == i) reach = prev + double(x - px) * h2;
+            if (col_d[x] >= 0) reach = std::min(reach, double(col_d[x]) + double(i - col_i[x]) * h0);
+            if (reach == INFINITY && prev >= 0) {
               const double di = double(i - pi) * h0, dx = double(x - px) * h2;
-              const double reach = prev + std::sqrt(di * di + dx * dx);
-              limit = std::min(limit, static_cast<float>(reach * reach * (1 + 1e-5)));
+              reach = prev + std::sqrt(di * di + dx * dx);
             }
+            const bool bounded = reach < INFINITY;
+            // widened by a relative 1e-5 against rounding
+            if (bounded) limit = std::min(limit, static_cast<float>(reach * reach * (1 + 1e-5)));
             const float* sqx = sq.data() + (n2 - 1 - x);
-            float best = search(plane, m0, n2, il, x, h0, h2, sqx, limit, prev >= 0, reads, bx.k0, bx.k1);
+            float best = 0;  // a query on a seed (limit 0): nothing to search
+            if (limit > 0) best = search(plane, m0, n2, il, x, h0, h2, sqx, limit, bounded, reads, bx.k0, bx.k1);
             if (best > limit) best = search(plane, m0, n2, il, x, h0, h2, sqx, INFINITY, false, reads, bx.k0, bx.k1);
             o[slot++] = std::sqrt(best);
             prev = std::sqrt(double(best));
+            col_d[x] = static_cast<float>(prev);
+            col_i[x] = i;
             pi = i;
             px = x;
             ++done;
