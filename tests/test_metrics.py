@@ -266,3 +266,21 @@ def test_segment_quantile_matches_torch_quantile(dtype, signed):
             want = torch.quantile(sel, q) if sel.numel() else torch.tensor(float("nan"), dtype=dtype)
             for result in (got, few, many):
                 torch.testing.assert_close(result[i], want, equal_nan=True)  # lerp: 1 ulp from torch.quantile
+
+
+def test_crop_box_keeps_every_surface_voxel():
+    """The CUDA path crops the masks to the union's box grown by one voxel before taking surfaces: the box
+    (clipped to the image, None when empty) and the surfaces inside it equal those of the whole volume."""
+    from medfast.metrics._segmentation import _crop_box
+    from medfast.ops._distance import surface_edges
+
+    mask = torch.zeros(2, 20, 17, 15, dtype=torch.bool)
+    mask[0, 3:9, 0:5, 6:14] = True  # touches the image border along axis 1
+    mask[1, 10:12, 8:9, 2:3] = True
+    union = mask.any(0)
+    box = _crop_box(union, 1)
+    assert box == [slice(2, 13), slice(0, 10), slice(1, 15)]
+    full, counts = surface_edges(mask)
+    cropped, cropped_counts = surface_edges(mask[(slice(None), *box)])
+    assert torch.equal(cropped, full[(slice(None), *box)]) and torch.equal(cropped_counts, counts)
+    assert _crop_box(torch.zeros(4, 5, dtype=torch.bool), 1) is None
