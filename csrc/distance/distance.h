@@ -159,6 +159,10 @@ struct RowMin {
   MEDFAST_HOST_DEVICE T best() const { return m; }
 };
 
+// What plane_search counts for visiting a row, beside its values: the window's square root and the
+// loop's own steps cost about as much as reading 128 values in vector form (tuned on 128^3 surfaces).
+constexpr int64_t kRowCost = 128;
+
 // The last two passes of a 3D seed distance at one query, without the envelope pass: after the
 // binary pass along the middle axis, the plane of the query holds rows j = 0 .. n0-1 (at d + j * rs)
 // of n2 contiguous squared distances, and the squared answer is the minimum over (j, k) of
@@ -167,17 +171,12 @@ struct RowMin {
 // if smaller), each over the window of columns whose offset stays below it, so the cost is about the
 // area of the ellipse of the answer's radius: small for queries near the seeds, large for far ones
 // (`reads` counts the values read and kRowCost per row, so that the launcher can fall back to the
-// envelope pass). With
-// `tight_limit` (a limit close to the answer) the running minimum tightens the bound every other row
-// only: reading it is a serial step (a horizontal minimum in vector forms). Returns the squared
-// distance; a result above `limit` means the limit was no bound (the search then has to be rerun
-// without it). acc: a fresh RowMin or a vector form of it. The plane may be cropped to the rows and
-// columns where values can be finite: the query's row i may lie outside [0, n0), and only columns
-// [k_lo, k_hi] are read (the others must be +inf).
-// What plane_search counts for visiting a row, beside its values: the window's square root and the
-// loop's own steps cost about as much as reading 128 values in vector form (tuned on 128^3 surfaces).
-constexpr int64_t kRowCost = 128;
-
+// envelope pass). With `tight_limit` (a limit close to the answer) the running minimum tightens the
+// bound every other row only: reading it is a serial step (a horizontal minimum in vector forms).
+// Returns the squared distance; a result above `limit` means the limit was no bound (the search then
+// has to be rerun without it). acc: a fresh RowMin or a vector form of it. The plane may be cropped
+// to the rows and columns where values can be finite: the query's row i may lie outside [0, n0), and
+// only columns [k_lo, k_hi] are read (the others must be +inf).
 template <typename T, typename Acc>
 MEDFAST_HOST_DEVICE T plane_search(const T* d, int64_t rs, int64_t n0, int64_t n2, int64_t i, int64_t x, T h0,
                                    T h2, const T* sq, T limit, bool tight_limit, Acc& acc, int64_t& reads,

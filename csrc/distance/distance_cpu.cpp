@@ -124,11 +124,11 @@ float search_base(const float* plane, int64_t n0, int64_t n2, int64_t i, int64_t
 constexpr int64_t kSearchBudget = 64;
 
 // Where one batch element's seeds and queries lie: the seeds' rows j0..j1 (axis 0) and columns
-// k0..k1 (axis 2), the queries' planes y0..y1 (axis 1) and columns qk0..qk1. Only those rows of those
-// planes can hold a finite value that a query reads after the binary pass, so the planes are stored
-// cropped to them: far-apart surfaces, or one class among many, cost about their own boxes.
+// k0..k1 (axis 2), and the queries' planes y0..y1 (axis 1). Only those rows of those planes can hold a
+// finite value that a query reads after the binary pass, so the planes are stored cropped to them:
+// far-apart surfaces, or one class among many, cost about their own boxes.
 struct Box {
-  int64_t j0 = INT64_MAX, j1 = -1, k0 = INT64_MAX, k1 = -1, y0 = INT64_MAX, y1 = -1, qk0 = INT64_MAX, qk1 = -1;
+  int64_t j0 = INT64_MAX, j1 = -1, k0 = INT64_MAX, k1 = -1, y0 = INT64_MAX, y1 = -1;
   bool seeded() const { return j1 >= 0; }
   bool queried() const { return y1 >= 0; }
   int64_t rows() const { return j1 - j0 + 1; }
@@ -261,9 +261,9 @@ inline int64_t row_extent(const bool* row, int64_t n, int64_t& lo, int64_t& hi) 
 
 // 3D seed distances at the query voxels of (B, n0, n1, n2) bool volumes: the binary pass along axis
 // 1, then axes 2 and 0 together at the queries, plane (b, :, y, :) by plane, each plane cropped to the
-// element's Box. Each query is searched directly (plane_search), bounded by the previous query's
-// distance plus the distance between the two (distances are 1-Lipschitz, and consecutive queries of a
-// surface are mostly neighbours). A plane whose queries exceed the budget gets the envelope pass
+// element's Box. Each query is searched directly (plane_search), bounded by the distance of a query
+// found before plus the distance between the two (distances are 1-Lipschitz): the previous query of
+// its row, the last of its column, else the previous one (queries of a surface are mostly neighbours). A plane whose queries exceed the budget gets the envelope pass
 // along its rows and the rest of its queries are read along axis 0 (distance_at), so far-apart
 // surfaces cost little more than the transform over their boxes. Elements go one at a time through one
 // buffer; within one, planes are independent (the envelope pass works in place on the plane's own
@@ -305,8 +305,6 @@ Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::ve
         if (e[1] >= 0) {
           x.y0 = std::min(x.y0, y);
           x.y1 = std::max(x.y1, y);
-          x.qk0 = std::min(x.qk0, e[0]);
-          x.qk1 = std::max(x.qk1, e[1]);
         }
         if (e[3] >= 0) {
           x.j0 = std::min(x.j0, j);
