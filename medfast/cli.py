@@ -204,6 +204,12 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_register)
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from medfast.tasks.evaluation import add_parser
+
+    add_parser(sub)
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     from medfast.ultrasound.cli import add_parser
 
@@ -243,6 +249,7 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_train,
     _add_predict,
+    _add_evaluate,
     _add_register,
     _add_simulate,
     _add_synthesize,

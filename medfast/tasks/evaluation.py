@@ -1,0 +1,249 @@
+"""``medfast evaluate``: Dice, Hausdorff-95 and average symmetric surface distance of predicted label maps
+against reference label maps (NIfTI), per case and class, in millimetres from the files' affines.
+
+The metrics are :func:`medfast.metrics.dice`, :func:`medfast.metrics.hausdorff_distance` and
+:func:`medfast.metrics.surface_distance` (the numbers of MONAI's ``DiceMetric``,
+``compute_hausdorff_distance`` and ``compute_average_surface_distance``), so a folder of predictions is
+scored in seconds where the scipy-based route takes minutes. Writes ``metrics.csv`` (one row per case and
+class) and ``summary.json`` (per class: mean, standard deviation and count over the cases where the metric
+is defined), and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfast.data.io import DatasetError, load_nifti, voxel_spacing
+
+__all__ = ["evaluate_pair", "find_evaluation_pairs", "run_evaluate", "summarize"]
+
+_SUFFIXES = (".nii.gz", ".nii")
+METRICS = ("dice", "hd", "asd")
+
+
+def _stem(path: Path) -> str:
+    for suf in _SUFFIXES:
+        if path.name.endswith(suf):
+            return path.name[: -len(suf)]
+    return path.name
+
+
+def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple[Path, Path]]:
+    """(prediction, reference) file pairs: two files, or two folders matched by name.
+
+    In folder mode every reference ``<name>.nii[.gz]`` needs a prediction named ``<name>.nii[.gz]`` or
+    ``<name>_seg.nii[.gz]`` (what ``medfast predict`` writes); predictions without a reference are ignored.
+
+    Raises
+    ------
+    DatasetError
+        A missing path, a file paired with a folder, an empty reference folder, or a reference without a
+        prediction (named).
+    """
+    pred, reference = Path(pred), Path(reference)
+    for what, path in (("prediction", pred), ("reference", reference)):
+        if not path.exists():
+            raise DatasetError(f"{what} not found: {path}")
+    if pred.is_file() and reference.is_file():
+        return [(pred, reference)]
+    if not (pred.is_dir() and reference.is_dir()):
+        raise DatasetError(f"give two NIfTI files or two folders, got {pred} and {reference}")
+    refs = sorted(p for p in reference.iterdir() if p.name.endswith(_SUFFIXES))
+    if not refs:
+        raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in the reference folder {reference}")
+    pairs = []
+    for ref in refs:
+        stem = _stem(ref)
+        found = next((pred / (name + suf) for name in (stem, stem + "_seg") for suf in _SUFFIXES
+                      if (pred / (name + suf)).is_file()), None)
+        if found is None:
+            raise DatasetError(f"no prediction for {ref} in {pred} (expected {pred / (stem + '.nii.gz')} or "
+                               f"{pred / (stem + '_seg.nii.gz')})")
+        pairs.append((found, ref))
+    return pairs
+
+
+def _check_same_space(pred: Any, ref: Any) -> None:
+    if pred.data.shape != ref.data.shape:
+        raise DatasetError(f"{pred.path} has shape {pred.data.shape} but its reference {ref.path} has "
+                           f"{ref.data.shape}")
+    if not np.allclose(pred.affine, ref.affine, atol=1e-3):
+        raise DatasetError(f"{pred.path} and its reference {ref.path} have different affines (not the same voxel "
+                           f"grid): resample the prediction to the reference first")
+    if pred.data.ndim not in (2, 3):
+        raise DatasetError(f"{ref.path}: expected a 2D or 3D label map, got shape {ref.data.shape}")
+
+
+def evaluate_pair(
+    pred: str | Path,
+    reference: str | Path,
+    num_classes: int | None = None,
+    *,
+    percentile: float = 95,
+    include_background: bool = False,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
+    """Dice, HD (``percentile``) and ASSD of one predicted label map against its reference.
+
+    Parameters
+    ----------
+    pred, reference : path
+        NIfTI label maps on the same voxel grid (same shape and affine); distances use the voxel size of the
+        reference's affine, in mm.
+    num_classes : int, optional
+        Labels are ``0 .. num_classes - 1``; default: the largest label of the pair plus one.
+    percentile : float
+        Of the Hausdorff distance (95: HD95; 100: the maximum).
+    include_background : bool
+        Also score label 0.
+    device : str or torch.device
+        Where the metrics run.
+
+    Returns
+    -------
+    list of dict
+        One row per class: ``case`` (the reference's name), ``class``, ``dice``, ``hd`` (at ``percentile``),
+        ``asd`` (symmetric; NaN where a metric is undefined: both masks empty, and for HD and ASD also
+        exactly one empty, where MONAI gives nan or inf), and the voxel counts ``pred_voxels`` /
+        ``reference_voxels``.
+
+    Raises
+    ------
+    DatasetError
+        Unreadable files, non-integer labels, different shapes or affines, labels >= num_classes (named).
+    """
+    from medfast import metrics
+
+    p, r = load_nifti(pred, label=True), load_nifti(reference, label=True)
+    _check_same_space(p, r)
+    top = int(max(p.data.max(initial=0), r.data.max(initial=0)))
+    if num_classes is None:
+        num_classes = max(top + 1, 2)
+    elif top >= num_classes:
+        raise DatasetError(f"{pred} / {reference}: label {top} found but num_classes is {num_classes}")
+    spacing = [float(s) for s in voxel_spacing(r.affine)[: r.data.ndim]]
+    pt = torch.from_numpy(p.data).to(device)[None]
+    rt = torch.from_numpy(r.data).to(device)[None]
+    first = 0 if include_background else 1
+    dice = metrics.dice(pt, rt, num_classes)[0, first:]
+    with warnings.catch_warnings():  # empty classes are reported as NaN in the table instead
+        warnings.simplefilter("ignore", UserWarning)
+        hd = metrics.hausdorff_distance(pt, rt, percentile, spacing, num_classes=num_classes,
+                                        include_background=include_background)[0]
+        asd = metrics.surface_distance(pt, rt, spacing, num_classes=num_classes, symmetric=True,
+                                       include_background=include_background)[0]
+    counts_p = torch.bincount(pt.flatten(), minlength=num_classes)[first:]
+    counts_r = torch.bincount(rt.flatten(), minlength=num_classes)[first:]
+    rows = []
+    for i in range(num_classes - first):
+        rows.append({
+            "case": _stem(Path(reference)), "class": first + i,
+            "dice": float(dice[i]), "hd": _finite_or_nan(float(hd[i])), "asd": _finite_or_nan(float(asd[i])),
+            "pred_voxels": int(counts_p[i]), "reference_voxels": int(counts_r[i]),
+        })
+    return rows
+
+
+def _finite_or_nan(value: float) -> float:
+    return value if math.isfinite(value) else math.nan
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per class and over all (case, class) rows: mean, standard deviation (population) and count of each
+    metric over the rows where it is defined (not NaN); with the numbers of cases and rows."""
+
+    def stats(values: list[float]) -> dict[str, float | int]:
+        v = np.array([x for x in values if not math.isnan(x)], dtype=np.float64)
+        return {"mean": float(v.mean()) if v.size else math.nan, "std": float(v.std()) if v.size else math.nan,
+                "n": int(v.size)}
+
+    classes = sorted({row["class"] for row in rows})
+    out: dict[str, Any] = {"cases": len({row["case"] for row in rows}), "rows": len(rows), "classes": {}}
+    for c in classes:
+        sel = [row for row in rows if row["class"] == c]
+        out["classes"][str(c)] = {m: stats([row[m] for row in sel]) for m in METRICS}
+    out["all"] = {m: stats([row[m] for row in rows]) for m in METRICS}
+    return out
+
+
+def _write(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _format_summary(summary: dict[str, Any], percentile: float) -> str:
+    hd = f"HD{percentile:g} (mm)" if percentile != 100 else "HD (mm)"
+    lines = [f"{summary['cases']} case(s)", "", f"| class | Dice | {hd} | ASSD (mm) |", "|---|---:|---:|---:|"]
+
+    def cell(s: dict[str, Any], rows: int) -> str:  # the count where some rows have no value
+        if s["n"] == 0:
+            return "-"
+        return f"{s['mean']:.4f} +- {s['std']:.4f}" + ("" if s["n"] == rows else f" (n={s['n']})")
+
+    for c, s in [*summary["classes"].items(), ("all", summary["all"])]:
+        rows = summary["rows"] if c == "all" else summary["cases"]
+        lines.append(f"| {c} | {cell(s['dice'], rows)} | {cell(s['hd'], rows)} | {cell(s['asd'], rows)} |")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``medfast evaluate``."""
+    p = sub.add_parser(
+        "evaluate",
+        help="score predicted label maps against references: Dice, HD95, ASSD per class (CSV + JSON)",
+        description=(
+            "Scores PRED against REFERENCE (two NIfTI label maps, or two folders matched by name; a prediction "
+            "may carry medfast predict's _seg suffix): Dice, Hausdorff distance (95th percentile by default) and "
+            "average symmetric surface distance per case and class, in mm from the reference's affine. Writes "
+            "metrics.csv and summary.json to --out and prints the per-class summary."
+        ),
+    )
+    p.add_argument("pred", help="predicted label map (NIfTI) or folder of them")
+    p.add_argument("reference", help="reference label map (NIfTI) or folder of them")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="labels are 0 .. N-1 (default: the largest label of each pair plus one)")
+    p.add_argument("--percentile", type=float, default=95.0, help="of the Hausdorff distance (default 95)")
+    p.add_argument("--include-background", action="store_true", help="also score label 0")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--out", type=Path, default=None, help="folder for metrics.csv and summary.json")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The ``medfast evaluate`` command (see :func:`add_parser`); returns the exit status."""
+    if args.num_classes is not None and args.num_classes < 2:
+        raise SystemExit(f"medfast evaluate: --num-classes must be at least 2, got {args.num_classes}")
+    if not 0 <= args.percentile <= 100:
+        raise SystemExit(f"medfast evaluate: --percentile must be in [0, 100], got {args.percentile}")
+    try:
+        pairs = find_evaluation_pairs(args.pred, args.reference)
+        rows: list[dict[str, Any]] = []
+        for pred, ref in pairs:
+            case = evaluate_pair(pred, ref, args.num_classes, percentile=args.percentile,
+                                 include_background=args.include_background, device=args.device)
+            for row in case:
+                row["pred"], row["reference"] = str(pred), str(ref)
+            rows.extend(case)
+    except DatasetError as exc:
+        raise SystemExit(f"medfast evaluate: {exc}") from None
+    summary = summarize(rows)
+    summary["percentile"] = args.percentile
+    print(_format_summary(summary, args.percentile))
+    if args.out is not None:
+        _write(rows, summary, args.out)
+        print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'summary.json'}")
+    return 0

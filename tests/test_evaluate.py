@@ -1,0 +1,115 @@
+"""`medfast evaluate`: Dice / HD / ASSD of predicted label maps against references, end to end on NIfTI files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+nib = pytest.importorskip("nibabel")
+
+import medfast.metrics as mm  # noqa: E402
+from medfast.cli import main  # noqa: E402
+from medfast.tasks.evaluation import evaluate_pair, find_evaluation_pairs  # noqa: E402
+
+SPACING = (1.5, 1.0, 0.8)
+AFFINE = np.diag([*SPACING, 1.0])
+
+
+def _save(path, data, affine=AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.int16), affine), str(path))
+    return path
+
+
+def _cubes(shift=0):
+    """Label 1: a 6^3 cube (shifted by `shift` voxels along axis 0); label 2: a 4 x 5 x 3 box."""
+    lab = np.zeros((20, 18, 16), dtype=np.int16)
+    lab[4 + shift : 10 + shift, 3:9, 2:8] = 1
+    lab[13:17, 10:15, 9:12] = 2
+    return lab
+
+
+def test_evaluate_known_geometry(tmp_path):
+    """A cube moved by 2 voxels along axis 0 (1.5 mm voxels): Dice 4/6 and Hausdorff 3 mm exactly; the box
+    untouched: Dice 1, distances 0."""
+    pred, ref = _save(tmp_path / "p.nii.gz", _cubes(2)), _save(tmp_path / "r.nii.gz", _cubes())
+    rows = evaluate_pair(pred, ref, percentile=100)
+    assert [r["class"] for r in rows] == [1, 2]
+    assert rows[0]["dice"] == pytest.approx(4 / 6) and rows[0]["hd"] == pytest.approx(3.0)
+    assert rows[1]["dice"] == 1.0 and rows[1]["hd"] == 0.0 and rows[1]["asd"] == 0.0
+    assert rows[0]["pred_voxels"] == rows[0]["reference_voxels"] == 216
+    assert rows[0]["case"] == "r"
+
+
+def test_evaluate_folders_match_names_and_equal_the_metrics(tmp_path, capsys):
+    ref_dir, pred_dir, out = tmp_path / "ref", tmp_path / "pred", tmp_path / "out"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    rng = np.random.default_rng(0)
+    cases = {}
+    for i in range(3):
+        ref = _cubes()
+        pred = np.roll(_cubes(), int(rng.integers(-2, 3)), axis=int(rng.integers(0, 3)))
+        pred[0, 0, 0] = 2  # a stray voxel: HD95 and max differ
+        _save(ref_dir / f"case{i}.nii.gz", ref)
+        # medfast predict's name for one, the plain name for the others
+        _save(pred_dir / (f"case{i}_seg.nii.gz" if i == 1 else f"case{i}.nii"), pred)
+        cases[f"case{i}"] = (pred, ref)
+    _save(pred_dir / "extra.nii.gz", _cubes())  # a prediction without a reference: ignored
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 case(s)" in printed and "| 1 |" in printed and "| all |" in printed
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["class"]) for r in rows] == [(f"case{i}", c) for i in range(3) for c in ("1", "2")]
+    assert rows[2]["pred"].endswith("case1_seg.nii.gz")
+    for r in rows:
+        pred, ref = (torch.from_numpy(a.astype(np.int64))[None] for a in cases[r["case"]])
+        c = int(r["class"])
+        assert float(r["dice"]) == pytest.approx(float(mm.dice(pred, ref, 3)[0, c]))
+        hd = mm.hausdorff_distance(pred, ref, 95, SPACING, num_classes=3)[0, c - 1]
+        asd = mm.surface_distance(pred, ref, SPACING, num_classes=3, symmetric=True)[0, c - 1]
+        assert float(r["hd"]) == pytest.approx(float(hd)) and float(r["asd"]) == pytest.approx(float(asd))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"] == 3 and summary["percentile"] == 95
+    dice1 = [float(r["dice"]) for r in rows if r["class"] == "1"]
+    assert summary["classes"]["1"]["dice"]["mean"] == pytest.approx(np.mean(dice1))
+    assert summary["classes"]["1"]["dice"]["n"] == 3
+
+
+def test_evaluate_empty_class_is_nan(tmp_path):
+    ref = _cubes()
+    pred = ref.copy()
+    pred[pred == 2] = 0  # class 2 missing from the prediction
+    rows = evaluate_pair(_save(tmp_path / "p.nii", pred), _save(tmp_path / "r.nii", ref), num_classes=4)
+    assert [r["class"] for r in rows] == [1, 2, 3]
+    assert rows[1]["dice"] == 0.0 and math.isnan(rows[1]["hd"]) and math.isnan(rows[1]["asd"])
+    assert math.isnan(rows[2]["dice"]) and math.isnan(rows[2]["hd"])  # class 3: empty in both
+
+
+def test_evaluate_bad_inputs_name_the_files(tmp_path):
+    ref = _save(tmp_path / "r.nii.gz", _cubes())
+    (tmp_path / "preds").mkdir()
+    (tmp_path / "refs").mkdir()
+    _save(tmp_path / "refs" / "a.nii.gz", _cubes())
+    with pytest.raises(SystemExit, match=r"no prediction for .*a\.nii\.gz"):
+        main(["evaluate", str(tmp_path / "preds"), str(tmp_path / "refs")])
+    with pytest.raises(SystemExit, match="prediction not found"):
+        main(["evaluate", str(tmp_path / "missing.nii.gz"), str(ref)])
+    with pytest.raises(SystemExit, match="two NIfTI files or two folders"):
+        main(["evaluate", str(ref), str(tmp_path / "refs")])
+    small = _save(tmp_path / "small.nii.gz", _cubes()[:-1])
+    with pytest.raises(SystemExit, match=r"small\.nii\.gz has shape"):
+        main(["evaluate", str(small), str(ref)])
+    moved = _save(tmp_path / "moved.nii.gz", _cubes(), affine=np.diag([1.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(SystemExit, match="different affines"):
+        main(["evaluate", str(moved), str(ref)])
+    with pytest.raises(SystemExit, match="label 2 found but num_classes is 2"):
+        main(["evaluate", str(ref), str(ref), "--num-classes", "2"])
+    with pytest.raises(SystemExit, match="--percentile must be in"):
+        main(["evaluate", str(ref), str(ref), "--percentile", "101"])
+    assert find_evaluation_pairs(ref, ref) == [(ref, ref)]
