@@ -3,9 +3,10 @@
 
 The script's cases and calls (``bench_metrics.make_cases``): Hausdorff-95 of medfast.metrics against
 ``monai.metrics.compute_hausdorff_distance`` on the blob pair, a near-identical pair and two disjoint balls
-(one-hot (1, 2, S, S, S) masks, spacing (1.5, 1.0, 0.8)) and on an 8-class pair (one-hot (1, 9, S, S, S)), and hard Dice against ``monai.metrics.DiceMetric``;
-one group per case. Volume edge ``MEDFAST_BENCH_SIZE`` (default 64), device ``MEDFAST_BENCH_DEVICE``, timed
-rounds ``MEDFAST_BENCH_ROUNDS`` (default 3); see ``pytest_common.py``. Needs scipy (the inputs).
+(one-hot (1, 2, S, S, S) masks, spacing (1.5, 1.0, 0.8)) and on an 8-class pair (one-hot (1, 9, S, S, S)),
+and hard Dice against ``monai.metrics.DiceMetric``; one group per case. Volume edge ``MEDFAST_BENCH_SIZE``
+(default 64), device ``MEDFAST_BENCH_DEVICE``, timed rounds ``MEDFAST_BENCH_ROUNDS`` (default 3); see
+``pytest_common.py``. Needs scipy (the inputs).
 """
 
 from __future__ import annotations
