@@ -284,3 +284,39 @@ def test_crop_box_keeps_every_surface_voxel():
     cropped, cropped_counts = surface_edges(mask[(slice(None), *box)])
     assert torch.equal(cropped, full[(slice(None), *box)]) and torch.equal(cropped_counts, counts)
     assert _crop_box(torch.zeros(4, 5, dtype=torch.bool), 1) is None
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_chunks_of_classes_give_the_same_results(monkeypatch, labels):
+    """Masks are built and measured a few classes at a time (_CHUNK_BYTES): one class per chunk gives what one
+    chunk of all gives, bitwise, with per-element spacing, empty classes and their warning included."""
+    from medfast.metrics import _segmentation as seg
+
+    shape = (17, 19, 14)
+    pred, target = blobs(shape, 2, 5, 11), blobs(shape, 2, 5, 12)
+    pred[1, 2] = False  # an empty class in one element
+    if labels:  # label maps: the last set channel wins, 0 where none
+        weights = torch.arange(1, 6).view(1, 5, 1, 1, 1)
+        pred, target = (pred * weights).amax(1), (target * weights).amax(1)
+        kwargs = dict(num_classes=6)
+    else:
+        kwargs = {}
+    sp = [[1.2, 0.8, 1.0], [0.9, 1.1, 2.0]]
+    calls = [
+        lambda: mm.hausdorff_distance(pred, target, 95, sp, **kwargs),
+        lambda: mm.hausdorff_distance(pred, target, None, sp, directed=True, **kwargs),
+        lambda: mm.surface_distance(pred, target, sp, symmetric=True, **kwargs),
+    ]
+    with warnings.catch_warnings(record=True) as whole_warnings:
+        warnings.simplefilter("always")
+        whole = [call() for call in calls]
+    monkeypatch.setattr(seg, "_CHUNK_BYTES", 1)  # one class per chunk
+    with warnings.catch_warnings(record=True) as chunk_warnings:
+        warnings.simplefilter("always")
+        chunked = [call() for call in calls]
+    for a, b in zip(whole, chunked):
+        assert a.shape == b.shape == (2, 5 if labels else 4)
+        assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
+    assert [str(w.message) for w in whole_warnings] == [str(w.message) for w in chunk_warnings]
+    if not labels:
+        assert "pred is all 0 for (batch 1, class 2)" in str(whole_warnings[0].message)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -125,13 +125,20 @@ def _check_percentile(percentile: object) -> float | None:
     return float(percentile)
 
 
+# Masks (and their surfaces) of at most this many bytes at a time: label maps with a hundred classes would
+# otherwise need a hundred volumes of bool masks (and as many of surfaces) at once.
+_CHUNK_BYTES = 1 << 29
+
+
 def _masks(
     pred: object,
     target: object,
     include_background: bool,
     num_classes: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Validated (B, C', *S) bool masks of pred and target, and the class index of channel 0."""
+) -> tuple[int, int, int, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], int]:
+    """Validates pred / target and returns (batch, channels C', the class index of channel 0, masks, voxels)
+    where ``masks(c0, c1)`` gives the (B, c1 - c0, *S) bool masks of channels c0 .. c1 - 1 (views of one-hot
+    inputs; built from label maps on demand) and ``voxels`` is the number of voxels of one image."""
     if not isinstance(include_background, bool):
         raise TypeError(f"include_background must be a bool, got {type(include_background).__name__}")
     pred, target = _check_pair(pred, target, "pred", "target")
@@ -148,7 +155,8 @@ def _masks(
                 f"class; pass include_background=True for a single foreground channel"
             )
         # only the channels that count are read (MONAI ignores a dropped background channel too)
-        return _check_binary("pred", pred[:, first:]), _check_binary("target", target[:, first:]), first
+        p, t = _check_binary("pred", pred[:, first:]), _check_binary("target", target[:, first:])
+        return p.shape[0], p.shape[1], first, lambda c0, c1: (p[:, c0:c1], t[:, c0:c1]), p[0, 0].numel()
     num_classes = _check_int("num_classes", num_classes, 1 + first)
     if pred.dim() not in (3, 4):
         raise ValueError(
@@ -157,8 +165,32 @@ def _masks(
         )
     _check_labels("pred", pred, num_classes, None)
     _check_labels("target", target, num_classes, None)
-    classes = torch.arange(first, num_classes, device=pred.device).view(1, -1, *([1] * (pred.dim() - 1)))
-    return pred.unsqueeze(1) == classes, target.unsqueeze(1) == classes, first
+    shape = (1, -1, *([1] * (pred.dim() - 1)))
+
+    def masks(c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = torch.arange(first + c0, first + c1, device=pred.device).view(shape)
+        return pred.unsqueeze(1) == classes, target.unsqueeze(1) == classes
+
+    return pred.shape[0], num_classes - first, first, masks, pred[0].numel()
+
+
+def _chunked(
+    source: tuple[int, int, int, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], int],
+    per_chunk: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """per_chunk(p, t) -> ((B, c) result, (B * c,) pred / target surface counts) over chunks of the channels
+    of _masks' ``source`` of at most _CHUNK_BYTES of masks; returns the (B, C') result and the (B * C',)
+    counts in (batch, channel) order."""
+    batch, channels, _, masks, voxels = source
+    step = max(1, _CHUNK_BYTES // max(1, batch * voxels))
+    results, counts_p, counts_t = [], [], []
+    for c0 in range(0, channels, step):
+        p, t = masks(c0, min(c0 + step, channels))
+        result, n_p, n_t = per_chunk(p, t)
+        results.append(result)
+        counts_p.append(n_p.view(batch, -1))
+        counts_t.append(n_t.view(batch, -1))
+    return torch.cat(results, 1), torch.cat(counts_p, 1).flatten(), torch.cat(counts_t, 1).flatten()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,20 +442,25 @@ def hausdorff_distance(
     q = _check_percentile(percentile)
     if not isinstance(directed, bool):
         raise TypeError(f"directed must be a bool, got {type(directed).__name__}")
-    p, t, first = _masks(pred, target, include_background, num_classes)
-    batch, channels = p.shape[:2]
-    n = batch * channels
-    forward, backward, n_p, n_t = _surface_distances(p, t, spacing, both=not directed)
+    source = _masks(pred, target, include_background, num_classes)
+    channels, first = source[1], source[2]
+
+    def per_chunk(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = p.shape[0] * p.shape[1]
+        forward, backward, n_p, n_t = _surface_distances(p, t, spacing, both=not directed)
+
+        def reduce(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return _segment_max(d, s, n) if q is None else _segment_quantile(d, s, n, q / 100, contiguous=True)
+
+        result = reduce(*forward)
+        if backward is not None:
+            result = torch.maximum(result, reduce(*backward))
+        # MONAI: inf distances; their max is inf, but torch.quantile of infs is nan
+        return _fill_empty(result, n_p, n_t, math.inf if q is None else math.nan).view(p.shape[:2]), n_p, n_t
+
+    result, n_p, n_t = _chunked(source, per_chunk)
     _warn_empty("hausdorff_distance", n_p, n_t, channels, first)
-
-    def reduce(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return _segment_max(d, s, n) if q is None else _segment_quantile(d, s, n, q / 100, contiguous=True)
-
-    result = reduce(*forward)
-    if backward is not None:
-        result = torch.maximum(result, reduce(*backward))
-    # MONAI: inf distances; their max is inf, but torch.quantile of infs is nan
-    return _fill_empty(result, n_p, n_t, math.inf if q is None else math.nan).view(batch, channels)
+    return result
 
 
 def surface_distance(
@@ -474,19 +511,23 @@ def surface_distance(
     """
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
-    p, t, first = _masks(pred, target, include_background, num_classes)
-    batch, channels = p.shape[:2]
-    n = batch * channels
-    forward, backward, n_p, n_t = _surface_distances(p, t, spacing, both=symmetric)
+    source = _masks(pred, target, include_background, num_classes)
+    channels, first = source[1], source[2]
+
+    def per_chunk(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        forward, backward, n_p, n_t = _surface_distances(p, t, spacing, both=symmetric)
+        total = torch.zeros(p.shape[0] * p.shape[1], dtype=torch.float64, device=p.device)
+        total.index_add_(0, forward[1], forward[0].double())
+        count = n_p.double()
+        if backward is not None:
+            total.index_add_(0, backward[1], backward[0].double())
+            count = count + n_t.double()
+        result = (total / count.clamp_min(1)).float()
+        return _fill_empty(result, n_p, n_t).view(p.shape[:2]), n_p, n_t
+
+    result, n_p, n_t = _chunked(source, per_chunk)
     _warn_empty("surface_distance", n_p, n_t, channels, first)
-    total = torch.zeros(n, dtype=torch.float64, device=p.device)
-    total.index_add_(0, forward[1], forward[0].double())
-    count = n_p.double()
-    if backward is not None:
-        total.index_add_(0, backward[1], backward[0].double())
-        count = count + n_t.double()
-    result = (total / count.clamp_min(1)).float()
-    return _fill_empty(result, n_p, n_t).view(batch, channels)
+    return result
 
 
 def dice(
