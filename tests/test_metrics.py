@@ -320,3 +320,34 @@ def test_chunks_of_classes_give_the_same_results(monkeypatch, labels):
     assert [str(w.message) for w in whole_warnings] == [str(w.message) for w in chunk_warnings]
     if not labels:
         assert "pred is all 0 for (batch 1, class 2)" in str(whole_warnings[0].message)
+
+
+def _fortran(x, lead):
+    """x with the same values in Fortran order over its spatial axes (from `lead` on), as nibabel reads NIfTI."""
+    dims = [*range(lead), *reversed(range(lead, x.dim()))]
+    return x.permute(dims).contiguous().permute(dims)
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_fortran_ordered_inputs_give_the_same_results(labels):
+    """Volumes read by nibabel are Fortran-ordered: the metrics permute the axes (and the spacing) to contiguous
+    views instead of copying; results equal those of C-ordered inputs, also with one input in each order."""
+    shape = (15, 18, 13)
+    pred, target = blobs(shape, 2, 4, 21), blobs(shape, 2, 4, 22)
+    if labels:
+        weights = torch.arange(1, 5).view(1, 4, 1, 1, 1)
+        pred, target = (pred * weights).amax(1), (target * weights).amax(1)
+        kwargs, lead = dict(num_classes=5), 1
+    else:
+        kwargs, lead = {}, 2
+    fp, ft = _fortran(pred, lead), _fortran(target, lead)
+    assert not fp.is_contiguous() and torch.equal(fp, pred)
+    for sp in ([1.3, 0.7, 2.1], [[1.3, 0.7, 2.1], [0.5, 1.0, 1.5]]):
+        for fn, kw in [(mm.hausdorff_distance, dict(percentile=95)), (mm.hausdorff_distance, dict(percentile=None)),
+                       (mm.surface_distance, dict(symmetric=True))]:
+            want = quiet(fn, pred, target, spacing=sp, **kw, **kwargs)
+            for a, b in [(fp, ft), (fp, target), (pred, ft)]:
+                assert torch.equal(quiet(fn, a, b, spacing=sp, **kw, **kwargs), want)
+    if labels:
+        want = mm.dice(pred, target, 5)
+        assert torch.equal(mm.dice(fp, ft, 5), want) and torch.equal(mm.dice(fp, target, 5), want)

@@ -115,6 +115,34 @@ def _batch_spacing(spacing: SpacingArg, batch: int, ndim: int) -> list[list[floa
     return _check_spacing(spacing, ndim)
 
 
+def _dense_views(
+    pred: torch.Tensor, target: torch.Tensor, lead: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """pred and target with their spatial axes (those from ``lead`` on) permuted so that both are C-contiguous
+    views, and that permutation of the spatial axes, where one permutation does it for both (NIfTI volumes
+    read by nibabel are Fortran-ordered: their reversed axes are contiguous); else the inputs and None.
+    Surfaces and distances are the same on permuted axes with the spacing permuted alike, and a count of
+    voxel pairs does not depend on the order, so the metrics need no copy (and no strided pass)."""
+    if pred.is_contiguous() and target.is_contiguous():
+        return pred, target, None
+    order = sorted(range(lead, pred.dim()), key=lambda a: -pred.stride(a))  # stable: size-1 axes keep order
+    dims = [*range(lead), *order]
+    p, t = pred.permute(dims), target.permute(dims)
+    if p.is_contiguous() and t.is_contiguous():
+        return p, t, [a - lead for a in order]
+    return pred, target, None
+
+
+def _permuted_spacing(spacing: SpacingArg, perm: list[int] | None, batch: int, ndim: int) -> SpacingArg:
+    """The spacing of axes permuted by _dense_views (validated, shared or per batch element)."""
+    if perm is None:
+        return spacing
+    sp = _batch_spacing(spacing, batch, ndim)
+    if sp and isinstance(sp[0], list):
+        return [[s[a] for a in perm] for s in sp]  # type: ignore[index]
+    return [sp[a] for a in perm]  # type: ignore[index]
+
+
 def _check_percentile(percentile: object) -> float | None:
     if percentile is None:
         return None
@@ -135,10 +163,11 @@ def _masks(
     target: object,
     include_background: bool,
     num_classes: int | None,
-) -> tuple[int, int, int, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], int]:
-    """Validates pred / target and returns (batch, channels C', the class index of channel 0, masks, voxels)
-    where ``masks(c0, c1)`` gives the (B, c1 - c0, *S) bool masks of channels c0 .. c1 - 1 (views of one-hot
-    inputs; built from label maps on demand) and ``voxels`` is the number of voxels of one image."""
+) -> tuple[int, int, int, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], int, list[int] | None]:
+    """Validates pred / target and returns (batch, channels C', the class index of channel 0, masks, voxels,
+    perm) where ``masks(c0, c1)`` gives the (B, c1 - c0, *S) bool masks of channels c0 .. c1 - 1 (views of
+    one-hot inputs; built from label maps on demand), ``voxels`` is the number of voxels of one image, and
+    ``perm`` the permutation of the spatial axes of the masks (_dense_views; None: as given)."""
     if not isinstance(include_background, bool):
         raise TypeError(f"include_background must be a bool, got {type(include_background).__name__}")
     pred, target = _check_pair(pred, target, "pred", "target")
@@ -155,14 +184,16 @@ def _masks(
                 f"class; pass include_background=True for a single foreground channel"
             )
         # only the channels that count are read (MONAI ignores a dropped background channel too)
-        p, t = _check_binary("pred", pred[:, first:]), _check_binary("target", target[:, first:])
-        return p.shape[0], p.shape[1], first, lambda c0, c1: (p[:, c0:c1], t[:, c0:c1]), p[0, 0].numel()
+        p, t, perm = _dense_views(pred[:, first:], target[:, first:], 2)
+        p, t = _check_binary("pred", p), _check_binary("target", t)
+        return p.shape[0], p.shape[1], first, lambda c0, c1: (p[:, c0:c1], t[:, c0:c1]), p[0, 0].numel(), perm
     num_classes = _check_int("num_classes", num_classes, 1 + first)
     if pred.dim() not in (3, 4):
         raise ValueError(
             f"with num_classes, pred must be a label map of shape (B, H, W) or (B, D, H, W), got "
             f"{tuple(pred.shape)} ({pred.dim()} dims)"
         )
+    pred, target, perm = _dense_views(pred, target, 1)
     _check_labels("pred", pred, num_classes, None)
     _check_labels("target", target, num_classes, None)
     shape = (1, -1, *([1] * (pred.dim() - 1)))
@@ -171,17 +202,17 @@ def _masks(
         classes = torch.arange(first + c0, first + c1, device=pred.device).view(shape)
         return pred.unsqueeze(1) == classes, target.unsqueeze(1) == classes
 
-    return pred.shape[0], num_classes - first, first, masks, pred[0].numel()
+    return pred.shape[0], num_classes - first, first, masks, pred[0].numel(), perm
 
 
 def _chunked(
-    source: tuple[int, int, int, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], int],
+    source: tuple[int, int, int, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], int, list[int] | None],
     per_chunk: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """per_chunk(p, t) -> ((B, c) result, (B * c,) pred / target surface counts) over chunks of the channels
     of _masks' ``source`` of at most _CHUNK_BYTES of masks; returns the (B, C') result and the (B * C',)
     counts in (batch, channel) order."""
-    batch, channels, _, masks, voxels = source
+    batch, channels, _, masks, voxels, _ = source
     step = max(1, _CHUNK_BYTES // max(1, batch * voxels))
     results, counts_p, counts_t = [], [], []
     for c0 in range(0, channels, step):
@@ -444,6 +475,8 @@ def hausdorff_distance(
         raise TypeError(f"directed must be a bool, got {type(directed).__name__}")
     source = _masks(pred, target, include_background, num_classes)
     channels, first = source[1], source[2]
+    ndim = pred.dim() - (1 if num_classes is not None else 2)
+    spacing = _permuted_spacing(spacing, source[5], source[0], ndim)
 
     def per_chunk(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = p.shape[0] * p.shape[1]
@@ -513,6 +546,8 @@ def surface_distance(
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     source = _masks(pred, target, include_background, num_classes)
     channels, first = source[1], source[2]
+    ndim = pred.dim() - (1 if num_classes is not None else 2)
+    spacing = _permuted_spacing(spacing, source[5], source[0], ndim)
 
     def per_chunk(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         forward, backward, n_p, n_t = _surface_distances(p, t, spacing, both=symmetric)
@@ -592,6 +627,7 @@ def dice(
             f"pred_labels must have shape (B, *spatial) (batch first, no channel axis), got "
             f"{tuple(pred_labels.shape)}"
         )
+    pred_labels, target, _ = _dense_views(pred_labels, target, 1)  # counts do not depend on the voxel order
     _check_labels("pred_labels", pred_labels, num_classes, ignore_index)
     _check_labels("target", target, num_classes, ignore_index)
 
