@@ -230,11 +230,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not 0 <= args.percentile <= 100:
         raise SystemExit(f"medfast evaluate: --percentile must be in [0, 100], got {args.percentile}")
     try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"medfast evaluate: --device must be cpu or cuda[:N], got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("medfast evaluate: --device cuda, but no CUDA device is visible")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"medfast evaluate: --device must be cpu or cuda[:N], got {args.device!r}")
+    try:
         pairs = find_evaluation_pairs(args.pred, args.reference)
         rows: list[dict[str, Any]] = []
         for pred, ref in pairs:
             case = evaluate_pair(pred, ref, args.num_classes, percentile=args.percentile,
-                                 include_background=args.include_background, device=args.device)
+                                 include_background=args.include_background, device=device)
             for row in case:
                 row["pred"], row["reference"] = str(pred), str(ref)
             rows.extend(case)
