@@ -135,21 +135,75 @@ struct Box {
   int64_t planes() const { return y1 - y0 + 1; }
 };
 
+// One row of a sweep of the binary pass along axis 1, columns [k0, k1] (seed_line_pass's arithmetic):
+// the forward sweep keeps the nearest seed at or before y in `last` and, where out is given, writes its
+// squared distance (+inf where none); the backward sweep (kBack) keeps the nearest at or after y and
+// takes its squared distance where smaller.
+struct SweepRow {
+  int64_t k0, k1;
+  float h;
+  template <bool kBack>
+  __attribute__((always_inline)) void run(const bool* sr, int32_t* last, float* out, int32_t y, int64_t from) const {
+    for (int64_t k = from; k <= k1; ++k) {
+      const int32_t l = sr[k] ? y : last[k];
+      last[k] = l;
+      const float dx = float(kBack ? l - y : y - l) * h;
+      const float v = dx * dx;
+      if (!out) continue;
+      if (kBack)
+        out[k] = l >= 0 && v < out[k] ? v : out[k];
+      else
+        out[k] = l >= 0 ? v : infinity<float>();
+    }
+  }
+  template <bool kBack>
+  __attribute__((always_inline)) void operator()(const bool* sr, int32_t* last, float* out, int32_t y) const {
+    run<kBack>(sr, last, out, y, k0);
+  }
+};
+
+// 8 bools -> all-ones lanes where set.
+MEDFAST_AVX2 inline __m256i seeded8(const bool* p) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_cmpgt_epi32(b, _mm256_setzero_si256());
+}
+
+// SweepRow with 8 columns per vector on [k0, kv) (the remainder by SweepRow, the same arithmetic).
+struct SweepRowAvx2 {
+  SweepRow tail;
+  int64_t kv;
+  template <bool kBack>
+  MEDFAST_AVX2 void operator()(const bool* sr, int32_t* last, float* out, int32_t y) const {
+    const __m256 hv = _mm256_set1_ps(tail.h), inf = _mm256_set1_ps(INFINITY);
+    const __m256i yv = _mm256_set1_epi32(y);
+    for (int64_t k = tail.k0; k < kv; k += 8) {
+      __m256i* lp = reinterpret_cast<__m256i*>(last + k);
+      const __m256i l = _mm256_blendv_epi8(_mm256_loadu_si256(lp), yv, seeded8(sr + k));
+      _mm256_storeu_si256(lp, l);
+      if (!out) continue;
+      const __m256i off = kBack ? _mm256_sub_epi32(l, yv) : _mm256_sub_epi32(yv, l);
+      const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(off), hv);
+      const __m256 v = _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l));
+      _mm256_storeu_ps(out + k, kBack ? _mm256_min_ps(v, _mm256_loadu_ps(out + k)) : v);
+    }
+    tail.run<kBack>(sr, last, out, y, kv);
+  }
+};
+
 // Binary pass along axis 1 for the rows j in [ja, jb) of one element's Box x: its seeds s (n0, n1, n2),
 // its planes dt (y0..y1, j0..j1, n2), +inf outside the columns k0..k1. The sweeps walk the planes in
 // order (every y: a seed outside the planes is still the nearest for some), each keeping the nearest
-// seed so far of every (j, k) in `last` ((jb - ja) x n2), so that the writes stream plane by plane; the
-// arithmetic is seed_line_pass's. row_fwd / row_bwd do one row's columns [k0, k1].
-template <typename RowFwd, typename RowBwd>
+// seed so far of every (j, k) in `last` ((jb - ja) x n2), so that the writes stream plane by plane.
+// row: SweepRow or SweepRowAvx2.
+template <typename Row>
 __attribute__((always_inline)) inline void seed_planes(const bool* s, float* dt, const Box& x, int64_t ja, int64_t jb,
-                                                       int64_t n1, int64_t n2, int32_t* last, RowFwd row_fwd,
-                                                       RowBwd row_bwd) {
+                                                       int64_t n1, int64_t n2, int32_t* last, const Row& row) {
   const int64_t m0 = x.rows();
   for (int64_t j = ja; j < jb; ++j) std::fill(last + (j - ja) * n2 + x.k0, last + (j - ja) * n2 + x.k1 + 1, -1);
   for (int64_t y = 0; y <= x.y1; ++y) {
     for (int64_t j = ja; j < jb; ++j) {
       float* out = y >= x.y0 ? dt + ((y - x.y0) * m0 + (j - x.j0)) * n2 : nullptr;
-      row_fwd(s + (j * n1 + y) * n2, last + (j - ja) * n2, out, static_cast<int32_t>(y));
+      row.template operator()<false>(s + (j * n1 + y) * n2, last + (j - ja) * n2, out, static_cast<int32_t>(y));
       if (out) {
         std::fill(out, out + x.k0, INFINITY);
         std::fill(out + x.k1 + 1, out + n2, INFINITY);
@@ -160,79 +214,20 @@ __attribute__((always_inline)) inline void seed_planes(const bool* s, float* dt,
   for (int64_t y = n1 - 1; y >= x.y0; --y) {
     for (int64_t j = ja; j < jb; ++j) {
       float* out = y <= x.y1 ? dt + ((y - x.y0) * m0 + (j - x.j0)) * n2 : nullptr;
-      row_bwd(s + (j * n1 + y) * n2, last + (j - ja) * n2, out, static_cast<int32_t>(y));
+      row.template operator()<true>(s + (j * n1 + y) * n2, last + (j - ja) * n2, out, static_cast<int32_t>(y));
     }
   }
 }
 
-// One row of the forward sweep, columns [k0, k1]: the nearest seed at or before y, and where out is
-// given, its squared distance (+inf where none).
-__attribute__((always_inline)) inline void sweep_fwd(const bool* sr, int32_t* last, float* out, int32_t y,
-                                                     int64_t k0, int64_t k1, float h) {
-  for (int64_t k = k0; k <= k1; ++k) {
-    const int32_t l = sr[k] ? y : last[k];
-    last[k] = l;
-    const float dx = float(y - l) * h;
-    if (out) out[k] = l >= 0 ? dx * dx : infinity<float>();
-  }
-}
-
-// The backward sweep: the nearest seed at or after y, its squared distance taken where smaller.
-__attribute__((always_inline)) inline void sweep_bwd(const bool* sr, int32_t* last, float* out, int32_t y,
-                                                     int64_t k0, int64_t k1, float h) {
-  for (int64_t k = k0; k <= k1; ++k) {
-    const int32_t l = sr[k] ? y : last[k];
-    last[k] = l;
-    const float dx = float(l - y) * h;
-    const float v = dx * dx;
-    if (out) out[k] = l >= 0 && v < out[k] ? v : out[k];
-  }
-}
-
-// 8 bools -> all-ones lanes where set.
-MEDFAST_AVX2 inline __m256i seeded8(const bool* p) {
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_cmpgt_epi32(b, _mm256_setzero_si256());
-}
-
-// seed_planes with 8 columns per vector (the remainder by sweep_fwd / sweep_bwd, the same arithmetic).
 MEDFAST_AVX2 void seed_planes_avx2(const bool* s, float* dt, const Box& x, int64_t ja, int64_t jb, int64_t n1,
                                    int64_t n2, float h, int32_t* last) {
-  const int64_t k0 = x.k0, k1 = x.k1, kv = k0 + (k1 - k0 + 1) / 8 * 8;  // vectors on [k0, kv)
-  const __m256 hv = _mm256_set1_ps(h), inf = _mm256_set1_ps(INFINITY);
-  auto fwd = [&](const bool* sr, int32_t* st, float* out, int32_t y) MEDFAST_AVX2 {
-    const __m256i yv = _mm256_set1_epi32(y);
-    for (int64_t k = k0; k < kv; k += 8) {
-      __m256i* lp = reinterpret_cast<__m256i*>(st + k);
-      const __m256i l = _mm256_blendv_epi8(_mm256_loadu_si256(lp), yv, seeded8(sr + k));
-      _mm256_storeu_si256(lp, l);
-      if (!out) continue;
-      const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(yv, l)), hv);
-      _mm256_storeu_ps(out + k, _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l)));
-    }
-    sweep_fwd(sr, st, out, y, kv, k1, h);
-  };
-  auto bwd = [&](const bool* sr, int32_t* st, float* out, int32_t y) MEDFAST_AVX2 {
-    const __m256i yv = _mm256_set1_epi32(y);
-    for (int64_t k = k0; k < kv; k += 8) {
-      __m256i* lp = reinterpret_cast<__m256i*>(st + k);
-      const __m256i l = _mm256_blendv_epi8(_mm256_loadu_si256(lp), yv, seeded8(sr + k));
-      _mm256_storeu_si256(lp, l);
-      if (!out) continue;
-      const __m256 dx = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, yv)), hv);
-      const __m256 v = _mm256_blendv_ps(_mm256_mul_ps(dx, dx), inf, _mm256_castsi256_ps(l));
-      _mm256_storeu_ps(out + k, _mm256_min_ps(v, _mm256_loadu_ps(out + k)));
-    }
-    sweep_bwd(sr, st, out, y, kv, k1, h);
-  };
-  seed_planes(s, dt, x, ja, jb, n1, n2, last, fwd, bwd);
+  const SweepRowAvx2 row{{x.k0, x.k1, h}, x.k0 + (x.k1 - x.k0 + 1) / 8 * 8};
+  seed_planes(s, dt, x, ja, jb, n1, n2, last, row);
 }
 
 void seed_planes_base(const bool* s, float* dt, const Box& x, int64_t ja, int64_t jb, int64_t n1, int64_t n2, float h,
                       int32_t* last) {
-  auto fwd = [&](const bool* sr, int32_t* st, float* out, int32_t y) { sweep_fwd(sr, st, out, y, x.k0, x.k1, h); };
-  auto bwd = [&](const bool* sr, int32_t* st, float* out, int32_t y) { sweep_bwd(sr, st, out, y, x.k0, x.k1, h); };
-  seed_planes(s, dt, x, ja, jb, n1, n2, last, fwd, bwd);
+  seed_planes(s, dt, x, ja, jb, n1, n2, last, SweepRow{x.k0, x.k1, h});
 }
 
 // Set bytes of a row of n bools, and the first and last set column (unchanged where none): 8 bytes
@@ -263,9 +258,10 @@ inline int64_t row_extent(const bool* row, int64_t n, int64_t& lo, int64_t& hi) 
 // 1, then axes 2 and 0 together at the queries, plane (b, :, y, :) by plane, each plane cropped to the
 // element's Box. Each query is searched directly (plane_search), bounded by the distance of a query
 // found before plus the distance between the two (distances are 1-Lipschitz): the previous query of
-// its row, the last of its column, else the previous one (queries of a surface are mostly neighbours). A plane whose queries exceed the budget gets the envelope pass
-// along its rows and the rest of its queries are read along axis 0 (distance_at), so far-apart
-// surfaces cost little more than the transform over their boxes. Elements go one at a time through one
+// its row, the last of its column, else the previous one (queries of a surface are mostly neighbours).
+// A plane whose queries exceed the budget gets the envelope pass along its rows and the rest of its
+// queries are read along axis 0 (distance_at), so far-apart surfaces cost little more than the
+// transform over their boxes. Elements go one at a time through one
 // buffer; within one, planes are independent (the envelope pass works in place on the plane's own
 // rows), and each output slot is fixed by the query's rank in C order: deterministic.
 Tensor seed_distances_3d(const Tensor& seeds, const Tensor& query, const std::vector<double>& spacing) {

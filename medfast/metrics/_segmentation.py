@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -158,16 +159,27 @@ def _check_percentile(percentile: object) -> float | None:
 _CHUNK_BYTES = 1 << 29
 
 
+class _MaskSource(NamedTuple):
+    """Validated inputs of the surface metrics: ``get(c0, c1)`` gives the (B, c1 - c0, *S) bool masks of
+    channels c0 .. c1 - 1 (views of one-hot inputs; built from label maps on demand); ``perm`` is the
+    permutation of the spatial axes of the masks (_dense_views; None: as given)."""
+
+    batch: int
+    channels: int  # C': the classes measured
+    first: int  # the class index of channel 0
+    ndim: int  # spatial axes
+    voxels: int  # of one image
+    perm: list[int] | None
+    get: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
 def _masks(
     pred: object,
     target: object,
     include_background: bool,
     num_classes: int | None,
-) -> tuple[int, int, int, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], int, list[int] | None]:
-    """Validates pred / target and returns (batch, channels C', the class index of channel 0, masks, voxels,
-    perm) where ``masks(c0, c1)`` gives the (B, c1 - c0, *S) bool masks of channels c0 .. c1 - 1 (views of
-    one-hot inputs; built from label maps on demand), ``voxels`` is the number of voxels of one image, and
-    ``perm`` the permutation of the spatial axes of the masks (_dense_views; None: as given)."""
+) -> _MaskSource:
+    """Validates pred / target (one-hot masks, or label maps with ``num_classes``) for the surface metrics."""
     if not isinstance(include_background, bool):
         raise TypeError(f"include_background must be a bool, got {type(include_background).__name__}")
     pred, target = _check_pair(pred, target, "pred", "target")
@@ -186,7 +198,8 @@ def _masks(
         # only the channels that count are read (MONAI ignores a dropped background channel too)
         p, t, perm = _dense_views(pred[:, first:], target[:, first:], 2)
         p, t = _check_binary("pred", p), _check_binary("target", t)
-        return p.shape[0], p.shape[1], first, lambda c0, c1: (p[:, c0:c1], t[:, c0:c1]), p[0, 0].numel(), perm
+        return _MaskSource(p.shape[0], p.shape[1], first, p.dim() - 2, p[0, 0].numel(), perm,
+                           lambda c0, c1: (p[:, c0:c1], t[:, c0:c1]))
     num_classes = _check_int("num_classes", num_classes, 1 + first)
     if pred.dim() not in (3, 4):
         raise ValueError(
@@ -202,26 +215,30 @@ def _masks(
         classes = torch.arange(first + c0, first + c1, device=pred.device).view(shape)
         return pred.unsqueeze(1) == classes, target.unsqueeze(1) == classes
 
-    return pred.shape[0], num_classes - first, first, masks, pred[0].numel(), perm
+    return _MaskSource(pred.shape[0], num_classes - first, first, pred.dim() - 1, pred[0].numel(), perm, masks)
 
 
 def _chunked(
-    source: tuple[int, int, int, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], int, list[int] | None],
-    per_chunk: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """per_chunk(p, t) -> ((B, c) result, (B * c,) pred / target surface counts) over chunks of the channels
-    of _masks' ``source`` of at most _CHUNK_BYTES of masks; returns the (B, C') result and the (B * C',)
-    counts in (batch, channel) order."""
-    batch, channels, _, masks, voxels, _ = source
-    step = max(1, _CHUNK_BYTES // max(1, batch * voxels))
+    fn: str,
+    source: _MaskSource,
+    spacing: SpacingArg,
+    per_chunk: Callable[[torch.Tensor, torch.Tensor, SpacingArg], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """per_chunk(p, t, spacing) -> ((B, c) result, (B * c,) pred / target surface counts) over chunks of the
+    channels of ``source`` of at most _CHUNK_BYTES of masks, with the spacing permuted as the masks' axes;
+    warns (as ``fn``) about the empty (batch, class) pairs and returns the (B, C') result."""
+    spacing = _permuted_spacing(spacing, source.perm, source.batch, source.ndim)
+    step = max(1, _CHUNK_BYTES // max(1, source.batch * source.voxels))
     results, counts_p, counts_t = [], [], []
-    for c0 in range(0, channels, step):
-        p, t = masks(c0, min(c0 + step, channels))
-        result, n_p, n_t = per_chunk(p, t)
+    for c0 in range(0, source.channels, step):
+        p, t = source.get(c0, min(c0 + step, source.channels))
+        result, n_p, n_t = per_chunk(p, t, spacing)
         results.append(result)
-        counts_p.append(n_p.view(batch, -1))
-        counts_t.append(n_t.view(batch, -1))
-    return torch.cat(results, 1), torch.cat(counts_p, 1).flatten(), torch.cat(counts_t, 1).flatten()
+        counts_p.append(n_p.view(source.batch, -1))
+        counts_t.append(n_t.view(source.batch, -1))
+    n_p, n_t = torch.cat(counts_p, 1).flatten(), torch.cat(counts_t, 1).flatten()
+    _warn_empty(fn, n_p, n_t, source.channels, source.first, stacklevel=4)
+    return torch.cat(results, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,7 +368,7 @@ def _few_segment_quantile(values: torch.Tensor, seg: torch.Tensor, n: int, q: fl
     return out
 
 
-def _warn_empty(fn: str, n_p: torch.Tensor, n_t: torch.Tensor, channels: int, first: int) -> None:
+def _warn_empty(fn: str, n_p: torch.Tensor, n_t: torch.Tensor, channels: int, first: int, stacklevel: int) -> None:
     empty_p = torch.nonzero(n_p == 0).flatten().tolist()
     empty_t = torch.nonzero(n_t == 0).flatten().tolist()
     if not empty_p and not empty_t:
@@ -366,7 +383,7 @@ def _warn_empty(fn: str, n_p: torch.Tensor, n_t: torch.Tensor, channels: int, fi
     if empty_p:
         parts.append(f"pred is all 0 for {pairs(empty_p)}")
     warnings.warn(
-        f"{fn}: {'; '.join(parts)}: the result is inf or nan there", UserWarning, stacklevel=3
+        f"{fn}: {'; '.join(parts)}: the result is inf or nan there", UserWarning, stacklevel=stacklevel
     )
 
 
@@ -473,14 +490,10 @@ def hausdorff_distance(
     q = _check_percentile(percentile)
     if not isinstance(directed, bool):
         raise TypeError(f"directed must be a bool, got {type(directed).__name__}")
-    source = _masks(pred, target, include_background, num_classes)
-    channels, first = source[1], source[2]
-    ndim = pred.dim() - (1 if num_classes is not None else 2)
-    spacing = _permuted_spacing(spacing, source[5], source[0], ndim)
 
-    def per_chunk(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def per_chunk(p: torch.Tensor, t: torch.Tensor, sp: SpacingArg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = p.shape[0] * p.shape[1]
-        forward, backward, n_p, n_t = _surface_distances(p, t, spacing, both=not directed)
+        forward, backward, n_p, n_t = _surface_distances(p, t, sp, both=not directed)
 
         def reduce(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             return _segment_max(d, s, n) if q is None else _segment_quantile(d, s, n, q / 100, contiguous=True)
@@ -491,9 +504,8 @@ def hausdorff_distance(
         # MONAI: inf distances; their max is inf, but torch.quantile of infs is nan
         return _fill_empty(result, n_p, n_t, math.inf if q is None else math.nan).view(p.shape[:2]), n_p, n_t
 
-    result, n_p, n_t = _chunked(source, per_chunk)
-    _warn_empty("hausdorff_distance", n_p, n_t, channels, first)
-    return result
+    source = _masks(pred, target, include_background, num_classes)
+    return _chunked("hausdorff_distance", source, spacing, per_chunk)
 
 
 def surface_distance(
@@ -544,13 +556,9 @@ def surface_distance(
     """
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
-    source = _masks(pred, target, include_background, num_classes)
-    channels, first = source[1], source[2]
-    ndim = pred.dim() - (1 if num_classes is not None else 2)
-    spacing = _permuted_spacing(spacing, source[5], source[0], ndim)
 
-    def per_chunk(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        forward, backward, n_p, n_t = _surface_distances(p, t, spacing, both=symmetric)
+    def per_chunk(p: torch.Tensor, t: torch.Tensor, sp: SpacingArg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        forward, backward, n_p, n_t = _surface_distances(p, t, sp, both=symmetric)
         total = torch.zeros(p.shape[0] * p.shape[1], dtype=torch.float64, device=p.device)
         total.index_add_(0, forward[1], forward[0].double())
         count = n_p.double()
@@ -560,9 +568,8 @@ def surface_distance(
         result = (total / count.clamp_min(1)).float()
         return _fill_empty(result, n_p, n_t).view(p.shape[:2]), n_p, n_t
 
-    result, n_p, n_t = _chunked(source, per_chunk)
-    _warn_empty("surface_distance", n_p, n_t, channels, first)
-    return result
+    source = _masks(pred, target, include_background, num_classes)
+    return _chunked("surface_distance", source, spacing, per_chunk)
 
 
 def dice(

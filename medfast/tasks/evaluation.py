@@ -23,19 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfast.data.dataset import _SUFFIXES, _stem
 from medfast.data.io import DatasetError, load_nifti, voxel_spacing
 
 __all__ = ["evaluate_pair", "find_evaluation_pairs", "run_evaluate", "summarize"]
 
-_SUFFIXES = (".nii.gz", ".nii")
 METRICS = ("dice", "hd", "asd")
-
-
-def _stem(path: Path) -> str:
-    for suf in _SUFFIXES:
-        if path.name.endswith(suf):
-            return path.name[: -len(suf)]
-    return path.name
 
 
 def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple[Path, Path]]:
