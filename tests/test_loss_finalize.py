@@ -117,13 +117,23 @@ def test_float32_fused_equals_composition(monkeypatch, kind):
 
 
 def test_one_channel_sigmoid_without_background(monkeypatch):
-    # no Dice term left: the mean over none is NaN, the sum 0, in both paths; the CE term alone is finite
+    # the public losses ignore include_background=False for one channel (with a warning, as MONAI)
     logits, target, _ = _case("sigmoid", 3, C=1, seed=2)
     for reduction in ("mean", "sum"):
         kw = dict(activation="sigmoid", include_background=False, reduction=reduction)
-        (fv, _), (rv, _) = _both(monkeypatch, mf.dice_loss, logits, target, **kw)
-        torch.testing.assert_close(fv, rv, equal_nan=True)
-        assert torch.isnan(fv) == (reduction == "mean")
+        with pytest.warns(UserWarning, match="single channel prediction"):
+            (fv, _), (rv, _) = _both(monkeypatch, mf.dice_loss, logits, target, **kw)
+        torch.testing.assert_close(fv, rv)
+        kw["include_background"] = True
+        torch.testing.assert_close(fv, mf.dice_loss(logits, target, **kw))
+    # the op itself with no Dice term left: the mean over none is NaN, the sum 0, as the composition
+    stats = _stats(B=2, C=1)
+    for mean in (True, False):
+        flags = _flags(ce=False, include_background=False, mean=mean)
+        scalars = [1.0, 1e-5, 1e-5, 1.0, 1.0]
+        fused = torch.ops.medfast.loss_finalize(stats, None, None, scalars, flags)
+        torch.testing.assert_close(fused, _loss._finalize_reference(stats, None, None, scalars, flags), equal_nan=True)
+        assert torch.isnan(fused) == mean
 
 
 def _stats(B=2, C=4, dtype=torch.float64, seed=0):
@@ -225,14 +235,15 @@ def _count_dice_ce(**kw):
 
 def test_fewer_aten_ops_per_dice_ce_forward_backward(monkeypatch):
     # measured: 40 aten ops with the Python composition (main before the fused op), 8 fused; with class
-    # weights and batch Dice 61 -> 12. Bounds: the old count minus 40 %, which the composition fails.
+    # weights and batch Dice 61 -> 12 (58 -> 9 since the class weights are checked in Python). Bounds: the
+    # old count minus 40 %, which the composition fails.
     fused = _count_dice_ce()
     heavy = _count_dice_ce(class_weight=[1.0, 2.0, 0.5, 1.0], batch_dice=True, include_background=False)
     with monkeypatch.context() as m:
         _python(m)
         old = _count_dice_ce()
         old_heavy = _count_dice_ce(class_weight=[1.0, 2.0, 0.5, 1.0], batch_dice=True, include_background=False)
-    assert old >= 40 and old_heavy >= 60
+    assert old >= 40 and old_heavy >= 55
     assert fused <= 0.6 * 40 and heavy <= 0.6 * 61
     assert fused <= 10 and heavy <= 14
 

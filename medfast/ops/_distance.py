@@ -65,7 +65,7 @@ def surface_edges(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_spacing(spacing: object, ndim: int) -> list[float]:
     if spacing is None:
         return [1.0] * ndim
-    if isinstance(spacing, bool):
+    if isinstance(spacing, (bool, str, bytes)):  # a string would iterate as digits: "12" -> (1, 2)
         raise TypeError(f"spacing must be a positive float or a sequence of {ndim} positive floats, got {spacing!r}")
     if isinstance(spacing, (int, float)):
         values = [float(spacing)] * ndim

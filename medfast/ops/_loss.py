@@ -16,13 +16,15 @@ an initialized process group (the all-reduce sits between the sums and the ratio
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
-from medfast.ops._validate import check_backend, check_choice, check_tensor
+from medfast.ops._autograd import create_graph, reference_vjp
+from medfast.ops._validate import check_backend, check_bool, check_choice, check_tensor
 
 _ops = torch.ops.medfast
 _LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -58,6 +60,14 @@ def _soft_setup(ctx, inputs, output):
 
 def _soft_backward(ctx, grad):
     logits, target, voxel_weight = ctx.saved_tensors
+    need_logits, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if need_target or create_graph():
+        # A target that requires grad (e.g. another network's softmax), or second derivatives: through
+        # the PyTorch reference of the same sums (softmax-sized temporaries, in these cases only).
+        kind = "sigmoid" if ctx.sigmoid else "softmax"
+        gz, gt = reference_vjp(lambda z, t: _stats_reference(z, t, voxel_weight, kind), (logits, target),
+                               (need_logits, need_target), grad)
+        return gz, gt, None, None
     grad_logits = _ops.soft_stats_backward(grad.contiguous(), logits, target, voxel_weight, ctx.sigmoid)
     return grad_logits, None, None, None
 
@@ -72,6 +82,9 @@ def _stats_setup(ctx, inputs, output):
 
 def _stats_backward(ctx, grad):
     logits, labels, voxel_weight = ctx.saved_tensors
+    if create_graph():  # second derivatives: through the PyTorch reference of the same sums
+        (gz,) = reference_vjp(lambda z: _stats_reference(z, labels, voxel_weight, "labels"), (logits,), (True,), grad)
+        return gz, None, None
     return _ops.softmax_stats_backward(grad.contiguous(), logits, labels, voxel_weight), None, None
 
 
@@ -101,7 +114,10 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
     is queued."""
     target = check_tensor("target", target)
     if torch.is_floating_point(target) or target.dtype == torch.bool or target.is_complex():
-        raise TypeError(f"target must hold integer class labels, got {target.dtype} (soft targets: not yet)")
+        raise TypeError(
+            f"target must hold integer class labels, (B, *spatial) or (B, 1, *spatial), or be a floating soft "
+            f"target of the logits' shape {tuple(logits.shape)}; got {target.dtype} of shape {tuple(target.shape)}"
+        )
     spatial = tuple(logits.shape[2:])
     if target.dim() == logits.dim() and target.shape[1] == 1:
         target = target[:, 0]
@@ -121,11 +137,12 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
     # An out-of-range label must never pass silently (the kernels leave such voxels out: they never
     # read past C). check_labels: one reduction and one wait for its two values, for a clear error (on a
     # GPU the wait comes after the sums kernel is queued, so the GPU is not idle meanwhile); without it, no
-    # wait at all: the loss becomes NaN on the device instead. Data-dependent, so torch.compile skips it.
+    # wait at all: the loss becomes NaN on the device instead. Under torch.compile an exception cannot
+    # depend on the data: there the NaN form is used whatever check_labels says.
     bad = pending = None
-    if not torch.compiler.is_compiling() and labels.numel():
+    if labels.numel():
         valid = labels if ignored is None else labels.masked_fill(ignored, 0)
-        if check_labels:
+        if check_labels and not torch.compiler.is_compiling():
             pending = _range_check(torch.stack(torch.aminmax(valid)), logits.shape[1], ignore_index)
         else:
             bad = ((valid < 0) | (valid >= logits.shape[1])).any()
@@ -181,19 +198,44 @@ def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tens
 def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     if class_weight is None:
         return None
-    w = torch.as_tensor(class_weight, dtype=dtype).flatten()  # stays where it is given
+    try:
+        w = torch.as_tensor(class_weight, dtype=dtype).flatten()  # stays where it is given
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"class_weight must be a sequence of C floats or a tensor, got {class_weight!r}") from None
     if w.numel() != logits.shape[1]:
         raise ValueError(f"class_weight must have C = {logits.shape[1]} entries, got {w.numel()}")
-    if (w < 0).any():  # on the host for a list / CPU tensor: no device sync
-        raise ValueError("class_weight must be non-negative")
+    values = w.tolist()  # checked in Python: no tensor ops (host time); a CUDA tensor waits here, as it did
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"class_weight must be non-negative and finite, got {values}")
     return w.to(logits.device, non_blocking=True)
 
 
 def _smooth(smooth: object) -> tuple[float, float]:
-    nr, dr = (smooth, smooth) if not isinstance(smooth, Sequence) else tuple(smooth)
-    if not all(isinstance(v, (int, float)) and v >= 0 for v in (nr, dr)):
+    pair = (smooth, smooth) if not isinstance(smooth, Sequence) else tuple(smooth)
+    if len(pair) != 2 or not all(_finite_number(v) for v in pair):
         raise ValueError(f"smooth must be a non-negative float or a pair (numerator, denominator), got {smooth!r}")
-    return float(nr), float(dr)
+    return float(pair[0]), float(pair[1])
+
+
+def _finite_number(value: object) -> bool:
+    """A non-negative finite int or float (not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _check_flags(include_background: object, batch_dice: object, ddp_sync: object) -> None:
+    for name, value in (("include_background", include_background), ("batch_dice", batch_dice),
+                        ("ddp_sync", ddp_sync)):
+        check_bool(name, value)
+
+
+def _single_channel_background(include_background: bool, logits: torch.Tensor) -> bool:
+    """As MONAI: one (sigmoid) channel has no background to leave out; include_background=False is
+    ignored there, with a warning (leaving the only channel out would average nothing: a NaN loss)."""
+    if not include_background and logits.shape[1] == 1:
+        warnings.warn("single channel prediction, include_background=False ignored (as MONAI's Dice losses)",
+                      stacklevel=3)
+        return True
+    return include_background
 
 
 def _soft_target(target: object, logits: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
@@ -207,7 +249,7 @@ def _soft_target(target: object, logits: torch.Tensor, ignore_index: int | None)
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
     if ignore_index is not None:
         raise ValueError("ignore_index needs integer labels; with soft / multi-label targets use voxel_weight")
-    return target.detach().to(logits.dtype)
+    return target.to(logits.dtype)  # differentiated when it requires grad (see _soft_backward)
 
 
 def _max_cuda_classes(shared_bytes: int, itemsize: int) -> int:
@@ -343,6 +385,10 @@ def _finalize_backward(ctx, grad):
     # Only w.r.t. stats: the class weights and the divisor are not differentiated (a class_weight that
     # requires grad takes the Python composition, see _finalize_applies; the divisor is detached).
     stats, class_weight, divisor = ctx.saved_tensors
+    if create_graph():  # second derivatives: through the Python composition of the same arithmetic
+        (gs,) = reference_vjp(lambda s: _finalize_reference(s, class_weight, divisor, ctx.scalars, ctx.flags),
+                              (stats,), (True,), grad)
+        return gs, None, None, None, None
     grad_stats = _ops.loss_finalize_backward(grad, stats, class_weight, divisor, ctx.scalars, ctx.flags)
     return grad_stats, None, None, None, None
 
@@ -374,6 +420,25 @@ def _finalize(stats, cw, divisor, *, dice, ce, include_background=True, batch_di
              | (_TRUTH_DIVISOR if truth else 0))
     scalars = [float(scale), smooth[0], smooth[1], float(lambda_dice), float(lambda_ce)]
     return _ops.loss_finalize(stats, cw, voxels, scalars, flags)
+
+
+def _finalize_reference(stats, cw, voxels, scalars, flags):
+    """loss_finalize's value as the Python composition (_dice_terms, _ce_term, _reduce), from the op's
+    packed arguments: the differentiable form its backward uses under create_graph=True."""
+    scale, nr, dr, lambda_dice, lambda_ce = scalars
+    reduction = "mean" if flags & _MEAN else "sum"
+    parts = stats.unbind(-1)
+    loss = stats.new_zeros(())
+    if flags & _DICE:
+        f = _dice_terms(parts, cw, bool(flags & _BACKGROUND), bool(flags & _BATCH_DICE), (nr, dr))
+        loss = loss + lambda_dice * _reduce(f, reduction)
+    if flags & _CE:
+        if flags & _TRUTH_DIVISOR:
+            divisor = (parts[2] if cw is None else parts[2] * cw).sum()
+        else:
+            divisor = scale if voxels is None else voxels * scale
+        loss = loss + lambda_ce * _ce_term(parts, cw, divisor, reduction)
+    return loss
 
 
 def _dice_terms(parts, class_weight, include_background, batch_dice, smooth, ddp_sync=False):
@@ -433,9 +498,12 @@ def dice_loss(
     target : Tensor
         Integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)`` in ``[0, C)`` (or ``ignore_index``);
         or, with the logits' shape ``(B, C, *spatial)``, floating per-class targets in [0, 1] (soft
-        targets for softmax; binary or soft multi-label targets for sigmoid).
+        targets for softmax; binary or soft multi-label targets for sigmoid). A soft target that
+        requires grad is differentiated too (that backward runs as PyTorch ops: softmax-sized
+        temporaries).
     include_background : bool
-        Keep class 0 in the Dice average.
+        Keep class 0 in the Dice average. Ignored, with a warning, for a single (sigmoid) channel,
+        as in MONAI.
     batch_dice : bool
         Sum the batch before the ratio (one Dice per class).
     smooth : float or (float, float)
@@ -463,17 +531,23 @@ def dice_loss(
         result; on a GPU the wait comes after the sums kernel is queued, so the GPU keeps working).
         ``False`` skips the wait, for training loops on a GPU whose labels are known good: an
         out-of-range label then makes the loss NaN (never a wrong finite value, never a device-side
-        assert), which the trainer's NaN check reports with the batch's files.
+        assert), which the trainer's NaN check reports with the batch's files. Under
+        ``torch.compile`` the check cannot raise (an exception may not depend on the data): a bad
+        label makes the loss NaN there whatever ``check_labels`` says.
 
     Returns
     -------
     Tensor
         Scalar, or the per-(batch, class) losses with ``reduction="none"``. Differentiable w.r.t.
-        ``logits``.
+        ``logits`` (and a soft target that requires grad), twice too: under ``create_graph=True``
+        the backward runs through the PyTorch reference of the same sums, so Hessian-vector
+        products and gradient penalties are exact.
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
+    _check_flags(include_background, batch_dice, ddp_sync)
     smooth = _smooth(smooth)
     stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    include_background = _single_channel_background(include_background, logits)
     if reduction != "none" and _finalize_applies(cw, batch_dice, ddp_sync):
         return _finalize(stats, cw, divisor, dice=True, ce=False, include_background=include_background,
                          batch_dice=batch_dice, smooth=smooth, reduction=reduction)
@@ -537,7 +611,11 @@ def dice_ce_loss(
     ``"mean"`` or ``"sum"`` (applied to each term). With ``activation="sigmoid"`` the second term is
     the binary cross-entropy of every channel: equal to MONAI ``DiceCELoss(sigmoid=True)`` for one
     channel; for several channels MONAI applies a softmax cross-entropy to the float target
-    instead, which is not multi-label, so medfast deliberately differs there.
+    instead, which is not multi-label, so medfast deliberately differs there. With a
+    ``class_weight`` and sigmoids medfast multiplies each channel's Dice and binary cross-entropy
+    terms by its weight; MONAI instead passes ``weight`` to ``BCEWithLogitsLoss`` as ``pos_weight``
+    (a weight of the positive voxels only) and ignores it in the Dice term of a single channel, so
+    the two differ there.
 
     Cost: two fused ops forward (the sums over the logits, then the loss from the sums) and two
     backward, besides the label check (the finishing arithmetic runs as ~35 small PyTorch ops only
@@ -545,11 +623,13 @@ def dice_ce_loss(
     initialized process group).
     """
     check_choice("reduction", reduction, ("mean", "sum"))
+    _check_flags(include_background, batch_dice, ddp_sync)
     for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not _finite_number(value):
+            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     smooth = _smooth(smooth)
     stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    include_background = _single_channel_background(include_background, logits)
     if _finalize_applies(cw, batch_dice, ddp_sync):
         return _finalize(stats, cw, divisor, dice=True, ce=True, include_background=include_background,
                          batch_dice=batch_dice, smooth=smooth, reduction=reduction, lambda_dice=lambda_dice,

@@ -100,9 +100,26 @@ def check_batch(image: torch.Tensor, **others: torch.Tensor | None) -> int:
     return batch
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_shape(name: str, shape: object, ndim: int) -> list[int]:
+    # Integers only (Python or NumPy ints, 0-dim integer tensors): 4.7 is not silently a size of 4.
+    def size(s: object) -> int:
+        if isinstance(s, torch.Tensor):
+            if s.dim() == 0 and not s.is_floating_point() and s.dtype != torch.bool:
+                return int(s)
+        elif not isinstance(s, bool) and hasattr(s, "__index__"):
+            return s.__index__()
+        raise TypeError
+
+    if isinstance(shape, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of {ndim} ints, got {shape!r}")
     try:
-        out = [int(s) for s in shape]  # type: ignore[union-attr]
+        out = [size(s) for s in shape]  # type: ignore[union-attr]
     except TypeError:
         raise TypeError(f"{name} must be a sequence of {ndim} ints, got {shape!r}") from None
     if len(out) != ndim or any(s <= 0 for s in out):
