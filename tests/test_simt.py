@@ -496,3 +496,35 @@ def test_warp_merged_scatter_matches_cpu(warp_emu, dtype, ndim, padding, field, 
     gi2 = torch.zeros_like(image)
     _emu_warp(warp_emu, "merged", "linear", padding, fast, image, ddf, out_size, inn, gout=gout, gi=gi2)
     torch.testing.assert_close(gi2, gi_ref, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("kernel", ["forward", "ilp2", "backward", "merged"])
+def test_warp_kernels_read_nothing_outside_under_zeros_padding(warp_emu, dtype, ndim, mode, kernel):
+    # NaN image faces (a NaN-masked background) and samples far outside: the kernels give 0 and no
+    # gradient there, as the CPU op (warp.h sample_outside), instead of 0 x NaN
+    if kernel == "merged" and mode != "linear":
+        pytest.skip("the merged scatter is linear only")
+    image, ddf, gout, out_size, inn = _warp_case(ndim, dtype, "rough", True, 11)
+    for ax in range(ndim):
+        image.select(2 + ax, 0).fill_(float("nan"))
+    ddf[..., :5] += 60.0
+    if kernel in ("forward", "ilp2"):
+        ref = torch.ops.medfast.warp_forward(image, None, ddf, list(out_size), mode, "zeros")
+        out = torch.full_like(ref, 5.0)
+        _emu_warp(warp_emu, kernel, mode, "zeros", True, image, ddf, out_size, inn, out=out)
+        assert (ref[..., :5] == 0).all() and ref.isnan().any()
+        torch.testing.assert_close(out, ref, equal_nan=True, **_tol(dtype))
+        return
+    need_pos = mode != "nearest"
+    gi_ref, gp_ref = torch.ops.medfast.warp_backward(gout, image, None, ddf, list(out_size), mode, "zeros", True,
+                                                     need_pos)
+    gi = torch.zeros_like(image)
+    gp = torch.full_like(ddf, 7.0) if need_pos else None
+    _emu_warp(warp_emu, kernel, mode, "zeros", True, image, ddf, out_size, inn, gout=gout, gp=gp, gi=gi)
+    torch.testing.assert_close(gi, gi_ref, **_tol(dtype))
+    if need_pos:
+        assert (gp_ref[..., :5] == 0).all() and gp_ref.isnan().any()
+        torch.testing.assert_close(gp, gp_ref, equal_nan=True, **_tol(dtype))

@@ -75,8 +75,10 @@ def test_compose_bad_inputs():
         mf.compose(a, torch.zeros(1, 3, 5, 5, 6))
     with pytest.raises(TypeError, match="velocity must be float32 or float64"):
         mf.integrate(a.half())
-    with pytest.raises(ValueError, match="steps must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"steps must be an int in \[0, 64\]"):
         mf.integrate(a, steps=-1)
+    with pytest.raises(ValueError, match=r"steps must be an int in \[0, 64\]"):
+        mf.integrate(a, steps=1100)  # 2.0 ** 1100 would overflow
     with pytest.raises(ValueError, match=r"ddf_a must have shape \(B, 3, \*spatial\)"):
         mf.compose(torch.zeros(1, 2, 5, 5, 5), a)
 

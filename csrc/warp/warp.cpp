@@ -28,6 +28,12 @@ void check_args(const Tensor& image, const OptTensor& theta, const OptTensor& dd
   TORCH_CHECK_VALUE(nd == 2 || nd == 3, "medfast warp: image must be (B, C, H, W) or (B, C, D, H, W), got ",
                     image.sizes());
   TORCH_CHECK_VALUE(static_cast<int64_t>(shape.size()) == nd, "medfast warp: shape must have ", nd, " entries");
+  TORCH_CHECK_TYPE(at::isFloatingType(image.scalar_type()), "medfast warp: image must be floating, got ",
+                   image.scalar_type());
+  for (int64_t i = 0; i < nd; ++i) {
+    TORCH_CHECK_VALUE(image.size(2 + i) >= 1, "medfast warp: image has an empty spatial axis: ", image.sizes());
+    TORCH_CHECK_VALUE(shape[i] >= 0, "medfast warp: shape must not be negative, got ", shape);
+  }
   const auto pos = position_dtype(image.scalar_type());
   const int64_t batch = output_batch(image, theta, ddf);
   TORCH_CHECK_VALUE(image.size(0) == 1 || image.size(0) == batch, "medfast warp: image batch mismatch");
@@ -75,6 +81,8 @@ Tensor prefilter(Tensor (*launch)(const Tensor&, int, bool), const Tensor& image
                  bool transpose) {
   TORCH_CHECK_VALUE(image.dim() == 4 || image.dim() == 5,
                     "medfast spline_prefilter: image must be (B, C, H, W) or (B, C, D, H, W)");
+  TORCH_CHECK_TYPE(at::isFloatingType(image.scalar_type()), "medfast spline_prefilter: image must be floating, got ",
+                   image.scalar_type());
   return launch(image, parse_padding(padding), transpose);
 }
 

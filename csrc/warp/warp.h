@@ -48,16 +48,20 @@ MEDFAST_HOST_DEVICE T clamp_position(T x) {
 template <int PAD, typename T>
 MEDFAST_HOST_DEVICE void axis_taps_nearest(T x, int64_t n, AxisTaps<T, 1>& a) {
   // Round half up, as scipy's order-0 map_coordinates does; like scipy, mirror the continuous
-  // position first (it decides ties beyond the edge).
+  // position first (it decides ties beyond the edge), in scipy's order: a negative position is
+  // mirrored about 0 (into [0, n - 1]); a position past n - 1 is taken modulo the period and mirrored
+  // only from n on, so one in (n - 1, n) rounds to n - 1 or n, and the index n mirrors to n - 2.
   x = clamp_position(x);
   if constexpr (PAD == kReflection) {
     const T period = T(2 * (n - 1));
     if (n == 1) {
       x = T(0);
-    } else {
+    } else if (x < T(0)) {
+      x = fmod(x, period);  // (-period, 0]
+      x = x <= T(1 - n) ? x + period : -x;
+    } else if (x > T(n - 1)) {
       x = fmod(x, period);
-      if (x < T(0)) x += period;
-      if (x > T(n - 1)) x = period - x;
+      if (x >= T(n)) x = period - x;
     }
   }
   const int64_t i = static_cast<int64_t>(floor(x + T(0.5)));
@@ -362,16 +366,46 @@ MEDFAST_UNROLL
   for (int i = 0; i < NDIM; ++i) axis_taps<MODE, PAD>(p[i], A.in_size[i], ax[i]);
 }
 
-// The taps of output voxel xi of batch b (position, per-axis taps, stencil); false for a NaN position.
+// Zeros padding: whether the sample lies so far beyond the image along some axis that none of its taps
+// is inside (nearest: the rounded position; linear: both taps). Such a sample is exactly 0, has no
+// gradient, and reads nothing: its taps keep in-range indices with weight 0, and 0 x a NaN or inf image
+// value would be NaN where scipy's grid-constant gives 0. (Cubic taps fold onto the edge coefficients:
+// the spline continues outside, so they are read.) A sample straddling the edge still reads its edge
+// voxels, as scipy does.
+template <int MODE, int PAD, typename T, int NDIM>
+MEDFAST_HOST_DEVICE bool sample_outside(const T* p, const int64_t* n) {
+  if constexpr (PAD != kZeros || MODE == kCubic) {
+    return false;
+  } else {
+    bool out = false;
+MEDFAST_UNROLL
+    for (int i = 0; i < NDIM; ++i) {
+      if constexpr (MODE == kNearest) {
+        const T y = p[i] + T(0.5);  // floor(y) outside [0, n): as axis_taps_nearest rounds
+        out = out || y < T(0) || y >= T(n[i]);
+      } else {
+        out = out || p[i] < T(-1) || p[i] >= T(n[i]);  // floor(x) < -1 or >= n
+      }
+    }
+    return out;
+  }
+}
+
+// What forward_stencil found for an output voxel: a NaN position (NaN in every channel), a sample
+// outside the image under zeros padding (0, nothing read), or a stencil to sum.
+enum SampleKind : int { kSampleNaN = 0, kSampleStencil = 1, kSampleZero = 2 };
+
+// The taps of output voxel xi of batch b (position, per-axis taps, stencil) and what to do with them.
 template <int MODE, int PAD, typename S, typename T, int NDIM, typename I>
-MEDFAST_HOST_DEVICE bool forward_stencil(const WarpArgs<S, T, NDIM>& A, int64_t b, const int64_t* xi,
-                                         Stencil<T, NDIM, taps_of<MODE>::value, I>& s) {
+MEDFAST_HOST_DEVICE int forward_stencil(const WarpArgs<S, T, NDIM>& A, int64_t b, const int64_t* xi,
+                                        Stencil<T, NDIM, taps_of<MODE>::value, I>& s) {
   T p[NDIM];
-  if (!sample_position(A, b, xi, p)) return false;
+  if (!sample_position(A, b, xi, p)) return kSampleNaN;
+  if (sample_outside<MODE, PAD, T, NDIM>(p, A.in_size)) return kSampleZero;
   AxisTaps<T, taps_of<MODE>::value> ax[NDIM];
   compute_taps<MODE, PAD>(A, p, ax);
   make_stencil<false>(ax, A.image_st, A.in_size, s);
-  return true;
+  return kSampleStencil;
 }
 
 // One channel's interpolated value: sum_t w[t] image[tap t], in tap order.
@@ -389,8 +423,10 @@ MEDFAST_HOST_DEVICE void forward_voxel(const WarpArgs<S, T, NDIM>& A, S* out, in
                                        int64_t x) {
   Stencil<T, NDIM, taps_of<MODE>::value> s;
   S* o = out + b * A.channels * A.out_numel + x;
-  if (!forward_stencil<MODE, PAD>(A, b, xi, s)) {
-    for (int64_t c = 0; c < A.channels; ++c) o[c * A.out_numel] = static_cast<S>(NAN);
+  const int kind = forward_stencil<MODE, PAD>(A, b, xi, s);
+  if (kind != kSampleStencil) {
+    const S fill = kind == kSampleNaN ? static_cast<S>(NAN) : S(0);
+    for (int64_t c = 0; c < A.channels; ++c) o[c * A.out_numel] = fill;
     return;
   }
   const S* img = A.image + b * A.image_sb;
@@ -420,9 +456,10 @@ MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* 
   constexpr bool kPosGrad = MODE != kNearest;  // nearest is piecewise constant
   using St = Stencil<T, NDIM, K>;
   T p[NDIM];
-  if (!sample_position(A, b, xi, p)) {
+  const bool finite = sample_position(A, b, xi, p);
+  if (!finite || sample_outside<MODE, PAD, T, NDIM>(p, A.in_size)) {  // NaN, or 0 without a gradient
     if (grad_pos != nullptr)
-      for (int i = 0; i < NDIM; ++i) grad_pos[(b * NDIM + i) * A.out_numel + x] = static_cast<T>(NAN);
+      for (int i = 0; i < NDIM; ++i) grad_pos[(b * NDIM + i) * A.out_numel + x] = finite ? T(0) : static_cast<T>(NAN);
     return;
   }
   AxisTaps<T, K> ax[NDIM];

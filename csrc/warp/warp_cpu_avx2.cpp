@@ -61,6 +61,22 @@ MEDFAST_AVX2 inline Taps8<K> axis_taps8(__m256 x, int32_t n) {
   return a;
 }
 
+// Lanes whose sample reads the image: all of them, except under zeros padding those beyond the image
+// far enough along some axis that no tap is inside (warp.h sample_outside: they are exactly 0, without a
+// gradient, and must not multiply a NaN / inf edge value by a zero weight).
+template <int MODE, int PAD>
+MEDFAST_AVX2 inline __m256 live8(const __m256* p, const int32_t* n) {
+  __m256 live = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  if constexpr (PAD == kZeros) {
+    for (int i = 0; i < 3; ++i) {
+      const __m256 x = MODE == kNearest ? _mm256_add_ps(p[i], _mm256_set1_ps(0.5f)) : p[i];
+      const __m256 lo = _mm256_set1_ps(MODE == kNearest ? 0.0f : -1.0f), hi = _mm256_set1_ps(float(n[i]));
+      live = _mm256_and_ps(live, _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ)));
+    }
+  }
+  return live;
+}
+
 // The K^3 taps of eight voxels.
 template <int K>
 struct Stencil8 {
@@ -186,19 +202,20 @@ MEDFAST_AVX2 inline void store_result(float* p, __m256 v) {
   else _mm256_storeu_ps(p, v);
 }
 
-// A PairStencil8 kept for a later pass over the channels, with the offsets in memory.
+// A PairStencil8 kept for a later pass over the channels, with the offsets in memory and the live lanes.
 struct RowStencil {
   alignas(32) int32_t off[4][8];
-  __m256 w[4], w2lo, w2hi;
+  __m256 w[4], w2lo, w2hi, live;
 };
 
-MEDFAST_AVX2 inline void store_row_stencil(const PairStencil8& s, RowStencil& rs) {
+MEDFAST_AVX2 inline void store_row_stencil(const PairStencil8& s, __m256 live, RowStencil& rs) {
   for (int t = 0; t < 4; ++t) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(rs.off[t]), s.off[t]);
     rs.w[t] = s.w[t];
   }
   rs.w2lo = s.w2lo;
   rs.w2hi = s.w2hi;
+  rs.live = live;
 }
 
 // Linear pairs: the rows of the larger axis-1 tap (rows 1 and 3), first and last lane.
@@ -228,7 +245,8 @@ MEDFAST_AVX2 inline void forward_planes(const RowStencil* rowbuf, int64_t groups
       }
     }
     for (int c = 0; c < NC; ++c)
-      store_result(out + c * oc + 8 * k, pair_sums(_mm256_mul_ps(lo[c], rs.w2lo), _mm256_mul_ps(hi[c], rs.w2hi)));
+      store_result(out + c * oc + 8 * k, _mm256_and_ps(rs.live, pair_sums(_mm256_mul_ps(lo[c], rs.w2lo),
+                                                                          _mm256_mul_ps(hi[c], rs.w2hi))));
   }
 }
 
@@ -301,7 +319,7 @@ MEDFAST_AVX2 void forward_rows(const WarpArgs<float, float, 3>& A, float* out, c
           PairTaps8 pt;
           PairStencil8 s;
           pair_stencil8<PAD>(p, n, st, ax, pt, s);
-          store_row_stencil(s, rowbuf[groups]);
+          store_row_stencil(s, live8<MODE, PAD>(p, n), rowbuf[groups]);
         }
         // Two planes per sweep: each offset and weight read serves both, and their loads are
         // independent (c2 forward 1.2x, c4 1.1x faster than one at a time; four at a time is slower).
@@ -322,13 +340,14 @@ MEDFAST_AVX2 void forward_rows(const WarpArgs<float, float, 3>& A, float* out, c
       for (int i = 0; i < 3; ++i) ax[i] = axis_taps8<K, PAD>(p[i], int32_t(A.in_size[i]));
       Stencil8<K> s;
       stencil8<K, false>(ax, st, s);
+      const __m256 live = live8<MODE, PAD>(p, n);
       for (int64_t c = 0; c < A.channels; ++c) {
         const float* ic = img + c * A.image_sc;
         for (int a = 0; a < K; ++a) prefetch_ahead1(ic, s.off[a * K * K + (K - 1) * K], st[1]);
         __m256 acc = _mm256_mul_ps(s.w[0], _mm256_i32gather_ps(ic, s.off[0], 4));
         for (int t = 1; t < Stencil8<K>::N; ++t)
           acc = _mm256_fmadd_ps(s.w[t], _mm256_i32gather_ps(ic, s.off[t], 4), acc);
-        _mm256_storeu_ps(o + c * A.out_numel + w, acc);
+        _mm256_storeu_ps(o + c * A.out_numel + w, _mm256_and_ps(live, acc));
       }
     }
     for (; w < W; ++w) {
@@ -374,7 +393,7 @@ MEDFAST_AVX2 int64_t backward_pairs(const WarpArgs<float, float, 3>& A, const fl
     PairStencil8 ps;
     pair_stencil8<PAD>(p, n, st, ax, pt, ps);
     RowStencilBwd& r = rowbuf[groups];
-    store_row_stencil(ps, r.s);
+    store_row_stencil(ps, live8<kLinear, PAD>(p, n), r.s);
     if (grad_pos != nullptr) {
       interleave(pt.d[0], pt.d[1], r.d2lo, r.d2hi);
       for (int t = 0; t < 4; ++t) {
@@ -444,7 +463,8 @@ MEDFAST_AVX2 int64_t backward_pairs(const WarpArgs<float, float, 3>& A, const fl
   if (grad_pos != nullptr)
     for (int64_t k = 0; k < groups; ++k)
       for (int i = 0; i < 3; ++i)
-        store_result(grad_pos + (b * 3 + i) * A.out_numel + row + 8 * k, rowbuf[k].gp[i]);
+        store_result(grad_pos + (b * 3 + i) * A.out_numel + row + 8 * k,
+                     _mm256_and_ps(rowbuf[k].s.live, rowbuf[k].gp[i]));
   return w;
 }
 
@@ -505,8 +525,11 @@ MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float*
             for (int t = 0; t < N; ++t) cb[lin[t][lane]] += gw[t][lane];
         }
       }
-      if (grad_pos != nullptr)
-        for (int i = 0; i < 3; ++i) _mm256_storeu_ps(grad_pos + (b * 3 + i) * A.out_numel + row + w, gp[i]);
+      if (grad_pos != nullptr) {
+        const __m256 live = live8<MODE, PAD>(p, n);
+        for (int i = 0; i < 3; ++i)
+          _mm256_storeu_ps(grad_pos + (b * 3 + i) * A.out_numel + row + w, _mm256_and_ps(live, gp[i]));
+      }
     }
     for (; w < W; ++w) {
       xi[2] = w;

@@ -78,7 +78,7 @@ __global__ void taps_kernel(const WarpArgs<S, T, NDIM> A, int64_t in_numel, int6
     T p[NDIM];
     int64_t* oi = idx + j * KT;
     T* ow = w + j * KT;
-    if (sample_position(A, b, xi, p)) {
+    if (sample_position(A, b, xi, p) && !sample_outside<MODE, PAD, T, NDIM>(p, A.in_size)) {
       AxisTaps<T, K> ax[NDIM];
       compute_taps<MODE, PAD>(A, p, ax);
       Stencil<T, NDIM, K> s;

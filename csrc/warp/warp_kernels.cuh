@@ -34,27 +34,31 @@ __global__ void forward_ilp_kernel(const WarpArgs<S, T, NDIM> A, const IndexSpli
   for (int64_t base = blockIdx.x * nt * V + threadIdx.x; base < total; base += int64_t(gridDim.x) * nt * V) {
     St s[V];
     int64_t b[V], x[V];
-    bool active[V], finite[V];
+    bool active[V];
+    int kind[V];  // SampleKind
     MEDFAST_UNROLL
     for (int v = 0; v < V; ++v) {
       const int64_t i = base + v * nt;
       active[v] = i < total;
-      finite[v] = false;
+      kind[v] = kSampleZero;
       b[v] = x[v] = 0;
       if (active[v]) {
         int64_t xi[NDIM];
         split_index<NDIM>(i, U, A.out_numel, A.out_size, b[v], x[v], xi);
-        finite[v] = forward_stencil<MODE, PAD>(A, b[v], xi, s[v]);
+        kind[v] = forward_stencil<MODE, PAD>(A, b[v], xi, s[v]);
       }
     }
     for (int64_t c = 0; c < A.channels; ++c) {
       T acc[V];
       MEDFAST_UNROLL
       for (int v = 0; v < V; ++v)
-        acc[v] = active[v] && finite[v] ? stencil_sum(s[v], A.image + b[v] * A.image_sb + c * A.image_sc) : T(0);
+        acc[v] = active[v] && kind[v] == kSampleStencil
+                     ? stencil_sum(s[v], A.image + b[v] * A.image_sb + c * A.image_sc) : T(0);
       MEDFAST_UNROLL
       for (int v = 0; v < V; ++v)
-        if (active[v]) out[(b[v] * A.channels + c) * A.out_numel + x[v]] = finite[v] ? static_cast<S>(acc[v]) : static_cast<S>(NAN);
+        if (active[v])
+          out[(b[v] * A.channels + c) * A.out_numel + x[v]] =
+              kind[v] == kSampleNaN ? static_cast<S>(NAN) : static_cast<S>(acc[v]);
     }
   }
 }
@@ -92,8 +96,10 @@ __global__ void backward_linear_merged_kernel(const WarpArgs<S, T, NDIM> A, cons
     if (i < total) {
       split_index<NDIM>(i, U, A.out_numel, A.out_size, b, x, xi);
       ok = sample_position(A, b, xi, p);
-      if (!ok && grad_pos != nullptr)
-        for (int d = 0; d < NDIM; ++d) grad_pos[(b * NDIM + d) * A.out_numel + x] = static_cast<T>(NAN);
+      const bool zero = ok && sample_outside<kLinear, PAD, T, NDIM>(p, A.in_size);  // 0, no gradient
+      if ((!ok || zero) && grad_pos != nullptr)
+        for (int d = 0; d < NDIM; ++d) grad_pos[(b * NDIM + d) * A.out_numel + x] = zero ? T(0) : static_cast<T>(NAN);
+      ok = ok && !zero;
     }
     if (ok) {
       AxisTaps<T, 2> ax[NDIM];

@@ -25,8 +25,8 @@ def once_differentiable(op: str, *grads: torch.Tensor | None) -> tuple[torch.Ten
     ``RuntimeError`` naming ``op`` when differentiated again (as torch's ``@once_differentiable``)."""
     if not create_graph() or all(g is None for g in grads):
         return grads
-    message = (f"{op}: second derivatives are not implemented (the gradient of its backward pass); "
-               "differentiate the gradient it returned with create_graph=True only where it is constant")
+    message = (f"{op}: second derivatives are not implemented; the gradients it returned under "
+               "create_graph=True cannot be differentiated again")
     present = [g for g in grads if g is not None]
     leaves = []
     for g in present:

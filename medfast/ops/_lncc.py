@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast.ops._autograd import once_differentiable
 from medfast.ops._validate import check_choice, check_tensor
 
 _ops = torch.ops.medfast
@@ -46,8 +47,9 @@ def _lncc_setup(ctx, inputs, output):
 def _lncc_backward(ctx, grad, grad_sums):
     pred, target, sums = ctx.saved_tensors
     grad_pred, grad_target = _ops.lncc_backward(grad.contiguous(), pred, target, sums, *ctx.args)
-    return (grad_pred if ctx.needs_input_grad[0] else None, grad_target if ctx.needs_input_grad[1] else None,
-            None, None, None)
+    grads = once_differentiable("medfast.lncc_loss", grad_pred if ctx.needs_input_grad[0] else None,
+                                grad_target if ctx.needs_input_grad[1] else None)
+    return (*grads, None, None, None)
 
 
 torch.library.register_autograd("medfast::lncc", _lncc_backward, setup_context=_lncc_setup)

@@ -23,6 +23,10 @@ def _as_affine(name: str, value, ndim: int, device) -> torch.Tensor:
         )
     if not torch.is_floating_point(value):
         value = value.double()
+    if value.device != device and value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (no values) but image is on {device}")
+    if value.device.type == "cpu" and not bool(torch.isfinite(value).all()):  # no check (and no sync) on a GPU
+        raise ValueError(f"{name} must be finite, got {value.tolist()}")
     return value.to(device=device, dtype=torch.float64)
 
 
@@ -62,7 +66,14 @@ def resample(
     shape_out = check_shape("shape_out", shape_out, ndim)
     a_in = _as_affine("affine_in", affine_in, ndim, image.device)
     a_out = _as_affine("affine_out", affine_out, ndim, image.device)
-    theta = torch.linalg.solve(a_in, a_out)[..., :ndim, :]
+    if a_in.dim() == 3 and a_out.dim() == 3 and a_in.shape[0] not in (1, a_out.shape[0]) and a_out.shape[0] != 1:
+        raise ValueError(
+            f"affine_in and affine_out batches must be equal or 1, got {a_in.shape[0]} and {a_out.shape[0]}"
+        )
+    try:
+        theta = torch.linalg.solve(a_in, a_out)[..., :ndim, :]
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"affine_in is singular (no voxel grid maps onto world space): {a_in.tolist()}") from None
     if theta.dim() == 2:
         theta = theta.unsqueeze(0)
     return affine_warp(image, theta.to(position_dtype(image.dtype)), shape=shape_out, mode=mode, padding=padding)
@@ -73,6 +84,12 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(
             f"ddf_a and ddf_b must be on the same grid, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
         )
+    if a.shape[0] not in (1, b.shape[0]) and b.shape[0] != 1:
+        raise ValueError(f"ddf_a and ddf_b batches must be equal or 1, got {a.shape[0]} and {b.shape[0]}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"ddf_a and ddf_b must have one dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"ddf_a is on {a.device} but ddf_b is on {b.device}; move them to one device")
 
 
 def _check_ddf(name: str, ddf) -> int:
@@ -112,6 +129,11 @@ def compose(ddf_a: torch.Tensor, ddf_b: torch.Tensor, *, padding: str = "border"
     return ddf_b + warp(ddf_a, ddf_b, mode="linear", padding=padding)
 
 
+# 2**-64 of a velocity is below float64's resolution of any displacement that matters: more squarings only
+# cost time (and 2.0**steps overflows past 1023).
+_MAX_STEPS = 64
+
+
 def integrate(velocity: torch.Tensor, steps: int = 7, *, padding: str = "border") -> torch.Tensor:
     """Integrates a stationary velocity field by scaling and squaring.
 
@@ -123,7 +145,7 @@ def integrate(velocity: torch.Tensor, steps: int = 7, *, padding: str = "border"
     velocity : Tensor
         ``(B, ndim, *S)`` in voxels per unit time, float32 or float64.
     steps : int
-        Number of squarings (``>= 0``; 0 returns ``velocity``).
+        Number of squarings (0 to 64; 0 returns ``velocity``).
     padding
         Passed to :func:`compose`.
 
@@ -133,8 +155,8 @@ def integrate(velocity: torch.Tensor, steps: int = 7, *, padding: str = "border"
         ``(B, ndim, *S)`` displacement in voxels, differentiable w.r.t. ``velocity``.
     """
     _check_ddf("velocity", velocity)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= _MAX_STEPS:
+        raise ValueError(f"steps must be an int in [0, {_MAX_STEPS}], got {steps!r}")
     u = velocity / (2.0**steps)
     for _ in range(steps):
         u = compose(u, u, padding=padding)

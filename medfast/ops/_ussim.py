@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast.ops._autograd import once_differentiable
 from medfast.ops._validate import check_tensor
 
 _ops = torch.ops.medfast
@@ -44,7 +45,9 @@ def _march_backward(ctx, grad):
     if not (need_props or need_coords):
         return None, None, None, None, None, None, None, None
     gp, gc = _ops.ussim_march_backward(grad, props, coords, noise, *ctx.args, need_props, need_coords)
-    return (gp if need_props else None), (gc if need_coords else None), None, None, None, None, None, None
+    gp, gc = once_differentiable("medfast ultrasound ray march", gp if need_props else None,
+                                 gc if need_coords else None)
+    return gp, gc, None, None, None, None, None, None
 
 
 torch.library.register_autograd("medfast::ussim_march", _march_backward, setup_context=_march_setup)
@@ -198,7 +201,9 @@ class _MarchLines(torch.autograd.Function):
             gc = gc.view(B, L, E, S, 3)
             gstart = gc.sum(3)
             gstep = torch.einsum("blesk,s->blk", gc, i)
-        return (gp if need_props else None), gstart, gstep, None, None, None, None, None, None, None, None
+        gp, gstart, gstep = once_differentiable("medfast ultrasound ray march", gp if need_props else None, gstart,
+                                                gstep)
+        return gp, gstart, gstep, None, None, None, None, None, None, None, None
 
 
 def march_lines(props: torch.Tensor, start: torch.Tensor, step: torch.Tensor, weights: torch.Tensor,
@@ -227,6 +232,9 @@ def _psf_fake(x, h, w, transpose):
 
 
 class _Psf(torch.autograd.Function):
+    """The PSF and its adjoint, each the other's backward: linear in x, so differentiable any number of
+    times (create_graph included)."""
+
     @staticmethod
     def forward(ctx, x, h, w):
         ctx.save_for_backward(h, w)
@@ -235,7 +243,19 @@ class _Psf(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, w = ctx.saved_tensors
-        return _ops.ussim_psf(grad, h, w, True), None, None
+        return _PsfAdjoint.apply(grad, h, w), None, None
+
+
+class _PsfAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, h, w):
+        ctx.save_for_backward(h, w)
+        return _ops.ussim_psf(g, h, w, True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w = ctx.saved_tensors
+        return _Psf.apply(grad, h, w), None, None
 
 
 def psf(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

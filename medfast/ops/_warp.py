@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast.ops._autograd import once_differentiable
 from medfast.ops._validate import (
     MODES,
     PADDINGS,
@@ -97,7 +98,8 @@ def _warp_backward(ctx, grad):
     )
     g_theta = _reduce_to(_theta_grad(grad_pos), theta) if need_theta else None
     g_ddf = _reduce_to(grad_pos, ddf) if need_ddf else None
-    return (grad_image if need_image else None), g_theta, g_ddf, None, None, None
+    grads = once_differentiable("medfast.warp", grad_image if need_image else None, g_theta, g_ddf)
+    return (*grads, None, None, None)
 
 
 torch.library.register_autograd("medfast::warp_forward", _warp_backward, setup_context=_warp_setup)
