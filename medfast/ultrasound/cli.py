@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,15 +79,19 @@ def run_simulate(args: argparse.Namespace) -> dict:
     from medfast.ultrasound import Probe, freehand_sweep, look_at, simulate_ct
     from medfast.ultrasound.io import INSTALL_HINT, INVESALIUS_CRANIUM, read_volume
 
+    _check_numbers(args)
     path = Path(args.volume) if args.volume else INVESALIUS_CRANIUM
     if not path.is_file():
         hint = f"; {INSTALL_HINT}" if path == INVESALIUS_CRANIUM else ""
         raise SimulateError(f"volume {path} not found{hint}")
-    vol, affine = read_volume(path)
+    try:
+        vol, affine = read_volume(path)
+    except Exception as exc:  # nibabel's ImageFileError, a 2D / 4D volume, a damaged file: name the file
+        raise SimulateError(f"cannot read the volume {path}: {exc}") from None
     device = _pick_device(args.device)
     try:
         probe = Probe.preset(args.probe, n_lines=args.lines, n_samples=args.samples,
-                             **({"depth_mm": args.depth} if args.depth else {}))
+                             **({"depth_mm": args.depth} if args.depth is not None else {}))
     except ValueError as exc:
         raise SimulateError(str(exc)) from None
 
@@ -221,9 +226,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The flags' ranges, before any work: a clear line instead of an error deep in the sweep."""
+    for flag, value in (("--frames", args.frames), ("--batch", args.batch)):
+        if value < 1:
+            raise SimulateError(f"{flag} must be >= 1, got {value}")
+    for flag, value, positive in (("--depth", args.depth, True), ("--pixel", args.pixel, True),
+                                  ("--dynamic-range", args.dynamic_range, True), ("--gain", args.gain, False),
+                                  ("--tilt", args.tilt, False)):
+        if value is not None and not (math.isfinite(value) and (value > 0 or not positive)):
+            raise SimulateError(f"{flag} must be a {'positive ' if positive else ''}finite number, got {value}")
+    for flag, vec in (("--direction", args.direction), ("--lateral", args.lateral)):
+        if not any(vec):
+            raise SimulateError(f"{flag} must not be zero")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         summary = run_simulate(args)
+    except (ValueError, TypeError) as exc:  # the simulator's argument checks (e.g. --lateral along --direction)
+        print(f"medfast simulate: error: {exc}", file=sys.stderr)
+        return 1
     except (SimulateError, FileNotFoundError, ImportError) as exc:
         print(f"medfast simulate: error: {exc}", file=sys.stderr)
         return 1

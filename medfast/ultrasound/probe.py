@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -86,12 +87,24 @@ class Probe:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if not (isinstance(self.f_number, (int, float)) and math.isfinite(self.f_number) and self.f_number >= 0):
+        # NumPy scalars are accepted and stored as Python numbers (the fields key caches by value)
+        for name in ("f_number", "fc_mhz", "bandwidth", "pitch_mm", "elevation_mm", "elevation_focus_mm", "depth_mm",
+                     "focus_mm", "radius_mm"):
+            v = getattr(self, name)
+            if isinstance(v, numbers.Real) and not isinstance(v, bool):
+                object.__setattr__(self, name, float(v))
+        for name in ("n_elements", "n_lines", "n_samples"):
+            v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                object.__setattr__(self, name, int(v))
+        if not (isinstance(self.f_number, float) and math.isfinite(self.f_number) and self.f_number >= 0):
             raise ValueError(f"f_number must be >= 0, got {self.f_number!r}")
         for name in ("fc_mhz", "bandwidth", "pitch_mm", "elevation_mm", "elevation_focus_mm", "depth_mm", "focus_mm"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if not (isinstance(v, float) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be positive and finite, got {v!r}")
+        if not self.bandwidth < 2:  # -6 dB fractional bandwidth: the band [fc (1 - B/2), fc (1 + B/2)]
+            raise ValueError(f"bandwidth (fractional, -6 dB) must be in (0, 2), got {self.bandwidth!r}")
         for name in ("n_elements", "n_lines", "n_samples"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 2:
@@ -220,8 +233,8 @@ class Probe:
         x0, x1, z0, z1 = self.image_extent_mm()
         if pixel_mm is None:
             pixel_mm = (z1 - z0) / (self.n_samples // 2)
-        if not pixel_mm > 0:
-            raise ValueError(f"pixel_mm must be positive, got {pixel_mm}")
+        if not (isinstance(pixel_mm, numbers.Real) and math.isfinite(pixel_mm) and pixel_mm > 0):
+            raise ValueError(f"pixel_mm must be positive and finite, got {pixel_mm!r}")
         H = int(math.floor((z1 - z0) / pixel_mm)) + 1
         W = int(math.floor((x1 - x0) / pixel_mm)) + 1
         return (H, W), float(pixel_mm)
@@ -336,7 +349,7 @@ def _lateral_table(p: Probe) -> tuple[torch.Tensor, torch.Tensor]:
     lam = p.wavelength_mm
     width = p.pitch_mm * 0.9  # element width (pitch minus kerf; ~90 % for the presets)
     pos, normal = _element_layout(p)
-    z_knots = torch.linspace(max(1.0, p.depth_mm / 24), p.depth_mm, 24, dtype=torch.float64)
+    z_knots = torch.linspace(p.depth_mm / 24, p.depth_mm, 24, dtype=torch.float64)  # 24 distinct depths
     widths = []
     for z in z_knots.tolist():
         guess = 0.886 * lam * max(1.0, z / max(1e-3, p.aperture_mm / 4))

@@ -7,6 +7,8 @@ spread of the scatter amplitude (relative reflectivity of the scatterers).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -101,18 +103,26 @@ class LabelTable:
         if isinstance(values, torch.Tensor):
             if values.dim() != 2 or values.shape[1] != N_PROPS:
                 raise ValueError(f"a label table tensor must be (n_labels, {N_PROPS}), got {tuple(values.shape)}")
+            if not values.is_floating_point() or not bool(torch.isfinite(values.detach()).all()):
+                raise ValueError("a label table tensor must hold finite floating values")
             self.values = values
         else:
             if not values:
                 raise ValueError("the label table is empty")
+            for k in values:
+                if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+                    raise ValueError(f"label table keys must be ints >= 0, got {k!r}")
             n = max(int(k) for k in values) + 1
-            if min(int(k) for k in values) < 0:
-                raise ValueError("labels must be >= 0")
             rows = [list(WATER) for _ in range(n)]
             for k, v in values.items():
-                v = [float(x) for x in v]
+                try:
+                    v = [float(x) for x in v]
+                except (TypeError, ValueError):
+                    raise ValueError(f"label {k}: expected {N_PROPS} numbers {PROP_NAMES}, got {v!r}") from None
                 if len(v) != N_PROPS:
                     raise ValueError(f"label {k}: expected {N_PROPS} values {PROP_NAMES}, got {len(v)}")
+                if not all(math.isfinite(x) for x in v):
+                    raise ValueError(f"label {k}: values must be finite, got {v}")
                 rows[int(k)] = v
             self.values = torch.tensor(rows, dtype=torch.float32)
 
@@ -130,6 +140,9 @@ class LabelTable:
             labels = labels[:, 0]
         if labels.dim() != 4:
             raise ValueError(f"labels must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(labels.shape)}")
+        if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            # a float label map (nibabel's get_fdata) is fine; a fraction would truncate to another label
+            raise ValueError("labels must be integers (a floating label map must hold whole numbers)")
         lab = labels.long()
         lo, hi = int(lab.min()), int(lab.max())
         if lo < 0 or hi >= self.n_labels:

@@ -1,0 +1,188 @@
+"""Edge cases of the ultrasound simulator found by a bug hunt: impossible probe settings, tiny depths,
+non-finite settings, non-rigid poses, anisotropic voxels, the noise-table cache, label maps and tables,
+and the `medfast simulate` command's flags."""
+
+import argparse
+import gc
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from medfast.ultrasound import LabelTable, Probe, look_at, simulate
+
+# the module (medfast.ultrasound.simulate is the function of that name)
+simulate_module = importlib.import_module("medfast.ultrasound.simulate")
+
+
+def _homogeneous(shape=(24, 24, 24), spacing=(1.0, 1.0, 1.0)):
+    props = torch.zeros(1, 5, *shape, dtype=torch.float64)
+    props[:, 0], props[:, 1], props[:, 2], props[:, 3], props[:, 4] = 1.6, 0.5, 1.0, 0.02, 0.005
+    return props, np.diag([*spacing, 1.0])
+
+
+POSE = look_at((12.0, 12.0, 1.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+PROBE = Probe.preset("L11-5v", n_lines=8, n_samples=32, depth_mm=20.0)
+
+
+@pytest.mark.parametrize("bandwidth", [2.0, 2.5, 50.0])
+def test_bandwidth_of_two_or_more_is_refused(bandwidth):
+    with pytest.raises(ValueError, match="bandwidth"):
+        Probe.preset("L11-5v", bandwidth=bandwidth)
+
+
+@pytest.mark.parametrize("depth", [0.5, 1.0, 3.0])
+def test_shallow_depths_simulate(depth):
+    # the lateral beam table had 24 equal knots at 1 mm (0 / 0) and reversed ones below
+    probe = Probe.preset("L11-5v", n_lines=8, n_samples=32, depth_mm=depth)
+    width = probe.lateral_fwhm_mm(probe.depths(dtype=torch.float64))
+    assert torch.isfinite(width).all() and (width > 0).all()
+    props, affine = _homogeneous()
+    out = simulate(props, affine, POSE, probe)
+    assert torch.isfinite(out.bmode).all()
+
+
+def test_numpy_scalars_are_accepted():
+    probe = Probe.preset("L11-5v", fc_mhz=np.float32(7.6), n_lines=np.int64(8), n_samples=np.int64(32))
+    assert isinstance(probe.fc_mhz, float) and isinstance(probe.n_lines, int)
+    props, affine = _homogeneous()
+    assert simulate(props, affine, POSE, probe, sub_rays=np.int64(2)).bmode is not None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gain_db=float("nan")), "gain_db"),
+    (dict(tgc_db_cm_mhz=float("inf")), "tgc_db_cm_mhz"),
+    (dict(dynamic_range_db=float("inf")), "dynamic_range_db"),
+    (dict(pixel_mm=float("inf")), "pixel_mm"),
+    (dict(interface_mm=0.0), "interface_mm"),
+    (dict(background=[float("nan")] * 5), "background"),
+    (dict(background=1.48), "background"),
+    (dict(seed=1.5), "seed"),
+    (dict(seed="1"), "seed"),
+    (dict(seed=2**64), "seed"),
+])
+def test_non_finite_and_mistyped_settings_are_refused(kwargs, match):
+    props, affine = _homogeneous()
+    with pytest.raises(ValueError, match=match):
+        simulate(props, affine, POSE, PROBE, **kwargs)
+
+
+@pytest.mark.parametrize("name, matrix", [
+    ("scale", np.diag([2.0, 2.0, 2.0, 1.0])),
+    ("shear", np.array([[1, 0.3, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])),
+    ("mirror", np.diag([1.0, 1.0, -1.0, 1.0])),
+    ("singular", np.diag([1.0, 1.0, 0.0, 1.0])),
+])
+def test_non_rigid_poses_are_refused(name, matrix):
+    props, affine = _homogeneous()
+    pose = POSE @ torch.from_numpy(matrix)
+    with pytest.raises(ValueError, match="pose must be rigid"):
+        simulate(props, affine, pose, PROBE)
+
+
+def test_look_at_and_affine_checks():
+    for direction in ((0, 0, 0), (float("nan"), 0, 1)):
+        with pytest.raises(ValueError, match="direction"):
+            look_at((0, 0, 0), direction, (1, 0, 0))
+    props, affine = _homogeneous()
+    bad = affine.copy()
+    bad[3, 2] = 1.0
+    with pytest.raises(ValueError, match="last row must be"):
+        simulate(props, bad, POSE, PROBE)
+
+
+def test_interface_echo_does_not_depend_on_which_axis_is_coarse():
+    # a planar impedance step across world z, in volumes whose coarse axis lies along or across it
+    probe = Probe.preset("L11-5v", n_lines=16, n_samples=256, depth_mm=30.0)
+    pose = look_at((20.0, 20.0, 5.3), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+    echoes = {}
+    for sp in ((4.0, 4.0, 4.0), (1.0, 1.0, 4.0), (0.5, 0.5, 4.0)):
+        shape = [int(round(40 / s)) for s in sp]
+        props = torch.zeros(1, 5, *shape, dtype=torch.float64)
+        props[:, 0] = 1.5
+        props[:, 0, :, :, torch.arange(shape[2]) * sp[2] >= 20] = 2.5
+        env = simulate(props, np.diag([*sp, 1.0]), pose, probe, speckle=False, tgc_db_cm_mhz=0, sub_rays=1,
+                       return_lines=True).envelope
+        echoes[sp] = float(env[0, 8].max())
+    ref = echoes[(4.0, 4.0, 4.0)]
+    for e in echoes.values():
+        assert abs(e - ref) < 0.02 * ref, echoes  # the mean voxel size gave 0.18 / 0.16 against 0.22
+
+
+def test_noise_tables_are_cached_within_a_bound():
+    props, affine = _homogeneous()
+    gc.collect()
+    for seed in range(40):
+        simulate(props, affine, POSE, PROBE, seed=seed, scan_convert=False)
+    assert len(simulate_module._NOISE_CACHE) <= simulate_module._NOISE_CACHE_SIZE
+    # the most recent seed is still cached, and a repeated seed gives the same frame
+    a = simulate(props, affine, POSE, PROBE, seed=39).bmode
+    b = simulate(props, affine, POSE, PROBE, seed=39).bmode
+    assert torch.equal(a, b)
+
+
+def test_label_tables_and_float_label_maps():
+    for bad in ({1.5: (1.6, 0.5, 1.0, 0.02, 0.005)}, {True: (1.6, 0.5, 1.0, 0.02, 0.005)},
+                {1: (float("nan"), 0.5, 1.0, 0.02, 0.005)}, {1: "abcde"}):
+        with pytest.raises(ValueError):
+            LabelTable(bad)
+    with pytest.raises(ValueError, match="finite"):
+        LabelTable(torch.full((2, 5), float("nan")))
+    table = LabelTable({1: (1.6, 0.5, 1.0, 0.02, 0.005)})
+    labels = torch.zeros(1, 1, 4, 4, 4)
+    labels[..., 2:] = 1.0
+    assert torch.equal(table.properties(labels), table.properties(labels.long()))  # whole floats are labels
+    with pytest.raises(ValueError, match="labels must be integers"):
+        table.properties(labels * 0.9999)
+
+
+def test_memory_check_counts_the_scan_converted_image():
+    props, affine = _homogeneous()
+    with pytest.raises(ValueError, match="image pixels"):
+        simulate(props, affine, POSE, PROBE, pixel_mm=1e-4)
+
+
+def _cli_args(**kw):
+    base = dict(volume=None, probe="L11-5v", lines=8, samples=32, depth=None, frames=2, batch=1, start=None,
+                centre=None, direction=(0.0, 1.0, 0.0), lateral=(1.0, 0.0, 0.0), travel=(0.0, 0.0, 10.0), tilt=4.0,
+                gain=0.0, dynamic_range=60.0, pixel=None, seed=0, device="cpu", out="unused")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(depth=0.0), "--depth must be a positive"), (dict(frames=0), "--frames must be >= 1"),
+    (dict(batch=0), "--batch must be >= 1"), (dict(pixel=0.0), "--pixel must be"),
+    (dict(dynamic_range=0.0), "--dynamic-range must be"), (dict(gain=float("nan")), "--gain must be"),
+    (dict(direction=(0.0, 0.0, 0.0)), "--direction must not be zero"),
+    (dict(lateral=(0.0, 1.0, 0.0)), "lateral must not be parallel"),
+])
+def test_simulate_command_reports_bad_flags_in_one_line(kw, match, tmp_path, capsys):
+    from medfast.ultrasound.cli import main
+
+    vol = tmp_path / "ct.nii.gz"
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), vol)
+    assert main(_cli_args(volume=str(vol), out=str(tmp_path / "out"), **kw)) == 1
+    err = capsys.readouterr().err
+    assert "medfast simulate: error:" in err and "Traceback" not in err
+    assert match in err
+
+
+@pytest.mark.parametrize("content", ["2d", "4d", "text"])
+def test_simulate_command_names_an_unreadable_volume(content, tmp_path, capsys):
+    import nibabel as nib
+
+    from medfast.ultrasound.cli import main
+
+    path = tmp_path / ("vol.nii.gz" if content != "text" else "vol.nii")
+    if content == "text":
+        path.write_text("not a volume")
+    else:
+        shape = (8, 8) if content == "2d" else (8, 8, 8, 2)
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), path)
+    assert main(_cli_args(volume=str(path), out=str(tmp_path / "out"))) == 1
+    err = capsys.readouterr().err
+    assert "medfast simulate: error: cannot read the volume" in err and str(path) in err
