@@ -21,17 +21,27 @@ from medfast.data.preprocess import (
     spatial_affine,
 )
 
-__all__ = ["NiftiDataset", "collate", "find_pairs"]
+__all__ = ["NiftiDataset", "case_name", "collate", "find_pairs"]
 
 _SUFFIXES = (".nii.gz", ".nii")
+#: nnU-Net's channel suffix: ``images/case_0000.nii.gz`` is channel 0 of case ``case`` (label ``case.nii.gz``)
+CHANNEL_SUFFIX = "_0000"
 
 
 def _stem(path: Path) -> str:
-    name = path.name
+    name = Path(path).name
     for suf in _SUFFIXES:
         if name.endswith(suf):
             return name[: -len(suf)]
     return name
+
+
+def case_name(path: str | Path) -> str:
+    """The case an image file belongs to, as :func:`find_pairs` pairs it with its label map: the file name
+    without ``.nii[.gz]`` and without nnU-Net's channel suffix ``_0000`` (``case_007_0000.nii.gz`` ->
+    ``case_007``)."""
+    stem = _stem(Path(path))
+    return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) and len(stem) > len(CHANNEL_SUFFIX) else stem
 
 
 def find_pairs(root: str | Path, images: str = "images", labels: str = "labels") -> tuple[list[str], list[str]]:
@@ -55,7 +65,7 @@ def find_pairs(root: str | Path, images: str = "images", labels: str = "labels")
     out_i, out_l = [], []
     for p in files:
         stem = _stem(p)
-        candidates = [stem, stem[:-5] if stem.endswith("_0000") else None]
+        candidates = [stem, case_name(p) if case_name(p) != stem else None]
         found = None
         for c in filter(None, candidates):
             for suf in _SUFFIXES:
@@ -99,8 +109,14 @@ class NiftiDataset(Dataset):
         Keep preprocessed subjects in memory (per data-loader worker), in ``cache_dir`` as ``.pt`` files
         keyed by file names, sizes, modification times and preprocessing, or nowhere.
     check : bool
-        Check at construction that every file exists and is readable, and that each label has its image's
-        shape and affine (only the headers are read).
+        Check at construction that every file exists and is readable, that each label has its image's
+        shape and affine, and that the images have ``spatial_dims`` axes and ``in_channels`` channels (only the
+        headers are read).
+    in_channels : int, optional
+        The number of channels every image must have (e.g. the network's ``model.in_channels``).
+    num_classes : int, optional
+        Label values must lie in ``0 .. num_classes - 1`` (after ``label_map``): checked by ``check`` (which
+        then reads the label maps' voxels, not only their headers) and when a subject is loaded.
 
     Notes
     -----
@@ -111,14 +127,16 @@ class NiftiDataset(Dataset):
     Raises
     ------
     DatasetError
-        Missing, corrupt or mismatched files (image and label of different shape or affine), naming them.
+        Missing, corrupt or mismatched files (image and label of different shape or affine, an image with the
+        wrong number of axes or channels, a label >= ``num_classes``), naming them.
     """
 
     def __init__(self, images: Sequence[str], labels: Sequence[str] | None = None, *, spatial_dims: int = 3,
                  spacing: Sequence[float] | None = None, shape: Sequence[int] | None = None,
                  normalize: str = "zscore", clip_percentiles: Sequence[float] | None = None,
                  label_map: Mapping[int, int] | None = None, cache: str = "memory",
-                 cache_dir: str | Path | None = None, check: bool = True, reorient: bool = True) -> None:
+                 cache_dir: str | Path | None = None, check: bool = True, reorient: bool = True,
+                 in_channels: int | None = None, num_classes: int | None = None) -> None:
         self.images = [str(p) for p in images]
         self.labels = [str(p) for p in labels] if labels else []
         if not self.images:
@@ -138,6 +156,8 @@ class NiftiDataset(Dataset):
         self.normalize = normalize
         self.clip_percentiles = list(clip_percentiles) if clip_percentiles is not None else None
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
+        self.in_channels = in_channels
+        self.num_classes = num_classes
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._memory: dict[int, dict[str, Any]] = {}
@@ -149,9 +169,11 @@ class NiftiDataset(Dataset):
         return len(self.images)
 
     def check(self) -> None:
-        """Reads every header; raises :class:`DatasetError` for the first bad file or image/label pair."""
+        """Reads every header (and, with ``num_classes``, every label map); raises :class:`DatasetError` for the
+        first bad file or image/label pair."""
         for i, img_path in enumerate(self.images):
             img = nifti_header(img_path)
+            self._check_image_shape(img_path, tuple(img.shape))
             if not self.labels:
                 continue
             lab = nifti_header(self.labels[i])
@@ -165,6 +187,42 @@ class NiftiDataset(Dataset):
                     f"label {self.labels[i]} and image {img_path} have different affines (not on the same grid):"
                     f"\n{np.array2string(lab.affine, precision=3)}\nvs\n{np.array2string(img.affine, precision=3)}"
                 )
+            if self.num_classes is not None:
+                self._check_label_values(self._relabel(load_nifti(self.labels[i], label=True).data), self.labels[i])
+
+    def _check_image_shape(self, path: str, shape: tuple[int, ...]) -> None:
+        """An image's NIfTI shape: ``spatial_dims`` spatial axes (2D: a trailing singleton third axis allowed)
+        and, on the 4th axis, ``in_channels`` channels."""
+        nd = self.spatial_dims
+        spatial = shape[:3]
+        if nd == 3 and len(spatial) != 3:
+            raise DatasetError(f"{path}: spatial_dims=3 (model.spatial_dims) needs 3D volumes, got a {len(shape)}D "
+                               f"image of shape {shape}")
+        if nd == 2 and len(spatial) == 3 and spatial[2] != 1:
+            raise DatasetError(f"{path}: spatial_dims=2 (model.spatial_dims) needs 2D images, got a 3D volume of "
+                               f"shape {shape}")
+        channels = shape[3] if len(shape) > 3 else 1
+        if self.in_channels is not None and channels != self.in_channels:
+            raise DatasetError(f"{path} has {channels} channel(s) (shape {shape}) but {self.in_channels} are "
+                               f"expected (model.in_channels)")
+
+    def _relabel(self, arr: np.ndarray) -> np.ndarray:
+        if not self.label_map:
+            return arr
+        lut = np.arange(max(int(arr.max(initial=0)), *self.label_map) + 1)
+        for k, v in self.label_map.items():
+            lut[k] = v
+        return lut[arr]
+
+    def _check_label_values(self, arr: np.ndarray, path: str) -> None:
+        if self.num_classes is None or not arr.size:
+            return
+        top = int(arr.max())
+        if top >= self.num_classes:
+            bad = sorted(int(v) for v in np.unique(arr[arr >= self.num_classes]))
+            raise DatasetError(f"label map {path} holds label value(s) {bad[:10]} but there are "
+                               f"{self.num_classes} classes, labels 0..{self.num_classes - 1} (model.out_channels"
+                               f"={self.num_classes}): relabel the file or raise model.out_channels")
 
     def _key(self, i: int) -> str:
         parts = []
@@ -190,6 +248,9 @@ class NiftiDataset(Dataset):
         vol = load_nifti(self.images[i])
         nd = self.spatial_dims
         data = self._to_dims(vol.data, vol.path, True)
+        if self.in_channels is not None and data.shape[0] != self.in_channels:
+            raise DatasetError(f"{vol.path} has {data.shape[0]} channel(s) but {self.in_channels} are expected "
+                               f"(model.in_channels)")
         affine = vol.affine
         if self.reorient:
             data, affine = reorient_to_ras(data, vol.affine, channels=True)
@@ -204,11 +265,8 @@ class NiftiDataset(Dataset):
             if tuple(arr.shape) != tuple(image.shape[1:]):
                 raise DatasetError(f"label {lab.path} has shape {arr.shape} but its image {vol.path} has spatial "
                                    f"shape {tuple(image.shape[1:])}")
-            if self.label_map:
-                lut = np.arange(max(int(arr.max()), *self.label_map) + 1)
-                for k, v in self.label_map.items():
-                    lut[k] = v
-                arr = lut[arr]
+            arr = self._relabel(arr)
+            self._check_label_values(arr, lab.path)
             label = torch.from_numpy(np.ascontiguousarray(arr)).long()
         if self.spacing is not None:
             new_image, new_aff = resample_to_spacing(image, affine, self.spacing)

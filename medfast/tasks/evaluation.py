@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfast.data.dataset import _SUFFIXES, _stem
+from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _stem
 from medfast.data.io import DatasetError, load_nifti, voxel_spacing
 
 __all__ = ["evaluate_pair", "find_evaluation_pairs", "run_evaluate", "summarize"]
@@ -35,7 +35,9 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
     """(prediction, reference) file pairs: two files, or two folders matched by name.
 
     In folder mode every reference ``<name>.nii[.gz]`` needs a prediction named ``<name>.nii[.gz]`` or
-    ``<name>_seg.nii[.gz]`` (what ``medfast predict`` writes); predictions without a reference are ignored.
+    ``<name>_seg.nii[.gz]`` (what ``medfast predict`` writes, also for nnU-Net-named images
+    ``<name>_0000.nii.gz``), or ``<name>_0000_seg.nii[.gz]`` (older medfast predict outputs of such images);
+    predictions without a reference are ignored.
 
     Raises
     ------
@@ -57,7 +59,8 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
     pairs = []
     for ref in refs:
         stem = _stem(ref)
-        found = next((pred / (name + suf) for name in (stem, stem + "_seg") for suf in _SUFFIXES
+        names = (stem, stem + "_seg", stem + CHANNEL_SUFFIX + "_seg")
+        found = next((pred / (name + suf) for name in names for suf in _SUFFIXES
                       if (pred / (name + suf)).is_file()), None)
         if found is None:
             raise DatasetError(f"no prediction for {ref} in {pred} (expected {pred / (stem + '.nii.gz')} or "
@@ -230,6 +233,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("medfast evaluate: --device cuda, but no CUDA device is visible")
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"medfast evaluate: --device must be cpu or cuda[:N], got {args.device!r}")
+    if args.out is not None:
+        from medfast.train.files import OutputError, check_out_dir
+
+        try:
+            check_out_dir(args.out, "--out")
+        except OutputError as exc:
+            raise SystemExit(f"medfast evaluate: {exc}") from None
     try:
         pairs = find_evaluation_pairs(args.pred, args.reference)
         rows: list[dict[str, Any]] = []
@@ -245,6 +255,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     summary["percentile"] = args.percentile
     print(_format_summary(summary, args.percentile))
     if args.out is not None:
-        _write(rows, summary, args.out)
+        try:
+            _write(rows, summary, args.out)
+        except OSError as exc:
+            raise SystemExit(f"medfast evaluate: cannot write to --out {args.out}: {exc}") from None
         print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'summary.json'}")
     return 0

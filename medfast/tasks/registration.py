@@ -31,7 +31,7 @@ import medfast as mf
 from medfast.data.io import DatasetError
 from medfast.losses.registration import bending_energy, label_dice_loss
 from medfast.nets.registration import GlobalNet, LocalNet, affine_ddf
-from medfast.train.config import ConfigError
+from medfast.train.config import ConfigError, check_spatial_config
 from medfast.train.task import Task, register_task
 
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
@@ -297,6 +297,11 @@ def register_pair(
         raise ValueError(f"fixed and moving must have the same channels, got {fixed.shape[1]} and {moving.shape[1]}")
     shape = tuple(fixed.shape[2:])
     n = len(shape)
+    for name, levels in (("affine_levels", cfg.affine_levels), ("deform_levels", cfg.deform_levels)):
+        too_big = [f for f in levels if f > min(shape)]
+        if too_big:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}): down-sampling factor(s) {too_big} exceed the "
+                             f"image's smallest size {min(shape)} (spatial shape {shape}); use factors <= {min(shape)}")
     if (fixed_labels is None) != (moving_labels is None):
         raise ValueError("give both fixed_labels and moving_labels, or neither")
     labels = fixed_labels is not None
@@ -751,9 +756,9 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=float, default=3.0, help="demo voxel size in mm (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="demo random affine seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
-    p.add_argument("--affine-levels", default=",".join(map(str, d.affine_levels)),
+    p.add_argument("--affine-levels", type=_levels, default=",".join(map(str, d.affine_levels)),
                    help="down-sampling factors of the affine stage, '' to skip (default: %(default)s)")
-    p.add_argument("--deform-levels", default=",".join(map(str, d.deform_levels)),
+    p.add_argument("--deform-levels", type=_levels, default=",".join(map(str, d.deform_levels)),
                    help="down-sampling factors of the deformable stage, '' to skip (default: %(default)s)")
     p.add_argument("--affine-iters", type=int, default=d.affine_iters)
     p.add_argument("--deform-iters", type=int, default=d.deform_iters)
@@ -765,19 +770,59 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _levels(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+def _levels(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"4,2,1"`` -> ``(4, 2, 1)`` (``""``: none); the argparse type of ``--affine-levels``/``--deform-levels``,
+    so that a bad value is reported with the flag's name."""
+    if not isinstance(text, str):
+        return tuple(int(v) for v in text)
+    try:
+        levels = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 4,2,1) or '', got "
+                                         f"{text!r}") from None
+    if any(v < 1 for v in levels):
+        raise argparse.ArgumentTypeError(f"down-sampling factors must be >= 1, got {text!r}")
+    return levels
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() and mf.build_info()["cuda_kernels"] else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise RegistrationError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RegistrationError(f"--device {name!r} but no CUDA GPU is visible (use cpu or auto)")
+    return device
+
+
+def _load_label_map(path: str, image_path: str, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """A label map on its image's voxel grid (same shape and affine, as the training data loader checks), with
+    non-negative integer values; raises :class:`RegistrationError` naming the files."""
+    data, laff = load_nifti(path)
+    if tuple(data.shape) != tuple(shape):
+        raise RegistrationError(f"label map {path} has shape {tuple(data.shape)} but its image {image_path} has "
+                                f"shape {tuple(shape)}")
+    if not np.allclose(laff, affine, atol=1e-3, rtol=1e-4):
+        raise RegistrationError(
+            f"label map {path} and its image {image_path} have different affines (not on the same voxel grid):\n"
+            f"{np.array2string(laff, precision=3)}\nvs\n{np.array2string(affine, precision=3)}")
+    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+        raise RegistrationError(f"label map {path} holds non-integer values (is it an image?)")
+    if data.dtype.kind not in "fiub":
+        raise RegistrationError(f"label map {path} has data type {data.dtype}, not integer labels")
+    if data.size and data.min() < 0:
+        raise RegistrationError(f"label map {path} holds negative values (min {data.min()})")
+    return data.astype(np.int64)
 
 
 def run_register(args: argparse.Namespace) -> int:
     """Runs ``medfast register`` from parsed arguments; returns the exit status."""
+    from medfast.train.files import check_out_dir
+
     try:
+        check_out_dir(args.out, "--out")
         cfg = RegistrationConfig(
             affine_levels=_levels(args.affine_levels), deform_levels=_levels(args.deform_levels),
             affine_iters=args.affine_iters, deform_iters=args.deform_iters, kernel_size=args.kernel_size,
@@ -794,19 +839,18 @@ def run_register(args: argparse.Namespace) -> int:
             raise RegistrationError("give both --fixed-labels and --moving-labels, or neither")
         fdata, faff = load_nifti(args.fixed)
         mdata, maff = load_nifti(args.moving)
+        if fdata.ndim != mdata.ndim:
+            raise RegistrationError(f"the fixed image {args.fixed} is {fdata.ndim}D (shape {fdata.shape}) but the "
+                                    f"moving image {args.moving} is {mdata.ndim}D (shape {mdata.shape}): both must "
+                                    f"be 2D or both 3D")
         shape = fdata.shape
         fixed = torch.as_tensor(fdata, dtype=torch.float32)
         moving = to_fixed_grid(mdata, maff, faff, shape)
         fl = ml = None
         if args.fixed_labels:
-            ldata, laff = load_nifti(args.fixed_labels)
-            if ldata.shape != shape:
-                raise RegistrationError(f"{args.fixed_labels} has shape {ldata.shape}, fixed image {shape}")
-            fl = torch.as_tensor(np.rint(ldata).astype(np.int64))
-            ldata, laff = load_nifti(args.moving_labels)
-            if ldata.shape != mdata.shape:
-                raise RegistrationError(f"{args.moving_labels} has shape {ldata.shape}, moving image {mdata.shape}")
-            ml = to_fixed_grid(ldata, laff, faff, shape, labels=True)
+            fl = torch.as_tensor(_load_label_map(args.fixed_labels, args.fixed, shape, faff))
+            ldata = _load_label_map(args.moving_labels, args.moving, mdata.shape, maff)
+            ml = to_fixed_grid(ldata, maff, faff, shape, labels=True)
         if args.model:
             net, info = load_model_info(args.model, device)
             result = register_with_model(fixed, moving, net, info, fl, ml, device=device, fixed_affine=faff)
@@ -1185,6 +1229,10 @@ class RegistrationTask(Task):
         if config.data.shape is None:
             raise ConfigError("the registration task needs data.shape (every image is cropped/padded to it; it "
                              "is the network's input shape)")
+        check_spatial_config(config)
+        from medfast.train.files import check_dataset_args
+
+        check_dataset_args(config, "registration")
         self.augment = RandomAugment(config.augment)
         self.val_augment = RandomAugment(config.augment, geometric_only=True)
         self.num_classes = 2

@@ -15,25 +15,60 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
+from medfast.data.dataset import case_name
 from medfast.data.io import voxel_spacing
 from medfast.data.preprocess import normalize_intensity, reorient_to_ras, resample_to_spacing, spatial_affine
-from medfast.train.config import Config, config_from_dict
-from medfast.train.files import gather_files
+from medfast.train.config import Config, ConfigError, check_spatial_config, config_from_dict
+from medfast.train.files import check_dataset_args, gather_files
 from medfast.train.sliding_window import sliding_window_inference
 from medfast.train.task import Task, register_task
 
-__all__ = ["DeformedDataset", "SegmentationTask", "build_unet", "predict_files", "predict_volume"]
+__all__ = ["DeformedDataset", "SegmentationTask", "build_unet", "check_config", "predict_files", "predict_volume"]
+
+NORMS = ("instance", "batch", "group", "none")
+
+
+def _check_model(config: Config) -> None:
+    """``config.model`` describes a :class:`medfast.nets.UNet` (raises :class:`ConfigError` naming the key)."""
+    m = config.model
+    if not isinstance(m.name, str) or m.name.lower() != "unet":
+        raise ConfigError(f"model.name={m.name!r}: the segmentation task builds 'unet' (the only allowed value)")
+    check_spatial_config(config)
+    if m.out_channels < 2:
+        raise ConfigError(f"model.out_channels must be >= 2 for segmentation (the number of classes, background "
+                          f"included), got {m.out_channels}")
+    if len(m.channels) < 2 or any(c < 1 for c in m.channels):
+        raise ConfigError(f"model.channels must list >= 2 positive feature counts (one per level), got {m.channels}")
+    if m.convs_per_level < 1:
+        raise ConfigError(f"model.convs_per_level must be >= 1, got {m.convs_per_level}")
+    if m.norm not in NORMS:
+        raise ConfigError(f"model.norm must be one of {', '.join(NORMS)}; got {m.norm!r}")
+    if m.kwargs:
+        raise ConfigError(f"unknown model.kwargs for the unet: {sorted(m.kwargs)}; the unet takes none (its settings "
+                          f"are model.channels, convs_per_level, norm, deep_supervision)")
+
+
+def check_config(config: Config) -> None:
+    """Checks the segmentation settings (model, spatial sizes, ``task_args``) before any data is read; raises
+    :class:`ConfigError` naming the key."""
+    _check_model(config)
+    check_dataset_args(config, "segmentation")
+    if config.task_args:
+        raise ConfigError(f"unknown task_args for the segmentation task: {sorted(config.task_args)} (it takes none)")
+    n = config.model.out_channels
+    bad = {k: v for k, v in config.data.test_label_map.items() if not 0 <= v < n}
+    if bad:
+        raise ConfigError(f"data.test_label_map maps to labels outside 0..{n - 1} (model.out_channels={n}): {bad}")
 
 
 def build_unet(config: Config) -> nn.Module:
-    """The :class:`medfast.nets.UNet` described by ``config.model``."""
+    """The :class:`medfast.nets.UNet` described by ``config.model`` (raises :class:`ConfigError` for bad settings)."""
     from medfast.nets import UNet
 
+    _check_model(config)
     m = config.model
-    if m.name.lower() != "unet":
-        raise ValueError(f"model.name={m.name!r}: the segmentation task builds 'unet'")
     return UNet(m.spatial_dims, m.in_channels, m.out_channels, m.channels, m.convs_per_level, m.norm,
-                m.deep_supervision, **m.kwargs)
+                m.deep_supervision)
 
 
 class DeformedDataset(Dataset):
@@ -57,11 +92,13 @@ class DeformedDataset(Dataset):
         return self._cache[i]
 
 
-def _dataset(config: Config, images: Sequence[str], labels: Sequence[str], label_map=None) -> NiftiDataset:
+def _dataset(config: Config, images: Sequence[str], labels: Sequence[str], label_map=None,
+             num_classes: int | None = None) -> NiftiDataset:
     d = config.data
     return NiftiDataset(images, labels, spatial_dims=config.model.spatial_dims, spacing=d.spacing, shape=d.shape,
                         normalize=d.normalize, clip_percentiles=d.clip_percentiles, label_map=label_map,
-                        cache=d.cache, cache_dir=d.cache_dir, reorient=d.reorient)
+                        cache=d.cache, cache_dir=d.cache_dir, reorient=d.reorient,
+                        in_channels=config.model.in_channels, num_classes=num_classes)
 
 
 def _roi(config: Config) -> list[int] | None:
@@ -92,6 +129,13 @@ def _load_for_inference(path: str, config: Config) -> tuple[torch.Tensor, np.nda
     data = vol.data
     if nd == 2 and data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
+    if data.ndim != nd + 1:
+        shape = vol.header.get_data_shape()
+        raise DatasetError(f"{path}: the model segments {nd}D images (model.spatial_dims={nd}) but this file is "
+                           f"{data.ndim - 1}D (shape {tuple(shape)})")
+    if data.shape[0] != config.model.in_channels:
+        raise DatasetError(f"{path} has {data.shape[0]} channel(s) but the model takes "
+                           f"model.in_channels={config.model.in_channels}")
     orig_aff = spatial_affine(vol.affine, nd)
     orig_shape = list(data.shape[1:])
     aff = orig_aff
@@ -113,12 +157,33 @@ def _back_to_input(prob: torch.Tensor, aff: np.ndarray, orig_aff: np.ndarray, sh
     return resample(prob.contiguous(), aff, orig_aff, shape, mode="linear", padding="border")
 
 
+def _output_names(inputs: Sequence[str | Path]) -> list[str]:
+    """The case name of each input (see :func:`predict_files`); raises :class:`DatasetError` naming the inputs
+    whose outputs would collide, and missing inputs, before anything is computed."""
+    seen: dict[str, str] = {}
+    names = []
+    for path in inputs:
+        if not Path(path).is_file():
+            raise DatasetError(f"input image not found: {path}")
+        name = case_name(path)
+        if name in seen:
+            raise DatasetError(f"inputs {seen[name]} and {path} would both be written as {name}_seg.nii.gz (the "
+                               f"output is named by the case name); rename one, or predict them into separate "
+                               f"--out folders")
+        seen[name] = str(path)
+        names.append(name)
+    return names
+
+
 def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | Path, *, device: str = "auto",
                   overrides: Sequence[str] = (), save_probabilities: bool = False,
                   progress: bool = True) -> list[Path]:
     """Segments NIfTI files with a trained checkpoint and writes ``<name>_seg.nii.gz`` label maps with each
     input's affine and header (and ``<name>_prob.nii.gz`` class probabilities with
-    ``save_probabilities``).
+    ``save_probabilities``). ``<name>`` is the case name as the data loader pairs it with its label: the file
+    name without ``.nii[.gz]`` and without the nnU-Net channel suffix ``_0000`` (``case_007_0000.nii.gz`` ->
+    ``case_007_seg.nii.gz``, so that ``medfast evaluate`` pairs it with ``labels/case_007.nii.gz``). Inputs whose
+    outputs would have the same name raise :class:`DatasetError` naming them, before anything is written.
 
     The input is preprocessed as in training (reoriented to RAS, resampled to ``data.spacing``, normalized),
     segmented with sliding windows, and the class probabilities are resampled back onto the input's grid
@@ -126,35 +191,39 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
     voxel-to-world affine.
     """
     from medfast.train.config import load_config
-    from medfast.train.trainer import load_checkpoint, resolve_device
+    from medfast.train.files import check_out_dir
+    from medfast.train.trainer import load_checkpoint, load_model_state, resolve_device
 
+    out_dir = check_out_dir(out_dir, "out_dir (--out)")
+    names = _output_names(inputs)
     state = load_checkpoint(checkpoint)
-    config = config_from_dict(state["config"])
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise DatasetError(f"{checkpoint} has no config: not a checkpoint written by medfast train")
+    task = state.get("task") or saved.get("task", "segmentation")
+    if task != "segmentation":
+        raise DatasetError(f"{checkpoint} is a checkpoint of the {task!r} task, not of segmentation")
+    config = config_from_dict(saved)
     if overrides:
         import yaml
 
-        config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(state["config"])))
-    dev = resolve_device(device)
+        config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(saved)))
+    dev = resolve_device(device, "--device")
     model = build_unet(config)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, checkpoint, config)
     model.to(dev).eval()
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    items = inputs
+    items = list(zip(inputs, names))
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(inputs, desc="predict", disable=None)
-    for path in items:
+        items = tqdm(items, desc="predict", disable=None)
+    for path, name in items:
         image, aff, orig_affine, header, shape = _load_for_inference(str(path), config)
         prob = predict_volume(model, image.to(dev), config)
         prob = _back_to_input(prob, aff, spatial_affine(orig_affine, config.model.spatial_dims), shape)
         labels = prob.argmax(1)[0].cpu().numpy()
-        name = Path(path).name
-        for suf in (".nii.gz", ".nii"):
-            if name.endswith(suf):
-                name = name[: -len(suf)]
         k = prob.shape[1]
         dtype = np.uint8 if k <= 255 else np.int16
         if config.model.spatial_dims == 2 and len(header.get_data_shape()) == 3:
@@ -172,6 +241,7 @@ class SegmentationTask(Task):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        check_config(config)
         from medfast.losses import DiceCELoss
 
         lc = config.loss
@@ -188,10 +258,11 @@ class SegmentationTask(Task):
         d = c.data
         f = gather_files(c, task="segmentation", need_labels=True, min_subjects_to_split=2)
         images, labels, val_images, val_labels = f.images, f.labels, f.val_images, f.val_labels
-        train = _dataset(c, images, labels)
+        # label values are checked against model.out_channels here, before training (naming the file)
+        train = _dataset(c, images, labels, num_classes=c.model.out_channels)
         val = None
         if val_images:
-            val = _dataset(c, val_images, val_labels)
+            val = _dataset(c, val_images, val_labels, num_classes=c.model.out_channels)
         elif d.val_deformations > 0:
             val = DeformedDataset(train, d.val_deformations, RandomAugment(c.augment, geometric_only=True))
         return train, val

@@ -12,6 +12,8 @@ from medfast.train.config import (
     ModelConfig,
     OptimConfig,
     TrainerConfig,
+    check_config,
+    check_spatial_config,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -20,10 +22,18 @@ from medfast.train.config import (
 from medfast.train.distributed import EpochSampler
 from medfast.train.sliding_window import importance_map, sliding_window_inference
 from medfast.train.task import Task, get_task, register_task, task_names
-from medfast.train.trainer import NonFiniteLossError, Trainer, load_checkpoint, save_checkpoint, train
+from medfast.train.trainer import (
+    CheckpointError,
+    NonFiniteLossError,
+    Trainer,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 __all__ = [
     "AugmentConfig",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -36,6 +46,8 @@ __all__ = [
     "Task",
     "Trainer",
     "TrainerConfig",
+    "check_config",
+    "check_spatial_config",
     "config_from_dict",
     "config_to_dict",
     "get_task",

@@ -13,9 +13,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML config files, merged in order")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set trainer.max_steps=200 (repeatable)")
-    p.add_argument("--out", default=None, help="output folder (sets trainer.out_dir)")
+    p.add_argument("--out", default=None, help="output folder (sets trainer.out_dir; taken verbatim)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="resume from CHECKPOINT, or from OUT/checkpoints/last.pt when given alone")
+                   help="resume from CHECKPOINT, or from OUT/checkpoints/last.pt when given alone (if OUT has no "
+                        "checkpoint yet, a message says so and the run starts from step 0)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets trainer.device)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -24,22 +25,18 @@ def run_train(args: argparse.Namespace) -> int:
     import yaml
 
     from medfast.data import DatasetError
-    from medfast.train import ConfigError, NonFiniteLossError, Trainer, config_to_dict, load_config
+    from medfast.train import CheckpointError, ConfigError, NonFiniteLossError, Trainer, config_to_dict, load_config
 
-    overrides = list(args.overrides)
-    if args.out is not None:
-        overrides.append(f"trainer.out_dir={args.out}")
-    if args.resume is not None:
-        overrides.append(f"trainer.resume={args.resume}")
-    if args.device is not None:
-        overrides.append(f"trainer.device={args.device}")
+    # the flags' values are paths and device names: set verbatim, never parsed as YAML like --set values
+    values = {key: value for key, value in (("trainer.out_dir", args.out), ("trainer.resume", args.resume),
+                                            ("trainer.device", args.device)) if value is not None}
     try:
-        config = load_config(args.configs, overrides)
+        config = load_config(args.configs, args.overrides, values=values)
         if args.print_config:
             print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
             return 0
         results = Trainer(config).fit()
-    except (ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError, ImportError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ImportError) as exc:
         print(f"medfast train: error: {exc}", file=sys.stderr)
         return 1
     if results:
@@ -71,9 +68,11 @@ def run_predict(args: argparse.Namespace) -> int:
     from medfast.train import ConfigError
 
     try:
+        from medfast.train.files import check_out_dir
         from medfast.train.trainer import load_checkpoint
 
-        task = load_checkpoint(args.checkpoint).get("config", {}).get("task")
+        check_out_dir(args.out, "--out")
+        task = (load_checkpoint(args.checkpoint).get("config") or {}).get("task")
         if task == "classification":
             from medfast.tasks.classification.task import predict_files
         elif task == "synthesis":

@@ -33,6 +33,8 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainerConfig",
+    "check_config",
+    "check_spatial_config",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -325,6 +327,7 @@ def load_config(
     paths: str | Path | Sequence[str | Path] = (),
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> Config:
     """Reads YAML files merged in order, applies ``key.path=value`` overrides, returns the :class:`Config`.
 
@@ -336,6 +339,10 @@ def load_config(
         ``"section.key=value"`` strings (values parsed as YAML, typed by the dataclass field), applied last.
     base : mapping, optional
         Values applied before the first file.
+    values : mapping, optional
+        ``{"section.key": value}`` set last, verbatim (not parsed as YAML; still type-checked): the command
+        line's ``--out``, ``--resume`` and ``--device``, so that e.g. ``--out "runs/a #1"`` or ``--out 0777``
+        is the folder of that name.
 
     Raises
     ------
@@ -352,7 +359,13 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a UTF-8 text (YAML) file; is it a data file?") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, Mapping):
@@ -365,6 +378,8 @@ def load_config(
     for text in overrides:
         path_parts, value = parse_override(text)
         _set_path(tree, path_parts, value, text)
+    for key, value in (values or {}).items():
+        _set_path(tree, key.split("."), value, f"{key}={value}")
     return config_from_dict(tree)
 
 
@@ -378,3 +393,91 @@ def save_config(config: Config, path: str | Path) -> Path:
     tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------
+# checks of values (before any data is read)
+# ------------------------------------------------------------------------------------------------------
+
+#: Settings with a fixed set of values, checked by :func:`check_config` (compared in lower case where the
+#: code that uses them does).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.name": ("adamw", "adam", "sgd"),
+    "optim.scheduler": ("cosine", "constant", "poly"),
+    "trainer.amp": ("auto", "bf16", "fp16", "none", "off", "fp32"),
+    "data.normalize": ("zscore", "minmax", "none"),
+    "data.cache": ("memory", "disk", "none"),
+    "inference.blend": ("gaussian", "constant"),
+}
+_LOWER = {"optim.name", "optim.scheduler", "trainer.amp"}
+
+
+def _value(config: Config, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_config(config: Config) -> None:
+    """Checks the settings every task shares (the trainer's, the optimizer's, the data loader's) and raises a
+    :class:`ConfigError` naming the key and its allowed values; run before any data is read.
+
+    Task-specific settings (``model.*``, ``task_args``, ``data.dataset_args``) are checked by the task;
+    :func:`check_spatial_config` checks the spatial settings of the image tasks.
+    """
+    for key, allowed in CHOICES.items():
+        value = _value(config, key)
+        text = value.lower() if key in _LOWER and isinstance(value, str) else value
+        if text not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    tc = config.trainer
+    for key in ("max_steps", "batch_size", "accumulate", "log_every"):
+        if getattr(tc, key) < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(tc, key)}")
+    for key in ("val_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(tc, key) < 0:
+            raise ConfigError(f"trainer.{key} must be >= 0 (0: never / keep all), got {getattr(tc, key)}")
+    if tc.threads is not None and tc.threads < 1:
+        raise ConfigError(f"trainer.threads must be >= 1 (or null), got {tc.threads}")
+    if not tc.out_dir:
+        raise ConfigError("trainer.out_dir (--out) must not be empty")
+    d = config.data
+    if d.cache == "disk" and not d.cache_dir:
+        raise ConfigError("data.cache='disk' needs data.cache_dir (the folder for the cached subjects)")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must lie in [0, 1), got {d.val_fraction}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    if d.clip_percentiles is not None and (len(d.clip_percentiles) != 2
+                                           or not 0 <= d.clip_percentiles[0] < d.clip_percentiles[1] <= 100):
+        raise ConfigError(f"data.clip_percentiles must be two percentiles 0 <= lo < hi <= 100, got "
+                          f"{d.clip_percentiles}")
+    o = config.optim
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if o.grad_clip is not None and o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0 (or null), got {o.grad_clip}")
+    if not 0 <= config.inference.overlap < 1:
+        raise ConfigError(f"inference.overlap must lie in [0, 1), got {config.inference.overlap}")
+
+
+def check_spatial_config(config: Config, *, dims: Sequence[int] = (2, 3), in_channels: bool = True) -> None:
+    """Checks ``model.spatial_dims`` (one of ``dims``) and that ``augment.patch_size``, ``inference.roi_size``,
+    ``data.spacing`` and ``data.shape`` give one positive entry per spatial axis; raises :class:`ConfigError`."""
+    m = config.model
+    nd = m.spatial_dims
+    if nd not in dims:
+        raise ConfigError(f"model.spatial_dims must be {' or '.join(map(str, dims))} for the {config.task} task, "
+                          f"got {nd}")
+    if in_channels and m.in_channels < 1:
+        raise ConfigError(f"model.in_channels must be >= 1, got {m.in_channels}")
+    for key in ("augment.patch_size", "inference.roi_size", "data.spacing", "data.shape"):
+        value = _value(config, key)
+        if value is None:
+            continue
+        if len(value) != nd or not all(v > 0 for v in value):
+            raise ConfigError(f"{key} must have {nd} positive entries (one per axis of a model.spatial_dims={nd} "
+                              f"model), got {list(value)}")

@@ -11,7 +11,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FileLists", "gather_files", "prepare_preset"]
+__all__ = ["FileLists", "OutputError", "check_dataset_args", "check_out_dir", "gather_files", "prepare_preset"]
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be used (it, or a folder above it, is an existing file)."""
+
+
+def check_out_dir(path: str | Path, what: str = "--out") -> Path:
+    """Checks that ``path`` can be (or is) a folder before anything is computed: raises :class:`OutputError`
+    naming ``what`` (the flag or setting) when it, or the nearest existing folder above it, is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if p == path and not p.is_dir():
+                raise OutputError(f"{what} {path} exists and is not a folder; give another output folder")
+            if not p.is_dir():
+                raise OutputError(f"{what} {path} cannot be created ({p} is a file); give another output folder")
+            break
+    return path
 
 
 @dataclass
@@ -24,17 +42,45 @@ class FileLists:
     val_labels: list[str]
 
 
+def _preset_builder(name: Any):
+    """The builder of the built-in data set ``name`` (raises :class:`~medfast.train.ConfigError` listing them)."""
+    from medfast.data import presets
+    from medfast.train.config import ConfigError
+
+    names = [n for n in presets.__all__ if callable(getattr(presets, n, None))]
+    if name not in names:
+        raise ConfigError(f"unknown data.dataset {name!r}; available: {', '.join(names)}")
+    return getattr(presets, name)
+
+
+def check_dataset_args(config: Any, task: str) -> None:
+    """``data.dataset`` names a built-in data set and ``data.dataset_args`` are its builder's arguments (none
+    without ``data.dataset``); raises :class:`~medfast.train.ConfigError` naming the keys. Reads no data."""
+    import inspect
+
+    from medfast.train.config import ConfigError
+
+    d = config.data
+    if d.dataset is None:
+        if d.dataset_args:
+            raise ConfigError(f"data.dataset_args {sorted(d.dataset_args)}: the {task} task reads them only for a "
+                              f"built-in data set (data.dataset), which is not set")
+        return
+    params = inspect.signature(_preset_builder(d.dataset)).parameters
+    valid = [p for p in list(params)[1:] if params[p].kind not in (params[p].VAR_POSITIONAL, params[p].VAR_KEYWORD)]
+    unknown = sorted(set(d.dataset_args) - set(valid))
+    if unknown:
+        raise ConfigError(f"data.dataset_args: unknown key(s) {unknown} for data.dataset={d.dataset!r}; valid: "
+                          f"{', '.join(valid) or 'none'}")
+
+
 def prepare_preset(config: Any) -> None:
     """Fills the data lists of a built-in data set (``data.dataset``, :mod:`medfast.data.presets`); its prepared
     files are written under ``trainer.out_dir/data``. Lists already set in the config are kept."""
     d = config.data
     if d.dataset is None:
         return
-    from medfast.data import presets
-
-    builder = getattr(presets, d.dataset, None)
-    if builder is None or d.dataset.startswith("_"):
-        raise ValueError(f"unknown data.dataset {d.dataset!r}; available: {', '.join(presets.__all__)}")
+    builder = _preset_builder(d.dataset)
     files = builder(Path(config.trainer.out_dir) / "data", **d.dataset_args)
     for key, value in files.items():
         if not getattr(d, key):

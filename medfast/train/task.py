@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfast.train.config import Config
+from medfast.train.config import Config, ConfigError
 
 __all__ = ["Task", "get_task", "register_task", "task_names"]
 
@@ -104,25 +104,33 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 
 
 def get_task(name: str) -> type[Task]:
-    """The task class registered as ``name`` (importing ``medfast.tasks.<name>`` if needed)."""
+    """The task class registered as ``name`` (importing ``medfast.tasks.<name>`` if needed); an unknown name
+    raises :class:`~medfast.train.ConfigError` listing the tasks."""
     if not isinstance(name, str):
-        raise TypeError(f"task must be a string, got {type(name).__name__}")
-    if name not in _TASKS:
+        raise ConfigError(f"task must be a string, got {type(name).__name__}")
+    if name not in _TASKS and name.isidentifier():
         try:
             importlib.import_module(f"medfast.tasks.{name}")
         except ModuleNotFoundError as exc:
             if exc.name != f"medfast.tasks.{name}":
                 raise
     if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(task_names()) or 'none'}")
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(task_names()) or 'none'}")
     return _TASKS[name]
 
 
 def task_names() -> list[str]:
-    """Names of the tasks shipped in ``medfast.tasks`` plus any registered at run time."""
+    """Names of the tasks shipped in ``medfast.tasks`` plus any registered at run time (modules of
+    ``medfast.tasks`` that register no task, such as ``evaluation``, are not tasks)."""
     import pkgutil
 
     import medfast.tasks
 
-    names = {m.name for m in pkgutil.iter_modules(medfast.tasks.__path__) if not m.name.startswith("_")}
-    return sorted(names | set(_TASKS))
+    for m in pkgutil.iter_modules(medfast.tasks.__path__):
+        if m.name.startswith("_") or m.name in _TASKS:
+            continue
+        try:
+            importlib.import_module(f"medfast.tasks.{m.name}")
+        except ImportError:  # a task whose optional dependency is missing is not offered
+            continue
+    return sorted(_TASKS)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,20 @@ import torch.distributed as dist
 from torch import nn
 
 from medfast.train import distributed as D
-from medfast.train.config import Config, config_from_dict, config_to_dict, save_config
+from medfast.train.config import Config, ConfigError, check_config, config_from_dict, config_to_dict, save_config
+from medfast.train.files import OutputError, check_out_dir
 from medfast.train.task import Task, get_task
 
-__all__ = ["NonFiniteLossError", "Trainer", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = ["CheckpointError", "NonFiniteLossError", "Trainer", "load_checkpoint", "save_checkpoint", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the batch's files."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or does not fit the run that loads it (another task, model or optimizer);
+    the message names the file."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -50,17 +57,45 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Reads a checkpoint written by the trainer (raises ``FileNotFoundError``/``ValueError`` naming it)."""
+    """Reads a checkpoint written by the trainer (raises ``FileNotFoundError`` or :class:`CheckpointError`, a
+    ``ValueError``, naming it)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give a file such as {path / 'checkpoints' / 'last.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise CheckpointError(f"cannot read checkpoint {path} (not a checkpoint written by medfast train?): "
+                              f"{type(exc).__name__}: {first}") from exc
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a medfast checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{path} is not a medfast checkpoint (no 'model' entry)")
     return state
+
+
+def _config_differences(saved: Any, now: dict[str, Any], section: str) -> list[str]:
+    """``"section.key (A in the checkpoint, B now)"`` for the keys of ``section`` that differ."""
+    old = saved.get(section) if isinstance(saved, dict) else None
+    if not isinstance(old, dict):
+        return []
+    new = now.get(section, {})
+    return [f"{section}.{k} ({old[k]!r} in the checkpoint, {new.get(k)!r} now)"
+            for k in sorted(old) if k in new and old[k] != new[k]]
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path, config: Config | None = None) -> None:
+    """``model.load_state_dict(state["model"])``, raising :class:`CheckpointError` naming the file (and the
+    ``model.*`` settings that differ from ``config``) when the weights do not fit the network."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        diff = _config_differences(state.get("config"), config_to_dict(config), "model") if config else []
+        why = (f"; the checkpoint was trained with other settings: {', '.join(diff)}" if diff else
+               f": {str(exc).splitlines()[0][:300]}")
+        raise CheckpointError(f"the weights in {path} do not fit the network of this run's config (another "
+                              f"architecture){why}") from None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -93,13 +128,13 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
-    raise ValueError(f"optim.name must be one of adamw, adam, sgd; got {cfg.name!r}")
+    raise ConfigError(f"optim.name must be one of adamw, adam, sgd; got {cfg.name!r}")
 
 
 def build_scheduler(optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     name = cfg.scheduler.lower()
     if name not in ("cosine", "constant", "poly"):
-        raise ValueError(f"optim.scheduler must be one of cosine, constant, poly; got {cfg.scheduler!r}")
+        raise ConfigError(f"optim.scheduler must be one of cosine, constant, poly; got {cfg.scheduler!r}")
     warm = max(0, cfg.warmup_steps)
     floor = cfg.min_lr_ratio
 
@@ -116,16 +151,24 @@ def build_scheduler(optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this process's GPU (``LOCAL_RANK`` modulo the visible GPUs), else the CPU."""
+def resolve_device(name: str, what: str = "trainer.device") -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` modulo the visible GPUs), else the CPU. A bad name, or a GPU
+    that is not there, raises :class:`ConfigError` naming ``what`` (the setting or flag)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", D.local_cuda_index())
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{what}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what}={name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"trainer.device={name!r} but no CUDA GPU is visible")
+            raise ConfigError(f"{what}={name!r} but no CUDA GPU is visible (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{what}={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
         if device.index is None:
             device = torch.device("cuda", D.local_cuda_index())
     return device
@@ -135,7 +178,7 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: full precision). Mixed precision is used on CUDA only."""
     name = name.lower()
     if name not in ("auto", "bf16", "fp16", "none", "off", "fp32"):
-        raise ValueError(f"trainer.amp must be one of auto, bf16, fp16, none; got {name!r}")
+        raise ConfigError(f"trainer.amp must be one of auto, bf16, fp16, none; got {name!r}")
     if device.type != "cuda" or name in ("none", "off", "fp32"):
         return None
     if name == "fp16":
@@ -272,15 +315,18 @@ class Trainer:
 
     def __init__(self, config: Config, task: Task | None = None) -> None:
         self.config = config
+        check_config(config)  # the shared settings, before the task (its own) and before any data is read
         self.task = task if task is not None else get_task(config.task)(config)
         tc = config.trainer
-        if tc.max_steps < 1 or tc.batch_size < 1 or tc.accumulate < 1:
-            raise ValueError("trainer.max_steps, trainer.batch_size and trainer.accumulate must be >= 1")
+        try:
+            self.out_dir = check_out_dir(tc.out_dir, "trainer.out_dir (--out)")
+        except OutputError as exc:
+            raise ConfigError(str(exc)) from None
         self.device = resolve_device(tc.device)
+        self.amp_dtype = resolve_amp(tc.amp, self.device)
         self._owns_group = D.init_distributed(self.device.type)
         self.rank, self.world = D.rank(), D.world_size()
-        self.out_dir = Path(tc.out_dir)
-        self.amp_dtype = resolve_amp(tc.amp, self.device)
+        self._run_checkpoints: dict[str, int] = {}  # step_*.pt of this run (and of the run it resumes): pruned
         self.step = 0
         self._tb = None
 
@@ -382,20 +428,36 @@ class Trainer:
                 "schedulers": {ph: sch.state_dict() for ph, sch in self.schedulers.items()}}
 
     def _load_optimizer_state(self, state: dict[str, Any], path: Path) -> None:
+        saved_name = ((state.get("config") or {}).get("optim") or {}).get("name")
+        if isinstance(saved_name, str) and saved_name.lower() != self.config.optim.name.lower():
+            raise CheckpointError(f"{path} was trained with optim.name={saved_name!r} but this run has "
+                                  f"optim.name={self.config.optim.name!r}: its optimizer state cannot be resumed "
+                                  f"with another optimizer; resume with optim.name={saved_name!r}, or train a new "
+                                  f"run (without --resume)")
         if self.phases == [None]:
             if "optimizer" not in state:
-                raise ValueError(f"{path} holds the optimizers of phases {sorted(state.get('optimizers', {}))}; "
-                                 f"task {self.config.task!r} has one optimizer")
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            return
-        saved = state.get("optimizers")
-        if saved is None or set(saved) != set(self.phases):
-            have = sorted(saved) if saved is not None else "one optimizer"
-            raise ValueError(f"{path} holds {have}; task {self.config.task!r} needs optimizers {self.phases}")
-        for ph in self.phases:
-            self.optimizers[ph].load_state_dict(saved[ph])
-            self.schedulers[ph].load_state_dict(state["schedulers"][ph])
+                raise CheckpointError(f"{path} holds the optimizers of phases "
+                                      f"{sorted(state.get('optimizers') or {})}; task {self.config.task!r} has one "
+                                      f"optimizer")
+            pairs = [(self.optimizer, state["optimizer"], self.scheduler, state.get("scheduler"))]
+        else:
+            saved = state.get("optimizers")
+            if saved is None or set(saved) != set(self.phases):
+                have = sorted(saved) if saved is not None else "one optimizer"
+                raise CheckpointError(f"{path} holds {have}; task {self.config.task!r} needs optimizers "
+                                      f"{self.phases}")
+            scheds = state.get("schedulers") or {}
+            pairs = [(self.optimizers[ph], saved[ph], self.schedulers[ph], scheds.get(ph)) for ph in self.phases]
+        for optimizer, opt_state, scheduler, sched_state in pairs:
+            try:
+                optimizer.load_state_dict(opt_state)
+                if sched_state is None:
+                    raise KeyError("scheduler")
+                scheduler.load_state_dict(sched_state)
+            except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"the optimizer state in {path} does not fit this run's optimizer "
+                                      f"(optim.name={self.config.optim.name!r}, model parameters): "
+                                      f"{type(exc).__name__}: {exc}") from None
 
     def _checkpoint(self, epoch: int) -> None:
         if self.rank != 0:
@@ -404,24 +466,73 @@ class Trainer:
         state = self._state(epoch)
         path = save_checkpoint(state, ckdir / f"step_{self.step:07d}.pt")
         save_checkpoint(state, ckdir / "last.pt")
+        self._run_checkpoints[path.name] = self.step
         keep = self.config.trainer.keep_checkpoints
-        old = sorted(ckdir.glob("step_*.pt"))
-        for p in old[: max(0, len(old) - keep)] if keep > 0 else []:
-            if p != path:
-                p.unlink(missing_ok=True)
+        # only this run's step checkpoints (and those of the run it resumed, up to the resumed step) are pruned
+        mine = sorted(self._run_checkpoints, key=self._run_checkpoints.__getitem__)
+        for name in mine[: max(0, len(mine) - keep)] if keep > 0 else []:
+            if name != path.name:
+                (ckdir / name).unlink(missing_ok=True)
+                del self._run_checkpoints[name]
 
-    def _resume(self) -> int | None:
+    def _step_checkpoints(self) -> dict[str, int]:
+        """``{file name: step}`` of the ``step_*.pt`` files in ``out_dir/checkpoints``."""
+        ckdir = self.out_dir / "checkpoints"
+        found = {}
+        for p in ckdir.glob("step_*.pt") if ckdir.is_dir() else []:
+            m = re.fullmatch(r"step_(\d+)\.pt", p.name)
+            if m:
+                found[p.name] = int(m.group(1))
+        return found
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from: ``trainer.resume`` (``auto``: ``out_dir/checkpoints/last.pt`` if there
+        is one; if not, :meth:`_fit` says so and the run starts from step 0), or None."""
         spec = self.config.trainer.resume
         if not spec:
             return None
-        path = self.out_dir / "checkpoints" / "last.pt" if spec == "auto" else Path(spec)
-        if spec == "auto" and not path.is_file():
+        if spec != "auto":
+            return Path(spec)
+        path = self.out_dir / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+
+    def _check_out_dir(self, resume: Path | None) -> None:
+        """A new run (no resume, or resuming another folder's checkpoint) must not write into a checkpoint folder
+        that already holds another run's checkpoints: the two would mix, and pruning would delete the wrong ones."""
+        ckdir = self.out_dir / "checkpoints"
+        found = sorted(self._step_checkpoints()) + (["last.pt"] if (ckdir / "last.pt").is_file() else [])
+        if not found:
+            return
+        if resume is not None and resume.resolve().parent == ckdir.resolve():
+            return
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        what = (f"resuming {resume} (another folder) into it" if resume is not None else
+                "starting a new run in it")
+        raise ConfigError(f"trainer.out_dir (--out) {self.out_dir} already holds checkpoints of an earlier run "
+                          f"({shown}); {what} would mix the two runs. Continue that run with --resume "
+                          f"(trainer.resume=auto), train into a new folder (--out), or delete {ckdir} first")
+
+    def _resume(self, path: Path | None) -> int | None:
+        if path is None:
             return None
         state = load_checkpoint(path, map_location="cpu")
-        self.model.load_state_dict(state["model"])
+        saved_task = state.get("task") or (state.get("config") or {}).get("task")
+        if saved_task is not None and saved_task != self.config.task:
+            raise CheckpointError(f"{path} is a checkpoint of the {saved_task!r} task; this run trains "
+                                  f"{self.config.task!r}")
+        missing = [k for k in ("scaler", "step", "rng") if k not in state]
+        if missing:
+            raise CheckpointError(f"{path} is not a training checkpoint of medfast train (no {', '.join(missing)}); "
+                                  f"it cannot be resumed")
+        load_model_state(self.model, state, path, self.config)
         self._load_optimizer_state(state, path)
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot restore the gradient scaler from {path}: {exc}") from None
         self.step = int(state["step"])
+        if path.resolve().parent == (self.out_dir / "checkpoints").resolve():
+            self._run_checkpoints = {k: v for k, v in self._step_checkpoints().items() if v <= self.step}
         if self.rank == 0 or state.get("world_size", 1) == self.world:
             _set_rng_state(state["rng"])
         if self.rank != 0:  # the saved global RNG state is rank 0's: move the other ranks off it
@@ -523,12 +634,21 @@ class Trainer:
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         tc = self.config.trainer
         t0 = time.perf_counter()
+        resume_path = self._resume_path()
+        self._check_out_dir(resume_path)  # before reading any data
+        if resume_path is None and tc.resume == "auto" and self.rank == 0:
+            print(f"medfast train: --resume: no checkpoint to resume in {self.out_dir / 'checkpoints'} (no last.pt); "
+                  f"starting a new run from step 0", flush=True)
         self._setup()
         main = self.rank == 0
         if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create trainer.out_dir (--out) {self.out_dir}: "
+                                  f"{exc.strerror or exc}") from None
             save_config(self.config, self.out_dir / "config.yaml")
-        resumed = self._resume()
+        resumed = self._resume(resume_path)
         train_log, val_log = _Log(self.out_dir, "train_log"), _Log(self.out_dir, "val_log")
         if main:
             train_log.restore(self.step if resumed is not None else None)

@@ -333,18 +333,27 @@ class SimulatedUltrasound:
         self._seen: dict[tuple, int] = {}
 
     @classmethod
-    def from_args(cls, args: Mapping[str, Any], image_shape: Sequence[int] | None, normalize: str,
-                  seed: int) -> SimulatedUltrasound:
-        """From ``data.dataset_args`` (keys as the constructor's; ``samples_per_epoch`` and ``val_samples``
-        are read by the task) plus ``data.shape`` and ``data.normalize``."""
+    def check_args(cls, args: Mapping[str, Any]) -> set[str]:
+        """Raises :class:`~medfast.train.ConfigError` naming unknown ``data.dataset_args`` keys; returns the
+        constructor's keys."""
         import inspect
+
+        from medfast.train.config import ConfigError
 
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "image_shape", "normalize", "seed"}
         extra = {"samples_per_epoch", "val_samples", "classes"}
         unknown = sorted(set(args) - known - extra)
         if unknown:
-            raise ValueError(f"data.dataset_args: unknown key(s) {unknown} for dataset 'simulated_ultrasound'; "
-                             f"valid: {', '.join(sorted(known | extra))}")
+            raise ConfigError(f"data.dataset_args: unknown key(s) {unknown} for dataset 'simulated_ultrasound'; "
+                              f"valid: {', '.join(sorted(known | extra))}")
+        return known
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any], image_shape: Sequence[int] | None, normalize: str,
+                  seed: int) -> SimulatedUltrasound:
+        """From ``data.dataset_args`` (keys as the constructor's; ``samples_per_epoch`` and ``val_samples``
+        are read by the task) plus ``data.shape`` and ``data.normalize``."""
+        known = cls.check_args(args)
         kw = {k: v for k, v in args.items() if k in known}
         return cls(**kw, image_shape=image_shape or (64, 64), normalize=normalize, seed=seed)
 

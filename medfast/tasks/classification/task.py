@@ -39,12 +39,64 @@ from medfast.tasks.classification.data import ImageFolderDataset
 from medfast.tasks.classification.encoding import make_encoder
 from medfast.tasks.classification.losses import ClassificationLoss
 from medfast.tasks.classification.metrics import classification_report, confusion_matrix, save_confusion_png
-from medfast.train.config import Config
+from medfast.train.config import Config, ConfigError, check_spatial_config
 from medfast.train.task import Task, register_task
 
-__all__ = ["ClassificationTask", "build_classifier", "predict_files"]
+__all__ = ["ClassificationTask", "build_classifier", "check_config", "predict_files"]
 
 SIMULATED = "simulated_ultrasound"
+#: ``data.dataset_args`` of a folder / CSV data set (no ``data.dataset``)
+FOLDER_ARGS = ("csv_file", "classes", "channels", "file_column", "label_column", "val_root", "val_csv_file")
+ENCODINGS = ("nominal", "binary", "ordinal")
+#: the model.kwargs taken from other keys (model.*), not allowed in model.kwargs
+_FIXED = {"self", "spatial_dims", "in_channels", "num_classes", "encoding", "width"}
+
+
+def _network_class(name: str):
+    from medfast.nets import DenseNetClassifier, ResNetClassifier, SonoNet
+
+    return {"sononet": SonoNet, "resnet": ResNetClassifier, "densenet": DenseNetClassifier}.get(name)
+
+
+def check_config(config: Config) -> None:
+    """Checks the classification settings (``model.*``, ``data.dataset_args``, ``task_args``) before any data is
+    read; raises :class:`ConfigError` naming the key and the allowed values."""
+    import inspect
+
+    m, d = config.model, config.data
+    name = m.name.lower() if isinstance(m.name, str) else m.name
+    cls = _network_class(name)
+    if cls is None:
+        raise ConfigError(f"model.name={m.name!r}: the classification task builds 'sononet', 'resnet' or 'densenet'")
+    check_spatial_config(config)
+    if name == "sononet" and m.spatial_dims != 2:
+        raise ConfigError(f"model.name='sononet' is 2D; got model.spatial_dims={m.spatial_dims}")
+    if m.out_channels < 2:
+        raise ConfigError(f"model.out_channels must be >= 2 (the number of classes), got {m.out_channels}")
+    kw = dict(m.kwargs)
+    encoding = kw.pop("encoding", "nominal")
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"model.kwargs.encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
+    valid = sorted(set(inspect.signature(cls.__init__).parameters) - _FIXED)
+    unknown = sorted(set(kw) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown model.kwargs for model.name={name!r}: {unknown}; valid: encoding, "
+                          f"{', '.join(valid)}")
+    if d.dataset == SIMULATED:
+        from medfast.tasks.classification.simulated import SimulatedUltrasound
+
+        SimulatedUltrasound.check_args(d.dataset_args)
+        if m.spatial_dims != 2 or m.in_channels != 1:
+            raise ConfigError(f"data.dataset={SIMULATED!r} renders 2D single-channel images: set "
+                              f"model.spatial_dims=2 and model.in_channels=1 (got {m.spatial_dims}, {m.in_channels})")
+    elif d.dataset is None:
+        unknown = sorted(set(d.dataset_args) - set(FOLDER_ARGS))
+        if unknown:
+            raise ConfigError(f"data.dataset_args: unknown key(s) {unknown} for a folder / CSV data set; valid: "
+                              f"{', '.join(FOLDER_ARGS)}")
+    if config.task_args:
+        raise ConfigError(f"unknown task_args for the classification task: {sorted(config.task_args)} (it takes "
+                          f"none; the settings are model.kwargs and data.dataset_args)")
 
 
 def build_classifier(config: Config) -> nn.Module:
@@ -58,13 +110,13 @@ def build_classifier(config: Config) -> nn.Module:
     name = m.name.lower()
     if name == "sononet":
         if m.spatial_dims != 2:
-            raise ValueError(f"model.name='sononet' is 2D; got model.spatial_dims={m.spatial_dims}")
+            raise ConfigError(f"model.name='sononet' is 2D; got model.spatial_dims={m.spatial_dims}")
         return SonoNet(m.in_channels, m.out_channels, encoding, width=width, **kw)
     if name == "resnet":
         return ResNetClassifier(m.spatial_dims, m.in_channels, m.out_channels, encoding, width=width, **kw)
     if name == "densenet":
         return DenseNetClassifier(m.spatial_dims, m.in_channels, m.out_channels, encoding, width=width, **kw)
-    raise ValueError(f"model.name={m.name!r}: the classification task builds 'sononet', 'resnet' or 'densenet'")
+    raise ConfigError(f"model.name={m.name!r}: the classification task builds 'sononet', 'resnet' or 'densenet'")
 
 
 class _Subset(Dataset):
@@ -88,6 +140,7 @@ class ClassificationTask(Task):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        check_config(config)
         self.encoding = config.model.kwargs.get("encoding", "nominal")
         self.num_classes = config.model.out_channels
         self.loss_fn = ClassificationLoss(self.encoding)
@@ -115,7 +168,7 @@ class ClassificationTask(Task):
         c, d = self.config, self.config.data
         args = d.dataset_args
         if c.model.spatial_dims != 2 or c.model.in_channels != 1:
-            raise ValueError(f"data.dataset={SIMULATED!r} renders 2D single-channel images: set model.spatial_dims=2 "
+            raise ConfigError(f"data.dataset={SIMULATED!r} renders 2D single-channel images: set model.spatial_dims=2 "
                              f"and model.in_channels=1 (got {c.model.spatial_dims}, {c.model.in_channels})")
         self.source = SimulatedUltrasound.from_args(args, d.shape, d.normalize, c.trainer.seed)
         planes = self.source.planes
@@ -297,7 +350,7 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
 
     from medfast.tasks.classification.data import read_image
     from medfast.train.config import config_from_dict, load_config
-    from medfast.train.trainer import load_checkpoint, resolve_device
+    from medfast.train.trainer import load_checkpoint, load_model_state, resolve_device
 
     state = load_checkpoint(checkpoint)
     config = config_from_dict(state["config"])
@@ -308,9 +361,9 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     task = ClassificationTask(config)
     names = config.data.dataset_args.get("classes") or [str(k) for k in range(task.num_classes)]
     task.encoder = make_encoder(task.encoding, task.num_classes, names)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     model = build_classifier(config)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, checkpoint, config)
     model.to(dev).eval()
     # the training data set's item transform, applied to files outside it
     folder = ImageFolderDataset.__new__(ImageFolderDataset)

@@ -1,0 +1,368 @@
+"""User errors of `medfast train / predict / evaluate / register` are one-line messages naming the argument,
+config key or file (never a traceback), and the command-line values are taken as given."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medfast.cli import main
+from medfast.data.synthetic import make_blobs
+from medfast.train import CheckpointError, ConfigError, Trainer, load_config
+
+CFG = """
+task: segmentation
+data: {{root: {root}}}
+model: {{channels: [2, 4], out_channels: 3}}
+augment: {{patch_size: [8, 8, 8], deform_grid: 3}}
+inference: {{roi_size: [8, 8, 8]}}
+trainer: {{max_steps: 2, batch_size: 1, val_every: 0, checkpoint_every: 2, progress: false, tensorboard: false,
+          plots: false, threads: 1, device: cpu}}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny blobs data, its config, and a 2-step checkpoint."""
+    base = tmp_path_factory.mktemp("cli_errors")
+    make_blobs(base / "data", n=2, shape=(12, 12, 12), classes=3)
+    cfg = base / "seg.yaml"
+    cfg.write_text(CFG.format(root=base / "data"))
+    assert main(["train", str(cfg), "--out", str(base / "run")]) == 0
+    return base, cfg, base / "run" / "checkpoints" / "last.pt"
+
+
+def _err(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _save(path, data, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+
+
+# --- B2: --out / --resume / --device are used verbatim ---------------------------------------------------
+@pytest.mark.parametrize("out", ["runs/a #1", "0777", "yes", "2024-01-01", "null"])
+def test_out_is_taken_verbatim(setup, capsys, out):
+    _, cfg, _ = setup
+    assert main(["train", str(cfg), "--out", out, "--print-config"]) == 0
+    text = capsys.readouterr().out
+    import yaml
+
+    assert yaml.safe_load(text)["trainer"]["out_dir"] == out
+    config = load_config([cfg], values={"trainer.out_dir": out, "trainer.resume": out, "trainer.device": "0"})
+    assert config.trainer.out_dir == out and config.trainer.resume == out and config.trainer.device == "0"
+
+
+# --- B3: a binary file given as config ------------------------------------------------------------------
+def test_binary_config_file_is_a_clear_error(setup, capsys):
+    base, _, _ = setup
+    bad = base / "data" / "images" / "case_000.nii.gz"  # gzip: not UTF-8
+    assert main(["train", str(bad), "--print-config"]) == 1
+    err = _err(capsys)
+    assert str(bad) in err and "UTF-8" in err
+
+
+# --- B1: bad config values are ConfigErrors naming the key, before any data is read --------------------
+@pytest.mark.parametrize("override, match", [
+    ("optim.name=adamx", "optim.name must be one of adamw, adam, sgd"),
+    ("optim.scheduler=step", "optim.scheduler must be one of cosine, constant, poly"),
+    ("trainer.amp=fp8", "trainer.amp must be one of"),
+    ("model.name=resnet", "model.name='resnet'"),
+    ("model.spatial_dims=4", "model.spatial_dims must be 2 or 3"),
+    ("data.normalize=foo", "data.normalize must be one of zscore, minmax, none"),
+    ("task=segmentaton", "unknown task 'segmentaton'"),
+    ("trainer.max_steps=0", "trainer.max_steps must be >= 1"),
+    ("augment.patch_size=[24,24]", "augment.patch_size must have 3"),
+    ("data.spacing=[1,1]", "data.spacing must have 3"),
+    ("data.shape=[20,20]", "data.shape must have 3"),
+    ("data.cache=disk", "data.cache_dir"),
+    ("model.out_channels=1", "model.out_channels must be >= 2"),
+    ("model.kwargs.foo=1", "unknown model.kwargs"),
+    ("data.dataset_args.fooo=1", "data.dataset_args"),
+    ("task_args.foo=1", "unknown task_args for the segmentation task"),
+    ("model.norm=layer", "model.norm must be one of"),
+])
+def test_bad_config_values_are_messages(setup, capsys, tmp_path, override, match):
+    _, cfg, _ = setup
+    assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--set", override]) == 1
+    err = _err(capsys)
+    assert match in err, err
+    assert not (tmp_path / "x").exists()  # failed before anything was written
+    with pytest.raises(ConfigError, match=match.split("'")[0]):
+        Trainer(load_config([cfg], [override, f"trainer.out_dir={tmp_path / 'y'}"]))
+
+
+def test_unknown_task_lists_only_tasks(setup, capsys, tmp_path):
+    _, cfg, _ = setup
+    assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--set", "task=evaluation"]) == 1
+    err = _err(capsys)
+    assert "unknown task 'evaluation'" in err and "segmentation" in err
+    assert "evaluation," not in err.split("available:")[1]
+
+
+@pytest.mark.parametrize("device, match", [("foo", "is not a device"), ("cuda:99", "CUDA GPU")])
+def test_bad_device(setup, capsys, tmp_path, device, match):
+    _, cfg, _ = setup
+    assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--device", device]) == 1
+    assert match in _err(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu(setup, capsys, tmp_path):
+    _, cfg, _ = setup
+    assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--device", "cuda"]) == 1
+    assert "trainer.device='cuda' but no CUDA GPU is visible" in _err(capsys)
+
+
+@pytest.mark.parametrize("dataset_args, match", [
+    ("{csv_fle: x.csv}", "unknown key(s) ['csv_fle'] for a folder"),
+    ("{volumez: 3}", "unknown key(s) ['volumez'] for dataset 'simulated_ultrasound'"),
+])
+def test_classification_config_typos(setup, capsys, tmp_path, dataset_args, match):
+    base, _, _ = setup
+    cfg = tmp_path / "cls.yaml"
+    dataset = "dataset: simulated_ultrasound, " if "volumez" in dataset_args else ""
+    cfg.write_text(f"task: classification\ndata: {{{dataset}root: {base}, dataset_args: {dataset_args}}}\n"
+                   f"model: {{name: resnet, spatial_dims: 2, out_channels: 2}}\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "x")]) == 1
+    assert match in _err(capsys)
+    cfg.write_text(f"task: classification\ndata: {{root: {base}}}\nmodel: {{name: resnet, spatial_dims: 2}}\n"
+                   f"task_args: {{foo: 1}}\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "x")]) == 1
+    assert "unknown task_args for the classification task" in _err(capsys)
+
+
+# --- B1 / B13: resuming from a file that is not a checkpoint, or of another model or optimizer ---------
+def test_resume_from_a_bad_or_foreign_checkpoint(setup, capsys, tmp_path):
+    _, cfg, ckpt = setup
+    assert main(["train", str(cfg), "--out", str(tmp_path / "a"), "--resume", str(cfg)]) == 1
+    err = _err(capsys)
+    assert "cannot read checkpoint" in err and str(cfg) in err
+    assert main(["train", str(cfg), "--out", str(tmp_path / "b"), "--resume", str(ckpt),
+                 "--set", "model.channels=[4, 8]"]) == 1
+    err = _err(capsys)
+    assert str(ckpt) in err and "model.channels ([2, 4] in the checkpoint, [4, 8] now)" in err
+    assert main(["train", str(cfg), "--out", str(tmp_path / "c"), "--resume", str(ckpt),
+                 "--set", "optim.name=sgd", "--set", "trainer.max_steps=3"]) == 1
+    err = _err(capsys)
+    assert str(ckpt) in err and "optim.name='adamw'" in err and "optim.name='sgd'" in err
+    with pytest.raises(CheckpointError, match="optim.name"):
+        Trainer(load_config([cfg], [f"trainer.out_dir={tmp_path / 'd'}", f"trainer.resume={ckpt}",
+                                    "optim.name=adam", "trainer.max_steps=3"])).fit()
+
+
+def test_resume_without_a_checkpoint_says_so(setup, capsys, tmp_path):
+    _, cfg, _ = setup
+    assert main(["train", str(cfg), "--out", str(tmp_path / "new"), "--resume", "--set", "trainer.max_steps=1"]) == 0
+    assert "no checkpoint to resume" in capsys.readouterr().out
+    assert (tmp_path / "new" / "checkpoints" / "last.pt").is_file()
+
+
+# --- B11: a new run into a folder holding another run's checkpoints; pruning ---------------------------
+def test_new_run_into_a_used_folder_is_refused(setup, capsys, tmp_path):
+    base, cfg, _ = setup
+    out = tmp_path / "run"
+    shutil.copytree(base / "run", out)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert main(["train", str(cfg), "--out", str(out), "--set", "trainer.checkpoint_every=1"]) == 1
+    err = _err(capsys)
+    assert "already holds checkpoints" in err and "--resume" in err and "--out" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    # resuming it is fine
+    assert main(["train", str(cfg), "--out", str(out), "--resume", "--set", "trainer.max_steps=3"]) == 0
+    # so is a resume from another folder into a new one, but not into a used one
+    assert main(["train", str(cfg), "--out", str(tmp_path / "fresh"), "--resume",
+                 str(out / "checkpoints" / "last.pt"), "--set", "trainer.max_steps=4"]) == 0
+    assert main(["train", str(cfg), "--out", str(out), "--resume",
+                 str(tmp_path / "fresh" / "checkpoints" / "last.pt"), "--set", "trainer.max_steps=5"]) == 1
+    assert "already holds checkpoints" in _err(capsys)
+
+
+def test_pruning_keeps_the_current_runs_checkpoints(setup, tmp_path):
+    _, cfg, _ = setup
+    out = tmp_path / "p"
+    common = [f"trainer.out_dir={out}", "trainer.val_every=0"]
+    Trainer(load_config([cfg], common + ["trainer.max_steps=8", "trainer.checkpoint_every=2",
+                                         "trainer.keep_checkpoints=4"])).fit()
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*.pt")) == [f"step_000000{i}.pt" for i in (2, 4, 6, 8)]
+    # go back to step 2 and take another branch: its own latest two checkpoints are kept (not the old 6 and 8)
+    Trainer(load_config([cfg], common + ["trainer.max_steps=4", "trainer.checkpoint_every=1",
+                                         "trainer.keep_checkpoints=2",
+                                         f"trainer.resume={ck / 'step_0000002.pt'}"])).fit()
+    names = sorted(p.name for p in ck.glob("step_*.pt"))
+    assert {"step_0000003.pt", "step_0000004.pt"} <= set(names) and "step_0000002.pt" not in names
+
+
+# --- B12: --out is an existing file ---------------------------------------------------------------------
+def test_out_that_is_a_file(setup, capsys, tmp_path):
+    base, cfg, ckpt = setup
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    img = base / "data" / "images" / "case_000.nii.gz"
+    lab = base / "data" / "labels" / "case_000.nii.gz"
+    assert main(["train", str(cfg), "--out", str(afile)]) == 1
+    assert "exists and is not a folder" in _err(capsys)
+    assert main(["predict", str(img), "--model", str(ckpt), "--out", str(afile), "--device", "cpu"]) == 1
+    assert "--out" in (err := _err(capsys)) and "exists and is not a folder" in err
+    assert main(["predict", str(img), "--model", str(ckpt), "--out", str(afile / "sub"), "--device", "cpu"]) == 1
+    assert "is a file" in _err(capsys)
+    with pytest.raises(SystemExit, match="exists and is not a folder"):
+        main(["evaluate", str(lab), str(lab), "--out", str(afile)])
+
+
+# --- B6 / B7: predict output names ----------------------------------------------------------------------
+def test_predict_refuses_colliding_output_names(setup, capsys, tmp_path):
+    base, _, ckpt = setup
+    img = base / "data" / "images" / "case_000.nii.gz"
+    for d in ("dup1", "dup2"):
+        (tmp_path / d).mkdir()
+        shutil.copy(img, tmp_path / d / "scan.nii.gz")
+    a, b = tmp_path / "dup1" / "scan.nii.gz", tmp_path / "dup2" / "scan.nii.gz"
+    assert main(["predict", str(a), str(b), "--model", str(ckpt), "--out", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 1
+    err = _err(capsys)
+    assert str(a) in err and str(b) in err and "scan_seg.nii.gz" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_nnunet_named_images_predict_then_evaluate(setup, capsys, tmp_path):
+    base, _, ckpt = setup
+    ds = tmp_path / "ds"
+    for i in range(2):
+        (ds / "images").mkdir(parents=True, exist_ok=True)
+        shutil.copy(base / "data" / "images" / f"case_00{i}.nii.gz", ds / "images" / f"case_00{i}_0000.nii.gz")
+        shutil.copytree(base / "data" / "labels", ds / "labels", dirs_exist_ok=True)
+    images = sorted(str(p) for p in (ds / "images").iterdir())
+    assert main(["predict", *images, "--model", str(ckpt), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case_000_seg.nii.gz", "case_001_seg.nii.gz"]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "pred"), str(ds / "labels")]) == 0
+    assert "2 case(s)" in capsys.readouterr().out
+    # older predictions named after the image (case_000_0000_seg) pair too
+    from medfast.tasks.evaluation import find_evaluation_pairs
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for i in range(2):
+        shutil.copy(tmp_path / "pred" / f"case_00{i}_seg.nii.gz", old / f"case_00{i}_0000_seg.nii.gz")
+    assert [p.name for p, _ in find_evaluation_pairs(old, ds / "labels")] == [
+        "case_000_0000_seg.nii.gz", "case_001_0000_seg.nii.gz"]
+    # an image and its nnU-Net-named copy would both be case_000_seg: refused
+    assert main(["predict", images[0], str(base / "data" / "images" / "case_000.nii.gz"), "--model", str(ckpt),
+                 "--out", str(tmp_path / "pred2"), "--device", "cpu"]) == 1
+    assert "case_000_seg.nii.gz" in _err(capsys)
+
+
+# --- B4 / B5: label values and channels are checked against the model, naming the file ------------------
+def _copy_data(base, dest):
+    shutil.copytree(base / "data", dest)
+    return dest
+
+
+def test_label_values_beyond_out_channels_name_the_file(setup, capsys, tmp_path):
+    base, cfg, _ = setup
+    data = _copy_data(base, tmp_path / "d")
+    lab = data / "labels" / "case_001.nii.gz"
+    src = nib.load(str(lab))
+    arr = np.asarray(src.dataobj).copy()
+    arr[arr == 2] = 7
+    _save(lab, arr.astype(np.uint8), src.affine)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--set", f"data.root={data}",
+                 "--set", "trainer.max_steps=1"]) == 1
+    err = _err(capsys)
+    assert str(lab) in err and "[7]" in err and "model.out_channels=3" in err
+    # validation data too (data.val_images), before any training step
+    assert main(["train", str(cfg), "--out", str(tmp_path / "y"), "--set", "data.root=null",
+                 "--set", f"data.train_images=[{data / 'images' / 'case_000.nii.gz'}]",
+                 "--set", f"data.train_labels=[{data / 'labels' / 'case_000.nii.gz'}]",
+                 "--set", f"data.val_images=[{data / 'images' / 'case_001.nii.gz'}]",
+                 "--set", f"data.val_labels=[{lab}]", "--set", "trainer.val_every=1",
+                 "--set", "trainer.val_at_start=true"]) == 1
+    assert str(lab) in _err(capsys)
+
+
+def test_channels_and_dimensions_are_checked_against_the_model(setup, capsys, tmp_path):
+    base, cfg, ckpt = setup
+    data = _copy_data(base, tmp_path / "d")
+    img = data / "images" / "case_001.nii.gz"
+    src = nib.load(str(img))
+    x = np.asarray(src.dataobj)
+    _save(img, np.stack([x, x], -1), src.affine)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--set", f"data.root={data}"]) == 1
+    err = _err(capsys)
+    assert str(img) in err and "2 channel(s)" in err and "model.in_channels" in err
+    assert main(["predict", str(img), "--model", str(ckpt), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 1
+    err = _err(capsys)
+    assert str(img) in err and "2 channel(s)" in err and "model.in_channels=1" in err
+    flat = tmp_path / "flat.nii.gz"
+    _save(flat, x[:, :, 0], src.affine)
+    assert main(["predict", str(flat), "--model", str(ckpt), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 1
+    err = _err(capsys)
+    assert str(flat) in err and "3D images" in err and "2D" in err
+
+
+# --- B8 / B9 / minor: medfast register --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reg")
+    rng = np.random.default_rng(0)
+    lab = np.zeros((16, 16, 16), np.uint8)
+    lab[4:12, 4:12, 4:12] = 1
+    img = (lab * 10 + rng.normal(0, 1, lab.shape)).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    shifted = aff.copy()
+    shifted[0, 3] = 6.0
+    _save(d / "fixed.nii.gz", img, aff)
+    _save(d / "moving.nii.gz", img, aff)
+    _save(d / "fixed_lab.nii.gz", lab, aff)
+    _save(d / "moving_lab.nii.gz", lab, aff)
+    _save(d / "fixed_lab_shifted.nii.gz", lab, shifted)
+    _save(d / "moving_lab_float.nii.gz", lab.astype(np.float32) + 0.4, aff)
+    _save(d / "moving2d.nii.gz", img[:, :, 8], aff)
+    return d
+
+
+def _register(reg, *extra):
+    return ["register", str(reg / "fixed.nii.gz"), str(reg / "moving.nii.gz"), "--no-progress", "--device", "cpu",
+            "--out", str(reg / "out"), *extra]
+
+
+def test_register_checks_label_maps(reg, capsys):
+    no_opt = ["--affine-levels", "", "--deform-levels", ""]
+    assert main(_register(reg, "--fixed-labels", str(reg / "fixed_lab.nii.gz"), "--moving-labels",
+                          str(reg / "moving_lab.nii.gz"), *no_opt)) == 0
+    capsys.readouterr()
+    assert main(_register(reg, "--fixed-labels", str(reg / "fixed_lab_shifted.nii.gz"), "--moving-labels",
+                          str(reg / "moving_lab.nii.gz"), *no_opt)) == 1
+    err = _err(capsys)
+    assert "fixed_lab_shifted.nii.gz" in err and "different affines" in err
+    assert main(_register(reg, "--fixed-labels", str(reg / "fixed_lab.nii.gz"), "--moving-labels",
+                          str(reg / "moving_lab_float.nii.gz"), *no_opt)) == 1
+    err = _err(capsys)
+    assert "moving_lab_float.nii.gz" in err and "non-integer" in err
+
+
+def test_register_levels_and_dimensions(reg, capsys):
+    assert main(_register(reg, "--deform-levels", "64", "--affine-levels", "")) == 1
+    err = _err(capsys)
+    assert "--deform-levels" in err and "[64]" in err and "16" in err
+    with pytest.raises(SystemExit) as exc:
+        main(_register(reg, "--affine-levels", "abc"))
+    assert exc.value.code == 2
+    err = _err(capsys)
+    assert "argument --affine-levels" in err and "abc" in err
+    afile = reg / "afile"
+    afile.write_text("x")
+    assert main(["register", str(reg / "fixed.nii.gz"), str(reg / "moving.nii.gz"), "--out", str(afile)]) == 1
+    assert "exists and is not a folder" in _err(capsys)
+    args = ["register", str(reg / "fixed.nii.gz"), str(reg / "moving2d.nii.gz"), "--no-progress", "--device",
+            "cpu", "--out", str(reg / "out")]
+    assert main(args) == 1
+    err = _err(capsys)
+    assert "moving2d.nii.gz" in err and "2D" in err and "3D" in err
