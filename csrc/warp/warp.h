@@ -366,12 +366,13 @@ MEDFAST_UNROLL
   for (int i = 0; i < NDIM; ++i) axis_taps<MODE, PAD>(p[i], A.in_size[i], ax[i]);
 }
 
-// Zeros padding: whether the sample lies so far beyond the image along some axis that none of its taps
-// is inside (nearest: the rounded position; linear: both taps). Such a sample is exactly 0, has no
-// gradient, and reads nothing: its taps keep in-range indices with weight 0, and 0 x a NaN or inf image
-// value would be NaN where scipy's grid-constant gives 0. (Cubic taps fold onto the edge coefficients:
-// the spline continues outside, so they are read.) A sample straddling the edge still reads its edge
-// voxels, as scipy does.
+// Zeros padding: whether the sample lies so far beyond the image along some axis that no tap inside
+// has a weight (nearest: the rounded position; linear: both taps, or at x = -1 exactly the inside tap
+// 0 with weight 0, counted outside as the AVX2 path finds it from the weights). Such a sample is
+// exactly 0, has no gradient, and reads nothing: its taps keep in-range indices with weight 0, and
+// 0 x a NaN or inf image value would be NaN where scipy's grid-constant gives 0. (Cubic taps fold onto
+// the edge coefficients: the spline continues outside, so they are read.) A sample straddling the
+// edge still reads its edge voxels, as scipy does.
 template <int MODE, int PAD, typename T, int NDIM>
 MEDFAST_HOST_DEVICE bool sample_outside(const T* p, const int64_t* n) {
   if constexpr (PAD != kZeros || MODE == kCubic) {
@@ -384,7 +385,7 @@ MEDFAST_UNROLL
         const T y = p[i] + T(0.5);  // floor(y) outside [0, n): as axis_taps_nearest rounds
         out = out || y < T(0) || y >= T(n[i]);
       } else {
-        out = out || p[i] < T(-1) || p[i] >= T(n[i]);  // floor(x) < -1 or >= n
+        out = out || p[i] <= T(-1) || p[i] >= T(n[i]);  // no tap inside with a weight
       }
     }
     return out;
