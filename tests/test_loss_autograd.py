@@ -140,3 +140,13 @@ def test_string_spacing_is_refused(spacing):
         mf.distance_transform(m[:, 1], spacing=spacing)
     with pytest.raises(TypeError, match="spacing must be"):
         hausdorff_distance(m, m, spacing=spacing)
+
+
+def test_meta_tensors_trace_shapes():
+    # the label check reads values: skipped on meta tensors (shape-only tracing), as under torch.compile
+    x = torch.randn(2, 3, 4, 5, device="meta", requires_grad=True)
+    y = torch.randint(0, 3, (2, 4, 5)).to("meta")
+    loss = mf.dice_ce_loss(x, y)
+    assert loss.shape == () and loss.device.type == "meta"
+    loss.backward()
+    assert x.grad.shape == x.shape

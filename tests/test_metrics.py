@@ -160,6 +160,28 @@ def test_dice_label_dtypes(dtype):
     torch.testing.assert_close(mm.dice(pred.to(dtype), target.to(dtype), classes), want, equal_nan=True)
 
 
+@pytest.mark.parametrize("ignore_index", [None, 3, 1000])
+def test_dice_many_classes_counts_without_a_pair_table(monkeypatch, ignore_index):
+    """Past a pair table larger than the data, the counts come from three bincounts: the same values, and
+    a million classes no longer allocate a (10^6)^2 table (8 TB)."""
+    from medfast.metrics import _segmentation as seg
+
+    gen = torch.Generator().manual_seed(4)
+    target = torch.randint(0, 40, (2, 9, 10, 11), generator=gen)
+    pred = torch.where(torch.rand(target.shape, generator=gen) < 0.6, target, torch.randint(0, 40, target.shape))
+    if ignore_index is not None:
+        target[:, ::3] = ignore_index
+    monkeypatch.setattr(seg, "_TABLE_LIMIT", 1 << 60)
+    table = mm.dice(pred, target, 40, ignore_index=ignore_index)
+    monkeypatch.setattr(seg, "_TABLE_LIMIT", 0)
+    counts = mm.dice(pred, target, 40, ignore_index=ignore_index)
+    torch.testing.assert_close(counts, table, equal_nan=True)
+    monkeypatch.undo()
+    huge = torch.randint(0, 10**6, (1, 16, 16, 16), generator=gen)
+    score = mm.dice(huge, huge, 10**6)
+    assert score.shape == (1, 10**6) and (score[~score.isnan()] == 1).all()
+
+
 def test_bad_inputs():
     labels = torch.zeros(2, 8, 8, dtype=torch.long)
     masks = torch.zeros(2, 2, 8, 8, dtype=torch.bool)

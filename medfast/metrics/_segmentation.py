@@ -400,6 +400,9 @@ def _fill_empty(
 # ----------------------------------------------------------------------------------------------------------
 
 
+_TABLE_LIMIT = 1 << 24  # entries of the pair table past which (and past 4x the voxels) three bincounts are used
+
+
 def _confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None):
     """Per batch element and class: target voxels, pred voxels and voxels where both are the class, as
     three ``(B, num_classes)`` int64 tensors, from one ``bincount`` of (target, pred) pairs. A
@@ -412,6 +415,16 @@ def _confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int
         t = t.masked_fill(t == ignore_index, num_classes)
         if not 0 <= ignore_index < num_classes:  # validated labels: outside the range only ignore_index
             p = p.masked_fill(p == ignore_index, num_classes)
+    if batch * k * k > max(_TABLE_LIMIT, 4 * t.numel()):
+        # many classes: a (k x k) table per batch element would outgrow the data (a million classes: 8 TB);
+        # three bincounts of k entries instead (a masked copy of the voxels, but memory linear in k)
+        base = torch.arange(batch, device=t.device).view(-1, 1) * k
+        tb, pb = t + base, p + base
+        labelled = t < num_classes
+        n_t = torch.bincount(tb.flatten(), minlength=batch * k).view(batch, k)[:, :num_classes]
+        n_p = torch.bincount(pb[labelled], minlength=batch * k).view(batch, k)[:, :num_classes]
+        n_tp = torch.bincount(tb[labelled & (t == p)], minlength=batch * k).view(batch, k)[:, :num_classes]
+        return n_t, n_p, n_tp
     pairs = (t * k).add_(p)  # one allocation of the pair index (plus t's and p's if they were narrower)
     if batch > 1:
         pairs += torch.arange(batch, device=t.device).view(-1, 1) * (k * k)

@@ -194,8 +194,12 @@ def warp(
     -------
     Tensor
         ``(B, C, *S_out)``, dtype of ``image``. Differentiable w.r.t. ``image`` (all modes) and
-        ``ddf`` (linear, cubic). A NaN displacement gives NaN in every channel of that voxel (and
-        NaN gradient w.r.t. its displacement); it never reads out of bounds.
+        ``ddf`` (linear, cubic), once: differentiating the gradients again (``create_graph=True``)
+        raises ``RuntimeError``. A NaN displacement gives NaN in every channel of that voxel (and
+        NaN gradient w.r.t. its displacement); it never reads out of bounds. With ``"zeros"``
+        padding (nearest, linear) a sample with no tap inside the image is 0 with a zero gradient,
+        whatever the image holds (NaN / inf included), as scipy's ``grid-constant``; a sample
+        straddling the edge reads its edge voxels.
 
     Notes
     -----
