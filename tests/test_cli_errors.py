@@ -366,3 +366,17 @@ def test_register_levels_and_dimensions(reg, capsys):
     assert main(args) == 1
     err = _err(capsys)
     assert "moving2d.nii.gz" in err and "2D" in err and "3D" in err
+
+
+def test_register_model_whose_weights_do_not_fit_names_the_file(tmp_path):
+    from medfast.nets import LocalNet
+    from medfast.tasks.registration import RegistrationError, load_model_info, save_model
+
+    kwargs = dict(spatial_dims=3, in_channels=2, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2))
+    path = tmp_path / "model.pt"
+    save_model(path, LocalNet(**kwargs), kwargs, (16, 16, 16))
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["net_kwargs"]["num_channel_initial"] = 8  # an edited or mixed-up checkpoint
+    torch.save(ckpt, path)
+    with pytest.raises(RegistrationError, match=f"the weights in {path} do not fit its LocalNet"):
+        load_model_info(path)

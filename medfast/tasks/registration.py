@@ -477,14 +477,22 @@ def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tup
         if ckpt.get("task") != "registration":
             raise RegistrationError(f"{path} is a medfast train checkpoint of the {ckpt.get('task')!r} task, not "
                                     f"of the 'registration' task")
-        return _load_trainer_checkpoint(ckpt, device)
+        try:
+            return _load_trainer_checkpoint(ckpt, device)
+        except RuntimeError as exc:  # weights of another network than the checkpoint's config builds
+            raise RegistrationError(f"the weights in {path} do not fit its network: "
+                                    f"{str(exc).splitlines()[0][:300]}") from None
     if isinstance(ckpt, dict) and "net" not in ckpt and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or ckpt.get("net") not in _NETS or "state_dict" not in ckpt:
         raise RegistrationError(f"{path} is not a medfast registration checkpoint (keys net, net_kwargs, "
                                 f"input_shape, state_dict; see medfast.tasks.registration.save_model)")
-    net = _NETS[ckpt["net"]](**ckpt.get("net_kwargs", {})).to(device)
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        net = _NETS[ckpt["net"]](**ckpt.get("net_kwargs", {})).to(device)
+        net.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:  # edited or mixed-up checkpoints: name the file
+        raise RegistrationError(f"the weights in {path} do not fit its {ckpt['net']} "
+                                f"({ckpt.get('net_kwargs', {})}): {str(exc).splitlines()[0][:300]}") from None
     info = ModelInfo([int(v) for v in ckpt["input_shape"]],
                      None if ckpt.get("spacing") is None else [float(v) for v in ckpt["spacing"]],
                      bool(ckpt.get("reorient", True)))

@@ -25,7 +25,7 @@ def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"):
     """``(task, model)`` of a synthesis checkpoint written by ``medfast train`` (model in eval mode)."""
     from medfast.tasks.synthesis.task import SynthesisTask
     from medfast.train.config import config_from_dict
-    from medfast.train.trainer import load_checkpoint, resolve_device
+    from medfast.train.trainer import load_checkpoint, load_model_state, resolve_device
 
     state = load_checkpoint(checkpoint)
     if state.get("task") != "synthesis":
@@ -33,8 +33,8 @@ def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"):
     config = config_from_dict(state["config"])
     task = SynthesisTask(config)
     model = task.build_model()
-    model.load_state_dict(state["model"])
-    dev = resolve_device(str(device))
+    load_model_state(model, state, checkpoint, config)
+    dev = resolve_device(str(device), "--device")
     return task, model.to(dev).eval()
 
 
