@@ -24,6 +24,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -33,7 +34,8 @@ def is_foreign_array(value: object) -> bool:
 
 
 def as_tensor(value: Any) -> torch.Tensor:
-    """A tensor sharing the memory of ``value`` (a tensor is returned as is).
+    """A tensor sharing the memory of ``value`` (a tensor is returned as is; a NumPy array with negative
+    strides is copied first, a read-only one is shared with PyTorch's warning).
 
     Raises
     ------
@@ -44,6 +46,12 @@ def as_tensor(value: Any) -> torch.Tensor:
         return value
     if not hasattr(value, "__dlpack__"):
         raise TypeError(f"expected a torch.Tensor or an array with __dlpack__, got {type(value).__name__}")
+    if isinstance(value, np.ndarray):
+        # NumPy: negative strides (np.flip, [::-1]) have no tensor view: a copy; a read-only array is shared
+        # as torch.from_numpy shares it, with its warning (writing to the tensor would change the array)
+        if any(st < 0 for st in value.strides):
+            value = np.ascontiguousarray(value)
+        return torch.from_numpy(value)
     return torch.from_dlpack(value)
 
 

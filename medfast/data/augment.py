@@ -107,6 +107,9 @@ class RandomAugment:
         flips = torch.ones(nd, dtype=torch.float64)
         draws = torch.rand(nd, generator=g)
         for axis in cfg.flip:
+            if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < nd:
+                raise ValueError(f"augment.flip must list spatial axes in [0, {nd}) of a {nd}-d image, got "
+                                 f"{list(cfg.flip)}")
             if draws[axis] < 0.5:
                 flips[axis] = -1
         return _rotation(angles, nd) @ torch.diag(scales * flips) @ shear
@@ -134,8 +137,15 @@ class RandomAugment:
         from medfast.ops import affine_warp, integrate
 
         cfg = self.cfg
+        if not isinstance(image, torch.Tensor) or image.dim() not in (4, 5):
+            raise ValueError(f"image must be a (B, C, *S) tensor with 2 or 3 spatial axes, got "
+                             f"{getattr(image, 'shape', type(image).__name__)}")
         nd = image.dim() - 2
         batch = image.shape[0]
+        if label is not None and (label.dim() != nd + 1 or label.shape[0] != batch
+                                  or tuple(label.shape[1:]) != tuple(image.shape[2:])):
+            raise ValueError(f"label must be (B, *S) = {(batch, *image.shape[2:])} on the image's grid, got "
+                             f"{tuple(label.shape)}")
         if len(seeds) != batch:
             raise ValueError(f"seeds must have one entry per sample ({batch}), got {len(seeds)}")
         in_shape = list(image.shape[2:])
@@ -151,17 +161,18 @@ class RandomAugment:
             if deform:
                 vels.append(torch.randn(nd, *([cfg.deform_grid] * nd), generator=g) * cfg.deform_magnitude)
         dev = image.device
-        theta = torch.stack(thetas).to(device=dev, dtype=torch.float32)
+        img_in = image if image.dtype in (torch.float32, torch.float64) else image.float()
+        pos = torch.float64 if img_in.dtype == torch.float64 else torch.float32  # warp's position dtype
+        theta = torch.stack(thetas).to(device=dev, dtype=pos)
         ddf = None
         if deform:
             v = torch.stack(vels).to(dev)
             v = F.interpolate(v, size=out_shape, mode="trilinear" if nd == 3 else "bilinear", align_corners=True)
-            ddf = integrate(v.contiguous(), cfg.integrate_steps)
-        img_in = image if image.dtype in (torch.float32, torch.float64) else image.float()
+            ddf = integrate(v.to(pos).contiguous(), cfg.integrate_steps)
         out = affine_warp(img_in.contiguous(), theta, shape=out_shape, ddf=ddf, mode="linear", padding="zeros")
         lab = None
         if label is not None:
-            lab = affine_warp(label[:, None].to(torch.float32).contiguous(), theta, shape=out_shape, ddf=ddf,
+            lab = affine_warp(label[:, None].to(pos).contiguous(), theta, shape=out_shape, ddf=ddf,
                               mode="nearest", padding="zeros")[:, 0].round().to(label.dtype)
         if cfg.enabled and not self.geometric_only:
             out = self._intensity(out, gens)

@@ -177,7 +177,7 @@ class NiftiDataset(Dataset):
             if not self.labels:
                 continue
             lab = nifti_header(self.labels[i])
-            s_img, s_lab = img.shape[:3], lab.shape[:3]
+            s_img, s_lab = self._spatial(img.shape), self._spatial(lab.shape)
             if s_img != s_lab:
                 raise DatasetError(
                     f"label {self.labels[i]} has shape {lab.shape} but its image {img_path} has shape {img.shape}"
@@ -189,6 +189,14 @@ class NiftiDataset(Dataset):
                 )
             if self.num_classes is not None:
                 self._check_label_values(self._relabel(load_nifti(self.labels[i], label=True).data), self.labels[i])
+
+    def _spatial(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The spatial part of a NIfTI shape: its first 3 axes, for 2D data without a trailing singleton (a 2D
+        image may be stored (X, Y), (X, Y, 1) or, with channels, (X, Y, 1, C))."""
+        spatial = tuple(shape[:3])
+        if self.spatial_dims == 2 and len(spatial) == 3 and spatial[2] == 1:
+            spatial = spatial[:2]
+        return spatial
 
     def _check_image_shape(self, path: str, shape: tuple[int, ...]) -> None:
         """An image's NIfTI shape: ``spatial_dims`` spatial axes (2D: a trailing singleton third axis allowed)

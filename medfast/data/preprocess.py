@@ -91,6 +91,8 @@ def crop_or_pad(image: torch.Tensor, affine: np.ndarray, shape: Sequence[int], *
     """Centred crop and/or zero-pad of the trailing spatial axes of ``image`` to ``shape``; moves the affine's
     origin so that every kept voxel stays at the same world position."""
     ndim = len(shape)
+    if ndim == 0 or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1 for t in shape):
+        raise ValueError(f"shape must be positive ints (one per spatial axis), got {tuple(shape)}")
     sizes = image.shape[-ndim:]
     a = spatial_affine(affine, ndim).copy()
     slices, pads, shift = [], [], np.zeros(ndim)
@@ -124,11 +126,18 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
     """
     if method not in ("zscore", "minmax", "none"):
         raise ValueError(f"normalize must be one of zscore, minmax, none; got {method!r}")
+    if clip_percentiles is not None:
+        try:
+            lo_p, hi_p = (float(p) for p in clip_percentiles)
+        except (TypeError, ValueError):
+            raise ValueError(f"clip_percentiles must be two percentiles (lo, hi), got {clip_percentiles!r}") from None
+        if not 0 <= lo_p < hi_p <= 100:
+            raise ValueError(f"clip_percentiles must satisfy 0 <= lo < hi <= 100, got {clip_percentiles!r}")
     out = image.to(torch.float32).clone()
     for c in range(out.shape[0]):
         x = out[c]
         if clip_percentiles is not None:
-            lo, hi = (float(p) / 100 for p in clip_percentiles)
+            lo, hi = lo_p / 100, hi_p / 100
             flat = x.flatten()
             if flat.numel() > 2_000_000:
                 flat = flat[torch.linspace(0, flat.numel() - 1, 2_000_000).long()]
@@ -136,11 +145,16 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
             x.clamp_(qlo, qhi)
         if method == "zscore":
             mask = x != 0
-            if 0.05 * x.numel() < int(mask.sum()) < x.numel():  # masked image (e.g. skull-stripped)
-                fg = x[mask]
-                x.copy_(torch.where(mask, (x - fg.mean()) / fg.std().clamp_min(1e-8), torch.zeros_like(x)))
+            masked = 0.05 * x.numel() < int(mask.sum()) < x.numel()  # masked image (e.g. skull-stripped)
+            ref = x[mask] if masked else x
+            std, mean = torch.std_mean(ref) if ref.numel() > 1 else (ref.new_zeros(()), ref.mean())
+            if not float(std) > 1e-6 * float(mean.abs()):
+                # constant (to float32 rounding): 0, not the rounding error of the mean divided by 1e-8
+                x.zero_()
+            elif masked:
+                x.copy_(torch.where(mask, (x - mean) / std, torch.zeros_like(x)))
             else:
-                x.sub_(x.mean()).div_(x.std().clamp_min(1e-8))
+                x.sub_(mean).div_(std)
         elif method == "minmax":
             x.sub_(x.min()).div_((x.max() - x.min()).clamp_min(1e-8))
     return out

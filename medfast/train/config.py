@@ -474,6 +474,10 @@ def check_spatial_config(config: Config, *, dims: Sequence[int] = (2, 3), in_cha
                           f"got {nd}")
     if in_channels and m.in_channels < 1:
         raise ConfigError(f"model.in_channels must be >= 1, got {m.in_channels}")
+    flip = list(config.augment.flip or [])
+    if any(isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < nd for a in flip):
+        raise ConfigError(f"augment.flip must list spatial axes in [0, {nd}) of a model.spatial_dims={nd} model, "
+                          f"got {flip}")
     for key in ("augment.patch_size", "inference.roi_size", "data.spacing", "data.shape"):
         value = _value(config, key)
         if value is None:

@@ -22,6 +22,22 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _indices(name: str, x) -> np.ndarray:
+    """``(N,)`` int64 class indices; floats must hold whole numbers (0.7 is not class 0)."""
+    v = _np(x).ravel()
+    if v.dtype.kind == "f":
+        if not np.isfinite(v).all() or (v != np.round(v)).any():
+            raise ValueError(f"{name} must hold class indices (whole numbers), got non-integer values")
+    elif v.dtype.kind not in "iub":
+        raise TypeError(f"{name} must hold class indices, got dtype {v.dtype}")
+    return v.astype(np.int64)
+
+
+def _same_length(p: np.ndarray, t: np.ndarray) -> None:
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} differ in shape (one entry per sample each)")
+
+
 def confusion_matrix(pred, target, num_classes: int) -> np.ndarray:
     """Counts ``(C, C)`` int64: row = true class, column = predicted class.
 
@@ -32,9 +48,8 @@ def confusion_matrix(pred, target, num_classes: int) -> np.ndarray:
     num_classes : int
         ``C``.
     """
-    p, t = _np(pred).astype(np.int64).ravel(), _np(target).astype(np.int64).ravel()
-    if p.shape != t.shape:
-        raise ValueError(f"pred {p.shape} and target {t.shape} differ in shape")
+    p, t = _indices("pred", pred), _indices("target", target)
+    _same_length(p, t)
     for name, v in (("pred", p), ("target", t)):
         if v.size and (v.min() < 0 or v.max() >= num_classes):
             raise ValueError(f"{name} indices must lie in [0, {num_classes - 1}]")
@@ -44,6 +59,7 @@ def confusion_matrix(pred, target, num_classes: int) -> np.ndarray:
 def accuracy(pred, target) -> float:
     """Fraction of ``pred == target`` (``(N,)`` each)."""
     p, t = _np(pred).ravel(), _np(target).ravel()
+    _same_length(p, t)  # (NumPy would broadcast one prediction against every target)
     return float((p == t).mean()) if t.size else float("nan")
 
 
@@ -104,10 +120,22 @@ def roc_auc(scores, target, num_classes: int | None = None, average: str | None 
     -------
     float or ndarray ``(C,)``
     """
-    s, t = _np(scores).astype(np.float64), _np(target).astype(np.int64).ravel()
+    if average not in ("macro", None):
+        raise ValueError(f"average must be 'macro' or None, got {average!r}")
+    s, t = _np(scores).astype(np.float64), _indices("target", target)
+    if s.ndim not in (1, 2) or s.shape[0] != t.size:
+        raise ValueError(f"scores must be (N,) or (N, C) with N = {t.size} (the targets), got {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf")
     if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
+        if t.size and (t.min() < 0 or t.max() > 1):
+            raise ValueError(f"binary scores need targets in {{0, 1}}, got [{t.min()}, {t.max()}]")
         return _binary_auc(s.ravel(), t == 1)
     c = num_classes or s.shape[1]
+    if c != s.shape[1]:
+        raise ValueError(f"num_classes ({c}) must equal the score columns ({s.shape[1]})")
+    if t.size and (t.min() < 0 or t.max() >= c):
+        raise ValueError(f"target indices must lie in [0, {c - 1}], got [{t.min()}, {t.max()}]")
     per = np.array([_binary_auc(s[:, k], t == k) for k in range(c)])
     if average is None:
         return per

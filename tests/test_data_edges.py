@@ -1,0 +1,98 @@
+"""Edge cases of the data pipeline, the classification metrics and the DLPack helpers found by a bug
+hunt: constant images under z-score, argument checks of the preprocessing and the augmentation, 2D NIfTI
+pairs with a trailing singleton axis, silent wrong metric values, NumPy arrays with negative strides."""
+
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import medfast as mf
+from medfast import interop
+from medfast.data import NiftiDataset, RandomAugment, crop_or_pad, normalize_intensity
+from medfast.tasks.classification import metrics as cm
+from medfast.train import AugmentConfig
+
+
+@pytest.mark.parametrize("value", [0.1, -3.3, 0.7, 1000.0])
+def test_zscore_of_a_constant_channel_is_zero(value):
+    # the float32 mean is off by a rounding unit; dividing by the 1e-8 floor made it -1.49 (0.1) or -47.7 (-3.3)
+    x = torch.full((2, 12, 12, 12), value)
+    x[1] = 0.3
+    assert normalize_intensity(x).abs().max() == 0
+    masked = torch.zeros(1, 8, 8, 8)
+    masked[0, 2:6, 2:6, 2:6] = value  # a constant foreground (12.5 % of the voxels)
+    assert normalize_intensity(masked).abs().max() == 0
+    single = torch.zeros(1, 4, 4)
+    single[0, 1, 1] = value  # one foreground voxel (6 %): its std is undefined, was NaN
+    assert torch.equal(normalize_intensity(single), torch.zeros_like(single))
+    ramp = torch.linspace(-1, 5, 8 * 8 * 8).reshape(1, 8, 8, 8)
+    torch.testing.assert_close(normalize_intensity(ramp), (ramp - ramp.mean()) / ramp.std())
+
+
+@pytest.mark.parametrize("clip", [(99, 1), (-5, 150), (0.5,), "ab"])
+def test_clip_percentiles_are_checked(clip):
+    with pytest.raises(ValueError, match="clip_percentiles"):
+        normalize_intensity(torch.rand(1, 4, 4, 4), clip_percentiles=clip)
+
+
+def test_crop_or_pad_refuses_non_positive_sizes():
+    with pytest.raises(ValueError, match="shape must be positive ints"):
+        crop_or_pad(torch.rand(1, 8, 8, 8), np.eye(4), [-4, 8, 8])
+
+
+def test_2d_pairs_with_a_trailing_singleton_axis(tmp_path):
+    img = np.random.rand(20, 16, 1, 2).astype(np.float32)  # 2 channels of a 2D image
+    lab = np.random.randint(0, 2, (20, 16)).astype(np.int16)
+    nib.save(nib.Nifti1Image(img, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "a_seg.nii.gz")
+    ds = NiftiDataset([str(tmp_path / "a.nii.gz")], [str(tmp_path / "a_seg.nii.gz")], spatial_dims=2)
+    ds.check()  # was "label has shape (20, 16) but its image ... has shape (20, 16, 1, 2)"
+    item = ds[0]
+    image, label = (item["image"], item["label"]) if isinstance(item, dict) else item[:2]
+    assert tuple(image.shape) == (2, 20, 16) and tuple(label.shape) == (20, 16)
+
+
+def test_augment_checks_the_label_grid_and_flip_axes_and_keeps_float64():
+    aug = RandomAugment(AugmentConfig())
+    img = torch.rand(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="label must be"):
+        aug(img, torch.randint(0, 3, (1, 12, 16, 16)), [1])  # another grid: was warped out of alignment
+    with pytest.raises(ValueError, match="label must be"):
+        aug(img, torch.randint(0, 3, (1, 1, 16, 16, 16)), [1])
+    with pytest.raises(ValueError, match="augment.flip"):
+        RandomAugment(AugmentConfig(flip=[3]))(img, None, [1])
+    out, lab = aug(img.double(), torch.randint(0, 3, (1, 16, 16, 16)), [1])  # was a TypeError about theta
+    assert out.dtype == torch.float64 and lab.dtype == torch.int64
+
+
+def test_classification_metrics_refuse_what_they_would_get_wrong():
+    with pytest.raises(ValueError, match="differ in shape"):
+        cm.accuracy([1], [1, 0, 1])  # NumPy broadcast it: 0.667
+    with pytest.raises(ValueError, match="NaN"):
+        cm.roc_auc(np.array([0.1, np.nan, 0.8, 0.4]), [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="average"):
+        cm.roc_auc(np.random.rand(6, 3), [0, 1, 2, 0, 1, 2], average="micro")
+    with pytest.raises(ValueError, match="target indices"):
+        cm.roc_auc(np.random.rand(4, 3), [0, 1, 5, 2])
+    with pytest.raises(ValueError, match="num_classes"):
+        cm.roc_auc(np.random.rand(4, 3), [0, 1, 2, 2], num_classes=4)
+    with pytest.raises(ValueError, match="whole numbers"):
+        cm.confusion_matrix(np.array([0.7, 1.0]), [0, 1], 2)
+    assert cm.confusion_matrix(np.array([0.0, 1.0]), [0, 1], 2).trace() == 2  # whole floats are indices
+
+
+def test_interop_copies_negative_strides_and_warns_on_read_only_arrays():
+    img = np.random.rand(1, 1, 8, 9, 10).astype(np.float32)
+    ddf = np.zeros((1, 3, 8, 9, 10), np.float32)
+    flipped = np.flip(img, 2)
+    out = interop.call(mf.warp, flipped, ddf)  # was a storage-size overflow from DLPack
+    np.testing.assert_allclose(out, flipped)
+    ro = img.copy()
+    ro.flags.writeable = False
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        interop.as_tensor(ro)
+    assert any("not writable" in str(m.message) for m in w)
