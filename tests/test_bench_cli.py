@@ -84,6 +84,25 @@ def test_cli_lists_suites_and_rejects_unknown_selection(tmp_path, capsys):
     assert main(["bench", "--list"]) == 0
     assert "warp" in capsys.readouterr().out
     assert main(["bench", "--only", "no-such-suite", "--out", str(tmp_path)]) == 2
+    # an empty pattern (an unset shell variable) is refused, not read as "every suite"
+    for empty in ("", " , "):
+        assert main(["bench", "--only", empty, "--out", str(tmp_path)]) == 2
+        assert "--only needs suite names" in capsys.readouterr().err
+
+
+def test_reports_without_ratios_write_no_chart_and_drop_a_stale_one(tmp_path):
+    meta = runner._meta("cpu", True)
+    good = [runner.Row("good", "case", "peer", 2.0, 6.0, 3.0)]
+    runner.write_reports(tmp_path, meta, {"good": {"status": "ok", "rows": 1, "seconds": 1.0}}, good)
+    assert (tmp_path / "bench_cpu_latest.png").exists()
+    # the same suite rerun with its peer missing: no ratios left, so no chart (the old one would show the
+    # earlier ratios beside a report that has none)
+    meta2 = {**meta, "date": "20990101-000000"}
+    paths = runner.write_reports(tmp_path, meta2, {"good": {"status": "skipped", "reason": "peer not installed"}},
+                                 [])
+    assert not any(p.suffix == ".png" for p in paths)
+    assert not (tmp_path / "bench_cpu_latest.png").exists()
+    assert not any(tmp_path.glob("*20990101-000000.png"))
 
 
 def test_benchmark_scripts_are_found():

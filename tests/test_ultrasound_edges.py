@@ -186,3 +186,12 @@ def test_simulate_command_names_an_unreadable_volume(content, tmp_path, capsys):
     assert main(_cli_args(volume=str(path), out=str(tmp_path / "out"))) == 1
     err = capsys.readouterr().err
     assert "medfast simulate: error: cannot read the volume" in err and str(path) in err
+
+
+def test_second_derivatives_of_the_simulator_raise():
+    props, affine = _homogeneous()
+    props.requires_grad_(True)
+    out = simulate(props, affine, POSE, PROBE, scan_convert=False).lines_db
+    (g,) = torch.autograd.grad(out.square().mean(), props, create_graph=True)
+    with pytest.raises(RuntimeError, match="ultrasound ray march: second derivatives"):
+        torch.autograd.grad(g.square().sum(), props, allow_unused=True)

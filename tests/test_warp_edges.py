@@ -106,11 +106,20 @@ def test_second_derivatives_raise_instead_of_silent_zeros():
     assert gx.requires_grad and gd.requires_grad  # create_graph without a second backward still works
     with pytest.raises(RuntimeError, match="medfast.warp: second derivatives are not implemented"):
         gd.sum().backward()
+    # autograd.grad w.r.t. the op's inputs reaches the error too (allow_unused / materialize_grads gave
+    # None / zeros when the error node was not linked to them)
+    for kwargs in ({}, {"allow_unused": True}, {"materialize_grads": True}):
+        (gd,) = torch.autograd.grad(mf.warp(x, d).square().sum(), d, create_graph=True)
+        with pytest.raises(RuntimeError, match="medfast.warp: second derivatives"):
+            torch.autograd.grad(gd.square().sum(), d, **kwargs)
     p = torch.rand(1, 1, 9, 9, 9, dtype=torch.float64, requires_grad=True)
     t = torch.rand(1, 1, 9, 9, 9, dtype=torch.float64)
     (gp,) = torch.autograd.grad(mf.lncc_loss(p, t, kernel_size=3), p, create_graph=True)
     with pytest.raises(RuntimeError, match="medfast.lncc_loss: second derivatives"):
         gp.sum().backward()
+    (gp,) = torch.autograd.grad(mf.lncc_loss(p, t, kernel_size=3), p, create_graph=True)
+    with pytest.raises(RuntimeError, match="medfast.lncc_loss: second derivatives"):
+        torch.autograd.grad(gp.sum(), p, allow_unused=True)
     # first derivatives are unchanged by create_graph
     (g1,) = torch.autograd.grad(mf.warp(x, d).square().sum(), d)
     torch.testing.assert_close(gd.detach(), g1)

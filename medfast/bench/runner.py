@@ -351,7 +351,9 @@ def markdown(meta: dict, status: dict, rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(meta: dict, rows: list[Row], path: Path) -> None:
+def plot(meta: dict, rows: list[Row], path: Path) -> bool:
+    """The ratio chart as a PNG at ``path``; False (and no file: an older chart there is removed, so that it
+    cannot stand beside a report it does not show) when no row has a ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,7 +361,8 @@ def plot(meta: dict, rows: list[Row], path: Path) -> None:
 
     shown = [r for r in rows if r.ratio]
     if not shown:
-        return
+        path.unlink(missing_ok=True)
+        return False
     suites = sorted({r.suite for r in shown})
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(suites)}
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(shown) + 1.5))
@@ -374,6 +377,7 @@ def plot(meta: dict, rows: list[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return True
 
 
 def _meta(device: str, quick: bool) -> dict:
@@ -417,8 +421,8 @@ def write_reports(out: Path, meta: dict, status: dict, rows: list[Row]) -> list[
         report = {"meta": meta, "suites": st, "rows": [dataclasses.asdict(r) for r in rw]}
         (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / f"{name}.md").write_text(markdown(meta, st, rw))
-        plot(meta, rw, out / f"{name}.png")
-        paths += [out / f"{name}.{ext}" for ext in ("json", "md", "png")]
+        chart = plot(meta, rw, out / f"{name}.png")
+        paths += [out / f"{name}.{ext}" for ext in ("json", "md", "png") if ext != "png" or chart]
     return paths
 
 
@@ -441,6 +445,10 @@ def main(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("medfast bench: --device cuda but no GPU is visible", file=sys.stderr)
         return 2
+    if args.only is not None and not any(p.strip() for p in args.only.split(",")):
+        # an empty pattern (an unset shell variable) must not mean "every suite" (tens of minutes)
+        print(f"medfast bench: --only needs suite names or globs, got {args.only!r} (see --list)", file=sys.stderr)
+        return 2
     meta = _meta(args.device, args.quick)
     with tempfile.TemporaryDirectory(prefix="medfast-bench-") as tmp:
         log_dir = Path(os.environ.get("MEDFAST_BENCH_WORK", tmp))
@@ -451,5 +459,5 @@ def main(args: argparse.Namespace) -> int:
         return 2
     paths = write_reports(args.out, meta, status, rows)
     print(markdown(meta, status, rows))
-    print("wrote " + ", ".join(str(p) for p in paths[:3]))
+    print("wrote " + ", ".join(str(p) for p in paths if p.stem != f"bench_{meta['device']}_latest"))
     return 1 if any(s["status"] == "failed" for s in status.values()) else 0

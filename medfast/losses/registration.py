@@ -215,6 +215,8 @@ def label_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1e
     ----------
     pred, target : Tensor
         ``(B, K, *spatial)`` soft (one-hot, linearly warped) label maps of K foreground classes.
+    smooth : float
+        Added to the numerator and the denominator of each Dice ratio (an empty class scores 1).
     """
     pred, target = _check_pair(pred, target)
     dims = tuple(range(2, pred.dim()))

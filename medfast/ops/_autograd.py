@@ -11,7 +11,6 @@ differentiated again.
 from __future__ import annotations
 
 import torch
-from torch._C import _functions
 
 
 def create_graph() -> bool:
@@ -20,21 +19,33 @@ def create_graph() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def once_differentiable(op: str, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """``grads`` as they are, or under ``create_graph=True`` as outputs of a node that raises a
-    ``RuntimeError`` naming ``op`` when differentiated again (as torch's ``@once_differentiable``)."""
-    if not create_graph() or all(g is None for g in grads):
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes gradients through; its backward raises. Its inputs include the op's own inputs, so that
+    differentiating the gradients w.r.t. them (``autograd.grad`` or ``.backward()``) reaches it."""
+
+    @staticmethod
+    def forward(ctx, op, n, *tensors):
+        ctx.op = op
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.op}: second derivatives are not implemented; the gradients it returned under "
+                           "create_graph=True cannot be differentiated again")
+
+
+def once_differentiable(op: str, grads, inputs) -> tuple[torch.Tensor | None, ...]:
+    """``grads`` (a sequence, None entries allowed) as they are, or under ``create_graph=True`` as outputs of a
+    node that raises a ``RuntimeError`` naming ``op`` when they are differentiated again, w.r.t. any of the
+    tensors in ``inputs`` (the op's inputs and its incoming gradient) or through ``.backward()``."""
+    grads = tuple(grads)
+    if not create_graph():
         return grads
-    message = (f"{op}: second derivatives are not implemented; the gradients it returned under "
-               "create_graph=True cannot be differentiated again")
     present = [g for g in grads if g is not None]
-    leaves = []
-    for g in present:
-        g = g.detach()
-        g.requires_grad_(True)
-        leaves.append(g)
-    wrapped = _functions.DelayedError(message, len(leaves))(*leaves)
-    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
+    linked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not present or not linked:
+        return grads
+    wrapped = iter(_NoSecondDerivative.apply(op, len(present), *present, *linked))
     return tuple(None if g is None else next(wrapped) for g in grads)
 
 

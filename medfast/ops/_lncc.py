@@ -47,8 +47,9 @@ def _lncc_setup(ctx, inputs, output):
 def _lncc_backward(ctx, grad, grad_sums):
     pred, target, sums = ctx.saved_tensors
     grad_pred, grad_target = _ops.lncc_backward(grad.contiguous(), pred, target, sums, *ctx.args)
-    grads = once_differentiable("medfast.lncc_loss", grad_pred if ctx.needs_input_grad[0] else None,
-                                grad_target if ctx.needs_input_grad[1] else None)
+    grads = once_differentiable("medfast.lncc_loss", (grad_pred if ctx.needs_input_grad[0] else None,
+                                                      grad_target if ctx.needs_input_grad[1] else None),
+                                (pred, target, grad))
     return (*grads, None, None, None)
 
 

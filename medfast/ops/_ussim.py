@@ -45,8 +45,9 @@ def _march_backward(ctx, grad):
     if not (need_props or need_coords):
         return None, None, None, None, None, None, None, None
     gp, gc = _ops.ussim_march_backward(grad, props, coords, noise, *ctx.args, need_props, need_coords)
-    gp, gc = once_differentiable("medfast ultrasound ray march", gp if need_props else None,
-                                 gc if need_coords else None)
+    gp, gc = once_differentiable("medfast ultrasound ray march", (gp if need_props else None,
+                                                                  gc if need_coords else None),
+                                 (props, coords, grad))
     return gp, gc, None, None, None, None, None, None
 
 
@@ -201,8 +202,9 @@ class _MarchLines(torch.autograd.Function):
             gc = gc.view(B, L, E, S, 3)
             gstart = gc.sum(3)
             gstep = torch.einsum("blesk,s->blk", gc, i)
-        gp, gstart, gstep = once_differentiable("medfast ultrasound ray march", gp if need_props else None, gstart,
-                                                gstep)
+        gp, gstart, gstep = once_differentiable("medfast ultrasound ray march",
+                                                (gp if need_props else None, gstart, gstep),
+                                                (props, start, step, grad))
         return gp, gstart, gstep, None, None, None, None, None, None, None, None
 
 

@@ -98,7 +98,8 @@ def _warp_backward(ctx, grad):
     )
     g_theta = _reduce_to(_theta_grad(grad_pos), theta) if need_theta else None
     g_ddf = _reduce_to(grad_pos, ddf) if need_ddf else None
-    grads = once_differentiable("medfast.warp", grad_image if need_image else None, g_theta, g_ddf)
+    grads = once_differentiable("medfast.warp", (grad_image if need_image else None, g_theta, g_ddf),
+                                (image, theta, ddf, grad))
     return (*grads, None, None, None)
 
 

@@ -61,6 +61,9 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int],
         Blending weights (see :func:`importance_map`).
     sw_batch_size : int
         Windows per predictor call.
+    sigma_scale : float
+        Standard deviation of the ``"gaussian"`` weights as a fraction of the window size (MONAI's
+        default, 0.125).
     out_device : device, optional
         Where the blended output is accumulated (default: the input's device); ``"cpu"`` saves GPU memory
         on large volumes.

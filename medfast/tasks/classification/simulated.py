@@ -469,6 +469,8 @@ class SimulatedUltrasound:
         once per batch size and set of groups (when one comes a second time), leaves the host one input
         copy and one replay."""
         device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device is {device} but no GPU is visible; render on 'cpu'")
         groups, inputs = self._inputs(batch)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             out = None
