@@ -199,3 +199,33 @@ def test_forward_ilp_variants_are_bitwise_the_default(monkeypatch, variant, mode
     out_cl = mf.warp(image.contiguous(memory_format=torch.channels_last_3d), ddf, mode=mode, padding=padding)
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
     assert torch.equal(out.nan_to_num(), ref.nan_to_num()) and torch.equal(out_cl.nan_to_num(), ref_cl.nan_to_num())
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("variant", ["one", "ilp2"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_zeros_padding_reads_nothing_outside(monkeypatch, mode, variant, deterministic):
+    # NaN image faces and samples far outside: 0 and no gradient there on the GPU too (warp.h sample_outside)
+    monkeypatch.setenv("MEDFAST_WARP_CUDA_FORWARD", variant)
+    img = torch.rand(1, 2, 12, 13, 40, dtype=torch.float64) + 1
+    for ax in range(3):
+        img.select(2 + ax, 0).fill_(float("nan"))
+    ddf = torch.randn(1, 3, 12, 13, 40, dtype=torch.float64) * 4
+    ddf[..., :6] += 60.0
+    results = []
+    for dev in ("cpu", "cuda"):
+        i, d = img.to(dev).float().requires_grad_(), ddf.to(dev).float().requires_grad_(mode == "linear")
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            out = mf.warp(i, d, mode=mode)
+            out.nan_to_num(0.0).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        results.append((out.detach().cpu(), None if d.grad is None else d.grad.cpu(), i.grad.cpu()))
+    (o_cpu, d_cpu, i_cpu), (o_gpu, d_gpu, i_gpu) = results
+    assert (o_cpu[..., :6] == 0).all() and o_cpu.isnan().any()
+    torch.testing.assert_close(o_gpu, o_cpu, equal_nan=True, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(i_gpu, i_cpu, equal_nan=True, atol=1e-4, rtol=1e-4)
+    if d_cpu is not None:
+        assert (d_cpu[..., :6] == 0).all()
+        torch.testing.assert_close(d_gpu, d_cpu, equal_nan=True, atol=1e-4, rtol=1e-4)
