@@ -141,3 +141,10 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-9)
     p2, t2 = _pair((40, 33), dtype=torch.float64)
     torch.testing.assert_close(mf.local_ncc(p2.cuda(), t2.cuda(), 9).cpu(), mf.local_ncc(p2, t2, 9))
+
+
+@pytest.mark.parametrize("kernel_size", ["33", (3.7, 3.2), (3, True)])
+def test_kernel_size_must_be_ints(kernel_size):
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a sequence of 2 ints"):
+        mf.lncc_loss(x, x, kernel_size=kernel_size)

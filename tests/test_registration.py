@@ -313,3 +313,26 @@ def test_demo_colin27_to_mni_improves_at_each_stage(tmp_path):
     s = run_registration_demo(tmp_path, resolution=6.0, config=cfg, progress=False)
     assert s["dice_before"] < s["dice_affine"] < s["dice_after"], s
     assert (tmp_path / "demo.json").is_file() and (tmp_path / "overlay.png").is_file()
+
+
+def test_register_pair_array_forms_and_non_finite_images(tmp_path):
+    from medfast.tasks.registration import write_outputs
+
+    cfg = RegistrationConfig(affine_levels=(1,), affine_iters=2, deform_levels=(1,), deform_iters=2, kernel_size=3)
+    g = torch.Generator().manual_seed(0)
+    img2 = torch.rand(16, 14, generator=g)
+    res = register_pair(img2[None, None], img2[None, None], config=cfg, progress=False, spatial_dims=2)
+    assert tuple(res.ddf.shape) == (1, 2, 16, 14)  # (1, C, H, W) is a 2D image with spatial_dims=2
+    with pytest.raises(ValueError, match="needs spatial_dims=2"):
+        register_pair(img2[None, None], img2[None, None], config=cfg, progress=False)
+    img3 = torch.rand(2, 10, 12, 11, generator=g)  # (C, D, H, W): two channels
+    res = register_pair(img3, img3, config=cfg, progress=False)
+    assert tuple(res.ddf.shape) == (1, 3, 10, 12, 11)
+    bad = img3.clone()
+    bad[0, 3, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="moving contains NaN or inf"):
+        register_pair(img3, bad, config=cfg, progress=False)
+    # a 2D displacement is written as a NIfTI vector image: (X, Y, 1, 1, 2)
+    res = register_pair(img2, img2, config=cfg, progress=False)
+    paths = write_outputs(tmp_path, res, np.eye(4), img2[None, None], img2[None, None], None)
+    assert nib.load(paths["ddf"]).shape == (16, 14, 1, 1, 2)

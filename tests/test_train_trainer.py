@@ -212,3 +212,17 @@ def test_deep_supervision_and_2d_training(tmp_path):
     res = Trainer(cfg).fit()
     assert res["finished"] and 0 <= res["validation"]["dice_mean"] <= 1
     assert (tmp_path / "r2" / "samples_step0000004.png").is_file()
+
+
+def _lrs(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in rows]
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, blobs):
+    # the optimizer's saved lr is the old schedule's at its last step; the resumed steps must take the
+    # new schedule's (the lr is a function of the step), from the first resumed step on
+    Trainer(_config(tmp_path, blobs, "short", **{"trainer.max_steps": 4})).fit()
+    Trainer(_config(tmp_path, blobs, "short", **{"trainer.max_steps": 6, "trainer.resume": "auto"})).fit()
+    Trainer(_config(tmp_path, blobs, "long")).fit()  # max_steps 6 from the start
+    assert _lrs(tmp_path / "short")[4:] == pytest.approx(_lrs(tmp_path / "long")[4:])

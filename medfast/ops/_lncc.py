@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
@@ -62,10 +63,11 @@ def _kernel_size(kernel_size: object, ndim: int) -> list[int]:
     if isinstance(kernel_size, int):
         sizes = [kernel_size] * ndim
     else:
-        try:
-            sizes = [int(k) for k in kernel_size]  # type: ignore[union-attr]
-        except TypeError:
-            raise TypeError(f"kernel_size must be an int or a sequence of {ndim} ints, got {kernel_size!r}") from None
+        # ints only: a string "33" or (3.7, 3.2) is not silently a (3, 3) window
+        if isinstance(kernel_size, (str, bytes)) or not isinstance(kernel_size, Sequence) or not all(
+                isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in kernel_size):
+            raise TypeError(f"kernel_size must be an int or a sequence of {ndim} ints, got {kernel_size!r}")
+        sizes = [int(k) for k in kernel_size]
     if len(sizes) != ndim:
         raise ValueError(f"kernel_size must have {ndim} entries for {ndim} spatial dims, got {tuple(sizes)}")
     if any(k <= 0 or k % 2 == 0 for k in sizes):
@@ -98,6 +100,15 @@ def local_ncc(
     Tensor
         ``(B, C, *spatial)`` map of ``cross^2 / (var_t var_p)`` in ``[0, 1]`` (for smooth_nr = 0), in
         float32 (float64 for float64 inputs). Differentiable with respect to both images.
+
+    Notes
+    -----
+    The local sums are kept in the inputs' precision between the box passes. In float32 an
+    intensity offset far larger than the local variation (raw CT in HU, or values in [1000, 1001])
+    cancels the local variances away: normalize the intensities first (e.g. to [0, 1], as MONAI's
+    and DeepReg's registration pipelines do) or pass float64. (Centring the images would not help:
+    the zero-padded border windows make the NCC depend on the offset.) MONAI's float32 LNCC loses
+    more there.
     """
     pred = check_tensor("pred", pred)
     target = check_tensor("target", target)
@@ -119,7 +130,8 @@ def local_ncc(
     if smooth_dr == 0:
         raise ValueError("smooth_dr must be > 0 (it bounds the local variances away from zero)")
     dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
-    return _ops.lncc(pred.to(dtype), target.to(dtype), sizes, float(smooth_nr), float(smooth_dr))[0]
+    pred, target = pred.to(dtype), target.to(dtype)
+    return _ops.lncc(pred, target, sizes, float(smooth_nr), float(smooth_dr))[0]
 
 
 def lncc_loss(

@@ -135,20 +135,32 @@ class RegistrationResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_image(x: Any, name: str) -> torch.Tensor:
-    """``(*S)``, ``(C, *S)`` (3D only) or ``(1, C, *S)`` array -> ``(1, C, *S)`` float32 tensor."""
+def _as_image(x: Any, name: str, spatial_dims: int | None = None) -> torch.Tensor:
+    """``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` array -> ``(1, C, *S)`` finite float32 tensor. Without
+    ``spatial_dims`` a 2-d array is a 2D image and 3 to 5 dims are the 3D forms (a 4-d array is
+    ``(C, D, H, W)``); 2D images with channels need ``spatial_dims=2``."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or ndarray, got {type(x).__name__}")
     x = x.float()  # registration runs in float32 (the affine parameters too)
-    if x.dim() in (2, 3):
+    nd = spatial_dims if spatial_dims is not None else (2 if x.dim() == 2 else 3)
+    if nd not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    extra = x.dim() - nd
+    if extra == 0:
         x = x[None, None]
-    elif x.dim() == 4 and x.shape[0] == 1:
+    elif extra == 1:
         x = x[None]
-    if x.dim() not in (4, 5) or x.shape[0] != 1:
-        raise ValueError(f"{name} must have shape (*S), (C, *S) or (1, C, *S) with 2 or 3 spatial dims, "
+    if x.dim() != nd + 2 or x.shape[0] != 1:
+        raise ValueError(f"{name} must have shape (*S), (C, *S) or (1, C, *S) with {nd} spatial dims, "
                          f"got {tuple(x.shape)}")
+    if nd == 3 and 1 in x.shape[2:]:
+        raise ValueError(f"{name} has a spatial axis of size 1 ({tuple(x.shape[2:])} as a 3D image); a 2D image "
+                         "with channels, (C, H, W) or (1, C, H, W), needs spatial_dims=2")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values (replace them first, e.g. np.nan_to_num, as "
+                         "medfast register does when it reads a NIfTI file)")
     return x
 
 
@@ -260,6 +272,7 @@ def register_pair(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    spatial_dims: int | None = None,
 ) -> RegistrationResult:
     """Registers ``moving`` to ``fixed`` (same voxel grid) by instance optimization.
 
@@ -272,8 +285,9 @@ def register_pair(
     Parameters
     ----------
     fixed, moving : Tensor or ndarray
-        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` images on the same grid, 2D or 3D; intensities are
-        normalized to [0, 1] internally (robust percentiles).
+        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` finite images on the same grid, 2D or 3D; intensities
+        are normalized to [0, 1] internally (robust percentiles). A 2-d array is a 2D image, 3 to 5
+        dims are 3D (a 4-d array is ``(C, D, H, W)``) unless ``spatial_dims`` says otherwise.
     fixed_labels, moving_labels : Tensor or ndarray, optional
         ``(*S)`` integer label maps (0 = background). With both, Dice is reported for every
         foreground label of the fixed map; ``config.dice_weight > 0`` also uses them in the loss.
@@ -281,6 +295,8 @@ def register_pair(
     device : str or torch.device
     progress : bool
         Show a tqdm progress bar.
+    spatial_dims : {2, 3}, optional
+        The images' spatial dims when the array rank leaves it open (2D images with channels).
 
     Returns
     -------
@@ -288,8 +304,8 @@ def register_pair(
     """
     cfg = config or RegistrationConfig()
     device = torch.device(device)
-    fixed = _as_image(fixed, "fixed").to(device)
-    moving = _as_image(moving, "moving").to(device)
+    fixed = _as_image(fixed, "fixed", spatial_dims).to(device)
+    moving = _as_image(moving, "moving", spatial_dims).to(device)
     if fixed.shape[2:] != moving.shape[2:]:
         raise ValueError(f"fixed and moving must share a grid (resample first); got spatial shapes "
                          f"{tuple(fixed.shape[2:])} and {tuple(moving.shape[2:])}")
@@ -575,8 +591,9 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     """
     device = torch.device(device)
     info = input_shape if isinstance(input_shape, ModelInfo) else ModelInfo([int(v) for v in input_shape])
-    fixed_t = _as_image(fixed, "fixed").to(device)
-    moving_t = _as_image(moving, "moving").to(device)
+    nd = len(info.input_shape)  # the network's spatial dims settle the array forms
+    fixed_t = _as_image(fixed, "fixed", nd).to(device)
+    moving_t = _as_image(moving, "moving", nd).to(device)
     shape = tuple(fixed_t.shape[2:])
     if tuple(moving_t.shape[2:]) != shape:
         raise ValueError(f"fixed and moving must share a grid (resample first); got spatial shapes {shape} and "
@@ -718,7 +735,8 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     lin = torch.as_tensor(np.asarray(fixed_affine)[:n, :n], dtype=torch.float32)
     ddf_vox = result.ddf[0].detach().cpu().float()
     ddf_mm = torch.einsum("ij,j...->...i", lin, ddf_vox).numpy()
-    img = nib.Nifti1Image(ddf_mm[..., None, :] if n == 3 else ddf_mm, fixed_affine)
+    # NIfTI vectors live on the 5th axis: (X, Y, Z, 1, n), a 2D field as (X, Y, 1, 1, 2)
+    img = nib.Nifti1Image(ddf_mm[..., None, :] if n == 3 else ddf_mm[:, :, None, None, :], fixed_affine)
     img.header.set_intent("vector", (), "displacement_mm")
     nib.save(img, out / "ddf.nii.gz")
     paths["ddf"] = str(out / "ddf.nii.gz")

@@ -454,6 +454,11 @@ class Trainer:
                 if sched_state is None:
                     raise KeyError("scheduler")
                 scheduler.load_state_dict(sched_state)
+                # The learning rate is a function of the step: this run's schedule (a resume may extend
+                # trainer.max_steps), not the saved rate, which is the old schedule's at its last step.
+                for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
             except (KeyError, ValueError, TypeError, RuntimeError) as exc:
                 raise CheckpointError(f"the optimizer state in {path} does not fit this run's optimizer "
                                       f"(optim.name={self.config.optim.name!r}, model parameters): "
