@@ -195,3 +195,69 @@ def test_second_derivatives_of_the_simulator_raise():
     (g,) = torch.autograd.grad(out.square().mean(), props, create_graph=True)
     with pytest.raises(RuntimeError, match="ultrasound ray march: second derivatives"):
         torch.autograd.grad(g.square().sum(), props, allow_unused=True)
+
+
+def test_freehand_sweep_starts_at_the_start_pose_and_travels_exactly():
+    from medfast.ultrasound import freehand_sweep
+
+    start = look_at((122.5, 38.0, 60.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+    for n in (1, 2, 7, 40):
+        poses = freehand_sweep(start, (0.0, 0.0, 30.0), n, seed=3)
+        torch.testing.assert_close(poses[0], start)  # was up to 6 degrees and 1 mm away
+        if n > 1:
+            torch.testing.assert_close(poses[-1, :3, 3] - poses[0, :3, 3], torch.tensor([0.0, 0.0, 30.0],
+                                                                                       dtype=torch.float64))
+    poses = freehand_sweep(start, (0.0, 0.0, 30.0), 40, seed=3, wobble_mm=1.0)
+    straight = start[:3, 3] + torch.linspace(0, 1, 40, dtype=torch.float64)[:, None] * torch.tensor([0, 0, 30.0],
+                                                                                                   dtype=torch.float64)
+    dev = (poses[:, :3, 3] - straight).abs().max()
+    assert 0.5 < float(dev) <= 1.0 + 1e-9  # the wobble is there, within its bound
+    R = poses[:, :3, :3]
+    torch.testing.assert_close(R @ R.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(40, 3, 3))
+    for kwargs, match in ((dict(travel_mm=(0, float("nan"), 1)), "travel_mm"), (dict(tilt_deg=float("inf")), "tilt"),
+                          (dict(n_frames=True), "n_frames"), (dict(seed=1.5), "seed"),
+                          (dict(start_pose=torch.diag(torch.tensor([2.0, 2, 2, 1]))), "start_pose")):
+        args = dict(start_pose=start, travel_mm=(0, 0, 30), n_frames=4)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            freehand_sweep(args.pop("start_pose"), args.pop("travel_mm"), args.pop("n_frames"), **args)
+    assert freehand_sweep(start.numpy(), (0, 0, 30), 3).shape == (3, 4, 4)  # a NumPy start pose
+
+
+def _inv3(path, matrix, shape, dtype, spacing=(1.0, 1.0, 1.0), filename="matrix.dat", drop=()):
+    import io
+    import plistlib
+    import tarfile
+
+    meta = {"matrix": {"shape": list(shape), "dtype": dtype, "filename": filename}, "spacing": list(spacing)}
+    for key in drop:
+        meta.pop(key)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in (("main.plist", plistlib.dumps(meta)), ("matrix.dat", matrix.tobytes())):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_read_inv3_refuses_what_it_would_misread(tmp_path):
+    from medfast.ultrasound.io import read_inv3
+
+    good = np.arange(8, dtype=np.int16).reshape(2, 2, 2)
+    vol, _ = read_inv3(_inv3(tmp_path / "ok.inv3", good, (2, 2, 2), "int16"))
+    assert np.array_equal(vol, good)
+    cases = [
+        (_inv3(tmp_path / "big.inv3", np.full((2, 2, 2), 1e6, np.float32), (2, 2, 2), "float32"), "do not fit"),
+        (_inv3(tmp_path / "nan.inv3", np.full((2, 2, 2), np.nan, np.float32), (2, 2, 2), "float32"), "NaN"),
+        (_inv3(tmp_path / "2d.inv3", good[0], (2, 2), "int16"), "expected a 3D volume"),
+        (_inv3(tmp_path / "sp.inv3", good, (2, 2, 2), "int16", spacing=(0, 1, 1)), "spacing must be positive"),
+        (_inv3(tmp_path / "key.inv3", good, (2, 2, 2), "int16", drop=("matrix",)), "lacks the entry"),
+        (_inv3(tmp_path / "member.inv3", good, (2, 2, 2), "int16", filename="other.dat"), "no such member"),
+    ]
+    garbage = tmp_path / "garbage.inv3"
+    garbage.write_bytes(b"not a tar at all")
+    cases.append((garbage, "not a readable InVesalius project"))
+    for path, match in cases:
+        with pytest.raises(ValueError, match=match) as info:
+            read_inv3(path)
+        assert str(path) in str(info.value)

@@ -35,20 +35,42 @@ def read_inv3(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    with tarfile.open(path, "r:*") as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        if "main.plist" not in members:
-            raise ValueError(f"{path} is not an InVesalius project (no main.plist)")
-        meta = plistlib.loads(tar.extractfile(members["main.plist"]).read())
-        mat = meta["matrix"]
-        shape = tuple(int(s) for s in mat["shape"])
-        dtype = np.dtype(mat["dtype"]).newbyteorder("<")
-        raw = tar.extractfile(members[mat["filename"]]).read()
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            if "main.plist" not in members:
+                raise ValueError(f"{path} is not an InVesalius project (no main.plist)")
+            meta = plistlib.loads(tar.extractfile(members["main.plist"]).read())
+            mat = meta["matrix"]
+            shape = tuple(int(s) for s in mat["shape"])
+            dtype = np.dtype(mat["dtype"]).newbyteorder("<")
+            if mat["filename"] not in members:
+                raise ValueError(f"{path}: the project lists {mat['filename']!r} but the file holds no such member")
+            raw = tar.extractfile(members[mat["filename"]]).read()
+            spacing = [float(v) for v in meta["spacing"]]
+    except (tarfile.TarError, EOFError, OSError, plistlib.InvalidFileException) as exc:
+        raise ValueError(f"{path} is not a readable InVesalius project (.inv3: a gzip-compressed tar): "
+                         f"{type(exc).__name__}: {exc}") from None
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: main.plist lacks the entry {exc} (matrix shape / dtype / filename, "
+                         "spacing)") from None
+    if len(shape) != 3 or len(spacing) != 3:
+        raise ValueError(f"{path}: expected a 3D volume and 3 spacings, got shape {shape} and spacing {spacing}")
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"{path}: voxel spacing must be positive, got {spacing}")
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(f"{path}: matrix has {len(raw)} bytes, expected {expected} for {shape} {dtype}")
-    volume = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.int16)
-    sx, sy, sz = (float(s) for s in meta["spacing"])
+    data = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    # CT numbers as int16 (InVesalius' own type); another type must fit it exactly, not wrap around
+    if data.dtype != np.int16:
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise ValueError(f"{path}: the volume holds NaN or inf values")
+        lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+        if lo < -32768 or hi > 32767:
+            raise ValueError(f"{path}: values in [{lo:g}, {hi:g}] do not fit the int16 CT numbers (HU) expected")
+    volume = data.astype(np.int16)
+    sx, sy, sz = spacing
     affine = np.array([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
     return volume, affine
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["freehand_sweep"]
@@ -22,15 +24,23 @@ def _rotation(axis: int, angle: torch.Tensor) -> torch.Tensor:
     return R
 
 
-def _smooth_noise(n: int, gen: torch.Generator, harmonics: int = 3) -> torch.Tensor:
-    """(n,) smooth random curve in [-1, 1]-ish: a few low-frequency sinusoids with random phases."""
-    t = torch.linspace(0, 1, n, dtype=torch.float64)
-    out = torch.zeros(n, dtype=torch.float64)
+def _smooth_noise(n: int, gen: torch.Generator, harmonics: int = 3, samples: int = 257) -> torch.Tensor:
+    """(n,) smooth random deviation at t = linspace(0, 1, n), 0 at both ends (the first frame is the
+    start pose, the last lies ``travel`` away), largest |value| 1 over the sweep: a few low-frequency
+    sinusoids with random phases, minus the straight line through their end values. Its shape is
+    drawn on a fixed fine grid, so it does not depend on n (one frame or two: no deviation)."""
+    t = torch.linspace(0, 1, samples, dtype=torch.float64)
+    out = torch.zeros(samples, dtype=torch.float64)
     for k in range(1, harmonics + 1):
         phase = float(torch.rand(1, generator=gen, dtype=torch.float64)) * 2 * math.pi
         amp = float(torch.rand(1, generator=gen, dtype=torch.float64)) / k
         out += amp * torch.sin(2 * math.pi * k * 0.5 * t + phase)
-    return out / max(1e-9, float(out.abs().max()))
+    out -= out[0] * (1 - t) + out[-1] * t
+    out /= max(1e-9, float(out.abs().max()))
+    if n == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    tn = torch.linspace(0, 1, n, dtype=torch.float64)
+    return torch.from_numpy(np.interp(tn.numpy(), t.numpy(), out.numpy()))
 
 
 def freehand_sweep(
@@ -50,10 +60,11 @@ def freehand_sweep(
 
     Parameters
     ----------
-    start_pose : Tensor
-        ``(4, 4)`` probe-to-world pose of the first frame (mm).
+    start_pose : Tensor or ndarray
+        ``(4, 4)`` rigid probe-to-world pose of the first frame (mm): the first pose is exactly this.
     travel_mm : sequence of 3 floats
-        Displacement of the array centre from the first to the last frame, world mm.
+        Displacement of the array centre from the first to the last frame, world mm (exactly: the
+        deviations below are 0 at both ends of the sweep).
     n_frames : int
         Number of poses (>= 1).
     tilt_deg, rock_deg, twist_deg : float
@@ -68,15 +79,35 @@ def freehand_sweep(
     Tensor
         ``(n_frames, 4, 4)`` float64 probe-to-world poses, ready for ``simulate`` (one batched call).
     """
-    if not isinstance(start_pose, torch.Tensor) or start_pose.shape != (4, 4):
-        raise ValueError(f"start_pose must be a (4, 4) tensor, got {getattr(start_pose, 'shape', start_pose)}")
-    if not isinstance(n_frames, int) or n_frames < 1:
-        raise ValueError(f"n_frames must be an int >= 1, got {n_frames!r}")
-    travel = torch.as_tensor(travel_mm, dtype=torch.float64)
-    if travel.shape != (3,):
-        raise ValueError(f"travel_mm must have 3 values, got {tuple(travel.shape)}")
-    gen = torch.Generator().manual_seed(int(seed))
+    if isinstance(start_pose, np.ndarray):
+        start_pose = torch.from_numpy(start_pose)
+    if not isinstance(start_pose, torch.Tensor) or tuple(start_pose.shape) != (4, 4):
+        raise ValueError(f"start_pose must be a (4, 4) tensor or array, got "
+                         f"{tuple(start_pose.shape) if hasattr(start_pose, 'shape') else type(start_pose).__name__}")
     base = start_pose.detach().to(torch.float64)
+    rot = base[:3, :3]
+    finite = bool(torch.isfinite(base).all())
+    orthonormal = finite and float((rot.T @ rot - torch.eye(3, dtype=torch.float64)).abs().max()) <= 1e-3
+    last_row = finite and float((base[3] - torch.tensor([0.0, 0, 0, 1], dtype=torch.float64)).abs().max()) <= 1e-6
+    if not (orthonormal and last_row and float(torch.linalg.det(rot)) > 0):
+        raise ValueError("start_pose must be a finite rigid probe-to-world pose (rotation + translation, last row "
+                         "(0, 0, 0, 1))")
+    if isinstance(n_frames, bool) or not isinstance(n_frames, numbers.Integral) or n_frames < 1:
+        raise ValueError(f"n_frames must be an int >= 1, got {n_frames!r}")
+    n_frames = int(n_frames)
+    try:
+        travel = torch.as_tensor(travel_mm, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"travel_mm must be 3 finite values, got {travel_mm!r}") from None
+    if travel.shape != (3,) or not bool(torch.isfinite(travel).all()):
+        raise ValueError(f"travel_mm must be 3 finite values, got {travel_mm!r}")
+    for name, value in (("tilt_deg", tilt_deg), ("rock_deg", rock_deg), ("twist_deg", twist_deg),
+                        ("wobble_mm", wobble_mm)):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be a 64-bit int, got {seed!r}")
+    gen = torch.Generator().manual_seed(int(seed) % 2**64)
     t = torch.linspace(0, 1, n_frames, dtype=torch.float64)
     angles = [math.radians(a) * _smooth_noise(n_frames, gen) for a in (tilt_deg, rock_deg, twist_deg)]
     wob = torch.stack([wobble_mm * _smooth_noise(n_frames, gen) for _ in range(3)], -1)
