@@ -29,15 +29,23 @@ def class_score(logits: torch.Tensor, target: torch.Tensor, encoding: str) -> to
     class 0; ``ordinal`` (CORAL): the sum of the ``K-1`` logits of ``P(y > k)`` for a target above the
     lowest class (evidence for a higher class), its negative for class 0.
     """
-    target = target.reshape(-1).long()
+    if encoding not in ("nominal", "binary", "ordinal"):
+        raise ValueError(f"encoding must be 'nominal', 'binary' or 'ordinal', got {encoding!r}")
+    target = torch.as_tensor(target).reshape(-1)
+    if target.is_floating_point() and not bool((target == target.round()).all()):
+        raise ValueError(f"target must hold class indices, got {target.tolist()}")
+    target = target.long()
+    k = {"nominal": logits.shape[1], "binary": 2, "ordinal": logits.shape[1] + 1}[encoding]
+    bad = target[(target < 0) | (target >= k)]
+    if bad.numel():
+        raise ValueError(f"target {bad.tolist()} outside the valid classes [0, {k - 1}] ({encoding} encoding, "
+                         f"{k} classes)")
     if encoding == "nominal":
         return logits.gather(1, target[:, None])[:, 0]
     sign = torch.where(target > 0, 1.0, -1.0).to(logits.dtype)
     if encoding == "binary":
         return sign * logits.reshape(logits.shape[0], -1)[:, 0]
-    if encoding == "ordinal":
-        return sign * logits.sum(1)
-    raise ValueError(f"encoding must be 'nominal', 'binary' or 'ordinal', got {encoding!r}")
+    return sign * logits.sum(1)  # ordinal
 
 
 def class_activation_map(model: nn.Module, image: torch.Tensor, target: torch.Tensor | Sequence[int] | None = None,
@@ -52,7 +60,8 @@ def class_activation_map(model: nn.Module, image: torch.Tensor, target: torch.Te
     image : Tensor
         ``(N, C, *spatial)`` (2 or 3 spatial dims), float.
     target : Tensor or sequence of int, optional
-        Class of each image whose evidence is mapped ``(N,)``; default: the predicted class.
+        Class of each image whose evidence is mapped ``(N,)``, each in ``[0, C-1]`` (else ValueError);
+        default: the predicted class.
     encoding : {"nominal", "binary", "ordinal"}
         The model's label encoding (how to read its outputs).
 
@@ -110,7 +119,7 @@ def save_cam_png(images: torch.Tensor, cams: torch.Tensor, path: str | Path, tit
     cams : Tensor
         ``(N, H, W)`` maps in ``[0, 1]``.
     titles : sequence of str, optional
-        One caption per image (e.g. ``"true coronal / pred coronal"``).
+        One caption per image (e.g. ``"true coronal / pred coronal"``); ValueError if the count differs.
     """
     import matplotlib
 
@@ -124,6 +133,12 @@ def save_cam_png(images: torch.Tensor, cams: torch.Tensor, path: str | Path, tit
     if imgs.dim() != 3 or maps.shape != imgs.shape:
         raise ValueError(f"images {tuple(images.shape)} and cams {tuple(cams.shape)} must be 2D and match")
     n = imgs.shape[0]
+    if titles is not None:
+        if isinstance(titles, str):
+            titles = [titles]
+        titles = list(titles)
+        if len(titles) != n:
+            raise ValueError(f"titles has {len(titles)} entries for {n} images")
     cols = max(1, min(columns, n))
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)

@@ -5,6 +5,7 @@ naming the file."""
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch.utils.data import Dataset
 
 from medfast.data import DatasetError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset", "probe_channels", "read_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
 
@@ -28,13 +29,43 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+#: PIL modes read as one grey channel; every other mode is read as RGB (alpha dropped)
+_GREY_MODES = ("1", "L", "LA", "La", "I", "F")
+
+
+def _mode_channels(mode: str) -> int:
+    """Channels :func:`read_image` gives an image of PIL mode ``mode``: 1 (grey) or 3 (colour)."""
+    return 1 if mode in _GREY_MODES or mode.startswith("I;16") else 3
+
+
+def _pil_array(im) -> np.ndarray:
+    """The pixels of a loaded PIL image: uint8 / uint16 grey ``(H, W)``, uint8 RGB ``(H, W, 3)`` or float32."""
+    mode = im.mode
+    if mode.startswith("I;16"):  # 16-bit grey (any byte order) -> native uint16
+        arr = np.asarray(im)
+        return arr.astype(np.float32 if arr.dtype.kind == "i" else np.uint16)  # signed (I;16S): as stored
+    if mode == "I":  # 32-bit integers: PIL's mode of 16-bit grey PNGs in older versions
+        arr = np.asarray(im)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"32-bit integer image with values {arr.min()}..{arr.max()} outside the 16-bit "
+                             "range [0, 65535]")
+        return arr.astype(np.uint16)
+    if mode == "F":  # 32-bit float: as stored
+        return np.asarray(im, dtype=np.float32)
+    if mode in ("1", "L", "LA", "La"):
+        return np.asarray(im.convert("L"))
+    if mode in ("P", "PA", "RGBA", "RGBa", "RGBX"):  # palette (with transparency) and alpha: via RGBA
+        return np.asarray(im.convert("RGBA"))[..., :3]
+    return np.asarray(im if mode == "RGB" else im.convert("RGB"))  # CMYK, YCbCr, LAB, HSV, ...
+
+
 def _read_raster(path: Path) -> np.ndarray:
     try:
         from PIL import Image
 
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("L") if im.mode in ("P", "1", "LA", "I;16") else im)
+            arr = _pil_array(im)
     except ImportError:
         import matplotlib.image as mpimg
 
@@ -42,9 +73,32 @@ def _read_raster(path: Path) -> np.ndarray:
     arr = np.asarray(arr)
     scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(arr.dtype, 1.0)
     arr = arr.astype(np.float32) / scale
-    if arr.ndim == 3 and arr.shape[2] == 4:  # RGBA: drop alpha
+    if arr.ndim == 3 and arr.shape[2] == 4:  # RGBA (matplotlib): drop alpha
         arr = arr[..., :3]
+    if arr.ndim == 3 and arr.shape[2] == 2:  # grey + alpha (matplotlib): drop alpha
+        arr = arr[..., :1]
     return arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None]
+
+
+def probe_channels(path: str | Path) -> int | None:
+    """Channels :func:`read_image` will give for ``path``, from the file's header only (PIL mode, DICOM
+    samples per pixel; NIfTI: 1); None when the header cannot be read (the full read then names the file)."""
+    path = Path(path)
+    suffix = _suffix(path)
+    try:
+        if suffix in (".nii", ".nii.gz"):
+            return 1
+        if suffix == ".dcm":
+            import pydicom
+
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            return 3 if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1 else 1
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return _mode_channels(im.mode)
+    except Exception:  # noqa: BLE001 - unreadable header: read_image raises the error naming the file
+        return None
 
 
 def _read_nifti(path: Path) -> np.ndarray:
@@ -68,7 +122,9 @@ def _read_dicom(path: Path) -> np.ndarray:
 def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
     """Reads an image as float32 ``(channels, *spatial)``.
 
-    PNG/JPEG give ``(1 or 3, H, W)`` in ``[0, 1]``; NIfTI and DICOM give ``(1, *shape)`` in their own units
+    PNG/JPEG give ``(1 or 3, H, W)`` in ``[0, 1]`` (8-bit / 255, 16-bit / 65535; grey modes ``1``, ``L``,
+    ``LA``, ``I;16``, ``I`` give one channel, alpha dropped; palette, RGBA and CMYK images are converted to
+    RGB; 32-bit float images as stored); NIfTI and DICOM give ``(1, *shape)`` in their own units
     (DICOM rescale slope/intercept applied). Singleton spatial axes beyond ``spatial_dims`` are dropped
     (e.g. an ``(H, W, 1)`` NIfTI is a 2D image).
 
@@ -109,17 +165,20 @@ class ImageFolderDataset(Dataset):
     root : str or Path
         Folder of class subfolders; or the folder the CSV's relative paths start from.
     csv_file : str or Path, optional
-        CSV with a header naming ``file_column`` and ``label_column``; relative paths are taken relative to
-        ``root`` (default: the CSV's folder).
+        UTF-8 CSV (a byte-order mark is allowed) with a header naming ``file_column`` and ``label_column``;
+        relative paths are taken relative to ``root`` (default: the CSV's folder).
     classes : sequence of str, optional
-        Class names in index order (for ordinal labels, the order ``low < ... < high``). Default: the sorted
-        subfolder names, or the sorted distinct CSV labels. Labels outside it raise :class:`DatasetError`.
+        Class names in index order (for ordinal labels, the order ``low < ... < high``), each once. Default:
+        the sorted subfolder names, or the sorted distinct CSV labels. Labels outside it raise
+        :class:`DatasetError`; so does a class subfolder without images.
     spatial_dims : int
         2 or 3.
     size : sequence of int, optional
-        Resizes every image to this spatial size (bilinear/trilinear), so that batches stack.
+        Resizes every image to this spatial size (positive sizes) (bilinear/trilinear), so that batches stack.
     channels : int, optional
-        1 converts colour images to grey (channel mean); 3 repeats grey images. Default: as stored.
+        1 converts colour images to grey (channel mean); 3 repeats grey images. Default: as stored, which
+        must be the same for all images (checked from the file headers at construction: a folder mixing grey
+        and colour images raises :class:`DatasetError` naming the first odd file).
     normalize : {"none", "minmax", "zscore"}
         Per-image intensity normalization.
 
@@ -134,15 +193,29 @@ class ImageFolderDataset(Dataset):
                  normalize: str = "none", file_column: str = "file", label_column: str = "label") -> None:
         if normalize not in ("none", "minmax", "zscore"):
             raise ValueError(f"normalize must be 'none', 'minmax' or 'zscore', got {normalize!r}")
-        if size is not None and len(size) != spatial_dims:
-            raise ValueError(f"size {tuple(size)} must have {spatial_dims} entries")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if size is not None:
+            if isinstance(size, (int, str)) or len(size) != spatial_dims:
+                raise ValueError(f"size {size!r} must be a sequence of {spatial_dims} sizes")
+            if any(isinstance(v, bool) or int(v) != v or int(v) < 1 for v in size):
+                raise ValueError(f"size {tuple(size)} must hold positive integer sizes")
+            size = tuple(int(v) for v in size)
+        if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+            raise ValueError(f"channels must be 1 (grey) or 3 (colour), got {channels!r}")
+        if classes is not None:
+            if isinstance(classes, str):
+                raise ValueError(f"classes must be a list of class names, got the string {classes!r}")
+            dup = sorted({str(c) for c in classes if list(map(str, classes)).count(str(c)) > 1})
+            if dup:
+                raise ValueError(f"classes lists {dup} more than once: {list(classes)}")
         self.spatial_dims, self.size, self.channels, self.normalize = spatial_dims, size, channels, normalize
         root = Path(root) if root is not None else None
         if csv_file is not None:
             files, labels = self._from_csv(Path(csv_file), root, file_column, label_column)
         else:
-            files, labels = self._from_folders(root)
-        names = list(classes) if classes is not None else sorted(set(labels))
+            files, labels = self._from_folders(root, None if classes is None else [str(c) for c in classes])
+        names = [str(c) for c in classes] if classes is not None else sorted(set(labels))
         lookup = {n: i for i, n in enumerate(names)}
         for f, lab in zip(files, labels, strict=True):
             if lab not in lookup:
@@ -152,17 +225,38 @@ class ImageFolderDataset(Dataset):
         self.classes = names
         self.files = files
         self.labels = [lookup[lab] for lab in labels]
+        #: the channels of every item: ``channels``, or (None) the one count all files share (from their headers)
+        self.num_channels = channels if channels is not None else self._common_channels(files)
 
     @staticmethod
-    def _from_folders(root: Path) -> tuple[list[Path], list[str]]:
+    def _common_channels(files: Sequence[Path]) -> int | None:
+        """The channel count all ``files`` have (header only); raises :class:`DatasetError` naming the first
+        file that differs. None if no header could be read."""
+        first = None
+        for f in files:
+            c = probe_channels(f)
+            if c is None:
+                continue
+            if first is None:
+                first = (f, c)
+            elif c != first[1]:
+                raise DatasetError(f"{f}: {c} channel(s) but {first[0]} has {first[1]}: images of mixed grey and "
+                                   "colour do not stack; set channels=1 or 3 (data.dataset_args.channels) to "
+                                   "convert them")
+        return None if first is None else first[1]
+
+    @staticmethod
+    def _from_folders(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[str]]:
         if root is None or not root.is_dir():
             raise DatasetError(f"{root}: image folder not found")
         files, labels = [], []
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for f in sorted(sub.iterdir()):
-                if f.is_file() and _suffix(f) in IMAGE_SUFFIXES:
-                    files.append(f)
-                    labels.append(sub.name)
+            found = [f for f in sorted(sub.iterdir()) if f.is_file() and _suffix(f) in IMAGE_SUFFIXES]
+            if not found and (classes is None or sub.name in classes):
+                raise DatasetError(f"{sub}: class folder without images ({', '.join(IMAGE_SUFFIXES)}); remove it "
+                                   "or add images")
+            files += found
+            labels += [sub.name] * len(found)
         if not files:
             raise DatasetError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in class subfolders")
         return files, labels
@@ -173,8 +267,13 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{path}: label CSV not found")
         base = root if root is not None else path.parent
         files, labels = [], []
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's byte-order mark
+                text = fh.read()
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: label CSV is not UTF-8 text ({exc}); save it as UTF-8") from exc
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
             header = reader.fieldnames or []
             for col in (file_column, label_column):
                 if col not in header:
@@ -188,6 +287,8 @@ class ImageFolderDataset(Dataset):
                     raise DatasetError(f"{f}: file not found (listed in {path}, line {line})")
                 files.append(f)
                 labels.append(lab)
+        except csv.Error as exc:
+            raise DatasetError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from exc
         if not files:
             raise DatasetError(f"{path}: no rows")
         return files, labels
@@ -209,8 +310,10 @@ class ImageFolderDataset(Dataset):
             x = x.mean(0, keepdim=True)
         elif self.channels is not None and x.shape[0] == 1 and self.channels != 1:
             x = x.expand(self.channels, *x.shape[1:]).contiguous()
-        elif self.channels is not None and x.shape[0] != self.channels:
-            raise DatasetError(f"{f}: {x.shape[0]} channels, expected {self.channels}")
+        expected = self.channels if self.channels is not None else getattr(self, "num_channels", None)
+        if expected is not None and x.shape[0] != expected:
+            raise DatasetError(f"{f}: {x.shape[0]} channel(s), expected {expected} (the other images'); set "
+                               "channels=1 or 3 to convert")
         if self.size is not None and tuple(x.shape[1:]) != tuple(self.size):
             mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
             x = F.interpolate(x[None], size=tuple(self.size), mode=mode, align_corners=False)[0]
@@ -218,5 +321,6 @@ class ImageFolderDataset(Dataset):
             lo, hi = x.min(), x.max()
             x = (x - lo) / (hi - lo).clamp_min(1e-8)
         elif self.normalize == "zscore":
-            x = (x - x.mean()) / x.std().clamp_min(1e-8)
+            std = x.std() if x.numel() > 1 else x.new_zeros(())  # one pixel: constant, 0 after
+            x = (x - x.mean()) / std.clamp_min(1e-8)
         return {"image": x, "label": torch.tensor(self.labels[i], dtype=torch.long), "files": str(f)}

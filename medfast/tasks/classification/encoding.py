@@ -29,6 +29,21 @@ class _Encoder:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.class_names = [str(c) for c in class_names] if class_names is not None else [
             str(i) for i in range(self.num_classes)]
+        dup = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate class names {dup} in {self.class_names}")
+
+    def _outputs(self, output: torch.Tensor, what: str = "output") -> torch.Tensor:
+        """``output`` as ``(N, num_outputs)``; raises ValueError naming the expected shape otherwise."""
+        k = self.num_outputs
+        if not isinstance(output, torch.Tensor):
+            output = torch.as_tensor(output)
+        if output.dim() == 1 and k == 1:
+            output = output[:, None]
+        if output.dim() != 2 or output.shape[1] != k:
+            raise ValueError(f"{what} must be (N, {k}) for the {self.encoding} encoding of {self.num_classes} "
+                             f"classes, got {tuple(output.shape)}")
+        return output
 
     @property
     def num_outputs(self) -> int:
@@ -55,8 +70,8 @@ class _Encoder:
         return y
 
     def names(self, indices: torch.Tensor) -> list[str]:
-        """Class names of indices ``(N,)``."""
-        return [self.class_names[int(i)] for i in indices.reshape(-1)]
+        """Class names of indices ``(N,)``; raises ValueError for an index outside ``[0, C-1]``."""
+        return [self.class_names[int(i)] for i in self.index(torch.as_tensor(indices))]
 
 
 class NominalEncoder(_Encoder):
@@ -89,11 +104,13 @@ class NominalEncoder(_Encoder):
 
     def decode(self, output: torch.Tensor) -> torch.Tensor:
         """Classes ``(N,)`` from logits or one-hot/probabilities ``(N, C)`` (argmax), or indices ``(N,)``."""
-        return output.long() if output.dim() == 1 else output.argmax(1)
+        if output.dim() == 1:
+            return self.index(output)
+        return self._outputs(output).argmax(1)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax ``(N, C)`` of logits ``(N, C)``."""
-        return logits.float().softmax(1)
+        return self._outputs(logits, "logits").float().softmax(1)
 
 
 class BinaryEncoder(_Encoder):
@@ -119,14 +136,14 @@ class BinaryEncoder(_Encoder):
 
         ``logits=None`` guesses: a tensor holding only 0 and 1 is taken as targets.
         """
-        out = output.reshape(output.shape[0], -1)[:, 0]
+        out = self._outputs(output)[:, 0]
         if logits is None:
             logits = not bool(((out == 0) | (out == 1)).all())
         return (out > 0).long() if logits else (out > 0.5).long()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """``(N, 2)``: ``[1 - p, p]`` with ``p = sigmoid(logit)``."""
-        p = logits.float().reshape(logits.shape[0], -1)[:, :1].sigmoid()
+        p = self._outputs(logits, "logits").float().sigmoid()
         return torch.cat([1 - p, p], 1)
 
 
@@ -153,6 +170,7 @@ class OrdinalEncoder(_Encoder):
 
         ``logits=None`` guesses: a tensor holding only 0 and 1 is taken as targets.
         """
+        output = self._outputs(output)
         if logits is None:
             logits = not bool(((output == 0) | (output == 1)).all())
         above = output > 0 if logits else output > 0.5
@@ -160,7 +178,7 @@ class OrdinalEncoder(_Encoder):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(N, K)``: ``P(y = k) = P(y > k-1) - P(y > k)`` (clamped at 0, renormalized)."""
-        p = logits.float().sigmoid()
+        p = self._outputs(logits, "logits").float().sigmoid()
         n = p.shape[0]
         cum = torch.cat([p.new_ones(n, 1), p, p.new_zeros(n, 1)], 1)
         probs = (cum[:, :-1] - cum[:, 1:]).clamp_min(0)

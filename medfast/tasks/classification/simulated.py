@@ -218,6 +218,43 @@ def load_brain_volume(spec: str | Mapping[str, Any], voxel_mm: float | None = 2.
     return BrainVolume(name, vol, mask, affine, (lo + hi) / 2, np.abs(hi - lo) / 2)
 
 
+def _finite(name: str, value: Any, low: float | None = None, strict: bool = False) -> float:
+    """``value`` as a finite float ``>= low`` (``> low`` if ``strict``); ValueError naming ``name`` otherwise."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or (low is not None and (v <= low if strict else v < low)):
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return v
+
+
+def _range(name: str, value: Any, low: float | None = None, strict: bool = False) -> tuple[float, float]:
+    """``value`` as a ``(lo, hi)`` range of finite floats, ``lo <= hi``, both ``>= low`` (``> low``)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray) or len(value) != 2:
+        raise ValueError(f"{name} must be a range [low, high] of 2 numbers, got {value!r}")
+    lo, hi = (_finite(name, v, low, strict) for v in value)
+    if lo > hi:
+        raise ValueError(f"{name} must be [low, high] with low <= high, got {list(value)}")
+    return lo, hi
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    """``value`` as an integer ``>= low``; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer | float) or int(value) != value \
+            or int(value) < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _names(name: str, value: Any) -> list:
+    """A list argument given as a string (``planes: coronal``) is an error, not a list of characters."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence | np.ndarray):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
 def _rotation(axis: int, angle: np.ndarray) -> np.ndarray:
     return _torch_rotation(axis, torch.from_numpy(np.asarray(angle, dtype=np.float64))).numpy()
 
@@ -288,13 +325,28 @@ class SimulatedUltrasound:
         from medfast.ultrasound import Probe
 
         self.plane_table = dict(PLANES)
+        if custom_planes is not None and not isinstance(custom_planes, Mapping):
+            raise ValueError(f"custom_planes must be a mapping name: [[target], [direction], [lateral]], got "
+                             f"{custom_planes!r}")
         for name, spec in (custom_planes or {}).items():
-            arr = np.asarray(spec, dtype=np.float64)
-            if arr.shape != (3, 3):
-                raise ValueError(f"custom_planes[{name!r}] must be [[target], [direction], [lateral]] (3 x 3), "
-                                 f"got {arr.shape}")
+            try:
+                arr = np.asarray(spec, dtype=np.float64)
+            except (TypeError, ValueError):
+                arr = np.zeros(0)
+            if arr.shape != (3, 3) or not np.isfinite(arr).all():
+                raise ValueError(f"custom_planes[{name!r}] must be [[target], [direction], [lateral]] (3 x 3 finite "
+                                 f"numbers), got {spec!r}")
+            d, lat = arr[1], arr[2]
+            if not np.linalg.norm(d) > 1e-9:
+                raise ValueError(f"custom_planes[{name!r}]: the beam direction {d.tolist()} is zero")
+            z = d / np.linalg.norm(d)
+            if not np.linalg.norm(lat - (lat @ z) * z) > 1e-6 * max(1.0, float(np.linalg.norm(lat))):
+                raise ValueError(f"custom_planes[{name!r}]: the lateral direction {lat.tolist()} is zero or parallel "
+                                 f"to the beam direction {d.tolist()}")
             self.plane_table[str(name)] = tuple(tuple(r) for r in arr)
-        planes = [str(p) for p in planes]
+        planes = [str(p) for p in _names("planes", planes)]
+        volumes, probes = _names("volumes", volumes), _names("probes", probes)
+        val_volumes = _names("val_volumes", val_volumes) if val_volumes is not None else []
         for p in planes:
             if p not in self.plane_table:
                 raise ValueError(f"unknown plane {p!r} in planes; known: {', '.join(self.plane_table)}")
@@ -308,6 +360,17 @@ class SimulatedUltrasound:
             raise ValueError(f"image_shape must be 2 sizes >= 8, got {image_shape!r}")
         if int(variants) < 1 or int(pose_bins) < 1:
             raise ValueError(f"variants and pose_bins must be >= 1, got {variants}, {pose_bins}")
+        variants, pose_bins = _int("variants", variants, 1), _int("pose_bins", pose_bins, 1)
+        sub_rays = _int("sub_rays", sub_rays, 1)
+        if voxel_mm is not None:
+            voxel_mm = _finite("voxel_mm", voxel_mm, 0.0, strict=True)
+        max_rotation_deg = _finite("max_rotation_deg", max_rotation_deg, 0.0)
+        max_shift_mm = _finite("max_shift_mm", max_shift_mm, 0.0)
+        max_lateral_mm = _finite("max_lateral_mm", max_lateral_mm, 0.0)
+        tgc_db_cm_mhz = _finite("tgc_db_cm_mhz", tgc_db_cm_mhz, 0.0)
+        gel_mm = _range("gel_mm", gel_mm, 0.0)
+        gain_db = _range("gain_db", gain_db)
+        dynamic_range_db = _range("dynamic_range_db", dynamic_range_db, 0.0, strict=True)
         if not probes:
             raise ValueError("probes is empty: name at least one preset")
         self.planes = planes

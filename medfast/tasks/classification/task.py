@@ -8,8 +8,9 @@ Configuration (see ``configs/classification_example.yaml``):
 
 * ``data.root``: folder of class subfolders (or the base of the CSV's paths); ``data.normalize``:
   ``zscore | minmax | none`` per image; ``data.shape``: the size images are resized to; ``data.val_fraction``
-  (a seeded random split) and ``data.dataset_args``: ``csv_file``, ``classes`` (class order, needed for
-  ordinal labels), ``channels``, ``val_root`` / ``val_csv_file`` (a separate validation set).
+  (a seeded random split) and ``data.dataset_args``: ``csv_file``, ``classes`` (class order, required for
+  ordinal labels), ``channels`` (1 or 3, default ``model.in_channels``: every image is converted to it),
+  ``val_root`` / ``val_csv_file`` (a separate validation set).
 * ``data.dataset: simulated_ultrasound``: ``data.dataset_args`` are the arguments of
   :class:`~medfast.tasks.classification.simulated.SimulatedUltrasound` (volumes, val_volumes, planes, probes,
   ...) plus ``samples_per_epoch`` and ``val_samples`` (per validation subset); ``data.shape`` is the image
@@ -94,9 +95,48 @@ def check_config(config: Config) -> None:
         if unknown:
             raise ConfigError(f"data.dataset_args: unknown key(s) {unknown} for a folder / CSV data set; valid: "
                               f"{', '.join(FOLDER_ARGS)}")
+        _check_folder_args(config, encoding)
     if config.task_args:
         raise ConfigError(f"unknown task_args for the classification task: {sorted(config.task_args)} (it takes "
                           f"none; the settings are model.kwargs and data.dataset_args)")
+
+
+def _check_folder_args(config: Config, encoding: str) -> None:
+    """``data.dataset_args`` of a folder / CSV data set: ``classes`` (a list of distinct names, required for
+    ordinal labels, whose order the sorted names would not give) and ``channels`` (1 or 3, equal to
+    ``model.in_channels``)."""
+    m, args = config.model, config.data.dataset_args
+    classes = args.get("classes")
+    if classes is not None:
+        if isinstance(classes, str) or not isinstance(classes, (list, tuple)):
+            raise ConfigError(f"data.dataset_args.classes must be a list of class names, got {classes!r}")
+        names = [str(c) for c in classes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"data.dataset_args.classes lists {dup} more than once: {names}")
+        if len(names) != m.out_channels:
+            raise ConfigError(f"data.dataset_args.classes has {len(names)} classes {names} but "
+                              f"model.out_channels={m.out_channels}")
+    elif encoding == "ordinal":
+        raise ConfigError("model.kwargs.encoding='ordinal' needs data.dataset_args.classes: the class names in "
+                          "their order, lowest first (e.g. [low, medium, high]); the default, the sorted names, "
+                          "is alphabetical, not the order of the labels")
+    channels = args.get("channels")
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise ConfigError(f"data.dataset_args.channels must be 1 (grey) or 3 (colour), got {channels!r}")
+    if channels is not None and channels != m.in_channels:
+        raise ConfigError(f"data.dataset_args.channels={channels} but model.in_channels={m.in_channels}: the images "
+                          "are converted to data.dataset_args.channels, which the network must take")
+    if channels is None and m.in_channels not in (1, 3):
+        raise ConfigError(f"model.in_channels={m.in_channels}: images are read with 1 (grey) or 3 (colour) "
+                          "channels; set model.in_channels to 1 or 3")
+
+
+def _image_channels(config: Config) -> int:
+    """The channel count images are converted to: ``data.dataset_args.channels``, default ``model.in_channels``
+    (so a folder mixing grey and colour images gives batches of the network's input channels)."""
+    channels = config.data.dataset_args.get("channels")
+    return int(channels) if channels is not None else int(config.model.in_channels)
 
 
 def build_classifier(config: Config) -> nn.Module:
@@ -154,11 +194,16 @@ class ClassificationTask(Task):
 
     def _folder(self, root, csv_file) -> ImageFolderDataset:
         d, args = self.config.data, self.config.data.dataset_args
-        return ImageFolderDataset(root, csv_file=csv_file, classes=args.get("classes"),
-                                  spatial_dims=self.config.model.spatial_dims, size=d.shape,
-                                  channels=args.get("channels"), normalize=d.normalize,
-                                  file_column=args.get("file_column", "file"),
-                                  label_column=args.get("label_column", "label"))
+        try:
+            return ImageFolderDataset(root, csv_file=csv_file, classes=args.get("classes"),
+                                      spatial_dims=self.config.model.spatial_dims, size=d.shape,
+                                      channels=_image_channels(self.config), normalize=d.normalize,
+                                      file_column=args.get("file_column", "file"),
+                                      label_column=args.get("label_column", "label"))
+        except DatasetError:
+            raise
+        except ValueError as exc:  # an argument of the data set: a configuration error
+            raise ConfigError(f"data / data.dataset_args: {exc}") from exc
 
     def _build_simulated(self):
         from torch.utils.data import ConcatDataset
@@ -170,7 +215,12 @@ class ClassificationTask(Task):
         if c.model.spatial_dims != 2 or c.model.in_channels != 1:
             raise ConfigError(f"data.dataset={SIMULATED!r} renders 2D single-channel images: set model.spatial_dims=2 "
                              f"and model.in_channels=1 (got {c.model.spatial_dims}, {c.model.in_channels})")
-        self.source = SimulatedUltrasound.from_args(args, d.shape, d.normalize, c.trainer.seed)
+        try:
+            self.source = SimulatedUltrasound.from_args(args, d.shape, d.normalize, c.trainer.seed)
+        except (DatasetError, ConfigError):
+            raise
+        except ValueError as exc:  # a bad argument of the simulator: a configuration error
+            raise ConfigError(f"data.dataset_args: {exc}") from exc
         planes = self.source.planes
         if len(planes) != self.num_classes:
             raise DatasetError(f"data.dataset_args.planes has {len(planes)} classes {planes} but "
@@ -337,9 +387,11 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
                   save_cam: bool = True) -> list[Path]:
     """Classifies image files (PNG/NIfTI/DICOM) with a checkpoint of the classification task and writes
     ``predictions.csv``: one row per input with ``file``, the predicted ``class`` and ``index``, and (with
-    ``save_probabilities``) ``p_<class>`` columns. Images are read, resized and normalized as in training.
-    With ``save_cam`` (2D models), ``cam/<index>_<name>.png`` shows each image with the Grad-CAM of its
-    predicted class (:func:`~medfast.tasks.classification.cam.class_activation_map`).
+    ``save_probabilities``) ``p_<class>`` columns. Images are read, resized, converted to the model's channels
+    and normalized as in training; every input is read and classified before anything is written (a bad
+    file raises :class:`DatasetError` naming it and leaves no partial output). With ``save_cam`` (2D models),
+    ``cam/<index>_<name>.png`` shows each image with the Grad-CAM of its predicted class
+    (:func:`~medfast.tasks.classification.cam.class_activation_map`).
 
     Returns
     -------
@@ -348,7 +400,6 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     """
     import csv
 
-    from medfast.tasks.classification.data import read_image
     from medfast.train.config import config_from_dict, load_config
     from medfast.train.trainer import load_checkpoint, load_model_state, resolve_device
 
@@ -368,30 +419,45 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     # the training data set's item transform, applied to files outside it
     folder = ImageFolderDataset.__new__(ImageFolderDataset)
     folder.spatial_dims, folder.size = config.model.spatial_dims, config.data.shape
-    folder.channels, folder.normalize = config.data.dataset_args.get("channels"), config.data.normalize
+    folder.channels, folder.normalize = _image_channels(config), config.data.normalize
     folder.files, folder.labels = [Path(f) for f in inputs], [0] * len(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows, cam_paths = [], []
+    in_channels = int(config.model.in_channels)
+    if folder.channels not in (1, 3):
+        raise ConfigError(f"model.in_channels={in_channels}: images are read with 1 (grey) or 3 (colour) channels")
+
+    def image(i: int) -> torch.Tensor:
+        x = folder[i]["image"]
+        if x.shape[0] != in_channels:  # clear error naming the file, not a raw convolution error
+            raise DatasetError(f"{folder.files[i]}: {x.shape[0]} channel(s) but the model takes "
+                               f"model.in_channels={in_channels}")
+        return x[None].to(dev)
+
+    # every input is read and classified before anything is written: a bad file leaves no partial output
+    rows, preds = [], []
     for i, f in enumerate(folder.files):
-        read_image(f, folder.spatial_dims)  # clear error naming the file before anything else
-        x = folder[i]["image"][None].to(dev)
+        x = image(i)  # read_image: a missing or corrupt file raises DatasetError naming it
         with torch.no_grad():
             pred, prob = task._predict(model(x))
         row = {"file": str(f), "class": names[int(pred[0])], "index": int(pred[0])}
         if save_probabilities:
             row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, prob[0].tolist(), strict=True)})
         rows.append(row)
-        if save_cam and config.model.spatial_dims == 2:
-            from medfast.tasks.classification.cam import class_activation_map, save_cam_png
-
-            cam, _ = class_activation_map(model, x, pred, encoding=task.encoding)
-            stem = Path(f).name.split(".")[0]
-            cam_paths.append(save_cam_png(x.cpu(), cam.cpu(), out_dir / "cam" / f"{i:04d}_{stem}.png",
-                                          [f"{stem}: {row['class']}"], columns=1))
+        preds.append(pred)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "predictions.csv"
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["file", "class", "index"])
         writer.writeheader()
         writer.writerows(rows)
+    cam_paths = []
+    if save_cam and config.model.spatial_dims == 2:
+        from medfast.tasks.classification.cam import class_activation_map, save_cam_png
+
+        for i, (f, row, pred) in enumerate(zip(folder.files, rows, preds, strict=True)):
+            x = image(i)  # read again (validated above), not all kept in memory
+            cam, _ = class_activation_map(model, x, pred, encoding=task.encoding)
+            stem = Path(f).name.split(".")[0]
+            cam_paths.append(save_cam_png(x.cpu(), cam.cpu(), out_dir / "cam" / f"{i:04d}_{stem}.png",
+                                          [f"{stem}: {row['class']}"], columns=1))
     return [path, *cam_paths]
