@@ -21,6 +21,11 @@ demos=("$@")
 [ ${#demos[@]} -eq 0 ] || [ "${demos[0]}" = "all" ] && demos=(warp simulate register regtrain segment classify synthesize)
 for d in "${demos[@]}"; do
   echo "=== medfast demo: $d"
+  # each demo is a fresh run: medfast train refuses a folder that holds another run's checkpoints
+  case "$d" in
+    regtrain|segment|classify) rm -rf "out/demo/$d" ;;
+    synthesize) rm -rf out/demo/synthesize out/demo/synthesize_pose ;;
+  esac
   case "$d" in
     warp) medfast demo --out out/demo/warp ;;
     simulate) medfast simulate --out out/demo/simulate ;;
