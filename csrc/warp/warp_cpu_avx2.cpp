@@ -217,6 +217,14 @@ MEDFAST_AVX2 inline void store_row_stencil(const PairStencil8& s, RowStencil& rs
   rs.w2hi = s.w2hi;
 }
 
+// The eight lanes' weight sums of a stencil (for zero_outside).
+template <int K>
+MEDFAST_AVX2 inline __m256 stencil_weight_sum(const Stencil8<K>& s) {
+  __m256 sum = s.w[0];
+  for (int t = 1; t < Stencil8<K>::N; ++t) sum = _mm256_add_ps(sum, s.w[t]);
+  return sum;
+}
+
 // The eight lanes' weight sums of a pair stencil (for zero_outside): the axis-0 x axis-1 weights times
 // the axis-2 pair's.
 MEDFAST_AVX2 inline __m256 pair_weight_sum(const RowStencil& rs) {
@@ -347,11 +355,7 @@ MEDFAST_AVX2 void forward_rows(const WarpArgs<float, float, 3>& A, float* out, c
       for (int i = 0; i < 3; ++i) ax[i] = axis_taps8<K, PAD>(p[i], int32_t(A.in_size[i]));
       Stencil8<K> s;
       stencil8<K, false>(ax, st, s);
-      const auto weight_sum = [&]() MEDFAST_AVX2 {
-        __m256 sum = s.w[0];
-        for (int t = 1; t < Stencil8<K>::N; ++t) sum = _mm256_add_ps(sum, s.w[t]);
-        return sum;
-      };
+      const auto weight_sum = [&]() MEDFAST_AVX2 { return stencil_weight_sum(s); };
       // nearest: the one weight is 1 inside, 0 outside; a gather masked by it reads no outside lane
       const __m256 inside = _mm256_cmp_ps(s.w[0], _mm256_setzero_ps(), _CMP_NEQ_OQ);
       for (int64_t c = 0; c < A.channels; ++c) {
@@ -545,11 +549,7 @@ MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float*
         }
       }
       if (grad_pos != nullptr) {
-        const auto weight_sum = [&]() MEDFAST_AVX2 {
-          __m256 sum = s.w[0];
-          for (int t = 1; t < N; ++t) sum = _mm256_add_ps(sum, s.w[t]);
-          return sum;
-        };
+        const auto weight_sum = [&]() MEDFAST_AVX2 { return stencil_weight_sum(s); };
         for (int i = 0; i < 3; ++i)
           _mm256_storeu_ps(grad_pos + (b * 3 + i) * A.out_numel + row + w, zero_outside<PAD>(gp[i], weight_sum));
       }

@@ -130,8 +130,7 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
-    if not isinstance(check_labels, bool):
-        raise TypeError(f"check_labels must be a bool, got {check_labels!r}")
+    check_bool("check_labels", check_labels)
     labels = target.long()
     ignored = None if ignore_index is None else labels == ignore_index
     # An out-of-range label must never pass silently (the kernels leave such voxels out: they never

@@ -234,30 +234,19 @@ def _psf_fake(x, h, w, transpose):
 
 
 class _Psf(torch.autograd.Function):
-    """The PSF and its adjoint, each the other's backward: linear in x, so differentiable any number of
-    times (create_graph included)."""
+    """The PSF (``transpose=False``) or its adjoint, each the other's backward: linear in x, so
+    differentiable any number of times (create_graph included)."""
 
     @staticmethod
-    def forward(ctx, x, h, w):
+    def forward(ctx, x, h, w, transpose):
         ctx.save_for_backward(h, w)
-        return _ops.ussim_psf(x, h, w, False)
+        ctx.transpose = transpose
+        return _ops.ussim_psf(x, h, w, transpose)
 
     @staticmethod
     def backward(ctx, grad):
         h, w = ctx.saved_tensors
-        return _PsfAdjoint.apply(grad, h, w), None, None
-
-
-class _PsfAdjoint(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g, h, w):
-        ctx.save_for_backward(h, w)
-        return _ops.ussim_psf(g, h, w, True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, w = ctx.saved_tensors
-        return _Psf.apply(grad, h, w), None, None
+        return _Psf.apply(grad, h, w, not ctx.transpose), None, None, None
 
 
 def psf(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -268,4 +257,4 @@ def psf(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     odd, centred; lines outside the frame are zero). Returns ``(B, 2, L, S)``: the real part (lateral
     of channels 0 + 1) and the imaginary part (channel 2).
     """
-    return _Psf.apply(x, h, w)
+    return _Psf.apply(x, h, w, False)

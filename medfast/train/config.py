@@ -412,6 +412,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _LOWER = {"optim.name", "optim.scheduler", "trainer.amp"}
 
 
+def check_choice_setting(key: str, value: Any) -> Any:
+    """``value`` of the setting ``key`` of :data:`CHOICES` (lower-cased where the code compares it so); raises
+    :class:`ConfigError` naming the key and its allowed values."""
+    text = value.lower() if key in _LOWER and isinstance(value, str) else value
+    if text not in CHOICES[key]:
+        raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {value!r}")
+    return text
+
+
 def _value(config: Config, key: str) -> Any:
     node: Any = config
     for part in key.split("."):
@@ -426,11 +435,8 @@ def check_config(config: Config) -> None:
     Task-specific settings (``model.*``, ``task_args``, ``data.dataset_args``) are checked by the task;
     :func:`check_spatial_config` checks the spatial settings of the image tasks.
     """
-    for key, allowed in CHOICES.items():
-        value = _value(config, key)
-        text = value.lower() if key in _LOWER and isinstance(value, str) else value
-        if text not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    for key in CHOICES:
+        check_choice_setting(key, _value(config, key))
     tc = config.trainer
     for key in ("max_steps", "batch_size", "accumulate", "log_every"):
         if getattr(tc, key) < 1:

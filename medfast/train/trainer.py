@@ -20,7 +20,15 @@ import torch.distributed as dist
 from torch import nn
 
 from medfast.train import distributed as D
-from medfast.train.config import Config, ConfigError, check_config, config_from_dict, config_to_dict, save_config
+from medfast.train.config import (
+    Config,
+    ConfigError,
+    check_choice_setting,
+    check_config,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+)
 from medfast.train.files import OutputError, check_out_dir
 from medfast.train.task import Task, get_task
 
@@ -120,7 +128,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    name = cfg.name.lower()
+    name = check_choice_setting("optim.name", cfg.name)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     if name == "adam":
@@ -128,13 +136,10 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
-    raise ConfigError(f"optim.name must be one of adamw, adam, sgd; got {cfg.name!r}")
 
 
 def build_scheduler(optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    name = cfg.scheduler.lower()
-    if name not in ("cosine", "constant", "poly"):
-        raise ConfigError(f"optim.scheduler must be one of cosine, constant, poly; got {cfg.scheduler!r}")
+    name = check_choice_setting("optim.scheduler", cfg.scheduler)
     warm = max(0, cfg.warmup_steps)
     floor = cfg.min_lr_ratio
 
@@ -176,9 +181,7 @@ def resolve_device(name: str, what: str = "trainer.device") -> torch.device:
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: full precision). Mixed precision is used on CUDA only."""
-    name = name.lower()
-    if name not in ("auto", "bf16", "fp16", "none", "off", "fp32"):
-        raise ConfigError(f"trainer.amp must be one of auto, bf16, fp16, none; got {name!r}")
+    name = check_choice_setting("trainer.amp", name)
     if device.type != "cuda" or name in ("none", "off", "fp32"):
         return None
     if name == "fp16":

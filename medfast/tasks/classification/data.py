@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,7 @@ class ImageFolderDataset(Dataset):
         if classes is not None:
             if isinstance(classes, str):
                 raise ValueError(f"classes must be a list of class names, got the string {classes!r}")
-            dup = sorted({str(c) for c in classes if list(map(str, classes)).count(str(c)) > 1})
+            dup = sorted(name for name, n in Counter(map(str, classes)).items() if n > 1)
             if dup:
                 raise ValueError(f"classes lists {dup} more than once: {list(classes)}")
         self.spatial_dims, self.size, self.channels, self.normalize = spatial_dims, size, channels, normalize
