@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from medfast.ops._ussim import N_PROPS, PROP_NAMES, march_lines, noise_table, psf
+from medfast.ultrasound._speckle import scatter_gain
 from medfast.ultrasound.probe import Probe
 from medfast.ultrasound.tissue import HU_KNOTS, WATER, LabelTable, hu_to_properties
 
@@ -289,8 +290,9 @@ def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dtype, pixel_mm):
-    """Per-probe constant tensors, computed once per (probe, sub_rays, device, dtype)."""
+def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dtype, extra):
+    """Per-probe constant tensors, computed once per (probe, sub_rays, device, dtype, extra); ``extra``:
+    the pixel spacing of "grid", the scatter cell of "elevation3"."""
     dev = torch.device(device)
     if kind == "rays":  # (L, E, 3) sub-ray origins, (L, 3) sample steps (probe frame, mm)
         origin, direction = probe.line_geometry(dtype=torch.float64)
@@ -298,19 +300,17 @@ def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dt
         start[..., 1] += elevation_offsets(probe, sub_rays)[None, :]
         return start.to(device=dev, dtype=dtype), (direction * probe.dz_mm).to(device=dev, dtype=dtype)
     if kind == "elevation3":  # (E, S, 3) elevation weights of the (specular, scatter re, im) channels
-        w_spec, w_scat = _elevation_weights(probe, sub_rays, dtype, dev)
+        w_spec, w_scat = _elevation_weights(probe, sub_rays, dtype, dev, scatter_cell_mm=extra)
         return (torch.stack([w_spec, w_scat, w_scat], -1).contiguous(),
                 torch.stack([w_spec, w_spec, w_spec], -1).contiguous())
     if kind == "axial":
         return _axial_kernel(probe, dtype, dev)
     if kind == "lateral":
         return _lateral_weights(probe, dtype, dev)
-    if kind == "elevation":
-        return _elevation_weights(probe, sub_rays, dtype, dev)
     if kind in ("psf_speckle", "psf_plain"):
         return _psf_weights(probe, kind == "psf_speckle", dtype, dev)
     if kind == "grid":
-        return probe.scan_grid(pixel_mm, device=dev, dtype=dtype)
+        return probe.scan_grid(extra, device=dev, dtype=dtype)
     raise KeyError(kind)
 
 
@@ -345,20 +345,32 @@ def _lateral_weights(probe: Probe, dtype, device, max_half: int | None = None) -
     return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
 
 
-def _elevation_weights(probe: Probe, sub_rays: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _elevation_weights(probe: Probe, sub_rays: int, dtype, device,
+                       scatter_cell_mm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E, S)`` sub-ray weights: specular (sum 1) and scatter. The scatter weights also carry the
+    per-depth gain that keeps the mean speckle intensity at the scatter power however densely the
+    samples, lines and sub-rays are spaced (:func:`~medfast.ultrasound._speckle.scatter_gain`; none
+    without ``scatter_cell_mm``: unit energy)."""
     z = probe.depths(dtype=torch.float64)
     y = elevation_offsets(probe, sub_rays)
     sigma = probe.elevation_fwhm_mm(z) * _FWHM_TO_SIGMA
     w = torch.exp(-0.5 * (y[:, None] / sigma[None, :]) ** 2)  # (E, S)
     spec = w / w.sum(0, keepdim=True)
     scat = w / w.square().sum(0, keepdim=True).sqrt()
+    if scatter_cell_mm is not None:
+        axial = _axial_kernel(probe, torch.float64, "cpu")
+        _, lateral = _lateral_weights(probe, torch.float64, "cpu")
+        gain = scatter_gain(axial / axial.square().sum().sqrt(), lateral, scat.T, probe.dz_mm,
+                            probe.line_spacing_mm(z), float(y[1] - y[0]) if sub_rays > 1 else 0.0, scatter_cell_mm)
+        scat = scat * gain
     return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
 
 
 def _psf_weights(probe: Probe, speckle: bool, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial taps ``(3, K)`` and lateral taps ``(3, J, S)`` of the (specular, scatter re, scatter im)
-    channels. Specular: peak 1 (a plane reflector keeps its amplitude); scatter: unit energy (the mean
-    speckle intensity equals the scatter power), or like specular with speckle off."""
+    channels. Specular: peak 1 (a plane reflector keeps its amplitude); scatter: unit energy (with the
+    elevation weights' per-depth gain, the mean speckle intensity equals the scatter power), or like
+    specular with speckle off."""
     h = _axial_kernel(probe, torch.float64, "cpu")
     hn = h / h.square().sum().sqrt() if speckle else h
     w_spec, w_scat = _lateral_weights(probe, torch.float64, "cpu")
@@ -457,7 +469,7 @@ def _scanlines(props: torch.Tensor, pose: torch.Tensor, affine_info, probe: Prob
     if interface_mm is None:
         interface_mm = 2.0 * probe.dz_mm
     sharp = max(1.0, voxel_mm / interface_mm)
-    w3 = _cached("elevation3", probe, E, str(dev), dt, None)[0 if speckle else 1]  # (E, S, 3)
+    w3 = _cached("elevation3", probe, E, str(dev), dt, float(scatter_cell_mm))[0 if speckle else 1]  # (E, S, 3)
     # Elevation-weighted sub-ray sum, (B, L, 3, S).
     lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, background, seed, sharp,
                         volume_index)

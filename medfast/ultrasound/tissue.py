@@ -24,7 +24,8 @@ WATER = (1.48, 0.0022, 0.0, 0.0, 0.0)
 # 1990; Szabo, "Diagnostic ultrasound imaging", 2004): air 0.0004 MRayl, fat 1.38, water 1.48,
 # soft tissue 1.63-1.7, bone 4-7.8 MRayl; attenuation fat 0.6, soft tissue 0.5-0.7, bone 10-20
 # dB/cm/MHz. Water-like fluid (CSF, HU ~ 0-15) does not scatter. Scatter amplitudes are relative to
-# the plane-reflector amplitude R: soft-tissue speckle sits about 35 dB below a bone interface.
+# the plane-reflector amplitude R: the mean soft-tissue speckle intensity sits about 31 dB below the
+# echo of a soft tissue -> bone (6 MRayl) interface.
 HU_KNOTS: tuple[tuple[float, float, float, float, float, float], ...] = (
     (-1000.0, 0.0004, 20.0, 0.0, 0.0, 0.0),
     (-500.0, 0.80, 12.0, 0.6, 0.015, 0.005),
