@@ -140,3 +140,24 @@ def test_resample_bad_affine():
         mf.resample(image, np.eye(3), np.eye(4), (4, 4, 4))
     with pytest.raises(TypeError, match="affine_out must be a torch.Tensor or numpy array"):
         mf.resample(image, np.eye(4), [[1, 0], [0, 1]], (4, 4, 4))
+
+
+@pytest.mark.parametrize("ndim, batch", [(3, 4), (3, 2), (2, 3)])
+def test_resample_broadcasts_one_affine_beside_a_batch(ndim, batch):
+    # a (B, n+1, n+1) affine_in with one (n+1, n+1) affine_out, B = n+1: torch.linalg.solve read the
+    # single matrix as a batch of vectors and the output was silently wrong (0.97 off on [0, 1] images)
+    torch.manual_seed(0)
+    shape = (10, 11, 12)[:ndim]
+    img = torch.rand(batch, 1, *shape, dtype=torch.float64)
+    a_in = torch.eye(ndim + 1, dtype=torch.float64).repeat(batch, 1, 1)
+    for b in range(batch):
+        a_in[b, :ndim, ndim] = torch.tensor([0.5 * b, -0.3 * b, 0.2][:ndim], dtype=torch.float64)
+        a_in[b, 0, 0] = 1.0 + 0.1 * b
+    a_out = torch.eye(ndim + 1, dtype=torch.float64)
+    a_out[:ndim, ndim] = 1.25
+    per_sample = torch.cat([mf.resample(img[b:b + 1], a_in[b], a_out, shape) for b in range(batch)])
+    torch.testing.assert_close(mf.resample(img, a_in, a_out, shape), per_sample, rtol=0, atol=1e-12)
+    # and the other way round: one affine_in, a batch of affine_out
+    a_outs = a_in.clone()
+    per_sample = torch.cat([mf.resample(img[b:b + 1], a_out, a_outs[b], shape) for b in range(batch)])
+    torch.testing.assert_close(mf.resample(img, a_out, a_outs, shape), per_sample, rtol=0, atol=1e-12)

@@ -261,3 +261,34 @@ def test_read_inv3_refuses_what_it_would_misread(tmp_path):
         with pytest.raises(ValueError, match=match) as info:
             read_inv3(path)
         assert str(path) in str(info.value)
+
+
+def test_noise_table_cache_is_thread_safe():
+    # the LRU lookup, insert and eviction ran without a lock: threads simulating with more seeds than
+    # the cache holds raised KeyError (6 of 6 threads here) and the cache outgrew its bound
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: widens any race window
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(1500):
+                seed = (7 * i + k) % 20
+                table = simulate_module._noise(seed, torch.device("cpu"), True)
+                assert torch.equal(table, simulate_module.noise_table(seed)) if i % 500 == 0 else True
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(e))
+
+    try:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:2]
+    assert len(simulate_module._NOISE_CACHE) <= simulate_module._NOISE_CACHE_SIZE

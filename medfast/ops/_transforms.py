@@ -70,6 +70,8 @@ def resample(
         raise ValueError(
             f"affine_in and affine_out batches must be equal or 1, got {a_in.shape[0]} and {a_out.shape[0]}"
         )
+    if a_in.dim() != a_out.dim():  # one (n+1, n+1) beside a batch: solve would read it as a batch of vectors
+        a_in, a_out = torch.broadcast_tensors(a_in, a_out)
     try:
         theta = torch.linalg.solve(a_in, a_out)[..., :ndim, :]
     except torch.linalg.LinAlgError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from medfast.ultrasound.tissue import HU_KNOTS, WATER, LabelTable, hu_to_propert
 __all__ = ["SimulationResult", "simulate", "simulate_ct", "simulate_labels", "look_at"]
 
 _NOISE_CACHE: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()  # least recently used first
+_NOISE_LOCK = threading.Lock()
 _NOISE_CACHE_SIZE = 16  # tables of 16384 x 4 values: a seed per call must not grow memory without bound
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -270,17 +272,22 @@ def probe_points(probe: Probe, sub_rays: int, device=None) -> torch.Tensor:
 
 def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
     key = (int(seed) if speckle else -1, str(device))
-    if key in _NOISE_CACHE:
-        _NOISE_CACHE.move_to_end(key)
-        return _NOISE_CACHE[key]
+    with _NOISE_LOCK:  # simulate() may run in several threads: lookup, insert and eviction as one step
+        table = _NOISE_CACHE.get(key)
+        if table is not None:
+            _NOISE_CACHE.move_to_end(key)
+            return table
     if speckle:
         table = noise_table(seed)
     else:  # deterministic scatterers: unit real value, no amplitude spread
         table = torch.zeros(1, 4)
         table[0, 0] = 1.0
-    _NOISE_CACHE[key] = table = table.to(device)
-    while len(_NOISE_CACHE) > _NOISE_CACHE_SIZE:
-        _NOISE_CACHE.popitem(last=False)
+    table = table.to(device)
+    with _NOISE_LOCK:
+        table = _NOISE_CACHE.setdefault(key, table)  # another thread may have made it meanwhile
+        _NOISE_CACHE.move_to_end(key)
+        while len(_NOISE_CACHE) > _NOISE_CACHE_SIZE:
+            _NOISE_CACHE.popitem(last=False)
     return table
 
 
