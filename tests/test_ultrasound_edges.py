@@ -292,3 +292,26 @@ def test_noise_table_cache_is_thread_safe():
         sys.setswitchinterval(interval)
     assert not errors, errors[:2]
     assert len(simulate_module._NOISE_CACHE) <= simulate_module._NOISE_CACHE_SIZE
+
+
+def test_psf_rows_do_not_depend_on_thread_count_or_batch():
+    # the AVX2 PSF's row loops were parallel_for lambdas: baseline code on pool threads, FMA code when
+    # run inline, so a frame's pixels changed with torch.set_num_threads and with its batch (7.6e-6 dB)
+    op = torch.ops.medfast.ussim_psf
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 3, 64, generator=gen)
+    h, w = torch.rand(3, 15, generator=gen), torch.rand(3, 7, 64, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(op(x[:1].contiguous(), h, w, False), op(x, h, w, False)[:1])
+        props = torch.rand(1, 5, 8, 8, 8, generator=gen) + 1.0
+        pose = look_at((20.0, 20.0, -5.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+        probe = Probe.preset("C5-2v", n_lines=48, n_samples=256, depth_mm=40.0)
+        lines = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            lines.append(simulate(props, np.diag([5.0, 5, 5, 1]), pose, probe, seed=3).lines_db)
+        assert torch.equal(lines[0], lines[1])
+    finally:
+        torch.set_num_threads(threads)

@@ -76,50 +76,52 @@ bool has_avx2() { return cpu_simd_available(); }
 #endif
 #undef MEDFAST_USSIM_BACKWARD_BODY
 
-// The PSF's forward row loops (axial then lateral), compiled for the baseline and for AVX2 + FMA
-// like lines_loop (the header rows vectorise 8 wide there).
-#define MEDFAST_USSIM_PSF_FORWARD_BODY                                                                     \
-  at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {                                 \
-    for (int64_t r = begin; r < end; ++r)                                                                 \
-      axial_row(xp + r * S, hp + (r % 3) * K, K, S, t + r * S);                                           \
-  });                                                                                                     \
-  at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {                                     \
-    for (int64_t bl = begin; bl < end; ++bl) {                                                            \
-      const int64_t b = bl / L, l = bl % L;                                                               \
-      const T* y = t + b * L * 3 * S;                                                                     \
-      T* re = o + (b * 2 * L + l) * S;                                                                    \
-      T* im = o + ((b * 2 + 1) * L + l) * S;                                                              \
-      psf_lateral_row<T, A>(y, 3 * S, wp, J, L, S, l, 0, S, re, false, false);                            \
-      psf_lateral_row<T, A>(y + S, 3 * S, wp + J * S, J, L, S, l, 0, S, re, false, true);                 \
-      psf_lateral_row<T, A>(y + 2 * S, 3 * S, wp + 2 * J * S, J, L, S, l, 0, S, im, false, false);        \
-    }                                                                                                     \
-  });
+// The PSF's forward rows [begin, end), axial (one (b, l, channel) row each) then lateral (one (b, l)
+// each), compiled for the baseline and for AVX2 + FMA like lines_loop (the header rows vectorise 8
+// wide there). They are functions called from the parallel_for lambdas, not the lambdas' bodies: a
+// lambda is baseline code even inside an AVX2 function, so a row's rounding (FMA or not) depended on
+// whether parallel_for ran it inline or on a pool thread, i.e. on the thread count and batch size.
+#define MEDFAST_USSIM_PSF_LATERAL_ROWS                                                                     \
+  for (int64_t bl = begin; bl < end; ++bl) {                                                              \
+    const int64_t b = bl / L, l = bl % L;                                                                 \
+    const T* y = t + b * L * 3 * S;                                                                       \
+    T* re = o + (b * 2 * L + l) * S;                                                                      \
+    T* im = o + ((b * 2 + 1) * L + l) * S;                                                                \
+    psf_lateral_row<T, A>(y, 3 * S, wp, J, L, S, l, 0, S, re, false, false);                              \
+    psf_lateral_row<T, A>(y + S, 3 * S, wp + J * S, J, L, S, l, 0, S, re, false, true);                   \
+    psf_lateral_row<T, A>(y + 2 * S, 3 * S, wp + 2 * J * S, J, L, S, l, 0, S, im, false, false);          \
+  }
 
 template <typename T, typename A>
-void psf_forward(const T* xp, const T* hp, const T* wp, T* t, T* o, int64_t B, int64_t L, int64_t S, int64_t K,
-                 int64_t J, int64_t grain) {
-  const auto axial_row = [](const T* x, const T* h, int64_t K, int64_t S, T* out) {
-    psf_axial_row<T, A>(x, h, K, S, 0, S, out, false);
-  };
-  MEDFAST_USSIM_PSF_FORWARD_BODY
+void psf_axial_rows(const T* xp, const T* hp, T* t, int64_t S, int64_t K, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) psf_axial_row<T, A>(xp + r * S, hp + (r % 3) * K, K, S, 0, S, t + r * S, false);
+}
+
+template <typename T, typename A>
+void psf_lateral_rows(const T* t, const T* wp, T* o, int64_t L, int64_t S, int64_t J, int64_t begin, int64_t end) {
+  MEDFAST_USSIM_PSF_LATERAL_ROWS
 }
 
 #ifdef MEDFAST_USSIM_AVX2
 template <typename T, typename A>
-__attribute__((target("avx2,fma"))) void psf_forward_avx2(const T* xp, const T* hp, const T* wp, T* t, T* o,
-                                                          int64_t B, int64_t L, int64_t S, int64_t K, int64_t J,
-                                                          int64_t grain) {
-  // float32 axial rows: the register-blocked AVX2 row of ussim_cpu_avx2.cpp (same taps, same order).
-  const auto axial_row = [](const T* x, const T* h, int64_t K, int64_t S, T* out) {
+__attribute__((target("avx2,fma"))) void psf_axial_rows_avx2(const T* xp, const T* hp, T* t, int64_t S, int64_t K,
+                                                             int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    // float32: the register-blocked AVX2 row of ussim_cpu_avx2.cpp (same taps, same order)
     if constexpr (std::is_same_v<T, float>)
-      psf_axial_row_avx2(x, h, K, S, out);
+      psf_axial_row_avx2(xp + r * S, hp + (r % 3) * K, K, S, t + r * S);
     else
-      psf_axial_row<T, A>(x, h, K, S, 0, S, out, false);
-  };
-  MEDFAST_USSIM_PSF_FORWARD_BODY
+      psf_axial_row<T, A>(xp + r * S, hp + (r % 3) * K, K, S, 0, S, t + r * S, false);
+  }
+}
+
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void psf_lateral_rows_avx2(const T* t, const T* wp, T* o, int64_t L, int64_t S,
+                                                               int64_t J, int64_t begin, int64_t end) {
+  MEDFAST_USSIM_PSF_LATERAL_ROWS
 }
 #endif
-#undef MEDFAST_USSIM_PSF_FORWARD_BODY
+#undef MEDFAST_USSIM_PSF_LATERAL_ROWS
 
 }  // namespace
 
@@ -197,13 +199,23 @@ Tensor psf_cpu(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 4096 / S);
     if (!transpose) {
+      bool avx2 = false;
 #ifdef MEDFAST_USSIM_AVX2
-      if (has_avx2()) {
-        psf_forward_avx2<scalar_t, A>(xp, hp, wp, t, o, B, L, S, K, J, grain);
-        return;
-      }
+      avx2 = has_avx2();
 #endif
-      psf_forward<scalar_t, A>(xp, hp, wp, t, o, B, L, S, K, J, grain);
+      (void)avx2;  // baseline-only builds
+      at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
+#ifdef MEDFAST_USSIM_AVX2
+        if (avx2) return psf_axial_rows_avx2<scalar_t, A>(xp, hp, t, S, K, begin, end);
+#endif
+        psf_axial_rows<scalar_t, A>(xp, hp, t, S, K, begin, end);
+      });
+      at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {
+#ifdef MEDFAST_USSIM_AVX2
+        if (avx2) return psf_lateral_rows_avx2<scalar_t, A>(t, wp, o, L, S, J, begin, end);
+#endif
+        psf_lateral_rows<scalar_t, A>(t, wp, o, L, S, J, begin, end);
+      });
     } else {
       at::parallel_for(0, B * L * 3, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
