@@ -89,9 +89,9 @@ Tensor prefilter(Tensor (*launch)(const Tensor&, int, bool), const Tensor& image
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
-  m.def("warp_forward(Tensor image, Tensor? theta, Tensor? ddf, int[] shape, str mode, str padding) -> Tensor");
+  m.def("warp_forward(Tensor image, Tensor? theta, Tensor? ddf, SymInt[] shape, str mode, str padding) -> Tensor");
   m.def(
-      "warp_backward(Tensor grad, Tensor image, Tensor? theta, Tensor? ddf, int[] shape, str mode, str padding, "
+      "warp_backward(Tensor grad, Tensor image, Tensor? theta, Tensor? ddf, SymInt[] shape, str mode, str padding, "
       "bool image_grad, bool position_grad) -> (Tensor, Tensor)");
   m.def("spline_prefilter(Tensor image, str padding, bool transpose) -> Tensor");
 }

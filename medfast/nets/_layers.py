@@ -72,10 +72,14 @@ class _OneDNNConv3d(torch.autograd.Function):
     double backward works."""
 
     @staticmethod
-    def forward(ctx, x, w, b, stride, padding):
+    def forward(x, w, b, stride, padding):
+        return torch.mkldnn_convolution(x, w, b, padding, stride, [1, 1, 1], 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: the form torch.func transforms accept
+        x, w, b, stride, padding = inputs
         ctx.save_for_backward(x, w)
         ctx.stride, ctx.padding, ctx.has_bias = stride, padding, b is not None
-        return torch.mkldnn_convolution(x, w, b, padding, stride, [1, 1, 1], 1)
 
     @staticmethod
     def backward(ctx, go):

@@ -11,6 +11,7 @@ differentiated again.
 from __future__ import annotations
 
 import torch
+from torch._C import _functorch
 
 
 def create_graph() -> bool:
@@ -23,10 +24,14 @@ class _NoSecondDerivative(torch.autograd.Function):
     """Passes gradients through; its backward raises. Its inputs include the op's own inputs, so that
     differentiating the gradients w.r.t. them (``autograd.grad`` or ``.backward()``) reaches it."""
 
+    # forward and setup_context apart (not forward(ctx, ...)): the form torch.func transforms accept
     @staticmethod
-    def forward(ctx, op, n, *tensors):
-        ctx.op = op
+    def forward(op, n, *tensors):
         return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -64,3 +69,25 @@ def reference_vjp(fn, inputs, needs, grad):
         got = torch.autograd.grad(fn(*xs), wrt, grad, create_graph=create, allow_unused=True)
     got = iter(got)
     return tuple(next(got) if need else None for need in needs)
+
+
+def refuse_function_transforms(op: str, *tensors: object) -> None:
+    """Raises a clear error for inputs under forward-mode AD or a ``torch.func`` gradient transform.
+
+    PyTorch custom operators differentiated through ``torch.library.register_autograd`` have no
+    forward-mode derivative: ``torch.func.jvp`` / ``jacfwd`` and ``torch.autograd.forward_ad`` silently
+    got a zero (or no) tangent. ``torch.func.grad`` / ``vjp`` / ``jacrev`` failed deep inside PyTorch
+    (or on a host check). ``vmap`` works and is left alone. Costs one C call per tensor."""
+    if torch.compiler.is_compiling():  # traced graphs hold no transform wrappers (and dynamo cannot trace these)
+        return
+    forward_ad = torch.autograd.forward_ad._current_level >= 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if _functorch.is_gradtrackingtensor(t) or (forward_ad and torch.autograd.forward_ad.unpack_dual(t).tangent
+                                                   is not None):
+            raise NotImplementedError(
+                f"{op}: torch.func transforms that differentiate (grad, vjp, jacrev, jvp, jacfwd) and forward-mode "
+                "AD (torch.autograd.forward_ad) are not supported: PyTorch custom operators have no forward-mode "
+                "derivative and no functorch rule. Use reverse mode (.backward() or torch.autograd.grad); "
+                "torch.func.vmap works")

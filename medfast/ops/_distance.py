@@ -48,7 +48,10 @@ def seed_distances(seeds: torch.Tensor, query: torch.Tensor, spacing: Sequence[f
 
 @torch.library.register_fake("medfast::surface_edges")
 def _surface_edges_fake(mask):
-    return torch.empty_like(mask), mask.new_empty((mask.shape[0],), dtype=torch.long)
+    # contiguous whatever the mask's strides: the kernel returns a contiguous tensor (a transposed mask,
+    # a Fortran-ordered NIfTI, gave a stride mismatch under inductor)
+    return (torch.empty_like(mask, memory_format=torch.contiguous_format),
+            mask.new_empty((mask.shape[0],), dtype=torch.long))
 
 
 def surface_edges(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +62,9 @@ def surface_edges(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     element), as MONAI's ``get_mask_edges``. Returns (bool (B, *spatial), int64 (B,)). Internal to the
     surface metrics.
     """
-    return _ops.surface_edges(mask)
+    # contiguous here (the kernel would copy it anyway): inductor lays the traced mask out its own way
+    # and then asserted the op's input strides (a transposed label map failed under torch.compile)
+    return _ops.surface_edges(mask.contiguous())
 
 
 def _check_spacing(spacing: object, ndim: int) -> list[float]:

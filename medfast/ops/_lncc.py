@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
-from medfast.ops._autograd import once_differentiable
+from medfast.ops._autograd import once_differentiable, refuse_function_transforms
 from medfast.ops._validate import check_choice, check_tensor
 
 _ops = torch.ops.medfast
@@ -112,6 +112,7 @@ def local_ncc(
     """
     pred = check_tensor("pred", pred)
     target = check_tensor("target", target)
+    refuse_function_transforms("medfast.local_ncc", pred, target)
     for name, x in (("pred", pred), ("target", target)):
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")

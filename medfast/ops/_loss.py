@@ -21,9 +21,10 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._C import _functorch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
-from medfast.ops._autograd import create_graph, reference_vjp
+from medfast.ops._autograd import create_graph, reference_vjp, refuse_function_transforms
 from medfast.ops._validate import check_backend, check_bool, check_choice, check_tensor
 
 _ops = torch.ops.medfast
@@ -141,7 +142,9 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
     bad = pending = None
     if labels.numel():
         valid = labels if ignored is None else labels.masked_fill(ignored, 0)
-        if check_labels and not torch.compiler.is_compiling() and labels.device.type != "meta":  # meta: no values
+        # meta: no values; vmap: a batched tensor has none to read on the host
+        if (check_labels and not torch.compiler.is_compiling() and labels.device.type != "meta"
+                and not _functorch.is_batchedtensor(labels)):
             pending = _range_check(torch.stack(torch.aminmax(valid)), logits.shape[1], ignore_index)
         else:
             bad = ((valid < 0) | (valid >= logits.shape[1])).any()
@@ -217,8 +220,9 @@ def _smooth(smooth: object) -> tuple[float, float]:
 
 
 def _finite_number(value: object) -> bool:
-    """A non-negative finite int or float (not a bool, not NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    """A non-negative finite int or float (not a bool, not NaN). Comparisons, not math.isfinite: under
+    torch.compile(dynamic=True) the value is a symbolic float, which math.isfinite cannot trace."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def _check_flags(include_background: object, batch_dice: object, ddp_sync: object) -> None:
@@ -317,6 +321,7 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
     logits = _check_logits(logits, activation)
     check_backend("logits", logits)
     target = check_tensor("target", target)
+    refuse_function_transforms("medfast segmentation loss", logits, target, voxel_weight, class_weight)
     soft = activation == "sigmoid" or (torch.is_floating_point(target) and target.shape == logits.shape)
     fused = _cuda_kernel_fits(logits)
     if soft:
@@ -342,6 +347,8 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
         channels = logits.shape[1] if activation == "sigmoid" else 1
         if weight is not None:
             return stats, cw, (weight.sum().to(stats.dtype), channels, False)
+        if torch.compiler.is_compiling():  # the voxel count as a tensor: float() would fix a symbolic size
+            return stats, cw, (stats.new_full((), logits[:, 0].numel()), channels, False)
         return stats, cw, (None, logits[:, 0].numel() * channels, False)
     # weighted mean over the labelled voxels, as F.cross_entropy with weight / ignore_index
     return stats, cw, (None, 1, True)

@@ -25,7 +25,8 @@ def _as_affine(name: str, value, ndim: int, device) -> torch.Tensor:
         value = value.double()
     if value.device != device and value.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (no values) but image is on {device}")
-    if value.device.type == "cpu" and not bool(torch.isfinite(value).all()):  # no check (and no sync) on a GPU
+    # no check (and no sync) on a GPU, nor while torch.compile traces (a data-dependent branch)
+    if value.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} must be finite, got {value.tolist()}")
     return value.to(device=device, dtype=torch.float64)
 
@@ -72,10 +73,13 @@ def resample(
         )
     if a_in.dim() != a_out.dim():  # one (n+1, n+1) beside a batch: solve would read it as a batch of vectors
         a_in, a_out = torch.broadcast_tensors(a_in, a_out)
-    try:
+    if torch.compiler.is_compiling():  # a singular matrix cannot be caught in a traced graph
         theta = torch.linalg.solve(a_in, a_out)[..., :ndim, :]
-    except torch.linalg.LinAlgError:
-        raise ValueError(f"affine_in is singular (no voxel grid maps onto world space): {a_in.tolist()}") from None
+    else:
+        try:
+            theta = torch.linalg.solve(a_in, a_out)[..., :ndim, :]
+        except torch.linalg.LinAlgError:
+            raise ValueError(f"affine_in is singular (no voxel grid maps onto world space): {a_in.tolist()}") from None
     if theta.dim() == 2:
         theta = theta.unsqueeze(0)
     return affine_warp(image, theta.to(position_dtype(image.dtype)), shape=shape_out, mode=mode, padding=padding)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
-from medfast.ops._autograd import once_differentiable
+from medfast.ops._autograd import once_differentiable, refuse_function_transforms
 from medfast.ops._validate import check_tensor
 
 _ops = torch.ops.medfast
@@ -156,6 +156,7 @@ def ray_march(
         raise ValueError(f"background must have {N_PROPS} entries, got {len(bg)}")
     if not (float(sharp) >= 1.0):
         raise ValueError(f"sharp must be >= 1, got {sharp}")
+    refuse_function_transforms("medfast.ops.ray_march", props, coords)
     return _ops.ussim_march(props, coords, noise, g, float(att), bg, int(seed), float(sharp))
 
 
@@ -179,10 +180,14 @@ class _MarchLines(torch.autograd.Function):
     the sub-rays (sample positions ``start + i * step``; on CPU without materialising them)."""
 
     @staticmethod
-    def forward(ctx, props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index):
+    def forward(props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index):
+        return _ops.ussim_march_lines(props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: the form torch.func transforms accept
+        props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index = inputs
         ctx.save_for_backward(props, start, step, weights, noise, volume_index)
         ctx.args = (g, att, bg, seed, sharp)
-        return _ops.ussim_march_lines(props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index)
 
     @staticmethod
     def backward(ctx, grad):
@@ -238,10 +243,14 @@ class _Psf(torch.autograd.Function):
     differentiable any number of times (create_graph included)."""
 
     @staticmethod
-    def forward(ctx, x, h, w, transpose):
+    def forward(x, h, w, transpose):
+        return _ops.ussim_psf(x, h, w, transpose)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: the form torch.func transforms accept
+        _, h, w, transpose = inputs
         ctx.save_for_backward(h, w)
         ctx.transpose = transpose
-        return _ops.ussim_psf(x, h, w, transpose)
 
     @staticmethod
     def backward(ctx, grad):

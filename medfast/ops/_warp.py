@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
-from medfast.ops._autograd import once_differentiable
+from medfast.ops._autograd import once_differentiable, refuse_function_transforms
 from medfast.ops._validate import (
     MODES,
     PADDINGS,
@@ -146,10 +146,12 @@ def spline_coefficients(image: torch.Tensor, padding: str = "zeros") -> torch.Te
     """
     check_image(image)
     check_choice("padding", padding, PADDINGS)
+    refuse_function_transforms("medfast.spline_coefficients", image)
     return _ops.spline_prefilter(image, padding, False)
 
 
 def _sample(image, theta, ddf, shape, mode, padding, prefiltered):
+    refuse_function_transforms("medfast warp", image, theta, ddf)
     check_choice("mode", mode, MODES)
     check_choice("padding", padding, PADDINGS)
     if not isinstance(prefiltered, bool):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medfast.ops._autograd import refuse_function_transforms
 from medfast.ops._ussim import N_PROPS, PROP_NAMES, march_lines, noise_table, psf
 from medfast.ultrasound._speckle import scatter_gain
 from medfast.ultrasound.probe import Probe
@@ -588,6 +589,7 @@ def simulate(
     -------
     SimulationResult
     """
+    refuse_function_transforms("medfast.ultrasound.simulate", props, pose)
     props = _check_props(props)
     probe = _check_probe(probe)
     a, inv_a64, voxel_mm = _affine_info(affine)
