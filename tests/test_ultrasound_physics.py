@@ -79,3 +79,23 @@ def test_the_gaussian_correlation_model_matches_the_noise_field():
     assert np.abs(model - rho).max() < 0.015
     # what the gain integrates: the area under the correlation along a line
     assert np.trapezoid(model, r) == pytest.approx(np.trapezoid(rho, r), rel=0.01)
+
+
+@pytest.mark.parametrize("voxel_mm", [0.5, 1.0, 2.0])
+def test_bone_echo_is_not_attenuated_before_the_interface(voxel_mm):
+    # the impedance was sharpened to a step at the voxel midpoint but the attenuation was trilinear, so
+    # bone's 15 dB/cm/MHz ramped up over the half voxel in front of the surface and weakened its own
+    # echo: -1.3 / -2.7 / -5.5 dB at 0.5 / 1 / 2 mm voxels (L11-5v)
+    probe = Probe.preset("L11-5v", n_lines=16, n_samples=1001, depth_mm=30.0)
+    n = int(round(40 / voxel_mm)) + 1
+    affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    affine[:3, 3] = (-20, -20, 0)
+    inside = (torch.arange(n).float() * voxel_mm >= 20.0)[None, None, :]
+    props = torch.zeros(1, 5, n, n, n)
+    props[:, 0] = torch.where(inside, 6.0, 1.63)  # soft tissue (no attenuation) -> bone
+    props[:, 1] = torch.where(inside, 15.0, 0.0)
+    env = simulate(props, affine, DOWN, probe, speckle=False, tgc_db_cm_mhz=0.0, return_lines=True).envelope
+    window = slice(int(17 / probe.dz_mm), int(23 / probe.dz_mm))
+    echo = float(env[0, 4:-4, window].max(1).values.median())
+    reflection = (6.0 - 1.63) / (6.0 + 1.63)
+    assert 20 * math.log10(echo / reflection) == pytest.approx(0.0, abs=0.5)

@@ -34,6 +34,11 @@
 namespace medfast::ussim {
 
 constexpr int kProps = 5;
+// Channels interpolated with sharpened weights: the impedance and the attenuation. A coarse volume's
+// interface is then a step in both, so the echo at a bone or air surface is not weakened beforehand by
+// the attenuation behind it (trilinear attenuation ramped up over the half voxel in front of the
+// surface: -2.7 dB at 1 mm voxels, -5.5 dB at 2 mm). Density and amplitude stay trilinear.
+constexpr int kSharpProps = 2;
 constexpr int kNoise = 4;  // table row: re, im, amplitude, (padding)
 constexpr double kMinImpedance = 1e-4;
 constexpr double kMinTransmission = 1e-12;
@@ -185,17 +190,17 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
     const A wd = a ? td : A(1) - td, wh = b ? th : A(1) - th, ww = e ? tw : A(1) - tw;
     const A wt = wd * wh * ww;
     const A sd = a ? A(1) : A(-1), sh = b ? A(1) : A(-1), se = e ? A(1) : A(-1);
-    {  // impedance: sharpened weights
-      const A ud = a ? zd : A(1) - zd, uh = b ? zh : A(1) - zh, uw = e ? zw : A(1) - zw;
-      const A x = val[corner][0];
-      v[0] += ud * uh * uw * x;
+    const A ud = a ? zd : A(1) - zd, uh = b ? zh : A(1) - zh, uw = e ? zw : A(1) - zw;
+    for (int c = 0; c < kSharpProps; ++c) {  // impedance, attenuation: sharpened weights
+      const A x = val[corner][c];
+      v[c] += ud * uh * uw * x;
       if (grad) {
-        grad[0] += sd * md * uh * uw * x;
-        grad[1] += ud * sh * mh * uw * x;
-        grad[2] += ud * uh * se * mw * x;
+        grad[3 * c] += sd * md * uh * uw * x;
+        grad[3 * c + 1] += ud * sh * mh * uw * x;
+        grad[3 * c + 2] += ud * uh * se * mw * x;
       }
     }
-    for (int c = 1; c < kProps; ++c) {
+    for (int c = kSharpProps; c < kProps; ++c) {
       const A x = val[corner][c];
       v[c] += wt * x;
       if (grad) {
@@ -208,7 +213,7 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
 }
 
 // Voxel cell (i0, j0, k0) = floor of position (d, h, w) and the 8 interpolation weights of its corners
-// (corner order 4 a + 2 b + e as in sample_props): wt trilinear, wz sharpened (impedance channel).
+// (corner order 4 a + 2 b + e as in sample_props): wt trilinear, wz sharpened (the kSharpProps channels).
 template <typename A>
 MEDFAST_HOST_DEVICE void corner_weights_at(const Params& P, A d, A h, A w, int64_t* cell, A* wt, A* wz) {
   const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
@@ -241,8 +246,7 @@ MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, 
     const int64_t i = cell[0] + a, j = cell[1] + b, k = cell[2] + e;
     if (i < 0 || j < 0 || k < 0 || i >= P.D || j >= P.H || k >= P.W || i < i_lo || i >= i_hi) continue;
     G* dst = gvol + ((i * P.H + j) * P.W + k) * kProps;
-    add(dst, static_cast<G>(wz[corner] * g[0]));
-    for (int c = 1; c < kProps; ++c) add(dst + c, static_cast<G>(wt[corner] * g[c]));
+    for (int c = 0; c < kProps; ++c) add(dst + c, static_cast<G>((c < kSharpProps ? wz : wt)[corner] * g[c]));
   }
 }
 

@@ -237,8 +237,8 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
         __m256 acc[kProps];
         for (int c = 0; c < kProps; ++c) acc[c] = zero;
         for (int corner = 0; corner < 8; ++corner) {
-          acc[0] = _mm256_fmadd_ps(wz[corner], _mm256_set1_ps(cp[corner][0]), acc[0]);
-          for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wt[corner], _mm256_set1_ps(cp[corner][c]), acc[c]);
+          for (int c = 0; c < kProps; ++c)
+            acc[c] = _mm256_fmadd_ps(c < kSharpProps ? wz[corner] : wt[corner], _mm256_set1_ps(cp[corner][c]), acc[c]);
         }
         if (todo == valid && m == valid) {
           for (int c = 0; c < kProps; ++c) v[c] = acc[c];
@@ -671,8 +671,8 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
         __m256 acc[kProps];
         for (int c = 0; c < kProps; ++c) acc[c] = zero;
         for (int corner = 0; corner < 8; ++corner) {
-          acc[0] = _mm256_fmadd_ps(wz[corner], _mm256_set1_ps(cp[corner][0]), acc[0]);
-          for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wt[corner], _mm256_set1_ps(cp[corner][c]), acc[c]);
+          for (int c = 0; c < kProps; ++c)
+            acc[c] = _mm256_fmadd_ps(c < kSharpProps ? wz[corner] : wt[corner], _mm256_set1_ps(cp[corner][c]), acc[c]);
         }
         if (todo == valid && m == valid) {
           for (int c = 0; c < kProps; ++c) v[c] = acc[c];
@@ -929,29 +929,29 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
           }
           for (int mk = group; mk; mk &= mk - 1) {
             const int lane = __builtin_ctz(mk);
-            acc[0] = _mm256_fmadd_ps(wzT[lane], _mm256_broadcast_ss(&gs[0][lane]), acc[0]);
-            for (int c = 1; c < kProps; ++c) acc[c] = _mm256_fmadd_ps(wtT[lane], _mm256_broadcast_ss(&gs[c][lane]), acc[c]);
+            for (int c = 0; c < kProps; ++c)
+              acc[c] = _mm256_fmadd_ps(c < kSharpProps ? wzT[lane] : wtT[lane], _mm256_broadcast_ss(&gs[c][lane]), acc[c]);
           }
         }
         if constexpr (kCoords) {
           // sum_c gv_c dv_c/dp for the lanes of this cell: the derivative of the trilinear interpolation
-          // of the per-lane corner values y = sum_{c >= 1} gv_c x_c, plus gv_0 times that of the
-          // sharpened interpolation of the impedance x_0.
+          // of the per-lane corner values y = sum_{c >= kSharpProps} gv_c x_c, plus that of the sharpened
+          // interpolation of x0 = sum_{c < kSharpProps} gv_c x_c (impedance, attenuation).
+          static_assert(kSharpProps == 2, "x0 below sums the sharpened channels 0 and 1");
           const float* const* cp = corners.at(vol, P, ci[0][l], ci[1][l], ci[2][l]);
           __m256 y[8], x0[8];
           for (int corner = 0; corner < 8; ++corner) {
             const float* x = cp[corner];
-            x0[corner] = _mm256_broadcast_ss(x);
-            __m256 yc = _mm256_mul_ps(gv[1], _mm256_broadcast_ss(x + 1));
-            for (int c = 2; c < kProps; ++c) yc = _mm256_fmadd_ps(gv[c], _mm256_broadcast_ss(x + c), yc);
+            x0[corner] = _mm256_fmadd_ps(gv[1], _mm256_broadcast_ss(x + 1), _mm256_mul_ps(gv[0], _mm256_broadcast_ss(x)));
+            __m256 yc = _mm256_mul_ps(gv[2], _mm256_broadcast_ss(x + 2));
+            for (int c = 3; c < kProps; ++c) yc = _mm256_fmadd_ps(gv[c], _mm256_broadcast_ss(x + c), yc);
             y[corner] = yc;
           }
           __m256 dy[3], dz[3];
           trilinear_grad(y, ew, dy);
           trilinear_grad(x0, ez, dz);
           const __m256 in_group = lane_mask(group);
-          for (int j = 0; j < 3; ++j)
-            gp[j] = _mm256_blendv_ps(gp[j], _mm256_fmadd_ps(_mm256_mul_ps(gv[0], mz[j]), dz[j], dy[j]), in_group);
+          for (int j = 0; j < 3; ++j) gp[j] = _mm256_blendv_ps(gp[j], _mm256_fmadd_ps(mz[j], dz[j], dy[j]), in_group);
         }
       }
       if constexpr (kCoords) {

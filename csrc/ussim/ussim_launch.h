@@ -89,9 +89,10 @@ void append_cell_records(const Params& P, const T* coords, const A* gv, CellReco
       cur[2] = cell[2];
     }
     const A* g = gv + i * kProps;
-    for (int corner = 0; corner < 8; ++corner) acc[corner] += wz[corner] * g[0];
-    for (int c = 1; c < kProps; ++c)
-      for (int corner = 0; corner < 8; ++corner) acc[8 * c + corner] += wt[corner] * g[c];
+    for (int c = 0; c < kProps; ++c) {
+      const A* wc = c < kSharpProps ? wz : wt;
+      for (int corner = 0; corner < 8; ++corner) acc[8 * c + corner] += wc[corner] * g[c];
+    }
   }
 }
 

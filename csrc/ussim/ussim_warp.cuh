@@ -366,9 +366,8 @@ __device__ void scatter_props_merged(G* gprops, int64_t vol_stride, const Params
     corner_weights_at<A>(P, d, h, w, cell, wt, wz);
     USSIM_UNROLL8
     for (int corner = 0; corner < 8; ++corner) {
-      c[corner][0] = wz[corner] * g[0];
 #pragma unroll
-      for (int q = 1; q < kProps; ++q) c[corner][q] = wt[corner] * g[q];
+      for (int q = 0; q < kProps; ++q) c[corner][q] = (q < kSharpProps ? wz : wt)[corner] * g[q];
     }
   } else {
     vol = -1;

@@ -553,7 +553,9 @@ def simulate(
     seed : int
         Seed of the world-anchored scatterer field (same seed, same speckle at the same world place).
     sub_rays : int
-        Rays across the elevation slice per scanline (>= 1).
+        Rays across the elevation slice per scanline (>= 1), at fixed offsets across the element
+        height: a point reflector between two of them is missed; use more for point targets and
+        thin structures across the slice (docs/ultrasound.md).
     speckle : bool
         False: scatterers of deterministic unit phase and amplitude (a speckle-free tissue map).
     scatter_cell_mm : float, optional
