@@ -107,19 +107,29 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, header: Any = None,
                dtype: Any = None) -> Path:
     """Writes ``data`` (spatial axes first) with ``affine`` and, when given, a copy of ``header``
-    (its data type and scaling reset for ``dtype``)."""
+    (its data type and scaling reset for ``dtype``).
+
+    When ``affine`` is the header's own (best) affine -- an output written in its input's space, as
+    ``medfast predict`` does -- the header's qform and sform, matrices and codes, are kept exactly as they are
+    (readers that use the qform, such as ITK / SimpleITK, nnU-Net, Slicer, then place the output where they place
+    the input, even where the input's qform and sform differ). Otherwise both are set to ``affine``, with the
+    header's codes where it has them and 2 (aligned) where it has none.
+    """
     nib = _nib()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(data)
     if dtype is not None:
         data = data.astype(dtype)
-    hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=hdr)
+    affine = np.asarray(affine, dtype=np.float64)
+    hdr = nib.Nifti1Header.from_header(header) if header is not None else None  # a copy, as a NIfTI-1 header
+    img = nib.Nifti1Image(data, affine, header=hdr)
     img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    if hdr is not None:
-        img.set_qform(np.asarray(affine), code=int(hdr["qform_code"]) or 1)
-        img.set_sform(np.asarray(affine), code=int(hdr["sform_code"]) or 1)
+    # nibabel keeps a given header's transforms when the affine matches its best affine (the same test as here);
+    # otherwise it would set the sform (code 2) and a qform with code 0 (unknown), which ITK readers ignore
+    if hdr is not None and not np.allclose(affine, hdr.get_best_affine()):
+        img.set_sform(affine, code=int(hdr["sform_code"]) or 2)
+        img.set_qform(affine, code=int(hdr["qform_code"]) or 2)
     nib.save(img, str(path))
     return path

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _stem
-from medfast.data.io import DatasetError, load_nifti, voxel_spacing
+from medfast.data.io import DatasetError, Volume, load_nifti, voxel_spacing
 
 __all__ = ["evaluate_pair", "find_evaluation_pairs", "run_evaluate", "summarize"]
 
@@ -69,6 +69,20 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
     return pairs
 
 
+def _as_2d(vol: Volume) -> Volume:
+    """A label map stored ``(X, Y, 1)`` -- how 2D label maps are often stored, and how ``medfast predict`` writes
+    the segmentation of such an input -- as the 2D ``(X, Y)`` map it is (scored as a one-slice 3D volume, every
+    foreground pixel would be surface, and HD / ASSD would be wrong); other maps unchanged."""
+    if vol.data.ndim == 3 and vol.data.shape[2] == 1:
+        return Volume(vol.data[..., 0], vol.affine, vol.header, vol.path)
+    return vol
+
+
+def scoring_spacing(vol: Volume) -> list[float]:
+    """The voxel size (mm) of ``vol``'s spatial axes, from its affine: 2 values for a 2D map, 3 for a 3D one."""
+    return [float(s) for s in voxel_spacing(vol.affine)[: vol.data.ndim]]
+
+
 def _check_same_space(pred: Any, ref: Any) -> None:
     if pred.data.shape != ref.data.shape:
         raise DatasetError(f"{pred.path} has shape {pred.data.shape} but its reference {ref.path} has "
@@ -95,7 +109,8 @@ def evaluate_pair(
     ----------
     pred, reference : path
         NIfTI label maps on the same voxel grid (same shape and affine); distances use the voxel size of the
-        reference's affine, in mm.
+        reference's affine, in mm. A map stored ``(X, Y, 1)`` is scored as the 2D image ``(X, Y)`` (2D surface
+        distances, with the in-plane voxel size), as is a 2D ``(X, Y)`` file.
     num_classes : int, optional
         Labels are ``0 .. num_classes - 1``; default: the largest label of the pair plus one.
     percentile : float
@@ -120,14 +135,14 @@ def evaluate_pair(
     """
     from medfast import metrics
 
-    p, r = load_nifti(pred, label=True), load_nifti(reference, label=True)
+    p, r = _as_2d(load_nifti(pred, label=True)), _as_2d(load_nifti(reference, label=True))
     _check_same_space(p, r)
     top = int(max(p.data.max(initial=0), r.data.max(initial=0)))
     if num_classes is None:
         num_classes = max(top + 1, 2)
     elif top >= num_classes:
         raise DatasetError(f"{pred} / {reference}: label {top} found but num_classes is {num_classes}")
-    spacing = [float(s) for s in voxel_spacing(r.affine)[: r.data.ndim]]
+    spacing = scoring_spacing(r)
     pt = torch.from_numpy(p.data).to(device)[None]
     rt = torch.from_numpy(r.data).to(device)[None]
     first = 0 if include_background else 1

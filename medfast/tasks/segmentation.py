@@ -179,16 +179,17 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
                   overrides: Sequence[str] = (), save_probabilities: bool = False,
                   progress: bool = True) -> list[Path]:
     """Segments NIfTI files with a trained checkpoint and writes ``<name>_seg.nii.gz`` label maps with each
-    input's affine and header (and ``<name>_prob.nii.gz`` class probabilities with
-    ``save_probabilities``). ``<name>`` is the case name as the data loader pairs it with its label: the file
-    name without ``.nii[.gz]`` and without the nnU-Net channel suffix ``_0000`` (``case_007_0000.nii.gz`` ->
-    ``case_007_seg.nii.gz``, so that ``medfast evaluate`` pairs it with ``labels/case_007.nii.gz``). Inputs whose
-    outputs would have the same name raise :class:`DatasetError` naming them, before anything is written.
+    input's affine and header (and ``<name>_prob.nii.gz`` class probabilities with ``save_probabilities``, classes
+    on the 4th axis: ``(X, Y, Z, K)``, ``(X, Y, 1, K)`` for 2D inputs). ``<name>`` is the case name as the data
+    loader pairs it with its label: the file name without ``.nii[.gz]`` and without the nnU-Net channel suffix
+    ``_0000`` (``case_007_0000.nii.gz`` -> ``case_007_seg.nii.gz``, so that ``medfast evaluate`` pairs it with
+    ``labels/case_007.nii.gz``). Inputs whose outputs would have the same name raise :class:`DatasetError` naming
+    them, before anything is written.
 
     The input is preprocessed as in training (reoriented to RAS, resampled to ``data.spacing``, normalized),
     segmented with sliding windows, and the class probabilities are resampled back onto the input's grid
     (with :func:`medfast.resample`) before the argmax, so the output has exactly the input's shape and
-    voxel-to-world affine.
+    voxel-to-world affine, and the input's qform and sform (matrices and codes) are kept.
     """
     from medfast.train.config import load_config
     from medfast.train.files import check_out_dir
@@ -226,11 +227,14 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
         labels = prob.argmax(1)[0].cpu().numpy()
         k = prob.shape[1]
         dtype = np.uint8 if k <= 255 else np.int16
-        if config.model.spatial_dims == 2 and len(header.get_data_shape()) == 3:
-            labels = labels[..., None]
+        if config.model.spatial_dims == 2 and len(header.get_data_shape()) >= 3:
+            labels = labels[..., None]  # stored as the input: (X, Y, 1)
         written.append(save_nifti(labels, orig_affine, out_dir / f"{name}_seg.nii.gz", header, dtype))
         if save_probabilities:
+            # classes on the 4th (non-spatial) axis: (X, Y, Z, K), and (X, Y, 1, K) for 2D inputs
             p = np.moveaxis(prob[0].cpu().numpy(), 0, -1).astype(np.float32)
+            if config.model.spatial_dims == 2:
+                p = p[:, :, None, :]
             written.append(save_nifti(p, orig_affine, out_dir / f"{name}_prob.nii.gz", header, np.float32))
     return written
 
@@ -265,7 +269,26 @@ class SegmentationTask(Task):
             val = _dataset(c, val_images, val_labels, num_classes=c.model.out_channels)
         elif d.val_deformations > 0:
             val = DeformedDataset(train, d.val_deformations, RandomAugment(c.augment, geometric_only=True))
+        self._check_test_files()
         return train, val
+
+    def _check_test_files(self) -> None:
+        """``data.test_images`` / ``data.test_labels`` (scored by :meth:`finish` after training) are checked as the
+        training pairs are, before training: one label per image, readable files, each label on its image's grid
+        (same shape and affine), images the model can segment, label values (after ``data.test_label_map``) below
+        ``model.out_channels``. Raises :class:`DatasetError` naming the files."""
+        c = self.config
+        d = c.data
+        if not d.test_images:
+            return
+        if len(d.test_labels) != len(d.test_images):
+            raise DatasetError(f"{len(d.test_images)} test images (data.test_images) but {len(d.test_labels)} test "
+                               f"labels (data.test_labels): the test set is scored after training, one label per "
+                               f"image")
+        try:
+            _dataset(c, d.test_images, d.test_labels, label_map=d.test_label_map, num_classes=c.model.out_channels)
+        except DatasetError as exc:
+            raise DatasetError(f"test set (data.test_images / data.test_labels): {exc}") from None
 
     # -- steps ----------------------------------------------------------------------------------------
     def _loss(self, logits, label: torch.Tensor) -> torch.Tensor:
@@ -356,6 +379,7 @@ class SegmentationTask(Task):
         """Segments ``data.test_images`` (in their own space, as ``medfast predict`` does) and scores them
         against ``data.test_labels`` (relabelled by ``data.test_label_map``)."""
         from medfast.metrics import dice, hausdorff_distance
+        from medfast.tasks.evaluation import _as_2d, _check_same_space, scoring_spacing
 
         d = self.config.data
         if not d.test_images:
@@ -368,8 +392,11 @@ class SegmentationTask(Task):
         k = self.num_classes
         per_subject = []
         for img_path, lab_path, seg_path in zip(d.test_images, d.test_labels, segs):
-            target = load_nifti(lab_path, label=True)
-            pred = load_nifti(seg_path, label=True).data
+            # a 2D map stored (X, Y, 1) is scored in 2D, as medfast evaluate does; the grids must be the same
+            target = _as_2d(load_nifti(lab_path, label=True))
+            pred_vol = _as_2d(load_nifti(seg_path, label=True))
+            _check_same_space(pred_vol, target)
+            pred = pred_vol.data
             t = target.data
             if d.test_label_map:
                 lut = np.arange(max(int(t.max()), *d.test_label_map) + 1)
@@ -382,8 +409,8 @@ class SegmentationTask(Task):
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                hd = hausdorff_distance(pt, tt, self.config.inference.hd_percentile,
-                                        voxel_spacing(target.affine).tolist(), num_classes=k)[0]
+                hd = hausdorff_distance(pt, tt, self.config.inference.hd_percentile, scoring_spacing(target),
+                                        num_classes=k)[0]
             per_subject.append({"image": img_path, "label": lab_path, "prediction": str(seg_path),
                                 "dice": [float(x) for x in dc], "dice_mean": float(np.nanmean(dc.numpy())),
                                 "hd95_mm": [float(x) for x in hd]})

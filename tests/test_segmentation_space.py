@@ -1,0 +1,303 @@
+"""Segmentation outputs in their input's space: headers kept by ``medfast predict`` (qform and sform), the layout of
+2D probability maps, 2D scoring of ``(X, Y, 1)`` label maps (``medfast evaluate`` and the test set after training),
+and test-set pairs checked before training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+nib = pytest.importorskip("nibabel")
+
+import medfast.tasks.segmentation as seg  # noqa: E402
+from medfast.cli import main  # noqa: E402
+from medfast.data import DatasetError, load_nifti, save_nifti  # noqa: E402
+from medfast.nets import UNet  # noqa: E402
+from medfast.tasks.evaluation import evaluate_pair  # noqa: E402
+from medfast.train import Trainer, config_from_dict, config_to_dict  # noqa: E402
+
+
+def _oracle(model, image, config):
+    """A perfect "network" for a binary task: class 1 where the (unnormalized) intensity is above 0.5."""
+    p1 = torch.sigmoid(40 * (image[:, :1].float() - 0.5))
+    return torch.cat([1 - p1, p1], 1)
+
+
+def _config(nd, **data):
+    patch = [8] * nd
+    return config_from_dict({
+        "task": "segmentation",
+        "data": {"normalize": "none", "val_fraction": 0, "cache": "none", **data},
+        "model": {"spatial_dims": nd, "in_channels": 1, "out_channels": 2, "channels": [2, 4]},
+        "augment": {"patch_size": patch},
+        "inference": {"roi_size": patch},
+        "trainer": {"max_steps": 1, "batch_size": 1, "val_every": 0, "checkpoint_every": 0, "device": "cpu",
+                    "progress": False, "tensorboard": False, "plots": False, "threads": 1},
+    })
+
+
+def _checkpoint(tmp_path, nd):
+    """A checkpoint as medfast train writes it (an untrained UNet; predictions come from the patched oracle)."""
+    config = _config(nd)
+    m = config.model
+    net = UNet(nd, m.in_channels, m.out_channels, m.channels, m.convs_per_level, m.norm, m.deep_supervision)
+    path = tmp_path / f"model{nd}d.pt"
+    torch.save({"model": net.state_dict(), "config": config_to_dict(config), "task": "segmentation"}, path)
+    return path
+
+
+def _rotation_z(degrees):
+    t = np.deg2rad(degrees)
+    r = np.eye(4)
+    r[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return r
+
+
+def _image_with_transforms(path, data, qform, qcode, sform, scode):
+    img = nib.Nifti1Image(data, None)
+    img.set_qform(qform, code=qcode)
+    img.set_sform(sform, code=scode)
+    nib.save(img, str(path))
+    return path
+
+
+Q = np.array([[-1.0, 0, 0, 9], [0, -1.5, 0, 7.5], [0, 0, 2.5, -25], [0, 0, 0, 1]])  # scanner space
+HEADER_CASES = {
+    "qform_scanner_sform_mni": (Q, 1, _rotation_z(30) @ Q, 4),
+    "no_transform_codes": (None, 0, None, 0),
+    "qform_only": (Q, 1, None, 0),
+}
+
+
+def _coded(path):
+    h = nib.load(str(path)).header
+    return h.get_qform(coded=True), h.get_sform(coded=True)
+
+
+def _assert_same_transforms(out, ref):
+    (qa, qca), (sa, sca) = _coded(out)
+    (qb, qcb), (sb, scb) = _coded(ref)
+    assert (int(qca), int(sca)) == (int(qcb), int(scb))
+    for a, b in ((qa, qb), (sa, sb)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# -- 1. qform / sform kept --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_save_nifti_keeps_the_input_transforms(tmp_path, case):
+    q, qc, s, sc = HEADER_CASES[case]
+    src = _image_with_transforms(tmp_path / "in.nii.gz", np.zeros((6, 5, 4), np.float32), q, qc, s, sc)
+    vol = load_nifti(src)
+    out = save_nifti(np.ones((6, 5, 4)), vol.affine, tmp_path / "out.nii.gz", vol.header, np.uint8)
+    _assert_same_transforms(out, src)
+    assert np.allclose(nib.load(str(out)).affine, vol.affine)
+
+
+def test_save_nifti_sets_both_transforms_for_another_affine(tmp_path):
+    q, qc, s, sc = HEADER_CASES["qform_scanner_sform_mni"]
+    src = _image_with_transforms(tmp_path / "in.nii.gz", np.zeros((6, 5, 4), np.float32), q, qc, s, sc)
+    vol = load_nifti(src)
+    new = np.diag([2.0, 2.0, 2.0, 1.0])
+    new[:3, 3] = [1, 2, 3]
+    out = save_nifti(np.ones((3, 3, 2)), new, tmp_path / "out.nii.gz", vol.header, np.uint8)
+    (qa, qca), (sa, sca) = _coded(out)
+    assert (int(qca), int(sca)) == (1, 4)  # the header's codes
+    np.testing.assert_allclose(qa, new, atol=1e-5)
+    np.testing.assert_allclose(sa, new, atol=1e-5)
+    # a header without transform codes: both set, code 2 (aligned), so every reader places it the same
+    src0 = _image_with_transforms(tmp_path / "in0.nii.gz", np.zeros((6, 5, 4), np.float32), None, 0, None, 0)
+    vol0 = load_nifti(src0)
+    out0 = save_nifti(np.ones((3, 3, 2)), new, tmp_path / "out0.nii.gz", vol0.header, np.uint8)
+    (qa, qca), (sa, sca) = _coded(out0)
+    assert (int(qca), int(sca)) == (2, 2)
+    np.testing.assert_allclose(qa, new, atol=1e-5)
+    np.testing.assert_allclose(sa, new, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_cli_predict_keeps_the_input_transforms(tmp_path, monkeypatch, case):
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    ckpt = _checkpoint(tmp_path, 3)
+    q, qc, s, sc = HEADER_CASES[case]
+    d = np.zeros((12, 10, 9), np.float32)
+    d[2:7, 3:6, 1:5] = 1
+    src = _image_with_transforms(tmp_path / "scan.nii.gz", d, q, qc, s, sc)
+    assert main(["predict", str(src), "--model", str(ckpt), "--out", str(tmp_path / "pred"), "--device", "cpu",
+                 "--probabilities"]) == 0
+    for name in ("scan_seg.nii.gz", "scan_prob.nii.gz"):
+        _assert_same_transforms(tmp_path / "pred" / name, src)
+    out = nib.load(str(tmp_path / "pred" / "scan_seg.nii.gz"))
+    assert out.shape == d.shape and np.array_equal(np.asarray(out.dataobj), d > 0.5)
+
+
+# -- 2. 2D probabilities: classes on the 4th axis ---------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(16, 12, 1), (16, 12)])
+def test_predict_probabilities_2d_layout(tmp_path, monkeypatch, shape):
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    ckpt = _checkpoint(tmp_path, 2)
+    img = np.zeros(shape, np.float32)
+    img[2:8, 3:6] = 1
+    nib.save(nib.Nifti1Image(img, np.diag([0.5, 0.8, 3.0, 1])), str(tmp_path / "b.nii.gz"))
+    written = seg.predict_files(ckpt, [str(tmp_path / "b.nii.gz")], tmp_path / "out", device="cpu",
+                                save_probabilities=True, progress=False)
+    seg_img, prob_img = (nib.load(str(p)) for p in written)
+    assert seg_img.shape == shape
+    assert prob_img.shape == (16, 12, 1, 2)
+    prob = np.asarray(prob_img.dataobj)
+    np.testing.assert_allclose(prob.sum(-1), 1, atol=1e-5)
+    assert np.array_equal(prob[:, :, 0].argmax(-1), np.asarray(seg_img.dataobj).reshape(16, 12))
+    assert np.allclose(prob_img.affine, seg_img.affine)
+
+
+def test_predict_probabilities_3d_layout(tmp_path, monkeypatch):
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    ckpt = _checkpoint(tmp_path, 3)
+    nib.save(nib.Nifti1Image(np.zeros((10, 9, 8), np.float32), np.eye(4)), str(tmp_path / "c.nii.gz"))
+    written = seg.predict_files(ckpt, [str(tmp_path / "c.nii.gz")], tmp_path / "out", device="cpu",
+                                save_probabilities=True, progress=False)
+    assert [nib.load(str(p)).shape for p in written] == [(10, 9, 8), (10, 9, 8, 2)]
+
+
+# -- 3. 2D label maps stored (X, Y, 1) are scored in 2D ---------------------------------------------------------
+SPACING_2D = [0.5, 0.8]
+AFFINE_2D = np.diag([0.5, 0.8, 3.0, 1.0])
+
+
+def _ellipses():
+    g = np.indices((60, 50)).astype(float)
+    ref = ((((g[0] - 30) / 15) ** 2 + ((g[1] - 25) / 10) ** 2) < 1).astype(np.uint8)
+    pred = ((((g[0] - 33) / 13) ** 2 + ((g[1] - 24) / 12) ** 2) < 1).astype(np.uint8)
+    return pred, ref
+
+
+def _monai_2d(pred, ref):
+    monai = pytest.importorskip("monai.metrics")
+
+    def onehot(x):
+        return torch.nn.functional.one_hot(torch.from_numpy(x.astype(np.int64)), 2).movedim(-1, 0)[None].float()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd = monai.compute_hausdorff_distance(onehot(pred), onehot(ref), percentile=95, spacing=SPACING_2D)
+        asd = monai.compute_average_surface_distance(onehot(pred), onehot(ref), symmetric=True, spacing=SPACING_2D)
+    return float(hd[0, 0]), float(asd[0, 0])
+
+
+@pytest.mark.parametrize("layout", ["XY", "XY1", "XY1_vs_XY"])
+def test_evaluate_2d_matches_monai(tmp_path, layout):
+    pred, ref = _ellipses()
+    hd, asd = _monai_2d(pred, ref)
+    assert hd == pytest.approx(2.5) and asd == pytest.approx(1.3451, abs=1e-3)  # the 3D reading gives 1.6, 0.22
+    p = pred if layout == "XY" else pred[..., None]
+    r = ref[..., None] if layout == "XY1" else ref
+    nib.save(nib.Nifti1Image(p, AFFINE_2D), str(tmp_path / "p.nii.gz"))
+    nib.save(nib.Nifti1Image(r, AFFINE_2D), str(tmp_path / "r.nii.gz"))
+    [row] = evaluate_pair(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz")
+    assert row["hd"] == pytest.approx(hd, abs=1e-4) and row["asd"] == pytest.approx(asd, abs=1e-4)
+    out = tmp_path / "o"
+    assert main(["evaluate", str(tmp_path / "p.nii.gz"), str(tmp_path / "r.nii.gz"), "--out", str(out)]) == 0
+    [csv_row] = list(csv.DictReader(open(out / "metrics.csv")))
+    assert float(csv_row["hd"]) == pytest.approx(hd, abs=1e-4)
+    assert float(csv_row["asd"]) == pytest.approx(asd, abs=1e-4)
+
+
+def test_evaluate_still_rejects_other_grids(tmp_path):
+    pred, ref = _ellipses()
+    nib.save(nib.Nifti1Image(pred[..., None], AFFINE_2D), str(tmp_path / "p.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([ref, ref], -1), AFFINE_2D), str(tmp_path / "r.nii.gz"))
+    with pytest.raises(DatasetError, match="shape"):
+        evaluate_pair(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz")
+    nib.save(nib.Nifti1Image(ref[..., None], np.diag([0.5, -0.8, 3.0, 1.0])), str(tmp_path / "r.nii.gz"))
+    with pytest.raises(DatasetError, match="different affines"):
+        evaluate_pair(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz")
+
+
+# -- 4. the test set after training -----------------------------------------------------------------------------
+def _train_data(tmp_path, shape):
+    img = np.zeros(shape, np.float32)
+    img[2:7, 3:7] = 1
+    lab = (img > 0.5).astype(np.uint8)
+    for sub in ("images", "labels"):
+        (tmp_path / "data" / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        nib.save(nib.Nifti1Image(img, AFFINE_2D), str(tmp_path / "data" / "images" / f"c{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, AFFINE_2D), str(tmp_path / "data" / "labels" / f"c{i}.nii.gz"))
+    return img, lab
+
+
+def _no_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a training step ran before the test files were checked")
+
+    monkeypatch.setattr(seg.SegmentationTask, "training_step", fail)
+
+
+def test_test_label_on_another_grid_fails_before_training(tmp_path, monkeypatch, capsys):
+    img = np.zeros((12, 12, 10), np.float32)
+    img[2:7, 3:6, 2:8] = 1
+    lab = (img > 0.5).astype(np.uint8)
+    for sub in ("images", "labels"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    for i in range(2):
+        nib.save(nib.Nifti1Image(img, np.eye(4)), str(tmp_path / "data" / "images" / f"c{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "data" / "labels" / f"c{i}.nii.gz"))
+    # the same label on the same world grid, stored in LPS order: another affine
+    flip = np.diag([-1.0, -1, 1, 1])
+    flip[:3, 3] = [11, 11, 0]
+    lps = tmp_path / "test_lab_lps.nii.gz"
+    nib.save(nib.Nifti1Image(lab[::-1, ::-1].copy(), flip), str(lps))
+    small = tmp_path / "test_lab_small.nii.gz"
+    nib.save(nib.Nifti1Image(lab[:9], np.eye(4)), str(small))
+    _no_training(monkeypatch)
+    test_img = str(tmp_path / "data" / "images" / "c0.nii.gz")
+    for bad, what in ((lps, "different affines"), (small, "shape")):
+        config = _config(3, root=str(tmp_path / "data"), test_images=[test_img], test_labels=[str(bad)])
+        config.trainer.out_dir = str(tmp_path / f"run_{bad.stem}")
+        with pytest.raises(DatasetError, match=what) as info:
+            Trainer(config).fit()
+        assert str(bad) in str(info.value) and test_img in str(info.value)
+        assert not (tmp_path / f"run_{bad.stem}" / "checkpoints").exists()
+    # the CLI reports it as a message
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps(config_to_dict(config)))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run_cli")]) == 1
+    err = capsys.readouterr().err
+    assert "test set" in err and str(small) in err
+
+
+def test_test_images_without_labels_fail_before_training(tmp_path, monkeypatch):
+    _train_data(tmp_path, (16, 12, 1))
+    _no_training(monkeypatch)
+    config = _config(2, root=str(tmp_path / "data"), test_images=[str(tmp_path / "data" / "images" / "c0.nii.gz")])
+    config.trainer.out_dir = str(tmp_path / "run")
+    with pytest.raises(DatasetError, match="test labels"):
+        Trainer(config).fit()
+
+
+@pytest.mark.parametrize("label_shape", [(16, 12, 1), (16, 12)])
+def test_finish_scores_2d_test_set_in_2d(tmp_path, monkeypatch, label_shape):
+    """A 2D run whose test image is stored (X, Y, 1): the test label (stored (X, Y, 1) or (X, Y)) is scored in 2D,
+    with the in-plane spacing, as medfast evaluate and MONAI do."""
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    _train_data(tmp_path, (16, 12, 1))
+    g = np.indices((16, 12))
+    image = ((((g[0] - 8) / 5) ** 2 + ((g[1] - 6) / 4) ** 2) < 1).astype(np.float32)
+    ref = ((((g[0] - 7) / 4) ** 2 + ((g[1] - 6) / 5) ** 2) < 1).astype(np.uint8)
+    nib.save(nib.Nifti1Image(image[..., None], AFFINE_2D), str(tmp_path / "test_img.nii.gz"))
+    nib.save(nib.Nifti1Image(ref.reshape(label_shape), AFFINE_2D), str(tmp_path / "test_lab.nii.gz"))
+    config = _config(2, root=str(tmp_path / "data"), test_images=[str(tmp_path / "test_img.nii.gz")],
+                     test_labels=[str(tmp_path / "test_lab.nii.gz")])
+    config.trainer.out_dir = str(tmp_path / "run")
+    Trainer(config).fit()
+    [res] = json.loads((tmp_path / "run" / "test_results.json").read_text())["test"]
+    hd, _ = _monai_2d(image.astype(np.uint8), ref)
+    inter = (image.astype(bool) & ref.astype(bool)).sum()
+    assert res["dice"][0] == pytest.approx(2 * inter / (image.sum() + ref.sum()), abs=1e-5)
+    assert res["hd95_mm"][0] == pytest.approx(hd, abs=1e-4)
