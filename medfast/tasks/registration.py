@@ -225,6 +225,29 @@ def level_theta(params: torch.Tensor, shape: Sequence[int], f: int) -> torch.Ten
     return torch.cat([Av, t_level[..., None]], -1)
 
 
+def level_resample(v: torch.Tensor, f_from: int, f_to: int, shape: Sequence[int]) -> torch.Tensor:
+    """A displacement (or velocity) field of level ``f_from`` resampled onto level ``f_to``'s grid.
+
+    ``v`` ``(1, n, *S_from)`` is in voxels of level ``f_from``; the result ``(1, n, *shape)`` is in voxels of
+    level ``f_to`` (``shape``: that level's grid, ``f_to = 1``: full resolution). Both grids follow
+    :func:`level_theta`'s geometry (level ``f`` voxel ``i`` at full-resolution ``x = f i + (f - 1) / 2``), so
+    level ``f_to`` voxel ``j`` reads level ``f_from`` at ``(f_to j + (f_to - 1) / 2 - (f_from - 1) / 2) / f_from``,
+    linearly, the nearest edge value beyond the coarse grid. Where the two grids span the same extent
+    (``S_from f_from = S_to f_to``: image sizes that are multiples of the factors) that is exactly
+    ``F.interpolate(align_corners=False)``, which is used then; otherwise (ceil-mode levels) that
+    interpolation would stretch the field by ``S_from f_from / (S_to f_to)``.
+    """
+    n = v.dim() - 2
+    if all(a * f_from == b * f_to for a, b in zip(v.shape[2:], shape)):
+        mode = "trilinear" if n == 3 else "bilinear"
+        return F.interpolate(v, size=tuple(shape), mode=mode, align_corners=False) * (f_from / f_to)
+    dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    theta = torch.zeros(1, n, n + 1, dtype=dtype, device=v.device)
+    theta[0, :, :n] = torch.eye(n, dtype=dtype, device=v.device) * (f_to / f_from)
+    theta[0, :, n] = ((f_to - 1) / 2 - (f_from - 1) / 2) / f_from
+    return mf.affine_warp(v.contiguous(), theta, shape=tuple(shape), padding="border") * (f_from / f_to)
+
+
 def _onehot(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     return torch.stack([(labels == k).float() for k in classes])[None]
 
@@ -382,7 +405,6 @@ def register_pair(
     t0 = time.perf_counter()
     field_ = None  # displacement or velocity at the previous level, and its factor
     prev_f = None
-    interp = "trilinear" if n == 3 else "bilinear"
 
     def to_disp(v: torch.Tensor) -> torch.Tensor:
         return mf.integrate(v, cfg.integration_steps) if cfg.velocity else v
@@ -395,7 +417,7 @@ def register_pair(
         if field_ is None:
             init = torch.zeros(1, n, *lshape, device=device)
         else:
-            init = F.interpolate(field_, size=lshape, mode=interp, align_corners=False) * (prev_f / f)
+            init = level_resample(field_, prev_f, f, lshape)
         v = init.clone().requires_grad_(True)
         theta = level_theta(params, shape, f)
         opt = torch.optim.Adam([v], lr=cfg.deform_lr / f)
@@ -417,7 +439,7 @@ def register_pair(
     if field_ is None:
         u_full = torch.zeros(1, n, *shape, device=device)
     else:
-        u_full = to_disp(F.interpolate(field_, size=shape, mode=interp, align_corners=False) * prev_f).detach()
+        u_full = to_disp(level_resample(field_, prev_f, 1, shape)).detach()
     metrics["time_deformable_s"] = time.perf_counter() - t0
     warped_labels = evaluate("after", theta_full, u_full)
     ddf = (affine_ddf(theta_full, shape) + u_full).detach()
