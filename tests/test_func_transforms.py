@@ -122,3 +122,14 @@ def test_spatial_sizes_stay_symbolic():
         i, d = torch.randn(1, 1, 6, 7, width), torch.randn(1, 3, 6, 7, width)
         torch.testing.assert_close(f(i, d), mf.warp(i, d))
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_complex_class_weight_and_affine_are_refused():
+    # they were cast to real with only PyTorch's "discards the imaginary part" warning
+    z, y = torch.randn(1, 2, 4, 5, 6), torch.randint(0, 2, (1, 4, 5, 6))
+    with pytest.raises(TypeError, match="class_weight"):
+        mf.dice_ce_loss(z, y, class_weight=torch.tensor([1.0 + 1j, 1.0]))
+    with pytest.raises(TypeError, match="class_weight"):
+        mf.dice_ce_loss(z, y, class_weight=[1.0 + 1j, 1.0])
+    with pytest.raises(TypeError, match="affine_in"):
+        mf.resample(torch.rand(1, 1, 4, 5, 6), torch.eye(4, dtype=torch.complex64), torch.eye(4), (4, 5, 6))

@@ -200,6 +200,9 @@ def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tens
 def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     if class_weight is None:
         return None
+    if (isinstance(class_weight, torch.Tensor) and class_weight.is_complex()) or any(
+            isinstance(v, complex) for v in (class_weight if isinstance(class_weight, (list, tuple)) else ())):
+        raise TypeError(f"class_weight must be real, got {class_weight!r}")  # (a cast would drop the imaginary part)
     try:
         w = torch.as_tensor(class_weight, dtype=dtype).flatten()  # stays where it is given
     except (TypeError, ValueError, RuntimeError):

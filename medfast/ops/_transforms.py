@@ -21,6 +21,8 @@ def _as_affine(name: str, value, ndim: int, device) -> torch.Tensor:
             f"{name} must be a ({ndim + 1}, {ndim + 1}) voxel-to-world affine (or a batch of them) for a "
             f"{ndim}-d image, got {tuple(value.shape)}"
         )
+    if value.is_complex():
+        raise TypeError(f"{name} must be real, got {value.dtype}")  # (a cast would drop the imaginary part)
     if not torch.is_floating_point(value):
         value = value.double()
     if value.device != device and value.device.type == "meta":
