@@ -77,10 +77,12 @@ def refuse_function_transforms(op: str, *tensors: object) -> None:
     PyTorch custom operators differentiated through ``torch.library.register_autograd`` have no
     forward-mode derivative: ``torch.func.jvp`` / ``jacfwd`` and ``torch.autograd.forward_ad`` silently
     got a zero (or no) tangent. ``torch.func.grad`` / ``vjp`` / ``jacrev`` failed deep inside PyTorch
-    (or on a host check). ``vmap`` works and is left alone. Costs one C call per tensor."""
+    (or on a host check). ``vmap`` works and is left alone. Outside any transform: two cheap checks."""
     if torch.compiler.is_compiling():  # traced graphs hold no transform wrappers (and dynamo cannot trace these)
         return
     forward_ad = torch.autograd.forward_ad._current_level >= 0
+    if not forward_ad and _functorch.peek_interpreter_stack() is None:  # no transform active: the usual case
+        return
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
