@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from typing import NoReturn
 
 import torch
 
@@ -11,6 +14,13 @@ _REBUILD = (
     "`pip install --no-build-isolation --no-deps --force-reinstall .` (or `scripts/test.sh`, which "
     "sets everything up)."
 )
+_MISSING = (
+    "medfast's compiled extension could not be loaded: medfast._C (_C*.so) is not in {where}. "
+    "From a source checkout, build it against the installed torch {torch}: in the medfast source folder run "
+    "`pip install --no-build-isolation --no-deps --force-reinstall .` (after `pip install \"scikit-build-core>=1.1\" "
+    "\"cmake>=3.24\" ninja numpy`; or `scripts/test.sh`, which sets everything up). From a wheel, reinstall a "
+    "medfast wheel built for torch {release}: `pip install --force-reinstall --no-deps <that wheel>`."
+)
 
 
 def _same_release(a: str, b: str) -> bool:
@@ -18,20 +28,55 @@ def _same_release(a: str, b: str) -> bool:
     return a.split("+")[0].split(".")[:2] == b.split("+")[0].split(".")[:2]
 
 
+def _running_the_cli() -> bool:
+    """Whether this process is the ``medfast`` console script or ``python -m medfast``."""
+    argv = getattr(sys, "argv", None) or [""]
+    if os.path.basename(argv[0]) in ("medfast", "medfast.exe"):
+        return True
+    orig = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and b in ("medfast", "medfast.__main__") for a, b in zip(orig, orig[1:]))
+
+
+def _one_line_under_the_cli(error: ImportError) -> None:
+    """The ``medfast`` command (console script or ``python -m medfast``) imports this package before its
+    ``main()`` can catch anything: there, print ``error`` (only that exception object) as one line instead of
+    a traceback. Python still exits with status 1."""
+    if not _running_the_cli():
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if value is error:
+            print(f"medfast: error: {error}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def _fail(message: str) -> NoReturn:
+    """Raise ONE ImportError (no chained traceback: ``message`` already says what went wrong)."""
+    error = ImportError(message, name="medfast._C", path=os.path.dirname(os.path.abspath(__file__)))
+    _one_line_under_the_cli(error)
+    raise error from None
+
+
 def _load():
+    # Checked first: a missing module would otherwise surface as Python's misleading "partially initialized
+    # module 'medfast' (most likely due to a circular import)".
+    if importlib.util.find_spec("medfast._C") is None:
+        release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+        _fail(_MISSING.format(where=os.path.dirname(os.path.abspath(__file__)), torch=torch.__version__,
+                              release=release))
     try:
         from medfast import _C
     except ImportError as exc:
-        raise ImportError(
-            f"medfast's compiled extension could not be loaded ({exc}). It is missing or was built "
-            f"for another torch. " + _REBUILD.format(torch=torch.__version__)
-        ) from exc
+        _fail(f"medfast's compiled extension could not be loaded ({exc}). It is missing or was built "
+              f"for another torch. " + _REBUILD.format(torch=torch.__version__))
     built = _C.build_info()["torch"]
     if not _same_release(built, torch.__version__):
-        raise ImportError(
-            f"medfast was built against torch {built} but torch {torch.__version__} is installed. "
-            + _REBUILD.format(torch=torch.__version__)
-        )
+        _fail(f"medfast was built against torch {built} but torch {torch.__version__} is installed. "
+              + _REBUILD.format(torch=torch.__version__))
     return _C
 
 

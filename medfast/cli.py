@@ -257,15 +257,52 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
+# Optional modules that subcommands import when they run -> the extra of pyproject.toml that installs them
+# (pyyaml and tqdm are dependencies: missing means a broken install, which `pip install "medfast[cli]"` repairs).
+OPTIONAL_MODULES: dict[str, str] = {
+    "nibabel": "io",
+    "pydicom": "io",
+    "PIL": "io",
+    "matplotlib": "cli",
+    "nilearn": "cli",
+    "psutil": "cli",
+    "yaml": "cli",
+    "tqdm": "cli",
+}
+
+
+def _version() -> str:
+    """The installed distribution's version (no import of the compiled extension); a source tree on
+    ``PYTHONPATH`` without installed metadata falls back to ``medfast.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medfast")
+    except PackageNotFoundError:
+        from medfast import __version__
+
+        return __version__
+
+
+def _missing_optional_module(exc: ImportError) -> str | None:
+    """The top-level name of the optional module whose absence raised ``exc`` (itself, or the error it was
+    raised from, such as ``ImportError("reading NIfTI needs nibabel ...") from exc``), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        name = (getattr(seen, "name", None) or "").partition(".")[0]
+        if isinstance(seen, ModuleNotFoundError) and name in OPTIONAL_MODULES:
+            return name
+        seen = seen.__cause__
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medfast`` argument parser with every subcommand registered."""
-    from medfast import __version__
-
     parser = argparse.ArgumentParser(
         prog="medfast",
         description="Fast, differentiable C++/CUDA operators for medical imaging.",
     )
-    parser.add_argument("--version", action="version", version=f"medfast {__version__}")
+    parser.add_argument("--version", action="version", version=f"medfast {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
@@ -283,11 +320,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status (0 on success). Invalid arguments raise ``SystemExit(2)`` (argparse).
+        Exit status (0 on success; 2 when a subcommand needs an optional module that is not installed:
+        one line names it and the extra that installs it). Invalid arguments raise ``SystemExit(2)`` (argparse).
     """
+    # (Without its compiled extension medfast fails to import before this runs; medfast._extension makes the
+    # console script print that error in one line.)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ImportError as exc:
+        module = _missing_optional_module(exc)
+        if module is None:
+            raise
+        print(f'medfast {args.command}: error: needs {module}: pip install "medfast[{OPTIONAL_MODULES[module]}]"',
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `medfast info | head`: the reader left; not an error of ours
         import os
 

@@ -13,10 +13,16 @@ python3 -m pip install -q "cibuildwheel>=3"
 case "$VARIANT" in
   cuda) ;;  # the defaults of [tool.cibuildwheel]
   cpu)
+    # The same torch release as pyproject.toml's before-build, from the CPU-only index, for the build and
+    # for the test environment alike.
+    TORCH_CPU="pip install --index-url https://download.pytorch.org/whl/cpu 'torch==2.14.1'"
     export CIBW_BEFORE_ALL="true"
-    export CIBW_BEFORE_BUILD="pip install --index-url https://download.pytorch.org/whl/cpu 'torch==2.14.1' && pip install numpy 'scikit-build-core>=1.1' ninja 'cmake>=3.24'"
+    export CIBW_BEFORE_BUILD="$TORCH_CPU && pip install numpy 'scikit-build-core>=1.1' ninja 'cmake>=3.24'"
     export CIBW_ENVIRONMENT="MEDFAST_CUDA=0"
-    export CIBW_TEST_COMMAND="pip install --index-url https://download.pytorch.org/whl/cpu 'torch==2.14.1' && cd /tmp && python {project}/scripts/wheel_smoke.py"
+    # Before the wheel is installed into the test environment: its torch==2.14.* requirement is then already
+    # met by the CPU torch (otherwise pip fetches the CUDA build from PyPI first, gigabytes, to replace it).
+    export CIBW_BEFORE_TEST="$TORCH_CPU"
+    export CIBW_TEST_COMMAND="cd /tmp && python {project}/scripts/wheel_smoke.py"
     ;;
   *) echo "usage: $0 cuda|cpu" >&2; exit 2 ;;
 esac

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the local virtual environment .venv, installs torch and every build, test,
 # demo and benchmark dependency, and builds medfast into it (editable, persistent build folder).
-# Sourced by scripts/test.sh, scripts/demo.sh and scripts/bench.sh; safe to run again.
+# Sourced by scripts/test.sh and scripts/demo.sh (scripts/wheel_check.sh needs the .venv it makes);
+# safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
