@@ -4,7 +4,8 @@ patch crop together, to the image (linear) and identically to its labels (neares
 changes (gamma, scale/shift, bias field, noise) to the image only.
 
 Randomness comes from one integer seed per sample (see :class:`medfast.train.distributed.EpochSampler`):
-the same seed gives the same augmentation on any device, rank count or resume point.
+the same seed gives the same augmentation on any rank count or resume point, and on any device up to the
+noise values (drawn by the device's own generator, whose stream differs between CPU and CUDA).
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ class RandomAugment:
     config : AugmentConfig
         Ranges: ``rotation`` (degrees, each axis, uniform in +-), ``scale`` (relative, +-), ``shear``
         (+-), ``translation`` (voxels), ``flip`` (axes flipped with probability 1/2), ``deform_magnitude``
-        (std of the velocity field, voxels), ``deform_grid`` (control points per axis), ``integrate_steps``,
+        (std of the velocity field, output-patch voxels: the deformation is applied before the affine, so the
+        whole transform stays diffeomorphic), ``deform_grid`` (control points per axis), ``integrate_steps``,
         ``gamma`` (log-gamma range), ``intensity_scale``/``intensity_shift`` (+-), ``noise_std`` (max std),
-        ``bias_field`` (std of the log bias field). ``enabled=False`` keeps only the random patch crop.
+        ``bias_field`` (std of the log bias field). ``enabled=False`` keeps only the random patch crop. The
+        affine acts on voxel indices: with anisotropic voxels a rotation is not a rigid rotation in mm.
     geometric_only : bool
         Skip the intensity changes (e.g. to build validation deformations).
     """
@@ -168,7 +171,11 @@ class RandomAugment:
         if deform:
             v = torch.stack(vels).to(dev)
             v = F.interpolate(v, size=out_shape, mode="trilinear" if nd == 3 else "bilinear", align_corners=True)
-            ddf = integrate(v.to(pos).contiguous(), cfg.integrate_steps)
+            # x_in = A (x + u(x)) + t: the deformation x + u (the flow of the velocity field) before the affine, so
+            # the composition is a diffeomorphism. (As affine_warp's ddf, u itself was added after the affine,
+            # x_in = A x + t + u(x): under a flip or a large rotation that folded, 0.8 % of voxels with a flip.)
+            u = integrate(v.to(pos).contiguous(), cfg.integrate_steps)
+            ddf = torch.einsum("bij,bj...->bi...", theta[:, :, :nd], u).contiguous()
         out = affine_warp(img_in.contiguous(), theta, shape=out_shape, ddf=ddf, mode="linear", padding="zeros")
         lab = None
         if label is not None:

@@ -14,6 +14,7 @@ to the nearest surface voxel of the other mask, in units of ``spacing``.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -147,7 +148,9 @@ def _permuted_spacing(spacing: SpacingArg, perm: list[int] | None, batch: int, n
 def _check_percentile(percentile: object) -> float | None:
     if percentile is None:
         return None
-    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
+    if isinstance(percentile, torch.Tensor) and percentile.numel() == 1:
+        percentile = percentile.item()
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
         raise TypeError(f"percentile must be a number in [0, 100] or None, got {type(percentile).__name__}")
     if not (0 <= percentile <= 100):
         raise ValueError(f"percentile must be in [0, 100] or None, got {percentile}")

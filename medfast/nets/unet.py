@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,7 @@ def _norm(kind: str, nd: int, channels: int) -> nn.Module:
     if kind == "batch":
         return (nn.BatchNorm3d if nd == 3 else nn.BatchNorm2d)(channels)
     if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
+        return nn.GroupNorm(math.gcd(8, channels), channels)  # (min(8, c) groups failed for 12, 20, 40 channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"norm must be one of instance, batch, group, none; got {kind!r}")

@@ -146,7 +146,9 @@ def evaluate_pair(
     pt = torch.from_numpy(p.data).to(device)[None]
     rt = torch.from_numpy(r.data).to(device)[None]
     first = 0 if include_background else 1
-    dice = metrics.dice(pt, rt, num_classes)[0, first:]
+    # Dice 0 for a class only one of the two has (a false positive is a miss, as in the docstring); NaN only
+    # where both are empty (ignore_empty=True made a pure false positive NaN, and summarize() dropped it)
+    dice = metrics.dice(pt, rt, num_classes, ignore_empty=False)[0, first:]
     with warnings.catch_warnings():  # empty classes are reported as NaN in the table instead
         warnings.simplefilter("ignore", UserWarning)
         hd = metrics.hausdorff_distance(pt, rt, percentile, spacing, num_classes=num_classes,
@@ -155,6 +157,7 @@ def evaluate_pair(
                                        include_background=include_background)[0]
     counts_p = torch.bincount(pt.flatten(), minlength=num_classes)[first:]
     counts_r = torch.bincount(rt.flatten(), minlength=num_classes)[first:]
+    dice = torch.where((counts_p == 0) & (counts_r == 0), torch.nan, dice)
     rows = []
     for i in range(num_classes - first):
         rows.append({

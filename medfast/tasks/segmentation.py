@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -299,7 +298,14 @@ class SegmentationTask(Task):
         for w, out in zip(weights, logits):
             target = label
             if out.shape[2:] != label.shape[1:]:
-                target = F.interpolate(label[:, None].float(), size=list(out.shape[2:]), mode="nearest")[:, 0].long()
+                # every 2^j-th voxel: where the UNet's level-j output sits (it pads to a multiple internally
+                # and crops ceil(S / 2^j)); a nearest resize from S to ceil(S / 2^j) took other voxels (up to
+                # 0.75 of a coarse voxel off) whenever S was not a multiple of 2^j
+                step = -(-label.shape[1] // out.shape[2])
+                target = label[(slice(None), *[slice(None, None, step)] * (label.dim() - 1))]
+                if target.shape[1:] != out.shape[2:]:
+                    raise ValueError(f"deep supervision output of shape {tuple(out.shape[2:])} does not match the "
+                                     f"label {tuple(label.shape[1:])} subsampled by {step}")
             total = total + w * self.loss_fn(out.float(), target)
         return total / sum(weights[: len(logits)])
 

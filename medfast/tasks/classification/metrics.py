@@ -66,16 +66,17 @@ def accuracy(pred, target) -> float:
 def precision_recall_f1(pred, target, num_classes: int) -> dict[str, np.ndarray]:
     """Per-class ``precision``, ``recall``, ``f1`` and ``support``, each ``(C,)``.
 
-    Undefined values (no prediction of a class for precision, no sample of it for recall) are NaN; F1 is NaN
-    where either is NaN and 0 where both are 0.
+    Undefined values (no prediction of a class for precision, no sample of it for recall) are NaN. F1 is
+    ``2 TP / (2 TP + FP + FN)``: 0 for a class that occurs but is never predicted correctly (never predicted at
+    all included: scikit-learn's value), NaN only for a class absent from both ``pred`` and ``target``.
     """
     cm = confusion_matrix(pred, target, num_classes).astype(np.float64)
     tp = np.diag(cm)
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = tp / cm.sum(0)
         recall = tp / cm.sum(1)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    f1 = np.where(np.isnan(precision) | np.isnan(recall), np.nan, f1)
+        f1 = 2 * tp / (2 * tp + fp + fn)  # (NaN where it was undefined, a macro F1 skipped never-predicted classes)
     return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1).astype(np.int64)}
 
 

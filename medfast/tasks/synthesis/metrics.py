@@ -4,6 +4,7 @@ frames."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +29,9 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, name_x: str = "x", name_y: str
 
 
 def _check_range(data_range: float) -> float:
-    if not isinstance(data_range, (int, float)) or isinstance(data_range, bool) or not data_range > 0:
+    if isinstance(data_range, torch.Tensor) and data_range.numel() == 1:  # e.g. x.max() - x.min()
+        data_range = data_range.item()
+    if not isinstance(data_range, numbers.Real) or isinstance(data_range, bool) or not data_range > 0:
         raise ValueError(f"data_range must be a positive number, got {data_range!r}")
     return float(data_range)
 
