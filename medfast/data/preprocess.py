@@ -39,12 +39,43 @@ def reorient_to_ras(data: np.ndarray, affine: np.ndarray, channels: bool) -> tup
 
 
 def spatial_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
-    """The ``(ndim + 1, ndim + 1)`` affine of the first ``ndim`` spatial axes of a 4x4 NIfTI affine."""
+    """The ``(ndim + 1, ndim + 1)`` affine of the first ``ndim`` spatial axes of a 4x4 NIfTI affine.
+
+    An ``(ndim + 1, ndim + 1)`` affine is returned as is. For ``ndim=3`` the rows and columns of the 3 axes are
+    kept.
+
+    For ``ndim=2`` (a 2D image stored in a NIfTI: its plane is spanned by voxel axes 0 and 1) the 2D affine maps
+    voxels to coordinates (mm) in the image's plane: world space is turned by the smallest rotation ``Rot`` that
+    takes the plane's unit normal ``n`` (the sign with ``n_z >= 0``) to the world z axis, which lays the plane
+    flat onto x-y, and the x, y rows are kept: ``a2[:2] = P @ A[:3, [0, 1, 3]]`` with ``P = Rot[:2]``.
+    So an axial image (``A[2, :2] == 0``, any in-plane orientation, flipped axes included) gets exactly rows and
+    columns 0, 1, 3 of ``A``, and a coronal, sagittal or oblique one its true in-plane voxel sizes, angles and
+    distances (``P`` is orthonormal on the plane; shear and flips are kept). World positions are recovered with
+    ``Q = P.T`` (``(3, 2)``, an orthonormal basis of the plane): ``A @ [i, j, 0, 1]`` is
+    ``Q @ (a2 @ [i, j, 1])[:2] + n (n . A[:3, 3])``, which holds for any 2D grid whose affine is derived from
+    ``a2`` (resampled, cropped). A singular affine (voxel axes 0 and 1 parallel) keeps rows and columns 0, 1, 3.
+    """
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape == (ndim + 1, ndim + 1):
         return affine
     idx = list(range(ndim)) + [3]
-    return affine[np.ix_(idx, idx)]
+    out = affine[np.ix_(idx, idx)]
+    if ndim != 2 or affine.shape != (4, 4) or not np.any(affine[2, :2]):
+        return out  # 3D, or an axial 2D plane: x, y are its in-plane coordinates
+    normal = np.cross(affine[:3, 0], affine[:3, 1])
+    norm = np.linalg.norm(normal)
+    if not np.isfinite(norm) or norm == 0:
+        return out
+    normal = normal / norm
+    if normal[2] < 0:
+        normal = -normal
+    # Rodrigues: the rotation about n x z that takes n to z (n_z >= 0, so 1 + n_z >= 1)
+    v = np.cross(normal, [0.0, 0.0, 1.0])
+    vx = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+    rot = np.eye(3) + vx + vx @ vx / (1.0 + normal[2])
+    res = np.eye(3)
+    res[:2] = rot[:2] @ affine[:3, [0, 1, 3]]
+    return res
 
 
 def resample_to_spacing(image: torch.Tensor, affine: np.ndarray, spacing: Sequence[float], *,
