@@ -229,3 +229,41 @@ def test_cuda_zeros_padding_reads_nothing_outside(monkeypatch, mode, variant, de
     if d_cpu is not None:
         assert (d_cpu[..., :6] == 0).all()
         torch.testing.assert_close(d_gpu, d_cpu, equal_nan=True, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+def test_cuda_deterministic_image_grad_ignores_gradients_of_samples_that_read_nothing(mode):
+    # the deterministic taps kernel gave such samples index 0 and weight 0: an inf / NaN upstream gradient there
+    # made grad_image[..., 0, 0, 0] NaN, where the CPU and the atomic path add nothing
+    img = torch.rand(1, 2, 10, 11, 12)
+    ddf = torch.zeros(1, 3, 10, 11, 12)
+    ddf[..., :4] += 50.0  # wholly outside under zeros padding
+    grad = torch.rand(1, 2, 10, 11, 12)
+    grad[..., :4] = float("inf")
+    grads = []
+    for dev, deterministic in (("cpu", False), ("cuda", True), ("cuda", False)):
+        i = img.to(dev).requires_grad_()
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            mf.warp(i, ddf.to(dev), mode=mode).backward(grad.to(dev))
+        finally:
+            torch.use_deterministic_algorithms(False)
+        grads.append(i.grad.cpu())
+    assert torch.isfinite(grads[0]).all()
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_ops_refuse_mixed_devices_and_take_empty_batches():
+    # direct torch.ops calls: a CPU tensor beside a CUDA one reached the CUDA kernel (an illegal access that
+    # poisons the context); a batch of 0 was an invalid launch configuration in the loss sums
+    ops = torch.ops.medfast
+    a, b = torch.rand(1, 1, 8, 8, 8, device="cuda"), torch.rand(1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="device|on"):
+        ops.lncc(a, b, [3, 3, 3], 0.0, 1e-5)
+    logits, labels = torch.rand(1, 3, 8, 8, 8, device="cuda"), torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="on"):
+        ops.softmax_stats(logits, labels, None)
+    empty = ops.softmax_stats(torch.rand(0, 3, 8, 8, device="cuda"), torch.zeros(0, 8, 8, dtype=torch.long,
+                                                                                  device="cuda"), None)
+    assert empty.shape == (0, 3, 4)

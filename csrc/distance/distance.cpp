@@ -36,6 +36,8 @@ Tensor seed_distances(SeedLauncher launch, const Tensor& seeds, const Tensor& qu
   TORCH_CHECK_VALUE(query.sizes() == seeds.sizes(), "medfast seed_distances: query must have the seeds' shape ",
                     seeds.sizes(), ", got ", query.sizes());
   TORCH_CHECK_VALUE(seeds.numel() > 0, "medfast seed_distances: seeds is empty");
+  TORCH_CHECK_VALUE(query.device() == seeds.device(), "medfast seed_distances: query on ", query.device(),
+                    " but seeds on ", seeds.device());
   TORCH_CHECK_VALUE(static_cast<int64_t>(spacing.size()) == nd, "medfast seed_distances: spacing must have ", nd,
                     " entries, got ", spacing.size());
   for (double s : spacing)

@@ -11,6 +11,9 @@ void check(const Tensor& pred, const Tensor& target, at::IntArrayRef kernel_size
   TORCH_CHECK_VALUE(pred.dim() == 4 || pred.dim() == 5, "medfast lncc: pred must be (B, C, *spatial), 2 or 3 spatial");
   TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "medfast lncc: target must have pred's shape");
   TORCH_CHECK_TYPE(target.scalar_type() == pred.scalar_type(), "medfast lncc: target must have pred's dtype");
+  // (the dispatcher sends a mixed CPU / CUDA call to the CUDA kernel: a host pointer there is an illegal access)
+  TORCH_CHECK_VALUE(target.device() == pred.device(), "medfast lncc: target is on ", target.device(), " but pred on ",
+                    pred.device());
   TORCH_CHECK_TYPE(pred.scalar_type() == at::kFloat || pred.scalar_type() == at::kDouble,
                    "medfast lncc: pred must be float32 or float64");
   TORCH_CHECK_VALUE(static_cast<int64_t>(kernel_size.size()) == pred.dim() - 2,
@@ -23,6 +26,9 @@ void check_grad(const Tensor& grad, const Tensor& pred, const Tensor& sums) {
                     "medfast lncc_backward: grad must have pred's shape and dtype");
   TORCH_CHECK_VALUE(sums.numel() == kFields * pred.numel() && sums.scalar_type() == pred.scalar_type(),
                     "medfast lncc_backward: sums must be the (5, *pred.shape) sums returned by lncc");
+  TORCH_CHECK_VALUE(grad.device() == pred.device() && sums.device() == pred.device(),
+                    "medfast lncc_backward: grad, sums and pred must be on one device, got ", grad.device(), ", ",
+                    sums.device(), " and ", pred.device());
 }
 
 }  // namespace

@@ -6,6 +6,15 @@
 namespace medfast::loss {
 namespace {
 
+// The dispatcher sends a mixed CPU / CUDA call to the CUDA kernel, where a host pointer is an illegal access.
+void same_device(const Tensor& logits, const Tensor& other, const OptTensor& weight, const char* op) {
+  TORCH_CHECK_VALUE(other.device() == logits.device(), op, ": target / labels on ", other.device(), " but logits on ",
+                    logits.device());
+  if (weight)
+    TORCH_CHECK_VALUE(weight->device() == logits.device(), op, ": voxel_weight on ", weight->device(),
+                      " but logits on ", logits.device());
+}
+
 void check(const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
   TORCH_CHECK_VALUE(logits.dim() >= 3, "medfast softmax_stats: logits must be (B, C, *spatial)");
   TORCH_CHECK_VALUE(labels.dim() == logits.dim() - 1 && labels.size(0) == logits.size(0),
@@ -14,6 +23,7 @@ void check(const Tensor& logits, const Tensor& labels, const OptTensor& weight) 
     TORCH_CHECK_VALUE(labels.size(i) == logits.size(i + 1), "medfast softmax_stats: labels shape mismatch");
   TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()), "medfast softmax_stats: labels must be integers");
   if (weight) TORCH_CHECK_VALUE(weight->sizes() == labels.sizes(), "medfast softmax_stats: voxel_weight shape");
+  same_device(logits, labels, weight, "medfast softmax_stats");
 }
 
 void check_soft(const Tensor& logits, const Tensor& target, const OptTensor& weight) {
@@ -25,6 +35,7 @@ void check_soft(const Tensor& logits, const Tensor& target, const OptTensor& wei
                           weight->numel() * logits.size(1) == logits.numel(),
                       "medfast soft_stats: voxel_weight must be (B, *spatial)");
   }
+  same_device(logits, target, weight, "medfast soft_stats");
 }
 
 void check_finalize(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor) {
@@ -89,6 +100,8 @@ void register_impls(torch::Library& m) {
   m.impl("softmax_stats_backward",
          [](const Tensor& grad, const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
            check(logits, labels, weight);
+           TORCH_CHECK_VALUE(grad.device() == logits.device(), "medfast softmax_stats_backward: grad on ",
+                             grad.device(), " but logits on ", logits.device());
            return L.stats_backward(grad, logits, labels, weight);
          });
   m.impl("soft_stats", [](const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid) {
@@ -98,6 +111,8 @@ void register_impls(torch::Library& m) {
   m.impl("soft_stats_backward", [](const Tensor& grad, const Tensor& logits, const Tensor& target,
                                    const OptTensor& weight, bool sigmoid) {
     check_soft(logits, target, weight);
+    TORCH_CHECK_VALUE(grad.device() == logits.device(), "medfast soft_stats_backward: grad on ", grad.device(),
+                      " but logits on ", logits.device());
     return L.soft_backward(grad, logits, target, weight, sigmoid);
   });
   m.impl("loss_finalize", [](const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,

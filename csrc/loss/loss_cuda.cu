@@ -68,6 +68,7 @@ Tensor finish_sums(const Tensor& partial, at::ScalarType logits_dtype) {
 template <typename T, typename Voxel>
 Tensor launch_sums(const Voxel& voxel, const Shape& s, const Tensor& logits, const char* op) {
   TORCH_CHECK_VALUE(s.B <= 65535, "medfast ", op, ": batch size ", s.B, " exceeds the CUDA grid limit 65535");
+  if (s.B == 0) return at::zeros({0, s.C, kStats}, logits.options().dtype(stats_dtype(logits.scalar_type())));
   const Plan p = plan(sums_values_per_thread(s.C) * int64_t(sizeof(T)), s.C, op);
   const int64_t blocks = sum_blocks_per_batch(s.B, s.N, p.threads, sm_count()), chunk = sum_chunk(s.N, blocks);
   Tensor partial = at::empty({s.B, blocks, s.C, kStats}, logits.options().dtype(c10::CppTypeToScalarType<T>::value));
@@ -90,6 +91,7 @@ bool warp_sums() {
 template <typename S, typename T>
 Tensor launch_label_sums_warp(const LabelVoxel<S, T>& voxel, const Shape& s, const Tensor& logits) {
   TORCH_CHECK_VALUE(s.B <= 65535, "medfast softmax_stats: batch size ", s.B, " exceeds the CUDA grid limit 65535");
+  if (s.B == 0) return at::zeros({0, s.C, kStats}, logits.options().dtype(stats_dtype(logits.scalar_type())));
   const int threads = plan_label_threads(s.C, sizeof(T));
   const int64_t bytes = label_warp_values(threads, s.C) * int64_t(sizeof(T));
   const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;

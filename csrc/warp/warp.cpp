@@ -73,6 +73,8 @@ std::tuple<Tensor, Tensor> backward(Bwd launch, const Tensor& grad, const Tensor
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(expected), "medfast warp: grad has shape ", grad.sizes(),
                     ", expected ", at::IntArrayRef(expected));
   TORCH_CHECK_TYPE(grad.scalar_type() == image.scalar_type(), "medfast warp: grad dtype must match the image");
+  TORCH_CHECK_VALUE(grad.device() == image.device(), "medfast warp: grad on ", grad.device(), " but image on ",
+                    image.device());
   return launch(grad, image, contiguous_theta(theta), ddf, shape, parse_mode(mode), parse_padding(padding),
                 image_grad, position_grad);
 }

@@ -65,7 +65,9 @@ IndexSplit<NDIM> index_split(int64_t total, const int64_t out_numel, const int64
 }
 
 // Deterministic path: for output voxels [begin, begin + count), the flat image offsets (channel 0)
-// and weights of all taps. A NaN position contributes nothing.
+// and weights of all taps. A NaN position, or one that reads nothing (zeros padding wholly outside),
+// contributes nothing: its taps get offset -1, and the launcher masks its output gradient (an inf or
+// NaN gradient times the weights 0 would be NaN at offset 0, where the CPU and atomic paths add nothing).
 template <typename S, typename T, int NDIM, int MODE, int PAD>
 __global__ void taps_kernel(const WarpArgs<S, T, NDIM> A, int64_t in_numel, int64_t begin, int64_t count,
                             int64_t* idx, T* w) {
@@ -90,7 +92,7 @@ __global__ void taps_kernel(const WarpArgs<S, T, NDIM> A, int64_t in_numel, int6
       }
     } else {
       for (int t = 0; t < KT; ++t) {
-        oi[t] = 0;
+        oi[t] = -1;
         ow[t] = T(0);
       }
     }
@@ -106,6 +108,7 @@ void deterministic_image_grad(const WarpArgs<S, T, NDIM>& A, const Tensor& gout,
   const Tensor g = gout.view({A.batch, A.channels, A.out_numel}).transpose(0, 1).reshape({A.channels, total});
   const Tensor flat = grad_image.view({-1});
   const Tensor chan_off = at::arange(A.channels, gout.options().dtype(at::kLong)).mul_(in_numel).view({-1, 1, 1});
+  if (A.channels == 0 || total == 0) return;  // (a direct op call with C = 0: no division by zero below)
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 25) / (KT * A.channels));
   for (int64_t begin = 0; begin < total; begin += chunk) {
     const int64_t count = std::min(chunk, total - begin);
@@ -114,7 +117,10 @@ void deterministic_image_grad(const WarpArgs<S, T, NDIM>& A, const Tensor& gout,
     taps_kernel<S, T, NDIM, MODE, PAD><<<blocks_for(count), kThreads, 0, stream>>>(
         A, in_numel, begin, count, idx.mutable_data_ptr<int64_t>(), w.mutable_data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const Tensor vals = w.unsqueeze(0) * g.narrow(1, begin, count).to(w.scalar_type()).unsqueeze(2);
+    const Tensor reads_nothing = idx.select(1, 0).lt(0).unsqueeze(0);  // (1, count)
+    const Tensor gc = g.narrow(1, begin, count).to(w.scalar_type()).masked_fill(reads_nothing, 0);
+    const Tensor vals = w.unsqueeze(0) * gc.unsqueeze(2);
+    idx.clamp_min_(0);
     flat.index_put_({(idx.unsqueeze(0) + chan_off).view({-1})}, vals.view({-1}), /*accumulate=*/true);
   }
 }
