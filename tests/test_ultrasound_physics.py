@@ -99,3 +99,16 @@ def test_bone_echo_is_not_attenuated_before_the_interface(voxel_mm):
     echo = float(env[0, 4:-4, window].max(1).values.median())
     reflection = (6.0 - 1.63) / (6.0 + 1.63)
     assert 20 * math.log10(echo / reflection) == pytest.approx(0.0, abs=0.5)
+
+
+def test_correlated_energy_is_the_quadratic_form_without_the_matrix():
+    # w^T C w summed over the lags of the Toeplitz C (an (S, J, J) matrix was 4 GB at 8192 x 257 taps)
+    from medfast.ultrasound._speckle import _correlated_energy
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(40, 25, dtype=torch.float64, generator=gen)
+    step = torch.rand(40, dtype=torch.float64, generator=gen) * 0.3
+    lag = torch.arange(25, dtype=torch.float64)
+    corr = torch.exp(-(lag[:, None] - lag[None]).square() * (step / 0.1).square()[:, None, None]
+                     / (2 * _CORRELATION_VAR))
+    torch.testing.assert_close(_correlated_energy(w, step, 0.1), torch.einsum("si,sij,sj->s", w, corr, w))
