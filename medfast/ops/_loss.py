@@ -200,13 +200,13 @@ def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tens
 def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     if class_weight is None:
         return None
-    if (isinstance(class_weight, torch.Tensor) and class_weight.is_complex()) or any(
-            isinstance(v, complex) for v in (class_weight if isinstance(class_weight, (list, tuple)) else ())):
-        raise TypeError(f"class_weight must be real, got {class_weight!r}")  # (a cast would drop the imaginary part)
     try:
-        w = torch.as_tensor(class_weight, dtype=dtype).flatten()  # stays where it is given
+        w = torch.as_tensor(class_weight).flatten()  # stays where it is given
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"class_weight must be a sequence of C floats or a tensor, got {class_weight!r}") from None
+    if w.is_complex():  # (casting would drop the imaginary part)
+        raise TypeError(f"class_weight must be real, got {class_weight!r}")
+    w = w.to(dtype)
     if w.numel() != logits.shape[1]:
         raise ValueError(f"class_weight must have C = {logits.shape[1]} entries, got {w.numel()}")
     values = w.tolist()  # checked in Python: no tensor ops (host time); a CUDA tensor waits here, as it did

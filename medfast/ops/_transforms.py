@@ -75,13 +75,11 @@ def resample(
         )
     if a_in.dim() != a_out.dim():  # one (n+1, n+1) beside a batch: solve would read it as a batch of vectors
         a_in, a_out = torch.broadcast_tensors(a_in, a_out)
-    if torch.compiler.is_compiling():  # a singular matrix cannot be caught in a traced graph
-        theta = torch.linalg.solve(a_in, a_out)[..., :ndim, :]
-    else:
-        try:
-            theta = torch.linalg.solve(a_in, a_out)[..., :ndim, :]
-        except torch.linalg.LinAlgError:
-            raise ValueError(f"affine_in is singular (no voxel grid maps onto world space): {a_in.tolist()}") from None
+    theta, info = torch.linalg.solve_ex(a_in, a_out)
+    # (not while torch.compile traces: a data-dependent check cannot be part of the graph)
+    if not torch.compiler.is_compiling() and bool(info.ne(0).any()):
+        raise ValueError(f"affine_in is singular (no voxel grid maps onto world space): {a_in.tolist()}")
+    theta = theta[..., :ndim, :]
     if theta.dim() == 2:
         theta = theta.unsqueeze(0)
     return affine_warp(image, theta.to(position_dtype(image.dtype)), shape=shape_out, mode=mode, padding=padding)

@@ -354,23 +354,21 @@ def _lateral_weights(probe: Probe, dtype, device, max_half: int | None = None) -
 
 
 def _elevation_weights(probe: Probe, sub_rays: int, dtype, device,
-                       scatter_cell_mm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E, S)`` sub-ray weights: specular (sum 1) and scatter. The scatter weights also carry the
-    per-depth gain that keeps the mean speckle intensity at the scatter power however densely the
-    samples, lines and sub-rays are spaced (:func:`~medfast.ultrasound._speckle.scatter_gain`; none
-    without ``scatter_cell_mm``: unit energy)."""
+                       scatter_cell_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E, S)`` sub-ray weights: specular (sum 1) and scatter: unit energy times the per-depth gain
+    that keeps the mean speckle intensity at the scatter power however densely the samples, lines and
+    sub-rays are spaced (:func:`~medfast.ultrasound._speckle.scatter_gain`)."""
     z = probe.depths(dtype=torch.float64)
     y = elevation_offsets(probe, sub_rays)
     sigma = probe.elevation_fwhm_mm(z) * _FWHM_TO_SIGMA
     w = torch.exp(-0.5 * (y[:, None] / sigma[None, :]) ** 2)  # (E, S)
     spec = w / w.sum(0, keepdim=True)
     scat = w / w.square().sum(0, keepdim=True).sqrt()
-    if scatter_cell_mm is not None:
-        axial = _axial_kernel(probe, torch.float64, "cpu")
-        _, lateral = _lateral_weights(probe, torch.float64, "cpu")
-        gain = scatter_gain(axial / axial.square().sum().sqrt(), lateral, scat.T, probe.dz_mm,
-                            probe.line_spacing_mm(z), float(y[1] - y[0]) if sub_rays > 1 else 0.0, scatter_cell_mm)
-        scat = scat * gain
+    axial = _axial_kernel(probe, torch.float64, "cpu")
+    _, lateral = _lateral_weights(probe, torch.float64, "cpu")
+    scat = scat * scatter_gain(axial / axial.square().sum().sqrt(), lateral, scat.T, probe.dz_mm,
+                               probe.line_spacing_mm(z), float(y[1] - y[0]) if sub_rays > 1 else 0.0,
+                               scatter_cell_mm)
     return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
 
 
