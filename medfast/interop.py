@@ -47,15 +47,28 @@ def as_tensor(value: Any) -> torch.Tensor:
     if not hasattr(value, "__dlpack__"):
         raise TypeError(f"expected a torch.Tensor or an array with __dlpack__, got {type(value).__name__}")
     if isinstance(value, np.ndarray):
-        # NumPy: negative strides (np.flip, [::-1]) have no tensor view: a copy; a read-only array is shared
-        # as torch.from_numpy shares it, with its warning (writing to the tensor would change the array)
-        if any(st < 0 for st in value.strides):
+        # NumPy: negative strides (np.flip, [::-1]) and big-endian data (nibabel's dataobj of a big-endian
+        # NIfTI) have no tensor view: a copy; a read-only array is shared as torch.from_numpy shares it, with
+        # its warning (writing to the tensor would change the array)
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        elif any(st < 0 for st in value.strides):
             value = np.ascontiguousarray(value)
         return torch.from_numpy(value)
     return torch.from_dlpack(value)
 
 
 def _library(array: Any):
+    """The namespace whose ``from_dlpack`` makes arrays like ``array``: the array API namespace when the array
+    has one (NumPy 2, JAX, CuPy: a JAX array's type lives in ``jaxlib``, which has no ``from_dlpack``), else
+    the root module of its type."""
+    if hasattr(array, "__array_namespace__"):
+        try:
+            namespace = array.__array_namespace__()
+        except Exception:  # an array API version it does not support: fall back to the module
+            namespace = None
+        if namespace is not None and hasattr(namespace, "from_dlpack"):
+            return namespace
     root = type(array).__module__.split(".")[0]
     module = importlib.import_module(root)
     if not hasattr(module, "from_dlpack"):
@@ -64,7 +77,7 @@ def _library(array: Any):
 
 
 def from_tensor(tensor: torch.Tensor, like: Any) -> Any:
-    """A view of ``tensor`` as an array of the library ``like`` comes from (NumPy, CuPy, ...)."""
+    """A view of ``tensor`` as an array of the library ``like`` comes from (NumPy, CuPy, JAX, ...)."""
     return _library(like).from_dlpack(tensor.detach())
 
 
@@ -76,6 +89,7 @@ def call(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     just ``op(*args, **kwargs)``.
     """
     like = next((a for a in [*args, *kwargs.values()] if is_foreign_array(a)), None)
+    library = None if like is None else _library(like)  # before the op: an unknown library fails fast
     args = tuple(as_tensor(a) if is_foreign_array(a) else a for a in args)
     kwargs = {k: as_tensor(v) if is_foreign_array(v) else v for k, v in kwargs.items()}
     result = op(*args, **kwargs)
@@ -84,9 +98,10 @@ def call(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     def back(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return from_tensor(value, like)
+            return library.from_dlpack(value.detach())
         if isinstance(value, (tuple, list)):
-            return type(value)(back(v) for v in value)
+            items = [back(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
         return value
 
     return back(result)

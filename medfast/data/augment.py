@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from medfast.ops._validate import py_scalar
+
 __all__ = ["AugmentConfig", "RandomAugment", "random_crop_theta"]
 
 
@@ -110,6 +112,7 @@ class RandomAugment:
         flips = torch.ones(nd, dtype=torch.float64)
         draws = torch.rand(nd, generator=g)
         for axis in cfg.flip:
+            axis = py_scalar(axis)
             if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < nd:
                 raise ValueError(f"augment.flip must list spatial axes in [0, {nd}) of a {nd}-d image, got "
                                  f"{list(cfg.flip)}")

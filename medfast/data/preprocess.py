@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from medfast.ops._validate import plain, py_scalar
+
 __all__ = ["crop_or_pad", "normalize_intensity", "reorient_to_ras", "resample_to_spacing", "spatial_affine"]
 
 
@@ -122,8 +124,10 @@ def crop_or_pad(image: torch.Tensor, affine: np.ndarray, shape: Sequence[int], *
     """Centred crop and/or zero-pad of the trailing spatial axes of ``image`` to ``shape``; moves the affine's
     origin so that every kept voxel stays at the same world position."""
     ndim = len(shape)
+    shape = [py_scalar(t) for t in shape]  # torch.Size, NumPy or 0-d tensor sizes too
     if ndim == 0 or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1 for t in shape):
         raise ValueError(f"shape must be positive ints (one per spatial axis), got {tuple(shape)}")
+    image = plain(image)  # a MetaTensor's affine would stay the uncropped grid's: the returned one is right
     sizes = image.shape[-ndim:]
     a = spatial_affine(affine, ndim).copy()
     slices, pads, shift = [], [], np.zeros(ndim)

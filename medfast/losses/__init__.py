@@ -32,7 +32,10 @@ class DiceLoss(nn.Module):
     """Soft Dice loss of softmax(logits) against integer labels (``(B, *S)`` or ``(B, 1, *S)``), or
     against ``(B, C, *S)`` float targets; ``sigmoid=True`` for multi-label channels.
 
-    See :func:`medfast.ops.dice_loss`; ``batch`` is ``batch_dice``, ``weight`` is ``class_weight``.
+    See :func:`medfast.ops.dice_loss`; ``batch`` is ``batch_dice``, ``weight`` is ``class_weight`` in the
+    forms MONAI's ``DiceLoss`` takes: one value for every class, C values, or with
+    ``include_background=False`` the C - 1 values of the foreground classes. (With a single Dice channel left,
+    MONAI ignores the weight; medfast multiplies that channel's loss by it.)
     ``check_labels=False`` skips the label-range check's device sync (a bad label gives a NaN loss).
     """
 
@@ -55,7 +58,24 @@ class DiceLoss(nn.Module):
                            activation="sigmoid" if sigmoid else "softmax", check_labels=check_labels)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
-        return dice_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)
+        kwargs = self.kwargs
+        if kwargs["class_weight"] is not None and isinstance(input, torch.Tensor) and input.dim() > 1:
+            kwargs = {**kwargs, "class_weight": _monai_dice_weight(kwargs["class_weight"], input.shape[1],
+                                                                   kwargs["include_background"])}
+        return dice_loss(input, target, voxel_weight=voxel_weight, **kwargs)
+
+
+def _monai_dice_weight(weight, classes: int, include_background: object):
+    """MONAI DiceLoss's weight forms as the C class weights of dice_loss (a tensor stays differentiable)."""
+    w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight, dtype=torch.float64)
+    if w.dim() == 0 or w.numel() == 1:
+        return w.reshape(1).expand(classes)
+    if w.dim() == 1 and w.numel() == classes - 1 and include_background is False:
+        return torch.cat([w.new_ones(1), w])  # channel 0 is left out of the Dice sum: its weight is unused
+    if w.dim() != 1 or w.numel() != classes:
+        extra = f" (or {classes - 1} without the background)" if include_background is False else ""
+        raise ValueError(f"weight must be one value or C = {classes} values{extra}, got shape {tuple(w.shape)}")
+    return weight
 
 
 class DiceCELoss(nn.Module):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from medfast.ops._lncc import REDUCTIONS, lncc_loss
-from medfast.ops._validate import check_choice, check_tensor
+from medfast.ops._validate import check_choice, check_tensor, py_scalar
 
 
 def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -186,6 +186,7 @@ def global_mutual_information(pred: torch.Tensor, target: torch.Tensor, num_bins
     """
     pred, target = _check_pair(pred, target, min_dim=2)
     check_choice("reduction", reduction, REDUCTIONS)
+    num_bins, sigma_ratio = py_scalar(num_bins), py_scalar(sigma_ratio)
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
         raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
     if not sigma_ratio > 0:
@@ -256,11 +257,15 @@ class SSDLoss(nn.Module):
 
 
 class GlobalMutualInformationLoss(nn.Module):
-    """Module form of :func:`global_mutual_information` (Gaussian Parzen windows)."""
+    """Module form of :func:`global_mutual_information` (Gaussian Parzen windows). Arguments in MONAI's order;
+    ``kernel_type`` must be ``"gaussian"`` (MONAI's ``"b-spline"`` windows are not implemented)."""
 
-    def __init__(self, num_bins: int = 23, sigma_ratio: float = 0.5, reduction: str = "mean",
-                 smooth_nr: float = 1e-7, smooth_dr: float = 1e-7) -> None:
+    def __init__(self, kernel_type: str = "gaussian", num_bins: int = 23, sigma_ratio: float = 0.5,
+                 reduction: str = "mean", smooth_nr: float = 1e-7, smooth_dr: float = 1e-7) -> None:
         super().__init__()
+        if kernel_type != "gaussian":
+            raise ValueError(f"kernel_type must be 'gaussian' (the only Parzen window medfast implements; MONAI's "
+                             f"'b-spline' is not), got {kernel_type!r}")
         self.kwargs = dict(num_bins=num_bins, sigma_ratio=sigma_ratio, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
                            reduction=check_choice("reduction", reduction, REDUCTIONS))
 
@@ -294,4 +299,9 @@ class GradientNormLoss(nn.Module):
         return gradient_norm(ddf, self.norm, self.normalize, self.reduction)
 
 
-DiffusionLoss = GradientNormLoss
+class DiffusionLoss(GradientNormLoss):
+    """MONAI's ``DiffusionLoss(normalize=False, reduction="mean")``, argument for argument: the squared
+    gradient norm of a displacement field, ``GradientNormLoss("l2", normalize, reduction)``."""
+
+    def __init__(self, normalize: bool = False, reduction: str = "mean") -> None:
+        super().__init__("l2", normalize, reduction)

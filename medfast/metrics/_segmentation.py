@@ -19,10 +19,11 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from medfast.ops._distance import _check_spacing, seed_distances, surface_edges
-from medfast.ops._validate import check_tensor
+from medfast.ops._validate import check_tensor, py_scalar
 
 __all__ = ["dice", "hausdorff_distance", "surface_distance"]
 
@@ -35,6 +36,7 @@ SpacingArg = float | Sequence[float] | Sequence[float | Sequence[float]] | None
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
+    value = py_scalar(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
@@ -56,7 +58,16 @@ def _check_pair(pred: object, target: object, pred_name: str, target_name: str) 
         )
     if pred.numel() == 0:
         raise ValueError(f"{pred_name} is empty: shape {tuple(pred.shape)}")
-    return pred, target
+    return _indexable(pred), _indexable(target)
+
+
+_WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+
+
+def _indexable(t: torch.Tensor) -> torch.Tensor:
+    # uint16 label maps (ITK-SNAP's, via nibabel) and uint32 / uint64: PyTorch has no min / max / compare /
+    # bincount kernels for them; int64 holds every label (a uint64 above 2^63 turns negative: out of range)
+    return t.long() if t.dtype in _WIDE_UNSIGNED else t
 
 
 def _check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> None:
@@ -101,12 +112,14 @@ def _check_binary(name: str, mask: torch.Tensor) -> torch.Tensor:
 
 def _batch_spacing(spacing: SpacingArg, batch: int, ndim: int) -> list[list[float]] | list[float]:
     """Shared spacing (list of ndim floats) or per-batch spacing (list of batch lists), as MONAI accepts."""
+    if isinstance(spacing, (np.ndarray, torch.Tensor)) and spacing.ndim == 2:  # (B, ndim): per batch element
+        spacing = spacing.tolist()
     if (
         spacing is not None
         and not isinstance(spacing, (int, float, torch.Tensor))
         and isinstance(spacing, Sequence)
         and len(spacing) > 0
-        and all(isinstance(s, (Sequence, torch.Tensor)) and not isinstance(s, str) for s in spacing)
+        and all(isinstance(s, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(s, str) for s in spacing)
     ):
         if len(spacing) != batch:
             raise ValueError(
@@ -150,6 +163,7 @@ def _check_percentile(percentile: object) -> float | None:
         return None
     if isinstance(percentile, torch.Tensor) and percentile.numel() == 1:
         percentile = percentile.item()
+    percentile = py_scalar(percentile)
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
         raise TypeError(f"percentile must be a number in [0, 100] or None, got {type(percentile).__name__}")
     if not (0 <= percentile <= 100):
@@ -183,6 +197,7 @@ def _masks(
     num_classes: int | None,
 ) -> _MaskSource:
     """Validates pred / target (one-hot masks, or label maps with ``num_classes``) for the surface metrics."""
+    include_background = py_scalar(include_background)
     if not isinstance(include_background, bool):
         raise TypeError(f"include_background must be a bool, got {type(include_background).__name__}")
     pred, target = _check_pair(pred, target, "pred", "target")
@@ -204,6 +219,10 @@ def _masks(
         return _MaskSource(p.shape[0], p.shape[1], first, p.dim() - 2, p[0, 0].numel(), perm,
                            lambda c0, c1: (p[:, c0:c1], t[:, c0:c1]))
     num_classes = _check_int("num_classes", num_classes, 1 + first)
+    if pred.dim() in (4, 5) and pred.shape[1] == 1:
+        # MONAI's label layout (B, 1, *S) (argmax(dim=1, keepdim=True)): the size-1 axis is a channel, not a
+        # depth-1 spatial axis (read so, every foreground voxel of a 2D map is surface: HD / ASSD wrong)
+        pred, target = pred[:, 0], target[:, 0]
     if pred.dim() not in (3, 4):
         raise ValueError(
             f"with num_classes, pred must be a label map of shape (B, H, W) or (B, D, H, W), got "
@@ -466,7 +485,8 @@ def hausdorff_distance(
     pred, target : Tensor
         Without ``num_classes``: one-hot masks ``(B, C, H, W)`` or ``(B, C, D, H, W)`` (channel 0 is the
         background), bool or any real dtype holding only 0 and 1. With ``num_classes``: integer label maps
-        ``(B, H, W)`` or ``(B, D, H, W)`` with values in ``[0, num_classes)``. Same shape and device.
+        ``(B, H, W)`` or ``(B, D, H, W)`` with values in ``[0, num_classes)``, or MONAI's ``(B, 1, H, W)`` /
+        ``(B, 1, D, H, W)`` (a size-1 axis 1 is that channel: ``(B, 1, H, W)`` is 2D). Same shape and device.
     percentile : float or None
         In [0, 100]. Default 95 (HD95; MONAI's default is None). None: the maximum (classic Hausdorff).
     spacing : float, sequence of float, or sequence of sequences, optional
@@ -504,6 +524,7 @@ def hausdorff_distance(
         ``percentile`` outside [0, 100]; bad ``spacing``.
     """
     q = _check_percentile(percentile)
+    directed = py_scalar(directed)
     if not isinstance(directed, bool):
         raise TypeError(f"directed must be a bool, got {type(directed).__name__}")
 
@@ -570,6 +591,7 @@ def surface_distance(
     TypeError, ValueError
         As :func:`hausdorff_distance`.
     """
+    symmetric = py_scalar(symmetric)
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
 
@@ -636,12 +658,15 @@ def dice(
         Shape or device mismatch; fewer than 2 dims; labels outside ``[0, num_classes)`` other than
         ``ignore_index``; ``num_classes < 2`` without the background.
     """
+    include_background = py_scalar(include_background)
     if not isinstance(include_background, bool):
         raise TypeError(f"include_background must be a bool, got {type(include_background).__name__}")
+    ignore_empty = py_scalar(ignore_empty)
     if not isinstance(ignore_empty, bool):
         raise TypeError(f"ignore_empty must be a bool, got {type(ignore_empty).__name__}")
     first = 0 if include_background else 1
     num_classes = _check_int("num_classes", num_classes, 1 + first)
+    ignore_index = py_scalar(ignore_index)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     pred_labels, target = _check_pair(pred_labels, target, "pred_labels", "target")

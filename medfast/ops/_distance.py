@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
-from medfast.ops._validate import check_tensor
+from medfast.ops._validate import check_tensor, py_scalar
 
 _ops = torch.ops.medfast
 
@@ -70,6 +70,7 @@ def surface_edges(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_spacing(spacing: object, ndim: int) -> list[float]:
     if spacing is None:
         return [1.0] * ndim
+    spacing = py_scalar(spacing)
     if isinstance(spacing, (bool, str, bytes)):  # a string would iterate as digits: "12" -> (1, 2)
         raise TypeError(f"spacing must be a positive float or a sequence of {ndim} positive floats, got {spacing!r}")
     if isinstance(spacing, (int, float)):

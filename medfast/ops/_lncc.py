@@ -19,7 +19,7 @@ import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
 from medfast.ops._autograd import once_differentiable, refuse_function_transforms
-from medfast.ops._validate import check_choice, check_tensor
+from medfast.ops._validate import check_choice, check_tensor, py_scalar
 
 _ops = torch.ops.medfast
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -58,6 +58,9 @@ torch.library.register_autograd("medfast::lncc", _lncc_backward, setup_context=_
 
 
 def _kernel_size(kernel_size: object, ndim: int) -> list[int]:
+    kernel_size = py_scalar(kernel_size)
+    if isinstance(kernel_size, (np.ndarray, torch.Tensor)) and kernel_size.ndim == 1:
+        kernel_size = kernel_size.tolist()  # (float arrays stay floats: refused below)
     if isinstance(kernel_size, bool):
         raise TypeError(f"kernel_size must be an int or a sequence of {ndim} ints, got {kernel_size!r}")
     if isinstance(kernel_size, int):
@@ -125,6 +128,7 @@ def local_ncc(
     if pred.numel() == 0:
         raise ValueError(f"pred is empty: shape {tuple(pred.shape)}")
     sizes = _kernel_size(kernel_size, pred.dim() - 2)
+    smooth_nr, smooth_dr = py_scalar(smooth_nr), py_scalar(smooth_dr)
     for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ValueError(f"{name} must be a non-negative number, got {v!r}")

@@ -25,7 +25,7 @@ from torch._C import _functorch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
 from medfast.ops._autograd import create_graph, reference_vjp, refuse_function_transforms
-from medfast.ops._validate import check_backend, check_bool, check_choice, check_tensor
+from medfast.ops._validate import check_backend, check_bool, check_choice, check_tensor, py_scalar
 
 _ops = torch.ops.medfast
 _LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -129,6 +129,7 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
+    ignore_index = py_scalar(ignore_index)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
     check_bool("check_labels", check_labels)
@@ -217,6 +218,7 @@ def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype
 
 def _smooth(smooth: object) -> tuple[float, float]:
     pair = (smooth, smooth) if not isinstance(smooth, Sequence) else tuple(smooth)
+    pair = tuple(py_scalar(v) for v in pair)
     if len(pair) != 2 or not all(_finite_number(v) for v in pair):
         raise ValueError(f"smooth must be a non-negative float or a pair (numerator, denominator), got {smooth!r}")
     return float(pair[0]), float(pair[1])
@@ -633,6 +635,7 @@ def dice_ce_loss(
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     _check_flags(include_background, batch_dice, ddp_sync)
+    lambda_dice, lambda_ce = py_scalar(lambda_dice), py_scalar(lambda_ce)
     for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
         if not _finite_number(value):
             raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")

@@ -7,13 +7,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medfast.ops._validate import check_choice, check_field, check_image, check_shape, position_dtype
+from medfast.ops._validate import check_choice, check_field, check_image, check_shape, position_dtype, py_scalar
 from medfast.ops._warp import affine_warp, warp
 
 
 def _as_affine(name: str, value, ndim: int, device) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
+        try:  # a copy in native byte order (nibabel's affines of a big-endian header are big-endian)
+            value = torch.from_numpy(np.array(value, dtype=value.dtype.newbyteorder("=")))
+        except TypeError:
+            raise TypeError(f"{name} must be a real numeric array, got dtype {value.dtype}") from None
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
     if value.dim() not in (2, 3) or tuple(value.shape[-2:]) != (ndim + 1, ndim + 1):
@@ -161,6 +164,7 @@ def integrate(velocity: torch.Tensor, steps: int = 7, *, padding: str = "border"
         ``(B, ndim, *S)`` displacement in voxels, differentiable w.r.t. ``velocity``.
     """
     _check_ddf("velocity", velocity)
+    steps = py_scalar(steps)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= _MAX_STEPS:
         raise ValueError(f"steps must be an int in [0, {_MAX_STEPS}], got {steps!r}")
     u = velocity / (2.0**steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 IMAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -14,6 +15,18 @@ PADDINGS = ("zeros", "border", "reflection")
 def check_choice(name: str, value: object, options: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}; got {value!r}")
+    return value
+
+
+def plain(value: object) -> object:
+    """A tensor subclass from outside torch (MONAI's MetaTensor) as a plain tensor: same memory, same autograd
+    graph. For the ops whose output lies on another grid than their inputs (warp, affine_warp, resample, the
+    ultrasound frames): the subclass's __torch_function__ would copy an input's affine onto the output, which
+    then claims the wrong geometry; a plain tensor claims none. torch's own subclasses (Parameter, the fake
+    tensors of torch.compile) are left as they are."""
+    if (isinstance(value, torch.Tensor) and type(value) is not torch.Tensor
+            and not type(value).__module__.startswith("torch.") and not torch.compiler.is_compiling()):
+        return value.as_subclass(torch.Tensor)
     return value
 
 
@@ -100,7 +113,20 @@ def check_batch(image: torch.Tensor, **others: torch.Tensor | None) -> int:
     return batch
 
 
+def py_scalar(value: object) -> object:
+    """A NumPy scalar (``np.float32(0.5)``, ``np.int64(3)``, ``np.bool_``) or a 0-d tensor that does not require
+    grad, as the Python bool / int / float it holds (PyTorch and MONAI accept them for scalar arguments); any
+    other value unchanged, for the caller's own check. Not while torch.compile traces (no graph break)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad
+            and value.device.type != "meta" and not torch.compiler.is_compiling()):
+        return value.item()
+    return value
+
+
 def check_bool(name: str, value: object) -> bool:
+    value = py_scalar(value)
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return value

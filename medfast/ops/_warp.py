@@ -16,12 +16,14 @@ from medfast.ops._validate import (
     MODES,
     PADDINGS,
     check_batch,
+    check_bool,
     check_choice,
     check_device,
     check_field,
     check_image,
     check_shape,
     check_tensor,
+    plain,
     position_dtype,
 )
 
@@ -152,10 +154,10 @@ def spline_coefficients(image: torch.Tensor, padding: str = "zeros") -> torch.Te
 
 def _sample(image, theta, ddf, shape, mode, padding, prefiltered):
     refuse_function_transforms("medfast warp", image, theta, ddf)
+    image, theta, ddf = plain(image), plain(theta), plain(ddf)  # the output is on the field's / shape's grid
     check_choice("mode", mode, MODES)
     check_choice("padding", padding, PADDINGS)
-    if not isinstance(prefiltered, bool):
-        raise TypeError(f"prefiltered must be a bool, got {type(prefiltered).__name__}")
+    prefiltered = check_bool("prefiltered", prefiltered)
     if mode == "cubic" and not prefiltered:
         image = _ops.spline_prefilter(image, padding, False)
     return _ops.warp_forward(image, theta, ddf, shape, mode, padding)

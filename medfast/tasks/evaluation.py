@@ -72,10 +72,17 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
 def _as_2d(vol: Volume) -> Volume:
     """A label map stored ``(X, Y, 1)`` -- how 2D label maps are often stored, and how ``medfast predict`` writes
     the segmentation of such an input -- as the 2D ``(X, Y)`` map it is (scored as a one-slice 3D volume, every
-    foreground pixel would be surface, and HD / ASSD would be wrong); other maps unchanged."""
-    if vol.data.ndim == 3 and vol.data.shape[2] == 1:
-        return Volume(vol.data[..., 0], vol.affine, vol.header, vol.path)
-    return vol
+    foreground pixel would be surface, and HD / ASSD would be wrong); likewise a single sagittal or coronal
+    slice ``(1, Y, Z)`` / ``(X, 1, Z)``, whose affine's columns follow its axes (so that the spacing is the
+    in-plane one); other maps unchanged."""
+    shape = vol.data.shape
+    if vol.data.ndim != 3 or shape.count(1) != 1:
+        return vol
+    flat = shape.index(1)
+    order = [a for a in range(3) if a != flat] + [flat]
+    affine = np.array(vol.affine, dtype=np.float64, copy=True)
+    affine[:3, :3] = affine[:3, order]
+    return Volume(np.transpose(vol.data, order)[..., 0], affine, vol.header, vol.path)
 
 
 def scoring_spacing(vol: Volume) -> list[float]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from medfast.ops._autograd import refuse_function_transforms
 from medfast.ops._ussim import N_PROPS, PROP_NAMES, march_lines, noise_table, psf
+from medfast.ops._validate import plain
 from medfast.ultrasound._speckle import scatter_gain
 from medfast.ultrasound.probe import Probe
 from medfast.ultrasound.tissue import HU_KNOTS, WATER, LabelTable, hu_to_properties
@@ -102,7 +103,7 @@ def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> torch
     rot = host[:, :3, :3]
     if np.abs(rot.transpose(0, 2, 1) @ rot - np.eye(3)).max() > 1e-3 or (np.linalg.det(rot) < 0).any():
         raise ValueError("pose must be rigid: its 3x3 part must be a rotation (orthonormal columns, determinant +1)")
-    return pose.to(device=device, dtype=dtype, non_blocking=True)
+    return plain(pose).to(device=device, dtype=dtype, non_blocking=True)
 
 
 _AFFINES: dict[bytes, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -159,7 +160,7 @@ def _check_props(props: object) -> torch.Tensor:
         raise ValueError(f"props is empty: {tuple(props.shape)}")
     if props.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"props must be float32 or float64, got {props.dtype}")
-    return props
+    return plain(props)  # a MetaTensor's affine is the volume's, not the frames'
 
 
 def _check_volume_index(index: object, batch: int, volumes: int, device: torch.device) -> torch.Tensor | None:
