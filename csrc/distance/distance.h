@@ -56,9 +56,17 @@ MEDFAST_HOST_DEVICE void envelope_range(T* d, int64_t stride, int64_t lo, int64_
   if (m == 0) return;  // no finite value on the line: it stays +inf
   int64_t k = 0;
   for (int64_t q = out_lo; q <= out_hi; ++q) {
-    while (k + 1 < m && z[(k + 1) * ss] < T(q)) ++k;
-    const T dx = T(q - v[k * ss]) * h;
-    d[q * stride] = dx * dx + fv[k * ss];
+    // Move on while the next parabola is no higher at q: in exact arithmetic the same as z[k + 1] <= q,
+    // but z of two nearly equal parabolas can round onto an integer q (float32, 100:1 spacings) and keep
+    // the higher one there
+    T dx = T(q - v[k * ss]) * h, val = dx * dx + fv[k * ss];
+    while (k + 1 < m) {
+      const T nx = T(q - v[(k + 1) * ss]) * h, next = nx * nx + fv[(k + 1) * ss];
+      if (next > val) break;
+      ++k;
+      val = next;
+    }
+    d[q * stride] = val;
   }
 }
 

@@ -55,7 +55,10 @@ MEDFAST_HOST_DEVICE T ncc_voxel(const T* s, T N, T nr, T dr) {
   T pv = s[kP2] - pavg * s[kP];
   tv = tv > dr ? tv : dr;
   pv = pv > dr ? pv : dr;
-  return (cross * cross + nr) / (tv * pv);
+  // cross^2 <= tv pv exactly (Cauchy-Schwarz); in float32 near-constant windows round past it (ncc 9 and a
+  // loss below -1, which an optimizer exploits): clamp to the bound
+  const T c2 = cross * cross, bound = tv * pv;
+  return ((c2 < bound ? c2 : bound) + nr) / bound;
 }
 
 // Overwrites the five sums s[kFields] of one voxel by their adjoints, for g = dL/dncc there.
@@ -69,8 +72,10 @@ MEDFAST_HOST_DEVICE void adjoint_voxel(T* s, T g, T N, T nr, T dr) {
   const T wt = tv0 > dr ? T(1) : (tv0 == dr ? T(0.5) : T(0));
   const T wp = pv0 > dr ? T(1) : (pv0 == dr ? T(0.5) : T(0));
   const T inv = T(1) / (tv * pv);  // one division: 1 / tv = pv inv, 1 / pv = tv inv
-  const T gncc = g * (cross * cross + nr) * inv;
-  const T a_tp = T(2) * g * cross * inv;
+  // clamped (ncc_voxel): ncc = 1 + nr / (tv pv), no cross term, and only nr left in the variance terms
+  const bool clamped = cross * cross > tv * pv;
+  const T gncc = g * (clamped ? nr : cross * cross + nr) * inv;
+  const T a_tp = clamped ? T(0) : T(2) * g * cross * inv;
   const T a_t2 = -gncc * pv * inv * wt;
   const T a_p2 = -gncc * tv * inv * wp;
   s[kT] = -a_tp * pavg - T(2) * a_t2 * tavg;

@@ -103,10 +103,12 @@ MEDFAST_HOST_DEVICE void softmax_block(const S* z, int64_t C, int64_t cs, int nv
     }
 }
 
-// A voxel's cross-entropy term w (-log p_y) = w (log(w / wd) + max - z_y), with wd = w / sum exp(z - max).
+// A voxel's cross-entropy term w (-log p_y) = w (log(w / wd) + (max - z_y)), with wd = w / sum exp(z - max).
+// max - z_y first: it is small or exact, where log(...) + max would lose the log next to a large max
+// (equal logits of 1e30 gave 0 instead of log C).
 template <typename A, typename T>
 MEDFAST_HOST_DEVICE A ce_term(A wv, T wd, T mx, T zy) {
-  return wv * (log(A(wv) / A(wd)) + A(mx) - A(zy));
+  return wv * (log(A(wv) / A(wd)) + (A(mx) - A(zy)));
 }
 
 // Adds a block of voxels to the sums cls[c * kStats + k] (accumulated in A). label[v] outside

@@ -45,6 +45,13 @@ MEDFAST_HOST_DEVICE T clamp_position(T x) {
   return x < T(-kFar) ? T(-kFar) : (x > T(kFar) ? T(kFar) : x);
 }
 
+// Round half up (scipy's order 0). Not floor(x + 0.5): in float32 0.49999997 + 0.5 rounds to 1.
+template <typename T>
+MEDFAST_HOST_DEVICE T round_half_up(T x) {
+  const T f = floor(x);
+  return x - f >= T(0.5) ? f + T(1) : f;  // x - f is exact
+}
+
 template <int PAD, typename T>
 MEDFAST_HOST_DEVICE void axis_taps_nearest(T x, int64_t n, AxisTaps<T, 1>& a) {
   // Round half up, as scipy's order-0 map_coordinates does; like scipy, mirror the continuous
@@ -64,7 +71,7 @@ MEDFAST_HOST_DEVICE void axis_taps_nearest(T x, int64_t n, AxisTaps<T, 1>& a) {
       if (x >= T(n)) x = period - x;
     }
   }
-  const int64_t i = static_cast<int64_t>(floor(x + T(0.5)));
+  const int64_t i = static_cast<int64_t>(round_half_up(x));
   a.dw[0] = T(0);
   a.w[0] = T(1);
   if constexpr (PAD == kZeros) {
@@ -382,8 +389,8 @@ MEDFAST_HOST_DEVICE bool sample_outside(const T* p, const int64_t* n) {
 MEDFAST_UNROLL
     for (int i = 0; i < NDIM; ++i) {
       if constexpr (MODE == kNearest) {
-        const T y = p[i] + T(0.5);  // floor(y) outside [0, n): as axis_taps_nearest rounds
-        out = out || y < T(0) || y >= T(n[i]);
+        const T r = round_half_up(p[i]);  // outside [0, n): as axis_taps_nearest rounds
+        out = out || r < T(0) || r >= T(n[i]);
       } else {
         out = out || p[i] <= T(-1) || p[i] >= T(n[i]);  // no tap inside with a weight
       }

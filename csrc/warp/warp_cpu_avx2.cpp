@@ -36,8 +36,10 @@ MEDFAST_AVX2 inline Taps8<K> axis_taps8(__m256 x, int32_t n) {
   const __m256i zero = _mm256_setzero_si256(), last = _mm256_set1_epi32(n - 1);
   Taps8<K> a;
   __m256i raw[K];
-  if constexpr (K == 1) {  // round half up, as axis_taps_nearest
-    raw[0] = _mm256_cvttps_epi32(_mm256_floor_ps(_mm256_add_ps(x, _mm256_set1_ps(0.5f))));
+  if constexpr (K == 1) {  // round half up, as axis_taps_nearest (floor, +1 where x - floor >= 1/2: exact)
+    const __m256 f = _mm256_floor_ps(x);
+    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(x, f), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    raw[0] = _mm256_sub_epi32(_mm256_cvttps_epi32(f), _mm256_castps_si256(up));  // the mask is -1 where up
     a.w[0] = _mm256_set1_ps(1.0f);
     a.d[0] = _mm256_setzero_ps();
   } else {

@@ -304,7 +304,7 @@ class NiftiDataset(Dataset):
             path = self.cache_dir / f"{self._key(i)}.pt"
             if path.is_file():
                 try:
-                    return torch.load(path, weights_only=False)
+                    return torch.load(path, weights_only=True)
                 except Exception:  # noqa: BLE001 - a broken cache file is rebuilt
                     pass
             item = self.load(i)

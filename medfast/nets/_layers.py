@@ -116,6 +116,7 @@ class Conv3d(nn.Conv3d):
         # convolution) nor under CPU autocast (which casts torch's convolution, not this call)
         if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.dim() == 5
                 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()  # a Python Function
                 and self.padding_mode == "zeros" and torch.backends.mkldnn.is_available()
                 and torch.backends.mkldnn.enabled
                 and not isinstance(self.padding, str) and self.dilation == (1, 1, 1) and self.groups == 1

@@ -43,7 +43,18 @@ def seed_distances(seeds: torch.Tensor, query: torch.Tensor, spacing: Sequence[f
     among many, cost about their own boxes. On CUDA and in 2D, the envelope pass and the last pass evaluated
     at the queries only. Internal to the surface metrics.
     """
-    return _ops.seed_distances(seeds, query, [float(s) for s in spacing])
+    values, scale = _float32_range([float(s) for s in spacing])
+    out = _ops.seed_distances(seeds, query, values)
+    return out if scale == 1.0 else out * scale
+
+
+def _float32_range(values: list[float]) -> tuple[list[float], float]:
+    """Spacings whose squared distances stay in float32's normal range, and the factor that restores the
+    distances: the kernels square them (a 1e19 spacing overflowed to inf, a 1e-25 one underflowed to 0)."""
+    top = max(values)
+    if 1e-12 <= min(values) and top <= 1e12:
+        return values, 1.0
+    return [s / top for s in values], top
 
 
 @torch.library.register_fake("medfast::surface_edges")
@@ -159,4 +170,8 @@ def distance_transform(
         dtype = torch.float64 if mask.dtype == torch.float64 else torch.float32
     elif dtype not in DISTANCE_DTYPES:
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    return _ops.distance_transform(mask.detach(), values, dtype)
+    scale = 1.0
+    if dtype == torch.float32:
+        values, scale = _float32_range(values)
+    out = _ops.distance_transform(mask.detach(), values, dtype)
+    return out if scale == 1.0 else out.mul_(scale)

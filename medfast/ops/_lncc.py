@@ -102,7 +102,10 @@ def local_ncc(
     -------
     Tensor
         ``(B, C, *spatial)`` map of ``cross^2 / (var_t var_p)`` in ``[0, 1]`` (for smooth_nr = 0), in
-        float32 (float64 for float64 inputs). Differentiable with respect to both images.
+        float32 (float64 for float64 inputs). Differentiable with respect to both images. Where float32
+        rounding in a near-constant window makes ``cross^2`` exceed ``var_t var_p`` (impossible in exact
+        arithmetic; MONAI's float32 LNCC then returns values up to thousands), ``cross^2`` is clamped to
+        that bound (ncc 1, no gradient through the cross term).
 
     Notes
     -----

@@ -144,8 +144,10 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
     if labels.numel():
         valid = labels if ignored is None else labels.masked_fill(ignored, 0)
         # meta: no values; vmap: a batched tensor has none to read on the host
-        if (check_labels and not torch.compiler.is_compiling() and labels.device.type != "meta"
-                and not _functorch.is_batchedtensor(labels)):
+        # torch.jit.trace: the host check would run once on the example and not be recorded (a bad label then
+        # gave a finite wrong loss): the traced graph takes the NaN form
+        if (check_labels and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and labels.device.type != "meta" and not _functorch.is_batchedtensor(labels)):
             pending = _range_check(torch.stack(torch.aminmax(valid)), logits.shape[1], ignore_index)
         else:
             bad = ((valid < 0) | (valid >= logits.shape[1])).any()

@@ -214,7 +214,9 @@ def warp(
     ndim = check_image(image)
     check_field(ddf, "ddf", image, ndim)
     check_batch(image, ddf=ddf)
-    return _sample(image, None, ddf, list(ddf.shape[2:]), mode, padding, prefiltered)
+    # ints, not the shape's entries: under torch.jit.trace those are tensors (an internal assert of the tracer)
+    shape = ddf.shape[2:] if torch.compiler.is_compiling() else [int(s) for s in ddf.shape[2:]]
+    return _sample(image, None, ddf, list(shape), mode, padding, prefiltered)
 
 
 def affine_warp(

@@ -508,7 +508,7 @@ def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not path.is_file():
         raise RegistrationError(f"no such model checkpoint: {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=True)  # no pickled objects: no code on load
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise RegistrationError(f"cannot read {path} as a checkpoint: {exc}") from exc
     if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("medfast-checkpoint"):

@@ -591,6 +591,11 @@ def simulate(
     SimulationResult
     """
     refuse_function_transforms("medfast.ultrasound.simulate", props, pose)
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            "medfast.ultrasound.simulate cannot be traced by torch.export: it reads the pose and the affine on the "
+            "host (rigidity checks, cached probe tables); export the network around it and call simulate eagerly "
+            "(torch.compile without fullgraph works)")
     props = _check_props(props)
     probe = _check_probe(probe)
     a, inv_a64, voxel_mm = _affine_info(affine)

@@ -78,7 +78,8 @@ class ClassificationLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.encoding == "nominal":
-            return F.cross_entropy(logits.float(), targets, weight=self.class_weights,
+            weight = None if self.class_weights is None else self.class_weights.float()  # after .double() too
+            return F.cross_entropy(logits.float(), targets, weight=weight,
                                    label_smoothing=self.label_smoothing)
         if self.encoding == "binary":
             return F.binary_cross_entropy_with_logits(logits.float(), targets.float().reshape(logits.shape))

@@ -1,0 +1,91 @@
+"""Precision at realistic and extreme magnitudes (a bug hunt), each against an independent reference: the
+cross-entropy of large equal logits, nearest rounding just below a half, the float32 distance transform at
+100:1 spacings and at spacings whose squares leave float32's range, and float32 LNCC in near-constant windows."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+import torch.nn.functional as F
+
+import medfast as mf
+from medfast.metrics import hausdorff_distance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_of_large_logits_keeps_the_log_sum(dtype):
+    y = torch.zeros(1, 2, 2, dtype=torch.long)
+    z = torch.full((1, 4, 2, 2), 1e30, dtype=dtype)  # all equal: p = 1/4 (was 0: log 4 lost next to 1e30)
+    assert mf.cross_entropy(z, y).item() == pytest.approx(math.log(4), rel=1e-6)
+    assert mf.dice_ce_loss(z, y).item() == pytest.approx(mf.dice_loss(z, y).item() + math.log(4), rel=1e-6)
+    for big in (1e8, 1e12, 1e15):
+        z = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+        z[:, 0], z[:, 1] = big, big - 1.0  # exact in float64 (0.3133 was 0.3132 at 1e12, 0.375 from 1e15)
+        z = z.to(dtype)
+        assert mf.cross_entropy(z, y).item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8), (2, 2, 8), (3, 9, 20)])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+def test_nearest_rounds_just_below_a_half_down(shape, padding):
+    # 0.49999997f + 0.5 rounds to 1.0f in float32: floor(x + 0.5) read the next voxel, scipy reads this one
+    below = float(np.nextafter(np.float32(0.5), np.float32(0)))
+    image = torch.arange(float(shape[-1])).expand(1, 1, *shape).contiguous()
+    ddf = torch.zeros(1, len(shape), *shape)
+    ddf[:, -1] = below
+    ddf[:, -1, ..., -1] = -below - 1  # and just above -1.5 at the last column: rounds to n - 2
+    out = mf.warp(image, ddf, mode="nearest", padding=padding)
+    pos = np.arange(shape[-1], dtype=np.float32) + ddf[(0, -1) + (0,) * (len(shape) - 1)].numpy()
+    mode = {"zeros": "grid-constant", "border": "nearest", "reflection": "mirror"}[padding]
+    want = ndi.map_coordinates(np.arange(float(shape[-1])), pos[None].astype(np.float64), order=0, mode=mode)
+    torch.testing.assert_close(out[(0, 0) + (0,) * (len(shape) - 1)], torch.from_numpy(want).float())
+    assert out.eq(out[(slice(None), slice(None)) + (slice(0, 1),) * (len(shape) - 1)]).all()
+
+
+def test_float32_distance_transform_at_100_to_1_spacing():
+    mask = np.ones((1, 3, 1200), dtype=bool)
+    mask[0, 1, 1000] = False  # one row down and one column left of (0, 1001)
+    mask[0, :, 1002] = False  # the nearest: one column right
+    sp = (0.1, 10.0)
+    ref = ndi.distance_transform_edt(mask[0], sampling=sp)
+    out = mf.distance_transform(torch.from_numpy(mask), spacing=sp, dtype=torch.float32)[0].double().numpy()
+    assert out[0, 1001] == pytest.approx(10.0, rel=1e-6)  # was sqrt(100.01): the farther background voxel
+    np.testing.assert_allclose(out, ref, rtol=2e-6)
+    rng = np.random.default_rng(3)
+    masks = rng.random((2, 3, 1500)) > 0.02
+    out = mf.distance_transform(torch.from_numpy(masks), spacing=sp, dtype=torch.float32).double().numpy()
+    for b in range(2):
+        np.testing.assert_allclose(out[b], ndi.distance_transform_edt(masks[b], sampling=sp), rtol=2e-6)
+
+
+@pytest.mark.parametrize("spacing", [1e-25, 1e-14, 1e14, 1e19, 1e25])
+def test_float32_distances_at_extreme_spacings(spacing):
+    mask = np.ones((1, 5, 6), bool)
+    mask[0, 0, 0] = False
+    ref = ndi.distance_transform_edt(mask[0], sampling=spacing)
+    out = mf.distance_transform(torch.from_numpy(mask), spacing=spacing)  # float32: inf or 0 before
+    assert torch.isfinite(out).all() and out.dtype == torch.float32
+    np.testing.assert_allclose(out[0].double().numpy(), ref, rtol=1e-6)
+    a = torch.zeros(1, 8, 8, dtype=torch.long)
+    a[0, 2:5, 2:5] = 1
+    b = a.roll(2, 1)
+    hd = hausdorff_distance(a, b, percentile=None, spacing=spacing, num_classes=2)
+    assert hd.item() == pytest.approx(2 * spacing, rel=1e-6)
+
+
+def test_float32_local_ncc_stays_in_0_1_in_near_constant_windows():
+    rng = np.random.default_rng(8)
+    p = torch.tensor(0.5 + 1e-4 * rng.standard_normal((24, 24, 24)), dtype=torch.float32)[None, None]
+    t = torch.tensor(0.5 + 1e-4 * rng.standard_normal((24, 24, 24)), dtype=torch.float32)[None, None]
+    p.requires_grad_(True)
+    ncc = mf.local_ncc(p, t, 9)
+    assert ncc.max().item() <= 1.0 + 1e-6  # was 9.3 (Cauchy-Schwarz broken by rounding); MONAI's 3017
+    loss = mf.lncc_loss(p, t, 9)
+    assert loss.item() >= -1.0
+    loss.backward()
+    assert torch.isfinite(p.grad).all()
+    # away from the clamp nothing changes: float64 of the same images is never clamped
+    ncc64 = mf.local_ncc(p.detach().double(), t.double(), 9)
+    assert ncc64.max().item() < 1.0
