@@ -45,6 +45,8 @@ def test_window_placement_and_weights():
     assert w.max() == w[4, 3] and w.max() <= 1 and w.min() >= 1e-3
     with pytest.raises(ValueError, match="overlap"):
         sliding_window_inference(torch.zeros(1, 1, 4, 4), (2, 2), _pointwise, overlap=1.0)
+    with pytest.raises(ValueError, match="roi_size must be positive"):  # (an unrelated torch error before)
+        sliding_window_inference(torch.zeros(1, 1, 4, 4), (0, 2), _pointwise)
 
 
 def _train_args(tmp_path, data, out, steps=25):

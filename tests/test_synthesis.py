@@ -298,6 +298,19 @@ def test_resume_continues_identically_with_both_optimizers(tmp_path, phantom):
     assert main(["predict", str(poses_file), "--model", str(tmp_path / "full" / "checkpoints" / "last.pt"),
                  "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "pred" / "generate.json").read_text())["frames"] == 2
+    # a rerun into the same folder with fewer frames leaves none of the earlier run's frames
+    generate(tmp_path / "full" / "checkpoints" / "last.pt", out, poses=read_poses(poses_file), device="cpu")
+    assert sorted(p.name for p in (out / "generated").iterdir()) == ["frame_000.png", "frame_001.png"]
+    assert sorted(p.name for p in (out / "simulated").iterdir()) == ["frame_000.png", "frame_001.png"]
+    # two inputs of one name would share a folder: refused before anything is written
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "sweep.json").write_text(poses_file.read_text())
+    assert main(["predict", str(tmp_path / "a" / "sweep.json"), str(tmp_path / "b" / "sweep.json"), "--model",
+                 str(tmp_path / "full" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "pred2"),
+                 "--device", "cpu"]) != 0
+    assert not (tmp_path / "pred2").exists() or not any((tmp_path / "pred2").rglob("*.png"))
 
 
 def test_l1_only_training_uses_one_optimizer(tmp_path, phantom):
@@ -311,6 +324,10 @@ def test_config_errors_are_clear(tmp_path, phantom):
         SynthesisTask(_config(tmp_path, phantom, **{"task_args.modes": "pose"}))
     with pytest.raises(ConfigError, match="task_args.mode must be 'image' or 'pose'"):
         SynthesisTask(_config(tmp_path, phantom, **{"task_args.mode": "video"}))
+    for key, value in (("model.kwargs", "{noise_channels: 4}"), ("data.dataset_args", "{anything: 1}"),
+                       ("data.shape", "[64, 64]"), ("model.out_channels", 7)):  # silently ignored before
+        with pytest.raises(ConfigError, match=f"does not use {key}"):
+            SynthesisTask(_config(tmp_path, phantom, **{key: value}))
     with pytest.raises(ConfigError, match="task_args.lambda_l1 must be a number"):
         SynthesisTask(_config(tmp_path, phantom, **{"task_args.lambda_l1": "lots"}))
     with pytest.raises(ConfigError, match="task_args.position must have 3 values"):

@@ -1,5 +1,7 @@
 """Config: YAML files merged in order, typed --set overrides, errors naming the key and file, round trip."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -86,3 +88,29 @@ def test_merge_and_parse_helpers():
     assert merge_dicts({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a=x=y") == (["a"], "x=y")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("inference.sw_batch_size=0", "inference.sw_batch_size must be >= 1"),
+    ("inference.hd_percentile=150", r"inference.hd_percentile must lie in \[0, 100\]"),
+    ("loss.lambda_dice=-1", "loss.lambda_dice must be >= 0"),
+    ("loss.lambda_ce=.inf", "loss.lambda_ce must be >= 0 and finite"),
+])
+def test_settings_read_at_validation_are_checked_before_training(override, match):
+    # (a bug hunt: they passed, and the run died after val_every steps with a traceback)
+    from medfast.train.config import check_config
+
+    with pytest.raises(ConfigError, match=match):
+        check_config(load_config([], [override]))
+
+
+def test_classification_config_errors_before_any_data(tmp_path, capsys):
+    from medfast.cli import main
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "cls_demo_cpu.yaml")
+    for i, (override, match) in enumerate([
+            ("data.dataset_args.samples_per_epoch=0", "data.dataset_args.samples_per_epoch must be an int >= 1"),
+            ("data.dataset_args.val_samples=2.5", "data.dataset_args.val_samples must be an int >= 1"),
+            ("model.kwargs.blocks=[]", "model: the network cannot be built")]):
+        assert main(["train", cfg, "--out", str(tmp_path / f"r{i}"), "--set", override]) == 1
+        assert match in capsys.readouterr().err

@@ -161,3 +161,13 @@ def test_resample_broadcasts_one_affine_beside_a_batch(ndim, batch):
     a_outs = a_in.clone()
     per_sample = torch.cat([mf.resample(img[b:b + 1], a_out, a_outs[b], shape) for b in range(batch)])
     torch.testing.assert_close(mf.resample(img, a_out, a_outs, shape), per_sample, rtol=0, atol=1e-12)
+
+
+def test_resample_batch_errors_name_the_affines():
+    image = torch.rand(2, 1, 6, 7, 8)
+    eye3 = np.eye(4)[None].repeat(3, 0)
+    with pytest.raises(ValueError, match="affine_in has a batch of 3 affines but image has a batch of 2"):
+        mf.resample(image, eye3, np.eye(4), (3, 3, 3))  # said "theta", which the caller never passed
+    with pytest.raises(ValueError, match="affine_out has a batch of 3"):
+        mf.resample(image, np.eye(4), eye3, (3, 3, 3))
+    assert mf.resample(image[:1], eye3, np.eye(4), (3, 3, 3)).shape == (3, 1, 3, 3, 3)  # batch 1 broadcasts

@@ -76,6 +76,10 @@ def resample(
         raise ValueError(
             f"affine_in and affine_out batches must be equal or 1, got {a_in.shape[0]} and {a_out.shape[0]}"
         )
+    for name, a in (("affine_in", a_in), ("affine_out", a_out)):  # (affine_warp would call them theta)
+        if a.dim() == 3 and a.shape[0] not in (1, image.shape[0]) and image.shape[0] != 1:
+            raise ValueError(f"{name} has a batch of {a.shape[0]} affines but image has a batch of {image.shape[0]}: "
+                             f"batches must be equal or 1 (broadcast)")
     if a_in.dim() != a_out.dim():  # one (n+1, n+1) beside a batch: solve would read it as a batch of vectors
         a_in, a_out = torch.broadcast_tensors(a_in, a_out)
     theta, info = torch.linalg.solve_ex(a_in, a_out)

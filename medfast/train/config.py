@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -466,8 +467,17 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     if o.grad_clip is not None and o.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0 (or null), got {o.grad_clip}")
-    if not 0 <= config.inference.overlap < 1:
-        raise ConfigError(f"inference.overlap must lie in [0, 1), got {config.inference.overlap}")
+    inf = config.inference
+    if not 0 <= inf.overlap < 1:
+        raise ConfigError(f"inference.overlap must lie in [0, 1), got {inf.overlap}")
+    # these are read only at the first validation: checked now, not after val_every steps of training
+    if inf.sw_batch_size < 1:
+        raise ConfigError(f"inference.sw_batch_size must be >= 1, got {inf.sw_batch_size}")
+    if not 0 <= inf.hd_percentile <= 100:
+        raise ConfigError(f"inference.hd_percentile must lie in [0, 100], got {inf.hd_percentile}")
+    for key in ("lambda_dice", "lambda_ce"):
+        if not 0 <= getattr(config.loss, key) < math.inf:
+            raise ConfigError(f"loss.{key} must be >= 0 and finite, got {getattr(config.loss, key)}")
 
 
 def check_spatial_config(config: Config, *, dims: Sequence[int] = (2, 3), in_channels: bool = True) -> None:

@@ -78,6 +78,8 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int],
     if nd not in (2, 3) or len(roi) != nd:
         raise ValueError(f"inputs must be (B, C, *S) with 2 or 3 spatial dims and roi_size {nd} ints; got "
                          f"{tuple(inputs.shape)} and {roi}")
+    if any(r < 1 for r in roi):
+        raise ValueError(f"roi_size must be positive sizes, got {roi}")
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if sw_batch_size < 1:

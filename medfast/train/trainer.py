@@ -351,7 +351,13 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self._seed()
-        model = self.task.build_model().to(self.device)
+        try:
+            model = self.task.build_model()
+        except (ValueError, TypeError) as exc:  # a network argument the task passed on from model.*: name it
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"model: the network cannot be built from this config's model settings: {exc}") from exc
+        model = model.to(self.device)
         self.model = model
         groups = self._optimizer_groups(model)
         if self.world > 1:

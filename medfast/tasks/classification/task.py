@@ -215,6 +215,10 @@ class ClassificationTask(Task):
         if c.model.spatial_dims != 2 or c.model.in_channels != 1:
             raise ConfigError(f"data.dataset={SIMULATED!r} renders 2D single-channel images: set model.spatial_dims=2 "
                              f"and model.in_channels=1 (got {c.model.spatial_dims}, {c.model.in_channels})")
+        sizes = {key: args.get(key, default) for key, default in (("samples_per_epoch", 1024), ("val_samples", 64))}
+        for key, n in sizes.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"data.dataset_args.{key} must be an int >= 1, got {n!r}")
         try:
             self.source = SimulatedUltrasound.from_args(args, d.shape, d.normalize, c.trainer.seed)
         except (DatasetError, ConfigError):
@@ -227,8 +231,8 @@ class ClassificationTask(Task):
                                f"model.out_channels={self.num_classes}")
         self.encoder = make_encoder(self.encoding, self.num_classes, planes)
         args["classes"] = list(planes)
-        train = self.source.train_dataset(int(args.get("samples_per_epoch", 1024)))
-        vals = self.source.validation_datasets(int(args.get("val_samples", 64)))
+        train = self.source.train_dataset(sizes["samples_per_epoch"])
+        vals = self.source.validation_datasets(sizes["val_samples"])
         self.val_ds = ConcatDataset(vals)
         return train, self.val_ds
 

@@ -134,6 +134,8 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     out = Path(out_dir)
     for sub in ("generated", "simulated"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+        for old in (out / sub).glob("frame_*.png"):  # an earlier run's frames would sit beside these
+            old.unlink()
     px = task.source.pixel_mm
     g, r = fake[:, 0].cpu().numpy(), real[:, 0].cpu().numpy()
     for i in range(len(g)):
@@ -173,9 +175,14 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
         raise ValueError("--set does not apply to synthesis checkpoints")
     inputs = [Path(f) for f in inputs]
     out_dir = Path(out_dir)
+    targets = [out_dir if len(inputs) == 1 else out_dir / f.name.split(".")[0] for f in inputs]
+    seen: dict[Path, Path] = {}
+    for f, target in zip(inputs, targets):  # before anything is written: one folder would take both
+        if target in seen:
+            raise ValueError(f"{seen[target]} and {f} would both write {target}: give inputs with different names")
+        seen[target] = f
     written = []
-    for f in inputs:
-        target = out_dir if len(inputs) == 1 else out_dir / f.name.split(".")[0]
+    for f, target in zip(inputs, targets):
         generate(checkpoint, target, poses=read_poses(f), device=device)
         written.append(target / "generate.json")
     return written

@@ -120,6 +120,7 @@ class SynthesisArgs:
 def parse_synthesis_args(config: Config) -> SynthesisArgs:
     """``config.task_args`` as :class:`SynthesisArgs`, checked (raises :class:`ConfigError` naming the key)."""
     a = _build(SynthesisArgs, config.task_args or {}, "task_args")
+    _refuse_unused_settings(config)
     if a.mode not in ("image", "pose"):
         raise ConfigError(f"task_args.mode must be 'image' or 'pose', got {a.mode!r}")
     if a.gan_loss not in ("lsgan", "bce"):
@@ -147,6 +148,21 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
         raise ConfigError(f"task_args.val_frames ({a.val_frames}) must be <= sweep_frames ({a.sweep_frames}) in "
                           f"pose mode (a validation set is one held-out sweep)")
     return a
+
+
+def _refuse_unused_settings(config: Config) -> None:
+    """The frames come from task_args.source and the networks from model.channels / convs_per_level / norm and
+    task_args.disc_*: a data or model setting the task would ignore is an error naming it (not a silent no-op)."""
+    from medfast.train.config import DataConfig, ModelConfig
+
+    unused = [f"data.{k}" for k, v in vars(DataConfig()).items()
+              if k != "num_workers" and getattr(config.data, k) != v]
+    unused += [f"model.{k}" for k in ("in_channels", "out_channels", "deep_supervision", "kwargs")
+               if getattr(config.model, k) != getattr(ModelConfig(), k)]
+    if unused:
+        raise ConfigError(f"the synthesis task does not use {', '.join(unused)} (its frames come from "
+                          f"task_args.source, its networks from model.channels / convs_per_level / norm and "
+                          f"task_args.disc_*, the channels from task_args.mode): remove it")
 
 
 def _noise_channels(a: SynthesisArgs) -> int:
