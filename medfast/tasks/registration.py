@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ import medfast as mf
 from medfast.data.io import DatasetError
 from medfast.losses.registration import bending_energy, label_dice_loss
 from medfast.nets.registration import GlobalNet, LocalNet, affine_ddf
-from medfast.train.config import ConfigError, check_spatial_config
+from medfast.ops._transforms import _MAX_STEPS
+from medfast.train.config import ConfigError, _build, check_spatial_config
 from medfast.train.task import Task, register_task
 
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
@@ -70,7 +72,7 @@ class RegistrationConfig:
     velocity : bool
         Optimize a stationary velocity field integrated by scaling and squaring (diffeomorphic).
     integration_steps : int
-        Squarings of :func:`medfast.integrate`.
+        Squarings of :func:`medfast.integrate` (0 to 64).
     """
 
     affine_levels: tuple[int, ...] = (4, 2)
@@ -94,6 +96,8 @@ class RegistrationConfig:
         for name in ("affine_iters", "deform_iters", "integration_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.integration_steps > _MAX_STEPS:  # medfast.integrate's limit: fail now, not after the affine stage
+            raise ValueError(f"integration_steps must be in 0..{_MAX_STEPS}, got {self.integration_steps!r}")
         for name in ("affine_lr", "deform_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -674,7 +678,10 @@ def _nib():
 
 
 def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(array, affine)`` of a 2D/3D NIfTI (a trailing singleton dimension is dropped)."""
+    """``(array, affine)`` of a 2D/3D NIfTI with real voxels and an invertible, finite affine (else
+    :class:`RegistrationError` naming the file). Trailing singleton dimensions beyond the third are dropped and
+    a single slice, ``(X, Y, 1)`` (or ``(1, Y, Z)`` / ``(X, 1, Z)``), is the 2D image it is: its in-plane axes
+    first, the affine's columns permuted alike (as ``medfast evaluate`` reads it)."""
     nib = _nib()
     path = Path(path)
     if not path.is_file():
@@ -684,27 +691,70 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise RegistrationError(f"cannot read {path} as NIfTI: {exc}") from exc
+    if data.dtype.kind == "V":  # RGB(A) voxels come as a structured dtype
+        raise RegistrationError(f"{path} holds RGB / structured voxels ({data.dtype}); give a single-channel "
+                                f"(grey-scale) image")
+    if data.dtype.kind == "c":  # the imaginary part would be dropped silently
+        raise RegistrationError(f"{path} holds complex voxels ({data.dtype}); give a real image (e.g. the magnitude)")
+    if data.dtype.kind not in "biuf":
+        raise RegistrationError(f"{path} has voxel data type {data.dtype}, not a number")
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise RegistrationError(f"{path} must be a 2D or 3D image, got shape {data.shape}")
-    return np.nan_to_num(np.asarray(data)), np.asarray(img.affine, dtype=np.float64)
+    affine = np.array(img.affine, dtype=np.float64)
+    shape = data.shape
+    if data.ndim == 3 and shape.count(1) == 1:  # one slice: registered as a 2D image, not a flat volume
+        order = [a for a in range(3) if a != shape.index(1)] + [shape.index(1)]
+        affine[:3, :3] = affine[:3, order]
+        data = np.transpose(data, order)[..., 0]
+    if 1 in data.shape:
+        raise RegistrationError(f"{path} has shape {shape}: more than one axis of size 1 is neither a 2D nor a 3D "
+                                f"image")
+    lin = affine[:3, :3]
+    # a zero / singular / NaN affine would only fail when the outputs are written, after the whole optimization
+    if not (np.all(np.isfinite(affine)) and abs(np.linalg.det(lin)) > 1e-6 * np.prod(np.linalg.norm(lin, axis=0))):
+        raise RegistrationError(f"{path} has a singular or non-finite affine (the voxel-to-world matrix of its "
+                                f"sform / qform): {affine.round(4).tolist()}")
+    return np.nan_to_num(np.asarray(data)), affine
 
 
-def _affine_nd(affine: np.ndarray, n: int) -> torch.Tensor:
-    """4x4 NIfTI affine -> (n + 1, n + 1) for the first n voxel axes."""
-    a = np.eye(n + 1)
-    a[:n, :n] = affine[:n, :n]
-    a[:n, n] = affine[:n, 3]
-    return torch.as_tensor(a)
+def _plane_angle(affine_a: np.ndarray, affine_b: np.ndarray) -> float:
+    """Angle (degrees, 0 to 90) between the planes of two 2D images' 4x4 affines (voxel axes 0 and 1)."""
+    na, nb = (np.cross(a[:3, 0], a[:3, 1]) for a in (np.asarray(affine_a, float), np.asarray(affine_b, float)))
+    c = abs(float(na @ nb)) / max(float(np.linalg.norm(na) * np.linalg.norm(nb)), 1e-300)
+    return float(np.degrees(np.arccos(min(c, 1.0))))
+
+
+def grid_affines(affine: np.ndarray, fixed_affine: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(n + 1, n + 1)`` voxel-to-mm affines of an image and of the fixed grid in one frame.
+
+    3D: world space. 2D: the fixed image's in-plane frame of :func:`medfast.data.preprocess.spatial_affine`
+    (world x, y for an axial plane; a coronal, sagittal or oblique plane laid flat by the smallest rotation,
+    so pixel sizes and distances are the true in-plane ones); the image's pixels are projected onto that
+    plane, so a parallel plane at another depth maps as well.
+    """
+    from medfast.data.preprocess import spatial_affine
+
+    a_f = spatial_affine(fixed_affine, n)
+    affine, fixed_affine = np.asarray(affine, dtype=np.float64), np.asarray(fixed_affine, dtype=np.float64)
+    if n != 2 or affine.shape != (4, 4) or fixed_affine.shape != (4, 4):
+        return spatial_affine(affine, n), a_f
+    # the fixed plane's world -> in-plane map P (2, 3): a_f[:2, :2] = P @ F[:3, :2], and P kills the normal
+    proj = a_f[:2, :2] @ np.linalg.pinv(fixed_affine[:3, :2])
+    a = np.eye(3)
+    a[:2] = proj @ affine[:3, [0, 1, 3]]
+    return a, a_f
 
 
 def to_fixed_grid(data: np.ndarray, affine: np.ndarray, fixed_affine: np.ndarray, fixed_shape: Sequence[int],
                   labels: bool = False) -> torch.Tensor:
-    """Resamples an image (or label map, nearest) onto the fixed grid through the NIfTI affines."""
+    """Resamples an image (or label map, nearest) onto the fixed grid through the NIfTI affines (2D images in
+    the fixed plane's frame, see :func:`grid_affines`)."""
     n = len(fixed_shape)
     x = torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float64)[None, None]
-    out = mf.resample(x, _affine_nd(affine, n), _affine_nd(fixed_affine, n), list(fixed_shape),
+    a, a_f = grid_affines(affine, fixed_affine, n)
+    out = mf.resample(x, torch.as_tensor(a), torch.as_tensor(a_f), list(fixed_shape),
                       mode="nearest" if labels else "linear")
     return out[0, 0].round().long() if labels else out[0, 0].float()
 
@@ -743,8 +793,17 @@ def save_overlay(path: str | Path, fixed: torch.Tensor, panels: dict[str, torch.
 def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.ndarray,
                   fixed_norm: torch.Tensor, moving_norm: torch.Tensor, affine_only: torch.Tensor | None = None,
                   extra: dict | None = None) -> dict[str, str]:
-    """Writes warped.nii.gz, ddf.nii.gz (mm, fixed space), warped_labels.nii.gz, metrics.json and
-    overlay.png into ``out``; returns the paths written."""
+    """Writes warped.nii.gz, ddf.nii.gz, warped_labels.nii.gz, metrics.json and overlay.png into ``out``;
+    returns the paths written.
+
+    ``ddf.nii.gz`` is the displacement in mm on the fixed grid (fixed affine): for 3D images in world axes
+    ``(X, Y, Z, 1, 3)``; for 2D images ``(X, Y, 1, 1, 2)`` in the in-plane frame of
+    :func:`medfast.data.preprocess.spatial_affine` (world x, y for an axial image; a coronal, sagittal or
+    oblique plane laid flat onto x-y by the smallest rotation). Either way ``spatial_affine(fixed_affine, n)``
+    maps a fixed voxel to mm, and the moving point is that point plus ``ddf``.
+    """
+    from medfast.data.preprocess import spatial_affine
+
     nib = _nib()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -753,8 +812,9 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     warped = result.warped[0, 0].detach().cpu().numpy().astype(np.float32)
     nib.save(nib.Nifti1Image(warped, fixed_affine), out / "warped.nii.gz")
     paths["warped"] = str(out / "warped.nii.gz")
-    # displacement in mm in world axes: world(moving point) - world(fixed point) = A[:n, :n] @ ddf
-    lin = torch.as_tensor(np.asarray(fixed_affine)[:n, :n], dtype=torch.float32)
+    # displacement in mm: world(moving point) - world(fixed point) = A[:n, :n] @ ddf with A the fixed affine in
+    # world (3D) or in-plane (2D, as the moving image was resampled: see grid_affines) coordinates
+    lin = torch.as_tensor(spatial_affine(fixed_affine, n)[:n, :n], dtype=torch.float32)
     ddf_vox = result.ddf[0].detach().cpu().float()
     ddf_mm = torch.einsum("ij,j...->...i", lin, ddf_vox).numpy()
     # NIfTI vectors live on the 5th axis: (X, Y, Z, 1, n), a 2D field as (X, Y, 1, 1, 2)
@@ -797,7 +857,10 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("moving", nargs="?", help="moving image (NIfTI); resampled onto the fixed grid by the headers")
     p.add_argument("--fixed-labels", help="label map of the fixed image (NIfTI, 0 = background)")
     p.add_argument("--moving-labels", help="label map of the moving image")
-    p.add_argument("--out", default="medfast-register", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="medfast-register",
+                   help="output folder: warped.nii.gz, ddf.nii.gz (displacement in mm: world axes in 3D, the image "
+                        "plane's axes in 2D, i.e. x, y for an axial image), metrics.json, overlay.png "
+                        "(default: %(default)s)")
     p.add_argument("--model", help="trained LocalNet/GlobalNet checkpoint: one forward pass instead of optimization")
     p.add_argument("--demo", action="store_true",
                    help="Colin27 (ch2bet) -> MNI152 T1 with a random affine; tissue-overlap report")
@@ -865,6 +928,18 @@ def _load_label_map(path: str, image_path: str, shape: Sequence[int], affine: np
     return data.astype(np.int64)
 
 
+def _make_out_dir(out: str | Path) -> Path:
+    """Creates ``--out`` before the optimization, so that an unusable folder fails at once, in one line."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RegistrationError(f"--out {out} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RegistrationError(f"--out {out} is not writable; give another output folder")
+    return path
+
+
 def run_register(args: argparse.Namespace) -> int:
     """Runs ``medfast register`` from parsed arguments; returns the exit status."""
     from medfast.train.files import check_out_dir
@@ -877,6 +952,7 @@ def run_register(args: argparse.Namespace) -> int:
             bending_weight=args.bending_weight, dice_weight=args.dice_weight, velocity=args.velocity)
         device = _device(args.device)
         if args.demo:
+            _make_out_dir(args.out)
             summary = run_registration_demo(args.out, resolution=args.resolution, seed=args.seed, config=cfg,
                                             device=device, progress=not args.no_progress)
             print(json.dumps(summary, indent=2))
@@ -885,12 +961,18 @@ def run_register(args: argparse.Namespace) -> int:
             raise RegistrationError("give FIXED and MOVING images (or --demo)")
         if (args.fixed_labels is None) != (args.moving_labels is None):
             raise RegistrationError("give both --fixed-labels and --moving-labels, or neither")
+        if args.dice_weight > 0 and args.fixed_labels is None:  # else the Dice term would be silently skipped
+            raise RegistrationError("--dice-weight needs --fixed-labels and --moving-labels")
         fdata, faff = load_nifti(args.fixed)
         mdata, maff = load_nifti(args.moving)
         if fdata.ndim != mdata.ndim:
             raise RegistrationError(f"the fixed image {args.fixed} is {fdata.ndim}D (shape {fdata.shape}) but the "
                                     f"moving image {args.moving} is {mdata.ndim}D (shape {mdata.shape}): both must "
                                     f"be 2D or both 3D")
+        if fdata.ndim == 2 and _plane_angle(faff, maff) > 30:  # projecting one plane onto the other: nonsense
+            raise RegistrationError(f"the 2D images {args.fixed} and {args.moving} lie in planes "
+                                    f"{_plane_angle(faff, maff):.0f} degrees apart (e.g. coronal and axial): the "
+                                    f"header alignment cannot map one onto the other")
         shape = fdata.shape
         fixed = torch.as_tensor(fdata, dtype=torch.float32)
         moving = to_fixed_grid(mdata, maff, faff, shape)
@@ -899,6 +981,7 @@ def run_register(args: argparse.Namespace) -> int:
             fl = torch.as_tensor(_load_label_map(args.fixed_labels, args.fixed, shape, faff))
             ldata = _load_label_map(args.moving_labels, args.moving, mdata.shape, maff)
             ml = to_fixed_grid(ldata, maff, faff, shape, labels=True)
+        _make_out_dir(args.out)
         if args.model:
             net, info = load_model_info(args.model, device)
             result = register_with_model(fixed, moving, net, info, fl, ml, device=device, fixed_affine=faff)
@@ -908,9 +991,12 @@ def run_register(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 affine_only = mf.affine_warp(normalize_intensity(_as_image(moving, "moving").to(device)),
                                              result.theta)
-        paths = write_outputs(args.out, result, faff, normalize_intensity(_as_image(fixed, "fixed")),
-                              normalize_intensity(_as_image(moving, "moving")), affine_only,
-                              extra={"fixed": str(args.fixed), "moving": str(args.moving)})
+        try:
+            paths = write_outputs(args.out, result, faff, normalize_intensity(_as_image(fixed, "fixed")),
+                                  normalize_intensity(_as_image(moving, "moving")), affine_only,
+                                  extra={"fixed": str(args.fixed), "moving": str(args.moving)})
+        except OSError as exc:  # full disk, folder removed or made read-only meanwhile
+            raise RegistrationError(f"--out {args.out}: cannot write the outputs: {exc}") from None
     except (RegistrationError, ValueError, TypeError) as exc:
         print(f"medfast register: error: {exc}", file=sys.stderr)
         return 1
@@ -1085,6 +1171,12 @@ class RegistrationNet(torch.nn.Module):
         super().__init__()
         if in_channels < 2 or in_channels % 2:
             raise ValueError(f"in_channels must be 2 * image channels (moving + fixed), got {in_channels}")
+        for name, flag in (("velocity", velocity), ("global_net", global_net)):
+            if not isinstance(flag, (bool, np.bool_)):  # bool("false") is True
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if isinstance(integration_steps, bool) or not isinstance(integration_steps, (int, np.integer)) \
+                or not 0 <= integration_steps <= _MAX_STEPS:
+            raise ValueError(f"integration_steps must be an int in 0..{_MAX_STEPS}, got {integration_steps!r}")
         levels = tuple(range(depth + 1)) if extract_levels is None else tuple(extract_levels)
         self.ndim, self.velocity, self.steps = spatial_dims, bool(velocity), int(integration_steps)
         self.local = LocalNet(spatial_dims, in_channels, num_channel_initial, depth, levels)
@@ -1113,7 +1205,7 @@ _NETS["RegistrationNet"] = RegistrationNet
 
 def _net_kwargs(config: Any) -> dict[str, Any]:
     """``RegistrationNet`` arguments from a trainer :class:`~medfast.train.Config`."""
-    m, ta = config.model, config.task_args
+    m, ta = config.model, _task_args(config)
     if m.name.lower() not in ("localnet", "registrationnet"):
         raise ConfigError(f"the registration task trains model.name = 'localnet', got {m.name!r}")
     kw = dict(m.kwargs)
@@ -1126,8 +1218,7 @@ def _net_kwargs(config: Any) -> dict[str, Any]:
                          "the depth)")
     return {"spatial_dims": m.spatial_dims, "in_channels": 2 * m.in_channels, "num_channel_initial": int(chans[0]),
             "depth": max(1, len(chans) - 1), "extract_levels": kw.get("extract_levels"),
-            "velocity": bool(ta.get("velocity", False)), "integration_steps": int(ta.get("integration_steps", 7)),
-            "global_net": bool(ta.get("global_net", False))}
+            "velocity": ta["velocity"], "integration_steps": ta["integration_steps"], "global_net": ta["global_net"]}
 
 
 def _load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
@@ -1148,36 +1239,61 @@ def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> 
     return net, info.input_shape
 
 
-_TASK_ARGS = {"pairing", "fixed_image", "fixed_label", "kernel_size", "lncc_weight", "bending_weight",
-              "dice_weight", "velocity", "integration_steps", "global_net", "augment_fixed", "val_pairs",
-              "identity_fraction"}
+@dataclass
+class RegistrationTaskArgs:
+    """``task_args`` of the registration task (see ``docs/registration.md``); types are checked, not coerced.
+
+    ``pairing`` defaults to ``"atlas"`` with a ``fixed_image``, else ``"pairs"``; ``augment_fixed`` to
+    ``pairing == "pairs"``.
+    """
+
+    pairing: str | None = None
+    fixed_image: str | None = None
+    fixed_label: str | None = None
+    kernel_size: int = 7
+    lncc_weight: float = 1.0
+    bending_weight: float = 1.0
+    dice_weight: float = 0.0
+    velocity: bool = False
+    integration_steps: int = 7
+    global_net: bool = False
+    augment_fixed: bool | None = None
+    val_pairs: int = 8
+    identity_fraction: float = 0.0
+
+
+_TASK_ARGS = {f.name for f in fields(RegistrationTaskArgs)}
 
 
 def _task_args(config: Any) -> dict[str, Any]:
-    ta = dict(config.task_args)
+    """``config.task_args`` checked (:class:`ConfigError` naming ``task_args.<key>``), defaults filled in."""
+    ta = dict(config.task_args or {})
     unknown = set(ta) - _TASK_ARGS
     if unknown:
         raise ConfigError(f"unknown task_args for the registration task: {sorted(unknown)}; valid: "
                          f"{', '.join(sorted(_TASK_ARGS))}")
-    pairing = ta.get("pairing", "atlas" if ta.get("fixed_image") else "pairs")
+    a = _build(RegistrationTaskArgs, ta, "task_args")  # wrong types (velocity: "false", kernel_size: 7.9) raise
+    pairing = a.pairing if a.pairing is not None else ("atlas" if a.fixed_image else "pairs")
     if pairing not in ("atlas", "pairs"):
         raise ConfigError(f"task_args.pairing must be 'atlas' or 'pairs', got {pairing!r}")
-    if pairing == "atlas" and not ta.get("fixed_image"):
+    if pairing == "atlas" and not a.fixed_image:
         raise ConfigError("task_args.pairing = 'atlas' needs task_args.fixed_image (the fixed atlas image)")
-    if ta.get("fixed_label") and not ta.get("fixed_image"):
+    if a.fixed_label and not a.fixed_image:
         raise ConfigError("task_args.fixed_label is given but task_args.fixed_image (the atlas) is missing")
-    out = {"pairing": pairing, "fixed_image": ta.get("fixed_image"), "fixed_label": ta.get("fixed_label"),
-           "kernel_size": int(ta.get("kernel_size", 7)), "lncc_weight": float(ta.get("lncc_weight", 1.0)),
-           "bending_weight": float(ta.get("bending_weight", 1.0)), "dice_weight": float(ta.get("dice_weight", 0.0)),
-           "augment_fixed": ta.get("augment_fixed", pairing == "pairs"), "val_pairs": int(ta.get("val_pairs", 8)),
-           "identity_fraction": float(ta.get("identity_fraction", 0.0))}
+    out = asdict(a)
+    out["pairing"] = pairing
+    out["augment_fixed"] = a.augment_fixed if a.augment_fixed is not None else pairing == "pairs"
     if not 0 <= out["identity_fraction"] <= 1:
         raise ConfigError(f"task_args.identity_fraction must lie in [0, 1], got {out['identity_fraction']}")
     if out["kernel_size"] < 1 or out["kernel_size"] % 2 == 0:
         raise ConfigError(f"task_args.kernel_size must be a positive odd int, got {out['kernel_size']}")
+    if not 0 <= out["integration_steps"] <= _MAX_STEPS:  # medfast.integrate's range: fail now, not at step 1
+        raise ConfigError(f"task_args.integration_steps must be in 0..{_MAX_STEPS}, got {out['integration_steps']}")
+    if out["val_pairs"] < 1:
+        raise ConfigError(f"task_args.val_pairs must be >= 1, got {out['val_pairs']}")
     for k in ("lncc_weight", "bending_weight", "dice_weight"):
-        if out[k] < 0:
-            raise ConfigError(f"task_args.{k} must be >= 0, got {out[k]}")
+        if not 0 <= out[k] < math.inf:  # NaN fails too
+            raise ConfigError(f"task_args.{k} must be a finite number >= 0, got {out[k]}")
     return out
 
 

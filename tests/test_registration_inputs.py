@@ -1,0 +1,216 @@
+"""Input checking of the registration task and `medfast register`: training task_args types and ranges,
+--dice-weight without labels, 2D images in any plane, single-slice volumes, bad affines, RGB / complex
+voxels and unusable output folders."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfast.cli import main
+from medfast.train.config import ConfigError
+
+nib = pytest.importorskip("nibabel")
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reg_demo_cpu.yaml"
+AXIAL = np.array([[2.0, 0, 0, -20], [0, 2, 0, -30], [0, 0, 1, 5], [0, 0, 0, 1]])
+CORONAL = np.array([[2.0, 0, 0, -20], [0, 0, 1, 5], [0, 2, 0, -30], [0, 0, 0, 1]])  # plane x-z
+_C, _S = np.cos(np.radians(30)), np.sin(np.radians(30))
+OBLIQUE = np.array([[2.0, 0, 0, -20], [0, 2 * _C, -_S, -30], [0, 2 * _S, _C, 5], [0, 0, 0, 1]])  # 30 deg about x
+FAST = ["--affine-levels", "2,1", "--deform-levels", "", "--affine-iters", "60", "--kernel-size", "5",
+        "--device", "cpu", "--no-progress"]
+
+
+def _blobs(n=32):
+    """A smooth 2D image of four Gaussian blobs (distinct sizes and heights: a unique alignment)."""
+    g = np.mgrid[0:n, 0:n].astype(np.float64)
+    img = np.zeros((n, n))
+    for cx, cy, s, a in [(12, 14, 4, 1.0), (20, 18, 3, 0.6), (15, 23, 2.5, 0.8), (22, 9, 2, 0.5)]:
+        img += a * np.exp(-((g[0] - cx) ** 2 + (g[1] - cy) ** 2) / (2 * s * s))
+    return img.astype(np.float32)
+
+
+def _save(path, data, affine):
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
+    return str(path)
+
+
+def _shifted(affine, shift):
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] += shift
+    return out
+
+
+def _mean_ddf(out):
+    d = np.asarray(nib.load(out / "ddf.nii.gz").dataobj)
+    return d[8:24, 8:24, 0, 0, :].reshape(-1, d.shape[-1]).mean(0)
+
+
+# ---- training task_args --------------------------------------------------------------------------------
+
+
+def _task(*overrides):
+    from medfast.train import get_task, load_config
+
+    return get_task("registration")(load_config([str(DEMO_CONFIG)], list(overrides)))
+
+
+@pytest.mark.parametrize("override, match", [
+    ('task_args.velocity="false"', "task_args.velocity must be true or false"),
+    ("task_args.global_net=1", "task_args.global_net must be true or false"),
+    ('task_args.augment_fixed="no"', "task_args.augment_fixed must be true or false"),
+    ("task_args.kernel_size=7.9", "task_args.kernel_size must be an int"),
+    ("task_args.kernel_size=abc", "task_args.kernel_size must be an int"),
+    ("task_args.integration_steps=100", r"task_args.integration_steps must be in 0\.\.64"),
+    ("task_args.integration_steps=-1", r"task_args.integration_steps must be in 0\.\.64"),
+    ("task_args.val_pairs=0", "task_args.val_pairs must be >= 1"),
+    ("task_args.val_pairs=2.5", "task_args.val_pairs must be an int"),
+    ("task_args.bending_weight=.nan", "task_args.bending_weight must be a finite number"),
+    ("task_args.lncc_weight=heavy", "task_args.lncc_weight must be a number"),
+])
+def test_task_args_are_type_checked_not_coerced(override, match):
+    with pytest.raises(ConfigError, match=match):
+        _task(override)
+
+
+def test_task_args_valid_values_reach_the_network():
+    task = _task("task_args.velocity=true", "task_args.integration_steps=5", "task_args.kernel_size=5")
+    assert task.net_kwargs["velocity"] is True and task.net_kwargs["integration_steps"] == 5
+    assert task.args["kernel_size"] == 5 and task.args["augment_fixed"] is False  # the demo config's value
+    assert _task().net_kwargs["velocity"] is False
+
+
+def test_registration_net_rejects_non_bool_flags():
+    from medfast.tasks.registration import RegistrationConfig, RegistrationNet
+
+    with pytest.raises(TypeError, match="velocity must be True or False"):
+        RegistrationNet(2, velocity="false")
+    with pytest.raises(ValueError, match="integration_steps"):
+        RegistrationNet(2, velocity=True, integration_steps=100)
+    with pytest.raises(ValueError, match="integration_steps"):
+        RegistrationConfig(integration_steps=65)
+
+
+# ---- medfast register -----------------------------------------------------------------------------------
+
+
+def test_dice_weight_without_label_maps_is_an_error(tmp_path, capsys):
+    f = _save(tmp_path / "f.nii.gz", _blobs(), AXIAL)
+    out = tmp_path / "out"
+    assert main(["register", f, f, "--dice-weight", "1", "--out", str(out), *FAST]) == 1
+    assert "--dice-weight needs --fixed-labels and --moving-labels" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+    assert main(["register", f, f, "--dice-weight", "0", "--out", str(out), *FAST]) == 0
+
+
+@pytest.mark.parametrize("plane, affine, shift, expected", [
+    ("axial", AXIAL, (4, -6, 0), (4, -6)),
+    ("coronal", CORONAL, (4, 0, -6), (4, -6)),  # was "affine_in is singular"
+    ("oblique", OBLIQUE, (0, 6 * _C, 6 * _S), (0, 6)),  # 6 mm along the plane's 2nd axis (was 6 cos 30 deg)
+])
+def test_2d_images_in_any_plane_register_in_the_plane_frame(tmp_path, plane, affine, shift, expected):
+    """The moving image is the fixed one with its header moved by ``shift`` mm within the plane: the affine
+    stage recovers it, and ddf.nii.gz holds it in mm in the plane's frame (world x, y for an axial image)."""
+    img = _blobs()
+    f = _save(tmp_path / "f.nii.gz", img, affine)
+    m = _save(tmp_path / "m.nii.gz", img, _shifted(affine, shift))
+    out = tmp_path / "out"
+    assert main(["register", f, m, "--out", str(out), *FAST]) == 0
+    assert nib.load(out / "ddf.nii.gz").shape == (32, 32, 1, 1, 2)
+    np.testing.assert_allclose(nib.load(out / "warped.nii.gz").affine, affine)
+    np.testing.assert_allclose(_mean_ddf(out), expected, atol=0.3)
+
+
+def test_2d_images_in_different_planes_are_refused(tmp_path, capsys):
+    f = _save(tmp_path / "f.nii.gz", _blobs(), AXIAL)
+    m = _save(tmp_path / "m.nii.gz", _blobs(), CORONAL)
+    assert main(["register", f, m, "--out", str(tmp_path / "out"), *FAST]) == 1
+    assert "90 degrees apart" in capsys.readouterr().err
+
+
+def test_single_slice_volumes_are_2d_images(tmp_path, capsys):
+    img = _blobs()
+    # (X, Y, 1) fixed against a plain 2D moving image
+    f = _save(tmp_path / "f.nii.gz", img[:, :, None], AXIAL)
+    m = _save(tmp_path / "m.nii.gz", img, _shifted(AXIAL, (4, -6, 0)))
+    out = tmp_path / "out"
+    assert main(["register", f, m, "--out", str(out), *FAST]) == 0
+    assert nib.load(out / "warped.nii.gz").shape == (32, 32)
+    np.testing.assert_allclose(_mean_ddf(out), (4, -6), atol=0.3)
+    # a sagittal slice stored (1, Y, Z): its in-plane axes are the image axes
+    sag = np.array([[1.0, 0, 0, 3], [0, 2, 0, -30], [0, 0, 2, -20], [0, 0, 0, 1]])
+    f = _save(tmp_path / "fs.nii.gz", img[None], sag)
+    m = _save(tmp_path / "ms.nii.gz", img[None], _shifted(sag, (0, 4, -6)))
+    out = tmp_path / "out_sag"
+    assert main(["register", f, m, "--out", str(out), *FAST]) == 0
+    assert nib.load(out / "warped.nii.gz").shape == (32, 32)
+    assert np.linalg.norm(_mean_ddf(out)) == pytest.approx(np.hypot(4, 6), abs=0.3)
+    # a single slice against a volume: both must be 2D
+    vol = _save(tmp_path / "vol.nii.gz", np.repeat(img[:, :, None], 8, 2), AXIAL)
+    assert main(["register", str(tmp_path / "f.nii.gz"), vol, "--out", str(tmp_path / "o3"), *FAST]) == 1
+    assert "both must be 2D or both 3D" in capsys.readouterr().err
+
+
+def _with_sform(path, data, matrix):
+    img = nib.Nifti1Image(data, None)
+    img.header.set_sform(matrix, code=1)  # written as is (a NIfTI with a broken header)
+    nib.save(img, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("matrix", [np.zeros((4, 4)), np.diag([np.nan, 2.0, 1.0, 1.0]),
+                                    np.array([[2.0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])])
+def test_singular_or_non_finite_affines_are_refused_before_any_work(tmp_path, capsys, matrix):
+    good = _save(tmp_path / "g.nii.gz", _blobs(), AXIAL)
+    bad = _with_sform(tmp_path / "bad.nii.gz", _blobs(), matrix)
+    out = tmp_path / "out"
+    for f, m in ((good, bad), (bad, good)):
+        assert main(["register", f, m, "--out", str(out), *FAST]) == 1
+        err = capsys.readouterr().err
+        assert "bad.nii.gz has a singular or non-finite affine" in err and "Traceback" not in err
+        assert not out.exists()
+    # a label map with a bad affine too
+    lab = (_blobs() > 0.5).astype(np.int16)
+    fl = _save(tmp_path / "fl.nii.gz", lab, AXIAL)
+    ml = _with_sform(tmp_path / "ml.nii.gz", lab, matrix)
+    assert main(["register", good, good, "--fixed-labels", fl, "--moving-labels", ml, "--out", str(out), *FAST]) == 1
+    assert "ml.nii.gz has a singular or non-finite affine" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import medfast.tasks.registration as reg
+
+    f = _save(tmp_path / "f.nii.gz", _blobs(), AXIAL)
+    assert main(["register", f, f, "--out", "/proc/medfast-no-such-dir/x", *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "--out /proc/medfast-no-such-dir/x cannot be created" in err and "Traceback" not in err
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reg, "write_outputs", full_disk)
+    assert main(["register", f, f, "--out", str(tmp_path / "out"), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and "No space left on device" in err and "Traceback" not in err
+
+
+def test_rgb_and_complex_voxels_are_refused_naming_the_file(tmp_path, capsys):
+    good = _save(tmp_path / "g.nii.gz", _blobs(), AXIAL)
+    rgb = np.zeros((32, 32), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["G"] = (_blobs() * 255).astype(np.uint8)
+    rgb_path = _save(tmp_path / "rgb.nii.gz", rgb, AXIAL)
+    cx_path = _save(tmp_path / "cx.nii.gz", _blobs().astype(np.complex64) * (1 + 1j), AXIAL)
+    for f, m, match in ((good, rgb_path, "rgb.nii.gz holds RGB"), (cx_path, good, "cx.nii.gz holds complex")):
+        assert main(["register", f, m, "--out", str(tmp_path / "out"), *FAST]) == 1
+        assert match in capsys.readouterr().err
+
+
+def test_grid_affines_axial_is_rows_and_columns_0_1_3():
+    from medfast.tasks.registration import grid_affines
+
+    a, a_f = grid_affines(_shifted(AXIAL, (1, 2, 7)), AXIAL, 2)
+    np.testing.assert_allclose(a_f, AXIAL[np.ix_([0, 1, 3], [0, 1, 3])])
+    np.testing.assert_allclose(a[:2, 2], AXIAL[:2, 3] + (1, 2))  # the depth offset is dropped
+    a3, a3_f = grid_affines(AXIAL, _shifted(AXIAL, (1, 2, 7)), 3)
+    np.testing.assert_allclose(a3, AXIAL)
+    np.testing.assert_allclose(a3_f[:3, 3], AXIAL[:3, 3] + (1, 2, 7))
