@@ -20,6 +20,12 @@ MEDFAST_HOST_DEVICE T infinity() {
   return T(INFINITY);
 }
 
+// Unit roundoff of T (float32 / float64).
+template <typename T>
+MEDFAST_HOST_DEVICE constexpr T roundoff() {
+  return sizeof(T) == 4 ? T(5.9604645e-8) : T(1.1102230246251565e-16);
+}
+
 // One 1D pass, in place, over the n values d[0], d[stride], ... of a line (squared distances,
 // +inf where there is none yet). h is the spacing of the axis. Scratch of n entries each, entry k
 // at [k * ss]: the apex index v and height fv of the k-th parabola of the envelope, and z, the
@@ -56,11 +62,12 @@ MEDFAST_HOST_DEVICE void envelope_range(T* d, int64_t stride, int64_t lo, int64_
   if (m == 0) return;  // no finite value on the line: it stays +inf
   int64_t k = 0;
   for (int64_t q = out_lo; q <= out_hi; ++q) {
-    // Move on while the next parabola is no higher at q: in exact arithmetic the same as z[k + 1] <= q,
-    // but z of two nearly equal parabolas can round onto an integer q (float32, 100:1 spacings) and keep
-    // the higher one there
+    while (k + 1 < m && z[(k + 1) * ss] < T(q)) ++k;
     T dx = T(q - v[k * ss]) * h, val = dx * dx + fv[k * ss];
-    while (k + 1 < m) {
+    // z of two nearly equal parabolas can round onto or just past an integer q (float32, 100:1 spacings)
+    // and keep the higher one there: within rounding of q, the parabolas' values at q decide
+    const T near = T(q) + T(8) * roundoff<T>() * (T(q < 0 ? -q : q) + T(1));
+    while (k + 1 < m && z[(k + 1) * ss] <= near) {
       const T nx = T(q - v[(k + 1) * ss]) * h, next = nx * nx + fv[(k + 1) * ss];
       if (next > val) break;
       ++k;
