@@ -61,19 +61,25 @@ MEDFAST_HOST_DEVICE void envelope_range(T* d, int64_t stride, int64_t lo, int64_
   }
   if (m == 0) return;  // no finite value on the line: it stays +inf
   int64_t k = 0;
+  // z of two nearly equal parabolas can round onto or just past an integer q (float32, 100:1 spacings)
+  // and keep the higher one there: within rounding of q (tol), the parabolas' values at q decide
+  const int64_t far = (out_lo < 0 ? -out_lo : out_lo) > out_hi ? (out_lo < 0 ? -out_lo : out_lo) : out_hi;
+  const T tol = T(8) * roundoff<T>() * (T(far) + T(1));
   for (int64_t q = out_lo; q <= out_hi; ++q) {
-    while (k + 1 < m && z[(k + 1) * ss] < T(q)) ++k;
-    T dx = T(q - v[k * ss]) * h, val = dx * dx + fv[k * ss];
-    // z of two nearly equal parabolas can round onto or just past an integer q (float32, 100:1 spacings)
-    // and keep the higher one there: within rounding of q, the parabolas' values at q decide
-    const T near = T(q) + T(8) * roundoff<T>() * (T(q < 0 ? -q : q) + T(1));
-    while (k + 1 < m && z[(k + 1) * ss] <= near) {
-      const T nx = T(q - v[(k + 1) * ss]) * h, next = nx * nx + fv[(k + 1) * ss];
-      if (next > val) break;
-      ++k;
-      val = next;
+    while (k + 1 < m) {
+      const T zn = z[(k + 1) * ss];
+      if (zn < T(q)) {
+        ++k;
+      } else if (zn > T(q) + tol) {
+        break;
+      } else {  // within rounding of q
+        const T a = T(q - v[k * ss]) * h, b = T(q - v[(k + 1) * ss]) * h;
+        if (b * b + fv[(k + 1) * ss] > a * a + fv[k * ss]) break;
+        ++k;
+      }
     }
-    d[q * stride] = val;
+    const T dx = T(q - v[k * ss]) * h;
+    d[q * stride] = dx * dx + fv[k * ss];
   }
 }
 
