@@ -28,9 +28,14 @@ _SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = "_0000"
 
 
+#: what a case name drops: also the ``.img`` / ``.hdr`` of a NIfTI / Analyze pair, so that ``medfast predict scan.img``
+#: writes ``scan_seg.nii.gz``, which ``medfast evaluate`` pairs with ``scan.nii.gz``
+_STEM_SUFFIXES = (*_SUFFIXES, ".img.gz", ".hdr.gz", ".img", ".hdr")
+
+
 def _stem(path: Path) -> str:
     name = Path(path).name
-    for suf in _SUFFIXES:
+    for suf in _STEM_SUFFIXES:
         if name.endswith(suf):
             return name[: -len(suf)]
     return name
@@ -38,8 +43,8 @@ def _stem(path: Path) -> str:
 
 def case_name(path: str | Path) -> str:
     """The case an image file belongs to, as :func:`find_pairs` pairs it with its label map: the file name
-    without ``.nii[.gz]`` and without nnU-Net's channel suffix ``_0000`` (``case_007_0000.nii.gz`` ->
-    ``case_007``)."""
+    without ``.nii[.gz]`` (or the ``.img`` / ``.hdr`` of a pair) and without nnU-Net's channel suffix ``_0000``
+    (``case_007_0000.nii.gz`` -> ``case_007``)."""
     stem = _stem(Path(path))
     return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) and len(stem) > len(CHANNEL_SUFFIX) else stem
 

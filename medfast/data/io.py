@@ -71,17 +71,36 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     Raises
     ------
     DatasetError
-        Missing file, unreadable or corrupt data, more than 4 dimensions, NaN/inf voxels, or (``label``)
-        non-integer or negative label values — the message names the file.
+        Missing file, unreadable or corrupt data, RGB or complex voxels, more than 4 dimensions, NaN/inf voxels,
+        a singular or non-finite affine, or (``label``) non-integer or negative label values — the message names
+        the file.
     """
     img = nifti_header(path)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # noqa: BLE001
         raise DatasetError(f"cannot read the voxel data of {path} (corrupt or truncated file?): {exc}") from None
+    # an RGB (structured) file cannot be cast to numbers, and a complex one would silently lose its imaginary part
+    if data.dtype.kind == "V":
+        raise DatasetError(f"{path}: holds RGB / structured voxels ({data.dtype}); convert it to a scalar (grey) "
+                           "volume, or one channel per volume, first")
+    if data.dtype.kind == "c":
+        raise DatasetError(f"{path}: holds complex voxels ({data.dtype}); save the magnitude or the real part first")
     if data.ndim < 2 or data.ndim > 4:
         raise DatasetError(f"{path}: expected a 2D, 3D or 4D NIfTI, got shape {data.shape}")
     affine = np.asarray(img.affine, dtype=np.float64)
+    # reorientation and resampling invert it: a broken header would fail there without naming the file
+    if not np.isfinite(affine).all():
+        raise DatasetError(f"{path}: the voxel-to-world affine (sform / qform) holds NaN or inf values")
+    # a single-slice (2D) image is placed by its first two voxel axes alone: its third column may be degenerate
+    cols = affine[:3, :3]
+    if data.ndim == 2 or data.shape[2] == 1:
+        size = float(np.linalg.norm(np.cross(cols[:, 0], cols[:, 1])))  # the pixel's area, mm^2
+    else:
+        size = abs(float(np.linalg.det(cols)))  # the voxel's volume, mm^3
+    if not size > 1e-12:
+        raise DatasetError(f"{path}: the voxel-to-world affine (sform / qform) is singular (zero voxel size or "
+                           "parallel voxel axes): the header's voxel sizes or orientation are broken")
     if label:
         if data.ndim == 4:
             if data.shape[3] != 1:

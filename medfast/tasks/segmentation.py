@@ -180,9 +180,9 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
     """Segments NIfTI files with a trained checkpoint and writes ``<name>_seg.nii.gz`` label maps with each
     input's affine and header (and ``<name>_prob.nii.gz`` class probabilities with ``save_probabilities``, classes
     on the 4th axis: ``(X, Y, Z, K)``, ``(X, Y, 1, K)`` for 2D inputs). ``<name>`` is the case name as the data
-    loader pairs it with its label: the file name without ``.nii[.gz]`` and without the nnU-Net channel suffix
-    ``_0000`` (``case_007_0000.nii.gz`` -> ``case_007_seg.nii.gz``, so that ``medfast evaluate`` pairs it with
-    ``labels/case_007.nii.gz``). Inputs whose outputs would have the same name raise :class:`DatasetError` naming
+    loader pairs it with its label: the file name without ``.nii[.gz]`` (or ``.img`` / ``.hdr``) and without the
+    nnU-Net channel suffix ``_0000`` (``case_007_0000.nii.gz`` -> ``case_007_seg.nii.gz``, so that
+    ``medfast evaluate`` pairs it with ``labels/case_007.nii.gz``). Inputs whose outputs would have the same name raise :class:`DatasetError` naming
     them, before anything is written.
 
     The input is preprocessed as in training (reoriented to RAS, resampled to ``data.spacing``, normalized),

@@ -80,6 +80,12 @@ def run_simulate(args: argparse.Namespace) -> dict:
     from medfast.ultrasound.io import INSTALL_HINT, INVESALIUS_CRANIUM, read_volume
 
     _check_numbers(args)
+    from medfast.train.files import OutputError, check_out_dir
+
+    try:  # before the work: `--out a_file` would fail only when the frames are written
+        out = check_out_dir(args.out, "--out")
+    except OutputError as exc:
+        raise SimulateError(str(exc)) from None
     path = Path(args.volume) if args.volume else INVESALIUS_CRANIUM
     if not path.is_file():
         hint = f"; {INSTALL_HINT}" if path == INVESALIUS_CRANIUM else ""
@@ -87,7 +93,8 @@ def run_simulate(args: argparse.Namespace) -> dict:
     try:
         vol, affine = read_volume(path)
     except Exception as exc:  # nibabel's ImageFileError, a 2D / 4D volume, a damaged file: name the file
-        raise SimulateError(f"cannot read the volume {path}: {exc}") from None
+        msg = str(exc).removeprefix(f"{path}: ")  # the readers' own messages start with it: name it once
+        raise SimulateError(f"cannot read the volume {path}: {msg}") from None
     device = _pick_device(args.device)
     try:
         probe = Probe.preset(args.probe, n_lines=args.lines, n_samples=args.samples,
@@ -107,7 +114,11 @@ def run_simulate(args: argparse.Namespace) -> dict:
     if args.start is not None:
         start = np.asarray(args.start, dtype=float)
     else:
-        start = skin_entry(vol, affine, centre, direction) - 1.0 * direction / np.linalg.norm(direction)
+        # On the skin, half a voxel inside it: a probe in air (even 1 mm of it) reflects everything and images
+        # nothing (the ray sees air up to the first tissue voxel, trilinear between the two)
+        d = direction / np.linalg.norm(direction)
+        half_voxel = 0.5 / np.linalg.norm(np.linalg.solve(affine[:3, :3], d))
+        start = skin_entry(vol, affine, centre, direction) + half_voxel * d
         start = start - 0.5 * np.asarray(args.travel, dtype=float)
     pose0 = look_at(start, direction, args.lateral)
     poses = freehand_sweep(pose0, args.travel, args.frames, tilt_deg=args.tilt, rock_deg=args.tilt,
@@ -128,19 +139,7 @@ def run_simulate(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - t0
     bmode = torch.cat(frames)[:, 0].numpy()  # (N, H, W)
 
-    out = Path(args.out)
-    (out / "frames").mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
-    for i, f in enumerate(bmode):
-        Image.fromarray(np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8)).save(out / "frames" / f"frame_{i:03d}.png")
-    import nibabel as nib
-
     px = res.pixel_mm
-    stack_affine = np.diag([px, px, 1.0, 1.0])
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(bmode.transpose(2, 1, 0)).astype(np.float32), stack_affine),
-             str(out / "frames.nii.gz"))
-    _figure(ct, affine, poses, probe, bmode, px, out / "figure.png", n=min(4, args.frames))
     summary = {
         "volume": str(path),
         "volume_shape": list(vol.shape),
@@ -156,8 +155,28 @@ def run_simulate(args: argparse.Namespace) -> dict:
         "frames_per_second": args.frames / elapsed,
         "poses": poses.tolist(),
     }
-    (out / "simulate.json").write_text(json.dumps(summary, indent=1))
+    try:
+        _write_frames(out, bmode, px)
+        _figure(ct, affine, poses, probe, bmode, px, out / "figure.png", n=min(4, args.frames))
+        (out / "simulate.json").write_text(json.dumps(summary, indent=1))
+    except OSError as exc:  # a full disk, no permission, a file where a folder goes: one line naming --out
+        raise SimulateError(f"cannot write the results to --out {out}: {exc}") from None
     return summary
+
+
+def _write_frames(out: Path, bmode: np.ndarray, px: float) -> None:
+    """``frames/frame_###.png`` (only this run's) and ``frames.nii.gz`` in ``out``."""
+    import nibabel as nib
+    from PIL import Image
+
+    (out / "frames").mkdir(parents=True, exist_ok=True)
+    for old in (out / "frames").glob("frame_*.png"):  # an earlier run's extra frames would pass for this run's
+        old.unlink()
+    for i, f in enumerate(bmode):
+        Image.fromarray(np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8)).save(out / "frames" / f"frame_{i:03d}.png")
+    stack_affine = np.diag([px, px, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(bmode.transpose(2, 1, 0)).astype(np.float32), stack_affine),
+             str(out / "frames.nii.gz"))
 
 
 def _figure(ct, affine, poses, probe, bmode, px, path, n=4):

@@ -61,6 +61,7 @@ def read_inv3(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(f"{path}: matrix has {len(raw)} bytes, expected {expected} for {shape} {dtype}")
+    _check_dtype(path, dtype)
     data = np.frombuffer(raw, dtype=dtype).reshape(shape)
     # CT numbers as int16 (InVesalius' own type); another type must fit it exactly, not wrap around
     if data.dtype != np.int16:
@@ -75,8 +76,22 @@ def read_inv3(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return volume, affine
 
 
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    """CT numbers are real scalars: an RGB (structured) volume cannot be cast to them at all, and a complex
+    one would lose its imaginary part silently."""
+    if dtype.kind == "V":
+        raise ValueError(f"{path}: the volume holds RGB / structured voxels ({dtype}), not CT numbers (HU); "
+                         "convert it to a scalar volume first")
+    if dtype.kind == "c":
+        raise ValueError(f"{path}: the volume holds complex voxels ({dtype}), not CT numbers (HU); save the "
+                         "magnitude or the real part first")
+
+
 def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a 3D NIfTI (``.nii``/``.nii.gz``, via nibabel) or an InVesalius ``.inv3``: (volume, affine)."""
+    """Reads a 3D NIfTI (``.nii``/``.nii.gz``, via nibabel) or an InVesalius ``.inv3``: (volume, affine).
+
+    Raises ``ValueError`` naming the file for a volume that is not 3D, RGB or complex, holds NaN / inf, or
+    whose voxel-to-world affine is singular or not finite."""
     path = Path(path)
     if path.suffix == ".inv3":
         return read_inv3(path)
@@ -84,8 +99,18 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     img = nib.load(str(path))
     data = np.asarray(img.dataobj)
+    _check_dtype(path, data.dtype)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    return data, np.asarray(img.affine, dtype=np.float64)
+    # NaN voxels would give NaN frames, and a bad affine fails later without naming the file
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise ValueError(f"{path}: the volume holds NaN or inf values")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise ValueError(f"{path}: the voxel-to-world affine (sform / qform) holds NaN or inf values")
+    if not abs(float(np.linalg.det(affine[:3, :3]))) > 1e-12:  # the voxel's volume, mm^3
+        raise ValueError(f"{path}: the voxel-to-world affine (sform / qform) is singular (zero voxel size or "
+                         "parallel voxel axes): the header's voxel sizes or orientation are broken")
+    return data, affine

@@ -569,7 +569,10 @@ def simulate(
     gain_db, dynamic_range_db : float
         Log compression: ``bmode = clip((20 log10(envelope) + gain_db + DR) / DR, 0, 1)``.
     pixel_mm : float, optional
-        Pixel spacing of the scan-converted image (default: depth / (n_samples / 2)).
+        Pixel spacing of the scan-converted image (default: the image's axial extent divided into
+        ``n_samples // 2`` rows, ``(z1 - z0) / (n_samples // 2)`` with ``x0, x1, z0, z1 =
+        probe.image_extent_mm()``; for a convex probe ``z0 < 0`` (the fan's edges start behind the array
+        centre), so the pixels are larger than depth / (n_samples / 2)).
     background : sequence of 5 floats
         Properties outside the volume (default water).
     return_lines : bool
