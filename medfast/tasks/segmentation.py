@@ -182,8 +182,8 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
     on the 4th axis: ``(X, Y, Z, K)``, ``(X, Y, 1, K)`` for 2D inputs). ``<name>`` is the case name as the data
     loader pairs it with its label: the file name without ``.nii[.gz]`` (or ``.img`` / ``.hdr``) and without the
     nnU-Net channel suffix ``_0000`` (``case_007_0000.nii.gz`` -> ``case_007_seg.nii.gz``, so that
-    ``medfast evaluate`` pairs it with ``labels/case_007.nii.gz``). Inputs whose outputs would have the same name raise :class:`DatasetError` naming
-    them, before anything is written.
+    ``medfast evaluate`` pairs it with ``labels/case_007.nii.gz``). Inputs whose outputs would have the same
+    name raise :class:`DatasetError` naming them, before anything is written.
 
     The input is preprocessed as in training (reoriented to RAS, resampled to ``data.spacing``, normalized),
     segmented with sliding windows, and the class probabilities are resampled back onto the input's grid
