@@ -95,6 +95,7 @@ def test_merge_and_parse_helpers():
     ("inference.hd_percentile=150", r"inference.hd_percentile must lie in \[0, 100\]"),
     ("loss.lambda_dice=-1", "loss.lambda_dice must be >= 0"),
     ("loss.lambda_ce=.inf", "loss.lambda_ce must be >= 0 and finite"),
+    ("trainer.dist_timeout_min=0", "trainer.dist_timeout_min must be > 0"),
 ])
 def test_settings_read_at_validation_are_checked_before_training(override, match):
     # (a bug hunt: they passed, and the run died after val_every steps with a traceback)

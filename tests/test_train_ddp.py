@@ -1,34 +1,73 @@
 """DDP: two gloo processes on the CPU, each with half of every batch, end with the same parameters as one
 process trained on the combined batches (the sampler gives both the same subjects and augmentation seeds)."""
 
+import json
 import os
 import socket
 
+import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from medfast.data.synthetic import make_blobs
+from medfast.tasks.segmentation import SegmentationTask
 from medfast.train import Trainer, load_config
 
 WORLD = 2
 
 
-def _config(data_dir, out_dir, batch):
+def _config(data_dir, out_dir, batch, *extra):
     return load_config([], [
         f"data.root={data_dir}", f"trainer.out_dir={out_dir}", f"trainer.batch_size={batch}",
         "trainer.max_steps=3", "trainer.val_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
         "trainer.tensorboard=false", "trainer.plots=false", "model.channels=[4, 8]", "model.out_channels=3",
         "augment.patch_size=[12, 12, 12]", "augment.deform_grid=3", "optim.lr=0.01", "trainer.threads=1",
-        "data.cache=none",
+        "data.cache=none", *extra,
     ])
 
 
-def _worker(rank, port, data_dir, out_dir, out):
+class _MetricTask(SegmentationTask):
+    """Logs a metric of its batch (the mean absolute intensity): under DDP it must cover the global batch."""
+
+    def training_step(self, model, batch, device):
+        loss, metrics = super().training_step(model, batch, device)
+        return loss, {**metrics, "image_mean": float(batch["image"].abs().mean())}
+
+
+class _RngTask(SegmentationTask):
+    """A loss that draws from the global RNG, as dropout does: an exact resume must restore every rank's RNG."""
+
+    def training_step(self, model, batch, device):
+        loss, metrics = super().training_step(model, batch, device)
+        return loss * (1 + 0.5 * torch.rand(())), metrics
+
+
+class _NanOnRank1(SegmentationTask):
+    def training_step(self, model, batch, device):
+        loss, metrics = super().training_step(model, batch, device)
+        return (loss * torch.nan if dist.get_rank() == 1 else loss), metrics
+
+
+def _error_worker(rank, port, data_dir, out_dirs, out, extra=(), task=None):
+    """Runs a trainer that must fail; stores each rank's error message."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    trainer = Trainer(_config(data_dir, out_dir, 2))
+    config = _config(data_dir, out_dirs[rank], 2, *extra)
+    try:
+        Trainer(config, task=None if task is None else task(config)).fit()
+        out[rank] = "no error"
+    except Exception as exc:  # noqa: BLE001 - the test reads the message
+        out[rank] = f"{type(exc).__name__}: {exc}"
+
+
+def _worker(rank, port, data_dir, out_dir, out, extra=(), task=None, stop_after=None):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    config = _config(data_dir, out_dir, 2, *extra)
+    trainer = Trainer(config, task=None if task is None else task(config))
     assert trainer.world == WORLD and trainer.rank == rank
-    trainer.fit()
+    trainer.fit(stop_after=stop_after)
     out[rank] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
@@ -38,14 +77,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path):
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path, batch_dice):
     data = tmp_path / "data"
     make_blobs(data, n=4, shape=(16, 16, 16), classes=3)
-    single = Trainer(_config(data, tmp_path / "single", 4))
+    extra = (f"loss.batch_dice={str(batch_dice).lower()}",)  # batch Dice over the global batch (ddp_sync)
+    config = _config(data, tmp_path / "single", 4, *extra)
+    single = Trainer(config, task=_MetricTask(config))
     single.fit()
     ref = single.model.state_dict()
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), str(data), str(tmp_path / "ddp"), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(data), str(tmp_path / "ddp"), out, extra, _MetricTask), nprocs=WORLD,
+             join=True)
+    # the logged metrics are means over the global batch, as one process's (rank 0's half before)
+    rows = [[json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+            for d in ("single", "ddp")]
+    for a, b in zip(*rows, strict=True):
+        assert b["image_mean"] == pytest.approx(a["image_mean"], rel=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     initial = Trainer(_config(data, tmp_path / "init", 4))
     moved = 0.0
     for rank in range(WORLD):
@@ -59,6 +108,53 @@ def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path):
     assert moved > 1e-3
     # rank 0 alone wrote the logs
     assert (tmp_path / "ddp" / "train_log.jsonl").read_text().count("\n") == 3
+
+
+def test_two_process_resume_is_exact_with_per_rank_random_draws(tmp_path):
+    data = tmp_path / "data"
+    make_blobs(data, n=4, shape=(16, 16, 16), classes=3)
+    extra = ("trainer.max_steps=4", "trainer.checkpoint_every=2")
+    full, part = mp.Manager().dict(), mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), str(data), str(tmp_path / "full"), full, extra, _RngTask), nprocs=WORLD,
+             join=True)
+    mp.spawn(_worker, args=(_free_port(), str(data), str(tmp_path / "part"), part, extra, _RngTask, 2),
+             nprocs=WORLD, join=True)
+    ck = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
+    assert len(ck["rng_per_rank"]) == WORLD
+    assert not torch.equal(ck["rng_per_rank"][0]["torch"], ck["rng_per_rank"][1]["torch"])
+    (tmp_path / "part" / "checkpoints" / ".last.pt.123.tmp").write_bytes(b"half a checkpoint")  # a killed save
+    mp.spawn(_worker, args=(_free_port(), str(data), str(tmp_path / "part"), part,
+                            (*extra, "trainer.resume=auto"), _RngTask), nprocs=WORLD, join=True)
+    for k, v in full[0].items():  # rank 1 reseeded off rank 0's state before: another loss scale, other weights
+        torch.testing.assert_close(part[0][k], v, rtol=0, atol=0)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+              for d in ("full", "part")]
+    assert losses[0] == losses[1]
+    assert not list((tmp_path / "part" / "checkpoints").glob(".*.tmp"))  # the partial save was removed
+
+
+def test_a_nan_on_one_rank_is_named_on_every_rank(tmp_path):
+    data = tmp_path / "data"
+    make_blobs(data, n=4, shape=(16, 16, 16), classes=3)
+    out = mp.Manager().dict()
+    mp.spawn(_error_worker, args=(_free_port(), str(data), [str(tmp_path / "r")] * WORLD, out, (), _NanOnRank1),
+             nprocs=WORLD, join=True)
+    for rank in range(WORLD):  # rank 0 named its own files and a finite value before
+        assert out[rank].startswith("NonFiniteLossError: non-finite loss at step 1 (epoch 0) on rank 1 (nan)")
+        assert "on rank 0" not in out[rank]
+
+
+def test_ranks_resuming_from_different_checkpoints_stop(tmp_path):
+    data = tmp_path / "data"
+    make_blobs(data, n=4, shape=(16, 16, 16), classes=3)
+    Trainer(_config(data, tmp_path / "run0", 4)).fit(stop_after=2)  # only rank 0's folder has a checkpoint
+    out = mp.Manager().dict()
+    dirs = [str(tmp_path / f"run{r}") for r in range(WORLD)]  # as on nodes without a shared file system
+    mp.spawn(_error_worker, args=(_free_port(), str(data), dirs, out, ("trainer.resume=auto",)), nprocs=WORLD,
+             join=True)
+    for rank in range(WORLD):  # (rank 1 started from step 0 silently, and the job hung)
+        assert out[rank].startswith("CheckpointError: the ranks resumed from different steps (rank 0: step 2")
+        assert "rank 1: step 0 from no checkpoint" in out[rank]
 
 
 def test_backend_choice_and_gpu_sharing(monkeypatch):

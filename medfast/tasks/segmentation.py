@@ -248,8 +248,9 @@ class SegmentationTask(Task):
         from medfast.losses import DiceCELoss
 
         lc = config.loss
+        # ddp_sync: under torchrun the batch Dice covers the global batch, as one process with it would
         self.loss_fn = DiceCELoss(include_background=lc.include_background, batch=lc.batch_dice,
-                                  lambda_dice=lc.lambda_dice, lambda_ce=lc.lambda_ce)
+                                  lambda_dice=lc.lambda_dice, lambda_ce=lc.lambda_ce, ddp_sync=lc.batch_dice)
         self.augment = RandomAugment(config.augment)
         self.num_classes = config.model.out_channels
 

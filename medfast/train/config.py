@@ -143,6 +143,7 @@ class TrainerConfig:
     plots: bool = True
     resume: str | None = None
     threads: int | None = None
+    dist_timeout_min: float = 60.0
 
 
 @dataclass
@@ -445,6 +446,8 @@ def check_config(config: Config) -> None:
     for key in ("val_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(tc, key) < 0:
             raise ConfigError(f"trainer.{key} must be >= 0 (0: never / keep all), got {getattr(tc, key)}")
+    if not 0 < tc.dist_timeout_min < math.inf:
+        raise ConfigError(f"trainer.dist_timeout_min must be > 0 (minutes), got {tc.dist_timeout_min}")
     if tc.threads is not None and tc.threads < 1:
         raise ConfigError(f"trainer.threads must be >= 1 (or null), got {tc.threads}")
     if not tc.out_dir:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,11 +60,12 @@ def backend_for(device_type: str) -> str:
     return backend
 
 
-def init_distributed(device_type: str) -> bool:
+def init_distributed(device_type: str, timeout_min: float | None = None) -> bool:
     """Joins the process group described by torchrun's environment (``WORLD_SIZE`` > 1).
 
-    gloo on the CPU, NCCL on CUDA (or ``MEDFAST_DIST_BACKEND``, see :func:`backend_for`). Returns True when
-    this call created the group (the caller destroys it).
+    gloo on the CPU, NCCL on CUDA (or ``MEDFAST_DIST_BACKEND``, see :func:`backend_for`). ``timeout_min``:
+    how long a collective waits (the other ranks wait in a barrier while rank 0 validates; NCCL's default
+    is 10 minutes). Returns True when this call created the group (the caller destroys it).
     """
     if not dist.is_available() or dist.is_initialized():
         return False
@@ -72,7 +74,8 @@ def init_distributed(device_type: str) -> bool:
     backend = backend_for(device_type)
     if device_type == "cuda":
         torch.cuda.set_device(local_cuda_index())
-    dist.init_process_group(backend)
+    timeout = None if timeout_min is None else timedelta(minutes=timeout_min)
+    dist.init_process_group(backend, timeout=timeout)
     return True
 
 

@@ -56,12 +56,28 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # the rename itself (not possible on every file system)
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _remove_partial_checkpoints(ckdir: Path) -> None:
+    """The temporary files of saves that a killed process never finished (each as large as a checkpoint)."""
+    for tmp in ckdir.glob(".*.pt.*.tmp") if ckdir.is_dir() else []:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -331,7 +347,7 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         self.device = resolve_device(tc.device)
         self.amp_dtype = resolve_amp(tc.amp, self.device)
-        self._owns_group = D.init_distributed(self.device.type)
+        self._owns_group = D.init_distributed(self.device.type, self.config.trainer.dist_timeout_min)
         self.rank, self.world = D.rank(), D.world_size()
         self._run_checkpoints: dict[str, int] = {}  # step_*.pt of this run (and of the run it resumes): pruned
         self.step = 0
@@ -478,10 +494,16 @@ class Trainer:
                                       f"{type(exc).__name__}: {exc}") from None
 
     def _checkpoint(self, epoch: int) -> None:
+        rngs = None
+        if self.world > 1:  # every rank's RNG (dropout draws differ per rank): an exact resume restores each
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, _rng_state())
         if self.rank != 0:
             return
         ckdir = self.out_dir / "checkpoints"
         state = self._state(epoch)
+        if rngs is not None:
+            state["rng_per_rank"] = rngs
         path = save_checkpoint(state, ckdir / f"step_{self.step:07d}.pt")
         save_checkpoint(state, ckdir / "last.pt")
         self._run_checkpoints[path.name] = self.step
@@ -551,10 +573,14 @@ class Trainer:
         self.step = int(state["step"])
         if path.resolve().parent == (self.out_dir / "checkpoints").resolve():
             self._run_checkpoints = {k: v for k, v in self._step_checkpoints().items() if v <= self.step}
-        if self.rank == 0 or state.get("world_size", 1) == self.world:
-            _set_rng_state(state["rng"])
-        if self.rank != 0:  # the saved global RNG state is rank 0's: move the other ranks off it
-            torch.manual_seed(self.config.trainer.seed + self.rank + self.step)
+        per_rank = state.get("rng_per_rank")
+        if isinstance(per_rank, list) and len(per_rank) == self.world:
+            _set_rng_state(per_rank[self.rank])  # each rank where it was
+        else:  # another world size (or an older checkpoint): rank 0's state, the other ranks moved off it
+            if self.rank == 0 or state.get("world_size", 1) == self.world:
+                _set_rng_state(state["rng"])
+            if self.rank != 0:
+                torch.manual_seed(self.config.trainer.seed + self.rank + self.step)
         if self.rank == 0:
             print(f"medfast train: resumed from {path} at step {self.step}", flush=True)
         return self.step
@@ -586,13 +612,37 @@ class Trainer:
             bad = flag
         if bad.item() > 0:
             files = ", ".join(map(str, batch.get("files", []))) or "unknown"
-            mine = "" if math.isfinite(value.item()) else f" on rank {self.rank}"
+            where = f"({value.item()}) at step {self.step + 1} (epoch {epoch}); batch files: {files}"
+            if self.world > 1:  # every rank raises the same message, naming the rank(s) whose loss was bad
+                seen = [None] * self.world
+                dist.all_gather_object(seen, (value.item(), files))
+                where = f"at step {self.step + 1} (epoch {epoch}) " + "; ".join(
+                    f"on rank {r} ({v}), batch files: {fs}" for r, (v, fs) in enumerate(seen) if not math.isfinite(v))
             raise NonFiniteLossError(
-                f"non-finite loss ({value.item()}){mine} at step {self.step + 1} (epoch {epoch}); "
-                f"batch files: {files}. Lower optim.lr, check the inputs (NaN voxels, empty labels) or "
+                f"non-finite loss {where}. Lower optim.lr, check the inputs (NaN voxels, empty labels) or "
                 f"set trainer.amp=none."
             )
         return value
+
+    def _global_metrics(self, rows: list[dict[str, float]]) -> dict[str, float]:
+        """The step's task metrics over the global batch: the mean of every rank's finite values (each row is a
+        micro-batch mean, the batches are equal, so this is the one-process value)."""
+        if self.world == 1:
+            return _mean_metrics(rows)
+        sums: dict[str, tuple[float, int]] = {}
+        for row in rows:
+            for k, v in row.items():
+                s, n = sums.get(k, (0.0, 0))
+                ok = v is not None and math.isfinite(float(v))
+                sums[k] = (s + float(v), n + 1) if ok else (s, n)
+        parts = [None] * self.world
+        dist.all_gather_object(parts, sums)
+        total: dict[str, tuple[float, int]] = {}
+        for part in parts:
+            for k, (s, n) in part.items():
+                a, b = total.get(k, (0.0, 0))
+                total[k] = (a + s, b + n)
+        return {k: s / n if n else float("nan") for k, (s, n) in sorted(total.items())}
 
     def _validate(self, epoch: int, val_log: _Log, pbar) -> dict[str, float]:
         from medfast.data import collate
@@ -667,6 +717,16 @@ class Trainer:
                                   f"{exc.strerror or exc}") from None
             save_config(self.config, self.out_dir / "config.yaml")
         resumed = self._resume(resume_path)
+        if self.world > 1:  # each rank read its own out_dir: without a shared file system they could differ
+            steps = [None] * self.world
+            dist.all_gather_object(steps, (self.step, None if resume_path is None else str(resume_path)))
+            if len({s for s, _ in steps}) > 1:
+                raise CheckpointError(
+                    "the ranks resumed from different steps ("
+                    + ", ".join(f"rank {r}: step {s} from {p or 'no checkpoint'}" for r, (s, p) in enumerate(steps))
+                    + "): trainer.out_dir must be on a file system every node sees, with the same checkpoints")
+        if main:
+            _remove_partial_checkpoints(self.out_dir / "checkpoints")
         train_log, val_log = _Log(self.out_dir, "train_log"), _Log(self.out_dir, "val_log")
         if main:
             train_log.restore(self.step if resumed is not None else None)
@@ -725,11 +785,13 @@ class Trainer:
                 dist.all_reduce(stacked)
                 phase_losses = dict(zip(phase_losses, stacked / self.world, strict=True))
                 loss_value = phase_losses[self.phases[-1]]
-            if main and (self.step % tc.log_every == 0 or self.step == end):
+            logging = self.step % tc.log_every == 0 or self.step == end
+            step_means = self._global_metrics(step_metrics) if logging else {}
+            if main and logging:
                 now = time.perf_counter()
                 extra = {} if self.phases == [None] else {f"loss_{ph}": v.item() for ph, v in phase_losses.items()}
                 row = {"step": self.step, "epoch": epoch, "loss": loss_value.item(), "lr": lr, **extra,
-                       **_mean_metrics(step_metrics), "seconds": now - step_t}
+                       **step_means, "seconds": now - step_t}
                 train_log.append(row)
                 tb = self._tensorboard()
                 if tb is not None:
