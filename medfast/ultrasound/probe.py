@@ -109,12 +109,17 @@ class Probe:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 2:
                 raise ValueError(f"{name} must be an int >= 2, got {v!r}")
-        if self.kind == "convex" and not self.radius_mm > 0:
-            raise ValueError(f"a convex probe needs radius_mm > 0, got {self.radius_mm}")
+        if self.kind == "convex" and not (isinstance(self.radius_mm, float) and 0 < self.radius_mm < math.inf):
+            raise ValueError(f"a convex probe needs a positive, finite radius_mm, got {self.radius_mm!r}")
         if self.kind == "phased" and self.fov_deg is None:
             raise ValueError("a phased probe needs fov_deg (the sector angle)")
-        if self.fov_deg is not None and not 0 < self.fov_deg < 180:
-            raise ValueError(f"fov_deg must be in (0, 180), got {self.fov_deg}")
+        if self.fov_deg is not None and (isinstance(self.fov_deg, bool) or not isinstance(self.fov_deg, numbers.Real)
+                                         or not 0 < self.fov_deg < 180):
+            raise ValueError(f"fov_deg must be a number in (0, 180), got {self.fov_deg!r}")
+        if self.kind == "convex" and not self.sector_rad < math.pi:  # the arc of the elements on the radius
+            raise ValueError(f"a convex probe's array must span less than 180 degrees of its radius: "
+                             f"{self.n_elements} x {self.pitch_mm} mm on radius_mm={self.radius_mm} spans "
+                             f"{math.degrees(self.sector_rad):.0f} degrees")
 
     # ----------------------------------------------------------------------------------------
     @staticmethod

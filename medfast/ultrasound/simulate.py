@@ -10,6 +10,7 @@ compression -> scan conversion to a Cartesian image.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._C import _functorch
 
 from medfast.ops._autograd import refuse_function_transforms
 from medfast.ops._ussim import N_PROPS, PROP_NAMES, march_lines, noise_table, psf
@@ -113,7 +115,7 @@ def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(affine, its inverse, largest voxel size in mm), float64 on the CPU; validated once per distinct
     matrix (a training loop passes the same few affines thousands of times)."""
     key = None
-    if isinstance(affine, torch.Tensor) and affine.numel() == 16:
+    if isinstance(affine, torch.Tensor) and affine.numel() == 16 and not affine.requires_grad:
         key = affine.detach().to("cpu", torch.float64).numpy().tobytes()
     elif isinstance(affine, np.ndarray) and affine.size == 16:
         key = np.ascontiguousarray(affine, dtype=np.float64).tobytes()
@@ -136,7 +138,14 @@ def _check_affine(affine: object) -> torch.Tensor:
             "affine is required: the volume's (4, 4) voxel-to-world matrix in mm (NIfTI convention; "
             "nibabel: img.affine)"
         )
-    a = torch.as_tensor(affine, dtype=torch.float64).detach().cpu()
+    if isinstance(affine, torch.Tensor) and affine.requires_grad:
+        raise ValueError("affine is read on the host and not differentiated: to optimize a transform T of the volume "
+                         "(world = T @ affine @ voxel), pass inv(T) @ pose as the pose instead (differentiable)")
+    try:
+        a = torch.as_tensor(affine, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"affine must be a (4, 4) array or tensor of numbers, got {type(affine).__name__} "
+                        f"{affine!r}") from None
     if a.shape == (1, 4, 4):
         a = a[0]
     if a.shape != (4, 4):
@@ -593,6 +602,11 @@ def simulate(
     -------
     SimulationResult
     """
+    if not torch.compiler.is_compiling() and _functorch.peek_interpreter_stack() is not None:
+        raise NotImplementedError(
+            "medfast.ultrasound.simulate does not run under torch.func transforms (vmap, grad, jvp, ...): it reads "
+            "the poses on the host and caches probe tables; give it a batch of poses ((B, 4, 4), with volume_index "
+            "for several volumes) and differentiate with .backward() or torch.autograd.grad")
     refuse_function_transforms("medfast.ultrasound.simulate", props, pose)
     if torch.compiler.is_exporting():
         raise RuntimeError(
@@ -616,7 +630,8 @@ def simulate(
                                   ("tgc_db_cm_mhz", tgc_db_cm_mhz, False), ("pixel_mm", pixel_mm, True)):
         if value is None and name in ("interface_mm", "pixel_mm"):
             continue
-        if not (isinstance(value, numbers.Real) and math.isfinite(value) and (value > 0 or not positive)):
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > 0 or not positive)):
             raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {value!r}")
     try:
         bg = [float(v) for v in background]
@@ -624,14 +639,27 @@ def simulate(
         raise ValueError(f"background must be {N_PROPS} numbers {PROP_NAMES}, got {background!r}") from None
     if len(bg) != N_PROPS or not all(math.isfinite(v) for v in bg):
         raise ValueError(f"background must be {N_PROPS} finite numbers {PROP_NAMES}, got {background!r}")
+    if not (bg[0] > 0 and bg[1] >= 0 and bg[2] >= 0):  # reflection coefficients need a positive impedance
+        raise ValueError(f"background impedance must be > 0 and its attenuation and density >= 0 {PROP_NAMES}, "
+                         f"got {background!r}")
     B = pose.shape[0]
     index = _check_volume_index(volume_index, B, props.shape[0], props.device)
     if index is None and props.shape[0] not in (1, B):
         raise ValueError(f"props batch ({props.shape[0]}) must be 1 or the number of poses ({B}), "
                          "or give a volume_index")
     _check_memory(B, probe, sub_rays, props.dtype, props.device, max_bytes, pixel_mm if scan_convert else False)
+    # in the props' dtype whatever autocast says (a bf16 matmul of the pose moved echoes by 0.3 mm, 36 dB)
+    with torch.autocast(props.device.type, enabled=False) if props.device.type in ("cpu", "cuda") else \
+            contextlib.nullcontext():
+        return _simulate(props, pose, (a, inv_a64, voxel_mm), probe, seed, sub_rays, speckle, scatter_cell_mm,
+                         interface_mm, tgc_db_cm_mhz, gain_db, bg, index, return_lines, scan_convert,
+                         dynamic_range_db, pixel_mm)
+
+
+def _simulate(props, pose, affine_info, probe, seed, sub_rays, speckle, scatter_cell_mm, interface_mm, tgc_db_cm_mhz,
+              gain_db, bg, index, return_lines, scan_convert, dynamic_range_db, pixel_mm) -> SimulationResult:
     lines_db, i_re, i_im, gain_lin = _scanlines(
-        props, pose, (a, inv_a64, voxel_mm), probe, seed=seed, sub_rays=sub_rays, speckle=speckle,
+        props, pose, affine_info, probe, seed=seed, sub_rays=sub_rays, speckle=speckle,
         scatter_cell_mm=scatter_cell_mm, interface_mm=interface_mm, tgc_db_cm_mhz=tgc_db_cm_mhz, gain_db=gain_db,
         background=bg, volume_index=index, return_gain=return_lines)
     dev, dt = props.device, props.dtype
@@ -660,6 +688,8 @@ def simulate_ct(ct: torch.Tensor, affine, pose: torch.Tensor, probe: Probe | str
                 **kwargs) -> SimulationResult:
     """:func:`simulate` from a CT volume ``(B, 1, D, H, W)`` in Hounsfield units (differentiable in the
     CT and in ``knots``, see :func:`~medfast.ultrasound.tissue.hu_to_properties`)."""
+    if isinstance(ct, torch.Tensor) and ct.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(f"ct must be float32 or float64 (or integer HU), got {ct.dtype}")
     return simulate(hu_to_properties(ct, knots), affine, pose, probe, **kwargs)
 
 
