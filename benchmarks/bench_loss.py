@@ -88,10 +88,13 @@ def make_step(impl: str, size: int, classes: int, batch: int = 1, dtype: str = "
 
 
 def worker(impl: str, size: int, classes: int, repeats: int, batch: int = 1, dtype: str = "float32") -> dict:
-    """CPU: one implementation in this (fresh) process; peak from the process's RSS."""
+    """CPU: one implementation in this (fresh) process, started with warp_cases.MALLOC_ENV; the extra peak is
+    the resident growth of one call after a warm-up, with the logits' gradient dropped first (so it counts)."""
+    import warp_cases as wc
+
     step, logits = make_step(impl, size, classes, batch, dtype, "cpu")
     before = _rss_mib("VmRSS")  # inputs (and torch) only
-    step()
+    extra = wc.cpu_extra_peak_mib(step, clear=lambda: setattr(logits, "grad", None))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -99,7 +102,8 @@ def worker(impl: str, size: int, classes: int, repeats: int, batch: int = 1, dty
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, all of the process
     return {"ms": sorted(times)[len(times) // 2] * 1e3, "peak_rss_mib": peak,
-            "extra_peak_mib": peak - before, "logits_mib": logits.numel() * logits.element_size() / 2**20}
+            "extra_peak_mib": extra if extra is not None else peak - before,
+            "logits_mib": logits.numel() * logits.element_size() / 2**20}
 
 
 def measure_cuda(impl: str, size: int, classes: int, repeats: int, batch: int, dtype: str, warmup: int = 3) -> dict:
@@ -222,7 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _cpu_measure(impl: str, args: argparse.Namespace, classes: int, dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, str(args.size), str(classes), str(args.repeats),
            str(args.batch), dtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    import warp_cases as wc
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=wc.worker_env())
     if proc.returncode != 0:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
         return {"status": f"error: {tail[-300:]}"}

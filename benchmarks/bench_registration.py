@@ -62,13 +62,18 @@ def _median_ms(fn, repeats: int, device: str = "cpu") -> float:
     return cuda_median_ms(fn, repeats, CUDA_WARMUP)
 
 
-def _time_and_peak(step, repeats: int, device: str) -> dict:
-    """{"ms": median ms, "extra_peak_mib": peak memory above what is held before the first call}."""
+def _time_and_peak(step, repeats: int, device: str, clear=None) -> dict:
+    """{"ms": median ms, "extra_peak_mib": peak memory of one call above what is held before it, after a warm-up
+    and ``clear()`` (CPU: resident growth in a worker started with warp_cases.MALLOC_ENV)}."""
     if device != "cuda":
+        import warp_cases as wc
+
         before = _rss_mib("VmRSS")
+        extra = wc.cpu_extra_peak_mib(step, clear)
         ms = _median_ms(step, repeats)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"ms": ms, "extra_peak_mib": peak - before}
+        if extra is None:  # not Linux: the process's peak above the inputs
+            extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+        return {"ms": ms, "extra_peak_mib": extra}
     import torch
 
     torch.cuda.synchronize()
@@ -108,12 +113,13 @@ def lncc_case(impl: str, size: int, k: int, device: str = "cpu"):
         p.grad = None
         loss().backward()
 
+    step.clear_grad = lambda: setattr(p, "grad", None)  # for the memory probe: the gradient counts as extra
     return step, loss
 
 
 def lncc_worker(impl: str, size: int, k: int, repeats: int, device: str = "cpu") -> dict:
     step, loss = lncc_case(impl, size, k, device)
-    return {**_time_and_peak(step, repeats, device), "value": float(loss())}
+    return {**_time_and_peak(step, repeats, device, clear=step.clear_grad), "value": float(loss())}
 
 
 def _localnet(channels: int, stock: bool):
@@ -242,7 +248,9 @@ def _run(kind: str, impl: str, *params) -> dict:
             gc.collect()
             torch.cuda.empty_cache()
     cmd = [sys.executable, __file__, "--worker", kind, impl, *map(str, params), str(_THREADS)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    import warp_cases as wc
+
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=wc.worker_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -67,6 +67,7 @@ def make_step(impl: str, what: str, size: int, classes: int, batch: int, device:
             logits.grad = None
             fn(logits, target).backward()
 
+        step.clear_grad = lambda: setattr(logits, "grad", None)  # for the memory probe: the gradient counts
     return step
 
 
@@ -101,9 +102,17 @@ def time_worker(what: str, size: int, classes: int, batch: int, repeats: int, de
 
 
 def memory_worker(impl: str, what: str, size: int, classes: int, batch: int, device: str) -> dict:
-    """Peak memory of one implementation alone in a fresh process (above the state after one step)."""
+    """Peak memory of one implementation alone in a fresh process (above the state after one step; CPU: the
+    resident growth of one call in a worker started with warp_cases.MALLOC_ENV, see cpu_extra_peak_mib)."""
     import torch
 
+    if not device.startswith("cuda"):
+        import warp_cases as wc
+
+        step = make_step(impl, what, size, classes, batch, device)
+        extra = wc.cpu_extra_peak_mib(step, getattr(step, "clear_grad", None))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"peak_mib": peak, "extra_peak_mib": extra}
     run = _setup(impl, what, size, classes, batch, device)
     run()
     before = _rss_mib()
@@ -120,8 +129,10 @@ def memory_worker(impl: str, what: str, size: int, classes: int, batch: int, dev
 
 
 def _run(args, *worker) -> dict:
+    import warp_cases as wc
+
     cmd = [sys.executable, __file__, "--worker", *map(str, worker)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=wc.worker_env())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -493,6 +493,24 @@ def cpu_peak_mib(step: Callable[[], Any], inputs: Inputs | None = None) -> float
     return (peak - base) / 1024
 
 
+def cpu_extra_peak_mib(step: Callable[[], Any], clear: Callable[[], Any] | None = None) -> float | None:
+    """The CPU workers' memory probe (loss, registration, segmentation suites, as run_warp's): after a warm-up
+    call, ``clear()`` (drop what the last call left, e.g. gradients), then :func:`cpu_peak_mib` of one call;
+    then glibc's timing steady state. Needs a process started with :data:`MALLOC_ENV` (see :func:`worker_env`):
+    with glibc's default heap, freed blocks under 32 MiB stay resident and were counted as if live."""
+    step()
+    if clear is not None:
+        clear()
+    peak = cpu_peak_mib(step)
+    malloc_steady_state()
+    return peak
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a CPU benchmark worker process (:data:`MALLOC_ENV` added)."""
+    return {**os.environ, **MALLOC_ENV}
+
+
 def cuda_peak_mib(step: Callable[[], Any], inputs: Inputs | None = None) -> float:
     """Peak CUDA allocation of one call above what is allocated before it (inputs included), MiB."""
     if inputs is not None:
