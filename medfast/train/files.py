@@ -106,6 +106,8 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
     ------
     DatasetError
         No training images; labels required but missing; image and label lists of different lengths.
+    ConfigError
+        ``data.val_fraction`` would leave no training image.
     """
     from medfast.data import DatasetError, find_pairs
 
@@ -127,6 +129,11 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
         raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
     if not val_images and d.val_fraction > 0 and len(images) >= min_subjects_to_split:
         n_val = max(1, int(round(len(images) * d.val_fraction)))
+        if n_val >= len(images):
+            from medfast.train.config import ConfigError
+
+            raise ConfigError(f"data.val_fraction={d.val_fraction} puts all {len(images)} training images in the "
+                              f"validation set and none in training: lower data.val_fraction, or add images")
         pick = set(np.random.default_rng(config.trainer.seed).permutation(len(images))[:n_val].tolist())
         val_images = [p for i, p in enumerate(images) if i in pick]
         val_labels = [p for i, p in enumerate(labels) if i in pick]

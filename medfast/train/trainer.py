@@ -241,7 +241,7 @@ class _Log:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        with open(self.csv, "w", newline="") as f:
+        with open(self.csv, "w", newline="", encoding="utf-8") as f:  # metric names hold class names
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.rows)
@@ -254,7 +254,7 @@ class _Log:
             self._write_csv()
         else:
             keys = list(self.rows[0])
-            with open(self.csv, "a", newline="") as f:
+            with open(self.csv, "a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, fieldnames=keys, extrasaction="ignore").writerow(row)
 
 
@@ -564,6 +564,9 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} is not a training checkpoint of medfast train (no {', '.join(missing)}); "
                                   f"it cannot be resumed")
+        check = getattr(self.task, "check_resume", None)  # optional: the task's own checks (e.g. the class list)
+        if check is not None:
+            check(state, path)
         load_model_state(self.model, state, path, self.config)
         self._load_optimizer_state(state, path)
         try:
@@ -715,8 +718,9 @@ class Trainer:
             except OSError as exc:
                 raise ConfigError(f"cannot create trainer.out_dir (--out) {self.out_dir}: "
                                   f"{exc.strerror or exc}") from None
-            save_config(self.config, self.out_dir / "config.yaml")
         resumed = self._resume(resume_path)
+        if main:  # after the resume's checks: a refused resume leaves the run's config.yaml as it was
+            save_config(self.config, self.out_dir / "config.yaml")
         if self.world > 1:  # each rank read its own out_dir: without a shared file system they could differ
             steps = [None] * self.world
             dist.all_gather_object(steps, (self.step, None if resume_path is None else str(resume_path)))

@@ -252,7 +252,9 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{root}: image folder not found")
         files, labels = [], []
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            found = [f for f in sorted(sub.iterdir()) if f.is_file() and _suffix(f) in IMAGE_SUFFIXES]
+            # hidden files are no images: macOS writes "._name.png" (AppleDouble) beside copies on FAT/SMB drives
+            found = [f for f in sorted(sub.iterdir())
+                     if f.is_file() and not f.name.startswith(".") and _suffix(f) in IMAGE_SUFFIXES]
             if not found and (classes is None or sub.name in classes):
                 raise DatasetError(f"{sub}: class folder without images ({', '.join(IMAGE_SUFFIXES)}); remove it "
                                    "or add images")

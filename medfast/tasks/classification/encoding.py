@@ -150,8 +150,8 @@ class BinaryEncoder(_Encoder):
 class OrdinalEncoder(_Encoder):
     """Ordered classes ``0 < ... < K-1`` in the cumulative-link (CORAL) form: ``K-1`` binary tasks ``y > k``.
 
-    ``encode(y)[:, k] = [y > k]``; ``decode`` counts the tasks with ``P(y > k) > 0.5`` (from logits) or the
-    ones of targets ``(N, K-1)``, so ``decode(encode(y)) == y``.
+    ``encode(y)[:, k] = [y > k]``; ``decode`` counts the tasks with ``P(y > k) > 0.5`` (from logits, of the
+    non-increasing :meth:`cumulative`) or the ones of targets ``(N, K-1)``, so ``decode(encode(y)) == y``.
     """
 
     encoding = "ordinal"
@@ -166,23 +166,31 @@ class OrdinalEncoder(_Encoder):
         return (y[:, None] > torch.arange(self.num_classes - 1)[None]).float()
 
     def decode(self, output: torch.Tensor, *, logits: bool | None = None) -> torch.Tensor:
-        """Classes ``(N,)`` from logits ``(N, K-1)`` (``logits > 0``) or from 0/1 targets ``(N, K-1)``.
+        """Classes ``(N,)`` from logits ``(N, K-1)`` (the number of :meth:`cumulative` ``P(y > k) > 0.5``, i.e. of
+        leading ``logits > 0``) or from 0/1 targets ``(N, K-1)``.
 
         ``logits=None`` guesses: a tensor holding only 0 and 1 is taken as targets.
         """
         output = self._outputs(output)
         if logits is None:
             logits = not bool(((output == 0) | (output == 1)).all())
-        above = output > 0 if logits else output > 0.5
-        return above.long().sum(1)
+        if logits:  # from the same monotone P(y > k) as probabilities: the decoded class has probability > 0
+            return (self.cumulative(output) > 0.5).long().sum(1)
+        return (output > 0.5).long().sum(1)
+
+    def cumulative(self, logits: torch.Tensor) -> torch.Tensor:
+        """``P(y > k)`` ``(N, K-1)``, made non-increasing in ``k`` (running minimum of the sigmoids): a head whose
+        biases lost their order (training does not keep them ordered) would give ``P(y > 1) > P(y > 0)``; with
+        ordered biases this is the sigmoid itself."""
+        return self._outputs(logits, "logits").float().sigmoid().cummin(1).values
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``(N, K)``: ``P(y = k) = P(y > k-1) - P(y > k)`` (clamped at 0, renormalized)."""
-        p = self._outputs(logits, "logits").float().sigmoid()
+        """Class probabilities ``(N, K)``: ``P(y = k) = P(y > k-1) - P(y > k)`` of :meth:`cumulative` (>= 0,
+        summing to 1)."""
+        p = self.cumulative(logits)
         n = p.shape[0]
         cum = torch.cat([p.new_ones(n, 1), p, p.new_zeros(n, 1)], 1)
-        probs = (cum[:, :-1] - cum[:, 1:]).clamp_min(0)
-        return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+        return (cum[:, :-1] - cum[:, 1:]).clamp_min(0)
 
 
 def make_encoder(encoding: str, num_classes: int, class_names: Sequence[str] | None = None) -> _Encoder:

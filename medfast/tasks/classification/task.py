@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medfast.data import DatasetError, collate
+from medfast.data import DatasetError
+from medfast.data import collate as _collate
 from medfast.tasks.classification.data import ImageFolderDataset
 from medfast.tasks.classification.encoding import make_encoder
 from medfast.tasks.classification.losses import ClassificationLoss
@@ -59,9 +60,60 @@ def _network_class(name: str):
     return {"sononet": SonoNet, "resnet": ResNetClassifier, "densenet": DenseNetClassifier}.get(name)
 
 
-def check_config(config: Config) -> None:
+#: the settings of the shared sections the task reads (the trainer reads data.num_workers); any other one set
+#: to a non-default value would be silently ignored, so it is refused (:func:`_refuse_unused_settings`)
+_READ = {"data": {"dataset", "root", "val_fraction", "shape", "normalize", "num_workers", "dataset_args"},
+         "model": {"name", "spatial_dims", "in_channels", "out_channels", "channels", "kwargs"},
+         "loss": set(), "augment": set(), "inference": set()}
+#: non-default values that state what the task does anyway (it caches nothing, reorients nothing, augments
+#: nothing): accepted, so that e.g. ``data.cache: none`` in configs/classification_example.yaml stays valid
+_HARMLESS = {"data.cache": "none", "data.reorient": False, "augment.enabled": False}
+_HINTS = {"data": "the images come from data.root or data.dataset_args.csv_file, the validation set from "
+                  "data.val_fraction or data.dataset_args.val_root / val_csv_file",
+          "model": "the network is model.name, model.channels[0] and model.kwargs (DenseNet's normalization is "
+                   "model.kwargs.norm)",
+          "loss": "the loss follows model.kwargs.encoding",
+          "augment": "the task does not augment",
+          "inference": "whole images are classified"}
+
+
+def _refuse_unused_settings(config: Config) -> None:
+    """A shared setting the classification task would ignore is an error naming it (not a silent no-op), as in
+    the synthesis task."""
+    import dataclasses
+
+    from medfast.train.config import AugmentConfig, DataConfig, InferenceConfig, LossConfig, ModelConfig
+
+    d = config.data
+    read = {k: set(v) for k, v in _READ.items()}
+    if d.dataset == SIMULATED:  # frames are rendered: no folder, validation is the held-out poses / volumes
+        read["data"] -= {"root", "val_fraction"}
+    unused: list[str] = []
+    for section, cls in (("data", DataConfig), ("model", ModelConfig), ("loss", LossConfig),
+                         ("augment", AugmentConfig), ("inference", InferenceConfig)):
+        default, value = cls(), getattr(config, section)
+        for f in dataclasses.fields(cls):
+            key, v = f"{section}.{f.name}", getattr(value, f.name)
+            if f.name in read[section] or v == getattr(default, f.name):
+                continue
+            if key in _HARMLESS and v == _HARMLESS[key] and type(v) is type(_HARMLESS[key]):
+                continue
+            unused.append(key)
+    args = d.dataset_args
+    if d.dataset is None and d.val_fraction > 0 and (args.get("val_root") or args.get("val_csv_file")):
+        unused.append("data.val_fraction (set it to 0: the validation set is data.dataset_args.val_root / "
+                      "val_csv_file)")
+    if unused:
+        hints = "; ".join(_HINTS[s] for s in _HINTS if any(u.startswith(f"{s}.") for u in unused))
+        raise ConfigError(f"the classification task does not use {', '.join(unused)}: remove "
+                          f"{'it' if len(unused) == 1 else 'them'} ({hints})")
+
+
+def check_config(config: Config, *, refuse_unused: bool = True) -> None:
     """Checks the classification settings (``model.*``, ``data.dataset_args``, ``task_args``) before any data is
-    read; raises :class:`ConfigError` naming the key and the allowed values."""
+    read; raises :class:`ConfigError` naming the key and the allowed values. With ``refuse_unused``, a shared
+    setting the task would ignore (``model.norm``, ``augment.*``, ``loss.*``, ``data.test_images``, ...) is an
+    error too (off for the config of a trained checkpoint, where it had no effect)."""
     import inspect
 
     m, d = config.model, config.data
@@ -78,6 +130,9 @@ def check_config(config: Config) -> None:
     encoding = kw.pop("encoding", "nominal")
     if encoding not in ENCODINGS:
         raise ConfigError(f"model.kwargs.encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
+    if encoding == "binary" and m.out_channels != 2:
+        raise ConfigError(f"model.kwargs.encoding='binary' has 2 classes but model.out_channels={m.out_channels}: "
+                          "set model.out_channels=2, or use encoding 'nominal' (or 'ordinal') for more classes")
     valid = sorted(set(inspect.signature(cls.__init__).parameters) - _FIXED)
     unknown = sorted(set(kw) - set(valid))
     if unknown:
@@ -99,6 +154,8 @@ def check_config(config: Config) -> None:
     if config.task_args:
         raise ConfigError(f"unknown task_args for the classification task: {sorted(config.task_args)} (it takes "
                           f"none; the settings are model.kwargs and data.dataset_args)")
+    if refuse_unused:
+        _refuse_unused_settings(config)
 
 
 def _check_folder_args(config: Config, encoding: str) -> None:
@@ -159,6 +216,83 @@ def build_classifier(config: Config) -> nn.Module:
     raise ConfigError(f"model.name={m.name!r}: the classification task builds 'sononet', 'resnet' or 'densenet'")
 
 
+def min_input_size(model: nn.Module, spatial_dims: int, in_channels: int) -> int | None:
+    """The smallest edge ``s`` such that ``model`` takes a ``(1, in_channels, s, ..., s)`` input (its poolings
+    need at least one pixel left), found by forwarding zeros in eval mode (no state or RNG changes); None if it
+    is not found up to 1024 (2D) / 64 (3D). The poolings act per axis, so it is the minimum of every axis."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+
+    def fits(s: int) -> bool:
+        try:
+            model(torch.zeros((1, in_channels) + (s,) * spatial_dims, device=device))
+        except (RuntimeError, ValueError):  # "Output size is too small", norm layers over one value
+            return False
+        return True
+
+    try:
+        with torch.no_grad():
+            hi, limit = 1, 1024 if spatial_dims == 2 else 64
+            while not fits(hi):
+                if hi >= limit:
+                    return None
+                hi *= 2
+            lo = hi // 2  # does not fit (or 0)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+            return hi
+    finally:
+        model.train(was_training)
+
+
+def _size_text(shape) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _check_stackable(shapes, files) -> None:
+    """The images of one batch (spatial ``shapes``) must have one size: :func:`medfast.data.collate` would zero-pad
+    them (bottom/right), so what the network sees would depend on the batch. Raises :class:`DatasetError` naming
+    an odd file."""
+    shapes = [tuple(int(v) for v in s) for s in shapes]
+    for shape, f in zip(shapes, files, strict=True):
+        if shape != shapes[0]:
+            raise DatasetError(f"{f}: image of size {_size_text(shape)} but {files[0]} in the same batch is "
+                               f"{_size_text(shapes[0])}: images of different sizes do not stack; set data.shape "
+                               "(e.g. [128, 128]) to resize every image")
+
+
+def collate(items):
+    """:func:`medfast.data.collate` for classification items: refuses images of different sizes (see
+    :func:`_check_stackable`) instead of zero-padding them."""
+    if items and "image" in items[0]:
+        _check_stackable([it["image"].shape[1:] for it in items], [it.get("files", "?") for it in items])
+    return _collate(items)
+
+
+class _WithSize(Dataset):
+    """Adds ``"size"`` (the image's spatial size, int64) to every item: the trainer batches items with
+    :func:`medfast.data.collate`, which zero-pads images of different sizes; the training and validation steps
+    refuse such a batch from these sizes (only without ``data.shape``, when sizes can differ)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __getattr__(self, name: str):  # files, classes, labels, ... of the folder data set
+        if name == "base":  # not set yet (e.g. while unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        item = self.base[key]
+        item["size"] = torch.tensor(item["image"].shape[1:], dtype=torch.long)
+        return item
+
+
 class _Subset(Dataset):
     """``base[indices[i]]``; passes ``(index, seed)`` keys through."""
 
@@ -178,9 +312,9 @@ class _Subset(Dataset):
 class ClassificationTask(Task):
     """Image classification with a nominal, binary or ordinal (CORAL) label encoding."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, refuse_unused: bool = True) -> None:
         super().__init__(config)
-        check_config(config)
+        check_config(config, refuse_unused=refuse_unused)
         self.encoding = config.model.kwargs.get("encoding", "nominal")
         self.num_classes = config.model.out_channels
         self.loss_fn = ClassificationLoss(self.encoding)
@@ -188,9 +322,32 @@ class ClassificationTask(Task):
         self.val_ds = None
         self.source = None  # SimulatedUltrasound when data.dataset = simulated_ultrasound
         self._val_images: dict[str, torch.Tensor] = {}
+        self.min_size: int | None = None  # the network's smallest input edge (set by build_model)
 
     def build_model(self) -> nn.Module:
-        return build_classifier(self.config)
+        c = self.config
+        model = build_classifier(c)
+        self.min_size = min_input_size(model, c.model.spatial_dims, c.model.in_channels)
+        shape = c.data.shape or ((64, 64) if c.data.dataset == SIMULATED else None)  # the simulator's default
+        if shape is not None and self.min_size is not None and min(shape) < self.min_size:
+            raise ConfigError(f"data.shape={list(shape)} is smaller than the smallest input of this network "
+                              f"(model.name={c.model.name!r}, model.kwargs {dict(c.model.kwargs)}): "
+                              f"{self.min_size} pixels per axis, which its poolings need; raise data.shape or "
+                              "use fewer blocks / stem_stride 1")
+        return model
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        """Called by the trainer when it resumes ``state`` (after :meth:`build_datasets`): the class list must be
+        the checkpoint's, or the network's outputs would be read as other classes."""
+        from medfast.train.trainer import CheckpointError
+
+        saved = (((state.get("config") or {}).get("data") or {}).get("dataset_args") or {}).get("classes")
+        now = self.config.data.dataset_args.get("classes")
+        if saved is not None and now is not None and [str(c) for c in saved] != [str(c) for c in now]:
+            raise CheckpointError(f"{path} was trained with the classes {list(saved)} (in this order) but this "
+                                  f"run's classes are {list(now)}: resuming would relabel the network's outputs; "
+                                  f"set data.dataset_args.classes={list(saved)} (and keep the class folders' "
+                                  "names), or train a new run (without --resume)")
 
     def _folder(self, root, csv_file) -> ImageFolderDataset:
         d, args = self.config.data, self.config.data.dataset_args
@@ -246,18 +403,26 @@ class ClassificationTask(Task):
                                "dataset with data.root / data.dataset_args.csv_file (your images)")
         if d.root is None and not args.get("csv_file"):
             raise DatasetError("no training data: set data.root (class subfolders) or data.dataset_args.csv_file")
-        full = self._folder(d.root, args.get("csv_file"))
-        if len(full.classes) != self.num_classes:
-            raise DatasetError(f"{args.get('csv_file') or d.root}: {len(full.classes)} classes {full.classes} but "
-                               f"model.out_channels={self.num_classes}")
-        self.encoder = make_encoder(self.encoding, self.num_classes, full.classes)
-        args["classes"] = list(full.classes)  # saved with the checkpoint's config, for predict_files
+        folder = self._folder(d.root, args.get("csv_file"))
+        if len(folder.classes) != self.num_classes:
+            raise DatasetError(f"{args.get('csv_file') or d.root}: {len(folder.classes)} classes {folder.classes} "
+                               f"but model.out_channels={self.num_classes}")
+        self.encoder = make_encoder(self.encoding, self.num_classes, folder.classes)
+        args["classes"] = list(folder.classes)  # saved with the checkpoint's config, for predict_files
+        # without data.shape image sizes can differ: the items carry theirs, checked per batch (_check_batch)
+        full = folder if d.shape is not None else _WithSize(folder)
         train, val = full, None
         if args.get("val_root") or args.get("val_csv_file"):
-            val = self._folder(args.get("val_root"), args.get("val_csv_file"))
+            # the validation CSV's relative paths start where the training CSV's do (data.root), or at val_root
+            val = self._folder(args.get("val_root") or d.root, args.get("val_csv_file"))
+            val = val if d.shape is not None else _WithSize(val)
         elif d.val_fraction > 0 and len(full) > 1:
             order = np.random.default_rng(c.trainer.seed).permutation(len(full))
             n_val = max(1, int(round(len(full) * d.val_fraction)))
+            if n_val >= len(full):
+                raise ConfigError(f"data.val_fraction={d.val_fraction} puts all {len(full)} images of "
+                                  f"{args.get('csv_file') or d.root} in the validation set and none in training: "
+                                  "lower data.val_fraction, or add images")
             val, train = _Subset(full, sorted(order[:n_val].tolist())), _Subset(full, sorted(order[n_val:].tolist()))
         self.val_ds = val
         return train, val
@@ -290,8 +455,20 @@ class ClassificationTask(Task):
             self._val_images.update(zip(keys, imgs, strict=True))
         return torch.stack([self._val_images[k] for k in keys]).to(device)
 
+    def _check_batch(self, batch, image: torch.Tensor) -> None:
+        """Refuses a batch that :func:`medfast.data.collate` zero-padded (images of different sizes, see
+        :class:`_WithSize`) and images smaller than the network takes (a raw pooling error otherwise)."""
+        files = list(batch.get("files") or ["?"] * image.shape[0])
+        if "size" in batch:
+            _check_stackable(batch["size"].tolist(), files)
+        if self.min_size is not None and min(image.shape[2:]) < self.min_size:
+            raise DatasetError(f"{files[0]}: image of size {_size_text(image.shape[2:])} is smaller than the "
+                               f"network's smallest input, {self.min_size} pixels per axis; set data.shape to "
+                               "resize the images, or use a network with fewer poolings")
+
     def training_step(self, model, batch, device):
         image = self.images(batch, device)
+        self._check_batch(batch, image)
         label = batch["label"].to(device, non_blocking=True)
         logits = model(image)
         loss = self.loss_fn(logits, self._targets(label))
@@ -301,6 +478,7 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def validation_step(self, model, batch, device):
         image = self._cached_images(batch, device)
+        self._check_batch(batch, image)
         label = batch["label"].to(device).reshape(-1)
         logits = model(image)
         pred, _ = self._predict(logits)
@@ -325,21 +503,30 @@ class ClassificationTask(Task):
             return {}
         was_training = model.training
         model.eval()
-        preds, probs, labels, subsets, shown = [], [], [], [], []
+        preds, probs, labels, subsets = [], [], [], []
+        # only the images cam.png draws are kept (copies, not views of their batch): memory does not grow with
+        # the validation set
+        cams = self.config.trainer.plots and self.config.model.spatial_dims == 2
+        shown: list[tuple[torch.Tensor, int, str]] = []
+        counts: dict[tuple[str, int], int] = {}
         loader = torch.utils.data.DataLoader(self.val_ds, batch_size=max(1, self.config.trainer.batch_size),
                                              collate_fn=collate)
         with torch.no_grad():
             for batch in loader:
                 image = self._cached_images(batch, device)
+                self._check_batch(batch, image)
                 pred, prob = self._predict(model(image))
                 preds.append(pred.cpu())
                 probs.append(prob.cpu())
                 labels.append(batch["label"].reshape(-1))
                 subsets += list(batch.get("subset") or ["validation"] * len(pred))
-                if self.config.model.spatial_dims == 2:
-                    shown += [(x, int(y), str(sub)) for x, y, sub in
-                              zip(image.cpu(), batch["label"].reshape(-1), batch.get("subset") or [""] * len(pred),
-                                  strict=True)]
+                for i, (y, sub) in enumerate(zip(batch["label"].reshape(-1).tolist(),
+                                                 batch.get("subset") or [""] * len(pred), strict=True)):
+                    if not cams or len(shown) >= self.CAM_IMAGES:
+                        break
+                    if counts.get((str(sub), y), 0) < self.CAM_PER_CLASS:
+                        counts[(str(sub), y)] = counts.get((str(sub), y), 0) + 1
+                        shown.append((image[i].detach().cpu().clone(), y, str(sub)))
         pred, prob, label = torch.cat(preds), torch.cat(probs), torch.cat(labels)
         k = self.num_classes
         names = self.encoder.class_names
@@ -367,14 +554,17 @@ class ClassificationTask(Task):
         (Path(out_dir) / "classification_report.json").write_text(json.dumps(report, indent=1))
         return {"classification": report}
 
-    def _save_cams(self, model, shown, device, path: Path, per_class: int = 2) -> Path:
+    #: cam.png: up to CAM_PER_CLASS validation images of each class from each subset, CAM_IMAGES at most
+    CAM_PER_CLASS, CAM_IMAGES = 2, 16
+
+    def _save_cams(self, model, shown, device, path: Path, per_class: int = CAM_PER_CLASS) -> Path:
         """Grad-CAM overlays: up to ``per_class`` images of each class from each subset (16 at most)."""
         from medfast.tasks.classification.cam import class_activation_map, save_cam_png
 
         picked, count = [], {}
         for x, y, sub in shown:
             key = (sub, y)
-            if count.get(key, 0) < per_class and len(picked) < 16:
+            if count.get(key, 0) < per_class and len(picked) < self.CAM_IMAGES:
                 count[key] = count.get(key, 0) + 1
                 picked.append((x, y, sub))
         picked.sort(key=lambda t: (t[2], t[1]))
@@ -413,11 +603,11 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
         import yaml
 
         config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(state["config"])))
-    task = ClassificationTask(config)
+    task = ClassificationTask(config, refuse_unused=False)  # a setting training ignored is ignored here too
     names = config.data.dataset_args.get("classes") or [str(k) for k in range(task.num_classes)]
     task.encoder = make_encoder(task.encoding, task.num_classes, names)
     dev = resolve_device(device, "--device")
-    model = build_classifier(config)
+    model = task.build_model()  # checks data.shape against the network's smallest input (task.min_size)
     load_model_state(model, state, checkpoint, config)
     model.to(dev).eval()
     # the training data set's item transform, applied to files outside it
@@ -434,14 +624,26 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
         if x.shape[0] != in_channels:  # clear error naming the file, not a raw convolution error
             raise DatasetError(f"{folder.files[i]}: {x.shape[0]} channel(s) but the model takes "
                                f"model.in_channels={in_channels}")
+        if task.min_size is not None and min(x.shape[1:]) < task.min_size:  # not a raw pooling error
+            raise DatasetError(f"{folder.files[i]}: image of size {_size_text(x.shape[1:])} is smaller than the "
+                               f"network's smallest input, {task.min_size} pixels per axis")
         return x[None].to(dev)
+
+    def classify(i: int, x: torch.Tensor):
+        try:
+            return task._predict(model(x))
+        except RuntimeError as exc:  # a network whose smallest input was not found: still name the file
+            if "too small" not in str(exc):
+                raise
+            raise DatasetError(f"{folder.files[i]}: image of size {_size_text(x.shape[2:])} is too small for the "
+                               f"network ({exc})") from None
 
     # every input is read and classified before anything is written: a bad file leaves no partial output
     rows, preds = [], []
     for i, f in enumerate(folder.files):
         x = image(i)  # read_image: a missing or corrupt file raises DatasetError naming it
         with torch.no_grad():
-            pred, prob = task._predict(model(x))
+            pred, prob = classify(i, x)
         row = {"file": str(f), "class": names[int(pred[0])], "index": int(pred[0])}
         if save_probabilities:
             row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, prob[0].tolist(), strict=True)})
@@ -450,10 +652,18 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "predictions.csv"
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["file", "class", "index"])
-        writer.writeheader()
-        writer.writerows(rows)
+    # UTF-8 whatever the locale (class names, paths), through a temporary file: a failure leaves no partial CSV
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["file", "class", "index"])
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for old in (out_dir / "cam").glob("*.png"):  # an earlier call's maps would sit beside (or pass for) these
+        old.unlink()
     cam_paths = []
     if save_cam and config.model.spatial_dims == 2:
         from medfast.tasks.classification.cam import class_activation_map, save_cam_png

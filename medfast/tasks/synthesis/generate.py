@@ -40,7 +40,8 @@ def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"):
 
 def read_poses(path: str | Path) -> torch.Tensor:
     """``(N, 4, 4)`` float64 poses from a ``.npy`` array or a JSON list (or a JSON object with a ``"poses"``
-    list, as ``medfast simulate`` writes in ``simulate.json``)."""
+    list, as ``medfast simulate`` writes in ``simulate.json``); each must be a finite rigid transform (a
+    ValueError names the file and the pose otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"poses file not found: {path}")
@@ -57,6 +58,19 @@ def read_poses(path: str | Path) -> torch.Tensor:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1:] != (4, 4):
         raise ValueError(f"{path}: poses must be (N, 4, 4), got shape {arr.shape}")
+    if len(arr) == 0:
+        raise ValueError(f"{path}: no poses")
+    # the simulator's checks (medfast.ultrasound.simulate), here to name the file and the pose
+    for i, pose in enumerate(arr):
+        where = f"{path}: pose {i} (of {len(arr)}, counting from 0)"
+        if not np.isfinite(pose).all():
+            raise ValueError(f"{where} contains NaN or inf")
+        if np.abs(pose[3] - (0.0, 0.0, 0.0, 1.0)).max() > 1e-4:
+            raise ValueError(f"{where} is not affine: its last row must be (0, 0, 0, 1), got {pose[3].tolist()}")
+        rot = pose[:3, :3]
+        if np.abs(rot.T @ rot - np.eye(3)).max() > 1e-3 or np.linalg.det(rot) < 0:
+            raise ValueError(f"{where} is not rigid: its 3x3 part must be a rotation (orthonormal columns, "
+                             "determinant +1; no scale, shear or mirror)")
     return torch.from_numpy(arr)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,11 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
     """``config.task_args`` as :class:`SynthesisArgs`, checked (raises :class:`ConfigError` naming the key)."""
     a = _build(SynthesisArgs, config.task_args or {}, "task_args")
     _refuse_unused_settings(config)
+    if isinstance(a.source, str) and a.source and a.source not in SOURCES:
+        # a file: absolute, so that the saved config (checkpoint, config.yaml) names the training volume
+        # whatever the working directory of a later synthesize / predict
+        a.source = os.path.abspath(os.path.expanduser(a.source))
+        config.task_args["source"] = a.source
     if a.mode not in ("image", "pose"):
         raise ConfigError(f"task_args.mode must be 'image' or 'pose', got {a.mode!r}")
     if a.gan_loss not in ("lsgan", "bce"):
@@ -358,7 +364,8 @@ class SynthesisTask(Task):
 
     def _grid_rows(self, cond: torch.Tensor, fake: torch.Tensor, real: torch.Tensor):
         if self.args.mode == "pose":  # the coordinate that varies most between the frames
-            axis = int(cond[:, :3].float().mean(dim=(2, 3)).std(0).argmax())
+            # population std: defined (0) for a single frame, where the sample std warns and gives NaN
+            axis = int(cond[:, :3].float().mean(dim=(2, 3)).std(0, correction=0).argmax())
             first = (f"pose: world {'xyz'[axis]}", cond[:, axis:axis + 1])
             rng = (float(cond[:, axis].min()), float(cond[:, axis].max()))
         elif cond.shape[1] == 2:
