@@ -190,6 +190,9 @@ def parts_worker(impl: str, size: int, channels: int, repeats: int, device: str 
     """The step's parts: this build's LocalNet forward + backward (medfast's path, or the stock
     ``torch.nn`` path for MONAI) and its warp + LNCC + bending energy forward + backward."""
     import torch
+    import warp_cases as wc
+
+    wc.malloc_steady_state()  # timing only: glibc's usual heap, not the memory probe's (MALLOC_ENV)
 
     torch.manual_seed(0)
     fixed = torch.rand(1, 1, size, size, size).to(device)

@@ -89,6 +89,9 @@ def _setup(impl: str, what: str, size: int, classes: int, batch: int, device: st
 
 def time_worker(what: str, size: int, classes: int, batch: int, repeats: int, device: str) -> dict:
     """Both implementations in this process, alternating; median and minimum per implementation."""
+    import warp_cases as wc
+
+    wc.malloc_steady_state()  # timing only: glibc's usual heap, not the memory probe's (MALLOC_ENV)
     runs = {impl: _setup(impl, what, size, classes, batch, device) for impl in IMPLS}
     times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for impl in IMPLS:  # warm-up
