@@ -95,3 +95,9 @@ def test_evaluate_single_sagittal_or_coronal_slice_is_2d(tmp_path, flat):
     want = fm.hausdorff_distance(torch.from_numpy(pred)[None].long(), torch.from_numpy(ref)[None].long(), 95,
                                  [0.5, 0.8], num_classes=2)
     assert row["hd"] == pytest.approx(float(want[0, 0]), abs=1e-4)
+
+
+def test_dice_loss_weight_forms_with_numpy_flags():
+    logits, lab = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    want = fl.DiceLoss(include_background=False, weight=[1.0, 2.0])(logits, lab)
+    torch.testing.assert_close(fl.DiceLoss(include_background=np.False_, weight=[1.0, 2.0])(logits, lab), want)

@@ -89,3 +89,12 @@ def test_float32_local_ncc_stays_in_0_1_in_near_constant_windows():
     # away from the clamp nothing changes: float64 of the same images is never clamped
     ncc64 = mf.local_ncc(p.detach().double(), t.double(), 9)
     assert ncc64.max().item() < 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_local_ncc_keeps_nan_from_nan_or_inf_inputs(bad):
+    # the clamp of cross^2 must not turn a NaN into a perfect match (ncc 1 and a finite loss with NaN gradients)
+    p, t = torch.rand(1, 1, 12, 12, 12), torch.rand(1, 1, 12, 12, 12)
+    p[0, 0, 6, 6, 6] = bad
+    assert torch.isnan(mf.local_ncc(p, t, 5)[0, 0, 6, 6, 6])
+    assert torch.isnan(mf.lncc_loss(p, t, 5))

@@ -214,3 +214,31 @@ def test_grid_affines_axial_is_rows_and_columns_0_1_3():
     a3, a3_f = grid_affines(AXIAL, _shifted(AXIAL, (1, 2, 7)), 3)
     np.testing.assert_allclose(a3, AXIAL)
     np.testing.assert_allclose(a3_f[:3, 3], AXIAL[:3, 3] + (1, 2, 7))
+
+
+@pytest.mark.parametrize("shape, flat", [((16, 16, 1), 2), ((1, 16, 16), 0), ((16, 1, 16), 1)])
+def test_single_slices_with_a_degenerate_flat_column_load_everywhere(tmp_path, shape, flat):
+    # the slice is placed by its two in-plane columns: the flat axis's may be 0 (one rule for every reader)
+    import nibabel as nib
+
+    from medfast.data.io import load_nifti as io_load
+    from medfast.tasks.registration import load_nifti as reg_load
+
+    def save(data, sform):  # a degenerate sform (nibabel cannot build a qform from it: given in the header)
+        img = nib.Nifti1Image(data, np.diag([0.5, 0.5, 0.5, 1.0]))
+        img.header.set_sform(sform, code=1)
+        nib.save(nib.Nifti1Image(img.dataobj, None, img.header), str(path))
+
+    affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    affine[flat, flat] = 0.0
+    path = tmp_path / "slice.nii.gz"
+    save(np.random.default_rng(0).random(shape).astype(np.float32), affine)
+    io_load(path)
+    data, _ = reg_load(path)
+    assert data.shape == (16, 16)
+    zero = np.diag([0.5, 0.0, 0.5, 1.0]) if flat != 1 else np.diag([0.0, 0.5, 0.5, 1.0])
+    save(np.zeros(shape, np.float32), zero)  # an in-plane column 0: singular
+    with pytest.raises(Exception, match="singular"):
+        io_load(path)
+    with pytest.raises(Exception, match="singular"):
+        reg_load(path)

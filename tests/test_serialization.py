@@ -111,3 +111,28 @@ def test_classification_loss_with_class_weights_after_a_dtype_move(convert):
     want = ClassificationLoss("nominal", class_weights=torch.tensor([1.0, 2.0, 3.0]))(logits, t)
     moved = getattr(ClassificationLoss("nominal", class_weights=torch.tensor([1.0, 2.0, 3.0])), convert)()
     torch.testing.assert_close(moved(logits, t), want)
+
+
+def test_checkpoints_written_before_the_tensor_rng_state_still_load(tmp_path):
+    # before 2026-11-28 the NumPy RNG state was np.random.get_state(): a pickled ndarray
+    import random
+
+    state = {"format": "medfast-checkpoint-1", "task": "segmentation", "config": {"task": "segmentation"},
+             "model": {"w": torch.zeros(2)}, "step": 10, "epoch": 0, "micro_batches": 10, "world_size": 1,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    torch.save(state, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    np.random.seed(4)
+    want = np.random.rand(3)
+    np.random.seed(4)
+    _set_rng_state({**loaded["rng"], "numpy": np.random.get_state()})
+    assert np.array_equal(np.random.rand(3), want)
+
+
+def test_registration_models_with_numpy_kwargs_save_and_load(tmp_path):
+    from medfast.tasks.registration import RegistrationNet, save_model
+
+    kw = dict(spatial_dims=2, in_channels=2, num_channel_initial=np.int64(4), depth=2, velocity=np.True_)
+    save_model(tmp_path / "reg.pt", RegistrationNet(**kw), kw, [32, 32])
+    net, info = load_model_info(tmp_path / "reg.pt")  # weights_only refused the NumPy scalars before
+    assert isinstance(net, torch.nn.Module)

@@ -57,8 +57,9 @@ MEDFAST_HOST_DEVICE T ncc_voxel(const T* s, T N, T nr, T dr) {
   pv = pv > dr ? pv : dr;
   // cross^2 <= tv pv exactly (Cauchy-Schwarz); in float32 near-constant windows round past it (ncc 9 and a
   // loss below -1, which an optimizer exploits): clamp to the bound
+  // (c2 > bound, not c2 < bound: a NaN from a NaN / inf input stays NaN, as the adjoint's test reads it)
   const T c2 = cross * cross, bound = tv * pv;
-  return ((c2 < bound ? c2 : bound) + nr) / bound;
+  return ((c2 > bound ? bound : c2) + nr) / bound;
 }
 
 // Overwrites the five sums s[kFields] of one voxel by their adjoints, for g = dL/dncc there.

@@ -65,6 +65,23 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((affine[:n, :n] ** 2).sum(axis=0))
 
 
+def voxel_measure(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float]:
+    """``(measure, scale)`` of a voxel-to-world affine for an image of ``shape``: the voxel's volume (mm^3) of a
+    3D grid, or the pixel's area (mm^2) of a 2D image or a single slice (exactly one of the three axes of size
+    1, whichever: that axis's column may be degenerate, the slice is placed by the other two); ``scale`` is the
+    product of the column lengths used, for a relative test (``measure`` near 0: singular)."""
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    shape = tuple(shape)
+    if len(shape) == 2:
+        axes = [0, 1]
+    elif len(shape) >= 3 and shape[:3].count(1) == 1:
+        axes = [a for a in range(3) if shape[a] != 1]
+    else:
+        return abs(float(np.linalg.det(cols))), float(np.prod(np.linalg.norm(cols, axis=0)))
+    a, b = cols[:, axes[0]], cols[:, axes[1]]
+    return float(np.linalg.norm(np.cross(a, b))), float(np.linalg.norm(a) * np.linalg.norm(b))
+
+
 def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     """Reads a NIfTI image (float32, channels first) or label map (int64, integer-valued check).
 
@@ -92,12 +109,7 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     # reorientation and resampling invert it: a broken header would fail there without naming the file
     if not np.isfinite(affine).all():
         raise DatasetError(f"{path}: the voxel-to-world affine (sform / qform) holds NaN or inf values")
-    # a single-slice (2D) image is placed by its first two voxel axes alone: its third column may be degenerate
-    cols = affine[:3, :3]
-    if data.ndim == 2 or data.shape[2] == 1:
-        size = float(np.linalg.norm(np.cross(cols[:, 0], cols[:, 1])))  # the pixel's area, mm^2
-    else:
-        size = abs(float(np.linalg.det(cols)))  # the voxel's volume, mm^3
+    size, _ = voxel_measure(affine, data.shape)
     if not size > 1e-12:
         raise DatasetError(f"{path}: the voxel-to-world affine (sform / qform) is singular (zero voxel size or "
                            "parallel voxel axes): the header's voxel sizes or orientation are broken")

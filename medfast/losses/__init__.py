@@ -26,6 +26,7 @@ from medfast.losses.registration import (
 )
 from medfast.ops._lncc import lncc_loss, local_ncc
 from medfast.ops._loss import cross_entropy, dice_ce_loss, dice_loss
+from medfast.ops._validate import py_scalar
 
 
 class DiceLoss(nn.Module):
@@ -53,6 +54,7 @@ class DiceLoss(nn.Module):
         check_labels: bool = True,
     ) -> None:
         super().__init__()
+        include_background = py_scalar(include_background)  # np.False_ too: the C - 1 weight form tests it
         self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
                            class_weight=weight, ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync,
                            activation="sigmoid" if sigmoid else "softmax", check_labels=check_labels)

@@ -498,9 +498,22 @@ def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_s
             raise ValueError(f"spacing must be {len(input_shape)} positive numbers (mm), got {spacing}")
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"net": name, "net_kwargs": dict(net_kwargs), "input_shape": [int(s) for s in input_shape],
-                "spacing": spacing, "reorient": bool(reorient), "state_dict": net.state_dict()}, tmp)
+    torch.save({"net": name, "net_kwargs": _plain_values(dict(net_kwargs)),
+                "input_shape": [int(s) for s in input_shape], "spacing": spacing, "reorient": bool(reorient),
+                "state_dict": net.state_dict()}, tmp)
     tmp.replace(path)
+
+
+def _plain_values(value: Any) -> Any:
+    """NumPy scalars (and 0-d tensors) inside dicts / lists / tuples as Python numbers: a checkpoint must load with
+    torch.load(weights_only=True), which refuses pickled NumPy objects."""
+    from medfast.ops._validate import py_scalar
+
+    if isinstance(value, dict):
+        return {k: _plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_values(v) for v in value)
+    return py_scalar(value)
 
 
 def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
@@ -711,9 +724,12 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if 1 in data.shape:
         raise RegistrationError(f"{path} has shape {shape}: more than one axis of size 1 is neither a 2D nor a 3D "
                                 f"image")
-    lin = affine[:3, :3]
-    # a zero / singular / NaN affine would only fail when the outputs are written, after the whole optimization
-    if not (np.all(np.isfinite(affine)) and abs(np.linalg.det(lin)) > 1e-6 * np.prod(np.linalg.norm(lin, axis=0))):
+    from medfast.data.io import voxel_measure
+
+    # a zero / singular / NaN affine would only fail when the outputs are written, after the whole optimization;
+    # a 2D image (a single slice too) is placed by its two in-plane columns (the flat axis's may be degenerate)
+    size, scale = voxel_measure(affine, data.shape) if np.all(np.isfinite(affine)) else (0.0, 1.0)
+    if not size > 1e-6 * scale:
         raise RegistrationError(f"{path} has a singular or non-finite affine (the voxel-to-world matrix of its "
                                 f"sform / qform): {affine.round(4).tolist()}")
     return np.nan_to_num(np.asarray(data)), affine

@@ -89,7 +89,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:  # weights_only: tensors and plain values only; a pickled object (code run on load) is refused
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = _load_weights_only(path, map_location)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise CheckpointError(f"cannot read checkpoint {path} (not a checkpoint written by medfast train?): "
@@ -97,6 +97,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a medfast checkpoint (no 'model' entry)")
     return state
+
+
+def _numpy_rng_globals() -> list[Any]:
+    """The NumPy types of ``np.random.get_state()`` as pickled: an ndarray of uint32."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_weights_only(path: Path, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)``; for a checkpoint written before NumPy's RNG state was stored as a tensor
+    (2026-11-28), the same with exactly the NumPy types of that state allowed (still no code runs on load)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # noqa: BLE001 - retried once with the old checkpoints' NumPy types; the caller names the file
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _config_differences(saved: Any, now: dict[str, Any], section: str) -> list[str]:
