@@ -604,9 +604,10 @@ def simulate(
     """
     if not torch.compiler.is_compiling() and _functorch.peek_interpreter_stack() is not None:
         raise NotImplementedError(
-            "medfast.ultrasound.simulate does not run under torch.func transforms (vmap, grad, jvp, ...): it reads "
-            "the poses on the host and caches probe tables; give it a batch of poses ((B, 4, 4), with volume_index "
-            "for several volumes) and differentiate with .backward() or torch.autograd.grad")
+            "medfast.ultrasound.simulate does not run under torch.func transforms (vmap, grad, jvp, ...; no "
+            "forward-mode derivative either): it reads the poses on the host and caches probe tables; give it a batch "
+            "of poses ((B, 4, 4), with volume_index for several volumes) and differentiate in reverse mode "
+            "(.backward() or torch.autograd.grad)")
     refuse_function_transforms("medfast.ultrasound.simulate", props, pose)
     if torch.compiler.is_exporting():
         raise RuntimeError(
