@@ -70,6 +70,34 @@ def _inputs(size: int, classes: int, batch: int, dtype: str, device: str):
     return logits, target
 
 
+def check_agreement(classes: int, device: str = "cpu", size: int = 12) -> None:
+    """Before timing: every implementation that runs gives the same loss and gradient as medfast on a small
+    float64 case (a fast but wrong kernel must not reach the tables). Raises AssertionError naming the peer."""
+    import torch
+
+    torch.manual_seed(0)
+    base = torch.randn(2, classes, size, size, size, dtype=torch.float64, device=device)
+    target = torch.randint(0, classes, (2, 1, size, size, size), device=device)
+    results = {}
+    for impl in IMPLS:
+        if missing_peer(impl):
+            continue
+        logits = base.clone().requires_grad_()
+        fn = _loss_fn(impl)
+        loss = fn(logits, target)
+        loss.backward()
+        results[impl] = (loss.detach(), logits.grad)
+    ref_loss, ref_grad = results["medfast"]
+    for impl, (loss, grad) in results.items():
+        # the plain reference's smoothing differs from MONAI's / medfast's only in the 1e-5 terms
+        tol = 1e-6 if impl != "torch" else 1e-4
+        if not (torch.allclose(loss, ref_loss, rtol=tol, atol=tol) and torch.allclose(grad, ref_grad, rtol=tol,
+                                                                                          atol=tol)):
+            raise AssertionError(f"bench_loss: {impl} disagrees with medfast at C = {classes} (loss {loss.item()} vs "
+                                 f"{ref_loss.item()}, max gradient difference "
+                                 f"{(grad - ref_grad).abs().max().item():.3g}): not timing a different result")
+
+
 def make_step(impl: str, size: int, classes: int, batch: int = 1, dtype: str = "float32", device: str = "cpu"):
     """The case this script and ``test_bench_loss.py`` (pytest-benchmark) time: the inputs on ``device`` and
     ``step()`` = the Dice+CE forward + backward of ``impl`` (medfast / monai / torch). Returns (step, logits)."""
@@ -277,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing_peer(impl):
             print(f"{impl}: {missing_peer(impl)}", flush=True)
     rows = []
+    for classes in args.classes:
+        check_agreement(classes, args.device)
     for dtype in args.dtypes:
         for classes in args.classes:
             res = {impl: ({"status": missing_peer(impl)} if missing_peer(impl) else measure(impl, args, classes, dtype))

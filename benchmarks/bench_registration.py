@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         res = {impl: _run("lncc", impl, size, args.kernel, args.repeats) for impl in ("medfast", "monai")}
         row = {"size": size, "kernel": args.kernel, **{f"{i}_{m}": v for i, r in res.items() for m, v in r.items()}}
         row["speedup"] = res["monai"]["ms"] / res["medfast"]["ms"]
+        if not abs(row["medfast_value"] - row["monai_value"]) <= 1e-4 * max(1.0, abs(row["monai_value"])):
+            raise SystemExit(f"bench_registration: LNCC {size}^3 values disagree (medfast {row['medfast_value']}, "
+                             f"MONAI {row['monai_value']}): not reporting the timing of a different result")
         result["lncc"].append(row)
         print(f"LNCC {size}^3 k={args.kernel}: medfast {row['medfast_ms']:.1f} ms, MONAI {row['monai_ms']:.1f} ms "
               f"-> {row['speedup']:.1f}x; extra peak MiB medfast {row['medfast_extra_peak_mib']:.0f} / "

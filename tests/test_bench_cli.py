@@ -403,3 +403,17 @@ def test_ultrasound_rows_carry_the_cpu_frame_rate_target(tmp_path):
                                                  ("", "")]
     # the simulator's peak is the process's resident size: in the text, not in the extra-peak column
     assert all(r.medfast_peak_mib is None and "process RSS 700 MiB" in r.case for r in rows)
+
+
+def test_bench_loss_checks_agreement_before_timing(monkeypatch):
+    bench_loss = _script("bench_loss")
+    bench_loss.check_agreement(3, size=6)  # medfast, MONAI and the plain reference agree
+    real = bench_loss._loss_fn
+
+    def wrong(impl):  # a peer that gives another result must stop the benchmark, not reach its table
+        fn = real(impl)
+        return (lambda logits, target: 1.01 * fn(logits, target)) if impl == "monai" else fn
+
+    monkeypatch.setattr(bench_loss, "_loss_fn", wrong)
+    with pytest.raises(AssertionError, match="monai disagrees with medfast"):
+        bench_loss.check_agreement(3, size=6)
