@@ -34,3 +34,27 @@ def identity_grid(shape, dtype=torch.float64):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+TINY_SEGMENTATION_CONFIG = """
+task: segmentation
+data: {{root: {root}}}
+model: {{channels: [2, 4], out_channels: 3}}
+augment: {{patch_size: [8, 8, 8], deform_grid: 3}}
+inference: {{roi_size: [8, 8, 8]}}
+trainer: {{max_steps: {steps}, batch_size: 1, val_every: 0, checkpoint_every: {steps}, progress: false,
+          tensorboard: false, plots: false, threads: 1, device: cpu}}
+"""
+
+
+def train_tiny_segmentation(base, steps):
+    """Tiny blobs data in ``base / "data"``, its config ``base / "seg.yaml"``, trained ``steps`` steps by
+    ``medfast train`` into ``base / "run"``; returns (data folder, config, checkpoint)."""
+    from medfast.cli import main
+    from medfast.data.synthetic import make_blobs
+
+    make_blobs(base / "data", n=2, shape=(12, 12, 12), classes=3)
+    cfg = base / "seg.yaml"
+    cfg.write_text(TINY_SEGMENTATION_CONFIG.format(root=base / "data", steps=steps))
+    assert main(["train", str(cfg), "--out", str(base / "run")]) == 0
+    return base / "data", cfg, base / "run" / "checkpoints" / "last.pt"

@@ -9,29 +9,16 @@ import pytest
 import torch
 
 from medfast.cli import main
-from medfast.data.synthetic import make_blobs
 from medfast.train import CheckpointError, ConfigError, Trainer, load_config
-
-CFG = """
-task: segmentation
-data: {{root: {root}}}
-model: {{channels: [2, 4], out_channels: 3}}
-augment: {{patch_size: [8, 8, 8], deform_grid: 3}}
-inference: {{roi_size: [8, 8, 8]}}
-trainer: {{max_steps: 2, batch_size: 1, val_every: 0, checkpoint_every: 2, progress: false, tensorboard: false,
-          plots: false, threads: 1, device: cpu}}
-"""
+from tests.conftest import train_tiny_segmentation
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Tiny blobs data, its config, and a 2-step checkpoint."""
     base = tmp_path_factory.mktemp("cli_errors")
-    make_blobs(base / "data", n=2, shape=(12, 12, 12), classes=3)
-    cfg = base / "seg.yaml"
-    cfg.write_text(CFG.format(root=base / "data"))
-    assert main(["train", str(cfg), "--out", str(base / "run")]) == 0
-    return base, cfg, base / "run" / "checkpoints" / "last.pt"
+    _, cfg, checkpoint = train_tiny_segmentation(base, 2)
+    return base, cfg, checkpoint
 
 
 def _err(capsys):

@@ -10,30 +10,15 @@ import numpy as np
 import pytest
 
 from medfast.cli import main
-from medfast.data.synthetic import make_blobs
+from tests.conftest import train_tiny_segmentation
 
 SIM = ["--lines", "16", "--samples", "64", "--frames", "1", "--device", "cpu"]
-
-CFG = """
-task: segmentation
-data: {{root: {root}}}
-model: {{channels: [2, 4], out_channels: 3}}
-augment: {{patch_size: [8, 8, 8], deform_grid: 3}}
-inference: {{roi_size: [8, 8, 8]}}
-trainer: {{max_steps: 1, batch_size: 1, val_every: 0, checkpoint_every: 1, progress: false, tensorboard: false,
-          plots: false, threads: 1, device: cpu}}
-"""
-
 
 @pytest.fixture(scope="module")
 def seg(tmp_path_factory):
     """Tiny blobs data and a 1-step segmentation checkpoint: (data folder, checkpoint)."""
-    base = tmp_path_factory.mktemp("cli_inputs")
-    make_blobs(base / "data", n=2, shape=(12, 12, 12), classes=3)
-    cfg = base / "seg.yaml"
-    cfg.write_text(CFG.format(root=base / "data"))
-    assert main(["train", str(cfg), "--out", str(base / "run")]) == 0
-    return base / "data", base / "run" / "checkpoints" / "last.pt"
+    data, _, checkpoint = train_tiny_segmentation(tmp_path_factory.mktemp("cli_inputs"), 1)
+    return data, checkpoint
 
 
 def _err(capsys):

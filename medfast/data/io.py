@@ -82,6 +82,29 @@ def voxel_measure(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[float, fl
     return float(np.linalg.norm(np.cross(a, b))), float(np.linalg.norm(a) * np.linalg.norm(b))
 
 
+def unsupported_voxels(dtype: np.dtype) -> str | None:
+    """Why voxels of ``dtype`` cannot be read as one scalar per voxel, or None: an RGB (structured) file cannot be
+    cast to numbers, and a complex one would silently lose its imaginary part. The loaders prefix the file."""
+    if dtype.kind == "V":
+        return f"holds RGB / structured voxels ({dtype}); convert it to a scalar (grey) volume first"
+    if dtype.kind == "c":
+        return f"holds complex voxels ({dtype}); save the magnitude or the real part first"
+    return None
+
+
+def single_slice_as_2d(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A single slice stored ``(X, Y, 1)``, ``(1, Y, Z)`` or ``(X, 1, Z)`` as the 2D image it is, with the affine's
+    columns in the order of the remaining axes (the flat axis's column last, so the first two spacings are the
+    in-plane ones); any other array (and its affine) unchanged."""
+    shape = data.shape
+    if data.ndim != 3 or shape.count(1) != 1:
+        return data, affine
+    order = [a for a in range(3) if a != shape.index(1)] + [shape.index(1)]
+    affine = np.array(affine, dtype=np.float64, copy=True)
+    affine[:3, :3] = affine[:3, order]
+    return np.transpose(data, order)[..., 0], affine
+
+
 def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     """Reads a NIfTI image (float32, channels first) or label map (int64, integer-valued check).
 
@@ -97,12 +120,9 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # noqa: BLE001
         raise DatasetError(f"cannot read the voxel data of {path} (corrupt or truncated file?): {exc}") from None
-    # an RGB (structured) file cannot be cast to numbers, and a complex one would silently lose its imaginary part
-    if data.dtype.kind == "V":
-        raise DatasetError(f"{path}: holds RGB / structured voxels ({data.dtype}); convert it to a scalar (grey) "
-                           "volume, or one channel per volume, first")
-    if data.dtype.kind == "c":
-        raise DatasetError(f"{path}: holds complex voxels ({data.dtype}); save the magnitude or the real part first")
+    problem = unsupported_voxels(data.dtype)
+    if problem:
+        raise DatasetError(f"{path}: {problem}")
     if data.ndim < 2 or data.ndim > 4:
         raise DatasetError(f"{path}: expected a 2D, 3D or 4D NIfTI, got shape {data.shape}")
     affine = np.asarray(img.affine, dtype=np.float64)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _stem
-from medfast.data.io import DatasetError, Volume, load_nifti, voxel_spacing
+from medfast.data.io import DatasetError, Volume, load_nifti, single_slice_as_2d, voxel_spacing
 
 __all__ = ["evaluate_pair", "find_evaluation_pairs", "run_evaluate", "summarize"]
 
@@ -75,14 +75,8 @@ def _as_2d(vol: Volume) -> Volume:
     foreground pixel would be surface, and HD / ASSD would be wrong); likewise a single sagittal or coronal
     slice ``(1, Y, Z)`` / ``(X, 1, Z)``, whose affine's columns follow its axes (so that the spacing is the
     in-plane one); other maps unchanged."""
-    shape = vol.data.shape
-    if vol.data.ndim != 3 or shape.count(1) != 1:
-        return vol
-    flat = shape.index(1)
-    order = [a for a in range(3) if a != flat] + [flat]
-    affine = np.array(vol.affine, dtype=np.float64, copy=True)
-    affine[:3, :3] = affine[:3, order]
-    return Volume(np.transpose(vol.data, order)[..., 0], affine, vol.header, vol.path)
+    data, affine = single_slice_as_2d(vol.data, vol.affine)
+    return vol if data is vol.data else Volume(data, affine, vol.header, vol.path)
 
 
 def scoring_spacing(vol: Volume) -> list[float]:

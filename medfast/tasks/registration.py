@@ -704,28 +704,23 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise RegistrationError(f"cannot read {path} as NIfTI: {exc}") from exc
-    if data.dtype.kind == "V":  # RGB(A) voxels come as a structured dtype
-        raise RegistrationError(f"{path} holds RGB / structured voxels ({data.dtype}); give a single-channel "
-                                f"(grey-scale) image")
-    if data.dtype.kind == "c":  # the imaginary part would be dropped silently
-        raise RegistrationError(f"{path} holds complex voxels ({data.dtype}); give a real image (e.g. the magnitude)")
+    from medfast.data.io import single_slice_as_2d, unsupported_voxels, voxel_measure
+
+    problem = unsupported_voxels(data.dtype)
+    if problem:
+        raise RegistrationError(f"{path} {problem}")
     if data.dtype.kind not in "biuf":
         raise RegistrationError(f"{path} has voxel data type {data.dtype}, not a number")
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise RegistrationError(f"{path} must be a 2D or 3D image, got shape {data.shape}")
-    affine = np.array(img.affine, dtype=np.float64)
     shape = data.shape
-    if data.ndim == 3 and shape.count(1) == 1:  # one slice: registered as a 2D image, not a flat volume
-        order = [a for a in range(3) if a != shape.index(1)] + [shape.index(1)]
-        affine[:3, :3] = affine[:3, order]
-        data = np.transpose(data, order)[..., 0]
+    # one slice: registered as a 2D image, not a flat volume
+    data, affine = single_slice_as_2d(data, np.array(img.affine, dtype=np.float64))
     if 1 in data.shape:
         raise RegistrationError(f"{path} has shape {shape}: more than one axis of size 1 is neither a 2D nor a 3D "
                                 f"image")
-    from medfast.data.io import voxel_measure
-
     # a zero / singular / NaN affine would only fail when the outputs are written, after the whole optimization;
     # a 2D image (a single slice too) is placed by its two in-plane columns (the flat axis's may be degenerate)
     size, scale = voxel_measure(affine, data.shape) if np.all(np.isfinite(affine)) else (0.0, 1.0)

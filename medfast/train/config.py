@@ -430,6 +430,27 @@ def _value(config: Config, key: str) -> Any:
     return node
 
 
+def unused_settings(config: Config, read: Mapping[str, set[str]], harmless: Mapping[str, Any] | None = None
+                    ) -> list[str]:
+    """``section.key`` of every setting of the sections named in ``read`` (``data``, ``model``, ``loss``,
+    ``augment``, ``inference``) that differs from its default although the task does not read it
+    (``read[section]``), except the values in ``harmless`` (``{"section.key": value}``: they state what the task
+    does anyway). A task refuses these rather than ignore them silently."""
+    harmless = harmless or {}
+    unused = []
+    for section, keys in read.items():
+        value = getattr(config, section)
+        default = type(value)()
+        for f in dataclasses.fields(value):
+            key, v = f"{section}.{f.name}", getattr(value, f.name)
+            if f.name in keys or v == getattr(default, f.name):
+                continue
+            if key in harmless and v == harmless[key] and type(v) is type(harmless[key]):
+                continue
+            unused.append(key)
+    return unused
+
+
 def check_config(config: Config) -> None:
     """Checks the settings every task shares (the trainer's, the optimizer's, the data loader's) and raises a
     :class:`ConfigError` naming the key and its allowed values; run before any data is read.

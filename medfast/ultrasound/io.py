@@ -77,14 +77,12 @@ def read_inv3(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_dtype(path: Path, dtype: np.dtype) -> None:
-    """CT numbers are real scalars: an RGB (structured) volume cannot be cast to them at all, and a complex
-    one would lose its imaginary part silently."""
-    if dtype.kind == "V":
-        raise ValueError(f"{path}: the volume holds RGB / structured voxels ({dtype}), not CT numbers (HU); "
-                         "convert it to a scalar volume first")
-    if dtype.kind == "c":
-        raise ValueError(f"{path}: the volume holds complex voxels ({dtype}), not CT numbers (HU); save the "
-                         "magnitude or the real part first")
+    """CT numbers are real scalars (see :func:`medfast.data.io.unsupported_voxels`)."""
+    from medfast.data.io import unsupported_voxels
+
+    problem = unsupported_voxels(dtype)
+    if problem:
+        raise ValueError(f"{path}: the volume {problem}")
 
 
 def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -80,25 +80,13 @@ _HINTS = {"data": "the images come from data.root or data.dataset_args.csv_file,
 def _refuse_unused_settings(config: Config) -> None:
     """A shared setting the classification task would ignore is an error naming it (not a silent no-op), as in
     the synthesis task."""
-    import dataclasses
-
-    from medfast.train.config import AugmentConfig, DataConfig, InferenceConfig, LossConfig, ModelConfig
+    from medfast.train.config import unused_settings
 
     d = config.data
     read = {k: set(v) for k, v in _READ.items()}
     if d.dataset == SIMULATED:  # frames are rendered: no folder, validation is the held-out poses / volumes
         read["data"] -= {"root", "val_fraction"}
-    unused: list[str] = []
-    for section, cls in (("data", DataConfig), ("model", ModelConfig), ("loss", LossConfig),
-                         ("augment", AugmentConfig), ("inference", InferenceConfig)):
-        default, value = cls(), getattr(config, section)
-        for f in dataclasses.fields(cls):
-            key, v = f"{section}.{f.name}", getattr(value, f.name)
-            if f.name in read[section] or v == getattr(default, f.name):
-                continue
-            if key in _HARMLESS and v == _HARMLESS[key] and type(v) is type(_HARMLESS[key]):
-                continue
-            unused.append(key)
+    unused = unused_settings(config, read, _HARMLESS)
     args = d.dataset_args
     if d.dataset is None and d.val_fraction > 0 and (args.get("val_root") or args.get("val_csv_file")):
         unused.append("data.val_fraction (set it to 0: the validation set is data.dataset_args.val_root / "

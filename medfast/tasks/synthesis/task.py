@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from medfast.tasks.synthesis.data import SOURCES, SynthesisSource, load_source, random_pose, sweep_pose
 from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
-from medfast.train.config import Config, ConfigError, _build
+from medfast.train.config import Config, ConfigError, _build, unused_settings
 from medfast.train.task import Task, register_task
 
 __all__ = ["SynthesisArgs", "SynthesisTask", "build_gan", "parse_synthesis_args"]
@@ -159,12 +159,8 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
 def _refuse_unused_settings(config: Config) -> None:
     """The frames come from task_args.source and the networks from model.channels / convs_per_level / norm and
     task_args.disc_*: a data or model setting the task would ignore is an error naming it (not a silent no-op)."""
-    from medfast.train.config import DataConfig, ModelConfig
-
-    unused = [f"data.{k}" for k, v in vars(DataConfig()).items()
-              if k != "num_workers" and getattr(config.data, k) != v]
-    unused += [f"model.{k}" for k in ("in_channels", "out_channels", "deep_supervision", "kwargs")
-               if getattr(config.model, k) != getattr(ModelConfig(), k)]
+    unused = unused_settings(config, {"data": {"num_workers"},
+                                      "model": {"name", "spatial_dims", "channels", "convs_per_level", "norm"}})
     if unused:
         raise ConfigError(f"the synthesis task does not use {', '.join(unused)} (its frames come from "
                           f"task_args.source, its networks from model.channels / convs_per_level / norm and "
