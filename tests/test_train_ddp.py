@@ -110,6 +110,33 @@ def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path, ba
     assert (tmp_path / "ddp" / "train_log.jsonl").read_text().count("\n") == 3
 
 
+class _ShardTask(SegmentationTask):
+    """Validation rows also say which rank computed them (the sharding must use every rank)."""
+
+    def validation_step(self, model, batch, device):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return [{**row, f"on_rank{rank}": 1.0} for row in super().validation_step(model, batch, device)]
+
+
+def test_two_process_validation_is_sharded_and_equals_one_process(tmp_path):
+    data = tmp_path / "data"
+    make_blobs(data, n=7, shape=(16, 16, 16), classes=3)
+    extra = ("data.val_fraction=0.43", "trainer.val_every=2", "trainer.max_steps=2")  # 3 validation subjects
+    config = _config(data, tmp_path / "single", 4, *extra)
+    Trainer(config, task=_ShardTask(config)).fit()
+    mp.spawn(_worker, args=(_free_port(), str(data), str(tmp_path / "ddp"), mp.Manager().dict(), extra,
+                            _ShardTask), nprocs=WORLD, join=True)
+    single, ddp = [[json.loads(line) for line in (tmp_path / d / "val_log.jsonl").read_text().splitlines()]
+                   for d in ("single", "ddp")]
+    assert len(single) == len(ddp) == 1
+    assert ddp[0].pop("on_rank0") == ddp[0].pop("on_rank1") == 1.0  # both ranks validated subjects
+    assert single[0].pop("on_rank0") == 1.0
+    dice = [k for k in single[0] if k.startswith("dice")]
+    assert dice and ddp[0].keys() == single[0].keys()
+    for k, v in single[0].items():  # the same subjects, gathered in order: the same means
+        assert ddp[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
 def test_two_process_resume_is_exact_with_per_rank_random_draws(tmp_path):
     data = tmp_path / "data"
     make_blobs(data, n=4, shape=(16, 16, 16), classes=3)

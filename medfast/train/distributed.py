@@ -64,8 +64,8 @@ def init_distributed(device_type: str, timeout_min: float | None = None) -> bool
     """Joins the process group described by torchrun's environment (``WORLD_SIZE`` > 1).
 
     gloo on the CPU, NCCL on CUDA (or ``MEDFAST_DIST_BACKEND``, see :func:`backend_for`). ``timeout_min``:
-    how long a collective waits (the other ranks wait in a barrier while rank 0 validates; NCCL's default
-    is 10 minutes). Returns True when this call created the group (the caller destroys it).
+    how long a collective waits (the other ranks wait in a barrier while rank 0 evaluates the test set;
+    NCCL's default is 10 minutes). Returns True when this call created the group (the caller destroys it).
     """
     if not dist.is_available() or dist.is_initialized():
         return False

@@ -664,33 +664,44 @@ class Trainer:
         return {k: s / n if n else float("nan") for k, (s, n) in sorted(total.items())}
 
     def _validate(self, epoch: int, val_log: _Log, pbar) -> dict[str, float]:
+        """Validation metrics, the mean over the validation subjects. Under DDP each rank validates every
+        ``world``-th subject and rank 0 gathers the rows in subject order, so the metrics equal one
+        process's; rank 0 logs them and draws the samples PNG."""
         from medfast.data import collate
 
         if self.val_ds is None or len(self.val_ds) == 0:
             return {}
+        mine = list(range(self.rank, len(self.val_ds), self.world))
+        ds = self.val_ds if self.world == 1 else torch.utils.data.Subset(self.val_ds, mine)
+        self.model.eval()
+        rows: list[tuple[int, list[dict[str, float]]]] = []  # (subject, its rows)
+        loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=collate,
+                                             num_workers=self.config.data.num_workers)
+        first = None
+        with torch.no_grad(), self._autocast():
+            for index, batch in zip(mine, loader, strict=True):
+                first = first if first is not None else batch
+                rows.append((index, self.task.validation_step(self.model, batch, self.device)))
+        self.model.train()
+        if self.world > 1:
+            parts: list[Any] = [None] * self.world
+            dist.all_gather_object(parts, rows)
+            rows = sorted((r for part in parts for r in part), key=lambda r: r[0])
         metrics: dict[str, float] = {}
         if self.rank == 0:
-            self.model.eval()
-            rows: list[dict[str, float]] = []
-            loader = torch.utils.data.DataLoader(self.val_ds, batch_size=1, collate_fn=collate,
-                                                 num_workers=self.config.data.num_workers)
-            first = None
-            with torch.no_grad(), self._autocast():
-                for batch in loader:
-                    first = first if first is not None else batch
-                    rows += self.task.validation_step(self.model, batch, self.device)
-            metrics = _mean_metrics(rows)
+            metrics = _mean_metrics([row for _, subject in rows for row in subject])
             val_log.append({"step": self.step, "epoch": epoch, **metrics})
             tb = self._tensorboard()
             if tb is not None:
                 for k, v in metrics.items():
                     tb.add_scalar(f"val/{k}", v, self.step)
             if self.config.trainer.plots and first is not None:
+                self.model.eval()
                 self.task.save_samples(self.model, first, self.device,
                                        self.out_dir / f"samples_step{self.step:07d}.png")
+                self.model.train()
             if pbar is not None:
                 pbar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            self.model.train()
         D.barrier()
         return metrics
 
