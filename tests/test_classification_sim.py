@@ -128,6 +128,42 @@ def test_fixed_shape_render_equals_the_grouped_render():
         assert (src._render_all(groups, wrong) - eager).abs().max() > 0.1
 
 
+def test_cached_tables_a_capture_reads_stay_alive_past_the_caches_eviction():
+    # a CUDA graph keeps only its static input and output: the noise tables it read were held by the LRU of
+    # 16 alone, so 17 volumes later the graph replayed freed memory. retain_cached() (around the capture)
+    # collects every cached constant the render reads, and the graph entry keeps that list.
+    import gc
+    import importlib
+    import weakref
+
+    S = importlib.import_module("medfast.ultrasound.simulate")  # (the package's `simulate` is the function)
+
+    src = SimulatedUltrasound(**{**SMALL, "volumes": [f"phantom:{i}" for i in range(S._NOISE_CACHE_SIZE + 2)],
+                                 "val_volumes": [], "variants": 1, "n_lines": 8, "n_samples": 32,
+                                 "image_shape": (8, 8)})
+    ds = src.train_dataset(4 * len(src.planes) * (S._NOISE_CACHE_SIZE + 2))
+    per_volume = len(src.planes)
+
+    def batch(volumes):
+        return collate([ds[(v * per_volume, v)] for v in volumes])
+
+    groups, inputs = src._inputs(batch([0, 1]))
+    with torch.no_grad(), S.retain_cached() as kept:
+        src._render_all(groups, inputs)
+    noise = [t for t in kept if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == 4]
+    assert len(noise) >= 2  # the two volumes' speckle tables
+    refs = [weakref.ref(t) for t in noise]
+    del noise
+    with torch.no_grad():
+        for v in range(2, S._NOISE_CACHE_SIZE + 2):  # enough other volumes to evict both from the LRU
+            src.render(batch([v]), "cpu")
+    gc.collect()
+    assert all(r() is not None for r in refs)
+    del kept
+    gc.collect()
+    assert not any(r() is not None for r in refs)  # (only the list held them: the test can fail)
+
+
 def test_failed_graph_capture_falls_back_to_eager_rendering(monkeypatch):
     src = SimulatedUltrasound(**SMALL)
     batch = collate([src.train_dataset(8)[(i, i)] for i in range(4)])

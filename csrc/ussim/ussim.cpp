@@ -125,6 +125,8 @@ std::tuple<Tensor, Tensor> march_backward(Bwd launch, const Tensor& grad, const 
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == coords.size(0) && grad.size(1) == coords.size(1) &&
                         grad.size(2) == coords.size(2) && grad.size(3) == 3,
                     "medfast ussim: grad must be (B, R, S, 3), got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == coords.device(), "medfast ussim: grad is on ", grad.device(),
+                    ", coords on ", coords.device());
   return launch(grad.contiguous().to(coords.scalar_type()), props.contiguous(), coords.contiguous(),
                 noise.contiguous(), P, props_grad, coords_grad);
 }

@@ -5,47 +5,53 @@
 // The system is solved by the Thomas algorithm with factors precomputed once per axis length;
 // the adjoint (for the gradient) solves B^T g = h with the same routine.
 #pragma once
-#include <vector>
-
 #include "common/macros.h"
 #include "warp/warp.h"
 
 namespace medfast::warp {
 
-// Thomas factors of a tridiagonal matrix of order n, 3n values: sub[n], inv_pivot[n], upper'[n].
-inline std::vector<double> spline_factors(int64_t n, int padding, bool transpose) {
+// Row k of the system B (before any transposition): sub-diagonal, diagonal, super-diagonal.
+MEDFAST_HOST_DEVICE void spline_row(int64_t n, int padding, int64_t k, double& sub, double& diag, double& sup) {
   const double z = kPole;
-  std::vector<double> sub(n, 1.0 / 6), diag(n, 4.0 / 6), sup(n, 1.0 / 6);
-  sub[0] = 0.0;
-  sup[n - 1] = 0.0;
+  sub = k == 0 ? 0.0 : 1.0 / 6;
+  sup = k == n - 1 ? 0.0 : 1.0 / 6;
+  diag = 4.0 / 6;
+  const bool end = k == 0 || k == n - 1;
   if (n == 1) {
-    diag[0] = padding == kZeros ? (4.0 + 2.0 * z) / 6.0 : 1.0;
+    diag = padding == kZeros ? (4.0 + 2.0 * z) / 6.0 : 1.0;
   } else if (padding == kReflection) {
-    sup[0] = 2.0 / 6;
-    sub[n - 1] = 2.0 / 6;
+    if (k == 0) sup = 2.0 / 6;
+    if (k == n - 1) sub = 2.0 / 6;
   } else if (padding == kZeros) {
-    diag[0] = diag[n - 1] = (4.0 + z) / 6;
-  } else {  // border
-    diag[0] = diag[n - 1] = (4.0 + z) / (5.0 + z);
-    sup[0] = sub[n - 1] = 1.0 / (5.0 + z);
+    if (end) diag = (4.0 + z) / 6;
+  } else if (end) {  // border
+    diag = (4.0 + z) / (5.0 + z);
+    if (k == 0) sup = 1.0 / (5.0 + z);
+    if (k == n - 1) sub = 1.0 / (5.0 + z);
   }
-  if (transpose) {  // (B^T) sub[k] = B sup[k-1], (B^T) sup[k] = B sub[k+1]
-    std::vector<double> tsub(n, 0.0), tsup(n, 0.0);
-    for (int64_t k = 1; k < n; ++k) tsub[k] = sup[k - 1];
-    for (int64_t k = 0; k + 1 < n; ++k) tsup[k] = sub[k + 1];
-    sub.swap(tsub);
-    sup.swap(tsup);
-  }
-  std::vector<double> out(3 * n);
+}
+
+// Thomas factors of B (or B^T) of order n, 3n values: sub[n], inv_pivot[n], upper'[n], computed in
+// double. A host/device function: the CUDA launcher computes them on the device in a one-thread kernel
+// (no host-to-device copy, which would synchronize the stream and break CUDA-graph capture).
+template <typename T>
+MEDFAST_HOST_DEVICE void spline_factors_into(T* out, int64_t n, int padding, bool transpose) {
   double prev_up = 0.0;
   for (int64_t k = 0; k < n; ++k) {
-    const double inv = 1.0 / (diag[k] - sub[k] * prev_up);
-    prev_up = sup[k] * inv;
-    out[k] = sub[k];
-    out[n + k] = inv;
-    out[2 * n + k] = prev_up;
+    double sub, diag, sup;
+    spline_row(n, padding, k, sub, diag, sup);
+    if (transpose) {  // (B^T) sub[k] = B sup[k-1], (B^T) sup[k] = B sub[k+1]
+      double lo, mid, hi;
+      sub = sup = 0.0;
+      if (k >= 1) spline_row(n, padding, k - 1, lo, mid, hi), sub = hi;
+      if (k + 1 < n) spline_row(n, padding, k + 1, lo, mid, hi), sup = lo;
+    }
+    const double inv = 1.0 / (diag - sub * prev_up);
+    prev_up = sup * inv;
+    out[k] = T(sub);
+    out[n + k] = T(inv);
+    out[2 * n + k] = T(prev_up);
   }
-  return out;
 }
 
 // Solves `lines` adjacent lines in place: line j holds p[j + k * stride], k < n. Lines are

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "common/cpu_alloc.h"
 #include "warp/spline.h"
@@ -191,8 +192,8 @@ Tensor prefilter_cpu(const Tensor& image, int padding, bool transpose) {
       const int64_t n = coef.size(2 + axis);
       const int64_t inner = c10::multiply_integers(coef.sizes().slice(3 + axis));
       const int64_t outer = coef.numel() / (n * inner);
-      const auto f64 = spline_factors(n, padding, transpose);
-      const std::vector<scalar_t> factors(f64.begin(), f64.end());
+      std::vector<scalar_t> factors(3 * n);
+      spline_factors_into(factors.data(), n, padding, transpose);
       // Blocks of up to kBlock adjacent lines: the inner loop of spline_solve_lines vectorizes.
       constexpr int64_t kBlock = 256;
       const int64_t blocks = (inner + kBlock - 1) / kBlock;

@@ -79,6 +79,20 @@ MEDFAST_AVX2 inline __m256 zero_outside(__m256 v, WeightSum weight_sum) {
   return v;
 }
 
+// Zeros padding, backward: a lane that reads nothing (weight sum 0) must send nothing to the image, but
+// its clamped taps would receive gout x 0, NaN where gout is inf or NaN (the generic path and the CUDA
+// kernels skip such samples). Found after the fact: one check per result in the common, finite case.
+template <int PAD, typename WeightSum>
+MEDFAST_AVX2 inline __m256 drop_outside_grad(__m256 g, WeightSum weight_sum) {
+  if constexpr (PAD == kZeros) {
+    const __m256 d = _mm256_sub_ps(g, g);  // NaN exactly where g is inf or NaN
+    const __m256 bad = _mm256_cmp_ps(d, d, _CMP_UNORD_Q);
+    if (!_mm256_testz_ps(bad, bad))
+      g = _mm256_and_ps(g, _mm256_cmp_ps(weight_sum(), _mm256_setzero_ps(), _CMP_NEQ_OQ));
+  }
+  return g;
+}
+
 // The K^3 taps of eight voxels.
 template <int K>
 struct Stencil8 {
@@ -463,8 +477,9 @@ MEDFAST_AVX2 int64_t backward_pairs(const WarpArgs<float, float, 3>& A, const fl
       }
       if (cb != nullptr) {
         alignas(32) float v[4][16];  // the pair values of voxel l at v[t][2l], v[t][2l + 1]
+        const __m256 gi = drop_outside_grad<PAD>(gc, [&]() MEDFAST_AVX2 { return pair_weight_sum(r.s); });
         for (int t = 0; t < 4; ++t) {
-          const __m256 gw = _mm256_mul_ps(gc, r.s.w[t]);
+          const __m256 gw = _mm256_mul_ps(gi, r.s.w[t]);
           _mm256_store_ps(v[t], _mm256_mul_ps(dup_lo(gw), r.s.w2lo));
           _mm256_store_ps(v[t] + 8, _mm256_mul_ps(dup_hi(gw), r.s.w2hi));
         }
@@ -544,7 +559,8 @@ MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float*
         }
         if (buf != nullptr) {
           alignas(32) float gw[N][8];
-          for (int t = 0; t < N; ++t) _mm256_store_ps(gw[t], _mm256_mul_ps(gc, s.w[t]));
+          const __m256 gi = drop_outside_grad<PAD>(gc, [&]() MEDFAST_AVX2 { return stencil_weight_sum(s); });
+          for (int t = 0; t < N; ++t) _mm256_store_ps(gw[t], _mm256_mul_ps(gi, s.w[t]));
           float* cb = buf + gbase + c * in_numel;
           for (int lane = 0; lane < 8; ++lane)
             for (int t = 0; t < N; ++t) cb[lin[t][lane]] += gw[t][lane];

@@ -204,6 +204,11 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad, const Tensor& image
 
 namespace {
 template <typename T>
+__global__ void spline_factors_kernel(T* out, int64_t n, int padding, bool transpose) {
+  spline_factors_into(out, n, padding, transpose);
+}
+
+template <typename T>
 __global__ void prefilter_kernel(T* data, int64_t lines, int64_t n, int64_t inner, const T* factors) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < lines; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t o = i / inner, j = i - o * inner;
@@ -224,9 +229,9 @@ Tensor prefilter_cuda(const Tensor& image, int padding, bool transpose) {
       const int64_t n = coef.size(2 + axis);
       const int64_t inner = c10::multiply_integers(coef.sizes().slice(3 + axis));
       const int64_t lines = coef.numel() / n;
-      const auto f64 = spline_factors(n, padding, transpose);
-      const Tensor factors =
-          at::tensor(at::ArrayRef<double>(f64), at::TensorOptions().dtype(at::kDouble)).to(coef.device(), acc);
+      const Tensor factors = at::empty({3 * n}, coef.options());
+      spline_factors_kernel<scalar_t><<<1, 1, 0, stream>>>(factors.mutable_data_ptr<scalar_t>(), n, padding, transpose);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       prefilter_kernel<scalar_t><<<blocks_for(lines), kThreads, 0, stream>>>(
           coef.mutable_data_ptr<scalar_t>(), lines, n, inner, factors.const_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -35,6 +35,39 @@ __all__ = ["SimulationResult", "simulate", "simulate_ct", "simulate_labels", "lo
 
 _NOISE_CACHE: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()  # least recently used first
 _NOISE_LOCK = threading.Lock()
+_RETAIN = threading.local()  # the list retain_cached() collects into, per thread
+
+
+@contextlib.contextmanager
+def retain_cached():
+    """Collects every cached constant (noise tables, probe tables, device copies) that the body uses, in a
+    list the caller keeps. A CUDA graph captured in the body reads those tensors at every replay, while the
+    caches evict them (16 noise tables, 64 device copies): freed, their memory would hold other data."""
+    previous = getattr(_RETAIN, "kept", None)
+    kept: list = []
+    _RETAIN.kept = kept
+    try:
+        yield kept
+    finally:
+        _RETAIN.kept = previous
+
+
+def _retained(obj):
+    kept = getattr(_RETAIN, "kept", None)
+    if kept is not None:
+        kept.append(obj)
+    return obj
+
+
+def _retaining(cached_fn):
+    """An ``lru_cache`` function whose results :func:`retain_cached` collects."""
+
+    @functools.wraps(cached_fn)
+    def call(*args, **kwargs):
+        return _retained(cached_fn(*args, **kwargs))
+
+    call.cache_clear, call.cache_info = cached_fn.cache_clear, cached_fn.cache_info
+    return call
 _NOISE_CACHE_SIZE = 16  # tables of 16384 x 4 values: a seed per call must not grow memory without bound
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -287,7 +320,7 @@ def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
         table = _NOISE_CACHE.get(key)
         if table is not None:
             _NOISE_CACHE.move_to_end(key)
-            return table
+            return _retained(table)
     if speckle:
         table = noise_table(seed)
     else:  # deterministic scatterers: unit real value, no amplitude spread
@@ -299,7 +332,7 @@ def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
         _NOISE_CACHE.move_to_end(key)
         while len(_NOISE_CACHE) > _NOISE_CACHE_SIZE:
             _NOISE_CACHE.popitem(last=False)
-    return table
+    return _retained(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +340,7 @@ def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@_retaining
 @functools.lru_cache(maxsize=32)
 def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dtype, extra):
     """Per-probe constant tensors, computed once per (probe, sub_rays, device, dtype, extra); ``extra``:
@@ -332,6 +366,7 @@ def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dt
     raise KeyError(kind)
 
 
+@_retaining
 @functools.lru_cache(maxsize=64)
 def _gain_db(probe: Probe, device: str, dtype: torch.dtype, tgc_db_cm_mhz: float, gain_db: float) -> torch.Tensor:
     """``(S,)`` dB added to each sample: the time-gain compensation 2 tgc fc z plus the gain."""
@@ -411,6 +446,7 @@ def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[tor
 # ---------------------------------------------------------------------------------------------
 
 
+@_retaining
 @functools.lru_cache(maxsize=32)
 def _grid_chunks(probe: Probe, chunks: int, device: str, dtype: torch.dtype, pixel_mm) -> torch.Tensor:
     """The scan grid's rows in ``chunks`` batch entries ``(chunks, ceil(H / chunks), W, 2)`` (padding
@@ -455,7 +491,7 @@ def _device_copy(t: torch.Tensor, dev: torch.device, dt: torch.dtype) -> torch.T
         if len(_DEVICE_COPIES) >= 64:
             _DEVICE_COPIES.clear()
         _DEVICE_COPIES[key] = t.to(dtype=dt).to(device=dev)
-    return _DEVICE_COPIES[key]
+    return _retained(_DEVICE_COPIES[key])
 
 
 def _scanlines(props: torch.Tensor, pose: torch.Tensor, affine_info, probe: Probe, *, seed: int, sub_rays: int,

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from medfast.data import DatasetError
 from medfast.data.presets import ITK_DATA, MRICRON, _mni_files
+from medfast.ultrasound.simulate import retain_cached
 from medfast.ultrasound.sweep import _rotation as _torch_rotation
 
 __all__ = ["PLANES", "T1_KNOTS", "SimulatedPlaneDataset", "SimulatedUltrasound", "load_brain_volume"]
@@ -629,7 +630,7 @@ class SimulatedUltrasound:
                 self.cuda_graphs = False
                 return None
             self._graphs[key] = entry
-        graph, static_in, static_out = entry
+        graph, static_in, static_out, _ = entry
         static_in.copy_(inputs, non_blocking=True)
         graph.replay()
         self.graph_replays += 1
@@ -645,9 +646,10 @@ class SimulatedUltrasound:
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a data loader's pin-memory thread) stay allowed meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # the cached constants the graph reads (noise tables, probe tables) live as long as the graph
+        with retain_cached() as kept, torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self._render_all(groups, static_in)
-        return graph, static_in, static_out
+        return graph, static_in, static_out, kept
 
 
 _INPUTS = 20  # per-frame render inputs: pose (16), gain dB, dynamic range dB, tissue variant, group
