@@ -82,6 +82,20 @@ def test_soft_target_requiring_grad_is_differentiated(activation):
     torch.testing.assert_close(gx, gx0)
 
 
+def test_class_weight_as_a_sequence_of_tensors_keeps_their_gradients():
+    # torch.as_tensor copied the values of a list of 0-d tensors into a new leaf: their .grad stayed None
+    z = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    lab = torch.randint(0, 3, (1, 4, 4))
+    ws = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (1.0, 2.0, 0.5)]
+    stacked = torch.stack([w.detach() for w in ws]).requires_grad_()
+    mf.dice_ce_loss(z, lab, class_weight=ws).backward()
+    mf.dice_ce_loss(z, lab, class_weight=stacked).backward()
+    torch.testing.assert_close(torch.stack([w.grad for w in ws]), stacked.grad)
+    assert stacked.grad.abs().sum() > 0
+    mixed = mf.cross_entropy(z, lab, class_weight=[1.0, torch.tensor(2.0), 0.5])  # floats and tensors
+    torch.testing.assert_close(mixed, mf.cross_entropy(z, lab, class_weight=[1.0, 2.0, 0.5]))
+
+
 def test_compiled_loss_gives_nan_on_bad_labels():
     x = torch.randn(1, 3, 4, 5)
     y = torch.randint(0, 3, (1, 1, 4, 5))

@@ -197,6 +197,20 @@ def test_second_derivatives_of_the_simulator_raise():
         torch.autograd.grad(g.square().sum(), props, allow_unused=True)
 
 
+def test_freehand_sweep_is_differentiable_in_the_start_pose():
+    # the start pose was detached: a pose fitted through simulate(..., freehand_sweep(start, ...)) got no gradient
+    from medfast.ultrasound import freehand_sweep
+
+    pos = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    start = look_at(pos, (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+    poses = freehand_sweep(start, (10.0, 0.0, 0.0), 5, seed=1)
+    (g,) = torch.autograd.grad(poses[:, :3, 3].sum(), pos)
+    torch.testing.assert_close(g, torch.full((3,), 5.0, dtype=torch.float64))  # every frame moves with it
+    assert torch.autograd.gradcheck(lambda p: freehand_sweep(look_at(p, (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)),
+                                                             (10.0, 0.0, 0.0), 4, seed=2, wobble_mm=0.5),
+                                    (pos,))
+
+
 def test_freehand_sweep_starts_at_the_start_pose_and_travels_exactly():
     from medfast.ultrasound import freehand_sweep
 

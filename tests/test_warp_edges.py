@@ -121,6 +121,22 @@ def test_direct_op_calls_refuse_empty_axes_and_integer_images():
         ops.spline_prefilter(torch.zeros(1, 1, 4, 4, dtype=torch.int32), "zeros", False)
 
 
+def test_first_order_gradients_under_create_graph_can_be_modified_in_place():
+    # they were views made inside a custom Function: g.clamp_() (clipping a meta-gradient, as with grid_sample)
+    # raised a RuntimeError about an internal view; differentiating them again still raises the clear error
+    x = torch.randn(1, 1, 5, 6, dtype=torch.float64)
+    d = torch.zeros(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    (gd,) = torch.autograd.grad(mf.warp(x, d).square().sum(), d, create_graph=True)
+    expected = gd.detach().clamp(-0.1, 0.1)
+    gd.clamp_(-0.1, 0.1)
+    torch.testing.assert_close(gd.detach(), expected)
+    with pytest.raises(RuntimeError, match="medfast.warp: second derivatives"):
+        gd.sum().backward()
+    p = torch.rand(1, 1, 9, 9, 9, dtype=torch.float64, requires_grad=True)
+    (gp,) = torch.autograd.grad(mf.lncc_loss(p, torch.rand_like(p), kernel_size=3), p, create_graph=True)
+    gp.mul_(0.5)
+
+
 def test_second_derivatives_raise_instead_of_silent_zeros():
     x = torch.randn(1, 1, 5, 6, dtype=torch.float64, requires_grad=True)
     d = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)

@@ -27,7 +27,9 @@ class _NoSecondDerivative(torch.autograd.Function):
     # forward and setup_context apart (not forward(ctx, ...)): the form torch.func transforms accept
     @staticmethod
     def forward(op, n, *tensors):
-        return tuple(t.view_as(t) for t in tensors[:n])
+        # copies, not views: the gradients a user gets may be modified in place (g.clamp_(), as PyTorch's
+        # own); a view made inside a Function may not. Only under create_graph=True, a rare path.
+        return tuple(t.clone() for t in tensors[:n])
 
     @staticmethod
     def setup_context(ctx, inputs, output):

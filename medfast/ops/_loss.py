@@ -204,7 +204,13 @@ def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype
     if class_weight is None:
         return None
     try:
-        w = torch.as_tensor(class_weight).flatten()  # stays where it is given
+        if isinstance(class_weight, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in class_weight):
+            # a sequence of 0-d tensors is stacked: as_tensor would copy their values into a new leaf and
+            # drop the gradients of those that require grad
+            dev = next(v.device for v in class_weight if isinstance(v, torch.Tensor))
+            w = torch.stack([torch.as_tensor(v, device=dev).reshape(()) for v in class_weight])
+        else:
+            w = torch.as_tensor(class_weight).flatten()  # stays where it is given
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"class_weight must be a sequence of C floats or a tensor, got {class_weight!r}") from None
     if w.is_complex():  # (casting would drop the imaginary part)

@@ -77,14 +77,16 @@ def freehand_sweep(
     Returns
     -------
     Tensor
-        ``(n_frames, 4, 4)`` float64 probe-to-world poses, ready for ``simulate`` (one batched call).
+        ``(n_frames, 4, 4)`` float64 probe-to-world poses, ready for ``simulate`` (one batched call);
+        differentiable w.r.t. ``start_pose``.
     """
     if isinstance(start_pose, np.ndarray):
         start_pose = torch.from_numpy(start_pose)
     if not isinstance(start_pose, torch.Tensor) or tuple(start_pose.shape) != (4, 4):
         raise ValueError(f"start_pose must be a (4, 4) tensor or array, got "
                          f"{tuple(start_pose.shape) if hasattr(start_pose, 'shape') else type(start_pose).__name__}")
-    base = start_pose.detach().to(torch.float64)
+    pose = start_pose.to(torch.float64)  # keeps the graph: the sweep is differentiable in start_pose
+    base = pose.detach()  # for the checks
     rot = base[:3, :3]
     finite = bool(torch.isfinite(base).all())
     orthonormal = finite and float((rot.T @ rot - torch.eye(3, dtype=torch.float64)).abs().max()) <= 1e-3
@@ -113,7 +115,7 @@ def freehand_sweep(
     wob = torch.stack([wobble_mm * _smooth_noise(n_frames, gen) for _ in range(3)], -1)
     # Rotations in the probe frame: tilt about x (lateral), rock about y (elevation), twist about z.
     R = _rotation(0, angles[0]) @ _rotation(1, angles[1]) @ _rotation(2, angles[2])
-    poses = base.expand(n_frames, 4, 4).clone()
-    poses[:, :3, :3] = base[:3, :3] @ R
-    poses[:, :3, 3] = base[:3, 3] + t[:, None] * travel + wob
+    poses = pose.expand(n_frames, 4, 4).clone()
+    poses[:, :3, :3] = pose[:3, :3] @ R
+    poses[:, :3, 3] = pose[:3, 3] + t[:, None] * travel + wob
     return poses
