@@ -55,6 +55,38 @@ def test_2d_pairs_with_a_trailing_singleton_axis(tmp_path):
     assert tuple(image.shape) == (2, 20, 16) and tuple(label.shape) == (20, 16)
 
 
+def test_vector_layout_channels_are_read_as_channels(tmp_path):
+    # (X, Y, Z, 1, C), how ITK / SimpleITK store a multi-channel image: "1 channel(s) but 4 are expected"
+    # from the header check, then "expected a 2D, 3D or 4D NIfTI" when loading
+    img = np.random.rand(8, 9, 10, 1, 4).astype(np.float32)
+    nib.save(nib.Nifti1Image(img, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 9, 10), np.int16), np.eye(4)), tmp_path / "a_seg.nii.gz")
+    ds = NiftiDataset([str(tmp_path / "a.nii.gz")], [str(tmp_path / "a_seg.nii.gz")], in_channels=4, normalize="none")
+    ds.check()
+    item = ds[0]
+    image = item["image"] if isinstance(item, dict) else item[0]
+    np.testing.assert_array_equal(image.numpy(), np.moveaxis(img[:, :, :, 0], -1, 0))
+    nib.save(nib.Nifti1Image(np.random.rand(8, 9, 10, 2, 4).astype(np.float32), np.eye(4)), tmp_path / "b.nii.gz")
+    from medfast.data import DatasetError
+
+    with pytest.raises(DatasetError, match="b.nii.gz: expected a 2D, 3D or 4D NIfTI .*vector layout"):
+        NiftiDataset([str(tmp_path / "b.nii.gz")], [str(tmp_path / "a_seg.nii.gz")], in_channels=4).check()
+
+
+def test_per_channel_files_get_their_own_message(tmp_path):
+    # nnU-Net's case_0000 ... case_0003: "no label for image case_0001" told the user to label a modality
+    from medfast.data import DatasetError
+    from medfast.data.dataset import find_pairs
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for k in range(4):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "images" / f"c_000{k}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "labels" / "c.nii.gz")
+    with pytest.raises(DatasetError, match="case 'c' has one file per channel .* stack them into one file"):
+        find_pairs(tmp_path)
+
+
 def test_augment_checks_the_label_grid_and_flip_axes_and_keeps_float64():
     aug = RandomAugment(AugmentConfig())
     img = torch.rand(1, 1, 16, 16, 16)

@@ -81,6 +81,21 @@ def test_evaluate_folders_match_names_and_equal_the_metrics(tmp_path, capsys):
     assert summary["classes"]["1"]["dice"]["n"] == 3
 
 
+def test_references_named_with_the_channel_suffix_find_predicts_output(tmp_path):
+    # `medfast predict` names the prediction of subj_0000 (nnU-Net's channel suffix) subj_seg; evaluate
+    # looked only for subj_0000[_seg] and stopped: the documented predict -> evaluate pipeline broke
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    for name in ("subj_0000", "subj_0001"):
+        _save(ref_dir / f"{name}.nii.gz", _cubes())
+    _save(pred_dir / "subj_seg.nii.gz", _cubes())
+    _save(pred_dir / "subj_0001_seg.nii.gz", _cubes())
+    pairs = find_evaluation_pairs(pred_dir, ref_dir)
+    assert [(p.name, r.name) for p, r in pairs] == [("subj_seg.nii.gz", "subj_0000.nii.gz"),
+                                                    ("subj_0001_seg.nii.gz", "subj_0001.nii.gz")]
+
+
 def test_evaluate_empty_class_is_nan(tmp_path):
     ref = _cubes()
     pred = ref.copy()

@@ -115,3 +115,40 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "c.yaml"), "--print-config", "--set", "trainer.max_steps=3"]) == 0
     assert "max_steps: 3" in capsys.readouterr().out
+
+
+def test_validation_hd95_mean_penalizes_a_missed_class():
+    # the mean HD95 left out classes with an infinite distance: missing a whole region scored better (0.5 mm)
+    # than predicting it with one stray blob; a class in only one map now counts as the image diagonal
+    from medfast.tasks.segmentation import SegmentationTask
+    from medfast.train import load_config
+
+    config = load_config([], ["model.out_channels=4", "model.channels=[4, 8]", "inference.roi_size=null",
+                              "augment.patch_size=null", "data.root=unused"])
+    task = SegmentationTask(config)
+    label = torch.zeros(1, 32, 32, 32, dtype=torch.long)
+    label[0, 8:24, 8:24, 8:24] = 2
+    label[0, 12:20, 12:20, 12:20] = 1
+    label[0, 14:18, 14:18, 14:18] = 3
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, miss3, stray):
+            super().__init__()
+            self.miss3, self.stray = miss3, stray
+
+        def forward(self, x):
+            lab = label.clone()
+            if self.miss3:
+                lab[lab == 3] = 1
+            if self.stray:
+                lab[0, 28:30, 28:30, 28:30] = 3
+            return torch.nn.functional.one_hot(lab, 4).movedim(-1, 1).float() * 20
+
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))[None]
+    batch = {"image": torch.zeros(1, 1, 32, 32, 32), "label": label, "affine": affine}
+    rows = [task.validation_step(Oracle(*case), batch, torch.device("cpu"))[0]
+            for case in ((False, False), (False, True), (True, False))]
+    assert rows[0]["hd95_mean"] == 0.0
+    assert 0 < rows[1]["hd95_mean"] < rows[2]["hd95_mean"]
+    diagonal = float(np.linalg.norm([64.0, 64.0, 64.0]))  # 32 voxels of 2 mm per axis
+    assert rows[2]["hd95_mean"] == pytest.approx((0.0 + 2.0 * 0 + diagonal) / 3, abs=2.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,12 @@ def find_pairs(root: str | Path, images: str = "images", labels: str = "labels")
             if found:
                 break
         if found is None:
+            channel = re.fullmatch(r"(.+)_(\d{4})", stem)
+            if channel and channel.group(2) != "0000" and any(
+                    (img_dir / (channel.group(1) + CHANNEL_SUFFIX + suf)).is_file() for suf in _SUFFIXES):
+                raise DatasetError(f"{p}: case {channel.group(1)!r} has one file per channel (nnU-Net's "
+                                   f"_0000, _0001, ...); medfast reads the channels of a case from one 4D NIfTI "
+                                   "(X, Y, Z, C): stack them into one file per case")
             raise DatasetError(f"no label for image {p} in {lab_dir} (expected {lab_dir / (stem + '.nii.gz')})")
         out_i.append(str(p))
         out_l.append(str(found))
@@ -214,6 +221,11 @@ class NiftiDataset(Dataset):
         if nd == 2 and len(spatial) == 3 and spatial[2] != 1:
             raise DatasetError(f"{path}: spatial_dims=2 (model.spatial_dims) needs 2D images, got a 3D volume of "
                                f"shape {shape}")
+        if len(shape) == 5 and shape[3] == 1:  # the vector layout (X, Y, Z, 1, C): load_nifti reads C channels
+            shape = (*shape[:3], shape[4])
+        if len(shape) > 4:
+            raise DatasetError(f"{path}: expected a 2D, 3D or 4D NIfTI (channels on the 4th axis, or the vector "
+                               f"layout (X, Y, Z, 1, C)), got shape {shape}")
         channels = shape[3] if len(shape) > 3 else 1
         if self.in_channels is not None and channels != self.in_channels:
             raise DatasetError(f"{path} has {channels} channel(s) (shape {shape}) but {self.in_channels} are "

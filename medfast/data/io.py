@@ -111,7 +111,8 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     Raises
     ------
     DatasetError
-        Missing file, unreadable or corrupt data, RGB or complex voxels, more than 4 dimensions, NaN/inf voxels,
+        Missing file, unreadable or corrupt data, RGB or complex voxels, more than 4 dimensions (but for the
+        vector layout ``(X, Y, Z, 1, C)``, read as ``C`` channels), NaN/inf voxels,
         a singular or non-finite affine, or (``label``) non-integer or negative label values — the message names
         the file.
     """
@@ -123,8 +124,11 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     problem = unsupported_voxels(data.dtype)
     if problem:
         raise DatasetError(f"{path}: {problem}")
+    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI's vector layout (X, Y, Z, 1, C), as ITK writes channels
+        data = data[:, :, :, 0, :]
     if data.ndim < 2 or data.ndim > 4:
-        raise DatasetError(f"{path}: expected a 2D, 3D or 4D NIfTI, got shape {data.shape}")
+        raise DatasetError(f"{path}: expected a 2D, 3D or 4D NIfTI (channels on the 4th axis, or the vector "
+                           f"layout (X, Y, Z, 1, C)), got shape {data.shape}")
     affine = np.asarray(img.affine, dtype=np.float64)
     # reorientation and resampling invert it: a broken header would fail there without naming the file
     if not np.isfinite(affine).all():

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _stem
+from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _stem, case_name
 from medfast.data.io import DatasetError, Volume, load_nifti, single_slice_as_2d, voxel_spacing
 
 __all__ = ["evaluate_pair", "find_evaluation_pairs", "run_evaluate", "summarize"]
@@ -59,7 +59,8 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
     pairs = []
     for ref in refs:
         stem = _stem(ref)
-        names = (stem, stem + "_seg", stem + CHANNEL_SUFFIX + "_seg")
+        # as `medfast predict` names them: after the case (an nnU-Net _0000 image suffix dropped)
+        names = (stem, stem + "_seg", stem + CHANNEL_SUFFIX + "_seg", case_name(ref) + "_seg")
         found = next((pred / (name + suf) for name in names for suf in _SUFFIXES
                       if (pred / (name + suf)).is_file()), None)
         if found is None:

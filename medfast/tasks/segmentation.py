@@ -343,8 +343,16 @@ class SegmentationTask(Task):
                                         spacing[:nd] if spacing else None, num_classes=k)[0]
             row = {f"dice_{c + 1}": float(d[b, c]) for c in range(k - 1)}
             row["dice_mean"] = float(np.nanmean(d[b].cpu().numpy())) if k > 1 else float("nan")
-            finite = hd[torch.isfinite(hd)]
-            row["hd95_mean"] = float(finite.mean()) if finite.numel() else float("nan")
+            # a class in only one of prediction and reference counts as the image's diagonal in mm, as BraTS
+            # scores it (a missed region must not improve the mean); a class in neither is left out.
+            # (hausdorff_distance gives NaN, as MONAI, in both cases.)
+            sizes = torch.tensor(pred.shape[1:], dtype=torch.float64)
+            diagonal = float((sizes * torch.tensor(spacing[:nd] if spacing else [1.0] * nd)).norm())
+            classes = torch.arange(1, k, device=pred.device).view(-1, *[1] * nd)
+            in_pred = (pred[b] == classes).flatten(1).any(1).cpu()
+            in_ref = (label[b].reshape(pred[b].shape) == classes).flatten(1).any(1).cpu()
+            scored = torch.where(in_pred & in_ref, hd.double().cpu(), diagonal)[in_pred | in_ref]
+            row["hd95_mean"] = float(scored.mean()) if scored.numel() else float("nan")
             rows.append(row)
         return rows
 
