@@ -182,9 +182,19 @@ def _as_labels(x: Any, name: str, shape: Sequence[int]) -> torch.Tensor:
     return x.round().long() if x.is_floating_point() else x.long()
 
 
-def normalize_intensity(x: torch.Tensor, lo_pct: float = 0.5, hi_pct: float = 99.5) -> torch.Tensor:
-    """Maps ``[lo, hi]`` to [0, 1] (clamped): ``lo`` the ``lo_pct`` percentile of all voxels (the
-    background level of a masked image), ``hi`` the ``hi_pct`` percentile of the voxels above ``lo``."""
+def normalize_intensity(x: torch.Tensor, lo_pct: float = 0.5, hi_pct: float = 99.5, *,
+                        spatial_dims: int | None = None) -> torch.Tensor:
+    """Maps ``[lo, hi]`` to [0, 1] (clamped), **each channel separately**: ``lo`` the ``lo_pct`` percentile of
+    the channel's voxels (the background level of a masked image), ``hi`` the ``hi_pct`` percentile of its
+    voxels above ``lo``.
+
+    ``x`` is ``(*S)``, ``(C, *S)`` or ``(B, C, *S)``: every index of the axes before the ``spatial_dims``
+    trailing spatial axes (each channel of each image) gets its own ``lo`` / ``hi``, so the modalities of a
+    multi-channel image (T1 in the thousands, FLAIR in the tens) each span [0, 1] and each drives LNCC.
+    ``spatial_dims`` defaults as in :func:`register_pair`: 2 for a 2-d array, else 3 (a 3-d array is one 3D
+    image, a 4-d one ``(C, D, H, W)``); 2D images with channels need ``spatial_dims=2``. A single-channel image
+    gives exactly what one percentile pair over all its voxels gives.
+    """
 
     def pct(v: torch.Tensor, q: float) -> torch.Tensor:
         if v.numel() > 2_000_000:  # torch.quantile's size limit; a fixed subsample is plenty
@@ -192,12 +202,21 @@ def normalize_intensity(x: torch.Tensor, lo_pct: float = 0.5, hi_pct: float = 99
             v = v[idx.to(v.device)]
         return torch.quantile(v.float(), q / 100)
 
-    flat = x.flatten()
-    lo = pct(flat, lo_pct)
-    above = flat[flat > lo]
-    hi = pct(above, hi_pct) if above.numel() else lo + 1
-    scale = float(hi - lo) if hi > lo else 1.0
-    return ((x - lo) / scale).clamp(0, 1)
+    def one(c: torch.Tensor) -> torch.Tensor:
+        flat = c.flatten()
+        lo = pct(flat, lo_pct)
+        above = flat[flat > lo]
+        hi = pct(above, hi_pct) if above.numel() else lo + 1
+        scale = float(hi - lo) if hi > lo else 1.0
+        return ((c - lo) / scale).clamp(0, 1)
+
+    nd = spatial_dims if spatial_dims is not None else (2 if x.dim() == 2 else 3)
+    if nd not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if x.dim() <= nd or math.prod(x.shape[:x.dim() - nd]) <= 1:  # one channel: one percentile pair, all voxels
+        return one(x)
+    flat = x.reshape(-1, *x.shape[x.dim() - nd:])
+    return torch.stack([one(c) for c in flat]).reshape(x.shape)
 
 
 def _down(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -312,9 +331,11 @@ def register_pair(
     Parameters
     ----------
     fixed, moving : Tensor or ndarray
-        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` finite images on the same grid, 2D or 3D; intensities
-        are normalized to [0, 1] internally (robust percentiles). A 2-d array is a 2D image, 3 to 5
-        dims are 3D (a 4-d array is ``(C, D, H, W)``) unless ``spatial_dims`` says otherwise.
+        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` finite images on the same grid, 2D or 3D, with the same
+        channels; intensities are normalized to [0, 1] internally, each channel on its own (robust
+        percentiles, :func:`normalize_intensity`), and LNCC is averaged over the channels. A 2-d array is
+        a 2D image, 3 to 5 dims are 3D (a 4-d array is ``(C, D, H, W)``) unless ``spatial_dims`` says
+        otherwise.
     fixed_labels, moving_labels : Tensor or ndarray, optional
         ``(*S)`` integer label maps (0 = background). With both, Dice is reported for every
         foreground label of the fixed map; ``config.dice_weight > 0`` also uses them in the loss.
@@ -354,8 +375,8 @@ def register_pair(
         classes = [int(k) for k in torch.unique(fixed_labels).tolist() if k != 0]
         if not classes:
             raise ValueError("fixed_labels has no foreground label (all 0)")
-    fixed = normalize_intensity(fixed)
-    moving = normalize_intensity(moving)
+    fixed = normalize_intensity(fixed, spatial_dims=n)  # each channel (modality) mapped to [0, 1] on its own
+    moving = normalize_intensity(moving, spatial_dims=n)
     use_dice = labels and cfg.dice_weight > 0
     if use_dice:
         fixed_oh, moving_oh = _onehot(fixed_labels, classes), _onehot(moving_labels, classes)
@@ -473,11 +494,16 @@ class ModelInfo:
         view is then resized to ``input_shape``).
     reorient : bool
         The training images were reoriented to the closest RAS orientation (3D; ``data.reorient``).
+    in_channels : int or None
+        Channels of ONE image (fixed or moving; the network sees both concatenated, twice as many):
+        ``model.in_channels`` of a ``medfast train`` checkpoint, half the network's ``in_channels`` for a
+        :func:`save_model` checkpoint; None: unknown (not checked).
     """
 
     input_shape: list[int]
     spacing: list[float] | None = None
     reorient: bool = True
+    in_channels: int | None = None
 
 
 def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_shape: Sequence[int],
@@ -548,9 +574,11 @@ def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tup
     except (RuntimeError, TypeError, ValueError) as exc:  # edited or mixed-up checkpoints: name the file
         raise RegistrationError(f"the weights in {path} do not fit its {ckpt['net']} "
                                 f"({ckpt.get('net_kwargs', {})}): {str(exc).splitlines()[0][:300]}") from None
+    pair_channels = ckpt.get("net_kwargs", {}).get("in_channels", 2)  # LocalNet/GlobalNet/RegistrationNet default 2
     info = ModelInfo([int(v) for v in ckpt["input_shape"]],
                      None if ckpt.get("spacing") is None else [float(v) for v in ckpt["spacing"]],
-                     bool(ckpt.get("reorient", True)))
+                     bool(ckpt.get("reorient", True)),
+                     int(pair_channels) // 2 if int(pair_channels) % 2 == 0 else None)
     return net.eval(), info
 
 
@@ -612,10 +640,13 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     Parameters
     ----------
     fixed, moving : Tensor or ndarray
-        ``(*S)`` (or ``(1, C, *S)``) images on the same (fixed) grid.
+        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` images on the same (fixed) grid, with the same channels (the
+        channels of one image the network was trained on, ``model.in_channels``; each channel is mapped to
+        [0, 1] on its own).
     net : nn.Module
     input_shape : sequence of int or ModelInfo
-        The network's :class:`ModelInfo` (or just its input shape: unknown spacing, RAS reorientation).
+        The network's :class:`ModelInfo` (or just its input shape: unknown spacing, RAS reorientation); with
+        ``ModelInfo.in_channels`` the images' channel count is checked against it.
     fixed_labels, moving_labels : Tensor or ndarray, optional
         ``(*S)`` integer label maps on the fixed grid: Dice before / after.
     device : str or torch.device
@@ -637,6 +668,12 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     if tuple(moving_t.shape[2:]) != shape:
         raise ValueError(f"fixed and moving must share a grid (resample first); got spatial shapes {shape} and "
                          f"{tuple(moving_t.shape[2:])}")
+    if fixed_t.shape[1] != moving_t.shape[1]:
+        raise ValueError(f"fixed and moving must have the same channels, got {fixed_t.shape[1]} and "
+                         f"{moving_t.shape[1]}")
+    if info.in_channels is not None and fixed_t.shape[1] != info.in_channels:
+        raise ValueError(f"the network expects {info.in_channels}-channel images (model.in_channels="
+                         f"{info.in_channels}), the images have {fixed_t.shape[1]} channel(s)")
     n = len(shape)
     from medfast.data.preprocess import spatial_affine
 
@@ -649,7 +686,8 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
         x = mf.resample(both, torch.as_tensor(a_f), torch.as_tensor(grid), in_shape, mode="linear",
                         padding="zeros").float()
         c = moving_t.shape[1]
-        x = torch.cat([normalize_intensity(x[:, :c]), normalize_intensity(x[:, c:])], 1)
+        x = torch.cat([normalize_intensity(x[:, :c], spatial_dims=n), normalize_intensity(x[:, c:], spatial_dims=n)],
+                      1)
         out = net(x)
         u = (out[1] if isinstance(out, tuple) else out).float()
         # network voxels -> world -> fixed voxels (displacements: linear parts only)
@@ -657,9 +695,9 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
         u_f = mf.resample(u.double(), torch.as_tensor(grid), torch.as_tensor(a_f), list(shape), mode="linear",
                           padding="border")
         ddf = torch.einsum("ij,bj...->bi...", m, u_f).float().contiguous()
-        moving_n = normalize_intensity(moving_t)
+        moving_n = normalize_intensity(moving_t, spatial_dims=n)
         warped = mf.warp(moving_n, ddf)
-    fixed_n = normalize_intensity(fixed_t)
+    fixed_n = normalize_intensity(fixed_t, spatial_dims=n)
     metrics: dict[str, Any] = {"time_model_s": time.perf_counter() - t0, "shape": list(shape),
                                "network_grid": grid.tolist(), "network_input_shape": in_shape}
     metrics["lncc_before"] = float(mf.lncc_loss(moving_n, fixed_n, kernel_size=7))
@@ -690,11 +728,15 @@ def _nib():
     return nibabel
 
 
-def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(array, affine)`` of a 2D/3D NIfTI with real voxels and an invertible, finite affine (else
     :class:`RegistrationError` naming the file). Trailing singleton dimensions beyond the third are dropped and
     a single slice, ``(X, Y, 1)`` (or ``(1, Y, Z)`` / ``(X, 1, Z)``), is the 2D image it is: its in-plane axes
-    first, the affine's columns permuted alike (as ``medfast evaluate`` reads it)."""
+    first, the affine's columns permuted alike (as ``medfast evaluate`` reads it).
+
+    With ``channels`` the array is ``(C, *S)``: a 4D NIfTI ``(X, Y, Z, C)`` (as ``medfast train`` reads
+    multi-channel images; also the NIfTI vector layout ``(X, Y, Z, 1, C)``) gives its ``C`` channels, a 2D image
+    with channels is stored ``(X, Y, 1, C)``, and a 2D/3D image is one channel."""
     nib = _nib()
     path = Path(path)
     if not path.is_file():
@@ -713,21 +755,32 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise RegistrationError(f"{path} has voxel data type {data.dtype}, not a number")
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim not in (2, 3):
-        raise RegistrationError(f"{path} must be a 2D or 3D image, got shape {data.shape}")
     shape = data.shape
+    if channels and data.ndim == 5 and data.shape[3] == 1:  # the NIfTI vector layout (X, Y, Z, 1, C)
+        data = data[:, :, :, 0]
+    if channels and data.ndim == 4:
+        stack = np.moveaxis(data, -1, 0)  # (C, X, Y, Z): channels on the last axis, as medfast train reads them
+    elif data.ndim in (2, 3):
+        stack = data[None]
+    else:
+        raise RegistrationError(f"{path} must be a 2D or 3D image"
+                                + (" (or one with channels on a 4th axis, (X, Y, Z, C))" if channels else "")
+                                + f", got shape {shape}")
     # one slice: registered as a 2D image, not a flat volume
-    data, affine = single_slice_as_2d(data, np.array(img.affine, dtype=np.float64))
-    if 1 in data.shape:
+    affine = np.array(img.affine, dtype=np.float64)
+    planes = [single_slice_as_2d(c, affine) for c in stack]
+    affine = planes[0][1]
+    data = planes[0][0][None] if len(planes) == 1 else np.stack([p[0] for p in planes])
+    if 1 in data.shape[1:]:
         raise RegistrationError(f"{path} has shape {shape}: more than one axis of size 1 is neither a 2D nor a 3D "
                                 f"image")
     # a zero / singular / NaN affine would only fail when the outputs are written, after the whole optimization;
     # a 2D image (a single slice too) is placed by its two in-plane columns (the flat axis's may be degenerate)
-    size, scale = voxel_measure(affine, data.shape) if np.all(np.isfinite(affine)) else (0.0, 1.0)
+    size, scale = voxel_measure(affine, data.shape[1:]) if np.all(np.isfinite(affine)) else (0.0, 1.0)
     if not size > 1e-6 * scale:
         raise RegistrationError(f"{path} has a singular or non-finite affine (the voxel-to-world matrix of its "
                                 f"sform / qform): {affine.round(4).tolist()}")
-    return np.nan_to_num(np.asarray(data)), affine
+    return np.nan_to_num(np.asarray(data if channels else data[0])), affine
 
 
 def _plane_angle(affine_a: np.ndarray, affine_b: np.ndarray) -> float:
@@ -759,15 +812,18 @@ def grid_affines(affine: np.ndarray, fixed_affine: np.ndarray, n: int) -> tuple[
 
 
 def to_fixed_grid(data: np.ndarray, affine: np.ndarray, fixed_affine: np.ndarray, fixed_shape: Sequence[int],
-                  labels: bool = False) -> torch.Tensor:
+                  labels: bool = False, channels: bool = False) -> torch.Tensor:
     """Resamples an image (or label map, nearest) onto the fixed grid through the NIfTI affines (2D images in
-    the fixed plane's frame, see :func:`grid_affines`)."""
+    the fixed plane's frame, see :func:`grid_affines`). ``data`` is ``(*S)``, or with ``channels`` ``(C, *S)``
+    (each channel resampled alike; the result ``(C, *fixed_shape)``)."""
     n = len(fixed_shape)
-    x = torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float64)[None, None]
+    x = torch.as_tensor(np.ascontiguousarray(data), dtype=torch.float64)
+    x = x[None] if channels else x[None, None]
     a, a_f = grid_affines(affine, fixed_affine, n)
     out = mf.resample(x, torch.as_tensor(a), torch.as_tensor(a_f), list(fixed_shape),
                       mode="nearest" if labels else "linear")
-    return out[0, 0].round().long() if labels else out[0, 0].float()
+    out = out[0] if channels else out[0, 0]
+    return out.round().long() if labels else out.float()
 
 
 def save_overlay(path: str | Path, fixed: torch.Tensor, panels: dict[str, torch.Tensor],
@@ -812,6 +868,9 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     :func:`medfast.data.preprocess.spatial_affine` (world x, y for an axial image; a coronal, sagittal or
     oblique plane laid flat onto x-y by the smallest rotation). Either way ``spatial_affine(fixed_affine, n)``
     maps a fixed voxel to mm, and the moving point is that point plus ``ddf``.
+
+    ``warped.nii.gz`` holds every channel of a multi-channel result, on the last axis (``(X, Y, Z, C)``; 2D
+    ``(X, Y, 1, C)``), as multi-channel images are read; ``overlay.png`` shows channel 0.
     """
     from medfast.data.preprocess import spatial_affine
 
@@ -820,7 +879,11 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     out.mkdir(parents=True, exist_ok=True)
     n = result.ddf.shape[1]
     paths = {}
-    warped = result.warped[0, 0].detach().cpu().numpy().astype(np.float32)
+    warped = result.warped[0].detach().cpu().numpy().astype(np.float32)  # (C, *S)
+    if warped.shape[0] == 1:
+        warped = warped[0]
+    else:  # channels on the last axis, as they are read: (X, Y, Z, C), a 2D image (X, Y, 1, C)
+        warped = np.moveaxis(warped if n == 3 else warped[..., None], 0, -1)
     nib.save(nib.Nifti1Image(warped, fixed_affine), out / "warped.nii.gz")
     paths["warped"] = str(out / "warped.nii.gz")
     # displacement in mm: world(moving point) - world(fixed point) = A[:n, :n] @ ddf with A the fixed affine in
@@ -843,15 +906,18 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     with open(out / "metrics.json", "w") as fh:
         json.dump(metrics, fh, indent=2, default=float)
     paths["metrics"] = str(out / "metrics.json")
-    panels = {"before": moving_norm}
+    def first(t: torch.Tensor) -> torch.Tensor:  # the overlay shows channel 0 of a multi-channel image
+        return t[:, :1] if t.dim() == n + 2 else t
+
+    panels = {"before": first(moving_norm)}
     if affine_only is not None:
-        panels["after affine"] = affine_only
-    panels["after deformable" if affine_only is not None else "after"] = result.warped
+        panels["after affine"] = first(affine_only)
+    panels["after deformable" if affine_only is not None else "after"] = first(result.warped)
     title = None
     if "dice_before" in metrics:
         title = " / ".join(f"{k.replace('dice_', 'Dice ')} {metrics[k]:.3f}"
                            for k in ("dice_before", "dice_affine", "dice_after") if k in metrics)
-    save_overlay(out / "overlay.png", fixed_norm, panels, title)
+    save_overlay(out / "overlay.png", first(fixed_norm), panels, title)
     paths["overlay"] = str(out / "overlay.png")
     return paths
 
@@ -864,8 +930,10 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
 def configure_register_parser(p: argparse.ArgumentParser) -> None:
     """Declares the arguments of ``medfast register`` (used by :mod:`medfast.cli`)."""
     d = RegistrationConfig()
-    p.add_argument("fixed", nargs="?", help="fixed image (NIfTI)")
-    p.add_argument("moving", nargs="?", help="moving image (NIfTI); resampled onto the fixed grid by the headers")
+    p.add_argument("fixed", nargs="?", help="fixed image (NIfTI; several channels/modalities: one 4D NIfTI "
+                                            "(X, Y, Z, C), each channel normalized on its own)")
+    p.add_argument("moving", nargs="?", help="moving image (NIfTI, the fixed image's channels); resampled onto the "
+                                             "fixed grid by the headers")
     p.add_argument("--fixed-labels", help="label map of the fixed image (NIfTI, 0 = background)")
     p.add_argument("--moving-labels", help="label map of the moving image")
     p.add_argument("--out", default="medfast-register",
@@ -974,37 +1042,50 @@ def run_register(args: argparse.Namespace) -> int:
             raise RegistrationError("give both --fixed-labels and --moving-labels, or neither")
         if args.dice_weight > 0 and args.fixed_labels is None:  # else the Dice term would be silently skipped
             raise RegistrationError("--dice-weight needs --fixed-labels and --moving-labels")
-        fdata, faff = load_nifti(args.fixed)
-        mdata, maff = load_nifti(args.moving)
+        # (C, *S): a multi-channel image is one NIfTI with the channels on its last axis, (X, Y, Z, C)
+        fdata, faff = load_nifti(args.fixed, channels=True)
+        mdata, maff = load_nifti(args.moving, channels=True)
+        n = fdata.ndim - 1
         if fdata.ndim != mdata.ndim:
-            raise RegistrationError(f"the fixed image {args.fixed} is {fdata.ndim}D (shape {fdata.shape}) but the "
-                                    f"moving image {args.moving} is {mdata.ndim}D (shape {mdata.shape}): both must "
-                                    f"be 2D or both 3D")
-        if fdata.ndim == 2 and _plane_angle(faff, maff) > 30:  # projecting one plane onto the other: nonsense
+            raise RegistrationError(f"the fixed image {args.fixed} is {n}D (shape {fdata.shape[1:]}) but the "
+                                    f"moving image {args.moving} is {mdata.ndim - 1}D (shape {mdata.shape[1:]}): both "
+                                    f"must be 2D or both 3D")
+        if fdata.shape[0] != mdata.shape[0]:
+            raise RegistrationError(f"the fixed image {args.fixed} has {fdata.shape[0]} channel(s) but the moving "
+                                    f"image {args.moving} has {mdata.shape[0]}: both need the same channels "
+                                    f"(modalities), in the same order")
+        if n == 2 and _plane_angle(faff, maff) > 30:  # projecting one plane onto the other: nonsense
             raise RegistrationError(f"the 2D images {args.fixed} and {args.moving} lie in planes "
                                     f"{_plane_angle(faff, maff):.0f} degrees apart (e.g. coronal and axial): the "
                                     f"header alignment cannot map one onto the other")
-        shape = fdata.shape
-        fixed = torch.as_tensor(fdata, dtype=torch.float32)
-        moving = to_fixed_grid(mdata, maff, faff, shape)
+        net = info = None
+        if args.model:  # a network takes the channel count it was trained on: check it before any work
+            net, info = load_model_info(args.model, device)
+            if info.in_channels is not None and fdata.shape[0] != info.in_channels:
+                raise RegistrationError(
+                    f"checkpoint {args.model} expects {info.in_channels}-channel images (model.in_channels="
+                    f"{info.in_channels}); FIXED {args.fixed} has {fdata.shape[0]} (give a multi-channel image as "
+                    f"one NIfTI with the channels on its last axis, (X, Y, Z, C), in the training order)")
+        shape = fdata.shape[1:]
+        fixed = torch.as_tensor(fdata, dtype=torch.float32)[None]  # (1, C, *S)
+        moving = to_fixed_grid(mdata, maff, faff, shape, channels=True)[None]
         fl = ml = None
         if args.fixed_labels:
             fl = torch.as_tensor(_load_label_map(args.fixed_labels, args.fixed, shape, faff))
-            ldata = _load_label_map(args.moving_labels, args.moving, mdata.shape, maff)
+            ldata = _load_label_map(args.moving_labels, args.moving, mdata.shape[1:], maff)
             ml = to_fixed_grid(ldata, maff, faff, shape, labels=True)
         _make_out_dir(args.out)
-        if args.model:
-            net, info = load_model_info(args.model, device)
+        if net is not None:
             result = register_with_model(fixed, moving, net, info, fl, ml, device=device, fixed_affine=faff)
             affine_only = None
         else:
-            result = register_pair(fixed, moving, fl, ml, cfg, device=device, progress=not args.no_progress)
+            result = register_pair(fixed, moving, fl, ml, cfg, device=device, progress=not args.no_progress,
+                                   spatial_dims=n)
             with torch.no_grad():
-                affine_only = mf.affine_warp(normalize_intensity(_as_image(moving, "moving").to(device)),
-                                             result.theta)
+                affine_only = mf.affine_warp(normalize_intensity(moving.to(device), spatial_dims=n), result.theta)
         try:
-            paths = write_outputs(args.out, result, faff, normalize_intensity(_as_image(fixed, "fixed")),
-                                  normalize_intensity(_as_image(moving, "moving")), affine_only,
+            paths = write_outputs(args.out, result, faff, normalize_intensity(fixed, spatial_dims=n),
+                                  normalize_intensity(moving, spatial_dims=n), affine_only,
                                   extra={"fixed": str(args.fixed), "moving": str(args.moving)})
         except OSError as exc:  # full disk, folder removed or made read-only meanwhile
             raise RegistrationError(f"--out {args.out}: cannot write the outputs: {exc}") from None
@@ -1241,7 +1322,8 @@ def _load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") ->
     net = RegistrationNet(**_net_kwargs(config)).to(device)
     net.load_state_dict(state["model"])
     d = config.data
-    return net.eval(), ModelInfo(list(d.shape), None if d.spacing is None else list(d.spacing), bool(d.reorient))
+    return net.eval(), ModelInfo(list(d.shape), None if d.spacing is None else list(d.spacing), bool(d.reorient),
+                                 int(config.model.in_channels))
 
 
 def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
@@ -1326,8 +1408,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     Notes
     -----
-    Each item holds ``moving``, ``fixed`` ``(C, *S)`` float32 (intensities mapped to [0, 1] as
-    :func:`register_with_model` does), ``moving_label``/``fixed_label`` ``(*S)`` when both exist,
+    Each item holds ``moving``, ``fixed`` ``(C, *S)`` float32 (intensities mapped to [0, 1], each channel on
+    its own, as :func:`register_with_model` does), ``moving_label``/``fixed_label`` ``(*S)`` when both exist,
     ``files`` (``"moving -> fixed"``), ``seed`` when the sampler gives one.
     """
 
@@ -1352,7 +1434,8 @@ class PairDataset(torch.utils.data.Dataset):
     def _subject(self, i: int) -> dict:
         if i not in self._norm:
             item = self.subjects[i] if i >= 0 else self.atlas
-            out = {"image": normalize_intensity(item["image"].float()), "files": item["files"]}
+            image = item["image"].float()  # (C, *S): each channel mapped to [0, 1] on its own
+            out = {"image": normalize_intensity(image, spatial_dims=image.dim() - 1), "files": item["files"]}
             if "label" in item:
                 out["label"] = item["label"]
             self._norm[i] = out
@@ -1375,9 +1458,51 @@ class PairDataset(torch.utils.data.Dataset):
         return item
 
 
-def _warp_labels(label: torch.Tensor, ddf: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-hot foreground channels ``(B, K - 1, *S)`` of ``label`` and their linear warp by ``ddf``."""
-    oh = F.one_hot(label.long().clamp(0, classes - 1), classes).movedim(-1, 1)[:, 1:].float()
+def _label_max(dataset: Any) -> int:
+    """The largest label value in a :class:`~medfast.data.NiftiDataset`'s label maps (0 without labels), as its
+    items hold them (after its ``label_map``). Reads the label files only (no image, no preprocessing; a few
+    threads, as decompression releases the GIL): resampling and cropping never add a value, so this bounds
+    every item's labels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medfast.data.io import load_nifti as read_volume
+
+    def top(path: str) -> int:
+        arr = dataset._relabel(read_volume(path, label=True).data)
+        return int(arr.max()) if arr.size else 0
+
+    paths = list(getattr(dataset, "labels", []) or [])
+    if not paths:
+        return 0
+    with ThreadPoolExecutor(max_workers=min(4, len(paths), os.cpu_count() or 1)) as pool:
+        return max(pool.map(top, paths))
+
+
+def _one_hot_fg(label: torch.Tensor, classes: int, files: Any = None, role: str = "label") -> torch.Tensor:
+    """One-hot foreground channels ``(B, K - 1, *S)`` float of an integer label batch ``(B, *S)``. A value
+    outside ``0 .. classes - 1`` raises :class:`DatasetError` naming it (and the batch's files): it is never
+    merged into another class."""
+    label = label.long()
+    lo, hi = (int(v) for v in torch.aminmax(label)) if label.numel() else (0, 0)
+    if lo < 0 or hi >= classes:
+        bad = [int(v) for v in torch.unique(label[(label < 0) | (label >= classes)]).tolist()][:10]
+        where = ""
+        if files is not None:
+            names = [files] if isinstance(files, str) else list(files)
+            rows = [str(names[b]) for b in range(min(len(names), label.shape[0]))
+                    if bool(((label[b] < 0) | (label[b] >= classes)).any())]
+            where = f" in the pair(s) {'; '.join(rows)}" if rows else f" in the batch {names}"
+        raise DatasetError(f"{role} holds label value(s) {bad}{where}, but the label Dice has {classes} classes "
+                           f"(labels 0..{classes - 1}, from the largest label of the training, validation and "
+                           f"atlas label maps)")
+    return F.one_hot(label, classes).movedim(-1, 1)[:, 1:].float()
+
+
+def _warp_labels(label: torch.Tensor, ddf: torch.Tensor, classes: int,
+                 files: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot foreground channels ``(B, K - 1, *S)`` of ``label`` and their linear warp by ``ddf``; a label
+    value outside ``0 .. classes - 1`` raises :class:`DatasetError` (see :func:`_one_hot_fg`)."""
+    oh = _one_hot_fg(label, classes, files, "the moving label map")
     return oh, mf.warp(oh.contiguous(), ddf.float(), mode="linear")
 
 
@@ -1387,7 +1512,9 @@ class RegistrationTask(Task):
 
     Loss: ``lncc_weight * LNCC(warped, fixed) + bending_weight * bending energy(ddf)`` (unsupervised),
     ``+ dice_weight * (1 - soft Dice of the warped moving labels)`` when both label maps exist (weak
-    supervision). Settings live in ``task_args`` (see ``docs/registration.md``). The trained network
+    supervision; the one-hot encoding has ``num_classes`` = 1 + the largest label of all training,
+    validation and atlas label maps, and a larger label raises :class:`DatasetError`). Settings live in
+    ``task_args`` (see ``docs/registration.md``). The trained network
     is written as ``registration_model.pt`` (:func:`save_model`) and ``medfast register --model`` also
     reads the trainer's ``checkpoints/*.pt`` directly.
     """
@@ -1410,7 +1537,7 @@ class RegistrationTask(Task):
         check_dataset_args(config, "registration")
         self.augment = RandomAugment(config.augment)
         self.val_augment = RandomAugment(config.augment, geometric_only=True)
-        self.num_classes = 2
+        self.num_classes = 2  # set by build_datasets when task_args.dice_weight > 0 (the label Dice)
 
     def build_model(self) -> torch.nn.Module:
         return RegistrationNet(**self.net_kwargs)
@@ -1442,18 +1569,20 @@ class RegistrationTask(Task):
             raise DatasetError(f"task_args.dice_weight > 0 (weak supervision) needs label maps of the moving "
                                f"and the fixed images; {missing} is missing")
         subjects = self._subjects(images, labels)
-        probe = subjects[0]
-        if "label" in probe:
-            self.num_classes = max(self.num_classes, int(probe["label"].max()) + 1)
-        if atlas is not None and "label" in atlas:
-            self.num_classes = max(self.num_classes, int(atlas["label"].max()) + 1)
+        val_subjects = self._subjects(val_images, val_labels) if val_images else None
+        if a["dice_weight"] > 0:
+            # the label Dice one-hot encodes labels 0 .. num_classes - 1: take the largest label of EVERY label
+            # map that can enter a pair (training, validation, atlas), not just the first subject's
+            top = [_label_max(subjects), _label_max(val_subjects) if val_subjects is not None else 0]
+            if atlas is not None and "label" in atlas and atlas["label"].numel():
+                top.append(int(atlas["label"].max()))
+            self.num_classes = max(2, max(top) + 1)
         train = PairDataset(subjects, atlas)
         val = None
         if val_images:
             # one validation subject without an atlas: score it against held-out deformations of itself
             single = atlas is None and len(val_images) == 1
-            val = PairDataset(self._subjects(val_images, val_labels), atlas, limit=a["val_pairs"],
-                              seed_offset=10**12 if single else None)
+            val = PairDataset(val_subjects, atlas, limit=a["val_pairs"], seed_offset=10**12 if single else None)
             self._val_deform = single
         elif d.val_deformations > 0:
             val = PairDataset(subjects, atlas, limit=d.val_deformations, seed_offset=10**12)
@@ -1503,8 +1632,9 @@ class RegistrationTask(Task):
             metrics = {"lncc": float(sim.detach()), "bending": float(bend.detach())}
             if a["dice_weight"] > 0 and ml is not None and fl is not None:
                 k = self.num_classes
-                _, warped_oh = _warp_labels(ml, ddf, k)
-                fixed_oh = F.one_hot(fl.long().clamp(0, k - 1), k).movedim(-1, 1)[:, 1:].float()
+                files = batch.get("files")
+                _, warped_oh = _warp_labels(ml, ddf, k, files)
+                fixed_oh = _one_hot_fg(fl, k, files, "the fixed label map")
                 dl = label_dice_loss(warped_oh, fixed_oh)
                 loss = loss + a["dice_weight"] * dl
                 metrics["dice_loss"] = float(dl.detach())
