@@ -274,3 +274,18 @@ def test_cuda_ops_refuse_mixed_devices_and_take_empty_batches():
     with pytest.raises(ValueError, match="grad is on cpu"):
         ops.ussim_march_backward(torch.rand(1, 4, 6, 3), props, coords, noise,
                                  [1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 1.0, 0], 0.1, [1.0] * 5, 0, 1.0, True, True, None)
+
+
+def test_cuda_ultrasound_property_gradient_alerts_under_deterministic_mode():
+    # float atomics scatter it: PyTorch's rule is an error under use_deterministic_algorithms(True)
+    ops = torch.ops.medfast
+    props, coords = torch.rand(1, 8, 8, 8, 5, device="cuda"), torch.rand(1, 4, 6, 3, device="cuda") * 7
+    noise, grad = torch.rand(1024, 4, device="cuda"), torch.rand(1, 4, 6, 3, device="cuda")
+    args = ([1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 1.0, 0], 0.1, [1.0] * 5, 0, 1.0)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="ultrasound ray march backward.*deterministic"):
+            ops.ussim_march_backward(grad, props, coords, noise, *args, True, True, None)
+        ops.ussim_march_backward(grad, props, coords, noise, *args, False, True, None)  # positions only: fine
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -128,3 +128,18 @@ def test_interop_copies_negative_strides_and_warns_on_read_only_arrays():
         warnings.simplefilter("always")
         interop.as_tensor(ro)
     assert any("not writable" in str(m.message) for m in w)
+
+
+def test_disk_cache_leaves_the_global_numpy_stream_alone(tmp_path):
+    # the cache's temporary file name came from np.random: a cold read moved the trainer-seeded stream (and
+    # two jobs with the same seed sharing the cache wrote the same temporary file)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4)),
+             tmp_path / "img.nii.gz")
+    ds = NiftiDataset([str(tmp_path / "img.nii.gz")], cache="disk", cache_dir=str(tmp_path / "cache"))
+    draws = []
+    for _ in ("cold", "warm"):
+        np.random.seed(0)
+        ds[0]
+        draws.append(np.random.rand())
+    assert draws[0] == draws[1]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1 and not list((tmp_path / "cache").glob(".*"))

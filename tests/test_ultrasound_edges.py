@@ -329,3 +329,31 @@ def test_psf_rows_do_not_depend_on_thread_count_or_batch():
         assert torch.equal(lines[0], lines[1])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_seed_minus_one_and_speckle_off_do_not_share_a_noise_table():
+    # both were cached under the key -1: whichever ran first set the other's scatterers
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch, numpy as np
+from medfast.ultrasound import Probe, simulate, look_at
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+props = torch.stack([1.3 + 0.5 * torch.rand(12, 12, 12, generator=g), 0.3 * torch.rand(12, 12, 12, generator=g),
+                     0.5 + torch.rand(12, 12, 12, generator=g), torch.rand(12, 12, 12, generator=g),
+                     0.2 * torch.rand(12, 12, 12, generator=g)])[None]
+affine = np.diag([2.0, 2.0, 2.0, 1.0]); affine[:3, 3] = -12
+probe = Probe.preset("L11-5v", n_lines=16, n_samples=64, depth_mm=20.0)
+pose = look_at((0.0, 0.0, -10.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
+runs = {"s": lambda: simulate(props, affine, pose, probe, seed=-1).lines_db,
+        "p": lambda: simulate(props, affine, pose, probe, speckle=False).lines_db}
+order = sys.argv[1]
+out = {k: runs[k]() for k in order}
+print(float(out["s"].sum()), float(out["p"].sum()))
+"""
+    sums = [subprocess.run([sys.executable, "-c", script, order], capture_output=True, text=True, check=True)
+            .stdout.split() for order in ("sp", "ps")]
+    assert sums[0] == sums[1]
+    assert sums[0][0] != sums[0][1]  # speckle on and off differ (the comparison can fail)

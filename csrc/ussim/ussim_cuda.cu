@@ -4,6 +4,7 @@
 // scattered into the volume with atomicAdd (not bitwise deterministic; see docs/ultrasound.md) by the
 // merged warp scatter (the lanes of a warp whose samples share a voxel cell summed before the atomics;
 // ussim_warp.cuh), or with MEDFAST_USSIM_CUDA_SCATTER=plain by one thread per sample.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -118,6 +119,9 @@ std::tuple<Tensor, Tensor> march_backward_cuda(const Tensor& grad, const Tensor&
                                                const Tensor& noise, const Params& P, bool props_grad,
                                                bool coords_grad) {
   const c10::cuda::CUDAGuard guard(coords.device());
+  // the property-map gradient is scattered with float atomics: PyTorch's rule for such ops
+  if (props_grad) at::globalContext().alertNotDeterministic("medfast ultrasound ray march backward (CUDA), "
+                                                            "gradient w.r.t. the property maps");
   const int64_t B = coords.size(0), R = coords.size(1), S = coords.size(2);
   Tensor gvals = props_grad ? at::empty({B, R, S, kProps}, coords.options()) : Tensor();
   Tensor gcoords = coords_grad ? at::empty(coords.sizes(), coords.options()) : at::empty({0}, coords.options());
@@ -161,6 +165,9 @@ std::tuple<Tensor, Tensor> march_lines_backward_cuda(const Tensor& grad, const T
                                                      const Tensor& step, const Tensor& weights, const Tensor& noise,
                                                      const Params& P, bool props_grad, bool coords_grad) {
   const c10::cuda::CUDAGuard guard(start.device());
+  // the property-map gradient is scattered with float atomics: PyTorch's rule for such ops
+  if (props_grad) at::globalContext().alertNotDeterministic("medfast ultrasound ray march backward (CUDA), "
+                                                            "gradient w.r.t. the property maps");
   const int64_t B = start.size(0), L = start.size(1), E = start.size(2), S = P.S;
   if (!warp_march()) {  // the positions and echo gradients materialised, (B, L E, S, 3) each
     const Tensor i = at::arange(S, start.options());

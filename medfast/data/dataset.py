@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -326,7 +328,9 @@ class NiftiDataset(Dataset):
                     pass
             item = self.load(i)
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{np.random.randint(1 << 30)}")
+            # a unique name without a random draw: the global NumPy stream stays as the trainer seeded it, and
+            # two jobs sharing the cache (same seed) no longer write and rename the same temporary file
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
             torch.save(item, tmp)
             tmp.replace(path)
             return item

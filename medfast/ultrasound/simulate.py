@@ -152,8 +152,9 @@ def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, float]:
         key = affine.detach().to("cpu", torch.float64).numpy().tobytes()
     elif isinstance(affine, np.ndarray) and affine.size == 16:
         key = np.ascontiguousarray(affine, dtype=np.float64).tobytes()
-    if key is not None and key in _AFFINES:
-        return _AFFINES[key]
+    cached = _AFFINES.get(key) if key is not None else None  # one read: another thread may clear the dict
+    if cached is not None:
+        return cached
     a = _check_affine(affine)
     # The coarsest voxel axis sets the interface sharpening (_scanlines' sharp): with the mean, an
     # interface across the thick axis of an anisotropic volume (thick-slice CT) gave a weaker echo.
@@ -315,7 +316,7 @@ def probe_points(probe: Probe, sub_rays: int, device=None) -> torch.Tensor:
 
 
 def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
-    key = (int(seed) if speckle else -1, str(device))
+    key = (bool(speckle), int(seed) if speckle else 0, str(device))  # (seed -1 with speckle is a seed too)
     with _NOISE_LOCK:  # simulate() may run in several threads: lookup, insert and eviction as one step
         table = _NOISE_CACHE.get(key)
         if table is not None:
@@ -487,11 +488,13 @@ def _device_copy(t: torch.Tensor, dev: torch.device, dt: torch.dtype) -> torch.T
     if dev.type == "cpu":
         return t.to(dt)
     key = (t.numpy().tobytes(), str(dev), dt)
-    if key not in _DEVICE_COPIES:
+    copy = _DEVICE_COPIES.get(key)  # one read, then a local: another thread may clear the dict meanwhile
+    if copy is None:
+        copy = t.to(dtype=dt).to(device=dev)
         if len(_DEVICE_COPIES) >= 64:
             _DEVICE_COPIES.clear()
-        _DEVICE_COPIES[key] = t.to(dtype=dt).to(device=dev)
-    return _retained(_DEVICE_COPIES[key])
+        _DEVICE_COPIES[key] = copy
+    return _retained(copy)
 
 
 def _scanlines(props: torch.Tensor, pose: torch.Tensor, affine_info, probe: Probe, *, seed: int, sub_rays: int,
