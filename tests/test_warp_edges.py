@@ -46,7 +46,7 @@ def test_zeros_padding_beside_nan_edges_matches_scipy(mode, ndim, dtype):
             out.nan_to_num(0.0).sum().backward()
         return out.detach(), None if d.grad is None else d.grad
 
-    for out, grad in (simd_and_generic(run) if ndim == 3 else (run(),)):
+    for out, grad in simd_and_generic(run):  # 2D too: the AVX2 rows on a one-plane 3D view
         torch.testing.assert_close(out[0, 0].double(), ref, equal_nan=True, atol=1e-5, rtol=1e-5)
         if grad is not None:
             outside = ref == 0
@@ -217,3 +217,30 @@ def test_channels_last_ddf_takes_the_fast_path_with_the_same_results(mode):
     assert results[0][2].shape == (2, 3, 9, 10, 17)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("grads", [(True, True), (False, True), (True, False)])
+def test_2d_fast_path_equals_the_scalar_2d_loop(mode, padding, grads):
+    # 2D float32 fields run the 3D AVX2 rows on a (B, C, 1, H, W) view (the scalar 2D loop was slower than
+    # grid_sample): values and both gradients must be the 2D loop's, with a broadcast image batch too
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(1, 3, 21, 34, generator=g)
+    ddf = torch.randn(2, 2, 19, 37, generator=g) * 4
+    ddf[..., :3] += 30.0  # some samples far outside
+
+    def run():
+        i = img.clone().requires_grad_(grads[0])
+        d = ddf.clone().requires_grad_(grads[1])
+        out = mf.warp(i, d, mode=mode, padding=padding)
+        out.backward(torch.rand(out.shape, generator=torch.Generator().manual_seed(4)))
+        return out.detach(), i.grad, d.grad
+
+    fast, slow = simd_and_generic(run)
+    assert fast[0].shape == (2, 3, 19, 37)
+    for a, b in zip(fast, slow, strict=True):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
