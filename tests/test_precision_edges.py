@@ -98,3 +98,34 @@ def test_local_ncc_keeps_nan_from_nan_or_inf_inputs(bad):
     p[0, 0, 6, 6, 6] = bad
     assert torch.isnan(mf.local_ncc(p, t, 5)[0, 0, 6, 6, 6])
     assert torch.isnan(mf.lncc_loss(p, t, 5))
+
+
+@pytest.mark.parametrize("spacing", [(1e39, 1.0), (1e31, 1e31), (1e-31, 1.0), (1e-10, 1e6)])
+def test_distances_refuse_spacings_float32_cannot_hold(spacing):
+    # (1e39, 1) gave NaN and inf (the docs say the output is always finite), (1e-30, 1) distances of 0, and
+    # the surface metrics NaN: spacings whose distances float32 cannot represent are refused, named
+    mask = torch.ones(1, 6, 7, dtype=torch.bool)
+    mask[0, 0, 0] = False
+    with pytest.raises(ValueError, match=r"spacing must lie in \[1e-30, 1e30\]"):
+        mf.distance_transform(mask, spacing=spacing)
+    a = torch.zeros(1, 8, 8, dtype=torch.long)
+    a[0, 2:5, 2:5] = 1
+    with pytest.raises(ValueError, match="spacing must lie in"):
+        hausdorff_distance(a, a.roll(2, 1), spacing=spacing, num_classes=2)
+
+
+@pytest.mark.parametrize("smooth", [{"smooth_dr": float("nan")}, {"smooth_nr": float("nan")},
+                                    {"smooth_dr": float("inf")}])
+def test_lncc_refuses_non_finite_smoothing(smooth):
+    # NaN passed the `v < 0` check: a NaN loss (and inf gave -0.0)
+    with pytest.raises(ValueError, match="must be a non-negative finite number"):
+        mf.lncc_loss(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8), 3, **smooth)
+
+
+@pytest.mark.parametrize("spacing", [(float("nan"), 1, 1), (float("inf"), 1, 1), (1e-30, 1, 1), (1e-9, 1, 1)])
+def test_resample_to_spacing_names_a_bad_spacing(spacing):
+    # NaN / 1e-30 named an internal shape_out, inf an internal affine_out, 1e-9 tried to allocate 2 TB
+    from medfast.data import resample_to_spacing
+
+    with pytest.raises(ValueError, match="spacing"):
+        resample_to_spacing(torch.rand(1, 8, 8, 8), np.eye(4), spacing)

@@ -101,11 +101,16 @@ def resample_to_spacing(image: torch.Tensor, affine: np.ndarray, spacing: Sequen
     a = spatial_affine(affine, ndim)
     old = np.sqrt((a[:ndim, :ndim] ** 2).sum(axis=0))
     new = np.asarray(spacing, dtype=np.float64)
-    if new.shape != (ndim,) or np.any(new <= 0):
-        raise ValueError(f"spacing must be {ndim} positive numbers (mm), got {list(spacing)}")
+    if new.shape != (ndim,) or not (np.isfinite(new).all() and (new > 0).all()):
+        raise ValueError(f"spacing must be {ndim} positive finite numbers (mm), got {list(spacing)}")
     if np.allclose(old, new, rtol=1e-4):
         return image, a
-    shape = np.maximum(1, np.round(np.array(x.shape[1:]) * old / new)).astype(int)
+    shape = np.maximum(1, np.round(np.array(x.shape[1:]) * old / new))
+    if np.prod(shape) > 2.0**31:  # a spacing in metres or a typo (1e-9): a terabyte allocation otherwise
+        raise ValueError(f"spacing {list(spacing)} would resample the {list(x.shape[1:])} image at "
+                         f"{[float(v) for v in old]} mm to {[int(v) for v in shape]} voxels (over 2^31); "
+                         "spacing is in mm")
+    shape = shape.astype(int)
     scale = new / old
     out_aff = a.copy()
     out_aff[:ndim, :ndim] = a[:ndim, :ndim] * scale[None, :]

@@ -99,6 +99,11 @@ def _check_spacing(spacing: object, ndim: int) -> list[float]:
             )
     if any(not math.isfinite(s) or s <= 0 for s in values):
         raise ValueError(f"spacing must be positive and finite, got {tuple(values)}")
+    # float32 distances (the kernels square them; results are scaled back by the largest spacing): beyond
+    # these bounds they overflowed to inf / NaN or underflowed to 0
+    if max(values) > 1e30 or min(values) < 1e-30 or max(values) / min(values) > 1e15:
+        raise ValueError(f"spacing must lie in [1e-30, 1e30] with at most a 1e15 ratio between axes, got "
+                         f"{tuple(values)}")
     return values
 
 

@@ -12,6 +12,7 @@ The value equals MONAI's ``LocalNormalizedCrossCorrelationLoss(kernel_type="rect
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -133,8 +134,8 @@ def local_ncc(
     sizes = _kernel_size(kernel_size, pred.dim() - 2)
     smooth_nr, smooth_dr = py_scalar(smooth_nr), py_scalar(smooth_dr)
     for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
     if smooth_dr == 0:
         raise ValueError("smooth_dr must be > 0 (it bounds the local variances away from zero)")
     dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
