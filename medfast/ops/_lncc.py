@@ -116,6 +116,12 @@ def local_ncc(
     and DeepReg's registration pipelines do) or pass float64. (Centring the images would not help:
     the zero-padded border windows make the NCC depend on the offset.) MONAI's float32 LNCC loses
     more there.
+
+    The box sums are running sums (a value is added when the window reaches it and subtracted when it
+    leaves): one NaN or inf voxel makes the map NaN beyond the windows that hold it, along the rest of
+    its lines (a convolution, as MONAI's, keeps it to those windows), and one voxel many orders of
+    magnitude above the others costs precision in the windows after it. Mask or replace such voxels
+    first.
     """
     pred = check_tensor("pred", pred)
     target = check_tensor("target", target)
