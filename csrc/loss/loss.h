@@ -24,8 +24,10 @@ constexpr int kStats = 4;
 
 // exp(x) for x <= 0 in float without a library call, branch-free so that loops over voxels
 // vectorize (Cody-Waite range reduction and a degree-6 polynomial, about 2 ulp); double uses exp.
-MEDFAST_HOST_DEVICE float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38: below it the result is 0 for our purposes
+MEDFAST_HOST_DEVICE float exp_nonpositive(float x_in) {
+  // exp(-87) ~ 1.6e-38: below it the result is 0 for our purposes. NaN (a NaN or inf logit) is clamped
+  // too, so that the int conversion below stays defined, and given back as NaN at the end.
+  const float x = x_in > -87.0f ? x_in : -87.0f;  // (maxps: NaN -> -87)
   // Nearest integer to x / ln 2 by truncation (x <= 0): no floor call, so SSE2 vectorizes it.
   const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);
   const float n = static_cast<float>(ni);
@@ -40,9 +42,80 @@ MEDFAST_HOST_DEVICE float exp_nonpositive(float x) {
   const int32_t bits = (ni + 127) << 23;
   float scale;
   memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  // NaN in, NaN out (the clamp made it -87) by an integer test and blend: a float compare-and-select here
+  // stopped GCC from vectorizing the voxel loops (3x slower).
+  float out = p * scale;
+  uint32_t in_bits, out_bits;
+  memcpy(&in_bits, &x_in, sizeof(in_bits));
+  memcpy(&out_bits, &out, sizeof(out_bits));
+  const uint32_t nan = 0u - static_cast<uint32_t>((in_bits & 0x7fffffffu) > 0x7f800000u);
+  out_bits = (out_bits & ~nan) | (in_bits & nan);
+  memcpy(&out, &out_bits, sizeof(out));
+  return out;
 }
 MEDFAST_HOST_DEVICE double exp_nonpositive(double x) { return exp(x); }
+
+// log(1 + f) for -0.29 <= f <= 1 in float without a library call, branch-free (vectorizes like
+// exp_nonpositive): with s = f / (2 + f) (|s| <= 1/3), log(1 + f) = 2 atanh(s) = f - (f^2/2 - s (f^2/2 + R)),
+// R = sum_k 2 s^2k / (2k + 1) to s^14 (fdlibm's arrangement: f is exact, the rounding is in the small
+// correction; within 1.3 ulp on [0, 1]). The CUDA build keeps log1pf.
+MEDFAST_HOST_DEVICE float log1p_bounded(float f) {
+#ifdef __CUDA_ARCH__
+  return log1pf(f);
+#else
+  const float s = f / (2.0f + f), s2 = s * s, hfsq = 0.5f * f * f;
+  float r = 2.0f / 15.0f;
+  r = r * s2 + 2.0f / 13.0f;
+  r = r * s2 + 2.0f / 11.0f;
+  r = r * s2 + 2.0f / 9.0f;
+  r = r * s2 + 2.0f / 7.0f;
+  r = r * s2 + 2.0f / 5.0f;
+  r = r * s2 + 2.0f / 3.0f;
+  return f - (hfsq - s * (hfsq + r * s2));
+#endif
+}
+
+// log(1 + x) for 0 <= x <= 1 in float by a polynomial alone (no division: the per-element BCE term),
+// x + x^2 (-1/2 + x q(x)) with q of degree 7 fitted for the least maximal relative error on [0, 1]
+// (8e-9 before rounding; within 2 ulp for every float in [0, 1], checked against log1p in double).
+// The CUDA build keeps log1pf.
+MEDFAST_HOST_DEVICE float log1p_unit(float x) {
+#ifdef __CUDA_ARCH__
+  return log1pf(x);
+#else
+  float q = -3.677781904e-03f;
+  q = q * x + 2.187668718e-02f;
+  q = q * x - 6.092355028e-02f;
+  q = q * x + 1.102530882e-01f;
+  q = q * x - 1.556962281e-01f;
+  q = q * x + 1.977434605e-01f;
+  q = q * x - 2.497510165e-01f;
+  q = q * x + 3.333224952e-01f;
+  q = q * x - 0.5f;
+  return x + x * x * q;
+#endif
+}
+MEDFAST_HOST_DEVICE double log1p_unit(double x) { return log1p(x); }
+
+// log(x) for positive normal x in float without a library call, branch-free: x = m 2^k with m in
+// [sqrt(1/2), sqrt(2)) from the bits, then k ln 2 + log1p_bounded(m - 1) (m - 1 is exact), ln 2 split
+// as in exp_nonpositive (within 1 ulp). NaN and +inf come back as they are. The CUDA build keeps logf.
+MEDFAST_HOST_DEVICE float log_positive(float x) {
+#ifdef __CUDA_ARCH__
+  return logf(x);
+#else
+  int32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  const int32_t k = (bits - 0x3f3504f3) >> 23;  // 0x3f3504f3: sqrt(1/2)
+  const int32_t mbits = bits - k * (int32_t(1) << 23);
+  float m;
+  memcpy(&m, &mbits, sizeof(m));
+  const float kf = static_cast<float>(k);
+  const float r = kf * 0.693359375f + (log1p_bounded(m - 1.0f) - kf * 2.12194440e-4f);
+  return x <= 3.40282347e38f ? r : x;
+#endif
+}
+MEDFAST_HOST_DEVICE double log_positive(double x) { return log(x); }
 
 // Per-voxel scratch and per-class sums are reached through `operator[]` only, so the same code runs
 // on plain pointers (CPU: scratch rows of kBlock voxels, sums in a private buffer) and on strided
@@ -58,6 +131,20 @@ struct Strided {
 
 template <typename P>
 using elem_t = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<P&>()[0])>>;
+
+// Lanes of a block's sums (CPU): voxel v adds into lane v % kLanes, then the lanes are added in order.
+// The loop over a block's voxels then vectorizes without reassociating a sum (the compiler may not),
+// and the result is the same for any vector width (plain and AVX2 builds alike). The loop over the
+// lanes must stay a loop (not unrolled): unrolled, gcc vectorizes across groups of lanes instead,
+// with a transposition of every load.
+constexpr int kLanes = 8;
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define MEDFAST_LOSS_NO_UNROLL _Pragma("unroll 1")
+#elif defined(__CUDACC__) || defined(__HIPCC__)
+#define MEDFAST_LOSS_NO_UNROLL  // host pass of a CUDA build: the pragma would only be warned about
+#else
+#define MEDFAST_LOSS_NO_UNROLL _Pragma("GCC unroll 1")
+#endif
 
 // The voxels of one block: nv adjacent voxels (z[c * cs + v]) of one batch element. Scratch:
 // e[c * nv + v] = exp(z - mx[v]), mx[v], den[v] = sum_c e. The same code serves the CPU launcher
@@ -122,10 +209,20 @@ MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const in
     const bool keep = label[v] >= 0 && label[v] < C;
     den[v] = keep ? static_cast<T>(w ? w[v] : A(1)) / den[v] : T(0);
   }
-  for (int64_t c = 0; c < C; ++c) {
-    T acc = T(0);
-    for (int v = 0; v < nv; ++v) acc += e[c * nv + v] * den[v];
-    cls[c * kStats + 1] += acc;
+  for (int64_t c = 0; c < C; ++c) {  // P, in lanes (kLanes)
+    if (nv == 1) {  // CUDA: a thread per voxel
+      cls[c * kStats + 1] += e[c] * den[0];
+      continue;
+    }
+    T acc[kLanes] = {};
+    int v0 = 0;
+    for (; v0 + kLanes <= nv; v0 += kLanes)
+      MEDFAST_LOSS_NO_UNROLL
+      for (int j = 0; j < kLanes; ++j) acc[j] += e[c * nv + v0 + j] * den[v0 + j];
+    for (int j = 0; v0 + j < nv; ++j) acc[j] += e[c * nv + v0 + j] * den[v0 + j];
+    T sum = acc[0];
+    for (int j = 1; j < kLanes; ++j) sum += acc[j];
+    cls[c * kStats + 1] += sum;
   }
   for (int v = 0; v < nv; ++v) {
     const int64_t y = label[v];
@@ -204,44 +301,125 @@ MEDFAST_HOST_DEVICE void stats_backward_block(const S* z, int64_t C, int64_t cs,
 // ---- Soft / multi-label targets: t[c * cs + v] (probabilities, or 0/1 labels per channel) ----
 // Softmax over the classes (SIGMOID = false): I = sum w p_c t_c, P = sum w p_c, G = sum w t_c,
 // E = sum w t_c (-log p_c). Independent sigmoids (SIGMOID = true): the same with p_c = sigmoid(z_c)
-// and E = sum w BCE(z_c, t_c). Scratch as softmax_block.
-template <bool SIGMOID, typename S, typename A, typename Acc, typename E>
-MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv, Acc cls,
-                                          E e, E mx, E den) {
+// and E = sum w BCE(z_c, t_c). Every per-voxel loop vectorizes on the CPU (no library call in it: the
+// logarithm of the softmax's sum is taken once per voxel, not per class).
+
+// Voxel weights as T, read by index: the given ones, or none (1, the multiplications fold away), so
+// that the loops are compiled once for each instead of testing for weights per voxel and class.
+template <typename T, typename A>
+struct VoxelWeights {
+  const A* w;
+  MEDFAST_HOST_DEVICE T operator[](int64_t v) const { return static_cast<T>(w[v]); }
+};
+template <typename T>
+struct UnitWeights {
+  MEDFAST_HOST_DEVICE T operator[](int64_t) const { return T(1); }
+};
+
+// sigmoid(z), branch-free and stable: with ez = exp(-|z|) and r = 1 / (1 + ez), r for z >= 0 and
+// ez r below; either way 1 - p or p is q = ez r = sigmoid(-|z|), and p (1 - p) = q r.
+template <typename T>
+MEDFAST_HOST_DEVICE T sigmoid_parts(T z, T& ez, T& r) {
+  ez = exp_nonpositive(z < T(0) ? z : -z);
+  r = T(1) / (T(1) + ez);
+  return z >= T(0) ? r : ez * r;
+}
+
+// The terms of voxel v, class c of a block in the soft sums: w p t, w p, w t, w nll added to a0..a3.
+// Softmax: e holds p (normalised), lr[v] = log(1 / sum exp(z - mx)), so -log p_c = (mx - z_c) - lr
+// (mx - z_c first: small or exact, see ce_term).
+template <bool SIGMOID, typename S, typename E, typename W>
+struct SoftTerms {
+  using T = elem_t<E>;
+  const S* z;
+  const S* t;
+  int64_t cs;
+  int nv;
+  E e, mx, lr;
+  W w;
+  MEDFAST_HOST_DEVICE void operator()(int64_t c, int v, T& a0, T& a1, T& a2, T& a3) const {
+    const T zc = static_cast<T>(z[c * cs + v]), tc = static_cast<T>(t[c * cs + v]), wv = w[v];
+    T p, nll;
+    if constexpr (SIGMOID) {
+      T ez, r;
+      p = sigmoid_parts(zc, ez, r);
+      nll = (zc > T(0) ? zc : T(0)) - zc * tc + log1p_unit(ez);  // BCE with logits, stable
+    } else {
+      p = e[c * nv + v];
+      nll = tc * ((mx[v] - zc) - lr[v]);
+    }
+    const T wp = wv * p;
+    a0 += wp * tc;
+    a1 += wp;
+    a2 += wv * tc;
+    a3 += wv * nll;
+  }
+};
+
+// cls[c * kStats + k] += the block's sums of terms(c, v, a0, a1, a2, a3) over its nv voxels, in T.
+template <typename T, typename Terms, typename Acc>
+MEDFAST_HOST_DEVICE void add_class_sums(const Terms& terms, int64_t c, int nv, Acc cls) {
+  if (nv == 1) {  // CUDA: a thread per voxel
+    T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
+    terms(c, 0, a0, a1, a2, a3);
+    cls[c * kStats + 0] += a0;
+    cls[c * kStats + 1] += a1;
+    cls[c * kStats + 2] += a2;
+    cls[c * kStats + 3] += a3;
+    return;
+  }
+  T a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+  int v0 = 0;
+  for (; v0 + kLanes <= nv; v0 += kLanes)
+    MEDFAST_LOSS_NO_UNROLL
+    for (int j = 0; j < kLanes; ++j) terms(c, v0 + j, a0[j], a1[j], a2[j], a3[j]);
+  for (int j = 0; v0 + j < nv; ++j) terms(c, v0 + j, a0[j], a1[j], a2[j], a3[j]);
+  T s0 = a0[0], s1 = a1[0], s2 = a2[0], s3 = a3[0];
+  for (int j = 1; j < kLanes; ++j) {
+    s0 += a0[j];
+    s1 += a1[j];
+    s2 += a2[j];
+    s3 += a3[j];
+  }
+  cls[c * kStats + 0] += s0;
+  cls[c * kStats + 1] += s1;
+  cls[c * kStats + 2] += s2;
+  cls[c * kStats + 3] += s3;
+}
+
+template <bool SIGMOID, typename S, typename Acc, typename E, typename W>
+MEDFAST_HOST_DEVICE void soft_stats_block_weighted(const S* z, const S* t, int64_t C, int64_t cs, W w, int nv,
+                                                   Acc cls, E e, E mx, E den) {
   using T = elem_t<E>;
   if constexpr (!SIGMOID) {
     softmax_block(z, C, cs, nv, e, mx, den);
     for (int v = 0; v < nv; ++v) den[v] = T(1) / den[v];
+    for (int64_t c = 0; c < C; ++c)
+      for (int v = 0; v < nv; ++v) e[c * nv + v] *= den[v];  // p
+    for (int v = 0; v < nv; ++v) den[v] = log_positive(den[v]);  // once per voxel, in [-log C, 0]
   }
-  for (int64_t c = 0; c < C; ++c) {
-    A acc[kStats] = {A(0), A(0), A(0), A(0)};
-    for (int v = 0; v < nv; ++v) {
-      const T zc = static_cast<T>(z[c * cs + v]), tc = static_cast<T>(t[c * cs + v]);
-      const T wv = w ? static_cast<T>(w[v]) : T(1);
-      T p, nll;
-      if constexpr (SIGMOID) {
-        const T ez = exp_nonpositive(-(zc < T(0) ? -zc : zc));  // exp(-|z|)
-        p = zc >= T(0) ? T(1) / (T(1) + ez) : ez / (T(1) + ez);
-        nll = (zc > T(0) ? zc : T(0)) - zc * tc + log1p(ez);  // BCE with logits, stable
-      } else {
-        p = e[c * nv + v] * den[v];
-        nll = tc * (mx[v] - zc - log(den[v]));  // t_c (-log p_c), den holds 1 / sum e
-      }
-      acc[0] += wv * p * tc;
-      acc[1] += wv * p;
-      acc[2] += wv * tc;
-      acc[3] += wv * nll;
-    }
-    for (int k = 0; k < kStats; ++k) cls[c * kStats + k] += acc[k];
-  }
+  const SoftTerms<SIGMOID, S, E, W> terms{z, t, cs, nv, e, mx, den, w};
+  for (int64_t c = 0; c < C; ++c) add_class_sums<T>(terms, c, nv, cls);
+}
+
+// Adds a block of voxels to the sums cls[c * kStats + k]. w: voxel weights or nullptr. Scratch as
+// softmax_block (unused with SIGMOID).
+template <bool SIGMOID, typename S, typename A, typename Acc, typename E>
+MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv, Acc cls,
+                                          E e, E mx, E den) {
+  using T = elem_t<E>;
+  if (w)
+    soft_stats_block_weighted<SIGMOID>(z, t, C, cs, VoxelWeights<T, A>{w}, nv, cls, e, mx, den);
+  else
+    soft_stats_block_weighted<SIGMOID>(z, t, C, cs, UnitWeights<T>{}, nv, cls, e, mx, den);
 }
 
 // Gradient for soft_stats_block. Sigmoid: dL/dz_c = w ((gI_c t_c + gP_c) p (1 - p) + gE_c (p - t_c)).
-// Softmax: with u_c = gI_c t_c + gP_c, dL/dz_k = w (p_k (u_k - sum_c u_c p_c) + p_k sum_c gE_c t_c
-// - gE_k t_k). Scratch as softmax_block plus aux (nv).
-template <bool SIGMOID, typename S, typename A, typename E>
-MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv,
-                                                   const A* gcls, S* gz, E e, E mx, E den, E aux) {
+// Softmax: with u_c = gI_c t_c + gP_c, dL/dz_k = w (p_k (u_k - ubar) - gE_k t_k) with
+// ubar = sum_c (u_c p_c - gE_c t_c).
+template <bool SIGMOID, typename S, typename A, typename E, typename W>
+MEDFAST_HOST_DEVICE void soft_stats_backward_block_weighted(const S* z, const S* t, int64_t C, int64_t cs, W w, int nv,
+                                                            const A* gcls, S* gz, E e, E mx, E den) {
   using T = elem_t<E>;
   if constexpr (SIGMOID) {
     for (int64_t c = 0; c < C; ++c) {
@@ -249,28 +427,26 @@ MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const S* t, int64
       const T ge = static_cast<T>(gcls[c * kStats + 3]);
       for (int v = 0; v < nv; ++v) {
         const T zc = static_cast<T>(z[c * cs + v]), tc = static_cast<T>(t[c * cs + v]);
-        const T ez = exp_nonpositive(-(zc < T(0) ? -zc : zc));
-        const T p = zc >= T(0) ? T(1) / (T(1) + ez) : ez / (T(1) + ez);
-        const T wv = w ? static_cast<T>(w[v]) : T(1);
-        gz[c * cs + v] = static_cast<S>(wv * ((gi * tc + gp) * p * (T(1) - p) + ge * (p - tc)));
+        T ez, r;
+        sigmoid_parts(zc, ez, r);
+        const T q = ez * r;  // sigmoid(-|z|); p (1 - p) = q r
+        const T pt = zc >= T(0) ? (T(1) - tc) - q : q - tc;  // p - t, p = 1 - q or q (no rounding of p to 1)
+        gz[c * cs + v] = static_cast<S>(w[v] * ((gi * tc + gp) * (q * r) + ge * pt));
       }
     }
   } else {
     softmax_block(z, C, cs, nv, e, mx, den);
-    E ubar = mx;   // sum_c u_c p_c
-    E tsum = aux;  // sum_c gE_c t_c
+    E ubar = mx;  // the max is not needed any more
     for (int v = 0; v < nv; ++v) {
       den[v] = T(1) / den[v];
       ubar[v] = T(0);
-      tsum[v] = T(0);
     }
     for (int64_t c = 0; c < C; ++c) {
       const T gi = static_cast<T>(gcls[c * kStats + 0]), gp = static_cast<T>(gcls[c * kStats + 1]);
       const T ge = static_cast<T>(gcls[c * kStats + 3]);
       for (int v = 0; v < nv; ++v) {
         const T tc = static_cast<T>(t[c * cs + v]);
-        ubar[v] += (gi * tc + gp) * e[c * nv + v] * den[v];
-        tsum[v] += ge * tc;
+        ubar[v] += (gi * tc + gp) * (e[c * nv + v] * den[v]) - ge * tc;
       }
     }
     for (int64_t c = 0; c < C; ++c) {
@@ -279,11 +455,22 @@ MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const S* t, int64
       for (int v = 0; v < nv; ++v) {
         const T tc = static_cast<T>(t[c * cs + v]);
         const T p = e[c * nv + v] * den[v];
-        const T wv = w ? static_cast<T>(w[v]) : T(1);
-        gz[c * cs + v] = static_cast<S>(wv * (p * (gi * tc + gp - ubar[v]) + p * tsum[v] - ge * tc));
+        gz[c * cs + v] = static_cast<S>(w[v] * (p * (gi * tc + gp - ubar[v]) - ge * tc));
       }
     }
   }
+}
+
+// Scratch as softmax_block plus aux (nv; unused now, kept for the launchers' layout).
+template <bool SIGMOID, typename S, typename A, typename E>
+MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv,
+                                                   const A* gcls, S* gz, E e, E mx, E den, E aux) {
+  using T = elem_t<E>;
+  (void)aux;
+  if (w)
+    soft_stats_backward_block_weighted<SIGMOID>(z, t, C, cs, VoxelWeights<T, A>{w}, nv, gcls, gz, e, mx, den);
+  else
+    soft_stats_backward_block_weighted<SIGMOID>(z, t, C, cs, UnitWeights<T>{}, nv, gcls, gz, e, mx, den);
 }
 
 }  // namespace medfast::loss

@@ -20,21 +20,27 @@ namespace {
 #define MEDFAST_INLINE_LAMBDA __attribute__((always_inline))
 
 constexpr int kBlock = 64;  // voxels per block: the inner loops of loss.h run over them
+// Voxels per block of the sigmoid rows (one class, no scratch): longer blocks spread the per-block work
+// (the lanes' sums, the block's place) over more voxels; 64 terms per lane of a float sum, as kBlock
+// terms in one float sum elsewhere.
+constexpr int kRowBlock = kBlock * kLanes;
 
-// Blocks never straddle two batch elements: block j of batch b covers voxels [j * kBlock, ...).
+// Blocks never straddle two batch elements: block j of batch b covers voxels [j * len, ...), len = kBlock
+// unless the per-voxel work needs no scratch (kRowBlock).
 struct Blocks {
-  int64_t B, C, N, per_batch, total;
-  explicit Blocks(const Tensor& logits)
+  int64_t B, C, N, len, per_batch, total;
+  explicit Blocks(const Tensor& logits, int64_t block_len = kBlock)
       : B(logits.size(0)),
         C(logits.size(1)),
         N(logits.numel() / std::max<int64_t>(1, logits.size(0) * logits.size(1))),
-        per_batch((N + kBlock - 1) / kBlock),
+        len(block_len),
+        per_batch((N + len - 1) / len),
         total(B * per_batch) {}
   // Batch, first voxel and length of block i.
   void locate(int64_t i, int64_t& b, int64_t& x0, int& nv) const {
     b = i / per_batch;
-    x0 = (i - b * per_batch) * kBlock;
-    nv = static_cast<int>(std::min<int64_t>(kBlock, N - x0));
+    x0 = (i - b * per_batch) * len;
+    nv = static_cast<int>(std::min<int64_t>(len, N - x0));
   }
 };
 
@@ -159,35 +165,49 @@ Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits
   return grad;
 }
 
+// Sigmoid targets: the classes are independent, so each (batch, class) row of the logits is a batch
+// element of its own with one class (blocks of one row stream through two arrays, the logits and the
+// target, not 2 C rows at a time), in blocks of kRowBlock voxels (the sigmoid loops use no scratch).
+// Voxel weights stay per batch element: row r takes those of r / C.
+static Blocks soft_blocks(const Tensor& logits, bool sigmoid) {
+  if (!sigmoid) return Blocks(logits);
+  const int64_t rows = logits.size(0) * logits.size(1);
+  return Blocks(logits.view({rows, 1, rows > 0 ? logits.numel() / rows : 0}), kRowBlock);
+}
+
 Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid) {
   const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
   const Tensor weight = as_double(weight_in);
-  const Blocks bl(logits);
-  const int64_t C = bl.C, N = bl.N;
+  const int64_t C = logits.size(1);
+  const Blocks bl = soft_blocks(logits, sigmoid);
+  const int64_t N = bl.N, rows = bl.C;  // rows: the classes of a block
   const double* w = weights(weight);
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_soft_stats", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
-    out = sum_blocks<T>(logits, bl, C + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) MEDFAST_INLINE_LAMBDA {
-      const int64_t off = b * C * N + x0;
-      const double* wv = w ? w + b * N + x0 : nullptr;
-      if (sigmoid)
-        soft_stats_block<true>(z + off, t + off, C, N, wv, nv, acc, e, e + C * kBlock, e + (C + 1) * kBlock);
-      else
+    out = sum_blocks<T>(logits, bl, rows + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) MEDFAST_INLINE_LAMBDA {
+      const int64_t off = b * rows * N + x0;
+      if (sigmoid) {
+        const double* wv = w ? w + b / C * N + x0 : nullptr;
+        soft_stats_block<true>(z + off, t + off, 1, N, wv, nv, acc, e, e + kBlock, e + 2 * kBlock);
+      } else {
+        const double* wv = w ? w + b * N + x0 : nullptr;
         soft_stats_block<false>(z + off, t + off, C, N, wv, nv, acc, e, e + C * kBlock, e + (C + 1) * kBlock);
+      }
     });
   });
-  return out;
+  return out.view({logits.size(0), C, kStats});
 }
 
 Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in, const Tensor& target_in,
                                const OptTensor& weight_in, bool sigmoid) {
   const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
   const Tensor weight = as_double(weight_in), g = grad_stats.to(at::kDouble).contiguous();
-  const Blocks bl(logits);
-  const int64_t C = bl.C, N = bl.N;
+  const int64_t C = logits.size(1);
+  const Blocks bl = soft_blocks(logits, sigmoid);
+  const int64_t N = bl.N, rows = bl.C;
   Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
   const double* w = weights(weight);
   const double* gs = g.const_data_ptr<double>();
@@ -196,16 +216,17 @@ Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    for_blocks<T>(bl, C + 4, [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
-      const int64_t off = b * C * N + x0;
-      const double* wv = w ? w + b * N + x0 : nullptr;
-      T* sc[4] = {e, e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock};
-      if (sigmoid)
-        soft_stats_backward_block<true>(z + off, t + off, C, N, wv, nv, gs + b * C * kStats, gz + off, sc[0], sc[1],
-                                        sc[2], sc[3]);
-      else
-        soft_stats_backward_block<false>(z + off, t + off, C, N, wv, nv, gs + b * C * kStats, gz + off, sc[0],
-                                         sc[1], sc[2], sc[3]);
+    for_blocks<T>(bl, rows + 3, [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
+      const int64_t off = b * rows * N + x0;
+      if (sigmoid) {
+        const double* wv = w ? w + b / C * N + x0 : nullptr;
+        soft_stats_backward_block<true>(z + off, t + off, 1, N, wv, nv, gs + b * kStats, gz + off, e, e + kBlock,
+                                        e + 2 * kBlock, e + 3 * kBlock);
+      } else {
+        const double* wv = w ? w + b * N + x0 : nullptr;
+        soft_stats_backward_block<false>(z + off, t + off, C, N, wv, nv, gs + b * C * kStats, gz + off, e,
+                                         e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
+      }
     });
   });
   return grad;
