@@ -137,9 +137,19 @@ struct NoiseCache {
   A val[8][3];
 };
 
+// Voxel positions are clamped to +-kFarVoxel (NaN to -kFarVoxel) before their integer cast: far outside any
+// volume (background values, no gradient), and no float -> int overflow (UB on the CPU; on the GPU a
+// saturated index made i0 + 1 overflow and read out of bounds).
+constexpr double kFarVoxel = 1e12;
+
+template <typename A>
+MEDFAST_HOST_DEVICE A clamp_voxel(A x) {
+  return x >= A(-kFarVoxel) ? (x <= A(kFarVoxel) ? x : A(kFarVoxel)) : A(-kFarVoxel);
+}
+
 // Whether all 8 corners of voxel cell (i0, j0, k0) lie inside the volume.
 MEDFAST_HOST_DEVICE bool cell_inside(const Params& P, int64_t i0, int64_t j0, int64_t k0) {
-  return i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 + 1 < P.D && j0 + 1 < P.H && k0 + 1 < P.W;
+  return i0 >= 0 && j0 >= 0 && k0 >= 0 && i0 < P.D - 1 && j0 < P.H - 1 && k0 < P.W - 1;
 }
 
 template <typename T, typename A>
@@ -161,6 +171,7 @@ MEDFAST_HOST_DEVICE void load_cell(const T* vol, const Params& P, int64_t i0, in
 template <typename T, typename A>
 MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A w, A* v, A* grad,
                                       CellCache<A>* cache = nullptr) {
+  d = clamp_voxel(d), h = clamp_voxel(h), w = clamp_voxel(w);
   const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
   const int64_t i0 = static_cast<int64_t>(fd0), j0 = static_cast<int64_t>(fh0), k0 = static_cast<int64_t>(fw0);
   const A td = d - fd0, th = h - fh0, tw = w - fw0;
@@ -216,6 +227,7 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
 // (corner order 4 a + 2 b + e as in sample_props): wt trilinear, wz sharpened (the kSharpProps channels).
 template <typename A>
 MEDFAST_HOST_DEVICE void corner_weights_at(const Params& P, A d, A h, A w, int64_t* cell, A* wt, A* wz) {
+  d = clamp_voxel(d), h = clamp_voxel(h), w = clamp_voxel(w);
   const A fd0 = floor(d), fh0 = floor(h), fw0 = floor(w);
   cell[0] = static_cast<int64_t>(fd0);
   cell[1] = static_cast<int64_t>(fh0);
@@ -237,7 +249,8 @@ template <typename A, typename Add, typename G>
 MEDFAST_HOST_DEVICE void scatter_props(G* gvol, const Params& P, A d, A h, A w, const A* g, Add add,
                                        int64_t i_lo = 0, int64_t i_hi = INT64_MAX) {
   // [i_lo, i_hi): only the corners in this range of the first volume axis (a slab of the volume).
-  if (static_cast<int64_t>(floor(d)) + 1 < i_lo || static_cast<int64_t>(floor(d)) >= i_hi) return;
+  const int64_t i_d = static_cast<int64_t>(floor(clamp_voxel(d)));
+  if (i_d + 1 < i_lo || i_d >= i_hi) return;
   int64_t cell[3];
   A wt[8], wz[8];
   corner_weights_at<A>(P, d, h, w, cell, wt, wz);
@@ -299,8 +312,9 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
       for (int k = 0; k < 9; ++k) dn[k] = A(0);
     return;
   }
-  const double q[3] = {P.G[0] * d + P.G[1] * h + P.G[2] * w + P.G[3], P.G[4] * d + P.G[5] * h + P.G[6] * w + P.G[7],
-                       P.G[8] * d + P.G[9] * h + P.G[10] * w + P.G[11]};
+  const double q[3] = {clamp_voxel(P.G[0] * d + P.G[1] * h + P.G[2] * w + P.G[3]),
+                       clamp_voxel(P.G[4] * d + P.G[5] * h + P.G[6] * w + P.G[7]),
+                       clamp_voxel(P.G[8] * d + P.G[9] * h + P.G[10] * w + P.G[11])};
   const double f0 = floor(q[0]), f1 = floor(q[1]), f2 = floor(q[2]);
   const int64_t c0 = static_cast<int64_t>(f0), c1 = static_cast<int64_t>(f1), c2 = static_cast<int64_t>(f2);
   const A t0 = static_cast<A>(q[0] - f0), t1 = static_cast<A>(q[1] - f1), t2 = static_cast<A>(q[2] - f2);

@@ -104,7 +104,8 @@ def ray_march(
     coords : Tensor
         ``(B, R, S, 3)`` voxel coordinates (axis 0, 1, 2 of the volume) of S samples evenly spaced
         along each of R rays, the first sample nearest the probe. Same dtype and device as
-        ``props``. Differentiable (the pose gradient flows through it).
+        ``props``. Differentiable (the pose gradient flows through it). A sample beyond 1e12 voxels or
+        a NaN coordinate reads the background (no gradient); the kernels never convert it to an index.
     noise : Tensor
         ``(N, 4)`` float32 table from :func:`noise_table`, N a power of two.
     grid_affine : Tensor or sequence of 12 floats
