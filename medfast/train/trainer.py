@@ -101,8 +101,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def _numpy_rng_globals() -> list[Any]:
     """The NumPy types of ``np.random.get_state()`` as pickled: an ndarray of uint32."""
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    # ndarray's own pickle reconstructor: numpy._core.multiarray._reconstruct in NumPy 2, numpy.core's in 1.x
+    # (there numpy._core is a shim whose .multiarray is not an attribute until imported)
+    return [np.ndarray.__reduce__(np.zeros(1))[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _load_weights_only(path: Path, map_location: Any) -> Any:
@@ -110,9 +111,12 @@ def _load_weights_only(path: Path, map_location: Any) -> Any:
     (2026-11-28), the same with exactly the NumPy types of that state allowed (still no code runs on load)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # noqa: BLE001 - retried once with the old checkpoints' NumPy types; the caller names the file
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as first:  # noqa: BLE001 - retried once with the old checkpoints' NumPy types
+        try:
+            with torch.serialization.safe_globals(_numpy_rng_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception:  # noqa: BLE001 - not that case: the first error is the real cause (the caller names the file)
+            raise first from None
 
 
 def _config_differences(saved: Any, now: dict[str, Any], section: str) -> list[str]:
