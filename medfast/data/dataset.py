@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medfast.data.io import DatasetError, load_nifti, nifti_header
+from medfast.data.io import DatasetError, is_vector_layout, load_nifti, nifti_header
 from medfast.data.preprocess import (
     crop_or_pad,
     normalize_intensity,
@@ -223,7 +223,7 @@ class NiftiDataset(Dataset):
         if nd == 2 and len(spatial) == 3 and spatial[2] != 1:
             raise DatasetError(f"{path}: spatial_dims=2 (model.spatial_dims) needs 2D images, got a 3D volume of "
                                f"shape {shape}")
-        if len(shape) == 5 and shape[3] == 1:  # the vector layout (X, Y, Z, 1, C): load_nifti reads C channels
+        if is_vector_layout(shape):  # load_nifti reads its C channels
             shape = (*shape[:3], shape[4])
         if len(shape) > 4:
             raise DatasetError(f"{path}: expected a 2D, 3D or 4D NIfTI (channels on the 4th axis, or the vector "

@@ -105,6 +105,11 @@ def single_slice_as_2d(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray
     return np.transpose(data, order)[..., 0], affine
 
 
+def is_vector_layout(shape: tuple[int, ...]) -> bool:
+    """NIfTI's vector layout ``(X, Y, Z, 1, C)`` (how ITK writes a multi-channel image): read as ``C`` channels."""
+    return len(shape) == 5 and shape[3] == 1
+
+
 def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     """Reads a NIfTI image (float32, channels first) or label map (int64, integer-valued check).
 
@@ -124,7 +129,7 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     problem = unsupported_voxels(data.dtype)
     if problem:
         raise DatasetError(f"{path}: {problem}")
-    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI's vector layout (X, Y, Z, 1, C), as ITK writes channels
+    if is_vector_layout(data.shape):
         data = data[:, :, :, 0, :]
     if data.ndim < 2 or data.ndim > 4:
         raise DatasetError(f"{path}: expected a 2D, 3D or 4D NIfTI (channels on the 4th axis, or the vector "

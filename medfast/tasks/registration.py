@@ -746,7 +746,7 @@ def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray,
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise RegistrationError(f"cannot read {path} as NIfTI: {exc}") from exc
-    from medfast.data.io import single_slice_as_2d, unsupported_voxels, voxel_measure
+    from medfast.data.io import is_vector_layout, single_slice_as_2d, unsupported_voxels, voxel_measure
 
     problem = unsupported_voxels(data.dtype)
     if problem:
@@ -756,7 +756,7 @@ def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray,
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     shape = data.shape
-    if channels and data.ndim == 5 and data.shape[3] == 1:  # the NIfTI vector layout (X, Y, Z, 1, C)
+    if channels and is_vector_layout(data.shape):
         data = data[:, :, :, 0]
     if channels and data.ndim == 4:
         stack = np.moveaxis(data, -1, 0)  # (C, X, Y, Z): channels on the last axis, as medfast train reads them

@@ -33,8 +33,11 @@ from medfast.ultrasound.tissue import HU_KNOTS, WATER, LabelTable, hu_to_propert
 
 __all__ = ["SimulationResult", "simulate", "simulate_ct", "simulate_labels", "look_at"]
 
-_NOISE_CACHE: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()  # least recently used first
+_NOISE_CACHE: OrderedDict[tuple[bool, int, str], torch.Tensor] = OrderedDict()  # least recently used first
 _NOISE_LOCK = threading.Lock()
+_NOISE_CACHE_SIZE = 16  # tables of 16384 x 4 values: a seed per call must not grow memory without bound
+_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
 _RETAIN = threading.local()  # the list retain_cached() collects into, per thread
 
 
@@ -68,8 +71,6 @@ def _retaining(cached_fn):
 
     call.cache_clear, call.cache_info = cached_fn.cache_clear, cached_fn.cache_info
     return call
-_NOISE_CACHE_SIZE = 16  # tables of 16384 x 4 values: a seed per call must not grow memory without bound
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 @dataclass
