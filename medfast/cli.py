@@ -173,7 +173,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="segment NIfTI images with a trained checkpoint",
         description=(
             "Segments each image with sliding-window inference and writes <name>_seg.nii.gz label maps with "
-            "the input's affine and header; with a classification checkpoint, writes predictions.csv (class and, "
+            "the input's affine and header (a case stored one file per channel, nnU-Net's <name>_0000, "
+            "<name>_0001, ..., given as files or a folder, is one image: its _0000 file's affine and header); "
+            "with a classification checkpoint, writes predictions.csv (class and, "
             "with --probabilities, class probabilities per image)."
         ),
     )

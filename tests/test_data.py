@@ -3,6 +3,9 @@ coordinates, caching, collate, and the on-device augmentation (deterministic per
 moved together, nearest labels)."""
 
 import gzip
+import os
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +24,7 @@ from medfast.data import (
     resample_to_spacing,
     save_nifti,
 )
+from medfast.data.dataset import case_name
 from medfast.data.synthetic import make_blobs
 from medfast.train import AugmentConfig
 
@@ -87,6 +91,137 @@ def test_errors_name_the_file(tmp_path):
     _save(tmp_path / "nolab" / "images" / "a.nii.gz", np.zeros((2, 2, 2), np.float32))
     with pytest.raises(DatasetError, match=r"no label for image .*a\.nii\.gz"):
         find_pairs(tmp_path / "nolab")
+
+
+# --- nnU-Net's one file per channel: images/case_0000.nii.gz, case_0001.nii.gz, ... + labels/case.nii.gz -------
+_OBLIQUE = np.array([[0, -1.5, 0, 10.0], [2.0, 0, 0, -4.0], [0, 0, 1.25, 3.0], [0, 0, 0, 1]])
+
+
+def _nnunet_folder(root, cases=("a", "b"), channels=2, shape=(6, 7, 5), affine=_OBLIQUE, seed=0):
+    """``root/images/<case>_000k.nii.gz`` (random float32 channels) and ``root/labels/<case>.nii.gz``."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for c in cases:
+        for k in range(channels):
+            _save(root / "images" / f"{c}_{k:04d}.nii.gz", rng.normal(10 * k, 1 + k, shape).astype(np.float32), affine)
+        _save(root / "labels" / f"{c}.nii.gz", rng.integers(0, 3, shape).astype(np.uint8), affine)
+    return root
+
+
+def test_nnunet_channel_files_are_one_case_stacked_in_channel_order(tmp_path):
+    root = _nnunet_folder(tmp_path / "nn", channels=3)
+    # a case in one 4D file in the same folder: a plain path, mixed with the channel lists
+    ref = np.stack([np.asarray(nib.load(str(root / "images" / f"b_000{k}.nii.gz")).dataobj) for k in range(3)], -1)
+    _save(root / "images" / "c.nii.gz", ref, _OBLIQUE)
+    shutil.copy(root / "labels" / "b.nii.gz", root / "labels" / "c.nii.gz")
+    images, labels = find_pairs(root)
+    d = root / "images"
+    assert images == [[str(d / f"a_000{k}.nii.gz") for k in range(3)], [str(d / f"b_000{k}.nii.gz") for k in range(3)],
+                      str(d / "c.nii.gz")]
+    assert labels == [str(root / "labels" / f"{c}.nii.gz") for c in "abc"]
+    assert case_name(images[0]) == "a"
+    for reorient in (False, True):
+        ds = NiftiDataset(images, labels, normalize="none", in_channels=3, reorient=reorient)
+        for i in range(2):
+            item = ds[i]
+            assert item["files"] == " + ".join(images[i])
+            # channel k is file k, as nibabel reads it (reoriented: the same flips/permutations for each)
+            expect = np.stack([np.asarray(nib.load(f).dataobj) for f in images[i]])
+            if not reorient:
+                np.testing.assert_array_equal(item["image"].numpy(), expect)
+                np.testing.assert_array_equal(item["affine"].numpy(), _OBLIQUE)
+            for k, f in enumerate(images[i]):
+                one = NiftiDataset([f], normalize="none", reorient=reorient)[0]
+                np.testing.assert_array_equal(item["image"][k].numpy(), one["image"][0].numpy())
+                np.testing.assert_array_equal(item["affine"].numpy(), one["affine"].numpy())
+            lab = np.asarray(nib.load(labels[i]).dataobj)
+            if not reorient:
+                np.testing.assert_array_equal(item["label"].numpy(), lab)
+        # the 4D file holding case b's channels reads as case b's channel files, preprocessing included
+        four_d = ds[2]
+        for key in ("image", "label", "affine"):
+            assert torch.equal(four_d[key], ds[1][key])
+    # tuples work too; zscore normalizes each channel on its own
+    z = NiftiDataset([tuple(images[0])], normalize="zscore", reorient=False)[0]["image"]
+    assert z.shape == (3, 6, 7, 5)
+    np.testing.assert_allclose(z.flatten(1).mean(1).numpy(), 0, atol=1e-5)
+    # config file lists take a case's channel files as a nested list
+    from medfast.train.config import config_from_dict
+
+    cfg = config_from_dict({"data": {"train_images": images, "train_labels": labels, "test_images": [images[0]]}})
+    assert cfg.data.train_images == images and cfg.data.test_images == [images[0]]
+
+
+def test_nnunet_channel_count_is_checked_against_in_channels(tmp_path):
+    images, labels = find_pairs(_nnunet_folder(tmp_path, channels=2))
+    NiftiDataset(images, labels, in_channels=2)
+    with pytest.raises(DatasetError, match=r"a_0000\.nii\.gz \+ .*a_0001\.nii\.gz has 2 channel\(s\).*3 are expected"):
+        NiftiDataset(images, labels, in_channels=3)
+    ds = NiftiDataset(images, labels, in_channels=3, check=False)
+    with pytest.raises(DatasetError, match=r"a_0001\.nii\.gz has 2 channel\(s\) but 3 are expected"):
+        ds[0]
+
+
+def test_nnunet_channel_files_on_other_grids_name_the_file(tmp_path):
+    root = _nnunet_folder(tmp_path, channels=2)
+    images, labels = find_pairs(root)
+    bad = root / "images" / "b_0001.nii.gz"
+    shifted = _OBLIQUE.copy()
+    shifted[0, 3] += 2.0
+    first = root / "images" / "b_0000.nii.gz"
+    for data, affine, match in [
+            (np.zeros((6, 7, 4), np.float32), _OBLIQUE, f"channel file {bad} has spatial shape \\(6, 7, 4\\) but the "
+                                                        f"case's first channel file {first} has \\(6, 7, 5\\)"),
+            (np.zeros((6, 7, 5), np.float32), shifted, f"channel file {bad} and the case's first channel file {first} "
+                                                       "have different affines"),
+            (np.zeros((6, 7, 5, 2), np.float32), _OBLIQUE, f"{bad} holds 2 channels")]:
+        _save(bad, data, affine)
+        # the header check at construction, and the load itself when the check is off
+        with pytest.raises(DatasetError, match=match):
+            NiftiDataset(images, labels)
+        ds = NiftiDataset(images, labels, check=False)
+        ds[0]
+        with pytest.raises(DatasetError, match=match):
+            ds[1]
+
+
+def test_nnunet_channel_numbering_errors_name_the_case(tmp_path):
+    root = _nnunet_folder(tmp_path / "gap", cases=("a",), channels=3)
+    (root / "images" / "a_0001.nii.gz").unlink()
+    with pytest.raises(DatasetError, match="case 'a' has channel files _0000, _0002 but not _0001"):
+        find_pairs(root)
+    root = _nnunet_folder(tmp_path / "count", cases=("b", "c"), channels=2)
+    _nnunet_folder(root, cases=("a",), channels=3)
+    with pytest.raises(DatasetError, match="case 'a' has 3 channel file\\(s\\).* but case 'b' has 2"):
+        find_pairs(root)
+    root = _nnunet_folder(tmp_path / "twice", cases=("a",), channels=2)
+    _save(root / "images" / "a_0001.nii", np.zeros((6, 7, 5), np.float32), _OBLIQUE)
+    with pytest.raises(DatasetError, match="case 'a': .*a_0001.nii.* and .*a_0001.nii.gz are both channel 0001"):
+        find_pairs(root)
+    # a lone _0000 file stays a path; names that only look like channels (no _0000) are plain images
+    from medfast.data.dataset import group_channel_files
+
+    assert group_channel_files(["d/x_0000.nii.gz", "d/scan_2019.nii.gz", "d/scan_2020.nii.gz", "e/x_0001.nii"]) == [
+        "d/x_0000.nii.gz", "d/scan_2019.nii.gz", "d/scan_2020.nii.gz", "e/x_0001.nii"]
+
+
+def test_nnunet_disk_cache_key_follows_every_channel_file(tmp_path):
+    images, labels = find_pairs(_nnunet_folder(tmp_path / "d", cases=("a",), channels=2))
+    kwargs = dict(normalize="none", reorient=False, cache="disk", cache_dir=tmp_path / "cache")
+    ds = NiftiDataset(images, labels, **kwargs)
+    before = ds[0]["image"]
+    key = ds._key(0)
+    # rewrite channel 1 only (new size and mtime): the cached stack must not be served again
+    new = np.full((6, 7, 5), 7.0, np.float32)
+    _save(Path(images[0][1]), new, _OBLIQUE)
+    st = os.stat(images[0][1])
+    os.utime(images[0][1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = NiftiDataset(images, labels, **kwargs)
+    assert again._key(0) != key
+    after = again[0]["image"]
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], torch.from_numpy(new))
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
 def _world(affine, shape):

@@ -73,17 +73,17 @@ def test_vector_layout_channels_are_read_as_channels(tmp_path):
         NiftiDataset([str(tmp_path / "b.nii.gz")], [str(tmp_path / "a_seg.nii.gz")], in_channels=4).check()
 
 
-def test_per_channel_files_get_their_own_message(tmp_path):
-    # nnU-Net's case_0000 ... case_0003: "no label for image case_0001" told the user to label a modality
+def test_per_channel_files_without_channel_0000_get_their_own_message(tmp_path):
+    # nnU-Net's c_0001 ... c_0003 without c_0000: "no label for image c_0001" told the user to label a modality
     from medfast.data import DatasetError
     from medfast.data.dataset import find_pairs
 
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
-    for k in range(4):
+    for k in range(1, 4):
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "images" / f"c_000{k}.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "labels" / "c.nii.gz")
-    with pytest.raises(DatasetError, match="case 'c' has one file per channel .* stack them into one file"):
+    with pytest.raises(DatasetError, match="case 'c' has channel files .* but no c_0000 file"):
         find_pairs(tmp_path)
 
 

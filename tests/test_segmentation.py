@@ -2,6 +2,7 @@
 writes label maps in the input's space; `medfast train` / `medfast predict` run end to end on tiny data."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -103,6 +104,84 @@ def test_cli_train_and_predict_end_to_end(tmp_path, capsys):
     # resume from the last checkpoint to a longer run
     assert main(_train_args(tmp_path, data, out, steps=26) + ["--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_nnunet_channel_files_train_predict_evaluate(tmp_path, capsys):
+    """A 2-channel data set stored as nnU-Net stores it (images/case_0000, case_0001 + labels/case): trained from
+    data.root, its test set given as channel lists, predicted from the files or their folder into one
+    <case>_seg.nii.gz with the _0000 file's grid and header, the same as from the equivalent 4D files, and scored
+    by medfast evaluate."""
+    from tests.conftest import TINY_SEGMENTATION_CONFIG
+
+    blobs = tmp_path / "blobs"
+    make_blobs(blobs, n=2, shape=(12, 12, 12), classes=3)
+    ds, four_d = tmp_path / "ds", tmp_path / "four_d"
+    for d in (ds / "images", ds / "labels", four_d):
+        d.mkdir(parents=True)
+    affine = np.array([[0, -1.5, 0, 10.0], [1.2, 0, 0, -4.0], [0, 0, 1.0, 3.0], [0, 0, 0, 1]])
+    for i in range(2):
+        x = np.asarray(nib.load(str(blobs / "images" / f"case_00{i}.nii.gz")).dataobj).astype(np.float32)
+        channels = [x, (x - 1) ** 2]  # the second channel tells the classes apart differently
+        for k, c in enumerate(channels):
+            img = nib.Nifti1Image(c, affine)
+            img.header["descrip"] = f"channel {k}".encode()
+            img.set_sform(affine, code=1 + k)
+            nib.save(img, str(ds / "images" / f"case_00{i}_000{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.stack(channels, -1), affine), str(four_d / f"case_00{i}.nii.gz"))
+        lab = np.asarray(nib.load(str(blobs / "labels" / f"case_00{i}.nii.gz")).dataobj)
+        nib.save(nib.Nifti1Image(lab, affine), str(ds / "labels" / f"case_00{i}.nii.gz"))
+    chan = [[str(ds / "images" / f"case_00{i}_000{k}.nii.gz") for k in range(2)] for i in range(2)]
+    cfg, extra = tmp_path / "seg.yaml", tmp_path / "test_set.yaml"
+    cfg.write_text(TINY_SEGMENTATION_CONFIG.format(root=ds, steps=2))
+    extra.write_text(json.dumps({"model": {"in_channels": 2}, "data": {
+        "test_images": [chan[1]], "test_labels": [str(ds / "labels" / "case_001.nii.gz")]}}))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), str(extra), "--out", str(run)]) == 0
+    tested = json.loads((run / "test_results.json").read_text())["test"]
+    assert [t["image"] for t in tested] == [chan[1]] and tested[0]["prediction"].endswith("case_001_seg.nii.gz")
+    ckpt = str(run / "checkpoints" / "last.pt")
+    # the channel files in any order, one by one; their folder; the 4D files
+    assert main(["predict", chan[1][1], chan[0][0], chan[1][0], chan[0][1], "--model", ckpt, "--out",
+                 str(tmp_path / "pred"), "--device", "cpu", "--probabilities"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
+        "case_000_prob.nii.gz", "case_000_seg.nii.gz", "case_001_prob.nii.gz", "case_001_seg.nii.gz"]
+    assert main(["predict", str(ds / "images"), "--model", ckpt, "--out", str(tmp_path / "pred_dir"),
+                 "--device", "cpu"]) == 0
+    assert main(["predict", str(four_d), "--model", ckpt, "--out", str(tmp_path / "pred_4d"), "--device", "cpu",
+                 "--probabilities"]) == 0
+    for i in range(2):
+        seg = nib.load(str(tmp_path / "pred" / f"case_00{i}_seg.nii.gz"))
+        assert seg.shape == (12, 12, 12) and np.allclose(seg.affine, affine)
+        assert seg.header["descrip"].tobytes().rstrip(b"\0") == b"channel 0" and int(seg.header["sform_code"]) == 1
+        labels = np.asarray(seg.dataobj)
+        # the probabilities (not only their argmax) are those of the 4D file holding the same channels
+        prob = np.asarray(nib.load(str(tmp_path / "pred" / f"case_00{i}_prob.nii.gz")).dataobj)
+        assert prob.shape == (12, 12, 12, 3) and prob.std() > 0
+        np.testing.assert_array_equal(prob, np.asarray(nib.load(str(tmp_path / "pred_4d" /
+                                                                   f"case_00{i}_prob.nii.gz")).dataobj))
+        for other in ("pred_dir", "pred_4d"):
+            assert np.array_equal(np.asarray(nib.load(str(tmp_path / other / f"case_00{i}_seg.nii.gz")).dataobj),
+                                  labels)
+    # finish() segmented the test case as predict does
+    assert np.array_equal(np.asarray(nib.load(tested[0]["prediction"]).dataobj),
+                          np.asarray(nib.load(str(tmp_path / "pred" / "case_001_seg.nii.gz")).dataobj))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "pred"), str(ds / "labels")]) == 0
+    assert "2 case(s)" in capsys.readouterr().out
+    # errors name the case / file: a missing channel, a gap, channel files on another grid
+    assert main(["predict", chan[0][0], "--model", ckpt, "--out", str(tmp_path / "e1"), "--device", "cpu"]) == 1
+    assert "case_000_0000.nii.gz has 1 channel(s) but the model takes model.in_channels=2" in capsys.readouterr().err
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    shutil.copy(chan[0][0], gap / "case_000_0000.nii.gz")
+    shutil.copy(chan[0][1], gap / "case_000_0002.nii.gz")
+    assert main(["predict", str(gap), "--model", ckpt, "--out", str(tmp_path / "e2"), "--device", "cpu"]) == 1
+    assert "case 'case_000' has channel files _0000, _0002 but not _0001" in capsys.readouterr().err
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 11), np.float32), affine), str(gap / "case_000_0001.nii.gz"))
+    (gap / "case_000_0002.nii.gz").unlink()
+    assert main(["predict", str(gap), "--model", ckpt, "--out", str(tmp_path / "e3"), "--device", "cpu"]) == 1
+    assert f"channel file {gap / 'case_000_0001.nii.gz'} has spatial shape (12, 12, 11)" in capsys.readouterr().err
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()  # checked before any output
 
 
 def test_cli_errors_are_messages(tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medfast.data.io import DatasetError, is_vector_layout, load_nifti, nifti_header
+from medfast.data.io import (
+    DatasetError,
+    ImageEntry,
+    entry_files,
+    entry_text,
+    image_header,
+    is_vector_layout,
+    load_image,
+    load_nifti,
+    nifti_header,
+)
 from medfast.data.preprocess import (
     crop_or_pad,
     normalize_intensity,
@@ -24,11 +35,13 @@ from medfast.data.preprocess import (
     spatial_affine,
 )
 
-__all__ = ["NiftiDataset", "case_name", "collate", "find_pairs"]
+__all__ = ["NiftiDataset", "case_name", "collate", "find_pairs", "group_channel_files"]
 
 _SUFFIXES = (".nii.gz", ".nii")
 #: nnU-Net's channel suffix: ``images/case_0000.nii.gz`` is channel 0 of case ``case`` (label ``case.nii.gz``)
 CHANNEL_SUFFIX = "_0000"
+#: ``<case>_<4 digits>``: nnU-Net's channel ``k`` of case ``<case>``
+_CHANNEL_RE = re.compile(r"(.+)_(\d{4})")
 
 
 #: what a case name drops: also the ``.img`` / ``.hdr`` of a NIfTI / Analyze pair, so that ``medfast predict scan.img``
@@ -44,22 +57,82 @@ def _stem(path: Path) -> str:
     return name
 
 
-def case_name(path: str | Path) -> str:
-    """The case an image file belongs to, as :func:`find_pairs` pairs it with its label map: the file name
-    without ``.nii[.gz]`` (or the ``.img`` / ``.hdr`` of a pair) and without nnU-Net's channel suffix ``_0000``
+def case_name(path: ImageEntry) -> str:
+    """The case an image file (or image entry, see :func:`find_pairs`: a list of channel files is named by its
+    first) belongs to, as :func:`find_pairs` pairs it with its label map: the file name without ``.nii[.gz]``
+    (or the ``.img`` / ``.hdr`` of a pair) and without nnU-Net's channel suffix ``_0000``
     (``case_007_0000.nii.gz`` -> ``case_007``)."""
-    stem = _stem(Path(path))
+    stem = _stem(Path(entry_files(path)[0]))
     return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) and len(stem) > len(CHANNEL_SUFFIX) else stem
 
 
-def find_pairs(root: str | Path, images: str = "images", labels: str = "labels") -> tuple[list[str], list[str]]:
-    """Image/label file lists from ``root/images/*.nii[.gz]`` and ``root/labels/`` files of the same name
-    (an image named ``case_0000.nii.gz``, nnU-Net style, may have its label as ``case.nii.gz``).
+def group_channel_files(files: Sequence[str | Path]) -> list[str | list[str]]:
+    """Image entries from image files: the files of one folder named as nnU-Net names the channels of a case,
+    ``<case>_0000``, ``<case>_0001``, ... (``.nii[.gz]``), become one entry, the list of its files in channel
+    order; every other file stays a plain string (also a case's lone ``<case>_0000`` file). Entries keep the
+    order of their first file.
 
     Raises
     ------
     DatasetError
-        A missing folder, no images, or an image without a label (named).
+        Naming the case: channel numbers with a gap (``_0000``, ``_0002``), a channel given twice (``.nii`` and
+        ``.nii.gz``), or a case with another number of channel files than the others.
+    """
+    paths = [Path(p) for p in files]
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    for p in paths:
+        m = _CHANNEL_RE.fullmatch(_stem(p)) if p.name.endswith(_SUFFIXES) else None
+        if m:
+            channels = groups.setdefault((p.parent, m.group(1)), {})
+            k = int(m.group(2))
+            if k in channels:
+                raise DatasetError(f"case {m.group(1)!r}: {channels[k]} and {p} are both channel {m.group(2)}")
+            channels[k] = p
+    # a group is a case's channels only with a channel 0000 (a "scan_2019" alone is no channel file)
+    groups = {key: ch for key, ch in groups.items() if 0 in ch}
+    for (_, case), channels in groups.items():
+        missing = sorted(set(range(max(channels) + 1)) - set(channels))
+        if missing:
+            raise DatasetError(f"case {case!r} has channel files {', '.join(f'_{k:04d}' for k in sorted(channels))} "
+                               f"but not {', '.join(f'_{k:04d}' for k in missing)} (nnU-Net numbers the channels "
+                               f"of a case _0000, _0001, ... without gaps): {channels[0].parent}")
+    # the odd one out is the case whose count differs from the most common one (the first case's on a tie)
+    counts = Counter(len(ch) for ch in groups.values())
+    usual = counts.most_common(1)[0][0] if counts else 0
+    for (_, case), channels in groups.items():
+        if len(channels) != usual:
+            other = next(c for (_, c), ch in groups.items() if len(ch) == usual)
+            raise DatasetError(f"case {case!r} has {len(channels)} channel file(s) (_0000 .. "
+                               f"_{len(channels) - 1:04d}) but case {other!r} has {usual}: every case needs the "
+                               f"same channels ({channels[0].parent})")
+    out: list[str | list[str]] = []
+    done: set[tuple[Path, str]] = set()
+    for p in paths:
+        m = _CHANNEL_RE.fullmatch(_stem(p)) if p.name.endswith(_SUFFIXES) else None
+        key = (p.parent, m.group(1)) if m else None
+        if key not in groups:
+            out.append(str(p))
+        elif key not in done:
+            done.add(key)
+            channels = groups[key]
+            out.append(str(channels[0]) if len(channels) == 1 else [str(channels[k]) for k in sorted(channels)])
+    return out
+
+
+def find_pairs(root: str | Path, images: str = "images",
+               labels: str = "labels") -> tuple[list[str | list[str]], list[str]]:
+    """Image/label lists from ``root/images/*.nii[.gz]`` and ``root/labels/`` files of the same name.
+
+    nnU-Net's layout works as it is: an image named ``case_0000.nii.gz`` may have its label as ``case.nii.gz``,
+    and a case stored one file per channel (``case_0000.nii.gz``, ``case_0001.nii.gz``, ...) is one image
+    entry, the list of its channel files in channel order (see :func:`group_channel_files`), which
+    :class:`NiftiDataset` stacks into channels; other images are plain strings.
+
+    Raises
+    ------
+    DatasetError
+        A missing folder, no images, an image without a label, channel files with a gap or a case with another
+        number of channel files than the others (named).
     """
     root = Path(root)
     img_dir, lab_dir = root / images, root / labels
@@ -68,29 +141,28 @@ def find_pairs(root: str | Path, images: str = "images", labels: str = "labels")
     files = sorted(p for p in img_dir.iterdir() if p.name.endswith(_SUFFIXES))
     if not files:
         raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in {img_dir}")
+    entries = group_channel_files(files)
     if not lab_dir.is_dir():
-        return [str(p) for p in files], []
+        return entries, []
+
+    def label_of(name: str) -> Path | None:
+        return next((lab_dir / (name + suf) for suf in _SUFFIXES if (lab_dir / (name + suf)).is_file()), None)
+
     out_i, out_l = [], []
-    for p in files:
-        stem = _stem(p)
-        candidates = [stem, case_name(p) if case_name(p) != stem else None]
-        found = None
-        for c in filter(None, candidates):
-            for suf in _SUFFIXES:
-                if (lab_dir / (c + suf)).is_file():
-                    found = lab_dir / (c + suf)
-                    break
-            if found:
-                break
+    for entry in entries:
+        stem = _stem(Path(entry_files(entry)[0]))
+        # a list of channel files is its case; a single file is its stem, or its case without _0000
+        names = [case_name(entry)] if isinstance(entry, list) else list(dict.fromkeys([stem, case_name(entry)]))
+        found = next(filter(None, map(label_of, names)), None)
         if found is None:
-            channel = re.fullmatch(r"(.+)_(\d{4})", stem)
-            if channel and channel.group(2) != "0000" and any(
-                    (img_dir / (channel.group(1) + CHANNEL_SUFFIX + suf)).is_file() for suf in _SUFFIXES):
-                raise DatasetError(f"{p}: case {channel.group(1)!r} has one file per channel (nnU-Net's "
-                                   f"_0000, _0001, ...); medfast reads the channels of a case from one 4D NIfTI "
-                                   "(X, Y, Z, C): stack them into one file per case")
-            raise DatasetError(f"no label for image {p} in {lab_dir} (expected {lab_dir / (stem + '.nii.gz')})")
-        out_i.append(str(p))
+            channel = _CHANNEL_RE.fullmatch(stem)
+            if channel and label_of(channel.group(1)) is not None:
+                raise DatasetError(f"{entry}: case {channel.group(1)!r} has channel files (nnU-Net's _0000, _0001, "
+                                   f"...) but no {channel.group(1) + CHANNEL_SUFFIX} file: channels are numbered "
+                                   "from _0000")
+            raise DatasetError(f"no label for image {entry_text(entry)} in {lab_dir} (expected "
+                               f"{lab_dir / (names[0] + '.nii.gz')})")
+        out_i.append(entry)
         out_l.append(str(found))
     return out_i, out_l
 
@@ -100,8 +172,11 @@ class NiftiDataset(Dataset):
 
     Parameters
     ----------
-    images : sequence of str
-        Image files (3D, or 4D with channels on the last axis; 2D files for ``spatial_dims=2``).
+    images : sequence of str or of lists of str
+        Image files (3D, or 4D with channels on the last axis; 2D files for ``spatial_dims=2``); an entry may be
+        a list (or tuple) of single-channel files on one grid (same shape and affine), nnU-Net's
+        ``case_0000.nii.gz``, ``case_0001.nii.gz``, ..., stacked as channels in the list's order (as
+        :func:`find_pairs` gives them), so that it reads as the 4D file ``(X, Y, Z, C)`` would.
     labels : sequence of str, optional
         Label maps (integer values), one per image, on the same grid (same shape and affine).
     spatial_dims : {2, 3}
@@ -121,11 +196,11 @@ class NiftiDataset(Dataset):
         Relabel on load (unlisted values map to themselves).
     cache : {"memory", "disk", "none"}
         Keep preprocessed subjects in memory (per data-loader worker), in ``cache_dir`` as ``.pt`` files
-        keyed by file names, sizes, modification times and preprocessing, or nowhere.
+        keyed by file names, sizes, modification times (of every channel file) and preprocessing, or nowhere.
     check : bool
         Check at construction that every file exists and is readable, that each label has its image's
-        shape and affine, and that the images have ``spatial_dims`` axes and ``in_channels`` channels (only the
-        headers are read).
+        shape and affine, that the channel files of an image share their first file's shape and affine, and
+        that the images have ``spatial_dims`` axes and ``in_channels`` channels (only the headers are read).
     in_channels : int, optional
         The number of channels every image must have (e.g. the network's ``model.in_channels``).
     num_classes : int, optional
@@ -135,7 +210,8 @@ class NiftiDataset(Dataset):
     Notes
     -----
     Each item is a dict: ``image`` ``(C, *S)`` float32, ``label`` ``(*S)`` int64 (absent without labels),
-    ``affine`` ``(ndim + 1, ndim + 1)`` float64 of the preprocessed grid, ``files`` (the image path),
+    ``affine`` ``(ndim + 1, ndim + 1)`` float64 of the preprocessed grid, ``files`` (the image path; the channel
+    files joined by `` + `` for a list),
     ``index``; a sampler may pass ``(index, seed)`` to add ``seed``.
 
     Raises
@@ -151,7 +227,9 @@ class NiftiDataset(Dataset):
                  label_map: Mapping[int, int] | None = None, cache: str = "memory",
                  cache_dir: str | Path | None = None, check: bool = True, reorient: bool = True,
                  in_channels: int | None = None, num_classes: int | None = None) -> None:
-        self.images = [str(p) for p in images]
+        # single files stay strings; a case's channel files become a list (YAML / JSON friendly)
+        self.images: list[str | list[str]] = [str(p) if isinstance(p, (str, os.PathLike)) else entry_files(p)
+                                              for p in images]
         self.labels = [str(p) for p in labels] if labels else []
         if not self.images:
             raise DatasetError("no image files given")
@@ -185,8 +263,9 @@ class NiftiDataset(Dataset):
     def check(self) -> None:
         """Reads every header (and, with ``num_classes``, every label map); raises :class:`DatasetError` for the
         first bad file or image/label pair."""
-        for i, img_path in enumerate(self.images):
-            img = nifti_header(img_path)
+        for i, entry in enumerate(self.images):
+            img = image_header(entry)
+            img_path = img.path
             self._check_image_shape(img_path, tuple(img.shape))
             if not self.labels:
                 continue
@@ -253,7 +332,7 @@ class NiftiDataset(Dataset):
 
     def _key(self, i: int) -> str:
         parts = []
-        for p in [self.images[i]] + ([self.labels[i]] if self.labels else []):
+        for p in entry_files(self.images[i]) + ([self.labels[i]] if self.labels else []):
             st = Path(p).stat()
             parts.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
         spec = [parts, self.spatial_dims, self.reorient, self.spacing, self.shape, self.normalize,
@@ -272,7 +351,7 @@ class NiftiDataset(Dataset):
 
     def load(self, i: int) -> dict[str, Any]:
         """Reads and preprocesses subject ``i`` (no caching)."""
-        vol = load_nifti(self.images[i])
+        vol = load_image(self.images[i])
         nd = self.spatial_dims
         data = self._to_dims(vol.data, vol.path, True)
         if self.in_channels is not None and data.shape[0] != self.in_channels:
@@ -309,7 +388,7 @@ class NiftiDataset(Dataset):
                 label, _ = crop_or_pad(label, affine, self.shape)
             affine = new_aff
         item: dict[str, Any] = {"image": image.contiguous(), "affine": torch.from_numpy(np.asarray(affine)),
-                                "files": self.images[i], "index": i}
+                                "files": entry_text(self.images[i]), "index": i}
         if label is not None:
             item["label"] = label.contiguous()
         return item

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DatasetError", "Volume", "load_nifti", "nifti_header", "save_nifti", "voxel_spacing"]
+__all__ = ["DatasetError", "ImageEntry", "Volume", "entry_files", "entry_text", "image_header", "load_image",
+           "load_nifti", "nifti_header", "save_nifti", "voxel_spacing"]
+
+#: One image (one case) of a data set: a file (3D / 2D, or 4D with channels on the last axis), or a list of
+#: single-channel files of the same grid, channel ``k`` in entry ``k`` (nnU-Net's ``case_0000.nii.gz``,
+#: ``case_0001.nii.gz``, ...; a tuple works too). A list, not a tuple, so that it round-trips through YAML / JSON.
+ImageEntry = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 class DatasetError(ValueError):
@@ -162,6 +170,108 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     if not np.all(np.isfinite(values)):
         raise DatasetError(f"{path}: image holds NaN or inf voxels")
     return Volume(np.ascontiguousarray(values), affine, img.header, str(path))
+
+
+def entry_files(entry: ImageEntry) -> list[str]:
+    """The files of an image entry (see :data:`ImageEntry`): ``[entry]`` for one file, else its channel files."""
+    if isinstance(entry, (str, os.PathLike)):
+        return [str(entry)]
+    files = [str(p) for p in entry]
+    if not files:
+        raise DatasetError("an image entry is an empty list of channel files")
+    return files
+
+
+def entry_text(entry: ImageEntry) -> str:
+    """An image entry as error messages (and the data sets' ``files``) name it: the path, or the channel files
+    joined by `` + ``."""
+    return " + ".join(entry_files(entry))
+
+
+@dataclass
+class ImageHeader:
+    """What the headers of an image entry say (nothing but headers is read).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        The NIfTI shape of the image; a list of channel files reads as one 4D file ``(X, Y, Z, C)`` (2D files:
+        ``(X, Y, 1, C)``), ``C`` the number of files.
+    affine : ndarray
+        The (first) file's voxel-to-world affine.
+    header : nibabel header
+        The (first) file's header.
+    path : str
+        :func:`entry_text` of the entry.
+    """
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    header: Any
+    path: str
+
+
+def _one_channel_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The spatial shape (3 axes, a 2D file padded with 1) of a channel file, which must hold one channel."""
+    channels = shape[4] if is_vector_layout(shape) else (shape[3] if len(shape) == 4 else 1)
+    if len(shape) > 5 or (len(shape) == 5 and not is_vector_layout(shape)) or len(shape) < 2:
+        raise DatasetError(f"{path}: expected a 2D or 3D NIfTI, got shape {shape}")
+    if channels != 1:
+        raise DatasetError(f"{path} holds {channels} channels (shape {shape}), but a file of a case stored one file "
+                           f"per channel (nnU-Net's _0000, _0001, ...) must hold one")
+    return (tuple(shape[:3]) + (1,) * 3)[:3]
+
+
+def _check_same_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, first: str,
+                     first_shape: tuple[int, ...], first_affine: np.ndarray) -> None:
+    if shape != first_shape:
+        raise DatasetError(f"channel file {path} has spatial shape {shape} but the case's first channel file "
+                           f"{first} has {first_shape}: the channels of a case must share the voxel grid")
+    if not np.allclose(affine, first_affine, atol=1e-3, rtol=1e-4):
+        raise DatasetError(f"channel file {path} and the case's first channel file {first} have different affines "
+                           f"(not on the same grid):\n{np.array2string(affine, precision=3)}\nvs\n"
+                           f"{np.array2string(first_affine, precision=3)}")
+
+
+def image_header(entry: ImageEntry) -> ImageHeader:
+    """The headers of an image entry (see :data:`ImageEntry`); for a list of channel files, each must hold one
+    channel on the first file's grid (same spatial shape and affine). Raises :class:`DatasetError` naming the
+    file."""
+    files = entry_files(entry)
+    first = nifti_header(files[0])
+    if isinstance(entry, (str, os.PathLike)):
+        return ImageHeader(tuple(first.shape), np.asarray(first.affine, np.float64), first.header, files[0])
+    shape0 = _one_channel_shape(files[0], tuple(first.shape))
+    for path in files[1:]:
+        img = nifti_header(path)
+        _check_same_grid(path, _one_channel_shape(path, tuple(img.shape)), img.affine, files[0], shape0, first.affine)
+    return ImageHeader((*shape0, len(files)), np.asarray(first.affine, np.float64), first.header, entry_text(entry))
+
+
+def load_image(entry: ImageEntry) -> Volume:
+    """Reads an image entry (see :data:`ImageEntry`) as :func:`load_nifti` reads one file: ``data`` ``(C, *S)``
+    float32; a list of channel files is stacked in its order (channel ``k`` from file ``k``), with the first
+    file's affine and header, and ``path`` naming every file (:func:`entry_text`).
+
+    Raises
+    ------
+    DatasetError
+        What :func:`load_nifti` raises, and for a list of channel files: a file with more than one channel, or
+        of another spatial shape or affine than the first (named).
+    """
+    files = entry_files(entry)
+    if isinstance(entry, (str, os.PathLike)):
+        return load_nifti(files[0])
+    vols = [load_nifti(p) for p in files]
+    first = vols[0]
+    shape0 = _one_channel_shape(files[0], (*first.data.shape[1:], first.data.shape[0]))
+    for vol in vols[1:]:
+        _check_same_grid(vol.path, _one_channel_shape(vol.path, (*vol.data.shape[1:], vol.data.shape[0])),
+                         vol.affine, first.path, shape0, first.affine)
+    # every file was read (1, *S) on the same grid: the channels are stacked in the entry's order, on 3 axes (a
+    # 2D file's (X, Y) as (X, Y, 1)), as the data of one 4D file (X, Y, Z, C) / (X, Y, 1, C) would be read
+    data = np.concatenate([v.data.reshape(1, *shape0) for v in vols], axis=0)
+    return Volume(data, first.affine, first.header, entry_text(entry))
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, header: Any = None,

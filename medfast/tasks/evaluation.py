@@ -36,7 +36,8 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
 
     In folder mode every reference ``<name>.nii[.gz]`` needs a prediction named ``<name>.nii[.gz]`` or
     ``<name>_seg.nii[.gz]`` (what ``medfast predict`` writes, also for nnU-Net-named images
-    ``<name>_0000.nii.gz``), or ``<name>_0000_seg.nii[.gz]`` (older medfast predict outputs of such images);
+    ``<name>_0000.nii.gz``, and for a case stored one file per channel, ``<name>_0000``, ``<name>_0001``, ...),
+    or ``<name>_0000_seg.nii[.gz]`` (older medfast predict outputs of such images);
     predictions without a reference are ignored.
 
     Raises

@@ -4,6 +4,7 @@ with sliding-window inference, on-device augmentation, and prediction to NIfTI i
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
-from medfast.data.dataset import case_name
-from medfast.data.io import voxel_spacing
+from medfast.data.dataset import _SUFFIXES, case_name, group_channel_files
+from medfast.data.io import ImageEntry, entry_files, entry_text, image_header, load_image, voxel_spacing
 from medfast.data.preprocess import normalize_intensity, reorient_to_ras, resample_to_spacing, spatial_affine
 from medfast.train.config import Config, ConfigError, check_spatial_config, config_from_dict
 from medfast.train.files import check_dataset_args, gather_files
@@ -121,9 +122,12 @@ def predict_volume(model: nn.Module, image: torch.Tensor, config: Config) -> tor
                                     sw_batch_size=inf.sw_batch_size)
 
 
-def _load_for_inference(path: str, config: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray, Any, list[int]]:
-    """``(image (1, C, *S') preprocessed, its affine, the original affine, header, original shape)``."""
-    vol = load_nifti(path)
+def _load_for_inference(entry: ImageEntry,
+                        config: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray, Any, list[int]]:
+    """``(image (1, C, *S') preprocessed, its affine, the original affine, header, original shape)`` of a file or
+    a case's list of channel files (the first file's affine and header)."""
+    vol = load_image(entry)
+    path = vol.path
     nd = config.model.spatial_dims
     data = vol.data
     if nd == 2 and data.ndim == 4 and data.shape[-1] == 1:
@@ -156,27 +160,57 @@ def _back_to_input(prob: torch.Tensor, aff: np.ndarray, orig_aff: np.ndarray, sh
     return resample(prob.contiguous(), aff, orig_aff, shape, mode="linear", padding="border")
 
 
-def _output_names(inputs: Sequence[str | Path]) -> list[str]:
-    """The case name of each input (see :func:`predict_files`); raises :class:`DatasetError` naming the inputs
-    whose outputs would collide, and missing inputs, before anything is computed."""
+def _input_entries(inputs: Sequence[ImageEntry], group: bool = True) -> list[str | list[str]]:
+    """The cases to segment: each input file, a folder's NIfTI files, or (a list) one case's channel files;
+    with ``group``, the files of a case stored one file per channel (nnU-Net's ``case_0000``, ``case_0001``,
+    ...) given one by one or in a folder become one case (:func:`medfast.data.dataset.group_channel_files`).
+    Raises :class:`DatasetError` for a missing input or an empty folder."""
+    files: list[str] = []
+    entries: list[str | list[str]] = []
+
+    def flush() -> None:
+        entries.extend(group_channel_files(files) if group else files)
+        files.clear()
+
+    for item in inputs:
+        if not isinstance(item, (str, os.PathLike)):  # a case's channel files, as the data lists give them
+            flush()
+            entries.append(entry_files(item))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.name.endswith(_SUFFIXES) and p.is_file())
+            if not found:
+                raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in the input folder {path}")
+            files.extend(found)
+        else:
+            files.append(str(item))
+    flush()
+    return entries
+
+
+def _output_names(inputs: Sequence[ImageEntry]) -> list[str]:
+    """The case name of each input entry (see :func:`predict_files`); raises :class:`DatasetError` naming the
+    inputs whose outputs would collide, and missing inputs, before anything is computed."""
     seen: dict[str, str] = {}
     names = []
-    for path in inputs:
-        if not Path(path).is_file():
-            raise DatasetError(f"input image not found: {path}")
-        name = case_name(path)
+    for entry in inputs:
+        for path in entry_files(entry):
+            if not Path(path).is_file():
+                raise DatasetError(f"input image not found: {path}")
+        name = case_name(entry)
         if name in seen:
-            raise DatasetError(f"inputs {seen[name]} and {path} would both be written as {name}_seg.nii.gz (the "
-                               f"output is named by the case name); rename one, or predict them into separate "
-                               f"--out folders")
-        seen[name] = str(path)
+            raise DatasetError(f"inputs {seen[name]} and {entry_text(entry)} would both be written as "
+                               f"{name}_seg.nii.gz (the output is named by the case name); rename one, or predict "
+                               f"them into separate --out folders")
+        seen[name] = entry_text(entry)
         names.append(name)
     return names
 
 
-def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | Path, *, device: str = "auto",
-                  overrides: Sequence[str] = (), save_probabilities: bool = False,
-                  progress: bool = True) -> list[Path]:
+def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir: str | Path, *,
+                  device: str = "auto", overrides: Sequence[str] = (), save_probabilities: bool = False,
+                  progress: bool = True, group_channels: bool = True) -> list[Path]:
     """Segments NIfTI files with a trained checkpoint and writes ``<name>_seg.nii.gz`` label maps with each
     input's affine and header (and ``<name>_prob.nii.gz`` class probabilities with ``save_probabilities``, classes
     on the 4th axis: ``(X, Y, Z, K)``, ``(X, Y, 1, K)`` for 2D inputs). ``<name>`` is the case name as the data
@@ -184,6 +218,14 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
     nnU-Net channel suffix ``_0000`` (``case_007_0000.nii.gz`` -> ``case_007_seg.nii.gz``, so that
     ``medfast evaluate`` pairs it with ``labels/case_007.nii.gz``). Inputs whose outputs would have the same
     name raise :class:`DatasetError` naming them, before anything is written.
+
+    An input may be a folder (its ``.nii[.gz]`` files), or a list of one case's single-channel files. With
+    ``group_channels``, the files of a case stored one file per channel, as nnU-Net stores them
+    (``case_007_0000.nii.gz``, ``case_007_0001.nii.gz``, ...: given one by one or in a folder), are one case,
+    its channels stacked in channel order, segmented into one ``case_007_seg.nii.gz`` with the affine and
+    header of its ``_0000`` file; the channel files must share one grid (shape and affine), be numbered
+    without gaps, and every such case have the same number of them (else :class:`DatasetError` names the case
+    or file). Without it, each input file is one case.
 
     The input is preprocessed as in training (reoriented to RAS, resampled to ``data.spacing``, normalized),
     segmented with sliding windows, and the class probabilities are resampled back onto the input's grid
@@ -195,7 +237,11 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
     from medfast.train.trainer import load_checkpoint, load_model_state, resolve_device
 
     out_dir = check_out_dir(out_dir, "out_dir (--out)")
+    inputs = _input_entries(inputs, group_channels)
     names = _output_names(inputs)
+    for entry in inputs:
+        if not isinstance(entry, str):
+            image_header(entry)  # a case's channel files on one grid: checked (headers only) before any output
     state = load_checkpoint(checkpoint)
     saved = state.get("config")
     if not isinstance(saved, dict):
@@ -220,7 +266,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str], out_dir: str | 
 
         items = tqdm(items, desc="predict", disable=None)
     for path, name in items:
-        image, aff, orig_affine, header, shape = _load_for_inference(str(path), config)
+        image, aff, orig_affine, header, shape = _load_for_inference(path, config)
         prob = predict_volume(model, image.to(dev), config)
         prob = _back_to_input(prob, aff, spatial_affine(orig_affine, config.model.spatial_dims), shape)
         labels = prob.argmax(1)[0].cpu().numpy()
@@ -402,7 +448,9 @@ class SegmentationTask(Task):
         if len(d.test_labels) != len(d.test_images):
             raise DatasetError(f"{len(d.test_images)} test images but {len(d.test_labels)} test labels")
         ckpt = out_dir / "checkpoints" / "last.pt"
-        written = predict_files(ckpt, d.test_images, out_dir / "test", device=str(device), progress=False)
+        # each entry is one case, as the data set read it (a list: one case's channel files)
+        written = predict_files(ckpt, d.test_images, out_dir / "test", device=str(device), progress=False,
+                                group_channels=False)
         segs = [p for p in written if p.name.endswith("_seg.nii.gz")]
         k = self.num_classes
         per_subject = []
@@ -433,7 +481,10 @@ class SegmentationTask(Task):
                "test_dice_mean": float(np.mean([s["dice_mean"] for s in per_subject]))}
         with open(out_dir / "test_results.json", "w") as f:
             json.dump(res, f, indent=2)
+
+        def shown(image: ImageEntry) -> str:  # a case's channel files: shown by the case name
+            return Path(image).name if isinstance(image, str) else case_name(image)
+
         print("medfast train: test Dice (foreground classes): " + "; ".join(
-            f"{Path(s['image']).name}: " + ", ".join(f"{x:.3f}" for x in s["dice"]) for s in per_subject),
-            flush=True)
+            f"{shown(s['image'])}: " + ", ".join(f"{x:.3f}" for x in s["dice"]) for s in per_subject), flush=True)
         return res

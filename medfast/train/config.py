@@ -56,16 +56,18 @@ class DataConfig:
     Either ``root`` (a folder with ``images/`` and ``labels/`` holding NIfTI files with matching names), or
     ``train_images`` (+ ``train_labels``) file lists, or ``dataset`` naming a built-in preset
     (``"mni152_tissue"``: the MNI152 T1 with background/CSF/GM/WM classes from its probability maps).
+    An entry of ``train_images`` / ``val_images`` / ``test_images`` may be a list of one case's single-channel
+    files (nnU-Net's ``case_0000.nii.gz``, ``case_0001.nii.gz``, ...), stacked as its channels.
     """
 
     dataset: str | None = None
     root: str | None = None
-    train_images: list[str] = field(default_factory=list)
+    train_images: list[str | list[str]] = field(default_factory=list)
     train_labels: list[str] = field(default_factory=list)
-    val_images: list[str] = field(default_factory=list)
+    val_images: list[str | list[str]] = field(default_factory=list)
     val_labels: list[str] = field(default_factory=list)
     val_fraction: float = 0.0
-    test_images: list[str] = field(default_factory=list)
+    test_images: list[str | list[str]] = field(default_factory=list)
     test_labels: list[str] = field(default_factory=list)
     test_label_map: dict[int, int] = field(default_factory=dict)
     reorient: bool = True

@@ -34,11 +34,12 @@ def check_out_dir(path: str | Path, what: str = "--out") -> Path:
 
 @dataclass
 class FileLists:
-    """Image and label paths for training and validation (label lists empty when there are none)."""
+    """Image and label paths for training and validation (label lists empty when there are none); an image
+    entry is a path, or the list of a case's channel files (see :func:`medfast.data.find_pairs`)."""
 
-    images: list[str]
+    images: list[str | list[str]]
     labels: list[str]
-    val_images: list[str]
+    val_images: list[str | list[str]]
     val_labels: list[str]
 
 
