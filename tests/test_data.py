@@ -109,6 +109,20 @@ def _nnunet_folder(root, cases=("a", "b"), channels=2, shape=(6, 7, 5), affine=_
     return root
 
 
+def test_nnunet_dataset_folder_names_are_found(tmp_path):
+    """An nnU-Net dataset folder (imagesTr/ + labelsTr/, no images/) is read as it is; images/ wins if present."""
+    root = _nnunet_folder(tmp_path / "Dataset001_X", channels=2)
+    (root / "images").rename(root / "imagesTr")
+    (root / "labels").rename(root / "labelsTr")
+    images, labels = find_pairs(root)
+    assert images == [[str(root / "imagesTr" / f"{c}_000{k}.nii.gz") for k in range(2)] for c in "ab"]
+    assert labels == [str(root / "labelsTr" / f"{c}.nii.gz") for c in "ab"]
+    _nnunet_folder(root, cases=("z",), channels=2)  # images/ + labels/ beside them: the medfast layout is used
+    assert find_pairs(root)[1] == [str(root / "labels" / "z.nii.gz")]
+    with pytest.raises(DatasetError, match="images"):
+        find_pairs(tmp_path / "missing")
+
+
 def test_nnunet_channel_files_are_one_case_stacked_in_channel_order(tmp_path):
     root = _nnunet_folder(tmp_path / "nn", channels=3)
     # a case in one 4D file in the same folder: a plain path, mixed with the channel lists

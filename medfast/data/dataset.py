@@ -123,10 +123,11 @@ def find_pairs(root: str | Path, images: str = "images",
                labels: str = "labels") -> tuple[list[str | list[str]], list[str]]:
     """Image/label lists from ``root/images/*.nii[.gz]`` and ``root/labels/`` files of the same name.
 
-    nnU-Net's layout works as it is: an image named ``case_0000.nii.gz`` may have its label as ``case.nii.gz``,
-    and a case stored one file per channel (``case_0000.nii.gz``, ``case_0001.nii.gz``, ...) is one image
-    entry, the list of its channel files in channel order (see :func:`group_channel_files`), which
-    :class:`NiftiDataset` stacks into channels; other images are plain strings.
+    nnU-Net's layout works as it is: its ``imagesTr/`` + ``labelsTr/`` folders when there is no ``images/``; an
+    image named ``case_0000.nii.gz`` may have its label as ``case.nii.gz``; and a case stored one file per channel
+    (``case_0000.nii.gz``, ``case_0001.nii.gz``, ...) is one image entry, the list of its channel files in channel
+    order (see :func:`group_channel_files`), which :class:`NiftiDataset` stacks into channels; other images are
+    plain strings.
 
     Raises
     ------
@@ -135,6 +136,8 @@ def find_pairs(root: str | Path, images: str = "images",
         number of channel files than the others (named).
     """
     root = Path(root)
+    if (images, labels) == ("images", "labels") and not (root / images).is_dir() and (root / "imagesTr").is_dir():
+        images, labels = "imagesTr", "labelsTr"  # an nnU-Net dataset folder (Dataset001_X/imagesTr, labelsTr)
     img_dir, lab_dir = root / images, root / labels
     if not img_dir.is_dir():
         raise DatasetError(f"image folder not found: {img_dir} (expected {root}/{images}/*.nii.gz)")
