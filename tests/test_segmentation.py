@@ -46,8 +46,61 @@ def test_window_placement_and_weights():
     assert w.max() == w[4, 3] and w.max() <= 1 and w.min() >= 1e-3
     with pytest.raises(ValueError, match="overlap"):
         sliding_window_inference(torch.zeros(1, 1, 4, 4), (2, 2), _pointwise, overlap=1.0)
-    with pytest.raises(ValueError, match="roi_size must be positive"):  # (an unrelated torch error before)
-        sliding_window_inference(torch.zeros(1, 1, 4, 4), (0, 2), _pointwise)
+    with pytest.raises(ValueError, match="roi_size must be whole"):
+        sliding_window_inference(torch.zeros(1, 1, 4, 4), (2.5, 2), _pointwise)
+    with pytest.raises(ValueError, match="roi_size must be a number or 2"):
+        sliding_window_inference(torch.zeros(1, 1, 4, 4), (2, 2, 2), _pointwise)
+    with pytest.raises(ValueError, match="empty batch"):
+        sliding_window_inference(torch.zeros(0, 1, 4, 4), (2, 2), _pointwise)
+    with pytest.raises(ValueError, match=r"predictor returned an output of shape \(1, 1, 2\)"):
+        sliding_window_inference(torch.zeros(1, 1, 4, 4), (2, 2), lambda x: x[:, :, 0], sw_batch_size=1)
+    with pytest.raises(TypeError, match="predictor must return a tensor"):
+        sliding_window_inference(torch.zeros(1, 1, 4, 4), (2, 2), lambda x: x.numpy())
+
+
+def _sw_pair(x, roi, predictor, **kw):
+    """medfast's and MONAI's sliding-window outputs for the same call."""
+    monai_inf = pytest.importorskip("monai.inferers")
+    sw = kw.pop("sw_batch_size", 3)
+    kw.setdefault("overlap", 0.5)  # (MONAI's default is 0.25)
+    return (sliding_window_inference(x, roi, predictor, sw_batch_size=sw, **kw),
+            monai_inf.sliding_window_inference(x, roi, sw, predictor, **kw))
+
+
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_matches_monai_for_what_monai_accepts(mode):
+    """int and non-positive roi sizes, per-axis overlap / sigma_scale, downsampled and dict outputs: MONAI's
+    results (each of these raised an unrelated TypeError / RuntimeError before)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    x = torch.randn(2, 1, 20, 18, 12)
+    with torch.no_grad():
+        for roi, kw in [(8, {}), ((8, -1, 6), {}), ((8, 8, 8), {"overlap": (0.5, 0.25, 0.0)}),
+                        ((10, 8, 6), {"sigma_scale": (0.125, 0.25, 0.5)})]:
+            ours, ref = _sw_pair(x, roi, conv, mode=mode, **kw)
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+        down = torch.nn.Conv3d(1, 2, 3, padding=1, stride=2).eval()  # output = roi / 2
+        ours, ref = _sw_pair(x, (8, 8, 8), down, mode=mode)
+        assert ours.shape == ref.shape == (2, 2, 10, 9, 6)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+        ours, ref = _sw_pair(x, (8, 8, 8), lambda p: {"seg": conv(p), "aux": p * 2}, mode=mode)
+        assert set(ours) == {"seg", "aux"}
+        for k in ours:
+            torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_flow_as_in_monai():
+    """Outside no_grad the result is differentiable (it was silently detached): the same gradients w.r.t. the
+    predictor's parameters and the input as MONAI's."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+    x = torch.randn(1, 1, 20, 17, requires_grad=True)
+    ours, ref = _sw_pair(x, (8, 8), conv, mode="gaussian")
+    assert ours.requires_grad
+    g_ours = torch.autograd.grad(ours.square().sum(), [conv.weight, x])
+    g_ref = torch.autograd.grad(ref.square().sum(), [conv.weight, x])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def _train_args(tmp_path, data, out, steps=25):

@@ -21,70 +21,108 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     return sorted({min(i * step, size - roi) for i in range(n)})
 
 
-def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125,
+def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Blending weights of one window, ``(*roi_size)`` float32: all ones (``"constant"``) or a separable
     Gaussian centred on the window (``exp(-x^2 / (2 sigma^2))`` per axis, ``x`` from the window centre,
-    ``sigma = sigma_scale * roi``), clamped below at ``max(min, 1e-3)`` so that window borders keep some
-    weight (MONAI's ``compute_importance_map`` convention; the overall scale cancels in the blend)."""
+    ``sigma = sigma_scale * roi``, ``sigma_scale`` one number or one per axis), clamped below at
+    ``max(min, 1e-3)`` so that window borders keep some weight (MONAI's ``compute_importance_map`` convention;
+    the overall scale cancels in the blend)."""
     if mode == "constant":
         return torch.ones(list(roi_size), device=device)
     if mode != "gaussian":
         raise ValueError(f"blend mode must be 'gaussian' or 'constant', got {mode!r}")
+    scales = _per_axis("sigma_scale", sigma_scale, len(roi_size))
     out = torch.ones((), device=device)
-    for r in roi_size:
+    for r, scale in zip(roi_size, scales):
         x = torch.arange(r, device=device, dtype=torch.float32) - (r - 1) / 2
-        sigma = max(sigma_scale * r, 1e-6)
+        sigma = max(scale * r, 1e-6)
         out = out[..., None] * torch.exp(-0.5 * (x / sigma) ** 2)
     return out.clamp_min(max(out.min().item(), 1e-3))
 
 
-@torch.no_grad()
-def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int],
-                             predictor: Callable[[torch.Tensor], torch.Tensor], *, overlap: float = 0.5,
-                             mode: str = "gaussian", sw_batch_size: int = 4, sigma_scale: float = 0.125,
-                             out_device: torch.device | str | None = None) -> torch.Tensor:
-    """Applies ``predictor`` to overlapping windows of ``inputs`` and blends the outputs.
+def _per_axis(name: str, value: object, nd: int) -> list[float]:
+    """A number or one per spatial axis, as a list of ``nd`` floats."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * nd
+    try:
+        values = [float(v) for v in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or {nd} numbers (one per spatial axis), got {value!r}") from None
+    if len(values) != nd:
+        raise ValueError(f"{name} must be a number or {nd} numbers (one per spatial axis), got {value!r}")
+    return values
+
+
+def _window_output(y: object, n: int, roi: list[int], key: str) -> torch.Tensor:
+    """A predictor output checked: a ``(n, K, *spatial)`` tensor (``key`` names it in errors)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"predictor must return a tensor, a list / tuple (its first element is used) or a dict of "
+                        f"tensors; {key} is {type(y).__name__}")
+    if y.dim() != len(roi) + 2 or y.shape[0] != n:
+        raise ValueError(f"predictor returned {key} of shape {tuple(y.shape)} for {n} windows of shape "
+                         f"{tuple(roi)}: expected ({n}, K, *spatial) with {len(roi)} spatial axes")
+    return y
+
+
+def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int,
+                             predictor: Callable[[torch.Tensor], object], *,
+                             overlap: float | Sequence[float] = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
+                             sigma_scale: float | Sequence[float] = 0.125,
+                             out_device: torch.device | str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Applies ``predictor`` to overlapping windows of ``inputs`` and blends the outputs (MONAI's
+    ``sliding_window_inference``, same placement, weights and results).
 
     Parameters
     ----------
     inputs : Tensor
         ``(B, C, *S)`` (2 or 3 spatial dims) on the predictor's device.
-    roi_size : sequence of int
-        Window size; axes where ``S`` is smaller are zero-padded (symmetrically) and cropped back.
+    roi_size : int or sequence of int
+        Window size (an int: on every axis); a non-positive size takes the input's size on that axis (MONAI's
+        convention). Axes where ``S`` is smaller are zero-padded (symmetrically) and cropped back.
     predictor : callable
-        ``(N, C, *roi) -> (N, K, *roi)`` (e.g. an ``nn.Module`` in eval mode); a list/tuple output (deep
-        supervision) uses its first element.
-    overlap : float
-        Fraction of overlap between neighbouring windows, in [0, 1).
+        ``(N, C, *roi) -> (N, K, *roi')`` (e.g. an ``nn.Module`` in eval mode). ``roi'`` may differ from ``roi``
+        by a zoom (e.g. a network whose output is downsampled by 2): the output then has the input's size times
+        that zoom, as in MONAI. A list/tuple output (deep supervision) uses its first element; a dict output
+        gives a dict of blended outputs.
+    overlap : float or sequence of float
+        Fraction of overlap between neighbouring windows, in [0, 1) (one per axis, or one for all).
     mode : {"gaussian", "constant"}
         Blending weights (see :func:`importance_map`).
     sw_batch_size : int
         Windows per predictor call.
-    sigma_scale : float
+    sigma_scale : float or sequence of float
         Standard deviation of the ``"gaussian"`` weights as a fraction of the window size (MONAI's
-        default, 0.125).
+        default, 0.125; one per axis, or one for all).
     out_device : device, optional
         Where the blended output is accumulated (default: the input's device); ``"cpu"`` saves GPU memory
         on large volumes.
 
     Returns
     -------
-    Tensor
-        ``(B, K, *S)`` float32: the weighted average of the window outputs at every voxel.
+    Tensor or dict of Tensor
+        ``(B, K, *S)`` float32 (``S`` times the predictor's zoom): the weighted average of the window outputs at
+        every voxel. Differentiable as MONAI's (gradients reach the predictor's parameters and ``inputs``); call
+        it under ``torch.no_grad()`` for inference (``medfast predict`` does).
     """
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a tensor (B, C, *spatial), got {type(inputs).__name__}")
     nd = inputs.dim() - 2
-    roi = [int(r) for r in roi_size]
-    if nd not in (2, 3) or len(roi) != nd:
-        raise ValueError(f"inputs must be (B, C, *S) with 2 or 3 spatial dims and roi_size {nd} ints; got "
-                         f"{tuple(inputs.shape)} and {roi}")
-    if any(r < 1 for r in roi):
-        raise ValueError(f"roi_size must be positive sizes, got {roi}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if nd not in (2, 3):
+        raise ValueError(f"inputs must be (B, C, *S) with 2 or 3 spatial dims, got shape {tuple(inputs.shape)}")
+    if inputs.shape[0] == 0:
+        raise ValueError(f"inputs has an empty batch: shape {tuple(inputs.shape)}")
+    roi_f = _per_axis("roi_size", roi_size, nd)
+    if any(r != int(r) for r in roi_f):
+        raise ValueError(f"roi_size must be whole numbers, got {roi_size!r}")
     size = list(inputs.shape[2:])
+    roi = [int(r) if r > 0 else s for r, s in zip(roi_f, size)]  # non-positive: the whole axis (MONAI)
+    overlaps = _per_axis("overlap", overlap, nd)
+    if not all(0 <= o < 1 for o in overlaps):
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    sigmas = _per_axis("sigma_scale", sigma_scale, nd)
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be an int >= 1, got {sw_batch_size!r}")
     pad = [max(0, r - s) for r, s in zip(roi, size)]
     if any(pad):
         flat = []
@@ -93,10 +131,11 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int],
         inputs = torch.nn.functional.pad(inputs, flat)
     padded = list(inputs.shape[2:])
     out_device = torch.device(out_device) if out_device is not None else inputs.device
-    weight = importance_map(roi, mode, sigma_scale, inputs.device)
-    starts = list(itertools.product(*[window_starts(s, r, overlap) for s, r in zip(padded, roi)]))
+    weight = importance_map(roi, mode, sigmas, inputs.device)
+    starts = list(itertools.product(*[window_starts(s, r, o) for s, r, o in zip(padded, roi, overlaps)]))
     batch = inputs.shape[0]
-    out = norm = None
+    # per output (one, or one per dict key): the blended sums, the weight sums, the zoom and the window weights
+    outs: dict[str, list] = {}
     jobs = [(b, st) for b in range(batch) for st in starts]
     for i in range(0, len(jobs), sw_batch_size):
         chunk = jobs[i:i + sw_batch_size]
@@ -104,16 +143,34 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int],
         x = torch.stack([inputs[(b, slice(None), *sl)] for (b, _), sl in zip(chunk, slices)])
         y = predictor(x)
         if isinstance(y, (list, tuple)):
+            if not y:
+                raise ValueError("predictor returned an empty list / tuple")
             y = y[0]
-        y = (y.float() * weight).to(out_device)
-        if out is None:
-            out = torch.zeros(batch, y.shape[1], *padded, device=out_device)
-            norm = torch.zeros(batch, 1, *padded, device=out_device)
-        w = weight.to(out_device)
-        for k, ((b, _), sl) in enumerate(zip(chunk, slices)):
-            out[(b, slice(None), *sl)] += y[k]
-            norm[(b, slice(None), *sl)] += w
-    out = out / norm
-    if any(pad):
-        out = out[(..., *[slice(p // 2, p // 2 + s) for p, s in zip(pad, size)])]
-    return out
+        keyed = dict(y) if isinstance(y, dict) else {"": y}
+        for key, yk in keyed.items():
+            yk = _window_output(yk, len(chunk), roi, f"output {key!r}" if key else "an output")
+            if key not in outs:
+                zoom = [o / r for o, r in zip(yk.shape[2:], roi)]
+                shape = [int(p * z) for p, z in zip(padded, zoom)]
+                w = weight if list(yk.shape[2:]) == roi else torch.nn.functional.interpolate(
+                    weight[None, None], list(yk.shape[2:]), mode="nearest-exact")[0, 0]
+                outs[key] = [torch.zeros(batch, yk.shape[1], *shape, device=out_device),
+                             torch.zeros(batch, 1, *shape, device=out_device), zoom, w, tuple(yk.shape[2:])]
+            out, norm, zoom, w, win = outs[key]
+            if tuple(yk.shape[2:]) != win:
+                raise ValueError(f"predictor returned {f'output {key!r}' if key else 'an output'} of spatial shape "
+                                 f"{tuple(yk.shape[2:])} for one window and {win} for another")
+            yk = (yk.float() * w).to(out_device)
+            wo = w.to(out_device)
+            for k, ((b, _), sl) in enumerate(zip(chunk, slices)):
+                osl = tuple(slice(int(s.start * z), int(s.start * z) + n) for s, z, n in zip(sl, zoom, win))
+                out[(b, slice(None), *osl)] += yk[k]
+                norm[(b, slice(None), *osl)] += wo
+    result = {}
+    for key, (out, norm, zoom, _, _) in outs.items():
+        out = out / norm
+        if any(pad):
+            out = out[(..., *[slice(int(round(p // 2 * z)), int(round((p // 2 + s) * z)))
+                              for p, s, z in zip(pad, size, zoom)])]
+        result[key] = out
+    return result[""] if "" in result else result
