@@ -209,6 +209,55 @@ trainer: {{out_dir: {tmp_path / 'run'}, max_steps: 1, progress: false, tensorboa
     assert "medfast train: error: data.dataset_args: dynamic_range_db" in err and "Traceback" not in err
 
 
+def test_held_out_sets_are_not_training_data(tmp_path):
+    """A held-out volume that is a training volume (same name, the same phantom seed, or the same file under
+    another name) is refused, and so is a held-out-pose set with one pose bin (the training distribution),
+    in the constructor (ValueError) and in the config check of medfast train (ConfigError)."""
+    import nibabel as nib
+
+    from medfast.tasks.classification import SimulatedUltrasound
+    from medfast.tasks.classification.task import check_config
+    from medfast.train import load_config
+
+    t1 = np.zeros((24, 24, 24), np.float32)
+    t1[4:20, 4:20, 4:20] = 1.0
+    nib.save(nib.Nifti1Image(t1, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "t1.nii.gz")
+    (tmp_path / "link.nii.gz").symlink_to(tmp_path / "t1.nii.gz")
+    same_file = {"name": "other", "path": str(tmp_path / "link.nii.gz")}
+    kw = dict(n_lines=16, n_samples=32, sub_rays=1, image_shape=(16, 16), variants=1)
+    for vols, vals, match in (
+            (["phantom:1", "phantom:2"], ["phantom:2"], "'phantom:2' is also a training volume"),
+            (["phantom:0"], ["phantom"], "'phantom' is the training volume 'phantom:0'"),
+            ([{"path": str(tmp_path / "t1.nii.gz")}], [same_file], "'other' is the training volume 't1'")):
+        with pytest.raises(ValueError, match=f"val_volumes: {match}"):
+            SimulatedUltrasound(volumes=vols, val_volumes=vals, **kw)
+        with pytest.raises(ConfigError, match=f"data.dataset_args.val_volumes: {match}"):
+            SimulatedUltrasound.check_args({"volumes": vols, "val_volumes": vals})
+    (tmp_path / "s2").mkdir()  # two subjects' files of one name (s1/t1.nii.gz, s2/t1.nii.gz) are two volumes
+    nib.save(nib.Nifti1Image(t1[::-1].copy(), np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "s2" / "t1.nii.gz")
+    SimulatedUltrasound.check_args({"volumes": [{"path": str(tmp_path / "t1.nii.gz")}],
+                                    "val_volumes": [{"path": str(tmp_path / "s2" / "t1.nii.gz")}]})
+    with pytest.raises(ConfigError, match="'colin27' is also a training volume"):  # the default training volumes
+        SimulatedUltrasound.check_args({"val_volumes": ["colin27"]})
+    sim = SimulatedUltrasound(volumes=["phantom:1"], val_volumes=["phantom:2"], pose_bins=1, **kw)
+    sim.train_dataset(4)  # one bin is fine for training alone
+    with pytest.raises(ValueError, match="pose_bins=1: held-out poses need pose_bins >= 2"):
+        sim.validation_datasets(4)
+    assert len(SimulatedUltrasound(volumes=["phantom:1"], val_volumes=["phantom:2"], pose_bins=2,
+                                   **kw).validation_datasets(4)) == 2
+    cfg = tmp_path / "sim.yaml"
+    for args, match in (("val_volumes: [phantom:1]", "val_volumes: 'phantom:1' is also a training volume"),
+                        ("val_volumes: [], pose_bins: 1", r"pose_bins=1: the held_out_poses .* pose_bins >= 2")):
+        cfg.write_text(f"""
+task: classification
+data: {{dataset: simulated_ultrasound, shape: [16, 16], dataset_args: {{volumes: [phantom:1], {args}}}}}
+model: {{name: sononet, spatial_dims: 2, out_channels: 4, channels: [4], kwargs: {{convs_per_block: [1, 1]}}}}
+trainer: {{out_dir: {tmp_path / 'run'}, max_steps: 1, progress: false, tensorboard: false, device: cpu}}
+""")
+        with pytest.raises(ConfigError, match=match):
+            check_config(load_config(cfg))
+
+
 # ---- 5. encoders -------------------------------------------------------------------------------------------
 def test_encoders_check_output_widths_and_indices():
     ordinal = make_encoder("ordinal", 4)
@@ -237,6 +286,28 @@ def test_encoders_check_output_widths_and_indices():
         make_encoder("nominal", 3, ["a", "a", "b"])
     with pytest.raises(ValueError, match="duplicate class names"):
         make_encoder("ordinal", 3, ["low", "high", "low"])
+
+
+def test_encoders_refuse_non_integer_labels():
+    """Float labels must be whole numbers, as the metrics require (0.7 is not class 0, 2.99 not class 2);
+    whole-number floats are indices. Nominal decode reads a 1-D tensor as indices, so scores there are an
+    error; the binary encoding's documented 1-D path is one logit per sample."""
+    from medfast.tasks.classification.metrics import confusion_matrix
+
+    with pytest.raises(ValueError, match="whole numbers"):
+        confusion_matrix([0.7], [0], 3)  # the metrics' rule the encoders share
+    for enc, k in (("nominal", 3), ("binary", 2), ("ordinal", 4)):
+        e = make_encoder(enc, k)
+        for bad in (torch.tensor([0.7, 1.0]), [1, 0.7], torch.tensor([1.0, float("nan")]), np.array([0.5])):
+            with pytest.raises(ValueError, match="whole numbers"):
+                e.encode(bad)
+        assert e.index(torch.tensor([1.0, 0.0])).tolist() == [1, 0] == e.index([1.0, np.int64(0)]).tolist()
+    assert make_encoder("ordinal", 4).encode(torch.tensor([2.0])).tolist() == [[1.0, 1.0, 0.0]]
+    nominal = make_encoder("nominal", 3)
+    with pytest.raises(ValueError, match=r"read as class indices .*\(N, 3\)"):
+        nominal.decode(torch.tensor([0.9, 0.6]))
+    assert nominal.decode(torch.tensor([2.0, 0.0])).tolist() == [2, 0]
+    assert make_encoder("binary", 2).decode(torch.tensor([0.9, -0.6])).tolist() == [1, 0]  # logits (N,)
 
 
 # ---- 6. ImageFolderDataset arguments, CSV encoding, constant images, empty class folders -------------------

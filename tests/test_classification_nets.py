@@ -133,3 +133,52 @@ def test_short_training_lowers_loss(name, dims, encoding):
     with torch.no_grad():  # batch statistics (train mode): the running ones lag after 25 steps
         acc = (enc.decode(net(x), logits=True) if encoding != "nominal" else enc.decode(net(x))) == y
     assert acc.float().mean() > 1 / k + 0.2
+
+
+def _constant(net):
+    """Constant positive weights: every receptive field is symmetric about its cell's centre."""
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)):
+            torch.nn.init.constant_(m.weight, 1.0 / m.weight[0].numel())
+    return net.eval()
+
+
+@pytest.mark.parametrize("make, size", [
+    (lambda: ResNetClassifier(2, 1, 2, width=2, blocks=(1, 2, 1)), 96),
+    (lambda: ResNetClassifier(2, 1, 2, width=2, stem_stride=2), 160),
+    (lambda: ResNetClassifier(3, 1, 2, width=2, blocks=(1, 1, 1)), 48),
+    (lambda: DenseNetClassifier(2, 1, 2, width=2, growth_rate=2, blocks=(1, 1, 1)), 64),
+    (lambda: DenseNetClassifier(2, 1, 2, width=2, growth_rate=2, blocks=(1, 1, 1), stem_stride=2), 96),
+    (lambda: DenseNetClassifier(3, 1, 2, width=2, growth_rate=2, blocks=(1, 1), stem_stride=2), 40),
+])
+def test_feature_grid_is_the_receptive_field_centre(make, size):
+    """``feature_grid()`` against autograd: with constant weights, an all-ones input and the field away from
+    the border, the gradient of an interior feature cell over the input is symmetric about the cell's centre,
+    so its centroid is that centre (networks without max pooling, whose gradient picks one tied input; those
+    are covered by the Grad-CAM dot tests)."""
+    net = _constant(make())
+    dims = net.spatial_dims
+    x = torch.ones(1, 1, *[size] * dims, requires_grad=True)
+    f = net.features(x)
+    j = f.shape[2] // 2
+    (g,) = torch.autograd.grad(f[(0, slice(None)) + (j,) * dims].sum(), x)
+    g = g[0, 0].double()
+    nz = g.nonzero()
+    assert nz.min() > 0 and nz.max() < size - 1  # the whole field inside the image
+    ax = torch.arange(size, dtype=torch.float64)
+    centre = [float((g.sum([k for k in range(dims) if k != a]) * ax).sum() / g.sum()) for a in range(dims)]
+    origin, stride = net.feature_grid()
+    assert len(origin) == len(stride) == dims
+    expected = [o + s * j for o, s in zip(origin, stride, strict=True)]
+    assert max(abs(a - b) for a, b in zip(centre, expected, strict=True)) < 1e-4, (centre, expected)
+
+
+def test_feature_grid_follows_the_layer_options():
+    """Hand-derived grids: a 2x2 pooling centres cell j on 2j + 0.5, a stride-2 3x3 conv of padding 1 (or a
+    3x3 max pooling of stride 2, padding 1) on 2j."""
+    assert SonoNet(1, 2, width=4, convs_per_block=(1, 1, 1, 1)).feature_grid() == ((3.5, 3.5), (8.0, 8.0))
+    assert ResNetClassifier(2, 1, 2, width=4).feature_grid() == ((0.0, 0.0), (8.0, 8.0))
+    assert ResNetClassifier(3, 1, 2, width=4, stem_stride=2).feature_grid() == ((0.0,) * 3, (16.0,) * 3)
+    assert DenseNetClassifier(2, 1, 2, width=4, blocks=(1, 1, 1)).feature_grid() == ((1.5, 1.5), (4.0, 4.0))
+    assert DenseNetClassifier(2, 1, 2, width=4, blocks=(1, 1), stem_stride=2,
+                              stem_pool=True).feature_grid() == ((2.0, 2.0), (8.0, 8.0))

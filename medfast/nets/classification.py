@@ -76,11 +76,75 @@ class ClassificationHead(nn.Module):
         return self.out(self.drop(x))
 
 
+_POINTWISE = (nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.ReLU,
+              nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+
+
+def _window_grid(m: nn.Module, dims: int) -> tuple[list[float], list[float]]:
+    """Per axis ``(offset, step)`` of a conv / pooling window: output cell ``j`` is centred on input position
+    ``offset + step * j`` (``j * stride - padding + dilation * (kernel - 1) / 2``)."""
+    def per_axis(v):
+        return [v] * dims if isinstance(v, int) else list(v)
+
+    k, s = per_axis(m.kernel_size), per_axis(m.stride if m.stride is not None else m.kernel_size)
+    d = per_axis(getattr(m, "dilation", 1))
+    pad = m.padding
+    if pad == "valid":
+        pad = 0
+    if pad == "same":  # PyTorch puts the odd padding element on the far side
+        p = [dd * (kk - 1) // 2 for kk, dd in zip(k, d, strict=True)]
+    else:
+        p = per_axis(pad)
+    return ([dd * (kk - 1) / 2 - pp for kk, dd, pp in zip(k, d, p, strict=True)], [float(v) for v in s])
+
+
+def _feature_grid(modules: Sequence[nn.Module], dims: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(origin, stride)`` per spatial axis of the output grid of ``modules`` applied in order: cell ``j`` is
+    centred on input position ``origin + stride * j``. Read from the layers' own kernel / stride / padding /
+    dilation, so every option of the networks here is covered; an unknown layer is a TypeError (a new layer
+    must say how it moves the grid)."""
+    origin, stride = [0.0] * dims, [1.0] * dims
+
+    def walk(m: nn.Module) -> None:
+        nonlocal origin, stride
+        if isinstance(m, nn.Sequential):
+            for c in m:
+                walk(c)
+        elif isinstance(m, (nn.modules.conv._ConvNd, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d)) \
+                and not getattr(m, "transposed", False):
+            off, step = _window_grid(m, dims)
+            origin = [o + st * f for o, st, f in zip(origin, stride, off, strict=True)]
+            stride = [st * f for st, f in zip(stride, step, strict=True)]
+        elif hasattr(m, "grid_branches"):  # a block summing / concatenating branches (the blocks below)
+            grids = [_feature_grid(b, dims) for b in m.grid_branches()]
+            if any(g != grids[0] for g in grids):  # the sum / concatenation needs aligned grids
+                raise TypeError(f"the branches of {type(m).__name__} have different grids {grids}")
+            off, step = grids[0]
+            origin = [o + st * f for o, st, f in zip(origin, stride, off, strict=True)]
+            stride = [st * f for st, f in zip(stride, step, strict=True)]
+        elif not isinstance(m, _POINTWISE):
+            raise TypeError(f"feature grid: no rule for layer {type(m).__name__}")
+
+    for m in modules:
+        walk(m)
+    return tuple(origin), tuple(stride)
+
+
 class _PooledClassifier(nn.Module):
-    """features(x) -> global average pooling -> head; subclasses define ``features``, ``pool`` and ``head``."""
+    """features(x) -> global average pooling -> head; subclasses define ``features``, ``pool`` and ``head``, and
+    ``_feature_layers`` (the layers of ``features`` in order, for :meth:`feature_grid`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(x)).flatten(1))
+
+    def feature_grid(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Where the cells of ``features(x)`` sit in the input: ``(origin, stride)`` per spatial axis, cell ``j``
+        centred on input pixel ``origin + stride * j`` (derived from the layers' settings). Class-activation
+        maps are resampled with it: a 2x2 pooling puts cell 0 at 0.5, a stride-2 3x3 conv of padding 1 at 0."""
+        layers = self._feature_layers()
+        # the dimensionality of the convs themselves (also right for a model pickled before spatial_dims existed)
+        conv = next(m for layer in layers for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd))
+        return _feature_grid(layers, len(conv.kernel_size))
 
 
 class SonoNet(_PooledClassifier):
@@ -124,7 +188,10 @@ class SonoNet(_PooledClassifier):
         self.body = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = ClassificationHead(adaptation, num_classes, encoding, dropout)
-        self.num_features = adaptation
+        self.num_features, self.spatial_dims = adaptation, 2
+
+    def _feature_layers(self) -> list[nn.Module]:
+        return [self.body]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Adaptation-layer maps ``(N, adaptation, h, w)``."""
@@ -140,6 +207,9 @@ class _BasicBlock(nn.Module):
         self.skip = (nn.Sequential(conv(cin, cout, 1, stride, bias=False), bn(cout))
                      if stride != 1 or cin != cout else nn.Identity())
         self.act = nn.ReLU(inplace=True)
+
+    def grid_branches(self) -> list[list[nn.Module]]:
+        return [[self.c1, self.c2], [self.skip]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.b1(self.c1(x)))
@@ -188,7 +258,10 @@ class ResNetClassifier(_PooledClassifier):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
         self.head = ClassificationHead(ch, num_classes, encoding, dropout)
-        self.num_features = ch
+        self.num_features, self.spatial_dims = ch, spatial_dims
+
+    def _feature_layers(self) -> list[nn.Module]:
+        return [self.stem, self.stages]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last-stage feature maps."""
@@ -217,6 +290,9 @@ class _DenseLayer(nn.Module):
                                   _norm(norm, dims, mid), nn.ReLU(inplace=True),
                                   conv(mid, growth, 3, padding=1, bias=False))
         self.drop = (nn.Dropout2d if dims == 2 else nn.Dropout3d)(dropout) if dropout > 0 else nn.Identity()
+
+    def grid_branches(self) -> list[list[nn.Module]]:
+        return [[self.body], []]  # the new features and the input they are concatenated to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.drop(self.body(x))], 1)
@@ -296,7 +372,10 @@ class DenseNetClassifier(_PooledClassifier):
         self.body = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
         self.head = ClassificationHead(ch, num_classes, encoding, dropout)
-        self.num_features = ch
+        self.num_features, self.spatial_dims = ch, spatial_dims
+
+    def _feature_layers(self) -> list[nn.Module]:
+        return [self.body]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Maps after the last dense block (normalized, ReLU): the input of global pooling."""

@@ -48,6 +48,28 @@ def class_score(logits: torch.Tensor, target: torch.Tensor, encoding: str) -> to
     return sign * logits.sum(1)  # ordinal
 
 
+def _resample(cam: torch.Tensor, origin: Sequence[float], stride: Sequence[float],
+              size: Sequence[int]) -> torch.Tensor:
+    """Linear interpolation of ``cam`` ``(N, *grid)`` at every input pixel ``p``: feature coordinate
+    ``(p - origin) / stride`` per axis, clamped to the grid (the border cells extend to the image edges)."""
+    dims = cam.dim() - 1
+    if len(origin) != dims or len(stride) != dims:
+        raise ValueError(f"feature_grid() gave origin {tuple(origin)} and stride {tuple(stride)} for {dims} "
+                         "spatial dims")
+    for axis, (o, st, n_out) in enumerate(zip(origin, stride, size, strict=True)):
+        n = cam.shape[axis + 1]
+        u = ((torch.arange(n_out, dtype=torch.float64) - float(o)) / float(st)).clamp(0, n - 1)
+        i0 = u.floor().long().clamp(max=max(n - 2, 0))
+        w = (u - i0).to(cam.dtype)
+        # (n_out, n) weights: 1-w on cell i0, w on i0+1 (one cell: the constant)
+        m = torch.zeros(n_out, n, dtype=cam.dtype)
+        m[torch.arange(n_out), i0] = 1 - w if n > 1 else 1.0
+        if n > 1:
+            m[torch.arange(n_out), i0 + 1] = w
+        cam = (cam.movedim(axis + 1, -1) @ m.T.to(cam.device)).movedim(-1, axis + 1)
+    return cam
+
+
 def class_activation_map(model: nn.Module, image: torch.Tensor, target: torch.Tensor | Sequence[int] | None = None,
                          encoding: str = "nominal") -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of ``model`` for ``image``, upsampled to the image size.
@@ -69,7 +91,10 @@ def class_activation_map(model: nn.Module, image: torch.Tensor, target: torch.Te
     -------
     cam : Tensor
         ``(N, *spatial)`` float32 maps in ``[0, 1]`` (each divided by its maximum; all zero when no
-        location supports the class), trilinearly/bilinearly upsampled to the input size.
+        location supports the class), bi/trilinearly resampled to the input size where the model's
+        ``feature_grid()`` says its cells sit (cell ``j`` on input pixel ``origin + stride * j``, so
+        stride-2 convs and poolings both put the map on the object). A model without ``feature_grid``
+        is upsampled with ``F.interpolate(align_corners=False)``, right for 2x2-pooling networks only.
     target : Tensor
         ``(N,)`` int64 the classes that were mapped.
     """
@@ -100,8 +125,13 @@ def class_activation_map(model: nn.Module, image: torch.Tensor, target: torch.Te
     dims = tuple(range(2, feats.dim()))
     weights = grad.mean(dims, keepdim=True)
     cam = F.relu((weights * feats.detach()).sum(1, keepdim=True))
-    mode = "bilinear" if image.dim() == 4 else "trilinear"
-    cam = F.interpolate(cam, size=image.shape[2:], mode=mode, align_corners=False)[:, 0]
+    grid = getattr(model, "feature_grid", None)
+    if callable(grid):
+        origin, stride = grid()
+        cam = _resample(cam[:, 0], origin, stride, image.shape[2:])
+    else:  # a network that does not say where its cells sit: the cells are taken as 2x2-pooling-like blocks
+        mode = "bilinear" if image.dim() == 4 else "trilinear"
+        cam = F.interpolate(cam, size=image.shape[2:], mode=mode, align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(1).clamp_min(1e-12)
     cam = cam / peak.view(-1, *([1] * (cam.dim() - 1)))
     return cam.float().detach(), target.detach()

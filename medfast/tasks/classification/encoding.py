@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from medfast.tasks.classification.metrics import _indices
+
 __all__ = ["BinaryEncoder", "NominalEncoder", "OrdinalEncoder", "make_encoder"]
 
 
@@ -51,8 +53,12 @@ class _Encoder:
         raise NotImplementedError
 
     def index(self, labels: Sequence[str | int] | torch.Tensor) -> torch.Tensor:
-        """Class indices ``(N,)`` (int64) of labels given as indices or as class names."""
+        """Class indices ``(N,)`` (int64) of labels given as indices or as class names.
+
+        Float indices must be whole numbers (ValueError for 0.7, which is not class 0), as in the metrics."""
         if isinstance(labels, torch.Tensor):
+            if labels.is_floating_point() or labels.is_complex():
+                _indices("labels", labels)  # raises for non-integer values (copies float labels to the CPU)
             y = labels.long().reshape(-1)
         else:
             lookup = {n: i for i, n in enumerate(self.class_names)}
@@ -63,7 +69,7 @@ class _Encoder:
                         raise ValueError(f"unknown class {lab!r}; classes: {self.class_names}")
                     out.append(lookup[lab])
                 else:
-                    out.append(int(lab))
+                    out.append(int(_indices("labels", lab)[0]))
             y = torch.tensor(out, dtype=torch.long)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"class indices must lie in [0, {self.num_classes - 1}], got {y.min()}..{y.max()}")
@@ -103,8 +109,17 @@ class NominalEncoder(_Encoder):
         return torch.nn.functional.one_hot(y, self.num_classes).float() if self.one_hot else y
 
     def decode(self, output: torch.Tensor) -> torch.Tensor:
-        """Classes ``(N,)`` from logits or one-hot/probabilities ``(N, C)`` (argmax), or indices ``(N,)``."""
+        """Classes ``(N,)`` from logits or one-hot/probabilities ``(N, C)`` (argmax), or indices ``(N,)``.
+
+        A 1-D tensor is read as class indices: non-integer values (scores) are a ValueError, not truncated."""
+        output = torch.as_tensor(output)
         if output.dim() == 1:
+            try:
+                _indices("output", output)
+            except ValueError:
+                raise ValueError(f"a 1-D output is read as class indices (N,) by the nominal encoding and must hold "
+                                 f"whole numbers, got {output[:8].tolist()}; scores or logits must be "
+                                 f"(N, {self.num_classes})") from None
             return self.index(output)
         return self._outputs(output).argmax(1)
 

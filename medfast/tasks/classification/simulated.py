@@ -22,7 +22,8 @@ are divided by the 99th percentile inside the brain mask and mapped to acoustic 
 
 Held-out poses: every pose perturbation ``u`` in ``[-1, 1]`` is drawn from one of ``pose_bins`` equal bins;
 training uses the even bins, the held-out-pose set the odd ones, so no validation pose parameter lies in a
-range seen in training. Held-out volumes: ``val_volumes`` are never rendered for training.
+range seen in training (so ``pose_bins >= 2``). Held-out volumes: ``val_volumes`` are never rendered for
+training, and none may be a training volume (same name or file).
 """
 
 from __future__ import annotations
@@ -270,6 +271,51 @@ def _bin_uniform(rng: np.random.Generator, n: int, bins: int, split: str) -> np.
     return (b + rng.uniform(0, 1, n)) / bins * 2 - 1
 
 
+def _volume_identity(spec: Any) -> tuple[str | None, str | None]:
+    """``(name, source)`` of a volume spec without reading it: the name :func:`load_brain_volume` gives it and
+    the resolved T1 file (or ``phantom:<seed>``); None where it cannot be told (the loader reports that)."""
+    import os
+
+    if isinstance(spec, Mapping):
+        if not spec.get("path"):
+            return (str(spec["name"]) if "name" in spec else None), None
+        path = Path(spec["path"])
+        return str(spec.get("name", path.name.split(".")[0])), os.path.realpath(path)
+    if not isinstance(spec, str):
+        return None, None
+    if spec.startswith("phantom"):
+        try:
+            return spec, f"phantom:{int(spec.split(':', 1)[1]) if ':' in spec else 0}"
+        except ValueError:
+            return spec, None
+    files = {"colin27": MRICRON / "ch2bet.nii.gz", "itk_kmeans": ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz"}
+    if spec == "mni152":
+        try:
+            files[spec] = _mni_files("volume 'mni152'")["t1"]
+        except DatasetError:
+            pass
+    return spec, (os.path.realpath(files[spec]) if spec in files else None)
+
+
+def _training_volume_reused(volumes: Sequence[Any], val_volumes: Sequence[Any]) -> str | None:
+    """The error message when a held-out volume is also a training volume (same name or same file), else None:
+    ``held_out_volumes`` would then report accuracy on training data."""
+    train = [_volume_identity(v) for v in volumes]
+    for v in val_volumes:
+        name, source = _volume_identity(v)
+        for tname, tsource in train:
+            # the files when both are known (subject_1/T1.nii.gz and subject_2/T1.nii.gz share a name, not a
+            # volume), else the names
+            same = source == tsource if source is not None and tsource is not None else name == tname
+            if not same or name is None:
+                continue
+            if name == tname:
+                return f"val_volumes: {name!r} is also a training volume; held-out volumes must not be in volumes"
+            return (f"val_volumes: {name!r} is the training volume {tname!r} (same source {source}); held-out "
+                    "volumes must not be in volumes")
+    return None
+
+
 class SimulatedUltrasound:
     """Configuration, volumes and the on-device renderer of the simulated standard-plane data.
 
@@ -278,7 +324,7 @@ class SimulatedUltrasound:
     volumes : sequence
         Training volumes (names or mappings, see :func:`load_brain_volume`).
     val_volumes : sequence
-        Held-out volumes (validation only).
+        Held-out volumes (validation only); a training volume (same name or same file) is a ValueError.
     planes : sequence of str
         Class names, keys of :data:`PLANES` (or of ``custom_planes``).
     custom_planes : mapping, optional
@@ -300,7 +346,8 @@ class SimulatedUltrasound:
     gel_mm : sequence of 2 float
         Range of the gap between the probe and the brain surface.
     pose_bins : int
-        Bins of each pose perturbation for the pose split (even: training, odd: held out).
+        Bins of each pose perturbation for the pose split (even: training, odd: held out); at least 2 for the
+        ``held_out_poses`` set (with 1 it would be the training distribution).
     gain_db, dynamic_range_db : sequence of 2 float
         Ranges of the log-compression gain and dynamic range.
     tgc_db_cm_mhz : float
@@ -362,6 +409,9 @@ class SimulatedUltrasound:
         if int(variants) < 1 or int(pose_bins) < 1:
             raise ValueError(f"variants and pose_bins must be >= 1, got {variants}, {pose_bins}")
         variants, pose_bins = _int("variants", variants, 1), _int("pose_bins", pose_bins, 1)
+        reused = _training_volume_reused(volumes, val_volumes)
+        if reused:
+            raise ValueError(reused)
         sub_rays = _int("sub_rays", sub_rays, 1)
         if voxel_mm is not None:
             voxel_mm = _finite("voxel_mm", voxel_mm, 0.0, strict=True)
@@ -404,12 +454,24 @@ class SimulatedUltrasound:
 
         from medfast.train.config import ConfigError
 
-        known = set(inspect.signature(cls.__init__).parameters) - {"self", "image_shape", "normalize", "seed"}
+        params = inspect.signature(cls.__init__).parameters
+        known = set(params) - {"self", "image_shape", "normalize", "seed"}
         extra = {"samples_per_epoch", "val_samples", "classes"}
         unknown = sorted(set(args) - known - extra)
         if unknown:
             raise ConfigError(f"data.dataset_args: unknown key(s) {unknown} for dataset 'simulated_ultrasound'; "
                               f"valid: {', '.join(sorted(known | extra))}")
+        # the task always validates on held_out_poses and held_out_volumes: neither may be training data
+        vols, vals = (args.get(k, params[k].default) for k in ("volumes", "val_volumes"))
+        if isinstance(vols, Sequence) and not isinstance(vols, str) and isinstance(vals, Sequence) \
+                and not isinstance(vals, str):
+            reused = _training_volume_reused(vols, vals)
+            if reused:
+                raise ConfigError(f"data.dataset_args.{reused}")
+        bins = args.get("pose_bins", params["pose_bins"].default)
+        if isinstance(bins, int) and not isinstance(bins, bool) and bins < 2:
+            raise ConfigError(f"data.dataset_args.pose_bins={bins}: the held_out_poses validation set needs "
+                              "pose_bins >= 2 (training draws the even bins, held_out_poses the odd ones)")
         return known
 
     @classmethod
@@ -677,6 +739,9 @@ class SimulatedPlaneDataset(Dataset):
             raise ValueError(f"length must be >= 1, got {length}")
         if pose_split not in ("train", "held_out", "all"):
             raise ValueError(f"pose_split must be 'train', 'held_out' or 'all', got {pose_split!r}")
+        if pose_split == "held_out" and source.pose_bins < 2:
+            raise ValueError(f"pose_bins={source.pose_bins}: held-out poses need pose_bins >= 2 (training draws the "
+                             "even bins, the held-out set the odd ones; with one bin both are the same distribution)")
         self.source, self.volume_ids, self.length = source, list(volume_ids), int(length)
         self.pose_split, self.subset = pose_split, subset
 
