@@ -412,3 +412,30 @@ def test_save_cam_png_title_count(tmp_path):
     with pytest.raises(ValueError, match="titles has 1 entries for 2 images"):
         save_cam_png(imgs, cams, tmp_path / "c.png", titles=["a"])
     assert save_cam_png(imgs, cams, tmp_path / "c.png", titles=["a", "b"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_channels_other_than_a_doubling_are_refused(tmp_path):
+    """The networks take model.channels[0] and double it per stage: a list that says otherwise was silently read as
+    its first entry; now a ConfigError naming model.channels (a doubling list, the default, stays valid)."""
+    from medfast.tasks.classification.task import check_config
+    from medfast.train import load_config
+
+    cfg = tmp_path / "cls.yaml"
+
+    def config(channels):
+        cfg.write_text(f"""
+task: classification
+data: {{dataset: simulated_ultrasound, shape: [16, 16],
+       dataset_args: {{volumes: [phantom:1], val_volumes: [phantom:2]}}}}
+model: {{name: resnet, spatial_dims: 2, out_channels: 4, channels: {channels}}}
+trainer: {{out_dir: {tmp_path / 'run'}, max_steps: 1, progress: false, tensorboard: false, device: cpu}}
+""")
+        return load_config(cfg)
+
+    for ok in ("[8]", "[8, 16, 32]", "[16, 32, 64, 128]"):
+        check_config(config(ok))
+    for bad, match in (("[32, 32, 64]", r"model.channels=\[32, 32, 64\].*\[32, 64, 128\]"),
+                       ("[16, 24]", r"model.channels=\[16, 24\]"), ("[0]", "positive ints")):
+        with pytest.raises(ConfigError, match=match):
+            check_config(config(bad))
+    check_config(config("[16, 24]"), refuse_unused=False)  # a trained checkpoint's config still loads

@@ -16,7 +16,8 @@ Configuration (see ``configs/classification_example.yaml``):
   ...) plus ``samples_per_epoch`` and ``val_samples`` (per validation subset); ``data.shape`` is the image
   size. Validation reports the held-out poses and the held-out volumes separately.
 * ``model.name``: ``sononet``, ``resnet`` or ``densenet``; ``model.spatial_dims``, ``model.in_channels``,
-  ``model.out_channels`` = the number of classes, ``model.channels[0]`` = the width; ``model.kwargs``:
+  ``model.out_channels`` = the number of classes, ``model.channels[0]`` = the width (doubled per stage; a longer
+  list must be that doubling); ``model.kwargs``:
   ``encoding`` (``nominal | binary | ordinal``), ``blocks`` / ``convs_per_block``, ``dropout``, ``stem_stride``,
   and for DenseNet ``growth_rate``, ``bn_size``, ``compression``, ``norm``.
 
@@ -97,6 +98,22 @@ def _refuse_unused_settings(config: Config) -> None:
                           f"{'it' if len(unused) == 1 else 'them'} ({hints})")
 
 
+def _check_width(channels: Any) -> None:
+    """``model.channels``: the classification networks take one width, ``channels[0]``, and double it per stage,
+    so a list is accepted only as such a doubling (the default ``[16, 32, 64, 128]``); any other list would be
+    silently read as its first entry."""
+    if not channels:
+        return
+    widths = list(channels)
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in widths):
+        raise ConfigError(f"model.channels must be positive ints, got {widths}")
+    if any(c != widths[0] * 2**i for i, c in enumerate(widths)):
+        raise ConfigError(f"model.channels={widths}: the classification networks take one width, model.channels[0], "
+                          f"and double it per stage (the number of stages is model.kwargs.blocks / convs_per_block); "
+                          f"give [{widths[0]}] or a doubling list such as "
+                          f"{[widths[0] * 2**i for i in range(len(widths))]}")
+
+
 def check_config(config: Config, *, refuse_unused: bool = True) -> None:
     """Checks the classification settings (``model.*``, ``data.dataset_args``, ``task_args``) before any data is
     read; raises :class:`ConfigError` naming the key and the allowed values. With ``refuse_unused``, a shared
@@ -114,6 +131,8 @@ def check_config(config: Config, *, refuse_unused: bool = True) -> None:
         raise ConfigError(f"model.name='sononet' is 2D; got model.spatial_dims={m.spatial_dims}")
     if m.out_channels < 2:
         raise ConfigError(f"model.out_channels must be >= 2 (the number of classes), got {m.out_channels}")
+    if refuse_unused:  # (a trained checkpoint's config: its network was built from channels[0] whatever the list)
+        _check_width(m.channels)
     kw = dict(m.kwargs)
     encoding = kw.pop("encoding", "nominal")
     if encoding not in ENCODINGS:
