@@ -42,8 +42,10 @@ def _shifted(affine, shift):
 
 
 def _mean_ddf(out):
-    d = np.asarray(nib.load(out / "ddf.nii.gz").dataobj)
-    return d[8:24, 8:24, 0, 0, :].reshape(-1, d.shape[-1]).mean(0)
+    """Mean stored ddf.nii.gz vector over the central 16 x 16 pixels of a 32 x 32 image (any slice layout)."""
+    d = np.asarray(nib.load(out / "ddf.nii.gz").dataobj)[:, :, :, 0, :]
+    d = d.reshape(*[s for s in d.shape[:3] if s != 1], d.shape[-1])  # the flat axis dropped
+    return d[8:24, 8:24].reshape(-1, d.shape[-1]).mean(0)
 
 
 # ---- training task_args --------------------------------------------------------------------------------
@@ -104,13 +106,14 @@ def test_dice_weight_without_label_maps_is_an_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("plane, affine, shift, expected", [
-    ("axial", AXIAL, (4, -6, 0), (4, -6)),
-    ("coronal", CORONAL, (4, 0, -6), (4, -6)),  # was "affine_in is singular"
-    ("oblique", OBLIQUE, (0, 6 * _C, 6 * _S), (0, 6)),  # 6 mm along the plane's 2nd axis (was 6 cos 30 deg)
+    ("axial", AXIAL, (4, -6, 0), (-4, 6)),
+    ("coronal", CORONAL, (4, 0, -6), (-4, 6)),  # was "affine_in is singular"
+    ("oblique", OBLIQUE, (0, 6 * _C, 6 * _S), (0, -6)),  # 6 mm along the plane's 2nd axis (was 6 cos 30 deg)
 ])
 def test_2d_images_in_any_plane_register_in_the_plane_frame(tmp_path, plane, affine, shift, expected):
     """The moving image is the fixed one with its header moved by ``shift`` mm within the plane: the affine
-    stage recovers it, and ddf.nii.gz holds it in mm in the plane's frame (world x, y for an axial image)."""
+    stage recovers it, and ddf.nii.gz holds it in mm in the plane's frame with ITK's LPS signs (both in-plane
+    components negated: LPS x, y for an axial image)."""
     img = _blobs()
     f = _save(tmp_path / "f.nii.gz", img, affine)
     m = _save(tmp_path / "m.nii.gz", img, _shifted(affine, shift))
@@ -135,16 +138,18 @@ def test_single_slice_volumes_are_2d_images(tmp_path, capsys):
     m = _save(tmp_path / "m.nii.gz", img, _shifted(AXIAL, (4, -6, 0)))
     out = tmp_path / "out"
     assert main(["register", f, m, "--out", str(out), *FAST]) == 0
-    assert nib.load(out / "warped.nii.gz").shape == (32, 32)
-    np.testing.assert_allclose(_mean_ddf(out), (4, -6), atol=0.3)
+    assert nib.load(out / "warped.nii.gz").shape == (32, 32, 1)  # the fixed file's layout
+    assert nib.load(out / "ddf.nii.gz").shape == (32, 32, 1, 1, 2)
+    np.testing.assert_allclose(_mean_ddf(out), (-4, 6), atol=0.3)  # LPS x, y
     # a sagittal slice stored (1, Y, Z): its in-plane axes are the image axes
     sag = np.array([[1.0, 0, 0, 3], [0, 2, 0, -30], [0, 0, 2, -20], [0, 0, 0, 1]])
     f = _save(tmp_path / "fs.nii.gz", img[None], sag)
     m = _save(tmp_path / "ms.nii.gz", img[None], _shifted(sag, (0, 4, -6)))
     out = tmp_path / "out_sag"
     assert main(["register", f, m, "--out", str(out), *FAST]) == 0
-    assert nib.load(out / "warped.nii.gz").shape == (32, 32)
-    assert np.linalg.norm(_mean_ddf(out)) == pytest.approx(np.hypot(4, 6), abs=0.3)
+    assert nib.load(out / "warped.nii.gz").shape == (1, 32, 32)
+    assert nib.load(out / "ddf.nii.gz").shape == (1, 32, 32, 1, 3)  # world vectors, LPS
+    np.testing.assert_allclose(_mean_ddf(out), (0, -4, -6), atol=0.3)
     # a single slice against a volume: both must be 2D
     vol = _save(tmp_path / "vol.nii.gz", np.repeat(img[:, :, None], 8, 2), AXIAL)
     assert main(["register", str(tmp_path / "f.nii.gz"), vol, "--out", str(tmp_path / "o3"), *FAST]) == 1

@@ -113,6 +113,28 @@ def single_slice_as_2d(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray
     return np.transpose(data, order)[..., 0], affine
 
 
+def single_slice_axis(shape: tuple[int, ...]) -> int | None:
+    """The flat axis of a single slice stored as a volume, ``(X, Y, 1)`` -> 2, ``(1, Y, Z)`` -> 0, ``(X, 1, Z)`` -> 1
+    (channels or vector components may follow on further axes): the axis :func:`single_slice_as_2d` moves last.
+    None for any other shape (a 2D array, a volume)."""
+    shape = tuple(shape)
+    if len(shape) < 3 or shape[:3].count(1) != 1:
+        return None
+    return shape[:3].index(1)
+
+
+def single_slice_as_stored(data: np.ndarray, affine: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`single_slice_as_2d`: a 2D image ``(X', Y', ...)`` (channels may follow) and its
+    permuted affine back in the stored layout of a slice whose flat axis was ``axis`` (the axis of size 1
+    inserted there, the affine's columns in the file's order). ``axis`` None: both unchanged."""
+    if axis is None:
+        return data, affine
+    order = [a for a in range(3) if a != axis] + [axis]
+    out = np.array(affine, dtype=np.float64, copy=True)
+    out[:3, order] = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return np.expand_dims(data, axis), out
+
+
 def is_vector_layout(shape: tuple[int, ...]) -> bool:
     """NIfTI's vector layout ``(X, Y, Z, 1, C)`` (how ITK writes a multi-channel image): read as ``C`` channels."""
     return len(shape) == 5 and shape[3] == 1

@@ -633,9 +633,12 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
 
     Both images are resampled (:func:`medfast.resample`, linear) from the fixed grid onto the network's
     grid (:func:`network_grid`: the training orientation, spacing and shape, centred on the fixed
-    image), mapped to [0, 1] there as in training, and the predicted displacement is brought back onto
-    the fixed grid: resampled there and turned from network voxels into fixed voxels, so
-    ``ddf(p) = A_f^-1 G u(G^-1 A_f p)`` (``A_f``, ``G`` the linear parts of the fixed and network affines).
+    image), mapped to [0, 1] there as in training, and the predicted transform is brought back onto the
+    fixed grid. Its affine part ``T`` (a GlobalNet's, or a RegistrationNet's with ``global_net``; network voxels)
+    is mapped exactly, over the whole fixed grid: ``theta = A_f^-1 G T G^-1 A_f`` (``A_f``, ``G`` the fixed and
+    network voxel-to-world affines); the local residual ``r`` (LocalNet) is resampled onto the fixed grid (the
+    border value beyond the network's field of view) and turned from network into fixed voxels, so
+    ``ddf(p) = theta [p; 1] - p + L_f^-1 L_G r(G^-1 A_f p)`` (``L``: linear parts).
 
     Parameters
     ----------
@@ -657,7 +660,9 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     Returns
     -------
     RegistrationResult
-        ``ddf`` ``(1, n, *S)`` in fixed voxels, ``warped`` the intensity-normalized moving image warped.
+        ``theta`` ``(1, n, n + 1)`` the affine part in fixed voxels (the identity for a LocalNet), ``ddf``
+        ``(1, n, *S)`` the total displacement in fixed voxels, ``warped`` the intensity-normalized moving image
+        warped.
     """
     device = torch.device(device)
     info = input_shape if isinstance(input_shape, ModelInfo) else ModelInfo([int(v) for v in input_shape])
@@ -689,12 +694,27 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
         x = torch.cat([normalize_intensity(x[:, :c], spatial_dims=n), normalize_intensity(x[:, c:], spatial_dims=n)],
                       1)
         out = net(x)
-        u = (out[1] if isinstance(out, tuple) else out).float()
-        # network voxels -> world -> fixed voxels (displacements: linear parts only)
-        m = torch.as_tensor(np.linalg.solve(a_f[:n, :n], grid[:n, :n]), dtype=torch.float64, device=device)
-        u_f = mf.resample(u.double(), torch.as_tensor(grid), torch.as_tensor(a_f), list(shape), mode="linear",
-                          padding="border")
-        ddf = torch.einsum("ij,bj...->bi...", m, u_f).float().contiguous()
+        # (theta, total displacement) of a GlobalNet / RegistrationNet, or a LocalNet's displacement
+        theta_net = torch.eye(n, n + 1, dtype=torch.float64)[None]
+        if isinstance(out, tuple):
+            theta_net = out[0].detach().double().cpu()
+            residual = out[1].double() - affine_ddf(theta_net.to(device), in_shape)
+        else:
+            residual = out.double()
+        # The affine part is mapped analytically onto the whole fixed grid (network voxels -> world -> fixed voxels:
+        # A_f^-1 G T G^-1 A_f), so it holds beyond the network's field of view; only the local residual is
+        # resampled (border padding outside the network grid). A GlobalNet has no residual.
+        t_net = np.eye(n + 1)
+        t_net[:n] = theta_net[0].numpy()
+        theta_f = np.linalg.solve(a_f, grid @ t_net @ np.linalg.solve(grid, a_f))[:n]
+        ddf = affine_ddf(torch.as_tensor(theta_f, device=device)[None], shape)
+        if not isinstance(net, GlobalNet):
+            # residual displacements: network voxels -> world -> fixed voxels (linear parts only)
+            m = torch.as_tensor(np.linalg.solve(a_f[:n, :n], grid[:n, :n]), dtype=torch.float64, device=device)
+            r_f = mf.resample(residual, torch.as_tensor(grid), torch.as_tensor(a_f), list(shape), mode="linear",
+                              padding="border")
+            ddf = ddf + torch.einsum("ij,bj...->bi...", m, r_f)
+        ddf = ddf.float().contiguous()
         moving_n = normalize_intensity(moving_t, spatial_dims=n)
         warped = mf.warp(moving_n, ddf)
     fixed_n = normalize_intensity(fixed_t, spatial_dims=n)
@@ -711,7 +731,7 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
         for stage, lab in (("before", ml), ("after", warped_labels)):
             per = dice_per_label(lab, fl, classes)
             metrics[f"dice_{stage}"], metrics[f"dice_{stage}_per_label"] = _mean(per), per
-    theta = torch.eye(n, n + 1, device=device)[None]
+    theta = torch.as_tensor(theta_f, dtype=torch.float32, device=device)[None]
     return RegistrationResult(theta, ddf, warped, warped_labels, metrics)
 
 
@@ -857,48 +877,160 @@ def save_overlay(path: str | Path, fixed: torch.Tensor, panels: dict[str, torch.
     plt.close(fig)
 
 
+# ITK (SimpleITK, ANTs, Slicer) reads a NIfTI's world frame as LPS: RAS with x and y negated
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _ddf_matrix(affine: np.ndarray, n: int, world: bool) -> np.ndarray:
+    """``(c, n)`` matrix taking a displacement in (fixed) voxels to the components stored in ddf.nii.gz, for the
+    affine of the grid as :func:`load_nifti` returns it (a single slice's in-plane columns first).
+
+    3D, or ``world`` (a 2D slice stored ``(X, 1, Z)`` / ``(1, Y, Z)``: ITK reads it as a 3D image): the world
+    displacement in mm, LPS (``c`` 3). Else (a 2D image stored ``(X, Y)`` / ``(X, Y, 1)``: ITK reads its field as
+    2D): the in-plane frame of :func:`medfast.data.preprocess.spatial_affine` with both components negated, LPS x,
+    y for an axial image (``c`` 2)."""
+    from medfast.data.preprocess import spatial_affine
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if n == 3 or world:
+        return _RAS_TO_LPS @ affine[:3, :n]
+    return -spatial_affine(affine, 2)[:2, :2]
+
+
+def load_ddf(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
+    """Reads a ``ddf.nii.gz`` of ``medfast register`` back as ``(ddf, affine)``: ``ddf`` ``(1, n, *S)`` float32, the
+    displacement in voxels of the fixed grid as :func:`load_nifti` reads the fixed image (a single slice as its
+    2D image), so ``medfast.warp(moving_on_fixed_grid, ddf)`` repeats the registration's warp (with
+    :func:`to_fixed_grid` for the moving image); ``affine`` the fixed grid's affine as :func:`load_nifti` returns
+    it. Inverse of the conversion :func:`write_outputs` describes (LPS mm -> voxels)."""
+    from medfast.data.io import single_slice_as_2d, single_slice_axis
+
+    nib = _nib()
+    path = Path(path)
+    if not path.is_file():
+        raise RegistrationError(f"no such displacement field: {path}")
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float64)
+    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] not in (2, 3):
+        raise RegistrationError(f"{path} has shape {data.shape}, not a NIfTI displacement field (X, Y, Z, 1, 3) or "
+                                f"(X, Y, 1, 1, 2) as medfast register writes it")
+    vec = data[:, :, :, 0]  # (X, Y, Z, c)
+    axis = single_slice_axis(vec.shape[:3])
+    affine = np.array(img.affine, dtype=np.float64)
+    if vec.shape[-1] == 2:  # a 2D field: (X, Y, 1, 1, 2)
+        if vec.shape[2] != 1:
+            raise RegistrationError(f"{path}: a 2-component field must be (X, Y, 1, 1, 2), got {data.shape}")
+        vec, n, world = vec[:, :, 0], 2, False
+    elif axis is None:
+        n, world = 3, False
+    else:  # a single slice stored with its flat axis in place: world vectors in the plane
+        vec, n, world = np.take(vec, 0, axis=axis), 2, True
+        affine = single_slice_as_2d(np.zeros(data.shape[:3]), affine)[1]
+    k = _ddf_matrix(affine, n, world)
+    vox = vec @ np.linalg.pinv(k).T  # (*S, n); exact for the in-plane vectors written
+    return torch.as_tensor(np.moveaxis(vox, -1, 0)[None], dtype=torch.float32).contiguous(), affine
+
+
+def _world_affine(theta: torch.Tensor, affine: np.ndarray, n: int) -> np.ndarray:
+    """The affine part ``theta`` (fixed voxels) as a 4x4 RAS world (mm) matrix: fixed point -> moving point. A 2D
+    image's plane keeps its normal component (the map acts within the plane)."""
+    a = np.array(affine, dtype=np.float64)
+    t = np.eye(4)
+    th = theta[0].detach().cpu().double().numpy()
+    t[:n, :n], t[:n, 3] = th[:, :n], th[:, n]
+    if n == 2:  # the flat axis's column (possibly degenerate) as the unit normal: invertible, the normal fixed
+        normal = np.cross(a[:3, 0], a[:3, 1])
+        a[:3, 2] = normal / np.linalg.norm(normal)
+    return a @ t @ np.linalg.inv(a)
+
+
+def _itk_affine(theta: torch.Tensor, affine: np.ndarray, n: int, world: bool) -> str:
+    """ITK transform file text (AffineTransform_double_D_D, centre 0) of the affine part, in the frame of
+    ddf.nii.gz (see :func:`_ddf_matrix`): fixed physical point -> moving physical point, as ITK resamples."""
+    from medfast.data.preprocess import spatial_affine
+
+    if n == 3 or world:
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        m, d = flip @ _world_affine(theta, affine, n) @ flip, 3
+    else:
+        a2 = spatial_affine(affine, 2)
+        t = np.eye(3)
+        t[:2] = theta[0].detach().cpu().double().numpy()
+        flip = np.diag([-1.0, -1.0, 1.0])
+        m, d = flip @ a2 @ t @ np.linalg.inv(a2) @ flip, 2
+    params = " ".join(f"{v:.17g}" for v in [*m[:d, :d].ravel(), *m[:d, d]])
+    return (f"#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_{d}_{d}\n"
+            f"Parameters: {params}\nFixedParameters: {' '.join(['0'] * d)}\n")
+
+
 def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.ndarray,
                   fixed_norm: torch.Tensor, moving_norm: torch.Tensor, affine_only: torch.Tensor | None = None,
-                  extra: dict | None = None) -> dict[str, str]:
-    """Writes warped.nii.gz, ddf.nii.gz, warped_labels.nii.gz, metrics.json and overlay.png into ``out``;
-    returns the paths written.
+                  extra: dict | None = None, fixed_slice_axis: int | None = None) -> dict[str, str]:
+    """Writes warped.nii.gz, ddf.nii.gz, warped_labels.nii.gz, affine.txt, affine.tfm, metrics.json and
+    overlay.png into ``out``; returns the paths written.
 
-    ``ddf.nii.gz`` is the displacement in mm on the fixed grid (fixed affine): for 3D images in world axes
-    ``(X, Y, Z, 1, 3)``; for 2D images ``(X, Y, 1, 1, 2)`` in the in-plane frame of
-    :func:`medfast.data.preprocess.spatial_affine` (world x, y for an axial image; a coronal, sagittal or
-    oblique plane laid flat onto x-y by the smallest rotation). Either way ``spatial_affine(fixed_affine, n)``
-    maps a fixed voxel to mm, and the moving point is that point plus ``ddf``.
+    ``fixed_affine`` is the fixed grid's affine as :func:`load_nifti` returns it; ``fixed_slice_axis`` the flat
+    axis of a fixed single slice as stored (:func:`medfast.data.io.single_slice_axis` of the file's shape): the
+    images are written in the fixed file's own layout and affine, that axis put back (``(X, 1, Z)`` stays
+    ``(X, 1, Z)``).
+
+    ``ddf.nii.gz`` (float32, NIfTI vector intent, intent name ``displacement_mm``) is the pull displacement in mm
+    on the fixed grid, with ITK's convention for displacement-field NIfTIs, so ITK / SimpleITK / ANTs / Slicer
+    apply it as it is (``sitk.DisplacementFieldTransform``): the components are in **LPS** (world x and y
+    negated relative to nibabel's RAS), and the moving point is ``fixed point + ddf``. Layouts:
+
+    - 3D ``(X, Y, Z, 1, 3)``: world LPS. With nibabel (RAS): ``ddf_ras = ddf * [-1, -1, 1]``, then
+      ``moving_ras = affine @ [i, j, k, 1] + ddf_ras``.
+    - 2D stored ``(X, Y)`` or ``(X, Y, 1)`` (ITK reads the field as 2D): ``(X, Y, 1, 1, 2)`` in the in-plane frame
+      of :func:`medfast.data.preprocess.spatial_affine` with both components negated: for an axial image
+      exactly LPS x, y (ITK's 2D physical frame); a tilted plane laid flat by the smallest rotation. RAS:
+      ``ddf * [-1, -1]``.
+    - a slice stored ``(X, 1, Z)`` / ``(1, Y, Z)`` (coronal, sagittal; ITK reads it as 3D): ``(X, 1, Z, 1, 3)`` /
+      ``(1, Y, Z, 1, 3)``, world LPS vectors within the fixed plane (the moving slice is projected onto it).
+
+    :func:`load_ddf` reads it back in fixed voxels. ``affine.txt`` is the affine part of the transform (the
+    affine stage, or a GlobalNet's prediction; the identity for a LocalNet), a 4x4 matrix in RAS world mm
+    (nibabel's frame) mapping a fixed point to the moving point, ``[moving; 1] = M @ [fixed; 1]`` (a 2D image's
+    map acts within its plane); ``affine.tfm`` the same as an ITK ``AffineTransform_double_D_D`` text file (fixed
+    -> moving physical point, as ITK resamples), in the frame of ddf.nii.gz (LPS; D = the field's components).
 
     ``warped.nii.gz`` holds every channel of a multi-channel result, on the last axis (``(X, Y, Z, C)``; 2D
-    ``(X, Y, 1, C)``), as multi-channel images are read; ``overlay.png`` shows channel 0.
+    ``(X, Y, 1, C)`` or the slice's layout, e.g. ``(X, 1, Z, C)``), as multi-channel images are read;
+    ``overlay.png`` shows channel 0.
     """
-    from medfast.data.preprocess import spatial_affine
+    from medfast.data.io import single_slice_as_stored
 
     nib = _nib()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = result.ddf.shape[1]
+    axis = fixed_slice_axis if n == 2 else None
+    world = axis in (0, 1)  # a slice ITK reads as a 3D image: 3-component world vectors
+    file_affine = single_slice_as_stored(np.zeros((1, 1)), fixed_affine, axis)[1]
     paths = {}
-    warped = result.warped[0].detach().cpu().numpy().astype(np.float32)  # (C, *S)
-    if warped.shape[0] == 1:
-        warped = warped[0]
-    else:  # channels on the last axis, as they are read: (X, Y, Z, C), a 2D image (X, Y, 1, C)
-        warped = np.moveaxis(warped if n == 3 else warped[..., None], 0, -1)
-    nib.save(nib.Nifti1Image(warped, fixed_affine), out / "warped.nii.gz")
+    warped = np.moveaxis(result.warped[0].detach().cpu().numpy().astype(np.float32), 0, -1)  # (*S, C)
+    if n == 2 and (axis is not None or warped.shape[-1] > 1):  # a 2D image with channels: (X, Y, 1, C)
+        warped = np.expand_dims(warped, 2 if axis is None else axis)
+    if warped.shape[-1] == 1:
+        warped = warped[..., 0]
+    nib.save(nib.Nifti1Image(warped, file_affine), out / "warped.nii.gz")
     paths["warped"] = str(out / "warped.nii.gz")
-    # displacement in mm: world(moving point) - world(fixed point) = A[:n, :n] @ ddf with A the fixed affine in
-    # world (3D) or in-plane (2D, as the moving image was resampled: see grid_affines) coordinates
-    lin = torch.as_tensor(spatial_affine(fixed_affine, n)[:n, :n], dtype=torch.float32)
-    ddf_vox = result.ddf[0].detach().cpu().float()
-    ddf_mm = torch.einsum("ij,j...->...i", lin, ddf_vox).numpy()
-    # NIfTI vectors live on the 5th axis: (X, Y, Z, 1, n), a 2D field as (X, Y, 1, 1, 2)
-    img = nib.Nifti1Image(ddf_mm[..., None, :] if n == 3 else ddf_mm[:, :, None, None, :], fixed_affine)
+    k = torch.as_tensor(_ddf_matrix(fixed_affine, n, world), dtype=torch.float32)
+    ddf = torch.einsum("ij,j...->...i", k, result.ddf[0].detach().cpu().float()).numpy()  # (*S, c)
+    # NIfTI vectors live on the 5th axis: (X, Y, Z, 1, c), a 2D field as (X, Y, 1, 1, 2)
+    ddf = ddf[..., None, :] if n == 3 else single_slice_as_stored(ddf, fixed_affine, 2 if axis is None else axis)[0]
+    img = nib.Nifti1Image(ddf if ddf.ndim == 5 else ddf[..., None, :], file_affine)
     img.header.set_intent("vector", (), "displacement_mm")
     nib.save(img, out / "ddf.nii.gz")
     paths["ddf"] = str(out / "ddf.nii.gz")
+    np.savetxt(out / "affine.txt", _world_affine(result.theta, fixed_affine, n), fmt="%.10g",
+               header="medfast register affine part: RAS world mm, [moving; 1] = M @ [fixed; 1]")
+    (out / "affine.tfm").write_text(_itk_affine(result.theta, fixed_affine, n, world))
+    paths["affine"], paths["affine_itk"] = str(out / "affine.txt"), str(out / "affine.tfm")
     if result.warped_labels is not None:
-        lab = result.warped_labels.detach().cpu().numpy().astype(np.int32)
-        nib.save(nib.Nifti1Image(lab, fixed_affine), out / "warped_labels.nii.gz")
+        lab = single_slice_as_stored(result.warped_labels.detach().cpu().numpy().astype(np.int32), fixed_affine,
+                                     axis)[0]
+        nib.save(nib.Nifti1Image(lab, file_affine), out / "warped_labels.nii.gz")
         paths["warped_labels"] = str(out / "warped_labels.nii.gz")
     metrics = dict(result.metrics)
     if extra:
@@ -937,9 +1069,12 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-labels", help="label map of the fixed image (NIfTI, 0 = background)")
     p.add_argument("--moving-labels", help="label map of the moving image")
     p.add_argument("--out", default="medfast-register",
-                   help="output folder: warped.nii.gz, ddf.nii.gz (displacement in mm: world axes in 3D, the image "
-                        "plane's axes in 2D, i.e. x, y for an axial image), metrics.json, overlay.png "
-                        "(default: %(default)s)")
+                   help="output folder: warped.nii.gz (the fixed file's layout and affine), ddf.nii.gz "
+                        "(displacement in mm, ITK's convention: LPS components, moving point = fixed point + ddf; "
+                        "3D (X, Y, Z, 1, 3); a 2D image (X, Y, 1, 1, 2) in-plane, LPS x, y for an axial one; a "
+                        "slice stored (X, 1, Z) or (1, Y, Z) 3 world components; nibabel/RAS users: multiply by "
+                        "[-1, -1, 1]), affine.txt (4x4 RAS mm, fixed point -> moving point), affine.tfm (the same "
+                        "for ITK), metrics.json, overlay.png (default: %(default)s)")
     p.add_argument("--model", help="trained LocalNet/GlobalNet checkpoint: one forward pass instead of optimization")
     p.add_argument("--demo", action="store_true",
                    help="Colin27 (ch2bet) -> MNI152 T1 with a random affine; tissue-overlap report")
@@ -1084,9 +1219,12 @@ def run_register(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 affine_only = mf.affine_warp(normalize_intensity(moving.to(device), spatial_dims=n), result.theta)
         try:
+            from medfast.data.io import single_slice_axis
+
             paths = write_outputs(args.out, result, faff, normalize_intensity(fixed, spatial_dims=n),
                                   normalize_intensity(moving, spatial_dims=n), affine_only,
-                                  extra={"fixed": str(args.fixed), "moving": str(args.moving)})
+                                  extra={"fixed": str(args.fixed), "moving": str(args.moving)},
+                                  fixed_slice_axis=single_slice_axis(_nib().load(args.fixed).shape))
         except OSError as exc:  # full disk, folder removed or made read-only meanwhile
             raise RegistrationError(f"--out {args.out}: cannot write the outputs: {exc}") from None
     except (RegistrationError, ValueError, TypeError) as exc:
