@@ -203,7 +203,8 @@ def test_compose_resample_integrate_bad_arguments():
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
-def test_channels_last_ddf_takes_the_fast_path_with_the_same_results(mode):
+@pytest.mark.parametrize("padding", ["border", "reflection"])
+def test_channels_last_ddf_takes_the_fast_path_with_the_same_results(mode, padding):
     # a (B, D, H, W, 3) flow viewed as (B, 3, D, H, W) (VoxelMorph's layout) fell to the scalar loop (5x
     # slower); the launcher now copies it once: same values and gradients as the contiguous field
     img = torch.rand(2, 2, 9, 10, 17)
@@ -211,7 +212,7 @@ def test_channels_last_ddf_takes_the_fast_path_with_the_same_results(mode):
     results = []
     for ddf in (flow.movedim(-1, 1), flow.movedim(-1, 1).contiguous()):
         i, d = img.clone().requires_grad_(), ddf.detach().requires_grad_()
-        out = mf.warp(i, d, mode=mode, padding="border")
+        out = mf.warp(i, d, mode=mode, padding=padding)
         out.backward(torch.ones_like(out))
         results.append((out, i.grad, d.grad))
     assert results[0][2].shape == (2, 3, 9, 10, 17)
@@ -220,7 +221,7 @@ def test_channels_last_ddf_takes_the_fast_path_with_the_same_results(mode):
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
-@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("grads", [(True, True), (False, True), (True, False)])
 def test_2d_fast_path_equals_the_scalar_2d_loop(mode, padding, grads):
     # 2D float32 fields run the 3D AVX2 rows on a (B, C, 1, H, W) view (the scalar 2D loop was slower than

@@ -119,18 +119,18 @@ void reduce_buffers(T* grad_image, const T* extra, int64_t chunks, int64_t numel
 // viewed as (B, 3, D, H, W), VoxelMorph's layout) would take the scalar loop, 5x slower than one copy.
 OptTensor ddf_for_avx2(const Tensor& image, const OptTensor& ddf, int mode, int padding) {
   if (!ddf.has_value() || image.scalar_type() != at::kFloat || image.dim() != 5 || mode == kCubic ||
-      padding == kReflection || ddf->stride(4) == 1 || ddf->size(4) == 1)
+      ddf->stride(4) == 1 || ddf->size(4) == 1)
     return ddf;
   return ddf->contiguous();
 }
 
-// 2D float32 linear / nearest fields (no reflection): the 3D AVX2 rows on a (B, C, 1, H, W) view of the
-// image, the field given a zero axis-0 channel (one copy). Every sample then sits exactly on the single
-// plane (weight 1; the other axis-0 tap weighs 0 and is clamped or outside), so values and gradients are the
-// 2D ones, from the vectorized code instead of the scalar 2D loop (which was slower than grid_sample).
+// 2D float32 linear / nearest fields: the 3D AVX2 rows on a (B, C, 1, H, W) view of the image, the field
+// given a zero axis-0 channel (one copy). Every sample then sits exactly on the single plane (weight 1; the
+// other axis-0 tap weighs 0 and is clamped, outside, or mirrored onto the plane), so values and gradients are
+// the 2D ones, from the vectorized code instead of the scalar 2D loop (which was slower than grid_sample).
 bool via_3d(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, int mode, int padding) {
   return image.dim() == 4 && image.scalar_type() == at::kFloat && !theta.has_value() && ddf.has_value() &&
-         mode != kCubic && padding != kReflection && cpu_simd_available();
+         mode != kCubic && cpu_simd_available();
 }
 
 Tensor ddf_3d(const Tensor& ddf) {
@@ -157,7 +157,7 @@ Tensor forward_cpu(const Tensor& image, const OptTensor& theta, const OptTensor&
   if (out.numel() == 0) return out;
   dispatch_warp(image.scalar_type(), image.dim() - 2, mode, padding, [&]<typename S, int NDIM, int MODE, int PAD>() {
     const auto A = make_args<S, acc_t<S>, NDIM>(image, theta, ddf, shape);
-    if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE != kCubic && PAD != kReflection) {
+    if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE != kCubic) {
       if (try_forward_avx2(A, MODE, PAD, out.mutable_data_ptr<S>())) return;
     }
     forward_loop<S, acc_t<S>, NDIM, MODE, PAD>(A, out.mutable_data_ptr<S>());
@@ -185,7 +185,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
   // AVX2: both gradients in one sweep, race-free without per-thread buffers (warp_cpu_avx2.cpp);
   // otherwise the schemes of backward_loop.
   if (total > 0 && image_grad && position_grad && image.scalar_type() == at::kFloat && ndim == 3 &&
-      mode != kCubic && padding != kReflection) {
+      mode != kCubic) {
     const auto A = make_args<float, float, 3>(image, theta, ddf, shape);
     if (try_backward_avx2_one_sweep(A, mode, padding, gout.const_data_ptr<float>(),
                                     grad_pos.mutable_data_ptr<float>(), grad_image.mutable_data_ptr<float>()))
@@ -209,7 +209,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
       T* gpos = position_grad ? grad_pos.mutable_data_ptr<T>() : nullptr;
       T* gimg = image_grad ? grad_image.mutable_data_ptr<T>() : nullptr;
       T* more = chunks > 1 ? extra.mutable_data_ptr<T>() : nullptr;
-      if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE != kCubic && PAD != kReflection) {
+      if constexpr (std::is_same_v<S, float> && NDIM == 3 && MODE != kCubic) {
         if (try_backward_avx2(A, MODE, PAD, gout.const_data_ptr<S>(), gpos, gimg, more, chunks, plane_parallel))
           return;
       }

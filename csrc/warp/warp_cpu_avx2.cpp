@@ -1,12 +1,12 @@
 // AVX2 specialization of the CPU launcher for the commonest cases: linear and nearest
-// interpolation of float32 images with "zeros" or "border" padding, 3D, displacement rows
-// contiguous in memory. Eight output voxels of a row are processed at once: positions, floor,
-// weights and (clamped) tap offsets in vector registers, the image read with gathers (linear: the two
-// taps of the contiguous axis as one 64-bit pair, loaded one by one; the stencils of a whole row are
-// computed first and then applied to one channel plane after the other). It is the
-// arithmetic of warp.h (axis_taps_linear / axis_taps_nearest + make_stencil) written for eight
-// lanes; the tests compare it with the generic path (_set_cpu_simd(False)) and with scipy.
-// Everything else uses the generic launcher.
+// interpolation of float32 images with any padding ("zeros", "border", "reflection"), 3D (2D through
+// a one-plane view, warp_cpu.cpp), displacement rows contiguous in memory. Eight output voxels of a
+// row are processed at once: positions, floor, weights and (clamped or mirrored) tap offsets in
+// vector registers, the image read with gathers (linear: the two taps of the contiguous axis as one
+// 64-bit pair, loaded one by one; the stencils of a whole row are computed first and then applied to
+// one channel plane after the other). It is the arithmetic of warp.h (axis_taps_linear /
+// axis_taps_nearest + make_stencil) written for eight lanes; the tests compare it with the generic
+// path (_set_cpu_simd(False)) and with scipy. Everything else uses the generic launcher.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -29,8 +29,107 @@ struct Taps8 {
   __m256 w[K], d[K];
 };
 
+// floor(i / P) * P subtracted from eight int32 lanes i, |i| < 2^22, 1 <= P < 2^23: i mod P in [0, P). The
+// float quotient is off by at most one (relative error < 2^-22, |i / P| < 2^22): one correction each way.
+MEDFAST_AVX2 inline __m256i mod8(__m256i i, int32_t P) {
+  const __m256 q = _mm256_floor_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(1.0f / float(P))));
+  const __m256i p = _mm256_set1_epi32(P);
+  __m256i r = _mm256_sub_epi32(i, _mm256_mullo_epi32(_mm256_cvttps_epi32(q), p));
+  r = _mm256_add_epi32(r, _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), r), p));
+  return _mm256_sub_epi32(r, _mm256_andnot_si256(_mm256_cmpgt_epi32(p, r), p));
+}
+
+// The taps of eight lanes from the scalar arithmetic of warp.h, lane by lane (out of line: rare).
+template <int K, int PAD>
+[[gnu::noinline, gnu::cold]] MEDFAST_AVX2 Taps8<K> scalar_taps8(__m256 x, int32_t n) {
+  alignas(32) float xs[8], w[K][8], d[K][8];
+  alignas(32) int32_t idx[K][8];
+  _mm256_store_ps(xs, x);
+  for (int l = 0; l < 8; ++l) {
+    AxisTaps<float, K> s;
+    axis_taps<K == 1 ? kNearest : kLinear, PAD>(xs[l], n, s);
+    for (int k = 0; k < K; ++k) {
+      idx[k][l] = int32_t(s.idx[k]);
+      w[k][l] = s.w[k];
+      d[k][l] = s.dw[k];
+    }
+  }
+  Taps8<K> a;
+  for (int k = 0; k < K; ++k) {
+    a.i[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx[k]));
+    a.w[k] = _mm256_load_ps(w[k]);
+    a.d[k] = _mm256_load_ps(d[k]);
+  }
+  return a;
+}
+
+// Reflection (scipy "mirror"): the taps of axis_taps_linear / axis_taps_nearest<kReflection> (warp.h) for
+// eight lanes, the same indices and weights bit for bit. An index i in [0, P], P = 2 (n - 1), mirrors to
+// min(i, P - i); so linear takes floor(x) mod P and its successor, and nearest folds |x| exactly (floor
+// mod P plus the exact fraction) before rounding, in scipy's order. A group with a lane at |x| >= 2^22
+// (rare: the float quotient of mod8 would not do) takes the scalar taps of warp.h lane by lane.
+template <int K>
+MEDFAST_AVX2 inline Taps8<K> axis_taps8_reflect(__m256 x, int32_t n) {
+  Taps8<K> a;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  if (n == 1) {  // every tap at index 0; linear keeps the weights of the unfolded position
+    const __m256 lim = _mm256_set1_ps(8388608.0f);  // 2^23: clamping there keeps x - floor(x)
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+    const __m256 t = _mm256_sub_ps(x, _mm256_floor_ps(x));
+    for (int k = 0; k < K; ++k) a.i[k] = _mm256_setzero_si256();
+    if constexpr (K == 1) {
+      a.w[0] = one;
+      a.d[0] = _mm256_setzero_ps();
+    } else {
+      a.w[0] = _mm256_sub_ps(one, t);
+      a.w[1] = t;
+      a.d[0] = _mm256_set1_ps(-1.0f);
+      a.d[1] = one;
+    }
+    return a;
+  }
+  const int32_t P = 2 * (n - 1);
+  // Lanes in [0, P) need no period taken off (the common case: the reduction costs more than the rest).
+  const __m256 pf = _mm256_set1_ps(float(P));
+  const bool reduce = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ),
+                                                       _mm256_cmp_ps(x, pf, _CMP_LT_OQ))) != 0xFF;
+  if (reduce && _mm256_movemask_ps(_mm256_cmp_ps(ax, _mm256_set1_ps(4194304.0f), _CMP_GE_OQ)) != 0)
+    return scalar_taps8<K, kReflection>(x, n);
+  const __m256i period = _mm256_set1_epi32(P);
+  const auto mirror = [&](__m256i i) MEDFAST_AVX2 { return _mm256_min_epi32(i, _mm256_sub_epi32(period, i)); };
+  if constexpr (K == 1) {
+    // y = fmod(|x|, P), exact; a negative x mirrors about 0 (from n - 1 on), a positive one from n on.
+    __m256 y = x, from = _mm256_set1_ps(float(n));
+    if (reduce) {
+      const __m256 f = _mm256_floor_ps(ax);
+      y = _mm256_add_ps(_mm256_cvtepi32_ps(mod8(_mm256_cvttps_epi32(f), P)), _mm256_sub_ps(ax, f));
+      from = _mm256_blendv_ps(from, _mm256_set1_ps(float(n - 1)), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+    }
+    y = _mm256_blendv_ps(y, _mm256_sub_ps(pf, y), _mm256_cmp_ps(y, from, _CMP_GE_OQ));
+    const __m256 fy = _mm256_floor_ps(y);  // round half up, as axis_taps8 (y - floor(y) is exact)
+    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(y, fy), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    a.i[0] = mirror(_mm256_sub_epi32(_mm256_cvttps_epi32(fy), _mm256_castps_si256(up)));
+    a.w[0] = one;
+    a.d[0] = _mm256_setzero_ps();
+  } else {
+    const __m256 f = _mm256_floor_ps(x);
+    const __m256 t = _mm256_sub_ps(x, f);
+    __m256i r = _mm256_cvttps_epi32(f);
+    if (reduce) r = mod8(r, P);
+    a.i[0] = mirror(r);
+    a.i[1] = mirror(_mm256_add_epi32(r, _mm256_set1_epi32(1)));
+    a.w[0] = _mm256_sub_ps(one, t);
+    a.w[1] = t;
+    a.d[0] = _mm256_set1_ps(-1.0f);
+    a.d[1] = one;
+  }
+  return a;
+}
+
 template <int K, int PAD>
 MEDFAST_AVX2 inline Taps8<K> axis_taps8(__m256 x, int32_t n) {
+  if constexpr (PAD == kReflection) return axis_taps8_reflect<K>(x, n);
   const __m256 lim = _mm256_set1_ps(4194304.0f);  // 2^22: far outside, and exact as int32
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
   const __m256i zero = _mm256_setzero_si256(), last = _mm256_set1_epi32(n - 1);
@@ -136,7 +235,9 @@ template <int PAD>
 MEDFAST_AVX2 inline PairTaps8 pair_taps8(__m256 x, int32_t n) {
   const Taps8<2> a = axis_taps8<2, PAD>(x, n);
   PairTaps8 r;
-  r.p = _mm256_min_epi32(a.i[0], _mm256_set1_epi32(n - 2));
+  // reflection: the two taps are still adjacent, in either order (a mirrored pair runs backwards)
+  const __m256i first = PAD == kReflection ? _mm256_min_epi32(a.i[0], a.i[1]) : a.i[0];
+  r.p = _mm256_min_epi32(first, _mm256_set1_epi32(n - 2));
   const __m256i one = _mm256_set1_epi32(1);
   const __m256 m0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_sub_epi32(a.i[0], r.p), one));
   const __m256 m1 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_sub_epi32(a.i[1], r.p), one));
@@ -582,8 +683,10 @@ MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float*
 }
 
 // Image slices (axis 0) that the taps of each output slice can touch, [lo, hi] (lo > hi: none),
-// for batch 0. Linear taps floor(p), floor(p) + 1 and nearest ones, clamped as the kernels clamp.
-MEDFAST_AVX2 void slice_targets(const WarpArgs<float, float, 3>& A, int64_t x0, int64_t& lo, int64_t& hi) {
+// for batch 0. Linear taps floor(p), floor(p) + 1 and nearest ones, clamped as the kernels clamp, or
+// mirrored (reflect).
+MEDFAST_AVX2 void slice_targets(const WarpArgs<float, float, 3>& A, int64_t x0, bool reflect, int64_t& lo,
+                                int64_t& hi) {
   const int64_t H = A.out_size[1], W = A.out_size[2];
   const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   __m256 mn = _mm256_set1_ps(INFINITY), mx = _mm256_set1_ps(-INFINITY);
@@ -623,19 +726,25 @@ MEDFAST_AVX2 void slice_targets(const WarpArgs<float, float, 3>& A, int64_t x0, 
   }
   // One slice more on each side: the kernels round the affine part in another order.
   const float far = 4194304.0f;  // as axis_taps8
-  lo = std::clamp<int64_t>(int64_t(std::floor(std::clamp(smn, -far, far))) - 1, 0, n - 1);
-  hi = std::clamp<int64_t>(int64_t(std::floor(std::clamp(smx, -far, far))) + 2, 0, n - 1);
+  const int64_t i0 = int64_t(std::floor(std::clamp(smn, -far, far))) - 1;
+  const int64_t i1 = int64_t(std::floor(std::clamp(smx, -far, far))) + 2;
+  lo = std::clamp<int64_t>(i0, 0, n - 1);
+  hi = std::clamp<int64_t>(i1, 0, n - 1);
+  if (reflect) {  // taps i in [i0, i1] mirror into [0, n - 1]: i < 0 onto [1, -i0], i > n - 1 onto [P - i1, n - 2]
+    if (i0 < 0) hi = std::max(hi, std::min(-i0, n - 1));
+    if (i1 > n - 1) lo = std::min(lo, std::max<int64_t>(2 * (n - 1) - i1, 0));
+  }
 }
 
 // Splits the output slices of a single volume into 2 x threads blocks such that the image slices
 // which the blocks of one parity scatter into do not overlap; false when the displacements are too
 // large for that (or the volume too thin). begin has blocks + 1 entries.
-bool disjoint_blocks(const WarpArgs<float, float, 3>& A, int64_t threads, std::vector<int64_t>& begin) {
+bool disjoint_blocks(const WarpArgs<float, float, 3>& A, int64_t threads, bool reflect, std::vector<int64_t>& begin) {
   const int64_t D = A.out_size[0], blocks = 2 * threads;
   if (A.batch != 1 || D < 2 * blocks) return false;
   std::vector<int64_t> lo(D), hi(D);
   at::parallel_for(0, D, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t x0 = s0; x0 < s1; ++x0) slice_targets(A, x0, lo[x0], hi[x0]);
+    for (int64_t x0 = s0; x0 < s1; ++x0) slice_targets(A, x0, reflect, lo[x0], hi[x0]);
   });
   begin.resize(blocks + 1);
   std::vector<int64_t> blo(blocks, A.in_size[0]), bhi(blocks, -1);
@@ -699,7 +808,7 @@ bool backward_avx2_one_sweep(const WarpArgs<float, float, 3>& A, const float* go
   // Linear only: the scalar nearest taps (warp.h) put an outside "zeros" tap at index 0, not at the
   // nearest edge that slice_targets assumes.
   std::vector<int64_t> begin;
-  if (MODE != kLinear || !disjoint_blocks(A, threads, begin)) return false;
+  if (MODE != kLinear || !disjoint_blocks(A, threads, PAD == kReflection, begin)) return false;
   for (int64_t parity = 0; parity < 2; ++parity)
     at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -723,9 +832,23 @@ bool int32_strides(const WarpArgs<float, float, 3>& A, int32_t* st) {
                                           (int64_t(1) << 31);
 }
 
+// Reflection folds positions through an int32 period (axis_taps8_reflect): axes of fewer than 2^22 samples.
 bool applicable(const WarpArgs<float, float, 3>& A, int padding) {
-  return cpu_simd_available() && padding != kReflection &&
-         (A.ddf == nullptr || A.ddf_st[2] == 1);
+  if (padding == kReflection)
+    for (int i = 0; i < 3; ++i)
+      if (A.in_size[i] >= (int64_t(1) << 22)) return false;
+  return cpu_simd_available() && (A.ddf == nullptr || A.ddf_st[2] == 1);
+}
+
+// f.template operator()<MODE, PAD>() for a linear / nearest mode and any padding.
+template <typename F>
+auto dispatch8(int mode, int padding, F&& f) {
+  auto pad = [&]<int MODE>() {
+    if (padding == kZeros) return f.template operator()<MODE, kZeros>();
+    if (padding == kBorder) return f.template operator()<MODE, kBorder>();
+    return f.template operator()<MODE, kReflection>();
+  };
+  return mode == kLinear ? pad.template operator()<kLinear>() : pad.template operator()<kNearest>();
 }
 
 }  // namespace
@@ -733,13 +856,7 @@ bool applicable(const WarpArgs<float, float, 3>& A, int padding) {
 bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, float* out) {
   int32_t st[3];
   if (!applicable(A, padding) || !int32_strides(A, st)) return false;
-  if (mode == kLinear) {
-    if (padding == kZeros) forward_avx2<kLinear, kZeros>(A, out, st);
-    else forward_avx2<kLinear, kBorder>(A, out, st);
-  } else {
-    if (padding == kZeros) forward_avx2<kNearest, kZeros>(A, out, st);
-    else forward_avx2<kNearest, kBorder>(A, out, st);
-  }
+  dispatch8(mode, padding, [&]<int MODE, int PAD>() { forward_avx2<MODE, PAD>(A, out, st); });
   return true;
 }
 
@@ -747,27 +864,18 @@ bool try_backward_avx2_one_sweep(const WarpArgs<float, float, 3>& A, int mode, i
                                  float* grad_pos, float* grad_image) {
   int32_t st[3];
   if (!applicable(A, padding) || !int32_strides(A, st)) return false;
-  if (mode == kLinear)
-    return padding == kZeros ? backward_avx2_one_sweep<kLinear, kZeros>(A, gout, grad_pos, grad_image, st)
-                             : backward_avx2_one_sweep<kLinear, kBorder>(A, gout, grad_pos, grad_image, st);
-  return padding == kZeros ? backward_avx2_one_sweep<kNearest, kZeros>(A, gout, grad_pos, grad_image, st)
-                           : backward_avx2_one_sweep<kNearest, kBorder>(A, gout, grad_pos, grad_image, st);
+  return dispatch8(mode, padding, [&]<int MODE, int PAD>() {
+    return backward_avx2_one_sweep<MODE, PAD>(A, gout, grad_pos, grad_image, st);
+  });
 }
 
 bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
                        float* grad_pos, float* grad_image, float* extra, int64_t chunks, bool plane_parallel) {
   int32_t st[3];
   if (!applicable(A, padding) || !int32_strides(A, st)) return false;
-  auto run = [&]<int MODE, int PAD>() {
+  dispatch8(mode, padding, [&]<int MODE, int PAD>() {
     backward_avx2<MODE, PAD>(A, gout, grad_pos, grad_image, extra, chunks, plane_parallel, st);
-  };
-  if (mode == kLinear) {
-    if (padding == kZeros) run.template operator()<kLinear, kZeros>();
-    else run.template operator()<kLinear, kBorder>();
-  } else {
-    if (padding == kZeros) run.template operator()<kNearest, kZeros>();
-    else run.template operator()<kNearest, kBorder>();
-  }
+  });
   return true;
 }
 
