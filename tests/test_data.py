@@ -407,3 +407,78 @@ def test_reorient_gives_the_same_subject_whatever_the_storage_order(tmp_path):
     np.testing.assert_allclose(a["affine"].numpy(), b["affine"].numpy(), atol=1e-12)
     c = NiftiDataset([str(tmp_path / "lsa.nii.gz")], normalize="none", reorient=False)[0]
     assert c["image"].shape == (1, 6, 5, 7)
+
+
+# a 2D slice stored in other voxel orders: (array view, 2x2 voxel map) with each variant its own inverse
+_STORED_2D = {"xflip": (lambda a: a[::-1], [[-1, 0], [0, 1]]), "yflip": (lambda a: a[:, ::-1], [[1, 0], [0, -1]]),
+              "transpose": (lambda a: np.swapaxes(a, 0, 1), [[0, 1], [1, 0]]),
+              "xyflip": (lambda a: a[::-1, ::-1], [[-1, 0], [0, -1]])}
+
+
+def _stored_affine(affine, shape, m):
+    """The 4x4 affine of a slice (voxel axes 0, 1 in its plane; as-is shape ``shape``) stored with stored voxel
+    ``q = m @ p + t``: every world point keeps its place."""
+    m = np.asarray(m, dtype=np.float64)
+    t = np.array([(shape[i] - 1) if m[i].min() < 0 else 0 for i in range(2)], dtype=np.float64)  # flipped axes
+    # p = m^-1 (q - t): columns of the stored voxel axes = affine's columns through m^-1
+    inv = np.linalg.inv(m)
+    out = np.array(affine, dtype=np.float64)
+    out[:3, :2] = affine[:3, :2] @ inv
+    out[:3, 3] = affine[:3, :2] @ (-inv @ t) + affine[:3, 3]
+    return out
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal", "oblique"])
+def test_reorient_2d_gives_the_same_slice_whatever_the_storage_order(tmp_path, plane):
+    """2D images are reoriented too (they used to enter in storage order): the same slice stored as is, flipped
+    along x, y, both, or transposed gives the same image and label arrays (labels on their image), also after
+    resampling and cropping. A coronal / sagittal slice's frame from spatial_affine mirrors with the storage
+    (the plane's normal has n_z = 0): the orientation must not follow it."""
+    rng = np.random.default_rng(0)
+    img = rng.random((9, 6)).astype(np.float32)
+    lab = (img > 0.5).astype(np.uint8)
+    affines = {"axial": [[0.8, 0, 0, 5], [0, 1.5, 0, -3], [0, 0, 3.0, 2]],
+               "coronal": [[0.8, 0, 0, 5], [0, 0, 3.0, 7], [0, 1.5, 0, -3]],  # voxel axes x, z
+               "sagittal": [[0, 0, 3.0, 5], [0.8, 0, 0, 7], [0, 1.5, 0, -3]],  # voxel axes y, z
+               "oblique": [[0.8, 0, 0, 5], [0, 1.5 * np.cos(0.4), -3 * np.sin(0.4), 7],
+                           [0, 1.5 * np.sin(0.4), 3 * np.cos(0.4), -3]]}
+    aff = np.vstack([affines[plane], [0, 0, 0, 1]])
+    kw = dict(spatial_dims=2, normalize="none", cache="none")
+    items = {}
+    for name, (view, m) in {"as_is": (lambda a: a, np.eye(2)), **_STORED_2D}.items():
+        a = aff if name == "as_is" else _stored_affine(aff, img.shape, m)
+        si = _save(tmp_path / f"{name}_i.nii.gz", np.ascontiguousarray(view(img))[..., None], a)
+        sl = _save(tmp_path / f"{name}_l.nii.gz", np.ascontiguousarray(view(lab))[..., None], a)
+        # the stored copy holds the same world content: voxel centres with their values
+        world = (a[:3, :2] @ np.indices(view(img).shape).reshape(2, -1)).T + a[:3, 3]
+        ref_world = (aff[:3, :2] @ np.indices(img.shape).reshape(2, -1)).T + aff[:3, 3]
+        order = np.lexsort(np.round(world, 6).T)
+        ref_order = np.lexsort(np.round(ref_world, 6).T)
+        np.testing.assert_array_equal(view(img).ravel()[order], img.ravel()[ref_order])
+        items[name] = (NiftiDataset([si], [sl], **kw)[0],
+                       NiftiDataset([si], [sl], spacing=[0.6, 1.1], shape=[8, 12], **kw)[0])
+    for name in _STORED_2D:
+        for got, ref in zip(items[name], items["as_is"]):
+            assert torch.equal(got["image"], ref["image"]), name
+            assert torch.equal(got["label"], ref["label"]), name
+            # the same pixel sizes, and the label still on its image
+            np.testing.assert_allclose(np.linalg.norm(got["affine"][:2, :2].numpy(), axis=0),
+                                       np.linalg.norm(ref["affine"][:2, :2].numpy(), axis=0))
+        assert torch.equal(items[name][0]["label"], (items[name][0]["image"][0] > 0.5).long())
+        if plane == "axial":  # the in-plane frame is world x, y: the same affine
+            np.testing.assert_allclose(items[name][0]["affine"].numpy(), items["as_is"][0]["affine"].numpy(),
+                                       atol=1e-12)
+    a2 = items["as_is"][0]["affine"].numpy()
+    if plane == "axial":
+        assert a2[0, 0] > 0 and a2[1, 1] > 0  # R, A
+    # reorient=False: storage order, as before
+    raw = NiftiDataset([str(tmp_path / "transpose_i.nii.gz")], reorient=False, **kw)[0]
+    assert torch.equal(raw["image"][0], torch.from_numpy(np.ascontiguousarray(img.T)))
+
+
+def test_disk_cache_key_tells_2d_reorientation_apart(tmp_path):
+    """The disk cache key holds the reorientation for 2D images too: an entry cached in storage order (reorient
+    off, or written before 2D images were reoriented) is not read back as reoriented."""
+    p = _save(tmp_path / "s.nii.gz", np.zeros((4, 3, 1), np.float32), np.diag([-1.0, 1, 1, 1]))
+    kw = dict(spatial_dims=2, cache="disk", cache_dir=tmp_path / "c")
+    assert NiftiDataset([p], reorient=True, **kw)._key(0) != NiftiDataset([p], reorient=False, **kw)._key(0)

@@ -336,3 +336,132 @@ def test_register_pair_array_forms_and_non_finite_images(tmp_path):
     res = register_pair(img2, img2, config=cfg, progress=False)
     paths = write_outputs(tmp_path, res, np.eye(4), img2[None, None], img2[None, None], None)
     assert nib.load(paths["ddf"]).shape == (16, 14, 1, 1, 2)
+
+
+# 2D storage variants of one slice: each maps the as-is array onto the stored one and is its own inverse
+_FLIPS_2D = {"xflip": lambda a: a[::-1], "yflip": lambda a: a[:, ::-1], "transpose": lambda a: np.swapaxes(a, 0, 1),
+             "xyflip": lambda a: a[::-1, ::-1]}
+
+
+def _stored_2d(affine, name):
+    """The 4x4 affine of ``_FLIPS_2D[name]`` applied to a slice whose voxel axes 0, 1 lie in the plane of
+    ``affine`` (its shape ``shape``): every voxel keeps its world position."""
+    a = np.array(affine, dtype=np.float64)
+
+    def at(shape):
+        out = a.copy()
+        if name == "transpose":
+            out[:, [0, 1]] = a[:, [1, 0]]
+            return out
+        for ax in ((0,) if name == "xflip" else (1,) if name == "yflip" else (0, 1)):
+            out[:, 3] = a[:, ax] * (shape[ax] - 1) + out[:, 3]
+            out[:, ax] = -a[:, ax]
+        return out
+
+    return at
+
+
+def _net_2d(seed=0):
+    from medfast.tasks.registration import RegistrationNet
+
+    torch.manual_seed(seed)
+    kw = dict(spatial_dims=2, in_channels=2, num_channel_initial=4, depth=2, extract_levels=(0, 1, 2))
+    net = RegistrationNet(**kw)
+    with torch.no_grad():  # an untrained but non-trivial, deterministic field that is not mirror-symmetric
+        for h in net.local.heads.values():
+            h.weight.normal_(0, 0.3)
+            h.bias.normal_(0, 0.3)
+    return net, kw
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal"])
+def test_register_with_model_2d_is_storage_order_independent(tmp_path, plane):
+    """The 2D pair stored as is, x-flipped, y-flipped, transposed or both flipped gives the network the same
+    input and the same world displacement / warped image / Dice (2D images used to enter in storage order: a
+    flipped copy gave another world field). A coronal slice is stored (X, 1, Z), whose in-plane frame
+    (spatial_affine) is mirrored by a flip: the orientation must not follow it."""
+    from medfast.tasks.registration import load_ddf, load_model_info, network_grid
+
+    image, labels = _phantom((24, 26, 22))
+    moving, mlab = _transform(image, labels, seed=1)
+    k = 11  # one slice of the phantom pair: not symmetric
+    data = {"f": image[:, :, k].numpy(), "m": (moving[:, :, k] * 1000).numpy(),
+            "fl": labels[:, :, k].numpy().astype(np.int16), "ml": mlab[:, :, k].numpy().astype(np.int16)}
+    if plane == "axial":  # (X, Y, 1)
+        affine = np.diag([2.0, 1.5, 3.0, 1.0])
+        expand = lambda a: a[:, :, None]  # noqa: E731
+    else:  # coronal single slice (X, 1, Z); columns in the slice's order: x, z in plane, y (flat) last
+        affine = np.array([[2.0, 0, 0, -20], [0, 0, 3.0, 5], [0, 1.5, 0, -30], [0, 0, 0, 1]])
+        expand = lambda a: a[:, None, :]  # noqa: E731
+    net, kw = _net_2d()
+    save_model(tmp_path / "net.pt", net, kw, (16, 18), spacing=(2.5, 2.0))
+    _, info = load_model_info(tmp_path / "net.pt")
+    outs = {}
+    for name in ("as_is", *_FLIPS_2D):
+        flip = (lambda a: a) if name == "as_is" else _FLIPS_2D[name]
+        aff = affine if name == "as_is" else _stored_2d(affine, name)(data["f"].shape)
+        if plane == "coronal":  # the file's (X, 1, Z) column order
+            aff = aff[:, [0, 2, 1, 3]]
+        files = []
+        for stem, arr in data.items():
+            _write(tmp_path / f"{name}_{stem}.nii.gz", expand(np.ascontiguousarray(flip(arr))), aff)
+            files.append(str(tmp_path / f"{name}_{stem}.nii.gz"))
+        out = tmp_path / f"out_{name}"
+        assert main(["register", files[0], files[1], "--fixed-labels", files[2], "--moving-labels", files[3],
+                     "--model", str(tmp_path / "net.pt"), "--out", str(out), "--device", "cpu"]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        ddf, ddf_aff = load_ddf(out / "ddf.nii.gz")  # fixed voxels of the stored slice
+        world = np.einsum("ij,jxy->ixy", ddf_aff[:3, :2], ddf[0].double().numpy())  # mm, (3, *S)
+        warped = np.asarray(nib.load(out / "warped.nii.gz").dataobj).squeeze()
+        grid = np.asarray(metrics["network_grid"])
+        # back onto the as-is voxels (each variant is its own inverse)
+        outs[name] = (np.stack([flip(w) for w in world]), flip(warped), metrics, grid)
+        if plane == "axial":  # the network grid in world mm: the same whatever the storage
+            assert network_grid(aff, flip(data["f"]).shape, info) == pytest.approx(grid), name
+    w_ref, warped_ref, m_ref, g_ref = outs["as_is"]
+    assert np.abs(w_ref).max() > 1.0  # the network moves pixels by more than a millimetre
+    for name in _FLIPS_2D:
+        w, warped, m, g = outs[name]
+        np.testing.assert_allclose(w, w_ref, atol=1e-4 * np.abs(w_ref).max(), err_msg=name)
+        np.testing.assert_allclose(warped, warped_ref, atol=1e-4, err_msg=name)
+        assert m["dice_after"] == pytest.approx(m_ref["dice_after"], abs=1e-4), name
+        assert m["lncc_after"] == pytest.approx(m_ref["lncc_after"], abs=1e-4), name
+        if plane == "axial":
+            np.testing.assert_allclose(g, g_ref, atol=1e-9, err_msg=name)
+
+
+def test_register_with_model_2d_old_checkpoint_keeps_storage_order(tmp_path):
+    """A checkpoint written before 2D reorientation (no "reorient_dims") trained its 2D network on storage order:
+    it keeps seeing storage order (its network grid's axes are the fixed slice's own, flips included), exactly
+    as a reorient=False checkpoint; 3D reorientation still applies to it."""
+    from medfast.tasks.registration import ModelInfo, load_model_info, network_grid, register_with_model
+
+    net, kw = _net_2d()
+    save_model(tmp_path / "new.pt", net, kw, (16, 18), spacing=(2.5, 2.0))
+    old = torch.load(tmp_path / "new.pt", weights_only=True)
+    del old["reorient_dims"]
+    torch.save(old, tmp_path / "old.pt")
+    save_model(tmp_path / "off.pt", net, kw, (16, 18), spacing=(2.5, 2.0), reorient=False)
+    _, info_old = load_model_info(tmp_path / "old.pt")
+    _, info_off = load_model_info(tmp_path / "off.pt")
+    assert load_model_info(tmp_path / "new.pt")[1].reorient_dims == (2, 3)
+    assert info_old.reorient and info_old.reorient_dims == (3,)
+    flipped = np.array([[-2.0, 0, 0, 40], [0, 1.5, 0, -3], [0, 0, 3.0, 0], [0, 0, 0, 1]])  # x stored R -> L
+    shape = (20, 22)
+    g_old = network_grid(flipped, shape, info_old)
+    np.testing.assert_allclose(g_old, network_grid(flipped, shape, info_off), atol=1e-12)
+    assert g_old[0, 0] < 0  # storage order: the grid's axis 0 runs to the left like the stored slice's
+    assert network_grid(flipped, shape, ModelInfo([16, 18], [2.5, 2.0]))[0, 0] > 0  # this version: reoriented
+    # 3D: an old checkpoint's 3D network still saw RAS
+    aff3 = np.diag([-2.0, 2.0, 2.0, 1.0])
+    g3 = network_grid(aff3, (10, 10, 10), ModelInfo([8, 8, 8], None, True, None, (3,)))
+    assert g3[0, 0] > 0
+    # predictions: the old checkpoint on the stored (flipped) arrays = reorient=False, and differs from this version
+    image, labels = _phantom((20, 22, 5))
+    fixed, moving = image[:, :, 2], torch.roll(image[:, :, 2], 2, 0)
+    net_old, _ = load_model_info(tmp_path / "old.pt")
+    r_old = register_with_model(fixed, moving, net_old, info_old, fixed_affine=flipped)
+    r_off = register_with_model(fixed, moving, net_old, info_off, fixed_affine=flipped)
+    r_new = register_with_model(fixed, moving, net_old, load_model_info(tmp_path / "new.pt")[1], fixed_affine=flipped)
+    torch.testing.assert_close(r_old.ddf, r_off.ddf, rtol=0, atol=0)
+    assert (r_new.ddf - r_old.ddf).abs().max() > 0.1

@@ -68,6 +68,15 @@ def test_train_cli_then_register_with_the_checkpoint(tmp_path, blobs):
     assert ckpt.is_file()
     net, shape = load_model(ckpt)
     assert isinstance(net, RegistrationNet) and shape == [32, 32]
+    # both checkpoints record that 2D images were reoriented; one without the record predates that (storage order)
+    from medfast.tasks.registration import load_model_info
+
+    for model in (ckpt, tmp_path / "run" / "registration_model.pt"):
+        assert load_model_info(model)[1].reorient_dims == (2, 3)
+        state = torch.load(model, weights_only=False)
+        del state["reorient_dims"]
+        torch.save(state, tmp_path / "old.pt")
+        assert load_model_info(tmp_path / "old.pt")[1].reorient_dims == (3,)
     for model in (ckpt, tmp_path / "run" / "registration_model.pt"):
         out = tmp_path / f"out_{model.stem}"
         rc = cli.main(["register", images[1], images[0], "--model", str(model), "--fixed-labels", labels[1],

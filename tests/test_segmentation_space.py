@@ -296,8 +296,115 @@ def test_finish_scores_2d_test_set_in_2d(tmp_path, monkeypatch, label_shape):
                      test_labels=[str(tmp_path / "test_lab.nii.gz")])
     config.trainer.out_dir = str(tmp_path / "run")
     Trainer(config).fit()
+    from medfast.train.trainer import load_checkpoint
+
+    # the checkpoint records that 2D images were reoriented (predict_files reorients them for it)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["reorient_dims"] == [2, 3]
     [res] = json.loads((tmp_path / "run" / "test_results.json").read_text())["test"]
     hd, _ = _monai_2d(image.astype(np.uint8), ref)
     inter = (image.astype(bool) & ref.astype(bool)).sum()
     assert res["dice"][0] == pytest.approx(2 * inter / (image.sum() + ref.sum()), abs=1e-5)
     assert res["hd95_mm"][0] == pytest.approx(hd, abs=1e-4)
+
+
+# -- 4. 2D reorientation: the same slice in any storage order gives the same segmentation in world space ---------
+_VIEWS_2D = {"as_is": lambda a: a, "xflip": lambda a: a[::-1], "yflip": lambda a: a[:, ::-1],
+             "transpose": lambda a: np.swapaxes(a, 0, 1), "xyflip": lambda a: a[::-1, ::-1]}  # each its own inverse
+
+
+def _view_affine(name, shape, affine=AFFINE_2D):
+    """The 4x4 affine of ``_VIEWS_2D[name]`` of a slice of shape ``shape``: every pixel keeps its world place."""
+    a = np.array(affine, dtype=np.float64)
+    if name == "transpose":
+        a[:, [0, 1]] = a[:, [1, 0]]
+    for ax in {"xflip": (0,), "yflip": (1,), "xyflip": (0, 1)}.get(name, ()):
+        a[:, 3] += a[:, ax] * (shape[ax] - 1)
+        a[:, ax] = -a[:, ax]
+    return a
+
+
+def _decisive_checkpoint(tmp_path, name, marker):
+    """An untrained, deterministic 2D UNet whose class margins are far from ties, as medfast train writes it;
+    with ``marker`` the "reorient_dims" of this version, without it an older checkpoint's keys."""
+    config = _config(2)
+    m = config.model
+    torch.manual_seed(0)
+    net = UNet(2, m.in_channels, m.out_channels, m.channels, m.convs_per_level, m.norm, m.deep_supervision)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    state = {"model": net.state_dict(), "config": config_to_dict(config), "task": "segmentation"}
+    if marker:
+        state["reorient_dims"] = [2, 3]
+    torch.save(state, tmp_path / name)
+    return tmp_path / name, net, config
+
+
+def _slice_2d():
+    g = np.indices((18, 13)).astype(np.float32)
+    return (np.sin(g[0] / 2.3) * np.cos(g[1] / 1.7) + 0.05 * g[0]).astype(np.float32)  # no symmetry
+
+
+def test_predict_2d_same_world_segmentation_whatever_the_storage_order(tmp_path):
+    """medfast predict on one 2D slice stored as is, flipped along x, y, both, or transposed: the network sees
+    the same array, so the probabilities and labels on the same world pixels are the same (2D images used to
+    enter in storage order: another prediction for each)."""
+    ckpt, _, _ = _decisive_checkpoint(tmp_path, "new.pt", marker=True)
+    img = _slice_2d()
+    probs, segs = {}, {}
+    for name, view in _VIEWS_2D.items():
+        src = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(view(img))[..., None], _view_affine(name, img.shape)), str(src))
+        seg_p, prob_p = seg.predict_files(ckpt, [str(src)], tmp_path / f"out_{name}", device="cpu",
+                                          save_probabilities=True, progress=False)
+        out = nib.load(str(seg_p))
+        assert out.shape == view(img).shape + (1,) and np.allclose(out.affine, _view_affine(name, img.shape))
+        segs[name] = view(np.asarray(out.dataobj)[:, :, 0])  # back onto the as-is pixels
+        prob = np.asarray(nib.load(str(prob_p)).dataobj)[:, :, 0]
+        probs[name] = np.stack([view(prob[..., c]) for c in range(prob.shape[-1])])
+    ref = probs["as_is"]
+    assert 0.1 < segs["as_is"].mean() < 0.9  # both classes predicted
+    decisive = np.abs(ref[1] - ref[0]) > 1e-3
+    for name in _VIEWS_2D:
+        np.testing.assert_allclose(probs[name], ref, atol=1e-5, err_msg=name)
+        assert np.array_equal(segs[name][decisive], segs["as_is"][decisive]), name
+
+
+def test_predict_2d_old_checkpoint_keeps_storage_order(tmp_path):
+    """A segmentation checkpoint written before 2D reorientation (no "reorient_dims") saw 2D images in storage
+    order: predict_files keeps feeding them so (the network on the stored array), while a checkpoint of this
+    version reorients them; 3D images stay reoriented for both."""
+    old, net, config = _decisive_checkpoint(tmp_path, "old.pt", marker=False)
+    new, _, _ = _decisive_checkpoint(tmp_path, "new.pt", marker=True)
+    img = _slice_2d()
+    stored = np.ascontiguousarray(_VIEWS_2D["xflip"](img))
+    src = tmp_path / "xflip.nii.gz"
+    nib.save(nib.Nifti1Image(stored[..., None], _view_affine("xflip", img.shape)), str(src))
+    _, p_old = seg.predict_files(old, [str(src)], tmp_path / "o_old", device="cpu", save_probabilities=True,
+                                 progress=False)
+    _, p_new = seg.predict_files(new, [str(src)], tmp_path / "o_new", device="cpu", save_probabilities=True,
+                                 progress=False)
+    p_old = np.asarray(nib.load(str(p_old)).dataobj)[:, :, 0]
+    p_new = np.asarray(nib.load(str(p_new)).dataobj)[:, :, 0]
+    with torch.no_grad():  # as before: the network on the stored array
+        direct = seg.predict_volume(net.eval(), torch.from_numpy(stored)[None, None], config)[0]
+    np.testing.assert_allclose(p_old, np.moveaxis(direct.numpy(), 0, -1), atol=1e-6)
+    assert np.abs(p_new - p_old).max() > 0.05
+    # the preprocessing seen by each: storage order for the old checkpoint in 2D, RAS in 3D for both
+    image, _, _, _, _ = seg._load_for_inference(str(src), config, (3,))
+    assert torch.equal(image[0, 0], torch.from_numpy(stored))
+    image, _, _, _, _ = seg._load_for_inference(str(src), config)
+    assert torch.equal(image[0, 0], torch.from_numpy(img))
+
+
+def test_resume_of_a_2d_run_from_before_2d_reorientation_is_refused(tmp_path):
+    """Resuming a 2D run whose checkpoint predates 2D reorientation with data.reorient=true would change what the
+    network sees mid-run: refused, naming the fix; with data.reorient=false, with the marker, or in 3D it goes on."""
+    from medfast.train import CheckpointError
+
+    old = {"model": {}}
+    with pytest.raises(CheckpointError, match="data.reorient=false"):
+        seg.check_reorient_resume(_config(2), old, tmp_path / "last.pt")
+    seg.check_reorient_resume(_config(2, reorient=False), old, tmp_path / "last.pt")
+    seg.check_reorient_resume(_config(2), {**old, "reorient_dims": [2, 3]}, tmp_path / "last.pt")
+    seg.check_reorient_resume(_config(3), old, tmp_path / "last.pt")

@@ -185,8 +185,11 @@ class NiftiDataset(Dataset):
     spatial_dims : {2, 3}
         3D volumes, or 2D images (a trailing singleton axis of a 3D file is dropped).
     reorient : bool
-        3D: flip/permute the voxel axes to the closest RAS orientation first (exact), so that networks see
-        every subject in the same orientation whatever the file's storage order.
+        Flip/permute the voxel axes to the closest positive orientation first (exact, images and labels alike;
+        :func:`medfast.data.preprocess.reorient_to_ras`), so that networks see every subject in the same
+        orientation whatever the file's storage order: RAS in 3D; in 2D the in-plane frame of
+        :func:`medfast.data.spatial_affine` (R, A for an axial slice), so a slice stored flipped or transposed
+        gives the same array.
     spacing : sequence of float, optional
         Resample to this voxel size (mm) with :func:`medfast.resample` (labels: nearest).
     shape : sequence of int, optional
@@ -245,7 +248,7 @@ class NiftiDataset(Dataset):
         if cache == "disk" and cache_dir is None:
             raise ValueError("cache='disk' needs cache_dir")
         self.spatial_dims = spatial_dims
-        self.reorient = reorient and spatial_dims == 3
+        self.reorient = bool(reorient)  # 2D too (medfast.data.preprocess.REORIENT_DIMS)
         self.spacing = list(spacing) if spacing is not None else None
         self.shape = list(shape) if shape is not None else None
         self.normalize = normalize
@@ -369,8 +372,8 @@ class NiftiDataset(Dataset):
         if self.labels:
             lab = load_nifti(self.labels[i], label=True)
             arr = self._to_dims(lab.data, lab.path, False)
-            if self.reorient and arr.ndim == 3:
-                arr, _ = reorient_to_ras(arr, lab.affine, channels=False)
+            if self.reorient:  # the image's flips/permutations: the label is on its grid (checked)
+                arr, _ = reorient_to_ras(arr, vol.affine, channels=False)
             if tuple(arr.shape) != tuple(image.shape[1:]):
                 raise DatasetError(f"label {lab.path} has shape {arr.shape} but its image {vol.path} has spatial "
                                    f"shape {tuple(image.shape[1:])}")

@@ -10,28 +10,96 @@ import torch
 
 from medfast.ops._validate import plain, py_scalar
 
-__all__ = ["crop_or_pad", "normalize_intensity", "reorient_to_ras", "resample_to_spacing", "spatial_affine"]
+__all__ = ["LEGACY_REORIENT_DIMS", "REORIENT_DIMS", "closest_orientation", "crop_or_pad", "normalize_intensity",
+           "reorient_dims_of", "reorient_to_ras", "resample_to_spacing", "spatial_affine"]
+
+
+#: The spatial dims that ``data.reorient`` (``NiftiDataset(reorient=True)``) reorients. Checkpoints record it
+#: (``"reorient_dims"``); one without the key was trained when 2D images were used in storage order.
+REORIENT_DIMS: tuple[int, ...] = (2, 3)
+#: What a checkpoint without ``"reorient_dims"`` means: 3D volumes reoriented, 2D images in storage order.
+LEGACY_REORIENT_DIMS: tuple[int, ...] = (3,)
+
+
+def reorient_dims_of(checkpoint: dict) -> tuple[int, ...]:
+    """The ``"reorient_dims"`` a checkpoint dict records (:data:`LEGACY_REORIENT_DIMS` without the key)."""
+    dims = checkpoint.get("reorient_dims") if isinstance(checkpoint, dict) else None
+    if dims is None:
+        return LEGACY_REORIENT_DIMS
+    return tuple(int(d) for d in dims)
+
+
+def _canonical_plane_rotation(affine: np.ndarray) -> np.ndarray | None:
+    """``(2, 3)``: world -> in-plane coordinates of the plane of voxel axes 0 and 1 of a 4x4 affine, for a normal
+    whose sign does not depend on the storage order (None for an axial or degenerate plane: world x, y).
+
+    :func:`spatial_affine` orients the normal with ``n_z >= 0``, which leaves its sign to the storage order for
+    a plane that contains the z axis (coronal, sagittal): a flipped or transposed copy of the same slice then
+    gets a mirrored frame. Reorientation must not depend on it, so ties go to ``n_y``, then ``n_x``."""
+    normal = np.cross(affine[:3, 0], affine[:3, 1])
+    norm = np.linalg.norm(normal)
+    if not np.any(affine[2, :2]) or not np.isfinite(norm) or norm == 0:
+        return None
+    normal = normal / norm
+    lead = next((v for v in normal[::-1] if abs(v) > 1e-6), 1.0)  # z, then y, then x decides the sign
+    if lead < 0:
+        normal = -normal
+    if normal[2] <= -1 + 1e-12:  # cannot happen after the sign choice; guards the division below
+        return None
+    v = np.cross(normal, [0.0, 0.0, 1.0])
+    vx = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+    return (np.eye(3) + vx + vx @ vx / (1.0 + normal[2]))[:2]
+
+
+def closest_orientation(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """nibabel's orientation array ``(spatial_dims, 2)`` (``io_orientation``) that flips/permutes the voxel axes
+    to point closest to the positive axes of the image's frame: world R, A, S in 3D; in 2D the in-plane frame
+    (x, y: R, A for an axial image; a tilted plane laid flat as :func:`spatial_affine` does, with the normal's
+    sign fixed independently of the storage order). The same world grid stored in any axis order or direction
+    gives voxel axes along the same world directions.
+
+    ``affine`` is the 4x4 NIfTI affine (or, in 2D, an in-plane ``(3, 3)`` one, used as is)."""
+    from nibabel import orientations as ornt_mod
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if spatial_dims == 3:
+        return ornt_mod.io_orientation(spatial_affine(affine, 3))
+    if spatial_dims != 2:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    a2 = spatial_affine(affine, 2)
+    rot = _canonical_plane_rotation(affine) if affine.shape == (4, 4) else None
+    if rot is not None:
+        a2 = np.eye(3)
+        a2[:2] = rot @ affine[:3, [0, 1, 3]]
+    return ornt_mod.io_orientation(a2)
 
 
 def reorient_to_ras(data: np.ndarray, affine: np.ndarray, channels: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Flips/permutes the 3 spatial axes so that they point closest to Right, Anterior, Superior (nibabel's
-    ``as_closest_canonical`` on arrays); exact (no interpolation), the affine is updated so every voxel keeps
-    its world position.
+    """Flips/permutes the spatial axes so that they point closest to the image frame's positive axes (nibabel's
+    ``as_closest_canonical`` on arrays; :func:`closest_orientation`); exact (no interpolation), the affine is
+    updated so every voxel keeps its world position.
+
+    3D: Right, Anterior, Superior; returns the ``(4, 4)`` affine. 2D (``(C, X, Y)`` / ``(X, Y)``): the in-plane
+    frame of :func:`spatial_affine` (R, A for an axial image); returns the ``(3, 3)`` in-plane affine (that of
+    :func:`spatial_affine`, reoriented), so the same slice stored flipped or transposed gives the same array.
 
     Parameters
     ----------
     data : ndarray
-        ``(C, X, Y, Z)`` with ``channels`` else ``(X, Y, Z)``.
+        ``(C, *S)`` with ``channels`` else ``(*S)``, 2 or 3 spatial axes.
     affine : ndarray
-        ``(4, 4)`` voxel-to-world affine.
+        ``(4, 4)`` voxel-to-world affine (2D: or the ``(3, 3)`` in-plane one).
     """
     from nibabel import orientations as ornt_mod
 
-    affine = np.asarray(affine, dtype=np.float64)
-    ornt = ornt_mod.io_orientation(affine)
-    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
-        return data, affine
     spatial = data.shape[1:] if channels else data.shape
+    nd = len(spatial)
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = closest_orientation(affine, nd)
+    if nd == 2:
+        affine = spatial_affine(affine, 2)
+    if np.array_equal(ornt, [[i, 1] for i in range(nd)]):
+        return data, affine
     new_affine = affine @ ornt_mod.inv_ornt_aff(ornt, spatial)
     if channels:
         out = np.stack([ornt_mod.apply_orientation(c, ornt) for c in data])

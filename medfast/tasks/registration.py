@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import medfast as mf
 from medfast.data.io import DatasetError
+from medfast.data.preprocess import REORIENT_DIMS, reorient_dims_of
 from medfast.losses.registration import bending_energy, label_dice_loss
 from medfast.nets.registration import GlobalNet, LocalNet, affine_ddf
 from medfast.ops._transforms import _MAX_STEPS
@@ -493,27 +494,34 @@ class ModelInfo:
         Voxel size (mm) of the training grid (``data.spacing``); None: unknown (the image's field of
         view is then resized to ``input_shape``).
     reorient : bool
-        The training images were reoriented to the closest RAS orientation (3D; ``data.reorient``).
+        The training images were reoriented to the closest positive orientation (``data.reorient``; RAS in 3D,
+        the in-plane frame in 2D, see :func:`medfast.data.preprocess.reorient_to_ras`).
     in_channels : int or None
         Channels of ONE image (fixed or moving; the network sees both concatenated, twice as many):
         ``model.in_channels`` of a ``medfast train`` checkpoint, half the network's ``in_channels`` for a
         :func:`save_model` checkpoint; None: unknown (not checked).
+    reorient_dims : tuple of int
+        The spatial dims ``reorient`` applies to: ``(2, 3)`` (this version), ``(3,)`` for a checkpoint written
+        before 2D images were reoriented (no ``"reorient_dims"`` key): its 2D network saw storage order.
     """
 
     input_shape: list[int]
     spacing: list[float] | None = None
     reorient: bool = True
     in_channels: int | None = None
+    reorient_dims: tuple[int, ...] = REORIENT_DIMS
 
 
 def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_shape: Sequence[int],
-               spacing: Sequence[float] | None = None, reorient: bool = True) -> None:
+               spacing: Sequence[float] | None = None, reorient: bool = True,
+               reorient_dims: Sequence[int] = REORIENT_DIMS) -> None:
     """Writes a registration network checkpoint that ``medfast register --model`` reads.
 
     The file holds ``{"net": class name, "net_kwargs": ..., "input_shape": ..., "spacing": ...,
-    "reorient": ..., "state_dict": ...}``; ``input_shape`` is the spatial shape the network was trained at,
-    ``spacing`` its voxel size in mm (None: unknown) and ``reorient`` whether the training images were
-    reoriented to RAS (see :class:`ModelInfo`).
+    "reorient": ..., "reorient_dims": ..., "state_dict": ...}``; ``input_shape`` is the spatial shape the
+    network was trained at, ``spacing`` its voxel size in mm (None: unknown), ``reorient`` whether the training
+    images were reoriented (RAS in 3D, the in-plane frame in 2D) and ``reorient_dims`` the spatial dims that
+    applies to (see :class:`ModelInfo`; a file without it means ``(3,)``).
     """
     name = type(net).__name__
     if name not in _NETS:
@@ -526,7 +534,7 @@ def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_s
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"net": name, "net_kwargs": _plain_values(dict(net_kwargs)),
                 "input_shape": [int(s) for s in input_shape], "spacing": spacing, "reorient": bool(reorient),
-                "state_dict": net.state_dict()}, tmp)
+                "reorient_dims": [int(d) for d in reorient_dims], "state_dict": net.state_dict()}, tmp)
     tmp.replace(path)
 
 
@@ -578,7 +586,8 @@ def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tup
     info = ModelInfo([int(v) for v in ckpt["input_shape"]],
                      None if ckpt.get("spacing") is None else [float(v) for v in ckpt["spacing"]],
                      bool(ckpt.get("reorient", True)),
-                     int(pair_channels) // 2 if int(pair_channels) % 2 == 0 else None)
+                     int(pair_channels) // 2 if int(pair_channels) % 2 == 0 else None,
+                     reorient_dims_of(ckpt))  # none stored: written before 2D images were reoriented
     return net.eval(), info
 
 
@@ -593,9 +602,11 @@ def network_grid(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info: Mod
 
     The grid has the network's ``input_shape`` and its training ``spacing`` (without one: the fixed
     image's field of view spread over ``input_shape``), its axes are the fixed image's voxel axes
-    permuted/flipped to the closest RAS orientation (3D with ``info.reorient``; as in training, see
-    :func:`medfast.data.reorient_to_ras`), and its centre is the centre of the fixed image's field of view.
-    So an image stored LPS, RAS or with another voxel size gives the network the same input.
+    permuted/flipped to the closest positive orientation (with ``info.reorient``, for the dims in
+    ``info.reorient_dims``; as in training, see :func:`medfast.data.preprocess.reorient_to_ras`: RAS in 3D, the
+    in-plane frame in 2D), and its centre is the centre of the fixed image's field of view. So an image stored
+    LPS, RAS, flipped, transposed or with another voxel size gives the network the same input. Pass the fixed
+    file's 4x4 affine for a 2D image: the orientation of a coronal or sagittal slice is decided from it.
     """
     n = len(fixed_shape)
     if len(info.input_shape) != n:
@@ -604,10 +615,12 @@ def network_grid(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info: Mod
 
     a = spatial_affine(fixed_affine, n)
     lin = a[:n, :n]
-    if n == 3 and info.reorient:
+    if info.reorient and n in info.reorient_dims:
         from nibabel import orientations as ornt_mod
 
-        ornt = ornt_mod.io_orientation(a)
+        from medfast.data.preprocess import closest_orientation
+
+        ornt = closest_orientation(fixed_affine, n)
         lin = (a @ ornt_mod.inv_ornt_aff(ornt, tuple(fixed_shape)))[:n, :n]
     vox = np.sqrt((lin ** 2).sum(axis=0))
     if np.any(vox <= 0):
@@ -648,14 +661,17 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
         [0, 1] on its own).
     net : nn.Module
     input_shape : sequence of int or ModelInfo
-        The network's :class:`ModelInfo` (or just its input shape: unknown spacing, RAS reorientation); with
+        The network's :class:`ModelInfo` (or just its input shape: unknown spacing, reorientation in 2D and 3D,
+        as a network trained by this version saw its images; pass ``ModelInfo(shape, reorient_dims=(3,))`` for a 2D
+        network trained on storage order); with
         ``ModelInfo.in_channels`` the images' channel count is checked against it.
     fixed_labels, moving_labels : Tensor or ndarray, optional
         ``(*S)`` integer label maps on the fixed grid: Dice before / after.
     device : str or torch.device
     fixed_affine : ndarray, optional
         ``(4, 4)`` (or ``(n + 1, n + 1)``) voxel-to-world affine of the fixed grid; default the identity
-        (1 mm voxels, stored RAS).
+        (1 mm voxels, stored RAS). 2D: the file's 4x4 orients a coronal or sagittal slice whatever its storage
+        order (an in-plane ``(3, 3)`` one is used as is, see :func:`network_grid`).
 
     Returns
     -------
@@ -683,7 +699,7 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     from medfast.data.preprocess import spatial_affine
 
     a_f = spatial_affine(np.eye(n + 1) if fixed_affine is None else fixed_affine, n)
-    grid = network_grid(a_f, shape, info)
+    grid = network_grid(a_f if fixed_affine is None else fixed_affine, shape, info)  # 2D: the plane's 4x4
     in_shape = [int(v) for v in info.input_shape]
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -1461,7 +1477,7 @@ def _load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") ->
     net.load_state_dict(state["model"])
     d = config.data
     return net.eval(), ModelInfo(list(d.shape), None if d.spacing is None else list(d.spacing), bool(d.reorient),
-                                 int(config.model.in_channels))
+                                 int(config.model.in_channels), reorient_dims_of(state))
 
 
 def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
@@ -1680,6 +1696,11 @@ class RegistrationTask(Task):
     def build_model(self) -> torch.nn.Module:
         return RegistrationNet(**self.net_kwargs)
 
+    def check_resume(self, state: dict, path: Path) -> None:
+        from medfast.tasks.segmentation import check_reorient_resume
+
+        check_reorient_resume(self.config, state, path)
+
     def _subjects(self, images, labels):
         from medfast.tasks.segmentation import _dataset
 
@@ -1811,7 +1832,7 @@ class RegistrationTask(Task):
         """Writes ``registration_model.pt`` (:func:`save_model` format) beside the checkpoints."""
         path = Path(out_dir) / "registration_model.pt"
         d = self.config.data
-        save_model(path, model, self.net_kwargs, list(d.shape), d.spacing, d.reorient)
+        save_model(path, model, self.net_kwargs, list(d.shape), d.spacing, d.reorient, REORIENT_DIMS)
         print(f"medfast train: registration model written to {path} (use: medfast register FIXED MOVING "
               f"--model {path})", flush=True)
         return {"registration_model": str(path)}

@@ -17,13 +17,21 @@ from torch.utils.data import Dataset
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
 from medfast.data.dataset import _SUFFIXES, case_name, group_channel_files
 from medfast.data.io import ImageEntry, entry_files, entry_text, image_header, load_image, voxel_spacing
-from medfast.data.preprocess import normalize_intensity, reorient_to_ras, resample_to_spacing, spatial_affine
+from medfast.data.preprocess import (
+    REORIENT_DIMS,
+    normalize_intensity,
+    reorient_dims_of,
+    reorient_to_ras,
+    resample_to_spacing,
+    spatial_affine,
+)
 from medfast.train.config import Config, ConfigError, check_spatial_config, config_from_dict
 from medfast.train.files import check_dataset_args, gather_files
 from medfast.train.sliding_window import sliding_window_inference
 from medfast.train.task import Task, register_task
 
-__all__ = ["DeformedDataset", "SegmentationTask", "build_unet", "check_config", "predict_files", "predict_volume"]
+__all__ = ["DeformedDataset", "SegmentationTask", "build_unet", "check_config", "check_reorient_resume",
+           "predict_files", "predict_volume"]
 
 NORMS = ("instance", "batch", "group", "none")
 
@@ -101,6 +109,20 @@ def _dataset(config: Config, images: Sequence[str], labels: Sequence[str], label
                         in_channels=config.model.in_channels, num_classes=num_classes)
 
 
+def check_reorient_resume(config: Config, state: dict[str, Any], path: Path) -> None:
+    """A run resumed from a checkpoint must see its images as the checkpoint's network did: one written before 2D
+    images were reoriented (no ``"reorient_dims"``) trained a 2D network on storage order, which
+    ``data.reorient`` would now change mid-run. Raises :class:`~medfast.train.CheckpointError` for that case."""
+    from medfast.train.trainer import CheckpointError
+
+    nd = config.model.spatial_dims
+    if config.data.reorient and nd not in reorient_dims_of(state) and nd in REORIENT_DIMS:
+        raise CheckpointError(f"{path} was trained on {nd}D images in storage order (written before {nd}D images "
+                              f"were reoriented; its checkpoint has no 'reorient_dims') but this run has "
+                              f"data.reorient=true, which now reorients {nd}D images: resuming would change what "
+                              f"the network sees; resume with data.reorient=false, or train a new run")
+
+
 def _roi(config: Config) -> list[int] | None:
     return config.inference.roi_size or config.augment.patch_size
 
@@ -122,10 +144,12 @@ def predict_volume(model: nn.Module, image: torch.Tensor, config: Config) -> tor
                                     sw_batch_size=inf.sw_batch_size)
 
 
-def _load_for_inference(entry: ImageEntry,
-                        config: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray, Any, list[int]]:
+def _load_for_inference(entry: ImageEntry, config: Config, reorient_dims: Sequence[int] = REORIENT_DIMS
+                        ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, Any, list[int]]:
     """``(image (1, C, *S') preprocessed, its affine, the original affine, header, original shape)`` of a file or
-    a case's list of channel files (the first file's affine and header)."""
+    a case's list of channel files (the first file's affine and header). ``data.reorient`` applies to the
+    spatial dims ``reorient_dims`` (the checkpoint's: a model trained before 2D reorientation saw 2D images in
+    storage order, see :func:`medfast.data.preprocess.reorient_dims_of`)."""
     vol = load_image(entry)
     path = vol.path
     nd = config.model.spatial_dims
@@ -142,8 +166,9 @@ def _load_for_inference(entry: ImageEntry,
     orig_aff = spatial_affine(vol.affine, nd)
     orig_shape = list(data.shape[1:])
     aff = orig_aff
-    if config.data.reorient and nd == 3:
+    if config.data.reorient and nd in reorient_dims:
         data, aff = reorient_to_ras(data, vol.affine, channels=True)
+        aff = spatial_affine(aff, nd)
     image = torch.from_numpy(data)
     if config.data.spacing is not None:
         image, aff = resample_to_spacing(image, aff, config.data.spacing)
@@ -227,7 +252,10 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     without gaps, and every such case have the same number of them (else :class:`DatasetError` names the case
     or file). Without it, each input file is one case.
 
-    The input is preprocessed as in training (reoriented to RAS, resampled to ``data.spacing``, normalized),
+    The input is preprocessed as in training (with ``data.reorient`` its axes flipped/permuted to the closest RAS
+    orientation, 2D images to their in-plane frame's, see :class:`~medfast.data.NiftiDataset`; a checkpoint
+    without ``"reorient_dims"``, written before 2D images were reoriented, keeps 2D images in storage order;
+    resampled to ``data.spacing``, normalized),
     segmented with sliding windows, and the class probabilities are resampled back onto the input's grid
     (with :func:`medfast.resample`) before the argmax, so the output has exactly the input's shape and
     voxel-to-world affine, and the input's qform and sform (matrices and codes) are kept.
@@ -258,6 +286,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     model = build_unet(config)
     load_model_state(model, state, checkpoint, config)
     model.to(dev).eval()
+    reorient_dims = reorient_dims_of(state)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     items = list(zip(inputs, names))
@@ -266,7 +295,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
 
         items = tqdm(items, desc="predict", disable=None)
     for path, name in items:
-        image, aff, orig_affine, header, shape = _load_for_inference(path, config)
+        image, aff, orig_affine, header, shape = _load_for_inference(path, config, reorient_dims)
         prob = predict_volume(model, image.to(dev), config)
         prob = _back_to_input(prob, aff, spatial_affine(orig_affine, config.model.spatial_dims), shape)
         labels = prob.argmax(1)[0].cpu().numpy()
@@ -302,6 +331,9 @@ class SegmentationTask(Task):
 
     def build_model(self) -> nn.Module:
         return build_unet(self.config)
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        check_reorient_resume(self.config, state, path)
 
     def build_datasets(self):
         c = self.config

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medfast.data.preprocess import REORIENT_DIMS
 from medfast.train import distributed as D
 from medfast.train.config import (
     Config,
@@ -460,6 +461,9 @@ class Trainer:
             "format": "medfast-checkpoint-1",
             "task": self.config.task,
             "config": config_to_dict(self.config),
+            # the spatial dims data.reorient reorients: a checkpoint without the key predates 2D reorientation,
+            # so inference keeps 2D images in storage order for it, as its network was trained
+            "reorient_dims": list(REORIENT_DIMS),
             "model": self.model.state_dict(),
             **self._optimizer_state(),
             "scaler": self.scaler.state_dict(),
