@@ -73,6 +73,13 @@ def test_binary_config_file_is_a_clear_error(setup, capsys):
     ("data.dataset_args.fooo=1", "data.dataset_args"),
     ("task_args.foo=1", "unknown task_args for the segmentation task"),
     ("model.norm=layer", "model.norm must be one of"),
+    # (a bug hunt: tracebacks from torch / NumPy / the first training step, not naming the setting)
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.momentum=-1", "optim.momentum must lie in"),
+    ("trainer.seed=-1", "trainer.seed must lie in"),
+    ("trainer.seed=99999999999999999999", "trainer.seed must lie in"),
+    ("augment.integrate_steps=100", "augment.integrate_steps must lie in"),
+    ("optim.min_lr_ratio=-2", "optim.min_lr_ratio must lie in"),
 ])
 def test_bad_config_values_are_messages(setup, capsys, tmp_path, override, match):
     _, cfg, _ = setup
@@ -184,6 +191,95 @@ def test_pruning_keeps_the_current_runs_checkpoints(setup, tmp_path):
                                          f"trainer.resume={ck / 'step_0000002.pt'}"])).fit()
     names = sorted(p.name for p in ck.glob("step_*.pt"))
     assert {"step_0000003.pt", "step_0000004.pt"} <= set(names) and "step_0000002.pt" not in names
+
+
+def test_optimizer_errors_name_optim(setup, capsys, tmp_path, monkeypatch):
+    """A value torch's optimizer refuses (should check_config ever let one through) is an error naming optim, not
+    a traceback; other errors keep theirs."""
+    import medfast.train.trainer as trainer_module
+
+    _, cfg, _ = setup
+    monkeypatch.setattr(trainer_module, "check_config", lambda config: None)
+    args = ["train", str(cfg), "--out", str(tmp_path / "x"), "--set", "optim.name=sgd", "--set",
+            "optim.momentum=-1"]
+    assert main(args) == 1
+    err = _err(capsys)
+    assert "optim: the optimizer cannot be built" in err and "momentum" in err, err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(trainer_module, "build_scheduler", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        main(["train", str(cfg), "--out", str(tmp_path / "y")])
+
+
+def test_checkpoint_folder_hint_names_the_file_that_is_there(setup, capsys, tmp_path):
+    base, cfg, _ = setup
+    img = base / "data" / "images" / "case_000.nii.gz"
+    run, ckdir = base / "run", base / "run" / "checkpoints"
+    for folder, hint in ((ckdir, ckdir / "last.pt"), (run, ckdir / "last.pt"),
+                         (tmp_path, tmp_path / "checkpoints" / "last.pt")):
+        assert main(["predict", str(img), "--model", str(folder), "--out", str(tmp_path / "p")]) == 1
+        assert f"is a folder; give a file such as {hint}\n" in _err(capsys)
+        assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--resume", str(folder)]) == 1
+        assert f"is a folder; give a file such as {hint}\n" in _err(capsys)
+
+
+def test_ctrl_c_is_one_line_and_leaves_whole_checkpoints(setup, capsys, tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during training or while a checkpoint is written: exit status 130, one line
+    naming the step and the checkpoint to resume (no traceback), the previous checkpoint intact, no temporary
+    file; --resume continues."""
+    import medfast.train.trainer as trainer_module
+    from medfast.tasks.segmentation import SegmentationTask
+    from medfast.train import load_checkpoint
+
+    _, cfg, _ = setup
+    out = tmp_path / "run"
+    common = ["train", str(cfg), "--out", str(out), "--set", "trainer.checkpoint_every=2"]
+    step = SegmentationTask.training_step
+    calls = []
+
+    def interrupted_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # in step 4 (3 done; the last checkpoint at step 2)
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    def run(args):
+        try:
+            return main(args)
+        except KeyboardInterrupt:  # (not out of the test: pytest would stop the whole session)
+            pytest.fail("KeyboardInterrupt escaped medfast train")
+
+    monkeypatch.setattr(SegmentationTask, "training_step", interrupted_step)
+    assert run([*common, "--set", "trainer.max_steps=6"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    last = out / "checkpoints" / "last.pt"
+    assert err == f"medfast train: interrupted at step 3 of 6; the last checkpoint is {last} (step 2): continue with " \
+                  f"--resume\n"
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+    monkeypatch.setattr(SegmentationTask, "training_step", step)
+
+    # interrupted inside torch.save of the step-4 checkpoint, half of it written
+    save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        if obj["step"] == 4:
+            f.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.torch, "save", interrupted_save)
+    assert run([*common, "--resume", "--set", "trainer.max_steps=6"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted at step 4 of 6" in err and "(step 2)" in err, err
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_0000002.pt"]
+    monkeypatch.setattr(trainer_module.torch, "save", save)
+    assert main([*common, "--resume", "--set", "trainer.max_steps=6"]) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 6
 
 
 # --- B12: --out is an existing file ---------------------------------------------------------------------

@@ -115,3 +115,134 @@ def test_classification_config_errors_before_any_data(tmp_path, capsys):
             ("model.kwargs.blocks=[]", "model: the network cannot be built")]):
         assert main(["train", cfg, "--out", str(tmp_path / f"r{i}"), "--set", override]) == 1
         assert match in capsys.readouterr().err
+
+
+# --- text fields keep the text as written (YAML 1.1 read 0777 as 511, 12:30 as 750, 2024_01 as 202401) -----------
+@pytest.mark.parametrize("text", ["0777", "1.10", "2024_01", "12:30", "0x10", "1e3", "yes", "off", "2024-01-01",
+                                  "runs/a #1"])
+def test_set_text_field_keeps_the_text(text):
+    cfg = load_config([], [f"trainer.out_dir={text}", f"data.cache_dir={text}", f"trainer.resume={text}"])
+    assert cfg.trainer.out_dir == text and cfg.data.cache_dir == text and cfg.trainer.resume == text
+
+
+def test_yaml_text_fields_keep_the_text_and_typed_fields_their_type(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "trainer: {out_dir: 0777, resume: ~, max_steps: 0x10, deterministic: yes, amp: Off}\n"
+        "data: {cache_dir: 2024_11, dataset: 1.10, train_images: [12:30, [0777, 2024-01-01], x.nii], "
+        "test_label_map: {1: 0x2}, spacing: [1, 2.5, 1e-1], dataset_args: {a: 0777}}\n"
+        "optim: {lr: 1e-3, grad_clip: .inf}\nmodel: {deep_supervision: on, kwargs: {dropout: 0.5}}\n"
+        "task_args: {when: 12:30}\n")
+    cfg = load_config([tmp_path / "a.yaml"])
+    assert cfg.trainer.out_dir == "0777" and cfg.trainer.resume is None and cfg.data.cache_dir == "2024_11"
+    assert cfg.data.dataset == "1.10" and cfg.data.train_images == ["12:30", ["0777", "2024-01-01"], "x.nii"]
+    assert cfg.trainer.amp == "Off"  # (lower-cased by the code that reads it)
+    # typed fields as YAML 1.1 reads them (as before)
+    assert cfg.trainer.max_steps == 16 and cfg.trainer.deterministic is True and cfg.model.deep_supervision is True
+    assert cfg.data.test_label_map == {1: 2} and cfg.data.spacing == [1.0, 2.5, 0.1]
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.data.dataset_args == {"a": 511} and cfg.task_args == {"when": 750}  # free mappings: YAML's values
+    assert cfg.model.kwargs == {"dropout": 0.5}
+    # quoted strings and null as before; the resolved config round-trips
+    cfg = load_config([tmp_path / "a.yaml"], ["trainer.out_dir='a b'", 'data.cache_dir="0777"', "trainer.resume=null",
+                                              "data.train_images=[0777, 1.10]", "trainer.max_steps=0x10"])
+    assert cfg.trainer.out_dir == "a b" and cfg.data.cache_dir == "0777" and cfg.trainer.resume is None
+    assert cfg.data.train_images == ["0777", "1.10"] and cfg.trainer.max_steps == 16
+    path = save_config(cfg, tmp_path / "saved.yaml")
+    assert config_to_dict(load_config([path])) == config_to_dict(cfg)
+
+
+def test_amp_off_is_the_choice_off(tmp_path):
+    from medfast.train.config import check_config, config_from_dict
+
+    (tmp_path / "off.yaml").write_text("trainer:\n  amp: off\n")
+    for cfg in (load_config([tmp_path / "off.yaml"]), load_config([], ["trainer.amp=off"]),
+                config_from_dict({"trainer": {"amp": False}})):
+        assert cfg.trainer.amp == "off"
+        check_config(cfg)
+    with pytest.raises(ConfigError, match="trainer.amp must be one of"):
+        check_config(load_config([], ["trainer.amp=no"]))
+    with pytest.raises(ConfigError, match="must be a string"):  # only where "off" is one of the choices
+        config_from_dict({"optim": {"name": False}})
+
+
+def test_set_mapping_merges_like_a_file(tmp_path):
+    base = _write(tmp_path / "base.yaml", {"trainer": {"out_dir": "mine", "batch_size": 4, "max_steps": 3},
+                                           "task_args": {"a": 1}})
+    second = _write(tmp_path / "second.yaml", {"trainer": {"max_steps": 9}, "task_args": {"b": 2}})
+    by_file = load_config([base, second])
+    by_set = load_config([base], ["trainer={max_steps: 9}", "task_args={b: 2}"])
+    assert config_to_dict(by_set) == config_to_dict(by_file)
+    assert by_set.trainer.out_dir == "mine" and by_set.trainer.batch_size == 4 and by_set.trainer.max_steps == 9
+    assert by_set.task_args == {"a": 1, "b": 2}
+    assert load_config([base], ["trainer={out_dir: 0777}"]).trainer.out_dir == "0777"
+    with pytest.raises(ConfigError, match="trainer.batch_size must be an int"):
+        load_config([base], ["trainer={batch_size: x}"])
+
+
+def test_duplicate_keys_are_errors_naming_key_file_and_line(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("trainer:\n  max_steps: 3\n  out_dir: mine\ntrainer:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: duplicate key 'trainer' at line 4 \(first at line 1\)"):
+        load_config([dup])
+    dup.write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' at line 3 \(first at line 2\)"):
+        load_config([dup])
+    with pytest.raises(ConfigError, match="duplicate key 'max_steps'"):
+        load_config([], ["trainer={max_steps: 1, max_steps: 2}"])
+    # a merge key (<<) overridden by an explicit key is not a duplicate
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("trainer:\n  <<: {max_steps: 3, batch_size: 4}\n  max_steps: 5\n")
+    cfg = load_config([ok])
+    assert cfg.trainer.max_steps == 5 and cfg.trainer.batch_size == 4
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.weight_decay=.nan", "optim.weight_decay must be >= 0"),
+    ("optim.momentum=-1", r"optim.momentum must lie in \[0, 1\)"),
+    ("optim.momentum=1.5", r"optim.momentum must lie in \[0, 1\)"),
+    ("optim.lr=.inf", "optim.lr must be > 0 and finite"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("optim.min_lr_ratio=-2", r"optim.min_lr_ratio must lie in \[0, 1\]"),
+    ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio must lie in \[0, 1\]"),
+    ("optim.min_lr_ratio=.nan", r"optim.min_lr_ratio must lie in \[0, 1\]"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0"),
+    ("optim.grad_clip=.nan", "optim.grad_clip must be >= 0 and finite"),
+    ("optim.grad_clip=.inf", "optim.grad_clip must be >= 0 and finite"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0 and finite"),
+    ("trainer.seed=-1", r"trainer.seed must lie in \[0, 2\*\*32\)"),
+    (f"trainer.seed={2**32}", r"trainer.seed must lie in \[0, 2\*\*32\)"),
+    (f"trainer.seed={2**70}", r"trainer.seed must lie in \[0, 2\*\*32\)"),
+    ("augment.integrate_steps=100", r"augment.integrate_steps must lie in \[0, 64\]"),
+    ("augment.integrate_steps=-1", r"augment.integrate_steps must lie in \[0, 64\]"),
+    ("augment.deform_grid=1", "augment.deform_grid must be 0"),
+    ("augment.deform_grid=-3", "augment.deform_grid must be 0"),
+    ("augment.rotation=-10", "augment.rotation must be >= 0 and finite"),
+    ("augment.deform_magnitude=.inf", "augment.deform_magnitude must be >= 0 and finite"),
+    ("augment.noise_std=.nan", "augment.noise_std must be >= 0 and finite"),
+    ("augment.gamma=-0.2", "augment.gamma must be >= 0"),
+    ("augment.bias_field=-1", "augment.bias_field must be >= 0"),
+    ("augment.shear=-1", "augment.shear must be >= 0"),
+    ("augment.translation=-1", "augment.translation must be >= 0"),
+    ("augment.intensity_shift=-1", "augment.intensity_shift must be >= 0"),
+    ("augment.scale=1", r"augment.scale must lie in \[0, 1\)"),
+    ("augment.intensity_scale=-0.1", r"augment.intensity_scale must lie in \[0, 1\)"),
+])
+def test_out_of_range_settings_are_config_errors(override, match):
+    # (a bug hunt: these crashed with a traceback not naming the setting, some only at the first step, or trained
+    # silently: min_lr_ratio=-2 made the learning rate negative)
+    from medfast.train.config import check_config
+
+    with pytest.raises(ConfigError, match=match):
+        check_config(load_config([], [override]))
+
+
+def test_range_limits_themselves_are_accepted():
+    from medfast.train.config import check_config
+
+    check_config(load_config([], [f"trainer.seed={2**32 - 1}", "augment.deform_grid=0", "augment.integrate_steps=64",
+                                  "optim.min_lr_ratio=1", "optim.grad_clip=0", "optim.momentum=0",
+                                  "optim.weight_decay=0", "optim.warmup_steps=0", "augment.scale=0.99"]))
+    check_config(load_config([], ["optim.min_lr_ratio=0", "augment.integrate_steps=0", "augment.deform_grid=2"]))
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        check_config(load_config([path]))  # the shipped configs

@@ -226,3 +226,46 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, blobs):
     Trainer(_config(tmp_path, blobs, "short", **{"trainer.max_steps": 6, "trainer.resume": "auto"})).fit()
     Trainer(_config(tmp_path, blobs, "long")).fit()  # max_steps 6 from the start
     assert _lrs(tmp_path / "short")[4:] == pytest.approx(_lrs(tmp_path / "long")[4:])
+
+
+def _recorded_fit(cfg, stop_after=None):
+    """Trains ``cfg``; returns the trainer and the sample seeds of its micro-batches in order (each names one
+    position of one epoch's permutation: the data the run took)."""
+    trainer = Trainer(cfg)
+    seeds: list[int] = []
+    step = trainer.task.training_step
+
+    def recording(model, batch, device, **kwargs):
+        seeds.extend(int(s) for s in batch["seed"])
+        return step(model, batch, device, **kwargs)
+
+    trainer.task.training_step = recording
+    trainer.fit(stop_after=stop_after)
+    return trainer, seeds
+
+
+def test_resume_with_another_accumulate_or_batch_size_continues_the_data(tmp_path, capsys):
+    # (a bug hunt: the data restarted at step * the new accumulate, skipping 3 epochs of 3 subjects here; the
+    # checkpoint's micro_batches was never read)
+    data = tmp_path / "five"
+    make_blobs(data, n=5, shape=(12, 12, 12), classes=3)
+    common = {"trainer.batch_size": 1, "model.channels": "[2, 4]", "augment.patch_size": "[8, 8, 8]",
+              "trainer.checkpoint_every": 1}
+    _, ref = _recorded_fit(_config(tmp_path, data, "ref", **common, **{"trainer.max_steps": 10}))
+    # (epochs of 5 samples at batch 1; of 4 at batch 1 x accumulate 2 or at batch 2: each a prefix of the same
+    # per-epoch permutation)
+    _, first = _recorded_fit(_config(tmp_path, data, "run", **common), stop_after=3)
+    assert first == ref[:3]
+    resumed = {"trainer.resume": "auto", "trainer.max_steps": 4}
+    trainer, second = _recorded_fit(_config(tmp_path, data, "run", **common, **resumed, **{"trainer.accumulate": 2}))
+    # epoch 0 position 3, then epoch 1 position 0 (position 4 is past the 4-sample epoch of accumulate 2)
+    assert second == [ref[3], ref[5]]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["micro_batches"] == 5  # 4 + 1 (epoch 1)
+    assert "epoch 0, sample 3 of the epoch" in capsys.readouterr().out
+    resumed = {"trainer.resume": "auto", "trainer.max_steps": 5, "trainer.batch_size": 2}
+    _, third = _recorded_fit(_config(tmp_path, data, "run", **{**common, **resumed}))
+    # epoch 1 position 1 is inside a batch of 2: it starts at position 2, skipping one sample, and says so
+    assert third == [ref[7], ref[8]]
+    assert "epoch 1, sample 2 of the epoch, skipping 1 sample(s)" in capsys.readouterr().out
+    steps, _ = _losses(tmp_path / "run")
+    assert steps == [1, 2, 3, 4, 5]

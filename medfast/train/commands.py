@@ -30,15 +30,22 @@ def run_train(args: argparse.Namespace) -> int:
     # the flags' values are paths and device names: set verbatim, never parsed as YAML like --set values
     values = {key: value for key, value in (("trainer.out_dir", args.out), ("trainer.resume", args.resume),
                                             ("trainer.device", args.device)) if value is not None}
+    trainer = None
     try:
         config = load_config(args.configs, args.overrides, values=values)
         if args.print_config:
             print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
             return 0
-        results = Trainer(config).fit()
+        trainer = Trainer(config)
+        results = trainer.fit()
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ImportError) as exc:
         print(f"medfast train: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (checkpoints are replaced atomically)
+        if trainer is None or trainer.rank == 0:
+            note = trainer.interrupted_message() if trainer is not None else "interrupted"
+            print(f"medfast train: {note}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     if results:
         val = results.get("validation") or {}
         summary = ", ".join(f"{k}={v:.4g}" for k, v in val.items() if k.endswith("mean"))

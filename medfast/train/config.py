@@ -2,10 +2,13 @@
 
 A configuration is a tree of dataclasses (:class:`Config` at the root). :func:`load_config` reads one or
 more YAML files, merges them in order (later files win, nested mappings are merged key by key, lists and
-scalars are replaced), applies ``key.path=value`` overrides, and builds the dataclasses; unknown keys raise a
-``ValueError`` naming the key and the file. Override values are parsed as YAML and then checked against
-the type of the dataclass field they set (``trainer.max_steps=10`` gives an int, ``model.channels=[8,16]``
-a list of ints). :func:`save_config` writes the resolved configuration as YAML beside the results.
+scalars are replaced), applies ``key.path=value`` overrides, and builds the dataclasses; unknown keys and
+duplicate keys raise a ``ValueError`` naming the key and the file. Override values are parsed as YAML and then
+checked against the type of the dataclass field they set (``trainer.max_steps=10`` gives an int,
+``model.channels=[8,16]`` a list of ints); a mapping value (``trainer={max_steps: 9}``) is merged key by key as a
+file's is. A field typed as text keeps the text as written, in files and overrides alike (``out_dir: 0777`` is
+the folder ``0777``, not YAML 1.1's octal 511). :func:`save_config` writes the resolved configuration as YAML
+beside the results.
 
 A task that needs its own settings puts them in ``task_args`` (a free mapping) or adds a section here.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -246,6 +250,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if value is False and "off" in CHOICES.get(where, ()):  # YAML 1.1 reads a plain off as false
+            return "off"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where} must be a string, got {value!r}")
@@ -290,8 +296,93 @@ def merge_dicts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str,
     return out
 
 
+_TEXT_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
+
+
+@functools.cache
+def _yaml_loaders() -> tuple[type, type]:
+    """``(Loader, TextLoader)``: PyYAML's SafeLoader refusing duplicate keys, and the same leaving the plain scalars
+    that YAML 1.1 would read as bool / int / float / date as their source text (``0777``, ``1.10``, ``2024_01``,
+    ``12:30``, ``off``), for the fields typed as text (see :func:`_keep_text`)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            # PyYAML keeps the last of two equal keys silently: a repeated section would drop the first block
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # "<<: *anchor" entries may be overridden by explicit keys
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node)
+                    except TypeError:
+                        continue  # an unhashable key: SafeConstructor names it
+                    if first is not key_node:
+                        raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at "
+                                          f"line {first.start_mark.line + 1}); YAML would keep only the last, "
+                                          f"dropping the first: merge the two")
+            return super().construct_mapping(node, deep)
+
+    class TextLoader(Loader):
+        pass
+
+    TextLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in _TEXT_TAGS]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return Loader, TextLoader
+
+
+def _load_yaml(text: str) -> tuple[Any, Any]:
+    """``text`` read as YAML (duplicate keys refused), and read again with plain scalars kept as text (same shape)."""
+    import yaml
+
+    loader, text_loader = _yaml_loaders()
+    return yaml.load(text, Loader=loader), yaml.load(text, Loader=text_loader)  # noqa: S506 - SafeLoader subclasses
+
+
+def _keep_text(value: Any, text: Any, tp: Any) -> Any:
+    """``value`` with every position typed as text (``str``, ``str | None``, ``list[str]``, ...) taken from
+    ``text``, the same YAML read with plain scalars as written: ``out_dir: 0777`` is '0777' rather than str(511),
+    ``cache_dir: 2024_11`` '2024_11' rather than '202411'. Other positions keep YAML's typed value."""
+    if tp is Any or value is None:
+        return value
+    if tp is str:
+        return text if isinstance(text, str) else value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
+            kind = typing.get_origin(arg) or arg
+            if isinstance(value, list) and kind in (list, Sequence):
+                return _keep_text(value, text, arg)
+            if isinstance(value, Mapping) and (kind is dict or dataclasses.is_dataclass(arg)):
+                return _keep_text(value, text, arg)
+        scalar = not isinstance(value, (list, Mapping))
+        return _keep_text(value, text, str) if scalar and str in options else value
+    if origin in (list, Sequence) or tp is list:
+        if isinstance(value, list) and isinstance(text, list) and len(value) == len(text):
+            item = args[0] if args else Any
+            return [_keep_text(v, t, item) for v, t in zip(value, text)]
+        return value
+    is_dc = dataclasses.is_dataclass(tp)
+    if (is_dc or origin is dict) and isinstance(value, Mapping) and isinstance(text, Mapping) \
+            and len(value) == len(text):
+        hints = _hints(tp) if is_dc else None
+        kt, vt = (args if args else (Any, Any)) if not is_dc else (Any, Any)
+        out = {}
+        for (k, v), (tk, t) in zip(value.items(), text.items()):
+            key = tk if kt is str and isinstance(tk, str) else k
+            out[key] = _keep_text(v, t, hints.get(k, Any) if hints is not None else vt)
+        return out
+    return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=c"`` -> ``(["a", "b"], value)`` with ``value`` parsed as YAML (``"null"`` gives None)."""
+    """``"a.b=c"`` -> ``(["a", "b"], value)`` with ``value`` parsed as YAML (``"null"`` gives None). (A field typed
+    as text takes the text as written instead: see :func:`load_config`.)"""
     import yaml
 
     if "=" not in text:
@@ -301,13 +392,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw)[0] if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as exc:  # a duplicate key in a mapping value
+        raise ConfigError(f"override {text!r}: {exc}") from None
     return key.split("."), value
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+def _override_value(raw: str, value: Any, tp: Any) -> Any:
+    """The value of an override ``key=raw`` for a field of type ``tp``: for text, the text as written (``0777``,
+    ``1.10``, ``12:30`` and ``runs/a #1`` stay as they are; null still gives None and a quoted string loses its
+    quotes), elsewhere YAML's value with text positions (``list[str]`` items, a section's text fields) as written."""
+    import yaml
+
+    if value is None or not raw.strip():
+        return value
+    try:
+        node = yaml.compose(raw, Loader=_yaml_loaders()[0])
+        texts = _load_yaml(raw)[1]
+    except (yaml.YAMLError, ConfigError):
+        return value
+    if isinstance(node, yaml.ScalarNode) and node.style is None and not isinstance(value, (list, Mapping)):
+        text_typed = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                                   and str in typing.get_args(tp))
+        if text_typed:
+            return raw.strip()
+    return _keep_text(value, texts, tp)
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, text: str, raw: str | None = None) -> None:
+    """Sets ``tree[path[0]][path[1]]... = value`` (``raw``: the override's text, for fields typed as text); a
+    mapping is merged into the mapping already there, key by key, as a later file's would be."""
     node = tree
     cls: Any = Config
     for i, part in enumerate(path):
@@ -318,8 +434,12 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any, text: str) -> N
             raise ConfigError(f"override {text!r}: unknown key {part!r} in {where}; valid keys: {valid}")
         tp = hints[part] if hints is not None else Any
         if i == len(path) - 1:
-            node[part] = value
+            if raw is not None:
+                value = _override_value(raw, value, tp)
+            if isinstance(value, Mapping) and isinstance(node.get(part), Mapping):
+                value = merge_dicts(node[part], value)
             _coerce(value, tp, ".".join(path))  # type check now, to name the override on failure
+            node[part] = value
             return
         if not isinstance(node.get(part), dict):
             node[part] = {}
@@ -335,12 +455,17 @@ def load_config(
 ) -> Config:
     """Reads YAML files merged in order, applies ``key.path=value`` overrides, returns the :class:`Config`.
 
+    Relative paths in the configuration (``data.root``, ``trainer.out_dir``, ...) are used as given, i.e. read
+    from the current working directory, not from the config file's folder.
+
     Parameters
     ----------
     paths : path or sequence of paths
-        YAML files, merged in order (later files override earlier ones).
+        YAML files, merged in order (later files override earlier ones). A field typed as text keeps a plain
+        scalar as written (``out_dir: 0777`` is the folder ``0777``); a duplicate key is an error.
     overrides : sequence of str
-        ``"section.key=value"`` strings (values parsed as YAML, typed by the dataclass field), applied last.
+        ``"section.key=value"`` strings (values parsed as YAML, typed by the dataclass field; a text field takes
+        the value as written; a mapping merges into the section key by key), applied last.
     base : mapping, optional
         Values applied before the first file.
     values : mapping, optional
@@ -351,7 +476,8 @@ def load_config(
     Raises
     ------
     ConfigError
-        A missing or invalid YAML file, an unknown key (named with its file), or a value of the wrong type.
+        A missing or invalid YAML file, an unknown or duplicate key (named with its file), or a value of the
+        wrong type.
     """
     import yaml
 
@@ -369,11 +495,15 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data, texts = _load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        except ConfigError as exc:  # a duplicate key
+            raise ConfigError(f"config file {path}: {exc}") from None
+        data = data or {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+        data = _keep_text(data, texts, Config)
         try:
             config_from_dict(data)  # validate each file on its own, to name the file holding a bad key
         except ConfigError as exc:
@@ -381,7 +511,7 @@ def load_config(
         tree = merge_dicts(tree, data)
     for text in overrides:
         path_parts, value = parse_override(text)
-        _set_path(tree, path_parts, value, text)
+        _set_path(tree, path_parts, value, text, raw=text.split("=", 1)[1])
     for key, value in (values or {}).items():
         _set_path(tree, key.split("."), value, f"{key}={value}")
     return config_from_dict(tree)
@@ -473,6 +603,10 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"trainer.dist_timeout_min must be > 0 (minutes), got {tc.dist_timeout_min}")
     if tc.threads is not None and tc.threads < 1:
         raise ConfigError(f"trainer.threads must be >= 1 (or null), got {tc.threads}")
+    # the seed feeds NumPy's default_rng (the validation split: >= 0) and torch generators seeded with
+    # seed * 1_000_003 + epoch (the data order: must fit 64 bits)
+    if not 0 <= tc.seed < 2**32:
+        raise ConfigError(f"trainer.seed must lie in [0, 2**32), got {tc.seed}")
     if not tc.out_dir:
         raise ConfigError("trainer.out_dir (--out) must not be empty")
     d = config.data
@@ -487,12 +621,22 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"data.clip_percentiles must be two percentiles 0 <= lo < hi <= 100, got "
                           f"{d.clip_percentiles}")
     o = config.optim
-    if not o.lr > 0:
-        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    # (NaN fails every comparison below, so each check also refuses it)
+    if not 0 < o.lr < math.inf:
+        raise ConfigError(f"optim.lr must be > 0 and finite, got {o.lr}")
+    if not 0 <= o.weight_decay < math.inf:
+        raise ConfigError(f"optim.weight_decay must be >= 0 and finite, got {o.weight_decay}")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum must lie in [0, 1), got {o.momentum}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-    if o.grad_clip is not None and o.grad_clip < 0:
-        raise ConfigError(f"optim.grad_clip must be >= 0 (or null), got {o.grad_clip}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if not 0 <= o.min_lr_ratio <= 1:  # the schedule's floor, lr * min_lr_ratio: < 0 would be gradient ascent
+        raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
+    if o.grad_clip is not None and not 0 <= o.grad_clip < math.inf:
+        raise ConfigError(f"optim.grad_clip must be >= 0 and finite (0 or null: no clipping), got {o.grad_clip}")
+    _check_augment(config.augment)
     inf = config.inference
     if not 0 <= inf.overlap < 1:
         raise ConfigError(f"inference.overlap must lie in [0, 1), got {inf.overlap}")
@@ -504,6 +648,22 @@ def check_config(config: Config) -> None:
     for key in ("lambda_dice", "lambda_ce"):
         if not 0 <= getattr(config.loss, key) < math.inf:
             raise ConfigError(f"loss.{key} must be >= 0 and finite, got {getattr(config.loss, key)}")
+
+
+def _check_augment(a: AugmentConfig) -> None:
+    """The augmentation ranges (read at the first training step: checked before any data is read)."""
+    for key in ("rotation", "shear", "translation", "deform_magnitude", "gamma", "intensity_shift", "noise_std",
+                "bias_field"):
+        if not 0 <= getattr(a, key) < math.inf:
+            raise ConfigError(f"augment.{key} must be >= 0 and finite (a range: +- that much), got {getattr(a, key)}")
+    for key in ("scale", "intensity_scale"):  # factors 1 +- scale: 1 or more would allow zero or negative ones
+        if not 0 <= getattr(a, key) < 1:
+            raise ConfigError(f"augment.{key} must lie in [0, 1) (factors 1 +- {key}), got {getattr(a, key)}")
+    if a.deform_grid != 0 and a.deform_grid < 2:
+        raise ConfigError(f"augment.deform_grid must be 0 (no deformation) or >= 2 control points per axis, "
+                          f"got {a.deform_grid}")
+    if not 0 <= a.integrate_steps <= 64:  # medfast.integrate's limit (scaling and squaring: 2**steps)
+        raise ConfigError(f"augment.integrate_steps must lie in [0, 64], got {a.integrate_steps}")
 
 
 def check_spatial_config(config: Config, *, dims: Sequence[int] = (2, 3), in_channels: bool = True) -> None:

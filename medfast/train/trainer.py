@@ -86,7 +86,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     ``ValueError``, naming it)."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; give a file such as {path / 'checkpoints' / 'last.pt'}")
+        # the checkpoints folder itself holds last.pt; a run's out_dir holds it under checkpoints/
+        hint = path / "last.pt" if (path / "last.pt").is_file() else path / "checkpoints" / "last.pt"
+        raise CheckpointError(f"checkpoint {path} is a folder; give a file such as {hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:  # weights_only: tensors and plain values only; a pickled object (code run on load) is refused
@@ -372,6 +374,9 @@ class Trainer:
         self.rank, self.world = D.rank(), D.world_size()
         self._run_checkpoints: dict[str, int] = {}  # step_*.pt of this run (and of the run it resumes): pruned
         self.step = 0
+        # where the data stream started: (step, global micro-batch); the checkpoints' micro_batches follow from it
+        self._data_start = (0, 0)
+        self._saved_step: int | None = None  # the step of out_dir/checkpoints/last.pt, where known
         self._tb = None
 
     # -- setup ----------------------------------------------------------------------------------------
@@ -404,9 +409,15 @@ class Trainer:
         else:
             self.ddp = model
         # one optimizer and schedule per phase; phase None = the single optimizer of most tasks
-        self.optimizers = {ph: build_optimizer(params, self.config.optim) for ph, params in groups.items()}
-        self.schedulers = {ph: build_scheduler(opt, self.config.optim, tc.max_steps)
-                           for ph, opt in self.optimizers.items()}
+        try:
+            self.optimizers = {ph: build_optimizer(params, self.config.optim) for ph, params in groups.items()}
+            self.schedulers = {ph: build_scheduler(opt, self.config.optim, tc.max_steps)
+                               for ph, opt in self.optimizers.items()}
+        except ValueError as exc:  # torch's own checks of a value check_config let through: name the section
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"optim: the optimizer cannot be built from this config's optim settings "
+                              f"(optim.name={self.config.optim.name!r}): {exc}") from exc
         self.phases = list(groups)
         self.optimizer, self.scheduler = self.optimizers[self.phases[0]], self.schedulers[self.phases[0]]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -469,10 +480,52 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": epoch,
-            "micro_batches": self.step * self.config.trainer.accumulate,
+            "micro_batches": self._micro_batches_done(),
             "world_size": self.world,
             "rng": _rng_state(),
         }
+
+    def _micro_batches_done(self) -> int:
+        """The global micro-batches of this run's sampler taken so far: where a resume's data continues."""
+        step0, micro0 = self._data_start
+        return micro0 + (self.step - step0) * self.config.trainer.accumulate
+
+    def _resume_micro_batch(self, state: dict[str, Any]) -> int:
+        """The global micro-batch of this run's sampler at which the data continues after the checkpoint ``state``.
+
+        The checkpoint's ``micro_batches`` counts micro-batches of its run (``batch_size`` x processes samples,
+        epochs of that run's length). With the same ``trainer.batch_size``, ``trainer.accumulate`` and number of
+        processes it is used as it is (the exact resume). With others, the run continues at the checkpoint's
+        position in its epoch: every such run draws the same permutation of the subjects in an epoch (each run's
+        epoch is a prefix of it, cut to whole steps), so no sample is skipped or repeated, except that a position
+        inside this run's micro-batch is rounded up to the next (skipping fewer than ``batch_size`` x processes
+        samples, said in a message), and one past this run's (shorter) epoch starts the next epoch.
+        """
+        tc = self.config.trainer
+        if "micro_batches" not in state:  # written before micro_batches was stored: step * accumulate
+            return self.step * tc.accumulate
+        micro = int(state["micro_batches"])
+        saved = (state.get("config") or {}).get("trainer") or {}
+        old = (int(saved.get("batch_size", tc.batch_size)), int(saved.get("accumulate", tc.accumulate)),
+               int(state.get("world_size", self.world)))
+        new = (tc.batch_size, tc.accumulate, self.world)
+        if old == new:
+            return micro
+        batch, accumulate, world = old
+        old_epoch = D.EpochSampler(len(self.train_ds), batch, world, accumulate=accumulate).batches_per_epoch()
+        epoch, offset = divmod(micro, old_epoch)
+        sample = offset * batch * world  # position in the epoch's permutation
+        unit = tc.batch_size * self.world
+        start = -(-sample // unit)
+        skipped = start * unit - sample
+        if start >= self.batches_per_epoch:  # past the end of this run's (shorter) epoch
+            epoch, start, skipped = epoch + 1, 0, 0
+        if self.rank == 0:
+            note = f", skipping {skipped} sample(s) to start on a whole batch" if skipped else ""
+            print(f"medfast train: the checkpoint was trained with batch_size x accumulate x processes = "
+                  f"{' x '.join(map(str, old))}, this run {' x '.join(map(str, new))}: the data continues at "
+                  f"epoch {epoch}, sample {start * unit} of the epoch{note}", flush=True)
+        return epoch * self.batches_per_epoch + start
 
     def _optimizer_state(self) -> dict[str, Any]:
         if self.phases == [None]:
@@ -530,6 +583,7 @@ class Trainer:
             state["rng_per_rank"] = rngs
         path = save_checkpoint(state, ckdir / f"step_{self.step:07d}.pt")
         save_checkpoint(state, ckdir / "last.pt")
+        self._saved_step = self.step
         self._run_checkpoints[path.name] = self.step
         keep = self.config.trainer.keep_checkpoints
         # only this run's step checkpoints (and those of the run it resumed, up to the resumed step) are pruned
@@ -598,6 +652,9 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"cannot restore the gradient scaler from {path}: {exc}") from None
         self.step = int(state["step"])
+        self._data_start = (self.step, self._resume_micro_batch(state))
+        if path.resolve() == (self.out_dir / "checkpoints" / "last.pt").resolve():
+            self._saved_step = self.step
         if path.resolve().parent == (self.out_dir / "checkpoints").resolve():
             self._run_checkpoints = {k: v for k, v in self._step_checkpoints().items() if v <= self.step}
         per_rank = state.get("rng_per_rank")
@@ -611,6 +668,17 @@ class Trainer:
         if self.rank == 0:
             print(f"medfast train: resumed from {path} at step {self.step}", flush=True)
         return self.step
+
+    def interrupted_message(self) -> str:
+        """What ``medfast train`` says when the run is interrupted (Ctrl-C): the step, and the checkpoint to
+        resume from. (Checkpoints are replaced atomically, so an interrupted save leaves the previous one.)"""
+        last = self.out_dir / "checkpoints" / "last.pt"
+        done = f"interrupted at step {self.step} of {self.config.trainer.max_steps}"
+        if self._saved_step is not None:
+            return f"{done}; the last checkpoint is {last} (step {self._saved_step}): continue with --resume"
+        if last.is_file():
+            return f"{done}, before this run wrote a checkpoint; {last} is from an earlier run (--resume continues it)"
+        return f"{done}, before the first checkpoint (trainer.checkpoint_every): nothing to resume"
 
     # -- logging --------------------------------------------------------------------------------------
     def _tensorboard(self):
@@ -778,7 +846,9 @@ class Trainer:
 
             pbar = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                         disable=None)
-        stream = self._micro_batches(self.step * tc.accumulate)
+        if resumed is None:
+            self._data_start = (self.step, self.step * tc.accumulate)
+        stream = self._micro_batches(self._data_start[1])
         metrics_val: dict[str, float] = {}
         epoch = 0
         if tc.val_at_start and tc.val_every and self.step == 0:  # the untrained model's metrics, as step 0
