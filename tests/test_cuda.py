@@ -265,9 +265,9 @@ def test_cuda_ops_refuse_mixed_devices_and_take_empty_batches():
     logits, labels = torch.rand(1, 3, 8, 8, 8, device="cuda"), torch.zeros(1, 8, 8, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="on"):
         ops.softmax_stats(logits, labels, None)
-    empty = ops.softmax_stats(torch.rand(0, 3, 8, 8, device="cuda"), torch.zeros(0, 8, 8, dtype=torch.long,
-                                                                                  device="cuda"), None)
-    assert empty.shape == (0, 3, 4)
+    empty, bad = ops.softmax_stats(torch.rand(0, 3, 8, 8, device="cuda"), torch.zeros(0, 8, 8, dtype=torch.long,
+                                                                                       device="cuda"), None)
+    assert empty.shape == (0, 3, 4) and bad.tolist() == [0, 0]
     # the march backward took a CPU grad beside CUDA coords and handed the kernel a host pointer
     props, coords = torch.rand(1, 8, 8, 8, 5, device="cuda"), torch.rand(1, 4, 6, 3, device="cuda") * 7
     noise = torch.rand(1024, 4, device="cuda")

@@ -291,7 +291,7 @@ def test_reference_sums_match_the_fused_kernels(kind, weighted):
     if kind == "labels":
         target = torch.randint(0, 7, (2, 5, 6, 4), generator=gen)
         target[0, 0] = -1  # ignored voxels
-        fused = lambda x: _ops.softmax_stats(x, target, w)  # noqa: E731
+        fused = lambda x: _ops.softmax_stats(x, target, w)[0]  # noqa: E731
     else:
         target = torch.rand(2, 7, 5, 6, 4, generator=gen, dtype=torch.float64)
         if kind == "softmax":

@@ -66,7 +66,7 @@ def _case(kind, dtype, spatial, B, C, weighted, seed, spread=3.0):
 def _cpu(kind, logits, target, weight, gstats):
     ops = torch.ops.medfast
     if kind == "labels":
-        return ops.softmax_stats(logits, target, weight), ops.softmax_stats_backward(gstats, logits, target, weight)
+        return ops.softmax_stats(logits, target, weight)[0], ops.softmax_stats_backward(gstats, logits, target, weight)
     sig = kind == "sigmoid"
     return (ops.soft_stats(logits, target, weight, sig),
             ops.soft_stats_backward(gstats, logits, target, weight, sig))
@@ -80,7 +80,7 @@ def _emu(lib, what, kind, logits, target, weight, gstats=None, sms=H100_SMS, opt
     B, C = logits.shape[:2]
     N = logits[0, 0].numel()
     out = torch.full((B, C, 4) if what == "sums" else logits.shape, float("nan"), dtype=logits.dtype)
-    geo = (ctypes.c_int64 * 4)()
+    geo = (ctypes.c_int64 * 6)()  # + the label range (sums)
     i64 = ctypes.c_int64
     args = [ctypes.c_int(KINDS[kind]), _p(logits), _p(target), None if weight is None else _p(weight)]
     if what == "grad":
@@ -90,7 +90,7 @@ def _emu(lib, what, kind, logits, target, weight, gstats=None, sms=H100_SMS, opt
     if rc == 1:
         return None, None
     assert rc == 0
-    return out, dict(threads=geo[0], blocks=geo[1], chunk=geo[2], smem=geo[3])
+    return out, dict(threads=geo[0], blocks=geo[1], chunk=geo[2], smem=geo[3], range=(geo[4], geo[5]))
 
 
 def _check_geometry(what, geo, dtype, B, C, N, sms):
@@ -117,6 +117,9 @@ def _compare(lib, kind, dtype, spatial, B, C, weighted, sms, seed=0, spread=3.0)
     _check_geometry("sums", geo, dtype, B, C, N, sms)
     grad, ggeo = _emu(lib, "grad", kind, logits, target, weight, gstats, sms=sms)
     _check_geometry("grad", ggeo, dtype, B, C, N, sms)
+    if kind == "labels":  # the out-of-range labels the atomics report, as the CPU op's
+        assert geo["range"] == tuple(torch.ops.medfast.softmax_stats(logits, target, weight)[1].tolist())
+        assert geo["range"] == (-1, C + 2)
     rtol, atol = _tol(dtype)
     # each statistic against its own scale (the cross-entropy sums are far larger than the others)
     scale = ref_sums.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1.0)
@@ -151,14 +154,14 @@ def _emu_warp_sums(lib, logits, labels, weight, sms=H100_SMS, optin=H100_OPTIN):
     B, C = logits.shape[:2]
     N = logits[0, 0].numel()
     out = torch.full((B, C, 4), float("nan"), dtype=logits.dtype)
-    geo = (ctypes.c_int64 * 4)()
+    geo = (ctypes.c_int64 * 6)()
     i64 = ctypes.c_int64
     rc = getattr(lib, f"emu_loss_sums_warp_{suffix}")(_p(logits), _p(labels), None if weight is None else _p(weight),
                                                       i64(B), i64(C), i64(N), i64(sms), i64(optin), _p(out), geo)
     if rc == 1:
         return None, None
     assert rc == 0
-    return out, dict(threads=geo[0], blocks=geo[1], chunk=geo[2], smem=geo[3])
+    return out, dict(threads=geo[0], blocks=geo[1], chunk=geo[2], smem=geo[3], range=(geo[4], geo[5]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -172,8 +175,9 @@ def test_label_sums_warp_kernel_matches_cpu(lib, dtype, C, B, weighted, sms):
     # out-of-range labels and zero weights left out
     spatial = (7, 9, 11)
     logits, target, weight, _ = _case("labels", dtype, spatial, B, C, weighted, seed=C + 7 * B, spread=6.0)
-    ref = torch.ops.medfast.softmax_stats(logits, target, weight)
+    ref = torch.ops.medfast.softmax_stats(logits, target, weight)[0]
     sums, geo = _emu_warp_sums(lib, logits, target, weight, sms=sms)
+    assert geo["range"] == (-1, C + 2)  # the labels' -1 and C + 2 (no ignore index): reported
     rtol, atol = _tol(dtype)
     scale = ref.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1.0)
     torch.testing.assert_close(sums / scale, ref / scale, rtol=rtol, atol=atol)
@@ -193,13 +197,13 @@ def test_label_sums_warp_kernel_large_logits_and_many_classes(lib):
     # opt-in shared memory of an H100 (87 KB; sums_kernel would need 384 KB), as the launcher plans it
     logits, target, weight, _ = _case("labels", torch.float32, (5, 6, 7), 2, 9, True, seed=3, spread=80.0)
     sums, _ = _emu_warp_sums(lib, logits, target, weight)
-    ref = torch.ops.medfast.softmax_stats(logits, target, weight)
+    ref = torch.ops.medfast.softmax_stats(logits, target, weight)[0]
     scale = ref.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1.0)
     torch.testing.assert_close(sums / scale, ref / scale, rtol=2e-5, atol=2e-5)
     logits, target, weight, _ = _case("labels", torch.float32, (4, 5, 6), 1, 600, False, seed=4)
     sums, geo = _emu_warp_sums(lib, logits, target, weight)
     assert geo["threads"] == 32 and geo["smem"] > 48 * 1024
-    ref = torch.ops.medfast.softmax_stats(logits, target, weight)
+    ref = torch.ops.medfast.softmax_stats(logits, target, weight)[0]
     scale = ref.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1.0)
     torch.testing.assert_close(sums / scale, ref / scale, rtol=2e-5, atol=2e-5)
 

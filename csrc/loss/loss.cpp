@@ -21,7 +21,8 @@ void check(const Tensor& logits, const Tensor& labels, const OptTensor& weight) 
                     "medfast softmax_stats: labels must be (B, *spatial) like the logits");
   for (int64_t i = 1; i < labels.dim(); ++i)
     TORCH_CHECK_VALUE(labels.size(i) == logits.size(i + 1), "medfast softmax_stats: labels shape mismatch");
-  TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()), "medfast softmax_stats: labels must be integers");
+  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+                   "medfast softmax_stats: labels must be integers, got ", labels.scalar_type());
   if (weight) TORCH_CHECK_VALUE(weight->sizes() == labels.sizes(), "medfast softmax_stats: voxel_weight shape");
   same_device(logits, labels, weight, "medfast softmax_stats");
 }
@@ -67,9 +68,17 @@ FinalizeOptions finalize_options(at::ArrayRef<double> scalars, int64_t flags) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
-  m.def("softmax_stats(Tensor logits, Tensor labels, Tensor? voxel_weight) -> Tensor");
-  m.def("softmax_stats_backward(Tensor grad, Tensor logits, Tensor labels, Tensor? voxel_weight) -> Tensor");
-  m.def("soft_stats(Tensor logits, Tensor target, Tensor? voxel_weight, bool sigmoid) -> Tensor");
+  // Label sums: labels of any integer dtype (uint8, int32, int64 read as they are), ignore_index left out of
+  // every sum; the second output (2,) int64 holds the out-of-range labels seen (loss.h LabelRange: the most
+  // negative and the largest >= C, 0 for none), for the caller's range check. ce = False leaves the
+  // cross-entropy sums at 0 (no logarithms). Logits contiguous or channels-last are read in place.
+  m.def(
+      "softmax_stats(Tensor logits, Tensor labels, Tensor? voxel_weight, int? ignore_index=None, bool ce=True) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "softmax_stats_backward(Tensor grad, Tensor logits, Tensor labels, Tensor? voxel_weight, "
+      "int? ignore_index=None) -> Tensor");
+  m.def("soft_stats(Tensor logits, Tensor target, Tensor? voxel_weight, bool sigmoid, bool ce=True) -> Tensor");
   m.def("soft_stats_backward(Tensor grad, Tensor logits, Tensor target, Tensor? voxel_weight, bool sigmoid) -> Tensor");
   // The scalar loss from the sums (csrc/loss/finalize.h): lambda_dice * Dice term + lambda_ce * CE term,
   // the terms present and the options as the bits of `flags` (FinalizeFlag), scalars = (divisor_scale,
@@ -93,21 +102,23 @@ struct Launchers {
 
 template <const Launchers& L>
 void register_impls(torch::Library& m) {
-  m.impl("softmax_stats", [](const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
+  m.impl("softmax_stats", [](const Tensor& logits, const Tensor& labels, const OptTensor& weight,
+                             std::optional<int64_t> ignore_index, bool ce) {
     check(logits, labels, weight);
-    return L.stats(logits, labels, weight);
+    return L.stats(logits, labels, weight, ignore_index, ce);
   });
-  m.impl("softmax_stats_backward",
-         [](const Tensor& grad, const Tensor& logits, const Tensor& labels, const OptTensor& weight) {
-           check(logits, labels, weight);
-           TORCH_CHECK_VALUE(grad.device() == logits.device(), "medfast softmax_stats_backward: grad on ",
-                             grad.device(), " but logits on ", logits.device());
-           return L.stats_backward(grad, logits, labels, weight);
+  m.impl("softmax_stats_backward", [](const Tensor& grad, const Tensor& logits, const Tensor& labels,
+                                      const OptTensor& weight, std::optional<int64_t> ignore_index) {
+    check(logits, labels, weight);
+    TORCH_CHECK_VALUE(grad.device() == logits.device(), "medfast softmax_stats_backward: grad on ", grad.device(),
+                      " but logits on ", logits.device());
+    return L.stats_backward(grad, logits, labels, weight, ignore_index);
+  });
+  m.impl("soft_stats",
+         [](const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid, bool ce) {
+           check_soft(logits, target, weight);
+           return L.soft(logits, target, weight, sigmoid, ce);
          });
-  m.impl("soft_stats", [](const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid) {
-    check_soft(logits, target, weight);
-    return L.soft(logits, target, weight, sigmoid);
-  });
   m.impl("soft_stats_backward", [](const Tensor& grad, const Tensor& logits, const Tensor& target,
                                    const OptTensor& weight, bool sigmoid) {
     check_soft(logits, target, weight);

@@ -4,7 +4,7 @@
 //   I[b,c] = sum_x w p_c [y = c],  P[b,c] = sum_x w p_c,  G[b,c] = sum_x w [y = c],
 //   E[b,c] = sum_x w [y = c] (-log p_c),
 // with p = softmax(logits) over the classes, y the label, w the voxel weight (the voxel is skipped
-// where y is the ignore index). Everything else, class weights included, is O(B x C) tensor
+// where y is the ignore index or out of range; out-of-range labels are reported, LabelRange). Everything else, class weights included, is O(B x C) tensor
 // arithmetic in Python, where autograd sees it. The backward reads the logits once more: with
 // u_c = dL/dI[b,c] [y = c] + dL/dP[b,c] and e = dL/dE[b,y],
 //   d L / d z_k = w (p_k (u_k - sum_c u_c p_c) + e (p_k - [k = y])).
@@ -21,6 +21,39 @@ namespace medfast::loss {
 
 // Sums per (batch, class): I, P, G, E.
 constexpr int kStats = 4;
+
+// How a label counts: a class in [0, C), the ignore index (left out), or out of range (left out too,
+// and reported by LabelRange, so that the caller's range check needs no pass of its own over the labels).
+// Labels come in their own integer type (uint8, int32, int64): no int64 copy of a label map.
+struct LabelRule {
+  int64_t C, ignore;
+  bool has_ignore;
+  MEDFAST_HOST_DEVICE bool ignored(int64_t y) const { return has_ignore && y == ignore; }
+  // The class of label y, or -1: the voxel is left out.
+  template <typename L>
+  MEDFAST_HOST_DEVICE int64_t cls(L label) const {
+    const int64_t y = static_cast<int64_t>(label);
+    return y >= 0 && y < C && !ignored(y) ? y : int64_t(-1);
+  }
+};
+
+// The labels' range, the ignored ones counted as 0: min(0, labels) and max(0, labels) (a plain min / max:
+// vectorizes). Out of range: lo < 0 (the most negative label) or hi >= C (the largest); reported as
+// (lo, bad_hi), both 0 with good labels, so the device buffer starts as zeros.
+struct LabelRange {
+  int64_t lo = 0, hi = 0;
+  template <typename L>
+  MEDFAST_HOST_DEVICE void add(const LabelRule& r, L label) {
+    const int64_t y = r.ignored(static_cast<int64_t>(label)) ? int64_t(0) : static_cast<int64_t>(label);
+    lo = y < lo ? y : lo;
+    hi = y > hi ? y : hi;
+  }
+  MEDFAST_HOST_DEVICE void merge(const LabelRange& o) {
+    lo = o.lo < lo ? o.lo : lo;
+    hi = o.hi > hi ? o.hi : hi;
+  }
+  MEDFAST_HOST_DEVICE int64_t bad_hi(int64_t C) const { return hi >= C ? hi : int64_t(0); }
+};
 
 // exp(x) for x <= 0 in float without a library call, branch-free so that loops over voxels
 // vectorize (Cody-Waite range reduction and a degree-6 polynomial, about 2 ulp); double uses exp.
@@ -198,17 +231,21 @@ MEDFAST_HOST_DEVICE A ce_term(A wv, T wd, T mx, T zy) {
   return wv * (log(A(wv) / A(wd)) + (A(mx) - A(zy)));
 }
 
-// Adds a block of voxels to the sums cls[c * kStats + k] (accumulated in A). label[v] outside
-// [0, C) (the ignore index) or weight 0 leaves voxel v out. w: voxel weights or nullptr.
-template <typename S, typename A, typename Acc, typename E>
-MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const int64_t* label, const A* w, int nv,
-                                     Acc cls, E e, E mx, E den) {
+// Adds a block of voxels to the sums cls[c * kStats + k] (accumulated in A). A label that is no class
+// (rule.cls < 0: ignored or out of range) or weight 0 leaves voxel v out; out-of-range labels go into
+// range. w: voxel weights or nullptr. ce = false leaves E at 0 (no logarithms: nobody reads it).
+template <typename S, typename L, typename A, typename Acc, typename E>
+MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const L* label, const LabelRule& rule,
+                                     bool ce, const A* w, int nv, Acc cls, E e, E mx, E den, LabelRange& range) {
   using T = elem_t<E>;
   softmax_block(z, C, cs, nv, e, mx, den);
   for (int v = 0; v < nv; ++v) {  // den becomes w / den: the weight of p = e / den
-    const bool keep = label[v] >= 0 && label[v] < C;
+    const bool keep = rule.cls(label[v]) >= 0;
     den[v] = keep ? static_cast<T>(w ? w[v] : A(1)) / den[v] : T(0);
   }
+  LabelRange r = range;  // a local: kept in registers (range may alias the labels)
+  for (int v = 0; v < nv; ++v) r.add(rule, label[v]);
+  range = r;
   for (int64_t c = 0; c < C; ++c) {  // P, in lanes (kLanes)
     if (nv == 1) {  // CUDA: a thread per voxel
       cls[c * kStats + 1] += e[c] * den[0];
@@ -225,13 +262,13 @@ MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const in
     cls[c * kStats + 1] += sum;
   }
   for (int v = 0; v < nv; ++v) {
-    const int64_t y = label[v];
-    if (y < 0 || y >= C || den[v] == T(0)) continue;
+    const int64_t y = rule.cls(label[v]);
+    if (y < 0 || den[v] == T(0)) continue;
     const A wv = w ? w[v] : A(1);
     cls[y * kStats + 0] += e[y * nv + v] * den[v];
     cls[y * kStats + 2] += wv;
     // -log p_y = log(sum e) + mx - z_y, with sum e = w / den
-    cls[y * kStats + 3] += ce_term<A>(wv, den[v], mx[v], static_cast<T>(z[y * cs + v]));
+    if (ce) cls[y * kStats + 3] += ce_term<A>(wv, den[v], mx[v], static_cast<T>(z[y * cs + v]));
   }
 }
 
@@ -240,12 +277,13 @@ MEDFAST_HOST_DEVICE void stats_block(const S* z, int64_t C, int64_t cs, const in
 // (the weight of p = row[c] * row[C + 1]; 0 leaves the voxel out), row[C + 2] = y (-1: left out),
 // row[C + 3] = w. The same operations as stats_block for one voxel; inactive (a thread past the end):
 // left out.
-template <typename S, typename A, typename E>
-MEDFAST_HOST_DEVICE void label_voxel_row(const S* z, int64_t C, int64_t cs, const int64_t* label, const A* w,
-                                         bool active, E row) {
+template <typename S, typename L, typename A, typename E>
+MEDFAST_HOST_DEVICE void label_voxel_row(const S* z, int64_t C, int64_t cs, const L* label, const LabelRule& rule,
+                                         bool ce, const A* w, bool active, E row, LabelRange& range) {
   using T = elem_t<E>;
-  const int64_t y = active ? label[0] : -1;
-  if (y < 0 || y >= C) {
+  if (active) range.add(rule, label[0]);
+  const int64_t y = active ? rule.cls(label[0]) : int64_t(-1);
+  if (y < 0) {
     row[C] = T(0);
     row[C + 1] = T(0);
     row[C + 2] = T(-1);
@@ -256,7 +294,7 @@ MEDFAST_HOST_DEVICE void label_voxel_row(const S* z, int64_t C, int64_t cs, cons
   const A wv = w ? w[0] : A(1);
   const T wd = static_cast<T>(wv) / row[C + 1];
   const T mx = row[C];
-  row[C] = wd == T(0) ? T(0) : static_cast<T>(ce_term<A>(wv, wd, mx, static_cast<T>(z[y * cs])));
+  row[C] = wd == T(0) || !ce ? T(0) : static_cast<T>(ce_term<A>(wv, wd, mx, static_cast<T>(z[y * cs])));
   row[C + 1] = wd;
   row[C + 2] = static_cast<T>(y);
   row[C + 3] = static_cast<T>(wv);
@@ -266,18 +304,20 @@ MEDFAST_HOST_DEVICE void label_voxel_row(const S* z, int64_t C, int64_t cs, cons
 // their batch's sums, gcls[c * kStats + k]:
 //   d L / d z_k = w (p_k (u_k - sum_c u_c p_c) + e_y (p_k - [k = y])),
 //   u_c = dL/dI[c] [y = c] + dL/dP[c],  e_y = dL/dE[y].
-// Scratch as softmax_block, plus aux (2 nv): the voxel weight and e_y.
-template <typename S, typename A, typename E>
-MEDFAST_HOST_DEVICE void stats_backward_block(const S* z, int64_t C, int64_t cs, const int64_t* label, const A* w,
-                                              int nv, const A* gcls, S* gz, E e, E mx, E den, E aux) {
+// Scratch as softmax_block, plus aux (2 nv): the voxel weight and e_y. Voxels that are no class (ignored
+// or out of range: rule.cls < 0) get weight 0, as in stats_block.
+template <typename S, typename L, typename A, typename E>
+MEDFAST_HOST_DEVICE void stats_backward_block(const S* z, int64_t C, int64_t cs, const L* label,
+                                              const LabelRule& rule, const A* w, int nv, const A* gcls, S* gz, E e,
+                                              E mx, E den, E aux) {
   using T = elem_t<E>;
   softmax_block(z, C, cs, nv, e, mx, den);
   E ubar = mx;  // the max is not needed any more
   E wv = aux;
   E ey = aux + nv;
   for (int v = 0; v < nv; ++v) {
-    const int64_t y = label[v];
-    const bool keep = y >= 0 && y < C;
+    const int64_t y = rule.cls(label[v]);
+    const bool keep = y >= 0;
     den[v] = T(1) / den[v];
     wv[v] = keep ? static_cast<T>(w ? w[v] : A(1)) : T(0);
     ey[v] = keep ? static_cast<T>(gcls[y * kStats + 3]) : T(0);
@@ -290,7 +330,7 @@ MEDFAST_HOST_DEVICE void stats_backward_block(const S* z, int64_t C, int64_t cs,
   for (int64_t c = 0; c < C; ++c) {
     const T gi = static_cast<T>(gcls[c * kStats + 0]), gp = static_cast<T>(gcls[c * kStats + 1]);
     for (int v = 0; v < nv; ++v) {
-      const bool own = label[v] == c;
+      const bool own = static_cast<int64_t>(label[v]) == c;  // (weight 0 where the label is no class)
       const T p = e[c * nv + v] * den[v];
       const T u = own ? gp + gi : gp;
       gz[c * cs + v] = static_cast<S>(wv[v] * (p * (u - ubar[v]) + ey[v] * (p - (own ? T(1) : T(0)))));
@@ -327,8 +367,9 @@ MEDFAST_HOST_DEVICE T sigmoid_parts(T z, T& ez, T& r) {
 
 // The terms of voxel v, class c of a block in the soft sums: w p t, w p, w t, w nll added to a0..a3.
 // Softmax: e holds p (normalised), lr[v] = log(1 / sum exp(z - mx)), so -log p_c = (mx - z_c) - lr
-// (mx - z_c first: small or exact, see ce_term).
-template <bool SIGMOID, typename S, typename E, typename W>
+// (mx - z_c first: small or exact, see ce_term). CE = false: no nll (a3 stays 0; the BCE's log1p per
+// element was a third of the sigmoid sums' time, for a Dice loss that never reads it).
+template <bool SIGMOID, bool CE, typename S, typename E, typename W>
 struct SoftTerms {
   using T = elem_t<E>;
   const S* z;
@@ -339,20 +380,20 @@ struct SoftTerms {
   W w;
   MEDFAST_HOST_DEVICE void operator()(int64_t c, int v, T& a0, T& a1, T& a2, T& a3) const {
     const T zc = static_cast<T>(z[c * cs + v]), tc = static_cast<T>(t[c * cs + v]), wv = w[v];
-    T p, nll;
+    T p, nll = T(0);
     if constexpr (SIGMOID) {
       T ez, r;
       p = sigmoid_parts(zc, ez, r);
-      nll = (zc > T(0) ? zc : T(0)) - zc * tc + log1p_unit(ez);  // BCE with logits, stable
+      if constexpr (CE) nll = (zc > T(0) ? zc : T(0)) - zc * tc + log1p_unit(ez);  // BCE with logits, stable
     } else {
       p = e[c * nv + v];
-      nll = tc * ((mx[v] - zc) - lr[v]);
+      if constexpr (CE) nll = tc * ((mx[v] - zc) - lr[v]);
     }
     const T wp = wv * p;
     a0 += wp * tc;
     a1 += wp;
     a2 += wv * tc;
-    a3 += wv * nll;
+    if constexpr (CE) a3 += wv * nll;
   }
 };
 
@@ -387,7 +428,7 @@ MEDFAST_HOST_DEVICE void add_class_sums(const Terms& terms, int64_t c, int nv, A
   cls[c * kStats + 3] += s3;
 }
 
-template <bool SIGMOID, typename S, typename Acc, typename E, typename W>
+template <bool SIGMOID, bool CE, typename S, typename Acc, typename E, typename W>
 MEDFAST_HOST_DEVICE void soft_stats_block_weighted(const S* z, const S* t, int64_t C, int64_t cs, W w, int nv,
                                                    Acc cls, E e, E mx, E den) {
   using T = elem_t<E>;
@@ -396,22 +437,23 @@ MEDFAST_HOST_DEVICE void soft_stats_block_weighted(const S* z, const S* t, int64
     for (int v = 0; v < nv; ++v) den[v] = T(1) / den[v];
     for (int64_t c = 0; c < C; ++c)
       for (int v = 0; v < nv; ++v) e[c * nv + v] *= den[v];  // p
-    for (int v = 0; v < nv; ++v) den[v] = log_positive(den[v]);  // once per voxel, in [-log C, 0]
+    if constexpr (CE)
+      for (int v = 0; v < nv; ++v) den[v] = log_positive(den[v]);  // once per voxel, in [-log C, 0]
   }
-  const SoftTerms<SIGMOID, S, E, W> terms{z, t, cs, nv, e, mx, den, w};
+  const SoftTerms<SIGMOID, CE, S, E, W> terms{z, t, cs, nv, e, mx, den, w};
   for (int64_t c = 0; c < C; ++c) add_class_sums<T>(terms, c, nv, cls);
 }
 
 // Adds a block of voxels to the sums cls[c * kStats + k]. w: voxel weights or nullptr. Scratch as
-// softmax_block (unused with SIGMOID).
-template <bool SIGMOID, typename S, typename A, typename Acc, typename E>
+// softmax_block (unused with SIGMOID). CE = false leaves E at 0.
+template <bool SIGMOID, bool CE, typename S, typename A, typename Acc, typename E>
 MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv, Acc cls,
                                           E e, E mx, E den) {
   using T = elem_t<E>;
   if (w)
-    soft_stats_block_weighted<SIGMOID>(z, t, C, cs, VoxelWeights<T, A>{w}, nv, cls, e, mx, den);
+    soft_stats_block_weighted<SIGMOID, CE>(z, t, C, cs, VoxelWeights<T, A>{w}, nv, cls, e, mx, den);
   else
-    soft_stats_block_weighted<SIGMOID>(z, t, C, cs, UnitWeights<T>{}, nv, cls, e, mx, den);
+    soft_stats_block_weighted<SIGMOID, CE>(z, t, C, cs, UnitWeights<T>{}, nv, cls, e, mx, den);
 }
 
 // Gradient for soft_stats_block. Sigmoid: dL/dz_c = w ((gI_c t_c + gP_c) p (1 - p) + gE_c (p - t_c)).

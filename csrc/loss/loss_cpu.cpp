@@ -68,25 +68,32 @@ struct BlockRange {
   void run(bool avx2, int64_t i0, int64_t i1) { avx2 ? run_avx2(i0, i1) : run(i0, i1); }
 };
 
-// (B, C, kStats) sums: body(b, x0, nv, acc, scratch) adds block (b, x0, nv) into acc, the
-// (C, kStats) sums of batch b of the caller's chunk. scratch holds `scratch_per_voxel` x kBlock.
+// (B, C, kStats) sums: body(b, x0, nv, acc, range, scratch) adds block (b, x0, nv) into acc, the
+// (C, kStats) sums of batch b of the caller's chunk, and its out-of-range labels into range (the chunk's;
+// merged into *range_out). scratch holds `scratch_per_voxel` x kBlock.
 template <typename T, typename Body>
-Tensor sum_blocks(const Tensor& logits, const Blocks& bl, int64_t scratch_per_voxel, Body body) {
+Tensor sum_blocks(const Tensor& logits, const Blocks& bl, int64_t scratch_per_voxel, Body body,
+                  LabelRange* range_out = nullptr) {
   const int64_t chunks = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), bl.total / 16), 1, 64);
   const int64_t stride = bl.B * bl.C * kStats;
   std::vector<double> part(static_cast<size_t>(chunks * stride), 0.0);
+  std::vector<LabelRange> ranges(static_cast<size_t>(chunks));
   const bool avx2 = cpu_simd_available();
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<T> scratch(static_cast<size_t>(scratch_per_voxel * kBlock));
     for (int64_t k = k0; k < k1; ++k) {
       double* acc = part.data() + k * stride;
-      auto chunk_body = [&body, &bl, acc](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
-        body(b, x0, nv, acc + b * bl.C * kStats, e);
+      LabelRange range;  // on this thread's stack (the chunks' entries share cache lines)
+      auto chunk_body = [&body, &bl, acc, &range](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
+        body(b, x0, nv, acc + b * bl.C * kStats, range, e);
       };
       BlockRange<T, decltype(chunk_body)>{bl, chunk_body, scratch.data()}.run(
           avx2, bl.total * k / chunks, bl.total * (k + 1) / chunks);
+      ranges[k] = range;
     }
   });
+  if (range_out != nullptr)
+    for (const LabelRange& r : ranges) range_out->merge(r);
   Tensor out = at::zeros({bl.B, bl.C, kStats}, logits.options().dtype(at::kDouble));
   double* o = out.mutable_data_ptr<double>();
   for (int64_t k = 0; k < chunks; ++k)
@@ -122,44 +129,89 @@ void finalize_block_sums(const Finalize<T>& f, T* sums) {
 
 }  // namespace
 
-Tensor softmax_stats_cpu(const Tensor& logits_in, const Tensor& labels_in, const OptTensor& weight_in) {
-  const Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous().to(at::kLong);
+// Channels-last logits (cs = 1, vs = C): the block's nv voxels are gathered into buf[c * kBlock + v],
+// the layout the arithmetic reads (a block at a time: no copy of the logits; the same values, so the same
+// results bitwise). Returns the block's logits and sets cs; contiguous logits are read in place.
+template <typename S>
+MEDFAST_HOST_DEVICE const S* block_logits(const S* z, const LogitsLayout& l, int64_t C, int64_t N, int64_t b,
+                                          int64_t x0, int nv, S* buf, int64_t& cs) {
+  if (!l.channels_last) {
+    cs = N;
+    return z + b * C * N + x0;
+  }
+  const S* src = z + (b * N + x0) * C;
+  for (int v = 0; v < nv; ++v)
+    for (int64_t c = 0; c < C; ++c) buf[c * kBlock + v] = src[v * C + c];
+  cs = kBlock;
+  return buf;
+}
+
+std::tuple<Tensor, Tensor> softmax_stats_cpu(const Tensor& logits_in, const Tensor& labels_in,
+                                             const OptTensor& weight_in, std::optional<int64_t> ignore_index,
+                                             bool ce) {
+  const LogitsLayout l = logits_layout(logits_in);
+  const Tensor& logits = l.t;
+  const Tensor labels = label_tensor(labels_in);
   const Tensor weight = as_double(weight_in);
   const Blocks bl(logits);
   const int64_t C = bl.C, N = bl.N;
-  const int64_t* y = labels.const_data_ptr<int64_t>();
+  const LabelRule rule = label_rule(C, ignore_index);
   const double* w = weights(weight);
   Tensor out;
+  LabelRange range;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    out = sum_blocks<T>(logits, bl, C + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) MEDFAST_INLINE_LAMBDA {
-      const int64_t v0 = b * N + x0;
-      stats_block(z + b * C * N + x0, C, N, y + v0, w ? w + v0 : nullptr, nv, acc, e, e + C * kBlock,
-                  e + (C + 1) * kBlock);
+    with_labels(labels, [&](const auto* y) {
+      out = sum_blocks<T>(
+          logits, bl, C + 2 + (l.channels_last ? C : 0),  // + the gathered block (S is never wider than T)
+          [&](int64_t b, int64_t x0, int nv, double* acc, LabelRange& r, T* e) MEDFAST_INLINE_LAMBDA {
+            const int64_t v0 = b * N + x0;
+            int64_t cs;
+            const scalar_t* zb = block_logits(z, l, C, N, b, x0, nv, reinterpret_cast<scalar_t*>(e + (C + 2) * kBlock),
+                                              cs);
+            stats_block(zb, C, cs, y + v0, rule, ce, w ? w + v0 : nullptr, nv, acc, e, e + C * kBlock,
+                        e + (C + 1) * kBlock, r);
+          },
+          &range);
     });
   });
-  return out;
+  return {out, range_tensor(range, C, logits)};
 }
 
 Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in, const Tensor& labels_in,
-                                  const OptTensor& weight_in) {
-  const Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous().to(at::kLong);
+                                  const OptTensor& weight_in, std::optional<int64_t> ignore_index) {
+  const LogitsLayout l = logits_layout(logits_in);
+  const Tensor& logits = l.t;
+  const Tensor labels = label_tensor(labels_in);
   const Tensor weight = as_double(weight_in), g = grad_stats.to(at::kDouble).contiguous();
   const Blocks bl(logits);
   const int64_t C = bl.C, N = bl.N;
-  Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  const int64_t* y = labels.const_data_ptr<int64_t>();
+  const LabelRule rule = label_rule(C, ignore_index);
+  Tensor grad = grad_like(l);
   const double* w = weights(weight);
   const double* gs = g.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats_bwd", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    for_blocks<T>(bl, C + 4, [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
-      const int64_t v0 = b * N + x0, off = b * C * N + x0;
-      stats_backward_block(z + off, C, N, y + v0, w ? w + v0 : nullptr, nv, gs + b * C * kStats, gz + off, e,
-                           e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
+    with_labels(labels, [&](const auto* y) {
+      for_blocks<T>(bl, C + 4 + (l.channels_last ? 2 * C : 0),  // + the gathered block and its gradient
+                    [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
+        const int64_t v0 = b * N + x0;
+        scalar_t* buf = reinterpret_cast<scalar_t*>(e + (C + 4) * kBlock);
+        int64_t cs;
+        const scalar_t* zb = block_logits(z, l, C, N, b, x0, nv, buf, cs);
+        // channels-last: the block's gradient in buf's second half, then scattered to the logits' layout
+        scalar_t* gb = l.channels_last ? buf + C * kBlock : gz + b * C * N + x0;
+        stats_backward_block(zb, C, cs, y + v0, rule, w ? w + v0 : nullptr, nv, gs + b * C * kStats, gb, e,
+                             e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
+        if (l.channels_last) {
+          scalar_t* dst = gz + (b * N + x0) * C;
+          for (int v = 0; v < nv; ++v)
+            for (int64_t c = 0; c < C; ++c) dst[v * C + c] = gb[c * kBlock + v];
+        }
+      });
     });
   });
   return grad;
@@ -175,7 +227,8 @@ static Blocks soft_blocks(const Tensor& logits, bool sigmoid) {
   return Blocks(logits.view({rows, 1, rows > 0 ? logits.numel() / rows : 0}), kRowBlock);
 }
 
-Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid) {
+Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid,
+                      bool ce) {
   const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
   const Tensor weight = as_double(weight_in);
   const int64_t C = logits.size(1);
@@ -187,16 +240,24 @@ Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const Op
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
-    out = sum_blocks<T>(logits, bl, rows + 2, [&](int64_t b, int64_t x0, int nv, double* acc, T* e) MEDFAST_INLINE_LAMBDA {
-      const int64_t off = b * rows * N + x0;
-      if (sigmoid) {
-        const double* wv = w ? w + b / C * N + x0 : nullptr;
-        soft_stats_block<true>(z + off, t + off, 1, N, wv, nv, acc, e, e + kBlock, e + 2 * kBlock);
-      } else {
-        const double* wv = w ? w + b * N + x0 : nullptr;
-        soft_stats_block<false>(z + off, t + off, C, N, wv, nv, acc, e, e + C * kBlock, e + (C + 1) * kBlock);
-      }
-    });
+    // Four loops, each compiled for its case (sigmoid or softmax, with or without the CE term).
+    auto sums = [&](auto sig, auto with_ce) {
+      constexpr bool kSigmoid = decltype(sig)::value, kCe = decltype(with_ce)::value;
+      return sum_blocks<T>(logits, bl, rows + 2,
+                           [&](int64_t b, int64_t x0, int nv, double* acc, LabelRange&, T* e) MEDFAST_INLINE_LAMBDA {
+        const int64_t off = b * rows * N + x0;
+        if constexpr (kSigmoid) {
+          const double* wv = w ? w + b / C * N + x0 : nullptr;
+          soft_stats_block<true, kCe>(z + off, t + off, 1, N, wv, nv, acc, e, e + kBlock, e + 2 * kBlock);
+        } else {
+          const double* wv = w ? w + b * N + x0 : nullptr;
+          soft_stats_block<false, kCe>(z + off, t + off, C, N, wv, nv, acc, e, e + C * kBlock, e + (C + 1) * kBlock);
+        }
+      });
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    out = sigmoid ? (ce ? sums(Yes{}, Yes{}) : sums(Yes{}, No{})) : (ce ? sums(No{}, Yes{}) : sums(No{}, No{}));
   });
   return out.view({logits.size(0), C, kStats});
 }

@@ -88,8 +88,8 @@ bool warp_sums() {
   return v != nullptr && std::strcmp(v, "warp") == 0;
 }
 
-template <typename S, typename T>
-Tensor launch_label_sums_warp(const LabelVoxel<S, T>& voxel, const Shape& s, const Tensor& logits) {
+template <typename S, typename T, typename L>
+Tensor launch_label_sums_warp(const LabelVoxel<S, T, L>& voxel, const Shape& s, const Tensor& logits) {
   TORCH_CHECK_VALUE(s.B <= 65535, "medfast softmax_stats: batch size ", s.B, " exceeds the CUDA grid limit 65535");
   if (s.B == 0) return at::zeros({0, s.C, kStats}, logits.options().dtype(stats_dtype(logits.scalar_type())));
   const int threads = plan_label_threads(s.C, sizeof(T));
@@ -100,7 +100,7 @@ Tensor launch_label_sums_warp(const LabelVoxel<S, T>& voxel, const Shape& s, con
                     optin, "; use fewer classes per call or the CPU");
   const int64_t blocks = sum_blocks_per_batch(s.B, s.N, threads, sm_count()), chunk = sum_chunk(s.N, blocks);
   Tensor partial = at::empty({s.B, blocks, s.C, kStats}, logits.options().dtype(c10::CppTypeToScalarType<T>::value));
-  auto kernel = label_sums_warp_kernel<S, T>;
+  auto kernel = label_sums_warp_kernel<S, T, L>;
   allow_smem(kernel, static_cast<size_t>(bytes));
   kernel<<<dim3(blocks, s.B), threads, static_cast<size_t>(bytes), at::cuda::getCurrentCUDAStream()>>>(
       voxel, chunk, partial.mutable_data_ptr<T>());
@@ -155,41 +155,77 @@ Tensor loss_finalize_backward_cuda(const Tensor& grad, const Tensor& stats, cons
   return out;
 }
 
-Tensor softmax_stats_cuda(const Tensor& logits_in, const Tensor& labels_in, const OptTensor& weight_in) {
+std::tuple<Tensor, Tensor> softmax_stats_cuda(const Tensor& logits_in, const Tensor& labels_in,
+                                              const OptTensor& weight_in, std::optional<int64_t> ignore_index,
+                                              bool ce) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous().to(at::kLong);
+  const LogitsLayout l = logits_layout(logits_in);
+  const Tensor& logits = l.t;
+  const Tensor labels = label_tensor(labels_in);
   const Shape s(logits);
+  const LabelRule rule = label_rule(s.C, ignore_index);
+  // The out-of-range labels (LabelRange), zeros to start: a memset, no kernel.
+  Tensor range = at::zeros({2}, logits.options().dtype(at::kLong));
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats_cuda", [&] {
     using T = compute_t<scalar_t>;
     const Tensor weight = weight_as(weight_in, c10::CppTypeToScalarType<T>::value);
-    const LabelVoxel<scalar_t, T> voxel{logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
-                                        ptr_or_null<T>(weight), nullptr, nullptr, s.C, s.N};
-    out = warp_sums() ? launch_label_sums_warp(voxel, s, logits) : launch_sums<T>(voxel, s, logits, "softmax_stats");
+    with_labels(labels, [&](const auto* y) {
+      using L = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
+      const LabelVoxel<scalar_t, T, L> voxel{logits.const_data_ptr<scalar_t>(),
+                                             y,
+                                             ptr_or_null<T>(weight),
+                                             nullptr,
+                                             nullptr,
+                                             s.C,
+                                             s.N,
+                                             l.cs,
+                                             l.vs,
+                                             rule,
+                                             ce,
+                                             reinterpret_cast<long long*>(range.mutable_data_ptr<int64_t>())};
+      out = warp_sums() ? launch_label_sums_warp(voxel, s, logits) : launch_sums<T>(voxel, s, logits, "softmax_stats");
+    });
   });
-  return out;
+  return {out, range};
 }
 
 Tensor softmax_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits_in, const Tensor& labels_in,
-                                   const OptTensor& weight_in) {
+                                   const OptTensor& weight_in, std::optional<int64_t> ignore_index) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous().to(at::kLong);
+  const LogitsLayout l = logits_layout(logits_in);
+  const Tensor& logits = l.t;
+  const Tensor labels = label_tensor(labels_in);
   const Shape s(logits);
-  Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  const LabelRule rule = label_rule(s.C, ignore_index);
+  Tensor grad = grad_like(l);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats_bwd_cuda",
                                   [&] {
     using T = compute_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<T>::value;
     const Tensor weight = weight_as(weight_in, acc), g = grad_stats.to(acc).contiguous();
-    const LabelVoxel<scalar_t, T> voxel{logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
-                                        ptr_or_null<T>(weight), g.const_data_ptr<T>(),
-                                        grad.mutable_data_ptr<scalar_t>(), s.C, s.N};
-    launch_grad<T>(voxel, s, "softmax_stats_backward");
+    with_labels(labels, [&](const auto* y) {
+      using L = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
+      const LabelVoxel<scalar_t, T, L> voxel{logits.const_data_ptr<scalar_t>(),
+                                             y,
+                                             ptr_or_null<T>(weight),
+                                             g.const_data_ptr<T>(),
+                                             grad.mutable_data_ptr<scalar_t>(),
+                                             s.C,
+                                             s.N,
+                                             l.cs,
+                                             l.vs,
+                                             rule,
+                                             true,
+                                             nullptr};
+      launch_grad<T>(voxel, s, "softmax_stats_backward");
+    });
   });
   return grad;
 }
 
-Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid) {
+Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid,
+                       bool ce) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
   const Shape s(logits);
@@ -199,12 +235,14 @@ Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const O
     const Tensor weight = weight_as(weight_in, c10::CppTypeToScalarType<T>::value);
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
+    const T* w = ptr_or_null<T>(weight);
+    auto sums = [&](auto voxel) { return launch_sums<T>(voxel, s, logits, "soft_stats"); };
     if (sigmoid)
-      out = launch_sums<T>(SoftVoxel<true, scalar_t, T>{z, t, ptr_or_null<T>(weight), nullptr, nullptr, s.C, s.N}, s,
-                           logits, "soft_stats");
+      out = ce ? sums(SoftVoxel<true, true, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N})
+               : sums(SoftVoxel<true, false, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N});
     else
-      out = launch_sums<T>(SoftVoxel<false, scalar_t, T>{z, t, ptr_or_null<T>(weight), nullptr, nullptr, s.C, s.N},
-                           s, logits, "soft_stats");
+      out = ce ? sums(SoftVoxel<false, true, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N})
+               : sums(SoftVoxel<false, false, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N});
   });
   return out;
 }
@@ -222,12 +260,15 @@ Tensor soft_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits_i
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
+    // (the gradient does not depend on CE: one instantiation)
     if (sigmoid)
-      launch_grad<T>(SoftVoxel<true, scalar_t, T>{z, t, ptr_or_null<T>(weight), g.const_data_ptr<T>(), gz, s.C, s.N},
-                     s, "soft_stats_backward");
+      launch_grad<T>(
+          SoftVoxel<true, true, scalar_t, T>{z, t, ptr_or_null<T>(weight), g.const_data_ptr<T>(), gz, s.C, s.N}, s,
+          "soft_stats_backward");
     else
-      launch_grad<T>(SoftVoxel<false, scalar_t, T>{z, t, ptr_or_null<T>(weight), g.const_data_ptr<T>(), gz, s.C, s.N},
-                     s, "soft_stats_backward");
+      launch_grad<T>(
+          SoftVoxel<false, true, scalar_t, T>{z, t, ptr_or_null<T>(weight), g.const_data_ptr<T>(), gz, s.C, s.N}, s,
+          "soft_stats_backward");
   });
   return grad;
 }

@@ -68,28 +68,41 @@ __device__ void store_block_sums(const T* smem, int64_t n, T* partial) {
 }
 
 // The per-voxel work of each target kind, as device functors over one voxel x of batch element b:
-// sum(b, x, acc, e) adds the voxel to the thread's class sums; grad(b, x, i, e) writes its gradient
-// (i = b N + x). Scratch e: C + 2 (sums) or C + 4 (gradients) entries.
-template <typename S, typename T>
+// sum(b, x, acc, e, range) adds the voxel to the thread's class sums (and its label, if out of range, to
+// the thread's range); report(range) adds a thread's range to the call's, once at the end; grad(b, x, i, e)
+// writes its gradient (i = b N + x). Scratch e: C + 2 (sums) or C + 4 (gradients) entries.
+//
+// Labels of type L (uint8, int32, int64). Logits (and their gradient) at z[b C N + c cs + x vs]:
+// contiguous (cs = N, vs = 1) or channels-last (cs = 1, vs = C; a thread reads its voxel's C adjacent values).
+template <typename S, typename T, typename L>
 struct LabelVoxel {
   const S* z;
-  const int64_t* y;
+  const L* y;
   const T* w;
   const T* g;  // gradients of the sums (backward only)
   S* gz;
-  int64_t C, N;
-  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e) const {
+  int64_t C, N, cs, vs;
+  LabelRule rule;
+  bool ce;             // the cross-entropy sums (else E stays 0)
+  long long* range;    // (2,) the call's LabelRange, zeros at the start (sums only)
+  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e, LabelRange& r) const {
     const int64_t v = b * N + x;
-    stats_block(z + b * C * N + x, C, N, y + v, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1);
+    stats_block(z + b * C * N + x * vs, C, cs, y + v, rule, ce, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1, r);
+  }
+  // Integer atomics, and only for bad labels (none in a good call): deterministic, and no contention.
+  __device__ void report(const LabelRange& r) const {
+    if (r.lo < 0) atomicMin(range, static_cast<long long>(r.lo));
+    if (r.hi >= C) atomicMax(range + 1, static_cast<long long>(r.hi));
   }
   __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
-    const int64_t off = b * C * N + x;
-    stats_backward_block(z + off, C, N, y + i, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off, e, e + C,
+    const int64_t off = b * C * N + x * vs;
+    stats_backward_block(z + off, C, cs, y + i, rule, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off, e, e + C,
                          e + C + 1, e + C + 2);
   }
 };
 
-template <bool SIGMOID, typename S, typename T>
+// CE = false: E stays 0 (no logarithms).
+template <bool SIGMOID, bool CE, typename S, typename T>
 struct SoftVoxel {
   const S* z;
   const S* tg;
@@ -97,10 +110,11 @@ struct SoftVoxel {
   const T* g;
   S* gz;
   int64_t C, N;
-  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e) const {
+  __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e, LabelRange&) const {
     const int64_t off = b * C * N + x;
-    soft_stats_block<SIGMOID>(z + off, tg + off, C, N, w ? w + b * N + x : nullptr, 1, acc, e, e + C, e + C + 1);
+    soft_stats_block<SIGMOID, CE>(z + off, tg + off, C, N, w ? w + b * N + x : nullptr, 1, acc, e, e + C, e + C + 1);
   }
+  __device__ void report(const LabelRange&) const {}
   __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
     const int64_t off = b * C * N + x;
     soft_stats_backward_block<SIGMOID>(z + off, tg + off, C, N, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off,
@@ -119,7 +133,9 @@ __global__ void sums_kernel(const Voxel voxel, int64_t chunk, T* partial) {
   const Strided<T> acc{smem + t, nt}, e{smem + C * kStats * nt + t, nt};
   for (int64_t j = 0; j < C * kStats; ++j) acc[j] = T(0);
   const int64_t b = blockIdx.y, x1 = std::min<int64_t>(N, (blockIdx.x + 1) * chunk);
-  for (int64_t x = blockIdx.x * chunk + t; x < x1; x += nt) voxel.sum(b, x, acc, e);
+  LabelRange range;
+  for (int64_t x = blockIdx.x * chunk + t; x < x1; x += nt) voxel.sum(b, x, acc, e, range);
+  voxel.report(range);
   store_block_sums(smem, C * kStats, partial);
 }
 
@@ -144,8 +160,8 @@ inline int plan_label_threads(int64_t C, int64_t itemsize) {
 
 // Grid (blocks per batch element, B) as sums_kernel; block x of batch b sums voxels [x chunk,
 // (x+1) chunk) in rounds of blockDim.x voxels. Shared memory: label_warp_values(blockDim.x, C).
-template <typename S, typename T>
-__global__ void label_sums_warp_kernel(const LabelVoxel<S, T> v, int64_t chunk, T* partial) {
+template <typename S, typename T, typename L>
+__global__ void label_sums_warp_kernel(const LabelVoxel<S, T, L> v, int64_t chunk, T* partial) {
   MEDFAST_DYNAMIC_SHARED(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t C = v.C, N = v.N, pitch = label_row_pitch(C);
@@ -155,11 +171,13 @@ __global__ void label_sums_warp_kernel(const LabelVoxel<S, T> v, int64_t chunk, 
   const int64_t b = blockIdx.y, x0 = blockIdx.x * chunk, x1 = std::min<int64_t>(N, x0 + chunk);
   const int64_t rounds = x1 > x0 ? (x1 - x0 + nt - 1) / nt : 0;  // the same for every thread
   const Strided<T> row{smem + t * pitch, 1};
+  LabelRange range;
   for (int64_t r = 0; r < rounds; ++r) {
     const int64_t x = x0 + r * nt + t;
     const bool active = x < x1;
     const int64_t xi = active ? x : x0;  // an in-range address for the pointers of an inactive thread
-    label_voxel_row(v.z + b * C * N + xi, C, N, v.y + b * N + xi, v.w ? v.w + b * N + xi : nullptr, active, row);
+    label_voxel_row(v.z + b * C * N + xi * v.vs, C, v.cs, v.y + b * N + xi, v.rule, v.ce,
+                    v.w ? v.w + b * N + xi : nullptr, active, row, range);
     __syncthreads();
     const T* rows = smem + int64_t(warp) * 32 * pitch;
     for (int64_t c = lane; c < C; c += 32) {
@@ -184,6 +202,7 @@ __global__ void label_sums_warp_kernel(const LabelVoxel<S, T> v, int64_t chunk, 
     }
     __syncthreads();  // the rows are rewritten next round
   }
+  v.report(range);
   __syncthreads();
   T* out = partial + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * C * kStats;
   for (int64_t j = t; j < C * kStats; j += nt) {

@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include "loss/finalize.h"
 #include "loss/loss.h"
@@ -16,13 +19,78 @@ using OptTensor = std::optional<Tensor>;
 // Sums are returned in float64 for float64 logits, else float32 (accumulated in double on CPU).
 inline at::ScalarType stats_dtype(at::ScalarType logits) { return logits == at::kDouble ? at::kDouble : at::kFloat; }
 
-// logits (B, C, *S); labels (B, *S) int64 with the ignore index mapped to -1; weight (B, *S) or none.
-Tensor softmax_stats_cpu(const Tensor& logits, const Tensor& labels, const OptTensor& weight);
-Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& labels,
-                                  const OptTensor& weight);
+// Labels as the kernels read them: uint8, int32 and int64 as they are (the usual label maps; each is a
+// kernel instantiation, so not every integer type), any other integer type as an int64 copy.
+inline Tensor label_tensor(const Tensor& labels) {
+  const auto t = labels.scalar_type();
+  return t == at::kByte || t == at::kInt || t == at::kLong ? labels.contiguous() : labels.contiguous().to(at::kLong);
+}
 
-// Soft / multi-label targets (B, C, *S) of the logits' dtype.
-Tensor soft_stats_cpu(const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid);
+// f(pointer to the labels' data) with the pointer's type the labels' (after label_tensor).
+template <typename F>
+void with_labels(const Tensor& labels, F&& f) {
+  switch (labels.scalar_type()) {
+    case at::kByte:
+      return f(labels.const_data_ptr<uint8_t>());
+    case at::kInt:
+      return f(labels.const_data_ptr<int32_t>());
+    default:
+      return f(labels.const_data_ptr<int64_t>());
+  }
+}
+
+inline LabelRule label_rule(int64_t C, std::optional<int64_t> ignore_index) {
+  return {C, ignore_index.value_or(0), ignore_index.has_value()};
+}
+
+// The logits (B, C, *S) as the label kernels read them: z[b C N + c cs + x vs]. Contiguous (cs = N,
+// vs = 1) and channels-last (channels_last / channels_last_3d, common under AMP: cs = 1, vs = C) logits
+// are read in place; any other layout is copied to contiguous first. The gradient is written in the
+// layout read (grad_like; the fake kernel in medfast/ops/_loss.py follows the same rule).
+struct LogitsLayout {
+  Tensor t;
+  int64_t cs, vs;
+  bool channels_last;
+};
+
+inline at::MemoryFormat channels_last_format(const Tensor& t) {
+  return t.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+}
+
+// Channels-last and not contiguous (a tensor that is both, e.g. one class, counts as contiguous).
+inline bool is_channels_last(const Tensor& t) {
+  return (t.dim() == 4 || t.dim() == 5) && !t.is_contiguous() && t.is_contiguous(channels_last_format(t));
+}
+
+inline LogitsLayout logits_layout(const Tensor& logits) {
+  const int64_t C = logits.size(1);
+  if (is_channels_last(logits)) return {logits, 1, C, true};
+  const int64_t N = logits.numel() / std::max<int64_t>(1, logits.size(0) * C);
+  return {logits.contiguous(), N, 1, false};
+}
+
+inline Tensor grad_like(const LogitsLayout& l) {
+  return at::empty_like(l.t, l.channels_last ? channels_last_format(l.t) : at::MemoryFormat::Contiguous);
+}
+
+// (2,) int64 from a LabelRange: the most negative out-of-range label and the largest one >= C (0: none).
+inline Tensor range_tensor(const LabelRange& r, int64_t C, const Tensor& like) {
+  Tensor out = at::empty({2}, like.options().dtype(at::kLong).device(at::kCPU));
+  out.mutable_data_ptr<int64_t>()[0] = r.lo;
+  out.mutable_data_ptr<int64_t>()[1] = r.bad_hi(C);
+  return out;
+}
+
+// logits (B, C, *S), contiguous or channels-last (LogitsLayout); labels (B, *S) of an integer type
+// (label_tensor); weight (B, *S) or none. Returns the (B, C, kStats) sums and the (2,) int64 out-of-range
+// labels (LabelRange). ce = false leaves E at 0.
+std::tuple<Tensor, Tensor> softmax_stats_cpu(const Tensor& logits, const Tensor& labels, const OptTensor& weight,
+                                             std::optional<int64_t> ignore_index, bool ce);
+Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& labels,
+                                  const OptTensor& weight, std::optional<int64_t> ignore_index);
+
+// Soft / multi-label targets (B, C, *S) of the logits' dtype. ce = false leaves E at 0.
+Tensor soft_stats_cpu(const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid, bool ce);
 Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, bool sigmoid);
 
@@ -61,10 +129,11 @@ Tensor loss_finalize_cuda(const Tensor& stats, const OptTensor& class_weight, co
                           const FinalizeOptions& o);
 Tensor loss_finalize_backward_cuda(const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
                                    const OptTensor& divisor, const FinalizeOptions& o);
-Tensor softmax_stats_cuda(const Tensor& logits, const Tensor& labels, const OptTensor& weight);
+std::tuple<Tensor, Tensor> softmax_stats_cuda(const Tensor& logits, const Tensor& labels, const OptTensor& weight,
+                                              std::optional<int64_t> ignore_index, bool ce);
 Tensor softmax_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits, const Tensor& labels,
-                                   const OptTensor& weight);
-Tensor soft_stats_cuda(const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid);
+                                   const OptTensor& weight, std::optional<int64_t> ignore_index);
+Tensor soft_stats_cuda(const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid, bool ce);
 Tensor soft_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits, const Tensor& target,
                                 const OptTensor& weight, bool sigmoid);
 #endif

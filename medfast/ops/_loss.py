@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch._C import _functorch
@@ -31,19 +31,30 @@ _ops = torch.ops.medfast
 _LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _grad_format(logits: torch.Tensor) -> torch.memory_format:
+    """The layout of softmax_stats_backward's gradient (csrc/loss/loss_launch.h logits_layout): the logits'
+    own for channels-last logits (read in place), else contiguous."""
+    if logits.dim() in (4, 5) and not logits.is_contiguous():
+        fmt = torch.channels_last if logits.dim() == 4 else torch.channels_last_3d
+        if logits.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 @torch.library.register_fake("medfast::softmax_stats")
-def _softmax_stats_fake(logits, labels, voxel_weight):
+def _softmax_stats_fake(logits, labels, voxel_weight, ignore_index=None, ce=True):
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty((logits.shape[0], logits.shape[1], 4), dtype=dtype)
+    stats = logits.new_empty((logits.shape[0], logits.shape[1], 4), dtype=dtype)
+    return stats, logits.new_empty((2,), dtype=torch.int64)
 
 
 @torch.library.register_fake("medfast::softmax_stats_backward")
-def _softmax_stats_backward_fake(grad, logits, labels, voxel_weight):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _softmax_stats_backward_fake(grad, logits, labels, voxel_weight, ignore_index=None):
+    return torch.empty_like(logits, memory_format=_grad_format(logits))
 
 
 @torch.library.register_fake("medfast::soft_stats")
-def _soft_stats_fake(logits, target, voxel_weight, sigmoid):
+def _soft_stats_fake(logits, target, voxel_weight, sigmoid, ce=True):
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return logits.new_empty((logits.shape[0], logits.shape[1], 4), dtype=dtype)
 
@@ -54,7 +65,7 @@ def _soft_stats_backward_fake(grad, logits, target, voxel_weight, sigmoid):
 
 
 def _soft_setup(ctx, inputs, output):
-    logits, target, voxel_weight, sigmoid = inputs
+    logits, target, voxel_weight, sigmoid, _ce = inputs
     ctx.save_for_backward(logits, target, voxel_weight)
     ctx.sigmoid = sigmoid
 
@@ -68,25 +79,27 @@ def _soft_backward(ctx, grad):
         kind = "sigmoid" if ctx.sigmoid else "softmax"
         gz, gt = reference_vjp(lambda z, t: _stats_reference(z, t, voxel_weight, kind), (logits, target),
                                (need_logits, need_target), grad)
-        return gz, gt, None, None
+        return gz, gt, None, None, None
     grad_logits = _ops.soft_stats_backward(grad.contiguous(), logits, target, voxel_weight, ctx.sigmoid)
-    return grad_logits, None, None, None
+    return grad_logits, None, None, None, None
 
 
 torch.library.register_autograd("medfast::soft_stats", _soft_backward, setup_context=_soft_setup)
 
 
 def _stats_setup(ctx, inputs, output):
-    logits, labels, voxel_weight = inputs
+    logits, labels, voxel_weight, ctx.ignore_index, _ce = inputs
     ctx.save_for_backward(logits, labels, voxel_weight)
 
 
-def _stats_backward(ctx, grad):
+def _stats_backward(ctx, grad, _grad_range):
     logits, labels, voxel_weight = ctx.saved_tensors
     if create_graph():  # second derivatives: through the PyTorch reference of the same sums
-        (gz,) = reference_vjp(lambda z: _stats_reference(z, labels, voxel_weight, "labels"), (logits,), (True,), grad)
-        return gz, None, None
-    return _ops.softmax_stats_backward(grad.contiguous(), logits, labels, voxel_weight), None, None
+        y = _reference_labels(labels, ctx.ignore_index)
+        (gz,) = reference_vjp(lambda z: _stats_reference(z, y, voxel_weight, "labels"), (logits,), (True,), grad)
+        return gz, None, None, None, None
+    gz = _ops.softmax_stats_backward(grad.contiguous(), logits, labels, voxel_weight, ctx.ignore_index)
+    return gz, None, None, None, None
 
 
 torch.library.register_autograd("medfast::softmax_stats", _stats_backward, setup_context=_stats_setup)
@@ -108,11 +121,10 @@ def _check_logits(logits: object, activation: str = "softmax") -> torch.Tensor:
 
 
 def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
-            check_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[], None] | None]:
-    """(B, *S) int64 labels with the ignore index mapped to -1, validated in shape; with
-    ``check_labels=False``, a device flag (0-dim bool) that is true when a label is out of range; and on
-    a GPU with ``check_labels``, the range check to finish (a callable that raises) once the sums kernel
-    is queued."""
+            check_labels: bool = True) -> tuple[torch.Tensor, int | None, bool]:
+    """(B, *S) integer labels as given (no copy: the kernels read uint8, int32 and int64 labels as they
+    are and leave the ignore index out themselves), validated in shape; the ignore index; and whether the
+    range check raises on the host (else the NaN form, see :func:`_check_range`)."""
     target = check_tensor("target", target)
     if torch.is_floating_point(target) or target.dtype == torch.bool or target.is_complex():
         raise TypeError(
@@ -133,56 +145,46 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
     check_bool("check_labels", check_labels)
-    labels = target.long()
-    ignored = None if ignore_index is None else labels == ignore_index
-    # An out-of-range label must never pass silently (the kernels leave such voxels out: they never
-    # read past C). check_labels: one reduction and one wait for its two values, for a clear error (on a
-    # GPU the wait comes after the sums kernel is queued, so the GPU is not idle meanwhile); without it, no
-    # wait at all: the loss becomes NaN on the device instead. Under torch.compile an exception cannot
-    # depend on the data: there the NaN form is used whatever check_labels says.
-    bad = pending = None
-    if labels.numel():
-        valid = labels if ignored is None else labels.masked_fill(ignored, 0)
-        # meta: no values; vmap: a batched tensor has none to read on the host
-        # torch.jit.trace: the host check would run once on the example and not be recorded (a bad label then
-        # gave a finite wrong loss): the traced graph takes the NaN form
-        if (check_labels and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-                and labels.device.type != "meta" and not _functorch.is_batchedtensor(labels)):
-            pending = _range_check(torch.stack(torch.aminmax(valid)), logits.shape[1], ignore_index)
-        else:
-            bad = ((valid < 0) | (valid >= logits.shape[1])).any()
-    if ignored is not None:
-        labels = labels.masked_fill(ignored, -1)
-    return labels, bad, pending
+    # An out-of-range label must never pass silently (the kernels leave such voxels out: they never read
+    # past C, and report them). check_labels: a clear error on the host; without it no wait at all, the
+    # loss becomes NaN on the device instead. meta: no values; vmap: a batched tensor has none to read on
+    # the host; torch.jit.trace: a host check would run once on the example and not be recorded; under
+    # torch.compile an exception cannot depend on the data: the NaN form there, whatever check_labels says.
+    host_check = (check_labels and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                  and target.device.type != "meta" and not _functorch.is_batchedtensor(target))
+    return target, ignore_index, host_check
 
 
-def _range_check(lo_hi: torch.Tensor, C: int, ignore_index: int | None) -> Callable[[], None] | None:
-    """Raises ValueError if ``lo_hi`` (the labels' min and max) leaves [0, C): on the CPU now (nothing to
-    overlap; returns None), on a GPU by the returned callable. There the two values are copied to pinned
-    host memory behind an event, and the callable waits for that event only: the caller queues the sums
-    kernel first, so the GPU computes it while the host waits for the check (a plain ``.tolist()`` would
-    wait with an idle GPU: a sync, then the launches)."""
-    if lo_hi.device.type == "cuda":
-        host = torch.empty(2, dtype=lo_hi.dtype, pin_memory=True)
-        host.copy_(lo_hi, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(lo_hi.device))
-    else:
-        host, done = lo_hi, None
+def _reference_labels(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """int64 labels with the ignore index mapped to -1: what :func:`_stats_reference` reads (its calls
+    only: the kernels take the labels as they are)."""
+    y = labels.long()
+    return y if ignore_index is None else y.masked_fill(y == ignore_index, -1)
 
-    def finish() -> None:
-        if done is not None:
-            done.synchronize()
-        lo, hi = (int(v) for v in host.tolist())
-        if lo < 0 or hi >= C:
-            ignored_note = "" if ignore_index is None else f" (ignore_index = {ignore_index})"
-            raise ValueError(f"target holds label {lo if lo < 0 else hi}, outside [0, {C - 1}] "
-                             f"for C = {C} classes{ignored_note}")
 
-    if done is None:
-        finish()
-        return None
-    return finish
+def _label_range_reference(labels: torch.Tensor, ignore_index: int | None, C: int) -> torch.Tensor:
+    """softmax_stats' second output with PyTorch ops (for the calls the kernels do not take): (2,) int64,
+    the most negative label and the largest label >= C (0: none), the ignore index left out."""
+    y = labels.long()
+    if ignore_index is not None:
+        y = y.masked_fill(y == ignore_index, 0)
+    lo, hi = torch.aminmax(y)
+    return torch.stack((lo.clamp(max=0), torch.where(hi >= C, hi, 0)))
+
+
+def _check_range(stats: torch.Tensor, bad_labels: torch.Tensor, C: int, ignore_index: int | None,
+                 host_check: bool) -> torch.Tensor:
+    """The label range check from the sums kernel's report ``bad_labels`` (its second output): with
+    ``host_check``, ValueError naming the label (on a GPU this waits for the sums kernel, already queued:
+    no pass over the labels of its own); else the sums become NaN on the device when a label is bad."""
+    if not host_check:
+        return stats + torch.where(bad_labels.any(), float("nan"), 0.0).to(stats.dtype)
+    lo, hi = bad_labels.tolist()
+    if lo < 0 or hi > 0:
+        ignored_note = "" if ignore_index is None else f" (ignore_index = {ignore_index})"
+        raise ValueError(f"target holds label {lo if lo < 0 else hi}, outside [0, {C - 1}] "
+                         f"for C = {C} classes{ignored_note}")
+    return stats
 
 
 def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
@@ -325,11 +327,12 @@ def _stats_reference(logits: torch.Tensor, target: torch.Tensor, voxel_weight: t
     return torch.stack(stats, -1)
 
 
-def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax", check_labels=True):
+def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax", check_labels=True,
+           ce=True):
     """The (B, C, 4) sums I, P, G, E, the class weights, and the divisor of the cross-entropy's mean as
     ``(voxels, scale, truth)``: ``scale`` (times the 0-dim tensor ``voxels`` if not None), or with
     ``truth`` the weighted label count ``sum cw G``. With ``check_labels=False`` an out-of-range label
-    makes the sums NaN."""
+    makes the sums NaN. ``ce=False``: E is not needed (no cross-entropy term), the kernels leave it 0."""
     check_choice("activation", activation, ("softmax", "sigmoid"))
     logits = _check_logits(logits, activation)
     check_backend("logits", logits)
@@ -341,20 +344,18 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
         t = _soft_target(target, logits, ignore_index)
         weight = _voxel_weight(voxel_weight, t[:, 0], logits)
         if fused:
-            stats = _ops.soft_stats(logits, t, weight, activation == "sigmoid")
+            stats = _ops.soft_stats(logits, t, weight, activation == "sigmoid", ce)
         else:
             stats = _stats_reference(logits, t, weight, activation)
     else:
-        labels, bad, pending = _labels(target, logits, ignore_index, check_labels)
+        labels, ignore_index, host_check = _labels(target, logits, ignore_index, check_labels)
         weight = _voxel_weight(voxel_weight, labels, logits)
-        if fused:
-            stats = _ops.softmax_stats(logits, labels, weight)  # never reads past C: safe before the check
+        if fused:  # never reads past C: safe before the range check, which reads its report
+            stats, bad_labels = _ops.softmax_stats(logits, labels, weight, ignore_index, ce)
         else:
-            stats = _stats_reference(logits, labels, weight, "labels")
-        if pending is not None:
-            pending()
-        if bad is not None:  # NaN in every sum (and so in the loss) when a label is out of range
-            stats = stats + torch.where(bad, float("nan"), 0.0).to(stats.dtype)
+            stats = _stats_reference(logits, _reference_labels(labels, ignore_index), weight, "labels")
+            bad_labels = _label_range_reference(labels, ignore_index, logits.shape[1])
+        stats = _check_range(stats, bad_labels, logits.shape[1], ignore_index, host_check)
     cw = _class_weight(class_weight, logits, stats.dtype)
     if soft:  # mean over voxels (softmax) or over voxels x channels (sigmoid), as PyTorch's losses
         channels = logits.shape[1] if activation == "sigmoid" else 1
@@ -546,8 +547,8 @@ def dice_loss(
         ``"sigmoid"``: independent channels (multi-label), as MONAI's ``sigmoid=True``.
     check_labels : bool
         Integer labels: check on the host that every label is in ``[0, C)`` (or ``ignore_index``)
-        and raise ``ValueError`` naming the bad label (one reduction per call and one wait for its
-        result; on a GPU the wait comes after the sums kernel is queued, so the GPU keeps working).
+        and raise ``ValueError`` naming the bad label (the sums kernel reports out-of-range labels as it
+        reads them: no pass of its own; on a GPU one wait per call, for the sums kernel).
         ``False`` skips the wait, for training loops on a GPU whose labels are known good: an
         out-of-range label then makes the loss NaN (never a wrong finite value, never a device-side
         assert), which the trainer's NaN check reports with the batch's files. Under
@@ -565,7 +566,8 @@ def dice_loss(
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     _check_flags(include_background, batch_dice, ddp_sync)
     smooth = _smooth(smooth)
-    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels,
+                                ce=False)
     include_background = _single_channel_background(include_background, logits)
     if reduction != "none" and _finalize_applies(cw, batch_dice, ddp_sync):
         return _finalize(stats, cw, divisor, dice=True, ce=False, include_background=include_background,
@@ -648,7 +650,9 @@ def dice_ce_loss(
         if not _finite_number(value):
             raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     smooth = _smooth(smooth)
-    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    # lambda_ce = 0: the kernels skip the cross-entropy's logarithms (E stays 0; 0 x E adds nothing either way)
+    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels,
+                                ce=lambda_ce != 0)
     include_background = _single_channel_background(include_background, logits)
     if _finalize_applies(cw, batch_dice, ddp_sync):
         return _finalize(stats, cw, divisor, dice=True, ce=True, include_background=include_background,

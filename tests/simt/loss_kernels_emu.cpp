@@ -58,7 +58,7 @@ int sums(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int6
 
 // The class-transposed label sums (MEDFAST_LOSS_CUDA_SUMS=warp), with the launcher's geometry.
 template <typename T>
-int sums_warp(const LabelVoxel<T, T>& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
+int sums_warp(const LabelVoxel<T, T, int64_t>& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
   const int64_t C = voxel.C, N = voxel.N, n = C * kStats;
   const int threads = plan_label_threads(C, sizeof(T));
   const int64_t bytes = label_warp_values(threads, C) * int64_t(sizeof(T));
@@ -66,7 +66,7 @@ int sums_warp(const LabelVoxel<T, T>& voxel, int64_t B, int64_t sms, int64_t opt
   const int64_t blocks = sum_blocks_per_batch(B, N, threads, sms), chunk = sum_chunk(N, blocks);
   std::vector<T> partial(static_cast<size_t>(B * blocks * n), std::numeric_limits<T>::quiet_NaN());
   simt::launch({static_cast<unsigned>(blocks), static_cast<unsigned>(B), 1}, threads, static_cast<size_t>(bytes),
-               [&] { label_sums_warp_kernel<T, T>(voxel, chunk, partial.data()); });
+               [&] { label_sums_warp_kernel<T, T, int64_t>(voxel, chunk, partial.data()); });
   finish_sums(partial, B, blocks, n, out);
   const int64_t geo[4] = {threads, blocks, chunk, bytes};
   for (int k = 0; k < 4; ++k) geometry[k] = geo[k];
@@ -85,11 +85,12 @@ int grad(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, int64_t* geo
   return 0;
 }
 
-// z (B, C, N); target: labels (B, N) int64 (-1 or >= C: left out) for kLabels, else (B, C, N) of T;
-// w (B, N) or null; g (B, C, kStats) gradients of the sums (backward) or null; gz (B, C, N) or null.
+// z (B, C, N); target: labels (B, N) int64 (-1 or >= C: left out; no ignore index) for kLabels, else
+// (B, C, N) of T; w (B, N) or null; g (B, C, kStats) gradients of the sums (backward) or null; gz (B, C, N)
+// or null. range (2,): the labels' LabelRange (kLabels sums), zeros to start, as the launcher's.
 template <typename T>
 int run(bool backward, int kind, const T* z, const void* target, const T* w, const T* g, int64_t B, int64_t C,
-        int64_t N, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
+        int64_t N, int64_t sms, int64_t optin, T* out, int64_t* geometry, long long* range) {
   auto go = [&](const auto& voxel) {
     using Voxel = std::remove_cv_t<std::remove_reference_t<decltype(voxel)>>;
     return backward ? grad<T, Voxel>(voxel, B, sms, optin, geometry)
@@ -98,9 +99,10 @@ int run(bool backward, int kind, const T* z, const void* target, const T* w, con
   T* gz = backward ? out : nullptr;
   const T* t = static_cast<const T*>(target);
   if (kind == kLabels)
-    return go(LabelVoxel<T, T>{z, static_cast<const int64_t*>(target), w, g, gz, C, N});
-  if (kind == kSoftmax) return go(SoftVoxel<false, T, T>{z, t, w, g, gz, C, N});
-  if (kind == kSigmoid) return go(SoftVoxel<true, T, T>{z, t, w, g, gz, C, N});
+    return go(LabelVoxel<T, T, int64_t>{z, static_cast<const int64_t*>(target), w, g, gz, C, N, N, 1,
+                                        LabelRule{C, 0, false}, true, range});
+  if (kind == kSoftmax) return go(SoftVoxel<false, true, T, T>{z, t, w, g, gz, C, N});
+  if (kind == kSigmoid) return go(SoftVoxel<true, true, T, T>{z, t, w, g, gz, C, N});
   return 2;
 }
 
@@ -157,30 +159,50 @@ __global__ void misuse_kernel(int mode) {
 }  // namespace
 
 extern "C" {
+// The label range goes to the last slot of geometry (geometry[4], geometry[5]).
 int emu_loss_sums_f32(int kind, const float* z, const void* target, const float* w, int64_t B, int64_t C, int64_t N,
                       int64_t sms, int64_t optin, float* stats, int64_t* geometry) {
-  return run<float>(false, kind, z, target, w, nullptr, B, C, N, sms, optin, stats, geometry);
+  long long range[2] = {0, 0};
+  const int rc = run<float>(false, kind, z, target, w, nullptr, B, C, N, sms, optin, stats, geometry, range);
+  geometry[4] = range[0];
+  geometry[5] = range[1];
+  return rc;
 }
 int emu_loss_sums_f64(int kind, const double* z, const void* target, const double* w, int64_t B, int64_t C, int64_t N,
                       int64_t sms, int64_t optin, double* stats, int64_t* geometry) {
-  return run<double>(false, kind, z, target, w, nullptr, B, C, N, sms, optin, stats, geometry);
+  long long range[2] = {0, 0};
+  const int rc = run<double>(false, kind, z, target, w, nullptr, B, C, N, sms, optin, stats, geometry, range);
+  geometry[4] = range[0];
+  geometry[5] = range[1];
+  return rc;
 }
 int emu_loss_grad_f32(int kind, const float* z, const void* target, const float* w, const float* g, int64_t B,
                       int64_t C, int64_t N, int64_t sms, int64_t optin, float* gz, int64_t* geometry) {
-  return run<float>(true, kind, z, target, w, g, B, C, N, sms, optin, gz, geometry);
+  return run<float>(true, kind, z, target, w, g, B, C, N, sms, optin, gz, geometry, nullptr);
 }
 int emu_loss_grad_f64(int kind, const double* z, const void* target, const double* w, const double* g, int64_t B,
                       int64_t C, int64_t N, int64_t sms, int64_t optin, double* gz, int64_t* geometry) {
-  return run<double>(true, kind, z, target, w, g, B, C, N, sms, optin, gz, geometry);
+  return run<double>(true, kind, z, target, w, g, B, C, N, sms, optin, gz, geometry, nullptr);
 }
 int emu_loss_sums_warp_f32(const float* z, const int64_t* y, const float* w, int64_t B, int64_t C, int64_t N,
                            int64_t sms, int64_t optin, float* stats, int64_t* geometry) {
-  return sums_warp<float>(LabelVoxel<float, float>{z, y, w, nullptr, nullptr, C, N}, B, sms, optin, stats, geometry);
+  long long range[2] = {0, 0};
+  const int rc = sums_warp<float>(
+      LabelVoxel<float, float, int64_t>{z, y, w, nullptr, nullptr, C, N, N, 1, LabelRule{C, 0, false}, true, range}, B,
+      sms, optin, stats, geometry);
+  geometry[4] = range[0];
+  geometry[5] = range[1];
+  return rc;
 }
 int emu_loss_sums_warp_f64(const double* z, const int64_t* y, const double* w, int64_t B, int64_t C, int64_t N,
                            int64_t sms, int64_t optin, double* stats, int64_t* geometry) {
-  return sums_warp<double>(LabelVoxel<double, double>{z, y, w, nullptr, nullptr, C, N}, B, sms, optin, stats,
-                           geometry);
+  long long range[2] = {0, 0};
+  const int rc = sums_warp<double>(
+      LabelVoxel<double, double, int64_t>{z, y, w, nullptr, nullptr, C, N, N, 1, LabelRule{C, 0, false}, true, range},
+      B, sms, optin, stats, geometry);
+  geometry[4] = range[0];
+  geometry[5] = range[1];
+  return rc;
 }
 void emu_loss_finalize_f32(const float* stats, const float* cw, const float* divisor, int64_t B, int64_t C,
                            const double* scalars, int64_t flags, const float* g, float* out, float* grad) {

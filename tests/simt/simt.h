@@ -18,7 +18,7 @@
 //    before a write shows; a guard past its end is checked after each block (a write out of bounds
 //    aborts).
 //  - atomicAdd: one thread runs at a time, so a plain add; simt::atomic_adds counts them (a test can
-//    check how many atomics a kernel issued).
+//    check how many atomics a kernel issued); atomicMin / atomicMax likewise plain.
 // Threads run until they wait, in thread order, so results are the same on every run.
 #pragma once
 #include <ucontext.h>
@@ -238,5 +238,17 @@ T atomicAdd(T* address, T value) {
   ++simt::atomic_adds;
   const T old = *address;
   *address = old + value;
+  return old;
+}
+template <class T>
+T atomicMin(T* address, T value) {
+  const T old = *address;
+  *address = value < old ? value : old;
+  return old;
+}
+template <class T>
+T atomicMax(T* address, T value) {
+  const T old = *address;
+  *address = value > old ? value : old;
   return old;
 }
