@@ -29,7 +29,7 @@ def test_adapters_read_the_committed_results():
     assert {r.case.split("C=")[1] for r in loss} >= {"4", "16", "64"}
 
 
-def _suite(name, body, tmp_path, peers=()):
+def _suite(name, body, tmp_path, peers=(), optional=()):
     script = tmp_path / f"{name}.py"
     script.write_text(body)
 
@@ -37,12 +37,16 @@ def _suite(name, body, tmp_path, peers=()):
         data = json.loads((out / "r.json").read_text())
         return [runner.Row(name, "case", "peer", data["ours"], data["peer"], data["peer"] / data["ours"])]
 
-    return runner.Suite(name, script.name, lambda d, q, o: [str(o / "r.json")], collect, peers=peers)
+    return runner.Suite(name, script.name, lambda d, q, o: [str(o / "r.json")], collect, peers=peers,
+                        optional=optional)
+
+
+GOOD = "import json, sys\njson.dump({'ours': 2.0, 'peer': 6.0}, open(sys.argv[1], 'w'))\n"
 
 
 def test_runner_reports_ok_skipped_and_failed(tmp_path, monkeypatch):
-    ok = _suite("good", "import json, sys\njson.dump({'ours': 2.0, 'peer': 6.0}, open(sys.argv[1], 'w'))\n", tmp_path)
-    absent = _suite("absent", "import not_a_real_peer_module\n", tmp_path)
+    ok = _suite("good", GOOD, tmp_path)
+    absent = _suite("absent", "import not_a_real_peer_module\n", tmp_path, optional=("not_a_real_peer_module",))
     declared = _suite("declared", "", tmp_path, peers=("not_a_real_peer_module",))
     broken = _suite("broken", "raise SystemExit('boom')\n", tmp_path)
     monkeypatch.setattr(runner, "SUITES", [ok, absent, declared, broken])
@@ -95,14 +99,18 @@ def test_reports_without_ratios_write_no_chart_and_drop_a_stale_one(tmp_path):
     good = [runner.Row("good", "case", "peer", 2.0, 6.0, 3.0)]
     runner.write_reports(tmp_path, meta, {"good": {"status": "ok", "rows": 1, "seconds": 1.0}}, good)
     assert (tmp_path / "bench_cpu_latest.png").exists()
-    # the same suite rerun with its peer missing: no ratios left, so no chart (the old one would show the
-    # earlier ratios beside a report that has none)
+    # the same suite rerun with its peer missing: its dated report has no ratios, so no chart; the latest keeps
+    # the earlier rows (and their chart)
     meta2 = {**meta, "date": "20990101-000000"}
     paths = runner.write_reports(tmp_path, meta2, {"good": {"status": "skipped", "reason": "peer not installed"}},
                                  [])
-    assert not any(p.suffix == ".png" for p in paths)
-    assert not (tmp_path / "bench_cpu_latest.png").exists()
+    assert not any(p.suffix == ".png" and "20990101" in p.name for p in paths)
     assert not any(tmp_path.glob("*20990101-000000.png"))
+    assert (tmp_path / "bench_cpu_latest.png").exists()
+    # a chart with nothing to show is removed rather than left beside a report it does not show
+    no_ratio = [runner.Row("good", "case", "peer", 2.0, None, None)]
+    assert not runner.plot(meta, no_ratio, tmp_path / "bench_cpu_latest.png")
+    assert not (tmp_path / "bench_cpu_latest.png").exists()
 
 
 def test_benchmark_scripts_are_found():
@@ -138,9 +146,10 @@ def test_gpu_suites_run_on_cuda_with_device_named_results(tmp_path):
             assert argv[argv.index("--device") + 1] == "cuda", (name, argv)
             assert "cpu" not in " ".join(argv), (name, argv)
     assert suites["distance"].args("cuda", True, tmp_path)[3].endswith("distance_cuda.json")
-    assert suites["distance"].needs("cuda") == ("scipy",)  # cupy: skipped inside the script when absent
-    assert suites["distance"].needs("cpu") == ("scipy", "monai")
-    assert suites["loss"].needs("cuda") == ("monai",)
+    # scipy: the reference; MONAI and CuPy are skipped inside the script (per row) when absent
+    assert suites["distance"].needs("cuda") == suites["distance"].needs("cpu") == ("scipy",)
+    assert {"monai", "cupy"} <= set(suites["distance"].optional)
+    assert suites["loss"].needs("cuda") == () and suites["loss"].optional == ("monai",)
     # CPU arguments as before the CUDA variants (no batch / dtype change on the CPU)
     assert suites["loss"].args("cpu", True, tmp_path) == ["--device", "cpu", "--out", str(tmp_path), "--size", "64",
                                                           "--classes", "4", "16"]
@@ -417,3 +426,266 @@ def test_bench_loss_checks_agreement_before_timing(monkeypatch):
     monkeypatch.setattr(bench_loss, "_loss_fn", wrong)
     with pytest.raises(AssertionError, match="monai disagrees with medfast"):
         bench_loss.check_agreement(3, size=6)
+
+
+# ---- the runner's robustness: merged latest report, chart, peers, --out / --only, Ctrl-C, failures ------------
+
+def _stand_ins(monkeypatch, tmp_path, *suites):
+    monkeypatch.setattr(runner, "SUITES", list(suites))
+    monkeypatch.setattr(runner, "benchmarks_dir", lambda: tmp_path)
+    monkeypatch.delenv("MEDFAST_BENCH_WORK", raising=False)
+
+
+def _args(out, only=None):
+    import argparse
+
+    return argparse.Namespace(list=False, replot=None, device="cpu", only=only, quick=True, out=out)
+
+
+def _ok(suite, rows=1):
+    return {"status": "ok", "rows": rows, "seconds": 1.0}
+
+
+def test_latest_keeps_each_suites_run_and_refuses_other_setups(tmp_path, capsys):
+    out = tmp_path / "out"
+    full = {**runner._meta("cpu", False), "date": "20990101-000000", "host": "vm", "threads": 2}
+    runner.write_reports(out, full, {"warp": _ok("warp"), "distance": _ok("distance")},
+                         [runner.Row("warp", "linear", "grid_sample", 1.0, 9.0, 9.0),
+                          runner.Row("distance", "EDT 128^3", "scipy", 1.0, 7.0, 7.0)])
+    before = (out / "bench_cpu_latest.json").read_text()
+    # a quick run on another host, with other threads and torch: not merged (it would relabel the vm's full-size
+    # rows and replace the 128^3 EDT by a 64^3 one); its own dated report is written, and why is said
+    laptop = {**runner._meta("cpu", True), "host": "laptop", "threads": 8, "torch": "2.99.0",
+              "date": "20990102-000000"}
+    said = []
+    paths = runner.write_reports(out, laptop, {"distance": _ok("distance")},
+                                 [runner.Row("distance", "EDT 64^3", "scipy", 1.0, 3.0, 3.0)], say=said.append)
+    assert (out / "bench_cpu_latest.json").read_text() == before
+    assert not any(p.name.startswith("bench_cpu_latest") for p in paths)
+    assert (out / "bench_cpu_laptop_20990102-000000.json").is_file()
+    assert len(said) == 1 and "bench_cpu_latest" in said[0] and "'vm' there, 'laptop' here" in said[0]
+    # the same setup, one suite rerun: merged, each suite with its own run's meta, shown per suite
+    later = {**full, "date": "20990103-000000", "medfast": "9.9"}
+    runner.write_reports(out, later, {"distance": _ok("distance")},
+                         [runner.Row("distance", "EDT 128^3", "scipy", 1.0, 8.0, 8.0)])
+    latest = json.loads((out / "bench_cpu_latest.json").read_text())
+    assert latest["suites"]["warp"]["meta"]["date"] == "20990101-000000"
+    assert latest["suites"]["distance"]["meta"]["date"] == "20990103-000000"
+    assert latest["suites"]["distance"]["meta"]["medfast"] == "9.9"
+    assert latest["suites"]["warp"]["meta"]["medfast"] != "9.9"
+    md = (out / "bench_cpu_latest.md").read_text()
+    assert "| warp | ok | 20990101-000000 (vm," in md and "| distance | ok | 20990103-000000 (vm," in md
+    assert "2 runs (20990101-000000, 20990103-000000)" in md
+    # a quick run of every suite on the same host does not replace full-size rows either
+    quick = {**later, "quick": True, "date": "20990104-000000"}
+    runner.write_reports(out, quick, {"warp": _ok("warp"), "distance": _ok("distance")}, [], say=said.append)
+    assert json.loads((out / "bench_cpu_latest.json").read_text()) == latest and "quick run" in said[-1]
+    # a full run of every suite on another host replaces the latest (nothing of the old setup stays beside it)
+    other = {**full, "host": "box", "date": "20990105-000000"}
+    runner.write_reports(out, other, {"warp": _ok("warp"), "distance": _ok("distance")},
+                         [runner.Row("warp", "linear", "grid_sample", 1.0, 5.0, 5.0)])
+    latest = json.loads((out / "bench_cpu_latest.json").read_text())
+    assert {s["meta"]["host"] for s in latest["suites"].values()} == {"box"} and len(latest["rows"]) == 1
+
+
+def test_a_rerun_without_results_keeps_the_earlier_rows(tmp_path):
+    meta = {**runner._meta("cpu", True), "date": "20990101-000000"}
+    runner.write_reports(tmp_path, meta, {"good": _ok("good")}, [runner.Row("good", "case", "peer", 2.0, 6.0, 3.0)])
+    # rerun with the peer gone (or failed / interrupted): the earlier rows stay, dated, the attempt noted
+    for date, state in (("20990102-000000", "skipped"), ("20990103-000000", "failed")):
+        runner.write_reports(tmp_path, {**meta, "date": date}, {"good": {"status": state, "reason": "peer gone"}}, [])
+        latest = json.loads((tmp_path / "bench_cpu_latest.json").read_text())
+        assert [r["ratio"] for r in latest["rows"]] == [3.0]
+        good = latest["suites"]["good"]
+        assert good["status"] == "ok" and good["from"] == "20990101-000000"
+        assert good["rerun"] == {"date": date, "status": state, "reason": "peer gone"}
+        md = (tmp_path / "bench_cpu_latest.md").read_text()
+        assert f"rerun of {date} {state} (peer gone): these rows kept" in md and "| 1 | good | case |" in md
+
+
+def _figure_of(monkeypatch, meta, rows, path, status=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    assert runner.plot(meta, rows, path, status)
+    figs[0].canvas.draw()
+    return figs[0]
+
+
+def test_chart_is_readable(tmp_path, monkeypatch):
+    """The committed latest report's chart: short labels, a wide plot area, values on the bars, pymust's
+    extrapolated 11,561x clipped with its value written, and a peak-memory panel."""
+    d = json.loads((RESULTS / "bench_cpu_latest.json").read_text())
+    rows = [runner.Row(**r) for r in d["rows"]]
+    fig = _figure_of(monkeypatch, d["meta"], rows, tmp_path / "c.png", d["suites"])
+    ratio_ax, mem_ax = fig.axes
+    width = fig.get_size_inches()[0] * fig.dpi
+    assert ratio_ax.get_window_extent().width > 0.35 * width and mem_ax.get_window_extent().width > 0.2 * width
+    labels = [t.get_text() for t in ratio_ax.get_yticklabels()]
+    assert max(map(len, labels)) <= 90 and labels[0].startswith("#1 warp: ")
+    texts = [t.get_text() for t in ratio_ax.texts]
+    shown = [r for r in rows if r.ratio]
+    assert len(texts) == len(shown) and "29.3x" in texts
+    outlier = max(r.ratio for r in shown)
+    assert ratio_ax.get_xlim()[1] < outlier / 10  # the extrapolated row does not set the axis
+    assert any(f"{outlier:,.0f}x (extrapolated), clipped" in t for t in texts)
+    mem = [t.get_text() for t in mem_ax.texts]
+    assert "8" in mem and "96" in mem and "2560" in mem  # warp linear c1 fwd: medfast 8 MiB, grid_sample 96 MiB
+    # the Markdown numbers its rows as the chart does, with the full case text
+    md = runner.markdown(d["meta"], d["suites"], rows)
+    assert f"| {rows.index(shown[-1]) + 1} | ultrasound | {shown[-1].case} |" in md
+
+
+def test_replot_renders_a_report_again(tmp_path, capsys):
+    from medfast.cli import main
+
+    meta = runner._meta("cpu", True)
+    runner.write_reports(tmp_path, meta, {"good": _ok("good")}, [runner.Row("good", "case", "peer", 2.0, 6.0, 3.0)])
+    report = tmp_path / "bench_cpu_latest.json"
+    (tmp_path / "bench_cpu_latest.png").unlink()
+    (tmp_path / "bench_cpu_latest.md").write_text("old")
+    before = report.read_text()
+    assert main(["bench", "--replot", str(report)]) == 0
+    assert report.read_text() == before and (tmp_path / "bench_cpu_latest.png").stat().st_size > 0
+    assert "| 1 | good | case | peer | 2.00 | 6.00 | 3.00x |" in (tmp_path / "bench_cpu_latest.md").read_text()
+    assert main(["bench", "--replot", str(tmp_path / "nothing.json")]) == 2
+    assert "--replot" in capsys.readouterr().err
+
+
+def test_optional_peers_do_not_skip_the_suite(tmp_path, monkeypatch):
+    suites = {s.name: s for s in runner.SUITES}
+    # bench_ultrasound.py runs without pymust (and judges the frame-rate target), bench_distance.py without MONAI
+    assert suites["ultrasound"].needs("cpu") == () and "pymust" in suites["ultrasound"].optional
+    assert "monai" not in suites["distance"].needs("cpu")
+    s = _suite("s", GOOD, tmp_path, optional=("not_a_real_peer_module",))
+    _stand_ins(monkeypatch, tmp_path, s)
+    status, rows = runner.run_suites("cpu", True, None, tmp_path / "work", progress=lambda m: None)
+    assert status["s"]["status"] == "ok" and len(rows) == 1
+    # the collector reports the peer the script ran without as a row
+    (tmp_path / "us").mkdir()
+    (tmp_path / "us" / "ultrasound_cpu_latest.json").write_text(json.dumps({"summary": {}, "pymust": [], "medfast": [
+        {"case": "forward", "device": "cpu", "batch": 1, "sub_rays": 3, "volume": 64, "seconds_per_call": 0.01,
+         "frames_per_second": 100.0}]}))
+    pm = runner._ultrasound_rows(tmp_path / "us", "cpu")[-1]
+    assert pm.peer.startswith("pymust (not run") and pm.ratio is None and pm.medfast_ms == pytest.approx(10.0)
+
+
+def test_skipped_only_for_a_declared_peer_ending_the_script(tmp_path, monkeypatch):
+    logged = _suite("logged", "print(\"optional backend: No module named 'fancyplot'\")\n"
+                    "raise RuntimeError('kernel returned NaN')\n", tmp_path, optional=("fancyplot",))
+    core = _suite("core", "import not_a_core_dependency\n", tmp_path, peers=())  # like yaml: no peer of the suite
+    peer = _suite("peer", "import not_a_peer_either.sub\n", tmp_path, optional=("not_a_peer_either",))
+    _stand_ins(monkeypatch, tmp_path, logged, core, peer)
+    status, _ = runner.run_suites("cpu", True, None, tmp_path / "work", progress=lambda m: None)
+    assert status["logged"] == {**status["logged"], "status": "failed", "reason": "RuntimeError: kernel returned NaN"}
+    assert status["core"]["status"] == "failed" and "not_a_core_dependency" in status["core"]["reason"]
+    assert status["peer"]["status"] == "skipped" and status["peer"]["reason"] == "peer not installed: not_a_peer_either"
+
+
+def test_failed_suites_have_a_reason_and_a_kept_log(tmp_path, monkeypatch, capsys):
+    loud = _suite("loud", "raise SystemExit('boom: bad input')\n", tmp_path)
+    quiet = _suite("quiet", "import sys; print('step 1 ok', file=sys.stderr); sys.exit(3)\n"
+                   "", tmp_path)
+    silent = _suite("silent", "import sys; sys.exit(4)\n", tmp_path)
+    _stand_ins(monkeypatch, tmp_path, loud, quiet, silent)
+    assert runner.main(_args(tmp_path / "out")) == 1
+    report = json.loads(next((tmp_path / "out").glob("bench_cpu_*-*.json")).read_text())
+    st = report["suites"]
+    assert (st["loud"]["reason"], st["quiet"]["reason"], st["silent"]["reason"]) == (
+        "boom: bad input", "step 1 ok", "exit code 4")
+    for name in ("loud", "quiet", "silent"):
+        log = Path(st[name]["log"])
+        assert log.is_file() and log.parent == tmp_path / "out", log  # beside the report, not in a deleted folder
+    assert "step 1 ok" in Path(st["quiet"]["log"]).read_text()
+    md = (tmp_path / "out" / "bench_cpu_latest.md").read_text()
+    assert "| silent | failed |" in md and "exit code 4 (log: bench_cpu_" in md and "0 comparisons" not in md
+
+
+def test_out_must_be_a_writable_folder_before_anything_runs(tmp_path, monkeypatch, capsys):
+    from medfast.cli import main
+
+    monkeypatch.setattr(runner, "run_suites", lambda *a, **k: pytest.fail("ran suites before checking --out"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "sub"):
+        assert main(["bench", "--quick", "--only", "distance", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}" in err and "nothing run" in err
+
+
+def test_only_patterns_must_each_match_a_suite(tmp_path, monkeypatch, capsys):
+    from medfast.cli import main
+
+    monkeypatch.setattr(runner, "run_suites", lambda *a, **k: pytest.fail("ran despite a typo in --only"))
+    assert main(["bench", "--only", "distance,clasification", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'clasification' matches no suite" in err and "classification" in err and "'distance'" not in err
+    assert runner.unmatched_patterns("dist*, loss ,x?") == ["x?"]
+
+
+def test_ctrl_c_keeps_the_finished_suites(tmp_path, monkeypatch, capsys):
+    first = _suite("first", GOOD, tmp_path)
+    second = _suite("second", GOOD, tmp_path)
+    third = _suite("third", GOOD, tmp_path)
+
+    def interrupted(out, device=None):
+        raise KeyboardInterrupt
+
+    second.collect = interrupted
+    _stand_ins(monkeypatch, tmp_path, first, second, third)
+    assert runner.main(_args(tmp_path / "out")) == 130
+    latest = json.loads((tmp_path / "out" / "bench_cpu_latest.json").read_text())
+    assert [r["suite"] for r in latest["rows"]] == ["first"]
+    assert {n: s["status"] for n, s in latest["suites"].items()} == {
+        "first": "ok", "second": "interrupted", "third": "interrupted"}
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_relative_work_folder_is_the_callers(tmp_path, monkeypatch):
+    scripts = tmp_path / "pkg" / "benchmarks"
+    scripts.mkdir(parents=True)
+    s = _suite("s", GOOD, scripts)
+    _stand_ins(monkeypatch, scripts, s)
+    monkeypatch.chdir(tmp_path)  # the scripts run in pkg/: a relative folder must still mean tmp_path/relwork
+    status, rows = runner.run_suites("cpu", True, None, Path("relwork"), progress=lambda m: None)
+    assert status["s"]["status"] == "ok" and (tmp_path / "relwork" / "s" / "r.json").is_file()
+    monkeypatch.setenv("MEDFAST_BENCH_WORK", "relwork2")
+    assert runner.main(_args(tmp_path / "out")) == 0
+    assert (tmp_path / "relwork2" / "s" / "r.json").is_file()
+
+
+def test_readme_cpu_figures_are_those_of_the_runs_it_cites():
+    """The README's CPU figures name the result file that holds them (bench_cpu_latest.md is overwritten by
+    every run: figures cited from it went stale), and its "Latest CPU run" table is that run's."""
+    import re
+
+    text = (RESULTS.parent.parent / "README.md").read_text()
+
+    def rows_of(stem):
+        return json.loads((RESULTS / f"{stem}.json").read_text())["rows"]
+
+    # Hausdorff-95 after the surface_edges change: the **bold** ratios, in the benchmark's case order
+    para = text[text.index("Then the surface distances crop"):]
+    para = para[:para.index("\n\n")]
+    (cited,) = re.findall(r"`(bench_cpu_[^`]+)\.md`", para)
+    hd = [r["ratio"] for r in rows_of(cited) if r["case"].startswith("hausdorff95")]
+    assert [float(x) for x in re.findall(r"\*\*([\d.]+)x\*\*", para)] == [round(x, 1) for x in hd]
+    # the table: the run its introduction names, case by case
+    intro = text[text.index("Latest CPU run ("):]
+    stem = re.search(r"full table in\s+`benchmarks/results/(bench_cpu_[^`]+)\.md`", intro).group(1)
+    warp = {(r["case"], r["peer"]): r for r in rows_of(stem) if r["suite"] == "warp"}
+    table = [line for line in intro[intro.index("| case | medfast |"):].splitlines()[2:8]]
+    assert len(table) == 6
+    for line in table:
+        case, ms, *peers, _ = [c.strip() for c in line.strip("|").split("|")]
+        mode, ch, pass_ = re.match(r"(\w+), (\d) channels?, (forward\+backward|forward)", case).groups()
+        key = f"{mode} c{ch} {'fwd+bwd' if 'backward' in pass_ else 'fwd'} vs {{}} 128^3"
+        got = warp[(key.format("grid_sample"), "grid_sample")]
+        assert float(ms.split()[0]) == pytest.approx(got["medfast_ms"], rel=0.03), line
+        for peer, cell in zip(("grid_sample", "monai", "interpol"), peers):
+            if cell.endswith("x"):
+                assert float(cell[:-1]) == pytest.approx(warp[(key.format(peer), peer)]["ratio"], rel=0.02), line

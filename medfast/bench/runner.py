@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,11 @@ class Suite:
     args: Callable[[str, bool, Path], list[str]]  # (device, quick, out_dir) -> argv
     collect: Callable[[Path, str | None], list[Row]]  # (out_dir, device or None: any) -> rows
     devices: tuple[str, ...] = ("cpu", "cuda")
-    peers: tuple[str, ...] = ()  # importable modules the suite needs (missing -> skipped)
+    # importable modules the script cannot run without (missing -> the whole suite is skipped); the peers it
+    # reports per row when absent go in ``optional`` instead, so that one missing peer does not hide the others
+    peers: tuple[str, ...] = ()
     device_peers: dict[str, tuple[str, ...]] | None = None  # per device, replacing ``peers`` there
+    optional: tuple[str, ...] = ()  # peers the script skips per row (its crash on one of them reads "skipped")
 
     def needs(self, device: str) -> tuple[str, ...]:
         """The importable modules the suite needs on ``device``."""
@@ -212,6 +216,9 @@ def _ultrasound_rows(out: Path, device: str | None = None) -> list[Row]:
         peer_ms = s["pymust_seconds_60k_scatterers_one_transmit_extrapolated"] * 1e3
         rows.append(Row("ultrasound", "frame vs pymust simus (60k scatterers, one transmit, extrapolated)",
                         "pymust", ours_ms, peer_ms, _ratio(peer_ms, ours_ms)))
+    elif ours_ms and d.get("pymust") == []:  # an optional peer: the script ran without it (see the suite's log)
+        rows.append(Row("ultrasound", "frame vs pymust simus (60k scatterers, one transmit, extrapolated)",
+                        "pymust (not run: not installed or failed)", ours_ms, None, None))
     return rows
 
 
@@ -242,18 +249,18 @@ def _registration_args(device: str, quick: bool, out: Path) -> list[str]:
 
 SUITES: list[Suite] = [
     Suite("warp", "run_warp.py", lambda d, q, o: ["--device", d, "--out", str(o)] + (["--quick"] if q else []),
-          _warp_rows),
+          _warp_rows, optional=("monai", "interpol", "scipy", "cupy")),
     # CUDA: the issue's case (B=2 128^3, C = 4/16/64, float32 and bfloat16 logits) even in quick mode, fewer repeats
     Suite("loss", "bench_loss.py",
           lambda d, q, o: ["--device", d, "--out", str(o)]
           + ((["--repeats", "10"] if d == "cuda" else ["--size", "64", "--classes", "4", "16"]) if q else []),
-          _loss_rows, peers=("monai",)),
+          _loss_rows, optional=("monai",)),
     Suite("metrics", "bench_metrics.py",
           lambda d, q, o: ["--device", d, "--out", str(o / f"metrics_{d}.json")] + (["--size", "64"] if q else []),
-          _metrics_rows, peers=("monai",)),
-    # CUDA: the peer is CuPy (skipped inside the script when absent), scipy on the CPU for reference
-    Suite("distance", "bench_distance.py", _distance_args, _distance_rows, peers=("scipy", "monai"),
-          device_peers={"cuda": ("scipy",)}),
+          _metrics_rows, peers=("monai", "scipy")),
+    # scipy is the reference the script checks medfast against; MONAI (and CuPy / cuCIM on CUDA) are skipped per row
+    Suite("distance", "bench_distance.py", _distance_args, _distance_rows, peers=("scipy",),
+          optional=("monai", "cupy", "cupyx", "cucim")),
     Suite("registration", "bench_registration.py", _registration_args, _registration_rows, peers=("monai",)),
     Suite("segmentation", "bench_segmentation.py",
           lambda d, q, o: ["--device", d, "--out", str(o)] + (["--size", "32", "--repeats", "3"] if q else []),
@@ -261,7 +268,7 @@ SUITES: list[Suite] = [
     Suite("ultrasound", "bench_ultrasound.py",
           lambda d, q, o: ["--device", d, "--out", str(o)]
           + (["--size", "64", "--repeats", "3", "--pymust-scatterers", "100"] if q else []),
-          _ultrasound_rows, peers=("pymust",)),
+          _ultrasound_rows, optional=("pymust",)),
     # ratio = step time / batch rendering time: > 10 means data generation under 10 % of the step
     Suite("classification", "bench_classification.py",
           lambda d, q, o: ["--device", d, "--out", str(o)] + (["--repeats", "5"] if q else ["--batch", "64"]
@@ -285,105 +292,280 @@ def _missing(modules: tuple[str, ...]) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
+def _patterns(only: str | None) -> list[str]:
+    return [p.strip() for p in (only or "").split(",") if p.strip()]
+
+
+def unmatched_patterns(only: str | None) -> list[str]:
+    """The ``--only`` patterns that name no suite (a typo must not silently shrink the run)."""
+    return [p for p in _patterns(only) if not any(fnmatch.fnmatch(s.name, p) for s in SUITES)]
+
+
+def _selected(only: str | None) -> list[Suite]:
+    pats = _patterns(only)
+    return [s for s in SUITES if not pats or any(fnmatch.fnmatch(s.name, p) for p in pats)]
+
+
+_NO_MODULE = re.compile(r"\s*(?:ModuleNotFoundError|ImportError): No module named '([^']+)'")
+
+
+def _missing_peer(text: str, allowed: set[str]) -> str | None:
+    """The peer whose absence ended the script: the log's last line (the traceback's exception) names a missing
+    module that the suite declares as a peer. A "No module named" elsewhere in the log (a message, a caught
+    import) or a missing core dependency (yaml, medfast._C) is a failure, not a skip."""
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    gone = _NO_MODULE.match(last)
+    return gone.group(1) if gone and gone.group(1).split(".")[0] in allowed else None
+
+
+def _run_one(suite: Suite, device: str, quick: bool, log_dir: Path, where: Path,
+             progress: Callable[[str], None], rows: list[Row]) -> dict:
+    if device not in suite.devices:
+        return {"status": "skipped", "reason": f"no {device} variant (runs on {suite.devices})"}
+    missing = _missing(suite.needs(device))
+    if missing:
+        progress(f"{suite.name}: skipped (peer not installed: {', '.join(missing)})")
+        return {"status": "skipped", "reason": f"peer not installed: {', '.join(missing)}"}
+    out = log_dir / suite.name
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.txt"
+    cmd = [sys.executable, str(where / suite.script), *suite.args(device, quick, out)]
+    progress(f"{suite.name}: running {' '.join(cmd[1:])}")
+    start = time.perf_counter()
+    try:
+        with open(log_path, "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=where.parent).returncode
+    except KeyboardInterrupt:
+        raise _Interrupted(log_path, time.perf_counter() - start) from None
+    seconds = time.perf_counter() - start
+    text = log_path.read_text(errors="replace")
+    if rc != 0:
+        gone = _missing_peer(text, set(suite.needs(device)) | set(suite.optional))
+        if gone:
+            progress(f"{suite.name}: skipped (peer not installed: {gone})")
+            return {"status": "skipped", "reason": f"peer not installed: {gone}", "seconds": round(seconds, 1)}
+        # a string always, and never empty: an empty reason read like an empty successful run in the Markdown
+        last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+        reason = last or f"exit code {rc}"
+        progress(f"{suite.name}: failed ({reason})")
+        return {"status": "failed", "reason": reason, "seconds": round(seconds, 1), "log": str(log_path)}
+    try:
+        got = suite.collect(out, device)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        progress(f"{suite.name}: failed (unreadable results: {exc})")
+        return {"status": "failed", "reason": f"unreadable results: {exc}", "seconds": round(seconds, 1),
+                "log": str(log_path)}
+    rows.extend(got)
+    progress(f"{suite.name}: ok, {len(got)} comparisons in {seconds:.0f} s")
+    return {"status": "ok", "rows": len(got), "seconds": round(seconds, 1)}
+
+
+class _Interrupted(Exception):
+    def __init__(self, log: Path | None = None, seconds: float | None = None):
+        super().__init__("interrupted")
+        self.log, self.seconds = log, seconds
+
+
 def run_suites(device: str, quick: bool, only: str | None, log_dir: Path,
                progress: Callable[[str], None] = print) -> tuple[dict, list[Row]]:
-    """Runs the selected suites one after another; returns ({suite: status}, rows)."""
+    """Runs the selected suites one after another; returns ({suite: status}, rows). Ctrl-C stops the run: the
+    suite it hit and the ones after it are marked "interrupted", the finished ones are returned as they are."""
     where = benchmarks_dir()
+    # the scripts run in another working directory: a relative work folder must mean the caller's
+    log_dir = Path(log_dir).expanduser().resolve()
     status, rows = {}, []
-    for suite in SUITES:
-        if only and not any(fnmatch.fnmatch(suite.name, p.strip()) for p in only.split(",")):
-            continue
-        if device not in suite.devices:
-            status[suite.name] = {"status": "skipped", "reason": f"no {device} variant (runs on {suite.devices})"}
-            continue
-        missing = _missing(suite.needs(device))
-        if missing:
-            status[suite.name] = {"status": "skipped", "reason": f"peer not installed: {', '.join(missing)}"}
-            progress(f"{suite.name}: skipped (peer not installed: {', '.join(missing)})")
-            continue
-        out = log_dir / suite.name
-        out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(where / suite.script), *suite.args(device, quick, out)]
-        progress(f"{suite.name}: running {' '.join(cmd[1:])}")
-        start = time.perf_counter()
-        with open(out / "log.txt", "w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=where.parent).returncode
-        seconds = time.perf_counter() - start
-        text = (out / "log.txt").read_text(errors="replace")
-        if rc != 0:
-            gone = re.search(r"No module named '([^']+)'", text)
-            state = "skipped" if gone else "failed"
-            reason = f"peer not installed: {gone.group(1)}" if gone else text.strip().splitlines()[-1:]
-            status[suite.name] = {"status": state, "reason": reason, "seconds": seconds, "log": str(out / "log.txt")}
-            progress(f"{suite.name}: {state} ({reason})")
-            continue
+    selected = _selected(only)
+    for i, suite in enumerate(selected):
+        done = len(rows)
         try:
-            got = suite.collect(out, device)
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            status[suite.name] = {"status": "failed", "reason": f"unreadable results: {exc}", "seconds": seconds}
-            progress(f"{suite.name}: failed (unreadable results: {exc})")
-            continue
-        rows.extend(got)
-        status[suite.name] = {"status": "ok", "rows": len(got), "seconds": round(seconds, 1)}
-        progress(f"{suite.name}: ok, {len(got)} comparisons in {seconds:.0f} s")
+            status[suite.name] = _run_one(suite, device, quick, log_dir, where, progress, rows)
+        except (KeyboardInterrupt, _Interrupted) as exc:
+            del rows[done:]  # an interrupted suite reports no rows, even if it got as far as reading them
+            cur = {"status": "interrupted", "reason": "interrupted (Ctrl-C) while it ran"}
+            if isinstance(exc, _Interrupted) and exc.log is not None:
+                cur.update(seconds=round(exc.seconds, 1), log=str(exc.log))
+            status[suite.name] = cur
+            for rest in selected[i + 1:]:
+                status[rest.name] = {"status": "interrupted", "reason": "not run (the run was interrupted before it)"}
+            progress(f"{suite.name}: interrupted; not run: {', '.join(r.name for r in selected[i + 1:]) or '-'}")
+            break
     return status, rows
 
 
 # ---- reports -------------------------------------------------------------------------------------------
+
+# what makes two runs' rows comparable: results from another host, thread count, torch or size mode must not stand
+# under one header (nor replace full-size rows with quick ones) in bench_<device>_latest
+COMPARABLE = ("host", "quick", "torch", "threads")
+_RUN_KEYS = ("host", "device", "device_name", "date", "torch", "medfast", "threads", "quick", "python")
 
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _suite_meta(entry: dict, report_meta: dict) -> dict:
+    """The meta of the run a suite's rows come from. Reports written before suites carried their own take the
+    report's, dated by the suite's ``from``."""
+    if entry.get("meta"):
+        return entry["meta"]
+    return {**{k: report_meta.get(k) for k in _RUN_KEYS}, "date": entry.get("from", report_meta.get("date"))}
+
+
+def _run_label(m: dict) -> str:
+    return (f"{m.get('date')} ({m.get('host')}, torch {m.get('torch')}, medfast {m.get('medfast')}, "
+            f"{m.get('threads')} threads, {'quick' if m.get('quick') else 'full'} sizes)")
+
+
+def _detail(s: dict) -> str:
+    # by status: a failed suite with no message must not read like an ok run with 0 comparisons
+    detail = (f"{s.get('rows', 0)} comparisons, {s.get('seconds') or 0:.0f} s" if s["status"] == "ok"
+              else str(s.get("reason") or s["status"]))
+    if s.get("log"):
+        detail += f" (log: {Path(s['log']).name})"
+    if s.get("from"):
+        detail += f" (from the run of {s['from']})"
+    if s.get("rerun"):
+        r = s["rerun"]
+        detail += f"; its rerun of {r['date']} {r['status']} ({r.get('reason') or '-'}): these rows kept"
+    return detail
+
+
 def markdown(meta: dict, status: dict, rows: list[Row]) -> str:
+    runs = sorted({str(_suite_meta(s, meta).get("date")) for s in status.values()})
     lines = [f"# medfast bench: {meta['device_name']} ({meta['host']}, {meta['date']})", "",
              f"torch {meta['torch']}, medfast {meta['medfast']}, {meta['threads']} CPU threads"
-             + (", quick sizes" if meta["quick"] else ""), "",
-             "Ratio = peer time / medfast time (> 1: medfast is faster). Peak: memory in MiB above the inputs during "
-             "a call (CPU: resident growth, GPU: allocator). Target: what a row "
-             "must meet where the issues set one (met?: yes / no / n/a where a side did not run).", "",
-             "| suite | case | peer | medfast ms | peer ms | ratio | medfast peak | peer peak | target | met? |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        cells = [r.suite, r.case, r.peer, _fmt(r.medfast_ms, ".2f"), _fmt(r.peer_ms, ".2f"),
+             + (", quick sizes" if meta["quick"] else ""), ""]
+    if len(runs) > 1:
+        lines += [f"The suites come from {len(runs)} runs ({', '.join(runs)}) of the same host, torch, thread count "
+                  "and sizes: the status table gives each suite's run.", ""]
+    lines += ["Ratio = peer time / medfast time (> 1: medfast is faster). Peak: memory in MiB above the inputs during "
+              "a call (CPU: resident growth, GPU: allocator). Target: what a row "
+              "must meet where the issues set one (met?: yes / no / n/a where a side did not run). #: the row's "
+              "number in the chart.", "",
+              "| # | suite | case | peer | medfast ms | peer ms | ratio | medfast peak | peer peak | target | met? |",
+              "|---:|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), r.suite, r.case, r.peer, _fmt(r.medfast_ms, ".2f"), _fmt(r.peer_ms, ".2f"),
                  _fmt(r.ratio, ".2f") + "x", _fmt(r.medfast_peak_mib, ".0f"), _fmt(r.peer_peak_mib, ".0f"),
                  r.target, r.met]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| suite | status | detail |", "|---|---|---|"]
+    lines += ["", "| suite | status | run | detail |", "|---|---|---|---|"]
     for name, s in status.items():
-        detail = s.get("reason") or f"{s.get('rows', 0)} comparisons, {s.get('seconds', 0):.0f} s"
-        if s.get("from"):
-            detail += f" (from the run of {s['from']})"
-        lines.append(f"| {name} | {s['status']} | {detail} |")
+        lines.append(f"| {name} | {s['status']} | {_run_label(_suite_meta(s, meta))} | {_detail(s)} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(meta: dict, rows: list[Row], path: Path) -> bool:
-    """The ratio chart as a PNG at ``path``; False (and no file: an older chart there is removed, so that it
-    cannot stand beside a report it does not show) when no row has a ratio."""
+def _short(text: str, n: int) -> str:
+    """A chart label's part: without its parentheses (the Markdown has the full text), at most ``n`` characters."""
+    while True:
+        shorter = re.sub(r"\s*\([^()]*\)", "", text)
+        if shorter == text:
+            break
+        text = shorter
+    text = re.sub(r"\s+", " ", text).strip(" ,:;")
+    return text if len(text) <= n else text[: n - 1].rstrip() + "…"
+
+
+def chart_label(number: int, r: Row) -> str:
+    """``#<Markdown row> suite: case vs peer``, short: 176-character labels left the bars 47 px of 1000."""
+    vs = "" if f"vs {r.peer}".lower() in r.case.lower() else f" vs {_short(r.peer, 18)}"
+    return f"#{number} {r.suite}: {_short(r.case, 40)}{vs}"
+
+
+def _ratio_cap(ratios: list[float], extrapolated: list[bool]) -> float:
+    """Where the ratio axis ends: the measured ratios' range, a lone far outlier clipped (8x the 90th percentile);
+    an extrapolated row (pymust's 11,561x) never stretches the axis."""
+    measured = sorted(x for x, e in zip(ratios, extrapolated) if not e) or sorted(ratios)
+    q90 = measured[int(0.9 * (len(measured) - 1))]
+    return max(1.0, min(measured[-1], 8 * q90)) * 1.15
+
+
+def plot(meta: dict, rows: list[Row], path: Path, status: dict | None = None) -> bool:
+    """The chart as a PNG at ``path``: the speed ratios (log scale, value on each bar) and, where a row has them,
+    medfast's and the peer's peak memory. False (and no file: an older chart there is removed, so that it cannot
+    stand beside a report it does not show) when no row has a ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    shown = [r for r in rows if r.ratio]
+    shown = [(i, r) for i, r in enumerate(rows, 1) if r.ratio]
     if not shown:
         path.unlink(missing_ok=True)
         return False
-    suites = sorted({r.suite for r in shown})
+    ratios = [r.ratio for _, r in shown]
+    extrapolated = ["extrapolat" in f"{r.case} {r.peer}".lower() for _, r in shown]
+    cap = _ratio_cap(ratios, extrapolated)
+    lo = min(0.5, min(ratios) / 1.6)
+    has_mem = any(r.medfast_peak_mib is not None or r.peer_peak_mib is not None for _, r in shown)
+    suites = list(dict.fromkeys(r.suite for _, r in shown))  # colours only: each label starts with its suite
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(suites)}
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(shown) + 1.5))
-    y = range(len(shown))
-    ax.barh(list(y), [r.ratio for r in shown], color=[colors[r.suite] for r in shown])
-    ax.set_yticks(list(y), [f"{r.suite}: {r.case} vs {r.peer}" for r in shown], fontsize=7)
+    n = len(shown)
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, sharey=True, squeeze=False,
+                             figsize=(18 if has_mem else 12, 0.24 * n + 2.2),
+                             gridspec_kw={"width_ratios": [1.5, 1] if has_mem else [1]})
+    ax = axes[0][0]
+    y = list(range(n))
+    # bars grow from the 1x line: leftwards for a slower medfast (a log axis has no zero to start from)
+    bars = ax.barh(y, [min(x, cap) - 1 for x in ratios], left=1, height=0.7, color=[colors[r.suite] for _, r in shown])
+    for bar, x in zip(bars, ratios):
+        if x > cap:
+            bar.set_hatch("//")
+    for yi, x, e in zip(y, ratios, extrapolated):
+        text = f"{x:.2f}x" if x < 10 else f"{x:,.1f}x" if x < 1000 else f"{x:,.0f}x"
+        if x > cap:
+            ax.text(cap / 1.04, yi, f"{text}{' (extrapolated)' if e else ''}, clipped", va="center", ha="right",
+                    fontsize=6.5, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+        elif x >= 1:
+            ax.text(x * 1.04, yi, text + (" (extrapolated)" if e else ""), va="center", ha="left", fontsize=6.5)
+        else:
+            ax.text(x / 1.04, yi, text, va="center", ha="right", fontsize=6.5)
     ax.set_xscale("log")
+    ax.set_xlim(lo, cap * 2.2)
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.invert_yaxis()
-    ax.set_xlabel("speed ratio (peer time / medfast time, log scale; > 1: medfast faster)")
-    ax.set_title(f"medfast bench, {meta['device_name']}, {meta['date']}", fontsize=9)
+    ax.set_yticks(y, [chart_label(i, r) for i, r in shown], fontsize=7)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlabel("speed ratio: peer time / medfast time (log scale; > 1: medfast faster)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", which="major", color="0.85", lw=0.5)
+    ax.set_axisbelow(True)
+    for k in range(1, n):  # a thin line between suites
+        if shown[k][1].suite != shown[k - 1][1].suite:
+            for a in axes[0]:
+                a.axhline(k - 0.5, color="0.7", lw=0.5)
+    if has_mem:
+        mx = axes[0][1]
+        mems = [v for _, r in shown for v in (r.medfast_peak_mib, r.peer_peak_mib) if v is not None and v > 0]
+        floor = min(mems) / 2 if mems else 0.5
+        for key, color, dy in (("medfast_peak_mib", "tab:blue", -0.19), ("peer_peak_mib", "0.6", 0.19)):
+            for yi, (_, r) in zip(y, shown):
+                v = getattr(r, key)
+                if v is None:
+                    continue
+                if v > 0:
+                    mx.barh(yi + dy, v - floor, left=floor, height=0.36, color=color)
+                mx.text(max(v, floor) * 1.05, yi + dy, f"{v:.0f}", va="center", ha="left", fontsize=5.5)
+        for yi, (_, r) in zip(y, shown):
+            if r.medfast_peak_mib is None and r.peer_peak_mib is None:
+                mx.text(floor * 1.1, yi, "no peak recorded", va="center", ha="left", fontsize=5.5, color="0.5")
+        mx.set_xscale("log")
+        mx.set_xlim(floor, (max(mems) if mems else 1.0) * 3)
+        mx.set_xlabel("peak memory above the inputs, MiB (log scale)", fontsize=8)
+        mx.tick_params(axis="x", labelsize=7)
+        mx.tick_params(axis="y", left=False)
+        mx.grid(axis="x", which="major", color="0.85", lw=0.5)
+        mx.set_axisbelow(True)
+        mx.legend(handles=[Patch(color="tab:blue", label="medfast"), Patch(color="0.6", label="peer")], fontsize=7,
+                  loc="best", framealpha=0.9)
+    runs = sorted({str(_suite_meta(s, meta).get("date")) for s in (status or {}).values()}) or [meta["date"]]
+    fig.suptitle(f"medfast bench, {meta['device_name']}, {meta['host']}, {meta['threads']} threads, "
+                 f"{'quick' if meta['quick'] else 'full'} sizes; run{'s' if len(runs) > 1 else ''} "
+                 f"{', '.join(runs)} (#: row of the Markdown report, which has the full case text)", fontsize=9,
+                 y=1.0, va="bottom")  # above the axes: savefig's tight box takes it in
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -398,40 +580,125 @@ def _meta(device: str, quick: bool) -> dict:
             "python": sys.version.split()[0]}
 
 
-def _with_earlier_suites(latest: Path, meta: dict, status: dict, rows: list[Row]) -> tuple[dict, list[Row]]:
-    """This run's suites plus, from the previous latest report of the same device, the suites this run did
-    not touch (an ``--only`` run refreshes its suites without dropping the others), each marked with the
-    date of the run it comes from."""
+def _differs(a: dict, b: dict) -> list[str]:
+    return [k for k in COMPARABLE if a.get(k) != b.get(k)]
+
+
+def _with_earlier_suites(latest: Path, meta: dict, status: dict,
+                         rows: list[Row]) -> tuple[dict, list[Row], str | None]:
+    """This run's suites plus, from the previous latest report of the same device, the suites this run did not
+    touch (an ``--only`` run refreshes its suites without dropping the others) and those whose rerun gave no
+    results (peer now missing, failed, interrupted): their earlier rows stay, marked with their run's date.
+
+    Returns (status, rows, None), or (status, rows, why) when the latest report must be left as it is: an earlier
+    suite would stay beside this run's but comes from another host / torch / thread count / size mode (or this
+    quick run would replace full-size rows). A run that reruns every earlier suite replaces the latest."""
     try:
         prev = json.loads(latest.read_text())
     except (OSError, ValueError):
-        return status, rows
-    if prev.get("meta", {}).get("device") != meta["device"]:
-        return status, rows
+        return status, rows, None
+    prev_meta = prev.get("meta", {})
+    if prev_meta.get("device") != meta["device"]:
+        return status, rows, None
+    earlier = {name: {**s, "meta": _suite_meta(s, prev_meta)} for name, s in prev.get("suites", {}).items()}
+    keep = {name for name, s in earlier.items()
+            if name not in status or (status[name]["status"] != "ok" and s["status"] == "ok")}
+    other = {name: _differs(s["meta"], meta) for name, s in earlier.items()}
+    other = {name: keys for name, keys in other.items() if keys}
+    if other:
+        quick_over_full = meta["quick"] and any(not s["meta"].get("quick") for s in earlier.values())
+        if not keep and not quick_over_full:
+            return status, rows, None
+        name = next(iter(other))
+        diff = "; ".join(f"{k} {earlier[name]['meta'].get(k)!r} there, {meta.get(k)!r} here" for k in other[name])
+        why = (f"{latest.stem}.* left as they are: its suites {', '.join(other)} come from another setup ({diff}), "
+               + ("and a quick run does not replace full-size results" if quick_over_full and not keep
+                  else "and would stand beside this run's under one header")
+               + ". This run is in its dated report only (another --out starts a new latest).")
+        return status, rows, why
     order = {s.name: i for i, s in enumerate(SUITES)}
-    kept = {name: {**s, "from": s.get("from", prev["meta"].get("date"))}
-            for name, s in prev.get("suites", {}).items() if name not in status}
+    merged = {}
+    for name in keep:
+        entry = {**earlier[name], "from": earlier[name].get("from") or earlier[name]["meta"].get("date")}
+        if name in status:
+            new = status[name]
+            entry["rerun"] = {"date": meta["date"], "status": new["status"], "reason": new.get("reason", ""),
+                              **({"log": new["log"]} if new.get("log") else {})}
+        merged[name] = entry
+    merged.update({name: s for name, s in status.items() if name not in keep})
     fields = {f.name for f in dataclasses.fields(Row)}
     old_rows = [Row(**{k: v for k, v in r.items() if k in fields})
-                for r in prev.get("rows", []) if r.get("suite") in kept]
-    merged = dict(sorted({**kept, **status}.items(), key=lambda kv: order.get(kv[0], len(order))))
-    return merged, sorted(old_rows + rows, key=lambda r: order.get(r.suite, len(order)))
+                for r in prev.get("rows", []) if r.get("suite") in keep]
+    merged = dict(sorted(merged.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return merged, sorted(old_rows + rows, key=lambda r: order.get(r.suite, len(order))), None
 
 
-def write_reports(out: Path, meta: dict, status: dict, rows: list[Row]) -> list[Path]:
-    """The dated report holds this run only; ``bench_<device>_latest`` also keeps the suites it did not run."""
+def _stderr(msg: str) -> None:
+    print(f"medfast bench: {msg}", file=sys.stderr)
+
+
+def write_reports(out: Path, meta: dict, status: dict, rows: list[Row],
+                  say: Callable[[str], None] = _stderr) -> list[Path]:
+    """The dated report holds this run only; ``bench_<device>_latest`` also keeps the suites it did not run (when
+    their runs are comparable, else it is left as it is and ``say`` tells why). Every suite carries the meta of
+    its run; failed suites' logs are copied beside the reports (the work folder is temporary)."""
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_{meta['device']}_{re.sub(r'[^A-Za-z0-9_.-]', '_', meta['host'])}_{meta['date']}"
     latest = f"bench_{meta['device']}_latest"
-    paths = []
-    for name, (st, rw) in ((stem, (status, rows)),
-                           (latest, _with_earlier_suites(out / f"{latest}.json", meta, status, rows))):
+    run_meta = {k: meta.get(k) for k in _RUN_KEYS}
+    status = {name: {**s, "meta": s.get("meta") or run_meta} for name, s in status.items()}
+    for name, s in status.items():
+        log = Path(s["log"]) if s.get("log") else None
+        if log is not None and log.is_file():
+            copy = out / f"{stem}_{name}.log"
+            if log.resolve() != copy.resolve():
+                shutil.copyfile(log, copy)
+            s["log"] = str(copy)
+    reports = [(stem, status, rows)]
+    st, rw, refused = _with_earlier_suites(out / f"{latest}.json", meta, status, rows)
+    if refused:
+        say(refused)
+    else:
+        reports.append((latest, st, rw))
+    paths = [Path(s["log"]) for s in status.values() if s.get("log") and Path(s["log"]).parent == out]
+    for name, st, rw in reports:
         report = {"meta": meta, "suites": st, "rows": [dataclasses.asdict(r) for r in rw]}
         (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / f"{name}.md").write_text(markdown(meta, st, rw))
-        chart = plot(meta, rw, out / f"{name}.png")
+        chart = plot(meta, rw, out / f"{name}.png", st)
         paths += [out / f"{name}.{ext}" for ext in ("json", "md", "png") if ext != "png" or chart]
     return paths
+
+
+def replot(report: Path) -> int:
+    """``--replot JSON``: the Markdown and the PNG of a report rendered again beside it, from its JSON (after a
+    change of the report layout; no suite runs)."""
+    fields = {f.name for f in dataclasses.fields(Row)}
+    try:
+        data = json.loads(report.read_text())
+        meta, status = data["meta"], data["suites"]
+        rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in data["rows"]]
+        md, png = report.with_suffix(".md"), report.with_suffix(".png")
+        md.write_text(markdown(meta, status, rows))
+        chart = plot(meta, rows, png, status)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _stderr(f"--replot {report}: not a readable medfast bench report, or its folder is not writable ({exc})")
+        return 2
+    print(f"wrote {md}" + (f", {png}" if chart else ""))
+    return 0
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why the reports could not be written to ``out`` (checked before tens of minutes of suites), else None."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        return f"is not a writable folder ({exc.strerror or exc})"
+    return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -440,32 +707,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", metavar="PATTERN", help="comma-separated suite names or globs, e.g. 'warp,loss'")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the reports")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
+    p.add_argument("--replot", metavar="JSON", type=Path,
+                   help="render the Markdown and PNG of a report JSON again, beside it, and exit (no suite runs)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.list:
         for s in SUITES:
             by_device = {d: ", ".join(s.needs(d)) or "-" for d in s.devices}
-            peers = (f"peers: {by_device[s.devices[0]]}" if len(set(by_device.values())) == 1
-                     else "; ".join(f"peers on {d}: {p}" for d, p in by_device.items()))
-            print(f"{s.name:14s} {s.script:26s} devices: {', '.join(s.devices)}; {peers}")
+            peers = (f"needs: {by_device[s.devices[0]]}" if len(set(by_device.values())) == 1
+                     else "; ".join(f"needs on {d}: {p}" for d, p in by_device.items()))
+            optional = f"; optional peers: {', '.join(s.optional)}" if s.optional else ""
+            print(f"{s.name:14s} {s.script:26s} devices: {', '.join(s.devices)}; {peers}{optional}")
         return 0
+    if getattr(args, "replot", None) is not None:
+        return replot(args.replot)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("medfast bench: --device cuda but no GPU is visible", file=sys.stderr)
+        _stderr("--device cuda but no GPU is visible")
         return 2
-    if args.only is not None and not any(p.strip() for p in args.only.split(",")):
+    if args.only is not None and not _patterns(args.only):
         # an empty pattern (an unset shell variable) must not mean "every suite" (tens of minutes)
-        print(f"medfast bench: --only needs suite names or globs, got {args.only!r} (see --list)", file=sys.stderr)
+        _stderr(f"--only needs suite names or globs, got {args.only!r} (see --list)")
+        return 2
+    unknown = unmatched_patterns(args.only)
+    if unknown:  # a typo in one pattern must not silently drop its suite from the run
+        _stderr(f"--only {', '.join(repr(p) for p in unknown)} matches no suite; the suites: "
+                f"{', '.join(s.name for s in SUITES)}")
+        return 2
+    why = _unwritable(args.out)
+    if why:
+        _stderr(f"--out {args.out} {why}: nothing run")
         return 2
     meta = _meta(args.device, args.quick)
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="medfast-bench-") as tmp:
-        log_dir = Path(os.environ.get("MEDFAST_BENCH_WORK", tmp))
+        work = os.environ.get("MEDFAST_BENCH_WORK")
+        log_dir = Path(work).expanduser().resolve() if work else Path(tmp)
         status, rows = run_suites(args.device, args.quick, args.only, log_dir,
                                   progress=lambda msg: print(f"[medfast bench] {msg}", flush=True))
-    if not status:
-        print(f"medfast bench: no suite matches --only {args.only!r}", file=sys.stderr)
-        return 2
-    paths = write_reports(args.out, meta, status, rows)
-    print(markdown(meta, status, rows))
-    print("wrote " + ", ".join(str(p) for p in paths if p.stem != f"bench_{meta['device']}_latest"))
+        if not status:
+            _stderr(f"no suite matches --only {args.only!r}")
+            return 2
+        # inside the work folder's lifetime: the failed suites' logs are copied from it
+        paths = write_reports(args.out, meta, status, rows, say=notes.append)
+    latest = f"bench_{meta['device']}_latest"
+    print(next(p for p in paths if p.suffix == ".md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths if not p.stem.startswith(latest)))
+    for note in notes:
+        _stderr(note)
+    if any(s["status"] == "interrupted" for s in status.values()):
+        _stderr("interrupted: the reports hold the suites that finished")
+        return 130
     return 1 if any(s["status"] == "failed" for s in status.values()) else 0
