@@ -1,16 +1,20 @@
 // The CUDA kernels of the fused segmentation losses (csrc/loss/loss_kernels.cuh: the class sums and
 // their gradient, for label, soft-softmax and soft-sigmoid targets; the finishing op finalize_kernel and
-// its backward) on the CPU under the launch
-// emulation of simt.h, as a C library for tests/test_simt_loss.py (ctypes): the same kernel source as
-// the CUDA build, launched with the launcher's geometry (threads from the shared-memory plan, blocks and
-// chunks from the multiprocessor count given here), the blocks' partial sums added on the host in
-// double as the launcher's at::sum does; checked against the CPU op.
+// its backward) on the CPU under the launch emulation of simt.h, as a C library for
+// tests/test_simt_loss.py (ctypes): the same kernel source as the CUDA build, instantiated as
+// loss_cuda.cu instantiates it (logits float32 / float64 / float16 / bfloat16 with a float or double
+// compute type, labels uint8 / int32 / int64, the ignore index, ce, contiguous or channels-last logits)
+// and launched with the launcher's geometry (threads from the shared-memory plan, blocks and chunks from
+// the multiprocessor count given here), the blocks' partial sums added on the host in double as the
+// launcher's at::sum does; checked against the CPU op.
 #include "simt.h"
 // (simt.h first: the kernels' CUDA names must exist before the header is parsed)
 #include "loss/loss_kernels.cuh"
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 using namespace medfast::loss;
@@ -57,8 +61,8 @@ int sums(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int6
 }
 
 // The class-transposed label sums (MEDFAST_LOSS_CUDA_SUMS=warp), with the launcher's geometry.
-template <typename T>
-int sums_warp(const LabelVoxel<T, T, int64_t>& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
+template <typename S, typename T, typename L>
+int sums_warp(const LabelVoxel<S, T, L>& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
   const int64_t C = voxel.C, N = voxel.N, n = C * kStats;
   const int threads = plan_label_threads(C, sizeof(T));
   const int64_t bytes = label_warp_values(threads, C) * int64_t(sizeof(T));
@@ -66,7 +70,7 @@ int sums_warp(const LabelVoxel<T, T, int64_t>& voxel, int64_t B, int64_t sms, in
   const int64_t blocks = sum_blocks_per_batch(B, N, threads, sms), chunk = sum_chunk(N, blocks);
   std::vector<T> partial(static_cast<size_t>(B * blocks * n), std::numeric_limits<T>::quiet_NaN());
   simt::launch({static_cast<unsigned>(blocks), static_cast<unsigned>(B), 1}, threads, static_cast<size_t>(bytes),
-               [&] { label_sums_warp_kernel<T, T, int64_t>(voxel, chunk, partial.data()); });
+               [&] { label_sums_warp_kernel<S, T, L>(voxel, chunk, partial.data()); });
   finish_sums(partial, B, blocks, n, out);
   const int64_t geo[4] = {threads, blocks, chunk, bytes};
   for (int k = 0; k < 4; ++k) geometry[k] = geo[k];
@@ -85,24 +89,100 @@ int grad(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, int64_t* geo
   return 0;
 }
 
-// z (B, C, N); target: labels (B, N) int64 (-1 or >= C: left out; no ignore index) for kLabels, else
-// (B, C, N) of T; w (B, N) or null; g (B, C, kStats) gradients of the sums (backward) or null; gz (B, C, N)
-// or null. range (2,): the labels' LabelRange (kLabels sums), zeros to start, as the launcher's.
-template <typename T>
-int run(bool backward, int kind, const T* z, const void* target, const T* w, const T* g, int64_t B, int64_t C,
-        int64_t N, int64_t sms, int64_t optin, T* out, int64_t* geometry, long long* range) {
-  auto go = [&](const auto& voxel) {
-    using Voxel = std::remove_cv_t<std::remove_reference_t<decltype(voxel)>>;
-    return backward ? grad<T, Voxel>(voxel, B, sms, optin, geometry)
-                    : sums<T, Voxel>(voxel, B, sms, optin, out, geometry);
-  };
-  T* gz = backward ? out : nullptr;
-  const T* t = static_cast<const T*>(target);
-  if (kind == kLabels)
-    return go(LabelVoxel<T, T, int64_t>{z, static_cast<const int64_t*>(target), w, g, gz, C, N, N, 1,
-                                        LabelRule{C, 0, false}, true, range});
-  if (kind == kSoftmax) return go(SoftVoxel<false, true, T, T>{z, t, w, g, gz, C, N});
-  if (kind == kSigmoid) return go(SoftVoxel<true, true, T, T>{z, t, w, g, gz, C, N});
+// bfloat16 as c10::BFloat16 stores it (the upper half of a float) and converts it (round to nearest even;
+// NaN stays NaN), for the launcher's kBFloat16 instantiations. at::Half is _Float16 here (IEEE binary16,
+// conversions rounded to nearest even, as c10::Half's and __float2half's), where the compiler has it
+// (GCC 12+, Clang on x86-64; emu_loss answers 3 otherwise).
+struct BFloat16 {
+  uint16_t bits;
+  BFloat16() = default;
+  BFloat16(float f) {  // NOLINT: implicit, as c10::BFloat16's
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    bits = f != f ? uint16_t(0x7fc0) : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  operator float() const {
+    const uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+};
+static_assert(sizeof(BFloat16) == 2);
+#ifdef __FLT16_MAX__
+static_assert(sizeof(_Float16) == 2);
+#endif
+
+// The launcher's per-voxel compute type (loss_cuda.cu compute_t): double for double logits, else float.
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// One emulated launch, as loss_cuda.cu makes it. The fields are int64 (a ctypes array from the test):
+// what: 0 the sums (sums_kernel), 1 the gradient (grad_kernel), 2 the class-transposed label sums
+// (label_sums_warp_kernel, MEDFAST_LOSS_CUDA_SUMS=warp); kind: Kind; dtype of the logits: 0 float32,
+// 1 float64, 2 float16, 3 bfloat16; labels: 0 uint8, 1 int32, 2 int64; channels_last: the logits (and the
+// gradient) at z[b C N + x C + c] (labels only: the launcher copies soft targets' logits to contiguous);
+// ignore index (has_ignore, ignore); ce: the cross-entropy sums (the gradient kernels take ce = true, as the
+// launcher's); B, C, N; sms, optin: the device's multiprocessors and opt-in shared memory.
+struct Config {
+  int64_t what, kind, dtype, labels, channels_last, has_ignore, ignore, ce, B, C, N, sms, optin;
+};
+enum What { kSumsKernel = 0, kGradKernel = 1, kWarpSumsKernel = 2 };
+
+// The pointers of a launch: logits z (S), labels (L) or soft targets (S), voxel weights and the gradients of
+// the sums (T, as the launcher converts them; null for none), out: sums (B, C, kStats) of T or the
+// gradient in the logits' layout (S); range (2,): the LabelRange buffer, zeros to start.
+struct Buffers {
+  const void *z, *target, *w, *g;
+  void* out;
+  long long* range;
+};
+
+template <typename S, typename T, typename L>
+int run_labels(const Config& c, const Buffers& p, int64_t* geometry) {
+  const int64_t cs = c.channels_last ? 1 : c.N, vs = c.channels_last ? c.C : 1;
+  const LabelRule rule{c.C, c.has_ignore ? c.ignore : 0, c.has_ignore != 0};
+  const S* z = static_cast<const S*>(p.z);
+  const L* y = static_cast<const L*>(p.target);
+  const T* w = static_cast<const T*>(p.w);
+  if (c.what == kGradKernel)
+    return grad<T>(LabelVoxel<S, T, L>{z, y, w, static_cast<const T*>(p.g), static_cast<S*>(p.out), c.C, c.N, cs, vs,
+                                       rule, true, nullptr},
+                   c.B, c.sms, c.optin, geometry);
+  const LabelVoxel<S, T, L> voxel{z, y, w, nullptr, nullptr, c.C, c.N, cs, vs, rule, c.ce != 0, p.range};
+  T* out = static_cast<T*>(p.out);
+  return c.what == kWarpSumsKernel ? sums_warp<S, T, L>(voxel, c.B, c.sms, c.optin, out, geometry)
+                                   : sums<T>(voxel, c.B, c.sms, c.optin, out, geometry);
+}
+
+template <typename S, typename T, bool SIGMOID>
+int run_soft(const Config& c, const Buffers& p, int64_t* geometry) {
+  if (c.channels_last || c.what == kWarpSumsKernel) return 2;  // no such launch
+  const S* z = static_cast<const S*>(p.z);
+  const S* t = static_cast<const S*>(p.target);
+  const T* w = static_cast<const T*>(p.w);
+  if (c.what == kGradKernel)  // (the gradient does not depend on CE: one instantiation, as the launcher's)
+    return grad<T>(SoftVoxel<SIGMOID, true, S, T>{z, t, w, static_cast<const T*>(p.g), static_cast<S*>(p.out), c.C,
+                                                 c.N},
+                   c.B, c.sms, c.optin, geometry);
+  T* out = static_cast<T*>(p.out);
+  return c.ce ? sums<T>(SoftVoxel<SIGMOID, true, S, T>{z, t, w, nullptr, nullptr, c.C, c.N}, c.B, c.sms, c.optin, out,
+                        geometry)
+              : sums<T>(SoftVoxel<SIGMOID, false, S, T>{z, t, w, nullptr, nullptr, c.C, c.N}, c.B, c.sms, c.optin, out,
+                        geometry);
+}
+
+template <typename S>
+int run(const Config& c, const Buffers& p, int64_t* geometry) {
+  using T = compute_t<S>;
+  if (c.kind == kLabels) {
+    if (c.labels == 0) return run_labels<S, T, uint8_t>(c, p, geometry);
+    if (c.labels == 1) return run_labels<S, T, int32_t>(c, p, geometry);
+    if (c.labels == 2) return run_labels<S, T, int64_t>(c, p, geometry);
+    return 2;
+  }
+  if (c.kind == kSoftmax) return run_soft<S, T, false>(c, p, geometry);
+  if (c.kind == kSigmoid) return run_soft<S, T, true>(c, p, geometry);
   return 2;
 }
 
@@ -159,47 +239,25 @@ __global__ void misuse_kernel(int mode) {
 }  // namespace
 
 extern "C" {
-// The label range goes to the last slot of geometry (geometry[4], geometry[5]).
-int emu_loss_sums_f32(int kind, const float* z, const void* target, const float* w, int64_t B, int64_t C, int64_t N,
-                      int64_t sms, int64_t optin, float* stats, int64_t* geometry) {
+// cfg: the 13 fields of Config; geometry (6,): threads, blocks, chunk (0 for the gradient), shared-memory
+// bytes, then the label range the sums kernels reported (LabelRange: lo, bad hi). Returns 0, 1 where the
+// launcher would refuse (shared memory past max(48 KiB, optin)), 2 for a launch the launcher never makes,
+// 3 for float16 with a compiler without _Float16.
+int emu_loss(const int64_t* cfg, const void* z, const void* target, const void* w, const void* g, void* out,
+             int64_t* geometry) {
+  Config c;
+  std::memcpy(&c, cfg, sizeof(c));
   long long range[2] = {0, 0};
-  const int rc = run<float>(false, kind, z, target, w, nullptr, B, C, N, sms, optin, stats, geometry, range);
-  geometry[4] = range[0];
-  geometry[5] = range[1];
-  return rc;
-}
-int emu_loss_sums_f64(int kind, const double* z, const void* target, const double* w, int64_t B, int64_t C, int64_t N,
-                      int64_t sms, int64_t optin, double* stats, int64_t* geometry) {
-  long long range[2] = {0, 0};
-  const int rc = run<double>(false, kind, z, target, w, nullptr, B, C, N, sms, optin, stats, geometry, range);
-  geometry[4] = range[0];
-  geometry[5] = range[1];
-  return rc;
-}
-int emu_loss_grad_f32(int kind, const float* z, const void* target, const float* w, const float* g, int64_t B,
-                      int64_t C, int64_t N, int64_t sms, int64_t optin, float* gz, int64_t* geometry) {
-  return run<float>(true, kind, z, target, w, g, B, C, N, sms, optin, gz, geometry, nullptr);
-}
-int emu_loss_grad_f64(int kind, const double* z, const void* target, const double* w, const double* g, int64_t B,
-                      int64_t C, int64_t N, int64_t sms, int64_t optin, double* gz, int64_t* geometry) {
-  return run<double>(true, kind, z, target, w, g, B, C, N, sms, optin, gz, geometry, nullptr);
-}
-int emu_loss_sums_warp_f32(const float* z, const int64_t* y, const float* w, int64_t B, int64_t C, int64_t N,
-                           int64_t sms, int64_t optin, float* stats, int64_t* geometry) {
-  long long range[2] = {0, 0};
-  const int rc = sums_warp<float>(
-      LabelVoxel<float, float, int64_t>{z, y, w, nullptr, nullptr, C, N, N, 1, LabelRule{C, 0, false}, true, range}, B,
-      sms, optin, stats, geometry);
-  geometry[4] = range[0];
-  geometry[5] = range[1];
-  return rc;
-}
-int emu_loss_sums_warp_f64(const double* z, const int64_t* y, const double* w, int64_t B, int64_t C, int64_t N,
-                           int64_t sms, int64_t optin, double* stats, int64_t* geometry) {
-  long long range[2] = {0, 0};
-  const int rc = sums_warp<double>(
-      LabelVoxel<double, double, int64_t>{z, y, w, nullptr, nullptr, C, N, N, 1, LabelRule{C, 0, false}, true, range},
-      B, sms, optin, stats, geometry);
+  const Buffers p{z, target, w, g, out, c.what == kGradKernel ? nullptr : range};
+  int rc = 2;
+  if (c.dtype == 0) rc = run<float>(c, p, geometry);
+  if (c.dtype == 1) rc = run<double>(c, p, geometry);
+#ifdef __FLT16_MAX__
+  if (c.dtype == 2) rc = run<_Float16>(c, p, geometry);
+#else
+  if (c.dtype == 2) rc = 3;
+#endif
+  if (c.dtype == 3) rc = run<BFloat16>(c, p, geometry);
   geometry[4] = range[0];
   geometry[5] = range[1];
   return rc;
