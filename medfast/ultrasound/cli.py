@@ -1,6 +1,7 @@
 """``medfast simulate``: B-mode frames along a freehand sweep over a CT (NIfTI or InVesalius .inv3).
 
-Writes ``frames/frame_###.png``, ``frames.nii.gz`` (the stack, pixel spacing in the header),
+Writes ``frames/frame_###.png``, ``frames.nii.gz`` (the stack: pixel spacing in mm and the probe-frame lateral and
+depth of the first pixel in the header),
 ``figure.png`` (CT resampled in the image plane beside the simulated frame, several poses) and
 ``simulate.json`` (probe, poses, timings) to the output folder.
 """
@@ -32,6 +33,8 @@ def _vec3(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
     if len(vals) != 3:
         raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    if not all(math.isfinite(v) for v in vals):  # argparse names the flag; later a NaN fails far from it
+        raise argparse.ArgumentTypeError(f"expected three finite numbers, got {text!r}")
     return vals  # type: ignore[return-value]
 
 
@@ -76,8 +79,9 @@ def plane_slice(ct: torch.Tensor, affine: np.ndarray, pose: torch.Tensor, probe,
 
 
 def run_simulate(args: argparse.Namespace) -> dict:
-    from medfast.ultrasound import Probe, freehand_sweep, look_at, simulate_ct
+    from medfast.ultrasound import Probe, freehand_sweep, hu_to_properties, look_at, simulate
     from medfast.ultrasound.io import INSTALL_HINT, INVESALIUS_CRANIUM, read_volume
+    from medfast.ultrasound.simulate import check_meets_volume
 
     _check_numbers(args)
     from medfast.train.files import OutputError, check_out_dir
@@ -124,16 +128,25 @@ def run_simulate(args: argparse.Namespace) -> dict:
     poses = freehand_sweep(pose0, args.travel, args.frames, tilt_deg=args.tilt, rock_deg=args.tilt,
                            twist_deg=args.tilt * 0.75, seed=args.seed)
 
-    ct = torch.from_numpy(vol.astype(np.float32))[None, None].to(device)
+    try:  # the whole sweep, once: simulate() checks each batch alone (a batch off the volume is legal here)
+        check_meets_volume(poses.double().numpy(), np.linalg.inv(affine), vol.shape, probe)
+    except ValueError as exc:
+        raise SimulateError(f"{exc} (set by --start / --centre, --direction and --travel)") from None
+    vol_shape = list(vol.shape)
+    # no copy of a float32 volume (a scaled NIfTI), and none of a float64 one kept beside its float32 copy
+    ct = torch.from_numpy(np.asarray(vol, dtype=np.float32))[None, None].to(device)
+    del vol
     frames = []
     t0 = time.perf_counter()
     from tqdm import tqdm
 
     with torch.no_grad():
+        props = hu_to_properties(ct)  # once, not per batch (simulate_ct would convert the whole CT each call)
         for i in tqdm(range(0, args.frames, args.batch), desc="simulating", unit="batch", file=sys.stderr):
-            res = simulate_ct(ct, affine, poses[i:i + args.batch].float().to(device), probe, seed=args.seed,
-                              gain_db=args.gain, dynamic_range_db=args.dynamic_range, pixel_mm=args.pixel)
+            res = simulate(props, affine, poses[i:i + args.batch].float().to(device), probe, seed=args.seed,
+                           gain_db=args.gain, dynamic_range_db=args.dynamic_range, pixel_mm=args.pixel)
             frames.append(res.bmode.cpu())
+        del props
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
@@ -142,7 +155,7 @@ def run_simulate(args: argparse.Namespace) -> dict:
     px = res.pixel_mm
     summary = {
         "volume": str(path),
-        "volume_shape": list(vol.shape),
+        "volume_shape": vol_shape,
         "probe": args.probe,
         "n_lines": probe.n_lines,
         "n_samples": probe.n_samples,
@@ -156,7 +169,7 @@ def run_simulate(args: argparse.Namespace) -> dict:
         "poses": poses.tolist(),
     }
     try:
-        _write_frames(out, bmode, px)
+        _write_frames(out, bmode, px, res.extent_mm)
         _figure(ct, affine, poses, probe, bmode, px, out / "figure.png", n=min(4, args.frames))
         (out / "simulate.json").write_text(json.dumps(summary, indent=1))
     except OSError as exc:  # a full disk, no permission, a file where a folder goes: one line naming --out
@@ -164,8 +177,9 @@ def run_simulate(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _write_frames(out: Path, bmode: np.ndarray, px: float) -> None:
-    """``frames/frame_###.png`` (only this run's) and ``frames.nii.gz`` in ``out``."""
+def _write_frames(out: Path, bmode: np.ndarray, px: float, extent_mm: tuple[float, float, float, float]) -> None:
+    """``frames/frame_###.png`` (only this run's) and ``frames.nii.gz`` in ``out``: voxel (j, i, n) is pixel (row i,
+    column j) of frame n, at x = lateral, y = depth (mm, the probe frame of ``SimulationResult.extent_mm``), z = n."""
     import nibabel as nib
     from PIL import Image
 
@@ -175,8 +189,10 @@ def _write_frames(out: Path, bmode: np.ndarray, px: float) -> None:
     for i, f in enumerate(bmode):
         Image.fromarray(np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8)).save(out / "frames" / f"frame_{i:03d}.png")
     stack_affine = np.diag([px, px, 1.0, 1.0])
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(bmode.transpose(2, 1, 0)).astype(np.float32), stack_affine),
-             str(out / "frames.nii.gz"))
+    stack_affine[:2, 3] = extent_mm[0], extent_mm[2]  # the first pixel's lateral and depth position
+    img = nib.Nifti1Image(np.ascontiguousarray(bmode.transpose(2, 1, 0)).astype(np.float32), stack_affine)
+    img.header.set_xyzt_units("mm")  # else viewers and tools read the spacing as unitless
+    nib.save(img, str(out / "frames.nii.gz"))
 
 
 def _figure(ct, affine, poses, probe, bmode, px, path, n=4):

@@ -88,6 +88,8 @@ def _check_dtype(path: Path, dtype: np.dtype) -> None:
 def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Reads a 3D NIfTI (``.nii``/``.nii.gz``, via nibabel) or an InVesalius ``.inv3``: (volume, affine).
 
+    The volume keeps the file's voxel type, but for a scaled NIfTI (``scl_slope`` / ``scl_inter``), read as float32.
+
     Raises ``ValueError`` naming the file for a volume that is not 3D, RGB or complex, holds NaN / inf, or
     whose voxel-to-world affine is singular or not finite."""
     path = Path(path)
@@ -96,8 +98,14 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     img = nib.load(str(path))
-    data = np.asarray(img.dataobj)
-    _check_dtype(path, data.dtype)
+    _check_dtype(path, img.get_data_dtype())
+    proxy = img.dataobj
+    if getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0:
+        # scaled (scl_slope / scl_inter, e.g. int16 CT numbers): nibabel scales into float64 by default, 8 bytes a
+        # voxel that the simulator converts to float32 anyway (both copies alive: 12 bytes a voxel)
+        data = np.asarray(proxy, dtype=np.float32)
+    else:
+        data = np.asarray(proxy)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -116,7 +116,8 @@ def _check_probe(probe: Probe | str) -> Probe:
     return probe
 
 
-def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """The pose on ``device`` in ``dtype``, and the float64 host copy its checks read."""
     if not isinstance(pose, torch.Tensor):
         raise TypeError(f"pose must be a torch.Tensor of shape (B, 4, 4), got {type(pose).__name__}")
     if pose.dim() == 2:
@@ -139,7 +140,60 @@ def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> torch
     rot = host[:, :3, :3]
     if np.abs(rot.transpose(0, 2, 1) @ rot - np.eye(3)).max() > 1e-3 or (np.linalg.det(rot) < 0).any():
         raise ValueError("pose must be rigid: its 3x3 part must be a rotation (orthonormal columns, determinant +1)")
-    return plain(pose).to(device=device, dtype=dtype, non_blocking=True)
+    return plain(pose).to(device=device, dtype=dtype, non_blocking=True), host
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_box(probe: Probe) -> np.ndarray:
+    """``(8, 4)`` corners (probe frame, mm, homogeneous) of a box holding every sample of every sub-ray: the
+    lines' first and last samples' extent in x and z (a fan's lines are segments, each inside the box of its
+    ends), the element height in y."""
+    origin, direction = probe.line_geometry(dtype=torch.float64)
+    r = probe.depths(dtype=torch.float64)
+    ends = torch.cat([origin + direction * r[0], origin + direction * r[-1]]).numpy()
+    lo, hi = ends.min(0), ends.max(0)
+    lo[1], hi[1] = -probe.elevation_mm / 2, probe.elevation_mm / 2
+    corners = np.array([[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2], 1.0]
+                        for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    corners.flags.writeable = False  # cached
+    return corners
+
+
+def _meets_volume(host_pose: np.ndarray, inv_affine: np.ndarray, shape: Sequence[int], probe: Probe) -> np.ndarray:
+    """``(B,)`` False where no sample of pose b can read a voxel: the probe box (:func:`_probe_box`) in voxel space
+    does not meet the volume's box ``[-1, D] x [-1, H] x [-1, W]`` (trilinear reads reach a voxel from one index
+    away). Separating-axis test of the two parallelepipeds (the axes: both sets of face normals and the cross
+    products of their edges), exact for the probe box, so a pose flagged cannot image the volume (one partly
+    outside is not flagged)."""
+    corners = np.einsum("ij,bjk,nk->bni", inv_affine[:3], host_pose, _probe_box(probe))  # (B, 8, 3) voxel
+    edges = corners[:, [4, 2, 1]] - corners[:, :1]  # the probe box's edges along its x, y, z
+    unit = np.broadcast_to(np.eye(3), edges.shape)
+    axes = np.concatenate([unit, np.cross(edges[:, [1, 2, 0]], edges[:, [2, 0, 1]]),
+                           np.cross(edges[:, :, None], unit[:, None]).reshape(-1, 9, 3)], 1)  # (B, 15, 3)
+    box = np.array([[(-1.0, float(shape[0]))[i], (-1.0, float(shape[1]))[j], (-1.0, float(shape[2]))[k]]
+                    for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    a = np.einsum("bni,bai->ban", corners, axes)  # (B, 15, 8) projections of the probe box
+    v = np.einsum("ni,bai->ban", box, axes)
+    tol = 1e-9 * (1.0 + np.abs(a).max(-1) + np.abs(v).max(-1))
+    separated = (a.min(-1) > v.max(-1) + tol) | (v.min(-1) > a.max(-1) + tol)
+    return ~separated.any(1)
+
+
+def check_meets_volume(host_pose: np.ndarray, inv_affine: np.ndarray, shape: Sequence[int], probe: Probe) -> None:
+    """Raises ValueError when no pose of ``host_pose`` ``(B, 4, 4)`` (world mm, float64) can image any voxel of a
+    volume of ``shape`` (D, H, W) with the voxel-to-world inverse ``inv_affine``: blank frames, most often a pose
+    in other units or another world frame than the affine's."""
+    if _meets_volume(host_pose, inv_affine, shape, probe).any():
+        return
+    where = ", ".join(f"({p[0, 3]:.4g}, {p[1, 3]:.4g}, {p[2, 3]:.4g})" for p in host_pose[:3])
+    more = f" and {len(host_pose) - 3} more" if len(host_pose) > 3 else ""
+    world = np.linalg.inv(inv_affine)
+    ijk = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    span = ijk @ world[:3, :3].T + world[:3, 3]
+    raise ValueError(
+        f"pose: no scanline of the {len(host_pose)} pose(s) meets the volume (array centres at {where}{more} mm; "
+        f"the volume spans world {np.round(span.min(0), 1).tolist()} to {np.round(span.max(0), 1).tolist()} mm): "
+        "the frames would be blank; check the pose's units (mm) and frame (the affine's world)")
 
 
 _AFFINES: dict[bytes, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -595,7 +649,11 @@ def simulate(
         centre, +z axial into the tissue, +x lateral, +y elevation; rigid (a rotation and a translation:
         a scale or shear would image another geometry than the probe's). Differentiable. On the volume's
         device or on the CPU: with a GPU volume, a CPU pose is validated on the host and copied
-        without waiting for the GPU (a GPU pose costs two device syncs for its validation).
+        without waiting for the GPU (a GPU pose costs two device syncs for its validation). A call where no
+        pose can image the volume (every pose's scanlines, element height included, miss it: most often
+        another unit or world frame than the affine's) raises ValueError; a pose partly or wholly outside
+        beside others is legal. That check reads the host copy the validation already made; it is skipped
+        under ``torch.compile``.
     probe : Probe or str
         Probe and imaging settings, or a preset name (``Probe.presets()``).
     seed : int
@@ -657,7 +715,9 @@ def simulate(
     props = _check_props(props)
     probe = _check_probe(probe)
     a, inv_a64, voxel_mm = _affine_info(affine)
-    pose = _check_pose(pose, props.dtype, props.device)
+    pose, host_pose = _check_pose(pose, props.dtype, props.device)
+    if not torch.compiler.is_compiling():  # (compiled: host values are symbolic; the check is skipped)
+        check_meets_volume(host_pose, inv_a64.numpy(), props.shape[2:], probe)
     if not isinstance(sub_rays, numbers.Integral) or isinstance(sub_rays, bool) or sub_rays < 1:
         raise ValueError(f"sub_rays must be an int >= 1, got {sub_rays!r}")
     sub_rays = int(sub_rays)
