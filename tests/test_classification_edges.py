@@ -405,6 +405,50 @@ def test_cam_rejects_targets_outside_the_classes(encoding, k, bad):
     assert cam.shape == (2, 16, 16) and t.tolist() == [0, k - 1]
 
 
+@pytest.mark.parametrize("case", ["frozen", "no_grad", "inference_mode", "float64", "float64_model_float32_image"])
+def test_cam_of_frozen_float64_and_inference_mode_models(case):
+    """A frozen classifier, torch.no_grad / torch.inference_mode callers and float64 models: the same maps as the
+    plain call (was: "can't retain_grad on Tensor that has requires_grad=False", and a float32 image cast for a
+    float64 model); the parameters get no gradient and keep their requires_grad."""
+    import contextlib
+    import copy
+
+    from medfast.nets import ResNetClassifier
+    from medfast.tasks.classification import class_activation_map
+
+    torch.manual_seed(0)
+    model = ResNetClassifier(spatial_dims=2, width=4, num_classes=3).eval()
+    x = torch.rand(2, 1, 32, 32)
+    ref, ref_t = class_activation_map(model, x)
+    m, img, ctx = copy.deepcopy(model), x, contextlib.nullcontext()
+    if case == "frozen":
+        m.requires_grad_(False)
+    elif case == "no_grad":
+        ctx = torch.no_grad()
+    elif case == "inference_mode":
+        ctx = torch.inference_mode()
+    elif case == "float64":
+        m, img = m.double(), x.double()
+    else:
+        m = m.double()
+    with ctx:
+        cam, t = class_activation_map(m, img)
+    assert cam.dtype == torch.float32 and t.tolist() == ref_t.tolist()
+    torch.testing.assert_close(cam, ref, atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in m.parameters())
+    assert all(p.requires_grad == (case != "frozen") for p in m.parameters())
+
+
+def test_cam_names_inference_mode_parameters():
+    from medfast.nets import ResNetClassifier
+    from medfast.tasks.classification import class_activation_map
+
+    with torch.inference_mode():
+        model = ResNetClassifier(spatial_dims=2, width=4, num_classes=3).eval()
+    with pytest.raises(RuntimeError, match=r"created under torch.inference_mode\(\)"):
+        class_activation_map(model, torch.rand(1, 1, 16, 16))
+
+
 def test_save_cam_png_title_count(tmp_path):
     from medfast.tasks.classification import save_cam_png
 

@@ -233,6 +233,12 @@ class NiftiDataset(Dataset):
                  label_map: Mapping[int, int] | None = None, cache: str = "memory",
                  cache_dir: str | Path | None = None, check: bool = True, reorient: bool = True,
                  in_channels: int | None = None, num_classes: int | None = None) -> None:
+        for name, files in (("images", images), ("labels", labels)):
+            if isinstance(files, (str, bytes, os.PathLike)):  # would be read character by character
+                raise TypeError(f"{name} must be a list of files (one per subject), got the single path {files!r}; "
+                                f"pass [{str(files)!r}] for one subject")
+        if label_map is not None and not isinstance(label_map, Mapping):
+            raise TypeError(f"label_map must be a mapping {{old label: new label}}, got {label_map!r}")
         # single files stay strings; a case's channel files become a list (YAML / JSON friendly)
         self.images: list[str | list[str]] = [str(p) if isinstance(p, (str, os.PathLike)) else entry_files(p)
                                               for p in images]
@@ -432,6 +438,10 @@ class NiftiDataset(Dataset):
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stacks a list of dataset items into a batch, zero-padding volumes of different shapes at the end of
     each axis (labels padded with 0); non-tensor entries become lists."""
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not items:
+        raise ValueError(f"items must be a non-empty list of dataset items (dicts), got {items!r}")
+    if not all(isinstance(it, Mapping) for it in items):
+        raise TypeError(f"items must be dataset items (dicts), got {[type(it).__name__ for it in items]}")
     out: dict[str, Any] = {}
     for key in items[0]:
         vals = [it[key] for it in items]

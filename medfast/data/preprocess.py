@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medfast.ops._validate import plain, py_scalar
+from medfast.ops._validate import check_tensor, plain, py_scalar
 
 __all__ = ["LEGACY_REORIENT_DIMS", "REORIENT_DIMS", "closest_orientation", "crop_or_pad", "normalize_intensity",
            "reorient_dims_of", "reorient_to_ras", "resample_to_spacing", "spatial_affine"]
@@ -149,12 +149,20 @@ def spatial_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def resample_to_spacing(image: torch.Tensor, affine: np.ndarray, spacing: Sequence[float], *,
-                        mode: str = "linear") -> tuple[torch.Tensor, np.ndarray]:
-    """Resamples ``(C, *S)`` (or ``(*S)`` labels with ``mode="nearest"``) to voxels of size ``spacing`` (mm).
+                        mode: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Resamples an image ``(C, *S)`` or a label map ``(*S)`` to voxels of size ``spacing`` (mm).
 
+    The layout follows from the rank: ``spacing`` gives the number of spatial axes (2 or 3), and ``image`` has
+    that many axes (``(*S)``, no channel axis: a label map) or one more (``(C, *S)``), whatever its dtype.
     The new grid covers the same field of view: its shape is ``round(S * old_spacing / spacing)`` and its
     first voxel centre sits half a new voxel inside the old grid's corner. Directions are kept. Uses
     :func:`medfast.resample` (``border`` padding).
+
+    Parameters
+    ----------
+    mode : {"nearest", "linear", "cubic"}, optional
+        Interpolation; default ``"nearest"`` for an integer tensor (label values are not averaged) and
+        ``"linear"`` for a floating one. Integer results are rounded (and clipped to the dtype's range).
 
     Returns
     -------
@@ -163,14 +171,27 @@ def resample_to_spacing(image: torch.Tensor, affine: np.ndarray, spacing: Sequen
     """
     from medfast.ops import resample
 
-    is_label = not image.is_floating_point()
-    x = image[None] if is_label else image
-    ndim = x.dim() - 1
+    image = check_tensor("image", image)
+    if image.is_complex() or image.dtype == torch.bool:
+        raise TypeError(f"image must be a real (integer or floating) tensor, got {image.dtype}")
+    try:
+        new = np.asarray([py_scalar(v) for v in spacing], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing must be 2 or 3 positive finite numbers (mm), got {spacing!r}") from None
+    ndim = len(new)
+    if ndim not in (2, 3) or image.dim() not in (ndim, ndim + 1):
+        raise ValueError(f"image must be (*S) (a label map) or (C, *S) with one spatial axis per spacing value; got "
+                         f"shape {tuple(image.shape)} for {ndim} spacing values {list(spacing)}")
+    if not (np.isfinite(new).all() and (new > 0).all()):
+        raise ValueError(f"spacing must be {ndim} positive finite numbers (mm), got {list(spacing)}")
+    if mode is None:
+        mode = "linear" if image.is_floating_point() else "nearest"
+    if mode not in ("nearest", "linear", "cubic"):
+        raise ValueError(f"mode must be one of 'nearest', 'linear', 'cubic'; got {mode!r}")
+    channels = image.dim() == ndim + 1
+    x = image if channels else image[None]
     a = spatial_affine(affine, ndim)
     old = np.sqrt((a[:ndim, :ndim] ** 2).sum(axis=0))
-    new = np.asarray(spacing, dtype=np.float64)
-    if new.shape != (ndim,) or not (np.isfinite(new).all() and (new > 0).all()):
-        raise ValueError(f"spacing must be {ndim} positive finite numbers (mm), got {list(spacing)}")
     if np.allclose(old, new, rtol=1e-4):
         return image, a
     shape = np.maximum(1, np.round(np.array(x.shape[1:]) * old / new))
@@ -184,22 +205,28 @@ def resample_to_spacing(image: torch.Tensor, affine: np.ndarray, spacing: Sequen
     out_aff[:ndim, :ndim] = a[:ndim, :ndim] * scale[None, :]
     # corner of the field of view (voxel -0.5) stays put: new voxel 0 centre at old voxel 0.5*scale - 0.5
     out_aff[:ndim, ndim] = a[:ndim, :ndim] @ (0.5 * scale - 0.5) + a[:ndim, ndim]
-    src = x.to(torch.float32)[None]
-    out = resample(src, a, out_aff, [int(s) for s in shape], mode="nearest" if is_label else mode,
-                   padding="border")[0]
-    if is_label:
-        return out[0].round().to(image.dtype), out_aff
-    return out.to(image.dtype), out_aff
+    # float64 keeps every int32 / int64 value exact (float32 rounds them above 2^24)
+    work = torch.float64 if image.dtype in (torch.int32, torch.int64) else torch.float32
+    out = resample(plain(x).to(work)[None], a, out_aff, [int(s) for s in shape], mode=mode, padding="border")[0]
+    if not image.is_floating_point():
+        info = torch.iinfo(image.dtype)
+        out = out.round().clamp(info.min, info.max)  # (cubic overshoots)
+    out = out.to(image.dtype)
+    return (out if channels else out[0]), out_aff
 
 
 def crop_or_pad(image: torch.Tensor, affine: np.ndarray, shape: Sequence[int], *,
                 value: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
     """Centred crop and/or zero-pad of the trailing spatial axes of ``image`` to ``shape``; moves the affine's
     origin so that every kept voxel stays at the same world position."""
+    image = check_tensor("image", image)
     ndim = len(shape)
     shape = [py_scalar(t) for t in shape]  # torch.Size, NumPy or 0-d tensor sizes too
     if ndim == 0 or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1 for t in shape):
         raise ValueError(f"shape must be positive ints (one per spatial axis), got {tuple(shape)}")
+    if image.dim() < ndim:
+        raise ValueError(f"image must have at least the {ndim} spatial axes of shape {tuple(shape)}, got shape "
+                         f"{tuple(image.shape)}")
     image = plain(image)  # a MetaTensor's affine would stay the uncropped grid's: the returned one is right
     sizes = image.shape[-ndim:]
     a = spatial_affine(affine, ndim).copy()
@@ -232,6 +259,11 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
     ``"minmax"``: to [0, 1]; ``"none"``. ``clip_percentiles=(lo, hi)`` first clips each channel to those
     percentiles (0-100).
     """
+    image = check_tensor("image", image)
+    if image.dim() < 2:
+        raise ValueError(f"image must be a (C, *S) tensor, got shape {tuple(image.shape)}")
+    if image.is_complex():
+        raise TypeError(f"image must be a real tensor, got {image.dtype}")
     if method not in ("zscore", "minmax", "none"):
         raise ValueError(f"normalize must be one of zscore, minmax, none; got {method!r}")
     if clip_percentiles is not None:

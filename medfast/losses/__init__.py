@@ -6,6 +6,7 @@ with the same values and gradients, without materializing a one-hot target or th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,10 +27,85 @@ from medfast.losses.registration import (
 )
 from medfast.ops._lncc import lncc_loss, local_ncc
 from medfast.ops._loss import cross_entropy, dice_ce_loss, dice_loss
-from medfast.ops._validate import py_scalar
+from medfast.ops._validate import check_bool, check_choice, py_scalar
 
 
-class DiceLoss(nn.Module):
+def _number(name: str, value: object) -> float:
+    """A non-negative finite number (NumPy scalars and 0-d tensors too) as a float, else ValueError naming it."""
+    value = py_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+class _SegmentationLoss(nn.Module):
+    """The hyper-parameters shared by :class:`DiceLoss` and :class:`DiceCELoss`, kept as plain attributes (MONAI's
+    names) that ``forward`` reads at each call: ``loss.include_background = False`` (or ``lambda_ce``,
+    ``batch``, ``smooth_nr``, ``reduction``, ...) set after construction acts as if it had been passed.
+
+    ``class_weight`` (the ``weight`` argument) is a buffer, as MONAI's: ``.to(device)`` moves it and the
+    state_dict holds it. A tensor that requires grad stays the tensor given (an ``nn.Parameter`` becomes a
+    parameter of the loss), and a sequence holding tensors stays as given (the op stacks them, keeping their
+    gradients). State dicts saved before it became a buffer (module version 1, no ``class_weight`` entry) load
+    with the weight the loss was constructed with.
+    """
+
+    # 2: class_weight is a buffer (version 1 stored the arguments in a dict, outside the state_dict)
+    _version = 2
+
+    def _init_common(self, include_background, smooth_nr, smooth_dr, batch, weight, ignore_index, reduction,
+                     reductions, ddp_sync, sigmoid, check_labels) -> None:
+        self.include_background = check_bool("include_background", include_background)
+        self.smooth_nr = _number("smooth_nr", smooth_nr)
+        self.smooth_dr = _number("smooth_dr", smooth_dr)
+        self.batch = check_bool("batch", batch)
+        self.ignore_index = ignore_index
+        self.reduction = check_choice("reduction", reduction, reductions)
+        self.ddp_sync = check_bool("ddp_sync", ddp_sync)
+        self.sigmoid = check_bool("sigmoid", sigmoid)
+        self.check_labels = check_bool("check_labels", check_labels)
+        if isinstance(weight, torch.Tensor):
+            if weight.requires_grad:  # learned weights: the tensor itself (a Parameter is registered as one)
+                self.class_weight = weight
+            else:
+                self.register_buffer("class_weight", weight)
+        elif weight is None:
+            self.register_buffer("class_weight", None)
+        elif isinstance(weight, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in weight):
+            self.class_weight = weight  # 0-d tensors, some maybe requiring grad: stacked by the op
+        else:
+            try:  # float64: the op rounds it once to the loss dtype, as it did with the numbers given
+                w = torch.as_tensor(weight, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"weight must be a number, a sequence of numbers or a tensor, got {weight!r}") from None
+            self.register_buffer("class_weight", w)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        n = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "class_weight"
+        if (local_metadata.get("version") or 1) < 2 and key in missing_keys[n:]:
+            missing_keys.remove(key)  # saved before class_weight was a buffer: keep the constructed one
+
+    def _op_kwargs(self) -> dict:
+        # the buffer straight from _buffers: nn.Module.__getattr__ costs ~1 us per call
+        weight = self._buffers["class_weight"] if "class_weight" in self._buffers else self.class_weight
+        return dict(include_background=self.include_background, batch_dice=self.batch,
+                    smooth=(self.smooth_nr, self.smooth_dr), class_weight=weight,
+                    ignore_index=self.ignore_index, reduction=self.reduction, ddp_sync=self.ddp_sync,
+                    activation="sigmoid" if check_bool("sigmoid", self.sigmoid) else "softmax",
+                    check_labels=self.check_labels)
+
+    def extra_repr(self) -> str:
+        names = ["include_background", "batch", "smooth_nr", "smooth_dr", "reduction"]
+        names += [n for n in ("lambda_dice", "lambda_ce") if hasattr(self, n)]
+        names += [n for n in ("sigmoid", "ignore_index") if (v := getattr(self, n)) is not None and v is not False]
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
+
+
+class DiceLoss(_SegmentationLoss):
     """Soft Dice loss of softmax(logits) against integer labels (``(B, *S)`` or ``(B, 1, *S)``), or
     against ``(B, C, *S)`` float targets; ``sigmoid=True`` for multi-label channels.
 
@@ -38,6 +114,9 @@ class DiceLoss(nn.Module):
     ``include_background=False`` the C - 1 values of the foreground classes. (With a single Dice channel left,
     MONAI ignores the weight; medfast multiplies that channel's loss by it.)
     ``check_labels=False`` skips the label-range check's device sync (a bad label gives a NaN loss).
+
+    The arguments are attributes of the same names (``weight``: the ``class_weight`` buffer), read at each
+    call, so they can be changed after construction as MONAI's (``loss.include_background = False``).
     """
 
     def __init__(
@@ -54,22 +133,26 @@ class DiceLoss(nn.Module):
         check_labels: bool = True,
     ) -> None:
         super().__init__()
-        include_background = py_scalar(include_background)  # np.False_ too: the C - 1 weight form tests it
-        self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
-                           class_weight=weight, ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync,
-                           activation="sigmoid" if sigmoid else "softmax", check_labels=check_labels)
+        self._init_common(include_background, smooth_nr, smooth_dr, batch, weight, ignore_index, reduction,
+                          ("mean", "sum", "none"), ddp_sync, sigmoid, check_labels)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
-        kwargs = self.kwargs
+        kwargs = self._op_kwargs()
         if kwargs["class_weight"] is not None and isinstance(input, torch.Tensor) and input.dim() > 1:
-            kwargs = {**kwargs, "class_weight": _monai_dice_weight(kwargs["class_weight"], input.shape[1],
-                                                                   kwargs["include_background"])}
+            kwargs["class_weight"] = _monai_dice_weight(kwargs["class_weight"], input.shape[1],
+                                                        py_scalar(self.include_background))
         return dice_loss(input, target, voxel_weight=voxel_weight, **kwargs)
 
 
 def _monai_dice_weight(weight, classes: int, include_background: object):
     """MONAI DiceLoss's weight forms as the C class weights of dice_loss (a tensor stays differentiable)."""
-    w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight, dtype=torch.float64)
+    if isinstance(weight, torch.Tensor):
+        w = weight
+    elif isinstance(weight, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in weight):
+        dev = next(v.device for v in weight if isinstance(v, torch.Tensor))  # as the op stacks them: keeps
+        w = torch.stack([torch.as_tensor(v, device=dev).reshape(()) for v in weight])  # their gradients
+    else:
+        w = torch.as_tensor(weight, dtype=torch.float64)
     if w.dim() == 0 or w.numel() == 1:
         return w.reshape(1).expand(classes)
     if w.dim() == 1 and w.numel() == classes - 1 and include_background is False:
@@ -80,12 +163,15 @@ def _monai_dice_weight(weight, classes: int, include_background: object):
     return weight
 
 
-class DiceCELoss(nn.Module):
+class DiceCELoss(_SegmentationLoss):
     """Dice + cross-entropy of softmax(logits) against integer labels, fused.
 
     See :func:`medfast.ops.dice_ce_loss`; ``batch`` is ``batch_dice``, ``weight`` is
     ``class_weight`` (used by both terms, as in MONAI). ``check_labels=False`` skips the
     label-range check's device sync (a bad label then gives a NaN loss instead of a ValueError).
+
+    The arguments are attributes of the same names (``weight``: the ``class_weight`` buffer), read at each
+    call: ``loss.lambda_ce = 0.0`` during training anneals the cross-entropy away, as with MONAI's.
     """
 
     def __init__(
@@ -104,13 +190,14 @@ class DiceCELoss(nn.Module):
         check_labels: bool = True,
     ) -> None:
         super().__init__()
-        self.kwargs = dict(include_background=include_background, batch_dice=batch, smooth=(smooth_nr, smooth_dr),
-                           class_weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
-                           ignore_index=ignore_index, reduction=reduction, ddp_sync=ddp_sync,
-                           activation="sigmoid" if sigmoid else "softmax", check_labels=check_labels)
+        self._init_common(include_background, smooth_nr, smooth_dr, batch, weight, ignore_index, reduction,
+                          ("mean", "sum"), ddp_sync, sigmoid, check_labels)
+        self.lambda_dice = _number("lambda_dice", lambda_dice)
+        self.lambda_ce = _number("lambda_ce", lambda_ce)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor | None = None):
-        return dice_ce_loss(input, target, voxel_weight=voxel_weight, **self.kwargs)
+        return dice_ce_loss(input, target, voxel_weight=voxel_weight, lambda_dice=self.lambda_dice,
+                            lambda_ce=self.lambda_ce, **self._op_kwargs())
 
 
 __all__ = [

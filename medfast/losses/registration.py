@@ -22,13 +22,14 @@ Definitions and their references:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from medfast.ops._lncc import REDUCTIONS, lncc_loss
-from medfast.ops._validate import check_choice, check_tensor, py_scalar
+from medfast.ops._validate import check_bool, check_choice, check_tensor, py_scalar
 
 
 def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -39,7 +40,8 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
     return x
 
 
-def _check_pair(pred: object, target: object, min_dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_pair(pred: object, target: object, min_dim: int = 3,
+                layout: str = "(B, C, *spatial)") -> tuple[torch.Tensor, torch.Tensor]:
     pred = check_tensor("pred", pred)
     target = check_tensor("target", target)
     if not (pred.is_floating_point() and target.is_floating_point()):
@@ -47,7 +49,7 @@ def _check_pair(pred: object, target: object, min_dim: int = 3) -> tuple[torch.T
     if pred.shape != target.shape:
         raise ValueError(f"target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
     if pred.dim() < min_dim:
-        raise ValueError(f"pred must have shape (B, C, *spatial), got {tuple(pred.shape)}")
+        raise ValueError(f"pred must have shape {layout}, got {tuple(pred.shape)}")
     return pred, target
 
 
@@ -105,6 +107,7 @@ def bending_energy(ddf: torch.Tensor, normalize: bool = False, reduction: str = 
         Compact 3-point stencils (current MONAI) or nested central differences (DeepReg).
     """
     ddf = _check_ddf(ddf)
+    normalize = check_bool("normalize", normalize)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("stencil", stencil, ("compact", "deepreg"))
     dims = range(2, ddf.dim())
@@ -147,6 +150,7 @@ def gradient_norm(ddf: torch.Tensor, norm: str = "l2", normalize: bool = False, 
     reduction : {"mean", "sum", "none"}
     """
     ddf = _check_ddf(ddf)
+    normalize = check_bool("normalize", normalize)
     check_choice("norm", norm, ("l2", "l1"))
     check_choice("reduction", reduction, REDUCTIONS)
     out = None
@@ -178,20 +182,22 @@ def global_mutual_information(pred: torch.Tensor, target: torch.Tensor, num_bins
     Parameters
     ----------
     pred, target : Tensor
-        ``(B, *)`` images of equal shape, intensities in [0, 1]; each batch element is one sample set.
+        Images of equal shape ``(B, N1, ..., Nk)`` with k >= 1 (e.g. ``(B, C, *spatial)``), intensities in
+        [0, 1]: the values of each batch element are one sample set. Any floating dtypes, mixed too (float16
+        under autocast with a float32 target): computed in their promoted dtype, at least float32.
     num_bins, sigma_ratio, smooth_nr, smooth_dr
         As MONAI's ``GlobalMutualInformationLoss``.
     reduction : {"mean", "sum", "none"}
         Over the batch (``"none"``: ``(B,)``).
     """
-    pred, target = _check_pair(pred, target, min_dim=2)
+    pred, target = _check_pair(pred, target, min_dim=2, layout="(B, N1, ..., Nk) with k >= 1")
     check_choice("reduction", reduction, REDUCTIONS)
-    num_bins, sigma_ratio = py_scalar(num_bins), py_scalar(sigma_ratio)
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
-    if not sigma_ratio > 0:
-        raise ValueError(f"sigma_ratio must be > 0, got {sigma_ratio!r}")
-    centers = torch.linspace(0.0, 1.0, num_bins, device=pred.device, dtype=pred.dtype)
+    num_bins, sigma_ratio = _check_bins(num_bins, sigma_ratio)
+    # one dtype for both histograms (the einsum refuses mixed dtypes); half-precision sums of many small
+    # Parzen weights lose digits, so at least float32
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    pred, target = pred.to(dtype), target.to(dtype)
+    centers = torch.linspace(0.0, 1.0, num_bins, device=pred.device, dtype=dtype)
     sigma = sigma_ratio / (num_bins - 1)
     inv2s2 = 1.0 / (2.0 * sigma * sigma)
 
@@ -207,6 +213,15 @@ def global_mutual_information(pred: torch.Tensor, target: torch.Tensor, num_bins
     papb = pa[:, :, None] * pb[:, None, :]
     mi = (pab * torch.log((pab + smooth_nr) / (papb + smooth_dr) + smooth_dr)).sum(dim=(1, 2))
     return _reduce(mi, reduction).neg()
+
+
+def _check_bins(num_bins: object, sigma_ratio: object) -> tuple[int, float]:
+    num_bins, sigma_ratio = py_scalar(num_bins), py_scalar(sigma_ratio)
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+    if isinstance(sigma_ratio, bool) or not isinstance(sigma_ratio, (int, float)) or not 0 < sigma_ratio < math.inf:
+        raise ValueError(f"sigma_ratio must be a finite number > 0, got {sigma_ratio!r}")
+    return num_bins, sigma_ratio
 
 
 def label_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -256,21 +271,38 @@ class SSDLoss(nn.Module):
         return ssd_loss(pred, target, self.reduction)
 
 
+def _check_kernel(kernel_type: object) -> str:
+    if kernel_type != "gaussian":
+        raise ValueError(f"kernel_type must be 'gaussian' (the only Parzen window medfast implements; MONAI's "
+                         f"'b-spline' is not), got {kernel_type!r}")
+    return kernel_type
+
+
 class GlobalMutualInformationLoss(nn.Module):
     """Module form of :func:`global_mutual_information` (Gaussian Parzen windows). Arguments in MONAI's order;
-    ``kernel_type`` must be ``"gaussian"`` (MONAI's ``"b-spline"`` windows are not implemented)."""
+    ``kernel_type`` must be ``"gaussian"`` (MONAI's ``"b-spline"`` windows are not implemented).
+
+    The arguments are attributes of the same names, read at each call: ``loss.num_bins = 32`` (or
+    ``sigma_ratio``, ``smooth_nr``, ``smooth_dr``, ``reduction``) after construction acts as if it had been
+    passed. (MONAI computes its bin centres from ``num_bins`` and ``sigma_ratio`` once, in ``__init__``.)"""
 
     def __init__(self, kernel_type: str = "gaussian", num_bins: int = 23, sigma_ratio: float = 0.5,
                  reduction: str = "mean", smooth_nr: float = 1e-7, smooth_dr: float = 1e-7) -> None:
         super().__init__()
-        if kernel_type != "gaussian":
-            raise ValueError(f"kernel_type must be 'gaussian' (the only Parzen window medfast implements; MONAI's "
-                             f"'b-spline' is not), got {kernel_type!r}")
-        self.kwargs = dict(num_bins=num_bins, sigma_ratio=sigma_ratio, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                           reduction=check_choice("reduction", reduction, REDUCTIONS))
+        self.kernel_type = _check_kernel(kernel_type)
+        self.num_bins, self.sigma_ratio = _check_bins(num_bins, sigma_ratio)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.smooth_nr, self.smooth_dr = py_scalar(smooth_nr), py_scalar(smooth_dr)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return global_mutual_information(pred, target, **self.kwargs)
+        _check_kernel(self.kernel_type)
+        return global_mutual_information(pred, target, num_bins=self.num_bins, sigma_ratio=self.sigma_ratio,
+                                         smooth_nr=self.smooth_nr, smooth_dr=self.smooth_dr,
+                                         reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_bins={self.num_bins!r}, sigma_ratio={self.sigma_ratio!r}, reduction={self.reduction!r}, "
+                f"smooth_nr={self.smooth_nr!r}, smooth_dr={self.smooth_dr!r}")
 
 
 class BendingEnergyLoss(nn.Module):
@@ -278,7 +310,7 @@ class BendingEnergyLoss(nn.Module):
 
     def __init__(self, normalize: bool = False, reduction: str = "mean", stencil: str = "compact") -> None:
         super().__init__()
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.stencil = check_choice("stencil", stencil, ("compact", "deepreg"))
 
@@ -292,7 +324,7 @@ class GradientNormLoss(nn.Module):
     def __init__(self, norm: str = "l2", normalize: bool = False, reduction: str = "mean") -> None:
         super().__init__()
         self.norm = check_choice("norm", norm, ("l2", "l1"))
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
 
     def forward(self, ddf: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medfast.ops._validate import check_bool
+
 __all__ = ["ClassificationHead", "CoralHead", "DenseNetClassifier", "ResNetClassifier", "SonoNet"]
 
 
@@ -355,7 +357,7 @@ class DenseNetClassifier(_PooledClassifier):
         conv = _conv(spatial_dims)
         pool = nn.AvgPool2d if spatial_dims == 2 else nn.AvgPool3d
         layers: list[nn.Module] = [conv(in_channels, width, 3, stem_stride, 1, bias=False)]
-        if stem_pool:
+        if check_bool("stem_pool", stem_pool):
             layers += [_norm(norm, spatial_dims, width), nn.ReLU(inplace=True),
                        (nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d)(3, 2, 1)]
         ch = width

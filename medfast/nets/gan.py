@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from medfast.nets.unet import UNet
+from medfast.ops._validate import check_bool
 
 __all__ = ["ConditionalGAN", "PatchDiscriminator", "UNetGenerator"]
 
@@ -147,7 +148,7 @@ class ConditionalGAN(nn.Module):
     def __init__(self, generator: nn.Module, discriminator: nn.Module, conditional_discriminator: bool = True) -> None:
         super().__init__()
         self.generator, self.discriminator = generator, discriminator
-        self.conditional_discriminator = conditional_discriminator
+        self.conditional_discriminator = check_bool("conditional_discriminator", conditional_discriminator)
 
     def discriminate(self, cond: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.discriminator(torch.cat([cond, image], 1) if self.conditional_discriminator else image)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfast.nets._layers import CL3, Conv3d, ConvTranspose3d, InstanceNorm3d
+from medfast.ops._validate import check_bool, py_scalar
 
 
 def _channels_last(x: torch.Tensor, ndim: int, choice: bool | None) -> bool:
@@ -27,6 +28,15 @@ def _channels_last(x: torch.Tensor, ndim: int, choice: bool | None) -> bool:
     if choice is not None:
         return bool(choice) and ndim == 3
     return ndim == 3 and x.device.type == "cpu"
+
+
+def _check_args(depth: object, min_depth: int, channels_last: object) -> tuple[int, bool | None]:
+    depth = py_scalar(depth)
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"depth must be an int, got {depth!r}")
+    if depth < min_depth:
+        raise ValueError(f"depth must be >= {min_depth}, got {depth!r}")
+    return depth, None if channels_last is None else check_bool("channels_last", channels_last)
 
 
 def _conv(ndim: int):
@@ -107,8 +117,7 @@ class LocalNet(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth!r}")
+        depth, channels_last = _check_args(depth, 1, channels_last)
         levels = sorted(set(int(lv) for lv in extract_levels))
         if not levels or levels[0] < 0 or levels[-1] > depth:
             raise ValueError(f"extract_levels must lie in [0, depth = {depth}], got {tuple(extract_levels)}")
@@ -173,6 +182,7 @@ class GlobalNet(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        depth, channels_last = _check_args(depth, 0, channels_last)  # depth 0: one conv block, no pooling
         self.ndim, self.in_channels, self.channels_last = spatial_dims, in_channels, channels_last
         self.encoder = _Encoder(spatial_dims, in_channels, num_channel_initial, depth)
         n = spatial_dims * (spatial_dims + 1)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medfast.ops._validate import check_bool, check_tensor
+
 __all__ = ["UNet"]
 
 
@@ -74,7 +76,7 @@ class UNet(nn.Module):
         if in_channels < 1 or out_channels < 1 or convs_per_level < 1:
             raise ValueError("in_channels, out_channels and convs_per_level must be >= 1")
         nd = spatial_dims
-        self.spatial_dims, self.deep_supervision = nd, deep_supervision
+        self.spatial_dims, self.deep_supervision = nd, check_bool("deep_supervision", deep_supervision)
         self.levels = len(channels)
         conv = nn.Conv3d if nd == 3 else nn.Conv2d
         tconv = nn.ConvTranspose3d if nd == 3 else nn.ConvTranspose2d
@@ -93,9 +95,12 @@ class UNet(nn.Module):
                 self.heads.append(conv(channels[i - 1], out_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        x = check_tensor("x", x)
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(f"x must have shape (B, C, *S) with {self.spatial_dims} spatial dims, got "
                              f"{tuple(x.shape)}")
+        if x.numel() == 0:  # (instance norm and the padding index past an empty batch or axis)
+            raise ValueError(f"x is empty: shape {tuple(x.shape)}")
         size = list(x.shape[2:])
         k = 2 ** (self.levels - 1)
         pad = [(-s) % k for s in size]

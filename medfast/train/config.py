@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medfast.data.augment import AugmentConfig
+from medfast.ops._validate import py_scalar
 
 __all__ = [
     "AugmentConfig",
@@ -225,6 +226,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         kt, vt = args if args else (Any, Any)
         return {_coerce(k, kt, f"{where} key"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp in (bool, int, float, str):
+        value = py_scalar(value)  # NumPy scalars and 0-d tensors (values= from Python code): the number they hold
     if tp is bool:
         if isinstance(value, bool):
             return value

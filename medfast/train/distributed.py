@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from medfast.ops._validate import py_scalar
+
 __all__ = ["EpochSampler", "barrier", "init_distributed", "is_main", "rank", "world_size"]
 
 
@@ -79,6 +81,13 @@ def init_distributed(device_type: str, timeout_min: float | None = None) -> bool
     return True
 
 
+def _int(name: str, value: object) -> int:
+    value = py_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return value
+
+
 class EpochSampler(Sampler):
     """Distributed sampler over subjects yielding ``(index, seed)`` pairs, with full batches only.
 
@@ -93,8 +102,16 @@ class EpochSampler(Sampler):
 
     def __init__(self, n: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
                  shuffle: bool = True, accumulate: int = 1) -> None:
+        n, batch_size, num_replicas, rank, seed, accumulate = (
+            _int(name, value) for name, value in (("n", n), ("batch_size", batch_size), ("num_replicas", num_replicas),
+                                                  ("rank", rank), ("seed", seed), ("accumulate", accumulate)))
         if n < 1:
             raise ValueError("the dataset is empty: no subjects to sample")
+        for name, value in (("batch_size", batch_size), ("num_replicas", num_replicas), ("accumulate", accumulate)):
+            if value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas = {num_replicas}), got {rank}")
         self.n, self.batch_size, self.num_replicas, self.rank = n, batch_size, num_replicas, rank
         self.seed, self.shuffle = seed, shuffle
         self.epoch = 0

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from medfast.ops._validate import check_shape, py_scalar
+
 __all__ = ["importance_map", "sliding_window_inference", "window_starts"]
 
 
@@ -28,11 +30,18 @@ def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale:
     ``sigma = sigma_scale * roi``, ``sigma_scale`` one number or one per axis), clamped below at
     ``max(min, 1e-3)`` so that window borders keep some weight (MONAI's ``compute_importance_map`` convention;
     the overall scale cancels in the blend)."""
-    if mode == "constant":
-        return torch.ones(list(roi_size), device=device)
-    if mode != "gaussian":
+    if mode not in ("gaussian", "constant"):
         raise ValueError(f"blend mode must be 'gaussian' or 'constant', got {mode!r}")
-    scales = _per_axis("sigma_scale", sigma_scale, len(roi_size))
+    try:
+        nd = len(roi_size)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"roi_size must be a sequence of ints (one per axis), got {roi_size!r}") from None
+    if nd == 0:
+        raise ValueError("roi_size must have at least one axis, got ()")
+    roi_size = check_shape("roi_size", roi_size, nd)
+    if mode == "constant":
+        return torch.ones(roi_size, device=device)
+    scales = _per_axis("sigma_scale", sigma_scale, nd)
     out = torch.ones((), device=device)
     for r, scale in zip(roi_size, scales):
         x = torch.arange(r, device=device, dtype=torch.float32) - (r - 1) / 2
@@ -42,7 +51,8 @@ def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale:
 
 
 def _per_axis(name: str, value: object, nd: int) -> list[float]:
-    """A number or one per spatial axis, as a list of ``nd`` floats."""
+    """A number or one per spatial axis, as a list of ``nd`` floats (NumPy scalars and 0-d tensors too)."""
+    value = py_scalar(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [float(value)] * nd
     try:
@@ -121,6 +131,7 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int
     if not all(0 <= o < 1 for o in overlaps):
         raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
     sigmas = _per_axis("sigma_scale", sigma_scale, nd)
+    sw_batch_size = py_scalar(sw_batch_size)
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be an int >= 1, got {sw_batch_size!r}")
     pad = [max(0, r - s) for r, s in zip(roi, size)]

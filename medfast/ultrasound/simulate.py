@@ -26,7 +26,7 @@ from torch._C import _functorch
 
 from medfast.ops._autograd import refuse_function_transforms
 from medfast.ops._ussim import N_PROPS, PROP_NAMES, march_lines, noise_table, psf
-from medfast.ops._validate import plain
+from medfast.ops._validate import check_bool, plain, py_scalar
 from medfast.ultrasound._speckle import scatter_gain
 from medfast.ultrasound.probe import Probe
 from medfast.ultrasound.tissue import HU_KNOTS, WATER, LabelTable, hu_to_properties
@@ -332,14 +332,23 @@ def look_at(position: Sequence[float], direction: Sequence[float], lateral: Sequ
             dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A (4, 4) probe-to-world pose: array centre at ``position`` (mm), beam (+z) along ``direction``,
     lateral axis (+x) along ``lateral`` (made orthogonal to the beam), elevation +y = z x x."""
-    p = torch.as_tensor(position, dtype=dtype)
-    z = torch.as_tensor(direction, dtype=dtype)
+    try:
+        p = torch.as_tensor(position, dtype=dtype)
+        z = torch.as_tensor(direction, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"position and direction must be 3 finite values each, got {position!r} and "
+                         f"{direction!r}") from None
     if p.shape != (3,) or z.shape != (3,) or not bool(torch.isfinite(p).all() & torch.isfinite(z).all()):
         raise ValueError(f"position and direction must be 3 finite values each, got {position!r} and {direction!r}")
     if float(z.norm()) < 1e-12:
         raise ValueError(f"direction must not be zero, got {direction!r}")
     z = z / z.norm()
-    x = torch.as_tensor(lateral, dtype=dtype)
+    try:
+        x = torch.as_tensor(lateral, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"lateral must be 3 finite values, got {lateral!r}") from None
+    if x.shape != (3,) or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"lateral must be 3 finite values, got {lateral!r}")
     x = x - (x @ z) * z
     if float(x.norm()) < 1e-9:
         raise ValueError("lateral must not be parallel to direction")
@@ -718,6 +727,13 @@ def simulate(
     pose, host_pose = _check_pose(pose, props.dtype, props.device)
     if not torch.compiler.is_compiling():  # (compiled: host values are symbolic; the check is skipped)
         check_meets_volume(host_pose, inv_a64.numpy(), props.shape[2:], probe)
+    speckle = check_bool("speckle", speckle)
+    return_lines = check_bool("return_lines", return_lines)
+    scan_convert = check_bool("scan_convert", scan_convert)
+    # NumPy scalars and 0-d tensors as the Python numbers they hold (docs/api/interop.md)
+    seed, sub_rays, max_bytes = py_scalar(seed), py_scalar(sub_rays), py_scalar(max_bytes)
+    scatter_cell_mm, interface_mm, pixel_mm = py_scalar(scatter_cell_mm), py_scalar(interface_mm), py_scalar(pixel_mm)
+    tgc_db_cm_mhz, gain_db, dynamic_range_db = py_scalar(tgc_db_cm_mhz), py_scalar(gain_db), py_scalar(dynamic_range_db)
     if not isinstance(sub_rays, numbers.Integral) or isinstance(sub_rays, bool) or sub_rays < 1:
         raise ValueError(f"sub_rays must be an int >= 1, got {sub_rays!r}")
     sub_rays = int(sub_rays)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from medfast.ops._validate import py_scalar
+
 __all__ = ["freehand_sweep"]
 
 
@@ -94,6 +96,9 @@ def freehand_sweep(
     if not (orthonormal and last_row and float(torch.linalg.det(rot)) > 0):
         raise ValueError("start_pose must be a finite rigid probe-to-world pose (rotation + translation, last row "
                          "(0, 0, 0, 1))")
+    # NumPy scalars and 0-d tensors as the Python numbers they hold (docs/api/interop.md)
+    n_frames, seed = py_scalar(n_frames), py_scalar(seed)
+    tilt_deg, rock_deg, twist_deg, wobble_mm = (py_scalar(v) for v in (tilt_deg, rock_deg, twist_deg, wobble_mm))
     if isinstance(n_frames, bool) or not isinstance(n_frames, numbers.Integral) or n_frames < 1:
         raise ValueError(f"n_frames must be an int >= 1, got {n_frames!r}")
     n_frames = int(n_frames)
@@ -105,7 +110,7 @@ def freehand_sweep(
         raise ValueError(f"travel_mm must be 3 finite values, got {travel_mm!r}")
     for name, value in (("tilt_deg", tilt_deg), ("rock_deg", rock_deg), ("twist_deg", twist_deg),
                         ("wobble_mm", wobble_mm)):
-        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must be a 64-bit int, got {seed!r}")

@@ -136,6 +136,10 @@ class LabelTable:
                 raise ValueError("a label table tensor must hold finite floating values")
             self.values = values
         else:
+            if not isinstance(values, Mapping):
+                hint = " (convert an array with torch.as_tensor)" if hasattr(values, "__array__") else ""
+                raise TypeError(f"values must be a mapping {{label: {N_PROPS} properties}} or a (n_labels, {N_PROPS}) "
+                                f"tensor, got {type(values).__name__}{hint}")
             if not values:
                 raise ValueError("the label table is empty")
             for k in values:

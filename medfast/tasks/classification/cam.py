@@ -80,7 +80,9 @@ def class_activation_map(model: nn.Module, image: torch.Tensor, target: torch.Te
         A classifier with ``features``, ``pool`` and ``head`` (``SonoNet``, ``ResNetClassifier``,
         ``DenseNetClassifier``); it is run in its current train/eval mode (use ``eval()``).
     image : Tensor
-        ``(N, C, *spatial)`` (2 or 3 spatial dims), float.
+        ``(N, C, *spatial)`` (2 or 3 spatial dims), float; run in the dtype of the model's parameters. The model
+        may be frozen (``requires_grad_(False)``), and the call may be made under ``torch.no_grad()`` or
+        ``torch.inference_mode()``: the gradients Grad-CAM needs are computed anyway (the parameters' are not).
     target : Tensor or sequence of int, optional
         Class of each image whose evidence is mapped ``(N,)``, each in ``[0, C-1]`` (else ValueError);
         default: the predicted class.
@@ -105,9 +107,25 @@ def class_activation_map(model: nn.Module, image: torch.Tensor, target: torch.Te
     if not isinstance(image, torch.Tensor) or image.dim() not in (4, 5):
         raise ValueError(f"image must be a (N, C, *spatial) tensor with 2 or 3 spatial dims, got "
                          f"{getattr(image, 'shape', type(image).__name__)}")
-    with torch.enable_grad():
-        feats = model.features(image.float())
-        feats.retain_grad()
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if any(p.is_inference() for m in (model.pool, model.head) if isinstance(m, nn.Module) for p in m.parameters()):
+        raise RuntimeError("class_activation_map needs autograd through the model's pool and head, but their "
+                           "parameters were created under torch.inference_mode() (inference tensors); build or load "
+                           "the model outside inference mode (torch.no_grad() is fine)")
+    dtype = params[0].dtype if params else image.dtype if image.is_floating_point() else torch.float32
+    # Grad-CAM needs autograd from the features on, whatever the caller's mode: a frozen model
+    # (requires_grad_(False)), torch.no_grad() or torch.inference_mode() (left locally: tensors made here are
+    # ordinary ones). The features run without a graph and become a leaf that requires grad: only the gradient
+    # of the score w.r.t. them is needed, never the parameters'.
+    with torch.inference_mode(False), torch.enable_grad():
+        x = image.to(dtype)
+        if x.is_inference():
+            x = x.clone()  # an inference tensor cannot enter autograd-recording ops
+        with torch.no_grad():
+            feats = model.features(x)
+        if feats.is_inference():
+            feats = feats.clone()
+        feats = feats.detach().requires_grad_(True)
         logits = model.head(model.pool(feats).flatten(1))
         if target is None:
             from medfast.tasks.classification.encoding import make_encoder

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfast.ops._validate import check_tensor
+
 __all__ = ["ClassificationLoss", "coral_loss"]
 
 
@@ -32,8 +34,18 @@ def coral_loss(logits: torch.Tensor, levels: torch.Tensor, importance: torch.Ten
     Tensor
         Scalar, or ``(N,)`` for ``reduction="none"``.
     """
+    logits, levels = check_tensor("logits", logits), check_tensor("levels", levels)
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (N, K-1), got {tuple(logits.shape)}")
     if logits.shape != levels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and levels {tuple(levels.shape)} differ in shape")
+    if importance is not None:
+        importance = check_tensor("importance", importance)
+        if importance.shape != (logits.shape[1],):
+            raise ValueError(f"importance must have shape (K-1,) = ({logits.shape[1]},) for logits "
+                             f"{tuple(logits.shape)}, got {tuple(importance.shape)}")
     logits = logits.float()
     levels = levels.to(logits.dtype)
     logsig = F.logsigmoid(logits)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from medfast.data.presets import MRICRON
+from medfast.ops._validate import check_tensor
 from medfast.ultrasound import LabelTable, Probe, freehand_sweep, hu_to_properties, look_at, simulate
 
 __all__ = ["SOURCES", "TISSUE_TABLE", "SynthesisSource", "colin27_tissue", "load_source", "random_pose",
@@ -294,11 +295,19 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _check_reference(reference: object) -> torch.Tensor:
+    reference = check_tensor("reference", reference)
+    if tuple(reference.shape) != (4, 4):
+        raise ValueError(f"reference must be a (4, 4) probe-to-world pose, got shape {tuple(reference.shape)}")
+    return reference
+
+
 def random_pose(reference: torch.Tensor, seed: int, *, shift_mm: Sequence[float] = (10.0, 5.0, 10.0),
                 tilt_deg: float = 10.0, twist_deg: float = 20.0) -> torch.Tensor:
     """A random ``(4, 4)`` pose near ``reference``: the probe moved by up to ``shift_mm`` along its own
     lateral, elevation and beam axes (mm, uniform), tilted and rocked by up to ``tilt_deg`` and twisted
     about the beam by up to ``twist_deg`` (uniform); seeded."""
+    reference = _check_reference(reference)
     g = torch.Generator().manual_seed(int(seed) % 2**63)
     u = torch.rand(6, generator=g, dtype=torch.float64) * 2 - 1
     shift = torch.as_tensor(shift_mm, dtype=torch.float64) * u[:3]
@@ -315,6 +324,7 @@ def sweep_pose(reference: torch.Tensor, seed: int, *, travel_mm: Sequence[float]
     """Poses of a freehand sweep (:func:`medfast.ultrasound.freehand_sweep`) that starts within
     ``start_jitter_mm`` of ``reference`` (minus half the travel) and moves by ``travel_mm`` (world mm):
     ``(frames, 4, 4)``, or only frame ``frame`` ``(4, 4)``; the sweep's start, wobble and angles are seeded."""
+    reference = _check_reference(reference)
     g = torch.Generator().manual_seed(int(seed) % 2**63)
     ref = reference.double().clone()
     travel = torch.as_tensor(travel_mm, dtype=torch.float64)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from medfast.ops._validate import py_scalar
 from medfast.tasks._figures import save_figure
 
 __all__ = ["psnr", "save_grid", "sliced_wasserstein", "ssim"]
@@ -169,6 +170,9 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must have the same channels, got {a.shape[1]} and {b.shape[1]}")
+    # NumPy scalars and 0-d tensors as the Python ints they hold (docs/api/interop.md)
+    levels, patch_size, n_patches, n_projections, seed = (py_scalar(v) for v in (levels, patch_size, n_patches,
+                                                                               n_projections, seed))
     for name, v in (("levels", levels), ("patch_size", patch_size), ("n_patches", n_patches),
                     ("n_projections", n_projections)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
