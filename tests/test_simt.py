@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from medfast.ops._ussim import march_lines, noise_table
+from medfast.ops._ussim import _sharp3, march_lines, noise_table
 
 ROOT = Path(__file__).resolve().parents[1]
 WATER_BG = (1.5, 0.0, 0.0, 0.0, 0.0)
 G_AFF = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
+# Interface sharpness per voxel axis (an anisotropic volume: each axis its own), forward and backward cases.
+SHARP_FWD = [4.0, 1.5, 2.5]
+SHARP_BWD = [2.5, 1.0, 3.5]
 
 
 def _build(tmp_path_factory, name: str) -> ctypes.CDLL:
@@ -60,7 +63,7 @@ def _common(props, noise, seed, att, sharp):
     i64 = ctypes.c_int64
     return [_p(props), i64(props.shape[0]), i64(props.shape[1]), i64(props.shape[2]), i64(props.shape[3]),
             _p(noise), i64(noise.shape[0]), ctypes.c_uint64(seed), _d(G_AFF), ctypes.c_double(att), _d(WATER_BG),
-            ctypes.c_double(sharp)]
+            _d(_sharp3(sharp))]
 
 
 def _volume(B, dtype, gen, D=9, H=7, W=11):
@@ -99,11 +102,11 @@ def test_warp_line_march_matches_cpu(emu, dtype, volumes, S):
     props, index = _frames(volumes, B, dtype, g)
     start, step, weights, noise = _line_inputs(props, B, L, E, S, dtype, g)
     with torch.no_grad():
-        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0, index)
+        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, SHARP_FWD, index)
     out = torch.full_like(ref, float("nan"))
     fn = emu.emu_lines_f32 if dtype == torch.float32 else emu.emu_lines_f64
     i64 = ctypes.c_int64
-    fn(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step), _p(weights), i64(B), i64(L), i64(E), i64(S),
+    fn(*_common(props, noise, 11, 0.03, SHARP_FWD), _p(start), _p(step), _p(weights), i64(B), i64(L), i64(E), i64(S),
        _p(out), None if index is None else _p(index))
     scale = ref.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
     torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-12)
@@ -126,12 +129,12 @@ def test_warp_backward_matches_cpu(emu, dtype, volumes, S, which):
     noise = noise_table(3, rows=128)
     need_p, need_c = which in ("both", "props"), which in ("both", "coords")
     gp_ref, gc_ref = torch.ops.medfast.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG),
-                                                            7, 2.5, need_p, need_c, index)
+                                                            7, SHARP_BWD, need_p, need_c, index)
     gp = torch.zeros_like(props) if need_p else None
     gc = torch.full_like(coords, float("nan")) if need_c else None
     fn = emu.emu_backward_f32 if dtype == torch.float32 else emu.emu_backward_f64
     i64 = ctypes.c_int64
-    fn(*_common(props, noise, 7, 0.05, 2.5), _p(coords), _p(grad), i64(B), i64(R), i64(S),
+    fn(*_common(props, noise, 7, 0.05, SHARP_BWD), _p(coords), _p(grad), i64(B), i64(R), i64(S),
        _p(gp) if need_p else None, _p(gc) if need_c else None, None if index is None else _p(index))
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     if need_p:
@@ -163,7 +166,7 @@ def _emu_lines_backward(emu, props, index, start, step, weights, grad, noise, gp
     S = weights.shape[1]
     fn = emu.emu_lines_backward_f32 if props.dtype == torch.float32 else emu.emu_lines_backward_f64
     i64 = ctypes.c_int64
-    fn(*_common(props, noise, 7, 0.05, 2.5), _p(start), _p(step), _p(weights), _p(grad), i64(B), i64(L), i64(E),
+    fn(*_common(props, noise, 7, 0.05, SHARP_BWD), _p(start), _p(step), _p(weights), _p(grad), i64(B), i64(L), i64(E),
        i64(S), None if gp is None else _p(gp), None if gc is None else _p(gc), None if index is None else _p(index),
        ctypes.c_int(int(merged)))
 
@@ -179,7 +182,8 @@ def test_warp_lines_backward_matches_cpu(emu, dtype, volumes, S, which):
     B, L, E = start.shape[:3]
     need_p, need_c = which in ("both", "props"), which in ("both", "coords")
     gp_ref, gc_ref = torch.ops.medfast.ussim_march_lines_backward(grad, props, start, step, weights, noise, G_AFF,
-                                                                  0.05, list(WATER_BG), 7, 2.5, need_p, need_c, index)
+                                                                  0.05, list(WATER_BG), 7, SHARP_BWD, need_p, need_c,
+                                                                  index)
     gp = torch.zeros_like(props) if need_p else None
     gc = torch.full((B, L * E, S, 3), float("nan"), dtype=dtype) if need_c else None
     _emu_lines_backward(emu, props, index, start, step, weights, grad, noise, gp, gc, merged=False)
@@ -202,10 +206,10 @@ def test_warp_line_march_one_ray(emu):
     noise = noise_table(5, rows=256)
     out = torch.zeros(1, 1, 3, S, dtype=torch.float64)
     i64 = ctypes.c_int64
-    emu.emu_lines_f64(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step), _p(weights), i64(1), i64(1),
+    emu.emu_lines_f64(*_common(props, noise, 11, 0.03, SHARP_FWD), _p(start), _p(step), _p(weights), i64(1), i64(1),
                       i64(1), i64(S), _p(out), None)
     with torch.no_grad():
-        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, 4.0)
+        ref = march_lines(props, start, step, weights, noise, G_AFF, 0.03, WATER_BG, 11, SHARP_FWD)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(out[..., 1:], ref[..., :-1])
     assert np.isfinite(out.numpy()).all()
@@ -221,7 +225,7 @@ def test_warp_lines_backward_merged_scatter_matches_cpu(emu, dtype, volumes, S):
     # one line with a new cell at every sample, leaving the volume
     props, index, start, step, weights, grad, noise = _lines_backward_case(volumes, S, dtype, 13, crossing=True)
     gp_ref, _ = torch.ops.medfast.ussim_march_lines_backward(grad, props, start, step, weights, noise, G_AFF, 0.05,
-                                                             list(WATER_BG), 7, 2.5, True, False, index)
+                                                             list(WATER_BG), 7, SHARP_BWD, True, False, index)
     gp = torch.zeros_like(props)
     _emu_lines_backward(emu, props, index, start, step, weights, grad, noise, gp, None, merged=True)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
@@ -265,7 +269,7 @@ def _scatter_case(kind, volumes, B, L, E, S, dtype, seed):
     return props, index, start.contiguous(), step.contiguous(), gvals
 
 
-def _emu_scatter(emu, props, index, gvals, merged, sms, start=None, step=None, coords=None, L=1, E=1, sharp=2.5):
+def _emu_scatter(emu, props, index, gvals, merged, sms, start=None, step=None, coords=None, L=1, E=1, sharp=SHARP_BWD):
     """The scatter kernels alone under the emulation: the lines scatter (start, step) or the scatter of
     explicit positions (coords (B, L E, S, 3)), plain or merged; (property gradient, atomics issued)."""
     fn = emu.emu_scatter_f32 if gvals.dtype == torch.float32 else emu.emu_scatter_f64
@@ -274,7 +278,7 @@ def _emu_scatter(emu, props, index, gvals, merged, sms, start=None, step=None, c
     i64 = ctypes.c_int64
     B, S = gvals.shape[0], gvals.shape[2]
     n = fn(_p(gp), i64(props.shape[0]), i64(props.shape[1]), i64(props.shape[2]), i64(props.shape[3]),
-           ctypes.c_double(sharp), None if index is None else _p(index), None if start is None else _p(start),
+           _d(_sharp3(sharp)), None if index is None else _p(index), None if start is None else _p(start),
            None if step is None else _p(step), None if coords is None else _p(coords), _p(gvals), i64(B), i64(L),
            i64(E), i64(S), ctypes.c_int(int(merged)), i64(sms))
     return gp, n

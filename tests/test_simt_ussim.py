@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from medfast.ops._ussim import noise_table
-from tests.test_simt import G_AFF, WATER_BG, _build, _common, _frames, _line_inputs, _p
+from tests.test_simt import G_AFF, SHARP_BWD, SHARP_FWD, WATER_BG, _build, _common, _frames, _line_inputs, _p
 
 ops = torch.ops.medfast
 H100_SMS = 132
@@ -58,9 +58,9 @@ def test_march_kernel_matches_cpu(lib, dtype, volumes, S, sms):
     D, H, W = props.shape[1:4]
     coords = _coords(B, R, S, D, H, W, dtype, g)
     noise = noise_table(5, rows=256)
-    ref = ops.ussim_march(props, coords, noise, G_AFF, 0.03, list(WATER_BG), 11, 4.0)
+    ref = ops.ussim_march(props, coords, noise, G_AFF, 0.03, list(WATER_BG), 11, SHARP_FWD)
     out = torch.full_like(ref, math.nan)
-    getattr(lib, f"emu_k_march_{_sfx(dtype)}")(*_common(props, noise, 11, 0.03, 4.0), _p(coords), i64(B), i64(R),
+    getattr(lib, f"emu_k_march_{_sfx(dtype)}")(*_common(props, noise, 11, 0.03, SHARP_FWD), _p(coords), i64(B), i64(R),
                                                i64(S), _p(out), None, i64(sms))
     scale = ref.abs().amax().clamp_min(1e-12)
     torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-12)
@@ -74,9 +74,9 @@ def test_lines_kernel_matches_cpu(lib, dtype, volumes, S):
     B, L, E = 2, 67, 3  # 134 lines: two blocks of 128
     props, index = _frames(volumes, B, dtype, g)
     start, step, weights, noise = _line_inputs(props, B, L, E, S, dtype, g)
-    ref = ops.ussim_march_lines(props, start, step, weights, noise, G_AFF, 0.03, list(WATER_BG), 11, 4.0, index)
+    ref = ops.ussim_march_lines(props, start, step, weights, noise, G_AFF, 0.03, list(WATER_BG), 11, SHARP_FWD, index)
     out = torch.full_like(ref, math.nan)
-    getattr(lib, f"emu_k_lines_{_sfx(dtype)}")(*_common(props, noise, 11, 0.03, 4.0), _p(start), _p(step),
+    getattr(lib, f"emu_k_lines_{_sfx(dtype)}")(*_common(props, noise, 11, 0.03, SHARP_FWD), _p(start), _p(step),
                                                _p(weights), i64(B), i64(L), i64(E), i64(S), _p(out),
                                                None if index is None else _p(index), i64(H100_SMS))
     scale = ref.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
@@ -85,7 +85,7 @@ def test_lines_kernel_matches_cpu(lib, dtype, volumes, S):
     torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
 
 
-def _emu_backward(lib, props, coords, grad, noise, index, need_p, need_c, sms, seed=7, att=0.05, sharp=2.5,
+def _emu_backward(lib, props, coords, grad, noise, index, need_p, need_c, sms, seed=7, att=0.05, sharp=SHARP_BWD,
                  merged=False):
     B, R, S = coords.shape[:3]
     gp = torch.zeros_like(props) if need_p else None
@@ -110,7 +110,7 @@ def test_backward_and_scatter_kernels_match_cpu(lib, dtype, volumes, S, which):
     grad = torch.randn(B, R, S, 3, generator=g, dtype=dtype)
     noise = noise_table(3, rows=128)
     need_p, need_c = which in ("both", "props"), which in ("both", "coords")
-    gp_ref, gc_ref = ops.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG), 7, 2.5,
+    gp_ref, gc_ref = ops.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG), 7, SHARP_BWD,
                                               need_p, need_c, index)
     gp, gc = _emu_backward(lib, props, coords, grad, noise, index, need_p, need_c, H100_SMS)
     if need_p:
@@ -133,7 +133,7 @@ def test_backward_and_merged_scatter_match_cpu(lib, dtype, volumes, S):
     coords = _coords(B, R, S, D, H, W, dtype, g)
     grad = torch.randn(B, R, S, 3, generator=g, dtype=dtype)
     noise = noise_table(3, rows=128)
-    gp_ref, _ = ops.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG), 7, 2.5, True,
+    gp_ref, _ = ops.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG), 7, SHARP_BWD, True,
                                          False, index)
     gp, _ = _emu_backward(lib, props, coords, grad, noise, index, True, False, H100_SMS, merged=True)
     torch.testing.assert_close(gp, gp_ref, **_tol(dtype))
@@ -149,7 +149,7 @@ def test_backward_scatter_grid_stride(lib):
     coords = _coords(B, R, S, *props.shape[1:4], torch.float64, g)
     grad = torch.randn(B, R, S, 3, generator=g, dtype=torch.float64)
     noise = noise_table(3, rows=128)
-    gp_ref, gc_ref = ops.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG), 7, 2.5,
+    gp_ref, gc_ref = ops.ussim_march_backward(grad, props, coords, noise, G_AFF, 0.05, list(WATER_BG), 7, SHARP_BWD,
                                               True, True, None)
     gp, gc = _emu_backward(lib, props, coords, grad, noise, None, True, True, 1)
     torch.testing.assert_close(gp, gp_ref, **_tol(torch.float64))
@@ -171,7 +171,7 @@ def test_lines_backward_thread_path_matches_cpu(lib, dtype, volumes):
     grad = torch.randn(B, L, 3, S, generator=g, dtype=dtype)
     noise = noise_table(3, rows=128)
     gp_ref, gc_ref = ops.ussim_march_lines_backward(grad, props, start, step, weights, noise, G_AFF, 0.05,
-                                                    list(WATER_BG), 7, 2.5, True, True, index)
+                                                    list(WATER_BG), 7, SHARP_BWD, True, True, index)
     i = torch.arange(S, dtype=dtype)
     coords = (start.unsqueeze(3) + i.unsqueeze(1) * step.unsqueeze(2).unsqueeze(3)).reshape(B, L * E, S, 3)
     gech = (grad.transpose(2, 3).unsqueeze(2) * weights).reshape(B, L * E, S, 3)

@@ -76,7 +76,7 @@ def test_ray_march_gradcheck_float64():
     props.requires_grad_(True)
     coords.requires_grad_(True)
 
-    for sharp in (1.0, 1.7):
+    for sharp in (1.0, 1.7, (1.3, 1.0, 2.9)):  # one value for all axes, or one per voxel axis
         def f(p, c, sharp=sharp):
             return ray_march(p, c, noise, G, 0.08, [1.5, 0.1, 0.5, 0.3, 0.1], 1, sharp)
 
@@ -104,6 +104,45 @@ def test_ray_march_matches_reference():
     torch.testing.assert_close(out[0, ..., 0], E * R)
     torch.testing.assert_close(out[0, ..., 1], E * amp)
     torch.testing.assert_close(out[0, ..., 2], torch.zeros_like(E))
+
+
+def _sharpened_reference(props, coords, sharp):
+    """Impedance and attenuation at the positions by sharpened trilinear interpolation, in torch: per voxel
+    axis a, the fraction t becomes clamp((t - 1/2) k_a + 1/2, 0, 1) (docs/ultrasound.md); (2, B, R, S)."""
+    vol = props[0]  # (D, H, W, 5), positions inside the volume
+    f = coords.floor()
+    z = ((coords - f - 0.5) * torch.tensor(sharp, dtype=coords.dtype) + 0.5).clamp(0, 1)
+    i = f.long()
+    out = 0
+    for a in (0, 1):
+        for b in (0, 1):
+            for e in (0, 1):
+                w = (z[..., 0] if a else 1 - z[..., 0]) * (z[..., 1] if b else 1 - z[..., 1]) * \
+                    (z[..., 2] if e else 1 - z[..., 2])
+                out = out + w[..., None] * vol[i[..., 0] + a, i[..., 1] + b, i[..., 2] + e, :2]
+    return out.movedim(-1, 0)
+
+
+def test_ray_march_per_axis_sharpness_matches_reference():
+    # each voxel axis its own sharpness: the specular echo E * R from the reference interpolation
+    props, coords, _, G = _march_inputs(torch.float64, B=1, R=3, S=9)
+    coords = coords[:, :, :1] + (coords - coords[:, :, :1]) * 0.5  # stay inside the volume
+    table = torch.zeros(1, 4)
+    table[0, 0] = 1.0
+    sharp = (1.0, 2.5, 4.0)
+    out = ray_march(props, coords, table, G, 0.1, [1.5, 0, 0, 0, 0], 0, sharp)
+    Z, alpha = _sharpened_reference(props, coords, sharp)[:, 0]
+    R = torch.zeros_like(Z)
+    R[:, 1:] = (Z[:, 1:] - Z[:, :-1]) / (Z[:, 1:] + Z[:, :-1])
+    u = torch.log(1 - R**2) - 0.1 * alpha
+    E = torch.exp(torch.cumsum(u, 1) - u)
+    torch.testing.assert_close(out[0, ..., 0], E * R)
+    # one value is the same sharpness on all three axes
+    assert torch.equal(ray_march(props, coords, table, G, 0.1, [1.5, 0, 0, 0, 0], 0, 2.5),
+                       ray_march(props, coords, table, G, 0.1, [1.5, 0, 0, 0, 0], 0, [2.5] * 3))
+    for bad in ((1.0, 2.0), (1.0, 0.5, 2.0), (1.0, float("nan"), 2.0)):
+        with pytest.raises(ValueError, match="sharp"):
+            ray_march(props, coords, table, G, 0.1, [1.5, 0, 0, 0, 0], 0, bad)
 
 
 def test_simulate_gradcheck_props_and_pose():
@@ -674,9 +713,10 @@ def test_batch_of_volumes_matches_single_calls_and_grads():
 # --- AVX2 line march (csrc/ussim/ussim_cpu_avx2.cpp) against the generic path ------------------------
 
 
+@pytest.mark.parametrize("sharp", [4.0, (4.0, 1.0, 2.5)])
 @pytest.mark.parametrize("speckle", [True, False])
 @pytest.mark.parametrize("S", [203, 64])
-def test_march_lines_simd_matches_generic(speckle, S):
+def test_march_lines_simd_matches_generic(speckle, S, sharp):
     from medfast.ops._ussim import march_lines
 
     g = torch.Generator().manual_seed(3)
@@ -694,13 +734,13 @@ def test_march_lines_simd_matches_generic(speckle, S):
     G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
     with torch.no_grad():
         fast, slow = simd_and_generic(lambda: march_lines(props, start, step, weights, noise, G, 0.03,
-                                                           WATER_BG, 11, 4.0))
+                                                           WATER_BG, 11, sharp))
     scale = slow.abs().amax(dim=(0, 1, 3), keepdim=True).clamp_min(1e-12)
     assert torch.isfinite(fast).all()
     torch.testing.assert_close(fast / scale, slow / scale, rtol=0, atol=2e-5)
     # deterministic
     with torch.no_grad():
-        again = march_lines(props, start, step, weights, noise, G, 0.03, WATER_BG, 11, 4.0)
+        again = march_lines(props, start, step, weights, noise, G, 0.03, WATER_BG, 11, sharp)
     assert torch.equal(again, fast)
 
 
@@ -809,7 +849,7 @@ def _assert_coords_grad_close(a, b, atol):
     torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("sharp", [1.0, 4.0])
+@pytest.mark.parametrize("sharp", [1.0, 4.0, (1.0, 4.0, 2.5)])
 @pytest.mark.parametrize("speckle", [True, False])
 @pytest.mark.parametrize("S", [203, 64, 9, 1])
 def test_march_backward_coords_simd_matches_generic(speckle, S, sharp):
@@ -914,7 +954,7 @@ def _lines_case(dtype, S=150):
     grad = torch.randn(B, L, 3, S, generator=g)
     G = [2.3, 0.4, 0.0, 0.7, -0.3, 1.9, 0.2, -5.0, 0.1, 0.0, 2.6, 1.25]
     return [t.to(dtype) for t in (grad, props, start, step, weights)] + [noise_table(5, rows=256), G, 0.03,
-                                                                          list(WATER_BG), 11, 4.0]
+                                                                          list(WATER_BG), 11, [4.0, 1.5, 3.0]]
 
 
 @pytest.mark.parametrize("simd", [True, False])

@@ -112,3 +112,57 @@ def test_correlated_energy_is_the_quadratic_form_without_the_matrix():
     corr = torch.exp(-(lag[:, None] - lag[None]).square() * (step / 0.1).square()[:, None, None]
                      / (2 * _CORRELATION_VAR))
     torch.testing.assert_close(_correlated_energy(w, step, 0.1), torch.einsum("si,sij,sj->s", w, corr, w))
+
+
+# An interface across a fine (0.5 mm) voxel axis of a thick-slice volume (5 mm along another axis). The
+# sharpening was one value for all axes, set by the thickest (5 mm / 2 samples = 16 at dz 0.157 mm): across
+# the fine axes the impedance step was a tenth of a sample wide, so the echo snapped to the sample grid
+# (+-0.06 mm jumps under sub-sample probe shifts) and its pose gradient was exactly 0.
+THICK_PROBE = dict(name="L11-5v", n_lines=16, n_samples=128, depth_mm=20.0)
+
+
+def _thick_slice_echo(axis, shift_mm, thick_axis, grad=True):
+    """Echo depth (envelope centroid of the middle line, mm) of an impedance step across voxel axis ``axis``
+    (0.5 mm voxels; ``thick_axis`` 5 mm, or None: isotropic), the probe looking along that axis from
+    ``shift_mm`` + 10 mm in front of the step; and d depth / d shift by autograd (the true value: -1)."""
+    probe = Probe.preset(**THICK_PROBE)
+    spacing = [0.5, 0.5, 0.5]
+    if thick_axis is not None:
+        spacing[thick_axis] = 5.0
+    shape = [int(round(32 / s)) for s in spacing]
+    props = torch.zeros(1, 5, *shape, dtype=torch.float64)
+    props[:, 0] = 1.5
+    props[0, 0].narrow(axis, shape[axis] // 2, shape[axis] - shape[axis] // 2).fill_(2.5)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -np.array(spacing) * (np.array(shape) - 1) / 2
+    eye = np.eye(3)
+    pose = look_at(tuple(eye[axis] * (shift_mm - 10.0)), tuple(eye[axis]), tuple(eye[(axis + 1) % 3]))
+    pose = pose.requires_grad_(grad)
+    env = simulate(props, affine, pose, probe, speckle=False, tgc_db_cm_mhz=0.0, return_lines=True).envelope[0, 8]
+    z = torch.arange(probe.n_samples, dtype=torch.float64) * probe.dz_mm
+    depth = (env * z).sum() / env.sum()
+    if not grad:
+        return float(depth.detach()), None
+    depth.backward()
+    return float(depth.detach()), float(pose.grad[:3, 3] @ torch.as_tensor(eye[axis]))
+
+
+@pytest.mark.parametrize("axis, thick_axis", [(0, 2), (1, 0), (2, 1), (0, None)])
+def test_thick_slice_pose_gradient_across_fine_axes(axis, thick_axis):
+    h = 1e-4
+    for shift in (0.0, 0.05, 0.1):
+        depth, grad = _thick_slice_echo(axis, shift, thick_axis)
+        fd = (_thick_slice_echo(axis, shift + h, thick_axis, False)[0] -
+              _thick_slice_echo(axis, shift - h, thick_axis, False)[0]) / (2 * h)
+        assert depth == pytest.approx(10.0, abs=0.2)
+        assert grad == pytest.approx(fd, rel=1e-3, abs=1e-3)  # before: autograd 0, finite difference 0
+        assert grad == pytest.approx(-1.0, abs=0.15)  # (the centroid of a sampled echo: -0.92 to -1.1)
+
+
+@pytest.mark.parametrize("axis, thick_axis", [(0, 2), (2, 0)])
+def test_thick_slice_echo_moves_smoothly_with_the_probe(axis, thick_axis):
+    # echo depth + probe shift (the interface's position) over sub-sample shifts: constant, where it
+    # jumped by +-0.06 mm (the echo stayed on a sample, then jumped to the next)
+    dz = Probe.preset(**THICK_PROBE).dz_mm
+    pos = [_thick_slice_echo(axis, s, thick_axis, False)[0] + s for s in np.linspace(0.0, dz, 6)]
+    assert max(pos) - min(pos) < 0.01

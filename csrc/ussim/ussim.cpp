@@ -32,7 +32,7 @@ Tensor check_volume_index(const std::optional<Tensor>& index, const Tensor& prop
 
 Params make_params_for(const Tensor& props, const Tensor& coords, int64_t batch, int64_t S, const Tensor& noise,
                        at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
-                       double sharp, const Tensor& volume_index) {
+                       at::ArrayRef<double> sharp, const Tensor& volume_index) {
   TORCH_CHECK_VALUE(props.dim() == 5 && props.size(4) == kProps,
                     "medfast ussim: props must be (B, D, H, W, 5) channels-last, got ", props.sizes());
   TORCH_CHECK_VALUE(volume_index.defined() || props.size(0) == 1 || props.size(0) == batch,
@@ -60,15 +60,20 @@ Params make_params_for(const Tensor& props, const Tensor& coords, int64_t batch,
   for (int i = 0; i < 12; ++i) P.G[i] = grid_affine[i];
   P.att = att;
   for (int i = 0; i < kProps; ++i) P.bg[i] = background[i];
-  TORCH_CHECK_VALUE(std::isfinite(sharp) && sharp >= 1.0, "medfast ussim: sharp must be >= 1, got ", sharp);
-  P.sharp = sharp;
+  // (float[3] in the schema: a single value is given for all three axes)
+  TORCH_CHECK_VALUE(sharp.size() == 3, "medfast ussim: sharp must have 3 entries (one per voxel axis), got ",
+                    sharp.size());
+  for (int a = 0; a < 3; ++a) {
+    TORCH_CHECK_VALUE(std::isfinite(sharp[a]) && sharp[a] >= 1.0, "medfast ussim: sharp must be >= 1, got ", sharp);
+    P.sharp[a] = sharp[a];
+  }
   P.V = props.size(0);
   P.volume_index = volume_index.defined() ? volume_index.const_data_ptr<int64_t>() : nullptr;
   return P;
 }
 
 Params make_params(const Tensor& props, const Tensor& coords, const Tensor& noise, at::ArrayRef<double> grid_affine,
-                   double att, at::ArrayRef<double> background, int64_t seed, double sharp,
+                   double att, at::ArrayRef<double> background, int64_t seed, at::ArrayRef<double> sharp,
                    const Tensor& volume_index = Tensor()) {
   TORCH_CHECK_VALUE(coords.dim() == 4 && coords.size(3) == 3, "medfast ussim: coords must be (B, R, S, 3), got ",
                     coords.sizes());
@@ -82,7 +87,7 @@ using Lines = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Tens
 template <Lines F>
 Tensor march_lines_impl(const Tensor& props, const Tensor& start, const Tensor& step, const Tensor& weights,
                         const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
-                        at::ArrayRef<double> background, int64_t seed, double sharp,
+                        at::ArrayRef<double> background, int64_t seed, at::ArrayRef<double> sharp,
                         const std::optional<Tensor>& volume_index) {
   TORCH_CHECK_VALUE(start.dim() == 4 && start.size(3) == 3 && start.size(0) >= 1 && start.size(1) >= 1 &&
                         start.size(2) >= 1,
@@ -109,14 +114,14 @@ using Bwd = std::tuple<Tensor, Tensor> (*)(const Tensor&, const Tensor&, const T
 
 Tensor march(Fwd launch, const Tensor& props, const Tensor& coords, const Tensor& noise,
              at::ArrayRef<double> grid_affine, double att, at::ArrayRef<double> background, int64_t seed,
-             double sharp) {
+             at::ArrayRef<double> sharp) {
   const Params P = make_params(props, coords, noise, grid_affine, att, background, seed, sharp);
   return launch(props.contiguous(), coords.contiguous(), noise.contiguous(), P);
 }
 
 std::tuple<Tensor, Tensor> march_backward(Bwd launch, const Tensor& grad, const Tensor& props, const Tensor& coords,
                                           const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
-                                          at::ArrayRef<double> background, int64_t seed, double sharp,
+                                          at::ArrayRef<double> background, int64_t seed, at::ArrayRef<double> sharp,
                                           bool props_grad, bool coords_grad,
                                           const std::optional<Tensor>& volume_index) {
   TORCH_CHECK_VALUE(coords.dim() == 4, "medfast ussim: coords must be (B, R, S, 3), got ", coords.sizes());
@@ -133,15 +138,15 @@ std::tuple<Tensor, Tensor> march_backward(Bwd launch, const Tensor& grad, const 
 
 template <Fwd F>
 Tensor march_impl(const Tensor& props, const Tensor& coords, const Tensor& noise, at::ArrayRef<double> grid_affine,
-                  double att, at::ArrayRef<double> background, int64_t seed, double sharp) {
+                  double att, at::ArrayRef<double> background, int64_t seed, at::ArrayRef<double> sharp) {
   return march(F, props, coords, noise, grid_affine, att, background, seed, sharp);
 }
 
 template <Bwd F>
 std::tuple<Tensor, Tensor> march_backward_impl(const Tensor& grad, const Tensor& props, const Tensor& coords,
                                                const Tensor& noise, at::ArrayRef<double> grid_affine, double att,
-                                               at::ArrayRef<double> background, int64_t seed, double sharp,
-                                               bool props_grad, bool coords_grad,
+                                               at::ArrayRef<double> background, int64_t seed,
+                                               at::ArrayRef<double> sharp, bool props_grad, bool coords_grad,
                                                const std::optional<Tensor>& volume_index) {
   return march_backward(F, grad, props, coords, noise, grid_affine, att, background, seed, sharp, props_grad,
                         coords_grad, volume_index);
@@ -154,8 +159,8 @@ template <LinesBwd F>
 std::tuple<Tensor, Tensor> march_lines_backward_impl(const Tensor& grad, const Tensor& props, const Tensor& start,
                                                      const Tensor& step, const Tensor& weights, const Tensor& noise,
                                                      at::ArrayRef<double> grid_affine, double att,
-                                                     at::ArrayRef<double> background, int64_t seed, double sharp,
-                                                     bool props_grad, bool coords_grad,
+                                                     at::ArrayRef<double> background, int64_t seed,
+                                                     at::ArrayRef<double> sharp, bool props_grad, bool coords_grad,
                                                      const std::optional<Tensor>& volume_index) {
   TORCH_CHECK_VALUE(start.dim() == 4 && start.size(3) == 3 && start.size(0) >= 1 && start.size(1) >= 1 &&
                         start.size(2) >= 1,
@@ -201,18 +206,18 @@ Tensor psf_impl(const Tensor& x, const Tensor& h, const Tensor& w, bool transpos
 TORCH_LIBRARY_FRAGMENT(medfast, m) {
   m.def(
       "ussim_march(Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, float[] background, "
-      "int seed, float sharp) -> Tensor");
+      "int seed, float[3] sharp) -> Tensor");
   m.def(
       "ussim_march_lines(Tensor props, Tensor start, Tensor step, Tensor weights, Tensor noise, float[] grid_affine, "
-      "float att, float[] background, int seed, float sharp, Tensor? volume_index=None) -> Tensor");
+      "float att, float[] background, int seed, float[3] sharp, Tensor? volume_index=None) -> Tensor");
   m.def("ussim_psf(Tensor x, Tensor h, Tensor w, bool transpose) -> Tensor");
   m.def(
       "ussim_march_backward(Tensor grad, Tensor props, Tensor coords, Tensor noise, float[] grid_affine, float att, "
-      "float[] background, int seed, float sharp, bool props_grad, bool coords_grad, Tensor? volume_index=None) "
+      "float[] background, int seed, float[3] sharp, bool props_grad, bool coords_grad, Tensor? volume_index=None) "
       "-> (Tensor, Tensor)");
   m.def(
       "ussim_march_lines_backward(Tensor grad, Tensor props, Tensor start, Tensor step, Tensor weights, Tensor noise, "
-      "float[] grid_affine, float att, float[] background, int seed, float sharp, bool props_grad, "
+      "float[] grid_affine, float att, float[] background, int seed, float[3] sharp, bool props_grad, "
       "bool coords_grad, Tensor? volume_index=None) -> (Tensor, Tensor)");
 }
 

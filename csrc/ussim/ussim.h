@@ -52,7 +52,7 @@ struct Params {
   double G[12];         // voxel (d, h, w, 1) -> scatter-grid cell coordinates, row-major 3x4
   double att;           // log-amplitude loss per sample per unit alpha (round trip)
   double bg[kProps];    // properties outside the volume
-  double sharp;         // >= 1: steepness of the impedance interpolation (1 = trilinear)
+  double sharp[3];      // >= 1, per voxel axis: steepness of the impedance interpolation (1 = trilinear)
   // Volume of each frame: volume_index[b] (V volumes of one grid, any number of frames each), or
   // nullptr: frame b reads volume 0 if there is one volume, else volume b. Host or device memory as
   // the call; the index is validated before the call and clamped to [0, V) here (memory safety).
@@ -69,7 +69,8 @@ MEDFAST_HOST_DEVICE int64_t frame_volume(const Params& P, int64_t b) {
 
 // Sharpened interpolation weight of the impedance channel: clamp((t - 1/2) k + 1/2, 0, 1), so a jump
 // between two voxels becomes a step of width 1/k voxel (a sharp interface, as in the tissue, instead
-// of a ramp over a whole voxel); k = 1 is linear interpolation.
+// of a ramp over a whole voxel); k = 1 is linear interpolation. Each voxel axis has its own k (Params::sharp),
+// so the step is about as wide in mm across the fine axes of an anisotropic volume as across its thick one.
 template <typename A>
 MEDFAST_HOST_DEVICE A sharpen(A t, double k, A* slope) {
   const A u = (t - A(0.5)) * A(k) + A(0.5);
@@ -176,7 +177,8 @@ MEDFAST_HOST_DEVICE void sample_props(const T* vol, const Params& P, A d, A h, A
   const int64_t i0 = static_cast<int64_t>(fd0), j0 = static_cast<int64_t>(fh0), k0 = static_cast<int64_t>(fw0);
   const A td = d - fd0, th = h - fh0, tw = w - fw0;
   A md, mh, mw;  // sharpened fractions (impedance channel) and their slopes
-  const A zd = sharpen<A>(td, P.sharp, &md), zh = sharpen<A>(th, P.sharp, &mh), zw = sharpen<A>(tw, P.sharp, &mw);
+  const A zd = sharpen<A>(td, P.sharp[0], &md), zh = sharpen<A>(th, P.sharp[1], &mh),
+          zw = sharpen<A>(tw, P.sharp[2], &mw);
   for (int c = 0; c < kProps; ++c) {
     v[c] = A(0);
     if (grad) grad[3 * c] = grad[3 * c + 1] = grad[3 * c + 2] = A(0);
@@ -234,7 +236,8 @@ MEDFAST_HOST_DEVICE void corner_weights_at(const Params& P, A d, A h, A w, int64
   cell[2] = static_cast<int64_t>(fw0);
   const A td = d - fd0, th = h - fh0, tw = w - fw0;
   A md, mh, mw;
-  const A zd = sharpen<A>(td, P.sharp, &md), zh = sharpen<A>(th, P.sharp, &mh), zw = sharpen<A>(tw, P.sharp, &mw);
+  const A zd = sharpen<A>(td, P.sharp[0], &md), zh = sharpen<A>(th, P.sharp[1], &mh),
+          zw = sharpen<A>(tw, P.sharp[2], &mw);
   USSIM_UNROLL8
   for (int corner = 0; corner < 8; ++corner) {
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;

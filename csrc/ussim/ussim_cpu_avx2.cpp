@@ -179,7 +179,9 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
     int64_t corner_off[8];
     for (int corner = 0; corner < 8; ++corner)
       corner_off[corner] = (((corner >> 2) * P.H + ((corner >> 1) & 1)) * P.W + (corner & 1)) * kProps;
-    const __m256 sharp = _mm256_set1_ps(static_cast<float>(P.sharp));
+    const __m256 sharp[3] = {_mm256_set1_ps(static_cast<float>(P.sharp[0])),
+                             _mm256_set1_ps(static_cast<float>(P.sharp[1])),
+                             _mm256_set1_ps(static_cast<float>(P.sharp[2]))};  // per voxel axis
     const __m256 o0 = _mm256_set1_ps(o[0]), o1 = _mm256_set1_ps(o[1]), o2 = _mm256_set1_ps(o[2]);
     const __m256 s0 = _mm256_set1_ps(st[0]), s1 = _mm256_set1_ps(st[1]), s2 = _mm256_set1_ps(st[2]);
     const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
@@ -215,7 +217,7 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
         }
       }
       corner_weights(t[0], t[1], t[2], wt);
-      corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
+      corner_weights(sharpen8(t[0], sharp[0]), sharpen8(t[1], sharp[1]), sharpen8(t[2], sharp[2]), wz);
       for (int todo = valid; todo;) {
         const int l = __builtin_ctz(todo);
         const int m = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
@@ -619,7 +621,9 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
   int64_t corner_off[8];
   for (int corner = 0; corner < 8; ++corner)
     corner_off[corner] = (((corner >> 2) * P.H + ((corner >> 1) & 1)) * P.W + (corner & 1)) * kProps;
-  const __m256 sharp = _mm256_set1_ps(static_cast<float>(P.sharp));
+  const __m256 sharp[3] = {_mm256_set1_ps(static_cast<float>(P.sharp[0])),
+                           _mm256_set1_ps(static_cast<float>(P.sharp[1])),
+                           _mm256_set1_ps(static_cast<float>(P.sharp[2]))};  // per voxel axis
 
   // ---- Pass 1: properties (the forward's pass 1 with the positions from the scratch).
   {
@@ -651,7 +655,7 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
         }
       }
       corner_weights(t[0], t[1], t[2], wt);
-      corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
+      corner_weights(sharpen8(t[0], sharp[0]), sharpen8(t[1], sharp[1]), sharpen8(t[2], sharp[2]), wz);
       for (int todo = valid; todo;) {
         const int l = __builtin_ctz(todo);
         const int m = same_cell(cell_i[0], cell_i[1], cell_i[2], ci[0], ci[1], ci[2], l) & todo;
@@ -894,7 +898,7 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
       if constexpr (kRec) {
         __m256 wt[8], wz[8];
         corner_weights(t[0], t[1], t[2], wt);
-        corner_weights(sharpen8(t[0], sharp), sharpen8(t[1], sharp), sharpen8(t[2], sharp), wz);
+        corner_weights(sharpen8(t[0], sharp[0]), sharpen8(t[1], sharp[1]), sharpen8(t[2], sharp[2]), wz);
         transpose8x8(wt, wtT);
         transpose8x8(wz, wzT);
         for (int c = 0; c < kProps; ++c) _mm256_store_ps(gs[c], gv[c]);
@@ -905,9 +909,9 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
       if constexpr (kCoords) {
         __m256 z[3];
         for (int k = 0; k < 3; ++k) {
-          const __m256 u = _mm256_fmadd_ps(_mm256_sub_ps(t[k], half), sharp, half);
+          const __m256 u = _mm256_fmadd_ps(_mm256_sub_ps(t[k], half), sharp[k], half);
           const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(u, zero, _CMP_GT_OQ), _mm256_cmp_ps(u, one, _CMP_LT_OQ));
-          mz[k] = _mm256_and_ps(inside, sharp);
+          mz[k] = _mm256_and_ps(inside, sharp[k]);
           z[k] = _mm256_min_ps(_mm256_max_ps(u, zero), one);
         }
         edge_weights(t[0], t[1], t[2], ew);

@@ -36,7 +36,7 @@ def _march_backward_fake(grad, props, coords, noise, grid_affine, att, backgroun
 def _march_setup(ctx, inputs, output):
     props, coords, noise, grid_affine, att, background, seed, sharp = inputs
     ctx.save_for_backward(props, coords, noise)
-    ctx.args = (list(grid_affine), float(att), list(background), int(seed), float(sharp))
+    ctx.args = (list(grid_affine), float(att), list(background), int(seed), _sharp3(sharp))
 
 
 def _march_backward(ctx, grad):
@@ -91,7 +91,7 @@ def ray_march(
     att: float,
     background: Sequence[float],
     seed: int = 0,
-    sharp: float = 1.0,
+    sharp: float | Sequence[float] = 1.0,
 ) -> torch.Tensor:
     """Marches scanlines through a property volume: specular and scatter echoes with transmission.
 
@@ -118,10 +118,13 @@ def ray_march(
         Properties outside the volume.
     seed : int
         Seed of the hash from scatter cells to table rows.
-    sharp : float
-        >= 1: steepness of the impedance interpolation. Between two voxels the impedance changes
-        over 1/sharp of the voxel instead of all of it, so interfaces stay sharp (specular echoes of
-        full amplitude, transmission losses of the full jump) in coarse volumes; 1 = trilinear.
+    sharp : float or sequence of 3 floats
+        >= 1: steepness of the impedance interpolation, one value for all voxel axes or one per axis
+        (0, 1, 2). Between two voxels the impedance changes over 1/sharp of the voxel instead of all
+        of it, so interfaces stay sharp (specular echoes of full amplitude, transmission losses of the
+        full jump) in coarse volumes; 1 = trilinear. An anisotropic volume needs one per axis (the
+        simulator's ``voxel size / interface width``), else its fine axes get steps much narrower
+        than a sample.
 
     Returns
     -------
@@ -155,10 +158,20 @@ def ray_march(
     bg = [float(v) for v in background]
     if len(bg) != N_PROPS:
         raise ValueError(f"background must have {N_PROPS} entries, got {len(bg)}")
-    if not (float(sharp) >= 1.0):
-        raise ValueError(f"sharp must be >= 1, got {sharp}")
+    k = _sharp3(sharp)
     refuse_function_transforms("medfast.ops.ray_march", props, coords)
-    return _ops.ussim_march(props, coords, noise, g, float(att), bg, int(seed), float(sharp))
+    return _ops.ussim_march(props, coords, noise, g, float(att), bg, int(seed), k)
+
+
+def _sharp3(sharp: float | Sequence[float]) -> list[float]:
+    """``sharp`` as the ops take it: one value >= 1 per voxel axis (a single value for all three)."""
+    try:
+        k = [float(v) for v in sharp]
+    except TypeError:  # (a number, or a 0-d tensor or array)
+        k = [float(sharp)] * 3
+    if len(k) != 3 or not all(v >= 1.0 for v in k):  # (also refuses NaN)
+        raise ValueError(f"sharp must be >= 1 (one value or one per voxel axis), got {sharp}")
+    return k
 
 
 @torch.library.register_fake("medfast::ussim_march_lines")
@@ -216,7 +229,8 @@ class _MarchLines(torch.autograd.Function):
 
 def march_lines(props: torch.Tensor, start: torch.Tensor, step: torch.Tensor, weights: torch.Tensor,
                 noise: torch.Tensor, grid_affine: Sequence[float], att: float, background: Sequence[float],
-                seed: int = 0, sharp: float = 1.0, volume_index: torch.Tensor | None = None) -> torch.Tensor:
+                seed: int = 0, sharp: float | Sequence[float] = 1.0,
+                volume_index: torch.Tensor | None = None) -> torch.Tensor:
     """Scanlines of E sub-rays each, summed over the sub-rays (the fused forward of the simulator).
 
     Sample i of sub-ray e of line l is at the voxel position ``start[b, l, e] + i * step[b, l]``
@@ -224,12 +238,13 @@ def march_lines(props: torch.Tensor, start: torch.Tensor, step: torch.Tensor, we
     are weighted by ``weights[e, i]`` (``(E, S, 3)``, constant) and summed over e. Returns
     ``(B, L, 3, S)`` (channel-major per line). Frame b reads volume ``volume_index[b]`` of ``props``
     (``(V, D, H, W, 5)``, an int64 ``(B,)`` index on the same device), or without an index volume 0
-    if ``V == 1``, else volume b. Arguments are not validated (internal to
+    if ``V == 1``, else volume b. ``sharp``: one value or one per voxel axis (:func:`ray_march`).
+    Arguments are not validated (internal to
     :func:`medfast.ultrasound.simulate`); props, start and step are differentiable.
     """
     g = [float(v) for v in grid_affine]
     return _MarchLines.apply(props, start, step, weights, noise, g, float(att), [float(v) for v in background],
-                             int(seed), float(sharp), volume_index)
+                             int(seed), _sharp3(sharp), volume_index)
 
 
 @torch.library.register_fake("medfast::ussim_psf")

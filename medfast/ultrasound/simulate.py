@@ -196,11 +196,11 @@ def check_meets_volume(host_pose: np.ndarray, inv_affine: np.ndarray, shape: Seq
         "the frames would be blank; check the pose's units (mm) and frame (the affine's world)")
 
 
-_AFFINES: dict[bytes, tuple[torch.Tensor, torch.Tensor, float]] = {}
+_AFFINES: dict[bytes, tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]] = {}
 
 
-def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(affine, its inverse, largest voxel size in mm), float64 on the CPU; validated once per distinct
+def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
+    """(affine, its inverse, voxel size in mm along each voxel axis), float64 on the CPU; validated once per distinct
     matrix (a training loop passes the same few affines thousands of times)."""
     key = None
     if isinstance(affine, torch.Tensor) and affine.numel() == 16 and not affine.requires_grad:
@@ -211,9 +211,11 @@ def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, float]:
     if cached is not None:
         return cached
     a = _check_affine(affine)
-    # The coarsest voxel axis sets the interface sharpening (_scanlines' sharp): with the mean, an
-    # interface across the thick axis of an anisotropic volume (thick-slice CT) gave a weaker echo.
-    info = (a, torch.linalg.inv(a), float(torch.linalg.norm(a[:3, :3], dim=0).max()))
+    # The voxel size along each voxel axis (the column norms) sets that axis' interface sharpening
+    # (_scanlines' sharp): one value for all axes left either the thick axis of an anisotropic volume
+    # (thick-slice CT) with a weak echo (the mean) or its fine axes with steps of a tenth of a sample,
+    # whose echoes snapped to the sample grid with a zero pose gradient (the largest).
+    info = (a, torch.linalg.inv(a), tuple(float(v) for v in torch.linalg.norm(a[:3, :3], dim=0)))
     if key is not None:
         if len(_AFFINES) >= 64:
             _AFFINES.clear()
@@ -587,7 +589,7 @@ def _scanlines(props: torch.Tensor, pose: torch.Tensor, affine_info, probe: Prob
     props_cl = props.permute(0, 2, 3, 4, 1).contiguous()
     if interface_mm is None:
         interface_mm = 2.0 * probe.dz_mm
-    sharp = max(1.0, voxel_mm / interface_mm)
+    sharp = [max(1.0, v / interface_mm) for v in voxel_mm]  # per voxel axis: ramps ~interface_mm wide
     w3 = _cached("elevation3", probe, E, str(dev), dt, float(scatter_cell_mm))[0 if speckle else 1]  # (E, S, 3)
     # Elevation-weighted sub-ray sum, (B, L, 3, S).
     lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, background, seed, sharp,
@@ -677,9 +679,9 @@ def simulate(
         Cell size of the world scatter grid; default half the wavelength.
     interface_mm : float, optional
         Width over which the impedance changes between two voxels (default: 2 samples). Coarser
-        volumes get their interfaces sharpened to this width (see ``ray_march``'s ``sharp``), so
-        bone and organ boundaries give full specular echoes; a value >= the voxel size turns the
-        sharpening off (plain trilinear interpolation).
+        volumes get their interfaces sharpened to this width along each voxel axis (see
+        ``ray_march``'s ``sharp``), so bone and organ boundaries give full specular echoes; along an
+        axis whose voxel size is <= this width the sharpening is off (plain trilinear interpolation).
     tgc_db_cm_mhz : float
         Time-gain compensation: gain 2 * tgc * fc * depth dB (0 turns it off).
     gain_db, dynamic_range_db : float

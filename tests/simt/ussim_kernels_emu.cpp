@@ -25,7 +25,7 @@ void launch(int64_t work, int64_t sms, const std::function<void()>& kernel) {
 
 template <typename T>
 void march(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows, uint64_t seed,
-           const double* G, double att, const double* bg, double sharp, const T* coords, int64_t B, int64_t R,
+           const double* G, double att, const double* bg, const double* sharp, const T* coords, int64_t B, int64_t R,
            int64_t S, T* out, const int64_t* vidx, int64_t sms) {
   const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   const int64_t rays = B * R;
@@ -34,7 +34,8 @@ void march(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const floa
 
 template <typename T>
 void lines(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows, uint64_t seed,
-           const double* G, double att, const double* bg, double sharp, const T* start, const T* step, const T* w,
+           const double* G, double att, const double* bg, const double* sharp, const T* start, const T* step,
+           const T* w,
            int64_t B, int64_t L, int64_t E, int64_t S, T* out, const int64_t* vidx, int64_t sms) {
   const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   const int64_t n = B * L;
@@ -46,7 +47,7 @@ void lines(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const floa
 // scatter_merged_kernel (MEDFAST_USSIM_CUDA_SCATTER=merged). gprops / gcoords null: not wanted.
 template <typename T>
 void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
-              uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* coords,
+              uint64_t seed, const double* G, double att, const double* bg, const double* sharp, const T* coords,
               const T* grad, int64_t B, int64_t R, int64_t S, T* gprops, T* gcoords, const int64_t* vidx,
               int64_t sms, int merged) {
   const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
@@ -83,7 +84,7 @@ void psf(const T* x, const T* h, const T* w, int64_t B, int64_t L, int64_t K, in
 
 #define MEDFAST_EMU_COMMON(T)                                                                                  \
   const T *vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float *table, int64_t rows, uint64_t seed, \
-      const double *G, double att, const double *bg, double sharp
+      const double *G, double att, const double *bg, const double *sharp
 #define MEDFAST_EMU_COMMON_ARGS vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp
 
 extern "C" {

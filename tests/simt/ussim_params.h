@@ -6,7 +6,8 @@
 #include "ussim/ussim.h"
 
 inline medfast::ussim::Params emu_params(int64_t V, int64_t D, int64_t H, int64_t W, int64_t S, int64_t rows,
-                                         uint64_t seed, const double* G, double att, const double* bg, double sharp,
+                                         uint64_t seed, const double* G, double att, const double* bg,
+                                         const double* sharp,
                                          const int64_t* volume_index) {
   medfast::ussim::Params P{};
   P.V = V;
@@ -20,6 +21,6 @@ inline medfast::ussim::Params emu_params(int64_t V, int64_t D, int64_t H, int64_
   for (int i = 0; i < 12; ++i) P.G[i] = G[i];
   P.att = att;
   for (int i = 0; i < medfast::ussim::kProps; ++i) P.bg[i] = bg[i];
-  P.sharp = sharp;
+  for (int a = 0; a < 3; ++a) P.sharp[a] = sharp[a];  // per voxel axis
   return P;
 }

@@ -17,7 +17,8 @@ namespace {
 
 template <typename T>
 void lines(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows, uint64_t seed,
-           const double* G, double att, const double* bg, double sharp, const T* start, const T* step, const T* w,
+           const double* G, double att, const double* bg, const double* sharp, const T* start, const T* step,
+           const T* w,
            int64_t B, int64_t L, int64_t E, int64_t S, T* out, const int64_t* vidx) {
   const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   simt::run_warp([&] { lines_warp_kernel<T>(vol, table, P, start, step, w, out, B * L, L, E); });
@@ -27,7 +28,7 @@ void lines(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const floa
 // (zeroed by the caller), as the CUDA launcher's scatter kernel does with atomics.
 template <typename T>
 void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
-              uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* coords,
+              uint64_t seed, const double* G, double att, const double* bg, const double* sharp, const T* coords,
               const T* grad, int64_t B, int64_t R, int64_t S, T* gprops, T* gcoords, const int64_t* vidx) {
   const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
   std::vector<T> gvals(gprops ? B * R * S * kProps : 0);
@@ -49,7 +50,7 @@ void backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const f
 // plain (lines_scatter_kernel) or merged (lines_scatter_merged_kernel, MEDFAST_USSIM_CUDA_SCATTER=merged).
 template <typename T>
 void lines_backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
-                    uint64_t seed, const double* G, double att, const double* bg, double sharp, const T* start,
+                    uint64_t seed, const double* G, double att, const double* bg, const double* sharp, const T* start,
                     const T* step, const T* w, const T* grad, int64_t B, int64_t L, int64_t E, int64_t S, T* gprops,
                     T* gcoords, const int64_t* vidx, int merged) {
   const Params P = emu_params(Bv, D, H, W, S, rows, seed, G, att, bg, sharp, vidx);
@@ -70,7 +71,7 @@ void lines_backward(const T* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, c
 // (B, R, S, 3) (scatter_kernel or scatter_merged_kernel). Only the geometry of Params matters (sizes,
 // sharp, volumes). Returns the number of atomic adds the kernel issued.
 template <typename T>
-int64_t scatter(T* gprops, int64_t Bv, int64_t D, int64_t H, int64_t W, double sharp, const int64_t* vidx,
+int64_t scatter(T* gprops, int64_t Bv, int64_t D, int64_t H, int64_t W, const double* sharp, const int64_t* vidx,
                 const T* start, const T* step, const T* coords, const T* gvals, int64_t B, int64_t L, int64_t E,
                 int64_t S, int merged, int64_t sms) {
   const double G[12] = {}, bg[kProps] = {};
@@ -95,7 +96,8 @@ int64_t scatter(T* gprops, int64_t Bv, int64_t D, int64_t H, int64_t W, double s
 
 extern "C" {
 void emu_lines_backward_f32(const float* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table,
-                            int64_t rows, uint64_t seed, const double* G, double att, const double* bg, double sharp,
+                            int64_t rows, uint64_t seed, const double* G, double att, const double* bg,
+                            const double* sharp,
                             const float* start, const float* step, const float* w, const float* grad, int64_t B,
                             int64_t L, int64_t E, int64_t S, float* gprops, float* gcoords, const int64_t* vidx,
                             int merged) {
@@ -103,42 +105,48 @@ void emu_lines_backward_f32(const float* vol, int64_t Bv, int64_t D, int64_t H, 
                         gprops, gcoords, vidx, merged);
 }
 void emu_lines_backward_f64(const double* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table,
-                            int64_t rows, uint64_t seed, const double* G, double att, const double* bg, double sharp,
+                            int64_t rows, uint64_t seed, const double* G, double att, const double* bg,
+                            const double* sharp,
                             const double* start, const double* step, const double* w, const double* grad, int64_t B,
                             int64_t L, int64_t E, int64_t S, double* gprops, double* gcoords, const int64_t* vidx,
                             int merged) {
   lines_backward<double>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, start, step, w, grad, B, L, E, S,
                          gprops, gcoords, vidx, merged);
 }
-int64_t emu_scatter_f32(float* gprops, int64_t Bv, int64_t D, int64_t H, int64_t W, double sharp, const int64_t* vidx,
+int64_t emu_scatter_f32(float* gprops, int64_t Bv, int64_t D, int64_t H, int64_t W, const double* sharp,
+                        const int64_t* vidx,
                         const float* start, const float* step, const float* coords, const float* gvals, int64_t B,
                         int64_t L, int64_t E, int64_t S, int merged, int64_t sms) {
   return scatter<float>(gprops, Bv, D, H, W, sharp, vidx, start, step, coords, gvals, B, L, E, S, merged, sms);
 }
-int64_t emu_scatter_f64(double* gprops, int64_t Bv, int64_t D, int64_t H, int64_t W, double sharp,
+int64_t emu_scatter_f64(double* gprops, int64_t Bv, int64_t D, int64_t H, int64_t W, const double* sharp,
                         const int64_t* vidx, const double* start, const double* step, const double* coords,
                         const double* gvals, int64_t B, int64_t L, int64_t E, int64_t S, int merged, int64_t sms) {
   return scatter<double>(gprops, Bv, D, H, W, sharp, vidx, start, step, coords, gvals, B, L, E, S, merged, sms);
 }
 void emu_lines_f32(const float* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
-                   uint64_t seed, const double* G, double att, const double* bg, double sharp, const float* start,
+                   uint64_t seed, const double* G, double att, const double* bg, const double* sharp,
+                   const float* start,
                    const float* step, const float* w, int64_t B, int64_t L, int64_t E, int64_t S, float* out, const int64_t* vidx) {
   lines<float>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, start, step, w, B, L, E, S, out, vidx);
 }
 void emu_lines_f64(const double* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
-                   uint64_t seed, const double* G, double att, const double* bg, double sharp, const double* start,
+                   uint64_t seed, const double* G, double att, const double* bg, const double* sharp,
+                   const double* start,
                    const double* step, const double* w, int64_t B, int64_t L, int64_t E, int64_t S, double* out, const int64_t* vidx) {
   lines<double>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, start, step, w, B, L, E, S, out, vidx);
 }
 void emu_backward_f32(const float* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table, int64_t rows,
-                      uint64_t seed, const double* G, double att, const double* bg, double sharp, const float* coords,
+                      uint64_t seed, const double* G, double att, const double* bg, const double* sharp,
+                      const float* coords,
                       const float* grad, int64_t B, int64_t R, int64_t S, float* gprops, float* gcoords, const int64_t* vidx) {
   backward<float>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, coords, grad, B, R, S, gprops, gcoords, vidx);
 }
 void emu_backward_f64(const double* vol, int64_t Bv, int64_t D, int64_t H, int64_t W, const float* table,
-                      int64_t rows, uint64_t seed, const double* G, double att, const double* bg, double sharp,
+                      int64_t rows, uint64_t seed, const double* G, double att, const double* bg, const double* sharp,
                       const double* coords, const double* grad, int64_t B, int64_t R, int64_t S, double* gprops,
                       double* gcoords, const int64_t* vidx) {
-  backward<double>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, coords, grad, B, R, S, gprops, gcoords, vidx);
+  backward<double>(vol, Bv, D, H, W, table, rows, seed, G, att, bg, sharp, coords, grad, B, R, S, gprops, gcoords,
+  vidx);
 }
 }
