@@ -239,8 +239,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         description=(
             "Runs every benchmark suite (each op family against its peers, and the training steps), each in its "
             "own process, and writes bench_<device>_<host>_<date>.{json,md,png} and bench_<device>_latest.* with "
-            "the medfast/peer speed ratios and peak memory. Suites missing a library they need are skipped; "
-            "--replot JSON renders a report's Markdown and chart again."
+            "the medfast/peer speed ratios and peak memory. Suites missing a library they need are skipped (a "
+            "missing optional peer is reported as its own row, see --list); --replot JSON renders a report's "
+            "Markdown and chart again."
         ),
     )
     add_arguments(p)

@@ -341,7 +341,9 @@ def _save_ddf(nifti: Any, ddf: np.ndarray, path: Path) -> None:
     """Saves a ``(3, D, H, W)`` voxel displacement as a 5D ``(D, H, W, 1, 3)`` NIfTI vector image."""
     data = np.moveaxis(ddf, 0, -1)[:, :, :, None, :]
     img = _like(nifti, data, "medfast ddf (i,j,k,1,3): voxels, component c along array axis c")
-    img.header.set_intent("displacement vector", name="ddf_voxels")
+    # intent "vector", not "displacement vector": ITK reads the latter as an LPS displacement in mm, and these are
+    # voxels along the array axes (medfast register's ddf.nii.gz is the ITK-convention one)
+    img.header.set_intent("vector", name="ddf_voxels")
     img.to_filename(path)
 
 
@@ -471,7 +473,7 @@ def run_warp_demo(
     Parameters
     ----------
     out_dir : str or Path
-        Folder for ``warped_linear.nii.gz``, ``warped_cubic.nii.gz``, ``ddf.nii.gz`` (5D
+        Folder for ``warped_linear.nii.gz``, ``warped_cubic.nii.gz``, ``ddf_voxels.nii.gz`` (5D
         ``(D, H, W, 1, 3)`` displacement in voxels), ``warp_demo.png`` and ``demo.json``; created
         if needed.
     device : {"auto", "cpu", "cuda"}
@@ -549,7 +551,7 @@ def run_warp_demo(
     paths = {
         "warped_linear": out / "warped_linear.nii.gz",
         "warped_cubic": out / "warped_cubic.nii.gz",
-        "ddf": out / "ddf.nii.gz",
+        "ddf": out / "ddf_voxels.nii.gz",
         "figure": out / "warp_demo.png",
         "json": out / "demo.json",
     }

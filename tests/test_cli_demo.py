@@ -15,7 +15,7 @@ import torch
 import medfast
 from medfast import cli, demo
 
-OUTPUTS = ("warped_linear.nii.gz", "warped_cubic.nii.gz", "ddf.nii.gz", "warp_demo.png", "demo.json")
+OUTPUTS = ("warped_linear.nii.gz", "warped_cubic.nii.gz", "ddf_voxels.nii.gz", "warp_demo.png", "demo.json")
 NO_NILEARN = importlib.util.find_spec("nilearn") is None
 
 
@@ -103,10 +103,10 @@ def _check_outputs(out_dir: Path, shape: tuple[int, ...], affine: np.ndarray) ->
         assert img.shape == shape
         np.testing.assert_allclose(img.affine, affine, atol=1e-5)
         assert np.isfinite(img.get_fdata()).all()
-    ddf = nib.load(out_dir / "ddf.nii.gz")
+    ddf = nib.load(out_dir / "ddf_voxels.nii.gz")
     assert ddf.shape == (*shape, 1, 3)
     np.testing.assert_allclose(ddf.affine, affine, atol=1e-5)
-    assert ddf.header.get_intent()[0] == "displacement vector"
+    assert ddf.header.get_intent()[:3:2] == ("vector", "ddf_voxels")  # not ITK's mm displacement intent
     return json.loads((out_dir / "demo.json").read_text())
 
 
@@ -141,7 +141,7 @@ def test_demo_tiny_deformation_keeps_the_input(synthetic_nifti, tmp_path):
     demo.run_warp_demo(tmp_path, device="cpu", magnitude=1e-4, repeats=1, image_path=path, verbose=False)
     warped = nib.load(tmp_path / "warped_linear.nii.gz").get_fdata()
     np.testing.assert_allclose(warped, data, atol=1e-3 * np.abs(data).max())
-    ddf = nib.load(tmp_path / "ddf.nii.gz").get_fdata()
+    ddf = nib.load(tmp_path / "ddf_voxels.nii.gz").get_fdata()
     assert 0 < np.abs(ddf).max() <= 1.05e-4
 
 

@@ -119,7 +119,7 @@ def test_nnunet_dataset_folder_names_are_found(tmp_path):
     assert labels == [str(root / "labelsTr" / f"{c}.nii.gz") for c in "ab"]
     _nnunet_folder(root, cases=("z",), channels=2)  # images/ + labels/ beside them: the medfast layout is used
     assert find_pairs(root)[1] == [str(root / "labels" / "z.nii.gz")]
-    with pytest.raises(DatasetError, match="images"):
+    with pytest.raises(DatasetError, match=r"missing/images.*imagesTr/ \+ labelsTr/"):  # both layouts named
         find_pairs(tmp_path / "missing")
 
 

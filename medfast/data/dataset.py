@@ -140,7 +140,8 @@ def find_pairs(root: str | Path, images: str = "images",
         images, labels = "imagesTr", "labelsTr"  # an nnU-Net dataset folder (Dataset001_X/imagesTr, labelsTr)
     img_dir, lab_dir = root / images, root / labels
     if not img_dir.is_dir():
-        raise DatasetError(f"image folder not found: {img_dir} (expected {root}/{images}/*.nii.gz)")
+        nnunet = " or imagesTr/ + labelsTr/, nnU-Net's" if images == "images" else ""
+        raise DatasetError(f"image folder not found: {img_dir} (expected {root}/{images}/*.nii.gz{nnunet})")
     files = sorted(p for p in img_dir.iterdir() if p.name.endswith(_SUFFIXES))
     if not files:
         raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in {img_dir}")

@@ -1088,9 +1088,10 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
                    help="output folder: warped.nii.gz (the fixed file's layout and affine), ddf.nii.gz "
                         "(displacement in mm, ITK's convention: LPS components, moving point = fixed point + ddf; "
                         "3D (X, Y, Z, 1, 3); a 2D image (X, Y, 1, 1, 2) in-plane, LPS x, y for an axial one; a "
-                        "slice stored (X, 1, Z) or (1, Y, Z) 3 world components; nibabel/RAS users: multiply by "
-                        "[-1, -1, 1]), affine.txt (4x4 RAS mm, fixed point -> moving point), affine.tfm (the same "
-                        "for ITK), metrics.json, overlay.png (default: %(default)s)")
+                        "slice stored (X, 1, Z) or (1, Y, Z) 3 world components; nibabel/RAS users: multiply 3 "
+                        "components by [-1, -1, 1], 2D in-plane ones by [-1, -1]), affine.txt (4x4 RAS mm, fixed "
+                        "point -> moving point), affine.tfm (the same for ITK), metrics.json, overlay.png "
+                        "(default: %(default)s)")
     p.add_argument("--model", help="trained LocalNet/GlobalNet checkpoint: one forward pass instead of optimization")
     p.add_argument("--demo", action="store_true",
                    help="Colin27 (ch2bet) -> MNI152 T1 with a random affine; tissue-overlap report")

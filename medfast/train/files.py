@@ -121,7 +121,14 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
         raise DatasetError(f"no training data for the {task} task: set data.root, data.train_images "
                            f"(+ train_labels) or data.dataset")
     if need_labels and not labels:
-        raise DatasetError(f"the {task} task needs label maps (data.train_labels or a labels/ folder)")
+        where = ""
+        if d.root is not None and not list(d.train_images):  # the folder find_pairs looked in
+            from pathlib import Path
+
+            tr = not (Path(d.root) / "images").is_dir() and (Path(d.root) / "imagesTr").is_dir()
+            where = f": {Path(d.root) / ('labelsTr' if tr else 'labels')} is missing"
+        raise DatasetError(f"the {task} task needs label maps (data.train_labels or a labels/ folder, labelsTr/ "
+                           f"beside imagesTr/){where}")
     if labels and len(labels) != len(images):
         raise DatasetError(f"{len(images)} training images but {len(labels)} label maps (data.train_labels "
                            f"must give one label map per image, or none)")
