@@ -1,4 +1,5 @@
-"""``medfast simulate``: B-mode frames along a freehand sweep over a CT (NIfTI or InVesalius .inv3).
+"""``medfast simulate``: B-mode frames along a freehand sweep over a CT (NIfTI or InVesalius .inv3), or along
+tracked probe poses read from a file (``--poses``, see :func:`medfast.ultrasound.read_poses`).
 
 Writes ``frames/frame_###.png``, ``frames.nii.gz`` (the stack: pixel spacing in mm and the probe-frame lateral and
 depth of the first pixel in the header),
@@ -24,6 +25,31 @@ CRANIUM_START = (122.5, 38.0, 60.0)  # world mm: under the vertex of the package
 
 class SimulateError(RuntimeError):
     """An expected problem (missing data, bad sweep) reported without a traceback."""
+
+
+# The flags that shape the generated sweep: --poses replaces them all (frames in file order).
+SWEEP_FLAGS = ("--start", "--centre", "--direction", "--lateral", "--travel", "--tilt", "--frames")
+POSE_FLAGS = ("--pose-units", "--calibration", "--pose-transform", "--invert-poses")
+
+
+class _SweepFlag(argparse.Action):
+    """Stores the value; refuses it after --poses (argparse's mutually exclusive groups cannot say "--poses
+    excludes each of these" without excluding them from one another)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "poses", None) is not None:
+            raise argparse.ArgumentError(self, "not allowed with argument --poses (the poses file sets the frames)")
+        namespace.sweep_flags_given = [*getattr(namespace, "sweep_flags_given", []), option_string]
+        setattr(namespace, self.dest, values)
+
+
+class _PosesFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "sweep_flags_given", [])
+        if given:
+            raise argparse.ArgumentError(self, f"not allowed with argument{'s' if len(given) > 1 else ''} "
+                                               f"{', '.join(dict.fromkeys(given))} (the poses file sets the frames)")
+        setattr(namespace, self.dest, values)
 
 
 def _vec3(text: str) -> tuple[float, float, float]:
@@ -78,8 +104,27 @@ def plane_slice(ct: torch.Tensor, affine: np.ndarray, pose: torch.Tensor, probe,
     return out[:, 0, 0]
 
 
+def _file_poses(args: argparse.Namespace) -> torch.Tensor:
+    """The poses of --poses, one line naming the file and the line / frame on a bad one."""
+    import warnings
+
+    from medfast.ultrasound import read_poses
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # skipped PLUS frames: one plain line, not a warning
+            warnings.simplefilter("always")
+            poses = read_poses(args.poses, units=args.pose_units or "mm", calibration=args.calibration,
+                               invert=bool(args.invert_poses), transform=args.pose_transform)
+    except (ValueError, FileNotFoundError) as exc:
+        flag = "--calibration" if args.calibration and str(args.calibration) in str(exc).split(":")[0] else "--poses"
+        raise SimulateError(f"{flag}: {exc}") from None
+    for w in caught:
+        print(f"medfast simulate: {w.message}", file=sys.stderr)
+    return poses
+
+
 def run_simulate(args: argparse.Namespace) -> dict:
-    from medfast.ultrasound import Probe, freehand_sweep, hu_to_properties, look_at, simulate
+    from medfast.ultrasound import Probe, hu_to_properties, simulate
     from medfast.ultrasound.io import INSTALL_HINT, INVESALIUS_CRANIUM, read_volume
     from medfast.ultrasound.simulate import check_meets_volume
 
@@ -106,32 +151,18 @@ def run_simulate(args: argparse.Namespace) -> dict:
     except ValueError as exc:
         raise SimulateError(str(exc)) from None
 
-    if args.centre is not None:
-        centre = np.asarray(args.centre, dtype=float)
+    if getattr(args, "poses", None) is not None:
+        poses = _file_poses(args)
+        args.frames = len(poses)
+        where = f"read from --poses {args.poses}"
     else:
-        centre = affine[:3, :3] @ ((np.array(vol.shape) - 1) / 2) + affine[:3, 3]
-    direction = np.asarray(args.direction, dtype=float)
-    if args.start is None and args.centre is None and args.volume is None:
-        # Packaged head CT: an intraoperative view (probe on the brain surface after a craniotomy,
-        # the commonest use of ultrasound inside the skull), sweeping front to back over the ventricles.
-        args.start = CRANIUM_START
-    if args.start is not None:
-        start = np.asarray(args.start, dtype=float)
-    else:
-        # On the skin, half a voxel inside it: a probe in air (even 1 mm of it) reflects everything and images
-        # nothing (the ray sees air up to the first tissue voxel, trilinear between the two)
-        d = direction / np.linalg.norm(direction)
-        half_voxel = 0.5 / np.linalg.norm(np.linalg.solve(affine[:3, :3], d))
-        start = skin_entry(vol, affine, centre, direction) + half_voxel * d
-        start = start - 0.5 * np.asarray(args.travel, dtype=float)
-    pose0 = look_at(start, direction, args.lateral)
-    poses = freehand_sweep(pose0, args.travel, args.frames, tilt_deg=args.tilt, rock_deg=args.tilt,
-                           twist_deg=args.tilt * 0.75, seed=args.seed)
+        poses = _sweep(args, vol, affine)
+        where = "set by --start / --centre, --direction and --travel"
 
     try:  # the whole sweep, once: simulate() checks each batch alone (a batch off the volume is legal here)
         check_meets_volume(poses.double().numpy(), np.linalg.inv(affine), vol.shape, probe)
     except ValueError as exc:
-        raise SimulateError(f"{exc} (set by --start / --centre, --direction and --travel)") from None
+        raise SimulateError(f"{exc} ({where})") from None
     vol_shape = list(vol.shape)
     # no copy of a float32 volume (a scaled NIfTI), and none of a float64 one kept beside its float32 copy
     ct = torch.from_numpy(np.asarray(vol, dtype=np.float32))[None, None].to(device)
@@ -168,6 +199,10 @@ def run_simulate(args: argparse.Namespace) -> dict:
         "frames_per_second": args.frames / elapsed,
         "poses": poses.tolist(),
     }
+    if getattr(args, "poses", None) is not None:
+        summary.update(poses_file=str(args.poses), pose_units=args.pose_units or "mm",
+                       calibration=None if args.calibration is None else str(args.calibration),
+                       invert_poses=bool(args.invert_poses), pose_transform=args.pose_transform)
     try:
         _write_frames(out, bmode, px, res.extent_mm)
         _figure(ct, affine, poses, probe, bmode, px, out / "figure.png", n=min(4, args.frames))
@@ -175,6 +210,33 @@ def run_simulate(args: argparse.Namespace) -> dict:
     except OSError as exc:  # a full disk, no permission, a file where a folder goes: one line naming --out
         raise SimulateError(f"cannot write the results to --out {out}: {exc}") from None
     return summary
+
+
+def _sweep(args: argparse.Namespace, vol: np.ndarray, affine: np.ndarray) -> torch.Tensor:
+    """The generated freehand sweep of --start / --centre / --direction / --lateral / --travel / --tilt / --frames."""
+    from medfast.ultrasound import freehand_sweep, look_at
+
+    if args.centre is not None:
+        centre = np.asarray(args.centre, dtype=float)
+    else:
+        centre = affine[:3, :3] @ ((np.array(vol.shape) - 1) / 2) + affine[:3, 3]
+    direction = np.asarray(args.direction, dtype=float)
+    if args.start is None and args.centre is None and args.volume is None:
+        # Packaged head CT: an intraoperative view (probe on the brain surface after a craniotomy,
+        # the commonest use of ultrasound inside the skull), sweeping front to back over the ventricles.
+        args.start = CRANIUM_START
+    if args.start is not None:
+        start = np.asarray(args.start, dtype=float)
+    else:
+        # On the skin, half a voxel inside it: a probe in air (even 1 mm of it) reflects everything and images
+        # nothing (the ray sees air up to the first tissue voxel, trilinear between the two)
+        d = direction / np.linalg.norm(direction)
+        half_voxel = 0.5 / np.linalg.norm(np.linalg.solve(affine[:3, :3], d))
+        start = skin_entry(vol, affine, centre, direction) + half_voxel * d
+        start = start - 0.5 * np.asarray(args.travel, dtype=float)
+    pose0 = look_at(start, direction, args.lateral)
+    return freehand_sweep(pose0, args.travel, args.frames, tilt_deg=args.tilt, rock_deg=args.tilt,
+                          twist_deg=args.tilt * 0.75, seed=args.seed)
 
 
 def _write_frames(out: Path, bmode: np.ndarray, px: float, extent_mm: tuple[float, float, float, float]) -> None:
@@ -227,8 +289,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="simulate ultrasound B-mode frames along a freehand sweep over a CT",
         description=(
             "Simulates B-mode ultrasound frames from a CT (NIfTI in HU, or an InVesalius .inv3; default: the "
-            "packaged InVesalius head CT) along a smooth freehand sweep, and writes PNG frames, a NIfTI "
-            "stack, a CT-vs-ultrasound figure and simulate.json."
+            "packaged InVesalius head CT) along a smooth freehand sweep, or along tracked probe poses from a file "
+            "(--poses), and writes PNG frames, a NIfTI stack, a CT-vs-ultrasound figure and simulate.json."
         ),
     )
     p.add_argument("volume", nargs="?", default=None, help="CT volume (.nii/.nii.gz in HU or .inv3)")
@@ -237,22 +299,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lines", type=int, default=256, help="scanlines (default: %(default)s)")
     p.add_argument("--samples", type=int, default=1024, help="samples per line (default: %(default)s)")
     p.add_argument("--depth", type=float, default=None, help="imaging depth in mm (default: the preset's)")
-    p.add_argument("--frames", type=int, default=16, help="frames of the sweep (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=16, action=_SweepFlag,
+                   help="frames of the sweep (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="frames simulated per call (default: %(default)s)")
-    p.add_argument("--start", type=_vec3, default=None, metavar="X,Y,Z",
+    p.add_argument("--start", type=_vec3, default=None, metavar="X,Y,Z", action=_SweepFlag,
                    help="world position (mm) of the first frame's array centre (default: on the skin, "
                         "half the travel before --centre; for the packaged head CT: inside the skull under the "
                         f"vertex, {CRANIUM_START})")
-    p.add_argument("--centre", type=_vec3, default=None, metavar="X,Y,Z",
+    p.add_argument("--centre", type=_vec3, default=None, metavar="X,Y,Z", action=_SweepFlag,
                    help="world point (mm) the middle frame's beam passes through; the probe is put on the skin "
                         "before it (default: the volume centre)")
-    p.add_argument("--direction", type=_vec3, default=(0.0, 1.0, 0.0), metavar="X,Y,Z",
+    p.add_argument("--direction", type=_vec3, default=(0.0, 1.0, 0.0), metavar="X,Y,Z", action=_SweepFlag,
                    help="beam direction in world (default: %(default)s)")
-    p.add_argument("--lateral", type=_vec3, default=(1.0, 0.0, 0.0), metavar="X,Y,Z",
+    p.add_argument("--lateral", type=_vec3, default=(1.0, 0.0, 0.0), metavar="X,Y,Z", action=_SweepFlag,
                    help="lateral (array) direction in world (default: %(default)s)")
-    p.add_argument("--travel", type=_vec3, default=(0.0, 0.0, 30.0), metavar="DX,DY,DZ",
+    p.add_argument("--travel", type=_vec3, default=(0.0, 0.0, 30.0), metavar="DX,DY,DZ", action=_SweepFlag,
                    help="displacement of the probe over the sweep, mm (default: %(default)s)")
-    p.add_argument("--tilt", type=float, default=4.0, help="largest tilt/rock angle in degrees (default: 4)")
+    p.add_argument("--tilt", type=float, default=4.0, action=_SweepFlag,
+                   help="largest tilt/rock angle in degrees (default: 4)")
+    g = p.add_argument_group(
+        "tracked poses", "simulate along probe poses read from a file instead of the generated sweep (not with "
+        f"{', '.join(SWEEP_FLAGS)}); see medfast.ultrasound.read_poses")
+    g.add_argument("--poses", default=None, metavar="FILE", action=_PosesFlag,
+                   help="probe-to-world poses, frames in file order: .npy/.npz (B, 4, 4), CSV/TXT of 16 (or 12) "
+                        "numbers a row or with x,y,z,qw,qx,qy,qz columns named in a header, or a PLUS/IGSIO "
+                        "sequence (.mha/.mhd/.seq.mha, header only)")
+    g.add_argument("--pose-units", choices=("mm", "cm", "m"), default=None,
+                   help="units of the poses' translations (default: mm)")
+    g.add_argument("--calibration", default=None, metavar="FILE",
+                   help="rigid probe-to-sensor calibration (one 4x4 in mm, .npy/.txt/.csv), applied on the right: "
+                        "pose = sensor_to_world @ calibration")
+    g.add_argument("--pose-transform", default=None, metavar="NAME",
+                   help="PLUS/IGSIO files: the transform to read, e.g. ProbeToTracker (default: ProbeToReference, "
+                        "else ProbeToTracker, else the first *ToReference / *ToTracker)")
+    g.add_argument("--invert-poses", action="store_true",
+                   help="the file holds world-to-sensor transforms: invert each")
     p.add_argument("--gain", type=float, default=0.0, help="gain in dB (default: 0)")
     p.add_argument("--dynamic-range", type=float, default=60.0, help="dynamic range in dB (default: 60)")
     p.add_argument("--pixel", type=float, default=None, help="pixel size of the images in mm")
@@ -271,6 +352,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
                                   ("--tilt", args.tilt, False)):
         if value is not None and not (math.isfinite(value) and (value > 0 or not positive)):
             raise SimulateError(f"{flag} must be a {'positive ' if positive else ''}finite number, got {value}")
+    if getattr(args, "poses", None) is None:
+        for flag in POSE_FLAGS:
+            if getattr(args, flag[2:].replace("-", "_"), None) not in (None, False):
+                raise SimulateError(f"{flag} needs --poses FILE")
     for flag, vec in (("--direction", args.direction), ("--lateral", args.lateral)):
         if not any(vec):
             raise SimulateError(f"{flag} must not be zero")
