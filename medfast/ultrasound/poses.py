@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medfast.ultrasound.simulate import RIGID_TOL  # the tolerance simulate() applies
+
 __all__ = ["read_poses"]
 
 FORMATS = ("npy", "npz", "text", "plus")
 UNITS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
-RIGID_TOL = 1e-3  # the tolerance simulate() applies: trackers print 4-6 decimals
 _SPLIT = re.compile(r"[,;\s]+")
 _PLUS_SUFFIXES = (".mha", ".mhd", ".seq", ".igs")
 

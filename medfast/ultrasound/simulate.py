@@ -116,6 +116,10 @@ def _check_probe(probe: Probe | str) -> Probe:
     return probe
 
 
+#: how far a pose's 3x3 part may be from a rotation (trackers print 4-6 decimals); read_poses applies it too
+RIGID_TOL = 1e-3
+
+
 def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
     """The pose on ``device`` in ``dtype``, and the float64 host copy its checks read."""
     if not isinstance(pose, torch.Tensor):
@@ -138,7 +142,7 @@ def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> tuple
         raise ValueError("pose must be affine: its last row must be (0, 0, 0, 1)")
     # Rigid: a scale would image another depth than the probe's, a shear or a mirror another geometry.
     rot = host[:, :3, :3]
-    if np.abs(rot.transpose(0, 2, 1) @ rot - np.eye(3)).max() > 1e-3 or (np.linalg.det(rot) < 0).any():
+    if np.abs(rot.transpose(0, 2, 1) @ rot - np.eye(3)).max() > RIGID_TOL or (np.linalg.det(rot) < 0).any():
         raise ValueError("pose must be rigid: its 3x3 part must be a rotation (orthonormal columns, determinant +1)")
     return plain(pose).to(device=device, dtype=dtype, non_blocking=True), host
 
