@@ -9,6 +9,7 @@ from monai.losses import DiceCELoss as MonaiDiceCE
 from monai.losses import DiceLoss as MonaiDice
 from monai.losses import GlobalMutualInformationLoss as MonaiMI
 
+import medfast as mf
 from medfast.losses import (
     BendingEnergyLoss,
     DiceCELoss,
@@ -266,3 +267,15 @@ def test_regularizer_normalize_numpy_bool():
     ddf = torch.randn(1, 3, 6, 6, 6)
     assert bending_energy(ddf, normalize=np.True_) == bending_energy(ddf, normalize=True)
     assert BendingEnergyLoss(normalize=np.False_).normalize is False
+
+
+def test_class_weight_list_of_python_floats_keeps_float64():
+    # a list of Python floats is float64: the functional op must not round it to float32 first (the modules don't)
+    torch.manual_seed(0)
+    z = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (1, 4, 4))
+    w = [0.1, 0.7, 1.0 / 3.0]
+    wt = torch.tensor(w, dtype=torch.float64)
+    assert mf.dice_loss(z, y, class_weight=w).item() == mf.dice_loss(z, y, class_weight=wt).item()
+    ref = torch.nn.functional.cross_entropy(z, y, weight=wt)
+    torch.testing.assert_close(mf.cross_entropy(z, y, class_weight=w), ref, rtol=1e-14, atol=0)

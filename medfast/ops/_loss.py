@@ -211,6 +211,9 @@ def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype
             # drop the gradients of those that require grad
             dev = next(v.device for v in class_weight if isinstance(v, torch.Tensor))
             w = torch.stack([torch.as_tensor(v, device=dev).reshape(()) for v in class_weight])
+        elif isinstance(class_weight, (list, tuple)):
+            # Python floats are float64: as_tensor would round them to float32 before the cast to a float64 loss
+            w = torch.as_tensor(class_weight, dtype=torch.float64).flatten()
         else:
             w = torch.as_tensor(class_weight).flatten()  # stays where it is given
     except (TypeError, ValueError, RuntimeError):

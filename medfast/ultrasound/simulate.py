@@ -374,6 +374,18 @@ def elevation_offsets(probe: Probe, sub_rays: int) -> torch.Tensor:
     return torch.linspace(-half, half, sub_rays, dtype=torch.float64)
 
 
+def slice_sub_rays(probe: Probe, scatter_cell_mm: float | None = None) -> int:
+    """The ``sub_rays`` of ``simulate(..., sub_rays="slice")``: the fewest rays (odd: one on the axis) whose
+    spacing across the element height, ``elevation_mm / E``, is at most 2/3 of a scatter cell (default half a
+    wavelength). The scatter field is correlated over ~0.63 cell, so the sum over the rays then integrates it
+    across the elevation beam: the speckle decorrelates over the slice thickness, as a real slice's does. (At
+    one cell the speckle power fell 1.8 dB below the scatter power on a probe aligned with the scatter grid,
+    all rays at one phase of their cells; at 2/3 cell it stays within 0.25 dB.)"""
+    cell = probe.wavelength_mm / 2 if scatter_cell_mm is None else float(scatter_cell_mm)
+    e = max(1, math.ceil(1.5 * probe.elevation_mm / cell - 1e-9))
+    return e + 1 - e % 2
+
+
 def probe_points(probe: Probe, sub_rays: int, device=None) -> torch.Tensor:
     """``(L, E, S, 3)`` probe-frame positions (mm, float64) of every sample of every sub-ray."""
     origin, direction = probe.line_geometry(dtype=torch.float64)
@@ -629,7 +641,7 @@ def simulate(
     probe: Probe | str,
     *,
     seed: int = 0,
-    sub_rays: int = 3,
+    sub_rays: int | str = 3,
     speckle: bool = True,
     scatter_cell_mm: float | None = None,
     interface_mm: float | None = None,
@@ -673,10 +685,18 @@ def simulate(
         Probe and imaging settings, or a preset name (``Probe.presets()``).
     seed : int
         Seed of the world-anchored scatterer field (same seed, same speckle at the same world place).
-    sub_rays : int
+    sub_rays : int or "slice"
         Rays across the elevation slice per scanline (>= 1), at fixed offsets across the element
         height: a point reflector between two of them is missed; use more for point targets and
-        thin structures across the slice (docs/ultrasound.md).
+        thin structures across the slice (docs/ultrasound.md). Each ray reads the scatter field on
+        one line, so with few rays the speckle decorrelates across the slice over about one scatter
+        cell (0.1-0.3 mm), not over the slice thickness: poses 0.3 mm apart in elevation see
+        independent speckle. ``"slice"``: rays at most 2/3 scatter cell apart across the element
+        height (``ceil(1.5 elevation_mm / scatter_cell_mm)``, made odd: 95 for C5-2v, 75 for L11-5v), so
+        the speckle decorrelates across the slice as the Gaussian elevation beam's (intensity
+        correlation ``exp(-d^2 / (2 s^2))``, ``s`` = slice FWHM / 2.355, where the slice is no wider
+        than the element height) for tracked-sweep / speckle-decorrelation work, at about ``E / 3`` times
+        the march cost of the default (docs/ultrasound.md, Speed).
     speckle : bool
         False: scatterers of deterministic unit phase and amplitude (a speckle-free tissue map).
     scatter_cell_mm : float, optional
@@ -706,7 +726,9 @@ def simulate(
         ``affine`` (for example tissue-parameter variants of one anatomy, or the frames of a 4D
         volume), and any number of poses may image each, all in one call (one kernel launch instead of
         one per volume). Checked on the host: a GPU tensor is copied to the CPU first (a device sync),
-        so pass a list or a CPU tensor. The speckle is that of ``seed`` in every volume.
+        so pass a list or a CPU tensor. The speckle is that of ``seed`` in every volume, anchored in the
+        world: over the frames of a moving 4D volume the tissue moves and its speckle does not (no
+        speckle tracking or elastography: those need scatterers that move with the tissue).
     scan_convert : bool
         False: skip the scan conversion (``bmode`` is None) for callers that resample ``lines_db``
         themselves (the classification renderer does, to its own image grid).
@@ -737,12 +759,13 @@ def simulate(
     return_lines = check_bool("return_lines", return_lines)
     scan_convert = check_bool("scan_convert", scan_convert)
     # NumPy scalars and 0-d tensors as the Python numbers they hold (docs/api/interop.md)
-    seed, sub_rays, max_bytes = py_scalar(seed), py_scalar(sub_rays), py_scalar(max_bytes)
+    seed, max_bytes = py_scalar(seed), py_scalar(max_bytes)
+    sub_rays = sub_rays if isinstance(sub_rays, str) else py_scalar(sub_rays)
     scatter_cell_mm, interface_mm, pixel_mm = py_scalar(scatter_cell_mm), py_scalar(interface_mm), py_scalar(pixel_mm)
     tgc_db_cm_mhz, gain_db, dynamic_range_db = py_scalar(tgc_db_cm_mhz), py_scalar(gain_db), py_scalar(dynamic_range_db)
-    if not isinstance(sub_rays, numbers.Integral) or isinstance(sub_rays, bool) or sub_rays < 1:
-        raise ValueError(f"sub_rays must be an int >= 1, got {sub_rays!r}")
-    sub_rays = int(sub_rays)
+    if sub_rays != "slice" and (not isinstance(sub_rays, numbers.Integral) or isinstance(sub_rays, bool)
+                                or sub_rays < 1):
+        raise ValueError(f"sub_rays must be an int >= 1 or 'slice', got {sub_rays!r}")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed must be an int (64-bit), got {seed!r}")
     seed = int(seed)
@@ -760,6 +783,9 @@ def simulate(
         bg = [float(v) for v in background]
     except (TypeError, ValueError):
         raise ValueError(f"background must be {N_PROPS} numbers {PROP_NAMES}, got {background!r}") from None
+    if sub_rays == "slice":
+        sub_rays = slice_sub_rays(probe, scatter_cell_mm)
+    sub_rays = int(sub_rays)
     if len(bg) != N_PROPS or not all(math.isfinite(v) for v in bg):
         raise ValueError(f"background must be {N_PROPS} finite numbers {PROP_NAMES}, got {background!r}")
     if not (bg[0] > 0 and bg[1] >= 0 and bg[2] >= 0):  # reflection coefficients need a positive impedance
