@@ -86,7 +86,8 @@ def load_volume(path: str | Path) -> tuple[torch.Tensor, Any, tuple[float, float
     Parameters
     ----------
     path : str or Path
-        Any NIfTI readable by nibabel; a trailing singleton 4th dimension is dropped.
+        Any NIfTI readable by nibabel, of real voxels (RGB and complex ones raise :class:`DemoError` naming
+        the file); a trailing singleton 4th dimension is dropped.
 
     Returns
     -------
@@ -103,6 +104,11 @@ def load_volume(path: str | Path) -> tuple[torch.Tensor, Any, tuple[float, float
     if not path.is_file():
         raise DemoError(f"no such image: {path}")
     nifti = nib.load(path)
+    from medfast.data.io import unsupported_voxels
+
+    problem = unsupported_voxels(nifti.get_data_dtype())  # RGB: numpy's error; complex: the real part, silently
+    if problem:
+        raise DemoError(f"{path} {problem}")
     shape = nifti.shape
     if len(shape) == 4 and shape[3] == 1:
         nifti = nifti.slicer[..., 0]
@@ -344,6 +350,7 @@ def _save_ddf(nifti: Any, ddf: np.ndarray, path: Path) -> None:
     # intent "vector", not "displacement vector": ITK reads the latter as an LPS displacement in mm, and these are
     # voxels along the array axes (medfast register's ddf.nii.gz is the ITK-convention one)
     img.header.set_intent("vector", name="ddf_voxels")
+    img.header["cal_min"] = img.header["cal_max"] = 0.0  # the input's display window is not one for voxel shifts
     img.to_filename(path)
 
 

@@ -92,6 +92,32 @@ def test_bad_files_name_the_file(tmp_path):
         read_image(nan)
 
 
+def test_rgb_nifti_reads_as_the_png_and_complex_is_refused(tmp_path):
+    """An RGB24 NIfTI is 3 channels in [0, 1], as the same pixels in an 8-bit RGB PNG (PIL) read (numpy's
+    DTypePromotionError before); a colour folder mixing PNG and RGB NIfTI has one channel count. Complex voxels
+    are refused naming the file (their imaginary part was silently dropped)."""
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("PIL")
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 7, 3), dtype=np.uint8)
+    png = read_image(_png(tmp_path / "c" / "a.png", rgb))
+    vox = np.zeros((10, 7), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for k, c in enumerate("RGB"):
+        vox[c] = rgb[..., k]
+    nib.save(nib.Nifti1Image(vox, np.eye(4)), str(tmp_path / "c" / "b.nii.gz"))
+    assert nib.load(str(tmp_path / "c" / "b.nii.gz")).header["datatype"] == 128  # NIfTI RGB24
+    got = read_image(tmp_path / "c" / "b.nii.gz")
+    assert got.shape == (3, 10, 7) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, png)
+    np.testing.assert_array_equal(got, np.moveaxis(rgb, -1, 0) / np.float32(255))
+    _png(tmp_path / "g" / "c.png", rgb)
+    assert ImageFolderDataset(tmp_path).num_channels == 3
+    assert ImageFolderDataset(tmp_path, channels=1)[1]["image"].shape == (1, 10, 7)
+    z = (np.ones((8, 8, 1)) * (3 + 4j)).astype(np.complex64)
+    nib.save(nib.Nifti1Image(z, np.eye(4)), str(tmp_path / "cx.nii.gz"))
+    with pytest.raises(DatasetError, match=r"cx.nii.gz: holds complex voxels \(complex64\)"):
+        read_image(tmp_path / "cx.nii.gz")
+
+
 def test_class_subfolders(tmp_path):
     pytest.importorskip("PIL")
     rng = np.random.default_rng(0)

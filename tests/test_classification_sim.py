@@ -202,6 +202,19 @@ def test_render_normalize_and_validation(tmp_path):
     assert custom.planes == ["coronal", "oblique"]
 
 
+@pytest.mark.parametrize("kind", ["complex", "rgb"])
+def test_complex_and_rgb_volumes_are_refused_naming_the_file(tmp_path, kind):
+    """A brain volume of complex voxels lost its imaginary part silently; an RGB one gave numpy's error."""
+    nib = pytest.importorskip("nibabel")
+    if kind == "complex":
+        data = np.ones((12, 12, 12), np.complex64) * (3 + 4j)
+    else:
+        data = np.zeros((12, 12, 12), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    with pytest.raises(DatasetError, match=f"v.nii.gz: holds {'complex' if kind == 'complex' else 'RGB'}"):
+        load_brain_volume({"name": "v", "path": str(tmp_path / "v.nii.gz")})
+
+
 REAL = {"mni152": None, "colin27": MRICRON / "ch2bet.nii.gz", "itk_kmeans": ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz"}
 
 

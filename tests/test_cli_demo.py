@@ -90,7 +90,9 @@ def synthetic_nifti(tmp_path) -> tuple[Path, np.ndarray, np.ndarray]:
     affine[:3, :3] = rot @ np.diag([-1.2, 0.9, 2.5])  # flipped first axis, anisotropic voxels
     affine[:3, 3] = [30.0, -12.5, 7.0]
     path = tmp_path / "synthetic.nii.gz"
-    nib.Nifti1Image(data, affine).to_filename(path)
+    img = nib.Nifti1Image(data, affine)
+    img.header["cal_min"], img.header["cal_max"] = 0.0, 800.0  # a display window, as scanners write one
+    img.to_filename(path)
     return path, data, affine
 
 
@@ -107,7 +109,25 @@ def _check_outputs(out_dir: Path, shape: tuple[int, ...], affine: np.ndarray) ->
     assert ddf.shape == (*shape, 1, 3)
     np.testing.assert_allclose(ddf.affine, affine, atol=1e-5)
     assert ddf.header.get_intent()[:3:2] == ("vector", "ddf_voxels")  # not ITK's mm displacement intent
+    assert ddf.header["cal_min"] == ddf.header["cal_max"] == 0  # not the image's display window
     return json.loads((out_dir / "demo.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["rgb", "complex"])
+def test_demo_rgb_or_complex_image_is_a_clean_error(tmp_path, capsys, kind):
+    """RGB voxels gave numpy's DTypePromotionError traceback, complex ones a warp of the real part, silently."""
+    nib = pytest.importorskip("nibabel")
+    if kind == "rgb":
+        data = np.zeros((16, 16, 16), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    else:
+        data = np.ones((16, 16, 16), np.complex64) * (3 + 4j)
+    path = tmp_path / f"{kind}.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    assert cli.main(["demo", "--image", str(path), "--out", str(tmp_path / "out"), "--device", "cpu",
+                     "--repeats", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"medfast demo: error: {path} holds {'RGB' if kind == 'rgb' else 'complex'}" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "warped_linear.nii.gz").exists()
 
 
 def test_demo_on_synthetic_volume(synthetic_nifti, tmp_path, capsys):

@@ -101,3 +101,25 @@ def test_group_norm_takes_any_width(channels):
     # GroupNorm(min(8, c), c) raised for widths that are not multiples of 8
     net = UNet(2, 1, 2, channels, 1, "group")
     assert net(torch.randn(1, 1, 16, 16)).shape == (1, 2, 16, 16)
+
+
+DOCUMENTED_MODULES = (
+    "medfast", "medfast.data", "medfast.losses", "medfast.losses.registration", "medfast.metrics", "medfast.nets",
+    "medfast.tasks.classification", "medfast.tasks.evaluation", "medfast.tasks.registration",
+    "medfast.tasks.segmentation", "medfast.tasks.synthesis.data", "medfast.tasks.synthesis.generate",
+    "medfast.tasks.synthesis.metrics", "medfast.tasks.synthesis.task", "medfast.train", "medfast.ultrasound",
+)
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_MODULES)
+def test_documented_modules_star_import_only_their_api(name):
+    # without __all__, `from medfast.tasks.registration import *` overwrote a user's `time`, `np`, `torch`...
+    import importlib
+
+    mod = importlib.import_module(name)
+    assert hasattr(mod, "__all__"), name
+    ns: dict = {}
+    exec(f"from {name} import *", ns)  # noqa: S102 - the import a user writes
+    leaked = sorted(k for k, v in ns.items() if k != "__builtins__" and isinstance(v, types.ModuleType))
+    assert not leaked, leaked
+    assert all(hasattr(mod, k) for k in mod.__all__)

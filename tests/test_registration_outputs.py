@@ -113,7 +113,8 @@ def _register_known(tmp_path, case):
     out = tmp_path / "out"
     write_outputs(out, res, faff, normalize_intensity(torch.as_tensor(fdata)[None, None], spatial_dims=n),
                   normalize_intensity(moving.float(), spatial_dims=n),
-                  fixed_slice_axis=single_slice_axis(nib.load(paths["fixed"]).shape))
+                  fixed_slice_axis=single_slice_axis(nib.load(paths["fixed"]).shape),
+                  fixed_header=nib.load(paths["fixed"]).header)
     # where x + ddf stays on the fixed grid, medfast's warp of the resampled moving image is exact (a ramp)
     pos = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in fdata.shape],
                                      indexing="ij")) + ddf[0]
@@ -340,3 +341,71 @@ def test_cli_model_metrics_and_outputs_for_a_globalnet(tmp_path):
     d = np.asarray(nib.load(out / "ddf.nii.gz").dataobj, dtype=np.float64)[..., 0, :] * [-1, -1, 1]  # LPS -> RAS
     np.testing.assert_allclose(p + d, p @ m[:3, :3].T + m[:3, 3], atol=2e-3)
     np.testing.assert_allclose(np.loadtxt(out / "affine.txt"), m, atol=1e-4)
+
+
+# ---- the fixed file's qform / sform on every output ------------------------------------------------------
+
+
+def _fixed_with_forms(path, forms, shape):
+    """A fixed image whose header has ``forms``: qform and sform disagreeing (qform code 1, 30 mm off and turned;
+    sform code 2), a qform only, or neither (pixdim only, as some converters write)."""
+    a = _affine(_rot(2, 10) @ np.diag([1.2, -1.0, 1.5]), _pad3(shape), (-10, -8, -12))
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 5, shape).astype(np.float32)
+    data[tuple(slice(s // 4, max(3 * s // 4, 1)) for s in shape)] += 100
+    img = nib.Nifti1Image(data, a)
+    if forms == "qform != sform":
+        b = a.copy()
+        b[:3, :3] = _rot(0, 8) @ a[:3, :3]
+        b[0, 3] += 30
+        img.set_qform(b, code=1)
+        img.set_sform(a, code=2)
+    elif forms == "qform only":
+        img.set_qform(a, code=1)
+        img.set_sform(None, code=0)
+    else:
+        img.header.set_zooms((1.2, 1.0, 1.5)[:len(shape)])
+        img.set_qform(None, code=0)
+        img.set_sform(None, code=0)
+    nib.save(img, path)
+    return data
+
+
+@needs_sitk
+@pytest.mark.parametrize("layout", ["3d", "coronal slice (X, 1, Z)"])
+@pytest.mark.parametrize("forms", ["qform != sform", "qform only", "neither"])
+def test_cli_outputs_carry_the_fixed_qform_and_sform(tmp_path, forms, layout):
+    """warped / warped_labels / ddf.nii.gz keep the fixed file's qform and sform (matrices and codes), so that
+    SimpleITK (which prefers the qform) places each exactly on the fixed image, as nibabel (the sform) does. A fresh
+    header (sform only) put them 30 mm off where the forms disagree, and flipped where the file had neither."""
+    shape = (12, 10, 8) if layout == "3d" else (12, 1, 10)
+    fixed = tmp_path / "fixed.nii.gz"
+    data = _fixed_with_forms(fixed, forms, shape)
+    faff = nib.load(fixed).affine
+    moving = tmp_path / "moving.nii.gz"
+    nib.save(nib.Nifti1Image(np.roll(data, 1, axis=0), faff), moving)
+    for name, img in (("fl", fixed), ("ml", moving)):
+        nib.save(nib.Nifti1Image((np.asarray(nib.load(img).dataobj) > 50).astype(np.int16), faff),
+                 tmp_path / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    assert main(["register", str(fixed), str(moving), "--fixed-labels", str(tmp_path / "fl.nii.gz"),
+                 "--moving-labels", str(tmp_path / "ml.nii.gz"), "--out", str(out), "--affine-levels", "1",
+                 "--affine-iters", "2", "--deform-levels", "1", "--deform-iters", "2", "--kernel-size", "3",
+                 "--device", "cpu", "--no-progress"]) == 0
+    fh = nib.load(fixed).header
+    ref = sitk.ReadImage(str(fixed))
+    for name in ("warped.nii.gz", "warped_labels.nii.gz", "ddf.nii.gz"):
+        h = nib.load(out / name).header
+        assert (int(h["qform_code"]), int(h["sform_code"])) == (int(fh["qform_code"]), int(fh["sform_code"])), name
+        np.testing.assert_allclose(h.get_qform(), fh.get_qform(), atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(h.get_sform(), fh.get_sform(), atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(nib.load(out / name).affine, faff, atol=1e-5, err_msg=name)
+        img = sitk.ReadImage(str(out / name))
+        assert img.GetSize() == ref.GetSize(), name
+        np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-6, err_msg=name)
+    ddf = nib.load(out / "ddf.nii.gz")
+    assert ddf.shape == (*shape, 1, 3) and ddf.header.get_intent()[::2] == ("vector", "displacement_mm")
+    assert sitk.ReadImage(str(out / "ddf.nii.gz")).GetNumberOfComponentsPerPixel() == 3
+    assert nib.load(out / "warped_labels.nii.gz").header.get_intent()[0] == "label"

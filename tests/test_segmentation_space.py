@@ -137,6 +137,41 @@ def test_cli_predict_keeps_the_input_transforms(tmp_path, monkeypatch, case):
     assert out.shape == d.shape and np.array_equal(np.asarray(out.dataobj), d > 0.5)
 
 
+def _nifti_fields(path):
+    """Header fields as ITK's NIfTI reader reports them (SimpleITK, when installed), else as nibabel reads them."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # pragma: no cover - depends on the environment
+        h = nib.load(str(path)).header
+        return {"cal_min": float(h["cal_min"]), "cal_max": float(h["cal_max"]), "intent_code": int(h["intent_code"]),
+                "intent_name": h["intent_name"].item().decode()}
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    r.ReadImageInformation()
+    return {"cal_min": float(r.GetMetaData("cal_min")), "cal_max": float(r.GetMetaData("cal_max")),
+            "intent_code": int(r.GetMetaData("intent_code")), "intent_name": r.GetMetaData("intent_name")}
+
+
+def test_cli_predict_resets_the_display_window_and_intent(tmp_path, monkeypatch):
+    """The input's display window (a CT's cal_min / cal_max, as scanners write it) and intent described its values,
+    not a label map's or a probability's: reset (0 = a viewer's automatic range); _seg gets intent label (1002)."""
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    ckpt = _checkpoint(tmp_path, 3)
+    d = np.zeros((12, 10, 9), np.float32)
+    d[2:7, 3:6, 1:5] = 1
+    img = nib.Nifti1Image(d, Q)
+    img.header["cal_min"], img.header["cal_max"] = -1000.0, 3000.0
+    img.header.set_intent("estimate", name="T1 estimate")
+    nib.save(img, str(tmp_path / "ct.nii.gz"))
+    assert _nifti_fields(tmp_path / "ct.nii.gz")["cal_max"] == 3000
+    assert main(["predict", str(tmp_path / "ct.nii.gz"), "--model", str(ckpt), "--out", str(tmp_path / "pred"),
+                 "--device", "cpu", "--probabilities"]) == 0
+    for name, code in (("ct_seg.nii.gz", 1002), ("ct_prob.nii.gz", 0)):
+        assert _nifti_fields(tmp_path / "pred" / name) == {"cal_min": 0, "cal_max": 0, "intent_code": code,
+                                                           "intent_name": ""}, name
+        _assert_same_transforms(tmp_path / "pred" / name, tmp_path / "ct.nii.gz")
+
+
 # -- 2. 2D probabilities: classes on the 4th axis ---------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(16, 12, 1), (16, 12)])
 def test_predict_probabilities_2d_layout(tmp_path, monkeypatch, shape):

@@ -297,9 +297,12 @@ def load_image(entry: ImageEntry) -> Volume:
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, header: Any = None,
-               dtype: Any = None) -> Path:
+               dtype: Any = None, intent: str | tuple | None = None) -> Path:
     """Writes ``data`` (spatial axes first) with ``affine`` and, when given, a copy of ``header``
-    (its data type and scaling reset for ``dtype``).
+    (its data type and scaling reset for ``dtype``; its display window ``cal_min`` / ``cal_max`` reset to 0, a
+    viewer's automatic range, and its intent to none: they described the input's values, not these).
+    ``intent``: the output's own NIfTI intent, a name (``"label"``) or ``(code, params, name)`` as
+    ``nibabel``'s ``set_intent`` takes them.
 
     When ``affine`` is the header's own (best) affine -- an output written in its input's space, as
     ``medfast predict`` does -- the header's qform and sform, matrices and codes, are kept exactly as they are
@@ -318,6 +321,13 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, header: A
     img = nib.Nifti1Image(data, affine, header=hdr)
     img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"] = img.header["cal_max"] = 0.0
+    if intent is None:
+        img.header.set_intent("none", (), "")
+    elif isinstance(intent, tuple):
+        img.header.set_intent(*intent)
+    else:
+        img.header.set_intent(intent, (), "")
     # nibabel keeps a given header's transforms when the affine matches its best affine (the same test as here);
     # otherwise it would set the sform (code 2) and a qform with code 0 (unknown), which ITK readers ignore
     if hdr is not None and not np.allclose(affine, hdr.get_best_affine()):

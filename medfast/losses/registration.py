@@ -31,6 +31,21 @@ from torch import nn
 from medfast.ops._lncc import REDUCTIONS, lncc_loss
 from medfast.ops._validate import check_bool, check_choice, check_tensor, py_scalar
 
+__all__ = [
+    "bending_energy",
+    "gradient_norm",
+    "ssd_loss",
+    "global_mutual_information",
+    "label_dice_loss",
+    "LocalNormalizedCrossCorrelationLoss",
+    "SSDLoss",
+    "GlobalMutualInformationLoss",
+    "BendingEnergyLoss",
+    "GradientNormLoss",
+    "DiffusionLoss",
+    "lncc_loss",
+]
+
 
 def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":

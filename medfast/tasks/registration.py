@@ -41,6 +41,41 @@ COLIN27_PATH = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 MNI_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
+__all__ = [
+    "ModelInfo",
+    "PairDataset",
+    "RegistrationConfig",
+    "RegistrationError",
+    "RegistrationNet",
+    "RegistrationResult",
+    "RegistrationTask",
+    "RegistrationTaskArgs",
+    "configure_register_parser",
+    "dice_per_label",
+    "grid_affines",
+    "kmeans_tissues",
+    "level_resample",
+    "level_theta",
+    "load_ddf",
+    "load_model",
+    "load_model_info",
+    "load_nifti",
+    "load_trainer_checkpoint",
+    "mni_t1_path",
+    "network_grid",
+    "normalize_intensity",
+    "random_affine",
+    "register_pair",
+    "register_with_model",
+    "run_register",
+    "run_registration_demo",
+    "save_model",
+    "save_overlay",
+    "to_fixed_grid",
+    "write_outputs",
+]
+
+
 class RegistrationError(RuntimeError):
     """A user-facing problem (missing file, mismatched inputs): reported without a traceback."""
 
@@ -764,11 +799,16 @@ def _nib():
     return nibabel
 
 
+_F32_RANGE = (float(np.finfo(np.float32).min), float(np.finfo(np.float32).max))
+
+
 def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(array, affine)`` of a 2D/3D NIfTI with real voxels and an invertible, finite affine (else
     :class:`RegistrationError` naming the file). Trailing singleton dimensions beyond the third are dropped and
     a single slice, ``(X, Y, 1)`` (or ``(1, Y, Z)`` / ``(X, 1, Z)``), is the 2D image it is: its in-plane axes
-    first, the affine's columns permuted alike (as ``medfast evaluate`` reads it).
+    first, the affine's columns permuted alike (as ``medfast evaluate`` reads it). The array is in native byte
+    order; NaN voxels read as 0 and +-inf as the largest finite values of the file's float type (of float32 for
+    a wider one: registration runs in float32), as ``np.nan_to_num`` does.
 
     With ``channels`` the array is ``(C, *S)``: a 4D NIfTI ``(X, Y, Z, C)`` (as ``medfast train`` reads
     multi-channel images; also the NIfTI vector layout ``(X, Y, Z, 1, C)``) gives its ``C`` channels, a 2D image
@@ -816,7 +856,13 @@ def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray,
     if not size > 1e-6 * scale:
         raise RegistrationError(f"{path} has a singular or non-finite affine (the voxel-to-world matrix of its "
                                 f"sform / qform): {affine.round(4).tolist()}")
-    return np.nan_to_num(np.asarray(data if channels else data[0])), affine
+    data = np.asarray(data if channels else data[0])
+    if not data.dtype.isnative:  # big-endian files: torch takes native byte order only
+        data = data.astype(data.dtype.newbyteorder("="))
+    data = np.nan_to_num(data)  # NaN -> 0, +-inf -> the dtype's finite extremes
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4:  # registration runs in float32: its extremes, not inf
+        data = np.clip(data, *_F32_RANGE)
+    return data, affine
 
 
 def _plane_angle(affine_a: np.ndarray, affine_b: np.ndarray) -> float:
@@ -981,14 +1027,18 @@ def _itk_affine(theta: torch.Tensor, affine: np.ndarray, n: int, world: bool) ->
 
 def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.ndarray,
                   fixed_norm: torch.Tensor, moving_norm: torch.Tensor, affine_only: torch.Tensor | None = None,
-                  extra: dict | None = None, fixed_slice_axis: int | None = None) -> dict[str, str]:
+                  extra: dict | None = None, fixed_slice_axis: int | None = None,
+                  fixed_header: Any = None) -> dict[str, str]:
     """Writes warped.nii.gz, ddf.nii.gz, warped_labels.nii.gz, affine.txt, affine.tfm, metrics.json and
     overlay.png into ``out``; returns the paths written.
 
     ``fixed_affine`` is the fixed grid's affine as :func:`load_nifti` returns it; ``fixed_slice_axis`` the flat
     axis of a fixed single slice as stored (:func:`medfast.data.io.single_slice_axis` of the file's shape): the
     images are written in the fixed file's own layout and affine, that axis put back (``(X, 1, Z)`` stays
-    ``(X, 1, Z)``).
+    ``(X, 1, Z)``). ``fixed_header``, the fixed file's NIfTI header, is copied into every image written (as
+    :func:`medfast.data.io.save_nifti` copies it: its qform and sform, matrices and codes, kept), so that readers
+    preferring the qform (ITK / SimpleITK / Slicer / ANTs) also place the outputs on the fixed image, where its
+    qform and sform differ or where it has neither (pixdim only); without it, a fresh header (sform only).
 
     ``ddf.nii.gz`` (float32, NIfTI vector intent, intent name ``displacement_mm``) is the pull displacement in mm
     on the fixed grid, with ITK's convention for displacement-field NIfTIs, so ITK / SimpleITK / ANTs / Slicer
@@ -1014,9 +1064,8 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     ``(X, Y, 1, C)`` or the slice's layout, e.g. ``(X, 1, Z, C)``), as multi-channel images are read;
     ``overlay.png`` shows channel 0.
     """
-    from medfast.data.io import single_slice_as_stored
+    from medfast.data.io import save_nifti, single_slice_as_stored
 
-    nib = _nib()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = result.ddf.shape[1]
@@ -1029,15 +1078,17 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
         warped = np.expand_dims(warped, 2 if axis is None else axis)
     if warped.shape[-1] == 1:
         warped = warped[..., 0]
-    nib.save(nib.Nifti1Image(warped, file_affine), out / "warped.nii.gz")
+
+    def save(data: np.ndarray, name: str, intent: tuple | None = None) -> None:
+        save_nifti(data, file_affine, out / name, fixed_header, data.dtype, intent)
+
+    save(warped, "warped.nii.gz")
     paths["warped"] = str(out / "warped.nii.gz")
     k = torch.as_tensor(_ddf_matrix(fixed_affine, n, world), dtype=torch.float32)
     ddf = torch.einsum("ij,j...->...i", k, result.ddf[0].detach().cpu().float()).numpy()  # (*S, c)
     # NIfTI vectors live on the 5th axis: (X, Y, Z, 1, c), a 2D field as (X, Y, 1, 1, 2)
     ddf = ddf[..., None, :] if n == 3 else single_slice_as_stored(ddf, fixed_affine, 2 if axis is None else axis)[0]
-    img = nib.Nifti1Image(ddf if ddf.ndim == 5 else ddf[..., None, :], file_affine)
-    img.header.set_intent("vector", (), "displacement_mm")
-    nib.save(img, out / "ddf.nii.gz")
+    save(ddf if ddf.ndim == 5 else ddf[..., None, :], "ddf.nii.gz", ("vector", (), "displacement_mm"))
     paths["ddf"] = str(out / "ddf.nii.gz")
     np.savetxt(out / "affine.txt", _world_affine(result.theta, fixed_affine, n), fmt="%.10g",
                header="medfast register affine part: RAS world mm, [moving; 1] = M @ [fixed; 1]")
@@ -1046,7 +1097,7 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     if result.warped_labels is not None:
         lab = single_slice_as_stored(result.warped_labels.detach().cpu().numpy().astype(np.int32), fixed_affine,
                                      axis)[0]
-        nib.save(nib.Nifti1Image(lab, file_affine), out / "warped_labels.nii.gz")
+        save(lab, "warped_labels.nii.gz", ("label", (), ""))
         paths["warped_labels"] = str(out / "warped_labels.nii.gz")
     metrics = dict(result.metrics)
     if extra:
@@ -1238,10 +1289,11 @@ def run_register(args: argparse.Namespace) -> int:
         try:
             from medfast.data.io import single_slice_axis
 
+            fimg = _nib().load(args.fixed)
             paths = write_outputs(args.out, result, faff, normalize_intensity(fixed, spatial_dims=n),
                                   normalize_intensity(moving, spatial_dims=n), affine_only,
                                   extra={"fixed": str(args.fixed), "moving": str(args.moving)},
-                                  fixed_slice_axis=single_slice_axis(_nib().load(args.fixed).shape))
+                                  fixed_slice_axis=single_slice_axis(fimg.shape), fixed_header=fimg.header)
         except OSError as exc:  # full disk, folder removed or made read-only meanwhile
             raise RegistrationError(f"--out {args.out}: cannot write the outputs: {exc}") from None
     except (RegistrationError, ValueError, TypeError) as exc:

@@ -303,7 +303,8 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
         dtype = np.uint8 if k <= 255 else np.int16
         if config.model.spatial_dims == 2 and len(header.get_data_shape()) >= 3:
             labels = labels[..., None]  # stored as the input: (X, Y, 1)
-        written.append(save_nifti(labels, orig_affine, out_dir / f"{name}_seg.nii.gz", header, dtype))
+        written.append(save_nifti(labels, orig_affine, out_dir / f"{name}_seg.nii.gz", header, dtype,
+                                  intent="label"))
         if save_probabilities:
             # classes on the 4th (non-spatial) axis: (X, Y, Z, K), and (X, Y, 1, K) for 2D inputs
             p = np.moveaxis(prob[0].cpu().numpy(), 0, -1).astype(np.float32)

@@ -88,7 +88,9 @@ def probe_channels(path: str | Path) -> int | None:
     suffix = _suffix(path)
     try:
         if suffix in (".nii", ".nii.gz"):
-            return 1
+            import nibabel as nib
+
+            return 3 if _nifti_rgb(nib.load(str(path)).get_data_dtype()) else 1
         if suffix == ".dcm":
             import pydicom
 
@@ -102,11 +104,26 @@ def probe_channels(path: str | Path) -> int | None:
         return None
 
 
+def _nifti_rgb(dtype: np.dtype) -> bool:
+    """An RGB24 / RGBA32 NIfTI's voxel type: 8-bit R, G, B (and A) fields."""
+    return dtype.names is not None and tuple(dtype.names[:3]) == ("R", "G", "B") and all(
+        dtype.fields[c][0] == np.uint8 for c in dtype.names)
+
+
 def _read_nifti(path: Path) -> np.ndarray:
     import nibabel as nib
 
-    data = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
-    return data[None]
+    from medfast.data.io import unsupported_voxels
+
+    img = nib.load(str(path))
+    dtype = img.get_data_dtype()
+    if _nifti_rgb(dtype):  # colour: 3 channels in [0, 1], as an 8-bit RGB PNG reads (alpha dropped)
+        rgb = np.asanyarray(img.dataobj)
+        return np.stack([rgb[c] for c in "RGB"]).astype(np.float32) / 255.0
+    problem = unsupported_voxels(dtype)  # complex: get_fdata would silently keep the real part
+    if problem:
+        raise DatasetError(f"{path}: {problem}")
+    return np.asarray(img.get_fdata(dtype=np.float32))[None]
 
 
 def _read_dicom(path: Path) -> np.ndarray:
@@ -126,14 +143,15 @@ def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
     PNG/JPEG give ``(1 or 3, H, W)`` in ``[0, 1]`` (8-bit / 255, 16-bit / 65535; grey modes ``1``, ``L``,
     ``LA``, ``I;16``, ``I`` give one channel, alpha dropped; palette, RGBA and CMYK images are converted to
     RGB; 32-bit float images as stored); NIfTI and DICOM give ``(1, *shape)`` in their own units
-    (DICOM rescale slope/intercept applied). Singleton spatial axes beyond ``spatial_dims`` are dropped
-    (e.g. an ``(H, W, 1)`` NIfTI is a 2D image).
+    (DICOM rescale slope/intercept applied), but for an RGB24 / RGBA32 NIfTI: ``(3, *shape)`` in ``[0, 1]`` as an
+    8-bit RGB PNG (alpha dropped); complex NIfTI voxels are refused. Singleton spatial axes beyond
+    ``spatial_dims`` are dropped (e.g. an ``(H, W, 1)`` NIfTI is a 2D image).
 
     Raises
     ------
     DatasetError
-        Missing file, unknown suffix, unreadable/corrupt data, wrong dimensionality or non-finite values;
-        the message names the file.
+        Missing file, unknown suffix, unreadable/corrupt data, complex voxels, wrong dimensionality or non-finite
+        values; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,6 +165,8 @@ def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
         arr = readers[suffix](path)
     except ImportError as exc:
         raise DatasetError(f"{path}: reading {suffix} files needs {exc.name}") from exc
+    except DatasetError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
         raise DatasetError(f"{path}: cannot read {suffix} image ({type(exc).__name__}: {exc})") from exc
     while arr.ndim - 1 > spatial_dims and arr.shape[-1] == 1:

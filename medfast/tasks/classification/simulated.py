@@ -109,11 +109,16 @@ class BrainVolume:
 def _nifti_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
+    from medfast.data.io import unsupported_voxels
+
     try:
         img = nib.as_closest_canonical(nib.load(str(path)))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        problem = unsupported_voxels(img.get_data_dtype())  # complex: the cast below would keep the real part
+        data = None if problem else np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
         raise DatasetError(f"{path}: cannot read the volume ({type(exc).__name__}: {exc})") from exc
+    if problem:
+        raise DatasetError(f"{path}: {problem}")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
