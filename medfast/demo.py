@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medfast._extension import build_info
+from medfast._jsonsafe import dumps as json_dumps
 from medfast.ops import integrate, warp
 from medfast.ops._reference import grid_sample_warp
 
@@ -595,6 +595,6 @@ def run_warp_demo(
         "build_info": build_info(),
         "elapsed_s": time.perf_counter() - start,
     }
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["json"].write_text(json_dumps(result, indent=2) + "\n")
     say(f"      done in {result['elapsed_s']:.1f} s: " + ", ".join(p.name for p in paths.values()))
     return result

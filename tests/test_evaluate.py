@@ -106,6 +106,20 @@ def test_evaluate_empty_class_is_nan(tmp_path):
     assert math.isnan(rows[2]["dice"]) and math.isnan(rows[2]["hd"])  # class 3: empty in both
 
 
+def test_summary_json_writes_an_undefined_mean_as_null(tmp_path):
+    # class 3, empty in both maps: every Dice and HD of it is NaN, so are their means; summary.json held bare NaN
+    pred = _save(tmp_path / "p.nii.gz", _cubes())
+    ref = _save(tmp_path / "r.nii.gz", _cubes())
+    assert main(["evaluate", str(pred), str(ref), "--num-classes", "4", "--out", str(tmp_path / "out")]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["classes"]["3"]["dice"] == {"mean": None, "std": None, "n": 0}
+    assert summary["classes"]["1"]["dice"] == {"mean": 1.0, "std": 0.0, "n": 1}
+
+
 def test_evaluate_bad_inputs_name_the_files(tmp_path):
     ref = _save(tmp_path / "r.nii.gz", _cubes())
     (tmp_path / "preds").mkdir()

@@ -215,3 +215,21 @@ def test_backend_choice_and_gpu_sharing(monkeypatch):
     monkeypatch.setenv(D.BACKEND_ENV, "nccl")
     with pytest.raises(ValueError, match="needs CUDA devices"):
         D.backend_for("cpu")
+
+
+def test_a_run_in_a_folder_another_run_holds_is_refused_on_every_rank(tmp_path):
+    # rank 0 alone takes the out_dir lock; the other ranks must stop with it, not wait in a collective
+    from medfast.train.trainer import _lock_out_dir, _unlock_out_dir
+
+    data = tmp_path / "data"
+    make_blobs(data, n=4, shape=(16, 16, 16), classes=3)
+    held = _lock_out_dir(tmp_path / "run")
+    out = mp.Manager().dict()
+    try:
+        mp.spawn(_error_worker, args=(_free_port(), str(data), [str(tmp_path / "run")] * WORLD, out), nprocs=WORLD,
+                 join=True)
+    finally:
+        _unlock_out_dir(held)
+    for rank in range(WORLD):
+        assert out[rank].startswith(f"ConfigError: trainer.out_dir (--out) {tmp_path / 'run'} is in use by another "
+                                    f"medfast train (pid {os.getpid()} on ")

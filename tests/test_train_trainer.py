@@ -2,6 +2,7 @@
 and plots, and a short end-to-end training on tiny synthetic data that lowers the loss."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,3 +270,238 @@ def test_resume_with_another_accumulate_or_batch_size_continues_the_data(tmp_pat
     assert "epoch 1, sample 2 of the epoch, skipping 1 sample(s)" in capsys.readouterr().out
     steps, _ = _losses(tmp_path / "run")
     assert steps == [1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------------------------------------
+# the artefacts of a run (a bug hunt: config.yaml of a preset, TensorBoard after a resume, a kill between the
+# two checkpoint files, a resumed finished run, two runs in one folder, NaN in JSON, seconds after validation)
+# ------------------------------------------------------------------------------------------------------
+
+_TINY = {"model.channels": "[2, 4]", "augment.patch_size": "[8, 8, 8]"}
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_config_yaml_of_a_preset_is_the_given_config(tmp_path, monkeypatch):
+    # the preset's file lists (under the run's out_dir) were saved in config.yaml: training from it read the old
+    # run's folder, ignored data.dataset_args and failed once that folder was moved
+    from medfast.data import find_pairs, presets
+
+    def tiny_blobs(folder, n=3):
+        make_blobs(folder, n=n, shape=(12, 12, 12), classes=3)
+        images, labels = find_pairs(folder)
+        return {"train_images": images, "train_labels": labels}
+
+    monkeypatch.setattr(presets, "__all__", [*presets.__all__, "tiny_blobs"])
+    monkeypatch.setattr(presets, "tiny_blobs", tiny_blobs, raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(tmp_path, "unused", "a", **_TINY, **{"data.root": "null", "data.dataset": "tiny_blobs",
+                                                        "trainer.out_dir": "runs/a", "trainer.max_steps": 1})
+    Trainer(cfg).fit()
+    saved = load_config([tmp_path / "runs" / "a" / "config.yaml"])
+    assert saved.data.dataset == "tiny_blobs" and saved.data.train_images == [] and saved.data.train_labels == []
+    # the checkpoint's config is the resolved one (the files the network was trained on)
+    assert load_checkpoint(tmp_path / "runs" / "a" / "checkpoints" / "last.pt")["config"]["data"]["train_images"]
+    (tmp_path / "runs" / "a").rename(tmp_path / "runs" / "moved")
+    again = load_config([tmp_path / "runs" / "moved" / "config.yaml"],
+                        ["trainer.out_dir=runs/b", "data.dataset_args={n: 2}"])
+    trainer = Trainer(again)
+    trainer.fit()
+    assert [Path(p).name for p in trainer.config.data.train_images] == ["case_000.nii.gz", "case_001.nii.gz"]
+    assert all(Path(p).is_relative_to("runs/b") for p in trainer.config.data.train_images)
+
+
+def _interrupt_at(trainer, call):
+    """Raises KeyboardInterrupt in ``trainer``'s ``call``-th training step (one call per step here)."""
+    step, calls = trainer.task.training_step, [0]
+
+    def interrupted(model, batch, device, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return step(model, batch, device, **kwargs)
+
+    trainer.task.training_step = interrupted
+    return trainer
+
+
+def test_tensorboard_has_each_step_once_after_a_resume_or_a_new_run(tmp_path, blobs):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def tb_steps(out):
+        ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+        ea.Reload()
+        return [e.step for e in ea.Scalars("train/loss")]
+
+    extra = {**_TINY, "trainer.tensorboard": "true", "trainer.max_steps": 5, "trainer.checkpoint_every": 2}
+    # killed in step 4 (step 3 logged, the last checkpoint at step 2): step 3 was there twice
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_at(Trainer(_config(tmp_path, blobs, "r", **extra)), 4).fit()
+    Trainer(_config(tmp_path, blobs, "r", **extra, **{"trainer.resume": "auto"})).fit()
+    assert tb_steps(tmp_path / "r") == [1, 2, 3, 4, 5] == _losses(tmp_path / "r")[0]
+    # killed before its first checkpoint, then a new run in the folder: step 1 of the first run stayed
+    extra["trainer.checkpoint_every"] = 10
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_at(Trainer(_config(tmp_path, blobs, "n", **extra)), 3).fit()
+    assert not (tmp_path / "n" / "checkpoints").exists()
+    Trainer(_config(tmp_path, blobs, "n", **extra)).fit()
+    assert tb_steps(tmp_path / "n") == [1, 2, 3, 4, 5]
+
+
+def test_resume_after_a_kill_between_the_step_file_and_last_pt(tmp_path, blobs, monkeypatch, capsys):
+    # each checkpoint is written as step_XXXXXXX.pt, then last.pt; a kill between the two left a run that --resume
+    # refused (no last.pt: "continue with --resume") or silently continued from the older last.pt
+    import medfast.train.trainer as T
+
+    extra = {**_TINY, "trainer.checkpoint_every": 2}
+    Trainer(_config(tmp_path, blobs, "ref", **extra)).fit()
+    real_save = T.save_checkpoint
+
+    def killed_at(step):
+        def save(state, path):
+            if state["step"] == step and Path(path).name == "last.pt":
+                raise KeyboardInterrupt
+            return real_save(state, path)
+
+        return save
+
+    monkeypatch.setattr(T, "save_checkpoint", killed_at(2))  # at the first checkpoint: no last.pt
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_config(tmp_path, blobs, "run", **extra)).fit()
+    ckdir = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["step_0000002.pt"]
+    monkeypatch.setattr(T, "save_checkpoint", killed_at(6))  # at a later one: last.pt is at step 4
+    capsys.readouterr()
+    resumed = _config(tmp_path, blobs, "run", **extra, **{"trainer.resume": "auto"})
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(resumed).fit()
+    out = capsys.readouterr().out
+    assert "step_0000002.pt (step 2) is the newest checkpoint (there is no last.pt" in out
+    assert f"resumed from {ckdir / 'step_0000002.pt'} at step 2" in out
+    assert load_checkpoint(ckdir / "last.pt")["step"] == 4 and (ckdir / "step_0000006.pt").is_file()
+    assert not (tmp_path / "run" / "results.json").exists()
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    Trainer(resumed).fit()  # ends the run: no step left, the results written
+    out = capsys.readouterr().out
+    assert "step_0000006.pt (step 6) is the newest checkpoint (last.pt is at step 4" in out
+    assert f"resumed from {ckdir / 'step_0000006.pt'} at step 6" in out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["finished"]
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")  # steps 1..6 once, the uninterrupted losses
+
+
+def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, blobs, capsys):
+    # a job script that always passes --resume, re-queued after the run ended: results.json lost its
+    # "validation" ({}), its "seconds" were rewritten and the test set was evaluated again
+    extra = {**_TINY, "trainer.max_steps": 2, "trainer.val_every": 2, "data.val_fraction": 0.34}
+    Trainer(_config(tmp_path, blobs, "fin", **extra)).fit()
+    out = tmp_path / "fin"
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    validation = _strict_json(files[out / "results.json"].decode())["validation"]
+    assert "dice_mean" in validation
+    capsys.readouterr()
+    again = Trainer(_config(tmp_path, blobs, "fin", **extra, **{"trainer.resume": "auto"})).fit()
+    assert "already reached trainer.max_steps=2" in capsys.readouterr().out
+    assert again == _strict_json(files[out / "results.json"].decode())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing rewritten
+    # a run killed after its last checkpoint, before results.json: the resume ends it, with the last validation
+    (out / "results.json").unlink()
+    ended = Trainer(_config(tmp_path, blobs, "fin", **extra, **{"trainer.resume": "auto"})).fit()
+    assert ended["finished"] and ended["validation"] == validation
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path, blobs):
+    import os
+
+    from medfast.train import ConfigError
+    from medfast.train.trainer import LOCK_NAME, _lock_out_dir, _unlock_out_dir
+
+    out = tmp_path / "twin"
+    held = _lock_out_dir(out)  # another run in the folder (flock: another open file, even in this process)
+    try:
+        with pytest.raises(ConfigError, match=rf"{out} is in use by another medfast train \(pid {os.getpid()} on"):
+            Trainer(_config(tmp_path, blobs, "twin", **_TINY)).fit()
+    finally:
+        _unlock_out_dir(held)
+    assert not out.exists()  # the folder it created is removed with the lock
+    # released on an error (here Ctrl-C), and the file a killed run leaves (no lock held) blocks nothing
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_at(Trainer(_config(tmp_path, blobs, "twin", **_TINY)), 3).fit()
+    assert not (out / LOCK_NAME).exists()
+    (out / LOCK_NAME).write_text("pid 999999 on elsewhere, since yesterday\n")
+    assert Trainer(_config(tmp_path, blobs, "twin", **_TINY, **{"trainer.resume": "auto"})).fit()["finished"]
+    assert not (out / LOCK_NAME).exists()
+
+
+class _NaNMetricTask(_NaNTask):
+    """A validation metric and a result that are NaN (e.g. the recall of a class absent from the validation set)."""
+
+    def training_step(self, model, batch, device):
+        return model(batch["x"].to(device)).pow(2).mean(), {"train_metric": float("nan")}
+
+    def build_datasets(self):
+        train, _ = super().build_datasets()
+        return train, [{"x": torch.zeros(3), "files": "v.nii.gz"}]
+
+    def validation_step(self, model, batch, device):
+        return [{"recall_absent": float("nan"), "accuracy": 0.5}]
+
+    def finish(self, model, device, out_dir):
+        return {"test": {"score": float("nan"), "values": [1.0, float("inf")]}}
+
+
+def test_nan_metrics_are_written_as_null(tmp_path):
+    cfg = load_config([], [f"trainer.out_dir={tmp_path / 'nan'}", "trainer.progress=false", "trainer.max_steps=2",
+                           "trainer.tensorboard=false", "trainer.val_every=2", "trainer.batch_size=2",
+                           "trainer.plots=false"])
+    Trainer(cfg, _NaNMetricTask(cfg)).fit()
+    out = tmp_path / "nan"
+    results = _strict_json((out / "results.json").read_text())
+    assert results["validation"] == {"accuracy": 0.5, "recall_absent": None}
+    assert results["test"] == {"score": None, "values": [1.0, None]}
+    val = [_strict_json(line) for line in (out / "val_log.jsonl").read_text().splitlines()]
+    assert val == [{"step": 2, "epoch": 0, "accuracy": 0.5, "recall_absent": None}]
+    train = [_strict_json(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["train_metric"] for r in train] == [None, None]
+    assert (out / "val_log.csv").read_text().splitlines()[1] == "2,0,0.5,"  # an empty cell, as after a resume
+
+
+def test_segmentation_test_results_write_nan_dice_as_null(tmp_path, blobs, monkeypatch):
+    import medfast.metrics
+
+    # a class absent from both the prediction and the label has a NaN Dice (forced here: the prediction of an
+    # untrained network is not)
+    monkeypatch.setattr(medfast.metrics, "dice", lambda *a, **k: torch.tensor([[float("nan"), 0.5]]))
+    image, label = sorted((blobs / "images").iterdir())[0], sorted((blobs / "labels").iterdir())[0]
+    cfg = _config(tmp_path, blobs, "seg", **_TINY, **{"trainer.max_steps": 1, "data.test_images": f"[{image}]",
+                                                      "data.test_labels": f"[{label}]"})
+    results = Trainer(cfg).fit()
+    saved = _strict_json((tmp_path / "seg" / "test_results.json").read_text())
+    assert saved["test"][0]["dice"] == [None, 0.5] and saved["test_dice_mean"] == 0.5
+    assert _strict_json((tmp_path / "seg" / "results.json").read_text())["test"][0]["dice"] == [None, 0.5]
+    assert results["test_dice_mean"] == 0.5
+
+
+def test_seconds_is_the_time_of_the_step_itself(tmp_path, blobs):
+    # the step after a validation counted the validation, the checkpoint and the plots too
+    import time
+
+    pause = 1.0
+    trainer = Trainer(_config(tmp_path, blobs, "sec", **_TINY, **{"trainer.max_steps": 4, "trainer.val_every": 2,
+                                                                  "data.val_fraction": 0.34}))
+    validation_step = trainer.task.validation_step
+
+    def slow(*args, **kwargs):
+        time.sleep(pause)
+        return validation_step(*args, **kwargs)
+
+    trainer.task.validation_step = slow
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "sec" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["seconds"] < pause, rows  # step 3, after the validation of step 2

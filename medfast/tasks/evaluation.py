@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfast._jsonsafe import dumps as json_dumps
 from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _stem, case_name
 from medfast.data.io import DatasetError, Volume, load_nifti, single_slice_as_2d, voxel_spacing
 
@@ -199,7 +199,8 @@ def _write(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> No
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # a metric defined in no row (a class empty in every case) has a NaN mean: null (bare NaN is not JSON)
+    (out / "summary.json").write_text(json_dumps(summary, indent=2) + "\n")
 
 
 def _format_summary(summary: dict[str, Any], percentile: float) -> str:

@@ -14,7 +14,6 @@ its half size, in full-resolution voxels), so one set of parameters serves every
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import medfast as mf
+from medfast._jsonsafe import dumps as json_dumps
 from medfast.data.io import DatasetError
 from medfast.data.preprocess import REORIENT_DIMS, reorient_dims_of
 from medfast.losses.registration import bending_energy, label_dice_loss
@@ -1102,8 +1102,7 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     metrics = dict(result.metrics)
     if extra:
         metrics.update(extra)
-    with open(out / "metrics.json", "w") as fh:
-        json.dump(metrics, fh, indent=2, default=float)
+    (out / "metrics.json").write_text(json_dumps(metrics, indent=2))  # a Dice of an absent label: null, not NaN
     paths["metrics"] = str(out / "metrics.json")
     def first(t: torch.Tensor) -> torch.Tensor:  # the overlay shows channel 0 of a multi-channel image
         return t[:, :1] if t.dim() == n + 2 else t
@@ -1237,7 +1236,7 @@ def run_register(args: argparse.Namespace) -> int:
             _make_out_dir(args.out)
             summary = run_registration_demo(args.out, resolution=args.resolution, seed=args.seed, config=cfg,
                                             device=device, progress=not args.no_progress)
-            print(json.dumps(summary, indent=2))
+            print(json_dumps(summary, indent=2))
             return 0
         if not args.fixed or not args.moving:
             raise RegistrationError("give FIXED and MOVING images (or --demo)")
@@ -1301,7 +1300,7 @@ def run_register(args: argparse.Namespace) -> int:
         return 1
     keys = ("dice_before", "dice_affine", "dice_after", "lncc_before", "lncc_affine", "lncc_after")
     summary = {k: result.metrics[k] for k in keys if k in result.metrics}
-    print(json.dumps({"outputs": paths, **summary}, indent=2))
+    print(json_dumps({"outputs": paths, **summary}, indent=2))
     return 0
 
 
@@ -1427,8 +1426,7 @@ def run_registration_demo(out: str | Path = "medfast-register-demo", resolution:
     }
     write_outputs(out, result, grid, normalize_intensity(_as_image(fixed, "fixed")), mv, affine_only,
                   extra={"demo": summary})
-    with open(Path(out) / "demo.json", "w") as fh:
-        json.dump(summary, fh, indent=2)
+    (Path(out) / "demo.json").write_text(json_dumps(summary, indent=2))
     return summary
 
 

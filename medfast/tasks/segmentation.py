@@ -3,7 +3,6 @@ with sliding-window inference, on-device augmentation, and prediction to NIfTI i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
 from medfast.data.dataset import _SUFFIXES, case_name, group_channel_files
 from medfast.data.io import ImageEntry, entry_files, entry_text, image_header, load_image, voxel_spacing
@@ -512,8 +512,8 @@ class SegmentationTask(Task):
                                 "hd95_mm": [float(x) for x in hd]})
         res = {"test": per_subject,
                "test_dice_mean": float(np.mean([s["dice_mean"] for s in per_subject]))}
-        with open(out_dir / "test_results.json", "w") as f:
-            json.dump(res, f, indent=2)
+        # a class absent from both the prediction and the label has a NaN Dice: null (bare NaN is not JSON)
+        (out_dir / "test_results.json").write_text(json_dumps(res, indent=2))
 
         def shown(image: ImageEntry) -> str:  # a case's channel files: shown by the case name
             return Path(image).name if isinstance(image, str) else case_name(image)

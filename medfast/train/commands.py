@@ -15,8 +15,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set trainer.max_steps=200 (repeatable)")
     p.add_argument("--out", default=None, help="output folder (sets trainer.out_dir; taken verbatim)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="resume from CHECKPOINT, or from OUT/checkpoints/last.pt when given alone (if OUT has no "
-                        "checkpoint yet, a message says so and the run starts from step 0)")
+                   help="resume from CHECKPOINT, or when given alone from the newest checkpoint in OUT/checkpoints "
+                        "(last.pt, or a step_*.pt written after it); if OUT has no checkpoint yet, a message says so "
+                        "and the run starts from step 0; a run already at trainer.max_steps is left as it is")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets trainer.device)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -47,11 +48,14 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"medfast train: {note}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     if results:
+        def number(v) -> str:  # (null in results.json: NaN, e.g. a metric of a class absent from the data)
+            return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+
         val = results.get("validation") or {}
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in val.items() if k.endswith("mean"))
+        summary = ", ".join(f"{k}={number(v)}" for k, v in val.items() if k.endswith("mean"))
         val_text = f"; validation {summary}" if summary else ""
-        print(f"medfast train: {results['step']} steps in {results['seconds']:.0f} s; loss "
-              f"{results['first_loss']:.4g} -> {results['last_loss']:.4g}{val_text}; outputs in "
+        print(f"medfast train: {results.get('step')} steps in {results.get('seconds') or 0:.0f} s; loss "
+              f"{number(results.get('first_loss'))} -> {number(results.get('last_loss'))}{val_text}; outputs in "
               f"{config.trainer.out_dir}")
     return 0
 

@@ -4,12 +4,14 @@ resume, progress bars, CSV/JSONL/TensorBoard logs, PNG curves, and a stop on a n
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import math
 import os
 import random
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medfast._jsonsafe import dumps as json_dumps
+from medfast._jsonsafe import json_ready
 from medfast.data.preprocess import REORIENT_DIMS
 from medfast.train import distributed as D
 from medfast.train.config import (
@@ -120,6 +124,85 @@ def _load_weights_only(path: Path, map_location: Any) -> Any:
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception:  # noqa: BLE001 - not that case: the first error is the real cause (the caller names the file)
             raise first from None
+
+
+def _stored_step(path: Path) -> int | None:
+    """The ``step`` stored in the checkpoint ``path``, None if it cannot be read. Memory-mapped where possible
+    (the tensors are then not read)."""
+    for mmap in (True, False):  # (mmap needs torch.save's zip format)
+        try:
+            with torch.serialization.safe_globals(_numpy_rng_globals()):  # (the old checkpoints' NumPy RNG state)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return int(state["step"])
+        except Exception:  # noqa: BLE001 - an unreadable or foreign file: not a checkpoint to continue
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# the out_dir lock: one run at a time in a folder
+# ------------------------------------------------------------------------------------------------------
+
+LOCK_NAME = "train.lock"
+
+
+def _lock_out_dir(out_dir: Path) -> tuple[int, Path, list[Path]] | str:
+    """Creates ``out_dir`` and takes an exclusive ``flock`` on ``out_dir/train.lock``, which names the holder
+    (pid, host, start time). Returns ``(fd, lock file, folders created)`` for :func:`_unlock_out_dir`, or the
+    message naming the holder when another process holds it. The kernel drops the lock when the holder dies
+    (kill -9, a crash), so the file a dead run leaves blocks nothing. Without ``fcntl`` (Windows) no lock is
+    taken (fd -1)."""
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create trainer.out_dir (--out) {out_dir}: {exc.strerror or exc}") from None
+    path = out_dir / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:
+        return -1, path, created
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot write in trainer.out_dir (--out) {out_dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.read(fd, 500).decode(errors="replace").strip()
+            os.close(fd)
+            return (f"trainer.out_dir (--out) {out_dir} is in use by another medfast train ({holder or 'unknown'}; "
+                    f"lock file {path}): two runs in one folder would mix their logs and checkpoints. Wait for it to "
+                    f"end (then --resume continues it), or train into another folder (--out)")
+        try:  # the holder unlinks the file when it ends: the file locked must still be the one at the path
+            st, now = os.fstat(fd), os.stat(path)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+             .encode())
+    return fd, path, created
+
+
+def _unlock_out_dir(lock: tuple[int, Path, list[Path]]) -> None:
+    """Removes the lock file (still holding the lock, so no other process locks the removed file) and releases
+    it; the folders :func:`_lock_out_dir` created are removed again if the run wrote nothing in them."""
+    fd, path, created = lock
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if fd >= 0:
+        os.close(fd)
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _config_differences(saved: Any, now: dict[str, Any], section: str) -> list[str]:
@@ -240,7 +323,9 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 
 class _Log:
-    """Rows appended to ``<name>.jsonl`` and ``<name>.csv``; on resume, rows after the checkpoint are cut."""
+    """Rows appended to ``<name>.jsonl`` and ``<name>.csv``; on resume, rows after the checkpoint are cut. A
+    NaN metric (e.g. the recall of a class absent from the validation set) is stored as None: ``null`` in the
+    JSONL (bare ``NaN`` is not JSON), an empty cell in the CSV."""
 
     def __init__(self, out_dir: Path, name: str) -> None:
         self.jsonl = out_dir / f"{name}.jsonl"
@@ -257,7 +342,7 @@ class _Log:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.jsonl.write_text("".join(json_dumps(r) + "\n" for r in self.rows))
         self._write_csv()
 
     def _write_csv(self) -> None:
@@ -270,9 +355,10 @@ class _Log:
             writer.writerows(self.rows)
 
     def append(self, row: dict[str, Any]) -> None:
+        row = json_ready(row)  # NaN as None, also in the rows kept for the CSV and the curves
         self.rows.append(row)
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_dumps(row) + "\n")
         if len(self.rows) == 1 or set(row) - set(self.rows[0]):
             self._write_csv()
         else:
@@ -354,15 +440,22 @@ class Trainer:
     sample's augmentation seed are functions of the step, so a run resumed from a checkpoint computes the
     same losses as an uninterrupted one.
 
-    Outputs under ``trainer.out_dir``: ``config.yaml`` (resolved), ``train_log.{jsonl,csv}``,
-    ``val_log.{jsonl,csv}``, ``checkpoints/step_XXXXXXX.pt`` and ``checkpoints/last.pt``, ``curves.png``,
-    ``samples_stepXXXXXXX.png``, ``results.json``, and ``tensorboard/`` when TensorBoard is installed.
+    Outputs under ``trainer.out_dir``: ``config.yaml`` (the configuration as given: files merged, overrides
+    applied; not the file lists a ``data.dataset`` preset fills in, so that training from it rebuilds the data
+    set), ``train_log.{jsonl,csv}``, ``val_log.{jsonl,csv}``, ``checkpoints/step_XXXXXXX.pt`` and
+    ``checkpoints/last.pt``, ``curves.png``, ``samples_stepXXXXXXX.png``, ``results.json``, and
+    ``tensorboard/`` when TensorBoard is installed; ``train.lock`` while :meth:`fit` runs (one run at a time
+    in a folder).
     """
 
     def __init__(self, config: Config, task: Task | None = None) -> None:
         self.config = config
         check_config(config)  # the shared settings, before the task (its own) and before any data is read
         self.task = task if task is not None else get_task(config.task)(config)
+        # what OUT/config.yaml holds: the config before _setup, whose data sets fill the lists of a data.dataset
+        # preset with files under this out_dir (a task's own resolution in its constructor is kept, e.g.
+        # synthesis' absolute source path)
+        self._given_config = copy.deepcopy(config)
         tc = config.trainer
         try:
             self.out_dir = check_out_dir(tc.out_dir, "trainer.out_dir (--out)")
@@ -376,8 +469,12 @@ class Trainer:
         self.step = 0
         # where the data stream started: (step, global micro-batch); the checkpoints' micro_batches follow from it
         self._data_start = (0, 0)
-        self._saved_step: int | None = None  # the step of out_dir/checkpoints/last.pt, where known
+        self._saved_step: int | None = None  # the step of the newest checkpoint in out_dir/checkpoints, where known
+        self._saved_path: Path | None = None  # that checkpoint
+        self._resume_step: int | None = None  # the step stored in the checkpoint _resume_path chose
+        self._lock: tuple[int, Path, list[Path]] | None = None  # rank 0's lock on out_dir (see _lock_out_dir)
         self._tb = None
+        self._tb_purge = 0  # TensorBoard events from this step on are dropped (those of an interrupted run)
 
     # -- setup ----------------------------------------------------------------------------------------
     def _seed(self) -> None:
@@ -582,8 +679,8 @@ class Trainer:
         if rngs is not None:
             state["rng_per_rank"] = rngs
         path = save_checkpoint(state, ckdir / f"step_{self.step:07d}.pt")
-        save_checkpoint(state, ckdir / "last.pt")
-        self._saved_step = self.step
+        self._saved_step, self._saved_path = self.step, path  # (a kill before last.pt: --resume takes this one)
+        self._saved_path = save_checkpoint(state, ckdir / "last.pt")
         self._run_checkpoints[path.name] = self.step
         keep = self.config.trainer.keep_checkpoints
         # only this run's step checkpoints (and those of the run it resumed, up to the resumed step) are pruned
@@ -604,15 +701,37 @@ class Trainer:
         return found
 
     def _resume_path(self) -> Path | None:
-        """The checkpoint to resume from: ``trainer.resume`` (``auto``: ``out_dir/checkpoints/last.pt`` if there
-        is one; if not, :meth:`_fit` says so and the run starts from step 0), or None."""
+        """The checkpoint to resume from: ``trainer.resume``, or None. ``auto``: the newest checkpoint of
+        ``out_dir/checkpoints`` by its step, ``last.pt`` or a ``step_XXXXXXX.pt`` (each checkpoint is written as
+        ``step_XXXXXXX.pt``, then ``last.pt``: a run killed between the two has a step file newer than
+        ``last.pt``); none: :meth:`_fit` says so and the run starts from step 0. Sets ``_resume_step``."""
         spec = self.config.trainer.resume
+        self._resume_step = None
         if not spec:
             return None
         if spec != "auto":
-            return Path(spec)
-        path = self.out_dir / "checkpoints" / "last.pt"
-        return path if path.is_file() else None
+            path = Path(spec)
+            self._resume_step = _stored_step(path) if path.is_file() else None
+            return path
+        last = self.out_dir / "checkpoints" / "last.pt"
+        last_step = _stored_step(last) if last.is_file() else None
+        newer = [(step, name) for name, step in self._step_checkpoints().items()
+                 if last_step is None or step > last_step]
+        if last.is_file() and last_step is not None:
+            # a step file newer by its step but written before last.pt is not this run's latest: it is left from
+            # a continuation that a --resume CHECKPOINT of an older step then abandoned
+            mtime = last.stat().st_mtime
+            newer = [(step, name) for step, name in newer if (last.parent / name).stat().st_mtime >= mtime]
+        if not newer:
+            self._resume_step = last_step
+            return last if last.is_file() else None
+        self._resume_step, name = max(newer)
+        if self.rank == 0:
+            why = (f"last.pt is at step {last_step}" if last_step is not None else
+                   "there is no last.pt" if not last.is_file() else "last.pt cannot be read")
+            print(f"medfast train: --resume: {name} (step {self._resume_step}) is the newest checkpoint ({why}: "
+                  f"the run was stopped while writing its checkpoints)", flush=True)
+        return last.parent / name
 
     def _check_out_dir(self, resume: Path | None) -> None:
         """A new run (no resume, or resuming another folder's checkpoint) must not write into a checkpoint folder
@@ -653,9 +772,8 @@ class Trainer:
             raise CheckpointError(f"cannot restore the gradient scaler from {path}: {exc}") from None
         self.step = int(state["step"])
         self._data_start = (self.step, self._resume_micro_batch(state))
-        if path.resolve() == (self.out_dir / "checkpoints" / "last.pt").resolve():
-            self._saved_step = self.step
         if path.resolve().parent == (self.out_dir / "checkpoints").resolve():
+            self._saved_step, self._saved_path = self.step, path
             self._run_checkpoints = {k: v for k, v in self._step_checkpoints().items() if v <= self.step}
         per_rank = state.get("rng_per_rank")
         if isinstance(per_rank, list) and len(per_rank) == self.world:
@@ -675,7 +793,8 @@ class Trainer:
         last = self.out_dir / "checkpoints" / "last.pt"
         done = f"interrupted at step {self.step} of {self.config.trainer.max_steps}"
         if self._saved_step is not None:
-            return f"{done}; the last checkpoint is {last} (step {self._saved_step}): continue with --resume"
+            return (f"{done}; the last checkpoint is {self._saved_path or last} (step {self._saved_step}): continue "
+                    f"with --resume")
         if last.is_file():
             return f"{done}, before this run wrote a checkpoint; {last} is from an earlier run (--resume continues it)"
         return f"{done}, before the first checkpoint (trainer.checkpoint_every): nothing to resume"
@@ -689,7 +808,8 @@ class Trainer:
                 self._tb = False
                 print("medfast train: TensorBoard not installed (pip install tensorboard); skipping it", flush=True)
             else:
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+                # purge_step: an earlier (interrupted) run's events from that step on are dropped
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self._tb_purge)
         return self._tb or None
 
     # -- steps ----------------------------------------------------------------------------------------
@@ -795,35 +915,87 @@ class Trainer:
         Returns
         -------
         dict
-            ``results.json``'s content: final step, losses, last validation metrics, task results, times.
+            ``results.json``'s content: final step, losses, last validation metrics, task results, times (on
+            rank 0; NaN metrics are floats here, ``null`` in the file). A resume of a run that already reached
+            ``max_steps`` trains nothing, rewrites nothing and returns the run's saved ``results.json``.
+
+        Raises
+        ------
+        ConfigError
+            Among others, when another run trains in ``trainer.out_dir`` (it holds ``train.lock``).
         """
         try:
             return self._fit(stop_after)
         finally:
             if self._tb:
                 self._tb.close()
+                self._tb = None
+            if self._lock is not None:  # also on an error or Ctrl-C
+                _unlock_out_dir(self._lock)
+                self._lock = None
             if self._owns_group and dist.is_initialized():
                 dist.destroy_process_group()
+
+    def _agree(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a decision that only rank 0 takes or that all must take alike)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _take_lock(self) -> None:
+        """Rank 0 locks out_dir for the whole fit (:func:`_lock_out_dir`); when another run holds it, every rank
+        raises :class:`ConfigError` naming the holder."""
+        refused = None
+        if self.rank == 0:
+            got = _lock_out_dir(self.out_dir)
+            if isinstance(got, str):
+                refused = got
+            else:
+                self._lock = got
+        refused = self._agree(refused)
+        if refused is not None:
+            raise ConfigError(refused)
+
+    def _finished_results(self, resume_path: Path | None) -> dict[str, Any] | None:
+        """``results.json`` of a run that a resume finds already finished: its checkpoint is at or past
+        ``trainer.max_steps`` and results.json was written at that step. Then there is nothing to do (as
+        PyTorch Lightning's fit from a checkpoint at ``max_steps``), and the results, logs, checkpoints and
+        TensorBoard events are left as they are. None otherwise (e.g. a run killed while its test set was
+        evaluated, after the last checkpoint: the resume evaluates it again)."""
+        step = self._resume_step
+        results = None
+        if self.rank == 0 and resume_path is not None and step is not None and step >= self.config.trainer.max_steps:
+            with contextlib.suppress(OSError, ValueError):
+                saved = json.loads((self.out_dir / "results.json").read_text())
+                if isinstance(saved, dict) and saved.get("finished") and saved.get("step") == step:
+                    results = saved
+            if results is not None:
+                print(f"medfast train: --resume: the run in {self.out_dir} already reached trainer.max_steps="
+                      f"{self.config.trainer.max_steps} ({resume_path} is at step {step}); nothing to train, its "
+                      f"results.json, logs and checkpoints are left as they are (raise trainer.max_steps, e.g. "
+                      f"--set trainer.max_steps={2 * step}, to train on)", flush=True)
+        finished = self._agree(results is not None)  # (rank 0 decides: every rank calls this)
+        return (results or {}) if finished else None
 
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         tc = self.config.trainer
         t0 = time.perf_counter()
+        self._take_lock()  # before looking at the checkpoints: another run may be writing them
         resume_path = self._resume_path()
         self._check_out_dir(resume_path)  # before reading any data
+        finished = self._finished_results(resume_path)
+        if finished is not None:
+            return finished
         if resume_path is None and tc.resume == "auto" and self.rank == 0:
-            print(f"medfast train: --resume: no checkpoint to resume in {self.out_dir / 'checkpoints'} (no last.pt); "
-                  f"starting a new run from step 0", flush=True)
+            print(f"medfast train: --resume: no checkpoint to resume in {self.out_dir / 'checkpoints'} (no last.pt "
+                  f"or step_*.pt); starting a new run from step 0", flush=True)
         self._setup()
         main = self.rank == 0
-        if main:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"cannot create trainer.out_dir (--out) {self.out_dir}: "
-                                  f"{exc.strerror or exc}") from None
         resumed = self._resume(resume_path)
         if main:  # after the resume's checks: a refused resume leaves the run's config.yaml as it was
-            save_config(self.config, self.out_dir / "config.yaml")
+            save_config(self._given_config, self.out_dir / "config.yaml")
         if self.world > 1:  # each rank read its own out_dir: without a shared file system they could differ
             steps = [None] * self.world
             dist.all_gather_object(steps, (self.step, None if resume_path is None else str(resume_path)))
@@ -838,6 +1010,10 @@ class Trainer:
         if main:
             train_log.restore(self.step if resumed is not None else None)
             val_log.restore(self.step if resumed is not None else None)
+            # now, not at the first scalar (a step later): the events of the steps after the checkpoint, or of
+            # an earlier run that wrote no checkpoint, are dropped, so each step is there once, as in the CSV
+            self._tb_purge = self.step + 1 if resumed is not None else 0
+            self._tensorboard()
         D.barrier()
         end = tc.max_steps if stop_after is None else min(tc.max_steps, stop_after)
         pbar = None
@@ -849,13 +1025,17 @@ class Trainer:
         if resumed is None:
             self._data_start = (self.step, self.step * tc.accumulate)
         stream = self._micro_batches(self._data_start[1])
+        # results.json's "validation": the last validation's metrics, those of the checkpoint's step (or before)
+        # when the resumed part validates no more (e.g. the test set of a finished run evaluated again)
         metrics_val: dict[str, float] = {}
+        if main and resumed is not None and val_log.rows:
+            metrics_val = {k: v for k, v in val_log.rows[-1].items() if k not in ("step", "epoch")}
         epoch = 0
         if tc.val_at_start and tc.val_every and self.step == 0:  # the untrained model's metrics, as step 0
             metrics_val = self._validate(epoch, val_log, pbar)
         self.ddp.train()
-        step_t = time.perf_counter()
         while self.step < end:
+            step_t = time.perf_counter()  # the step's own time: not the validation, checkpoint and plots after one
             batches: list[tuple[int, dict[str, Any]]] = []
             phase_losses: dict[str | None, torch.Tensor] = {}
             step_metrics: list[dict[str, float]] = []
@@ -910,7 +1090,6 @@ class Trainer:
                 if pbar is not None:
                     pbar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr",
                                                                                        "seconds")})
-            step_t = time.perf_counter()
             if pbar is not None:
                 pbar.update(1)
             if tc.val_every and (self.step % tc.val_every == 0 or self.step == tc.max_steps):
@@ -939,8 +1118,8 @@ class Trainer:
             if self.step >= tc.max_steps:
                 self.model.eval()
                 results.update(self.task.finish(self.model, self.device, self.out_dir) or {})
-            with open(self.out_dir / "results.json", "w") as f:
-                json.dump(results, f, indent=2, default=float)
+            # NaN metrics (e.g. a class absent from the validation set) as null: bare NaN is not JSON
+            (self.out_dir / "results.json").write_text(json_dumps(results, indent=2))
         D.barrier()
         return results
 

@@ -10,7 +10,6 @@ depth of the first pixel in the header),
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from medfast._jsonsafe import dumps as json_dumps
 
 DEFAULT_OUT = "medfast-simulate"
 CRANIUM_START = (122.5, 38.0, 60.0)  # world mm: under the vertex of the packaged head CT, inside the skull
@@ -206,7 +207,7 @@ def run_simulate(args: argparse.Namespace) -> dict:
     try:
         _write_frames(out, bmode, px, res.extent_mm)
         _figure(ct, affine, poses, probe, bmode, px, out / "figure.png", n=min(4, args.frames))
-        (out / "simulate.json").write_text(json.dumps(summary, indent=1))
+        (out / "simulate.json").write_text(json_dumps(summary, indent=1))
     except OSError as exc:  # a full disk, no permission, a file where a folder goes: one line naming --out
         raise SimulateError(f"cannot write the results to --out {out}: {exc}") from None
     return summary

@@ -27,7 +27,6 @@ After training, :meth:`ClassificationTask.finish` writes ``classification_report
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError
 from medfast.data import collate as _collate
 from medfast.tasks.classification.data import ImageFolderDataset
@@ -558,7 +558,7 @@ class ClassificationTask(Task):
         if self.config.trainer.plots and shown:
             self._save_cams(model, shown, device, Path(out_dir) / "cam.png")
         model.train(was_training)
-        (Path(out_dir) / "classification_report.json").write_text(json.dumps(report, indent=1))
+        (Path(out_dir) / "classification_report.json").write_text(json_dumps(report, indent=1))
         return {"classification": report}
 
     #: cam.png: up to CAM_PER_CLASS validation images of each class from each subset, CAM_IMAGES at most

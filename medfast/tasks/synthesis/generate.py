@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfast._jsonsafe import dumps as json_dumps
+
 __all__ = ["add_parser", "generate", "generate_frames", "load_generator", "predict_files", "read_poses"]
 
 
@@ -170,7 +172,7 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
         "swd": float(sliced_wasserstein(fake, real, n_patches=task.args.swd_patches)) if len(g) > 1 else None,
         "poses": poses.tolist(),
     }
-    (out / "generate.json").write_text(json.dumps(summary, indent=1))
+    (out / "generate.json").write_text(json_dumps(summary, indent=1))  # NaN as null
     return summary
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from medfast._jsonsafe import dumps as json_dumps
 from medfast.tasks.synthesis.data import SOURCES, SynthesisSource, load_source, random_pose, sweep_pose
 from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
 from medfast.train.config import Config, ConfigError, _build, unused_settings
@@ -406,6 +407,6 @@ class SynthesisTask(Task):
             save_grid(out_dir / "synthesis_grid.png", rows_, ranges=ranges, max_columns=8,
                       title=f"{a.source}, {a.mode} mode: PSNR {final['psnr']:.2f} dB, SSIM {final['ssim']:.3f}, "
                             f"SWD {final['swd']:.3f} (between simulated sets {floor:.3f})")
-        (out_dir / "synthesis_metrics.json").write_text(json.dumps(result, indent=1, default=float))
+        (out_dir / "synthesis_metrics.json").write_text(json_dumps(result, indent=1))  # NaN as null
         return {"synthesis": result}
 
