@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+__all__ = ["as_tensor", "call", "from_tensor", "is_foreign_array"]
+
 
 def is_foreign_array(value: object) -> bool:
     """True for a non-torch object that exports DLPack (``__dlpack__``)."""

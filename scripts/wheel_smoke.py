@@ -3,6 +3,7 @@ family once on small tensors, forward and backward (warp, fused losses, distance
 local NCC, ultrasound simulation; scripts/wheel_check.sh runs it in a fresh venv)."""
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ def main() -> int:
     info = mf.build_info()
     print(f"medfast {mf.__version__} from {mf.__file__}; torch {info['torch']} (built against "
           f"{info['torch_built_against']}); CUDA kernels: {info['cuda_kernels']}")
+    assert (Path(mf.__file__).parent / "py.typed").is_file(), "the wheel lacks medfast/py.typed (PEP 561)"
     torch.manual_seed(0)
     image = torch.rand(1, 2, 8, 9, 10, requires_grad=True)
     ddf = torch.randn(1, 3, 8, 9, 10, requires_grad=True)

@@ -210,7 +210,9 @@ def test_coral_loss_names_its_arguments():
     # the formula (eq. 4) against torch's BCE with logits, with importance weights
     logits, levels, w = torch.randn(3, 2, dtype=torch.float64), torch.tensor([[1.0, 0], [1, 1], [0, 0]]), \
         torch.tensor([1.0, 2.0])
-    ref = (torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), levels, reduction="none") * w).sum(1)
+    # (float64 logits give a float64 loss: no longer rounded to float32)
+    ref = (torch.nn.functional.binary_cross_entropy_with_logits(logits, levels.double(), reduction="none")
+           * w.double()).sum(1)
     torch.testing.assert_close(coral_loss(logits, levels, importance=w, reduction="none"), ref)
 
 

@@ -156,6 +156,72 @@ def test_classification_loss_dispatch():
         _coral_reference(lo.double(), to.double()).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("encoding", ["nominal", "binary", "ordinal"])
+def test_classification_loss_keeps_float64_and_passes_gradcheck(encoding):
+    # float64 logits were cast to float32 (a float32 loss, gradcheck failed); half logits still go to float32
+    g = torch.Generator().manual_seed(2)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    k = {"nominal": 3, "binary": 1, "ordinal": 2}[encoding]
+    logits = torch.randn(6, k, generator=g, dtype=torch.float64, requires_grad=True)
+    if encoding == "nominal":
+        targets = y
+        weights = torch.tensor([1.0, 2.0, 0.5])  # float32 buffer: cast to the logits' dtype
+        loss = ClassificationLoss("nominal", class_weights=weights)
+        ref = torch.nn.functional.cross_entropy(logits, y, weight=weights.double())
+    elif encoding == "binary":
+        targets = BinaryEncoder().encode(y.clamp(max=1))
+        loss = ClassificationLoss("binary")
+        ref = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.double())
+    else:
+        targets = OrdinalEncoder(3).encode(y)
+        loss = ClassificationLoss("ordinal")
+        ref = _coral_reference(logits, targets.double())
+    got = loss(logits, targets)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda x: loss(x, targets), (logits,))
+    half = loss(logits.detach().bfloat16(), targets)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, loss(logits.detach().bfloat16().float(), targets), rtol=0, atol=0)
+
+
+def test_coral_loss_keeps_float64_with_float32_importance():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    levels = OrdinalEncoder(4).encode(torch.tensor([0, 3, 1, 2, 3]))
+    w = torch.tensor([0.5, 1.0, 2.0])
+    got = coral_loss(logits, levels, w)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _coral_reference(logits, levels.double(), w.double()), rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda x: coral_loss(x, levels, w, reduction="none"), (logits,))
+
+
+def test_one_hot_targets_of_float64_logits():
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1])
+    onehot = NominalEncoder(3, one_hot=True).encode(y)  # float32
+    got = ClassificationLoss("nominal")(logits, onehot)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, y), rtol=1e-12, atol=0)
+
+
+def test_every_encoder_decodes_logits_with_the_same_call():
+    # one interface for make_encoder's result (task code special-cased nominal: its decode took no logits=)
+    g = torch.Generator().manual_seed(4)
+    out = torch.randn(5, 3, generator=g)
+    nominal = make_encoder("nominal", 3)
+    assert torch.equal(nominal.decode(out, logits=True), out.argmax(1))
+    assert torch.equal(nominal.decode(out), out.argmax(1))
+    with pytest.raises(ValueError, match=r"must be \(N, 3\)"):
+        nominal.decode(torch.tensor([0.0, 2.0]), logits=True)  # logits of one class each: not indices
+    assert torch.equal(nominal.decode(torch.tensor([0.0, 2.0])), torch.tensor([0, 2]))
+    for enc in (make_encoder("binary", 2), make_encoder("ordinal", 4), nominal):
+        k = enc.num_outputs
+        logits = torch.randn(5, k, generator=g)
+        assert enc.decode(logits, logits=True).shape == (5,)
+        assert enc.probabilities(logits).shape == (5, enc.num_classes)
+        assert torch.equal(enc.decode(enc.encode([1, 0]), logits=False), torch.tensor([1, 0]))
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 

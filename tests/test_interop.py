@@ -52,3 +52,10 @@ def test_cupy_on_gpu_is_zero_copy():
     want = mf.warp(torch.as_tensor(cp.asnumpy(image)).cuda(), torch.as_tensor(cp.asnumpy(ddf)).cuda())
     np.testing.assert_allclose(cp.asnumpy(out), want.cpu().numpy(), rtol=1e-6, atol=1e-6)
     assert interop.as_tensor(image).data_ptr() == image.data.ptr
+
+
+def test_star_import_gives_the_public_functions_only():
+    # (without __all__ it also bound np, torch, importlib, Any, Callable, ... over the user's own names)
+    ns: dict = {}
+    exec("from medfast.interop import *", ns)
+    assert sorted(k for k in ns if not k.startswith("__")) == ["as_tensor", "call", "from_tensor", "is_foreign_array"]

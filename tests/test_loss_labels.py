@@ -1,8 +1,8 @@
-"""The label-sums kernels' own handling of labels and layouts: labels read in their own integer dtype with
-the ignore index and the range check inside the sums kernel (no int64 copy, no extra passes), the
-cross-entropy terms skipped when no loss reads them, and channels-last logits read (and their gradient
-written) in place. Against F.cross_entropy, MONAI, the masked reference of test_loss.py and the
-contiguous / int64 results."""
+"""The label-sums kernels' own handling of labels and layouts: labels read in their own integer dtype
+(uint8, int32, int64; the arithmetic compiled for int64 once) with the ignore index and the range check
+inside the sums kernel (no int64 copy, no extra passes), the cross-entropy terms skipped when no loss reads
+them, and channels-last logits read (and their gradient written) in place. Against F.cross_entropy, MONAI,
+the masked reference of test_loss.py and the contiguous / int64 results."""
 
 import pytest
 import torch
@@ -69,13 +69,13 @@ def test_dice_ce_with_each_label_dtype_matches_the_masked_reference(label_dtype,
     torch.testing.assert_close(ours, ref)
     g_ours = _grad(ours, z)
     torch.testing.assert_close(g_ours, _grad(ref, z))
-    # the same sums, bitwise, as from int64 labels; the gradient to rounding (the vectorized loops differ by
-    # the label type, and with them where FMA contractions fall)
+    # the same sums and gradient, bitwise, as from int64 labels: the loops are compiled for int64 labels only
+    # (each label map read in its own type a block at a time), so FMA contractions fall in the same places
     z64 = logits.clone().requires_grad_()
     ref64 = mf.dice_ce_loss(z64, target, voxel_weight=vw, ignore_index=ignore_index, batch_dice=batch_dice,
                             smooth=1e-4)
     assert torch.equal(ours, ref64)
-    torch.testing.assert_close(g_ours, _grad(ref64, z64), rtol=1e-13, atol=1e-15)
+    assert torch.equal(g_ours, _grad(ref64, z64))
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])

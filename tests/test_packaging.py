@@ -274,6 +274,17 @@ def test_license_file_is_declared_and_is_apache_2():
     assert "END OF TERMS AND CONDITIONS" in text and len(text) > 10000  # the full text
 
 
+def test_package_is_marked_typed():
+    # PEP 561: without medfast/py.typed a type checker ignores medfast's annotations (every import an error)
+    import medfast
+
+    assert (Path(medfast.__file__).parent / "py.typed").is_file()
+    assert "Typing :: Typed" in PYPROJECT["project"]["classifiers"]
+    # the wheel takes every file under medfast/ except the benchmark logs
+    wheel = PYPROJECT["tool"]["scikit-build"]["wheel"]
+    assert wheel["packages"]["medfast"] == "medfast" and not any("typed" in e for e in wheel["exclude"])
+
+
 def test_sdist_leaves_out_benchmark_logs_but_keeps_the_build():
     skb = PYPROJECT["tool"]["scikit-build"]
     excluded = skb["sdist"]["exclude"]

@@ -532,3 +532,47 @@ def test_warp_kernels_read_nothing_outside_under_zeros_padding(warp_emu, dtype, 
     if need_pos:
         assert (gp_ref[..., :5] == 0).all() and gp_ref.isnan().any()
         torch.testing.assert_close(gp, gp_ref, equal_nan=True, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("kernel", ["forward", "ilp2", "backward", "merged"])
+def test_warp_kernels_skip_taps_without_weight(warp_emu, dtype, ndim, padding, kernel):
+    # Integer displacements: every sample on the grid, where its upper taps weigh 0. Beside inf voxels and
+    # with inf upstream gradients those taps added 0 x inf = NaN; the kernels (warp.h tap_product) give the
+    # voxel read and send the gradient to it alone, as grid_sample's nearest does at these positions.
+    import torch.nn.functional as F
+
+    from medfast._extension import _C
+
+    image, ddf, gout, out_size, inn = _warp_case(ndim, dtype, "rough", True, 13)
+    image.view(-1)[::11] = float("inf")
+    image.view(-1)[5::23] = -float("inf")
+    ddf = ddf.clamp(-3, 3).round()
+    gout.view(-1)[::9] = float("inf")
+    pos = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in out_size], indexing="ij")) + ddf
+    scale = torch.tensor([2.0 / (n - 1) for n in inn], dtype=torch.float64).view(1, ndim, *[1] * ndim)
+    grid = (pos * scale - 1.0).movedim(1, -1).flip(-1)
+    img = image.double().expand(ddf.shape[0], *image.shape[1:]).requires_grad_()
+    ref = F.grid_sample(img, grid, mode="nearest", padding_mode=padding, align_corners=True)
+    ref.backward(gout.double())
+    gi_ref = img.grad.sum(0, keepdim=True)
+    assert ref.isinf().any() and gi_ref.isinf().any() and torch.isfinite(gi_ref).sum() > gi_ref.numel() // 2
+    if kernel in ("forward", "ilp2"):
+        out = torch.full(ref.shape, 5.0, dtype=dtype)
+        _emu_warp(warp_emu, kernel, "linear", padding, True, image, ddf, out_size, inn, out=out)
+        assert torch.equal(out.double().nan_to_num(), ref.detach().nan_to_num())
+        assert not out.isnan().any()
+        return
+    _C._set_cpu_simd(False)  # the generic CPU path: the same header arithmetic
+    try:
+        _, gp_ref = torch.ops.medfast.warp_backward(gout, image, None, ddf, list(out_size), "linear", padding, False,
+                                                    True)
+    finally:
+        _C._set_cpu_simd(True)
+    gi = torch.zeros_like(image)
+    gp = torch.full_like(ddf, 7.0)
+    _emu_warp(warp_emu, kernel, "linear", padding, True, image, ddf, out_size, inn, gout=gout, gp=gp, gi=gi)
+    torch.testing.assert_close(gi.double(), gi_ref, equal_nan=True, **_tol(dtype))
+    torch.testing.assert_close(gp, gp_ref, equal_nan=True, **_tol(dtype))

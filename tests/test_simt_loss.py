@@ -406,6 +406,21 @@ def test_soft_kernels_without_cross_entropy(lib, kind, dtype, weighted):
         assert torch.equal(no_ce["sums"][..., :3], with_ce["sums"][..., :3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("C", [3, 17])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_soft_kernels_channels_last(lib, kind, C, ndim, dtype):
+    # channels-last logits and soft targets read in place (SoftVoxel cs = 1, vs = C), the gradient written in
+    # their layout, with and without the cross-entropy sums, against the CPU op (which reads them in place too)
+    spatial, sms = (SPATIAL[2], H100_SMS) if ndim == 2 else (SPATIAL[3], 1)
+    logits, target, weight, gstats = _case(kind, dtype, spatial, 2, C, True, seed=C + ndim)
+    logits, target = _layout(logits, "channels_last"), _layout(target, "channels_last")
+    for ce in (True, False):
+        _against_cpu(lib, kind, logits, target, weight, gstats if ce else None, sms, ce=ce,
+                     kernels=("sums", "grad") if ce else ("sums",))
+
+
 @pytest.mark.parametrize("ce", [True, False])
 @pytest.mark.parametrize("target", ["labels_contiguous", "labels_channels_last", "softmax", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -5,9 +5,11 @@ and the argument checks of compose / resample / integrate."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
 import medfast as mf
+from medfast.ops._reference import ddf_to_grid
 from tests.conftest import identity_grid, simd_and_generic
 
 ops = torch.ops.medfast
@@ -245,3 +247,157 @@ def test_2d_fast_path_equals_the_scalar_2d_loop(mode, padding, grads):
             assert a is None
         else:
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+# ---- taps with interpolation weight 0 next to inf voxels (warp.h tap_product) ---------------------------
+
+
+def _inf_image(shape, dtype, seed, faces=True):
+    """(1, 2, *shape) values in [1, 2) with +inf and -inf voxels, some on the faces (faces=False: none on
+    the last index of an axis, where border padding's clamped pair takes inf - inf as its gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(1, 2, *shape, generator=g, dtype=torch.float64) + 1
+    inner = img[0] if faces else img[0][(slice(None),) + (slice(0, -1),) * len(shape)]
+    for c, sign in ((0, 1.0), (1, -1.0)):
+        plane = inner[c]
+        flat = plane.reshape(-1)
+        picks = torch.randperm(flat.numel(), generator=g)[: flat.numel() // 20]
+        coords = np.unravel_index(picks.numpy(), plane.shape)
+        plane[coords] = sign * float("inf")
+        plane[tuple(torch.tensor(a) for a in np.unravel_index(picks[:1].numpy(), plane.shape))] = -sign * float("inf")
+    if faces:
+        img[0, 0].select(0, 0).select(0, 2).fill_(float("inf"))  # an inf on the first face of axis 0
+    return img.to(dtype)
+
+
+def _gs_mode(mode):
+    return "bilinear" if mode == "linear" else "nearest"
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inf_voxels_give_inf_not_nan_as_grid_sample(ndim, mode, padding, dtype):
+    # A tap with weight 0 multiplied an inf voxel: 0 x inf = NaN. The 2D one-plane view (float32, the 3D AVX2
+    # rows) read every pixel a second time through its phantom axis-0 tap, so any inf pixel read made NaN;
+    # under zeros padding a sample straddling the edge read its outside tap (clamped onto the edge voxel)
+    # with weight 0. grid_sample (align_corners=True: voxel units) and scipy give inf there. Positions are
+    # kept off the grid (and nearest off its ties), where grid_sample's normalized coordinates round.
+    shape = (9, 13, 17) if ndim == 3 else (11, 21)
+    img = _inf_image(shape, dtype, 7 * ndim + len(padding))
+    g = torch.Generator().manual_seed(ndim)
+    size = (1, ndim, *shape)
+    # whole voxels plus a fraction in [0.05, 0.45] or [0.55, 0.95]: 0.05 from the grid and from the ties
+    frac = 0.05 + 0.4 * torch.rand(size, generator=g, dtype=torch.float64) + 0.5 * (torch.rand(size, generator=g) > 0.5)
+    ddf = (torch.randint(-2, 2, size, generator=g) + frac).to(dtype)
+    grid = ddf_to_grid(ddf.double())
+    ref = F.grid_sample(img.double(), grid, mode=_gs_mode(mode), padding_mode=padding, align_corners=True)
+    pos = identity_grid(shape) + ddf[0].double()
+    ref_scipy = torch.stack([torch.from_numpy(map_coordinates(img[0, c].double().numpy(), pos.numpy(), order=int(
+        mode == "linear"), mode={"zeros": "grid-constant", "border": "nearest", "reflection": "mirror"}[padding]))
+        for c in range(2)])[None]
+    assert ref.isinf().sum() > 20 and torch.isfinite(ref).sum() > 100
+    # grid_sample's own 0 x inf: border clamps a coordinate beyond the edge onto the edge voxel exactly, and
+    # its upper tap (weight 0) may be inf; scipy weighs both taps there (not 0). Elsewhere they agree.
+    gs_defined = ~ref.isnan()
+    torch.testing.assert_close(ref[gs_defined], ref_scipy[gs_defined])
+    # an upstream gradient with inf entries (at samples inside the image, where grid_sample's clamped or
+    # reflected taps weigh what ours do): inf to the taps with a weight and nothing to the others
+    inside = torch.stack([(pos[i] >= 0) & (pos[i] <= shape[i] - 1) for i in range(ndim)]).all(0)
+    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    spots = torch.zeros(shape, dtype=torch.bool)
+    spots.view(-1)[::7] = True
+    gout[0, 0][spots & (inside | (padding == "zeros"))] = float("inf")
+    i = img.double().clone().requires_grad_()
+    F.grid_sample(i, grid, mode=_gs_mode(mode), padding_mode=padding, align_corners=True).backward(gout)
+    assert i.grad.isinf().any() and torch.isfinite(i.grad).sum() > i.grad.numel() // 2
+
+    def run():
+        im = img.clone().requires_grad_()
+        d = ddf.clone().requires_grad_(mode == "linear")
+        out = mf.warp(im, d, mode=mode, padding=padding)
+        out.backward(gout.to(dtype))
+        return out.detach().double(), im.grad.double()
+
+    for out, gi in simd_and_generic(run):
+        torch.testing.assert_close(out, ref_scipy, equal_nan=True, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[gs_defined], ref[gs_defined], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gi, i.grad, equal_nan=True, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inf_voxels_position_gradient_matches_grid_sample(ndim, padding, dtype):
+    # d out / d ddf sums d weight / d position x image over the taps; the phantom tap of the 2D one-plane
+    # view (and any tap at an exact position along another axis) has coefficient 0: 0 x inf = NaN. Samples
+    # with every tap inside (grid_sample scales its clamped / reflected coordinate's gradient by 0 or -1 at
+    # the edges): inf or -inf where an inf voxel is read, NaN only where +inf and -inf meet, as grid_sample.
+    shape = (9, 13, 17) if ndim == 3 else (11, 21)
+    img = _inf_image(shape, dtype, 3 * ndim + len(padding))
+    g = torch.Generator().manual_seed(5 + ndim)
+    ddf = torch.rand(1, ndim, *shape, generator=g, dtype=torch.float64) * 0.9 + 0.05  # 0.05 .. 0.95 off the grid
+    pos = identity_grid(shape) + ddf[0]
+    inside = torch.stack([pos[i] < shape[i] - 1 for i in range(ndim)]).all(0)
+    ddf = ddf.to(dtype)
+    d = ddf.double().clone().requires_grad_()
+    F.grid_sample(img.double(), ddf_to_grid(d), mode="bilinear", padding_mode=padding, align_corners=True).sum(
+        ).backward()
+    ref = d.grad[0][:, inside]
+    assert ref.isinf().sum() > 8 and torch.isfinite(ref).sum() > 100
+
+    def run():
+        d = ddf.clone().requires_grad_()
+        mf.warp(img, d, mode="linear", padding=padding).sum().backward()
+        return d.grad[0].double()
+
+    for grad in simd_and_generic(run):
+        torch.testing.assert_close(grad[:, inside], ref, equal_nan=True, atol=1e-4, rtol=1e-5)
+
+
+def _padded_index(i, n, padding):
+    """Index i (integer tensor) beyond [0, n) as the paddings extend the image: None outside under zeros."""
+    if padding == "zeros":
+        return i.clamp(0, n - 1), (i >= 0) & (i < n)
+    if padding == "border":
+        return i.clamp(0, n - 1), torch.ones_like(i, dtype=torch.bool)
+    p = max(2 * (n - 1), 1)
+    j = i.remainder(p)
+    return torch.minimum(j, p - j) if n > 1 else torch.zeros_like(i), torch.ones_like(i, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_warp_at_exact_grid_positions_reads_only_its_voxel(ndim, padding, dtype):
+    # At an integer position linear interpolation is the voxel's value: the upper tap weighs 0 and must not
+    # add 0 x inf. Integer shifts (some outside) against plain indexing; an identity warp's position
+    # gradient is the one-sided difference to the next voxel (the image extended by the padding), finite
+    # beside an inf voxel that lies along another axis (its coefficient is 0 there).
+    shape = (7, 9, 16) if ndim == 3 else (9, 16)
+    img = _inf_image(shape, dtype, 11 * ndim + len(padding), faces=padding != "border")
+    g = torch.Generator().manual_seed(ndim)
+    shift = torch.randint(-1, 2, (1, ndim, *shape), generator=g)
+    pos = identity_grid(shape).long() + shift[0]
+    idx, valid = zip(*(_padded_index(pos[i], shape[i], padding) for i in range(ndim)))
+    ref = torch.where(torch.stack(valid).all(0), img[0][(slice(None), *idx)], torch.zeros((), dtype=dtype))
+    assert ref.isinf().sum() > 8
+
+    def run():
+        out = mf.warp(img, shift.to(dtype), padding=padding)
+        d = torch.zeros(1, ndim, *shape, dtype=dtype, requires_grad=True)
+        mf.warp(img, d, padding=padding).sum().backward()
+        return out, d.grad
+
+    base = identity_grid(shape).long()
+    for out, grad in simd_and_generic(run):
+        assert torch.equal(out[0], ref)
+        for ax in range(ndim):
+            nxt = base.clone()
+            nxt[ax] += 1
+            nidx, nvalid = zip(*(_padded_index(nxt[i], shape[i], padding) for i in range(ndim)))
+            upper = torch.where(torch.stack(nvalid).all(0), img[0][(slice(None), *nidx)], torch.zeros((), dtype=dtype))
+            diff = (upper - img[0]).sum(0)  # summed over the channels
+            assert torch.isfinite(diff).sum() > diff.numel() // 2
+            torch.testing.assert_close(grad[0, ax], diff, equal_nan=True, atol=1e-5, rtol=1e-5)

@@ -55,6 +55,33 @@ struct LabelRange {
   MEDFAST_HOST_DEVICE int64_t bad_hi(int64_t C) const { return hi >= C ? hi : int64_t(0); }
 };
 
+// A label map whose integer type is known at run time (uint8, int32 or int64), read as int64 (exact).
+// The arithmetic below is compiled for int64 labels only: the launchers read each label map in its own
+// type through this (the CUDA kernels one label per thread, a uniform branch; the CPU launcher a block at
+// a time into int64), instead of one instantiation of every kernel per label type.
+struct AnyLabels {
+  enum Kind : int { kU8 = 0, kI32 = 1, kI64 = 2 };
+  const void* p;
+  int kind;
+  MEDFAST_HOST_DEVICE int64_t operator[](int64_t i) const {
+    return kind == kU8    ? static_cast<int64_t>(static_cast<const uint8_t*>(p)[i])
+           : kind == kI32 ? static_cast<int64_t>(static_cast<const int32_t*>(p)[i])
+                          : static_cast<const int64_t*>(p)[i];
+  }
+  // Labels [v0, v0 + nv) as int64: in place for int64 labels, else converted into buf (a loop per type).
+  MEDFAST_HOST_DEVICE const int64_t* block(int64_t v0, int nv, int64_t* buf) const {
+    if (kind == kI64) return static_cast<const int64_t*>(p) + v0;
+    if (kind == kU8) {
+      const uint8_t* s = static_cast<const uint8_t*>(p) + v0;
+      for (int v = 0; v < nv; ++v) buf[v] = s[v];
+    } else {
+      const int32_t* s = static_cast<const int32_t*>(p) + v0;
+      for (int v = 0; v < nv; ++v) buf[v] = s[v];
+    }
+    return buf;
+  }
+};
+
 // exp(x) for x <= 0 in float without a library call, branch-free so that loops over voxels
 // vectorize (Cody-Waite range reduction and a degree-6 polynomial, about 2 ulp); double uses exp.
 MEDFAST_HOST_DEVICE float exp_nonpositive(float x_in) {

@@ -131,7 +131,8 @@ void finalize_block_sums(const Finalize<T>& f, T* sums) {
 
 // Channels-last logits (cs = 1, vs = C): the block's nv voxels are gathered into buf[c * kBlock + v],
 // the layout the arithmetic reads (a block at a time: no copy of the logits; the same values, so the same
-// results bitwise). Returns the block's logits and sets cs; contiguous logits are read in place.
+// results bitwise). Returns the block's logits and sets cs; contiguous logits are read in place. Soft
+// targets, in the logits' layout (target_like), are read the same way.
 template <typename S>
 MEDFAST_HOST_DEVICE const S* block_logits(const S* z, const LogitsLayout& l, int64_t C, int64_t N, int64_t b,
                                           int64_t x0, int nv, S* buf, int64_t& cs) {
@@ -146,12 +147,27 @@ MEDFAST_HOST_DEVICE const S* block_logits(const S* z, const LogitsLayout& l, int
   return buf;
 }
 
+// The gradient of a block (gb, from block_grad) into the logits' layout: scattered back for channels-last.
+template <typename S>
+MEDFAST_HOST_DEVICE S* block_grad(S* gz, const LogitsLayout& l, int64_t C, int64_t N, int64_t b, int64_t x0, S* buf) {
+  return l.channels_last ? buf : gz + b * C * N + x0;
+}
+template <typename S>
+MEDFAST_HOST_DEVICE void store_block_grad(S* gz, const LogitsLayout& l, int64_t C, int64_t N, int64_t b, int64_t x0,
+                                          int nv, const S* gb) {
+  if (!l.channels_last) return;  // written in place
+  S* dst = gz + (b * N + x0) * C;
+  for (int v = 0; v < nv; ++v)
+    for (int64_t c = 0; c < C; ++c) dst[v * C + c] = gb[c * kBlock + v];
+}
+
 std::tuple<Tensor, Tensor> softmax_stats_cpu(const Tensor& logits_in, const Tensor& labels_in,
                                              const OptTensor& weight_in, std::optional<int64_t> ignore_index,
                                              bool ce) {
   const LogitsLayout l = logits_layout(logits_in);
   const Tensor& logits = l.t;
   const Tensor labels = label_tensor(labels_in);
+  const AnyLabels y = any_labels(labels);
   const Tensor weight = as_double(weight_in);
   const Blocks bl(logits);
   const int64_t C = bl.C, N = bl.N;
@@ -162,19 +178,18 @@ std::tuple<Tensor, Tensor> softmax_stats_cpu(const Tensor& logits_in, const Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    with_labels(labels, [&](const auto* y) {
-      out = sum_blocks<T>(
-          logits, bl, C + 2 + (l.channels_last ? C : 0),  // + the gathered block (S is never wider than T)
-          [&](int64_t b, int64_t x0, int nv, double* acc, LabelRange& r, T* e) MEDFAST_INLINE_LAMBDA {
-            const int64_t v0 = b * N + x0;
-            int64_t cs;
-            const scalar_t* zb = block_logits(z, l, C, N, b, x0, nv, reinterpret_cast<scalar_t*>(e + (C + 2) * kBlock),
-                                              cs);
-            stats_block(zb, C, cs, y + v0, rule, ce, w ? w + v0 : nullptr, nv, acc, e, e + C * kBlock,
-                        e + (C + 1) * kBlock, r);
-          },
-          &range);
-    });
+    out = sum_blocks<T>(
+        logits, bl, C + 2 + (l.channels_last ? C : 0),  // + the gathered block (S is never wider than T)
+        [&](int64_t b, int64_t x0, int nv, double* acc, LabelRange& r, T* e) MEDFAST_INLINE_LAMBDA {
+          const int64_t v0 = b * N + x0;
+          int64_t yb[kBlock];  // the block's labels as int64 (AnyLabels::block; int64 ones in place)
+          int64_t cs;
+          const scalar_t* zb = block_logits(z, l, C, N, b, x0, nv, reinterpret_cast<scalar_t*>(e + (C + 2) * kBlock),
+                                            cs);
+          stats_block(zb, C, cs, y.block(v0, nv, yb), rule, ce, w ? w + v0 : nullptr, nv, acc, e, e + C * kBlock,
+                      e + (C + 1) * kBlock, r);
+        },
+        &range);
   });
   return {out, range_tensor(range, C, logits)};
 }
@@ -184,6 +199,7 @@ Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits
   const LogitsLayout l = logits_layout(logits_in);
   const Tensor& logits = l.t;
   const Tensor labels = label_tensor(labels_in);
+  const AnyLabels y = any_labels(labels);
   const Tensor weight = as_double(weight_in), g = grad_stats.to(at::kDouble).contiguous();
   const Blocks bl(logits);
   const int64_t C = bl.C, N = bl.N;
@@ -195,64 +211,156 @@ Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    with_labels(labels, [&](const auto* y) {
-      for_blocks<T>(bl, C + 4 + (l.channels_last ? 2 * C : 0),  // + the gathered block and its gradient
-                    [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
-        const int64_t v0 = b * N + x0;
-        scalar_t* buf = reinterpret_cast<scalar_t*>(e + (C + 4) * kBlock);
-        int64_t cs;
-        const scalar_t* zb = block_logits(z, l, C, N, b, x0, nv, buf, cs);
-        // channels-last: the block's gradient in buf's second half, then scattered to the logits' layout
-        scalar_t* gb = l.channels_last ? buf + C * kBlock : gz + b * C * N + x0;
-        stats_backward_block(zb, C, cs, y + v0, rule, w ? w + v0 : nullptr, nv, gs + b * C * kStats, gb, e,
-                             e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
-        if (l.channels_last) {
-          scalar_t* dst = gz + (b * N + x0) * C;
-          for (int v = 0; v < nv; ++v)
-            for (int64_t c = 0; c < C; ++c) dst[v * C + c] = gb[c * kBlock + v];
-        }
-      });
+    for_blocks<T>(bl, C + 4 + (l.channels_last ? 2 * C : 0),  // + the gathered block and its gradient
+                  [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
+      const int64_t v0 = b * N + x0;
+      int64_t yb[kBlock];
+      scalar_t* buf = reinterpret_cast<scalar_t*>(e + (C + 4) * kBlock);
+      int64_t cs;
+      const scalar_t* zb = block_logits(z, l, C, N, b, x0, nv, buf, cs);
+      // channels-last: the block's gradient in buf's second half, then scattered to the logits' layout
+      scalar_t* gb = block_grad(gz, l, C, N, b, x0, buf + C * kBlock);
+      stats_backward_block(zb, C, cs, y.block(v0, nv, yb), rule, w ? w + v0 : nullptr, nv, gs + b * C * kStats, gb,
+                           e, e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
+      store_block_grad(gz, l, C, N, b, x0, nv, gb);
     });
   });
   return grad;
 }
 
-// Sigmoid targets: the classes are independent, so each (batch, class) row of the logits is a batch
-// element of its own with one class (blocks of one row stream through two arrays, the logits and the
-// target, not 2 C rows at a time), in blocks of kRowBlock voxels (the sigmoid loops use no scratch).
-// Voxel weights stay per batch element: row r takes those of r / C.
-static Blocks soft_blocks(const Tensor& logits, bool sigmoid) {
+// Sigmoid targets, contiguous: the classes are independent, so each (batch, class) row of the logits is a
+// batch element of its own with one class (blocks of one row stream through two arrays, the logits and
+// the target, not 2 C rows at a time), in blocks of kRowBlock voxels (the sigmoid loops use no scratch).
+// Voxel weights stay per batch element: row r takes those of r / C. Channels-last logits (and targets)
+// go in blocks of all classes, gathered (SoftIo): kBlock voxels for softmax, as contiguous ones; kRowBlock
+// for sigmoid, so that each class's block sums are the rows' (the contiguous results bitwise, on one
+// thread; the chunks of several threads split the blocks elsewhere).
+static Blocks soft_blocks(const Tensor& logits, bool sigmoid, bool channels_last) {
   if (!sigmoid) return Blocks(logits);
+  if (channels_last) return Blocks(logits, kRowBlock);
   const int64_t rows = logits.size(0) * logits.size(1);
   return Blocks(logits.view({rows, 1, rows > 0 ? logits.numel() / rows : 0}), kRowBlock);
 }
 
+// The soft-target loops are compiled for R = float and double only (each is four loops, times two ISAs,
+// times weighted or not: most of this file's code): float16 / bfloat16 logits and targets are converted to
+// float a block at a time (the values the loops converted on every read: the same results bitwise), and
+// their gradient converted back. SoftIo reads a block of `rows` rows of nv voxels (row r at p[r * cs],
+// or channels-last at p[v * C + r]) as R: float32 / double contiguous in place, else into buf[r * len + v].
+// (always inlined, as the block bodies: compiled into their AVX2 copies too)
+#define MEDFAST_INLINE inline __attribute__((always_inline))
+template <typename R>
+struct SoftIo {
+  const void* z;
+  const void* t;
+  void* gz;
+  at::ScalarType type;
+  bool cl;
+  int64_t C, N, rows, len;
+  template <typename S>
+  MEDFAST_INLINE static const R* gather(const S* src, bool cl, int64_t C, int64_t rows, int64_t cs, int nv, int64_t len, R* buf) {
+    if (cl) {  // (a row at a time: contiguous stores; over the classes of a voxel, few classes ran slowly)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int v = 0; v < nv; ++v) buf[r * len + v] = static_cast<R>(src[v * C + r]);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int v = 0; v < nv; ++v) buf[r * len + v] = static_cast<R>(src[r * cs + v]);
+    }
+    return buf;
+  }
+  // Offset of block (b, x0): b is a batch element (cl) or a row of the contiguous (B C, 1, N) view.
+  MEDFAST_INLINE int64_t offset(int64_t b, int64_t x0) const { return cl ? (b * N + x0) * C : b * rows * N + x0; }
+  // The block of p (logits or targets) as R; cs is set to its class stride.
+  MEDFAST_INLINE const R* read(const void* p, int64_t b, int64_t x0, int nv, R* buf, int64_t& cs) const {
+    const int64_t off = offset(b, x0);
+    cs = cl ? len : N;
+    if constexpr (std::is_same_v<R, double>) {
+      if (!cl) return static_cast<const double*>(p) + off;
+      return gather(static_cast<const double*>(p) + off, cl, C, rows, N, nv, len, buf);
+    } else {
+      switch (type) {
+        case at::kHalf:
+          cs = len;
+          return gather(static_cast<const at::Half*>(p) + off, cl, C, rows, N, nv, len, buf);
+        case at::kBFloat16:
+          cs = len;
+          return gather(static_cast<const at::BFloat16*>(p) + off, cl, C, rows, N, nv, len, buf);
+        default:
+          if (!cl) return static_cast<const float*>(p) + off;
+          return gather(static_cast<const float*>(p) + off, cl, C, rows, N, nv, len, buf);
+      }
+    }
+  }
+  MEDFAST_INLINE bool in_place() const { return !cl && (std::is_same_v<R, double> || type == at::kFloat); }
+  // Where the block's gradient goes (class stride: the one read() gave): in place, or buf.
+  MEDFAST_INLINE R* grad_block(int64_t b, int64_t x0, R* buf) const {
+    return in_place() ? static_cast<R*>(gz) + offset(b, x0) : buf;
+  }
+  template <typename S>
+  MEDFAST_INLINE void scatter(const R* g, int64_t b, int64_t x0, int nv) const {
+    S* dst = static_cast<S*>(gz) + offset(b, x0);
+    if (cl) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int v = 0; v < nv; ++v) dst[v * C + r] = static_cast<S>(g[r * len + v]);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int v = 0; v < nv; ++v) dst[r * N + v] = static_cast<S>(g[r * len + v]);
+    }
+  }
+  // The block's gradient from grad_block into the logits' gradient (converted, and scattered for channels-last).
+  MEDFAST_INLINE void store_grad(const R* g, int64_t b, int64_t x0, int nv) const {
+    if (in_place()) return;
+    if constexpr (std::is_same_v<R, double>) {
+      scatter<double>(g, b, x0, nv);
+    } else {
+      if (type == at::kHalf) scatter<at::Half>(g, b, x0, nv);
+      else if (type == at::kBFloat16) scatter<at::BFloat16>(g, b, x0, nv);
+      else scatter<float>(g, b, x0, nv);
+    }
+  }
+};
+
+// f(R{}) with R = double for double logits, else float (SoftIo converts float16 / bfloat16).
+template <typename F>
+void dispatch_soft(at::ScalarType type, F&& f) {
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
+                   "medfast soft_stats: logits must be floating, got ", type);
+  if (type == at::kDouble)
+    f(double{});
+  else
+    f(float{});
+}
+
 Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid,
                       bool ce) {
-  const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
+  const LogitsLayout l = logits_layout(logits_in);
+  const Tensor& logits = l.t;
+  const Tensor target = target_like(target_in, l);
   const Tensor weight = as_double(weight_in);
   const int64_t C = logits.size(1);
-  const Blocks bl = soft_blocks(logits, sigmoid);
+  const bool cl = l.channels_last;
+  const Blocks bl = soft_blocks(logits, sigmoid, cl);
   const int64_t N = bl.N, rows = bl.C;  // rows: the classes of a block
+  const bool row_view = sigmoid && !cl;  // blocks of one (batch, class) row
   const double* w = weights(weight);
   Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_soft_stats", [&] {
-    using T = compute_t<scalar_t>;
-    const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    const scalar_t* t = target.const_data_ptr<scalar_t>();
+  dispatch_soft(logits.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);  // (R of SoftIo: the compute type)
+    const SoftIo<T> io{logits.const_data_ptr(), target.const_data_ptr(), nullptr, logits.scalar_type(), cl, C, N,
+                       rows, bl.len};
+    // scratch: the softmax's (rows + 2) x kBlock, then the logits' and targets' blocks (rows x len each)
+    const int64_t buf0 = (rows + 2) * kBlock, buf_len = rows * bl.len;
     // Four loops, each compiled for its case (sigmoid or softmax, with or without the CE term).
     auto sums = [&](auto sig, auto with_ce) {
       constexpr bool kSigmoid = decltype(sig)::value, kCe = decltype(with_ce)::value;
-      return sum_blocks<T>(logits, bl, rows + 2,
+      return sum_blocks<T>(logits, bl, (buf0 + 2 * buf_len) / kBlock,
                            [&](int64_t b, int64_t x0, int nv, double* acc, LabelRange&, T* e) MEDFAST_INLINE_LAMBDA {
-        const int64_t off = b * rows * N + x0;
-        if constexpr (kSigmoid) {
-          const double* wv = w ? w + b / C * N + x0 : nullptr;
-          soft_stats_block<true, kCe>(z + off, t + off, 1, N, wv, nv, acc, e, e + kBlock, e + 2 * kBlock);
-        } else {
-          const double* wv = w ? w + b * N + x0 : nullptr;
-          soft_stats_block<false, kCe>(z + off, t + off, C, N, wv, nv, acc, e, e + C * kBlock, e + (C + 1) * kBlock);
-        }
+        int64_t cs;
+        const T* zb = io.read(io.z, b, x0, nv, e + buf0, cs);
+        const T* tb = io.read(io.t, b, x0, nv, e + buf0 + buf_len, cs);
+        // voxel weights per batch element (a row of the contiguous sigmoid's view is one class of one)
+        const double* wv = w ? w + (row_view ? b / C : b) * N + x0 : nullptr;
+        soft_stats_block<kSigmoid, kCe>(zb, tb, rows, cs, wv, nv, acc, e, e + rows * kBlock, e + (rows + 1) * kBlock);
       });
     };
     using Yes = std::true_type;
@@ -264,30 +372,38 @@ Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const Op
 
 Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in, const Tensor& target_in,
                                const OptTensor& weight_in, bool sigmoid) {
-  const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
+  const LogitsLayout l = logits_layout(logits_in);
+  const Tensor& logits = l.t;
+  const Tensor target = target_like(target_in, l);
   const Tensor weight = as_double(weight_in), g = grad_stats.to(at::kDouble).contiguous();
   const int64_t C = logits.size(1);
-  const Blocks bl = soft_blocks(logits, sigmoid);
+  const bool cl = l.channels_last;
+  const Blocks bl = soft_blocks(logits, sigmoid, cl);
   const int64_t N = bl.N, rows = bl.C;
-  Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  const bool row_view = sigmoid && !cl;
+  Tensor grad = grad_like(l);
   const double* w = weights(weight);
   const double* gs = g.const_data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_soft_stats_bwd", [&] {
-    using T = compute_t<scalar_t>;
-    const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    const scalar_t* t = target.const_data_ptr<scalar_t>();
-    scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    for_blocks<T>(bl, rows + 3, [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
-      const int64_t off = b * rows * N + x0;
-      if (sigmoid) {
-        const double* wv = w ? w + b / C * N + x0 : nullptr;
-        soft_stats_backward_block<true>(z + off, t + off, 1, N, wv, nv, gs + b * kStats, gz + off, e, e + kBlock,
-                                        e + 2 * kBlock, e + 3 * kBlock);
-      } else {
-        const double* wv = w ? w + b * N + x0 : nullptr;
-        soft_stats_backward_block<false>(z + off, t + off, C, N, wv, nv, gs + b * C * kStats, gz + off, e,
-                                         e + C * kBlock, e + (C + 1) * kBlock, e + (C + 2) * kBlock);
-      }
+  dispatch_soft(logits.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const SoftIo<T> io{logits.const_data_ptr(), target.const_data_ptr(), grad.mutable_data_ptr(), logits.scalar_type(),
+                       cl, C, N, rows, bl.len};
+    // scratch: the softmax's (rows + 3) x kBlock, then the blocks of the logits, targets and gradient
+    const int64_t buf0 = (rows + 3) * kBlock, buf_len = rows * bl.len;
+    for_blocks<T>(bl, (buf0 + 3 * buf_len) / kBlock, [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
+      int64_t cs;
+      const T* zb = io.read(io.z, b, x0, nv, e + buf0, cs);
+      const T* tb = io.read(io.t, b, x0, nv, e + buf0 + buf_len, cs);
+      T* gb = io.grad_block(b, x0, e + buf0 + 2 * buf_len);
+      const double* wv = w ? w + (row_view ? b / C : b) * N + x0 : nullptr;
+      const double* gsb = gs + b * rows * kStats;
+      if (sigmoid)
+        soft_stats_backward_block<true>(zb, tb, rows, cs, wv, nv, gsb, gb, e, e + rows * kBlock,
+                                        e + (rows + 1) * kBlock, e + (rows + 2) * kBlock);
+      else
+        soft_stats_backward_block<false>(zb, tb, rows, cs, wv, nv, gsb, gb, e, e + rows * kBlock,
+                                         e + (rows + 1) * kBlock, e + (rows + 2) * kBlock);
+      io.store_grad(gb, b, x0, nv);
     });
   });
   return grad;

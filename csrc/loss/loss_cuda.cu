@@ -88,8 +88,8 @@ bool warp_sums() {
   return v != nullptr && std::strcmp(v, "warp") == 0;
 }
 
-template <typename S, typename T, typename L>
-Tensor launch_label_sums_warp(const LabelVoxel<S, T, L>& voxel, const Shape& s, const Tensor& logits) {
+template <typename S, typename T>
+Tensor launch_label_sums_warp(const LabelVoxel<S, T>& voxel, const Shape& s, const Tensor& logits) {
   TORCH_CHECK_VALUE(s.B <= 65535, "medfast softmax_stats: batch size ", s.B, " exceeds the CUDA grid limit 65535");
   if (s.B == 0) return at::zeros({0, s.C, kStats}, logits.options().dtype(stats_dtype(logits.scalar_type())));
   const int threads = plan_label_threads(s.C, sizeof(T));
@@ -100,7 +100,7 @@ Tensor launch_label_sums_warp(const LabelVoxel<S, T, L>& voxel, const Shape& s, 
                     optin, "; use fewer classes per call or the CPU");
   const int64_t blocks = sum_blocks_per_batch(s.B, s.N, threads, sm_count()), chunk = sum_chunk(s.N, blocks);
   Tensor partial = at::empty({s.B, blocks, s.C, kStats}, logits.options().dtype(c10::CppTypeToScalarType<T>::value));
-  auto kernel = label_sums_warp_kernel<S, T, L>;
+  auto kernel = label_sums_warp_kernel<S, T>;
   allow_smem(kernel, static_cast<size_t>(bytes));
   kernel<<<dim3(blocks, s.B), threads, static_cast<size_t>(bytes), at::cuda::getCurrentCUDAStream()>>>(
       voxel, chunk, partial.mutable_data_ptr<T>());
@@ -170,22 +170,19 @@ std::tuple<Tensor, Tensor> softmax_stats_cuda(const Tensor& logits_in, const Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_softmax_stats_cuda", [&] {
     using T = compute_t<scalar_t>;
     const Tensor weight = weight_as(weight_in, c10::CppTypeToScalarType<T>::value);
-    with_labels(labels, [&](const auto* y) {
-      using L = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
-      const LabelVoxel<scalar_t, T, L> voxel{logits.const_data_ptr<scalar_t>(),
-                                             y,
-                                             ptr_or_null<T>(weight),
-                                             nullptr,
-                                             nullptr,
-                                             s.C,
-                                             s.N,
-                                             l.cs,
-                                             l.vs,
-                                             rule,
-                                             ce,
-                                             reinterpret_cast<long long*>(range.mutable_data_ptr<int64_t>())};
-      out = warp_sums() ? launch_label_sums_warp(voxel, s, logits) : launch_sums<T>(voxel, s, logits, "softmax_stats");
-    });
+    const LabelVoxel<scalar_t, T> voxel{logits.const_data_ptr<scalar_t>(),
+                                        any_labels(labels),
+                                        ptr_or_null<T>(weight),
+                                        nullptr,
+                                        nullptr,
+                                        s.C,
+                                        s.N,
+                                        l.cs,
+                                        l.vs,
+                                        rule,
+                                        ce,
+                                        reinterpret_cast<long long*>(range.mutable_data_ptr<int64_t>())};
+    out = warp_sums() ? launch_label_sums_warp(voxel, s, logits) : launch_sums<T>(voxel, s, logits, "softmax_stats");
   });
   return {out, range};
 }
@@ -204,22 +201,19 @@ Tensor softmax_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logit
     using T = compute_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<T>::value;
     const Tensor weight = weight_as(weight_in, acc), g = grad_stats.to(acc).contiguous();
-    with_labels(labels, [&](const auto* y) {
-      using L = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
-      const LabelVoxel<scalar_t, T, L> voxel{logits.const_data_ptr<scalar_t>(),
-                                             y,
-                                             ptr_or_null<T>(weight),
-                                             g.const_data_ptr<T>(),
-                                             grad.mutable_data_ptr<scalar_t>(),
-                                             s.C,
-                                             s.N,
-                                             l.cs,
-                                             l.vs,
-                                             rule,
-                                             true,
-                                             nullptr};
-      launch_grad<T>(voxel, s, "softmax_stats_backward");
-    });
+    const LabelVoxel<scalar_t, T> voxel{logits.const_data_ptr<scalar_t>(),
+                                        any_labels(labels),
+                                        ptr_or_null<T>(weight),
+                                        g.const_data_ptr<T>(),
+                                        grad.mutable_data_ptr<scalar_t>(),
+                                        s.C,
+                                        s.N,
+                                        l.cs,
+                                        l.vs,
+                                        rule,
+                                        true,
+                                        nullptr};
+    launch_grad<T>(voxel, s, "softmax_stats_backward");
   });
   return grad;
 }
@@ -227,7 +221,9 @@ Tensor softmax_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logit
 Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid,
                        bool ce) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
+  const LogitsLayout l = logits_layout(logits_in);
+  const Tensor& logits = l.t;
+  const Tensor target = target_like(target_in, l);
   const Shape s(logits);
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_soft_stats_cuda", [&] {
@@ -238,11 +234,11 @@ Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const O
     const T* w = ptr_or_null<T>(weight);
     auto sums = [&](auto voxel) { return launch_sums<T>(voxel, s, logits, "soft_stats"); };
     if (sigmoid)
-      out = ce ? sums(SoftVoxel<true, true, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N})
-               : sums(SoftVoxel<true, false, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N});
+      out = ce ? sums(SoftVoxel<true, true, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs})
+               : sums(SoftVoxel<true, false, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs});
     else
-      out = ce ? sums(SoftVoxel<false, true, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N})
-               : sums(SoftVoxel<false, false, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N});
+      out = ce ? sums(SoftVoxel<false, true, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs})
+               : sums(SoftVoxel<false, false, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs});
   });
   return out;
 }
@@ -250,25 +246,27 @@ Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const O
 Tensor soft_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits_in, const Tensor& target_in,
                                 const OptTensor& weight_in, bool sigmoid) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Tensor logits = logits_in.contiguous(), target = target_in.contiguous().to(logits.scalar_type());
+  const LogitsLayout l = logits_layout(logits_in);
+  const Tensor& logits = l.t;
+  const Tensor target = target_like(target_in, l);
   const Shape s(logits);
-  Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  Tensor grad = grad_like(l);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "medfast_soft_stats_bwd_cuda", [&] {
     using T = compute_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<T>::value;
     const Tensor weight = weight_as(weight_in, acc), g = grad_stats.to(acc).contiguous();
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();
+    const T* w = ptr_or_null<T>(weight);
+    const T* gs = g.const_data_ptr<T>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
     // (the gradient does not depend on CE: one instantiation)
     if (sigmoid)
-      launch_grad<T>(
-          SoftVoxel<true, true, scalar_t, T>{z, t, ptr_or_null<T>(weight), g.const_data_ptr<T>(), gz, s.C, s.N}, s,
-          "soft_stats_backward");
+      launch_grad<T>(SoftVoxel<true, true, scalar_t, T>{z, t, w, gs, gz, s.C, s.N, l.cs, l.vs}, s,
+                     "soft_stats_backward");
     else
-      launch_grad<T>(
-          SoftVoxel<false, true, scalar_t, T>{z, t, ptr_or_null<T>(weight), g.const_data_ptr<T>(), gz, s.C, s.N}, s,
-          "soft_stats_backward");
+      launch_grad<T>(SoftVoxel<false, true, scalar_t, T>{z, t, w, gs, gz, s.C, s.N, l.cs, l.vs}, s,
+                     "soft_stats_backward");
   });
   return grad;
 }

@@ -72,12 +72,14 @@ __device__ void store_block_sums(const T* smem, int64_t n, T* partial) {
 // the thread's range); report(range) adds a thread's range to the call's, once at the end; grad(b, x, i, e)
 // writes its gradient (i = b N + x). Scratch e: C + 2 (sums) or C + 4 (gradients) entries.
 //
-// Labels of type L (uint8, int32, int64). Logits (and their gradient) at z[b C N + c cs + x vs]:
-// contiguous (cs = N, vs = 1) or channels-last (cs = 1, vs = C; a thread reads its voxel's C adjacent values).
-template <typename S, typename T, typename L>
+// Labels uint8, int32 or int64, their type known at run time (AnyLabels: one instantiation of each kernel for
+// all label types; a thread reads its voxel's label once, as int64). Logits (and their gradient) at
+// z[b C N + c cs + x vs]: contiguous (cs = N, vs = 1) or channels-last (cs = 1, vs = C; a thread reads its
+// voxel's C adjacent values).
+template <typename S, typename T>
 struct LabelVoxel {
   const S* z;
-  const L* y;
+  AnyLabels y;
   const T* w;
   const T* g;  // gradients of the sums (backward only)
   S* gz;
@@ -86,8 +88,8 @@ struct LabelVoxel {
   bool ce;             // the cross-entropy sums (else E stays 0)
   long long* range;    // (2,) the call's LabelRange, zeros at the start (sums only)
   __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e, LabelRange& r) const {
-    const int64_t v = b * N + x;
-    stats_block(z + b * C * N + x * vs, C, cs, y + v, rule, ce, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1, r);
+    const int64_t v = b * N + x, label = y[v];
+    stats_block(z + b * C * N + x * vs, C, cs, &label, rule, ce, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1, r);
   }
   // Integer atomics, and only for bad labels (none in a good call): deterministic, and no contention.
   __device__ void report(const LabelRange& r) const {
@@ -95,13 +97,14 @@ struct LabelVoxel {
     if (r.hi >= C) atomicMax(range + 1, static_cast<long long>(r.hi));
   }
   __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
-    const int64_t off = b * C * N + x * vs;
-    stats_backward_block(z + off, C, cs, y + i, rule, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off, e, e + C,
+    const int64_t off = b * C * N + x * vs, label = y[i];
+    stats_backward_block(z + off, C, cs, &label, rule, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off, e, e + C,
                          e + C + 1, e + C + 2);
   }
 };
 
-// CE = false: E stays 0 (no logarithms).
+// CE = false: E stays 0 (no logarithms). Logits, targets (the same layout) and the gradient at
+// z[b C N + c cs + x vs], as LabelVoxel's.
 template <bool SIGMOID, bool CE, typename S, typename T>
 struct SoftVoxel {
   const S* z;
@@ -109,15 +112,15 @@ struct SoftVoxel {
   const T* w;
   const T* g;
   S* gz;
-  int64_t C, N;
+  int64_t C, N, cs, vs;
   __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e, LabelRange&) const {
-    const int64_t off = b * C * N + x;
-    soft_stats_block<SIGMOID, CE>(z + off, tg + off, C, N, w ? w + b * N + x : nullptr, 1, acc, e, e + C, e + C + 1);
+    const int64_t off = b * C * N + x * vs;
+    soft_stats_block<SIGMOID, CE>(z + off, tg + off, C, cs, w ? w + b * N + x : nullptr, 1, acc, e, e + C, e + C + 1);
   }
   __device__ void report(const LabelRange&) const {}
   __device__ void grad(int64_t b, int64_t x, int64_t i, Strided<T> e) const {
-    const int64_t off = b * C * N + x;
-    soft_stats_backward_block<SIGMOID>(z + off, tg + off, C, N, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off,
+    const int64_t off = b * C * N + x * vs;
+    soft_stats_backward_block<SIGMOID>(z + off, tg + off, C, cs, w ? w + i : nullptr, 1, g + b * C * kStats, gz + off,
                                        e, e + C, e + C + 1, e + C + 2);
   }
 };
@@ -160,8 +163,8 @@ inline int plan_label_threads(int64_t C, int64_t itemsize) {
 
 // Grid (blocks per batch element, B) as sums_kernel; block x of batch b sums voxels [x chunk,
 // (x+1) chunk) in rounds of blockDim.x voxels. Shared memory: label_warp_values(blockDim.x, C).
-template <typename S, typename T, typename L>
-__global__ void label_sums_warp_kernel(const LabelVoxel<S, T, L> v, int64_t chunk, T* partial) {
+template <typename S, typename T>
+__global__ void label_sums_warp_kernel(const LabelVoxel<S, T> v, int64_t chunk, T* partial) {
   MEDFAST_DYNAMIC_SHARED(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t C = v.C, N = v.N, pitch = label_row_pitch(C);
@@ -176,8 +179,9 @@ __global__ void label_sums_warp_kernel(const LabelVoxel<S, T, L> v, int64_t chun
     const int64_t x = x0 + r * nt + t;
     const bool active = x < x1;
     const int64_t xi = active ? x : x0;  // an in-range address for the pointers of an inactive thread
-    label_voxel_row(v.z + b * C * N + xi * v.vs, C, v.cs, v.y + b * N + xi, v.rule, v.ce,
-                    v.w ? v.w + b * N + xi : nullptr, active, row, range);
+    const int64_t label = v.y[b * N + xi];
+    label_voxel_row(v.z + b * C * N + xi * v.vs, C, v.cs, &label, v.rule, v.ce, v.w ? v.w + b * N + xi : nullptr,
+                    active, row, range);
     __syncthreads();
     const T* rows = smem + int64_t(warp) * 32 * pitch;
     for (int64_t c = lane; c < C; c += 32) {

@@ -19,33 +19,26 @@ using OptTensor = std::optional<Tensor>;
 // Sums are returned in float64 for float64 logits, else float32 (accumulated in double on CPU).
 inline at::ScalarType stats_dtype(at::ScalarType logits) { return logits == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Labels as the kernels read them: uint8, int32 and int64 as they are (the usual label maps; each is a
-// kernel instantiation, so not every integer type), any other integer type as an int64 copy.
+// Labels as the kernels read them: uint8, int32 and int64 as they are (the usual label maps, read through
+// AnyLabels: no copy), any other integer type as an int64 copy.
 inline Tensor label_tensor(const Tensor& labels) {
   const auto t = labels.scalar_type();
   return t == at::kByte || t == at::kInt || t == at::kLong ? labels.contiguous() : labels.contiguous().to(at::kLong);
 }
 
-// f(pointer to the labels' data) with the pointer's type the labels' (after label_tensor).
-template <typename F>
-void with_labels(const Tensor& labels, F&& f) {
-  switch (labels.scalar_type()) {
-    case at::kByte:
-      return f(labels.const_data_ptr<uint8_t>());
-    case at::kInt:
-      return f(labels.const_data_ptr<int32_t>());
-    default:
-      return f(labels.const_data_ptr<int64_t>());
-  }
+// The labels' data (after label_tensor) with their type.
+inline AnyLabels any_labels(const Tensor& labels) {
+  const auto t = labels.scalar_type();
+  return {labels.const_data_ptr(), t == at::kByte ? AnyLabels::kU8 : t == at::kInt ? AnyLabels::kI32 : AnyLabels::kI64};
 }
 
 inline LabelRule label_rule(int64_t C, std::optional<int64_t> ignore_index) {
   return {C, ignore_index.value_or(0), ignore_index.has_value()};
 }
 
-// The logits (B, C, *S) as the label kernels read them: z[b C N + c cs + x vs]. Contiguous (cs = N,
-// vs = 1) and channels-last (channels_last / channels_last_3d, common under AMP: cs = 1, vs = C) logits
-// are read in place; any other layout is copied to contiguous first. The gradient is written in the
+// The logits (B, C, *S) as the kernels read them: z[b C N + c cs + x vs]. Contiguous (cs = N, vs = 1) and
+// channels-last (channels_last / channels_last_3d, common under AMP: cs = 1, vs = C) logits are read in
+// place; any other layout is copied to contiguous first. Soft targets follow the logits (target_like). The gradient is written in the
 // layout read (grad_like; the fake kernel in medfast/ops/_loss.py follows the same rule).
 struct LogitsLayout {
   Tensor t;
@@ -69,6 +62,13 @@ inline LogitsLayout logits_layout(const Tensor& logits) {
   return {logits.contiguous(), N, 1, false};
 }
 
+// Soft targets (B, C, *S) in the logits' layout and dtype: read in place when they already are, else
+// copied (the target only; the logits are never copied for it).
+inline Tensor target_like(const Tensor& target, const LogitsLayout& l) {
+  return target.to(l.t.scalar_type())
+      .contiguous(l.channels_last ? channels_last_format(l.t) : at::MemoryFormat::Contiguous);
+}
+
 inline Tensor grad_like(const LogitsLayout& l) {
   return at::empty_like(l.t, l.channels_last ? channels_last_format(l.t) : at::MemoryFormat::Contiguous);
 }
@@ -89,7 +89,8 @@ std::tuple<Tensor, Tensor> softmax_stats_cpu(const Tensor& logits, const Tensor&
 Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& labels,
                                   const OptTensor& weight, std::optional<int64_t> ignore_index);
 
-// Soft / multi-label targets (B, C, *S) of the logits' dtype. ce = false leaves E at 0.
+// Soft / multi-label targets (B, C, *S) of the logits' dtype, read in the logits' layout (LogitsLayout;
+// target_like). ce = false leaves E at 0.
 Tensor soft_stats_cpu(const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid, bool ce);
 Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, bool sigmoid);

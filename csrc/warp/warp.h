@@ -416,12 +416,23 @@ MEDFAST_HOST_DEVICE int forward_stencil(const WarpArgs<S, T, NDIM>& A, int64_t b
   return kSampleStencil;
 }
 
+// w x v, exactly 0 where the coefficient w is 0: a tap with no weight contributes nothing, even where
+// it reads inf or NaN (0 x inf is NaN). Such taps are common: the upper tap at an exact grid position
+// (an identity or integer warp), an outside tap clamped onto the edge under zeros padding, and the
+// phantom axis of a 2D image warped as a one-plane 3D volume (warp_cpu.cpp via_3d), whose second tap
+// reads the same plane with weight 0. v is then the image value (forward), the upstream gradient
+// (image gradient) or their product (position gradient, w = d weight / d position).
+template <typename T>
+MEDFAST_HOST_DEVICE T tap_product(T w, T v) {
+  return w == T(0) ? T(0) : w * v;
+}
+
 // One channel's interpolated value: sum_t w[t] image[tap t], in tap order.
 template <typename S, typename T, int NDIM, int K, typename I>
 MEDFAST_HOST_DEVICE T stencil_sum(const Stencil<T, NDIM, K, I>& s, const S* img) {
   T acc = T(0);
   MEDFAST_UNROLL
-  for (int t = 0; t < Stencil<T, NDIM, K, I>::N; ++t) acc += s.w[t] * static_cast<T>(img[s.off[t]]);
+  for (int t = 0; t < Stencil<T, NDIM, K, I>::N; ++t) acc += tap_product(s.w[t], static_cast<T>(img[s.off[t]]));
   return acc;
 }
 
@@ -448,7 +459,7 @@ MEDFAST_HOST_DEVICE void add_position_grad(const Stencil<T, NDIM, K>& s, const S
   for (int t = 0; t < Stencil<T, NDIM, K>::N; ++t) {
     const T v = gc * static_cast<T>(img[s.off[t]]);
     MEDFAST_UNROLL
-    for (int i = 0; i < NDIM; ++i) gp[i] += s.dw[i][t] * v;
+    for (int i = 0; i < NDIM; ++i) gp[i] += tap_product(s.dw[i][t], v);
   }
 }
 
@@ -488,7 +499,7 @@ MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* 
     if (pos_grad) add_position_grad(s, img, gc, gp);
     if (image_grad) {
       MEDFAST_UNROLL
-      for (int t = 0; t < St::N; ++t) add(gbase + s.lin[t], gc * s.w[t]);
+      for (int t = 0; t < St::N; ++t) add(gbase + s.lin[t], tap_product(s.w[t], gc));
     }
   }
   if (grad_pos != nullptr) {

@@ -126,8 +126,9 @@ OptTensor ddf_for_avx2(const Tensor& image, const OptTensor& ddf, int mode, int 
 
 // 2D float32 linear / nearest fields: the 3D AVX2 rows on a (B, C, 1, H, W) view of the image, the field
 // given a zero axis-0 channel (one copy). Every sample then sits exactly on the single plane (weight 1; the
-// other axis-0 tap weighs 0 and is clamped, outside, or mirrored onto the plane), so values and gradients are
-// the 2D ones, from the vectorized code instead of the scalar 2D loop (which was slower than grid_sample).
+// other axis-0 tap weighs 0 and is clamped, outside, or mirrored onto the plane, and contributes nothing, not
+// even 0 x an inf pixel: warp.h tap_product), so values and gradients are the 2D ones, from the vectorized
+// code instead of the scalar 2D loop (which was slower than grid_sample).
 bool via_3d(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, int mode, int padding) {
   return image.dim() == 4 && image.scalar_type() == at::kFloat && !theta.has_value() && ddf.has_value() &&
          mode != kCubic && cpu_simd_available();

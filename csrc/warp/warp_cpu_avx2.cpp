@@ -162,34 +162,46 @@ MEDFAST_AVX2 inline Taps8<K> axis_taps8(__m256 x, int32_t n) {
   return a;
 }
 
-// Zeros padding: a lane whose sample is outside the image along some axis (warp.h sample_outside)
-// has weight 0 on every tap (its weights add up to 0: outside taps weigh 0, and an inside tap weighs 0
-// only at x = -1 exactly, which sample_outside counts as outside too). Its value and position gradient
-// are then 0, unless a NaN / inf image value it read makes them NaN (0 x inf): the result must be 0
-// there, as scipy's. Found after the fact, so the common case costs one compare per result: a result
-// with a NaN lane asks `weight_sum` (a callable: the lanes' weight sums) which lanes to zero.
-template <int PAD, typename WeightSum>
-MEDFAST_AVX2 inline __m256 zero_outside(__m256 v, WeightSum weight_sum) {
-  if constexpr (PAD == kZeros) {
-    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    if (!_mm256_testz_ps(nan, nan))
-      v = _mm256_and_ps(v, _mm256_cmp_ps(weight_sum(), _mm256_setzero_ps(), _CMP_NEQ_OQ));
-  }
+// A tap with no weight contributes nothing (warp.h tap_product), but eight lanes multiply every tap they
+// hold: 0 x an inf or NaN image value is NaN. Weightless taps are common (the upper tap at an exact grid
+// position; outside taps clamped onto the edge under zeros padding, where a lane outside the image along
+// some axis, warp.h sample_outside, has weight 0 on every tap and is 0; the phantom axis of a 2D image's
+// one-plane view). Found after the fact, so the common case costs one compare per result: the NaN lanes
+// of a result are recomputed by `weighted` (a callable: the same sum over the taps with a weight only).
+// A NaN that is the answer (a NaN image value read with a weight, inf - inf) stays NaN.
+MEDFAST_AVX2 inline __m256 nan_lanes(__m256 v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
+
+template <typename Weighted>
+MEDFAST_AVX2 inline __m256 redo_nan_lanes(__m256 v, Weighted weighted) {
+  const __m256 nan = nan_lanes(v);
+  if (!_mm256_testz_ps(nan, nan)) v = _mm256_blendv_ps(v, weighted(), nan);
   return v;
 }
 
-// Zeros padding, backward: a lane that reads nothing (weight sum 0) must send nothing to the image, but
-// its clamped taps would receive gout x 0, NaN where gout is inf or NaN (the generic path and the CUDA
-// kernels skip such samples). Found after the fact: one check per result in the common, finite case.
-template <int PAD, typename WeightSum>
-MEDFAST_AVX2 inline __m256 drop_outside_grad(__m256 g, WeightSum weight_sum) {
-  if constexpr (PAD == kZeros) {
-    const __m256 d = _mm256_sub_ps(g, g);  // NaN exactly where g is inf or NaN
-    const __m256 bad = _mm256_cmp_ps(d, d, _CMP_UNORD_Q);
-    if (!_mm256_testz_ps(bad, bad))
-      g = _mm256_and_ps(g, _mm256_cmp_ps(weight_sum(), _mm256_setzero_ps(), _CMP_NEQ_OQ));
-  }
-  return g;
+// v, 0 in the lanes where the coefficient w is 0 (tap_product: v is a tap's value or upstream gradient).
+MEDFAST_AVX2 inline __m256 where_weighted(__m256 w, __m256 v) {
+  return _mm256_and_ps(v, _mm256_cmp_ps(w, _mm256_setzero_ps(), _CMP_NEQ_OQ));
+}
+
+// Whether no lane of an upstream gradient is inf or NaN (else gout x a weight 0 is NaN).
+MEDFAST_AVX2 inline bool all_finite(__m256 g) {
+  const __m256 d = _mm256_sub_ps(g, g);  // NaN exactly where g is inf or NaN
+  return _mm256_testz_ps(nan_lanes(d), nan_lanes(d));
+}
+
+// The position gradient of eight lanes (three axes), as redo_nan_lanes: the NaN lanes from `weighted`
+// (fills three vectors: the gradient over the taps whose d weight / d position is not 0, and over the
+// channels whose upstream gradient is not 0, as warp.h backward_voxel skips them). Under zeros padding a
+// lane outside the image (weight sum 0, from the callable `weight_sum`) has no gradient.
+template <int PAD, typename Weighted, typename WeightSum>
+MEDFAST_AVX2 inline void redo_nan_grads(__m256* gp, Weighted weighted, WeightSum weight_sum) {
+  const __m256 nan[3] = {nan_lanes(gp[0]), nan_lanes(gp[1]), nan_lanes(gp[2])};
+  const __m256 any = _mm256_or_ps(_mm256_or_ps(nan[0], nan[1]), nan[2]);
+  if (_mm256_testz_ps(any, any)) return;
+  __m256 redo[3];
+  weighted(redo);
+  const __m256 sum = PAD == kZeros ? weight_sum() : _mm256_set1_ps(1.0f);
+  for (int i = 0; i < 3; ++i) gp[i] = _mm256_blendv_ps(gp[i], where_weighted(sum, redo[i]), nan[i]);
 }
 
 // The K^3 taps of eight voxels.
@@ -335,7 +347,7 @@ MEDFAST_AVX2 inline void store_row_stencil(const PairStencil8& s, RowStencil& rs
   rs.w2hi = s.w2hi;
 }
 
-// The eight lanes' weight sums of a stencil (for zero_outside).
+// The eight lanes' weight sums of a stencil (for redo_nan_grads).
 template <int K>
 MEDFAST_AVX2 inline __m256 stencil_weight_sum(const Stencil8<K>& s) {
   __m256 sum = s.w[0];
@@ -343,7 +355,7 @@ MEDFAST_AVX2 inline __m256 stencil_weight_sum(const Stencil8<K>& s) {
   return sum;
 }
 
-// The eight lanes' weight sums of a pair stencil (for zero_outside): the axis-0 x axis-1 weights times
+// The eight lanes' weight sums of a pair stencil (for redo_nan_grads): the axis-0 x axis-1 weights times
 // the axis-2 pair's.
 MEDFAST_AVX2 inline __m256 pair_weight_sum(const RowStencil& rs) {
   const __m256 rows = _mm256_add_ps(_mm256_add_ps(rs.w[0], rs.w[1]), _mm256_add_ps(rs.w[2], rs.w[3]));
@@ -355,6 +367,19 @@ MEDFAST_AVX2 inline void prefetch_ahead(const float* base, const int32_t (*off)[
   for (int t = 1; t < 4; t += 2)
     for (int l = 0; l < 8; l += 7)
       _mm_prefetch(reinterpret_cast<const char*>(base + off[t][l] + kAheadRows * st1), _MM_HINT_T0);
+}
+
+// forward_planes' sum of one channel plane over the taps with a weight only (for redo_nan_lanes).
+MEDFAST_AVX2 inline __m256 weighted_pair_sum(const RowStencil& rs, const float* ic) {
+  __m256 lo = _mm256_setzero_ps(), hi = lo;
+  for (int t = 0; t < 4; ++t) {
+    __m256 glo, ghi;
+    load_pairs(ic, rs.off[t], glo, ghi);
+    const __m256 wl = dup_lo(rs.w[t]), wh = dup_hi(rs.w[t]);
+    lo = _mm256_fmadd_ps(wl, where_weighted(_mm256_mul_ps(wl, rs.w2lo), glo), lo);
+    hi = _mm256_fmadd_ps(wh, where_weighted(_mm256_mul_ps(wh, rs.w2hi), ghi), hi);
+  }
+  return pair_sums(_mm256_mul_ps(lo, rs.w2lo), _mm256_mul_ps(hi, rs.w2hi));
 }
 
 // Linear pairs, forward: NC channel planes (image stride sc, output stride oc) of a row's groups.
@@ -378,8 +403,8 @@ MEDFAST_AVX2 inline void forward_planes(const RowStencil* rowbuf, int64_t groups
     }
     for (int c = 0; c < NC; ++c)
       store_result(out + c * oc + 8 * k,
-                   zero_outside<PAD>(pair_sums(_mm256_mul_ps(lo[c], rs.w2lo), _mm256_mul_ps(hi[c], rs.w2hi)),
-                                     [&]() MEDFAST_AVX2 { return pair_weight_sum(rs); }));
+                   redo_nan_lanes(pair_sums(_mm256_mul_ps(lo[c], rs.w2lo), _mm256_mul_ps(hi[c], rs.w2hi)),
+                                  [&]() MEDFAST_AVX2 { return weighted_pair_sum(rs, img + c * sc); }));
   }
 }
 
@@ -473,7 +498,6 @@ MEDFAST_AVX2 void forward_rows(const WarpArgs<float, float, 3>& A, float* out, c
       for (int i = 0; i < 3; ++i) ax[i] = axis_taps8<K, PAD>(p[i], int32_t(A.in_size[i]));
       Stencil8<K> s;
       stencil8<K, false>(ax, st, s);
-      const auto weight_sum = [&]() MEDFAST_AVX2 { return stencil_weight_sum(s); };
       // nearest: the one weight is 1 inside, 0 outside; a gather masked by it reads no outside lane
       const __m256 inside = _mm256_cmp_ps(s.w[0], _mm256_setzero_ps(), _CMP_NEQ_OQ);
       for (int64_t c = 0; c < A.channels; ++c) {
@@ -487,7 +511,13 @@ MEDFAST_AVX2 void forward_rows(const WarpArgs<float, float, 3>& A, float* out, c
         __m256 acc = _mm256_mul_ps(s.w[0], _mm256_i32gather_ps(ic, s.off[0], 4));
         for (int t = 1; t < Stencil8<K>::N; ++t)
           acc = _mm256_fmadd_ps(s.w[t], _mm256_i32gather_ps(ic, s.off[t], 4), acc);
-        _mm256_storeu_ps(o + c * A.out_numel + w, zero_outside<PAD>(acc, weight_sum));
+        const auto weighted = [&]() MEDFAST_AVX2 {
+          __m256 r = _mm256_setzero_ps();
+          for (int t = 0; t < Stencil8<K>::N; ++t)
+            r = _mm256_fmadd_ps(s.w[t], where_weighted(s.w[t], _mm256_i32gather_ps(ic, s.off[t], 4)), r);
+          return r;
+        };
+        _mm256_storeu_ps(o + c * A.out_numel + w, redo_nan_lanes(acc, weighted));
       }
     }
     for (; w < W; ++w) {
@@ -513,6 +543,33 @@ struct RowStencilBwd {
   __m256 d2lo, d2hi;              // d axis-2 weights / d position 2, pair-interleaved
   __m256 gp[3];                   // d loss / d position, summed over channels
 };
+
+// backward_pairs' position gradient of one group over channels [c0, c1) (image planes img + c sc,
+// upstream gradients g + c oc) over the taps with a coefficient only (for redo_nan_grads).
+MEDFAST_AVX2 void weighted_pair_grad(const RowStencilBwd& r, const float* img, int64_t sc, const float* g,
+                                     int64_t oc, int64_t c0, int64_t c1, __m256* gp) {
+  for (int i = 0; i < 3; ++i) gp[i] = _mm256_setzero_ps();
+  for (int64_t c = c0; c < c1; ++c) {
+    __m256 lo[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}, hi[3] = {lo[0], lo[0], lo[0]};
+    for (int t = 0; t < 4; ++t) {
+      __m256 glo, ghi;
+      load_pairs(img + c * sc, r.s.off[t], glo, ghi);
+      // the coefficient of each pair element along each axis: (d) axis-0 x axis-1 weight x (d) axis-2 weight
+      const __m256 ul[3] = {dup_lo(r.u0[t]), dup_lo(r.u1[t]), dup_lo(r.s.w[t])};
+      const __m256 uh[3] = {dup_hi(r.u0[t]), dup_hi(r.u1[t]), dup_hi(r.s.w[t])};
+      const __m256 el[3] = {r.s.w2lo, r.s.w2lo, r.d2lo}, eh[3] = {r.s.w2hi, r.s.w2hi, r.d2hi};
+      for (int i = 0; i < 3; ++i) {
+        lo[i] = _mm256_fmadd_ps(ul[i], where_weighted(_mm256_mul_ps(ul[i], el[i]), glo), lo[i]);
+        hi[i] = _mm256_fmadd_ps(uh[i], where_weighted(_mm256_mul_ps(uh[i], eh[i]), ghi), hi[i]);
+      }
+    }
+    const __m256 gc = _mm256_loadu_ps(g + c * oc);
+    const __m256 el[3] = {r.s.w2lo, r.s.w2lo, r.d2lo}, eh[3] = {r.s.w2hi, r.s.w2hi, r.d2hi};
+    for (int i = 0; i < 3; ++i)
+      gp[i] = _mm256_fmadd_ps(
+          gc, where_weighted(gc, pair_sums(_mm256_mul_ps(lo[i], el[i]), _mm256_mul_ps(hi[i], eh[i]))), gp[i]);
+  }
+}
 
 // Backward of linear interpolation over one row with pairs (see forward_rows): the stencils of the
 // row first, then one channel plane at a time. Returns the first voxel it did not handle (a NaN
@@ -579,11 +636,16 @@ MEDFAST_AVX2 int64_t backward_pairs(const WarpArgs<float, float, 3>& A, const fl
       }
       if (cb != nullptr) {
         alignas(32) float v[4][16];  // the pair values of voxel l at v[t][2l], v[t][2l + 1]
-        const __m256 gi = drop_outside_grad<PAD>(gc, [&]() MEDFAST_AVX2 { return pair_weight_sum(r.s); });
+        const bool finite = all_finite(gc);
         for (int t = 0; t < 4; ++t) {
-          const __m256 gw = _mm256_mul_ps(gi, r.s.w[t]);
-          _mm256_store_ps(v[t], _mm256_mul_ps(dup_lo(gw), r.s.w2lo));
-          _mm256_store_ps(v[t] + 8, _mm256_mul_ps(dup_hi(gw), r.s.w2hi));
+          const __m256 gw = _mm256_mul_ps(gc, r.s.w[t]);
+          __m256 vlo = _mm256_mul_ps(dup_lo(gw), r.s.w2lo), vhi = _mm256_mul_ps(dup_hi(gw), r.s.w2hi);
+          if (!finite) {  // inf or NaN x a weight 0: such taps get nothing (warp.h tap_product)
+            vlo = where_weighted(_mm256_mul_ps(dup_lo(r.s.w[t]), r.s.w2lo), vlo);
+            vhi = where_weighted(_mm256_mul_ps(dup_hi(r.s.w[t]), r.s.w2hi), vhi);
+          }
+          _mm256_store_ps(v[t], vlo);
+          _mm256_store_ps(v[t] + 8, vhi);
         }
         for (int t = 1; t < 4; t += 2) {
           _mm_prefetch(reinterpret_cast<const char*>(cb + r.lin[t][0] + kAheadRows * lin_st[1]), _MM_HINT_T0);
@@ -602,11 +664,14 @@ MEDFAST_AVX2 int64_t backward_pairs(const WarpArgs<float, float, 3>& A, const fl
     }
   }
   if (grad_pos != nullptr)
-    for (int64_t k = 0; k < groups; ++k)
-      for (int i = 0; i < 3; ++i)
-        store_result(grad_pos + (b * 3 + i) * A.out_numel + row + 8 * k,
-                     zero_outside<PAD>(rowbuf[k].gp[i],
-                                       [&]() MEDFAST_AVX2 { return pair_weight_sum(rowbuf[k].s); }));
+    for (int64_t k = 0; k < groups; ++k) {
+      RowStencilBwd& r = rowbuf[k];
+      const auto weighted = [&](__m256* gp) MEDFAST_AVX2 {
+        weighted_pair_grad(r, img, A.image_sc, g + 8 * k, A.out_numel, c0, c1, gp);
+      };
+      redo_nan_grads<PAD>(r.gp, weighted, [&]() MEDFAST_AVX2 { return pair_weight_sum(r.s); });
+      for (int i = 0; i < 3; ++i) store_result(grad_pos + (b * 3 + i) * A.out_numel + row + 8 * k, r.gp[i]);
+    }
   return w;
 }
 
@@ -661,17 +726,33 @@ MEDFAST_AVX2 void backward_rows(const WarpArgs<float, float, 3>& A, const float*
         }
         if (buf != nullptr) {
           alignas(32) float gw[N][8];
-          const __m256 gi = drop_outside_grad<PAD>(gc, [&]() MEDFAST_AVX2 { return stencil_weight_sum(s); });
-          for (int t = 0; t < N; ++t) _mm256_store_ps(gw[t], _mm256_mul_ps(gi, s.w[t]));
+          const bool finite = all_finite(gc);  // else a weight 0 x inf or NaN: such taps get nothing
+          for (int t = 0; t < N; ++t) {
+            const __m256 v = _mm256_mul_ps(gc, s.w[t]);
+            _mm256_store_ps(gw[t], finite ? v : where_weighted(s.w[t], v));
+          }
           float* cb = buf + gbase + c * in_numel;
           for (int lane = 0; lane < 8; ++lane)
             for (int t = 0; t < N; ++t) cb[lin[t][lane]] += gw[t][lane];
         }
       }
       if (grad_pos != nullptr) {
-        const auto weight_sum = [&]() MEDFAST_AVX2 { return stencil_weight_sum(s); };
-        for (int i = 0; i < 3; ++i)
-          _mm256_storeu_ps(grad_pos + (b * 3 + i) * A.out_numel + row + w, zero_outside<PAD>(gp[i], weight_sum));
+        if constexpr (kPosGrad) {
+          const auto weighted = [&](__m256* redo) MEDFAST_AVX2 {  // the sum above over the taps with a coefficient
+            for (int i = 0; i < 3; ++i) redo[i] = _mm256_setzero_ps();
+            for (int64_t c = c0; c < c1; ++c) {
+              const __m256 gc = _mm256_loadu_ps(g + c * A.out_numel + w);
+              for (int t = 0; t < N; ++t) {
+                const __m256 v = where_weighted(gc, _mm256_mul_ps(gc, _mm256_i32gather_ps(img + c * A.image_sc,
+                                                                                          s.off[t], 4)));
+                for (int i = 0; i < 3; ++i)
+                  redo[i] = _mm256_fmadd_ps(s.dw[i][t], where_weighted(s.dw[i][t], v), redo[i]);
+              }
+            }
+          };
+          redo_nan_grads<PAD>(gp, weighted, [&]() MEDFAST_AVX2 { return stencil_weight_sum(s); });
+        }
+        for (int i = 0; i < 3; ++i) _mm256_storeu_ps(grad_pos + (b * 3 + i) * A.out_numel + row + w, gp[i]);
       }
     }
     for (; w < W; ++w) {

@@ -119,7 +119,8 @@ void deterministic_image_grad(const WarpArgs<S, T, NDIM>& A, const Tensor& gout,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Tensor reads_nothing = idx.select(1, 0).lt(0).unsqueeze(0);  // (1, count)
     const Tensor gc = g.narrow(1, begin, count).to(w.scalar_type()).masked_fill(reads_nothing, 0);
-    const Tensor vals = w.unsqueeze(0) * gc.unsqueeze(2);
+    // a tap with no weight gets nothing (warp.h tap_product): 0 x an inf or NaN gradient would be NaN
+    const Tensor vals = (w.unsqueeze(0) * gc.unsqueeze(2)).masked_fill_(w.unsqueeze(0) == 0, 0);
     idx.clamp_min_(0);
     flat.index_put_({(idx.unsqueeze(0) + chan_off).view({-1})}, vals.view({-1}), /*accumulate=*/true);
   }

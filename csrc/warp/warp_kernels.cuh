@@ -118,7 +118,8 @@ __global__ void backward_linear_merged_kernel(const WarpArgs<S, T, NDIM> A, cons
       MEDFAST_UNROLL
       for (int q = 0; q < St::N / 2; ++q) {  // taps 2q, 2q + 1 differ along the last axis only
         const long long lo = ok ? gbase + s.lin[2 * q] : -1, hi = ok ? gbase + s.lin[2 * q + 1] : -2;
-        const T vlo = ok ? gc * s.w[2 * q] : T(0), vhi = ok ? gc * s.w[2 * q + 1] : T(0);
+        const T vlo = ok ? tap_product(s.w[2 * q], gc) : T(0);
+        const T vhi = ok ? tap_product(s.w[2 * q + 1], gc) : T(0);
         const long long next_lo = __shfl_down_sync(kFull, lo, 1);
         const bool give = lane < 31 && next_lo == hi;  // next lane is valid: hi >= 0
         const T got = __shfl_up_sync(kFull, give ? vhi : T(0), 1);

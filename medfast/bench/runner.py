@@ -712,6 +712,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Runs ``medfast bench`` with arguments parsed by a parser :func:`add_arguments` set up (``device``,
+    ``quick``, ``only``, ``out``, ``list``, ``replot``): the selected suites, then the JSON, Markdown and PNG
+    reports in ``args.out``. Returns the exit status: 0, 1 when a suite failed, 2 for a usage error (nothing
+    run), 130 when interrupted.
+
+    From Python: ``medfast.bench.main(argparse.Namespace(device="cpu", quick=True, only="warp",
+    out=Path("results"), list=False, replot=None))``, or :func:`run_suites` for the rows without reports.
+    """
     if args.list:
         for s in SUITES:
             by_device = {d: ", ".join(s.needs(d)) or "-" for d in s.devices}

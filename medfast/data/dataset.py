@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medfast._typing import PathLike
 from medfast.data.io import (
     DatasetError,
     ImageEntry,
@@ -176,12 +177,12 @@ class NiftiDataset(Dataset):
 
     Parameters
     ----------
-    images : sequence of str or of lists of str
+    images : sequence of paths (str or os.PathLike) or of lists of paths
         Image files (3D, or 4D with channels on the last axis; 2D files for ``spatial_dims=2``); an entry may be
         a list (or tuple) of single-channel files on one grid (same shape and affine), nnU-Net's
         ``case_0000.nii.gz``, ``case_0001.nii.gz``, ..., stacked as channels in the list's order (as
         :func:`find_pairs` gives them), so that it reads as the 4D file ``(X, Y, Z, C)`` would.
-    labels : sequence of str, optional
+    labels : sequence of paths, optional
         Label maps (integer values), one per image, on the same grid (same shape and affine).
     spatial_dims : {2, 3}
         3D volumes, or 2D images (a trailing singleton axis of a 3D file is dropped).
@@ -228,7 +229,8 @@ class NiftiDataset(Dataset):
         wrong number of axes or channels, a label >= ``num_classes``), naming them.
     """
 
-    def __init__(self, images: Sequence[str], labels: Sequence[str] | None = None, *, spatial_dims: int = 3,
+    def __init__(self, images: Sequence[PathLike | Sequence[PathLike]], labels: Sequence[PathLike] | None = None, *,
+                 spatial_dims: int = 3,
                  spacing: Sequence[float] | None = None, shape: Sequence[int] | None = None,
                  normalize: str = "zscore", clip_percentiles: Sequence[float] | None = None,
                  label_map: Mapping[int, int] | None = None, cache: str = "memory",

@@ -6,9 +6,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from medfast._typing import MatrixLike
 
 __all__ = ["DatasetError", "ImageEntry", "Volume", "entry_files", "entry_text", "image_header", "load_image",
            "load_nifti", "nifti_header", "save_nifti", "voxel_spacing"]
@@ -66,7 +71,7 @@ def nifti_header(path: str | Path):
     return img
 
 
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+def voxel_spacing(affine: MatrixLike) -> np.ndarray:
     """Voxel size (mm) along each spatial axis: the norms of the affine's first 3 columns."""
     affine = np.asarray(affine, dtype=np.float64)
     n = affine.shape[0] - 1
@@ -296,7 +301,7 @@ def load_image(entry: ImageEntry) -> Volume:
     return Volume(data, first.affine, first.header, entry_text(entry))
 
 
-def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, header: Any = None,
+def save_nifti(data: np.ndarray | torch.Tensor, affine: MatrixLike, path: str | Path, header: Any = None,
                dtype: Any = None, intent: str | tuple | None = None) -> Path:
     """Writes ``data`` (spatial axes first) with ``affine`` and, when given, a copy of ``header``
     (its data type and scaling reset for ``dtype``; its display window ``cal_min`` / ``cal_max`` reset to 0, a

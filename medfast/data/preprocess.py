@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from medfast._typing import MatrixLike, ShapeLike
 from medfast.ops._validate import check_tensor, plain, py_scalar
 
 __all__ = ["LEGACY_REORIENT_DIMS", "REORIENT_DIMS", "closest_orientation", "crop_or_pad", "normalize_intensity",
@@ -108,7 +109,7 @@ def reorient_to_ras(data: np.ndarray, affine: np.ndarray, channels: bool) -> tup
     return np.ascontiguousarray(out), new_affine
 
 
-def spatial_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
+def spatial_affine(affine: MatrixLike, ndim: int) -> np.ndarray:
     """The ``(ndim + 1, ndim + 1)`` affine of the first ``ndim`` spatial axes of a 4x4 NIfTI affine.
 
     An ``(ndim + 1, ndim + 1)`` affine is returned as is. For ``ndim=3`` the rows and columns of the 3 axes are
@@ -148,8 +149,8 @@ def spatial_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
     return res
 
 
-def resample_to_spacing(image: torch.Tensor, affine: np.ndarray, spacing: Sequence[float], *,
-                        mode: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+def resample_to_spacing(image: torch.Tensor, affine: MatrixLike, spacing: Sequence[float] | np.ndarray | torch.Tensor,
+                        *, mode: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Resamples an image ``(C, *S)`` or a label map ``(*S)`` to voxels of size ``spacing`` (mm).
 
     The layout follows from the rank: ``spacing`` gives the number of spatial axes (2 or 3), and ``image`` has
@@ -215,7 +216,7 @@ def resample_to_spacing(image: torch.Tensor, affine: np.ndarray, spacing: Sequen
     return (out if channels else out[0]), out_aff
 
 
-def crop_or_pad(image: torch.Tensor, affine: np.ndarray, shape: Sequence[int], *,
+def crop_or_pad(image: torch.Tensor, affine: MatrixLike, shape: ShapeLike, *,
                 value: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
     """Centred crop and/or zero-pad of the trailing spatial axes of ``image`` to ``shape``; moves the affine's
     origin so that every kept voxel stays at the same world position."""

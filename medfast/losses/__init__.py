@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,7 +126,7 @@ class DiceLoss(_SegmentationLoss):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         batch: bool = False,
-        weight: Sequence[float] | torch.Tensor | None = None,
+        weight: float | Sequence[float] | np.ndarray | torch.Tensor | None = None,
         ignore_index: int | None = None,
         reduction: str = "mean",
         ddp_sync: bool = False,
@@ -180,7 +181,7 @@ class DiceCELoss(_SegmentationLoss):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         batch: bool = False,
-        weight: Sequence[float] | torch.Tensor | None = None,
+        weight: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
         ignore_index: int | None = None,

@@ -22,12 +22,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from medfast._typing import SpacingLike
 from medfast.ops._distance import _check_spacing, seed_distances, surface_edges
 from medfast.ops._validate import check_tensor, py_scalar
 
 __all__ = ["dice", "hausdorff_distance", "surface_distance"]
 
-SpacingArg = float | Sequence[float] | Sequence[float | Sequence[float]] | None
+# one number, one per axis, or one sequence per batch element ((B, ndim) array / tensor too)
+SpacingArg = SpacingLike | Sequence[float | Sequence[float]] | None
 
 
 # ----------------------------------------------------------------------------------------------------------

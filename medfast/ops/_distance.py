@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast._typing import SpacingLike
 from medfast.ops._validate import check_tensor, py_scalar
 
 _ops = torch.ops.medfast
@@ -109,7 +110,7 @@ def _check_spacing(spacing: object, ndim: int) -> list[float]:
 
 def distance_transform(
     mask: torch.Tensor,
-    spacing: float | Sequence[float] | None = None,
+    spacing: SpacingLike | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Exact Euclidean distance transform of a binary mask.

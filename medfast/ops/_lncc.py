@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast._typing import Int, ShapeLike
 from medfast.ops._autograd import once_differentiable, refuse_function_transforms
 from medfast.ops._validate import check_choice, check_tensor, py_scalar
 
@@ -82,7 +83,7 @@ def _kernel_size(kernel_size: object, ndim: int) -> list[int]:
 def local_ncc(
     pred: torch.Tensor,
     target: torch.Tensor,
-    kernel_size: int | Sequence[int] = 9,
+    kernel_size: Int | ShapeLike = 9,
     smooth_nr: float = 0.0,
     smooth_dr: float = 1e-5,
 ) -> torch.Tensor:
@@ -152,7 +153,7 @@ def local_ncc(
 def lncc_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
-    kernel_size: int | Sequence[int] = 9,
+    kernel_size: Int | ShapeLike = 9,
     smooth_nr: float = 0.0,
     smooth_dr: float = 1e-5,
     reduction: str = "mean",

@@ -32,8 +32,8 @@ _LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _grad_format(logits: torch.Tensor) -> torch.memory_format:
-    """The layout of softmax_stats_backward's gradient (csrc/loss/loss_launch.h logits_layout): the logits'
-    own for channels-last logits (read in place), else contiguous."""
+    """The layout of softmax_stats_backward's and soft_stats_backward's gradient (csrc/loss/loss_launch.h
+    logits_layout): the logits' own for channels-last logits (read in place), else contiguous."""
     if logits.dim() in (4, 5) and not logits.is_contiguous():
         fmt = torch.channels_last if logits.dim() == 4 else torch.channels_last_3d
         if logits.is_contiguous(memory_format=fmt):
@@ -61,7 +61,7 @@ def _soft_stats_fake(logits, target, voxel_weight, sigmoid, ce=True):
 
 @torch.library.register_fake("medfast::soft_stats_backward")
 def _soft_stats_backward_fake(grad, logits, target, voxel_weight, sigmoid):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return torch.empty_like(logits, memory_format=_grad_format(logits))
 
 
 def _soft_setup(ctx, inputs, output):

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
-from medfast.ops._validate import check_choice, check_field, check_image, check_shape, position_dtype, py_scalar
+from medfast._typing import Int, MatrixLike, ShapeLike
+from medfast.ops._validate import (
+    autocast_image,
+    autocast_on,
+    check_choice,
+    check_field,
+    check_image,
+    check_shape,
+    position_dtype,
+    py_scalar,
+)
 from medfast.ops._warp import affine_warp, warp
 
 
@@ -38,9 +46,9 @@ def _as_affine(name: str, value, ndim: int, device) -> torch.Tensor:
 
 def resample(
     image: torch.Tensor,
-    affine_in,
-    affine_out,
-    shape_out: Sequence[int],
+    affine_in: MatrixLike,
+    affine_out: MatrixLike,
+    shape_out: ShapeLike,
     *,
     mode: str = "linear",
     padding: str = "zeros",
@@ -66,8 +74,10 @@ def resample(
     Returns
     -------
     Tensor
-        ``(B, C, *shape_out)`` on the grid of ``affine_out``.
+        ``(B, C, *shape_out)`` on the grid of ``affine_out``; float32 for a float16/bfloat16 image
+        under ``torch.autocast``, as :func:`medfast.warp`.
     """
+    image = autocast_image(image)
     ndim = check_image(image)
     shape_out = check_shape("shape_out", shape_out, ndim)
     a_in = _as_affine("affine_in", affine_in, ndim, image.device)
@@ -105,6 +115,21 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"ddf_a is on {a.device} but ddf_b is on {b.device}; move them to one device")
 
 
+def _autocast_fields(*fields):
+    """Under autocast, displacements from a network's low-precision output upcast to one dtype, the widest of
+    theirs and float32 (as warp upcasts a ddf); never downcast. Outside autocast, unchanged."""
+    if not all(isinstance(f, torch.Tensor) and f.is_floating_point() for f in fields):
+        return fields
+    if all(f.dtype == fields[0].dtype for f in fields) and fields[0].dtype in (torch.float32, torch.float64):
+        return fields  # nothing to upcast (no autocast query: integrate composes many times)
+    if not autocast_on(fields[0]):
+        return fields
+    dtype = torch.float32
+    for f in fields:
+        dtype = torch.promote_types(dtype, f.dtype)
+    return tuple(f.to(dtype) for f in fields)
+
+
 def _check_ddf(name: str, ddf) -> int:
     if not isinstance(ddf, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ddf).__name__}")
@@ -133,8 +158,10 @@ def compose(ddf_a: torch.Tensor, ddf_b: torch.Tensor, *, padding: str = "border"
     Returns
     -------
     Tensor
-        ``(B, ndim, *S)``, differentiable w.r.t. both fields.
+        ``(B, ndim, *S)``, differentiable w.r.t. both fields. Under ``torch.autocast``
+        float16/bfloat16 fields are upcast (to float32, or float64 beside a float64 field).
     """
+    ddf_a, ddf_b = _autocast_fields(ddf_a, ddf_b)
     _check_ddf("ddf_a", ddf_a)
     _check_ddf("ddf_b", ddf_b)
     _check_pair(ddf_a, ddf_b)
@@ -147,7 +174,7 @@ def compose(ddf_a: torch.Tensor, ddf_b: torch.Tensor, *, padding: str = "border"
 _MAX_STEPS = 64
 
 
-def integrate(velocity: torch.Tensor, steps: int = 7, *, padding: str = "border") -> torch.Tensor:
+def integrate(velocity: torch.Tensor, steps: Int = 7, *, padding: str = "border") -> torch.Tensor:
     """Integrates a stationary velocity field by scaling and squaring.
 
     ``u = velocity / 2**steps``, then ``steps`` times ``u = compose(u, u)``: the displacement of the
@@ -165,13 +192,15 @@ def integrate(velocity: torch.Tensor, steps: int = 7, *, padding: str = "border"
     Returns
     -------
     Tensor
-        ``(B, ndim, *S)`` displacement in voxels, differentiable w.r.t. ``velocity``.
+        ``(B, ndim, *S)`` displacement in voxels, differentiable w.r.t. ``velocity``. Under
+        ``torch.autocast`` a float16/bfloat16 velocity is upcast to float32.
     """
+    (velocity,) = _autocast_fields(velocity)
     _check_ddf("velocity", velocity)
-    steps = py_scalar(steps)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= _MAX_STEPS:
-        raise ValueError(f"steps must be an int in [0, {_MAX_STEPS}], got {steps!r}")
-    u = velocity / (2.0**steps)
-    for _ in range(steps):
+    n = py_scalar(steps)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= _MAX_STEPS:
+        raise ValueError(f"steps must be an int in [0, {_MAX_STEPS}], got {n!r}")
+    u = velocity / (2.0**n)
+    for _ in range(n):
         u = compose(u, u, padding=padding)
     return u

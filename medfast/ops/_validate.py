@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -41,6 +42,37 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
 def position_dtype(image_dtype: torch.dtype) -> torch.dtype:
     """dtype of displacements / affines that go with an image dtype (float64 only with float64)."""
     return torch.float64 if image_dtype == torch.float64 else torch.float32
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_T = TypeVar("_T")
+
+
+def autocast_on(tensor: object) -> bool:
+    """Whether torch.autocast is active for the tensor's device (medfast runs on CPU and CUDA only)."""
+    return (isinstance(tensor, torch.Tensor) and tensor.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(tensor.device.type))
+
+
+def autocast_image(image: _T) -> _T:
+    """Under autocast, a float16/bfloat16 image as float32: the resampling ops take part in autocast as
+    F.grid_sample does (autocast's float32 list). Anything else unchanged, for the caller's checks."""
+    if isinstance(image, torch.Tensor) and image.dtype in _HALF and autocast_on(image):
+        return cast(_T, image.float())
+    return image
+
+
+def autocast_position(value: _T, image: object) -> _T:
+    """Under autocast (for the image's device), a displacement / affine from a network's low-precision output
+    upcast to the image's position dtype (float32, float64 with a float64 image). Never a downcast: a float64
+    field beside a float32 image stays an error, as outside autocast."""
+    if isinstance(value, torch.Tensor) and isinstance(image, torch.Tensor) and image.dtype in IMAGE_DTYPES:
+        pos = position_dtype(image.dtype)
+        # (the dtype test first: the autocast query costs microseconds, and matching dtypes need none)
+        if (value.dtype != pos and value.is_floating_point() and torch.finfo(value.dtype).bits < torch.finfo(pos).bits
+                and autocast_on(image)):
+            return cast(_T, value.to(pos))
+    return value
 
 
 def check_image(image: object, name: str = "image") -> int:

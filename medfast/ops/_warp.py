@@ -6,15 +6,16 @@ kernels for ``torch.ops.medfast.warp_forward`` / ``spline_prefilter``, and docum
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
+from medfast._typing import ShapeLike
 from medfast.ops._autograd import once_differentiable, refuse_function_transforms
 from medfast.ops._validate import (
     MODES,
     PADDINGS,
+    autocast_image,
+    autocast_position,
     check_batch,
     check_bool,
     check_choice,
@@ -72,7 +73,7 @@ def _theta_grad(grad_pos: torch.Tensor) -> torch.Tensor:
     for j in range(ndim):
         marginal = grad_pos.sum(dim=[d for d in spatial if d != 2 + j])  # (B, ndim, S_j)
         ramp = torch.arange(grad_pos.shape[2 + j], dtype=grad_pos.dtype, device=grad_pos.device)
-        cols.append(marginal @ ramp)
+        cols.append((marginal * ramp).sum(-1))  # (not a matmul: autocast would run it in bfloat16 in a backward)
     cols.append(grad_pos.sum(dim=spatial))
     return torch.stack(cols, dim=-1)
 
@@ -204,13 +205,22 @@ def warp(
         NaN gradient w.r.t. its displacement); it never reads out of bounds. With ``"zeros"``
         padding (nearest, linear) a sample with no tap inside the image is 0 with a zero gradient,
         whatever the image holds (NaN / inf included), as scipy's ``grid-constant``; a sample
-        straddling the edge reads its edge voxels.
+        straddling the edge reads its edge voxels. A tap whose interpolation weight is exactly 0 (at
+        an exact grid position, or outside under ``"zeros"``) contributes nothing, so an inf voxel
+        gives inf (not 0 x inf = NaN) where it is read and leaves its neighbours' values finite.
 
     Notes
     -----
     Deterministic: under ``torch.use_deterministic_algorithms(True)`` forward and backward are
     bitwise reproducible on CPU and CUDA (the CPU path always is, for a fixed thread count).
+
+    Under ``torch.autocast`` (for the image's device) the op runs as ``F.grid_sample`` does, in
+    float32: a float16/bfloat16 image is read as float32, and a lower-precision ``ddf`` (a
+    network's output) is upcast to float32 (float64 with a float64 image); the output is float32
+    (float64). Outside autocast the dtypes must match as stated above.
     """
+    image = autocast_image(image)
+    ddf = autocast_position(ddf, image)
     ndim = check_image(image)
     check_field(ddf, "ddf", image, ndim)
     check_batch(image, ddf=ddf)
@@ -223,7 +233,7 @@ def affine_warp(
     image: torch.Tensor,
     theta: torch.Tensor,
     *,
-    shape: Sequence[int] | None = None,
+    shape: ShapeLike | None = None,
     ddf: torch.Tensor | None = None,
     mode: str = "linear",
     padding: str = "zeros",
@@ -251,8 +261,11 @@ def affine_warp(
     Returns
     -------
     Tensor
-        ``(B, C, *S_out)``. Differentiable w.r.t. ``image``, ``theta`` and ``ddf``.
+        ``(B, C, *S_out)``. Differentiable w.r.t. ``image``, ``theta`` and ``ddf``. Under
+        ``torch.autocast``: float32 (float64), ``theta`` and ``ddf`` upcast, as in :func:`warp`.
     """
+    image = autocast_image(image)
+    theta, ddf = autocast_position(theta, image), autocast_position(ddf, image)
     ndim = check_image(image)
     theta = check_tensor("theta", theta)
     expected = position_dtype(image.dtype)

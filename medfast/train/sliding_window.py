@@ -4,7 +4,8 @@ patch and blend the patch outputs (Gaussian or constant weights)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import overload
 
 import torch
 
@@ -75,6 +76,27 @@ def _window_output(y: object, n: int, roi: list[int], key: str) -> torch.Tensor:
     return y
 
 
+# The result's type follows the predictor's: a tensor (or a list / tuple of them, deep supervision) gives a tensor,
+# a mapping of tensors a dict. (An nn.Module's __call__ is typed as returning Any: the first overload.)
+@overload
+def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int,
+                             predictor: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]], *,
+                             overlap: float | Sequence[float] = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
+                             sigma_scale: float | Sequence[float] = 0.125,
+                             out_device: torch.device | str | None = None) -> torch.Tensor: ...
+@overload
+def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int,
+                             predictor: Callable[[torch.Tensor], Mapping[str, torch.Tensor]], *,
+                             overlap: float | Sequence[float] = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
+                             sigma_scale: float | Sequence[float] = 0.125,
+                             out_device: torch.device | str | None = None) -> dict[str, torch.Tensor]: ...
+@overload
+def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int,
+                             predictor: Callable[[torch.Tensor], object], *,
+                             overlap: float | Sequence[float] = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
+                             sigma_scale: float | Sequence[float] = 0.125,
+                             out_device: torch.device | str | None = None
+                             ) -> torch.Tensor | dict[str, torch.Tensor]: ...
 def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int,
                              predictor: Callable[[torch.Tensor], object], *,
                              overlap: float | Sequence[float] = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch._C import _functorch
 
+from medfast._typing import ArrayLike
 from medfast.ops._autograd import refuse_function_transforms
 from medfast.ops._ussim import N_PROPS, PROP_NAMES, march_lines, noise_table, psf
 from medfast.ops._validate import check_bool, plain, py_scalar
@@ -334,7 +335,7 @@ def _check_memory(batch: int, probe: Probe, sub_rays: int, dtype: torch.dtype, d
 # ---------------------------------------------------------------------------------------------
 
 
-def look_at(position: Sequence[float], direction: Sequence[float], lateral: Sequence[float],
+def look_at(position: ArrayLike, direction: ArrayLike, lateral: ArrayLike,
             dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A (4, 4) probe-to-world pose: array centre at ``position`` (mm), beam (+z) along ``direction``,
     lateral axis (+x) along ``lateral`` (made orthogonal to the beam), elevation +y = z x x."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from medfast._typing import ArrayLike, Float, Int, MatrixLike
 from medfast.ops._validate import py_scalar
 
 __all__ = ["freehand_sweep"]
@@ -46,15 +46,15 @@ def _smooth_noise(n: int, gen: torch.Generator, harmonics: int = 3, samples: int
 
 
 def freehand_sweep(
-    start_pose: torch.Tensor,
-    travel_mm: Sequence[float],
-    n_frames: int,
+    start_pose: MatrixLike,
+    travel_mm: ArrayLike,
+    n_frames: Int,
     *,
-    tilt_deg: float = 4.0,
-    rock_deg: float = 4.0,
-    twist_deg: float = 3.0,
-    wobble_mm: float = 1.0,
-    seed: int = 0,
+    tilt_deg: Float = 4.0,
+    rock_deg: Float = 4.0,
+    twist_deg: Float = 3.0,
+    wobble_mm: Float = 1.0,
+    seed: Int = 0,
 ) -> torch.Tensor:
     """Poses of a freehand sweep: the probe slides by ``travel_mm`` (world mm) from ``start_pose``
     with smooth small tilts (about the lateral axis), rocks (about the elevation axis), twists (about
@@ -64,7 +64,7 @@ def freehand_sweep(
     ----------
     start_pose : Tensor or ndarray
         ``(4, 4)`` rigid probe-to-world pose of the first frame (mm): the first pose is exactly this.
-    travel_mm : sequence of 3 floats
+    travel_mm : sequence of 3 floats, ndarray or Tensor
         Displacement of the array centre from the first to the last frame, world mm (exactly: the
         deviations below are 0 at both ends of the sweep).
     n_frames : int

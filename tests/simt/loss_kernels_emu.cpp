@@ -61,8 +61,8 @@ int sums(const Voxel& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int6
 }
 
 // The class-transposed label sums (MEDFAST_LOSS_CUDA_SUMS=warp), with the launcher's geometry.
-template <typename S, typename T, typename L>
-int sums_warp(const LabelVoxel<S, T, L>& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
+template <typename S, typename T>
+int sums_warp(const LabelVoxel<S, T>& voxel, int64_t B, int64_t sms, int64_t optin, T* out, int64_t* geometry) {
   const int64_t C = voxel.C, N = voxel.N, n = C * kStats;
   const int threads = plan_label_threads(C, sizeof(T));
   const int64_t bytes = label_warp_values(threads, C) * int64_t(sizeof(T));
@@ -70,7 +70,7 @@ int sums_warp(const LabelVoxel<S, T, L>& voxel, int64_t B, int64_t sms, int64_t 
   const int64_t blocks = sum_blocks_per_batch(B, N, threads, sms), chunk = sum_chunk(N, blocks);
   std::vector<T> partial(static_cast<size_t>(B * blocks * n), std::numeric_limits<T>::quiet_NaN());
   simt::launch({static_cast<unsigned>(blocks), static_cast<unsigned>(B), 1}, threads, static_cast<size_t>(bytes),
-               [&] { label_sums_warp_kernel<S, T, L>(voxel, chunk, partial.data()); });
+               [&] { label_sums_warp_kernel<S, T>(voxel, chunk, partial.data()); });
   finish_sums(partial, B, blocks, n, out);
   const int64_t geo[4] = {threads, blocks, chunk, bytes};
   for (int k = 0; k < 4; ++k) geometry[k] = geo[k];
@@ -120,8 +120,8 @@ using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 // One emulated launch, as loss_cuda.cu makes it. The fields are int64 (a ctypes array from the test):
 // what: 0 the sums (sums_kernel), 1 the gradient (grad_kernel), 2 the class-transposed label sums
 // (label_sums_warp_kernel, MEDFAST_LOSS_CUDA_SUMS=warp); kind: Kind; dtype of the logits: 0 float32,
-// 1 float64, 2 float16, 3 bfloat16; labels: 0 uint8, 1 int32, 2 int64; channels_last: the logits (and the
-// gradient) at z[b C N + x C + c] (labels only: the launcher copies soft targets' logits to contiguous);
+// 1 float64, 2 float16, 3 bfloat16; labels: 0 uint8, 1 int32, 2 int64 (AnyLabels); channels_last: the logits
+// (soft targets, the gradient) at z[b C N + x C + c];
 // ignore index (has_ignore, ignore); ce: the cross-entropy sums (the gradient kernels take ce = true, as the
 // launcher's); B, C, N; sms, optin: the device's multiprocessors and opt-in shared memory.
 struct Config {
@@ -138,49 +138,46 @@ struct Buffers {
   long long* range;
 };
 
-template <typename S, typename T, typename L>
+template <typename S, typename T>
 int run_labels(const Config& c, const Buffers& p, int64_t* geometry) {
+  if (c.labels < 0 || c.labels > 2) return 2;
   const int64_t cs = c.channels_last ? 1 : c.N, vs = c.channels_last ? c.C : 1;
   const LabelRule rule{c.C, c.has_ignore ? c.ignore : 0, c.has_ignore != 0};
   const S* z = static_cast<const S*>(p.z);
-  const L* y = static_cast<const L*>(p.target);
+  const AnyLabels y{p.target, static_cast<int>(c.labels)};  // (Config's label codes are AnyLabels::Kind's)
   const T* w = static_cast<const T*>(p.w);
   if (c.what == kGradKernel)
-    return grad<T>(LabelVoxel<S, T, L>{z, y, w, static_cast<const T*>(p.g), static_cast<S*>(p.out), c.C, c.N, cs, vs,
-                                       rule, true, nullptr},
+    return grad<T>(LabelVoxel<S, T>{z, y, w, static_cast<const T*>(p.g), static_cast<S*>(p.out), c.C, c.N, cs, vs,
+                                    rule, true, nullptr},
                    c.B, c.sms, c.optin, geometry);
-  const LabelVoxel<S, T, L> voxel{z, y, w, nullptr, nullptr, c.C, c.N, cs, vs, rule, c.ce != 0, p.range};
+  const LabelVoxel<S, T> voxel{z, y, w, nullptr, nullptr, c.C, c.N, cs, vs, rule, c.ce != 0, p.range};
   T* out = static_cast<T*>(p.out);
-  return c.what == kWarpSumsKernel ? sums_warp<S, T, L>(voxel, c.B, c.sms, c.optin, out, geometry)
+  return c.what == kWarpSumsKernel ? sums_warp<S, T>(voxel, c.B, c.sms, c.optin, out, geometry)
                                    : sums<T>(voxel, c.B, c.sms, c.optin, out, geometry);
 }
 
 template <typename S, typename T, bool SIGMOID>
 int run_soft(const Config& c, const Buffers& p, int64_t* geometry) {
-  if (c.channels_last || c.what == kWarpSumsKernel) return 2;  // no such launch
+  if (c.what == kWarpSumsKernel) return 2;  // no such launch
+  const int64_t cs = c.channels_last ? 1 : c.N, vs = c.channels_last ? c.C : 1;  // targets in the logits' layout
   const S* z = static_cast<const S*>(p.z);
   const S* t = static_cast<const S*>(p.target);
   const T* w = static_cast<const T*>(p.w);
   if (c.what == kGradKernel)  // (the gradient does not depend on CE: one instantiation, as the launcher's)
     return grad<T>(SoftVoxel<SIGMOID, true, S, T>{z, t, w, static_cast<const T*>(p.g), static_cast<S*>(p.out), c.C,
-                                                 c.N},
+                                                 c.N, cs, vs},
                    c.B, c.sms, c.optin, geometry);
   T* out = static_cast<T*>(p.out);
-  return c.ce ? sums<T>(SoftVoxel<SIGMOID, true, S, T>{z, t, w, nullptr, nullptr, c.C, c.N}, c.B, c.sms, c.optin, out,
-                        geometry)
-              : sums<T>(SoftVoxel<SIGMOID, false, S, T>{z, t, w, nullptr, nullptr, c.C, c.N}, c.B, c.sms, c.optin, out,
-                        geometry);
+  return c.ce ? sums<T>(SoftVoxel<SIGMOID, true, S, T>{z, t, w, nullptr, nullptr, c.C, c.N, cs, vs}, c.B, c.sms,
+                        c.optin, out, geometry)
+              : sums<T>(SoftVoxel<SIGMOID, false, S, T>{z, t, w, nullptr, nullptr, c.C, c.N, cs, vs}, c.B, c.sms,
+                        c.optin, out, geometry);
 }
 
 template <typename S>
 int run(const Config& c, const Buffers& p, int64_t* geometry) {
   using T = compute_t<S>;
-  if (c.kind == kLabels) {
-    if (c.labels == 0) return run_labels<S, T, uint8_t>(c, p, geometry);
-    if (c.labels == 1) return run_labels<S, T, int32_t>(c, p, geometry);
-    if (c.labels == 2) return run_labels<S, T, int64_t>(c, p, geometry);
-    return 2;
-  }
+  if (c.kind == kLabels) return run_labels<S, T>(c, p, geometry);
   if (c.kind == kSoftmax) return run_soft<S, T, false>(c, p, geometry);
   if (c.kind == kSigmoid) return run_soft<S, T, true>(c, p, geometry);
   return 2;

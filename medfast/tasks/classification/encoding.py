@@ -12,6 +12,7 @@ output) and ``probabilities`` (class probabilities, ``(N, C)``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 
@@ -79,6 +80,19 @@ class _Encoder:
         """Class names of indices ``(N,)``; raises ValueError for an index outside ``[0, C-1]``."""
         return [self.class_names[int(i)] for i in self.index(torch.as_tensor(indices))]
 
+    # The interface every encoding implements (what make_encoder's callers use).
+    def encode(self, labels: Sequence[str | int] | torch.Tensor) -> torch.Tensor:
+        """Targets for the loss of class labels given as indices or as class names."""
+        raise NotImplementedError
+
+    def decode(self, output: torch.Tensor, *, logits: bool | None = None) -> torch.Tensor:
+        """Classes ``(N,)`` from network outputs (``logits=True``) or from targets."""
+        raise NotImplementedError
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(N, C)`` of network outputs."""
+        raise NotImplementedError
+
 
 class NominalEncoder(_Encoder):
     """Unordered classes: softmax over ``C`` logits, cross-entropy on class indices.
@@ -103,17 +117,18 @@ class NominalEncoder(_Encoder):
     def num_outputs(self) -> int:
         return self.num_classes
 
-    def encode(self, labels) -> torch.Tensor:
+    def encode(self, labels: Sequence[str | int] | torch.Tensor) -> torch.Tensor:
         """Indices ``(N,)`` int64, or one-hot ``(N, C)`` float32 if ``one_hot``."""
         y = self.index(labels)
         return torch.nn.functional.one_hot(y, self.num_classes).float() if self.one_hot else y
 
-    def decode(self, output: torch.Tensor) -> torch.Tensor:
+    def decode(self, output: torch.Tensor, *, logits: bool | None = None) -> torch.Tensor:
         """Classes ``(N,)`` from logits or one-hot/probabilities ``(N, C)`` (argmax), or indices ``(N,)``.
 
-        A 1-D tensor is read as class indices: non-integer values (scores) are a ValueError, not truncated."""
+        A 1-D tensor is read as class indices: non-integer values (scores) are a ValueError, not truncated.
+        ``logits=True`` (as for the other encodings) requires logits ``(N, C)``."""
         output = torch.as_tensor(output)
-        if output.dim() == 1:
+        if output.dim() == 1 and not logits:
             try:
                 _indices("output", output)
             except ValueError:
@@ -142,7 +157,7 @@ class BinaryEncoder(_Encoder):
     def num_outputs(self) -> int:
         return 1
 
-    def encode(self, labels) -> torch.Tensor:
+    def encode(self, labels: Sequence[str | int] | torch.Tensor) -> torch.Tensor:
         """Float targets ``(N, 1)`` in {0, 1}."""
         return self.index(labels).float()[:, None]
 
@@ -175,7 +190,7 @@ class OrdinalEncoder(_Encoder):
     def num_outputs(self) -> int:
         return self.num_classes - 1
 
-    def encode(self, labels) -> torch.Tensor:
+    def encode(self, labels: Sequence[str | int] | torch.Tensor) -> torch.Tensor:
         """Cumulative targets ``(N, K-1)`` float32."""
         y = self.index(labels)
         return (y[:, None] > torch.arange(self.num_classes - 1)[None]).float()
@@ -208,6 +223,18 @@ class OrdinalEncoder(_Encoder):
         return (cum[:, :-1] - cum[:, 1:]).clamp_min(0)
 
 
+# (a literal encoding name gives its class: make_encoder("ordinal", 4).cumulative(...) type-checks)
+@overload
+def make_encoder(encoding: Literal["nominal"], num_classes: int,
+                 class_names: Sequence[str] | None = None) -> NominalEncoder: ...
+@overload
+def make_encoder(encoding: Literal["binary"], num_classes: int,
+                 class_names: Sequence[str] | None = None) -> BinaryEncoder: ...
+@overload
+def make_encoder(encoding: Literal["ordinal"], num_classes: int,
+                 class_names: Sequence[str] | None = None) -> OrdinalEncoder: ...
+@overload
+def make_encoder(encoding: str, num_classes: int, class_names: Sequence[str] | None = None) -> _Encoder: ...
 def make_encoder(encoding: str, num_classes: int, class_names: Sequence[str] | None = None) -> _Encoder:
     """The encoder named ``encoding`` (``"nominal"``, ``"binary"`` or ``"ordinal"``)."""
     kinds = {"nominal": NominalEncoder, "binary": BinaryEncoder, "ordinal": OrdinalEncoder}

@@ -11,6 +11,11 @@ from medfast.ops._validate import check_tensor
 __all__ = ["ClassificationLoss", "coral_loss"]
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 logits in float32 (a stable loss); float32 and float64 as given (float64: gradcheck)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def coral_loss(logits: torch.Tensor, levels: torch.Tensor, importance: torch.Tensor | None = None,
                reduction: str = "mean") -> torch.Tensor:
     """CORAL ordinal loss (Cao, Mirjalili & Raschka 2020, eq. 4).
@@ -32,7 +37,7 @@ def coral_loss(logits: torch.Tensor, levels: torch.Tensor, importance: torch.Ten
     Returns
     -------
     Tensor
-        Scalar, or ``(N,)`` for ``reduction="none"``.
+        Scalar, or ``(N,)`` for ``reduction="none"``; float32 for float16/bfloat16 logits, else their dtype.
     """
     logits, levels = check_tensor("logits", logits), check_tensor("levels", levels)
     if not logits.is_floating_point():
@@ -46,7 +51,7 @@ def coral_loss(logits: torch.Tensor, levels: torch.Tensor, importance: torch.Ten
         if importance.shape != (logits.shape[1],):
             raise ValueError(f"importance must have shape (K-1,) = ({logits.shape[1]},) for logits "
                              f"{tuple(logits.shape)}, got {tuple(importance.shape)}")
-    logits = logits.float()
+    logits = _upcast(logits)
     levels = levels.to(logits.dtype)
     logsig = F.logsigmoid(logits)
     term = logsig * levels + (logsig - logits) * (1 - levels)
@@ -76,7 +81,8 @@ class ClassificationLoss(nn.Module):
     Notes
     -----
     ``forward(logits, targets)`` takes the network output (``(N, C)``, ``(N, 1)`` or ``(N, K-1)``) and the
-    encoder's targets (indices ``(N,)`` or one-hot ``(N, C)``, ``(N, 1)``, ``(N, K-1)``); returns a scalar.
+    encoder's targets (indices ``(N,)`` or one-hot ``(N, C)``, ``(N, 1)``, ``(N, K-1)``); returns a scalar,
+    float32 for float16/bfloat16 logits, else in the logits' dtype (float64 stays float64).
     """
 
     def __init__(self, encoding: str = "nominal", class_weights: torch.Tensor | None = None,
@@ -89,10 +95,13 @@ class ClassificationLoss(nn.Module):
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = _upcast(logits)
         if self.encoding == "nominal":
-            weight = None if self.class_weights is None else self.class_weights.float()  # after .double() too
-            return F.cross_entropy(logits.float(), targets, weight=weight,
-                                   label_smoothing=self.label_smoothing)
+            # the weights in the logits' dtype whatever the buffer's (a module .double()'d, float32 logits)
+            weight = None if self.class_weights is None else self.class_weights.to(logits.dtype)
+            if targets.is_floating_point():  # one-hot / soft targets: F.cross_entropy wants the logits' dtype
+                targets = targets.to(logits.dtype)
+            return F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.label_smoothing)
         if self.encoding == "binary":
-            return F.binary_cross_entropy_with_logits(logits.float(), targets.float().reshape(logits.shape))
+            return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype).reshape(logits.shape))
         return coral_loss(logits, targets)

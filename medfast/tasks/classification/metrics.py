@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import torch
 
+from medfast._typing import ArrayLike
 from medfast.tasks._figures import save_figure
 
 __all__ = ["accuracy", "balanced_accuracy", "classification_report", "confusion_matrix", "precision_recall_f1",
@@ -38,7 +40,7 @@ def _same_length(p: np.ndarray, t: np.ndarray) -> None:
         raise ValueError(f"pred {p.shape} and target {t.shape} differ in shape (one entry per sample each)")
 
 
-def confusion_matrix(pred, target, num_classes: int) -> np.ndarray:
+def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int) -> np.ndarray:
     """Counts ``(C, C)`` int64: row = true class, column = predicted class.
 
     Parameters
@@ -56,14 +58,14 @@ def confusion_matrix(pred, target, num_classes: int) -> np.ndarray:
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def accuracy(pred, target) -> float:
+def accuracy(pred: ArrayLike, target: ArrayLike) -> float:
     """Fraction of ``pred == target`` (``(N,)`` each)."""
     p, t = _np(pred).ravel(), _np(target).ravel()
     _same_length(p, t)  # (NumPy would broadcast one prediction against every target)
     return float((p == t).mean()) if t.size else float("nan")
 
 
-def precision_recall_f1(pred, target, num_classes: int) -> dict[str, np.ndarray]:
+def precision_recall_f1(pred: ArrayLike, target: ArrayLike, num_classes: int) -> dict[str, np.ndarray]:
     """Per-class ``precision``, ``recall``, ``f1`` and ``support``, each ``(C,)``.
 
     Undefined values (no prediction of a class for precision, no sample of it for recall) are NaN. F1 is
@@ -80,7 +82,7 @@ def precision_recall_f1(pred, target, num_classes: int) -> dict[str, np.ndarray]
     return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1).astype(np.int64)}
 
 
-def balanced_accuracy(pred, target, num_classes: int) -> float:
+def balanced_accuracy(pred: ArrayLike, target: ArrayLike, num_classes: int) -> float:
     """Mean recall over the classes present in ``target`` (chance level ``1 / C``)."""
     recall = precision_recall_f1(pred, target, num_classes)["recall"]
     return float(np.nanmean(recall)) if np.isfinite(recall).any() else float("nan")
@@ -103,7 +105,17 @@ def _binary_auc(score: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def roc_auc(scores, target, num_classes: int | None = None, average: str | None = "macro"):
+@overload
+def roc_auc(scores: ArrayLike, target: ArrayLike, num_classes: int | None = None,
+            average: Literal["macro"] = "macro") -> float: ...
+@overload
+def roc_auc(scores: ArrayLike, target: ArrayLike, num_classes: int | None = None, *,
+            average: str | None) -> float | np.ndarray: ...
+@overload
+def roc_auc(scores: ArrayLike, target: ArrayLike, num_classes: int | None,
+            average: str | None) -> float | np.ndarray: ...
+def roc_auc(scores: ArrayLike, target: ArrayLike, num_classes: int | None = None,
+            average: str | None = "macro") -> float | np.ndarray:
     """ROC AUC: binary, or one-vs-rest per class.
 
     Parameters
@@ -120,6 +132,7 @@ def roc_auc(scores, target, num_classes: int | None = None, average: str | None 
     Returns
     -------
     float or ndarray ``(C,)``
+        A float for binary scores or ``average="macro"``; the per-class AUCs ``(C,)`` with ``average=None``.
     """
     if average not in ("macro", None):
         raise ValueError(f"average must be 'macro' or None, got {average!r}")
@@ -143,7 +156,8 @@ def roc_auc(scores, target, num_classes: int | None = None, average: str | None 
     return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
 
 
-def classification_report(pred, target, num_classes: int, scores=None) -> dict[str, float]:
+def classification_report(pred: ArrayLike, target: ArrayLike, num_classes: int,
+                          scores: ArrayLike | None = None) -> dict[str, float]:
     """Flat dict of the metrics above: ``accuracy``, ``balanced_accuracy``, macro ``f1``, ``auc`` (if
     ``scores`` ``(N, C)`` are given) and per-class ``precision_<k>``/``recall_<k>``/``f1_<k>``."""
     out = {"accuracy": accuracy(pred, target), "balanced_accuracy": balanced_accuracy(pred, target, num_classes)}

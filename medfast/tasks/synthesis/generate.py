@@ -13,17 +13,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from medfast._jsonsafe import dumps as json_dumps
 
+if TYPE_CHECKING:  # (imported inside the functions at run time: the task module is heavy)
+    from medfast.tasks.synthesis.task import SynthesisTask
+
 __all__ = ["add_parser", "generate", "generate_frames", "load_generator", "predict_files", "read_poses"]
 
 
-def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu"):
+def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SynthesisTask, torch.nn.Module]:
     """``(task, model)`` of a synthesis checkpoint written by ``medfast train`` (model in eval mode)."""
     from medfast.tasks.synthesis.task import SynthesisTask
     from medfast.train.config import config_from_dict
@@ -77,7 +80,8 @@ def read_poses(path: str | Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_frames(task, model: torch.nn.Module, poses: torch.Tensor, seed: int = 0):
+def generate_frames(task: SynthesisTask, model: torch.nn.Module, poses: torch.Tensor,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generated and simulated frames at ``poses`` with a loaded generator (see :func:`load_generator`).
 
     Parameters
