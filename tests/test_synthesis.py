@@ -352,6 +352,101 @@ def test_config_errors_are_clear(tmp_path, phantom):
         generate(ck, tmp_path / "x")
 
 
+@pytest.mark.parametrize("key,value,hint", [
+    ("loss.lambda_dice", 5, "lambda_l1"), ("loss.include_background", "false", "lambda_l1"),
+    ("augment.flip", "[0, 1]", "not augmented"), ("augment.rotation", 45, "not augmented"),
+    ("inference.overlap", 0.9, "whole frames"),
+])
+def test_unread_loss_augment_inference_settings_are_refused(tmp_path, phantom, key, value, hint):
+    with pytest.raises(ConfigError, match=f"does not use {key}: remove it .*{hint}"):
+        SynthesisTask(_config(tmp_path, phantom, **{key: value}))
+
+
+def test_default_sections_and_augment_disabled_are_accepted(tmp_path, phantom):
+    SynthesisTask(load_config([], ["task=synthesis", "model.spatial_dims=2"]))  # the defaults trigger nothing
+    SynthesisTask(_config(tmp_path, phantom, **{"augment.enabled": "false"}))  # states what the task does
+    with pytest.raises(ConfigError, match="does not use loss.lambda_ce, augment.rotation: remove them"):
+        SynthesisTask(_config(tmp_path, phantom, **{"loss.lambda_ce": 2, "augment.rotation": 5}))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("lambda_l1", ".nan"), ("lambda_adv", ".inf"), ("tilt_deg", ".nan"), ("twist_deg", "-.inf"),
+    ("start_jitter_mm", ".nan"), ("depth_mm", ".nan"), ("shift_mm", "[.nan, 1, 1]"),
+    ("position", "[28, .inf, 28]"), ("direction", "[0, 0, .nan]"), ("lateral", "[.nan, 0, 0]"),
+    ("travel_mm", "[0, 0, .inf]"),
+])
+def test_non_finite_task_args_are_refused_naming_the_key(tmp_path, phantom, key, value):
+    # NaN passes `< 0` checks; before, these failed in the first step naming the batch or "the pose"
+    with pytest.raises(ConfigError, match=f"task_args.{key} must be finite, got"):
+        SynthesisTask(_config(tmp_path, phantom, **{f"task_args.{key}": value}))
+
+
+def test_frames_too_small_for_the_patchgan_are_a_config_error(tmp_path, phantom):
+    small = {"task_args.image_rows": 16, "task_args.disc_layers": 3}  # 16 x 18 px frames, the PatchGAN needs 24
+    with pytest.raises(ConfigError, match=r"16 x 18 pixels \(rows: task_args.image_rows=16.*task_args.disc_layers=3 "
+                                          r"needs at least 24 pixels"):
+        Trainer(_config(tmp_path, phantom, "small", **small)).fit()
+    task = SynthesisTask(_config(tmp_path, phantom, **{**small, "task_args.disc_layers": 2}))
+    task.build_datasets()  # 12 px are enough for 2 layers
+    task = SynthesisTask(_config(tmp_path, phantom, **{**small, "task_args.lambda_adv": 0}))
+    task.build_datasets()  # L1 only: the discriminator never runs
+    # min_size is the smallest input the layers take: one pixel less leaves no logit
+    for n in (1, 2, 3):
+        d = PatchDiscriminator(2, channels=4, n_layers=n, norm="none")
+        side = PatchDiscriminator.min_size(n)
+        assert d.net(torch.randn(1, 2, side, side)).shape[2:] == (1, 1)
+        with pytest.raises(RuntimeError):
+            d.net(torch.randn(1, 2, side - 1, side - 1))
+
+
+def test_accumulated_micro_batches_are_simulated_once_per_step(tmp_path, phantom, monkeypatch):
+    """Both phases of a step share each micro-batch's simulation (trainer.accumulate = 2: the discriminator phase
+    runs micro-batches 0, 1, then the generator phase 0, 1); the weights equal those of simulating every time."""
+    extra = {"trainer.batch_size": 2, "trainer.accumulate": 2, "trainer.max_steps": 2, "trainer.checkpoint_every": 0}
+    calls = []
+    pairs = SynthesisTask.pairs
+
+    def counted(self, poses, seeds, device):
+        calls.append(tuple(seeds))
+        return pairs(self, poses, seeds, device)
+
+    monkeypatch.setattr(SynthesisTask, "pairs", counted)
+    cached = Trainer(_config(tmp_path, phantom, "cached", **extra))
+    cached.fit()
+    # 2 steps x 2 micro-batches, then finish: one validation set and the SWD floor's poses
+    assert len(calls) == 2 * 2 + 2 and len(set(calls)) == len(calls), calls
+    monkeypatch.setattr(SynthesisTask, "_batch", lambda self, batch, device: self.pairs(
+        self.poses([int(s) for s in batch["seed"]]), [int(s) for s in batch["seed"]], device))
+    fresh = Trainer(_config(tmp_path, phantom, "fresh", **extra))
+    fresh.fit()
+    for k, v in fresh.model.state_dict().items():
+        torch.testing.assert_close(cached.model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_predict_takes_a_folder_of_poses_files(tmp_path, phantom):
+    from medfast.cli import main
+
+    Trainer(_config(tmp_path, phantom, "pose", **POSE, **{"trainer.max_steps": 1})).fit()
+    ckpt = tmp_path / "pose" / "checkpoints" / "last.pt"
+    task = SynthesisTask(_config(tmp_path, phantom, **POSE))
+    poses = task.validation_poses(10**13)
+    folder = tmp_path / "poses"
+    folder.mkdir()
+    (folder / "b.json").write_text(json.dumps({"poses": poses[:2].tolist()}))
+    np.save(folder / "a.npy", poses[1:4].numpy())
+    (folder / "notes.txt").write_text("not poses")
+    assert main(["predict", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    frames = {d: json.loads((tmp_path / "pred" / d / "generate.json").read_text())["frames"] for d in ("a", "b")}
+    assert frames == {"a": 3, "b": 2}
+    # a folder without poses files, and a bad file among good ones: an error, nothing written
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--model", str(ckpt), "--out", str(tmp_path / "p2"),
+                 "--device", "cpu"]) != 0
+    (folder / "c.json").write_text("[[1, 2], [3, 4]]")
+    assert main(["predict", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "p3"), "--device", "cpu"]) != 0
+    assert not (tmp_path / "p3").exists() or not any((tmp_path / "p3").rglob("*.png"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # packaged real volumes (DATA.md)
 # ----------------------------------------------------------------------------------------------------------

@@ -79,11 +79,16 @@ class PatchDiscriminator(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def min_size(n_layers: int) -> int:
+        """The smallest input side (pixels) ``n_layers`` strided layers take: ``3 * 2 ** n_layers``."""
+        return 3 * 2**n_layers
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (B, {self.in_channels}, *S) with {self.spatial_dims} spatial dims, got "
                              f"{tuple(x.shape)}")
-        need = 2 ** self.n_layers * 3
+        need = self.min_size(self.n_layers)
         if min(x.shape[2:]) < need:
             raise ValueError(f"x is {tuple(x.shape[2:])}; a PatchDiscriminator with n_layers={self.n_layers} "
                              f"needs at least {need} pixels per side")

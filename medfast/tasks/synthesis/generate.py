@@ -23,7 +23,7 @@ from medfast._jsonsafe import dumps as json_dumps
 if TYPE_CHECKING:  # (imported inside the functions at run time: the task module is heavy)
     from medfast.tasks.synthesis.task import SynthesisTask
 
-__all__ = ["add_parser", "generate", "generate_frames", "load_generator", "predict_files", "read_poses"]
+__all__ = ["add_parser", "generate", "generate_frames", "load_generator", "poses_files", "predict_files", "read_poses"]
 
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SynthesisTask, torch.nn.Module]:
@@ -180,20 +180,46 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     return summary
 
 
+#: the poses files a folder given to ``medfast predict`` contributes (the formats :func:`read_poses` reads)
+POSES_SUFFIXES = (".json", ".npy")
+
+
+def poses_files(inputs) -> list[Path]:
+    """``inputs`` with every folder replaced by its poses files (``*.json``, ``*.npy``, sorted by name), as
+    ``medfast predict`` takes a folder of images for the other tasks. Raises FileNotFoundError for a missing
+    input or a folder without poses files."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in POSES_SUFFIXES and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"no poses files ({', '.join('*' + s for s in POSES_SUFFIXES)}) in the "
+                                        f"input folder {path}")
+            files.extend(found)
+        elif not path.is_file():
+            raise FileNotFoundError(f"poses file not found: {path}")
+        else:
+            files.append(path)
+    return files
+
+
 def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device: str = "auto", overrides=(),
                   save_probabilities: bool = False, progress: bool = False) -> list[Path]:
-    """``medfast predict`` with a synthesis checkpoint: each input is a poses file (see :func:`read_poses`);
-    frames are generated at its poses into ``out_dir`` (one input) or ``out_dir/<input stem>`` (several), as
-    :func:`generate` writes them. ``overrides`` and ``save_probabilities`` do not apply (an override raises).
+    """``medfast predict`` with a synthesis checkpoint: each input is a poses file (see :func:`read_poses`) or a
+    folder of them (its ``*.json`` and ``*.npy`` files, see :func:`poses_files`); frames are generated at each
+    file's poses into ``out_dir`` (one file in all) or ``out_dir/<file stem>`` (several), as :func:`generate`
+    writes them. Every file is read and checked before anything is written. ``overrides`` and
+    ``save_probabilities`` do not apply (an override raises).
 
     Returns
     -------
     list of Path
-        The ``generate.json`` written per input.
+        The ``generate.json`` written per poses file.
     """
     if overrides:
         raise ValueError("--set does not apply to synthesis checkpoints")
-    inputs = [Path(f) for f in inputs]
+    inputs = poses_files(inputs)
     out_dir = Path(out_dir)
     targets = [out_dir if len(inputs) == 1 else out_dir / f.name.split(".")[0] for f in inputs]
     seen: dict[Path, Path] = {}
@@ -201,9 +227,10 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
         if target in seen:
             raise ValueError(f"{seen[target]} and {f} would both write {target}: give inputs with different names")
         seen[target] = f
+    poses = [read_poses(f) for f in inputs]  # a bad file is reported before any frame is written
     written = []
-    for f, target in zip(inputs, targets):
-        generate(checkpoint, target, poses=read_poses(f), device=device)
+    for p, target in zip(poses, targets):
+        generate(checkpoint, target, poses=p, device=device)
         written.append(target / "generate.json")
     return written
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,10 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
     """``config.task_args`` as :class:`SynthesisArgs`, checked (raises :class:`ConfigError` naming the key)."""
     a = _build(SynthesisArgs, config.task_args or {}, "task_args")
     _refuse_unused_settings(config)
+    for f in fields(SynthesisArgs):  # NaN passes every comparison below and would fail in the first step
+        v = getattr(a, f.name)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
+            raise ConfigError(f"task_args.{f.name} must be finite, got {v}")
     if isinstance(a.source, str) and a.source and a.source not in SOURCES:
         # a file: absolute, so that the saved config (checkpoint, config.yaml) names the training volume
         # whatever the working directory of a later synthesize / predict
@@ -157,15 +162,29 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
     return a
 
 
+#: the settings of the shared sections the task reads (the trainer reads data.num_workers); any other one set to a
+#: non-default value would be silently ignored, so it is refused (:func:`_refuse_unused_settings`)
+_READ = {"data": {"num_workers"}, "model": {"name", "spatial_dims", "channels", "convs_per_level", "norm"},
+         "loss": set(), "augment": set(), "inference": set()}
+#: non-default values that state what the task does anyway: accepted
+_HARMLESS = {"augment.enabled": False}
+_HINTS = {"data": "its frames come from task_args.source",
+          "model": "its networks from model.channels / convs_per_level / norm and task_args.disc_*, the channels "
+                   "from task_args.mode",
+          "loss": "its loss is task_args.lambda_l1 * L1 + lambda_adv * the adversarial loss (task_args.gan_loss)",
+          "augment": "its frames are not augmented: the poses vary (task_args.shift_mm / tilt_deg / twist_deg, or "
+                     "the sweeps' travel_mm / start_jitter_mm)",
+          "inference": "whole frames are generated"}
+
+
 def _refuse_unused_settings(config: Config) -> None:
-    """The frames come from task_args.source and the networks from model.channels / convs_per_level / norm and
-    task_args.disc_*: a data or model setting the task would ignore is an error naming it (not a silent no-op)."""
-    unused = unused_settings(config, {"data": {"num_workers"},
-                                      "model": {"name", "spatial_dims", "channels", "convs_per_level", "norm"}})
+    """A data, model, loss, augment or inference setting the task would ignore is an error naming it (not a
+    silent no-op)."""
+    unused = unused_settings(config, _READ, _HARMLESS)
     if unused:
-        raise ConfigError(f"the synthesis task does not use {', '.join(unused)} (its frames come from "
-                          f"task_args.source, its networks from model.channels / convs_per_level / norm and "
-                          f"task_args.disc_*, the channels from task_args.mode): remove it")
+        hints = "; ".join(_HINTS[s] for s in _HINTS if any(u.startswith(f"{s}.") for u in unused))
+        raise ConfigError(f"the synthesis task does not use {', '.join(unused)}: remove "
+                          f"{'it' if len(unused) == 1 else 'them'} ({hints})")
 
 
 def _noise_channels(a: SynthesisArgs) -> int:
@@ -215,7 +234,8 @@ class SynthesisTask(Task):
         super().__init__(config)
         self.args = parse_synthesis_args(config)
         self._source: SynthesisSource | None = None
-        self._cache: tuple[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+        # the simulated pairs of the last trainer.accumulate micro-batches (see _batch)
+        self._cache: OrderedDict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
     # -- data -------------------------------------------------------------------------------------
     @property
@@ -290,16 +310,35 @@ class SynthesisTask(Task):
     def _batch(self, batch: dict[str, Any], device: torch.device):
         seeds = [int(s) for s in batch["seed"]]
         key = (tuple(seeds), str(device))
-        if self._cache is None or self._cache[0] != key:  # the two phases of a step share the simulation
-            self._cache = (key, self.pairs(self.poses(seeds), seeds, device))
-        return self._cache[1]
+        # the two phases of a step share the simulation: the trainer runs the discriminator phase over the step's
+        # micro-batches 0..accumulate-1, then the generator phase over the same ones, so the cache keeps that many
+        if key not in self._cache:
+            self._cache[key] = self.pairs(self.poses(seeds), seeds, device)
+            while len(self._cache) > max(1, self.config.trainer.accumulate):
+                self._cache.popitem(last=False)
+        return self._cache[key]
 
     def build_model(self) -> nn.Module:
         return build_gan(self.config, self.cond_channels)
 
+    def check_frame_size(self) -> None:
+        """Raises :class:`ConfigError` naming the settings when the frames are smaller than the PatchGAN
+        discriminator takes (it is not run when ``lambda_adv = 0``)."""
+        from medfast.nets import PatchDiscriminator
+
+        a, src = self.args, self.source
+        need = PatchDiscriminator.min_size(a.disc_layers)
+        if a.lambda_adv > 0 and min(src.height, src.width) < need:
+            raise ConfigError(
+                f"the frames are {src.height} x {src.width} pixels (rows: task_args.image_rows={a.image_rows}; "
+                f"columns: the width of the task_args.probe {a.probe!r} image in pixels of {src.pixel_mm:.3g} mm, "
+                f"its depth (task_args.depth_mm) / (image_rows - 1)) but a PatchGAN with task_args.disc_layers="
+                f"{a.disc_layers} needs at least {need} pixels per side: raise image_rows or lower disc_layers")
+
     def build_datasets(self):
         a = self.args
         _ = self.source  # load (and check) the volume now, not in the first step
+        self.check_frame_size()
         train = _Seeds(a.samples_per_epoch, f"{a.source} {a.mode} sample")
         val = _Seeds(a.val_sets, f"{a.source} validation set", base_seed=VAL_SEED)
         return train, val
