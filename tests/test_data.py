@@ -482,3 +482,23 @@ def test_disk_cache_key_tells_2d_reorientation_apart(tmp_path):
     p = _save(tmp_path / "s.nii.gz", np.zeros((4, 3, 1), np.float32), np.diag([-1.0, 1, 1, 1]))
     kw = dict(spatial_dims=2, cache="disk", cache_dir=tmp_path / "c")
     assert NiftiDataset([p], reorient=True, **kw)._key(0) != NiftiDataset([p], reorient=False, **kw)._key(0)
+
+
+def test_label_map_keys_and_values_are_non_negative_integers(tmp_path):
+    # a negative key indexed the lookup table from its end: {-1: 0} silently relabelled the largest label (2)
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[2:4], lab[4:6] = 1, 2
+    image = _save(tmp_path / "img.nii.gz", np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32))
+    label = _save(tmp_path / "lab.nii.gz", lab)
+    for bad, error, named in (({-1: 0}, ValueError, "key -1 is negative"),
+                              ({2: -1}, ValueError, "the value of key 2 is negative"),
+                              ({1.5: 0}, TypeError, "key 1.5 must be an integer"),
+                              ({1: 0.5}, TypeError, "the value of key 1 must be an integer"),
+                              ({True: 0}, TypeError, "key True must be an integer")):
+        with pytest.raises(error, match=named):
+            NiftiDataset([image], [label], label_map=bad, num_classes=3)
+    # integers as NumPy scalars or strings (JSON keys) are integers; unlisted values keep theirs
+    ds = NiftiDataset([image], [label], label_map={np.int64(2): np.uint8(1), "1": 0}, num_classes=2)
+    assert ds.label_map == {2: 1, 1: 0}
+    want = np.where(lab == 1, 0, np.where(lab == 2, 1, lab))
+    assert np.array_equal(ds[0]["label"].numpy(), want)

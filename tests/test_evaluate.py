@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -147,3 +148,69 @@ def test_evaluate_bad_inputs_name_the_files(tmp_path):
         with pytest.raises(SystemExit, match="no CUDA device is visible"):
             main(["evaluate", str(ref), str(ref), "--device", "cuda"])
     assert find_evaluation_pairs(ref, ref) == [(ref, ref)]
+
+
+def _binary_metrics(pred, ref, c):
+    """Dice, HD95 and ASSD of class ``c`` alone, as a 2-class problem: independent of how evaluate numbers the
+    classes (a distance to an empty mask: NaN, as evaluate writes it)."""
+    p, r = (torch.from_numpy((a == c).astype(np.int64))[None] for a in (pred, ref))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        hd = float(mm.hausdorff_distance(p, r, 95, SPACING, num_classes=2)[0, 0])
+        asd = float(mm.surface_distance(p, r, SPACING, num_classes=2, symmetric=True)[0, 0])
+    return float(mm.dice(p, r, 2, ignore_empty=False)[0, 1]), *(x if math.isfinite(x) else math.nan for x in (hd, asd))
+
+
+@pytest.mark.parametrize("values", [(2, 41, 2035), (5, 41, 70000)])
+def test_sparse_label_values_score_only_the_classes_found(tmp_path, values):
+    # every value 1 .. max was a class: FreeSurfer-style labels (2, 41, 1035, 2035, 11101 ..) took seconds to
+    # minutes and gave a row per absent value; now the classes found in either map, by their label values
+    # (70000: past the lookup table, remapped by a search)
+    a, b, c = values
+    ref = np.zeros((20, 18, 16), np.int64)
+    ref[4:10, 3:9, 2:8] = a
+    ref[13:17, 10:15, 9:12] = b
+    pred = np.roll(ref, 1, axis=0)
+    pred[0:2, 0:2, 0:2] = c  # only in the prediction
+    for name, lab in (("p", pred), ("r", ref)):
+        nib.save(nib.Nifti1Image(lab.astype(np.int32), AFFINE), str(tmp_path / f"{name}.nii.gz"))
+    rows = evaluate_pair(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz")
+    assert [r["class"] for r in rows] == [a, b, c]
+    for r in rows:
+        dice, hd, asd = _binary_metrics(pred, ref, r["class"])
+        assert r["dice"] == pytest.approx(dice)
+        assert r["hd"] == pytest.approx(hd, nan_ok=True) and r["asd"] == pytest.approx(asd, nan_ok=True)
+        assert (r["pred_voxels"], r["reference_voxels"]) == (int((pred == r["class"]).sum()),
+                                                            int((ref == r["class"]).sum()))
+    assert rows[2]["dice"] == 0.0 and math.isnan(rows[2]["hd"])  # a false positive: Dice 0, no distance
+    # --num-classes: a row for each label below it (absent from both: NaN, not measured)
+    rows = evaluate_pair(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz", num_classes=c + 2, include_background=True)
+    assert [r["class"] for r in rows] == list(range(c + 2))
+    assert rows[0]["dice"] == pytest.approx(_binary_metrics(pred, ref, 0)[0])
+    assert math.isnan(rows[1]["dice"]) and rows[1]["pred_voxels"] == rows[1]["reference_voxels"] == 0
+    assert rows[c]["dice"] == 0.0 and math.isnan(rows[c + 1]["dice"])
+
+
+def test_summary_lists_the_classes_found_and_counts_every_case(tmp_path, capsys):
+    # case a holds labels 2 and 41, case b only 41, case c only the background (no row): the table lists 2 and
+    # 41 (not 1, 3 .. 40), class 2 over the one case that has it, and 3 cases
+    ref_dir, pred_dir, out = tmp_path / "ref", tmp_path / "pred", tmp_path / "out"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    a = np.array([0, 2, 41], np.int16)[_cubes()]  # 1 -> 2, 2 -> 41
+    b = np.where(a == 2, 0, a)
+    for name, lab in (("a", a), ("b", b), ("c", np.zeros_like(a))):
+        _save(ref_dir / f"{name}.nii.gz", lab)
+        _save(pred_dir / f"{name}.nii.gz", lab)
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 case(s)" in printed and "| 2 | 1.0000 +- 0.0000 (n=1) |" in printed and "| 41 |" in printed
+    assert "| 1 |" not in printed and "| 3 |" not in printed
+    with open(out / "metrics.csv") as f:
+        assert [(r["case"], r["class"]) for r in csv.DictReader(f)] == [("a", "2"), ("a", "41"), ("b", "41")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"] == 3 and list(summary["classes"]) == ["2", "41"]
+    # only the background everywhere: no rows, the CSV has its header
+    assert main(["evaluate", str(pred_dir / "c.nii.gz"), str(ref_dir / "c.nii.gz"), "--out", str(tmp_path / "o2")]) == 0
+    assert "1 case(s)" in capsys.readouterr().out
+    assert (tmp_path / "o2" / "metrics.csv").read_text().splitlines()[0].startswith("case,class,dice,hd,asd,")

@@ -284,3 +284,44 @@ def test_validation_hd95_mean_penalizes_a_missed_class():
     assert 0 < rows[1]["hd95_mean"] < rows[2]["hd95_mean"]
     diagonal = float(np.linalg.norm([64.0, 64.0, 64.0]))  # 32 voxels of 2 mm per axis
     assert rows[2]["hd95_mean"] == pytest.approx((0.0 + 2.0 * 0 + diagonal) / 3, abs=2.0)
+
+
+def test_validation_dice_scores_a_false_positive_class_as_evaluate_does(tmp_path):
+    # a class only the prediction holds had Dice NaN (left out of dice_mean: 1.0) while medfast evaluate scored
+    # the same prediction 0; a class in neither map stays NaN, and a case with no class at all has dice_mean NaN
+    # (without NumPy's "Mean of empty slice" warning)
+    import warnings
+
+    from medfast.tasks.evaluation import evaluate_pair
+    from medfast.tasks.segmentation import SegmentationTask
+    from medfast.train import load_config
+
+    config = load_config([], ["model.out_channels=4", "model.channels=[4, 8]", "inference.roi_size=null",
+                              "augment.patch_size=null", "data.root=unused"])
+    task = SegmentationTask(config)
+    label = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    label[0, 4:12, 4:12, 4:12] = 1
+    pred = label.clone()
+    pred[0, 0:3, 0:3, 0:3] = 2  # class 2: a false positive; class 3: in neither
+
+    class Fixed(torch.nn.Module):  # a "network" whose argmax is `out`
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(self.out, 4).movedim(-1, 1).float() * 20
+
+    batch = {"image": torch.zeros(1, 1, 16, 16, 16), "label": label, "affine": torch.eye(4, dtype=torch.float64)[None]}
+    [row] = task.validation_step(Fixed(pred), batch, torch.device("cpu"))
+    assert row["dice_1"] == 1.0 and row["dice_2"] == 0.0 and np.isnan(row["dice_3"])
+    assert row["dice_mean"] == 0.5
+    for name, x in (("pred", pred), ("ref", label)):
+        nib.save(nib.Nifti1Image(x[0].numpy().astype(np.uint8), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    rows = evaluate_pair(tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz", num_classes=4)
+    np.testing.assert_array_equal([r["dice"] for r in rows], [row[f"dice_{c}"] for c in (1, 2, 3)])
+    empty = dict(batch, label=torch.zeros_like(label))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        [row] = task.validation_step(Fixed(torch.zeros_like(label)), empty, torch.device("cpu"))
+    assert all(np.isnan(row[f"dice_{c}"]) for c in (1, 2, 3)) and np.isnan(row["dice_mean"])

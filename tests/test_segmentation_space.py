@@ -342,6 +342,69 @@ def test_finish_scores_2d_test_set_in_2d(tmp_path, monkeypatch, label_shape):
     assert res["hd95_mm"][0] == pytest.approx(hd, abs=1e-4)
 
 
+def test_colliding_test_case_names_fail_before_training(tmp_path, monkeypatch):
+    # a/scan.nii.gz and b/scan.nii.gz both predict to OUT/test/scan_seg.nii.gz: refused only after the whole run
+    # had trained (no results), with advice about --out, which train's test set cannot use
+    _train_data(tmp_path, (12, 12, 10))
+    images, labels = [], []
+    for sub, i in (("a", 0), ("b", 1)):
+        (tmp_path / "dup" / sub).mkdir(parents=True)
+        for kind, dest in (("images", images), ("labels", labels)):
+            path = tmp_path / "dup" / sub / ("scan.nii.gz" if kind == "images" else "lab.nii.gz")
+            path.write_bytes((tmp_path / "data" / kind / f"c{i}.nii.gz").read_bytes())
+            dest.append(str(path))
+    _no_training(monkeypatch)
+    config = _config(3, root=str(tmp_path / "data"), test_images=images, test_labels=labels)
+    config.trainer.out_dir = str(tmp_path / "run")
+    with pytest.raises(DatasetError, match="would both be written as scan_seg.nii.gz") as info:
+        Trainer(config).fit()
+    message = str(info.value)
+    assert images[0] in message and images[1] in message and "rename or move" in message
+    assert "--out" not in message and "test set" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_negative_test_label_map_key_is_a_config_error(tmp_path):
+    # lut[-1] = 0 relabelled the largest label value of every test label map; only the values were checked
+    from medfast.train import ConfigError
+
+    for bad, named in (({-1: 0}, "key -1 is negative"), ({1: 5}, "outside 0..1")):
+        config = _config(3, root=str(tmp_path), test_label_map=bad)
+        with pytest.raises(ConfigError, match=f"data.test_label_map.*{named}"):
+            seg.check_config(config)
+
+
+def test_test_dice_scores_as_evaluate_and_averages_the_cases_with_a_class(tmp_path, monkeypatch):
+    """The test set after training scores a class only the prediction holds Dice 0, as medfast evaluate (it was
+    NaN, left out of the case's mean); a case with no foreground in either map (Dice NaN) is left out of
+    test_dice_mean (it made it NaN, with a "Mean of empty slice" warning), and test_dice_cases counts the rest."""
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    _train_data(tmp_path, (12, 12, 10))
+    blob = np.zeros((12, 12, 10), np.float32)
+    blob[3:8, 2:9, 2:7] = 1
+    lab = blob.astype(np.uint8)
+    cases = {"fp": (blob, np.zeros_like(lab)), "empty": (np.zeros_like(blob), np.zeros_like(lab)),
+             "good": (blob, lab)}
+    (tmp_path / "test_labels").mkdir()
+    for name, (image, label) in cases.items():
+        nib.save(nib.Nifti1Image(image, AFFINE_2D), str(tmp_path / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, AFFINE_2D), str(tmp_path / "test_labels" / f"{name}.nii.gz"))
+    config = _config(3, root=str(tmp_path / "data"), test_images=[str(tmp_path / f"{n}.nii.gz") for n in cases],
+                     test_labels=[str(tmp_path / "test_labels" / f"{n}.nii.gz") for n in cases])
+    config.trainer.out_dir = str(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Trainer(config).fit()
+    res = json.loads((tmp_path / "run" / "test_results.json").read_text())
+    assert [s["dice"] for s in res["test"]] == [[0.0], [None], [1.0]]
+    assert [s["dice_mean"] for s in res["test"]] == [0.0, None, 1.0]
+    assert res["test_dice_mean"] == 0.5 and res["test_dice_cases"] == 2
+    # the same numbers as medfast evaluate of the written predictions
+    for s in res["test"]:
+        [row] = evaluate_pair(s["prediction"], s["label"], num_classes=2)
+        assert row["dice"] == pytest.approx(s["dice"][0] if s["dice"][0] is not None else np.nan, nan_ok=True)
+
+
 # -- 4. 2D reorientation: the same slice in any storage order gives the same segmentation in world space ---------
 _VIEWS_2D = {"as_is": lambda a: a, "xflip": lambda a: a[::-1], "yflip": lambda a: a[:, ::-1],
              "transpose": lambda a: np.swapaxes(a, 0, 1), "xyflip": lambda a: a[::-1, ::-1]}  # each its own inverse

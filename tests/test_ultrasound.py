@@ -1129,6 +1129,41 @@ def test_scatter_hash_rows(seed):
     torch.testing.assert_close(slow[:, :, 1], ref, rtol=0, atol=0)
 
 
+def test_scatter_echo_of_the_node_values():
+    # On the scatter-grid nodes a sample reads one table row (n, g n): its echo is sqrt(density) (mean n +
+    # spread g n), i.e. the node's amplitude (mean + spread g) times its phase n, through the generic march
+    # and the AVX2 line march; the default table holds (n, g n) of the same draws as (n, g) before.
+    from medfast.ops._ussim import march_lines
+
+    rows, seed = 1 << 8, 5
+    table = noise_table(3, rows=rows)
+    draws = torch.randn(rows, 4, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(table[:, :2], draws[:, :2] * 0.5**0.5, rtol=0, atol=0)
+    torch.testing.assert_close(table[:, 2:], draws[:, 2:3] * table[:, :2])
+    gen = torch.Generator().manual_seed(1)
+    props = torch.rand(1, 6, 6, 6, 5, generator=gen) + 0.2
+    props[..., 0] = 1.5
+    props[..., 1] = 0.0  # no attenuation, no interfaces: E = 1, R = 0
+    G = [1.0, 0.0, 0.0, -40.0, 0.0, 1.0, 0.0, 17.0, 0.0, 0.0, 1.0, -3.0]
+    S = 5
+    start = torch.tensor([[[[0.0, 1.0, 0.0]], [[1.0, 0.0, 2.0]]]])  # (1, 2, 1, 3)
+    step = torch.tensor([[[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]])  # integer voxels (= nodes), inside the volume
+    coords = start[:, :, 0, None, :] + torch.arange(S, dtype=torch.float32)[:, None] * step[:, :, None, :]
+    idx = coords.long()
+    v = props[0][idx[..., 0], idx[..., 1], idx[..., 2]]  # (1, 2, S, 5)
+    row = torch.tensor([[[_cell_row_reference(int(c[0]) - 40, int(c[1]) + 17, int(c[2]) - 3, seed, rows)
+                          for c in line] for line in coords[0].tolist()]])
+    n, gn = table[row, :2], table[row, 2:]
+    ref = v[..., 2:3].sqrt() * (v[..., 3:4] * n + v[..., 4:5] * gn)  # (1, 2, S, 2)
+    out = ray_march(props, coords, table, G, 0.0, [1.5, 0.0, 1.0, 1.0, 0.0], seed)
+    torch.testing.assert_close(out[..., 1:], ref)
+    with torch.no_grad():
+        fast, slow = simd_and_generic(lambda: march_lines(props, start, step, torch.ones(1, S, 3), table, G, 0.0,
+                                                           [1.5, 0.0, 1.0, 1.0, 0.0], seed))
+    for lines in (fast, slow):
+        torch.testing.assert_close(lines[:, :, 1:].transpose(2, 3), ref)
+
+
 def test_scan_conversion_row_chunks():
     # One CPU frame without autograd is scan-converted in row chunks (one per thread): the same image
     # as one grid_sample over the whole grid, bit for bit.

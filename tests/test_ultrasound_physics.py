@@ -52,6 +52,43 @@ def test_sector_speckle_does_not_fade_with_depth_without_attenuation():
     assert abs(fit[0]) < 0.6  # dB/cm
 
 
+def _scatter_volumes(cases):
+    """(len(cases), 5, 2, 2, 2) homogeneous, non-attenuating volumes of (density, mean, spread)."""
+    return torch.stack([torch.tensor([1.5, 0.0, rho, mu, sd]) for rho, mu, sd in cases])[..., None, None, None] \
+        .expand(-1, -1, 2, 2, 2).clone()
+
+
+# (density, mean, spread) of the scatter amplitude: the mean intensity is density (mean^2 + spread^2) = 1
+SPREAD_CASES = ((1.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.5, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("n_lines", [64, 128, 512])
+def test_amplitude_spread_speckle_power_does_not_depend_on_line_spacing(n_lines):
+    # before: with mean 0, spread 1 the mean intensity was -1.21 / -1.14 / -2.33 dB at 64 / 128 / 512 lines
+    # (and -0.64 / -0.60 / -1.11 dB with mean = spread): the spread field was the interpolated g times the
+    # interpolated n, correlated as the square of the field the scatter gain normalises for
+    probe = Probe.preset("L11-5v", n_lines=n_lines, n_samples=1024)
+    poses = DOWN.expand(len(SPREAD_CASES), 4, 4)
+    intensity = sum(simulate(_scatter_volumes(SPREAD_CASES), BIG, poses, probe, seed=seed, tgc_db_cm_mhz=0.0,
+                             return_lines=True).envelope[:, n_lines // 8: -n_lines // 8, 128:-64].double()
+                    .square().mean((1, 2)) for seed in range(3)) / 3
+    for case, level in zip(SPREAD_CASES, intensity.tolist()):
+        assert 10 * math.log10(level) == pytest.approx(0.0, abs=0.25), case
+
+
+def test_amplitude_spread_speckle_power_does_not_fade_with_depth_in_a_sector():
+    # before: -2.3 / -2.5 / -2.3 / -2.0 / -1.3 dB over these depth bands with mean 0, spread 1 (P4-2v)
+    probe = Probe.preset("P4-2v", n_lines=256, n_samples=1024)
+    poses = DOWN.expand(len(SPREAD_CASES), 4, 4)
+    intensity = sum(simulate(_scatter_volumes(SPREAD_CASES), BIG, poses, probe, seed=seed, tgc_db_cm_mhz=0.0,
+                             return_lines=True).envelope[:, 32:-32].double().square().mean(1)
+                    for seed in range(4)) / 4  # (cases, S)
+    z = probe.depths(dtype=torch.float64)
+    for lo, hi in ((3, 10), (10, 25), (25, 50), (50, 80), (80, 115)):
+        for case, level in zip(SPREAD_CASES, intensity[:, (z >= lo) & (z < hi)].mean(1).tolist()):
+            assert 10 * math.log10(level) == pytest.approx(0.0, abs=0.25), (case, lo, hi)
+
+
 def _field_correlation_by_quadrature():
     """The correlation of the normalised trilinear noise field at distance r (cells), averaged over
     the phase in a cell and over directions: derived independently of the simulator's constant."""

@@ -6,16 +6,19 @@
 //          [dB/cm/MHz], scatterer density rho, mean scatter amplitude mu, amplitude spread sigma.
 //   coords (S, 3) voxel coordinates (axis 0, 1, 2 = D, H, W) of the S samples of the ray, evenly
 //          spaced by dz along the ray.
-//   noise  (N, 4) table of Gaussian values (re, im, amplitude, unused) indexed by a hash of the
-//          integer cell of the world-anchored scatter grid; the cell coordinate of a sample is
-//          q = G * (p, 1) with G the 3x4 voxel -> scatter-grid affine (world mm / cell size).
+//   noise  (N, 4) table (n_re, n_im, g n_re, g n_im) of a circular complex Gaussian n (a node's scatter
+//          phase and amplitude) and its product with a standard Gaussian g (the node's amplitude
+//          spread), indexed by a hash of the integer cell of the world-anchored scatter grid; the cell
+//          coordinate of a sample is q = G * (p, 1) with G the 3x4 voxel -> scatter-grid affine (world mm
+//          / cell size).
 // Per sample i (all quantities trilinearly interpolated at p_i, background values outside):
 //   R_i    = (Z_i - Z_{i-1}) / (Z_i + Z_{i-1})            (R_0 = 0)
 //   u_i    = log(1 - R_i^2) - att * alpha_i                 att = 2 f dz ln(10) / 20 (round trip)
 //   E_i    = exp(sum_{j < i} u_j)                           transmission down to sample i and back
-//   amp_i  = sqrt(rho_i) * (mu_i + sigma_i * n2_i)
-//   out_i  = E_i * (R_i, amp_i n0_i, amp_i n1_i)             specular echo (real) and scatter echo (complex)
-// Backward: with h_i = g0_i R_i + (g1_i n0_i + g2_i n1_i) amp_i and the suffix sums
+//   N_i, M_i = the interpolated (n_re, n_im) and (g n_re, g n_im) table columns (sample_noise)
+//   c_i    = sqrt(rho_i) * (mu_i N_i + sigma_i M_i)            (complex: c0 + i c1)
+//   out_i  = E_i * (R_i, c0_i, c1_i)                         specular echo (real) and scatter echo (complex)
+// Backward: with h_i = g0_i R_i + g1_i c0_i + g2_i c1_i and the suffix sums
 //   W_i = sum_{k > i} h_k E_k, computed as (total - prefix) in double precision,
 //   dL/dR_i = g0_i E_i - W_i 2 R_i / (1 - R_i^2),  dL/dalpha_i = -att W_i, etc.
 #pragma once
@@ -39,7 +42,12 @@ constexpr int kProps = 5;
 // the attenuation behind it (trilinear attenuation ramped up over the half voxel in front of the
 // surface: -2.7 dB at 1 mm voxels, -5.5 dB at 2 mm). Density and amplitude stay trilinear.
 constexpr int kSharpProps = 2;
-constexpr int kNoise = 4;  // table row: re, im, amplitude, (padding)
+// Table row: n_re, n_im, g n_re, g n_im. The spread term is stored as the per-node product g n, not g: the
+// interpolated product of two interpolated fields (g and n with the same weights) correlates as rho^2 where
+// N correlates as rho, so the per-depth scatter gain (medfast/ultrasound/_speckle.py, made for rho) left
+// the spread part's mean intensity 1-2 dB low, varying with the line spacing and depth. M interpolated
+// from i.i.d. node values correlates exactly as N, and is uncorrelated with it (E g = 0).
+constexpr int kNoise = 4;
 constexpr double kMinImpedance = 1e-4;
 constexpr double kMinTransmission = 1e-12;
 
@@ -135,7 +143,7 @@ template <typename A>
 struct NoiseCache {
   int64_t c0, c1, c2;
   bool valid;
-  A val[8][3];
+  A val[8][kNoise];
 };
 
 // Voxel positions are clamped to +-kFarVoxel (NaN to -kFarVoxel) before their integer cast: far outside any
@@ -281,10 +289,10 @@ MEDFAST_HOST_DEVICE void noise_cell(const float* table, const Params& P, int64_t
       keep_bit = (d0 + d1 + d2) > 0 ? 0 : keep_mask;  // corners of the new cell that the old one had
     }
   }
-  A old[8][3];
+  A old[8][kNoise];
   if (keep_mask)
     for (int corner = 0; corner < 8; ++corner)
-      for (int c = 0; c < 3; ++c) old[corner][c] = cache.val[corner][c];
+      for (int c = 0; c < kNoise; ++c) old[corner][c] = cache.val[corner][c];
   cache.c0 = c0;
   cache.c1 = c1;
   cache.c2 = c2;
@@ -292,27 +300,27 @@ MEDFAST_HOST_DEVICE void noise_cell(const float* table, const Params& P, int64_t
   MEDFAST_UNROLL
   for (int corner = 0; corner < 8; ++corner) {
     if (keep_mask && (corner & keep_mask) == keep_bit) {
-      for (int c = 0; c < 3; ++c) cache.val[corner][c] = old[corner ^ keep_mask][c];
+      for (int c = 0; c < kNoise; ++c) cache.val[corner][c] = old[corner ^ keep_mask][c];
       continue;
     }
     const int a = corner >> 2, b = (corner >> 1) & 1, e = corner & 1;
     const float* row = table + cell_row(c0 + a, c1 + b, c2 + e, P) * kNoise;
-    for (int c = 0; c < 3; ++c) cache.val[corner][c] = static_cast<A>(row[c]);
+    for (int c = 0; c < kNoise; ++c) cache.val[corner][c] = static_cast<A>(row[c]);
   }
 }
 
 // World-anchored scatter noise: trilinear interpolation of the hashed table values at the
 // scatter-grid position of voxel position p, divided by the norm of the interpolation weights so
 // that the field has unit variance everywhere (a stationary Gaussian field: fully developed speckle
-// statistics do not depend on where the samples fall in the cells). n[3] values and, if
-// dn != nullptr, d n / d p (3 x 3 row-major). A one-row table gives that row everywhere.
+// statistics do not depend on where the samples fall in the cells). n[kNoise] values (N re, im, M re,
+// im) and, if dn != nullptr, d n / d p (kNoise x 3 row-major). A one-row table gives that row everywhere.
 template <typename A>
 MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, A h, A w, A* n, A* dn,
                                       NoiseCache<A>* cache = nullptr) {
   if (P.noise_mask == 0) {  // a one-row table: the same scatterer value everywhere (speckle off)
-    for (int c = 0; c < 3; ++c) n[c] = static_cast<A>(table[c]);
+    for (int c = 0; c < kNoise; ++c) n[c] = static_cast<A>(table[c]);
     if (dn)
-      for (int k = 0; k < 9; ++k) dn[k] = A(0);
+      for (int k = 0; k < 3 * kNoise; ++k) dn[k] = A(0);
     return;
   }
   const double q[3] = {clamp_voxel(P.G[0] * d + P.G[1] * h + P.G[2] * w + P.G[3]),
@@ -321,13 +329,13 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
   const double f0 = floor(q[0]), f1 = floor(q[1]), f2 = floor(q[2]);
   const int64_t c0 = static_cast<int64_t>(f0), c1 = static_cast<int64_t>(f1), c2 = static_cast<int64_t>(f2);
   const A t0 = static_cast<A>(q[0] - f0), t1 = static_cast<A>(q[1] - f1), t2 = static_cast<A>(q[2] - f2);
-  A N[3], dN[3][3], s2 = A(0), ds2[3] = {A(0), A(0), A(0)};
-  for (int c = 0; c < 3; ++c) {
+  A N[kNoise], dN[kNoise][3], s2 = A(0), ds2[3] = {A(0), A(0), A(0)};
+  for (int c = 0; c < kNoise; ++c) {
     N[c] = A(0);
     dN[c][0] = dN[c][1] = dN[c][2] = A(0);
   }
-  A local[8][3];
-  A(*rows)[3] = local;
+  A local[8][kNoise];
+  A(*rows)[kNoise] = local;
   if (cache) {
     noise_cell<A>(table, P, c0, c1, c2, *cache);
     rows = cache->val;
@@ -335,7 +343,7 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
     MEDFAST_UNROLL
     for (int corner = 0; corner < 8; ++corner) {
       const float* row = table + cell_row(c0 + (corner >> 2), c1 + ((corner >> 1) & 1), c2 + (corner & 1), P) * kNoise;
-      for (int c = 0; c < 3; ++c) local[corner][c] = static_cast<A>(row[c]);
+      for (int c = 0; c < kNoise; ++c) local[corner][c] = static_cast<A>(row[c]);
     }
   }
   USSIM_UNROLL8
@@ -348,7 +356,7 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
     const A dw[3] = {s0 * w1 * w2, w0 * s1 * w2, w0 * w1 * sg};
     if (dn)
       for (int j = 0; j < 3; ++j) ds2[j] += A(2) * wt * dw[j];
-    for (int c = 0; c < 3; ++c) {
+    for (int c = 0; c < kNoise; ++c) {
       const A val = rows[corner][c];
       N[c] += wt * val;
       if (dn)
@@ -356,13 +364,13 @@ MEDFAST_HOST_DEVICE void sample_noise(const float* table, const Params& P, A d, 
     }
   }
   const A inv = A(1) / sqrt(s2);  // s2 >= 1/8
-  for (int c = 0; c < 3; ++c) n[c] = N[c] * inv;
+  for (int c = 0; c < kNoise; ++c) n[c] = N[c] * inv;
   if (dn) {
-    A dq[3][3];
+    A dq[kNoise][3];
     const A half_inv3 = A(0.5) * inv * inv * inv;
-    for (int c = 0; c < 3; ++c)
+    for (int c = 0; c < kNoise; ++c)
       for (int j = 0; j < 3; ++j) dq[c][j] = dN[c][j] * inv - N[c] * ds2[j] * half_inv3;
-    for (int c = 0; c < 3; ++c)
+    for (int c = 0; c < kNoise; ++c)
       for (int j = 0; j < 3; ++j)
         dn[3 * c + j] = dq[c][0] * A(P.G[j]) + dq[c][1] * A(P.G[4 + j]) + dq[c][2] * A(P.G[8 + j]);
   }
@@ -374,8 +382,10 @@ MEDFAST_HOST_DEVICE double clamp_z(double z) { return z < kMinImpedance ? kMinIm
 template <typename A>
 struct Sample {
   A v[kProps];
-  A n[3];
-  A Z, R, amp, sq, m;
+  A n[kNoise];  // N re, im, M re, im (sample_noise)
+  A Z, R, sq;   // sq = sqrt(max(rho, 0))
+  A m[2];       // mu N + sigma M: the complex scatter amplitude
+  A c[2];       // sq m: the scatter echo before the transmission
   bool z_clamped;
 };
 
@@ -390,8 +400,33 @@ MEDFAST_HOST_DEVICE void eval_sample(const T* vol, const float* table, const Par
   s.R = first ? A(0) : (s.Z - Zprev) / (s.Z + Zprev);
   const A rho = s.v[2] > A(0) ? s.v[2] : A(0);
   s.sq = sqrt(rho);
-  s.m = s.v[3] + s.v[4] * s.n[2];
-  s.amp = s.sq * s.m;
+  s.m[0] = s.v[3] * s.n[0] + s.v[4] * s.n[2];
+  s.m[1] = s.v[3] * s.n[1] + s.v[4] * s.n[3];
+  s.c[0] = s.sq * s.m[0];
+  s.c[1] = s.sq * s.m[1];
+}
+
+// h of the backward (see the top): the echo gradient (g0, g1, g2) dotted with the echo before E.
+template <typename A>
+MEDFAST_HOST_DEVICE A echo_dot(const Sample<A>& s, A g0, A g1, A g2) {
+  return g0 * s.R + g1 * s.c[0] + g2 * s.c[1];
+}
+
+// The scatter echo's gradients at a sample with transmission E and echo gradient (g1, g2): w.r.t. the
+// density, mu and sigma (gv[2], gv[3], gv[4]) and, if gn != nullptr, w.r.t. the kNoise noise values.
+template <typename A>
+MEDFAST_HOST_DEVICE void scatter_grads(const Sample<A>& s, A E, A g1, A g2, A* gv, A* gn) {
+  const A e1 = E * g1, e2 = E * g2;
+  gv[2] = s.sq > A(0) ? (e1 * s.m[0] + e2 * s.m[1]) * A(0.5) / s.sq : A(0);
+  const A q1 = e1 * s.sq, q2 = e2 * s.sq;  // dL/dm
+  gv[3] = q1 * s.n[0] + q2 * s.n[1];
+  gv[4] = q1 * s.n[2] + q2 * s.n[3];
+  if (gn) {
+    gn[0] = q1 * s.v[3];
+    gn[1] = q2 * s.v[3];
+    gn[2] = q1 * s.v[4];
+    gn[3] = q2 * s.v[4];
+  }
 }
 
 // exp / log in the accumulation type (expf / logf for float: no round trip through double).
@@ -424,7 +459,7 @@ MEDFAST_HOST_DEVICE void march_ray_fn(const T* vol, const float* table, const Pa
     eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr, Cached ? &cell : nullptr,
                       Cached ? &ncache : nullptr);
     const A E = exp_a(static_cast<A>(logT));
-    emit(i, E * s.R, E * s.amp * s.n[0], E * s.amp * s.n[1]);
+    emit(i, E * s.R, E * s.c[0], E * s.c[1]);
     logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
     Zprev = s.Z;
   }
@@ -500,7 +535,7 @@ MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, co
     eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, nullptr, nullptr, Cached ? &cell : nullptr,
                       Cached ? &ncache : nullptr);
     const A g0 = static_cast<A>(grad[3 * i]), g1 = static_cast<A>(grad[3 * i + 1]), g2 = static_cast<A>(grad[3 * i + 2]);
-    const A h = g0 * s.R + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
+    const A h = echo_dot(s, g0, g1, g2);
     total += static_cast<double>(h) * exp(logT);
     logT += static_cast<double>(log_transmission<A>(s.R)) - P.att * static_cast<double>(s.v[1]);
     Zprev = s.Z;
@@ -514,23 +549,20 @@ MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, co
   for (int64_t i = 0; i < P.S; ++i) {
     A p[3] = {static_cast<A>(coords[3 * i]), static_cast<A>(coords[3 * i + 1]), static_cast<A>(coords[3 * i + 2])};
     Sample<A> s;
-    A dv[3 * kProps], dn[9];
+    A dv[3 * kProps], dn[3 * kNoise];
     eval_sample<T, A>(vol, table, P, p, Zprev, i == 0, s, gcoords ? dv : nullptr, gcoords ? dn : nullptr,
                       Cached ? &cell : nullptr, Cached ? &ncache : nullptr);
     const A E = static_cast<A>(exp(logT));
     const A g0 = static_cast<A>(grad[3 * i]), g1 = static_cast<A>(grad[3 * i + 1]), g2 = static_cast<A>(grad[3 * i + 2]);
-    const A h = g0 * s.R + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
+    const A h = echo_dot(s, g0, g1, g2);
     prefix += static_cast<double>(h) * exp(logT);
     const A Wsuf = static_cast<A>(total - prefix);  // sum over k > i of h_k E_k
     const A one_m = A(1) - s.R * s.R;
     A gR = g0 * E;
     if (one_m > A(kMinTransmission)) gR -= Wsuf * A(2) * s.R / one_m;
-    A gv[kProps];
+    A gv[kProps], gn[kNoise];
     gv[1] = -Wsuf * static_cast<A>(P.att);
-    const A gamp = E * (g1 * s.n[0] + g2 * s.n[1]);
-    gv[2] = s.sq > A(0) ? gamp * s.m * A(0.5) / s.sq : A(0);
-    gv[3] = gamp * s.sq;
-    gv[4] = gamp * s.sq * s.n[2];
+    scatter_grads(s, E, g1, g2, gv, gn);
     gv[0] = A(0);
     if (i > 0) {
       const A den = s.Z + Zprev;
@@ -549,8 +581,10 @@ MEDFAST_HOST_DEVICE void march_ray_backward(const T* vol, const float* table, co
     }
     // Noise part of the position gradient of sample i (final now).
     if (gcoords) {
-      const A gn0 = g1 * E * s.amp, gn1 = g2 * E * s.amp, gn2 = gamp * s.sq * s.v[4];
-      for (int j = 0; j < 3; ++j) gp_prev[j] = gn0 * dn[j] + gn1 * dn[3 + j] + gn2 * dn[6 + j];
+      for (int j = 0; j < 3; ++j) {
+        gp_prev[j] = A(0);
+        for (int c = 0; c < kNoise; ++c) gp_prev[j] += gn[c] * dn[3 * c + j];
+      }
       for (int k = 0; k < 3 * kProps; ++k) dv_prev[k] = dv[k];
     }
     for (int c = 0; c < kProps; ++c) gv_prev[c] = gv[c];

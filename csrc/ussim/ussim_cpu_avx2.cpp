@@ -144,6 +144,27 @@ bool line_in_range(const float* start, const float* step, int64_t E, const Param
   return true;
 }
 
+// The noise-table rows (N re, N im, M re, M im; ussim.h) at the float offsets rc[0..7] of the 8 lanes,
+// transposed to one vector per channel r[0..3].
+MEDFAST_AVX2 inline void table_rows8(const float* table, const int32_t* rc, __m256* r) {
+  static_assert(kNoise == 4, "one 128-bit load per row");
+  __m256 v[4];
+  for (int l = 0; l < 4; ++l)
+    v[l] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(table + rc[l])), _mm_loadu_ps(table + rc[l + 4]), 1);
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  r[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+  r[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+  r[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+  r[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+// The scatter echo of ussim.h's eval_sample, sqrt(rho) (mu N + sigma M), real (re) and imaginary (im) part.
+MEDFAST_AVX2 inline void scatter_echo8(__m256 sq, __m256 mu, __m256 sd, const __m256* n, __m256* re, __m256* im) {
+  *re = _mm256_mul_ps(sq, _mm256_fmadd_ps(sd, n[2], _mm256_mul_ps(mu, n[0])));
+  *im = _mm256_mul_ps(sq, _mm256_fmadd_ps(sd, n[3], _mm256_mul_ps(mu, n[1])));
+}
+
 // Scratch values of one sub-ray per sample (march_subray8), channel-major, Sp = S rounded up to 8.
 struct SubrayBuffer {
   std::vector<float> data;
@@ -153,8 +174,8 @@ struct SubrayBuffer {
       : data(9 * ((S + 7) & ~int64_t(7)) + 8), rows(8 * ((S + 7) & ~int64_t(7))), Sp((S + 7) & ~int64_t(7)) {}
   float* Z() { return data.data() + 8; }  // impedance (clamped); Z()[-1] is readable (R_0 = 0 anyway)
   float* alpha() { return Z() + Sp; }  // alpha; then the log-transmission down to the sample
-  float* sq() { return Z() + 2 * Sp; }   // sqrt(rho); then scatter re * amp
-  float* mu() { return Z() + 3 * Sp; }   // mu; then scatter im * amp
+  float* sq() { return Z() + 2 * Sp; }   // sqrt(rho); then the scatter echo's real part
+  float* mu() { return Z() + 3 * Sp; }   // mu; then the scatter echo's imaginary part
   float* sd() { return Z() + 4 * Sp; }   // sigma; then log(1 - R^2)
   float* R() { return Z() + 5 * Sp; }    // reflection coefficient
   float* tq() { return Z() + 6 * Sp; }   // 3 x Sp: fractions of the scatter-grid positions
@@ -259,7 +280,7 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
   }
 
   // ---- Pass 2: scatter noise, trilinear in the scatter grid, normalised by the weights' norm; then
-  // amp = sqrt(rho) (mu + sigma n2) and the scatter echo amp (n0, n1) (in place of sqrt(rho), mu).
+  // the scatter echo sqrt(rho) (mu N + sigma M) (in place of sqrt(rho), mu).
   {
     const bool speckle = P.noise_mask != 0;
     __m256d qo[3], qs[3];
@@ -303,35 +324,27 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
       }
     // 2b: the trilinear sums (rows gathered and transposed), normalised; the scatter echo.
     for (int64_t i0 = 0; i0 < S; i0 += 8) {
-      __m256 n[3] = {zero, zero, zero};
+      __m256 n[kNoise] = {zero, zero, zero, zero};
+      __m256 sq = _mm256_loadu_ps(bSq + i0);
       if (!speckle) {
-        for (int c = 0; c < 3; ++c) n[c] = _mm256_set1_ps(table[c]);
+        for (int c = 0; c < kNoise; ++c) n[c] = _mm256_set1_ps(table[c]);
       } else {
         __m256 wq[8];
         corner_weights(_mm256_loadu_ps(btq + i0), _mm256_loadu_ps(btq + buf.Sp + i0),
                        _mm256_loadu_ps(btq + 2 * buf.Sp + i0), wq);
         __m256 ss = zero;
         for (int corner = 0; corner < 8; ++corner) ss = _mm256_fmadd_ps(wq[corner], wq[corner], ss);
-        const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(ss));
         for (int corner = 0; corner < 8; ++corner) {
-          // The rows (re, im, amp, pad) of the 8 lanes, transposed to one vector per channel.
-          const int32_t* rc = brows + 8 * i0 + 8 * corner;
-          __m256 r[4];
-          for (int l = 0; l < 4; ++l)
-            r[l] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(table + rc[l])),
-                                        _mm_loadu_ps(table + rc[l + 4]), 1);
-          const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-          const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-          n[0] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t0, t2, 0x44), n[0]);
-          n[1] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t0, t2, 0xEE), n[1]);
-          n[2] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t1, t3, 0x44), n[2]);
+          __m256 r[kNoise];
+          table_rows8(table, brows + 8 * i0 + 8 * corner, r);
+          for (int c = 0; c < kNoise; ++c) n[c] = _mm256_fmadd_ps(wq[corner], r[c], n[c]);
         }
-        for (int c = 0; c < 3; ++c) n[c] = _mm256_mul_ps(n[c], inv);
+        sq = _mm256_div_ps(sq, _mm256_sqrt_ps(ss));  // the field's normalisation folded into sqrt(rho)
       }
-      const __m256 amp =
-          _mm256_mul_ps(_mm256_loadu_ps(bSq + i0), _mm256_fmadd_ps(_mm256_loadu_ps(bSd + i0), n[2], _mm256_loadu_ps(bMu + i0)));
-      _mm256_storeu_ps(bSq + i0, _mm256_mul_ps(amp, n[0]));
-      _mm256_storeu_ps(bMu + i0, _mm256_mul_ps(amp, n[1]));
+      __m256 re, im;
+      scatter_echo8(sq, _mm256_loadu_ps(bMu + i0), _mm256_loadu_ps(bSd + i0), n, &re, &im);
+      _mm256_storeu_ps(bSq + i0, re);
+      _mm256_storeu_ps(bMu + i0, im);
     }
   }
 
@@ -369,7 +382,7 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
     }
   }
 
-  // ---- Pass 5: echoes E_i (R_i, amp n0, amp n1), weighted and summed into out.
+  // ---- Pass 5: echoes E_i (R_i, c0_i, c1_i) (c the scatter echo of pass 2), weighted and summed into out.
   for (int64_t i0 = 0; i0 < S; i0 += 8) {
     const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
     const __m256 T = exp8(_mm256_loadu_ps(bA + i0));
@@ -477,19 +490,6 @@ MEDFAST_AVX2 inline void trilinear_grad(const __m256* y, const __m256* w, __m256
                                                          _mm256_mul_ps(w[8], _mm256_sub_ps(y[1], y[0])))));
 }
 
-// The noise-table rows (re, im, amp, pad) at the float offsets rc[0..7] of the 8 lanes, transposed to
-// one vector per channel r[0..2] (as the noise passes).
-MEDFAST_AVX2 inline void table_rows8(const float* table, const int32_t* rc, __m256* r) {
-  __m256 v[4];
-  for (int l = 0; l < 4; ++l)
-    v[l] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(table + rc[l])), _mm_loadu_ps(table + rc[l + 4]), 1);
-  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-  r[0] = _mm256_shuffle_ps(t0, t2, 0x44);
-  r[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
-  r[2] = _mm256_shuffle_ps(t1, t3, 0x44);
-}
-
 // Stores the first n lanes of (x, y, z) = v[0..2] interleaved: dst[3 l + k] = v[k][l].
 MEDFAST_AVX2 inline void store_xyz8(const __m256* v, int n, float* dst) {
   if (n == 8) {
@@ -545,8 +545,8 @@ struct CellCorners {
 // Scratch arrays of one ray, Sp = S rounded up to 8; each array has 8 readable floats before it and
 // after its Sp values.
 struct BackwardBuffer {
-  enum { kPx, kPy, kPz, kG0, kG1, kG2, kV0, kZ, kAlpha, kSq, kMu, kSd, kN0, kN1, kN2, kR, kLt, kE, kW, kGa, kGb,
-         kTq0, kTq1, kTq2, kArrays };
+  enum { kPx, kPy, kPz, kG0, kG1, kG2, kV0, kZ, kAlpha, kSq, kMu, kSd, kN0, kN1, kN2, kN3, kR, kLt, kE, kW, kGa,
+         kGb, kTq0, kTq1, kTq2, kArrays };
   int64_t Sp, stride;
   std::vector<float> data;
   std::vector<int32_t> rows;  // [block][corner][lane]: float offsets of the noise-table rows
@@ -601,7 +601,8 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
   float *g0 = buf[BackwardBuffer::kG0], *g1 = buf[BackwardBuffer::kG1], *g2 = buf[BackwardBuffer::kG2];
   float *bV0 = buf[BackwardBuffer::kV0], *bZ = buf[BackwardBuffer::kZ], *bA = buf[BackwardBuffer::kAlpha];
   float *bSq = buf[BackwardBuffer::kSq], *bMu = buf[BackwardBuffer::kMu], *bSd = buf[BackwardBuffer::kSd];
-  float *bN0 = buf[BackwardBuffer::kN0], *bN1 = buf[BackwardBuffer::kN1], *bN2 = buf[BackwardBuffer::kN2];
+  float* bN[kNoise] = {buf[BackwardBuffer::kN0], buf[BackwardBuffer::kN1], buf[BackwardBuffer::kN2],
+                       buf[BackwardBuffer::kN3]};
   float *bR = buf[BackwardBuffer::kR], *bLt = buf[BackwardBuffer::kLt], *bE = buf[BackwardBuffer::kE];
   float *bW = buf[BackwardBuffer::kW], *bGa = buf[BackwardBuffer::kGa], *bGb = buf[BackwardBuffer::kGb];
 
@@ -697,11 +698,8 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
 
   // ---- Pass 2: scatter noise n (sample_noise of ussim.h) at the positions.
   if (P.noise_mask == 0) {
-    for (int64_t i = 0; i < Sp; ++i) {
-      bN0[i] = table[0];
-      bN1[i] = table[1];
-      bN2[i] = table[2];
-    }
+    for (int64_t i = 0; i < Sp; ++i)
+      for (int c = 0; c < kNoise; ++c) bN[c][i] = table[c];
   } else {
     const __m256i seedv = _mm256_set1_epi32(static_cast<int>(seed32(P)));
     const __m256i maskv = _mm256_set1_epi32(static_cast<int>(P.noise_mask));
@@ -744,27 +742,18 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
       }
     }
     for (int64_t i0 = 0; i0 < S; i0 += 8) {
-      __m256 n[3] = {zero, zero, zero}, wq[8];
+      __m256 n[kNoise] = {zero, zero, zero, zero}, wq[8];
       corner_weights(_mm256_loadu_ps(btq + i0), _mm256_loadu_ps(btq + tq_stride + i0),
                      _mm256_loadu_ps(btq + 2 * tq_stride + i0), wq);
       __m256 ss = zero;
       for (int corner = 0; corner < 8; ++corner) ss = _mm256_fmadd_ps(wq[corner], wq[corner], ss);
       const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(ss));
       for (int corner = 0; corner < 8; ++corner) {
-        const int32_t* rc = brows + 8 * i0 + 8 * corner;
-        __m256 r[4];
-        for (int l = 0; l < 4; ++l)
-          r[l] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(table + rc[l])),
-                                      _mm_loadu_ps(table + rc[l + 4]), 1);
-        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        n[0] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t0, t2, 0x44), n[0]);
-        n[1] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t0, t2, 0xEE), n[1]);
-        n[2] = _mm256_fmadd_ps(wq[corner], _mm256_shuffle_ps(t1, t3, 0x44), n[2]);
+        __m256 r[kNoise];
+        table_rows8(table, brows + 8 * i0 + 8 * corner, r);
+        for (int c = 0; c < kNoise; ++c) n[c] = _mm256_fmadd_ps(wq[corner], r[c], n[c]);
       }
-      _mm256_storeu_ps(bN0 + i0, _mm256_mul_ps(n[0], inv));
-      _mm256_storeu_ps(bN1 + i0, _mm256_mul_ps(n[1], inv));
-      _mm256_storeu_ps(bN2 + i0, _mm256_mul_ps(n[2], inv));
+      for (int c = 0; c < kNoise; ++c) _mm256_storeu_ps(bN[c] + i0, _mm256_mul_ps(n[c], inv));
     }
   }
 
@@ -779,7 +768,8 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
   }
 
   // ---- Pass 4: log T_i = sum_{j < i} (log(1 - R_j^2) - att alpha_j) in double (the forward's pass 4),
-  // E = exp(log T), h E with h = g0 R + (g1 n0 + g2 n1) amp (in place of log(1 - R^2)), total of h E.
+  // E = exp(log T), h E with h = g0 R + g1 c0 + g2 c1 (c the scatter echo sqrt(rho) (mu N + sigma M); in place
+  // of log(1 - R^2)), total of h E.
   const __m256d zd = _mm256_setzero_pd();
   __m256d tot_lo = zd, tot_hi = zd;
   {
@@ -799,12 +789,12 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
       logT = _mm256_permute4x64_pd(_mm256_add_pd(Thi, uhi), 0xFF);
       const __m256 E = exp8(_mm256_set_m128(_mm256_cvtpd_ps(Thi), _mm256_cvtpd_ps(Tlo)));
       _mm256_storeu_ps(bE + i0, E);
-      const __m256 amp = _mm256_mul_ps(_mm256_loadu_ps(bSq + i0),
-                                       _mm256_fmadd_ps(_mm256_loadu_ps(bSd + i0), _mm256_loadu_ps(bN2 + i0),
-                                                       _mm256_loadu_ps(bMu + i0)));
-      const __m256 sc = _mm256_fmadd_ps(_mm256_loadu_ps(g1 + i0), _mm256_loadu_ps(bN0 + i0),
-                                        _mm256_mul_ps(_mm256_loadu_ps(g2 + i0), _mm256_loadu_ps(bN1 + i0)));
-      const __m256 h = _mm256_fmadd_ps(_mm256_loadu_ps(g0 + i0), _mm256_loadu_ps(bR + i0), _mm256_mul_ps(sc, amp));
+      const __m256 n[kNoise] = {_mm256_loadu_ps(bN[0] + i0), _mm256_loadu_ps(bN[1] + i0), _mm256_loadu_ps(bN[2] + i0),
+                                _mm256_loadu_ps(bN[3] + i0)};
+      __m256 c0, c1;
+      scatter_echo8(_mm256_loadu_ps(bSq + i0), _mm256_loadu_ps(bMu + i0), _mm256_loadu_ps(bSd + i0), n, &c0, &c1);
+      const __m256 sc = _mm256_fmadd_ps(_mm256_loadu_ps(g1 + i0), c0, _mm256_mul_ps(_mm256_loadu_ps(g2 + i0), c1));
+      const __m256 h = _mm256_fmadd_ps(_mm256_loadu_ps(g0 + i0), _mm256_loadu_ps(bR + i0), sc);
       const __m256 hE = _mm256_mul_ps(h, E);
       _mm256_storeu_ps(bLt + i0, hE);
       tot_lo = _mm256_add_pd(tot_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(hE)));
@@ -869,18 +859,23 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
     for (int64_t i0 = 0; i0 < S; i0 += 8) {
       const int nv = S - i0 < 8 ? static_cast<int>(S - i0) : 8;
       const int valid = (1 << nv) - 1;
-      const __m256 E = _mm256_loadu_ps(bE + i0), sq = _mm256_loadu_ps(bSq + i0), n2 = _mm256_loadu_ps(bN2 + i0);
-      const __m256 gamp = _mm256_mul_ps(E, _mm256_fmadd_ps(_mm256_loadu_ps(g1 + i0), _mm256_loadu_ps(bN0 + i0),
-                                                           _mm256_mul_ps(_mm256_loadu_ps(g2 + i0), _mm256_loadu_ps(bN1 + i0))));
-      const __m256 m = _mm256_fmadd_ps(_mm256_loadu_ps(bSd + i0), n2, _mm256_loadu_ps(bMu + i0));
+      // scatter_grads of ussim.h: m = mu N + sigma M, e = E g, q = e sqrt(rho) = dL/dm
+      const __m256 E = _mm256_loadu_ps(bE + i0), sq = _mm256_loadu_ps(bSq + i0);
+      const __m256 mu = _mm256_loadu_ps(bMu + i0), sd = _mm256_loadu_ps(bSd + i0);
+      const __m256 n[kNoise] = {_mm256_loadu_ps(bN[0] + i0), _mm256_loadu_ps(bN[1] + i0), _mm256_loadu_ps(bN[2] + i0),
+                                _mm256_loadu_ps(bN[3] + i0)};
+      const __m256 m0 = _mm256_fmadd_ps(sd, n[2], _mm256_mul_ps(mu, n[0]));
+      const __m256 m1 = _mm256_fmadd_ps(sd, n[3], _mm256_mul_ps(mu, n[1]));
+      const __m256 e1 = _mm256_mul_ps(E, _mm256_loadu_ps(g1 + i0)), e2 = _mm256_mul_ps(E, _mm256_loadu_ps(g2 + i0));
+      const __m256 q1 = _mm256_mul_ps(e1, sq), q2 = _mm256_mul_ps(e2, sq);
       __m256 gv[kProps];
       gv[0] = _mm256_andnot_ps(_mm256_cmp_ps(_mm256_loadu_ps(bV0 + i0), zmin, _CMP_LT_OQ),
                                _mm256_sub_ps(_mm256_loadu_ps(bGa + i0), _mm256_loadu_ps(bGb + i0 + 1)));
       gv[1] = _mm256_mul_ps(_mm256_sub_ps(zero, _mm256_loadu_ps(bW + i0)), att);
-      gv[2] = _mm256_and_ps(_mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(gamp, m), half), sq),
+      gv[2] = _mm256_and_ps(_mm256_div_ps(_mm256_mul_ps(_mm256_fmadd_ps(e1, m0, _mm256_mul_ps(e2, m1)), half), sq),
                             _mm256_cmp_ps(sq, zero, _CMP_GT_OQ));
-      gv[3] = _mm256_mul_ps(gamp, sq);
-      gv[4] = _mm256_mul_ps(gv[3], n2);
+      gv[3] = _mm256_fmadd_ps(q1, n[0], _mm256_mul_ps(q2, n[1]));
+      gv[4] = _mm256_fmadd_ps(q1, n[2], _mm256_mul_ps(q2, n[3]));
       const __m256 p[3] = {_mm256_loadu_ps(px + i0), _mm256_loadu_ps(py + i0), _mm256_loadu_ps(pz + i0)};
       __m256 t[3];
       __m256i cell_i[3];
@@ -960,13 +955,12 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
       }
       if constexpr (kCoords) {
         if (speckle) {
-          // sum_c dL/dn_c dn_c/dp, dL/dn = (g1 E amp, g2 E amp, gamp sqrt(rho) sigma) (march_ray_backward).
+          // sum_c dL/dn_c dn_c/dp, dL/dn = (q1 mu, q2 mu, q1 sigma, q2 sigma) (scatter_grads of ussim.h).
           // With N the trilinear sums of the corner rows and s2 the sum of the squared weights
           // (n = N / sqrt(s2), sample_noise): d/dq_r of sum_c gn_c n_c = inv dY/dq_r - inv^2 / 2 ds2/dq_r
           // (gn . n), Y = sum_c gn_c N_c, inv = 1 / sqrt(s2); then d/dp_j = sum_r d/dq_r G[r][j].
-          const __m256 Eamp = _mm256_mul_ps(E, _mm256_mul_ps(sq, m));
-          const __m256 gn[3] = {_mm256_mul_ps(_mm256_loadu_ps(g1 + i0), Eamp), _mm256_mul_ps(_mm256_loadu_ps(g2 + i0), Eamp),
-                                _mm256_mul_ps(gv[3], _mm256_loadu_ps(bSd + i0))};
+          const __m256 gn[kNoise] = {_mm256_mul_ps(q1, mu), _mm256_mul_ps(q2, mu), _mm256_mul_ps(q1, sd),
+                                     _mm256_mul_ps(q2, sd)};
           __m256 tq[3], uq[3], sr[3];
           for (int r = 0; r < 3; ++r) {
             tq[r] = _mm256_loadu_ps(btq + r * tq_stride + i0);
@@ -975,16 +969,17 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
           }
           __m256 y[8];
           for (int corner = 0; corner < 8; ++corner) {
-            __m256 r[3];
+            __m256 r[kNoise];
             table_rows8(table, brows + 8 * i0 + 8 * corner, r);
-            y[corner] = _mm256_fmadd_ps(gn[2], r[2], _mm256_fmadd_ps(gn[1], r[1], _mm256_mul_ps(gn[0], r[0])));
+            y[corner] = _mm256_fmadd_ps(
+                gn[3], r[3], _mm256_fmadd_ps(gn[2], r[2], _mm256_fmadd_ps(gn[1], r[1], _mm256_mul_ps(gn[0], r[0]))));
           }
           __m256 nw[12], dY[3];
           edge_weights(tq[0], tq[1], tq[2], nw);
           trilinear_grad(y, nw, dY);
           const __m256 inv = _mm256_div_ps(one, _mm256_sqrt_ps(_mm256_mul_ps(_mm256_mul_ps(sr[0], sr[1]), sr[2])));
-          const __m256 gnn = _mm256_fmadd_ps(gn[2], n2, _mm256_fmadd_ps(gn[1], _mm256_loadu_ps(bN1 + i0),
-                                                                        _mm256_mul_ps(gn[0], _mm256_loadu_ps(bN0 + i0))));
+          const __m256 gnn = _mm256_fmadd_ps(
+              gn[3], n[3], _mm256_fmadd_ps(gn[2], n[2], _mm256_fmadd_ps(gn[1], n[1], _mm256_mul_ps(gn[0], n[0]))));
           const __m256 k = _mm256_mul_ps(_mm256_mul_ps(half, _mm256_mul_ps(inv, inv)), gnn);
           const __m256 two = _mm256_set1_ps(2.0f);
           const __m256 ds2[3] = {

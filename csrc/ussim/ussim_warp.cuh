@@ -63,8 +63,8 @@ __global__ void lines_warp_kernel(const T* vol, const float* table, const Params
         if (lane == 0) excl = 0.0;
         if (valid) {
           const A En = exp_a(static_cast<A>(carry + excl));
-          const A v0 = static_cast<A>(we[3 * i]) * (En * R), v1 = static_cast<A>(we[3 * i + 1]) * (En * s.amp * s.n[0]),
-                  v2 = static_cast<A>(we[3 * i + 2]) * (En * s.amp * s.n[1]);
+          const A v0 = static_cast<A>(we[3 * i]) * (En * R), v1 = static_cast<A>(we[3 * i + 1]) * (En * s.c[0]),
+                  v2 = static_cast<A>(we[3 * i + 2]) * (En * s.c[1]);
           if (e == 0) {
             o[i] = static_cast<T>(v0);
             o[P.S + i] = static_cast<T>(v1);
@@ -146,7 +146,7 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
       if (i < P.S) {
         A gi[3];
         gin(i, gi);
-        const A h = gi[0] * Rr + (gi[1] * s.n[0] + gi[2] * s.n[1]) * s.amp;
+        const A h = echo_dot(s, gi[0], gi[1], gi[2]);  // (eval set s.R = Rr)
         he = static_cast<double>(h) * exp(logT + excl);
       }
       total += warp_sum(he);
@@ -172,7 +172,7 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
       const int64_t i = base + lane;
       const bool valid = i < P.S;
       Sample<A> s;
-      A Rr, dv[3 * kProps], dn[9];
+      A Rr, dv[3 * kProps], dn[3 * kNoise];
       double u, excl, incl;
       bool cp;
       const A z_prev = eval(base, z_carry, gc_out != nullptr, s, Rr, u, excl, incl, dv, dn, cp);
@@ -189,7 +189,7 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
         g0 = gi[0];
         g1 = gi[1];
         g2 = gi[2];
-        h = g0 * Rr + (g1 * s.n[0] + g2 * s.n[1]) * s.amp;
+        h = echo_dot(s, g0, g1, g2);
         he = static_cast<double>(h) * exp(logT + excl);
       }
       // inclusive prefix of h_i E_i (the serial code adds sample i before taking the suffix)
@@ -205,10 +205,8 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
         A gR = g0 * E;
         if (one_m > A(kMinTransmission)) gR -= Wsuf * A(2) * Rr / one_m;
         gv[1] = -Wsuf * static_cast<A>(P.att);
-        const A gamp = E * (g1 * s.n[0] + g2 * s.n[1]);
-        gv[2] = s.sq > A(0) ? gamp * s.m * A(0.5) / s.sq : A(0);
-        gv[3] = gamp * s.sq;
-        gv[4] = gamp * s.sq * s.n[2];
+        A gn[kNoise];
+        scatter_grads(s, E, g1, g2, gv, gn);
         if (i > 0) {
           const A den = s.Z + z_prev;
           const A dR_dZ = A(2) * z_prev / (den * den), dR_dZprev = A(-2) * s.Z / (den * den);
@@ -216,8 +214,8 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
           if (!cp) cterm = gR * dR_dZprev;
         }
         if (gc_out) {
-          const A gn0 = g1 * E * s.amp, gn1 = g2 * E * s.amp, gn2 = gamp * s.sq * s.v[4];
-          for (int j = 0; j < 3; ++j) acc[j] = gn0 * dn[j] + gn1 * dn[3 + j] + gn2 * dn[6 + j];
+          for (int j = 0; j < 3; ++j)
+            for (int c = 0; c < kNoise; ++c) acc[j] += gn[c] * dn[3 * c + j];
         }
       }
       // the previous chunk's pending sample (lane 31) takes lane 0's term

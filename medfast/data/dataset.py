@@ -36,7 +36,7 @@ from medfast.data.preprocess import (
     spatial_affine,
 )
 
-__all__ = ["NiftiDataset", "case_name", "collate", "find_pairs", "group_channel_files"]
+__all__ = ["NiftiDataset", "case_name", "check_label_map", "collate", "find_pairs", "group_channel_files", "relabel"]
 
 _SUFFIXES = (".nii.gz", ".nii")
 #: nnU-Net's channel suffix: ``images/case_0000.nii.gz`` is channel 0 of case ``case`` (label ``case.nii.gz``)
@@ -172,6 +172,41 @@ def find_pairs(root: str | Path, images: str = "images",
     return out_i, out_l
 
 
+def check_label_map(label_map: Mapping[Any, Any], name: str = "label_map") -> dict[int, int]:
+    """``label_map`` ``{old label: new label}`` as a dict of ints; raises :class:`TypeError` for a key or value
+    that is not an integer (an ``int``, a NumPy integer or a string of one; bools and floats refused) and
+    :class:`ValueError` for a negative one, naming the key (labels are never negative; a negative key would
+    index the lookup table of :func:`relabel` from its end, relabelling the largest label value instead).
+    ``name`` is the argument's name in the messages."""
+    if not isinstance(label_map, Mapping):
+        raise TypeError(f"{name} must be a mapping {{old label: new label}}, got {label_map!r}")
+
+    def as_int(x: Any, what: str) -> int:
+        if isinstance(x, str):
+            try:
+                x = int(x)
+            except ValueError:
+                pass
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+            raise TypeError(f"{name}: {what} must be an integer label value, got {x!r}")
+        if x < 0:
+            raise ValueError(f"{name}: {what} is negative; label values are integers >= 0")
+        return int(x)
+
+    return {as_int(k, f"key {k!r}"): as_int(v, f"the value of key {k!r}") for k, v in label_map.items()}
+
+
+def relabel(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
+    """``labels`` (non-negative ints) with each value ``k`` of ``label_map`` replaced by ``label_map[k]``
+    (unlisted values unchanged); ``label_map`` as :func:`check_label_map` gives it (non-negative keys)."""
+    if not label_map:
+        return labels
+    lut = np.arange(max(int(labels.max(initial=0)), *label_map) + 1)
+    for k, v in label_map.items():
+        lut[k] = v
+    return lut[labels]
+
+
 class NiftiDataset(Dataset):
     """Subjects read from NIfTI files, preprocessed once and cached.
 
@@ -201,7 +236,8 @@ class NiftiDataset(Dataset):
     clip_percentiles : (float, float), optional
         Clip intensities to these percentiles first.
     label_map : mapping of int to int, optional
-        Relabel on load (unlisted values map to themselves).
+        Relabel on load (unlisted values map to themselves); keys and values are integers >= 0 (else
+        :class:`TypeError` / :class:`ValueError` naming the key).
     cache : {"memory", "disk", "none"}
         Keep preprocessed subjects in memory (per data-loader worker), in ``cache_dir`` as ``.pt`` files
         keyed by file names, sizes, modification times (of every channel file) and preprocessing, or nowhere.
@@ -240,8 +276,8 @@ class NiftiDataset(Dataset):
             if isinstance(files, (str, bytes, os.PathLike)):  # would be read character by character
                 raise TypeError(f"{name} must be a list of files (one per subject), got the single path {files!r}; "
                                 f"pass [{str(files)!r}] for one subject")
-        if label_map is not None and not isinstance(label_map, Mapping):
-            raise TypeError(f"label_map must be a mapping {{old label: new label}}, got {label_map!r}")
+        # before any file is read; a negative key would silently relabel the largest label value
+        self.label_map = check_label_map(label_map) if label_map is not None else {}
         # single files stay strings; a case's channel files become a list (YAML / JSON friendly)
         self.images: list[str | list[str]] = [str(p) if isinstance(p, (str, os.PathLike)) else entry_files(p)
                                               for p in images]
@@ -262,7 +298,6 @@ class NiftiDataset(Dataset):
         self.shape = list(shape) if shape is not None else None
         self.normalize = normalize
         self.clip_percentiles = list(clip_percentiles) if clip_percentiles is not None else None
-        self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.cache = cache
@@ -328,12 +363,7 @@ class NiftiDataset(Dataset):
                                f"expected (model.in_channels)")
 
     def _relabel(self, arr: np.ndarray) -> np.ndarray:
-        if not self.label_map:
-            return arr
-        lut = np.arange(max(int(arr.max(initial=0)), *self.label_map) + 1)
-        for k, v in self.label_map.items():
-            lut[k] = v
-        return lut[arr]
+        return relabel(arr, self.label_map)
 
     def _check_label_values(self, arr: np.ndarray, path: str) -> None:
         if self.num_classes is None or not arr.size:

@@ -71,15 +71,18 @@ def noise_table(seed: int, rows: int = 1 << 14, device: torch.device | str | Non
     -------
     Tensor
         ``(rows, 4)`` float32: columns 0 and 1 are the real and imaginary parts of a circular complex
-        Gaussian of unit power (each N(0, 1/2)); column 2 is a standard Gaussian (amplitude spread);
-        column 3 is unused padding.
+        Gaussian ``n`` of unit power (each N(0, 1/2): a scatterer's phase and amplitude); columns 2 and 3
+        are ``g * n`` with ``g`` a standard Gaussian (the scatterer's amplitude spread). The product is
+        stored per row, not ``g``: interpolated between rows it correlates exactly as ``n`` does, so the
+        simulator's speckle gain holds for the spread part too (an interpolated ``g`` times an
+        interpolated ``n`` correlated as the square, and its mean intensity fell 1-3 dB).
     """
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows must be a positive power of two, got {rows}")
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
     table = torch.randn(rows, 4, generator=gen, dtype=torch.float32)
     table[:, :2] *= 0.5**0.5
-    table[:, 3] = 0
+    table[:, 2:] = table[:, 2:3] * table[:, :2]  # (the same n and g draws as the former (re, im, g, 0) table)
     return table.to(device) if device is not None else table
 
 
@@ -107,7 +110,8 @@ def ray_march(
         ``props``. Differentiable (the pose gradient flows through it). A sample beyond 1e12 voxels or
         a NaN coordinate reads the background (no gradient); the kernels never convert it to an index.
     noise : Tensor
-        ``(N, 4)`` float32 table from :func:`noise_table`, N a power of two.
+        ``(N, 4)`` float32 table from :func:`noise_table`, N a power of two (one row: that row everywhere,
+        e.g. ``(1, 0, 0, 0)`` for speckle-free unit scatterers).
     grid_affine : Tensor or sequence of 12 floats
         Row-major 3x4 map from voxel coordinates to the scatter-grid cell coordinates (world mm
         divided by the scatter cell size): anchors the speckle in world space.
@@ -131,8 +135,9 @@ def ray_march(
     Tensor
         ``(B, R, S, 3)``: per sample, ``E * R`` (specular echo: reflection coefficient times the
         round-trip transmission E down to the sample), and the real and imaginary parts of
-        ``E * sqrt(density) * (mean + std * g) * n`` (scatter echo, n the interpolated complex
-        Gaussian field).
+        ``E * sqrt(density) * (mean * n + std * m)`` (scatter echo; n and m the table's columns (0, 1) and
+        (2, 3) interpolated with the same weights: the complex Gaussian field and its product with the
+        amplitude spread).
     """
     props = check_tensor("props", props)
     coords = check_tensor("coords", coords)

@@ -5,8 +5,8 @@ The metrics are :func:`medfast.metrics.dice`, :func:`medfast.metrics.hausdorff_d
 :func:`medfast.metrics.surface_distance` (the numbers of MONAI's ``DiceMetric``,
 ``compute_hausdorff_distance`` and ``compute_average_surface_distance``), so a folder of predictions is
 scored in seconds where the scipy-based route takes minutes. Writes ``metrics.csv`` (one row per case and
-class) and ``summary.json`` (per class: mean, standard deviation and count over the cases where the metric
-is defined), and prints the summary.
+class found in the prediction or the reference) and ``summary.json`` (per class: mean, standard deviation and
+count over the cases where the metric is defined), and prints the summary.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from medfast._jsonsafe import dumps as json_dumps
 from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _stem, case_name
 from medfast.data.io import DatasetError, Volume, load_nifti, single_slice_as_2d, voxel_spacing
 
-__all__ = ["evaluate_pair", "find_evaluation_pairs", "run_evaluate", "summarize"]
+__all__ = ["case_dice", "class_counts", "evaluate_pair", "find_evaluation_pairs", "finite_mean", "run_evaluate",
+           "summarize"]
 
 METRICS = ("dice", "hd", "asd")
+CSV_FIELDS = ("case", "class", *METRICS, "pred_voxels", "reference_voxels")
 
 
 def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple[Path, Path]]:
@@ -97,6 +99,54 @@ def _check_same_space(pred: Any, ref: Any) -> None:
         raise DatasetError(f"{ref.path}: expected a 2D or 3D label map, got shape {ref.data.shape}")
 
 
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(B, num_classes)`` int64 voxel counts of each class in each batch element of a ``(B, *S)`` label map
+    whose values lie in ``0 .. num_classes - 1``."""
+    b = labels.shape[0]
+    offset = torch.arange(b, device=labels.device).view(b, 1) * num_classes
+    flat = (labels.reshape(b, -1).long() + offset).flatten()
+    return torch.bincount(flat, minlength=b * num_classes).view(b, num_classes)
+
+
+def case_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, include_background: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dice per batch element and class as ``medfast evaluate``, the validation and the test set after training
+    score it (nnU-Net's and BraTS's rule): 0 for a class in only one of ``pred`` and ``target`` (a false positive
+    is a miss; :func:`medfast.metrics.dice`'s default, MONAI's ``ignore_empty``, makes a false positive NaN,
+    which nan-aware means then skip), NaN only for a class in neither.
+
+    ``pred``, ``target``: ``(B, *S)`` label maps in ``0 .. num_classes - 1``. Returns ``(dice, pred_voxels,
+    target_voxels)``, each ``(B, C')`` (``C'`` the classes from 1, or from 0 with ``include_background``):
+    float32 Dice and the int64 voxel counts of each class."""
+    from medfast import metrics
+
+    first = 0 if include_background else 1
+    dice = metrics.dice(pred, target, num_classes, include_background=include_background, ignore_empty=False)
+    n_p = class_counts(pred, num_classes)[:, first:]
+    n_t = class_counts(target, num_classes)[:, first:]
+    return torch.where((n_p == 0) & (n_t == 0), torch.nan, dice), n_p, n_t
+
+
+def finite_mean(values: Any) -> tuple[float, int]:
+    """The mean of the finite entries of ``values`` and their number (NaN and 0 where there are none, without
+    NumPy's "Mean of empty slice" warning): a per-case or per-set mean Dice over the classes / cases it is
+    defined for."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    return (float(v.mean()) if v.size else math.nan), int(v.size)
+
+
+def _present_values(*maps: np.ndarray) -> np.ndarray:
+    """The sorted label values found in any of ``maps`` (non-negative int64 arrays)."""
+    top = max(int(m.max(initial=0)) for m in maps)
+    if top < 1 << 20:  # a count per value: ~10x faster than a sort
+        seen = np.zeros(top + 1, dtype=bool)
+        for m in maps:
+            seen |= np.bincount(m.ravel(), minlength=top + 1) > 0
+        return np.flatnonzero(seen)
+    return np.unique(np.concatenate([np.unique(m) for m in maps]))
+
+
 def evaluate_pair(
     pred: str | Path,
     reference: str | Path,
@@ -108,6 +158,10 @@ def evaluate_pair(
 ) -> list[dict[str, Any]]:
     """Dice, HD (``percentile``) and ASSD of one predicted label map against its reference.
 
+    Only the classes found in the prediction or the reference are measured (their label values remapped to
+    ``0 .. K - 1`` for the metrics): sparse label sets such as FreeSurfer's (2 .. 60, 1035 / 2035, 11101 ..
+    12175) cost what their few present classes cost, not the largest label value.
+
     Parameters
     ----------
     pred, reference : path
@@ -115,7 +169,8 @@ def evaluate_pair(
         reference's affine, in mm. A map stored ``(X, Y, 1)`` is scored as the 2D image ``(X, Y)`` (2D surface
         distances, with the in-plane voxel size), as is a 2D ``(X, Y)`` file.
     num_classes : int, optional
-        Labels are ``0 .. num_classes - 1``; default: the largest label of the pair plus one.
+        Labels are ``0 .. num_classes - 1``, and every one of them gets a row (those in neither map: NaN,
+        not measured). Default: rows only for the label values found in the prediction or the reference.
     percentile : float
         Of the Hausdorff distance (95: HD95; 100: the maximum).
     include_background : bool
@@ -126,7 +181,8 @@ def evaluate_pair(
     Returns
     -------
     list of dict
-        One row per class: ``case`` (the reference's name), ``class``, ``dice``, ``hd`` (at ``percentile``),
+        One row per class, in increasing label value: ``case`` (the reference's name), ``class`` (the label
+        value), ``dice`` (0 for a class in only one map, see :func:`case_dice`), ``hd`` (at ``percentile``),
         ``asd`` (symmetric; NaN where a metric is undefined: both masks empty, and for HD and ASD also
         exactly one empty, where MONAI gives nan or inf), and the voxel counts ``pred_voxels`` /
         ``reference_voxels``.
@@ -140,33 +196,46 @@ def evaluate_pair(
 
     p, r = _as_2d(load_nifti(pred, label=True)), _as_2d(load_nifti(reference, label=True))
     _check_same_space(p, r)
-    top = int(max(p.data.max(initial=0), r.data.max(initial=0)))
-    if num_classes is None:
-        num_classes = max(top + 1, 2)
-    elif top >= num_classes:
+    present = _present_values(p.data, r.data)
+    top = int(present[-1]) if present.size else 0
+    if num_classes is not None and top >= num_classes:
         raise DatasetError(f"{pred} / {reference}: label {top} found but num_classes is {num_classes}")
-    spacing = scoring_spacing(r)
-    pt = torch.from_numpy(p.data).to(device)[None]
-    rt = torch.from_numpy(r.data).to(device)[None]
     first = 0 if include_background else 1
-    # Dice 0 for a class only one of the two has (a false positive is a miss, as in the docstring); NaN only
-    # where both are empty (ignore_empty=True made a pure false positive NaN, and summarize() dropped it)
-    dice = metrics.dice(pt, rt, num_classes, ignore_empty=False)[0, first:]
+    # compact classes: 0 (the background, present or not) then the other values found, so that the metrics
+    # run over K classes rather than the largest label + 1; at least 2 (the metrics need a foreground class)
+    values = np.union1d([0], present)
+    k = max(len(values), 2)
+    if top < 1 << 20:
+        lut = np.zeros(top + 1, dtype=np.int64)
+        lut[values] = np.arange(len(values))
+        pc, rc = lut[p.data], lut[r.data]
+    else:  # a table that large would cost more than the search
+        pc, rc = np.searchsorted(values, p.data), np.searchsorted(values, r.data)
+    spacing = scoring_spacing(r)
+    pt = torch.from_numpy(pc).to(device)[None]
+    rt = torch.from_numpy(rc).to(device)[None]
+    dice, counts_p, counts_r = case_dice(pt, rt, k, include_background=include_background)
     with warnings.catch_warnings():  # empty classes are reported as NaN in the table instead
         warnings.simplefilter("ignore", UserWarning)
-        hd = metrics.hausdorff_distance(pt, rt, percentile, spacing, num_classes=num_classes,
+        hd = metrics.hausdorff_distance(pt, rt, percentile, spacing, num_classes=k,
                                         include_background=include_background)[0]
-        asd = metrics.surface_distance(pt, rt, spacing, num_classes=num_classes, symmetric=True,
+        asd = metrics.surface_distance(pt, rt, spacing, num_classes=k, symmetric=True,
                                        include_background=include_background)[0]
-    counts_p = torch.bincount(pt.flatten(), minlength=num_classes)[first:]
-    counts_r = torch.bincount(rt.flatten(), minlength=num_classes)[first:]
-    dice = torch.where((counts_p == 0) & (counts_r == 0), torch.nan, dice)
+    case = _stem(Path(reference))
+    found = set(present.tolist())
+    measured = {int(v): i - first for i, v in enumerate(values) if i >= first and int(v) in found}
+    classes = range(first, num_classes) if num_classes is not None else sorted(measured)
     rows = []
-    for i in range(num_classes - first):
+    for c in classes:
+        i = measured.get(c)
+        if i is None:  # in neither map
+            rows.append({"case": case, "class": c, "dice": math.nan, "hd": math.nan, "asd": math.nan,
+                         "pred_voxels": 0, "reference_voxels": 0})
+            continue
         rows.append({
-            "case": _stem(Path(reference)), "class": first + i,
-            "dice": float(dice[i]), "hd": _finite_or_nan(float(hd[i])), "asd": _finite_or_nan(float(asd[i])),
-            "pred_voxels": int(counts_p[i]), "reference_voxels": int(counts_r[i]),
+            "case": case, "class": c,
+            "dice": float(dice[0, i]), "hd": _finite_or_nan(float(hd[i])), "asd": _finite_or_nan(float(asd[i])),
+            "pred_voxels": int(counts_p[0, i]), "reference_voxels": int(counts_r[0, i]),
         })
     return rows
 
@@ -175,9 +244,11 @@ def _finite_or_nan(value: float) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: Sequence[dict[str, Any]], cases: int | None = None) -> dict[str, Any]:
     """Per class and over all (case, class) rows: mean, standard deviation (population) and count of each
-    metric over the rows where it is defined (not NaN); with the numbers of cases and rows."""
+    metric over the rows where it is defined (not NaN); with the numbers of cases and rows. The classes are
+    those of the rows (with :func:`evaluate_pair`'s default, the classes found in some case). ``cases``: the
+    number of cases scored (default: the cases named in the rows; a case holding no class has no row)."""
 
     def stats(values: list[float]) -> dict[str, float | int]:
         v = np.array([x for x in values if not math.isnan(x)], dtype=np.float64)
@@ -185,7 +256,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "n": int(v.size)}
 
     classes = sorted({row["class"] for row in rows})
-    out: dict[str, Any] = {"cases": len({row["case"] for row in rows}), "rows": len(rows), "classes": {}}
+    n_cases = len({row["case"] for row in rows}) if cases is None else cases
+    out: dict[str, Any] = {"cases": n_cases, "rows": len(rows), "classes": {}}
     for c in classes:
         sel = [row for row in rows if row["class"] == c]
         out["classes"][str(c)] = {m: stats([row[m] for row in sel]) for m in METRICS}
@@ -196,7 +268,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _write(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # no rows: every case held only the background
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [*CSV_FIELDS, "pred", "reference"])
         writer.writeheader()
         writer.writerows(rows)
     # a metric defined in no row (a class empty in every case) has a NaN mean: null (bare NaN is not JSON)
@@ -233,7 +306,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pred", help="predicted label map (NIfTI) or folder of them")
     p.add_argument("reference", help="reference label map (NIfTI) or folder of them")
     p.add_argument("--num-classes", type=int, default=None,
-                   help="labels are 0 .. N-1 (default: the largest label of each pair plus one)")
+                   help="labels are 0 .. N-1, each one a row (default: a row for each label found in the pair)")
     p.add_argument("--percentile", type=float, default=95.0, help="of the Hausdorff distance (default 95)")
     p.add_argument("--include-background", action="store_true", help="also score label 0")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -273,7 +346,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             rows.extend(case)
     except DatasetError as exc:
         raise SystemExit(f"medfast evaluate: {exc}") from None
-    summary = summarize(rows)
+    summary = summarize(rows, cases=len(pairs))
     summary["percentile"] = args.percentile
     print(_format_summary(summary, args.percentile))
     if args.out is not None:

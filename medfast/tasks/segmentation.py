@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
-from medfast.data.dataset import _SUFFIXES, case_name, group_channel_files
+from medfast.data.dataset import _SUFFIXES, case_name, check_label_map, group_channel_files, relabel
 from medfast.data.io import ImageEntry, entry_files, entry_text, image_header, load_image, voxel_spacing
 from medfast.data.preprocess import (
     REORIENT_DIMS,
@@ -64,6 +64,10 @@ def check_config(config: Config) -> None:
     if config.task_args:
         raise ConfigError(f"unknown task_args for the segmentation task: {sorted(config.task_args)} (it takes none)")
     n = config.model.out_channels
+    try:  # a negative key would relabel the largest label value (it indexes the lookup table from its end)
+        check_label_map(config.data.test_label_map, "data.test_label_map")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
     bad = {k: v for k, v in config.data.test_label_map.items() if not 0 <= v < n}
     if bad:
         raise ConfigError(f"data.test_label_map maps to labels outside 0..{n - 1} (model.out_channels={n}): {bad}")
@@ -214,9 +218,13 @@ def _input_entries(inputs: Sequence[ImageEntry], group: bool = True) -> list[str
     return entries
 
 
-def _output_names(inputs: Sequence[ImageEntry]) -> list[str]:
+_PREDICT_ADVICE = "rename one, or predict them into separate --out folders"
+
+
+def _output_names(inputs: Sequence[ImageEntry], advice: str = _PREDICT_ADVICE) -> list[str]:
     """The case name of each input entry (see :func:`predict_files`); raises :class:`DatasetError` naming the
-    inputs whose outputs would collide, and missing inputs, before anything is computed."""
+    inputs whose outputs would collide (ending with ``advice``), and missing inputs, before anything is
+    computed."""
     seen: dict[str, str] = {}
     names = []
     for entry in inputs:
@@ -226,8 +234,7 @@ def _output_names(inputs: Sequence[ImageEntry]) -> list[str]:
         name = case_name(entry)
         if name in seen:
             raise DatasetError(f"inputs {seen[name]} and {entry_text(entry)} would both be written as "
-                               f"{name}_seg.nii.gz (the output is named by the case name); rename one, or predict "
-                               f"them into separate --out folders")
+                               f"{name}_seg.nii.gz (the output is named by the case name); {advice}")
         seen[name] = entry_text(entry)
         names.append(name)
     return names
@@ -355,7 +362,8 @@ class SegmentationTask(Task):
         """``data.test_images`` / ``data.test_labels`` (scored by :meth:`finish` after training) are checked as the
         training pairs are, before training: one label per image, readable files, each label on its image's grid
         (same shape and affine), images the model can segment, label values (after ``data.test_label_map``) below
-        ``model.out_channels``. Raises :class:`DatasetError` naming the files."""
+        ``model.out_channels``, and no two test images whose predictions (``OUT/test/<case>_seg.nii.gz``) would
+        have the same name. Raises :class:`DatasetError` naming the files."""
         c = self.config
         d = c.data
         if not d.test_images:
@@ -366,6 +374,9 @@ class SegmentationTask(Task):
                                f"image")
         try:
             _dataset(c, d.test_images, d.test_labels, label_map=d.test_label_map, num_classes=c.model.out_channels)
+            # finish() writes OUT/test/<case>_seg.nii.gz: colliding names would fail only after training
+            _output_names(d.test_images, "rename or move one of them (the test predictions are all written to "
+                                         "OUT/test/, named by the case)")
         except DatasetError as exc:
             raise DatasetError(f"test set (data.test_images / data.test_labels): {exc}") from None
 
@@ -402,14 +413,16 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def validation_step(self, model, batch, device):
-        from medfast.metrics import dice, hausdorff_distance
+        from medfast.metrics import hausdorff_distance
+        from medfast.tasks.evaluation import case_dice, finite_mean
 
         image = batch["image"].to(device)
         label = batch["label"].to(device)
         prob = predict_volume(model, image, self.config)
         pred = prob.argmax(1)
         k = self.num_classes
-        d = dice(pred, label, k, include_background=False)
+        # as medfast evaluate: 0 for a class in only one map (a false positive counts), NaN in neither
+        d, n_pred, n_ref = case_dice(pred, label.reshape(pred.shape), k)
         nd = self.config.model.spatial_dims
         rows = []
         import warnings
@@ -421,15 +434,13 @@ class SegmentationTask(Task):
                 hd = hausdorff_distance(pred[b:b + 1], label[b:b + 1], self.config.inference.hd_percentile,
                                         spacing[:nd] if spacing else None, num_classes=k)[0]
             row = {f"dice_{c + 1}": float(d[b, c]) for c in range(k - 1)}
-            row["dice_mean"] = float(np.nanmean(d[b].cpu().numpy())) if k > 1 else float("nan")
+            row["dice_mean"] = finite_mean(d[b].cpu().numpy())[0]  # NaN for a case with no class in either map
             # a class in only one of prediction and reference counts as the image's diagonal in mm, as BraTS
             # scores it (a missed region must not improve the mean); a class in neither is left out.
             # (hausdorff_distance gives NaN, as MONAI, in both cases.)
             sizes = torch.tensor(pred.shape[1:], dtype=torch.float64)
             diagonal = float((sizes * torch.tensor(spacing[:nd] if spacing else [1.0] * nd)).norm())
-            classes = torch.arange(1, k, device=pred.device).view(-1, *[1] * nd)
-            in_pred = (pred[b] == classes).flatten(1).any(1).cpu()
-            in_ref = (label[b].reshape(pred[b].shape) == classes).flatten(1).any(1).cpu()
+            in_pred, in_ref = (n_pred[b] > 0).cpu(), (n_ref[b] > 0).cpu()
             scored = torch.where(in_pred & in_ref, hd.double().cpu(), diagonal)[in_pred | in_ref]
             row["hd95_mean"] = float(scored.mean()) if scored.numel() else float("nan")
             rows.append(row)
@@ -472,8 +483,8 @@ class SegmentationTask(Task):
     def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
         """Segments ``data.test_images`` (in their own space, as ``medfast predict`` does) and scores them
         against ``data.test_labels`` (relabelled by ``data.test_label_map``)."""
-        from medfast.metrics import dice, hausdorff_distance
-        from medfast.tasks.evaluation import _as_2d, _check_same_space, scoring_spacing
+        from medfast.metrics import hausdorff_distance
+        from medfast.tasks.evaluation import _as_2d, _check_same_space, case_dice, finite_mean, scoring_spacing
 
         d = self.config.data
         if not d.test_images:
@@ -494,13 +505,9 @@ class SegmentationTask(Task):
             _check_same_space(pred_vol, target)
             pred = pred_vol.data
             t = target.data
-            if d.test_label_map:
-                lut = np.arange(max(int(t.max()), *d.test_label_map) + 1)
-                for a, b in d.test_label_map.items():
-                    lut[a] = b
-                t = lut[t]
+            t = relabel(t, d.test_label_map)
             pt, tt = torch.from_numpy(pred)[None], torch.from_numpy(t)[None]
-            dc = dice(pt, tt, k, include_background=False)[0]
+            dc = case_dice(pt, tt, k)[0][0]  # as medfast evaluate scores this prediction
             import warnings
 
             with warnings.catch_warnings():
@@ -508,10 +515,12 @@ class SegmentationTask(Task):
                 hd = hausdorff_distance(pt, tt, self.config.inference.hd_percentile, scoring_spacing(target),
                                         num_classes=k)[0]
             per_subject.append({"image": img_path, "label": lab_path, "prediction": str(seg_path),
-                                "dice": [float(x) for x in dc], "dice_mean": float(np.nanmean(dc.numpy())),
+                                "dice": [float(x) for x in dc], "dice_mean": finite_mean(dc.numpy())[0],
                                 "hd95_mm": [float(x) for x in hd]})
-        res = {"test": per_subject,
-               "test_dice_mean": float(np.mean([s["dice_mean"] for s in per_subject]))}
+        # a case with no foreground class in either map (NaN dice_mean) is left out of the mean, as validation
+        # (the trainer's mean) and medfast evaluate's summary leave it out; test_dice_cases: the cases averaged
+        mean, n = finite_mean([s["dice_mean"] for s in per_subject])
+        res = {"test": per_subject, "test_dice_mean": mean, "test_dice_cases": n}
         # a class absent from both the prediction and the label has a NaN Dice: null (bare NaN is not JSON)
         (out_dir / "test_results.json").write_text(json_dumps(res, indent=2))
 
