@@ -187,7 +187,7 @@ def reg_config(out_dir: Path, device: str, steps: int, amp: str, small: bool, na
     from medfast.train import load_config
 
     shape = [16, 16, 16] if small else [64, 64, 64]
-    chans = [4, 8, 16] if small else [16, 32, 64, 64]
+    chans = [4, 8, 16] if small else [16, 32, 64, 128]
     return load_config([], _trainer_keys(out_dir, device, steps, 2, amp) + [
         "task=registration", f"data.train_images={names}", f"data.train_labels={names}", f"data.shape={shape}",
         "data.normalize=none", "model.name=localnet", f"model.channels={chans}", "augment.rotation=6.0",

@@ -131,12 +131,30 @@ def test_atlas_pairing(tmp_path, blobs):
     ({"task_args": {"bogus": 1}}, ValueError, "unknown task_args"),
     ({"model": {"name": "unet"}}, ValueError, "model.name = 'localnet'"),
     ({"task_args": {"identity_fraction": 1.5}}, ValueError, "identity_fraction must lie in"),
+    # settings the task never reads are refused, naming each (they used to train byte-identical weights)
+    ({"model": {"norm": "batch", "deep_supervision": True}}, ValueError,
+     "does not use model.norm, model.deep_supervision: remove them"),
+    ({"model": {"out_channels": 7, "convs_per_level": 3}}, ValueError,
+     "does not use model.out_channels, model.convs_per_level"),
+    ({"loss": {"lambda_dice": 9.0}}, ValueError, "does not use loss.lambda_dice: remove it .* task_args.lncc_weight"),
+    ({"inference": {"roi_size": [8, 8]}}, ValueError, "does not use inference.roi_size"),
+    ({"data": {"test_images": ["t.nii.gz"]}}, ValueError, "does not use data.test_images"),
+    # LocalNet doubles model.channels[0] per level: another list would silently train other widths
+    ({"model": {"channels": [8, 16, 16]}}, ValueError, r"must be that doubling, e.g. \[8, 16, 32\]"),
+    ({"model": {"channels": [8, 1000, 2000]}}, ValueError, "must be that doubling"),
+    # pairing = pairs never reads an atlas: refused, even a missing file
+    ({"task_args": {"pairing": "pairs", "fixed_image": "/nonexistent/a.nii.gz"}}, ValueError,
+     "task_args.fixed_image .an atlas. would be ignored"),
+    ({"task_args": {"pairing": "pairs", "fixed_label": "/nonexistent/l.nii.gz"}}, ValueError,
+     "task_args.fixed_label .an atlas. would be ignored"),
+    # too small for the depth: a ConfigError naming data.shape and model.channels, not a torch error at step 1
+    ({"data": {"shape": [4, 4]}}, ValueError, r"data.shape = \[4, 4\] is too small for model.channels = \[8, 16, 32\]"),
 ])
 def test_bad_configs_give_clear_errors(tmp_path, blobs, change, error, match):
     _, images, labels = blobs
     cfg = _cfg(tmp_path, images, labels, steps=1)
     for section, values in change.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     with pytest.raises(error, match=match):
         Trainer(config_from_dict(cfg)).fit()
 
@@ -189,3 +207,174 @@ def test_resume_reproduces_the_losses(tmp_path, blobs):
     got = [r["loss"] for r in _rows(tmp_path / "part")]
     assert len(got) == 6
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_out_channels_equal_to_the_spatial_dims_is_accepted(tmp_path, blobs):
+    from medfast.tasks.registration import RegistrationTask
+
+    _, images, labels = blobs
+    cfg = _cfg(tmp_path, images, labels)
+    cfg["model"]["out_channels"] = 2  # the displacement's channels: states what the task does
+    RegistrationTask(config_from_dict(cfg))
+
+
+@pytest.mark.parametrize("shape, channels", [((4, 4), [4, 8, 16]), ((4, 8), [4, 8, 16]), ((2, 2), [4, 8]),
+                                             ((3, 9), [4, 8, 16, 32]), ((8, 8), [4, 8, 16, 32]),
+                                             ((8, 16), [4, 8, 16, 32])])
+def test_min_shape_check_matches_the_network(tmp_path, blobs, shape, channels):
+    # reference: whether a LocalNet (and GlobalNet) training step at data.shape fails in torch
+    from medfast.tasks.registration import RegistrationTask
+
+    _, images, labels = blobs
+    cfg = _cfg(tmp_path, images, labels)
+    cfg["data"]["shape"], cfg["model"]["channels"] = list(shape), channels
+    net = RegistrationNet(2, 2, 2, len(channels) - 1, global_net=True).train()
+    try:
+        net(torch.rand(1, 2, *shape))[1].sum().backward()
+        fails = False
+    except ValueError as exc:
+        assert "more than 1 spatial element" in str(exc)
+        fails = True
+    if fails:
+        with pytest.raises(ValueError, match="is too small for model.channels"):
+            RegistrationTask(config_from_dict(cfg))
+    else:
+        RegistrationTask(config_from_dict(cfg))
+
+
+def test_global_net_composes_the_affine_and_the_local_displacement():
+    # the LocalNet's u acts on the affinely warped moving image: the total warp must be the two-stage warp
+    import math
+
+    import medfast as mf
+    from medfast.nets.registration import affine_ddf
+
+    torch.manual_seed(0)
+    shape = (16, 18, 14)
+    net = RegistrationNet(3, 2, 2, 1, global_net=True).eval()
+    a = math.radians(30)
+    rot = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1.0]])
+    with torch.no_grad():
+        net.globalnet.head.bias.copy_(torch.cat([rot, torch.tensor([[0.1], [-0.05], [0.0]])], 1).reshape(-1))
+        for head in net.local.heads.values():  # u = (3, -1, 0.5) voxels, plus a smooth spatial part
+            head.bias.copy_(torch.tensor([3.0, -1.0, 0.5]))
+            head.weight.normal_(0, 0.05)
+    g = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    moving = torch.exp(-((g - torch.tensor([7.0, 9, 6]).view(3, 1, 1, 1)) ** 2).sum(0) / 30)[None, None]
+    fixed = torch.exp(-((g - torch.tensor([8.0, 8, 7]).view(3, 1, 1, 1)) ** 2).sum(0) / 10)[None, None]
+    with torch.no_grad():
+        theta, ddf = net(torch.cat([moving, fixed], 1))
+        affine_moving = mf.affine_warp(moving, theta)
+        u = net.local(torch.cat([affine_moving, fixed], 1))
+        # reference 1: theta [x + u(x); 1] - x, by plain matrix algebra
+        ref = affine_ddf(theta.double(), shape) + torch.einsum("ij,bj...->bi...", theta[0, :, :3].double(),
+                                                               u.double())
+        torch.testing.assert_close(ddf.double(), ref, atol=1e-4, rtol=0)
+        assert float((u - u.mean()).abs().max()) > 0.1  # a spatially varying u, not only a shift
+        # reference 2: the two-stage warp (affine, then u on the affinely warped image), in the interior
+        two_stage = mf.warp(affine_moving, u)
+        total = mf.warp(moving, ddf)
+    inner = (..., slice(4, -4), slice(4, -4), slice(4, -4))
+    # (linear interpolation twice vs once: 0.014; adding u unrotated, as before the fix: 0.25)
+    assert float((total - two_stage)[inner].abs().max()) < 0.03, float((total - two_stage)[inner].abs().max())
+
+
+def _nifti(path, data, affine):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), str(path))
+    return str(path)
+
+
+def test_model_trained_without_spacing_gets_its_training_input(tmp_path):
+    # without data.spacing each image keeps its voxel size and is cropped / padded to data.shape: --model must feed
+    # the fixed image the same way (it used to spread its field of view over data.shape, another scale)
+    import nibabel as nib
+
+    from medfast.tasks.registration import (
+        ModelInfo,
+        RegistrationTask,
+        load_model_info,
+        network_grid,
+        register_with_model,
+    )
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([-2.0, 1.5, 3.0, 1.0])  # x flipped (reoriented in training), anisotropic voxels
+    affine[:3, 3] = [30.0, -10.0, 5.0]
+    g = np.stack(np.meshgrid(*[np.arange(s) for s in (11, 16, 9)], indexing="ij"), -1).astype(float)
+    images = []
+    for i, c in enumerate([(5, 8, 4), (6, 7, 5)]):
+        blob = np.exp(-(((g - c) / [3, 4, 2]) ** 2).sum(-1)) * 100 + rng.normal(0, 1, g.shape[:3])
+        images.append(_nifti(tmp_path / f"s{i}.nii.gz", blob, affine))
+    cfg = {"task": "registration",
+           "data": {"train_images": images, "shape": [12, 12, 12], "normalize": "none"},  # pad 1, crop 4, pad 3
+           "augment": {"rotation": 3.0},
+           "model": {"name": "localnet", "spatial_dims": 3, "in_channels": 1, "channels": [2, 4]},
+           "trainer": {"out_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 1, "val_every": 0,
+                       "checkpoint_every": 1, "progress": False, "tensorboard": False, "plots": False,
+                       "device": "cpu", "threads": 1}}
+    Trainer(config_from_dict(cfg)).fit()
+    item = RegistrationTask(config_from_dict(cfg)).build_datasets()[0][0]  # moving s0, fixed s1, as trained on
+    expected = torch.cat([item["moving"], item["fixed"]])[None]
+    subject = RegistrationTask(config_from_dict(cfg))._subjects(images, [])[0]  # its crop/pad grid (reference)
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.seen = net, None
+
+        def forward(self, x):
+            self.seen = x
+            return self.net(x)
+
+    for model in (tmp_path / "run" / "registration_model.pt", tmp_path / "run" / "checkpoints" / "last.pt"):
+        net, info = load_model_info(model)
+        assert info.native_spacing and info.spacing is None
+        fixed, moving = (nib.load(p) for p in images[::-1])
+        rec = Recorder(net)
+        res = register_with_model(fixed.get_fdata(), moving.get_fdata(), rec, info, fixed_affine=fixed.affine)
+        torch.testing.assert_close(rec.seen, expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(res.metrics["network_grid"], subject["affine"].numpy(), atol=1e-9)
+    # a registration_model.pt without the record (written before it existed) keeps the old reading
+    state = torch.load(tmp_path / "run" / "registration_model.pt", weights_only=True)
+    del state["native_spacing"]
+    torch.save(state, tmp_path / "old.pt")
+    info = load_model_info(tmp_path / "old.pt")[1]
+    assert not info.native_spacing
+    old = network_grid(affine, (11, 16, 9), info)
+    np.testing.assert_allclose(np.abs(np.diag(old)[:3]), np.array([22, 24, 27]) / 12)  # field of view / shape
+    assert not network_grid(affine, (11, 16, 9), ModelInfo([12, 12, 12])).tolist() == subject["affine"].tolist()
+
+
+def test_register_with_model_refuses_optimization_flags_and_other_dims(tmp_path, blobs, capsys):
+    from medfast.nets import LocalNet
+    from medfast.tasks.registration import register_with_model, save_model
+
+    _, images, _ = blobs
+    kw = dict(spatial_dims=2, num_channel_initial=2, depth=1, extract_levels=(0, 1))
+    save_model(tmp_path / "net2d.pt", LocalNet(**kw), kw, (32, 32))
+    kw3 = dict(kw, spatial_dims=3)
+    save_model(tmp_path / "net3d.pt", LocalNet(**kw3), kw3, (16, 16, 16))
+    out = tmp_path / "out"
+    # the instance-optimization options do not apply to a trained network: refused, naming each
+    rc = cli.main(["register", images[1], images[0], "--model", str(tmp_path / "net2d.pt"), "--velocity",
+                   "--kernel-size", "9", "--deform-iters", "3", "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--deform-iters, --kernel-size, --velocity would be ignored" in err, err
+    assert not out.exists()
+    # a 3D model given 2D images: said so before any output folder is made
+    rc = cli.main(["register", images[1], images[0], "--model", str(tmp_path / "net3d.pt"), "--out", str(out),
+                   "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "takes 3D images, FIXED" in err and "is 2D" in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"the model takes 3D images .* fixed has shape \(32, 32\)"):
+        register_with_model(np.zeros((32, 32)), np.zeros((32, 32)), LocalNet(**kw3), [16, 16, 16])
+    with pytest.raises(ValueError, match=r"the model takes 2D images .* fixed has shape \(1, 1, 8, 8, 8\)"):
+        register_with_model(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), LocalNet(**kw), [32, 32])
+    # the default values are fine, and metrics.json names the model
+    rc = cli.main(["register", images[1], images[0], "--model", str(tmp_path / "net2d.pt"), "--kernel-size", "7",
+                   "--out", str(out), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["model"] == str(tmp_path / "net2d.pt")

@@ -246,3 +246,34 @@ def test_range_limits_themselves_are_accepted():
     check_config(load_config([], ["optim.min_lr_ratio=0", "augment.integrate_steps=0", "augment.deform_grid=2"]))
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         check_config(load_config([path]))  # the shipped configs
+
+
+@pytest.mark.parametrize("key, shape, channels", [
+    ("augment.patch_size", [8, 8, 8], [2, 2, 2, 2]), ("augment.patch_size", [8, 8, 8], [2, 2, 2]),
+    ("augment.patch_size", [8, 8, 16], [2, 2, 2, 2]), ("augment.patch_size", [4, 6, 4], [2, 2, 2, 2]),
+    ("data.shape", [4, 4, 4], [2, 2, 2]), ("data.shape", [5, 4, 4], [2, 2, 2]),
+    ("inference.roi_size", [2, 2, 2], [2, 2]), ("inference.roi_size", [3, 2, 2], [2, 2]),
+])
+def test_unet_input_too_small_for_its_depth_is_a_config_error(key, shape, channels):
+    # reference: whether the U-Net (instance norm) fails on that input in torch
+    import torch
+
+    from medfast.nets import UNet
+    from medfast.train.config import check_spatial_config, config_from_dict
+
+    net = UNet(3, 1, 2, channels)
+    try:
+        net(torch.rand(1, 1, *shape))  # training mode: what step 1 (and validation: instance stats) runs
+        fails = False
+    except ValueError as exc:
+        assert "more than 1 spatial element" in str(exc)
+        fails = True
+    section, name = key.split(".")
+    cfg = config_from_dict({"task": "segmentation", "model": {"channels": channels}, section: {name: shape}})
+    if fails:
+        with pytest.raises(ConfigError, match=rf"{key} = \[.*\] is too small for model.channels = \[2, "):
+            check_spatial_config(cfg)
+    else:
+        check_spatial_config(cfg)
+    cfg.model.norm = "group"  # no instance statistics: any size runs
+    check_spatial_config(cfg)

@@ -14,6 +14,7 @@ its half size, in full-resolution voxels), so one set of parameters serves every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -34,7 +35,7 @@ from medfast.data.preprocess import REORIENT_DIMS, reorient_dims_of
 from medfast.losses.registration import bending_energy, label_dice_loss
 from medfast.nets.registration import GlobalNet, LocalNet, affine_ddf
 from medfast.ops._transforms import _MAX_STEPS
-from medfast.train.config import ConfigError, _build, check_spatial_config
+from medfast.train.config import ConfigError, _build, check_network_input, check_spatial_config
 from medfast.train.task import Task, register_task
 
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
@@ -526,8 +527,8 @@ class ModelInfo:
     input_shape : list of int
         Spatial shape the network was trained at.
     spacing : list of float or None
-        Voxel size (mm) of the training grid (``data.spacing``); None: unknown (the image's field of
-        view is then resized to ``input_shape``).
+        Voxel size (mm) of the training grid (``data.spacing``); None: the images' own voxel size with
+        ``native_spacing``, else unknown (the image's field of view is then resized to ``input_shape``).
     reorient : bool
         The training images were reoriented to the closest positive orientation (``data.reorient``; RAS in 3D,
         the in-plane frame in 2D, see :func:`medfast.data.preprocess.reorient_to_ras`).
@@ -538,6 +539,11 @@ class ModelInfo:
     reorient_dims : tuple of int
         The spatial dims ``reorient`` applies to: ``(2, 3)`` (this version), ``(3,)`` for a checkpoint written
         before 2D images were reoriented (no ``"reorient_dims"`` key): its 2D network saw storage order.
+    native_spacing : bool
+        Trained without ``data.spacing``: every image kept its own voxel size and was cropped / zero-padded
+        centrally to ``input_shape`` (:func:`medfast.data.preprocess.crop_or_pad`), so the network is fed the
+        fixed image that way (:func:`network_grid`). False with ``spacing`` None: unknown (a :func:`save_model`
+        file without the record, e.g. a ``registration_model.pt`` written before it existed).
     """
 
     input_shape: list[int]
@@ -545,18 +551,20 @@ class ModelInfo:
     reorient: bool = True
     in_channels: int | None = None
     reorient_dims: tuple[int, ...] = REORIENT_DIMS
+    native_spacing: bool = False
 
 
 def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_shape: Sequence[int],
                spacing: Sequence[float] | None = None, reorient: bool = True,
-               reorient_dims: Sequence[int] = REORIENT_DIMS) -> None:
+               reorient_dims: Sequence[int] = REORIENT_DIMS, native_spacing: bool = False) -> None:
     """Writes a registration network checkpoint that ``medfast register --model`` reads.
 
     The file holds ``{"net": class name, "net_kwargs": ..., "input_shape": ..., "spacing": ...,
-    "reorient": ..., "reorient_dims": ..., "state_dict": ...}``; ``input_shape`` is the spatial shape the
-    network was trained at, ``spacing`` its voxel size in mm (None: unknown), ``reorient`` whether the training
-    images were reoriented (RAS in 3D, the in-plane frame in 2D) and ``reorient_dims`` the spatial dims that
-    applies to (see :class:`ModelInfo`; a file without it means ``(3,)``).
+    "native_spacing": ..., "reorient": ..., "reorient_dims": ..., "state_dict": ...}``; ``input_shape`` is the
+    spatial shape the network was trained at, ``spacing`` its voxel size in mm (None: unknown, or with
+    ``native_spacing`` each image's own voxel size, centrally cropped / padded to ``input_shape``), ``reorient``
+    whether the training images were reoriented (RAS in 3D, the in-plane frame in 2D) and ``reorient_dims`` the
+    spatial dims that applies to (see :class:`ModelInfo`; a file without it means ``(3,)``).
     """
     name = type(net).__name__
     if name not in _NETS:
@@ -565,10 +573,13 @@ def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_s
         spacing = [float(v) for v in spacing]
         if len(spacing) != len(input_shape) or any(not v > 0 for v in spacing):
             raise ValueError(f"spacing must be {len(input_shape)} positive numbers (mm), got {spacing}")
+        if native_spacing:
+            raise ValueError("give spacing (one training voxel size) or native_spacing (each image's own), not both")
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"net": name, "net_kwargs": _plain_values(dict(net_kwargs)),
-                "input_shape": [int(s) for s in input_shape], "spacing": spacing, "reorient": bool(reorient),
+                "input_shape": [int(s) for s in input_shape], "spacing": spacing,
+                "native_spacing": bool(native_spacing), "reorient": bool(reorient),
                 "reorient_dims": [int(d) for d in reorient_dims], "state_dict": net.state_dict()}, tmp)
     tmp.replace(path)
 
@@ -588,8 +599,8 @@ def _plain_values(value: Any) -> Any:
 def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
     """Reads a checkpoint written by :func:`save_model` (or one with the same keys under ``"model"``), or a
     ``medfast train`` checkpoint of the registration task (``RUN/checkpoints/last.pt``: the network is
-    rebuilt from its config; shape, spacing and orientation are its ``data.shape``, ``data.spacing`` and
-    ``data.reorient``); returns the network in eval mode and its :class:`ModelInfo`."""
+    rebuilt from its config; shape, spacing and orientation are its ``data.shape``, ``data.spacing`` (none:
+    ``native_spacing``) and ``data.reorient``); returns the network in eval mode and its :class:`ModelInfo`."""
     path = Path(path)
     if not path.is_file():
         raise RegistrationError(f"no such model checkpoint: {path}")
@@ -622,7 +633,9 @@ def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tup
                      None if ckpt.get("spacing") is None else [float(v) for v in ckpt["spacing"]],
                      bool(ckpt.get("reorient", True)),
                      int(pair_channels) // 2 if int(pair_channels) % 2 == 0 else None,
-                     reorient_dims_of(ckpt))  # none stored: written before 2D images were reoriented
+                     reorient_dims_of(ckpt),  # none stored: written before 2D images were reoriented
+                     # none stored: unknown (the field of view is resized), as before the record existed
+                     ckpt.get("spacing") is None and bool(ckpt.get("native_spacing", False)))
     return net.eval(), info
 
 
@@ -635,7 +648,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 def network_grid(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info: ModelInfo) -> np.ndarray:
     """The ``(n + 1, n + 1)`` voxel-to-world affine of the grid a network sees for a fixed image.
 
-    The grid has the network's ``input_shape`` and its training ``spacing`` (without one: the fixed
+    The grid has the network's ``input_shape`` and its training ``spacing`` (with ``info.native_spacing``: the
+    fixed image's own voxels, centrally cropped / zero-padded to ``input_shape`` exactly as
+    :func:`medfast.data.preprocess.crop_or_pad` did in training, whole-voxel offsets; with neither: the fixed
     image's field of view spread over ``input_shape``), its axes are the fixed image's voxel axes
     permuted/flipped to the closest positive orientation (with ``info.reorient``, for the dims in
     ``info.reorient_dims``; as in training, see :func:`medfast.data.preprocess.reorient_to_ras`: RAS in 3D, the
@@ -661,6 +676,17 @@ def network_grid(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info: Mod
     if np.any(vox <= 0):
         raise RegistrationError(f"the fixed image's affine is singular: {np.asarray(fixed_affine).tolist()}")
     in_shape = np.asarray(info.input_shape, dtype=np.float64)
+    if info.native_spacing and info.spacing is None:
+        # as in training without data.spacing: the (reoriented) image at its own voxel size, then a centred
+        # crop / pad with crop_or_pad's whole-voxel offsets (not the fractional centring below)
+        ro = a if not (info.reorient and n in info.reorient_dims) else a @ ornt_mod.inv_ornt_aff(ornt,
+                                                                                                 tuple(fixed_shape))
+        sizes = np.rint(np.abs(np.linalg.solve(lin, a[:n, :n] @ np.asarray(fixed_shape, dtype=np.float64))))
+        shift = np.array([(s - t) // 2 if s >= t else -((t - s) // 2) for s, t in zip(sizes, in_shape)])
+        g = np.eye(n + 1)
+        g[:n, :n] = ro[:n, :n]
+        g[:n, n] = ro[:n, :n] @ shift + ro[:n, n]
+        return g
     if info.spacing is not None:
         spacing = np.asarray(info.spacing, dtype=np.float64)
     else:  # the field of view resized to the input shape (axes in the network's order)
@@ -718,6 +744,12 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     device = torch.device(device)
     info = input_shape if isinstance(input_shape, ModelInfo) else ModelInfo([int(v) for v in input_shape])
     nd = len(info.input_shape)  # the network's spatial dims settle the array forms
+    for name, x in (("fixed", fixed), ("moving", moving)):  # before _as_image, whose message assumes nd
+        shape_x = tuple(getattr(x, "shape", (0,) * nd))  # (not an array: _as_image's type error)
+        flat = nd == 3 and len(shape_x) >= 3 and 1 in shape_x[-3:]  # a 2D image with channels read as 3D
+        if not nd <= len(shape_x) <= nd + 2 or flat:
+            raise ValueError(f"the model takes {nd}D images ((*S), (C, *S) or (1, C, *S) with {nd} spatial dims), "
+                             f"{name} has shape {shape_x}")
     fixed_t = _as_image(fixed, "fixed", nd).to(device)
     moving_t = _as_image(moving, "moving", nd).to(device)
     shape = tuple(fixed_t.shape[2:])
@@ -1221,16 +1253,29 @@ def _make_out_dir(out: str | Path) -> Path:
     return path
 
 
+def _optimization_flags(cfg: RegistrationConfig) -> list[str]:
+    """The instance-optimization flags of ``medfast register`` set to a non-default value in ``cfg``."""
+    d = RegistrationConfig()
+    return [f"--{f.name.replace('_', '-')}" for f in fields(RegistrationConfig)
+            if f.name != "integration_steps" and getattr(cfg, f.name) != getattr(d, f.name)]
+
+
 def run_register(args: argparse.Namespace) -> int:
     """Runs ``medfast register`` from parsed arguments; returns the exit status."""
     from medfast.train.files import check_out_dir
 
+    fresh = False  # --out created by this run: removed again if the run fails before writing into it
     try:
         check_out_dir(args.out, "--out")
         cfg = RegistrationConfig(
             affine_levels=_levels(args.affine_levels), deform_levels=_levels(args.deform_levels),
             affine_iters=args.affine_iters, deform_iters=args.deform_iters, kernel_size=args.kernel_size,
             bending_weight=args.bending_weight, dice_weight=args.dice_weight, velocity=args.velocity)
+        if args.model and _optimization_flags(cfg):  # one forward pass: these would be silently ignored
+            flags = _optimization_flags(cfg)
+            raise RegistrationError(f"--model runs the trained network (one forward pass, no optimization): "
+                                    f"{', '.join(flags)} would be ignored; remove {'it' if len(flags) == 1 else 'them'}"
+                                    f" (or drop --model to optimize)")
         device = _device(args.device)
         if args.demo:
             _make_out_dir(args.out)
@@ -1261,8 +1306,11 @@ def run_register(args: argparse.Namespace) -> int:
                                     f"{_plane_angle(faff, maff):.0f} degrees apart (e.g. coronal and axial): the "
                                     f"header alignment cannot map one onto the other")
         net = info = None
-        if args.model:  # a network takes the channel count it was trained on: check it before any work
+        if args.model:  # a network takes the dims and channel count it was trained on: check them before any work
             net, info = load_model_info(args.model, device)
+            if len(info.input_shape) != n:
+                raise RegistrationError(f"the model {args.model} takes {len(info.input_shape)}D images, FIXED "
+                                        f"{args.fixed} is {n}D (shape {tuple(fdata.shape[1:])})")
             if info.in_channels is not None and fdata.shape[0] != info.in_channels:
                 raise RegistrationError(
                     f"checkpoint {args.model} expects {info.in_channels}-channel images (model.in_channels="
@@ -1276,6 +1324,7 @@ def run_register(args: argparse.Namespace) -> int:
             fl = torch.as_tensor(_load_label_map(args.fixed_labels, args.fixed, shape, faff))
             ldata = _load_label_map(args.moving_labels, args.moving, mdata.shape[1:], maff)
             ml = to_fixed_grid(ldata, maff, faff, shape, labels=True)
+        fresh = not Path(args.out).exists()
         _make_out_dir(args.out)
         if net is not None:
             result = register_with_model(fixed, moving, net, info, fl, ml, device=device, fixed_affine=faff)
@@ -1291,11 +1340,15 @@ def run_register(args: argparse.Namespace) -> int:
             fimg = _nib().load(args.fixed)
             paths = write_outputs(args.out, result, faff, normalize_intensity(fixed, spatial_dims=n),
                                   normalize_intensity(moving, spatial_dims=n), affine_only,
-                                  extra={"fixed": str(args.fixed), "moving": str(args.moving)},
+                                  extra={"fixed": str(args.fixed), "moving": str(args.moving),
+                                         **({"model": str(args.model)} if net is not None else {})},
                                   fixed_slice_axis=single_slice_axis(fimg.shape), fixed_header=fimg.header)
         except OSError as exc:  # full disk, folder removed or made read-only meanwhile
             raise RegistrationError(f"--out {args.out}: cannot write the outputs: {exc}") from None
     except (RegistrationError, ValueError, TypeError) as exc:
+        if fresh:  # no empty output folder left behind by a failed run
+            with contextlib.suppress(OSError):
+                Path(args.out).rmdir()  # only if still empty
         print(f"medfast register: error: {exc}", file=sys.stderr)
         return 1
     keys = ("dice_before", "dice_affine", "dice_after", "lncc_before", "lncc_affine", "lncc_after")
@@ -1459,7 +1512,9 @@ class RegistrationNet(torch.nn.Module):
     ``forward(x)``: ``(B, in_channels, *S)`` (moving channels first) -> ``(theta, ddf)``: ``theta``
     ``(B, n, n + 1)`` the affine part (the identity without ``global_net``) and ``ddf`` ``(B, n, *S)`` the
     total displacement in voxels (``warped = medfast.warp(moving, ddf)``), so :func:`register_with_model`
-    uses it like a LocalNet.
+    uses it like a LocalNet. With ``global_net`` the LocalNet's displacement ``u`` acts on the affinely warped
+    moving image, so the two compose: ``ddf(x) = theta [x + u(x); 1] - x = theta [x; 1] - x + A u(x)`` (``A``
+    the linear part of ``theta``), the warp of ``medfast.warp(medfast.affine_warp(moving, theta), u)``.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2, num_channel_initial: int = 16, depth: int = 3,
@@ -1493,8 +1548,10 @@ class RegistrationNet(torch.nn.Module):
             u = mf.integrate(u.contiguous(), self.steps)
         if self.globalnet is None:
             return theta, u
-        # total map x -> theta [x; 1] + u(x) as one displacement
-        return theta, affine_ddf(theta.float(), shape) + u
+        # u moves points of the affinely warped image, so the total map is x -> theta [x + u(x); 1]: the
+        # displacement theta [x; 1] - x + A u(x) (A = theta's linear part, voxels; elementwise: no autocast)
+        a = theta[:, :, :n].float().reshape(theta.shape[0], n, n, *[1] * n)
+        return theta, affine_ddf(theta.float(), shape) + (a * u[:, None]).sum(2)
 
 
 _NETS["RegistrationNet"] = RegistrationNet
@@ -1513,6 +1570,13 @@ def _net_kwargs(config: Any) -> dict[str, Any]:
     if not chans:
         raise ConfigError("model.channels must list at least one width (the first is LocalNet's, its length - 1 "
                          "the depth)")
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chans):
+        raise ConfigError(f"model.channels must be positive ints, got {chans}")
+    if any(c != chans[0] * 2**i for i, c in enumerate(chans)):
+        # LocalNet doubles its width per level: any other list would silently train other widths
+        raise ConfigError(f"model.channels = {chans}: LocalNet takes the first width and doubles it per level (the "
+                          f"list's length - 1 is the depth), so the list must be that doubling, e.g. "
+                          f"{[chans[0] * 2**i for i in range(len(chans))]}")
     return {"spatial_dims": m.spatial_dims, "in_channels": 2 * m.in_channels, "num_channel_initial": int(chans[0]),
             "depth": max(1, len(chans) - 1), "extract_levels": kw.get("extract_levels"),
             "velocity": ta["velocity"], "integration_steps": ta["integration_steps"], "global_net": ta["global_net"]}
@@ -1527,8 +1591,9 @@ def _load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") ->
     net = RegistrationNet(**_net_kwargs(config)).to(device)
     net.load_state_dict(state["model"])
     d = config.data
+    # without data.spacing the run kept each image's voxel size (cropped / padded to data.shape): native_spacing
     return net.eval(), ModelInfo(list(d.shape), None if d.spacing is None else list(d.spacing), bool(d.reorient),
-                                 int(config.model.in_channels), reorient_dims_of(state))
+                                 int(config.model.in_channels), reorient_dims_of(state), d.spacing is None)
 
 
 def load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[int]]:
@@ -1576,6 +1641,11 @@ def _task_args(config: Any) -> dict[str, Any]:
         raise ConfigError(f"task_args.pairing must be 'atlas' or 'pairs', got {pairing!r}")
     if pairing == "atlas" and not a.fixed_image:
         raise ConfigError("task_args.pairing = 'atlas' needs task_args.fixed_image (the fixed atlas image)")
+    given = [k for k in ("fixed_image", "fixed_label") if getattr(a, k)]
+    if a.pairing == "pairs" and given:  # the atlas would be silently ignored (not even read)
+        raise ConfigError(f"task_args.pairing = 'pairs' pairs the training subjects with each other: "
+                          f"{', '.join('task_args.' + k for k in given)} (an atlas) would be ignored; remove "
+                          f"{'it' if len(given) == 1 else 'them'}, or set task_args.pairing: atlas")
     if a.fixed_label and not a.fixed_image:
         raise ConfigError("task_args.fixed_label is given but task_args.fixed_image (the atlas) is missing")
     out = asdict(a)
@@ -1711,6 +1781,36 @@ def _warp_labels(label: torch.Tensor, ddf: torch.Tensor, classes: int,
     return oh, mf.warp(oh.contiguous(), ddf.float(), mode="linear")
 
 
+#: the settings of the shared sections the task reads (the trainer reads data.num_workers; augment.patch_size is
+#: refused with its own message); any other one set to a non-default value would be silently ignored, so it is
+#: refused (:func:`_refuse_unused_settings`)
+_READ = {"data": {"dataset", "root", "train_images", "train_labels", "val_images", "val_labels", "val_fraction",
+                  "reorient", "spacing", "shape", "normalize", "clip_percentiles", "cache", "cache_dir", "num_workers",
+                  "val_deformations", "dataset_args"},
+         "model": {"name", "spatial_dims", "in_channels", "channels", "kwargs"},
+         "loss": set(), "inference": set()}
+_HINTS = {"data": "the test set (data.test_*) is scored by the segmentation task only; score a registration "
+                  "model with medfast register --model FIXED MOVING --fixed-labels / --moving-labels",
+          "model": "the network is LocalNet with model.channels (a doubling list: its first width, its length - 1 "
+                   "the depth) and model.kwargs.extract_levels, instance norm and 2 convolutions per block; "
+                   "task_args.velocity / global_net change its output",
+          "loss": "the loss is set by task_args.lncc_weight / bending_weight / dice_weight and kernel_size",
+          "inference": "medfast register --model runs one forward pass on the network's training grid"}
+
+
+def _refuse_unused_settings(config: Any) -> None:
+    """A data, model, loss or inference setting the registration task would ignore is an error naming it (not a
+    silent no-op), as in the classification and synthesis tasks."""
+    from medfast.train.config import unused_settings
+
+    # the displacement has one channel per spatial axis: model.out_channels = spatial_dims states just that
+    unused = unused_settings(config, _READ, {"model.out_channels": config.model.spatial_dims})
+    if unused:
+        hints = "; ".join(_HINTS[s] for s in _HINTS if any(u.startswith(f"{s}.") for u in unused))
+        raise ConfigError(f"the registration task does not use {', '.join(unused)}: remove "
+                          f"{'it' if len(unused) == 1 else 'them'} ({hints})")
+
+
 @register_task("registration")
 class RegistrationTask(Task):
     """Trains a :class:`RegistrationNet` (LocalNet, optionally GlobalNet first; DDF or velocity field).
@@ -1729,6 +1829,7 @@ class RegistrationTask(Task):
         from medfast.data import RandomAugment
 
         self.args = _task_args(config)
+        _refuse_unused_settings(config)
         self.net_kwargs = _net_kwargs(config)
         if config.augment.patch_size is not None:
             raise ConfigError("the registration task trains on whole images: leave augment.patch_size unset "
@@ -1737,6 +1838,8 @@ class RegistrationTask(Task):
             raise ConfigError("the registration task needs data.shape (every image is cropped/padded to it; it "
                              "is the network's input shape)")
         check_spatial_config(config)
+        # each LocalNet (and GlobalNet) level halves data.shape: its instance norms need > 1 voxel at the deepest
+        check_network_input(config, "data.shape", config.data.shape, self.net_kwargs["depth"])
         from medfast.train.files import check_dataset_args
 
         check_dataset_args(config, "registration")
@@ -1883,7 +1986,8 @@ class RegistrationTask(Task):
         """Writes ``registration_model.pt`` (:func:`save_model` format) beside the checkpoints."""
         path = Path(out_dir) / "registration_model.pt"
         d = self.config.data
-        save_model(path, model, self.net_kwargs, list(d.shape), d.spacing, d.reorient, REORIENT_DIMS)
+        save_model(path, model, self.net_kwargs, list(d.shape), d.spacing, d.reorient, REORIENT_DIMS,
+                   native_spacing=d.spacing is None)
         print(f"medfast train: registration model written to {path} (use: medfast register FIXED MOVING "
               f"--model {path})", flush=True)
         return {"registration_model": str(path)}

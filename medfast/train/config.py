@@ -40,6 +40,7 @@ __all__ = [
     "OptimConfig",
     "TrainerConfig",
     "check_config",
+    "check_network_input",
     "check_spatial_config",
     "config_from_dict",
     "config_to_dict",
@@ -690,3 +691,27 @@ def check_spatial_config(config: Config, *, dims: Sequence[int] = (2, 3), in_cha
         if len(value) != nd or not all(v > 0 for v in value):
             raise ConfigError(f"{key} must have {nd} positive entries (one per axis of a model.spatial_dims={nd} "
                               f"model), got {list(value)}")
+    if config.task == "segmentation" and str(m.name).lower() == "unet" and m.norm == "instance":
+        # the U-Net's training input (the patch, else data.shape) and its sliding window, before step 1
+        downsamplings = max(len(m.channels) - 1, 0)
+        for key in ("augment.patch_size" if config.augment.patch_size is not None else "data.shape",
+                    "inference.roi_size"):
+            if _value(config, key) is not None:
+                check_network_input(config, key, _value(config, key), downsamplings)
+
+
+def check_network_input(config: Config, key: str, shape: Sequence[int], downsamplings: int) -> None:
+    """The network input ``shape`` (the setting ``key``) halved ``downsamplings`` times (rounding up: ceil-mode
+    pooling, or a U-Net's padding to a multiple of ``2 ** downsamplings``) must keep more than one voxel at the
+    deepest level, where instance normalization would otherwise fail at the first step; raises
+    :class:`ConfigError` naming ``key`` and ``model.channels`` (whose length sets the depth)."""
+    def deepest(d: int) -> list[int]:
+        return [-(-int(s) // 2**d) for s in shape]
+
+    if math.prod(deepest(downsamplings)) > 1:
+        return
+    fits = max((d for d in range(1, downsamplings) if math.prod(deepest(d)) > 1), default=None)
+    fix = f"give a larger {key}" + ("" if fits is None else f" or at most {fits + 1} model.channels entries")
+    raise ConfigError(f"{key} = {list(shape)} is too small for model.channels = {list(config.model.channels)} "
+                      f"({downsamplings} down-sampling levels): the deepest level would be {deepest(downsamplings)}, "
+                      f"one voxel, and instance normalization needs more than one; {fix}")
