@@ -434,10 +434,12 @@ def test_predict_takes_a_folder_of_poses_files(tmp_path, phantom):
     folder.mkdir()
     (folder / "b.json").write_text(json.dumps({"poses": poses[:2].tolist()}))
     np.save(folder / "a.npy", poses[1:4].numpy())
+    np.save(folder / "a.1mm.npy", poses[1:2].numpy())  # its folder is a.1mm: the suffix goes, not all after a dot
     (folder / "notes.txt").write_text("not poses")
     assert main(["predict", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
-    frames = {d: json.loads((tmp_path / "pred" / d / "generate.json").read_text())["frames"] for d in ("a", "b")}
-    assert frames == {"a": 3, "b": 2}
+    frames = {d: json.loads((tmp_path / "pred" / d / "generate.json").read_text())["frames"]
+              for d in ("a", "a.1mm", "b")}
+    assert frames == {"a": 3, "a.1mm": 1, "b": 2}
     # a folder without poses files, and a bad file among good ones: an error, nothing written
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(tmp_path / "empty"), "--model", str(ckpt), "--out", str(tmp_path / "p2"),

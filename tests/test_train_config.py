@@ -277,3 +277,30 @@ def test_unet_input_too_small_for_its_depth_is_a_config_error(key, shape, channe
         check_spatial_config(cfg)
     cfg.model.norm = "group"  # no instance statistics: any size runs
     check_spatial_config(cfg)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_batch_norm_unet_on_one_sample_too_small_for_its_depth_is_a_config_error(batch_size):
+    # reference: whether a batch-norm U-Net fails on that training batch in torch (eval mode never does)
+    import torch
+
+    from medfast.nets import UNet
+    from medfast.train.config import check_spatial_config, config_from_dict
+
+    channels, patch = [2, 4, 8, 16, 32], [16, 16, 16]
+    net = UNet(3, 1, 2, channels, norm="batch")
+    try:
+        net(torch.rand(batch_size, 1, *patch))
+        fails = False
+    except ValueError as exc:
+        assert "more than 1 value per channel" in str(exc)
+        fails = True
+    assert fails == (batch_size == 1)
+    cfg = config_from_dict({"task": "segmentation", "model": {"channels": channels, "norm": "batch"},
+                            "augment": {"patch_size": patch}, "inference": {"roi_size": patch},
+                            "trainer": {"batch_size": batch_size}})
+    if fails:
+        with pytest.raises(ConfigError, match=r"augment.patch_size = .* batch normalization of one sample"):
+            check_spatial_config(cfg)
+    else:
+        check_spatial_config(cfg)

@@ -691,11 +691,14 @@ def check_spatial_config(config: Config, *, dims: Sequence[int] = (2, 3), in_cha
         if len(value) != nd or not all(v > 0 for v in value):
             raise ConfigError(f"{key} must have {nd} positive entries (one per axis of a model.spatial_dims={nd} "
                               f"model), got {list(value)}")
-    if config.task == "segmentation" and str(m.name).lower() == "unet" and m.norm == "instance":
-        # the U-Net's training input (the patch, else data.shape) and its sliding window, before step 1
+    if config.task == "segmentation" and str(m.name).lower() == "unet" and m.norm in ("instance", "batch"):
+        # the U-Net's training input (the patch, else data.shape) and its sliding window, before step 1; batch
+        # norm fails alike in training on one sample per process (its sliding window runs in eval mode)
         downsamplings = max(len(m.channels) - 1, 0)
-        for key in ("augment.patch_size" if config.augment.patch_size is not None else "data.shape",
-                    "inference.roi_size"):
+        train_key = "augment.patch_size" if config.augment.patch_size is not None else "data.shape"
+        keys = (train_key, "inference.roi_size") if m.norm == "instance" else (
+            (train_key,) if config.trainer.batch_size == 1 else ())
+        for key in keys:
             if _value(config, key) is not None:
                 check_network_input(config, key, _value(config, key), downsamplings)
 
@@ -712,6 +715,8 @@ def check_network_input(config: Config, key: str, shape: Sequence[int], downsamp
         return
     fits = max((d for d in range(1, downsamplings) if math.prod(deepest(d)) > 1), default=None)
     fix = f"give a larger {key}" + ("" if fits is None else f" or at most {fits + 1} model.channels entries")
+    norm = ("batch normalization of one sample (trainer.batch_size 1)" if config.model.norm == "batch"
+            else "instance normalization")
     raise ConfigError(f"{key} = {list(shape)} is too small for model.channels = {list(config.model.channels)} "
                       f"({downsamplings} down-sampling levels): the deepest level would be {deepest(downsamplings)}, "
-                      f"one voxel, and instance normalization needs more than one; {fix}")
+                      f"one voxel, and {norm} needs more than one; {fix}")

@@ -184,6 +184,11 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
 POSES_SUFFIXES = (".json", ".npy")
 
 
+def _poses_stem(path: Path) -> str:
+    """A poses file's output folder name: its name less the ``.json`` / ``.npy`` suffix (not from the first dot)."""
+    return path.stem if path.suffix in POSES_SUFFIXES else path.name
+
+
 def poses_files(inputs) -> list[Path]:
     """``inputs`` with every folder replaced by its poses files (``*.json``, ``*.npy``, sorted by name), as
     ``medfast predict`` takes a folder of images for the other tasks. Raises FileNotFoundError for a missing
@@ -221,7 +226,8 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
         raise ValueError("--set does not apply to synthesis checkpoints")
     inputs = poses_files(inputs)
     out_dir = Path(out_dir)
-    targets = [out_dir if len(inputs) == 1 else out_dir / f.name.split(".")[0] for f in inputs]
+    # the name less its poses suffix only: sweep.1mm.npy and sweep.2mm.npy are two folders
+    targets = [out_dir if len(inputs) == 1 else out_dir / _poses_stem(f) for f in inputs]
     seen: dict[Path, Path] = {}
     for f, target in zip(inputs, targets):  # before anything is written: one folder would take both
         if target in seen:
