@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import medfast as mf
 from medfast.losses import registration as R
+from medfast.nets.registration import affine_ddf
+from medfast.tasks.registration import RegistrationConfig, RegistrationNet, level_theta, register_pair
 from tests.conftest import requires_cuda
 
 LOW = [torch.bfloat16, torch.float16]
@@ -190,3 +192,84 @@ def test_cuda_autocast_equals_float32_of_upcast_inputs(low):
     with torch.autocast("cuda", dtype=low):
         got = R.global_mutual_information(p, t)  # (CUDA autocast lists einsum itself)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def _affine_ddf_np(theta, shape):
+    """float64 numpy reference of ``theta @ [x; 1] - x`` on the voxel grid."""
+    theta = np.asarray(theta, dtype=np.float64)
+    n = len(shape)
+    x = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")).reshape(n, -1)
+    out = theta[:, :, :n] @ x + theta[:, :, n:] - x
+    return out.reshape(theta.shape[0], n, *shape)
+
+
+def _centred_to_voxel_np(centred, shape):
+    centred = np.asarray(centred, dtype=np.float64)
+    n = len(shape)
+    c = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    h = np.maximum(np.asarray(shape, dtype=np.float64) - 1, 1) / 2
+    a = h[:, None] * centred[:, :, :n] / h[None, :]
+    t = h * centred[:, :, n] + c - a @ c
+    return np.concatenate([a, t[..., None]], -1)
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize("shape", [(64, 56, 60), (150, 130)])
+def test_affine_ddf_and_level_theta_of_float32_affines_under_autocast(low, shape):
+    # (the affine maths were matmuls, which autocast ran in bfloat16/float16: 0.37 voxels off at 64^3)
+    n = len(shape)
+    theta = torch.eye(n, n + 1)[None].clone()
+    theta[0] += torch.tensor([[0.01, 0.02, 0.0, 1.3], [-0.02, -0.01, 0.01, -0.7], [0.0, -0.01, 0.005, 0.4]])[:n][
+        :, [*range(n), 3]]
+    w = torch.randn(1, n, *shape, generator=torch.Generator().manual_seed(0))
+    leaf = theta.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=low):
+        ddf = affine_ddf(leaf, shape)
+        (grad,) = torch.autograd.grad((ddf * w).sum(), leaf)  # a backward run inside the region, too
+        lt = [level_theta(theta, shape, f) for f in (1, 2)]
+    assert ddf.dtype == torch.float32
+    np.testing.assert_allclose(ddf.detach().numpy(), _affine_ddf_np(theta, shape), rtol=0, atol=2e-5)
+    x = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")).reshape(n, -1)
+    wn = w.double().numpy().reshape(n, -1)
+    ref_grad = np.concatenate([wn @ x.T, wn.sum(1, keepdims=True)], 1)  # d sum(w ddf) / d theta
+    np.testing.assert_allclose(grad[0].numpy(), ref_grad, rtol=1e-5, atol=1e-3)
+    for f, got in zip((1, 2), lt):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, level_theta(theta, shape, f), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(lt[0].numpy(), _centred_to_voxel_np(theta, shape), rtol=0, atol=1e-5)
+
+
+def test_registration_net_affine_part_under_autocast():
+    # the network layers run in bfloat16; the voxel affine and its displacement are then float32 maths of the
+    # head's output (c, h were built in the head's bfloat16, theta @ grid ran in bfloat16: 0.2 voxels off)
+    torch.manual_seed(0)
+    net = RegistrationNet(3, 2, 4, depth=1, global_net=True)
+    with torch.no_grad():
+        net.globalnet.head.bias.add_(torch.tensor([0.01, 0.02, 0, 0.04, -0.02, -0.01, 0.01, -0.02, 0, -0.01,
+                                                   0.005, 0.01]))
+    seen = {}
+    net.globalnet.head.register_forward_hook(lambda m, i, o: seen.update(centred=o.detach()))
+    net.local.register_forward_hook(lambda m, i, o: seen.update(u=o.detach()))
+    x = torch.rand(1, 2, 40, 48, 44)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theta, ddf = net(x)
+    assert seen["centred"].dtype == torch.bfloat16 and theta.dtype == ddf.dtype == torch.float32
+    shape = x.shape[2:]
+    theta_ref = _centred_to_voxel_np(seen["centred"].float().reshape(1, 3, 4).numpy(), shape)
+    np.testing.assert_allclose(theta.detach().numpy(), theta_ref, rtol=0, atol=1e-5)
+    ref = _affine_ddf_np(theta_ref, shape) + seen["u"].double().numpy()
+    np.testing.assert_allclose(ddf.detach().numpy(), ref, rtol=0, atol=1e-4)
+
+
+def test_register_pair_inside_autocast_equals_float32():
+    # register_pair optimises in float32: an autocast region around it (a validation loop) changes nothing
+    # (level_theta's matmul ran in bfloat16, in the forward and in the backward run inside the region)
+    z, y, x = np.mgrid[:24, :26, :22]
+    fixed = np.exp(-((z - 12) ** 2 + (y - 13) ** 2 + (x - 11) ** 2) / 40.0).astype(np.float32)
+    moving = np.exp(-((z - 13.5) ** 2 + (y - 12) ** 2 + (x - 12) ** 2) / 40.0).astype(np.float32)
+    cfg = RegistrationConfig(affine_levels=(2, 1), affine_iters=15, deform_levels=(2,), deform_iters=5)
+    ref = register_pair(fixed, moving, config=cfg, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = register_pair(fixed, moving, config=cfg, progress=False)
+    torch.testing.assert_close(got.theta, ref.theta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.ddf, ref.ddf, rtol=0, atol=1e-5)

@@ -248,6 +248,46 @@ def test_soft_targets_softmax_match_monai(include_background):
     torch.testing.assert_close(_grad(ours, logits), _grad(ref, logits), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_soft_target_of_half_logits_is_not_rounded(dtype, activation, layout):
+    # half logits are computed in float32: a float32 soft target (a teacher's probabilities, autocast's usual
+    # pair) is read as it is, as PyTorch's losses read it (it was rounded to the logits' dtype first)
+    g = torch.Generator().manual_seed(0)
+    z = (2 * torch.randn(2, 3, 8, 7, 6, generator=g)).to(dtype)
+    t = torch.randn(2, 3, 8, 7, 6, generator=g).softmax(1) if activation == "softmax" else \
+        torch.rand(2, 3, 8, 7, 6, generator=g)
+    if layout == "channels_last":
+        z, t = z.contiguous(memory_format=torch.channels_last_3d), t.contiguous(memory_format=torch.channels_last_3d)
+    zf = z.float().requires_grad_()
+    tf = t.clone().requires_grad_()
+    if activation == "softmax":
+        ce_ref = F.cross_entropy(zf, tf)
+        dice_ref = MonaiDice(softmax=True)(zf, tf)
+    else:
+        ce_ref = F.binary_cross_entropy_with_logits(zf, tf)
+        dice_ref = MonaiDice(sigmoid=True)(zf, tf)
+    for fn, ref in ((mf.cross_entropy, ce_ref), (mf.dice_loss, dice_ref)):
+        ref_gz, ref_gt = torch.autograd.grad(ref, (zf, tf))
+        for autocast in (False, True):
+            zl, tl = z.detach().requires_grad_(), t.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                ours = fn(zl, tl, activation=activation)
+            assert ours.dtype == torch.float32
+            torch.testing.assert_close(ours, ref.detach(), rtol=2e-6, atol=0)
+            gz, gt = torch.autograd.grad(ours, (zl, tl))
+            assert gz.dtype == dtype and gt.dtype == torch.float32  # each in its input's dtype
+            torch.testing.assert_close(gt, ref_gt, rtol=1e-5, atol=1e-9)
+            # the logits' gradient: PyTorch's float32 gradient rounded to the logits' dtype (an ulp apart at most)
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(gz.float(), ref_gz.to(dtype).float(), rtol=eps, atol=eps * 1e-3)
+            # a target that does not require grad takes the fused backward: the same gradient
+            zl2 = z.detach().requires_grad_()
+            (gz2,) = torch.autograd.grad(fn(zl2, t, activation=activation), zl2)
+            torch.testing.assert_close(gz2.float(), ref_gz.to(dtype).float(), rtol=eps, atol=eps * 1e-3)
+
+
 def test_gradcheck_soft_and_sigmoid():
     logits, _ = _inputs(2, B=1, C=3)
     target = torch.rand(logits.shape, dtype=torch.float64)

@@ -114,8 +114,9 @@ def _emu(lib, what, kind, logits, target, weight, gstats=None, sms=H100_SMS, opt
     w = None if weight is None else weight.to(acc).contiguous()
     g = None if gstats is None else gstats.to(acc).contiguous()
     labels = LABEL_TYPES.get(target.dtype, -1)
-    cfg = (ctypes.c_int64 * 13)(WHAT[what], KINDS[kind], DTYPES[logits.dtype], labels, int(cl),
-                                int(ignore_index is not None), ignore_index or 0, int(ce), B, C, N, sms, optin)
+    cfg = (ctypes.c_int64 * 14)(WHAT[what], KINDS[kind], DTYPES[logits.dtype], labels, int(cl),
+                                int(ignore_index is not None), ignore_index or 0, int(ce), B, C, N, sms, optin,
+                                DTYPES.get(target.dtype, -1))
     geo = (ctypes.c_int64 * 6)()
     rc = lib.emu_loss(cfg, _ptr(logits), _ptr(target), _ptr(w), _ptr(g), _ptr(out), geo)
     if rc == 3:
@@ -440,6 +441,21 @@ def test_loss_kernels_half_precision(lib, dtype, target, ce):
         kernels = LABEL_KERNELS if kind == "labels" else ("sums", "grad")
         _, geos = _against_cpu(lib, kind, logits, target_t, weight, gstats, sms, ignore_index, ce, kernels)
         assert geos["sums"]["smem"] == geos["sums"]["threads"] * (5 * C + 2) * 4  # float scratch
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_soft_kernels_float32_target_of_half_logits(lib, dtype, kind, layout):
+    # a float32 target of half logits is read as float32 (SoftVoxel<.., U = float>, as the launcher dispatches
+    # it), never rounded to the logits' type: against the CPU op, and the sums are those of float32 logits
+    for ndim, sms in ((2, H100_SMS), (3, 1)):
+        logits, _, weight, gstats = _case(kind, dtype, SPATIAL[ndim], 2, 5, True, seed=ndim)
+        _, target, _, _ = _case(kind, torch.float32, SPATIAL[ndim], 2, 5, False, seed=ndim + 10)
+        logits, target = _layout(logits, layout), _layout(target, layout)
+        sums, _ = _against_cpu(lib, kind, logits, target, weight, gstats, sms)
+        ref, _, _ = _cpu(kind, logits.float(), target, weight.float(), None)
+        _assert_sums(sums["sums"], ref)
 
 
 @pytest.mark.parametrize("threads", [32, 96, 256, 1024])

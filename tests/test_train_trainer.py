@@ -505,3 +505,53 @@ def test_seconds_is_the_time_of_the_step_itself(tmp_path, blobs):
     rows = [json.loads(line) for line in (tmp_path / "sec" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[2]["seconds"] < pause, rows  # step 3, after the validation of step 2
+
+
+def _emulate_cuda_amp(monkeypatch):
+    """The trainer's CUDA mixed-precision path on the CPU: resolve_amp gives the dtype asked for, and the
+    float16 GradScaler is a CPU one (the same logic as the CUDA scaler)."""
+    import medfast.train.trainer as T
+
+    class CPUScaler(torch.amp.GradScaler):
+        def __init__(self, device="cuda", *args, **kwargs):
+            super().__init__("cpu", *args, **kwargs)
+
+    monkeypatch.setattr(T.torch.amp, "GradScaler", CPUScaler)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    monkeypatch.setattr(T, "resolve_amp", lambda name, device: dtypes.get(name))
+
+
+def test_a_run_without_loss_scaling_resumes_with_amp_fp16(tmp_path, blobs, monkeypatch, capsys):
+    # a run trained without float16 loss scaling (CPU / amp none or bf16) saved the disabled scaler's {}; a resume
+    # with amp=fp16 (e.g. on a GPU without bf16) was refused ("The source state dict is empty")
+    extra = {**_TINY, "trainer.max_steps": 2}
+    Trainer(_config(tmp_path, blobs, "mixed", **extra)).fit()
+    assert load_checkpoint(tmp_path / "mixed" / "checkpoints" / "last.pt")["scaler"] == {}
+    _emulate_cuda_amp(monkeypatch)
+    capsys.readouterr()
+    extra.update({"trainer.max_steps": 4, "trainer.amp": "fp16", "trainer.resume": "auto"})
+    result = Trainer(_config(tmp_path, blobs, "mixed", **extra)).fit()
+    assert result["step"] == 4 and result["amp"] == "float16"
+    assert "no gradient-scaler state" in capsys.readouterr().out
+    scaler = load_checkpoint(tmp_path / "mixed" / "checkpoints" / "last.pt")["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 1  # the fresh scaler took the fp16 steps
+
+
+def test_amp_auto_is_bf16_only_where_the_runs_gpu_has_it(monkeypatch):
+    # torch.cuda.is_bf16_supported() counts emulation (True on a V100 / T4) and asks the current GPU, not the run's
+    import medfast.train.trainer as T
+
+    asked = []
+
+    def capability(device=None):
+        asked.append(device)
+        return {0: (9, 0), 1: (7, 0), 2: (7, 5), 3: (8, 6)}[torch.device(device).index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    got = {i: T.resolve_amp("auto", torch.device("cuda", i)) for i in range(4)}
+    assert got == {0: torch.bfloat16, 1: torch.float16, 2: torch.float16, 3: torch.bfloat16}
+    assert asked == [torch.device("cuda", i) for i in range(4)]
+    assert T.resolve_amp("bf16", torch.device("cuda", 1)) == torch.bfloat16  # asked for explicitly: as asked
+    assert T.resolve_amp("fp16", torch.device("cuda", 0)) == torch.float16
+    assert T.resolve_amp("auto", torch.device("cpu")) is None

@@ -396,11 +396,11 @@ MEDFAST_HOST_DEVICE T sigmoid_parts(T z, T& ez, T& r) {
 // Softmax: e holds p (normalised), lr[v] = log(1 / sum exp(z - mx)), so -log p_c = (mx - z_c) - lr
 // (mx - z_c first: small or exact, see ce_term). CE = false: no nll (a3 stays 0; the BCE's log1p per
 // element was a third of the sigmoid sums' time, for a Dice loss that never reads it).
-template <bool SIGMOID, bool CE, typename S, typename E, typename W>
+template <bool SIGMOID, bool CE, typename S, typename U, typename E, typename W>
 struct SoftTerms {
   using T = elem_t<E>;
   const S* z;
-  const S* t;
+  const U* t;
   int64_t cs;
   int nv;
   E e, mx, lr;
@@ -455,8 +455,8 @@ MEDFAST_HOST_DEVICE void add_class_sums(const Terms& terms, int64_t c, int nv, A
   cls[c * kStats + 3] += s3;
 }
 
-template <bool SIGMOID, bool CE, typename S, typename Acc, typename E, typename W>
-MEDFAST_HOST_DEVICE void soft_stats_block_weighted(const S* z, const S* t, int64_t C, int64_t cs, W w, int nv,
+template <bool SIGMOID, bool CE, typename S, typename U, typename Acc, typename E, typename W>
+MEDFAST_HOST_DEVICE void soft_stats_block_weighted(const S* z, const U* t, int64_t C, int64_t cs, W w, int nv,
                                                    Acc cls, E e, E mx, E den) {
   using T = elem_t<E>;
   if constexpr (!SIGMOID) {
@@ -467,14 +467,15 @@ MEDFAST_HOST_DEVICE void soft_stats_block_weighted(const S* z, const S* t, int64
     if constexpr (CE)
       for (int v = 0; v < nv; ++v) den[v] = log_positive(den[v]);  // once per voxel, in [-log C, 0]
   }
-  const SoftTerms<SIGMOID, CE, S, E, W> terms{z, t, cs, nv, e, mx, den, w};
+  const SoftTerms<SIGMOID, CE, S, U, E, W> terms{z, t, cs, nv, e, mx, den, w};
   for (int64_t c = 0; c < C; ++c) add_class_sums<T>(terms, c, nv, cls);
 }
 
 // Adds a block of voxels to the sums cls[c * kStats + k]. w: voxel weights or nullptr. Scratch as
-// softmax_block (unused with SIGMOID). CE = false leaves E at 0.
-template <bool SIGMOID, bool CE, typename S, typename A, typename Acc, typename E>
-MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv, Acc cls,
+// softmax_block (unused with SIGMOID). CE = false leaves E at 0. The targets t (U) are the logits' type S or
+// the compute type (a float32 target of half logits, read without rounding to the logits' type).
+template <bool SIGMOID, bool CE, typename S, typename U, typename A, typename Acc, typename E>
+MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const U* t, int64_t C, int64_t cs, const A* w, int nv, Acc cls,
                                           E e, E mx, E den) {
   using T = elem_t<E>;
   if (w)
@@ -486,8 +487,8 @@ MEDFAST_HOST_DEVICE void soft_stats_block(const S* z, const S* t, int64_t C, int
 // Gradient for soft_stats_block. Sigmoid: dL/dz_c = w ((gI_c t_c + gP_c) p (1 - p) + gE_c (p - t_c)).
 // Softmax: with u_c = gI_c t_c + gP_c, dL/dz_k = w (p_k (u_k - ubar) - gE_k t_k) with
 // ubar = sum_c (u_c p_c - gE_c t_c).
-template <bool SIGMOID, typename S, typename A, typename E, typename W>
-MEDFAST_HOST_DEVICE void soft_stats_backward_block_weighted(const S* z, const S* t, int64_t C, int64_t cs, W w, int nv,
+template <bool SIGMOID, typename S, typename U, typename A, typename E, typename W>
+MEDFAST_HOST_DEVICE void soft_stats_backward_block_weighted(const S* z, const U* t, int64_t C, int64_t cs, W w, int nv,
                                                             const A* gcls, S* gz, E e, E mx, E den) {
   using T = elem_t<E>;
   if constexpr (SIGMOID) {
@@ -531,8 +532,8 @@ MEDFAST_HOST_DEVICE void soft_stats_backward_block_weighted(const S* z, const S*
 }
 
 // Scratch as softmax_block plus aux (nv; unused now, kept for the launchers' layout).
-template <bool SIGMOID, typename S, typename A, typename E>
-MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const S* t, int64_t C, int64_t cs, const A* w, int nv,
+template <bool SIGMOID, typename S, typename U, typename A, typename E>
+MEDFAST_HOST_DEVICE void soft_stats_backward_block(const S* z, const U* t, int64_t C, int64_t cs, const A* w, int nv,
                                                    const A* gcls, S* gz, E e, E mx, E den, E aux) {
   using T = elem_t<E>;
   (void)aux;

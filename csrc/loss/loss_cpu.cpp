@@ -247,6 +247,8 @@ static Blocks soft_blocks(const Tensor& logits, bool sigmoid, bool channels_last
 // float a block at a time (the values the loops converted on every read: the same results bitwise), and
 // their gradient converted back. SoftIo reads a block of `rows` rows of nv voxels (row r at p[r * cs],
 // or channels-last at p[v * C + r]) as R: float32 / double contiguous in place, else into buf[r * len + v].
+// The target has its own type (target_dtype: the logits' or R, so a float32 target of half logits is read
+// as it is, never rounded to their 8 or 11 bits).
 // (always inlined, as the block bodies: compiled into their AVX2 copies too)
 #define MEDFAST_INLINE inline __attribute__((always_inline))
 template <typename R>
@@ -254,7 +256,7 @@ struct SoftIo {
   const void* z;
   const void* t;
   void* gz;
-  at::ScalarType type;
+  at::ScalarType type, ttype;  // of the logits (and their gradient), of the target
   bool cl;
   int64_t C, N, rows, len;
   template <typename S>
@@ -270,26 +272,23 @@ struct SoftIo {
   }
   // Offset of block (b, x0): b is a batch element (cl) or a row of the contiguous (B C, 1, N) view.
   MEDFAST_INLINE int64_t offset(int64_t b, int64_t x0) const { return cl ? (b * N + x0) * C : b * rows * N + x0; }
-  // The block of p (logits or targets) as R; cs is set to its class stride.
-  MEDFAST_INLINE const R* read(const void* p, int64_t b, int64_t x0, int nv, R* buf, int64_t& cs) const {
+  // The block of p (the logits, or the targets: of type ptype) as R; cs is set to its class stride, one for
+  // both (the loops read them with one stride): in place where the logits are (contiguous float32 / double
+  // logits, whose targets are of their type: target_dtype), else gathered (and converted) into buf.
+  MEDFAST_INLINE const R* read(const void* p, at::ScalarType ptype, int64_t b, int64_t x0, int nv, R* buf,
+                               int64_t& cs) const {
     const int64_t off = offset(b, x0);
-    cs = cl ? len : N;
-    if constexpr (std::is_same_v<R, double>) {
-      if (!cl) return static_cast<const double*>(p) + off;
-      return gather(static_cast<const double*>(p) + off, cl, C, rows, N, nv, len, buf);
-    } else {
-      switch (type) {
-        case at::kHalf:
-          cs = len;
-          return gather(static_cast<const at::Half*>(p) + off, cl, C, rows, N, nv, len, buf);
-        case at::kBFloat16:
-          cs = len;
-          return gather(static_cast<const at::BFloat16*>(p) + off, cl, C, rows, N, nv, len, buf);
-        default:
-          if (!cl) return static_cast<const float*>(p) + off;
-          return gather(static_cast<const float*>(p) + off, cl, C, rows, N, nv, len, buf);
-      }
+    if (in_place()) {
+      cs = N;
+      return static_cast<const R*>(p) + off;
     }
+    cs = len;
+    if constexpr (!std::is_same_v<R, double>) {
+      if (ptype == at::kHalf) return gather(static_cast<const at::Half*>(p) + off, cl, C, rows, N, nv, len, buf);
+      if (ptype == at::kBFloat16)
+        return gather(static_cast<const at::BFloat16*>(p) + off, cl, C, rows, N, nv, len, buf);
+    }
+    return gather(static_cast<const R*>(p) + off, cl, C, rows, N, nv, len, buf);
   }
   MEDFAST_INLINE bool in_place() const { return !cl && (std::is_same_v<R, double> || type == at::kFloat); }
   // Where the block's gradient goes (class stride: the one read() gave): in place, or buf.
@@ -346,8 +345,8 @@ Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const Op
   Tensor out;
   dispatch_soft(logits.scalar_type(), [&](auto zero) {
     using T = decltype(zero);  // (R of SoftIo: the compute type)
-    const SoftIo<T> io{logits.const_data_ptr(), target.const_data_ptr(), nullptr, logits.scalar_type(), cl, C, N,
-                       rows, bl.len};
+    const SoftIo<T> io{logits.const_data_ptr(), target.const_data_ptr(), nullptr, logits.scalar_type(),
+                       target.scalar_type(), cl, C, N, rows, bl.len};
     // scratch: the softmax's (rows + 2) x kBlock, then the logits' and targets' blocks (rows x len each)
     const int64_t buf0 = (rows + 2) * kBlock, buf_len = rows * bl.len;
     // Four loops, each compiled for its case (sigmoid or softmax, with or without the CE term).
@@ -356,8 +355,8 @@ Tensor soft_stats_cpu(const Tensor& logits_in, const Tensor& target_in, const Op
       return sum_blocks<T>(logits, bl, (buf0 + 2 * buf_len) / kBlock,
                            [&](int64_t b, int64_t x0, int nv, double* acc, LabelRange&, T* e) MEDFAST_INLINE_LAMBDA {
         int64_t cs;
-        const T* zb = io.read(io.z, b, x0, nv, e + buf0, cs);
-        const T* tb = io.read(io.t, b, x0, nv, e + buf0 + buf_len, cs);
+        const T* zb = io.read(io.z, io.type, b, x0, nv, e + buf0, cs);
+        const T* tb = io.read(io.t, io.ttype, b, x0, nv, e + buf0 + buf_len, cs);
         // voxel weights per batch element (a row of the contiguous sigmoid's view is one class of one)
         const double* wv = w ? w + (row_view ? b / C : b) * N + x0 : nullptr;
         soft_stats_block<kSigmoid, kCe>(zb, tb, rows, cs, wv, nv, acc, e, e + rows * kBlock, e + (rows + 1) * kBlock);
@@ -387,13 +386,13 @@ Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in
   dispatch_soft(logits.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     const SoftIo<T> io{logits.const_data_ptr(), target.const_data_ptr(), grad.mutable_data_ptr(), logits.scalar_type(),
-                       cl, C, N, rows, bl.len};
+                       target.scalar_type(), cl, C, N, rows, bl.len};
     // scratch: the softmax's (rows + 3) x kBlock, then the blocks of the logits, targets and gradient
     const int64_t buf0 = (rows + 3) * kBlock, buf_len = rows * bl.len;
     for_blocks<T>(bl, (buf0 + 3 * buf_len) / kBlock, [&](int64_t b, int64_t x0, int nv, T* e) MEDFAST_INLINE_LAMBDA {
       int64_t cs;
-      const T* zb = io.read(io.z, b, x0, nv, e + buf0, cs);
-      const T* tb = io.read(io.t, b, x0, nv, e + buf0 + buf_len, cs);
+      const T* zb = io.read(io.z, io.type, b, x0, nv, e + buf0, cs);
+      const T* tb = io.read(io.t, io.ttype, b, x0, nv, e + buf0 + buf_len, cs);
       T* gb = io.grad_block(b, x0, e + buf0 + 2 * buf_len);
       const double* wv = w ? w + (row_view ? b / C : b) * N + x0 : nullptr;
       const double* gsb = gs + b * rows * kStats;

@@ -218,6 +218,20 @@ Tensor softmax_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logit
   return grad;
 }
 
+// f(U{}): the soft targets' element type, the logits' S or (for half logits) the compute type T
+// (target_like gives one of the two: loss_launch.h target_dtype).
+template <typename S, typename T, typename F>
+void dispatch_target(const Tensor& target, F&& f) {
+  if constexpr (std::is_same_v<S, T>) {
+    f(S{});
+  } else {
+    if (target.scalar_type() == c10::CppTypeToScalarType<S>::value)
+      f(S{});
+    else
+      f(T{});
+  }
+}
+
 Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const OptTensor& weight_in, bool sigmoid,
                        bool ce) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
@@ -230,15 +244,18 @@ Tensor soft_stats_cuda(const Tensor& logits_in, const Tensor& target_in, const O
     using T = compute_t<scalar_t>;
     const Tensor weight = weight_as(weight_in, c10::CppTypeToScalarType<T>::value);
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    const scalar_t* t = target.const_data_ptr<scalar_t>();
     const T* w = ptr_or_null<T>(weight);
-    auto sums = [&](auto voxel) { return launch_sums<T>(voxel, s, logits, "soft_stats"); };
-    if (sigmoid)
-      out = ce ? sums(SoftVoxel<true, true, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs})
-               : sums(SoftVoxel<true, false, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs});
-    else
-      out = ce ? sums(SoftVoxel<false, true, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs})
-               : sums(SoftVoxel<false, false, scalar_t, T>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs});
+    dispatch_target<scalar_t, T>(target, [&](auto target_zero) {
+      using U = decltype(target_zero);
+      const U* t = target.const_data_ptr<U>();
+      auto sums = [&](auto voxel) { return launch_sums<T>(voxel, s, logits, "soft_stats"); };
+      if (sigmoid)
+        out = ce ? sums(SoftVoxel<true, true, scalar_t, T, U>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs})
+                 : sums(SoftVoxel<true, false, scalar_t, T, U>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs});
+      else
+        out = ce ? sums(SoftVoxel<false, true, scalar_t, T, U>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs})
+                 : sums(SoftVoxel<false, false, scalar_t, T, U>{z, t, w, nullptr, nullptr, s.C, s.N, l.cs, l.vs});
+    });
   });
   return out;
 }
@@ -256,17 +273,20 @@ Tensor soft_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits_i
     const auto acc = c10::CppTypeToScalarType<T>::value;
     const Tensor weight = weight_as(weight_in, acc), g = grad_stats.to(acc).contiguous();
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    const scalar_t* t = target.const_data_ptr<scalar_t>();
     const T* w = ptr_or_null<T>(weight);
     const T* gs = g.const_data_ptr<T>();
     scalar_t* gz = grad.mutable_data_ptr<scalar_t>();
-    // (the gradient does not depend on CE: one instantiation)
-    if (sigmoid)
-      launch_grad<T>(SoftVoxel<true, true, scalar_t, T>{z, t, w, gs, gz, s.C, s.N, l.cs, l.vs}, s,
-                     "soft_stats_backward");
-    else
-      launch_grad<T>(SoftVoxel<false, true, scalar_t, T>{z, t, w, gs, gz, s.C, s.N, l.cs, l.vs}, s,
-                     "soft_stats_backward");
+    dispatch_target<scalar_t, T>(target, [&](auto target_zero) {
+      using U = decltype(target_zero);
+      const U* t = target.const_data_ptr<U>();
+      // (the gradient does not depend on CE: one instantiation)
+      if (sigmoid)
+        launch_grad<T>(SoftVoxel<true, true, scalar_t, T, U>{z, t, w, gs, gz, s.C, s.N, l.cs, l.vs}, s,
+                       "soft_stats_backward");
+      else
+        launch_grad<T>(SoftVoxel<false, true, scalar_t, T, U>{z, t, w, gs, gz, s.C, s.N, l.cs, l.vs}, s,
+                       "soft_stats_backward");
+    });
   });
   return grad;
 }

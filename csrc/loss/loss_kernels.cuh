@@ -104,11 +104,12 @@ struct LabelVoxel {
 };
 
 // CE = false: E stays 0 (no logarithms). Logits, targets (the same layout) and the gradient at
-// z[b C N + c cs + x vs], as LabelVoxel's.
-template <bool SIGMOID, bool CE, typename S, typename T>
+// z[b C N + c cs + x vs], as LabelVoxel's. Targets of type U: the logits' S, or the compute type T (a float32
+// target of half logits: loss_launch.h target_dtype).
+template <bool SIGMOID, bool CE, typename S, typename T, typename U = S>
 struct SoftVoxel {
   const S* z;
-  const S* tg;
+  const U* tg;
   const T* w;
   const T* g;
   S* gz;

@@ -62,10 +62,17 @@ inline LogitsLayout logits_layout(const Tensor& logits) {
   return {logits.contiguous(), N, 1, false};
 }
 
-// Soft targets (B, C, *S) in the logits' layout and dtype: read in place when they already are, else
-// copied (the target only; the logits are never copied for it).
+// The dtype soft targets are read in: the logits' own, or else the compute type (float32; float64 for float64
+// logits), so that a float32 target of float16 / bfloat16 logits (autocast's usual pair) is read as it is,
+// never rounded to the logits' 8 or 11 bits.
+inline at::ScalarType target_dtype(at::ScalarType logits, at::ScalarType target) {
+  return target == logits ? logits : stats_dtype(logits);
+}
+
+// Soft targets (B, C, *S) in the logits' layout and in target_dtype: read in place when they already are,
+// else copied (the target only; the logits are never copied for it).
 inline Tensor target_like(const Tensor& target, const LogitsLayout& l) {
-  return target.to(l.t.scalar_type())
+  return target.to(target_dtype(l.t.scalar_type(), target.scalar_type()))
       .contiguous(l.channels_last ? channels_last_format(l.t) : at::MemoryFormat::Contiguous);
 }
 
@@ -89,8 +96,9 @@ std::tuple<Tensor, Tensor> softmax_stats_cpu(const Tensor& logits, const Tensor&
 Tensor softmax_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& labels,
                                   const OptTensor& weight, std::optional<int64_t> ignore_index);
 
-// Soft / multi-label targets (B, C, *S) of the logits' dtype, read in the logits' layout (LogitsLayout;
-// target_like). ce = false leaves E at 0.
+// Soft / multi-label targets (B, C, *S) of the logits' dtype or the compute type (target_dtype; any other
+// floating dtype is converted to it), read in the logits' layout (LogitsLayout; target_like). ce = false
+// leaves E at 0.
 Tensor soft_stats_cpu(const Tensor& logits, const Tensor& target, const OptTensor& weight, bool sigmoid, bool ce);
 Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, bool sigmoid);

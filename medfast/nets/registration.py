@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfast.nets._layers import CL3, Conv3d, ConvTranspose3d, InstanceNorm3d
-from medfast.ops._validate import check_bool, py_scalar
+from medfast.ops._validate import check_bool, position_dtype, py_scalar
 
 
 def _channels_last(x: torch.Tensor, ndim: int, choice: bool | None) -> bool:
@@ -175,6 +175,8 @@ class GlobalNet(nn.Module):
     output (fixed) voxel coordinates to input (moving) voxel coordinates, and ``ddf (B, ndim, *S)``
     is ``theta @ [x; 1] - x`` in voxels. The affine is predicted in coordinates centred on the image
     and scaled by its half size, so the identity init and the learning rates are resolution-free.
+    ``theta`` and ``ddf`` are float32 (float64 for a float64 network) under autocast too: the layers run
+    in its low precision, the voxel affine and its displacement in float32 from the head's output.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2, num_channel_initial: int = 16,
@@ -203,22 +205,30 @@ class GlobalNet(nn.Module):
 
 def centred_to_voxel(centred: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Converts ``(B, n, n + 1)`` affines acting on centred, half-size-scaled coordinates
-    ``y = (x - c) / h`` into affines acting on voxel coordinates ``x``."""
+    ``y = (x - c) / h`` into affines acting on voxel coordinates ``x``: float32 (float64 for float64
+    ``centred``; a network's float16/bfloat16 output is upcast first)."""
     n = len(shape)
+    centred = centred.to(position_dtype(centred.dtype))
     c = torch.tensor([(s - 1) / 2 for s in shape], dtype=centred.dtype, device=centred.device)
     h = torch.tensor([max(s - 1, 1) / 2 for s in shape], dtype=centred.dtype, device=centred.device)
     A, t = centred[..., :n], centred[..., n]
-    # x_in = h * (A (x - c) / h + t) + c
+    # x_in = h * (A (x - c) / h + t) + c  (A c as a sum, not a matmul: autocast would run it in bfloat16)
     Av = h[:, None] * A / h[None, :]
-    tv = h * t + c - (Av @ c[:, None])[..., 0]
+    tv = h * t + c - (Av * c).sum(-1)
     return torch.cat([Av, tv[..., None]], -1)
 
 
 def affine_ddf(theta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``theta @ [x; 1] - x`` on the voxel grid of ``shape``: ``(B, ndim, *shape)`` displacement."""
-    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=theta.dtype, device=theta.device) for s in shape],
-                                      indexing="ij"))
-    n = len(shape)
-    flat = grid.reshape(n, -1)
-    out = theta[..., :n] @ flat + theta[..., n:] - flat
-    return out.reshape(theta.shape[0], n, *shape)
+    """``theta @ [x; 1] - x`` on the voxel grid of ``shape``: ``(B, ndim, *shape)`` displacement, float32
+    (float64 for a float64 ``theta``; a float16/bfloat16 one is upcast first)."""
+    theta = theta.to(position_dtype(theta.dtype))
+    n, b = len(shape), theta.shape[0]
+    lin = theta[..., :n] - torch.eye(n, dtype=theta.dtype, device=theta.device)  # (B, n, n)
+    # (theta - I) [x; 1] as a sum of separable terms, one per axis: one full-size pass, and no matmul, which
+    # autocast (forward, or a backward run under it) would compute in float16/bfloat16 (|x| 2^-8 voxels off)
+    out = theta[..., n].reshape(b, n, *[1] * n)
+    for j, s in enumerate(shape):
+        axis = torch.arange(s, dtype=theta.dtype, device=theta.device)
+        view = [s if k == j else 1 for k in range(n)]
+        out = out + (lin[..., j, None] * axis).reshape(b, n, *view)
+    return out

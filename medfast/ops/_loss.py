@@ -260,7 +260,9 @@ def _single_channel_background(include_background: bool, logits: torch.Tensor) -
 
 
 def _soft_target(target: object, logits: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
-    """(B, C, *S) per-channel targets in [0, 1], in the logits' dtype."""
+    """(B, C, *S) per-channel targets in [0, 1], in the logits' dtype or else the compute type (float32, float64
+    for float64 logits; csrc/loss/loss_launch.h target_dtype): the float32 target of float16/bfloat16 logits
+    (autocast's usual pair) is read as it is, not rounded to the logits' 8 or 11 bits."""
     target = check_tensor("target", target)
     if tuple(target.shape) != tuple(logits.shape):
         raise ValueError(
@@ -270,7 +272,10 @@ def _soft_target(target: object, logits: torch.Tensor, ignore_index: int | None)
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
     if ignore_index is not None:
         raise ValueError("ignore_index needs integer labels; with soft / multi-label targets use voxel_weight")
-    return target.to(logits.dtype)  # differentiated when it requires grad (see _soft_backward)
+    if target.dtype == logits.dtype:
+        return target
+    # differentiated when it requires grad (see _soft_backward): the gradient comes back in the target's dtype
+    return target.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
 
 def _max_cuda_classes(shared_bytes: int, itemsize: int) -> int:
@@ -521,9 +526,10 @@ def dice_loss(
     target : Tensor
         Integer labels ``(B, *spatial)`` or ``(B, 1, *spatial)`` in ``[0, C)`` (or ``ignore_index``);
         or, with the logits' shape ``(B, C, *spatial)``, floating per-class targets in [0, 1] (soft
-        targets for softmax; binary or soft multi-label targets for sigmoid). A soft target that
-        requires grad is differentiated too (that backward runs as PyTorch ops: softmax-sized
-        temporaries).
+        targets for softmax; binary or soft multi-label targets for sigmoid), read in their own dtype
+        when it is the logits' and else in the compute type (a float32 target of float16/bfloat16
+        logits is not rounded to their precision). A soft target that requires grad is
+        differentiated too (that backward runs as PyTorch ops: softmax-sized temporaries).
     include_background : bool
         Keep class 0 in the Dice average. Ignored, with a warning, for a single (sigmoid) channel,
         as in MONAI.

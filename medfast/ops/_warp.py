@@ -145,7 +145,10 @@ def spline_coefficients(image: torch.Tensor, padding: str = "zeros") -> torch.Te
     -------
     Tensor
         Same shape and dtype as ``image`` (computed in float32, or float64 for float64 input).
-        Differentiable (the gradient is the transposed filter).
+        Differentiable (the gradient is the transposed filter). The coefficients of a
+        float16/bfloat16 image are rounded to its dtype, so warping them no longer reproduces the
+        image exactly; pass ``image.float()`` for float32 coefficients (``mode="cubic"`` without
+        ``prefiltered`` does so for a half image, and rounds only its output).
     """
     check_image(image)
     check_choice("padding", padding, PADDINGS)
@@ -160,6 +163,11 @@ def _sample(image, theta, ddf, shape, mode, padding, prefiltered):
     check_choice("padding", padding, PADDINGS)
     prefiltered = check_bool("prefiltered", prefiltered)
     if mode == "cubic" and not prefiltered:
+        if image.dtype in (torch.float16, torch.bfloat16):
+            # float32 coefficients, the output rounded once: coefficients rounded to the half dtype would move
+            # the interpolant off the image's own values (1 ulp at a quarter of the voxels of an identity warp)
+            coefficients = _ops.spline_prefilter(image.float(), padding, False)
+            return _ops.warp_forward(coefficients, theta, ddf, shape, mode, padding).to(image.dtype)
         image = _ops.spline_prefilter(image, padding, False)
     return _ops.warp_forward(image, theta, ddf, shape, mode, padding)
 

@@ -312,7 +312,9 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
         return None
     if name == "fp16":
         return torch.float16
-    if name == "bf16" or torch.cuda.is_bf16_supported():
+    # auto: bfloat16 where the run's GPU computes it natively (compute capability 8.0+), else float16 with loss
+    # scaling (torch.cuda.is_bf16_supported() counts emulation, True on a V100 / T4, and asks the current GPU)
+    if name == "bf16" or torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
     return torch.float16
 
@@ -766,10 +768,17 @@ class Trainer:
             check(state, path)
         load_model_state(self.model, state, path, self.config)
         self._load_optimizer_state(state, path)
-        try:
-            self.scaler.load_state_dict(state["scaler"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot restore the gradient scaler from {path}: {exc}") from None
+        if isinstance(state["scaler"], dict) and not state["scaler"] and self.scaler.is_enabled():
+            # a run trained without float16 loss scaling (amp none/bf16, or on the CPU) saved a disabled scaler's
+            # empty state, which GradScaler refuses: a run resumed with amp=fp16 starts its scaler afresh
+            if self.rank == 0:
+                print(f"medfast train: {path} has no gradient-scaler state (trained without amp=fp16); the float16 "
+                      f"loss scaling starts afresh (scale {self.scaler.get_scale():g})", flush=True)
+        else:
+            try:
+                self.scaler.load_state_dict(state["scaler"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"cannot restore the gradient scaler from {path}: {exc}") from None
         self.step = int(state["step"])
         self._data_start = (self.step, self._resume_micro_batch(state))
         if path.resolve().parent == (self.out_dir / "checkpoints").resolve():

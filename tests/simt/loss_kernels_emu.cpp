@@ -123,9 +123,10 @@ using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 // 1 float64, 2 float16, 3 bfloat16; labels: 0 uint8, 1 int32, 2 int64 (AnyLabels); channels_last: the logits
 // (soft targets, the gradient) at z[b C N + x C + c];
 // ignore index (has_ignore, ignore); ce: the cross-entropy sums (the gradient kernels take ce = true, as the
-// launcher's); B, C, N; sms, optin: the device's multiprocessors and opt-in shared memory.
+// launcher's); B, C, N; sms, optin: the device's multiprocessors and opt-in shared memory; target_dtype: the
+// soft targets' dtype (codes as dtype): the logits' or their compute type (loss_launch.h target_dtype).
 struct Config {
-  int64_t what, kind, dtype, labels, channels_last, has_ignore, ignore, ce, B, C, N, sms, optin;
+  int64_t what, kind, dtype, labels, channels_last, has_ignore, ignore, ce, B, C, N, sms, optin, target_dtype;
 };
 enum What { kSumsKernel = 0, kGradKernel = 1, kWarpSumsKernel = 2 };
 
@@ -156,22 +157,32 @@ int run_labels(const Config& c, const Buffers& p, int64_t* geometry) {
                                    : sums<T>(voxel, c.B, c.sms, c.optin, out, geometry);
 }
 
-template <typename S, typename T, bool SIGMOID>
+template <typename S, typename T, bool SIGMOID, typename U>
 int run_soft(const Config& c, const Buffers& p, int64_t* geometry) {
   if (c.what == kWarpSumsKernel) return 2;  // no such launch
   const int64_t cs = c.channels_last ? 1 : c.N, vs = c.channels_last ? c.C : 1;  // targets in the logits' layout
   const S* z = static_cast<const S*>(p.z);
-  const S* t = static_cast<const S*>(p.target);
+  const U* t = static_cast<const U*>(p.target);
   const T* w = static_cast<const T*>(p.w);
   if (c.what == kGradKernel)  // (the gradient does not depend on CE: one instantiation, as the launcher's)
-    return grad<T>(SoftVoxel<SIGMOID, true, S, T>{z, t, w, static_cast<const T*>(p.g), static_cast<S*>(p.out), c.C,
-                                                 c.N, cs, vs},
+    return grad<T>(SoftVoxel<SIGMOID, true, S, T, U>{z, t, w, static_cast<const T*>(p.g), static_cast<S*>(p.out),
+                                                    c.C, c.N, cs, vs},
                    c.B, c.sms, c.optin, geometry);
   T* out = static_cast<T*>(p.out);
-  return c.ce ? sums<T>(SoftVoxel<SIGMOID, true, S, T>{z, t, w, nullptr, nullptr, c.C, c.N, cs, vs}, c.B, c.sms,
+  return c.ce ? sums<T>(SoftVoxel<SIGMOID, true, S, T, U>{z, t, w, nullptr, nullptr, c.C, c.N, cs, vs}, c.B, c.sms,
                         c.optin, out, geometry)
-              : sums<T>(SoftVoxel<SIGMOID, false, S, T>{z, t, w, nullptr, nullptr, c.C, c.N, cs, vs}, c.B, c.sms,
+              : sums<T>(SoftVoxel<SIGMOID, false, S, T, U>{z, t, w, nullptr, nullptr, c.C, c.N, cs, vs}, c.B, c.sms,
                         c.optin, out, geometry);
+}
+
+// The soft targets' type as the launcher picks it (loss_cuda.cu dispatch_target): the logits' S, or the
+// compute type T (dtype codes 0 float32, 1 float64) when it differs from S.
+template <typename S, typename T, bool SIGMOID>
+int run_soft(const Config& c, const Buffers& p, int64_t* geometry) {
+  if (c.target_dtype == c.dtype) return run_soft<S, T, SIGMOID, S>(c, p, geometry);
+  if (!std::is_same_v<S, T> && c.target_dtype == (std::is_same_v<T, double> ? 1 : 0))
+    return run_soft<S, T, SIGMOID, T>(c, p, geometry);
+  return 2;
 }
 
 template <typename S>
@@ -236,7 +247,7 @@ __global__ void misuse_kernel(int mode) {
 }  // namespace
 
 extern "C" {
-// cfg: the 13 fields of Config; geometry (6,): threads, blocks, chunk (0 for the gradient), shared-memory
+// cfg: the 14 fields of Config; geometry (6,): threads, blocks, chunk (0 for the gradient), shared-memory
 // bytes, then the label range the sums kernels reported (LabelRange: lo, bad hi). Returns 0, 1 where the
 // launcher would refuse (shared memory past max(48 KiB, optin)), 2 for a launch the launcher never makes,
 // 3 for float16 with a compiler without _Float16.
