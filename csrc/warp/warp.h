@@ -427,12 +427,18 @@ MEDFAST_HOST_DEVICE T tap_product(T w, T v) {
   return w == T(0) ? T(0) : w * v;
 }
 
-// One channel's interpolated value: sum_t w[t] image[tap t], in tap order.
+// One channel's interpolated value: sum_t w[t] image[tap t], in tap order. The plain multiply-adds first
+// (a compare per tap would slow the cubic loops by a third); only a NaN sum, where some tap read inf or NaN,
+// is summed again with tap_product.
 template <typename S, typename T, int NDIM, int K, typename I>
 MEDFAST_HOST_DEVICE T stencil_sum(const Stencil<T, NDIM, K, I>& s, const S* img) {
   T acc = T(0);
   MEDFAST_UNROLL
-  for (int t = 0; t < Stencil<T, NDIM, K, I>::N; ++t) acc += tap_product(s.w[t], static_cast<T>(img[s.off[t]]));
+  for (int t = 0; t < Stencil<T, NDIM, K, I>::N; ++t) acc += s.w[t] * static_cast<T>(img[s.off[t]]);
+  if (acc != acc) {
+    acc = T(0);
+    for (int t = 0; t < Stencil<T, NDIM, K, I>::N; ++t) acc += tap_product(s.w[t], static_cast<T>(img[s.off[t]]));
+  }
   return acc;
 }
 
@@ -453,12 +459,25 @@ MEDFAST_HOST_DEVICE void forward_voxel(const WarpArgs<S, T, NDIM>& A, S* out, in
 }
 
 // d loss / d position of one voxel and channel: gp += gc * sum_t dw[t] * image[tap t].
+// As stencil_sum: the plain sums first, and again with tap_product only where one came out NaN.
 template <typename S, typename T, int NDIM, int K>
 MEDFAST_HOST_DEVICE void add_position_grad(const Stencil<T, NDIM, K>& s, const S* img, T gc, T* gp) {
+  T before[NDIM];
+  bool nan = false;
+  MEDFAST_UNROLL
+  for (int i = 0; i < NDIM; ++i) before[i] = gp[i];
   MEDFAST_UNROLL
   for (int t = 0; t < Stencil<T, NDIM, K>::N; ++t) {
     const T v = gc * static_cast<T>(img[s.off[t]]);
     MEDFAST_UNROLL
+    for (int i = 0; i < NDIM; ++i) gp[i] += s.dw[i][t] * v;
+  }
+  MEDFAST_UNROLL
+  for (int i = 0; i < NDIM; ++i) nan |= gp[i] != gp[i] && before[i] == before[i];
+  if (!nan) return;
+  for (int i = 0; i < NDIM; ++i) gp[i] = before[i];
+  for (int t = 0; t < Stencil<T, NDIM, K>::N; ++t) {
+    const T v = gc * static_cast<T>(img[s.off[t]]);
     for (int i = 0; i < NDIM; ++i) gp[i] += tap_product(s.dw[i][t], v);
   }
 }
@@ -498,8 +517,12 @@ MEDFAST_HOST_DEVICE void backward_voxel(const WarpArgs<S, T, NDIM>& A, const S* 
     if (gc == T(0)) continue;
     if (pos_grad) add_position_grad(s, img, gc, gp);
     if (image_grad) {
-      MEDFAST_UNROLL
-      for (int t = 0; t < St::N; ++t) add(gbase + s.lin[t], tap_product(s.w[t], gc));
+      if (gc - gc == T(0)) {  // finite: w x gc is never NaN (a compare per tap would slow the cubic loop)
+        MEDFAST_UNROLL
+        for (int t = 0; t < St::N; ++t) add(gbase + s.lin[t], gc * s.w[t]);
+      } else {
+        for (int t = 0; t < St::N; ++t) add(gbase + s.lin[t], tap_product(s.w[t], gc));
+      }
     }
   }
   if (grad_pos != nullptr) {
