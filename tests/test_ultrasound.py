@@ -145,19 +145,25 @@ def test_ray_march_per_axis_sharpness_matches_reference():
             ray_march(props, coords, table, G, 0.1, [1.5, 0, 0, 0, 0], 0, bad)
 
 
-def test_simulate_gradcheck_props_and_pose():
-    probe = Probe.preset("L11-5v", n_lines=4, n_samples=12, depth_mm=3.0, n_elements=8)  # 2.1 mm wide
-    gen = torch.Generator().manual_seed(1)
-    props = torch.empty(1, 5, 3, 3, 4, dtype=torch.float64)
-    props[:, 0] = 1.4 + 0.4 * torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
-    props[:, 1] = 0.5 * torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
-    props[:, 2] = 0.5 + torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
-    props[:, 3] = torch.rand(3, 3, 4, generator=gen, dtype=torch.float64)
+def gradcheck_inputs(shape, seed):
+    """Float64 ``(props, affine, pose)`` for the simulator's gradchecks: random tissue of ``shape`` voxels and an
+    oblique pose, both requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    props = torch.empty(1, 5, *shape, dtype=torch.float64)
+    props[:, 0] = 1.4 + 0.4 * torch.rand(*shape, generator=gen, dtype=torch.float64)
+    props[:, 1] = 0.5 * torch.rand(*shape, generator=gen, dtype=torch.float64)
+    props[:, 2] = 0.5 + torch.rand(*shape, generator=gen, dtype=torch.float64)
+    props[:, 3] = torch.rand(*shape, generator=gen, dtype=torch.float64)
     props[:, 4] = 0.1
     affine = np.diag([2.0, 2.2, 1.1, 1.0])
     affine[:3, 3] = (-2.1, -2.3, -0.4)
     pose = look_at((0.13, 0.07, 0.2), (0.1, 0.05, 1.0), (1.0, 0.0, 0.0))[None].clone().requires_grad_(True)
-    props.requires_grad_(True)
+    return props.requires_grad_(True), affine, pose
+
+
+def test_simulate_gradcheck_props_and_pose():
+    probe = Probe.preset("L11-5v", n_lines=4, n_samples=12, depth_mm=3.0, n_elements=8)  # 2.1 mm wide
+    props, affine, pose = gradcheck_inputs((3, 3, 4), 1)
 
     def f(p, q):
         return simulate(p, affine, q, probe, sub_rays=2, dynamic_range_db=400.0, tgc_db_cm_mhz=0.3,

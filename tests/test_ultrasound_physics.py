@@ -248,18 +248,10 @@ def test_slice_sub_rays_count_and_speckle_power():
 
 
 def test_slice_sub_rays_gradcheck():
+    from tests.test_ultrasound import gradcheck_inputs
+
     probe = Probe.preset("L11-5v", n_lines=3, n_samples=8, depth_mm=2.0, n_elements=8)
-    gen = torch.Generator().manual_seed(2)
-    props = torch.empty(1, 5, 3, 3, 3, dtype=torch.float64)
-    props[:, 0] = 1.4 + 0.4 * torch.rand(3, 3, 3, generator=gen, dtype=torch.float64)
-    props[:, 1] = 0.5 * torch.rand(3, 3, 3, generator=gen, dtype=torch.float64)
-    props[:, 2] = 0.5 + torch.rand(3, 3, 3, generator=gen, dtype=torch.float64)
-    props[:, 3] = torch.rand(3, 3, 3, generator=gen, dtype=torch.float64)
-    props[:, 4] = 0.1
-    affine = np.diag([2.0, 2.2, 1.1, 1.0])
-    affine[:3, 3] = (-2.1, -2.3, -0.4)
-    pose = look_at((0.13, 0.07, 0.2), (0.1, 0.05, 1.0), (1.0, 0.0, 0.0))[None].clone().requires_grad_(True)
-    props.requires_grad_(True)
+    props, affine, pose = gradcheck_inputs((3, 3, 3), 2)
 
     def f(p, q):
         return simulate(p, affine, q, probe, sub_rays="slice", scatter_cell_mm=0.7, dynamic_range_db=400.0,
