@@ -286,9 +286,13 @@ def _nifti(path, data, affine):
     return str(path)
 
 
-def test_model_trained_without_spacing_gets_its_training_input(tmp_path):
+@pytest.mark.parametrize("spacing", [None, [2.5, 1.75, 2.2]])
+def test_model_gets_its_training_input(tmp_path, spacing):
     # without data.spacing each image keeps its voxel size and is cropped / padded to data.shape: --model must feed
-    # the fixed image the same way (it used to spread its field of view over data.shape, another scale)
+    # the fixed image the same way (it used to spread its field of view over data.shape, another scale). With
+    # data.spacing the image is resampled (9 x 14 x 12 voxels here), then padded 1|2, cropped 1|1, kept: --model
+    # must use the same whole-voxel offsets (it centred the grid to a fraction of a voxel) and the same
+    # border / zero padding (the z-score of every voxel depends on them)
     import nibabel as nib
 
     from medfast.tasks.registration import (
@@ -308,7 +312,8 @@ def test_model_trained_without_spacing_gets_its_training_input(tmp_path):
         blob = np.exp(-(((g - c) / [3, 4, 2]) ** 2).sum(-1)) * 100 + rng.normal(0, 1, g.shape[:3])
         images.append(_nifti(tmp_path / f"s{i}.nii.gz", blob, affine))
     cfg = {"task": "registration",
-           "data": {"train_images": images, "shape": [12, 12, 12], "normalize": "none"},  # pad 1, crop 4, pad 3
+           "data": {"train_images": images, "shape": [12, 12, 12], "normalize": "none",  # pad 1, crop 4, pad 3
+                    **({} if spacing is None else {"spacing": spacing})},
            "augment": {"rotation": 3.0},
            "model": {"name": "localnet", "spatial_dims": 3, "in_channels": 1, "channels": [2, 4]},
            "trainer": {"out_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 1, "val_every": 0,
@@ -330,12 +335,14 @@ def test_model_trained_without_spacing_gets_its_training_input(tmp_path):
 
     for model in (tmp_path / "run" / "registration_model.pt", tmp_path / "run" / "checkpoints" / "last.pt"):
         net, info = load_model_info(model)
-        assert info.native_spacing and info.spacing is None
+        assert info.native_spacing == (spacing is None) and info.spacing == spacing
         fixed, moving = (nib.load(p) for p in images[::-1])
         rec = Recorder(net)
         res = register_with_model(fixed.get_fdata(), moving.get_fdata(), rec, info, fixed_affine=fixed.affine)
         torch.testing.assert_close(rec.seen, expected, atol=1e-5, rtol=0)
         np.testing.assert_allclose(res.metrics["network_grid"], subject["affine"].numpy(), atol=1e-9)
+    if spacing is not None:
+        return
     # a registration_model.pt without the record (written before it existed) keeps the old reading
     state = torch.load(tmp_path / "run" / "registration_model.pt", weights_only=True)
     del state["native_spacing"]

@@ -652,16 +652,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 def network_grid(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info: ModelInfo) -> np.ndarray:
     """The ``(n + 1, n + 1)`` voxel-to-world affine of the grid a network sees for a fixed image.
 
-    The grid has the network's ``input_shape`` and its training ``spacing`` (with ``info.native_spacing``: the
-    fixed image's own voxels, centrally cropped / zero-padded to ``input_shape`` exactly as
-    :func:`medfast.data.preprocess.crop_or_pad` did in training, whole-voxel offsets; with neither: the fixed
-    image's field of view spread over ``input_shape``), its axes are the fixed image's voxel axes
-    permuted/flipped to the closest positive orientation (with ``info.reorient``, for the dims in
+    The grid has the network's ``input_shape`` and its training ``spacing`` (the fixed image's field of view
+    resampled as :func:`medfast.data.preprocess.resample_to_spacing` did in training; with
+    ``info.native_spacing``: the fixed image's own voxels), centrally cropped / zero-padded to ``input_shape``
+    exactly as :func:`medfast.data.preprocess.crop_or_pad` did in training (whole-voxel offsets); with neither
+    recorded, the fixed image's field of view is spread over ``input_shape``. Its axes are the fixed image's
+    voxel axes permuted/flipped to the closest positive orientation (with ``info.reorient``, for the dims in
     ``info.reorient_dims``; as in training, see :func:`medfast.data.preprocess.reorient_to_ras`: RAS in 3D, the
-    in-plane frame in 2D), and its centre is the centre of the fixed image's field of view. So an image stored
-    LPS, RAS, flipped, transposed or with another voxel size gives the network the same input. Pass the fixed
-    file's 4x4 affine for a 2D image: the orientation of a coronal or sagittal slice is decided from it.
+    in-plane frame in 2D), and its centre is the centre of the fixed image's field of view (to within those
+    whole-voxel offsets). So an image stored LPS, RAS, flipped, transposed or with another voxel size gives the
+    network the same input. Pass the fixed file's 4x4 affine for a 2D image: the orientation of a coronal or
+    sagittal slice is decided from it.
     """
+    return _network_grid_box(fixed_affine, fixed_shape, info)[0]
+
+
+def _network_grid_box(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info: ModelInfo
+                      ) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
+    """:func:`network_grid` and, when training cropped / padded (``spacing`` or ``native_spacing``), the
+    ``[start, stop)`` per network axis of the voxels that held image data (the rest was crop_or_pad's zeros)."""
     n = len(fixed_shape)
     if len(info.input_shape) != n:
         raise RegistrationError(f"the model takes {len(info.input_shape)}D images, the fixed image is {n}D")
@@ -680,27 +689,34 @@ def network_grid(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info: Mod
     if np.any(vox <= 0):
         raise RegistrationError(f"the fixed image's affine is singular: {np.asarray(fixed_affine).tolist()}")
     in_shape = np.asarray(info.input_shape, dtype=np.float64)
-    if info.native_spacing and info.spacing is None:
-        # as in training without data.spacing: the (reoriented) image at its own voxel size, then a centred
-        # crop / pad with crop_or_pad's whole-voxel offsets (not the fractional centring below)
+    if info.spacing is not None or info.native_spacing:
+        # as in training: the (reoriented) image, resampled to data.spacing (resample_to_spacing's grid: same
+        # field of view, round(S * old / new) voxels, corner kept) or at its own voxel size, then a centred
+        # crop / pad with crop_or_pad's whole-voxel offsets
         ro = a if not (info.reorient and n in info.reorient_dims) else a @ ornt_mod.inv_ornt_aff(ornt,
                                                                                                  tuple(fixed_shape))
         sizes = np.rint(np.abs(np.linalg.solve(lin, a[:n, :n] @ np.asarray(fixed_shape, dtype=np.float64))))
-        shift = np.array([(s - t) // 2 if s >= t else -((t - s) // 2) for s, t in zip(sizes, in_shape)])
         g = np.eye(n + 1)
-        g[:n, :n] = ro[:n, :n]
-        g[:n, n] = ro[:n, :n] @ shift + ro[:n, n]
-        return g
-    if info.spacing is not None:
-        spacing = np.asarray(info.spacing, dtype=np.float64)
-    else:  # the field of view resized to the input shape (axes in the network's order)
-        extent = np.abs(np.linalg.solve(lin, a[:n, :n] @ np.asarray(fixed_shape, dtype=np.float64))) * vox
-        spacing = extent / in_shape
+        g[:n, :n], g[:n, n] = ro[:n, :n], ro[:n, n]
+        if info.spacing is not None:
+            new = np.asarray(info.spacing, dtype=np.float64)
+            if not np.allclose(vox, new, rtol=1e-4):  # (resample_to_spacing keeps such an image as it is)
+                scale = new / vox
+                g[:n, :n] = ro[:n, :n] * scale[None, :]
+                g[:n, n] = ro[:n, :n] @ (0.5 * scale - 0.5) + ro[:n, n]
+                sizes = np.maximum(1, np.round(sizes * vox / new))
+        shift = np.array([(s - t) // 2 if s >= t else -((t - s) // 2) for s, t in zip(sizes, in_shape)])
+        g[:n, n] = g[:n, :n] @ shift + g[:n, n]
+        box = [(int(max(0, -d)), int(min(t, s - d))) for d, s, t in zip(shift, sizes, in_shape)]
+        return g, box
+    # neither recorded: the fixed image's field of view spread over the input shape, centred
+    extent = np.abs(np.linalg.solve(lin, a[:n, :n] @ np.asarray(fixed_shape, dtype=np.float64))) * vox
+    spacing = extent / in_shape
     g = np.eye(n + 1)
     g[:n, :n] = lin / vox[None, :] * spacing[None, :]
     centre = a[:n, :n] @ ((np.asarray(fixed_shape, dtype=np.float64) - 1) / 2) + a[:n, n]
     g[:n, n] = centre - g[:n, :n] @ ((in_shape - 1) / 2)
-    return g
+    return g, None
 
 
 def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_shape: Sequence[int] | ModelInfo,
@@ -770,13 +786,19 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     from medfast.data.preprocess import spatial_affine
 
     a_f = spatial_affine(np.eye(n + 1) if fixed_affine is None else fixed_affine, n)
-    grid = network_grid(a_f if fixed_affine is None else fixed_affine, shape, info)  # 2D: the plane's 4x4
+    grid, box = _network_grid_box(a_f if fixed_affine is None else fixed_affine, shape, info)  # 2D: plane's 4x4
     in_shape = [int(v) for v in info.input_shape]
     t0 = time.perf_counter()
     with torch.no_grad():
         both = torch.cat([moving_t, fixed_t], 1).double()
+        # as training fed it: resample_to_spacing's border padding inside the resampled grid, crop_or_pad's
+        # zeros beyond it (the z-score below sees the same voxels)
         x = mf.resample(both, torch.as_tensor(a_f), torch.as_tensor(grid), in_shape, mode="linear",
-                        padding="zeros").float()
+                        padding="zeros" if box is None else "border").float()
+        if box is not None:
+            keep = torch.zeros_like(x, dtype=torch.bool)
+            keep[(..., *(slice(lo, hi) for lo, hi in box))] = True
+            x = x.where(keep, torch.zeros((), dtype=x.dtype, device=x.device))
         c = moving_t.shape[1]
         x = torch.cat([normalize_intensity(x[:, :c], spatial_dims=n), normalize_intensity(x[:, c:], spatial_dims=n)],
                       1)
