@@ -23,13 +23,62 @@ def test_zscore_of_a_constant_channel_is_zero(value):
     x[1] = 0.3
     assert normalize_intensity(x).abs().max() == 0
     masked = torch.zeros(1, 8, 8, 8)
-    masked[0, 2:6, 2:6, 2:6] = value  # a constant foreground (12.5 % of the voxels)
+    masked[0, 2:6, 2:6, 2:6] = abs(value)  # a constant foreground (12.5 % of the voxels)
     assert normalize_intensity(masked).abs().max() == 0
     single = torch.zeros(1, 4, 4)
-    single[0, 1, 1] = value  # one foreground voxel (6 %): its std is undefined, was NaN
+    single[0, 1, 1] = abs(value)  # one foreground voxel (6 %): its std is undefined, was NaN
     assert torch.equal(normalize_intensity(single), torch.zeros_like(single))
     ramp = torch.linspace(-1, 5, 8 * 8 * 8).reshape(1, 8, 8, 8)
     torch.testing.assert_close(normalize_intensity(ramp), (ramp - ramp.mean()) / ramp.std())
+
+
+def test_zscore_of_a_ct_keeps_its_zero_hu_voxels():
+    # a CT is 99 % non-zero like a masked image, but its 0 HU is water: it was left at 0 (the mean's value)
+    # and out of the statistics; a plain z-score (MONAI NormalizeIntensity()) is the reference
+    from monai.transforms import NormalizeIntensity
+
+    rng = np.random.default_rng(0)
+    ct = torch.as_tensor(rng.integers(-1024, 1500, (1, 16, 16, 16)).astype(np.float32))
+    ct[0, :4] = 0.0
+    # (rtol: torch.std divides by n - 1, MONAI by n)
+    torch.testing.assert_close(normalize_intensity(ct), torch.as_tensor(NormalizeIntensity()(ct)), rtol=1e-3, atol=1e-5)
+    mr = ct.clamp_min(0)  # no negative voxel: a masked image, zeros stay 0 (MONAI nonzero=True)
+    torch.testing.assert_close(normalize_intensity(mr), torch.as_tensor(NormalizeIntensity(nonzero=True)(mr)),
+                               rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["zscore", "minmax"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_normalize_refuses_non_finite_voxels(method, bad):
+    # zscore gave an all-zero channel (a NaN std took the constant-image branch), minmax all NaN
+    x = torch.randn(1, 8, 8, 8)
+    x[0, 1, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"image has 1 NaN or infinite voxel\(s\) \(first at index \[0, 1, 2, 3\]\)"):
+        normalize_intensity(x, method)
+    torch.testing.assert_close(normalize_intensity(x, "none"), x, equal_nan=True, rtol=0, atol=0)  # nothing computed
+
+
+def test_clip_percentiles_of_a_channel_over_2_24_voxels():
+    # float32 linspace indices rounded the last one up to numel: IndexError on a 512 x 512 x 65 CT
+    n = 2**24 + 4
+    x = torch.arange(n, dtype=torch.float32).reshape(1, 4, n // 4)
+    out = normalize_intensity(x, "none", clip_percentiles=(0.5, 99.5))
+    assert abs(float(out.min()) - 0.005 * (n - 1)) < 20 and abs(float(out.max()) - 0.995 * (n - 1)) < 20
+
+
+@pytest.mark.parametrize("affine, match", [
+    (np.eye(3), r"affine must be a \(4, 4\) matrix for 3 spatial axes, got shape"),
+    (np.diag([np.nan, 1, 1, 1]), "affine must be finite"),
+    (np.diag([0.0, 1, 1, 1]), "zero voxel size along axis 0")])
+def test_preprocessing_names_a_bad_affine(affine, match):
+    from medfast.data import resample_to_spacing
+
+    x = torch.rand(1, 8, 8, 8)
+    with pytest.raises(ValueError, match=match):
+        resample_to_spacing(x, affine, [2, 2, 2])
+    if not match.startswith("zero"):
+        with pytest.raises(ValueError, match=match):
+            crop_or_pad(x, affine, [4, 4, 4])
 
 
 @pytest.mark.parametrize("clip", [(99, 1), (-5, 150), (0.5,), "ab"])

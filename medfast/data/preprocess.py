@@ -126,7 +126,15 @@ def spatial_affine(affine: MatrixLike, ndim: int) -> np.ndarray:
     ``Q @ (a2 @ [i, j, 1])[:2] + n (n . A[:3, 3])``, which holds for any 2D grid whose affine is derived from
     ``a2`` (resampled, cropped). A singular affine (voxel axes 0 and 1 parallel) keeps rows and columns 0, 1, 3.
     """
-    affine = np.asarray(affine, dtype=np.float64)
+    shapes = " or ".join(dict.fromkeys([f"({ndim + 1}, {ndim + 1})", "(4, 4)"]))
+    try:
+        affine = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"affine must be a numeric {shapes} matrix, got {affine!r}") from None
+    if affine.shape not in ((ndim + 1, ndim + 1), (4, 4)):
+        raise ValueError(f"affine must be a {shapes} matrix for {ndim} spatial axes, got shape {affine.shape}")
+    if not np.isfinite(affine).all():
+        raise ValueError(f"affine must be finite, got {affine.tolist()}")
     if affine.shape == (ndim + 1, ndim + 1):
         return affine
     idx = list(range(ndim)) + [3]
@@ -193,6 +201,8 @@ def resample_to_spacing(image: torch.Tensor, affine: MatrixLike, spacing: Sequen
     x = image if channels else image[None]
     a = spatial_affine(affine, ndim)
     old = np.sqrt((a[:ndim, :ndim] ** 2).sum(axis=0))
+    if not (old > 0).all():
+        raise ValueError(f"affine has a zero voxel size along axis {int(np.argmin(old))}: {a.tolist()}")
     if np.allclose(old, new, rtol=1e-4):
         return image, a
     shape = np.maximum(1, np.round(np.array(x.shape[1:]) * old / new))
@@ -255,10 +265,11 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
                         clip_percentiles: Sequence[float] | None = None) -> torch.Tensor:
     """Per-channel intensity normalization of ``(C, *S)``.
 
-    ``"zscore"``: zero mean, unit variance; when 5-100 % of the voxels are non-zero (a masked, e.g.
-    skull-stripped, image) the statistics come from the non-zero voxels and the zeros stay 0;
+    ``"zscore"``: zero mean, unit variance; when 5-100 % of the voxels are non-zero and none is negative (a
+    masked, e.g. skull-stripped, image: 0 is its background) the statistics come from the non-zero voxels and
+    the zeros stay 0 (a CT's 0 HU is water, not background: it has negative voxels, and all count);
     ``"minmax"``: to [0, 1]; ``"none"``. ``clip_percentiles=(lo, hi)`` first clips each channel to those
-    percentiles (0-100).
+    percentiles (0-100). A NaN or infinite voxel raises ``ValueError`` (no statistic would mean anything).
     """
     image = check_tensor("image", image)
     if image.dim() < 2:
@@ -275,18 +286,24 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
         if not 0 <= lo_p < hi_p <= 100:
             raise ValueError(f"clip_percentiles must satisfy 0 <= lo < hi <= 100, got {clip_percentiles!r}")
     out = image.to(torch.float32).clone()
+    if method != "none" or clip_percentiles is not None:
+        bad = ~torch.isfinite(out)
+        if bad.any():
+            raise ValueError(f"image has {int(bad.sum())} NaN or infinite voxel(s) (first at index "
+                             f"{[int(i) for i in bad.nonzero()[0]]}); {method} normalization needs finite values")
     for c in range(out.shape[0]):
         x = out[c]
         if clip_percentiles is not None:
             lo, hi = lo_p / 100, hi_p / 100
             flat = x.flatten()
-            if flat.numel() > 2_000_000:
-                flat = flat[torch.linspace(0, flat.numel() - 1, 2_000_000).long()]
+            if flat.numel() > 2_000_000:  # an even subsample; integer indices (float32 ones round past 2^24)
+                flat = flat[torch.arange(2_000_000) * (flat.numel() - 1) // (2_000_000 - 1)]
             qlo, qhi = torch.quantile(flat, torch.tensor([lo, hi]))
             x.clamp_(qlo, qhi)
         if method == "zscore":
             mask = x != 0
-            masked = 0.05 * x.numel() < int(mask.sum()) < x.numel()  # masked image (e.g. skull-stripped)
+            # masked image (e.g. skull-stripped): zeros are its background only where nothing is below them
+            masked = 0.05 * x.numel() < int(mask.sum()) < x.numel() and float(x.min()) >= 0
             ref = x[mask] if masked else x
             std, mean = torch.std_mean(ref) if ref.numel() > 1 else (ref.new_zeros(()), ref.mean())
             if not float(std) > 1e-6 * float(mean.abs()):
