@@ -401,3 +401,24 @@ def test_linear_warp_at_exact_grid_positions_reads_only_its_voxel(ndim, padding,
             diff = (upper - img[0]).sum(0)  # summed over the channels
             assert torch.isfinite(diff).sum() > diff.numel() // 2
             torch.testing.assert_close(grad[0, ax], diff, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+def test_an_axis_longer_than_2_22_samples_reads_its_own_voxels(mode, padding):
+    # the float32 AVX2 rows clamp positions to +-2^22 ("far outside"): every sample past index 2^22 of a longer
+    # axis read voxel 2^22 and sent its gradient there (only reflection sent such axes to the generic path)
+    n = (1 << 22) + 64
+    image = torch.arange(n, dtype=torch.float32).reshape(1, 1, 1, 1, n).requires_grad_()
+    out = mf.warp(image, torch.zeros(1, 3, 1, 1, n), mode=mode, padding=padding)  # the identity
+    assert torch.equal(out, image.detach())
+    out.sum().backward()
+    assert torch.equal(image.grad, torch.ones_like(image))
+    image2d = torch.arange(n, dtype=torch.float32).reshape(1, 1, n, 1)
+    # half a voxel along the long axis (float32 resolves 0.5 there, not 0.25); 2D takes the same rows
+    shifted = mf.warp(image2d, torch.tensor([0.5, 0.0]).view(1, 2, 1, 1).expand(1, 2, n, 1), mode=mode,
+                      padding=padding)[0, 0, :, 0]
+    ref = image2d[0, 0, :, 0] + (0.5 if mode == "linear" else 1.0)  # nearest: half up
+    ref[-1] = {"zeros": 0.5 * (n - 1), "border": n - 1, "reflection": n - 1.5}[padding] if mode == "linear" else \
+        {"zeros": 0.0, "border": n - 1, "reflection": n - 2}[padding]  # (as on a 16-voxel axis)
+    torch.testing.assert_close(shifted, ref, rtol=0, atol=0)

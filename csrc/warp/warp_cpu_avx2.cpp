@@ -913,11 +913,11 @@ bool int32_strides(const WarpArgs<float, float, 3>& A, int32_t* st) {
                                           (int64_t(1) << 31);
 }
 
-// Reflection folds positions through an int32 period (axis_taps8_reflect): axes of fewer than 2^22 samples.
-bool applicable(const WarpArgs<float, float, 3>& A, int padding) {
-  if (padding == kReflection)
-    for (int i = 0; i < 3; ++i)
-      if (A.in_size[i] >= (int64_t(1) << 22)) return false;
+// Axes of fewer than 2^22 samples: axis_taps8 and slice_targets clamp positions to +-2^22 ("far outside"),
+// and reflection folds them through an int32 period (axis_taps8_reflect). Longer axes take the generic path.
+bool applicable(const WarpArgs<float, float, 3>& A) {
+  for (int i = 0; i < 3; ++i)
+    if (A.in_size[i] >= (int64_t(1) << 22)) return false;
   return cpu_simd_available() && (A.ddf == nullptr || A.ddf_st[2] == 1);
 }
 
@@ -936,7 +936,7 @@ auto dispatch8(int mode, int padding, F&& f) {
 
 bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, float* out) {
   int32_t st[3];
-  if (!applicable(A, padding) || !int32_strides(A, st)) return false;
+  if (!applicable(A) || !int32_strides(A, st)) return false;
   dispatch8(mode, padding, [&]<int MODE, int PAD>() { forward_avx2<MODE, PAD>(A, out, st); });
   return true;
 }
@@ -944,7 +944,7 @@ bool try_forward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding,
 bool try_backward_avx2_one_sweep(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
                                  float* grad_pos, float* grad_image) {
   int32_t st[3];
-  if (!applicable(A, padding) || !int32_strides(A, st)) return false;
+  if (!applicable(A) || !int32_strides(A, st)) return false;
   return dispatch8(mode, padding, [&]<int MODE, int PAD>() {
     return backward_avx2_one_sweep<MODE, PAD>(A, gout, grad_pos, grad_image, st);
   });
@@ -953,7 +953,7 @@ bool try_backward_avx2_one_sweep(const WarpArgs<float, float, 3>& A, int mode, i
 bool try_backward_avx2(const WarpArgs<float, float, 3>& A, int mode, int padding, const float* gout,
                        float* grad_pos, float* grad_image, float* extra, int64_t chunks, bool plane_parallel) {
   int32_t st[3];
-  if (!applicable(A, padding) || !int32_strides(A, st)) return false;
+  if (!applicable(A) || !int32_strides(A, st)) return false;
   dispatch8(mode, padding, [&]<int MODE, int PAD>() {
     backward_avx2<MODE, PAD>(A, gout, grad_pos, grad_image, extra, chunks, plane_parallel, st);
   });
