@@ -60,13 +60,66 @@ def _pil_array(im) -> np.ndarray:
     return np.asarray(im if mode == "RGB" else im.convert("RGB"))  # CMYK, YCbCr, LAB, HSV, ...
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_format(path: Path) -> tuple[int, int] | None:
+    """A PNG's ``(bit depth, colour type)`` from its IHDR (bytes 24 and 25); None for other files."""
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _upright(im):
+    """``im`` turned as its EXIF orientation says (phones and dermatoscopes store photos sideways and set
+    the tag): the image every viewer shows. Keeps the mode."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im)
+
+
+def _read_png_grey_alpha16(path: Path) -> np.ndarray:
+    """The grey channel of a 16-bit grey + alpha PNG (colour type 4) as uint16 ``(H, W)``.
+
+    PIL opens these as 8-bit RGBA (the low bytes lost). Their pixels are 4 bytes, as an 8-bit RGBA PNG's, so
+    the PNG filters (which work on bytes, ``bpp`` = 4 for both) and the Adam7 passes are the same: the file
+    is decoded as 8-bit RGBA with its IHDR changed, and grey = R * 256 + G (B, A: the alpha). Chunks whose
+    layout depends on the colour type (sBIT, bKGD, ...) are left out; EXIF and text chunks are kept."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    data, pos, chunks = path.read_bytes(), 8, []
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            body = body[:8] + bytes((8, 6)) + body[10:]
+        elif kind not in (b"IDAT", b"IEND", b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+            continue
+        chunks.append(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
+        if kind == b"IEND":
+            break
+    with Image.open(io.BytesIO(_PNG_SIGNATURE + b"".join(chunks))) as im:
+        im.load()
+        rgba = np.asarray(_upright(im))
+    return (rgba[..., 0].astype(np.uint16) << 8) | rgba[..., 1]
+
+
 def _read_raster(path: Path) -> np.ndarray:
     try:
         from PIL import Image
 
-        with Image.open(path) as im:
-            im.load()
-            arr = _pil_array(im)
+        if _png_format(path) == (16, 4):  # 16-bit grey + alpha: PIL would give 8-bit RGBA
+            arr = _read_png_grey_alpha16(path)
+        else:
+            with Image.open(path) as im:
+                im.load()
+                arr = _pil_array(_upright(im))
     except ImportError:
         import matplotlib.image as mpimg
 
@@ -82,8 +135,9 @@ def _read_raster(path: Path) -> np.ndarray:
 
 
 def probe_channels(path: str | Path) -> int | None:
-    """Channels :func:`read_image` will give for ``path``, from the file's header only (PIL mode, DICOM
-    samples per pixel; NIfTI: 1); None when the header cannot be read (the full read then names the file)."""
+    """Channels :func:`read_image` will give for ``path``, from the file's header only (PNG colour type, PIL
+    mode, DICOM samples per pixel and photometric interpretation; NIfTI: 1 unless RGB24); None when the
+    header cannot be read (the full read then names the file)."""
     path = Path(path)
     suffix = _suffix(path)
     try:
@@ -95,7 +149,10 @@ def probe_channels(path: str | Path) -> int | None:
             import pydicom
 
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-            return 3 if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1 else 1
+            return 3 if _dicom_colour(ds) else 1
+        png = _png_format(path) if suffix == ".png" else None
+        if png is not None and png[1] in (0, 4):  # grey, grey + alpha: any depth (PIL: 16-bit LA is RGBA)
+            return 1
         from PIL import Image
 
         with Image.open(path) as im:
@@ -126,26 +183,100 @@ def _read_nifti(path: Path) -> np.ndarray:
     return np.asarray(img.get_fdata(dtype=np.float32))[None]
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _dicom_colour(ds) -> bool:
+    """A DICOM of colour pixels: RGB / YBR samples, or palette indices (PALETTE COLOR)."""
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    return int(ds.get("SamplesPerPixel", 1) or 1) > 1 or photometric == "PALETTE COLOR"
+
+
+def _pixel_value_source(ds, frame: int):
+    """The dataset holding ``frame``'s rescale: an enhanced (multi-frame) CT/MR/PET keeps it in the frame's
+    functional group (PerFrameFunctionalGroupsSequence) or in the shared one, not at the top level."""
+    for name, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(name)
+        if groups and index < len(groups):
+            item = groups[index].get("PixelValueTransformationSequence")
+            if item:
+                return item[0]
+    return ds
+
+
+def _modality(values: np.ndarray, source) -> np.ndarray:
+    """The modality transform (stored values to e.g. HU) of ``source`` (a dataset or functional group item):
+    its Modality LUT Sequence, else rescale slope/intercept (missing or 0 slope: 1, missing intercept: 0)."""
+    from pydicom.pixels import apply_modality_lut
+
+    if source.get("ModalityLUTSequence"):
+        return apply_modality_lut(values, source).astype(np.float32)
+    # float32 (not pydicom's float64): half the memory of a large volume, the precision medfast reads in
+    slope, intercept = float(source.get("RescaleSlope", 1) or 1), float(source.get("RescaleIntercept", 0) or 0)
+    return values.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _read_dicom(path: Path, spatial_dims: int = 2) -> np.ndarray:
     import pydicom
+    from pydicom.pixels import apply_color_lut
 
     ds = pydicom.dcmread(str(path))
-    arr = ds.pixel_array.astype(np.float32)
-    arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
-    if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) > 1:  # colour (H, W, 3)
-        return arr.transpose(2, 0, 1)
-    return arr[None]
+    arr = ds.pixel_array  # YBR is converted to RGB
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if _dicom_colour(ds):
+        if photometric == "PALETTE COLOR":  # indices -> RGB (alpha dropped) of the palette's bits per entry
+            arr = apply_color_lut(arr, ds)[..., :3]
+            # the descriptor's 8 or 16: 8-bit entries are often stored in 16-bit words (uint16 values <= 255)
+            descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+            top = float(2 ** int(descriptor[2]) - 1) if descriptor else float(np.iinfo(arr.dtype).max)
+        else:  # RGB (and YBR, converted): [0, 1] as an RGB PNG, whatever the bits stored
+            top = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
+        if arr.ndim == 4 and spatial_dims == 2:
+            raise DatasetError(f"{path}: a multi-frame colour DICOM ({arr.shape[0]} frames of {arr.shape[1]}x"
+                               f"{arr.shape[2]}, 3 channels) is no 2D image: read it with spatial_dims=3 (frames "
+                               "as the 3rd axis) or store the frames as separate files")
+        return np.moveaxis(arr.astype(np.float32) / np.float32(top), -1, 0)
+    stack = arr.reshape(-1, *arr.shape[-2:])  # (frames, H, W): an enhanced file rescales frame by frame
+    sources = [_pixel_value_source(ds, f) for f in range(len(stack))]
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    # the stored range, for MONOCHROME1 (low = white): x -> lo + hi - x in rescaled units, so that a
+    # MONOCHROME1 file reads as its MONOCHROME2 twin
+    stored = (np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1]) if int(ds.get("PixelRepresentation", 0) or 0)
+              else np.array([0, 2 ** bits - 1]))
+    if all(source is sources[0] for source in sources):  # shared group or top level: one transform
+        out = _finish(stack, sources[0], stored, photometric)
+    else:
+        out = np.stack([_finish(frame, source, stored, photometric) for frame, source in zip(stack, sources)])
+    return out.astype(np.float32).reshape(1, *arr.shape)
+
+
+def _finish(values: np.ndarray, source, stored: np.ndarray, photometric: str) -> np.ndarray:
+    """Grey DICOM values in rescaled units, MONOCHROME1 turned to MONOCHROME2 polarity."""
+    out = _modality(values, source)
+    if photometric == "MONOCHROME1":
+        limits = _modality(stored, source)
+        out = limits.min() + limits.max() - out
+    return out
 
 
 def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
     """Reads an image as float32 ``(channels, *spatial)``.
 
     PNG/JPEG give ``(1 or 3, H, W)`` in ``[0, 1]`` (8-bit / 255, 16-bit / 65535; grey modes ``1``, ``L``,
-    ``LA``, ``I;16``, ``I`` give one channel, alpha dropped; palette, RGBA and CMYK images are converted to
-    RGB; 32-bit float images as stored); NIfTI and DICOM give ``(1, *shape)`` in their own units
-    (DICOM rescale slope/intercept applied), but for an RGB24 / RGBA32 NIfTI: ``(3, *shape)`` in ``[0, 1]`` as an
-    8-bit RGB PNG (alpha dropped); complex NIfTI voxels are refused. Singleton spatial axes beyond
-    ``spatial_dims`` are dropped (e.g. an ``(H, W, 1)`` NIfTI is a 2D image).
+    ``LA``, ``I;16``, ``I`` and 16-bit grey + alpha PNGs give one channel, alpha dropped; palette, RGBA and CMYK
+    images are converted to RGB; 16-bit RGB(A) PNGs are read at 8 bits, PIL's precision; 32-bit float images
+    as stored), turned upright as their EXIF orientation says. NIfTI gives ``(1, *shape)`` in its own units, but
+    an RGB24 / RGBA32 NIfTI ``(3, *shape)`` in ``[0, 1]`` as an 8-bit RGB PNG (alpha dropped); complex NIfTI
+    voxels are refused. DICOM:
+
+    * grey (MONOCHROME1/2): ``(1, H, W)``, multi-frame ``(1, frames, H, W)``, in the units of the modality
+      transform (Modality LUT Sequence, or rescale slope/intercept: top level, or an enhanced file's shared or
+      per-frame functional groups, frame by frame); MONOCHROME1 (low = white) is mapped to MONOCHROME2
+      polarity, ``x -> lo + hi - x`` with ``lo``, ``hi`` the transformed limits of the stored range, so that
+      it reads as its MONOCHROME2 twin;
+    * colour (RGB, YBR converted to RGB, PALETTE COLOR looked up in its palette): ``(3, H, W)`` in ``[0, 1]``
+      like an RGB PNG (RGB / YBR divided by ``2**BitsStored - 1``, palettes by ``2**bits - 1`` with their
+      descriptor's 8 or 16 bits per entry); multi-frame colour ``(3, frames, H, W)`` with ``spatial_dims=3``
+      (with 2: an error saying so).
+
+    Singleton spatial axes beyond ``spatial_dims`` are dropped (e.g. an ``(H, W, 1)`` NIfTI is a 2D image).
 
     Raises
     ------
@@ -158,7 +289,7 @@ def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
         raise DatasetError(f"{path}: file not found")
     suffix = _suffix(path)
     readers = {".png": _read_raster, ".jpg": _read_raster, ".jpeg": _read_raster, ".nii": _read_nifti,
-               ".nii.gz": _read_nifti, ".dcm": _read_dicom}
+               ".nii.gz": _read_nifti, ".dcm": lambda p: _read_dicom(p, spatial_dims)}
     if suffix not in readers:
         raise DatasetError(f"{path}: unknown image type {suffix!r} (expected one of {', '.join(IMAGE_SUFFIXES)})")
     try:

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError
 from medfast.data import collate as _collate
-from medfast.tasks.classification.data import ImageFolderDataset
+from medfast.tasks.classification.data import IMAGE_SUFFIXES, ImageFolderDataset, _suffix
 from medfast.tasks.classification.encoding import make_encoder
 from medfast.tasks.classification.losses import ClassificationLoss
 from medfast.tasks.classification.metrics import classification_report, confusion_matrix, save_confusion_png
@@ -583,14 +583,33 @@ class ClassificationTask(Task):
         return save_cam_png(images.cpu(), cams.cpu(), path, titles)
 
 
+def _input_files(inputs) -> list[Path]:
+    """The images to classify: each input file, and a folder's image files (the suffixes :func:`read_image`
+    reads; not its subfolders, as the segmentation predict; hidden files skipped, as in the data set),
+    sorted. Raises :class:`DatasetError` for a folder without images."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and not p.name.startswith(".") and _suffix(p) in IMAGE_SUFFIXES)
+            if not found:
+                raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the input folder {path}")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device: str = "auto",
                   overrides=(), save_probabilities: bool = True, progress: bool = False,
                   save_cam: bool = True) -> list[Path]:
-    """Classifies image files (PNG/NIfTI/DICOM) with a checkpoint of the classification task and writes
-    ``predictions.csv``: one row per input with ``file``, the predicted ``class`` and ``index``, and (with
-    ``save_probabilities``) ``p_<class>`` columns. Images are read, resized, converted to the model's channels
-    and normalized as in training; every input is read and classified before anything is written (a bad
-    file raises :class:`DatasetError` naming it and leaves no partial output). With ``save_cam`` (2D models),
+    """Classifies image files (PNG/JPEG/NIfTI/DICOM; a folder: its image files, sorted, not its subfolders)
+    with a checkpoint of the classification task and writes ``predictions.csv``: one row per input with
+    ``file``, the predicted ``class`` and ``index``, and (with ``save_probabilities``) ``p_<class>`` columns.
+    Images are read, resized, converted to the model's channels and normalized as in training; every input is
+    read and classified before anything is written (a bad file, or a folder without images, raises
+    :class:`DatasetError` naming it and leaves no partial output). With ``save_cam`` (2D models),
     ``cam/<index>_<name>.png`` shows each image with the Grad-CAM of its predicted class
     (:func:`~medfast.tasks.classification.cam.class_activation_map`).
 
@@ -604,6 +623,7 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     from medfast.train.config import config_from_dict, load_config
     from medfast.train.trainer import load_checkpoint, load_model_state, resolve_device
 
+    inputs = _input_files(inputs)  # before the checkpoint is loaded: an empty folder fails fast
     state = load_checkpoint(checkpoint)
     config = config_from_dict(state["config"])
     if overrides:
