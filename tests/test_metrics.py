@@ -182,6 +182,18 @@ def test_dice_many_classes_counts_without_a_pair_table(monkeypatch, ignore_index
     assert score.shape == (1, 10**6) and (score[~score.isnan()] == 1).all()
 
 
+@pytest.mark.parametrize("ignore_index", [2**40, -(2**35), 255])
+def test_dice_ignore_index_beyond_int32(ignore_index):
+    # the counts index in int32 while everything fits: an int64 ignore_index beyond int32 would wrap into a class
+    gen = torch.Generator().manual_seed(5)
+    target = torch.randint(0, 4, (2, 6, 7), generator=gen)
+    pred = torch.randint(0, 4, (2, 6, 7), generator=gen)
+    keep = torch.rand(target.shape, generator=gen) < 0.7
+    want = torch.cat([mm.dice(pred[b][keep[b]][None], target[b][keep[b]][None], 4) for b in range(2)])
+    got = mm.dice(pred, target.where(keep, ignore_index), 4, ignore_index=ignore_index)
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_bad_inputs():
     labels = torch.zeros(2, 8, 8, dtype=torch.long)
     masks = torch.zeros(2, 2, 8, 8, dtype=torch.bool)

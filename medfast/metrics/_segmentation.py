@@ -433,8 +433,12 @@ def _confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int
     ``num_classes``-th row / column collects target voxels equal to ``ignore_index`` (left out of every
     count) and pred voxels outside ``[0, num_classes)`` (in no class)."""
     batch, k = target.shape[0], num_classes + 1
-    t = target.reshape(batch, -1).long()
-    p = pred.reshape(batch, -1).long()
+    # int32 indices while every pair index and the one out-of-range label allowed (ignore_index) fit: half
+    # the memory of int64 copies (a whole-body CT: GBs)
+    narrow = batch * k * k < 2**31 and (ignore_index is None or -(2**31) <= ignore_index < 2**31)
+    index = torch.int32 if narrow else torch.int64
+    t = target.reshape(batch, -1).to(index)
+    p = pred.reshape(batch, -1).to(index)
     if ignore_index is not None:
         t = t.masked_fill(t == ignore_index, num_classes)
         if not 0 <= ignore_index < num_classes:  # validated labels: outside the range only ignore_index
@@ -442,7 +446,7 @@ def _confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int
     if batch * k * k > max(_TABLE_LIMIT, 4 * t.numel()):
         # many classes: a (k x k) table per batch element would outgrow the data (a million classes: 8 TB);
         # three bincounts of k entries instead (a masked copy of the voxels, but memory linear in k)
-        base = torch.arange(batch, device=t.device).view(-1, 1) * k
+        base = torch.arange(batch, device=t.device, dtype=index).view(-1, 1) * k
         tb, pb = t + base, p + base
         labelled = t < num_classes
         n_t = torch.bincount(tb.flatten(), minlength=batch * k).view(batch, k)[:, :num_classes]
@@ -451,7 +455,7 @@ def _confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int
         return n_t, n_p, n_tp
     pairs = (t * k).add_(p)  # one allocation of the pair index (plus t's and p's if they were narrower)
     if batch > 1:
-        pairs += torch.arange(batch, device=t.device).view(-1, 1) * (k * k)
+        pairs += torch.arange(batch, device=t.device, dtype=index).view(-1, 1) * (k * k)
     table = torch.bincount(pairs.flatten(), minlength=batch * k * k).view(batch, k, k)[:, :num_classes]
     n_t = table.sum(2)
     n_p = table.sum(1)[:, :num_classes]
