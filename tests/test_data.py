@@ -349,6 +349,36 @@ def test_augment_intensity_and_2d():
         RandomAugment(cfg)(image, label, [1, 2], None)
 
 
+@pytest.mark.parametrize("nd", [2, 3])
+def test_augment_does_not_depend_on_the_default_dtype(nd):
+    """Under torch.set_default_dtype(torch.float64) the same seeds give what they give under the float32 default
+    (geometry, flips, deformation, labels, intensities, bias field, noise: every draw has its own dtype; without it
+    the float64 draws used up the generators differently) and the image keeps its dtype."""
+    cfg = AugmentConfig(shear=0.1, translation=2.0, flip=list(range(nd)), deform_grid=3, bias_field=0.2,
+                        noise_std=0.05)
+    image = torch.rand(2, 2, *[14] * nd, generator=torch.Generator().manual_seed(0))
+    label = (image[:, 0] > 0.5).long()
+    aug = RandomAugment(cfg)
+
+    def run():
+        return {dt: aug(image.to(dt), label, [123, 2**40 + 7], [10] * nd) for dt in (torch.float32, torch.float64)}
+
+    ref = run()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(default)
+    for dt in (torch.float32, torch.float64):
+        assert got[dt][0].dtype == ref[dt][0].dtype == dt and got[dt][1].dtype == torch.long
+        assert torch.equal(got[dt][0], ref[dt][0]) and torch.equal(got[dt][1], ref[dt][1])
+    for dt in (torch.float16, torch.bfloat16):  # warped in float32, returned in the dtype given (was float32)
+        out, lab = aug(image.to(dt), label, [123, 2**40 + 7], [10] * nd)
+        assert out.dtype == dt and torch.equal(out, aug(image.to(dt).float(), label, [123, 2**40 + 7],
+                                                        [10] * nd)[0].to(dt))
+
+
 def test_load_and_save_nifti_round_trip(tmp_path):
     affine = np.diag([2.0, 3.0, 4.0, 1.0])
     path = save_nifti(np.arange(24).reshape(2, 3, 4), affine, tmp_path / "x.nii.gz", dtype=np.int16)

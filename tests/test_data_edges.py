@@ -58,6 +58,19 @@ def test_normalize_refuses_non_finite_voxels(method, bad):
     torch.testing.assert_close(normalize_intensity(x, "none"), x, equal_nan=True, rtol=0, atol=0)  # nothing computed
 
 
+def test_clip_percentiles_under_a_float64_default_dtype():
+    # the quantile levels took the default dtype: "quantile() q tensor must be same dtype as the input tensor"
+    x = torch.rand(1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    ref = normalize_intensity(x, clip_percentiles=(1, 99))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = normalize_intensity(x, clip_percentiles=(1, 99))
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(got, ref)
+
+
 def test_clip_percentiles_of_a_channel_over_2_24_voxels():
     # float32 linspace indices rounded the last one up to numel: IndexError on a 512 x 512 x 65 CT
     n = 2**24 + 4

@@ -555,3 +555,27 @@ def test_amp_auto_is_bf16_only_where_the_runs_gpu_has_it(monkeypatch):
     assert T.resolve_amp("bf16", torch.device("cuda", 1)) == torch.bfloat16  # asked for explicitly: as asked
     assert T.resolve_amp("fp16", torch.device("cuda", 0)) == torch.float16
     assert T.resolve_amp("auto", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_sliding_window_does_not_depend_on_the_default_dtype(mode):
+    """The blending weights and sums are float32 as documented: under torch.set_default_dtype(torch.float64) the
+    output is the float32 default's, bitwise and in dtype (it was float64, its weights computed in float64)."""
+    from medfast.train.sliding_window import importance_map, sliding_window_inference
+
+    x = torch.rand(1, 2, 20, 18, generator=torch.Generator().manual_seed(0))
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+
+    def run():
+        return importance_map((8, 6), mode), sliding_window_inference(x, (8, 6), conv, mode=mode, overlap=0.4)
+
+    with torch.no_grad():
+        ref = run()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            got = run()
+        finally:
+            torch.set_default_dtype(default)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)

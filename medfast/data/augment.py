@@ -4,8 +4,10 @@ patch crop together, to the image (linear) and identically to its labels (neares
 changes (gamma, scale/shift, bias field, noise) to the image only.
 
 Randomness comes from one integer seed per sample (see :class:`medfast.train.distributed.EpochSampler`):
-the same seed gives the same augmentation on any rank count or resume point, and on any device up to the
-noise values (drawn by the device's own generator, whose stream differs between CPU and CUDA).
+the same seed gives the same augmentation on any rank count or resume point, whatever
+``torch.get_default_dtype()`` (every draw has an explicit dtype: float32, or float64 for the geometry, the image
+keeps its dtype), and on any device up to the noise values (drawn by the device's own generator, whose stream
+differs between CPU and CUDA).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class RandomAugment:
             off = u(nd * nd).view(nd, nd) * cfg.shear
             shear = shear + off * (1 - torch.eye(nd, dtype=torch.float64))
         flips = torch.ones(nd, dtype=torch.float64)
-        draws = torch.rand(nd, generator=g)
+        draws = torch.rand(nd, generator=g, dtype=torch.float32)
         for axis in cfg.flip:
             axis = py_scalar(axis)
             if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < nd:
@@ -138,7 +140,8 @@ class RandomAugment:
         Returns
         -------
         (Tensor, Tensor or None)
-            ``(B, C, *P)`` image and ``(B, *P)`` labels (same dtype as given).
+            ``(B, C, *P)`` image and ``(B, *P)`` labels (same dtype as given; an integer image comes back
+            float32).
         """
         from medfast.ops import affine_warp, integrate
 
@@ -165,7 +168,8 @@ class RandomAugment:
             thetas.append(random_crop_theta(in_shape, out_shape, g, self._sample_geometry(g, nd),
                                             cfg.translation if cfg.enabled else 0.0))
             if deform:
-                vels.append(torch.randn(nd, *([cfg.deform_grid] * nd), generator=g) * cfg.deform_magnitude)
+                vels.append(torch.randn(nd, *([cfg.deform_grid] * nd), generator=g, dtype=torch.float32)
+                            * cfg.deform_magnitude)
         dev = image.device
         img_in = image if image.dtype in (torch.float32, torch.float64) else image.float()
         pos = torch.float64 if img_in.dtype == torch.float64 else torch.float32  # warp's position dtype
@@ -186,6 +190,8 @@ class RandomAugment:
                               mode="nearest", padding="zeros")[:, 0].round().to(label.dtype)
         if cfg.enabled and not self.geometric_only:
             out = self._intensity(out, gens)
+        if image.is_floating_point():  # a half / bfloat16 image was warped in float32
+            out = out.to(image.dtype)
         return out, lab
 
     def _intensity(self, x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
@@ -197,24 +203,25 @@ class RandomAugment:
             c = xb.shape[0]
 
             def u(n: int, gen: torch.Generator = g) -> torch.Tensor:
-                return torch.rand(n, generator=gen) * 2 - 1
+                return torch.rand(n, generator=gen, dtype=torch.float32) * 2 - 1
 
             gamma, scale, shift = u(c) * cfg.gamma, 1 + u(c) * cfg.intensity_scale, u(c) * cfg.intensity_shift
-            noise_std = torch.rand(1, generator=g) * cfg.noise_std
+            noise_std = torch.rand(1, generator=g, dtype=torch.float32) * cfg.noise_std
             noise_seed = int(torch.randint(0, 2**62, (1,), generator=g))
-            bias = torch.randn(1, 1, *([4] * nd), generator=g) * cfg.bias_field if cfg.bias_field else None
-            dev = xb.device
+            bias = (torch.randn(1, 1, *([4] * nd), generator=g, dtype=torch.float32) * cfg.bias_field
+                    if cfg.bias_field else None)
+            dev, dtype = xb.device, xb.dtype
             shape = [c] + [1] * nd
             if cfg.gamma:
                 lo = xb.flatten(1).min(1).values.view(shape)
                 hi = xb.flatten(1).max(1).values.view(shape)
                 span = (hi - lo).clamp_min(1e-6)
-                xb = ((xb - lo) / span).clamp_min(0).pow(gamma.exp().to(dev).view(shape)) * span + lo
-            xb = xb * scale.to(dev).view(shape) + shift.to(dev).view(shape)
+                xb = ((xb - lo) / span).clamp_min(0).pow(gamma.exp().to(dev, dtype).view(shape)) * span + lo
+            xb = xb * scale.to(dev, dtype).view(shape) + shift.to(dev, dtype).view(shape)
             if bias is not None:
                 field = F.interpolate(bias.to(dev), size=list(xb.shape[1:]),
                                       mode="trilinear" if nd == 3 else "bilinear", align_corners=True)[0]
-                xb = xb * field.exp()
+                xb = xb * field.exp().to(dtype)
             if cfg.noise_std:
                 gd = torch.Generator(device=dev).manual_seed(noise_seed)
                 xb = xb + torch.randn(xb.shape, generator=gd, device=dev, dtype=xb.dtype) * noise_std.item()

@@ -239,8 +239,11 @@ class NiftiDataset(Dataset):
         Relabel on load (unlisted values map to themselves); keys and values are integers >= 0 (else
         :class:`TypeError` / :class:`ValueError` naming the key).
     cache : {"memory", "disk", "none"}
-        Keep preprocessed subjects in memory (per data-loader worker), in ``cache_dir`` as ``.pt`` files
-        keyed by file names, sizes, modification times (of every channel file) and preprocessing, or nowhere.
+        Keep preprocessed subjects in memory, in ``cache_dir`` as ``.pt`` files keyed by file names, sizes,
+        modification times (of every channel file) and preprocessing, or nowhere. The memory cache belongs to the
+        process that reads the subject: each data-loader worker fills its own, which lasts as long as the worker
+        (the trainer keeps its workers for the whole run: with ``W`` workers a subject is read and preprocessed at
+        most ``W`` times, and up to ``W`` copies of the data set are held; ``disk`` keeps one copy, on disk).
     check : bool
         Check at construction that every file exists and is readable, that each label has its image's
         shape and affine, that the channel files of an image share their first file's shape and affine, and

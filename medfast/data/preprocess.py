@@ -298,7 +298,7 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
             flat = x.flatten()
             if flat.numel() > 2_000_000:  # an even subsample; integer indices (float32 ones round past 2^24)
                 flat = flat[torch.arange(2_000_000) * (flat.numel() - 1) // (2_000_000 - 1)]
-            qlo, qhi = torch.quantile(flat, torch.tensor([lo, hi]))
+            qlo, qhi = torch.quantile(flat, torch.tensor([lo, hi], dtype=flat.dtype))
             x.clamp_(qlo, qhi)
         if method == "zscore":
             mask = x != 0

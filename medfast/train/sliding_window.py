@@ -41,9 +41,9 @@ def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale:
         raise ValueError("roi_size must have at least one axis, got ()")
     roi_size = check_shape("roi_size", roi_size, nd)
     if mode == "constant":
-        return torch.ones(roi_size, device=device)
+        return torch.ones(roi_size, device=device, dtype=torch.float32)  # (not the default dtype)
     scales = _per_axis("sigma_scale", sigma_scale, nd)
-    out = torch.ones((), device=device)
+    out = torch.ones((), device=device, dtype=torch.float32)
     for r, scale in zip(roi_size, scales):
         x = torch.arange(r, device=device, dtype=torch.float32) - (r - 1) / 2
         sigma = max(scale * r, 1e-6)
@@ -187,8 +187,9 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int
                 shape = [int(p * z) for p, z in zip(padded, zoom)]
                 w = weight if list(yk.shape[2:]) == roi else torch.nn.functional.interpolate(
                     weight[None, None], list(yk.shape[2:]), mode="nearest-exact")[0, 0]
-                outs[key] = [torch.zeros(batch, yk.shape[1], *shape, device=out_device),
-                             torch.zeros(batch, 1, *shape, device=out_device), zoom, w, tuple(yk.shape[2:])]
+                f32 = {"device": out_device, "dtype": torch.float32}  # the float32 sums, whatever the default dtype
+                outs[key] = [torch.zeros(batch, yk.shape[1], *shape, **f32), torch.zeros(batch, 1, *shape, **f32), zoom,
+                             w, tuple(yk.shape[2:])]
             out, norm, zoom, w, win = outs[key]
             if tuple(yk.shape[2:]) != win:
                 raise ValueError(f"predictor returned {f'output {key!r}' if key else 'an output'} of spatial shape "

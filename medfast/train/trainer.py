@@ -477,6 +477,8 @@ class Trainer:
         self._lock: tuple[int, Path, list[Path]] | None = None  # rank 0's lock on out_dir (see _lock_out_dir)
         self._tb = None
         self._tb_purge = 0  # TensorBoard events from this step on are dropped (those of an interrupted run)
+        self._train_loader: torch.utils.data.DataLoader | None = None  # one per fit (see _loader)
+        self._val_loader: torch.utils.data.DataLoader | None = None
 
     # -- setup ----------------------------------------------------------------------------------------
     def _seed(self) -> None:
@@ -546,16 +548,51 @@ class Trainer:
         return out
 
     def _loader(self, epoch: int, start_batch: int):
+        """The training loader, its sampler set to ``epoch`` from batch ``start_batch`` on.
+
+        One DataLoader serves the whole fit and, with ``data.num_workers > 0``, its workers persist across epochs:
+        what a worker caches (``data.cache: memory``) is kept, so each subject is read and preprocessed at most once
+        per worker process instead of once per epoch in every worker. The batches are those of ``num_workers=0``:
+        the sampler (in this process) gives each epoch's order and every sample's augmentation seed, and the
+        batches come back in order. The workers' global RNGs are seeded once per fit from ``trainer.seed`` and the
+        rank (``_worker_init``); the data sets draw from per-sample seeds, not from them."""
         from medfast.data import collate
 
         tc, dc = self.config.trainer, self.config.data
-        self.sampler.set_epoch(epoch, start_batch * tc.batch_size)
-        g = torch.Generator().manual_seed(tc.seed * 7919 + self.rank * 104729 + epoch)
-        return torch.utils.data.DataLoader(
-            self.train_ds, batch_size=tc.batch_size, sampler=self.sampler, collate_fn=collate,
-            num_workers=dc.num_workers, worker_init_fn=_worker_init, generator=g,
-            persistent_workers=False, pin_memory=self.device.type == "cuda",
-        )
+        self.sampler.set_epoch(epoch, start_batch * tc.batch_size)  # read when the loader is iterated
+        if self._train_loader is None:
+            g = torch.Generator().manual_seed(tc.seed * 7919 + self.rank * 104729)
+            self._train_loader = torch.utils.data.DataLoader(
+                self.train_ds, batch_size=tc.batch_size, sampler=self.sampler, collate_fn=collate,
+                num_workers=dc.num_workers, worker_init_fn=_worker_init, generator=g,
+                persistent_workers=dc.num_workers > 0, pin_memory=self.device.type == "cuda",
+            )
+        return self._train_loader
+
+    def _validation_loader(self, ds: torch.utils.data.Dataset):
+        """The validation loader, one per fit (persistent workers, as :meth:`_loader`'s). Like a new DataLoader
+        without a generator, each validation draws one number from the global torch RNG (a new iterator's worker
+        base seed; the persistent iterator draws it only once, so here it is drawn for it): the global RNG stream
+        after a validation (dropout, noise in the training steps) is the same for every ``data.num_workers``."""
+        from medfast.data import collate
+
+        workers = self.config.data.num_workers
+        if self._val_loader is None:
+            self._val_loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=collate, num_workers=workers,
+                                                           persistent_workers=workers > 0)
+        elif workers > 0:
+            torch.empty((), dtype=torch.int64).random_()
+        return self._val_loader
+
+    def _close_loaders(self) -> None:
+        """Ends the persistent workers of this fit's loaders (also after an error or Ctrl-C, whose traceback may
+        still hold the batch stream) and drops the loaders, so a later fit starts from its own data sets."""
+        for loader in (self._train_loader, self._val_loader):
+            iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator (torch's, private)
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._train_loader = self._val_loader = None
 
     def _micro_batches(self, start_micro: int):
         """Endless (epoch, batch) stream starting at global micro-batch ``start_micro``."""
@@ -872,16 +909,13 @@ class Trainer:
         """Validation metrics, the mean over the validation subjects. Under DDP each rank validates every
         ``world``-th subject and rank 0 gathers the rows in subject order, so the metrics equal one
         process's; rank 0 logs them and draws the samples PNG."""
-        from medfast.data import collate
-
         if self.val_ds is None or len(self.val_ds) == 0:
             return {}
         mine = list(range(self.rank, len(self.val_ds), self.world))
         ds = self.val_ds if self.world == 1 else torch.utils.data.Subset(self.val_ds, mine)
         self.model.eval()
         rows: list[tuple[int, list[dict[str, float]]]] = []  # (subject, its rows)
-        loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=collate,
-                                             num_workers=self.config.data.num_workers)
+        loader = self._validation_loader(ds)
         first = None
         with torch.no_grad(), self._autocast():
             for index, batch in zip(mine, loader, strict=True):
@@ -936,6 +970,7 @@ class Trainer:
         try:
             return self._fit(stop_after)
         finally:
+            self._close_loaders()
             if self._tb:
                 self._tb.close()
                 self._tb = None

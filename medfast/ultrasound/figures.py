@@ -14,7 +14,8 @@ from medfast.ultrasound import Probe, look_at, simulate
 
 
 def _homogeneous(alpha=0.0):
-    props = torch.tensor([1.5, alpha, 1.0, 1.0, 0.0]).view(1, 5, 1, 1, 1).expand(1, 5, 2, 2, 2).clone()
+    props = torch.tensor([1.5, alpha, 1.0, 1.0, 0.0], dtype=torch.float32).view(1, 5, 1, 1, 1)
+    props = props.expand(1, 5, 2, 2, 2).clone()
     affine = np.diag([400.0, 400.0, 400.0, 1.0])
     affine[:3, 3] = -200.0
     return props, affine
@@ -64,8 +65,8 @@ def physics_figure(path: str) -> dict:
     # 3. Planar interface Z 1.5 -> 2.5 at 10 mm.
     p3 = Probe.preset("L11-5v", n_lines=64, n_samples=1001, depth_mm=20.0)
     n = 1250  # 25 mm: the volume ends beyond the imaged depth
-    props = torch.zeros(1, 5, 3, 3, n)
-    zz = torch.arange(n) * 0.02
+    props = torch.zeros(1, 5, 3, 3, n, dtype=torch.float32)
+    zz = torch.arange(n, dtype=torch.float32) * 0.02
     props[:, 0] = torch.where(zz < 10.0, 1.5, 2.5)
     props[:, 2] = 1.0
     props[:, 3] = 0.005
@@ -94,7 +95,7 @@ def physics_figure(path: str) -> dict:
     out["speckle_correlation_vs_shift_mm"] = dict(zip([round(float(s), 3) for s in shifts], corr))
     ax[3].plot(shifts, corr, "o-")
     ax[3].set_xlabel("lateral probe shift (mm)", fontsize=7)
-    res_mm = float(probe.lateral_fwhm_mm(torch.tensor(20.0)))
+    res_mm = float(probe.lateral_fwhm_mm(torch.tensor(20.0, dtype=torch.float64)))
     ax[3].axvline(res_mm, color="k", ls="--", lw=0.7, label=f"lateral -6 dB width at 20 mm ({res_mm:.2f} mm)")
     ax[3].legend(fontsize=7)
     ax[3].set_title("speckle correlation vs lateral pose shift (L11-5v)", fontsize=8)

@@ -63,6 +63,31 @@ def _retained(obj):
     return obj
 
 
+def _normal_tensors(build):
+    """Runs a cache's builder outside ``torch.inference_mode`` (and without autograd): a constant built in a first
+    call under inference mode was an inference tensor, and every later differentiable call failed when autograd
+    saved it for backward ("Inference tensors cannot be saved for backward") until the process restarted. Normal
+    tensors serve calls in every grad mode (under inference mode too, without recording a graph)."""
+
+    @functools.wraps(build)
+    def call(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return build(*args, **kwargs)
+
+    return call
+
+
+def _clear_caches() -> None:
+    """Empties the simulator's caches of constants (noise tables, affines, probe tables, device copies); the next call
+    rebuilds what it needs. For tests, and to free the memory they hold (a few MiB per probe and device)."""
+    with _NOISE_LOCK:
+        _NOISE_CACHE.clear()
+    _AFFINES.clear()
+    _DEVICE_COPIES.clear()
+    for cache in (_probe_box, _cached, _gain_db, _grid_chunks):
+        cache.cache_clear()
+
+
 def _retaining(cached_fn):
     """An ``lru_cache`` function whose results :func:`retain_cached` collects."""
 
@@ -215,12 +240,16 @@ def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, tuple[floa
     cached = _AFFINES.get(key) if key is not None else None  # one read: another thread may clear the dict
     if cached is not None:
         return cached
-    a = _check_affine(affine)
+    with torch.inference_mode(False), torch.no_grad():  # cached: normal tensors (see _normal_tensors)
+        # a copy: as_tensor keeps a float64 CPU affine itself, and a caller reusing that tensor in place for another
+        # matrix changed this cache entry's affine (not its key nor its inverse)
+        a = _check_affine(affine).clone()
+        inv = torch.linalg.inv(a)
     # The voxel size along each voxel axis (the column norms) sets that axis' interface sharpening
     # (_scanlines' sharp): one value for all axes left either the thick axis of an anisotropic volume
     # (thick-slice CT) with a weak echo (the mean) or its fine axes with steps of a tenth of a sample,
     # whose echoes snapped to the sample grid with a zero pose gradient (the largest).
-    info = (a, torch.linalg.inv(a), tuple(float(v) for v in torch.linalg.norm(a[:3, :3], dim=0)))
+    info = (a, inv, tuple(float(v) for v in torch.linalg.norm(a[:3, :3], dim=0)))
     if key is not None:
         if len(_AFFINES) >= 64:
             _AFFINES.clear()
@@ -399,18 +428,21 @@ def probe_points(probe: Probe, sub_rays: int, device=None) -> torch.Tensor:
 
 
 def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
+    """The cached noise table of ``seed`` (or the deterministic one without speckle) on ``device``: float32, as
+    the march kernel reads it, whatever torch's default dtype."""
     key = (bool(speckle), int(seed) if speckle else 0, str(device))  # (seed -1 with speckle is a seed too)
     with _NOISE_LOCK:  # simulate() may run in several threads: lookup, insert and eviction as one step
         table = _NOISE_CACHE.get(key)
         if table is not None:
             _NOISE_CACHE.move_to_end(key)
             return _retained(table)
-    if speckle:
-        table = noise_table(seed)
-    else:  # deterministic scatterers: unit real value, no amplitude spread
-        table = torch.zeros(1, 4)
-        table[0, 0] = 1.0
-    table = table.to(device)
+    with torch.inference_mode(False), torch.no_grad():  # cached: a normal tensor (see _normal_tensors)
+        if speckle:
+            table = noise_table(seed)
+        else:  # deterministic scatterers: unit real value, no amplitude spread
+            table = torch.zeros(1, 4, dtype=torch.float32)
+            table[0, 0] = 1.0
+        table = table.to(device)
     with _NOISE_LOCK:
         table = _NOISE_CACHE.setdefault(key, table)  # another thread may have made it meanwhile
         _NOISE_CACHE.move_to_end(key)
@@ -426,6 +458,7 @@ def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
 
 @_retaining
 @functools.lru_cache(maxsize=32)
+@_normal_tensors
 def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dtype, extra):
     """Per-probe constant tensors, computed once per (probe, sub_rays, device, dtype, extra); ``extra``:
     the pixel spacing of "grid", the scatter cell of "elevation3"."""
@@ -452,6 +485,7 @@ def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dt
 
 @_retaining
 @functools.lru_cache(maxsize=64)
+@_normal_tensors
 def _gain_db(probe: Probe, device: str, dtype: torch.dtype, tgc_db_cm_mhz: float, gain_db: float) -> torch.Tensor:
     """``(S,)`` dB added to each sample: the time-gain compensation 2 tgc fc z plus the gain."""
     z_cm = probe.depths(dtype=torch.float64) / 10.0
@@ -532,6 +566,7 @@ def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[tor
 
 @_retaining
 @functools.lru_cache(maxsize=32)
+@_normal_tensors
 def _grid_chunks(probe: Probe, chunks: int, device: str, dtype: torch.dtype, pixel_mm) -> torch.Tensor:
     """The scan grid's rows in ``chunks`` batch entries ``(chunks, ceil(H / chunks), W, 2)`` (padding
     rows outside the scanned region)."""
@@ -573,7 +608,8 @@ def _device_copy(t: torch.Tensor, dev: torch.device, dt: torch.dtype) -> torch.T
     key = (t.numpy().tobytes(), str(dev), dt)
     copy = _DEVICE_COPIES.get(key)  # one read, then a local: another thread may clear the dict meanwhile
     if copy is None:
-        copy = t.to(dtype=dt).to(device=dev)
+        with torch.inference_mode(False), torch.no_grad():  # cached: a normal tensor (see _normal_tensors)
+            copy = t.to(dtype=dt).to(device=dev)
         if len(_DEVICE_COPIES) >= 64:
             _DEVICE_COPIES.clear()
         _DEVICE_COPIES[key] = copy

@@ -12,6 +12,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch._C import _functorch
 
 from medfast.ops._ussim import N_PROPS, PROP_NAMES
 
@@ -83,7 +84,8 @@ def hu_to_properties(ct: torch.Tensor, knots=HU_KNOTS) -> torch.Tensor:
     if ct.dim() != 4:
         raise ValueError(f"ct must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(ct.shape)}")
     hu, vals = _knot_tensor(knots, ct.device, ct.dtype)
-    if torch.is_grad_enabled() and (ct.requires_grad or vals.requires_grad or hu.requires_grad):
+    if (torch.is_grad_enabled() and (ct.requires_grad or vals.requires_grad or hu.requires_grad)) \
+            or _transformed():
         x = ct.clamp(hu[0], hu[-1])
         idx = torch.searchsorted(hu.contiguous(), x.detach().contiguous(), right=True).clamp(1, hu.numel() - 1) - 1
         h0, h1 = hu[idx], hu[idx + 1]
@@ -92,6 +94,14 @@ def hu_to_properties(ct: torch.Tensor, knots=HU_KNOTS) -> torch.Tensor:
         v1 = vals[idx + 1].permute(0, 4, 1, 2, 3)
         return v0 + t * (v1 - v0)
     return _hu_slabs(ct, hu.contiguous(), vals)
+
+
+def _transformed() -> bool:
+    """Forward-mode AD or a torch.func transform is active: its dual / wrapped tensors report
+    ``requires_grad=False``, and the ``out=`` / in-place slab path has no forward derivative nor batching rule."""
+    if torch.compiler.is_compiling():  # traced graphs hold no transform wrappers
+        return False
+    return torch.autograd.forward_ad._current_level >= 0 or _functorch.peek_interpreter_stack() is not None
 
 
 def _hu_slabs(ct: torch.Tensor, hu: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
