@@ -218,8 +218,9 @@ def test_itk_applies_the_ddf_and_affine_like_medfast(tmp_path, case):
 @pytest.mark.parametrize("case", ["3d", "axial slice (X, Y, 1)", "coronal slice (X, 1, Z)"])
 def test_cli_outputs_keep_the_fixed_layout_and_load_ddf_repeats_the_warp(tmp_path, case):
     """`medfast register` end to end: warped / ddf / warped_labels in the fixed file's shape and affine (a coronal
-    slice stays (X, 1, Z)), and medfast.warp with load_ddf's field reproduces warped.nii.gz."""
-    from medfast.tasks.registration import load_ddf, load_nifti, normalize_intensity, to_fixed_grid
+    slice stays (X, 1, Z)), and load_ddf's field reproduces warped.nii.gz: the native moving array sampled once
+    (scipy, trilinear) at A_m^-1 A_f (x + ddf)."""
+    from medfast.tasks.registration import grid_affines, load_ddf, load_nifti, normalize_intensity
 
     paths, af, am = _write_pair(tmp_path, case)
     fshape = CASES[case][0]
@@ -245,8 +246,14 @@ def test_cli_outputs_keep_the_fixed_layout_and_load_ddf_repeats_the_warp(tmp_pat
     fd, fa = load_nifti(paths["fixed"])
     md, ma = load_nifti(paths["moving"])
     n = fd.ndim
-    mv = normalize_intensity(to_fixed_grid(md, ma, fa, fd.shape)[None, None], spatial_dims=n)
-    again = mf.warp(mv, ddf)[0, 0].numpy()
+    # register samples the native moving array (normalized on its own voxels) once, through the header map
+    mv = normalize_intensity(torch.as_tensor(md, dtype=torch.float32), spatial_dims=n).double().numpy()
+    a_m, a_f = grid_affines(ma, fa, n)
+    p = np.linalg.solve(a_m, a_f)
+    pos = np.stack(np.meshgrid(*[np.arange(v, dtype=np.float64) for v in fd.shape], indexing="ij")) + \
+        ddf[0].double().numpy()
+    pos = np.einsum("ij,j...->i...", p[:n, :n], pos) + p[:n, n].reshape(n, *[1] * n)
+    again = ndimage.map_coordinates(mv, pos, order=1, mode="grid-constant", cval=0.0)
     warped = np.asarray(nib.load(out / "warped.nii.gz").dataobj).reshape(again.shape)
     np.testing.assert_allclose(again, warped, atol=1e-4)
     if sitk is not None and case != "axial slice (X, Y, 1)":  # ITK reads these as the fixed file's 3D grid

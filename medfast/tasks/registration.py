@@ -1,11 +1,14 @@
 """Registration task: instance optimization (affine, then deformable), trained-model inference,
 the ``medfast register`` command and the Colin27 -> MNI152 demo.
 
-Conventions. Both images live on the FIXED image's voxel grid: the moving image is first resampled
-there through the two NIfTI affines (its header alignment). A transform is then the map from fixed
-voxel ``x`` to moving voxel ``theta @ [x; 1] + u(x)``: an affine ``theta`` ``(1, n, n + 1)`` and a
-displacement ``u`` ``(1, n, *S)`` in voxels, sampled in one :func:`medfast.affine_warp` call. The
-total displacement field written out is ``ddf(x) = theta @ [x; 1] + u(x) - x``.
+Conventions. A transform is the map from fixed voxel ``x`` to the moving position ``theta @ [x; 1] + u(x)``
+expressed in the FIXED grid's voxel coordinates (the moving image as its header places it on the fixed grid):
+an affine ``theta`` ``(1, n, n + 1)`` and a displacement ``u`` ``(1, n, *S)`` in fixed voxels. The total
+displacement field written out is ``ddf(x) = theta @ [x; 1] + u(x) - x``. The moving image is not resampled
+onto the fixed grid first (that cut it to the fixed field of view and interpolated it twice): given both
+images' voxel-to-mm affines, the header map ``P = A_m^-1 A_f`` is folded into the sampling, so the optimization
+and the warped image read the native moving array once, at moving voxel ``P @ [theta @ [x; 1] + u(x); 1]``,
+in one :func:`medfast.affine_warp` call (as ITK / ANTs sample the moving image in its own grid).
 
 The affine is optimized in centred coordinates ``y = (x - c) / h`` (``c`` the image centre, ``h``
 its half size, in full-resolution voxels), so one set of parameters serves every resolution level.
@@ -98,9 +101,13 @@ class RegistrationConfig:
     affine_iters, deform_iters : int
         Adam iterations per level.
     affine_lr : float
-        Learning rate of the centred affine parameters (1 = half the image size for a translation).
+        Initial learning rate of the centred affine parameters (1 = half the image size for a translation);
+        Adam, decayed along a half cosine to 1 % within each level. The best-loss parameters of the last level
+        are kept, and the identity (no affine) is kept instead when they score a worse full-resolution LNCC
+        than it (``metrics["affine_kept"]``).
     deform_lr : float
-        Learning rate of the displacement (voxels of the level).
+        Learning rate of the displacement in full-resolution voxels (level ``f`` optimizes its field, in its own
+        voxels, at ``deform_lr / f``).
     kernel_size : int
         LNCC window (voxels of each level).
     bending_weight : float
@@ -108,12 +115,16 @@ class RegistrationConfig:
     dice_weight : float
         Weight of the label Dice term (weak supervision; used only when both label maps are given).
     velocity : bool
-        Optimize a stationary velocity field integrated by scaling and squaring (diffeomorphic).
+        Optimize a stationary velocity field integrated by scaling and squaring. Diffeomorphic only in the
+        continuum: the discrete result can still fold at a low ``bending_weight`` (0.1), as can a plain
+        displacement; ``metrics["folding_percent"]`` reports it for every deformable run.
     integration_steps : int
         Squarings of :func:`medfast.integrate` (0 to 64).
     """
 
-    affine_levels: tuple[int, ...] = (4, 2)
+    # full resolution included: stopping at level 2 left the affine 2x less accurate (0.5-1.2 mm against 0.02-0.5 mm
+    # TRE on known affines of the 4 mm MNI152)
+    affine_levels: tuple[int, ...] = (4, 2, 1)
     affine_iters: int = 80
     affine_lr: float = 0.01
     deform_levels: tuple[int, ...] = (4, 2, 1)
@@ -153,16 +164,22 @@ class RegistrationResult:
     Attributes
     ----------
     theta : Tensor
-        ``(1, n, n + 1)`` affine, fixed voxel -> moving voxel.
+        ``(1, n, n + 1)`` affine, fixed voxel -> moving position in fixed-grid voxel coordinates (the moving
+        image as its header places it on the fixed grid; with :func:`register_pair`'s ``fixed_affine`` /
+        ``moving_affine`` the moving array voxel is ``A_m^-1 A_f @ [theta @ [x; 1]; 1]``).
     ddf : Tensor
-        ``(1, n, *S)`` total displacement (affine included), voxels of the fixed grid.
+        ``(1, n, *S)`` total displacement (affine included), voxels of the fixed grid, same frame as ``theta``:
+        moving position ``x + ddf(x)``.
     warped : Tensor
         ``(1, C, *S)`` moving image warped onto the fixed image.
     warped_labels : Tensor or None
         ``(*S)`` int64 moving labels warped (nearest).
     metrics : dict
         Dice (mean over the fixed image's foreground labels) and LNCC before / after affine / after
-        deformable, stage times in seconds, loss history.
+        deformable, stage times in seconds, loss history, ``overlap_before`` (the fraction of the fixed
+        foreground that the header alignment places inside the moving image), ``affine_kept`` and, after a
+        deformable stage, ``folding_percent`` (voxels of the fixed grid where the Jacobian determinant of
+        ``x + ddf(x)``, central differences, is <= 0, in percent).
     """
 
     theta: torch.Tensor
@@ -257,11 +274,100 @@ def normalize_intensity(x: torch.Tensor, lo_pct: float = 0.5, hi_pct: float = 99
     return torch.stack([one(c) for c in flat]).reshape(x.shape)
 
 
-def _down(x: torch.Tensor, f: int) -> torch.Tensor:
-    if f == 1:
+def _down(x: torch.Tensor, f: int | Sequence[int]) -> torch.Tensor:
+    """Average-pools by ``f`` (one factor, or one per spatial axis), ceil mode."""
+    if all(v == 1 for v in (f if isinstance(f, Sequence) else [f])):
         return x
     pool = F.avg_pool3d if x.dim() == 5 else F.avg_pool2d
     return pool(x, f, ceil_mode=True, count_include_pad=False)
+
+
+# header overlap (fraction of the fixed foreground inside the moving image) below which register_pair refuses the
+# pair (ITK: "All samples map outside moving image buffer"), and below which it warns
+_MIN_OVERLAP = 0.02
+_WARN_OVERLAP = 0.5
+# the affine learning rate decays along a half cosine to this fraction of affine_lr within each level
+_AFFINE_LR_END = 0.01
+
+
+class _NoOverlapError(RegistrationError):
+    """The header alignment places (almost) none of the fixed image inside the moving image."""
+
+
+class _OverlapWarning(UserWarning):
+    """The header alignment places less than half the fixed foreground inside the moving image."""
+
+
+def _level_box(f: int | Sequence[int], n: int) -> np.ndarray:
+    """``(n + 1, n + 1)`` map from level voxel ``i`` to full-resolution voxel ``x = f i + (f - 1) / 2``."""
+    fv = np.broadcast_to(np.asarray(f, dtype=np.float64), (n,))
+    d = np.eye(n + 1)
+    d[:n, :n] = np.diag(fv)
+    d[:n, n] = (fv - 1) / 2
+    return d
+
+
+def _grid_map(fixed_affine: Any, moving_affine: Any, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(A_m^-1 A_f, ratio)``: the map fixed voxel -> moving array voxel, and per moving axis the fixed image's
+    finest voxel size over the moving voxel size; None for images on one grid."""
+    if fixed_affine is None and moving_affine is None:
+        return None
+    if fixed_affine is None or moving_affine is None:
+        raise ValueError("give both fixed_affine and moving_affine (voxel-to-mm), or neither")
+    mats = []
+    for name, a in (("fixed_affine", fixed_affine), ("moving_affine", moving_affine)):
+        a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+        if a.shape != (n + 1, n + 1) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:n, :n])) < 1e-12:
+            raise ValueError(f"{name} must be a finite invertible ({n + 1}, {n + 1}) voxel-to-mm affine, got "
+                             f"{a.tolist()}")
+        mats.append(a)
+    size = [np.sqrt((a[:n, :n] ** 2).sum(axis=0)) for a in mats]
+    return np.linalg.solve(mats[1], mats[0]), size[0].min() / size[1]
+
+
+def _moving_factors(f: int, grid: tuple[np.ndarray, np.ndarray] | None, mshape: Sequence[int]) -> tuple[int, ...]:
+    """Pooling factors of the moving image's axes at level ``f``: its voxels about as large as the level's (the
+    fixed image's finest voxel times ``f``), at most the axis; ``f`` on every axis for images on one grid."""
+    if grid is None:
+        return (f,) * len(mshape)
+    return tuple(int(min(m, max(1, round(f * r)))) for m, r in zip(mshape, grid[1]))
+
+
+def _sample_moving(moving: torch.Tensor, theta: torch.Tensor, u: torch.Tensor | None, q: torch.Tensor | None,
+                   shape: Sequence[int], mode: str = "linear") -> torch.Tensor:
+    """``moving`` sampled on a fixed(-level) grid of ``shape`` at ``q @ [theta @ [x; 1] + u(x); 1]``: ``theta``
+    and ``u`` in fixed-grid voxels, ``q`` ``(n, n + 1)`` (float64) the map from there to ``moving``'s voxels
+    (None: the identity, images on one grid). One :func:`medfast.affine_warp` call."""
+    if q is not None:
+        n = q.shape[0]
+        theta = (q[:, :n] @ theta.double()).to(theta.dtype)
+        theta = torch.cat([theta[..., :n], theta[..., n:] + q[:, n:].to(theta.dtype)], -1)
+        if u is not None:
+            u = torch.einsum("ij,bj...->bi...", q[:, :n].to(u.dtype), u)
+    if u is not None:
+        return mf.affine_warp(moving, theta, ddf=u, mode=mode)
+    return mf.affine_warp(moving, theta, shape=tuple(shape), mode=mode)
+
+
+def _folding_percent(ddf: torch.Tensor) -> float:
+    """Percent of the voxels where the Jacobian determinant of ``x + ddf(x)`` (central differences, one-sided at
+    the border, as ``np.gradient``) is <= 0; ``ddf`` ``(1, n, *S)`` in voxels."""
+    n = ddf.shape[1]
+    u = ddf[0].detach()
+    size = u.shape[1]
+    step = max(1, 2 ** 20 // max(1, math.prod(u.shape[2:])))  # slabs of ~1M voxels: the float64 Jacobians are 9x
+    folded = 0
+    for a in range(0, size, step):
+        b = min(a + step, size)
+        lo, hi = max(a - 1, 0), min(b + 1, size)  # one neighbour slice each side: the same central differences
+        slab = u[:, lo:hi].double()
+        if slab.shape[1] < 2:  # (an axis of one voxel cannot occur: register_pair refuses it)
+            continue
+        jac = torch.stack([torch.stack(torch.gradient(slab[i], dim=list(range(n))), 0) for i in range(n)], 0)
+        jac = jac[:, :, a - lo:a - lo + b - a] + torch.eye(n, dtype=jac.dtype, device=jac.device).reshape(
+            n, n, *([1] * n))
+        folded += int((torch.linalg.det(jac.movedim(0, -1).movedim(0, -1)) <= 0).sum())
+    return 100.0 * folded / math.prod(u.shape[1:])
 
 
 def _centre_scale(shape: Sequence[int], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,25 +466,28 @@ def register_pair(
     device: str | torch.device = "cpu",
     progress: bool = True,
     spatial_dims: int | None = None,
+    fixed_affine: Any = None,
+    moving_affine: Any = None,
 ) -> RegistrationResult:
-    """Registers ``moving`` to ``fixed`` (same voxel grid) by instance optimization.
+    """Registers ``moving`` to ``fixed`` by instance optimization.
 
-    Affine stage: 12 (3D) or 6 (2D) centred affine parameters, multi-resolution, LNCC. Deformable
-    stage: a displacement (or stationary velocity) field on each level's grid, initialised from the
-    coarser level, LNCC + ``bending_weight`` x bending energy (+ ``dice_weight`` x label Dice when
-    both label maps are given), sampled with :func:`medfast.affine_warp` (affine and displacement
-    in one pass).
+    Affine stage: 12 (3D) or 6 (2D) centred affine parameters, multi-resolution, LNCC, Adam with the learning
+    rate decayed along a half cosine within each level; the best-loss parameters of the last level are kept,
+    and the identity instead when they score a worse full-resolution LNCC (``metrics["affine_kept"]`` False).
+    Deformable stage: a displacement (or stationary velocity) field on each level's grid, initialised from the
+    coarser level, LNCC + ``bending_weight`` x bending energy (+ ``dice_weight`` x label Dice when both label
+    maps are given), sampled with :func:`medfast.affine_warp` (affine and displacement in one pass).
 
     Parameters
     ----------
     fixed, moving : Tensor or ndarray
-        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` finite images on the same grid, 2D or 3D, with the same
-        channels; intensities are normalized to [0, 1] internally, each channel on its own (robust
-        percentiles, :func:`normalize_intensity`), and LNCC is averaged over the channels. A 2-d array is
-        a 2D image, 3 to 5 dims are 3D (a 4-d array is ``(C, D, H, W)``) unless ``spatial_dims`` says
-        otherwise.
+        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` finite images, 2D or 3D, with the same channels; on the same
+        grid, or on any two grids placed by ``fixed_affine`` / ``moving_affine``. Intensities are normalized to
+        [0, 1] internally, each channel on its own (robust percentiles, :func:`normalize_intensity`), and LNCC
+        is averaged over the channels. A 2-d array is a 2D image, 3 to 5 dims are 3D (a 4-d array is
+        ``(C, D, H, W)``) unless ``spatial_dims`` says otherwise.
     fixed_labels, moving_labels : Tensor or ndarray, optional
-        ``(*S)`` integer label maps (0 = background). With both, Dice is reported for every
+        Integer label maps (0 = background) on their image's grid. With both, Dice is reported for every
         foreground label of the fixed map; ``config.dice_weight > 0`` also uses them in the loss.
     config : RegistrationConfig, optional
     device : str or torch.device
@@ -386,6 +495,13 @@ def register_pair(
         Show a tqdm progress bar.
     spatial_dims : {2, 3}, optional
         The images' spatial dims when the array rank leaves it open (2D images with channels).
+    fixed_affine, moving_affine : array, optional
+        ``(n + 1, n + 1)`` voxel-to-mm affines of the two images in one frame (:func:`grid_affines` for NIfTI
+        files). With them the moving image keeps its own grid (any shape and voxel size): it is sampled at
+        ``A_m^-1 A_f @ [theta @ [x; 1] + u(x); 1]``, once, so none of it is lost beyond the fixed field of view
+        and nothing is interpolated twice; ``theta`` / ``ddf`` of the result stay in fixed-grid voxels. A
+        :class:`RegistrationError` is raised when less than 2 % of the fixed foreground lies inside the moving
+        image by these affines (a warning below 50 %); ``metrics["overlap_before"]`` holds the fraction.
 
     Returns
     -------
@@ -395,13 +511,18 @@ def register_pair(
     device = torch.device(device)
     fixed = _as_image(fixed, "fixed", spatial_dims).to(device)
     moving = _as_image(moving, "moving", spatial_dims).to(device)
-    if fixed.shape[2:] != moving.shape[2:]:
-        raise ValueError(f"fixed and moving must share a grid (resample first); got spatial shapes "
-                         f"{tuple(fixed.shape[2:])} and {tuple(moving.shape[2:])}")
-    if fixed.shape[1] != moving.shape[1]:
-        raise ValueError(f"fixed and moving must have the same channels, got {fixed.shape[1]} and {moving.shape[1]}")
     shape = tuple(fixed.shape[2:])
     n = len(shape)
+    grid = _grid_map(fixed_affine, moving_affine, n)
+    if grid is None and fixed.shape[2:] != moving.shape[2:]:
+        raise ValueError(f"fixed and moving must share a grid (resample first, or give fixed_affine and "
+                         f"moving_affine); got spatial shapes {tuple(fixed.shape[2:])} and {tuple(moving.shape[2:])}")
+    if moving.dim() != fixed.dim():
+        raise ValueError(f"fixed and moving must both be 2D or both 3D, got shapes {tuple(fixed.shape[2:])} and "
+                         f"{tuple(moving.shape[2:])}")
+    if fixed.shape[1] != moving.shape[1]:
+        raise ValueError(f"fixed and moving must have the same channels, got {fixed.shape[1]} and {moving.shape[1]}")
+    mshape = tuple(moving.shape[2:])
     for name, levels in (("affine_levels", cfg.affine_levels), ("deform_levels", cfg.deform_levels)):
         too_big = [f for f in levels if f > min(shape)]
         if too_big:
@@ -412,7 +533,7 @@ def register_pair(
     labels = fixed_labels is not None
     if labels:
         fixed_labels = _as_labels(fixed_labels, "fixed_labels", shape).to(device)
-        moving_labels = _as_labels(moving_labels, "moving_labels", shape).to(device)
+        moving_labels = _as_labels(moving_labels, "moving_labels", mshape).to(device)
         classes = [int(k) for k in torch.unique(fixed_labels).tolist() if k != 0]
         if not classes:
             raise ValueError("fixed_labels has no foreground label (all 0)")
@@ -425,19 +546,51 @@ def register_pair(
     history: dict[str, list[float]] = {"affine": [], "deformable": []}
     metrics: dict[str, Any] = {"config": asdict(cfg), "shape": list(shape)}
 
+    def level_map(f: int, kf: Sequence[int]) -> torch.Tensor | None:
+        """Fixed-grid voxel at level ``f`` -> voxel of the moving image pooled by ``kf`` (None: identity)."""
+        if grid is None:
+            return None
+        q = np.linalg.solve(_level_box(kf, n), grid[0] @ _level_box(f, n))
+        return torch.as_tensor(q[:n], dtype=torch.float64, device=device)
+
+    q_full = level_map(1, (1,) * n)  # the native moving array, read once for the metrics and the result
+
+    identity = torch.eye(n, n + 1, device=device)[None]
+    # how much of the fixed image (its foreground; all of it when blank) the header alignment puts in the moving
+    # image: none means nothing to optimize (the warped image would be all zero and the transform the identity)
+    with torch.no_grad():
+        fg = (fixed > 0).any(1, keepdim=True).float()
+        if not bool(fg.any()):
+            fg = torch.ones_like(fg)
+        cover = _sample_moving(torch.ones(1, 1, *mshape, device=device), level_theta(identity, shape, 1), None,
+                               q_full, shape)
+        overlap = float((cover * fg).sum() / fg.sum())
+    metrics["overlap_before"] = overlap
+    if overlap < _MIN_OVERLAP:
+        raise _NoOverlapError(f"the images do not overlap: by their affines (headers) only {100 * overlap:.2g} % of "
+                              f"the fixed image's foreground lies inside the moving image, so there is nothing to "
+                              f"register (ITK: 'All samples map outside moving image buffer'); check the headers "
+                              f"(origin, orientation), or align the images first")
+    if overlap < _WARN_OVERLAP:
+        import warnings
+
+        warnings.warn(f"only {100 * overlap:.0f} % of the fixed image's foreground lies inside the moving image by "
+                      f"their affines (headers): a local optimization may not find the alignment", _OverlapWarning,
+                      stacklevel=2)
+
     def evaluate(stage: str, theta_full: torch.Tensor, u_full: torch.Tensor | None) -> torch.Tensor | None:
         with torch.no_grad():
-            warped = mf.affine_warp(moving, theta_full, ddf=u_full)
+            warped = _sample_moving(moving, theta_full, u_full, q_full, shape)
             metrics[f"lncc_{stage}"] = float(mf.lncc_loss(warped, fixed, kernel_size=k))
             if not labels:
                 return None
-            wl = mf.affine_warp(moving_labels[None, None].float(), theta_full, ddf=u_full, mode="nearest")[0, 0].long()
+            wl = _sample_moving(moving_labels[None, None].float(), theta_full, u_full, q_full, shape,
+                                mode="nearest")[0, 0].long()
             per = dice_per_label(wl, fixed_labels, classes)
             metrics[f"dice_{stage}"] = _mean(per)
             metrics[f"dice_{stage}_per_label"] = per
             return wl
 
-    identity = torch.eye(n, n + 1, device=device)[None]
     evaluate("before", level_theta(identity, shape, 1), None)
     total = len(cfg.affine_levels) * cfg.affine_iters + len(cfg.deform_levels) * cfg.deform_iters
     bar = _progress(total, progress, "register")
@@ -445,27 +598,43 @@ def register_pair(
     # ---- affine stage ----
     t0 = time.perf_counter()
     params = identity.clone().requires_grad_(True)
-    for f in cfg.affine_levels:
-        fx, mv = _down(fixed, f), _down(moving, f)
+    best_loss, best = math.inf, identity.clone()
+    for li, f in enumerate(cfg.affine_levels):
+        kf = _moving_factors(f, grid, mshape)
+        fx, mv, q = _down(fixed, f), _down(moving, kf), level_map(f, kf)
         lshape = fx.shape[2:]
         if use_dice:
-            foh, moh = _down(fixed_oh, f), _down(moving_oh, f)
+            foh, moh = _down(fixed_oh, f), _down(moving_oh, kf)
         opt = torch.optim.Adam([params], lr=cfg.affine_lr)
-        for _ in range(cfg.affine_iters):
+        for it in range(cfg.affine_iters):
+            # a constant step keeps Adam (whose steps are ~lr whatever the gradient) jittering around the
+            # optimum, even away from it when it starts there: decay along a half cosine to 1 %
+            decay = 0.5 * (1 + math.cos(math.pi * it / max(cfg.affine_iters - 1, 1)))
+            for group in opt.param_groups:
+                group["lr"] = cfg.affine_lr * (_AFFINE_LR_END + (1 - _AFFINE_LR_END) * decay)
             opt.zero_grad(set_to_none=True)
             theta = level_theta(params, shape, f)
-            loss = mf.lncc_loss(mf.affine_warp(mv, theta, shape=lshape), fx, kernel_size=k)
+            loss = mf.lncc_loss(_sample_moving(mv, theta, None, q, lshape), fx, kernel_size=k)
             if use_dice:
-                loss = loss + cfg.dice_weight * label_dice_loss(mf.affine_warp(moh, theta, shape=lshape), foh)
+                loss = loss + cfg.dice_weight * label_dice_loss(_sample_moving(moh, theta, None, q, lshape), foh)
             loss.backward()
+            value = float(loss.detach())
+            if li == len(cfg.affine_levels) - 1 and value < best_loss:  # the loss of the parameters before the step
+                best_loss, best = value, params.detach().clone()
             opt.step()
-            history["affine"].append(float(loss.detach()))
+            history["affine"].append(value)
             bar.update()
-            bar.set_postfix(stage=f"affine/{f}", loss=f"{float(loss.detach()):.4f}")
-    params = params.detach()
-    metrics["time_affine_s"] = time.perf_counter() - t0
+            bar.set_postfix(stage=f"affine/{f}", loss=f"{value:.4f}")
+    params = best if best_loss < math.inf else params.detach()
     theta_full = level_theta(params, shape, 1)
     evaluate("affine", theta_full, None)
+    # the levels' optimum need not be the full-resolution one: never return an affine worse than none at all
+    metrics["affine_kept"] = not metrics["lncc_affine"] > metrics["lncc_before"]
+    if not metrics["affine_kept"]:
+        params = identity.clone()
+        theta_full = level_theta(params, shape, 1)
+        evaluate("affine", theta_full, None)
+    metrics["time_affine_s"] = time.perf_counter() - t0
 
     # ---- deformable stage ----
     t0 = time.perf_counter()
@@ -476,25 +645,26 @@ def register_pair(
         return mf.integrate(v, cfg.integration_steps) if cfg.velocity else v
 
     for f in cfg.deform_levels:
-        fx, mv = _down(fixed, f), _down(moving, f)
+        kf = _moving_factors(f, grid, mshape)
+        fx, mv, q = _down(fixed, f), _down(moving, kf), level_map(f, kf)
         lshape = tuple(fx.shape[2:])
         if use_dice:
-            foh, moh = _down(fixed_oh, f), _down(moving_oh, f)
+            foh, moh = _down(fixed_oh, f), _down(moving_oh, kf)
         if field_ is None:
             init = torch.zeros(1, n, *lshape, device=device)
         else:
             init = level_resample(field_, prev_f, f, lshape)
         v = init.clone().requires_grad_(True)
         theta = level_theta(params, shape, f)
-        opt = torch.optim.Adam([v], lr=cfg.deform_lr / f)
+        opt = torch.optim.Adam([v], lr=cfg.deform_lr / f)  # the field is in voxels of the level
         for _ in range(cfg.deform_iters):
             opt.zero_grad(set_to_none=True)
             u = to_disp(v)
-            loss = mf.lncc_loss(mf.affine_warp(mv, theta, ddf=u), fx, kernel_size=k)
+            loss = mf.lncc_loss(_sample_moving(mv, theta, u, q, lshape), fx, kernel_size=k)
             if cfg.bending_weight > 0 and min(lshape) > 2:
                 loss = loss + cfg.bending_weight * bending_energy(u)
             if use_dice:
-                loss = loss + cfg.dice_weight * label_dice_loss(mf.affine_warp(moh, theta, ddf=u), foh)
+                loss = loss + cfg.dice_weight * label_dice_loss(_sample_moving(moh, theta, u, q, lshape), foh)
             loss.backward()
             opt.step()
             history["deformable"].append(float(loss.detach()))
@@ -509,8 +679,10 @@ def register_pair(
     metrics["time_deformable_s"] = time.perf_counter() - t0
     warped_labels = evaluate("after", theta_full, u_full)
     ddf = (affine_ddf(theta_full, shape) + u_full).detach()
+    if cfg.deform_levels:
+        metrics["folding_percent"] = _folding_percent(ddf)
     with torch.no_grad():
-        warped = mf.affine_warp(moving, theta_full, ddf=u_full)
+        warped = _sample_moving(moving, theta_full, u_full, q_full, shape)
     metrics["history"] = history
     return RegistrationResult(theta_full.detach(), ddf, warped, warped_labels, metrics)
 
@@ -1020,9 +1192,10 @@ def _ddf_matrix(affine: np.ndarray, n: int, world: bool) -> np.ndarray:
 def load_ddf(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     """Reads a ``ddf.nii.gz`` of ``medfast register`` back as ``(ddf, affine)``: ``ddf`` ``(1, n, *S)`` float32, the
     displacement in voxels of the fixed grid as :func:`load_nifti` reads the fixed image (a single slice as its
-    2D image), so ``medfast.warp(moving_on_fixed_grid, ddf)`` repeats the registration's warp (with
-    :func:`to_fixed_grid` for the moving image); ``affine`` the fixed grid's affine as :func:`load_nifti` returns
-    it. Inverse of the conversion :func:`write_outputs` describes (LPS mm -> voxels)."""
+    2D image), so ``medfast.warp(moving_on_fixed_grid, ddf)`` applies the transform to the moving image resampled
+    by :func:`to_fixed_grid` (two interpolations; ``medfast register`` samples the native moving array once, at
+    ``A_m^-1`` of the world point ``A_f (x + ddf)``); ``affine`` the fixed grid's affine as :func:`load_nifti`
+    returns it. Inverse of the conversion :func:`write_outputs` describes (LPS mm -> voxels)."""
     from medfast.data.io import single_slice_as_2d, single_slice_axis
 
     nib = _nib()
@@ -1188,8 +1361,9 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
     d = RegistrationConfig()
     p.add_argument("fixed", nargs="?", help="fixed image (NIfTI; several channels/modalities: one 4D NIfTI "
                                             "(X, Y, Z, C), each channel normalized on its own)")
-    p.add_argument("moving", nargs="?", help="moving image (NIfTI, the fixed image's channels); resampled onto the "
-                                             "fixed grid by the headers")
+    p.add_argument("moving", nargs="?", help="moving image (NIfTI, the fixed image's channels), placed by the "
+                                             "headers and sampled in its own grid (no part beyond the fixed field of "
+                                             "view lost); an error when the headers put it outside the fixed image")
     p.add_argument("--fixed-labels", help="label map of the fixed image (NIfTI, 0 = background)")
     p.add_argument("--moving-labels", help="label map of the moving image")
     p.add_argument("--out", default="medfast-register",
@@ -1216,7 +1390,9 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bending-weight", type=float, default=d.bending_weight)
     p.add_argument("--dice-weight", type=float, default=d.dice_weight,
                    help="weight of the label Dice term (weakly supervised; needs both label maps)")
-    p.add_argument("--velocity", action="store_true", help="diffeomorphic: optimize a velocity field")
+    p.add_argument("--velocity", action="store_true",
+                   help="optimize a stationary velocity field (scaling and squaring: diffeomorphic in the continuum, "
+                        "but it can still fold at a low --bending-weight; metrics.json reports folding_percent)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -1344,28 +1520,48 @@ def run_register(args: argparse.Namespace) -> int:
                     f"one NIfTI with the channels on its last axis, (X, Y, Z, C), in the training order)")
         shape = fdata.shape[1:]
         fixed = torch.as_tensor(fdata, dtype=torch.float32)[None]  # (1, C, *S)
-        moving = to_fixed_grid(mdata, maff, faff, shape, channels=True)[None]
+        a_m, a_f = grid_affines(maff, faff, n)
         fl = ml = None
         if args.fixed_labels:
             fl = torch.as_tensor(_load_label_map(args.fixed_labels, args.fixed, shape, faff))
-            ldata = _load_label_map(args.moving_labels, args.moving, mdata.shape[1:], maff)
-            ml = to_fixed_grid(ldata, maff, faff, shape, labels=True)
+            ml = _load_label_map(args.moving_labels, args.moving, mdata.shape[1:], maff)
         fresh = not Path(args.out).exists()
         _make_out_dir(args.out)
-        if net is not None:
+        if net is not None:  # the network takes the moving image resampled onto the fixed grid by the headers
+            moving = to_fixed_grid(mdata, maff, faff, shape, channels=True)[None]
+            if ml is not None:
+                ml = to_fixed_grid(ml, maff, faff, shape, labels=True)
             result = register_with_model(fixed, moving, net, info, fl, ml, device=device, fixed_affine=faff)
-            affine_only = None
+            affine_only, before = None, normalize_intensity(moving, spatial_dims=n)
         else:
-            result = register_pair(fixed, moving, fl, ml, cfg, device=device, progress=not args.no_progress,
-                                   spatial_dims=n)
+            # the optimization samples the native moving array through the header map (nothing cut to the fixed
+            # field of view, one interpolation)
+            native = torch.as_tensor(mdata, dtype=torch.float32)[None]
+            import warnings
+
+            try:
+                with warnings.catch_warnings():  # said below in one line, naming the files
+                    warnings.simplefilter("ignore", _OverlapWarning)
+                    result = register_pair(fixed, native, fl, ml, cfg, device=device, progress=not args.no_progress,
+                                           spatial_dims=n, fixed_affine=a_f, moving_affine=a_m)
+            except _NoOverlapError as exc:
+                raise RegistrationError(f"FIXED {args.fixed} and MOVING {args.moving}: {exc}") from None
+            if result.metrics["overlap_before"] < _WARN_OVERLAP:
+                print(f"medfast register: warning: only {100 * result.metrics['overlap_before']:.0f} % of FIXED "
+                      f"{args.fixed}'s foreground lies inside MOVING {args.moving} by their headers: a local "
+                      f"optimization may not find the alignment (check the result)", file=sys.stderr)
+            q = torch.as_tensor(_grid_map(a_f, a_m, n)[0][:n], dtype=torch.float64, device=device)
             with torch.no_grad():
-                affine_only = mf.affine_warp(normalize_intensity(moving.to(device), spatial_dims=n), result.theta)
+                mnorm = normalize_intensity(native.to(device), spatial_dims=n)
+                affine_only = _sample_moving(mnorm, result.theta, None, q, shape)
+                before = _sample_moving(mnorm, level_theta(torch.eye(n, n + 1, device=device)[None], shape, 1), None,
+                                        q, shape)
         try:
             from medfast.data.io import single_slice_axis
 
             fimg = _nib().load(args.fixed)
-            paths = write_outputs(args.out, result, faff, normalize_intensity(fixed, spatial_dims=n),
-                                  normalize_intensity(moving, spatial_dims=n), affine_only,
+            paths = write_outputs(args.out, result, faff, normalize_intensity(fixed, spatial_dims=n), before,
+                                  affine_only,
                                   extra={"fixed": str(args.fixed), "moving": str(args.moving),
                                          **({"model": str(args.model)} if net is not None else {})},
                                   fixed_slice_axis=single_slice_axis(fimg.shape), fixed_header=fimg.header)
@@ -1377,7 +1573,7 @@ def run_register(args: argparse.Namespace) -> int:
                 Path(args.out).rmdir()  # only if still empty
         print(f"medfast register: error: {exc}", file=sys.stderr)
         return 1
-    keys = ("dice_before", "dice_affine", "dice_after", "lncc_before", "lncc_affine", "lncc_after")
+    keys = ("dice_before", "dice_affine", "dice_after", "lncc_before", "lncc_affine", "lncc_after", "folding_percent")
     summary = {k: result.metrics[k] for k in keys if k in result.metrics}
     print(json_dumps({"outputs": paths, **summary}, indent=2))
     return 0
