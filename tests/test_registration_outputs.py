@@ -256,6 +256,12 @@ def test_cli_outputs_keep_the_fixed_layout_and_load_ddf_repeats_the_warp(tmp_pat
     again = ndimage.map_coordinates(mv, pos, order=1, mode="grid-constant", cval=0.0)
     warped = np.asarray(nib.load(out / "warped.nii.gz").dataobj).reshape(again.shape)
     np.testing.assert_allclose(again, warped, atol=1e-4)
+    # the recipe of docs/registration.md: one affine_warp with theta = P[:n] and the ddf turned by P's linear part
+    theta = torch.as_tensor(p[:n], dtype=torch.float32)[None]
+    u = torch.einsum("ij,bj...->bi...", torch.as_tensor(p[:n, :n], dtype=torch.float32), ddf)
+    recipe = mf.affine_warp(normalize_intensity(torch.as_tensor(md, dtype=torch.float32)[None, None], spatial_dims=n),
+                            theta, ddf=u)
+    np.testing.assert_allclose(recipe[0, 0].numpy(), warped, atol=1e-4)
     if sitk is not None and case != "axial slice (X, Y, 1)":  # ITK reads these as the fixed file's 3D grid
         assert sitk.ReadImage(str(out / "ddf.nii.gz")).GetSize() == sitk.ReadImage(paths["fixed"]).GetSize()
         assert sitk.ReadImage(str(out / "warped_labels.nii.gz")).GetSize() == _pad3(fshape)

@@ -385,3 +385,24 @@ def test_register_with_model_refuses_optimization_flags_and_other_dims(tmp_path,
                    "--out", str(out), "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["model"] == str(tmp_path / "net2d.pt")
+
+
+@pytest.mark.parametrize("global_net", [False, True])
+def test_registration_net_in_float64_returns_float64(global_net):
+    # after .double() the theta / ddf came back float32 (the transform was always computed in float32), so
+    # medfast.warp of a float64 image refused the ddf and float64 gradchecks were impossible
+    import medfast as mf
+    from medfast.tasks.registration import RegistrationNet
+
+    torch.manual_seed(0)
+    net = RegistrationNet(spatial_dims=3, in_channels=2, num_channel_initial=4, depth=2, global_net=global_net)
+    with torch.no_grad():
+        for p in net.parameters():  # away from the identity initialisation: a displacement to compare
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.rand(1, 2, 16, 16, 16)
+    theta, ddf = net(x)
+    theta64, ddf64 = net.double()(x.double())
+    assert theta.dtype == ddf.dtype == torch.float32 and theta64.dtype == ddf64.dtype == torch.float64
+    assert float(ddf.detach().abs().max()) > 0.01
+    torch.testing.assert_close(ddf64.float(), ddf, atol=1e-4, rtol=1e-4)
+    assert mf.warp(x[:, :1].double(), ddf64).dtype == torch.float64

@@ -1759,21 +1759,23 @@ class RegistrationNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, c = self.ndim, x.shape[1] // 2
         shape = x.shape[2:]
+        # the transform in float32 (half / bfloat16 activations under autocast widened), float64 for a float64 net
+        dt = torch.promote_types(x.dtype, torch.float32)
         if self.globalnet is not None:
             theta, _ = self.globalnet(x)
-            moving = mf.affine_warp(x[:, :c].float().contiguous(), theta.float())
+            moving = mf.affine_warp(x[:, :c].to(dt).contiguous(), theta.to(dt))
             x = torch.cat([moving.to(x.dtype), x[:, c:]], 1)
         else:
-            theta = torch.eye(n, n + 1, device=x.device, dtype=torch.float32).expand(x.shape[0], n, n + 1)
-        u = self.local(x).float()
+            theta = torch.eye(n, n + 1, device=x.device, dtype=dt).expand(x.shape[0], n, n + 1)
+        u = self.local(x).to(dt)
         if self.velocity:
             u = mf.integrate(u.contiguous(), self.steps)
         if self.globalnet is None:
             return theta, u
         # u moves points of the affinely warped image, so the total map is x -> theta [x + u(x); 1]: the
         # displacement theta [x; 1] - x + A u(x) (A = theta's linear part, voxels; elementwise: no autocast)
-        a = theta[:, :, :n].float().reshape(theta.shape[0], n, n, *[1] * n)
-        return theta, affine_ddf(theta.float(), shape) + (a * u[:, None]).sum(2)
+        a = theta[:, :, :n].to(dt).reshape(theta.shape[0], n, n, *[1] * n)
+        return theta.to(dt), affine_ddf(theta.to(dt), shape) + (a * u[:, None]).sum(2)
 
 
 _NETS["RegistrationNet"] = RegistrationNet
