@@ -180,6 +180,7 @@ std::tuple<Tensor, Tensor> lncc_cpu(const Tensor& pred, const Tensor& target, at
   const Tensor p = pred.contiguous(), t = target.contiguous();
   Tensor out = at::empty_like(p);
   Tensor sums = at::empty(sums_shape(p), p.options());
+  if (p.numel() == 0) return {out, sums};  // (an empty last axis: no lines, and M / n would divide by zero)
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "medfast_lncc_cpu", [&] {
     using T = scalar_t;
     const int64_t M = g.total();
@@ -200,6 +201,7 @@ std::tuple<Tensor, Tensor> lncc_backward_cpu(const Tensor& grad, const Tensor& p
   const Geometry g(pred, kernel_size);
   const Tensor p = pred.contiguous(), t = target.contiguous(), gr = grad.contiguous(), sm = sums.contiguous();
   Tensor grad_pred = at::empty_like(p), grad_target = at::empty_like(t);
+  if (p.numel() == 0) return {grad_pred, grad_target};  // (as the forward: nothing to sum, no division by n = 0)
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "medfast_lncc_backward_cpu", [&] {
     using T = scalar_t;
     const T* tp = t.const_data_ptr<T>();

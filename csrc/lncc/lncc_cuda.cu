@@ -38,6 +38,7 @@ std::tuple<Tensor, Tensor> lncc_cuda(const Tensor& pred, const Tensor& target, a
   Tensor out = at::empty_like(p);
   const int64_t M = g.total();
   Tensor sums = at::empty(sums_shape(p), p.options());
+  if (M == 0) return {out, sums};  // nothing to launch (as lncc_cpu)
   Tensor scratch = at::empty({kFields * M}, p.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "medfast_lncc_cuda", [&] {
@@ -66,6 +67,7 @@ std::tuple<Tensor, Tensor> lncc_backward_cuda(const Tensor& grad, const Tensor& 
   const Tensor p = pred.contiguous(), t = target.contiguous(), gr = grad.contiguous(), sm = sums.contiguous();
   Tensor grad_pred = at::empty_like(p), grad_target = at::empty_like(t);
   const int64_t M = g.total();
+  if (M == 0) return {grad_pred, grad_target};  // nothing to launch (as lncc_backward_cpu)
   Tensor bufs = at::empty({2, kFields * M}, p.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "medfast_lncc_backward_cuda", [&] {

@@ -57,6 +57,20 @@ void check_finalize(const Tensor& stats, const OptTensor& class_weight, const Op
   }
 }
 
+// The sums' gradient of a backward op: (B, C, kStats) in the sums' dtype, as the forward returned them. The
+// launchers read B * C * kStats values of it (converted to their accumulation type and made contiguous there, so
+// any strides do); a smaller tensor was read past its end.
+void check_stats_grad(const Tensor& grad, const Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(grad.dim() == 3 && grad.size(0) == logits.size(0) && grad.size(1) == logits.size(1) &&
+                        grad.size(2) == kStats,
+                    op, ": grad must be (B, C, ", kStats, ") = (", logits.size(0), ", ", logits.size(1), ", ", kStats,
+                    ") like the sums, got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == stats_dtype(logits.scalar_type()), op, ": grad must have the sums' dtype ",
+                   stats_dtype(logits.scalar_type()), ", got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == logits.device(), op, ": grad on ", grad.device(), " but logits on ",
+                    logits.device());
+}
+
 FinalizeOptions finalize_options(at::ArrayRef<double> scalars, int64_t flags) {
   TORCH_CHECK_VALUE(scalars.size() == 5,
                     "medfast loss_finalize: scalars must be (divisor_scale, smooth_nr, smooth_dr, lambda_dice, "
@@ -110,8 +124,7 @@ void register_impls(torch::Library& m) {
   m.impl("softmax_stats_backward", [](const Tensor& grad, const Tensor& logits, const Tensor& labels,
                                       const OptTensor& weight, std::optional<int64_t> ignore_index) {
     check(logits, labels, weight);
-    TORCH_CHECK_VALUE(grad.device() == logits.device(), "medfast softmax_stats_backward: grad on ", grad.device(),
-                      " but logits on ", logits.device());
+    check_stats_grad(grad, logits, "medfast softmax_stats_backward");
     return L.stats_backward(grad, logits, labels, weight, ignore_index);
   });
   m.impl("soft_stats",
@@ -122,8 +135,7 @@ void register_impls(torch::Library& m) {
   m.impl("soft_stats_backward", [](const Tensor& grad, const Tensor& logits, const Tensor& target,
                                    const OptTensor& weight, bool sigmoid) {
     check_soft(logits, target, weight);
-    TORCH_CHECK_VALUE(grad.device() == logits.device(), "medfast soft_stats_backward: grad on ", grad.device(),
-                      " but logits on ", logits.device());
+    check_stats_grad(grad, logits, "medfast soft_stats_backward");
     return L.soft_backward(grad, logits, target, weight, sigmoid);
   });
   m.impl("loss_finalize", [](const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
@@ -136,6 +148,8 @@ void register_impls(torch::Library& m) {
     check_finalize(stats, class_weight, divisor);
     TORCH_CHECK_VALUE(grad.numel() == 1 && grad.device() == stats.device(),
                       "medfast loss_finalize_backward: grad must be one value on the stats' device");
+    TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()),
+                     "medfast loss_finalize_backward: grad must be floating, got ", grad.scalar_type());
     return L.finalize_backward(grad, stats, class_weight, divisor, finalize_options(scalars, flags));
   });
 }

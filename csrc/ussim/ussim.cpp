@@ -132,6 +132,8 @@ std::tuple<Tensor, Tensor> march_backward(Bwd launch, const Tensor& grad, const 
                     "medfast ussim: grad must be (B, R, S, 3), got ", grad.sizes());
   TORCH_CHECK_VALUE(grad.device() == coords.device(), "medfast ussim: grad is on ", grad.device(),
                     ", coords on ", coords.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), "medfast ussim: grad must be floating, got ",
+                   grad.scalar_type());
   return launch(grad.contiguous().to(coords.scalar_type()), props.contiguous(), coords.contiguous(),
                 noise.contiguous(), P, props_grad, coords_grad);
 }
@@ -174,6 +176,8 @@ std::tuple<Tensor, Tensor> march_lines_backward_impl(const Tensor& grad, const T
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == start.size(0) && grad.size(1) == start.size(1) &&
                         grad.size(2) == 3 && grad.size(3) == weights.size(1),
                     "medfast ussim: grad must be (B, L, 3, S), got ", grad.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), "medfast ussim: grad must be floating, got ",
+                   grad.scalar_type());
   TORCH_CHECK_TYPE(step.scalar_type() == start.scalar_type() && weights.scalar_type() == start.scalar_type(),
                    "medfast ussim: start, step and weights dtypes differ");
   TORCH_CHECK_VALUE(step.device() == start.device() && weights.device() == start.device() &&

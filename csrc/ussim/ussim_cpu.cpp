@@ -190,6 +190,7 @@ Tensor psf_cpu(const Tensor& x, const Tensor& h, const Tensor& w, bool transpose
   const int64_t K = h.size(1), J = w.size(1);
   Tensor tmp = at::empty({B, L, 3, S}, x.options());
   Tensor out = transpose ? at::empty({B, L, 3, S}, x.options()) : at::empty({B, 2, L, S}, x.options());
+  if (out.numel() == 0) return out;  // nothing to compute (and with S = 0 the grain 4096 / S divided by zero)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "medfast_ussim_psf_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

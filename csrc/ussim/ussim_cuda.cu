@@ -92,6 +92,7 @@ Tensor psf_cuda(const Tensor& x, const Tensor& h, const Tensor& w, bool transpos
   const int64_t K = h.size(1), J = w.size(1);
   Tensor tmp = at::empty({B, L, 3, S}, x.options());
   Tensor out = transpose ? at::empty({B, L, 3, S}, x.options()) : at::empty({B, 2, L, S}, x.options());
+  if (out.numel() == 0) return out;  // nothing to launch (as psf_cpu)
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t n3 = B * L * 3 * S, n2 = B * L * S;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "medfast_ussim_psf_cuda", [&] {

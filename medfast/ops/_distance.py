@@ -13,7 +13,7 @@ import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
 from medfast._typing import SpacingLike
-from medfast.ops._validate import check_tensor, py_scalar
+from medfast.ops._validate import check_op_devices, check_tensor, py_scalar
 
 _ops = torch.ops.medfast
 
@@ -27,6 +27,7 @@ def _distance_transform_fake(mask, spacing, dtype):
 
 @torch.library.register_fake("medfast::seed_distances")
 def _seed_distances_fake(seeds, query, spacing):
+    check_op_devices("medfast::seed_distances", seeds=seeds, query=query)
     count = torch.library.get_ctx().new_dynamic_size()
     return seeds.new_empty((count,), dtype=torch.float32)
 

@@ -12,7 +12,6 @@ The value equals MONAI's ``LocalNormalizedCrossCorrelationLoss(kernel_type="rect
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
 from medfast._typing import Int, ShapeLike
 from medfast.ops._autograd import once_differentiable, refuse_function_transforms
-from medfast.ops._validate import check_choice, check_tensor, py_scalar
+from medfast.ops._validate import check_choice, check_op_devices, check_tensor, non_negative_finite, py_scalar
 
 _ops = torch.ops.medfast
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -30,12 +29,14 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @torch.library.register_fake("medfast::lncc")
 def _lncc_fake(pred, target, kernel_size, smooth_nr, smooth_dr):
+    check_op_devices("medfast::lncc", pred=pred, target=target)
     return (torch.empty_like(pred, memory_format=torch.contiguous_format),
             pred.new_empty((5, *pred.shape)))
 
 
 @torch.library.register_fake("medfast::lncc_backward")
 def _lncc_backward_fake(grad, pred, target, sums, kernel_size, smooth_nr, smooth_dr):
+    check_op_devices("medfast::lncc_backward", grad=grad, pred=pred, target=target, sums=sums)
     return (torch.empty_like(pred, memory_format=torch.contiguous_format),
             torch.empty_like(target, memory_format=torch.contiguous_format))
 
@@ -141,7 +142,7 @@ def local_ncc(
     sizes = _kernel_size(kernel_size, pred.dim() - 2)
     smooth_nr, smooth_dr = py_scalar(smooth_nr), py_scalar(smooth_dr)
     for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if not non_negative_finite(v):  # (no math.isfinite: a symbolic float under torch.compile(dynamic=True))
             raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
     if smooth_dr == 0:
         raise ValueError("smooth_dr must be > 0 (it bounds the local variances away from zero)")

@@ -25,7 +25,15 @@ from torch._C import _functorch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
 from medfast.ops._autograd import create_graph, reference_vjp, refuse_function_transforms
-from medfast.ops._validate import check_backend, check_bool, check_choice, check_tensor, py_scalar
+from medfast.ops._validate import (
+    check_backend,
+    check_bool,
+    check_choice,
+    check_op_devices,
+    check_tensor,
+    non_negative_finite,
+    py_scalar,
+)
 
 _ops = torch.ops.medfast
 _LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -43,6 +51,7 @@ def _grad_format(logits: torch.Tensor) -> torch.memory_format:
 
 @torch.library.register_fake("medfast::softmax_stats")
 def _softmax_stats_fake(logits, labels, voxel_weight, ignore_index=None, ce=True):
+    check_op_devices("medfast::softmax_stats", logits=logits, labels=labels, voxel_weight=voxel_weight)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     stats = logits.new_empty((logits.shape[0], logits.shape[1], 4), dtype=dtype)
     return stats, logits.new_empty((2,), dtype=torch.int64)
@@ -50,17 +59,22 @@ def _softmax_stats_fake(logits, labels, voxel_weight, ignore_index=None, ce=True
 
 @torch.library.register_fake("medfast::softmax_stats_backward")
 def _softmax_stats_backward_fake(grad, logits, labels, voxel_weight, ignore_index=None):
+    check_op_devices("medfast::softmax_stats_backward", grad=grad, logits=logits, labels=labels,
+                     voxel_weight=voxel_weight)
     return torch.empty_like(logits, memory_format=_grad_format(logits))
 
 
 @torch.library.register_fake("medfast::soft_stats")
 def _soft_stats_fake(logits, target, voxel_weight, sigmoid, ce=True):
+    check_op_devices("medfast::soft_stats", logits=logits, target=target, voxel_weight=voxel_weight)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return logits.new_empty((logits.shape[0], logits.shape[1], 4), dtype=dtype)
 
 
 @torch.library.register_fake("medfast::soft_stats_backward")
 def _soft_stats_backward_fake(grad, logits, target, voxel_weight, sigmoid):
+    check_op_devices("medfast::soft_stats_backward", grad=grad, logits=logits, target=target,
+                     voxel_weight=voxel_weight)
     return torch.empty_like(logits, memory_format=_grad_format(logits))
 
 
@@ -205,14 +219,27 @@ def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tens
 def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     if class_weight is None:
         return None
+    if isinstance(class_weight, (list, tuple)) and not any(isinstance(v, torch.Tensor) for v in class_weight):
+        values = [py_scalar(v) for v in class_weight]  # (NumPy scalars as the Python numbers they hold)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            # Python numbers: checked as such, before any tensor exists. Under torch.compile / torch.export the
+            # list is a constant and so is its tensor; the tensor route's .tolist() below would read a traced
+            # tensor back (data-dependent: a graph break, and export refused it).
+            if len(values) != logits.shape[1]:
+                raise ValueError(f"class_weight must have C = {logits.shape[1]} entries, got {len(values)}")
+            top = torch.finfo(dtype).max  # (a finite float64 past it would become inf in the loss's dtype)
+            if not all(non_negative_finite(v) and v <= top for v in values):
+                raise ValueError(f"class_weight must be non-negative and finite, got {list(class_weight)}")
+            # (float64 first: Python floats are float64, as_tensor would round them to float32 before the cast
+            # to a float64 loss)
+            return torch.as_tensor(values, dtype=torch.float64).to(dtype).to(logits.device, non_blocking=True)
     try:
         if isinstance(class_weight, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in class_weight):
             # a sequence of 0-d tensors is stacked: as_tensor would copy their values into a new leaf and
             # drop the gradients of those that require grad
             dev = next(v.device for v in class_weight if isinstance(v, torch.Tensor))
             w = torch.stack([torch.as_tensor(v, device=dev).reshape(()) for v in class_weight])
-        elif isinstance(class_weight, (list, tuple)):
-            # Python floats are float64: as_tensor would round them to float32 before the cast to a float64 loss
+        elif isinstance(class_weight, (list, tuple)):  # (not plain numbers: nested, bools; float64 as above)
             w = torch.as_tensor(class_weight, dtype=torch.float64).flatten()
         else:
             w = torch.as_tensor(class_weight).flatten()  # stays where it is given
@@ -224,6 +251,7 @@ def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype
     if w.numel() != logits.shape[1]:
         raise ValueError(f"class_weight must have C = {logits.shape[1]} entries, got {w.numel()}")
     values = w.tolist()  # checked in Python: no tensor ops (host time); a CUDA tensor waits here, as it did
+    # (a tensor's values are data: under torch.compile this reads them back, a graph break)
     if not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"class_weight must be non-negative and finite, got {values}")
     return w.to(logits.device, non_blocking=True)
@@ -232,15 +260,9 @@ def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype
 def _smooth(smooth: object) -> tuple[float, float]:
     pair = (smooth, smooth) if not isinstance(smooth, Sequence) else tuple(smooth)
     pair = tuple(py_scalar(v) for v in pair)
-    if len(pair) != 2 or not all(_finite_number(v) for v in pair):
+    if len(pair) != 2 or not all(non_negative_finite(v) for v in pair):
         raise ValueError(f"smooth must be a non-negative float or a pair (numerator, denominator), got {smooth!r}")
     return float(pair[0]), float(pair[1])
-
-
-def _finite_number(value: object) -> bool:
-    """A non-negative finite int or float (not a bool, not NaN). Comparisons, not math.isfinite: under
-    torch.compile(dynamic=True) the value is a symbolic float, which math.isfinite cannot trace."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def _check_flags(include_background: object, batch_dice: object, ddp_sync: object) -> None:
@@ -396,11 +418,14 @@ _FUSED_FINALIZE = True
 
 @torch.library.register_fake("medfast::loss_finalize")
 def _loss_finalize_fake(stats, class_weight, divisor, scalars, flags):
+    check_op_devices("medfast::loss_finalize", stats=stats, class_weight=class_weight, divisor=divisor)
     return stats.new_empty(())
 
 
 @torch.library.register_fake("medfast::loss_finalize_backward")
 def _loss_finalize_backward_fake(grad, stats, class_weight, divisor, scalars, flags):
+    check_op_devices("medfast::loss_finalize_backward", grad=grad, stats=stats, class_weight=class_weight,
+                     divisor=divisor)
     return torch.empty_like(stats, memory_format=torch.contiguous_format)
 
 
@@ -656,7 +681,7 @@ def dice_ce_loss(
     _check_flags(include_background, batch_dice, ddp_sync)
     lambda_dice, lambda_ce = py_scalar(lambda_dice), py_scalar(lambda_ce)
     for name, value in (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce)):
-        if not _finite_number(value):
+        if not non_negative_finite(value):
             raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     smooth = _smooth(smooth)
     # lambda_ce = 0: the kernels skip the cross-entropy's logarithms (E stays 0; 0 x E adds nothing either way)

@@ -1,7 +1,9 @@
 """Ultrasound ray march: ``ray_march`` (the hot part of the B-mode simulator, ``medfast.ultrasound``).
 
-Kernels: ``csrc/ussim/``. This module validates arguments, registers the fake (meta) kernels and the
-autograd of ``torch.ops.medfast.ussim_march`` / ``ussim_march_backward`` and documents the op.
+Kernels: ``csrc/ussim/``. This module validates arguments, registers the fake (meta) kernels of every
+``torch.ops.medfast.ussim_*`` op and the autograd of ``ussim_march``, ``ussim_march_lines`` and ``ussim_psf``, and
+documents them. Imported by ``medfast.ops`` (so by ``import medfast``): without these registrations a direct op
+call under FakeTensorMode / torch.compile failed and its backward silently gave no gradient.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
 from medfast.ops._autograd import once_differentiable, refuse_function_transforms
-from medfast.ops._validate import check_tensor
+from medfast.ops._validate import check_op_devices, check_tensor
 
 _ops = torch.ops.medfast
 
@@ -22,12 +24,15 @@ PROP_NAMES = ("impedance", "attenuation", "density", "amplitude_mean", "amplitud
 
 @torch.library.register_fake("medfast::ussim_march")
 def _march_fake(props, coords, noise, grid_affine, att, background, seed, sharp):
+    check_op_devices("medfast::ussim_march", props=props, coords=coords, noise=noise)
     return coords.new_empty((coords.shape[0], coords.shape[1], coords.shape[2], 3))
 
 
 @torch.library.register_fake("medfast::ussim_march_backward")
 def _march_backward_fake(grad, props, coords, noise, grid_affine, att, background, seed, sharp, props_grad,
                          coords_grad, volume_index=None):
+    check_op_devices("medfast::ussim_march_backward", grad=grad, props=props, coords=coords, noise=noise,
+                     volume_index=volume_index)
     gp = props.new_empty(props.shape) if props_grad else props.new_empty((0,))
     gc = coords.new_empty(coords.shape) if coords_grad else coords.new_empty((0,))
     return gp, gc
@@ -182,54 +187,55 @@ def _sharp3(sharp: float | Sequence[float]) -> list[float]:
 @torch.library.register_fake("medfast::ussim_march_lines")
 def _march_lines_fake(props, start, step, weights, noise, grid_affine, att, background, seed, sharp,
                       volume_index=None):
+    check_op_devices("medfast::ussim_march_lines", props=props, start=start, step=step, weights=weights, noise=noise,
+                     volume_index=volume_index)
     return start.new_empty((start.shape[0], start.shape[1], 3, weights.shape[1]))
 
 
 @torch.library.register_fake("medfast::ussim_march_lines_backward")
 def _march_lines_backward_fake(grad, props, start, step, weights, noise, grid_affine, att, background, seed, sharp,
                                props_grad, coords_grad, volume_index=None):
+    check_op_devices("medfast::ussim_march_lines_backward", grad=grad, props=props, start=start, step=step,
+                     weights=weights, noise=noise, volume_index=volume_index)
     B, L, E, _ = start.shape
     gp = props.new_empty(props.shape) if props_grad else props.new_empty((0,))
     gc = start.new_empty((B, L * E, weights.shape[1], 3)) if coords_grad else start.new_empty((0,))
     return gp, gc
 
 
-class _MarchLines(torch.autograd.Function):
-    """``ussim_march_lines`` with its gradient: ``ussim_march_lines_backward``, the per-ray backward of
-    the sub-rays (sample positions ``start + i * step``; on CPU without materialising them)."""
+def _march_lines_setup(ctx, inputs, output):
+    props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index = inputs
+    ctx.save_for_backward(props, start, step, weights, noise, volume_index)
+    ctx.args = (list(g), float(att), list(bg), int(seed), list(sharp))
 
-    @staticmethod
-    def forward(props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index):
-        return _ops.ussim_march_lines(props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # apart from forward: the form torch.func transforms accept
-        props, start, step, weights, noise, g, att, bg, seed, sharp, volume_index = inputs
-        ctx.save_for_backward(props, start, step, weights, noise, volume_index)
-        ctx.args = (g, att, bg, seed, sharp)
+def _march_lines_backward(ctx, grad):
+    """The gradient of ``ussim_march_lines``: ``ussim_march_lines_backward``, the per-ray backward of the
+    sub-rays (sample positions ``start + i * step``; on CPU without materialising them). ``weights`` and
+    ``noise`` are constants (no gradient)."""
+    props, start, step, weights, noise, volume_index = ctx.saved_tensors
+    need_props = ctx.needs_input_grad[0]
+    need_coords = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    none = (None,) * 8
+    if not (need_props or need_coords):
+        return (None, None, None) + none
+    B, L, E, _ = start.shape
+    S = weights.shape[1]
+    gp, gc = _ops.ussim_march_lines_backward(grad, props, start, step, weights, noise, *ctx.args, need_props,
+                                             need_coords, volume_index)
+    gstart = gstep = None
+    if need_coords:
+        i = torch.arange(S, device=start.device, dtype=start.dtype)
+        gc = gc.view(B, L, E, S, 3)
+        gstart = gc.sum(3)
+        gstep = torch.einsum("blesk,s->blk", gc, i)
+    gp, gstart, gstep = once_differentiable("medfast ultrasound ray march",
+                                            (gp if need_props else None, gstart, gstep),
+                                            (props, start, step, grad))
+    return (gp, gstart, gstep) + none
 
-    @staticmethod
-    def backward(ctx, grad):
-        props, start, step, weights, noise, volume_index = ctx.saved_tensors
-        need_props = ctx.needs_input_grad[0]
-        need_coords = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        none = (None,) * 9
-        if not (need_props or need_coords):
-            return (None, None) + none
-        B, L, E, _ = start.shape
-        S = weights.shape[1]
-        gp, gc = _ops.ussim_march_lines_backward(grad, props, start, step, weights, noise, *ctx.args, need_props,
-                                                 need_coords, volume_index)
-        gstart = gstep = None
-        if need_coords:
-            i = torch.arange(S, device=start.device, dtype=start.dtype)
-            gc = gc.view(B, L, E, S, 3)
-            gstart = gc.sum(3)
-            gstep = torch.einsum("blesk,s->blk", gc, i)
-        gp, gstart, gstep = once_differentiable("medfast ultrasound ray march",
-                                                (gp if need_props else None, gstart, gstep),
-                                                (props, start, step, grad))
-        return gp, gstart, gstep, None, None, None, None, None, None, None, None
+
+torch.library.register_autograd("medfast::ussim_march_lines", _march_lines_backward, setup_context=_march_lines_setup)
 
 
 def march_lines(props: torch.Tensor, start: torch.Tensor, step: torch.Tensor, weights: torch.Tensor,
@@ -248,35 +254,33 @@ def march_lines(props: torch.Tensor, start: torch.Tensor, step: torch.Tensor, we
     :func:`medfast.ultrasound.simulate`); props, start and step are differentiable.
     """
     g = [float(v) for v in grid_affine]
-    return _MarchLines.apply(props, start, step, weights, noise, g, float(att), [float(v) for v in background],
-                             int(seed), _sharp3(sharp), volume_index)
+    return _ops.ussim_march_lines(props, start, step, weights, noise, g, float(att), [float(v) for v in background],
+                                  int(seed), _sharp3(sharp), volume_index)
 
 
 @torch.library.register_fake("medfast::ussim_psf")
 def _psf_fake(x, h, w, transpose):
+    check_op_devices("medfast::ussim_psf", x=x, h=h, w=w)
     if transpose:
         return x.new_empty((x.shape[0], x.shape[2], 3, x.shape[3]))
     return x.new_empty((x.shape[0], 2, x.shape[1], x.shape[3]))
 
 
-class _Psf(torch.autograd.Function):
-    """The PSF (``transpose=False``) or its adjoint, each the other's backward: linear in x, so
-    differentiable any number of times (create_graph included)."""
+def _psf_setup(ctx, inputs, output):
+    _, h, w, transpose = inputs
+    ctx.save_for_backward(h, w)
+    ctx.transpose = transpose
 
-    @staticmethod
-    def forward(x, h, w, transpose):
-        return _ops.ussim_psf(x, h, w, transpose)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # apart from forward: the form torch.func transforms accept
-        _, h, w, transpose = inputs
-        ctx.save_for_backward(h, w)
-        ctx.transpose = transpose
+def _psf_backward(ctx, grad):
+    """The PSF (``transpose=False``) and its adjoint are each the other's backward: linear in x, so
+    differentiable any number of times (create_graph included: this call is recorded too). ``h`` and ``w``
+    are constants (no gradient)."""
+    h, w = ctx.saved_tensors
+    return _ops.ussim_psf(grad, h, w, not ctx.transpose), None, None, None
 
-    @staticmethod
-    def backward(ctx, grad):
-        h, w = ctx.saved_tensors
-        return _Psf.apply(grad, h, w, not ctx.transpose), None, None, None
+
+torch.library.register_autograd("medfast::ussim_psf", _psf_backward, setup_context=_psf_setup)
 
 
 def psf(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -287,4 +291,4 @@ def psf(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     odd, centred; lines outside the frame are zero). Returns ``(B, 2, L, S)``: the real part (lateral
     of channels 0 + 1) and the imaginary part (channel 2).
     """
-    return _Psf.apply(x, h, w, False)
+    return _ops.ussim_psf(x, h, w, False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TypeVar, cast
 
@@ -112,6 +113,22 @@ def check_field(field: object, name: str, image: torch.Tensor, ndim: int) -> tor
     return field
 
 
+def check_op_devices(op: str, **tensors: object) -> None:
+    """For the fake (meta) kernels: a ``ValueError`` when the tensor arguments (None and non-tensors skipped) of a
+    call of ``op`` lie on different devices, as the compiled kernels raise. The fake kernels also serve as the ops'
+    Meta kernels, which a call mixing a meta tensor with a CPU one reaches: without this check it returned an
+    uninitialized CPU tensor. Under FakeTensorMode each fake tensor reports the device it stands for."""
+    first = None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first[0]} is on {first[1]}; "
+                             "every tensor of one call must be on one device")
+
+
 def check_backend(name: str, tensor: torch.Tensor) -> None:
     """A CUDA tensor needs a build with CUDA kernels: say so instead of the dispatcher's message."""
     if tensor.device.type == "cuda":
@@ -157,6 +174,12 @@ def py_scalar(value: object) -> object:
     return value
 
 
+def non_negative_finite(value: object) -> bool:
+    """A non-negative finite int or float (not a bool, not NaN). Comparisons, not math.isfinite: under
+    torch.compile(dynamic=True) the value is a symbolic float, which math.isfinite cannot trace."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
 def check_bool(name: str, value: object) -> bool:
     value = py_scalar(value)
     if not isinstance(value, bool):
@@ -167,6 +190,10 @@ def check_bool(name: str, value: object) -> bool:
 def check_shape(name: str, shape: object, ndim: int) -> list[int]:
     # Integers only (Python or NumPy ints, 0-dim integer tensors): 4.7 is not silently a size of 4.
     def size(s: object) -> int:
+        # A symbolic size as it is (torch.compile sees it as an int, make_fx / non-strict export as a SymInt):
+        # __index__ would specialize it (dynamo: a graph break, "torch.* op returned non-Tensor").
+        if (isinstance(s, int) and not isinstance(s, bool)) or isinstance(s, torch.SymInt):
+            return cast(int, s)
         if isinstance(s, torch.Tensor):
             if s.dim() == 0 and not s.is_floating_point() and s.dtype != torch.bool:
                 return int(s)

@@ -22,6 +22,7 @@ from medfast.ops._validate import (
     check_device,
     check_field,
     check_image,
+    check_op_devices,
     check_shape,
     check_tensor,
     plain,
@@ -46,11 +47,13 @@ def _out_batch(image, theta, ddf):
 
 @torch.library.register_fake("medfast::warp_forward")
 def _warp_forward_fake(image, theta, ddf, shape, mode, padding):
+    check_op_devices("medfast::warp_forward", image=image, theta=theta, ddf=ddf)
     return image.new_empty((_out_batch(image, theta, ddf), image.shape[1], *shape))
 
 
 @torch.library.register_fake("medfast::warp_backward")
 def _warp_backward_fake(grad, image, theta, ddf, shape, mode, padding, image_grad, position_grad):
+    check_op_devices("medfast::warp_backward", grad=grad, image=image, theta=theta, ddf=ddf)
     pos = position_dtype(image.dtype)
     ndim = image.dim() - 2
     grad_image = image.new_empty(image.shape) if image_grad else image.new_empty((0,), dtype=pos)
