@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medfast._atomic import replacing
 from medfast._typing import PathLike
 from medfast.data.io import (
     DatasetError,
@@ -455,11 +455,10 @@ class NiftiDataset(Dataset):
                     pass
             item = self.load(i)
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            # a unique name without a random draw: the global NumPy stream stays as the trainer seeded it, and
-            # two jobs sharing the cache (same seed) no longer write and rename the same temporary file
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-            torch.save(item, tmp)
-            tmp.replace(path)
+            # a unique temporary name (uuid, not the global NumPy stream the trainer seeded), removed when the
+            # write fails (a full disk left it behind): two jobs sharing the cache never rename one another's file
+            with replacing(path) as tmp:
+                torch.save(item, tmp)
             return item
         return self.load(i)
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medfast._atomic import replacing
+
 if TYPE_CHECKING:
     import torch
 
@@ -338,5 +340,6 @@ def save_nifti(data: np.ndarray | torch.Tensor, affine: MatrixLike, path: str | 
     if hdr is not None and not np.allclose(affine, hdr.get_best_affine()):
         img.set_sform(affine, code=int(hdr["sform_code"]) or 2)
         img.set_qform(affine, code=int(hdr["qform_code"]) or 2)
-    nib.save(img, str(path))
+    with replacing(path) as tmp:  # complete or absent: a kill or a full disk left truncated .nii.gz files
+        nib.save(img, str(tmp))
     return path

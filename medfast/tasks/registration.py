@@ -1330,6 +1330,8 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
                                      axis)[0]
         save(lab, "warped_labels.nii.gz", ("label", (), ""))
         paths["warped_labels"] = str(out / "warped_labels.nii.gz")
+    else:  # an earlier run's, into the same folder: it belongs to another transform
+        (out / "warped_labels.nii.gz").unlink(missing_ok=True)
     metrics = dict(result.metrics)
     if extra:
         metrics.update(extra)

@@ -1,0 +1,69 @@
+"""Output files are complete or absent (medfast._atomic.replacing): a write that fails halfway, as under a kill or
+a full disk, leaves the previous file and no temporary one; and a rerun leaves no output of an earlier run."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medfast.data import save_nifti
+
+
+def _failing_save(real):
+    def save(img, filename):  # half a file, then the disk is full
+        real(img, filename)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device")
+    return save
+
+
+def test_a_failed_nifti_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = save_nifti(np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4), tmp_path / "x.nii.gz")
+    monkeypatch.setattr(nib, "save", _failing_save(nib.save))
+    with pytest.raises(OSError, match="No space left"):
+        save_nifti(np.zeros((2, 3, 4), np.float32), np.eye(4), path)
+    with pytest.raises(OSError):
+        save_nifti(np.zeros((2, 3, 4), np.float32), np.eye(4), tmp_path / "new.nii.gz")
+    monkeypatch.undo()
+    assert np.array_equal(np.asarray(nib.load(path).dataobj), np.arange(24).reshape(2, 3, 4))  # was truncated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.nii.gz"]  # no temporary file, no partial new one
+
+
+def test_a_failed_disk_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from medfast.data import NiftiDataset
+
+    save_nifti(np.random.rand(6, 6, 6).astype(np.float32), np.eye(4), tmp_path / "a.nii.gz")
+    ds = NiftiDataset([str(tmp_path / "a.nii.gz")], cache="disk", cache_dir=str(tmp_path / "cache"))
+    real = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        ds[0]
+    monkeypatch.undo()
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary file was left (and one more per failed run)
+    ds[0]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_register_rerun_without_labels_removes_the_earlier_warped_labels(tmp_path):
+    from medfast.cli import main
+
+    rng = np.random.default_rng(0)
+    g = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij"), -1).astype(float)
+    for name, c in (("f", (7, 8, 8)), ("m", (8, 7, 8))):
+        blob = np.exp(-(((g - c) / 4) ** 2).sum(-1)) * 100 + rng.normal(0, 1, g.shape[:3])
+        save_nifti(blob.astype(np.float32), np.eye(4), tmp_path / f"{name}.nii.gz")
+        save_nifti((blob > 50).astype(np.int16), np.eye(4), tmp_path / f"{name}_lab.nii.gz")
+    common = [str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / "out"),
+              "--affine-levels", "2", "--affine-iters", "3", "--deform-levels", "2", "--deform-iters", "3",
+              "--kernel-size", "3", "--no-progress"]
+    assert main(["register", *common, "--fixed-labels", str(tmp_path / "f_lab.nii.gz"),
+                 "--moving-labels", str(tmp_path / "m_lab.nii.gz")]) == 0
+    assert (tmp_path / "out" / "warped_labels.nii.gz").is_file()
+    assert main(["register", *common]) == 0
+    assert not (tmp_path / "out" / "warped_labels.nii.gz").exists()
