@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -300,6 +301,25 @@ def _missing_optional_module(exc: ImportError) -> str | None:
     return None
 
 
+# argparse reads a value that starts with '-' as an option unless it matches the parser's negative-number pattern,
+# which matches plain numbers only (-1, -.5): `simulate --travel -10,0,0` and `--gain -1e1` failed with "expected one
+# argument" (the `--travel=-10,0,0` form worked). No medfast option looks like a number, so anything starting with
+# -digit or -.digit is a value.
+_NEGATIVE_VALUE = re.compile(r"^-\.?\d")
+
+
+def _accept_negative_values(parser: argparse.ArgumentParser) -> None:
+    """Lets ``parser`` and its subcommands' parsers take ``-10,0,0``, ``-1e1`` ... as option values and positionals
+    (unless one of their options itself looks like a negative number: then argparse's rule stays)."""
+    options = [s for action in parser._actions for s in action.option_strings]
+    if not any(_NEGATIVE_VALUE.match(s) for s in options):
+        parser._negative_number_matcher = _NEGATIVE_VALUE
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                _accept_negative_values(subparser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medfast`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -310,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
+    _accept_negative_values(parser)
     return parser
 
 

@@ -343,13 +343,14 @@ def test_pose_files_name_the_bad_pose(tmp_path):
     nan[0, 3] = np.nan
     scaled[:3, :3] *= 2
     shear[3] = (0, 0, 1, 1)
-    for name, bad, match in (("nan", nan, "contains NaN or inf"), ("scaled", scaled, "is not rigid"),
-                             ("row", shear, "is not affine")):
+    # (the reader of medfast.ultrasound.read_poses, which medfast simulate --poses uses too)
+    for name, bad, match in (("nan", nan, "holds NaN or inf"), ("scaled", scaled, "it is scaled by 2"),
+                             ("row", shear, "its last row is")):
         np.save(tmp_path / f"{name}.npy", np.stack([ok, bad]))
-        with pytest.raises(ValueError, match=rf"{name}.npy: pose 1 \(of 2, counting from 0\) {match}"):
+        with pytest.raises(ValueError, match=rf"{name}.npy pose 1: not a rigid transform: {match}"):
             read_poses(tmp_path / f"{name}.npy")
     np.save(tmp_path / "empty.npy", np.zeros((0, 4, 4)))
-    with pytest.raises(ValueError, match="empty.npy: no poses"):
+    with pytest.raises(ValueError, match="empty.npy: the array holds no poses"):
         read_poses(tmp_path / "empty.npy")
     (tmp_path / "ok.json").write_text(f'{{"poses": [{ok.tolist()}]}}')
     torch.testing.assert_close(read_poses(tmp_path / "ok.json"), torch.from_numpy(ok[None]))

@@ -342,7 +342,7 @@ def test_config_errors_are_clear(tmp_path, phantom):
         _ = SynthesisTask(_config(tmp_path, phantom, **{"task_args.probe": "X9"})).source
     with pytest.raises(FileNotFoundError, match="neither a built-in"):
         _ = SynthesisTask(_config(tmp_path, phantom, **{"task_args.source": str(tmp_path / "nope.nii.gz")})).source
-    with pytest.raises(ValueError, match="poses must be"):
+    with pytest.raises(ValueError, match=r"poses\.json: the JSON list must be \(4, 4\) or \(B, 4, 4\)"):
         bad = tmp_path / "poses.json"
         bad.write_text("[[1, 2], [3, 4]]")
         read_poses(bad)

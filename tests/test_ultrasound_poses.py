@@ -73,6 +73,58 @@ def test_savetxt_4x4_blocks(tmp_path):
     np.testing.assert_array_equal(read_poses(tmp_path / "all.txt").numpy(), poses)
 
 
+def test_json_layouts_round_trip(tmp_path):
+    # the layouts medfast simulate (simulate.json) and medfast synthesize (generate.json) record, a bare list, one
+    # matrix; the values are Python floats, which JSON keeps exactly
+    poses, _ = _known()
+    layouts = {"list.json": poses.tolist(), "simulate.json": {"probe": "L11-5v", "frames": B, "poses": poses.tolist()},
+               "generate.json": {"psnr": None, "swd": float("nan"), "poses": poses.tolist()},
+               "top.json": poses[:, :3].tolist()}
+    for name, data in layouts.items():
+        (tmp_path / name).write_text(json.dumps(data))
+        out = read_poses(tmp_path / name)
+        assert out.dtype == torch.float64 and out.shape == (B, 4, 4), name
+        np.testing.assert_array_equal(out.numpy(), poses, err_msg=name)
+    (tmp_path / "one.json").write_text(json.dumps(poses[2].tolist()))
+    np.testing.assert_array_equal(read_poses(tmp_path / "one.json").numpy(), poses[2:3])
+    # units, inversion and calibration apply as to every format
+    np.testing.assert_allclose(read_poses(tmp_path / "list.json", units="cm")[:, :3, 3].numpy(), poses[:, :3, 3] * 10)
+
+
+def test_json_errors_are_named(tmp_path):
+    poses, _ = _known(3)
+    path = tmp_path / "p.json"
+    for text, match in (
+        ("{not json", r"p\.json: not valid JSON"),
+        (json.dumps({"frames": 3, "probe": "C5-2v"}), r"p\.json: a JSON object must hold the poses under the key "
+                                                       r"'poses'.*'frames', 'probe'"),
+        (json.dumps([[1, 2], [3, 4]]), r"p\.json: the JSON list must be \(4, 4\) or \(B, 4, 4\)"),
+        (json.dumps({"poses": [poses[0].tolist(), poses[1, :2].tolist()]}), r"its 'poses' must be a list of 4x4 "
+                                                                             r"matrices of numbers"),
+        (json.dumps([[["a"] * 4] * 4]), r"must be a list of 4x4 matrices of numbers"),
+        (json.dumps({"poses": []}), r"must be \(4, 4\)"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            read_poses(path)
+    bad = poses.copy()
+    bad[1, 0, 3] = np.nan  # written as null, as medfast writes a NaN
+    path.write_text(json.dumps({"poses": [[[None if np.isnan(v) else v for v in row] for row in m] for m in bad]}))
+    with pytest.raises(ValueError, match=r"p\.json pose 1: not a rigid transform: holds NaN"):
+        read_poses(path)
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "model.pt", "run.yaml", "poses"])
+def test_unsupported_suffix_is_named(tmp_path, name):
+    # a NIfTI or a checkpoint used to reach the text parser and fail as "not a number" on its first line
+    poses, _ = _known(2)
+    np.savetxt(tmp_path / name, poses.reshape(2, 16))
+    with pytest.raises(ValueError, match=r"unsupported pose file format .*\.npy, \.npz, \.json, \.csv.*\.seq\.mha"):
+        read_poses(tmp_path / name)
+    if not name.endswith(".gz"):  # (np.savetxt gzips a .gz)
+        np.testing.assert_array_equal(read_poses(tmp_path / name, format="text").numpy(), poses)  # format= reads it
+
+
 # --- position + quaternion ---------------------------------------------------------------------------------------
 def test_quaternion_formula_matches_scipy():
     rot = Rotation.random(50, random_state=3)

@@ -242,20 +242,18 @@ def _sweep(args: argparse.Namespace, vol: np.ndarray, affine: np.ndarray) -> tor
 
 def _write_frames(out: Path, bmode: np.ndarray, px: float, extent_mm: tuple[float, float, float, float]) -> None:
     """``frames/frame_###.png`` (only this run's) and ``frames.nii.gz`` in ``out``: voxel (j, i, n) is pixel (row i,
-    column j) of frame n, at x = lateral, y = depth (mm, the probe frame of ``SimulationResult.extent_mm``), z = n."""
-    import nibabel as nib
+    column j) of frame n, at x = lateral, y = depth (mm, the probe frame of ``SimulationResult.extent_mm``), z = n
+    (:func:`medfast.ultrasound.io.write_frame_stack`, which ``medfast synthesize`` writes its stacks with)."""
     from PIL import Image
+
+    from medfast.ultrasound.io import write_frame_stack
 
     (out / "frames").mkdir(parents=True, exist_ok=True)
     for old in (out / "frames").glob("frame_*.png"):  # an earlier run's extra frames would pass for this run's
         old.unlink()
     for i, f in enumerate(bmode):
         Image.fromarray(np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8)).save(out / "frames" / f"frame_{i:03d}.png")
-    stack_affine = np.diag([px, px, 1.0, 1.0])
-    stack_affine[:2, 3] = extent_mm[0], extent_mm[2]  # the first pixel's lateral and depth position
-    img = nib.Nifti1Image(np.ascontiguousarray(bmode.transpose(2, 1, 0)).astype(np.float32), stack_affine)
-    img.header.set_xyzt_units("mm")  # else viewers and tools read the spacing as unitless
-    nib.save(img, str(out / "frames.nii.gz"))
+    write_frame_stack(out / "frames.nii.gz", bmode, px, (extent_mm[0], extent_mm[2]))
 
 
 def _figure(ct, affine, poses, probe, bmode, px, path, n=4):
@@ -322,9 +320,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tracked poses", "simulate along probe poses read from a file instead of the generated sweep (not with "
         f"{', '.join(SWEEP_FLAGS)}); see medfast.ultrasound.read_poses")
     g.add_argument("--poses", default=None, metavar="FILE", action=_PosesFlag,
-                   help="probe-to-world poses, frames in file order: .npy/.npz (B, 4, 4), CSV/TXT of 16 (or 12) "
-                        "numbers a row or with x,y,z,qw,qx,qy,qz columns named in a header, or a PLUS/IGSIO "
-                        "sequence (.mha/.mhd/.seq.mha, header only)")
+                   help="probe-to-world poses, frames in file order: .npy/.npz (B, 4, 4), JSON (a list of 4x4, "
+                        "or the poses simulate.json / generate.json record), CSV/TXT of 16 (or 12) numbers a row or "
+                        "with x,y,z,qw,qx,qy,qz columns named in a header, or a PLUS/IGSIO sequence "
+                        "(.mha/.mhd/.seq.mha, header only)")
     g.add_argument("--pose-units", choices=("mm", "cm", "m"), default=None,
                    help="units of the poses' translations (default: mm)")
     g.add_argument("--calibration", default=None, metavar="FILE",

@@ -1,4 +1,5 @@
-"""Volume readers for the simulator: NIfTI (nibabel) and InVesalius projects (``.inv3``).
+"""Volume readers for the simulator: NIfTI (nibabel) and InVesalius projects (``.inv3``); the writer of frame
+stacks (:func:`write_frame_stack`, for ``medfast simulate`` and ``medfast synthesize`` alike).
 
 An ``.inv3`` file (InVesalius 3) is a gzip-compressed tar holding ``main.plist`` (metadata: shape,
 dtype, voxel spacing) and ``matrix.dat`` (the raw volume, C order, little-endian).
@@ -120,3 +121,25 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: the voxel-to-world affine (sform / qform) is singular (zero voxel size or "
                          "parallel voxel axes): the header's voxel sizes or orientation are broken")
     return data, affine
+
+
+def write_frame_stack(path: str | Path, frames: np.ndarray, pixel_mm: float, origin_mm: tuple[float, float]) -> None:
+    """Writes ``(N, H, W)`` scan-converted frames as a NIfTI stack in the probe frame.
+
+    Voxel ``(j, i, n)`` is pixel (row ``i``, column ``j``) of frame ``n``, at x = ``origin_mm[0] + j * pixel_mm``
+    (lateral), y = ``origin_mm[1] + i * pixel_mm`` (depth), z = ``n`` (the frame index), spatial units mm: the
+    probe-frame geometry of ``SimulationResult.extent_mm`` (``origin_mm`` is its ``(x_min, z_min)``, the
+    first pixel's lateral and depth position, i.e. ``probe.image_extent_mm()[0::2]``). Stored as float32.
+    ``medfast simulate`` (``frames.nii.gz``) and ``medfast synthesize`` (``generated.nii.gz``,
+    ``simulated.nii.gz``) both write with it, so that stacks of the same poses, probe and pixel share a header.
+    """
+    import nibabel as nib
+
+    frames = np.asarray(frames)
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be (N, H, W), got shape {frames.shape}")
+    affine = np.diag([float(pixel_mm), float(pixel_mm), 1.0, 1.0])
+    affine[:2, 3] = float(origin_mm[0]), float(origin_mm[1])
+    img = nib.Nifti1Image(np.ascontiguousarray(frames.transpose(2, 1, 0)).astype(np.float32), affine)
+    img.header.set_xyzt_units("mm")  # else viewers and tools read the spacing as unitless
+    nib.save(img, str(path))

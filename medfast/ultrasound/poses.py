@@ -1,10 +1,12 @@
-"""Tracked probe poses from a file: NumPy arrays, text matrices, position + quaternion tables and the header of
-PLUS / IGSIO sequence files, as ``(B, 4, 4)`` probe-to-world poses (mm) for :func:`medfast.ultrasound.simulate`.
+"""Tracked probe poses from a file: NumPy arrays, JSON (the poses ``medfast simulate`` / ``medfast synthesize``
+record), text matrices, position + quaternion tables and the header of PLUS / IGSIO sequence files, as
+``(B, 4, 4)`` probe-to-world poses (mm) for :func:`medfast.ultrasound.simulate` and ``medfast synthesize``.
 
 See docs/ultrasound.md, "Tracked poses from a file"."""
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -16,10 +18,14 @@ from medfast.ultrasound.simulate import RIGID_TOL  # the tolerance simulate() ap
 
 __all__ = ["read_poses"]
 
-FORMATS = ("npy", "npz", "text", "plus")
+FORMATS = ("npy", "npz", "json", "text", "plus")
 UNITS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
 _SPLIT = re.compile(r"[,;\s]+")
 _PLUS_SUFFIXES = (".mha", ".mhd", ".seq", ".igs")
+_TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".dat")
+#: the file name endings each format is read from (``format=None``); any other ending is refused
+SUFFIXES = {"npy": (".npy",), "npz": (".npz",), "json": (".json",), "text": _TEXT_SUFFIXES,
+            "plus": (".mha", ".mhd", ".seq.mha", ".igs.mha")}
 
 
 def _label(where: str) -> str:
@@ -61,9 +67,11 @@ def _as_matrices(arr: np.ndarray, path: object, what: str) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float64)
     if arr.ndim == 2:
         arr = arr[None]
-    if arr.ndim != 3 or arr.shape[1:] not in ((4, 4), (3, 4)) or arr.shape[0] < 1:
+    if arr.ndim != 3 or arr.shape[1:] not in ((4, 4), (3, 4)):
         raise ValueError(f"{path}: {what} must be (4, 4) or (B, 4, 4) matrices (or (B, 3, 4)), got shape "
                          f"{arr.shape}")
+    if arr.shape[0] < 1:
+        raise ValueError(f"{path}: {what} holds no poses (shape {arr.shape})")
     if arr.shape[1] == 3:
         arr = np.concatenate([arr, np.broadcast_to([[[0.0, 0.0, 0.0, 1.0]]], (arr.shape[0], 1, 4))], 1)
     return arr
@@ -79,6 +87,27 @@ def _read_npz(path: Path) -> np.ndarray:
         else:
             raise ValueError(f"{path}: holds the arrays {keys}; name the poses array 'poses' (or keep only one)")
         return _as_matrices(z[key], path, f"array {key!r}")
+
+
+def _read_json(path: Path) -> np.ndarray:
+    """A JSON list of 4x4 matrices (or one matrix), or an object holding it under ``"poses"`` (``simulate.json``,
+    ``generate.json``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    what = "the JSON list"
+    if isinstance(data, dict):
+        if "poses" not in data:
+            raise ValueError(f"{path}: a JSON object must hold the poses under the key 'poses' (as simulate.json and "
+                             f"generate.json do); its keys are {list(data)[:12]}")
+        data, what = data["poses"], "its 'poses'"
+    try:  # null (a NaN as medfast writes it) becomes NaN, refused by the rigid check with the pose's index
+        arr = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: {what} must be a list of 4x4 matrices of numbers (nested lists of equal "
+                         "lengths)") from None
+    return _as_matrices(arr, path, what)
 
 
 # --- text: matrices or position + quaternion ---------------------------------------------------------------------
@@ -286,13 +315,17 @@ def _read_plus(path: Path, transform: str | None, invalid: str) -> tuple[np.ndar
 
 def _guess_format(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".npy":
-        return "npy"
-    if suffixes and suffixes[-1] == ".npz":
-        return "npz"
+    last = suffixes[-1] if suffixes else ""
+    for fmt in ("npy", "npz", "json"):
+        if last in SUFFIXES[fmt]:
+            return fmt
     if any(s in _PLUS_SUFFIXES for s in suffixes):
         return "plus"
-    return "text"
+    if last in _TEXT_SUFFIXES:
+        return "text"
+    # not guessed as text: a NIfTI, a checkpoint or a YAML would fail on its first line as "not a number"
+    known = ", ".join(s for fmt in FORMATS for s in SUFFIXES[fmt])
+    raise ValueError(f"{path}: unsupported pose file format {last or '(no suffix)'!r}: expected one of {known}")
 
 
 def _calibration(calibration: object) -> np.ndarray:
@@ -329,7 +362,10 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
 
         - ``"npy"`` / ``"npz"``: an array of shape ``(4, 4)``, ``(B, 4, 4)`` or ``(B, 3, 4)`` (an ``.npz``: the
           array named ``poses``, or its only array).
-        - ``"text"`` (any other suffix: ``.csv``, ``.txt``, ``.tsv``): comma, semicolon, space or tab separated;
+        - ``"json"`` (``.json``): a list of 4x4 matrices (or one), or an object holding that list under
+          ``"poses"``, as ``simulate.json`` (``medfast simulate``) and ``generate.json`` (``medfast synthesize``)
+          record the poses they used.
+        - ``"text"`` (``.csv``, ``.tsv``, ``.txt``, ``.dat``): comma, semicolon, space or tab separated;
           lines starting with ``#`` are comments. Either one pose per row, 16 numbers (the 4x4 matrix row by
           row) or 12 (its top 3 rows), or 4x4 blocks of 4 rows (``np.savetxt`` of a matrix), with or without a
           header line; or a header naming position and quaternion columns, found by name in any order, other
@@ -341,6 +377,9 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
         - ``"plus"`` (``.mha``, ``.mhd``, ``.seq.mha``, ``.igs.mha``): a PLUS toolkit / IGSIO tracked sequence;
           only the text header is read (up to ``ElementDataFile``), never the pixel data: the lines
           ``Seq_Frame####_<transform>Transform = 16 numbers``, in frame-number order.
+
+        Any other suffix is refused ("unsupported pose file format", naming the suffixes above) unless
+        ``format`` is given.
     units : {"mm", "cm", "m"}
         Units of the file's translations; they are scaled to mm (rotations have no unit).
     calibration : (4, 4) array, tensor or file, optional
@@ -365,9 +404,10 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
     Raises
     ------
     ValueError
-        Naming the file, the line or frame (and pose index) and the problem: not a number, a wrong count of
-        numbers, NaN / inf, a matrix that is not rigid (scaled, sheared, reflected, last row not (0, 0, 0, 1);
-        rotation orthonormal within 1e-3), a quaternion of norm other than 1.
+        An unsupported suffix (``format=None``); or naming the file, the line or frame (and pose index) and the
+        problem: not valid JSON, not a number, a wrong count of numbers, NaN / inf, a matrix that is not rigid
+        (scaled, sheared, reflected, last row not (0, 0, 0, 1); rotation orthonormal within 1e-3), a quaternion
+        of norm other than 1.
     """
     path = Path(path)
     if not path.is_file():
@@ -389,13 +429,16 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
         elif fmt == "npz":
             mats = _read_npz(path)
             labels = [f"pose {i}" for i in range(len(mats))]
+        elif fmt == "json":
+            mats = _read_json(path)
+            labels = [f"pose {i}" for i in range(len(mats))]
         elif fmt == "plus":
             mats, labels = _read_plus(path, transform, invalid)
         else:
             mats, labels = _read_text(path)
     except (OSError, EOFError) as exc:  # a damaged .npy / .npz
         raise ValueError(f"{path}: cannot be read as {fmt}: {type(exc).__name__}: {exc}") from None
-    if fmt in ("npy", "npz") and len(mats) == 1:
+    if fmt in ("npy", "npz", "json") and len(mats) == 1:
         labels = [""]
     mats = mats.copy()
     mats[:, :3, 3] *= UNITS[units]

@@ -4,13 +4,13 @@ For each probe pose (a held-out sweep in pose mode, held-out random poses in ima
 a file) the generator makes a frame from the pose's condition (image-plane world coordinates, or the
 anatomy of the checkpoint's volume in the plane); the simulator makes the reference frame. Written:
 ``generated/frame_###.png``, ``simulated/frame_###.png``, ``generated.nii.gz`` and ``simulated.nii.gz``
-(stacks with the pixel spacing in the header), ``grid.png`` and ``generate.json`` (metrics, poses).
+(stacks with the header of ``medfast simulate``'s ``frames.nii.gz``: pixel spacing in mm and the probe-frame
+lateral and depth of the first pixel), ``grid.png`` and ``generate.json`` (metrics, poses).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,39 +44,13 @@ def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu") -
 
 
 def read_poses(path: str | Path) -> torch.Tensor:
-    """``(N, 4, 4)`` float64 poses from a ``.npy`` array or a JSON list (or a JSON object with a ``"poses"``
-    list, as ``medfast simulate`` writes in ``simulate.json``); each must be a finite rigid transform (a
-    ValueError names the file and the pose otherwise)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"poses file not found: {path}")
-    try:
-        if path.suffix == ".npy":
-            arr = np.load(path)
-        else:
-            data = json.loads(path.read_text())
-            arr = np.asarray(data["poses"] if isinstance(data, dict) else data, dtype=np.float64)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: cannot read (N, 4, 4) poses ({exc})") from None
-    arr = np.asarray(arr, dtype=np.float64)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.shape[1:] != (4, 4):
-        raise ValueError(f"{path}: poses must be (N, 4, 4), got shape {arr.shape}")
-    if len(arr) == 0:
-        raise ValueError(f"{path}: no poses")
-    # the simulator's checks (medfast.ultrasound.simulate), here to name the file and the pose
-    for i, pose in enumerate(arr):
-        where = f"{path}: pose {i} (of {len(arr)}, counting from 0)"
-        if not np.isfinite(pose).all():
-            raise ValueError(f"{where} contains NaN or inf")
-        if np.abs(pose[3] - (0.0, 0.0, 0.0, 1.0)).max() > 1e-4:
-            raise ValueError(f"{where} is not affine: its last row must be (0, 0, 0, 1), got {pose[3].tolist()}")
-        rot = pose[:3, :3]
-        if np.abs(rot.T @ rot - np.eye(3)).max() > 1e-3 or np.linalg.det(rot) < 0:
-            raise ValueError(f"{where} is not rigid: its 3x3 part must be a rotation (orthonormal columns, "
-                             "determinant +1; no scale, shear or mirror)")
-    return torch.from_numpy(arr)
+    """``(N, 4, 4)`` float64 poses (mm) from a file: :func:`medfast.ultrasound.read_poses`, the reader of ``medfast
+    simulate --poses`` (``.npy`` / ``.npz``, JSON as ``simulate.json`` and ``generate.json`` record them, CSV / TXT,
+    PLUS / IGSIO ``.mha``); each must be a finite rigid transform (a ValueError names the file and the pose
+    otherwise), another suffix is refused as an unsupported pose file format."""
+    from medfast.ultrasound.poses import read_poses as read_pose_file  # (lazy: the CLI builds its parser fast)
+
+    return read_pose_file(path)
 
 
 @torch.no_grad()
@@ -135,9 +109,8 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     dict
         What ``generate.json`` holds: mean PSNR/SSIM/L1, SWD, frame shape, pixel size, files, poses.
     """
-    import nibabel as nib
-
     from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
+    from medfast.ultrasound.io import write_frame_stack
 
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be an int >= 1, got {frames!r}")
@@ -157,14 +130,13 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
         for old in (out / sub).glob("frame_*.png"):  # an earlier run's frames would sit beside these
             old.unlink()
     px = task.source.pixel_mm
+    x0, _, z0, _ = task.source.probe.image_extent_mm()  # the frames' first pixel (SynthesisSource.plane_points)
     g, r = fake[:, 0].cpu().numpy(), real[:, 0].cpu().numpy()
     for i in range(len(g)):
         _png(g[i], out / "generated" / f"frame_{i:03d}.png")
         _png(r[i], out / "simulated" / f"frame_{i:03d}.png")
-    aff = np.diag([px, px, 1.0, 1.0])
-    for name, arr in (("generated", g), ("simulated", r)):
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.float32), aff),
-                 str(out / f"{name}.nii.gz"))
+    for name, arr in (("generated", g), ("simulated", r)):  # the header medfast simulate's frames.nii.gz has
+        write_frame_stack(out / f"{name}.nii.gz", arr, px, (x0, z0))
     rows, ranges = task._grid_rows(cond, fake, real)
     save_grid(out / "grid.png", rows, ranges=ranges, max_columns=8)
     summary = {
@@ -180,13 +152,17 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     return summary
 
 
-#: the poses files a folder given to ``medfast predict`` contributes (the formats :func:`read_poses` reads)
+#: the poses files a folder given to ``medfast predict`` contributes (a file named on its own may be in any format
+#: :func:`read_poses` reads; a folder's ``.txt`` / ``.csv`` files are as likely notes or tables as poses)
 POSES_SUFFIXES = (".json", ".npy")
 
 
 def _poses_stem(path: Path) -> str:
-    """A poses file's output folder name: its name less the ``.json`` / ``.npy`` suffix (not from the first dot)."""
-    return path.stem if path.suffix in POSES_SUFFIXES else path.name
+    """A poses file's output folder name: its name less its pose-file suffix (``.json``, ``.npy``, ``.csv``, ...;
+    not from the first dot)."""
+    from medfast.ultrasound.poses import SUFFIXES
+
+    return path.stem if any(path.suffix.lower() in suffixes for suffixes in SUFFIXES.values()) else path.name
 
 
 def poses_files(inputs) -> list[Path]:
@@ -253,14 +229,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="medfast-synthesize", help="output folder (default: %(default)s)")
     p.add_argument("--frames", type=int, default=16, help="frames to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the poses (default: %(default)s)")
-    p.add_argument("--poses", default=None, help="(N, 4, 4) probe poses: .npy, or JSON (e.g. simulate.json)")
+    p.add_argument("--poses", default=None, metavar="FILE",
+                   help="probe-to-world poses (mm), read as medfast simulate --poses reads them: .npy/.npz, JSON "
+                        "(a list of 4x4, or simulate.json / generate.json), CSV/TXT, or a PLUS/IGSIO sequence "
+                        "(.mha/.mhd/.seq.mha)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    import warnings
+
     try:
-        poses = read_poses(args.poses) if args.poses else None
+        with warnings.catch_warnings(record=True) as caught:  # skipped PLUS frames: one plain line, as simulate
+            warnings.simplefilter("always")
+            poses = read_poses(args.poses) if args.poses else None
+        for w in caught:
+            print(f"medfast synthesize: {w.message}", file=sys.stderr)
         s = generate(args.checkpoint, args.out, frames=args.frames, seed=args.seed, poses=poses, device=args.device)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"medfast synthesize: error: {exc}", file=sys.stderr)
