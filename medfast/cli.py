@@ -108,8 +108,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
     except (DemoError, ImportError) as exc:
         # Expected setup problems (missing nilearn, no CUDA build, unreadable image): no traceback.
-        print(f"medfast demo: error: {exc}", file=sys.stderr)
-        return 1
+        return command_error("demo", exc)
     return 0
 
 
@@ -289,7 +288,7 @@ def _version() -> str:
         return __version__
 
 
-def _missing_optional_module(exc: ImportError) -> str | None:
+def _missing_optional_module(exc: BaseException) -> str | None:
     """The top-level name of the optional module whose absence raised ``exc`` (itself, or the error it was
     raised from, such as ``ImportError("reading NIfTI needs nibabel ...") from exc``), else None."""
     seen: BaseException | None = exc
@@ -318,6 +317,23 @@ def _accept_negative_values(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
                 _accept_negative_values(subparser)
+
+
+def command_error(command: str, exc: BaseException) -> int:
+    """Prints the one-line error of ``medfast <command>`` for ``exc`` to stderr and returns the exit status.
+
+    Every subcommand that catches its expected errors (ImportError among them) reports them through this, so
+    that a missing optional module reads the same everywhere: ``needs X: pip install "medfast[extra]"``, exit
+    status 2, when ``exc`` or an error it was raised from is that module's ModuleNotFoundError (see
+    :data:`OPTIONAL_MODULES`); otherwise the exception's own message, exit status 1.
+    """
+    module = _missing_optional_module(exc)
+    if module is not None:
+        print(f'medfast {command}: error: needs {module}: pip install "medfast[{OPTIONAL_MODULES[module]}]"',
+              file=sys.stderr)
+        return 2
+    print(f"medfast {command}: error: {exc}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,12 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ImportError as exc:
-        module = _missing_optional_module(exc)
-        if module is None:
+        if _missing_optional_module(exc) is None:
             raise
-        print(f'medfast {args.command}: error: needs {module}: pip install "medfast[{OPTIONAL_MODULES[module]}]"',
-              file=sys.stderr)
-        return 2
+        return command_error(args.command, exc)
     except BrokenPipeError:  # `medfast info | head`: the reader left; not an error of ours
         import os
 

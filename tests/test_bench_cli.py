@@ -504,15 +504,14 @@ def test_a_rerun_without_results_keeps_the_earlier_rows(tmp_path):
 
 
 def _figure_of(monkeypatch, meta, rows, path, status=None):
-    import matplotlib
+    """The Figure runner.plot saved (it uses no pyplot), drawn on an Agg canvas for inspection."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs = []
-    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    figs, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figs.append(fig), save(fig, *a, **k))[1])
     assert runner.plot(meta, rows, path, status)
-    figs[0].canvas.draw()
+    FigureCanvasAgg(figs[0]).draw()
     return figs[0]
 
 

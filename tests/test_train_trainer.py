@@ -139,6 +139,53 @@ def test_nan_loss_stops_with_step_and_files(tmp_path):
         Trainer(cfg, _NaNTask(cfg)).fit()
 
 
+class _StateTask(_NaNTask):
+    """Records the process' torch threads and determinism at each training step."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen = []
+
+    def training_step(self, model, batch, device):
+        self.seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
+        return model(batch["x"].to(device)).pow(2).mean(), {}
+
+
+def _torch_state():
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def test_fit_sets_threads_and_determinism_for_itself_only(tmp_path):
+    """trainer.threads and trainer.deterministic hold during fit; the caller's settings come back afterwards (also
+    after an error), so that a later fit with deterministic: false is not deterministic."""
+    def cfg(name, *extra):
+        return load_config([], [f"trainer.out_dir={tmp_path / name}", "trainer.progress=false", "trainer.max_steps=2",
+                                "trainer.tensorboard=false", "trainer.val_every=0", "trainer.batch_size=2", *extra])
+
+    caller = _torch_state()
+    try:
+        torch.set_num_threads(2)
+        torch.use_deterministic_algorithms(False)
+        c = cfg("a", "trainer.threads=1", "trainer.deterministic=true")
+        Trainer(c, task := _StateTask(c)).fit()
+        assert task.seen == [(1, True)] * 2
+        assert _torch_state() == (2, False, False)
+        # a caller that is deterministic (warn only); a run that is not, with the caller's threads (threads: null)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        c = cfg("b", "trainer.deterministic=false")
+        Trainer(c, task := _StateTask(c)).fit()
+        assert task.seen == [(2, False)] * 2
+        assert _torch_state() == (2, True, True)
+        c = cfg("c", "trainer.threads=1", "trainer.deterministic=true", "trainer.max_steps=5")
+        with pytest.raises(NonFiniteLossError):  # (at step 3)
+            Trainer(c, _NaNTask(c)).fit()
+        assert _torch_state() == (2, True, True)
+    finally:
+        torch.set_num_threads(caller[0])
+        torch.use_deterministic_algorithms(caller[1], warn_only=caller[2])
+
+
 def test_bad_trainer_settings(tmp_path):
     cfg = load_config([], [f"trainer.out_dir={tmp_path}", "trainer.amp=fp8"])
     with pytest.raises(ValueError, match="trainer.amp"):

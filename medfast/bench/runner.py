@@ -486,9 +486,7 @@ def plot(meta: dict, rows: list[Row], path: Path, status: dict | None = None) ->
     medfast's and the peer's peak memory. False (and no file: an older chart there is removed, so that it cannot
     stand beside a report it does not show) when no row has a ratio."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
     from matplotlib.patches import Patch
 
     shown = [(i, r) for i, r in enumerate(rows, 1) if r.ratio]
@@ -501,11 +499,11 @@ def plot(meta: dict, rows: list[Row], path: Path, status: dict | None = None) ->
     lo = min(0.5, min(ratios) / 1.6)
     has_mem = any(r.medfast_peak_mib is not None or r.peer_peak_mib is not None for _, r in shown)
     suites = list(dict.fromkeys(r.suite for _, r in shown))  # colours only: each label starts with its suite
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(suites)}
+    colors = {s: matplotlib.colormaps["tab10"](i % 10) for i, s in enumerate(suites)}
     n = len(shown)
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, sharey=True, squeeze=False,
-                             figsize=(18 if has_mem else 12, 0.24 * n + 2.2),
-                             gridspec_kw={"width_ratios": [1.5, 1] if has_mem else [1]})
+    fig = Figure(figsize=(18 if has_mem else 12, 0.24 * n + 2.2))
+    axes = fig.subplots(1, 2 if has_mem else 1, sharey=True, squeeze=False,
+                        gridspec_kw={"width_ratios": [1.5, 1] if has_mem else [1]})
     ax = axes[0][0]
     y = list(range(n))
     # bars grow from the 1x line: leftwards for a slower medfast (a log axis has no zero to start from)
@@ -566,7 +564,6 @@ def plot(meta: dict, rows: list[Row], path: Path, status: dict | None = None) ->
                  y=1.0, va="bottom")  # above the axes: savefig's tight box takes it in
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return True
 
 

@@ -1142,15 +1142,13 @@ def save_overlay(path: str | Path, fixed: torch.Tensor, panels: dict[str, torch.
                  title: str | None = None) -> None:
     """PNG: for each panel, fixed (green) over the moving image (magenta), on the three central
     slices (3D) or the image (2D). Aligned structures look grey; misalignment shows colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     f = fixed.detach().cpu().float().squeeze()
     views = ([lambda v: v[v.shape[0] // 2], lambda v: v[:, v.shape[1] // 2], lambda v: v[:, :, v.shape[2] // 2]]
              if f.dim() == 3 else [lambda v: v])
-    fig, axes = plt.subplots(len(views), len(panels), figsize=(3.2 * len(panels), 3.2 * len(views)), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(panels), 3.2 * len(views)))
+    axes = fig.subplots(len(views), len(panels), squeeze=False)
     for j, (name, img) in enumerate(panels.items()):
         m = img.detach().cpu().float().squeeze()
         for i, view in enumerate(views):
@@ -1166,7 +1164,6 @@ def save_overlay(path: str | Path, fixed: torch.Tensor, panels: dict[str, torch.
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 # ITK (SimpleITK, ANTs, Slicer) reads a NIfTI's world frame as LPS: RAS with x and y negated

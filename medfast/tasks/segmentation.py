@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from medfast._figures import figures_enabled, new_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
 from medfast.data.dataset import _SUFFIXES, case_name, check_label_map, group_channel_files, relabel
@@ -447,12 +448,7 @@ class SegmentationTask(Task):
         return rows
 
     def save_samples(self, model, batch, device, path: Path) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        if not figures_enabled("medfast train"):  # (a one-line note, once) matplotlib is optional
             return
         image = batch["image"][:1].to(device)
         prob = predict_volume(model, image, self.config)
@@ -464,7 +460,8 @@ class SegmentationTask(Task):
             views = [(f"axis {a}", lambda t, a=a: t.select(a, t.shape[a] // 2)) for a in range(3)]
         else:
             views = [("image", lambda t: t)]
-        fig, axes = plt.subplots(len(views), 3, figsize=(9, 3 * len(views)), squeeze=False)
+        fig = new_figure(figsize=(9, 3 * len(views)))
+        axes = fig.subplots(len(views), 3, squeeze=False)
         for row, (name, cut) in enumerate(views):
             for col, (title, lab_map) in enumerate([("image", None), ("label", lab), ("prediction", pred)]):
                 ax = axes[row, col]
@@ -478,7 +475,6 @@ class SegmentationTask(Task):
         fig.suptitle(str(batch["files"][0])[-80:], fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
 
     def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
         """Segments ``data.test_images`` (in their own space, as ``medfast predict`` does) and scores them

@@ -25,6 +25,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from medfast.cli import command_error
     from medfast.data import DatasetError
     from medfast.train import CheckpointError, ConfigError, NonFiniteLossError, Trainer, config_to_dict, load_config
 
@@ -40,8 +41,7 @@ def run_train(args: argparse.Namespace) -> int:
         trainer = Trainer(config)
         results = trainer.fit()
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ImportError) as exc:
-        print(f"medfast train: error: {exc}", file=sys.stderr)
-        return 1
+        return command_error("train", exc)  # a missing optional module: its extra, exit status 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (checkpoints are replaced atomically)
         if trainer is None or trainer.rank == 0:
             note = trainer.interrupted_message() if trainer is not None else "interrupted"
@@ -73,9 +73,13 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the checkpoint's config, e.g. --set inference.overlap=0.25")
     p.add_argument("--probabilities", action="store_true", help="also write class probabilities")
+    p.add_argument("--no-cam", action="store_true",
+                   help="classification of 2D images: do not write the Grad-CAM overlays (cam/*.png; they are "
+                        "skipped anyway, with a note, when matplotlib is not installed)")
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from medfast.cli import command_error
     from medfast.data import DatasetError
     from medfast.tasks.segmentation import predict_files
     from medfast.train import ConfigError
@@ -86,15 +90,17 @@ def run_predict(args: argparse.Namespace) -> int:
 
         check_out_dir(args.out, "--out")
         task = (load_checkpoint(args.checkpoint).get("config") or {}).get("task")
+        extra = {}
         if task == "classification":
             from medfast.tasks.classification.task import predict_files
+
+            extra["save_cam"] = not args.no_cam
         elif task == "synthesis":
             from medfast.tasks.synthesis.generate import predict_files
         written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device,
-                                overrides=args.overrides, save_probabilities=args.probabilities)
+                                overrides=args.overrides, save_probabilities=args.probabilities, **extra)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"medfast predict: error: {exc}", file=sys.stderr)
-        return 1
+        return command_error("predict", exc)  # a missing optional module: its extra, exit status 2
     for path in written:
         print(path)
     return 0

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medfast._figures import figures_enabled, new_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast._jsonsafe import json_ready
 from medfast.data.preprocess import REORIENT_DIMS
@@ -372,12 +373,7 @@ class _Log:
 def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Path | None:
     """PNG of the training loss (raw and smoothed) and of the validation metrics against the step; metrics
     sharing a prefix (``dice_1``, ``dice_mean``, ...) share a panel."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not figures_enabled("medfast train"):  # (a one-line note, once) matplotlib is optional
         return None
     metrics = sorted({k for r in val_rows for k in r if k not in ("step", "epoch", "time")})
     groups: dict[str, list[str]] = {}
@@ -385,7 +381,8 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Pat
         groups.setdefault(key.split("_")[0], []).append(key)
     names = list(groups)[:4]
     n = 1 + len(names)
-    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4), squeeze=False)
+    fig = new_figure(figsize=(4.4 * n, 3.4))
+    axes = fig.subplots(1, n, squeeze=False)
     ax = axes[0, 0]
     steps = [r["step"] for r in train_rows]
     loss = np.array([r["loss"] for r in train_rows], dtype=float)
@@ -408,7 +405,6 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Pat
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -486,8 +482,9 @@ class Trainer:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        if self.config.trainer.deterministic:
-            torch.use_deterministic_algorithms(True)
+        # explicitly both ways: a process that enabled it before (an earlier fit, the user) must not make a
+        # ``deterministic: false`` run deterministic; fit() restores the caller's setting afterwards
+        torch.use_deterministic_algorithms(bool(self.config.trainer.deterministic))
 
     def _setup(self) -> None:
         tc = self.config.trainer
@@ -967,9 +964,15 @@ class Trainer:
         ConfigError
             Among others, when another run trains in ``trainer.out_dir`` (it holds ``train.lock``).
         """
+        # trainer.threads and trainer.deterministic are process-wide torch settings: they hold for this fit only,
+        # and the caller's (a notebook, a later fit with another config) come back afterwards
+        saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                 torch.is_deterministic_algorithms_warn_only_enabled())
         try:
             return self._fit(stop_after)
         finally:
+            torch.set_num_threads(saved[0])
+            torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
             self._close_loaders()
             if self._tb:
                 self._tb.close()

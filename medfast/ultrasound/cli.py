@@ -144,7 +144,8 @@ def run_simulate(args: argparse.Namespace) -> dict:
         vol, affine = read_volume(path)
     except Exception as exc:  # nibabel's ImageFileError, a 2D / 4D volume, a damaged file: name the file
         msg = str(exc).removeprefix(f"{path}: ")  # the readers' own messages start with it: name it once
-        raise SimulateError(f"cannot read the volume {path}: {msg}") from None
+        # (from exc: a reader that is not installed, e.g. nibabel, is named with its extra by main)
+        raise SimulateError(f"cannot read the volume {path}: {msg}") from exc
     device = _pick_device(args.device)
     try:
         probe = Probe.preset(args.probe, n_lines=args.lines, n_samples=args.samples,
@@ -257,17 +258,18 @@ def _write_frames(out: Path, bmode: np.ndarray, px: float, extent_mm: tuple[floa
 
 
 def _figure(ct, affine, poses, probe, bmode, px, path, n=4):
-    import matplotlib
+    from medfast._figures import figures_enabled, new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    if not figures_enabled("medfast simulate"):  # matplotlib is optional: the frames are the results
+        path.unlink(missing_ok=True)  # an earlier run's figure would pass for this run's
+        return
     idx = np.linspace(0, len(bmode) - 1, n).round().astype(int)
     sl = plane_slice(ct, affine, poses[idx], probe, px).numpy()
     H, W = bmode.shape[1:]
     x0, _, z0, _ = probe.image_extent_mm()
     ext = (x0, x0 + (W - 1) * px, z0 + (H - 1) * px, z0)
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.4), squeeze=False)
+    fig = new_figure(figsize=(3.2 * n, 6.4))  # no pyplot: the caller's backend is left alone
+    axes = fig.subplots(2, n, squeeze=False)
     for col, i in enumerate(idx):
         axes[0, col].imshow(sl[col], cmap="gray", vmin=-200, vmax=1200, extent=ext)
         axes[0, col].set_title(f"CT in image plane, frame {i}", fontsize=8)
@@ -279,7 +281,6 @@ def _figure(ct, affine, poses, probe, bmode, px, path, n=4):
             axes[r, col].tick_params(labelsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -368,8 +369,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"medfast simulate: error: {exc}", file=sys.stderr)
         return 1
     except (SimulateError, FileNotFoundError, ImportError) as exc:
-        print(f"medfast simulate: error: {exc}", file=sys.stderr)
-        return 1
+        from medfast.cli import command_error
+
+        return command_error("simulate", exc)  # a missing optional module: its extra, exit status 2
     print(
         f"medfast simulate: {summary['frames']} frames {summary['image_shape'][0]}x{summary['image_shape'][1]} "
         f"({summary['pixel_mm']:.3f} mm pixels) in {summary['seconds']:.2f} s on {summary['device']} "

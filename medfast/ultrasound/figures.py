@@ -22,15 +22,13 @@ def _homogeneous(alpha=0.0):
 
 
 def physics_figure(path: str) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     pose = look_at((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
     probe = Probe.preset("L11-5v", n_lines=96, n_samples=768, depth_mm=40.0)
     out = {}
-    fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig = Figure(figsize=(16, 3.6))
+    ax = fig.subplots(1, 4)
 
     # 1. Speckle statistics against the Rayleigh law.
     props, affine = _homogeneous()
@@ -103,7 +101,6 @@ def physics_figure(path: str) -> dict:
         a.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return out
 
 

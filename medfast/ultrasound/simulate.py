@@ -14,6 +14,7 @@ import contextlib
 import functools
 import math
 import numbers
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -329,8 +330,19 @@ def _available_bytes(device: torch.device) -> int:
         import psutil
 
         return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover
-        return 8 << 30
+    except ImportError:  # psutil is optional (cli extra): ask the OS as psutil would
+        pass
+    try:  # Linux: MemAvailable (free + reclaimable page cache), what psutil reports as available
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # other POSIX systems: the free physical pages (not counting the reclaimable cache)
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return 8 << 30  # (Windows without psutil) an assumption, not a measurement
 
 
 def _check_memory(batch: int, probe: Probe, sub_rays: int, dtype: torch.dtype, device: torch.device,

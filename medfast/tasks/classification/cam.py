@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medfast.tasks._figures import save_figure
+from medfast.tasks._figures import new_figure, save_figure
 
 __all__ = ["class_activation_map", "class_score", "save_cam_png"]
 
@@ -169,11 +169,6 @@ def save_cam_png(images: torch.Tensor, cams: torch.Tensor, path: str | Path, tit
     titles : sequence of str, optional
         One caption per image (e.g. ``"true coronal / pred coronal"``); ValueError if the count differs.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     imgs = images.detach().float().cpu()
     if imgs.dim() == 4:
         imgs = imgs[:, 0]
@@ -189,7 +184,8 @@ def save_cam_png(images: torch.Tensor, cams: torch.Tensor, path: str | Path, tit
             raise ValueError(f"titles has {len(titles)} entries for {n} images")
     cols = max(1, min(columns, n))
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    fig = new_figure(figsize=(2.3 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(n):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -201,6 +202,22 @@ def _pixel_value_source(ds, frame: int):
     return ds
 
 
+class _OldModule(ImportError):
+    """An installed optional module older than the reader needs (its message says which version is needed)."""
+
+
+def _pydicom():
+    """pydicom, 3.0 or newer: the DICOM reader uses ``pydicom.pixels`` (new in 3.0) and relies on 3.0's conversion
+    of YBR pixel data to RGB in ``pixel_array``; pydicom 2.x raises :class:`_OldModule` naming the version found."""
+    import pydicom
+
+    found = str(getattr(pydicom, "__version__", "unknown"))
+    major = re.match(r"\d+", found)
+    if major is None or int(major.group()) < 3:
+        raise _OldModule(f'pydicom >= 3 (found {found}): pip install -U "pydicom>=3"', name="pydicom")
+    return pydicom
+
+
 def _modality(values: np.ndarray, source) -> np.ndarray:
     """The modality transform (stored values to e.g. HU) of ``source`` (a dataset or functional group item):
     its Modality LUT Sequence, else rescale slope/intercept (missing or 0 slope: 1, missing intercept: 0)."""
@@ -214,7 +231,7 @@ def _modality(values: np.ndarray, source) -> np.ndarray:
 
 
 def _read_dicom(path: Path, spatial_dims: int = 2) -> np.ndarray:
-    import pydicom
+    pydicom = _pydicom()
     from pydicom.pixels import apply_color_lut
 
     ds = pydicom.dcmread(str(path))
@@ -294,8 +311,9 @@ def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
         raise DatasetError(f"{path}: unknown image type {suffix!r} (expected one of {', '.join(IMAGE_SUFFIXES)})")
     try:
         arr = readers[suffix](path)
-    except ImportError as exc:
-        raise DatasetError(f"{path}: reading {suffix} files needs {exc.name}") from exc
+    except ImportError as exc:  # a missing reader (named), or one too old (its message says which version)
+        raise DatasetError(f"{path}: reading {suffix} files needs {exc if isinstance(exc, _OldModule) else exc.name}"
+                           ) from exc
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from medfast._typing import ArrayLike
-from medfast.tasks._figures import save_figure
+from medfast.tasks._figures import new_figure, save_figure
 
 __all__ = ["accuracy", "balanced_accuracy", "classification_report", "confusion_matrix", "precision_recall_f1",
            "roc_auc", "save_confusion_png"]
@@ -176,11 +176,6 @@ def save_confusion_png(cm: np.ndarray, path: str | Path, class_names: Sequence[s
                        normalize: bool = True, title: str = "confusion matrix") -> Path:
     """Writes the confusion matrix ``(C, C)`` (rows true, columns predicted) as a PNG, with counts (and
     row-normalized fractions as colours if ``normalize``). Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cm = np.asarray(cm)
     c = cm.shape[0]
     names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
@@ -188,7 +183,8 @@ def save_confusion_png(cm: np.ndarray, path: str | Path, class_names: Sequence[s
         shown = cm / cm.sum(1, keepdims=True) if normalize else cm.astype(np.float64)
     shown = np.nan_to_num(shown)
     size = 1.6 + 0.6 * c
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    fig = new_figure(figsize=(size + 1.2, size))
+    ax = fig.subplots()
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class" if normalize else "count")
     ax.set_xticks(range(c), names, rotation=45, ha="right")

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from medfast._figures import figures_enabled
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError
 from medfast.data import collate as _collate
@@ -505,15 +506,17 @@ class ClassificationTask(Task):
     def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
         """Full validation-set report (balanced accuracy, F1, AUC, per class; per subset for simulated data:
         ``held_out_poses`` and ``held_out_volumes``), ``confusion_matrix[_<subset>].png`` and ``cam.png``
-        (Grad-CAM overlays of up to 16 validation images, 2D only)."""
+        (Grad-CAM overlays of up to 16 validation images, 2D only; the PNGs are skipped with a note when matplotlib
+        is not installed)."""
         if self.val_ds is None or len(self.val_ds) == 0:
             return {}
+        plots = self.config.trainer.plots and figures_enabled("medfast train")  # matplotlib is optional
         was_training = model.training
         model.eval()
         preds, probs, labels, subsets = [], [], [], []
         # only the images cam.png draws are kept (copies, not views of their batch): memory does not grow with
         # the validation set
-        cams = self.config.trainer.plots and self.config.model.spatial_dims == 2
+        cams = plots and self.config.model.spatial_dims == 2
         shown: list[tuple[torch.Tensor, int, str]] = []
         counts: dict[tuple[str, int], int] = {}
         loader = torch.utils.data.DataLoader(self.val_ds, batch_size=max(1, self.config.trainer.batch_size),
@@ -541,7 +544,7 @@ class ClassificationTask(Task):
         def _report(sel: np.ndarray, suffix: str, title: str) -> dict[str, Any]:
             rep = classification_report(pred[sel], label[sel], k, prob[sel])
             cm = confusion_matrix(pred[sel], label[sel], k)
-            if self.config.trainer.plots:
+            if plots:
                 save_confusion_png(cm, Path(out_dir) / f"confusion_matrix{suffix}.png", names,
                                    title=f"{title} ({int(sel.sum())} images)")
             rep = {key: (None if np.isnan(v) else v) for key, v in rep.items()}
@@ -555,7 +558,7 @@ class ClassificationTask(Task):
         distinct = [s for s in dict.fromkeys(subsets) if s != "validation"]
         for name in distinct:
             report[name] = _report(sub == name, f"_{name}", name.replace("_", " "))
-        if self.config.trainer.plots and shown:
+        if plots and shown:
             self._save_cams(model, shown, device, Path(out_dir) / "cam.png")
         model.train(was_training)
         (Path(out_dir) / "classification_report.json").write_text(json_dumps(report, indent=1))
@@ -611,7 +614,8 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     read and classified before anything is written (a bad file, or a folder without images, raises
     :class:`DatasetError` naming it and leaves no partial output). With ``save_cam`` (2D models),
     ``cam/<index>_<name>.png`` shows each image with the Grad-CAM of its predicted class
-    (:func:`~medfast.tasks.classification.cam.class_activation_map`).
+    (:func:`~medfast.tasks.classification.cam.class_activation_map`); without matplotlib they are skipped with a
+    one-line note.
 
     Returns
     -------
@@ -692,7 +696,7 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     for old in (out_dir / "cam").glob("*.png"):  # an earlier call's maps would sit beside (or pass for) these
         old.unlink()
     cam_paths = []
-    if save_cam and config.model.spatial_dims == 2:
+    if save_cam and config.model.spatial_dims == 2 and figures_enabled("medfast predict"):
         from medfast.tasks.classification.cam import class_activation_map, save_cam_png
 
         for i, (f, row, pred) in enumerate(zip(folder.files, rows, preds, strict=True)):

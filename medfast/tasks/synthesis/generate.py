@@ -109,6 +109,7 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     dict
         What ``generate.json`` holds: mean PSNR/SSIM/L1, SWD, frame shape, pixel size, files, poses.
     """
+    from medfast._figures import figures_enabled
     from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
     from medfast.ultrasound.io import write_frame_stack
 
@@ -137,8 +138,9 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
         _png(r[i], out / "simulated" / f"frame_{i:03d}.png")
     for name, arr in (("generated", g), ("simulated", r)):  # the header medfast simulate's frames.nii.gz has
         write_frame_stack(out / f"{name}.nii.gz", arr, px, (x0, z0))
-    rows, ranges = task._grid_rows(cond, fake, real)
-    save_grid(out / "grid.png", rows, ranges=ranges, max_columns=8)
+    if figures_enabled("medfast synthesize"):  # matplotlib is optional: the frames are the results
+        rows, ranges = task._grid_rows(cond, fake, real)
+        save_grid(out / "grid.png", rows, ranges=ranges, max_columns=8)
     summary = {
         "checkpoint": str(checkpoint), "mode": task.args.mode, "source": task.args.source,
         "frames": len(g), "frame_shape": list(g.shape[1:]), "pixel_mm": px,
@@ -248,8 +250,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"medfast synthesize: {w.message}", file=sys.stderr)
         s = generate(args.checkpoint, args.out, frames=args.frames, seed=args.seed, poses=poses, device=args.device)
     except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"medfast synthesize: error: {exc}", file=sys.stderr)
-        return 1
+        from medfast.cli import command_error
+
+        return command_error("synthesize", exc)  # a missing optional module: its extra, exit status 2
     print(f"medfast synthesize: {s['frames']} frames {s['frame_shape'][0]}x{s['frame_shape'][1]} ({s['mode']} mode): "
           f"PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.3f} against the simulator -> {args.out}")
     return 0

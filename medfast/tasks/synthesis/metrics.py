@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from medfast.ops._validate import py_scalar
-from medfast.tasks._figures import save_figure
+from medfast.tasks._figures import new_figure, save_figure
 
 __all__ = ["psnr", "save_grid", "sliced_wasserstein", "ssim"]
 
@@ -227,11 +227,6 @@ def save_grid(path: str | Path, rows: Sequence[tuple[str, torch.Tensor]], *, max
     ranges : sequence of (vmin, vmax) or None, optional
         Display range per row (default ``(0, 1)``; None: the row's min and max).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not rows:
         raise ValueError("rows must not be empty")
     for name, imgs in rows:
@@ -241,8 +236,9 @@ def save_grid(path: str | Path, rows: Sequence[tuple[str, torch.Tensor]], *, max
     n = min(max_columns, min(int(imgs.shape[0]) for _, imgs in rows))
     h, w = rows[0][1].shape[-2:]
     scale = 1.6  # inches per image side
-    fig, axes = plt.subplots(len(rows), n, figsize=(scale * n * w / max(h, w) + 0.6, scale * len(rows) * h / max(h, w)
-                                                    + (0.4 if title else 0.1)), squeeze=False)
+    fig = new_figure(figsize=(scale * n * w / max(h, w) + 0.6, scale * len(rows) * h / max(h, w)
+                              + (0.4 if title else 0.1)))
+    axes = fig.subplots(len(rows), n, squeeze=False)
     for r, (name, imgs) in enumerate(rows):
         rng = (0.0, 1.0) if ranges is None else ranges[r]
         data = imgs[:n, 0].detach().float().cpu()

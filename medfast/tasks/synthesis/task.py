@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from medfast._figures import figures_enabled
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.tasks.synthesis.data import SOURCES, SynthesisSource, load_source, random_pose, sweep_pose
 from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
@@ -413,6 +414,8 @@ class SynthesisTask(Task):
         return [first, ("generated", fake), ("simulated", real)], [rng, (0.0, 1.0), (0.0, 1.0)]
 
     def save_samples(self, model, batch, device, path: Path) -> None:
+        if not figures_enabled("medfast train"):  # (a one-line note, once) matplotlib is optional
+            return
         _, (cond, fake, real) = self.evaluate(model, int(batch["seed"][0]), device)
         rows, ranges = self._grid_rows(cond, fake, real)
         save_grid(path, rows, ranges=ranges, max_columns=6)
@@ -441,7 +444,7 @@ class SynthesisTask(Task):
                   "first_validation": history[0] if history else None,
                   "last_validation": history[-1] if history else None,
                   "frame_shape": list(first_sets[2].shape[-2:]), "pixel_mm": self.source.pixel_mm}
-        if self.config.trainer.plots:
+        if self.config.trainer.plots and figures_enabled("medfast train"):
             rows_, ranges = self._grid_rows(*first_sets)
             save_grid(out_dir / "synthesis_grid.png", rows_, ranges=ranges, max_columns=8,
                       title=f"{a.source}, {a.mode} mode: PSNR {final['psnr']:.2f} dB, SSIM {final['ssim']:.3f}, "
