@@ -362,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         Exit status (0 on success; 2 when a subcommand needs an optional module that is not installed:
-        one line names it and the extra that installs it). Invalid arguments raise ``SystemExit(2)`` (argparse).
+        one line names it and the extra that installs it; 1 for an operating-system error such as an unusable
+        output folder or a full disk, named in one line; 130 after Ctrl-C, 143 after SIGTERM for train).
+        Invalid arguments raise ``SystemExit(2)`` (argparse).
     """
     # (Without its compiled extension medfast fails to import before this runs; medfast._extension makes the
     # console script print that error in one line.)
@@ -379,6 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail
         return 0
+    except OSError as exc:  # an unusable --out, a full disk: one line naming the file, not a traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"medfast {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C (train reports its checkpoint itself): one line, as a shell expects
+        print(f"medfast {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT
 
 
 if __name__ == "__main__":

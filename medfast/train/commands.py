@@ -4,6 +4,7 @@ only registers them)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 __all__ = ["add_predict_arguments", "add_train_arguments", "run_predict", "run_train"]
@@ -22,6 +23,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and ``timeout`` send) during ``medfast train``: stops like Ctrl-C."""
+
+
+def _stop_on_sigterm():
+    """Makes SIGTERM raise :class:`Terminated` in the main thread, so a scheduler's stop ends the run as Ctrl-C
+    does (the fit's cleanup runs: TensorBoard flushed, the lock released; one line names the checkpoint to resume
+    from) instead of killing it silently. Returns the previous handler (None off the main thread)."""
+    def stop(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding application's worker): leave signals alone
+        return None
+
+
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
@@ -33,6 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
     values = {key: value for key, value in (("trainer.out_dir", args.out), ("trainer.resume", args.resume),
                                             ("trainer.device", args.device)) if value is not None}
     trainer = None
+    previous = _stop_on_sigterm()
     try:
         config = load_config(args.configs, args.overrides, values=values)
         if args.print_config:
@@ -42,11 +61,18 @@ def run_train(args: argparse.Namespace) -> int:
         results = trainer.fit()
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ImportError) as exc:
         return command_error("train", exc)  # a missing optional module: its extra, exit status 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (checkpoints are replaced atomically)
+    except OSError as exc:  # a full disk, an unwritable folder: one line naming the file
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"medfast train: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line, not a traceback (checkpoints are atomic)
         if trainer is None or trainer.rank == 0:
             note = trainer.interrupted_message() if trainer is not None else "interrupted"
             print(f"medfast train: {note}", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports it
+        return 143 if isinstance(exc, Terminated) else 130  # 128 + the signal, as a shell reports it
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if results:
         def number(v) -> str:  # (null in results.json: NaN, e.g. a metric of a class absent from the data)
             return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -460,7 +461,8 @@ def load_config(
     """Reads YAML files merged in order, applies ``key.path=value`` overrides, returns the :class:`Config`.
 
     Relative paths in the configuration (``data.root``, ``trainer.out_dir``, ...) are used as given, i.e. read
-    from the current working directory, not from the config file's folder.
+    from the current working directory, not from the config file's folder; a leading ``~`` is the home folder
+    (in ``data.root``, ``data.cache_dir``, the file lists, ``trainer.out_dir`` and ``trainer.resume``).
 
     Parameters
     ----------
@@ -518,7 +520,20 @@ def load_config(
         _set_path(tree, path_parts, value, text, raw=text.split("=", 1)[1])
     for key, value in (values or {}).items():
         _set_path(tree, key.split("."), value, f"{key}={value}")
-    return config_from_dict(tree)
+    return _expand_home(config_from_dict(tree))
+
+
+def _expand_home(config: Config) -> Config:
+    """``~`` / ``~user`` at the start of a path setting is the home folder, as a shell expands it: no shell
+    expands it in a config file, a ``--set`` or ``--out=~/x``, and a folder literally named ``~`` was made."""
+    def home(p: Any) -> Any:
+        return os.path.expanduser(p) if isinstance(p, str) else p
+
+    d, t = config.data, config.trainer
+    d.root, d.cache_dir, t.out_dir, t.resume = home(d.root), home(d.cache_dir), home(t.out_dir), home(t.resume)
+    for name in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"):
+        setattr(d, name, [[home(q) for q in p] if isinstance(p, list) else home(p) for p in getattr(d, name)])
+    return config
 
 
 def save_config(config: Config, path: str | Path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import errno
 import json
 import math
 import os
@@ -63,7 +64,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as exc:  # a full disk surfaces as torch's "enforce fail ... unexpected pos"
+                raise OSError(errno.ENOSPC if "unexpected pos" in str(exc) else errno.EIO,
+                              f"cannot write the checkpoint ({exc})", str(path)) from exc
             f.flush()
             os.fsync(f.fileno())  # the data on disk before the rename makes it the checkpoint
         os.replace(tmp, path)

@@ -1,0 +1,98 @@
+"""How the commands end when stopped or when the system refuses a write: one line and the shell's exit status
+(130 after Ctrl-C, 143 after SIGTERM, 1 for an operating-system error), never a traceback; `~` in path settings."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medfast.cli import main
+
+
+def test_os_errors_of_any_command_are_one_line(tmp_path, capsys, monkeypatch):
+    from medfast import demo
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system", str(tmp_path / "ro" / "out"))
+
+    monkeypatch.setattr(demo, "run_warp_demo", unwritable)  # (the demo's own mkdir on a read-only file system)
+    assert main(["demo", "--out", str(tmp_path / "ro" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"medfast demo: error: {tmp_path / 'ro' / 'out'}: Read-only file system"
+
+
+def test_ctrl_c_of_any_command_is_one_line(tmp_path, capsys, monkeypatch):
+    from medfast import demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_warp_demo", interrupted)
+    try:
+        status = main(["demo", "--out", str(tmp_path / "out")])
+    except KeyboardInterrupt:  # (not into pytest: it would stop the whole session)
+        pytest.fail("Ctrl-C escaped medfast.cli.main: a traceback and exit status -2")
+    assert status == 130
+    assert capsys.readouterr().err.strip() == "medfast demo: interrupted"
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypatch):
+    from medfast.train import save_checkpoint
+
+    def full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="cannot write the checkpoint") as info:
+        save_checkpoint({"a": 1}, tmp_path / "last.pt")
+    assert info.value.filename == str(tmp_path / "last.pt") and info.value.errno == 28
+    assert list(tmp_path.iterdir()) == []
+
+
+def _train_config(tmp_path: Path) -> Path:
+    from medfast.data.synthetic import make_blobs
+
+    make_blobs(tmp_path / "blobs", n=3, shape=(16, 16, 16), classes=2)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"""data: {{root: {tmp_path / 'blobs'}}}
+model: {{channels: [4, 8], out_channels: 2}}
+augment: {{patch_size: [12, 12, 12]}}
+trainer: {{max_steps: 100000, batch_size: 1, val_every: 0, checkpoint_every: 5, progress: false,
+          tensorboard: false, plots: false, device: cpu, threads: 1}}
+""")
+    return cfg
+
+
+def test_sigterm_stops_train_like_ctrl_c(tmp_path):
+    # SLURM / Kubernetes / timeout send SIGTERM: the run died silently (exit -15), its lock left behind
+    cfg = _train_config(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "medfast", "train", str(cfg), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step_*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "interrupted at step" in err and "--resume" in err
+    assert not (out / "train.lock").exists()
+
+
+def test_a_home_folder_in_path_settings_is_expanded(tmp_path, monkeypatch):
+    from medfast.train import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config([], ["data.root=~/data", "data.train_images=[~/a.nii.gz, [~/b0.nii.gz, ~/b1.nii.gz]]"],
+                         values={"trainer.out_dir": "~/run", "trainer.resume": "~/run/checkpoints/last.pt"})
+    assert config.data.root == str(tmp_path / "data") and config.trainer.out_dir == str(tmp_path / "run")
+    assert config.data.train_images == [str(tmp_path / "a.nii.gz"), [str(tmp_path / "b0.nii.gz"),
+                                                                     str(tmp_path / "b1.nii.gz")]]
+    assert config.trainer.resume == os.path.join(str(tmp_path), "run", "checkpoints", "last.pt")
+    assert np.all([not str(p).startswith("~") for p in (config.data.root, config.trainer.out_dir)])
