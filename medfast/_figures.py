@@ -47,8 +47,12 @@ def new_figure(**kwargs: Any) -> Any:
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
-    """Write ``fig`` (from :func:`new_figure`: nothing to close) to ``path``, creating its folder; returns the path."""
+    """Write ``fig`` (from :func:`new_figure`: nothing to close) to ``path``, creating its folder; returns the path.
+    Complete or absent (:func:`medfast._atomic.replacing`): a run stopped while it draws leaves no truncated PNG."""
+    from medfast._atomic import replacing
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     return path

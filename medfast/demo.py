@@ -390,6 +390,8 @@ def plot_warp_demo(
     nib = _require("nibabel")
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
+    from medfast._figures import save_figure
+
     # World (mm) displacement, so arrows and the colorbar are in mm whatever the voxel size.
     disp_mm = np.einsum("ki,i...->k...", affine[:3, :3], ddf)
     ornt, zooms = _orient(affine)
@@ -446,7 +448,7 @@ def plot_warp_demo(
     fig.colorbar(images[2], ax=axes[:, 2], shrink=0.6, label="intensity difference")
     fig.colorbar(images[3], ax=axes[:, 3], shrink=0.6, label="displacement magnitude (mm)")
     fig.suptitle(f"{title}\narrows: in-plane displacement, x{arrow_gain:.1f} length; slices in RAS orientation (mm)")
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
 
 
 # ---------------------------------------------------------------------------------------------

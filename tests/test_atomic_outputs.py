@@ -67,3 +67,28 @@ def test_register_rerun_without_labels_removes_the_earlier_warped_labels(tmp_pat
     assert (tmp_path / "out" / "warped_labels.nii.gz").is_file()
     assert main(["register", *common]) == 0
     assert not (tmp_path / "out" / "warped_labels.nii.gz").exists()
+
+
+def test_a_figure_stopped_while_drawn_leaves_the_previous_png(tmp_path, monkeypatch):
+    # a SIGTERM during a training run's samples PNG left a truncated file under its final name
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from medfast._figures import new_figure, save_figure
+
+    fig = new_figure(figsize=(2, 2))
+    fig.subplots().plot([0, 1])
+    path = save_figure(fig, tmp_path / "samples.png", dpi=50)
+    real = Figure.savefig
+
+    def stopped(self, fname, *args, **kwargs):
+        real(self, fname, *args, **kwargs)
+        with open(fname, "r+b") as f:
+            f.truncate(40)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, path, dpi=50)
+    monkeypatch.undo()
+    assert Image.open(path).size == (100, 100) and [p.name for p in tmp_path.iterdir()] == ["samples.png"]

@@ -1144,6 +1144,8 @@ def save_overlay(path: str | Path, fixed: torch.Tensor, panels: dict[str, torch.
     slices (3D) or the image (2D). Aligned structures look grey; misalignment shows colour."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
+    from medfast._figures import save_figure
+
     f = fixed.detach().cpu().float().squeeze()
     views = ([lambda v: v[v.shape[0] // 2], lambda v: v[:, v.shape[1] // 2], lambda v: v[:, :, v.shape[2] // 2]]
              if f.dim() == 3 else [lambda v: v])
@@ -1163,7 +1165,7 @@ def save_overlay(path: str | Path, fixed: torch.Tensor, panels: dict[str, torch.
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
 
 
 # ITK (SimpleITK, ANTs, Slicer) reads a NIfTI's world frame as LPS: RAS with x and y negated

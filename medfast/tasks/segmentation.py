@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medfast._figures import figures_enabled, new_figure
+from medfast._figures import figures_enabled, new_figure, save_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
 from medfast.data.dataset import _SUFFIXES, case_name, check_label_map, group_channel_files, relabel
@@ -474,7 +474,7 @@ class SegmentationTask(Task):
                 ax.axis("off")
         fig.suptitle(str(batch["files"][0])[-80:], fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
 
     def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
         """Segments ``data.test_images`` (in their own space, as ``medfast predict`` does) and scores them

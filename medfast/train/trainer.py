@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medfast._figures import figures_enabled, new_figure
+from medfast._figures import figures_enabled, new_figure, save_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast._jsonsafe import json_ready
 from medfast.data.preprocess import REORIENT_DIMS
@@ -409,7 +409,7 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Pat
         ax.set_title(f"validation {name}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return path
 
 

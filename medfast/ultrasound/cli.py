@@ -258,7 +258,7 @@ def _write_frames(out: Path, bmode: np.ndarray, px: float, extent_mm: tuple[floa
 
 
 def _figure(ct, affine, poses, probe, bmode, px, path, n=4):
-    from medfast._figures import figures_enabled, new_figure
+    from medfast._figures import figures_enabled, new_figure, save_figure
 
     if not figures_enabled("medfast simulate"):  # matplotlib is optional: the frames are the results
         path.unlink(missing_ok=True)  # an earlier run's figure would pass for this run's
@@ -280,7 +280,7 @@ def _figure(ct, affine, poses, probe, bmode, px, path, n=4):
             axes[r, col].set_ylabel("depth z (mm)", fontsize=7)
             axes[r, col].tick_params(labelsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -24,6 +24,8 @@ def _homogeneous(alpha=0.0):
 def physics_figure(path: str) -> dict:
     from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
+    from medfast._figures import save_figure
+
     pose = look_at((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
     probe = Probe.preset("L11-5v", n_lines=96, n_samples=768, depth_mm=40.0)
     out = {}
@@ -100,7 +102,7 @@ def physics_figure(path: str) -> dict:
     for a in ax:
         a.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return out
 
 
