@@ -124,18 +124,28 @@ OptTensor ddf_for_avx2(const Tensor& image, const OptTensor& ddf, int mode, int 
   return ddf->contiguous();
 }
 
-// 2D float32 linear / nearest fields: the 3D AVX2 rows on a (B, C, 1, H, W) view of the image, the field
-// given a zero axis-0 channel (one copy). Every sample then sits exactly on the single plane (weight 1; the
-// other axis-0 tap weighs 0 and is clamped, outside, or mirrored onto the plane, and contributes nothing, not
-// even 0 x an inf pixel: warp.h tap_product), so values and gradients are the 2D ones, from the vectorized
-// code instead of the scalar 2D loop (which was slower than grid_sample).
+// 2D float32 linear / nearest warps (ddf, theta or both): the 3D AVX2 rows on a (B, C, 1, H, W) view of the
+// image, the field given a zero axis-0 channel and theta a zero axis-0 row and column (one small copy each), so
+// that axis-0 positions are exactly 0. Every sample then sits exactly on the single plane (weight 1; the other
+// axis-0 tap weighs 0 and is clamped, outside, or mirrored onto the plane, and contributes nothing, not even
+// 0 x an inf pixel: warp.h tap_product), so values and gradients are the 2D ones (up to FMA rounding of the
+// affine), from the vectorized code instead of the scalar 2D loop (which was slower than grid_sample).
 bool via_3d(const Tensor& image, const OptTensor& theta, const OptTensor& ddf, int mode, int padding) {
-  return image.dim() == 4 && image.scalar_type() == at::kFloat && !theta.has_value() && ddf.has_value() &&
+  return image.dim() == 4 && image.scalar_type() == at::kFloat && (theta.has_value() || ddf.has_value()) &&
          mode != kCubic && cpu_simd_available();
 }
 
-Tensor ddf_3d(const Tensor& ddf) {
-  return at::cat({at::zeros_like(ddf.narrow(1, 0, 1)), ddf}, 1).unsqueeze(2);
+OptTensor ddf_3d(const OptTensor& ddf) {
+  if (!ddf.has_value()) return std::nullopt;
+  return at::cat({at::zeros_like(ddf->narrow(1, 0, 1)), *ddf}, 1).unsqueeze(2);
+}
+
+// (B, 2, 3) -> (B, 3, 4): [[0, 0, 0, 0], [0 | theta]] (axis-0 position 0, the 2D map on axes 1, 2). The
+// position gradient of the 3D view narrowed to axes 1, 2 is the 2D one, so the theta gradient (computed from
+// it in Python) needs no mapping.
+OptTensor theta_3d(const OptTensor& theta) {
+  if (!theta.has_value()) return std::nullopt;
+  return at::constant_pad_nd(*theta, {1, 0, 1, 0}, 0).contiguous();
 }
 
 }  // namespace
@@ -150,7 +160,7 @@ void reduce_chunk_buffers(double* grad_image, const double* extra, int64_t chunk
 Tensor forward_cpu(const Tensor& image, const OptTensor& theta, const OptTensor& ddf_in, at::IntArrayRef shape,
                    int mode, int padding) {
   if (via_3d(image, theta, ddf_in, mode, padding))
-    return forward_cpu(image.unsqueeze(2), theta, ddf_3d(*ddf_in), {1, shape[0], shape[1]}, mode, padding)
+    return forward_cpu(image.unsqueeze(2), theta_3d(theta), ddf_3d(ddf_in), {1, shape[0], shape[1]}, mode, padding)
         .squeeze(2);
   const OptTensor ddf = ddf_for_avx2(image, ddf_in, mode, padding);
   const int64_t batch = output_batch(image, theta, ddf);
@@ -170,7 +180,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& image,
                                         const OptTensor& ddf_in, at::IntArrayRef shape, int mode, int padding,
                                         bool image_grad, bool position_grad) {
   if (via_3d(image, theta, ddf_in, mode, padding)) {
-    auto [gi, gp] = backward_cpu(grad.unsqueeze(2), image.unsqueeze(2), theta, ddf_3d(*ddf_in),
+    auto [gi, gp] = backward_cpu(grad.unsqueeze(2), image.unsqueeze(2), theta_3d(theta), ddf_3d(ddf_in),
                                  {1, shape[0], shape[1]}, mode, padding, image_grad, position_grad);
     return {image_grad ? gi.squeeze(2) : gi, position_grad ? gp.narrow(1, 1, 2).squeeze(2).contiguous() : gp};
   }
