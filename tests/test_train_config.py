@@ -304,3 +304,37 @@ def test_batch_norm_unet_on_one_sample_too_small_for_its_depth_is_a_config_error
             check_spatial_config(cfg)
     else:
         check_spatial_config(cfg)
+
+
+def test_a_billion_laughs_config_is_refused_quickly(tmp_path):
+    # nine levels of nine aliases: 9^9 values once copied (config_to_dict took minutes and gigabytes, then OOM)
+    import time
+
+    lines = ["task: segmentation", "task_args:", '  l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for k in range(1, 9):
+        lines.append(f"  l{k}: &l{k} [" + ",".join([f"*l{k - 1}"] * 9) + "]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"laughs.yaml: the configuration expands to more than 1,000,000 values"):
+        load_config([path])
+    assert time.perf_counter() - start < 30  # (refused after a million values, not after 387 million)
+    ok = tmp_path / "anchors.yaml"  # ordinary anchors still work
+    ok.write_text("trainer: &t {max_steps: 3}\nmodel: {channels: &c [4, 8]}\n")
+    assert load_config([ok]).model.channels == [4, 8]
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_without_bad_advice(tmp_path):
+    # torch's first line advised retrying with weights_only=False, which runs the file's code
+    import torch
+
+    from medfast.train import CheckpointError, load_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("never printed",))
+
+    torch.save({"model": {}, "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="holds pickled Python objects, refused") as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only=False" not in str(info.value)

@@ -783,7 +783,9 @@ def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)  # no pickled objects: no code on load
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise RegistrationError(f"cannot read {path} as a checkpoint: {exc}") from exc
+        from medfast.train.trainer import load_failure
+
+        raise RegistrationError(f"cannot read {path} as a checkpoint: {load_failure(exc)}") from exc
     if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("medfast-checkpoint"):
         if ckpt.get("task") != "registration":
             raise RegistrationError(f"{path} is a medfast train checkpoint of the {ckpt.get('task')!r} task, not "

@@ -345,7 +345,29 @@ def _load_yaml(text: str) -> tuple[Any, Any]:
     import yaml
 
     loader, text_loader = _yaml_loaders()
-    return yaml.load(text, Loader=loader), yaml.load(text, Loader=text_loader)  # noqa: S506 - SafeLoader subclasses
+    value = yaml.load(text, Loader=loader)  # noqa: S506 - SafeLoader subclasses
+    _check_expanded_size(value)
+    return value, yaml.load(text, Loader=text_loader)  # noqa: S506
+
+
+_MAX_CONFIG_VALUES = 1_000_000
+
+
+def _check_expanded_size(value: Any) -> None:
+    """Refuses a YAML document whose aliases expand to more than a million values ("billion laughs": a 384-byte
+    file of nested anchors made copying the configuration take seconds to minutes and gigabytes; one level more,
+    the machine's memory). PyYAML shares an aliased node, so loading is cheap; every later copy expands it."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > _MAX_CONFIG_VALUES:
+            raise ConfigError(f"the configuration expands to more than {_MAX_CONFIG_VALUES:,} values (nested YAML "
+                              "aliases?); a medfast configuration holds a few hundred")
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _keep_text(value: Any, text: Any, tp: Any) -> Any:

@@ -104,12 +104,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:  # weights_only: tensors and plain values only; a pickled object (code run on load) is refused
         state = _load_weights_only(path, map_location)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise CheckpointError(f"cannot read checkpoint {path} (not a checkpoint written by medfast train?): "
-                              f"{type(exc).__name__}: {first}") from exc
+                              f"{load_failure(exc)}") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a medfast checkpoint (no 'model' entry)")
     return state
+
+
+def load_failure(exc: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``. torch's own first line for a file holding pickled
+    objects advises retrying with ``weights_only=False``, which runs whatever code the file holds: not advice to
+    repeat for a file of unknown origin."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return ("it holds pickled Python objects, refused: loading them could run code (medfast checkpoints hold "
+                "tensors and plain values only)")
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def _numpy_rng_globals() -> list[Any]:
