@@ -143,7 +143,8 @@ def find_pairs(root: str | Path, images: str = "images",
     if not img_dir.is_dir():
         nnunet = " or imagesTr/ + labelsTr/, nnU-Net's" if images == "images" else ""
         raise DatasetError(f"image folder not found: {img_dir} (expected {root}/{images}/*.nii.gz{nnunet})")
-    files = sorted(p for p in img_dir.iterdir() if p.name.endswith(_SUFFIXES))
+    # not dot files: macOS archives hold an AppleDouble "._case.nii.gz" beside each file, which is no NIfTI
+    files = sorted(p for p in img_dir.iterdir() if p.name.endswith(_SUFFIXES) and not p.name.startswith("."))
     if not files:
         raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in {img_dir}")
     entries = group_channel_files(files)

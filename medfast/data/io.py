@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +100,75 @@ def voxel_measure(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[float, fl
     return float(np.linalg.norm(np.cross(a, b))), float(np.linalg.norm(a) * np.linalg.norm(b))
 
 
+# deflate cannot compress better than about 1032:1 (a 258-byte match per 2 bits at best): a gzip file of n bytes
+# holds at most ~1032 n bytes, whatever its members say
+_MAX_DEFLATE_RATIO = 1100
+
+
+def _gzip_holds(path: str, need: int) -> bool:
+    """Whether the gzip file ``path`` decompresses to at least ``need`` bytes; cheap for a file that clearly
+    cannot (a header that lies about its size), streams the data otherwise (nothing kept)."""
+    size = os.path.getsize(path)
+    if need > size * _MAX_DEFLATE_RATIO + (1 << 20):
+        return False
+    if need >= 1 << 32:  # the trailer's size is mod 2^32: no lower bound there
+        return True
+    with open(path, "rb") as f:
+        f.seek(max(size - 4, 0))
+        tail = f.read(4)
+    if len(tail) == 4 and struct.unpack("<I", tail)[0] >= need:
+        return True
+    # the trailer's ISIZE is the last member's size only: a multi-member file (bgzip, concatenated gzips) can
+    # hold more than it says, so count the decompressed bytes (the read that follows costs the same anyway)
+    got = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while got < need:
+                chunk = f.read(min(1 << 24, need - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+    except (OSError, EOFError, ValueError):  # corrupt: the reader's own error names the problem
+        return True
+    return got >= need
+
+
+def claimed_size_problem(img: Any) -> str | None:
+    """Why the voxel data its header claims cannot be in ``img``'s file, or None: checked before anything is
+    allocated, since a 70-byte file claiming 1024^3 voxels would otherwise cost gigabytes before the read fails.
+    Files that are neither plain nor gzip-compressed are not checked."""
+    proxy = getattr(img, "dataobj", None)
+    try:
+        shape, dtype, offset = tuple(proxy.shape), np.dtype(proxy.dtype), int(proxy.offset)
+        path = str(img.file_map["image"].filename)
+    except Exception:  # noqa: BLE001 - not a file-backed array proxy (an in-memory image, another format)
+        return None
+    need = offset + math.prod(int(n) for n in shape) * dtype.itemsize
+    claim = f"the header claims {_gb(need - offset)} of voxel data ({'x'.join(map(str, shape))} {dtype})"
+    try:
+        if path.endswith(".gz"):
+            if not _gzip_holds(path, need):
+                return f"{claim}, more than the compressed file can hold (corrupt or truncated file?)"
+        elif not path.endswith((".bz2", ".zst")) and os.path.getsize(path) < need:
+            return f"{claim} from byte {offset}, but the file has {os.path.getsize(path)} bytes (truncated file?)"
+    except OSError:
+        return None
+    return None
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e7 else f"{nbytes} bytes"
+
+
+def read_failure(exc: BaseException, nbytes: int | None = None) -> str:
+    """An exception as an error message can name it: ``MemoryError: the image needs N GB`` (``str(MemoryError())``
+    is empty), the type name beside any other message (or alone where it has none)."""
+    if isinstance(exc, MemoryError):
+        return f"MemoryError: the image needs {_gb(nbytes)}" if nbytes else "MemoryError: out of memory"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def unsupported_voxels(dtype: np.dtype) -> str | None:
     """Why voxels of ``dtype`` cannot be read as one scalar per voxel, or None: an RGB (structured) file cannot be
     cast to numbers, and a complex one would silently lose its imaginary part. The loaders prefix the file."""
@@ -159,10 +231,16 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
         the file.
     """
     img = nifti_header(path)
+    problem = claimed_size_problem(img)
+    if problem:
+        raise DatasetError(f"cannot read the voxel data of {path}: {problem}")
     try:
         data = np.asanyarray(img.dataobj)
+    except MemoryError as exc:
+        raise DatasetError(f"cannot read the voxel data of {path}: {read_failure(exc, _voxel_bytes(img))}") from None
     except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f"cannot read the voxel data of {path} (corrupt or truncated file?): {exc}") from None
+        raise DatasetError(f"cannot read the voxel data of {path} (corrupt or truncated file?): "
+                           f"{read_failure(exc)}") from None
     problem = unsupported_voxels(data.dtype)
     if problem:
         raise DatasetError(f"{path}: {problem}")
@@ -190,15 +268,39 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
                 raise DatasetError(f"{path}: label map holds NaN or inf values")
             if not np.all(values == np.round(values)):
                 raise DatasetError(f"{path}: label map holds non-integer values (is it an image?)")
-        values = values.astype(np.int64)
+            # beyond 2^53 a float is no exact integer, and past int64's range the cast wraps (1e300 -> -2^63)
+            big = float(np.abs(values).max()) if values.size else 0.0
+            if big >= 2.0**53:
+                raise DatasetError(f"{path}: label map holds the value {big:g}, too large for a label (is it an "
+                                   "image?)")
+        elif values.dtype == np.uint64 and values.size and int(values.max()) > np.iinfo(np.int64).max:
+            raise DatasetError(f"{path}: label map holds the value {int(values.max())}, too large for a label")
+        try:
+            values = values.astype(np.int64)
+        except MemoryError as exc:
+            raise DatasetError(f"{path}: {read_failure(exc, values.size * 8)}") from None
         if values.size and values.min() < 0:
             raise DatasetError(f"{path}: label map holds negative values (min {values.min()})")
         return Volume(values, affine, img.header, str(path))
-    values = np.asarray(data, dtype=np.float32)
-    values = values[None] if values.ndim < 4 else np.moveaxis(values, -1, 0)
-    if not np.all(np.isfinite(values)):
-        raise DatasetError(f"{path}: image holds NaN or inf voxels")
-    return Volume(np.ascontiguousarray(values), affine, img.header, str(path))
+    try:
+        values = np.asarray(data, dtype=np.float32)
+        values = values[None] if values.ndim < 4 else np.moveaxis(values, -1, 0)
+        if not np.all(np.isfinite(values)):
+            raise DatasetError(f"{path}: image holds NaN or inf voxels")
+        values = np.ascontiguousarray(values)
+    except MemoryError as exc:
+        raise DatasetError(f"{path}: {read_failure(exc, data.size * 4)}") from None
+    return Volume(values, affine, img.header, str(path))
+
+
+def _voxel_bytes(img: Any) -> int | None:
+    """The bytes the voxel data of ``img`` takes in memory, as read (scaled data: float64), or None."""
+    try:
+        dtype = np.dtype(img.get_data_dtype())
+        scaled = getattr(img.dataobj, "slope", 1.0) != 1.0 or getattr(img.dataobj, "inter", 0.0) != 0.0
+        return math.prod(int(n) for n in img.shape) * (8 if scaled else dtype.itemsize)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def entry_files(entry: ImageEntry) -> list[str]:

@@ -56,7 +56,8 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
         return [(pred, reference)]
     if not (pred.is_dir() and reference.is_dir()):
         raise DatasetError(f"give two NIfTI files or two folders, got {pred} and {reference}")
-    refs = sorted(p for p in reference.iterdir() if p.name.endswith(_SUFFIXES))
+    # not dot files (macOS AppleDouble "._case.nii.gz" companions are no NIfTI)
+    refs = sorted(p for p in reference.iterdir() if p.name.endswith(_SUFFIXES) and not p.name.startswith("."))
     if not refs:
         raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in the reference folder {reference}")
     pairs = []
@@ -193,6 +194,7 @@ def evaluate_pair(
         Unreadable files, non-integer labels, different shapes or affines, labels >= num_classes (named).
     """
     from medfast import metrics
+    from medfast.ops._distance import _check_spacing
 
     p, r = _as_2d(load_nifti(pred, label=True)), _as_2d(load_nifti(reference, label=True))
     _check_same_space(p, r)
@@ -212,6 +214,10 @@ def evaluate_pair(
     else:  # a table that large would cost more than the search
         pc, rc = np.searchsorted(values, p.data), np.searchsorted(values, r.data)
     spacing = scoring_spacing(r)
+    try:  # a broken pixdim (1e20 mm) would fail in the distance kernels without naming the file
+        _check_spacing(spacing, len(spacing))
+    except ValueError as exc:
+        raise DatasetError(f"{reference}: the voxel size from its header cannot be scored: {exc}") from None
     pt = torch.from_numpy(pc).to(device)[None]
     rt = torch.from_numpy(rc).to(device)[None]
     dice, counts_p, counts_r = case_dice(pt, rt, k, include_background=include_background)

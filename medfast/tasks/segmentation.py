@@ -209,7 +209,9 @@ def _input_entries(inputs: Sequence[ImageEntry], group: bool = True) -> list[str
             continue
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if p.name.endswith(_SUFFIXES) and p.is_file())
+            # not dot files (macOS AppleDouble "._case.nii.gz" companions are no NIfTI)
+            found = sorted(str(p) for p in path.iterdir()
+                           if p.name.endswith(_SUFFIXES) and not p.name.startswith(".") and p.is_file())
             if not found:
                 raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in the input folder {path}")
             files.extend(found)

@@ -98,15 +98,25 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return read_inv3(path)
     import nibabel as nib
 
+    from medfast.data.io import claimed_size_problem, read_failure
+
     img = nib.load(str(path))
     _check_dtype(path, img.get_data_dtype())
+    problem = claimed_size_problem(img)  # before allocating what a lying header claims
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     proxy = img.dataobj
-    if getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0:
-        # scaled (scl_slope / scl_inter, e.g. int16 CT numbers): nibabel scales into float64 by default, 8 bytes a
-        # voxel that the simulator converts to float32 anyway (both copies alive: 12 bytes a voxel)
-        data = np.asarray(proxy, dtype=np.float32)
-    else:
-        data = np.asarray(proxy)
+    scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
+    try:
+        if scaled:
+            # scaled (scl_slope / scl_inter, e.g. int16 CT numbers): nibabel scales into float64 by default, 8 bytes
+            # a voxel that the simulator converts to float32 anyway (both copies alive: 12 bytes a voxel)
+            data = np.asarray(proxy, dtype=np.float32)
+        else:
+            data = np.asarray(proxy)
+    except Exception as exc:  # noqa: BLE001 - str(MemoryError()) is empty: name the type (and the size)
+        need = int(np.prod(img.shape, dtype=np.float64) * (4 if scaled else img.get_data_dtype().itemsize))
+        raise ValueError(f"{path}: cannot read the voxel data: {read_failure(exc, need)}") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

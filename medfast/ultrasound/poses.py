@@ -7,6 +7,7 @@ See docs/ultrasound.md, "Tracked poses from a file"."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -89,13 +90,48 @@ def _read_npz(path: Path) -> np.ndarray:
         return _as_matrices(z[key], path, f"array {key!r}")
 
 
+def _read_npy(path: Path) -> np.ndarray:
+    """``np.load`` of a ``.npy`` file, once its header's shape is known to fit the file: a header claiming 10^9
+    poses would otherwise allocate them (119 GiB) before the read fails."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        try:
+            version = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        except (ValueError, EOFError) as exc:
+            raise ValueError(f"{path}: not a valid .npy file ({exc})") from None
+        start = f.tell()
+    need = math.prod(shape) * dtype.itemsize
+    have = path.stat().st_size - start
+    if not dtype.hasobject and need > have:
+        raise ValueError(f"{path}: the .npy header claims an array of shape {shape} ({need} bytes) but the file holds "
+                         f"{have} bytes of data (truncated or corrupt file?)")
+    return np.load(path, allow_pickle=False)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's dict, refusing a key given twice (``json`` would keep the last one silently: two "poses"
+    lists, one of them ignored)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one JSON object")
+        out[key] = value
+    return out
+
+
 def _read_json(path: Path) -> np.ndarray:
     """A JSON list of 4x4 matrices (or one matrix), or an object holding it under ``"poses"`` (``simulate.json``,
     ``generate.json``)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError(f"{path}: not valid pose JSON (nested too deeply)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # a duplicate key
+        raise ValueError(f"{path}: {exc}") from None
     what = "the JSON list"
     if isinstance(data, dict):
         if "poses" not in data:
@@ -104,6 +140,10 @@ def _read_json(path: Path) -> np.ndarray:
         data, what = data["poses"], "its 'poses'"
     try:  # null (a NaN as medfast writes it) becomes NaN, refused by the rigid check with the pose's index
         arr = np.asarray(data, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64's range
+        raise ValueError(f"{path}: {what} holds a number too large for a float (beyond 1.8e308)") from None
+    except RecursionError:
+        raise ValueError(f"{path}: {what} is nested too deeply for 4x4 matrices") from None
     except (TypeError, ValueError):
         raise ValueError(f"{path}: {what} must be a list of 4x4 matrices of numbers (nested lists of equal "
                          "lengths)") from None
@@ -424,7 +464,7 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
     calib = None if calibration is None else _calibration(calibration)
     try:
         if fmt == "npy":
-            mats = _as_matrices(np.load(path, allow_pickle=False), path, "the array")
+            mats = _as_matrices(_read_npy(path), path, "the array")
             labels = [f"pose {i}" for i in range(len(mats))]
         elif fmt == "npz":
             mats = _read_npz(path)
@@ -438,6 +478,12 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
             mats, labels = _read_text(path)
     except (OSError, EOFError) as exc:  # a damaged .npy / .npz
         raise ValueError(f"{path}: cannot be read as {fmt}: {type(exc).__name__}: {exc}") from None
+    except (RecursionError, OverflowError, MemoryError) as exc:  # str(MemoryError()) is empty: name the type
+        raise ValueError(f"{path}: cannot be read as {fmt}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+    except ValueError as exc:  # numpy's own ("Failed to read all data ...") do not name the file
+        if str(path) in str(exc):
+            raise
+        raise ValueError(f"{path}: cannot be read as {fmt}: {exc}") from None
     if fmt in ("npy", "npz", "json") and len(mats) == 1:
         labels = [""]
     mats = mats.copy()

@@ -1,0 +1,164 @@
+"""Hostile input files: NIfTI headers that claim more voxel data than the file holds (refused before the
+allocation), MemoryError named, float labels beyond int64, a huge pixdim in `evaluate`, pose files that are
+nested too deeply, hold huge integers, lie in their .npy header, are truncated or repeat a key, and macOS
+AppleDouble "._*" companions in NIfTI folders."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfast.data.dataset import find_pairs
+from medfast.data.io import DatasetError, load_nifti, read_failure
+from medfast.tasks.evaluation import evaluate_pair, find_evaluation_pairs
+from medfast.tasks.segmentation import _input_entries
+from medfast.ultrasound.io import read_volume
+from medfast.ultrasound.poses import read_poses
+
+
+def _lying_nifti(path, shape, dtype=np.int16, data_bytes=1000, members=1):
+    """A valid header claiming ``shape`` followed by only ``data_bytes`` bytes of voxel data."""
+    h = nib.Nifti1Header()
+    h.set_data_dtype(dtype)
+    h.set_data_shape(shape)
+    h.set_sform(np.eye(4), 1)
+    h["vox_offset"] = 352
+    body = h.binaryblock + b"\0" * 4 + bytes(range(256)) * (data_bytes // 256) + b"\0" * (data_bytes % 256)
+    if str(path).endswith(".gz"):
+        cut = len(body) // members
+        body = b"".join(gzip.compress(body[i * cut:(i + 1) * cut if i < members - 1 else None])
+                        for i in range(members))
+    path.write_bytes(body)
+    return path
+
+
+def test_lying_gzip_header_refused_before_allocating(tmp_path):
+    # 70 bytes claiming 2 GiB: before the fix load_nifti allocated it; under a 1 GiB address-space margin the
+    # read then failed with an empty message. Run in a child so that an unfixed reader cannot hurt the machine.
+    path = _lying_nifti(tmp_path / "lie.nii.gz", (1024, 1024, 1024))
+    code = (
+        "import resource, sys\n"
+        "from medfast.data.io import load_nifti\n"
+        "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    load_nifti(sys.argv[1])\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, str(e))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("DatasetError"), out.stdout
+    assert "lie.nii.gz" in out.stdout and "claims 2.15 GB" in out.stdout, out.stdout
+
+
+def test_gzip_trailer_size_refuses_a_small_lie_and_multi_member_files_still_load(tmp_path):
+    # 32^3 float32 = 131 kB: within what 1 kB of deflate could hold, so only the ISIZE trailer (and the stream
+    # count that confirms it) tells that the data is not there
+    with pytest.raises(DatasetError, match=r"small\.nii\.gz: the header claims .*more than the compressed file"):
+        load_nifti(_lying_nifti(tmp_path / "small.nii.gz", (32, 32, 32), np.float32))
+    # a legitimate file in 3 gzip members: the last member's ISIZE is only a third of the data
+    data = np.arange(16 * 16 * 16, dtype=np.float32).reshape(16, 16, 16)
+    raw = gzip.decompress(gzip.compress(nib.Nifti1Image(data, np.eye(4)).to_bytes()))
+    cut = len(raw) // 3
+    (tmp_path / "multi.nii.gz").write_bytes(b"".join(gzip.compress(raw[i * cut:(i + 1) * cut if i < 2 else None])
+                                                      for i in range(3)))
+    np.testing.assert_array_equal(load_nifti(tmp_path / "multi.nii.gz").data[0], data)
+
+
+def test_truncated_plain_nifti_refused_with_sizes(tmp_path):
+    with pytest.raises(DatasetError, match=r"short\.nii: the header claims .* but the file has 1352 bytes"):
+        load_nifti(_lying_nifti(tmp_path / "short.nii", (64, 64, 64)))
+
+
+def test_memory_error_is_named(tmp_path, monkeypatch):
+    assert read_failure(MemoryError(), 2**31) == "MemoryError: the image needs 2.15 GB"
+    assert read_failure(RecursionError()) == "RecursionError"
+    path = tmp_path / "ok.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), path)
+
+    def oom(self, *args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", oom)
+    with pytest.raises(DatasetError, match=r"ok\.nii\.gz: MemoryError: the image needs 128 bytes"):
+        load_nifti(path)
+    with pytest.raises(ValueError, match=r"ok\.nii\.gz: cannot read the voxel data: MemoryError: the image needs"):
+        read_volume(path)
+
+
+def test_ultrasound_read_volume_refuses_lying_header(tmp_path):
+    with pytest.raises(ValueError, match=r"lie\.nii\.gz: the header claims 2\.15 GB"):
+        read_volume(_lying_nifti(tmp_path / "lie.nii.gz", (1024, 1024, 1024)))
+
+
+def test_float_label_beyond_int64_named(tmp_path):
+    lab = np.zeros((6, 6, 6))
+    lab[0, 0, 0] = 1e300  # astype(int64) gave INT64_MIN: "negative values (min -9223372036854775808)"
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "big.nii.gz")
+    with pytest.raises(DatasetError, match=r"big\.nii\.gz: label map holds the value 1e\+300"):
+        load_nifti(tmp_path / "big.nii.gz", label=True)
+    lab[0, 0, 0] = 2.0**53
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "big.nii.gz")
+    with pytest.raises(DatasetError, match=r"label map holds the value 9\.0072e\+15"):
+        load_nifti(tmp_path / "big.nii.gz", label=True)
+
+
+def test_evaluate_huge_pixdim_names_the_file(tmp_path):
+    ref = np.zeros((8, 8, 8), np.uint8)
+    ref[2:5, 2:5, 2:5] = 1
+    aff = np.diag([1e20, 1.0, 1.0, 1.0])
+    for name in ("a.nii.gz", "b.nii.gz"):
+        nib.save(nib.Nifti1Image(ref, aff), tmp_path / name)
+    with pytest.raises(DatasetError, match=r"b\.nii\.gz: the voxel size from its header cannot be scored"):
+        evaluate_pair(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")
+
+
+def _poses(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_pose_json_hostile(tmp_path):
+    with pytest.raises(ValueError, match=r"deep\.json: .*nested too deeply"):
+        read_poses(_poses(tmp_path / "deep.json", "[" * 100000 + "]" * 100000))
+    with pytest.raises(ValueError, match=r"bigint\.json: .*too large for a float"):
+        read_poses(_poses(tmp_path / "bigint.json", "[[1,0,0," + "9" * 400 + "],[0,1,0,0],[0,0,1,0],[0,0,0,1]]"))
+    eye = np.eye(4).tolist()
+    dup = f"{{\"poses\": {json.dumps([eye])}, \"poses\": {json.dumps([eye, eye])}}}"
+    with pytest.raises(ValueError, match=r"dup\.json: the key 'poses' appears twice"):
+        read_poses(_poses(tmp_path / "dup.json", dup))
+    assert read_poses(_poses(tmp_path / "ok.json", json.dumps({"poses": [eye, eye]}))).shape == (2, 4, 4)
+
+
+def test_pose_npy_hostile(tmp_path):
+    b = tmp_path / "lie.npy"
+    with open(b, "wb") as f:  # a header claiming 10^9 poses (119 GiB) over one pose of data
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (10**9, 4, 4)})
+        f.write(np.eye(4).tobytes())
+    with pytest.raises(ValueError, match=r"lie\.npy: the \.npy header claims an array of shape \(1000000000, 4, 4\)"):
+        read_poses(b)
+    np.save(tmp_path / "full.npy", np.tile(np.eye(4), (3, 1, 1)))
+    raw = (tmp_path / "full.npy").read_bytes()
+    (tmp_path / "trunc.npy").write_bytes(raw[:-40])  # numpy's "Failed to read all data" named no file
+    with pytest.raises(ValueError, match=r"trunc\.npy: "):
+        read_poses(tmp_path / "trunc.npy")
+    assert read_poses(tmp_path / "full.npy").shape == (3, 4, 4)
+
+
+def test_appledouble_files_skipped(tmp_path):
+    appledouble = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\0" * 200
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / sub / "case_000.nii.gz")
+        (tmp_path / sub / "._case_000.nii.gz").write_bytes(appledouble)
+    images, labels = find_pairs(tmp_path)
+    assert [str(p).rsplit("/", 1)[-1] for p in images] == ["case_000.nii.gz"]
+    assert len(labels) == 1
+    assert [e.rsplit("/", 1)[-1] for e in _input_entries([tmp_path / "images"])] == ["case_000.nii.gz"]
+    pairs = find_evaluation_pairs(tmp_path / "labels", tmp_path / "labels")
+    assert [r.name for _, r in pairs] == ["case_000.nii.gz"]
