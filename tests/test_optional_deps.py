@@ -176,6 +176,26 @@ def test_simulate_without_matplotlib(phantom_ct, tmp_path):
     assert "medfast simulate: " + NOTE in proc.stderr
 
 
+def test_register_without_matplotlib(tmp_path):
+    # the overlay PNG needed matplotlib: the registration ran, then the command failed at its last file
+    import nibabel as nib
+    import numpy as np
+
+    g = np.stack(np.meshgrid(*[np.arange(12)] * 3, indexing="ij"), -1).astype(float)
+    for name, c in (("f", (5, 6, 6)), ("m", (6, 5, 6))):
+        blob = np.exp(-(((g - c) / 3) ** 2).sum(-1)) * 100
+        nib.save(nib.Nifti1Image(blob.astype(np.float32), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    out = tmp_path / "reg"
+    out.mkdir()
+    (out / "overlay.png").write_bytes(b"an earlier run's")
+    proc = run_cli({"matplotlib"}, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--out",
+                                    str(out), "--affine-levels", "1", "--affine-iters", "2", "--deform-levels", "1",
+                                    "--deform-iters", "2", "--kernel-size", "3", "--no-progress"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "warped.nii.gz").is_file() and (out / "metrics.json").is_file()
+    assert not (out / "overlay.png").exists() and "medfast register: " + NOTE in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------------------
 # a missing optional module: one line naming the extra, exit status 2, in every command
 # ------------------------------------------------------------------------------------------------------------

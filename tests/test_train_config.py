@@ -338,3 +338,25 @@ def test_a_checkpoint_holding_pickled_objects_is_refused_without_bad_advice(tmp_
     with pytest.raises(CheckpointError, match="holds pickled Python objects, refused") as info:
         load_checkpoint(tmp_path / "evil.pt")
     assert "weights_only=False" not in str(info.value)
+
+
+@pytest.mark.parametrize("edit", ["nan", "complex", "config"])
+def test_an_edited_checkpoint_is_refused_by_name(tmp_path, edit):
+    # NaN weights predicted all background (exit 0); a string config gave AttributeError tracebacks
+    import torch
+
+    from medfast.train import CheckpointError, load_checkpoint, save_checkpoint
+
+    state = {"model": {"net": {"conv.weight": torch.ones(2, 2), "bn.num_batches_tracked": torch.tensor(3)}},
+             "config": {"task": "segmentation"}}
+    if edit == "nan":
+        state["model"]["net"]["conv.weight"][1, 0] = float("nan")
+    elif edit == "complex":
+        state["model"]["net"]["conv.weight"] = torch.ones(2, 2, dtype=torch.complex64)
+    else:
+        state["config"] = "segmentation"
+    save_checkpoint(state, tmp_path / "x.pt")
+    match = {"nan": r"holds non-finite weights \(net.conv.weight\)", "complex": r"holds complex weights",
+             "config": r"its 'config' entry is a str"}[edit]
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path / "x.pt")

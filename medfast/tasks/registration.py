@@ -1349,8 +1349,13 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     if "dice_before" in metrics:
         title = " / ".join(f"{k.replace('dice_', 'Dice ')} {metrics[k]:.3f}"
                            for k in ("dice_before", "dice_affine", "dice_after") if k in metrics)
-    save_overlay(out / "overlay.png", first(fixed_norm), panels, title)
-    paths["overlay"] = str(out / "overlay.png")
+    from medfast._figures import figures_enabled
+
+    if figures_enabled("medfast register"):  # matplotlib is optional: the transform and images are the results
+        save_overlay(out / "overlay.png", first(fixed_norm), panels, title)
+        paths["overlay"] = str(out / "overlay.png")
+    else:  # an earlier run's overlay would pass for this run's
+        (out / "overlay.png").unlink(missing_ok=True)
     return paths
 
 

@@ -108,7 +108,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"{load_failure(exc)}") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a medfast checkpoint (no 'model' entry)")
+    if "config" in state and not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path}: its 'config' entry is a {type(state['config']).__name__}, not the mapping "
+                              "medfast train writes (an edited or foreign checkpoint?)")
+    bad = _bad_weight(state["model"])
+    if bad is not None:  # NaN weights predicted all background without a word; a resume blamed the learning rate
+        raise CheckpointError(f"{path} holds {bad[1]} weights ({bad[0]}): not a usable model")
     return state
+
+
+def _bad_weight(tree: Any, prefix: str = "") -> tuple[str, str] | None:
+    """The first ``(name, what)`` of a floating tensor in ``tree`` (nested state dicts) that is complex or holds
+    a NaN / infinite value; None when every one is finite and real."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            found = _bad_weight(value, f"{prefix}{key}.")
+            if found is not None:
+                return found
+    elif isinstance(tree, torch.Tensor):
+        if tree.is_complex():
+            return prefix[:-1], "complex"
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            return prefix[:-1], "non-finite"
+    return None
 
 
 def load_failure(exc: BaseException) -> str:
