@@ -296,3 +296,28 @@ def test_float64_inf_reads_as_the_float32_extreme_like_a_float32_file(tmp_path):
         assert main(["register", fixed, path, "--out", str(out), *FAST, "--affine-iters", "5"]) == 0
         outs[dt] = np.asarray(nib.load(out / "warped.nii.gz").dataobj)
     np.testing.assert_array_equal(outs[np.float32], outs[np.float64])
+
+
+@pytest.mark.parametrize("edit", ["no input_shape", "text shape", "nan spacing", "zero size"])
+def test_an_edited_registration_checkpoint_is_named(tmp_path, edit):
+    # a missing input_shape was a bare KeyError traceback; "abc" an int() message without the file
+    import torch
+
+    from medfast.nets import LocalNet
+    from medfast.tasks.registration import RegistrationError, load_model_info, save_model
+
+    path = tmp_path / "reg.pt"
+    kwargs = {"spatial_dims": 3, "in_channels": 2, "num_channel_initial": 4, "extract_levels": (0, 1)}
+    save_model(path, LocalNet(**kwargs), kwargs, [8, 8, 8], spacing=[2.0, 2.0, 2.0])
+    state = torch.load(path, weights_only=True)
+    if edit == "no input_shape":
+        del state["input_shape"]
+    elif edit == "text shape":
+        state["input_shape"] = "abc"
+    elif edit == "nan spacing":
+        state["spacing"] = [float("nan"), 2.0, 2.0]
+    else:
+        state["input_shape"] = [8, 0, 8]
+    torch.save(state, path)
+    with pytest.raises(RegistrationError, match=r"reg.pt: not a usable registration checkpoint"):
+        load_model_info(path)

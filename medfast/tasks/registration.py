@@ -807,13 +807,18 @@ def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise RegistrationError(f"the weights in {path} do not fit its {ckpt['net']} "
                                 f"({ckpt.get('net_kwargs', {})}): {str(exc).splitlines()[0][:300]}") from None
     pair_channels = ckpt.get("net_kwargs", {}).get("in_channels", 2)  # LocalNet/GlobalNet/RegistrationNet default 2
-    info = ModelInfo([int(v) for v in ckpt["input_shape"]],
-                     None if ckpt.get("spacing") is None else [float(v) for v in ckpt["spacing"]],
-                     bool(ckpt.get("reorient", True)),
-                     int(pair_channels) // 2 if int(pair_channels) % 2 == 0 else None,
-                     reorient_dims_of(ckpt),  # none stored: written before 2D images were reoriented
-                     # none stored: unknown (the field of view is resized), as before the record existed
-                     ckpt.get("spacing") is None and bool(ckpt.get("native_spacing", False)))
+    try:  # an edited or foreign file: a missing key or a bad value named with the file, not a bare KeyError
+        shape = [int(v) for v in ckpt["input_shape"]]
+        spacing = None if ckpt.get("spacing") is None else [float(v) for v in ckpt["spacing"]]
+        if not shape or min(shape) < 1 or (spacing is not None and not all(0 < v < math.inf for v in spacing)):
+            raise ValueError(f"input_shape {shape} / spacing {spacing}: positive sizes and finite voxel sizes")
+        info = ModelInfo(shape, spacing, bool(ckpt.get("reorient", True)),
+                         int(pair_channels) // 2 if int(pair_channels) % 2 == 0 else None,
+                         reorient_dims_of(ckpt),  # none stored: written before 2D images were reoriented
+                         # none stored: unknown (the field of view is resized), as before the record existed
+                         ckpt.get("spacing") is None and bool(ckpt.get("native_spacing", False)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegistrationError(f"{path}: not a usable registration checkpoint ({type(exc).__name__}: {exc})") from None
     return net.eval(), info
 
 
