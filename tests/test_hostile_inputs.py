@@ -162,3 +162,34 @@ def test_appledouble_files_skipped(tmp_path):
     assert [e.rsplit("/", 1)[-1] for e in _input_entries([tmp_path / "images"])] == ["case_000.nii.gz"]
     pairs = find_evaluation_pairs(tmp_path / "labels", tmp_path / "labels")
     assert [r.name for _, r in pairs] == ["case_000.nii.gz"]
+
+
+def test_a_checkpoint_config_for_a_huge_network_fails_before_building_it(tmp_path):
+    # channels [4096, 8192] in an edited checkpoint's config: ~11 GB of parameters were built and initialised
+    # before the weights were found not to fit; the child's address space is capped so a regression fails fast
+    import subprocess
+    import sys
+    import textwrap
+
+    import torch
+
+    from tests.conftest import train_tiny_segmentation
+
+    data, _, checkpoint = train_tiny_segmentation(tmp_path, steps=1)
+    image = sorted((data / "images").iterdir())[0]
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"]["channels"] = [4096, 8192]
+    torch.save(state, tmp_path / "edited.pt")
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from medfast.tasks.segmentation import predict_files
+        from medfast.train import CheckpointError
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, hard))
+        try:
+            predict_files({str(tmp_path / 'edited.pt')!r}, [{str(image)!r}], {str(tmp_path / 'pred')!r})
+        except CheckpointError as exc:
+            print("refused:", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "refused: the weights in" in proc.stdout, proc.stderr[-2000:]

@@ -4,6 +4,7 @@ with sliding-window inference, on-device augmentation, and prediction to NIfTI i
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,13 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
 
         config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(saved)))
     dev = resolve_device(device, "--device")
+    # the weights checked against the config's network on the meta device first: an edited config (channels
+    # [4096, 8192]) built and initialised ~11 GB of parameters before the mismatch was found
+    with torch.device("meta"):
+        probe = build_unet(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (copying into meta parameters is a no-op: only shapes)
+        load_model_state(probe, state, checkpoint, config)
     model = build_unet(config)
     load_model_state(model, state, checkpoint, config)
     model.to(dev).eval()
