@@ -319,6 +319,12 @@ def _accept_negative_values(parser: argparse.ArgumentParser) -> None:
                 _accept_negative_values(subparser)
 
 
+def os_error_text(exc: OSError) -> str:
+    """``FILE: reason`` of an operating-system error (``[Errno 28] ...: 'FILE'`` otherwise)."""
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}"
+
+
 def command_error(command: str, exc: BaseException) -> int:
     """Prints the one-line error of ``medfast <command>`` for ``exc`` to stderr and returns the exit status.
 
@@ -382,8 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail
         return 0
     except OSError as exc:  # an unusable --out, a full disk: one line naming the file, not a traceback
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"medfast {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"medfast {args.command}: error: {os_error_text(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C (train reports its checkpoint itself): one line, as a shell expects
         print(f"medfast {args.command}: interrupted", file=sys.stderr)

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -29,6 +31,17 @@ def simd_and_generic(fn):
 def identity_grid(shape, dtype=torch.float64):
     """(ndim, *shape) voxel coordinates."""
     return torch.stack(torch.meshgrid(*[torch.arange(n, dtype=dtype) for n in shape], indexing="ij"))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """torch's default dtype set to ``dtype`` for the block, restored after it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ from medfast.data import (
 from medfast.data.dataset import case_name
 from medfast.data.synthetic import make_blobs
 from medfast.train import AugmentConfig
+from tests.conftest import default_dtype
 
 
 def _save(path, data, affine=None):
@@ -364,12 +365,8 @@ def test_augment_does_not_depend_on_the_default_dtype(nd):
         return {dt: aug(image.to(dt), label, [123, 2**40 + 7], [10] * nd) for dt in (torch.float32, torch.float64)}
 
     ref = run()
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         got = run()
-    finally:
-        torch.set_default_dtype(default)
     for dt in (torch.float32, torch.float64):
         assert got[dt][0].dtype == ref[dt][0].dtype == dt and got[dt][1].dtype == torch.long
         assert torch.equal(got[dt][0], ref[dt][0]) and torch.equal(got[dt][1], ref[dt][1])

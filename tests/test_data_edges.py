@@ -14,6 +14,7 @@ from medfast import interop
 from medfast.data import NiftiDataset, RandomAugment, crop_or_pad, normalize_intensity
 from medfast.tasks.classification import metrics as cm
 from medfast.train import AugmentConfig
+from tests.conftest import default_dtype
 
 
 @pytest.mark.parametrize("value", [0.1, -3.3, 0.7, 1000.0])
@@ -62,12 +63,8 @@ def test_clip_percentiles_under_a_float64_default_dtype():
     # the quantile levels took the default dtype: "quantile() q tensor must be same dtype as the input tensor"
     x = torch.rand(1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     ref = normalize_intensity(x, clip_percentiles=(1, 99))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         got = normalize_intensity(x, clip_percentiles=(1, 99))
-    finally:
-        torch.set_default_dtype(default)
     assert torch.equal(got, ref)
 
 

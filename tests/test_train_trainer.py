@@ -18,6 +18,7 @@ from medfast.train import (
     save_checkpoint,
     save_config,
 )
+from tests.conftest import default_dtype
 
 
 def _config(tmp_path, data_dir, out="run", **extra):
@@ -618,11 +619,7 @@ def test_sliding_window_does_not_depend_on_the_default_dtype(mode):
 
     with torch.no_grad():
         ref = run()
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
+        with default_dtype(torch.float64):
             got = run()
-        finally:
-            torch.set_default_dtype(default)
     for a, b in zip(got, ref):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)

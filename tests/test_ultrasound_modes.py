@@ -2,7 +2,6 @@
 (a bug hunt): the simulator's caches of constants must not depend on the first call's mode, and the tissue maps'
 no-autograd fast path must not catch dual or functorch-wrapped tensors."""
 
-import contextlib
 import importlib
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from medfast.ultrasound import HU_KNOTS, LabelTable, Probe, freehand_sweep, hu_to_properties, look_at, simulate
+from tests.conftest import default_dtype
 
 simulate_module = importlib.import_module("medfast.ultrasound.simulate")  # (the package's simulate is the function)
 
@@ -86,16 +86,6 @@ def test_an_affine_tensor_reused_in_place_does_not_change_the_cached_one():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _everything():
     """The package's outputs from fresh caches (so that the builders run under the current default dtype)."""
     simulate_module._clear_caches()
@@ -117,7 +107,7 @@ def _everything():
 def test_a_float64_default_dtype_changes_nothing():
     # before: simulate(speckle=False) failed, "noise table must be float32", and the bad table stayed cached after
     # the default dtype was restored
-    with _default_dtype(torch.float64):
+    with default_dtype(torch.float64):
         got = _everything()
     want = _everything()
     assert got.keys() == want.keys()

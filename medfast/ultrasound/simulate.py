@@ -64,15 +64,22 @@ def _retained(obj):
     return obj
 
 
+@contextlib.contextmanager
+def _building_constants():
+    """Outside ``torch.inference_mode`` and without autograd, where cached constants are built: a constant built in
+    a first call under inference mode was an inference tensor, and every later differentiable call failed when
+    autograd saved it for backward ("Inference tensors cannot be saved for backward") until the process restarted.
+    Normal tensors serve calls in every grad mode (under inference mode too, without recording a graph)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def _normal_tensors(build):
-    """Runs a cache's builder outside ``torch.inference_mode`` (and without autograd): a constant built in a first
-    call under inference mode was an inference tensor, and every later differentiable call failed when autograd
-    saved it for backward ("Inference tensors cannot be saved for backward") until the process restarted. Normal
-    tensors serve calls in every grad mode (under inference mode too, without recording a graph)."""
+    """A cache's builder run under :func:`_building_constants`."""
 
     @functools.wraps(build)
     def call(*args, **kwargs):
-        with torch.inference_mode(False), torch.no_grad():
+        with _building_constants():
             return build(*args, **kwargs)
 
     return call
@@ -241,7 +248,7 @@ def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, tuple[floa
     cached = _AFFINES.get(key) if key is not None else None  # one read: another thread may clear the dict
     if cached is not None:
         return cached
-    with torch.inference_mode(False), torch.no_grad():  # cached: normal tensors (see _normal_tensors)
+    with _building_constants():
         # a copy: as_tensor keeps a float64 CPU affine itself, and a caller reusing that tensor in place for another
         # matrix changed this cache entry's affine (not its key nor its inverse)
         a = _check_affine(affine).clone()
@@ -448,7 +455,7 @@ def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
         if table is not None:
             _NOISE_CACHE.move_to_end(key)
             return _retained(table)
-    with torch.inference_mode(False), torch.no_grad():  # cached: a normal tensor (see _normal_tensors)
+    with _building_constants():
         if speckle:
             table = noise_table(seed)
         else:  # deterministic scatterers: unit real value, no amplitude spread
@@ -620,7 +627,7 @@ def _device_copy(t: torch.Tensor, dev: torch.device, dt: torch.dtype) -> torch.T
     key = (t.numpy().tobytes(), str(dev), dt)
     copy = _DEVICE_COPIES.get(key)  # one read, then a local: another thread may clear the dict meanwhile
     if copy is None:
-        with torch.inference_mode(False), torch.no_grad():  # cached: a normal tensor (see _normal_tensors)
+        with _building_constants():
             copy = t.to(dtype=dt).to(device=dev)
         if len(_DEVICE_COPIES) >= 64:
             _DEVICE_COPIES.clear()
