@@ -4,7 +4,7 @@ simulation call of the classification renderer), each with the one-thread-per-li
 (``MEDFAST_USSIM_CUDA_MARCH=thread``) and the warp-cooperative one (the default), the batch-64 forward+backward
 of the warp march also with the merged property-gradient scatter (``MEDFAST_USSIM_CUDA_SCATTER=merged``;
 the other rows: plain), Dice+CE forward+backward (B=2, C=16 and 64, 128^3) with either label-sums
-kernel (``MEDFAST_LOSS_CUDA_SUMS`` = thread, the default, or warp), with and without the label-range check
+kernel (``MEDFAST_LOSS_CUDA_SUMS`` = warp, the default, or thread), with and without the label-range check
 (``check_labels``), and HD95 of two 128^3 masks. Each workload reports its step time as a user runs it
 (CUDA events, no profiler; frames/s come from it), the profiled step time, and each kernel's time.
 
@@ -79,8 +79,8 @@ def workloads(dev: torch.device):
     unchecked = L.DiceCELoss(check_labels=False)
 
     def dice_ce_case(C: int, sums: str, check: bool = True):
-        """Dice+CE forward + backward, B = 2, 128^3, C classes; sums: MEDFAST_LOSS_CUDA_SUMS (thread: the
-        default sums_kernel, warp: the class-transposed label sums); check: the label-range check."""
+        """Dice+CE forward + backward, B = 2, 128^3, C classes; sums: MEDFAST_LOSS_CUDA_SUMS (thread:
+        sums_kernel, warp: the class-transposed label sums, the default); check: the label-range check."""
         logits = torch.randn(2, C, 128, 128, 128, device=dev, requires_grad=True)
         target = torch.randint(0, C, (2, 1, 128, 128, 128), device=dev)
         fn = loss if check else unchecked

@@ -1,6 +1,7 @@
 """One launch of each kernel that a GPU target still waits on, for Nsight Compute (``ncu``) to profile:
-the warp forward at 256^3 (issue: half the DRAM bandwidth; one voxel per thread and ilp4), the Dice+CE
-sums and gradient kernels at C = 16, B = 2, 128^3, and the ultrasound line march, PSF and
+the warp forward at 256^3 (issue: half the DRAM bandwidth; the default ilp1 kernel and forward_kernel) and
+its backward (twice the kernel time of grid_sample's backward on an H200, h200c_warp_profile), the Dice+CE
+label sums and gradient kernels at C = 16, B = 2, 128^3, and the ultrasound line march, PSF and
 property-gradient scatter at batch 16.
 ``scripts/gpu_check.sh`` runs it under ``ncu`` (when installed) with the kernel-name filter below, so
 the next change to those kernels can start from their measured limiters (memory throughput, stall
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FILTER = "forward_kernel|forward_ilp_kernel|sums_kernel|grad_kernel|lines_warp_kernel|psf_axial|lines_scatter"
+FILTER = ("forward_kernel|forward_ilp_kernel|backward_kernel|sums_kernel|sums_warp_kernel|grad_kernel|lines_warp_kernel"
+          "|psf_axial|lines_scatter")
 
 
 def main() -> None:
@@ -34,10 +36,13 @@ def main() -> None:
     image = torch.rand(1, 1, 256, 256, 256, device=dev, generator=g)
     ddf = F.interpolate(torch.randn(1, 3, 8, 8, 8, device=dev, generator=g) * 4, size=(256,) * 3,
                         mode="trilinear").contiguous()
-    mf.warp(image, ddf)
-    os.environ["MEDFAST_WARP_CUDA_FORWARD"] = "ilp4"  # the opt-in variant, 4 voxels per thread
+    mf.warp(image, ddf)  # the default forward (ilp1)
+    os.environ["MEDFAST_WARP_CUDA_FORWARD"] = "one"  # forward_kernel, for comparison
     mf.warp(image, ddf)
     os.environ.pop("MEDFAST_WARP_CUDA_FORWARD")
+    image.requires_grad_()
+    ddf.requires_grad_()
+    mf.warp(image, ddf).backward(torch.ones_like(image))  # backward_kernel, the plain scatter for one channel
 
     z = torch.randn(2, 16, 128, 128, 128, device=dev, generator=g, requires_grad=True)
     t = torch.randint(0, 16, (2, 128, 128, 128), device=dev, generator=g)

@@ -97,8 +97,8 @@ def build_info() -> dict:
         property-gradient scatter, ``MEDFAST_USSIM_CUDA_SCATTER`` = merged (default) or plain; the
         linear warp backward's scatter, ``MEDFAST_WARP_CUDA_SCATTER`` = plain or merged, default
         ``auto``: merged for images of several channels, plain for one; the warp forward's voxels per
-        thread, ``MEDFAST_WARP_CUDA_FORWARD`` = one (default), ilp1, ilp2 or ilp4; the fused losses' label
-        sums, ``MEDFAST_LOSS_CUDA_SUMS`` = thread (default) or warp).
+        thread, ``MEDFAST_WARP_CUDA_FORWARD`` = ilp1 (default), one, ilp2 or ilp4; the fused losses' label
+        sums, ``MEDFAST_LOSS_CUDA_SUMS`` = warp (default) or thread).
     """
     from medfast import __version__
 
@@ -134,5 +134,5 @@ def cuda_variants() -> dict[str, str]:
     return {"ussim_march": "thread" if march == "thread" else "warp",
             "ussim_scatter": "plain" if us_scatter == "plain" else "merged",
             "warp_scatter": scatter if scatter in ("plain", "merged") else "auto",
-            "warp_forward": forward if forward in ("ilp1", "ilp2", "ilp4") else "one",
-            "loss_sums": "warp" if sums == "warp" else "thread"}
+            "warp_forward": forward if forward in ("one", "ilp2", "ilp4") else "ilp1",
+            "loss_sums": "thread" if sums == "thread" else "warp"}

@@ -179,22 +179,25 @@ def test_linear_backward_scatter_variants_match_cpu(monkeypatch, scatter, ndim, 
         _compare([t.nan_to_num() for t in cpu], [t.nan_to_num() for t in gpu], dtype)
 
 
-@pytest.mark.parametrize("variant", ["ilp1", "ilp2", "ilp4"])
+@pytest.mark.parametrize("variant", ["default", "ilp2", "ilp4"])
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_ilp_variants_are_bitwise_the_default(monkeypatch, variant, mode, padding, dtype):
-    # MEDFAST_WARP_CUDA_FORWARD: 32-bit tap offsets, 1 / 2 / 4 voxels per thread; the same arithmetic per
-    # voxel as the default kernel, so the same bits (a voxel count that leaves the last pass part-filled,
-    # NaN displacements, a broadcast image with 3 channels, a channels-last image)
+def test_forward_ilp_variants_are_bitwise_forward_kernel(monkeypatch, variant, mode, padding, dtype):
+    # MEDFAST_WARP_CUDA_FORWARD: 32-bit tap offsets, 1 (the default) / 2 / 4 voxels per thread; the same
+    # arithmetic per voxel as forward_kernel (=one), so the same bits (a voxel count that leaves the last
+    # pass part-filled, NaN displacements, a broadcast image with 3 channels, a channels-last image)
     g = torch.Generator().manual_seed(3)
     image = torch.randn(1, 3, 17, 19, 23, generator=g).to(dtype).cuda()
     ddf = (3 * torch.randn(2, 3, 15, 21, 13, generator=g)).cuda()
     ddf[0, 1, 2, 3, 4] = float("nan")
-    monkeypatch.delenv("MEDFAST_WARP_CUDA_FORWARD", raising=False)
+    monkeypatch.setenv("MEDFAST_WARP_CUDA_FORWARD", "one")
     ref = mf.warp(image, ddf, mode=mode, padding=padding)
     ref_cl = mf.warp(image.contiguous(memory_format=torch.channels_last_3d), ddf, mode=mode, padding=padding)
-    monkeypatch.setenv("MEDFAST_WARP_CUDA_FORWARD", variant)
+    if variant == "default":
+        monkeypatch.delenv("MEDFAST_WARP_CUDA_FORWARD")
+    else:
+        monkeypatch.setenv("MEDFAST_WARP_CUDA_FORWARD", variant)
     out = mf.warp(image, ddf, mode=mode, padding=padding)
     out_cl = mf.warp(image.contiguous(memory_format=torch.channels_last_3d), ddf, mode=mode, padding=padding)
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
@@ -242,7 +245,7 @@ def test_cuda_deterministic_image_grad_ignores_gradients_of_samples_that_read_no
     grad[..., :4] = float("inf")
     grads = []
     for dev, deterministic in (("cpu", False), ("cuda", True), ("cuda", False)):
-        i = img.to(dev).requires_grad_()
+        i = img.to(dev).detach().requires_grad_()
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         try:
             mf.warp(i, ddf.to(dev), mode=mode).backward(grad.to(dev))

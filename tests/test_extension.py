@@ -40,17 +40,19 @@ def test_cuda_variants_follow_the_environment(monkeypatch):
     monkeypatch.delenv("MEDFAST_LOSS_CUDA_SUMS", raising=False)
     monkeypatch.delenv("MEDFAST_WARP_CUDA_FORWARD", raising=False)
     assert mf.build_info()["cuda_variants"] == {"ussim_march": "warp", "ussim_scatter": "merged",
-                                                "warp_scatter": "auto", "warp_forward": "one",
-                                                "loss_sums": "thread"}
+                                                "warp_scatter": "auto", "warp_forward": "ilp1",
+                                                "loss_sums": "warp"}
     monkeypatch.setenv("MEDFAST_USSIM_CUDA_MARCH", "thread")
     monkeypatch.setenv("MEDFAST_USSIM_CUDA_SCATTER", "plain")
     monkeypatch.setenv("MEDFAST_WARP_CUDA_SCATTER", "merged")
-    monkeypatch.setenv("MEDFAST_LOSS_CUDA_SUMS", "warp")
+    monkeypatch.setenv("MEDFAST_LOSS_CUDA_SUMS", "thread")
     monkeypatch.setenv("MEDFAST_WARP_CUDA_FORWARD", "ilp4")
     assert mf.build_info()["cuda_variants"] == {"ussim_march": "thread", "ussim_scatter": "plain",
                                                 "warp_scatter": "merged", "warp_forward": "ilp4",
-                                                "loss_sums": "warp"}
+                                                "loss_sums": "thread"}
     monkeypatch.setenv("MEDFAST_WARP_CUDA_FORWARD", "ilp8")  # not a variant: the default
+    assert mf.build_info()["cuda_variants"]["warp_forward"] == "ilp1"
+    monkeypatch.setenv("MEDFAST_WARP_CUDA_FORWARD", "one")
     assert mf.build_info()["cuda_variants"]["warp_forward"] == "one"
     monkeypatch.setenv("MEDFAST_WARP_CUDA_SCATTER", "plain")
     assert mf.build_info()["cuda_variants"]["warp_scatter"] == "plain"
