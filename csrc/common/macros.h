@@ -31,6 +31,14 @@
 #define MEDFAST_DYNAMIC_SHARED(name) unsigned char* const name = simt_dynamic_shared()
 #endif
 
+// __launch_bounds__ on the GPU (a register budget: at most `threads` per block, and registers for
+// `min_blocks` blocks per multiprocessor); nothing in a host compilation of kernel source.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MEDFAST_LAUNCH_BOUNDS(threads, min_blocks) __launch_bounds__(threads, min_blocks)
+#else
+#define MEDFAST_LAUNCH_BOUNDS(threads, min_blocks)
+#endif
+
 namespace medfast {
 
 // Accumulation type: float for float/half/bfloat16, double for double.

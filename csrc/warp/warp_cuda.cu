@@ -18,7 +18,7 @@
 namespace medfast::warp {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kBlockThreads;
 
 int64_t blocks_for(int64_t n) { return grid_blocks(n, kThreads); }
 

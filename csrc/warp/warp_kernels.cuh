@@ -11,6 +11,17 @@
 
 namespace medfast::warp {
 
+// Threads per block of every launch of these kernels (warp_cuda.cu).
+constexpr int kBlockThreads = 256;
+// The register budget of the float32 / half linear and nearest backward kernels, as blocks of kBlockThreads
+// per multiprocessor (65536 registers): 2, so at most 128 registers. Without it the zeros-padding outside
+// test and the zero-weight rules took the linear backward from 122 to 140 registers (sm_90), one block per
+// multiprocessor instead of two, and its kernel time at 256^3 on an H200 from 0.69 to 1.19 ms (h200b /
+// h200c_warp_profile). With it ptxas spills 44 bytes (zeros padding). Cubic and float64 keep what they need.
+// (Capping forward_kernel at 64 registers spilled 48 bytes; the default forward, ilp1, uses 64 unbounded.)
+template <int MODE, typename T>
+constexpr int backward_min_blocks = MODE != kCubic && sizeof(T) == 4 ? 2 : 1;
+
 template <typename S, typename T, int NDIM, int MODE, int PAD>
 __global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, S* out, int64_t total) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
@@ -64,8 +75,9 @@ __global__ void forward_ilp_kernel(const WarpArgs<S, T, NDIM> A, const IndexSpli
 }
 
 template <typename S, typename T, int NDIM, int MODE, int PAD>
-__global__ void backward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, const S* gout, T* grad_pos,
-                                T* grad_image, int64_t in_numel, int64_t total) {
+__global__ void MEDFAST_LAUNCH_BOUNDS(kBlockThreads, (backward_min_blocks<MODE, T>))
+    backward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, const S* gout, T* grad_pos,
+                    T* grad_image, int64_t in_numel, int64_t total) {
   auto add = [grad_image](int64_t off, T val) { atomicAdd(grad_image + off, val); };
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t b, x, xi[NDIM];
@@ -81,7 +93,8 @@ __global__ void backward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<N
 // which bound this kernel. The loop is warp-uniform so every lane reaches every shuffle; the
 // arithmetic is warp.h's (taps, stencil, position gradient).
 template <typename S, typename T, int NDIM, int PAD>
-__global__ void backward_linear_merged_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, const S* gout,
+__global__ void MEDFAST_LAUNCH_BOUNDS(kBlockThreads, (backward_min_blocks<kLinear, T>))
+    backward_linear_merged_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<NDIM> U, const S* gout,
                                               T* grad_pos, T* grad_image, int64_t in_numel, int64_t total) {
   using St = Stencil<T, NDIM, 2>;
   constexpr unsigned kFull = 0xffffffffu;
