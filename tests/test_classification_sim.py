@@ -84,6 +84,84 @@ def test_nominal_pose_sits_on_the_brain_surface_looking_along_the_plane(source):
     assert angle == pytest.approx(12.0, abs=1e-6)
 
 
+def _poses_reference(source, volume, plane, u, gel):
+    """poses() as first written: plane frames computed per call and the surface found by reading every
+    0.5-voxel sample up to 2.5 half extents + 10 mm of each line (now it skips the samples that cannot lie in
+    the volume, and reads the mask flat)."""
+    from medfast.tasks.classification.simulated import _rotation
+
+    u = np.asarray(u, dtype=np.float64)
+    vol, plane = np.asarray(volume), np.asarray(plane)
+    frames = []
+    for name in source.planes:
+        target, d, lat = (np.asarray(a, dtype=np.float64) for a in source.plane_table[name])
+        z = d / np.linalg.norm(d)
+        x = lat - (lat @ z) * z
+        x = x / np.linalg.norm(x)
+        frames.append((target, np.stack([x, np.cross(z, x), z], 1)))
+    targets = np.stack([f[0] for f in frames])[plane]
+    R = np.stack([f[1] for f in frames])[plane] @ _rotation(0, u[:, 0] * source.max_rot) \
+        @ _rotation(1, u[:, 1] * source.max_rot) @ _rotation(2, u[:, 2] * source.max_rot)
+    centre = np.stack([v.centre for v in source.volumes])[vol]
+    half = np.stack([v.half_extent for v in source.volumes])[vol]
+    p = centre + targets * half + R[:, :, 1] * (u[:, 3:4] * source.max_shift) \
+        + R[:, :, 0] * (u[:, 4:5] * source.max_lateral)
+    t_surf = np.zeros(len(u))
+    for v in np.unique(vol):
+        sel = np.nonzero(vol == v)[0]
+        bv = source.volumes[int(v)]
+        step = 0.5 * float(np.linalg.norm(bv.affine[:3, 0]))
+        t = np.arange(0.0, 2.5 * float(bv.half_extent.max()) + 10.0, step)
+        inv = np.linalg.inv(bv.affine)
+        start = p[sel] @ inv[:3, :3].T + inv[:3, 3]
+        back = -R[sel, :, 2] @ inv[:3, :3].T
+        ijk = np.rint(start[:, None, :] + t[None, :, None] * back[:, None, :]).astype(np.int64)
+        padded, shape = np.pad(bv.mask, 1), np.array(bv.mask.shape)
+        np.clip(ijk, -1, shape, out=ijk)
+        ijk += 1
+        inside = padded[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
+        last = len(t) - 1 - np.argmax(inside[:, ::-1], axis=1)
+        t_surf[sel] = np.where(inside.any(1), t[last], 0.0)
+    out = np.tile(np.eye(4), (len(u), 1, 1))
+    out[:, :3, :3] = R
+    out[:, :3, 3] = p - R[:, :, 2] * (t_surf + np.asarray(gel))[:, None]
+    return torch.from_numpy(out)
+
+
+def test_poses_equal_the_full_surface_march(source):
+    # poses() reads only the samples that can round into the volume (_samples_in_box): bitwise the poses of
+    # reading every sample, for random poses, beams along a voxel axis (zero direction components) and poses
+    # shifted far enough that some lines miss the brain
+    rng = np.random.default_rng(0)
+    B = 300
+    vol = rng.integers(0, len(source.volumes), B)
+    plane = rng.integers(0, len(source.planes), B)
+    u = rng.uniform(-1, 1, (B, 6))
+    u[:20, :3] = 0  # nominal planes: the beam along a voxel axis
+    far = SimulatedUltrasound(**{**SMALL, "max_shift_mm": 200.0, "max_lateral_mm": 200.0})
+    gel = rng.uniform(1, 5, B)
+    for src in (source, far):
+        got = src.poses(vol.tolist(), plane.tolist(), torch.from_numpy(u), gel.tolist())
+        assert torch.equal(got, _poses_reference(src, vol, plane, u, gel))
+
+
+def test_samples_in_box_against_brute_force():
+    # lines inside, parallel to a face, and wholly outside: nothing past the count rounds into the volume
+    from medfast.tasks.classification.simulated import _samples_in_box
+
+    shape = np.array([20, 30, 40])
+    t = np.arange(0.0, 200.0, 0.5)
+    starts = np.array([[5.0, 5, 5], [5, 5, 5], [-50, 5, 5], [5, 5, 5], [100, 100, 100]])
+    dirs = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0], [0.3, -0.5, 0.8], [1, 1, 1]])
+    for k in range(len(starts)):
+        pts = np.rint(starts[k] + t[:, None] * dirs[k])
+        ok = np.all((pts >= 0) & (pts < shape), axis=1)
+        n = _samples_in_box(starts[k:k + 1], dirs[k:k + 1], t, shape)
+        assert not ok[n:].any()  # nothing past the count rounds into the volume
+        assert n == 0 or np.all((starts[k] + t[n - 1] * dirs[k] >= -1) & (starts[k] + t[n - 1] * dirs[k] <= shape))
+    assert _samples_in_box(starts[4:], dirs[4:], t, shape) == 0
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 
 

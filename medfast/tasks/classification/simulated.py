@@ -262,6 +262,21 @@ def _names(name: str, value: Any) -> list:
     return list(value)
 
 
+def _samples_in_box(start: np.ndarray, direction: np.ndarray, t: np.ndarray, shape: np.ndarray) -> int:
+    """How many leading samples ``t`` (ascending) any of the lines ``start + t direction`` ((b, 3) each, voxel
+    units) needs: past the returned count every line lies outside ``[-1, shape]`` on some axis, so each sample
+    there rounds outside the volume ``shape``. The box is half a voxel wider than rounding needs."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = (-1.0 - start) / direction
+        b = (shape - start) / direction
+    flat = direction == 0  # parallel to a face: inside for every t, or for none
+    inside_flat = (start >= -1.0) & (start <= shape)
+    lo = np.where(flat, np.where(inside_flat, -np.inf, np.inf), np.minimum(a, b)).max(axis=1)
+    hi = np.where(flat, np.where(inside_flat, np.inf, -np.inf), np.maximum(a, b)).min(axis=1)
+    hi = hi[lo <= hi]
+    return int(np.searchsorted(t, hi.max(), side="right")) if hi.size else 0
+
+
 def _rotation(axis: int, angle: np.ndarray) -> np.ndarray:
     return _torch_rotation(axis, torch.from_numpy(np.asarray(angle, dtype=np.float64))).numpy()
 
@@ -446,6 +461,7 @@ class SimulatedUltrasound:
         self._props: dict[tuple[int, int, str], torch.Tensor] = {}
         self._grids: dict[tuple[int, str], torch.Tensor] = {}
         self._masks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._frames: tuple[np.ndarray, np.ndarray] | None = None  # _plane_frames
         self.cuda_graphs, self.graph_replays = bool(cuda_graphs), 0
         # (device, batch size, groups) -> (graph, its input, its output); and how often each key came
         self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor]] = {}
@@ -545,6 +561,21 @@ class SimulatedUltrasound:
             self._grids[key] = g.permute(0, 2, 3, 1).contiguous()
         return self._grids[key]
 
+    def _plane_frames(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(P, 3)`` target points and ``(P, 3, 3)`` probe axes (columns lateral, elevation, beam) of the planes,
+        in the order of ``planes`` (computed once)."""
+        if self._frames is None:
+            targets, frames = [], []
+            for name in self.planes:
+                target, d, lat = (np.asarray(a, dtype=np.float64) for a in self.plane_table[name])
+                z = d / np.linalg.norm(d)
+                x = lat - (lat @ z) * z
+                x = x / np.linalg.norm(x)
+                targets.append(target)
+                frames.append(np.stack([x, np.cross(z, x), z], 1))
+            self._frames = np.stack(targets), np.stack(frames)
+        return self._frames
+
     def poses(self, volume: Sequence[int], plane: Sequence[int], pose_u: torch.Tensor,
               gel_mm: Sequence[float]) -> torch.Tensor:
         """``(B, 4, 4)`` float64 probe-to-world poses of descriptors: the plane's target point and axes,
@@ -555,19 +586,12 @@ class SimulatedUltrasound:
         vol = np.asarray(volume, dtype=np.int64).reshape(-1)
         plane = np.asarray(plane, dtype=np.int64).reshape(-1)
         B = u.shape[0]
-        frames = []
-        for name in self.planes:
-            target, d, lat = (np.asarray(a, dtype=np.float64) for a in self.plane_table[name])
-            z = d / np.linalg.norm(d)
-            x = lat - (lat @ z) * z
-            x = x / np.linalg.norm(x)
-            frames.append((target, np.stack([x, np.cross(z, x), z], 1)))
-        targets = np.stack([f[0] for f in frames])[plane]  # (B, 3)
-        R = np.stack([f[1] for f in frames])[plane] @ _rotation(0, u[:, 0] * self.max_rot) \
+        targets, frames = self._plane_frames()
+        R = frames[plane] @ _rotation(0, u[:, 0] * self.max_rot) \
             @ _rotation(1, u[:, 1] * self.max_rot) @ _rotation(2, u[:, 2] * self.max_rot)  # (B, 3, 3)
         centre = np.stack([v.centre for v in self.volumes])[vol]
         half = np.stack([v.half_extent for v in self.volumes])[vol]
-        p = centre + targets * half + R[:, :, 1] * (u[:, 3:4] * self.max_shift) \
+        p = centre + targets[plane] * half + R[:, :, 1] * (u[:, 3:4] * self.max_shift) \
             + R[:, :, 0] * (u[:, 4:5] * self.max_lateral)
         t_surf = np.zeros(B)
         for v in np.unique(vol):  # march back along -beam through the mask (0.5 voxel steps)
@@ -578,12 +602,17 @@ class SimulatedUltrasound:
             inv = np.linalg.inv(bv.affine)
             start = p[sel] @ inv[:3, :3].T + inv[:3, 3]  # (b, 3) voxel position and direction of each line
             back = -R[sel, :, 2] @ inv[:3, :3].T
-            ijk = np.rint(start[:, None, :] + t[None, :, None] * back[:, None, :]).astype(np.int64)  # (b, T, 3)
-            # outside the volume reads the padding (False): indices clipped into the padded mask
             padded, shape = self._padded_mask(int(v))
+            # only the samples that can round into the volume on some line (the rest read the False padding):
+            # the same last brain sample, far fewer reads
+            t = t[:_samples_in_box(start, back, t, shape)]
+            if not len(t):
+                continue
+            ijk = np.rint(start[:, None, :] + t[None, :, None] * back[:, None, :])  # (b, T, 3)
+            # outside the volume reads the padding (False): indices clipped into the padded mask, read flat
             np.clip(ijk, -1, shape, out=ijk)
-            ijk += 1
-            inside = padded[ijk[..., 0], ijk[..., 1], ijk[..., 2]]  # (b, T)
+            pitch = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1], dtype=np.int64)
+            inside = padded.reshape(-1)[ijk.astype(np.int64) @ pitch + pitch.sum()]  # (b, T)
             last = len(t) - 1 - np.argmax(inside[:, ::-1], axis=1)  # the last brain sample on each line
             t_surf[sel] = np.where(inside.any(1), t[last], 0.0)
         out = np.tile(np.eye(4), (B, 1, 1))
