@@ -1,6 +1,8 @@
 """Output files are complete or absent (medfast._atomic.replacing): a write that fails halfway, as under a kill or
 a full disk, leaves the previous file and no temporary one; and a rerun leaves no output of an earlier run."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -92,3 +94,83 @@ def test_a_figure_stopped_while_drawn_leaves_the_previous_png(tmp_path, monkeypa
         save_figure(fig, path, dpi=50)
     monkeypatch.undo()
     assert Image.open(path).size == (100, 100) and [p.name for p in tmp_path.iterdir()] == ["samples.png"]
+
+
+# Each writer on medfast._atomic.replacing: a write that stops halfway (the disk full, Ctrl-C) leaves the previous
+# file and nothing else in the folder. The old hand-written temporaries of save_config, registration.save_model and
+# presets._save stayed behind (config.yaml.tmp, net.pt.tmp, .tmp<pid>-x.nii.gz: one more per failed run).
+
+
+def _write_half(target, exc):
+    """What a write stopped halfway does: part of the data in ``target`` (a path or a binary file), then ``exc``."""
+    if hasattr(target, "write"):
+        target.write(b"half a file")
+    else:
+        Path(target).write_bytes(b"half a file")
+    raise exc
+
+
+def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from medfast.train.trainer import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: _write_half(f, KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_partial_checkpoints_of_killed_saves_are_removed(tmp_path):
+    from medfast._atomic import replacing
+    from medfast.train.trainer import _remove_partial_checkpoints
+
+    for name in ("last.pt", "step_0000002.pt", "notes.tmp"):
+        (tmp_path / name).write_bytes(b"kept")
+    killed = replacing(tmp_path / "last.pt")  # entered, never left: a process killed during torch.save
+    killed.__enter__().write_bytes(b"half a checkpoint")
+    (tmp_path / ".step_0000002.pt.123.tmp").write_bytes(b"half")  # the temporary name of earlier versions
+    assert len(list(tmp_path.iterdir())) == 5
+    _remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp", "step_0000002.pt"]
+
+
+def test_a_failed_config_save_keeps_the_previous_config(tmp_path, monkeypatch):
+    from medfast.train.config import load_config, save_config
+
+    path = save_config(load_config([], ["trainer.max_steps=7"]), tmp_path / "config.yaml")
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: _write_half(self, OSError(28, "No space left")))
+    with pytest.raises(OSError, match="No space left"):
+        save_config(load_config([], ["trainer.max_steps=9"]), path)
+    monkeypatch.undo()
+    assert load_config([path]).trainer.max_steps == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_a_failed_registration_model_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    from medfast.nets import LocalNet
+    from medfast.tasks.registration import load_model_info, save_model
+
+    kw = dict(spatial_dims=2, num_channel_initial=2, depth=1, extract_levels=(0, 1))
+    path = tmp_path / "net.pt"
+    save_model(path, LocalNet(**kw), kw, (32, 32))
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: _write_half(f, OSError(28, "No space left")))
+    with pytest.raises(OSError, match="No space left"):
+        save_model(path, LocalNet(**kw), kw, (16, 16))
+    monkeypatch.undo()
+    assert list(load_model_info(path)[1].input_shape) == [32, 32]
+    assert [p.name for p in tmp_path.iterdir()] == ["net.pt"]
+
+
+def test_a_failed_preset_save_leaves_no_file(tmp_path, monkeypatch):
+    from medfast.data.presets import _save
+
+    path = tmp_path / "img.nii.gz"
+    _save(nib.Nifti1Image(np.ones((2, 3, 4), np.float32), np.eye(4)), path)
+    monkeypatch.setattr(nib, "save", lambda img, f, *a, **k: _write_half(f, KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _save(nib.Nifti1Image(np.zeros((2, 3, 4), np.float32), np.eye(4)), path)
+    monkeypatch.undo()
+    assert np.array_equal(np.asarray(nib.load(path).dataobj), np.ones((2, 3, 4)))
+    assert [p.name for p in tmp_path.iterdir()] == ["img.nii.gz"]

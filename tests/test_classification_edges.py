@@ -158,6 +158,27 @@ def test_predict_reads_all_inputs_before_writing(grey_run, tmp_path, capsys):
     assert not (out / "predictions.csv").exists() and not (out / "cam").exists()
 
 
+def test_a_failed_predictions_write_keeps_the_previous_csv(grey_run, tmp_path, monkeypatch):
+    # predictions.csv goes through medfast._atomic.replacing: Ctrl-C after some rows leaves the previous file whole
+    # and no temporary one
+    from medfast.tasks.classification.task import predict_files
+
+    ckpt, images = grey_run / "run" / "checkpoints" / "last.pt", grey_run / "img" / "a"
+    out = tmp_path / "pred"
+    path = predict_files(ckpt, [images / "0.png"], out, device="cpu", save_cam=False)[0]
+    before = path.read_text()
+
+    def stopped(self, rows):
+        self.writerow(rows[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        predict_files(ckpt, [images / "1.png", images / "2.png"], out, device="cpu", save_cam=False)
+    monkeypatch.undo()
+    assert path.read_text() == before and [p.name for p in out.iterdir()] == ["predictions.csv"]
+
+
 # ---- 4. simulator arguments --------------------------------------------------------------------------------
 NAN = float("nan")
 

@@ -56,6 +56,42 @@ def test_lying_gzip_header_refused_before_allocating(tmp_path):
     assert "lie.nii.gz" in out.stdout and "claims 2.15 GB" in out.stdout, out.stdout
 
 
+#: The readers of user files that call nibabel themselves: (import, call of ``p``, the error type each raises for a
+#: bad file). Before they checked the claim (all but ultrasound's), each allocated it: a MemoryError under the
+#: cap (RegistrationError / DatasetError with an empty message), 2-4 GB without it.
+_OWN_READERS = {
+    "register image": ("from medfast.tasks.registration import load_nifti as read", "read(p)", "RegistrationError"),
+    "register ddf": ("from medfast.tasks.registration import load_ddf as read", "read(p)", "RegistrationError"),
+    "classification image": ("from medfast.tasks.classification import read_image as read",
+                             "read(p, spatial_dims=3)", "DatasetError"),
+    "brain volume": ("from medfast.tasks.classification import load_brain_volume as read", "read({'path': p})",
+                     "DatasetError"),
+    "ultrasound volume": ("from medfast.ultrasound.io import read_volume as read", "read(p)", "ValueError"),
+}
+
+
+@pytest.mark.parametrize("reader", list(_OWN_READERS))
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_readers_refuse_a_lying_header_before_allocating(tmp_path, reader, suffix):
+    # in a child under a 1 GiB address-space margin, as above: an unchecked reader cannot hurt the machine
+    imports, call, error = _OWN_READERS[reader]
+    path = _lying_nifti(tmp_path / f"lie{suffix}", (1024, 1024, 1024))
+    code = (
+        f"import resource, sys\n{imports}\n"
+        "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+        "p = sys.argv[1]\n"
+        "try:\n"
+        f"    {call}\n"
+        "except BaseException as e:\n"
+        "    print(type(e).__name__, str(e))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(error), out.stdout
+    assert f"lie{suffix}: the header claims 2.15 GB" in out.stdout, out.stdout
+
+
 def test_gzip_trailer_size_refuses_a_small_lie_and_multi_member_files_still_load(tmp_path):
     # 32^3 float32 = 131 kB: within what 1 kB of deflate could hold, so only the ISIZE trailer (and the stream
     # count that confirms it) tells that the data is not there

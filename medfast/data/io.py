@@ -63,16 +63,27 @@ def _nib():
     return nibabel
 
 
-def nifti_header(path: str | Path):
-    """Loads only the header of ``path`` (cheap); raises :class:`DatasetError` naming the file."""
+def nifti_header(path: str | Path, error: type[Exception] = DatasetError):
+    """Loads only the header of ``path`` (cheap); raises ``error`` (:class:`DatasetError`) naming the file."""
     nib = _nib()
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"file not found: {path}")
+        raise error(f"file not found: {path}")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise DatasetError(f"cannot read {path} as NIfTI: {exc}") from None
+        raise error(f"cannot read {path} as NIfTI: {exc}") from None
+    return img
+
+
+def load_checked(path: str | Path, error: type[Exception] = DatasetError):
+    """:func:`nifti_header`, refused with ``error`` naming the file when the header claims more voxel data than
+    the file holds (:func:`claimed_size_problem`): for readers that go on to ``img.dataobj``, which would
+    allocate the whole claim before the short read fails."""
+    img = nifti_header(path, error)
+    problem = claimed_size_problem(img)
+    if problem:
+        raise error(f"cannot read the voxel data of {path}: {problem}")
     return img
 
 
@@ -230,10 +241,7 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
         a singular or non-finite affine, or (``label``) non-integer or negative label values — the message names
         the file.
     """
-    img = nifti_header(path)
-    problem = claimed_size_problem(img)
-    if problem:
-        raise DatasetError(f"cannot read the voxel data of {path}: {problem}")
+    img = load_checked(path)
     try:
         data = np.asanyarray(img.dataobj)
     except MemoryError as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfast._atomic import replacing
 from medfast.data.io import DatasetError
 
 __all__ = ["ITK_DATA", "MRICRON", "mni152_tissue"]
@@ -21,14 +22,12 @@ KMEANS_TO_TISSUE = {0: 0, 1: 0, 2: 0, 3: 0, 4: 1, 5: 2, 6: 3}
 
 
 def _save(img, path: Path) -> None:
-    """nibabel save to a temporary name, then rename: concurrent ranks never read a partial file."""
-    import os
-
+    """nibabel save to a temporary name, then rename: concurrent ranks never read a partial file, and a failed
+    or interrupted save leaves no temporary one."""
     import nibabel as nib
 
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        nib.save(img, str(tmp))
 
 
 def _mni_files(what: str = "the mni152_tissue data set") -> dict[str, Path]:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import medfast as mf
+from medfast._atomic import replacing
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data.io import DatasetError
 from medfast.data.preprocess import REORIENT_DIMS, reorient_dims_of
@@ -752,12 +753,11 @@ def save_model(path: str | Path, net: torch.nn.Module, net_kwargs: dict, input_s
         if native_spacing:
             raise ValueError("give spacing (one training voxel size) or native_spacing (each image's own), not both")
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"net": name, "net_kwargs": _plain_values(dict(net_kwargs)),
-                "input_shape": [int(s) for s in input_shape], "spacing": spacing,
-                "native_spacing": bool(native_spacing), "reorient": bool(reorient),
-                "reorient_dims": [int(d) for d in reorient_dims], "state_dict": net.state_dict()}, tmp)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        torch.save({"net": name, "net_kwargs": _plain_values(dict(net_kwargs)),
+                    "input_shape": [int(s) for s in input_shape], "spacing": spacing,
+                    "native_spacing": bool(native_spacing), "reorient": bool(reorient),
+                    "reorient_dims": [int(d) for d in reorient_dims], "state_dict": net.state_dict()}, tmp)
 
 
 def _plain_values(value: Any) -> Any:
@@ -1050,16 +1050,17 @@ def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray,
     With ``channels`` the array is ``(C, *S)``: a 4D NIfTI ``(X, Y, Z, C)`` (as ``medfast train`` reads
     multi-channel images; also the NIfTI vector layout ``(X, Y, Z, 1, C)``) gives its ``C`` channels, a 2D image
     with channels is stored ``(X, Y, 1, C)``, and a 2D/3D image is one channel."""
-    nib = _nib()
+    _nib()  # RegistrationError with the install hint when nibabel is missing
     path = Path(path)
     if not path.is_file():
         raise RegistrationError(f"no such image: {path}")
+    from medfast.data.io import is_vector_layout, load_checked, single_slice_as_2d, unsupported_voxels, voxel_measure
+
+    img = load_checked(path, RegistrationError)  # before .dataobj allocates what a lying header claims
     try:
-        img = nib.load(path)
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise RegistrationError(f"cannot read {path} as NIfTI: {exc}") from exc
-    from medfast.data.io import is_vector_layout, single_slice_as_2d, unsupported_voxels, voxel_measure
 
     problem = unsupported_voxels(data.dtype)
     if problem:
@@ -1202,13 +1203,13 @@ def load_ddf(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     by :func:`to_fixed_grid` (two interpolations; ``medfast register`` samples the native moving array once, at
     ``A_m^-1`` of the world point ``A_f (x + ddf)``); ``affine`` the fixed grid's affine as :func:`load_nifti`
     returns it. Inverse of the conversion :func:`write_outputs` describes (LPS mm -> voxels)."""
-    from medfast.data.io import single_slice_as_2d, single_slice_axis
+    from medfast.data.io import load_checked, single_slice_as_2d, single_slice_axis
 
-    nib = _nib()
+    _nib()
     path = Path(path)
     if not path.is_file():
         raise RegistrationError(f"no such displacement field: {path}")
-    img = nib.load(path)
+    img = load_checked(path, RegistrationError)  # before .dataobj allocates what a lying header claims
     data = np.asarray(img.dataobj, dtype=np.float64)
     if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] not in (2, 3):
         raise RegistrationError(f"{path} has shape {data.shape}, not a NIfTI displacement field (X, Y, Z, 1, 3) or "

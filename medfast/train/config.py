@@ -562,11 +562,13 @@ def save_config(config: Config, path: str | Path) -> Path:
     """Writes the resolved configuration as YAML (atomically) and returns the path."""
     import yaml
 
+    from medfast._atomic import replacing
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    with replacing(path) as tmp:
+        tmp.write_text(text)
     return path
 
 

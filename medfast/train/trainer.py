@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medfast._atomic import replacing
 from medfast._figures import figures_enabled, new_figure, save_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast._jsonsafe import json_ready
@@ -57,12 +58,11 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a reader (or a resume
-    after a crash) never sees a half-written checkpoint."""
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (:func:`medfast._atomic.replacing`):
+    a reader (or a resume after a crash) never sees a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as tmp:
         with open(tmp, "wb") as f:
             try:
                 torch.save(state, f)
@@ -71,24 +71,26 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
                               f"cannot write the checkpoint ({exc})", str(path)) from exc
             f.flush()
             os.fsync(f.fileno())  # the data on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # the rename itself (not possible on every file system)
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with contextlib.suppress(OSError):  # the rename itself (not possible on every file system)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path
+
+
+#: The temporary files of :func:`save_checkpoint`: ``replacing``'s ``.{pid}.{hex}.tmp.last.pt``, and the
+#: ``.last.pt.{pid}.tmp`` of earlier versions (a run resumed by a newer medfast).
+_PARTIAL_CHECKPOINTS = (".*.tmp.*.pt", ".*.pt.*.tmp")
 
 
 def _remove_partial_checkpoints(ckdir: Path) -> None:
     """The temporary files of saves that a killed process never finished (each as large as a checkpoint)."""
-    for tmp in ckdir.glob(".*.pt.*.tmp") if ckdir.is_dir() else []:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    for pattern in _PARTIAL_CHECKPOINTS if ckdir.is_dir() else ():
+        for tmp in ckdir.glob(pattern):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

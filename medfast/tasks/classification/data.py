@@ -169,11 +169,9 @@ def _nifti_rgb(dtype: np.dtype) -> bool:
 
 
 def _read_nifti(path: Path) -> np.ndarray:
-    import nibabel as nib
+    from medfast.data.io import load_checked, unsupported_voxels
 
-    from medfast.data.io import unsupported_voxels
-
-    img = nib.load(str(path))
+    img = load_checked(path)  # before .dataobj allocates what a lying header claims
     dtype = img.get_data_dtype()
     if _nifti_rgb(dtype):  # colour: 3 channels in [0, 1], as an 8-bit RGB PNG reads (alpha dropped)
         rgb = np.asanyarray(img.dataobj)

@@ -109,10 +109,11 @@ class BrainVolume:
 def _nifti_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
-    from medfast.data.io import unsupported_voxels
+    from medfast.data.io import load_checked, unsupported_voxels
 
+    img = load_checked(path)  # before as_closest_canonical reads .dataobj (what a lying header claims)
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.as_closest_canonical(img)
         problem = unsupported_voxels(img.get_data_dtype())  # complex: the cast below would keep the real part
         data = None if problem else np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from medfast._atomic import replacing
 from medfast._figures import figures_enabled
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError
@@ -684,15 +685,10 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "predictions.csv"
     # UTF-8 whatever the locale (class names, paths), through a temporary file: a failure leaves no partial CSV
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["file", "class", "index"])
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["file", "class", "index"])
+        writer.writeheader()
+        writer.writerows(rows)
     for old in (out_dir / "cam").glob("*.png"):  # an earlier call's maps would sit beside (or pass for) these
         old.unlink()
     cam_paths = []
