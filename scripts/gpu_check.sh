@@ -24,11 +24,16 @@
 # they crash), CUDA tests, warp, kernel and rendering profiles, Nsight Compute on the kernels that targets
 # wait on (if ncu is installed; MEDFAST_GPU_NCU=0 skips it, MEDFAST_GPU_NCU_CAP caps it), training checks, then the benchmark
 # suites and the memcheck run in the order of MEDFAST_GPU_SUITES. A lent machine has 15 minutes in all,
-# start included; on the H200 (2026-11-27) the build took 155 s. One call of at most 600 s, then a
-# second one on the warm machine within its 30 s idle time if minutes are left, for example:
-#   MEDFAST_GPU_BUDGET=565 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick MEDFAST_GPU_TEST_CAP=150 \
-#     MEDFAST_GPU_NCU_CAP=45 MEDFAST_GPU_TRAIN_CHECKS="seg_none cls_sim cls_sim_eager" MEDFAST_GPU_BENCH_CAP=90 \
-#     MEDFAST_GPU_SUITES="loss warp sanitizer ultrasound classification distance" bash scripts/gpu_check.sh
+# start included; on the H200 the build took 155 s (2026-11-27) and 232 s (2026-11-28). One call of at most
+# 600 s, then short calls on the warm machine, each within its 30 s idle time (the build and /tmp/site stay:
+# `export PYTHONPATH=/tmp/site; python3 -m medfast bench --device cuda --quick --only SUITE --out $OUT/bench`).
+# On 2026-11-28 the CUDA tests took 52 s with 8 workers and the sanitizer 41 s for five families. For the
+# next lease (what has not run on a GPU yet: the registration and segmentation suites, the segmentation demo,
+# the DDP checks; and the warp backward's register budget to time), for example:
+#   MEDFAST_GPU_BUDGET=560 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick MEDFAST_GPU_TEST_CAP=120 \
+#     MEDFAST_GPU_TEST_WORKERS=8 MEDFAST_GPU_NCU_CAP=40 MEDFAST_GPU_BENCH_CAP=80 MEDFAST_GPU_DEMO_CAP=120 \
+#     MEDFAST_GPU_TRAIN_CHECKS="seg_none cls_sim ddp" MEDFAST_GPU_SANITIZE="warp loss" \
+#     MEDFAST_GPU_SUITES="warp loss registration segmentation sanitizer demo_seg" bash scripts/gpu_check.sh
 # (carry .whl and .devdata); keep the budget under the call's limit so the packed results come back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
