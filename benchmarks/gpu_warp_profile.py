@@ -10,7 +10,8 @@ For linear warps (128^3 with 1 and 4 channels, 256^3 with 1) it reports, per imp
 The medfast rows come in both image-gradient scatters of the CUDA backward
 (``MEDFAST_WARP_CUDA_SCATTER`` = plain, the default, or merged), and the plain one also with the flat
 index split by int64 division (``MEDFAST_WARP_CUDA_INDEX=int64``) instead of FastDiv, and the forward with 32-bit
-tap offsets and 1, 2 or 4 output voxels per thread (``MEDFAST_WARP_CUDA_FORWARD`` = ilp1 / ilp2 / ilp4).
+tap offsets and 1 (the default), 2 or 4 output voxels per thread (``MEDFAST_WARP_CUDA_FORWARD`` = ilp1 / ilp2 /
+ilp4); "plain" and "merged" use forward_kernel (``one``), "default" sets no variable (what a user gets).
 
     python benchmarks/gpu_warp_profile.py --out DIR
 """
@@ -94,11 +95,14 @@ def main() -> None:
         coarse = torch.randn(1, 3, 8, 8, 8, device=dev, generator=gen) * 4
         ddf = F.interpolate(coarse, size=(size,) * 3, mode="trilinear").contiguous().requires_grad_()
         grad = torch.randn(1, channels, size, size, size, device=dev, generator=gen)
-        for impl in ("merged", "plain", "plain-int64", "plain-ilp1", "plain-ilp2", "plain-ilp4",
+        for impl in ("default", "merged", "plain", "plain-int64", "plain-ilp1", "plain-ilp2", "plain-ilp4",
                      "grid_sample"):
             os.environ["MEDFAST_WARP_CUDA_SCATTER"] = "merged" if impl == "merged" else "plain"
             os.environ["MEDFAST_WARP_CUDA_INDEX"] = "int64" if impl == "plain-int64" else "fast"
             os.environ["MEDFAST_WARP_CUDA_FORWARD"] = impl[len("plain-"):] if "ilp" in impl else "one"
+            if impl == "default":  # what a user gets: no variable set
+                for var in ("MEDFAST_WARP_CUDA_SCATTER", "MEDFAST_WARP_CUDA_INDEX", "MEDFAST_WARP_CUDA_FORWARD"):
+                    os.environ.pop(var)
             step = step_fn(impl, image, ddf, grad)
             for _ in range(5):
                 step()

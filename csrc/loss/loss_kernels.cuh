@@ -143,7 +143,7 @@ __global__ void sums_kernel(const Voxel voxel, int64_t chunk, T* partial) {
   store_block_sums(smem, C * kStats, partial);
 }
 
-// ---- Class-transposed label sums (MEDFAST_LOSS_CUDA_SUMS=warp) ----
+// ---- Class-transposed label sums (the default; MEDFAST_LOSS_CUDA_SUMS=thread selects sums_kernel) ----
 // sums_kernel keeps 4 C sums per thread in shared memory (5 C + 2 values a thread): at C = 16 a block
 // has 128 threads, at C = 64 only 32, and few blocks fit a multiprocessor. Here a thread keeps one
 // voxel's row (C + 4 values, label_voxel_row), and the sums are per warp: each round every thread

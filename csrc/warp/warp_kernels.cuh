@@ -31,7 +31,8 @@ __global__ void forward_kernel(const WarpArgs<S, T, NDIM> A, const IndexSplit<ND
   }
 }
 
-// The forward with V output voxels per thread (MEDFAST_WARP_CUDA_FORWARD=ilp2 / ilp4, opt-in until timed):
+// The forward with V output voxels per thread (the default for linear / nearest with V = 1; ilp2 / ilp4 by
+// MEDFAST_WARP_CUDA_FORWARD, slower on an H200):
 // the kernel is bound by memory latency more than by bandwidth (one voxel's displacement loads, then its
 // gathers, then its store, in sequence), so each thread first issues the displacement loads of all its
 // V voxels (voxels base + v * blockDim.x: each load instruction still coalesced across the warp), then
