@@ -57,7 +57,10 @@ def make_step(case: str, device: str, batch: int, sub_rays: int, size: int):
     base = look_at((size / 2, size / 2, 1.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
     poses = base.expand(batch, 4, 4).clone()
     poses[:, 1, 3] += torch.linspace(-10, 10, batch, dtype=torch.float64)
-    poses = poses.float().to(dev)
+    # on the host, as a tracker gives them and as docs/ultrasound.md advises: a pose on the GPU costs a device
+    # sync for its checks, so each step would wait for the previous one's kernels (the H200 run of 2026-11-28
+    # passed GPU poses: h200c_bench_ultrasound)
+    poses = poses.float()
     if case == "forward":
         def step():
             with torch.no_grad():
