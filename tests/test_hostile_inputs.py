@@ -229,3 +229,138 @@ def test_a_checkpoint_config_for_a_huge_network_fails_before_building_it(tmp_pat
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "refused: the weights in" in proc.stdout, proc.stderr[-2000:]
+
+
+#: A child's first lines: its address space capped 1 GiB above what it has mapped after its imports, so that a
+#: regression fails fast (MemoryError / torch's "can't allocate memory") instead of taking the machine's memory.
+_CAP = ("import resource\n"
+        "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n")
+
+
+def _capped(code, timeout=300):
+    """``code`` run in a python child under the cap above (imports first, then :data:`_CAP`); its stdout and
+    stderr."""
+    imports, _, body = code.partition("#CAP\n")
+    proc = subprocess.run([sys.executable, "-c", imports + _CAP + body], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, proc.stderr
+
+
+def test_a_huge_sliding_window_is_refused_before_allocating(tmp_path):
+    # inference.roi_size [4096] * 3 in an edited checkpoint: the 12^3 image was padded to the window and the window
+    # weights built (275 GB each) before anything failed, with torch's "can't allocate memory" (a traceback from
+    # medfast predict); now refused before the network is built, one line naming the key and the checkpoint
+    import torch
+
+    from medfast.cli import main
+    from tests.conftest import train_tiny_segmentation
+
+    data, _, checkpoint = train_tiny_segmentation(tmp_path, steps=1)
+    image = sorted((data / "images").iterdir())[0]
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["inference"]["roi_size"] = [4096] * 3
+    edited = tmp_path / "edited.pt"
+    torch.save(state, edited)
+    out, err = _capped(
+        "import sys, torch\nfrom medfast.cli import main\n"
+        "from medfast.train.sliding_window import importance_map, sliding_window_inference\n#CAP\n"
+        "conv = torch.nn.Conv3d(1, 2, 3, padding=1)\n"
+        "for call in (lambda: sliding_window_inference(torch.randn(1, 1, 12, 12, 12), [4096] * 3, conv),\n"
+        "             lambda: importance_map([4096] * 3)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except BaseException as e:\n"
+        "        print(type(e).__name__, e)\n"
+        f"code = main(['predict', '--model', {str(edited)!r}, {str(image)!r}, '--out', {str(tmp_path / 'p')!r}])\n"
+        "print('exit', code)\n")
+    lines = out.splitlines()
+    assert lines[0].startswith("ValueError roi_size (4096, 4096, 4096): sliding windows of [4096, 4096, 4096] "
+                               "voxels over a 1 x 1 x [12, 12, 12] input need at least 1.92 TB of cpu memory"), out
+    assert lines[1].startswith("ValueError roi_size (4096, 4096, 4096): its weights need 550 GB of cpu memory"), out
+    assert lines[2] == "exit 1", out
+    # medfast predict: one line, the key, the checkpoint, the way out; nothing written
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"inference.roi_size=[4096, 4096, 4096] (in the config of {edited}): sliding windows of" in err, err
+    assert "give a smaller one (the training patch: augment.patch_size=[8, 8, 8])" in err, err
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+    # the checkpoint's own window still predicts, and a sane window set over the edited one gives the same files
+    assert main(["predict", "--model", str(checkpoint), str(image), "--out", str(tmp_path / "ok")]) == 0
+    assert main(["predict", "--model", str(edited), str(image), "--out", str(tmp_path / "ok2"),
+                 "--set", "inference.roi_size=[8, 8, 8]"]) == 0
+    for a in sorted((tmp_path / "ok").iterdir()):
+        assert a.read_bytes() == (tmp_path / "ok2" / a.name).read_bytes()
+
+
+def test_window_memory_bound(monkeypatch):
+    # the refusal sits exactly at the counted buffers: one byte less memory than they need refuses the call, as
+    # much as they need runs it (and gives MONAI's result: nothing else changed)
+    import torch
+
+    from medfast.tasks.segmentation import check_window
+    from medfast.train import load_config
+    from medfast.train import sliding_window as sw
+
+    monai_inf = pytest.importorskip("monai.inferers")
+    x = torch.randn(2, 1, 6, 8, 5)  # smaller than the window on two axes: padded to it, one window per image
+    roi, vox = (8, 8, 8), 512
+    # float32 input padded + 2 windows per call, Gaussian weights + their clamped copy, the windows' outputs (K
+    # channels), the blended sums (K + 1): with K = 2, and K = 1 where the predictor is not known yet
+    need = (2 * vox + 2 * vox) * 4 + 2 * vox * 4 + 2 * 2 * vox * 4 + 2 * 3 * vox * 4
+    need_k1 = (2 * vox + 2 * vox) * 4 + 2 * vox * 4 + 2 * 1 * vox * 4 + 2 * 2 * vox * 4
+    assert sw.window_memory_problem(x.shape[2:], roi, batch=2, out_channels=2, sw_batch_size=3) is None
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    for have, refused in ((need - 1, True), (need, False)):
+        monkeypatch.setattr(sw, "_memory_of", lambda device, have=have: (have, "in this test"))
+        problem = sw.window_memory_problem(x.shape[2:], roi, batch=2, out_channels=2, sw_batch_size=3)
+        assert (problem is not None) == refused
+        if refused:
+            assert f"need at least {need} bytes of cpu memory" in problem and "2 window(s)" in problem
+            monkeypatch.setattr(sw, "_memory_of", lambda device: (need_k1 - 1, "in this test"))
+            with pytest.raises(ValueError, match=r"roi_size \(8, 8, 8\): sliding windows of \[8, 8, 8\] voxels over "
+                                                 rf"a 2 x 1 x \[6, 8, 5\] input need at least {need_k1} bytes"):
+                sw.sliding_window_inference(x, roi, conv, sw_batch_size=3)
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(sw.sliding_window_inference(x, roi, conv, sw_batch_size=3),
+                                           monai_inf.sliding_window_inference(x, roi, 3, conv, overlap=0.5),
+                                           atol=1e-5, rtol=1e-4)
+    # predict's check names the key; a window inside the image is not the window's fault (not refused there)
+    config = load_config([], ["model.channels=[2, 4]", "model.out_channels=2", "inference.roi_size=[8, 8, 8]",
+                              "inference.sw_batch_size=3"])
+    monkeypatch.setattr(sw, "_memory_of", lambda device: (need - 1, "in this test"))
+    with pytest.raises(ValueError, match=r"^inference.roi_size=\[8, 8, 8\] \(from here\): sliding windows"):
+        check_window(config, [6, 8, 5], 2, source=" (from here)")
+    check_window(config, [8, 9, 8], 1)
+    config = load_config([], ["model.channels=[2, 4]", "model.out_channels=2", "augment.patch_size=[8, 8, 8]",
+                              "inference.sw_batch_size=3"])
+    with pytest.raises(ValueError, match=r"^augment.patch_size \(the window: inference.roi_size is unset\)=\[8, 8, 8\]"
+                                         r".* set a smaller inference.roi_size$"):
+        check_window(config, [6, 8, 5], 2)
+
+
+def test_resume_into_a_huge_network_fails_before_building_it(tmp_path):
+    # `medfast train --resume` with an edited config (model.channels [4096, 8192]) built and initialised the
+    # network (torch's "can't allocate memory" traceback under the cap, ~11 GB without) before the checkpoint's
+    # weights were found not to fit; now one line naming the checkpoint and the setting, and nothing changed (a
+    # normal resume then continues; its exactness: tests/test_train_trainer.py)
+    from medfast.cli import main
+    from medfast.train import load_checkpoint
+    from tests.conftest import train_tiny_segmentation
+
+    _, cfg, checkpoint = train_tiny_segmentation(tmp_path, steps=2)
+    run = tmp_path / "run"
+    before = (run / "config.yaml").read_text()
+    out, err = _capped(
+        "import sys\nfrom medfast.cli import main\n#CAP\n"
+        f"code = main(['train', {str(cfg)!r}, '--out', {str(run)!r}, '--resume', '--set', "
+        "'model.channels=[4096, 8192]', '--set', 'trainer.max_steps=4'])\n"
+        "print('exit', code)\n")
+    assert out.strip().endswith("exit 1"), out
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"the weights in {checkpoint} do not fit the network" in err, err
+    assert "model.channels ([2, 4] in the checkpoint, [4096, 8192] now)" in err, err
+    assert (run / "config.yaml").read_text() == before
+    assert main(["train", str(cfg), "--out", str(run), "--resume", "--set", "trainer.max_steps=4"]) == 0
+    assert load_checkpoint(checkpoint)["step"] == 4

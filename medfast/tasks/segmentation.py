@@ -4,7 +4,6 @@ with sliding-window inference, on-device augmentation, and prediction to NIfTI i
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,11 @@ from medfast.data.preprocess import (
 )
 from medfast.train.config import Config, ConfigError, check_spatial_config, config_from_dict
 from medfast.train.files import check_dataset_args, gather_files
-from medfast.train.sliding_window import sliding_window_inference
+from medfast.train.sliding_window import sliding_window_inference, window_memory_problem
 from medfast.train.task import Task, register_task
 
 __all__ = ["DeformedDataset", "SegmentationTask", "build_unet", "check_config", "check_reorient_resume",
-           "predict_files", "predict_volume"]
+           "check_window", "predict_files", "predict_volume"]
 
 NORMS = ("instance", "batch", "group", "none")
 
@@ -133,12 +132,36 @@ def _roi(config: Config) -> list[int] | None:
     return config.inference.roi_size or config.augment.patch_size
 
 
+def check_window(config: Config, size: Sequence[int] | None = None, batch: int = 1,
+                 device: torch.device | str = "cpu", source: str = "") -> None:
+    """Raises :class:`ConfigError` naming ``inference.roi_size`` (or ``augment.patch_size``, the window when it is
+    unset) and ``source`` (e.g. the checkpoint whose config it is) when the sliding windows over an image of
+    spatial shape ``size``, which is padded to the window where smaller, need buffers that could not fit in the
+    memory of ``device`` (:func:`~medfast.train.sliding_window.window_memory_problem`). Without ``size``: for any
+    image, before any image is read. (A window inside the image is not the cause: there the image's own buffers
+    are, which :func:`sliding_window_inference` refuses itself.)"""
+    roi = _roi(config)
+    if roi is None or (size is not None and all(r <= s for r, s in zip(roi, size))):
+        return
+    inf, m = config.inference, config.model
+    problem = window_memory_problem(size, roi, batch=batch, channels=m.in_channels, out_channels=m.out_channels,
+                                    sw_batch_size=inf.sw_batch_size, overlap=inf.overlap, mode=inf.blend,
+                                    device=device)
+    if problem is not None:
+        key, fix = ("inference.roi_size", f"give a smaller one (the training patch: augment.patch_size="
+                    f"{config.augment.patch_size})") if inf.roi_size else (
+            "augment.patch_size (the window: inference.roi_size is unset)", "set a smaller inference.roi_size")
+        raise ConfigError(f"{key}={list(roi)}{source}: {problem}; {fix}")
+
+
 @torch.no_grad()
 def predict_volume(model: nn.Module, image: torch.Tensor, config: Config) -> torch.Tensor:
     """Class probabilities of a preprocessed ``(B, C, *S)`` image: sliding windows of ``inference.roi_size``
-    (default the training patch; the whole volume when neither is set), blended; ``(B, K, *S)`` float32."""
+    (default the training patch; the whole volume when neither is set), blended; ``(B, K, *S)`` float32.
+    A window whose buffers could not fit in memory raises :class:`ConfigError` (see :func:`check_window`)."""
     inf = config.inference
     roi = _roi(config)
+    check_window(config, image.shape[2:], image.shape[0], image.device)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         y = model(x)
@@ -273,7 +296,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     """
     from medfast.train.config import load_config
     from medfast.train.files import check_out_dir
-    from medfast.train.trainer import load_checkpoint, load_model_state, resolve_device
+    from medfast.train.trainer import check_weights_fit, load_checkpoint, load_model_state, resolve_device
 
     out_dir = check_out_dir(out_dir, "out_dir (--out)")
     inputs = _input_entries(inputs, group_channels)
@@ -294,13 +317,13 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
 
         config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(saved)))
     dev = resolve_device(device, "--device")
+    source = f" (in the config of {checkpoint}{' with the overrides' if overrides else ''})"
+    # a window too large for any image (inference.roi_size [4096] * 3: 275 GB of weights) refused before the network
+    # is built and the images are read
+    check_window(config, device=dev, source=source)
     # the weights checked against the config's network on the meta device first: an edited config (channels
     # [4096, 8192]) built and initialised ~11 GB of parameters before the mismatch was found
-    with torch.device("meta"):
-        probe = build_unet(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # (copying into meta parameters is a no-op: only shapes)
-        load_model_state(probe, state, checkpoint, config)
+    check_weights_fit(lambda: build_unet(config), state, checkpoint, config)
     model = build_unet(config)
     load_model_state(model, state, checkpoint, config)
     model.to(dev).eval()
@@ -314,6 +337,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
         items = tqdm(items, desc="predict", disable=None)
     for path, name in items:
         image, aff, orig_affine, header, shape = _load_for_inference(path, config, reorient_dims)
+        check_window(config, image.shape[2:], image.shape[0], dev, source)  # (this image's, naming the checkpoint)
         prob = predict_volume(model, image.to(dev), config)
         prob = _back_to_input(prob, aff, spatial_affine(orig_affine, config.model.spatial_dims), shape)
         labels = prob.argmax(1)[0].cpu().numpy()

@@ -4,6 +4,8 @@ patch and blend the patch outputs (Gaussian or constant weights)."""
 from __future__ import annotations
 
 import itertools
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import overload
 
@@ -11,7 +13,7 @@ import torch
 
 from medfast.ops._validate import check_shape, py_scalar
 
-__all__ = ["importance_map", "sliding_window_inference", "window_starts"]
+__all__ = ["importance_map", "sliding_window_inference", "window_memory_problem", "window_starts"]
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -22,6 +24,71 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     step = max(1, int(roi * (1 - overlap)))
     n = -(-(size - roi) // step) + 1
     return sorted({min(i * step, size - roi) for i in range(n)})
+
+
+def _gb(nbytes: int) -> str:
+    if nbytes < 1e7:
+        return f"{nbytes} bytes"
+    return f"{nbytes / 1e12:.3g} TB" if nbytes >= 1e12 else f"{nbytes / 1e9:.3g} GB"
+
+
+def _memory_of(device: torch.device) -> tuple[int, str] | None:
+    """``(bytes, what)``: the memory a process can have on ``device`` at most (a CUDA device's total memory; on
+    the CPU the machine's physical memory, or the address-space limit (RLIMIT_AS) when lower); None where
+    unknown."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory), f"that {device} has"
+    if device.type != "cpu":
+        return None
+    try:
+        total, what = int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")), "this machine has"
+    except (AttributeError, OSError, ValueError):
+        return None
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY and soft < total:
+            total, what = int(soft), "of this process' address-space limit (RLIMIT_AS)"
+    except (ImportError, OSError, ValueError):
+        pass
+    return total, what
+
+
+def window_memory_problem(size: Sequence[int] | None, roi: Sequence[int], *, batch: int = 1, channels: int = 1,
+                          out_channels: int = 1, sw_batch_size: int = 4, overlap: float | Sequence[float] = 0.5,
+                          mode: str = "gaussian", itemsize: int = 4, device: torch.device | str = "cpu",
+                          out_device: torch.device | str | None = None) -> str | None:
+    """None when the buffers of :func:`sliding_window_inference` (windows of ``roi`` over a ``(batch, channels,
+    *size)`` input, ``out_channels`` outputs; ``size`` None: any input, as small as one voxel per axis, which is
+    padded to the window) fit in the memory of their devices; else why not, one line. Only
+    what is allocated whatever the predictor does is counted (the input zero-padded to at least ``roi``, the
+    window weights, one batch of windows and of their outputs, the blended sums and their weights), and the
+    bound is the device's whole memory: a refused call could never have run (a window of 4096^3 voxels asked
+    for 275 GB for its weights alone before the first window)."""
+    device = torch.device(device)
+    out_device = torch.device(out_device) if out_device is not None else device
+    padded = [max(int(s), int(r)) for s, r in zip(size if size is not None else [1] * len(roi), roi)]
+    overlaps = _per_axis("overlap", overlap, len(padded))
+    windows = math.prod(len(window_starts(p, int(r), o)) for p, r, o in zip(padded, roi, overlaps))
+    n = min(sw_batch_size, batch * windows)
+    vol, win = math.prod(padded), math.prod(int(r) for r in roi)
+    # on the input's device: the padded input and a batch of windows, the weights (and the Gaussian's clamped
+    # copy), the batch's float32 outputs
+    need = {device: (batch * channels * vol + n * channels * win) * itemsize
+            + (2 if mode == "gaussian" else 1) * win * 4 + n * out_channels * win * 4}
+    need[out_device] = need.get(out_device, 0) + batch * (out_channels + 1) * vol * 4  # the float32 sums
+    for dev, nbytes in need.items():
+        have = _memory_of(dev)
+        if have is not None and nbytes > have[0]:
+            over = "any" if size is None else f"a {batch} x {channels} x {list(size)}"
+            return (f"sliding windows of {list(roi)} voxels over {over} input need at least {_gb(nbytes)} of "
+                    f"{dev} memory (the input padded to {padded}, the window weights, {n} window(s) and their "
+                    f"outputs, the blended sums), more than the {_gb(have[0])} {have[1]}")
+    return None
 
 
 def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
@@ -40,6 +107,11 @@ def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale:
     if nd == 0:
         raise ValueError("roi_size must have at least one axis, got ()")
     roi_size = check_shape("roi_size", roi_size, nd)
+    have = _memory_of(torch.device(device))
+    nbytes = (2 if mode == "gaussian" else 1) * math.prod(roi_size) * 4  # (the Gaussian's clamp is a copy)
+    if have is not None and nbytes > have[0]:
+        raise ValueError(f"roi_size {tuple(roi_size)}: its weights need {_gb(nbytes)} of {torch.device(device)} "
+                         f"memory, more than the {_gb(have[0])} {have[1]}")
     if mode == "constant":
         return torch.ones(roi_size, device=device, dtype=torch.float32)  # (not the default dtype)
     scales = _per_axis("sigma_scale", sigma_scale, nd)
@@ -136,6 +208,13 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int
         ``(B, K, *S)`` float32 (``S`` times the predictor's zoom): the weighted average of the window outputs at
         every voxel. Differentiable as MONAI's (gradients reach the predictor's parameters and ``inputs``); call
         it under ``torch.no_grad()`` for inference (``medfast predict`` does).
+
+    Raises
+    ------
+    ValueError
+        For bad arguments, and naming ``roi_size`` before anything is allocated when the buffers could not fit
+        in the memory of their devices (see :func:`window_memory_problem`; an input smaller than the window is
+        padded to it, as in MONAI, so ``roi_size`` [4096] * 3 asked for terabytes).
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a tensor (B, C, *spatial), got {type(inputs).__name__}")
@@ -156,6 +235,11 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int
     sw_batch_size = py_scalar(sw_batch_size)
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be an int >= 1, got {sw_batch_size!r}")
+    problem = window_memory_problem(size, roi, batch=inputs.shape[0], channels=inputs.shape[1],
+                                    sw_batch_size=sw_batch_size, overlap=overlaps, mode=mode,
+                                    itemsize=inputs.element_size(), device=inputs.device, out_device=out_device)
+    if problem is not None:  # before the padded copy and the weights are allocated
+        raise ValueError(f"roi_size {tuple(roi)}: {problem}")
     pad = [max(0, r - s) for r, s in zip(roi, size)]
     if any(pad):
         flat = []

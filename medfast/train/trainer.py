@@ -14,6 +14,8 @@ import random
 import re
 import socket
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +268,24 @@ def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path, 
                f": {str(exc).splitlines()[0][:300]}")
         raise CheckpointError(f"the weights in {path} do not fit the network of this run's config (another "
                               f"architecture){why}") from None
+
+
+def check_weights_fit(build: Callable[[], nn.Module], state: dict[str, Any], path: str | Path,
+                      config: Config | None = None) -> bool:
+    """:func:`load_model_state` against the network ``build()`` makes on the meta device: the checkpoint's weights
+    checked against the network's shapes before the real network is built (an edited config, channels
+    [4096, 8192], built and initialised ~11 GB of parameters before the mismatch was found). Raises
+    :class:`CheckpointError` as :func:`load_model_state` does; returns False (nothing checked) when the network
+    cannot be built on the meta device, whose real build then reports its own error, True otherwise."""
+    try:
+        with torch.device("meta"):
+            probe = build()
+    except Exception:  # noqa: BLE001 - e.g. a build that computes with its tensors: the real build decides
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (copying into meta parameters is a no-op: only shapes)
+        load_model_state(probe, state, path, config)
+    return True
 
 
 def _rng_state() -> dict[str, Any]:
@@ -824,7 +844,9 @@ class Trainer:
                           f"({shown}); {what} would mix the two runs. Continue that run with --resume "
                           f"(trainer.resume=auto), train into a new folder (--out), or delete {ckdir} first")
 
-    def _resume(self, path: Path | None) -> int | None:
+    def _resume_state(self, path: Path | None) -> dict[str, Any] | None:
+        """The checkpoint to resume read and checked before :meth:`_setup` builds the network: its task, its
+        training entries, and its weights against the network built on the meta device (shapes only)."""
         if path is None:
             return None
         state = load_checkpoint(path, map_location="cpu")
@@ -836,6 +858,13 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} is not a training checkpoint of medfast train (no {', '.join(missing)}); "
                                   f"it cannot be resumed")
+        # an edited config (model.channels [4096, 8192]) built gigabytes of parameters before this was found
+        check_weights_fit(self.task.build_model, state, path, self.config)
+        return state
+
+    def _resume(self, path: Path | None, state: dict[str, Any] | None) -> int | None:
+        if path is None or state is None:
+            return None
         check = getattr(self.task, "check_resume", None)  # optional: the task's own checks (e.g. the class list)
         if check is not None:
             check(state, path)
@@ -1077,9 +1106,10 @@ class Trainer:
         if resume_path is None and tc.resume == "auto" and self.rank == 0:
             print(f"medfast train: --resume: no checkpoint to resume in {self.out_dir / 'checkpoints'} (no last.pt "
                   f"or step_*.pt); starting a new run from step 0", flush=True)
+        resume_state = self._resume_state(resume_path)  # (its weights checked before the network is built)
         self._setup()
         main = self.rank == 0
-        resumed = self._resume(resume_path)
+        resumed = self._resume(resume_path, resume_state)
         if main:  # after the resume's checks: a refused resume leaves the run's config.yaml as it was
             save_config(self._given_config, self.out_dir / "config.yaml")
         if self.world > 1:  # each rank read its own out_dir: without a shared file system they could differ
