@@ -155,7 +155,7 @@ def claimed_size_problem(img: Any) -> str | None:
     except Exception:  # noqa: BLE001 - not a file-backed array proxy (an in-memory image, another format)
         return None
     need = offset + math.prod(int(n) for n in shape) * dtype.itemsize
-    claim = f"the header claims {_gb(need - offset)} of voxel data ({'x'.join(map(str, shape))} {dtype})"
+    claim = f"the header claims {byte_size(need - offset)} of voxel data ({'x'.join(map(str, shape))} {dtype})"
     try:
         if path.endswith(".gz"):
             if not _gzip_holds(path, need):
@@ -167,15 +167,18 @@ def claimed_size_problem(img: Any) -> str | None:
     return None
 
 
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e7 else f"{nbytes} bytes"
+def byte_size(nbytes: int) -> str:
+    """A byte count as an error message names it: bytes below 10 MB, else GB, or TB from 1 TB."""
+    if nbytes < 1e7:
+        return f"{nbytes} bytes"
+    return f"{nbytes / 1e12:.3g} TB" if nbytes >= 1e12 else f"{nbytes / 1e9:.3g} GB"
 
 
 def read_failure(exc: BaseException, nbytes: int | None = None) -> str:
     """An exception as an error message can name it: ``MemoryError: the image needs N GB`` (``str(MemoryError())``
     is empty), the type name beside any other message (or alone where it has none)."""
     if isinstance(exc, MemoryError):
-        return f"MemoryError: the image needs {_gb(nbytes)}" if nbytes else "MemoryError: out of memory"
+        return f"MemoryError: the image needs {byte_size(nbytes)}" if nbytes else "MemoryError: out of memory"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -11,6 +11,7 @@ from typing import overload
 
 import torch
 
+from medfast.data.io import byte_size
 from medfast.ops._validate import check_shape, py_scalar
 
 __all__ = ["importance_map", "sliding_window_inference", "window_memory_problem", "window_starts"]
@@ -24,12 +25,6 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     step = max(1, int(roi * (1 - overlap)))
     n = -(-(size - roi) // step) + 1
     return sorted({min(i * step, size - roi) for i in range(n)})
-
-
-def _gb(nbytes: int) -> str:
-    if nbytes < 1e7:
-        return f"{nbytes} bytes"
-    return f"{nbytes / 1e12:.3g} TB" if nbytes >= 1e12 else f"{nbytes / 1e9:.3g} GB"
 
 
 def _memory_of(device: torch.device) -> tuple[int, str] | None:
@@ -85,9 +80,9 @@ def window_memory_problem(size: Sequence[int] | None, roi: Sequence[int], *, bat
         have = _memory_of(dev)
         if have is not None and nbytes > have[0]:
             over = "any" if size is None else f"a {batch} x {channels} x {list(size)}"
-            return (f"sliding windows of {list(roi)} voxels over {over} input need at least {_gb(nbytes)} of "
+            return (f"sliding windows of {list(roi)} voxels over {over} input need at least {byte_size(nbytes)} of "
                     f"{dev} memory (the input padded to {padded}, the window weights, {n} window(s) and their "
-                    f"outputs, the blended sums), more than the {_gb(have[0])} {have[1]}")
+                    f"outputs, the blended sums), more than the {byte_size(have[0])} {have[1]}")
     return None
 
 
@@ -110,8 +105,8 @@ def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale:
     have = _memory_of(torch.device(device))
     nbytes = (2 if mode == "gaussian" else 1) * math.prod(roi_size) * 4  # (the Gaussian's clamp is a copy)
     if have is not None and nbytes > have[0]:
-        raise ValueError(f"roi_size {tuple(roi_size)}: its weights need {_gb(nbytes)} of {torch.device(device)} "
-                         f"memory, more than the {_gb(have[0])} {have[1]}")
+        raise ValueError(f"roi_size {tuple(roi_size)}: its weights need {byte_size(nbytes)} of {torch.device(device)} "
+                         f"memory, more than the {byte_size(have[0])} {have[1]}")
     if mode == "constant":
         return torch.ones(roi_size, device=device, dtype=torch.float32)  # (not the default dtype)
     scales = _per_axis("sigma_scale", sigma_scale, nd)
