@@ -21,11 +21,12 @@ PEAK_GBPS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H10
 
 
 def _load(folder: Path, prefix: str, *names: str) -> Any:
-    """The first of ``{prefix}{name}`` in folder, or a file ending in name below it, read as JSON."""
+    """The first of ``{prefix}{name}`` in folder, or a file below it whose name starts with ``prefix`` and ends in
+    name, read as JSON (another run's files beside them, with another prefix, are not read)."""
     for name in names:
         path = folder / f"{prefix}{name}"
         if not path.is_file():
-            path = next((p for p in sorted(folder.rglob(f"*{name}")) if p.is_file()), None)
+            path = next((p for p in sorted(folder.rglob(f"{prefix}*{name}")) if p.is_file()), None)
         if path is not None:
             return json.loads(path.read_text())
     return None

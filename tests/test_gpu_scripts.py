@@ -51,7 +51,7 @@ def test_render_profile_both_modes(tmp_path):
 def test_warp_profile_and_ncu_targets(tmp_path):
     _run([str(ROOT / "benchmarks" / "gpu_warp_profile.py"), "--sizes", "8", "--out", str(tmp_path)], tmp_path)
     rows = json.loads((tmp_path / "warp_cuda_profile.json").read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"merged", "plain", "plain-int64", "plain-ilp1", "plain-ilp2",
+    assert {r["impl"] for r in rows} == {"default", "merged", "plain", "plain-int64", "plain-ilp1", "plain-ilp2",
                                           "plain-ilp4", "grid_sample"}
     out = _run([str(ROOT / "benchmarks" / "gpu_ncu_targets.py"), "--filter"], tmp_path).stdout.strip()
     # the kernel profile needs a GPU to run; here it must at least import (its helpers resolve)
@@ -93,6 +93,16 @@ def test_gpu_summary_of_the_committed_h200_results(tmp_path):
     assert "1555 frames/s" in lines["4: ultrasound_fwdbwd_b64_warp"]
     assert "(31 %)" in lines["6: cls_sim (batch 64)"]
     assert lines["7: warp vs CuPy map_coordinates / affine_transform"].endswith("| not run |")
+    # the next run's files beside them (h200c_, with CuPy rows) are not read under the h200b_ prefix, and read
+    # under their own
+    out = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(ROOT / "benchmarks" / "results" / "gpu"), "--prefix",
+                "h200c_"], tmp_path).stdout
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "1339 GB/s (28 % of 4800)" in lines["2: warp forward 256^3, plain-ilp1"]
+    assert "2.72x" in lines["3: Dice+CE fwd+bwd B=2 128^3 C=16"]
+    assert "(15 %)" in lines["6: cls_sim (batch 64)"]
+    assert lines["7: warp vs CuPy map_coordinates / affine_transform"].startswith(
+        "| 7: warp vs CuPy map_coordinates / affine_transform | 9 rows")
 
 
 def test_gpu_summary_reads_the_full_resolution_demos(tmp_path):
