@@ -623,3 +623,25 @@ def test_sliding_window_does_not_depend_on_the_default_dtype(mode):
             got = run()
     for a, b in zip(got, ref):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_per_class_metrics_in_class_order_and_a_readable_curves_figure(tmp_path):
+    # 117 classes (TotalSegmentator): string order put dice_1, dice_10, dice_100, ... before dice_2
+    # in the logs and results, and curves.png drew a 117-entry legend taller than the figure
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    from medfast.train.trainer import _mean_metrics, metric_order, plot_curves
+
+    rows = [{**{f"dice_{c}": 0.01 * c for c in range(1, 118)}, "dice_mean": 0.5, "hd95_mean": 3.0,
+             "hd95_1": 1.0, "hd95_10": 2.0, "hd95_2": 4.0}]
+    keys = list(_mean_metrics(rows))
+    assert keys[:4] == ["dice_1", "dice_2", "dice_3", "dice_4"] and keys.index("dice_117") == 116
+    assert keys[117:] == ["dice_mean", "hd95_1", "hd95_2", "hd95_10", "hd95_mean"]
+    assert sorted(["a10b2", "a2b10", "a2b2", "a10"], key=metric_order) == ["a2b2", "a2b10", "a10", "a10b2"]
+    metrics = _mean_metrics(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib: "Tight layout not applied" with the 117-entry legend
+        path = plot_curves([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}],
+                           [{"step": 1, **metrics}, {"step": 2, **metrics}], tmp_path / "curves.png")
+    assert path is not None and path.stat().st_size > 0

@@ -429,12 +429,23 @@ class _Log:
                 csv.DictWriter(f, fieldnames=keys, extrasaction="ignore").writerow(row)
 
 
+def metric_order(key: str) -> list[Any]:
+    """Sort key of metric names in class order: the digit runs compared as numbers (``dice_2`` before
+    ``dice_10``; a plain sort put ``dice_1, dice_10, dice_100, ...`` first with 11 or more classes)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", key)]
+
+
+#: Per-class curves of one panel drawn thin and unlabelled past this many (the means stay labelled): 117 labelled
+#: lines made a legend taller than the figure.
+_LABELLED_CURVES = 10
+
+
 def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Path | None:
     """PNG of the training loss (raw and smoothed) and of the validation metrics against the step; metrics
     sharing a prefix (``dice_1``, ``dice_mean``, ...) share a panel."""
     if not figures_enabled("medfast train"):  # (a one-line note, once) matplotlib is optional
         return None
-    metrics = sorted({k for r in val_rows for k in r if k not in ("step", "epoch", "time")})
+    metrics = sorted({k for r in val_rows for k in r if k not in ("step", "epoch", "time")}, key=metric_order)
     groups: dict[str, list[str]] = {}
     for key in metrics:
         groups.setdefault(key.split("_")[0], []).append(key)
@@ -455,20 +466,28 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Pat
     ax.set_title("training loss")
     ax.legend(fontsize=8)
     for ax, name in zip(axes[0, 1:], names):
+        many = len(groups[name]) > _LABELLED_CURVES
         for key in groups[name]:
             pts = [(r["step"], r[key]) for r in val_rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=key, lw=2.2 if key.endswith("mean") else 1.0)
+            if not pts:
+                continue
+            if key.endswith("mean"):
+                ax.plot(*zip(*pts), "o-", label=key, lw=2.2, zorder=3)
+            elif many:  # one thin grey line per class, no legend entry
+                ax.plot(*zip(*pts), "-", color="0.6", lw=0.6, alpha=0.6)
+            else:
+                ax.plot(*zip(*pts), "o-", label=key, lw=1.0)
         ax.set_xlabel("step")
-        ax.set_title(f"validation {name}")
-        ax.legend(fontsize=7)
+        ax.set_title(f"validation {name}" + (f" ({len(groups[name])} curves; grey: per class)" if many else ""))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     return path
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = sorted({k for r in rows for k in r})
+    keys = sorted({k for r in rows for k in r}, key=metric_order)
     out = {}
     for k in keys:
         vals = [float(r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(float(r[k]))]
@@ -968,7 +987,7 @@ class Trainer:
             for k, (s, n) in part.items():
                 a, b = total.get(k, (0.0, 0))
                 total[k] = (a + s, b + n)
-        return {k: s / n if n else float("nan") for k, (s, n) in sorted(total.items())}
+        return {k: total[k][0] / total[k][1] if total[k][1] else float("nan") for k in sorted(total, key=metric_order)}
 
     def _validate(self, epoch: int, val_log: _Log, pbar) -> dict[str, float]:
         """Validation metrics, the mean over the validation subjects. Under DDP each rank validates every
