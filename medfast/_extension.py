@@ -83,6 +83,11 @@ def _load():
 _C = _load()
 
 
+def cuda_kernels_built() -> bool:
+    """Whether this build of medfast has its CUDA kernels (no GPU query, unlike :func:`build_info`)."""
+    return bool(_C.build_info()["cuda"])
+
+
 def build_info() -> dict:
     """How this medfast was built and what it can use now.
 

@@ -142,10 +142,10 @@ def test_evaluate_bad_inputs_name_the_files(tmp_path):
         main(["evaluate", str(ref), str(ref), "--num-classes", "2"])
     with pytest.raises(SystemExit, match="--percentile must be in"):
         main(["evaluate", str(ref), str(ref), "--percentile", "101"])
-    with pytest.raises(SystemExit, match="--device must be cpu or cuda"):
+    with pytest.raises(SystemExit, match="--device='tpu' is not a device: use auto, cpu, cuda or cuda:N"):
         main(["evaluate", str(ref), str(ref), "--device", "tpu"])
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="no CUDA device is visible"):
+        with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
             main(["evaluate", str(ref), str(ref), "--device", "cuda"])
     assert find_evaluation_pairs(ref, ref) == [(ref, ref)]
 

@@ -360,3 +360,31 @@ def test_an_edited_checkpoint_is_refused_by_name(tmp_path, edit):
              "config": r"its 'config' entry is a str"}[edit]
     with pytest.raises(CheckpointError, match=match):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def test_deterministic_true_false_or_warn():
+    # "warn": torch.use_deterministic_algorithms(True, warn_only=True) (on CUDA some nets' backward ops have no
+    # deterministic kernel, so true raises there at the first backward); anything else is named
+    import torch
+
+    from medfast.train.config import ConfigError, check_config, config_from_dict
+    from medfast.train.trainer import Trainer
+
+    assert config_from_dict({"trainer": {"deterministic": "warn"}}).trainer.deterministic == "warn"
+    from medfast.train.config import load_config
+
+    for raw, value in (("true", True), ("yes", True), ("false", False), ("warn", "warn")):  # --set and YAML alike
+        assert load_config([], [f"trainer.deterministic={raw}"]).trainer.deterministic == value
+    check_config(config_from_dict({"trainer": {"deterministic": "warn"}}))
+    with pytest.raises(ConfigError, match="trainer.deterministic must be true, false or warn; got 'always'"):
+        check_config(config_from_dict({"trainer": {"deterministic": "always"}}))
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for value, expected in ((True, (True, False)), ("warn", (True, True)), (False, (False, False))):
+            stub = type("Stub", (), {})()
+            stub.config, stub.rank = config_from_dict({"trainer": {"deterministic": value}}), 0
+            Trainer._seed(stub)
+            assert (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled()) == expected
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])

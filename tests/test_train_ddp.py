@@ -197,6 +197,9 @@ def test_backend_choice_and_gpu_sharing(monkeypatch):
     assert D.backend_for("cpu") == "gloo"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    import medfast._extension as ext
+
+    monkeypatch.setattr(ext, "cuda_kernels_built", lambda: True)  # (a CPU-only build: auto would be the CPU)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert D.backend_for("cuda") == "nccl"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -326,14 +326,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit(f"medfast evaluate: --num-classes must be at least 2, got {args.num_classes}")
     if not 0 <= args.percentile <= 100:
         raise SystemExit(f"medfast evaluate: --percentile must be in [0, 100], got {args.percentile}")
+    from medfast._device import resolve_device
+
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise SystemExit(f"medfast evaluate: --device must be cpu or cuda[:N], got {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("medfast evaluate: --device cuda, but no CUDA device is visible")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"medfast evaluate: --device must be cpu or cuda[:N], got {args.device!r}")
+        device = resolve_device(args.device, "--device", ValueError)
+    except ValueError as exc:
+        raise SystemExit(f"medfast evaluate: {exc}") from None
     if args.out is not None:
         from medfast.train.files import OutputError, check_out_dir
 

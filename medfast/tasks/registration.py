@@ -1426,15 +1426,9 @@ def _levels(text: str | Sequence[int]) -> tuple[int, ...]:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() and mf.build_info()["cuda_kernels"] else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise RegistrationError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RegistrationError(f"--device {name!r} but no CUDA GPU is visible (use cpu or auto)")
-    return device
+    from medfast._device import resolve_device
+
+    return resolve_device(name, "--device", RegistrationError)
 
 
 def _load_label_map(path: str, image_path: str, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:

@@ -141,7 +141,9 @@ class TrainerConfig:
     device: str = "auto"
     amp: str = "auto"
     seed: int = 0
-    deterministic: bool = False
+    # true: torch.use_deterministic_algorithms (an op without a deterministic kernel raises; on CUDA the
+    # classification nets' adaptive pooling and LocalNet's trilinear upsampling have none); "warn": such ops warn
+    deterministic: bool | str = False
     val_every: int = 50
     val_at_start: bool = False
     checkpoint_every: int = 50
@@ -381,6 +383,8 @@ def _keep_text(value: Any, text: Any, tp: Any) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
+        if isinstance(value, bool) and bool in options:  # (bool | str: trainer.deterministic true / false / warn)
+            return value
         for arg in options:
             kind = typing.get_origin(arg) or arg
             if isinstance(value, list) and kind in (list, Sequence):
@@ -441,9 +445,9 @@ def _override_value(raw: str, value: Any, tp: Any) -> Any:
     except (yaml.YAMLError, ConfigError):
         return value
     if isinstance(node, yaml.ScalarNode) and node.style is None and not isinstance(value, (list, Mapping)):
-        text_typed = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
-                                   and str in typing.get_args(tp))
-        if text_typed:
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        text_typed = tp is str or (union and str in typing.get_args(tp))
+        if text_typed and not (isinstance(value, bool) and bool in typing.get_args(tp)):  # (bool | str: true stays)
             return raw.strip()
     return _keep_text(value, texts, tp)
 
@@ -636,6 +640,8 @@ def check_config(config: Config) -> None:
     for key in CHOICES:
         check_choice_setting(key, _value(config, key))
     tc = config.trainer
+    if isinstance(tc.deterministic, str) and tc.deterministic != "warn":
+        raise ConfigError(f"trainer.deterministic must be true, false or warn; got {tc.deterministic!r}")
     for key in ("max_steps", "batch_size", "accumulate", "log_every"):
         if getattr(tc, key) < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(tc, key)}")

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from medfast._device import local_cuda_index  # noqa: F401 - D.local_cuda_index, this process's GPU
 from medfast.ops._validate import py_scalar
 
 __all__ = ["EpochSampler", "barrier", "init_distributed", "is_main", "rank", "world_size"]
@@ -36,12 +37,6 @@ def barrier() -> None:
 
 
 BACKEND_ENV = "MEDFAST_DIST_BACKEND"
-
-
-def local_cuda_index() -> int:
-    """This process's GPU: ``LOCAL_RANK`` modulo the visible GPUs (several processes share a GPU only
-    when there are more of them than GPUs, which gloo allows and NCCL does not)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
 
 
 def backend_for(device_type: str) -> str:

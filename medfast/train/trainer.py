@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from medfast._atomic import replacing
+from medfast._device import resolve_device as _resolve_device
 from medfast._figures import figures_enabled, new_figure, save_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast._jsonsafe import json_ready
@@ -343,25 +344,15 @@ def build_scheduler(optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.
 
 
 def resolve_device(name: str, what: str = "trainer.device") -> torch.device:
-    """``auto``: this process's GPU (``LOCAL_RANK`` modulo the visible GPUs), else the CPU. A bad name, or a GPU
-    that is not there, raises :class:`ConfigError` naming ``what`` (the setting or flag)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", D.local_cuda_index())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"{what}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"{what}={name!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{what}={name!r} but no CUDA GPU is visible (use cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{what}={name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-        if device.index is None:
-            device = torch.device("cuda", D.local_cuda_index())
+    """``auto``: this process's GPU (``LOCAL_RANK`` modulo the visible GPUs) where medfast's CUDA kernels are
+    usable, else the CPU (:func:`medfast._device.resolve_device`). A bad name, a GPU that is not there, or under
+    torchrun a ``cuda:N`` that is not this process's GPU raises :class:`ConfigError` naming ``what``."""
+    device = _resolve_device(name, what, ConfigError)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and device.type == "cuda" and name != "auto" and device.index != D.local_cuda_index():
+        # every rank would take GPU N (NCCL: "Duplicate GPU detected" inside DDP; gloo: one GPU shared silently)
+        raise ConfigError(f"{what}={name!r} names one GPU for all {world} processes of this torchrun; use cuda or "
+                          f"auto (each process takes GPU LOCAL_RANK % {torch.cuda.device_count()})")
     return device
 
 
@@ -562,7 +553,8 @@ class Trainer:
         random.seed(seed)
         # explicitly both ways: a process that enabled it before (an earlier fit, the user) must not make a
         # ``deterministic: false`` run deterministic; fit() restores the caller's setting afterwards
-        torch.use_deterministic_algorithms(bool(self.config.trainer.deterministic))
+        det = self.config.trainer.deterministic
+        torch.use_deterministic_algorithms(bool(det), warn_only=det == "warn")
 
     def _setup(self) -> None:
         tc = self.config.trainer

@@ -66,11 +66,9 @@ def _vec3(text: str) -> tuple[float, float, float]:
 
 
 def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SimulateError("--device cuda but no GPU is visible")
-    return torch.device(name)
+    from medfast._device import resolve_device
+
+    return resolve_device(name, "--device", SimulateError)
 
 
 def skin_entry(ct: np.ndarray, affine: np.ndarray, centre_world: np.ndarray, direction: np.ndarray,
