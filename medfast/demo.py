@@ -457,15 +457,9 @@ def plot_warp_demo(
 
 
 def _resolve_device(device: str) -> torch.device:
-    cuda_ready = torch.cuda.is_available() and build_info()["cuda_kernels"]
-    if device == "auto":
-        return torch.device("cuda" if cuda_ready else "cpu")
-    if device == "cuda" and not cuda_ready:
-        why = "medfast was built without CUDA kernels" if torch.cuda.is_available() else "no GPU is visible"
-        raise DemoError(f"device='cuda' requested but {why} (see `medfast info`); use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    return torch.device(device)
+    from medfast._device import resolve_device
+
+    return resolve_device(device, "device", DemoError)
 
 
 def run_warp_demo(

@@ -61,7 +61,7 @@ def test_python_m_medfast_info():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_demo_cuda_without_gpu_is_a_clean_error(tmp_path, capsys):
     assert cli.main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 1
-    assert "--device cpu" in capsys.readouterr().err
+    assert "device='cuda' but no CUDA GPU is visible (use cpu or auto)" in capsys.readouterr().err
 
 
 def test_missing_nilearn_says_how_to_install(monkeypatch):
