@@ -3,8 +3,9 @@ ultrasound frames (batch 64, 3 sub-rays, forward and forward+backward; and batch
 simulation call of the classification renderer), each with the one-thread-per-line CUDA march
 (``MEDFAST_USSIM_CUDA_MARCH=thread``) and the warp-cooperative one (the default), the batch-64 forward+backward
 of the warp march also with the merged property-gradient scatter (``MEDFAST_USSIM_CUDA_SCATTER=merged``;
-the other rows: plain), Dice+CE forward+backward (B=2, C=16 and 64, 128^3) with either label-sums
-kernel (``MEDFAST_LOSS_CUDA_SUMS`` = warp, the default, or thread), with and without the label-range check
+the other rows: plain) and with the poses on the host instead of the GPU (a GPU pose costs a device sync per
+call), Dice+CE forward+backward (B=2, C=16 and 64, 128^3) with either label-sums kernel
+(``MEDFAST_LOSS_CUDA_SUMS`` = warp, the default, or thread), with and without the label-range check
 (``check_labels``), and HD95 of two 128^3 masks. Each workload reports its step time as a user runs it
 (CUDA events, no profiler; frames/s come from it), the profiled step time, and each kernel's time.
 
@@ -74,6 +75,12 @@ def workloads(dev: torch.device):
         p.grad = None
         simulate(p, affine, poses, probe, sub_rays=3).bmode.mean().backward()
 
+    host_poses = poses.cpu()
+
+    def us_backward_host_poses():  # as a tracker gives them: no device sync for the pose checks
+        p.grad = None
+        simulate(p, affine, host_poses, probe, sub_rays=3).bmode.mean().backward()
+
     loss = L.DiceCELoss()
 
     unchecked = L.DiceCELoss(check_labels=False)
@@ -107,6 +114,7 @@ def workloads(dev: torch.device):
                     f"ultrasound_fwd_b5_{march}": (us_forward_b5, 10, march, 5, "plain"),
                     f"ultrasound_fwdbwd_b64_{march}": (us_backward, 3, march, 64, "plain")})
     out["ultrasound_fwdbwd_b64_warp_merged"] = (us_backward, 3, "warp", 64, "merged")
+    out["ultrasound_fwdbwd_b64_warp_merged_hostposes"] = (us_backward_host_poses, 3, "warp", 64, "merged")
     for C in (16, 64):
         for sums in ("thread", "warp"):
             out[f"dice_ce_b2_c{C}_128_{sums}sums"] = (dice_ce_case(C, sums), 10, None, 0, None)
