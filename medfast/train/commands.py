@@ -43,7 +43,7 @@ def _stop_on_sigterm():
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
-    from medfast.cli import command_error, os_error_text
+    from medfast.cli import command_error
     from medfast.data import DatasetError
     from medfast.train import CheckpointError, ConfigError, NonFiniteLossError, Trainer, config_to_dict, load_config
 
@@ -61,9 +61,6 @@ def run_train(args: argparse.Namespace) -> int:
         results = trainer.fit()
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ImportError) as exc:
         return command_error("train", exc)  # a missing optional module: its extra, exit status 2
-    except OSError as exc:  # a full disk, an unwritable folder: one line naming the file
-        print(f"medfast train: error: {os_error_text(exc)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line, not a traceback (checkpoints are atomic)
         if trainer is None or trainer.rank == 0:
             note = trainer.interrupted_message() if trainer is not None else "interrupted"

@@ -445,8 +445,8 @@ def _override_value(raw: str, value: Any, tp: Any) -> Any:
     except (yaml.YAMLError, ConfigError):
         return value
     if isinstance(node, yaml.ScalarNode) and node.style is None and not isinstance(value, (list, Mapping)):
-        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-        text_typed = tp is str or (union and str in typing.get_args(tp))
+        text_typed = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                                   and str in typing.get_args(tp))
         if text_typed and not (isinstance(value, bool) and bool in typing.get_args(tp)):  # (bool | str: true stays)
             return raw.strip()
     return _keep_text(value, texts, tp)

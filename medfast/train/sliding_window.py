@@ -53,6 +53,11 @@ def _memory_of(device: torch.device) -> tuple[int, str] | None:
     return total, what
 
 
+def _weight_bytes(roi: Sequence[int], mode: str) -> int:
+    """The bytes of one window's float32 blending weights (the Gaussian's clamp is a second copy)."""
+    return (2 if mode == "gaussian" else 1) * math.prod(int(r) for r in roi) * 4
+
+
 def window_memory_problem(size: Sequence[int] | None, roi: Sequence[int], *, batch: int = 1, channels: int = 1,
                           out_channels: int = 1, sw_batch_size: int = 4, overlap: float | Sequence[float] = 0.5,
                           mode: str = "gaussian", itemsize: int = 4, device: torch.device | str = "cpu",
@@ -74,7 +79,7 @@ def window_memory_problem(size: Sequence[int] | None, roi: Sequence[int], *, bat
     # on the input's device: the padded input and a batch of windows, the weights (and the Gaussian's clamped
     # copy), the batch's float32 outputs
     need = {device: (batch * channels * vol + n * channels * win) * itemsize
-            + (2 if mode == "gaussian" else 1) * win * 4 + n * out_channels * win * 4}
+            + _weight_bytes(roi, mode) + n * out_channels * win * 4}
     need[out_device] = need.get(out_device, 0) + batch * (out_channels + 1) * vol * 4  # the float32 sums
     for dev, nbytes in need.items():
         have = _memory_of(dev)
@@ -103,7 +108,7 @@ def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale:
         raise ValueError("roi_size must have at least one axis, got ()")
     roi_size = check_shape("roi_size", roi_size, nd)
     have = _memory_of(torch.device(device))
-    nbytes = (2 if mode == "gaussian" else 1) * math.prod(roi_size) * 4  # (the Gaussian's clamp is a copy)
+    nbytes = _weight_bytes(roi_size, mode)
     if have is not None and nbytes > have[0]:
         raise ValueError(f"roi_size {tuple(roi_size)}: its weights need {byte_size(nbytes)} of {torch.device(device)} "
                          f"memory, more than the {byte_size(have[0])} {have[1]}")

@@ -874,7 +874,7 @@ class Trainer:
         return state
 
     def _resume(self, path: Path | None, state: dict[str, Any] | None) -> int | None:
-        if path is None or state is None:
+        if state is None:  # (no checkpoint to resume: path is None too)
             return None
         check = getattr(self.task, "check_resume", None)  # optional: the task's own checks (e.g. the class list)
         if check is not None:
