@@ -132,10 +132,21 @@ def memory_worker(impl: str, what: str, size: int, classes: int, batch: int, dev
 
 
 def _run(args, *worker) -> dict:
+    """One worker process; its duration on stderr, so a log cut off by a time limit says where the time went
+    (on an H200 the quick 32^3 run did not finish in 80 s, 2026-11-28). A worker that outlives
+    ``MEDFAST_BENCH_WORKER_TIMEOUT`` seconds (default 600) fails the run, naming the worker."""
     import warp_cases as wc
 
     cmd = [sys.executable, __file__, "--worker", *map(str, worker)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=wc.worker_env())
+    limit = float(os.environ.get("MEDFAST_BENCH_WORKER_TIMEOUT", "600"))
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=wc.worker_env(), timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"bench_segmentation: worker {' '.join(map(str, worker))} still running after "
+                         f"{limit:.0f} s (MEDFAST_BENCH_WORKER_TIMEOUT)") from None
+    print(f"bench_segmentation: worker {' '.join(map(str, worker))}: {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr, flush=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

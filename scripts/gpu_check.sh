@@ -186,8 +186,10 @@ for suite in $suites; do
       --set trainer.checkpoint_every="$seg_steps" --out "$RES/demo_seg"
     continue
   fi
+  # a suite cut off by its cap: its own log (under work/, which the pack leaves out) is appended to the step's
   TAIL=30 step "bench_$suite" "${MEDFAST_GPU_BENCH_CAP:-300}" env MEDFAST_BENCH_WORK="$RES/work" $PY -m medfast bench \
-    --device cuda "${quick[@]}" --only "$suite" --out "$RES/bench"
+    --device cuda "${quick[@]}" --only "$suite" --out "$RES/bench" ||
+    tail -n 40 "$RES/work/$suite/log.txt" >> "$RES/bench_$suite.log" 2>/dev/null
 done
 # the targets of the open issues against these results (scripts/gpu_summary.py), beside the logs
 $PY scripts/gpu_summary.py "$RES" > "$RES/summary.md" 2>&1 && cat "$RES/summary.md"

@@ -141,6 +141,11 @@ def _tasks():
             by_name = {s["files"]: s for s in self.subjects}
             return MemoryDataset([by_name[name] for name in images])
 
+        def build_datasets(self):  # the label Dice's class count reads label FILES (none here): from memory
+            train, val = super().build_datasets()
+            self.num_classes = max(2, 1 + max(int(s["label"].max()) for s in self.subjects))
+            return train, val
+
     class TimedClassification(RecordsOutputDtype, ClassificationTask):
         def __init__(self, config) -> None:
             super().__init__(config)

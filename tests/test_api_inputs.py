@@ -244,6 +244,37 @@ def test_importance_map_and_sampler_sizes():
     assert list(EpochSampler(4, np.int64(2), shuffle=False)) == list(EpochSampler(4, 2, shuffle=False))
 
 
+def test_sampler_span_is_the_epochs_in_a_row():
+    # the trainer iterates several epochs per loader pass (workers prefetch across epochs): the same samples
+    s = EpochSampler(3, 2, seed=5)
+    per_epoch = []
+    for e in range(4):
+        s.set_epoch(e)
+        per_epoch += list(s)
+    s.set_epoch(0, 1, span=4)
+    assert list(s) == per_epoch[1:] and len(s) == len(per_epoch) - 1
+    with pytest.raises(ValueError, match="span must be an int >= 1"):
+        s.set_epoch(0, span=0)
+
+
+def test_trainer_stream_labels_the_epochs_of_a_span():
+    from types import SimpleNamespace
+
+    from medfast.train.trainer import Trainer
+
+    # 2 batches an epoch, spans of ceil(3 / 2) = 2 epochs, starting at micro-batch 3 (epoch 1, batch 1)
+    calls = []
+
+    def loader(epoch, offset, span):
+        calls.append((epoch, offset, span))
+        return range(span * 2 - offset)
+
+    fake = SimpleNamespace(batches_per_epoch=2, SPAN_BATCHES=3, _loader=loader)
+    stream = Trainer._micro_batches(fake, 3)
+    assert [next(stream)[0] for _ in range(7)] == [1, 2, 2, 3, 3, 4, 4]
+    assert calls == [(1, 1, 2), (3, 0, 2)]
+
+
 def test_nets_name_bad_sizes():
     with pytest.raises(ValueError, match="depth must be >= 0"):
         N.GlobalNet(spatial_dims=2, depth=-1)

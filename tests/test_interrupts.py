@@ -85,6 +85,24 @@ def test_sigterm_stops_train_like_ctrl_c(tmp_path):
     assert not (out / "train.lock").exists()
 
 
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path):
+    # `timeout`, SLURM's scancel and Kubernetes signal the whole process group: the data-loader workers died first
+    # and torch's SIGCHLD handler turned the run's clean stop into a RuntimeError traceback (on an H200)
+    cfg = _train_config(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "medfast", "train", str(cfg), "--out", str(out), "--set",
+                             "data.num_workers=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step_*.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "interrupted at step" in err, err
+    assert not (out / "train.lock").exists()
+
+
 def test_a_home_folder_in_path_settings_is_expanded(tmp_path, monkeypatch):
     from medfast.train import load_config
 

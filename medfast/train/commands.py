@@ -32,6 +32,11 @@ def _stop_on_sigterm():
     does (the fit's cleanup runs: TensorBoard flushed, the lock released; one line names the checkpoint to resume
     from) instead of killing it silently. Returns the previous handler (None off the main thread)."""
     def stop(signum, frame):
+        # `timeout`, scancel and Kubernetes signal the whole process group, so the data-loader workers die too:
+        # torch's SIGCHLD handler would raise "DataLoader worker ... is killed by signal" in the middle of the
+        # cleanup, a traceback instead of this stop. Their death is expected now: a pending SIGCHLD is dropped.
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Terminated()
 
     try:

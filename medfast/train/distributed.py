@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -92,7 +93,9 @@ class EpochSampler(Sampler):
     So one process with batch ``R * b`` sees, step by step, the same subjects as ``R`` processes with batch
     ``b``, or as one process with batch ``b`` accumulating ``R`` micro-batches. Each sample's seed depends
     only on ``(seed, epoch, position)``, never on the rank count. ``start`` skips that many of this rank's
-    samples (to resume mid-epoch).
+    samples (to resume mid-epoch). ``span`` epochs from ``epoch`` on are iterated as one stream (each epoch holds
+    whole batches, so the batches are the same): a loader's workers then prefetch across epoch boundaries, which
+    matters when an epoch is a batch or two (one subject, or a few).
     """
 
     def __init__(self, n: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
@@ -111,28 +114,34 @@ class EpochSampler(Sampler):
         self.seed, self.shuffle = seed, shuffle
         self.epoch = 0
         self.start = 0
+        self.span = 1
         global_batch = batch_size * num_replicas * accumulate  # samples per optimizer step
         # Full batches only: drop the tail when there are enough subjects, repeat them when there are few.
         self.total = (n // global_batch) * global_batch if n >= global_batch else global_batch
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int, start: int = 0, span: int = 1) -> None:
+        if span < 1:
+            raise ValueError(f"span must be an int >= 1, got {span}")
+        self.epoch, self.start, self.span = epoch, start, span
 
     def batches_per_epoch(self) -> int:
         return self.total // (self.batch_size * self.num_replicas)
 
-    def _order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order: list[int] = []
         while len(order) < self.total:
             order += torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         return order[: self.total]
 
+    def _epoch_samples(self, epoch: int) -> list[tuple[int, int]]:
+        order = self._order(epoch)
+        base = (self.seed * 1_000_003 + epoch) * 1_000_033
+        return [(order[p], (base + p) % 2**62) for p in range(self.rank, self.total, self.num_replicas)]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self._order()
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_033
-        mine = [(order[p], (base + p) % 2**62) for p in range(self.rank, self.total, self.num_replicas)]
-        return iter(mine[self.start:])
+        first = self._epoch_samples(self.epoch)[self.start:]
+        return itertools.chain(first, *(self._epoch_samples(self.epoch + k) for k in range(1, self.span)))
 
     def __len__(self) -> int:
-        return self.total // self.num_replicas - self.start
+        return self.span * (self.total // self.num_replicas) - self.start
