@@ -36,7 +36,8 @@ bool warp_march() {
 // (scatter_kernel, lines_scatter_kernel). Merged is the default before a GPU timing because consecutive
 // samples of a ray share a voxel cell for tens of samples (the sample step is a fraction of a voxel), so
 // it issues up to 32x fewer atomics; the plain scatter took 18.3 of 37.3 ms of forward + backward kernels
-// at batch 64 on an H200, and where no two lanes share a cell the merged one stops after one ballot.
+// at batch 64 on an H200, and where no two lanes share a cell the merged one stops after one ballot. Timed
+// since: forward + backward at batch 64 ran at 2,965 frames/s merged and 1,681 plain (h200d_kernel_profile).
 bool merged_scatter() {
   const char* v = std::getenv("MEDFAST_USSIM_CUDA_SCATTER");
   return v == nullptr || std::strcmp(v, "plain") != 0;

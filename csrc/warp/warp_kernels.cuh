@@ -17,7 +17,8 @@ constexpr int kBlockThreads = 256;
 // per multiprocessor (65536 registers): 2, so at most 128 registers. Without it the zeros-padding outside
 // test and the zero-weight rules took the linear backward from 122 to 140 registers (sm_90), one block per
 // multiprocessor instead of two, and its kernel time at 256^3 on an H200 from 0.69 to 1.19 ms (h200b /
-// h200c_warp_profile). With it ptxas spills 44 bytes (zeros padding). Cubic and float64 keep what they need.
+// h200c_warp_profile). With it ptxas spills 44 bytes (zeros padding) and the kernel took 0.78 ms
+// (h200d_warp_profile). Cubic and float64 keep what they need.
 // (Capping forward_kernel at 64 registers spilled 48 bytes; the default forward, ilp1, uses 64 unbounded.)
 template <int MODE, typename T>
 constexpr int backward_min_blocks = MODE != kCubic && sizeof(T) == 4 ? 2 : 1;
