@@ -555,6 +555,35 @@ def test_seconds_is_the_time_of_the_step_itself(tmp_path, blobs):
     assert rows[2]["seconds"] < pause, rows  # step 3, after the validation of step 2
 
 
+def test_data_seconds_is_the_wait_for_the_batches(tmp_path, blobs):
+    # a slow data set shows in data_seconds (part of seconds), so a data-bound run can be told from a slow model
+    import time
+
+    pause = 0.3
+    trainer = Trainer(_config(tmp_path, blobs, "data_s", **_TINY, **{"trainer.max_steps": 3}))
+    build = trainer.task.build_datasets
+
+    def slow_datasets():
+        train, val = build()
+        get = type(train).__getitem__
+
+        class Slow(type(train)):
+            def __getitem__(self, key):
+                time.sleep(pause)
+                return get(self, key)
+
+        train.__class__ = Slow
+        return train, val
+
+    trainer.task.build_datasets = slow_datasets
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "data_s" / "train_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        batch = trainer.config.trainer.batch_size
+        assert batch * pause <= r["data_seconds"] <= r["seconds"], r
+
+
 def _emulate_cuda_amp(monkeypatch):
     """The trainer's CUDA mixed-precision path on the CPU: resolve_amp gives the dtype asked for, and the
     float16 GradScaler is a CPU one (the same logic as the CUDA scaler)."""

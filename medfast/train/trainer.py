@@ -1171,6 +1171,7 @@ class Trainer:
         self.ddp.train()
         while self.step < end:
             step_t = time.perf_counter()  # the step's own time: not the validation, checkpoint and plots after one
+            data_s = 0.0  # of it, the wait for the batches: a data-bound run shows it close to "seconds"
             batches: list[tuple[int, dict[str, Any]]] = []
             phase_losses: dict[str | None, torch.Tensor] = {}
             step_metrics: list[dict[str, float]] = []
@@ -1181,7 +1182,9 @@ class Trainer:
                 kwargs = {} if phase is None else {"phase": phase}
                 for micro in range(tc.accumulate):
                     if len(batches) <= micro:
+                        t_data = time.perf_counter()
                         batches.append(next(stream))
+                        data_s += time.perf_counter() - t_data
                     epoch, batch = batches[micro]
                     sync = micro == tc.accumulate - 1 or self.world == 1
                     ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
@@ -1215,7 +1218,7 @@ class Trainer:
                 now = time.perf_counter()
                 extra = {} if self.phases == [None] else {f"loss_{ph}": v.item() for ph, v in phase_losses.items()}
                 row = {"step": self.step, "epoch": epoch, "loss": loss_value.item(), "lr": lr, **extra,
-                       **step_means, "seconds": now - step_t}
+                       **step_means, "seconds": now - step_t, "data_seconds": data_s}
                 train_log.append(row)
                 tb = self._tensorboard()
                 if tb is not None:
@@ -1224,7 +1227,7 @@ class Trainer:
                             tb.add_scalar(f"train/{k}", v, self.step)
                 if pbar is not None:
                     pbar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr",
-                                                                                       "seconds")})
+                                                                                       "seconds", "data_seconds")})
             if pbar is not None:
                 pbar.update(1)
             if tc.val_every and (self.step % tc.val_every == 0 or self.step == tc.max_steps):
