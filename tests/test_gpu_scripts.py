@@ -114,6 +114,24 @@ def test_gpu_summary_of_the_committed_h200_results(tmp_path):
     assert "(15 %)" in lines["6: cls_sim (batch 64)"]
     assert lines["7: warp vs CuPy map_coordinates / affine_transform"].startswith(
         "| 7: warp vs CuPy map_coordinates / affine_transform | 9 rows")
+    # the second lease of that day: the warp backward with its register budget, the default sums
+    out = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(ROOT / "benchmarks" / "results" / "gpu"), "--prefix",
+                "h200d_"], tmp_path).stdout
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "1.039 ms, 2.02x" in lines["2: warp fwd+bwd 256^3 kernels, default"]
+    assert "3.15x" in lines["3: Dice+CE fwd+bwd B=2 128^3 C=64"] and lines[
+        "3: Dice+CE fwd+bwd B=2 128^3 C=64"].endswith("| yes |")
+    assert "3063 frames/s" in lines["4: ultrasound_fwdbwd_b64_warp_merged_hostposes"]
+
+
+def test_gpu_summary_shows_the_host_time_of_a_loss_step(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "gpu_kernel_profile.json").write_text(json.dumps({"workloads": {"dice_ce_b2_c4_128_warpsums_nocheck": {
+        "wall_ms": 0.8, "plain_ms": 0.7, "host_ms": 0.55, "kernel_ms": {"a": 0.1, "b": 0.05}}}}))
+    out = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(res)], tmp_path).stdout
+    row = next(line for line in out.splitlines() if "dice_ce_b2_c4" in line)
+    assert "0.700 ms per step, host 0.550 ms, kernels 0.150 ms" in row
 
 
 def test_gpu_summary_reads_the_full_resolution_demos(tmp_path):
