@@ -296,6 +296,49 @@ def test_normalize_and_cache(tmp_path):
     assert torch.equal(again[0]["image"], first["image"]) and first["image"].shape == (1, 4, 4, 4)
 
 
+def test_compact_labels_hold_the_same_values_in_fewer_bytes(tmp_path):
+    images, labels = make_blobs(tmp_path / "d", n=2, shape=(8, 8, 8), classes=3)
+    wide = NiftiDataset(images, labels, spacing=[2.0, 2.0, 2.0])
+    narrow = NiftiDataset(images, labels, spacing=[2.0, 2.0, 2.0], compact_labels=True)
+    assert wide[0]["label"].dtype == torch.int64 and narrow[0]["label"].dtype == torch.uint8
+    assert torch.equal(narrow[0]["label"].long(), wide[0]["label"])
+    # values past uint8 (or negative) take int32
+    big = tmp_path / "big.nii.gz"
+    arr = np.asarray(nib.load(labels[0]).dataobj).astype(np.int32)
+    arr[0, 0, 0] = 300
+    nib.save(nib.Nifti1Image(arr, nib.load(labels[0]).affine), str(big))
+    item = NiftiDataset(images[:1], [str(big)], compact_labels=True, normalize="none")[0]
+    assert item["label"].dtype == torch.int32 and int(item["label"].max()) == 300
+    # the disk cache keeps the two forms apart
+    for compact in (False, True):
+        NiftiDataset(images, labels, cache="disk", cache_dir=tmp_path / "cache", compact_labels=compact)[0]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    with pytest.raises(TypeError, match="compact_labels must be a bool"):
+        NiftiDataset(images, labels, compact_labels="yes")
+
+
+def test_collate_in_a_worker_gives_the_batch_of_the_process(tmp_path):
+    # in a DataLoader worker the batch is stacked into shared memory (no copy when it is sent): the same batch
+    from medfast.data import collate
+
+    images, labels = make_blobs(tmp_path / "d", n=2, shape=(8, 8, 8))
+    ds = NiftiDataset(images, labels, compact_labels=True)
+    here = collate([ds[0], ds[1]])
+    assert not here["image"].is_shared()
+    [there] = list(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=_collate_noting_shared, num_workers=1))
+    assert there["stacked_shared"] == [True, True] and there["label"].dtype == torch.uint8
+    for key in ("image", "label", "affine"):
+        assert torch.equal(here[key], there[key]), key
+
+
+def _collate_noting_shared(items):
+    from medfast.data import collate
+
+    out = collate(items)
+    out["stacked_shared"] = [out["image"].is_shared(), out["label"].is_shared()]
+    return out
+
+
 def test_collate_pads_to_the_largest():
     a = {"image": torch.ones(1, 4, 5), "label": torch.ones(4, 5, dtype=torch.long), "files": "a", "seed": 1}
     b = {"image": torch.ones(1, 6, 3), "label": torch.ones(6, 3, dtype=torch.long), "files": "b", "seed": 2}

@@ -35,6 +35,7 @@ from medfast.data.preprocess import (
     resample_to_spacing,
     spatial_affine,
 )
+from medfast.ops._validate import check_bool
 
 __all__ = ["NiftiDataset", "case_name", "check_label_map", "collate", "find_pairs", "group_channel_files", "relabel"]
 
@@ -254,10 +255,15 @@ class NiftiDataset(Dataset):
     num_classes : int, optional
         Label values must lie in ``0 .. num_classes - 1`` (after ``label_map``): checked by ``check`` (which
         then reads the label maps' voxels, not only their headers) and when a subject is loaded.
+    compact_labels : bool
+        Labels as uint8 where their values fit (else int32, else int64): an eighth of the memory in the cache,
+        and of what a data-loader worker sends the training process (a 1 mm brain's label map: 9 MB, not 69).
+        medfast's losses and metrics take them as they are (the segmentation task uses this).
 
     Notes
     -----
-    Each item is a dict: ``image`` ``(C, *S)`` float32, ``label`` ``(*S)`` int64 (absent without labels),
+    Each item is a dict: ``image`` ``(C, *S)`` float32, ``label`` ``(*S)`` int64 (uint8 / int32 with
+    ``compact_labels``; absent without labels),
     ``affine`` ``(ndim + 1, ndim + 1)`` float64 of the preprocessed grid, ``files`` (the image path; the channel
     files joined by `` + `` for a list),
     ``index``; a sampler may pass ``(index, seed)`` to add ``seed``.
@@ -275,7 +281,8 @@ class NiftiDataset(Dataset):
                  normalize: str = "zscore", clip_percentiles: Sequence[float] | None = None,
                  label_map: Mapping[int, int] | None = None, cache: str = "memory",
                  cache_dir: str | Path | None = None, check: bool = True, reorient: bool = True,
-                 in_channels: int | None = None, num_classes: int | None = None) -> None:
+                 in_channels: int | None = None, num_classes: int | None = None,
+                 compact_labels: bool = False) -> None:
         for name, files in (("images", images), ("labels", labels)):
             if isinstance(files, (str, bytes, os.PathLike)):  # would be read character by character
                 raise TypeError(f"{name} must be a list of files (one per subject), got the single path {files!r}; "
@@ -297,6 +304,7 @@ class NiftiDataset(Dataset):
         if cache == "disk" and cache_dir is None:
             raise ValueError("cache='disk' needs cache_dir")
         self.spatial_dims = spatial_dims
+        self.compact_labels = check_bool("compact_labels", compact_labels)
         self.reorient = bool(reorient)  # 2D too (medfast.data.preprocess.REORIENT_DIMS)
         self.spacing = list(spacing) if spacing is not None else None
         self.shape = list(shape) if shape is not None else None
@@ -385,7 +393,7 @@ class NiftiDataset(Dataset):
             st = Path(p).stat()
             parts.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
         spec = [parts, self.spatial_dims, self.reorient, self.spacing, self.shape, self.normalize,
-                self.clip_percentiles, sorted(self.label_map.items())]
+                self.clip_percentiles, sorted(self.label_map.items())] + (["compact"] if self.compact_labels else [])
         return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
 
     def _to_dims(self, arr: np.ndarray, path: str, channels: bool) -> np.ndarray:
@@ -422,7 +430,7 @@ class NiftiDataset(Dataset):
                                    f"shape {tuple(image.shape[1:])}")
             arr = self._relabel(arr)
             self._check_label_values(arr, lab.path)
-            label = torch.from_numpy(np.ascontiguousarray(arr)).long()
+            label = torch.from_numpy(np.ascontiguousarray(arr)).to(_label_dtype(arr, self.compact_labels))
         if self.spacing is not None:
             new_image, new_aff = resample_to_spacing(image, affine, self.spacing)
             if label is not None:
@@ -492,7 +500,28 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
                         pad += [0, target[d] - v.shape[-nd + d]]
                     padded.append(torch.nn.functional.pad(v, pad))
                 vals = padded
-            out[key] = torch.stack(vals)
+            out[key] = _stack(vals)
         else:
             out[key] = vals
     return out
+
+
+def _label_dtype(arr: np.ndarray, compact: bool) -> torch.dtype:
+    """int64, or with ``compact`` the smallest of uint8 / int32 / int64 that holds every value of ``arr``."""
+    if not compact or arr.size == 0:
+        return torch.int64
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi <= 255:
+        return torch.uint8
+    return torch.int32 if -2**31 <= lo and hi < 2**31 else torch.int64
+
+
+def _stack(vals: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; in a DataLoader worker into shared memory directly (as torch's default_collate), so that
+    sending the batch to the training process does not copy it once more: a batch of two 1 mm brains with their
+    labels is 200 MB."""
+    if torch.utils.data.get_worker_info() is None or vals[0].device.type != "cpu":
+        return torch.stack(vals)
+    storage = vals[0]._typed_storage()._new_shared(sum(v.numel() for v in vals), device="cpu")
+    out = vals[0].new(storage).resize_(len(vals), *vals[0].shape)
+    return torch.stack(vals, out=out)

@@ -111,7 +111,7 @@ def _dataset(config: Config, images: Sequence[str], labels: Sequence[str], label
     return NiftiDataset(images, labels, spatial_dims=config.model.spatial_dims, spacing=d.spacing, shape=d.shape,
                         normalize=d.normalize, clip_percentiles=d.clip_percentiles, label_map=label_map,
                         cache=d.cache, cache_dir=d.cache_dir, reorient=d.reorient,
-                        in_channels=config.model.in_channels, num_classes=num_classes)
+                        in_channels=config.model.in_channels, num_classes=num_classes, compact_labels=True)
 
 
 def check_reorient_resume(config: Config, state: dict[str, Any], path: Path) -> None:
