@@ -136,8 +136,24 @@ class _NaNTask(Task):
 def test_nan_loss_stops_with_step_and_files(tmp_path):
     cfg = load_config([], [f"trainer.out_dir={tmp_path / 'nan'}", "trainer.progress=false", "trainer.max_steps=5",
                            "trainer.tensorboard=false", "trainer.val_every=0", "trainer.batch_size=2"])
+    trainer = Trainer(cfg, _NaNTask(cfg))
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*subject_\d\.nii\.gz, subject_\d\.nii\.gz"):
-        Trainer(cfg, _NaNTask(cfg)).fit()
+        trainer.fit()
+    # the check comes after the backward but before the optimizer step: the NaN never reached the weights
+    assert trainer.step == 2 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_nan_in_one_micro_batch_names_that_batch(tmp_path):
+    cfg = load_config([], [f"trainer.out_dir={tmp_path / 'nan'}", "trainer.progress=false", "trainer.max_steps=5",
+                           "trainer.tensorboard=false", "trainer.val_every=0", "trainer.batch_size=1",
+                           "trainer.accumulate=2"])
+    task = _NaNTask(cfg)  # the 3rd call: step 2's first micro-batch
+    trainer = Trainer(cfg, task)
+    bad = r"\(nan\) at step 2 .*batch files: subject_\d\.nii\.gz\. Lower"
+    with pytest.raises(NonFiniteLossError, match=bad) as info:
+        trainer.fit()
+    assert task.calls == 4  # both micro-batches ran; the message names the first one's file (one file a batch)
+    assert str(info.value).count(".nii.gz") == 1
 
 
 class _StateTask(_NaNTask):

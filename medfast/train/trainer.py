@@ -948,26 +948,30 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _check_finite(self, loss: torch.Tensor, batch: dict[str, Any], epoch: int) -> torch.Tensor:
-        value = loss.detach().float().reshape(1)
-        bad = (~torch.isfinite(value)).float()
+    def _check_finite(self, values: list[torch.Tensor], batches: list[dict[str, Any]], epoch: int) -> None:
+        """Raises :class:`NonFiniteLossError` naming the step and the files of the batch whose loss (of the step's
+        micro-batch ``values``, on every rank) is NaN or inf. Called once per step, after the backward is queued and
+        before the optimizer step: the one wait for the device comes when the GPU holds the whole step's work (a
+        check before each backward left it idle while the host queued the backward), and a bad loss still never
+        updates the weights."""
+        value = torch.cat(values)
+        bad = (~torch.isfinite(value)).float().sum().reshape(1)
         if self.world > 1:
-            flag = bad.clone()
-            dist.all_reduce(flag)
-            bad = flag
+            dist.all_reduce(bad)
         if bad.item() > 0:
-            files = ", ".join(map(str, batch.get("files", []))) or "unknown"
-            where = f"({value.item()}) at step {self.step + 1} (epoch {epoch}); batch files: {files}"
+            numbers = value.tolist()
+            k = next((i for i, v in enumerate(numbers) if not math.isfinite(v)), 0)
+            files = ", ".join(map(str, batches[k].get("files", []))) or "unknown"
+            where = f"({numbers[k]}) at step {self.step + 1} (epoch {epoch}); batch files: {files}"
             if self.world > 1:  # every rank raises the same message, naming the rank(s) whose loss was bad
                 seen = [None] * self.world
-                dist.all_gather_object(seen, (value.item(), files))
+                dist.all_gather_object(seen, (numbers[k], files))
                 where = f"at step {self.step + 1} (epoch {epoch}) " + "; ".join(
                     f"on rank {r} ({v}), batch files: {fs}" for r, (v, fs) in enumerate(seen) if not math.isfinite(v))
             raise NonFiniteLossError(
                 f"non-finite loss {where}. Lower optim.lr, check the inputs (NaN voxels, empty labels) or "
                 f"set trainer.amp=none."
             )
-        return value
 
     def _global_metrics(self, rows: list[dict[str, float]]) -> dict[str, float]:
         """The step's task metrics over the global batch: the mean of every rank's finite values (each row is a
@@ -1191,10 +1195,10 @@ class Trainer:
                     with ctx:
                         with self._autocast():
                             loss, metrics = self.task.training_step(self.ddp, batch, self.device, **kwargs)
-                        value = self._check_finite(loss, batch, epoch)
                         self.scaler.scale(loss / tc.accumulate).backward()
-                    losses.append(value)
+                    losses.append(loss.detach().float().reshape(1))
                     step_metrics.append(metrics)
+                self._check_finite(losses, [b for _, b in batches], epoch)
                 if self.config.optim.grad_clip:
                     self.scaler.unscale_(optimizer)
                     params = [q for g in optimizer.param_groups for q in g["params"]]
