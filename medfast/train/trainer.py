@@ -662,8 +662,8 @@ class Trainer:
         self._train_loader = self._val_loader = None
 
     # Batches per loader iteration at least: epochs are iterated in spans that hold this many, so that the
-    # workers prefetch across epoch boundaries. An epoch of one batch (one subject: the tissue demo) otherwise
-    # waits for every batch's loading: 0.45-0.66 s a step on an H200 (2026-11-28, seg_demo_gpu.yaml).
+    # workers prefetch across epoch boundaries. With an epoch of one batch (one subject: the tissue demo) every
+    # batch's loading otherwise starts only when the step asks for it.
     SPAN_BATCHES = 32
 
     def _micro_batches(self, start_micro: int):
@@ -948,12 +948,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _check_finite(self, values: list[torch.Tensor], batches: list[dict[str, Any]], epoch: int) -> None:
-        """Raises :class:`NonFiniteLossError` naming the step and the files of the batch whose loss (of the step's
-        micro-batch ``values``, on every rank) is NaN or inf. Called once per step, after the backward is queued and
-        before the optimizer step: the one wait for the device comes when the GPU holds the whole step's work (a
-        check before each backward left it idle while the host queued the backward), and a bad loss still never
-        updates the weights."""
+    def _check_finite(self, values: list[torch.Tensor], batches: list[tuple[int, dict[str, Any]]]) -> None:
+        """Raises :class:`NonFiniteLossError` naming the step and the files of the batch whose loss is NaN or inf
+        (of the step's micro-batch losses ``values``, on every rank; ``batches``: their (epoch, batch)). Called once
+        per step, after the backward is queued and before the optimizer step: the one wait for the device comes
+        when the GPU holds the whole step's work (a check before each backward left it idle while the host queued
+        the backward), and a bad loss still never updates the weights."""
         value = torch.cat(values)
         bad = (~torch.isfinite(value)).float().sum().reshape(1)
         if self.world > 1:
@@ -961,7 +961,8 @@ class Trainer:
         if bad.item() > 0:
             numbers = value.tolist()
             k = next((i for i, v in enumerate(numbers) if not math.isfinite(v)), 0)
-            files = ", ".join(map(str, batches[k].get("files", []))) or "unknown"
+            epoch, batch = batches[k]
+            files = ", ".join(map(str, batch.get("files", []))) or "unknown"
             where = f"({numbers[k]}) at step {self.step + 1} (epoch {epoch}); batch files: {files}"
             if self.world > 1:  # every rank raises the same message, naming the rank(s) whose loss was bad
                 seen = [None] * self.world
@@ -1198,7 +1199,7 @@ class Trainer:
                         self.scaler.scale(loss / tc.accumulate).backward()
                     losses.append(loss.detach().float().reshape(1))
                     step_metrics.append(metrics)
-                self._check_finite(losses, [b for _, b in batches], epoch)
+                self._check_finite(losses, batches)
                 if self.config.optim.grad_clip:
                     self.scaler.unscale_(optimizer)
                     params = [q for g in optimizer.param_groups for q in g["params"]]
