@@ -253,8 +253,13 @@ def test_sampler_span_is_the_epochs_in_a_row():
         per_epoch += list(s)
     s.set_epoch(0, 1, span=4)
     assert list(s) == per_epoch[1:] and len(s) == len(per_epoch) - 1
-    with pytest.raises(ValueError, match="span must be an int >= 1"):
+    with pytest.raises(ValueError, match="span an int >= 1"):
         s.set_epoch(0, span=0)
+    for bad in (2.0, "2", True):
+        with pytest.raises(TypeError, match="span must be an int"):
+            s.set_epoch(0, span=bad)
+    with pytest.raises(TypeError, match="start must be an int"):
+        s.set_epoch(0, 1.5)
 
 
 def test_trainer_stream_labels_the_epochs_of_a_span():

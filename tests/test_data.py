@@ -329,6 +329,18 @@ def test_collate_in_a_worker_gives_the_batch_of_the_process(tmp_path):
     assert there["stacked_shared"] == [True, True] and there["label"].dtype == torch.uint8
     for key in ("image", "label", "affine"):
         assert torch.equal(here[key], there[key]), key
+    # compact label maps of one batch can differ in dtype (uint8, int32): the batch takes the wider, as
+    # torch.stack does (the worker's shared buffer was uint8 and wrapped 300 to 44)
+    big = tmp_path / "big.nii.gz"
+    arr = np.asarray(nib.load(labels[1]).dataobj).astype(np.int32)
+    arr[arr > 0] = 300
+    nib.save(nib.Nifti1Image(arr, nib.load(labels[1]).affine), str(big))
+    mixed = NiftiDataset(images, [labels[0], str(big)], compact_labels=True)
+    assert [mixed[i]["label"].dtype for i in range(2)] == [torch.uint8, torch.int32]
+    [there] = list(torch.utils.data.DataLoader(mixed, batch_size=2, collate_fn=_collate_noting_shared, num_workers=1))
+    here = collate([mixed[0], mixed[1]])
+    assert there["label"].dtype == here["label"].dtype == torch.int32 and there["stacked_shared"] == [True, True]
+    assert torch.equal(there["label"], here["label"]) and int(there["label"].max()) == 300
 
 
 def _collate_noting_shared(items):

@@ -143,6 +143,32 @@ def test_nan_loss_stops_with_step_and_files(tmp_path):
     assert trainer.step == 2 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_nan_loss_under_anomaly_detection_is_still_named(tmp_path):
+    # the check runs after the backward, but anomaly mode raises inside the backward of a NaN: checked before it
+    cfg = load_config([], [f"trainer.out_dir={tmp_path / 'nan'}", "trainer.progress=false", "trainer.max_steps=5",
+                           "trainer.tensorboard=false", "trainer.val_every=0", "trainer.batch_size=2"])
+    with torch.autograd.set_detect_anomaly(True), pytest.raises(NonFiniteLossError, match="step 3"):
+        Trainer(cfg, _NaNTask(cfg)).fit()
+
+
+def test_a_new_log_column_rewrites_the_csv_once(tmp_path, monkeypatch):
+    # a run resumed from a log without a newer column (data_seconds) rewrote the whole CSV at every step
+    from medfast.train.trainer import _Log
+
+    old = [{"step": i, "loss": 1.0 / i, "seconds": 0.1} for i in range(1, 6)]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    log = _Log(tmp_path, "train_log")
+    log.restore(5)
+    writes = []
+    write = _Log._write_csv
+    monkeypatch.setattr(_Log, "_write_csv", lambda self: (writes.append(1), write(self)))
+    for i in range(6, 10):
+        log.append({"step": i, "loss": 0.5, "seconds": 0.1, "data_seconds": 0.01})
+    assert len(writes) == 1
+    lines = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,seconds,data_seconds" and len(lines) == 10 and lines[-1] == "9,0.5,0.1,0.01"
+
+
 def test_nan_in_one_micro_batch_names_that_batch(tmp_path):
     cfg = load_config([], [f"trainer.out_dir={tmp_path / 'nan'}", "trainer.progress=false", "trainer.max_steps=5",
                            "trainer.tensorboard=false", "trainer.val_every=0", "trainer.batch_size=1",

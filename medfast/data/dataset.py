@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -522,6 +523,9 @@ def _stack(vals: list[torch.Tensor]) -> torch.Tensor:
     labels is 200 MB."""
     if torch.utils.data.get_worker_info() is None or vals[0].device.type != "cpu":
         return torch.stack(vals)
-    storage = vals[0]._typed_storage()._new_shared(sum(v.numel() for v in vals), device="cpu")
-    out = vals[0].new(storage).resize_(len(vals), *vals[0].shape)
+    # the dtype torch.stack gives: compact label maps of one batch may differ (uint8 and int32), and a uint8
+    # buffer would wrap a 300 to 44
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in vals))
+    storage = torch.UntypedStorage._new_shared(sum(v.numel() for v in vals) * dtype.itemsize)
+    out = torch.empty(0, dtype=dtype).set_(storage).resize_(len(vals), *vals[0].shape)
     return torch.stack(vals, out=out)

@@ -120,8 +120,9 @@ class EpochSampler(Sampler):
         self.total = (n // global_batch) * global_batch if n >= global_batch else global_batch
 
     def set_epoch(self, epoch: int, start: int = 0, span: int = 1) -> None:
-        if span < 1:
-            raise ValueError(f"span must be an int >= 1, got {span}")
+        epoch, start, span = _int("epoch", epoch), _int("start", start), _int("span", span)
+        if span < 1 or start < 0 or epoch < 0:
+            raise ValueError(f"epoch and start must be ints >= 0 and span an int >= 1, got {epoch}, {start}, {span}")
         self.epoch, self.start, self.span = epoch, start, span
 
     def batches_per_epoch(self) -> int:

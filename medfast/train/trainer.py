@@ -384,6 +384,7 @@ class _Log:
         self.jsonl = out_dir / f"{name}.jsonl"
         self.csv = out_dir / f"{name}.csv"
         self.rows: list[dict[str, Any]] = []
+        self._keys: list[str] = []  # the CSV's columns: a row with another key rewrites it, once
 
     def restore(self, upto_step: int | None) -> None:
         rows = []
@@ -406,18 +407,20 @@ class _Log:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.rows)
+        self._keys = keys
 
     def append(self, row: dict[str, Any]) -> None:
         row = json_ready(row)  # NaN as None, also in the rows kept for the CSV and the curves
         self.rows.append(row)
         with open(self.jsonl, "a") as f:
             f.write(json_dumps(row) + "\n")
-        if len(self.rows) == 1 or set(row) - set(self.rows[0]):
+        # compared with the CSV's columns, not the first row: a run resumed from a log without a newer column
+        # (data_seconds) rewrote the whole CSV at every step
+        if len(self.rows) == 1 or set(row) - set(self._keys):
             self._write_csv()
         else:
-            keys = list(self.rows[0])
             with open(self.csv, "a", newline="", encoding="utf-8") as f:
-                csv.DictWriter(f, fieldnames=keys, extrasaction="ignore").writerow(row)
+                csv.DictWriter(f, fieldnames=self._keys, extrasaction="ignore").writerow(row)
 
 
 def metric_order(key: str) -> list[Any]:
@@ -1196,8 +1199,12 @@ class Trainer:
                     with ctx:
                         with self._autocast():
                             loss, metrics = self.task.training_step(self.ddp, batch, self.device, **kwargs)
+                        losses.append(loss.detach().float().reshape(1))
+                        if torch.is_anomaly_enabled() or not loss.requires_grad:
+                            # a backward that would raise on a NaN itself (anomaly mode) or at all (no graph):
+                            # the friendly check first, on every rank alike
+                            self._check_finite(losses[-1:], batches[micro:micro + 1])
                         self.scaler.scale(loss / tc.accumulate).backward()
-                    losses.append(loss.detach().float().reshape(1))
                     step_metrics.append(metrics)
                 self._check_finite(losses, batches)
                 if self.config.optim.grad_clip:
