@@ -28,13 +28,14 @@
 # start included; on the H200 the build took 155 s (2026-11-27) and 232 s (2026-11-28). One call of at most
 # 600 s, then short calls on the warm machine, each within its 30 s idle time (the build and /tmp/site stay:
 # `export PYTHONPATH=/tmp/site; python3 -m medfast bench --device cuda --quick --only SUITE --out $OUT/bench`).
-# On 2026-11-28 the CUDA tests took 52 s with 8 workers and the sanitizer 41 s for five families. For the
-# next lease (what has not run on a GPU yet: the registration and segmentation suites, the segmentation demo,
-# the DDP checks; and the warp backward's register budget to time), for example:
-#   MEDFAST_GPU_BUDGET=560 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick MEDFAST_GPU_TEST_CAP=120 \
-#     MEDFAST_GPU_TEST_WORKERS=8 MEDFAST_GPU_NCU_CAP=40 MEDFAST_GPU_BENCH_CAP=80 MEDFAST_GPU_DEMO_CAP=120 \
-#     MEDFAST_GPU_TRAIN_CHECKS="seg_none cls_sim ddp" MEDFAST_GPU_SANITIZE="warp loss" \
-#     MEDFAST_GPU_SUITES="warp loss registration segmentation sanitizer demo_seg" bash scripts/gpu_check.sh
+# On 2026-11-28 the CUDA tests took 44-52 s with 8 workers and the sanitizer 29-41 s for two to five families; the
+# second lease's call (541 s) skipped the probes and Nsight Compute. For the next lease (what is left: the host
+# time of the loss calls and the ultrasound forward with host poses in the kernel profile, the segmentation suite
+# with its worker times, the 1 mm segmentation demo with the loader changes, the warp suite), e.g.:
+#   MEDFAST_GPU_BUDGET=555 MEDFAST_GPU_PACK=1 MEDFAST_GPU_BENCH=quick MEDFAST_GPU_PROBES=0 MEDFAST_GPU_NCU=0 \
+#     MEDFAST_GPU_PROFILES="kernel" MEDFAST_GPU_TEST_CAP=120 MEDFAST_GPU_TEST_WORKERS=8 MEDFAST_GPU_BENCH_CAP=100 \
+#     MEDFAST_GPU_DEMO_CAP=150 MEDFAST_GPU_SEG_STEPS=200 MEDFAST_GPU_TRAIN_CHECKS="reg_bf16 cls_sim" \
+#     MEDFAST_GPU_SANITIZE="loss" MEDFAST_GPU_SUITES="segmentation demo_seg warp sanitizer" bash scripts/gpu_check.sh
 # (carry .whl and .devdata); keep the budget under the call's limit so the packed results come back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
