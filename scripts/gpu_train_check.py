@@ -214,7 +214,8 @@ def cls_keys(small: bool) -> list[str]:
             "data.normalize=none", f"data.dataset_args={sim}", "model.name=densenet", "model.spatial_dims=2",
             "model.in_channels=1", "model.out_channels=4", "model.channels=[16]",
             f"model.kwargs={{growth_rate: 8, blocks: {blocks}, bn_size: 2, stem_stride: 2, stem_pool: true}}",
-            "optim.lr=0.003", "optim.scheduler=constant"]
+            "optim.lr=0.003", "optim.scheduler=constant"] + ([] if small else ["data.num_workers=2"])
+    # (on a GPU the loader workers compute the render inputs, the poses, off the training process)
 
 
 def cls_config(out_dir: Path, device: str, steps: int, amp: str, small: bool, batch: int):

@@ -193,7 +193,7 @@ def test_fixed_shape_render_equals_the_grouped_render():
     src = SimulatedUltrasound(**{**SMALL, "probes": ["C5-2v", "P4-2v"], "variants": 3, "sub_rays": 2})
     ds = src.train_dataset(64)
     batch = collate([ds[(i, 300 + i)] for i in range(12)])
-    groups, inputs = src._inputs(batch)
+    groups, inputs = src.render_inputs(batch)
     assert len(groups) >= 3  # several volumes and probes in the batch
     eager = src.render(batch, "cpu")
     with torch.no_grad():
@@ -225,7 +225,7 @@ def test_cached_tables_a_capture_reads_stay_alive_past_the_caches_eviction():
     def batch(volumes):
         return collate([ds[(v * per_volume, v)] for v in volumes])
 
-    groups, inputs = src._inputs(batch([0, 1]))
+    groups, inputs = src.render_inputs(batch([0, 1]))
     with torch.no_grad(), S.retain_cached() as kept:
         src._render_all(groups, inputs)
     noise = [t for t in kept if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == 4]
@@ -245,7 +245,7 @@ def test_cached_tables_a_capture_reads_stay_alive_past_the_caches_eviction():
 def test_failed_graph_capture_falls_back_to_eager_rendering(monkeypatch):
     src = SimulatedUltrasound(**SMALL)
     batch = collate([src.train_dataset(8)[(i, i)] for i in range(4)])
-    groups, inputs = src._inputs(batch)
+    groups, inputs = src.render_inputs(batch)
 
     def fail(*args):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -552,3 +552,60 @@ def test_simulated_config_errors(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "o"), ["model.in_channels=3"])
     with pytest.raises(ValueError, match="in_channels=1"):
         ClassificationTask(cfg).build_datasets()
+
+
+def test_loader_workers_compute_the_render_inputs(tmp_path):
+    # the task's collate (the trainer's collate_fn, run in the loader workers) adds the render inputs (the poses:
+    # host work of about 1 ms a batch of 64), so with data.num_workers > 0 the training process does not compute
+    # them; the same images and the same training either way
+    from medfast.tasks.classification import ClassificationTask
+    from medfast.train import Trainer, load_config
+
+    cfg = load_config([str(write_config(tmp_path / "c.yaml", tmp_path / "r"))], [])
+    task = ClassificationTask(cfg)
+    train, _ = task.build_datasets()
+    items = [train[(i, 11 + i)] for i in range(4)]
+    batch = task.collate(items)
+    groups, inputs = batch["render_inputs"]
+    ref_groups, ref_inputs = task.source.render_inputs(collate(items))
+    assert groups == ref_groups and torch.equal(inputs, ref_inputs)
+    plain = collate(items)
+    assert "render_inputs" not in plain
+    assert torch.equal(task.source.render(batch, "cpu"), task.source.render(plain, "cpu"))
+
+    seen = []
+    losses = {}
+    for workers in (0, 2):
+        c = load_config([str(write_config(tmp_path / f"w{workers}.yaml", tmp_path / f"w{workers}", steps=3))],
+                        [f"data.num_workers={workers}", "trainer.val_every=0"])
+        t = ClassificationTask(c)
+
+        def noting(batch, device, t=t):
+            seen.append("render_inputs" in batch)
+            return ClassificationTask.images(t, batch, device)
+
+        t.images = noting
+        Trainer(c, t).fit()
+        rows = (tmp_path / f"w{workers}" / "train_log.jsonl").read_text().splitlines()
+        losses[workers] = [json.loads(r)["loss"] for r in rows]
+    assert seen.count(True) == 6  # every training batch of both runs (the held-out scoring at the end renders
+    # from its own loader)
+    assert losses[0] == losses[2] and len(losses[0]) == 3
+
+
+def test_a_task_collate_makes_the_trainer_batches(tmp_path):
+    from medfast.tasks.classification import ClassificationTask
+    from medfast.train import Trainer, load_config
+
+    class Tagged(ClassificationTask):
+        def collate(self, items):
+            batch = super().collate(items)
+            batch["tag"] = len(items)
+            return batch
+
+        def training_step(self, model, batch, device):
+            assert batch["tag"] == 4
+            return super().training_step(model, batch, device)
+
+    c = load_config([str(write_config(tmp_path / "c.yaml", tmp_path / "r", steps=2))], ["trainer.val_every=0"])
+    Trainer(c, Tagged(c)).fit()

@@ -64,6 +64,14 @@ class Task:
         raise NotImplementedError
 
     # -- optional hooks ---------------------------------------------------------------------------
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch of dataset ``items``: the training and validation loaders' ``collate_fn``, so it runs in the
+        loader workers when ``data.num_workers`` > 0. :func:`medfast.data.collate` by default; a task may add what
+        its steps would otherwise compute from the batch in the training process (on its critical path)."""
+        from medfast.data import collate
+
+        return collate(items)
+
     def optimizer_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]] | None:
         """Parameters stepped by separate optimizers, e.g. a GAN's discriminator and generator (optional).
 

@@ -626,14 +626,12 @@ class Trainer:
         the sampler (in this process) gives each epoch's order and every sample's augmentation seed, and the
         batches come back in order. The workers' global RNGs are seeded once per fit from ``trainer.seed`` and the
         rank (``_worker_init``); the data sets draw from per-sample seeds, not from them."""
-        from medfast.data import collate
-
         tc, dc = self.config.trainer, self.config.data
         self.sampler.set_epoch(epoch, start_batch * tc.batch_size, span)  # read when the loader is iterated
         if self._train_loader is None:
             g = torch.Generator().manual_seed(tc.seed * 7919 + self.rank * 104729)
             self._train_loader = torch.utils.data.DataLoader(
-                self.train_ds, batch_size=tc.batch_size, sampler=self.sampler, collate_fn=collate,
+                self.train_ds, batch_size=tc.batch_size, sampler=self.sampler, collate_fn=self.task.collate,
                 num_workers=dc.num_workers, worker_init_fn=_worker_init, generator=g,
                 persistent_workers=dc.num_workers > 0, pin_memory=self.device.type == "cuda",
             )
@@ -644,12 +642,10 @@ class Trainer:
         without a generator, each validation draws one number from the global torch RNG (a new iterator's worker
         base seed; the persistent iterator draws it only once, so here it is drawn for it): the global RNG stream
         after a validation (dropout, noise in the training steps) is the same for every ``data.num_workers``."""
-        from medfast.data import collate
-
         workers = self.config.data.num_workers
         if self._val_loader is None:
-            self._val_loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=collate, num_workers=workers,
-                                                           persistent_workers=workers > 0)
+            self._val_loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=self.task.collate,
+                                                           num_workers=workers, persistent_workers=workers > 0)
         elif workers > 0:
             torch.empty((), dtype=torch.int64).random_()
         return self._val_loader

@@ -632,7 +632,7 @@ class SimulatedUltrasound:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device is {device} but no GPU is visible; render on 'cpu'")
-        groups, inputs = self._inputs(batch)
+        groups, inputs = batch["render_inputs"] if "render_inputs" in batch else self.render_inputs(batch)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             out = None
             if device.type == "cuda" and self.cuda_graphs:
@@ -650,11 +650,12 @@ class SimulatedUltrasound:
             out = (out - m) / s.clamp_min(1e-8)
         return out
 
-    def _inputs(self, batch: Mapping[str, Any]) -> tuple[tuple[tuple[int, int], ...], torch.Tensor]:
+    def render_inputs(self, batch: Mapping[str, Any]) -> tuple[tuple[tuple[int, int], ...], torch.Tensor]:
         """The groups of one simulation each, (volume, probe) pairs in order, and the per-frame inputs
         ``(B, _INPUTS)`` float32 on the host (one tensor, so one copy to the device): pose (16), gain dB,
         dynamic range dB, tissue variant, group. A volume's tissue variants are one stack of property maps,
-        each frame picking its variant by the volume index (same speckle seed)."""
+        each frame picking its variant by the volume index (same speckle seed). :meth:`render` takes them from
+        ``batch["render_inputs"]`` where a loader worker computed them (the classification task's collate)."""
         vol = batch["volume"].reshape(-1).tolist()
         probe = batch["probe"].reshape(-1).tolist()
         extra = batch["render"].reshape(-1, 3).double()

@@ -446,6 +446,15 @@ class ClassificationTask(Task):
             return logits.argmax(1), logits.softmax(1)
         return self.encoder.decode(logits, logits=True), self.encoder.probabilities(logits)
 
+    def collate(self, items):
+        """The trainer's batches (:func:`medfast.data.collate`), and for simulated frames their render inputs (the
+        poses: a march through the brain masks on the host, about 1 ms a batch of 64), so that with
+        ``data.num_workers`` > 0 the loader workers compute them instead of the training process."""
+        batch = _collate(items)
+        if self.source is not None and "image" not in batch:
+            batch["render_inputs"] = self.source.render_inputs(batch)
+        return batch
+
     def images(self, batch, device) -> torch.Tensor:
         """The batch's images on ``device``: read from the batch, or rendered there by the simulator."""
         if "image" in batch:
