@@ -572,6 +572,18 @@ def test_loader_workers_compute_the_render_inputs(tmp_path):
     plain = collate(items)
     assert "render_inputs" not in plain
     assert torch.equal(task.source.render(batch, "cpu"), task.source.render(plain, "cpu"))
+    # a pinned batch (a CUDA trainer's loader pins) may hold the tuples as lists: the groups are graph-cache keys
+    listed = dict(batch, render_inputs=[[list(g) for g in groups], inputs])
+    eager = task.source._render_eager
+    got = []
+
+    def noting(groups, *args):  # a CUDA graph's cache key: tuples, hashable
+        got.append(groups)
+        return eager(groups, *args)
+
+    task.source._render_eager = noting
+    assert torch.equal(task.source.render(listed, "cpu"), task.source.render(plain, "cpu"))
+    assert got[0] == ref_groups and hash(got[0]) == hash(ref_groups)
 
     seen = []
     losses = {}

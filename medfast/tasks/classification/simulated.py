@@ -633,6 +633,7 @@ class SimulatedUltrasound:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device is {device} but no GPU is visible; render on 'cpu'")
         groups, inputs = batch["render_inputs"] if "render_inputs" in batch else self.render_inputs(batch)
+        groups = tuple(tuple(int(i) for i in g) for g in groups)  # (lists after some torch's pin_memory)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             out = None
             if device.type == "cuda" and self.cuda_graphs:
