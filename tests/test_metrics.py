@@ -318,6 +318,20 @@ def test_crop_box_keeps_every_surface_voxel():
     cropped, cropped_counts = surface_edges(mask[(slice(None), *box)])
     assert torch.equal(cropped, full[(slice(None), *box)]) and torch.equal(cropped_counts, counts)
     assert _crop_box(torch.zeros(4, 5, dtype=torch.bool), 1) is None
+    # against the plain definition (nonzero per axis) on random masks, 2D and 3D, single voxels and full ones
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 1), (7, 5), (6, 9, 4), (3, 3, 3), (10, 1, 8)]:
+        for density in (0.0, 0.002, 0.05, 1.0):
+            m = torch.rand(shape, generator=g) < density
+            if density == 0.002 and not m.any():
+                m.view(-1)[int(torch.randint(m.numel(), (1,), generator=g))] = True
+            for margin in (0, 1, 2):
+                want = None
+                if m.any():
+                    idx = torch.nonzero(m)
+                    want = [slice(max(int(idx[:, a].min()) - margin, 0), min(int(idx[:, a].max()) + 1 + margin,
+                                                                             shape[a])) for a in range(len(shape))]
+                assert _crop_box(m, margin) == want, (shape, density, margin)
 
 
 @pytest.mark.parametrize("labels", [False, True])

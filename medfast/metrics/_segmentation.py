@@ -272,16 +272,19 @@ def _chunked(
 
 def _crop_box(union: torch.Tensor, margin: int) -> list[slice] | None:
     """Bounding box (one slice per axis, grown by ``margin`` and clipped to the image) of the nonzero voxels
-    of a (*S) bool tensor; None if it has none."""
-    box = []
+    of a (*S) bool tensor; None if it has none. The first and last hit of every axis come back to the host in one
+    read (on a GPU one sync; a nonzero and two reads per axis made it 9 in 3D)."""
     u8 = union.view(torch.uint8)  # amax over uint8 is several times faster than any() over bool
+    rows = []
     for axis in range(union.dim()):
         proj = u8.amax(dim=[d for d in range(union.dim()) if d != axis])
-        hits = torch.nonzero(proj).flatten()
-        if hits.numel() == 0:
-            return None
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, union.shape[axis])))
-    return box
+        # argmax gives the first maximal index: the first hit, and from the end the last
+        rows.append(torch.stack([proj.amax().long(), proj.argmax(), proj.numel() - 1 - proj.flip(0).argmax()]))
+    stats = torch.stack(rows).tolist()
+    if not stats[0][0]:
+        return None
+    return [slice(max(first - margin, 0), min(last + 1 + margin, union.shape[axis]))
+            for axis, (_, first, last) in enumerate(stats)]
 
 
 def _surface_distances(
@@ -393,8 +396,10 @@ def _few_segment_quantile(values: torch.Tensor, seg: torch.Tensor, n: int, q: fl
 
 
 def _warn_empty(fn: str, n_p: torch.Tensor, n_t: torch.Tensor, channels: int, first: int, stacklevel: int) -> None:
-    empty_p = torch.nonzero(n_p == 0).flatten().tolist()
-    empty_t = torch.nonzero(n_t == 0).flatten().tolist()
+    # the counts in one read (on a GPU one sync, not two nonzero)
+    empty = (torch.stack([n_p, n_t]) == 0).tolist()
+    empty_p = [i for i, e in enumerate(empty[0]) if e]
+    empty_t = [i for i, e in enumerate(empty[1]) if e]
     if not empty_p and not empty_t:
         return
 
