@@ -32,14 +32,6 @@ def _loss_fn(impl: str):
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def make_step(impl: str, what: str, size: int, classes: int, batch: int, device: str):
     """The case this script and ``test_bench_segmentation.py`` (pytest-benchmark) time: step() = one UNet
     training step (``what="step"``) or the loss forward + backward (``what="loss"``) with ``impl``'s Dice+CE."""
@@ -116,30 +108,14 @@ def time_worker(what: str, size: int, classes: int, batch: int, repeats: int, de
 
 
 def memory_worker(impl: str, what: str, size: int, classes: int, batch: int, device: str) -> dict:
-    """Peak memory of one implementation alone in a fresh process (above the state after one step; CPU: the
-    resident growth of one call in a worker started with warp_cases.MALLOC_ENV, see cpu_extra_peak_mib)."""
-    import torch
+    """Peak memory of one implementation alone in a fresh CPU process: the resident growth of one call in a worker
+    started with warp_cases.MALLOC_ENV (see cpu_extra_peak_mib). On CUDA the timing worker measures it."""
+    import warp_cases as wc
 
-    if not device.startswith("cuda"):
-        import warp_cases as wc
-
-        step = make_step(impl, what, size, classes, batch, device)
-        extra = wc.cpu_extra_peak_mib(step, getattr(step, "clear_grad", None))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"peak_mib": peak, "extra_peak_mib": extra}
-    run = _setup(impl, what, size, classes, batch, device)
-    run()
-    before = _rss_mib()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    run()
-    run()
-    if device.startswith("cuda"):
-        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20,
-                "extra_peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    step = make_step(impl, what, size, classes, batch, device)
+    extra = wc.cpu_extra_peak_mib(step, getattr(step, "clear_grad", None))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"peak_mib": peak, "extra_peak_mib": peak - before}
+    return {"peak_mib": peak, "extra_peak_mib": extra}
 
 
 def _run(args, *worker) -> dict:
@@ -208,8 +184,8 @@ def main() -> None:
     a = args
     for what in ("step", "loss"):
         r = _run(a, "time", what, a.size, a.classes, a.batch, a.repeats, a.device)
-        for impl in IMPLS:  # on CUDA the timing worker measured the memory too (4 fewer processes)
-            if "extra_peak_mib" not in r[impl]:
+        if not a.device.startswith("cuda"):  # on CUDA the timing worker measured the memory (4 fewer processes)
+            for impl in IMPLS:
                 r[impl].update(_run(a, "memory", impl, what, a.size, a.classes, a.batch, a.device))
         r["monai_over_medfast"] = r["monai"]["ms"] / r["medfast"]["ms"]
         r["monai_over_medfast_min"] = r["monai"]["min_ms"] / r["medfast"]["min_ms"]

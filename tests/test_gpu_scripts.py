@@ -92,10 +92,15 @@ def test_gpu_test_selection_covers_every_gpu_test():
     assert not missed, missed[:10]
 
 
-def test_gpu_summary_of_the_committed_h200_results(tmp_path):
+def _summary_rows(prefix: str, tmp_path) -> dict[str, str]:
+    """gpu_summary.py's table of the committed GPU results of ``prefix``: {row name: row}."""
     out = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(ROOT / "benchmarks" / "results" / "gpu"), "--prefix",
-                "h200b_"], tmp_path).stdout
-    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+                prefix], tmp_path).stdout
+    return {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+
+
+def test_gpu_summary_of_the_committed_h200_results(tmp_path):
+    lines = _summary_rows("h200b_", tmp_path)
     assert "1345 GB/s (28 % of 4800)" in lines["2: warp forward 256^3, plain"]
     assert "0.958 ms, 2.19x" in lines["2: warp fwd+bwd 256^3 kernels, plain"] and lines[
         "2: warp fwd+bwd 256^3 kernels, plain"].endswith("| yes |")
@@ -106,18 +111,14 @@ def test_gpu_summary_of_the_committed_h200_results(tmp_path):
     assert lines["7: warp vs CuPy map_coordinates / affine_transform"].endswith("| not run |")
     # the next run's files beside them (h200c_, with CuPy rows) are not read under the h200b_ prefix, and read
     # under their own
-    out = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(ROOT / "benchmarks" / "results" / "gpu"), "--prefix",
-                "h200c_"], tmp_path).stdout
-    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    lines = _summary_rows("h200c_", tmp_path)
     assert "1339 GB/s (28 % of 4800)" in lines["2: warp forward 256^3, plain-ilp1"]
     assert "2.72x" in lines["3: Dice+CE fwd+bwd B=2 128^3 C=16"]
     assert "(15 %)" in lines["6: cls_sim (batch 64)"]
     assert lines["7: warp vs CuPy map_coordinates / affine_transform"].startswith(
         "| 7: warp vs CuPy map_coordinates / affine_transform | 9 rows")
     # the second lease of that day: the warp backward with its register budget, the default sums
-    out = _run([str(ROOT / "scripts" / "gpu_summary.py"), str(ROOT / "benchmarks" / "results" / "gpu"), "--prefix",
-                "h200d_"], tmp_path).stdout
-    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    lines = _summary_rows("h200d_", tmp_path)
     assert "1.039 ms, 2.02x" in lines["2: warp fwd+bwd 256^3 kernels, default"]
     assert "3.15x" in lines["3: Dice+CE fwd+bwd B=2 128^3 C=64"] and lines[
         "3: Dice+CE fwd+bwd B=2 128^3 C=64"].endswith("| yes |")

@@ -416,7 +416,7 @@ class _Log:
             f.write(json_dumps(row) + "\n")
         # compared with the CSV's columns, not the first row: a run resumed from a log without a newer column
         # (data_seconds) rewrote the whole CSV at every step
-        if len(self.rows) == 1 or set(row) - set(self._keys):
+        if set(row) - set(self._keys):  # (also the first row: no columns yet)
             self._write_csv()
         else:
             with open(self.csv, "a", newline="", encoding="utf-8") as f:

@@ -450,7 +450,7 @@ class ClassificationTask(Task):
         """The trainer's batches (:func:`medfast.data.collate`), and for simulated frames their render inputs (the
         poses: a march through the brain masks on the host, about 1 ms a batch of 64), so that with
         ``data.num_workers`` > 0 the loader workers compute them instead of the training process."""
-        batch = _collate(items)
+        batch = super().collate(items)
         if self.source is not None and "image" not in batch:
             batch["render_inputs"] = self.source.render_inputs(batch)
         return batch
