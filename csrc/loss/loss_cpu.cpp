@@ -179,15 +179,15 @@ std::tuple<Tensor, Tensor> softmax_stats_cpu(const Tensor& logits_in, const Tens
     using T = compute_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     out = sum_blocks<T>(
-        logits, bl, C + 2 + (l.channels_last ? C : 0),  // + the gathered block (S is never wider than T)
+        logits, bl, C + 3 + (l.channels_last ? C : 0),  // + the gathered block (S is never wider than T)
         [&](int64_t b, int64_t x0, int nv, double* acc, LabelRange& r, T* e) MEDFAST_INLINE_LAMBDA {
           const int64_t v0 = b * N + x0;
           int64_t yb[kBlock];  // the block's labels as int64 (AnyLabels::block; int64 ones in place)
           int64_t cs;
-          const scalar_t* zb = block_logits(z, l, C, N, b, x0, nv, reinterpret_cast<scalar_t*>(e + (C + 2) * kBlock),
+          const scalar_t* zb = block_logits(z, l, C, N, b, x0, nv, reinterpret_cast<scalar_t*>(e + (C + 3) * kBlock),
                                             cs);
           stats_block(zb, C, cs, y.block(v0, nv, yb), rule, ce, w ? w + v0 : nullptr, nv, acc, e, e + C * kBlock,
-                      e + (C + 1) * kBlock, r);
+                      e + (C + 1) * kBlock, e + (C + 2) * kBlock, r);
         },
         &range);
   });

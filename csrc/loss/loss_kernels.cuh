@@ -89,7 +89,9 @@ struct LabelVoxel {
   long long* range;    // (2,) the call's LabelRange, zeros at the start (sums only)
   __device__ void sum(int64_t b, int64_t x, Strided<T> acc, Strided<T> e, LabelRange& r) const {
     const int64_t v = b * N + x, label = y[v];
-    stats_block(z + b * C * N + x * vs, C, cs, &label, rule, ce, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1, r);
+    // (lse: not read for one voxel)
+    stats_block(z + b * C * N + x * vs, C, cs, &label, rule, ce, w ? w + v : nullptr, 1, acc, e, e + C, e + C + 1,
+                e + C + 1, r);
   }
   // Integer atomics, and only for bad labels (none in a good call): deterministic, and no contention.
   __device__ void report(const LabelRange& r) const {
