@@ -119,6 +119,69 @@ def _stats_backward(ctx, grad, _grad_range):
 torch.library.register_autograd("medfast::softmax_stats", _stats_backward, setup_context=_stats_setup)
 
 
+# ---- Lean eager autograd ----
+# torch.library's autograd wrapper of a custom op is Python (argument defaults refilled from the schema, a
+# redispatch, a generated Function): about 12 us of host time per differentiated call on this CPU, and a
+# Dice+CE call makes two. For a small loss that is most of its time, and on a GPU the host time, not the
+# kernels, bounds Dice+CE at few classes. Plain eager calls therefore run each op through an
+# autograd.Function of its own with the same setup and backward functions as the registered autograd
+# (so the same gradients, second derivatives included), the op itself below autograd. torch.compile,
+# torch.jit.trace, functorch transforms (vmap) and tensor subclasses keep the registered op, which is what
+# those record and dispatch (and what opcheck tests).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _lean(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call with these tensor inputs takes the lean eager path."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+def _run_lean(function: type[torch.autograd.Function], op, *args):
+    """``op(*args)`` on the lean path: through ``function`` when a gradient is needed, else the op alone
+    (below autograd: no wrapper at all)."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return function.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+class _SoftmaxStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, voxel_weight, ignore_index, ce):
+        with torch._C._AutoDispatchBelowAutograd():
+            stats, bad_labels = _ops.softmax_stats(logits, labels, voxel_weight, ignore_index, ce)
+        _stats_setup(ctx, (logits, labels, voxel_weight, ignore_index, ce), None)
+        ctx.mark_non_differentiable(bad_labels)
+        return stats, bad_labels
+
+    backward = staticmethod(_stats_backward)
+
+
+class _SoftStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, voxel_weight, sigmoid, ce):
+        with torch._C._AutoDispatchBelowAutograd():
+            stats = _ops.soft_stats(logits, target, voxel_weight, sigmoid, ce)
+        _soft_setup(ctx, (logits, target, voxel_weight, sigmoid, ce), None)
+        return stats
+
+    backward = staticmethod(_soft_backward)
+
+
+def _softmax_stats(logits, labels, voxel_weight, ignore_index, ce):
+    if _lean(logits, labels, voxel_weight):
+        return _run_lean(_SoftmaxStats, _ops.softmax_stats, logits, labels, voxel_weight, ignore_index, ce)
+    return _ops.softmax_stats(logits, labels, voxel_weight, ignore_index, ce)
+
+
+def _soft_stats(logits, target, voxel_weight, sigmoid, ce):
+    if _lean(logits, target, voxel_weight):
+        return _run_lean(_SoftStats, _ops.soft_stats, logits, target, voxel_weight, sigmoid, ce)
+    return _ops.soft_stats(logits, target, voxel_weight, sigmoid, ce)
+
+
 def _check_logits(logits: object, activation: str = "softmax") -> torch.Tensor:
     logits = check_tensor("logits", logits)
     if logits.dtype not in _LOGIT_DTYPES:
@@ -374,14 +437,14 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
         t = _soft_target(target, logits, ignore_index)
         weight = _voxel_weight(voxel_weight, t[:, 0], logits)
         if fused:
-            stats = _ops.soft_stats(logits, t, weight, activation == "sigmoid", ce)
+            stats = _soft_stats(logits, t, weight, activation == "sigmoid", ce)
         else:
             stats = _stats_reference(logits, t, weight, activation)
     else:
         labels, ignore_index, host_check = _labels(target, logits, ignore_index, check_labels)
         weight = _voxel_weight(voxel_weight, labels, logits)
         if fused:  # never reads past C: safe before the range check, which reads its report
-            stats, bad_labels = _ops.softmax_stats(logits, labels, weight, ignore_index, ce)
+            stats, bad_labels = _softmax_stats(logits, labels, weight, ignore_index, ce)
         else:
             stats = _stats_reference(logits, _reference_labels(labels, ignore_index), weight, "labels")
             bad_labels = _label_range_reference(labels, ignore_index, logits.shape[1])
@@ -449,6 +512,19 @@ def _finalize_backward(ctx, grad):
 torch.library.register_autograd("medfast::loss_finalize", _finalize_backward, setup_context=_finalize_setup)
 
 
+class _LossFinalize(torch.autograd.Function):
+    """loss_finalize on the lean eager path (see _lean)."""
+
+    @staticmethod
+    def forward(ctx, stats, class_weight, divisor, scalars, flags):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _ops.loss_finalize(stats, class_weight, divisor, scalars, flags)
+        _finalize_setup(ctx, (stats, class_weight, divisor, scalars, flags), out)
+        return out
+
+    backward = staticmethod(_finalize_backward)
+
+
 def _finalize_applies(cw: torch.Tensor | None, batch_dice: bool = False, ddp_sync: bool = False) -> bool:
     """Whether the fused finishing op computes the loss: not when the class weights require grad (the
     op does not differentiate them), nor for a batch Dice all-reduced between the sums and the ratio."""
@@ -472,6 +548,8 @@ def _finalize(stats, cw, divisor, *, dice, ce, include_background=True, batch_di
              | (_BATCH_DICE if batch_dice else 0) | (_MEAN if reduction == "mean" else 0)
              | (_TRUTH_DIVISOR if truth else 0))
     scalars = [float(scale), smooth[0], smooth[1], float(lambda_dice), float(lambda_ce)]
+    if _lean(stats, cw, voxels):
+        return _run_lean(_LossFinalize, _ops.loss_finalize, stats, cw, voxels, scalars, flags)
     return _ops.loss_finalize(stats, cw, voxels, scalars, flags)
 
 
