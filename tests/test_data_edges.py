@@ -48,6 +48,31 @@ def test_zscore_of_a_ct_keeps_its_zero_hu_voxels():
                                rtol=1e-3, atol=1e-5)
 
 
+def test_zscore_of_a_masked_image_ignores_a_few_ringing_negatives():
+    # a skull-stripped MR resampled with a ringing kernel: a few voxels just below 0 outside the brain. One
+    # voxel of -0.001 switched the statistics from the brain to the whole volume (brain mean +1.85, background
+    # -0.51); MONAI NormalizeIntensity(nonzero=True) is the reference, as without the ringing voxels
+    from monai.transforms import NormalizeIntensity
+
+    g = torch.Generator().manual_seed(0)
+    zz, yy, xx = torch.meshgrid(*[torch.arange(24.0)] * 3, indexing="ij")
+    brain = ((zz - 12) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2) < 9**2
+    mr = torch.zeros(1, 24, 24, 24)
+    mr[0][brain] = 100 + 20 * torch.randn(int(brain.sum()), generator=g)
+    ring = mr.clone()
+    ring[0, 12, 12, 2] = -0.001
+    ring[0, 3, 12, 12] = -0.02
+    ref = torch.as_tensor(NormalizeIntensity(nonzero=True)(ring.clone()))  # (MONAI works in place)
+    torch.testing.assert_close(normalize_intensity(ring), ref, rtol=1e-3, atol=1e-4)
+    assert abs(float(normalize_intensity(ring)[0][brain].mean())) < 0.05  # (was +1.85)
+    # a real share of negative voxels (here 5 % of the non-zero ones) is a CT-like image: every voxel counts
+    ct_like = mr.clone()
+    ct_like[0][brain & (zz < 5.5)] = -300.0
+    assert int((ct_like < 0).sum()) > 0.01 * int((ct_like != 0).sum())
+    torch.testing.assert_close(normalize_intensity(ct_like), torch.as_tensor(NormalizeIntensity()(ct_like.clone())),
+                               rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["zscore", "minmax"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_normalize_refuses_non_finite_voxels(method, bad):

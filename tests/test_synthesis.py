@@ -449,6 +449,19 @@ def test_predict_takes_a_folder_of_poses_files(tmp_path, phantom):
     assert not (tmp_path / "p3").exists() or not any((tmp_path / "p3").rglob("*.png"))
 
 
+def test_poses_folder_scan_skips_dot_files_and_takes_any_case(tmp_path):
+    # a folder copied from macOS holds ._sweep.json (AppleDouble, not JSON) beside sweep.json: predict failed on it
+    from medfast.tasks.synthesis.generate import poses_files, read_poses
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"poses": [np.eye(4).tolist()]}))
+    (tmp_path / "._sweep.json").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    np.save(tmp_path / "SWEEP2.NPY", np.eye(4)[None])  # (np.save appends .npy: SWEEP2.NPY.npy)
+    (tmp_path / "UPPER.JSON").write_text(json.dumps({"poses": [np.eye(4).tolist()]}))
+    files = poses_files([tmp_path])
+    assert [f.name for f in files] == ["SWEEP2.NPY.npy", "UPPER.JSON", "sweep.json"]
+    assert all(read_poses(f).shape == (1, 4, 4) for f in files)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # packaged real volumes (DATA.md)
 # ----------------------------------------------------------------------------------------------------------

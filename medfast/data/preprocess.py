@@ -265,9 +265,11 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
                         clip_percentiles: Sequence[float] | None = None) -> torch.Tensor:
     """Per-channel intensity normalization of ``(C, *S)``.
 
-    ``"zscore"``: zero mean, unit variance; when 5-100 % of the voxels are non-zero and none is negative (a
-    masked, e.g. skull-stripped, image: 0 is its background) the statistics come from the non-zero voxels and
-    the zeros stay 0 (a CT's 0 HU is water, not background: it has negative voxels, and all count);
+    ``"zscore"``: zero mean, unit variance; when 5-100 % of the voxels are non-zero and at most 1 % of those
+    are negative (a masked, e.g. skull-stripped, image: 0 is its background; a few slightly negative voxels
+    are interpolation ringing) the statistics come from the non-zero voxels and the zeros stay 0, as MONAI's
+    ``NormalizeIntensity(nonzero=True)``; otherwise from every voxel (a CT's 0 HU is water, not background:
+    its air and fat make far more than 1 % of it negative, and all voxels count);
     ``"minmax"``: to [0, 1]; ``"none"``. ``clip_percentiles=(lo, hi)`` first clips each channel to those
     percentiles (0-100). A NaN or infinite voxel raises ``ValueError`` (no statistic would mean anything).
     """
@@ -302,8 +304,10 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
             x.clamp_(qlo, qhi)
         if method == "zscore":
             mask = x != 0
-            # masked image (e.g. skull-stripped): zeros are its background only where nothing is below them
-            masked = 0.05 * x.numel() < int(mask.sum()) < x.numel() and float(x.min()) >= 0
+            # masked image (e.g. skull-stripped): zeros are its background unless a real share of the image lies
+            # below them (a CT); a few negative voxels (ringing of a resampled masked MR) do not decide it
+            nonzero = int(mask.sum())
+            masked = 0.05 * x.numel() < nonzero < x.numel() and int((x < 0).sum()) <= 0.01 * nonzero
             ref = x[mask] if masked else x
             std, mean = torch.std_mean(ref) if ref.numel() > 1 else (ref.new_zeros(()), ref.mean())
             if not float(std) > 1e-6 * float(mean.abs()):

@@ -168,14 +168,16 @@ def _poses_stem(path: Path) -> str:
 
 
 def poses_files(inputs) -> list[Path]:
-    """``inputs`` with every folder replaced by its poses files (``*.json``, ``*.npy``, sorted by name), as
-    ``medfast predict`` takes a folder of images for the other tasks. Raises FileNotFoundError for a missing
-    input or a folder without poses files."""
+    """``inputs`` with every folder replaced by its poses files (``*.json``, ``*.npy`` in any case, not dot files;
+    sorted by name), as ``medfast predict`` takes a folder of images for the other tasks. Raises
+    FileNotFoundError for a missing input or a folder without poses files."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in POSES_SUFFIXES and p.is_file())
+            # (dot files skipped, as every folder scan of the package: macOS's ._name.json companions are no JSON)
+            found = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in POSES_SUFFIXES and not p.name.startswith(".") and p.is_file())
             if not found:
                 raise FileNotFoundError(f"no poses files ({', '.join('*' + s for s in POSES_SUFFIXES)}) in the "
                                         f"input folder {path}")
