@@ -123,12 +123,15 @@ def test_cuda_check_labels_false_gives_nan_without_a_sync():
     t = torch.randint(0, 3, (2, 5, 6, 7), device="cuda")
     assert torch.equal(mf.dice_ce_loss(z, t, check_labels=False), mf.dice_ce_loss(z, t))
     t[1, 4, 5, 6] = 3
+    z.requires_grad_()
     torch.cuda.set_sync_debug_mode("error")  # any device sync in the call raises
     try:
         loss = mf.dice_ce_loss(z, t, check_labels=False)
+        loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isnan(loss)
+    # the finishing kernel reads the sums kernel's label-range report: NaN loss and gradient
+    assert torch.isnan(loss) and torch.isnan(z.grad).all()
 
 
 def test_cuda_opcheck():

@@ -181,6 +181,18 @@ def test_loss_finalize_gradcheck_and_opcheck(case):
     torch.library.opcheck(OPS.loss_finalize_backward.default, (grad, stats, cw, div, scalars, flags))
     f32 = [t if t is None else t.float() for t in (stats, cw, div)]
     torch.library.opcheck(OPS.loss_finalize.default, (*f32, scalars, flags))
+    # with the sums op's label-range report (check_labels=False): good, the same op; bad, NaN
+    good, bad = torch.zeros(2, dtype=torch.int64), torch.tensor([0, 9])
+    assert torch.equal(OPS.loss_finalize(x, cw, div, scalars, flags, good),
+                       OPS.loss_finalize(x, cw, div, scalars, flags))
+    assert torch.autograd.gradcheck(lambda s: OPS.loss_finalize(s, cw, div, scalars, flags, good), (x,))
+    # (opcheck with the good report: its comparisons of a NaN output fail)
+    torch.library.opcheck(OPS.loss_finalize.default, (x, cw, div, scalars, flags, good))
+    torch.library.opcheck(OPS.loss_finalize_backward.default, (grad, stats, cw, div, scalars, flags, good))
+    assert torch.isnan(OPS.loss_finalize(x, cw, div, scalars, flags, bad))
+    assert torch.isnan(OPS.loss_finalize_backward(grad, stats, cw, div, scalars, flags, bad)).all()
+    with pytest.raises(ValueError, match="bad_labels must be the sums op's"):
+        OPS.loss_finalize(x, cw, div, scalars, flags, good.int())
 
 
 def test_loss_finalize_absent_term_is_not_computed():
@@ -247,6 +259,9 @@ def test_fewer_aten_ops_per_dice_ce_forward_backward(monkeypatch):
     assert old >= 39 and old_heavy >= 54
     assert fused <= 0.6 * 40 and heavy <= 0.6 * 61
     assert fused <= 10 and heavy <= 14
+    # without the host check the fused op reads the sums op's label-range report itself: no op more (the NaN
+    # injection on the sums took 5: any, where, to, add and its backward; 12 in all)
+    assert _count_dice_ce(check_labels=False) == fused
 
 
 @pytest.mark.parametrize("fn", [mf.dice_ce_loss, mf.dice_loss, mf.cross_entropy])
@@ -259,7 +274,31 @@ def test_bad_label_without_check_gives_nan_through_the_fused_op(fn):
     loss = fn(z, bad, check_labels=False)
     assert torch.isnan(loss)
     assert type(loss.grad_fn).__name__ == "_LossFinalizeBackward"  # the fused op's NaN, not the composition's
-    assert torch.isfinite(fn(logits, target, check_labels=False))
+    loss.backward()
+    assert torch.isnan(z.grad).all()  # never a finite gradient from a bad label either
+    # good labels: the same loss and gradient as with the check, bitwise
+    values = []
+    for check in (True, False):
+        z = logits.clone().requires_grad_()
+        loss = fn(z, target, check_labels=check)
+        loss.backward()
+        values.append((loss.detach(), z.grad))
+    assert torch.isfinite(values[1][0])
+    assert torch.equal(values[0][0], values[1][0]) and torch.equal(values[0][1], values[1][1])
+
+
+@pytest.mark.parametrize("fn", [mf.dice_ce_loss, mf.dice_loss, mf.cross_entropy])
+def test_bad_label_without_check_gives_nan_through_the_composition(monkeypatch, fn):
+    # where the fused finishing op does not apply (here forced), the sums themselves become NaN
+    logits, target, _ = _case("labels", 3, seed=4)
+    bad = target.clamp_max(3).clone()
+    bad[0, 1, 1, 1] = -2
+    with monkeypatch.context() as m:
+        _python(m)
+        z = logits.clone().requires_grad_()
+        loss = fn(z, bad, check_labels=False)
+        loss.backward()
+    assert torch.isnan(loss) and torch.isnan(z.grad).any()  # (the bad voxel itself has weight 0 there)
 
 
 def test_fused_op_is_used_and_composition_kept_where_it_must(monkeypatch):

@@ -506,12 +506,12 @@ FINALIZE_FLAGS = [
 ]
 
 
-def _emu_finalize(lib, stats, cw, divisor, scalars, flags, g):
+def _emu_finalize(lib, stats, cw, divisor, scalars, flags, g, bad=None):
     suffix = "f32" if stats.dtype == torch.float32 else "f64"
     B, C = stats.shape[:2]
     out = torch.full((), float("nan"), dtype=stats.dtype)
     grad = torch.full_like(stats, float("nan"))
-    opt = [None if t is None else _p(t) for t in (cw, divisor)]
+    opt = [None if t is None else _p(t) for t in (cw, divisor, bad)]
     getattr(lib, f"emu_loss_finalize_{suffix}")(_p(stats), *opt, ctypes.c_int64(B), ctypes.c_int64(C),
                                                   (ctypes.c_double * 5)(*scalars), ctypes.c_int64(flags), _p(g),
                                                   _p(out), _p(grad))
@@ -541,3 +541,16 @@ def test_finalize_kernel_matches_cpu(lib, dtype, BC, flags, weighted):
     ref_grad = torch.ops.medfast.loss_finalize_backward(gout, stats, cw, divisor, scalars, flags)
     torch.testing.assert_close(value, ref, rtol=0, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+    # the label-range report of the sums op (check_labels=False): good labels change nothing, a bad one (a label
+    # below 0 or one >= C) makes the loss and every gradient entry NaN
+    good = torch.zeros(2, dtype=torch.int64)
+    value_g, grad_g = _emu_finalize(lib, stats, cw, divisor, scalars, flags, gout, good)
+    torch.testing.assert_close(value_g, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad_g, ref_grad, rtol=0, atol=0)
+    for bad in ([-3, 0], [0, C + 2]):
+        bad = torch.tensor(bad)
+        value_b, grad_b = _emu_finalize(lib, stats, cw, divisor, scalars, flags, gout, bad)
+        assert torch.isnan(value_b) and torch.isnan(grad_b).all()
+        assert torch.isnan(torch.ops.medfast.loss_finalize(stats, cw, divisor, scalars, flags, bad))
+        assert torch.isnan(torch.ops.medfast.loss_finalize_backward(gout, stats, cw, divisor, scalars, flags,
+                                                                      bad)).all()

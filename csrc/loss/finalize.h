@@ -17,6 +17,7 @@
 // kernel launch on a GPU.
 #pragma once
 #include <cstdint>
+#include <limits>
 
 #include "common/macros.h"
 #include "loss/loss.h"
@@ -43,6 +44,10 @@ struct Finalize {
   const T* stats;
   const T* cw;
   const T* divisor;
+  // (2,) int64 label-range report of the sums op (loss.h LabelRange) or null: any non-zero entry (a label
+  // out of range, check_labels=False) makes the loss and its gradient NaN, here rather than by separate
+  // ops on the sums (four kernel launches and an autograd node per call on a GPU).
+  const int64_t* bad;
   int64_t B, C;
   T divisor_scale;   // CE mean divisor: divisor_scale (* *divisor if given), unless truth_divisor
   T smooth_nr, smooth_dr, lambda_dice, lambda_ce;
@@ -55,6 +60,7 @@ struct Finalize {
   // Number of Dice terms: (B or 1) x the classes from first_class().
   MEDFAST_HOST_DEVICE int64_t dice_terms() const { return (batch_dice ? 1 : B) * dice_classes(); }
   MEDFAST_HOST_DEVICE T weight(int64_t c) const { return cw ? cw[c] : T(1); }
+  MEDFAST_HOST_DEVICE bool bad_labels() const { return bad != nullptr && (bad[0] != 0 || bad[1] != 0); }
   MEDFAST_HOST_DEVICE T ce_divisor(T truth_sum) const {
     return truth_divisor ? truth_sum : (divisor ? divisor[0] * divisor_scale : divisor_scale);
   }
@@ -69,12 +75,13 @@ struct Finalize {
 // The Finalize of the op's arguments: scalars = (divisor_scale, smooth_nr, smooth_dr, lambda_dice,
 // lambda_ce), flags = FinalizeFlag bits.
 template <typename T>
-inline Finalize<T> finalize_args(const T* stats, const T* cw, const T* divisor, int64_t B, int64_t C,
-                                 const double* scalars, int64_t flags) {
+inline Finalize<T> finalize_args(const T* stats, const T* cw, const T* divisor, const int64_t* bad, int64_t B,
+                                 int64_t C, const double* scalars, int64_t flags) {
   auto on = [flags](FinalizeFlag f) { return (flags & f) != 0; };
   return {stats,
           cw,
           divisor,
+          bad,
           B,
           C,
           static_cast<T>(scalars[0]),
@@ -142,6 +149,7 @@ MEDFAST_HOST_DEVICE void finalize_combine(Acc a, Acc b) {
 // The loss from the block's sums (Dice terms, sum cw E, sum cw G).
 template <typename T>
 MEDFAST_HOST_DEVICE T finalize_value(const Finalize<T>& f, T dice_sum, T nll_sum, T truth_sum) {
+  if (f.bad_labels()) return std::numeric_limits<T>::quiet_NaN();
   const T dice = f.dice ? f.lambda_dice * (f.mean ? dice_sum / static_cast<T>(f.dice_terms()) : dice_sum) : T(0);
   const T ce = f.ce ? f.lambda_ce * (f.mean ? nll_sum / f.ce_divisor(truth_sum) : nll_sum) : T(0);
   return f.dice && f.ce ? dice + ce : (f.dice ? dice : ce);
@@ -177,6 +185,7 @@ MEDFAST_HOST_DEVICE void finalize_grad_entry(const Finalize<T>& f, T g, T nll_su
     }
     ge = gc * w;
   }
+  if (f.bad_labels()) gi = gp = gg = ge = std::numeric_limits<T>::quiet_NaN();
   out[0] = gi;
   out[1] = gp;
   out[2] = gg;

@@ -39,7 +39,8 @@ void check_soft(const Tensor& logits, const Tensor& target, const OptTensor& wei
   same_device(logits, target, weight, "medfast soft_stats");
 }
 
-void check_finalize(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor) {
+void check_finalize(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
+                    const OptTensor& bad_labels) {
   TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(2) == kStats,
                     "medfast loss_finalize: stats must be (B, C, 4), got ", stats.sizes());
   TORCH_CHECK_TYPE(stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble,
@@ -54,6 +55,13 @@ void check_finalize(const Tensor& stats, const OptTensor& class_weight, const Op
     TORCH_CHECK_VALUE(divisor->numel() == 1, "medfast loss_finalize: divisor must hold one value");
     TORCH_CHECK_VALUE(divisor->device() == stats.device(), "medfast loss_finalize: divisor is on ",
                       divisor->device(), " but stats is on ", stats.device());
+  }
+  if (bad_labels) {
+    TORCH_CHECK_VALUE(bad_labels->numel() == 2 && bad_labels->scalar_type() == at::kLong,
+                      "medfast loss_finalize: bad_labels must be the sums op's (2,) int64 label-range report, got ",
+                      bad_labels->scalar_type(), " of shape ", bad_labels->sizes());
+    TORCH_CHECK_VALUE(bad_labels->device() == stats.device(), "medfast loss_finalize: bad_labels is on ",
+                      bad_labels->device(), " but stats is on ", stats.device());
   }
 }
 
@@ -98,10 +106,14 @@ TORCH_LIBRARY_FRAGMENT(medfast, m) {
   // the terms present and the options as the bits of `flags` (FinalizeFlag), scalars = (divisor_scale,
   // smooth_nr, smooth_dr, lambda_dice, lambda_ce). Few arguments on purpose: the Python autograd wrapper
   // of an op costs host time per argument (torch.library's fill_defaults, quadratic in their number).
-  m.def("loss_finalize(Tensor stats, Tensor? class_weight, Tensor? divisor, float[] scalars, int flags) -> Tensor");
+  // bad_labels: softmax_stats' label-range report; a bad label makes the loss and its gradient NaN
+  // (check_labels=False: no host check).
+  m.def(
+      "loss_finalize(Tensor stats, Tensor? class_weight, Tensor? divisor, float[] scalars, int flags, "
+      "Tensor? bad_labels=None) -> Tensor");
   m.def(
       "loss_finalize_backward(Tensor grad, Tensor stats, Tensor? class_weight, Tensor? divisor, float[] scalars, "
-      "int flags) -> Tensor");
+      "int flags, Tensor? bad_labels=None) -> Tensor");
 }
 
 // The same checks in front of either backend's launchers.
@@ -139,18 +151,19 @@ void register_impls(torch::Library& m) {
     return L.soft_backward(grad, logits, target, weight, sigmoid);
   });
   m.impl("loss_finalize", [](const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
-                             at::ArrayRef<double> scalars, int64_t flags) {
-    check_finalize(stats, class_weight, divisor);
-    return L.finalize(stats, class_weight, divisor, finalize_options(scalars, flags));
+                             at::ArrayRef<double> scalars, int64_t flags, const OptTensor& bad_labels) {
+    check_finalize(stats, class_weight, divisor, bad_labels);
+    return L.finalize(stats, class_weight, divisor, bad_labels, finalize_options(scalars, flags));
   });
   m.impl("loss_finalize_backward", [](const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
-                                      const OptTensor& divisor, at::ArrayRef<double> scalars, int64_t flags) {
-    check_finalize(stats, class_weight, divisor);
+                                      const OptTensor& divisor, at::ArrayRef<double> scalars, int64_t flags,
+                                      const OptTensor& bad_labels) {
+    check_finalize(stats, class_weight, divisor, bad_labels);
     TORCH_CHECK_VALUE(grad.numel() == 1 && grad.device() == stats.device(),
                       "medfast loss_finalize_backward: grad must be one value on the stats' device");
     TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()),
                      "medfast loss_finalize_backward: grad must be floating, got ", grad.scalar_type());
-    return L.finalize_backward(grad, stats, class_weight, divisor, finalize_options(scalars, flags));
+    return L.finalize_backward(grad, stats, class_weight, divisor, bad_labels, finalize_options(scalars, flags));
   });
 }
 

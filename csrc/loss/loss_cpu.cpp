@@ -409,8 +409,8 @@ Tensor soft_stats_backward_cpu(const Tensor& grad_stats, const Tensor& logits_in
 }
 
 Tensor loss_finalize_cpu(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
-                         const FinalizeOptions& o) {
-  const FinalizeInputs in(stats, class_weight, divisor);
+                         const OptTensor& bad_labels, const FinalizeOptions& o) {
+  const FinalizeInputs in(stats, class_weight, divisor, bad_labels);
   Tensor out = at::empty({}, in.stats.options());
   AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize", [&] {
     const Finalize<scalar_t> f = in.args<scalar_t>(o);
@@ -422,8 +422,8 @@ Tensor loss_finalize_cpu(const Tensor& stats, const OptTensor& class_weight, con
 }
 
 Tensor loss_finalize_backward_cpu(const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
-                                  const OptTensor& divisor, const FinalizeOptions& o) {
-  const FinalizeInputs in(stats, class_weight, divisor);
+                                  const OptTensor& divisor, const OptTensor& bad_labels, const FinalizeOptions& o) {
+  const FinalizeInputs in(stats, class_weight, divisor, bad_labels);
   Tensor out = at::empty_like(in.stats, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize_backward", [&] {
     const Finalize<scalar_t> f = in.args<scalar_t>(o);

@@ -129,9 +129,9 @@ constexpr size_t finalize_smem() {
 }  // namespace
 
 Tensor loss_finalize_cuda(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
-                          const FinalizeOptions& o) {
+                          const OptTensor& bad_labels, const FinalizeOptions& o) {
   const c10::cuda::CUDAGuard guard(stats.device());
-  const FinalizeInputs in(stats, class_weight, divisor);
+  const FinalizeInputs in(stats, class_weight, divisor, bad_labels);
   Tensor out = at::empty({}, in.stats.options());
   AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize_cuda", [&] {
     finalize_kernel<scalar_t><<<1, kFinalizeThreads, finalize_smem<scalar_t>(), at::cuda::getCurrentCUDAStream()>>>(
@@ -142,9 +142,9 @@ Tensor loss_finalize_cuda(const Tensor& stats, const OptTensor& class_weight, co
 }
 
 Tensor loss_finalize_backward_cuda(const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
-                                   const OptTensor& divisor, const FinalizeOptions& o) {
+                                   const OptTensor& divisor, const OptTensor& bad_labels, const FinalizeOptions& o) {
   const c10::cuda::CUDAGuard guard(stats.device());
-  const FinalizeInputs in(stats, class_weight, divisor);
+  const FinalizeInputs in(stats, class_weight, divisor, bad_labels);
   const Tensor g = grad.to(in.stats.scalar_type()).contiguous();
   Tensor out = at::empty_like(in.stats, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(in.stats.scalar_type(), "medfast_loss_finalize_backward_cuda", [&] {

@@ -111,17 +111,20 @@ struct FinalizeOptions {
 };
 
 // The inputs of loss_finalize in the layout the arithmetic reads: stats (B, C, kStats) contiguous, the
-// class weights (C) and the divisor (one value) in the stats' dtype, on its device.
+// class weights (C) and the divisor (one value) in the stats' dtype, on its device; the (2,) int64 label-range
+// report of the sums op or none.
 struct FinalizeInputs {
-  Tensor stats, cw, divisor;
-  FinalizeInputs(const Tensor& s, const OptTensor& class_weight, const OptTensor& div)
+  Tensor stats, cw, divisor, bad;
+  FinalizeInputs(const Tensor& s, const OptTensor& class_weight, const OptTensor& div, const OptTensor& bad_labels)
       : stats(s.contiguous()),
         cw(class_weight ? class_weight->to(s.scalar_type()).contiguous() : Tensor()),
-        divisor(div ? div->to(s.scalar_type()).contiguous() : Tensor()) {}
+        divisor(div ? div->to(s.scalar_type()).contiguous() : Tensor()),
+        bad(bad_labels ? bad_labels->contiguous() : Tensor()) {}
   template <typename T>
   Finalize<T> args(const FinalizeOptions& o) const {
     return finalize_args<T>(stats.const_data_ptr<T>(), cw.defined() ? cw.const_data_ptr<T>() : nullptr,
-                            divisor.defined() ? divisor.const_data_ptr<T>() : nullptr, stats.size(0), stats.size(1),
+                            divisor.defined() ? divisor.const_data_ptr<T>() : nullptr,
+                            bad.defined() ? bad.const_data_ptr<int64_t>() : nullptr, stats.size(0), stats.size(1),
                             o.scalars, o.flags);
   }
 };
@@ -129,15 +132,15 @@ struct FinalizeInputs {
 // The scalar loss (0-dim, the stats' dtype) and its gradient w.r.t. stats (B, C, kStats), from the
 // 0-dim upstream gradient.
 Tensor loss_finalize_cpu(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
-                         const FinalizeOptions& o);
+                         const OptTensor& bad_labels, const FinalizeOptions& o);
 Tensor loss_finalize_backward_cpu(const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
-                                  const OptTensor& divisor, const FinalizeOptions& o);
+                                  const OptTensor& divisor, const OptTensor& bad_labels, const FinalizeOptions& o);
 
 #ifdef MEDFAST_WITH_CUDA
 Tensor loss_finalize_cuda(const Tensor& stats, const OptTensor& class_weight, const OptTensor& divisor,
-                          const FinalizeOptions& o);
+                          const OptTensor& bad_labels, const FinalizeOptions& o);
 Tensor loss_finalize_backward_cuda(const Tensor& grad, const Tensor& stats, const OptTensor& class_weight,
-                                   const OptTensor& divisor, const FinalizeOptions& o);
+                                   const OptTensor& divisor, const OptTensor& bad_labels, const FinalizeOptions& o);
 std::tuple<Tensor, Tensor> softmax_stats_cuda(const Tensor& logits, const Tensor& labels, const OptTensor& weight,
                                               std::optional<int64_t> ignore_index, bool ce);
 Tensor softmax_stats_backward_cuda(const Tensor& grad_stats, const Tensor& logits, const Tensor& labels,

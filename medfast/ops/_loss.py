@@ -249,19 +249,27 @@ def _label_range_reference(labels: torch.Tensor, ignore_index: int | None, C: in
     return torch.stack((lo.clamp(max=0), torch.where(hi >= C, hi, 0)))
 
 
-def _check_range(stats: torch.Tensor, bad_labels: torch.Tensor, C: int, ignore_index: int | None,
-                 host_check: bool) -> torch.Tensor:
+def _check_range(bad_labels: torch.Tensor, C: int, ignore_index: int | None,
+                 host_check: bool) -> torch.Tensor | None:
     """The label range check from the sums kernel's report ``bad_labels`` (its second output): with
     ``host_check``, ValueError naming the label (on a GPU this waits for the sums kernel, already queued:
-    no pass over the labels of its own); else the sums become NaN on the device when a label is bad."""
+    no pass over the labels of its own), and None. Else ``bad_labels`` itself, for the loss to become NaN on
+    the device when a label is bad (inside loss_finalize, or by :func:`_nan_if_bad` for the composition)."""
     if not host_check:
-        return stats + torch.where(bad_labels.any(), float("nan"), 0.0).to(stats.dtype)
+        return bad_labels
     lo, hi = bad_labels.tolist()
     if lo < 0 or hi > 0:
         ignored_note = "" if ignore_index is None else f" (ignore_index = {ignore_index})"
         raise ValueError(f"target holds label {lo if lo < 0 else hi}, outside [0, {C - 1}] "
                          f"for C = {C} classes{ignored_note}")
-    return stats
+    return None
+
+
+def _nan_if_bad(stats: torch.Tensor, bad_labels: torch.Tensor | None) -> torch.Tensor:
+    """The sums, NaN throughout when ``bad_labels`` (an unchecked label-range report) holds a bad label."""
+    if bad_labels is None:
+        return stats
+    return stats + torch.where(bad_labels.any(), float("nan"), 0.0).to(stats.dtype)
 
 
 def _voxel_weight(voxel_weight: object, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
@@ -422,10 +430,13 @@ def _stats_reference(logits: torch.Tensor, target: torch.Tensor, voxel_weight: t
 
 def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation="softmax", check_labels=True,
            ce=True):
-    """The (B, C, 4) sums I, P, G, E, the class weights, and the divisor of the cross-entropy's mean as
+    """The (B, C, 4) sums I, P, G, E, the class weights, the divisor of the cross-entropy's mean as
     ``(voxels, scale, truth)``: ``scale`` (times the 0-dim tensor ``voxels`` if not None), or with
-    ``truth`` the weighted label count ``sum cw G``. With ``check_labels=False`` an out-of-range label
-    makes the sums NaN. ``ce=False``: E is not needed (no cross-entropy term), the kernels leave it 0."""
+    ``truth`` the weighted label count ``sum cw G``; and the unchecked label-range report: with integer
+    labels and no host check (``check_labels=False``, or under torch.compile...) the sums op's (2,) report,
+    which makes the loss NaN when a label is out of range (loss_finalize reads it; the Python composition
+    takes :func:`_nan_if_bad`), else None. ``ce=False``: E is not needed (no cross-entropy term), the kernels
+    leave it 0."""
     check_choice("activation", activation, ("softmax", "sigmoid"))
     logits = _check_logits(logits, activation)
     check_backend("logits", logits)
@@ -433,6 +444,7 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
     refuse_function_transforms("medfast segmentation loss", logits, target, voxel_weight, class_weight)
     soft = activation == "sigmoid" or (torch.is_floating_point(target) and target.shape == logits.shape)
     fused = _cuda_kernel_fits(logits)
+    bad = None
     if soft:
         t = _soft_target(target, logits, ignore_index)
         weight = _voxel_weight(voxel_weight, t[:, 0], logits)
@@ -448,17 +460,17 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
         else:
             stats = _stats_reference(logits, _reference_labels(labels, ignore_index), weight, "labels")
             bad_labels = _label_range_reference(labels, ignore_index, logits.shape[1])
-        stats = _check_range(stats, bad_labels, logits.shape[1], ignore_index, host_check)
+        bad = _check_range(bad_labels, logits.shape[1], ignore_index, host_check)
     cw = _class_weight(class_weight, logits, stats.dtype)
     if soft:  # mean over voxels (softmax) or over voxels x channels (sigmoid), as PyTorch's losses
         channels = logits.shape[1] if activation == "sigmoid" else 1
         if weight is not None:
-            return stats, cw, (weight.sum().to(stats.dtype), channels, False)
+            return stats, cw, (weight.sum().to(stats.dtype), channels, False), bad
         if torch.compiler.is_compiling():  # the voxel count as a tensor: float() would fix a symbolic size
-            return stats, cw, (stats.new_full((), logits[:, 0].numel()), channels, False)
-        return stats, cw, (None, logits[:, 0].numel() * channels, False)
+            return stats, cw, (stats.new_full((), logits[:, 0].numel()), channels, False), bad
+        return stats, cw, (None, logits[:, 0].numel() * channels, False), bad
     # weighted mean over the labelled voxels, as F.cross_entropy with weight / ignore_index
-    return stats, cw, (None, 1, True)
+    return stats, cw, (None, 1, True), bad
 
 
 def _parts(stats, cw, divisor):
@@ -480,33 +492,35 @@ _FUSED_FINALIZE = True
 
 
 @torch.library.register_fake("medfast::loss_finalize")
-def _loss_finalize_fake(stats, class_weight, divisor, scalars, flags):
-    check_op_devices("medfast::loss_finalize", stats=stats, class_weight=class_weight, divisor=divisor)
+def _loss_finalize_fake(stats, class_weight, divisor, scalars, flags, bad_labels=None):
+    check_op_devices("medfast::loss_finalize", stats=stats, class_weight=class_weight, divisor=divisor,
+                     bad_labels=bad_labels)
     return stats.new_empty(())
 
 
 @torch.library.register_fake("medfast::loss_finalize_backward")
-def _loss_finalize_backward_fake(grad, stats, class_weight, divisor, scalars, flags):
+def _loss_finalize_backward_fake(grad, stats, class_weight, divisor, scalars, flags, bad_labels=None):
     check_op_devices("medfast::loss_finalize_backward", grad=grad, stats=stats, class_weight=class_weight,
-                     divisor=divisor)
+                     divisor=divisor, bad_labels=bad_labels)
     return torch.empty_like(stats, memory_format=torch.contiguous_format)
 
 
 def _finalize_setup(ctx, inputs, output):
-    stats, class_weight, divisor, ctx.scalars, ctx.flags = inputs
-    ctx.save_for_backward(stats, class_weight, divisor)
+    stats, class_weight, divisor, ctx.scalars, ctx.flags, bad_labels = inputs
+    ctx.save_for_backward(stats, class_weight, divisor, bad_labels)
 
 
 def _finalize_backward(ctx, grad):
     # Only w.r.t. stats: the class weights and the divisor are not differentiated (a class_weight that
     # requires grad takes the Python composition, see _finalize_applies; the divisor is detached).
-    stats, class_weight, divisor = ctx.saved_tensors
+    stats, class_weight, divisor, bad_labels = ctx.saved_tensors
     if create_graph():  # second derivatives: through the Python composition of the same arithmetic
-        (gs,) = reference_vjp(lambda s: _finalize_reference(s, class_weight, divisor, ctx.scalars, ctx.flags),
-                              (stats,), (True,), grad)
-        return gs, None, None, None, None
-    grad_stats = _ops.loss_finalize_backward(grad, stats, class_weight, divisor, ctx.scalars, ctx.flags)
-    return grad_stats, None, None, None, None
+        (gs,) = reference_vjp(
+            lambda s: _finalize_reference(s, class_weight, divisor, ctx.scalars, ctx.flags, bad_labels),
+            (stats,), (True,), grad)
+        return gs, None, None, None, None, None
+    grad_stats = _ops.loss_finalize_backward(grad, stats, class_weight, divisor, ctx.scalars, ctx.flags, bad_labels)
+    return grad_stats, None, None, None, None, None
 
 
 torch.library.register_autograd("medfast::loss_finalize", _finalize_backward, setup_context=_finalize_setup)
@@ -516,10 +530,10 @@ class _LossFinalize(torch.autograd.Function):
     """loss_finalize on the lean eager path (see _lean)."""
 
     @staticmethod
-    def forward(ctx, stats, class_weight, divisor, scalars, flags):
+    def forward(ctx, stats, class_weight, divisor, scalars, flags, bad_labels):
         with torch._C._AutoDispatchBelowAutograd():
-            out = _ops.loss_finalize(stats, class_weight, divisor, scalars, flags)
-        _finalize_setup(ctx, (stats, class_weight, divisor, scalars, flags), out)
+            out = _ops.loss_finalize(stats, class_weight, divisor, scalars, flags, bad_labels)
+        _finalize_setup(ctx, (stats, class_weight, divisor, scalars, flags, bad_labels), out)
         return out
 
     backward = staticmethod(_finalize_backward)
@@ -537,25 +551,26 @@ def _finalize_applies(cw: torch.Tensor | None, batch_dice: bool = False, ddp_syn
 _DICE, _CE, _BACKGROUND, _BATCH_DICE, _MEAN, _TRUTH_DIVISOR = 1, 2, 4, 8, 16, 32
 
 
-def _finalize(stats, cw, divisor, *, dice, ce, include_background=True, batch_dice=False, smooth=(0.0, 0.0),
+def _finalize(stats, cw, divisor, bad, *, dice, ce, include_background=True, batch_dice=False, smooth=(0.0, 0.0),
               reduction="mean", lambda_dice=1.0, lambda_ce=1.0):
     """The scalar loss from the sums by the fused op: lambda_dice x the reduced Dice terms (if ``dice``)
     plus lambda_ce x the cross-entropy term (if ``ce``); the same values as _dice_terms / _ce_term /
-    _reduce. (Scalars and flags are packed: the autograd wrapper's host time grows with the number of
-    arguments.)"""
+    _reduce; NaN when ``bad`` (an unchecked label-range report, see _stats) holds a bad label. (Scalars and
+    flags are packed: the autograd wrapper's host time grows with the number of arguments.)"""
     voxels, scale, truth = divisor
     flags = ((_DICE if dice else 0) | (_CE if ce else 0) | (_BACKGROUND if include_background else 0)
              | (_BATCH_DICE if batch_dice else 0) | (_MEAN if reduction == "mean" else 0)
              | (_TRUTH_DIVISOR if truth else 0))
     scalars = [float(scale), smooth[0], smooth[1], float(lambda_dice), float(lambda_ce)]
-    if _lean(stats, cw, voxels):
-        return _run_lean(_LossFinalize, _ops.loss_finalize, stats, cw, voxels, scalars, flags)
-    return _ops.loss_finalize(stats, cw, voxels, scalars, flags)
+    if _lean(stats, cw, voxels, bad):
+        return _run_lean(_LossFinalize, _ops.loss_finalize, stats, cw, voxels, scalars, flags, bad)
+    return _ops.loss_finalize(stats, cw, voxels, scalars, flags, bad)
 
 
-def _finalize_reference(stats, cw, voxels, scalars, flags):
+def _finalize_reference(stats, cw, voxels, scalars, flags, bad=None):
     """loss_finalize's value as the Python composition (_dice_terms, _ce_term, _reduce), from the op's
     packed arguments: the differentiable form its backward uses under create_graph=True."""
+    stats = _nan_if_bad(stats, bad)
     scale, nr, dr, lambda_dice, lambda_ce = scalars
     reduction = "mean" if flags & _MEAN else "sum"
     parts = stats.unbind(-1)
@@ -678,13 +693,13 @@ def dice_loss(
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     _check_flags(include_background, batch_dice, ddp_sync)
     smooth = _smooth(smooth)
-    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels,
-                                ce=False)
+    stats, cw, divisor, bad = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation,
+                                     check_labels, ce=False)
     include_background = _single_channel_background(include_background, logits)
     if reduction != "none" and _finalize_applies(cw, batch_dice, ddp_sync):
-        return _finalize(stats, cw, divisor, dice=True, ce=False, include_background=include_background,
+        return _finalize(stats, cw, divisor, bad, dice=True, ce=False, include_background=include_background,
                          batch_dice=batch_dice, smooth=smooth, reduction=reduction)
-    parts, _ = _parts(stats, cw, divisor)
+    parts, _ = _parts(_nan_if_bad(stats, bad), cw, divisor)
     return _reduce(_dice_terms(parts, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
 
 
@@ -710,10 +725,11 @@ def cross_entropy(
     ``reduction`` is ``"mean"`` or ``"sum"``.
     """
     check_choice("reduction", reduction, ("mean", "sum"))
-    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels)
+    stats, cw, divisor, bad = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation,
+                                     check_labels)
     if _finalize_applies(cw):
-        return _finalize(stats, cw, divisor, dice=False, ce=True, reduction=reduction)
-    parts, divisor = _parts(stats, cw, divisor)
+        return _finalize(stats, cw, divisor, bad, dice=False, ce=True, reduction=reduction)
+    parts, divisor = _parts(_nan_if_bad(stats, bad), cw, divisor)
     return _ce_term(parts, cw, divisor, reduction)
 
 
@@ -763,13 +779,13 @@ def dice_ce_loss(
             raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     smooth = _smooth(smooth)
     # lambda_ce = 0: the kernels skip the cross-entropy's logarithms (E stays 0; 0 x E adds nothing either way)
-    stats, cw, divisor = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation, check_labels,
-                                ce=lambda_ce != 0)
+    stats, cw, divisor, bad = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation,
+                                     check_labels, ce=lambda_ce != 0)
     include_background = _single_channel_background(include_background, logits)
     if _finalize_applies(cw, batch_dice, ddp_sync):
-        return _finalize(stats, cw, divisor, dice=True, ce=True, include_background=include_background,
+        return _finalize(stats, cw, divisor, bad, dice=True, ce=True, include_background=include_background,
                          batch_dice=batch_dice, smooth=smooth, reduction=reduction, lambda_dice=lambda_dice,
                          lambda_ce=lambda_ce)
-    parts, divisor = _parts(stats, cw, divisor)
+    parts, divisor = _parts(_nan_if_bad(stats, bad), cw, divisor)
     dice = _reduce(_dice_terms(parts, cw, include_background, batch_dice, smooth, ddp_sync), reduction)
     return lambda_dice * dice + lambda_ce * _ce_term(parts, cw, divisor, reduction)

@@ -196,11 +196,11 @@ int run(const Config& c, const Buffers& p, int64_t* geometry) {
 
 // The finishing op as loss_cuda.cu launches it: one block of kFinalizeThreads threads with
 // kFinalizeSums values of T each in shared memory; the loss into out[0] and, given the upstream gradient
-// g (one value), the gradient w.r.t. stats (B, C, kStats) into grad.
+// g (one value), the gradient w.r.t. stats (B, C, kStats) into grad. bad: the (2,) label-range report or null.
 template <typename T>
-void finalize(const T* stats, const T* cw, const T* divisor, int64_t B, int64_t C, const double* scalars,
-              int64_t flags, const T* g, T* out, T* grad) {
-  const Finalize<T> f = finalize_args<T>(stats, cw, divisor, B, C, scalars, flags);
+void finalize(const T* stats, const T* cw, const T* divisor, const int64_t* bad, int64_t B, int64_t C,
+              const double* scalars, int64_t flags, const T* g, T* out, T* grad) {
+  const Finalize<T> f = finalize_args<T>(stats, cw, divisor, bad, B, C, scalars, flags);
   const size_t smem = size_t(kFinalizeSums) * kFinalizeThreads * sizeof(T);
   simt::launch({1, 1, 1}, kFinalizeThreads, smem, [&] { finalize_kernel<T>(f, out); });
   if (g != nullptr)
@@ -270,13 +270,14 @@ int emu_loss(const int64_t* cfg, const void* z, const void* target, const void* 
   geometry[5] = range[1];
   return rc;
 }
-void emu_loss_finalize_f32(const float* stats, const float* cw, const float* divisor, int64_t B, int64_t C,
-                           const double* scalars, int64_t flags, const float* g, float* out, float* grad) {
-  finalize<float>(stats, cw, divisor, B, C, scalars, flags, g, out, grad);
+void emu_loss_finalize_f32(const float* stats, const float* cw, const float* divisor, const int64_t* bad, int64_t B,
+                           int64_t C, const double* scalars, int64_t flags, const float* g, float* out, float* grad) {
+  finalize<float>(stats, cw, divisor, bad, B, C, scalars, flags, g, out, grad);
 }
-void emu_loss_finalize_f64(const double* stats, const double* cw, const double* divisor, int64_t B, int64_t C,
-                           const double* scalars, int64_t flags, const double* g, double* out, double* grad) {
-  finalize<double>(stats, cw, divisor, B, C, scalars, flags, g, out, grad);
+void emu_loss_finalize_f64(const double* stats, const double* cw, const double* divisor, const int64_t* bad,
+                           int64_t B, int64_t C, const double* scalars, int64_t flags, const double* g, double* out,
+                           double* grad) {
+  finalize<double>(stats, cw, divisor, bad, B, C, scalars, flags, g, out, grad);
 }
 void emu_simt_block_sum(int threads, int gx, int gy, const double* in, int64_t n, double* out) {
   simt::launch({static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1}, threads, (threads / 32) * sizeof(double),
