@@ -139,6 +139,9 @@ def test_atlas_pairing(tmp_path, blobs):
     ({"loss": {"lambda_dice": 9.0}}, ValueError, "does not use loss.lambda_dice: remove it .* task_args.lncc_weight"),
     ({"inference": {"roi_size": [8, 8]}}, ValueError, "does not use inference.roi_size"),
     ({"data": {"test_images": ["t.nii.gz"]}}, ValueError, "does not use data.test_images"),
+    # the task maps intensities to [0, 1] itself, as --model does: another normalization would differ there
+    ({"data": {"normalize": "minmax"}}, ValueError, "does not use data.normalize: remove it .* 0.5-99.5 percentiles"),
+    ({"data": {"clip_percentiles": [1, 99]}}, ValueError, "does not use data.clip_percentiles"),
     # LocalNet doubles model.channels[0] per level: another list would silently train other widths
     ({"model": {"channels": [8, 16, 16]}}, ValueError, r"must be that doubling, e.g. \[8, 16, 32\]"),
     ({"model": {"channels": [8, 1000, 2000]}}, ValueError, "must be that doubling"),
@@ -286,8 +289,8 @@ def _nifti(path, data, affine):
     return str(path)
 
 
-@pytest.mark.parametrize("spacing", [None, [2.5, 1.75, 2.2]])
-def test_model_gets_its_training_input(tmp_path, spacing):
+@pytest.mark.parametrize("spacing, normalize", [(None, "none"), ([2.5, 1.75, 2.2], "none"), (None, None)])
+def test_model_gets_its_training_input(tmp_path, spacing, normalize):
     # without data.spacing each image keeps its voxel size and is cropped / padded to data.shape: --model must feed
     # the fixed image the same way (it used to spread its field of view over data.shape, another scale). With
     # data.spacing the image is resampled (9 x 14 x 12 voxels here), then padded 1|2, cropped 1|1, kept: --model
@@ -310,9 +313,14 @@ def test_model_gets_its_training_input(tmp_path, spacing):
     images = []
     for i, c in enumerate([(5, 8, 4), (6, 7, 5)]):
         blob = np.exp(-(((g - c) / [3, 4, 2]) ** 2).sum(-1)) * 100 + rng.normal(0, 1, g.shape[:3])
+        if normalize is None:  # a masked image: zero background (the default z-score's non-zero mode took it)
+            blob = np.where(blob > 20, blob, 0.0)
         images.append(_nifti(tmp_path / f"s{i}.nii.gz", blob, affine))
+    # normalize None: data.normalize left at its default (zscore), which training applied before the task's own
+    # mapping to [0, 1] and --model did not (a masked image's background: 0.5 in training, 0 at inference)
     cfg = {"task": "registration",
-           "data": {"train_images": images, "shape": [12, 12, 12], "normalize": "none",  # pad 1, crop 4, pad 3
+           "data": {"train_images": images, "shape": [12, 12, 12],  # pad 1, crop 4, pad 3
+                    **({} if normalize is None else {"normalize": normalize}),
                     **({} if spacing is None else {"spacing": spacing})},
            "augment": {"rotation": 3.0},
            "model": {"name": "localnet", "spatial_dims": 3, "in_channels": 1, "channels": [2, 4]},

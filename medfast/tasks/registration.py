@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -971,7 +972,7 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     with torch.no_grad():
         both = torch.cat([moving_t, fixed_t], 1).double()
         # as training fed it: resample_to_spacing's border padding inside the resampled grid, crop_or_pad's
-        # zeros beyond it (the z-score below sees the same voxels)
+        # zeros beyond it (the mapping to [0, 1] below sees the same voxels)
         x = mf.resample(both, torch.as_tensor(a_f), torch.as_tensor(grid), in_shape, mode="linear",
                         padding="zeros" if box is None else "border").float()
         if box is not None:
@@ -2017,12 +2018,15 @@ def _warp_labels(label: torch.Tensor, ddf: torch.Tensor, classes: int,
 #: refused with its own message); any other one set to a non-default value would be silently ignored, so it is
 #: refused (:func:`_refuse_unused_settings`)
 _READ = {"data": {"dataset", "root", "train_images", "train_labels", "val_images", "val_labels", "val_fraction",
-                  "reorient", "spacing", "shape", "normalize", "clip_percentiles", "cache", "cache_dir", "num_workers",
-                  "val_deformations", "dataset_args"},
+                  "reorient", "spacing", "shape", "cache", "cache_dir", "num_workers", "val_deformations",
+                  "dataset_args"},
          "model": {"name", "spatial_dims", "in_channels", "channels", "kwargs"},
          "loss": set(), "inference": set()}
 _HINTS = {"data": "the test set (data.test_*) is scored by the segmentation task only; score a registration "
-                  "model with medfast register --model FIXED MOVING --fixed-labels / --moving-labels",
+                  "model with medfast register --model FIXED MOVING --fixed-labels / --moving-labels. The task maps "
+                  "each image channel's 0.5-99.5 percentiles to [0, 1] itself, in training as medfast register "
+                  "--model does at inference: data.normalize (other than none) and data.clip_percentiles would "
+                  "give the network other inputs in training than at inference",
           "model": "the network is LocalNet with model.channels (a doubling list: its first width, its length - 1 "
                    "the depth) and model.kwargs.extract_levels, instance norm and 2 convolutions per block; "
                    "task_args.velocity / global_net change its output",
@@ -2036,7 +2040,9 @@ def _refuse_unused_settings(config: Any) -> None:
     from medfast.train.config import unused_settings
 
     # the displacement has one channel per spatial axis: model.out_channels = spatial_dims states just that
-    unused = unused_settings(config, _READ, {"model.out_channels": config.model.spatial_dims})
+    # data.normalize: none states what the task does (its own mapping to [0, 1], :func:`normalize_intensity`)
+    unused = unused_settings(config, _READ, {"model.out_channels": config.model.spatial_dims,
+                                             "data.normalize": "none"})
     if unused:
         hints = "; ".join(_HINTS[s] for s in _HINTS if any(u.startswith(f"{s}.") for u in unused))
         raise ConfigError(f"the registration task does not use {', '.join(unused)}: remove "
@@ -2090,7 +2096,11 @@ class RegistrationTask(Task):
     def _subjects(self, images, labels):
         from medfast.tasks.segmentation import _dataset
 
-        return _dataset(self.config, images, labels)
+        # no data.normalize / clip_percentiles (the default z-score included): PairDataset maps each image to
+        # [0, 1] itself, as register_with_model does at inference. A z-score first left a masked image's zero
+        # background below the brain, and the mapping then made it mid-grey in training, black at inference.
+        data = dataclasses.replace(self.config.data, normalize="none", clip_percentiles=None)
+        return _dataset(dataclasses.replace(self.config, data=data), images, labels)
 
     def build_datasets(self):
         from medfast.data import DatasetError
