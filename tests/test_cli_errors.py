@@ -91,6 +91,27 @@ def test_bad_config_values_are_messages(setup, capsys, tmp_path, override, match
         Trainer(load_config([cfg], [override, f"trainer.out_dir={tmp_path / 'y'}"]))
 
 
+@pytest.mark.parametrize("kind, match", [
+    # (a dead-option hunt: weights without deep supervision were ignored, a short list dropped a head, all zeros
+    # stopped training with a NaN loss blamed on the learning rate, a negative weight ascended)
+    ("no_ds", "needs model.deep_supervision: true"),
+    ("short", "one weight per output"),
+    ("zeros", "non-negative finite numbers, not all 0"),
+    ("negative", "non-negative finite numbers, not all 0"),
+])
+def test_deep_supervision_weights_are_checked(setup, tmp_path, kind, match):
+    _, cfg, _ = setup
+    outputs = len(load_config([cfg], [f"trainer.out_dir={tmp_path / 'y'}"]).model.channels) - 1
+    weights = {"no_ds": [1.0] * outputs, "short": [1.0] * (outputs - 1), "zeros": [0.0] * outputs,
+               "negative": [-0.5] + [1.0] * (outputs - 1)}[kind]
+    ds = [] if kind == "no_ds" else ["model.deep_supervision=true"]
+    with pytest.raises(ConfigError, match=match):
+        Trainer(load_config([cfg], [*ds, f"loss.deep_supervision_weights={weights}", f"trainer.out_dir={tmp_path}"]))
+    ok = [1.0] + [0.5] * (outputs - 1)
+    Trainer(load_config([cfg], ["model.deep_supervision=true", f"loss.deep_supervision_weights={ok}",
+                                f"trainer.out_dir={tmp_path / 'z'}"]))
+
+
 def test_unknown_task_lists_only_tasks(setup, capsys, tmp_path):
     _, cfg, _ = setup
     assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--set", "task=evaluation"]) == 1

@@ -26,6 +26,7 @@ from medfast.data.preprocess import (
     resample_to_spacing,
     spatial_affine,
 )
+from medfast.ops._validate import non_negative_finite, py_scalar
 from medfast.train.config import Config, ConfigError, check_spatial_config, config_from_dict
 from medfast.train.files import check_dataset_args, gather_files
 from medfast.train.sliding_window import sliding_window_inference, window_memory_problem
@@ -55,6 +56,26 @@ def _check_model(config: Config) -> None:
     if m.kwargs:
         raise ConfigError(f"unknown model.kwargs for the unet: {sorted(m.kwargs)}; the unet takes none (its settings "
                           f"are model.channels, convs_per_level, norm, deep_supervision)")
+    _check_deep_supervision_weights(config)
+
+
+def _check_deep_supervision_weights(config: Config) -> None:
+    """loss.deep_supervision_weights: one finite, non-negative weight per output, not all 0, with deep supervision
+    on (they were zipped with the outputs: a short list dropped heads, all zeros gave a NaN loss, a negative
+    weight ascended, and without deep supervision they were ignored)."""
+    w = config.loss.deep_supervision_weights
+    if w is None:
+        return
+    outputs = len(config.model.channels) - 1
+    if not config.model.deep_supervision:
+        raise ConfigError("loss.deep_supervision_weights needs model.deep_supervision: true (the network has one "
+                          "output without it: the weights would be ignored)")
+    if not isinstance(w, (list, tuple)) or len(w) != outputs:
+        raise ConfigError(f"loss.deep_supervision_weights must list one weight per output of the network: {outputs} "
+                          f"(len(model.channels) - 1, full resolution first), got {w!r}")
+    values = [py_scalar(v) for v in w]
+    if not all(non_negative_finite(v) for v in values) or sum(values) <= 0:
+        raise ConfigError(f"loss.deep_supervision_weights must be non-negative finite numbers, not all 0, got {w!r}")
 
 
 def check_config(config: Config) -> None:

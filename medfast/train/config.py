@@ -106,7 +106,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and options of the task (segmentation: Dice + CE)."""
+    """Loss weights and options of the task (segmentation: Dice + CE). ``deep_supervision_weights``: one
+    non-negative weight per UNet output with ``model.deep_supervision`` (``len(model.channels) - 1`` of them,
+    full resolution first; default 1, 1/2, 1/4, ...), divided by their sum."""
 
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
