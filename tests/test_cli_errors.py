@@ -452,6 +452,22 @@ def test_register_checks_label_maps(reg, capsys):
     assert "moving_lab_float.nii.gz" in err and "non-integer" in err
 
 
+@pytest.mark.parametrize("extra, match", [
+    # (a dead-option hunt: the demo ran, exit 0, with a nonexistent --model and images it never read)
+    (["--demo", "--model", "/nonexistent/model.pt"], "--model would be ignored"),
+    (["--demo"], "FIXED / MOVING would be ignored"),
+    (["--demo", "--fixed-labels", "f.nii.gz", "--moving-labels", "m.nii.gz"], "--fixed-labels / --moving-labels"),
+    (["--resolution", "8"], "--resolution and --seed set up the --demo pair"),
+    (["--seed", "3"], "--resolution and --seed set up the --demo pair"),
+])
+def test_register_refuses_what_its_mode_ignores(reg, capsys, tmp_path, extra, match):
+    out = tmp_path / "o"
+    assert main([*_register(reg), "--out", str(out), *extra]) == 1  # (_register gives FIXED and MOVING)
+    err = _err(capsys)
+    assert match in err, err
+    assert not out.exists()
+
+
 def test_register_levels_and_dimensions(reg, capsys):
     assert main(_register(reg, "--deform-levels", "64", "--affine-levels", "")) == 1
     err = _err(capsys)

@@ -1392,8 +1392,8 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="trained LocalNet/GlobalNet checkpoint: one forward pass instead of optimization")
     p.add_argument("--demo", action="store_true",
                    help="Colin27 (ch2bet) -> MNI152 T1 with a random affine; tissue-overlap report")
-    p.add_argument("--resolution", type=float, default=3.0, help="demo voxel size in mm (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="demo random affine seed (default: %(default)s)")
+    p.add_argument("--resolution", type=float, default=None, help="demo voxel size in mm (default: 3)")
+    p.add_argument("--seed", type=int, default=None, help="demo random affine seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
     p.add_argument("--affine-levels", type=_levels, default=",".join(map(str, d.affine_levels)),
                    help="down-sampling factors of the affine stage, '' to skip (default: %(default)s)")
@@ -1487,11 +1487,24 @@ def run_register(args: argparse.Namespace) -> int:
             raise RegistrationError(f"--model runs the trained network (one forward pass, no optimization): "
                                     f"{', '.join(flags)} would be ignored; remove {'it' if len(flags) == 1 else 'them'}"
                                     f" (or drop --model to optimize)")
+        # what the other mode would silently ignore is an error (the demo ran with a nonexistent --model)
+        if args.demo:
+            ignored = [name for name, given in (("FIXED / MOVING", args.fixed or args.moving), ("--model", args.model),
+                                                ("--fixed-labels / --moving-labels",
+                                                 args.fixed_labels is not None or args.moving_labels is not None))
+                       if given]
+            if ignored:
+                raise RegistrationError(f"--demo registers the packaged Colin27 -> MNI152 pair: {', '.join(ignored)} "
+                                        f"would be ignored; remove {'it' if len(ignored) == 1 else 'them'} (or drop "
+                                        f"--demo)")
+        elif args.resolution is not None or args.seed is not None:
+            raise RegistrationError("--resolution and --seed set up the --demo pair: give --demo, or remove them")
         device = _device(args.device)
         if args.demo:
             _make_out_dir(args.out)
-            summary = run_registration_demo(args.out, resolution=args.resolution, seed=args.seed, config=cfg,
-                                            device=device, progress=not args.no_progress)
+            summary = run_registration_demo(args.out, resolution=3.0 if args.resolution is None else args.resolution,
+                                            seed=0 if args.seed is None else args.seed, config=cfg, device=device,
+                                            progress=not args.no_progress)
             print(json_dumps(summary, indent=2))
             return 0
         if not args.fixed or not args.moving:
