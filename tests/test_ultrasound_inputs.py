@@ -242,6 +242,16 @@ def test_simulate_names_a_non_finite_vector_flag(tmp_path, capsys, flag, value):
     assert f"argument {flag}" in err and "finite" in err and "Traceback" not in err
 
 
+def test_simulate_refuses_centre_with_start(tmp_path, capsys):
+    # --centre only places the first frame on the skin: with --start it was silently ignored (identical frames)
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 40, np.int16), np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    rc = main(["simulate", str(tmp_path / "ct.nii.gz"), *SIM, "--frames", "2", "--out", str(tmp_path / "out"),
+               "--start", "8,1,8", "--centre", "8,8,8"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "give --start or --centre, not both" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "frames.nii.gz").exists()
+
+
 # --- frames.nii.gz: units and placement --------------------------------------------------------------------------
 def test_simulate_frames_nifti_declares_mm_and_the_first_pixel_position(tmp_path):
     nib.save(nib.Nifti1Image(np.full((24, 24, 24), 40, np.int16), np.eye(4)), str(tmp_path / "ct.nii.gz"))

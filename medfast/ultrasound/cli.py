@@ -216,6 +216,9 @@ def _sweep(args: argparse.Namespace, vol: np.ndarray, affine: np.ndarray) -> tor
     """The generated freehand sweep of --start / --centre / --direction / --lateral / --travel / --tilt / --frames."""
     from medfast.ultrasound import freehand_sweep, look_at
 
+    if args.start is not None and args.centre is not None:  # (--centre only places the start on the skin)
+        raise SimulateError("give --start or --centre, not both: --centre places the first frame on the skin along "
+                            "--direction, half the travel before it; --start places it directly")
     if args.centre is not None:
         centre = np.asarray(args.centre, dtype=float)
     else:
@@ -306,7 +309,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"vertex, {CRANIUM_START})")
     p.add_argument("--centre", type=_vec3, default=None, metavar="X,Y,Z", action=_SweepFlag,
                    help="world point (mm) the middle frame's beam passes through; the probe is put on the skin "
-                        "before it (default: the volume centre)")
+                        "before it (default: the volume centre; not with --start)")
     p.add_argument("--direction", type=_vec3, default=(0.0, 1.0, 0.0), metavar="X,Y,Z", action=_SweepFlag,
                    help="beam direction in world (default: %(default)s)")
     p.add_argument("--lateral", type=_vec3, default=(1.0, 0.0, 0.0), metavar="X,Y,Z", action=_SweepFlag,
