@@ -177,3 +177,17 @@ def test_vector_flags_take_negative_values(tmp_path, phantom, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--travel", "--frames", "2"])
     assert "--travel: expected one argument" in capsys.readouterr().err
+
+
+def test_synthesize_and_predict_refuse_what_they_would_ignore(run, capsys):
+    # (a dead-option hunt: --frames with --poses, and predict --probabilities on a synthesis checkpoint, were
+    # accepted and ignored)
+    root, ckpt, _, _ = run
+    assert main(["synthesize", str(ckpt), "--poses", str(root / "poses.npy"), "--frames", "10", "--device", "cpu",
+                 "--out", str(root / "F")]) == 1
+    assert "--frames does not apply with --poses" in capsys.readouterr().err
+    assert not (root / "F").exists()
+    assert main(["predict", str(root / "poses.npy"), "--model", str(ckpt), "--probabilities", "--device", "cpu",
+                 "--out", str(root / "P")]) != 0
+    assert "--probabilities does not apply to synthesis checkpoints" in capsys.readouterr().err
+    assert not (root / "P").exists()

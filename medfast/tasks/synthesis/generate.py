@@ -195,7 +195,7 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     folder of them (its ``*.json`` and ``*.npy`` files, see :func:`poses_files`); frames are generated at each
     file's poses into ``out_dir`` (one file in all) or ``out_dir/<file stem>`` (several), as :func:`generate`
     writes them. Every file is read and checked before anything is written. ``overrides`` and
-    ``save_probabilities`` do not apply (an override raises).
+    ``save_probabilities`` do not apply (either raises: they would be ignored).
 
     Returns
     -------
@@ -204,6 +204,9 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     """
     if overrides:
         raise ValueError("--set does not apply to synthesis checkpoints")
+    if save_probabilities:
+        raise ValueError("--probabilities does not apply to synthesis checkpoints (they generate frames, no class "
+                         "probabilities)")
     inputs = poses_files(inputs)
     out_dir = Path(out_dir)
     # the name less its poses suffix only: sweep.1mm.npy and sweep.2mm.npy are two folders
@@ -231,7 +234,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint of a synthesis run (e.g. RUN/checkpoints/last.pt)")
     p.add_argument("--out", default="medfast-synthesize", help="output folder (default: %(default)s)")
-    p.add_argument("--frames", type=int, default=16, help="frames to generate (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames to generate (default: 16; not with --poses: one frame per pose)")
     p.add_argument("--seed", type=int, default=0, help="seed of the poses (default: %(default)s)")
     p.add_argument("--poses", default=None, metavar="FILE",
                    help="probe-to-world poses (mm), read as medfast simulate --poses reads them: .npy/.npz, JSON "
@@ -250,7 +254,10 @@ def main(args: argparse.Namespace) -> int:
             poses = read_poses(args.poses) if args.poses else None
         for w in caught:
             print(f"medfast synthesize: {w.message}", file=sys.stderr)
-        s = generate(args.checkpoint, args.out, frames=args.frames, seed=args.seed, poses=poses, device=args.device)
+        if poses is not None and args.frames is not None:  # (it was silently ignored)
+            raise ValueError("--frames does not apply with --poses: one frame is generated per pose")
+        frames = 16 if args.frames is None else args.frames
+        s = generate(args.checkpoint, args.out, frames=frames, seed=args.seed, poses=poses, device=args.device)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         from medfast.cli import command_error
 
