@@ -278,6 +278,14 @@ def test_sigkilled_run_resumes_with_the_same_losses(tmp_path, blobs):
     assert steps == list(range(1, 21)) and got == ref
 
 
+def test_log_every_keeps_the_first_and_last_steps(tmp_path, blobs):
+    # results' first_loss (the CLI's "loss X -> Y") was the loss of step log_every, not of step 1
+    every = Trainer(_config(tmp_path, blobs, "e1", **{"trainer.max_steps": 4})).fit()
+    sparse = Trainer(_config(tmp_path, blobs, "e3", **{"trainer.max_steps": 4, "trainer.log_every": 3})).fit()
+    assert _losses(tmp_path / "e3")[0] == [1, 3, 4]
+    assert sparse["first_loss"] == every["first_loss"] and sparse["last_loss"] == every["last_loss"]
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, blobs):
     """batch 1 x accumulate 2 takes the same subjects/augmentations as batch 2: same parameters.
     Plain SGD: Adam divides by the gradient's running RMS, so parameters with near-zero gradients would

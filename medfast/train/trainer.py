@@ -1220,7 +1220,8 @@ class Trainer:
                 dist.all_reduce(stacked)
                 phase_losses = dict(zip(phase_losses, stacked / self.world, strict=True))
                 loss_value = phase_losses[self.phases[-1]]
-            logging = self.step % tc.log_every == 0 or self.step == end
+            # the first step too: results' first_loss and the curves start there whatever log_every is
+            logging = self.step % tc.log_every == 0 or self.step == end or self.step == 1
             step_means = self._global_metrics(step_metrics) if logging else {}
             if main and logging:
                 now = time.perf_counter()
