@@ -4,6 +4,7 @@ import pytest
 
 from medfast.data import DatasetError
 from medfast.train import Config
+from medfast.train.config import ConfigError
 from medfast.train.files import gather_files
 
 
@@ -39,14 +40,22 @@ def test_lists_and_seeded_validation_split(tmp_path):
     assert gather_files(c, task="segmentation") == f  # same seed, same split
     c.trainer.seed = 4
     assert gather_files(c, task="segmentation").val_images != f.val_images  # another seed, another split
-    # too few subjects: no split
-    f3 = gather_files(_config(tmp_path, train_images=images[:2], val_fraction=0.5), task="registration",
-                      min_subjects_to_split=3)
+    # too few subjects: no split, and a warning saying so (it was silent)
+    with pytest.warns(UserWarning, match=r"data.val_fraction=0.5: 2 training image\(s\), too few to split"):
+        f3 = gather_files(_config(tmp_path, train_images=images[:2], val_fraction=0.5), task="registration",
+                          min_subjects_to_split=3)
     assert f3.images == images[:2] and f3.val_images == []
-    # explicit validation lists win over the fraction
-    f4 = gather_files(_config(tmp_path, train_images=images, val_images=["v.nii.gz"], val_fraction=0.5),
-                      task="registration")
-    assert f4.images == images and f4.val_images == ["v.nii.gz"] and f4.labels == []
+    # explicit validation lists with the fraction, deformations with either, a folder with lists: one of them was
+    # silently dropped; now refused naming both
+    for extra, match in (({"val_images": ["v.nii.gz"], "val_fraction": 0.5}, "data.val_fraction splits"),
+                         ({"val_images": ["v.nii.gz"], "val_deformations": 2}, "here data.val_images gives one"),
+                         ({"val_fraction": 0.25, "val_deformations": 2}, "here data.val_fraction gives one"),
+                         ({"root": str(tmp_path)}, "data.root is not read when data.train_images is given")):
+        with pytest.raises(ConfigError, match=match):
+            gather_files(_config(tmp_path, train_images=images, **extra), task="registration")
+    f4 = gather_files(_config(tmp_path, train_images=images[:2], val_fraction=0.5, val_deformations=2),
+                      task="registration", min_subjects_to_split=3)  # no split: the deformations validate
+    assert f4.val_images == []
 
 
 def test_root_folder_layout(tmp_path):

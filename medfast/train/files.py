@@ -108,12 +108,20 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
     DatasetError
         No training images; labels required but missing; image and label lists of different lengths.
     ConfigError
-        ``data.val_fraction`` would leave no training image.
+        ``data.val_fraction`` would leave no training image; settings that another one overrides (they were
+        silently dropped): ``data.root`` with training lists, ``data.val_fraction`` with ``data.val_images``,
+        ``data.val_deformations`` with a validation set of images.
     """
+    import warnings
+
     from medfast.data import DatasetError, find_pairs
+    from medfast.train.config import ConfigError
 
     d = config.data
     prepare_preset(config)
+    if d.root is not None and list(d.train_images):
+        raise ConfigError("data.root is not read when data.train_images is given (or data.dataset fills it): set one "
+                          "of them")
     images, labels = list(d.train_images), list(d.train_labels)
     if d.root is not None and not images:
         images, labels = find_pairs(d.root)
@@ -135,11 +143,21 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
     val_images, val_labels = list(d.val_images), list(d.val_labels)
     if val_labels and len(val_labels) != len(val_images):
         raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
-    if not val_images and d.val_fraction > 0 and len(images) >= min_subjects_to_split:
+    if val_images and d.val_fraction > 0:
+        raise ConfigError("data.val_fraction splits validation images off the training images, but data.val_images "
+                          "gives them: set one of them")
+    split = not val_images and d.val_fraction > 0 and len(images) >= min_subjects_to_split
+    if getattr(d, "val_deformations", 0) > 0 and (val_images or split):
+        raise ConfigError(f"data.val_deformations validates on deformations of the training subjects when there is no "
+                          f"validation set of images; here data.{'val_images' if val_images else 'val_fraction'} gives "
+                          f"one: set one of them")
+    if not val_images and d.val_fraction > 0 and not split and not getattr(d, "val_deformations", 0):
+        warnings.warn(f"data.val_fraction={d.val_fraction}: {len(images)} training image(s), too few to split off "
+                      f"validation images (the {task} task needs {min_subjects_to_split}); no validation set "
+                      f"(data.val_deformations validates on deformations of the subjects instead)", stacklevel=2)
+    if split:
         n_val = max(1, int(round(len(images) * d.val_fraction)))
         if n_val >= len(images):
-            from medfast.train.config import ConfigError
-
             raise ConfigError(f"data.val_fraction={d.val_fraction} puts all {len(images)} training images in the "
                               f"validation set and none in training: lower data.val_fraction, or add images")
         pick = set(np.random.default_rng(config.trainer.seed).permutation(len(images))[:n_val].tolist())
