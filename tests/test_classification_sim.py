@@ -552,6 +552,16 @@ def test_simulated_config_errors(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "o"), ["model.in_channels=3"])
     with pytest.raises(ValueError, match="in_channels=1"):
         ClassificationTask(cfg).build_datasets()
+    # classes other than the planes were overwritten by the planes silently; the planes themselves are fine
+    # (a checkpoint's config records them)
+    cfg = load_config(write_config(tmp_path / "d.yaml", tmp_path / "o"), ["data.dataset_args.classes=[a, b, c, d]"])
+    with pytest.raises(ValueError, match=r"data.dataset_args.classes = \['a', 'b', 'c', 'd'\] but the simulated"):
+        ClassificationTask(cfg).build_datasets()
+    task = ClassificationTask(load_config(write_config(tmp_path / "e.yaml", tmp_path / "o"), []))
+    task.build_datasets()
+    planes = list(task.config.data.dataset_args["classes"])
+    cfg = load_config(write_config(tmp_path / "f.yaml", tmp_path / "o"), [f"data.dataset_args.classes={planes}"])
+    ClassificationTask(cfg).build_datasets()
 
 
 def test_loader_workers_compute_the_render_inputs(tmp_path):

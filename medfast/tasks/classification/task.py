@@ -395,6 +395,11 @@ class ClassificationTask(Task):
         if len(planes) != self.num_classes:
             raise DatasetError(f"data.dataset_args.planes has {len(planes)} classes {planes} but "
                                f"model.out_channels={self.num_classes}")
+        given = args.get("classes")
+        if given is not None and list(given) != list(planes):  # (it was overwritten silently)
+            raise ConfigError(f"data.dataset_args.classes = {list(given)} but the simulated classes are the planes "
+                              f"{list(planes)} (data.dataset_args.planes): leave classes unset (a checkpoint "
+                              f"records them)")
         self.encoder = make_encoder(self.encoding, self.num_classes, planes)
         args["classes"] = list(planes)
         train = self.source.train_dataset(sizes["samples_per_epoch"])
