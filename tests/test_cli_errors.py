@@ -112,6 +112,18 @@ def test_deep_supervision_weights_are_checked(setup, tmp_path, kind, match):
                                 f"trainer.out_dir={tmp_path / 'z'}"]))
 
 
+def test_predict_ignores_a_checkpoints_deep_supervision_weights(setup, tmp_path):
+    # the weights are a training setting: predict on a checkpoint whose config recorded them without deep
+    # supervision (accepted by training until 2026-11-29) must still run
+    base, _, ckpt = setup
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["loss"]["deep_supervision_weights"] = [1.0, 0.5]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    img = sorted((base / "data" / "images").iterdir())[0]
+    assert main(["predict", str(img), "--model", str(old), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
+
+
 def test_unknown_task_lists_only_tasks(setup, capsys, tmp_path):
     _, cfg, _ = setup
     assert main(["train", str(cfg), "--out", str(tmp_path / "x"), "--set", "task=evaluation"]) == 1

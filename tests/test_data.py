@@ -566,6 +566,18 @@ def test_disk_cache_key_tells_2d_reorientation_apart(tmp_path):
     assert NiftiDataset([p], reorient=True, **kw)._key(0) != NiftiDataset([p], reorient=False, **kw)._key(0)
 
 
+def test_disk_cache_key_follows_the_preprocessing_version(tmp_path, monkeypatch):
+    """A preprocessing change that gives other arrays for the same files and settings (the z-score's masked-image
+    rule, 2026-11-29) raises PREPROCESS_VERSION: a cache written before is not served after it (it was)."""
+    import medfast.data.dataset as dataset_module
+
+    p = _save(tmp_path / "s.nii.gz", np.zeros((4, 3, 2), np.float32))
+    kw = dict(spatial_dims=3, cache="disk", cache_dir=tmp_path / "c")
+    key = NiftiDataset([p], **kw)._key(0)
+    monkeypatch.setattr(dataset_module, "PREPROCESS_VERSION", dataset_module.PREPROCESS_VERSION + 1)
+    assert NiftiDataset([p], **kw)._key(0) != key
+
+
 def test_label_map_keys_and_values_are_non_negative_integers(tmp_path):
     # a negative key indexed the lookup table from its end: {-1: 0} silently relabelled the largest label (2)
     lab = np.zeros((8, 8, 8), np.uint8)

@@ -506,11 +506,13 @@ FINALIZE_FLAGS = [
 ]
 
 
-def _emu_finalize(lib, stats, cw, divisor, scalars, flags, g, bad=None):
+def _emu_finalize(lib, stats, cw, divisor, scalars, flags, g, bad=None, fill=float("nan")):
+    """(loss, gradient) of the emulated kernels; ``fill``: what the outputs hold before (a finite sentinel where
+    the test expects NaN, so that a kernel that writes nothing cannot pass)."""
     suffix = "f32" if stats.dtype == torch.float32 else "f64"
     B, C = stats.shape[:2]
-    out = torch.full((), float("nan"), dtype=stats.dtype)
-    grad = torch.full_like(stats, float("nan"))
+    out = torch.full((), fill, dtype=stats.dtype)
+    grad = torch.full_like(stats, fill)
     opt = [None if t is None else _p(t) for t in (cw, divisor, bad)]
     getattr(lib, f"emu_loss_finalize_{suffix}")(_p(stats), *opt, ctypes.c_int64(B), ctypes.c_int64(C),
                                                   (ctypes.c_double * 5)(*scalars), ctypes.c_int64(flags), _p(g),
@@ -549,7 +551,7 @@ def test_finalize_kernel_matches_cpu(lib, dtype, BC, flags, weighted):
     torch.testing.assert_close(grad_g, ref_grad, rtol=0, atol=0)
     for bad in ([-3, 0], [0, C + 2]):
         bad = torch.tensor(bad)
-        value_b, grad_b = _emu_finalize(lib, stats, cw, divisor, scalars, flags, gout, bad)
+        value_b, grad_b = _emu_finalize(lib, stats, cw, divisor, scalars, flags, gout, bad, fill=123.0)
         assert torch.isnan(value_b) and torch.isnan(grad_b).all()
         assert torch.isnan(torch.ops.medfast.loss_finalize(stats, cw, divisor, scalars, flags, bad))
         assert torch.isnan(torch.ops.medfast.loss_finalize_backward(gout, stats, cw, divisor, scalars, flags,

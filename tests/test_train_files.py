@@ -50,9 +50,11 @@ def test_lists_and_seeded_validation_split(tmp_path):
     for extra, match in (({"val_images": ["v.nii.gz"], "val_fraction": 0.5}, "data.val_fraction splits"),
                          ({"val_images": ["v.nii.gz"], "val_deformations": 2}, "here data.val_images gives one"),
                          ({"val_fraction": 0.25, "val_deformations": 2}, "here data.val_fraction gives one"),
-                         ({"root": str(tmp_path)}, "data.root is not read when data.train_images is given")):
+                         ({"root": str(tmp_path)}, "data.root is not read when data.train_images"),
+                         ({"root": str(tmp_path), "train_images": [], "train_labels": ["l.nii.gz"]},
+                          "data.root is not read when data.train_images / train_labels")):
         with pytest.raises(ConfigError, match=match):
-            gather_files(_config(tmp_path, train_images=images, **extra), task="registration")
+            gather_files(_config(tmp_path, **{"train_images": images, **extra}), task="registration")
     f4 = gather_files(_config(tmp_path, train_images=images[:2], val_fraction=0.5, val_deformations=2),
                       task="registration", min_subjects_to_split=3)  # no split: the deformations validate
     assert f4.val_images == []

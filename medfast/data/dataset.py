@@ -40,6 +40,11 @@ from medfast.ops._validate import check_bool
 
 __all__ = ["NiftiDataset", "case_name", "check_label_map", "collate", "find_pairs", "group_channel_files", "relabel"]
 
+#: Version of what preprocessing makes of a subject, part of the disk cache's key: raised when a change gives other
+#: arrays for the same files and settings (2: the z-score's masked-image rule by the negatives' magnitude, 2026-11-29),
+#: so that a cache written before is not served after it.
+PREPROCESS_VERSION = 2
+
 _SUFFIXES = (".nii.gz", ".nii")
 #: nnU-Net's channel suffix: ``images/case_0000.nii.gz`` is channel 0 of case ``case`` (label ``case.nii.gz``)
 CHANNEL_SUFFIX = "_0000"
@@ -395,6 +400,7 @@ class NiftiDataset(Dataset):
             parts.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
         spec = [parts, self.spatial_dims, self.reorient, self.spacing, self.shape, self.normalize,
                 self.clip_percentiles, sorted(self.label_map.items())] + (["compact"] if self.compact_labels else [])
+        spec.append(f"preprocess-{PREPROCESS_VERSION}")
         return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
 
     def _to_dims(self, arr: np.ndarray, path: str, channels: bool) -> np.ndarray:

@@ -56,13 +56,13 @@ def _check_model(config: Config) -> None:
     if m.kwargs:
         raise ConfigError(f"unknown model.kwargs for the unet: {sorted(m.kwargs)}; the unet takes none (its settings "
                           f"are model.channels, convs_per_level, norm, deep_supervision)")
-    _check_deep_supervision_weights(config)
 
 
 def _check_deep_supervision_weights(config: Config) -> None:
     """loss.deep_supervision_weights: one finite, non-negative weight per output, not all 0, with deep supervision
     on (they were zipped with the outputs: a short list dropped heads, all zeros gave a NaN loss, a negative
-    weight ascended, and without deep supervision they were ignored)."""
+    weight ascended, and without deep supervision they were ignored). A training setting: checked by check_config
+    (the task), not by build_unet, which predict / evaluate call on the configs of older checkpoints."""
     w = config.loss.deep_supervision_weights
     if w is None:
         return
@@ -82,6 +82,7 @@ def check_config(config: Config) -> None:
     """Checks the segmentation settings (model, spatial sizes, ``task_args``) before any data is read; raises
     :class:`ConfigError` naming the key."""
     _check_model(config)
+    _check_deep_supervision_weights(config)  # (training only: predict builds the network without it)
     check_dataset_args(config, "segmentation")
     if config.task_args:
         raise ConfigError(f"unknown task_args for the segmentation task: {sorted(config.task_args)} (it takes none)")

@@ -119,9 +119,9 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
 
     d = config.data
     prepare_preset(config)
-    if d.root is not None and list(d.train_images):
-        raise ConfigError("data.root is not read when data.train_images is given (or data.dataset fills it): set one "
-                          "of them")
+    if d.root is not None and (list(d.train_images) or list(d.train_labels)):
+        raise ConfigError("data.root is not read when data.train_images / train_labels are given (or data.dataset "
+                          "fills them): set one of them")
     images, labels = list(d.train_images), list(d.train_labels)
     if d.root is not None and not images:
         images, labels = find_pairs(d.root)
