@@ -212,6 +212,31 @@ def test_resume_reproduces_the_losses(tmp_path, blobs):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_refuses_a_checkpoint_trained_on_z_scored_inputs(tmp_path, blobs):
+    # before 2026-11-29 the default data.normalize (zscore) was applied before the task's [0, 1] mapping: a resume
+    # of such a run would change its inputs mid-run (its checkpoints have no preprocess_version)
+    from medfast.train.trainer import CheckpointError
+
+    _, images, labels = blobs
+    cfg = _cfg(tmp_path, images, labels, out="z", steps=2)
+    del cfg["data"]["normalize"]  # the default
+    cfg["trainer"]["checkpoint_every"] = 1
+    Trainer(config_from_dict(cfg)).fit(stop_after=1)
+    last = tmp_path / "z" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["preprocess_version"] == 2
+    cfg["trainer"]["resume"] = str(last)
+    old = dict(state)
+    del old["preprocess_version"]
+    torch.save(old, last)
+    with pytest.raises(CheckpointError, match="trained with data.normalize=zscore applied before"):
+        Trainer(config_from_dict(cfg)).fit()
+    old["config"]["data"]["normalize"] = "none"  # an old run without the z-score: the same inputs, resumable
+    torch.save(old, last)
+    cfg["data"]["normalize"] = "none"
+    assert Trainer(config_from_dict(cfg)).fit()["step"] == 2
+
+
 def test_out_channels_equal_to_the_spatial_dims_is_accepted(tmp_path, blobs):
     from medfast.tasks.registration import RegistrationTask
 

@@ -2103,8 +2103,17 @@ class RegistrationTask(Task):
 
     def check_resume(self, state: dict, path: Path) -> None:
         from medfast.tasks.segmentation import check_reorient_resume
+        from medfast.train.trainer import CheckpointError
 
         check_reorient_resume(self.config, state, path)
+        # a checkpoint from before the preprocessing version 2 (2026-11-29) with data.normalize other than none was
+        # trained on z-scored images before the task's [0, 1] mapping, which the task no longer applies
+        normalize = state.get("config", {}).get("data", {}).get("normalize", "zscore")
+        if state.get("preprocess_version", 1) < 2 and normalize != "none":
+            raise CheckpointError(f"{path} was trained with data.normalize={normalize} applied before the task's own "
+                                  f"mapping to [0, 1] (medfast before 2026-11-29), which the registration task no "
+                                  f"longer applies (medfast register --model never did): resuming would change the "
+                                  f"network's inputs mid-run; train a new run")
 
     def _subjects(self, images, labels):
         from medfast.tasks.segmentation import _dataset

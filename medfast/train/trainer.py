@@ -29,6 +29,7 @@ from medfast._device import resolve_device as _resolve_device
 from medfast._figures import figures_enabled, new_figure, save_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast._jsonsafe import json_ready
+from medfast.data.dataset import PREPROCESS_VERSION
 from medfast.data.preprocess import REORIENT_DIMS
 from medfast.train import distributed as D
 from medfast.train.config import (
@@ -685,6 +686,9 @@ class Trainer:
             # the spatial dims data.reorient reorients: a checkpoint without the key predates 2D reorientation,
             # so inference keeps 2D images in storage order for it, as its network was trained
             "reorient_dims": list(REORIENT_DIMS),
+            # what preprocessing made of the subjects (medfast.data.dataset.PREPROCESS_VERSION): a task can tell a
+            # checkpoint trained on other inputs (a resume would change them mid-run)
+            "preprocess_version": PREPROCESS_VERSION,
             "model": self.model.state_dict(),
             **self._optimizer_state(),
             "scaler": self.scaler.state_dict(),
