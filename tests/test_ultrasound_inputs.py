@@ -193,7 +193,7 @@ def test_the_outside_check_never_refuses_a_pose_whose_samples_reach_the_volume(p
     # the centre shortcut (a probe box centred in the volume meets it, no separating-axis test) changes no answer
     centre = np.einsum("ij,bjk,k->bi", inv[:3], poses, sim_module._probe_box(probe).mean(0))
     assert 0 < ((centre >= -1) & (centre <= np.array(shape))).all(-1).sum() < 400  # both routes taken
-    assert (meets == sim_module._meets_volume_sat(poses, inv, shape, probe)).all()
+    assert (meets == sim_module._boxes_meet(inv[:3] @ poses, sim_module._probe_box(probe), shape)).all()
     pts = sim_module.probe_points(probe, 3).reshape(-1, 3).numpy()  # (L E S, 3) probe frame
     vox = np.einsum("ij,bjk,nk->bni", inv[:3], poses, np.c_[pts, np.ones(len(pts))])
     inside = ((vox >= -1) & (vox <= np.array(shape))).all(-1).any(-1)

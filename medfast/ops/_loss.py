@@ -138,48 +138,37 @@ def _lean(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
 
-def _run_lean(function: type[torch.autograd.Function], op, *args):
-    """``op(*args)`` on the lean path: through ``function`` when a gradient is needed, else the op alone
-    (below autograd: no wrapper at all)."""
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+def _lean_function(name: str, op: str, setup, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function that runs ``torch.ops.medfast.<op>`` (looked up at each call) below autograd with the
+    registered autograd's ``setup`` and ``backward`` (what torch.library generates, less its Python argument
+    handling); outputs past the first (the sums op's label-range report) are not differentiable."""
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = getattr(_ops, op)(*args)
+        setup(ctx, args, out)
+        if isinstance(out, tuple):
+            ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+def _call(function: type[torch.autograd.Function], op, *args):
+    """``op(*args)``: on the lean path (:func:`_lean`) through ``function`` when a gradient is needed, else the op
+    alone below autograd (no wrapper at all); elsewhere the registered op."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not _lean(*tensors):
+        return op(*args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return function.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
 
-class _SoftmaxStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, voxel_weight, ignore_index, ce):
-        with torch._C._AutoDispatchBelowAutograd():
-            stats, bad_labels = _ops.softmax_stats(logits, labels, voxel_weight, ignore_index, ce)
-        _stats_setup(ctx, (logits, labels, voxel_weight, ignore_index, ce), None)
-        ctx.mark_non_differentiable(bad_labels)
-        return stats, bad_labels
-
-    backward = staticmethod(_stats_backward)
-
-
-class _SoftStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, voxel_weight, sigmoid, ce):
-        with torch._C._AutoDispatchBelowAutograd():
-            stats = _ops.soft_stats(logits, target, voxel_weight, sigmoid, ce)
-        _soft_setup(ctx, (logits, target, voxel_weight, sigmoid, ce), None)
-        return stats
-
-    backward = staticmethod(_soft_backward)
-
-
-def _softmax_stats(logits, labels, voxel_weight, ignore_index, ce):
-    if _lean(logits, labels, voxel_weight):
-        return _run_lean(_SoftmaxStats, _ops.softmax_stats, logits, labels, voxel_weight, ignore_index, ce)
-    return _ops.softmax_stats(logits, labels, voxel_weight, ignore_index, ce)
-
-
-def _soft_stats(logits, target, voxel_weight, sigmoid, ce):
-    if _lean(logits, target, voxel_weight):
-        return _run_lean(_SoftStats, _ops.soft_stats, logits, target, voxel_weight, sigmoid, ce)
-    return _ops.soft_stats(logits, target, voxel_weight, sigmoid, ce)
+_SoftmaxStats = _lean_function("_SoftmaxStats", "softmax_stats", _stats_setup, _stats_backward)
+_SoftStats = _lean_function("_SoftStats", "soft_stats", _soft_setup, _soft_backward)
 
 
 def _check_logits(logits: object, activation: str = "softmax") -> torch.Tensor:
@@ -449,14 +438,14 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
         t = _soft_target(target, logits, ignore_index)
         weight = _voxel_weight(voxel_weight, t[:, 0], logits)
         if fused:
-            stats = _soft_stats(logits, t, weight, activation == "sigmoid", ce)
+            stats = _call(_SoftStats, _ops.soft_stats, logits, t, weight, activation == "sigmoid", ce)
         else:
             stats = _stats_reference(logits, t, weight, activation)
     else:
         labels, ignore_index, host_check = _labels(target, logits, ignore_index, check_labels)
         weight = _voxel_weight(voxel_weight, labels, logits)
         if fused:  # never reads past C: safe before the range check, which reads its report
-            stats, bad_labels = _softmax_stats(logits, labels, weight, ignore_index, ce)
+            stats, bad_labels = _call(_SoftmaxStats, _ops.softmax_stats, logits, labels, weight, ignore_index, ce)
         else:
             stats = _stats_reference(logits, _reference_labels(labels, ignore_index), weight, "labels")
             bad_labels = _label_range_reference(labels, ignore_index, logits.shape[1])
@@ -526,17 +515,7 @@ def _finalize_backward(ctx, grad):
 torch.library.register_autograd("medfast::loss_finalize", _finalize_backward, setup_context=_finalize_setup)
 
 
-class _LossFinalize(torch.autograd.Function):
-    """loss_finalize on the lean eager path (see _lean)."""
-
-    @staticmethod
-    def forward(ctx, stats, class_weight, divisor, scalars, flags, bad_labels):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = _ops.loss_finalize(stats, class_weight, divisor, scalars, flags, bad_labels)
-        _finalize_setup(ctx, (stats, class_weight, divisor, scalars, flags, bad_labels), out)
-        return out
-
-    backward = staticmethod(_finalize_backward)
+_LossFinalize = _lean_function("_LossFinalize", "loss_finalize", _finalize_setup, _finalize_backward)
 
 
 def _finalize_applies(cw: torch.Tensor | None, batch_dice: bool = False, ddp_sync: bool = False) -> bool:
@@ -562,9 +541,7 @@ def _finalize(stats, cw, divisor, bad, *, dice, ce, include_background=True, bat
              | (_BATCH_DICE if batch_dice else 0) | (_MEAN if reduction == "mean" else 0)
              | (_TRUTH_DIVISOR if truth else 0))
     scalars = [float(scale), smooth[0], smooth[1], float(lambda_dice), float(lambda_ce)]
-    if _lean(stats, cw, voxels, bad):
-        return _run_lean(_LossFinalize, _ops.loss_finalize, stats, cw, voxels, scalars, flags, bad)
-    return _ops.loss_finalize(stats, cw, voxels, scalars, flags, bad)
+    return _call(_LossFinalize, _ops.loss_finalize, stats, cw, voxels, scalars, flags, bad)
 
 
 def _finalize_reference(stats, cw, voxels, scalars, flags, bad=None):

@@ -123,14 +123,14 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
         raise ConfigError("data.root is not read when data.train_images / train_labels are given (or data.dataset "
                           "fills them): set one of them")
     images, labels = list(d.train_images), list(d.train_labels)
-    if d.root is not None and not images:
+    if d.root is not None:  # (beside training lists it is refused above)
         images, labels = find_pairs(d.root)
     if not images:
         raise DatasetError(f"no training data for the {task} task: set data.root, data.train_images "
                            f"(+ train_labels) or data.dataset")
     if need_labels and not labels:
         where = ""
-        if d.root is not None and not list(d.train_images):  # the folder find_pairs looked in
+        if d.root is not None:  # the folder find_pairs looked in
             from pathlib import Path
 
             tr = not (Path(d.root) / "images").is_dir() and (Path(d.root) / "imagesTr").is_dir()
@@ -147,11 +147,11 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
         raise ConfigError("data.val_fraction splits validation images off the training images, but data.val_images "
                           "gives them: set one of them")
     split = not val_images and d.val_fraction > 0 and len(images) >= min_subjects_to_split
-    if getattr(d, "val_deformations", 0) > 0 and (val_images or split):
+    if d.val_deformations > 0 and (val_images or split):
         raise ConfigError(f"data.val_deformations validates on deformations of the training subjects when there is no "
                           f"validation set of images; here data.{'val_images' if val_images else 'val_fraction'} gives "
                           f"one: set one of them")
-    if not val_images and d.val_fraction > 0 and not split and not getattr(d, "val_deformations", 0):
+    if not val_images and d.val_fraction > 0 and not split and not d.val_deformations:
         warnings.warn(f"data.val_fraction={d.val_fraction}: {len(images)} training image(s), too few to split off "
                       f"validation images (the {task} task needs {min_subjects_to_split}); no validation set "
                       f"(data.val_deformations validates on deformations of the subjects instead)", stacklevel=2)

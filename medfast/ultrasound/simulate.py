@@ -200,20 +200,26 @@ def _probe_box(probe: Probe) -> np.ndarray:
 def _meets_volume(host_pose: np.ndarray, inv_affine: np.ndarray, shape: Sequence[int], probe: Probe) -> np.ndarray:
     """``(B,)`` False where no sample of pose b can read a voxel: the probe box (:func:`_probe_box`) in voxel space
     does not meet the volume's box ``[-1, D] x [-1, H] x [-1, W]`` (trilinear reads reach a voxel from one index
-    away). Separating-axis test of the two parallelepipeds (the axes: both sets of face normals and the cross
-    products of their edges), exact for the probe box, so a pose flagged cannot image the volume (one partly
-    outside is not flagged). Poses whose box centre lies in the volume's box meet it: only the others take the
-    test (a sweep's poses mostly do; the test of 64 poses took ~0.5 ms of host time per simulate call)."""
+    away). Poses whose box centre lies in the volume's box meet it; only the others take the separating-axis test
+    (:func:`_boxes_meet`; a sweep's poses mostly skip it: the test of 64 poses took ~0.5 ms of host time per
+    simulate call)."""
     corners_p = _probe_box(probe)
     to_voxel = inv_affine[:3] @ host_pose  # (B, 3, 4)
     centre = to_voxel @ corners_p.mean(0)  # (B, 3)
     meets = ((centre >= -1.0) & (centre <= np.asarray(shape[:3], dtype=np.float64))).all(1)
     rest = np.flatnonzero(~meets)
-    if rest.size == 0:
-        return meets
-    corners = to_voxel[rest] @ corners_p.T  # (R, 3, 8) voxel
-    edges = corners[:, :, [4, 2, 1]] - corners[:, :, :1]  # (R, 3, 3): columns the probe box's x, y, z edges
-    edges = edges.transpose(0, 2, 1)  # rows
+    if rest.size:
+        meets[rest] = _boxes_meet(to_voxel[rest], corners_p, shape)
+    return meets
+
+
+def _boxes_meet(to_voxel: np.ndarray, corners_p: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``(R,)`` whether the probe box (``corners_p``, :func:`_probe_box`) mapped by each ``(R, 3, 4)`` probe-to-voxel
+    matrix meets the volume's box ``[-1, D] x [-1, H] x [-1, W]``: separating-axis test of the two parallelepipeds
+    (the axes: both sets of face normals and the cross products of their edges), exact for the probe box, so a
+    pose flagged cannot image the volume (one partly outside is not flagged)."""
+    corners = to_voxel @ corners_p.T  # (R, 3, 8) voxel
+    edges = (corners[:, :, [4, 2, 1]] - corners[:, :, :1]).transpose(0, 2, 1)  # (R, 3, 3): the x, y, z edges
     unit = np.broadcast_to(np.eye(3), edges.shape)
     axes = np.concatenate([unit, np.cross(edges[:, [1, 2, 0]], edges[:, [2, 0, 1]]),
                            np.cross(edges[:, :, None], unit[:, None]).reshape(-1, 9, 3)], 1)  # (R, 15, 3)
@@ -221,24 +227,6 @@ def _meets_volume(host_pose: np.ndarray, inv_affine: np.ndarray, shape: Sequence
                     for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     a = axes @ corners  # (R, 15, 8) projections of the probe box
     v = axes @ box.T
-    tol = 1e-9 * (1.0 + np.abs(a).max(-1) + np.abs(v).max(-1))
-    separated = (a.min(-1) > v.max(-1) + tol) | (v.min(-1) > a.max(-1) + tol)
-    meets[rest] = ~separated.any(1)
-    return meets
-
-
-def _meets_volume_sat(host_pose: np.ndarray, inv_affine: np.ndarray, shape: Sequence[int],
-                      probe: Probe) -> np.ndarray:
-    """The separating-axis test of :func:`_meets_volume` for every pose (no centre shortcut): its tests' reference."""
-    corners = np.einsum("ij,bjk,nk->bni", inv_affine[:3], host_pose, _probe_box(probe))  # (B, 8, 3) voxel
-    edges = corners[:, [4, 2, 1]] - corners[:, :1]
-    unit = np.broadcast_to(np.eye(3), edges.shape)
-    axes = np.concatenate([unit, np.cross(edges[:, [1, 2, 0]], edges[:, [2, 0, 1]]),
-                           np.cross(edges[:, :, None], unit[:, None]).reshape(-1, 9, 3)], 1)
-    box = np.array([[(-1.0, float(shape[0]))[i], (-1.0, float(shape[1]))[j], (-1.0, float(shape[2]))[k]]
-                    for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    a = np.einsum("bni,bai->ban", corners, axes)
-    v = np.einsum("ni,bai->ban", box, axes)
     tol = 1e-9 * (1.0 + np.abs(a).max(-1) + np.abs(v).max(-1))
     return ~((a.min(-1) > v.max(-1) + tol) | (v.min(-1) > a.max(-1) + tol)).any(1)
 
