@@ -271,6 +271,32 @@ def test_metrics_against_sklearn():
     assert rep["f1"] == pytest.approx(skm.f1_score(target, pred, average="macro"))
 
 
+def test_metrics_refuse_what_they_would_get_wrong():
+    """One-hot or score arrays, a wrong num_classes and binary scores with C > 2 raise instead of giving
+    numbers (flattened, a one-hot (N, C) pair read as N * C samples: accuracy 0.667 for a true 0.5)."""
+    onehot_p, onehot_t = np.eye(3)[[0, 1, 2, 0]], np.eye(3)[[0, 2, 1, 0]]
+    for f in (lambda: accuracy(onehot_p, onehot_t), lambda: confusion_matrix(onehot_p, onehot_t, 3),
+              lambda: balanced_accuracy(onehot_p, onehot_t, 3)):
+        with pytest.raises(ValueError, match=r"pred must be \(N,\) class indices, got shape \(4, 3\)"):
+            f()
+    with pytest.raises(ValueError, match="pred must hold class indices"):
+        accuracy(np.array([0.2, 0.9, 0.4]), np.array([0, 1, 0]))  # scores, not classes (was 0.0)
+    t = np.array([0, 1, 2, 1])
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+            confusion_matrix(t, t, bad)
+        with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+            roc_auc(np.eye(3)[t], t, bad)
+    assert confusion_matrix(t, t, np.int64(3)).trace() == 4 and confusion_matrix(t, t, torch.tensor(3)).trace() == 4
+    with pytest.raises(ValueError, match=r"binary \(the score of class 1\), but num_classes is 3"):
+        roc_auc(np.array([0.1, 0.8, 0.7, 0.6]), np.array([0, 1, 1, 0]), 3)
+    assert roc_auc(np.array([0.1, 0.8, 0.7, 0.6]), np.array([0, 1, 1, 0]), 2) == 1.0
+    with pytest.raises(ValueError, match="num_classes is 3"):  # (N, 2) scores reported for 3 classes
+        classification_report(np.array([0, 1, 1, 0]), np.array([0, 1, 1, 0]), 3, np.eye(2)[[0, 1, 1, 0]])
+    with pytest.raises(ValueError, match=r"target must be \(N,\) class indices"):
+        roc_auc(np.eye(3)[t], np.eye(3)[t])
+
+
 def test_confusion_png(tmp_path):
     pytest.importorskip("matplotlib")
     cm = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])

@@ -165,6 +165,11 @@ def test_csv_labels(tmp_path):
     csv.write_text("file,label\nimg/a.png,pT2\nimg/gone.png,pT3a\n")
     with pytest.raises(DatasetError, match=r"gone.png: file not found \(listed in .*labels.csv, line 3\)"):
         ImageFolderDataset(tmp_path, csv_file=csv)
+    # a file type the reader does not know: refused when the list is read, not at its first load
+    (tmp_path / "img" / "d.tif").write_bytes(b"II*\x00")
+    csv.write_text("file,label\nimg/a.png,pT2\nimg/d.tif,pT3a\n")
+    with pytest.raises(DatasetError, match=r"d.tif: unknown image type '.tif' \(listed in .*labels.csv, line 3"):
+        ImageFolderDataset(tmp_path, csv_file=csv)
     csv.write_text("name,label\nimg/a.png,pT2\n")
     with pytest.raises(DatasetError, match="no column 'file'"):
         ImageFolderDataset(tmp_path, csv_file=csv)

@@ -154,6 +154,29 @@ def test_sliced_wasserstein_zero_for_identical_sets_and_grows_with_shifts():
         sliced_wasserstein(x, x[..., :5, :5])
 
 
+
+@pytest.mark.parametrize("size", [16, 20, 24, 32])
+def test_sliced_wasserstein_sees_brightness_on_small_frames(size):
+    """The pyramid ends with its low-pass residual (levels are dropped, not the residual, where the frames
+    are too small for them): a brightness offset, invisible to the band-pass levels, always counts."""
+    x = torch.rand(4, 1, size, size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+    assert float(sliced_wasserstein(x, x + 0.3)) > 0.1
+    assert float(sliced_wasserstein(torch.zeros(2, 1, size, size), torch.ones(2, 1, size, size))) > 0.1
+    # different frame sizes in the two sets: the same number of levels for both
+    assert float(sliced_wasserstein(x, torch.nn.functional.interpolate(x, scale_factor=2) + 0.3)) > 0.1
+    assert float(sliced_wasserstein(x, x.clone())) == 0.0
+
+
+def test_synthesis_metric_arguments():
+    x = torch.rand(1, 1, 16, 16)
+    for f in (psnr, ssim):
+        with pytest.raises(ValueError, match="data_range must be a positive, finite number"):
+            f(x, x, data_range=float("inf"))
+    for seed in (1.5, True, "1"):
+        with pytest.raises(ValueError, match="seed must be an int"):
+            sliced_wasserstein(x, x, seed=seed)
+    assert float(sliced_wasserstein(x, x, seed=np.int64(3))) == 0.0
+
 def test_save_grid_writes_a_png(tmp_path):
     x, y = _images()
     path = save_grid(tmp_path / "g.png", [("a", x), ("b", y)], title="t", ranges=[None, (0, 1)])

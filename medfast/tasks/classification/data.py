@@ -455,6 +455,9 @@ class ImageFolderDataset(Dataset):
                 f = Path(name) if Path(name).is_absolute() else base / name
                 if not f.is_file():
                     raise DatasetError(f"{f}: file not found (listed in {path}, line {line})")
+                if _suffix(f) not in IMAGE_SUFFIXES:  # now, not at its first load (possibly a validation)
+                    raise DatasetError(f"{f}: unknown image type {_suffix(f)!r} (listed in {path}, line {line}; "
+                                       f"expected one of {', '.join(IMAGE_SUFFIXES)})")
                 files.append(f)
                 labels.append(lab)
         except csv.Error as exc:

@@ -35,6 +35,24 @@ def _indices(name: str, x) -> np.ndarray:
     return v.astype(np.int64)
 
 
+def _sample_indices(name: str, x) -> np.ndarray:
+    """:func:`_indices` of a ``(N,)`` array: one class per sample (a one-hot or score array would be flattened
+    into wrong numbers)."""
+    shape = _np(x).shape
+    if len(shape) != 1:
+        raise ValueError(f"{name} must be (N,) class indices, got shape {shape} (for one-hot or score arrays "
+                         f"take argmax(1) first)")
+    return _indices(name, x)
+
+
+def _num_classes(num_classes) -> int:
+    if isinstance(num_classes, torch.Tensor) and num_classes.numel() == 1:
+        num_classes = num_classes.item()
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    return int(num_classes)
+
+
 def _same_length(p: np.ndarray, t: np.ndarray) -> None:
     if p.shape != t.shape:
         raise ValueError(f"pred {p.shape} and target {t.shape} differ in shape (one entry per sample each)")
@@ -50,7 +68,8 @@ def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int) -> np
     num_classes : int
         ``C``.
     """
-    p, t = _indices("pred", pred), _indices("target", target)
+    p, t = _sample_indices("pred", pred), _sample_indices("target", target)
+    num_classes = _num_classes(num_classes)
     _same_length(p, t)
     for name, v in (("pred", p), ("target", t)):
         if v.size and (v.min() < 0 or v.max() >= num_classes):
@@ -60,7 +79,7 @@ def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int) -> np
 
 def accuracy(pred: ArrayLike, target: ArrayLike) -> float:
     """Fraction of ``pred == target`` (``(N,)`` each)."""
-    p, t = _np(pred).ravel(), _np(target).ravel()
+    p, t = _sample_indices("pred", pred), _sample_indices("target", target)
     _same_length(p, t)  # (NumPy would broadcast one prediction against every target)
     return float((p == t).mean()) if t.size else float("nan")
 
@@ -136,16 +155,21 @@ def roc_auc(scores: ArrayLike, target: ArrayLike, num_classes: int | None = None
     """
     if average not in ("macro", None):
         raise ValueError(f"average must be 'macro' or None, got {average!r}")
-    s, t = _np(scores).astype(np.float64), _indices("target", target)
+    s, t = _np(scores).astype(np.float64), _sample_indices("target", target)
+    if num_classes is not None:
+        num_classes = _num_classes(num_classes)
     if s.ndim not in (1, 2) or s.shape[0] != t.size:
         raise ValueError(f"scores must be (N,) or (N, C) with N = {t.size} (the targets), got {s.shape}")
     if not np.isfinite(s).all():
         raise ValueError("scores contain NaN or inf")
     if s.ndim == 1 or (s.ndim == 2 and s.shape[1] == 1):
+        if num_classes not in (None, 2):
+            raise ValueError(f"scores of shape {s.shape} are binary (the score of class 1), but num_classes is "
+                             f"{num_classes}; give (N, {num_classes}) per-class scores")
         if t.size and (t.min() < 0 or t.max() > 1):
             raise ValueError(f"binary scores need targets in {{0, 1}}, got [{t.min()}, {t.max()}]")
         return _binary_auc(s.ravel(), t == 1)
-    c = num_classes or s.shape[1]
+    c = s.shape[1] if num_classes is None else num_classes
     if c != s.shape[1]:
         raise ValueError(f"num_classes ({c}) must equal the score columns ({s.shape[1]})")
     if t.size and (t.min() < 0 or t.max() >= c):

@@ -4,6 +4,7 @@ frames."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +33,9 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, name_x: str = "x", name_y: str
 def _check_range(data_range: float) -> float:
     if isinstance(data_range, torch.Tensor) and data_range.numel() == 1:  # e.g. x.max() - x.min()
         data_range = data_range.item()
-    if not isinstance(data_range, numbers.Real) or isinstance(data_range, bool) or not data_range > 0:
-        raise ValueError(f"data_range must be a positive number, got {data_range!r}")
+    if (not isinstance(data_range, numbers.Real) or isinstance(data_range, bool) or not data_range > 0
+            or not math.isfinite(data_range)):
+        raise ValueError(f"data_range must be a positive, finite number, got {data_range!r}")
     return float(data_range)
 
 
@@ -113,13 +115,23 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, sigma: float
     return s.reshape(B, C, -1).mean(-1).mean(-1)
 
 
+def _pyramid_levels(shapes: Sequence[Sequence[int]], levels: int, patch_size: int) -> int:
+    """At most ``levels``, as many as keep every level of every image at least ``patch_size`` pixels a side
+    (the 2x pools round up). The coarsest level is then always the low-pass residual, which holds the mean
+    brightness: skipping it would make the distance blind to a change of brightness."""
+    sizes = [min(s[-2:]) for s in shapes]
+    n = 1
+    while n < levels and all(-(-s // 2) >= patch_size for s in sizes):
+        sizes = [-(-s // 2) for s in sizes]
+        n += 1
+    return n
+
+
 def _laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
     """Band-pass levels (finest first) and the low-pass residual last; 2x average-pool downsampling."""
     out = []
     cur = x
     for _ in range(levels - 1):
-        if min(cur.shape[-2:]) < 2:
-            break
         low = F.avg_pool2d(cur, 2, ceil_mode=True)
         up = F.interpolate(low, size=cur.shape[-2:], mode="bilinear", align_corners=False)
         out.append(cur - up)
@@ -155,7 +167,9 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
     a, b : Tensor
         ``(N, C, H, W)`` and ``(M, C, H', W')`` sets of images (any sizes; at least ``patch_size`` pixels).
     levels : int
-        Pyramid levels (levels too small for a patch are skipped).
+        Pyramid levels, at most: fewer where the images are too small for them (every level keeps at least
+        ``patch_size`` pixels a side, the coarsest is always the low-pass residual, so a change of brightness
+        always counts).
     patch_size, n_patches, n_projections : int
     seed : int
 
@@ -177,16 +191,17 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
                     ("n_projections", n_projections)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     if min(a.shape[-2:]) < patch_size or min(b.shape[-2:]) < patch_size:
         raise ValueError(f"images must have at least patch_size={patch_size} pixels per side, got "
                          f"{tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")
     dev = a.device
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(seed)
+    levels = _pyramid_levels((a.shape, b.shape), levels, patch_size)
     pa, pb = _laplacian_pyramid(a.detach().double(), levels), _laplacian_pyramid(b.detach().double().to(dev), levels)
     dists = []
-    for la, lb in zip(pa, pb, strict=False):
-        if min(la.shape[-2:]) < patch_size or min(lb.shape[-2:]) < patch_size:
-            continue
+    for la, lb in zip(pa, pb, strict=True):
         draws = []
         for lev in (la, lb):
             if draws and lev.shape == la.shape:  # same shape: the same draws (identical sets -> exactly 0)
@@ -207,8 +222,6 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
         proj_a, _ = torch.sort((dirs.T @ da.T).contiguous(), dim=1)  # (projections, patches), sorted
         proj_b, _ = torch.sort((dirs.T @ db.T).contiguous(), dim=1)
         dists.append((proj_a - proj_b).abs().mean())
-    if not dists:
-        raise ValueError("no pyramid level is large enough for the patches; lower patch_size or levels")
     return torch.stack(dists).mean()
 
 
