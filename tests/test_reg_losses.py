@@ -12,8 +12,10 @@ from medfast.losses import (
     BendingEnergyLoss,
     GlobalMutualInformationLoss,
     GradientNormLoss,
+    LocalNormalizedCrossCorrelationLoss,
     SSDLoss,
     bending_energy,
+    global_mutual_information,
     gradient_norm,
     label_dice_loss,
 )
@@ -137,3 +139,23 @@ def test_bad_inputs():
         SSDLoss()(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5))
     with pytest.raises(ValueError, match="num_bins must be an int"):
         GlobalMutualInformationLoss(num_bins=1)(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4))
+    # smoothing terms: a negative or NaN one gave a NaN loss, a string a TypeError from tensor arithmetic
+    x = torch.rand(1, 1, 4, 4)
+    for kw in ({"smooth_nr": -1.0}, {"smooth_dr": float("nan")}, {"smooth_nr": "1e-7"}):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=f"{name} must be a non-negative finite number"):
+            global_mutual_information(x, x, **kw)
+        with pytest.raises(ValueError, match=f"{name} must be a non-negative finite number"):
+            GlobalMutualInformationLoss(**kw)
+    with pytest.raises(ValueError, match="smooth must be a non-negative finite number"):
+        label_dice_loss(x, x, smooth=float("nan"))
+    # the LNCC module checks its window and smoothing when built, as MONAI's (not at the first forward)
+    for kw, error, match in (({"kernel_size": 4}, ValueError, "positive odd"),
+                             ({"kernel_size": 0}, ValueError, "positive odd"),
+                             ({"kernel_size": (3, 3)}, ValueError, "3 entries"),
+                             ({"kernel_size": 3.0}, TypeError, "kernel_size must be an int"),
+                             ({"smooth_dr": -1.0}, ValueError, "smooth_dr must be a non-negative"),
+                             ({"smooth_dr": 0.0}, ValueError, "smooth_dr must be > 0")):
+        with pytest.raises(error, match=match):
+            LocalNormalizedCrossCorrelationLoss(**kw)
+    assert LocalNormalizedCrossCorrelationLoss(spatial_dims=2, kernel_size=(3, 5)).kernel_size == (3, 5)

@@ -225,3 +225,35 @@ def test_folding_percent_is_reported(velocity):
     jac = np.stack([np.stack(np.gradient(u[i]), -1) for i in range(3)], -2) + np.eye(3)
     expected = float((np.linalg.det(jac) <= 0).mean() * 100)
     assert res.metrics["folding_percent"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_folding_percent_counts_a_diverged_field():
+    """A NaN / inf displacement (a diverged run) is not a regular field: its voxels count as folded (NaN
+    determinants failed `<= 0`, so metrics.json read 0 % beside an LNCC of NaN)."""
+    from medfast.tasks.registration import _folding_percent
+
+    ddf = torch.zeros(1, 3, 6, 7, 8)
+    assert _folding_percent(ddf) == 0.0
+    ddf[0, 1, 2, 3, 4] = float("nan")
+    # its 6 neighbours have NaN Jacobians (central differences: the voxel's own skip it)
+    assert _folding_percent(ddf) == pytest.approx(100.0 * 6 / (6 * 7 * 8))
+    assert _folding_percent(torch.full((1, 3, 6, 7, 8), float("inf"))) == 100.0
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"bending_weight": float("nan")}, "bending_weight must be a finite number >= 0"),
+    ({"dice_weight": float("nan")}, "dice_weight must be a finite number >= 0"),
+    ({"bending_weight": float("inf")}, "bending_weight must be a finite number >= 0"),
+    ({"deform_lr": float("nan")}, "deform_lr must be a finite number > 0"),
+    ({"affine_lr": float("inf")}, "affine_lr must be a finite number > 0"),
+    ({"kernel_size": 7.0}, "kernel_size must be an int"),
+    ({"kernel_size": True}, "kernel_size must be an int"),
+    ({"deform_iters": 2.5}, "deform_iters must be an int"),
+    ({"affine_levels": (2.5, 1)}, "affine_levels must be an int"),
+])
+def test_registration_config_refuses_non_finite_and_non_integer_values(change, match):
+    """A NaN weight passed `w < 0` and `w > 0` then dropped its term (the run equalled one with weight 0)."""
+    with pytest.raises(ValueError, match=match):
+        RegistrationConfig(**change)
+    cfg = RegistrationConfig(kernel_size=np.int64(5), bending_weight=np.float32(0.5), deform_iters=np.int64(3))
+    assert cfg.kernel_size == 5 and type(cfg.deform_iters) is int

@@ -28,8 +28,16 @@ import torch
 from torch import nn
 
 from medfast._typing import Int, ShapeLike
-from medfast.ops._lncc import REDUCTIONS, lncc_loss
-from medfast.ops._validate import autocast_image, autocast_on, check_bool, check_choice, check_tensor, py_scalar
+from medfast.ops._lncc import REDUCTIONS, _kernel_size, lncc_loss
+from medfast.ops._validate import (
+    autocast_image,
+    autocast_on,
+    check_bool,
+    check_choice,
+    check_tensor,
+    non_negative_finite,
+    py_scalar,
+)
 
 __all__ = [
     "bending_energy",
@@ -212,6 +220,7 @@ def global_mutual_information(pred: torch.Tensor, target: torch.Tensor, num_bins
     pred, target = _check_pair(pred, target, min_dim=2, layout="(B, N1, ..., Nk) with k >= 1")
     check_choice("reduction", reduction, REDUCTIONS)
     num_bins, sigma_ratio = _check_bins(num_bins, sigma_ratio)
+    smooth_nr, smooth_dr = _smooth("smooth_nr", smooth_nr), _smooth("smooth_dr", smooth_dr)
     # one dtype for both histograms (the einsum refuses mixed dtypes); half-precision sums of many small
     # Parzen weights lose digits, so at least float32
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
@@ -238,6 +247,15 @@ def global_mutual_information(pred: torch.Tensor, target: torch.Tensor, num_bins
     return _reduce(mi, reduction).neg()
 
 
+def _smooth(name: str, value: object) -> float:
+    """A non-negative finite smoothing term (a negative or NaN one gave a NaN loss, a string a TypeError from
+    tensor arithmetic)."""
+    value = py_scalar(value)
+    if isinstance(value, bool) or not non_negative_finite(value):  # (symbolic floats under torch.compile too)
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return value
+
+
 def _check_bins(num_bins: object, sigma_ratio: object) -> tuple[int, float]:
     num_bins, sigma_ratio = py_scalar(num_bins), py_scalar(sigma_ratio)
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
@@ -258,6 +276,7 @@ def label_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1e
         Added to the numerator and the denominator of each Dice ratio (an empty class scores 1).
     """
     pred, target = _check_pair(pred, target)
+    smooth = _smooth("smooth", smooth)
     dims = tuple(range(2, pred.dim()))
     inter = (pred * target).sum(dims)
     denom = pred.sum(dims) + target.sum(dims)
@@ -274,6 +293,10 @@ class LocalNormalizedCrossCorrelationLoss(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         check_choice("kernel_type", kernel_type, ("rectangular",))
         check_choice("reduction", reduction, REDUCTIONS)
+        _kernel_size(kernel_size, spatial_dims)  # a bad window fails here, as MONAI's, not at the first forward
+        smooth_nr, smooth_dr = _smooth("smooth_nr", smooth_nr), _smooth("smooth_dr", smooth_dr)
+        if smooth_dr == 0:
+            raise ValueError("smooth_dr must be > 0 (it bounds the local variances away from zero)")
         self.spatial_dims, self.kernel_size, self.reduction = spatial_dims, kernel_size, reduction
         self.smooth_nr, self.smooth_dr = smooth_nr, smooth_dr
 
@@ -315,7 +338,7 @@ class GlobalMutualInformationLoss(nn.Module):
         self.kernel_type = _check_kernel(kernel_type)
         self.num_bins, self.sigma_ratio = _check_bins(num_bins, sigma_ratio)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self.smooth_nr, self.smooth_dr = py_scalar(smooth_nr), py_scalar(smooth_dr)
+        self.smooth_nr, self.smooth_dr = _smooth("smooth_nr", smooth_nr), _smooth("smooth_dr", smooth_dr)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check_kernel(self.kernel_type)

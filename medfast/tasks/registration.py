@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import sys
 import time
@@ -40,7 +41,7 @@ from medfast.data.preprocess import REORIENT_DIMS, reorient_dims_of
 from medfast.losses.registration import bending_energy, label_dice_loss
 from medfast.nets.registration import GlobalNet, LocalNet, affine_ddf
 from medfast.ops._transforms import _MAX_STEPS
-from medfast.ops._validate import position_dtype
+from medfast.ops._validate import position_dtype, py_scalar
 from medfast.train.config import ConfigError, _build, check_network_input, check_spatial_config
 from medfast.train.task import Task, register_task
 
@@ -139,22 +140,34 @@ class RegistrationConfig:
     integration_steps: int = 7
 
     def __post_init__(self) -> None:
+        def integer(name: str, value: object) -> int:
+            value = py_scalar(value)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            return int(value)
+
         for name in ("affine_levels", "deform_levels"):
-            levels = tuple(int(v) for v in getattr(self, name))
+            levels = tuple(integer(name, v) for v in getattr(self, name))
             if any(v < 1 for v in levels):
                 raise ValueError(f"{name} must be positive down-sampling factors, got {levels}")
             setattr(self, name, levels)
+        for name in ("affine_iters", "deform_iters", "integration_steps", "kernel_size"):
+            setattr(self, name, integer(name, getattr(self, name)))
         for name in ("affine_iters", "deform_iters", "integration_steps"):
-            if int(getattr(self, name)) < 0:
+            if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.integration_steps > _MAX_STEPS:  # medfast.integrate's limit: fail now, not after the affine stage
             raise ValueError(f"integration_steps must be in 0..{_MAX_STEPS}, got {self.integration_steps!r}")
+        # NaN fails every comparison: `not 0 <= w < inf` refuses it (`w < 0` let a NaN weight through, and
+        # `w > 0` then dropped the term as if it were 0)
         for name in ("affine_lr", "deform_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            value = py_scalar(getattr(self, name))
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         for name in ("bending_weight", "dice_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            value = py_scalar(getattr(self, name))
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size!r}")
 
@@ -368,7 +381,8 @@ def _folding_percent(ddf: torch.Tensor) -> float:
         jac = torch.stack([torch.stack(torch.gradient(slab[i], dim=list(range(n))), 0) for i in range(n)], 0)
         jac = jac[:, :, a - lo:a - lo + b - a] + torch.eye(n, dtype=jac.dtype, device=jac.device).reshape(
             n, n, *([1] * n))
-        folded += int((torch.linalg.det(jac.movedim(0, -1).movedim(0, -1)) <= 0).sum())
+        det = torch.linalg.det(jac.movedim(0, -1).movedim(0, -1))
+        folded += int((~(det > 0)).sum())  # a NaN / inf field (a diverged run) counts as folded, not regular
     return 100.0 * folded / math.prod(u.shape[1:])
 
 
