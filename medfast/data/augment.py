@@ -45,6 +45,40 @@ class AugmentConfig:
     bias_field: float = 0.0
 
 
+def check_augment_config(a: AugmentConfig, error: type[ValueError] = ValueError) -> None:
+    """Raises ``error`` (ValueError; the trainer's ConfigError) naming the first bad field of ``a``: the ranges
+    must be finite and non-negative (a NaN rotation gave all-NaN patches), the scale factors ``1 +- s`` positive,
+    the counts ints."""
+    for key in ("rotation", "shear", "translation", "deform_magnitude", "gamma", "intensity_shift", "noise_std",
+                "bias_field", "scale", "intensity_scale"):
+        v = py_scalar(getattr(a, key))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise error(f"augment.{key} must be >= 0 and finite (a range: +- that much), got {v!r}")
+    for key in ("scale", "intensity_scale"):  # factors 1 +- scale: 1 or more would allow zero or negative ones
+        if not getattr(a, key) < 1:
+            raise error(f"augment.{key} must lie in [0, 1) (factors 1 +- {key}), got {getattr(a, key)}")
+    for key in ("deform_grid", "integrate_steps"):
+        v = py_scalar(getattr(a, key))
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise error(f"augment.{key} must be an int, got {v!r}")
+    if a.deform_grid != 0 and a.deform_grid < 2:
+        raise error(f"augment.deform_grid must be 0 (no deformation) or >= 2 control points per axis, "
+                    f"got {a.deform_grid}")
+    if not 0 <= a.integrate_steps <= 64:  # medfast.integrate's limit (scaling and squaring: 2**steps)
+        raise error(f"augment.integrate_steps must lie in [0, 64], got {a.integrate_steps}")
+    if a.patch_size is not None:
+        _positive_ints("augment.patch_size", a.patch_size, error)
+
+
+def _positive_ints(name: str, value: object, error: type[ValueError] = ValueError) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise error(f"{name} must be a sequence of positive ints, got {value!r}")
+    out = [py_scalar(v) for v in value]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in out):
+        raise error(f"{name} must be a sequence of positive ints, got {list(value)}")
+    return out
+
+
 def _rotation(angles: torch.Tensor, ndim: int) -> torch.Tensor:
     if ndim == 2:
         c, s = math.cos(angles[0]), math.sin(angles[0])
@@ -64,6 +98,9 @@ def random_crop_theta(in_shape: Sequence[int], out_shape: Sequence[int], g: torc
     ``x_in = centre + matrix @ (x_out - (P - 1) / 2)``, the centre drawn uniformly where the patch fits
     (whole-voxel crop offsets; the volume's centre along axes shorter than the patch), plus a uniform
     shift of up to ``translation`` voxels."""
+    if len(in_shape) != len(out_shape):
+        raise ValueError(f"in_shape and out_shape must have one entry per spatial axis each, got {list(in_shape)} "
+                         f"and {list(out_shape)}")
     nd = len(out_shape)
     centre = torch.empty(nd, dtype=torch.float64)
     for i, (s, p) in enumerate(zip(in_shape, out_shape)):
@@ -74,6 +111,22 @@ def random_crop_theta(in_shape: Sequence[int], out_shape: Sequence[int], g: torc
     m = torch.eye(nd, dtype=torch.float64) if matrix is None else matrix
     c_out = torch.tensor([(p - 1) / 2 for p in out_shape], dtype=torch.float64)
     return torch.cat([m, (centre - m @ c_out)[:, None]], dim=1)
+
+
+def _warp_labels(label: torch.Tensor, theta: torch.Tensor, out_shape: Sequence[int], ddf: torch.Tensor | None,
+                 pos: torch.dtype) -> torch.Tensor:
+    """Nearest warp of ``(B, *S)`` labels with the image's positions, values exact: float32 holds integers up to
+    2^24 only (mouse-atlas structure ids pass it), so int32 / int64 labels travel as two channels, the high
+    bits and the low 16 bits (exact up to 2^40, whatever the positions' dtype), recombined after."""
+    from medfast.ops import affine_warp
+
+    wide = label.dtype in (torch.int32, torch.int64) and pos == torch.float32
+    x = label.long() if wide else label
+    x = torch.stack((x >> 16, x & 0xFFFF), 1) if wide else x[:, None]
+    out = affine_warp(x.to(pos).contiguous(), theta, shape=list(out_shape), ddf=ddf, mode="nearest",
+                      padding="zeros").round().long()
+    out = out[:, 0] * 65536 + out[:, 1] if wide else out[:, 0]
+    return out.to(label.dtype)
 
 
 class RandomAugment:
@@ -88,12 +141,14 @@ class RandomAugment:
         whole transform stays diffeomorphic), ``deform_grid`` (control points per axis), ``integrate_steps``,
         ``gamma`` (log-gamma range), ``intensity_scale``/``intensity_shift`` (+-), ``noise_std`` (max std),
         ``bias_field`` (std of the log bias field). ``enabled=False`` keeps only the random patch crop. The
-        affine acts on voxel indices: with anisotropic voxels a rotation is not a rigid rotation in mm.
+        affine acts on voxel indices: with anisotropic voxels a rotation is not a rigid rotation in mm. Checked
+        here (ValueError naming the field).
     geometric_only : bool
         Skip the intensity changes (e.g. to build validation deformations).
     """
 
     def __init__(self, config: AugmentConfig, geometric_only: bool = False) -> None:
+        check_augment_config(config)
         self.cfg = config
         self.geometric_only = geometric_only
 
@@ -123,7 +178,8 @@ class RandomAugment:
         return _rotation(angles, nd) @ torch.diag(scales * flips) @ shear
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor | None, seeds: Sequence[int],
-                 patch_size: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 patch_size: Sequence[int] | None = None, shapes: Sequence[Sequence[int]] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Augments a batch.
 
         Parameters
@@ -135,7 +191,12 @@ class RandomAugment:
         seeds : sequence of int
             One seed per sample.
         patch_size : sequence of int, optional
-            Output spatial shape (random crop); default ``S``.
+            Output spatial shape (random crop); default ``S`` (``config.patch_size`` is not read here: the
+            training task passes it, its validation deformations keep whole volumes).
+        shapes : sequence of sequences of int, optional
+            Each sample's own spatial shape in a batch of volumes zero-padded at the end of each axis to ``S``
+            (:func:`medfast.data.collate`'s ``"shape"``): its patch is drawn within it, as if it were alone in its
+            batch (else over the padding too: a small subject's patches could hold none of its voxels).
 
         Returns
         -------
@@ -157,15 +218,25 @@ class RandomAugment:
                              f"{tuple(label.shape)}")
         if len(seeds) != batch:
             raise ValueError(f"seeds must have one entry per sample ({batch}), got {len(seeds)}")
+        seeds = [py_scalar(v) for v in seeds]
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in seeds):
+            raise ValueError(f"seeds must be ints, got {list(seeds)}")
         in_shape = list(image.shape[2:])
-        out_shape = list(patch_size) if patch_size is not None else in_shape
+        out_shape = _positive_ints("patch_size", patch_size) if patch_size is not None else in_shape
         if len(out_shape) != nd:
             raise ValueError(f"patch_size must have {nd} entries, got {list(out_shape)}")
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if shapes is None:
+            shapes = [in_shape] * batch
+        elif len(shapes) != batch or any(
+                len(_positive_ints("shapes", sh)) != nd or any(a > b for a, b in zip(sh, in_shape)) for sh in shapes):
+            raise ValueError(f"shapes must give each of the {batch} samples' spatial shape, at most {in_shape}, "
+                             f"got {[list(sh) for sh in shapes]}")
+        gens = [torch.Generator().manual_seed(v) for v in seeds]
         thetas, vels = [], []
         deform = cfg.enabled and cfg.deform_magnitude > 0 and cfg.deform_grid >= 2
-        for g in gens:
-            thetas.append(random_crop_theta(in_shape, out_shape, g, self._sample_geometry(g, nd),
+        for g, shape in zip(gens, shapes):
+            # (the padding is at the end of each axis: the sample's voxel indices are the padded tensor's)
+            thetas.append(random_crop_theta([int(v) for v in shape], out_shape, g, self._sample_geometry(g, nd),
                                             cfg.translation if cfg.enabled else 0.0))
             if deform:
                 vels.append(torch.randn(nd, *([cfg.deform_grid] * nd), generator=g, dtype=torch.float32)
@@ -186,8 +257,7 @@ class RandomAugment:
         out = affine_warp(img_in.contiguous(), theta, shape=out_shape, ddf=ddf, mode="linear", padding="zeros")
         lab = None
         if label is not None:
-            lab = affine_warp(label[:, None].to(pos).contiguous(), theta, shape=out_shape, ddf=ddf,
-                              mode="nearest", padding="zeros")[:, 0].round().to(label.dtype)
+            lab = _warp_labels(label, theta, out_shape, ddf, pos)
         if cfg.enabled and not self.geometric_only:
             out = self._intensity(out, gens)
         if image.is_floating_point():  # a half / bfloat16 image was warped in float32

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medfast.data.augment import AugmentConfig
+from medfast.data.augment import AugmentConfig, check_augment_config
 from medfast.ops._validate import py_scalar
 
 __all__ = [
@@ -703,18 +703,7 @@ def check_config(config: Config) -> None:
 
 def _check_augment(a: AugmentConfig) -> None:
     """The augmentation ranges (read at the first training step: checked before any data is read)."""
-    for key in ("rotation", "shear", "translation", "deform_magnitude", "gamma", "intensity_shift", "noise_std",
-                "bias_field"):
-        if not 0 <= getattr(a, key) < math.inf:
-            raise ConfigError(f"augment.{key} must be >= 0 and finite (a range: +- that much), got {getattr(a, key)}")
-    for key in ("scale", "intensity_scale"):  # factors 1 +- scale: 1 or more would allow zero or negative ones
-        if not 0 <= getattr(a, key) < 1:
-            raise ConfigError(f"augment.{key} must lie in [0, 1) (factors 1 +- {key}), got {getattr(a, key)}")
-    if a.deform_grid != 0 and a.deform_grid < 2:
-        raise ConfigError(f"augment.deform_grid must be 0 (no deformation) or >= 2 control points per axis, "
-                          f"got {a.deform_grid}")
-    if not 0 <= a.integrate_steps <= 64:  # medfast.integrate's limit (scaling and squaring: 2**steps)
-        raise ConfigError(f"augment.integrate_steps must lie in [0, 64], got {a.integrate_steps}")
+    check_augment_config(a, ConfigError)
 
 
 def check_spatial_config(config: Config, *, dims: Sequence[int] = (2, 3), in_channels: bool = True) -> None:

@@ -1,0 +1,94 @@
+"""RandomAugment's edges: exact label values past float32's integers, per-sample extents in a padded batch,
+and the checks of its configuration and arguments (the direct API, not only the trainer's config check)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medfast.data import AugmentConfig, RandomAugment, random_crop_theta
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_labels_past_2_to_the_24_stay_exact(enabled, dtype):
+    """float32 holds integers up to 2^24 only: a label of 16777217 came back 16777216, even from a plain crop.
+    Mouse-atlas structure ids pass 2^24; the ignore value -1 must survive too."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 1, -1, 2**24 + 1, 614454277, 2**31 - 1], dtype=torch.int64)
+    label = ids[torch.randint(0, ids.numel(), (2, 10, 11, 12), generator=g)].to(dtype)
+    image = label.double()[:, None].float()  # (values only; the image is not compared)
+    aug = RandomAugment(AugmentConfig(enabled=enabled, rotation=20, deform_magnitude=1.0, deform_grid=3))
+    _, out = aug(image, label, [3, 4], patch_size=None if not enabled else [8, 8, 8])
+    assert out.dtype == dtype
+    assert set(out.unique().tolist()) <= set(ids.tolist())
+    if not enabled:  # the whole volume, no transform: the labels themselves (16777217 came back 16777216)
+        assert (out == label).all()
+    else:  # the same sampling with float64 positions (exact integers): the same labels
+        _, again = aug(image.double(), label, [3, 4], patch_size=[8, 8, 8])
+        assert (again == out).float().mean() > 0.99
+
+
+def test_labels_match_the_float64_warp():
+    """The two-channel label warp equals the nearest warp in float64 (exact integers), transform for transform."""
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(-1, 2**30, (2, 9, 10, 11), generator=g)
+    cfg = AugmentConfig(rotation=30, scale=0.2, shear=0.1, deform_magnitude=2.0, deform_grid=3, flip=[0, 2])
+    _, a = RandomAugment(cfg)(torch.zeros(2, 1, 9, 10, 11), label, [5, 6])
+    _, b = RandomAugment(cfg)(torch.zeros(2, 1, 9, 10, 11, dtype=torch.float64), label, [5, 6])
+    mismatch = (a != b).float().mean().item()
+    assert mismatch < 0.01  # (float32 vs float64 positions: a tie of the nearest voxel may round either way)
+
+
+def test_a_padded_batch_crops_each_sample_within_its_own_extent():
+    """collate pads volumes at the end of each axis: with ``shapes`` each sample's patch is drawn as if it were
+    alone in its batch (before, a 16^3 subject batched with a 40^3 one had patches holding none of its voxels)."""
+    g = torch.Generator().manual_seed(2)
+    small, large = torch.rand(1, 1, 16, 16, 16, generator=g), torch.rand(1, 1, 40, 40, 40, generator=g)
+    ls, ll = (small[:, 0] * 3).long(), (large[:, 0] * 3).long()
+    batch = torch.cat([F.pad(small, (0, 24, 0, 24, 0, 24)), large])
+    labels = torch.cat([F.pad(ls, (0, 24, 0, 24, 0, 24)), ll])
+    aug = RandomAugment(AugmentConfig(rotation=15, deform_magnitude=1.0, deform_grid=3, noise_std=0.0, gamma=0.0,
+                                      intensity_scale=0.0, intensity_shift=0.0))
+    out, lab = aug(batch, labels, [7, 8], [24, 24, 24], shapes=[(16, 16, 16), (40, 40, 40)])
+    for i, (img, lb) in enumerate(((small, ls), (large, ll))):
+        alone, alone_lab = aug(img, lb, [7 + i], [24, 24, 24])
+        torch.testing.assert_close(out[i:i + 1], alone, atol=1e-5, rtol=0)
+        assert (lab[i:i + 1] == alone_lab).all()
+    with pytest.raises(ValueError, match="shapes must give each of the 2 samples' spatial shape, at most"):
+        aug(batch, labels, [7, 8], [24, 24, 24], shapes=[(16, 16, 16), (41, 40, 40)])
+    with pytest.raises(ValueError, match="shapes must give each"):
+        aug(batch, labels, [7, 8], [24, 24, 24], shapes=[(16, 16, 16)])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"rotation": math.nan}, "augment.rotation must be >= 0 and finite"),
+    ({"translation": math.inf}, "augment.translation must be >= 0 and finite"),
+    ({"scale": 1.5}, r"augment.scale must lie in \[0, 1\)"),
+    ({"intensity_scale": -0.1}, "augment.intensity_scale must be >= 0"),
+    ({"deform_grid": 1}, "augment.deform_grid must be 0"),
+    ({"deform_grid": 3.0}, "augment.deform_grid must be an int"),
+    ({"integrate_steps": 65}, r"augment.integrate_steps must lie in \[0, 64\]"),
+    ({"patch_size": [0, 8, 8]}, "augment.patch_size must be a sequence of positive ints"),
+    ({"patch_size": [8.5, 8, 8]}, "augment.patch_size must be a sequence of positive ints"),
+])
+def test_random_augment_checks_its_config(change, match):
+    """A NaN rotation gave all-NaN patches, a scale of 1.5 a reflected sampling, deform_grid 1 no deformation:
+    the checks of the trainer's config now run for the direct API too."""
+    with pytest.raises(ValueError, match=match):
+        RandomAugment(AugmentConfig(**change))
+
+
+def test_random_augment_checks_its_arguments():
+    aug = RandomAugment(AugmentConfig())
+    x, y = torch.rand(1, 1, 12, 12, 12), torch.zeros(1, 12, 12, 12, dtype=torch.long)
+    for patch in ([0, 8, 8], [8.5, 8, 8], "888"):
+        with pytest.raises(ValueError, match="patch_size must be a sequence of positive ints"):
+            aug(x, y, [0], patch)
+    with pytest.raises(ValueError, match="seeds must be ints"):
+        aug(x, y, [1.7])
+    with pytest.raises(ValueError, match="in_shape and out_shape must have one entry per spatial axis"):
+        random_crop_theta([20, 20, 20], [8, 8], torch.Generator())
