@@ -68,7 +68,7 @@ def test_a_padded_batch_crops_each_sample_within_its_own_extent():
     ({"rotation": math.nan}, "augment.rotation must be >= 0 and finite"),
     ({"translation": math.inf}, "augment.translation must be >= 0 and finite"),
     ({"scale": 1.5}, r"augment.scale must lie in \[0, 1\)"),
-    ({"intensity_scale": -0.1}, "augment.intensity_scale must be >= 0"),
+    ({"intensity_scale": -0.1}, r"augment.intensity_scale must lie in \[0, 1\)"),
     ({"deform_grid": 1}, "augment.deform_grid must be 0"),
     ({"deform_grid": 3.0}, "augment.deform_grid must be an int"),
     ({"integrate_steps": 65}, r"augment.integrate_steps must lie in \[0, 64\]"),

@@ -50,13 +50,14 @@ def check_augment_config(a: AugmentConfig, error: type[ValueError] = ValueError)
     must be finite and non-negative (a NaN rotation gave all-NaN patches), the scale factors ``1 +- s`` positive,
     the counts ints."""
     for key in ("rotation", "shear", "translation", "deform_magnitude", "gamma", "intensity_shift", "noise_std",
-                "bias_field", "scale", "intensity_scale"):
+                "bias_field"):
         v = py_scalar(getattr(a, key))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
             raise error(f"augment.{key} must be >= 0 and finite (a range: +- that much), got {v!r}")
     for key in ("scale", "intensity_scale"):  # factors 1 +- scale: 1 or more would allow zero or negative ones
-        if not getattr(a, key) < 1:
-            raise error(f"augment.{key} must lie in [0, 1) (factors 1 +- {key}), got {getattr(a, key)}")
+        v = py_scalar(getattr(a, key))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise error(f"augment.{key} must lie in [0, 1) (factors 1 +- {key}), got {v!r}")
     for key in ("deform_grid", "integrate_steps"):
         v = py_scalar(getattr(a, key))
         if isinstance(v, bool) or not isinstance(v, int):
