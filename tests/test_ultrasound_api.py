@@ -61,6 +61,9 @@ def test_probe_and_argument_validation():
     with pytest.raises(ValueError, match="fov_deg must be a number"):
         Probe.preset("P4-2v", fov_deg="60")
     assert Probe.preset("P4-2v", fov_deg=np.float64(60.0)).sector_rad == pytest.approx(math.radians(60))
+    with pytest.raises(ValueError, match="fov_deg is for convex and phased probes"):  # was silently ignored
+        Probe.preset("L11-5v", fov_deg=60.0)
+    assert Probe.preset("C5-2v", fov_deg=30.0).sector_rad == pytest.approx(math.radians(30))
     props, aff, pose, probe = _interface_scene()
     with pytest.raises(TypeError, match="affine must be a"):
         simulate(props, "eye", pose, probe)

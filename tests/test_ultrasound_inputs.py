@@ -83,6 +83,22 @@ def test_hu_to_properties_keeps_its_gradients():
     assert hu_to_properties(ct).requires_grad and hu_to_properties(ct.detach(), knots).requires_grad
 
 
+def test_hu_to_properties_refuses_non_finite_knots_and_impedance_not_positive():
+    ct = torch.full((1, 1, 2, 2, 2), 40.0)
+    good = [(0.0, 1.5, 0.5, 1.0, 0.01, 0.0), (100.0, 1.7, 0.7, 1.0, 0.02, 0.0)]
+    hu_to_properties(ct, good)
+    for row, col, value, match in ((0, 1, float("nan"), r"knots must hold finite values.*rows \[0\]"),
+                                   (1, 3, float("inf"), r"knots must hold finite values.*rows \[1\]"),
+                                   (0, 1, 0.0, r"knots: the impedance Z .* must be > 0"),
+                                   (1, 1, -1.6, r"knots: the impedance Z .* must be > 0")):
+        bad = [list(r) for r in good]
+        bad[row][col] = value  # a NaN property made every frame NaN; Z <= 0 gave nonsense reflections
+        with pytest.raises(ValueError, match=match):
+            hu_to_properties(ct, bad)
+        with pytest.raises(ValueError, match=match):  # a trainable tensor too
+            hu_to_properties(ct, torch.tensor(bad, requires_grad=True))
+
+
 def test_hu_to_properties_peak_memory_is_about_its_output():
     # the whole-volume formula's temporaries: ~97 bytes a voxel beside its 20-byte output (908 MiB for 9.8 M voxels)
     code = textwrap.dedent("""

@@ -394,3 +394,93 @@ def test_simulate_pose_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no scanline" in err and "read from --poses" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "frames.nii.gz").exists()
+
+
+def test_simulate_command_images_a_batch_wholly_off_the_volume(tmp_path):
+    # the probe in the air before it touches the patient: a whole --batch of poses misses the volume; simulate()
+    # alone refuses such a batch, the command only a file none of whose poses images the volume
+    ct = _ct(tmp_path)
+    off = _cli_poses()[:1].repeat(2, 1, 1)
+    off[:, :3, 3] += 1000
+    poses = torch.cat([off, _cli_poses()])
+    np.save(tmp_path / "poses.npy", poses.numpy())
+    out = tmp_path / "out"
+    assert main(["simulate", str(tmp_path / "ct.nii.gz"), *SIM, "--batch", "2", "--gain", "40", "--poses",
+                 str(tmp_path / "poses.npy"), "--out", str(out)]) == 0
+    probe = Probe.preset("L11-5v", n_lines=16, n_samples=64, depth_mm=20.0)
+    with torch.no_grad():  # all five in one call (legal: some meet the volume): what a pose off the volume gives
+        ref = simulate_ct(torch.from_numpy(ct).float()[None, None], np.eye(4), poses.float(), probe,
+                          gain_db=40.0).bmode[:, 0]
+    frames = _frames(out)
+    assert frames.shape[0] == 5 and frames[2:].std() > 0
+    np.testing.assert_array_equal(frames, ref.numpy())
+
+
+# --- tracking tools' own text layouts, the first row, the suffix, arguments ----------------------------------------
+def test_tum_and_rostopic_files_with_commented_headers(tmp_path):
+    poses, rot = _known()
+    t, q = poses[:, :3, 3], rot.as_quat()  # scalar last (x, y, z, w), as both tools write
+    # TUM RGB-D benchmark trajectory: comment lines, the last one naming the columns
+    tum = ["# ground truth trajectory", "# file: 'rgbd_dataset_freiburg1_xyz.bag'", "# timestamp tx ty tz qx qy qz qw"]
+    tum += [f"{1305031098.6659 + 0.01 * i:.4f} " + " ".join(f"{v:.17g}" for v in (*t[i], *q[i])) for i in range(B)]
+    # rostopic echo -p of a geometry_msgs/PoseStamped topic: a '%' header, a frame_id text column
+    ros = ["%time,field.header.seq,field.header.stamp,field.header.frame_id,field.pose.position.x,"
+           "field.pose.position.y,field.pose.position.z,field.pose.orientation.x,field.pose.orientation.y,"
+           "field.pose.orientation.z,field.pose.orientation.w"]
+    ros += [f"{1600000000000000000 + i},{i},{1600000000000000000 + i},world," + ",".join(f"{v:.17g}" for v in
+                                                                                      (*t[i], *q[i])) for i in range(B)]
+    # ... of a geometry_msgs/TransformStamped topic (tf2): translation.{x,y,z} and rotation.{x,y,z,w}
+    tf = ["%time,field.header.seq,field.header.stamp,field.header.frame_id,field.child_frame_id,"
+          "field.transform.translation.x,field.transform.translation.y,field.transform.translation.z,"
+          "field.transform.rotation.x,field.transform.rotation.y,field.transform.rotation.z,field.transform.rotation.w"]
+    tf += [f"{1600000000000000000 + i},{i},{1600000000000000000 + i},tracker,probe," + ",".join(f"{v:.17g}" for v in
+                                                                                             (*t[i], *q[i]))
+           for i in range(B)]
+    for name, lines in (("groundtruth.txt", tum), ("pose.csv", ros), ("tf.csv", tf)):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        out = read_poses(tmp_path / name).numpy()
+        np.testing.assert_allclose(out[:, :3, :3], rot.as_matrix(), atol=1e-12)
+        np.testing.assert_array_equal(out[:, :3, 3], t)
+    # a prose comment before matrix rows is no header, even one naming a quaternion column
+    (tmp_path / "m.csv").write_text("# poses of the probe (qw first in the tracker's own log)\n")
+    with open(tmp_path / "m.csv", "a") as f:
+        f.write("\n".join(",".join(f"{v:.17g}" for v in m.reshape(-1)) for m in poses) + "\n")
+    np.testing.assert_array_equal(read_poses(tmp_path / "m.csv").numpy(), poses)
+
+
+def test_a_damaged_first_row_is_not_taken_for_a_header(tmp_path):
+    poses, _ = _known(3)
+    path = tmp_path / "p.csv"
+    _rows(path, poses)
+    lines = path.read_text().splitlines()
+    vals = lines[0].split(",")
+    vals[15] = "N/A"  # a missing value in the first pose's row: dropped as a header, every frame got the next pose
+    path.write_text("\n".join([",".join(vals), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"p\.csv line 1 \(pose 0\): 'N/A' is not a number"):
+        read_poses(path)
+    # a header of names only is still a header (of matrices: dropped; of quaternions: read)
+    path.write_text(",".join(f"m{i}{j}" for i in range(4) for j in range(4)) + "\n" + "\n".join(lines) + "\n")
+    np.testing.assert_array_equal(read_poses(path).numpy(), poses)
+
+
+def test_a_uniform_scale_within_the_norm_tolerance_is_called_a_scale():
+    from medfast.ultrasound.poses import rigid_problem
+
+    m = np.eye(4)
+    m[:3, :3] *= 1.0006  # column norms within 1e-3 of 1, the Gram matrix's diagonal (1.0012) not
+    assert "scaled by 1.0006" in rigid_problem(m)
+    m[:3, :3] *= 1.0004 / 1.0006
+    assert rigid_problem(m) is None
+    s = np.eye(4)
+    s[0, 1] = 0.01  # a shear is still a shear
+    assert "shear" in rigid_problem(s)
+
+
+def test_the_format_is_the_last_suffix_and_transform_is_a_str(tmp_path):
+    poses, _ = _known(2)
+    _rows(tmp_path / "run.seq.csv", poses)  # was read as a PLUS header: "not a MetaImage ... header"
+    np.testing.assert_array_equal(read_poses(tmp_path / "run.seq.csv").numpy(), poses)
+    _plus(tmp_path / "s.seq.mha", poses, ["OK", "OK"])
+    np.testing.assert_allclose(read_poses(tmp_path / "s.seq.mha").numpy(), poses, atol=1e-12)
+    with pytest.raises(TypeError, match="transform must be a str"):  # was AttributeError: 'int' ... 'removesuffix'
+        read_poses(tmp_path / "s.seq.mha", transform=5)

@@ -125,7 +125,7 @@ def _file_poses(args: argparse.Namespace) -> torch.Tensor:
 def run_simulate(args: argparse.Namespace) -> dict:
     from medfast.ultrasound import Probe, hu_to_properties, simulate
     from medfast.ultrasound.io import INSTALL_HINT, INVESALIUS_CRANIUM, read_volume
-    from medfast.ultrasound.simulate import check_meets_volume
+    from medfast.ultrasound.simulate import check_meets_volume, sweep_checked
 
     _check_numbers(args)
     from medfast.train.files import OutputError, check_out_dir
@@ -159,7 +159,9 @@ def run_simulate(args: argparse.Namespace) -> dict:
         poses = _sweep(args, vol, affine)
         where = "set by --start / --centre, --direction and --travel"
 
-    try:  # the whole sweep, once: simulate() checks each batch alone (a batch off the volume is legal here)
+    # the whole sweep, once; each --batch chunk is simulated inside sweep_checked(): simulate() alone would refuse a
+    # chunk all of whose poses miss the volume (the probe in the air before it touches the patient)
+    try:
         check_meets_volume(poses.double().numpy(), np.linalg.inv(affine), vol.shape, probe)
     except ValueError as exc:
         raise SimulateError(f"{exc} ({where})") from None
@@ -171,7 +173,7 @@ def run_simulate(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     from tqdm import tqdm
 
-    with torch.no_grad():
+    with torch.no_grad(), sweep_checked():
         props = hu_to_properties(ct)  # once, not per batch (simulate_ct would convert the whole CT each call)
         for i in tqdm(range(0, args.frames, args.batch), desc="simulating", unit="batch", file=sys.stderr):
             res = simulate(props, affine, poses[i:i + args.batch].float().to(device), probe, seed=args.seed,

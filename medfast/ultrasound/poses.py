@@ -41,14 +41,17 @@ def rigid_problem(m: np.ndarray) -> str | None:
         return f"its last row is {np.round(m[3], 6).tolist()}, not (0, 0, 0, 1)"
     rot = m[:3, :3]
     norms = np.linalg.norm(rot, axis=0)
-    if np.abs(norms - 1).max() > RIGID_TOL:
+    gram_err = np.abs(rot.T @ rot - np.eye(3))
+    if np.abs(norms - 1).max() > RIGID_TOL or gram_err.max() > RIGID_TOL:
+        # a shear only if the columns' dot products (off the diagonal) are off: a scale within the norm tolerance
+        # (1.0006) still fails the Gram check on its diagonal (1.0006^2 - 1 = 1.2e-3) and is a scale
+        if np.abs(norms - 1).max() <= RIGID_TOL and (gram_err - np.diag(np.diag(gram_err))).max() > RIGID_TOL:
+            return "its 3x3 part is not a rotation (columns not orthogonal: a shear)"
         if np.ptp(norms) <= RIGID_TOL * norms.max():
             return (f"it is scaled by {norms.mean():.6g} (the rotation's columns have that norm, not 1): a pixel-to-mm "
                     "or unit scale, not a rigid pose")
         return (f"its 3x3 part is not a rotation (column norms {np.round(norms, 6).tolist()}): an anisotropic scale "
                 "(e.g. pixel spacing), not a rigid pose")
-    if np.abs(rot.T @ rot - np.eye(3)).max() > RIGID_TOL:
-        return "its 3x3 part is not a rotation (columns not orthogonal: a shear)"
     if np.linalg.det(rot) < 0:
         return "it is reflected (determinant -1: a mirror, not a rotation; check the handedness of the frame)"
     return None
@@ -163,9 +166,10 @@ def _norm_name(name: str) -> str:
 
 
 def _quaternion_column(n: str) -> str | None:
-    """The quaternion component (w, x, y, z) a column name denotes: qw, quat_w, quaternion.w, orientation.w ..."""
+    """The quaternion component (w, x, y, z) a column name denotes: qw, quat_w, quaternion.w, orientation.w,
+    rotation.w (a tf2 / geometry_msgs Transform) ..."""
     for c in "wxyz":
-        if n == f"q{c}" or any(n.endswith(s + c) for s in ("quat", "quaternion", "orientation", "q")):
+        if n == f"q{c}" or any(n.endswith(s + c) for s in ("quat", "quaternion", "orientation", "rotation", "q")):
             return c
     return None
 
@@ -213,22 +217,42 @@ def quaternion_to_matrix(q: np.ndarray) -> np.ndarray:
     ], -2)
 
 
+def _tokens(text: str) -> list[str]:
+    return [t.strip("\"'") for t in _SPLIT.split(text) if t]
+
+
 def _read_text(path: Path) -> tuple[np.ndarray, list[str]]:
     rows: list[tuple[int, list[str]]] = []
+    comment = None  # the last comment line before the first row: (line number, its text without the comment mark)
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             text = line.strip()
-            if text and not text.startswith(("#", "%", "//")):
-                rows.append((lineno, [t.strip("\"'") for t in _SPLIT.split(text) if t]))
+            mark = next((m for m in ("#", "%", "//") if text.startswith(m)), None)
+            if text and mark is None:
+                rows.append((lineno, _tokens(text)))
+            elif mark is not None and not rows:
+                comment = (lineno, text[len(mark):])
     if not rows:
         raise ValueError(f"{path}: holds no poses (an empty file or only comment lines)")
-    columns = None
+    columns, header = None, False
     head_line, head = rows[0]
-    if any(_float(t) is None for t in head):  # a header line
+    words = [_float(t) is None for t in head]
+    if any(words):
+        # a header only if all names, or if it names the position + quaternion columns: a damaged first pose row
+        # ("N/A") dropped as a header paired every later frame with the wrong pose; it now fails as "not a number"
         columns = _columns(head, path, head_line)
+        header = all(words) or columns is not None
+    if header:
         rows = rows[1:]
         if not rows:
             raise ValueError(f"{path}: holds a header line but no poses")
+    elif comment is not None:
+        # no header line: a commented one (TUM's "# timestamp tx ty tz qx qy qz qw", rostopic echo -p's
+        # "%time,field.pose..."); a comment is free text, so only one naming a full position + quaternion set counts
+        try:
+            columns = _columns(_tokens(comment[1]), path, comment[0])
+        except ValueError:
+            columns = None
     if columns is not None:
         return _quaternion_rows(rows, columns, path)
     mats, labels = [], []
@@ -359,7 +383,7 @@ def _guess_format(path: Path) -> str:
     for fmt in ("npy", "npz", "json"):
         if last in SUFFIXES[fmt]:
             return fmt
-    if any(s in _PLUS_SUFFIXES for s in suffixes):
+    if last in _PLUS_SUFFIXES:  # the last suffix only: a .seq.mha ends in .mha, run.seq.csv is a CSV
         return "plus"
     if last in _TEXT_SUFFIXES:
         return "text"
@@ -406,15 +430,19 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
           ``"poses"``, as ``simulate.json`` (``medfast simulate``) and ``generate.json`` (``medfast synthesize``)
           record the poses they used.
         - ``"text"`` (``.csv``, ``.tsv``, ``.txt``, ``.dat``): comma, semicolon, space or tab separated;
-          lines starting with ``#`` are comments. Either one pose per row, 16 numbers (the 4x4 matrix row by
-          row) or 12 (its top 3 rows), or 4x4 blocks of 4 rows (``np.savetxt`` of a matrix), with or without a
-          header line; or a header naming position and quaternion columns, found by name in any order, other
+          lines starting with ``#``, ``%`` or ``//`` are comments. Either one pose per row, 16 numbers (the 4x4
+          matrix row by row) or 12 (its top 3 rows), or 4x4 blocks of 4 rows (``np.savetxt`` of a matrix), with or
+          without a header line (only names: a first row mixing numbers and words is a bad pose row, not a
+          header); or a header naming position and quaternion columns, found by name in any order, other
           columns (time stamps, ...) ignored: position ``x, y, z`` (or ``tx``, ``pos_x``, ``position.x``,
-          ``translation.x``), quaternion ``qw, qx, qy, qz`` (or ``quat_w``, ``orientation.w``, ...). Naming the
+          ``translation.x``), quaternion ``qw, qx, qy, qz`` (or ``quat_w``, ``orientation.w``, ``rotation.w``,
+          ...). Without a header line, the last comment line before the first row is the header if it names all
+          seven (TUM's ``# timestamp tx ty tz qx qy qz qw``, ``rostopic echo -p``'s ``%time,...``). Naming the
           columns settles scalar-first (``x,y,z,qw,qx,qy,qz``) and scalar-last (``tx ty tz qx qy qz qw``, TUM)
           alike. The quaternion is a Hamilton unit quaternion rotating probe axes into world axes (scipy's
           ``Rotation.from_quat``); its norm must be 1 within 1e-3 (then it is normalised).
-        - ``"plus"`` (``.mha``, ``.mhd``, ``.seq.mha``, ``.igs.mha``): a PLUS toolkit / IGSIO tracked sequence;
+        - ``"plus"`` (``.mha``, ``.mhd``, ``.seq.mha``, ``.igs.mha``; the last suffix decides): a PLUS toolkit /
+          IGSIO tracked sequence;
           only the text header is read (up to ``ElementDataFile``), never the pixel data: the lines
           ``Seq_Frame####_<transform>Transform = 16 numbers``, in frame-number order.
 
@@ -429,9 +457,10 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
     invert : bool
         The file holds world-to-sensor transforms (a camera-style extrinsic): each is inverted first.
     transform : str, optional
-        PLUS files: the transform to read (``"ProbeToTracker"``, with or without the ``Transform`` suffix). Default:
-        ``ProbeToReference``, else ``ProbeToTracker``, else the first other ``*ToReference``, else the first
-        ``*ToTracker`` but ``ReferenceToTracker`` (the reference marker), in header order.
+        PLUS files (a non-str raises TypeError): the transform to read (``"ProbeToTracker"``, with or without the
+        ``Transform`` suffix). Default: ``ProbeToReference``, else ``ProbeToTracker``, else the first other
+        ``*ToReference``, else the first ``*ToTracker`` but ``ReferenceToTracker`` (the reference marker), in header
+        order.
     invalid : {"skip", "error"}
         PLUS files: a frame whose ``...TransformStatus`` is not ``OK`` is left out (a ``UserWarning`` gives their
         count and numbers) or raises ``ValueError``.
@@ -461,6 +490,9 @@ def read_poses(path: str | Path, *, format: str | None = None, units: str = "mm"
         raise ValueError(f"invalid must be 'skip' or 'error', got {invalid!r}")
     if not isinstance(invert, bool):
         raise TypeError(f"invert must be a bool, got {invert!r}")
+    if transform is not None and not isinstance(transform, str):
+        raise TypeError(f"transform must be a str (a PLUS transform name such as 'ProbeToTracker') or None, got "
+                        f"{type(transform).__name__} {transform!r}")
     calib = None if calibration is None else _calibration(calibration)
     try:
         if fmt == "npy":

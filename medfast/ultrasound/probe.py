@@ -63,7 +63,7 @@ class Probe:
     n_lines, n_samples : int
         Scanlines and samples per line.
     fov_deg : float or None
-        Sector angle (convex: default the arc of the array; phased: required).
+        Sector angle (convex: default the arc of the array; phased: required; linear: must be None).
     f_number : float
         Smallest F-number of the (dynamically focused) receive aperture; 0 (default, as pymust's
         ``fnumber = 0``): the full aperture, limited only by the element directivity.
@@ -113,6 +113,9 @@ class Probe:
             raise ValueError(f"a convex probe needs a positive, finite radius_mm, got {self.radius_mm!r}")
         if self.kind == "phased" and self.fov_deg is None:
             raise ValueError("a phased probe needs fov_deg (the sector angle)")
+        if self.kind == "linear" and self.fov_deg is not None:  # its lines are parallel: the angle was ignored
+            raise ValueError(f"fov_deg is for convex and phased probes; a linear probe's lines are parallel across "
+                             f"width_mm (no sector), got fov_deg={self.fov_deg!r}")
         if self.fov_deg is not None and (isinstance(self.fov_deg, bool) or not isinstance(self.fov_deg, numbers.Real)
                                          or not 0 < self.fov_deg < 180):
             raise ValueError(f"fov_deg must be a number in (0, 180), got {self.fov_deg!r}")

@@ -231,6 +231,22 @@ def _boxes_meet(to_voxel: np.ndarray, corners_p: np.ndarray, shape: Sequence[int
     return ~((a.min(-1) > v.max(-1) + tol) | (v.min(-1) > a.max(-1) + tol)).any(1)
 
 
+@contextlib.contextmanager
+def sweep_checked():
+    """Inside it, :func:`simulate` skips its "no pose meets the volume" check: for a caller (``medfast simulate``)
+    that checked the whole sweep with :func:`check_meets_volume` and then simulates it in batches, one of which may
+    lie wholly off the volume (its frames are then what any pose off the volume gives). Per thread."""
+    previous = getattr(_SWEEP_CHECKED, "on", False)
+    _SWEEP_CHECKED.on = True
+    try:
+        yield
+    finally:
+        _SWEEP_CHECKED.on = previous
+
+
+_SWEEP_CHECKED = threading.local()
+
+
 def check_meets_volume(host_pose: np.ndarray, inv_affine: np.ndarray, shape: Sequence[int], probe: Probe) -> None:
     """Raises ValueError when no pose of ``host_pose`` ``(B, 4, 4)`` (world mm, float64) can image any voxel of a
     volume of ``shape`` (D, H, W) with the voxel-to-world inverse ``inv_affine``: blank frames, most often a pose
@@ -823,7 +839,8 @@ def simulate(
     probe = _check_probe(probe)
     a, inv_a64, voxel_mm = _affine_info(affine)
     pose, host_pose = _check_pose(pose, props.dtype, props.device)
-    if not torch.compiler.is_compiling():  # (compiled: host values are symbolic; the check is skipped)
+    # skipped when compiled (host values are symbolic) and inside sweep_checked() (the caller checked all batches)
+    if not torch.compiler.is_compiling() and not getattr(_SWEEP_CHECKED, "on", False):
         check_meets_volume(host_pose, inv_a64.numpy(), props.shape[2:], probe)
     speckle = check_bool("speckle", speckle)
     return_lines = check_bool("return_lines", return_lines)

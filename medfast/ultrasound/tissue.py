@@ -51,8 +51,14 @@ def _knot_tensor(knots, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         k = torch.tensor(knots, device=device, dtype=dtype)
     if k.dim() != 2 or k.shape[1] != 1 + N_PROPS or k.shape[0] < 2:
         raise ValueError(f"knots must be (n >= 2, {1 + N_PROPS}) rows (HU, *properties), got {tuple(k.shape)}")
-    if not bool((k[1:, 0] > k[:-1, 0]).all()):
+    host = k.detach().to("cpu", torch.float64)  # a few numbers: one copy, checked on the host
+    if not bool(torch.isfinite(host).all()):  # a NaN property made every frame NaN, silently
+        raise ValueError(f"knots must hold finite values, got non-finite ones in rows "
+                         f"{torch.nonzero(~torch.isfinite(host).all(1)).flatten().tolist()}")
+    if not bool((host[1:, 0] > host[:-1, 0]).all()):
         raise ValueError("knots must have strictly increasing HU values")
+    if not bool((host[:, 1] > 0).all()):  # reflection coefficients (Z2 - Z1) / (Z2 + Z1) need Z > 0
+        raise ValueError(f"knots: the impedance Z (column 1, MRayl) must be > 0, got {host[:, 1].tolist()}")
     return k[:, 0], k[:, 1:]
 
 
@@ -65,8 +71,8 @@ def hu_to_properties(ct: torch.Tensor, knots=HU_KNOTS) -> torch.Tensor:
         ``(B, 1, D, H, W)`` or ``(B, D, H, W)`` CT numbers (HU), float32/float64.
     knots : sequence or Tensor
         ``(n, 6)`` rows ``(HU, Z, alpha, density, amplitude_mean, amplitude_std)`` with increasing
-        HU; linear interpolation between knots, constant beyond the ends. A tensor that requires
-        grad makes the map itself trainable. Default ``HU_KNOTS``.
+        HU, finite values and ``Z > 0`` (else ValueError); linear interpolation between knots, constant
+        beyond the ends. A tensor that requires grad makes the map itself trainable. Default ``HU_KNOTS``.
 
     Returns
     -------
