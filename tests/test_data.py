@@ -221,6 +221,34 @@ def test_nnunet_channel_numbering_errors_name_the_case(tmp_path):
         "d/x_0000.nii.gz", "d/scan_2019.nii.gz", "d/scan_2020.nii.gz", "e/x_0001.nii"]
 
 
+def _save_as(path, data, affine=None):
+    """A gzip NIfTI (``.nii.gz`` content) under ``path``'s name, whatever the case of its suffix."""
+    tmp = path.parent / "_tmp.nii.gz"
+    _save(tmp, data, affine)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def test_upper_case_nifti_suffixes_are_read_grouped_and_named(tmp_path):
+    # (a hunt: SCAN.NII.GZ, as some PACS exports and Windows tools name it, was refused as a truncated
+    # uncompressed file, left out of folder scans, and named "Mixed.Nii" instead of "Mixed")
+    data = np.arange(9 * 9 * 9, dtype=np.float32).reshape(9, 9, 9)
+    np.testing.assert_array_equal(load_nifti(_save_as(tmp_path / "SCAN.NII.GZ", data)).data[0], data)
+    assert [case_name(n) for n in ("d/Mixed.Nii", "d/UPPER.NII.GZ", "d/c_0000.Nii.Gz", "d/x.IMG")] == [
+        "Mixed", "UPPER", "c", "x"]
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for k in range(2):
+        _save_as(root / "images" / f"CASE_{k:04d}.NII.GZ", data + k)
+    _save_as(root / "labels" / "CASE.NII.GZ", np.ones((9, 9, 9), np.uint8))
+    images, labels = find_pairs(root)
+    assert images == [[str(root / "images" / f"CASE_{k:04d}.NII.GZ") for k in range(2)]]
+    assert labels == [str(root / "labels" / "CASE.NII.GZ")]
+    assert NiftiDataset(images, labels, normalize="none", reorient=False, in_channels=2)[0]["image"].shape == (
+        2, 9, 9, 9)
+
+
 def test_nnunet_disk_cache_key_follows_every_channel_file(tmp_path):
     images, labels = find_pairs(_nnunet_folder(tmp_path / "d", cases=("a",), channels=2))
     kwargs = dict(normalize="none", reorient=False, cache="disk", cache_dir=tmp_path / "cache")

@@ -506,3 +506,73 @@ def test_resume_of_a_2d_run_from_before_2d_reorientation_is_refused(tmp_path):
     seg.check_reorient_resume(_config(2, reorient=False), old, tmp_path / "last.pt")
     seg.check_reorient_resume(_config(2), {**old, "reorient_dims": [2, 3]}, tmp_path / "last.pt")
     seg.check_reorient_resume(_config(3), old, tmp_path / "last.pt")
+
+
+# -- 5. predict's inputs and outputs: upper-case suffixes, numbered single-channel files, stale probabilities -----
+def _save_as(path, data):
+    """A NIfTI (identity affine, gzipped for a .gz name) under ``path``'s name, whatever the case of its suffix."""
+    tmp = path.parent / ("_tmp.nii.gz" if path.name.lower().endswith(".gz") else "_tmp.nii")
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.eye(4)), str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def test_predict_upper_case_suffixes_read_and_named_by_their_stem(tmp_path, monkeypatch):
+    # (a hunt: SCAN.NII.GZ was refused as truncated, a folder of such files had "no NIfTI files", and Mixed.Nii was
+    # written as Mixed.Nii_seg.nii.gz, which medfast evaluate cannot pair with Mixed.Nii)
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    ckpt = _checkpoint(tmp_path, 3)
+    src = tmp_path / "in"
+    src.mkdir()
+    img = (np.random.default_rng(0).random((9, 9, 9)) > 0.5).astype(np.float32)
+    for name in ("UPPER.NII.GZ", "Mixed.Nii"):
+        _save_as(src / name, img)
+    assert main(["predict", str(src), "--model", str(ckpt), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Mixed_seg.nii.gz", "UPPER_seg.nii.gz"]
+    for name in ("UPPER", "Mixed"):
+        assert np.array_equal(np.asarray(nib.load(str(tmp_path / "out" / f"{name}_seg.nii.gz")).dataobj), img)
+    refs = tmp_path / "refs"  # medfast evaluate pairs each output with its reference by the case name
+    refs.mkdir()
+    for name in ("UPPER", "Mixed"):
+        nib.save(nib.Nifti1Image(img.astype(np.uint8), np.eye(4)), str(refs / f"{name}.nii.gz"))
+    assert main(["evaluate", str(tmp_path / "out"), str(refs), "--out", str(tmp_path / "scores")]) == 0
+    assert evaluate_pair(tmp_path / "out" / "Mixed_seg.nii.gz", src / "Mixed.Nii")[0]["case"] == "Mixed"
+
+
+def test_predict_numbered_single_channel_files_by_the_models_in_channels(tmp_path, monkeypatch, capsys):
+    # (a hunt: scan_0000, scan_0001, scan_0002 were grouped into one 3-channel case before the checkpoint was read,
+    # so a one-channel model could segment none of them); a model of several channels still groups them
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(3):
+        nib.save(nib.Nifti1Image(np.full((9, 9, 9), k % 2, np.float32), np.eye(4)), str(src / f"scan_{k:04d}.nii.gz"))
+    ckpt = _checkpoint(tmp_path, 3)
+    files = [str(p) for p in sorted(src.iterdir())]
+    for inputs, out in ((files, "files"), ([str(src)], "folder")):
+        assert main(["predict", *inputs, "--model", str(ckpt), "--out", str(tmp_path / out), "--device", "cpu"]) == 0
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == [
+            "scan_0001_seg.nii.gz", "scan_0002_seg.nii.gz", "scan_seg.nii.gz"]
+        assert np.asarray(nib.load(str(tmp_path / out / "scan_0001_seg.nii.gz")).dataobj).min() == 1
+    two = _config(3)
+    two.model.in_channels = 2
+    m = two.model
+    net = UNet(3, 2, m.out_channels, m.channels, m.convs_per_level, m.norm, m.deep_supervision)
+    torch.save({"model": net.state_dict(), "config": config_to_dict(two), "task": "segmentation"}, tmp_path / "two.pt")
+    capsys.readouterr()
+    assert main(["predict", str(src), "--model", str(tmp_path / "two.pt"), "--out", str(tmp_path / "e"),
+                 "--device", "cpu"]) == 1
+    assert "scan_0002.nii.gz has 3 channel(s) but the model takes model.in_channels=2" in capsys.readouterr().err
+
+
+def test_predict_without_probabilities_removes_an_earlier_runs(tmp_path, monkeypatch):
+    # (a hunt: a_prob.nii.gz of an earlier --probabilities run stayed beside the new a_seg.nii.gz, from another model)
+    monkeypatch.setattr(seg, "predict_volume", _oracle)
+    ckpt = _checkpoint(tmp_path, 3)
+    nib.save(nib.Nifti1Image(np.zeros((9, 9, 9), np.float32), np.eye(4)), str(tmp_path / "a.nii.gz"))
+    args = ["predict", str(tmp_path / "a.nii.gz"), "--model", str(ckpt), "--out", str(tmp_path / "out"),
+            "--device", "cpu"]
+    assert main([*args, "--probabilities"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_prob.nii.gz", "a_seg.nii.gz"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_seg.nii.gz"]

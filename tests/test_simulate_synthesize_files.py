@@ -191,3 +191,15 @@ def test_synthesize_and_predict_refuse_what_they_would_ignore(run, capsys):
                  "--out", str(root / "P")]) != 0
     assert "--probabilities does not apply to synthesis checkpoints" in capsys.readouterr().err
     assert not (root / "P").exists()
+
+
+def test_synthesize_without_matplotlib_removes_an_earlier_grid(run, monkeypatch):
+    # (a hunt: grid.png of an earlier run stayed beside frames it did not show when figures were off)
+    import medfast._figures
+
+    root, ckpt, _, _ = run
+    assert _synthesize(ckpt, root / "poses.npy", root / "G") == 0
+    assert (root / "G" / "grid.png").is_file()
+    monkeypatch.setattr(medfast._figures, "have_matplotlib", lambda: False)
+    assert _synthesize(ckpt, root / "poses.npy", root / "G") == 0
+    assert not (root / "G" / "grid.png").exists() and (root / "G" / "generate.json").is_file()

@@ -60,9 +60,15 @@ _STEM_SUFFIXES = (*_SUFFIXES, ".img.gz", ".hdr.gz", ".img", ".hdr")
 def _stem(path: Path) -> str:
     name = Path(path).name
     for suf in _STEM_SUFFIXES:
-        if name.endswith(suf):
+        # the suffix in any case (nibabel reads SCAN.NII.GZ, as some PACS exports write it); the stem as it is
+        if name.lower().endswith(suf):
             return name[: -len(suf)]
     return name
+
+
+def _is_nifti_name(name: str) -> bool:
+    """Whether a file name ends in ``.nii`` / ``.nii.gz``, in any case (``SCAN.NII.GZ`` too)."""
+    return name.lower().endswith(_SUFFIXES)
 
 
 def case_name(path: ImageEntry) -> str:
@@ -89,7 +95,7 @@ def group_channel_files(files: Sequence[str | Path]) -> list[str | list[str]]:
     paths = [Path(p) for p in files]
     groups: dict[tuple[Path, str], dict[int, Path]] = {}
     for p in paths:
-        m = _CHANNEL_RE.fullmatch(_stem(p)) if p.name.endswith(_SUFFIXES) else None
+        m = _CHANNEL_RE.fullmatch(_stem(p)) if _is_nifti_name(p.name) else None
         if m:
             channels = groups.setdefault((p.parent, m.group(1)), {})
             k = int(m.group(2))
@@ -116,7 +122,7 @@ def group_channel_files(files: Sequence[str | Path]) -> list[str | list[str]]:
     out: list[str | list[str]] = []
     done: set[tuple[Path, str]] = set()
     for p in paths:
-        m = _CHANNEL_RE.fullmatch(_stem(p)) if p.name.endswith(_SUFFIXES) else None
+        m = _CHANNEL_RE.fullmatch(_stem(p)) if _is_nifti_name(p.name) else None
         key = (p.parent, m.group(1)) if m else None
         if key not in groups:
             out.append(str(p))
@@ -151,15 +157,19 @@ def find_pairs(root: str | Path, images: str = "images",
         nnunet = " or imagesTr/ + labelsTr/, nnU-Net's" if images == "images" else ""
         raise DatasetError(f"image folder not found: {img_dir} (expected {root}/{images}/*.nii.gz{nnunet})")
     # not dot files: macOS archives hold an AppleDouble "._case.nii.gz" beside each file, which is no NIfTI
-    files = sorted(p for p in img_dir.iterdir() if p.name.endswith(_SUFFIXES) and not p.name.startswith("."))
+    files = sorted(p for p in img_dir.iterdir() if _is_nifti_name(p.name) and not p.name.startswith("."))
     if not files:
         raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in {img_dir}")
     entries = group_channel_files(files)
     if not lab_dir.is_dir():
         return entries, []
 
+    # a label's suffix in any case too (CASE.NII.GZ), once none of the usual spelling is there
+    lab_files = sorted(p for p in lab_dir.iterdir() if _is_nifti_name(p.name) and not p.name.startswith("."))
+
     def label_of(name: str) -> Path | None:
-        return next((lab_dir / (name + suf) for suf in _SUFFIXES if (lab_dir / (name + suf)).is_file()), None)
+        found = next((lab_dir / (name + suf) for suf in _SUFFIXES if (lab_dir / (name + suf)).is_file()), None)
+        return found or next((p for p in lab_files if _stem(p) == name and p.is_file()), None)
 
     out_i, out_l = [], []
     for entry in entries:

@@ -70,10 +70,34 @@ def nifti_header(path: str | Path, error: type[Exception] = DatasetError):
     if not path.is_file():
         raise error(f"file not found: {path}")
     try:
-        img = nib.load(str(path))
+        img = _load_mixed_case(nib, path)
+        if img is None:
+            img = nib.load(str(path))
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
         raise error(f"cannot read {path} as NIfTI: {exc}") from None
     return img
+
+
+def _load_mixed_case(nib: Any, path: Path) -> Any:
+    """``path`` read as the single-file NIfTI it is when its ``.nii`` suffix is in mixed case (``scan.Nii``,
+    ``scan.Nii.Gz``), else None: nibabel keeps only an all-upper or all-lower suffix and otherwise looks for
+    ``scan.nii`` instead. NIfTI-1 or NIfTI-2 by the header size its first 4 bytes give, as nibabel tells them."""
+    name = path.name
+    for ext in (".nii.gz", ".nii.bz2", ".nii.zst", ".nii"):
+        if name.lower().endswith(ext):
+            nii = name[len(name) - len(ext):][:4]
+            break
+    else:
+        return None
+    if nii in (".nii", ".NII"):
+        return None
+    with nib.openers.ImageOpener(str(path)) as f:
+        head = f.read(4)
+    sizes = struct.unpack("<i", head) + struct.unpack(">i", head) if len(head) == 4 else ()
+    cls = nib.Nifti1Image if 348 in sizes else nib.Nifti2Image if 540 in sizes else None
+    if cls is None:
+        raise ValueError(f'Cannot work out file type of "{path}"')  # as nibabel words it
+    return cls.from_file_map({"image": nib.FileHolder(str(path)), "header": nib.FileHolder(str(path))})
 
 
 def load_checked(path: str | Path, error: type[Exception] = DatasetError):
@@ -156,11 +180,12 @@ def claimed_size_problem(img: Any) -> str | None:
         return None
     need = offset + math.prod(int(n) for n in shape) * dtype.itemsize
     claim = f"the header claims {byte_size(need - offset)} of voxel data ({'x'.join(map(str, shape))} {dtype})"
+    suffix = path.lower()  # nibabel opens SCAN.NII.GZ (as some PACS exports name it) as gzip, whatever the case
     try:
-        if path.endswith(".gz"):
+        if suffix.endswith(".gz"):
             if not _gzip_holds(path, need):
                 return f"{claim}, more than the compressed file can hold (corrupt or truncated file?)"
-        elif not path.endswith((".bz2", ".zst")) and os.path.getsize(path) < need:
+        elif not suffix.endswith((".bz2", ".zst")) and os.path.getsize(path) < need:
             return f"{claim} from byte {offset}, but the file has {os.path.getsize(path)} bytes (truncated file?)"
     except OSError:
         return None

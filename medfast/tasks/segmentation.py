@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from medfast._figures import figures_enabled, new_figure, save_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
-from medfast.data.dataset import _SUFFIXES, case_name, check_label_map, group_channel_files, relabel
+from medfast.data.dataset import _is_nifti_name, case_name, check_label_map, group_channel_files, relabel
 from medfast.data.io import ImageEntry, entry_files, entry_text, image_header, load_image, voxel_spacing
 from medfast.data.preprocess import (
     REORIENT_DIMS,
@@ -257,7 +257,7 @@ def _input_entries(inputs: Sequence[ImageEntry], group: bool = True) -> list[str
         if path.is_dir():
             # not dot files (macOS AppleDouble "._case.nii.gz" companions are no NIfTI)
             found = sorted(str(p) for p in path.iterdir()
-                           if p.name.endswith(_SUFFIXES) and not p.name.startswith(".") and p.is_file())
+                           if _is_nifti_name(p.name) and not p.name.startswith(".") and p.is_file())
             if not found:
                 raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in the input folder {path}")
             files.extend(found)
@@ -300,13 +300,17 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     ``medfast evaluate`` pairs it with ``labels/case_007.nii.gz``). Inputs whose outputs would have the same
     name raise :class:`DatasetError` naming them, before anything is written.
 
-    An input may be a folder (its ``.nii[.gz]`` files), or a list of one case's single-channel files. With
-    ``group_channels``, the files of a case stored one file per channel, as nnU-Net stores them
+    An input may be a folder (its ``.nii[.gz]`` files, the suffix in any case), or a list of one case's
+    single-channel files. With ``group_channels`` and a model that takes several channels (``model.in_channels``
+    > 1), the files of a case stored one file per channel, as nnU-Net stores them
     (``case_007_0000.nii.gz``, ``case_007_0001.nii.gz``, ...: given one by one or in a folder), are one case,
     its channels stacked in channel order, segmented into one ``case_007_seg.nii.gz`` with the affine and
     header of its ``_0000`` file; the channel files must share one grid (shape and affine), be numbered
     without gaps, and every such case have the same number of them (else :class:`DatasetError` names the case
-    or file). Without it, each input file is one case.
+    or file; a case with another number of channels than ``model.in_channels`` too). Without it, or for a
+    one-channel model, each input file is one case (``scan_0000``, ``scan_0001``: two cases). Without
+    ``save_probabilities``, an earlier run's ``<name>_prob.nii.gz`` beside a new ``<name>_seg.nii.gz`` is
+    removed (it would no longer match).
 
     The input is preprocessed as in training (with ``data.reorient`` its axes flipped/permuted to the closest RAS
     orientation, 2D images to their in-plane frame's, see :class:`~medfast.data.NiftiDataset`; a checkpoint
@@ -321,11 +325,6 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     from medfast.train.trainer import check_weights_fit, load_checkpoint, load_model_state, resolve_device
 
     out_dir = check_out_dir(out_dir, "out_dir (--out)")
-    inputs = _input_entries(inputs, group_channels)
-    names = _output_names(inputs)
-    for entry in inputs:
-        if not isinstance(entry, str):
-            image_header(entry)  # a case's channel files on one grid: checked (headers only) before any output
     state = load_checkpoint(checkpoint)
     saved = state.get("config")
     if not isinstance(saved, dict):
@@ -338,6 +337,13 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
         import yaml
 
         config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(saved)))
+    # channel files are grouped only for a model that takes several channels: to a one-channel model,
+    # scan_0000, scan_0001, ... are single-channel images (as in a data.train_images list), one case each
+    inputs = _input_entries(inputs, group_channels and config.model.in_channels > 1)
+    names = _output_names(inputs)
+    for entry in inputs:
+        if not isinstance(entry, str):
+            image_header(entry)  # a case's channel files on one grid: checked (headers only) before any output
     dev = resolve_device(device, "--device")
     source = f" (in the config of {checkpoint}{' with the overrides' if overrides else ''})"
     # a window too large for any image (inference.roi_size [4096] * 3: 275 GB of weights) refused before the network
@@ -375,6 +381,9 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
             if config.model.spatial_dims == 2:
                 p = p[:, :, None, :]
             written.append(save_nifti(p, orig_affine, out_dir / f"{name}_prob.nii.gz", header, np.float32))
+        else:
+            # an earlier run's probabilities (another model, or another image of this name) no longer match
+            (out_dir / f"{name}_prob.nii.gz").unlink(missing_ok=True)
     return written
 
 

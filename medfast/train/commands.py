@@ -89,10 +89,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE",
-                   help="images to segment (NIfTI files or folders of them; a case stored one file per channel, "
-                        "nnU-Net's case_0000, case_0001, ..., is one image) or classify (PNG/JPEG/NIfTI/DICOM files "
-                        "or folders of them), or probe-pose files (JSON/.npy, or folders of them) to synthesize frames "
-                        "at, by the checkpoint's task")
+                   help="images to segment (NIfTI files or folders of them; for a model of several input channels "
+                        "a case stored one file per channel, nnU-Net's case_0000, case_0001, ..., is one image) or "
+                        "classify (PNG/JPEG/NIfTI/DICOM files or folders of them), or probe-pose files (JSON/.npy, "
+                        "or folders of them) to synthesize frames at, by the checkpoint's task")
     p.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
                    help="checkpoint written by medfast train (e.g. RUN/checkpoints/last.pt)")
     p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")

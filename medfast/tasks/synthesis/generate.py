@@ -5,7 +5,8 @@ a file) the generator makes a frame from the pose's condition (image-plane world
 anatomy of the checkpoint's volume in the plane); the simulator makes the reference frame. Written:
 ``generated/frame_###.png``, ``simulated/frame_###.png``, ``generated.nii.gz`` and ``simulated.nii.gz``
 (stacks with the header of ``medfast simulate``'s ``frames.nii.gz``: pixel spacing in mm and the probe-frame
-lateral and depth of the first pixel), ``grid.png`` and ``generate.json`` (metrics, poses).
+lateral and depth of the first pixel), ``grid.png`` (with matplotlib; an earlier run's is removed without it) and
+``generate.json`` (metrics, poses).
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     if figures_enabled("medfast synthesize"):  # matplotlib is optional: the frames are the results
         rows, ranges = task._grid_rows(cond, fake, real)
         save_grid(out / "grid.png", rows, ranges=ranges, max_columns=8)
+    else:  # an earlier run's grid would pass for this run's
+        (out / "grid.png").unlink(missing_ok=True)
     summary = {
         "checkpoint": str(checkpoint), "mode": task.args.mode, "source": task.args.source,
         "frames": len(g), "frame_shape": list(g.shape[1:]), "pixel_mm": px,
