@@ -92,3 +92,31 @@ def test_random_augment_checks_its_arguments():
         aug(x, y, [1.7])
     with pytest.raises(ValueError, match="in_shape and out_shape must have one entry per spatial axis"):
         random_crop_theta([20, 20, 20], [8, 8], torch.Generator())
+
+
+def test_segmentation_training_crops_each_subject_of_a_padded_batch_within_it():
+    """collate records each image's own shape when it pads a batch, and the segmentation training step passes it
+    on: a 16^3 subject batched with a 40^3 one keeps all its voxels in a 24^3 patch, as when alone (before:
+    42 of 300 patches held none of them)."""
+    from medfast.data import collate
+    from medfast.tasks.segmentation import SegmentationTask
+    from medfast.train import load_config
+
+    big = {"image": torch.ones(1, 40, 40, 40), "label": torch.ones(40, 40, 40, dtype=torch.uint8), "seed": 0}
+    small = {"image": torch.ones(1, 16, 16, 16), "label": torch.ones(16, 16, 16, dtype=torch.uint8), "seed": 1}
+    assert "spatial_shape" not in collate([big, big])
+    assert collate([big, small])["spatial_shape"] == [(40, 40, 40), (16, 16, 16)]
+    config = load_config([], ["model.out_channels=2", "model.channels=[4, 8]", "inference.roi_size=null",
+                              "augment.patch_size=[24, 24, 24]", "augment.enabled=false", "data.root=unused"])
+    task = SegmentationTask(config)
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    for seed in range(20):
+        big["seed"], small["seed"] = 2 * seed, 2 * seed + 1
+        task.training_step(Probe(), collate([big, small]), torch.device("cpu"))
+        assert float(seen[-1][1].sum()) == 16**3  # the whole small subject, centred in its patch

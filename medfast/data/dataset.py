@@ -498,7 +498,8 @@ class NiftiDataset(Dataset):
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stacks a list of dataset items into a batch, zero-padding volumes of different shapes at the end of
-    each axis (labels padded with 0); non-tensor entries become lists."""
+    each axis (labels padded with 0); non-tensor entries become lists. A padded batch also holds
+    ``"spatial_shape"``: each item's own image shape (spatial axes), for :class:`RandomAugment`'s ``shapes``."""
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not items:
         raise ValueError(f"items must be a non-empty list of dataset items (dicts), got {items!r}")
     if not all(isinstance(it, Mapping) for it in items):
@@ -510,6 +511,8 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if key in ("image", "label") and len({tuple(v.shape) for v in vals}) > 1:
                 nd = vals[0].dim() - (1 if key == "image" else 0)
                 target = [max(v.shape[-nd + d] for v in vals) for d in range(nd)]
+                if key == "image":
+                    out["spatial_shape"] = [tuple(v.shape[-nd:]) for v in vals]
                 padded = []
                 for v in vals:
                     pad = []

@@ -472,7 +472,8 @@ class SegmentationTask(Task):
         seeds = batch.get("seed") or list(range(image.shape[0]))
         patch = self.config.augment.patch_size
         with torch.autocast(device.type, enabled=False):
-            image, label = self.augment(image.float(), label, seeds, patch)
+            # a padded batch (subjects of different sizes): each patch drawn within its own subject, not the padding
+            image, label = self.augment(image.float(), label, seeds, patch, shapes=batch.get("spatial_shape"))
         logits = model(image)
         loss = self._loss(logits, label)
         return loss, {}
