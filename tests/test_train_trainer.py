@@ -724,3 +724,56 @@ def test_per_class_metrics_in_class_order_and_a_readable_curves_figure(tmp_path)
         path = plot_curves([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}],
                            [{"step": 1, **metrics}, {"step": 2, **metrics}], tmp_path / "curves.png")
     assert path is not None and path.stat().st_size > 0
+
+
+def test_resume_applies_this_runs_optimizer_settings(tmp_path, blobs):
+    """optim.lr / weight_decay / betas changed on resume: load_state_dict brought back the saved run's, so the new
+    ones were ignored while config.yaml recorded them. The resumed steps follow this run's settings."""
+    Trainer(_config(tmp_path, blobs, "a", **{"trainer.max_steps": 4})).fit(stop_after=2)
+    changed = {"optim.lr": 0.5, "optim.weight_decay": 0.3, "optim.betas": "[0.5, 0.6]", "trainer.max_steps": 4}
+    trainer = Trainer(_config(tmp_path, blobs, "a", **changed, **{"trainer.resume": "auto"}))
+    trainer.fit()
+    group = trainer.optimizer.param_groups[0]
+    assert (group["initial_lr"], group["weight_decay"], group["betas"]) == (0.5, 0.3, (0.5, 0.6))
+    Trainer(_config(tmp_path, blobs, "b", **changed)).fit()  # the new settings from the start
+    assert _lrs(tmp_path / "a")[2:] == pytest.approx(_lrs(tmp_path / "b")[2:])
+    assert _lrs(tmp_path / "a")[:2] != pytest.approx(_lrs(tmp_path / "b")[:2])
+
+
+def test_a_stopped_and_resumed_run_logs_the_rows_of_an_uninterrupted_one(tmp_path, blobs):
+    """log_every 4: the stop at step 3 logged a row there, which the resume kept (rows 1, 3, 4, 6 against 1, 4, 6)."""
+    Trainer(_config(tmp_path, blobs, "full", **{"trainer.log_every": 4})).fit()
+    Trainer(_config(tmp_path, blobs, "part", **{"trainer.log_every": 4})).fit(stop_after=3)
+    assert _losses(tmp_path / "part")[0] == [1, 3]  # (the stop's own results name its last step)
+    Trainer(_config(tmp_path, blobs, "part", **{"trainer.log_every": 4, "trainer.resume": "auto"})).fit()
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    csv_steps = [line.split(",")[0] for line in (tmp_path / "part" / "train_log.csv").read_text().splitlines()[1:]]
+    assert csv_steps == ["1", "4", "6"]
+
+
+def test_config_yaml_of_a_resumed_run_trains_it_anew(tmp_path, blobs):
+    """OUT/config.yaml recorded trainer.resume: a rerun from it with --out NEW continued OUT's checkpoint from its
+    step instead of training the run again."""
+    from medfast.train import load_config as load
+
+    Trainer(_config(tmp_path, blobs, "a", **{"trainer.max_steps": 4})).fit(stop_after=2)
+    Trainer(_config(tmp_path, blobs, "a", **{"trainer.max_steps": 4, "trainer.resume": "auto"})).fit()
+    saved = load([str(tmp_path / "a" / "config.yaml")], [f"trainer.out_dir={tmp_path / 'new'}"])
+    assert saved.trainer.resume is None
+    Trainer(saved).fit()
+    assert _losses(tmp_path / "new")[0] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"optim.name": "adamw", "optim.momentum": 0.5}, r"optim.momentum=0.5 is not used: optim.name='adamw' takes"),
+    ({"optim.name": "adam", "optim.momentum": 0.0}, r"optim.momentum=0.0 is not used"),
+    ({"optim.name": "sgd", "optim.betas": "[0.5, 0.5]"}, r"optim.betas=\[0.5, 0.5\] is not used: optim.name='sgd'"),
+    ({"optim.scheduler": "constant", "optim.min_lr_ratio": 0.5}, "optim.min_lr_ratio=0.5 is not used"),
+])
+def test_optimizer_settings_the_optimizer_does_not_use_are_refused(tmp_path, blobs, overrides, match):
+    """They were ignored without a word (adamw with momentum 0.5 ran as adamw), as a set-but-unused setting of the
+    data, model, loss, augment and inference sections is refused."""
+    from medfast.train import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        Trainer(_config(tmp_path, blobs, "x", **overrides)).fit()

@@ -35,6 +35,7 @@ from medfast.train import distributed as D
 from medfast.train.config import (
     Config,
     ConfigError,
+    OptimConfig,
     check_choice_setting,
     check_config,
     config_from_dict,
@@ -315,8 +316,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+def _unused_optim_setting(cfg, key: str, why: str) -> None:
+    """ConfigError when ``optim.<key>`` differs from its default although ``why`` it is not used (it was ignored
+    without a word, as a set-but-unused setting of the other sections is refused)."""
+    default = getattr(OptimConfig(), key)
+    if list(getattr(cfg, key)) != list(default) if isinstance(default, list) else getattr(cfg, key) != default:
+        raise ConfigError(f"optim.{key}={getattr(cfg, key)!r} is not used: {why}; remove it")
+
+
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     name = check_choice_setting("optim.name", cfg.name)
+    if name in ("adam", "adamw"):
+        _unused_optim_setting(cfg, "momentum", f"optim.name={name!r} takes optim.betas (momentum is SGD's)")
+    else:
+        _unused_optim_setting(cfg, "betas", f"optim.name={name!r} takes optim.momentum (betas are Adam's)")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     if name == "adam":
@@ -328,6 +341,8 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 def build_scheduler(optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     name = check_choice_setting("optim.scheduler", cfg.scheduler)
+    if name == "constant":
+        _unused_optim_setting(cfg, "min_lr_ratio", "optim.scheduler='constant' has no floor to decay to")
     warm = max(0, cfg.warmup_steps)
     floor = cfg.min_lr_ratio
 
@@ -769,11 +784,19 @@ class Trainer:
             scheds = state.get("schedulers") or {}
             pairs = [(self.optimizers[ph], saved[ph], self.schedulers[ph], scheds.get(ph)) for ph in self.phases]
         for optimizer, opt_state, scheduler, sched_state in pairs:
+            # this run's hyper-parameters (optim.lr, weight_decay, betas, momentum: the ones its optimizer and
+            # schedule were built with), which load_state_dict would replace by the saved run's: a changed optim.lr
+            # was ignored on resume while config.yaml recorded it
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            base_lrs = list(scheduler.base_lrs)
             try:
                 optimizer.load_state_dict(opt_state)
                 if sched_state is None:
                     raise KeyError("scheduler")
                 scheduler.load_state_dict(sched_state)
+                for group, setting in zip(optimizer.param_groups, settings):
+                    group.update(setting)
+                scheduler.base_lrs = base_lrs
                 # The learning rate is a function of the step: this run's schedule (a resume may extend
                 # trainer.max_steps), not the saved rate, which is the old schedule's at its last step.
                 for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -1138,7 +1161,11 @@ class Trainer:
         main = self.rank == 0
         resumed = self._resume(resume_path, resume_state)
         if main:  # after the resume's checks: a refused resume leaves the run's config.yaml as it was
-            save_config(self._given_config, self.out_dir / "config.yaml")
+            # without trainer.resume: the file trains the same run again (a recorded --resume made a rerun from it
+            # continue this run's checkpoint, in a new folder, from its step)
+            given = copy.deepcopy(self._given_config)
+            given.trainer.resume = None
+            save_config(given, self.out_dir / "config.yaml")
         if self.world > 1:  # each rank read its own out_dir: without a shared file system they could differ
             steps = [None] * self.world
             dist.all_gather_object(steps, (self.step, None if resume_path is None else str(resume_path)))
@@ -1153,6 +1180,12 @@ class Trainer:
         if main:
             train_log.restore(self.step if resumed is not None else None)
             val_log.restore(self.step if resumed is not None else None)
+            rows = train_log.rows
+            if rows and rows[-1].get("step") == self.step and not (
+                    self.step % tc.log_every == 0 or self.step in (1, tc.max_steps)):
+                # the row a stop (fit(stop_after=...)) logged at its last step: an uninterrupted run has none there
+                train_log.rows = rows[:-1]
+                train_log._rewrite()
             # now, not at the first scalar (a step later): the events of the steps after the checkpoint, or of
             # an earlier run that wrote no checkpoint, are dropped, so each step is there once, as in the CSV
             self._tb_purge = self.step + 1 if resumed is not None else 0
