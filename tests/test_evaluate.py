@@ -214,3 +214,61 @@ def test_summary_lists_the_classes_found_and_counts_every_case(tmp_path, capsys)
     assert main(["evaluate", str(pred_dir / "c.nii.gz"), str(ref_dir / "c.nii.gz"), "--out", str(tmp_path / "o2")]) == 0
     assert "1 case(s)" in capsys.readouterr().out
     assert (tmp_path / "o2" / "metrics.csv").read_text().splitlines()[0].startswith("case,class,dice,hd,asd,")
+
+
+def test_pairing_refuses_two_candidates_and_reads_upper_case_suffixes(tmp_path):
+    """Predictions written beside their images: the image case.nii.gz won over case_seg.nii.gz without a word and
+    was scored as a label map. And a reference CASE2.NII.GZ was skipped (case-sensitive suffixes)."""
+    from medfast.data import DatasetError
+
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    lab = _cubes()
+    _save(ref / "case.nii.gz", lab)
+    _save(pred / "case.nii.gz", np.random.default_rng(0).random(lab.shape).astype(np.float32))  # the image
+    _save(pred / "case_seg.nii.gz", lab)
+    with pytest.raises(DatasetError, match=r"several predictions for .*case.nii.gz in .*: case.nii.gz, "
+                                           r"case_seg.nii.gz; keep one"):
+        find_evaluation_pairs(pred, ref)
+    (pred / "case.nii.gz").unlink()
+    _save(ref / "CASE2.NII.GZ", lab)
+    _save(pred / "CASE2_SEG.NII.GZ", lab)
+    pairs = find_evaluation_pairs(pred, ref)
+    assert [(p.name, r.name) for p, r in pairs] == [("CASE2_SEG.NII.GZ", "CASE2.NII.GZ"),
+                                                    ("case_seg.nii.gz", "case.nii.gz")]
+
+
+def test_grids_are_compared_in_voxels_and_sheared_or_line_maps_are_refused(tmp_path):
+    """A 1e-3 mm tolerance let 0.5 um voxels shifted by 1.8 voxels pass (Dice 1); a sheared grid (gantry tilt) gave
+    distances from its column lengths (1.62 mm for a true 2.06 mm); a (1, 1, Z) map crashed in the metrics."""
+    from medfast.data import DatasetError
+
+    lab = _cubes()
+    small = np.diag([5e-4, 5e-4, 5e-4, 1.0])
+    shifted = small.copy()
+    shifted[0, 3] = 9e-4
+    _save(tmp_path / "r.nii.gz", lab, small)
+    _save(tmp_path / "p.nii.gz", lab, shifted)
+    with pytest.raises(DatasetError, match="different affines"):
+        evaluate_pair(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz")
+    _save(tmp_path / "p.nii.gz", lab, small)
+    assert evaluate_pair(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz")[0]["dice"] == 1.0  # the same tiny grid
+    sheared = np.eye(4)
+    sheared[1, 2] = 0.8
+    _save(tmp_path / "rs.nii.gz", lab, sheared)
+    _save(tmp_path / "ps.nii.gz", lab, sheared)
+    with pytest.raises(DatasetError, match="not at right angles"):
+        evaluate_pair(tmp_path / "ps.nii.gz", tmp_path / "rs.nii.gz")
+    rotated = np.eye(4)  # oblique but orthogonal: scored
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotated[:2, :2] = [[c, -s], [s, c]]
+    _save(tmp_path / "rr.nii.gz", lab, rotated)
+    _save(tmp_path / "pr.nii.gz", lab, rotated)
+    assert evaluate_pair(tmp_path / "pr.nii.gz", tmp_path / "rr.nii.gz")[0]["hd"] == 0.0
+    line = np.zeros((1, 1, 6), np.int16)
+    line[0, 0, 2:4] = 1
+    for name in ("l.nii.gz", "m.nii.gz"):
+        _save(tmp_path / name, line)
+    with pytest.raises(DatasetError, match="at least two axes longer than one voxel"):
+        evaluate_pair(tmp_path / "l.nii.gz", tmp_path / "m.nii.gz")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medfast._jsonsafe import dumps as json_dumps
-from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _stem, case_name
+from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _is_nifti_name, _stem, case_name
 from medfast.data.io import DatasetError, Volume, load_nifti, single_slice_as_2d, voxel_spacing
 
 __all__ = ["case_dice", "class_counts", "evaluate_pair", "find_evaluation_pairs", "finite_mean", "run_evaluate",
@@ -57,20 +57,25 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
     if not (pred.is_dir() and reference.is_dir()):
         raise DatasetError(f"give two NIfTI files or two folders, got {pred} and {reference}")
     # not dot files (macOS AppleDouble "._case.nii.gz" companions are no NIfTI)
-    refs = sorted(p for p in reference.iterdir() if p.name.endswith(_SUFFIXES) and not p.name.startswith("."))
+    refs = sorted(p for p in reference.iterdir() if _is_nifti_name(p.name) and not p.name.startswith("."))
     if not refs:
         raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in the reference folder {reference}")
+    # the prediction folder's NIfTI files by lower-case name: suffixes match in any case (SCAN.NII.GZ)
+    available = {p.name.lower(): p for p in sorted(pred.iterdir()) if _is_nifti_name(p.name) and p.is_file()}
     pairs = []
     for ref in refs:
         stem = _stem(ref)
         # as `medfast predict` names them: after the case (an nnU-Net _0000 image suffix dropped)
-        names = (stem, stem + "_seg", stem + CHANNEL_SUFFIX + "_seg", case_name(ref) + "_seg")
-        found = next((pred / (name + suf) for name in names for suf in _SUFFIXES
-                      if (pred / (name + suf)).is_file()), None)
-        if found is None:
+        names = dict.fromkeys((stem, stem + "_seg", stem + CHANNEL_SUFFIX + "_seg", case_name(ref) + "_seg"))
+        found = list(dict.fromkeys(available[key] for name in names for suf in _SUFFIXES
+                                   if (key := (name + suf).lower()) in available))
+        if not found:
             raise DatasetError(f"no prediction for {ref} in {pred} (expected {pred / (stem + '.nii.gz')} or "
                                f"{pred / (stem + '_seg.nii.gz')})")
-        pairs.append((found, ref))
+        if len(found) > 1:  # e.g. predictions written beside their images: the image would be scored as a label map
+            raise DatasetError(f"several predictions for {ref} in {pred}: {', '.join(f.name for f in found)}; keep "
+                               f"one (or give the predictions a folder of their own)")
+        pairs.append((found[0], ref))
     return pairs
 
 
@@ -93,11 +98,24 @@ def _check_same_space(pred: Any, ref: Any) -> None:
     if pred.data.shape != ref.data.shape:
         raise DatasetError(f"{pred.path} has shape {pred.data.shape} but its reference {ref.path} has "
                            f"{ref.data.shape}")
-    if not np.allclose(pred.affine, ref.affine, atol=1e-3):
+    try:  # in the reference's voxels (a tolerance in mm let a 1.8-voxel shift of 0.5 um voxels pass)
+        offset = np.linalg.inv(np.asarray(ref.affine, dtype=np.float64)) @ np.asarray(pred.affine, dtype=np.float64)
+    except np.linalg.LinAlgError:
+        raise DatasetError(f"{ref.path}: its affine is singular: {np.asarray(ref.affine).tolist()}") from None
+    if not np.allclose(offset, np.eye(len(offset)), atol=1e-3):
         raise DatasetError(f"{pred.path} and its reference {ref.path} have different affines (not the same voxel "
                            f"grid): resample the prediction to the reference first")
-    if pred.data.ndim not in (2, 3):
-        raise DatasetError(f"{ref.path}: expected a 2D or 3D label map, got shape {ref.data.shape}")
+    if pred.data.ndim not in (2, 3) or sum(n > 1 for n in ref.data.shape) < 2:
+        raise DatasetError(f"{ref.path}: expected a 2D or 3D label map (at least two axes longer than one voxel), "
+                           f"got shape {ref.data.shape}")
+    a = np.asarray(ref.affine, dtype=np.float64)
+    lin = a[: len(a) - 1, : ref.data.ndim]  # the map's axes in world space (a coronal slice's second axis is z)
+    cols = lin / np.linalg.norm(lin, axis=0)
+    if np.abs(cols.T @ cols - np.eye(cols.shape[1])).max() > 1e-3:
+        # distances from per-axis voxel sizes hold on a grid of right angles only (a gantry tilt shears it)
+        raise DatasetError(f"{ref.path}: its voxel axes are not at right angles (a sheared grid, e.g. a CT with gantry "
+                           f"tilt): surface distances from its voxel size would be wrong; resample the reference and "
+                           f"the prediction to a grid of right angles first")
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
