@@ -170,13 +170,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "predict",
-        help="segment NIfTI images with a trained checkpoint",
+        help="segment, classify or synthesize with a trained checkpoint (by its task)",
         description=(
-            "Segments each image with sliding-window inference and writes <name>_seg.nii.gz label maps with "
-            "the input's affine and header (a case stored one file per channel, nnU-Net's <name>_0000, "
-            "<name>_0001, ..., given as files or a folder, is one image: its _0000 file's affine and header); "
-            "with a classification checkpoint, writes predictions.csv (class and, "
-            "with --probabilities, class probabilities per image)."
+            "Runs a checkpoint written by medfast train on new inputs, as its task does. Segmentation: segments "
+            "each image with sliding-window inference and writes <name>_seg.nii.gz label maps with the input's "
+            "affine and header (a case stored one file per channel, nnU-Net's <name>_0000, <name>_0001, ..., "
+            "given as files or a folder, is one image: its _0000 file's affine and header). Classification: "
+            "writes predictions.csv (class and, with --probabilities, class probabilities per image) and, for 2D "
+            "images, Grad-CAM overlays (cam/*.png). Synthesis: generates ultrasound frames at the poses of each "
+            "probe-pose file (JSON/.npy, or a folder of them) as medfast synthesize writes them, into --out "
+            "(one file) or --out/<its name less the suffix> (several)."
         ),
     )
     add_predict_arguments(p)

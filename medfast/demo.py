@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -60,16 +61,19 @@ def mni_template_path() -> Path:
 
     Raises
     ------
-    ImportError
-        nilearn is not installed (``pip install nilearn``).
+    ModuleNotFoundError
+        nilearn is not installed (``pip install nilearn``); its ``name`` is ``"nilearn"``, so that
+        ``medfast demo`` reports it as every command reports a missing optional module.
     DemoError
         This nilearn version does not ship the file.
     """
     spec = importlib.util.find_spec("nilearn")
     if spec is None or spec.origin is None:
-        raise ImportError(
+        # name="nilearn": the command line's missing-module line and exit status 2 (a plain ImportError was exit 1)
+        raise ModuleNotFoundError(
             "the medfast demo uses the MNI152 T1 template that ships inside the nilearn wheel: "
-            "`pip install nilearn` (or pass image_path= / --image with your own NIfTI)"
+            "`pip install nilearn` (or pass image_path= / --image with your own NIfTI)",
+            name="nilearn",
         )
     path = Path(spec.origin).parent / "datasets" / "data" / MNI_T1_FILE
     if not path.is_file():
@@ -497,16 +501,35 @@ def run_warp_demo(
     dict
         What ``demo.json`` holds: input, shapes, device, deformation statistics, timings and
         speed-ups (``timing``), agreement with grid_sample, output paths and build info.
+
+    Raises
+    ------
+    ImportError
+        Before any work or output: nibabel or matplotlib is not installed, or (without ``image_path``) nilearn
+        (a ``ModuleNotFoundError`` naming it is the exception or its ``__cause__``).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     say = print if verbose else (lambda *a, **k: None)
+    # Every optional module the outputs need, before any work: without matplotlib the demo deformed, timed and
+    # wrote the NIfTIs, then failed at the figure.
+    _require("nibabel")
+    _require("matplotlib")
+    template = None
+    if image_path is None:
+        try:
+            template = mni_template_path()
+        except ModuleNotFoundError:
+            if verbose:  # the command line's missing-module line names the extra only: the way around it too
+                print("medfast demo: note: without nilearn, --image NIFTI warps your own 3D NIfTI",
+                      file=sys.stderr, flush=True)
+            raise
     start = time.perf_counter()
     dev = _resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    source = Path(image_path) if image_path is not None else mni_template_path()
+    source = Path(image_path) if image_path is not None else template
     say(f"[1/5] loading {source.name}")
     image, nifti, (lo, hi) = load_volume(source)
     shape = tuple(image.shape[2:])

@@ -118,6 +118,27 @@ class DiceLoss(_SegmentationLoss):
 
     The arguments are attributes of the same names (``weight``: the ``class_weight`` buffer), read at each
     call, so they can be changed after construction as MONAI's (``loss.include_background = False``).
+
+    Parameters
+    ----------
+    include_background : bool
+        As ``dice_loss``'s ``include_background``.
+    smooth_nr, smooth_dr : float
+        ``dice_loss``'s ``smooth=(smooth_nr, smooth_dr)``: added to the numerator and the denominator.
+    batch : bool
+        ``dice_loss``'s ``batch_dice``: sum the batch before the ratio.
+    weight : float, sequence of float or Tensor, optional
+        ``dice_loss``'s ``class_weight``, in MONAI's forms (one value, C values, or C - 1 without the background).
+    ignore_index : int, optional
+        As ``dice_loss``'s ``ignore_index``: label value whose voxels are left out.
+    reduction : {"mean", "sum", "none"}
+        As ``dice_loss``'s ``reduction``.
+    ddp_sync : bool
+        As ``dice_loss``'s ``ddp_sync`` (with ``batch``).
+    sigmoid : bool
+        ``dice_loss``'s ``activation="sigmoid"``: independent (multi-label) channels; else softmax.
+    check_labels : bool
+        As ``dice_loss``'s ``check_labels``.
     """
 
     def __init__(
@@ -173,6 +194,29 @@ class DiceCELoss(_SegmentationLoss):
 
     The arguments are attributes of the same names (``weight``: the ``class_weight`` buffer), read at each
     call: ``loss.lambda_ce = 0.0`` during training anneals the cross-entropy away, as with MONAI's.
+
+    Parameters
+    ----------
+    include_background : bool
+        As ``dice_ce_loss``'s ``include_background``.
+    smooth_nr, smooth_dr : float
+        ``dice_ce_loss``'s ``smooth=(smooth_nr, smooth_dr)``: added to the numerator and the denominator.
+    batch : bool
+        ``dice_ce_loss``'s ``batch_dice``: sum the batch before the ratio.
+    weight : sequence of float or Tensor, optional
+        ``dice_ce_loss``'s ``class_weight`` (C values; used by both terms, as in MONAI).
+    lambda_dice, lambda_ce : float
+        As ``dice_ce_loss``'s: the weights of the Dice and the cross-entropy terms.
+    ignore_index : int, optional
+        As ``dice_ce_loss``'s ``ignore_index``: label value whose voxels are left out.
+    reduction : {"mean", "sum"}
+        As ``dice_ce_loss``'s ``reduction``.
+    ddp_sync : bool
+        As ``dice_ce_loss``'s ``ddp_sync`` (with ``batch``).
+    sigmoid : bool
+        ``dice_ce_loss``'s ``activation="sigmoid"``: independent (multi-label) channels; else softmax.
+    check_labels : bool
+        As ``dice_ce_loss``'s ``check_labels``.
     """
 
     def __init__(

@@ -191,7 +191,15 @@ def gradient_norm(ddf: torch.Tensor, norm: str = "l2", normalize: bool = False, 
 
 
 def ssd_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Sum (mean) of squared differences ``(pred - target)^2`` over batch, channels and voxels."""
+    """Sum (mean) of squared differences ``(pred - target)^2`` over batch, channels and voxels.
+
+    Parameters
+    ----------
+    pred, target : Tensor
+        Floating images of equal shape ``(B, C, *spatial)``.
+    reduction : {"mean", "sum", "none"}
+        Mean or sum over batch, channels and voxels, or the ``(B, C, *spatial)`` map of squared differences.
+    """
     pred, target = _check_pair(pred, target)
     check_choice("reduction", reduction, REDUCTIONS)
     return _reduce((pred - target) ** 2, reduction)
@@ -284,7 +292,24 @@ def label_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1e
 
 
 class LocalNormalizedCrossCorrelationLoss(nn.Module):
-    """Module form of :func:`medfast.lncc_loss` (rectangular window; MONAI's argument names)."""
+    """Module form of :func:`medfast.lncc_loss` (rectangular window; MONAI's argument names and defaults).
+
+    The default window is MONAI's, ``kernel_size=3``, not the functional :func:`medfast.lncc_loss`'s 9: pass
+    ``kernel_size=9`` for the same loss as ``lncc_loss(pred, target)``.
+
+    Parameters
+    ----------
+    spatial_dims : {2, 3}
+        Spatial dims of the images ``forward`` takes (checked at each call; not an argument of ``lncc_loss``).
+    kernel_size : int or sequence of int
+        Window size in voxels per spatial dim (odd), as ``lncc_loss``'s ``kernel_size``. Default 3 (MONAI's).
+    kernel_type : {"rectangular"}
+        Only the box window is fused (MONAI's ``"triangular"`` and ``"gaussian"`` are not implemented).
+    reduction : {"mean", "sum", "none"}
+        As ``lncc_loss``'s ``reduction``.
+    smooth_nr, smooth_dr : float
+        As ``lncc_loss``'s ``smooth_nr`` and ``smooth_dr`` (``smooth_dr`` must be > 0).
+    """
 
     def __init__(self, spatial_dims: int = 3, kernel_size: Int | ShapeLike = 3, kernel_type: str = "rectangular",
                  reduction: str = "mean", smooth_nr: float = 0.0, smooth_dr: float = 1e-5) -> None:
@@ -307,7 +332,13 @@ class LocalNormalizedCrossCorrelationLoss(nn.Module):
 
 
 class SSDLoss(nn.Module):
-    """Module form of :func:`ssd_loss`."""
+    """Module form of :func:`ssd_loss`.
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum", "none"}
+        As ``ssd_loss``'s ``reduction``.
+    """
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
@@ -330,7 +361,15 @@ class GlobalMutualInformationLoss(nn.Module):
 
     The arguments are attributes of the same names, read at each call: ``loss.num_bins = 32`` (or
     ``sigma_ratio``, ``smooth_nr``, ``smooth_dr``, ``reduction``) after construction acts as if it had been
-    passed. (MONAI computes its bin centres from ``num_bins`` and ``sigma_ratio`` once, in ``__init__``.)"""
+    passed. (MONAI computes its bin centres from ``num_bins`` and ``sigma_ratio`` once, in ``__init__``.)
+
+    Parameters
+    ----------
+    kernel_type : {"gaussian"}
+        The Parzen window (MONAI's name; only ``"gaussian"``).
+    num_bins, sigma_ratio, reduction, smooth_nr, smooth_dr
+        As :func:`global_mutual_information`'s arguments of the same names.
+    """
 
     def __init__(self, kernel_type: str = "gaussian", num_bins: int = 23, sigma_ratio: float = 0.5,
                  reduction: str = "mean", smooth_nr: float = 1e-7, smooth_dr: float = 1e-7) -> None:
@@ -352,7 +391,17 @@ class GlobalMutualInformationLoss(nn.Module):
 
 
 class BendingEnergyLoss(nn.Module):
-    """Module form of :func:`bending_energy`."""
+    """Module form of :func:`bending_energy`.
+
+    Parameters
+    ----------
+    normalize : bool
+        As ``bending_energy``'s ``normalize`` (MONAI's name too): scale the derivatives by the field size.
+    reduction : {"mean", "sum", "none"}
+        As ``bending_energy``'s ``reduction``.
+    stencil : {"compact", "deepreg"}
+        As ``bending_energy``'s ``stencil`` (not a MONAI argument; ``"compact"`` is current MONAI's).
+    """
 
     def __init__(self, normalize: bool = False, reduction: str = "mean", stencil: str = "compact") -> None:
         super().__init__()
@@ -365,7 +414,17 @@ class BendingEnergyLoss(nn.Module):
 
 
 class GradientNormLoss(nn.Module):
-    """Module form of :func:`gradient_norm`; ``GradientNormLoss("l2")`` is MONAI's ``DiffusionLoss``."""
+    """Module form of :func:`gradient_norm`; ``GradientNormLoss("l2")`` is MONAI's ``DiffusionLoss``.
+
+    Parameters
+    ----------
+    norm : {"l2", "l1"}
+        As ``gradient_norm``'s ``norm``: squared or absolute central differences.
+    normalize : bool
+        As ``gradient_norm``'s ``normalize``: scale the derivatives by the field size.
+    reduction : {"mean", "sum", "none"}
+        As ``gradient_norm``'s ``reduction``.
+    """
 
     def __init__(self, norm: str = "l2", normalize: bool = False, reduction: str = "mean") -> None:
         super().__init__()
@@ -379,7 +438,15 @@ class GradientNormLoss(nn.Module):
 
 class DiffusionLoss(GradientNormLoss):
     """MONAI's ``DiffusionLoss(normalize=False, reduction="mean")``, argument for argument: the squared
-    gradient norm of a displacement field, ``GradientNormLoss("l2", normalize, reduction)``."""
+    gradient norm of a displacement field, ``GradientNormLoss("l2", normalize, reduction)``.
+
+    Parameters
+    ----------
+    normalize : bool
+        As ``gradient_norm``'s ``normalize``.
+    reduction : {"mean", "sum", "none"}
+        As ``gradient_norm``'s ``reduction``.
+    """
 
     def __init__(self, normalize: bool = False, reduction: str = "mean") -> None:
         super().__init__("l2", normalize, reduction)

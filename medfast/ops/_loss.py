@@ -698,8 +698,24 @@ def cross_entropy(
     ``ignore_index``, extended by per-voxel weights. With soft targets it is ``F.cross_entropy``
     with probability targets (mean over voxels); with ``activation="sigmoid"``
     ``F.binary_cross_entropy_with_logits`` (mean over voxels and channels; ``class_weight``
-    multiplies each channel's term). Arguments as in :func:`dice_loss` (``check_labels`` too);
-    ``reduction`` is ``"mean"`` or ``"sum"``.
+    multiplies each channel's term).
+
+    Parameters
+    ----------
+    logits, target : Tensor
+        As in :func:`dice_loss` (integer labels, or soft / multi-label float targets of the logits' shape).
+    class_weight : sequence of C floats or (C,) Tensor, optional
+        Weight of each class's (with sigmoids: each channel's) term, as ``F.cross_entropy``'s ``weight``.
+    voxel_weight : Tensor, optional
+        ``(B, *spatial)`` weight of each voxel's term (not differentiated; see the mean above).
+    ignore_index : int, optional
+        Label value whose voxels are left out (of the sum and of the mean's divisor).
+    reduction : {"mean", "sum"}
+        Weighted mean or sum over the voxels (no ``"none"``: the op computes sums).
+    activation : {"softmax", "sigmoid"}
+        ``"sigmoid"``: binary cross-entropy of independent channels.
+    check_labels : bool
+        As in :func:`dice_loss`: check the integer labels on the host (``False``: a bad label gives a NaN loss).
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     stats, cw, divisor, bad = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation,
@@ -732,9 +748,7 @@ def dice_ce_loss(
     Equal to MONAI ``DiceCELoss(to_onehot_y=True, softmax=True, include_background=...,
     batch=batch_dice, smooth_nr=smooth, smooth_dr=smooth, weight=class_weight, lambda_dice=...,
     lambda_ce=...)``. The cross-entropy always uses every class (as MONAI's); ``include_background``
-    only affects the Dice term. Arguments as in :func:`dice_loss` (``ddp_sync`` syncs the batch-Dice
-    sums; the cross-entropy stays per rank, as DDP's gradient averaging expects); ``reduction`` is
-    ``"mean"`` or ``"sum"`` (applied to each term). With ``activation="sigmoid"`` the second term is
+    only affects the Dice term. With ``activation="sigmoid"`` the second term is
     the binary cross-entropy of every channel: equal to MONAI ``DiceCELoss(sigmoid=True)`` for one
     channel; for several channels MONAI applies a softmax cross-entropy to the float target
     instead, which is not multi-label, so medfast deliberately differs there. With a
@@ -747,6 +761,34 @@ def dice_ce_loss(
     backward, besides the label check (the finishing arithmetic runs as ~35 small PyTorch ops only
     with a ``class_weight`` that requires grad, or ``batch_dice`` with ``ddp_sync`` under an
     initialized process group).
+
+    Parameters
+    ----------
+    logits, target : Tensor
+        As in :func:`dice_loss`.
+    include_background : bool
+        Keep class 0 in the Dice term (the cross-entropy always uses every class).
+    batch_dice : bool
+        Sum the batch before the Dice ratio.
+    smooth : float or (float, float)
+        The Dice term's ``(numerator, denominator)`` smoothing, as in :func:`dice_loss`.
+    class_weight : sequence of C floats or (C,) Tensor, optional
+        Weight of each class in both terms.
+    voxel_weight : Tensor, optional
+        ``(B, *spatial)`` weight of each voxel in the sums of both terms (not differentiated).
+    ignore_index : int, optional
+        Label value whose voxels are left out of both terms.
+    lambda_dice, lambda_ce : float
+        Non-negative weights of the Dice and the cross-entropy terms (``lambda_ce=0`` skips the logarithms).
+    reduction : {"mean", "sum"}
+        Applied to each term (no ``"none"``).
+    ddp_sync : bool
+        With ``batch_dice``: all-reduce the Dice sums over the ranks (the cross-entropy stays per rank, as DDP's
+        gradient averaging expects).
+    activation : {"softmax", "sigmoid"}
+        ``"sigmoid"``: independent channels; the second term is then the binary cross-entropy.
+    check_labels : bool
+        As in :func:`dice_loss`.
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     _check_flags(include_background, batch_dice, ddp_sync)

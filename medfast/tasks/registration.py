@@ -1621,6 +1621,7 @@ def run_register(args: argparse.Namespace) -> int:
 
 
 def mni_t1_path() -> Path:
+    """Path of the MNI152 2009a T1 template inside the installed nilearn wheel (RegistrationError without it)."""
     import importlib.util
 
     spec = importlib.util.find_spec("nilearn")
@@ -1762,6 +1763,9 @@ class RegistrationNet(torch.nn.Module):
     velocity : bool
         The LocalNet outputs a stationary velocity field, integrated by scaling and squaring
         (:func:`medfast.integrate`, ``integration_steps`` squarings).
+    integration_steps : int
+        Squarings of the velocity field with ``velocity`` (0 to 64, as :func:`medfast.integrate`; unused without
+        ``velocity``).
     global_net : bool
         Predict an affine first (GlobalNet); the LocalNet then sees the affinely warped moving image.
 

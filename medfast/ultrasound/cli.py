@@ -10,6 +10,7 @@ depth of the first pixel in the header),
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 import time
@@ -26,6 +27,12 @@ CRANIUM_START = (122.5, 38.0, 60.0)  # world mm: under the vertex of the package
 
 class SimulateError(RuntimeError):
     """An expected problem (missing data, bad sweep) reported without a traceback."""
+
+
+# The optional modules the results need (frames/*.png: pillow; frames.nii.gz and NIfTI volumes: nibabel; the progress
+# bar: tqdm), imported before any work: without nibabel or pillow the whole sweep was simulated (and the PNG frames
+# written) before the missing module was named. (matplotlib is optional: figure.png is skipped without it.)
+NEEDED_MODULES = ("nibabel", "PIL", "tqdm")
 
 
 # The flags that shape the generated sweep: --poses replaces them all (frames in file order).
@@ -123,6 +130,8 @@ def _file_poses(args: argparse.Namespace) -> torch.Tensor:
 
 
 def run_simulate(args: argparse.Namespace) -> dict:
+    for name in NEEDED_MODULES:  # a ModuleNotFoundError naming it: main reports the extra, exit status 2
+        importlib.import_module(name)
     from medfast.ultrasound import Probe, hu_to_properties, simulate
     from medfast.ultrasound.io import INSTALL_HINT, INVESALIUS_CRANIUM, read_volume
     from medfast.ultrasound.simulate import check_meets_volume, sweep_checked

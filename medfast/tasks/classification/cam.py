@@ -166,8 +166,19 @@ def save_cam_png(images: torch.Tensor, cams: torch.Tensor, path: str | Path, tit
         ``(N, C, H, W)`` or ``(N, H, W)`` (the first channel is shown, min-max scaled).
     cams : Tensor
         ``(N, H, W)`` maps in ``[0, 1]``.
+    path : str or Path
+        Output PNG (its folder is created).
     titles : sequence of str, optional
         One caption per image (e.g. ``"true coronal / pred coronal"``); ValueError if the count differs.
+    columns : int
+        Images per row of the grid (at most N).
+    alpha : float
+        Opacity of the overlaid maps (0: image only, 1: map only).
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     imgs = images.detach().float().cpu()
     if imgs.dim() == 4:

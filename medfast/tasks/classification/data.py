@@ -349,6 +349,9 @@ class ImageFolderDataset(Dataset):
         and colour images raises :class:`DatasetError` naming the first odd file).
     normalize : {"none", "minmax", "zscore"}
         Per-image intensity normalization.
+    file_column, label_column : str
+        The CSV header's names of the image-path and the label columns (default ``file`` and ``label``; unused
+        without ``csv_file``).
 
     Notes
     -----

@@ -156,6 +156,8 @@ class SynthesisSource:
         Seed of the simulator's world-anchored scatterer field (fixed: the same place gives the same speckle).
     name : str
         Shown in file names and messages.
+    sub_rays : int
+        Rays per scanline across the element height (the simulator's ``sub_rays``: the elevation beam width).
     """
 
     def __init__(self, volume: np.ndarray, affine: np.ndarray, kind: str, probe: Probe,
@@ -248,6 +250,12 @@ def load_source(name: str, *, probe: Probe, image_rows: int = 64, speckle_seed: 
         (Colin27 tissue classes from ``ch2bet`` + AAL, ``apt-get install mricron-data``), ``"mni152"``
         (MNI152 tissue classes from its GM/WM maps, ``pip install nilearn``), or a path to a CT volume in
         HU (``.nii``/``.nii.gz``/``.inv3``).
+    probe : Probe
+        The simulated probe (:meth:`medfast.ultrasound.Probe.preset`).
+    image_rows : int
+        Rows of the scan-converted frames, as :class:`SynthesisSource`'s.
+    speckle_seed : int
+        Seed of the world-anchored scatterer field, as :class:`SynthesisSource`'s.
     position, direction, lateral : sequence of 3 floats, optional
         Reference probe pose (world mm; see :func:`medfast.ultrasound.look_at`); defaults per source (for a
         label map or a file: on the tissue surface above the centre, beam along ``direction``).

@@ -102,8 +102,14 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     frames : int
         Frames to make when ``poses`` is not given: a sweep of ``frames`` poses (pose mode) or ``frames``
         random poses (image mode), drawn from ``seed`` (seeds >= 10**13 never occur in training).
+    seed : int
+        Seed of the poses drawn without ``poses`` and of the generator's noise (offset by 10**13: never a
+        training seed).
     poses : Tensor, optional
         ``(N, 4, 4)`` probe-to-world poses (mm) in the world of the checkpoint's volume.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (``"auto"``: the GPU where medfast's CUDA kernels are
+        usable, else the CPU).
 
     Returns
     -------

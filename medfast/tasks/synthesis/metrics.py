@@ -84,6 +84,10 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, sigma: float
         ``(B, C, H, W)`` images, at least as large as the window.
     data_range : float
         Peak-to-peak range of the images.
+    sigma : float
+        Standard deviation of the Gaussian window, in pixels (> 0; the window spans 2 round(3.5 sigma) + 1).
+    k1, k2 : float
+        The stabilizing constants' factors: ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``.
 
     Returns
     -------
@@ -237,6 +241,12 @@ def save_grid(path: str | Path, rows: Sequence[tuple[str, torch.Tensor]], *, max
         Output PNG.
     rows : sequence of (str, Tensor)
         Row labels and ``(N, C, H, W)`` images; the first channel is shown in grey.
+    max_columns : int
+        Most columns (images per row) shown.
+    title : str, optional
+        Figure title.
+    column_titles : sequence of str, optional
+        Titles above the first row's images, one per column (extra ones are unused).
     ranges : sequence of (vmin, vmax) or None, optional
         Display range per row (default ``(0, 1)``; None: the row's min and max).
     """
