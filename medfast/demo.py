@@ -103,11 +103,13 @@ def load_volume(path: str | Path) -> tuple[torch.Tensor, Any, tuple[float, float
     intensity_range : (float, float)
         ``(min, max)`` of the original intensities, to write outputs in the original units.
     """
-    nib = _require("nibabel")
+    _require("nibabel")
     path = Path(path)
     if not path.is_file():
         raise DemoError(f"no such image: {path}")
-    nifti = nib.load(path)
+    from medfast.data.io import nifti_header
+
+    nifti = nifti_header(path, DemoError)  # (a mixed-case suffix too: nib.load would look for another name)
     from medfast.data.io import unsupported_voxels
 
     problem = unsupported_voxels(nifti.get_data_dtype())  # RGB: numpy's error; complex: the real part, silently

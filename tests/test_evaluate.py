@@ -233,15 +233,21 @@ def test_pairing_refuses_two_candidates_and_reads_upper_case_suffixes(tmp_path):
         find_evaluation_pairs(pred, ref)
     (pred / "case.nii.gz").unlink()
     _save(ref / "CASE2.NII.GZ", lab)
-    _save(pred / "CASE2_SEG.NII.GZ", lab)
+    _save(pred / "CASE2_seg.NII.GZ", lab)
     pairs = find_evaluation_pairs(pred, ref)
-    assert [(p.name, r.name) for p, r in pairs] == [("CASE2_SEG.NII.GZ", "CASE2.NII.GZ"),
+    assert [(p.name, r.name) for p, r in pairs] == [("CASE2_seg.NII.GZ", "CASE2.NII.GZ"),
                                                     ("case_seg.nii.gz", "case.nii.gz")]
+    # case names that differ in case only are two cases (only the suffix matches in any case)
+    _save(ref / "Case.nii.gz", lab)
+    _save(pred / "Case_seg.nii.gz", lab)
+    pairs = {r.name: p.name for p, r in find_evaluation_pairs(pred, ref)}
+    assert pairs["Case.nii.gz"] == "Case_seg.nii.gz" and pairs["case.nii.gz"] == "case_seg.nii.gz"
 
 
-def test_grids_are_compared_in_voxels_and_sheared_or_line_maps_are_refused(tmp_path):
+def test_grids_are_compared_in_voxels_and_sheared_or_line_maps_are_handled(tmp_path):
     """A 1e-3 mm tolerance let 0.5 um voxels shifted by 1.8 voxels pass (Dice 1); a sheared grid (gantry tilt) gave
-    distances from its column lengths (1.62 mm for a true 2.06 mm); a (1, 1, Z) map crashed in the metrics."""
+    distances from its column lengths (1.62 mm for a true 2.06 mm): its Dice is scored, its distances are NaN; a
+    (1, 1, Z) map crashed in the metrics."""
     from medfast.data import DatasetError
 
     lab = _cubes()
@@ -258,8 +264,16 @@ def test_grids_are_compared_in_voxels_and_sheared_or_line_maps_are_refused(tmp_p
     sheared[1, 2] = 0.8
     _save(tmp_path / "rs.nii.gz", lab, sheared)
     _save(tmp_path / "ps.nii.gz", lab, sheared)
-    with pytest.raises(DatasetError, match="not at right angles"):
-        evaluate_pair(tmp_path / "ps.nii.gz", tmp_path / "rs.nii.gz")
+    with pytest.warns(UserWarning, match="not at right angles .*Dice is scored, the surface distances are NaN"):
+        rows = evaluate_pair(tmp_path / "ps.nii.gz", tmp_path / "rs.nii.gz")
+    assert [r["dice"] for r in rows] == [1.0, 1.0] and all(math.isnan(r["hd"]) and math.isnan(r["asd"]) for r in rows)
+    # 0.09 % another voxel size: each entry of inv(ref) @ pred is within 1e-3 of the identity, but voxel 19 of
+    # the grid lies 0.017 voxel off: refused (the corners, not the entries, are compared)
+    _save(tmp_path / "pz.nii.gz", lab, AFFINE @ np.diag([1.0009, 1.0, 1.0, 1.0]))
+    with pytest.raises(DatasetError, match="different affines"):
+        evaluate_pair(tmp_path / "pz.nii.gz", _save(tmp_path / "r2.nii.gz", lab))
+    _save(tmp_path / "pz.nii.gz", lab, AFFINE @ np.diag([1.00001, 1.0, 1.0, 1.0]))  # float32 header rounding
+    assert evaluate_pair(tmp_path / "pz.nii.gz", tmp_path / "r2.nii.gz")[0]["dice"] == 1.0
     rotated = np.eye(4)  # oblique but orthogonal: scored
     c, s = np.cos(0.3), np.sin(0.3)
     rotated[:2, :2] = [[c, -s], [s, c]]

@@ -769,6 +769,8 @@ def test_config_yaml_of_a_resumed_run_trains_it_anew(tmp_path, blobs):
     ({"optim.name": "adam", "optim.momentum": 0.0}, r"optim.momentum=0.0 is not used"),
     ({"optim.name": "sgd", "optim.betas": "[0.5, 0.5]"}, r"optim.betas=\[0.5, 0.5\] is not used: optim.name='sgd'"),
     ({"optim.scheduler": "constant", "optim.min_lr_ratio": 0.5}, "optim.min_lr_ratio=0.5 is not used"),
+    # (a shipped config's own betas, under --set optim.name=sgd: the message says what --set can give)
+    ({"optim.name": "sgd", "optim.betas": "[0.5, 0.999]"}, r"or give its default, --set optim.betas=\[0.9, 0.999\]"),
 ])
 def test_optimizer_settings_the_optimizer_does_not_use_are_refused(tmp_path, blobs, overrides, match):
     """They were ignored without a word (adamw with momentum 0.5 ran as adamw), as a set-but-unused setting of the

@@ -278,3 +278,19 @@ def test_simulate_frames_nifti_declares_mm_and_the_first_pixel_position(tmp_path
     x0, _, z0, _ = Probe.preset("C5-2v", n_lines=16, n_samples=64).image_extent_mm()
     px = json.loads((tmp_path / "out" / "simulate.json").read_text())["pixel_mm"]
     np.testing.assert_allclose(img.affine, [[px, 0, 0, x0], [0, px, 0, z0], [0, 0, 1, 0], [0, 0, 0, 1]], rtol=1e-6)
+
+
+def test_volumes_with_a_mixed_case_suffix_are_read(tmp_path):
+    """nib.load keeps only an all-lower or all-upper suffix: for CT.Nii.gz it looked for CT.nii.gz and named a file
+    the user never gave. The simulator's reader and the warp demo's read it as what it is."""
+    from medfast.demo import load_volume
+    from medfast.ultrasound.io import read_volume
+
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    affine = np.diag([2.0, 1.5, 1.0, 1.0])
+    path = tmp_path / "CT.Nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "CT.nii.gz"))
+    (tmp_path / "CT.nii.gz").rename(path)
+    vol, aff = read_volume(path)
+    assert np.array_equal(np.asarray(vol), data) and np.allclose(aff, affine)
+    assert load_volume(path) is not None

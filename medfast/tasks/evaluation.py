@@ -60,15 +60,16 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
     refs = sorted(p for p in reference.iterdir() if _is_nifti_name(p.name) and not p.name.startswith("."))
     if not refs:
         raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in the reference folder {reference}")
-    # the prediction folder's NIfTI files by lower-case name: suffixes match in any case (SCAN.NII.GZ)
-    available = {p.name.lower(): p for p in sorted(pred.iterdir()) if _is_nifti_name(p.name) and p.is_file()}
+    # the prediction folder's NIfTI files by name with the suffix in lower case: suffixes match in any case
+    # (SCAN.NII.GZ), case names exactly (A and a are two cases)
+    available = {_lower_suffix(p.name): p for p in sorted(pred.iterdir()) if _is_nifti_name(p.name) and p.is_file()}
     pairs = []
     for ref in refs:
         stem = _stem(ref)
         # as `medfast predict` names them: after the case (an nnU-Net _0000 image suffix dropped)
         names = dict.fromkeys((stem, stem + "_seg", stem + CHANNEL_SUFFIX + "_seg", case_name(ref) + "_seg"))
         found = list(dict.fromkeys(available[key] for name in names for suf in _SUFFIXES
-                                   if (key := (name + suf).lower()) in available))
+                                   if (key := name + suf) in available))
         if not found:
             raise DatasetError(f"no prediction for {ref} in {pred} (expected {pred / (stem + '.nii.gz')} or "
                                f"{pred / (stem + '_seg.nii.gz')})")
@@ -77,6 +78,12 @@ def find_evaluation_pairs(pred: str | Path, reference: str | Path) -> list[tuple
                                f"one (or give the predictions a folder of their own)")
         pairs.append((found[0], ref))
     return pairs
+
+
+def _lower_suffix(name: str) -> str:
+    """``name`` with its ``.nii`` / ``.nii.gz`` suffix in lower case (the case name as it is)."""
+    suffix = next(suf for suf in sorted(_SUFFIXES, key=len, reverse=True) if name.lower().endswith(suf))
+    return name[: len(name) - len(suffix)] + suffix
 
 
 def _as_2d(vol: Volume) -> Volume:
@@ -94,7 +101,9 @@ def scoring_spacing(vol: Volume) -> list[float]:
     return [float(s) for s in voxel_spacing(vol.affine)[: vol.data.ndim]]
 
 
-def _check_same_space(pred: Any, ref: Any) -> None:
+def _check_same_space(pred: Any, ref: Any) -> bool:
+    """Raises DatasetError unless the two maps share a grid; returns whether the grid is sheared (its voxel axes
+    not at right angles: distances from its voxel size would be wrong there)."""
     if pred.data.shape != ref.data.shape:
         raise DatasetError(f"{pred.path} has shape {pred.data.shape} but its reference {ref.path} has "
                            f"{ref.data.shape}")
@@ -102,7 +111,14 @@ def _check_same_space(pred: Any, ref: Any) -> None:
         offset = np.linalg.inv(np.asarray(ref.affine, dtype=np.float64)) @ np.asarray(pred.affine, dtype=np.float64)
     except np.linalg.LinAlgError:
         raise DatasetError(f"{ref.path}: its affine is singular: {np.asarray(ref.affine).tolist()}") from None
-    if not np.allclose(offset, np.eye(len(offset)), atol=1e-3):
+    # where the reference's corner voxels fall on the prediction's grid, at most 1e-3 voxel off (entrywise, a
+    # 0.09 % spacing difference would pass and put voxel 511 half a voxel away)
+    shape = np.asarray(ref.data.shape, dtype=np.float64)
+    n = len(offset) - 1
+    corners = np.array(np.meshgrid(*[[0.0, max(float(shape[i]) - 1, 0.0) if i < len(shape) else 0.0]
+                                     for i in range(n)], indexing="ij")).reshape(n, -1)
+    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
+    if not np.abs((offset - np.eye(n + 1)) @ corners).max() <= 1e-3:
         raise DatasetError(f"{pred.path} and its reference {ref.path} have different affines (not the same voxel "
                            f"grid): resample the prediction to the reference first")
     if pred.data.ndim not in (2, 3) or sum(n > 1 for n in ref.data.shape) < 2:
@@ -111,11 +127,8 @@ def _check_same_space(pred: Any, ref: Any) -> None:
     a = np.asarray(ref.affine, dtype=np.float64)
     lin = a[: len(a) - 1, : ref.data.ndim]  # the map's axes in world space (a coronal slice's second axis is z)
     cols = lin / np.linalg.norm(lin, axis=0)
-    if np.abs(cols.T @ cols - np.eye(cols.shape[1])).max() > 1e-3:
-        # distances from per-axis voxel sizes hold on a grid of right angles only (a gantry tilt shears it)
-        raise DatasetError(f"{ref.path}: its voxel axes are not at right angles (a sheared grid, e.g. a CT with gantry "
-                           f"tilt): surface distances from its voxel size would be wrong; resample the reference and "
-                           f"the prediction to a grid of right angles first")
+    # distances from per-axis voxel sizes hold on a grid of right angles only (a gantry tilt shears it)
+    return bool(np.abs(cols.T @ cols - np.eye(cols.shape[1])).max() > 1e-3)
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -215,7 +228,11 @@ def evaluate_pair(
     from medfast.ops._distance import _check_spacing
 
     p, r = _as_2d(load_nifti(pred, label=True)), _as_2d(load_nifti(reference, label=True))
-    _check_same_space(p, r)
+    sheared = _check_same_space(p, r)
+    if sheared:
+        warnings.warn(f"{reference}: its voxel axes are not at right angles (a sheared grid, e.g. a CT with gantry "
+                      f"tilt): Dice is scored, the surface distances are NaN (resample the reference and the "
+                      f"prediction to a grid of right angles to score them)", stacklevel=2)
     present = _present_values(p.data, r.data)
     top = int(present[-1]) if present.size else 0
     if num_classes is not None and top >= num_classes:
@@ -239,12 +256,15 @@ def evaluate_pair(
     pt = torch.from_numpy(pc).to(device)[None]
     rt = torch.from_numpy(rc).to(device)[None]
     dice, counts_p, counts_r = case_dice(pt, rt, k, include_background=include_background)
-    with warnings.catch_warnings():  # empty classes are reported as NaN in the table instead
-        warnings.simplefilter("ignore", UserWarning)
-        hd = metrics.hausdorff_distance(pt, rt, percentile, spacing, num_classes=k,
-                                        include_background=include_background)[0]
-        asd = metrics.surface_distance(pt, rt, spacing, num_classes=k, symmetric=True,
-                                       include_background=include_background)[0]
+    if sheared:
+        hd = asd = torch.full((k - first,), math.nan)
+    else:
+        with warnings.catch_warnings():  # empty classes are reported as NaN in the table instead
+            warnings.simplefilter("ignore", UserWarning)
+            hd = metrics.hausdorff_distance(pt, rt, percentile, spacing, num_classes=k,
+                                            include_background=include_background)[0]
+            asd = metrics.surface_distance(pt, rt, spacing, num_classes=k, symmetric=True,
+                                           include_background=include_background)[0]
     case = _stem(Path(reference))
     found = set(present.tolist())
     measured = {int(v): i - first for i, v in enumerate(values) if i >= first and int(v) in found}

@@ -321,7 +321,8 @@ def _unused_optim_setting(cfg, key: str, why: str) -> None:
     without a word, as a set-but-unused setting of the other sections is refused)."""
     default = getattr(OptimConfig(), key)
     if list(getattr(cfg, key)) != list(default) if isinstance(default, list) else getattr(cfg, key) != default:
-        raise ConfigError(f"optim.{key}={getattr(cfg, key)!r} is not used: {why}; remove it")
+        raise ConfigError(f"optim.{key}={getattr(cfg, key)!r} is not used: {why}; remove it from the config, or "
+                          f"give its default, --set optim.{key}={default!r}")
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:

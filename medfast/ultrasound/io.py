@@ -96,11 +96,9 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if path.suffix == ".inv3":
         return read_inv3(path)
-    import nibabel as nib
+    from medfast.data.io import claimed_size_problem, nifti_header, read_failure
 
-    from medfast.data.io import claimed_size_problem, read_failure
-
-    img = nib.load(str(path))
+    img = nifti_header(path, ValueError)  # (a mixed-case suffix, CT.Nii.gz, too: nib.load looks for CT.nii.gz)
     _check_dtype(path, img.get_data_dtype())
     problem = claimed_size_problem(img)  # before allocating what a lying header claims
     if problem:

@@ -143,9 +143,9 @@ def probe_channels(path: str | Path) -> int | None:
     suffix = _suffix(path)
     try:
         if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
+            from medfast.data.io import nifti_header
 
-            return 3 if _nifti_rgb(nib.load(str(path)).get_data_dtype()) else 1
+            return 3 if _nifti_rgb(nifti_header(path).get_data_dtype()) else 1
         if suffix == ".dcm":
             import pydicom
 
