@@ -262,7 +262,7 @@ def test_failed_graph_capture_falls_back_to_eager_rendering(monkeypatch):
 
 def test_render_normalize_and_validation(tmp_path):
     src = SimulatedUltrasound(**{**SMALL, "val_volumes": [], "normalize": "zscore"})
-    img = src.render(collate([src.train_dataset(4)[(i, i)] for i in range(4)]), "cpu")
+    img = src.render(collate([src.train_dataset(8)[(i, i)] for i in range(4)]), "cpu")
     torch.testing.assert_close(img.flatten(1).mean(1), torch.zeros(4), atol=1e-4, rtol=0)
     assert len(src.validation_datasets(8)) == 1  # no held-out volume set without val_volumes
     with pytest.raises(ValueError, match="unknown plane 'apical'"):
@@ -528,7 +528,7 @@ def test_train_and_predict_on_simulated_ultrasound(tmp_path, capsys):
     from PIL import Image
 
     task_src = SimulatedUltrasound(**SMALL)
-    frame = task_src.render(collate([task_src.train_dataset(4)[(2, 7)]]), "cpu")[0, 0].numpy()
+    frame = task_src.render(collate([task_src.train_dataset(8)[(2, 7)]]), "cpu")[0, 0].numpy()
     png = tmp_path / "frame.png"
     Image.fromarray((frame * 255).astype(np.uint8)).save(png)
     capsys.readouterr()

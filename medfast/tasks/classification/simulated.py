@@ -220,10 +220,21 @@ def load_brain_volume(spec: str | Mapping[str, Any], voxel_mm: float | None = 2.
     if not p99 > 0:
         raise DatasetError(f"volume {name!r}: no positive intensity inside the brain mask")
     vol = (vol / p99).float().contiguous()
-    idx = np.argwhere(mask)
-    lo = affine[:3, :3] @ idx.min(0) + affine[:3, 3]
-    hi = affine[:3, :3] @ idx.max(0) + affine[:3, 3]
-    return BrainVolume(name, vol, mask, affine, (lo + hi) / 2, np.abs(hi - lo) / 2)
+    world = _mask_extremes(mask) @ affine[:3, :3].T + affine[:3, 3]
+    lo, hi = world.min(0), world.max(0)
+    return BrainVolume(name, vol, mask, affine, (lo + hi) / 2, (hi - lo) / 2)
+
+
+def _mask_extremes(mask: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` voxel indices whose world bounding box is that of every voxel of ``mask``: the first and last
+    mask voxel of each line along the last axis (a linear map is extreme at a line's ends). The world box of the
+    voxel-index box (``affine @ idx.min(0)``, ``affine @ idx.max(0)``) is that only for an axis-aligned affine; an
+    oblique one (which ``as_closest_canonical`` keeps) moved the plane targets by tens of percent."""
+    rows = mask.any(2)
+    i, j = np.nonzero(rows)
+    first = mask.argmax(2)[i, j]
+    last = mask.shape[2] - 1 - mask[:, :, ::-1].argmax(2)[i, j]
+    return np.concatenate([np.stack([i, j, first], 1), np.stack([i, j, last], 1)]).astype(np.float64)
 
 
 def _finite(name: str, value: Any, low: float | None = None, strict: bool = False) -> float:
@@ -249,9 +260,10 @@ def _range(name: str, value: Any, low: float | None = None, strict: bool = False
 
 
 def _int(name: str, value: Any, low: int) -> int:
-    """``value`` as an integer ``>= low``; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer | float) or int(value) != value \
-            or int(value) < low:
+    """``value`` as an integer ``>= low`` (an integral float such as YAML's ``4.0`` too; not a fraction, which
+    ``int()`` truncated, nor a string, None or NaN); ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer | float | np.floating) \
+            or not math.isfinite(value) or int(value) != value or int(value) < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
 
@@ -425,11 +437,16 @@ class SimulatedUltrasound:
             raise ValueError("volumes is empty: name at least one training volume")
         if normalize not in ("none", "minmax", "zscore"):
             raise ValueError(f"normalize must be 'none', 'minmax' or 'zscore', got {normalize!r}")
-        if len(image_shape) != 2 or min(int(s) for s in image_shape) < 8:
+        # (a string "88" was read as (8, 8), (40.9, 40) as (40, 40))
+        if isinstance(image_shape, (str, bytes)) or not isinstance(image_shape, Sequence | np.ndarray) \
+                or len(image_shape) != 2:
             raise ValueError(f"image_shape must be 2 sizes >= 8, got {image_shape!r}")
-        if int(variants) < 1 or int(pose_bins) < 1:
-            raise ValueError(f"variants and pose_bins must be >= 1, got {variants}, {pose_bins}")
+        image_shape = tuple(_int(f"image_shape[{i}]", s, 8) for i, s in enumerate(image_shape))
         variants, pose_bins = _int("variants", variants, 1), _int("pose_bins", pose_bins, 1)
+        # a raw int() / float() of these gave a TypeError naming no argument, and truncated fractions
+        n_lines, n_samples = _int("n_lines", n_lines, 2), _int("n_samples", n_samples, 2)
+        depth_mm = _finite("depth_mm", depth_mm, 0.0, strict=True)
+        seed = _int("seed", seed, 0)  # NumPy's default_rng takes non-negative seeds
         reused = _training_volume_reused(volumes, val_volumes)
         if reused:
             raise ValueError(reused)
@@ -491,7 +508,9 @@ class SimulatedUltrasound:
             if reused:
                 raise ConfigError(f"data.dataset_args.{reused}")
         bins = args.get("pose_bins", params["pose_bins"].default)
-        if isinstance(bins, int) and not isinstance(bins, bool) and bins < 2:
+        # any number (YAML's 1.0 is a float, which passed here and failed later in the data set); a non-number
+        # or a fraction is the constructor's error
+        if isinstance(bins, int | float | np.integer | np.floating) and not isinstance(bins, bool) and bins < 2:
             raise ConfigError(f"data.dataset_args.pose_bins={bins}: the held_out_poses validation set needs "
                               "pose_bins >= 2 (training draws the even bins, held_out_poses the odd ones)")
         return known
@@ -507,17 +526,23 @@ class SimulatedUltrasound:
 
     # ---- data sets ------------------------------------------------------------------------------------
     def train_dataset(self, samples_per_epoch: int = 1024) -> SimulatedPlaneDataset:
-        """Training descriptors: the training volumes, training pose bins."""
-        return SimulatedPlaneDataset(self, list(range(len(self.train_volumes))), samples_per_epoch, "train", "train")
+        """Training descriptors: the training volumes, training pose bins. ``samples_per_epoch`` must be at
+        least planes x training volumes (balanced exactly for a multiple of it, see
+        :class:`SimulatedPlaneDataset`)."""
+        return SimulatedPlaneDataset(self, list(range(len(self.train_volumes))), samples_per_epoch, "train", "train",
+                                     length_name="samples_per_epoch")
 
     def validation_datasets(self, samples: int = 64) -> list[SimulatedPlaneDataset]:
         """``held_out_poses`` (training volumes, held-out pose bins) and, if there are ``val_volumes``,
-        ``held_out_volumes`` (those volumes, all poses): fixed descriptors (seeded by the index)."""
+        ``held_out_volumes`` (those volumes, all poses): fixed descriptors (seeded by the index), ``samples``
+        each (at least planes x the set's volumes, see :class:`SimulatedPlaneDataset`)."""
         n_train = len(self.train_volumes)
-        out = [SimulatedPlaneDataset(self, list(range(n_train)), samples, "held_out", "held_out_poses")]
+        name = "samples (val_samples in a config)"
+        out = [SimulatedPlaneDataset(self, list(range(n_train)), samples, "held_out", "held_out_poses",
+                                     length_name=name)]
         if self.val_volumes:
             out.append(SimulatedPlaneDataset(self, list(range(n_train, len(self.volumes))), samples, "all",
-                                             "held_out_volumes"))
+                                             "held_out_volumes", length_name=name))
         return out
 
     # ---- rendering ------------------------------------------------------------------------------------
@@ -758,9 +783,11 @@ _MAX_GRAPHS = 8  # captured (device, batch size, groups) renderings kept per Sim
 class SimulatedPlaneDataset(Dataset):
     """Descriptors of simulated standard-plane frames (rendered later by :meth:`SimulatedUltrasound.render`).
 
-    Index ``i`` fixes the volume (``volume_ids[(i // C) % V]``) and the class (``i % C``), so classes and
-    volumes are balanced; everything else is drawn from the item's seed: the sampler's ``(index, seed)`` key
-    in training, a fixed seed from ``(source.seed, subset, i)`` otherwise.
+    Index ``i`` fixes the volume (``volume_ids[(i // C) % V]``) and the class (``i % C``) of ``C`` planes and
+    ``V`` volumes, so every (volume, class) pair comes equally often when ``length`` is a multiple of ``C V``;
+    otherwise the first ``length % (C V)`` pairs come once more, in every epoch. A ``length`` below ``C V``
+    (a volume or class never drawn) is a ValueError. Everything else is drawn from the item's seed: the
+    sampler's ``(index, seed)`` key in training, a fixed seed from ``(source.seed, subset, i)`` otherwise.
 
     Notes
     -----
@@ -771,9 +798,14 @@ class SimulatedPlaneDataset(Dataset):
     """
 
     def __init__(self, source: SimulatedUltrasound, volume_ids: Sequence[int], length: int, pose_split: str,
-                 subset: str) -> None:
+                 subset: str, *, length_name: str = "length") -> None:
         if int(length) < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
+            raise ValueError(f"{length_name} must be >= 1, got {length}")
+        pairs = len(source.planes) * len(volume_ids)
+        if int(length) < pairs:  # the index fixes volume and class: some would never be drawn, in any epoch
+            raise ValueError(f"{length_name}: {length} is less than planes x volumes of the {subset} set = "
+                             f"{len(source.planes)} x {len(volume_ids)} = {pairs}, so some (volume, plane) pair "
+                             f"would never be drawn; use at least {pairs} (a multiple of it balances them exactly)")
         if pose_split not in ("train", "held_out", "all"):
             raise ValueError(f"pose_split must be 'train', 'held_out' or 'all', got {pose_split!r}")
         if pose_split == "held_out" and source.pose_bins < 2:

@@ -402,8 +402,11 @@ class ClassificationTask(Task):
                               f"records them)")
         self.encoder = make_encoder(self.encoding, self.num_classes, planes)
         args["classes"] = list(planes)
-        train = self.source.train_dataset(sizes["samples_per_epoch"])
-        vals = self.source.validation_datasets(sizes["val_samples"])
+        try:  # (outside the wrapper, a pose_bins of 1.0 or too few samples left a raw traceback)
+            train = self.source.train_dataset(sizes["samples_per_epoch"])
+            vals = self.source.validation_datasets(sizes["val_samples"])
+        except ValueError as exc:
+            raise ConfigError(f"data.dataset_args: {exc}") from exc
         self.val_ds = ConcatDataset(vals)
         return train, self.val_ds
 
