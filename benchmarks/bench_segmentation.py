@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -92,7 +93,7 @@ def time_worker(what: str, size: int, classes: int, batch: int, repeats: int, de
         order = IMPLS if r % 2 == 0 else IMPLS[::-1]
         for impl in order:
             times[impl].append(runs[impl]())
-    out = {impl: {"ms": sorted(t)[len(t) // 2] * 1e3, "min_ms": min(t) * 1e3, "ms_all": [x * 1e3 for x in t]}
+    out = {impl: {"ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "ms_all": [x * 1e3 for x in t]}
            for impl, t in times.items()}
     if device.startswith("cuda"):  # the allocator's peak of one more call, here (no fresh process needed)
         import torch

@@ -3,6 +3,7 @@ on sys.path, as warp_cases is)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ def cuda_event_times(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> li
 
 
 def median(times: list[float]) -> float:
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)  # (the mean of the two middle values for an even count)
 
 
 def cuda_median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> float:

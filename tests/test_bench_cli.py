@@ -414,6 +414,23 @@ def test_ultrasound_rows_carry_the_cpu_frame_rate_target(tmp_path):
     assert all(r.medfast_peak_mib is None and "process RSS 700 MiB" in r.case for r in rows)
 
 
+def test_ultrasound_pymust_ratio_is_per_frame_on_a_batch(tmp_path):
+    """A CUDA call renders 64 frames: the pymust ratio divided one frame's time by the whole call's (the h200c
+    report's 30,198x for a per-frame 1.93 million x), and a GPU's allocator peak was called process RSS."""
+    def row(case, batch, fps, sub_rays=3):
+        return {"case": case, "device": "cuda", "batch": batch, "sub_rays": sub_rays, "volume": 64,
+                "seconds_per_call": batch / fps, "frames_per_second": fps, "peak_mib": 614.0}
+
+    (tmp_path / "ultrasound_cuda_latest.json").write_text(json.dumps({
+        "summary": {"pymust_seconds_60k_scatterers_one_transmit_extrapolated": 189.76895},
+        "medfast": [row("forward", 64, 10184.3), row("forward_backward", 64, 2995.9)]}))
+    rows = runner._ultrasound_rows(tmp_path, "cuda")
+    pymust = [r for r in rows if r.peer == "pymust"][0]
+    assert pymust.medfast_ms == pytest.approx(1e3 / 10184.3)
+    assert pymust.ratio == pytest.approx(189768.95 * 10184.3 / 1e3, rel=1e-6)
+    assert all("CUDA allocator peak 614 MiB" in r.case for r in rows if r.peer != "pymust")
+
+
 def test_bench_loss_checks_agreement_before_timing(monkeypatch):
     bench_loss = _script("bench_loss")
     bench_loss.check_agreement(3, size=6)  # medfast, MONAI and the plain reference agree
@@ -688,3 +705,22 @@ def test_readme_cpu_figures_are_those_of_the_runs_it_cites():
         for peer, cell in zip(("grid_sample", "monai", "interpol"), peers):
             if cell.endswith("x"):
                 assert float(cell[:-1]) == pytest.approx(warp[(key.format(peer), peer)]["ratio"], rel=0.02), line
+
+
+def test_a_suite_missing_its_source_files_is_skipped(tmp_path, monkeypatch):
+    """An installed wheel ships benchmarks/ as medfast/benchmarks but not configs/: the classification suite failed
+    (config file not found) and `medfast bench` exited 1; it is skipped, saying why."""
+    assert "configs/cls_demo_cpu.yaml" in {s.name: s for s in runner.SUITES}["classification"].files
+    where = tmp_path / "pkg" / "benchmarks"
+    where.mkdir(parents=True)
+    s = _suite("needs_config", GOOD, where)
+    s = runner.Suite(s.name, s.script, s.args, s.collect, files=("configs/x.yaml",))
+    monkeypatch.setattr(runner, "SUITES", [s])
+    monkeypatch.setattr(runner, "benchmarks_dir", lambda: where)
+    status, _ = runner.run_suites("cpu", True, None, tmp_path / "work", progress=lambda m: None)
+    assert status["needs_config"]["status"] == "skipped"
+    assert "configs/x.yaml not here" in status["needs_config"]["reason"]
+    (tmp_path / "pkg" / "configs").mkdir()
+    (tmp_path / "pkg" / "configs" / "x.yaml").write_text("{}\n")
+    status, _ = runner.run_suites("cpu", True, None, tmp_path / "work2", progress=lambda m: None)
+    assert status["needs_config"]["status"] == "ok"
