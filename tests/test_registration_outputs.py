@@ -422,3 +422,54 @@ def test_cli_outputs_carry_the_fixed_qform_and_sform(tmp_path, forms, layout):
     assert ddf.shape == (*shape, 1, 3) and ddf.header.get_intent()[::2] == ("vector", "displacement_mm")
     assert sitk.ReadImage(str(out / "ddf.nii.gz")).GetNumberOfComponentsPerPixel() == 3
     assert nib.load(out / "warped_labels.nii.gz").header.get_intent()[0] == "label"
+
+
+def test_label_ids_past_float32_integers_are_warped_and_written_exactly(tmp_path):
+    """Allen-CCF-like ids (614454277) and 2^24 + 1 were rounded by a float32 nearest warp (Dice 0 of identical maps,
+    ids written that the input never held); a uint32 id of 3e9 wrapped negative in the int32 output."""
+    from medfast.tasks.registration import RegistrationConfig, _label_codes, _label_values, register_pair
+
+    g = np.random.default_rng(0)
+    img = ndimage.gaussian_filter(g.random((20, 22, 18)), 2).astype(np.float32)
+    lab = np.zeros(img.shape, np.int64)
+    lab[3:10, 4:12, 3:9], lab[11:17, 5:15, 8:15], lab[4:9, 14:20, 10:16] = 2**24 + 1, 614454277, 3_000_000_000
+    cfg = RegistrationConfig(affine_levels=(1,), affine_iters=2, deform_levels=(1,), deform_iters=2)
+    res = register_pair(torch.from_numpy(img), torch.from_numpy(img), torch.from_numpy(lab), torch.from_numpy(lab),
+                        config=cfg, progress=False)
+    assert set(res.metrics["dice_before_per_label"].values()) == {1.0}
+    assert set(torch.unique(res.warped_labels).tolist()) <= {0, 2**24 + 1, 614454277, 3_000_000_000}
+    codes, values = _label_codes(torch.from_numpy(lab))
+    assert torch.equal(_label_values(codes, values), torch.from_numpy(lab))
+    assert torch.equal(_label_values(torch.zeros(2), values), torch.zeros(2, dtype=torch.long))  # outside: 0
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    for name, data in (("f.nii.gz", img), ("m.nii.gz", img), ("fl.nii.gz", lab.astype(np.uint32)),
+                       ("ml.nii.gz", lab.astype(np.uint32))):
+        nib.save(nib.Nifti1Image(data, affine), str(tmp_path / name))
+    rc = main(["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--fixed-labels",
+               str(tmp_path / "fl.nii.gz"), "--moving-labels", str(tmp_path / "ml.nii.gz"), "--out",
+               str(tmp_path / "o"), "--affine-levels", "1", "--deform-levels", "1", "--affine-iters", "2",
+               "--deform-iters", "2", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    written = np.asarray(nib.load(str(tmp_path / "o" / "warped_labels.nii.gz")).dataobj)
+    assert set(np.unique(written).tolist()) <= {0, 2**24 + 1, 614454277, 3_000_000_000}
+    assert 3_000_000_000 in set(np.unique(written).tolist())
+
+
+@pytest.mark.parametrize("unit", ["micron", "meter"])
+def test_nifti_in_another_spatial_unit_is_refused(tmp_path, unit):
+    """nibabel's affine is in the file's unit: a micron file's 1.5 um voxels were read as 1.5 mm, and ITK read the
+    outputs (which copy the header) 1000x off."""
+    from medfast.data import DatasetError
+    from medfast.data.io import load_nifti
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([1.5, 1.5, 1.5, 1.0]))
+    img.header.set_xyzt_units(unit)
+    nib.save(img, str(tmp_path / "x.nii.gz"))
+    with pytest.raises(DatasetError, match=f"its spatial unit is '{unit}' .*medfast reads world coordinates in mm"):
+        load_nifti(tmp_path / "x.nii.gz")
+    rc = main(["register", str(tmp_path / "x.nii.gz"), str(tmp_path / "x.nii.gz"), "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    assert rc != 0 and not (tmp_path / "o" / "ddf.nii.gz").exists()
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(tmp_path / "x.nii.gz"))
+    assert load_nifti(tmp_path / "x.nii.gz").data.shape[-3:] == (4, 4, 4)

@@ -550,6 +550,7 @@ def register_pair(
     if labels:
         fixed_labels = _as_labels(fixed_labels, "fixed_labels", shape).to(device)
         moving_labels = _as_labels(moving_labels, "moving_labels", mshape).to(device)
+        codes, values = _label_codes(moving_labels)
         classes = [int(k) for k in torch.unique(fixed_labels).tolist() if k != 0]
         if not classes:
             raise ValueError("fixed_labels has no foreground label (all 0)")
@@ -600,8 +601,8 @@ def register_pair(
             metrics[f"lncc_{stage}"] = float(mf.lncc_loss(warped, fixed, kernel_size=k))
             if not labels:
                 return None
-            wl = _sample_moving(moving_labels[None, None].float(), theta_full, u_full, q_full, shape,
-                                mode="nearest")[0, 0].long()
+            wl = _label_values(_sample_moving(codes[None, None], theta_full, u_full, q_full, shape,
+                                              mode="nearest")[0, 0], values)
             per = dice_per_label(wl, fixed_labels, classes)
             metrics[f"dice_{stage}"] = _mean(per)
             metrics[f"dice_{stage}_per_label"] = per
@@ -913,6 +914,20 @@ def _network_grid_box(fixed_affine: np.ndarray, fixed_shape: Sequence[int], info
     return g, None
 
 
+def _label_codes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, values)``: each voxel's label as 1 + its index among the sorted distinct labels ``values``, float32
+    (exact: float32 holds integers up to 2^24 only, and atlas ids such as the Allen CCF's pass it), for a nearest
+    warp whose zero padding (0: no label) :func:`_label_values` maps back to label 0."""
+    values, index = torch.unique(labels, return_inverse=True)
+    return (index + 1).float(), values
+
+
+def _label_values(codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The labels of warped :func:`_label_codes` (0 where the warp sampled outside the moving image), int64."""
+    k = codes.round().long()
+    return torch.where(k > 0, values.long()[(k - 1).clamp(min=0)], 0)
+
+
 def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_shape: Sequence[int] | ModelInfo,
                         fixed_labels: Any = None, moving_labels: Any = None,
                         device: str | torch.device = "cpu", fixed_affine: np.ndarray | None = None
@@ -1030,7 +1045,8 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
         fl = _as_labels(fixed_labels, "fixed_labels", shape).to(device)
         ml = _as_labels(moving_labels, "moving_labels", shape).to(device)
         classes = [int(k) for k in torch.unique(fl).tolist() if k != 0]
-        warped_labels = mf.warp(ml[None, None].float(), ddf, mode="nearest")[0, 0].long()
+        codes, values = _label_codes(ml)
+        warped_labels = _label_values(mf.warp(codes[None, None], ddf, mode="nearest")[0, 0], values)
         for stage, lab in (("before", ml), ("after", warped_labels)):
             per = dice_per_label(lab, fl, classes)
             metrics[f"dice_{stage}"], metrics[f"dice_{stage}_per_label"] = _mean(per), per
@@ -1348,8 +1364,10 @@ def write_outputs(out: str | Path, result: RegistrationResult, fixed_affine: np.
     (out / "affine.tfm").write_text(_itk_affine(result.theta, fixed_affine, n, world))
     paths["affine"], paths["affine_itk"] = str(out / "affine.txt"), str(out / "affine.tfm")
     if result.warped_labels is not None:
-        lab = single_slice_as_stored(result.warped_labels.detach().cpu().numpy().astype(np.int32), fixed_affine,
-                                     axis)[0]
+        lab = result.warped_labels.detach().cpu().numpy()
+        # int32 as before where it holds them (uint32 ids of 3e9 wrapped negative), else int64
+        lab = lab.astype(np.int32 if lab.size == 0 or (lab.min() >= -2**31 and lab.max() < 2**31) else np.int64)
+        lab = single_slice_as_stored(lab, fixed_affine, axis)[0]
         save(lab, "warped_labels.nii.gz", ("label", (), ""))
         paths["warped_labels"] = str(out / "warped_labels.nii.gz")
     else:  # an earlier run's, into the same folder: it belongs to another transform
