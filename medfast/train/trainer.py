@@ -250,25 +250,50 @@ def _unlock_out_dir(lock: tuple[int, Path, list[Path]]) -> None:
             break
 
 
-def _config_differences(saved: Any, now: dict[str, Any], section: str) -> list[str]:
-    """``"section.key (A in the checkpoint, B now)"`` for the keys of ``section`` that differ."""
+def _config_differences(saved: Any, now: dict[str, Any], section: str, free: bool = False) -> list[str]:
+    """``"section.key (A in the checkpoint, B now)"`` for the keys of ``section`` that differ; ``free``: a free
+    mapping (``task_args``), whose keys set on one side only differ too (``not set`` on the other)."""
     old = saved.get(section) if isinstance(saved, dict) else None
-    if not isinstance(old, dict):
+    new = now.get(section) if isinstance(now, dict) else None
+    if not isinstance(old, dict) or not isinstance(new, dict):
         return []
-    new = now.get(section, {})
-    return [f"{section}.{k} ({old[k]!r} in the checkpoint, {new.get(k)!r} now)"
-            for k in sorted(old) if k in new and old[k] != new[k]]
+    unset = object()
+    keys = sorted(set(old) | set(new), key=str) if free else [k for k in sorted(old) if k in new]
+
+    def show(v: Any) -> str:
+        return "not set" if v is unset else repr(v)
+
+    return [f"{section}.{k} ({show(old.get(k, unset))} in the checkpoint, {show(new.get(k, unset))} now)"
+            for k in keys if old.get(k, unset) != new.get(k, unset)]
+
+
+def _load_error_line(exc: BaseException) -> str:
+    """The first informative line of a ``load_state_dict`` error (its first missing, unexpected or size-mismatched
+    tensor), not the header ``Error(s) in loading state_dict for X:`` that names none."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    body = [line for line in lines if not line.startswith("Error(s) in loading state_dict")]
+    line = (body or lines or [repr(exc)])[0]
+    head, sep, names = line.partition(": ")
+    if sep and head.endswith("key(s) in state_dict"):  # 'Missing key(s) in state_dict: "a", "b", ...': the first
+        first, _, rest = names.partition(", ")
+        line = f"{head}: {first.rstrip('. ')}" + (f" and {rest.count(',') + 1} more" if rest else "")
+    return line[:300]
 
 
 def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path, config: Config | None = None) -> None:
     """``model.load_state_dict(state["model"])``, raising :class:`CheckpointError` naming the file (and the
-    ``model.*`` settings that differ from ``config``) when the weights do not fit the network."""
+    ``model.*`` and ``task_args`` settings that differ from ``config``, else the first tensor that does not fit)
+    when the weights do not fit the network."""
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        diff = _config_differences(state.get("config"), config_to_dict(config), "model") if config else []
+        diff = []
+        if config:  # the settings that shape the network: the model section and a task's own task_args
+            now = config_to_dict(config)
+            diff = (_config_differences(state.get("config"), now, "model")
+                    + _config_differences(state.get("config"), now, "task_args", free=True))
         why = (f"; the checkpoint was trained with other settings: {', '.join(diff)}" if diff else
-               f": {str(exc).splitlines()[0][:300]}")
+               f": {_load_error_line(exc)}")
         raise CheckpointError(f"the weights in {path} do not fit the network of this run's config (another "
                               f"architecture){why}") from None
 

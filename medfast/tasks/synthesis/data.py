@@ -151,7 +151,8 @@ class SynthesisSource:
     reference_pose : Tensor
         ``(4, 4)`` probe-to-world pose around which poses are drawn.
     image_rows : int
-        Rows of the scan-converted frames (the pixel size is the image depth over ``image_rows - 1``).
+        Rows of the scan-converted frames (the pixel size is the fan's full height over ``image_rows - 1``: the
+        depth for a linear probe, the depth plus the arc's sagitta for a convex one).
     speckle_seed : int
         Seed of the simulator's world-anchored scatterer field (fixed: the same place gives the same speckle).
     name : str
@@ -170,6 +171,8 @@ class SynthesisSource:
         volume = np.asarray(volume)
         if volume.ndim != 3:
             raise ValueError(f"volume must be 3D (D, H, W), got shape {volume.shape}")
+        if min(volume.shape) < 2:  # frames() maps voxel i to i / (size - 1): one slice divides by zero (all air)
+            raise ValueError(f"volume must have at least 2 voxels along each axis, got shape {volume.shape}")
         self.kind, self.probe, self.name = kind, probe, name
         self.affine = np.asarray(affine, dtype=np.float64)
         self.reference_pose = reference_pose.detach().double().cpu()
@@ -189,7 +192,7 @@ class SynthesisSource:
         self.props = self.props.contiguous(memory_format=torch.channels_last_3d)
         self._on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.centre = self.reference_pose[:3, 3].clone()
-        self.coord_scale_mm = float(z1 - z0)
+        self.coord_scale_mm = float(z1 - z0)  # the fan's full height (a convex probe: depth + the arc's sagitta)
 
     @property
     def anatomy_channels(self) -> int:

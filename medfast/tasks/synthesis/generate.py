@@ -116,13 +116,19 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
     dict
         What ``generate.json`` holds: mean PSNR/SSIM/L1, SWD, frame shape, pixel size, files, poses.
     """
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be an int >= 1, got {frames!r}")
+    task, model = load_generator(checkpoint, device)
+    return _generate(task, model, checkpoint, out_dir, frames=frames, seed=seed, poses=poses)
+
+
+def _generate(task: SynthesisTask, model: torch.nn.Module, checkpoint: str | Path, out_dir: str | Path, *,
+              frames: int, seed: int, poses: torch.Tensor | None) -> dict[str, Any]:
+    """:func:`generate` with the checkpoint's task and model loaded (:func:`load_generator`)."""
     from medfast._figures import figures_enabled
     from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
     from medfast.ultrasound.io import write_frame_stack
 
-    if not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"frames must be an int >= 1, got {frames!r}")
-    task, model = load_generator(checkpoint, device)
     base = 10**13 + int(seed)
     if poses is None:
         if task.args.mode == "pose":
@@ -203,7 +209,8 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     """``medfast predict`` with a synthesis checkpoint: each input is a poses file (see :func:`read_poses`) or a
     folder of them (its ``*.json`` and ``*.npy`` files, see :func:`poses_files`); frames are generated at each
     file's poses into ``out_dir`` (one file in all) or ``out_dir/<file stem>`` (several), as :func:`generate`
-    writes them. Every file is read and checked before anything is written. ``overrides`` and
+    writes them. Every file is read and checked (rigid poses, at least one meeting the checkpoint's volume; an error
+    names the file) before anything is written. ``overrides`` and
     ``save_probabilities`` do not apply (either raises: they would be ignored).
 
     Returns
@@ -226,9 +233,19 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
             raise ValueError(f"{seen[target]} and {f} would both write {target}: give inputs with different names")
         seen[target] = f
     poses = [read_poses(f) for f in inputs]  # a bad file is reported before any frame is written
+    from medfast.ultrasound.simulate import check_meets_volume
+
+    task, model = load_generator(checkpoint, device)  # once for all files
+    src = task.source
+    inv = np.linalg.inv(src.affine)
+    for f, p in zip(inputs, poses):  # the simulator's own check, per file, before any frame is written
+        try:
+            check_meets_volume(p.double().numpy(), inv, src.vol.shape[-3:], src.probe)
+        except ValueError as exc:
+            raise ValueError(f"{f}: {exc}") from None
     written = []
     for p, target in zip(poses, targets):
-        generate(checkpoint, target, poses=p, device=device)
+        _generate(task, model, checkpoint, target, frames=len(p), seed=0, poses=p)
         written.append(target / "generate.json")
     return written
 

@@ -39,6 +39,7 @@ from medfast.tasks.synthesis.data import SOURCES, SynthesisSource, load_source, 
 from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
 from medfast.train.config import Config, ConfigError, _build, unused_settings
 from medfast.train.task import Task, register_task
+from medfast.ultrasound.simulate import sweep_checked
 
 __all__ = ["SynthesisArgs", "SynthesisTask", "build_gan", "parse_synthesis_args"]
 
@@ -129,7 +130,9 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
         v = getattr(a, f.name)
         if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
             raise ConfigError(f"task_args.{f.name} must be finite, got {v}")
-    if isinstance(a.source, str) and a.source and a.source not in SOURCES:
+    if not a.source.strip():  # (an empty path reached load_source as a ValueError traceback)
+        raise ConfigError(f"task_args.source must be {', '.join(SOURCES)} or a CT file path, got {a.source!r}")
+    if a.source not in SOURCES:
         # a file: absolute, so that the saved config (checkpoint, config.yaml) names the training volume
         # whatever the working directory of a later synthesize / predict
         a.source = os.path.abspath(os.path.expanduser(a.source))
@@ -144,6 +147,19 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
         v = getattr(a, name)
         if v is not None and len(v) != 3:
             raise ConfigError(f"task_args.{name} must have 3 values (x, y, z), got {v}")
+    # checked here, before any run folder is written: the simulator refused the seed only in the first step
+    if not 0 <= a.speckle_seed < 2**63:
+        raise ConfigError(f"task_args.speckle_seed must be in 0 .. 2**63 - 1, got {a.speckle_seed}")
+    # the reference pose's axes, as look_at checks them (with the source's default for the one not given)
+    spec = SOURCES.get(a.source, {"direction": (0.0, 1.0, 0.0), "lateral": (1.0, 0.0, 0.0)})
+    beam = np.asarray(a.direction if a.direction is not None else spec["direction"], dtype=np.float64)
+    side = np.asarray(a.lateral if a.lateral is not None else spec["lateral"], dtype=np.float64)
+    if np.linalg.norm(beam) < 1e-12:
+        raise ConfigError(f"task_args.direction (the beam) must not be zero, got {a.direction}")
+    beam = beam / np.linalg.norm(beam)
+    if np.linalg.norm(side - (side @ beam) * beam) < 1e-9:
+        raise ConfigError(f"task_args.lateral {side.tolist()} must not be zero or parallel to task_args.direction "
+                          f"{beam.tolist()} (the beam)")
     for name in ("n_lines", "n_samples", "sub_rays", "sweep_frames", "disc_channels", "disc_layers",
                  "samples_per_epoch", "val_sets", "val_frames", "swd_patches"):
         if getattr(a, name) < 1:
@@ -253,8 +269,12 @@ class SynthesisTask(Task):
                 probe = Probe.preset(a.probe, **overrides)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"task_args.probe / n_lines / n_samples / depth_mm: {exc}") from None
-            self._source = load_source(a.source, probe=probe, image_rows=a.image_rows, speckle_seed=a.speckle_seed,
-                                       position=a.position, direction=a.direction, lateral=a.lateral)
+            try:
+                self._source = load_source(a.source, probe=probe, image_rows=a.image_rows,
+                                           speckle_seed=a.speckle_seed, position=a.position, direction=a.direction,
+                                           lateral=a.lateral)
+            except ValueError as exc:  # (a one-slice volume, no tissue surface to place the probe on, ...)
+                raise ConfigError(f"task_args.source / position / direction / lateral ({a.source}): {exc}") from None
             self._source.sub_rays = a.sub_rays
         return self._source
 
@@ -314,7 +334,10 @@ class SynthesisTask(Task):
         # the two phases of a step share the simulation: the trainer runs the discriminator phase over the step's
         # micro-batches 0..accumulate-1, then the generator phase over the same ones, so the cache keeps that many
         if key not in self._cache:
-            self._cache[key] = self.pairs(self.poses(seeds), seeds, device)
+            # a batch whose poses all miss the volume gives blank frames, not simulate's error: check_pose_range
+            # refused a range that misses it mostly, and an error here would recur at this step on every resume
+            with sweep_checked():
+                self._cache[key] = self.pairs(self.poses(seeds), seeds, device)
             while len(self._cache) > max(1, self.config.trainer.accumulate):
                 self._cache.popitem(last=False)
         return self._cache[key]
@@ -333,13 +356,42 @@ class SynthesisTask(Task):
             raise ConfigError(
                 f"the frames are {src.height} x {src.width} pixels (rows: task_args.image_rows={a.image_rows}; "
                 f"columns: the width of the task_args.probe {a.probe!r} image in pixels of {src.pixel_mm:.3g} mm, "
-                f"its depth (task_args.depth_mm) / (image_rows - 1)) but a PatchGAN with task_args.disc_layers="
+                f"the fan's full height (task_args.depth_mm, plus the arc's sagitta for a convex probe) / "
+                f"(image_rows - 1)) but a PatchGAN with task_args.disc_layers="
                 f"{a.disc_layers} needs at least {need} pixels per side: raise image_rows or lower disc_layers")
+
+    def check_pose_range(self, n: int = 256) -> None:
+        """Raises :class:`ConfigError` naming the pose settings when none, or more than half, of ``n`` training
+        poses (fixed seeds) miss the volume: their frames would be blank (training simulates inside
+        ``sweep_checked()``, so such poses do not stop a run)."""
+        from medfast.ultrasound.simulate import _meets_volume
+
+        a, src = self.args, self.source
+        poses = self.poses(list(range(n)))
+        inv = np.linalg.inv(src.affine)
+        miss = int((~_meets_volume(poses.numpy(), inv, src.vol.shape[-3:], src.probe)).sum())
+        if 2 * miss <= n:
+            return
+        keys = ("task_args.shift_mm / tilt_deg / twist_deg" if a.mode == "image" else
+                "task_args.travel_mm / start_jitter_mm")
+        corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * (
+            np.array(src.vol.shape[-3:]) - 1)
+        span = corners @ src.affine[:3, :3].T + src.affine[:3, 3]
+        where = (f"the volume {src.name} spans world {np.round(span.min(0), 1).tolist()} to "
+                 f"{np.round(span.max(0), 1).tolist()} mm; the reference probe position is "
+                 f"{np.round(src.reference_pose[:3, 3].numpy(), 1).tolist()} mm")
+        what = (f"none of {n} training poses drawn from the configured range meets the volume ({where}): every "
+                f"frame would be blank" if miss == n else
+                f"{miss} of {n} training poses drawn from the configured range miss the volume ({where}): more than "
+                f"half the frames would be blank")
+        raise ConfigError(f"{what}; check the reference pose (task_args.position / direction / lateral) and the range "
+                          f"around it ({keys})")
 
     def build_datasets(self):
         a = self.args
         _ = self.source  # load (and check) the volume now, not in the first step
         self.check_frame_size()
+        self.check_pose_range()
         train = _Seeds(a.samples_per_epoch, f"{a.source} {a.mode} sample")
         val = _Seeds(a.val_sets, f"{a.source} validation set", base_seed=VAL_SEED)
         return train, val
@@ -384,7 +436,8 @@ class SynthesisTask(Task):
         """Metrics of one validation set (``seed``) and its ``(condition, generated, reference)`` frames."""
         poses = self.validation_poses(seed)
         seeds = [seed * 1000 + k for k in range(poses.shape[0])]
-        cond, real, noise = self.pairs(poses, seeds, device)
+        with sweep_checked():  # (as in training: a held-out set off the volume must not stop the run)
+            cond, real, noise = self.pairs(poses, seeds, device)
         net = getattr(model, "module", model)
         fake = net(cond, None, noise, mode="generate").float()
         metrics = {
@@ -433,7 +486,8 @@ class SynthesisTask(Task):
         final = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         # the floor of the SWD: reference frames against simulated frames of other held-out poses
         other = self.validation_poses(VAL_SEED + a.val_sets + 17)
-        _, real_other, _ = self.pairs(other, [0] * other.shape[0], device)
+        with sweep_checked():
+            _, real_other, _ = self.pairs(other, [0] * other.shape[0], device)
         floor = float(sliced_wasserstein(real_other.float(), first_sets[2].float(), n_patches=a.swd_patches,
                                          seed=VAL_SEED % 2**31))
         history = []
