@@ -270,3 +270,25 @@ def test_reference_path_reads_labels_as_the_kernels(monkeypatch):
     with pytest.raises(ValueError, match=r"target holds label 9, outside \[0, 3\] for C = 4 classes \(ignore_index"):
         mf.dice_ce_loss(logits, bad, ignore_index=255)
     assert torch.isnan(mf.dice_ce_loss(logits, bad, ignore_index=255, check_labels=False))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_an_integer_one_hot_target_is_a_one_hot_target(ndim):
+    """F.one_hot's int64 (B, C, *S) target, which MONAI's losses take: it was refused as a label map of the wrong
+    shape. It gives the float one-hot's value and gradient (and the label map's)."""
+    g = torch.Generator().manual_seed(ndim)
+    shape = (2, 4, 5, 6, 7)[: 2 + ndim]
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (shape[0], *shape[2:]), generator=g)
+    onehot = F.one_hot(y, 4).movedim(-1, 1)
+    for loss in (mf.losses.DiceCELoss(), mf.losses.DiceLoss()):
+        a = loss(x, onehot)
+        b = loss(x, onehot.double())
+        c = loss(x, y[:, None])
+        ga, = torch.autograd.grad(a, x)
+        gb, = torch.autograd.grad(b, x)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(ga, gb)
+    monai = MonaiDiceCE(softmax=True)(x, onehot)
+    torch.testing.assert_close(mf.losses.DiceCELoss()(x, onehot), monai, rtol=1e-6, atol=0)

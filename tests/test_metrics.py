@@ -231,8 +231,9 @@ def test_bad_inputs():
                                equal_nan=True)
     with pytest.raises(ValueError, match="one-hot"):
         mm.hausdorff_distance(masks[:, 0], masks[:, 0])
-    with pytest.raises(ValueError, match="include_background"):
-        mm.surface_distance(masks[:, :1], masks[:, :1])
+    # a single channel is a binary mask, scored whatever include_background says (MONAI's reading; it raised)
+    with pytest.warns(UserWarning, match="all 0"):
+        assert mm.surface_distance(masks[:, :1], masks[:, :1]).shape == (masks.shape[0], 1)
     with pytest.raises(TypeError, match="target must be an integer label map"):
         mm.hausdorff_distance(labels, labels.float(), num_classes=2)
     with pytest.raises(ValueError, match="pred has labels outside"):
@@ -399,3 +400,18 @@ def test_fortran_ordered_inputs_give_the_same_results(labels):
     if labels:
         want = mm.dice(pred, target, 5)
         assert torch.equal(mm.dice(fp, ft, 5), want) and torch.equal(mm.dice(fp, target, 5), want)
+
+
+def test_a_single_channel_binary_mask_is_scored_as_monai_scores_it():
+    """MONAI drops channel 0 only when there are more: compute_hausdorff_distance(p, t, percentile=95) on binary
+    (B, 1, *S) masks works with its default include_background=False; medfast raised on the same call."""
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    p, t = torch.zeros(2, 1, 12, 11), torch.zeros(2, 1, 12, 11)
+    p[:, :, 2:6, 3:8], t[:, :, 3:7, 3:9] = 1, 1
+    p[1, :, 8:10, 2:4] = 1
+    hd = mm.hausdorff_distance(p, t, percentile=95)
+    asd = mm.surface_distance(p, t, symmetric=True)
+    torch.testing.assert_close(hd.double(), compute_hausdorff_distance(p, t, percentile=95).double())
+    torch.testing.assert_close(asd.double(), compute_average_surface_distance(p, t, symmetric=True).double())
+    assert torch.equal(hd, mm.hausdorff_distance(p, t, percentile=95, include_background=True))

@@ -210,11 +210,8 @@ def _masks(
                 f"pred must be one-hot with shape (B, C, H, W) or (B, C, D, H, W), got {tuple(pred.shape)} "
                 f"({pred.dim()} dims); for label maps (B, *spatial) pass num_classes"
             )
-        if pred.shape[1] <= first:
-            raise ValueError(
-                f"pred has {pred.shape[1]} channel(s) and include_background=False drops channel 0, leaving no "
-                f"class; pass include_background=True for a single foreground channel"
-            )
+        if pred.shape[1] == 1:  # a binary mask: its one channel is the foreground, as MONAI reads it
+            first = 0
         # only the channels that count are read (MONAI ignores a dropped background channel too)
         p, t, perm = _dense_views(pred[:, first:], target[:, first:], 2)
         p, t = _check_binary("pred", p), _check_binary("target", t)
@@ -523,8 +520,9 @@ def hausdorff_distance(
     -----
     Deliberate differences from MONAI: only the Euclidean metric; ``percentile=0`` gives the 0th percentile
     (the minimum) where MONAI treats 0 like None (the maximum); masks must be strictly binary (MONAI reads
-    any value other than 1 as background); ``include_background=False`` with a single channel raises instead
-    of returning a ``(B, 0)`` tensor; MONAI's ``ignore_index`` is not supported. Not differentiable.
+    any value other than 1 as background); MONAI's ``ignore_index`` is not supported. As MONAI's, a one-hot
+    input of a single channel (a binary mask) is scored whatever ``include_background`` says. Not
+    differentiable.
 
     Raises
     ------

@@ -431,7 +431,11 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
     check_backend("logits", logits)
     target = check_tensor("target", target)
     refuse_function_transforms("medfast segmentation loss", logits, target, voxel_weight, class_weight)
-    soft = activation == "sigmoid" or (torch.is_floating_point(target) and target.shape == logits.shape)
+    # soft targets: floating ones of the logits' shape, and integer one-hot ones of C > 1 channels (F.one_hot's,
+    # which MONAI takes; integer labels are (B, *S) or (B, 1, *S))
+    soft = activation == "sigmoid" or (target.shape == logits.shape and (
+        torch.is_floating_point(target) or (logits.shape[1] > 1 and target.dtype != torch.bool
+                                            and not target.is_complex())))
     fused = _cuda_kernel_fits(logits)
     bad = None
     if soft:
