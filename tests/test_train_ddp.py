@@ -71,6 +71,22 @@ def _worker(rank, port, data_dir, out_dir, out, extra=(), task=None, stop_after=
     out[rank] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
+def _refit_worker(rank, port, data_dir, out_dir, out):
+    """A fit stopped and continued by a second fit of the same trainer, then a second trainer (fine-tuning) in the
+    same process: the first fit destroyed the group (ValueError at the second; a new trainer's new group could
+    deadlock in its first collective)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), TORCH_GLOO_TIMEOUT="60")
+    config = _config(data_dir, out_dir, 2, "trainer.dist_timeout_min=1")
+    trainer = Trainer(config)
+    trainer.fit(stop_after=1)
+    trainer.config.trainer.resume = "auto"
+    trainer.fit()
+    second = Trainer(_config(data_dir, f"{out_dir}_tune", 2, "trainer.dist_timeout_min=1"))
+    second.fit()
+    out[rank] = (trainer.step, second.step, dist.is_initialized())
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -237,3 +253,12 @@ def test_a_run_in_a_folder_another_run_holds_is_refused_on_every_rank(tmp_path):
     for rank in range(WORLD):
         assert out[rank].startswith(f"ConfigError: trainer.out_dir (--out) {tmp_path / 'run'} is in use by another "
                                     f"medfast train (pid {os.getpid()} on ")
+
+
+def test_two_fits_and_two_trainers_in_one_process_group(tmp_path):
+    data = tmp_path / "data"
+    make_blobs(data, n=4, shape=(16, 16, 16), classes=3)
+    out = mp.Manager().dict()
+    mp.spawn(_refit_worker, args=(_free_port(), str(data), str(tmp_path / "run"), out), nprocs=WORLD, join=True)
+    steps = _config(data, tmp_path / "x", 2).trainer.max_steps
+    assert dict(out) == {rank: (steps, steps, True) for rank in range(WORLD)}

@@ -779,3 +779,18 @@ def test_optimizer_settings_the_optimizer_does_not_use_are_refused(tmp_path, blo
 
     with pytest.raises(ConfigError, match=match):
         Trainer(_config(tmp_path, blobs, "x", **overrides)).fit()
+
+
+def test_a_resume_that_moves_to_the_next_epoch_names_the_samples_it_skips(tmp_path, capsys):
+    """5 subjects, 3 trained at batch 1, resumed at batch 2 (epochs of 4): position 3 is inside this run's last
+    batch of the epoch, so the data moves to the next epoch, skipping position 3 without a word (a DDP hunt)."""
+    data = tmp_path / "five"
+    make_blobs(data, n=5, shape=(12, 12, 12), classes=3)
+    common = {"trainer.batch_size": 1, "model.channels": "[2, 4]", "augment.patch_size": "[8, 8, 8]",
+              "trainer.checkpoint_every": 1}
+    Trainer(_config(tmp_path, data, "run", **common)).fit(stop_after=3)
+    capsys.readouterr()
+    Trainer(_config(tmp_path, data, "run", **{**common, "trainer.batch_size": 2, "trainer.max_steps": 4,
+                                               "trainer.resume": "auto"})).fit()
+    out = capsys.readouterr().out
+    assert "epoch 1, sample 0 of the epoch, skipping 1 sample(s) at the end of the epoch" in out, out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -63,7 +65,9 @@ def init_distributed(device_type: str, timeout_min: float | None = None) -> bool
 
     gloo on the CPU, NCCL on CUDA (or ``MEDFAST_DIST_BACKEND``, see :func:`backend_for`). ``timeout_min``:
     how long a collective waits (the other ranks wait in a barrier while rank 0 evaluates the test set;
-    NCCL's default is 10 minutes). Returns True when this call created the group (the caller destroys it).
+    NCCL's default is 10 minutes). Returns True when this call created the group. The group then lasts as long as
+    the process (destroyed at exit): a trainer that destroyed it after its fit left a second fit without one
+    (ValueError under torchrun), and a second trainer that created it anew could deadlock in its first collective.
     """
     if not dist.is_available() or dist.is_initialized():
         return False
@@ -74,7 +78,14 @@ def init_distributed(device_type: str, timeout_min: float | None = None) -> bool
         torch.cuda.set_device(local_cuda_index())
     timeout = None if timeout_min is None else timedelta(minutes=timeout_min)
     dist.init_process_group(backend, timeout=timeout)
+    atexit.register(_destroy_at_exit)
     return True
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):  # (the interpreter is going: a failed rank must still exit)
+            dist.destroy_process_group()
 
 
 def _int(name: str, value: object) -> int:

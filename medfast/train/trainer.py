@@ -575,7 +575,7 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         self.device = resolve_device(tc.device)
         self.amp_dtype = resolve_amp(tc.amp, self.device)
-        self._owns_group = D.init_distributed(self.device.type, self.config.trainer.dist_timeout_min)
+        D.init_distributed(self.device.type, self.config.trainer.dist_timeout_min)  # (kept until the process exits)
         self.rank, self.world = D.rank(), D.world_size()
         self._run_checkpoints: dict[str, int] = {}  # step_*.pt of this run (and of the run it resumes): pruned
         self.step = 0
@@ -773,10 +773,13 @@ class Trainer:
         unit = tc.batch_size * self.world
         start = -(-sample // unit)
         skipped = start * unit - sample
+        why = "to start on a whole batch"
         if start >= self.batches_per_epoch:  # past the end of this run's (shorter) epoch
-            epoch, start, skipped = epoch + 1, 0, 0
+            # (the rest of the old epoch that this run's epoch holds is skipped too: say so)
+            epoch, start, skipped = epoch + 1, 0, max(0, self.batches_per_epoch * unit - sample)
+            why = "at the end of the epoch, less than this run's batch"
         if self.rank == 0:
-            note = f", skipping {skipped} sample(s) to start on a whole batch" if skipped else ""
+            note = f", skipping {skipped} sample(s) {why}" if skipped else ""
             print(f"medfast train: the checkpoint was trained with batch_size x accumulate x processes = "
                   f"{' x '.join(map(str, old))}, this run {' x '.join(map(str, new))}: the data continues at "
                   f"epoch {epoch}, sample {start * unit} of the epoch{note}", flush=True)
@@ -1124,8 +1127,6 @@ class Trainer:
             if self._lock is not None:  # also on an error or Ctrl-C
                 _unlock_out_dir(self._lock)
                 self._lock = None
-            if self._owns_group and dist.is_initialized():
-                dist.destroy_process_group()
 
     def _agree(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a decision that only rank 0 takes or that all must take alike)."""
