@@ -139,3 +139,20 @@ def test_lengths_below_planes_times_volumes_are_refused():
     ds = sim.train_dataset(14)  # otherwise the first n % (C V) pairs once more (as documented)
     pairs = [(int(ds[i]["volume"]), int(ds[i]["label"])) for i in range(14)]
     assert pairs.count((0, 0)) == pairs.count((0, 1)) == 2 and pairs.count((0, 2)) == 1
+
+
+def test_the_renderer_leaves_pixels_outside_the_fan_black():
+    """The renderer's scan conversion used the raw scan grid: grid_sample's zero padding bled one line spacing out
+    of the fan (209 pixels up to 0.999 on a 64-line C5-2v), which simulate's frames no longer show."""
+    import torch
+    import torch.nn.functional as F
+
+    sim = SimulatedUltrasound(**{**SMALL, "probes": ["C5-2v"], "n_lines": 64, "image_shape": (96, 96)})
+    grid = sim._grid(0, torch.device("cpu"))
+    raw, _ = sim.probes[0].scan_grid(device="cpu", dtype=torch.float32)
+    raw = F.interpolate(raw.permute(0, 3, 1, 2), size=(96, 96), mode="bilinear", align_corners=True)
+    outside = (raw.permute(0, 2, 3, 1)[0].abs() > 1 + 1e-6).any(-1)
+    scan = torch.ones(1, 1, sim.probes[0].n_samples, sim.probes[0].n_lines)
+    image = F.grid_sample(scan, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0]
+    assert outside.any() and float(image[outside].max()) == 0.0
+    assert torch.equal(grid[0][~outside], raw.permute(0, 2, 3, 1)[0][~outside])  # the fan itself unchanged

@@ -304,7 +304,7 @@ def test_soft_target_bad_inputs():
         mf.dice_loss(logits, target, activation="relu")
     with pytest.raises(ValueError, match="soft / multi-label target must have the logits' shape"):
         mf.dice_loss(logits, target.float(), activation="sigmoid")
-    with pytest.raises(ValueError, match="ignore_index needs integer labels"):
+    with pytest.raises(ValueError, match="ignore_index needs a label map"):
         mf.dice_loss(logits, torch.rand(logits.shape), ignore_index=0)
 
 

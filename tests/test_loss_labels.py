@@ -292,3 +292,15 @@ def test_an_integer_one_hot_target_is_a_one_hot_target(ndim):
         torch.testing.assert_close(ga, gb)
     monai = MonaiDiceCE(softmax=True)(x, onehot)
     torch.testing.assert_close(mf.losses.DiceCELoss()(x, onehot), monai, rtol=1e-6, atol=0)
+
+
+def test_an_integer_target_of_the_logits_shape_must_be_one_hot():
+    """An integer (B, C, *S) target is read as one-hot: per-channel label values (0..2 in every channel) gave a
+    loss instead of an error."""
+    x = torch.randn(2, 3, 4, 5)
+    bad = torch.randint(0, 3, (2, 3, 4, 5))
+    bad[0, 0, 0, 0] = 2
+    with pytest.raises(ValueError, match=r"target: an integer target of the logits' shape .* must hold 0 / 1"):
+        mf.losses.DiceCELoss()(x, bad)
+    with pytest.raises(ValueError, match="ignore_index needs a label map"):
+        mf.losses.DiceCELoss(ignore_index=0)(x, F.one_hot(bad[:, 0] % 3, 3).movedim(-1, 1))

@@ -473,3 +473,36 @@ def test_nifti_in_another_spatial_unit_is_refused(tmp_path, unit):
     img.header.set_xyzt_units("mm")
     nib.save(img, str(tmp_path / "x.nii.gz"))
     assert load_nifti(tmp_path / "x.nii.gz").data.shape[-3:] == (4, 4, 4)
+
+
+def test_training_validation_dice_keeps_label_ids_past_float32_integers():
+    """RegistrationTask.validation_step warped float32 labels: ids 2^24 + 1 and 2^24 + 3 (Allen CCF) rounded, an
+    identity warp of identical maps scored Dice 0 (a review of the exact-ids fix, which missed this path)."""
+    import types
+
+    from medfast.tasks.registration import RegistrationTask
+
+    shape = (8, 8, 8)
+    lab = torch.zeros(shape, dtype=torch.int64)
+    lab[:4], lab[4:] = 2**24 + 1, 2**24 + 3
+    img = torch.rand(1, 1, *shape)
+    stub = types.SimpleNamespace(val_augment=None, args={"kernel_size": 3},
+                                 _pair=lambda batch, device, aug: (img, img, lab[None], lab[None]),
+                                 _forward=lambda model, m, f: (torch.zeros(1, 3, *shape), m))
+    rows = RegistrationTask.validation_step(stub, None, {}, torch.device("cpu"))
+    assert rows[0]["dice_before"] == 1.0 and rows[0]["dice_after"] == 1.0
+
+
+def test_a_non_standard_time_unit_code_is_read():
+    """xyzt_units = mm + time code 64: nibabel's get_xyzt_units raises KeyError on it, which the unit check
+    passed on as a traceback naming no file; only the spatial bits count."""
+    import tempfile
+    from pathlib import Path
+
+    from medfast.data.io import load_nifti
+
+    with tempfile.TemporaryDirectory() as tmp:
+        img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+        img.header["xyzt_units"] = 2 + 64
+        nib.save(img, str(Path(tmp) / "t.nii.gz"))
+        assert load_nifti(Path(tmp) / "t.nii.gz").data.shape[-3:] == (4, 4, 4)

@@ -117,6 +117,19 @@ def test_resume_with_task_args_that_change_the_gan_names_them(tiny_run, phantom)
                                                          "task_args.noise_channels": 1})).fit()
 
 
+def test_a_differing_loss_weight_does_not_hide_the_tensor_that_does_not_fit(monkeypatch):
+    """A task_args key that shapes no tensor (a loss weight changed for fine-tuning) was named as the cause and
+    the real mismatch was left out: the first tensor that does not fit is always given."""
+    import medfast.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "config_to_dict", lambda c: {"model": {}, "task_args": {"dice_weight": 1.0}})
+    state = {"model": torch.nn.Sequential(torch.nn.Linear(2, 3)).state_dict(),
+             "config": {"model": {}, "task_args": {"dice_weight": 0.0}}}
+    with pytest.raises(CheckpointError, match=r"size mismatch for 0.weight.*; settings that differ: "
+                                              r"task_args.dice_weight \(0.0 in the checkpoint, 1.0 now\)"):
+        load_model_state(torch.nn.Sequential(torch.nn.Linear(2, 4)), state, "x.pt", object())
+
+
 def test_weights_that_do_not_fit_name_the_first_tensor_without_a_config():
     old = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)).state_dict()
     with pytest.raises(CheckpointError, match=r"x.pt do not fit .*: size mismatch for 0.weight: copying a param"):

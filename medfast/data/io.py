@@ -75,9 +75,10 @@ def nifti_header(path: str | Path, error: type[Exception] = DatasetError):
             img = nib.load(str(path))
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
         raise error(f"cannot read {path} as NIfTI: {exc}") from None
-    get_units = getattr(img.header, "get_xyzt_units", None)
-    unit = get_units()[0] if get_units is not None else "unknown"
-    if unit not in ("mm", "unknown"):
+    # the spatial bits of xyzt_units only (nibabel's get_xyzt_units raises KeyError on a non-standard time code)
+    code = int(img.header["xyzt_units"]) & 7 if "xyzt_units" in img.header else 0
+    unit = {1: "meter", 3: "micron"}.get(code, "mm")
+    if unit != "mm":
         # nibabel's affine is in the file's unit: read as mm, a micron file's 1.5 um voxels were 1.5 mm (and ITK
         # read medfast's outputs 1000x off); no silent rescaling either, the outputs copy the header
         scale = {"micron": "1e-3", "meter": "1e3"}.get(unit, "?")

@@ -353,7 +353,8 @@ def _soft_target(target: object, logits: torch.Tensor, ignore_index: int | None)
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
     if ignore_index is not None:
-        raise ValueError("ignore_index needs integer labels; with soft / multi-label targets use voxel_weight")
+        raise ValueError("ignore_index needs a label map (B, *spatial) or (B, 1, *spatial); with soft, one-hot or "
+                         "multi-label targets use voxel_weight")
     if target.dtype == logits.dtype:
         return target
     # differentiated when it requires grad (see _soft_backward): the gradient comes back in the target's dtype
@@ -439,6 +440,14 @@ def _stats(logits, target, voxel_weight, ignore_index, class_weight, activation=
     fused = _cuda_kernel_fits(logits)
     bad = None
     if soft:
+        if (not torch.is_floating_point(target) and activation == "softmax" and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and target.device.type != "meta"
+                and not _functorch.is_batchedtensor(target)):
+            lo, hi = torch.aminmax(target)  # an integer (B, C, *S) target must be one-hot, not per-channel labels
+            if lo < 0 or hi > 1:
+                raise ValueError(f"target: an integer target of the logits' shape {tuple(logits.shape)} is read as "
+                                 f"one-hot and must hold 0 / 1, got values in [{int(lo)}, {int(hi)}]; labels go in "
+                                 f"as (B, *spatial) or (B, 1, *spatial)")
         t = _soft_target(target, logits, ignore_index)
         weight = _voxel_weight(voxel_weight, t[:, 0], logits)
         if fused:

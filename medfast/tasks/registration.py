@@ -2265,7 +2265,8 @@ class RegistrationTask(Task):
                    "lncc_after": float(mf.lncc_loss(warped[b:b + 1], fixed[b:b + 1], kernel_size=k))}
             if ml is not None and fl is not None:
                 classes = [int(v) for v in torch.unique(fl[b]).tolist() if v != 0]
-                wl = mf.warp(ml[b:b + 1, None].float(), ddf[b:b + 1], mode="nearest")[0, 0].round().long()
+                codes, values = _label_codes(ml[b])  # (exact ids past 2^24, as register_pair's)
+                wl = _label_values(mf.warp(codes[None, None], ddf[b:b + 1], mode="nearest")[0, 0], values)
                 row["dice_before"] = _mean(dice_per_label(ml[b], fl[b], classes))
                 row["dice_after"] = _mean(dice_per_label(wl, fl[b], classes))
             rows.append(row)

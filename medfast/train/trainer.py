@@ -282,7 +282,7 @@ def _load_error_line(exc: BaseException) -> str:
 
 def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path, config: Config | None = None) -> None:
     """``model.load_state_dict(state["model"])``, raising :class:`CheckpointError` naming the file (and the
-    ``model.*`` and ``task_args`` settings that differ from ``config``, else the first tensor that does not fit)
+    first tensor that does not fit, and the ``model.*`` and ``task_args`` settings that differ from ``config``)
     when the weights do not fit the network."""
     try:
         model.load_state_dict(state["model"])
@@ -292,8 +292,8 @@ def load_model_state(model: nn.Module, state: dict[str, Any], path: str | Path, 
             now = config_to_dict(config)
             diff = (_config_differences(state.get("config"), now, "model")
                     + _config_differences(state.get("config"), now, "task_args", free=True))
-        why = (f"; the checkpoint was trained with other settings: {', '.join(diff)}" if diff else
-               f": {_load_error_line(exc)}")
+        # the first tensor that does not fit always (a differing task_args key may shape no tensor: a loss weight)
+        why = f": {_load_error_line(exc)}" + (f"; settings that differ: {', '.join(diff)}" if diff else "")
         raise CheckpointError(f"the weights in {path} do not fit the network of this run's config (another "
                               f"architecture){why}") from None
 

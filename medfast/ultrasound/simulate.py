@@ -609,7 +609,8 @@ def _psf_weights(probe: Probe, speckle: bool, dtype, device) -> tuple[torch.Tens
 def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (B, L, 3, S) = (specular, scatter re, scatter im) -> IQ (real, imaginary), each (B, L, S). The scatter
     channels are normalised to unit energy (random scatterers) or, with speckle off (a deterministic,
-    coherent scatter field), like the specular channel. One fused kernel (``ussim_psf``)."""
+    coherent scatter field), to unit-sum axial taps (a homogeneous medium's level independent of the sampling;
+    the specular channel keeps peak 1). One fused kernel (``ussim_psf``)."""
     h, w = _cached("psf_speckle" if speckle else "psf_plain", probe, 1, str(x.device), x.dtype, None)
     iq = psf(x, h, w)
     return iq[:, 0], iq[:, 1]

@@ -584,7 +584,9 @@ class SimulatedUltrasound:
         if key not in self._grids:
             grid, _ = self.probes[p].scan_grid(device=device, dtype=torch.float32)  # (1, Hs, Ws, 2)
             g = F.interpolate(grid.permute(0, 3, 1, 2), size=self.image_shape, mode="bilinear", align_corners=True)
-            self._grids[key] = g.permute(0, 2, 3, 1).contiguous()
+            g = g.permute(0, 2, 3, 1)
+            # pixels outside the fan sample nothing (grid_sample's zero padding bled one line spacing out), as simulate
+            self._grids[key] = g.masked_fill((g.abs() > 1 + 1e-6).any(-1, keepdim=True), 2.0).contiguous()
         return self._grids[key]
 
     def _plane_frames(self) -> tuple[np.ndarray, np.ndarray]:
