@@ -218,6 +218,9 @@ def _masks(
         return _MaskSource(p.shape[0], p.shape[1], first, p.dim() - 2, p[0, 0].numel(), perm,
                            lambda c0, c1: (p[:, c0:c1], t[:, c0:c1]))
     num_classes = _check_int("num_classes", num_classes, 1 + first)
+    if num_classes > _MAX_CLASSES:  # one pass per class: 2**62 ran for ever
+        raise ValueError(f"num_classes must be at most {_MAX_CLASSES}, got {num_classes}; label ids as large as an "
+                         f"atlas's are scored over the ids present (as medfast evaluate does: map them to 0 .. K-1)")
     if pred.dim() in (4, 5) and pred.shape[1] == 1:
         # MONAI's label layout (B, 1, *S) (argmax(dim=1, keepdim=True)): the size-1 axis is a channel, not a
         # depth-1 spatial axis (read so, every foreground voxel of a 2D map is surface: HD / ASSD wrong)
@@ -392,6 +395,9 @@ def _few_segment_quantile(values: torch.Tensor, seg: torch.Tensor, n: int, q: fl
     return out
 
 
+_MAX_CLASSES = 2**20  # num_classes of a label map: a class is a pass over the volume and an output column
+
+
 def _warn_empty(fn: str, n_p: torch.Tensor, n_t: torch.Tensor, channels: int, first: int, stacklevel: int) -> None:
     # the counts in one read (on a GPU one sync, not two nonzero)
     empty = (torch.stack([n_p, n_t]) == 0).tolist()
@@ -400,8 +406,9 @@ def _warn_empty(fn: str, n_p: torch.Tensor, n_t: torch.Tensor, channels: int, fi
     if not empty_p and not empty_t:
         return
 
-    def pairs(idx: list[int]) -> str:
-        return ", ".join(f"(batch {i // channels}, class {i % channels + first})" for i in idx)
+    def pairs(idx: list[int]) -> str:  # the first 10 (a warning naming a million pairs was hundreds of KB)
+        named = ", ".join(f"(batch {i // channels}, class {i % channels + first})" for i in idx[:10])
+        return named if len(idx) <= 10 else f"{named} and {len(idx) - 10} more"
 
     parts = []
     if empty_t:

@@ -210,6 +210,8 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
     ignore_index = py_scalar(ignore_index)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    if ignore_index is not None and not -2**63 <= ignore_index < 2**63:  # (the op's int64: a schema error)
+        raise ValueError(f"ignore_index must be a 64-bit int, got {ignore_index}")
     check_bool("check_labels", check_labels)
     # An out-of-range label must never pass silently (the kernels leave such voxels out: they never read
     # past C, and report them). check_labels: a clear error on the host; without it no wait at all, the

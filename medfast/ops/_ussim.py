@@ -14,7 +14,7 @@ import torch
 
 from medfast._extension import _C  # noqa: F401  (registers torch.ops.medfast)
 from medfast.ops._autograd import once_differentiable, refuse_function_transforms
-from medfast.ops._validate import check_op_devices, check_tensor
+from medfast.ops._validate import check_op_devices, check_tensor, py_scalar
 
 _ops = torch.ops.medfast
 
@@ -169,6 +169,13 @@ def ray_march(
     if len(bg) != N_PROPS:
         raise ValueError(f"background must have {N_PROPS} entries, got {len(bg)}")
     k = _sharp3(sharp)
+    if not torch.compiler.is_compiling():  # (compiled: the numbers may be symbolic; simulate checked them)
+        att, seed = py_scalar(att), py_scalar(seed)
+        # a negative att is gain, not loss (1.9e11 echoes); NaN made every sample NaN
+        if isinstance(att, bool) or not isinstance(att, (int, float)) or not 0 <= att < float("inf"):
+            raise ValueError(f"att must be a finite number >= 0, got {att!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit int, got {seed!r}")
     refuse_function_transforms("medfast.ops.ray_march", props, coords)
     return _ops.ussim_march(props, coords, noise, g, float(att), bg, int(seed), k)
 
