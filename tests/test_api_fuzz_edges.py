@@ -55,3 +55,49 @@ def test_ignore_index_past_64_bits_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.isfinite(mf.dice_loss(logits, labels, ignore_index=2**62))
+
+
+def test_registration_helpers_check_their_arguments():
+    """A zero factor divided by zero (level_resample) or gave a NaN theta (level_theta); kmeans_tissues raised
+    IndexError for k=0, a float mask or another shape; random_affine raised IndexError / OverflowError."""
+    from medfast.tasks.registration import dice_per_label, kmeans_tissues, level_resample, level_theta, random_affine
+
+    params = torch.zeros(1, 3, 4)
+    params[0, :, :3] = torch.eye(3)
+    assert torch.isfinite(level_theta(params, (8, 8, 8), 2)).all()
+    for f in (0, -1, float("nan"), 1.5, True):
+        with pytest.raises(ValueError, match="f must be a down-sampling factor"):
+            level_theta(params, (8, 8, 8), f)
+        with pytest.raises(ValueError, match="f_from must be a down-sampling factor"):
+            level_resample(torch.zeros(1, 3, 4, 4, 4), f, 1, (8, 8, 8))
+    with pytest.raises(ValueError, match="v must be a floating"):
+        level_resample(torch.zeros(1, 3, 4, 4, 4, dtype=torch.long), 2, 1, (8, 8, 8))
+    image = torch.rand(6, 6, 6)
+    mask = image > 0.2
+    assert set(kmeans_tissues(image, mask).unique().tolist()) <= {0, 1, 2, 3}
+    for kwargs, args in (({"k": 0}, (image, mask)), ({}, (image, mask.float())), ({}, (image, mask[:5])),
+                         ({}, (torch.full_like(image, float("nan")), mask))):
+        with pytest.raises(ValueError):
+            kmeans_tissues(*args, **kwargs)
+    for kwargs in ({"n": 0}, {"n": 3, "rotation_deg": float("nan")}, {"n": 3, "scaling": 1.5}):
+        with pytest.raises(ValueError):
+            random_affine(seed=0, **kwargs)
+    with pytest.raises(TypeError, match="a must be an integer label map"):
+        dice_per_label(None, torch.zeros(3, dtype=torch.long), [1])
+    with pytest.raises(ValueError, match="one shape"):
+        dice_per_label(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), [1])
+
+
+def test_voxel_spacing_and_class_counts_check_their_arguments():
+    from medfast.data.io import voxel_spacing
+    from medfast.tasks.evaluation import class_counts
+
+    for bad in (None, [1, 2], [[1.0]]):
+        with pytest.raises(ValueError, match="affine must be a square"):
+            voxel_spacing(bad)
+    labels = torch.randint(0, 2, (1, 4, 4))
+    assert class_counts(labels, 2).sum() == 16
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        class_counts(labels.half() + 0.7, 2)  # (fractions were truncated)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        class_counts(labels, True)

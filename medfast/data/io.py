@@ -124,6 +124,8 @@ def load_checked(path: str | Path, error: type[Exception] = DatasetError):
 def voxel_spacing(affine: MatrixLike) -> np.ndarray:
     """Voxel size (mm) along each spatial axis: the norms of the affine's first 3 columns."""
     affine = np.asarray(affine, dtype=np.float64)
+    if affine.ndim != 2 or affine.shape[0] != affine.shape[1] or affine.shape[0] < 2:
+        raise ValueError(f"affine must be a square (n + 1, n + 1) matrix, got shape {affine.shape}")
     n = affine.shape[0] - 1
     return np.sqrt((affine[:n, :n] ** 2).sum(axis=0))
 

@@ -134,6 +134,11 @@ def _check_same_space(pred: Any, ref: Any) -> bool:
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(B, num_classes)`` int64 voxel counts of each class in each batch element of a ``(B, *S)`` label map
     whose values lie in ``0 .. num_classes - 1``."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dim() < 1:
+        raise TypeError(f"labels must be an integer (B, *S) label map tensor, got "
+                        f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     b = labels.shape[0]
     offset = torch.arange(b, device=labels.device).view(b, 1) * num_classes
     flat = (labels.reshape(b, -1).long() + offset).flatten()

@@ -392,12 +392,23 @@ def _centre_scale(shape: Sequence[int], dtype, device) -> tuple[torch.Tensor, to
     return c, h
 
 
+def _factor(name: str, f: object) -> int:
+    """A down-sampling factor: an int >= 1 (0 divided by zero, NaN gave a NaN theta without a word)."""
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
+        raise ValueError(f"{name} must be a down-sampling factor, an int >= 1, got {f!r}")
+    return int(f)
+
+
 def level_theta(params: torch.Tensor, shape: Sequence[int], f: int) -> torch.Tensor:
     """Voxel affine at down-sampling level ``f`` from centred parameters ``(1, n, n + 1)``.
 
     Full-resolution voxel ``x`` maps to ``x_in = h (A (x - c) / h + t) + c``; level voxel ``i`` sits at
     ``x = f i + (f - 1) / 2``.
     """
+    _factor("f", f)
+    if not isinstance(params, torch.Tensor) or params.dim() < 2 or params.shape[-2:] != (len(shape), len(shape) + 1):
+        raise ValueError(f"params must be a (1, n, n + 1) tensor for the {len(shape)}D shape {tuple(shape)}, got "
+                         f"{getattr(params, 'shape', type(params).__name__)}")
     n = len(shape)
     params = params.to(position_dtype(params.dtype))
     c, h = _centre_scale(shape, params.dtype, params.device)
@@ -423,6 +434,11 @@ def level_resample(v: torch.Tensor, f_from: int, f_to: int, shape: Sequence[int]
     ``F.interpolate(align_corners=False)``, which is used then; otherwise (ceil-mode levels) that
     interpolation would stretch the field by ``S_from f_from / (S_to f_to)``.
     """
+    _factor("f_from", f_from)
+    _factor("f_to", f_to)
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() != len(shape) + 2:
+        raise ValueError(f"v must be a floating (1, n, *S) field for the {len(shape)}D shape {tuple(shape)}, got "
+                         f"{getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}")
     n = v.dim() - 2
     if all(a * f_from == b * f_to for a, b in zip(v.shape[2:], shape)):
         mode = "trilinear" if n == 3 else "bilinear"
@@ -440,6 +456,12 @@ def _onehot(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
 
 def dice_per_label(a: torch.Tensor, b: torch.Tensor, classes: Sequence[int]) -> dict[int, float]:
     """Hard Dice of two integer label maps for each class (NaN when absent from both)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name} must be an integer label map tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     out = {}
     for k in classes:
         x, y = a == k, b == k
@@ -1654,7 +1676,17 @@ def mni_t1_path() -> Path:
 
 def kmeans_tissues(image: torch.Tensor, mask: torch.Tensor, k: int = 3, iters: int = 50) -> torch.Tensor:
     """Intensity k-means inside ``mask``: labels 1..k ordered by mean intensity (T1: CSF, GM, WM), 0 outside."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or isinstance(iters, bool) or not isinstance(
+            iters, int) or iters < 0:
+        raise ValueError(f"k must be an int >= 1 and iters an int >= 0, got {k!r}, {iters!r}")
+    if not isinstance(image, torch.Tensor) or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+            or mask.shape != image.shape:
+        raise ValueError(f"image must be a tensor and mask a bool tensor of its shape, got "
+                         f"{getattr(image, 'shape', type(image).__name__)} and "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
     v = image[mask].double()
+    if v.numel() == 0 or not torch.isfinite(v).all():
+        raise ValueError("the image must hold finite values inside a non-empty mask")
     centres = torch.quantile(v, torch.linspace(0.1, 0.9, k, dtype=torch.float64, device=v.device))
     for _ in range(iters):
         assign = (v[:, None] - centres[None]).abs().argmin(1)
@@ -1673,6 +1705,12 @@ def kmeans_tissues(image: torch.Tensor, mask: torch.Tensor, k: int = 3, iters: i
 def random_affine(n: int, seed: int, rotation_deg: float = 10.0, translation_mm: float = 10.0,
                   scaling: float = 0.08) -> np.ndarray:
     """A random world-space affine (about the origin) as a (n + 1, n + 1) matrix."""
+    if n not in (2, 3) or isinstance(n, bool):
+        raise ValueError(f"n must be 2 or 3, got {n!r}")
+    for name, value, top in (("rotation_deg", rotation_deg, math.inf), ("translation_mm", translation_mm, math.inf),
+                             ("scaling", scaling, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < top:
+            raise ValueError(f"{name} must be a finite number >= 0{' below 1' if top == 1.0 else ''}, got {value!r}")
     g = np.random.default_rng(seed)
     angles = np.deg2rad(g.uniform(-rotation_deg, rotation_deg, 3 if n == 3 else 1))
     R = np.eye(n)
