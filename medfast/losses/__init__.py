@@ -6,7 +6,6 @@ with the same values and gradients, without materializing a one-hot target or th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ from medfast.losses.registration import (
     GradientNormLoss,
     LocalNormalizedCrossCorrelationLoss,
     SSDLoss,
+    _smooth,
     bending_energy,
     global_mutual_information,
     gradient_norm,
@@ -32,11 +32,9 @@ from medfast.ops._validate import check_bool, check_choice, py_scalar
 
 
 def _number(name: str, value: object) -> float:
-    """A non-negative finite number (NumPy scalars and 0-d tensors too) as a float, else ValueError naming it."""
-    value = py_scalar(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-    return float(value)
+    """A non-negative finite number (NumPy scalars and 0-d tensors too) as a float, else ValueError naming it
+    (the registration losses' check of their smoothing terms)."""
+    return float(_smooth(name, value))
 
 
 class _SegmentationLoss(nn.Module):
