@@ -153,3 +153,42 @@ def test_patch_size_as_an_array_or_tensor():
         assert aug(x, None, [0], patch)[0].shape == (1, 1, 8, 8, 8)
     with pytest.raises(ValueError, match="patch_size must be a sequence of positive ints"):
         aug(x, None, [0], np.array([8.5, 8, 8]))
+
+
+def test_deform_magnitude_is_the_per_axis_std_of_the_velocity_at_the_control_points(monkeypatch):
+    """What RandomAugment's docstring says deform_magnitude is, measured on the displacement it hands the warp
+    (2D, 33 x 33 patches, 5 x 5 control points 8 voxels apart, 256 seeded samples)."""
+    import medfast.ops
+
+    seen = []
+    real = medfast.ops.affine_warp
+
+    def spy(image, theta, *args, **kwargs):
+        seen.append((theta, kwargs["ddf"]))
+        return real(image, theta, *args, **kwargs)
+
+    monkeypatch.setattr(medfast.ops, "affine_warp", spy)
+    m, n = 2.0, 256
+
+    def displacement(magnitude: float = m, **cfg):
+        seen.clear()
+        aug = RandomAugment(AugmentConfig(**{"rotation": 0.0, "scale": 0.0, "deform_magnitude": magnitude,
+                                             "deform_grid": 5, **cfg}), geometric_only=True)
+        aug(torch.zeros(n, 1, 33, 33), None, list(range(n)))
+        return seen[0]
+
+    _, v = displacement(integrate_steps=0)  # no integration: the displacement is the velocity
+    at = v[:, :, ::8, ::8]  # the control points: the patch's corners and every 8th voxel between
+    for axis in range(2):  # the std of EACH component (a std of the length would make each m / sqrt(2))
+        assert at[:, axis].std() == pytest.approx(m, rel=0.03) and abs(float(at[:, axis].mean())) < 0.1
+    assert at.norm(dim=1).pow(2).mean().sqrt() == pytest.approx(m * math.sqrt(2), rel=0.03)
+    assert float((at.abs() > m).float().mean()) == pytest.approx(0.317, abs=0.02)  # a std, not a bound
+    # linear between the control points: a midpoint is the mean of its neighbours, a 2D cell's centre has std m / 2
+    torch.testing.assert_close(v[:, :, 4::8, ::8], (at[:, :, :-1] + at[:, :, 1:]) / 2)
+    assert v[:, :, 4, 4].std() == pytest.approx(m / 2, rel=0.1)
+    # integrated (the default 5 squarings), the flow is a little smaller than the velocity at the control points
+    for magnitude, ratio in ((0.5, 0.95), (2.0, 0.83)):
+        assert displacement(magnitude)[1][:, :, ::8, ::8].std() / magnitude == pytest.approx(ratio, abs=0.03)
+    # in output-patch voxels: the warp gets it turned and scaled by the affine's matrix (the same draws)
+    theta, turned = displacement(rotation=30.0, scale=0.2)
+    torch.testing.assert_close(turned, torch.einsum("bij,bj...->bi...", theta[:, :, :2], displacement()[1]))

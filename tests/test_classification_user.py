@@ -354,3 +354,46 @@ def test_pose_files_name_the_bad_pose(tmp_path):
         read_poses(tmp_path / "empty.npy")
     (tmp_path / "ok.json").write_text(f'{{"poses": [{ok.tolist()}]}}')
     torch.testing.assert_close(read_poses(tmp_path / "ok.json"), torch.from_numpy(ok[None]))
+
+
+# ---- 13. numeric class labels sort by value ---------------------------------------------------------------------
+def test_numeric_class_labels_sort_by_value(tmp_path):
+    """Labels that are all numbers get class indices in numeric order (as np.unique / sklearn's LabelEncoder give
+    them), from a CSV and from class subfolders alike; text labels keep the text order; ``classes`` wins."""
+    from medfast.tasks.classification.data import ImageFolderDataset
+
+    labels = ["10", "2", "1", "-0.5", "1e1", "2"]  # "1e1" (= 10) ties with "10": the text breaks the tie
+    for i in range(len(labels)):
+        _png(tmp_path / "csv" / f"{i}.png", np.zeros((4, 4)))
+    (tmp_path / "csv" / "labels.csv").write_text("file,label\n" + "".join(
+        f"{i}.png,{lab}\n" for i, lab in enumerate(labels)))
+    ds = ImageFolderDataset(tmp_path / "csv", csv_file=tmp_path / "csv" / "labels.csv")
+    assert ds.classes == ["-0.5", "1", "2", "10", "1e1"]
+    assert [ds.classes[k] for k in ds.labels] == labels  # every image keeps its own label
+    # the indices np.unique gives the numbers (sklearn's LabelEncoder too): the same order
+    assert np.unique([float(v) for v in labels]).tolist() == list(dict.fromkeys(float(c) for c in ds.classes))
+
+    folders = _folder(tmp_path / "folders", [str(k) for k in range(1, 13)], n=1, size=4)
+    assert ImageFolderDataset(folders).classes == [str(k) for k in range(1, 13)]  # not 1, 10, 11, 12, 2, ...
+    text = _folder(tmp_path / "text", ["a10", "a2", "10", "b"], n=1, size=4)  # not all numbers: text order
+    assert ImageFolderDataset(text).classes == ["10", "a10", "a2", "b"]
+    assert ImageFolderDataset(folders, classes=["12", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"]
+                              ).classes[:3] == ["12", "1", "2"]
+
+
+def test_numeric_class_order_is_the_checkpoints_and_predicts(tmp_path):
+    """Training records the numeric class order in the checkpoint and predict names the classes in it."""
+    from medfast.tasks.classification.task import predict_files
+
+    root = _folder(tmp_path / "img", ("10", "9"), n=3)
+    Trainer(_config(root, tmp_path / "run")).fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert torch.load(ckpt, weights_only=False)["config"]["data"]["dataset_args"]["classes"] == ["9", "10"]
+    predict_files(ckpt, [root / "9" / "0.png", root / "10" / "0.png"], tmp_path / "p", device="cpu",
+                  save_cam=False)
+    with open(tmp_path / "p" / "predictions.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[3:] == ["p_9", "p_10"]
+    for row in rows:  # the class named is the index's, and the most probable one
+        assert row["class"] == ["9", "10"][int(row["index"])]
+        assert float(row[f"p_{row['class']}"]) == max(float(row["p_9"]), float(row["p_10"]))

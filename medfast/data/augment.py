@@ -144,12 +144,18 @@ class RandomAugment:
     config : AugmentConfig
         Ranges: ``rotation`` (degrees, each axis, uniform in +-), ``scale`` (relative, +-), ``shear``
         (+-), ``translation`` (voxels), ``flip`` (axes flipped with probability 1/2), ``deform_magnitude``
-        (std of the velocity field, output-patch voxels: the deformation is applied before the affine, so the
-        whole transform stays diffeomorphic), ``deform_grid`` (control points per axis), ``integrate_steps``,
-        ``gamma`` (log-gamma range), ``intensity_scale``/``intensity_shift`` (+-), ``noise_std`` (max std),
-        ``bias_field`` (std of the log bias field). ``enabled=False`` keeps only the random patch crop. The
-        affine acts on voxel indices: with anisotropic voxels a rotation is not a rigid rotation in mm. Checked
-        here (ValueError naming the field).
+        (output-patch voxels: the standard deviation of EACH axis component, not of the vector's length, of a
+        random velocity field: independent normal values at a grid of ``deform_grid`` control points per axis
+        spanning the patch corner to corner, interpolated linearly between them, so smaller there: half at the
+        centre of a 2D cell. The displacement is the field's flow at time 1, integrated by ``integrate_steps``
+        squarings (0: the velocity itself), and a little smaller: per axis at the control points about 0.95 x
+        ``deform_magnitude`` for 0.5 voxels and 0.83 x for 2, control points 8 voxels apart. A std, not a
+        bound: about a third of the components exceed it. The deformation is applied before the affine, so the
+        whole transform stays diffeomorphic; in the input image the displacement turns and scales with the
+        affine), ``deform_grid`` (control points per axis), ``integrate_steps``, ``gamma`` (log-gamma range),
+        ``intensity_scale``/``intensity_shift`` (+-), ``noise_std`` (max std), ``bias_field`` (std of the log
+        bias field). ``enabled=False`` keeps only the random patch crop. The affine acts on voxel indices: with
+        anisotropic voxels a rotation is not a rigid rotation in mm. Checked here (ValueError naming the field).
     geometric_only : bool
         Skip the intensity changes (e.g. to build validation deformations).
     """

@@ -133,8 +133,8 @@ def group_channel_files(files: Sequence[str | Path]) -> list[str | list[str]]:
     return out
 
 
-def find_pairs(root: str | Path, images: str = "images",
-               labels: str = "labels") -> tuple[list[str | list[str]], list[str]]:
+def find_pairs(root: str | Path, images: str = "images", labels: str = "labels", *,
+               in_channels: int | None = None) -> tuple[list[str | list[str]], list[str]]:
     """Image/label lists from ``root/images/*.nii[.gz]`` and ``root/labels/`` files of the same name.
 
     nnU-Net's layout works as it is: its ``imagesTr/`` + ``labelsTr/`` folders when there is no ``images/``; an
@@ -143,12 +143,25 @@ def find_pairs(root: str | Path, images: str = "images",
     order (see :func:`group_channel_files`), which :class:`NiftiDataset` stacks into channels; other images are
     plain strings.
 
+    ``in_channels`` (the network's ``model.in_channels``; None: unknown) decides the grouping as ``medfast
+    predict`` does: channel files are grouped only for ``in_channels > 1`` (and then each case must have
+    ``in_channels`` of them); with ``in_channels=1`` every file is its own case (``scan_0000``, ``scan_0001``:
+    two cases, labelled ``scan_0000.nii.gz`` / ``scan.nii.gz`` and ``scan_0001.nii.gz``). With None they are
+    grouped.
+
     Raises
     ------
     DatasetError
         A missing folder, no images, an image without a label, channel files with a gap or a case with another
-        number of channel files than the others (named).
+        number of channel files than the others (named); the folder, when the channel files and ``in_channels``
+        disagree.
+    TypeError, ValueError
+        ``in_channels`` not an integer >= 1.
     """
+    if in_channels is not None and (isinstance(in_channels, bool) or not isinstance(in_channels, (int, np.integer))):
+        raise TypeError(f"in_channels must be an int or None, got {in_channels!r}")
+    if in_channels is not None and in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     root = Path(root)
     if (images, labels) == ("images", "labels") and not (root / images).is_dir() and (root / "imagesTr").is_dir():
         images, labels = "imagesTr", "labelsTr"  # an nnU-Net dataset folder (Dataset001_X/imagesTr, labelsTr)
@@ -160,8 +173,21 @@ def find_pairs(root: str | Path, images: str = "images",
     files = sorted(p for p in img_dir.iterdir() if _is_nifti_name(p.name) and not p.name.startswith("."))
     if not files:
         raise DatasetError(f"no NIfTI files (*.nii, *.nii.gz) in {img_dir}")
-    entries = group_channel_files(files)
+    # grouped as predict groups them: a one-channel network reads scan_0000, scan_0001 as two cases
+    group = in_channels is None or in_channels > 1
+    entries = group_channel_files(files) if group else [str(p) for p in files]
+
+    def check_channels() -> None:
+        """(after the labels: channel files labelled one by one are named as one-channel cases first)"""
+        case = next((e for e in entries if isinstance(e, list)), None)
+        if in_channels is not None and case is not None and len(case) != in_channels:
+            # (every case has as many channel files: group_channel_files checks it)
+            raise DatasetError(f"{img_dir}: the cases are stored as {len(case)} channel files each (case "
+                               f"{case_name(case)!r}: _0000 .. _{len(case) - 1:04d}) but the model takes "
+                               f"in_channels={in_channels} (model.in_channels): set model.in_channels={len(case)}")
+
     if not lab_dir.is_dir():
+        check_channels()
         return entries, []
 
     # a label's suffix in any case too (CASE.NII.GZ), once none of the usual spelling is there
@@ -179,6 +205,23 @@ def find_pairs(root: str | Path, images: str = "images",
         found = next(filter(None, map(label_of, names)), None)
         if found is None:
             channel = _CHANNEL_RE.fullmatch(stem)
+            if in_channels is not None and isinstance(entry, list) and all(
+                    label_of(_stem(Path(f))) is not None for f in entry):
+                # each channel file has its own label: one-channel cases, grouped by a multi-channel model
+                raise DatasetError(f"{img_dir}: {entry_text(entry)} are labelled one by one ("
+                                   f"{label_of(_stem(Path(entry[0])))}, ...): one-channel cases, but the model takes "
+                                   f"in_channels={in_channels} (model.in_channels) and groups them into case "
+                                   f"{case_name(entry)!r} (nnU-Net's channel files): set model.in_channels=1, or "
+                                   f"label the case as {lab_dir / (case_name(entry) + '.nii.gz')}")
+            if not group and channel and label_of(channel.group(1)) is not None and any(
+                    _stem(p) == channel.group(1) + CHANNEL_SUFFIX for p in files):
+                # a case's channel 1, 2, ... read as its own case by a one-channel model
+                mine = [p.name for p in files
+                        if (m := _CHANNEL_RE.fullmatch(_stem(p))) and m.group(1) == channel.group(1)]
+                raise DatasetError(f"{img_dir}: case {channel.group(1)!r} is stored as {len(mine)} channel files "
+                                   f"({', '.join(mine)}; label {label_of(channel.group(1))}) but the model takes "
+                                   f"in_channels=1 (model.in_channels), which reads each file as its own case "
+                                   f"({entry} has no label): set model.in_channels={len(mine)}")
             if channel and label_of(channel.group(1)) is not None:
                 raise DatasetError(f"{entry}: case {channel.group(1)!r} has channel files (nnU-Net's _0000, _0001, "
                                    f"...) but no {channel.group(1) + CHANNEL_SUFFIX} file: channels are numbered "
@@ -187,6 +230,7 @@ def find_pairs(root: str | Path, images: str = "images",
                                f"{lab_dir / (names[0] + '.nii.gz')})")
         out_i.append(entry)
         out_l.append(str(found))
+    check_channels()
     return out_i, out_l
 
 

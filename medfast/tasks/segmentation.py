@@ -412,7 +412,9 @@ class SegmentationTask(Task):
     def build_datasets(self):
         c = self.config
         d = c.data
-        f = gather_files(c, task="segmentation", need_labels=True, min_subjects_to_split=2)
+        # data.root's channel files grouped as predict groups them: only for a model of several channels
+        f = gather_files(c, task="segmentation", need_labels=True, min_subjects_to_split=2,
+                         in_channels=c.model.in_channels)
         images, labels, val_images, val_labels = f.images, f.labels, f.val_images, f.val_labels
         # label values are checked against model.out_channels here, before training (naming the file)
         train = _dataset(c, images, labels, num_classes=c.model.out_channels)

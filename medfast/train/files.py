@@ -88,7 +88,8 @@ def prepare_preset(config: Any) -> None:
             setattr(d, key, value)
 
 
-def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subjects_to_split: int = 2) -> FileLists:
+def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subjects_to_split: int = 2,
+                 in_channels: int | None = None) -> FileLists:
     """The file lists of ``config.data``.
 
     Parameters
@@ -102,6 +103,9 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
     min_subjects_to_split : int
         ``data.val_fraction`` splits validation subjects off only when there are at least this many images
         (and no ``data.val_images``); the split is a permutation seeded by ``trainer.seed``.
+    in_channels : int, optional
+        The network's input channels, which decide how :func:`medfast.data.find_pairs` groups ``data.root``'s
+        nnU-Net channel files (only for ``in_channels > 1``, as predict does); None groups them always.
 
     Raises
     ------
@@ -124,7 +128,7 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
                           "fills them): set one of them")
     images, labels = list(d.train_images), list(d.train_labels)
     if d.root is not None:  # (beside training lists it is refused above)
-        images, labels = find_pairs(d.root)
+        images, labels = find_pairs(d.root, in_channels=in_channels)
     if not images:
         raise DatasetError(f"no training data for the {task} task: set data.root, data.train_images "
                            f"(+ train_labels) or data.dataset")

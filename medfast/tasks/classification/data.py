@@ -325,6 +325,20 @@ def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+#: a label read as a number: an optionally signed decimal, with an optional exponent ("3", "-1", "0.5", "1e-3")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _sorted_class_names(labels: Sequence[str]) -> list[str]:
+    """The distinct ``labels`` in class-index order: by value when every label is a number (``2`` before
+    ``10``, as ``np.unique`` / sklearn's ``LabelEncoder`` order numeric labels; equal values such as ``1``
+    and ``1.0`` by their text), else by their text."""
+    names = set(labels)
+    if names and all(_NUMBER.fullmatch(n) for n in names):
+        return sorted(names, key=lambda n: (float(n), n))
+    return sorted(names)
+
+
 class ImageFolderDataset(Dataset):
     """Labelled images from ``root/<class>/<image>`` subfolders, or from a CSV of ``file,label`` rows.
 
@@ -337,7 +351,8 @@ class ImageFolderDataset(Dataset):
         relative paths are taken relative to ``root`` (default: the CSV's folder).
     classes : sequence of str, optional
         Class names in index order (for ordinal labels, the order ``low < ... < high``), each once. Default:
-        the sorted subfolder names, or the sorted distinct CSV labels. Labels outside it raise
+        the sorted subfolder names, or the sorted distinct CSV labels: by value when all are numbers (``2``
+        before ``10``), else by their text. Labels outside it raise
         :class:`DatasetError`; so does a class subfolder without images.
     spatial_dims : int
         2 or 3.
@@ -386,7 +401,7 @@ class ImageFolderDataset(Dataset):
             files, labels = self._from_csv(Path(csv_file), root, file_column, label_column)
         else:
             files, labels = self._from_folders(root, None if classes is None else [str(c) for c in classes])
-        names = [str(c) for c in classes] if classes is not None else sorted(set(labels))
+        names = [str(c) for c in classes] if classes is not None else _sorted_class_names(labels)
         lookup = {n: i for i, n in enumerate(names)}
         for f, lab in zip(files, labels, strict=True):
             if lab not in lookup:
