@@ -46,6 +46,15 @@ class AugmentConfig:
     bias_field: float = 0.0
 
 
+#: what the fields that are no +- range mean, for the error messages (see RandomAugment)
+_MEANING = {
+    "deform_magnitude": "a standard deviation, not a bound: of each axis component of the random velocity at the "
+                        "control points, in patch voxels",
+    "noise_std": "the largest noise standard deviation: each sample's is drawn in [0, that]",
+    "bias_field": "the standard deviation of the log bias field",
+}
+
+
 def check_augment_config(a: AugmentConfig, error: type[ValueError] = ValueError) -> None:
     """Raises ``error`` (ValueError; the trainer's ConfigError) naming the first bad field of ``a``: the ranges
     must be finite and non-negative (a NaN rotation gave all-NaN patches), the scale factors ``1 +- s`` positive,
@@ -54,7 +63,8 @@ def check_augment_config(a: AugmentConfig, error: type[ValueError] = ValueError)
                 "bias_field"):
         v = py_scalar(getattr(a, key))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-            raise error(f"augment.{key} must be >= 0 and finite (a range: +- that much), got {v!r}")
+            raise error(f"augment.{key} must be >= 0 and finite ({_MEANING.get(key, 'a range: +- that much')}), "
+                        f"got {v!r}")
     for key in ("scale", "intensity_scale"):  # factors 1 +- scale: 1 or more would allow zero or negative ones
         v = py_scalar(getattr(a, key))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:

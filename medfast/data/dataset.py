@@ -28,6 +28,9 @@ from medfast.data.io import (
     load_image,
     load_nifti,
     nifti_header,
+    same_grid,
+    single_slice_as_2d,
+    single_slice_axis,
 )
 from medfast.data.preprocess import (
     crop_or_pad,
@@ -282,7 +285,9 @@ class NiftiDataset(Dataset):
     labels : sequence of paths, optional
         Label maps (integer values), one per image, on the same grid (same shape and affine).
     spatial_dims : {2, 3}
-        3D volumes, or 2D images (a trailing singleton axis of a 3D file is dropped).
+        3D volumes, or 2D images (a trailing singleton axis of a 3D file is dropped; a single coronal or
+        sagittal slice stored ``(X, 1, Z)`` / ``(1, Y, Z)`` is read as the 2D image ``(X, Z)`` / ``(Y, Z)``, as
+        :func:`medfast.data.io.single_slice_as_2d` reads it).
     reorient : bool
         Flip/permute the voxel axes to the closest positive orientation first (exact, images and labels alike;
         :func:`medfast.data.preprocess.reorient_to_ras`), so that networks see every subject in the same
@@ -397,7 +402,14 @@ class NiftiDataset(Dataset):
                 raise DatasetError(
                     f"label {self.labels[i]} has shape {lab.shape} but its image {img_path} has shape {img.shape}"
                 )
-            if not np.allclose(img.affine, lab.affine, atol=1e-3, rtol=1e-4):
+            # in voxels of the image's grid (a tolerance in mm let a label shifted by whole small voxels pass)
+            try:
+                on_grid = same_grid(lab.affine, img.affine, img.shape[:3])
+            except np.linalg.LinAlgError:
+                raise DatasetError(f"{img_path}: the voxel-to-world affine (sform / qform) is singular (zero voxel "
+                                   f"size or parallel voxel axes): the header's voxel sizes or orientation are "
+                                   f"broken") from None
+            if not on_grid:
                 raise DatasetError(
                     f"label {self.labels[i]} and image {img_path} have different affines (not on the same grid):"
                     f"\n{np.array2string(lab.affine, precision=3)}\nvs\n{np.array2string(img.affine, precision=3)}"
@@ -414,14 +426,15 @@ class NiftiDataset(Dataset):
         return spatial
 
     def _check_image_shape(self, path: str, shape: tuple[int, ...]) -> None:
-        """An image's NIfTI shape: ``spatial_dims`` spatial axes (2D: a trailing singleton third axis allowed)
-        and, on the 4th axis, ``in_channels`` channels."""
+        """An image's NIfTI shape: ``spatial_dims`` spatial axes (2D: a trailing singleton third axis allowed, or
+        a single coronal / sagittal slice ``(X, 1, Z)`` / ``(1, Y, Z)``) and, on the 4th axis, ``in_channels``
+        channels."""
         nd = self.spatial_dims
         spatial = shape[:3]
         if nd == 3 and len(spatial) != 3:
             raise DatasetError(f"{path}: spatial_dims=3 (model.spatial_dims) needs 3D volumes, got a {len(shape)}D "
                                f"image of shape {shape}")
-        if nd == 2 and len(spatial) == 3 and spatial[2] != 1:
+        if nd == 2 and len(spatial) == 3 and spatial[2] != 1 and single_slice_axis(spatial) is None:
             raise DatasetError(f"{path}: spatial_dims=2 (model.spatial_dims) needs 2D images, got a 3D volume of "
                                f"shape {shape}")
         if is_vector_layout(shape):  # load_nifti reads its C channels
@@ -457,12 +470,19 @@ class NiftiDataset(Dataset):
         spec.append(f"preprocess-{PREPROCESS_VERSION}")
         return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
 
+    def _slice_axis(self, spatial: tuple[int, ...]) -> int | None:
+        """For 2D data, the flat axis of a single slice stored as a volume (:func:`single_slice_axis`), else None."""
+        return single_slice_axis(spatial) if self.spatial_dims == 2 else None
+
     def _to_dims(self, arr: np.ndarray, path: str, channels: bool) -> np.ndarray:
         spatial = arr.shape[1:] if channels else arr.shape
         if self.spatial_dims == 2 and len(spatial) == 3:
-            if spatial[2] != 1:
+            # (X, Y, 1) as before; a coronal / sagittal slice (X, 1, Z) / (1, Y, Z) as the 2D image it is (as
+            # medfast evaluate and register read it: single_slice_as_2d; load() permutes the affine alike)
+            axis = 2 if spatial[2] == 1 else self._slice_axis(tuple(spatial))
+            if axis is None:
                 raise DatasetError(f"{path}: spatial_dims=2 needs 2D images, got spatial shape {spatial}")
-            arr = arr[..., 0]
+            arr = arr.squeeze(axis + 1 if channels else axis)
         if self.spatial_dims == 3 and len(spatial) != 3:
             raise DatasetError(f"{path}: spatial_dims=3 needs 3D volumes, got spatial shape {spatial}")
         return arr
@@ -471,13 +491,17 @@ class NiftiDataset(Dataset):
         """Reads and preprocesses subject ``i`` (no caching)."""
         vol = load_image(self.images[i])
         nd = self.spatial_dims
+        # a coronal / sagittal slice's affine with its columns in the order of its 2D axes (the flat one last)
+        file_affine = vol.affine
+        if self._slice_axis(vol.data.shape[1:]) in (0, 1):
+            file_affine = single_slice_as_2d(vol.data[0], vol.affine)[1]
         data = self._to_dims(vol.data, vol.path, True)
         if self.in_channels is not None and data.shape[0] != self.in_channels:
             raise DatasetError(f"{vol.path} has {data.shape[0]} channel(s) but {self.in_channels} are expected "
                                f"(model.in_channels)")
-        affine = vol.affine
+        affine = file_affine
         if self.reorient:
-            data, affine = reorient_to_ras(data, vol.affine, channels=True)
+            data, affine = reorient_to_ras(data, file_affine, channels=True)
         image = torch.from_numpy(data)
         affine = spatial_affine(affine, nd)
         label = None
@@ -485,7 +509,7 @@ class NiftiDataset(Dataset):
             lab = load_nifti(self.labels[i], label=True)
             arr = self._to_dims(lab.data, lab.path, False)
             if self.reorient:  # the image's flips/permutations: the label is on its grid (checked)
-                arr, _ = reorient_to_ras(arr, vol.affine, channels=False)
+                arr, _ = reorient_to_ras(arr, file_affine, channels=False)
             if tuple(arr.shape) != tuple(image.shape[1:]):
                 raise DatasetError(f"label {lab.path} has shape {arr.shape} but its image {vol.path} has spatial "
                                    f"shape {tuple(image.shape[1:])}")

@@ -147,6 +147,46 @@ def voxel_measure(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[float, fl
     return float(np.linalg.norm(np.cross(a, b))), float(np.linalg.norm(a) * np.linalg.norm(b))
 
 
+def grid_offset(affine: MatrixLike, ref_affine: MatrixLike, shape: Sequence[int]) -> float:
+    """How far the voxel grid of ``affine`` lies from the reference grid of ``ref_affine`` (spatial ``shape``;
+    missing axes count as size 1), in voxels of the reference: the largest coordinate difference, over the
+    reference's corner voxels, between the voxel and where the same voxel index of the other grid falls on the
+    reference grid (``inv(ref_affine) @ affine``). A tolerance in mm instead would let a label shifted by whole
+    voxels pass on a grid of small voxels or far from the origin.
+
+    A flat axis (size 1) of a single slice is placed by the other axes: where the reference's affine is singular
+    for that axis's column only, the column is replaced by the in-plane normal (its value never reaches the
+    corners, all at index 0 there). Raises ``numpy.linalg.LinAlgError`` for a reference affine singular in its
+    other axes."""
+    a = np.asarray(affine, dtype=np.float64)
+    ref = np.array(ref_affine, dtype=np.float64)
+    if a.shape != ref.shape or a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
+        raise ValueError(f"affine and ref_affine must be square matrices of one shape, got {a.shape} and {ref.shape}")
+    n = len(ref) - 1
+    sizes = [int(shape[i]) if i < len(shape) else 1 for i in range(n)]
+    flat = [i for i in range(n) if sizes[i] <= 1]
+    lin = ref[:n, :n]
+    if flat and len(flat) < n and not abs(np.linalg.det(lin)) > 1e-6 * np.prod(np.linalg.norm(lin, axis=0)):
+        # the flat axes' columns: an orthonormal completion of the others (scaled to their mean length)
+        kept = [i for i in range(n) if i not in flat]
+        u, _, _ = np.linalg.svd(lin[:, kept])
+        length = float(np.mean(np.linalg.norm(lin[:, kept], axis=0)))
+        for j, i in enumerate(flat):
+            ref[:n, i] = u[:, len(kept) + j] * length
+    offset = np.linalg.inv(ref) @ a
+    corners = np.array(np.meshgrid(*[[0.0, max(s - 1.0, 0.0)] for s in sizes], indexing="ij")).reshape(n, -1)
+    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
+    return float(np.abs((offset - np.eye(n + 1)) @ corners).max())
+
+
+def same_grid(affine: MatrixLike, ref_affine: MatrixLike, shape: Sequence[int], tol: float = 1e-3) -> bool:
+    """Whether the grids of ``affine`` and ``ref_affine`` (spatial ``shape``) are the same voxel grid: every
+    corner voxel within ``tol`` voxel of the reference's (:func:`grid_offset`; entrywise in mm, a 0.09 % spacing
+    difference would pass and put voxel 511 half a voxel away). False for non-finite affines; raises
+    ``numpy.linalg.LinAlgError`` for a singular reference (see :func:`grid_offset`)."""
+    return bool(grid_offset(affine, ref_affine, shape) <= tol)  # (NaN: False)
+
+
 # deflate cannot compress better than about 1032:1 (a 258-byte match per 2 bits at best): a gzip file of n bytes
 # holds at most ~1032 n bytes, whatever its members say
 _MAX_DEFLATE_RATIO = 1100
@@ -301,8 +341,8 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     # reorientation and resampling invert it: a broken header would fail there without naming the file
     if not np.isfinite(affine).all():
         raise DatasetError(f"{path}: the voxel-to-world affine (sform / qform) holds NaN or inf values")
-    size, _ = voxel_measure(affine, data.shape)
-    if not size > 1e-12:
+    size, scale = voxel_measure(affine, data.shape)
+    if not size > 1e-6 * scale:  # relative (as register's reader): 0.1 um voxels are valid, 1e-12 mm^3 each
         raise DatasetError(f"{path}: the voxel-to-world affine (sform / qform) is singular (zero voxel size or "
                            "parallel voxel axes): the header's voxel sizes or orientation are broken")
     if label:
@@ -406,10 +446,19 @@ def _check_same_grid(path: str, shape: tuple[int, ...], affine: np.ndarray, firs
     if shape != first_shape:
         raise DatasetError(f"channel file {path} has spatial shape {shape} but the case's first channel file "
                            f"{first} has {first_shape}: the channels of a case must share the voxel grid")
-    if not np.allclose(affine, first_affine, atol=1e-3, rtol=1e-4):
+    if not _on_grid(affine, first_affine, first_shape, first):
         raise DatasetError(f"channel file {path} and the case's first channel file {first} have different affines "
                            f"(not on the same grid):\n{np.array2string(affine, precision=3)}\nvs\n"
                            f"{np.array2string(first_affine, precision=3)}")
+
+
+def _on_grid(affine: np.ndarray, ref_affine: np.ndarray, shape: Sequence[int], ref_path: str) -> bool:
+    """:func:`same_grid`, with a singular reference affine raised as :class:`DatasetError` naming its file."""
+    try:
+        return same_grid(affine, ref_affine, shape)
+    except np.linalg.LinAlgError:
+        raise DatasetError(f"{ref_path}: the voxel-to-world affine (sform / qform) is singular (zero voxel size or "
+                           "parallel voxel axes): the header's voxel sizes or orientation are broken") from None
 
 
 def image_header(entry: ImageEntry) -> ImageHeader:

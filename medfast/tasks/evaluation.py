@@ -24,7 +24,7 @@ import torch
 
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data.dataset import _SUFFIXES, CHANNEL_SUFFIX, _is_nifti_name, _stem, case_name
-from medfast.data.io import DatasetError, Volume, load_nifti, single_slice_as_2d, voxel_spacing
+from medfast.data.io import DatasetError, Volume, load_nifti, same_grid, single_slice_as_2d, voxel_spacing
 
 __all__ = ["case_dice", "class_counts", "evaluate_pair", "find_evaluation_pairs", "finite_mean", "run_evaluate",
            "summarize"]
@@ -108,26 +108,25 @@ def _check_same_space(pred: Any, ref: Any) -> bool:
         raise DatasetError(f"{pred.path} has shape {pred.data.shape} but its reference {ref.path} has "
                            f"{ref.data.shape}")
     try:  # in the reference's voxels (a tolerance in mm let a 1.8-voxel shift of 0.5 um voxels pass)
-        offset = np.linalg.inv(np.asarray(ref.affine, dtype=np.float64)) @ np.asarray(pred.affine, dtype=np.float64)
+        on_grid = same_grid(pred.affine, ref.affine, ref.data.shape)
     except np.linalg.LinAlgError:
         raise DatasetError(f"{ref.path}: its affine is singular: {np.asarray(ref.affine).tolist()}") from None
-    # where the reference's corner voxels fall on the prediction's grid, at most 1e-3 voxel off (entrywise, a
-    # 0.09 % spacing difference would pass and put voxel 511 half a voxel away)
-    shape = np.asarray(ref.data.shape, dtype=np.float64)
-    n = len(offset) - 1
-    corners = np.array(np.meshgrid(*[[0.0, max(float(shape[i]) - 1, 0.0) if i < len(shape) else 0.0]
-                                     for i in range(n)], indexing="ij")).reshape(n, -1)
-    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
-    if not np.abs((offset - np.eye(n + 1)) @ corners).max() <= 1e-3:
+    if not on_grid:
         raise DatasetError(f"{pred.path} and its reference {ref.path} have different affines (not the same voxel "
                            f"grid): resample the prediction to the reference first")
     if pred.data.ndim not in (2, 3) or sum(n > 1 for n in ref.data.shape) < 2:
         raise DatasetError(f"{ref.path}: expected a 2D or 3D label map (at least two axes longer than one voxel), "
                            f"got shape {ref.data.shape}")
-    a = np.asarray(ref.affine, dtype=np.float64)
-    lin = a[: len(a) - 1, : ref.data.ndim]  # the map's axes in world space (a coronal slice's second axis is z)
+    return sheared_grid(ref.affine, ref.data.ndim)
+
+
+def sheared_grid(affine: Any, ndim: int) -> bool:
+    """Whether the first ``ndim`` voxel axes of ``affine`` (a ``(4, 4)`` NIfTI affine, or an ``(ndim + 1,
+    ndim + 1)`` one) are not at right angles in world space: distances from per-axis voxel sizes hold on a grid
+    of right angles only (a gantry tilt shears it)."""
+    a = np.asarray(affine, dtype=np.float64)
+    lin = a[: len(a) - 1, :ndim]  # the map's axes in world space (a coronal slice's second axis is z)
     cols = lin / np.linalg.norm(lin, axis=0)
-    # distances from per-axis voxel sizes hold on a grid of right angles only (a gantry tilt shears it)
     return bool(np.abs(cols.T @ cols - np.eye(cols.shape[1])).max() > 1e-3)
 
 

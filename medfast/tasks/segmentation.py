@@ -3,7 +3,9 @@ with sliding-window inference, on-device augmentation, and prediction to NIfTI i
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,17 @@ from medfast._figures import figures_enabled, new_figure, save_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError, NiftiDataset, RandomAugment, load_nifti, save_nifti
 from medfast.data.dataset import _is_nifti_name, case_name, check_label_map, group_channel_files, relabel
-from medfast.data.io import ImageEntry, entry_files, entry_text, image_header, load_image, voxel_spacing
+from medfast.data.io import (
+    ImageEntry,
+    entry_files,
+    entry_text,
+    image_header,
+    load_image,
+    single_slice_as_2d,
+    single_slice_as_stored,
+    single_slice_axis,
+    voxel_spacing,
+)
 from medfast.data.preprocess import (
     REORIENT_DIMS,
     normalize_intensity,
@@ -198,15 +210,23 @@ def predict_volume(model: nn.Module, image: torch.Tensor, config: Config) -> tor
 def _load_for_inference(entry: ImageEntry, config: Config, reorient_dims: Sequence[int] = REORIENT_DIMS
                         ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, Any, list[int]]:
     """``(image (1, C, *S') preprocessed, its affine, the original affine, header, original shape)`` of a file or
-    a case's list of channel files (the first file's affine and header). ``data.reorient`` applies to the
-    spatial dims ``reorient_dims`` (the checkpoint's: a model trained before 2D reorientation saw 2D images in
-    storage order, see :func:`medfast.data.preprocess.reorient_dims_of`)."""
+    a case's list of channel files (the first file's affine and header). A 2D model reads a single coronal or
+    sagittal slice stored ``(X, 1, Z)`` / ``(1, Y, Z)`` as the 2D image it is: its original shape is the 2D one
+    and its original affine has the columns in the order of the 2D axes (:func:`single_slice_as_2d`;
+    :func:`single_slice_as_stored` with the header's :func:`single_slice_axis` gives the file's back).
+    ``data.reorient`` applies to the spatial dims ``reorient_dims`` (the checkpoint's: a model trained before 2D
+    reorientation saw 2D images in storage order, see :func:`medfast.data.preprocess.reorient_dims_of`)."""
     vol = load_image(entry)
     path = vol.path
     nd = config.model.spatial_dims
     data = vol.data
+    file_affine = vol.affine
     if nd == 2 and data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
+    elif nd == 2 and data.ndim == 4 and single_slice_axis(data.shape[1:]) in (0, 1):
+        # a coronal / sagittal slice, as the data set reads it for training (the flat axis's column last)
+        file_affine = single_slice_as_2d(data[0], vol.affine)[1]
+        data = np.ascontiguousarray(data.squeeze(single_slice_axis(data.shape[1:]) + 1))
     if data.ndim != nd + 1:
         shape = vol.header.get_data_shape()
         raise DatasetError(f"{path}: the model segments {nd}D images (model.spatial_dims={nd}) but this file is "
@@ -214,17 +234,17 @@ def _load_for_inference(entry: ImageEntry, config: Config, reorient_dims: Sequen
     if data.shape[0] != config.model.in_channels:
         raise DatasetError(f"{path} has {data.shape[0]} channel(s) but the model takes "
                            f"model.in_channels={config.model.in_channels}")
-    orig_aff = spatial_affine(vol.affine, nd)
+    orig_aff = spatial_affine(file_affine, nd)
     orig_shape = list(data.shape[1:])
     aff = orig_aff
     if config.data.reorient and nd in reorient_dims:
-        data, aff = reorient_to_ras(data, vol.affine, channels=True)
+        data, aff = reorient_to_ras(data, file_affine, channels=True)
         aff = spatial_affine(aff, nd)
     image = torch.from_numpy(data)
     if config.data.spacing is not None:
         image, aff = resample_to_spacing(image, aff, config.data.spacing)
     image = normalize_intensity(image, config.data.normalize, config.data.clip_percentiles)
-    return image[None], aff, vol.affine, vol.header, orig_shape
+    return image[None], aff, file_affine, vol.header, orig_shape
 
 
 def _back_to_input(prob: torch.Tensor, aff: np.ndarray, orig_aff: np.ndarray, shape: list[int]) -> torch.Tensor:
@@ -371,20 +391,39 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
         labels = prob.argmax(1)[0].cpu().numpy()
         k = prob.shape[1]
         dtype = np.uint8 if k <= 255 else np.int16
-        if config.model.spatial_dims == 2 and len(header.get_data_shape()) >= 3:
-            labels = labels[..., None]  # stored as the input: (X, Y, 1)
-        written.append(save_nifti(labels, orig_affine, out_dir / f"{name}_seg.nii.gz", header, dtype,
+        # a 2D prediction stored as the input: (X, Y, 1), or a coronal / sagittal slice's (X, 1, Z) / (1, Y, Z),
+        # with the file's affine (its columns back in the file's order)
+        stored = tuple(header.get_data_shape())
+        axis = None
+        if config.model.spatial_dims == 2:
+            axis = single_slice_axis(stored)
+            if axis not in (0, 1):
+                axis = 2 if len(stored) >= 3 else None
+        labels, file_affine = single_slice_as_stored(labels, orig_affine, axis)
+        written.append(save_nifti(labels, file_affine, out_dir / f"{name}_seg.nii.gz", header, dtype,
                                   intent="label"))
         if save_probabilities:
-            # classes on the 4th (non-spatial) axis: (X, Y, Z, K), and (X, Y, 1, K) for 2D inputs
+            # classes on the 4th (non-spatial) axis: (X, Y, Z, K), and (X, Y, 1, K) for 2D inputs (a coronal /
+            # sagittal slice: (X, 1, Z, K) / (1, Y, Z, K))
             p = np.moveaxis(prob[0].cpu().numpy(), 0, -1).astype(np.float32)
             if config.model.spatial_dims == 2:
-                p = p[:, :, None, :]
-            written.append(save_nifti(p, orig_affine, out_dir / f"{name}_prob.nii.gz", header, np.float32))
+                p = single_slice_as_stored(p, orig_affine, 2 if axis is None else axis)[0]
+            written.append(save_nifti(p, file_affine, out_dir / f"{name}_prob.nii.gz", _class_axis_header(header),
+                                      np.float32))
         else:
             # an earlier run's probabilities (another model, or another image of this name) no longer match
             (out_dir / f"{name}_prob.nii.gz").unlink(missing_ok=True)
     return written
+
+
+def _class_axis_header(header: Any) -> Any:
+    """A copy of ``header`` for a map whose 4th axis holds classes, not time: the 4th voxel size 1 and no time
+    unit (an input's TR of 2.5 s and unit "sec" made viewers show the classes as a time series)."""
+    out = header.copy()
+    out["pixdim"][4] = 1.0
+    if "xyzt_units" in out:  # (an Analyze header has none)
+        out["xyzt_units"] = int(out["xyzt_units"]) & 7  # the spatial bits only (time: 8, 16, 24, 32, 40, 48)
+    return out
 
 
 @register_task("segmentation")
@@ -483,7 +522,7 @@ class SegmentationTask(Task):
     @torch.no_grad()
     def validation_step(self, model, batch, device):
         from medfast.metrics import hausdorff_distance
-        from medfast.tasks.evaluation import case_dice, finite_mean
+        from medfast.tasks.evaluation import case_dice, finite_mean, sheared_grid
 
         image = batch["image"].to(device)
         label = batch["label"].to(device)
@@ -494,16 +533,20 @@ class SegmentationTask(Task):
         d, n_pred, n_ref = case_dice(pred, label.reshape(pred.shape), k)
         nd = self.config.model.spatial_dims
         rows = []
-        import warnings
-
         for b in range(image.shape[0]):
             spacing = voxel_spacing(batch["affine"][b].numpy()).tolist() if "affine" in batch else None
+            row = {f"dice_{c + 1}": float(d[b, c]) for c in range(k - 1)}
+            row["dice_mean"] = finite_mean(d[b].cpu().numpy())[0]  # NaN for a case with no class in either map
+            if "affine" in batch and sheared_grid(batch["affine"][b].numpy(), nd):
+                # a sheared grid (gantry tilt): distances from per-axis voxel sizes would be wrong there, so no HD,
+                # as medfast evaluate scores it (the trainer's mean leaves the NaN out)
+                row["hd95_mean"] = float("nan")
+                rows.append(row)
+                continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 hd = hausdorff_distance(pred[b:b + 1], label[b:b + 1], self.config.inference.hd_percentile,
                                         spacing[:nd] if spacing else None, num_classes=k)[0]
-            row = {f"dice_{c + 1}": float(d[b, c]) for c in range(k - 1)}
-            row["dice_mean"] = finite_mean(d[b].cpu().numpy())[0]  # NaN for a case with no class in either map
             # a class in only one of prediction and reference counts as the image's diagonal in mm, as BraTS
             # scores it (a missed region must not improve the mean); a class in neither is left out.
             # (hausdorff_distance gives NaN, as MONAI, in both cases.)
@@ -546,7 +589,8 @@ class SegmentationTask(Task):
 
     def finish(self, model, device, out_dir: Path) -> dict[str, Any]:
         """Segments ``data.test_images`` (in their own space, as ``medfast predict`` does) and scores them
-        against ``data.test_labels`` (relabelled by ``data.test_label_map``)."""
+        against ``data.test_labels`` (relabelled by ``data.test_label_map``); on a sheared grid (voxel axes not at
+        right angles) the HD95 is NaN, with a warning naming the label, as ``medfast evaluate`` scores it."""
         from medfast.metrics import hausdorff_distance
         from medfast.tasks.evaluation import _as_2d, _check_same_space, case_dice, finite_mean, scoring_spacing
 
@@ -566,18 +610,23 @@ class SegmentationTask(Task):
             # a 2D map stored (X, Y, 1) is scored in 2D, as medfast evaluate does; the grids must be the same
             target = _as_2d(load_nifti(lab_path, label=True))
             pred_vol = _as_2d(load_nifti(seg_path, label=True))
-            _check_same_space(pred_vol, target)
+            sheared = _check_same_space(pred_vol, target)
+            if sheared:  # as medfast evaluate: distances from per-axis voxel sizes would be wrong there
+                warnings.warn(f"{lab_path}: its voxel axes are not at right angles (a sheared grid, e.g. a CT with "
+                              f"gantry tilt): Dice is scored, hd95_mm is NaN (resample the test image and label to "
+                              f"a grid of right angles to score it)", stacklevel=2)
             pred = pred_vol.data
             t = target.data
             t = relabel(t, d.test_label_map)
             pt, tt = torch.from_numpy(pred)[None], torch.from_numpy(t)[None]
             dc = case_dice(pt, tt, k)[0][0]  # as medfast evaluate scores this prediction
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                hd = hausdorff_distance(pt, tt, self.config.inference.hd_percentile, scoring_spacing(target),
-                                        num_classes=k)[0]
+            if sheared:
+                hd = torch.full((k - 1,), math.nan)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hd = hausdorff_distance(pt, tt, self.config.inference.hd_percentile, scoring_spacing(target),
+                                            num_classes=k)[0]
             per_subject.append({"image": img_path, "label": lab_path, "prediction": str(seg_path),
                                 "dice": [float(x) for x in dc], "dice_mean": finite_mean(dc.numpy())[0],
                                 "hd95_mm": [float(x) for x in hd]})

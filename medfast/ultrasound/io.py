@@ -125,7 +125,10 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all():
         raise ValueError(f"{path}: the voxel-to-world affine (sform / qform) holds NaN or inf values")
-    if not abs(float(np.linalg.det(affine[:3, :3]))) > 1e-12:  # the voxel's volume, mm^3
+    # relative to the column lengths (as medfast.data.io and register read it): an absolute bound on the voxel's
+    # volume (mm^3) refused valid 0.1 um voxels
+    lin = affine[:3, :3]
+    if not abs(float(np.linalg.det(lin))) > 1e-6 * float(np.prod(np.linalg.norm(lin, axis=0))):
         raise ValueError(f"{path}: the voxel-to-world affine (sform / qform) is singular (zero voxel size or "
                          "parallel voxel axes): the header's voxel sizes or orientation are broken")
     return data, affine
