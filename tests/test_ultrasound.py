@@ -464,6 +464,18 @@ def test_bad_inputs_raise_clear_errors():
         simulate(props.expand(3, -1, -1, -1, -1), affine, POSE0.expand(2, 4, 4), probe)
 
 
+def test_probe_radius_must_be_a_number_for_every_kind():
+    # unused by a linear or phased probe, it was stored as given ("x", True) without complaint
+    for name in ("L11-5v", "P4-2v", "C5-2v"):
+        for bad in ("x", None, True):
+            with pytest.raises(ValueError, match="radius_mm must be a number"):
+                Probe.preset(name, radius_mm=bad)
+    with pytest.raises(ValueError, match="radius_mm must be a number, got 'x'"):
+        Probe(kind="linear", fc_mhz=7.6, bandwidth=0.77, n_elements=128, pitch_mm=0.3, radius_mm="x")
+    assert Probe.preset("L11-5v", radius_mm=np.float32(0)).radius_mm == 0.0  # numbers still pass, as floats
+    assert Probe.preset("L11-5v", radius_mm=math.inf).radius_mm == math.inf  # pymust's radius of a flat array
+
+
 # ---------------------------------------------------------------------------------------------
 # Several volumes in one call (volume_index)
 # ---------------------------------------------------------------------------------------------

@@ -62,15 +62,16 @@ def test_lateral_width_at_the_focus_does_not_depend_on_depth(name, focus, depths
 
 
 def test_lateral_width_interpolates_between_uneven_knots():
+    from medfast.ultrasound.probe import PSF_CALIBRATION_LATERAL as cal
     from medfast.ultrasound.probe import _lateral_table
 
     probe = Probe.preset("C5-2v", depth_mm=100.0, focus_mm=61.0)
     kz, kw = _lateral_table(probe)
     assert bool((kz[1:] > kz[:-1]).all()) and bool(torch.isclose(kz, torch.tensor(61.0, dtype=kz.dtype)).any())
     w = probe.lateral_fwhm_mm(kz)
-    torch.testing.assert_close(w, 1.22 * kw)
+    torch.testing.assert_close(w, cal * kw)
     mid = (kz[:-1] + kz[1:]) / 2
-    torch.testing.assert_close(probe.lateral_fwhm_mm(mid), 1.22 * (kw[:-1] + kw[1:]) / 2)
+    torch.testing.assert_close(probe.lateral_fwhm_mm(mid), cal * (kw[:-1] + kw[1:]) / 2)
 
 
 @pytest.mark.parametrize("name", ["P4-2v", "C5-2v"])
