@@ -112,8 +112,8 @@ def reorient_to_ras(data: np.ndarray, affine: np.ndarray, channels: bool) -> tup
 def spatial_affine(affine: MatrixLike, ndim: int) -> np.ndarray:
     """The ``(ndim + 1, ndim + 1)`` affine of the first ``ndim`` spatial axes of a 4x4 NIfTI affine.
 
-    An ``(ndim + 1, ndim + 1)`` affine is returned as is. For ``ndim=3`` the rows and columns of the 3 axes are
-    kept.
+    An ``(ndim + 1, ndim + 1)`` affine is returned as is (any ``ndim >= 1``); a 4x4 one serves ``ndim`` 1 to 3.
+    For ``ndim=3`` the rows and columns of the 3 axes are kept.
 
     For ``ndim=2`` (a 2D image stored in a NIfTI: its plane is spanned by voxel axes 0 and 1) the 2D affine maps
     voxels to coordinates (mm) in the image's plane: world space is turned by the smallest rotation ``Rot`` that
@@ -126,11 +126,19 @@ def spatial_affine(affine: MatrixLike, ndim: int) -> np.ndarray:
     ``Q @ (a2 @ [i, j, 1])[:2] + n (n . A[:3, 3])``, which holds for any 2D grid whose affine is derived from
     ``a2`` (resampled, cropped). A singular affine (voxel axes 0 and 1 parallel) keeps rows and columns 0, 1, 3.
     """
-    shapes = " or ".join(dict.fromkeys([f"({ndim + 1}, {ndim + 1})", "(4, 4)"]))
+    ndim = py_scalar(ndim)  # NumPy ints and 0-d integer tensors as the ints they hold
+    if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
+        raise ValueError(f"ndim must be an int >= 1 (the number of spatial axes), got {ndim!r}")
+    # a 4x4 NIfTI affine has 3 spatial axes: more read row 3 twice (garbage), 2**63 overflowed unnamed
+    nifti = ndim <= 3
+    shapes = " or ".join(dict.fromkeys([f"({ndim + 1}, {ndim + 1})"] + (["(4, 4)"] if nifti else [])))
     try:
         affine = np.asarray(affine, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"affine must be a numeric {shapes} matrix, got {affine!r}") from None
+    if not nifti and affine.shape != (ndim + 1, ndim + 1):
+        raise ValueError(f"ndim={ndim} spatial axes need an ({ndim + 1}, {ndim + 1}) affine (a 4x4 NIfTI affine has "
+                         f"3), got shape {affine.shape}")
     if affine.shape not in ((ndim + 1, ndim + 1), (4, 4)):
         raise ValueError(f"affine must be a {shapes} matrix for {ndim} spatial axes, got shape {affine.shape}")
     if not np.isfinite(affine).all():

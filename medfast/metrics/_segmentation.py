@@ -53,6 +53,9 @@ def _check_pair(pred: object, target: object, pred_name: str, target_name: str) 
         raise ValueError(
             f"{pred_name} and {target_name} must be on the same device, got {pred.device} and {target.device}"
         )
+    if pred.device.type == "meta":  # (the label checks raised "Tensor.item() cannot be called on meta tensors")
+        raise ValueError(f"{pred_name} is a meta tensor: a meta tensor has no values (the labels are checked on the "
+                         "host)")
     if pred.shape != target.shape:
         raise ValueError(
             f"{pred_name} and {target_name} must have the same shape, got {tuple(pred.shape)} and "
@@ -648,7 +651,7 @@ def dice(
         Integer (or bool) label maps ``(B, *spatial)``, any number of spatial dims, same shape and device.
         Values in ``[0, num_classes)``; ``ignore_index`` is also allowed in both.
     num_classes : int
-        Number of classes, background (0) included.
+        Number of classes, background (0) included (at most 2**20).
     ignore_index : int, optional
         Voxels where ``target == ignore_index`` are left out of every class (pred voxels there too). A
         ``pred_labels`` voxel equal to ``ignore_index`` (outside ``[0, num_classes)``) belongs to no class.
@@ -672,7 +675,7 @@ def dice(
         A non-tensor; a floating or complex label map; non-int ``num_classes`` / ``ignore_index``.
     ValueError
         Shape or device mismatch; fewer than 2 dims; labels outside ``[0, num_classes)`` other than
-        ``ignore_index``; ``num_classes < 2`` without the background.
+        ``ignore_index``; ``num_classes < 2`` without the background, or above 2**20.
     """
     include_background = py_scalar(include_background)
     if not isinstance(include_background, bool):
@@ -682,6 +685,9 @@ def dice(
         raise TypeError(f"ignore_empty must be a bool, got {type(ignore_empty).__name__}")
     first = 0 if include_background else 1
     num_classes = _check_int("num_classes", num_classes, 1 + first)
+    if num_classes > _MAX_CLASSES:  # three counts and an output column per class: 2**63 overflowed unnamed
+        raise ValueError(f"num_classes must be at most {_MAX_CLASSES}, got {num_classes}; label ids as large as an "
+                         f"atlas's are scored over the ids present (as medfast evaluate does: map them to 0 .. K-1)")
     ignore_index = py_scalar(ignore_index)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")

@@ -67,8 +67,9 @@ def noise_table(seed: int, rows: int = 1 << 14, device: torch.device | str | Non
     seed : int
         Seed of the table (the same seed always gives the same table, on every device).
     rows : int
-        Number of rows, a power of two (default 16384: 256 KiB, stays in L2 next to the volume;
-        1 MiB tables measured ~1 ms slower per 256 x 1024 frame from cache misses).
+        Number of rows, a power of two from 1 to 2**31 (the kernels' 32-bit hash; default 16384: 256 KiB,
+        stays in L2 next to the volume; 1 MiB tables measured ~1 ms slower per 256 x 1024 frame from cache
+        misses).
     device : torch.device, optional
         Where to put the table.
 
@@ -82,8 +83,14 @@ def noise_table(seed: int, rows: int = 1 << 14, device: torch.device | str | Non
         simulator's speckle gain holds for the spread part too (an interpolated ``g`` times an
         interpolated ``n`` correlated as the square, and its mean intensity fell 1-3 dB).
     """
-    if rows < 1 or rows & (rows - 1):
-        raise ValueError(f"rows must be a positive power of two, got {rows}")
+    rows = py_scalar(rows)  # NumPy ints and 0-d integer tensors as the ints they hold
+    # (a float or a float tensor failed in `&`, True in randn, 2**63 in its size: errors naming no argument)
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise TypeError(f"rows must be an int (a power of two), got {rows!r}")
+    if not 1 <= rows <= 1 << 31 or rows & (rows - 1):  # (past 2**31 the kernels refuse the table anyway)
+        raise ValueError(f"rows must be a power of two from 1 to 2**31, got {rows}")
+    if isinstance(seed, torch.Tensor) and seed.device.type == "meta":  # (int() raised "... on meta tensors")
+        raise ValueError("seed is a meta tensor: a meta tensor has no values")
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
     table = torch.randn(rows, 4, generator=gen, dtype=torch.float32)
     table[:, :2] *= 0.5**0.5

@@ -1173,6 +1173,9 @@ def grid_affines(affine: np.ndarray, fixed_affine: np.ndarray, n: int) -> tuple[
     """
     from medfast.data.preprocess import spatial_affine
 
+    n = py_scalar(n)
+    if isinstance(n, bool) or not isinstance(n, int) or n not in (2, 3):  # (2**63 overflowed in spatial_affine)
+        raise ValueError(f"n must be 2 or 3 (the fixed grid's spatial axes), got {n!r}")
     a_f = spatial_affine(fixed_affine, n)
     affine, fixed_affine = np.asarray(affine, dtype=np.float64), np.asarray(fixed_affine, dtype=np.float64)
     if n != 2 or affine.shape != (4, 4) or fixed_affine.shape != (4, 4):

@@ -164,6 +164,9 @@ def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> tuple
         raise ValueError(f"pose must be (B, 4, 4) probe-to-world transforms (mm), got shape {tuple(pose.shape)}")
     if not pose.is_floating_point():
         raise TypeError(f"pose must be floating point, got {pose.dtype}")
+    if pose.device.type == "meta":  # (the host copy below raised "Cannot copy out of meta tensor")
+        raise ValueError("pose is a meta tensor: a meta tensor has no values (the pose is checked on the host; pass "
+                         "it on the CPU, also with meta props)")
     if pose.device != device and pose.device.type != "cpu":
         raise ValueError(f"pose is on {pose.device} but the volume is on {device} (CPU poses are accepted too)")
     # These checks read the pose on the host. A pose on the GPU costs a device sync here; a CPU pose
@@ -270,6 +273,8 @@ _AFFINES: dict[bytes, tuple[torch.Tensor, torch.Tensor, tuple[float, float, floa
 def _affine_info(affine: object) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float]]:
     """(affine, its inverse, voxel size in mm along each voxel axis), float64 on the CPU; validated once per distinct
     matrix (a training loop passes the same few affines thousands of times)."""
+    if isinstance(affine, torch.Tensor) and affine.device.type == "meta":  # ("Cannot copy out of meta tensor")
+        raise ValueError("affine is a meta tensor: a meta tensor has no values (the affine is read on the host)")
     key = None
     if isinstance(affine, torch.Tensor) and affine.numel() == 16 and not affine.requires_grad:
         key = affine.detach().to("cpu", torch.float64).numpy().tobytes()
@@ -342,6 +347,8 @@ def _check_volume_index(index: object, batch: int, volumes: int, device: torch.d
     if isinstance(index, torch.Tensor):
         if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
             raise TypeError(f"volume_index must hold integers, got {index.dtype}")
+        if index.device.type == "meta":  # (the host copy raised "Cannot copy out of meta tensor")
+            raise ValueError("volume_index is a meta tensor: a meta tensor has no values (it is checked on the host)")
         host = index.detach().to("cpu", torch.int64)
     else:
         arr = np.asarray(index)
@@ -816,7 +823,7 @@ def simulate(
     return_lines : bool
         Also return the envelope and complex IQ scanlines.
     max_bytes : int, optional
-        Memory allowance (default 80 % of the free memory of the device).
+        Memory allowance in bytes (> 0, finite; default 80 % of the free memory of the device).
     volume_index : sequence of int or Tensor, optional
         ``(B,)``: pose b images volume ``volume_index[b]`` of ``props``. The volumes share the grid
         ``affine`` (for example tissue-parameter variants of one anatomy, or the frames of a 4D
@@ -866,6 +873,10 @@ def simulate(
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed must be an int (64-bit), got {seed!r}")
     seed = int(seed)
+    # NaN never compared as too little (no limit at all), a negative or zero allowance refused every call unnamed
+    if max_bytes is not None and not (isinstance(max_bytes, numbers.Real) and not isinstance(max_bytes, bool)
+                                      and 0 < max_bytes < math.inf):
+        raise ValueError(f"max_bytes must be a positive, finite number of bytes (or None), got {max_bytes!r}")
     if scatter_cell_mm is None:
         scatter_cell_mm = probe.wavelength_mm / 2
     for name, value, positive in (("dynamic_range_db", dynamic_range_db, True), ("interface_mm", interface_mm, True),

@@ -87,6 +87,16 @@ def freehand_sweep(
     if not isinstance(start_pose, torch.Tensor) or tuple(start_pose.shape) != (4, 4):
         raise ValueError(f"start_pose must be a (4, 4) tensor or array, got "
                          f"{tuple(start_pose.shape) if hasattr(start_pose, 'shape') else type(start_pose).__name__}")
+    # the tensors are read on the host; a complex one lost its imaginary part there, a bool eye was a pose
+    for name, t in (("start_pose", start_pose), ("travel_mm", travel_mm)):
+        if isinstance(t, torch.Tensor):
+            bad_dtype = t.is_complex() or t.dtype == torch.bool
+        else:
+            bad_dtype = isinstance(t, np.ndarray) and t.dtype.kind in "bc"
+        if bad_dtype:
+            raise TypeError(f"{name} must hold real numbers (mm), got {t.dtype}")
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor: a meta tensor has no values (the sweep is built on the host)")
     pose = start_pose.to(torch.float64)  # keeps the graph: the sweep is differentiable in start_pose
     base = pose.detach()  # for the checks
     rot = base[:3, :3]

@@ -45,10 +45,16 @@ HU_KNOTS: tuple[tuple[float, float, float, float, float, float], ...] = (
 
 
 def _knot_tensor(knots, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # the knots are checked where they are and moved to the CT's device after: a meta CT (shapes only) read
+    # them back from the meta device ("Cannot copy out of meta tensor")
     if isinstance(knots, torch.Tensor):
-        k = knots.to(device=device, dtype=dtype)
+        if knots.is_complex():  # (.to(dtype) dropped the imaginary part)
+            raise TypeError(f"knots must be real, got {knots.dtype}")
+        if knots.device.type == "meta":
+            raise ValueError("knots is a meta tensor: a meta tensor has no values (they are checked on the host)")
+        k = knots.to(dtype=dtype)
     else:
-        k = torch.tensor(knots, device=device, dtype=dtype)
+        k = torch.tensor(knots, dtype=dtype)
     if k.dim() != 2 or k.shape[1] != 1 + N_PROPS or k.shape[0] < 2:
         raise ValueError(f"knots must be (n >= 2, {1 + N_PROPS}) rows (HU, *properties), got {tuple(k.shape)}")
     host = k.detach().to("cpu", torch.float64)  # a few numbers: one copy, checked on the host
@@ -59,6 +65,7 @@ def _knot_tensor(knots, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("knots must have strictly increasing HU values")
     if not bool((host[:, 1] > 0).all()):  # reflection coefficients (Z2 - Z1) / (Z2 + Z1) need Z > 0
         raise ValueError(f"knots: the impedance Z (column 1, MRayl) must be > 0, got {host[:, 1].tolist()}")
+    k = k.to(device)
     return k[:, 0], k[:, 1:]
 
 
@@ -81,6 +88,8 @@ def hu_to_properties(ct: torch.Tensor, knots=HU_KNOTS) -> torch.Tensor:
     """
     if not isinstance(ct, torch.Tensor):
         raise TypeError(f"ct must be a torch.Tensor, got {type(ct).__name__}")
+    if ct.is_complex() or ct.dtype == torch.bool:  # (.float() dropped the imaginary part; a mask is no HU)
+        raise TypeError(f"ct must be real CT numbers (HU), got {ct.dtype}")
     if not ct.is_floating_point():
         ct = ct.float()
     if ct.dim() == 5:
@@ -148,6 +157,8 @@ class LabelTable:
                 raise ValueError(f"a label table tensor must be (n_labels, {N_PROPS}), got {tuple(values.shape)}")
             if values.shape[0] == 0:  # it would fail only at the first label map, "labels must lie in [0, -1]"
                 raise ValueError(f"the label table tensor is empty: {tuple(values.shape)} (no row for label 0)")
+            if values.device.type == "meta":  # (the finiteness check below raised "Tensor.item() ... meta tensors")
+                raise ValueError("values is a meta tensor: a meta tensor has no values (they are checked on the host)")
             if not values.is_floating_point() or not bool(torch.isfinite(values.detach()).all()):
                 raise ValueError("a label table tensor must hold finite floating values")
             self.values = values
@@ -189,6 +200,9 @@ class LabelTable:
         """``(B, 5, D, H, W)`` property maps from an integer label map ``(B, 1, D, H, W)`` or ``(B, D, H, W)``."""
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.device.type == "meta":  # (the range check below raised "Tensor.item() ... meta tensors")
+            raise ValueError("labels is a meta tensor: a meta tensor has no values (the label range is checked on "
+                             "the host)")
         if labels.dim() == 5:
             if labels.shape[1] != 1:
                 raise ValueError(f"labels must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(labels.shape)}")

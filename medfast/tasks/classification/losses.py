@@ -46,8 +46,12 @@ def coral_loss(logits: torch.Tensor, levels: torch.Tensor, importance: torch.Ten
         raise ValueError(f"logits must have shape (N, K-1), got {tuple(logits.shape)}")
     if logits.shape != levels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and levels {tuple(levels.shape)} differ in shape")
+    if levels.is_complex():  # (the cast to the logits' dtype dropped the imaginary part)
+        raise TypeError(f"levels must be real (0 / 1 targets), got {levels.dtype}")
     if importance is not None:
         importance = check_tensor("importance", importance)
+        if importance.is_complex():
+            raise TypeError(f"importance must be real weights, got {importance.dtype}")
         if importance.shape != (logits.shape[1],):
             raise ValueError(f"importance must have shape (K-1,) = ({logits.shape[1]},) for logits "
                              f"{tuple(logits.shape)}, got {tuple(importance.shape)}")

@@ -17,8 +17,10 @@ __all__ = ["accuracy", "balanced_accuracy", "classification_report", "confusion_
            "roc_auc", "save_confusion_png"]
 
 
-def _np(x) -> np.ndarray:
+def _np(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        if x.device.type == "meta":  # (.cpu() raised "Cannot copy out of meta tensor", naming no argument)
+            raise ValueError(f"{name} is a meta tensor: a meta tensor has no values")
         x = x.detach().cpu()
         x = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).numpy()
     return np.asarray(x)
@@ -26,7 +28,7 @@ def _np(x) -> np.ndarray:
 
 def _indices(name: str, x) -> np.ndarray:
     """``(N,)`` int64 class indices; floats must hold whole numbers (0.7 is not class 0)."""
-    v = _np(x).ravel()
+    v = _np(x, name).ravel()
     if v.dtype.kind == "f":
         if not np.isfinite(v).all() or (v != np.round(v)).any():
             raise ValueError(f"{name} must hold class indices (whole numbers), got non-integer values")
@@ -38,15 +40,19 @@ def _indices(name: str, x) -> np.ndarray:
 def _sample_indices(name: str, x) -> np.ndarray:
     """:func:`_indices` of a ``(N,)`` array: one class per sample (a one-hot or score array would be flattened
     into wrong numbers)."""
-    shape = _np(x).shape
+    shape = _np(x, name).shape
     if len(shape) != 1:
         raise ValueError(f"{name} must be (N,) class indices, got shape {shape} (for one-hot or score arrays "
                          f"take argmax(1) first)")
     return _indices(name, x)
 
 
+# a (C, C) int64 confusion matrix: 32 GiB at 2**16 classes; past 2**63 NumPy raised an OverflowError naming nothing
+_MAX_CLASSES = 2**16
+
+
 def _num_classes(num_classes) -> int:
-    if isinstance(num_classes, torch.Tensor) and num_classes.numel() == 1:
+    if isinstance(num_classes, torch.Tensor) and num_classes.numel() == 1 and num_classes.device.type != "meta":
         num_classes = num_classes.item()
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
@@ -66,10 +72,13 @@ def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int) -> np
     pred, target : array-like ``(N,)``
         Class indices in ``[0, C)``.
     num_classes : int
-        ``C``.
+        ``C`` (at most 2**16).
     """
     p, t = _sample_indices("pred", pred), _sample_indices("target", target)
     num_classes = _num_classes(num_classes)
+    if num_classes > _MAX_CLASSES:
+        raise ValueError(f"num_classes must be at most {_MAX_CLASSES} (the confusion matrix is (num_classes, "
+                         f"num_classes)), got {num_classes}")
     _same_length(p, t)
     for name, v in (("pred", p), ("target", t)):
         if v.size and (v.min() < 0 or v.max() >= num_classes):
@@ -155,7 +164,7 @@ def roc_auc(scores: ArrayLike, target: ArrayLike, num_classes: int | None = None
     """
     if average not in ("macro", None):
         raise ValueError(f"average must be 'macro' or None, got {average!r}")
-    s, t = _np(scores).astype(np.float64), _sample_indices("target", target)
+    s, t = _np(scores, "scores").astype(np.float64), _sample_indices("target", target)
     if num_classes is not None:
         num_classes = _num_classes(num_classes)
     if s.ndim not in (1, 2) or s.shape[0] != t.size:
@@ -188,7 +197,7 @@ def classification_report(pred: ArrayLike, target: ArrayLike, num_classes: int,
     prf = precision_recall_f1(pred, target, num_classes)
     out["f1"] = float(np.nanmean(prf["f1"])) if np.isfinite(prf["f1"]).any() else float("nan")
     if scores is not None:
-        s = _np(scores)
+        s = _np(scores, "scores")
         out["auc"] = roc_auc(s[:, 1] if s.ndim == 2 and s.shape[1] == 2 else s, target, num_classes)
     for k in range(num_classes):
         for key in ("precision", "recall", "f1"):

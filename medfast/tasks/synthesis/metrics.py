@@ -30,12 +30,15 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, name_x: str = "x", name_y: str
         raise ValueError(f"{name_x} and {name_y} must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
-def _check_range(data_range: float) -> float:
+def _check_range(data_range: float, name: str = "data_range") -> float:
+    """A positive, finite number (also ssim's sigma, k1 and k2: a NaN or negative k gave NaN or garbage)."""
     if isinstance(data_range, torch.Tensor) and data_range.numel() == 1:  # e.g. x.max() - x.min()
+        if data_range.device.type == "meta":  # (.item() raised "cannot be called on meta tensors")
+            raise ValueError(f"{name} is a meta tensor: a meta tensor has no values; pass a number")
         data_range = data_range.item()
     if (not isinstance(data_range, numbers.Real) or isinstance(data_range, bool) or not data_range > 0
             or not math.isfinite(data_range)):
-        raise ValueError(f"data_range must be a positive, finite number, got {data_range!r}")
+        raise ValueError(f"{name} must be a positive, finite number, got {data_range!r}")
     return float(data_range)
 
 
@@ -85,9 +88,10 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, sigma: float
     data_range : float
         Peak-to-peak range of the images.
     sigma : float
-        Standard deviation of the Gaussian window, in pixels (> 0; the window spans 2 round(3.5 sigma) + 1).
+        Standard deviation of the Gaussian window, in pixels (finite, > 0; the window spans 2 round(3.5 sigma)
+        + 1).
     k1, k2 : float
-        The stabilizing constants' factors: ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``.
+        The stabilizing constants' factors (finite, > 0): ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``.
 
     Returns
     -------
@@ -96,14 +100,14 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, sigma: float
     """
     _check_pair(x, y)
     r = _check_range(data_range)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    x, y = x.double(), y.double()
-    w = _gaussian_window(sigma, 3.5, x.device, x.dtype)
-    n = w.numel()
+    sigma, k1, k2 = (_check_range(v, name) for v, name in ((sigma, "sigma"), (k1, "k1"), (k2, "k2")))
     B, C, H, W = x.shape
+    # the window's size before it is built: a huge sigma (1e300) overflowed there instead of failing this check
+    n = 2 * int(3.5 * sigma + 0.5) + 1
     if H < n or W < n:
         raise ValueError(f"images of {H}x{W} pixels are smaller than the {n}x{n} SSIM window (sigma={sigma})")
+    x, y = x.double(), y.double()
+    w = _gaussian_window(sigma, 3.5, x.device, x.dtype)
 
     def blur(t: torch.Tensor) -> torch.Tensor:  # separable valid convolution, per channel
         t = t.reshape(B * C, 1, *t.shape[2:])
@@ -186,6 +190,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] < 1:
             raise ValueError(f"{name} must be a (N, C, H, W) tensor with N >= 1, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.is_complex():  # (.double() dropped the imaginary part)
+            raise TypeError(f"{name} must be real images, got {t.dtype}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must have the same channels, got {a.shape[1]} and {b.shape[1]}")
     # NumPy scalars and 0-d tensors as the Python ints they hold (docs/api/interop.md)
