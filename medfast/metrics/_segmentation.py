@@ -89,8 +89,8 @@ def _check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_inde
         if lo >= 0 and hi < num_classes:
             return
     bad = (labels < 0) | (labels >= num_classes)
-    if ignore_index is not None:
-        bad &= labels != ignore_index
+    if ignore_index is not None:  # compared in int64: uint8 255 == -1 in its own dtype (wrapped)
+        bad &= labels.long() != ignore_index
     if bool(bad.any()):
         values = labels[bad]
         extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
