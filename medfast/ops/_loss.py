@@ -138,6 +138,13 @@ def _lean(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
 
+def _vmapped(t: torch.Tensor) -> bool:
+    """A functorch-wrapped tensor (under torch.func.vmap, a batched one: no values to read on the host, and
+    requires_grad False whatever the tensor vmapped over says). False while torch.compile traces (dynamo cannot
+    trace the query: a graph break)."""
+    return not torch.compiler.is_compiling() and _functorch.is_functorch_wrapped_tensor(t)
+
+
 def _lean_function(name: str, op: str, setup, backward) -> type[torch.autograd.Function]:
     """An autograd.Function that runs ``torch.ops.medfast.<op>`` (looked up at each call) below autograd with the
     registered autograd's ``setup`` and ``backward`` (what torch.library generates, less its Python argument
@@ -215,11 +222,11 @@ def _labels(target: object, logits: torch.Tensor, ignore_index: int | None,
     check_bool("check_labels", check_labels)
     # An out-of-range label must never pass silently (the kernels leave such voxels out: they never read
     # past C, and report them). check_labels: a clear error on the host; without it no wait at all, the
-    # loss becomes NaN on the device instead. meta: no values; vmap: a batched tensor has none to read on
-    # the host; torch.jit.trace: a host check would run once on the example and not be recorded; under
-    # torch.compile an exception cannot depend on the data: the NaN form there, whatever check_labels says.
+    # loss becomes NaN on the device instead. meta: no values; torch.jit.trace: a host check would run once
+    # on the example and not be recorded; under torch.compile an exception cannot depend on the data: the
+    # NaN form there, whatever check_labels says. (vmap: see _check_range, which sees the report itself.)
     host_check = (check_labels and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-                  and target.device.type != "meta" and not _functorch.is_batchedtensor(target))
+                  and target.device.type != "meta")
     return target, ignore_index, host_check
 
 
@@ -245,8 +252,10 @@ def _check_range(bad_labels: torch.Tensor, C: int, ignore_index: int | None,
     """The label range check from the sums kernel's report ``bad_labels`` (its second output): with
     ``host_check``, ValueError naming the label (on a GPU this waits for the sums kernel, already queued:
     no pass over the labels of its own), and None. Else ``bad_labels`` itself, for the loss to become NaN on
-    the device when a label is bad (inside loss_finalize, or by :func:`_nan_if_bad` for the composition)."""
-    if not host_check:
+    the device when a label is bad (inside loss_finalize, or by :func:`_nan_if_bad` for the composition).
+    Under torch.func.vmap the report is batched whenever any of the logits, labels or voxel weights is (a
+    shared, unbatched label map included): it has no values to read on the host, so the NaN form, per element."""
+    if not host_check or _vmapped(bad_labels):
         return bad_labels
     lo, hi = bad_labels.tolist()
     if lo < 0 or hi > 0:
@@ -312,10 +321,13 @@ def _class_weight(class_weight: object, logits: torch.Tensor, dtype: torch.dtype
     w = w.to(dtype)
     if w.numel() != logits.shape[1]:
         raise ValueError(f"class_weight must have C = {logits.shape[1]} entries, got {w.numel()}")
-    values = w.tolist()  # checked in Python: no tensor ops (host time); a CUDA tensor waits here, as it did
-    # (a tensor's values are data: under torch.compile this reads them back, a graph break)
-    if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"class_weight must be non-negative and finite, got {values}")
+    # Under torch.func.vmap a batched class_weight has no values to read on the host (.tolist() raised a raw
+    # "doesn't have storage"): its values go unchecked there; an unbatched one is checked as in eager.
+    if not _vmapped(w):
+        values = w.tolist()  # checked in Python: no tensor ops (host time); a CUDA tensor waits here, as it did
+        # (a tensor's values are data: under torch.compile this reads them back, a graph break)
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"class_weight must be non-negative and finite, got {values}")
     return w.to(logits.device, non_blocking=True)
 
 
@@ -535,8 +547,10 @@ _LossFinalize = _lean_function("_LossFinalize", "loss_finalize", _finalize_setup
 
 def _finalize_applies(cw: torch.Tensor | None, batch_dice: bool = False, ddp_sync: bool = False) -> bool:
     """Whether the fused finishing op computes the loss: not when the class weights require grad (the
-    op does not differentiate them), nor for a batch Dice all-reduced between the sums and the ratio."""
-    if not _FUSED_FINALIZE or (cw is not None and cw.requires_grad):
+    op does not differentiate them), nor for a batch Dice all-reduced between the sums and the ratio.
+    A vmapped class_weight takes the composition too: its batched tensor says requires_grad=False even when the
+    tensor vmapped over requires grad, whose gradient the op would then silently drop."""
+    if not _FUSED_FINALIZE or (cw is not None and (cw.requires_grad or _vmapped(cw))):
         return False
     return not (batch_dice and ddp_sync and torch.distributed.is_available() and torch.distributed.is_initialized())
 
@@ -671,8 +685,10 @@ def dice_loss(
         ``False`` skips the wait, for training loops on a GPU whose labels are known good: an
         out-of-range label then makes the loss NaN (never a wrong finite value, never a device-side
         assert), which the trainer's NaN check reports with the batch's files. Under
-        ``torch.compile`` the check cannot raise (an exception may not depend on the data): a bad
-        label makes the loss NaN there whatever ``check_labels`` says.
+        ``torch.compile`` the check cannot raise (an exception may not depend on the data), nor under
+        ``torch.func.vmap`` when any of logits, labels, voxel_weight is vmapped: a bad label makes the
+        loss NaN there (under vmap, that element's) whatever ``check_labels`` says. A vmapped
+        ``class_weight``'s values are not checked.
 
     Returns
     -------

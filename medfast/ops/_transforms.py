@@ -46,10 +46,18 @@ def _as_affine(name: str, value, ndim: int, device, host: bool = False) -> torch
         if not np.isfinite(array).all():
             raise ValueError(f"{name} must be finite, got {array.tolist()}")
         return array
-    # no check (and no sync) on a GPU, nor while torch.compile traces (a data-dependent branch)
-    if value.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
+    # no check (and no sync) on a GPU, nor while torch.compile traces (a data-dependent branch), nor on a
+    # torch.func.vmap batched affine (no values on the host: PyTorch's data-dependent control flow error)
+    if (value.device.type == "cpu" and not torch.compiler.is_compiling() and not _wrapped(value)
+            and not bool(torch.isfinite(value).all())):
         raise ValueError(f"{name} must be finite, got {value.tolist()}")
     return value.to(device=device, dtype=torch.float64)
+
+
+def _wrapped(value: torch.Tensor) -> bool:
+    """A functorch-wrapped tensor (under torch.func.vmap, a batched one): its values cannot be read on the host.
+    False while torch.compile traces (dynamo cannot trace the query: a graph break; no host checks run there)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(value)
 
 
 def _plain_cpu(value: torch.Tensor) -> bool:
@@ -58,7 +66,7 @@ def _plain_cpu(value: torch.Tensor) -> bool:
         type(value) is torch.Tensor
         and value.device.type == "cpu"
         and not value.requires_grad
-        and not torch._C._functorch.is_functorch_wrapped_tensor(value)
+        and not _wrapped(value)
     )
 
 
@@ -130,9 +138,16 @@ def resample(
     if a_in.dim() != a_out.dim():  # one (n+1, n+1) beside a batch: solve would read it as a batch of vectors
         a_in, a_out = torch.broadcast_tensors(a_in, a_out)
     theta, info = torch.linalg.solve_ex(a_in, a_out)
-    # (not while torch.compile traces: a data-dependent check cannot be part of the graph)
-    if not torch.compiler.is_compiling() and bool(info.ne(0).any()):
+    # (not while torch.compile traces: a data-dependent check cannot be part of the graph; nor under vmap with a
+    # batched affine, whose info is batched too)
+    if not torch.compiler.is_compiling() and not _wrapped(info) and bool(info.ne(0).any()):
         raise ValueError(f"affine_in is singular (no voxel grid maps onto world space): {a_in.tolist()}")
+    if _wrapped(a_in) or _wrapped(a_out):
+        # vmap over an affine: the two checks above cannot read its values, so a non-finite or singular one makes
+        # that element's output NaN instead (as a bad label makes a loss NaN); an inf in affine_in would
+        # otherwise solve to a finite, wrong theta
+        ok = torch.isfinite(a_in).all(-1).all(-1) & torch.isfinite(a_out).all(-1).all(-1) & info.eq(0)
+        theta = torch.where(ok[..., None, None], theta, torch.nan)
     theta = theta[..., :ndim, :]
     if theta.dim() == 2:
         theta = theta.unsqueeze(0)
