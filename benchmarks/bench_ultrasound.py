@@ -8,10 +8,11 @@ memory = its max RSS on CPU, torch.cuda.max_memory_allocated on GPU).
 
 pymust (a Python port of MUST, Garcia 2022) computes the RF signals of all 128 elements for one
 transmit by summing over every scatterer and frequency; its cost grows linearly with the number of
-scatterers. It is timed on one plane-wave transmit with a small scatterer count and the time is
-extrapolated linearly to the 60,000 scatterers that a fully developed speckle of the same image
-needs (the count the issue quotes); the DAS beamforming that a B-mode image also needs is NOT
-included, so the ratio below is a lower bound of medfast's advantage.
+scatterers, after a fixed cost per call. It is timed on one plane-wave transmit at two or more small
+scatterer counts (the fastest of ``--pymust-repeats`` calls each, in one process), the times are fitted as
+a + b n (a: simus's fixed cost) and extrapolated to the 60,000 scatterers that a fully developed speckle
+of the same image needs (the count the issue quotes) as a + b * 60000; the DAS beamforming that a B-mode
+image also needs is NOT included, so the ratio below is a lower bound of medfast's advantage.
 """
 
 from __future__ import annotations
@@ -131,35 +132,71 @@ def pymust_case(n_scatterers: int):
     return run
 
 
-def pymust_worker(n_scatterers: int) -> dict:
-    run = pymust_case(n_scatterers)
+def pymust_worker(counts: list[int], repeats: int) -> list[dict]:
+    """simus at each of ``counts`` scatterers, ``repeats`` rounds over the counts (interleaved: a slow spell of a
+    shared machine does not land on one count only); one row per count with the fastest call as its seconds."""
+    run = pymust_case(max(counts))
     run(5)  # warm-up (first-call overheads), not timed
-    t = time.perf_counter()
-    rf, _ = run()
-    elapsed = time.perf_counter() - t
-    return {"case": "pymust_simus", "n_scatterers": n_scatterers, "seconds": elapsed, "rf_shape": list(rf.shape),
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(repeats):
+        for n in counts:
+            t = time.perf_counter()
+            rf, _ = run(n)
+            times[n].append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [{"case": "pymust_simus", "n_scatterers": n, "seconds": min(times[n]), "times": times[n],
+             "rf_shape": list(rf.shape), "peak_mib": peak} for n in counts]
 
 
-def _spawn(args: list[str]) -> dict:
+def pymust_fit(pm: list[dict], n: int = 60000) -> dict:
+    """seconds = a + b * scatterers, least squares over ``pm``'s rows (their fastest calls), and its value at ``n``.
+    A per-scatterer time from one count (seconds / count) counted simus's fixed cost a once per scatterer: at
+    100 scatterers it inflated the extrapolation by about 1.2x. A slope that is not positive (timing noise over
+    counts too close together) cannot be extrapolated: then that old estimate, an upper bound (fastest seconds /
+    count), named in ``method``."""
+    xs = [float(r["n_scatterers"]) for r in pm]
+    ys = [float(r["seconds"]) for r in pm]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+    if b > 0:
+        a = my - b * mx
+        return {"method": "least squares a + b n", "fixed_seconds": a, "seconds_per_scatterer": b,
+                "counts": [int(x) for x in xs], "seconds": ys, "extrapolated_seconds": a + b * n}
+    per = min(y / x for x, y in zip(xs, ys))
+    return {"method": "no positive slope: fastest seconds / count (an upper bound)", "fixed_seconds": None,
+            "seconds_per_scatterer": per, "counts": [int(x) for x in xs], "seconds": ys,
+            "extrapolated_seconds": per * n}
+
+
+def _spawn(args: list[str]) -> dict | list[dict]:
     out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 64 on CUDA")
-    ap.add_argument("--pymust-scatterers", type=int, nargs="*", default=[250, 1000])
+    ap.add_argument("--pymust-scatterers", type=int, nargs="*", default=[250, 1000],
+                    help="scatterer counts pymust is timed at (at least two different, for the fit a + b n; "
+                    "none: pymust not run)")
+    ap.add_argument("--pymust-repeats", type=int, default=3, help="calls per count, the fastest kept (default 3)")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    counts = args.pymust_scatterers
+    if counts and (len(set(counts)) < 2 or min(counts) < 1):
+        # one count cannot separate simus's fixed cost from its cost per scatterer
+        ap.error(f"--pymust-scatterers needs at least two different positive counts (or none), got {counts}")
+    if args.pymust_repeats < 1:
+        ap.error(f"--pymust-repeats must be >= 1, got {args.pymust_repeats}")
     if args.worker is not None:
         w = args.worker
         if w[0] == "pymust":
-            res = pymust_worker(int(w[1]))
+            res = pymust_worker([int(n) for n in w[2:]], int(w[1]))
         else:
             res = worker(w[0], w[1], int(w[2]), int(w[3]), int(w[4]), int(w[5]))
         print(json.dumps(res))
@@ -179,29 +216,33 @@ def main() -> None:
                   f"median ({res['seconds_per_call'] * 1e3:.1f} ms/call), best {res['best_frames_per_second']:.1f} "
                   f"frames/s, peak {res['peak_mib']:.0f} MiB", flush=True)
     pm = []
-    try:
-        for n in args.pymust_scatterers:
-            res = _spawn(["pymust", str(n)])
-            pm.append(res)
-            print(f"pymust simus, 1 plane-wave transmit, {n} scatterers: {res['seconds']:.2f} s "
-                  f"(RF {res['rf_shape']})", flush=True)
-    except subprocess.CalledProcessError as exc:  # pymust missing
-        print(f"pymust not run: {exc.stderr.strip().splitlines()[-1] if exc.stderr else exc}")
+    if counts:
+        try:
+            pm = _spawn(["pymust", str(args.pymust_repeats), *map(str, counts)])
+        except subprocess.CalledProcessError as exc:  # pymust missing
+            print(f"pymust not run: {exc.stderr.strip().splitlines()[-1] if exc.stderr else exc}")
+    for res in pm:
+        print(f"pymust simus, 1 plane-wave transmit, {res['n_scatterers']} scatterers: {res['seconds']:.2f} s "
+              f"(fastest of {len(res['times'])}; RF {res['rf_shape']})", flush=True)
     summary = {}
     if pm:
-        # The least disturbed run (this machine is shared: a run can be slowed by other jobs).
-        per_scat = min(r["seconds"] / r["n_scatterers"] for r in pm)
-        pm_60k = per_scat * 60000
+        fit = pymust_fit(pm)
+        pm_60k = fit["extrapolated_seconds"]
+        fixed = "" if fit["fixed_seconds"] is None else f"{fit['fixed_seconds']:.3f} s + "
+        print(f"pymust fit ({fit['method']}): {fixed}{fit['seconds_per_scatterer'] * 1e3:.3f} ms/scatterer "
+              f"-> 60k scatterers {pm_60k:.1f} s", flush=True)
         fwd = next(r for r in rows if r["case"] == "forward" and r["sub_rays"] == 3)
+        smallest = min(pm, key=lambda r: r["n_scatterers"])
         summary = {
-            "pymust_seconds_per_scatterer": per_scat,
+            "pymust_fit": fit,
+            "pymust_seconds_per_scatterer": fit["seconds_per_scatterer"],
             "pymust_seconds_60k_scatterers_one_transmit_extrapolated": pm_60k,
             "medfast_seconds_per_frame_forward_sub_rays3": fwd["seconds_per_call"] / fwd["batch"],
             "speed_ratio_vs_pymust_60k": pm_60k / (fwd["seconds_per_call"] / fwd["batch"]),
-            "speed_ratio_vs_pymust_measured_smallest": pm[0]["seconds"] / (fwd["seconds_per_call"] / fwd["batch"]),
+            "speed_ratio_vs_pymust_measured_smallest": smallest["seconds"] / (fwd["seconds_per_call"] / fwd["batch"]),
         }
         print(f"speed ratio vs pymust simus (60k scatterers, one transmit, no beamforming): "
-              f"{summary['speed_ratio_vs_pymust_60k']:.0f}x; vs the measured {pm[0]['n_scatterers']}-scatterer "
+              f"{summary['speed_ratio_vs_pymust_60k']:.0f}x; vs the measured {smallest['n_scatterers']}-scatterer "
               f"run: {summary['speed_ratio_vs_pymust_measured_smallest']:.0f}x")
     info = medfast.build_info()
     result = {

@@ -139,16 +139,32 @@ class Target:
         return ", ".join(parts)
 
 
+def not_adjoint(case: Case) -> bool:
+    """torch-interpol's cubic image gradient with ``zero`` / ``dct1`` bounds (zeros / reflection padding) is not the
+    adjoint of its own forward (float64 dot-product test: 0.01-0.3 relative error depending on the field; with
+    ``replicate`` it is exact, as is medfast's): its fwd+bwd time is that of a wrong gradient."""
+    return (case.peer == "interpol" and case.op == "warp" and case.mode == "cubic" and case.pass_ == "fwdbwd"
+            and case.padding != "border")
+
+
+# the rows of :func:`not_adjoint` carry this note (run_warp's JSON ``note``; ``medfast bench`` shows it with the peer)
+NOT_ADJOINT_NOTE = ("its cubic image gradient is not the adjoint of its forward, 0.01-0.3 rel. err: the cubic "
+                    "target is judged on the forward")
+
+
 def target(case: Case) -> Target | None:
     """Targets of the spec: CPU linear fwd+bwd >= 8x the grid_sample route, cubic >= 10x interpol;
-    CUDA fwd+bwd >= 2x the grid_sample route; never more peak memory than the grid_sample route."""
+    CUDA fwd+bwd >= 2x the grid_sample route; never more peak memory than the grid_sample route.
+
+    The cubic target is judged on the rows where interpol computes what medfast does: the forward (equal to within
+    1e-15), not the fwd+bwd of :func:`not_adjoint` (a wrong image gradient is no like-for-like time)."""
     if case.peer == "grid_sample":
         if case.device == "cpu":
             ratio = 8.0 if case.mode == "linear" and case.pass_ == "fwdbwd" else None
         else:
             ratio = 2.0 if case.pass_ == "fwdbwd" else None
         return Target(ratio, mem_le_peer=True)
-    if case.peer == "interpol" and case.mode == "cubic" and case.device == "cpu":
+    if case.peer == "interpol" and case.mode == "cubic" and case.device == "cpu" and not not_adjoint(case):
         return Target(10.0)
     return None
 
@@ -531,15 +547,13 @@ def measure(
 ) -> dict[str, Any]:
     """Measures the peak memory of one call of ``impl`` on ``case`` after ``warmup`` calls, then times
     it (median ms; the warm-up goes on for ``warmup_s``). Never raises for a peer that does not run
-    (status "skipped" / "n/a") or fails (status "error")."""
+    (status "skipped" / "n/a") or fails (status "error"), its setup included (an import that raises, a module
+    that cannot be built): in-process (run_warp's default on CUDA) one broken peer must not end the suite."""
     try:
         check(impl, case)
         set_threads()
         inputs = make_inputs(case)
         step = make_step(impl, case, inputs)
-    except NotRun as e:
-        return {"status": e.status, "reason": str(e)}
-    try:
         for _ in range(warmup):  # one-time costs (JIT, thread pools, lazy init) out of both probes
             step()
         peak = None
@@ -547,6 +561,8 @@ def measure(
             peak = cuda_peak_mib(step, inputs) if case.device == "cuda" else cpu_peak_mib(step, inputs)
             malloc_steady_state()
         times = time_step(step, case.device, 0, repeats, budget_s, warmup_s)
+    except NotRun as e:
+        return {"status": e.status, "reason": str(e)}
     except Exception as e:  # a peer's own failure is a result, not a crash of the run
         return {"status": "error", "reason": f"{type(e).__name__}: {e}"[:300]}
     return {
@@ -589,6 +605,12 @@ def agreement(device: str = "cpu", padding: str = "auto", size: int = 20, channe
             got, ref = _run_once(case.peer, case), refs[case.config]
         except NotRun as e:
             rows.append({**row, "status": e.status, "reason": str(e)})
+            continue
+        except Exception as e:
+            if case.config not in refs:  # medfast's own failure: the suite's, raised
+                raise
+            # a peer's failure (its import or its call) is its row's, as in measure: not the end of the suite
+            rows.append({**row, "status": "error", "reason": f"{type(e).__name__}: {e}"[:300]})
             continue
         row["status"] = "ok"
         for key, r in ref.items():

@@ -724,3 +724,187 @@ def test_a_suite_missing_its_source_files_is_skipped(tmp_path, monkeypatch):
     (tmp_path / "pkg" / "configs" / "x.yaml").write_text("{}\n")
     status, _ = runner.run_suites("cpu", True, None, tmp_path / "work2", progress=lambda m: None)
     assert status["needs_config"]["status"] == "ok"
+
+
+# ---- the warp suite's failures, caveats and memory probe; pymust's extrapolation; the report's ratio cell -------
+
+def test_warp_suite_fails_when_medfast_fails_and_keeps_the_earlier_rows(tmp_path, monkeypatch):
+    """A medfast error in a warp configuration: run_warp.py exited 0 and `medfast bench` read the suite as ok,
+    its rows blank where medfast's times should be (replacing the earlier run's). Now exit 1: failed, earlier
+    rows kept, the reason naming the configuration."""
+    where = runner.benchmarks_dir()
+    wrapper = tmp_path / "warp_medfast_fails.py"
+    wrapper.write_text(
+        f"import sys\nsys.path.insert(0, {str(where)!r})\nimport run_warp, warp_cases as wc\n"
+        "def crash(case, inputs):\n"
+        "    def boom(image, ddf):\n        raise RuntimeError('simulated medfast failure')\n    return boom\n"
+        "wc.PREPARE['medfast'] = crash\nsys.exit(run_warp.main(sys.argv[1:]))\n")
+    args = ["--size", "8", "--peers", "grid_sample", "--modes", "nearest", "--ops", "warp", "--no-isolate",
+            "--no-agreement", "--repeats", "3", "--warmup", "0", "--budget", "0"]
+    warp = runner.Suite("warp", wrapper.name, lambda d, q, o: ["--device", d, "--out", str(o), "--quick", *args],
+                        runner._warp_rows)
+    _stand_ins(monkeypatch, tmp_path, warp)
+    out = tmp_path / "out"
+    earlier = {**runner._meta("cpu", True), "date": "20990101-000000"}
+    runner.write_reports(out, earlier, {"warp": _ok("warp")}, [runner.Row("warp", "linear", "grid_sample", 1.0, 9.0,
+                                                                          9.0)])
+    assert runner.main(_args(out, only="warp")) == 1
+    latest = json.loads((out / "bench_cpu_latest.json").read_text())
+    assert [r["ratio"] for r in latest["rows"]] == [9.0]
+    rerun = latest["suites"]["warp"]["rerun"]
+    assert rerun["status"] == "failed" and "medfast did not run 4 configurations" in rerun["reason"]
+    assert "simulated medfast failure" in rerun["reason"]
+    dated = json.loads(next(out.glob("bench_cpu_*-*.json")).read_text())
+    assert dated["suites"]["warp"]["status"] == "failed" and dated["rows"] == []
+
+
+def _warp_json(tmp_path, rows):
+    (tmp_path / "warp_cpu_latest.json").write_text(json.dumps({"rows": rows}))
+    return runner._warp_rows(tmp_path, "cpu")
+
+
+def test_warp_rows_say_why_a_side_did_not_run(tmp_path):
+    """A skipped or failing peer (and a failing medfast) reached the report as a blank row, like an n/a
+    configuration; run_warp's "*" (timed while other processes were busy) was dropped."""
+    ok = {"status": "ok", "ms": 2.0, "peak_mib": 1.0, "background_cores": 0.0}
+    busy = {**ok, "ms": 6.0, "background_cores": 1.5}
+
+    def row(peer, mine, theirs, **extra):
+        ratio = theirs["ms"] / mine["ms"] if "ms" in mine and "ms" in theirs else None
+        return {"case": f"nearest c1 fwd vs {peer}", "size": 12, "peer": peer, "medfast": mine, "peer_result": theirs,
+                "ratio": ratio, "target": "", "met": "", **extra}
+
+    rows = _warp_json(tmp_path, [
+        row("monai", ok, {"status": "error", "reason": "RuntimeError: MONAI Warp blew up | worker exit 1"}),
+        row("interpol", ok, {"status": "skipped", "reason": "interpol is not installed"}),
+        row("grid_sample", ok, {"status": "n/a", "reason": "grid_sample 'bicubic' is 2D only"}),
+        row("scipy", {"status": "error", "reason": "RuntimeError: illegal memory access"}, ok),
+        row("grid_sample", busy, busy)])
+    assert rows[0].peer == "monai (error: RuntimeError: MONAI Warp blew up / worker exit 1)"
+    assert rows[1].peer == "interpol (skipped: interpol is not installed)"
+    assert rows[2].peer == "grid_sample (n/a: grid_sample 'bicubic' is 2D only)"
+    assert rows[3].case == "nearest c1 fwd vs scipy 12^3 (medfast error: RuntimeError: illegal memory access)"
+    assert rows[3].peer == "scipy" and rows[3].medfast_ms is None
+    assert rows[4].case.endswith("(medfast *: timed while other processes used 1.50 cores)")
+    assert rows[4].peer == "grid_sample (*: timed while other processes used 1.50 cores)"
+    assert rows[0].case == "nearest c1 fwd vs monai 12^3" and rows[0].ratio is None
+    assert runner._WARP_BUSY_CORES == _script("run_warp").BUSY_CORES
+
+
+def test_warp_measure_and_agreement_survive_a_broken_peer_setup(monkeypatch):
+    """measure() promised never to raise for a failing peer, but its setup (PREPARE: an import, a module) sat
+    outside the try: in-process, a cupy built for another CUDA ended the whole suite (the agreement too)."""
+    wc = _script("warp_cases")
+
+    def broken(case, inputs):
+        raise ImportError("libnvrtc.so.12: cannot open shared object file")
+
+    monkeypatch.setitem(wc.PREPARE, "grid_sample", broken)
+    res = wc.measure("grid_sample", wc.Case("grid_sample", "linear", 1, "fwd", 8), repeats=3, warmup=0, budget_s=0)
+    assert res == {"status": "error", "reason": "ImportError: libnvrtc.so.12: cannot open shared object file"}
+    monkeypatch.setattr(wc, "PEERS", ("grid_sample",))
+    monkeypatch.setattr(wc, "MODES", ("linear",))
+    rows = wc.agreement("cpu", size=8, ops=("warp",))
+    assert rows and all(r["status"] == "error" and "libnvrtc" in r["reason"] for r in rows)
+    # medfast's own failure is the suite's: raised
+    monkeypatch.setitem(wc.PREPARE, "medfast", broken)
+    with pytest.raises(ImportError):
+        wc.agreement("cpu", size=8, ops=("warp",))
+
+
+def test_cubic_interpol_target_is_judged_on_the_forward(tmp_path):
+    """torch-interpol's cubic image gradient (zeros / reflection) is not the adjoint of its forward: its fwd+bwd
+    rows timed a wrong gradient under ">= 10x, met: yes". The forward rows carry the target; the fwd+bwd rows a
+    note, which the bench report shows with the peer."""
+    rw = _script("run_warp")
+    wc = sys.modules["warp_cases"]
+    fwd, fwdbwd = (wc.Case("interpol", "cubic", 1, p, 16, "cpu", "reflection") for p in ("fwd", "fwdbwd"))
+    assert wc.target(fwd).min_ratio == 10.0 and wc.target(fwdbwd) is None
+    assert wc.target(wc.Case("interpol", "cubic", 1, "fwdbwd", 16, "cpu", "border")).min_ratio == 10.0  # adjoint
+    ok = {"status": "ok", "ms": 10.0, "peak_mib": 1.0}
+    results = {f"{impl}|{c.config}": {**ok, "ms": 10.0 if impl == "medfast" else 150.0}
+               for c in (fwd, fwdbwd) for impl in ("medfast", "interpol")}
+    made = rw.make_rows([fwd, fwdbwd], results)
+    assert [(r["target"], r["met"], r.get("note")) for r in made] == [
+        (">= 10x", "yes", None), ("", "", wc.NOT_ADJOINT_NOTE)]
+    rows = _warp_json(tmp_path, made)
+    assert rows[0].peer == "interpol" and rows[1].peer == f"interpol ({wc.NOT_ADJOINT_NOTE})"
+    assert "not the adjoint" in rows[1].peer and not rows[1].target
+    assert f"{wc.NOT_ADJOINT_NOTE}" in rw.to_markdown({"meta": _warp_meta(), "rows": made})
+
+
+def _warp_meta(**extra):
+    return {"device": "cpu", "size": 16, "host": "h", "device_name": "cpu", "date": "d", "torch": "t", "threads": 2,
+            "medfast": "m", "medfast_extension": "x (d)", "versions": {}, "padding": "auto",
+            "opts": {"repeats": 3, "budget_s": 0, "warmup": 0}, "memory_method": "m",
+            "memory_calibration_mib": 100.0, "busy_processes": {"before": [], "after": []}, **extra}
+
+
+def test_in_process_cpu_run_reads_the_first_peak_only(monkeypatch):
+    """--no-isolate on the CPU: every case after the first read a peak up to 2.8x too high (the heap state the
+    earlier cases left), under a report that said "fresh process per case". Now the later peaks are not read
+    ("-", their memory target n/a, not "no") and the report says how the peaks were read."""
+    rw = _script("run_warp")
+    wc = sys.modules["warp_cases"]
+    seen = []
+
+    def fake(impl, case, opts, isolate, timeout_s):
+        seen.append(opts.get("memory", True))
+        return {"status": "ok", "ms": 1.0 if impl == "medfast" else 9.0,
+                "peak_mib": 1.0 if opts.get("memory", True) else None, "background_cores": 0.0}
+
+    monkeypatch.setattr(rw, "measure_job", fake)
+    cases = [wc.Case("grid_sample", "linear", c, "fwdbwd", 8) for c in (1, 4)]
+    results = rw.run_all(cases, {"repeats": 3}, isolate=False, timeout_s=10, wait_idle_s=0)
+    assert seen == [True, False, False, False]
+    rows = rw.make_rows(cases, results)
+    assert rows[0]["met"] == "n/a" and rows[1]["met"] == "n/a"  # speed met, memory not read
+    seen.clear()
+    rw.run_all(cases, {"repeats": 3}, isolate=True, timeout_s=10, wait_idle_s=0)
+    assert seen == [True] * 4
+    results = rw.run_all(cases, {"repeats": 3}, isolate=True, timeout_s=10, wait_idle_s=0)
+    assert [r["met"] for r in rw.make_rows(cases, results)] == ["yes", "yes"]
+    assert "fresh process per case" in rw.memory_method("cpu", True)
+    in_process = rw.memory_method("cpu", False)
+    assert "fresh process" not in in_process and "first measured case only" in in_process
+
+
+def test_pymust_extrapolation_fits_the_fixed_cost(tmp_path, monkeypatch):
+    """pymust's 60k-scatterer time was min(seconds / n) of single calls, counting simus's fixed cost once per
+    scatterer (the quick run: one call at 100 scatterers, about 1.2x too slow). Now a + b n over two or more
+    counts (the fastest of --pymust-repeats calls each), recorded with the fit."""
+    bu = _script("bench_ultrasound")
+    a, b = 0.7, 0.0337
+    calls = []
+
+    def spawn(args):
+        calls.append(args)
+        if args[0] == "pymust":
+            return [{"case": "pymust_simus", "n_scatterers": int(n), "seconds": a + b * int(n), "times": [0.0],
+                     "rf_shape": [1, 1], "peak_mib": 1.0} for n in args[2:]]
+        return {"case": args[0], "device": "cpu", "batch": 1, "sub_rays": int(args[3]), "volume": 8,
+                "seconds_per_call": 0.01, "frames_per_second": 100.0, "best_seconds_per_call": 0.01,
+                "best_frames_per_second": 100.0, "peak_mib": 1.0, "repeats": 1}
+
+    monkeypatch.setattr(bu, "_spawn", spawn)
+    bu.main(["--out", str(tmp_path), "--size", "8", "--pymust-scatterers", "100", "400"])
+    assert calls[-1] == ["pymust", "3", "100", "400"]
+    s = json.loads((tmp_path / "ultrasound_cpu_latest.json").read_text())["summary"]
+    assert s["pymust_seconds_60k_scatterers_one_transmit_extrapolated"] == pytest.approx(a + b * 60000)
+    assert s["pymust_fit"]["fixed_seconds"] == pytest.approx(a)
+    assert s["pymust_seconds_per_scatterer"] == pytest.approx(b)
+    assert s["speed_ratio_vs_pymust_60k"] == pytest.approx((a + b * 60000) / 0.01)
+    # a slope the noise made non-positive is not extrapolated: the per-scatterer upper bound, named
+    flat = bu.pymust_fit([{"n_scatterers": 100, "seconds": 4.0}, {"n_scatterers": 400, "seconds": 3.9}])
+    assert flat["extrapolated_seconds"] == pytest.approx(3.9 / 400 * 60000) and "upper bound" in flat["method"]
+    for bad in (["100"], ["100", "100"], ["0", "100"]):  # one count cannot separate the fixed cost
+        with pytest.raises(SystemExit):
+            bu.main(["--out", str(tmp_path), "--pymust-scatterers", *bad])
+    quick = {s.name: s for s in runner.SUITES}["ultrasound"].args("cpu", True, tmp_path)
+    counts = quick[quick.index("--pymust-scatterers") + 1:quick.index("--pymust-repeats")]
+    assert len(set(counts)) >= 2
+
+
+def test_a_missing_ratio_renders_as_a_dash():
+    md = runner.markdown(runner._meta("cpu", True), {"s": _ok("s")}, [runner.Row("s", "case", "peer", 2.0, None, None)])
+    assert "| 1 | s | case | peer | 2.00 | - | - | - | - |  |  |" in md and "-x" not in md

@@ -82,14 +82,31 @@ def _load(out: Path, pattern: str, device: str | None = None):
 # ---- adapters: one per script's JSON layout --------------------------------------------------------
 
 
+# run_warp.BUSY_CORES: other processes using more cores than this while a side was timed skew it (its "*")
+_WARP_BUSY_CORES = 0.2
+
+
+def _warp_side(res: dict) -> str:
+    """What run_warp's table says of a side beside its time: why it did not run, or its "*" (timed while
+    other processes were busy); "" for a clean measurement. A "|" would end the Markdown cell."""
+    if res.get("status", "ok") != "ok":
+        return f"{res['status']}: {res.get('reason') or '-'}".replace("|", "/")
+    busy = res.get("background_cores") or 0.0
+    return f"*: timed while other processes used {busy:.2f} cores" if busy > _WARP_BUSY_CORES else ""
+
+
 def _warp_rows(out: Path, device: str | None = None) -> list[Row]:
     data = _load(out, "warp_*_latest.json", device)
     rows = []
     for r in data["rows"]:
         ours, peer = r.get("medfast") or {}, r.get("peer_result") or {}
-        rows.append(Row("warp", r["case"] + f" {r['size']}^3", r["peer"], ours.get("ms"), peer.get("ms"),
-                        r.get("ratio"), ours.get("peak_mib"), peer.get("peak_mib"), r.get("target") or "",
-                        r.get("met") or ""))
+        # as the loss / distance rows: a side that did not run says so and why (a blank row read as an n/a
+        # configuration), a skewed one keeps run_warp's mark, and a row's caveat (its note) stays with its peer
+        mine, theirs = _warp_side(ours), _warp_side(peer)
+        case = r["case"] + f" {r['size']}^3" + (f" (medfast {mine})" if mine else "")
+        name = r["peer"] + (f" ({theirs})" if theirs else "") + (f" ({r['note']})" if r.get("note") else "")
+        rows.append(Row("warp", case, name, ours.get("ms"), peer.get("ms"), r.get("ratio"), ours.get("peak_mib"),
+                        peer.get("peak_mib"), r.get("target") or "", r.get("met") or ""))
     return rows
 
 
@@ -273,9 +290,10 @@ SUITES: list[Suite] = [
           _segmentation_rows, peers=("monai",)),
     Suite("ultrasound", "bench_ultrasound.py",
           lambda d, q, o: ["--device", d, "--out", str(o)]
-          + (["--size", "64", "--repeats", "3", "--pymust-scatterers", "100"] if q else []),
+          + (["--size", "64", "--repeats", "3", "--pymust-scatterers", "50", "200", "--pymust-repeats", "1"]
+             if q else []),
           _ultrasound_rows, optional=("pymust",)),
-    # ratio = step time / batch rendering time: > 10 means data generation under 10 % of the step
+    # no ratio (the step is no peer): the case text gives data generation's share of the step (target: < 10 %)
     Suite("classification", "bench_classification.py",
           lambda d, q, o: ["--device", d, "--out", str(o)] + (["--repeats", "5"] if q else ["--batch", "64"]
                                                               if d == "cuda" else []),
@@ -458,8 +476,8 @@ def markdown(meta: dict, status: dict, rows: list[Row]) -> str:
               "|---:|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for i, r in enumerate(rows, 1):
         cells = [str(i), r.suite, r.case, r.peer, _fmt(r.medfast_ms, ".2f"), _fmt(r.peer_ms, ".2f"),
-                 _fmt(r.ratio, ".2f") + "x", _fmt(r.medfast_peak_mib, ".0f"), _fmt(r.peer_peak_mib, ".0f"),
-                 r.target, r.met]
+                 "-" if r.ratio is None else f"{r.ratio:.2f}x", _fmt(r.medfast_peak_mib, ".0f"),
+                 _fmt(r.peer_peak_mib, ".0f"), r.target, r.met]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| suite | status | run | detail |", "|---|---|---|---|"]
     for name, s in status.items():
