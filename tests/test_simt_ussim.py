@@ -39,6 +39,18 @@ def _tol(dtype):
     return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
 
 
+def _assert_grad_close(out, ref, dtype):
+    """float64 elementwise; float32 against the gradient's scale: the transmission of a monotone run of samples
+    (ussim.h, Run) has a kink at the run's end (the loss follows the run's extreme impedance), and where two
+    samples' impedances differ by a rounding error the float32 paths (this kernel, the CPU op's AVX2 passes) may
+    see the run end one sample apart: a few elements differ by ~1e-5 of the scale."""
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, **_tol(dtype))
+        return
+    scale = ref.abs().amax().clamp_min(1e-12)
+    torch.testing.assert_close(out / scale, ref / scale, rtol=0, atol=1e-4)
+
+
 def _coords(B, R, S, D, H, W, dtype, g):
     start = torch.rand(B, R, 1, 3, generator=g, dtype=dtype) * torch.tensor([D, H, W], dtype=dtype)
     step = (torch.rand(B, R, 1, 3, generator=g, dtype=dtype) - 0.5) * 0.2
@@ -114,9 +126,9 @@ def test_backward_and_scatter_kernels_match_cpu(lib, dtype, volumes, S, which):
                                               need_p, need_c, index)
     gp, gc = _emu_backward(lib, props, coords, grad, noise, index, need_p, need_c, H100_SMS)
     if need_p:
-        torch.testing.assert_close(gp, gp_ref, **_tol(dtype))
+        _assert_grad_close(gp, gp_ref, dtype)
     if need_c:
-        torch.testing.assert_close(gc, gc_ref, **_tol(dtype))
+        _assert_grad_close(gc, gc_ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -165,6 +165,22 @@ MEDFAST_AVX2 inline void scatter_echo8(__m256 sq, __m256 mu, __m256 sd, const __
   *im = _mm256_mul_ps(sq, _mm256_fmadd_ps(sd, n[3], _mm256_mul_ps(mu, n[1])));
 }
 
+// The later steps of monotone runs (ussim.h, Run): lt[i] = log(1 - R_i^2) of the vector pass holds for a run's
+// first step; a later step (inside a sharpened interface: few) takes the run's telescoping difference. A scalar
+// scan: the run is sequential, and its later steps are rare.
+inline void run_log_transmissions(const float* Z, int64_t S, float* lt) {
+  int dir = 0;
+  float zs = 0.0f;
+  for (int64_t i = 1; i < S; ++i) {
+    const int d = step_dir<float>(Z[i - 1], Z[i]);
+    if (d != 0 && d == dir)
+      lt[i] = log_t2<float>(zs, Z[i]) - log_t2<float>(zs, Z[i - 1]);
+    else
+      zs = Z[i - 1];
+    dir = d;
+  }
+}
+
 // Scratch values of one sub-ray per sample (march_subray8), channel-major, Sp = S rounded up to 8.
 struct SubrayBuffer {
   std::vector<float> data;
@@ -358,6 +374,7 @@ MEDFAST_AVX2 void march_subray8(const float* vol, const float* table, const Para
     _mm256_storeu_ps(bR + i0, R);
     _mm256_storeu_ps(bSd + i0, log8(_mm256_max_ps(_mm256_fnmadd_ps(R, R, one), tmin)));
   }
+  run_log_transmissions(bZ, S, bSd);
 
   // ---- Pass 4: u = log(1 - R^2) - att alpha in double; log T_i = sum_{j < i} u_j: an exclusive prefix
   // sum in double over each block (log-step scan; differs from the sequential sum by double rounding
@@ -766,6 +783,7 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
     _mm256_storeu_ps(bR + i0, R);
     _mm256_storeu_ps(bLt + i0, log8(_mm256_max_ps(_mm256_fnmadd_ps(R, R, one), tmin)));
   }
+  run_log_transmissions(bZ, S, bLt);
 
   // ---- Pass 4: log T_i = sum_{j < i} (log(1 - R_j^2) - att alpha_j) in double (the forward's pass 4),
   // E = exp(log T), h E with h = g0 R + g1 c0 + g2 c1 (c the scatter echo sqrt(rho) (mu N + sigma M); in place
@@ -836,6 +854,32 @@ MEDFAST_AVX2 void backward_ray8(const float* vol, const float* table, const Para
       _mm256_storeu_ps(bGb + i0, b);
     }
     bGb[Sp] = 0.0f;  // (b_{i+1} of the last block's last lane)
+  }
+
+  // ---- Pass 5b: the later steps of monotone runs (run_log_transmissions): their a_i, b_i with the run's
+  // transmission terms, and the run start's term into its a (gv_0 of sample r = a_r - b_{r+1}).
+  {
+    int dir = 0;
+    float zs = 0.0f;
+    int64_t r = 0;
+    for (int64_t i = 1; i < S; ++i) {
+      const float zp = bZ[i - 1], z = bZ[i];
+      const int d = step_dir<float>(zp, z);
+      const bool later = d != 0 && d == dir;
+      dir = d;
+      if (!later) {
+        zs = zp;
+        r = i - 1;
+        continue;
+      }
+      const Run<float> run{zs, d, r, false};
+      float gz, gzp, gs;
+      run_transmission_grads<float>(run, zp, z, bW[i], &gz, &gzp, &gs);
+      const float den = z + zp, k = 2.0f * g0[i] * bE[i] / (den * den);  // the echo R_i's
+      bGa[i] = k * zp + gz;
+      bGb[i] = k * z - gzp;
+      bGa[r] += gs;
+    }
   }
 
   // ---- Pass 6: per-sample property gradients gv; into the cell records (kRec) and/or the position

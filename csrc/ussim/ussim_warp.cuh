@@ -17,6 +17,46 @@ namespace medfast::ussim {
 // frames per call (each line then costs S sequential samples of memory latency).
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// The monotone runs of the transmission (ussim.h, Run) across the 32 lanes of a chunk: lane t has step
+// i = base + t (impedance z, the previous sample's z_prev). A step starts a run unless it continues the
+// previous step's strict direction (the lane before, or the carry for lane 0); the run's start sample is
+// the largest i - 1 of a run-starting step up to this lane (a warp max-scan), or the carried one.
+template <typename A>
+struct WarpRunCarry {
+  A zs;           // impedance at the start of the run of the chunk's last step
+  int dir;        // that step's direction
+  int64_t start;  // the run's start sample
+};
+
+template <typename A>
+__device__ void warp_run(int lane, int64_t i, A z_prev, A z, A z_carry, WarpRunCarry<A>& rc, bool* first, A* zs,
+                         int64_t* start) {
+  const int d = i == 0 ? 0 : step_dir<A>(z_prev, z);
+  int dprev = __shfl_up_sync(kFullMask, d, 1);
+  if (lane == 0) dprev = rc.dir;
+  *first = i == 0 || !(d != 0 && d == dprev);
+  int64_t r = *first ? (i == 0 ? int64_t(0) : i - 1) : int64_t(-1);
+#pragma unroll
+  for (int k = 1; k < 32; k <<= 1) {
+    const int64_t n = __shfl_up_sync(kFullMask, r, k);
+    if (lane >= k && n > r) r = n;
+  }
+  if (r < 0) r = rc.start;
+  const int64_t base = i - lane;
+  const A zl = __shfl_sync(kFullMask, z, r >= base ? static_cast<int>(r - base) : 0);
+  *zs = r >= base ? zl : (r == base - 1 ? z_carry : rc.zs);
+  *start = r;
+  rc.dir = __shfl_sync(kFullMask, d, 31);
+  rc.start = __shfl_sync(kFullMask, r, 31);
+  rc.zs = __shfl_sync(kFullMask, *zs, 31);
+}
+
+// Step i's log transmission (run_log_transmission of ussim.h for the run found by warp_run).
+template <typename A>
+__device__ A warp_run_log_transmission(bool first, A zs, A z_prev, A z, A R) {
+  return first ? log_transmission<A>(R) : log_t2<A>(zs, z) - log_t2<A>(zs, z_prev);
+}
+
 template <typename T>
 __global__ void lines_warp_kernel(const T* vol, const float* table, const Params P, const T* start, const T* step,
                                   const T* w, T* out, int64_t lines, int64_t L, int64_t E) {
@@ -36,6 +76,7 @@ __global__ void lines_warp_kernel(const T* vol, const float* table, const Params
       const T* we = w + e * P.S * 3;
       double carry = 0.0;  // sum of the log losses of the samples before this chunk
       A z_carry = A(1);    // impedance of the last sample of the previous chunk
+      WarpRunCarry<A> rc{A(1), 0, 0};
       for (int64_t base = 0; base < P.S; base += 32) {
         const int64_t i = base + lane;
         const bool valid = i < P.S;
@@ -51,7 +92,12 @@ __global__ void lines_warp_kernel(const T* vol, const float* table, const Params
         if (lane == 0) z_prev = z_carry;
         // as eval_sample with the previous sample's impedance (march_ray_fn)
         const A R = i == 0 ? A(0) : (s.Z - z_prev) / (s.Z + z_prev);
-        const double u = valid ? static_cast<double>(log_transmission<A>(R)) - P.att * static_cast<double>(s.v[1])
+        bool first;
+        A zs;
+        int64_t run_start;
+        warp_run<A>(lane, i, z_prev, s.Z, z_carry, rc, &first, &zs, &run_start);
+        const double u = valid ? static_cast<double>(warp_run_log_transmission<A>(first, zs, z_prev, s.Z, R)) -
+                                     P.att * static_cast<double>(s.v[1])
                                : 0.0;
         double incl = u;
 #pragma unroll
@@ -98,7 +144,7 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
     // One chunk: this lane's sample, its R from the previous lane's impedance, its log loss u, and the
     // exclusive prefix of u (logT before carry). The same evaluation in both passes.
     auto eval = [&](int64_t base, A z_carry, bool grads, Sample<A>& s, A& Rr, double& u, double& excl, double& incl,
-                    A* dv, A* dn, bool& clamped_prev) {
+                    A* dv, A* dn, bool& clamped_prev, WarpRunCarry<A>& rc, bool& first, A& zs, int64_t& start) {
       const int64_t i = base + lane;
       const bool valid = i < P.S;
       s.Z = A(1);
@@ -115,7 +161,10 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
       clamped_prev = cp;
       Rr = i == 0 ? A(0) : (s.Z - z_prev) / (s.Z + z_prev);
       s.R = Rr;
-      u = valid ? static_cast<double>(log_transmission<A>(Rr)) - P.att * static_cast<double>(s.v[1]) : 0.0;
+      warp_run<A>(lane, i, z_prev, s.Z, z_carry, rc, &first, &zs, &start);
+      u = valid ? static_cast<double>(warp_run_log_transmission<A>(first, zs, z_prev, s.Z, Rr)) -
+                      P.att * static_cast<double>(s.v[1])
+                : 0.0;
       incl = u;
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
@@ -135,13 +184,15 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
     double logT = 0.0, total = 0.0;
     A z_carry = A(1);
     bool clamped_carry = false;
+    WarpRunCarry<A> rc{A(1), 0, 0};
     for (int64_t base = 0; base < P.S; base += 32) {
       const int64_t i = base + lane;
       Sample<A> s;
-      A Rr;
+      A Rr, zs;
       double u, excl, incl;
-      bool cp;
-      eval(base, z_carry, false, s, Rr, u, excl, incl, nullptr, nullptr, cp);
+      bool cp, first;
+      int64_t run_start;
+      eval(base, z_carry, false, s, Rr, u, excl, incl, nullptr, nullptr, cp, rc, first, zs, run_start);
       double he = 0.0;
       if (i < P.S) {
         A gi[3];
@@ -158,6 +209,11 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
     double prefix = 0.0;
     z_carry = A(1);
     clamped_carry = false;
+    rc = WarpRunCarry<A>{A(1), 0, 0};
+    // the run start's dZ/dp and clamping, for the start sample of the chunk's last run (carried), and the last
+    // sample's (the previous chunk's lane 31, pending at the start of a chunk)
+    A run_dz_carry[3] = {A(0), A(0), A(0)}, last_dz[3] = {A(0), A(0), A(0)};
+    bool run_clamped_carry = false;
     // the pending sample of lane 31 (its impedance term from the next chunk's lane 0 still to add)
     int64_t pend_i = -1;
     A pend_gv[kProps], pend_dz[3], pend_acc[3];
@@ -172,10 +228,12 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
       const int64_t i = base + lane;
       const bool valid = i < P.S;
       Sample<A> s;
-      A Rr, dv[3 * kProps], dn[3 * kNoise];
+      A Rr, zs, dv[3 * kProps], dn[3 * kNoise];
       double u, excl, incl;
-      bool cp;
-      const A z_prev = eval(base, z_carry, gc_out != nullptr, s, Rr, u, excl, incl, dv, dn, cp);
+      bool cp, first;
+      int64_t run_start;
+      const A z_prev = eval(base, z_carry, gc_out != nullptr, s, Rr, u, excl, incl, dv, dn, cp, rc, first, zs,
+                            run_start);
       if (lane == 0) cp = clamped_carry;
       A gv[kProps] = {A(0), A(0), A(0), A(0), A(0)};
       A acc[3] = {A(0), A(0), A(0)};
@@ -199,19 +257,21 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
         const double n = __shfl_up_sync(kFullMask, hp, d);
         if (lane >= d) hp += n;
       }
+      A deferred = A(0);  // this step's term of its run start's impedance gradient (a run's later steps)
       if (valid) {
         const A Wsuf = static_cast<A>(total - (prefix + hp));
-        const A one_m = A(1) - Rr * Rr;
-        A gR = g0 * E;
-        if (one_m > A(kMinTransmission)) gR -= Wsuf * A(2) * Rr / one_m;
+        const A gR = g0 * E;  // the echo R_i's
         gv[1] = -Wsuf * static_cast<A>(P.att);
         A gn[kNoise];
         scatter_grads(s, E, g1, g2, gv, gn);
         if (i > 0) {
           const A den = s.Z + z_prev;
           const A dR_dZ = A(2) * z_prev / (den * den), dR_dZprev = A(-2) * s.Z / (den * den);
-          if (!s.z_clamped) gv[0] += gR * dR_dZ;
-          if (!cp) cterm = gR * dR_dZprev;
+          const Run<A> run{zs, 0, run_start, first};
+          A gz, gzprev;
+          run_transmission_grads<A>(run, z_prev, s.Z, Wsuf, &gz, &gzprev, &deferred);
+          if (!s.z_clamped) gv[0] += gR * dR_dZ + gz;
+          if (!cp) cterm = gR * dR_dZprev + gzprev;
         }
         if (gc_out) {
           for (int j = 0; j < 3; ++j)
@@ -243,6 +303,50 @@ __device__ void ray_backward_warp(const T* v, const float* table, const Params& 
         } else {
           finish(i, gv, dz, rest, c_next);
         }
+      }
+      // The later steps of a run add to their run start's impedance gradient (the start sample is written by
+      // now: an earlier chunk, the previous chunk's pending lane 31 finished above, or a lane of this chunk at
+      // least two before): per run, the lanes of this chunk form one segment (start samples are non-decreasing
+      // along the lanes), whose last lane adds the segment's sum (a warp prefix sum) to the start sample.
+      {
+        A dzl[3] = {A(0), A(0), A(0)};
+        if (gc_out && valid)
+          for (int j = 0; j < 3; ++j) dzl[j] = dv[j];
+        const int src = run_start >= base ? static_cast<int>(run_start - base) : 0;
+        A dzs[3];
+        for (int j = 0; j < 3; ++j) {
+          const A x = __shfl_sync(kFullMask, dzl[j], src);
+          dzs[j] = run_start >= base ? x : (run_start == base - 1 ? last_dz[j] : run_dz_carry[j]);
+        }
+        const bool cl = __shfl_sync(kFullMask, static_cast<int>(s.z_clamped), src) != 0;
+        const bool clamped_s = run_start >= base ? cl : (run_start == base - 1 ? clamped_carry : run_clamped_carry);
+        double dp = valid ? static_cast<double>(deferred) : 0.0;  // inclusive prefix of the deferred terms
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const double n = __shfl_up_sync(kFullMask, dp, d);
+          if (lane >= d) dp += n;
+        }
+        // this run's first lane in the chunk: the step after its start, or lane 0
+        const int64_t seg0 = run_start + 1 - base;
+        const int a0 = seg0 > 0 ? static_cast<int>(seg0) : 0;
+        const double before = __shfl_sync(kFullMask, dp, a0 > 0 ? a0 - 1 : 0);
+        const int64_t next_start = __shfl_down_sync(kFullMask, run_start, 1);
+        const bool next_valid = __shfl_down_sync(kFullMask, static_cast<int>(valid), 1) != 0;
+        const bool seg_end = valid && (lane == 31 || !next_valid || next_start != run_start);
+        __syncwarp(kFullMask);  // the finished samples' writes visible to the warp
+        const A sum = static_cast<A>(dp - (a0 > 0 ? before : 0.0));
+        if (seg_end && sum != A(0) && !clamped_s) {
+          if (gv_out) gv_out[run_start * kProps] = static_cast<T>(static_cast<A>(gv_out[run_start * kProps]) + sum);
+          if (gc_out)
+            for (int j = 0; j < 3; ++j)
+              gc_out[3 * run_start + j] = static_cast<T>(static_cast<A>(gc_out[3 * run_start + j]) + sum * dzs[j]);
+        }
+        __syncwarp(kFullMask);
+        for (int j = 0; j < 3; ++j) {
+          run_dz_carry[j] = __shfl_sync(kFullMask, dzs[j], 31);
+          last_dz[j] = __shfl_sync(kFullMask, dzl[j], 31);
+        }
+        run_clamped_carry = __shfl_sync(kFullMask, static_cast<int>(clamped_s), 31) != 0;
       }
       prefix += __shfl_sync(kFullMask, hp, 31);
       logT += __shfl_sync(kFullMask, incl, 31);

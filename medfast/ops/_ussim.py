@@ -137,9 +137,9 @@ def ray_march(
     sharp : float or sequence of 3 floats
         >= 1: steepness of the impedance interpolation, one value for all voxel axes or one per axis
         (0, 1, 2). Between two voxels the impedance changes over 1/sharp of the voxel instead of all
-        of it, so interfaces stay sharp (specular echoes of full amplitude; the transmission loss is
-        summed over the samples inside the step, 40-60 % of the jump's in dB: docs/ultrasound.md)
-        in coarse volumes; 1 = trilinear. An anisotropic volume needs one per axis (the
+        of it, so interfaces stay sharp (specular echoes of full amplitude; the transmission loss of the
+        full jump, taken per monotone run of samples: docs/ultrasound.md) in coarse volumes;
+        1 = trilinear. An anisotropic volume needs one per axis (the
         simulator's ``voxel size / interface width``), else its fine axes get steps much narrower
         than a sample.
 

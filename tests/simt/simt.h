@@ -221,6 +221,8 @@ inline void __syncthreads() { simt::wait(simt::kAtSync); }
 
 template <class T>
 T __shfl_sync(unsigned, T v, int src) { return simt::exchange(v, src & 31); }
+// __syncwarp: all lanes of the warp meet (a shuffle's barrier), so writes before it are seen after it.
+inline void __syncwarp(unsigned = 0xffffffffu) { (void)simt::exchange(0, 0); }
 template <class T>
 T __shfl_up_sync(unsigned, T v, unsigned d) { return simt::exchange(v, simt::lane() - static_cast<int>(d)); }
 template <class T>
