@@ -22,6 +22,8 @@ PROPS = torch.rand(1, 5, 6, 6, 6, dtype=torch.float64) + 1
 POSE = look_at((15.0, 15.0, -2.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)).double()
 PROBE = Probe.preset("L11-5v", n_lines=8, n_samples=32, depth_mm=20.0)
 
+SCALED = torch.diag(torch.tensor([1.1, 1.1, 1.1, 1.0], dtype=torch.float64))
+
 # (name, function of one tensor, the tensor): every differentiable op family
 CASES = [
     ("warp", lambda d: mf.warp(IMG, d).square().sum(), DDF),
@@ -31,6 +33,10 @@ CASES = [
     ("dice_ce_loss", lambda x: mf.dice_ce_loss(x, LABELS), IMG),
     ("dice_loss soft", lambda x: mf.dice_loss(x, torch.softmax(IMG, 1)), IMG),
     ("simulate", lambda p: simulate(p, np.diag([5.0, 5, 5, 1]), POSE, PROBE, seed=1).lines_db.sum(), PROPS),
+    # tensor affines: the host read of the affines raised "Cannot access data pointer" before the named error
+    ("resample", lambda x: mf.resample(x, torch.eye(4, dtype=torch.float64), SCALED, (5, 6, 7)).sum(), IMG),
+    ("resample affine", lambda a: mf.resample(IMG, a, torch.eye(4, dtype=torch.float64), (5, 6, 7)).sum(),
+     torch.eye(4, dtype=torch.float64)),
 ]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from medfast._typing import Int, MatrixLike, ShapeLike
+from medfast.ops._autograd import refuse_function_transforms
 from medfast.ops._validate import (
     autocast_image,
     autocast_on,
@@ -106,6 +107,9 @@ def resample(
         ``(B, C, *shape_out)`` on the grid of ``affine_out``; float32 for a float16/bfloat16 image
         under ``torch.autocast``, as :func:`medfast.warp`.
     """
+    # before the host reads of the affines (torch.func.grad / jacrev failed there with a raw storage error)
+    refuse_function_transforms("medfast resample", image, *(a for a in (affine_in, affine_out)
+                                                             if isinstance(a, torch.Tensor)))
     image = autocast_image(image)
     ndim = check_image(image)
     shape_out = check_shape("shape_out", shape_out, ndim)
