@@ -216,6 +216,12 @@ def _config(tmp_path, phantom, out="run", **extra):
         "task_args.position=[28, -1, 28]", "task_args.shift_mm=[6, 4, 4]", "task_args.val_sets=1",
         "task_args.val_frames=4", "task_args.swd_patches=256", "task_args.samples_per_epoch=16",
     ]
+    # a setting the run would ignore is refused: the image-mode pose range in pose mode, the discriminator's without
+    # the adversarial loss
+    if extra.get("task_args.mode") == "pose":
+        overrides.remove("task_args.shift_mm=[6, 4, 4]")
+    if extra.get("task_args.lambda_adv") == 0:
+        overrides = [o for o in overrides if not o.startswith("task_args.disc_")]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return load_config([], overrides)
 

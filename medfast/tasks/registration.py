@@ -1546,6 +1546,18 @@ def run_register(args: argparse.Namespace) -> int:
             raise RegistrationError(f"--model runs the trained network (one forward pass, no optimization): "
                                     f"{', '.join(flags)} would be ignored; remove {'it' if len(flags) == 1 else 'them'}"
                                     f" (or drop --model to optimize)")
+        # a stage's settings where it does not run (no levels, or 0 iterations) were silently ignored; the label Dice
+        # drives the affine stage too, so --dice-weight only where neither stage runs
+        deform = bool(cfg.deform_levels) and cfg.deform_iters > 0
+        affine = bool(cfg.affine_levels) and cfg.affine_iters > 0
+        unused = [f for f in _optimization_flags(cfg) if (f in ("--velocity", "--bending-weight") and not deform)
+                  or (f == "--dice-weight" and not (deform or affine))]
+        if unused and not args.model:  # (--model refuses every optimization flag above)
+            runs = "no deformable stage runs" + ("" if affine else " (nor an affine stage)")
+            raise RegistrationError(f"{', '.join(unused)} would be ignored: {runs} with --deform-levels "
+                                    f"{','.join(map(str, cfg.deform_levels)) or repr('')} --deform-iters "
+                                    f"{cfg.deform_iters}; remove {'it' if len(unused) == 1 else 'them'}, or give the "
+                                    f"deformable stage levels and iterations")
         # what the other mode would silently ignore is an error (the demo ran with a nonexistent --model)
         if args.demo:
             ignored = [name for name, given in (("FIXED / MOVING", args.fixed or args.moving), ("--model", args.model),

@@ -96,6 +96,13 @@ def check_config(config: Config) -> None:
     _check_model(config)
     _check_deep_supervision_weights(config)  # (training only: predict builds the network without it)
     check_dataset_args(config, "segmentation")
+    if config.loss.batch_dice and config.trainer.batch_size == 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # the batch Dice sums over one micro-batch (all ranks' under torchrun, never over trainer.accumulate's
+        # micro-batches): of one sample on one process it is that sample's Dice, loss.batch_dice: false's
+        raise ConfigError("loss.batch_dice sums the Dice over each micro-batch (trainer.batch_size samples per "
+                          "process, not over the trainer.accumulate micro-batches of a step): with "
+                          "trainer.batch_size=1 on one process it equals the per-sample Dice and would do nothing; "
+                          "raise trainer.batch_size, or remove loss.batch_dice")
     if config.task_args:
         raise ConfigError(f"unknown task_args for the segmentation task: {sorted(config.task_args)} (it takes none)")
     n = config.model.out_channels
@@ -309,6 +316,47 @@ def _output_names(inputs: Sequence[ImageEntry], advice: str = _PREDICT_ADVICE) -
     return names
 
 
+#: the settings ``medfast predict`` reads from a segmentation checkpoint's config (preprocessing and sliding window):
+#: the only ones ``--set`` may change
+PREDICT_SETTINGS = ("data.reorient", "data.spacing", "data.normalize", "data.clip_percentiles", "inference.roi_size",
+                    "inference.overlap", "inference.blend", "inference.sw_batch_size")
+
+
+def _check_predict_overrides(overrides: Sequence[str], config: Config) -> None:
+    """``overrides`` (``--set``) may set only :data:`PREDICT_SETTINGS` (any other one was accepted and ignored:
+    ``trainer.max_steps=-3``, ``optim.lr=-1``, ``inference.hd_percentile=500``), and their values pass the checks
+    training runs on them; raises :class:`ConfigError` naming the keys."""
+    from collections.abc import Mapping
+
+    from medfast.train.config import DataConfig, InferenceConfig, check_spatial_config, parse_override
+    from medfast.train.config import check_config as check_shared
+
+    keys = []
+    for text in overrides:
+        path, value = parse_override(text)
+        # a section set as a mapping (inference={overlap: 0.25}) sets its keys
+        keys += [f"{path[0]}.{k}" for k in value] if len(path) == 1 and isinstance(value, Mapping) else [
+            ".".join(path[:2])]
+    unread = list(dict.fromkeys(k for k in keys if k not in PREDICT_SETTINGS))
+    if unread:
+        hd = ("; inference.hd_percentile is validation's: score predictions with medfast evaluate --percentile"
+              if "inference.hd_percentile" in unread else "")
+        raise ConfigError(f"overrides (--set) {', '.join(unread)}: medfast predict does not read "
+                          f"{'it' if len(unread) == 1 else 'them'} (the network and the training settings are the "
+                          f"checkpoint's{hd}); it reads {', '.join(PREDICT_SETTINGS)}")
+    # the training checks of these keys on them alone: the checkpoint's other settings were checked when it was
+    # trained (an older one may predate a check added since, which must not stop its predictions)
+    d, inf = config.data, config.inference
+    probe = config_from_dict({"task": "segmentation"})
+    probe.model = config.model  # (the window against the network's depth, model.spatial_dims)
+    probe.data = DataConfig(reorient=d.reorient, spacing=d.spacing, normalize=d.normalize,
+                            clip_percentiles=d.clip_percentiles)
+    probe.inference = InferenceConfig(roi_size=inf.roi_size, overlap=inf.overlap, blend=inf.blend,
+                                      sw_batch_size=inf.sw_batch_size)
+    check_shared(probe)
+    check_spatial_config(probe)
+
+
 def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir: str | Path, *,
                   device: str = "auto", overrides: Sequence[str] = (), save_probabilities: bool = False,
                   progress: bool = True, group_channels: bool = True) -> list[Path]:
@@ -339,6 +387,10 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     segmented with sliding windows, and the class probabilities are resampled back onto the input's grid
     (with :func:`medfast.resample`) before the argmax, so the output has exactly the input's shape and
     voxel-to-world affine, and the input's qform and sform (matrices and codes) are kept.
+
+    ``overrides`` (``--set key=value``) may change only the settings predict reads, :data:`PREDICT_SETTINGS`
+    (preprocessing and sliding window), checked as training checks them; any other key raises
+    :class:`ConfigError` naming it.
     """
     from medfast.train.config import load_config
     from medfast.train.files import check_out_dir
@@ -357,6 +409,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
         import yaml
 
         config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(saved)))
+        _check_predict_overrides(overrides, config)
     # channel files are grouped only for a model that takes several channels: to a one-channel model,
     # scan_0000, scan_0001, ... are single-channel images (as in a data.train_images list), one case each
     inputs = _input_entries(inputs, group_channels and config.model.in_channels > 1)
@@ -436,7 +489,8 @@ class SegmentationTask(Task):
         from medfast.losses import DiceCELoss
 
         lc = config.loss
-        # ddp_sync: under torchrun the batch Dice covers the global batch, as one process with it would
+        # ddp_sync: under torchrun the batch Dice covers the micro-batch of all ranks (R x batch_size samples), as one
+        # process with their batch would; never trainer.accumulate's micro-batches together (one loss each)
         self.loss_fn = DiceCELoss(include_background=lc.include_background, batch=lc.batch_dice,
                                   lambda_dice=lc.lambda_dice, lambda_ce=lc.lambda_ce, ddp_sync=lc.batch_dice)
         self.augment = RandomAugment(config.augment)
@@ -474,6 +528,9 @@ class SegmentationTask(Task):
         c = self.config
         d = c.data
         if not d.test_images:
+            if d.test_label_map:  # (after a data.dataset preset filled the lists: the shared checks ran before it)
+                raise ConfigError("data.test_label_map relabels the test set's labels, but there is no test set "
+                                  "(data.test_images, or one of data.dataset): it would be ignored; remove it")
             return
         if len(d.test_labels) != len(d.test_images):
             raise DatasetError(f"{len(d.test_images)} test images (data.test_images) but {len(d.test_labels)} test "
@@ -493,17 +550,20 @@ class SegmentationTask(Task):
             return self.loss_fn(logits.float(), label)
         weights = self.config.loss.deep_supervision_weights or [0.5**i for i in range(len(logits))]
         total = 0.0
-        for w, out in zip(weights, logits):
+        for j, (w, out) in enumerate(zip(weights, logits)):
             target = label
             if out.shape[2:] != label.shape[1:]:
-                # every 2^j-th voxel: where the UNet's level-j output sits (it pads to a multiple internally
-                # and crops ceil(S / 2^j)); a nearest resize from S to ceil(S / 2^j) took other voxels (up to
-                # 0.75 of a coarse voxel off) whenever S was not a multiple of 2^j
-                step = -(-label.shape[1] // out.shape[2])
+                # output j (full resolution first) is the UNet's level j: every level halves every axis (stride-2
+                # convolutions; it pads to a multiple of 2^(levels-1) and crops ceil(S / 2^j)), so its voxel i sits
+                # on input voxel 2^j * i along each axis. (ceil(S0 / out0) of the first axis for every axis compared
+                # a 28-voxel patch's level 3 with label[::7], and failed on anisotropic patches; a nearest resize
+                # took voxels up to 0.75 of a coarse voxel off.)
+                step = 2**j
                 target = label[(slice(None), *[slice(None, None, step)] * (label.dim() - 1))]
                 if target.shape[1:] != out.shape[2:]:
-                    raise ValueError(f"deep supervision output of shape {tuple(out.shape[2:])} does not match the "
-                                     f"label {tuple(label.shape[1:])} subsampled by {step}")
+                    raise ValueError(f"deep supervision output {j} of shape {tuple(out.shape[2:])} does not match "
+                                     f"the label {tuple(label.shape[1:])} subsampled by {step} (2^{j}): "
+                                     f"{tuple(target.shape[1:])}")
             total = total + w * self.loss_fn(out.float(), target)
         return total / sum(weights[: len(logits)])
 

@@ -660,9 +660,20 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"trainer.seed must lie in [0, 2**32), got {tc.seed}")
     if not tc.out_dir:
         raise ConfigError("trainer.out_dir (--out) must not be empty")
+    if tc.val_at_start and not tc.val_every:  # (the trainer validates at step 0 only when validation is on)
+        raise ConfigError("trainer.val_at_start: true validates the untrained model as step 0 of the validation, "
+                          "but trainer.val_every: 0 turns validation off (no validation row would be written): set "
+                          "trainer.val_every > 0, or remove trainer.val_at_start")
     d = config.data
     if d.cache == "disk" and not d.cache_dir:
         raise ConfigError("data.cache='disk' needs data.cache_dir (the folder for the cached subjects)")
+    if d.cache_dir and d.cache != "disk":  # only the disk cache reads it: silently ignored otherwise
+        raise ConfigError(f"data.cache_dir is the folder of data.cache: disk, but data.cache is {d.cache!r} (it "
+                          f"would be ignored): set data.cache: disk, or remove data.cache_dir")
+    # a built-in data set (data.dataset) fills data.test_images later: the segmentation task checks that case
+    if d.test_label_map and not d.test_images and d.dataset is None:
+        raise ConfigError("data.test_label_map relabels the test set's labels, but data.test_images is empty (it "
+                          "would be ignored): give data.test_images / test_labels, or remove data.test_label_map")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must lie in [0, 1), got {d.val_fraction}")
     if d.num_workers < 0:

@@ -88,6 +88,30 @@ def prepare_preset(config: Any) -> None:
             setattr(d, key, value)
 
 
+#: the augment ranges that move voxels (the validation deformations draw only these; see RandomAugment)
+_GEOMETRIC = ("rotation", "scale", "shear", "translation", "flip")
+
+
+def _check_val_deformations(config: Any) -> None:
+    """``data.val_deformations`` deforms the training subjects with the geometric part of ``augment``: raises
+    :class:`~medfast.train.ConfigError` naming both settings when that part draws no deformation (augmentation
+    off, or every geometric range 0), where validation would score undeformed copies of the training subjects."""
+    from medfast.train.config import ConfigError
+
+    a, n = config.augment, config.data.val_deformations
+    if not a.enabled:
+        why = "augment.enabled is false"
+    elif not any(getattr(a, k) for k in _GEOMETRIC) and not (a.deform_magnitude > 0 and a.deform_grid >= 2):
+        why = (f"every geometric range of augment is 0 ({', '.join(f'augment.{k}' for k in _GEOMETRIC)}, and "
+               f"no deformation: augment.deform_magnitude={a.deform_magnitude}, deform_grid={a.deform_grid})")
+    else:
+        return
+    raise ConfigError(f"data.val_deformations={n} validates on random deformations of the training subjects, but "
+                      f"{why}: no deformation is drawn, so validation would score undeformed copies of the training "
+                      f"subjects; enable augment's geometric ranges, or give a validation set (data.val_images / "
+                      f"val_fraction) instead")
+
+
 def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subjects_to_split: int = 2,
                  in_channels: int | None = None) -> FileLists:
     """The file lists of ``config.data``.
@@ -99,7 +123,7 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
     task : str
         The task's name, for the error messages.
     need_labels : bool
-        Raise when the training images have no label maps.
+        Raise when the training images, or the ``data.val_images``, have no label maps.
     min_subjects_to_split : int
         ``data.val_fraction`` splits validation subjects off only when there are at least this many images
         (and no ``data.val_images``); the split is a permutation seeded by ``trainer.seed``.
@@ -110,11 +134,13 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
     Raises
     ------
     DatasetError
-        No training images; labels required but missing; image and label lists of different lengths.
+        No training images; labels required but missing (for the validation images too); image and label
+        lists of different lengths.
     ConfigError
         ``data.val_fraction`` would leave no training image; settings that another one overrides (they were
         silently dropped): ``data.root`` with training lists, ``data.val_fraction`` with ``data.val_images``,
-        ``data.val_deformations`` with a validation set of images.
+        ``data.val_deformations`` with a validation set of images, or with an ``augment`` that draws no
+        deformation (it would validate on undeformed copies of the training subjects).
     """
     import warnings
 
@@ -147,6 +173,12 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
     val_images, val_labels = list(d.val_images), list(d.val_labels)
     if val_labels and len(val_labels) != len(val_images):
         raise DatasetError(f"{len(val_images)} validation images but {len(val_labels)} label maps")
+    if need_labels and val_images and not val_labels:
+        # the task scores its validation against label maps: without them the first validation failed (KeyError
+        # 'label') after trainer.val_every steps of training
+        raise DatasetError(f"the {task} task scores its validation images against label maps: data.val_images "
+                           f"gives {len(val_images)} image(s) but data.val_labels none; give data.val_labels (one "
+                           f"label map per validation image)")
     if val_images and d.val_fraction > 0:
         raise ConfigError("data.val_fraction splits validation images off the training images, but data.val_images "
                           "gives them: set one of them")
@@ -155,6 +187,8 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
         raise ConfigError(f"data.val_deformations validates on deformations of the training subjects when there is no "
                           f"validation set of images; here data.{'val_images' if val_images else 'val_fraction'} gives "
                           f"one: set one of them")
+    if d.val_deformations > 0:
+        _check_val_deformations(config)
     if not val_images and d.val_fraction > 0 and not split and not d.val_deformations:
         warnings.warn(f"data.val_fraction={d.val_fraction}: {len(images)} training image(s), too few to split off "
                       f"validation images (the {task} task needs {min_subjects_to_split}); no validation set "

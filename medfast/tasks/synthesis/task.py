@@ -143,6 +143,7 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
         raise ConfigError(f"task_args.gan_loss must be 'lsgan' or 'bce', got {a.gan_loss!r}")
     if a.disc_norm not in ("instance", "batch", "none"):
         raise ConfigError(f"task_args.disc_norm must be 'instance', 'batch' or 'none', got {a.disc_norm!r}")
+    _refuse_unused_args(a)
     for name in ("position", "direction", "lateral", "shift_mm", "travel_mm"):
         v = getattr(a, name)
         if v is not None and len(v) != 3:
@@ -202,6 +203,36 @@ def _refuse_unused_settings(config: Config) -> None:
         hints = "; ".join(_HINTS[s] for s in _HINTS if any(u.startswith(f"{s}.") for u in unused))
         raise ConfigError(f"the synthesis task does not use {', '.join(unused)}: remove "
                           f"{'it' if len(unused) == 1 else 'them'} ({hints})")
+
+
+#: task_args that only one mode reads (the other would silently ignore them)
+_MODE_ONLY = {"image": ("shift_mm", "tilt_deg", "twist_deg"),
+              "pose": ("travel_mm", "sweep_frames", "start_jitter_mm", "coord_frequencies")}
+#: task_args of the discriminator and its loss, which lambda_adv = 0 (L1 only) never runs
+_ADVERSARIAL = ("gan_loss", "disc_channels", "disc_layers", "disc_norm")
+
+
+def _refuse_unused_args(a: SynthesisArgs) -> None:
+    """A ``task_args`` setting the chosen mode (or ``lambda_adv = 0``) never reads, given at another value than its
+    default, is an error naming it and why, as the shared sections' unused settings are (it was silently
+    ignored)."""
+    default = SynthesisArgs()
+
+    def changed(names: tuple[str, ...]) -> list[str]:
+        return [f"task_args.{k}" for k in names if getattr(a, k) != getattr(default, k)]
+
+    other = "pose" if a.mode == "image" else "image"
+    unused = changed(_MODE_ONLY[other])
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to task_args.mode="
+                          f"{other!r} only; task_args.mode={a.mode!r} does not read "
+                          f"{'it' if len(unused) == 1 else 'them'}: remove {'it' if len(unused) == 1 else 'them'} "
+                          f"(or set task_args.mode: {other})")
+    unused = changed(_ADVERSARIAL) if a.lambda_adv == 0 else []
+    if unused:
+        raise ConfigError(f"task_args.lambda_adv=0 trains the generator with L1 only (the discriminator never runs): "
+                          f"{', '.join(unused)} would be ignored; remove {'it' if len(unused) == 1 else 'them'} (or "
+                          f"set task_args.lambda_adv > 0)")
 
 
 def _noise_channels(a: SynthesisArgs) -> int:
