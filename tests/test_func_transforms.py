@@ -283,3 +283,19 @@ OTHERS = [  # the other op families with one argument shared: they already match
 def test_vmap_other_ops_with_a_shared_argument_match_a_loop(case):
     _, fn, args, in_dims, wrt = case
     _vmap_matches_loop(fn, args, in_dims, wrt)
+
+
+@pytest.mark.parametrize("metric", ["dice", "hausdorff_distance", "surface_distance"])
+@pytest.mark.parametrize("in_dims", [(0, 0), (0, None)])
+def test_metrics_refuse_vmap_by_name(metric, in_dims):
+    # before: ".item() ... data-dependent" from inside the label check (README: the metrics do not support vmap)
+    from medfast import metrics
+
+    p = torch.randint(0, 3, (4, 2, 8, 8))
+    t = torch.randint(0, 3, (4, 2, 8, 8))
+    fn = {"dice": lambda a, b: metrics.dice(a, b, 3),
+          "hausdorff_distance": lambda a, b: metrics.hausdorff_distance(a, b, 95, num_classes=3),
+          "surface_distance": lambda a, b: metrics.surface_distance(a, b, num_classes=3)}[metric]
+    with pytest.raises(NotImplementedError, match="torch.func transform"):
+        torch.func.vmap(fn, in_dims=in_dims)(p, t if in_dims[1] == 0 else t[0])
+    assert torch.isfinite(fn(p[0], t[0])).any()  # outside a transform: as before

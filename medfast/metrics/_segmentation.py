@@ -53,6 +53,13 @@ def _check_pair(pred: object, target: object, pred_name: str, target_name: str) 
         raise ValueError(
             f"{pred_name} and {target_name} must be on the same device, got {pred.device} and {target.device}"
         )
+    for name, t in ((pred_name, pred), (target_name, target)):
+        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            # (vmap failed inside with ".item() ... data-dependent": the labels are read on the host, and the
+            # distances' point sets have data-dependent sizes)
+            raise NotImplementedError(
+                f"{name} is under a torch.func transform (vmap, grad, ...): medfast.metrics read the labels on the "
+                "host and do not support them; call the metric on the whole batch (axis 0 is its batch axis)")
     if pred.device.type == "meta":  # (the label checks raised "Tensor.item() cannot be called on meta tensors")
         raise ValueError(f"{pred_name} is a meta tensor: a meta tensor has no values (the labels are checked on the "
                          "host)")
