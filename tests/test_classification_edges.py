@@ -145,6 +145,19 @@ def test_predict_checks_channels_against_the_model(grey_run, tmp_path):
         predict_files(ckpt, [rgb], tmp_path / "q", device="cpu", overrides=["data.dataset_args.channels=3"])
 
 
+def test_predict_set_takes_only_the_settings_predict_reads(grey_run, tmp_path):
+    # before: trainer.*, optim.*, model.* and data.dataset_args.classes were accepted and ignored (or broke the net)
+    from medfast.tasks.classification.task import predict_files
+
+    ckpt = grey_run / "run" / "checkpoints" / "last.pt"
+    img = _png(tmp_path / "g.png", np.zeros((12, 12), np.uint8))
+    for bad in ("trainer.max_steps=-3", "optim.lr=-1", "model.channels=[1,2]", "data.dataset_args.classes=[x,y]"):
+        with pytest.raises(ConfigError, match="medfast predict does not read"):
+            predict_files(ckpt, [img], tmp_path / "q", device="cpu", overrides=[bad])
+    assert not (tmp_path / "q").exists()
+    assert predict_files(ckpt, [img], tmp_path / "p", device="cpu", overrides=["data.normalize=minmax"])[0].is_file()
+
+
 # ---- 9. predict writes nothing when an input is bad --------------------------------------------------------
 def test_predict_reads_all_inputs_before_writing(grey_run, tmp_path, capsys):
     from medfast.cli import main

@@ -622,6 +622,35 @@ def _input_files(inputs) -> list[Path]:
     return files
 
 
+#: the settings ``medfast predict`` reads from a classification checkpoint's config besides the network: the only
+#: ones ``--set`` may change (the image size, the intensity normalization and the channels images are read with)
+PREDICT_SETTINGS = ("data.shape", "data.normalize", "data.dataset_args.channels")
+
+
+def _check_predict_overrides(overrides) -> None:
+    """``overrides`` (``--set``) may set only :data:`PREDICT_SETTINGS`: any other key (``trainer.max_steps=-3``,
+    ``optim.lr=...``, ``model.channels=...``) was accepted and ignored (or broke the checkpoint's network);
+    raises :class:`ConfigError` naming the keys."""
+    from collections.abc import Mapping
+
+    from medfast.train.config import parse_override
+
+    def flat(path: list[str], value: object) -> list[str]:
+        """The keys an override sets, as PREDICT_SETTINGS names them (a mapping value sets its keys)."""
+        depth = 3 if path[:2] == ["data", "dataset_args"] else 2  # (dataset_args: its own keys)
+        if len(path) < depth and isinstance(value, Mapping) and value:
+            return [k for name, v in value.items() for k in flat([*path, str(name)], v)]
+        return [".".join(path[:depth])]
+
+    keys = [k for text in overrides for k in flat(*parse_override(text))]
+    unread = list(dict.fromkeys(k for k in keys if k not in PREDICT_SETTINGS))
+    if unread:
+        raise ConfigError(f"overrides (--set) {', '.join(unread)}: medfast predict does not read "
+                          f"{'it' if len(unread) == 1 else 'them'} for a classification checkpoint (the network, "
+                          f"its classes and the training settings are the checkpoint's); it reads "
+                          f"{', '.join(PREDICT_SETTINGS)}")
+
+
 def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device: str = "auto",
                   overrides=(), save_probabilities: bool = True, progress: bool = False,
                   save_cam: bool = True) -> list[Path]:
@@ -651,6 +680,7 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     if overrides:
         import yaml
 
+        _check_predict_overrides(overrides)
         config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(state["config"])))
     task = ClassificationTask(config, refuse_unused=False)  # a setting training ignored is ignored here too
     names = config.data.dataset_args.get("classes") or [str(k) for k in range(task.num_classes)]
