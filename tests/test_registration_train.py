@@ -439,3 +439,24 @@ def test_registration_net_in_float64_returns_float64(global_net):
     assert float(ddf.detach().abs().max()) > 0.01
     torch.testing.assert_close(ddf64.float(), ddf, atol=1e-4, rtol=1e-4)
     assert mf.warp(x[:, :1].double(), ddf64).dtype == torch.float64
+
+
+def test_a_lone_subject_without_an_atlas_needs_a_geometric_augmentation(tmp_path, blobs):
+    # a lone subject without an atlas is paired with a random deformation of itself: with augmentation off its
+    # pairs were two identical images (the network trained / scored on the identity), silently
+    from medfast.tasks.registration import RegistrationTask
+    from medfast.train.config import ConfigError
+
+    _, images, labels = blobs
+    cfg = _cfg(tmp_path, images[:1], labels[:1])
+    cfg["data"]["val_deformations"] = 0
+    cfg["augment"]["enabled"] = False
+    with pytest.raises(ConfigError, match="one training subject .* no atlas .*augment.enabled is false"):
+        RegistrationTask(config_from_dict(cfg)).build_datasets()
+    cfg = _cfg(tmp_path, images[1:], labels[1:])  # several training subjects: distinct pairs
+    cfg["data"].update(val_deformations=0, val_images=[images[0]], val_labels=[labels[0]])
+    cfg["augment"]["enabled"] = False
+    with pytest.raises(ConfigError, match="one validation subject"):
+        RegistrationTask(config_from_dict(cfg)).build_datasets()
+    cfg["augment"]["enabled"] = True
+    RegistrationTask(config_from_dict(cfg)).build_datasets()

@@ -2231,6 +2231,19 @@ class RegistrationTask(Task):
                 raise DatasetError(f"fixed image not found: {fixed} (task_args.fixed_image)")
             fl = [a["fixed_label"]] if a["fixed_label"] else []
             atlas = self._subjects([str(fixed)], fl)[0]
+        if atlas is None:
+            # without an atlas a lone subject is paired with itself, made different only by the geometric
+            # augmentation: with none, its pairs are identical images (trained / scored on the identity)
+            from medfast.train.config import ConfigError
+            from medfast.train.files import no_geometric_augmentation
+
+            why = no_geometric_augmentation(c.augment)
+            for name, files in (("training", images), ("validation", val_images)):
+                if why is not None and len(files) == 1:
+                    raise ConfigError(f"one {name} subject ({files[0]}) and no atlas (task_args.fixed_image): its "
+                                      f"pairs are the subject with a random deformation of itself, but {why}: every "
+                                      f"pair would be two identical images; enable augment's geometric ranges, add "
+                                      f"subjects, or register to an atlas")
         has_labels = bool(labels) and (atlas is None or "label" in atlas)
         if a["dice_weight"] > 0 and not has_labels:
             missing = "data.train_labels" if not labels else "task_args.fixed_label"

@@ -92,19 +92,26 @@ def prepare_preset(config: Any) -> None:
 _GEOMETRIC = ("rotation", "scale", "shear", "translation", "flip")
 
 
+def no_geometric_augmentation(a: Any) -> str | None:
+    """Why the geometric part of the augmentation config ``a`` draws no deformation (augmentation off, or every
+    geometric range 0 and no random deformation), or None when it draws one."""
+    if not a.enabled:
+        return "augment.enabled is false"
+    if not any(getattr(a, k) for k in _GEOMETRIC) and not (a.deform_magnitude > 0 and a.deform_grid >= 2):
+        return (f"every geometric range of augment is 0 ({', '.join(f'augment.{k}' for k in _GEOMETRIC)}, and "
+                f"no deformation: augment.deform_magnitude={a.deform_magnitude}, deform_grid={a.deform_grid})")
+    return None
+
+
 def _check_val_deformations(config: Any) -> None:
     """``data.val_deformations`` deforms the training subjects with the geometric part of ``augment``: raises
     :class:`~medfast.train.ConfigError` naming both settings when that part draws no deformation (augmentation
     off, or every geometric range 0), where validation would score undeformed copies of the training subjects."""
     from medfast.train.config import ConfigError
 
-    a, n = config.augment, config.data.val_deformations
-    if not a.enabled:
-        why = "augment.enabled is false"
-    elif not any(getattr(a, k) for k in _GEOMETRIC) and not (a.deform_magnitude > 0 and a.deform_grid >= 2):
-        why = (f"every geometric range of augment is 0 ({', '.join(f'augment.{k}' for k in _GEOMETRIC)}, and "
-               f"no deformation: augment.deform_magnitude={a.deform_magnitude}, deform_grid={a.deform_grid})")
-    else:
+    n = config.data.val_deformations
+    why = no_geometric_augmentation(config.augment)
+    if why is None:
         return
     raise ConfigError(f"data.val_deformations={n} validates on random deformations of the training subjects, but "
                       f"{why}: no deformation is drawn, so validation would score undeformed copies of the training "
