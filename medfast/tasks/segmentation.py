@@ -326,17 +326,10 @@ def _check_predict_overrides(overrides: Sequence[str], config: Config) -> None:
     """``overrides`` (``--set``) may set only :data:`PREDICT_SETTINGS` (any other one was accepted and ignored:
     ``trainer.max_steps=-3``, ``optim.lr=-1``, ``inference.hd_percentile=500``), and their values pass the checks
     training runs on them; raises :class:`ConfigError` naming the keys."""
-    from collections.abc import Mapping
-
-    from medfast.train.config import DataConfig, InferenceConfig, check_spatial_config, parse_override
+    from medfast.train.config import DataConfig, InferenceConfig, check_spatial_config, override_keys
     from medfast.train.config import check_config as check_shared
 
-    keys = []
-    for text in overrides:
-        path, value = parse_override(text)
-        # a section set as a mapping (inference={overlap: 0.25}) sets its keys
-        keys += [f"{path[0]}.{k}" for k in value] if len(path) == 1 and isinstance(value, Mapping) else [
-            ".".join(path[:2])]
+    keys = override_keys(overrides)  # (inference={overlap: 0.25} sets inference.overlap)
     unread = list(dict.fromkeys(k for k in keys if k not in PREDICT_SETTINGS))
     if unread:
         hd = ("; inference.hd_percentile is validation's: score predictions with medfast evaluate --percentile"

@@ -433,6 +433,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The settings ``overrides`` (``--set key=value``) set, each once, named ``section.key`` (``data.dataset_args``
+    and ``task_args``-like free mappings of a section: ``section.mapping.key``); a mapping value sets its keys
+    (``inference={overlap: 0.25}`` sets ``inference.overlap``)."""
+
+    def flat(path: list[str], value: Any) -> list[str]:
+        depth = 3 if path[:2] == ["data", "dataset_args"] else 2
+        if len(path) < depth and isinstance(value, Mapping) and value:
+            return [k for name, v in value.items() for k in flat([*path, str(name)], v)]
+        return [".".join(path[:depth])]
+
+    return list(dict.fromkeys(k for text in overrides for k in flat(*parse_override(text))))
+
+
 def _override_value(raw: str, value: Any, tp: Any) -> Any:
     """The value of an override ``key=raw`` for a field of type ``tp``: for text, the text as written (``0777``,
     ``1.10``, ``12:30`` and ``runs/a #1`` stay as they are; null still gives None and a quoted string loses its

@@ -631,18 +631,9 @@ def _check_predict_overrides(overrides) -> None:
     """``overrides`` (``--set``) may set only :data:`PREDICT_SETTINGS`: any other key (``trainer.max_steps=-3``,
     ``optim.lr=...``, ``model.channels=...``) was accepted and ignored (or broke the checkpoint's network);
     raises :class:`ConfigError` naming the keys."""
-    from collections.abc import Mapping
+    from medfast.train.config import override_keys
 
-    from medfast.train.config import parse_override
-
-    def flat(path: list[str], value: object) -> list[str]:
-        """The keys an override sets, as PREDICT_SETTINGS names them (a mapping value sets its keys)."""
-        depth = 3 if path[:2] == ["data", "dataset_args"] else 2  # (dataset_args: its own keys)
-        if len(path) < depth and isinstance(value, Mapping) and value:
-            return [k for name, v in value.items() for k in flat([*path, str(name)], v)]
-        return [".".join(path[:depth])]
-
-    keys = [k for text in overrides for k in flat(*parse_override(text))]
+    keys = override_keys(overrides)
     unread = list(dict.fromkeys(k for k in keys if k not in PREDICT_SETTINGS))
     if unread:
         raise ConfigError(f"overrides (--set) {', '.join(unread)}: medfast predict does not read "
