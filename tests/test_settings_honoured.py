@@ -248,3 +248,15 @@ def test_docs_say_hd95_columns_hold_the_hd_percentile():
     text = " ".join((ROOT / "docs" / "segmentation.md").read_text().split())
     assert "`inference.hd_percentile` (default 95) and keep their names whatever it is" in text
     assert "`hd95_mean`" in text
+
+
+def test_shared_hints_do_not_send_a_task_to_a_setting_it_refuses():
+    # data.cache_dir without the disk cache said "set data.cache: disk" to classification / synthesis, which then
+    # refused data.cache ("does not use"); test_label_map said "give data.test_images" to tasks without a test set
+    from medfast.train.config import check_config
+
+    for task in ("classification", "synthesis"):
+        check_config(load_config([], [f"task={task}", "data.cache_dir=/tmp/x"]))  # left to the task's own check
+        check_config(load_config([], [f"task={task}", "data.test_label_map={1: 2}"]))
+    with pytest.raises(ConfigError, match="set data.cache: disk"):
+        check_config(load_config([], ["task=segmentation", "data.cache_dir=/tmp/x"]))

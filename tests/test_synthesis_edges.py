@@ -117,6 +117,20 @@ def test_resume_with_task_args_that_change_the_gan_names_them(tiny_run, phantom)
                                                          "task_args.noise_channels": 1})).fit()
 
 
+def test_a_checkpoint_holding_a_setting_its_mode_ignores_still_generates(tiny_run, tmp_path):
+    # a run trained before the other mode's settings were refused (2026-11-29) may hold them: generation refused
+    # the checkpoint ("remove it", impossible in a .pt); training ignored them, so does generation
+    from medfast.tasks.synthesis.generate import load_generator
+
+    _, _, checkpoint = tiny_run
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["config"]["task_args"].get("mode", "image") == "image"
+    state["config"]["task_args"]["travel_mm"] = [0.0, 0.0, 30.0]  # pose mode's
+    torch.save(state, tmp_path / "old.pt")
+    task, model = load_generator(tmp_path / "old.pt")
+    assert task.args.mode == "image" and not model.training
+
+
 def test_a_differing_loss_weight_does_not_hide_the_tensor_that_does_not_fit(monkeypatch):
     """A task_args key that shapes no tensor (a loss weight changed for fine-tuning) was named as the cause and
     the real mismatch was left out: the first tensor that does not fit is always given."""

@@ -681,11 +681,13 @@ def check_config(config: Config) -> None:
     d = config.data
     if d.cache == "disk" and not d.cache_dir:
         raise ConfigError("data.cache='disk' needs data.cache_dir (the folder for the cached subjects)")
-    if d.cache_dir and d.cache != "disk":  # only the disk cache reads it: silently ignored otherwise
+    # (only the tasks that read the setting: the others refuse it themselves, "does not use data.X: remove it",
+    # where these hints would send the user to a setting the task refuses next)
+    if d.cache_dir and d.cache != "disk" and config.task in ("segmentation", "registration"):
         raise ConfigError(f"data.cache_dir is the folder of data.cache: disk, but data.cache is {d.cache!r} (it "
                           f"would be ignored): set data.cache: disk, or remove data.cache_dir")
     # a built-in data set (data.dataset) fills data.test_images later: the segmentation task checks that case
-    if d.test_label_map and not d.test_images and d.dataset is None:
+    if d.test_label_map and not d.test_images and d.dataset is None and config.task == "segmentation":
         raise ConfigError("data.test_label_map relabels the test set's labels, but data.test_images is empty (it "
                           "would be ignored): give data.test_images / test_labels, or remove data.test_label_map")
     if not 0 <= d.val_fraction < 1:

@@ -122,10 +122,13 @@ class SynthesisArgs:
     swd_patches: int = 2048
 
 
-def parse_synthesis_args(config: Config) -> SynthesisArgs:
-    """``config.task_args`` as :class:`SynthesisArgs`, checked (raises :class:`ConfigError` naming the key)."""
+def parse_synthesis_args(config: Config, *, refuse_unused: bool = True) -> SynthesisArgs:
+    """``config.task_args`` as :class:`SynthesisArgs`, checked (raises :class:`ConfigError` naming the key).
+    ``refuse_unused=False`` (a trained checkpoint's config): settings the run ignores are not refused, as training
+    ignored them (a checkpoint trained before such a check was added must still generate)."""
     a = _build(SynthesisArgs, config.task_args or {}, "task_args")
-    _refuse_unused_settings(config)
+    if refuse_unused:
+        _refuse_unused_settings(config)
     for f in fields(SynthesisArgs):  # NaN passes every comparison below and would fail in the first step
         v = getattr(a, f.name)
         if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
@@ -143,7 +146,8 @@ def parse_synthesis_args(config: Config) -> SynthesisArgs:
         raise ConfigError(f"task_args.gan_loss must be 'lsgan' or 'bce', got {a.gan_loss!r}")
     if a.disc_norm not in ("instance", "batch", "none"):
         raise ConfigError(f"task_args.disc_norm must be 'instance', 'batch' or 'none', got {a.disc_norm!r}")
-    _refuse_unused_args(a)
+    if refuse_unused:
+        _refuse_unused_args(a)
     for name in ("position", "direction", "lateral", "shift_mm", "travel_mm"):
         v = getattr(a, name)
         if v is not None and len(v) != 3:
@@ -239,12 +243,13 @@ def _noise_channels(a: SynthesisArgs) -> int:
     return a.noise_channels if a.noise_channels is not None else 0
 
 
-def build_gan(config: Config, cond_channels: int) -> nn.Module:
+def build_gan(config: Config, cond_channels: int, args: SynthesisArgs | None = None) -> nn.Module:
     """The :class:`~medfast.nets.ConditionalGAN` described by ``config.model`` (generator U-Net) and
-    ``config.task_args`` (discriminator, noise), for conditions of ``cond_channels`` channels."""
+    ``config.task_args`` (discriminator, noise; ``args``: already parsed), for conditions of ``cond_channels``
+    channels."""
     from medfast.nets import ConditionalGAN, PatchDiscriminator, UNetGenerator
 
-    a, m = parse_synthesis_args(config), config.model
+    a, m = args if args is not None else parse_synthesis_args(config), config.model
     if m.spatial_dims != 2:
         raise ConfigError(f"the synthesis task makes 2D frames: model.spatial_dims must be 2, got {m.spatial_dims}")
     if m.name.lower() != "unet":
@@ -278,9 +283,9 @@ class _Seeds(Dataset):
 class SynthesisTask(Task):
     """Conditional GAN synthesis of simulated ultrasound frames (see the module docstring)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, refuse_unused: bool = True) -> None:
         super().__init__(config)
-        self.args = parse_synthesis_args(config)
+        self.args = parse_synthesis_args(config, refuse_unused=refuse_unused)
         self._source: SynthesisSource | None = None
         # the simulated pairs of the last trainer.accumulate micro-batches (see _batch)
         self._cache: OrderedDict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = OrderedDict()
@@ -374,7 +379,7 @@ class SynthesisTask(Task):
         return self._cache[key]
 
     def build_model(self) -> nn.Module:
-        return build_gan(self.config, self.cond_channels)
+        return build_gan(self.config, self.cond_channels, self.args)
 
     def check_frame_size(self) -> None:
         """Raises :class:`ConfigError` naming the settings when the frames are smaller than the PatchGAN
