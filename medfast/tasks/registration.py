@@ -364,6 +364,36 @@ def _sample_moving(moving: torch.Tensor, theta: torch.Tensor, u: torch.Tensor | 
     return mf.affine_warp(moving, theta, shape=tuple(shape), mode=mode)
 
 
+def _header_overlap(fixed: torch.Tensor, mshape: Sequence[int], q: torch.Tensor | None, method: str) -> float:
+    """The fraction of the fixed foreground (voxels of the normalized ``fixed`` above 0 in any channel; all of it
+    when blank) that the header map ``q`` (as in :func:`_sample_moving`) places inside a moving array of spatial
+    shape ``mshape``. Raises :class:`_NoOverlapError` under ``_MIN_OVERLAP`` (none means nothing to register: the
+    warped image would be all zero) and warns (:class:`_OverlapWarning`) under ``_WARN_OVERLAP`` that ``method``
+    may not find the alignment; for :func:`register_pair` and :func:`register_with_model`."""
+    shape = tuple(fixed.shape[2:])
+    n = len(shape)
+    with torch.no_grad():
+        fg = (fixed > 0).any(1, keepdim=True).float()
+        if not bool(fg.any()):
+            fg = torch.ones_like(fg)
+        identity = torch.eye(n, n + 1, device=fixed.device)[None]
+        cover = _sample_moving(torch.ones(1, 1, *mshape, device=fixed.device), level_theta(identity, shape, 1), None,
+                               q, shape)
+        overlap = float((cover * fg).sum() / fg.sum())
+    if overlap < _MIN_OVERLAP:
+        raise _NoOverlapError(f"the images do not overlap: by their affines (headers) only {100 * overlap:.2g} % of "
+                              f"the fixed image's foreground lies inside the moving image, so there is nothing to "
+                              f"register (ITK: 'All samples map outside moving image buffer'); check the headers "
+                              f"(origin, orientation), or align the images first")
+    if overlap < _WARN_OVERLAP:
+        import warnings
+
+        warnings.warn(f"only {100 * overlap:.0f} % of the fixed image's foreground lies inside the moving image by "
+                      f"their affines (headers): {method} may not find the alignment", _OverlapWarning,
+                      stacklevel=3)  # the caller of register_pair / register_with_model
+    return overlap
+
+
 def _folding_percent(ddf: torch.Tensor) -> float:
     """Percent of the voxels where the Jacobian determinant of ``x + ddf(x)`` (central differences, one-sided at
     the border, as ``np.gradient``) is <= 0; ``ddf`` ``(1, n, *S)`` in voxels."""
@@ -595,27 +625,7 @@ def register_pair(
     q_full = level_map(1, (1,) * n)  # the native moving array, read once for the metrics and the result
 
     identity = torch.eye(n, n + 1, device=device)[None]
-    # how much of the fixed image (its foreground; all of it when blank) the header alignment puts in the moving
-    # image: none means nothing to optimize (the warped image would be all zero and the transform the identity)
-    with torch.no_grad():
-        fg = (fixed > 0).any(1, keepdim=True).float()
-        if not bool(fg.any()):
-            fg = torch.ones_like(fg)
-        cover = _sample_moving(torch.ones(1, 1, *mshape, device=device), level_theta(identity, shape, 1), None,
-                               q_full, shape)
-        overlap = float((cover * fg).sum() / fg.sum())
-    metrics["overlap_before"] = overlap
-    if overlap < _MIN_OVERLAP:
-        raise _NoOverlapError(f"the images do not overlap: by their affines (headers) only {100 * overlap:.2g} % of "
-                              f"the fixed image's foreground lies inside the moving image, so there is nothing to "
-                              f"register (ITK: 'All samples map outside moving image buffer'); check the headers "
-                              f"(origin, orientation), or align the images first")
-    if overlap < _WARN_OVERLAP:
-        import warnings
-
-        warnings.warn(f"only {100 * overlap:.0f} % of the fixed image's foreground lies inside the moving image by "
-                      f"their affines (headers): a local optimization may not find the alignment", _OverlapWarning,
-                      stacklevel=2)
+    metrics["overlap_before"] = _header_overlap(fixed, mshape, q_full, "a local optimization")
 
     def evaluate(stage: str, theta_full: torch.Tensor, u_full: torch.Tensor | None) -> torch.Tensor | None:
         with torch.no_grad():
@@ -952,8 +962,8 @@ def _label_values(codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_shape: Sequence[int] | ModelInfo,
                         fixed_labels: Any = None, moving_labels: Any = None,
-                        device: str | torch.device = "cpu", fixed_affine: np.ndarray | None = None
-                        ) -> RegistrationResult:
+                        device: str | torch.device = "cpu", fixed_affine: np.ndarray | None = None, *,
+                        moving_affine: np.ndarray | None = None) -> RegistrationResult:
     """One forward pass of a trained LocalNet / RegistrationNet (DDF) or GlobalNet (affine).
 
     Both images are resampled (:func:`medfast.resample`, linear) from the fixed grid onto the network's
@@ -965,12 +975,19 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     border value beyond the network's field of view) and turned from network into fixed voxels, so
     ``ddf(p) = theta [p; 1] - p + L_f^-1 L_G r(G^-1 A_f p)`` (``L``: linear parts).
 
+    With ``moving_affine`` the moving image (and labels) keep their own grid, as in :func:`register_pair`: the
+    network is fed the moving image resampled onto the fixed grid by the header map (as
+    :func:`to_fixed_grid` does), while the outputs sample the native moving array once, at
+    ``A_m^-1 A_f [p + ddf(p); 1]`` (normalized on its own voxels; labels nearest), so nothing beyond the fixed
+    field of view is lost and nothing is interpolated twice. A :class:`RegistrationError` is raised when less
+    than 2 % of the fixed foreground lies inside the moving image by the affines (a warning below 50 %).
+
     Parameters
     ----------
     fixed, moving : Tensor or ndarray
-        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` images on the same (fixed) grid, with the same channels (the
-        channels of one image the network was trained on, ``model.in_channels``; each channel is mapped to
-        [0, 1] on its own).
+        ``(*S)``, ``(C, *S)`` or ``(1, C, *S)`` images with the same channels (the channels of one image the
+        network was trained on, ``model.in_channels``; each channel is mapped to [0, 1] on its own); on the same
+        (fixed) grid, or ``moving`` on its own grid placed by ``moving_affine``.
     net : nn.Module
     input_shape : sequence of int or ModelInfo
         The network's :class:`ModelInfo` (or just its input shape: unknown spacing, reorientation in 2D and 3D,
@@ -978,19 +995,23 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
         network trained on storage order); with
         ``ModelInfo.in_channels`` the images' channel count is checked against it.
     fixed_labels, moving_labels : Tensor or ndarray, optional
-        ``(*S)`` integer label maps on the fixed grid: Dice before / after.
+        Integer label maps on their image's grid: Dice before / after.
     device : str or torch.device
     fixed_affine : ndarray, optional
         ``(4, 4)`` (or ``(n + 1, n + 1)``) voxel-to-world affine of the fixed grid; default the identity
         (1 mm voxels, stored RAS). 2D: the file's 4x4 orients a coronal or sagittal slice whatever its storage
         order (an in-plane ``(3, 3)`` one is used as is, see :func:`network_grid`).
+    moving_affine : ndarray, optional
+        The moving image's voxel-to-world affine in the form of ``fixed_affine`` (which it needs); the two are
+        brought into one frame by :func:`grid_affines`.
 
     Returns
     -------
     RegistrationResult
         ``theta`` ``(1, n, n + 1)`` the affine part in fixed voxels (the identity for a LocalNet), ``ddf``
         ``(1, n, *S)`` the total displacement in fixed voxels, ``warped`` the intensity-normalized moving image
-        warped.
+        warped; ``metrics`` LNCC (and Dice) before / after, ``overlap_before`` (1 on one grid) and, for a network
+        with a displacement output (not a GlobalNet), ``folding_percent`` as in :class:`RegistrationResult`.
     """
     device = torch.device(device)
     info = input_shape if isinstance(input_shape, ModelInfo) else ModelInfo([int(v) for v in input_shape])
@@ -1003,10 +1024,12 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
                              f"{name} has shape {shape_x}")
     fixed_t = _as_image(fixed, "fixed", nd).to(device)
     moving_t = _as_image(moving, "moving", nd).to(device)
-    shape = tuple(fixed_t.shape[2:])
-    if tuple(moving_t.shape[2:]) != shape:
-        raise ValueError(f"fixed and moving must share a grid (resample first); got spatial shapes {shape} and "
-                         f"{tuple(moving_t.shape[2:])}")
+    shape, mshape = tuple(fixed_t.shape[2:]), tuple(moving_t.shape[2:])
+    if moving_affine is None and mshape != shape:
+        raise ValueError(f"fixed and moving must share a grid (resample first, or give fixed_affine and "
+                         f"moving_affine); got spatial shapes {shape} and {mshape}")
+    if moving_affine is not None and fixed_affine is None:
+        raise ValueError("moving_affine needs fixed_affine (both voxel-to-mm), or give neither (images on one grid)")
     if fixed_t.shape[1] != moving_t.shape[1]:
         raise ValueError(f"fixed and moving must have the same channels, got {fixed_t.shape[1]} and "
                          f"{moving_t.shape[1]}")
@@ -1017,11 +1040,32 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
     from medfast.data.preprocess import spatial_affine
 
     a_f = spatial_affine(np.eye(n + 1) if fixed_affine is None else fixed_affine, n)
+    q = None  # fixed voxel -> moving array voxel (None: one grid)
+    net_moving = moving_t  # what the network is fed: the moving image on the fixed grid
+    if moving_affine is not None:
+        try:
+            a_m = grid_affines(moving_affine, fixed_affine, n)[0]
+        except ValueError as exc:
+            raise ValueError(f"moving_affine: {exc}") from None
+        q = torch.as_tensor(_grid_map(a_f, a_m, n)[0][:n], dtype=torch.float64, device=device)
+        # the network input exactly as before (to_fixed_grid: float64 from the array as given, linear, zeros)
+        raw = moving if isinstance(moving, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(moving))
+        raw = raw.to(device=device, dtype=torch.float64).reshape(moving_t.shape)
+        net_moving = mf.resample(raw, torch.as_tensor(a_m), torch.as_tensor(a_f), list(shape), mode="linear").float()
+    labels = fixed_labels is not None and moving_labels is not None
+    if labels:
+        fl = _as_labels(fixed_labels, "fixed_labels", shape).to(device)
+        ml = _as_labels(moving_labels, "moving_labels", mshape).to(device)
+        classes = [int(k) for k in torch.unique(fl).tolist() if k != 0]
+        codes, values = _label_codes(ml)
+    fixed_n = normalize_intensity(fixed_t, spatial_dims=n)
+    # the optimization's header check, before the network runs: without overlap the warped image is all zero
+    overlap = _header_overlap(fixed_n, mshape, q, "the network")
     grid, box = _network_grid_box(a_f if fixed_affine is None else fixed_affine, shape, info)  # 2D: plane's 4x4
     in_shape = [int(v) for v in info.input_shape]
     t0 = time.perf_counter()
     with torch.no_grad():
-        both = torch.cat([moving_t, fixed_t], 1).double()
+        both = torch.cat([net_moving, fixed_t], 1).double()
         # as training fed it: resample_to_spacing's border padding inside the resampled grid, crop_or_pad's
         # zeros beyond it (the mapping to [0, 1] below sees the same voxels)
         x = mf.resample(both, torch.as_tensor(a_f), torch.as_tensor(grid), in_shape, mode="linear",
@@ -1048,31 +1092,39 @@ def register_with_model(fixed: Any, moving: Any, net: torch.nn.Module, input_sha
         t_net[:n] = theta_net[0].numpy()
         theta_f = np.linalg.solve(a_f, grid @ t_net @ np.linalg.solve(grid, a_f))[:n]
         ddf = affine_ddf(torch.as_tensor(theta_f, device=device)[None], shape)
+        theta = torch.as_tensor(theta_f, dtype=torch.float32, device=device)[None]
+        u = None  # the residual in fixed voxels, after theta (as register_pair's u)
         if not isinstance(net, GlobalNet):
             # residual displacements: network voxels -> world -> fixed voxels (linear parts only)
             m = torch.as_tensor(np.linalg.solve(a_f[:n, :n], grid[:n, :n]), dtype=torch.float64, device=device)
             r_f = mf.resample(residual, torch.as_tensor(grid), torch.as_tensor(a_f), list(shape), mode="linear",
                               padding="border")
-            ddf = ddf + torch.einsum("ij,bj...->bi...", m, r_f)
+            u = torch.einsum("ij,bj...->bi...", m, r_f)
+            ddf = ddf + u
+            u = u.float().contiguous()
         ddf = ddf.float().contiguous()
+        # the outputs as register_pair makes them: the moving array (native with moving_affine) normalized on its
+        # own voxels and sampled once at q [theta x + u(x); 1]
         moving_n = normalize_intensity(moving_t, spatial_dims=n)
-        warped = mf.warp(moving_n, ddf)
-    fixed_n = normalize_intensity(fixed_t, spatial_dims=n)
+        warped = _sample_moving(moving_n, theta, u, q, shape)
+        identity = torch.eye(n, n + 1, device=device)[None]
+        before = moving_n if q is None else _sample_moving(moving_n, identity, None, q, shape)
     metrics: dict[str, Any] = {"time_model_s": time.perf_counter() - t0, "shape": list(shape),
-                               "network_grid": grid.tolist(), "network_input_shape": in_shape}
-    metrics["lncc_before"] = float(mf.lncc_loss(moving_n, fixed_n, kernel_size=7))
+                               "network_grid": grid.tolist(), "network_input_shape": in_shape,
+                               "overlap_before": overlap}
+    metrics["lncc_before"] = float(mf.lncc_loss(before, fixed_n, kernel_size=7))
     metrics["lncc_after"] = float(mf.lncc_loss(warped, fixed_n, kernel_size=7))
+    if not isinstance(net, GlobalNet):  # a displacement output can fold, as a deformable stage can
+        metrics["folding_percent"] = _folding_percent(ddf)
     warped_labels = None
-    if fixed_labels is not None and moving_labels is not None:
-        fl = _as_labels(fixed_labels, "fixed_labels", shape).to(device)
-        ml = _as_labels(moving_labels, "moving_labels", shape).to(device)
-        classes = [int(k) for k in torch.unique(fl).tolist() if k != 0]
-        codes, values = _label_codes(ml)
-        warped_labels = _label_values(mf.warp(codes[None, None], ddf, mode="nearest")[0, 0], values)
-        for stage, lab in (("before", ml), ("after", warped_labels)):
+    if labels:
+        def nearest(th: torch.Tensor, uu: torch.Tensor | None) -> torch.Tensor:
+            return _label_values(_sample_moving(codes[None, None], th, uu, q, shape, mode="nearest")[0, 0], values)
+
+        warped_labels = nearest(theta, u)
+        for stage, lab in (("before", ml if q is None else nearest(identity, None)), ("after", warped_labels)):
             per = dice_per_label(lab, fl, classes)
             metrics[f"dice_{stage}"], metrics[f"dice_{stage}_per_label"] = _mean(per), per
-    theta = torch.as_tensor(theta_f, dtype=torch.float32, device=device)[None]
     return RegistrationResult(theta, ddf, warped, warped_labels, metrics)
 
 
@@ -1620,35 +1672,34 @@ def run_register(args: argparse.Namespace) -> int:
             ml = _load_label_map(args.moving_labels, args.moving, mdata.shape[1:], maff)
         fresh = not Path(args.out).exists()
         _make_out_dir(args.out)
-        if net is not None:  # the network takes the moving image resampled onto the fixed grid by the headers
-            moving = to_fixed_grid(mdata, maff, faff, shape, channels=True)[None]
-            if ml is not None:
-                ml = to_fixed_grid(ml, maff, faff, shape, labels=True)
-            result = register_with_model(fixed, moving, net, info, fl, ml, device=device, fixed_affine=faff)
-            affine_only, before = None, normalize_intensity(moving, spatial_dims=n)
-        else:
-            # the optimization samples the native moving array through the header map (nothing cut to the fixed
-            # field of view, one interpolation)
-            native = torch.as_tensor(mdata, dtype=torch.float32)[None]
-            import warnings
+        # both paths sample the native moving array through the header map (nothing cut to the fixed field of
+        # view, one interpolation); the network is still fed the moving image resampled onto the fixed grid
+        native = torch.as_tensor(mdata, dtype=torch.float32)[None]
+        import warnings
 
-            try:
-                with warnings.catch_warnings():  # said below in one line, naming the files
-                    warnings.simplefilter("ignore", _OverlapWarning)
+        try:
+            with warnings.catch_warnings():  # said below in one line, naming the files
+                warnings.simplefilter("ignore", _OverlapWarning)
+                if net is not None:  # (float64: the network input resampled from it as to_fixed_grid did)
+                    moving64 = torch.as_tensor(mdata, dtype=torch.float64)[None]
+                    result = register_with_model(fixed, moving64, net, info, fl, ml, device=device,
+                                                 fixed_affine=faff, moving_affine=maff)
+                else:
                     result = register_pair(fixed, native, fl, ml, cfg, device=device, progress=not args.no_progress,
                                            spatial_dims=n, fixed_affine=a_f, moving_affine=a_m)
-            except _NoOverlapError as exc:
-                raise RegistrationError(f"FIXED {args.fixed} and MOVING {args.moving}: {exc}") from None
-            if result.metrics["overlap_before"] < _WARN_OVERLAP:
-                print(f"medfast register: warning: only {100 * result.metrics['overlap_before']:.0f} % of FIXED "
-                      f"{args.fixed}'s foreground lies inside MOVING {args.moving} by their headers: a local "
-                      f"optimization may not find the alignment (check the result)", file=sys.stderr)
-            q = torch.as_tensor(_grid_map(a_f, a_m, n)[0][:n], dtype=torch.float64, device=device)
-            with torch.no_grad():
-                mnorm = normalize_intensity(native.to(device), spatial_dims=n)
-                affine_only = _sample_moving(mnorm, result.theta, None, q, shape)
-                before = _sample_moving(mnorm, level_theta(torch.eye(n, n + 1, device=device)[None], shape, 1), None,
-                                        q, shape)
+        except _NoOverlapError as exc:
+            raise RegistrationError(f"FIXED {args.fixed} and MOVING {args.moving}: {exc}") from None
+        if result.metrics["overlap_before"] < _WARN_OVERLAP:
+            method = "a local optimization" if net is None else "the network"
+            print(f"medfast register: warning: only {100 * result.metrics['overlap_before']:.0f} % of FIXED "
+                  f"{args.fixed}'s foreground lies inside MOVING {args.moving} by their headers: {method} may not "
+                  f"find the alignment (check the result)", file=sys.stderr)
+        q = torch.as_tensor(_grid_map(a_f, a_m, n)[0][:n], dtype=torch.float64, device=device)
+        with torch.no_grad():
+            mnorm = normalize_intensity(native.to(device), spatial_dims=n)
+            affine_only = None if net is not None else _sample_moving(mnorm, result.theta, None, q, shape)
+            before = _sample_moving(mnorm, level_theta(torch.eye(n, n + 1, device=device)[None], shape, 1), None,
+                                    q, shape)
         try:
             from medfast.data.io import single_slice_axis
 
