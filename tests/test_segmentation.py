@@ -48,6 +48,14 @@ def test_window_placement_and_weights():
         sliding_window_inference(torch.zeros(1, 1, 4, 4), (2, 2), _pointwise, overlap=1.0)
     with pytest.raises(ValueError, match="roi_size must be whole"):
         sliding_window_inference(torch.zeros(1, 1, 4, 4), (2.5, 2), _pointwise)
+    for roi in ((float("nan"), 2), (float("inf"), 2)):  # (int(nan) / int(inf) raised unnamed errors)
+        with pytest.raises(ValueError, match="roi_size must be whole"):
+            sliding_window_inference(torch.zeros(1, 1, 4, 4), roi, _pointwise)
+    for bad in (-0.125, 0.0, float("nan"), float("inf"), (0.125, -1.0)):  # (negative: a constant blend, silently)
+        with pytest.raises(ValueError, match="sigma_scale must be > 0 and finite"):
+            sliding_window_inference(torch.zeros(1, 1, 4, 4), (2, 2), _pointwise, mode="gaussian", sigma_scale=bad)
+        with pytest.raises(ValueError, match="sigma_scale must be > 0 and finite"):
+            importance_map((4, 4), "gaussian", bad)
     with pytest.raises(ValueError, match="roi_size must be a number or 2"):
         sliding_window_inference(torch.zeros(1, 1, 4, 4), (2, 2, 2), _pointwise)
     with pytest.raises(ValueError, match="empty batch"):

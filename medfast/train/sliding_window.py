@@ -115,6 +115,8 @@ def importance_map(roi_size: Sequence[int], mode: str = "gaussian", sigma_scale:
     if mode == "constant":
         return torch.ones(roi_size, device=device, dtype=torch.float32)  # (not the default dtype)
     scales = _per_axis("sigma_scale", sigma_scale, nd)
+    if not all(0 < x < math.inf for x in scales):
+        raise ValueError(f"sigma_scale must be > 0 and finite, got {sigma_scale!r}")
     out = torch.ones((), device=device, dtype=torch.float32)
     for r, scale in zip(roi_size, scales):
         x = torch.arange(r, device=device, dtype=torch.float32) - (r - 1) / 2
@@ -224,7 +226,7 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int
     if inputs.shape[0] == 0:
         raise ValueError(f"inputs has an empty batch: shape {tuple(inputs.shape)}")
     roi_f = _per_axis("roi_size", roi_size, nd)
-    if any(r != int(r) for r in roi_f):
+    if any(not math.isfinite(r) or r != int(r) for r in roi_f):  # (int(nan) raised unnamed)
         raise ValueError(f"roi_size must be whole numbers, got {roi_size!r}")
     size = list(inputs.shape[2:])
     roi = [int(r) if r > 0 else s for r, s in zip(roi_f, size)]  # non-positive: the whole axis (MONAI)
@@ -232,6 +234,9 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int] | int
     if not all(0 <= o < 1 for o in overlaps):
         raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
     sigmas = _per_axis("sigma_scale", sigma_scale, nd)
+    # (a sign typo clamped sigma to 1e-6: every weight 1e-3, a constant blend; NaN made every voxel NaN)
+    if mode == "gaussian" and not all(0 < x < math.inf for x in sigmas):
+        raise ValueError(f"sigma_scale must be > 0 and finite, got {sigma_scale!r}")
     sw_batch_size = py_scalar(sw_batch_size)
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be an int >= 1, got {sw_batch_size!r}")
