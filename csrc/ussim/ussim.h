@@ -470,6 +470,16 @@ MEDFAST_HOST_DEVICE void log_t2_grad(A a, A b, A* da, A* db) {
   *db = live ? (a - b) / (b * sum) : A(0);
 }
 
+// A run's later step (start impedance s): L(s, z) - L(s, zprev), as one log of the ratio of the two transmissions
+// where neither is clamped (half the logs of the difference: the AVX2 march spends ~1 ns per sample on them).
+template <typename A>
+MEDFAST_HOST_DEVICE A run_step_loss(A s, A zprev, A z) {
+  const A r1 = (z - s) / (z + s), r0 = (zprev - s) / (zprev + s);
+  const A t1 = A(1) - r1 * r1, t0 = A(1) - r0 * r0;
+  return t1 > A(kMinTransmission) && t0 > A(kMinTransmission) ? log_a(t1 / t0)
+                                                               : log_t2<A>(s, z) - log_t2<A>(s, zprev);
+}
+
 // The run state along a ray: start impedance zs (at sample `start`), the direction of the last step, and
 // whether the last step began a run.
 template <typename A>
@@ -497,7 +507,7 @@ MEDFAST_HOST_DEVICE A run_log_transmission(Run<A>& run, int64_t i, A zprev, A z,
     run.start = i - 1;
   }
   run.dir = d;
-  return run.first ? log_transmission<A>(R) : log_t2<A>(run.zs, z) - log_t2<A>(run.zs, zprev);
+  return run.first ? log_transmission<A>(R) : run_step_loss<A>(run.zs, zprev, z);
 }
 
 // dL/d(Z_i, Z_{i-1}, s) of step i's log transmission, for dL/du_i = W (after run_log_transmission of step i).

@@ -54,7 +54,7 @@ __device__ void warp_run(int lane, int64_t i, A z_prev, A z, A z_carry, WarpRunC
 // Step i's log transmission (run_log_transmission of ussim.h for the run found by warp_run).
 template <typename A>
 __device__ A warp_run_log_transmission(bool first, A zs, A z_prev, A z, A R) {
-  return first ? log_transmission<A>(R) : log_t2<A>(zs, z) - log_t2<A>(zs, z_prev);
+  return first ? log_transmission<A>(R) : run_step_loss<A>(zs, z_prev, z);
 }
 
 template <typename T>
