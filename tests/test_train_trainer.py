@@ -794,3 +794,145 @@ def test_a_resume_that_moves_to_the_next_epoch_names_the_samples_it_skips(tmp_pa
                                                "trainer.resume": "auto"})).fit()
     out = capsys.readouterr().out
     assert "epoch 1, sample 0 of the epoch, skipping 1 sample(s) at the end of the epoch" in out, out
+
+
+# resume safety (a bug hunt: a killed run's DataLoader workers kept its lock; a resume that changed the split or
+# the epoch length was accepted silently)
+def test_sigkilled_run_with_workers_resumes_at_once(tmp_path, blobs, monkeypatch):
+    """kill -9 of `medfast train` with data.num_workers=2: its forked workers inherited the flock'd train.lock
+    descriptor and held the lock until they noticed the dead parent (seconds), so an immediate --resume was
+    refused ("in use by another medfast train (pid N)", N dead). The workers close their copy."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medfast.train import trainer as trainer_module
+
+    extra = {**_TINY, "trainer.max_steps": 200, "trainer.checkpoint_every": 1, "data.num_workers": 2}
+    cfg = _config(tmp_path, blobs, "killed", **extra)
+    save_config(cfg, tmp_path / "killed.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "medfast", "train", str(tmp_path / "killed.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    ck = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ck.is_file() and load_checkpoint(ck)["step"] >= 1:
+                break
+        except (ValueError, FileNotFoundError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = load_checkpoint(ck)["step"]
+    # at once: without the wait for a dead holder's lock (the fallback), so the workers' copies are what is tested
+    monkeypatch.setattr(trainer_module, "_DEAD_HOLDER_WAIT_S", 0.0, raising=False)
+    cfg.trainer.resume, cfg.trainer.max_steps = "auto", killed_at + 1
+    assert Trainer(cfg).fit()["step"] == killed_at + 1
+
+
+def test_a_lock_whose_recorded_holder_is_dead_is_waited_for(tmp_path):
+    """The fallback: a lock held although the pid it names is dead on this host (e.g. a child of the killed run
+    still holds it) is waited for a few seconds; a live holder, or one on another host, is refused at once."""
+    import fcntl
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from medfast.train.trainer import LOCK_NAME, _lock_out_dir, _unlock_out_dir
+
+    out = tmp_path / "o"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def hold(holder):
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{holder}\n".encode())
+        return fd
+
+    fd = hold(f"pid {dead.pid} on {socket.gethostname()}, since now")
+    threading.Timer(0.5, os.close, (fd,)).start()  # (the leftover child ends)
+    t0 = time.monotonic()
+    got = _lock_out_dir(out)
+    assert not isinstance(got, str), got
+    assert 0.3 < time.monotonic() - t0 < 5
+    _unlock_out_dir(got)
+    live = f"pid {os.getpid()} on {socket.gethostname()}, since now"
+    elsewhere = f"pid {dead.pid} on elsewhere, since now"
+    for holder in (live, elsewhere):
+        fd = hold(holder)
+        try:
+            t0 = time.monotonic()
+            got = _lock_out_dir(out)
+            assert isinstance(got, str) and holder in got and time.monotonic() - t0 < 1
+        finally:
+            os.close(fd)
+
+
+def test_resume_that_redraws_the_validation_split_is_refused(tmp_path, blobs):
+    """trainer.seed and data.val_fraction draw the train/validation split: a resume with others validated on
+    subjects the checkpoint trained on (5 of 5 in the hunt's classification run). Refused, naming each setting."""
+    from medfast.train import CheckpointError
+
+    extra = {**_TINY, "trainer.max_steps": 2, "data.val_fraction": 0.34}
+    Trainer(_config(tmp_path, blobs, "split", **extra)).fit(stop_after=1)
+    before = (tmp_path / "split" / "config.yaml").read_text()
+    resumed = {**extra, "trainer.resume": "auto"}
+    with pytest.raises(CheckpointError, match=r"another train/validation split: trainer\.seed \(0 in the checkpoint, "
+                                              r"5 now\)"):
+        Trainer(_config(tmp_path, blobs, "split", **resumed, **{"trainer.seed": 5})).fit()
+    with pytest.raises(CheckpointError, match=r"data\.val_fraction \(0\.34 in the checkpoint, 0\.5 now\)"):
+        Trainer(_config(tmp_path, blobs, "split", **{**resumed, "data.val_fraction": 0.5})).fit()
+    assert (tmp_path / "split" / "config.yaml").read_text() == before  # a refused resume leaves the run's record
+    # augment settings may change: they apply from the next step
+    assert Trainer(_config(tmp_path, blobs, "split", **resumed, **{"augment.rotation": 0.1})).fit()["finished"]
+    # the other settings that decide a split: a separate validation set (the classification task's val_root /
+    # val_csv_file); validation lists a built-in data set fills under the run's folder are not compared
+    from medfast.train.trainer import _split_differences
+
+    old = {"trainer": {"seed": 0}, "data": {"val_images": ["a.nii.gz"], "val_labels": [], "dataset": None,
+                                            "dataset_args": {"val_root": "v"}}}
+    now = {"trainer": {"seed": 0}, "data": {"val_images": ["b.nii.gz"], "val_labels": [], "dataset": None,
+                                            "dataset_args": {"val_csv_file": "v.csv"}}}
+    assert _split_differences(old, now) == [
+        "data.val_images (['a.nii.gz'] in the checkpoint, ['b.nii.gz'] now)",
+        "data.dataset_args.val_root ('v' in the checkpoint, not set now)",
+        "data.dataset_args.val_csv_file (not set in the checkpoint, 'v.csv' now)"]
+    now["data"].update(dataset="tiny_blobs", dataset_args={"val_root": "v"})
+    assert _split_differences(old, now) == []
+
+
+def test_resume_with_another_training_set_length_starts_the_next_epoch(tmp_path, capsys):
+    """The checkpoint's micro_batches counts epochs of its training set: with another length (here 5 subjects,
+    then 4) the count was re-divided silently (epoch 0 position 3 of another permutation). The run continues at
+    the start of the next epoch, and says so; a checkpoint without train_size resumes as before."""
+    five, four = tmp_path / "five", tmp_path / "four"
+    make_blobs(five, n=5, shape=(12, 12, 12), classes=3)
+    make_blobs(four, n=4, shape=(12, 12, 12), classes=3)
+    common = {**_TINY, "trainer.batch_size": 1, "trainer.checkpoint_every": 1}
+    _, ref = _recorded_fit(_config(tmp_path, four, "ref", **common, **{"trainer.max_steps": 5}))
+    for name in ("new", "old"):
+        _recorded_fit(_config(tmp_path, five, name, **common, **{"trainer.max_steps": 4}), stop_after=3)
+    ck = tmp_path / "old" / "checkpoints" / "last.pt"
+    state = load_checkpoint(ck)
+    assert state["train_size"] == 5
+    del state["train_size"]  # a checkpoint written before the length was stored
+    save_checkpoint(state, ck)
+    capsys.readouterr()
+    resumed = {**common, "trainer.max_steps": 4, "trainer.resume": "auto"}
+    _, got = _recorded_fit(_config(tmp_path, four, "new", **resumed))
+    assert got == [ref[4]]  # epoch 1, position 0
+    out = capsys.readouterr().out
+    assert "trained on 5 training sample(s) per epoch, this run has 4: the data continues at the start of epoch 1" \
+        in out
+    _, got = _recorded_fit(_config(tmp_path, four, "old", **resumed))
+    assert got == [ref[3]] and "per epoch" not in capsys.readouterr().out

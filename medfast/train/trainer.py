@@ -190,13 +190,50 @@ def _stored_step(path: Path) -> int | None:
 
 LOCK_NAME = "train.lock"
 
+#: this process's locked ``train.lock`` descriptor, None when it holds none. DataLoader workers are forked with a
+#: copy of it, and a copy keeps the ``flock`` as long as any process holds one: after a kill -9 the run's workers
+#: (which notice the dead parent only seconds later) kept the folder locked against an immediate --resume. The
+#: workers close their copy (:func:`_close_lock_copy`, their ``worker_init_fn``).
+_LOCK_FD: int | None = None
+
+#: how long :func:`_lock_out_dir` waits for a lock whose recorded holder is dead on this host (a process forked
+#: from it that did not close its copy, e.g. a worker of another loader, still holds it until it notices)
+_DEAD_HOLDER_WAIT_S = 10.0
+
+
+def _holder_is_dead(holder: str) -> bool:
+    """True when ``holder`` (the lock file's ``pid N on HOST, ...``) names a process of this host that no longer
+    exists; False when it is alive, on another host, or cannot be told."""
+    m = re.match(r"pid (\d+) on (\S+?),", holder)
+    if m is None or m.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # (PermissionError: alive, another user's)
+        return False
+    return False
+
+
+def _close_lock_copy() -> None:
+    """Closes a forked child's copy of this process's lock descriptor (only the copy: the lock stays the
+    parent's, which still holds its own descriptor; no ``flock(LOCK_UN)``, which would release it for both)."""
+    global _LOCK_FD
+    if _LOCK_FD is not None:
+        with contextlib.suppress(OSError):
+            os.close(_LOCK_FD)
+        _LOCK_FD = None
+
 
 def _lock_out_dir(out_dir: Path) -> tuple[int, Path, list[Path]] | str:
     """Creates ``out_dir`` and takes an exclusive ``flock`` on ``out_dir/train.lock``, which names the holder
     (pid, host, start time). Returns ``(fd, lock file, folders created)`` for :func:`_unlock_out_dir`, or the
     message naming the holder when another process holds it. The kernel drops the lock when the holder dies
-    (kill -9, a crash), so the file a dead run leaves blocks nothing. Without ``fcntl`` (Windows) no lock is
-    taken (fd -1)."""
+    (kill -9, a crash), so the file a dead run leaves blocks nothing (its DataLoader workers close their copies
+    of the descriptor; a lock whose recorded holder is dead on this host is waited for up to
+    ``_DEAD_HOLDER_WAIT_S`` seconds before it is refused). Without ``fcntl`` (Windows) no lock is taken (fd -1)."""
+    global _LOCK_FD
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,6 +244,7 @@ def _lock_out_dir(out_dir: Path) -> tuple[int, Path, list[Path]] | str:
         import fcntl
     except ImportError:
         return -1, path, created
+    deadline = None  # set when the holder is found dead: its lock is waited for until then
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -219,6 +257,11 @@ def _lock_out_dir(out_dir: Path) -> tuple[int, Path, list[Path]] | str:
             with contextlib.suppress(OSError):
                 holder = os.read(fd, 500).decode(errors="replace").strip()
             os.close(fd)
+            if _holder_is_dead(holder):  # a killed run's leftover children still hold it: they end soon
+                deadline = deadline or time.monotonic() + _DEAD_HOLDER_WAIT_S
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
             return (f"trainer.out_dir (--out) {out_dir} is in use by another medfast train ({holder or 'unknown'}; "
                     f"lock file {path}): two runs in one folder would mix their logs and checkpoints. Wait for it to "
                     f"end (then --resume continues it), or train into another folder (--out)")
@@ -232,16 +275,20 @@ def _lock_out_dir(out_dir: Path) -> tuple[int, Path, list[Path]] | str:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
              .encode())
+    _LOCK_FD = fd
     return fd, path, created
 
 
 def _unlock_out_dir(lock: tuple[int, Path, list[Path]]) -> None:
     """Removes the lock file (still holding the lock, so no other process locks the removed file) and releases
     it; the folders :func:`_lock_out_dir` created are removed again if the run wrote nothing in them."""
+    global _LOCK_FD
     fd, path, created = lock
     with contextlib.suppress(OSError):
         path.unlink()
     if fd >= 0:
+        if _LOCK_FD == fd:
+            _LOCK_FD = None
         os.close(fd)
     for folder in created:  # deepest first
         try:
@@ -265,6 +312,41 @@ def _config_differences(saved: Any, now: dict[str, Any], section: str, free: boo
 
     return [f"{section}.{k} ({show(old.get(k, unset))} in the checkpoint, {show(new.get(k, unset))} now)"
             for k in keys if old.get(k, unset) != new.get(k, unset)]
+
+
+#: the settings that decide which subjects are validation subjects (the split of data.val_fraction is a
+#: permutation seeded by trainer.seed: medfast.train.files.gather_files, the classification task's folders), as
+#: paths into the config; a resume with others would validate on subjects the checkpoint trained on
+SPLIT_SETTINGS = (("trainer", "seed"), ("data", "val_fraction"), ("data", "val_images"), ("data", "val_labels"),
+                  ("data", "dataset_args", "val_root"), ("data", "dataset_args", "val_csv_file"))
+
+
+def _split_differences(saved: Any, now: dict[str, Any]) -> list[str]:
+    """``"data.val_fraction (A in the checkpoint, B now)"`` for the :data:`SPLIT_SETTINGS` that differ between the
+    checkpoint's config ``saved`` and ``now``. A setting whose section the checkpoint lacks is not compared (an
+    older config layout); the validation lists that a built-in data set (``data.dataset``) fills under the run's
+    own folder are not either (a resume into another ``--out`` lists other paths for the same files)."""
+    if not isinstance(saved, dict):
+        return []
+    unset = object()
+
+    def show(v: Any) -> str:
+        return "not set" if v is unset else repr(v)
+
+    out = []
+    for keys in SPLIT_SETTINGS:
+        if keys[-1] in ("val_images", "val_labels") and now.get("data", {}).get("dataset") is not None:
+            continue
+        old, new = saved, now
+        for k in keys[:-1]:
+            old = old.get(k) if isinstance(old, dict) else None
+            new = new.get(k) if isinstance(new, dict) else None
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            continue
+        a, b = old.get(keys[-1], unset), new.get(keys[-1], unset)
+        if a != b:
+            out.append(f"{'.'.join(keys)} ({show(a)} in the checkpoint, {show(b)} now)")
+    return out
 
 
 def _load_error_line(exc: BaseException) -> str:
@@ -522,6 +604,12 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Pat
     return path
 
 
+def _validation_worker_init(worker_id: int) -> None:
+    """The validation loader's workers: only the lock descriptor's copy closed (see ``_LOCK_FD``); their RNGs
+    are left as they were (no reseeding: validation draws as before)."""
+    _close_lock_copy()
+
+
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for r in rows for k in r}, key=metric_order)
     out = {}
@@ -532,6 +620,7 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _worker_init(worker_id: int) -> None:
+    _close_lock_copy()  # (the training loader's workers: see _LOCK_FD)
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32 if info is not None else worker_id
     np.random.seed(seed)
@@ -687,7 +776,8 @@ class Trainer:
         workers = self.config.data.num_workers
         if self._val_loader is None:
             self._val_loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=self.task.collate,
-                                                           num_workers=workers, persistent_workers=workers > 0)
+                                                           num_workers=workers, persistent_workers=workers > 0,
+                                                           worker_init_fn=_validation_worker_init)
         elif workers > 0:
             torch.empty((), dtype=torch.int64).random_()
         return self._val_loader
@@ -736,6 +826,9 @@ class Trainer:
             "step": self.step,
             "epoch": epoch,
             "micro_batches": self._micro_batches_done(),
+            # the length of the training set whose epochs micro_batches counts: a resume with another length
+            # (another data set, a task's samples_per_epoch) starts the next epoch instead of re-dividing the count
+            "train_size": len(self.train_ds),
             "world_size": self.world,
             "rng": _rng_state(),
         }
@@ -755,6 +848,11 @@ class Trainer:
         epoch is a prefix of it, cut to whole steps), so no sample is skipped or repeated, except that a position
         inside this run's micro-batch is rounded up to the next (skipping fewer than ``batch_size`` x processes
         samples, said in a message), and one past this run's (shorter) epoch starts the next epoch.
+
+        With a training set of another length than the checkpoint's (its ``train_size``: another data set, or
+        a task setting such as ``samples_per_epoch``) the epochs' permutations differ, so the run continues at
+        the start of the epoch after the checkpoint's, said in a message (a checkpoint without ``train_size``
+        is taken to have this run's length).
         """
         tc = self.config.trainer
         if "micro_batches" not in state:  # written before micro_batches was stored: step * accumulate
@@ -764,6 +862,15 @@ class Trainer:
         old = (int(saved.get("batch_size", tc.batch_size)), int(saved.get("accumulate", tc.accumulate)),
                int(state.get("world_size", self.world)))
         new = (tc.batch_size, tc.accumulate, self.world)
+        size, old_size = len(self.train_ds), int(state.get("train_size", len(self.train_ds)))
+        if old_size != size:  # micro counts the old epochs: a position in them is none in this run's
+            batch, accumulate, world = old
+            old_epoch = D.EpochSampler(old_size, batch, world, accumulate=accumulate).batches_per_epoch()
+            epoch = -(-micro // old_epoch)  # the next epoch's start (the checkpoint's position, at an epoch's end)
+            if self.rank == 0:
+                print(f"medfast train: the checkpoint was trained on {old_size} training sample(s) per epoch, this "
+                      f"run has {size}: the data continues at the start of epoch {epoch}", flush=True)
+            return epoch * self.batches_per_epoch
         if old == new:
             return micro
         batch, accumulate, world = old
@@ -932,6 +1039,12 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} is not a training checkpoint of medfast train (no {', '.join(missing)}); "
                                   f"it cannot be resumed")
+        split = _split_differences(state.get("config"), config_to_dict(self.config))
+        if split:  # (every task, before its data is read: gather_files and the classification task draw the split)
+            raise CheckpointError(f"{path} was trained with another train/validation split: {', '.join(split)}; "
+                                  f"the split would be drawn anew and validation would score subjects the "
+                                  f"checkpoint trained on. Resume with the checkpoint's settings, or train a new run "
+                                  f"(without --resume)")
         # an edited config (model.channels [4096, 8192]) built gigabytes of parameters before this was found
         check_weights_fit(self.task.build_model, state, path, self.config)
         return state
