@@ -23,6 +23,41 @@ _MISSING = (
 )
 
 
+def _built_for() -> str | None:
+    """The torch release (major.minor) this medfast was built for, read without loading ``_C``: a wheel requires
+    ``torch==X.Y.*`` (the build's pin); None for a source build (``torch>=...``) or unreadable metadata."""
+    import re
+    from importlib import metadata
+
+    try:
+        for req in metadata.requires("medfast") or []:
+            m = re.match(r"torch\s*==\s*(\d+\.\d+)", req)
+            if m:
+                return m.group(1)
+    except Exception:  # noqa: BLE001 - metadata of an odd install: no version to name
+        return None
+    return None
+
+
+def _load_failure(exc: ImportError) -> str:
+    """The message for a ``_C`` that does not load (the usual result of a torch mismatch: a missing library or an
+    undefined symbol, before :func:`build_info` could be read): names the torch the wheel was built for when its
+    metadata says, and what to install (a wheel user has no source folder to rebuild in)."""
+    built = _built_for()
+    text = str(exc)
+    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    msg = f"medfast's compiled extension could not be loaded ({text}). It is missing or was built for another torch"
+    if built is not None:
+        msg += f": this medfast was built for torch {built}, and torch {torch.__version__} is installed"
+    msg += ". "
+    if any(lib in text for lib in ("libc10_cuda", "libtorch_cuda", "libcudart")):
+        msg += "It is a CUDA build: it needs the CUDA build of torch it was built for (not a +cpu torch). "
+    msg += (f"From a wheel, install a medfast wheel built for torch {release} (`pip install --force-reinstall "
+            f"--no-deps <that wheel>`) or the torch {built or 'release'} it was built for. From a source checkout: "
+            + _REBUILD.format(torch=torch.__version__))
+    return msg
+
+
 def _same_release(a: str, b: str) -> bool:
     """Torch's C++ ABI changes between minor releases: compare major.minor."""
     return a.split("+")[0].split(".")[:2] == b.split("+")[0].split(".")[:2]
@@ -71,8 +106,7 @@ def _load():
     try:
         from medfast import _C
     except ImportError as exc:
-        _fail(f"medfast's compiled extension could not be loaded ({exc}). It is missing or was built "
-              f"for another torch. " + _REBUILD.format(torch=torch.__version__))
+        _fail(_load_failure(exc))
     built = _C.build_info()["torch"]
     if not _same_release(built, torch.__version__):
         _fail(f"medfast was built against torch {built} but torch {torch.__version__} is installed. "

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from medfast.bench import runner
+from tests.conftest import needs_committed_results
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
+@needs_committed_results
 def test_adapters_read_the_committed_results():
     rows = runner._warp_rows(RESULTS) + runner._loss_rows(RESULTS)
     assert {r.suite for r in rows} == {"warp", "loss"}
@@ -532,6 +534,7 @@ def _figure_of(monkeypatch, meta, rows, path, status=None):
     return figs[0]
 
 
+@needs_committed_results
 def test_chart_is_readable(tmp_path, monkeypatch):
     """The committed latest report's chart: short labels, a wide plot area, values on the bars, pymust's
     extrapolated 11,561x clipped with its value written, and a peak-memory panel."""
@@ -674,6 +677,7 @@ def test_a_relative_work_folder_is_the_callers(tmp_path, monkeypatch):
     assert (tmp_path / "relwork2" / "s" / "r.json").is_file()
 
 
+@needs_committed_results
 def test_readme_cpu_figures_are_those_of_the_runs_it_cites():
     """The README's CPU figures name the result file that holds them (bench_cpu_latest.md is overwritten by
     every run: figures cited from it went stale), and its "Latest CPU run" table is that run's."""

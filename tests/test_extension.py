@@ -27,6 +27,25 @@ def test_other_torch_release_says_how_to_rebuild():
     assert "pip install --no-build-isolation" in out
 
 
+def test_a_build_that_does_not_load_names_the_torch_it_was_built_for():
+    # a torch mismatch usually breaks loading _C itself (a missing CUDA library, an undefined symbol): the message
+    # named only the installed torch and told a wheel user to rebuild "in the medfast source folder"
+    out = _import_error(
+        "import sys, importlib.machinery, importlib.metadata as md\n"
+        "md.requires = lambda name: ['torch==2.99.*'] if name == 'medfast' else []\n"
+        "class L:\n"
+        "    def create_module(self, spec):\n"
+        "        raise ImportError('libc10_cuda.so: cannot open shared object file: No such file or directory')\n"
+        "    def exec_module(self, m): pass\n"
+        "class F:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        return importlib.machinery.ModuleSpec(name, L()) if name == 'medfast._C' else None\n"
+        "sys.meta_path.insert(0, F())")
+    assert out.startswith("ERR medfast's compiled extension could not be loaded (libc10_cuda.so")
+    assert f"built for torch 2.99, and torch {torch.__version__} is installed" in out
+    assert "It is a CUDA build" in out and "From a wheel, install a medfast wheel built for torch" in out
+
+
 @pytest.mark.parametrize("key", ["medfast", "torch", "torch_built_against", "cuda_kernels", "cuda_archs", "openmp",
                                  "cpu_simd", "cpu_threads", "gpu_visible"])
 def test_build_info_keys(key):

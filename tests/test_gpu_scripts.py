@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_committed_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,6 +101,7 @@ def _summary_rows(prefix: str, tmp_path) -> dict[str, str]:
     return {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
 
 
+@needs_committed_results
 def test_gpu_summary_of_the_committed_h200_results(tmp_path):
     lines = _summary_rows("h200b_", tmp_path)
     assert "1345 GB/s (28 % of 4800)" in lines["2: warp forward 256^3, plain"]
@@ -135,6 +138,7 @@ def test_gpu_summary_shows_the_host_time_of_a_loss_step(tmp_path):
     assert "0.700 ms per step, host 0.550 ms, kernels 0.150 ms" in row
 
 
+@needs_committed_results
 def test_gpu_summary_reads_the_full_resolution_demos(tmp_path):
     """The demo rows of gpu_check.sh's demo_register / demo_seg steps (fed here with the CPU demo's own
     report and a trainer results.json), and "not run" without them."""
