@@ -20,26 +20,8 @@ from medfast.data.augment import AugmentConfig, check_augment_config  # noqa: E4
 from medfast.data.io import image_header, load_image, load_nifti, single_slice_as_2d  # noqa: E402
 from medfast.nets import UNet  # noqa: E402
 from medfast.tasks.evaluation import evaluate_pair  # noqa: E402
-from medfast.train import Trainer, config_from_dict, config_to_dict  # noqa: E402
-
-
-def _oracle(model, image, config):
-    """A perfect "network" for a binary task: class 1 where the (unnormalized) intensity is above 0.5."""
-    p1 = torch.sigmoid(40 * (image[:, :1].float() - 0.5))
-    return torch.cat([1 - p1, p1], 1)
-
-
-def _config(nd, **data):
-    patch = [8] * nd
-    return config_from_dict({
-        "task": "segmentation",
-        "data": {"normalize": "none", "val_fraction": 0, "cache": "none", **data},
-        "model": {"spatial_dims": nd, "in_channels": 1, "out_channels": 2, "channels": [2, 4]},
-        "augment": {"patch_size": patch},
-        "inference": {"roi_size": patch},
-        "trainer": {"max_steps": 1, "batch_size": 1, "val_every": 0, "checkpoint_every": 0, "device": "cpu",
-                    "progress": False, "tensorboard": False, "plots": False, "threads": 1},
-    })
+from medfast.train import Trainer, config_to_dict  # noqa: E402
+from tests.test_segmentation_space import _config, _oracle  # noqa: E402  (one oracle and config)
 
 
 def _net(config):

@@ -240,10 +240,28 @@ def test_bad_trainer_settings(tmp_path):
         Trainer(load_config([], ["task=nosuchtask"]))
 
 
+def _kill_after_checkpoint(proc, ck, step, deadline):
+    """SIGKILL the training subprocess once its checkpoint ``ck`` holds ``step`` or later (or at ``deadline``);
+    the step it was killed at."""
+    import signal
+    import time
+
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ck.is_file() and load_checkpoint(ck)["step"] >= step:
+                break
+        except (ValueError, FileNotFoundError):  # (a checkpoint being replaced)
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    return load_checkpoint(ck)["step"]
+
+
 def test_sigkilled_run_resumes_with_the_same_losses(tmp_path, blobs):
     """A real kill -9 of `medfast train` between checkpoints, then `--resume`: same losses as uninterrupted."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -259,18 +277,7 @@ def test_sigkilled_run_resumes_with_the_same_losses(tmp_path, blobs):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
     ck = out / "checkpoints" / "last.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ck.is_file():
-            try:
-                if load_checkpoint(ck)["step"] >= 3:
-                    break
-            except (ValueError, FileNotFoundError):
-                pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    killed_at = load_checkpoint(ck)["step"]
+    killed_at = _kill_after_checkpoint(proc, ck, 3, deadline)
     assert 3 <= killed_at < 20
     cfg.trainer.resume = "auto"
     Trainer(cfg).fit()
@@ -803,7 +810,6 @@ def test_sigkilled_run_with_workers_resumes_at_once(tmp_path, blobs, monkeypatch
     descriptor and held the lock until they noticed the dead parent (seconds), so an immediate --resume was
     refused ("in use by another medfast train (pid N)", N dead). The workers close their copy."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -817,17 +823,7 @@ def test_sigkilled_run_with_workers_resumes_at_once(tmp_path, blobs, monkeypatch
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
     ck = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if ck.is_file() and load_checkpoint(ck)["step"] >= 1:
-                break
-        except (ValueError, FileNotFoundError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    killed_at = load_checkpoint(ck)["step"]
+    killed_at = _kill_after_checkpoint(proc, ck, 1, deadline)
     # at once: without the wait for a dead holder's lock (the fallback), so the workers' copies are what is tested
     monkeypatch.setattr(trainer_module, "_DEAD_HOLDER_WAIT_S", 0.0, raising=False)
     cfg.trainer.resume, cfg.trainer.max_steps = "auto", killed_at + 1
