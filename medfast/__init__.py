@@ -16,7 +16,18 @@ from medfast.ops import (
     warp,
 )
 
-__version__ = "0.1.0"
+
+def _distribution_version() -> str:
+    """The installed distribution's version: a CPU-only release wheel carries a local label (``0.1.0+cpu``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medfast")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, never installed
+        return "0.1.0"
+
+
+__version__ = _distribution_version()
 
 __all__ = [
     "__version__",

@@ -18,7 +18,8 @@ case "$VARIANT" in
     TORCH_CPU="pip install --index-url https://download.pytorch.org/whl/cpu 'torch==2.14.1'"
     export CIBW_BEFORE_ALL="true"
     export CIBW_BEFORE_BUILD="$TORCH_CPU && pip install numpy 'scikit-build-core>=1.1' ninja 'cmake>=3.24'"
-    export CIBW_ENVIRONMENT="MEDFAST_CUDA=0"
+    # The local label names the variant, as torch's CPU wheels ("0.1.0+cpu"; build_support/torch_pin.py).
+    export CIBW_ENVIRONMENT="MEDFAST_CUDA=0 MEDFAST_LOCAL_VERSION=cpu"
     # Before the wheel is installed into the test environment: its torch==2.14.* requirement is then already
     # met by the CPU torch (otherwise pip fetches the CUDA build from PyPI first, gigabytes, to replace it).
     export CIBW_BEFORE_TEST="$TORCH_CPU"

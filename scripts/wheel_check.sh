@@ -12,9 +12,10 @@ TORCH_VERSION=$(.venv/bin/python -c "import torch; print(torch.__version__.split
 echo "wheel check: building sdist + CPU wheel against torch $TORCH_VERSION"
 rm -rf "$DIST" && mkdir -p "$DIST"
 # Its own build folder, so the editable development build (CUDA on) is left as it is.
-MEDFAST_CUDA=0 .venv/bin/python -m build --no-isolation --sdist --wheel -o "$DIST" \
+MEDFAST_CUDA=0 MEDFAST_LOCAL_VERSION=cpu .venv/bin/python -m build --no-isolation --sdist --wheel -o "$DIST" \
   -C build-dir=build/wheel-cpu . > "$DIST/build.log" 2>&1 || { tail -40 "$DIST/build.log"; exit 1; }
 WHEEL=$(ls "$DIST"/medfast-*.whl)
+case "$WHEEL" in *+cpu-*) ;; *) echo "the CPU wheel's name lacks its +cpu label: $WHEEL" >&2; exit 1 ;; esac
 echo "built $(ls "$DIST" | grep -v build.log | tr '\n' ' ')"
 unzip -p "$WHEEL" '*.dist-info/METADATA' | grep -E "^Requires-Dist: (torch|numpy)"
 VENV=${MEDFAST_WHEEL_VENV:-/tmp/medfast-wheel-venv}
@@ -23,3 +24,4 @@ python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "$WHEEL" 2>&1 | { grep -v "^WARNING: Location" || true; }
 (cd /tmp && "$VENV/bin/python" "$OLDPWD/scripts/wheel_smoke.py")
 (cd /tmp && "$VENV/bin/medfast" info)
+(cd /tmp && "$VENV/bin/python" -c "import medfast; assert medfast.__version__.endswith('+cpu'), medfast.__version__")

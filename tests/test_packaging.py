@@ -315,3 +315,41 @@ def test_install_docs_name_the_build_tools_of_pyproject():
     line = f'pip install "{skbuild}" "cmake>={cmake}" ninja numpy'
     assert line in (ROOT / "README.md").read_text()
     assert line + " build" in (ROOT / "docs" / "install.md").read_text()
+
+
+def _torch_pin(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "build_support"))
+    import torch_pin
+
+    return torch_pin
+
+
+def test_cpu_wheel_carries_a_local_version_label(monkeypatch):
+    """The CPU-only and the CUDA wheel of one release differ in name and version (torch's own "+cpu")."""
+    torch_pin = _torch_pin(monkeypatch)
+    monkeypatch.setattr(torch_pin, "_state", "wheel")
+    monkeypatch.delenv("MEDFAST_LOCAL_VERSION", raising=False)
+    assert torch_pin.dynamic_metadata({}, {})["version"] == torch_pin.VERSION
+    # the fallback of a never-installed source tree is the same release
+    assert f'return "{torch_pin.VERSION}"' in (ROOT / "medfast" / "__init__.py").read_text()
+    monkeypatch.setenv("MEDFAST_LOCAL_VERSION", "cpu")
+    assert torch_pin.dynamic_metadata({}, {})["version"] == f"{torch_pin.VERSION}+cpu"
+    monkeypatch.setattr(torch_pin, "_state", "sdist")  # the sdist is one for both variants
+    assert torch_pin.dynamic_metadata({}, {})["version"] == torch_pin.VERSION
+    monkeypatch.setattr(torch_pin, "_state", "wheel")
+    monkeypatch.setenv("MEDFAST_LOCAL_VERSION", "CPU build")
+    with pytest.raises(ValueError, match="MEDFAST_LOCAL_VERSION='CPU build'"):
+        torch_pin.dynamic_metadata({}, {})
+    # the release scripts set it for the CPU wheel only
+    cpu = (ROOT / "scripts" / "build_wheels.sh").read_text().split("cpu)")[1]
+    assert 'CIBW_ENVIRONMENT="MEDFAST_CUDA=0 MEDFAST_LOCAL_VERSION=cpu"' in cpu
+    assert "MEDFAST_LOCAL_VERSION" not in str(PYPROJECT["tool"]["cibuildwheel"]["environment"])
+    assert "MEDFAST_LOCAL_VERSION=cpu" in (ROOT / "scripts" / "wheel_check.sh").read_text()
+
+
+def test_module_version_is_the_distribution_version():
+    from importlib.metadata import version
+
+    import medfast
+
+    assert medfast.__version__ == version("medfast")
