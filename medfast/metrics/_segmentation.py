@@ -24,6 +24,7 @@ import torch
 
 from medfast._typing import SpacingLike
 from medfast.ops._distance import _check_spacing, seed_distances, surface_edges
+from medfast.ops._loss import _vmapped
 from medfast.ops._validate import check_tensor, py_scalar
 
 __all__ = ["dice", "hausdorff_distance", "surface_distance"]
@@ -54,7 +55,7 @@ def _check_pair(pred: object, target: object, pred_name: str, target_name: str) 
             f"{pred_name} and {target_name} must be on the same device, got {pred.device} and {target.device}"
         )
     for name, t in ((pred_name, pred), (target_name, target)):
-        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if _vmapped(t):
             # (vmap failed inside with ".item() ... data-dependent": the labels are read on the host, and the
             # distances' point sets have data-dependent sizes)
             raise NotImplementedError(
