@@ -159,3 +159,16 @@ def test_bad_inputs():
         with pytest.raises(error, match=match):
             LocalNormalizedCrossCorrelationLoss(**kw)
     assert LocalNormalizedCrossCorrelationLoss(spatial_dims=2, kernel_size=(3, 5)).kernel_size == (3, 5)
+
+
+def test_empty_batch_is_refused_by_name():
+    """A batch of size 0 gave NaN (ssd, bending energy, gradient norm, label Dice: a mean over nothing) or a
+    reshape error (mutual information); the fused ops refuse it with the argument's name."""
+    empty, ddf = torch.rand(0, 1, 8, 8, 8), torch.rand(0, 3, 8, 8, 8)
+    for call in (lambda: global_mutual_information(empty, empty), lambda: GlobalMutualInformationLoss()(empty, empty),
+                 lambda: SSDLoss()(empty, empty), lambda: label_dice_loss(empty, empty)):
+        with pytest.raises(ValueError, match=r"pred is empty: shape \(0, 1, 8, 8, 8\)"):
+            call()
+    for call in (lambda: bending_energy(ddf), lambda: gradient_norm(ddf)):
+        with pytest.raises(ValueError, match=r"ddf is empty: shape \(0, 3, 8, 8, 8\)"):
+            call()

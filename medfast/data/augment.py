@@ -317,6 +317,8 @@ class RandomAugment:
                 xb = xb * field.exp().to(dtype)
             if cfg.noise_std:
                 gd = torch.Generator(device=dev).manual_seed(noise_seed)
-                xb = xb + torch.randn(xb.shape, generator=gd, device=dev, dtype=xb.dtype) * noise_std.item()
+                # drawn in float32 whatever the image's dtype (float64 draws another stream), as the other draws
+                noise = torch.randn(xb.shape, generator=gd, device=dev, dtype=torch.float32).to(xb.dtype)
+                xb = xb + noise * noise_std.item()
             outs.append(xb)
         return torch.stack(outs)

@@ -73,6 +73,8 @@ def _check_pair(pred: object, target: object, min_dim: int = 3,
         raise ValueError(f"target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
     if pred.dim() < min_dim:
         raise ValueError(f"pred must have shape {layout}, got {tuple(pred.shape)}")
+    if pred.numel() == 0:  # (a mean over nothing: NaN, or a reshape error; the fused ops refuse it too)
+        raise ValueError(f"pred is empty: shape {tuple(pred.shape)}")
     return pred, target
 
 
@@ -83,6 +85,8 @@ def _check_ddf(ddf: object) -> torch.Tensor:
     if ddf.dim() not in (3, 4, 5) or ddf.shape[1] != ddf.dim() - 2:
         raise ValueError(f"ddf must have shape (B, ndim, *spatial) with ndim = number of spatial dims, "
                          f"got {tuple(ddf.shape)}")
+    if ddf.shape[0] == 0:
+        raise ValueError(f"ddf is empty: shape {tuple(ddf.shape)}")
     if any(s <= 2 for s in ddf.shape[2:]):
         raise ValueError(f"every spatial size of ddf must be > 2, got {tuple(ddf.shape[2:])}")
     # a network's float16/bfloat16 output under autocast: finite differences and their sum in float32, as the
