@@ -224,7 +224,13 @@ trainer: {{batch_size: 6, val_every: 10, checkpoint_every: 10, progress: false, 
     assert all(r["class"] in ("small", "medium", "large") for r in rows)
     for r in rows:
         p = [float(r[f"p_{n}"]) for n in ("small", "medium", "large")]
-        assert sum(p) == pytest.approx(1, abs=1e-4) and r["class"] == ["small", "medium", "large"][int(np.argmax(p))]
+        assert sum(p) == pytest.approx(1, abs=1e-4)
+        # ordinal (CORAL): the class is the number of cumulative P(y > k) = p[k+1:].sum() above 0.5 (the median of
+        # the predicted distribution), not the argmax of the p_ columns ([0.45, 0.1, 0.45] is 'medium')
+        above = [sum(p[k + 1:]) for k in range(2)]
+        k = int(r["index"])
+        assert r["class"] == ["small", "medium", "large"][k]
+        assert all(c > 0.5 - 1e-5 for c in above[:k]) and all(c <= 0.5 + 1e-5 for c in above[k:])
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "nope.png"), "--model", str(out / "checkpoints" / "last.pt")]) == 1
     assert "nope.png: file not found" in capsys.readouterr().err

@@ -325,6 +325,22 @@ def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """``x`` ``(C, *spatial)`` resized to ``size``: bi/trilinear (``align_corners=False``) where it grows; where it
+    shrinks, plain bi/trilinear samples only the pixels next to each output one and drops the detail between
+    them (a 3x3 dot vanishes in an 8x reduction), so 2D is antialiased (``antialias=True``, PIL's triangle
+    filter) and 3D is first area-averaged on the shrinking axes."""
+    if len(size) == 2:
+        shrinks = any(n < s for n, s in zip(size, x.shape[1:], strict=True))
+        return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=shrinks)[0]
+    reduced = tuple(min(n, s) for n, s in zip(size, x.shape[1:], strict=True))
+    if reduced != tuple(x.shape[1:]):  # area on the shrinking axes (the others keep their size: unchanged)
+        x = F.interpolate(x[None], size=reduced, mode="area")[0]
+    if reduced != size:  # trilinear on the growing axes (the others are at their size: unchanged)
+        x = F.interpolate(x[None], size=size, mode="trilinear", align_corners=False)[0]
+    return x
+
+
 #: a label read as a number: an optionally signed decimal, with an optional exponent ("3", "-1", "0.5", "1e-3")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -357,7 +373,8 @@ class ImageFolderDataset(Dataset):
     spatial_dims : int
         2 or 3.
     size : sequence of int, optional
-        Resizes every image to this spatial size (positive sizes) (bilinear/trilinear), so that batches stack.
+        Resizes every image to this spatial size (positive sizes), so that batches stack: bilinear/trilinear,
+        antialiased (2D) or area-averaged (3D) along the axes it shrinks.
     channels : int, optional
         1 converts colour images to grey (channel mean); 3 repeats grey images. Default: as stored, which
         must be the same for all images (checked from the file headers at construction: a folder mixing grey
@@ -506,8 +523,7 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{f}: {x.shape[0]} channel(s), expected {expected} (the other images'); set "
                                "channels=1 or 3 to convert")
         if self.size is not None and tuple(x.shape[1:]) != tuple(self.size):
-            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-            x = F.interpolate(x[None], size=tuple(self.size), mode=mode, align_corners=False)[0]
+            x = _resize(x, tuple(self.size))
         if self.normalize == "minmax":
             lo, hi = x.min(), x.max()
             x = (x - lo) / (hi - lo).clamp_min(1e-8)

@@ -44,7 +44,7 @@ from medfast.tasks.classification.data import IMAGE_SUFFIXES, ImageFolderDataset
 from medfast.tasks.classification.encoding import make_encoder
 from medfast.tasks.classification.losses import ClassificationLoss
 from medfast.tasks.classification.metrics import classification_report, confusion_matrix, save_confusion_png
-from medfast.train.config import Config, ConfigError, check_spatial_config
+from medfast.train.config import Config, ConfigError, check_choice_setting, check_spatial_config
 from medfast.train.task import Task, register_task
 
 __all__ = ["ClassificationTask", "build_classifier", "check_config", "predict_files"]
@@ -537,8 +537,11 @@ class ClassificationTask(Task):
         cams = plots and self.config.model.spatial_dims == 2
         shown: list[tuple[torch.Tensor, int, str]] = []
         counts: dict[tuple[str, int], int] = {}
-        loader = torch.utils.data.DataLoader(self.val_ds, batch_size=max(1, self.config.trainer.batch_size),
-                                             collate_fn=collate)
+        # without data.shape a folder's images may differ in size and do not stack: one image a batch, as the
+        # trainer's validation reads them (rendered frames have one size: data.shape or the simulator's default)
+        one_by_one = self.source is None and self.config.data.shape is None
+        batch_size = 1 if one_by_one else max(1, self.config.trainer.batch_size)
+        loader = torch.utils.data.DataLoader(self.val_ds, batch_size=batch_size, collate_fn=collate)
         with torch.no_grad():
             for batch in loader:
                 image = self._cached_images(batch, device)
@@ -596,12 +599,35 @@ class ClassificationTask(Task):
                 count[key] = count.get(key, 0) + 1
                 picked.append((x, y, sub))
         picked.sort(key=lambda t: (t[2], t[1]))
-        images = torch.stack([p[0] for p in picked]).to(device)
-        cams, pred = class_activation_map(model, images, encoding=self.encoding)
+        if len({tuple(p[0].shape) for p in picked}) == 1:
+            images = torch.stack([p[0] for p in picked]).to(device)
+            cams, pred = class_activation_map(model, images, encoding=self.encoding)
+            images, cams = images.cpu(), cams.cpu()
+        else:  # images of different sizes (no data.shape): mapped one by one, drawn on a common canvas
+            maps = [class_activation_map(model, x[None].to(device), encoding=self.encoding) for x, _, _ in picked]
+            pred = torch.cat([q.cpu() for _, q in maps])
+            images, cams = _pad_for_grid([x for x, _, _ in picked], [c[0].cpu() for c, _ in maps])
         names = self.encoder.class_names
         titles = [f"{sub.replace('held_out_', '')}: {names[y]}\npred {names[int(q)]}".lstrip(": ")
                   for (_, y, sub), q in zip(picked, pred.tolist(), strict=True)]
-        return save_cam_png(images.cpu(), cams.cpu(), path, titles)
+        return save_cam_png(images, cams, path, titles)
+
+
+def _pad_for_grid(images: list[torch.Tensor], cams: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """2D ``images`` ``(C, H_i, W_i)`` and their ``cams`` ``(H_i, W_i)`` of different sizes as one
+    ``(N, C, H, W)`` / ``(N, H, W)`` pair for :func:`save_cam_png`: each padded at the bottom/right to the largest
+    size, the image with its own per-channel minimum (black once drawn min-max scaled, its contrast unchanged),
+    the map with NaN (not drawn: no overlay outside the image)."""
+    h, w = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
+    out_images, out_cams = [], []
+    for x, cam in zip(images, cams, strict=True):
+        canvas = x.amin((-2, -1), keepdim=True).expand(x.shape[0], h, w).clone()
+        canvas[:, :x.shape[-2], :x.shape[-1]] = x
+        grid = torch.full((h, w), float("nan"), dtype=cam.dtype)
+        grid[:cam.shape[-2], :cam.shape[-1]] = cam
+        out_images.append(canvas)
+        out_cams.append(grid)
+    return torch.stack(out_images), torch.stack(out_cams)
 
 
 def _input_files(inputs) -> list[Path]:
@@ -673,6 +699,9 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
 
         _check_predict_overrides(overrides)
         config = load_config([], overrides, base=yaml.safe_load(yaml.safe_dump(state["config"])))
+    # the item transform below is set up without ImageFolderDataset's checks: an unknown value (a typo in --set)
+    # would be read as no normalization; refused as medfast train refuses it
+    check_choice_setting("data.normalize", config.data.normalize)
     task = ClassificationTask(config, refuse_unused=False)  # a setting training ignored is ignored here too
     names = config.data.dataset_args.get("classes") or [str(k) for k in range(task.num_classes)]
     task.encoder = make_encoder(task.encoding, task.num_classes, names)
