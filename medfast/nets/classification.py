@@ -5,12 +5,12 @@ each with a head for the label encoding: ``nominal`` (``C`` logits), ``binary`` 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from medfast.ops._validate import check_bool
+from medfast.ops._validate import check_bool, py_scalar
 
 __all__ = ["ClassificationHead", "CoralHead", "DenseNetClassifier", "ResNetClassifier", "SonoNet"]
 
@@ -21,6 +21,43 @@ def _conv(dims: int):
 
 def _bn(dims: int):
     return nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+
+
+def _int_arg(name: str, value: object, low: int = 1) -> int:
+    """``value`` as an int ``>= low`` (NumPy ints and 0-d tensors too; not a bool, float or string): checked at
+    construction, not left to a convolution's error at the first forward, which does not name the argument."""
+    value = py_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _counts(name: str, value: object) -> list[int]:
+    """A non-empty sequence of ints >= 1 (blocks / layers / convs per stage): a 0 or negative entry was built as
+    one block (ResNet) or none (SonoNet) without a word."""
+    try:
+        if isinstance(value, (str, bytes, Mapping)):
+            raise TypeError
+        out = [py_scalar(n) for n in value]  # type: ignore[union-attr]
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in out):
+            raise TypeError
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"{name} must be a non-empty sequence of ints >= 1, got {value!r}")
+    return out
+
+
+def _dropout(name: str, value: object) -> float:
+    """A probability in [0, 1): a negative or NaN one was silently no dropout (1 would zero every feature)."""
+    value = py_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not 0 <= value < 1:  # (NaN fails too)
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 class CoralHead(nn.Module):
@@ -60,6 +97,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, encoding: str = "nominal", dropout: float = 0.0) -> None:
         super().__init__()
+        in_features, num_classes = _int_arg("in_features", in_features), _int_arg("num_classes", num_classes)
+        dropout = _dropout("dropout", dropout)
         if encoding == "nominal":
             out: nn.Module = nn.Linear(in_features, num_classes)
         elif encoding == "binary":
@@ -162,9 +201,10 @@ class SonoNet(_PooledClassifier):
         Channels of the first block, doubled per block (capped at ``8 * width``). SonoNet-64 is ``width=64``.
     convs_per_block : sequence of int
         Number of 3x3 convs in each block (SonoNet: ``(2, 2, 3, 3, 3)``); one pooling between blocks.
-    adaptation : int
-        Channels of the 1x1 adaptation layer (default ``2 * width``).
+    adaptation : int or None
+        Channels of the 1x1 adaptation layer (``None``, the default: ``2 * width``).
     dropout : float
+        Dropout before the output layer, in [0, 1).
 
     Notes
     -----
@@ -176,6 +216,10 @@ class SonoNet(_PooledClassifier):
                  convs_per_block: Sequence[int] = (2, 2, 3, 3), adaptation: int | None = None,
                  dropout: float = 0.0) -> None:
         super().__init__()
+        in_channels, width = _int_arg("in_channels", in_channels), _int_arg("width", width)
+        convs_per_block = _counts("convs_per_block", convs_per_block)
+        # (`adaptation or 2 * width` read 0 as the default)
+        adaptation = 2 * width if adaptation is None else _int_arg("adaptation", adaptation)
         layers: list[nn.Module] = []
         ch = in_channels
         for b, n in enumerate(convs_per_block):
@@ -185,7 +229,6 @@ class SonoNet(_PooledClassifier):
             for _ in range(n):
                 layers += [nn.Conv2d(ch, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 ch = out
-        adaptation = adaptation or 2 * width
         layers += [nn.Conv2d(ch, adaptation, 1, bias=False), nn.BatchNorm2d(adaptation), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -230,10 +273,12 @@ class ResNetClassifier(_PooledClassifier):
     width : int
         Channels of the stem and first stage, doubled per stage.
     blocks : sequence of int
-        Basic blocks per stage (ResNet-18 is ``(2, 2, 2, 2)``); every stage after the first halves the size.
+        Basic blocks per stage, each >= 1 (ResNet-18 is ``(2, 2, 2, 2)``); every stage after the first halves
+        the size.
     stem_stride : int
         Stride of the 3x3 stem conv (1 for small images, 2 to save memory on large ones).
     dropout : float
+        Dropout before the output layer, in [0, 1).
 
     Notes
     -----
@@ -247,6 +292,8 @@ class ResNetClassifier(_PooledClassifier):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        in_channels, width = _int_arg("in_channels", in_channels), _int_arg("width", width)
+        stem_stride, blocks = _int_arg("stem_stride", stem_stride), _counts("blocks", blocks)
         conv, bn = _conv(spatial_dims), _bn(spatial_dims)
         self.stem = nn.Sequential(conv(in_channels, width, 3, stem_stride, 1, bias=False), bn(width),
                                   nn.ReLU(inplace=True))
@@ -326,12 +373,13 @@ class DenseNetClassifier(_PooledClassifier):
     stem_pool : bool
         A 3x3 max pooling of stride 2 after the stem conv (as in DenseNet-121): another halving.
     norm : {"batch", "instance", "group"}
-        Normalization layers. ``group`` (8 groups) and ``instance`` are per sample, so a DDP run on several
+        Normalization layers. ``group`` (``gcd(channels, 8)`` groups: 8 where the channel count is a multiple
+        of 8, else 4, 2 or 1) and ``instance`` are per sample, so a DDP run on several
         processes computes exactly what one process computes on the combined batch.
     dropout : float
-        Dropout before the output layer.
+        Dropout before the output layer, in [0, 1).
     layer_dropout : float
-        Channel dropout on each dense layer's new features.
+        Channel dropout on each dense layer's new features, in [0, 1).
 
     Notes
     -----
@@ -347,8 +395,9 @@ class DenseNetClassifier(_PooledClassifier):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if not blocks or any(int(n) < 1 for n in blocks):
-            raise ValueError(f"blocks must be a non-empty list of positive layer counts, got {blocks!r}")
+        in_channels, width = _int_arg("in_channels", in_channels), _int_arg("width", width)
+        stem_stride, blocks = _int_arg("stem_stride", stem_stride), _counts("blocks", blocks)
+        layer_dropout = _dropout("layer_dropout", layer_dropout)
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
         if growth_rate < 1 or width < 1 or bn_size < 1:

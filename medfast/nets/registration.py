@@ -5,7 +5,8 @@ Both take the moving and fixed images concatenated on the channel axis, ``(B, 2 
 * :class:`LocalNet` -- a U-shaped encoder-decoder (DeepReg's LocalNet: conv blocks with instance
   norm and leaky ReLU, max-pool down, transposed-conv up plus additive trilinear upsampling, skip
   connections added). The DDF is the mean of 1-channel-per-axis heads at the ``extract_levels``,
-  resized to full resolution; the heads are zero-initialised, so an untrained net is the identity.
+  upsampled to full resolution by their pooling factor (then cropped); the heads are zero-initialised, so an
+  untrained net is the identity.
 * :class:`GlobalNet` -- the LocalNet encoder, then a linear layer to the ``ndim x (ndim + 1)``
   affine parameters, initialised to the identity. It returns the affine in voxel coordinates
   (output -> input, as :func:`medfast.affine_warp` takes it) and the equivalent DDF.
@@ -13,6 +14,7 @@ Both take the moving and fixed images concatenated on the channel axis, ``(B, 2 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -30,13 +32,48 @@ def _channels_last(x: torch.Tensor, ndim: int, choice: bool | None) -> bool:
     return ndim == 3 and x.device.type == "cpu"
 
 
-def _check_args(depth: object, min_depth: int, channels_last: object) -> tuple[int, bool | None]:
-    depth = py_scalar(depth)
-    if isinstance(depth, bool) or not isinstance(depth, int):
-        raise TypeError(f"depth must be an int, got {depth!r}")
-    if depth < min_depth:
-        raise ValueError(f"depth must be >= {min_depth}, got {depth!r}")
-    return depth, None if channels_last is None else check_bool("channels_last", channels_last)
+def _int_arg(name: str, value: object, low: int) -> int:
+    """``value`` as an int ``>= low`` (NumPy ints and 0-d tensors too); not a bool, a float (4.7 is not silently
+    4) nor a string. TypeError / ValueError naming ``name``."""
+    value = py_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return value
+
+
+def _check_args(depth: object, min_depth: int, channels_last: object, in_channels: object,
+                num_channel_initial: object) -> tuple[int, bool | None, int, int]:
+    # sizes checked here, not by the first convolution's error at forward (which does not name the argument)
+    depth = _int_arg("depth", depth, min_depth)
+    in_channels = _int_arg("in_channels", in_channels, 1)
+    num_channel_initial = _int_arg("num_channel_initial", num_channel_initial, 1)
+    return (depth, None if channels_last is None else check_bool("channels_last", channels_last), in_channels,
+            num_channel_initial)
+
+
+def _check_levels(extract_levels: object, depth: int) -> list[int]:
+    """Sorted distinct levels in [0, depth]: ints only (operator.index), so 1.9 is not silently level 1, nor
+    True level 1, nor "012" the levels 0, 1, 2. ``None``: every level, ``range(depth + 1)``."""
+    if extract_levels is None:
+        return list(range(depth + 1))
+    bad = TypeError(f"extract_levels must be a sequence of ints, got {extract_levels!r}")
+    if isinstance(extract_levels, (str, bytes)):
+        raise bad
+    levels = []
+    try:
+        for lv in extract_levels:  # type: ignore[union-attr]
+            lv = py_scalar(lv)
+            if isinstance(lv, bool):
+                raise bad
+            levels.append(operator.index(lv))
+    except TypeError:
+        raise bad from None
+    levels = sorted(set(levels))
+    if not levels or levels[0] < 0 or levels[-1] > depth:
+        raise ValueError(f"extract_levels must lie in [0, depth = {depth}], got {tuple(extract_levels)}")
+    return levels
 
 
 def _conv(ndim: int):
@@ -96,9 +133,10 @@ class LocalNet(nn.Module):
     num_channel_initial : int
         Feature channels at full resolution (doubled at each level).
     depth : int
-        Number of down-sampling levels.
-    extract_levels : sequence of int
-        Decoder levels (0 = full resolution) whose heads are averaged into the DDF.
+        Number of down-sampling levels (max-pooling, ``ceil_mode``: any input size works).
+    extract_levels : sequence of int or None
+        Decoder levels (0 = full resolution) whose heads are averaged into the DDF (ints in ``[0, depth]``).
+        ``None`` (default): every level, ``range(depth + 1)`` (``(0, 1, 2, 3)`` at the default depth).
     channels_last : bool or None
         Run the 3D network channels-last (``torch.channels_last_3d``). ``None`` (default): on the CPU
         only. There, float32 3D convolutions go through oneDNN forward and backward in either layout
@@ -109,18 +147,20 @@ class LocalNet(nn.Module):
     Shapes
     ------
     ``forward(x)``: ``(B, in_channels, *S)`` -> DDF ``(B, spatial_dims, *S)`` in voxels (or a
-    velocity field, to be integrated with :func:`medfast.integrate`).
+    velocity field, to be integrated with :func:`medfast.integrate`). Level ``l``'s cell ``j`` (per axis)
+    pools the input voxels ``[2^l j, 2^l j + 2^l - 1]`` (the last cell fewer when ``S`` is not a multiple of
+    ``2^l``); coarse features and fields are upsampled by the pooling factor and cropped, so each cell's
+    value lands back on those voxels whatever ``S``.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2, num_channel_initial: int = 16, depth: int = 3,
-                 extract_levels: Sequence[int] = (0, 1, 2, 3), channels_last: bool | None = None) -> None:
+                 extract_levels: Sequence[int] | None = None, channels_last: bool | None = None) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        depth, channels_last = _check_args(depth, 1, channels_last)
-        levels = sorted(set(int(lv) for lv in extract_levels))
-        if not levels or levels[0] < 0 or levels[-1] > depth:
-            raise ValueError(f"extract_levels must lie in [0, depth = {depth}], got {tuple(extract_levels)}")
+        depth, channels_last, in_channels, num_channel_initial = _check_args(
+            depth, 1, channels_last, in_channels, num_channel_initial)
+        levels = _check_levels(extract_levels, depth)
         self.ndim, self.in_channels, self.levels = spatial_dims, in_channels, levels
         self.channels_last = channels_last
         self.encoder = _Encoder(spatial_dims, in_channels, num_channel_initial, depth)
@@ -152,13 +192,25 @@ class LocalNet(nn.Module):
             # additive upsampling (DeepReg): resize the coarse features and sum channel pairs; the resize
             # is linear per channel, so the pairs are summed first (half the channels to resize)
             add = h.reshape(h.shape[0], skip.shape[1], -1, *h.shape[2:]).sum(2)
-            add = F.interpolate(add, size=skip.shape[2:], mode=mode, align_corners=False)
+            add = _upsample(add, 2, skip.shape[2:], mode)
             h = self.decoders[i]((up + add + skip).contiguous(memory_format=fmt))
             if i in self.levels:
                 outs.append(self.heads[str(i)](h))
-        ddf = torch.stack([F.interpolate(o, size=size, mode=mode, align_corners=False)
-                           if o.shape[2:] != size else o for o in outs]).mean(0)
+        # outs are ordered deepest level first: outs[k] is at level levels[-1 - k]
+        ddf = torch.stack([_upsample(o, 2 ** lv, size, mode) if lv else o
+                           for lv, o in zip(reversed(self.levels), outs, strict=True)]).mean(0)
         return ddf.contiguous()
+
+
+def _upsample(x: torch.Tensor, factor: int, size: Sequence[int], mode: str) -> torch.Tensor:
+    """``x`` upsampled by the pooling ``factor`` (``align_corners=False``), cropped to ``size``: undoes the
+    ceil-mode pooling, coarse cell ``j`` centred on fine voxel ``factor * j + (factor - 1) / 2``. (A resize to
+    ``size`` stretched the grid whenever ``size`` is not ``factor`` times the coarse size: 3.6 voxels off at
+    44 voxels, depth 3.) Where it is, the two give the same values: the scale is ``1 / factor`` either way."""
+    x = F.interpolate(x, scale_factor=factor, mode=mode, align_corners=False)
+    if tuple(x.shape[2:]) != tuple(size):
+        x = x[(slice(None), slice(None), *[slice(0, s) for s in size])]
+    return x
 
 
 class GlobalNet(nn.Module):
@@ -184,7 +236,8 @@ class GlobalNet(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        depth, channels_last = _check_args(depth, 0, channels_last)  # depth 0: one conv block, no pooling
+        depth, channels_last, in_channels, num_channel_initial = _check_args(  # depth 0: one conv block, no pooling
+            depth, 0, channels_last, in_channels, num_channel_initial)
         self.ndim, self.in_channels, self.channels_last = spatial_dims, in_channels, channels_last
         self.encoder = _Encoder(spatial_dims, in_channels, num_channel_initial, depth)
         n = spatial_dims * (spatial_dims + 1)

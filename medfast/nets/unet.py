@@ -99,6 +99,9 @@ class UNet(nn.Module):
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(f"x must have shape (B, C, *S) with {self.spatial_dims} spatial dims, got "
                              f"{tuple(x.shape)}")
+        in_channels = self.encoder[0][0].in_channels  # (the first conv's: also a UNet pickled whole)
+        if x.shape[1] != in_channels:  # named here, not the first convolution's weight-shape error
+            raise ValueError(f"x must have shape (B, in_channels = {in_channels}, *S), got {tuple(x.shape)}")
         if x.numel() == 0:  # (instance norm and the padding index past an empty batch or axis)
             raise ValueError(f"x is empty: shape {tuple(x.shape)}")
         size = list(x.shape[2:])

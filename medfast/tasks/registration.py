@@ -39,7 +39,7 @@ from medfast._jsonsafe import dumps as json_dumps
 from medfast.data.io import DatasetError, nifti_header, same_grid
 from medfast.data.preprocess import REORIENT_DIMS, reorient_dims_of
 from medfast.losses.registration import bending_energy, label_dice_loss
-from medfast.nets.registration import GlobalNet, LocalNet, affine_ddf
+from medfast.nets.registration import GlobalNet, LocalNet, _check_levels, affine_ddf
 from medfast.ops._transforms import _MAX_STEPS
 from medfast.ops._validate import position_dtype, py_scalar
 from medfast.train.config import ConfigError, _build, check_network_input, check_spatial_config
@@ -1915,9 +1915,9 @@ class RegistrationNet(torch.nn.Module):
         if isinstance(integration_steps, bool) or not isinstance(integration_steps, (int, np.integer)) \
                 or not 0 <= integration_steps <= _MAX_STEPS:
             raise ValueError(f"integration_steps must be an int in 0..{_MAX_STEPS}, got {integration_steps!r}")
-        levels = tuple(range(depth + 1)) if extract_levels is None else tuple(extract_levels)
         self.ndim, self.velocity, self.steps = spatial_dims, bool(velocity), int(integration_steps)
-        self.local = LocalNet(spatial_dims, in_channels, num_channel_initial, depth, levels)
+        # (None: LocalNet's default, every level; passed as given so that LocalNet checks what the user wrote)
+        self.local = LocalNet(spatial_dims, in_channels, num_channel_initial, depth, extract_levels)
         self.globalnet = GlobalNet(spatial_dims, in_channels, num_channel_initial, depth) if global_net else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1945,8 +1945,10 @@ class RegistrationNet(torch.nn.Module):
 _NETS["RegistrationNet"] = RegistrationNet
 
 
-def _net_kwargs(config: Any) -> dict[str, Any]:
-    """``RegistrationNet`` arguments from a trainer :class:`~medfast.train.Config`."""
+def _net_kwargs(config: Any, *, trained: bool = False) -> dict[str, Any]:
+    """``RegistrationNet`` arguments from a trainer :class:`~medfast.train.Config`. ``trained``: the config of a
+    checkpoint, where a one-entry ``model.channels`` (refused for training since it gives no depth) stands for
+    the depth-1 network it was trained as."""
     m, ta = config.model, _task_args(config)
     if m.name.lower() not in ("localnet", "registrationnet"):
         raise ConfigError(f"the registration task trains model.name = 'localnet', got {m.name!r}")
@@ -1960,13 +1962,25 @@ def _net_kwargs(config: Any) -> dict[str, Any]:
                          "the depth)")
     if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chans):
         raise ConfigError(f"model.channels must be positive ints, got {chans}")
+    if len(chans) < 2 and not trained:
+        # its length - 1 is the depth: [8] would be depth 0, which LocalNet refuses (it was silently depth 1)
+        raise ConfigError(f"model.channels = {chans} gives depth {len(chans) - 1}: LocalNet's depth is "
+                          f"len(model.channels) - 1 and must be >= 1; give at least two widths, e.g. "
+                          f"{[chans[0], 2 * chans[0]]} (depth 1) or {[chans[0] * 2**i for i in range(4)]} (depth 3)")
     if any(c != chans[0] * 2**i for i, c in enumerate(chans)):
         # LocalNet doubles its width per level: any other list would silently train other widths
         raise ConfigError(f"model.channels = {chans}: LocalNet takes the first width and doubles it per level (the "
                           f"list's length - 1 is the depth), so the list must be that doubling, e.g. "
                           f"{[chans[0] * 2**i for i in range(len(chans))]}")
+    depth = max(1, len(chans) - 1)  # (1 only for a trained checkpoint's one-entry list, see above)
+    levels = kw.get("extract_levels")
+    if levels is not None:
+        try:  # now, naming the setting, not as LocalNet's TypeError when the model is built
+            _check_levels(levels, depth)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.kwargs.{e}") from None
     return {"spatial_dims": m.spatial_dims, "in_channels": 2 * m.in_channels, "num_channel_initial": int(chans[0]),
-            "depth": max(1, len(chans) - 1), "extract_levels": kw.get("extract_levels"),
+            "depth": depth, "extract_levels": levels,
             "velocity": ta["velocity"], "integration_steps": ta["integration_steps"], "global_net": ta["global_net"]}
 
 
@@ -1976,7 +1990,7 @@ def _load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") ->
     config = config_from_dict(state["config"])
     if config.data.shape is None:
         raise RegistrationError("the checkpoint's config has no data.shape (the network's input shape)")
-    net = RegistrationNet(**_net_kwargs(config)).to(device)
+    net = RegistrationNet(**_net_kwargs(config, trained=True)).to(device)
     net.load_state_dict(state["model"])
     d = config.data
     # without data.spacing the run kept each image's voxel size (cropped / padded to data.shape): native_spacing

@@ -256,6 +256,28 @@ def min_input_size(model: nn.Module, spatial_dims: int, in_channels: int) -> int
         model.train(was_training)
 
 
+def _check_training_input(config: Config, shape) -> None:
+    """With ``trainer.batch_size`` 1, a ``data.shape`` input must pass the network in TRAINING mode too:
+    :func:`min_input_size` probes in eval mode, where batch normalization uses its running statistics, so a
+    network whose last stage is one pixel passed it and failed at the first step (batch norm needs more than one
+    value per channel in training). Probed on a meta-device build of the network: no memory, compute, model state
+    or RNG used. Raises :class:`ConfigError` naming ``data.shape`` and ``trainer.batch_size`` (as the segmentation
+    task's ``check_network_input``)."""
+    if config.trainer.batch_size != 1:  # two samples give two values per channel however small the maps
+        return
+    with torch.device("meta"):
+        probe = build_classifier(config).train()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros((1, int(config.model.in_channels), *(int(s) for s in shape)), device="meta"))
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"data.shape={list(shape)} with trainer.batch_size=1: this network (model.name="
+                          f"{config.model.name!r}, model.kwargs {dict(config.model.kwargs)}) fails at the first "
+                          f"training step ({e}): its last stage is one pixel there, and batch normalization in "
+                          "training needs more than one value per channel; raise data.shape, set trainer.batch_size "
+                          ">= 2, or use fewer blocks / stem_stride 1") from None
+
+
 def _size_text(shape) -> str:
     return "x".join(str(int(s)) for s in shape)
 
@@ -343,6 +365,8 @@ class ClassificationTask(Task):
                               f"(model.name={c.model.name!r}, model.kwargs {dict(c.model.kwargs)}): "
                               f"{self.min_size} pixels per axis, which its poolings need; raise data.shape or "
                               "use fewer blocks / stem_stride 1")
+        if shape is not None:
+            _check_training_input(c, shape)
         return model
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
