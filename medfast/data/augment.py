@@ -110,7 +110,7 @@ def random_crop_theta(in_shape: Sequence[int], out_shape: Sequence[int], g: torc
                       matrix: torch.Tensor | None = None, translation: float = 0.0) -> torch.Tensor:
     """``(ndim, ndim + 1)`` float64 map from output (patch) voxel coordinates to input voxel coordinates:
     ``x_in = centre + matrix @ (x_out - (P - 1) / 2)``, the centre drawn uniformly where the patch fits
-    (whole-voxel crop offsets; the volume's centre along axes shorter than the patch), plus a uniform
+    (whole-voxel crop offsets; along axes shorter than the patch, zero-padded as crop_or_pad pads), plus a uniform
     shift of up to ``translation`` voxels."""
     if len(in_shape) != len(out_shape):
         raise ValueError(f"in_shape and out_shape must have one entry per spatial axis each, got {list(in_shape)} "
@@ -118,7 +118,9 @@ def random_crop_theta(in_shape: Sequence[int], out_shape: Sequence[int], g: torc
     nd = len(out_shape)
     centre = torch.empty(nd, dtype=torch.float64)
     for i, (s, p) in enumerate(zip(in_shape, out_shape)):
-        start = int(torch.randint(0, s - p + 1, (), generator=g)) if s > p else (s - p) / 2
+        # a patch longer than the volume: crop_or_pad's whole-voxel offset, not (s - p) / 2, whose half voxel (odd
+        # p - s) made a disabled augment interpolate the image between voxels while the label snapped to one
+        start = int(torch.randint(0, s - p + 1, (), generator=g)) if s > p else -((p - s) // 2)
         centre[i] = start + (p - 1) / 2
     if translation:
         centre += (torch.rand(nd, generator=g, dtype=torch.float64) * 2 - 1) * translation

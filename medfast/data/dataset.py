@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from medfast.data.preprocess import (
     resample_to_spacing,
     spatial_affine,
 )
-from medfast.ops._validate import check_bool
+from medfast.ops._validate import check_bool, py_scalar
 
 __all__ = ["NiftiDataset", "case_name", "check_label_map", "collate", "find_pairs", "group_channel_files", "relabel"]
 
@@ -266,10 +267,61 @@ def relabel(labels: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
     (unlisted values unchanged); ``label_map`` as :func:`check_label_map` gives it (non-negative keys)."""
     if not label_map:
         return labels
-    lut = np.arange(max(int(labels.max(initial=0)), *label_map) + 1)
-    for k, v in label_map.items():
-        lut[k] = v
-    return lut[labels]
+    # a binary search over the map's keys, not a lookup table as long as the largest label value: an atlas's
+    # structure id (Allen CCF: 614454277) made that table 5 GB
+    keys = np.array(sorted(label_map), dtype=np.int64)
+    values = np.array([label_map[k] for k in keys.tolist()], dtype=np.int64)
+    labels = np.asarray(labels)
+    pos = np.minimum(np.searchsorted(keys, labels), len(keys) - 1)
+    return np.where(keys[pos] == labels, values[pos], labels).astype(np.int64, copy=False)
+
+
+#: what the disk cache stores of an item: its arrays; ``files`` and ``index`` belong to the dataset that reads it
+_CACHED = ("image", "affine", "label")
+#: the ``.img`` / ``.hdr`` pair (NIfTI-1 / Analyze), compressed as nibabel compresses them
+_PAIR_TYPES = (("image", ".img"), ("header", ".hdr"))
+_PAIR_RE = re.compile(r".*\.(img|hdr)(\.gz|\.bz2|\.zst)?", re.IGNORECASE)
+
+
+def _with_companion(path: str) -> list[str]:
+    """``path`` and, for one file of a ``.hdr`` / ``.img`` pair, the other one (when it exists), named as nibabel
+    names it (``scan.img`` -> ``scan.hdr``, ``SCAN.IMG.GZ`` -> ``SCAN.HDR.GZ``)."""
+    if not _PAIR_RE.fullmatch(Path(path).name):
+        return [path]
+    from nibabel.filename_parser import TypesFilenamesError, types_filenames
+
+    try:
+        names = types_filenames(path, _PAIR_TYPES, trailing_suffixes=(".gz", ".bz2", ".zst"))
+    except TypesFilenamesError:
+        return [path]
+    return [path] + [f for f in names.values() if f != path and Path(f).is_file()]
+
+
+def _digest(arrays: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (of a 1 mm brain: ~50 ms)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        t = arrays[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _numbers(name: str, value: Any, count: int, what: str, ok: Callable[[int | float], bool]) -> list | None:
+    """``value`` (a sequence of ``count`` real numbers each passing ``ok``; None passes) as a list of Python
+    numbers (NumPy scalars and tensor elements converted); :class:`TypeError` / :class:`ValueError` naming
+    ``name`` otherwise."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        out = [py_scalar(v) for v in value]
+    except TypeError:  # a single number, a string, a 0-d array
+        raise TypeError(f"{name} must be a sequence of {count} {what}, got {value!r}") from None
+    if len(out) != count or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v) for v in out):
+        raise ValueError(f"{name} must be {count} {what}, got {out}")
+    return out
 
 
 class NiftiDataset(Dataset):
@@ -295,19 +347,22 @@ class NiftiDataset(Dataset):
         :func:`medfast.data.spatial_affine` (R, A for an axial slice), so a slice stored flipped or transposed
         gives the same array.
     spacing : sequence of float, optional
-        Resample to this voxel size (mm) with :func:`medfast.resample` (labels: nearest).
+        Resample to this voxel size (mm) with :func:`medfast.resample` (labels: nearest); ``spatial_dims``
+        positive finite numbers (else :class:`ValueError`, at construction).
     shape : sequence of int, optional
-        Centred crop/pad to this spatial shape after resampling.
+        Centred crop/pad to this spatial shape after resampling; ``spatial_dims`` ints >= 1.
     normalize : {"zscore", "minmax", "none"}
         Per-channel intensity normalization (see :func:`medfast.data.normalize_intensity`).
     clip_percentiles : (float, float), optional
-        Clip intensities to these percentiles first.
+        Clip intensities to these percentiles first (``0 <= lo < hi <= 100``).
     label_map : mapping of int to int, optional
         Relabel on load (unlisted values map to themselves); keys and values are integers >= 0 (else
         :class:`TypeError` / :class:`ValueError` naming the key).
     cache : {"memory", "disk", "none"}
         Keep preprocessed subjects in memory, in ``cache_dir`` as ``.pt`` files keyed by file names, sizes,
-        modification times (of every channel file) and preprocessing, or nowhere. The memory cache belongs to the
+        modification times (of every channel file, and of both files of a ``.hdr`` / ``.img`` pair) and
+        preprocessing, or nowhere. A cache file holds the arrays with a SHA-256 digest; one that does not load,
+        holds something else or fails its digest is rebuilt. The memory cache belongs to the
         process that reads the subject: each data-loader worker fills its own, which lasts as long as the worker
         (the trainer keeps its workers for the whole run: with ``W`` workers a subject is read and preprocessed at
         most ``W`` times, and up to ``W`` copies of the data set are held; ``disk`` keeps one copy, on disk).
@@ -371,10 +426,18 @@ class NiftiDataset(Dataset):
         self.spatial_dims = spatial_dims
         self.compact_labels = check_bool("compact_labels", compact_labels)
         self.reorient = bool(reorient)  # 2D too (medfast.data.preprocess.REORIENT_DIMS)
-        self.spacing = list(spacing) if spacing is not None else None
-        self.shape = list(shape) if shape is not None else None
+        # checked here, not when the first subject loads (a bad count or value failed there, or only in a worker);
+        # NumPy / tensor numbers as Python ones, so that the disk cache's key (JSON) takes them too
+        per_axis = f"(one per spatial axis: spatial_dims={spatial_dims})"
+        self.spacing = _numbers("spacing", spacing, spatial_dims, f"positive finite voxel sizes in mm {per_axis}",
+                                lambda v: math.isfinite(v) and v > 0)
+        self.shape = _numbers("shape", shape, spatial_dims, f"positive ints (voxels) {per_axis}",
+                              lambda v: isinstance(v, int) and v >= 1)
         self.normalize = normalize
-        self.clip_percentiles = list(clip_percentiles) if clip_percentiles is not None else None
+        self.clip_percentiles = _numbers("clip_percentiles", clip_percentiles, 2, "percentiles (lo, hi)",
+                                         lambda v: math.isfinite(v))
+        if self.clip_percentiles is not None and not 0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100:
+            raise ValueError(f"clip_percentiles must satisfy 0 <= lo < hi <= 100, got {self.clip_percentiles}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.cache = cache
@@ -463,8 +526,9 @@ class NiftiDataset(Dataset):
     def _key(self, i: int) -> str:
         parts = []
         for p in entry_files(self.images[i]) + ([self.labels[i]] if self.labels else []):
-            st = Path(p).stat()
-            parts.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+            for f in _with_companion(p):  # a .hdr / .img pair: a header edit changes only the .hdr
+                st = Path(f).stat()
+                parts.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
         spec = [parts, self.spatial_dims, self.reorient, self.spacing, self.shape, self.normalize,
                 self.clip_percentiles, sorted(self.label_map.items())] + (["compact"] if self.compact_labels else [])
         spec.append(f"preprocess-{PREPROCESS_VERSION}")
@@ -541,20 +605,43 @@ class NiftiDataset(Dataset):
                 self._memory[i] = self.load(i)
             return self._memory[i]
         if self.cache == "disk":
-            path = self.cache_dir / f"{self._key(i)}.pt"
+            key = self._key(i)
+            path = self.cache_dir / f"{key}.pt"
             if path.is_file():
                 try:
-                    return torch.load(path, weights_only=True)
+                    stored = self._cached_arrays(torch.load(path, weights_only=True), key)
                 except Exception:  # noqa: BLE001 - a broken cache file is rebuilt
-                    pass
+                    stored = None
+                if stored is not None:
+                    # this dataset's index and file names, not those of the dataset that wrote the file (the same
+                    # files in another order, or named by a relative path)
+                    item = {"image": stored["image"], "affine": stored["affine"],
+                            "files": entry_text(self.images[i]), "index": i}
+                    if "label" in stored:
+                        item["label"] = stored["label"]
+                    return item
             item = self.load(i)
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            arrays = {k: v for k, v in item.items() if k in _CACHED}
             # a unique temporary name (uuid, not the global NumPy stream the trainer seeded), removed when the
             # write fails (a full disk left it behind): two jobs sharing the cache never rename one another's file
             with replacing(path) as tmp:
-                torch.save(item, tmp)
+                torch.save({"key": key, "digest": _digest(arrays), "arrays": arrays}, tmp)
             return item
         return self.load(i)
+
+    def _cached_arrays(self, stored: Any, key: str) -> dict[str, torch.Tensor] | None:
+        """The arrays of a disk-cache file's content, or None unless it is what :meth:`_get` writes for ``key``
+        with its digest intact: flipped bytes inside a tensor load without an error, and a file of another dict,
+        of a tensor or of an older medfast would be served as it is (or crash)."""
+        if not isinstance(stored, dict) or set(stored) != {"key", "digest", "arrays"} or stored["key"] != key:
+            return None
+        arrays = stored["arrays"]
+        want = {"image", "affine", "label"} if self.labels else {"image", "affine"}
+        if (not isinstance(arrays, dict) or set(arrays) != want
+                or not all(isinstance(v, torch.Tensor) for v in arrays.values())):
+            return None
+        return arrays if stored["digest"] == _digest(arrays) else None
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, seed = (key if isinstance(key, tuple) else (key, None))

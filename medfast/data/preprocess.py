@@ -284,9 +284,10 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
                         clip_percentiles: Sequence[float] | None = None) -> torch.Tensor:
     """Per-channel intensity normalization of ``(C, *S)``.
 
-    ``"zscore"``: zero mean, unit variance; when 5-100 % of the voxels are non-zero and the negative ones, if
-    any, are small (their mean magnitude at most a tenth of the positive voxels' median: the ringing of a
-    masked image resampled with a cubic or sinc kernel) the image is masked (e.g. skull-stripped: 0 is its
+    ``"zscore"``: zero mean, unit variance (the population variance, dividing by n, as MONAI and nnU-Net); when
+    5-100 % of the voxels are non-zero and the negative ones, if any, are small (their mean magnitude at most a
+    tenth of the positive voxels' median: the ringing of a masked image resampled with a cubic or sinc kernel)
+    the image is masked (e.g. skull-stripped: 0 is its
     background), the statistics come from the non-zero voxels and the zeros stay 0, as MONAI's
     ``NormalizeIntensity(nonzero=True)``; otherwise from every voxel (a CT's 0 HU is water, not background: its
     air and fat lie at -1000 and -100 HU next to soft tissue's +40, and all voxels count);
@@ -329,7 +330,8 @@ def normalize_intensity(image: torch.Tensor, method: str = "zscore",
             nonzero = int(mask.sum())
             masked = 0.05 * x.numel() < nonzero < x.numel() and _small_negatives(x)
             ref = x[mask] if masked else x
-            std, mean = torch.std_mean(ref) if ref.numel() > 1 else (ref.new_zeros(()), ref.mean())
+            # the population std (correction=0), as MONAI's NormalizeIntensity and nnU-Net's ZScoreNormalization
+            std, mean = torch.std_mean(ref, correction=0) if ref.numel() > 1 else (ref.new_zeros(()), ref.mean())
             if not float(std) > 1e-6 * float(mean.abs()):
                 # constant (to float32 rounding): 0, not the rounding error of the mean divided by 1e-8
                 x.zero_()
