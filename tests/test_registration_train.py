@@ -460,3 +460,25 @@ def test_a_lone_subject_without_an_atlas_needs_a_geometric_augmentation(tmp_path
         RegistrationTask(config_from_dict(cfg)).build_datasets()
     cfg["augment"]["enabled"] = True
     RegistrationTask(config_from_dict(cfg)).build_datasets()
+
+
+def test_integration_steps_without_a_velocity_field_is_refused(tmp_path, blobs):
+    """integration_steps 0, 7 and 64 trained bit-identical weights without task_args.velocity: a silent no-op."""
+    from medfast.tasks.registration import RegistrationTask
+    from medfast.train.config import ConfigError
+
+    _, images, labels = blobs
+    with pytest.raises(ConfigError, match="task_args.integration_steps integrates a velocity field"):
+        RegistrationTask(config_from_dict(_cfg(tmp_path, images, labels, integration_steps=4)))
+    RegistrationTask(config_from_dict(_cfg(tmp_path, images, labels, integration_steps=4, velocity=True)))
+    RegistrationTask(config_from_dict(_cfg(tmp_path, images, labels)))  # the default is not a setting given
+
+
+@pytest.mark.parametrize("value", ["0", "0.05", "-2", "nan", "inf", "25"])
+def test_register_demo_resolution_is_checked_first(tmp_path, capsys, value):
+    """0 / inf overflowed in a traceback, 0.05 asked for 555 GB, NaN and -2 failed naming other things."""
+    out = tmp_path / "demo"
+    assert cli.main(["register", "--demo", "--resolution", value, "--out", str(out), "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert "--resolution must be a voxel size in mm between 0.5 and 20" in err and "Traceback" not in err
+    assert not out.exists()

@@ -1501,7 +1501,7 @@ def configure_register_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="trained LocalNet/GlobalNet checkpoint: one forward pass instead of optimization")
     p.add_argument("--demo", action="store_true",
                    help="Colin27 (ch2bet) -> MNI152 T1 with a random affine; tissue-overlap report")
-    p.add_argument("--resolution", type=float, default=None, help="demo voxel size in mm (default: 3)")
+    p.add_argument("--resolution", type=float, default=None, help="demo voxel size in mm, 0.5 to 20 (default: 3)")
     p.add_argument("--seed", type=int, default=None, help="demo random affine seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
     p.add_argument("--affine-levels", type=_levels, default=",".join(map(str, d.affine_levels)),
@@ -1622,6 +1622,10 @@ def run_register(args: argparse.Namespace) -> int:
                                         f"--demo)")
         elif args.resolution is not None or args.seed is not None:
             raise RegistrationError("--resolution and --seed set up the --demo pair: give --demo, or remove them")
+        if args.resolution is not None and not 0.5 <= args.resolution <= 20:
+            # (0 or inf overflowed, 0.05 asked for 555 GB, NaN and negatives failed naming other things)
+            raise RegistrationError(f"--resolution must be a voxel size in mm between 0.5 and 20 (the demo images "
+                                    f"have 1 mm voxels), got {args.resolution}")
         device = _device(args.device)
         if args.demo:
             _make_out_dir(args.out)
@@ -2236,6 +2240,10 @@ class RegistrationTask(Task):
         from medfast.data import RandomAugment
 
         self.args = _task_args(config)
+        if "integration_steps" in (config.task_args or {}) and not self.args["velocity"]:
+            # (checked here, not in _task_args: a checkpoint trained with it still loads for register --model)
+            raise ConfigError("task_args.integration_steps integrates a velocity field, which the network predicts "
+                              "only with task_args.velocity: true; remove it, or set task_args.velocity: true")
         _refuse_unused_settings(config)
         self.net_kwargs = _net_kwargs(config)
         if config.augment.patch_size is not None:
