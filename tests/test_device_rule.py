@@ -54,7 +54,7 @@ def test_a_gpu_index_past_the_visible_ones_is_named(gpus):
 
     from medfast.tasks.evaluation import run_evaluate
 
-    with pytest.raises(SystemExit, match=r"medfast evaluate: --device='cuda:3' but only 1 CUDA GPU\(s\)"):
+    with pytest.raises(SystemExit, match=r"medfast evaluate: error: --device='cuda:3' but only 1 CUDA GPU\(s\)"):
         run_evaluate(Namespace(pred="p", ref="r", device="cuda:3", num_classes=None, percentile=95.0, out=None,
                                spacing=None, include_background=False))
 

@@ -363,24 +363,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """The ``medfast evaluate`` command (see :func:`add_parser`); returns the exit status."""
+    """The ``medfast evaluate`` command (see :func:`add_parser`); returns the exit status. An error ends it with
+    ``SystemExit("medfast evaluate: error: ...")`` (exit status 1), the line the other commands print."""
     if args.num_classes is not None and args.num_classes < 2:
-        raise SystemExit(f"medfast evaluate: --num-classes must be at least 2, got {args.num_classes}")
+        raise SystemExit(f"medfast evaluate: error: --num-classes must be at least 2, got {args.num_classes}")
     if not 0 <= args.percentile <= 100:
-        raise SystemExit(f"medfast evaluate: --percentile must be in [0, 100], got {args.percentile}")
+        raise SystemExit(f"medfast evaluate: error: --percentile must be in [0, 100], got {args.percentile}")
     from medfast._device import resolve_device
 
     try:
         device = resolve_device(args.device, "--device", ValueError)
     except ValueError as exc:
-        raise SystemExit(f"medfast evaluate: {exc}") from None
+        raise SystemExit(f"medfast evaluate: error: {exc}") from None
     if args.out is not None:
         from medfast.train.files import OutputError, check_out_dir
 
         try:
             check_out_dir(args.out, "--out")
         except OutputError as exc:
-            raise SystemExit(f"medfast evaluate: {exc}") from None
+            raise SystemExit(f"medfast evaluate: error: {exc}") from None
     try:
         pairs = find_evaluation_pairs(args.pred, args.reference)
         rows: list[dict[str, Any]] = []
@@ -391,7 +392,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 row["pred"], row["reference"] = str(pred), str(ref)
             rows.extend(case)
     except DatasetError as exc:
-        raise SystemExit(f"medfast evaluate: {exc}") from None
+        raise SystemExit(f"medfast evaluate: error: {exc}") from None
     summary = summarize(rows, cases=len(pairs))
     summary["percentile"] = args.percentile
     print(_format_summary(summary, args.percentile))
@@ -399,6 +400,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         try:
             _write(rows, summary, args.out)
         except OSError as exc:
-            raise SystemExit(f"medfast evaluate: cannot write to --out {args.out}: {exc}") from None
+            raise SystemExit(f"medfast evaluate: error: cannot write to --out {args.out}: {exc}") from None
         print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'summary.json'}")
     return 0

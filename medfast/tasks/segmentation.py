@@ -316,6 +316,24 @@ def _output_names(inputs: Sequence[ImageEntry], advice: str = _PREDICT_ADVICE) -
     return names
 
 
+def _refuse_overwriting_inputs(inputs: Sequence[ImageEntry], names: Sequence[str], out_dir: Path) -> None:
+    """Raises :class:`DatasetError` naming ``out_dir`` (``--out``) when an output of ``predict_files``
+    (``<name>_seg.nii.gz``, or ``<name>_prob.nii.gz``, written with probabilities and removed without) is one of
+    the input files. With ``--out`` the input folder, ``case0``'s output overwrote an input named
+    ``case0_seg.nii.gz``, which was then segmented as that output."""
+    def identity(path: Path) -> tuple[int, int]:  # the same file under another path, link or letter case too
+        st = path.stat()
+        return st.st_dev, st.st_ino
+
+    given = {identity(Path(f)): f for entry in inputs for f in entry_files(entry)}
+    for entry, name in zip(inputs, names):
+        for target in (out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}_prob.nii.gz"):
+            if target.is_file() and identity(target) in given:
+                raise DatasetError(f"out_dir (--out) {out_dir}: {target.name}, the output of {entry_text(entry)}, "
+                                   f"would overwrite the input {given[identity(target)]}; write the predictions "
+                                   f"to another --out folder")
+
+
 #: the settings ``medfast predict`` reads from a segmentation checkpoint's config (preprocessing and sliding window):
 #: the only ones ``--set`` may change
 PREDICT_SETTINGS = ("data.reorient", "data.spacing", "data.normalize", "data.clip_percentiles", "inference.roi_size",
@@ -359,7 +377,8 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     loader pairs it with its label: the file name without ``.nii[.gz]`` (or ``.img`` / ``.hdr``) and without the
     nnU-Net channel suffix ``_0000`` (``case_007_0000.nii.gz`` -> ``case_007_seg.nii.gz``, so that
     ``medfast evaluate`` pairs it with ``labels/case_007.nii.gz``). Inputs whose outputs would have the same
-    name raise :class:`DatasetError` naming them, before anything is written.
+    name raise :class:`DatasetError` naming them, before anything is written, as does an output that would
+    overwrite one of the inputs (``out_dir`` the input folder holding ``case_seg.nii.gz`` beside ``case.nii.gz``).
 
     An input may be a folder (its ``.nii[.gz]`` files, the suffix in any case), or a list of one case's
     single-channel files. With ``group_channels`` and a model that takes several channels (``model.in_channels``
@@ -407,6 +426,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     # scan_0000, scan_0001, ... are single-channel images (as in a data.train_images list), one case each
     inputs = _input_entries(inputs, group_channels and config.model.in_channels > 1)
     names = _output_names(inputs)
+    _refuse_overwriting_inputs(inputs, names, out_dir)  # before anything is written (or an old _prob removed)
     for entry in inputs:
         if not isinstance(entry, str):
             image_header(entry)  # a case's channel files on one grid: checked (headers only) before any output

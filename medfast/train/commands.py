@@ -20,7 +20,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "(last.pt, or a step_*.pt written after it); if OUT has no checkpoint yet, a message says so "
                         "and the run starts from step 0; a run already at trainer.max_steps is left as it is")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets trainer.device)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="check the config as train does before it reads any data (all but the device) and print "
+                        "it resolved, then exit")
 
 
 class Terminated(KeyboardInterrupt):
@@ -45,6 +47,38 @@ def _stop_on_sigterm():
         return None
 
 
+def _check_before_printing(config) -> None:
+    """The config checks train makes before it reads any data (the shared ones, the task's, the output folder,
+    ``trainer.amp`` and the optimizer settings), on a copy: --print-config exited 0 for a config train refuses.
+    Not the device (a config for another machine may name its GPUs) and not the data."""
+    import copy
+
+    import torch
+
+    from medfast.train import ConfigError
+    from medfast.train.config import check_choice_setting, check_config
+    from medfast.train.files import OutputError, check_out_dir
+    from medfast.train.task import get_task
+    from medfast.train.trainer import build_optimizer, build_scheduler
+
+    config = copy.deepcopy(config)  # (a task may resolve settings in place; what is printed stays as given)
+    check_config(config)
+    get_task(config.task)(config)
+    try:
+        check_out_dir(config.trainer.out_dir, "trainer.out_dir (--out)")
+    except OutputError as exc:
+        raise ConfigError(str(exc)) from None
+    check_choice_setting("trainer.amp", config.trainer.amp)
+    try:  # on one stand-in parameter: the settings are checked as the run's optimizer checks them
+        build_scheduler(build_optimizer([torch.nn.Parameter(torch.zeros(1))], config.optim), config.optim,
+                        config.trainer.max_steps)
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"optim: the optimizer cannot be built from this config's optim settings "
+                          f"(optim.name={config.optim.name!r}): {exc}") from exc
+
+
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
@@ -60,6 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.configs, args.overrides, values=values)
         if args.print_config:
+            _check_before_printing(config)
             print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
             return 0
         trainer = Trainer(config)
@@ -117,6 +152,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
         check_out_dir(args.out, "--out")
         task = (load_checkpoint(args.checkpoint).get("config") or {}).get("task")
+        if args.no_cam and task != "classification":  # (it was accepted and ignored)
+            raise ValueError(f"--no-cam applies to classification checkpoints (their Grad-CAM overlays); "
+                             f"{args.checkpoint} is a {task or 'segmentation'} checkpoint: leave --no-cam out")
         extra = {}
         if task == "classification":
             from medfast.tasks.classification.task import predict_files

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FileLists", "OutputError", "check_dataset_args", "check_out_dir", "gather_files", "prepare_preset"]
+__all__ = ["FileLists", "OutputError", "check_dataset_args", "check_out_dir", "check_root_and_dataset", "gather_files",
+           "prepare_preset"]
 
 
 class OutputError(ValueError):
@@ -62,6 +63,7 @@ def check_dataset_args(config: Any, task: str) -> None:
     from medfast.train.config import ConfigError
 
     d = config.data
+    check_root_and_dataset(config)
     if d.dataset is None:
         if d.dataset_args:
             raise ConfigError(f"data.dataset_args {sorted(d.dataset_args)}: the {task} task reads them only for a "
@@ -73,6 +75,18 @@ def check_dataset_args(config: Any, task: str) -> None:
     if unknown:
         raise ConfigError(f"data.dataset_args: unknown key(s) {unknown} for data.dataset={d.dataset!r}; valid: "
                           f"{', '.join(valid) or 'none'}")
+
+
+def check_root_and_dataset(config: Any) -> None:
+    """Raises :class:`~medfast.train.ConfigError` when ``data.root`` and ``data.dataset`` are both set. A demo
+    preset config with ``--set data.root=DIR`` was refused only after the preset had been built into
+    ``trainer.out_dir/data`` (seconds to minutes), with a message that did not name ``data.dataset``."""
+    from medfast.train.config import ConfigError
+
+    d = config.data
+    if d.root is not None and d.dataset is not None:
+        raise ConfigError(f"data.root and data.dataset ({d.dataset!r}) both give the training data: --set "
+                          f"data.dataset=null to use data.root, or remove data.root")
 
 
 def prepare_preset(config: Any) -> None:
@@ -145,9 +159,10 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
         lists of different lengths.
     ConfigError
         ``data.val_fraction`` would leave no training image; settings that another one overrides (they were
-        silently dropped): ``data.root`` with training lists, ``data.val_fraction`` with ``data.val_images``,
-        ``data.val_deformations`` with a validation set of images, or with an ``augment`` that draws no
-        deformation (it would validate on undeformed copies of the training subjects).
+        silently dropped): ``data.root`` with training lists or ``data.dataset``, ``data.val_fraction`` with
+        ``data.val_images``, ``data.val_deformations`` with ``data.val_images`` or ``data.val_fraction`` (also
+        when the set is too small to split), or with an ``augment`` that draws no deformation (it would validate
+        on undeformed copies of the training subjects).
     """
     import warnings
 
@@ -155,6 +170,7 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
     from medfast.train.config import ConfigError
 
     d = config.data
+    check_root_and_dataset(config)  # before the preset is built (files written under trainer.out_dir/data)
     prepare_preset(config)
     if d.root is not None and (list(d.train_images) or list(d.train_labels)):
         raise ConfigError("data.root is not read when data.train_images / train_labels are given (or data.dataset "
@@ -190,13 +206,14 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
         raise ConfigError("data.val_fraction splits validation images off the training images, but data.val_images "
                           "gives them: set one of them")
     split = not val_images and d.val_fraction > 0 and len(images) >= min_subjects_to_split
-    if d.val_deformations > 0 and (val_images or split):
+    # data.val_fraction too: a set too small to split dropped it without a word (val_deformations validated instead)
+    if d.val_deformations > 0 and (val_images or d.val_fraction > 0):
         raise ConfigError(f"data.val_deformations validates on deformations of the training subjects when there is no "
                           f"validation set of images; here data.{'val_images' if val_images else 'val_fraction'} gives "
                           f"one: set one of them")
     if d.val_deformations > 0:
         _check_val_deformations(config)
-    if not val_images and d.val_fraction > 0 and not split and not d.val_deformations:
+    if not val_images and d.val_fraction > 0 and not split:  # (beside val_deformations it is refused above)
         warnings.warn(f"data.val_fraction={d.val_fraction}: {len(images)} training image(s), too few to split off "
                       f"validation images (the {task} task needs {min_subjects_to_split}); no validation set "
                       f"(data.val_deformations validates on deformations of the subjects instead)", stacklevel=2)

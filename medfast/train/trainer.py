@@ -108,6 +108,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} is a folder; give a file such as {hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_checkpoint_format(path)
     try:  # weights_only: tensors and plain values only; a pickled object (code run on load) is refused
         state = _load_weights_only(path, map_location)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
@@ -122,6 +123,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if bad is not None:  # NaN weights predicted all background without a word; a resume blamed the learning rate
         raise CheckpointError(f"{path} holds {bad[1]} weights ({bad[0]}): not a usable model")
     return state
+
+
+def _check_checkpoint_format(path: Path) -> None:
+    """Raises :class:`CheckpointError` when ``path`` is neither torch.save's zip archive (what medfast train writes)
+    nor its legacy pickle format. torch.load reads any other file as a legacy pickle and fails with whatever the
+    bytes happen to mean: a YAML config gave "IndexError: pop from empty list", a NIfTI image "holds pickled
+    Python objects"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:  # (unreadable: torch.load's attempt reports it, as before)
+        return
+    # (zip: the local file header "PK\x03\x04"; legacy torch.save: a pickle, which starts with the PROTO opcode)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    what = "an empty file" if not head else "not a file written by torch.save"
+    raise CheckpointError(f"cannot read checkpoint {path}: it is not a medfast checkpoint ({what}; medfast train "
+                          f"writes them as RUN/checkpoints/last.pt and step_XXXXXXX.pt)")
 
 
 def _bad_weight(tree: Any, prefix: str = "") -> tuple[str, str] | None:
