@@ -932,3 +932,29 @@ def test_resume_with_another_training_set_length_starts_the_next_epoch(tmp_path,
         in out
     _, got = _recorded_fit(_config(tmp_path, four, "old", **resumed))
     assert got == [ref[3]] and "per epoch" not in capsys.readouterr().out
+
+
+def test_tensorboard_of_a_stopped_and_resumed_run_has_the_rows_of_the_logs(tmp_path, blobs):
+    """The stop's row at step 3 (log_every 4) left the logs at the resume, but its TensorBoard scalars stayed
+    (the resume purges from step 4 on): TensorBoard had steps 1, 3, 4, 6 against the CSV's 1, 4, 6."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = {**_TINY, "trainer.log_every": 4, "trainer.tensorboard": "true"}
+    Trainer(_config(tmp_path, blobs, "part", **extra)).fit(stop_after=3)
+    Trainer(_config(tmp_path, blobs, "part", **extra, **{"trainer.resume": "auto"})).fit()
+    ea = EventAccumulator(str(tmp_path / "part" / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == _losses(tmp_path / "part")[0] == [1, 4, 6]
+
+
+def test_settings_that_run_otherwise_than_they_read_get_a_note(tmp_path, blobs, capsys):
+    """amp: bf16 on the CPU ran in float32 and a warmup longer than the run never reached optim.lr, silently."""
+    extra = {**_TINY, "trainer.max_steps": 2, "trainer.amp": "bf16", "optim.warmup_steps": 5}
+    Trainer(_config(tmp_path, blobs, "notes", **extra)).fit()
+    out = capsys.readouterr().out
+    assert "trainer.amp=bf16 runs in float32 on cpu" in out
+    assert "optim.warmup_steps=5 >= trainer.max_steps=2: the learning rate stays below optim.lr" in out
+    Trainer(_config(tmp_path, blobs, "quiet", **_TINY, **{"trainer.max_steps": 2})).fit()
+    assert "medfast train: " not in capsys.readouterr().out.replace("medfast train: 2 steps", "")
+

@@ -1303,6 +1303,18 @@ class Trainer:
         finished = self._agree(results is not None)  # (rank 0 decides: every rank calls this)
         return (results or {}) if finished else None
 
+    def _setting_notes(self) -> list[str]:
+        """Settings that run, but not as their values suggest: one line each at the start (not refused: a GPU
+        config still runs on the CPU, and a demo config is shortened with --set trainer.max_steps=N)."""
+        tc, o, notes = self.config.trainer, self.config.optim, []
+        if self.amp_dtype is None and str(tc.amp).lower() in ("bf16", "fp16"):
+            notes.append(f"trainer.amp={tc.amp} runs in float32 on {self.device.type} (mixed precision is used on "
+                         "CUDA only)")
+        if o.warmup_steps >= tc.max_steps:
+            notes.append(f"optim.warmup_steps={o.warmup_steps} >= trainer.max_steps={tc.max_steps}: the learning "
+                         f"rate stays below optim.lr ({o.lr}) for the whole run")
+        return notes
+
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         tc = self.config.trainer
         t0 = time.perf_counter()
@@ -1349,6 +1361,8 @@ class Trainer:
             # an earlier run that wrote no checkpoint, are dropped, so each step is there once, as in the CSV
             self._tb_purge = self.step + 1 if resumed is not None else 0
             self._tensorboard()
+            for note in self._setting_notes():
+                print(f"medfast train: {note}", flush=True)
         D.barrier()
         end = tc.max_steps if stop_after is None else min(tc.max_steps, stop_after)
         pbar = None
@@ -1426,7 +1440,10 @@ class Trainer:
                        **step_means, "seconds": now - step_t, "data_seconds": data_s}
                 train_log.append(row)
                 tb = self._tensorboard()
-                if tb is not None:
+                # not the row a stop logs at its last step: a resume drops it from the logs (above), and
+                # TensorBoard keeps what precedes its purge step
+                regular = self.step % tc.log_every == 0 or self.step in (1, tc.max_steps)
+                if tb is not None and regular:
                     for k, v in row.items():
                         if k not in ("step", "epoch"):
                             tb.add_scalar(f"train/{k}", v, self.step)
