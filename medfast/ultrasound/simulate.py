@@ -164,6 +164,11 @@ def _check_pose(pose: object, dtype: torch.dtype, device: torch.device) -> tuple
         raise ValueError(f"pose must be (B, 4, 4) probe-to-world transforms (mm), got shape {tuple(pose.shape)}")
     if not pose.is_floating_point():
         raise TypeError(f"pose must be floating point, got {pose.dtype}")
+    if pose.dtype in (torch.float16, torch.bfloat16):
+        # float16 rounds a 100 mm translation to 1/16 mm and a rotation to ~5e-4 (0.05 mm at 100 mm depth);
+        # bfloat16 poses were refused as not rigid, which hid the cause
+        raise TypeError(f"pose must be float32 or float64, got {pose.dtype} (too coarse for a probe pose in mm: "
+                        "convert it with pose.float() or pose.double() before it is rounded)")
     if pose.device.type == "meta":  # (the host copy below raised "Cannot copy out of meta tensor")
         raise ValueError("pose is a meta tensor: a meta tensor has no values (the pose is checked on the host; pass "
                          "it on the CPU, also with meta props)")
@@ -662,6 +667,7 @@ def _scan_convert(scan: torch.Tensor, probe: Probe, pixel_mm) -> tuple[torch.Ten
 
 
 _DEVICE_COPIES: dict[tuple[bytes, str, torch.dtype], torch.Tensor] = {}
+_AFFINE_ROW = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)  # a pose's last row, as _check_pose requires
 
 
 def _device_copy(t: torch.Tensor, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
@@ -695,7 +701,10 @@ def _scanlines(props: torch.Tensor, pose: torch.Tensor, affine_info, probe: Prob
     # start + i * step (voxel), computed in the kernel.
     start_p, step_p = _cached("rays", probe, E, str(dev), dt, None)
     inv_a = _device_copy(inv_a64, dev, dt)
-    M = inv_a[None] @ pose
+    # the pose's last row is replaced by the constant (0, 0, 0, 1): read from the pose, it got a gradient (one that
+    # depends on the affine's origin), and a step pose -= lr * pose.grad made the pose non-affine (refused next call)
+    last = _device_copy(_AFFINE_ROW, dev, dt).expand(pose.shape[0], 1, 4)
+    M = inv_a[None] @ torch.cat([pose[:, :3], last], 1)
     R3 = M[:, :3, :3]
     # (tiny broadcast products: cheaper than batched matmuls of 3x3 matrices)
     start = (R3[:, None, None] * start_p[None, :, :, None, :]).sum(-1) + M[:, None, None, :3, 3]
@@ -773,9 +782,11 @@ def simulate(
         ``(4, 4)`` voxel-to-world matrix of the volume in mm (NIfTI convention: world = affine @
         (i, j, k, 1) with i, j, k the indices along D, H, W).
     pose : Tensor
-        ``(B, 4, 4)`` (or ``(4, 4)``) probe-to-world transforms in mm; probe frame: origin at the array
+        ``(B, 4, 4)`` (or ``(4, 4)``) probe-to-world transforms in mm, float32 or float64 (float16 and
+        bfloat16 are refused: too coarse); probe frame: origin at the array
         centre, +z axial into the tissue, +x lateral, +y elevation; rigid (a rotation and a translation:
-        a scale or shear would image another geometry than the probe's). Differentiable. On the volume's
+        a scale or shear would image another geometry than the probe's). Differentiable in its top 3 rows (the
+        last row is read as (0, 0, 0, 1) and gets a zero gradient, so a gradient step keeps it). On the volume's
         device or on the CPU: with a GPU volume, a CPU pose is validated on the host and copied
         without waiting for the GPU (a GPU pose costs two device syncs for its validation). A call where no
         pose can image the volume (every pose's scanlines, element height included, miss it: most often
@@ -951,9 +962,18 @@ def simulate_ct(ct: torch.Tensor, affine, pose: torch.Tensor, probe: Probe | str
 
 
 def simulate_labels(labels: torch.Tensor, table: LabelTable, affine, pose: torch.Tensor, probe: Probe | str, *,
-                    dtype: torch.dtype = torch.float32, **kwargs) -> SimulationResult:
-    """:func:`simulate` from an integer label map ``(B, 1, D, H, W)`` and a per-label property table
-    (differentiable in the table values)."""
+                    dtype: torch.dtype | None = None, **kwargs) -> SimulationResult:
+    """:func:`simulate` from an integer label map ``(B, 1, D, H, W)`` (or a floating one holding whole numbers)
+    and a per-label property table (differentiable in the table values).
+
+    ``dtype`` (torch.float32 or torch.float64) is the precision of the property maps and so of the simulation;
+    default None: the table's dtype (float32 for a float16 / bfloat16 table), as :func:`simulate_ct` follows its
+    CT's. The label map becomes properties per voxel, which the march then interpolates (docs/ultrasound.md)."""
     if not isinstance(table, LabelTable):
         raise TypeError(f"table must be a LabelTable, got {type(table).__name__}")
+    if dtype is None:
+        # the table's precision (a float64 table ran in float32 before); a half table as before
+        dtype = table.values.dtype if table.values.dtype in (torch.float32, torch.float64) else torch.float32
+    elif dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32, torch.float64 or None (the table's), got {dtype!r}")
     return simulate(table.properties(labels, dtype=dtype), affine, pose, probe, **kwargs)

@@ -65,6 +65,10 @@ def _knot_tensor(knots, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("knots must have strictly increasing HU values")
     if not bool((host[:, 1] > 0).all()):  # reflection coefficients (Z2 - Z1) / (Z2 + Z1) need Z > 0
         raise ValueError(f"knots: the impedance Z (column 1, MRayl) must be > 0, got {host[:, 1].tolist()}")
+    bad = (host[:, 2:4] < 0).any(1)  # a negative attenuation is an exponential gain, a negative density no tissue
+    if bool(bad.any()):
+        raise ValueError(f"knots: the attenuation alpha (column 2) and scatterer density (column 3) must be >= 0, "
+                         f"got negative ones in rows {torch.nonzero(bad).flatten().tolist()}")
     k = k.to(device)
     return k[:, 0], k[:, 1:]
 
@@ -78,7 +82,8 @@ def hu_to_properties(ct: torch.Tensor, knots=HU_KNOTS) -> torch.Tensor:
         ``(B, 1, D, H, W)`` or ``(B, D, H, W)`` CT numbers (HU), float32/float64.
     knots : sequence or Tensor
         ``(n, 6)`` rows ``(HU, Z, alpha, density, amplitude_mean, amplitude_std)`` with increasing
-        HU, finite values and ``Z > 0`` (else ValueError); linear interpolation between knots, constant
+        HU, finite values, ``Z > 0`` and ``alpha, density >= 0`` (else ValueError, as for ``simulate``'s
+        ``background``); linear interpolation between knots, constant
         beyond the ends. A tensor that requires grad makes the map itself trainable. Default ``HU_KNOTS``.
 
     Returns
@@ -139,6 +144,19 @@ def _hu_slabs(ct: torch.Tensor, hu: torch.Tensor, vals: torch.Tensor) -> torch.T
     return out.permute(0, 4, 1, 2, 3)
 
 
+def _row_error(rows: torch.Tensor) -> int | None:
+    """The index of the first row of ``(n, 5)`` property rows that breaks simulate's ``background`` rule (Z > 0,
+    attenuation and density >= 0), or None. Reads detached values: a trainable table keeps its graph."""
+    v = rows.detach()
+    bad = ~((v[:, 0] > 0) & (v[:, 1] >= 0) & (v[:, 2] >= 0))
+    if not bool(bad.any()):
+        return None
+    return int(torch.nonzero(bad)[0, 0])
+
+
+_ROW_RULE = "the impedance Z must be > 0 and the attenuation alpha and scatterer density >= 0"
+
+
 class LabelTable:
     """Per-label acoustic properties: a ``(n_labels, 5)`` tensor (optionally trainable).
 
@@ -148,7 +166,9 @@ class LabelTable:
         Either ``{label: (Z, alpha, density, amplitude_mean, amplitude_std)}`` for labels
         0..n-1 (missing labels get water; keys up to ``MAX_LABEL`` = 2**24 - 1, a row per label up to the
         largest) or a non-empty ``(n_labels, 5)`` tensor (kept as is, so a tensor with ``requires_grad`` stays a
-        leaf you can optimise).
+        leaf you can optimise). Every row needs finite values, ``Z > 0`` and ``alpha, density >= 0``, as
+        ``simulate``'s ``background`` (else ValueError naming the label): ``Z <= 0`` imaged like air and a
+        negative attenuation was an exponential gain.
     """
 
     def __init__(self, values: Mapping[int, Sequence[float]] | torch.Tensor):
@@ -161,6 +181,9 @@ class LabelTable:
                 raise ValueError("values is a meta tensor: a meta tensor has no values (they are checked on the host)")
             if not values.is_floating_point() or not bool(torch.isfinite(values.detach()).all()):
                 raise ValueError("a label table tensor must hold finite floating values")
+            row = _row_error(values)
+            if row is not None:
+                raise ValueError(f"label {row}: {_ROW_RULE} {PROP_NAMES}, got {values[row].detach().tolist()}")
             self.values = values
         else:
             if not isinstance(values, Mapping):
@@ -185,6 +208,8 @@ class LabelTable:
                     raise ValueError(f"label {k}: expected {N_PROPS} values {PROP_NAMES}, got {len(v)}")
                 if not all(math.isfinite(x) for x in v):
                     raise ValueError(f"label {k}: values must be finite, got {v}")
+                if not (v[0] > 0 and v[1] >= 0 and v[2] >= 0):
+                    raise ValueError(f"label {k}: {_ROW_RULE} {PROP_NAMES}, got {v}")
                 rows.append(v)
             # dense, with tensor ops: a Python list of max(key) + 1 rows took 9 s and 700 MiB for key 5e6
             keys = torch.tensor([int(k) for k in values], dtype=torch.int64)
@@ -209,11 +234,17 @@ class LabelTable:
             labels = labels[:, 0]
         if labels.dim() != 4:
             raise ValueError(f"labels must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(labels.shape)}")
+        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+            # (checked first: .long() of an inf gave -2**63 and a range error naming that number)
+            raise ValueError("labels must be finite (a floating label map holds NaN or inf)")
         if labels.is_floating_point() and not bool((labels == labels.round()).all()):
             # a float label map (nibabel's get_fdata) is fine; a fraction would truncate to another label
             raise ValueError("labels must be integers (a floating label map must hold whole numbers)")
         lab = labels.long()
-        lo, hi = int(lab.min()), int(lab.max())
+        if labels.is_floating_point():  # the range before .long(): a whole float past 2**63 wrapped to -2**63
+            lo, hi = (int(float(x)) for x in torch.aminmax(labels))
+        else:
+            lo, hi = int(lab.min()), int(lab.max())
         if lo < 0 or hi >= self.n_labels:
             raise ValueError(f"labels must lie in [0, {self.n_labels - 1}] (the table rows), got [{lo}, {hi}]")
         table = self.values.to(labels.device)
