@@ -958,3 +958,19 @@ def test_settings_that_run_otherwise_than_they_read_get_a_note(tmp_path, blobs, 
     Trainer(_config(tmp_path, blobs, "quiet", **_TINY, **{"trainer.max_steps": 2})).fit()
     assert "medfast train: " not in capsys.readouterr().out.replace("medfast train: 2 steps", "")
 
+
+
+def test_extending_a_finished_run_keeps_its_last_row_in_the_logs_and_tensorboard(tmp_path, blobs):
+    """A finished 6-step run (log_every 4) resumed with max_steps 10: its step-6 row was a regular one (the last
+    step then) but the resume judged it by the new max_steps and dropped it from the CSV, while TensorBoard kept it.
+    The checkpoint now says whether its row was a stop's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = {**_TINY, "trainer.log_every": 4, "trainer.tensorboard": "true"}
+    Trainer(_config(tmp_path, blobs, "ext", **extra)).fit()
+    assert _losses(tmp_path / "ext")[0] == [1, 4, 6]
+    Trainer(_config(tmp_path, blobs, "ext", **extra, **{"trainer.resume": "auto", "trainer.max_steps": 10})).fit()
+    ea = EventAccumulator(str(tmp_path / "ext" / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == _losses(tmp_path / "ext")[0] == [1, 4, 6, 8, 10]

@@ -695,6 +695,7 @@ class Trainer:
         self._lock: tuple[int, Path, list[Path]] | None = None  # rank 0's lock on out_dir (see _lock_out_dir)
         self._tb = None
         self._tb_purge = 0  # TensorBoard events from this step on are dropped (those of an interrupted run)
+        self._stop_row = False  # whether the train log's row at self.step was logged only because the run stopped
         self._train_loader: torch.utils.data.DataLoader | None = None  # one per fit (see _loader)
         self._val_loader: torch.utils.data.DataLoader | None = None
 
@@ -843,6 +844,7 @@ class Trainer:
             **self._optimizer_state(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "stop_row": self._stop_row,  # the train log's row at this step is a stop's (see _fit)
             "epoch": epoch,
             "micro_batches": self._micro_batches_done(),
             # the length of the training set whose epochs micro_batches counts: a resume with another length
@@ -1352,9 +1354,13 @@ class Trainer:
             train_log.restore(self.step if resumed is not None else None)
             val_log.restore(self.step if resumed is not None else None)
             rows = train_log.rows
-            if rows and rows[-1].get("step") == self.step and not (
-                    self.step % tc.log_every == 0 or self.step in (1, tc.max_steps)):
-                # the row a stop (fit(stop_after=...)) logged at its last step: an uninterrupted run has none there
+            # the row a stop (fit(stop_after=...)) logged at its last step: an uninterrupted run has none there. The
+            # checkpoint says whether its step's row was one (judged by the settings it ran with: a finished run
+            # extended with a larger max_steps keeps its last row); older checkpoints: by the settings now
+            stop_row = (resume_state or {}).get("stop_row")
+            if stop_row is None:
+                stop_row = not (self.step % tc.log_every == 0 or self.step in (1, tc.max_steps))
+            if rows and rows[-1].get("step") == self.step and stop_row:
                 train_log.rows = rows[:-1]
                 train_log._rewrite()
             # now, not at the first scalar (a step later): the events of the steps after the checkpoint, or of
@@ -1432,6 +1438,8 @@ class Trainer:
                 loss_value = phase_losses[self.phases[-1]]
             # the first step too: results' first_loss and the curves start there whatever log_every is
             logging = self.step % tc.log_every == 0 or self.step == end or self.step == 1
+            # a row only because the run stops here (recorded in the checkpoint: a resume drops it)
+            self._stop_row = logging and not (self.step % tc.log_every == 0 or self.step in (1, tc.max_steps))
             step_means = self._global_metrics(step_metrics) if logging else {}
             if main and logging:
                 now = time.perf_counter()
@@ -1442,8 +1450,7 @@ class Trainer:
                 tb = self._tensorboard()
                 # not the row a stop logs at its last step: a resume drops it from the logs (above), and
                 # TensorBoard keeps what precedes its purge step
-                regular = self.step % tc.log_every == 0 or self.step in (1, tc.max_steps)
-                if tb is not None and regular:
+                if tb is not None and not self._stop_row:
                     for k, v in row.items():
                         if k not in ("step", "epoch"):
                             tb.add_scalar(f"train/{k}", v, self.step)
