@@ -4,6 +4,7 @@ pair (:class:`ConditionalGAN`) whose ``forward`` does one training phase in one 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -129,6 +130,22 @@ class UNetGenerator(nn.Module):
         return torch.sigmoid(self.unet(cond))
 
 
+@contextmanager
+def _frozen_batch_norm(module: nn.Module):
+    """Batch norm layers of ``module`` normalize with batch statistics as in train mode but leave their running
+    statistics (and ``num_batches_tracked``) as they were: ``track_running_stats`` off for the block (the
+    layers then pass no running buffers to ``F.batch_norm``)."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+              and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
 class ConditionalGAN(nn.Module):
     """A generator ``G(cond[, noise]) -> image`` and a discriminator ``D(cat(cond, image)) -> logits``.
 
@@ -148,12 +165,59 @@ class ConditionalGAN(nn.Module):
         Takes the condition and the image concatenated on the channels.
     conditional_discriminator : bool
         False: the discriminator sees the image only (then its ``in_channels`` is the image's).
+    range_channels : int
+        ``k > 0``: keep a buffer ``cond_range`` ``(2, k)``, the lowest and highest value of the first ``k``
+        condition channels the generator was trained on (widened by :meth:`extend_range`; saved with the
+        weights, so a checkpoint records it). ``+inf`` / ``-inf`` (:meth:`known_range` None) until set, and
+        for a state dict saved without it (it loads, with the range unknown).
+
+    In ``mode="discriminator"`` the generator runs in train mode (batch statistics, as in the generator phase)
+    but its batch-norm running statistics are left as they were: the generator phase of the same step
+    updates them once (they were updated twice per step).
     """
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, conditional_discriminator: bool = True) -> None:
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, conditional_discriminator: bool = True,
+                 range_channels: int = 0) -> None:
         super().__init__()
         self.generator, self.discriminator = generator, discriminator
         self.conditional_discriminator = check_bool("conditional_discriminator", conditional_discriminator)
+        if not isinstance(range_channels, int) or isinstance(range_channels, bool) or range_channels < 0:
+            raise ValueError(f"range_channels must be an int >= 0, got {range_channels!r}")
+        self.range_channels = range_channels
+        if range_channels:
+            self.register_buffer("cond_range", self._unknown_range())
+
+    def _unknown_range(self) -> torch.Tensor:
+        k = self.range_channels
+        return torch.stack([torch.full((k,), float("inf")), torch.full((k,), float("-inf"))])
+
+    @torch.no_grad()
+    def extend_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Widens ``cond_range`` to take in ``low`` and ``high`` (``(range_channels,)`` each)."""
+        if not self.range_channels:
+            raise ValueError("extend_range needs a ConditionalGAN built with range_channels > 0")
+        r = self.cond_range
+        r[0] = torch.minimum(r[0], low.to(r))
+        r[1] = torch.maximum(r[1], high.to(r))
+
+    def known_range(self) -> torch.Tensor | None:
+        """``cond_range`` ``(2, range_channels)`` on the CPU, or None when it is unknown (never set)."""
+        if not self.range_channels:
+            return None
+        r = self.cond_range.detach().cpu()
+        return r if bool(torch.isfinite(r).all()) else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "cond_range"
+        saved = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.range_channels and not saved:  # saved before the range was kept: unknown, not a load error
+            if key in missing_keys:
+                missing_keys.remove(key)
+            with torch.no_grad():
+                self.cond_range.copy_(self._unknown_range())
 
     def discriminate(self, cond: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.discriminator(torch.cat([cond, image], 1) if self.conditional_discriminator else image)
@@ -165,7 +229,7 @@ class ConditionalGAN(nn.Module):
         if mode == "discriminator":
             if real is None:
                 raise ValueError("mode='discriminator' needs the real images")
-            with torch.no_grad():
+            with torch.no_grad(), _frozen_batch_norm(self.generator):
                 fake = self.generator(cond, noise)
             return self.discriminate(cond, real), self.discriminate(cond, fake.detach())
         if mode == "generator":

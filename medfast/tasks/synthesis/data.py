@@ -205,14 +205,29 @@ class SynthesisSource:
             self._on = {key: (self.vol.to(device), self.props.to(device))}
         return self._on[key]
 
-    def plane_points(self, poses: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, 3)`` world positions (mm, float64) of the pixel centres of each pose's image plane."""
+    def plane_points(self, poses: torch.Tensor, corners: bool = False) -> torch.Tensor:
+        """``(B, H, W, 3)`` world positions (mm, float64) of the pixel centres of each pose's image plane;
+        ``corners=True``: of its 4 corner pixels only, ``(B, 2, 2, 3)`` (they bound every coordinate: the
+        positions are affine in the pixel position)."""
         x0, _, z0, _ = self.probe.image_extent_mm()
-        z = z0 + torch.arange(self.height, dtype=torch.float64) * self.pixel_mm
-        x = x0 + torch.arange(self.width, dtype=torch.float64) * self.pixel_mm
+        rows = torch.tensor([0, self.height - 1]) if corners else torch.arange(self.height)
+        cols = torch.tensor([0, self.width - 1]) if corners else torch.arange(self.width)
+        z = z0 + rows.double() * self.pixel_mm
+        x = x0 + cols.double() * self.pixel_mm
         zz, xx = torch.meshgrid(z, x, indexing="ij")
         pts = torch.stack([xx, torch.zeros_like(xx), zz, torch.ones_like(xx)], -1)  # probe frame
         return torch.einsum("bij,hwj->bhwi", poses.double().cpu(), pts)[..., :3]
+
+    def to_coords(self, world: torch.Tensor) -> torch.Tensor:
+        """World positions (mm, ``(..., 3)``) as the coordinates of :attr:`Frames.coords`: centred on the reference
+        position, divided by :attr:`coord_scale_mm`."""
+        return (world - self.centre) / self.coord_scale_mm
+
+    def coord_range(self, poses: torch.Tensor) -> torch.Tensor:
+        """``(B, 2, 3)`` float64: per pose, the lowest and highest value of each of the 3 coordinates of
+        :attr:`Frames.coords` over its image plane."""
+        c = self.to_coords(self.plane_points(poses, corners=True)).flatten(1, 2)  # (B, 4, 3)
+        return torch.stack([c.amin(1), c.amax(1)], 1)
 
     def frames(self, poses: torch.Tensor, device: torch.device | str = "cpu") -> Frames:
         """Anatomy, coordinates and simulated B-mode of the image planes of ``poses`` ``(B, 4, 4)``."""
@@ -234,7 +249,7 @@ class SynthesisSource:
             lab = F.grid_sample(vol.expand(B, -1, -1, -1, -1), grid, mode="nearest", padding_mode="zeros",
                                 align_corners=True)[:, 0, 0].long()
             anatomy = F.one_hot(lab, self.n_classes).permute(0, 3, 1, 2).float()
-        coords = ((world - self.centre) / self.coord_scale_mm).permute(0, 3, 1, 2).float().to(device)
+        coords = self.to_coords(world).permute(0, 3, 1, 2).float().to(device)
         with torch.no_grad():
             res = simulate(props, self.affine, poses.to(device=device, dtype=props.dtype), self.probe,
                            seed=self.speckle_seed, pixel_mm=self.pixel_mm, sub_rays=self.sub_rays)

@@ -24,7 +24,8 @@ from medfast._jsonsafe import dumps as json_dumps
 if TYPE_CHECKING:  # (imported inside the functions at run time: the task module is heavy)
     from medfast.tasks.synthesis.task import SynthesisTask
 
-__all__ = ["add_parser", "generate", "generate_frames", "load_generator", "poses_files", "predict_files", "read_poses"]
+__all__ = ["PoseRangeWarning", "add_parser", "check_pose_range", "generate", "generate_frames", "load_generator",
+           "poses_files", "predict_files", "read_poses"]
 
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[SynthesisTask, torch.nn.Module]:
@@ -82,6 +83,44 @@ def generate_frames(task: SynthesisTask, model: torch.nn.Module, poses: torch.Te
     return cond, fake, real
 
 
+#: how far (in condition coordinates: fractions of the fan's full height) a pose's image plane may reach beyond the
+#: training sweeps' range before :func:`check_pose_range` warns: 5 % (the sampled range is a hair narrower than
+#: the training distribution's, and a plane a few pixels beyond it is hardly new)
+POSE_RANGE_MARGIN = 0.05
+
+
+class PoseRangeWarning(UserWarning):
+    """Pose mode: poses whose image planes reach outside the training sweeps' range (extrapolations)."""
+
+
+def check_pose_range(task: SynthesisTask, model: torch.nn.Module, poses: torch.Tensor,
+                     name: str = "the poses") -> float:
+    """Pose mode: warns (:class:`PoseRangeWarning`, one line naming how far and along which world axis) when the
+    image planes of ``poses`` reach outside the range of coordinates the generator was trained on by more than
+    :data:`POSE_RANGE_MARGIN`: such frames are extrapolations. No check in image mode or for a checkpoint saved
+    without the range (older ones). Returns the largest excess in mm (0 within the range or without a check)."""
+    net = getattr(model, "module", model)
+    known = net.known_range() if hasattr(net, "known_range") else None
+    if task.args.mode != "pose" or known is None:
+        return 0.0
+    lo, hi = known.double()
+    r = task.source.coord_range(poses)  # (N, 2, 3)
+    excess = torch.maximum(lo - r[:, 0], r[:, 1] - hi).clamp_min(0)  # (N, 3) beyond the range, per axis
+    outside = (excess > POSE_RANGE_MARGIN).any(1)
+    if not bool(outside.any()):
+        return 0.0
+    scale, centre = task.source.coord_scale_mm, task.source.centre
+    i, axis = divmod(int(excess.argmax()), 3)
+    far = float(excess[i, axis]) * scale
+    lo_mm, hi_mm = (float(v[axis]) * scale + float(centre[axis]) for v in (lo, hi))
+    import warnings
+
+    warnings.warn(f"{name}: {int(outside.sum())} of {len(poses)} poses reach outside the training sweeps' range, by "
+                  f"up to {far:.1f} mm along world {'xyz'[axis]} (pose {i}; trained on {lo_mm:.1f} .. {hi_mm:.1f} mm): "
+                  f"their frames are extrapolations of the generator", PoseRangeWarning, stacklevel=4)
+    return far
+
+
 def _png(frame: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -106,7 +145,8 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
         Seed of the poses drawn without ``poses`` and of the generator's noise (offset by 10**13: never a
         training seed).
     poses : Tensor, optional
-        ``(N, 4, 4)`` probe-to-world poses (mm) in the world of the checkpoint's volume.
+        ``(N, 4, 4)`` probe-to-world poses (mm) in the world of the checkpoint's volume. Pose mode: poses whose
+        image planes reach beyond the training sweeps' range warn (:func:`check_pose_range`).
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (``"auto"``: the GPU where medfast's CUDA kernels are
         usable, else the CPU).
@@ -123,8 +163,9 @@ def generate(checkpoint: str | Path, out_dir: str | Path, *, frames: int = 16, s
 
 
 def _generate(task: SynthesisTask, model: torch.nn.Module, checkpoint: str | Path, out_dir: str | Path, *,
-              frames: int, seed: int, poses: torch.Tensor | None) -> dict[str, Any]:
-    """:func:`generate` with the checkpoint's task and model loaded (:func:`load_generator`)."""
+              frames: int, seed: int, poses: torch.Tensor | None, name: str = "the poses") -> dict[str, Any]:
+    """:func:`generate` with the checkpoint's task and model loaded (:func:`load_generator`); ``name`` is the poses'
+    name in a warning (:func:`check_pose_range`)."""
     from medfast._figures import figures_enabled
     from medfast.tasks.synthesis.metrics import psnr, save_grid, sliced_wasserstein, ssim
     from medfast.ultrasound.io import write_frame_stack
@@ -137,6 +178,7 @@ def _generate(task: SynthesisTask, model: torch.nn.Module, checkpoint: str | Pat
             poses = task.validation_poses(base)
         else:
             poses = task.poses([base * 1000 + k for k in range(frames)])
+    check_pose_range(task, model, poses, name)
     cond, fake, real = generate_frames(task, model, poses, seed=base)
     out = Path(out_dir)
     for sub in ("generated", "simulated"):
@@ -244,8 +286,8 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
         except ValueError as exc:
             raise ValueError(f"{f}: {exc}") from None
     written = []
-    for p, target in zip(poses, targets):
-        _generate(task, model, checkpoint, target, frames=len(p), seed=0, poses=p)
+    for f, p, target in zip(inputs, poses, targets):
+        _generate(task, model, checkpoint, target, frames=len(p), seed=0, poses=p, name=str(f))
         written.append(target / "generate.json")
     return written
 
@@ -283,7 +325,14 @@ def main(args: argparse.Namespace) -> int:
         if poses is not None and args.frames is not None:  # (it was silently ignored)
             raise ValueError("--frames does not apply with --poses: one frame is generated per pose")
         frames = 16 if args.frames is None else args.frames
-        s = generate(args.checkpoint, args.out, frames=frames, seed=args.seed, poses=poses, device=args.device)
+        with warnings.catch_warnings(record=True) as caught:  # poses beyond the training range: one plain line
+            warnings.simplefilter("always", PoseRangeWarning)
+            s = generate(args.checkpoint, args.out, frames=frames, seed=args.seed, poses=poses, device=args.device)
+        for w in caught:
+            if issubclass(w.category, PoseRangeWarning):
+                print(f"medfast synthesize: warning: {w.message}", file=sys.stderr)
+            else:  # (any other warning as it would have shown)
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         from medfast.cli import command_error
 

@@ -157,18 +157,26 @@ def _patches(level: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, cols: t
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, patch_size: int = 7,
-                       n_patches: int = 4096, n_projections: int = 256, seed: int = 0) -> torch.Tensor:
+                       n_patches: int = 4096, n_projections: int = 256, seed: int = 0,
+                       data_range: float = 1.0) -> torch.Tensor:
     """Sliced Wasserstein distance between the local-patch distributions of two sets of images.
 
     As the SWD of Karras et al. 2018 ("Progressive growing of GANs"): both sets are decomposed into Laplacian
     pyramids (``levels`` levels, 2x average-pool steps); at each level ``n_patches`` patches of ``patch_size``
     x ``patch_size`` pixels are drawn at random from each set (images and positions seeded by ``seed``; the
     same draws for two sets of equal shape) and standardized per channel with the mean and standard deviation
-    of the two sets' patches pooled; the patch descriptors are projected on ``n_projections`` random unit
-    directions, and the Wasserstein-1 distance of each 1D projection (the mean absolute difference of the
-    sorted projections) is averaged over directions and levels. 0 for identical sets; it grows with any
-    change of the images' local statistics (brightness, contrast, texture, blur, speckle). No pretrained
-    network is involved, so the value is comparable between runs with the same arguments only.
+    of the two sets' patches pooled (the standard deviation at least ``1e-6 * data_range``); the patch
+    descriptors are projected on ``n_projections`` random unit directions, and the Wasserstein-1 distance of
+    each 1D projection (the mean absolute difference of the sorted projections) is averaged over directions
+    and levels. No pretrained network is involved, so the value is comparable between runs with the same
+    arguments only.
+
+    0 for identical sets; it grows with a change of the images' local statistics (brightness, contrast,
+    texture, blur, speckle) while the change is comparable to the sets' spread, but it is bounded: the pooled
+    standardization makes it invariant to scaling (and shifting) both sets alike (above the floor), and it
+    saturates once the sets differ by much more than their spread (a brightness offset of 1 and of 1000 score
+    alike; an all-black and an all-white generator score alike against one reference). It ranks generators
+    against one reference set; absolute brightness or contrast errors are PSNR's and L1's to show.
 
     Parameters
     ----------
@@ -180,6 +188,10 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
         always counts).
     patch_size, n_patches, n_projections : int
     seed : int
+    data_range : float
+        Peak-to-peak range of the images (1 for ``[0, 1]``): the standardization's floor, so that two
+        near-constant sets differing by a rounding error score near 0 rather than as far apart as any two
+        sets can be (the floor was an absolute 1e-8).
 
     Returns
     -------
@@ -203,6 +215,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    floor = 1e-6 * _check_range(data_range)  # relative to the data: a change far below it is no change
     if min(a.shape[-2:]) < patch_size or min(b.shape[-2:]) < patch_size:
         raise ValueError(f"images must have at least patch_size={patch_size} pixels per side, got "
                          f"{tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")
@@ -225,7 +238,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
         C = la.shape[1]
         both = torch.cat([da, db]).reshape(-1, C, patch_size * patch_size)
         mean = both.mean(dim=(0, 2)).repeat_interleave(patch_size * patch_size)
-        std = both.std(dim=(0, 2)).clamp_min(1e-8).repeat_interleave(patch_size * patch_size)
+        std = both.std(dim=(0, 2)).clamp_min(floor).repeat_interleave(patch_size * patch_size)
         da, db = (da - mean) / std, (db - mean) / std
         dirs = torch.randn(da.shape[1], n_projections, generator=g, dtype=torch.float64).to(dev)
         dirs = dirs / dirs.norm(dim=0, keepdim=True)

@@ -169,6 +169,16 @@ def parse_synthesis_args(config: Config, *, refuse_unused: bool = True) -> Synth
                  "samples_per_epoch", "val_sets", "val_frames", "swd_patches"):
         if getattr(a, name) < 1:
             raise ConfigError(f"task_args.{name} must be >= 1, got {getattr(a, name)}")
+    # drawn as range * U(-1, 1): a negative range acted as the positive one, and an angle past 180 degrees
+    # wrapped around (a 400-degree tilt draws every orientation, not the stated range). Not for a trained
+    # checkpoint's config (refuse_unused=False): one trained with such a range still generates, as it did
+    for name in ("shift_mm", "tilt_deg", "twist_deg", "start_jitter_mm") if refuse_unused else ():
+        v = getattr(a, name)
+        if any(x < 0 for x in (v if isinstance(v, list) else [v])):
+            raise ConfigError(f"task_args.{name} must be >= 0 (a range drawn on both sides), got {v}")
+    for name in ("tilt_deg", "twist_deg") if refuse_unused else ():
+        if getattr(a, name) > 180:
+            raise ConfigError(f"task_args.{name} must be at most 180 (degrees, on both sides), got {getattr(a, name)}")
     if a.image_rows < 16:
         raise ConfigError(f"task_args.image_rows must be >= 16, got {a.image_rows}")
     if not 0 <= a.coord_frequencies <= 12:
@@ -260,7 +270,8 @@ def build_gan(config: Config, cond_channels: int, args: SynthesisArgs | None = N
                           "the pose")
     gen = UNetGenerator(cond_channels, 1, m.channels, 2, m.convs_per_level, m.norm, _noise_channels(a))
     disc = PatchDiscriminator(cond_channels + 1, a.disc_channels, a.disc_layers, 2, a.disc_norm)
-    return ConditionalGAN(gen, disc)
+    # pose mode keeps the range of the training planes' coordinates with the weights (generate warns beyond it)
+    return ConditionalGAN(gen, disc, range_channels=3 if a.mode == "pose" else 0)
 
 
 class _Seeds(Dataset):
@@ -289,6 +300,7 @@ class SynthesisTask(Task):
         self._source: SynthesisSource | None = None
         # the simulated pairs of the last trainer.accumulate micro-batches (see _batch)
         self._cache: OrderedDict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._range_recorded = False  # pose mode: the model's cond_range widened to the training sweeps' (once)
 
     # -- data -------------------------------------------------------------------------------------
     @property
@@ -349,6 +361,17 @@ class SynthesisTask(Task):
                            start_jitter_mm=a.start_jitter_mm)
         idx = np.linspace(0, a.sweep_frames - 1, a.val_frames).round().astype(int)
         return sweep[idx]
+
+    def training_coord_range(self, sweeps: int = 64) -> torch.Tensor:
+        """Pose mode: ``(2, 3)`` float64, the lowest and highest value of each coordinate (as the condition's first 3
+        channels hold them) over the image planes of every frame of ``sweeps`` training sweeps (seeds 0 ..
+        sweeps - 1): the range the generator is trained on (the jitter and wobble are bounded, so more sweeps
+        widen it by a small fraction only)."""
+        a = self.args
+        poses = torch.cat([sweep_pose(self.source.reference_pose, s, travel_mm=self.travel(), frames=a.sweep_frames,
+                                      start_jitter_mm=a.start_jitter_mm) for s in range(sweeps)])
+        r = self.source.coord_range(poses)
+        return torch.stack([r[:, 0].amin(0), r[:, 1].amax(0)])
 
     def pairs(self, poses: torch.Tensor, seeds: list[int], device: torch.device):
         """``(condition, reference frame, noise or None)`` for ``poses``, noise seeded per sample."""
@@ -449,6 +472,11 @@ class SynthesisTask(Task):
 
     def training_step(self, model, batch, device, phase: str = "generator"):
         cond, real, noise = self._batch(batch, device)
+        net = getattr(model, "module", model)
+        if not self._range_recorded and getattr(net, "range_channels", 0):
+            # once per run (a resumed checkpoint's range is widened, never narrowed): saved with the weights
+            net.extend_range(*self.training_coord_range())
+            self._range_recorded = True
         if phase == "discriminator":
             d_real, d_fake = model(cond, real, noise, mode="discriminator")
             loss = 0.5 * (self._gan_loss(d_real, True) + self._gan_loss(d_fake, False))
