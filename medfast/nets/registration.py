@@ -24,6 +24,9 @@ from torch import nn
 from medfast.nets._layers import CL3, Conv3d, ConvTranspose3d, InstanceNorm3d
 from medfast.ops._validate import check_bool, position_dtype, py_scalar
 
+# LocalNet.upsampling_version values
+_LEGACY, _ALIGNED = 1, 2
+
 
 def _channels_last(x: torch.Tensor, ndim: int, choice: bool | None) -> bool:
     """Whether the network runs channels-last: by default 3D on the CPU (oneDNN), where it is faster."""
@@ -150,7 +153,8 @@ class LocalNet(nn.Module):
     velocity field, to be integrated with :func:`medfast.integrate`). Level ``l``'s cell ``j`` (per axis)
     pools the input voxels ``[2^l j, 2^l j + 2^l - 1]`` (the last cell fewer when ``S`` is not a multiple of
     ``2^l``); coarse features and fields are upsampled by the pooling factor and cropped, so each cell's
-    value lands back on those voxels whatever ``S``.
+    value lands back on those voxels whatever ``S``. The buffer ``upsampling_version`` (2) records that in the state
+    dict: one without it (saved before) loads as 1 and keeps the resize to ``S`` it was trained with.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2, num_channel_initial: int = 16, depth: int = 3,
@@ -173,9 +177,44 @@ class LocalNet(nn.Module):
         for head in self.heads.values():
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        # Saved with the weights so that a checkpoint keeps computing what it was trained with: 2 = upsampling
+        # by the pooling factor (aligned), 1 = the resize to the target size used before. A state dict without
+        # it was written before the alignment fix and loads as 1 (see _load_from_state_dict). The forward reads
+        # the Python copy, not the tensor (no device sync, no graph break under torch.compile).
+        self.register_buffer("upsampling_version", torch.tensor(_ALIGNED, dtype=torch.int64))
+        self._legacy_upsampling = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "upsampling_version"
+        if key not in state_dict and not any(k.startswith(prefix) for k in state_dict):
+            # none of this net's weights (a partial load with strict=False): nothing to infer the version from
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            return
+        version = _LEGACY  # no key beside this net's weights: a checkpoint from before the alignment fix
+        if key in state_dict:
+            saved = state_dict[key]
+            ok = (isinstance(saved, torch.Tensor) and saved.dim() == 0 and not saved.is_floating_point()
+                  and saved.dtype != torch.bool and saved.device.type != "meta")
+            if not ok or int(saved) not in (_LEGACY, _ALIGNED):
+                error_msgs.append(f"{key} must be a 0-d int tensor, {_LEGACY} (resize, as before the alignment "
+                                  f"fix) or {_ALIGNED} (aligned upsampling), got {saved!r}")
+                return
+            version = int(saved)
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict:
+            # supplied here, so that strict loading of an old checkpoint passes
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != key]
+        with torch.no_grad():
+            self.upsampling_version.fill_(version)
+        self._legacy_upsampling = version == _LEGACY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.ndim, self.in_channels)
+        legacy = self._legacy_upsampling
         size = x.shape[2:]
         mode = "trilinear" if self.ndim == 3 else "bilinear"
         fmt = CL3 if _channels_last(x, self.ndim, self.channels_last) else torch.contiguous_format
@@ -192,21 +231,25 @@ class LocalNet(nn.Module):
             # additive upsampling (DeepReg): resize the coarse features and sum channel pairs; the resize
             # is linear per channel, so the pairs are summed first (half the channels to resize)
             add = h.reshape(h.shape[0], skip.shape[1], -1, *h.shape[2:]).sum(2)
-            add = _upsample(add, 2, skip.shape[2:], mode)
+            add = _upsample(add, 2, skip.shape[2:], mode, legacy)
             h = self.decoders[i]((up + add + skip).contiguous(memory_format=fmt))
             if i in self.levels:
                 outs.append(self.heads[str(i)](h))
         # outs are ordered deepest level first: outs[k] is at level levels[-1 - k]
-        ddf = torch.stack([_upsample(o, 2 ** lv, size, mode) if lv else o
+        ddf = torch.stack([_upsample(o, 2 ** lv, size, mode, legacy) if lv else o
                            for lv, o in zip(reversed(self.levels), outs, strict=True)]).mean(0)
         return ddf.contiguous()
 
 
-def _upsample(x: torch.Tensor, factor: int, size: Sequence[int], mode: str) -> torch.Tensor:
+def _upsample(x: torch.Tensor, factor: int, size: Sequence[int], mode: str, legacy: bool = False) -> torch.Tensor:
     """``x`` upsampled by the pooling ``factor`` (``align_corners=False``), cropped to ``size``: undoes the
     ceil-mode pooling, coarse cell ``j`` centred on fine voxel ``factor * j + (factor - 1) / 2``. (A resize to
     ``size`` stretched the grid whenever ``size`` is not ``factor`` times the coarse size: 3.6 voxels off at
-    44 voxels, depth 3.) Where it is, the two give the same values: the scale is ``1 / factor`` either way."""
+    44 voxels, depth 3.) Where it is, the two give the same values: the scale is ``1 / factor`` either way.
+    ``legacy``: that resize to ``size``, for networks loaded from checkpoints written before the fix."""
+    if legacy:
+        return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False) \
+            if tuple(x.shape[2:]) != tuple(size) else x
     x = F.interpolate(x, scale_factor=factor, mode=mode, align_corners=False)
     if tuple(x.shape[2:]) != tuple(size):
         x = x[(slice(None), slice(None), *[slice(0, s) for s in size])]

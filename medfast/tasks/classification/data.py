@@ -325,11 +325,33 @@ def read_image(path: str | Path, spatial_dims: int = 2) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+#: how ``data.shape`` resizes images (recorded in a checkpoint's ``data.dataset_args.resize_version``): 2, shrinking
+#: antialiases (2D) / area-averages (3D); 1, plain bi/trilinear, as before 2026-11-29 (checkpoints without the record
+#: were trained on it and keep it at predict and resume)
+RESIZE_VERSION = 2
+RESIZE_VERSIONS = (1, 2)
+
+
+def check_resize_version(value: object, name: str = "resize_version") -> int:
+    """``value`` as one of :data:`RESIZE_VERSIONS`; TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, 1 (plain bilinear/trilinear) or 2 (antialiased / area-averaged "
+                        f"shrinking), got {value!r}")
+    if int(value) not in RESIZE_VERSIONS:
+        raise ValueError(f"{name} must be 1 (plain bilinear/trilinear) or 2 (antialiased / area-averaged "
+                         f"shrinking), got {value!r}")
+    return int(value)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, ...], version: int = RESIZE_VERSION) -> torch.Tensor:
     """``x`` ``(C, *spatial)`` resized to ``size``: bi/trilinear (``align_corners=False``) where it grows; where it
     shrinks, plain bi/trilinear samples only the pixels next to each output one and drops the detail between
     them (a 3x3 dot vanishes in an 8x reduction), so 2D is antialiased (``antialias=True``, PIL's triangle
-    filter) and 3D is first area-averaged on the shrinking axes."""
+    filter) and 3D is first area-averaged on the shrinking axes. ``version`` 1: plain bi/trilinear everywhere,
+    the inputs of checkpoints trained before (see :data:`RESIZE_VERSION`)."""
+    if version == 1:
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        return F.interpolate(x[None], size=tuple(size), mode=mode, align_corners=False)[0]
     if len(size) == 2:
         shrinks = any(n < s for n, s in zip(size, x.shape[1:], strict=True))
         return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=shrinks)[0]
@@ -375,12 +397,16 @@ class ImageFolderDataset(Dataset):
     size : sequence of int, optional
         Resizes every image to this spatial size (positive sizes), so that batches stack: bilinear/trilinear,
         antialiased (2D) or area-averaged (3D) along the axes it shrinks.
+    resize_version : int
+        2 (default): that resize; 1: plain bilinear/trilinear (``align_corners=False``), without antialiasing or
+        area-averaging, as checkpoints trained before 2026-11-29 saw their images.
     channels : int, optional
         1 converts colour images to grey (channel mean); 3 repeats grey images. Default: as stored, which
         must be the same for all images (checked from the file headers at construction: a folder mixing grey
         and colour images raises :class:`DatasetError` naming the first odd file).
     normalize : {"none", "minmax", "zscore"}
-        Per-image intensity normalization.
+        Per-image intensity normalization (``zscore``: over all channels, with the population std, as
+        :func:`medfast.data.normalize_intensity` and MONAI's ``NormalizeIntensity``; a constant image gives 0).
     file_column, label_column : str
         The CSV header's names of the image-path and the label columns (default ``file`` and ``label``; unused
         without ``csv_file``).
@@ -393,7 +419,9 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, csv_file: str | Path | None = None, classes: Sequence[str] | None = None,
                  spatial_dims: int = 2, size: Sequence[int] | None = None, channels: int | None = None,
-                 normalize: str = "none", file_column: str = "file", label_column: str = "label") -> None:
+                 normalize: str = "none", file_column: str = "file", label_column: str = "label",
+                 resize_version: int = RESIZE_VERSION) -> None:
+        self.resize_version = check_resize_version(resize_version)
         if normalize not in ("none", "minmax", "zscore"):
             raise ValueError(f"normalize must be 'none', 'minmax' or 'zscore', got {normalize!r}")
         if spatial_dims not in (2, 3):
@@ -523,11 +551,20 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{f}: {x.shape[0]} channel(s), expected {expected} (the other images'); set "
                                "channels=1 or 3 to convert")
         if self.size is not None and tuple(x.shape[1:]) != tuple(self.size):
-            x = _resize(x, tuple(self.size))
+            x = _resize(x, tuple(self.size), self.resize_version)
         if self.normalize == "minmax":
             lo, hi = x.min(), x.max()
             x = (x - lo) / (hi - lo).clamp_min(1e-8)
         elif self.normalize == "zscore":
-            std = x.std() if x.numel() > 1 else x.new_zeros(())  # one pixel: constant, 0 after
-            x = (x - x.mean()) / std.clamp_min(1e-8)
+            x = _zscore(x)
         return {"image": x, "label": torch.tensor(self.labels[i], dtype=torch.long), "files": str(f)}
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (all channels together) to zero mean and unit population std (``correction=0``), as
+    :func:`medfast.data.normalize_intensity` and MONAI's ``NormalizeIntensity``; a constant image (its std at float32
+    rounding of its mean) gives 0, not that rounding noise divided by a tiny std (up to +-1)."""
+    std, mean = torch.std_mean(x, correction=0) if x.numel() > 1 else (x.new_zeros(()), x.mean())
+    if float(std) <= 1e-6 * float(mean.abs()):  # (a NaN image stays NaN, as before: not hidden as a zero one)
+        return torch.zeros_like(x)
+    return (x - mean) / std

@@ -10,7 +10,9 @@ Configuration (see ``configs/classification_example.yaml``):
   ``zscore | minmax | none`` per image; ``data.shape``: the size images are resized to; ``data.val_fraction``
   (a seeded random split) and ``data.dataset_args``: ``csv_file``, ``classes`` (class order, required for
   ordinal labels), ``channels`` (1 or 3, default ``model.in_channels``: every image is converted to it),
-  ``val_root`` / ``val_csv_file`` (a separate validation set).
+  ``val_root`` / ``val_csv_file`` (a separate validation set), ``resize_version`` (how ``data.shape`` resizes,
+  recorded by training: 2, antialiased / area-averaged shrinking; a checkpoint without it was trained on plain
+  bilinear/trilinear resizing, 1, and keeps it at predict and resume).
 * ``data.dataset: simulated_ultrasound``: ``data.dataset_args`` are the arguments of
   :class:`~medfast.tasks.classification.simulated.SimulatedUltrasound` (volumes, val_volumes, planes, probes,
   ...) plus ``samples_per_epoch`` and ``val_samples`` (per validation subset); ``data.shape`` is the image
@@ -40,7 +42,13 @@ from medfast._figures import figures_enabled
 from medfast._jsonsafe import dumps as json_dumps
 from medfast.data import DatasetError
 from medfast.data import collate as _collate
-from medfast.tasks.classification.data import IMAGE_SUFFIXES, ImageFolderDataset, _suffix
+from medfast.tasks.classification.data import (
+    IMAGE_SUFFIXES,
+    RESIZE_VERSION,
+    ImageFolderDataset,
+    _suffix,
+    check_resize_version,
+)
 from medfast.tasks.classification.encoding import make_encoder
 from medfast.tasks.classification.losses import ClassificationLoss
 from medfast.tasks.classification.metrics import classification_report, confusion_matrix, save_confusion_png
@@ -51,10 +59,27 @@ __all__ = ["ClassificationTask", "build_classifier", "check_config", "predict_fi
 
 SIMULATED = "simulated_ultrasound"
 #: ``data.dataset_args`` of a folder / CSV data set (no ``data.dataset``)
-FOLDER_ARGS = ("csv_file", "classes", "channels", "file_column", "label_column", "val_root", "val_csv_file")
+FOLDER_ARGS = ("csv_file", "classes", "channels", "file_column", "label_column", "val_root", "val_csv_file",
+               "resize_version")
 ENCODINGS = ("nominal", "binary", "ordinal")
 #: the model.kwargs taken from other keys (model.*), not allowed in model.kwargs
 _FIXED = {"self", "spatial_dims", "in_channels", "num_classes", "encoding", "width"}
+#: ``data.dataset_args`` key that records how ``data.shape`` resized the images a checkpoint was trained on (any data
+#: set: a simulated run's checkpoint resizes the files ``medfast predict`` is given); absent: 1, the plain resize
+#: that checkpoints written before the record were trained with
+RESIZE_KEY = "resize_version"
+
+
+def _without_resize_key(args) -> dict:
+    """``data.dataset_args`` without :data:`RESIZE_KEY`, for the simulator (whose arguments they otherwise are)."""
+    return {k: v for k, v in args.items() if k != RESIZE_KEY}
+
+
+def _saved_resize_version(config_dict: Any) -> int:
+    """The resize version a checkpoint's config (a dict) records; 1 (plain resize) where it has none. A bad value
+    (an edited file) is a ValueError / TypeError naming the key."""
+    args = ((config_dict or {}).get("data") or {}).get("dataset_args") or {}
+    return check_resize_version(args.get(RESIZE_KEY, 1), f"the checkpoint's data.dataset_args.{RESIZE_KEY}")
 
 
 def _network_class(name: str):
@@ -147,10 +172,15 @@ def check_config(config: Config, *, refuse_unused: bool = True) -> None:
     if unknown:
         raise ConfigError(f"unknown model.kwargs for model.name={name!r}: {unknown}; valid: encoding, "
                           f"{', '.join(valid)}")
+    if RESIZE_KEY in d.dataset_args:
+        try:
+            check_resize_version(d.dataset_args[RESIZE_KEY], f"data.dataset_args.{RESIZE_KEY}")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
     if d.dataset == SIMULATED:
         from medfast.tasks.classification.simulated import SimulatedUltrasound
 
-        SimulatedUltrasound.check_args(d.dataset_args)
+        SimulatedUltrasound.check_args(_without_resize_key(d.dataset_args))
         if m.spatial_dims != 2 or m.in_channels != 1:
             raise ConfigError(f"data.dataset={SIMULATED!r} renders 2D single-channel images: set "
                               f"model.spatial_dims=2 and model.in_channels=1 (got {m.spatial_dims}, {m.in_channels})")
@@ -354,6 +384,8 @@ class ClassificationTask(Task):
         self.source = None  # SimulatedUltrasound when data.dataset = simulated_ultrasound
         self._val_images: dict[str, torch.Tensor] = {}
         self.min_size: int | None = None  # the network's smallest input edge (set by build_model)
+        self._folders: list[ImageFolderDataset] = []  # the folder data sets built (check_resume sets their resize)
+        self._resize_given: int | None = None  # data.dataset_args.resize_version as the run's config gave it
 
     def build_model(self) -> nn.Module:
         c = self.config
@@ -371,8 +403,23 @@ class ClassificationTask(Task):
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
         """Called by the trainer when it resumes ``state`` (after :meth:`build_datasets`): the class list must be
-        the checkpoint's, or the network's outputs would be read as other classes."""
+        the checkpoint's, or the network's outputs would be read as other classes. The images are resized as the
+        checkpoint's were (:data:`RESIZE_KEY`)."""
         from medfast.train.trainer import CheckpointError
+
+        try:
+            saved_resize = _saved_resize_version(state.get("config"))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        if self._resize_given is not None and self._resize_given != saved_resize:
+            raise CheckpointError(f"{path} was trained on images resized with data.dataset_args.{RESIZE_KEY}="
+                                  f"{saved_resize} but this run sets {self._resize_given}: resuming would change "
+                                  f"the network's inputs mid-run; remove the setting, or train a new run (without "
+                                  "--resume)")
+        # a checkpoint written before the record (plain resize) keeps its inputs; the record is carried on
+        self.config.data.dataset_args[RESIZE_KEY] = saved_resize
+        for folder in self._folders:
+            folder.resize_version = saved_resize
 
         saved = (((state.get("config") or {}).get("data") or {}).get("dataset_args") or {}).get("classes")
         now = self.config.data.dataset_args.get("classes")
@@ -385,11 +432,14 @@ class ClassificationTask(Task):
     def _folder(self, root, csv_file) -> ImageFolderDataset:
         d, args = self.config.data, self.config.data.dataset_args
         try:
-            return ImageFolderDataset(root, csv_file=csv_file, classes=args.get("classes"),
-                                      spatial_dims=self.config.model.spatial_dims, size=d.shape,
-                                      channels=_image_channels(self.config), normalize=d.normalize,
-                                      file_column=args.get("file_column", "file"),
-                                      label_column=args.get("label_column", "label"))
+            folder = ImageFolderDataset(root, csv_file=csv_file, classes=args.get("classes"),
+                                        spatial_dims=self.config.model.spatial_dims, size=d.shape,
+                                        channels=_image_channels(self.config), normalize=d.normalize,
+                                        file_column=args.get("file_column", "file"),
+                                        label_column=args.get("label_column", "label"),
+                                        resize_version=args.get(RESIZE_KEY, RESIZE_VERSION))
+            self._folders.append(folder)
+            return folder
         except DatasetError:
             raise
         except ValueError as exc:  # an argument of the data set: a configuration error
@@ -410,7 +460,8 @@ class ClassificationTask(Task):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"data.dataset_args.{key} must be an int >= 1, got {n!r}")
         try:
-            self.source = SimulatedUltrasound.from_args(args, d.shape, d.normalize, c.trainer.seed)
+            self.source = SimulatedUltrasound.from_args(_without_resize_key(args), d.shape, d.normalize,
+                                                        c.trainer.seed)
         except (DatasetError, ConfigError):
             raise
         except ValueError as exc:  # a bad argument of the simulator: a configuration error
@@ -437,6 +488,12 @@ class ClassificationTask(Task):
     def build_datasets(self):
         c, d = self.config, self.config.data
         args = d.dataset_args
+        # recorded in the checkpoint's config (as the classes are), so that predict and resume resize as training
+        # did; a resume of a checkpoint without the record switches back to the plain resize (check_resume)
+        self._folders = []
+        given = args.get(RESIZE_KEY)  # (checked by check_config)
+        self._resize_given = None if given is None else int(given)
+        args[RESIZE_KEY] = RESIZE_VERSION if self._resize_given is None else self._resize_given
         if d.dataset == SIMULATED:
             return self._build_simulated()
         if d.dataset is not None:
@@ -737,6 +794,8 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     folder = ImageFolderDataset.__new__(ImageFolderDataset)
     folder.spatial_dims, folder.size = config.model.spatial_dims, config.data.shape
     folder.channels, folder.normalize = _image_channels(config), config.data.normalize
+    # absent: a checkpoint trained on the plain resize (check_config above checked a recorded value)
+    folder.resize_version = int(config.data.dataset_args.get(RESIZE_KEY, 1))
     folder.files, folder.labels = [Path(f) for f in inputs], [0] * len(inputs)
     in_channels = int(config.model.in_channels)
     if folder.channels not in (1, 3):
