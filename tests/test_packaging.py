@@ -347,9 +347,14 @@ def test_cpu_wheel_carries_a_local_version_label(monkeypatch):
     assert "MEDFAST_LOCAL_VERSION=cpu" in (ROOT / "scripts" / "wheel_check.sh").read_text()
 
 
-def test_module_version_is_the_distribution_version():
+def test_module_version_is_the_distribution_version(monkeypatch):
     from importlib.metadata import version
 
     import medfast
 
     assert medfast.__version__ == version("medfast")
+    # (the editable install's 0.1.0 equals the fallback: a labelled distribution tells them apart)
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0+cpu")
+    assert medfast._distribution_version() == "0.1.0+cpu"
