@@ -171,6 +171,8 @@ class ConditionalGAN(nn.Module):
         weights, so a checkpoint records it). ``+inf`` / ``-inf`` (:meth:`known_range` None) until set, and
         for a state dict saved without it (it loads, with the range unknown).
 
+    Notes
+    -----
     In ``mode="discriminator"`` the generator runs in train mode (batch statistics, as in the generator phase)
     but its batch-norm running statistics are left as they were: the generator phase of the same step
     updates them once (they were updated twice per step).
