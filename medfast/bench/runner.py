@@ -270,6 +270,7 @@ def _registration_args(device: str, quick: bool, out: Path) -> list[str]:
     return argv + (["--sizes", "32", "64", "--step-size", "32"] if quick else [])
 
 
+#: The benchmark suites ``medfast bench`` runs, in order.
 SUITES: list[Suite] = [
     Suite("warp", "run_warp.py", lambda d, q, o: ["--device", d, "--out", str(o)] + (["--quick"] if q else []),
           _warp_rows, optional=("monai", "interpol", "scipy", "cupy")),

@@ -13,7 +13,10 @@ from medfast.data.io import DatasetError
 
 __all__ = ["ITK_DATA", "MRICRON", "mni152_tissue"]
 
+#: Where Debian's insighttoolkit5-examples installs the ITK example data (the KmeansTest segmentation that
+#: ``mni152_tissue`` reads).
 ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
+#: Where Debian's mricron-data installs Colin27 and its atlases.
 MRICRON = Path("/usr/share/mricron/templates")  # Debian mricron-data: Colin27 and its atlases
 
 #: KmeansTest labels -> the mni152_tissue classes: 4 (darkest brain class, CSF-like) -> 1, 5 (GM) -> 2,

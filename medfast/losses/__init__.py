@@ -137,6 +137,11 @@ class DiceLoss(_SegmentationLoss):
         ``dice_loss``'s ``activation="sigmoid"``: independent (multi-label) channels; else softmax.
     check_labels : bool
         As ``dice_loss``'s ``check_labels``.
+
+    Shapes
+    ------
+    ``forward(input, target, voxel_weight=None)`` takes ``(B, C, *S)`` logits and returns ``dice_loss``'s
+    result: 0-d (the per-(batch, class) losses with ``"none"``), differentiable w.r.t. the logits.
     """
 
     def __init__(
@@ -215,6 +220,11 @@ class DiceCELoss(_SegmentationLoss):
         ``dice_ce_loss``'s ``activation="sigmoid"``: independent (multi-label) channels; else softmax.
     check_labels : bool
         As ``dice_ce_loss``'s ``check_labels``.
+
+    Shapes
+    ------
+    ``forward(input, target, voxel_weight=None)`` takes ``(B, C, *S)`` logits and returns ``dice_ce_loss``'s
+    0-d loss, differentiable w.r.t. the logits.
     """
 
     def __init__(

@@ -135,6 +135,12 @@ def bending_energy(ddf: torch.Tensor, normalize: bool = False, reduction: str = 
         ``"none"`` gives the ``(B, ndim, *interior)`` energy map.
     stencil : {"compact", "deepreg"}
         Compact 3-point stencils (current MONAI) or nested central differences (DeepReg).
+
+    Returns
+    -------
+    Tensor
+        0-d energy, or with ``"none"`` the ``(B, ndim, *interior)`` map (each spatial size minus 2, minus 4
+        for "deepreg"), in the field's dtype. Differentiable w.r.t. ``ddf`` (plain PyTorch autograd).
     """
     ddf = _check_ddf(ddf)
     normalize = check_bool("normalize", normalize)
@@ -179,6 +185,12 @@ def gradient_norm(ddf: torch.Tensor, norm: str = "l2", normalize: bool = False, 
     normalize : bool
         Scale derivatives by the field size (MONAI's ``normalize``).
     reduction : {"mean", "sum", "none"}
+
+    Returns
+    -------
+    Tensor
+        0-d regularizer, or with ``"none"`` the ``(B, ndim, *interior)`` map (each spatial size minus 2), in
+        the field's dtype. Differentiable w.r.t. ``ddf`` (plain PyTorch autograd).
     """
     ddf = _check_ddf(ddf)
     normalize = check_bool("normalize", normalize)
@@ -203,6 +215,12 @@ def ssd_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") 
         Floating images of equal shape ``(B, C, *spatial)``.
     reduction : {"mean", "sum", "none"}
         Mean or sum over batch, channels and voxels, or the ``(B, C, *spatial)`` map of squared differences.
+
+    Returns
+    -------
+    Tensor
+        0-d loss (the map with ``"none"``) in the inputs' promoted dtype, in squared intensity units.
+        Differentiable w.r.t. both images.
     """
     pred, target = _check_pair(pred, target)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -228,6 +246,12 @@ def global_mutual_information(pred: torch.Tensor, target: torch.Tensor, num_bins
         As MONAI's ``GlobalMutualInformationLoss``.
     reduction : {"mean", "sum", "none"}
         Over the batch (``"none"``: ``(B,)``).
+
+    Returns
+    -------
+    Tensor
+        0-d loss (``(B,)`` with ``"none"``), in nats, in the computation dtype above. Differentiable w.r.t.
+        both images (zero gradient where an intensity is clamped to [0, 1]).
     """
     pred, target = _check_pair(pred, target, min_dim=2, layout="(B, N1, ..., Nk) with k >= 1")
     check_choice("reduction", reduction, REDUCTIONS)
@@ -286,6 +310,12 @@ def label_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1e
         ``(B, K, *spatial)`` soft (one-hot, linearly warped) label maps of K foreground classes.
     smooth : float
         Added to the numerator and the denominator of each Dice ratio (an empty class scores 1).
+
+    Returns
+    -------
+    Tensor
+        0-d loss in [0, 1] in the inputs' dtype, the mean over batch and classes. Differentiable w.r.t. both
+        label maps.
     """
     pred, target = _check_pair(pred, target)
     smooth = _smooth("smooth", smooth)
@@ -313,6 +343,11 @@ class LocalNormalizedCrossCorrelationLoss(nn.Module):
         As ``lncc_loss``'s ``reduction``.
     smooth_nr, smooth_dr : float
         As ``lncc_loss``'s ``smooth_nr`` and ``smooth_dr`` (``smooth_dr`` must be > 0).
+
+    Shapes
+    ------
+    ``forward(pred, target)`` takes two ``(B, C, *spatial)`` images with ``spatial_dims`` spatial dims and
+    returns ``lncc_loss``'s result: 0-d (the map with ``"none"``), differentiable w.r.t. both images.
     """
 
     def __init__(self, spatial_dims: int = 3, kernel_size: Int | ShapeLike = 3, kernel_type: str = "rectangular",
@@ -342,6 +377,11 @@ class SSDLoss(nn.Module):
     ----------
     reduction : {"mean", "sum", "none"}
         As ``ssd_loss``'s ``reduction``.
+
+    Shapes
+    ------
+    ``forward(pred, target)`` takes two ``(B, C, *spatial)`` images and returns ``ssd_loss``'s result: 0-d
+    (the ``(B, C, *spatial)`` map with ``"none"``), differentiable w.r.t. both.
     """
 
     def __init__(self, reduction: str = "mean") -> None:
@@ -373,6 +413,12 @@ class GlobalMutualInformationLoss(nn.Module):
         The Parzen window (MONAI's name; only ``"gaussian"``).
     num_bins, sigma_ratio, reduction, smooth_nr, smooth_dr
         As :func:`global_mutual_information`'s arguments of the same names.
+
+    Shapes
+    ------
+    ``forward(pred, target)`` takes two images of equal shape ``(B, ...)``, intensities in [0, 1], and returns
+    ``global_mutual_information``'s result: 0-d (``(B,)`` with ``"none"``), at least float32, differentiable
+    w.r.t. both.
     """
 
     def __init__(self, kernel_type: str = "gaussian", num_bins: int = 23, sigma_ratio: float = 0.5,
@@ -405,6 +451,11 @@ class BendingEnergyLoss(nn.Module):
         As ``bending_energy``'s ``reduction``.
     stencil : {"compact", "deepreg"}
         As ``bending_energy``'s ``stencil`` (not a MONAI argument; ``"compact"`` is current MONAI's).
+
+    Shapes
+    ------
+    ``forward(ddf)`` takes a ``(B, ndim, *spatial)`` displacement (voxels) and returns ``bending_energy``'s
+    result: 0-d (the ``(B, ndim, *interior)`` map with ``"none"``) in the field's dtype, differentiable.
     """
 
     def __init__(self, normalize: bool = False, reduction: str = "mean", stencil: str = "compact") -> None:
@@ -428,6 +479,11 @@ class GradientNormLoss(nn.Module):
         As ``gradient_norm``'s ``normalize``: scale the derivatives by the field size.
     reduction : {"mean", "sum", "none"}
         As ``gradient_norm``'s ``reduction``.
+
+    Shapes
+    ------
+    ``forward(ddf)`` takes a ``(B, ndim, *spatial)`` displacement (voxels) and returns ``gradient_norm``'s
+    result: 0-d (the ``(B, ndim, *interior)`` map with ``"none"``) in the field's dtype, differentiable.
     """
 
     def __init__(self, norm: str = "l2", normalize: bool = False, reduction: str = "mean") -> None:
@@ -450,6 +506,11 @@ class DiffusionLoss(GradientNormLoss):
         As ``gradient_norm``'s ``normalize``.
     reduction : {"mean", "sum", "none"}
         As ``gradient_norm``'s ``reduction``.
+
+    Shapes
+    ------
+    ``forward(ddf)``: as :class:`GradientNormLoss` (a ``(B, ndim, *spatial)`` displacement in, a 0-d
+    differentiable loss out).
     """
 
     def __init__(self, normalize: bool = False, reduction: str = "mean") -> None:

@@ -607,7 +607,8 @@ def surface_distance(
     -------
     Tensor
         ``(B, C')`` float32 on the inputs' device, in units of ``spacing``; ``inf`` where exactly one mask is
-        empty, ``nan`` where both are (with a ``UserWarning``), as in MONAI.
+        empty, ``nan`` where both are (with a ``UserWarning``), as in MONAI. Not differentiable (an evaluation
+        metric of label maps).
 
     Notes
     -----
@@ -675,7 +676,7 @@ def dice(
     -------
     Tensor
         ``(B, C')`` float32 on the inputs' device, ``C' = num_classes`` or ``num_classes - 1`` without the
-        background.
+        background. Hard (label-map) Dice: not differentiable; train with :func:`medfast.dice_loss`.
 
     Raises
     ------

@@ -176,6 +176,10 @@ class ConditionalGAN(nn.Module):
     In ``mode="discriminator"`` the generator runs in train mode (batch statistics, as in the generator phase)
     but its batch-norm running statistics are left as they were: the generator phase of the same step
     updates them once (they were updated twice per step).
+
+    Shapes: with a :class:`UNetGenerator` and a :class:`PatchDiscriminator`, ``cond`` ``(B, C_cond, *S)`` and
+    ``real`` ``(B, C_img, *S)`` give ``(B, C_img, *S)`` images (``"generate"``), two ``(B, 1, *S')`` logit
+    maps (``"discriminator"``), and the image with its ``(B, 1, *S')`` logits (``"generator"``).
     """
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, conditional_discriminator: bool = True,

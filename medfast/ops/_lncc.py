@@ -124,6 +124,9 @@ def local_ncc(
     its lines (a convolution, as MONAI's, keeps it to those windows), and one voxel many orders of
     magnitude above the others costs precision in the windows after it. Mask or replace such voxels
     first.
+
+    Deterministic: on CPU the map is bitwise the same run to run and at any thread count; the CUDA
+    kernels use no atomics.
     """
     pred = check_tensor("pred", pred)
     target = check_tensor("target", target)
@@ -171,6 +174,13 @@ def lncc_loss(
         See :func:`local_ncc`.
     reduction : {"mean", "sum", "none"}
         Mean or sum over batch, channels and voxels, or the ``(B, C, *spatial)`` map.
+
+    Returns
+    -------
+    Tensor
+        0-d loss (``(B, C, *spatial)`` with ``reduction="none"``) in float32 (float64 for float64 inputs;
+        float16/bfloat16 inputs give float32). Differentiable w.r.t. both images. Deterministic as
+        :func:`local_ncc`, but for the mean or sum, whose order follows PyTorch's CPU threads.
     """
     check_choice("reduction", reduction, REDUCTIONS)
     ncc = local_ncc(pred, target, kernel_size, smooth_nr, smooth_dr)

@@ -697,6 +697,8 @@ def dice_loss(
         ``logits`` (and a soft target that requires grad), twice too: under ``create_graph=True``
         the backward runs through the PyTorch reference of the same sums, so Hessian-vector
         products and gradient penalties are exact.
+        Deterministic: on CPU bitwise reproducible run to run for a given thread count; the CUDA kernels
+        add their per-block sums in a fixed order (no float atomics).
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     _check_flags(include_background, batch_dice, ddp_sync)
@@ -747,6 +749,14 @@ def cross_entropy(
         ``"sigmoid"``: binary cross-entropy of independent channels.
     check_labels : bool
         As in :func:`dice_loss`: check the integer labels on the host (``False``: a bad label gives a NaN loss).
+
+    Returns
+    -------
+    Tensor
+        0-d loss in the logits' dtype (float32 for float16/bfloat16 logits). Differentiable w.r.t.
+        ``logits``, and a soft target or ``class_weight`` tensor that requires grad (not ``voxel_weight``).
+        Deterministic: on CPU bitwise reproducible run to run for a given thread count; the CUDA kernels
+        add their per-block sums in a fixed order (no float atomics).
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     stats, cw, divisor, bad = _stats(logits, target, voxel_weight, ignore_index, class_weight, activation,
@@ -820,6 +830,14 @@ def dice_ce_loss(
         ``"sigmoid"``: independent channels; the second term is then the binary cross-entropy.
     check_labels : bool
         As in :func:`dice_loss`.
+
+    Returns
+    -------
+    Tensor
+        0-d loss in the logits' dtype (float32 for float16/bfloat16 logits), differentiable as
+        :func:`dice_loss` and :func:`cross_entropy`.
+        Deterministic: on CPU bitwise reproducible run to run for a given thread count; the CUDA kernels
+        add their per-block sums in a fixed order (no float atomics).
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     _check_flags(include_background, batch_dice, ddp_sync)

@@ -106,6 +106,8 @@ def resample(
     Tensor
         ``(B, C, *shape_out)`` on the grid of ``affine_out``; float32 for a float16/bfloat16 image
         under ``torch.autocast``, as :func:`medfast.warp`.
+        Deterministic as :func:`medfast.warp`: on CPU bitwise reproducible for a given thread count, on
+        CUDA under ``torch.use_deterministic_algorithms(True)``.
     """
     # before the host reads of the affines (torch.func.grad / jacrev failed there with a raw storage error)
     refuse_function_transforms("medfast resample", image, *(a for a in (affine_in, affine_out)
@@ -216,6 +218,8 @@ def compose(ddf_a: torch.Tensor, ddf_b: torch.Tensor, *, padding: str = "border"
     Tensor
         ``(B, ndim, *S)``, differentiable w.r.t. both fields. Under ``torch.autocast``
         float16/bfloat16 fields are upcast (to float32, or float64 beside a float64 field).
+        Deterministic as :func:`medfast.warp`: on CPU bitwise reproducible for a given thread count, on
+        CUDA under ``torch.use_deterministic_algorithms(True)``.
     """
     ddf_a, ddf_b = _autocast_fields(ddf_a, ddf_b)
     _check_ddf("ddf_a", ddf_a)
@@ -250,6 +254,8 @@ def integrate(velocity: torch.Tensor, steps: Int = 7, *, padding: str = "border"
     Tensor
         ``(B, ndim, *S)`` displacement in voxels, differentiable w.r.t. ``velocity``. Under
         ``torch.autocast`` a float16/bfloat16 velocity is upcast to float32.
+        Deterministic as :func:`medfast.warp`: on CPU bitwise reproducible for a given thread count, on
+        CUDA under ``torch.use_deterministic_algorithms(True)``.
     """
     (velocity,) = _autocast_fields(velocity)
     _check_ddf("velocity", velocity)

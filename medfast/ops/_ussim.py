@@ -19,6 +19,8 @@ from medfast.ops._validate import check_op_devices, check_tensor, py_scalar
 _ops = torch.ops.medfast
 
 N_PROPS = 5
+#: The acoustic properties, in the order of the last axis of a property volume: impedance (MRayl),
+#: attenuation (dB/cm/MHz), scatterer density, scatter amplitude mean and spread.
 PROP_NAMES = ("impedance", "attenuation", "density", "amplitude_mean", "amplitude_std")
 
 

@@ -152,6 +152,8 @@ def spline_coefficients(image: torch.Tensor, padding: str = "zeros") -> torch.Te
         float16/bfloat16 image are rounded to its dtype, so warping them no longer reproduces the
         image exactly; pass ``image.float()`` for float32 coefficients (``mode="cubic"`` without
         ``prefiltered`` does so for a half image, and rounds only its output).
+        Deterministic as :func:`warp`: on CPU bitwise reproducible for a given thread count, on
+        CUDA under ``torch.use_deterministic_algorithms(True)``.
     """
     check_image(image)
     check_choice("padding", padding, PADDINGS)
@@ -274,6 +276,8 @@ def affine_warp(
     Tensor
         ``(B, C, *S_out)``. Differentiable w.r.t. ``image``, ``theta`` and ``ddf``. Under
         ``torch.autocast``: float32 (float64), ``theta`` and ``ddf`` upcast, as in :func:`warp`.
+        Deterministic as :func:`warp`: on CPU bitwise reproducible for a given thread count, on
+        CUDA under ``torch.use_deterministic_algorithms(True)``.
     """
     image = autocast_image(image)
     theta, ddf = autocast_position(theta, image), autocast_position(ddf, image)

@@ -35,6 +35,7 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    """Wait for every rank (``torch.distributed.barrier``); a no-op in a single process."""
     if world_size() > 1:
         dist.barrier()
 

@@ -18,18 +18,21 @@ from medfast.ops._ussim import N_PROPS, PROP_NAMES
 
 __all__ = ["HU_KNOTS", "MAX_LABEL", "PROP_NAMES", "LabelTable", "hu_to_properties", "WATER"]
 
+#: Water's acoustic properties, in ``PROP_NAMES`` order: the default ``background`` of ``simulate`` and the
+#: property row of a label a ``LabelTable`` does not map.
 WATER = (1.48, 0.0022, 0.0, 0.0, 0.0)
+#: The largest label key a ``LabelTable`` takes (its table holds a row per label up to its largest key).
 MAX_LABEL = 2**24 - 1  # a mapping table holds a row per label up to its largest key (2**24 rows: 320 MiB)
 _SLAB_VOXELS = 1 << 18  # voxels per slab of hu_to_properties without autograd (~70 bytes of temporaries each)
 _SLAB_VOXELS_GPU = 1 << 22  # fewer, larger launches on a GPU
 
-# Piecewise-linear map from CT number to acoustic properties. Knots: HU, then the 5 properties.
-# Impedances and attenuations are typical literature values (Duck, "Physical properties of tissue",
-# 1990; Szabo, "Diagnostic ultrasound imaging", 2004): air 0.0004 MRayl, fat 1.38, water 1.48,
-# soft tissue 1.63-1.7, bone 4-7.8 MRayl; attenuation fat 0.6, soft tissue 0.5-0.7, bone 10-20
-# dB/cm/MHz. Water-like fluid (CSF, HU ~ 0-15) does not scatter. Scatter amplitudes are relative to
-# the plane-reflector amplitude R: the mean soft-tissue speckle intensity sits about 31 dB below the
-# echo of a soft tissue -> bone (6 MRayl) interface.
+#: Piecewise-linear map from CT number to acoustic properties. Knots: HU, then the 5 properties.
+#: Impedances and attenuations are typical literature values (Duck, "Physical properties of tissue",
+#: 1990; Szabo, "Diagnostic ultrasound imaging", 2004): air 0.0004 MRayl, fat 1.38, water 1.48,
+#: soft tissue 1.63-1.7, bone 4-7.8 MRayl; attenuation fat 0.6, soft tissue 0.5-0.7, bone 10-20
+#: dB/cm/MHz. Water-like fluid (CSF, HU ~ 0-15) does not scatter. Scatter amplitudes are relative to
+#: the plane-reflector amplitude R: the mean soft-tissue speckle intensity sits about 31 dB below the
+#: echo of a soft tissue -> bone (6 MRayl) interface.
 HU_KNOTS: tuple[tuple[float, float, float, float, float, float], ...] = (
     (-1000.0, 0.0004, 20.0, 0.0, 0.0, 0.0),
     (-500.0, 0.80, 12.0, 0.6, 0.015, 0.005),

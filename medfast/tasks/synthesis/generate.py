@@ -293,6 +293,7 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``medfast synthesize`` subcommand to the CLI's subparsers."""
     p = sub.add_parser(
         "synthesize",
         help="generate ultrasound frames with a trained synthesis checkpoint",

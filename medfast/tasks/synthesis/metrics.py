@@ -55,7 +55,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     Returns
     -------
     Tensor
-        ``(B,)`` float64 dB; ``inf`` where the images are identical.
+        ``(B,)`` float64 dB; ``inf`` where the images are identical. Computed with plain PyTorch ops, so it
+        carries autograd from inputs that require grad (an evaluation metric, not a training loss).
     """
     _check_pair(x, y)
     r = _check_range(data_range)
@@ -96,7 +97,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, sigma: float
     Returns
     -------
     Tensor
-        ``(B,)`` float64 SSIM in ``[-1, 1]`` (1 for identical images).
+        ``(B,)`` float64 SSIM in ``[-1, 1]`` (1 for identical images). Computed with plain PyTorch ops, so
+        it carries autograd from inputs that require grad (an evaluation metric, not a training loss).
     """
     _check_pair(x, y)
     r = _check_range(data_range)
@@ -196,7 +198,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, levels: int = 3, pat
     Returns
     -------
     Tensor
-        Scalar float64 distance (in units of the pooled standard deviation of the patch values).
+        Scalar float64 distance (in units of the pooled standard deviation of the patch values). Not
+        differentiable (the inputs are detached); the same inputs and ``seed`` give the same draws.
     """
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] < 1:
