@@ -5,9 +5,10 @@ minor release. A wheel therefore requires the torch release it was compiled agai
 (``torch==X.Y.*``), read from the torch installed in the build environment; the sdist keeps the loose
 requirement, since building it compiles against whatever torch is present.
 
-The version is medfast's release plus, for a wheel, the local label in ``MEDFAST_LOCAL_VERSION`` when the
-build sets one (``scripts/build_wheels.sh cpu``: ``0.1.0+cpu``), so that the CPU-only and the CUDA wheel of
-one release differ in name and in ``pip list``, as torch's own do.
+The version is medfast's release plus the local label in ``MEDFAST_LOCAL_VERSION`` when the build sets one
+(``scripts/build_wheels.sh cpu``: ``0.1.0+cpu``), so that the CPU-only and the CUDA wheel of one release differ
+in name and in ``pip list``, as torch's own do. scikit-build-core refuses a version that differs between an
+sdist and the wheels built from it, so the label applies to both: the release scripts build sdists without it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def build_state(state: str) -> None:
 
 
 def dynamic_wheel(settings: Mapping[str, Any]) -> dict[str, bool]:
-    # the wheel's torch pin differs from the sdist's requirement, and its version may carry a local label
-    return {"dependencies": True, "version": True}
+    # the wheel's torch pin differs from the sdist's requirement (scikit-build-core refuses a version that
+    # differs: the local label applies to whatever the build makes, so the release scripts build sdists without it)
+    return {"dependencies": True}
 
 
 def version() -> str:
@@ -54,5 +56,5 @@ def torch_requirement() -> str:
 
 def dynamic_metadata(settings: Mapping[str, Any], project: Mapping[str, Any]) -> dict[str, Any]:
     if _state == "sdist":
-        return {"version": VERSION, "dependencies": [_LOOSE, *_BASE]}
+        return {"version": version(), "dependencies": [_LOOSE, *_BASE]}
     return {"version": version(), "dependencies": [torch_requirement(), *_BASE]}

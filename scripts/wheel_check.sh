@@ -12,8 +12,11 @@ TORCH_VERSION=$(.venv/bin/python -c "import torch; print(torch.__version__.split
 echo "wheel check: building sdist + CPU wheel against torch $TORCH_VERSION"
 rm -rf "$DIST" && mkdir -p "$DIST"
 # Its own build folder, so the editable development build (CUDA on) is left as it is.
-MEDFAST_CUDA=0 MEDFAST_LOCAL_VERSION=cpu .venv/bin/python -m build --no-isolation --sdist --wheel -o "$DIST" \
-  -C build-dir=build/wheel-cpu . > "$DIST/build.log" 2>&1 || { tail -40 "$DIST/build.log"; exit 1; }
+# The sdist without a local label, the CPU wheel with one (+cpu; scikit-build-core wants one version per build)
+.venv/bin/python -m build --no-isolation --sdist -o "$DIST" . > "$DIST/build.log" 2>&1 \
+  || { tail -40 "$DIST/build.log"; exit 1; }
+MEDFAST_CUDA=0 MEDFAST_LOCAL_VERSION=cpu .venv/bin/python -m build --no-isolation --wheel -o "$DIST" \
+  -C build-dir=build/wheel-cpu . >> "$DIST/build.log" 2>&1 || { tail -40 "$DIST/build.log"; exit 1; }
 WHEEL=$(ls "$DIST"/medfast-*.whl)
 case "$WHEEL" in *+cpu-*) ;; *) echo "the CPU wheel's name lacks its +cpu label: $WHEEL" >&2; exit 1 ;; esac
 echo "built $(ls "$DIST" | grep -v build.log | tr '\n' ' ')"

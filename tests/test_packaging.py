@@ -334,8 +334,11 @@ def test_cpu_wheel_carries_a_local_version_label(monkeypatch):
     assert f'return "{torch_pin.VERSION}"' in (ROOT / "medfast" / "__init__.py").read_text()
     monkeypatch.setenv("MEDFAST_LOCAL_VERSION", "cpu")
     assert torch_pin.dynamic_metadata({}, {})["version"] == f"{torch_pin.VERSION}+cpu"
-    monkeypatch.setattr(torch_pin, "_state", "sdist")  # the sdist is one for both variants
-    assert torch_pin.dynamic_metadata({}, {})["version"] == torch_pin.VERSION
+    # one version per build (scikit-build-core refuses a wheel version other than its sdist's): the release
+    # scripts build the sdist without the label
+    assert "version" not in torch_pin.dynamic_wheel({})
+    monkeypatch.setattr(torch_pin, "_state", "sdist")
+    assert torch_pin.dynamic_metadata({}, {})["version"] == f"{torch_pin.VERSION}+cpu"
     monkeypatch.setattr(torch_pin, "_state", "wheel")
     monkeypatch.setenv("MEDFAST_LOCAL_VERSION", "CPU build")
     with pytest.raises(ValueError, match="MEDFAST_LOCAL_VERSION='CPU build'"):
@@ -344,7 +347,9 @@ def test_cpu_wheel_carries_a_local_version_label(monkeypatch):
     cpu = (ROOT / "scripts" / "build_wheels.sh").read_text().split("cpu)")[1]
     assert 'CIBW_ENVIRONMENT="MEDFAST_CUDA=0 MEDFAST_LOCAL_VERSION=cpu"' in cpu
     assert "MEDFAST_LOCAL_VERSION" not in str(PYPROJECT["tool"]["cibuildwheel"]["environment"])
-    assert "MEDFAST_LOCAL_VERSION=cpu" in (ROOT / "scripts" / "wheel_check.sh").read_text()
+    check = (ROOT / "scripts" / "wheel_check.sh").read_text()
+    assert "MEDFAST_LOCAL_VERSION=cpu .venv/bin/python -m build --no-isolation --wheel" in check
+    assert ".venv/bin/python -m build --no-isolation --sdist -o" in check
 
 
 def test_module_version_is_the_distribution_version(monkeypatch):
