@@ -333,3 +333,46 @@ def test_dataset_zscore_of_a_constant_image_is_zero(tmp_path):
         _png(root / c / "0.png", np.full((37, 41), 15))  # 15 / 255: the sample z-score gave +-0.75 noise
     ds = ImageFolderDataset(root, normalize="zscore")
     assert float(ds[0]["image"].abs().max()) == 0
+
+
+def test_an_old_depth_4_localnet_saved_by_save_model_loads_with_its_levels(tmp_path):
+    """LocalNet's default extract_levels was (0, 1, 2, 3) at any depth, now every level of the depth: a depth-4
+    LocalNet saved (net_kwargs without the levels) before the change was rebuilt with a fifth head and refused."""
+    from medfast.tasks.registration import RegistrationError, load_model_info, save_model
+
+    kw = {"spatial_dims": 2, "in_channels": 2, "num_channel_initial": 4, "depth": 4}
+    path = tmp_path / "old.pt"
+    save_model(path, LocalNet(**kw, extract_levels=(0, 1, 2, 3)), kw, [64, 64])
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"].pop("upsampling_version")  # a file written before the buffer existed
+    torch.save(ckpt, path)
+    net, _ = load_model_info(path)
+    assert tuple(net.levels) == (0, 1, 2, 3) and net._legacy_upsampling
+    # a weight that does not fit is named (the message stopped at "Error(s) in loading state_dict for LocalNet:")
+    ckpt["state_dict"]["heads.0.weight"] = ckpt["state_dict"]["heads.0.weight"][:1]
+    torch.save(ckpt, path)
+    with pytest.raises(RegistrationError, match="heads.0.weight"):
+        load_model_info(path)
+
+
+def test_old_state_dicts_load_into_meta_modules_with_assign():
+    """load_state_dict(assign=True) into a meta-built module reported all keys matched but left the supplied
+    buffer on the meta device (a later .to() failed, and a state dict saved from it was refused)."""
+    from medfast.nets.gan import ConditionalGAN, PatchDiscriminator, UNetGenerator
+
+    old = {k: v for k, v in LocalNet(3, 2, 4, 3).state_dict().items() if k != "upsampling_version"}
+    with torch.device("meta"):
+        net = LocalNet(3, 2, 4, 3)
+    net.load_state_dict(old, assign=True)
+    assert not net.upsampling_version.is_meta and int(net.upsampling_version) == 1
+    LocalNet(3, 2, 4, 3).load_state_dict(net.to("cpu").state_dict())
+
+    def gan():
+        return ConditionalGAN(UNetGenerator(3, 1, (4, 8), 2, 1, "batch"), PatchDiscriminator(4, 4, 2, 2, "batch"),
+                              range_channels=3)
+
+    old = {k: v for k, v in gan().state_dict().items() if k != "cond_range"}
+    with torch.device("meta"):
+        g = gan()
+    g.load_state_dict(old, assign=True)
+    assert not g.cond_range.is_meta and g.known_range() is None

@@ -222,8 +222,11 @@ class ConditionalGAN(nn.Module):
         if self.range_channels and not saved:  # saved before the range was kept: unknown, not a load error
             if key in missing_keys:
                 missing_keys.remove(key)
-            with torch.no_grad():
-                self.cond_range.copy_(self._unknown_range())
+            if self.cond_range.is_meta:  # (assign=True into a meta module: a real buffer, as the load reports)
+                self._buffers["cond_range"] = self._unknown_range()
+            else:
+                with torch.no_grad():
+                    self.cond_range.copy_(self._unknown_range())
 
     def discriminate(self, cond: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return self.discriminator(torch.cat([cond, image], 1) if self.conditional_discriminator else image)

@@ -208,8 +208,12 @@ class LocalNet(nn.Module):
         if key not in state_dict:
             # supplied here, so that strict loading of an old checkpoint passes
             missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != key]
-        with torch.no_grad():
-            self.upsampling_version.fill_(version)
+        if self.upsampling_version.is_meta:  # (a meta module loaded with assign=True: a real buffer, not a
+            # meta one that reports the load as complete and cannot be copied off the meta device)
+            self._buffers["upsampling_version"] = torch.tensor(version)
+        else:
+            with torch.no_grad():
+                self.upsampling_version.fill_(version)
         self._legacy_upsampling = version == _LEGACY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

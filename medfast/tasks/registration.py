@@ -841,19 +841,27 @@ def load_model_info(path: str | Path, device: str | torch.device = "cpu") -> tup
         try:
             return _load_trainer_checkpoint(ckpt, device)
         except RuntimeError as exc:  # weights of another network than the checkpoint's config builds
-            raise RegistrationError(f"the weights in {path} do not fit its network: "
-                                    f"{str(exc).splitlines()[0][:300]}") from None
+            from medfast.train.trainer import _load_error_line
+
+            raise RegistrationError(f"the weights in {path} do not fit its network: {_load_error_line(exc)}") from None
     if isinstance(ckpt, dict) and "net" not in ckpt and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or ckpt.get("net") not in _NETS or "state_dict" not in ckpt:
         raise RegistrationError(f"{path} is not a medfast registration checkpoint (keys net, net_kwargs, "
                                 f"input_shape, state_dict; see medfast.tasks.registration.save_model)")
+    from medfast.train.trainer import _load_error_line
+
+    kwargs = dict(ckpt.get("net_kwargs", {}))
+    if (ckpt["net"] == "LocalNet" and "extract_levels" not in kwargs and isinstance(ckpt["state_dict"], dict)
+            and "upsampling_version" not in ckpt["state_dict"]):
+        # saved before LocalNet's default levels followed its depth: they were (0, 1, 2, 3) at any depth
+        kwargs["extract_levels"] = (0, 1, 2, 3)
     try:
-        net = _NETS[ckpt["net"]](**ckpt.get("net_kwargs", {})).to(device)
+        net = _NETS[ckpt["net"]](**kwargs).to(device)
         net.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, ValueError) as exc:  # edited or mixed-up checkpoints: name the file
         raise RegistrationError(f"the weights in {path} do not fit its {ckpt['net']} "
-                                f"({ckpt.get('net_kwargs', {})}): {str(exc).splitlines()[0][:300]}") from None
+                                f"({ckpt.get('net_kwargs', {})}): {_load_error_line(exc)}") from None
     pair_channels = ckpt.get("net_kwargs", {}).get("in_channels", 2)  # LocalNet/GlobalNet/RegistrationNet default 2
     try:  # an edited or foreign file: a missing key or a bad value named with the file, not a bare KeyError
         shape = [int(v) for v in ckpt["input_shape"]]
