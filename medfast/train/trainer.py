@@ -12,7 +12,9 @@ import math
 import os
 import random
 import re
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -62,9 +64,40 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C / SIGTERM arriving inside the block are delivered when it ends (main thread only). Raised inside
+    torch.save's writes to a Python file, they surfaced as torch's write error ("unexpected pos"), so a scheduler's
+    stop during a checkpoint ended the run as a failed write (exit 1) instead of a clean stop after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, Any]] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum, frame in pending[:1]:  # the first one, to its own handler (one stop is enough)
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler in (signal.SIG_DFL, None):
+                signal.raise_signal(signum)
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (:func:`medfast._atomic.replacing`):
-    a reader (or a resume after a crash) never sees a half-written checkpoint."""
+    a reader (or a resume after a crash) never sees a half-written checkpoint. Ctrl-C or SIGTERM during the write
+    take effect once the checkpoint is in place."""
+    with _signals_deferred():
+        return _save_checkpoint(state, path)
+
+
+def _save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
