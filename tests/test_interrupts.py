@@ -130,13 +130,16 @@ def test_a_signal_during_a_checkpoint_write_takes_effect_after_it(tmp_path, monk
         signal.raise_signal(getattr(signal, sig))  # arrives in the middle of the write
         real_save(obj, f)
 
+    # (Python's own Ctrl-C handler: a process started in the background, as CI's pytest, inherits SIGINT ignored)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = _stop_on_sigterm()
     monkeypatch.setattr(torch, "save", save)
     try:
         with pytest.raises(Terminated if sig == "SIGTERM" else KeyboardInterrupt):
             T.save_checkpoint({"a": torch.arange(1000)}, tmp_path / "last.pt")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(torch.load(tmp_path / "last.pt")["a"], torch.arange(1000))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
