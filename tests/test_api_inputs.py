@@ -281,7 +281,7 @@ def test_trainer_stream_labels_the_epochs_of_a_span():
 
 
 def test_nets_name_bad_sizes():
-    with pytest.raises(ValueError, match="depth must be >= 0"):
+    with pytest.raises(ValueError, match="depth must be an int >= 0"):
         N.GlobalNet(spatial_dims=2, depth=-1)
     with pytest.raises(TypeError, match="depth must be an int"):
         N.LocalNet(spatial_dims=2, depth="3")

@@ -198,9 +198,9 @@ def test_registration_checkpoint_with_one_channel_entry_still_loads():
 # ---- 6. constructor arguments checked when the network is built --------------------------------------------------
 
 @pytest.mark.parametrize("build, match", [
-    (lambda: GlobalNet(3, 2, 0, 1), "num_channel_initial must be >= 1, got 0"),
-    (lambda: LocalNet(3, 0, 4, 1), "in_channels must be >= 1, got 0"),
-    (lambda: LocalNet(3, 2, -4, 1), "num_channel_initial must be >= 1"),
+    (lambda: GlobalNet(3, 2, 0, 1), "num_channel_initial must be an int >= 1, got 0"),
+    (lambda: LocalNet(3, 0, 4, 1), "in_channels must be an int >= 1, got 0"),
+    (lambda: LocalNet(3, 2, -4, 1), "num_channel_initial must be an int >= 1"),
     (lambda: SonoNet(1, 3, width=0), "width must be an int >= 1, got 0"),
     (lambda: SonoNet(0, 3), "in_channels must be an int >= 1"),
     (lambda: SonoNet(1, 0), "num_classes must be an int >= 1, got 0"),

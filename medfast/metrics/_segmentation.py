@@ -25,7 +25,7 @@ import torch
 from medfast._typing import SpacingLike
 from medfast.ops._distance import _check_spacing, seed_distances, surface_edges
 from medfast.ops._loss import _vmapped
-from medfast.ops._validate import check_tensor, py_scalar
+from medfast.ops._validate import check_int, check_tensor, py_scalar
 
 __all__ = ["dice", "hausdorff_distance", "surface_distance"]
 
@@ -36,15 +36,6 @@ SpacingArg = SpacingLike | Sequence[float | Sequence[float]] | None
 # ----------------------------------------------------------------------------------------------------------
 # argument checks
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    value = py_scalar(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_pair(pred: object, target: object, pred_name: str, target_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +219,7 @@ def _masks(
         p, t = _check_binary("pred", p), _check_binary("target", t)
         return _MaskSource(p.shape[0], p.shape[1], first, p.dim() - 2, p[0, 0].numel(), perm,
                            lambda c0, c1: (p[:, c0:c1], t[:, c0:c1]))
-    num_classes = _check_int("num_classes", num_classes, 1 + first)
+    num_classes = check_int("num_classes", num_classes, 1 + first)
     if num_classes > _MAX_CLASSES:  # one pass per class: 2**62 ran for ever
         raise ValueError(f"num_classes must be at most {_MAX_CLASSES}, got {num_classes}; label ids as large as an "
                          f"atlas's are scored over the ids present (as medfast evaluate does: map them to 0 .. K-1)")
@@ -693,7 +684,7 @@ def dice(
     if not isinstance(ignore_empty, bool):
         raise TypeError(f"ignore_empty must be a bool, got {type(ignore_empty).__name__}")
     first = 0 if include_background else 1
-    num_classes = _check_int("num_classes", num_classes, 1 + first)
+    num_classes = check_int("num_classes", num_classes, 1 + first)
     if num_classes > _MAX_CLASSES:  # three counts and an output column per class: 2**63 overflowed unnamed
         raise ValueError(f"num_classes must be at most {_MAX_CLASSES}, got {num_classes}; label ids as large as an "
                          f"atlas's are scored over the ids present (as medfast evaluate does: map them to 0 .. K-1)")

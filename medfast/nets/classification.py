@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from medfast.ops._validate import check_bool, py_scalar
+from medfast.ops._validate import check_bool, check_int, py_scalar
 
 __all__ = ["ClassificationHead", "CoralHead", "DenseNetClassifier", "ResNetClassifier", "SonoNet"]
 
@@ -21,17 +21,6 @@ def _conv(dims: int):
 
 def _bn(dims: int):
     return nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
-
-
-def _int_arg(name: str, value: object, low: int = 1) -> int:
-    """``value`` as an int ``>= low`` (NumPy ints and 0-d tensors too; not a bool, float or string): checked at
-    construction, not left to a convolution's error at the first forward, which does not name the argument."""
-    value = py_scalar(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _counts(name: str, value: object) -> list[int]:
@@ -97,7 +86,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, encoding: str = "nominal", dropout: float = 0.0) -> None:
         super().__init__()
-        in_features, num_classes = _int_arg("in_features", in_features), _int_arg("num_classes", num_classes)
+        in_features, num_classes = check_int("in_features", in_features, 1), check_int("num_classes", num_classes, 1)
         dropout = _dropout("dropout", dropout)
         if encoding == "nominal":
             out: nn.Module = nn.Linear(in_features, num_classes)
@@ -216,10 +205,10 @@ class SonoNet(_PooledClassifier):
                  convs_per_block: Sequence[int] = (2, 2, 3, 3), adaptation: int | None = None,
                  dropout: float = 0.0) -> None:
         super().__init__()
-        in_channels, width = _int_arg("in_channels", in_channels), _int_arg("width", width)
+        in_channels, width = check_int("in_channels", in_channels, 1), check_int("width", width, 1)
         convs_per_block = _counts("convs_per_block", convs_per_block)
         # (`adaptation or 2 * width` read 0 as the default)
-        adaptation = 2 * width if adaptation is None else _int_arg("adaptation", adaptation)
+        adaptation = 2 * width if adaptation is None else check_int("adaptation", adaptation, 1)
         layers: list[nn.Module] = []
         ch = in_channels
         for b, n in enumerate(convs_per_block):
@@ -292,8 +281,8 @@ class ResNetClassifier(_PooledClassifier):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        in_channels, width = _int_arg("in_channels", in_channels), _int_arg("width", width)
-        stem_stride, blocks = _int_arg("stem_stride", stem_stride), _counts("blocks", blocks)
+        in_channels, width = check_int("in_channels", in_channels, 1), check_int("width", width, 1)
+        stem_stride, blocks = check_int("stem_stride", stem_stride, 1), _counts("blocks", blocks)
         conv, bn = _conv(spatial_dims), _bn(spatial_dims)
         self.stem = nn.Sequential(conv(in_channels, width, 3, stem_stride, 1, bias=False), bn(width),
                                   nn.ReLU(inplace=True))
@@ -395,8 +384,8 @@ class DenseNetClassifier(_PooledClassifier):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        in_channels, width = _int_arg("in_channels", in_channels), _int_arg("width", width)
-        stem_stride, blocks = _int_arg("stem_stride", stem_stride), _counts("blocks", blocks)
+        in_channels, width = check_int("in_channels", in_channels, 1), check_int("width", width, 1)
+        stem_stride, blocks = check_int("stem_stride", stem_stride, 1), _counts("blocks", blocks)
         layer_dropout = _dropout("layer_dropout", layer_dropout)
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfast.nets._layers import CL3, Conv3d, ConvTranspose3d, InstanceNorm3d
-from medfast.ops._validate import check_bool, position_dtype, py_scalar
+from medfast.ops._validate import check_bool, check_int, position_dtype, py_scalar
 
 # LocalNet.upsampling_version values
 _LEGACY, _ALIGNED = 1, 2
@@ -35,23 +35,12 @@ def _channels_last(x: torch.Tensor, ndim: int, choice: bool | None) -> bool:
     return ndim == 3 and x.device.type == "cpu"
 
 
-def _int_arg(name: str, value: object, low: int) -> int:
-    """``value`` as an int ``>= low`` (NumPy ints and 0-d tensors too); not a bool, a float (4.7 is not silently
-    4) nor a string. TypeError / ValueError naming ``name``."""
-    value = py_scalar(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    return value
-
-
 def _check_args(depth: object, min_depth: int, channels_last: object, in_channels: object,
                 num_channel_initial: object) -> tuple[int, bool | None, int, int]:
     # sizes checked here, not by the first convolution's error at forward (which does not name the argument)
-    depth = _int_arg("depth", depth, min_depth)
-    in_channels = _int_arg("in_channels", in_channels, 1)
-    num_channel_initial = _int_arg("num_channel_initial", num_channel_initial, 1)
+    depth = check_int("depth", depth, min_depth)
+    in_channels = check_int("in_channels", in_channels, 1)
+    num_channel_initial = check_int("num_channel_initial", num_channel_initial, 1)
     return (depth, None if channels_last is None else check_bool("channels_last", channels_last), in_channels,
             num_channel_initial)
 

@@ -174,6 +174,18 @@ def py_scalar(value: object) -> object:
     return value
 
 
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int ``>= minimum`` (NumPy ints and 0-d tensors too; not a bool, nor a float: 4.7 is not
+    silently 4, nor a string). Sizes are checked where they are given, not left to a later error that does not
+    name the argument."""
+    value = py_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def non_negative_finite(value: object) -> bool:
     """A non-negative finite int or float (not a bool, not NaN). Comparisons, not math.isfinite: under
     torch.compile(dynamic=True) the value is a symbolic float, which math.isfinite cannot trace."""
