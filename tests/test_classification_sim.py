@@ -264,6 +264,9 @@ def test_render_normalize_and_validation(tmp_path):
     src = SimulatedUltrasound(**{**SMALL, "val_volumes": [], "normalize": "zscore"})
     img = src.render(collate([src.train_dataset(8)[(i, i)] for i in range(4)]), "cpu")
     torch.testing.assert_close(img.flatten(1).mean(1), torch.zeros(4), atol=1e-4, rtol=0)
+    # unit population std (correction=0), as the user-image path and the preprocessing (at 32x32 pixels the
+    # sample std differs by 5e-4)
+    torch.testing.assert_close(img.flatten(1).std(1, correction=0), torch.ones(4), atol=1e-4, rtol=0)
     assert len(src.validation_datasets(8)) == 1  # no held-out volume set without val_volumes
     with pytest.raises(ValueError, match="unknown plane 'apical'"):
         SimulatedUltrasound(**{**SMALL, "planes": ["coronal", "apical"]})

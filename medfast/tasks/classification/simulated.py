@@ -673,8 +673,8 @@ class SimulatedUltrasound:
             hi = out.flatten(1).amax(1).view(-1, 1, 1, 1)
             out = (out - lo) / (hi - lo).clamp_min(1e-8)
         elif self.normalize == "zscore":
-            m = out.flatten(1).mean(1).view(-1, 1, 1, 1)
-            s = out.flatten(1).std(1).view(-1, 1, 1, 1)
+            # the population std (correction=0), as the user-image path (data.py) and the preprocessing do
+            s, m = (t.view(-1, 1, 1, 1) for t in torch.std_mean(out.flatten(1), dim=1, correction=0))
             out = (out - m) / s.clamp_min(1e-8)
         return out
 
