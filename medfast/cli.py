@@ -8,6 +8,7 @@ listing it in ``_SUBCOMMANDS``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -367,6 +368,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _plain_warnings(command: str):
+    """medfast's own warnings (poses beyond a model's training range, a sheared reference grid, ...) shown as
+    one ``medfast COMMAND: warning: ...`` line, as the errors, not Python's two-line ``FILE:LINE: UserWarning``
+    form that quotes our source. Only the formatting changes: filters and ``catch_warnings(record=True)``
+    (pytest.warns) see the same warnings."""
+    import os
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    original = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(package):
+            return f"medfast {command}: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medfast`` console script and ``python -m medfast``.
 
@@ -387,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # console script print that error in one line.)
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _plain_warnings(args.command):
+            return args.func(args)
     except ImportError as exc:
         if _missing_optional_module(exc) is None:
             raise

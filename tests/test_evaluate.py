@@ -286,3 +286,34 @@ def test_grids_are_compared_in_voxels_and_sheared_or_line_maps_are_handled(tmp_p
         _save(tmp_path / name, line)
     with pytest.raises(DatasetError, match="at least two axes longer than one voxel"):
         evaluate_pair(tmp_path / "l.nii.gz", tmp_path / "m.nii.gz")
+
+
+def test_the_command_shows_medfast_warnings_in_one_line(tmp_path):
+    """A medfast warning under the command (here a sheared reference) is one ``medfast evaluate: warning: ...``
+    line, not Python's ``FILE:LINE: UserWarning: ...`` plus a quoted source line."""
+    import subprocess
+    import sys
+
+    sheared = np.eye(4)
+    sheared[1, 2] = 0.8
+    _save(tmp_path / "r.nii.gz", _cubes(), sheared)
+    _save(tmp_path / "p.nii.gz", _cubes(), sheared)
+    run = subprocess.run([sys.executable, "-m", "medfast", "evaluate", str(tmp_path / "p.nii.gz"),
+                          str(tmp_path / "r.nii.gz"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "right angles" in line]
+    assert len(lines) == 1 and lines[0].startswith("medfast evaluate: warning: ") and "r.nii.gz" in lines[0]
+    assert "UserWarning" not in run.stderr and "warnings.warn" not in run.stderr
+
+
+def test_only_medfast_warnings_change_form_and_pytest_still_records_them():
+    from medfast import cli
+
+    with cli._plain_warnings("predict"):
+        assert warnings.formatwarning("m", UserWarning, cli.__file__, 3) == "medfast predict: warning: m\n"
+        other = warnings.formatwarning("m", UserWarning, "/elsewhere/x.py", 3)
+        assert other.startswith("/elsewhere/x.py:3: UserWarning: m")
+        with pytest.warns(UserWarning, match="recorded"):
+            warnings.warn("recorded", stacklevel=1)
+    assert warnings.formatwarning("m", UserWarning, cli.__file__, 3).startswith(cli.__file__)
