@@ -410,7 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     # (Without its compiled extension medfast fails to import before this runs; medfast._extension makes the
     # console script print that error in one line.)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train" and extra:
+        # `medfast train a.yaml --set k=v b.yaml`: argparse stops the CONFIG list at the first option; the files
+        # after it are configs too, merged in the order given (the --set overrides apply after all of them)
+        options = [a for a in extra if a.startswith("-")]
+        extra = options or args.configs.extend(extra) or []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with _plain_warnings(args.command):
             return args.func(args)

@@ -45,6 +45,23 @@ def test_out_is_taken_verbatim(setup, capsys, out):
     assert config.trainer.out_dir == out and config.trainer.resume == out and config.trainer.device == "0"
 
 
+def test_configs_after_an_option_are_merged_in_order(setup, capsys, tmp_path):
+    """``medfast train a.yaml --set k=v b.yaml`` was refused ("unrecognized arguments: b.yaml"): argparse ends a
+    positional list at the first option. The files after it are configs too, merged after a.yaml, and the --set
+    overrides still apply last; an unknown option is still refused."""
+    import yaml
+
+    _, cfg, _ = setup
+    second = tmp_path / "b.yaml"
+    second.write_text("trainer:\n  max_steps: 7\n  log_every: 3\n")
+    assert main(["train", str(cfg), "--set", "trainer.log_every=5", str(second), "--print-config"]) == 0
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["max_steps"] == 7 and trainer["log_every"] == 5
+    with pytest.raises(SystemExit):
+        main(["train", str(cfg), "--set", "trainer.log_every=5", str(second), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 # --- B3: a binary file given as config ------------------------------------------------------------------
 def test_binary_config_file_is_a_clear_error(setup, capsys):
     base, _, _ = setup
