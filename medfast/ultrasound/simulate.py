@@ -522,7 +522,7 @@ def _noise(seed: int, device: torch.device, speckle: bool) -> torch.Tensor:
 @_normal_tensors
 def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dtype, extra):
     """Per-probe constant tensors, computed once per (probe, sub_rays, device, dtype, extra); ``extra``:
-    the pixel spacing of "grid", the scatter cell of "elevation3"."""
+    the pixel spacing of "grid", the scatter cell of "elevation3", the interface ramp (samples) of "psf_*"."""
     dev = torch.device(device)
     if kind == "rays":  # (L, E, 3) sub-ray origins, (L, 3) sample steps (probe frame, mm)
         origin, direction = probe.line_geometry(dtype=torch.float64)
@@ -537,8 +537,8 @@ def _cached(kind: str, probe: Probe, sub_rays: int, device: str, dtype: torch.dt
         return _axial_kernel(probe, dtype, dev)
     if kind == "lateral":
         return _lateral_weights(probe, dtype, dev)
-    if kind in ("psf_speckle", "psf_plain"):
-        return _psf_weights(probe, kind == "psf_speckle", dtype, dev)
+    if kind in ("psf_speckle", "psf_plain"):  # extra: the interface ramp in samples (None: the default 2)
+        return _psf_weights(probe, kind == "psf_speckle", dtype, dev, 2.0 if extra is None else extra)
     if kind == "grid":
         # Pixels outside the scanned (line, sample) range are moved far outside [-1, 1]: grid_sample's zero
         # padding blended those within one line (or sample) spacing of the fan's edges with the edge line, so
@@ -601,9 +601,27 @@ def _elevation_weights(probe: Probe, sub_rays: int, dtype, device,
     return spec.to(device=device, dtype=dtype), scat.to(device=device, dtype=dtype)
 
 
-def _psf_weights(probe: Probe, speckle: bool, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _plane_echo_peak(h: torch.Tensor, ramp_samples: float) -> float:
+    """Envelope peak of a unit step whose reflection is spread over a ``ramp_samples``-wide impedance ramp (sample
+    i reflects the part of the ramp between samples i and i + 1), under the axial taps ``h`` (peak 1), at the
+    samples, averaged over the ramp's sub-sample offsets: below 1 (0.93-0.95 for the presets' default 2-sample
+    ramp), since the echo's parts are a sample apart."""
+    half, n = (h.numel() - 1) // 2, int(math.ceil(ramp_samples)) + 3
+    i = torch.arange(-1, n - 1, dtype=torch.float64)
+    peaks = []
+    for offset in torch.arange(16, dtype=torch.float64) / 16:
+        parts = ((i + 1 - offset) / ramp_samples).clamp(0, 1) - ((i - offset) / ramp_samples).clamp(0, 1)
+        echo = F.conv1d(F.pad(parts, (half, half))[None, None], h.flip(0)[None, None])
+        peaks.append(float(echo.max()))
+    return sum(peaks) / len(peaks)
+
+
+def _psf_weights(probe: Probe, speckle: bool, dtype, device,
+                 ramp_samples: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial taps ``(3, K)`` and lateral taps ``(3, J, S)`` of the (specular, scatter re, scatter im)
-    channels. Specular: peak 1 (a plane reflector keeps its amplitude); scatter: unit energy (with the
+    channels. Specular: peak 1 / :func:`_plane_echo_peak` for the interface ramp of ``ramp_samples``
+    samples, so that a plane reflector keeps its amplitude ``R`` (with peak 1 the default 2-sample ramp
+    split the echo over two samples: 5-7 % low at the presets' 1024 samples); scatter: unit energy (with the
     elevation weights' per-depth gain, the mean speckle intensity equals the scatter power), or with speckle
     off unit sum (axially and laterally), so a homogeneous medium images at ``sqrt(density) mean`` however
     densely it is sampled (peak 1 summed a uniform field over ~FWHM / dz samples: 4x brighter at 4x
@@ -613,17 +631,18 @@ def _psf_weights(probe: Probe, speckle: bool, dtype, device) -> tuple[torch.Tens
     w_spec, w_scat = _lateral_weights(probe, torch.float64, "cpu")
     if not speckle:
         w_scat = w_spec
-    hs = torch.stack([h, hn, hn])
+    hs = torch.stack([h / _plane_echo_peak(h, ramp_samples), hn, hn])
     wts = torch.stack([w_spec, w_scat, w_scat], 0).transpose(1, 2)  # (3, J, S)
     return hs.to(device=device, dtype=dtype).contiguous(), wts.to(device=device, dtype=dtype).contiguous()
 
 
-def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply_psf(x: torch.Tensor, probe: Probe, speckle: bool = True,
+               ramp_samples: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (B, L, 3, S) = (specular, scatter re, scatter im) -> IQ (real, imaginary), each (B, L, S). The scatter
     channels are normalised to unit energy (random scatterers) or, with speckle off (a deterministic,
     coherent scatter field), to unit-sum axial taps (a homogeneous medium's level independent of the sampling;
-    the specular channel keeps peak 1). One fused kernel (``ussim_psf``)."""
-    h, w = _cached("psf_speckle" if speckle else "psf_plain", probe, 1, str(x.device), x.dtype, None)
+    the specular channel keeps a plane echo at R). One fused kernel (``ussim_psf``)."""
+    h, w = _cached("psf_speckle" if speckle else "psf_plain", probe, 1, str(x.device), x.dtype, ramp_samples)
     iq = psf(x, h, w)
     return iq[:, 0], iq[:, 1]
 
@@ -720,7 +739,10 @@ def _scanlines(props: torch.Tensor, pose: torch.Tensor, affine_info, probe: Prob
     # Elevation-weighted sub-ray sum, (B, L, 3, S).
     lines = march_lines(props_cl, start, step, w3, _noise(seed, dev, speckle), G, att, background, seed, sharp,
                         volume_index)
-    i_re, i_im = _apply_psf(lines, probe, speckle)  # IQ, (B, L, S) each
+    # (the ramp as the kernel makes it where voxels are coarser than interface_mm, the usual case; rounded for the
+    # per-probe cache)
+    ramp = None if interface_mm == 2.0 * probe.dz_mm else round(interface_mm / probe.dz_mm, 6)
+    i_re, i_im = _apply_psf(lines, probe, speckle, ramp)  # IQ, (B, L, S) each
 
     # Without autograd the same steps run in place (one buffer for the power / dB lines and one for
     # the clipped scan: no per-step temporaries); same operations in the same order, same values.
