@@ -482,3 +482,18 @@ def test_register_demo_resolution_is_checked_first(tmp_path, capsys, value):
     err = capsys.readouterr().err
     assert "--resolution must be a voxel size in mm between 0.5 and 20" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_val_deformations_gives_that_many_held_out_deformations():
+    """data.val_deformations: N took the first N training pairs: one subject (the CPU demo) validated on 1
+    deformation, not the 3 its config asks for. Now N items cycling over the pairs, each with its own seed."""
+    from medfast.tasks.registration import PairDataset
+
+    subject = {"image": torch.rand(1, 8, 8), "files": "s.nii.gz"}
+    one = [subject]
+    val = PairDataset(one, limit=3, seed_offset=10**12)
+    assert len(val) == 3 and [val[k]["seed"] for k in range(3)] == [10**12, 10**12 + 1, 10**12 + 2]
+    two = PairDataset([subject, {**subject, "files": "t.nii.gz"}], limit=5, seed_offset=7)
+    assert len(two) == 5 and [two[k]["files"] for k in range(3)] == ["s.nii.gz -> t.nii.gz", "t.nii.gz -> s.nii.gz",
+                                                                     "s.nii.gz -> t.nii.gz"]
+    assert len(PairDataset([subject] * 4, limit=5)) == 5 and len(PairDataset([subject] * 3, limit=2)) == 2

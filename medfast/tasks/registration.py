@@ -2091,7 +2091,8 @@ class PairDataset(torch.utils.data.Dataset):
         Without it, pairs are the ordered pairs of distinct subjects (one subject: itself, the
         augmentation then makes the pair differ).
     limit : int, optional
-        Keep only the first ``limit`` pairs (validation).
+        Validation size: the first ``limit`` pairs or, with ``seed_offset`` (held-out deformations), ``limit``
+        items cycling over the pairs, each deformed by its own seed.
     seed_offset : int, optional
         Give every item a fixed seed ``seed_offset + index`` (validation deformations).
 
@@ -2112,7 +2113,11 @@ class PairDataset(torch.utils.data.Dataset):
             self.pairs = [(0, 0)]
         else:
             self.pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-        if limit is not None:
+        if limit is not None and seed_offset is not None:
+            # held-out deformations: `limit` items, cycling over the pairs, each with its own deformation seed (the
+            # first `limit` pairs gave one validation item for one subject, whatever val_deformations said)
+            self.pairs = [self.pairs[k % len(self.pairs)] for k in range(limit)]
+        elif limit is not None:
             self.pairs = self.pairs[:limit]
         self.seed_offset = seed_offset
         self._norm: dict[int, dict] = {}
@@ -2344,7 +2349,8 @@ class RegistrationTask(Task):
         if val_images:
             # one validation subject without an atlas: score it against held-out deformations of itself
             single = atlas is None and len(val_images) == 1
-            val = PairDataset(val_subjects, atlas, limit=a["val_pairs"], seed_offset=10**12 if single else None)
+            val = PairDataset(val_subjects, atlas, limit=1 if single else a["val_pairs"],
+                              seed_offset=10**12 if single else None)
             self._val_deform = single
         elif d.val_deformations > 0:
             val = PairDataset(subjects, atlas, limit=d.val_deformations, seed_offset=10**12)
