@@ -166,7 +166,8 @@ class RandomAugment:
         displacement's, 29 % at 0.5 voxels, 21 % at 2). The deformation is applied before the affine, so the
         whole transform is diffeomorphic with ``integrate_steps >= 1`` and a magnitude well below the control
         points' spacing (a few voxels of the patch's outer layer can fold, where the field is clamped); in the
-        input image the displacement turns and scales with the affine), ``deform_grid`` (control points per axis), ``integrate_steps``, ``gamma`` (log-gamma range),
+        input image the displacement turns and scales with the affine), ``deform_grid`` (control points per
+        axis), ``integrate_steps``, ``gamma`` (log-gamma range),
         ``intensity_scale``/``intensity_shift`` (+-), ``noise_std`` (max std), ``bias_field`` (std of the log
         bias field). ``enabled=False`` keeps only the random patch crop. The affine acts on voxel indices: with
         anisotropic voxels a rotation is not a rigid rotation in mm. Checked here (ValueError naming the field).
