@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -374,7 +375,6 @@ def _plain_warnings(command: str):
     one ``medfast COMMAND: warning: ...`` line, as the errors, not Python's two-line ``FILE:LINE: UserWarning``
     form that quotes our source. Only the formatting changes: filters and ``catch_warnings(record=True)``
     (pytest.warns) see the same warnings."""
-    import os
     import warnings
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -419,6 +419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = options or args.configs.extend(extra) or []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args.command not in ("train", "info") and world.isdigit() and int(world) > 1:
+        # under torchrun every process would do all the work and write (and print) every output twice
+        print(f"medfast {args.command}: error: runs in one process, not under torchrun (WORLD_SIZE={world}): "
+              f"start it without torchrun (`medfast train` is the command that uses several processes)",
+              file=sys.stderr)
+        return 2
     try:
         with _plain_warnings(args.command):
             return args.func(args)
@@ -427,8 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return command_error(args.command, exc)
     except BrokenPipeError:  # `medfast info | head`: the reader left; not an error of ours
-        import os
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail
         return 0

@@ -529,3 +529,15 @@ def test_register_model_whose_weights_do_not_fit_names_the_file(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(RegistrationError, match=f"the weights in {path} do not fit its LocalNet"):
         load_model_info(path)
+
+
+@pytest.mark.parametrize("argv", [["predict", "x.nii.gz", "--model", "m.pt"], ["register", "f.nii.gz", "m.nii.gz"],
+                                  ["evaluate", "p", "r"]])
+def test_one_process_commands_refuse_torchrun(capsys, monkeypatch, argv):
+    """Under torchrun every rank predicted / registered every input and printed and wrote every output twice."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert f"medfast {argv[0]}: error: runs in one process, not under torchrun (WORLD_SIZE=2)" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["info"]) == 0

@@ -29,6 +29,10 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what SLURM, Kubernetes and ``timeout`` send) during ``medfast train``: stops like Ctrl-C."""
 
 
+def _ignore_signal(signum, frame) -> None:
+    pass
+
+
 def _stop_on_sigterm():
     """Makes SIGTERM raise :class:`Terminated` in the main thread, so a scheduler's stop ends the run as Ctrl-C
     does (the fit's cleanup runs: TensorBoard flushed, the lock released; one line names the checkpoint to resume
@@ -36,9 +40,11 @@ def _stop_on_sigterm():
     def stop(signum, frame):
         # `timeout`, scancel and Kubernetes signal the whole process group, so the data-loader workers die too:
         # torch's SIGCHLD handler would raise "DataLoader worker ... is killed by signal" in the middle of the
-        # cleanup, a traceback instead of this stop. Their death is expected now: a pending SIGCHLD is dropped.
+        # cleanup, a traceback instead of this stop. Their death is expected now: a pending SIGCHLD is dropped, by a
+        # handler that does nothing (with SIG_DFL, a SIGCHLD already pending, a worker that died while the main
+        # thread was inside a C call, printed "OSError: Signal 17 ignored due to race condition" with a traceback).
         if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, _ignore_signal)
         raise Terminated()
 
     try:

@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -65,10 +66,11 @@ class CheckpointError(ValueError):
 
 
 @contextlib.contextmanager
-def _signals_deferred():
-    """Ctrl-C / SIGTERM arriving inside the block are delivered when it ends (main thread only). Raised inside
-    torch.save's writes to a Python file, they surfaced as torch's write error ("unexpected pos"), so a scheduler's
-    stop during a checkpoint ended the run as a failed write (exit 1) instead of a clean stop after it."""
+def _signals_deferred(deliver: bool = True):
+    """Ctrl-C / SIGTERM arriving inside the block are delivered when it ends (main thread only), or dropped with
+    ``deliver=False``. Raised inside torch.save's writes to a Python file, they surfaced as torch's write error
+    ("unexpected pos"), so a scheduler's stop during a checkpoint ended the run as a failed write (exit 1) instead
+    of a clean stop after it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -81,7 +83,7 @@ def _signals_deferred():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        for signum, frame in pending[:1]:  # the first one, to its own handler (one stop is enough)
+        for signum, frame in pending[:1] if deliver else ():  # the first one, to its own handler (one stop is enough)
             handler = previous[signum]
             if callable(handler):
                 handler(signum, frame)
@@ -1285,15 +1287,19 @@ class Trainer:
         try:
             return self._fit(stop_after)
         finally:
-            torch.set_num_threads(saved[0])
-            torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
-            self._close_loaders()
-            if self._tb:
-                self._tb.close()
-                self._tb = None
-            if self._lock is not None:  # also on an error or Ctrl-C
-                _unlock_out_dir(self._lock)
-                self._lock = None
+            # The cleanup runs whole: a stop arriving in it (torchrun's SIGTERM to every rank once one failed)
+            # had cut it short, leaving train.lock behind, and replaced the failure in flight by "interrupted". A
+            # stop is delivered after it, or dropped when an error is already on its way out.
+            with _signals_deferred(deliver=sys.exc_info()[1] is None):
+                torch.set_num_threads(saved[0])
+                torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+                self._close_loaders()
+                if self._tb:
+                    self._tb.close()
+                    self._tb = None
+                if self._lock is not None:  # also on an error or Ctrl-C
+                    _unlock_out_dir(self._lock)
+                    self._lock = None
 
     def _agree(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a decision that only rank 0 takes or that all must take alike)."""
