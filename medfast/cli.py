@@ -351,8 +351,19 @@ def command_error(command: str, exc: BaseException) -> int:
         print(f'medfast {command}: error: needs {module}: pip install "medfast[{OPTIONAL_MODULES[module]}]"',
               file=sys.stderr)
         return 2
-    print(f"medfast {command}: error: {exc}", file=sys.stderr)
+    print(f"medfast {command}: error: {_own_message(exc)}", file=sys.stderr)
     return 1
+
+
+def _own_message(exc: BaseException) -> str:
+    """The message of ``exc``; for an error raised in a DataLoader worker (torch re-raises it in the main process
+    with "Caught X in DataLoader worker process N" and the worker's whole traceback as its message) the worker's
+    own message, the part after the quoted traceback's last ``X: `` line."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    found = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ", text, re.MULTILINE))
+    return text[found[-1].end():].rstrip() if found else text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -541,3 +541,29 @@ def test_one_process_commands_refuse_torchrun(capsys, monkeypatch, argv):
     assert f"medfast {argv[0]}: error: runs in one process, not under torchrun (WORLD_SIZE=2)" in err
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["info"]) == 0
+
+
+class _BadFile(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from medfast.data import DatasetError
+
+        raise DatasetError("case_7.nii.gz: the file ends before its voxel data:\nheader says 32^3")
+
+
+def test_an_error_in_a_loader_worker_is_its_own_message(capsys):
+    """With data.num_workers >= 1 a data error reached the user as 'Caught DatasetError in DataLoader worker process
+    0. Original Traceback (most recent call last): ...', the worker's whole traceback."""
+    from medfast.cli import command_error
+    from medfast.data import DatasetError
+
+    with pytest.raises(DatasetError) as info:
+        next(iter(torch.utils.data.DataLoader(_BadFile(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)
+    assert command_error("train", info.value) == 1
+    err = _err(capsys)
+    assert err == "medfast train: error: case_7.nii.gz: the file ends before its voxel data:\nheader says 32^3\n"
+    command_error("train", DatasetError("plain message"))
+    assert _err(capsys) == "medfast train: error: plain message\n"
