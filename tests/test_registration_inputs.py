@@ -321,3 +321,24 @@ def test_an_edited_registration_checkpoint_is_named(tmp_path, edit):
     torch.save(state, path)
     with pytest.raises(RegistrationError, match=r"reg.pt: not a usable registration checkpoint"):
         load_model_info(path)
+
+
+@pytest.mark.parametrize("value, match", [(np.nan, "NaN or inf"), (np.inf, "NaN or inf"),
+                                          (1e20, "too large for a label"), (2.5, "non-integer")])
+def test_register_label_maps_with_non_finite_or_huge_values_are_refused(tmp_path, value, match):
+    """register's reader mapped NaN to background and inf to float32's max, which the int64 cast wrapped to label
+    -2^63 (1e20 too): a class of its own that halved the reported Dice, with exit status 0."""
+    import nibabel as nib
+
+    from medfast.tasks.registration import RegistrationError, _load_label_map
+
+    lab = np.zeros((6, 7, 8), np.float32)
+    lab[2:4, 2:4, 2:4] = 1
+    lab[0, 0, 0] = value
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    with pytest.raises(RegistrationError, match=rf"label map .*lab.nii.gz holds .*{match}"):
+        _load_label_map(str(tmp_path / "lab.nii.gz"), "img.nii.gz", (6, 7, 8), np.eye(4))
+    lab[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    out = _load_label_map(str(tmp_path / "lab.nii.gz"), "img.nii.gz", (6, 7, 8), np.eye(4))
+    assert out.dtype == np.int64 and out[0, 0, 0] == 3 and out.sum() == 8 + 3

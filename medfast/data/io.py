@@ -310,6 +310,22 @@ def is_vector_layout(shape: tuple[int, ...]) -> bool:
     return len(shape) == 5 and shape[3] == 1
 
 
+def check_label_values(values: np.ndarray, what: str, error: type[Exception]) -> None:
+    """Raises ``error("<what> holds ...")`` unless ``values`` can be cast to int64 labels exactly: finite integer
+    floats below 2^53 (beyond it a float is no exact integer, and past int64's range the cast wraps: inf and 1e300
+    became -2^63), uint64 within int64. Negative values are the caller's check (after the cast)."""
+    if values.dtype.kind == "f":
+        if not np.all(np.isfinite(values)):
+            raise error(f"{what} holds NaN or inf values")
+        if not np.all(values == np.round(values)):
+            raise error(f"{what} holds non-integer values (is it an image?)")
+        big = float(np.abs(values).max()) if values.size else 0.0
+        if big >= 2.0**53:
+            raise error(f"{what} holds the value {big:g}, too large for a label (is it an image?)")
+    elif values.dtype == np.uint64 and values.size and int(values.max()) > np.iinfo(np.int64).max:
+        raise error(f"{what} holds the value {int(values.max())}, too large for a label")
+
+
 def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
     """Reads a NIfTI image (float32, channels first) or label map (int64, integer-valued check).
 
@@ -351,18 +367,7 @@ def load_nifti(path: str | Path, *, label: bool = False) -> Volume:
                 raise DatasetError(f"{path}: a label map must have one channel, got shape {data.shape}")
             data = data[..., 0]
         values = np.asarray(data)
-        if values.dtype.kind == "f":
-            if not np.all(np.isfinite(values)):
-                raise DatasetError(f"{path}: label map holds NaN or inf values")
-            if not np.all(values == np.round(values)):
-                raise DatasetError(f"{path}: label map holds non-integer values (is it an image?)")
-            # beyond 2^53 a float is no exact integer, and past int64's range the cast wraps (1e300 -> -2^63)
-            big = float(np.abs(values).max()) if values.size else 0.0
-            if big >= 2.0**53:
-                raise DatasetError(f"{path}: label map holds the value {big:g}, too large for a label (is it an "
-                                   "image?)")
-        elif values.dtype == np.uint64 and values.size and int(values.max()) > np.iinfo(np.int64).max:
-            raise DatasetError(f"{path}: label map holds the value {int(values.max())}, too large for a label")
+        check_label_values(values, f"{path}: label map", DatasetError)
         try:
             values = values.astype(np.int64)
         except MemoryError as exc:

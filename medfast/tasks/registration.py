@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import medfast as mf
 from medfast._atomic import replacing
 from medfast._jsonsafe import dumps as json_dumps
-from medfast.data.io import DatasetError, nifti_header, same_grid
+from medfast.data.io import DatasetError, check_label_values, nifti_header, same_grid
 from medfast.data.preprocess import REORIENT_DIMS, reorient_dims_of
 from medfast.losses.registration import bending_energy, label_dice_loss
 from medfast.nets.registration import GlobalNet, LocalNet, _check_levels, affine_ddf
@@ -1152,7 +1152,7 @@ def _nib():
 _F32_RANGE = (float(np.finfo(np.float32).min), float(np.finfo(np.float32).max))
 
 
-def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_nifti(path: str | Path, *, channels: bool = False, label: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(array, affine)`` of a 2D/3D NIfTI with real voxels and an invertible, finite affine (else
     :class:`RegistrationError` naming the file). Trailing singleton dimensions beyond the third are dropped and
     a single slice, ``(X, Y, 1)`` (or ``(1, Y, Z)`` / ``(X, 1, Z)``), is the 2D image it is: its in-plane axes
@@ -1162,7 +1162,8 @@ def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray,
 
     With ``channels`` the array is ``(C, *S)``: a 4D NIfTI ``(X, Y, Z, C)`` (as ``medfast train`` reads
     multi-channel images; also the NIfTI vector layout ``(X, Y, Z, 1, C)``) gives its ``C`` channels, a 2D image
-    with channels is stored ``(X, Y, 1, C)``, and a 2D/3D image is one channel."""
+    with channels is stored ``(X, Y, 1, C)``, and a 2D/3D image is one channel. With ``label`` the values are
+    kept as they are (no NaN / inf mapping), for the label map's own checks."""
     _nib()  # RegistrationError with the install hint when nibabel is missing
     path = Path(path)
     if not path.is_file():
@@ -1210,6 +1211,8 @@ def load_nifti(path: str | Path, *, channels: bool = False) -> tuple[np.ndarray,
     data = np.asarray(data if channels else data[0])
     if not data.dtype.isnative:  # big-endian files: torch takes native byte order only
         data = data.astype(data.dtype.newbyteorder("="))
+    if label:
+        return data, affine
     data = np.nan_to_num(data)  # NaN -> 0, +-inf -> the dtype's finite extremes
     if data.dtype.kind == "f" and data.dtype.itemsize > 4:  # registration runs in float32: its extremes, not inf
         data = np.clip(data, *_F32_RANGE)
@@ -1552,7 +1555,7 @@ def _device(name: str) -> torch.device:
 def _load_label_map(path: str, image_path: str, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """A label map on its image's voxel grid (same shape and affine, as the training data loader checks), with
     non-negative integer values; raises :class:`RegistrationError` naming the files."""
-    data, laff = load_nifti(path)
+    data, laff = load_nifti(path, label=True)
     if tuple(data.shape) != tuple(shape):
         raise RegistrationError(f"label map {path} has shape {tuple(data.shape)} but its image {image_path} has "
                                 f"shape {tuple(shape)}")
@@ -1562,10 +1565,10 @@ def _load_label_map(path: str, image_path: str, shape: Sequence[int], affine: np
         raise RegistrationError(
             f"label map {path} and its image {image_path} have different affines (not on the same voxel grid):\n"
             f"{np.array2string(laff, precision=3)}\nvs\n{np.array2string(affine, precision=3)}")
-    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
-        raise RegistrationError(f"label map {path} holds non-integer values (is it an image?)")
     if data.dtype.kind not in "fiub":
         raise RegistrationError(f"label map {path} has data type {data.dtype}, not integer labels")
+    # (NaN read as background and inf / 1e20 cast to label -2^63 had halved the reported Dice, without a word)
+    check_label_values(data, f"label map {path}", RegistrationError)
     if data.size and data.min() < 0:
         raise RegistrationError(f"label map {path} holds negative values (min {data.min()})")
     return data.astype(np.int64)
