@@ -296,6 +296,17 @@ def test_complex_and_rgb_volumes_are_refused_naming_the_file(tmp_path, kind):
         load_brain_volume({"name": "v", "path": str(tmp_path / "v.nii.gz")})
 
 
+def test_a_volume_with_nan_voxels_is_refused_naming_the_file(tmp_path):
+    """A user T1 with a NaN background (as SPM writes) loaded without a word; NaN x mask stayed NaN and the rendered
+    frames were half NaN."""
+    nib = pytest.importorskip("nibabel")
+    data = np.full((16, 16, 16), np.nan, np.float32)
+    data[4:12, 4:12, 4:12] = 100.0
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "t1nan.nii.gz"))
+    with pytest.raises(DatasetError, match="t1nan.nii.gz: the volume holds NaN or inf voxels"):
+        load_brain_volume({"name": "t1nan", "path": str(tmp_path / "t1nan.nii.gz")})
+
+
 REAL = {"mni152": None, "colin27": MRICRON / "ch2bet.nii.gz", "itk_kmeans": ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz"}
 
 

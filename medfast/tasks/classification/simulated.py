@@ -124,6 +124,9 @@ def _nifti_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = data[..., 0]
     if data.ndim != 3:
         raise DatasetError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if not np.isfinite(data).all():  # (a NaN background, as SPM writes, stayed NaN through the mask: NaN frames)
+        raise DatasetError(f"{path}: the volume holds NaN or inf voxels (as the other readers, medfast does not "
+                           f"guess what they stand for: replace them, e.g. with 0, first)")
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
