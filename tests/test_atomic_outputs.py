@@ -174,3 +174,25 @@ def test_a_failed_preset_save_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert np.array_equal(np.asarray(nib.load(path).dataobj), np.ones((2, 3, 4)))
     assert [p.name for p in tmp_path.iterdir()] == ["img.nii.gz"]
+
+
+@pytest.mark.parametrize("name", ["out.hdr", "out.img", "OUT.HDR", "out.img.gz"])
+def test_save_nifti_refuses_a_hdr_img_pair(tmp_path, name):
+    """nibabel wrote both files of the pair under the temporary name and only the named one was renamed: a broken
+    pair and a hidden .tmp file left behind."""
+    with pytest.raises(ValueError, match=r"path: .* names an Analyze-style .hdr / .img pair; .*\.nii or \.nii\.gz"):
+        save_nifti(np.zeros((2, 3, 4), np.float32), np.eye(4), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_nifti_takes_int64_bool_and_half_data(tmp_path):
+    """int64 labels (torch.argmax's) raised nibabel's 'pass an explicit header or dtype', bool masks and float16 /
+    bfloat16 'data dtype not supported'."""
+    labels = torch.tensor([[[0, 1], [2, 2**40]]], dtype=torch.int64)
+    cases = [(labels, np.int64, labels.numpy()), (labels.numpy() > 0, np.uint8, (labels.numpy() > 0).astype(np.uint8)),
+             (np.full((1, 2, 2), 0.5, np.float16), np.float32, np.full((1, 2, 2), 0.5)),
+             (torch.full((1, 2, 2), 0.25, dtype=torch.bfloat16), np.float32, np.full((1, 2, 2), 0.25))]
+    for i, (data, dtype, expected) in enumerate(cases):
+        path = save_nifti(data, np.eye(4), tmp_path / f"{i}.nii.gz")
+        img = nib.load(str(path))
+        assert img.get_data_dtype() == dtype and np.array_equal(np.asarray(img.dataobj), expected), i

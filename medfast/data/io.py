@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -523,13 +524,26 @@ def save_nifti(data: np.ndarray | torch.Tensor, affine: MatrixLike, path: str | 
     """
     nib = _nib()
     path = Path(path)
+    if re.search(r"\.(hdr|img)(\.gz)?$", path.name, re.IGNORECASE):
+        # (a pair: nibabel wrote both files under the temporary name and only the named one was renamed)
+        raise ValueError(f"path: {path} names an Analyze-style .hdr / .img pair; save_nifti writes single-file "
+                         f"NIfTI: give a .nii or .nii.gz name")
     path.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu()
+        data = data.float() if data.dtype in (torch.float16, torch.bfloat16) else data
     data = np.asarray(data)
     if dtype is not None:
         data = data.astype(dtype)
+    # NIfTI-1 has no bool or float16 type (nibabel's HeaderDataError): a mask as uint8, half floats as float32
+    data = data.astype(np.uint8) if data.dtype == np.bool_ else data.astype(np.float32) if data.dtype == np.float16 \
+        else data
     affine = np.asarray(affine, dtype=np.float64)
     hdr = nib.Nifti1Header.from_header(header) if header is not None else None  # a copy, as a NIfTI-1 header
-    img = nib.Nifti1Image(data, affine, header=hdr)
+    # the dtype given explicitly: without a header nibabel refuses int64 data (argmax labels) otherwise
+    img = nib.Nifti1Image(data, affine, header=hdr, dtype=data.dtype)
     img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"] = img.header["cal_max"] = 0.0
