@@ -9,7 +9,8 @@ CUDA (``--device cuda``): medfast on the GPU against CuPy's cupyx.scipy.ndimage.
 allocator so that the same peak-memory statistics see both), and MONAI's when cuCIM is installed (without
 it MONAI runs scipy on the CPU); scipy on the CPU as a reference. GPU times: median of CUDA-event-timed
 calls after a warm-up; peak memory: torch.cuda.max_memory_allocated of one call above what was allocated
-before it. A peer that is not installed is reported as skipped (``"skipped"`` in the JSON).
+before it. A peer that is not installed, or that is installed but cannot be imported (its error given), is
+reported as skipped (``"skipped"`` in the JSON).
 
     python benchmarks/bench_distance.py [--device cpu] [--size 128] [--background 0.01] [--repeats 11]
 
@@ -136,6 +137,21 @@ def edt_cases(mask: torch.Tensor, device: str) -> dict[str, Callable[[], Callabl
     return out
 
 
+def peer_call(name: str, setup: Callable[[], Callable[[], Any]] | str, skipped: dict[str, str]):
+    """The timed call of a peer from its ``edt_cases`` entry, or None with why in ``skipped``: not installed, or
+    installed but its import fails (a MONAI or CuPy built for another torch / CUDA; it was reported as "not
+    installed", or ended the suite, medfast's rows with it)."""
+    if isinstance(setup, str):
+        skipped[name] = setup
+        return None
+    try:
+        return setup()
+    except Exception as exc:  # the peer's setup is its import (and a DLPack view): a failure there skips it alone
+        skipped[name] = f"{name} could not be imported ({type(exc).__name__}: {exc})"
+        print(f"{name}: skipped, {skipped[name]}", flush=True)
+        return None
+
+
 def run_cpu(mask: torch.Tensor, args) -> dict:
     cases = edt_cases(mask, "cpu")
     ours, scipy_edt = cases["medfast"](), cases["scipy"]()
@@ -146,12 +162,12 @@ def run_cpu(mask: torch.Tensor, args) -> dict:
     rows = {"medfast": timed_ms(ours, args.repeats)}
     rows["scipy"] = timed_ms(scipy_edt, args.repeats)
     skipped = {}
-    try:
-        if isinstance(cases["monai"], str):
-            raise ImportError(cases["monai"])
-        rows["monai"] = timed_ms(cases["monai"](), args.repeats)
-    except ImportError:
-        skipped["monai"] = "monai is not installed"
+    monai_fn = peer_call("monai", cases["monai"], skipped)
+    if monai_fn is not None:
+        try:
+            rows["monai"] = timed_ms(monai_fn, args.repeats)
+        except ImportError as exc:  # MONAI imports its backend (scipy) at the first call
+            skipped["monai"] = f"monai could not be imported ({type(exc).__name__}: {exc})"
     return {"ms": rows, "max_abs_error_vs_scipy": max_err, "skipped": skipped}
 
 
@@ -167,19 +183,16 @@ def run_cuda(mask: torch.Tensor, args) -> dict:
     peaks = {"medfast": cuda_peak_mib(ours)}
     skipped = {}
     if isinstance(cases["cupy"], str):
-        skipped["cupy"] = cases["cupy"]
-        print(f"cupy: skipped, {skipped['cupy']}", flush=True)
-    else:
+        print(f"cupy: skipped, {cases['cupy']}", flush=True)
+    theirs = peer_call("cupy", cases["cupy"], skipped)
+    if theirs is not None:
         import cupy as cp
 
-        theirs = cases["cupy"]()
         errors["cupy"] = float(np.abs(cp.asnumpy(theirs()).astype(np.float64) - ref).max())
         rows["cupy"] = cupy_timed_ms(cp, theirs, args.repeats)
         peaks["cupy"] = cuda_peak_mib(theirs)
-    if isinstance(cases["monai"], str):
-        skipped["monai"] = cases["monai"]
-    else:
-        monai_fn = cases["monai"]()
+    monai_fn = peer_call("monai", cases["monai"], skipped)
+    if monai_fn is not None:
         rows["monai"] = cuda_median_ms(monai_fn, args.repeats, warmup=3)
         peaks["monai"] = cuda_peak_mib(monai_fn)
     # scipy on the CPU: the reference a user without a GPU library has (fewer repeats: it is slow)

@@ -14,12 +14,15 @@ made (the logits' gradient counts as extra, as on CPU). Target (the issue's, on 
 3x faster than MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` with no more extra peak memory.
 
 Writes ``loss_<device>_latest.json`` under ``--out``: a list of rows, one per (classes, dtype); ratios are
-peer time / medfast time (> 1: medfast is faster). A peer that is not installed is reported as skipped.
+peer time / medfast time (> 1: medfast is faster). A peer that is not installed, or that is installed but cannot
+be imported (its error in the row), is reported as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import importlib.util
 import json
 import resource
@@ -162,10 +165,22 @@ def _rss_mib(field: str) -> float:
 
 
 def missing_peer(impl: str) -> str | None:
-    """Why ``impl`` cannot run here (its package is not installed), else None."""
+    """Why ``impl`` cannot run here (its package is not installed, or cannot be imported), else None."""
     module = REQUIRES.get(impl)
     if module and importlib.util.find_spec(module) is None:
         return f"skipped: {module} is not installed"
+    failure = _import_failure(module) if module else None
+    return f"skipped: {module} could not be imported ({failure})" if failure else None
+
+
+@functools.cache
+def _import_failure(module: str) -> str | None:
+    """The error of ``import module`` (once per process), else None. An installed but broken peer (a MONAI built
+    for another torch: ImportError) failed the whole suite in check_agreement, medfast's rows with it."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # whatever its import raises: the peer cannot run, the others can
+        return f"{type(exc).__name__}: {exc}"
     return None
 
 

@@ -8,6 +8,9 @@ Environment (the same as ``test_bench_warp.py``):
   kernels; each timed call ends with ``torch.cuda.synchronize()``).
 * ``MEDFAST_BENCH_ROUNDS``: timed rounds per test (default 3), after one untimed warm-up round.
 
+Checked when this module is imported (``conftest.py`` imports it when pytest starts): another value is a
+``pytest.UsageError`` naming the variable.
+
 Each test is one (implementation, configuration); its pytest-benchmark group is the configuration, so medfast
 and its peers sit together in the table. A peer that is not installed is skipped, not failed.
 """
@@ -22,13 +25,39 @@ from typing import Any
 import pytest
 import torch
 
-DEVICE = os.environ.get("MEDFAST_BENCH_DEVICE", "cpu")
-ROUNDS = int(os.environ.get("MEDFAST_BENCH_ROUNDS", "3"))
+DEVICES = ("cpu", "cuda")
+
+
+def _positive_int(name: str) -> int | None:
+    """The positive integer in environment variable ``name``, None when unset."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise pytest.UsageError(f"{name}={value!r}: expected a positive integer")
+    return number
+
+
+def _device() -> str:
+    value = os.environ.get("MEDFAST_BENCH_DEVICE", "cpu")
+    if value not in DEVICES:
+        # another value ran the CPU path labelled with it ("gpu") or ended in a SystemExit of a script's parser
+        raise pytest.UsageError(f"MEDFAST_BENCH_DEVICE={value!r}: expected one of {', '.join(DEVICES)}")
+    return value
+
+
+DEVICE = _device()
+ROUNDS = _positive_int("MEDFAST_BENCH_ROUNDS") or 3
+SIZE = _positive_int("MEDFAST_BENCH_SIZE")  # None: each suite's default
 
 
 def size(default: int) -> int:
     """``MEDFAST_BENCH_SIZE`` when set, else the suite's ``default``."""
-    return int(os.environ.get("MEDFAST_BENCH_SIZE", default))
+    return SIZE if SIZE is not None else default
 
 
 def skip_unless_installed(*modules: str) -> None:

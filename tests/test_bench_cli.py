@@ -915,3 +915,287 @@ def test_pymust_extrapolation_fits_the_fixed_cost(tmp_path, monkeypatch):
 def test_a_missing_ratio_renders_as_a_dash():
     md = runner.markdown(runner._meta("cpu", True), {"s": _ok("s")}, [runner.Row("s", "case", "peer", 2.0, None, None)])
     assert "| 1 | s | case | peer | 2.00 | - | - | - | - |  |  |" in md and "-x" not in md
+
+
+# ---- stops (SIGTERM, Ctrl-C at any point), broken peers, a corrupt latest, the pytest-benchmark setup --------
+
+_STOP_DRIVER = """
+import argparse, sys
+from pathlib import Path
+from medfast.bench import runner
+here = Path(sys.argv[1])
+slow = lambda d, q, o: [str(here / "pids")]
+runner.SUITES = [runner.Suite("slow", "slow.py", slow, lambda out, device=None: []),
+                 runner.Suite("after", "slow.py", slow, lambda out, device=None: [])]
+runner.benchmarks_dir = lambda: here
+sys.exit(runner.main(argparse.Namespace(list=False, replot=None, device="cpu", only=None, quick=True,
+                                        out=here / "out")))
+"""
+# a suite that starts a worker of its own (as bench_loss.py does on the CPU), says their pids, and runs on
+_SLOW_SUITE = """
+import os, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()} {worker.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(120)
+"""
+
+
+def _running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stop_ends_the_running_suite_and_its_workers_and_writes_the_reports(tmp_path):
+    """SIGTERM (a scheduler's stop) killed medfast bench alone: its suite and the suite's workers ran on, orphaned,
+    the work folder stayed and no report was written. Ctrl-C sent to medfast bench's pid alone left the suite's
+    worker running too. Both now stop the suite's process group, write the reports and remove the work folder."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    runs = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):  # side by side: each run's start is Python's and torch's import
+        here = tmp_path / sig.name
+        (here / "tmp").mkdir(parents=True)
+        (here / "slow.py").write_text(_SLOW_SUITE)
+        (here / "driver.py").write_text(_STOP_DRIVER)
+        env = {**os.environ, "TMPDIR": str(here / "tmp")}
+        env.pop("MEDFAST_BENCH_WORK", None)
+        runs[sig] = (here, subprocess.Popen([sys.executable, str(here / "driver.py"), str(here)], env=env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        for sig, (here, proc) in runs.items():
+            deadline = time.monotonic() + 120
+            while not (here / "pids").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+                time.sleep(0.1)
+            suite, worker = map(int, (here / "pids").read_text().split())
+            os.kill(proc.pid, sig)  # the pid alone, as `kill` and a scheduler's stop do
+            output = proc.communicate(timeout=60)[0]
+            assert proc.returncode == 128 + sig, (proc.returncode, output[-3000:])
+            time.sleep(0.2)
+            assert not _running(suite) and not _running(worker), output[-3000:]
+            assert not list((here / "tmp").iterdir())  # the temporary work folder is removed
+            latest = json.loads((here / "out" / "bench_cpu_latest.json").read_text())
+            how = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+            assert latest["suites"]["slow"]["status"] == "interrupted", latest["suites"]
+            assert latest["suites"]["slow"]["reason"] == f"interrupted ({how}) while it ran"
+            assert latest["suites"]["after"]["status"] == "interrupted"
+            assert "interrupted: the reports hold the suites that finished" in output
+    finally:
+        for here, proc in runs.values():
+            proc.kill()
+            proc.wait()
+            # what the old runner left behind
+            for pid in map(int, (here / "pids").read_text().split() if (here / "pids").exists() else ()):
+                if _running(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stop_while_the_reports_are_written_leaves_a_matching_set(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the reports were written (they are written one after another, the charts take seconds) left
+    the latest JSON and Markdown of the new run beside the previous run's chart; a failure inside a write left a
+    truncated file under its final name."""
+    import signal
+
+    from matplotlib.figure import Figure
+
+    meta = {**runner._meta("cpu", True), "date": "20990101-000000"}
+    runner.write_reports(tmp_path, meta, {"good": _ok("good")}, [runner.Row("good", "case", "peer", 2.0, 6.0, 3.0)])
+    files = {ext: tmp_path / f"bench_cpu_latest.{ext}" for ext in ("json", "md", "png")}
+    real_plot = runner.plot
+
+    def plot_with(action):
+        def plot(meta, rows, path, status=None):
+            if "latest" in path.name:
+                action()
+            return real_plot(meta, rows, path, status)
+        return plot
+
+    def latest():
+        return ({ext: f.read_bytes() for ext, f in files.items()},
+                json.loads(files["json"].read_text())["meta"]["date"])
+
+    # a Ctrl-C (SIGINT) while the latest chart renders: held off until every file is written, then raised
+    monkeypatch.setattr(runner, "plot", plot_with(lambda: signal.raise_signal(signal.SIGINT)))
+    before, _ = latest()
+    with pytest.raises(KeyboardInterrupt):
+        runner.write_reports(tmp_path, {**meta, "date": "20990102-000000"}, {"good": _ok("good")},
+                             [runner.Row("good", "case", "peer", 2.0, 8.0, 4.0)])
+    after, date = latest()
+    assert date == "20990102-000000" and all(after[ext] != before[ext] for ext in files)
+    assert "4.00x" in files["md"].read_text()
+
+    # an exception inside the chart of the latest: the chart comes before the JSON, so the latest set stays whole
+    # (this run is in its dated report)
+    def boom():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "plot", plot_with(boom))
+    with pytest.raises(KeyboardInterrupt):
+        runner.write_reports(tmp_path, {**meta, "date": "20990103-000000"}, {"good": _ok("good")},
+                             [runner.Row("good", "case", "peer", 2.0, 10.0, 5.0)])
+    assert latest() == (after, "20990102-000000")
+    assert any(tmp_path.glob("bench_cpu_*_20990103-000000.json"))
+
+    # a chart write cut short (a full disk, a kill) leaves the previous chart, not a truncated one
+    monkeypatch.setattr(runner, "plot", real_plot)
+
+    def broken_savefig(fig, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG truncated")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError):
+        runner.write_reports(tmp_path, {**meta, "date": "20990104-000000"}, {"good": _ok("good")},
+                             [runner.Row("good", "case", "peer", 2.0, 12.0, 6.0)])
+    assert latest() == (after, "20990102-000000")
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp." in p.name]  # no temporary file left either
+
+    # through main: the stop is reported once the reports are written, with Ctrl-C's exit code
+    monkeypatch.undo()
+    _stand_ins(monkeypatch, tmp_path, _suite("good", GOOD, tmp_path))
+    monkeypatch.setattr(runner, "plot", plot_with(lambda: signal.raise_signal(signal.SIGINT)))
+    assert runner.main(_args(tmp_path / "out")) == 130
+    assert json.loads((tmp_path / "out" / "bench_cpu_latest.json").read_text())["suites"]["good"]["status"] == "ok"
+    assert (tmp_path / "out" / "bench_cpu_latest.png").is_file()
+    assert "took effect once the reports were written" in capsys.readouterr().err
+
+
+def test_a_latest_file_that_is_no_report_is_replaced_with_a_note(tmp_path):
+    """A bench_cpu_latest.json that was valid JSON but no report ended the run with an AttributeError / KeyError
+    traceback before even the dated report was written."""
+    meta = runner._meta("cpu", True)
+    rows = [runner.Row("loss", "Dice+CE", "MONAI", 10.0, None, None)]  # (no ratio: no chart, seconds saved)
+    for i, content in enumerate(["null", "[]", '{"meta": {"device": "cpu"}}', '{"meta": {"device": "cpu"}, '
+                                 '"suites": {"loss": {"rows": 4}}}', '{"meta": {}, "suites": {}, "rows": [{}]}',
+                                 '{"meta": [], "suites": {}}', "{truncated"]):
+        out = tmp_path / str(i)
+        out.mkdir()
+        (out / "bench_cpu_latest.json").write_text(content)
+        said = []
+        runner.write_reports(out, {**meta, "date": f"2099010{i}-000000"}, {"loss": _ok("loss")}, rows, say=said.append)
+        assert len(said) == 1 and "is not a medfast bench report" in said[0] and "ignored" in said[0], (content, said)
+        latest = json.loads((out / "bench_cpu_latest.json").read_text())
+        assert list(latest["suites"]) == ["loss"] and latest["rows"][0]["medfast_ms"] == 10.0, content
+        assert len(list(out.glob("bench_cpu_*-000000.json"))) == 1  # the dated report
+
+
+def _broken_module(tmp_path, name):
+    """An installed package whose import fails, as a MONAI built for another torch does."""
+    pkg = tmp_path / "site" / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f"raise ImportError('{name}: undefined symbol _ZN3c10')\n")
+    return pkg.parent
+
+
+def test_a_peer_that_cannot_be_imported_is_skipped_with_its_error(tmp_path, monkeypatch):
+    """An installed peer whose import fails: bench_loss's agreement check imported it unguarded (the whole suite
+    failed), bench_distance called it "not installed", and a suite that needs it failed (exit code 1)."""
+    site = _broken_module(tmp_path, "medfast_broken_peer")
+    monkeypatch.syspath_prepend(str(site))
+    import os
+
+    # the suites and their checks run in their own processes
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+
+    bench_loss = _script("bench_loss")
+    monkeypatch.setitem(bench_loss.REQUIRES, "monai", "medfast_broken_peer")
+    why = bench_loss.missing_peer("monai")
+    assert why == ("skipped: medfast_broken_peer could not be imported (ImportError: medfast_broken_peer: undefined "
+                   "symbol _ZN3c10)"), why
+    bench_loss.check_agreement(3, size=6)  # medfast and the plain reference, the broken peer left out
+    row = bench_loss.make_row({"medfast": {"ms": 1.0}, "monai": {"status": why}, "torch": {"ms": 3.0}}, "cpu", 8, 3,
+                              1, "float32")
+    assert row["monai_status"] == why and row["ratio_vs_torch"] == 3.0
+
+    bench_distance = _script("bench_distance")
+
+    def cases(mask, device):
+        def broken():
+            import medfast_broken_peer  # noqa: F401
+
+        return {**real_cases(mask, device), "monai": broken}
+
+    real_cases = bench_distance.edt_cases
+    monkeypatch.setattr(bench_distance, "edt_cases", cases)
+    import argparse
+
+    res = bench_distance.run_cpu(bench_distance.make_mask(8, 0.01), argparse.Namespace(repeats=1))
+    assert set(res["ms"]) == {"medfast", "scipy"}
+    assert res["skipped"] == {"monai": "monai could not be imported (ImportError: medfast_broken_peer: undefined "
+                                       "symbol _ZN3c10)"}
+
+    # a suite that cannot run without the peer: skipped as for a missing one, its error the reason (exit code 0);
+    # an import error that is not the peer's stays a failure
+    needs = _suite("needs", "import medfast_broken_peer\n", tmp_path, peers=("medfast_broken_peer",))
+    other = _suite("other", "from os import no_such_name\n", tmp_path, peers=("medfast_broken_peer",))
+    _stand_ins(monkeypatch, tmp_path, needs)
+    assert runner.main(_args(tmp_path / "out")) == 0
+    st = json.loads((tmp_path / "out" / "bench_cpu_latest.json").read_text())["suites"]["needs"]
+    assert st["status"] == "skipped" and st["reason"] == (
+        "peer could not be imported: medfast_broken_peer (ImportError: medfast_broken_peer: undefined symbol _ZN3c10)")
+    _stand_ins(monkeypatch, tmp_path, other)
+    status, _ = runner.run_suites("cpu", True, None, tmp_path / "work", progress=lambda m: None)
+    assert status["other"]["status"] == "failed" and "no_such_name" in status["other"]["reason"]
+
+
+def test_pytest_benchmark_environment_is_checked(monkeypatch):
+    """MEDFAST_BENCH_DEVICE=gpu timed the CPU under the label gpu (or ended in an INTERNALERROR SystemExit), and
+    MEDFAST_BENCH_SIZE=abc gave int()'s error without naming the variable."""
+    import re
+
+    for name, value in (("MEDFAST_BENCH_DEVICE", "gpu"), ("MEDFAST_BENCH_DEVICE", "CUDA"),
+                        ("MEDFAST_BENCH_SIZE", "abc"), ("MEDFAST_BENCH_SIZE", "0"), ("MEDFAST_BENCH_SIZE", "16.5"),
+                        ("MEDFAST_BENCH_ROUNDS", "-1"), ("MEDFAST_BENCH_ROUNDS", "")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(pytest.UsageError, match=re.escape(f"{name}={value!r}")):
+                _script("pytest_common")
+    with monkeypatch.context() as m:
+        m.setenv("MEDFAST_BENCH_DEVICE", "cuda")
+        m.setenv("MEDFAST_BENCH_SIZE", "16")
+        m.setenv("MEDFAST_BENCH_ROUNDS", "2")
+        pc = _script("pytest_common")
+        assert (pc.DEVICE, pc.size(64), pc.ROUNDS) == ("cuda", 16, 2)
+    for name in ("MEDFAST_BENCH_DEVICE", "MEDFAST_BENCH_SIZE", "MEDFAST_BENCH_ROUNDS"):
+        monkeypatch.delenv(name, raising=False)
+    pc = _script("pytest_common")
+    assert (pc.DEVICE, pc.size(64), pc.ROUNDS) == ("cpu", 64, 3)
+
+
+def test_pytest_benchmarks_without_the_plugin_are_skipped_and_a_bad_setting_is_one_error(tmp_path):
+    """Without pytest-benchmark, `pytest benchmarks/` gave one "fixture 'benchmark' not found" error per test; a bad
+    MEDFAST_BENCH_* value is one usage error line when pytest starts, not a traceback per module."""
+    import os
+    import subprocess
+
+    where = runner.benchmarks_dir()
+    env = {**os.environ, "MEDFAST_BENCH_SIZE": "16", "MEDFAST_BENCH_DEVICE": "cpu"}
+    env.pop("MEDFAST_BENCH_ROUNDS", None)
+    base = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--rootdir", str(where)]
+    # -p no:benchmark: an installed plugin disabled, as good as none
+    proc = subprocess.run(base + ["-p", "no:benchmark", str(where / "test_bench_distance.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "fixture 'benchmark' not found" not in proc.stdout and "3 skipped" in proc.stdout, proc.stdout[-3000:]
+    assert "pip install pytest-benchmark" in proc.stdout
+    proc = subprocess.run(base + [str(where / "test_bench_distance.py")], cwd=tmp_path,
+                          env={**env, "MEDFAST_BENCH_DEVICE": "gpu"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "ERROR: MEDFAST_BENCH_DEVICE='gpu': expected one of cpu, cuda" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@needs_committed_results
+def test_documented_replot_command_names_a_file_of_the_checkout():
+    import re
+
+    docs = (RESULTS.parent.parent / "docs" / "benchmarks.md").read_text()
+    for path in re.findall(r"medfast bench --replot (\S+?)`", docs):
+        assert (RESULTS.parent.parent / path).is_file(), path  # run from the repository's root

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import fnmatch
+import importlib.util
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from medfast._atomic import replacing
+from medfast.train.trainer import _signals_deferred  # (the medfast command has imported the trainer already)
 
 # the simulator's default number of elevation sub-rays: issue 4's frames/s target is for those settings
 DEFAULT_SUB_RAYS = 3
@@ -312,8 +319,6 @@ def benchmarks_dir() -> Path:
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:
-    import importlib.util
-
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
@@ -334,13 +339,83 @@ def _selected(only: str | None) -> list[Suite]:
 _NO_MODULE = re.compile(r"\s*(?:ModuleNotFoundError|ImportError): No module named '([^']+)'")
 
 
+def _last_line(text: str) -> str:
+    return next((line for line in reversed(text.splitlines()) if line.strip()), "")
+
+
 def _missing_peer(text: str, allowed: set[str]) -> str | None:
     """The peer whose absence ended the script: the log's last line (the traceback's exception) names a missing
     module that the suite declares as a peer. A "No module named" elsewhere in the log (a message, a caught
     import) or a missing core dependency (yaml, medfast._C) is a failure, not a skip."""
-    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
-    gone = _NO_MODULE.match(last)
+    gone = _NO_MODULE.match(_last_line(text))
     return gone.group(1) if gone and gone.group(1).split(".")[0] in allowed else None
+
+
+_IMPORT_FAILURE = re.compile(r"\s*(?:[\w.]+\.)?(?:ImportError|ModuleNotFoundError)\b")
+
+
+def _unimportable_peer(text: str, peers: tuple[str, ...], cwd: Path) -> str | None:
+    """The skip reason when the script ended with the import error of a declared peer that is installed but cannot
+    be imported (a MONAI built for another torch): ``import <peer>`` alone ends with the same last line. Else None
+    (the suite failed). Checked only after such a failure: each check is a Python start."""
+    last = _last_line(text).strip()
+    if not _IMPORT_FAILURE.match(last):
+        return None
+    for peer in peers:
+        if importlib.util.find_spec(peer) is None:
+            continue  # not installed: _missing_peer's case
+        try:
+            probe = subprocess.run([sys.executable, "-c", f"import {peer}"], cwd=cwd, capture_output=True, text=True,
+                                   timeout=300)
+        except subprocess.TimeoutExpired:
+            continue
+        if probe.returncode != 0 and _last_line(probe.stderr).strip() == last:
+            return f"peer could not be imported: {peer} ({last})"
+    return None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (how a scheduler stops a job), raised as Ctrl-C raises KeyboardInterrupt so that it takes the same
+    path: the running suite stopped, the finished suites' reports written, the work folder removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`_Terminated` inside the block. Main thread only, and only over the default action (it
+    killed this process and left the running suite orphaned): a caller's own handler or an ignored SIGTERM stays."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _signal_name(exc: BaseException | None) -> str:
+    return "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+
+
+def _how(signame: str) -> str:
+    """How the report and the messages name a stop."""
+    return "Ctrl-C" if signame == "SIGINT" else signame
+
+
+def _stop_suite(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stops a suite started in its own session, with the workers it started: SIGTERM to its process group, then
+    SIGKILL to what is left of the group once the script has ended or after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # (none left: the group is gone)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _run_one(suite: Suite, device: str, quick: bool, log_dir: Path, where: Path,
@@ -362,20 +437,36 @@ def _run_one(suite: Suite, device: str, quick: bool, log_dir: Path, where: Path,
     cmd = [sys.executable, str(where / suite.script), *suite.args(device, quick, out)]
     progress(f"{suite.name}: running {' '.join(cmd[1:])}")
     start = time.perf_counter()
+    proc = None
     try:
         with open(log_path, "w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=where.parent).returncode
-    except KeyboardInterrupt:
-        raise _Interrupted(log_path, time.perf_counter() - start) from None
+            # In its own session, so that a stop reaches the suite's workers too (_stop_suite: its process group);
+            # a stop while it starts lands once it can be stopped (a Popen cut short left the child running).
+            with _signals_deferred():
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=where.parent,
+                                        start_new_session=True)
+            rc = proc.wait()
+    except BaseException as exc:  # Ctrl-C, SIGTERM (_Terminated), a caller's own stop: no suite may outlive it
+        if proc is not None:
+            with _signals_deferred(deliver=False):  # a second Ctrl-C must not cut the stopping short
+                _stop_suite(proc)
+        if isinstance(exc, KeyboardInterrupt):
+            raise _Interrupted(log_path, time.perf_counter() - start, _signal_name(exc)) from None
+        raise
     seconds = time.perf_counter() - start
     text = log_path.read_text(errors="replace")
     if rc != 0:
-        gone = _missing_peer(text, set(suite.needs(device)) | set(suite.optional))
+        peers = suite.needs(device) + suite.optional
+        gone = _missing_peer(text, set(peers))
         if gone:
             progress(f"{suite.name}: skipped (peer not installed: {gone})")
             return {"status": "skipped", "reason": f"peer not installed: {gone}", "seconds": round(seconds, 1)}
+        broken = _unimportable_peer(text, peers, where.parent)
+        if broken:  # as a missing peer, with the import's error (and the log)
+            progress(f"{suite.name}: skipped ({broken})")
+            return {"status": "skipped", "reason": broken, "seconds": round(seconds, 1), "log": str(log_path)}
         # a string always, and never empty: an empty reason read like an empty successful run in the Markdown
-        last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+        last = _last_line(text).strip()
         reason = last or f"exit code {rc}"
         progress(f"{suite.name}: failed ({reason})")
         return {"status": "failed", "reason": reason, "seconds": round(seconds, 1), "log": str(log_path)}
@@ -391,34 +482,40 @@ def _run_one(suite: Suite, device: str, quick: bool, log_dir: Path, where: Path,
 
 
 class _Interrupted(Exception):
-    def __init__(self, log: Path | None = None, seconds: float | None = None):
+    def __init__(self, log: Path | None = None, seconds: float | None = None, signame: str = "SIGINT"):
         super().__init__("interrupted")
-        self.log, self.seconds = log, seconds
+        self.log, self.seconds, self.signame = log, seconds, signame
 
 
 def run_suites(device: str, quick: bool, only: str | None, log_dir: Path,
                progress: Callable[[str], None] = print) -> tuple[dict, list[Row]]:
-    """Runs the selected suites one after another; returns ({suite: status}, rows). Ctrl-C stops the run: the
-    suite it hit and the ones after it are marked "interrupted", the finished ones are returned as they are."""
+    """Runs the selected suites one after another; returns ({suite: status}, rows). Ctrl-C or SIGTERM stops the
+    run: the running suite's processes are stopped, the suite it hit (its ``signal`` noted) and the ones after it
+    are marked "interrupted", the finished ones are returned as they are."""
     where = benchmarks_dir()
     # the scripts run in another working directory: a relative work folder must mean the caller's
     log_dir = Path(log_dir).expanduser().resolve()
     status, rows = {}, []
     selected = _selected(only)
-    for i, suite in enumerate(selected):
-        done = len(rows)
-        try:
-            status[suite.name] = _run_one(suite, device, quick, log_dir, where, progress, rows)
-        except (KeyboardInterrupt, _Interrupted) as exc:
-            del rows[done:]  # an interrupted suite reports no rows, even if it got as far as reading them
-            cur = {"status": "interrupted", "reason": "interrupted (Ctrl-C) while it ran"}
-            if isinstance(exc, _Interrupted) and exc.log is not None:
-                cur.update(seconds=round(exc.seconds, 1), log=str(exc.log))
-            status[suite.name] = cur
-            for rest in selected[i + 1:]:
-                status[rest.name] = {"status": "interrupted", "reason": "not run (the run was interrupted before it)"}
-            progress(f"{suite.name}: interrupted; not run: {', '.join(r.name for r in selected[i + 1:]) or '-'}")
-            break
+    with _sigterm_as_interrupt():
+        for i, suite in enumerate(selected):
+            done = len(rows)
+            try:
+                status[suite.name] = _run_one(suite, device, quick, log_dir, where, progress, rows)
+            except (KeyboardInterrupt, _Interrupted) as exc:
+                del rows[done:]  # an interrupted suite reports no rows, even if it got as far as reading them
+                signame = exc.signame if isinstance(exc, _Interrupted) else _signal_name(exc)
+                how = _how(signame)
+                cur = {"status": "interrupted", "reason": f"interrupted ({how}) while it ran", "signal": signame}
+                if isinstance(exc, _Interrupted) and exc.log is not None:
+                    cur.update(seconds=round(exc.seconds, 1), log=str(exc.log))
+                status[suite.name] = cur
+                for rest in selected[i + 1:]:
+                    status[rest.name] = {"status": "interrupted",
+                                         "reason": "not run (the run was interrupted before it)"}
+                progress(f"{suite.name}: interrupted ({how}); not run: "
+                         f"{', '.join(r.name for r in selected[i + 1:]) or '-'}")
+                break
     return status, rows
 
 
@@ -593,7 +690,8 @@ def plot(meta: dict, rows: list[Row], path: Path, status: dict | None = None) ->
                  f"{', '.join(runs)} (#: row of the Markdown report, which has the full case text)", fontsize=9,
                  y=1.0, va="bottom")  # above the axes: savefig's tight box takes it in
     fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    with replacing(path) as tmp:  # whole or not at all: a stop while it renders leaves the previous chart
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     return True
 
 
@@ -611,18 +709,53 @@ def _differs(a: dict, b: dict) -> list[str]:
     return [k for k in COMPARABLE if a.get(k) != b.get(k)]
 
 
-def _with_earlier_suites(latest: Path, meta: dict, status: dict,
-                         rows: list[Row]) -> tuple[dict, list[Row], str | None]:
+def _stderr(msg: str) -> None:
+    print(f"medfast bench: {msg}", file=sys.stderr)
+
+
+#: the fields a report's row must have (the others have defaults)
+_ROW_NEEDS = tuple(f.name for f in dataclasses.fields(Row) if f.default is dataclasses.MISSING)
+_JSON_TYPES = {type(None): "null", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean"}
+
+
+def _not_a_report(data: object) -> str | None:
+    """Why parsed JSON is not a medfast bench report (what the merge reads of one), else None."""
+    if not isinstance(data, dict):
+        return f"{_JSON_TYPES.get(type(data), type(data).__name__)}, not an object"
+    if not isinstance(data.get("meta", {}), dict):
+        return '"meta" is not an object'
+    suites = data.get("suites")
+    if not isinstance(suites, dict):
+        return 'no "suites" object'
+    for name, s in suites.items():
+        if not isinstance(s, dict) or not isinstance(s.get("status"), str) or not isinstance(s.get("meta") or {}, dict):
+            return f'suite {name!r} has no "status" (or is not an object)'
+    rows = data.get("rows", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in _ROW_NEEDS) for r in rows):
+        return f'"rows" is not a list of rows with {", ".join(_ROW_NEEDS)}'
+    return None
+
+
+def _with_earlier_suites(latest: Path, meta: dict, status: dict, rows: list[Row],
+                         say: Callable[[str], None] = _stderr) -> tuple[dict, list[Row], str | None]:
     """This run's suites plus, from the previous latest report of the same device, the suites this run did not
     touch (an ``--only`` run refreshes its suites without dropping the others) and those whose rerun gave no
     results (peer now missing, failed, interrupted): their earlier rows stay, marked with their run's date.
 
     Returns (status, rows, None), or (status, rows, why) when the latest report must be left as it is: an earlier
     suite would stay beside this run's but comes from another host / torch / thread count / size mode (or this
-    quick run would replace full-size rows). A run that reruns every earlier suite replaces the latest."""
+    quick run would replace full-size rows). A run that reruns every earlier suite replaces the latest. A latest
+    file that is no report (unreadable JSON, ``null``, no suites) counts as none, and ``say`` tells so."""
     try:
         prev = json.loads(latest.read_text())
-    except (OSError, ValueError):
+        why = _not_a_report(prev)
+    except OSError:
+        return status, rows, None
+    except ValueError as exc:
+        why = f"not readable JSON: {exc}"
+    if why:  # (it ended the run with a traceback, and this run's reports with it)
+        say(f"{latest} is not a medfast bench report ({why}): ignored, this run's report replaces it")
         return status, rows, None
     prev_meta = prev.get("meta", {})
     if prev_meta.get("device") != meta["device"]:
@@ -660,15 +793,34 @@ def _with_earlier_suites(latest: Path, meta: dict, status: dict,
     return merged, sorted(old_rows + rows, key=lambda r: order.get(r.suite, len(order))), None
 
 
-def _stderr(msg: str) -> None:
-    print(f"medfast bench: {msg}", file=sys.stderr)
-
-
 def write_reports(out: Path, meta: dict, status: dict, rows: list[Row],
                   say: Callable[[str], None] = _stderr) -> list[Path]:
     """The dated report holds this run only; ``bench_<device>_latest`` also keeps the suites it did not run (when
     their runs are comparable, else it is left as it is and ``say`` tells why). Every suite carries the meta of
-    its run; failed suites' logs are copied beside the reports (the work folder is temporary)."""
+    its run; failed suites' logs are copied beside the reports (the work folder is temporary).
+
+    Each file is replaced whole (written under a temporary name, then renamed), a report's JSON last, the dated
+    report before the latest, and Ctrl-C / SIGTERM take effect once all are written: a stop here left a latest
+    JSON and Markdown of this run beside the previous run's chart."""
+    with _signals_deferred():
+        return _write_reports(out, meta, status, rows, say)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+def _write_report(out: Path, name: str, meta: dict, status: dict, rows: list[Row]) -> list[Path]:
+    """``out/name.{png,md,json}``: the JSON, the file that readers and the next run's merge trust, is replaced last."""
+    chart = plot(meta, rows, out / f"{name}.png", status)
+    _write_text(out / f"{name}.md", markdown(meta, status, rows))
+    report = {"meta": meta, "suites": status, "rows": [dataclasses.asdict(r) for r in rows]}
+    _write_text(out / f"{name}.json", json.dumps(report, indent=1) + "\n")
+    return [out / f"{name}.{ext}" for ext in ("json", "md", "png") if ext != "png" or chart]
+
+
+def _write_reports(out: Path, meta: dict, status: dict, rows: list[Row], say: Callable[[str], None]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_{meta['device']}_{re.sub(r'[^A-Za-z0-9_.-]', '_', meta['host'])}_{meta['date']}"
     latest = f"bench_{meta['device']}_latest"
@@ -681,19 +833,14 @@ def write_reports(out: Path, meta: dict, status: dict, rows: list[Row],
             if log.resolve() != copy.resolve():
                 shutil.copyfile(log, copy)
             s["log"] = str(copy)
-    reports = [(stem, status, rows)]
-    st, rw, refused = _with_earlier_suites(out / f"{latest}.json", meta, status, rows)
+    paths = [Path(s["log"]) for s in status.values() if s.get("log") and Path(s["log"]).parent == out]
+    # this run's report first: a latest that cannot be merged must not cost it
+    paths += _write_report(out, stem, meta, status, rows)
+    st, rw, refused = _with_earlier_suites(out / f"{latest}.json", meta, status, rows, say)
     if refused:
         say(refused)
     else:
-        reports.append((latest, st, rw))
-    paths = [Path(s["log"]) for s in status.values() if s.get("log") and Path(s["log"]).parent == out]
-    for name, st, rw in reports:
-        report = {"meta": meta, "suites": st, "rows": [dataclasses.asdict(r) for r in rw]}
-        (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / f"{name}.md").write_text(markdown(meta, st, rw))
-        chart = plot(meta, rw, out / f"{name}.png", st)
-        paths += [out / f"{name}.{ext}" for ext in ("json", "md", "png") if ext != "png" or chart]
+        paths += _write_report(out, latest, meta, st, rw)
     return paths
 
 
@@ -706,7 +853,7 @@ def replot(report: Path) -> int:
         meta, status = data["meta"], data["suites"]
         rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in data["rows"]]
         md, png = report.with_suffix(".md"), report.with_suffix(".png")
-        md.write_text(markdown(meta, status, rows))
+        _write_text(md, markdown(meta, status, rows))
         chart = plot(meta, rows, png, status)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _stderr(f"--replot {report}: not a readable medfast bench report, or its folder is not writable ({exc})")
@@ -742,7 +889,7 @@ def main(args: argparse.Namespace) -> int:
     """Runs ``medfast bench`` with arguments parsed by a parser :func:`add_arguments` set up (``device``,
     ``quick``, ``only``, ``out``, ``list``, ``replot``): the selected suites, then the JSON, Markdown and PNG
     reports in ``args.out``. Returns the exit status: 0, 1 when a suite failed, 2 for a usage error (nothing
-    run), 130 when interrupted.
+    run), 130 when interrupted by Ctrl-C (SIGINT), 143 by SIGTERM (the reports of the finished suites written).
 
     From Python: ``medfast.bench.main(argparse.Namespace(device="cpu", quick=True, only="warp",
     out=Path("results"), list=False, replot=None))``, or :func:`run_suites` for the rows without reports.
@@ -775,22 +922,43 @@ def main(args: argparse.Namespace) -> int:
         return 2
     meta = _meta(args.device, args.quick)
     notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="medfast-bench-") as tmp:
-        work = os.environ.get("MEDFAST_BENCH_WORK")
-        log_dir = Path(work).expanduser().resolve() if work else Path(tmp)
-        status, rows = run_suites(args.device, args.quick, args.only, log_dir,
-                                  progress=lambda msg: print(f"[medfast bench] {msg}", flush=True))
-        if not status:
-            _stderr(f"no suite matches --only {args.only!r}")
-            return 2
-        # inside the work folder's lifetime: the failed suites' logs are copied from it
-        paths = write_reports(args.out, meta, status, rows, say=notes.append)
+    paths: list[Path] | None = None
+    stop: KeyboardInterrupt | None = None  # a Ctrl-C / SIGTERM outside the suites (run_suites handles theirs)
+    # SIGTERM as Ctrl-C: it killed this process alone, leaving the suite running and the work folder behind
+    with _sigterm_as_interrupt():
+        try:
+            with tempfile.TemporaryDirectory(prefix="medfast-bench-") as tmp:
+                work = os.environ.get("MEDFAST_BENCH_WORK")
+                log_dir = Path(work).expanduser().resolve() if work else Path(tmp)
+                status, rows = run_suites(args.device, args.quick, args.only, log_dir,
+                                          progress=lambda msg: print(f"[medfast bench] {msg}", flush=True))
+                if not status:
+                    _stderr(f"no suite matches --only {args.only!r}")
+                    return 2
+                # inside the work folder's lifetime: the failed suites' logs are copied from it. A stop that
+                # write_reports holds off lands here, once ``paths`` is set.
+                with _signals_deferred():
+                    paths = write_reports(args.out, meta, status, rows, say=notes.append)
+        except KeyboardInterrupt as exc:
+            stop = exc
+    if paths is None:
+        _stderr(f"interrupted ({_how(_signal_name(stop))}) before the reports were written")
+        return _interrupted_exit([_signal_name(stop)])
     latest = f"bench_{meta['device']}_latest"
     print(next(p for p in paths if p.suffix == ".md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths if not p.stem.startswith(latest)))
     for note in notes:
         _stderr(note)
+    signals = [s["signal"] for s in status.values() if s.get("signal")]
+    if stop is not None:
+        _stderr(f"interrupted ({_how(_signal_name(stop))}): it took effect once the reports were written")
+        return _interrupted_exit(signals + [_signal_name(stop)])
     if any(s["status"] == "interrupted" for s in status.values()):
         _stderr("interrupted: the reports hold the suites that finished")
-        return 130
+        return _interrupted_exit(signals)
     return 1 if any(s["status"] == "failed" for s in status.values()) else 0
+
+
+def _interrupted_exit(signals: list[str]) -> int:
+    """128 + the signal's number, as a shell reports a process that a signal ended: 143 for SIGTERM, else 130."""
+    return 128 + int(signal.SIGTERM if "SIGTERM" in signals else signal.SIGINT)
