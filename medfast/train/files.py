@@ -1,7 +1,8 @@
 """The training and validation file lists of a task's config: a ``data.dataset`` preset, ``data.train_images``
 / ``train_labels``, or a ``data.root`` folder (``images/`` + ``labels/``), and the validation split
 (``data.val_images`` or ``data.val_fraction`` of the subjects). Shared by the segmentation and registration
-tasks."""
+tasks. The split resolved is left on the config (:func:`record_split`) for the trainer, whose checkpoints record
+its subjects by file name and size (:func:`split_identities`), checked on resume (:func:`split_changes`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FileLists", "OutputError", "check_dataset_args", "check_out_dir", "check_root_and_dataset", "gather_files",
-           "prepare_preset"]
+__all__ = ["FileLists", "OutputError", "check_dataset_args", "check_out_dir", "check_root_and_dataset",
+           "check_split_record", "gather_files", "prepare_preset", "record_split", "split_changes", "split_identities",
+           "take_split"]
 
 
 class OutputError(ValueError):
@@ -227,4 +229,129 @@ def gather_files(config: Any, *, task: str, need_labels: bool = False, min_subje
         val_labels = [p for i, p in enumerate(labels) if i in pick]
         images = [p for i, p in enumerate(images) if i not in pick]
         labels = [p for i, p in enumerate(labels) if i not in pick]
+    record_split(config, images, val_images)  # (checked on resume: a split drawn over another folder's subjects)
     return FileLists(images, labels, val_images, val_labels)
+
+
+# -- the resolved split, recorded in checkpoints --------------------------------------------------------------
+
+#: the attribute of a config object on which :func:`gather_files` (and the classification task) leave the training
+#: and validation entries they resolved, for the trainer (not a setting: ``config_to_dict`` and config.yaml skip it)
+_SPLIT_ATTR = "_medfast_split"
+
+
+def record_split(config: Any, train: list, val: list) -> None:
+    """Leaves the training and validation entries (paths, or lists of a case's channel files) that a task resolved
+    on ``config``; the trainer takes them (:func:`take_split`) and stores their identities in its checkpoints."""
+    config.__dict__[_SPLIT_ATTR] = (list(train), list(val))
+
+
+def take_split(config: Any) -> tuple[list, list] | None:
+    """The ``(train, val)`` entries :func:`record_split` left on ``config`` (removed from it), or None."""
+    return config.__dict__.pop(_SPLIT_ATTR, None)
+
+
+def _identities(lists: list[list]) -> list[list[list]]:
+    """``[name, size]`` of each subject of each list: its (first) file's path relative to the deepest folder that
+    holds the list's files (a moved or respelled folder gives the same names; so does one list's folder moved
+    apart from the other's), with its parent folder where the run has another file of that name and size
+    (``case_2/image.nii`` for a lone validation file where every case's file is an equally large ``image.nii``),
+    and its files' total size in bytes (-1 when one cannot be read)."""
+    import os
+
+    files = [[[str(f) for f in e] if isinstance(e, (list, tuple)) else [str(e)] for e in entries] for entries in lists]
+    parts, sizes, depth, cap = [], [], [], []
+    for entries in files:
+        paths = [Path(os.path.abspath(os.path.expanduser(fs[0]))) for fs in entries]
+        try:
+            common = Path(os.path.commonpath([p.parent for p in paths])) if paths else None
+        except ValueError:  # (paths on different drives)
+            common = None
+        for p, fs in zip(paths, entries, strict=True):
+            parts.append(p.parts)
+            depth.append(len(p.relative_to(common).parts) if common is not None else 1)
+            # never above the list's folder (which may move apart from the other list's), but the parent folder
+            # of a file of a one-file list
+            cap.append(max(depth[-1], min(2, len(p.parts))))
+            try:
+                sizes.append(sum(os.stat(os.path.expanduser(f)).st_size for f in fs))
+            except OSError:
+                sizes.append(-1)
+    groups: dict[tuple[str, int], list[int]] = {}  # the files that only a longer name can tell apart
+    for i, (pp, n) in enumerate(zip(parts, sizes, strict=True)):
+        groups.setdefault((pp[-1], n), []).append(i)
+    for group in (g for g in groups.values() if len(g) > 1):
+        while True:  # a name that is the end of another one's (of a file as large) takes one more folder
+            grow = {i for i in group for j in group if i != j and depth[i] <= depth[j]
+                    and parts[i][-depth[i]:] == parts[j][-depth[i]:] and depth[i] < cap[i]}
+            if not grow:
+                break
+            for i in grow:
+                depth[i] += 1
+    out, i = [], 0
+    for entries in files:
+        out.append([["/".join(parts[j][-depth[j]:]), sizes[j]] for j in range(i, i + len(entries))])
+        i += len(entries)
+    return out
+
+
+def split_identities(train: list, val: list) -> dict[str, list[list]]:
+    """``{"train": [[name, size], ...], "val": [...]}``: the subjects of a split (image paths, or lists of a
+    case's channel files) as a checkpoint records them, by file name and size rather than path, so that a moved or
+    respelled data folder is recognised as the same (see :func:`_identities`)."""
+    t, v = _identities([list(train), list(val)])
+    return {"train": t, "val": v}
+
+
+def _same(a: list, b: list) -> bool:
+    """Whether two ``[name, size]`` identities are one subject: the same size, and one name a trailing part of the
+    other (a name is longer where its list spans more folders, or where the run holds another file as large of
+    that name)."""
+    if a[1] != b[1]:
+        return False
+    pa, pb = a[0].split("/"), b[0].split("/")
+    k = min(len(pa), len(pb))
+    return pa[-k:] == pb[-k:]
+
+
+def _unmatched(left: list[list], right: list[list]) -> list[list]:
+    """The identities of ``left`` with no partner in ``right`` (each partner taken once)."""
+    pool: dict[tuple[str, int], list[list]] = {}
+    for r in right:
+        pool.setdefault((r[0].rsplit("/", 1)[-1], r[1]), []).append(r)
+    out = []
+    for a in left:
+        candidates = pool.get((a[0].rsplit("/", 1)[-1], a[1]), [])
+        hit = next((i for i, r in enumerate(candidates) if _same(a, r)), None)
+        if hit is None:
+            out.append(a)
+        else:
+            del candidates[hit]
+    return out
+
+
+def check_split_record(record: Any) -> dict[str, list[list]]:
+    """``record`` (a checkpoint's ``"split"``) checked: a dict of ``train`` and ``val`` lists of ``[name, size]``;
+    raises ValueError saying what is wrong (an edited or damaged checkpoint)."""
+    if not isinstance(record, dict) or not {"train", "val"} <= set(record):
+        raise ValueError(f"its split record must be a dict with 'train' and 'val', got {type(record).__name__}")
+    for key in ("train", "val"):
+        rows = record[key]
+        if not isinstance(rows, (list, tuple)) or not all(
+                isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], int)
+                for r in rows):
+            raise ValueError(f"its split record's {key!r} must be a list of [name, size] pairs")
+    return {key: [list(r) for r in record[key]] for key in ("train", "val")}
+
+
+def split_changes(saved: dict[str, list[list]], now: dict[str, list[list]]) -> dict[str, list[str]]:
+    """How the validation subjects of ``now`` differ from those of ``saved`` (both :func:`split_identities`
+    records), as lists of names: ``to_val`` (trained on in ``saved``, validation now), ``new_val`` (validation now,
+    not a subject of ``saved``), ``to_train`` (validation in ``saved``, training now) and ``gone`` (validation in
+    ``saved``, not a subject now). All empty when the validation subjects are the same."""
+    added, dropped = _unmatched(now["val"], saved["val"]), _unmatched(saved["val"], now["val"])
+    added_new = _unmatched(added, saved["train"])
+    dropped_gone = _unmatched(dropped, now["train"])
+    new_ids, gone_ids = {id(a) for a in added_new}, {id(a) for a in dropped_gone}
+    return {"to_val": [a[0] for a in added if id(a) not in new_ids], "new_val": [a[0] for a in added_new],
+            "to_train": [a[0] for a in dropped if id(a) not in gone_ids], "gone": [a[0] for a in dropped_gone]}

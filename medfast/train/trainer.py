@@ -45,7 +45,14 @@ from medfast.train.config import (
     config_to_dict,
     save_config,
 )
-from medfast.train.files import OutputError, check_out_dir
+from medfast.train.files import (
+    OutputError,
+    check_out_dir,
+    check_split_record,
+    split_changes,
+    split_identities,
+    take_split,
+)
 from medfast.train.task import Task, get_task
 
 __all__ = ["CheckpointError", "NonFiniteLossError", "Trainer", "load_checkpoint", "save_checkpoint", "train"]
@@ -368,18 +375,25 @@ def _config_differences(saved: Any, now: dict[str, Any], section: str, free: boo
             for k in keys if old.get(k, unset) != new.get(k, unset)]
 
 
-#: the settings that decide which subjects are validation subjects (the split of data.val_fraction is a
-#: permutation seeded by trainer.seed: medfast.train.files.gather_files, the classification task's folders), as
-#: paths into the config; a resume with others would validate on subjects the checkpoint trained on
-SPLIT_SETTINGS = (("trainer", "seed"), ("data", "val_fraction"), ("data", "val_images"), ("data", "val_labels"),
-                  ("data", "dataset_args", "val_root"), ("data", "dataset_args", "val_csv_file"))
+#: the settings that draw the split of data.val_fraction (a permutation seeded by trainer.seed:
+#: medfast.train.files.gather_files, the classification task's folders), as paths into the config
+DRAW_SETTINGS = (("trainer", "seed"), ("data", "val_fraction"))
+#: the settings that give the validation set as files
+LIST_SETTINGS = (("data", "val_images"), ("data", "val_labels"), ("data", "dataset_args", "val_root"),
+                 ("data", "dataset_args", "val_csv_file"))
+#: the settings that decide which subjects are validation subjects; a resume with others would validate on
+#: subjects the checkpoint trained on. A checkpoint that records its split's subjects (``state["split"]``) has
+#: only the DRAW_SETTINGS compared: its subjects are compared with the split resolved now (Trainer._check_split),
+#: so that a moved or respelled but identical validation set resumes
+SPLIT_SETTINGS = DRAW_SETTINGS + LIST_SETTINGS
 
 
-def _split_differences(saved: Any, now: dict[str, Any]) -> list[str]:
-    """``"data.val_fraction (A in the checkpoint, B now)"`` for the :data:`SPLIT_SETTINGS` that differ between the
-    checkpoint's config ``saved`` and ``now``. A setting whose section the checkpoint lacks is not compared (an
-    older config layout); the validation lists that a built-in data set (``data.dataset``) fills under the run's
-    own folder are not either (a resume into another ``--out`` lists other paths for the same files)."""
+def _split_differences(saved: Any, now: dict[str, Any], keys: tuple = SPLIT_SETTINGS) -> list[str]:
+    """``"data.val_fraction (A in the checkpoint, B now)"`` for the settings ``keys`` (default
+    :data:`SPLIT_SETTINGS`) that differ between the checkpoint's config ``saved`` and ``now``. A setting whose
+    section the checkpoint lacks is not compared (an older config layout); the validation lists that a built-in
+    data set (``data.dataset``) fills under the run's own folder are not either (a resume into another ``--out``
+    lists other paths for the same files)."""
     if not isinstance(saved, dict):
         return []
     unset = object()
@@ -388,19 +402,25 @@ def _split_differences(saved: Any, now: dict[str, Any]) -> list[str]:
         return "not set" if v is unset else repr(v)
 
     out = []
-    for keys in SPLIT_SETTINGS:
-        if keys[-1] in ("val_images", "val_labels") and now.get("data", {}).get("dataset") is not None:
+    for path in keys:
+        if path[-1] in ("val_images", "val_labels") and now.get("data", {}).get("dataset") is not None:
             continue
         old, new = saved, now
-        for k in keys[:-1]:
+        for k in path[:-1]:
             old = old.get(k) if isinstance(old, dict) else None
             new = new.get(k) if isinstance(new, dict) else None
         if not isinstance(old, dict) or not isinstance(new, dict):
             continue
-        a, b = old.get(keys[-1], unset), new.get(keys[-1], unset)
+        a, b = old.get(path[-1], unset), new.get(path[-1], unset)
         if a != b:
-            out.append(f"{'.'.join(keys)} ({show(a)} in the checkpoint, {show(b)} now)")
+            out.append(f"{'.'.join(path)} ({show(a)} in the checkpoint, {show(b)} now)")
     return out
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    """The first ``most`` of ``names``, then how many more."""
+    more = len(names) - most
+    return ", ".join(names[:most]) + (f" and {more} more" if more > 0 else "")
 
 
 def _load_error_line(exc: BaseException) -> str:
@@ -697,7 +717,8 @@ class Trainer:
 
     Outputs under ``trainer.out_dir``: ``config.yaml`` (the configuration as given: files merged, overrides
     applied; not the file lists a ``data.dataset`` preset fills in, so that training from it rebuilds the data
-    set), ``train_log.{jsonl,csv}``, ``val_log.{jsonl,csv}``, ``checkpoints/step_XXXXXXX.pt`` and
+    set; a resume with other settings first keeps the earlier file as ``config_stepXXXXXXX.yaml``, named by the
+    resumed step), ``train_log.{jsonl,csv}``, ``val_log.{jsonl,csv}``, ``checkpoints/step_XXXXXXX.pt`` and
     ``checkpoints/last.pt``, ``curves.png``, ``samples_stepXXXXXXX.png``, ``results.json``, and
     ``tensorboard/`` when TensorBoard is installed; ``train.lock`` while :meth:`fit` runs (one run at a time
     in a folder).
@@ -733,6 +754,7 @@ class Trainer:
         self._stop_row = False  # whether the train log's row at self.step was logged only because the run stopped
         self._train_loader: torch.utils.data.DataLoader | None = None  # one per fit (see _loader)
         self._val_loader: torch.utils.data.DataLoader | None = None
+        self._split: dict[str, list[list]] | None = None  # the subjects of the split (see _setup, _check_split)
 
     # -- setup ----------------------------------------------------------------------------------------
     def _seed(self) -> None:
@@ -778,7 +800,12 @@ class Trainer:
         self.phases = list(groups)
         self.optimizer, self.scheduler = self.optimizers[self.phases[0]], self.schedulers[self.phases[0]]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        cfg = getattr(self.task, "config", self.config)  # (where gather_files / the task leave the split)
+        take_split(cfg)  # (one a caller's own gather_files left: a task that resolves none records none)
         self.train_ds, self.val_ds = self.task.build_datasets()
+        resolved = take_split(cfg)
+        # the subjects by file name and size, stored in the checkpoints: a resume compares the split it resolves
+        self._split = None if resolved is None else split_identities(*resolved)
         self.sampler = D.EpochSampler(len(self.train_ds), tc.batch_size, self.world, self.rank, tc.seed,
                                       accumulate=tc.accumulate)
         self.batches_per_epoch = self.sampler.batches_per_epoch()
@@ -887,6 +914,9 @@ class Trainer:
             "train_size": len(self.train_ds),
             "world_size": self.world,
             "rng": _rng_state(),
+            # the training and validation subjects ([file name, size]): a resume refuses another validation set,
+            # e.g. data.val_fraction's split drawn over a data.root that gained a subject (_check_split)
+            **({"split": self._split} if self._split is not None else {}),
         }
 
     def _micro_batches_done(self) -> int:
@@ -1077,9 +1107,13 @@ class Trainer:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         what = (f"resuming {resume} (another folder) into it" if resume is not None else
                 "starting a new run in it")
+        # the whole folder, not checkpoints/ alone: the earlier run's logs, results, test predictions and sample
+        # images would otherwise stay beside the new run's
         raise ConfigError(f"trainer.out_dir (--out) {self.out_dir} already holds checkpoints of an earlier run "
                           f"({shown}); {what} would mix the two runs. Continue that run with --resume "
-                          f"(trainer.resume=auto), train into a new folder (--out), or delete {ckdir} first")
+                          f"(trainer.resume=auto), train into a new folder (--out), or delete the whole folder "
+                          f"{self.out_dir} first (not only its checkpoints/: the earlier run's logs, results and "
+                          f"images are in it too)")
 
     def _resume_state(self, path: Path | None) -> dict[str, Any] | None:
         """The checkpoint to resume read and checked before :meth:`_setup` builds the network: its task, its
@@ -1095,12 +1129,22 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} is not a training checkpoint of medfast train (no {', '.join(missing)}); "
                                   f"it cannot be resumed")
-        split = _split_differences(state.get("config"), config_to_dict(self.config))
-        if split:  # (every task, before its data is read: gather_files and the classification task draw the split)
-            raise CheckpointError(f"{path} was trained with another train/validation split: {', '.join(split)}; "
-                                  f"the split would be drawn anew and validation would score subjects the "
-                                  f"checkpoint trained on. Resume with the checkpoint's settings, or train a new run "
-                                  f"(without --resume)")
+        # (every task, before its data is read: gather_files and the classification task draw the split). A
+        # checkpoint that records its subjects has its validation set compared by them (_check_split): the lists'
+        # paths may be moved or respelled
+        now = config_to_dict(self.config)
+        drawn = _split_differences(state.get("config"), now, DRAW_SETTINGS)
+        listed = [] if state.get("split") is not None else _split_differences(state.get("config"), now, LIST_SETTINGS)
+        if drawn:
+            raise CheckpointError(f"{path} was trained with another train/validation split: "
+                                  f"{', '.join(drawn + listed)}; the split would be drawn anew and validation would "
+                                  f"score subjects the checkpoint trained on. Resume with the checkpoint's settings, "
+                                  f"or train a new run (without --resume)")
+        if listed:  # nothing is drawn: the list is another (or written otherwise; no record tells the files apart)
+            raise CheckpointError(f"{path} was trained with another validation set: {', '.join(listed)}; validation "
+                                  f"would score other subjects, maybe ones the checkpoint trained on. The checkpoint "
+                                  f"predates the record of its subjects, so its validation files are compared as "
+                                  f"written: give them as its config does, or train a new run (without --resume)")
         # an edited config (model.channels [4096, 8192]) built gigabytes of parameters before this was found
         check_weights_fit(self.task.build_model, state, path, self.config)
         return state
@@ -1108,6 +1152,7 @@ class Trainer:
     def _resume(self, path: Path | None, state: dict[str, Any] | None) -> int | None:
         if state is None:  # (no checkpoint to resume: path is None too)
             return None
+        self._check_split(state, path)
         check = getattr(self.task, "check_resume", None)  # optional: the task's own checks (e.g. the class list)
         if check is not None:
             check(state, path)
@@ -1140,6 +1185,49 @@ class Trainer:
         if self.rank == 0:
             print(f"medfast train: resumed from {path} at step {self.step}", flush=True)
         return self.step
+
+    def _check_split(self, state: dict[str, Any], path: Path) -> None:
+        """The checkpoint's recorded subjects (``state["split"]``, see :meth:`_state`) against the split this run
+        resolved: another validation set raises :class:`CheckpointError` naming the subjects that differ. Subjects
+        are matched by file name and size, so a moved or respelled data folder resumes. Nothing is compared when
+        either side has no record (an older checkpoint: its settings were compared by :meth:`_resume_state`; a
+        task whose data are no files)."""
+        if self._split is None or state.get("split") is None:
+            return
+        try:
+            saved = check_split_record(state["split"])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        changes = split_changes(saved, self._split)
+        if not any(changes.values()):
+            return
+        names = ([f"{n} (trained on in the checkpoint, validation now)" for n in changes["to_val"]]
+                 + [f"{n} (validation in the checkpoint, training now)" for n in changes["to_train"]]
+                 + [f"{n} (validation now, not a subject of the checkpoint)" for n in changes["new_val"]]
+                 + [f"{n} (validation in the checkpoint, not found now)" for n in changes["gone"]])
+        d = self.config.data
+        args = d.dataset_args if isinstance(d.dataset_args, dict) else {}
+        given = ("data.val_images / val_labels" if list(d.val_images) else
+                 "data.dataset_args.val_root / val_csv_file" if args.get("val_root") or args.get("val_csv_file")
+                 else None)
+        count = (f"{len(self._split['train']) + len(self._split['val'])} subjects now, "
+                 f"{len(saved['train']) + len(saved['val'])} when the checkpoint was trained")
+        if given is not None:
+            how = (f"the validation set ({given}) holds other subjects than the checkpoint's. Give the checkpoint's "
+                   f"validation files (moved or respelled files of the same set resume: subjects are matched by "
+                   f"file name and size), or train a new run (without --resume)")
+        elif d.val_fraction > 0:
+            where = (f"data.root ({d.root})" if d.root is not None else
+                     f"data.dataset ({d.dataset})" if d.dataset is not None else "the training files")
+            how = (f"data.val_fraction={d.val_fraction} draws the split (seeded by trainer.seed) from the subjects "
+                   f"{where} holds now ({count}). Restore {where} to the subjects the checkpoint was trained on (a "
+                   f"moved folder is fine: subjects are matched by file name and size), or train a new run (without "
+                   f"--resume)")
+        else:
+            how = ("this run has no validation set. Resume with the checkpoint's validation settings, or train a "
+                   "new run (without --resume)")
+        raise CheckpointError(f"{path} was trained with another train/validation split, and validation would score "
+                              f"other subjects: {_listed(names)}; {how}")
 
     def interrupted_message(self) -> str:
         """What ``medfast train`` says when the run is interrupted (Ctrl-C): the step, and the checkpoint to
@@ -1344,6 +1432,30 @@ class Trainer:
         finished = self._agree(results is not None)  # (rank 0 decides: every rank calls this)
         return (results or {}) if finished else None
 
+    def _keep_earlier_config(self, given: Config) -> None:
+        """Before a resume overwrites ``OUT/config.yaml`` with other settings (e.g. a raised trainer.max_steps,
+        which changes the schedule of the steps already trained), the earlier file is kept as
+        ``config_stepXXXXXXX.yaml`` (the resumed step), so that the steps up to it can still be reproduced. A file
+        of that name already there is left: it holds the config of those steps (from an earlier resume at it)."""
+        import yaml
+
+        old = self.out_dir / "config.yaml"
+        try:
+            text = old.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return  # (none: e.g. a checkpoint of another folder resumed into a new one)
+        try:
+            same = yaml.safe_load(text) == yaml.safe_load(yaml.safe_dump(config_to_dict(given), sort_keys=False))
+        except yaml.YAMLError:
+            same = False
+        keep = self.out_dir / f"config_step{self.step:07d}.yaml"
+        if same or keep.exists():
+            return
+        with replacing(keep) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        print(f"medfast train: this resume's settings differ from {old}; the earlier file is kept as {keep.name} "
+              f"(the config of the steps up to {self.step})", flush=True)
+
     def _setting_notes(self) -> list[str]:
         """Settings that run, but not as their values suggest: one line each at the start (not refused: a GPU
         config still runs on the CPU, and a demo config is shortened with --set trainer.max_steps=N)."""
@@ -1377,6 +1489,8 @@ class Trainer:
             # continue this run's checkpoint, in a new folder, from its step)
             given = copy.deepcopy(self._given_config)
             given.trainer.resume = None
+            if resumed is not None:
+                self._keep_earlier_config(given)
             save_config(given, self.out_dir / "config.yaml")
         if self.world > 1:  # each rank read its own out_dir: without a shared file system they could differ
             steps = [None] * self.world

@@ -53,6 +53,7 @@ from medfast.tasks.classification.encoding import make_encoder
 from medfast.tasks.classification.losses import ClassificationLoss
 from medfast.tasks.classification.metrics import classification_report, confusion_matrix, save_confusion_png
 from medfast.train.config import Config, ConfigError, check_choice_setting, check_spatial_config
+from medfast.train.files import record_split
 from medfast.train.task import Task, register_task
 
 __all__ = ["ClassificationTask", "build_classifier", "check_config", "predict_files"]
@@ -510,9 +511,11 @@ class ClassificationTask(Task):
         # without data.shape image sizes can differ: the items carry theirs, checked per batch (_check_batch)
         full = folder if d.shape is not None else _WithSize(folder)
         train, val = full, None
+        train_files, val_files = list(folder.files), []  # the split the trainer records in its checkpoints
         if args.get("val_root") or args.get("val_csv_file"):
             # the validation CSV's relative paths start where the training CSV's do (data.root), or at val_root
             val = self._folder(args.get("val_root") or d.root, args.get("val_csv_file"))
+            val_files = list(val.files)
             val = val if d.shape is not None else _WithSize(val)
         elif d.val_fraction > 0 and len(full) > 1:
             order = np.random.default_rng(c.trainer.seed).permutation(len(full))
@@ -521,7 +524,10 @@ class ClassificationTask(Task):
                 raise ConfigError(f"data.val_fraction={d.val_fraction} puts all {len(full)} images of "
                                   f"{args.get('csv_file') or d.root} in the validation set and none in training: "
                                   "lower data.val_fraction, or add images")
-            val, train = _Subset(full, sorted(order[:n_val].tolist())), _Subset(full, sorted(order[n_val:].tolist()))
+            val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+            val, train = _Subset(full, val_idx), _Subset(full, train_idx)
+            train_files, val_files = [folder.files[i] for i in train_idx], [folder.files[i] for i in val_idx]
+        record_split(c, train_files, val_files)
         self.val_ds = val
         return train, val
 
