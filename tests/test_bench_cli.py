@@ -920,9 +920,12 @@ def test_a_missing_ratio_renders_as_a_dash():
 # ---- stops (SIGTERM, Ctrl-C at any point), broken peers, a corrupt latest, the pytest-benchmark setup --------
 
 _STOP_DRIVER = """
-import argparse, sys
+import argparse, signal, sys
 from pathlib import Path
 from medfast.bench import runner
+# Python's own Ctrl-C handler: a process started in the background (CI's pytest) inherits SIGINT ignored, and the
+# runner rightly leaves an ignored SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 here = Path(sys.argv[1])
 slow = lambda d, q, o: [str(here / "pids")]
 runner.SUITES = [runner.Suite("slow", "slow.py", slow, lambda out, device=None: []),
@@ -997,7 +1000,18 @@ def test_a_stop_ends_the_running_suite_and_its_workers_and_writes_the_reports(tm
                     os.kill(pid, signal.SIGKILL)
 
 
-def test_a_stop_while_the_reports_are_written_leaves_a_matching_set(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test: a process started in the background (CI's pytest) inherits SIGINT
+    ignored, and the runner rightly leaves an ignored SIGINT ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stop_while_the_reports_are_written_leaves_a_matching_set(tmp_path, monkeypatch, capsys, python_sigint):
     """Ctrl-C while the reports were written (they are written one after another, the charts take seconds) left
     the latest JSON and Markdown of the new run beside the previous run's chart; a failure inside a write left a
     truncated file under its final name."""
