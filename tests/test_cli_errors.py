@@ -567,3 +567,17 @@ def test_an_error_in_a_loader_worker_is_its_own_message(capsys):
     assert err == "medfast train: error: case_7.nii.gz: the file ends before its voxel data:\nheader says 32^3\n"
     command_error("train", DatasetError("plain message"))
     assert _err(capsys) == "medfast train: error: plain message\n"
+
+
+def test_predict_leaves_the_callers_random_state_alone(setup, tmp_path):
+    """Inference built the network with a random initialisation (then replaced by the checkpoint's weights) from
+    the global RNG: seeded user code that ran a prediction in between was no longer reproducible."""
+    from medfast.tasks.segmentation import predict_files
+
+    base, _, checkpoint = setup
+    image = str(sorted((base / "data" / "images").iterdir())[0])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    predict_files(checkpoint, [image], tmp_path / "pred", device="cpu", progress=False)
+    assert torch.equal(torch.rand(3), expected)

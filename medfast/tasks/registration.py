@@ -2005,7 +2005,8 @@ def _load_trainer_checkpoint(state: dict, device: str | torch.device = "cpu") ->
     config = config_from_dict(state["config"])
     if config.data.shape is None:
         raise RegistrationError("the checkpoint's config has no data.shape (the network's input shape)")
-    net = RegistrationNet(**_net_kwargs(config, trained=True)).to(device)
+    with torch.random.fork_rng(devices=[]):  # the initialisation (replaced by the weights) leaves the caller's RNG
+        net = RegistrationNet(**_net_kwargs(config, trained=True)).to(device)
     net.load_state_dict(state["model"])
     d = config.data
     # without data.spacing the run kept each image's voxel size (cropped / padded to data.shape): native_spacing

@@ -438,7 +438,8 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[ImageEntry], out_dir:
     # the weights checked against the config's network on the meta device first: an edited config (channels
     # [4096, 8192]) built and initialised ~11 GB of parameters before the mismatch was found
     check_weights_fit(lambda: build_unet(config), state, checkpoint, config)
-    model = build_unet(config)
+    with torch.random.fork_rng(devices=[]):  # the initialisation (replaced by the weights) leaves the caller's RNG
+        model = build_unet(config)
     load_model_state(model, state, checkpoint, config)
     model.to(dev).eval()
     reorient_dims = reorient_dims_of(state)

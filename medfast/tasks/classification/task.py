@@ -793,7 +793,8 @@ def predict_files(checkpoint: str | Path, inputs, out_dir: str | Path, *, device
     names = config.data.dataset_args.get("classes") or [str(k) for k in range(task.num_classes)]
     task.encoder = make_encoder(task.encoding, task.num_classes, names)
     dev = resolve_device(device, "--device")
-    model = task.build_model()  # checks data.shape against the network's smallest input (task.min_size)
+    with torch.random.fork_rng(devices=[]):  # the initialisation (replaced by the weights) leaves the caller's RNG
+        model = task.build_model()  # checks data.shape against the network's smallest input (task.min_size)
     load_model_state(model, state, checkpoint, config)
     model.to(dev).eval()
     # the training data set's item transform, applied to files outside it

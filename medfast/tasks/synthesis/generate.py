@@ -39,7 +39,8 @@ def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu") -
         raise ValueError(f"{checkpoint} is a checkpoint of task {state.get('task')!r}, not 'synthesis'")
     config = config_from_dict(state["config"])
     task = SynthesisTask(config, refuse_unused=False)  # a setting training ignored is ignored here too
-    model = task.build_model()
+    with torch.random.fork_rng(devices=[]):  # the initialisation (replaced by the weights) leaves the caller's RNG
+        model = task.build_model()
     load_model_state(model, state, checkpoint, config)
     dev = resolve_device(str(device), "--device")
     return task, model.to(dev).eval()
