@@ -427,7 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `medfast train a.yaml --set k=v b.yaml`: argparse stops the CONFIG list at the first option; the files
         # after it are configs too, merged in the order given (the --set overrides apply after all of them)
         options = [a for a in extra if a.startswith("-")]
-        extra = options or args.configs.extend(extra) or []
+        if not options:
+            args.configs += extra
+        extra = options
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     world = os.environ.get("WORLD_SIZE", "1")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from medfast._atomic import replacing
-from medfast.train.trainer import _signals_deferred  # (the medfast command has imported the trainer already)
+from medfast._signals import Terminated, signals_deferred
 
 # the simulator's default number of elevation sub-rays: issue 4's frames/s target is for those settings
 DEFAULT_SUB_RAYS = 3
@@ -374,18 +374,14 @@ def _unimportable_peer(text: str, peers: tuple[str, ...], cwd: Path) -> str | No
     return None
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (how a scheduler stops a job), raised as Ctrl-C raises KeyboardInterrupt so that it takes the same
-    path: the running suite stopped, the finished suites' reports written, the work folder removed."""
-
-
 def _raise_terminated(signum, frame):
-    raise _Terminated
+    # as Ctrl-C: the running suite stopped, the finished suites' reports written, the work folder removed
+    raise Terminated
 
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises :class:`_Terminated` inside the block. Main thread only, and only over the default action (it
+    """SIGTERM raises :class:`Terminated` inside the block. Main thread only, and only over the default action (it
     killed this process and left the running suite orphaned): a caller's own handler or an ignored SIGTERM stays."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
@@ -398,7 +394,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _signal_name(exc: BaseException | None) -> str:
-    return "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+    return "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
 
 
 def _how(signame: str) -> str:
@@ -442,13 +438,13 @@ def _run_one(suite: Suite, device: str, quick: bool, log_dir: Path, where: Path,
         with open(log_path, "w") as log:
             # In its own session, so that a stop reaches the suite's workers too (_stop_suite: its process group);
             # a stop while it starts lands once it can be stopped (a Popen cut short left the child running).
-            with _signals_deferred():
+            with signals_deferred():
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=where.parent,
                                         start_new_session=True)
             rc = proc.wait()
-    except BaseException as exc:  # Ctrl-C, SIGTERM (_Terminated), a caller's own stop: no suite may outlive it
+    except BaseException as exc:  # Ctrl-C, SIGTERM (Terminated), a caller's own stop: no suite may outlive it
         if proc is not None:
-            with _signals_deferred(deliver=False):  # a second Ctrl-C must not cut the stopping short
+            with signals_deferred(deliver=False):  # a second Ctrl-C must not cut the stopping short
                 _stop_suite(proc)
         if isinstance(exc, KeyboardInterrupt):
             raise _Interrupted(log_path, time.perf_counter() - start, _signal_name(exc)) from None
@@ -802,7 +798,7 @@ def write_reports(out: Path, meta: dict, status: dict, rows: list[Row],
     Each file is replaced whole (written under a temporary name, then renamed), a report's JSON last, the dated
     report before the latest, and Ctrl-C / SIGTERM take effect once all are written: a stop here left a latest
     JSON and Markdown of this run beside the previous run's chart."""
-    with _signals_deferred():
+    with signals_deferred():
         return _write_reports(out, meta, status, rows, say)
 
 
@@ -937,7 +933,7 @@ def main(args: argparse.Namespace) -> int:
                     return 2
                 # inside the work folder's lifetime: the failed suites' logs are copied from it. A stop that
                 # write_reports holds off lands here, once ``paths`` is set.
-                with _signals_deferred():
+                with signals_deferred():
                     paths = write_reports(args.out, meta, status, rows, say=notes.append)
         except KeyboardInterrupt as exc:
             stop = exc

@@ -7,6 +7,8 @@ import argparse
 import signal
 import sys
 
+from medfast._signals import Terminated  # (SIGTERM during medfast train stops like Ctrl-C)
+
 __all__ = ["add_predict_arguments", "add_train_arguments", "run_predict", "run_train"]
 
 
@@ -23,10 +25,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="check the config as train does before it reads any data (all but the device) and print "
                         "it resolved, then exit")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what SLURM, Kubernetes and ``timeout`` send) during ``medfast train``: stops like Ctrl-C."""
 
 
 def _ignore_signal(signum, frame) -> None:

@@ -12,10 +12,8 @@ import math
 import os
 import random
 import re
-import signal
 import socket
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from medfast._device import resolve_device as _resolve_device
 from medfast._figures import figures_enabled, new_figure, save_figure
 from medfast._jsonsafe import dumps as json_dumps
 from medfast._jsonsafe import json_ready
+from medfast._signals import signals_deferred
 from medfast.data.dataset import PREPROCESS_VERSION
 from medfast.data.preprocess import REORIENT_DIMS
 from medfast.train import distributed as D
@@ -72,37 +71,11 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _signals_deferred(deliver: bool = True):
-    """Ctrl-C / SIGTERM arriving inside the block are delivered when it ends (main thread only), or dropped with
-    ``deliver=False``. Raised inside torch.save's writes to a Python file, they surfaced as torch's write error
-    ("unexpected pos"), so a scheduler's stop during a checkpoint ended the run as a failed write (exit 1) instead
-    of a clean stop after it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[tuple[int, Any]] = []
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, lambda signum, frame: pending.append((signum, frame)))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        for signum, frame in pending[:1] if deliver else ():  # the first one, to its own handler (one stop is enough)
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, frame)
-            elif handler in (signal.SIG_DFL, None):
-                signal.raise_signal(signum)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (:func:`medfast._atomic.replacing`):
     a reader (or a resume after a crash) never sees a half-written checkpoint. Ctrl-C or SIGTERM during the write
     take effect once the checkpoint is in place."""
-    with _signals_deferred():
+    with signals_deferred():
         return _save_checkpoint(state, path)
 
 
@@ -1378,7 +1351,7 @@ class Trainer:
             # The cleanup runs whole: a stop arriving in it (torchrun's SIGTERM to every rank once one failed)
             # had cut it short, leaving train.lock behind, and replaced the failure in flight by "interrupted". A
             # stop is delivered after it, or dropped when an error is already on its way out.
-            with _signals_deferred(deliver=sys.exc_info()[1] is None):
+            with signals_deferred(deliver=sys.exc_info()[1] is None):
                 torch.set_num_threads(saved[0])
                 torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
                 self._close_loaders()

@@ -741,8 +741,7 @@ def _scanlines(props: torch.Tensor, pose: torch.Tensor, affine_info, probe: Prob
                         volume_index)
     # (the ramp as the kernel makes it where voxels are coarser than interface_mm, the usual case; rounded for the
     # per-probe cache)
-    ramp = None if interface_mm == 2.0 * probe.dz_mm else round(interface_mm / probe.dz_mm, 6)
-    i_re, i_im = _apply_psf(lines, probe, speckle, ramp)  # IQ, (B, L, S) each
+    i_re, i_im = _apply_psf(lines, probe, speckle, round(interface_mm / probe.dz_mm, 6))  # IQ, (B, L, S) each
 
     # Without autograd the same steps run in place (one buffer for the power / dB lines and one for
     # the clipped scan: no per-step temporaries); same operations in the same order, same values.
